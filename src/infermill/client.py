@@ -1,0 +1,114 @@
+"""The OpenAI-compatible HTTP client: one pooled keep-alive session per server.
+
+This is the one place where aiohttp exceptions and HTTP statuses become infermill's
+error classes (see :mod:`infermill.errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from infermill.errors import (
+    AuthenticationError,
+    BadRequestError,
+    RequestError,
+    RequestTimeoutError,
+    RetryableError,
+    ServerConnectionError,
+)
+
+BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 422})
+AUTH_STATUSES = frozenset({401, 403})
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
+ERROR_BODY_CHARS = 500
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def status_error(status: int, body: bytes, retry_after: str | None = None) -> RequestError:
+    """The error class for a non-2xx HTTP status."""
+    text = body[:ERROR_BODY_CHARS].decode("utf-8", errors="replace")
+    message = f"HTTP {status}: {text}"
+    if status in BAD_REQUEST_STATUSES:
+        return BadRequestError(message, status)
+    if status in AUTH_STATUSES:
+        return AuthenticationError(message + " (check api_key / INFERMILL_API_KEY)", status)
+    if status in RETRYABLE_STATUSES or status >= 500:
+        return RetryableError(message, status, parse_retry_after(retry_after))
+    return BadRequestError(message, status)
+
+
+class OpenAIClient:
+    """POSTs JSON to an OpenAI-compatible server and returns the parsed reply."""
+
+    def __init__(self, api_key: str | None = None, request_timeout: float | None = None, max_connections: int = 0):
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60, ttl_dns_cache=None)
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, timeout=self._timeout, json_serialize=_dumps_str
+            )
+        return self._session
+
+    async def post(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST ``payload`` as JSON; return the decoded JSON object or raise a RequestError."""
+        return await self._request("POST", url, orjson.dumps(payload))
+
+    async def get(self, url: str, timeout: float | None = None) -> dict[str, Any]:
+        return await self._request("GET", url, None, timeout)
+
+    async def _request(self, method: str, url: str, data: bytes | None, timeout: float | None = None) -> dict[str, Any]:
+        session = self._get_session()
+        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
+        try:
+            async with session.request(method, url, data=data, **kwargs) as response:
+                body = await response.read()
+                status = response.status
+                if status >= 300:
+                    raise status_error(status, body, response.headers.get("Retry-After"))
+        except asyncio.TimeoutError as e:
+            raise RequestTimeoutError(f"{method} {url}: no reply within the request timeout") from e
+        except aiohttp.ClientError as e:
+            raise ServerConnectionError(f"{method} {url}: {type(e).__name__}: {e}") from e
+        try:
+            reply = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise RetryableError(f"{method} {url}: malformed JSON reply ({len(body)} bytes): {e}", status) from e
+        if not isinstance(reply, dict):
+            raise RetryableError(f"{method} {url}: expected a JSON object, got {type(reply).__name__}", status)
+        return reply
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _dumps_str(obj: Any) -> str:
+    return orjson.dumps(obj).decode()

@@ -1,0 +1,85 @@
+"""infermill's exceptions: a small hierarchy a caller can act on by class.
+
+The HTTP client is the only place that maps transport exceptions and HTTP statuses
+onto these classes; nothing else inspects status codes or matches error strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class InfermillError(Exception):
+    """Base class of every error infermill raises on purpose."""
+
+
+class ConfigError(InfermillError, ValueError):
+    """A configuration or job file is invalid; the message names the field."""
+
+
+class ServerError(InfermillError):
+    """The inference server could not start, died, or is otherwise unusable.
+
+    ``log_tail`` holds the last lines the server printed, when it is a managed process.
+    """
+
+    def __init__(self, message: str, log_tail: list[str] | None = None):
+        self.reason = message
+        self.log_tail = list(log_tail or [])
+        if self.log_tail:
+            message += "\n--- last lines of the server's output ---\n" + "\n".join(self.log_tail)
+        super().__init__(message)
+
+
+class RequestError(InfermillError):
+    """One request to the server failed. Subclasses say whose fault it was."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class BadRequestError(RequestError):
+    """The server rejected the request itself (HTTP 400/404/413/422): retrying will not help."""
+
+
+class AuthenticationError(RequestError):
+    """The server refused the credentials (HTTP 401/403): fix ``api_key``."""
+
+
+class RetryableError(RequestError):
+    """A transient failure: timeout, connection reset, HTTP 408/429/5xx, a truncated reply.
+
+    ``retry_after`` is the delay in seconds the server asked for (``Retry-After``), if any.
+    """
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(RetryableError):
+    """No complete reply within ``request_timeout``."""
+
+
+class ServerConnectionError(RetryableError):
+    """The connection failed or was dropped: the server may be restarting."""
+
+
+class InferenceError(InfermillError):
+    """A document could not be processed. Carries the document, the cause and the payload."""
+
+    def __init__(self, document: Any, error: BaseException | str, payload: dict | None = None):
+        self.document = document
+        self.error = error
+        self.payload = payload
+        doc_id = getattr(document, "id", None)
+        shown_payload = _summarize_payload(payload) if payload is not None else "?"
+        super().__init__(
+            f"Failed to process document {doc_id if doc_id is not None else '?'}: {error}. Payload: {shown_payload}"
+        )
+
+
+def _summarize_payload(payload: dict, limit: int = 300) -> str:
+    text = repr(payload)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"

@@ -1,0 +1,196 @@
+"""``InferenceServer``: the lifecycle every server type shares.
+
+    starting ──► ready ──► restarting ──► ready ...
+        │          │            │
+        └──────────┴────────────┴──► failed          (any state) ──► stopped
+
+The server starts in the background when its ``async with`` block is entered, so the
+caller can read input while it boots. ``make_request`` waits for readiness and raises
+``ServerError`` once the server has failed for good. A server that dies after it was
+ready is restarted up to ``server_max_restarts`` times; requests that were in flight get
+a retryable error and, when retried, wait for the new server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import socket
+from typing import Any
+
+from infermill.client import OpenAIClient
+from infermill.config import InferenceConfig
+from infermill.errors import ServerError
+
+logger = logging.getLogger("infermill.server")
+
+
+class ServerState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free on ``host`` a moment ago (a failed bind is retried on a fresh one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class InferenceServer:
+    """Base class: subclasses implement :meth:`_start_attempt`, :meth:`_watch` and :meth:`_stop_attempt`."""
+
+    #: whether a server that failed after being ready can be restarted
+    restartable = True
+
+    def __init__(self, config: InferenceConfig, rank: int = 0):
+        self.config = config
+        self.rank = rank
+        self.host = "127.0.0.1"
+        self.port: int | None = None
+        self.state = ServerState.STOPPED
+        self.restarts = 0
+        self._failure: ServerError | None = None
+        self._state_changed = asyncio.Event()
+        self._supervisor: asyncio.Task | None = None
+        self._client = OpenAIClient(
+            api_key=self.client_api_key(),
+            request_timeout=config.request_timeout,
+            max_connections=0,
+        )
+        self._chat_url_suffix = "/v1/chat/completions" if config.use_chat else "/v1/completions"
+
+    # -- what callers use ---------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The server's root URL, without ``/v1``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def request_url(self) -> str:
+        return self.base_url + self._chat_url_suffix
+
+    async def __aenter__(self) -> InferenceServer:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        """Start the server in the background; :meth:`wait_until_ready` waits for it."""
+        if self._supervisor is None:
+            self._supervisor = asyncio.create_task(self._supervise(), name=f"server-supervisor-{self.rank}")
+
+    async def wait_until_ready(self) -> None:
+        """Return once the server is ready; raise ``ServerError`` if it failed for good."""
+        while self.state is not ServerState.READY:
+            if self._failure is not None:
+                raise self._failure
+            if self._supervisor is None:
+                raise ServerError("the server was not started: use `async with server:` or call server.start()")
+            changed = self._state_changed
+            await changed.wait()
+
+    async def make_request(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Send one chat or completions request (per ``use_chat``) and return the parsed JSON reply."""
+        if self.state is not ServerState.READY:
+            await self.wait_until_ready()
+        return await self._client.post(self.request_url, payload)
+
+    async def close(self) -> None:
+        """Stop the server and everything it started. Safe to call more than once."""
+        supervisor, self._supervisor = self._supervisor, None
+        try:
+            if supervisor is not None:
+                supervisor.cancel()
+                await asyncio.gather(supervisor, return_exceptions=True)
+        finally:
+            await self._client.close()
+            if self._failure is None:
+                self._failure = ServerError("the server was stopped")
+            self._set_state(ServerState.STOPPED)
+
+    # -- subclass hooks -----------------------------------------------------------------
+
+    async def _start_attempt(self, attempt: int) -> None:
+        """Launch the server and return once it is ready; raise ``ServerError`` if it cannot be."""
+        raise NotImplementedError
+
+    async def _watch(self) -> str:
+        """Return (with the reason) when a ready server has failed. Default: never fails."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def _stop_attempt(self) -> None:
+        """Stop whatever :meth:`_start_attempt` started. Must be idempotent."""
+
+    def client_api_key(self) -> str | None:
+        """The API key the client sends; None sends no ``Authorization`` header."""
+        return None
+
+    def log_tail(self) -> list[str]:
+        """The server's last output lines, for error messages."""
+        return []
+
+    # -- the lifecycle ------------------------------------------------------------------
+
+    def _set_state(self, state: ServerState) -> None:
+        self.state = state
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
+
+    async def _supervise(self) -> None:
+        try:
+            self._set_state(ServerState.STARTING)
+            while True:
+                await self._start_with_retries()
+                self._set_state(ServerState.READY)
+                reason = await self._watch()
+                await self._stop_attempt()
+                tail = self.log_tail()
+                if not self.restartable or self.restarts >= self.config.server_max_restarts:
+                    raise ServerError(
+                        f"{reason}; restart budget spent ({self.restarts} of server_max_restarts="
+                        f"{self.config.server_max_restarts})",
+                        tail,
+                    )
+                self.restarts += 1
+                logger.warning("server rank %d failed (%s); restart %d of %d", self.rank, reason, self.restarts,
+                               self.config.server_max_restarts)
+                self._set_state(ServerState.RESTARTING)
+                await asyncio.sleep(self.config.server_restart_backoff_sec * 2 ** (self.restarts - 1))
+        except ServerError as e:
+            self._failure = e
+            self._set_state(ServerState.FAILED)
+            logger.error("server rank %d failed: %s", self.rank, e.reason)
+        finally:
+            await self._stop_attempt()
+
+    async def _start_with_retries(self) -> None:
+        attempts = self.config.server_start_max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._start_attempt(attempt)
+                logger.info("server rank %d ready at %s (attempt %d)", self.rank, self.base_url, attempt)
+                return
+            except ServerError as e:
+                tail = e.log_tail or self.log_tail()
+                await self._stop_attempt()
+                if attempt == attempts:
+                    raise ServerError(
+                        f"{type(self).__name__} could not start after {attempts} attempt(s): {e.reason}", tail
+                    ) from None
+                logger.warning("server rank %d start attempt %d failed: %s; retrying on a fresh port",
+                               self.rank, attempt, e.reason)
+
+
+def environment_api_key() -> str | None:
+    """``INFERMILL_API_KEY``, else ``OPENAI_API_KEY``, else None."""
+    return os.environ.get("INFERMILL_API_KEY") or os.environ.get("OPENAI_API_KEY") or None

@@ -1,0 +1,111 @@
+"""vLLM and SGLang: real engines launched and supervised like any managed server.
+
+Both listen on 127.0.0.1 only and get a random per-run API key, which the client sends,
+so other users of a shared node cannot use the job's GPUs. ``model_kwargs`` become extra
+flags; ``model_kwargs["server_command"]`` (an argv list) replaces the launcher, e.g. a
+``vllm`` from another virtual environment.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+
+from infermill.config import InferenceConfig
+from infermill.errors import ConfigError
+from infermill.servers.flags import has_flag, kwargs_to_flags
+from infermill.servers.managed import CUDA_FATAL, UVICORN_READY, ManagedServer
+
+SECRET_FLAGS = ("--api-key",)
+
+
+class EngineServer(ManagedServer):
+    """Shared launch logic of the GPU engines."""
+
+    default_launcher: tuple[str, ...] = ()
+    parallel_flags: dict[str, str] = {}  # config field -> engine flag
+
+    def __init__(self, config: InferenceConfig, rank: int = 0):
+        self.api_key = secrets.token_urlsafe(24)
+        super().__init__(config, rank)
+        kwargs = dict(config.model_kwargs or {})
+        launcher = kwargs.pop("server_command", None) or list(self.default_launcher)
+        if isinstance(launcher, str) or not all(isinstance(part, str) for part in launcher):
+            raise ConfigError(f"model_kwargs.server_command must be a list of strings, got {launcher!r}")
+        self.launcher = list(launcher)
+        self.server_env = {str(k): str(v) for k, v in (kwargs.pop("server_env", None) or {}).items()}
+        self.extra_kwargs = kwargs
+
+    def client_api_key(self) -> str | None:
+        return self.api_key
+
+    def parallel_args(self) -> list[str]:
+        args: list[str] = []
+        for field, flag in self.parallel_flags.items():
+            size = getattr(self.config, field)
+            if size > 1 and not has_flag(self.extra_kwargs, flag):
+                args += [f"--{flag}", str(size)]
+        return args
+
+    def redact(self, argv: list[str]) -> list[str]:
+        shown = list(argv)
+        for i, part in enumerate(shown[:-1]):
+            if part in SECRET_FLAGS:
+                shown[i + 1] = "***"
+        return shown
+
+
+class VLLMServer(EngineServer):
+    """``vllm serve MODEL`` with infermill's port, host, API key, context length and tp/dp/pp."""
+
+    default_launcher = ("vllm",)
+    parallel_flags = {"tp": "tensor-parallel-size", "dp": "data-parallel-size", "pp": "pipeline-parallel-size"}
+    ready_patterns = UVICORN_READY
+    fatal_patterns = (
+        *CUDA_FATAL,
+        r"The number of required GPUs exceeds the total number of available GPUs",
+        r"Engine core initialization failed",
+        r"No available memory for the cache blocks",
+    )
+
+    def build_command(self, port: int) -> list[str]:
+        return [
+            *self.launcher, "serve", self.config.model_name_or_path,
+            "--host", self.host,
+            "--port", str(port),
+            "--api-key", self.api_key,
+            "--max-model-len", str(self.config.model_max_context),
+            "--trust-remote-code",
+            "--disable-uvicorn-access-log",
+            *self.parallel_args(),
+            *kwargs_to_flags(self.extra_kwargs),
+        ]  # fmt: skip
+
+    def build_env(self) -> dict[str, str]:
+        return {"USE_TF": "0", "TRANSFORMERS_NO_TF": "1", **self.server_env}
+
+
+class SGLangServer(EngineServer):
+    """``python -m sglang.launch_server`` with infermill's port, host, API key and context length."""
+
+    default_launcher = (sys.executable, "-m", "sglang.launch_server")
+    parallel_flags = {"tp": "tp-size", "dp": "dp-size", "pp": "pp-size"}
+    ready_patterns = (r"The server is fired up and ready to roll!", *UVICORN_READY)
+    fatal_patterns = (*CUDA_FATAL, r"Detected errors during sampling", r"IndexError: list index out of range")
+
+    def build_command(self, port: int) -> list[str]:
+        return [
+            *self.launcher,
+            "--model-path", self.config.model_name_or_path,
+            "--host", self.host,
+            "--port", str(port),
+            "--api-key", self.api_key,
+            "--context-length", str(self.config.model_max_context),
+            "--allow-auto-truncate",
+            "--log-level-http", "warning",
+            *self.parallel_args(),
+            *kwargs_to_flags(self.extra_kwargs),
+        ]  # fmt: skip
+
+    def build_env(self) -> dict[str, str]:
+        return self.server_env

@@ -1,0 +1,179 @@
+"""``ManagedServer``: an ``InferenceServer`` that runs as a supervised child process.
+
+Subclasses say how to launch (``build_command``, ``build_env``) and which log lines mean
+ready or fatal; this class owns the port, the log file, readiness and failure detection.
+Readiness has two witnesses, whichever comes first: a ready log line, or HTTP 200 from
+``GET /v1/models``. A process exit or a fatal log line ends the wait at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import Iterable
+from typing import IO
+
+from infermill.config import InferenceConfig
+from infermill.errors import RequestError, ServerError
+from infermill.servers.base import InferenceServer, find_free_port
+from infermill.servers.process import ManagedProcess, open_log
+
+PROBE_INTERVAL_FIRST = 0.05
+PROBE_INTERVAL_MAX = 0.5
+PROBE_TIMEOUT = 5.0
+
+UVICORN_READY = (r"Application startup complete", r"Uvicorn running on")
+CUDA_FATAL = (r"CUDA out of memory", r"RuntimeError.*CUDA|CUDA.*RuntimeError")
+
+
+def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """One regex matching any of ``patterns``; None when there are none."""
+    patterns = list(patterns)
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
+class ManagedServer(InferenceServer):
+    """A server process infermill launches, watches, restarts and stops."""
+
+    ready_patterns: tuple[str, ...] = UVICORN_READY
+    fatal_patterns: tuple[str, ...] = CUDA_FATAL
+
+    def __init__(self, config: InferenceConfig, rank: int = 0):
+        super().__init__(config, rank)
+        self._ready_re = compile_patterns((*self.ready_patterns, *config.server_ready_patterns))
+        self._fatal_re = compile_patterns((*self.fatal_patterns, *config.server_fatal_patterns))
+        self.process: ManagedProcess | None = None
+        self._log: IO[str] | None = None
+        self._ready_line_seen = False
+        self._fatal_line: str | None = None
+        self._output_event = asyncio.Event()
+        self._last_tail: list[str] = []
+
+    # -- subclass hooks -----------------------------------------------------------------
+
+    def build_command(self, port: int) -> list[str]:
+        """The argv that starts the server on ``port``."""
+        raise NotImplementedError
+
+    def build_env(self) -> dict[str, str]:
+        """Environment variables added to infermill's own for the server."""
+        return {}
+
+    @property
+    def log_path(self) -> str | None:
+        folder = self.config.server_log_folder
+        return os.path.join(folder, self.log_name) if folder else None
+
+    @property
+    def log_name(self) -> str:
+        return f"server_rank_{self.rank:05d}.log"
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def _start_attempt(self, attempt: int) -> None:
+        self.port = find_free_port(self.host)
+        argv = self.build_command(self.port)
+        env = {**os.environ, **self.build_env()}
+        self._ready_line_seen = False
+        self._fatal_line = None
+        if self._log is None:
+            self._log = open_log(self.config.server_log_folder, self.log_name)
+        if self._log is not None:
+            self._log.write(f"# infermill: start attempt {attempt} (restart {self.restarts}) on port {self.port}: "
+                            f"{' '.join(self.redact(argv))}\n")
+            self._log.flush()
+        try:
+            self.process = await asyncio.wait_for(
+                ManagedProcess.spawn(argv, env=env, on_line=self._on_line, on_exit=self._wake, log=self._log),
+                timeout=self.config.server_start_timeout_sec,
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            raise ServerError(f"could not launch {argv[0]!r}: {type(e).__name__}: {e}") from None
+        await self._wait_until_serving(self.process)
+
+    async def _wait_until_serving(self, process: ManagedProcess) -> None:
+        loop = asyncio.get_running_loop()
+        window = self.config.server_ready_max_attempts * self.config.server_ready_delay_sec
+        deadline = loop.time() + window
+        interval = PROBE_INTERVAL_FIRST
+        max_interval = min(PROBE_INTERVAL_MAX, self.config.server_ready_delay_sec)
+        while True:
+            self._raise_if_dead(process)
+            if self._ready_line_seen or await self._probe_ready():
+                return
+            self._raise_if_dead(process)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ServerError(
+                    f"not ready after {window:g} s (server_ready_max_attempts x server_ready_delay_sec): "
+                    "no ready log line and no HTTP 200 from GET /v1/models",
+                    list(process.tail),
+                )
+            event = self._output_event
+            try:
+                await asyncio.wait_for(event.wait(), timeout=min(interval, remaining))
+            except asyncio.TimeoutError:
+                pass
+            interval = min(interval * 2, max_interval)
+
+    def _raise_if_dead(self, process: ManagedProcess) -> None:
+        if self._fatal_line is not None:
+            raise ServerError(f"fatal line in the server's output: {self._fatal_line!r}", list(process.tail))
+        if process.exited.is_set():
+            raise ServerError(f"the server process exited with code {process.returncode} before it was ready",
+                              list(process.tail))
+
+    async def _probe_ready(self) -> bool:
+        try:
+            await self._client.get(self.base_url + "/v1/models", timeout=PROBE_TIMEOUT)
+        except RequestError:
+            return False
+        return True
+
+    def _on_line(self, line: str) -> None:
+        if self._fatal_line is None and self._fatal_re is not None and self._fatal_re.search(line):
+            self._fatal_line = line
+            self._wake()
+        elif not self._ready_line_seen and self._ready_re is not None and self._ready_re.search(line):
+            self._ready_line_seen = True
+            self._wake()
+
+    def _wake(self) -> None:
+        self._output_event.set()
+        self._output_event = asyncio.Event()
+
+    async def _watch(self) -> str:
+        process = self.process
+        assert process is not None
+        while self._fatal_line is None and not process.exited.is_set():
+            event = self._output_event
+            await event.wait()
+        if self._fatal_line is not None:
+            return f"fatal line in the server's output: {self._fatal_line!r}"
+        return f"the server process exited with code {process.returncode}"
+
+    async def _stop_attempt(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            await process.stop(self.config.server_stop_grace_sec)
+            self._last_tail = list(process.tail)
+            if self._log is not None:
+                self._log.write(f"# infermill: server stopped (exit code {process.returncode})\n")
+                self._log.flush()
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+    def log_tail(self) -> list[str]:
+        return list(self.process.tail) if self.process is not None else self._last_tail
+
+    def redact(self, argv: list[str]) -> list[str]:
+        """``argv`` as it may be logged: secrets replaced."""
+        return list(argv)

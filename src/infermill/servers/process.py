@@ -1,0 +1,208 @@
+"""A supervised child process: own process group, output pump, stop = TERM then KILL.
+
+Every server type that runs a process uses this module and nothing else to spawn,
+read and stop it, so the rules that keep orphans away live in one place:
+
+* the child starts a new session (its own process group), so one ``killpg`` reaches
+  everything it spawned, and a Ctrl-C in the terminal does not hit it directly;
+* on Linux the child gets a parent-death signal, so it dies if infermill is SIGKILLed;
+* stdout and stderr are drained concurrently in chunks, so a full pipe can never block
+  the child, lines of any length are fine, and invalid UTF-8 is replaced, not fatal;
+* ``stop()`` sends SIGTERM to the group, waits a grace period, sends SIGKILL, and reaps;
+  it is safe to call twice and completes even when its caller is being cancelled;
+* an ``atexit`` hook kills any group still alive when the interpreter exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import ctypes
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+READ_CHUNK = 1 << 16
+MAX_LINE_CHARS = 1 << 20  # lines are cut here for pattern matching; the log keeps it all
+TAIL_LINES = 20
+
+_live_groups: set[int] = set()
+
+
+def _kill_live_groups() -> None:
+    for pgid in list(_live_groups):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+atexit.register(_kill_live_groups)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except Exception:
+            pass
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` is still running (zombies do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Zombies keep a group "alive" for kill(0) until their parent reaps them; look closer.
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+class ManagedProcess:
+    """A running child and the tasks that read its output. Build it with :meth:`spawn`."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        on_line: Callable[[str], None],
+        on_exit: Callable[[], None],
+        log: IO[str] | None,
+    ):
+        self._proc = proc
+        self.pid = proc.pid
+        self.pgid = proc.pid  # start_new_session makes the child its group's leader
+        self._on_line = on_line
+        self._on_exit = on_exit
+        self._log = log
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.exited = asyncio.Event()
+        self._readers = [
+            asyncio.create_task(self._pump(proc.stdout), name=f"pump-stdout-{self.pid}"),
+            asyncio.create_task(self._pump(proc.stderr), name=f"pump-stderr-{self.pid}"),
+        ]
+        self._waiter = asyncio.create_task(self._wait_exit(), name=f"wait-{self.pid}")
+        self._stopped = False
+        _live_groups.add(self.pgid)
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_line: Callable[[str], None] = lambda line: None,
+        on_exit: Callable[[], None] = lambda: None,
+        log: IO[str] | None = None,
+    ) -> ManagedProcess:
+        """Start ``argv`` in a new process group; ``on_line`` sees every output line and
+        ``on_exit`` is called once the child has exited and its output is drained."""
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_child_setup,
+        )
+        return cls(proc, on_line, on_exit, log)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    async def _pump(self, stream: asyncio.StreamReader | None) -> None:
+        if stream is None:
+            return
+        pending = b""
+        while True:
+            chunk = await stream.read(READ_CHUNK)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                self._emit(raw)
+            if len(pending) > MAX_LINE_CHARS * 4:  # a runaway line without newline
+                self._emit(pending)
+                pending = b""
+        if pending:
+            self._emit(pending)
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if self._log is not None:
+            self._log.write(line + "\n")
+            self._log.flush()
+        short = line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS] + " [...]"
+        self.tail.append(short if len(short) <= 2000 else short[:2000] + " [...]")
+        self._on_line(short)
+
+    async def _wait_exit(self) -> None:
+        await self._proc.wait()
+        # Let the pumps drain what the child printed before it exited.
+        await asyncio.wait(self._readers, timeout=2.0)
+        self.exited.set()
+        self._on_exit()
+
+    async def stop(self, grace: float = 10.0) -> int | None:
+        """Stop the whole process group: SIGTERM, ``grace`` seconds, SIGKILL; reap the child."""
+        task = asyncio.ensure_future(self._stop(grace))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task  # finish stopping even when our caller is cancelled
+            raise
+
+    async def _stop(self, grace: float) -> int | None:
+        if not self._stopped:
+            self._stopped = True
+            self._signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and (self._proc.returncode is None or group_alive(self.pgid)):
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._waiter), timeout=0.05)
+                except asyncio.TimeoutError:
+                    pass
+            self._signal_group(signal.SIGKILL)
+        await self._waiter
+        for task in self._readers:
+            task.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        _live_groups.discard(self.pgid)
+        return self._proc.returncode
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def open_log(folder: str | None, name: str) -> IO[str] | None:
+    """Open (append) the log file ``folder/name``; None when no folder is configured."""
+    if not folder:
+        return None
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    return open(path / name, "a", encoding="utf-8", errors="replace")

@@ -1,0 +1,34 @@
+"""The data that flows through a job: documents in, inference results out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Document:
+    """One input record. ``metadata`` receives the rollout results under the runner's key."""
+
+    text: str
+    id: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    media: list[Any] | None = None
+
+
+@dataclass(slots=True)
+class InferenceResult:
+    """The parsed reply to one ``generate`` call."""
+
+    text: str
+    finish_reason: str | None
+    usage: dict[str, Any]
+    reasoning: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "reasoning": self.reasoning,
+        }
