@@ -1,0 +1,46 @@
+"""Counters of a run: cheap to bump on the hot path, written as ``stats.json`` at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class RunStats:
+    """What one rank did. Plain integer fields: bumping one costs an attribute write."""
+
+    documents_read: int = 0
+    documents_processed: int = 0  # finished, written or not
+    documents_written: int = 0
+    documents_empty: int = 0  # every rollout returned None: not written
+    documents_skipped: int = 0  # bad request with skip_bad_requests
+    documents_failed: int = 0
+    rollouts_ok: int = 0
+    rollouts_none: int = 0
+    requests_ok: int = 0
+    requests_failed: int = 0
+    requests_retried: int = 0
+    requests_in_flight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    server_restarts: int = 0
+    started_at: float = field(default_factory=time.time)
+    inference_time_sec: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("requests_in_flight")
+        elapsed = self.inference_time_sec or max(time.time() - self.started_at, 1e-9)
+        data["documents_per_sec"] = round(self.documents_processed / elapsed, 3) if elapsed else 0.0
+        data["completion_tokens_per_sec"] = round(self.completion_tokens / elapsed, 3) if elapsed else 0.0
+        return data
+
+    def summary(self) -> str:
+        return (
+            f"{self.documents_processed} documents ({self.documents_written} written, {self.documents_empty} empty, "
+            f"{self.documents_skipped} skipped, {self.documents_failed} failed); requests {self.requests_ok} ok, "
+            f"{self.requests_failed} failed, {self.requests_retried} retried; tokens {self.prompt_tokens} in, "
+            f"{self.completion_tokens} out; {self.server_restarts} server restarts; {self.inference_time_sec:.1f} s"
+        )
