@@ -76,9 +76,11 @@ class OpenAIClient:
             )
         return self._session
 
-    async def post(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST ``payload`` as JSON; return the decoded JSON object or raise a RequestError."""
-        return await self._request("POST", url, orjson.dumps(payload))
+    async def post(self, url: str, payload: dict[str, Any] | bytes) -> dict[str, Any]:
+        """POST ``payload`` (a dict, or JSON already encoded) and return the decoded JSON object,
+        or raise a RequestError."""
+        data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        return await self._request("POST", url, data)
 
     async def get(self, url: str, timeout: float | None = None) -> dict[str, Any]:
         return await self._request("GET", url, None, timeout)

@@ -12,6 +12,8 @@ class RunStats:
     """What one rank did. Plain integer fields: bumping one costs an attribute write."""
 
     documents_read: int = 0
+    documents_resumed: int = 0  # finished by an earlier run of the same job: skipped
+    documents_bad_input: int = 0  # malformed input records skipped (on_bad_record: skip)
     documents_processed: int = 0  # finished, written or not
     documents_written: int = 0
     documents_empty: int = 0  # every rollout returned None: not written
@@ -22,6 +24,7 @@ class RunStats:
     requests_ok: int = 0
     requests_failed: int = 0
     requests_retried: int = 0
+    requests_cached: int = 0  # answered from the checkpoint's request cache
     requests_in_flight: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0

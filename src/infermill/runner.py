@@ -21,8 +21,17 @@ from typing import Any
 import orjson
 
 from infermill.config import InferenceConfig
-from infermill.errors import BadRequestError, InferenceError, RequestError, RetryableError, ServerError
+from infermill.errors import (
+    BadRequestError,
+    ConfigError,
+    InferenceError,
+    RequestError,
+    RetryableError,
+    ServerError,
+)
+from infermill.io.readers import BadRecord
 from infermill.io.writers import INFERMILL_DIR, OutputWriter
+from infermill.journal import ChunkJournal, request_key
 from infermill.metrics import RunStats
 from infermill.retry import RetryPolicy
 from infermill.servers import InferenceServer, create_server
@@ -47,7 +56,7 @@ def parse_reply(reply: dict[str, Any], use_chat: bool) -> InferenceResult:
         else:
             text = choice.get("text") or ""
             reasoning = ""
-        return InferenceResult(text, choice.get("finish_reason"), reply.get("usage") or {}, reasoning)
+        return InferenceResult(text, choice.get("finish_reason"), reply.get("usage") or {}, reasoning, reply)
     except (KeyError, IndexError, TypeError, AttributeError) as e:
         raise RetryableError(f"reply without choices[0].{'message' if use_chat else 'text'}: {str(reply)[:200]}") from e
 
@@ -128,6 +137,8 @@ class InferenceRunner:
         records_per_chunk: int = 6000,
         metadata_key: str = "rollout_results",
         skip_bad_requests: bool = False,
+        job_identity: dict[str, Any] | None = None,
+        overwrite: bool = False,
     ):
         if records_per_chunk <= 0:
             raise ValueError(f"records_per_chunk must be > 0, got {records_per_chunk}")
@@ -135,12 +146,27 @@ class InferenceRunner:
         self.config = config
         self.output_writer = output_writer
         self.shared_context = shared_context
-        self.checkpoints_local_dir = checkpoints_local_dir
+        self.checkpoints_local_dir = self._checkpoint_dir(checkpoints_local_dir, output_writer)
         self.records_per_chunk = records_per_chunk
         self.metadata_key = metadata_key
         self.skip_bad_requests = skip_bad_requests
+        self.job_identity = dict(job_identity or {})
+        self.overwrite = overwrite
         self.retry_policy = RetryPolicy.from_config(config)
         self.stats = RunStats()
+
+    @staticmethod
+    def _checkpoint_dir(requested: str | None, writer: OutputWriter) -> str:
+        if requested is not None:
+            if "://" in str(requested) and not str(requested).startswith("file://"):
+                raise ConfigError(f"checkpoints_local_dir must be a local folder, got {requested}")
+            return str(requested).removeprefix("file://")
+        if not writer.is_local:
+            raise ConfigError(
+                f"the output {writer.output_folder} is remote: set checkpoints_local_dir (checkpoint.dir in a "
+                "job file) to a local folder, so a killed job can resume"
+            )
+        return os.path.join(writer.fs._strip_protocol(writer.output_folder), INFERMILL_DIR, "checkpoints")
 
     # -- entry points -------------------------------------------------------------------
 
@@ -156,7 +182,18 @@ class InferenceRunner:
         self.stats = RunStats()
         self._rank = rank
         self._failures_file = None
+        journal = self._journal = ChunkJournal(self.checkpoints_local_dir, rank, self.records_per_chunk,
+                                               self.output_writer)
+        state = journal.open(self._identity(rank, world_size), overwrite=self.overwrite)
+        if state.complete is not None:
+            logger.info("rank %d is already complete (%s documents); nothing to do", rank,
+                        state.complete.get("documents_processed", "?"))
+            return {**state.complete, "already_complete": True}
+        if state.done_chunks or state.done_records:
+            logger.info("rank %d resumes: %d chunks and %d documents done, %d replies cached", rank,
+                        len(state.done_chunks), len(state.done_records), state.cached_replies)
         started = time.perf_counter()
+        completed = False
         try:
             async with enter_shared_context(self.shared_context) as context, create_server(self.config, rank) as server:
                 self._server = server
@@ -169,35 +206,68 @@ class InferenceRunner:
                 finally:
                     reporter.cancel()
                     self.stats.server_restarts = server.restarts
+            for chunk_index in journal.open_chunks():  # the last, partial chunk
+                await asyncio.to_thread(journal.finalize_chunk, chunk_index)
+            completed = True
         finally:
             self.stats.inference_time_sec = time.perf_counter() - started
-            self.output_writer.close()
+            journal.close()
             if self._failures_file is not None:
                 self._failures_file.close()
+            stats = self.stats.to_dict()
+            if completed:
+                journal.mark_complete(stats)
             self._write_stats(world_size)
         logger.info("rank %d done: %s", rank, self.stats.summary())
-        return self.stats.to_dict()
+        return stats
+
+    def _identity(self, rank: int, world_size: int) -> dict[str, Any]:
+        rollout = getattr(self.rollout_fn, "identity", None) or (
+            f"{getattr(self.rollout_fn, '__module__', '?')}:{getattr(self.rollout_fn, '__qualname__', '?')}"
+        )
+        return {
+            **self.job_identity,
+            "rank": rank,
+            "world_size": world_size,
+            "records_per_chunk": self.records_per_chunk,
+            "rollout": rollout,
+            "rollouts_per_document": self.config.rollouts_per_document,
+            "output": f"{self.output_writer.output_folder}/{self.output_writer.output_filename}",
+            "metadata_key": self.metadata_key,
+        }
 
     # -- one document -------------------------------------------------------------------
 
     async def _worker(self) -> None:
         next_document = self._next
+        journal = self._journal
+        stats = self.stats
         while (item := await next_document()) is not _END:
             index, raw = item
-            document = as_document(raw, index)
-            self.stats.documents_read += 1
-            await self._process_document(document)
+            if journal.is_done(index):
+                stats.documents_resumed += 1
+                continue
+            stats.documents_read += 1
+            if isinstance(raw, BadRecord):
+                stats.documents_bad_input += 1
+                self._record_failure(raw.id, raw.error, None)
+                record = None
+            else:
+                record = await self._process_document(as_document(raw, index), index)
+            if (full_chunk := journal.commit(index, record)) is not None:
+                await asyncio.to_thread(journal.finalize_chunk, full_chunk)
 
-    async def _process_document(self, document: Document) -> None:
+    async def _process_document(self, document: Document, index: int) -> dict[str, Any] | None:
+        """Run the rollouts; return the record to write, or None when there is nothing to write."""
         stats = self.stats
         try:
-            results = await self._run_rollouts(document)
+            results = await self._run_rollouts(document, index)
         except InferenceError as e:
             if self.skip_bad_requests and isinstance(e.error, BadRequestError):
                 stats.documents_skipped += 1
                 stats.documents_processed += 1
-                self._record_failure(document, e)
-                return
+                self._record_failure(document.id, e.error, e.payload)
+                return None
             stats.documents_failed += 1
             raise
         stats.documents_processed += 1
@@ -206,24 +276,27 @@ class InferenceRunner:
         stats.rollouts_none += len(results) - len(kept)
         if not kept:
             stats.documents_empty += 1
-            return
+            return None
         document.metadata[self.metadata_key] = kept
         record: dict[str, Any] = {"id": document.id, "text": document.text, "metadata": document.metadata}
         if document.media is not None:
             record["media"] = document.media
         try:
-            self.output_writer.write(record, self._rank)
+            orjson.dumps(record)
         except TypeError as e:
             raise InferenceError(document, f"the rollout's result cannot be written as JSON: {e}") from e
         stats.documents_written += 1
+        return record
 
-    async def _run_rollouts(self, document: Document) -> list[Any]:
-        generate = self._make_generate(document)
+    async def _run_rollouts(self, document: Document, index: int) -> list[Any]:
         n = self.config.rollouts_per_document
         try:
             if n == 1:
-                return [await self.rollout_fn(document, generate, **self._context)]
-            tasks = [asyncio.ensure_future(self.rollout_fn(document, generate, **self._context)) for _ in range(n)]
+                return [await self.rollout_fn(document, self._make_generate(document, index, 0), **self._context)]
+            tasks = [
+                asyncio.ensure_future(self.rollout_fn(document, self._make_generate(document, index, i), **self._context))
+                for i in range(n)
+            ]
             try:
                 return list(await asyncio.gather(*tasks))
             finally:
@@ -235,14 +308,21 @@ class InferenceRunner:
         except Exception as e:
             raise InferenceError(document, f"rollout_fn raised {type(e).__name__}: {e}") from e
 
-    def _make_generate(self, document: Document) -> Generate:
-        config, server, stats, policy = self.config, self._server, self.stats, self.retry_policy
+    def _make_generate(self, document: Document, index: int, rollout_index: int) -> Generate:
+        config, server, stats, policy, journal = self.config, self._server, self.stats, self.retry_policy, self._journal
         base = {"model": config.model_name_or_path, **config.default_generation_params}
         slots = self._generation_slots
         use_chat = config.use_chat
+        seen: dict[bytes, int] = {}
 
         async def generate(payload: dict[str, Any]) -> InferenceResult:
-            body = {**base, **payload}
+            data = orjson.dumps({**base, **payload})
+            occurrence = seen[data] = seen.get(data, -1) + 1
+            key = request_key(document.id, rollout_index, data, occurrence)
+            cached = journal.cached_reply(key)
+            if cached is not None:
+                stats.requests_cached += 1
+                return parse_reply(cached, use_chat)
             attempt = 0
             while True:
                 attempt += 1
@@ -250,7 +330,7 @@ class InferenceRunner:
                     async with slots:
                         stats.requests_in_flight += 1
                         try:
-                            reply = await server.make_request(body)
+                            reply = await server.make_request(data)
                         finally:
                             stats.requests_in_flight -= 1
                     result = parse_reply(reply, use_chat)
@@ -263,6 +343,7 @@ class InferenceRunner:
                     stats.requests_retried += 1
                     await asyncio.sleep(policy.delay(attempt, e))
                     continue
+                journal.store_reply(index, key, reply)
                 stats.requests_ok += 1
                 usage = result.usage
                 stats.prompt_tokens += usage.get("prompt_tokens") or 0
@@ -275,19 +356,16 @@ class InferenceRunner:
 
     @property
     def infermill_dir(self) -> str:
-        return os.path.join(self.output_writer.output_folder, INFERMILL_DIR)
+        return os.path.join(self.output_writer.fs._strip_protocol(self.output_writer.output_folder), INFERMILL_DIR) \
+            if self.output_writer.is_local else os.path.dirname(self.checkpoints_local_dir)
 
-    def _record_failure(self, document: Document, error: InferenceError) -> None:
+    def _record_failure(self, doc_id: str, error: BaseException, payload: dict[str, Any] | None) -> None:
         if self._failures_file is None:
             os.makedirs(self.infermill_dir, exist_ok=True)
             path = os.path.join(self.infermill_dir, f"failures_rank_{self._rank:05d}.jsonl")
             self._failures_file = open(path, "ab")
-        entry = {
-            "id": document.id,
-            "error": str(error.error),
-            "error_type": type(error.error).__name__,
-            "payload": _payload_summary(error.payload),
-        }
+        entry = {"id": doc_id, "error": str(error), "error_type": type(error).__name__,
+                 "payload": _payload_summary(payload)}
         self._failures_file.write(orjson.dumps(entry, default=str, option=orjson.OPT_APPEND_NEWLINE))
         self._failures_file.flush()
 

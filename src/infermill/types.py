@@ -18,12 +18,14 @@ class Document:
 
 @dataclass(slots=True)
 class InferenceResult:
-    """The parsed reply to one ``generate`` call."""
+    """The parsed reply to one ``generate`` call; ``raw`` is the server's whole JSON reply
+    (not written to the output unless the rollout returns it)."""
 
     text: str
     finish_reason: str | None
     usage: dict[str, Any]
     reasoning: str = ""
+    raw: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

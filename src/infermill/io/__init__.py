@@ -1,5 +1,5 @@
 """Reading documents and writing results."""
 
-from infermill.io.writers import JsonlWriter, OutputWriter
+from infermill.io.writers import WRITERS, JsonlWriter, OpenAIBatchWriter, OutputWriter, ParquetWriter
 
-__all__ = ["JsonlWriter", "OutputWriter"]
+__all__ = ["WRITERS", "JsonlWriter", "OpenAIBatchWriter", "OutputWriter", "ParquetWriter"]

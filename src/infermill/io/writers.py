@@ -1,11 +1,17 @@
-"""Output writers. A data file appears only whole: it is written under a temporary
-name and renamed when its chunk is closed. File names take ``${rank}`` and
-``${chunk_index}``. Paths go through fsspec, so ``s3://`` and friends work.
+"""Output writers: one data file per (rank, chunk), each appearing only whole.
+
+A file is written under a temporary name and renamed when complete. File names come
+from a template with ``${rank}`` and ``${chunk_index}``; paths go through fsspec, so
+``s3://`` and friends work. Compression is taken from ``compression`` or the name's
+suffix (``.gz``, ``.zst``).
 """
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from string import Template
 from typing import IO, Any
 
@@ -13,64 +19,134 @@ import fsspec
 import orjson
 
 INFERMILL_DIR = "_infermill"
+COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
+PARQUET_ROWS_PER_GROUP = 2000
 
 
 class OutputWriter:
-    """Base class: writes records to files named from ``output_filename`` under ``output_folder``."""
+    """Base class: subclasses say how to write records into one open binary file."""
 
-    default_filename = "${rank}.jsonl"
+    extension = ".jsonl"
 
-    def __init__(self, output_folder: str, output_filename: str | None = None):
-        self.output_folder = output_folder.rstrip("/")
-        self.output_filename = output_filename or self.default_filename
+    def __init__(self, output_folder: str, output_filename: str | None = None, compression: str | None = None):
+        if compression not in (None, "none", *COMPRESSION_SUFFIX):
+            raise ValueError(f"compression must be one of gzip, zstd or none, got {compression!r}")
+        self.output_folder = str(output_folder).rstrip("/")
+        suffix = COMPRESSION_SUFFIX.get(compression or "", "")
+        filename = output_filename or "${rank}_${chunk_index}" + self.extension + suffix
+        if "${chunk_index}" not in filename:
+            raise ValueError(
+                f"output filename {filename!r} must contain ${{chunk_index}}: each chunk of a rank is its own file, "
+                "so that a killed job can resume without duplicates (e.g. '${rank}_${chunk_index}.jsonl')"
+            )
+        self.output_filename = filename
+        self.compression = fsspec.utils.infer_compression(filename)
         self.fs, self._root = fsspec.core.url_to_fs(self.output_folder)
-        self._open: dict[str, tuple[str, IO[bytes]]] = {}
 
     @property
     def is_local(self) -> bool:
-        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "file" in protocols or "local" in protocols
 
-    def filename(self, rank: int, chunk_index: int = 0) -> str:
+    def filename(self, rank: int, chunk_index: int) -> str:
         return Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index=f"{chunk_index:05d}")
 
-    def write(self, record: dict[str, Any], rank: int = 0, chunk_index: int = 0) -> None:
-        name = self.filename(rank, chunk_index)
-        entry = self._open.get(name)
-        if entry is None:
-            final = f"{self._root}/{name}"
-            self.fs.makedirs(os.path.dirname(final) or self._root, exist_ok=True)
-            temp = f"{final}.{os.getpid()}.tmp"
-            entry = self._open[name] = (temp, self.fs.open(temp, "wb"))
-        self._write_record(entry[1], record)
+    def write_chunk(self, records: Iterable[dict[str, Any]], rank: int, chunk_index: int) -> int:
+        """Write one chunk's file whole; return the number of records. No records, no file."""
+        records = iter(records)
+        first = next(records, None)
+        if first is None:
+            return 0
+        final = f"{self._root}/{self.filename(rank, chunk_index)}"
+        self.fs.makedirs(os.path.dirname(final), exist_ok=True)
+        temp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with self.fs.open(temp, "wb", compression=self.compression) as file:
+                count = self._write_records(file, _chain_first(first, records))
+            self.fs.mv(temp, final)
+        except BaseException:
+            if self.fs.exists(temp):
+                self.fs.rm(temp)
+            raise
+        return count
 
-    def _write_record(self, file: IO[bytes], record: dict[str, Any]) -> None:
+    def _write_records(self, file: IO[bytes], records: Iterator[dict[str, Any]]) -> int:
         raise NotImplementedError
 
-    def close_chunk(self, rank: int = 0, chunk_index: int = 0) -> None:
-        """Finish one file: close it and move it to its final name."""
-        name = self.filename(rank, chunk_index)
-        entry = self._open.pop(name, None)
-        if entry is not None:
-            temp, file = entry
-            file.close()
-            self.fs.mv(temp, f"{self._root}/{name}")
-
-    def close(self) -> None:
-        """Finish every open file."""
-        for name in list(self._open):
-            temp, file = self._open.pop(name)
-            file.close()
-            self.fs.mv(temp, f"{self._root}/{name}")
-
-    def __enter__(self) -> OutputWriter:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+    def remove_rank_files(self, rank: int) -> None:
+        """Delete this rank's data files (for starting a job over)."""
+        pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index="*")
+        for path in self.fs.glob(f"{self._root}/{pattern}"):
+            self.fs.rm(path)
 
 
 class JsonlWriter(OutputWriter):
-    """One JSON object per line."""
+    """One JSON object per line (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``)."""
 
-    def _write_record(self, file: IO[bytes], record: dict[str, Any]) -> None:
-        file.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY))
+    def _write_records(self, file: IO[bytes], records: Iterator[dict[str, Any]]) -> int:
+        count = 0
+        for record in records:
+            file.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+            count += 1
+        return count
+
+
+class ParquetWriter(OutputWriter):
+    """Parquet with a schema that never changes between chunks: ``id`` and ``text`` as
+    strings, ``metadata`` (rollout results included) and ``media`` as JSON strings."""
+
+    extension = ".parquet"
+
+    def _write_records(self, file: IO[bytes], records: Iterator[dict[str, Any]]) -> int:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("metadata", pa.string()),
+                            ("media", pa.string())])
+        count = 0
+        with pq.ParquetWriter(file, schema, compression="zstd") as parquet:
+            while batch := list(islice(records, PARQUET_ROWS_PER_GROUP)):
+                columns = {
+                    "id": [str(r["id"]) for r in batch],
+                    "text": [r.get("text") for r in batch],
+                    "metadata": [orjson.dumps(r.get("metadata") or {}).decode() for r in batch],
+                    "media": [orjson.dumps(r["media"]).decode() if r.get("media") is not None else None for r in batch],
+                }
+                parquet.write_table(pa.table(columns, schema=schema))
+                count += len(batch)
+        return count
+
+
+class OpenAIBatchWriter(OutputWriter):
+    """The OpenAI Batch API's output format: ``{id, custom_id, response: {status_code,
+    request_id, body}, error}``; ``body`` is the server's reply to the line's request."""
+
+    def __init__(self, output_folder: str, output_filename: str | None = None, compression: str | None = None,
+                 results_key: str = "rollout_results"):
+        super().__init__(output_folder, output_filename, compression)
+        self.results_key = results_key
+
+    def _write_records(self, file: IO[bytes], records: Iterator[dict[str, Any]]) -> int:
+        count = 0
+        for record in records:
+            results = (record.get("metadata") or {}).get(self.results_key) or [None]
+            body = results[0]
+            reply_id = body.get("id") if isinstance(body, dict) else None
+            line = {
+                "id": f"batch_req_{uuid.uuid4().hex}",
+                "custom_id": record["id"],
+                "response": {"status_code": 200, "request_id": reply_id or uuid.uuid4().hex, "body": body},
+                "error": None,
+            }
+            file.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+            count += 1
+        return count
+
+
+WRITERS: dict[str, type[OutputWriter]] = {"jsonl": JsonlWriter, "parquet": ParquetWriter,
+                                          "openai_batch": OpenAIBatchWriter}
+
+
+def _chain_first(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    yield first
+    yield from rest

@@ -98,8 +98,11 @@ class InferenceServer:
             changed = self._state_changed
             await changed.wait()
 
-    async def make_request(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Send one chat or completions request (per ``use_chat``) and return the parsed JSON reply."""
+    async def make_request(self, payload: dict[str, Any] | bytes) -> dict[str, Any]:
+        """Send one chat or completions request (per ``use_chat``) and return the parsed JSON reply.
+
+        ``payload`` may be already-encoded JSON bytes, which saves encoding it twice.
+        """
         if self.state is not ServerState.READY:
             await self.wait_until_ready()
         return await self._client.post(self.request_url, payload)
@@ -170,6 +173,10 @@ class InferenceServer:
             self._failure = e
             self._set_state(ServerState.FAILED)
             logger.error("server rank %d failed: %s", self.rank, e.reason)
+        except Exception as e:  # e.g. an unwritable server_log_folder: fail for good rather than leave waiters hanging
+            self._failure = ServerError(f"the server could not be run: {type(e).__name__}: {e}", self.log_tail())
+            self._set_state(ServerState.FAILED)
+            logger.exception("server rank %d failed", self.rank)
         finally:
             await self._stop_attempt()
 

@@ -14,7 +14,7 @@ import sys
 from infermill.config import InferenceConfig
 from infermill.errors import ConfigError
 from infermill.servers.flags import has_flag, kwargs_to_flags
-from infermill.servers.managed import CUDA_FATAL, UVICORN_READY, ManagedServer
+from infermill.servers.managed import CUDA_FATAL, ManagedServer
 
 SECRET_FLAGS = ("--api-key",)
 
@@ -26,7 +26,8 @@ class EngineServer(ManagedServer):
     parallel_flags: dict[str, str] = {}  # config field -> engine flag
 
     def __init__(self, config: InferenceConfig, rank: int = 0):
-        self.api_key = secrets.token_urlsafe(24)
+        # hex: a urlsafe token starts with "-" one time in 64, which argparse rejects as a flag value
+        self.api_key = secrets.token_hex(24)
         super().__init__(config, rank)
         kwargs = dict(config.model_kwargs or {})
         launcher = kwargs.pop("server_command", None) or list(self.default_launcher)
@@ -60,7 +61,10 @@ class VLLMServer(EngineServer):
 
     default_launcher = ("vllm",)
     parallel_flags = {"tp": "tensor-parallel-size", "dp": "data-parallel-size", "pp": "pipeline-parallel-size"}
-    ready_patterns = UVICORN_READY
+    # Not "Application startup complete": uvicorn prints it before listen(), so a request sent
+    # on it can be refused. vLLM hands uvicorn a pre-bound socket, so uvicorn prints no
+    # "Uvicorn running on" either (older vLLMs did): readiness is then the HTTP probe's.
+    ready_patterns = (r"Uvicorn running on",)
     fatal_patterns = (
         *CUDA_FATAL,
         r"The number of required GPUs exceeds the total number of available GPUs",
@@ -90,7 +94,8 @@ class SGLangServer(EngineServer):
 
     default_launcher = (sys.executable, "-m", "sglang.launch_server")
     parallel_flags = {"tp": "tp-size", "dp": "dp-size", "pp": "pp-size"}
-    ready_patterns = (r"The server is fired up and ready to roll!", *UVICORN_READY)
+    # Lines printed once the port accepts connections ("Application startup complete" comes before).
+    ready_patterns = (r"The server is fired up and ready to roll!", r"Uvicorn running on")
     fatal_patterns = (*CUDA_FATAL, r"Detected errors during sampling", r"IndexError: list index out of range")
 
     def build_command(self, port: int) -> list[str]:

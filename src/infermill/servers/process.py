@@ -36,7 +36,8 @@ TAIL_LINES = 20
 _live_groups: set[int] = set()
 
 
-def _kill_live_groups() -> None:
+def kill_live_groups() -> None:
+    """SIGKILL every process group this process started and has not stopped yet."""
     for pgid in list(_live_groups):
         try:
             os.killpg(pgid, signal.SIGKILL)
@@ -44,7 +45,7 @@ def _kill_live_groups() -> None:
             pass
 
 
-atexit.register(_kill_live_groups)
+atexit.register(kill_live_groups)
 
 _PR_SET_PDEATHSIG = 1
 

@@ -1,0 +1,3 @@
+from infermill.cli import main
+
+main()

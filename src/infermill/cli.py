@@ -1,0 +1,242 @@
+"""The ``infermill`` command: run, serve, check and status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console
+from rich.logging import RichHandler
+
+from infermill.errors import ConfigError, InferenceError, InfermillError, ServerError
+from infermill.eventloop import run_coroutine
+from infermill.jobfile import JobConfig, load_job
+
+console = Console(stderr=True)
+logger = logging.getLogger("infermill")
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def _load(job_file: str, overrides: tuple[str, ...]) -> JobConfig:
+    try:
+        return load_job(job_file, overrides)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+async def _interruptible(coro: Any) -> Any:
+    """Run ``coro``; the first SIGINT/SIGTERM cancels it (clean stop), the second exits at once."""
+    from infermill.servers.process import kill_live_groups
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(coro)
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            logger.warning("%s received: stopping cleanly (checkpoint kept); send it again to stop at once",
+                           signal.Signals(signum).name)
+            task.cancel()
+        else:
+            kill_live_groups()
+            os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if received:
+            raise KeyboardInterrupt(received[0]) from None
+        raise
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="infermill")
+def main(verbose: bool) -> None:
+    """infermill: LLM inference over large datasets on servers it launches and supervises."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a job file key, e.g. inference.max_concurrent_generations=64.")
+@click.option("--overwrite", is_flag=True, help="Discard this job's checkpoint and outputs and start over.")
+@click.option("--rank", type=int, default=0, show_default=True, help="This process's rank.")
+@click.option("--world-size", type=int, default=None, help="Number of ranks (default: runner.world_size).")
+def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, world_size: int | None) -> None:
+    """Run the job in JOB_FILE to completion (or resume it)."""
+    from infermill.job import build_reader, build_runner
+    from infermill.progress import show_progress, summary_table
+
+    job = _load(job_file, overrides)
+    world_size = world_size or job.runner.world_size
+    if not 0 <= rank < world_size:
+        raise click.BadParameter(f"--rank must be in [0, {world_size}), got {rank}")
+    try:
+        runner = build_runner(job, overwrite=overwrite)
+        reader = build_reader(job)
+    except InfermillError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise SystemExit(EXIT_USAGE) from None
+
+    async def go() -> dict[str, Any]:
+        progress = asyncio.create_task(show_progress(runner, total=job.input.limit))
+        try:
+            return await runner.run_async(reader.read(rank, world_size), rank, world_size)
+        finally:
+            progress.cancel()
+
+    try:
+        stats = run_coroutine(_interruptible(go()))
+    except KeyboardInterrupt:
+        console.print("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except (ServerError, InferenceError, InfermillError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print("The checkpoint is saved: fix the cause and run the same command to resume.")
+        raise SystemExit(EXIT_FAILED) from None
+    if stats.get("already_complete"):
+        console.print(f"rank {rank}: the job is already complete; nothing was sent. Use --overwrite to run it again.")
+    console.print(summary_table(stats, title=f"infermill run: {job.output.path} (rank {rank}/{world_size})"))
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def serve(job_file: str, overrides: tuple[str, ...]) -> None:
+    """Start and supervise only the job's server until Ctrl-C."""
+    from infermill.servers import create_server
+
+    job = _load(job_file, overrides)
+
+    async def go() -> None:
+        async with create_server(job.inference) as server:
+            await server.wait_until_ready()
+            click.echo(f"server ready: {server.base_url}/v1 (model {job.inference.model_name_or_path})")
+            key = server.client_api_key()
+            if key:
+                click.echo(f"API key for this run: {key}")
+            while True:  # until Ctrl-C, or wait_until_ready raises once the server failed for good
+                await asyncio.sleep(1.0)
+                await server.wait_until_ready()
+
+    try:
+        run_coroutine(_interruptible(go()))
+    except KeyboardInterrupt:
+        click.echo("server stopped")
+    except InfermillError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise SystemExit(EXIT_FAILED) from None
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def check(job_file: str, overrides: tuple[str, ...]) -> None:
+    """Validate the job, start its server, send one canary request from the first document."""
+    from infermill.job import build_reader, build_rollout
+    from infermill.runner import as_document, parse_reply
+    from infermill.servers import create_server
+
+    job = _load(job_file, overrides)
+    try:
+        rollout = build_rollout(job)
+        first = next(iter(build_reader(job).read(0, 1)), None)
+    except InfermillError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise SystemExit(EXIT_USAGE) from None
+    if first is None:
+        console.print("[red]error:[/red] the input has no documents")
+        raise SystemExit(EXIT_USAGE)
+    document = as_document(first, 0)
+    click.echo(f"job file OK; first document: {document.id}")
+
+    async def go() -> None:
+        async with create_server(job.inference) as server:
+            base = {"model": job.inference.model_name_or_path, **job.inference.default_generation_params}
+
+            async def generate(payload: dict[str, Any]) -> Any:
+                body = {**base, **payload}
+                click.echo("request:\n" + orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+                reply = await server.make_request(body)
+                click.echo("reply:\n" + orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
+                return parse_reply(reply, job.inference.use_chat)
+
+            result = await rollout(document, generate)
+            click.echo(f"rollout result: {result!r}")
+
+    try:
+        run_coroutine(_interruptible(go()))
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as e:
+        console.print(f"[red]check failed:[/red] {type(e).__name__}: {e}", highlight=False)
+        raise SystemExit(EXIT_FAILED) from None
+    click.echo("check passed")
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--checkpoints", type=click.Path(file_okay=False), default=None,
+              help="The checkpoint folder, when it is not OUTPUT/_infermill/checkpoints.")
+def status(output: str, checkpoints: str | None) -> None:
+    """Show the progress of a running or finished job from its checkpoints and stats."""
+    from rich.table import Table
+
+    root = Path(checkpoints or Path(output) / "_infermill" / "checkpoints")
+    ranks = sorted(root.glob("rank_*"))
+    if not ranks:
+        console.print(f"[red]error:[/red] no checkpoints in {root}: is {output} the output folder of a job?")
+        raise SystemExit(EXIT_USAGE)
+    table = Table(title=f"infermill status: {output}")
+    for column in ("rank", "state", "chunks done", "documents in open chunks", "cached replies"):
+        table.add_column(column, justify="right")
+    for rank_dir in ranks:
+        done = len(list(rank_dir.glob("chunk_*.done")))
+        open_docs = cached = 0
+        for log in rank_dir.glob("chunk_*.log"):
+            for line in log.read_bytes().splitlines():
+                if line.startswith(b'{"i"'):
+                    open_docs += 1
+                elif line.startswith(b'{"k"'):
+                    cached += 1
+        complete = (rank_dir / "complete.json").exists()
+        table.add_row(rank_dir.name.removeprefix("rank_"), "complete" if complete else "incomplete",
+                      str(done), str(open_docs), str(cached))
+    console.print(table)
+    for stats_file in sorted((Path(output) / "_infermill").glob("stats*.json")):
+        stats = orjson.loads(stats_file.read_bytes())
+        click.echo(f"{stats_file.name}: {stats.get('documents_processed', 0)} documents processed, "
+                   f"{stats.get('documents_failed', 0)} failed, {stats.get('requests_ok', 0)} requests ok, "
+                   f"{stats.get('inference_time_sec', 0):.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Reading documents: JSONL (plain, .gz, .zst), Parquet, CSV, saved Hugging Face datasets
+and OpenAI Batch input files, from local paths, globs or any fsspec URL.
+
+Reading is lazy (one record at a time) and sharded deterministically: with at least
+``world_size`` files, rank ``r`` reads files ``r, r + world_size, ...``; otherwise every
+rank reads every file and keeps records ``r, r + world_size, ...``. A record without an
+id gets ``<file name>:<line or row>``, the same on every run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import fsspec
+import orjson
+
+from infermill.errors import InfermillError
+from infermill.types import Document
+
+InputFormat = Literal["auto", "jsonl", "parquet", "csv", "hf", "openai_batch"]
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+class BadRecordError(InfermillError):
+    """An input record cannot be used; the message names the file and the line or row."""
+
+    def __init__(self, source: str, position: int, reason: str):
+        self.source = source
+        self.position = position
+        self.reason = reason
+        super().__init__(f"{source}:{position}: {reason}")
+
+
+@dataclass(slots=True)
+class BadRecord:
+    """A bad input record passed on (with ``on_bad_record="skip"``) to be counted and logged."""
+
+    id: str
+    error: BadRecordError
+
+
+def detect_format(path: str) -> str:
+    """The format implied by a file name's suffix (compression suffixes ignored)."""
+    name = path.lower()
+    for suffix in (".gz", ".zst"):
+        name = name.removesuffix(suffix)
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith(".parquet"):
+        return "parquet"
+    raise InfermillError(
+        f"cannot tell the format of {path} from its name; set the input format "
+        "(jsonl, parquet, csv, hf or openai_batch)"
+    )
+
+
+def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
+    """Expand paths, globs and folders into a sorted list of URLs; a saved HF dataset folder stays one entry."""
+    urls: list[str] = []
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        fs, root = fsspec.core.url_to_fs(path)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+        if fsspec.core.has_magic(root):
+            found = sorted(fs.glob(root))
+        elif fs.isdir(root):
+            if fmt == "hf" or fs.exists(f"{root}/state.json"):
+                urls.append(prefix + root)
+                continue
+            found = sorted(p for p in fs.find(root) if _is_data_file(p))
+        elif fs.exists(root):
+            found = [root]
+        else:
+            raise InfermillError(f"input {path} does not exist; check input.path")
+        if not found:
+            raise InfermillError(f"input {path} matches no file; check input.path")
+        urls.extend(prefix + p for p in found)
+    return urls
+
+
+def _is_data_file(path: str) -> bool:
+    if "/_infermill/" in path or os.path.basename(path).startswith((".", "_")):
+        return False
+    try:
+        detect_format(path)
+    except InfermillError:
+        return False
+    return True
+
+
+class DocumentReader:
+    """Yields this rank's ``Document``s (and ``BadRecord``s when skipping bad ones)."""
+
+    def __init__(
+        self,
+        paths: str | list[str],
+        format: InputFormat = "auto",
+        text_key: str = "text",
+        id_key: str = "id",
+        limit: int | None = None,
+        on_bad_record: Literal["error", "skip"] = "error",
+    ):
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        self.files = list_input_files(paths, format)
+        self.format = format
+        self.text_key = text_key
+        self.id_key = id_key
+        self.limit = limit
+        self.on_bad_record = on_bad_record
+
+    def read(self, rank: int = 0, world_size: int = 1) -> Iterator[Document | BadRecord]:
+        by_file = len(self.files) >= world_size
+        files = self.files[rank::world_size] if by_file else self.files
+        count = 0
+        position = 0
+        for url in files:
+            for item in self._read_file(url):
+                if not by_file:
+                    position += 1
+                    if (position - 1) % world_size != rank:
+                        continue
+                if self.limit is not None and count >= self.limit:
+                    return
+                count += 1
+                if isinstance(item, BadRecordError):
+                    if self.on_bad_record == "error":
+                        raise BadRecordError(item.source, item.position, item.reason + _SKIP_HINT)
+                    item = BadRecord(f"{os.path.basename(item.source)}:{item.position}", item)
+                yield item
+
+    __iter__ = read
+
+    def _read_file(self, url: str) -> Iterator[Document | BadRecordError]:
+        fmt = self.format if self.format != "auto" else ("hf" if _is_hf_folder(url) else detect_format(url))
+        rows = {"jsonl": _jsonl_rows, "openai_batch": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows,
+                "hf": _hf_rows}[fmt](url)
+        name = os.path.basename(url.rstrip("/"))
+        make = self._batch_document if fmt == "openai_batch" else self._document
+        try:
+            for position, row in rows:
+                if isinstance(row, BadRecordError):
+                    yield row
+                    continue
+                try:
+                    yield make(row, name, position)
+                except _Bad as e:
+                    yield BadRecordError(url, position, str(e))
+        except (OSError, ValueError) as e:
+            if isinstance(e, BadRecordError):
+                raise
+            raise BadRecordError(url, 0, f"cannot read the file: {type(e).__name__}: {e}") from e
+
+    def _document(self, row: dict[str, Any], name: str, position: int) -> Document:
+        if self.text_key not in row:
+            raise _Bad(f"no field {self.text_key!r} (fields: {', '.join(map(str, row))}); set input.text_key")
+        text = row[self.text_key]
+        if not isinstance(text, str):
+            raise _Bad(f"field {self.text_key!r} must be a string, got {type(text).__name__}")
+        doc_id = row.get(self.id_key)
+        metadata = {k: v for k, v in row.items() if k not in (self.text_key, self.id_key, "media")}
+        return Document(text=text, id=str(doc_id) if doc_id is not None else f"{name}:{position}",
+                        metadata=metadata, media=row.get("media"))
+
+    def _batch_document(self, row: dict[str, Any], name: str, position: int) -> Document:
+        missing = [k for k in ("custom_id", "body") if k not in row]
+        if missing:
+            raise _Bad(f"an OpenAI batch line needs custom_id, method, url and body; missing {', '.join(missing)}")
+        if not isinstance(row["body"], dict):
+            raise _Bad(f"body must be a JSON object, got {type(row['body']).__name__}")
+        request = {"method": row.get("method", "POST"), "url": row.get("url", "/v1/chat/completions"),
+                   "body": row["body"]}
+        return Document(text="", id=str(row["custom_id"]), metadata={"openai_batch": request})
+
+
+_SKIP_HINT = " (fix the record, or set runner.on_bad_record: skip to count and log bad records instead)"
+
+
+class _Bad(Exception):
+    pass
+
+
+def _is_hf_folder(url: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs.isdir(root) and fs.exists(f"{root}/state.json")
+
+
+def _jsonl_rows(url: str) -> Iterator[tuple[int, Any]]:
+    with fsspec.open(url, "rb", compression="infer") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                yield line_number, BadRecordError(url, line_number, f"malformed JSON: {e}")
+                continue
+            if not isinstance(row, dict):
+                yield line_number, BadRecordError(url, line_number, f"expected a JSON object, got {type(row).__name__}")
+                continue
+            yield line_number, row
+
+
+def _csv_rows(url: str) -> Iterator[tuple[int, Any]]:
+    with fsspec.open(url, "rb", compression="infer") as f:
+        reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _parquet_rows(url: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb") as f:
+        row_number = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                row_number += 1
+                yield row_number, row
+
+
+def _hf_rows(url: str) -> Iterator[tuple[int, Any]]:
+    """Rows of a folder written by ``datasets.Dataset.save_to_disk`` (Arrow stream files)."""
+    import pyarrow as pa
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.exists(f"{root}/dataset_dict.json"):
+        splits = orjson.loads(fs.cat(f"{root}/dataset_dict.json")).get("splits", [])
+        raise InfermillError(f"{url} is a DatasetDict; point input.path at one split: "
+                             + ", ".join(f"{url.rstrip('/')}/{s}" for s in splits))
+    state = orjson.loads(fs.cat(f"{root}/state.json"))
+    row_number = 0
+    for data_file in state.get("_data_files", []):
+        with fs.open(f"{root}/{data_file['filename']}", "rb") as f:
+            for batch in pa.ipc.open_stream(f):
+                for row in batch.to_pylist():
+                    row_number += 1
+                    yield row_number, row

@@ -1,0 +1,46 @@
+"""From a validated job file to a running ``InferenceRunner``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infermill.io.readers import DocumentReader
+from infermill.io.writers import WRITERS, OpenAIBatchWriter, OutputWriter
+from infermill.jobfile import JobConfig
+from infermill.rollouts import OpenAIBatchRollout, PromptRollout, load_function
+from infermill.runner import InferenceRunner
+
+
+def build_reader(job: JobConfig) -> DocumentReader:
+    spec = job.input
+    return DocumentReader(spec.path, spec.format, spec.text_key, spec.id_key, spec.limit, job.runner.on_bad_record)
+
+
+def build_writer(job: JobConfig) -> OutputWriter:
+    spec = job.output
+    if spec.format == "openai_batch":
+        return OpenAIBatchWriter(spec.path, spec.filename, spec.compression, results_key=job.runner.metadata_key)
+    return WRITERS[spec.format](spec.path, spec.filename, spec.compression)
+
+
+def build_rollout(job: JobConfig) -> Any:
+    r = job.rollout
+    if job.input.format == "openai_batch":
+        return OpenAIBatchRollout()
+    if r.function:
+        return load_function(r.function)
+    return PromptRollout(job.inference.use_chat, r.template, r.prompt_key, r.messages_key, r.system_prompt)
+
+
+def build_runner(job: JobConfig, overwrite: bool = False) -> InferenceRunner:
+    return InferenceRunner(
+        build_rollout(job),
+        job.inference,
+        build_writer(job),
+        checkpoints_local_dir=job.checkpoint.dir,
+        records_per_chunk=job.checkpoint.records_per_chunk,
+        metadata_key=job.runner.metadata_key,
+        skip_bad_requests=job.runner.skip_bad_requests,
+        job_identity={"input": job.input.model_dump(mode="json", exclude={"limit"})},
+        overwrite=overwrite,
+    )

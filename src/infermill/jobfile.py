@@ -1,0 +1,137 @@
+"""Job files: one YAML file describing input, output, rollout, server and runner.
+
+    input:     {path, format, text_key, id_key, limit}
+    output:    {path, format, compression, filename}
+    rollout:   {template | prompt_key | messages_key, system_prompt} or {function}
+    inference: the fields of InferenceConfig
+    runner:    {skip_bad_requests, metadata_key, on_bad_record}
+    checkpoint: {dir, records_per_chunk}
+
+Unknown keys and wrong types are rejected with the key's full path and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from infermill.config import InferenceConfig
+from infermill.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSection(_Section):
+    path: str | list[str]
+    format: Literal["auto", "jsonl", "parquet", "csv", "hf", "openai_batch"] = "auto"
+    text_key: str = "text"
+    id_key: str = "id"
+    limit: int | None = Field(None, ge=1, description="Documents per rank at most.")
+
+
+class OutputSection(_Section):
+    path: str
+    format: Literal["jsonl", "parquet", "openai_batch"] = "jsonl"
+    compression: Literal["none", "gzip", "zstd"] | None = None
+    filename: str | None = Field(None, description="Template with ${rank} and ${chunk_index}.")
+
+
+class RolloutSection(_Section):
+    template: str | None = None
+    prompt_key: str | None = None
+    messages_key: str | None = None
+    system_prompt: str | None = None
+    function: str | None = Field(None, description="'module:function' or 'path/to/file.py:function'.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RolloutSection:
+        kinds = [k for k in ("template", "prompt_key", "messages_key", "function") if getattr(self, k)]
+        if len(kinds) > 1:
+            raise ValueError(f"give one of template, prompt_key, messages_key or function, not {' and '.join(kinds)}")
+        if self.function and self.system_prompt:
+            raise ValueError("system_prompt applies to template, prompt_key and messages_key rollouts, not to function")
+        return self
+
+
+class RunnerSection(_Section):
+    skip_bad_requests: bool = False
+    metadata_key: str = "rollout_results"
+    on_bad_record: Literal["error", "skip"] = "error"
+    world_size: int = Field(1, ge=1)
+
+
+class CheckpointSection(_Section):
+    dir: str | None = None
+    records_per_chunk: int = Field(6000, ge=1)
+
+
+class JobConfig(_Section):
+    """A whole job, as read from a job file."""
+
+    input: InputSection
+    output: OutputSection
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    inference: InferenceConfig
+    runner: RunnerSection = Field(default_factory=RunnerSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+
+    @model_validator(mode="after")
+    def _rollout_matches_input(self) -> JobConfig:
+        r = self.rollout
+        if self.input.format == "openai_batch":
+            if r.template or r.prompt_key or r.messages_key or r.function:
+                raise ValueError("openai_batch input sends each line's body as it is: leave the rollout section out")
+        elif not (r.template or r.prompt_key or r.messages_key or r.function):
+            raise ValueError("the job needs a rollout: template, prompt_key, messages_key or function")
+        return self
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``dotted.key=value`` to ``data``; the value is read as YAML (numbers, booleans, lists)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    target = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+    target[parts[-1]] = yaml.safe_load(raw) if raw else ""
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid job file"]
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in item and item["type"] not in ("missing",) and not isinstance(item["input"], dict):
+            message += f" (got {item['input']!r})"
+        lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read and validate a job file (relative paths in it are taken from the current directory)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read job file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job file is a mapping with input, output, rollout, inference sections")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None

@@ -1,0 +1,223 @@
+"""Exactly-once checkpoints and the request cache, for one rank.
+
+Each rank's input records are numbered 0, 1, 2, ... and grouped into chunks of
+``records_per_chunk``. Everything that happens to a chunk is appended, one JSON line at a
+time, to its log ``rank_RRRRR/chunk_CCCCC.log``:
+
+* ``{"i": index, "r": record}`` when a document is finished (``r`` is null for a document
+  that is not written: every rollout returned None, or it was skipped);
+* ``{"k": key, "v": reply}`` when a request got its reply (the request cache).
+
+When every record of a chunk is finished, its data file is written from the log (under
+a temporary name, then renamed), the marker ``chunk_CCCCC.done`` is created, and the log
+is deleted. Every step is idempotent, so a kill at any moment is recovered by running
+the same job again: finished records are skipped, their output is kept, and requests
+whose replies were stored are answered from the log instead of the server. A torn last
+line (a kill mid-write) is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from infermill.errors import ConfigError
+from infermill.io.writers import OutputWriter
+
+logger = logging.getLogger("infermill.journal")
+
+IDENTITY_FILE = "identity.json"
+COMPLETE_FILE = "complete.json"
+
+
+def request_key(doc_id: str, rollout_index: int, body: bytes, occurrence: int) -> str:
+    """The cache key of a request: document, rollout, hash of the final payload, repeat count."""
+    digest = hashlib.blake2b(body, digest_size=16).hexdigest()
+    return f"{doc_id}\x1f{rollout_index}\x1f{digest}\x1f{occurrence}"
+
+
+def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(recorded) | set(current))
+    return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys if recorded.get(k) != current.get(k)]
+
+
+@dataclass
+class _Chunk:
+    index: int
+    finished: int = 0
+    file: Any = None  # the open log, appended to
+
+
+@dataclass
+class ResumeState:
+    """What an earlier run of the same job left behind."""
+
+    done_chunks: set[int] = field(default_factory=set)
+    done_records: set[int] = field(default_factory=set)  # finished records of unfinished chunks
+    cached_replies: int = 0
+    complete: dict[str, Any] | None = None
+
+
+class ChunkJournal:
+    """Checkpoints of one rank in ``directory/rank_RRRRR``; see the module docstring."""
+
+    def __init__(self, directory: str | os.PathLike, rank: int, records_per_chunk: int, writer: OutputWriter):
+        self.root = Path(directory)
+        self.dir = self.root / f"rank_{rank:05d}"
+        self.rank = rank
+        self.records_per_chunk = records_per_chunk
+        self.writer = writer
+        self.state = ResumeState()
+        self._chunks: dict[int, _Chunk] = {}
+        self._cache: dict[str, Any] = {}
+
+    # -- opening ------------------------------------------------------------------------
+
+    def open(self, identity: dict[str, Any], overwrite: bool = False) -> ResumeState:
+        """Check the job's identity against the checkpoint and load what was done."""
+        if overwrite and self.dir.exists():
+            shutil.rmtree(self.dir)
+            self.writer.remove_rank_files(self.rank)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        identity_path = self.dir / IDENTITY_FILE
+        if identity_path.exists():
+            recorded = orjson.loads(identity_path.read_bytes())
+            changes = identity_differences(recorded, identity)
+            if changes:
+                raise ConfigError(
+                    f"the checkpoint in {self.dir} belongs to a different job; what changed:\n  "
+                    + "\n  ".join(changes)
+                    + "\nRun the original job to finish it, or start over with --overwrite "
+                    "(overwrite=True), which deletes this rank's checkpoint and output files."
+                )
+        else:
+            _write_atomic(identity_path, orjson.dumps(identity, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        complete = self.dir / COMPLETE_FILE
+        if complete.exists():
+            self.state.complete = orjson.loads(complete.read_bytes())
+            return self.state
+        for path in sorted(self.dir.glob("chunk_*.done")):
+            self.state.done_chunks.add(int(path.stem.split("_")[1]))
+        for path in sorted(self.dir.glob("chunk_*.log")):
+            chunk_index = int(path.stem.split("_")[1])
+            if chunk_index in self.state.done_chunks:
+                path.unlink()  # killed between marking the chunk done and deleting its log
+                continue
+            self._load_log(chunk_index, path)
+        for path in self.dir.glob("chunk_*.tmp"):
+            path.unlink()
+        return self.state
+
+    def _load_log(self, chunk_index: int, path: Path) -> None:
+        chunk = self._chunks[chunk_index] = _Chunk(chunk_index)
+        good_bytes = 0
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # torn last line
+                try:
+                    entry = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    break
+                good_bytes += len(line)
+                if "i" in entry:
+                    if entry["i"] not in self.state.done_records:
+                        self.state.done_records.add(entry["i"])
+                        chunk.finished += 1
+                else:
+                    self._cache[entry["k"]] = entry["v"]
+        if good_bytes < path.stat().st_size:
+            with open(path, "r+b") as f:
+                f.truncate(good_bytes)
+        self.state.cached_replies = len(self._cache)
+
+    # -- during the run -----------------------------------------------------------------
+
+    def chunk_of(self, index: int) -> int:
+        return index // self.records_per_chunk
+
+    def is_done(self, index: int) -> bool:
+        return index // self.records_per_chunk in self.state.done_chunks or index in self.state.done_records
+
+    def cached_reply(self, key: str) -> Any:
+        """The stored reply for ``key``, or None."""
+        return self._cache.pop(key, None) if self._cache else None
+
+    def store_reply(self, index: int, key: str, reply: Any) -> None:
+        self._append(index // self.records_per_chunk, orjson.dumps({"k": key, "v": reply}))
+
+    def commit(self, index: int, record: dict[str, Any] | None) -> int | None:
+        """Record that ``index`` is finished; return its chunk's index if that chunk is now full."""
+        chunk_index = index // self.records_per_chunk
+        self._append(chunk_index, orjson.dumps({"i": index, "r": record}))
+        chunk = self._chunks[chunk_index]
+        chunk.finished += 1
+        return chunk_index if chunk.finished >= self.records_per_chunk else None
+
+    def _append(self, chunk_index: int, data: bytes) -> None:
+        chunk = self._chunks.get(chunk_index)
+        if chunk is None:
+            chunk = self._chunks[chunk_index] = _Chunk(chunk_index)
+        if chunk.file is None:
+            chunk.file = open(self.dir / f"chunk_{chunk_index:05d}.log", "ab")
+        chunk.file.write(data + b"\n")
+        chunk.file.flush()
+
+    # -- finishing chunks ---------------------------------------------------------------
+
+    def finalize_chunk(self, chunk_index: int) -> int:
+        """Write the chunk's data file from its log, mark it done, drop the log. Idempotent.
+
+        Returns the number of records written. Safe to run in a worker thread.
+        """
+        chunk = self._chunks.pop(chunk_index, None)
+        if chunk is not None and chunk.file is not None:
+            chunk.file.close()
+        log = self.dir / f"chunk_{chunk_index:05d}.log"
+        written = self.writer.write_chunk(self._records(log), self.rank, chunk_index) if log.exists() else 0
+        (self.dir / f"chunk_{chunk_index:05d}.done").touch()
+        if log.exists():
+            log.unlink()
+        return written
+
+    def _records(self, log: Path) -> Iterator[dict[str, Any]]:
+        seen: set[int] = set()
+        with open(log, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                entry = orjson.loads(line)
+                record = entry.get("r")
+                if record is not None and entry["i"] not in seen:
+                    seen.add(entry["i"])
+                    yield record
+
+    def open_chunks(self) -> list[int]:
+        """Chunks that have finished records but are not done (the tail at the end of input)."""
+        return sorted(self._chunks)
+
+    def mark_complete(self, summary: dict[str, Any]) -> None:
+        _write_atomic(self.dir / COMPLETE_FILE, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+
+    def close(self) -> None:
+        for chunk in self._chunks.values():
+            if chunk.file is not None:
+                chunk.file.close()
+                chunk.file = None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temp = path.with_suffix(path.suffix + ".tmp")
+    with open(temp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
