@@ -1,9 +1,10 @@
-"""Shared fixtures: paths to the test servers and a check that no process is left behind."""
+"""Shared fixtures: paths to the test servers, and a check that no process is left behind."""
 
 from __future__ import annotations
 
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
@@ -12,30 +13,42 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "servers"
 ECHO_SERVER = ROOT / "examples" / "servers" / "echo_server.py"
+PYTHON = sys.executable
+TAG_VARIABLE = "INFERMILL_TEST_TAG"
 
 
-@pytest.fixture
-def no_orphans():
-    """Fail the test if any process started during it outlives it."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    leftover = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+def _tagged_processes(tag: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
         try:
-            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.environ().get(TAG_VARIABLE) == tag:
+                found.append(proc)
         except psutil.Error:
             continue
-        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid in before or proc.pid == os.getpid():
-            continue
-        if str(SCRIPTS) in cmd or str(ECHO_SERVER) in cmd:
-            leftover.append(f"{proc.pid}: {cmd}")
-    for pid in leftover:
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_orphans(monkeypatch):
+    """Fail the test if any process it started (directly or not) outlives it.
+
+    Every process the test starts inherits a unique environment variable, so only this
+    test's processes are considered, whoever else runs tests on the machine.
+    """
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv(TAG_VARIABLE, tag)
+    yield
+    leftover = _tagged_processes(tag)
+    if leftover:
+        psutil.wait_procs(leftover, timeout=1.0)  # a process being reaped right now gets a moment
+        leftover = [p for p in leftover if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    described = []
+    for proc in leftover:
         try:
-            psutil.Process(int(pid.split(":")[0])).kill()
+            described.append(f"{proc.pid}: {' '.join(proc.cmdline())}")
+            proc.kill()
         except psutil.Error:
             pass
-    assert not leftover, f"processes left behind: {leftover}"
-
-
-PYTHON = sys.executable
+    assert not described, f"processes left behind: {described}"

@@ -1,6 +1,9 @@
 """infermill: LLM inference over large datasets on servers it launches and supervises."""
 
-from infermill.config import InferenceConfig
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from infermill.errors import (
     BadRequestError,
     ConfigError,
@@ -12,9 +15,26 @@ from infermill.errors import (
 )
 from infermill.types import Document, InferenceResult
 
+if TYPE_CHECKING:
+    from infermill.config import InferenceConfig
+    from infermill.runner import InferenceRunner
+
 __version__ = "0.1.0"
+
+# Imported on first use: servers started by infermill (the echo server, test servers)
+# import this package, and should not pay for pydantic and the runner at start-up.
+_LAZY = {"InferenceConfig": "infermill.config", "InferenceRunner": "infermill.runner"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'infermill' has no attribute {name!r}")
+
 
 __all__ = [
     "BadRequestError", "ConfigError", "Document", "InferenceConfig", "InferenceError", "InferenceResult",
-    "InfermillError", "RequestError", "RetryableError", "ServerError", "__version__",
+    "InferenceRunner", "InfermillError", "RequestError", "RetryableError", "ServerError", "__version__",
 ]  # fmt: skip

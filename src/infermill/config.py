@@ -20,7 +20,9 @@ CUSTOM_LAUNCH_KEYS = ("server_script", "server_module", "server_command")
 class InferenceConfig(BaseModel):
     """Configuration of the inference server and of the requests sent to it."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # hide_input_in_errors: a config-wide error (e.g. endpoint without endpoint_url) would
+    # otherwise print the whole input, api_key and model_kwargs.server_env included.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
     server_type: ServerType
     model_name_or_path: str

@@ -114,6 +114,7 @@ class ChunkJournal:
             self._load_log(chunk_index, path)
         for path in self.dir.glob("chunk_*.tmp"):
             path.unlink()
+        self.writer.remove_temp_files(self.rank)  # a chunk file being written when a run was killed
         return self.state
 
     def _load_log(self, chunk_index: int, path: Path) -> None:
@@ -154,10 +155,11 @@ class ChunkJournal:
     def store_reply(self, index: int, key: str, reply: Any) -> None:
         self._append(index // self.records_per_chunk, orjson.dumps({"k": key, "v": reply}))
 
-    def commit(self, index: int, record: dict[str, Any] | None) -> int | None:
-        """Record that ``index`` is finished; return its chunk's index if that chunk is now full."""
+    def commit(self, index: int, record: bytes | None) -> int | None:
+        """Record that ``index`` is finished, with its output record as JSON (None: nothing to write);
+        return its chunk's index if that chunk is now full."""
         chunk_index = index // self.records_per_chunk
-        self._append(chunk_index, orjson.dumps({"i": index, "r": record}))
+        self._append(chunk_index, b'{"i":%d,"r":%s}' % (index, record if record is not None else b"null"))
         chunk = self._chunks[chunk_index]
         chunk.finished += 1
         return chunk_index if chunk.finished >= self.records_per_chunk else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -27,6 +28,7 @@ from infermill.errors import (
     InferenceError,
     RequestError,
     RetryableError,
+    ServerConnectionError,
     ServerError,
 )
 from infermill.io.readers import BadRecord
@@ -34,7 +36,7 @@ from infermill.io.writers import INFERMILL_DIR, OutputWriter
 from infermill.journal import ChunkJournal, request_key
 from infermill.metrics import RunStats
 from infermill.retry import RetryPolicy
-from infermill.servers import InferenceServer, create_server
+from infermill.servers import ServerState, create_server
 from infermill.types import Document, InferenceResult
 
 logger = logging.getLogger("infermill.runner")
@@ -81,7 +83,10 @@ async def enter_shared_context(shared_context: Any):
     if value is None:
         yield {}
         return
-    if not isinstance(value, dict) and not hasattr(value, "__enter__") and not hasattr(value, "__aenter__"):
+    # a class is a callable returning a context manager, though it has __enter__ itself
+    if isinstance(value, type) or (
+        not isinstance(value, dict) and not hasattr(value, "__enter__") and not hasattr(value, "__aenter__")
+    ):
         if not callable(value):
             raise ValueError(
                 "shared_context must be a dict, a context manager, or a callable returning one of those; "
@@ -257,8 +262,8 @@ class InferenceRunner:
             if (full_chunk := journal.commit(index, record)) is not None:
                 await asyncio.to_thread(journal.finalize_chunk, full_chunk)
 
-    async def _process_document(self, document: Document, index: int) -> dict[str, Any] | None:
-        """Run the rollouts; return the record to write, or None when there is nothing to write."""
+    async def _process_document(self, document: Document, index: int) -> bytes | None:
+        """Run the rollouts; return the record to write as JSON, or None when there is nothing to write."""
         stats = self.stats
         try:
             results = await self._run_rollouts(document, index)
@@ -270,11 +275,11 @@ class InferenceRunner:
                 return None
             stats.documents_failed += 1
             raise
-        stats.documents_processed += 1
-        kept = [r.to_dict() if isinstance(r, InferenceResult) else r for r in results if r is not None]
+        kept = [r for r in results if r is not None]
         stats.rollouts_ok += len(kept)
         stats.rollouts_none += len(results) - len(kept)
         if not kept:
+            stats.documents_processed += 1
             stats.documents_empty += 1
             return None
         document.metadata[self.metadata_key] = kept
@@ -282,11 +287,13 @@ class InferenceRunner:
         if document.media is not None:
             record["media"] = document.media
         try:
-            orjson.dumps(record)
+            data = orjson.dumps(record, default=_encode_result, option=orjson.OPT_PASSTHROUGH_DATACLASS)
         except TypeError as e:
+            stats.documents_failed += 1
             raise InferenceError(document, f"the rollout's result cannot be written as JSON: {e}") from e
+        stats.documents_processed += 1
         stats.documents_written += 1
-        return record
+        return data
 
     async def _run_rollouts(self, document: Document, index: int) -> list[Any]:
         n = self.config.rollouts_per_document
@@ -303,7 +310,13 @@ class InferenceRunner:
                 for task in tasks:  # a failed sibling cancels the rest
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-        except (InferenceError, ServerError, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            if not _cancelled_from_outside():
+                # the rollout raised it itself (e.g. it awaited a generate() it had cancelled): treat it as
+                # any other exception, or the document would silently vanish and its worker with it
+                raise InferenceError(document, "rollout_fn raised CancelledError") from None
+            raise
+        except (InferenceError, ServerError):
             raise
         except Exception as e:
             raise InferenceError(document, f"rollout_fn raised {type(e).__name__}: {e}") from e
@@ -335,6 +348,11 @@ class InferenceRunner:
                             stats.requests_in_flight -= 1
                     result = parse_reply(reply, use_chat)
                 except RequestError as e:
+                    if isinstance(e, ServerConnectionError) and server.state is not ServerState.READY:
+                        # the server is being restarted: wait for it without spending an attempt
+                        attempt -= 1
+                        await server.wait_until_ready()
+                        continue
                     if not policy.should_retry(e, attempt):
                         stats.requests_failed += 1
                         if isinstance(e, RetryableError):
@@ -380,6 +398,23 @@ class InferenceRunner:
             await asyncio.sleep(self.config.metric_interval)
             logger.info("rank %d: %s; %d requests in flight", self._rank, self.stats.summary(),
                         self.stats.requests_in_flight)
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the current task is being cancelled (Python < 3.11 cannot tell: assume it is)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
+def _encode_result(value: Any) -> Any:
+    """JSON for what orjson cannot write itself: an ``InferenceResult`` (without its raw reply),
+    other dataclasses."""
+    if isinstance(value, InferenceResult):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
 def _payload_summary(payload: dict[str, Any] | None, limit: int = 500) -> Any:

@@ -71,6 +71,8 @@ def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
         if fsspec.core.has_magic(root):
             found = sorted(fs.glob(root))
         elif fs.isdir(root):
+            if fs.exists(f"{root}/dataset_dict.json"):
+                _raise_dataset_dict(fs, root, prefix + root)
             if fmt == "hf" or fs.exists(f"{root}/state.json"):
                 urls.append(prefix + root)
                 continue
@@ -83,6 +85,26 @@ def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
             raise InfermillError(f"input {path} matches no file; check input.path")
         urls.extend(prefix + p for p in found)
     return urls
+
+
+def _raise_dataset_dict(fs: Any, root: str, url: str) -> None:
+    splits = orjson.loads(fs.cat(f"{root}/dataset_dict.json")).get("splits", [])
+    raise InfermillError(f"{url} is a DatasetDict; point input.path at one split: "
+                         + ", ".join(f"{url.rstrip('/')}/{s}" for s in splits))
+
+
+def _display_names(urls: list[str]) -> dict[str, str]:
+    """The name each file gives its records' derived ids: the file name, or, where two
+    files share a name (``a/part.jsonl``, ``b/part.jsonl``), the path from their common folder."""
+    names = {url: os.path.basename(url.rstrip("/")) for url in urls}
+    if len(set(names.values())) == len(names):
+        return names
+    paths = {url: url.split("://", 1)[-1].rstrip("/") for url in urls}
+    try:
+        base = os.path.commonpath([os.path.dirname(p) for p in paths.values()])
+        return {url: os.path.relpath(path, base) if base else path for url, path in paths.items()}
+    except ValueError:  # absolute and relative paths mixed
+        return paths
 
 
 def _is_data_file(path: str) -> bool:
@@ -110,6 +132,7 @@ class DocumentReader:
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         self.files = list_input_files(paths, format)
+        self._names = _display_names(self.files)
         self.format = format
         self.text_key = text_key
         self.id_key = id_key
@@ -133,7 +156,8 @@ class DocumentReader:
                 if isinstance(item, BadRecordError):
                     if self.on_bad_record == "error":
                         raise BadRecordError(item.source, item.position, item.reason + _SKIP_HINT)
-                    item = BadRecord(f"{os.path.basename(item.source)}:{item.position}", item)
+                    item = BadRecord(f"{self._names.get(item.source, os.path.basename(item.source))}:{item.position}",
+                                     item)
                 yield item
 
     __iter__ = read
@@ -142,7 +166,7 @@ class DocumentReader:
         fmt = self.format if self.format != "auto" else ("hf" if _is_hf_folder(url) else detect_format(url))
         rows = {"jsonl": _jsonl_rows, "openai_batch": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows,
                 "hf": _hf_rows}[fmt](url)
-        name = os.path.basename(url.rstrip("/"))
+        name = self._names[url]
         make = self._batch_document if fmt == "openai_batch" else self._document
         try:
             for position, row in rows:
@@ -189,12 +213,14 @@ class _Bad(Exception):
 
 def _is_hf_folder(url: str) -> bool:
     fs, root = fsspec.core.url_to_fs(url)
-    return fs.isdir(root) and fs.exists(f"{root}/state.json")
+    return fs.isdir(root) and (fs.exists(f"{root}/state.json") or fs.exists(f"{root}/dataset_dict.json"))
 
 
 def _jsonl_rows(url: str) -> Iterator[tuple[int, Any]]:
     with fsspec.open(url, "rb", compression="infer") as f:
-        for line_number, line in enumerate(f, start=1):
+        # zstandard's reader cannot be iterated by line: buffer it (gzip's file can already)
+        lines = f if isinstance(f, io.IOBase) else io.BufferedReader(f, 1 << 16)
+        for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -232,9 +258,7 @@ def _hf_rows(url: str) -> Iterator[tuple[int, Any]]:
 
     fs, root = fsspec.core.url_to_fs(url)
     if fs.exists(f"{root}/dataset_dict.json"):
-        splits = orjson.loads(fs.cat(f"{root}/dataset_dict.json")).get("splits", [])
-        raise InfermillError(f"{url} is a DatasetDict; point input.path at one split: "
-                             + ", ".join(f"{url.rstrip('/')}/{s}" for s in splits))
+        _raise_dataset_dict(fs, root, url)
     state = orjson.loads(fs.cat(f"{root}/state.json"))
     row_number = 0
     for data_file in state.get("_data_files", []):

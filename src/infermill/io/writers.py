@@ -78,6 +78,13 @@ class OutputWriter:
         pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index="*")
         for path in self.fs.glob(f"{self._root}/{pattern}"):
             self.fs.rm(path)
+        self.remove_temp_files(rank)
+
+    def remove_temp_files(self, rank: int) -> None:
+        """Delete this rank's temporary files left by a run killed while writing a chunk."""
+        pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index="*")
+        for path in self.fs.glob(f"{self._root}/{pattern}.*.tmp"):
+            self.fs.rm(path)
 
 
 class JsonlWriter(OutputWriter):

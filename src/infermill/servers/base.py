@@ -55,6 +55,8 @@ class InferenceServer:
         self.port: int | None = None
         self.state = ServerState.STOPPED
         self.restarts = 0
+        self.outstanding_requests = 0
+        self.last_progress = 0.0  # loop time of the last answered request (or of going busy)
         self._failure: ServerError | None = None
         self._state_changed = asyncio.Event()
         self._supervisor: asyncio.Task | None = None
@@ -105,7 +107,15 @@ class InferenceServer:
         """
         if self.state is not ServerState.READY:
             await self.wait_until_ready()
-        return await self._client.post(self.request_url, payload)
+        if self.outstanding_requests == 0:
+            self.last_progress = asyncio.get_running_loop().time()
+        self.outstanding_requests += 1
+        try:
+            reply = await self._client.post(self.request_url, payload)
+        finally:
+            self.outstanding_requests -= 1
+        self.last_progress = asyncio.get_running_loop().time()  # only answers count as progress
+        return reply
 
     async def close(self) -> None:
         """Stop the server and everything it started. Safe to call more than once."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from infermill.servers.base import InferenceServer
-from infermill.servers.echo_app import build_echo_app
+from infermill.echo_app import build_echo_app
 
 
 class DummyServer(InferenceServer):

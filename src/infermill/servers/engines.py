@@ -34,7 +34,10 @@ class EngineServer(ManagedServer):
         if isinstance(launcher, str) or not all(isinstance(part, str) for part in launcher):
             raise ConfigError(f"model_kwargs.server_command must be a list of strings, got {launcher!r}")
         self.launcher = list(launcher)
-        self.server_env = {str(k): str(v) for k, v in (kwargs.pop("server_env", None) or {}).items()}
+        env = kwargs.pop("server_env", None) or {}
+        if not isinstance(env, dict):
+            raise ConfigError(f"model_kwargs.server_env must be a mapping of names to values, got {type(env).__name__}")
+        self.server_env = {str(k): str(v) for k, v in env.items()}
         self.extra_kwargs = kwargs
 
     def client_api_key(self) -> str | None:

@@ -145,11 +145,21 @@ class ManagedServer(InferenceServer):
         self._output_event = asyncio.Event()
 
     async def _watch(self) -> str:
+        """Wait until the process exits, prints a fatal line, or stalls; return why."""
         process = self.process
         assert process is not None
+        loop = asyncio.get_running_loop()
+        stall = self.config.server_stall_timeout_sec
+        check_every = min(5.0, stall / 4) if stall else None
         while self._fatal_line is None and not process.exited.is_set():
+            if stall and self.outstanding_requests and loop.time() - self.last_progress > stall:
+                return (f"the server stalled: {self.outstanding_requests} requests outstanding and none "
+                        f"completed for {stall:g} s (server_stall_timeout_sec)")
             event = self._output_event
-            await event.wait()
+            try:
+                await asyncio.wait_for(event.wait(), timeout=check_every)
+            except asyncio.TimeoutError:
+                pass
         if self._fatal_line is not None:
             return f"fatal line in the server's output: {self._fatal_line!r}"
         return f"the server process exited with code {process.returncode}"

@@ -10,7 +10,9 @@ read and stop it, so the rules that keep orphans away live in one place:
   the child, lines of any length are fine, and invalid UTF-8 is replaced, not fatal;
 * ``stop()`` sends SIGTERM to the group, waits a grace period, sends SIGKILL, and reaps;
   it is safe to call twice and completes even when its caller is being cancelled;
-* an ``atexit`` hook kills any group still alive when the interpreter exits.
+* an ``atexit`` hook kills any group still alive when the interpreter exits;
+* every live group is registered in a small file; a later infermill process reaps the
+  groups of an earlier one that was SIGKILLed (see :func:`reap_orphans`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import asyncio
 import atexit
 import collections
 import ctypes
+import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -48,6 +52,59 @@ def kill_live_groups() -> None:
 atexit.register(kill_live_groups)
 
 _PR_SET_PDEATHSIG = 1
+
+
+def registry_dir() -> Path:
+    """Where live process groups are registered (``INFERMILL_RUNTIME_DIR`` overrides)."""
+    base = os.environ.get("INFERMILL_RUNTIME_DIR") or os.path.join(tempfile.gettempdir(), f"infermill-{os.getuid()}")
+    return Path(base) / "groups"
+
+
+def _register(pgid: int) -> None:
+    folder = registry_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = psutil.Process()
+    (folder / str(pgid)).write_text(f"{owner.pid} {owner.create_time()}\n")
+
+
+def _unregister(pgid: int) -> None:
+    try:
+        (registry_dir() / str(pgid)).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def reap_orphans() -> list[int]:
+    """Kill the process groups left by infermill processes that died without stopping them.
+
+    Returns the group ids that were killed.
+    """
+    folder = registry_dir()
+    if not folder.is_dir():
+        return []
+    killed = []
+    for entry in folder.iterdir():
+        try:
+            pgid = int(entry.name)
+            owner_pid, owner_started = entry.read_text().split()
+            owner = psutil.Process(int(owner_pid))
+            if abs(owner.create_time() - float(owner_started)) < 0.01:
+                continue  # its owner is alive: not an orphan
+        except psutil.NoSuchProcess:
+            pass
+        except (ValueError, OSError):
+            continue
+        if group_alive(pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+                killed.append(pgid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        entry.unlink(missing_ok=True)
+    return killed
+
+
+_reaped_once = False
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec
@@ -102,6 +159,7 @@ class ManagedProcess:
         self._waiter = asyncio.create_task(self._wait_exit(), name=f"wait-{self.pid}")
         self._stopped = False
         _live_groups.add(self.pgid)
+        _register(self.pgid)
 
     @classmethod
     async def spawn(
@@ -116,6 +174,12 @@ class ManagedProcess:
     ) -> ManagedProcess:
         """Start ``argv`` in a new process group; ``on_line`` sees every output line and
         ``on_exit`` is called once the child has exited and its output is drained."""
+        global _reaped_once
+        if not _reaped_once:
+            _reaped_once = True
+            for pgid in reap_orphans():
+                logging.getLogger("infermill.process").warning(
+                    "killed process group %d left behind by an infermill run that died", pgid)
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -187,10 +251,15 @@ class ManagedProcess:
                     pass
             self._signal_group(signal.SIGKILL)
         await self._waiter
+        # SIGKILL is not instant: a grandchild may still be dying (and holding its GPU memory); wait for it.
+        deadline = time.monotonic() + 5.0
+        while group_alive(self.pgid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         for task in self._readers:
             task.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
         _live_groups.discard(self.pgid)
+        _unregister(self.pgid)
         return self._proc.returncode
 
     def _signal_group(self, sig: int) -> None:

@@ -1,0 +1,154 @@
+"""InferenceConfig: datatrove's field names and defaults, and errors at construction."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from infermill.config import SERVER_TYPES, InferenceConfig
+
+DATATROVE_DEFAULTS = {
+    "model_max_context": 8192,
+    "use_chat": True,
+    "endpoint_url": None,
+    "api_key": None,
+    "tp": 1,
+    "dp": 1,
+    "pp": 1,
+    "default_generation_params": {},
+    "rollouts_per_document": 1,
+    "max_concurrent_generations": 500,
+    "max_concurrent_documents": None,
+    "model_kwargs": None,
+    "server_log_folder": None,
+    "master_port": 9810,
+    "server_start_timeout_sec": 60,
+    "server_ready_max_attempts": 300,
+    "server_ready_delay_sec": 5.0,
+    "server_start_max_retries": 1,
+    "metric_interval": 120,
+}
+
+
+def make(**overrides) -> InferenceConfig:
+    return InferenceConfig(**{"server_type": "dummy", "model_name_or_path": "m", **overrides})
+
+
+def test_defaults_match_datatrove_field_for_field():
+    config = InferenceConfig(server_type="vllm", model_name_or_path="org/model")
+    assert config.server_type == "vllm"
+    assert config.model_name_or_path == "org/model"
+    for field, default in DATATROVE_DEFAULTS.items():
+        assert getattr(config, field) == default, field
+
+
+def test_request_timeout_defaults_to_600_seconds_and_none_disables_it():
+    assert make().request_timeout == 600
+    assert make(request_timeout=None).request_timeout is None
+
+
+def test_every_datatrove_server_type_is_accepted():
+    assert set(SERVER_TYPES) == {"sglang", "vllm", "dummy", "custom", "endpoint"}
+    for server_type in ("sglang", "vllm", "dummy"):
+        assert make(server_type=server_type).server_type == server_type
+    assert make(server_type="endpoint", endpoint_url="http://h:1/v1").server_type == "endpoint"
+    assert make(server_type="custom", model_kwargs={"server_command": ["srv"]}).server_type == "custom"
+
+
+def test_required_fields_are_named_when_missing():
+    with pytest.raises(ValidationError) as excinfo:
+        InferenceConfig()
+    message = str(excinfo.value)
+    assert "server_type" in message and "model_name_or_path" in message
+
+
+def test_unknown_server_type_fails_at_construction_listing_the_valid_ones():
+    with pytest.raises(ValidationError) as excinfo:
+        make(server_type="tgi")
+    message = str(excinfo.value)
+    assert "server_type" in message
+    for valid in ("custom", "vllm", "sglang", "endpoint", "dummy"):
+        assert repr(valid) in message
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("max_concurrent_generations", 0, "greater than or equal to 1"),
+        ("max_concurrent_generations", -5, "greater than or equal to 1"),
+        ("max_concurrent_documents", 0, "greater than or equal to 1"),
+        ("max_concurrent_documents", -1, "greater than or equal to 1"),
+        ("rollouts_per_document", 0, "greater than or equal to 1"),
+        ("rollouts_per_document", -2, "greater than or equal to 1"),
+        ("request_timeout", 0, "greater than 0"),
+        ("request_timeout", -1.5, "greater than 0"),
+        ("server_ready_delay_sec", 0, "greater than 0"),
+        ("server_ready_delay_sec", -0.1, "greater than 0"),
+    ],
+)
+def test_out_of_range_value_fails_naming_the_field_and_the_allowed_range(field, value, allowed):
+    with pytest.raises(ValidationError) as excinfo:
+        make(**{field: value})
+    message = str(excinfo.value)
+    assert field in message
+    assert allowed in message
+
+
+def test_assignment_is_validated_too():
+    config = make()
+    with pytest.raises(ValidationError, match="max_concurrent_generations"):
+        config.max_concurrent_generations = 0
+
+
+def test_endpoint_without_endpoint_url_fails_naming_endpoint_url():
+    with pytest.raises(ValidationError) as excinfo:
+        make(server_type="endpoint")
+    assert "endpoint_url" in str(excinfo.value)
+
+
+def test_unknown_field_name_fails_naming_the_field():
+    with pytest.raises(ValidationError) as excinfo:
+        make(max_concurrent_request=3)
+    message = str(excinfo.value)
+    assert "max_concurrent_request" in message
+    assert "Extra inputs are not permitted" in message
+
+
+def test_api_key_never_shows_in_repr_str_or_json_but_is_usable():
+    secret = "sk-very-secret-123"
+    config = make(server_type="endpoint", endpoint_url="http://h:1", api_key=secret)
+    assert secret not in repr(config)
+    assert secret not in str(config)
+    assert secret not in config.model_dump_json()
+    assert secret not in repr(config.model_dump())
+    assert config.api_key_value() == secret
+    assert make().api_key_value() is None
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"server_type": "endpoint"},  # a config-wide error: endpoint without endpoint_url
+        {"server_type": "custom"},  # a config-wide error: no launch key
+        {"max_concurrent_generations": 0},  # a field error
+    ],
+)
+def test_api_key_and_server_env_never_show_in_validation_errors(overrides):
+    secret, token = "sk-very-secret-123", "hf_token_456"
+    with pytest.raises(ValidationError) as excinfo:
+        make(api_key=secret, model_kwargs={"server_env": {"HF_TOKEN": token}}, **overrides)
+    assert secret not in str(excinfo.value)
+    assert token not in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "generations, rollouts, expected",
+    [(500, 1, 500), (10, 4, 2), (3, 8, 1), (1, 1, 1), (7, 7, 1)],
+)
+def test_concurrent_documents_defaults_to_generations_divided_by_rollouts_at_least_one(generations, rollouts, expected):
+    config = make(max_concurrent_generations=generations, rollouts_per_document=rollouts)
+    assert config.concurrent_documents == expected
+
+
+def test_concurrent_documents_is_max_concurrent_documents_when_set():
+    assert make(max_concurrent_documents=7, max_concurrent_generations=100).concurrent_documents == 7

@@ -1,0 +1,224 @@
+"""DummyServer (in-process echo app) and EndpointServer (an external server, here one
+this test starts in-process on 127.0.0.1 that records the Authorization headers)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from infermill.client import OpenAIClient
+from infermill.config import InferenceConfig
+from infermill.errors import BadRequestError, ServerConnectionError, ServerError
+from infermill.servers import DummyServer, EndpointServer, ServerState, create_server, find_free_port
+from infermill.echo_app import build_echo_app, json_response
+
+MODEL = "test-model"
+CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say this back"}]}
+
+
+def dummy_config(**overrides) -> InferenceConfig:
+    return InferenceConfig(server_type="dummy", model_name_or_path=MODEL, request_timeout=10, **overrides)
+
+
+# -- DummyServer ----------------------------------------------------------------------
+
+
+async def test_dummy_chat_reply_echoes_the_last_message():
+    async with create_server(dummy_config()) as server:
+        assert isinstance(server, DummyServer)
+        reply = await asyncio.wait_for(server.make_request(dict(CHAT)), 10)
+    choice = reply["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "say this back"}
+    assert choice["finish_reason"] == "stop"
+    assert reply["object"] == "chat.completion"
+    assert reply["model"] == MODEL
+    assert reply["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+async def test_dummy_completions_with_use_chat_false():
+    async with create_server(dummy_config(use_chat=False)) as server:
+        reply = await asyncio.wait_for(server.make_request({"prompt": "a b c d", "max_tokens": 3}), 10)
+    assert reply["object"] == "text_completion"
+    assert reply["choices"][0]["text"] == "a b c"
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 3
+
+
+async def test_dummy_lists_the_configured_model_on_v1_models():
+    async with create_server(dummy_config()) as server:
+        await asyncio.wait_for(server.wait_until_ready(), 10)
+        assert server.host == "127.0.0.1" and server.port
+        client = OpenAIClient()
+        try:
+            models = await client.get(server.base_url + "/v1/models")
+        finally:
+            await client.close()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+async def test_dummy_replies_are_deterministic():
+    async with create_server(dummy_config()) as server:
+        first = await server.make_request({**CHAT, "max_tokens": 2})
+        second = await server.make_request({**CHAT, "max_tokens": 2})
+    assert first["choices"] == second["choices"]
+    assert first["usage"] == second["usage"]
+    assert first["choices"][0]["message"]["content"] == "say this"
+    assert first["choices"][0]["finish_reason"] == "length"
+
+
+async def test_dummy_rejects_a_chat_request_without_messages_as_bad_request():
+    async with create_server(dummy_config()) as server:
+        with pytest.raises(BadRequestError) as excinfo:
+            await server.make_request({"prompt": "not chat"})
+    assert excinfo.value.status == 400
+
+
+async def test_dummy_stops_listening_when_closed():
+    server = create_server(dummy_config())
+    async with server:
+        await server.wait_until_ready()
+        url = server.request_url
+    assert server.state is ServerState.STOPPED
+    client = OpenAIClient(request_timeout=5)
+    try:
+        with pytest.raises(ServerConnectionError):
+            await client.post(url, dict(CHAT))
+    finally:
+        await client.close()
+
+
+# -- EndpointServer -------------------------------------------------------------------
+
+
+class RecordingServer:
+    """The echo app on 127.0.0.1:<free port>, recording (method, path, Authorization) of
+    every request; with ``required_key`` set, a wrong or missing key gets HTTP 401."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None]] = []
+        self.required_key: str | None = None
+        self.url = ""
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler):
+        auth = request.headers.get("Authorization")
+        self.seen.append((request.method, request.path, auth))
+        if self.required_key is not None and auth != f"Bearer {self.required_key}":
+            return json_response({"error": {"message": "Invalid API key", "type": "invalid_request_error"}}, 401)
+        return await handler(request)
+
+    def auth_on(self, method: str, path: str) -> list[str | None]:
+        return [auth for m, p, auth in self.seen if m == method and p == path]
+
+
+@pytest.fixture
+async def endpoint(monkeypatch) -> AsyncIterator[RecordingServer]:
+    monkeypatch.delenv("INFERMILL_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    recorder = RecordingServer()
+    app = build_echo_app(MODEL)
+    app.middlewares.append(recorder.middleware)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    recorder.url = f"http://127.0.0.1:{port}"
+    try:
+        yield recorder
+    finally:
+        await runner.cleanup()
+
+
+def endpoint_config(url: str, **overrides) -> InferenceConfig:
+    settings = {"server_ready_delay_sec": 0.1, "server_ready_max_attempts": 300, "request_timeout": 10, **overrides}
+    return InferenceConfig(server_type="endpoint", model_name_or_path=MODEL, endpoint_url=url, **settings)
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
+async def test_endpoint_url_works_with_and_without_trailing_v1(endpoint, suffix):
+    server = create_server(endpoint_config(endpoint.url + suffix))
+    assert isinstance(server, EndpointServer)
+    assert server.base_url == endpoint.url
+    async with server:
+        reply = await asyncio.wait_for(server.make_request(dict(CHAT)), 10)
+    assert reply["choices"][0]["message"]["content"] == "say this back"
+    assert [p for _, p, _ in endpoint.seen] == ["/v1/models", "/v1/chat/completions"]
+
+
+async def test_endpoint_with_use_chat_false_posts_to_v1_completions(endpoint):
+    async with create_server(endpoint_config(endpoint.url + "/v1", use_chat=False)) as server:
+        reply = await asyncio.wait_for(server.make_request({"prompt": "x y"}), 10)
+    assert reply["choices"][0]["text"] == "x y"
+    assert endpoint.auth_on("POST", "/v1/completions") == [None]
+
+
+@pytest.mark.parametrize(
+    "config_key, infermill_env, openai_env, expected",
+    [
+        ("from-config", "from-infermill-env", "from-openai-env", "Bearer from-config"),
+        (None, "from-infermill-env", "from-openai-env", "Bearer from-infermill-env"),
+        (None, None, "from-openai-env", "Bearer from-openai-env"),
+        (None, None, None, None),
+    ],
+    ids=["config-wins", "INFERMILL_API_KEY-next", "OPENAI_API_KEY-last", "no-key-no-header"],
+)
+async def test_endpoint_api_key_is_sent_as_bearer_on_probe_and_requests(
+    endpoint, monkeypatch, config_key, infermill_env, openai_env, expected
+):
+    if infermill_env:
+        monkeypatch.setenv("INFERMILL_API_KEY", infermill_env)
+    if openai_env:
+        monkeypatch.setenv("OPENAI_API_KEY", openai_env)
+    config = endpoint_config(endpoint.url, **({"api_key": config_key} if config_key else {}))
+    async with create_server(config) as server:
+        await asyncio.wait_for(server.make_request(dict(CHAT)), 10)
+        await server.make_request(dict(CHAT))
+    assert endpoint.auth_on("GET", "/v1/models") == [expected]
+    assert endpoint.auth_on("POST", "/v1/chat/completions") == [expected, expected]
+
+
+async def test_endpoint_that_refuses_the_key_on_the_probe_fails_quickly(endpoint, monkeypatch):
+    endpoint.required_key = "the-right-key"
+    monkeypatch.setenv("INFERMILL_API_KEY", "a-wrong-key")
+    server = create_server(endpoint_config(endpoint.url))  # a ready window of 30 s
+    started = time.monotonic()
+    async with server:
+        with pytest.raises(ServerError) as excinfo:
+            await asyncio.wait_for(server.wait_until_ready(), 10)
+        elapsed = time.monotonic() - started
+        assert server.state is ServerState.FAILED
+        with pytest.raises(ServerError):
+            await server.make_request(dict(CHAT))
+    assert elapsed < 3
+    assert "refused the API key" in str(excinfo.value)
+    assert "401" in str(excinfo.value)
+    assert "a-wrong-key" not in str(excinfo.value)
+    assert endpoint.auth_on("POST", "/v1/chat/completions") == []
+
+
+async def test_endpoint_that_accepts_the_key_is_ready(endpoint):
+    endpoint.required_key = "the-right-key"
+    async with create_server(endpoint_config(endpoint.url, api_key="the-right-key")) as server:
+        reply = await asyncio.wait_for(server.make_request(dict(CHAT)), 10)
+    assert reply["choices"][0]["message"]["content"] == "say this back"
+
+
+async def test_endpoint_that_is_not_up_yet_is_waited_for():
+    # the probe retries a refused connection until the endpoint answers
+    port = find_free_port()
+    late = web.AppRunner(build_echo_app(MODEL), access_log=None, shutdown_timeout=0.5)
+    await late.setup()
+    try:
+        async with create_server(endpoint_config(f"http://127.0.0.1:{port}/v1")) as server:
+            await asyncio.sleep(0.4)
+            assert server.state is ServerState.STARTING
+            await web.TCPSite(late, "127.0.0.1", port).start()
+            reply = await asyncio.wait_for(server.make_request(dict(CHAT)), 10)
+    finally:
+        await late.cleanup()
+    assert reply["choices"][0]["message"]["content"] == "say this back"

@@ -1,0 +1,291 @@
+"""VLLMServer and SGLangServer: the exact launch command, then the real server classes
+driving fake engines (tests/servers/fake_vllm.py, fake_sglang.py) that print the engines'
+real log lines and serve the OpenAI API behind the API key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infermill.client import OpenAIClient
+from infermill.config import InferenceConfig
+from infermill.errors import AuthenticationError, ConfigError, ServerError
+from infermill.servers import SGLangServer, ServerState, VLLMServer, create_server
+
+SCRIPTS = Path(__file__).resolve().parent / "servers"
+FAKES = {"vllm": SCRIPTS / "fake_vllm.py", "sglang": SCRIPTS / "fake_sglang.py"}
+MODEL = "org/tiny-model"
+READY_WINDOW_SEC = 30.0  # server_ready_max_attempts x server_ready_delay_sec below
+CHAT = {"messages": [{"role": "user", "content": "hello from the test"}], "max_tokens": 16}
+
+
+def engine_config(server_type: str, tmp_path: Path, mode: str = "", **overrides) -> InferenceConfig:
+    """A config that launches the fake engine of ``server_type`` with short timeouts."""
+    settings = {
+        "server_type": server_type,
+        "model_name_or_path": MODEL,
+        "model_max_context": 2048,
+        "model_kwargs": {
+            "server_command": [sys.executable, str(FAKES[server_type])],
+            "server_env": {"FAKE_MODE": mode},
+        },
+        "server_log_folder": str(tmp_path / "logs"),
+        "server_ready_delay_sec": 0.1,
+        "server_ready_max_attempts": int(READY_WINDOW_SEC / 0.1),
+        "server_start_max_retries": 0,
+        "server_start_timeout_sec": 10,
+        "server_stop_grace_sec": 1,
+        "server_restart_backoff_sec": 0,
+        "request_timeout": 10,
+        **overrides,
+    }
+    return InferenceConfig(**settings)
+
+
+def log_text(tmp_path: Path) -> str:
+    return (tmp_path / "logs" / "server_rank_00000.log").read_text()
+
+
+# -- the launch command ---------------------------------------------------------------
+
+
+def test_vllm_command_is_vllm_serve_with_host_port_key_context_and_extra_flags():
+    config = InferenceConfig(
+        server_type="vllm",
+        model_name_or_path=MODEL,
+        model_max_context=4096,
+        tp=2,
+        pp=4,
+        model_kwargs={"gpu_memory_utilization": 0.85, "enable_prefix_caching": True, "pipeline_parallel_size": 2},
+    )
+    server = VLLMServer(config)
+    assert server.build_command(12345) == [
+        "vllm", "serve", MODEL,
+        "--host", "127.0.0.1",
+        "--port", "12345",
+        "--api-key", server.api_key,
+        "--max-model-len", "4096",
+        "--trust-remote-code",
+        "--disable-uvicorn-access-log",
+        "--tensor-parallel-size", "2",  # tp > 1; pp is already in model_kwargs, dp is 1
+        "--gpu-memory-utilization=0.85",
+        "--enable-prefix-caching",
+        "--pipeline-parallel-size=2",
+    ]  # fmt: skip
+
+
+def test_vllm_command_maps_tp_dp_pp_only_when_greater_than_one():
+    base = {"server_type": "vllm", "model_name_or_path": MODEL}
+    plain = VLLMServer(InferenceConfig(**base)).build_command(1)
+    assert not any("parallel" in part for part in plain)
+    command = VLLMServer(InferenceConfig(**base, tp=2, dp=3, pp=4)).build_command(1)
+    assert command[-6:] == [
+        "--tensor-parallel-size", "2", "--data-parallel-size", "3", "--pipeline-parallel-size", "4",
+    ]  # fmt: skip
+
+
+def test_sglang_command_is_launch_server_with_host_port_key_context_and_extra_flags():
+    config = InferenceConfig(
+        server_type="sglang",
+        model_name_or_path=MODEL,
+        model_max_context=16384,
+        tp=2,
+        dp=2,
+        model_kwargs={"dp_size": 4, "mem_fraction_static": 0.8, "enable_torch_compile": True},
+    )
+    server = SGLangServer(config)
+    assert server.build_command(23456) == [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", MODEL,
+        "--host", "127.0.0.1",
+        "--port", "23456",
+        "--api-key", server.api_key,
+        "--context-length", "16384",
+        "--allow-auto-truncate",
+        "--log-level-http", "warning",
+        "--tp-size", "2",  # dp is already in model_kwargs, pp is 1
+        "--dp-size=4",
+        "--mem-fraction-static=0.8",
+        "--enable-torch-compile",
+    ]  # fmt: skip
+
+
+def test_sglang_command_maps_tp_dp_pp_to_its_own_flag_names():
+    config = InferenceConfig(server_type="sglang", model_name_or_path=MODEL, tp=2, dp=3, pp=4)
+    assert SGLangServer(config).build_command(1)[-6:] == ["--tp-size", "2", "--dp-size", "3", "--pp-size", "4"]
+
+
+@pytest.mark.parametrize("server_class", [VLLMServer, SGLangServer])
+def test_server_command_replaces_the_launcher_and_server_env_goes_to_the_environment(server_class):
+    server_type = "vllm" if server_class is VLLMServer else "sglang"
+    config = InferenceConfig(
+        server_type=server_type,
+        model_name_or_path=MODEL,
+        model_kwargs={"server_command": ["/opt/env/bin/engine", "--x"], "server_env": {"A": 1}, "seed": 3},
+    )
+    server = server_class(config)
+    command = server.build_command(7)
+    assert command[:2] == ["/opt/env/bin/engine", "--x"]
+    assert command[-1] == "--seed=3"
+    assert not any("server-command" in part or "server-env" in part for part in command)
+    assert server.build_env()["A"] == "1"
+    assert config.model_kwargs == {"server_command": ["/opt/env/bin/engine", "--x"], "server_env": {"A": 1}, "seed": 3}
+
+
+@pytest.mark.parametrize("server_class", [VLLMServer, SGLangServer])
+@pytest.mark.parametrize("bad", [{"server_command": "vllm serve"}, {"server_command": ["x", 1]}, {"server_env": ["A=1"]}])
+def test_malformed_launch_kwargs_fail_naming_the_key(server_class, bad):
+    config = InferenceConfig(server_type=server_class.__name__[:-6].lower(), model_name_or_path=MODEL, model_kwargs=bad)
+    with pytest.raises(ConfigError, match=f"model_kwargs.{next(iter(bad))}"):
+        server_class(config)
+
+
+def test_vllm_environment_disables_tensorflow_but_server_env_wins():
+    config = InferenceConfig(server_type="vllm", model_name_or_path=MODEL)
+    assert VLLMServer(config).build_env() == {"USE_TF": "0", "TRANSFORMERS_NO_TF": "1"}
+    config = InferenceConfig(server_type="vllm", model_name_or_path=MODEL, model_kwargs={"server_env": {"USE_TF": "1"}})
+    assert VLLMServer(config).build_env()["USE_TF"] == "1"
+
+
+@pytest.mark.parametrize("server_class", [VLLMServer, SGLangServer])
+def test_api_key_is_random_per_instance_and_is_what_the_client_sends(server_class):
+    config = InferenceConfig(server_type=server_class.__name__[:-6].lower(), model_name_or_path=MODEL)
+    first, second = server_class(config), server_class(config)
+    assert first.api_key != second.api_key
+    assert len(first.api_key) >= 32
+    assert first.client_api_key() == first.api_key
+    assert first.build_command(1).count(first.api_key) == 1
+
+
+def test_api_key_is_always_accepted_as_a_flag_value_by_argparse():
+    # vLLM and SGLang parse their flags with argparse, which refuses a value that starts with "-"
+    # ("argument --api-key: expected one argument"), so such a key would make every start fail.
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--api-key")
+    parser.add_argument("--port")
+    config = InferenceConfig(server_type="vllm", model_name_or_path=MODEL)
+    for _ in range(500):
+        key = VLLMServer(config).api_key
+        assert parser.parse_args(["--api-key", key, "--port", "1"]).api_key == key
+
+
+@pytest.mark.parametrize("server_class", [VLLMServer, SGLangServer])
+def test_redacted_command_hides_the_api_key(server_class):
+    config = InferenceConfig(server_type=server_class.__name__[:-6].lower(), model_name_or_path=MODEL)
+    server = server_class(config)
+    command = server.build_command(5)
+    shown = server.redact(command)
+    assert server.api_key not in " ".join(shown)
+    assert shown[shown.index("--api-key") + 1] == "***"
+    assert len(shown) == len(command)
+
+
+# -- driving the fake engines ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("server_type", ["vllm", "sglang"])
+async def test_engine_becomes_ready_and_requests_carry_its_api_key(server_type, tmp_path, no_orphans):
+    server = create_server(engine_config(server_type, tmp_path))
+    started = time.monotonic()
+    async with server:
+        await asyncio.wait_for(server.wait_until_ready(), 15)
+        assert server.state is ServerState.READY
+        assert time.monotonic() - started < 10
+        reply = await server.make_request(dict(CHAT))
+        assert reply["choices"][0]["message"]["content"] == "hello from the test"
+        assert reply["model"] == MODEL
+        # the fake really enforces the key: the same request without it is refused
+        anonymous = OpenAIClient(request_timeout=5)
+        try:
+            with pytest.raises(AuthenticationError):
+                await anonymous.post(server.request_url, dict(CHAT))
+        finally:
+            await anonymous.close()
+    assert server.state is ServerState.STOPPED
+
+
+@pytest.mark.parametrize("server_type", ["vllm", "sglang"])
+async def test_engine_is_not_ready_before_its_port_accepts_connections(server_type, tmp_path, no_orphans):
+    # uvicorn prints "Application startup complete." before listen(); the fake waits 1 s there.
+    async with create_server(engine_config(server_type, tmp_path, "slow_listen")) as server:
+        await asyncio.wait_for(server.wait_until_ready(), 15)
+        reply = await server.make_request(dict(CHAT))
+    assert reply["choices"][0]["message"]["content"] == "hello from the test"
+
+
+@pytest.mark.parametrize("server_type", ["vllm", "sglang"])
+async def test_engine_completions_endpoint_works_with_use_chat_false(server_type, tmp_path, no_orphans):
+    async with create_server(engine_config(server_type, tmp_path, use_chat=False)) as server:
+        reply = await asyncio.wait_for(server.make_request({"prompt": "one two three", "max_tokens": 2}), 15)
+    assert reply["choices"][0]["text"] == "one two"
+    assert reply["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("server_type", ["vllm", "sglang"])
+async def test_engine_log_file_header_shows_the_command_with_the_api_key_redacted(server_type, tmp_path, no_orphans):
+    server = create_server(engine_config(server_type, tmp_path))
+    async with server:
+        await asyncio.wait_for(server.wait_until_ready(), 15)
+        port = server.port
+    text = log_text(tmp_path)
+    headers = [line for line in text.splitlines() if line.startswith("# infermill:")]
+    assert headers and f"on port {port}:" in headers[0]
+    assert "--api-key ***" in headers[0]
+    assert str(FAKES[server_type]) in headers[0]
+    assert server.api_key not in text
+    # the engine's own output is in the log too, and it parsed the context length flag
+    assert ("Using max model len 2048" if server_type == "vllm" else "context_length=2048") in text
+
+
+@pytest.mark.parametrize(
+    "server_type, mode, fatal_line",
+    [
+        ("vllm", "oom", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ("vllm", "engine_core_failed", "RuntimeError: Engine core initialization failed"),
+        ("sglang", "nan_at_start", "Detected errors during sampling! NaN in the logits."),
+    ],
+)
+async def test_engine_fatal_line_fails_the_start_quickly_quoting_the_line(
+    server_type, mode, fatal_line, tmp_path, no_orphans
+):
+    server = create_server(engine_config(server_type, tmp_path, mode))
+    started = time.monotonic()
+    async with server:
+        with pytest.raises(ServerError) as excinfo:
+            await asyncio.wait_for(server.wait_until_ready(), 15)
+        elapsed = time.monotonic() - started
+        assert server.state is ServerState.FAILED
+        with pytest.raises(ServerError):
+            await server.make_request(dict(CHAT))
+    assert elapsed < 8, f"took {elapsed:.1f} s; the ready window is {READY_WINDOW_SEC} s"
+    assert fatal_line in excinfo.value.reason
+    assert "fatal line" in excinfo.value.reason
+    assert server.api_key not in str(excinfo.value)
+
+
+async def test_hung_engine_with_fatal_line_is_retried_on_a_fresh_process_then_fails(tmp_path, no_orphans):
+    server = create_server(engine_config("vllm", tmp_path, "oom", server_start_max_retries=1))
+    async with server:
+        with pytest.raises(ServerError) as excinfo:
+            await asyncio.wait_for(server.wait_until_ready(), 15)
+    assert "after 2 attempt(s)" in excinfo.value.reason
+    assert "CUDA out of memory" in excinfo.value.reason
+    assert log_text(tmp_path).count("# infermill: start attempt") == 2
+
+
+async def test_sglang_fatal_line_after_ready_fails_the_server_when_no_restarts_are_allowed(tmp_path, no_orphans):
+    server = create_server(engine_config("sglang", tmp_path, "nan_after_ready", server_max_restarts=0))
+    async with server:
+        await asyncio.wait_for(server.wait_until_ready(), 15)
+        deadline = time.monotonic() + 10
+        while server.state is not ServerState.FAILED and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert server.state is ServerState.FAILED
+        with pytest.raises(ServerError) as excinfo:
+            await server.make_request(dict(CHAT))
+    assert "Detected errors during sampling! NaN in the logits." in excinfo.value.reason

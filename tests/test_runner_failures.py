@@ -1,0 +1,214 @@
+"""InferenceRunner's failure policy: fail fast by default, skip bad requests on demand,
+and stop in-flight work (other documents, sibling rollouts) when a document fails."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from infermill import Document, InferenceConfig, InferenceError
+from infermill.io.writers import JsonlWriter
+from infermill.runner import InferenceRunner
+
+FAULTY_SERVER = Path(__file__).resolve().parent / "servers" / "faulty_server.py"
+
+
+def faulty_config(stats_file: Path, **overrides) -> InferenceConfig:
+    return InferenceConfig(**{
+        "server_type": "custom",
+        "model_name_or_path": "faulty-model",
+        "model_kwargs": {"server_script": str(FAULTY_SERVER), "stats_file": str(stats_file)},
+        "request_timeout": 10.0,
+        "request_backoff_base_sec": 0.01,
+        "request_backoff_max_sec": 0.05,
+        "request_max_attempts": 2,
+        "server_start_timeout_sec": 30.0,
+        "server_ready_delay_sec": 0.1,
+        "server_stop_grace_sec": 3.0,
+        **overrides,
+    })
+
+
+def server_stats(stats_file: Path) -> dict:
+    return orjson.loads(stats_file.read_bytes())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def chat(text: str) -> dict:
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+async def echo_rollout(document, generate):
+    return await generate(chat(document.text))
+
+
+@pytest.fixture
+def stats_file(tmp_path) -> Path:
+    return tmp_path / "server_stats.json"
+
+
+def test_a_raising_rollout_fails_the_job_naming_the_document_after_stopping_in_flight_work(tmp_path, stats_file,
+                                                                                         no_orphans):
+    in_flight: set[str] = set()
+    cancelled: set[str] = set()
+
+    async def rollout(document, generate):
+        in_flight.add(document.id)
+        try:
+            if document.id == "boom":
+                await generate(chat("tag:boom"))  # the server is up; the others' slow requests are on their way
+                await asyncio.sleep(0.3)
+                raise ValueError("kaput")
+            return await generate(chat(f"sleep:8 {document.id}"))
+        except asyncio.CancelledError:
+            cancelled.add(document.id)
+            raise
+        finally:
+            in_flight.discard(document.id)
+
+    documents = [Document(text="", id=f"slow{i}") for i in range(5)] + [Document(text="", id="boom")]
+    config = faulty_config(stats_file, max_concurrent_documents=6)
+    started = time.monotonic()
+    with pytest.raises(InferenceError) as caught:
+        InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out"))).run(documents)
+
+    assert time.monotonic() - started < 6  # nobody waited for the 8 s replies
+    message = str(caught.value)
+    assert "boom" in message and "ValueError" in message and "kaput" in message
+    assert in_flight == set()  # when run() raises, no rollout is still running
+    assert cancelled == {f"slow{i}" for i in range(5)}
+    assert server_stats(stats_file)["by_word"]["sleep:8"] == 5  # they were in flight at the server
+    stats = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    assert stats["documents_failed"] == 1 and stats["documents_written"] == 0
+
+
+def test_a_failure_stops_reading_input_and_the_stats_count_what_was_done(tmp_path):
+    async def rollout(document, generate):
+        if document.id == "9":
+            raise RuntimeError("late failure")
+        return await generate(chat(document.text))
+
+    config = InferenceConfig(server_type="dummy", model_name_or_path="m", max_concurrent_documents=1)
+    with pytest.raises(InferenceError, match="late failure"):
+        InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out"))).run(
+            Document(text=f"t{i}", id=str(i)) for i in range(12)
+        )
+
+    stats = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    assert stats["documents_processed"] == 9
+    assert stats["documents_failed"] == 1
+    assert stats["documents_read"] == 10  # the two after the failure were never read
+
+
+def test_skip_bad_requests_skips_counts_and_records_documents_the_server_rejected(tmp_path, stats_file, no_orphans):
+    rejected = {"2": "bad400", "5": "fail422", "8": "bad400"}
+    documents = [Document(text=f"{rejected.get(str(i), '')} doc {i}".strip(), id=str(i)) for i in range(10)]
+    out = tmp_path / "out"
+
+    stats = InferenceRunner(echo_rollout, faulty_config(stats_file), JsonlWriter(str(out)),
+                            skip_bad_requests=True).run(documents)
+
+    assert stats["documents_skipped"] == 3
+    assert stats["documents_processed"] == 10
+    assert stats["documents_written"] == 7
+    assert stats["documents_failed"] == 0
+    assert stats["requests_retried"] == 0  # a bad request is never retried
+    assert {r["id"] for r in read_jsonl(out / "00000_00000.jsonl")} == {str(i) for i in range(10)} - set(rejected)
+    failures = {f["id"]: f for f in read_jsonl(out / "_infermill" / "failures_rank_00000.jsonl")}
+    assert set(failures) == set(rejected)
+    for doc_id, word in rejected.items():
+        failure = failures[doc_id]
+        assert f"HTTP {word[-3:]}" in failure["error"]
+        assert failure["error_type"] == "BadRequestError"
+        assert failure["payload"] == chat(f"{word} doc {doc_id}")
+    written = orjson.loads((out / "_infermill" / "stats.json").read_bytes())
+    assert written["documents_skipped"] == 3
+
+
+@pytest.mark.parametrize("failure", ["retries_exhausted", "rollout_raises"])
+def test_skip_bad_requests_still_fails_the_job_on_other_errors(tmp_path, stats_file, failure, no_orphans):
+    async def rollout(document, generate):
+        if failure == "rollout_raises" and document.id == "victim":
+            raise KeyError("missing field")
+        return await generate(chat(document.text))
+
+    text = "fail500:99:x" if failure == "retries_exhausted" else "fine"
+    documents = [Document(text="bad400", id="skipped"), Document(text=text, id="victim")]
+    config = faulty_config(stats_file, max_concurrent_documents=1)
+    with pytest.raises(InferenceError, match="victim"):
+        InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out")), skip_bad_requests=True).run(documents)
+
+    stats = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    assert (stats["documents_skipped"], stats["documents_failed"]) == (1, 1)
+
+
+def test_a_failing_sibling_rollout_cancels_the_others(tmp_path, stats_file, no_orphans):
+    started: list[int] = []
+    cancelled: list[int] = []
+
+    async def rollout(document, generate):
+        k = len(started)
+        started.append(k)
+        try:
+            if k == 0:
+                await generate(chat("tag:first"))  # the server is up; the siblings' slow requests are on their way
+                await asyncio.sleep(0.3)
+                raise ValueError("sibling broke")
+            return await generate(chat(f"sleep:8 sibling {k}"))
+        except asyncio.CancelledError:
+            cancelled.append(k)
+            raise
+
+    config = faulty_config(stats_file, rollouts_per_document=3)
+    begun = time.monotonic()
+    with pytest.raises(InferenceError, match="family") as caught:
+        InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out"))).run([Document(text="", id="family")])
+
+    assert time.monotonic() - begun < 6
+    assert "sibling broke" in str(caught.value)
+    assert sorted(cancelled) == [1, 2]  # both were awaiting their slow request
+    assert server_stats(stats_file)["by_word"]["sleep:8"] == 2
+
+
+def test_a_rollout_raising_cancelled_error_by_itself_fails_the_job_instead_of_losing_the_document(tmp_path):
+    # e.g. a rollout that cancels one of its own generate() calls and then awaits it
+    async def rollout(document, generate):
+        if document.id == "3":
+            speculative = asyncio.ensure_future(generate(chat("never mind")))
+            await asyncio.sleep(0)
+            speculative.cancel()
+            await speculative
+        return await generate(chat(document.text))
+
+    config = InferenceConfig(server_type="dummy", model_name_or_path="m", max_concurrent_documents=2)
+    with pytest.raises(InferenceError, match="document 3") as caught:
+        InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out"))).run(
+            Document(text=f"t{i}", id=str(i)) for i in range(8)
+        )
+
+    assert "CancelledError" in str(caught.value)
+    stats = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    assert stats["documents_failed"] == 1
+    assert not list((tmp_path / "out" / "_infermill" / "checkpoints" / "rank_00000").glob("complete.json"))
+
+
+def test_a_result_that_cannot_be_written_as_json_fails_the_job_and_counts_the_document_failed(tmp_path):
+    async def rollout(document, generate):
+        await generate(chat(document.text))
+        return {"labels": {"a", "b"}} if document.id == "odd" else "fine"
+
+    config = InferenceConfig(server_type="dummy", model_name_or_path="m", max_concurrent_documents=1)
+    with pytest.raises(InferenceError, match="odd.*cannot be written as JSON"):
+        InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out"))).run(
+            [Document(text="a", id="ok"), Document(text="b", id="odd")]
+        )
+
+    stats = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    assert (stats["documents_processed"], stats["documents_written"], stats["documents_failed"]) == (1, 1, 1)

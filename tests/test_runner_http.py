@@ -1,0 +1,271 @@
+"""InferenceRunner against a server that misbehaves on demand (tests/servers/faulty_server.py):
+connection pooling, concurrency limits, timeouts, which failures are retried and how."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from infermill import Document, InferenceConfig, InferenceError
+from infermill.errors import BadRequestError, RetryableError
+from infermill.io.writers import JsonlWriter
+from infermill.runner import InferenceRunner
+
+FAULTY_SERVER = Path(__file__).resolve().parent / "servers" / "faulty_server.py"
+
+
+def faulty_config(stats_file: Path, **overrides) -> InferenceConfig:
+    """The faulty server, keeping its counters in ``stats_file``; short timeouts and tiny backoffs."""
+    return InferenceConfig(**{
+        "server_type": "custom",
+        "model_name_or_path": "faulty-model",
+        "model_kwargs": {"server_script": str(FAULTY_SERVER), "stats_file": str(stats_file)},
+        "request_timeout": 10.0,
+        "request_backoff_base_sec": 0.01,
+        "request_backoff_max_sec": 0.05,
+        "request_max_attempts": 3,
+        "server_start_timeout_sec": 30.0,
+        "server_ready_delay_sec": 0.1,
+        "server_stop_grace_sec": 3.0,
+        **overrides,
+    })
+
+
+def server_stats(stats_file: Path) -> dict:
+    return orjson.loads(stats_file.read_bytes())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def chat(text: str) -> dict:
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+async def echo_rollout(document, generate):
+    return await generate(chat(document.text))
+
+
+@pytest.fixture
+def stats_file(tmp_path) -> Path:
+    return tmp_path / "server_stats.json"
+
+
+@pytest.fixture
+def writer(tmp_path) -> JsonlWriter:
+    return JsonlWriter(str(tmp_path / "out"))
+
+
+def written_ids(tmp_path: Path) -> set[str]:
+    path = tmp_path / "out" / "00000_00000.jsonl"
+    return {r["id"] for r in read_jsonl(path)} if path.exists() else set()
+
+
+# -- connections and concurrency ---------------------------------------------------------
+
+
+def test_one_pooled_keepalive_session_serves_200_requests_over_few_connections(tmp_path, stats_file, writer,
+                                                                               no_orphans):
+    async def rollout(document, generate):
+        for k in range(4):
+            await generate(chat(f"{document.text} step {k}"))
+        return "done"
+
+    config = faulty_config(stats_file, max_concurrent_generations=8, max_concurrent_documents=16)
+    stats = InferenceRunner(rollout, config, writer).run(Document(text=f"doc {i}", id=str(i)) for i in range(50))
+
+    server = server_stats(stats_file)
+    assert stats["requests_ok"] == 200
+    assert server["by_path"] == {"/v1/chat/completions": 200}
+    assert 1 <= server["connections"] <= 8  # reused keep-alive connections, never one per request
+
+
+def test_requests_in_flight_at_the_server_never_exceed_max_concurrent_generations(tmp_path, stats_file, writer,
+                                                                                 no_orphans):
+    async def rollout(document, generate):
+        # each document sends two slow requests at once
+        await asyncio.gather(generate(chat(f"sleep:0.05 {document.id} a")),
+                             generate(chat(f"sleep:0.05 {document.id} b")))
+        return None
+
+    config = faulty_config(stats_file, max_concurrent_generations=4, max_concurrent_documents=10)
+    stats = InferenceRunner(rollout, config, writer).run(Document(text="", id=str(i)) for i in range(30))
+
+    server = server_stats(stats_file)
+    assert stats["requests_ok"] == 60
+    assert server["max_in_flight"] == 4  # the limit is reached, and never passed
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected_documents"),
+    [({"max_concurrent_documents": 3, "max_concurrent_generations": 50}, 3),
+     ({"max_concurrent_generations": 6, "rollouts_per_document": 3}, 2)],  # default: generations // rollouts
+    ids=["explicit", "derived_from_generations"],
+)
+def test_documents_in_flight_never_exceed_max_concurrent_documents(tmp_path, limits, expected_documents):
+    active: set[str] = set()
+    most = 0
+
+    async def rollout(document, generate):
+        nonlocal most
+        active.add(document.id)
+        most = max(most, len(active))
+        try:
+            await asyncio.sleep(0.005)
+            return await generate(chat(document.text))
+        finally:
+            await asyncio.sleep(0.005)
+            active.discard(document.id)
+
+    config = InferenceConfig(server_type="dummy", model_name_or_path="m", **limits)
+    stats = InferenceRunner(rollout, config, JsonlWriter(str(tmp_path))).run(
+        Document(text="x", id=str(i)) for i in range(40)
+    )
+
+    assert stats["documents_written"] == 40
+    assert most == expected_documents
+
+
+# -- timeouts -------------------------------------------------------------------------------
+
+
+def test_request_timeout_is_enforced_and_a_timed_out_request_is_retried(tmp_path, stats_file, writer, no_orphans):
+    durations = []
+
+    async def rollout(document, generate):
+        started = time.monotonic()
+        result = await generate(chat(document.text))
+        durations.append(time.monotonic() - started)
+        return result
+
+    config = faulty_config(stats_file, request_timeout=0.5)
+    stats = InferenceRunner(rollout, config, writer).run([Document(text="sleep:5:1:slow", id="slow")])
+
+    assert server_stats(stats_file)["by_word"]["sleep:5:1:slow"] == 2  # the first try timed out, the second answered
+    assert stats["requests_retried"] == 1 and stats["requests_ok"] == 1
+    assert 0.45 < durations[0] < 3.0  # not the 5 s the server would have taken
+    assert written_ids(tmp_path) == {"slow"}
+
+
+def test_a_request_that_always_times_out_fails_its_document_after_max_attempts(tmp_path, stats_file, writer,
+                                                                              no_orphans):
+    config = faulty_config(stats_file, request_timeout=0.3, request_max_attempts=2)
+    started = time.monotonic()
+    with pytest.raises(InferenceError, match="hung-doc") as caught:
+        InferenceRunner(echo_rollout, config, writer).run([Document(text="hang", id="hung-doc")])
+
+    assert time.monotonic() - started < 10
+    assert isinstance(caught.value.error, RetryableError)
+    assert "gave up after 2 attempts" in str(caught.value)
+    assert server_stats(stats_file)["by_word"]["hang"] == 2
+
+
+# -- what is retried -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 422])
+def test_a_bad_request_is_not_retried_and_fails_the_job_naming_the_document(tmp_path, stats_file, writer, status,
+                                                                           no_orphans):
+    config = faulty_config(stats_file)
+    with pytest.raises(InferenceError, match="rejected-doc") as caught:
+        InferenceRunner(echo_rollout, config, writer).run([Document(text=f"fail{status}", id="rejected-doc")])
+
+    assert isinstance(caught.value.error, BadRequestError)
+    assert caught.value.error.status == status
+    assert server_stats(stats_file)["by_word"][f"fail{status}"] == 1
+    written = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    assert (written["requests_failed"], written["requests_retried"], written["documents_failed"]) == (1, 0, 1)
+
+
+TRANSIENT = {
+    "http500": "fail500:2:http500",
+    "http503": "fail503:2:http503",
+    "http408": "fail408:2:http408",
+    "http429": "rate429:2:0.05:http429",
+    "connection_reset": "drop:2:connection_reset",
+    "truncated_body": "truncated:2:truncated_body",
+    "malformed_json": "malformed:2:malformed_json",
+    "no_choices": "empty:2:no_choices",
+}
+
+
+def test_transient_failures_are_retried_with_backoff_until_they_succeed(tmp_path, stats_file, writer, no_orphans):
+    config = faulty_config(stats_file, request_max_attempts=3, max_concurrent_generations=4)
+    documents = [Document(text=f"{word} hello", id=name) for name, word in TRANSIENT.items()]
+    stats = InferenceRunner(echo_rollout, config, writer).run(documents)
+
+    by_word = server_stats(stats_file)["by_word"]
+    assert {name: by_word[word] for name, word in TRANSIENT.items()} == {name: 3 for name in TRANSIENT}
+    assert written_ids(tmp_path) == set(TRANSIENT)
+    assert stats["requests_retried"] == 2 * len(TRANSIENT)
+    assert stats["requests_ok"] == len(TRANSIENT)
+    assert stats["requests_failed"] == 0
+    records = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "00000_00000.jsonl")}
+    assert records["http500"]["metadata"]["rollout_results"][0]["text"] == "fail500:2:http500 hello"
+
+
+def test_one_http_500_never_kills_a_job(tmp_path, stats_file, writer, no_orphans):
+    documents = [Document(text=("fail500:1:once " if i == 7 else "") + f"doc {i}", id=str(i)) for i in range(20)]
+    stats = InferenceRunner(echo_rollout, faulty_config(stats_file), writer).run(documents)
+
+    assert written_ids(tmp_path) == {str(i) for i in range(20)}
+    assert stats["documents_failed"] == 0
+    assert stats["requests_retried"] == 1
+    assert server_stats(stats_file)["by_outcome"]["500"] == 1
+
+
+def test_when_attempts_run_out_the_document_fails_with_an_inference_error_naming_it(tmp_path, stats_file, writer,
+                                                                                   no_orphans):
+    config = faulty_config(stats_file, request_max_attempts=3)
+    with pytest.raises(InferenceError) as caught:
+        InferenceRunner(echo_rollout, config, writer).run([Document(text="fail500:99:doomed", id="doomed-doc")])
+
+    message = str(caught.value)
+    assert "doomed-doc" in message and "HTTP 500" in message and "gave up after 3 attempts" in message
+    assert caught.value.document.id == "doomed-doc"
+    assert server_stats(stats_file)["by_word"]["fail500:99:doomed"] == 3
+    written = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    assert (written["requests_failed"], written["requests_retried"], written["documents_failed"]) == (1, 2, 1)
+
+
+# -- Retry-After and slots during backoff ------------------------------------------------------
+
+
+def test_retry_after_of_a_429_is_waited_before_the_retry(tmp_path, stats_file, writer, no_orphans):
+    # the configured backoff is 0.01-0.05 s: only the header can explain a 1 s wait
+    stats = InferenceRunner(echo_rollout, faulty_config(stats_file), writer).run(
+        [Document(text="rate429:1:1:limited", id="limited")]
+    )
+
+    first, retry = server_stats(stats_file)["arrivals"]["rate429:1:1:limited"]
+    assert retry - first >= 1.0 - 0.01  # 10 ms for timer granularity
+    assert retry - first < 3.0
+    assert stats["requests_retried"] == 1 and written_ids(tmp_path) == {"limited"}
+
+
+def test_a_request_backing_off_does_not_hold_a_generation_slot(tmp_path, stats_file, writer, no_orphans):
+    # One slot. Document A's request gets a 429 asking for 1 s; during that second,
+    # document B's three requests go through the one slot.
+    async def rollout(document, generate):
+        if document.id == "B":
+            await asyncio.sleep(0.3)  # let A take the slot first
+            for k in range(3):
+                await generate(chat(f"tag:B{k}"))
+            return "B done"
+        return await generate(chat("rate429:1:1:A tag:A"))
+
+    config = faulty_config(stats_file, max_concurrent_generations=1, max_concurrent_documents=2)
+    InferenceRunner(rollout, config, writer).run([Document(text="", id="A"), Document(text="", id="B")])
+
+    server = server_stats(stats_file)
+    a_first, a_retry = server["arrivals"]["tag:A"]
+    b_arrivals = [server["arrivals"][f"tag:B{k}"][0] for k in range(3)]
+    assert a_retry - a_first >= 0.99
+    assert all(a_first < t < a_retry for t in b_arrivals), (a_first, b_arrivals, a_retry)
+    assert server["max_in_flight"] == 1
+    assert written_ids(tmp_path) == {"A", "B"}
