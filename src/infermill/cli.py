@@ -19,7 +19,7 @@ from infermill.errors import ConfigError, InferenceError, InfermillError, Server
 from infermill.eventloop import run_coroutine
 from infermill.jobfile import JobConfig, load_job
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # error lines stay whole in logs
 logger = logging.getLogger("infermill")
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -118,6 +118,9 @@ def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, w
     except KeyboardInterrupt:
         console.print("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise SystemExit(EXIT_USAGE) from None
     except (ServerError, InferenceError, InfermillError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         console.print("The checkpoint is saved: fix the cause and run the same command to resume.")

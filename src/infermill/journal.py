@@ -210,7 +210,7 @@ class ChunkJournal:
         _write_atomic(self.dir / COMPLETE_FILE, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
 
     def close(self) -> None:
-        for chunk in self._chunks.values():
+        for chunk in list(self._chunks.values()):  # a finalizing thread may still pop from it
             if chunk.file is not None:
                 chunk.file.close()
                 chunk.file = None

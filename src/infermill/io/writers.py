@@ -34,6 +34,11 @@ class OutputWriter:
         self.output_folder = str(output_folder).rstrip("/")
         suffix = COMPRESSION_SUFFIX.get(compression or "", "")
         filename = output_filename or "${rank}_${chunk_index}" + self.extension + suffix
+        if "${rank}" not in filename:
+            raise ValueError(
+                f"output filename {filename!r} must contain ${{rank}}: ranks write their own files "
+                "(e.g. '${rank}_${chunk_index}.jsonl')"
+            )
         if "${chunk_index}" not in filename:
             raise ValueError(
                 f"output filename {filename!r} must contain ${{chunk_index}}: each chunk of a rank is its own file, "

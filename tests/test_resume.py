@@ -1,0 +1,544 @@
+"""Exactly-once resume, end to end: real ``infermill run`` processes, SIGKILLed at chosen moments.
+
+Every job here runs ``python -m infermill run job.yaml`` against
+``tests/servers/counting_server.py``, which appends one line per request it receives to a
+count file. A test kills the job process (only the job: its server must die by itself,
+through the parent-death signal), runs the same command again, and checks that
+
+* every input id is in the output exactly once, and no ``*.tmp`` file is left;
+* the server received at most ``documents + max_concurrent_generations`` requests over all
+  runs: only requests in flight at the kill are sent again.
+
+Kill moments are made deterministic with the server's ``--hold-file``: after its N-th
+request the server holds every further request unanswered, so the job is frozen with N
+replies received and ``max_concurrent_generations`` requests in flight. One test kills the
+job while it writes a chunk file (a launcher slows the writer down), one at random moments.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import fsspec
+import psutil
+import pytest
+import yaml
+from conftest import PYTHON, SCRIPTS
+
+from infermill.config import InferenceConfig
+from infermill.errors import ConfigError
+from infermill.io.writers import JsonlWriter
+from infermill.rollouts import PromptRollout
+from infermill.runner import InferenceRunner
+
+pytestmark = pytest.mark.usefixtures("no_orphans")
+
+COUNTING_SERVER = SCRIPTS / "counting_server.py"
+DOCS = 300
+RPC = 25  # records per chunk
+CONC = 4  # max_concurrent_generations
+RUN_TIMEOUT = 60
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+class Job:
+    """One job's files in ``tmp_path``: input, job file, output, count file, hold file."""
+
+    def __init__(self, tmp_path: Path, docs: int = DOCS, conc: int = CONC, rpc: int = RPC, delay: float = 0.002,
+                 rollout: dict | None = None, server: str = "counting", runner: dict | None = None):
+        self.tmp = tmp_path
+        self.docs = docs
+        self.conc = conc
+        self.rpc = rpc
+        self.input = tmp_path / "input.jsonl"
+        self.output = tmp_path / "out"
+        self.count_file = tmp_path / "requests.log"
+        self.hold_file = tmp_path / "hold"
+        self.checkpoints = self.output / "_infermill" / "checkpoints" / "rank_00000"
+        self.ids = [f"doc-{i:04d}" for i in range(docs)]
+        if not self.input.exists():
+            with open(self.input, "w") as f:
+                for i, doc_id in enumerate(self.ids):
+                    f.write(json.dumps({"id": doc_id, "text": f"document {i} says hello"}) + "\n")
+        if server == "counting":
+            inference = {
+                "server_type": "custom",
+                "model_name_or_path": "counting",
+                "model_kwargs": {"server_script": str(COUNTING_SERVER), "count_file": str(self.count_file),
+                                 "delay": delay, "hold_file": str(self.hold_file)},
+                "server_log_folder": str(tmp_path / "server_logs"),
+                "server_ready_delay_sec": 0.1,
+                "server_stop_grace_sec": 1,
+                "request_timeout": 30,
+            }
+        else:
+            inference = {"server_type": "dummy", "model_name_or_path": "echo"}
+        inference["max_concurrent_generations"] = conc
+        spec = {
+            "input": {"path": str(self.input)},
+            "output": {"path": str(self.output)},
+            "rollout": rollout or {"template": "Echo: [[DOCUMENT]]"},
+            "inference": inference,
+            "checkpoint": {"records_per_chunk": rpc},
+        }
+        if runner:
+            spec["runner"] = runner
+        self.file = tmp_path / "job.yaml"
+        self.file.write_text(yaml.safe_dump(spec))
+        self.env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime"), "PYTHONUNBUFFERED": "1",
+                    "COLUMNS": "1000"}  # rich wraps messages at 80 columns when stderr is no terminal
+        self.runs = 0
+
+    # running
+
+    def command(self, *args: str) -> list[str]:
+        return [PYTHON, "-m", "infermill", "run", str(self.file), *args]
+
+    def start(self, *args: str, launcher: Path | None = None) -> subprocess.Popen:
+        self.runs += 1
+        log = open(self.tmp / f"run{self.runs}.log", "wb")
+        argv = self.command(*args)
+        if launcher is not None:
+            argv = [PYTHON, str(launcher), *argv[3:]]
+        proc = subprocess.Popen(argv, cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = self.tmp / f"run{self.runs}.log"  # type: ignore[attr-defined]
+        log.close()
+        return proc
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        self.runs += 1
+        result = subprocess.run(self.command(*args), cwd=self.tmp, env=self.env, capture_output=True, text=True,
+                                timeout=RUN_TIMEOUT)
+        (self.tmp / f"run{self.runs}.log").write_text(result.stdout + result.stderr)
+        return result
+
+    def run_ok(self, *args: str) -> str:
+        result = self.run(*args)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"the job failed ({result.returncode}):\n{output[-3000:]}"
+        return output
+
+    # looking
+
+    def requests(self) -> int:
+        if not self.count_file.exists():
+            return 0
+        return self.count_file.read_bytes().count(b"\n")
+
+    def hold_after(self, n: int | None) -> None:
+        if n is None:
+            self.hold_file.unlink(missing_ok=True)
+        else:
+            self.hold_file.write_text(str(n))
+
+    def done_chunks(self) -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("chunk_*.done"))
+
+    def log_entries(self, kind: str) -> int:
+        """``"i"`` (finished documents) or ``"k"`` (stored replies) lines in the open chunk logs."""
+        total = 0
+        for log in self.checkpoints.glob("chunk_*.log"):
+            try:
+                total += sum(1 for line in log.read_bytes().splitlines() if line.startswith(b'{"%s"' % kind.encode()))
+            except FileNotFoundError:  # finalized meanwhile
+                pass
+        return total
+
+    def committed(self) -> int:
+        return len(self.done_chunks()) * self.rpc + self.log_entries("i")
+
+    def stats(self) -> dict:
+        return json.loads((self.output / "_infermill" / "stats.json").read_text())
+
+    def check_exactly_once(self) -> None:
+        """Every input id once across the output files, no temporary file anywhere."""
+        ids = []
+        for path in sorted(self.output.glob("*.jsonl")):
+            ids += [json.loads(line)["id"] for line in path.read_text().splitlines()]
+        counts = collections.Counter(ids)
+        duplicates = {i: n for i, n in counts.items() if n > 1}
+        missing = set(self.ids) - set(counts)
+        assert not duplicates, f"documents written more than once: {sorted(duplicates)[:10]}"
+        assert not missing, f"documents lost: {len(missing)}, e.g. {sorted(missing)[:10]}"
+        assert set(counts) == set(self.ids)
+        assert not list(self.tmp.rglob("*.tmp")), f"temporary files left: {list(self.tmp.rglob('*.tmp'))}"
+        assert not list(self.checkpoints.glob("chunk_*.log")), "a finished job keeps no chunk log"
+        assert (self.checkpoints / "complete.json").exists()
+
+
+def server_processes(job: Job) -> list[psutil.Process]:
+    """The live (non-zombie) counting servers of ``job``, found by their count file on the command line."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            command = " ".join(proc.info["cmdline"] or [])
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and str(job.count_file) in command:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until true; fail if the job exits first or it takes too long."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the job exited ({proc.returncode}) before {what}:\n{proc.log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"timed out waiting for {what}:\n{proc.log_path.read_text()[-3000:]}")
+        time.sleep(0.002)
+
+
+def kill_job(job: Job, proc: subprocess.Popen, require_server: bool = True) -> None:
+    """SIGKILL the job process only; its server must then die on its own (parent-death signal).
+
+    A surviving server is killed, so that nothing is left behind, and the test fails.
+    """
+    servers = [s for s in server_processes(job) if _parent_pid(s) == proc.pid]
+    if require_server:
+        assert servers, "the job's server should be running when the job is killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    alive = servers + server_processes(job)  # the second look finds a server started just before the kill
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [s for s in alive if _running(s)]
+    for survivor in alive:
+        try:
+            survivor.kill()
+        except psutil.Error:
+            pass
+    assert not alive, f"the server outlived the SIGKILLed job: {[s.pid for s in alive]}"
+
+
+def _parent_pid(proc: psutil.Process) -> int | None:
+    try:
+        return proc.ppid()
+    except psutil.Error:
+        return None
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def freeze_after(job: Job, n: int, proc: subprocess.Popen, finished_replies=None) -> int:
+    """Wait until the server answered ``n`` requests and holds the next ones, and the job
+    recorded all ``n`` replies; return the number of requests received (answered + held)."""
+    held = job.conc  # every generation slot ends up waiting on a held request
+    wait_for(lambda: job.requests() >= n + held, proc, f"{n} answered and {held} held requests")
+    recorded = finished_replies or job.committed
+    wait_for(lambda: recorded() >= n, proc, f"{n} replies recorded in the checkpoint")
+    time.sleep(0.05)  # nothing else can happen now: every slot waits on the server
+    assert recorded() == n
+    return job.requests()
+
+
+# -- kills at chosen moments ------------------------------------------------------------
+
+
+def test_kill_before_the_first_chunk_completes(tmp_path):
+    job = Job(tmp_path)
+    job.hold_after(5)
+    proc = job.start()
+    received = freeze_after(job, 5, proc)
+    assert received == 5 + CONC
+    assert job.done_chunks() == [] and not list(job.output.glob("*.jsonl"))
+    kill_job(job, proc)
+
+    job.hold_after(None)
+    job.run_ok()
+    job.check_exactly_once()
+    assert job.requests() <= DOCS + CONC
+    assert job.requests() == DOCS + CONC  # exactly the held requests were sent again
+    stats = job.stats()
+    assert stats["documents_resumed"] == 5 and stats["documents_processed"] == DOCS - 5
+
+
+def test_kill_mid_chunk_then_resume_then_rerun_sends_nothing(tmp_path):
+    job = Job(tmp_path)
+    job.hold_after(60)  # chunks 0 and 1 done, chunk 2 part way
+    proc = job.start()
+    freeze_after(job, 60, proc)
+    done = job.done_chunks()
+    assert done and job.log_entries("i") > 0  # usually chunks 0 and 1 done, 10 documents of chunk 2
+    assert sorted(p.name for p in job.output.glob("*.jsonl")) == [f"00000_{c:05d}.jsonl" for c in done]
+    kill_job(job, proc)
+    status = subprocess.run([PYTHON, "-m", "infermill", "status", str(job.output)], capture_output=True, text=True,
+                            env=job.env, timeout=30)
+    shown = status.stdout + status.stderr
+    assert status.returncode == 0 and "incomplete" in shown, shown
+    row = next(line for line in shown.splitlines() if "incomplete" in line)
+    cells = [cell.strip() for cell in row.strip("│┃| ").split("│")]
+    assert cells[2:4] == [str(len(done)), str(60 - RPC * len(done))]  # chunks done, documents in open chunks
+
+    job.hold_after(None)
+    job.run_ok()
+    job.check_exactly_once()
+    assert job.requests() == DOCS + CONC
+    assert job.stats()["documents_resumed"] == 60
+
+    # finished: running it again sends nothing and says so
+    before = job.requests()
+    output = job.run_ok()
+    assert "already complete" in output
+    assert job.requests() == before
+    job.check_exactly_once()
+
+
+SLOW_WRITER = '''
+import os, sys, time
+import orjson
+from infermill.io import writers
+calls = 0
+def slow_write(self, file, records):
+    global calls
+    calls += 1
+    count = 0
+    for record in records:
+        file.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        count += 1
+        if calls == 2 and count == 10:  # the second chunk file, part written
+            file.flush()
+            open(os.environ["WRITE_MARK"], "w").close()
+            time.sleep(120)
+    return count
+writers.JsonlWriter._write_records = slow_write
+from infermill.cli import main
+main(prog_name="infermill")
+'''
+
+
+def test_kill_while_a_chunk_file_is_written(tmp_path):
+    job = Job(tmp_path)
+    launcher = tmp_path / "slow_writer.py"
+    launcher.write_text(SLOW_WRITER)
+    mark = tmp_path / "writing"
+    job.env["WRITE_MARK"] = str(mark)
+    proc = job.start(launcher=launcher)
+    wait_for(mark.exists, proc, "the second chunk file to be half written")
+    temps = list(job.output.glob("*.tmp"))
+    assert len(temps) == 1 and temps[0].name.startswith("00000_00001.jsonl.")
+    assert temps[0].read_text().count("\n") == 10
+    assert not (job.output / "00000_00001.jsonl").exists()
+    assert 1 not in job.done_chunks()
+    kill_job(job, proc)
+    assert list(job.output.glob("*.tmp")), "the half-written file is still there after the kill"
+
+    job.run_ok()  # the plain command: the same job, writing at normal speed
+    job.check_exactly_once()
+    assert job.requests() <= DOCS + CONC
+
+
+def test_kills_at_random_moments(tmp_path):
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    job = Job(tmp_path, conc=8, delay=0.01)  # a whole run takes >= 300 / 8 x 10 ms: kills land mid-run
+    kills = 0
+    for _ in range(3):
+        before = job.requests()
+        proc = job.start()
+        deadline = time.monotonic() + 30
+        while job.requests() <= before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.25))
+        if proc.poll() is None:
+            kill_job(job, proc, require_server=False)
+            kills += 1
+        else:
+            assert proc.returncode == 0, proc.log_path.read_text()[-3000:]
+    job.run_ok()
+    job.check_exactly_once()
+    assert job.requests() <= DOCS + kills * job.conc, f"seed {seed}"
+    assert kills >= 1, f"seed {seed}: the job always finished before it could be killed"
+
+
+# -- a rollout that calls generate several times ------------------------------------------
+
+MULTI_CALL_ROLLOUT = '''
+async def three_steps(document, generate):
+    text = document.text
+    for step in range(3):
+        result = await generate({"messages": [{"role": "user", "content": f"step {step}: {text}"}]})
+        text = result.text
+    return {"final": text}
+'''
+
+
+def test_multi_call_rollout_resumes_from_the_request_cache(tmp_path):
+    (tmp_path / "rollout.py").write_text(MULTI_CALL_ROLLOUT)
+    docs = 200
+    job = Job(tmp_path, docs=docs, rollout={"function": str(tmp_path / "rollout.py") + ":three_steps"})
+    job.hold_after(100)  # 100 replies: 33 documents finished, the others part way (100 is no multiple of 3)
+    proc = job.start()
+    stored = lambda: len(job.done_chunks()) * RPC * 3 + job.log_entries("k")  # noqa: E731
+    received = freeze_after(job, 100, proc, finished_replies=stored)
+    assert job.committed() < 100 // 3 + CONC
+    kill_job(job, proc)
+
+    job.hold_after(None)
+    job.run_ok()
+    job.check_exactly_once()
+    assert job.requests() <= 3 * docs + CONC * 3
+    assert job.requests() == 3 * docs + (received - 100)  # only the held requests were sent again
+    stats = job.stats()
+    assert stats["requests_cached"] == 100 - 3 * stats["documents_resumed"] > 0
+    finals = {}
+    for path in job.output.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            finals[record["id"]] = record["metadata"]["rollout_results"][0]["final"]
+    i = 7
+    assert finals[f"doc-{i:04d}"] == f"step 2: step 1: step 0: document {i} says hello"
+
+
+# -- identity -------------------------------------------------------------------------------
+
+
+def test_a_different_job_is_refused_until_overwrite(tmp_path):
+    job = Job(tmp_path)
+    job.hold_after(60)
+    proc = job.start()
+    freeze_after(job, 60, proc)
+    kill_job(job, proc)
+    job.hold_after(None)
+    sent = job.requests()
+    files = sorted(p.name for p in job.output.glob("*.jsonl"))
+    assert files
+
+    other_input = tmp_path / "copy.jsonl"
+    other_input.write_bytes(job.input.read_bytes())
+    for args, change in [
+        (["--set", "checkpoint.records_per_chunk=30"], "records_per_chunk: 25 -> 30"),
+        (["--set", f"input.path={other_input}"], "copy.jsonl"),
+        (["--world-size", "2", "--rank", "0"], "world_size: 1 -> 2"),
+    ]:
+        result = job.run(*args)
+        message = result.stdout + result.stderr
+        assert result.returncode != 0, message
+        assert "different job" in message and change in message and "--overwrite" in message, message
+    assert job.requests() == sent, "a refused job sends nothing"
+    assert sorted(p.name for p in job.output.glob("*.jsonl")) == files, "a refused job changes nothing"
+
+    job.run_ok("--set", "checkpoint.records_per_chunk=30", "--overwrite")
+    job.rpc = 30
+    job.check_exactly_once()
+    assert len(list(job.output.glob("*.jsonl"))) == -(-DOCS // 30)  # the old 25-record chunk files are gone
+    assert job.stats()["documents_resumed"] == 0
+
+
+# -- bad input records -----------------------------------------------------------------------
+
+BAD_LINES = {
+    "malformed JSON": '{"id": "bad", "text": "unfinished',
+    "missing text": '{"id": "bad", "body": "no text field"}',
+    "text not a string": '{"id": "bad", "text": 42}',
+}
+
+
+def _with_bad_lines(job: Job, bad: dict[int, str]) -> None:
+    """Replace input lines (1-based) with bad ones."""
+    lines = job.input.read_text().splitlines()
+    for number, line in bad.items():
+        lines[number - 1] = line
+    job.input.write_text("\n".join(lines) + "\n")
+
+
+def test_a_bad_record_stops_the_job_naming_file_and_line(tmp_path):
+    # each kind of bad record at the reader: tests/test_readers.py; here, what the command does
+    job = Job(tmp_path, docs=40, server="dummy", rpc=10)
+    _with_bad_lines(job, {17: BAD_LINES["text not a string"]})
+    result = job.run()
+    message = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "input.jsonl:17: field 'text' must be a string, got int" in message, message
+    assert "on_bad_record: skip" in message
+    assert not (job.checkpoints / "complete.json").exists()
+
+
+def test_bad_records_are_skipped_counted_and_logged(tmp_path):
+    job = Job(tmp_path, docs=60, server="dummy", rpc=10, runner={"on_bad_record": "skip"})
+    bad = {5: BAD_LINES["malformed JSON"], 23: BAD_LINES["missing text"], 41: BAD_LINES["text not a string"]}
+    _with_bad_lines(job, bad)
+    job.run_ok()
+    good = [doc_id for i, doc_id in enumerate(job.ids) if i + 1 not in bad]
+    written = [json.loads(line)["id"] for p in job.output.glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert sorted(written) == sorted(good)
+    stats = job.stats()
+    assert stats["documents_bad_input"] == 3 and stats["documents_written"] == len(good)
+    failures = [json.loads(line) for line in
+                (job.output / "_infermill" / "failures_rank_00000.jsonl").read_text().splitlines()]
+    assert [f["id"] for f in failures] == ["input.jsonl:5", "input.jsonl:23", "input.jsonl:41"]
+    assert "malformed JSON" in failures[0]["error"] and "input.jsonl:5" in failures[0]["error"]
+    assert "no field 'text'" in failures[1]["error"]
+    assert "must be a string" in failures[2]["error"]
+
+
+def test_a_bad_record_late_in_the_input_keeps_the_finished_chunks(tmp_path):
+    job = Job(tmp_path, docs=400, server="dummy", conc=8)
+    good_line = job.input.read_text().splitlines()[299]
+    _with_bad_lines(job, {300: BAD_LINES["malformed JSON"]})
+    result = job.run()
+    assert result.returncode != 0 and "input.jsonl:300" in result.stdout + result.stderr
+    files = sorted(p.name for p in job.output.glob("*.jsonl"))
+    assert [f"00000_{c:05d}.jsonl" for c in range(11)] == files[:11]  # documents 0-274: chunks 0 to 10
+    kept = [json.loads(line)["id"] for name in files for line in (job.output / name).read_text().splitlines()]
+    assert len(kept) == len(set(kept)) and set(job.ids[:275]) <= set(kept)
+
+    _with_bad_lines(job, {300: good_line})  # fixed: the same command resumes
+    output = job.run_ok()
+    job.check_exactly_once()
+    assert job.stats()["documents_resumed"] >= 275, output
+
+
+# -- ranks and remote outputs -------------------------------------------------------------------
+
+
+def test_two_ranks_together_write_every_document_once(tmp_path):
+    job = Job(tmp_path, docs=90, server="dummy", rpc=10)
+    for rank in (0, 1):
+        job.run_ok("--world-size", "2", "--rank", str(rank))
+    ids = [json.loads(line)["id"] for p in job.output.glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert sorted(ids) == job.ids
+    assert {p.name[:5] for p in job.output.glob("*.jsonl")} == {"00000", "00001"}
+    for rank in (0, 1):
+        assert (job.output / "_infermill" / "checkpoints" / f"rank_{rank:05d}" / "complete.json").exists()
+        assert (job.output / "_infermill" / f"stats_rank_{rank:05d}.json").exists()
+
+
+def test_a_remote_output_needs_a_local_checkpoint_folder(tmp_path):
+    config = InferenceConfig(server_type="dummy", model_name_or_path="echo", max_concurrent_generations=4)
+    rollout = PromptRollout(template="[[DOCUMENT]]")
+    url = f"memory://infermill-resume-{os.getpid()}/out"
+    with pytest.raises(ConfigError, match="checkpoints_local_dir"):
+        InferenceRunner(rollout, config, JsonlWriter(url))
+    documents = [{"id": f"d{i}", "text": f"t {i}"} for i in range(25)]
+    try:
+        runner = InferenceRunner(rollout, config, JsonlWriter(url), checkpoints_local_dir=str(tmp_path / "ckpt"),
+                                 records_per_chunk=10)
+        assert runner.run(documents)["documents_written"] == 25
+        fs = fsspec.filesystem("memory")
+        assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(url.removeprefix("memory://"), detail=False)) == \
+            ["00000_00000.jsonl", "00000_00001.jsonl", "00000_00002.jsonl"]
+        assert (tmp_path / "ckpt" / "rank_00000" / "complete.json").exists()
+        again = InferenceRunner(rollout, config, JsonlWriter(url), checkpoints_local_dir=str(tmp_path / "ckpt"),
+                                records_per_chunk=10).run(documents)
+        assert again.get("already_complete")
+    finally:
+        fsspec.filesystem("memory").rm(f"/infermill-resume-{os.getpid()}", recursive=True)

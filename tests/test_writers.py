@@ -1,0 +1,228 @@
+"""Output writers: formats and compression, file name templates, whole-file-or-nothing
+writes, a Parquet schema that never changes between chunks, and the OpenAI Batch output
+format end to end through the example echo server."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import orjson
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import yaml
+import zstandard
+from conftest import ECHO_SERVER, PYTHON
+
+from infermill.config import InferenceConfig
+from infermill.io.readers import DocumentReader
+from infermill.io.writers import JsonlWriter, OpenAIBatchWriter, ParquetWriter
+from infermill.runner import InferenceRunner
+from infermill.types import InferenceResult
+
+
+def records(n: int, start: int = 0, results=None) -> list[dict]:
+    return [{"id": f"d{i}", "text": f"text {i}", "metadata": {"rollout_results": results if results is not None
+                                                              else [{"text": f"out {i}"}]}}
+            for i in range(start, start + n)]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    elif path.name.endswith(".zst"):
+        data = zstandard.ZstdDecompressor().stream_reader(data).read()
+    return [json.loads(line) for line in data.splitlines()]
+
+
+# -- JSONL ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression,name", [(None, "00003_00007.jsonl"), ("none", "00003_00007.jsonl"),
+                                              ("gzip", "00003_00007.jsonl.gz"), ("zstd", "00003_00007.jsonl.zst")])
+def test_jsonl_plain_and_compressed(tmp_path, compression, name):
+    writer = JsonlWriter(str(tmp_path), compression=compression)
+    assert writer.write_chunk(records(50), rank=3, chunk_index=7) == 50
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert read_jsonl(tmp_path / name) == records(50)
+    # and infermill reads its own output back
+    assert [d.id for d in DocumentReader(str(tmp_path / name))] == [f"d{i}" for i in range(50)]
+
+
+@pytest.mark.parametrize("template", ["part-${rank}-${chunk_index}.jsonl.gz", "${rank}/${chunk_index}.jsonl.zst"])
+def test_compression_from_the_file_name_template(tmp_path, template):
+    writer = JsonlWriter(str(tmp_path / "out"), output_filename=template)
+    writer.write_chunk(records(3), rank=1, chunk_index=2)
+    expected = template.replace("${rank}", "00001").replace("${chunk_index}", "00002")
+    assert read_jsonl(tmp_path / "out" / expected) == records(3)
+
+
+def test_the_template_needs_a_chunk_index():
+    with pytest.raises(ValueError, match=r"\$\{chunk_index\}"):
+        JsonlWriter("/tmp/x", output_filename="${rank}.jsonl")
+    with pytest.raises(ValueError, match="compression"):
+        JsonlWriter("/tmp/x", compression="bz2")
+
+
+def test_no_records_no_file(tmp_path):
+    assert JsonlWriter(str(tmp_path)).write_chunk([], 0, 0) == 0
+    assert ParquetWriter(str(tmp_path)).write_chunk(iter([]), 0, 1) == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- a file appears whole or not at all ---------------------------------------------------------
+
+
+def _failing(n: int, error: BaseException):
+    yield from records(n)
+    raise error
+
+
+@pytest.mark.parametrize("writer_class,compression", [(JsonlWriter, None), (JsonlWriter, "gzip"),
+                                                      (JsonlWriter, "zstd"), (ParquetWriter, None),
+                                                      (OpenAIBatchWriter, None)])
+@pytest.mark.parametrize("error", [RuntimeError("source failed"), KeyboardInterrupt()])
+def test_a_failed_write_leaves_no_file(tmp_path, writer_class, compression, error):
+    writer = writer_class(str(tmp_path), compression=compression)
+    writer.write_chunk(records(5), 0, 0)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(type(error)):
+        writer.write_chunk(_failing(3000, error), 0, 1)  # past Parquet's first row group
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no chunk 1, no *.tmp
+
+
+def test_the_file_has_its_final_name_only_once_complete(tmp_path):
+    writer = JsonlWriter(str(tmp_path))
+    seen = []
+
+    def watching():
+        for record in records(20):
+            seen.append(sorted(p.name for p in tmp_path.iterdir()))
+            yield record
+
+    writer.write_chunk(watching(), 0, 4)
+    assert all("00000_00004.jsonl" not in names for names in seen)
+    assert seen[0] == []  # the first record is taken before the file is opened: no records, no file
+    assert all(len(names) == 1 and names[0].startswith("00000_00004.jsonl.") and names[0].endswith(".tmp")
+               for names in seen[1:])
+    assert [p.name for p in tmp_path.iterdir()] == ["00000_00004.jsonl"]
+
+
+def test_rewriting_a_chunk_replaces_it(tmp_path):
+    writer = JsonlWriter(str(tmp_path))
+    writer.write_chunk(records(5), 0, 0)
+    writer.write_chunk(records(5, start=100), 0, 0)  # a resumed job finalizing the same chunk again
+    assert [r["id"] for r in read_jsonl(tmp_path / "00000_00000.jsonl")] == [f"d{i}" for i in range(100, 105)]
+
+
+def test_leftover_temporary_files_are_removed_for_one_rank_only(tmp_path):
+    writer = JsonlWriter(str(tmp_path), compression="gzip")
+    writer.write_chunk(records(2), 0, 0)
+    (tmp_path / "00000_00001.jsonl.gz.1234abcd.tmp").write_bytes(b"half")
+    (tmp_path / "00001_00001.jsonl.gz.1234abcd.tmp").write_bytes(b"another rank's")
+    writer.remove_temp_files(0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000_00000.jsonl.gz", "00001_00001.jsonl.gz.1234abcd.tmp"]
+    writer.remove_rank_files(1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000_00000.jsonl.gz"]
+
+
+# -- Parquet --------------------------------------------------------------------------------
+
+
+def test_parquet_schema_is_the_same_whatever_the_results_look_like(tmp_path):
+    writer = ParquetWriter(str(tmp_path))
+    first = records(4, results=[InferenceResult("hi", "stop", {"prompt_tokens": 1}, "").to_dict()])
+    second = records(3, start=4, results=[["a", "list", 3], "a plain string"])
+    second[0]["media"] = [{"type": "image", "url": "x.png"}]
+    third = records(2, start=7, results=[{"nested": {"deep": [1, None, True]}}])
+    third[1]["metadata"]["extra"] = 1.5
+    for index, chunk in enumerate([first, second, third]):
+        writer.write_chunk(chunk, 0, index)
+    (tmp_path / "_infermill").mkdir()
+    (tmp_path / "_infermill" / "stats.json").write_text("{}")  # ignored by pyarrow.dataset
+
+    schemas = [pq.read_schema(tmp_path / f"00000_{i:05d}.parquet") for i in range(3)]
+    assert schemas[0] == schemas[1] == schemas[2]
+    table = pads.dataset(str(tmp_path), format="parquet").to_table()
+    assert table.num_rows == 9
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert json.loads(rows["d0"]["metadata"])["rollout_results"][0]["text"] == "hi"
+    assert json.loads(rows["d4"]["metadata"])["rollout_results"] == [["a", "list", 3], "a plain string"]
+    assert json.loads(rows["d4"]["media"]) == [{"type": "image", "url": "x.png"}] and rows["d5"]["media"] is None
+    assert json.loads(rows["d8"]["metadata"])["extra"] == 1.5
+
+
+def test_parquet_through_the_runner_with_rollouts_of_changing_shape(tmp_path):
+    async def rollout(document, generate):
+        result = await generate({"messages": [{"role": "user", "content": document.text}]})
+        n = int(document.id)
+        if n < 10:
+            return result  # an InferenceResult: written as its dict
+        return [result.text, n] if n % 2 else result.text
+
+    config = InferenceConfig(server_type="dummy", model_name_or_path="echo", max_concurrent_generations=4)
+    runner = InferenceRunner(rollout, config, ParquetWriter(str(tmp_path / "out")), records_per_chunk=10)
+    stats = runner.run([{"id": str(i), "text": f"doc {i}"} for i in range(30)])
+    assert stats["documents_written"] == 30
+    files = sorted((tmp_path / "out").glob("*.parquet"))
+    assert len(files) == 3 and len({str(pq.read_schema(f)) for f in files}) == 1
+    table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    results = {r["id"]: json.loads(r["metadata"])["rollout_results"][0] for r in table.to_pylist()}
+    assert results["3"]["text"] == "doc 3" and results["11"] == ["doc 11", 11] and results["12"] == "doc 12"
+
+
+# -- OpenAI Batch ---------------------------------------------------------------------------
+
+
+def test_openai_batch_output_lines(tmp_path):
+    reply = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"message": {"content": "x"}}]}
+    writer = OpenAIBatchWriter(str(tmp_path))
+    writer.write_chunk([{"id": "req-1", "text": "", "metadata": {"rollout_results": [reply]}}], 0, 0)
+    (line,) = read_jsonl(tmp_path / "00000_00000.jsonl")
+    assert line["id"].startswith("batch_req_") and line["custom_id"] == "req-1" and line["error"] is None
+    assert line["response"] == {"status_code": 200, "request_id": "chatcmpl-1", "body": reply}
+
+
+@pytest.mark.usefixtures("no_orphans")
+def test_openai_batch_end_to_end_through_the_echo_server(tmp_path):
+    requests = [{"custom_id": f"task-{i}", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"model": "echo", "max_tokens": 50,
+                          "messages": [{"role": "system", "content": "be brief"},
+                                       {"role": "user", "content": f"question number {i}"}]}}
+                for i in range(45)]
+    (tmp_path / "batch.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in requests))
+    job = {
+        "input": {"path": str(tmp_path / "batch.jsonl"), "format": "openai_batch"},
+        "output": {"path": str(tmp_path / "out"), "format": "openai_batch",
+                   "filename": "batch-${rank}-${chunk_index}.jsonl"},
+        "inference": {"server_type": "custom", "model_name_or_path": "echo",
+                      "model_kwargs": {"server_script": str(ECHO_SERVER)}, "server_ready_delay_sec": 0.1,
+                      "max_concurrent_generations": 8},
+        "checkpoint": {"records_per_chunk": 20},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime")}
+    result = subprocess.run([PYTHON, "-m", "infermill", "run", str(tmp_path / "job.yaml")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.jsonl"))
+    assert files == ["batch-00000-00000.jsonl", "batch-00000-00001.jsonl", "batch-00000-00002.jsonl"]
+    lines = [line for name in files for line in read_jsonl(tmp_path / "out" / name)]
+    assert sorted(line["custom_id"] for line in lines) == sorted(r["custom_id"] for r in requests)
+    for line in lines:
+        assert set(line) == {"id", "custom_id", "response", "error"} and line["error"] is None
+        assert line["id"].startswith("batch_req_")
+        response = line["response"]
+        assert response["status_code"] == 200
+        body = response["body"]
+        assert response["request_id"] == body["id"] and body["object"] == "chat.completion"
+        n = line["custom_id"].split("-")[1]
+        assert body["choices"][0]["message"]["content"] == f"question number {n}"
+        assert body["usage"]["prompt_tokens"] == 5  # both messages reached the server as sent
+    assert len({line["id"] for line in lines}) == len(lines)
