@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import IO
 
+import psutil
+
 from infermill.config import InferenceConfig
 from infermill.errors import RequestError, ServerError
 from infermill.servers.base import InferenceServer, find_free_port
@@ -32,6 +34,17 @@ def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str] | None:
     """One regex matching any of ``patterns``; None when there are none."""
     patterns = list(patterns)
     return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Wait until ``event`` is set or ``timeout`` passes. Unlike ``asyncio.wait_for`` on Python
+    < 3.12, a cancellation that arrives as the event is set is never swallowed: the
+    supervisor must stop when ``close()`` cancels it, or the server is never stopped."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
 
 
 class ManagedServer(InferenceServer):
@@ -73,7 +86,9 @@ class ManagedServer(InferenceServer):
     # -- lifecycle ----------------------------------------------------------------------
 
     async def _start_attempt(self, attempt: int) -> None:
-        self.port = find_free_port(self.host)
+        previous, self.port = self.port, find_free_port(self.host)
+        while self.port == previous:  # a restart always gets a fresh port
+            self.port = find_free_port(self.host)
         argv = self.build_command(self.port)
         env = {**os.environ, **self.build_env()}
         self._ready_line_seen = False
@@ -111,11 +126,7 @@ class ManagedServer(InferenceServer):
                     "no ready log line and no HTTP 200 from GET /v1/models",
                     list(process.tail),
                 )
-            event = self._output_event
-            try:
-                await asyncio.wait_for(event.wait(), timeout=min(interval, remaining))
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._output_event, min(interval, remaining))
             interval = min(interval * 2, max_interval)
 
     def _raise_if_dead(self, process: ManagedProcess) -> None:
@@ -155,14 +166,21 @@ class ManagedServer(InferenceServer):
             if stall and self.outstanding_requests and loop.time() - self.last_progress > stall:
                 return (f"the server stalled: {self.outstanding_requests} requests outstanding and none "
                         f"completed for {stall:g} s (server_stall_timeout_sec)")
-            event = self._output_event
-            try:
-                await asyncio.wait_for(event.wait(), timeout=check_every)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._output_event, check_every)
         if self._fatal_line is not None:
             return f"fatal line in the server's output: {self._fatal_line!r}"
         return f"the server process exited with code {process.returncode}"
+
+    async def _died(self) -> bool:
+        """Whether the process has exited, even if its exit was not seen yet (a zombie counts)."""
+        process = self.process
+        if process is None:
+            return True
+        for pause in (0.0, 0.02):  # a dying process resets its connections a moment before it is a zombie
+            await asyncio.sleep(pause)
+            if process.returncode is not None or process.exited.is_set() or _is_dead(process.pid):
+                return True
+        return False
 
     async def _stop_attempt(self) -> None:
         process, self.process = self.process, None
@@ -187,3 +205,13 @@ class ManagedServer(InferenceServer):
     def redact(self, argv: list[str]) -> list[str]:
         """``argv`` as it may be logged: secrets replaced."""
         return list(argv)
+
+
+def _is_dead(pid: int) -> bool:
+    """Whether our child ``pid`` has exited (a zombie not yet reaped, or gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False

@@ -1,0 +1,27 @@
+"""Spawns ``ARGV`` with ManagedProcess and then misbehaves, for the tests of what happens
+when infermill's own process goes away without stopping its child.
+
+    python process_driver.py exit ARGV...   print the child's pid, wait for a line on stdin, then
+                                            return without stop() (the atexit hook must kill the group)
+    python process_driver.py hang ARGV...   print the child's pid, then wait to be SIGKILLed
+                                            (the parent-death signal must kill the child)
+"""
+
+import asyncio
+import sys
+
+from infermill.servers.process import ManagedProcess
+
+
+async def main(mode: str, argv: list[str]) -> None:
+    seen = asyncio.Event()
+    process = await ManagedProcess.spawn(argv, on_line=lambda line: seen.set())
+    await asyncio.wait_for(seen.wait(), 10)  # the child is up and has printed something
+    print(f"child {process.pid}", flush=True)
+    if mode == "hang":
+        await asyncio.Event().wait()
+    sys.stdin.readline()  # the test has looked at the processes: go
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2:]))

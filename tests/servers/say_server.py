@@ -1,0 +1,27 @@
+"""Prints ``--say`` lines, optionally serves the API, then exits with ``--exit`` or stays alive.
+
+    --say TEXT | --say='["line 1", "line 2"]'   lines to print (a JSON list for several)
+    --stderr                                     print them to stderr instead of stdout
+    --serve                                      serve the API (before printing)
+    --exit CODE                                  exit with CODE after printing
+"""
+
+import json
+
+import _common
+
+p = _common.parser(__doc__)
+p.add_argument("--say", default=None)
+p.add_argument("--stderr", action="store_true")
+p.add_argument("--serve", action="store_true")
+p.add_argument("--exit", type=int, default=None)
+args = _common.parse(p)
+_common.record(args)
+if args.serve:
+    _common.serve(args.port)
+lines = [] if args.say is None else json.loads(args.say) if args.say.startswith("[") else [args.say]
+for line in lines:
+    _common.say(line, _common.sys.stderr if args.stderr else None)
+if args.exit is not None:
+    raise SystemExit(args.exit)
+_common.wait_forever()

@@ -1,0 +1,233 @@
+"""ManagedProcess with real children: output pump, exit detection, and stopping the whole group.
+
+The children are the scripts in tests/servers; ``family_server.py`` spawns a grandchild and
+records both pids, so each test can check with psutil that nothing survives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import PYTHON, SCRIPTS
+
+from infermill.servers.process import MAX_LINE_CHARS, TAIL_LINES, ManagedProcess, group_alive
+
+pytestmark = pytest.mark.usefixtures("no_orphans")
+
+READY = "Application startup complete"
+
+
+def script(name: str, *args: str) -> list[str]:
+    return [PYTHON, str(SCRIPTS / name), *args]
+
+
+def running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie; ``proc`` was taken while alive, so a reused pid does not count."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def still_running(procs: list[psutil.Process], within: float) -> list[psutil.Process]:
+    """Those of ``procs`` still running after up to ``within`` seconds (for deaths we do not await)."""
+    deadline = time.monotonic() + within
+    while (alive := [p for p in procs if running(p)]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return alive
+
+
+def family(record: Path) -> list[psutil.Process]:
+    """The child and grandchild that family_server.py recorded (both alive when called)."""
+    facts = json.loads(record.read_text().splitlines()[-1])
+    return [psutil.Process(facts["pid"]), psutil.Process(facts["grandchild"])]
+
+
+class Lines:
+    """Collects a child's output lines; ``wait_for`` returns once a line contains a text."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        self._changed.set()
+
+    async def wait_for(self, text: str, timeout: float = 10.0) -> None:
+        async def seen() -> None:
+            while not any(text in line for line in self.lines):
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(seen(), timeout)
+
+
+async def spawn_family(tmp_path: Path, *flags: str) -> tuple[ManagedProcess, Lines, list[psutil.Process]]:
+    lines = Lines()
+    record = tmp_path / "family.jsonl"
+    process = await ManagedProcess.spawn(
+        script("family_server.py", "--port", "0", f"--record={record}", *flags), on_line=lines
+    )
+    await lines.wait_for(READY)
+    return process, lines, family(record)
+
+
+async def test_output_lines_reach_callback_tail_and_exit_in_order(tmp_path):
+    said = [f"line {i}" for i in range(TAIL_LINES + 5)]
+    lines = Lines()
+    seen_at_exit: list[list[str]] = []
+    process = await ManagedProcess.spawn(
+        script("say_server.py", "--port", "0", "--say", json.dumps(said), "--exit", "7"),
+        on_line=lines,
+        on_exit=lambda: seen_at_exit.append(list(lines.lines)),
+    )
+    await asyncio.wait_for(process.exited.wait(), 10)
+    assert process.returncode == 7
+    assert lines.lines == said
+    assert seen_at_exit == [said]  # on_exit runs once, after the output is drained
+    assert list(process.tail) == said[-TAIL_LINES:]
+    assert await process.stop(grace=1) == 7  # stopping an exited child just reaps it
+
+
+async def test_stderr_lines_are_read_too():
+    lines = Lines()
+    process = await ManagedProcess.spawn(
+        script("say_server.py", "--port", "0", "--say", "to stderr", "--stderr", "--exit", "0"), on_line=lines
+    )
+    await asyncio.wait_for(process.exited.wait(), 10)
+    assert lines.lines == ["to stderr"]
+
+
+async def test_stop_terminates_child_and_grandchild(tmp_path):
+    process, _, procs = await spawn_family(tmp_path)
+    assert all(running(p) for p in procs)
+    assert group_alive(process.pgid)
+    started = time.monotonic()
+    assert await process.stop(grace=5) == -signal.SIGTERM
+    assert time.monotonic() - started < 2, "a child that obeys SIGTERM must not wait for the grace period"
+    assert not any(running(p) for p in procs)
+    assert not group_alive(process.pgid)
+
+
+async def test_stop_sigkills_a_group_that_ignores_sigterm_after_the_grace_period(tmp_path):
+    process, _, procs = await spawn_family(tmp_path, "--ignore-sigterm")
+    started = time.monotonic()
+    assert await process.stop(grace=1) == -signal.SIGKILL
+    elapsed = time.monotonic() - started
+    assert 0.9 <= elapsed < 3, elapsed
+    assert not any(running(p) for p in procs)  # the grandchild inherited SIG_IGN: it was SIGKILLed too
+
+
+async def test_stop_twice_is_safe(tmp_path):
+    process, _, procs = await spawn_family(tmp_path)
+    first, second = await asyncio.gather(process.stop(grace=1), process.stop(grace=1))
+    assert first == second == -signal.SIGTERM
+    assert await process.stop(grace=1) == -signal.SIGTERM
+    assert not any(running(p) for p in procs)
+
+
+async def test_stop_finishes_even_when_its_caller_is_cancelled(tmp_path):
+    process, _, procs = await spawn_family(tmp_path, "--ignore-sigterm")
+    stopping = asyncio.create_task(process.stop(grace=1))
+    await asyncio.sleep(0.2)
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    # the cancelled stop() still waited for the grace period, killed the group and reaped the child
+    assert process.returncode == -signal.SIGKILL
+    assert not any(running(p) for p in procs)
+
+
+def ignores_sigterm(proc: psutil.Process) -> bool:
+    with open(f"/proc/{proc.pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+async def test_stop_kills_a_grandchild_that_ignores_sigterm_after_its_parent_exited(tmp_path):
+    # the child obeys SIGTERM and exits at once; the grandchild keeps the group alive, so stop()
+    # must still wait out the grace period and SIGKILL the group rather than return early
+    process, _, (child, grandchild) = await spawn_family(tmp_path, "--stubborn-grandchild")
+    while not ignores_sigterm(grandchild):
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    assert await process.stop(grace=1) == -signal.SIGTERM
+    assert 0.9 <= time.monotonic() - started < 3
+    assert not running(child) and not running(grandchild)
+    assert not group_alive(process.pgid)
+
+
+async def test_one_megabyte_line_and_invalid_utf8_are_read_and_logged_whole(tmp_path):
+    lines = Lines()
+    log_path = tmp_path / "child.log"
+    with open(log_path, "a", encoding="utf-8", errors="replace") as log:
+        process = await ManagedProcess.spawn(
+            script("noisy_server.py", "--port", "0", "--big-line-mb", "1", "--invalid-utf8"), on_line=lines, log=log
+        )
+        await lines.wait_for(READY)
+        await process.stop(grace=1)
+    big = "BIG" + "y" * (1 << 20) + "<END>"
+    assert lines.lines[0] == big[:MAX_LINE_CHARS] + " [...]"  # cut for pattern matching only
+    assert lines.lines[1] == "\ufffd\ufffd bad"
+    assert process.tail[0].endswith(" [...]") and len(process.tail[0]) < 3000
+    logged = log_path.read_text(encoding="utf-8").splitlines()
+    assert logged[:2] == [big, "\ufffd\ufffd bad"]
+
+
+async def test_megabytes_on_stdout_and_stderr_never_block_the_child():
+    lines = Lines()
+    started = time.monotonic()
+    process = await ManagedProcess.spawn(script("noisy_server.py", "--port", "0", "--flood-mb", "4"), on_line=lines)
+    try:
+        await lines.wait_for(READY, timeout=20)
+    finally:
+        await process.stop(grace=1)
+    assert time.monotonic() - started < 20
+    per_stream = int(4 * (1 << 20) / 100)
+    assert sum(line.startswith("E") for line in lines.lines) == per_stream
+    assert sum(line.startswith("O") for line in lines.lines) == per_stream
+
+
+async def test_spawn_of_a_missing_program_raises_oserror(tmp_path):
+    with pytest.raises(OSError):
+        await ManagedProcess.spawn([str(tmp_path / "no-such-program")])
+
+
+async def drive(mode: str, *child_argv: str) -> tuple[asyncio.subprocess.Process, int]:
+    driver = await asyncio.create_subprocess_exec(
+        PYTHON, str(SCRIPTS / "process_driver.py"), mode, *child_argv,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+    )
+    line = await asyncio.wait_for(driver.stdout.readline(), 15)
+    assert line.startswith(b"child "), line
+    return driver, int(line.split()[1])
+
+
+async def test_exit_hook_kills_the_group_when_the_interpreter_exits_without_stop(tmp_path):
+    record = tmp_path / "family.jsonl"
+    driver, child_pid = await drive("exit", *script("family_server.py", "--port", "0", f"--record={record}"))
+    facts = json.loads(record.read_text())
+    assert facts["pid"] == child_pid
+    procs = [psutil.Process(child_pid), psutil.Process(facts["grandchild"])]
+    assert all(running(p) for p in procs)
+    driver.stdin.write(b"go\n")  # now let the driver's interpreter exit
+    assert await asyncio.wait_for(driver.wait(), 10) == 0
+    # nothing else would kill the grandchild: it is not the child, so the parent-death signal misses it
+    assert not await still_running(procs, within=2), "the group outlived the interpreter that started it"
+
+
+async def test_child_dies_when_infermill_is_sigkilled(tmp_path):
+    driver, child_pid = await drive("hang", *script("say_server.py", "--port", "0", "--say", "up"))
+    child = psutil.Process(child_pid)
+    assert running(child)
+    os.kill(driver.pid, signal.SIGKILL)
+    await driver.wait()
+    assert not await still_running([child], within=2), "the parent-death signal did not reach the child"
