@@ -105,6 +105,9 @@ async def main() -> int:
     host = args.host or "0.0.0.0"
     emit(f"INFO {time.strftime('%m-%d %H:%M:%S')} [__init__.py:241] Automatically detected platform cuda.")
     emit(vllm_log("INFO", "api_server.py:1805", f"vLLM API server version {VERSION}"))
+    # like vLLM, print the non-default arguments, API key included (infermill must redact it)
+    emit(vllm_log("INFO", "utils.py:326", f"non-default args: {{'model_tag': {args.model_tag!r}, "
+                  f"'host': {args.host!r}, 'port': {args.port}, 'api_key': {[args.api_key]!r}}}"))
     sock = bind(host, args.port)  # vLLM binds before loading the model, to hold the port
     emit(vllm_log("INFO", "model.py:547", "Resolved architecture: LlamaForCausalLM"))
     emit(vllm_log("INFO", "model.py:1510", f"Using max model len {args.max_model_len}"))

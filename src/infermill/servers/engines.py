@@ -43,6 +43,9 @@ class EngineServer(ManagedServer):
     def client_api_key(self) -> str | None:
         return self.api_key
 
+    def secrets(self) -> tuple[str, ...]:
+        return (self.api_key,)
+
     def parallel_args(self) -> list[str]:
         args: list[str] = []
         for field, flag in self.parallel_flags.items():

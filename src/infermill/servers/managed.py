@@ -101,7 +101,10 @@ class ManagedServer(InferenceServer):
             self._log.flush()
         try:
             self.process = await asyncio.wait_for(
-                ManagedProcess.spawn(argv, env=env, on_line=self._on_line, on_exit=self._wake, log=self._log),
+                ManagedProcess.spawn(
+                    argv, env=env, on_line=self._on_line, on_exit=self._wake, log=self._log,
+                    secrets=self.secrets(),
+                ),
                 timeout=self.config.server_start_timeout_sec,
             )
         except (OSError, asyncio.TimeoutError) as e:
@@ -205,6 +208,10 @@ class ManagedServer(InferenceServer):
     def redact(self, argv: list[str]) -> list[str]:
         """``argv`` as it may be logged: secrets replaced."""
         return list(argv)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Values hidden (as ``***``) in the server's logged output."""
+        return ()
 
 
 def _is_dead(pid: int) -> bool:

@@ -143,12 +143,14 @@ class ManagedProcess:
         on_line: Callable[[str], None],
         on_exit: Callable[[], None],
         log: IO[str] | None,
+        secrets: tuple[str, ...] = (),
     ):
         self._proc = proc
         self.pid = proc.pid
         self.pgid = proc.pid  # start_new_session makes the child its group's leader
         self._on_line = on_line
         self._on_exit = on_exit
+        self._secrets = tuple(secret for secret in secrets if secret)
         self._log = log
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.exited = asyncio.Event()
@@ -171,9 +173,11 @@ class ManagedProcess:
         on_line: Callable[[str], None] = lambda line: None,
         on_exit: Callable[[], None] = lambda: None,
         log: IO[str] | None = None,
+        secrets: tuple[str, ...] = (),
     ) -> ManagedProcess:
         """Start ``argv`` in a new process group; ``on_line`` sees every output line and
-        ``on_exit`` is called once the child has exited and its output is drained."""
+        ``on_exit`` is called once the child has exited and its output is drained. Each of
+        ``secrets`` is replaced by ``***`` in every line before anyone sees it."""
         global _reaped_once
         if not _reaped_once:
             _reaped_once = True
@@ -190,7 +194,7 @@ class ManagedProcess:
             start_new_session=True,
             preexec_fn=_child_setup,
         )
-        return cls(proc, on_line, on_exit, log)
+        return cls(proc, on_line, on_exit, log, secrets)
 
     @property
     def returncode(self) -> int | None:
@@ -216,6 +220,9 @@ class ManagedProcess:
 
     def _emit(self, raw: bytes) -> None:
         line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        for secret in self._secrets:  # e.g. an engine printing its arguments, API key included
+            if secret in line:
+                line = line.replace(secret, "***")
         if self._log is not None:
             self._log.write(line + "\n")
             self._log.flush()
