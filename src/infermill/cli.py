@@ -14,6 +14,7 @@ import click
 import orjson
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from infermill.errors import ConfigError, InferenceError, InfermillError, ServerError
 from infermill.eventloop import run_coroutine
@@ -37,11 +38,17 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 
+def _error(message: object, label: str = "error") -> None:
+    """Print ``label: message``; the message is shown as it is, never read as rich markup: a
+    server's last lines quoted in it (``[api_server.py:123]``, ``[/usr/lib]``) must stay intact."""
+    console.print(f"[red]{label}:[/red] {escape(str(message))}", highlight=False)
+
+
 def _load(job_file: str, overrides: tuple[str, ...]) -> JobConfig:
     try:
         return load_job(job_file, overrides)
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        _error(e)
         raise SystemExit(EXIT_USAGE) from None
 
 
@@ -103,7 +110,7 @@ def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, w
         runner = build_runner(job, overwrite=overwrite)
         reader = build_reader(job)
     except InfermillError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        _error(e)
         raise SystemExit(EXIT_USAGE) from None
 
     async def go() -> dict[str, Any]:
@@ -119,15 +126,15 @@ def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, w
         console.print("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         raise SystemExit(EXIT_INTERRUPTED) from None
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        _error(e)
         raise SystemExit(EXIT_USAGE) from None
     except (ServerError, InferenceError, InfermillError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        _error(e)
         console.print("The checkpoint is saved: fix the cause and run the same command to resume.")
         raise SystemExit(EXIT_FAILED) from None
     if stats.get("already_complete"):
         console.print(f"rank {rank}: the job is already complete; nothing was sent. Use --overwrite to run it again.")
-    console.print(summary_table(stats, title=f"infermill run: {job.output.path} (rank {rank}/{world_size})"))
+    console.print(summary_table(stats, title=f"infermill run: {escape(job.output.path)} (rank {rank}/{world_size})"))
 
 
 @main.command()
@@ -155,7 +162,7 @@ def serve(job_file: str, overrides: tuple[str, ...]) -> None:
     except KeyboardInterrupt:
         click.echo("server stopped")
     except InfermillError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        _error(e)
         raise SystemExit(EXIT_FAILED) from None
 
 
@@ -173,7 +180,7 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
         rollout = build_rollout(job)
         first = next(iter(build_reader(job).read(0, 1)), None)
     except InfermillError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        _error(e)
         raise SystemExit(EXIT_USAGE) from None
     if first is None:
         console.print("[red]error:[/red] the input has no documents")
@@ -200,7 +207,7 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
     except KeyboardInterrupt:
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as e:
-        console.print(f"[red]check failed:[/red] {type(e).__name__}: {e}", highlight=False)
+        _error(f"{type(e).__name__}: {e}", "check failed")
         raise SystemExit(EXIT_FAILED) from None
     click.echo("check passed")
 
@@ -216,9 +223,9 @@ def status(output: str, checkpoints: str | None) -> None:
     root = Path(checkpoints or Path(output) / "_infermill" / "checkpoints")
     ranks = sorted(root.glob("rank_*"))
     if not ranks:
-        console.print(f"[red]error:[/red] no checkpoints in {root}: is {output} the output folder of a job?")
+        _error(f"no checkpoints in {root}: is {output} the output folder of a job?")
         raise SystemExit(EXIT_USAGE)
-    table = Table(title=f"infermill status: {output}")
+    table = Table(title=f"infermill status: {escape(output)}")
     for column in ("rank", "state", "chunks done", "documents in open chunks", "cached replies"):
         table.add_column(column, justify="right")
     for rank_dir in ranks:

@@ -58,10 +58,14 @@ def status_error(status: int, body: bytes, retry_after: str | None = None) -> Re
 
 
 class OpenAIClient:
-    """POSTs JSON to an OpenAI-compatible server and returns the parsed reply."""
+    """POSTs JSON to an OpenAI-compatible server and returns the parsed reply.
+
+    The API key never appears in an error it raises, even when the server quotes it back.
+    """
 
     def __init__(self, api_key: str | None = None, request_timeout: float | None = None, max_connections: int = 0):
         self._headers = {"Content-Type": "application/json"}
+        self._api_key = api_key or None
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
@@ -93,11 +97,13 @@ class OpenAIClient:
                 body = await response.read()
                 status = response.status
                 if status >= 300:
+                    if self._api_key:  # before the body is cut short: no part of the key may remain
+                        body = body.replace(self._api_key.encode(), b"***")
                     raise status_error(status, body, response.headers.get("Retry-After"))
         except asyncio.TimeoutError as e:
             raise RequestTimeoutError(f"{method} {url}: no reply within the request timeout") from e
         except aiohttp.ClientError as e:
-            raise ServerConnectionError(f"{method} {url}: {type(e).__name__}: {e}") from e
+            raise ServerConnectionError(self._redact(f"{method} {url}: {type(e).__name__}: {e}")) from e
         try:
             reply = orjson.loads(body)
         except orjson.JSONDecodeError as e:
@@ -105,6 +111,9 @@ class OpenAIClient:
         if not isinstance(reply, dict):
             raise RetryableError(f"{method} {url}: expected a JSON object, got {type(reply).__name__}", status)
         return reply
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
 
     async def close(self) -> None:
         if self._session is not None:

@@ -66,6 +66,13 @@ class ServerConnectionError(RetryableError):
     """The connection failed or was dropped: the server may be restarting."""
 
 
+class ServerLostError(ServerConnectionError):
+    """The request was in flight when its server failed (died, stalled, printed a fatal line).
+
+    Retrying it does not spend an attempt: the retry waits for the restarted server.
+    """
+
+
 class InferenceError(InfermillError):
     """A document could not be processed. Carries the document, the cause and the payload."""
 

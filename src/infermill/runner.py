@@ -30,6 +30,7 @@ from infermill.errors import (
     RetryableError,
     ServerConnectionError,
     ServerError,
+    ServerLostError,
 )
 from infermill.io.readers import BadRecord
 from infermill.io.writers import INFERMILL_DIR, OutputWriter
@@ -348,8 +349,11 @@ class InferenceRunner:
                             stats.requests_in_flight -= 1
                     result = parse_reply(reply, use_chat)
                 except RequestError as e:
-                    if isinstance(e, ServerConnectionError) and server.state is not ServerState.READY:
-                        # the server is being restarted: wait for it without spending an attempt
+                    if isinstance(e, ServerLostError) or (
+                        isinstance(e, ServerConnectionError) and server.state is not ServerState.READY
+                    ):
+                        # the server failed with this request in flight, or is being restarted:
+                        # wait for the new server without spending an attempt
                         attempt -= 1
                         await server.wait_until_ready()
                         continue

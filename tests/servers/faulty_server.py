@@ -23,31 +23,45 @@ label that makes a word unique). Without ``N`` the directive applies every time.
     malformed[:N[:KEY]]         answer 200 with a truncated JSON body (complete Content-Length)
     empty[:N[:KEY]]             answer 200 with a JSON object that has no choices
     kill[:N[:KEY]]              exit the process at once (code 17), without answering
+    fatal[:N[:KEY]]             print the fatal line (``--fatal-line``) to stderr, then never answer:
+                                an engine that failed under a still-running HTTP frontend
     reasoning:TEXT              add ``reasoning: TEXT`` to the chat message
     reasoning_content:TEXT      add ``reasoning_content: TEXT`` to the chat message
     echo_request                the reply's text is the request (``{"path", "body"}``) as JSON
 
-Order: kill, sleep, hang, drop, truncated, fail/rate, malformed/empty, then a normal reply.
+Order: kill, fatal, sleep, hang, drop, truncated, fail/rate, malformed/empty, then a normal reply.
 
 Server-wide flags (unknown flags are accepted and ignored, so any ``model_kwargs`` fit):
 
     --directives STR     default directives applied to every request
     --kill-after N       exit (code 17) when request N+1 arrives: N requests are served
     --hang-after N       every request after the first N hangs
+    --fail-after N       every request after the first N gets HTTP 500 (a storm that does not end)
     --startup-delay S    wait S seconds before listening
+    --fatal-line TEXT    the line the ``fatal`` directive prints (default: a CUDA out-of-memory error)
+    --last-words TEXT    a line printed to stderr just before the process exits on purpose (``kill``,
+                         ``--kill-after``), so its "last lines" can be checked in error messages
+    --ignore-sigterm     ignore SIGTERM and SIGINT: only SIGKILL stops the server
+    --grandchild         spawn tests/servers/sleeper.py --ignore-sigterm in the server's process group
+                         (its pid is ``grandchild`` in the stats): a worker that outlives its server
+    --echo-auth          error replies quote the request's ``Authorization`` header (as some proxies
+                         do), to check that clients keep API keys out of their error messages
     --stats-file PATH    keep the stats in PATH (written atomically soon after every change and on
                          SIGTERM/SIGINT); if PATH exists at start, its counters carry on, so
-                         "first N" directives and ``--kill-after`` span restarts
+                         "first N" directives and ``--kill-after``/``--hang-after``/``--fail-after``
+                         span restarts; without it each process counts from 0
 
 Endpoints: the OpenAI ones (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``),
 ``/health``, ``GET /stats`` (the stats as JSON), and ``POST /control`` with any of
-``{"directives": str, "kill_after": int|null, "hang_after": int|null, "reset": bool}``.
+``{"directives": str, "kill_after": int|null, "hang_after": int|null, "fail_after": int|null,
+"reset": bool}``.
 
 Stats: ``requests`` (completion requests received), ``in_flight``, ``max_in_flight``,
 ``connections`` (distinct client connections), ``by_word`` (requests per directive word),
 ``by_outcome`` (``"200"``, ``"500"``, ``"drop"``, ``"hang"``, ...), ``by_path``,
 ``arrivals`` (per directive word, the ``time.time()`` of each arrival, first 1000),
-``starts`` (process starts sharing this stats file), ``pid``, ``port``.
+``starts`` (process starts sharing this stats file), ``pid``, ``port``, ``grandchild`` (its pid or
+null), ``authorization`` (how often each ``Authorization`` header value was received).
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,7 +88,7 @@ MAX_ARRIVALS = 1000
 FLUSH_INTERVAL = 0.05
 
 _WORD = re.compile(
-    r"^(?:tag:\S+|sleep:[0-9.]+(?::\d+(?::\S+)?)?|(?:hang|drop|truncated|malformed|empty|kill)(?::\d+(?::\S+)?)?"
+    r"^(?:tag:\S+|sleep:[0-9.]+(?::\d+(?::\S+)?)?|(?:hang|drop|truncated|malformed|empty|kill|fatal)(?::\d+(?::\S+)?)?"
     r"|(?:fail|bad)\d{3}(?::\d+(?::\S+)?)?|rate\d{3}:\d+:[0-9.]+(?::\S+)?|reasoning(?:_content)?:\S+|echo_request)$"
 )
 
@@ -114,7 +129,13 @@ class FaultyServer:
         self.default_directives = args.directives or ""
         self.kill_after: int | None = args.kill_after
         self.hang_after: int | None = args.hang_after
+        self.fail_after: int | None = args.fail_after
         self.stats_file: str | None = args.stats_file
+        self.fatal_line: str = args.fatal_line
+        self.last_words: str | None = args.last_words
+        self.echo_auth: bool = args.echo_auth
+        self.grandchild: int | None = None
+        self.authorization: Counter[str] = Counter()
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -143,6 +164,7 @@ class FaultyServer:
         self.by_outcome.update(old.get("by_outcome", {}))
         self.by_path.update(old.get("by_path", {}))
         self.arrivals = {k: list(v) for k, v in old.get("arrivals", {}).items()}
+        self.authorization.update(old.get("authorization", {}))
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -158,6 +180,8 @@ class FaultyServer:
             "by_path": dict(self.by_path),
             "arrivals": self.arrivals,
             "default_directives": self.default_directives,
+            "grandchild": self.grandchild,
+            "authorization": dict(self.authorization),
         }
 
     def flush(self) -> None:
@@ -178,6 +202,8 @@ class FaultyServer:
 
     def die(self) -> None:
         self.flush()
+        if self.last_words:
+            print(self.last_words, file=sys.stderr, flush=True)
         print(f"faulty_server: killed on purpose after {self.requests} requests", flush=True)
         os._exit(KILL_EXIT_CODE)
 
@@ -192,6 +218,8 @@ class FaultyServer:
         self.requests += 1
         number = self.requests
         self.by_path[request.path] += 1
+        if "Authorization" in request.headers:
+            self.authorization[request.headers["Authorization"]] += 1
         self.peers.add(request.transport.get_extra_info("peername") if request.transport else None)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -230,6 +258,11 @@ class FaultyServer:
 
             if "kill" in names:
                 self.die()
+            if "fatal" in names:
+                outcome = "fatal"
+                print("Traceback (most recent call last):", file=sys.stderr, flush=True)
+                print(self.fatal_line, file=sys.stderr, flush=True)
+                await asyncio.Event().wait()
             for d in active:
                 if d.name == "sleep":
                     await asyncio.sleep(d.seconds or 0.0)
@@ -255,13 +288,17 @@ class FaultyServer:
                 if d.name == "rate":
                     outcome = str(d.code)
                     error = {"error": {"message": f"rate limited ({d.word})", "type": "RateLimitError"}}
-                    response = json_response(error, d.code or 429)
+                    response = json_response(self._quote_auth(error, request), d.code or 429)
                     response.headers["Retry-After"] = f"{d.seconds:g}"
                     return response
                 if d.name == "fail":
                     outcome = str(d.code)
-                    return json_response({"error": {"message": f"injected failure ({d.word})", "type": "Error"}},
-                                         d.code or 500)
+                    error = {"error": {"message": f"injected failure ({d.word})", "type": "Error"}}
+                    return json_response(self._quote_auth(error, request), d.code or 500)
+            if self.fail_after is not None and number > self.fail_after:
+                outcome = "500"
+                error = {"error": {"message": f"injected failure (request {number} > --fail-after)", "type": "Error"}}
+                return json_response(self._quote_auth(error, request), 500)
             if "malformed" in names:
                 outcome = "malformed"
                 return web.Response(body=b'{"id": "malformed", "choices": [{"index": 0, "mess', status=200,
@@ -292,6 +329,11 @@ class FaultyServer:
             self.by_outcome[outcome] += 1
             self._dirty = True
 
+    def _quote_auth(self, error: dict[str, Any], request: web.Request) -> dict[str, Any]:
+        if self.echo_auth:
+            error["error"]["message"] += f" (request had Authorization: {request.headers.get('Authorization')})"
+        return error
+
     async def handle_stats(self, _: web.Request) -> web.Response:
         return json_response(self.stats())
 
@@ -310,6 +352,8 @@ class FaultyServer:
             self.kill_after = change["kill_after"]
         if "hang_after" in change:
             self.hang_after = change["hang_after"]
+        if "fail_after" in change:
+            self.fail_after = change["fail_after"]
         self._dirty = True
         return json_response(self.stats())
 
@@ -334,6 +378,10 @@ class FaultyServer:
 
 async def serve(args: argparse.Namespace) -> None:
     server = FaultyServer(args)
+    if args.grandchild:
+        sleeper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sleeper.py")
+        server.grandchild = subprocess.Popen([sys.executable, sleeper, "--ignore-sigterm"], stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
     if args.startup_delay:
         await asyncio.sleep(args.startup_delay)
     runner = web.AppRunner(server.build_app(), access_log=None, handle_signals=False)
@@ -344,7 +392,10 @@ async def serve(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        if args.ignore_sigterm:
+            signal.signal(sig, signal.SIG_IGN)
+        else:
+            loop.add_signal_handler(sig, stop.set)
     flusher = asyncio.create_task(server.flush_periodically())
     print(f"Faulty server listening on http://{args.host}:{args.port}", flush=True)
     print("Application startup complete.", flush=True)
@@ -362,8 +413,14 @@ def main() -> None:
     parser.add_argument("--directives", default="")
     parser.add_argument("--kill-after", type=int, default=None)
     parser.add_argument("--hang-after", type=int, default=None)
+    parser.add_argument("--fail-after", type=int, default=None)
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--stats-file", default=None)
+    parser.add_argument("--fatal-line", default="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    parser.add_argument("--last-words", default=None)
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--grandchild", action="store_true")
+    parser.add_argument("--echo-auth", action="store_true")
     args, unknown = parser.parse_known_args()
     if unknown:
         print(f"faulty_server: ignoring flags {unknown}", file=sys.stderr, flush=True)

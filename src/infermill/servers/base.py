@@ -8,7 +8,7 @@ The server starts in the background when its ``async with`` block is entered, so
 caller can read input while it boots. ``make_request`` waits for readiness and raises
 ``ServerError`` once the server has failed for good. A server that dies after it was
 ready is restarted up to ``server_max_restarts`` times; requests that were in flight get
-a retryable error and, when retried, wait for the new server.
+``ServerLostError`` (a ``ServerConnectionError``) and, when retried, wait for the new server.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ from typing import Any
 
 from infermill.client import OpenAIClient
 from infermill.config import InferenceConfig
-from infermill.errors import ServerError
+from infermill.errors import RequestTimeoutError, ServerConnectionError, ServerError, ServerLostError
 
 logger = logging.getLogger("infermill.server")
+
+#: how long a request whose server died waits for the supervisor to see the death
+DEATH_NOTICE_TIMEOUT = 10.0
 
 
 class ServerState(str, enum.Enum):
@@ -55,8 +58,10 @@ class InferenceServer:
         self.port: int | None = None
         self.state = ServerState.STOPPED
         self.restarts = 0
+        self.generation = 0  # how many times the server became ready: each restart is a new generation
         self.outstanding_requests = 0
         self.last_progress = 0.0  # loop time of the last answered request (or of going busy)
+        self._timed_out = False  # a request timed out since the last answer: the server is not idle
         self._failure: ServerError | None = None
         self._state_changed = asyncio.Event()
         self._supervisor: asyncio.Task | None = None
@@ -107,15 +112,54 @@ class InferenceServer:
         """
         if self.state is not ServerState.READY:
             await self.wait_until_ready()
-        if self.outstanding_requests == 0:
-            self.last_progress = asyncio.get_running_loop().time()
+        generation = self.generation
+        loop = asyncio.get_running_loop()
+        if self.outstanding_requests == 0 and not self._timed_out:
+            # going busy after being idle starts the stall clock; not after a timeout: requests that
+            # time out and are retried keep the server busy without being answered
+            self.last_progress = loop.time()
+        lost: ServerConnectionError | None = None
         self.outstanding_requests += 1
         try:
             reply = await self._client.post(self.request_url, payload)
+        except RequestTimeoutError:
+            self._timed_out = True
+            raise
+        except ServerConnectionError as e:
+            lost = e
         finally:
             self.outstanding_requests -= 1
-        self.last_progress = asyncio.get_running_loop().time()  # only answers count as progress
+        if lost is not None:
+            if await self._lost_with_server(generation):
+                raise ServerLostError(f"{lost} (the server failed with this request in flight)") from lost
+            raise lost
+        self.last_progress = loop.time()  # only answers count as progress
+        self._timed_out = False
         return reply
+
+    async def _lost_with_server(self, generation: int) -> bool:
+        """Whether a connection failure of a request sent to ``generation`` came from the server failing.
+
+        If the server died but the supervisor has not seen it yet, wait until it has, so the
+        request's retry waits for the next server instead of going to a dead port.
+        """
+        if self.generation != generation or self.state is not ServerState.READY:
+            return True
+        if not await self._died():
+            return False  # a live server dropped the connection: an ordinary retryable failure
+
+        async def noticed() -> None:
+            while self.state is ServerState.READY and self.generation == generation:
+                changed = self._state_changed
+                await changed.wait()
+
+        # asyncio.wait, not wait_for: on Python < 3.12 wait_for can swallow a cancellation (of the job)
+        waiter = asyncio.ensure_future(noticed())
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=DEATH_NOTICE_TIMEOUT)
+        finally:
+            waiter.cancel()
+        return bool(done)
 
     async def close(self) -> None:
         """Stop the server and everything it started. Safe to call more than once."""
@@ -144,6 +188,10 @@ class InferenceServer:
     async def _stop_attempt(self) -> None:
         """Stop whatever :meth:`_start_attempt` started. Must be idempotent."""
 
+    async def _died(self) -> bool:
+        """Whether the server is dead (called when a request's connection failed). Default: never."""
+        return False
+
     def client_api_key(self) -> str | None:
         """The API key the client sends; None sends no ``Authorization`` header."""
         return None
@@ -164,8 +212,14 @@ class InferenceServer:
             self._set_state(ServerState.STARTING)
             while True:
                 await self._start_with_retries()
+                self.generation += 1
+                self.last_progress = asyncio.get_running_loop().time()  # a new server: a fresh stall clock
+                self._timed_out = False
                 self._set_state(ServerState.READY)
                 reason = await self._watch()
+                # at once, before stopping it: no new request goes to the failed server, and the
+                # requests it drops while being stopped are seen as lost with it (retried for free)
+                self._set_state(ServerState.RESTARTING)
                 await self._stop_attempt()
                 tail = self.log_tail()
                 if not self.restartable or self.restarts >= self.config.server_max_restarts:

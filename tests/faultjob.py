@@ -1,0 +1,221 @@
+"""A job run as ``python -m infermill run job.yaml`` against ``tests/servers/faulty_server.py``,
+for the fault-injection tests (tests/test_faults.py, tests/test_signals.py).
+
+``FaultJob`` writes the input (ids ``doc-0000``..., each text ``document N`` plus an optional
+per-document directive), the job file (small windows, backoffs and grace periods), and
+checks the outcome: every id exactly once, each record holding its own document's echo.
+The faulty server keeps its stats in ``server_stats.json`` (counters carry over restarts).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+from conftest import PYTHON, SCRIPTS
+
+FAULTY_SERVER = SCRIPTS / "faulty_server.py"
+RUN_TIMEOUT = 60
+
+#: what every fault job uses unless a test says otherwise: fast, small and bounded
+FAST_INFERENCE: dict[str, Any] = {
+    "server_log_folder": None,  # set per job
+    "server_ready_delay_sec": 0.05,
+    "server_ready_max_attempts": 200,  # a 10 s ready window
+    "server_start_max_retries": 0,
+    "server_start_timeout_sec": 20,
+    "server_stop_grace_sec": 1,
+    "server_max_restarts": 3,
+    "server_restart_backoff_sec": 0.05,
+    "server_stall_timeout_sec": None,
+    "request_timeout": 10,
+    "request_max_attempts": 4,
+    "request_backoff_base_sec": 0.01,
+    "request_backoff_max_sec": 0.1,
+    "metric_interval": 1,
+}
+
+
+class FaultJob:
+    """One job's files in ``tmp_path``: input, job file, output, server stats and logs."""
+
+    def __init__(self, tmp_path: Path, docs: int = 60, *, conc: int = 4, rpc: int = 10,
+                 directive: Callable[[int], str] | None = None, server: dict[str, Any] | None = None,
+                 inference: dict[str, Any] | None = None, runner: dict[str, Any] | None = None):
+        self.tmp = tmp_path
+        self.docs = docs
+        self.rpc = rpc
+        self.input = tmp_path / "input.jsonl"
+        self.output = tmp_path / "out"
+        self.stats_file = tmp_path / "server_stats.json"
+        self.server_logs = tmp_path / "server_logs"
+        self.checkpoints = self.output / "_infermill" / "checkpoints" / "rank_00000"
+        self.ids = [f"doc-{i:04d}" for i in range(docs)]
+        self.texts = {}
+        with open(self.input, "w") as f:
+            for i, doc_id in enumerate(self.ids):
+                text = f"document {i}" + (f" {directive(i)}" if directive and directive(i) else "")
+                self.texts[doc_id] = text
+                f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+        model_kwargs = {"server_script": str(FAULTY_SERVER), "stats_file": str(self.stats_file), **(server or {})}
+        settings = {**FAST_INFERENCE, "server_type": "custom", "model_kwargs": model_kwargs,
+                    "server_log_folder": str(self.server_logs)}
+        settings.update({"model_name_or_path": "faulty-model", "max_concurrent_generations": conc, **(inference or {})})
+        spec = {
+            "input": {"path": str(self.input)},
+            "output": {"path": str(self.output)},
+            "rollout": {"template": "[[DOCUMENT]]"},
+            "inference": settings,
+            "checkpoint": {"records_per_chunk": rpc},
+        }
+        if runner:
+            spec["runner"] = runner
+        self.file = tmp_path / "job.yaml"
+        self.file.write_text(yaml.safe_dump(spec))
+        self.env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime"), "PYTHONUNBUFFERED": "1",
+                    "COLUMNS": "1000"}  # rich wraps messages at 80 columns when stderr is no terminal
+        self.runs = 0
+        self.global_args: list[str] = []  # options before ``run``, e.g. ["-v"]
+
+    # -- running ------------------------------------------------------------------------
+
+    def command(self, *args: str) -> list[str]:
+        return [PYTHON, "-m", "infermill", *self.global_args, "run", str(self.file), *args]
+
+    def start(self, *args: str) -> subprocess.Popen:
+        """Start the job in the background; its output goes to ``runN.log`` (``proc.log_path``)."""
+        self.runs += 1
+        path = self.tmp / f"run{self.runs}.log"
+        with open(path, "wb") as log:
+            proc = subprocess.Popen(self.command(*args), cwd=self.tmp, env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        proc.log_path = path  # type: ignore[attr-defined]
+        return proc
+
+    def run(self, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+        self.runs += 1
+        result = subprocess.run(self.command(*args), cwd=self.tmp, env=self.env, capture_output=True, text=True,
+                                timeout=timeout)
+        (self.tmp / f"run{self.runs}.log").write_text(result.stdout + result.stderr)
+        return result
+
+    def run_ok(self, *args: str) -> str:
+        result = self.run(*args)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"the job failed ({result.returncode}):\n{output[-4000:]}"
+        return output
+
+    def run_failing(self, *args: str) -> str:
+        result = self.run(*args)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, f"the job should have failed (exit 1), got {result.returncode}:\n" \
+                                       f"{output[-4000:]}"
+        assert "The checkpoint is saved" in output, output[-4000:]
+        assert not (self.checkpoints / "complete.json").exists()
+        return output
+
+    # -- looking ------------------------------------------------------------------------
+
+    def server_stats(self) -> dict[str, Any]:
+        for _ in range(50):  # written atomically, but maybe not yet
+            try:
+                return json.loads(self.stats_file.read_bytes())
+            except (FileNotFoundError, json.JSONDecodeError):
+                time.sleep(0.02)
+        raise AssertionError(f"no server stats in {self.stats_file}")
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads((self.output / "_infermill" / "stats.json").read_text())
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for path in sorted(self.output.glob("*.jsonl"))
+                for line in path.read_text().splitlines()]
+
+    def committed(self) -> int:
+        """Documents recorded as finished in the checkpoint (done chunks and open chunk logs)."""
+        done = len(list(self.checkpoints.glob("chunk_*.done"))) * self.rpc
+        for log in self.checkpoints.glob("chunk_*.log"):
+            try:
+                done += sum(1 for line in log.read_bytes().splitlines() if line.startswith(b'{"i"'))
+            except FileNotFoundError:  # finalized meanwhile
+                pass
+        return done
+
+    def check_exactly_once(self) -> None:
+        """Every input id once in the output, with its own text echoed; no temporary file; complete."""
+        records = self.records()
+        counts = collections.Counter(r["id"] for r in records)
+        duplicates = sorted(i for i, n in counts.items() if n > 1)
+        missing = sorted(set(self.ids) - set(counts))
+        assert not duplicates, f"documents written more than once: {duplicates[:10]}"
+        assert not missing, f"documents lost: {len(missing)}, e.g. {missing[:10]}"
+        assert set(counts) == set(self.ids)
+        for record in records:
+            assert record["text"] == self.texts[record["id"]]
+            assert record["metadata"]["rollout_results"][0]["text"] == record["text"], record
+        assert not list(self.output.rglob("*.tmp")), f"temporary files left: {list(self.output.rglob('*.tmp'))}"
+        assert not list(self.checkpoints.glob("chunk_*.log")), "a finished job keeps no chunk log"
+        assert (self.checkpoints / "complete.json").exists()
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def running(pid: int | None) -> bool:
+    """Whether ``pid`` is alive and not a zombie."""
+    if pid is None:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (non-zombie) processes of process group ``pgid``."""
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen | None = None,
+             timeout: float = 20.0, interval: float = 0.005) -> None:
+    """Poll ``condition`` until true; fail if ``proc`` exits first or it takes too long."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the job exited ({proc.returncode}) before {what}:\n{proc.log_path.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            pytest.fail(f"timed out after {timeout} s waiting for {what}"
+                        + (f":\n{proc.log_path.read_text()[-4000:]}" if proc is not None else ""))
+        time.sleep(interval)
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> float:
+    """Wait for ``proc`` to exit; return how long it took (fail, killing it, after ``timeout``)."""
+    started = time.monotonic()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"the job did not exit within {timeout} s:\n{proc.log_path.read_text()[-4000:]}")
+    return time.monotonic() - started

@@ -1,0 +1,145 @@
+"""Signals to ``infermill run`` (a real process), and what its server does about them.
+
+* SIGINT or SIGTERM: stop reading input, cancel the requests in flight, keep the checkpoint,
+  stop the server's whole process group, exit 130 within 15 s; the same command resumes.
+* A second SIGINT while the first one is still stopping things: exit at once, killing the
+  server's group on the way out.
+* SIGKILL (no chance to clean up): the server dies with the run (parent-death signal), and
+  whatever escaped it (a grandchild) is reaped by the next run, which then resumes.
+
+Each run freezes at a known point first: the faulty server answers N requests and hangs
+the next ones (``--hang-after``), so the job has exactly N documents done and one request
+in flight per generation slot when the signal arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from faultjob import FAULTY_SERVER, FaultJob, group_members, running, wait_exit, wait_for
+
+pytestmark = pytest.mark.usefixtures("no_orphans")
+
+CONC = 4
+
+
+def freeze(job: FaultJob, proc, answered: int) -> dict:
+    """Wait until ``answered`` documents are in the checkpoint and CONC requests hang at the server;
+    return the server's stats."""
+    def frozen() -> bool:
+        return (job.committed() == answered and job.stats_file.exists()
+                and job.server_stats()["in_flight"] == CONC)
+
+    wait_for(frozen, f"{answered} documents done and {CONC} requests hanging", proc, interval=0.02)
+    return job.server_stats()
+
+
+def registered_groups(job: FaultJob) -> list[str]:
+    folder = job.tmp / "runtime" / "groups"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_run_cleanly_keeping_the_checkpoint_and_the_same_command_resumes(tmp_path, signum):
+    # requests may take 60 s: only cancelling them can make the run stop within seconds
+    job = FaultJob(tmp_path, docs=80, conc=CONC, server={"hang_after": 30}, inference={"request_timeout": 60})
+    proc = job.start()
+    server_pid = freeze(job, proc, 30)["pid"]
+    assert running(server_pid) and registered_groups(job) == [str(server_pid)]
+
+    proc.send_signal(signum)
+    took = wait_exit(proc, 15)
+    output = proc.log_path.read_text()
+    assert proc.returncode == 130, output[-3000:]
+    assert took < 10, output[-3000:]
+    assert f"{signal.Signals(signum).name} received: stopping cleanly" in output
+    assert "the checkpoint is saved; run the same command to resume" in output
+    # the server's whole process group is gone, and unregistered
+    assert not running(server_pid) and not group_members(server_pid)
+    assert registered_groups(job) == []
+    # the checkpoint holds the 30 finished documents; reading stopped at the ones in flight
+    assert job.committed() == 30
+    assert not (job.checkpoints / "complete.json").exists()
+    stats = job.stats()
+    assert stats["documents_processed"] == 30 and stats["documents_failed"] == 0
+    assert stats["documents_read"] == 30 + CONC
+    if signum == signal.SIGTERM:
+        return  # the resume is the same as after SIGINT: not run again, to keep the suite fast
+
+    job.run_ok("--set=inference.model_kwargs.hang_after=null")
+    job.check_exactly_once()
+    stats = job.stats()
+    assert stats["documents_resumed"] == 30 and stats["documents_processed"] == 50
+
+
+def test_a_second_sigint_stops_at_once_killing_the_server(tmp_path):
+    # the server ignores SIGTERM and gets 30 s of grace: a clean stop takes 30 s
+    job = FaultJob(tmp_path, docs=60, conc=CONC, server={"hang_after": 20, "ignore_sigterm": True},
+                   inference={"server_stop_grace_sec": 30, "request_timeout": 60})
+    proc = job.start()
+    server_pid = freeze(job, proc, 20)["pid"]
+
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "SIGINT received: stopping cleanly" in proc.log_path.read_text(), "the first SIGINT", proc)
+    time.sleep(0.5)
+    assert proc.poll() is None and running(server_pid)  # still stopping the server gracefully
+    proc.send_signal(signal.SIGINT)
+    took = wait_exit(proc, 10)
+    assert proc.returncode == 130, proc.log_path.read_text()[-3000:]
+    assert took < 3
+    wait_for(lambda: not group_members(server_pid), "the server's group to die")
+    assert job.committed() == 20
+
+    job.run_ok("--set=inference.model_kwargs.hang_after=null", "--set=inference.server_stop_grace_sec=0.2")
+    job.check_exactly_once()
+    assert job.stats()["documents_resumed"] == 20
+
+
+def test_a_sigkilled_run_takes_its_server_along_and_the_next_run_reaps_what_escaped(tmp_path):
+    # the server starts a worker that ignores SIGTERM, in the server's process group
+    job = FaultJob(tmp_path, docs=60, conc=CONC, server={"hang_after": 20, "grandchild": True})
+    proc = job.start()
+    server = freeze(job, proc, 20)
+    server_pid, grandchild = server["pid"], server["grandchild"]
+    assert running(grandchild) and os.getpgid(grandchild) == server_pid
+    assert registered_groups(job) == [str(server_pid)]
+
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    wait_for(lambda: not running(server_pid), "the server to die with the run (parent-death signal)", timeout=5)
+    time.sleep(0.2)
+    assert running(grandchild), "the grandchild should have escaped (the parent-death signal is the server's only)"
+    assert registered_groups(job) == [str(server_pid)]  # the dead run could not unregister it
+
+    output = job.run_ok("--set=inference.model_kwargs.hang_after=null")
+    assert not running(grandchild), "the next run should have killed what the dead run left behind"
+    assert f"killed process group {server_pid} left behind by an infermill run that died" in output
+    assert registered_groups(job) == []
+    job.check_exactly_once()
+    assert job.stats()["documents_resumed"] == 20
+
+
+def test_a_signal_while_the_server_starts_stops_it_too(tmp_path):
+    job = FaultJob(tmp_path, docs=20, conc=CONC, server={"startup_delay": 30})  # listens after 30 s
+    proc = job.start()
+
+    def server_process() -> list[psutil.Process]:
+        try:
+            return [p for p in psutil.Process(proc.pid).children()
+                    if str(FAULTY_SERVER) in " ".join(p.cmdline())]
+        except psutil.Error:
+            return []
+
+    wait_for(lambda: bool(server_process()), "the server to be launched", proc)
+    server_pid = server_process()[0].pid
+    time.sleep(0.3)  # the run is waiting for the server to be ready
+    proc.send_signal(signal.SIGTERM)
+    took = wait_exit(proc, 15)
+    assert proc.returncode == 130, proc.log_path.read_text()[-3000:]
+    assert took < 10
+    assert not running(server_pid) and not group_members(server_pid)
+    assert registered_groups(job) == []
