@@ -14,7 +14,7 @@ import sys
 
 from aiohttp import web
 
-from infermill.servers.echo_app import build_echo_app
+from infermill.echo_app import build_echo_app
 
 
 async def serve(host: str, port: int, model: str) -> None:
