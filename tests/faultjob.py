@@ -1,10 +1,14 @@
-"""A job run as ``python -m infermill run job.yaml`` against ``tests/servers/faulty_server.py``,
-for the fault-injection tests (tests/test_faults.py, tests/test_signals.py).
+"""Jobs run as ``python -m infermill run job.yaml`` in a test's ``tmp_path``.
 
-``FaultJob`` writes the input (ids ``doc-0000``..., each text ``document N`` plus an optional
-per-document directive), the job file (small windows, backoffs and grace periods), and
-checks the outcome: every id exactly once, each record holding its own document's echo.
-The faulty server keeps its stats in ``server_stats.json`` (counters carry over restarts).
+``SubprocessJob`` holds what every such job has: its files, running the command (in the
+background or to the end), reading the checkpoint and checking exactly-once output.
+
+``FaultJob`` runs one against ``tests/servers/faulty_server.py``, for the fault-injection
+tests (tests/test_faults.py, tests/test_signals.py): it writes the input (ids
+``doc-0000``..., each text ``document N`` plus an optional per-document directive) and the
+job file (small windows, backoffs and grace periods), and checks that each record holds
+its own document's echo. The faulty server keeps its stats in ``server_stats.json``
+(counters carry over restarts). tests/test_resume.py runs its own jobs on ``SubprocessJob``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,8 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from conftest import PYTHON, SCRIPTS
-
-FAULTY_SERVER = SCRIPTS / "faulty_server.py"
+from conftest import PYTHON
+from helpers import FAULTY_SERVER
 RUN_TIMEOUT = 60
 
 #: what every fault job uses unless a test says otherwise: fast, small and bounded
@@ -46,59 +49,57 @@ FAST_INFERENCE: dict[str, Any] = {
 }
 
 
-class FaultJob:
-    """One job's files in ``tmp_path``: input, job file, output, server stats and logs."""
+class SubprocessJob:
+    """One job's files in ``tmp_path``: input, job file, output, checkpoint and the runs' logs.
 
-    def __init__(self, tmp_path: Path, docs: int = 60, *, conc: int = 4, rpc: int = 10,
-                 directive: Callable[[int], str] | None = None, server: dict[str, Any] | None = None,
-                 inference: dict[str, Any] | None = None, runner: dict[str, Any] | None = None):
+    A subclass writes the input (``ids``) and calls ``write_job``.
+    """
+
+    def __init__(self, tmp_path: Path, docs: int, rpc: int):
         self.tmp = tmp_path
         self.docs = docs
         self.rpc = rpc
         self.input = tmp_path / "input.jsonl"
         self.output = tmp_path / "out"
-        self.stats_file = tmp_path / "server_stats.json"
-        self.server_logs = tmp_path / "server_logs"
         self.checkpoints = self.output / "_infermill" / "checkpoints" / "rank_00000"
         self.ids = [f"doc-{i:04d}" for i in range(docs)]
-        self.texts = {}
-        with open(self.input, "w") as f:
-            for i, doc_id in enumerate(self.ids):
-                text = f"document {i}" + (f" {directive(i)}" if directive and directive(i) else "")
-                self.texts[doc_id] = text
-                f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-        model_kwargs = {"server_script": str(FAULTY_SERVER), "stats_file": str(self.stats_file), **(server or {})}
-        settings = {**FAST_INFERENCE, "server_type": "custom", "model_kwargs": model_kwargs,
-                    "server_log_folder": str(self.server_logs)}
-        settings.update({"model_name_or_path": "faulty-model", "max_concurrent_generations": conc, **(inference or {})})
-        spec = {
-            "input": {"path": str(self.input)},
-            "output": {"path": str(self.output)},
-            "rollout": {"template": "[[DOCUMENT]]"},
-            "inference": settings,
-            "checkpoint": {"records_per_chunk": rpc},
-        }
-        if runner:
-            spec["runner"] = runner
         self.file = tmp_path / "job.yaml"
-        self.file.write_text(yaml.safe_dump(spec))
         self.env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime"), "PYTHONUNBUFFERED": "1",
                     "COLUMNS": "1000"}  # rich wraps messages at 80 columns when stderr is no terminal
         self.runs = 0
         self.global_args: list[str] = []  # options before ``run``, e.g. ["-v"]
+        self.temps_root = self.output  # where ``check_exactly_once`` looks for a ``*.tmp`` file left behind
+
+    def write_job(self, rollout: dict[str, Any], inference: dict[str, Any],
+                  runner: dict[str, Any] | None = None) -> None:
+        spec = {
+            "input": {"path": str(self.input)},
+            "output": {"path": str(self.output)},
+            "rollout": rollout,
+            "inference": inference,
+            "checkpoint": {"records_per_chunk": self.rpc},
+        }
+        if runner:
+            spec["runner"] = runner
+        self.file.write_text(yaml.safe_dump(spec))
 
     # -- running ------------------------------------------------------------------------
 
     def command(self, *args: str) -> list[str]:
         return [PYTHON, "-m", "infermill", *self.global_args, "run", str(self.file), *args]
 
-    def start(self, *args: str) -> subprocess.Popen:
-        """Start the job in the background; its output goes to ``runN.log`` (``proc.log_path``)."""
+    def start(self, *args: str, launcher: Path | None = None) -> subprocess.Popen:
+        """Start the job in the background; its output goes to ``runN.log`` (``proc.log_path``).
+
+        With ``launcher``, ``python LAUNCHER ARGS`` replaces ``python -m infermill ARGS``.
+        """
         self.runs += 1
         path = self.tmp / f"run{self.runs}.log"
+        argv = self.command(*args)
+        if launcher is not None:
+            argv = [PYTHON, str(launcher), *argv[3:]]
         with open(path, "wb") as log:
-            proc = subprocess.Popen(self.command(*args), cwd=self.tmp, env=self.env, stdout=log,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(argv, cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         proc.log_path = path  # type: ignore[attr-defined]
         return proc
 
@@ -115,6 +116,67 @@ class FaultJob:
         assert result.returncode == 0, f"the job failed ({result.returncode}):\n{output[-4000:]}"
         return output
 
+    # -- looking ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads((self.output / "_infermill" / "stats.json").read_text())
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for path in sorted(self.output.glob("*.jsonl"))
+                for line in path.read_text().splitlines()]
+
+    def done_chunks(self) -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("chunk_*.done"))
+
+    def log_entries(self, kind: str) -> int:
+        """``"i"`` (finished documents) or ``"k"`` (stored replies) lines in the open chunk logs."""
+        total = 0
+        for log in self.checkpoints.glob("chunk_*.log"):
+            try:
+                total += sum(1 for line in log.read_bytes().splitlines() if line.startswith(b'{"%s"' % kind.encode()))
+            except FileNotFoundError:  # finalized meanwhile
+                pass
+        return total
+
+    def committed(self) -> int:
+        """Documents recorded as finished in the checkpoint (done chunks and open chunk logs)."""
+        return len(self.done_chunks()) * self.rpc + self.log_entries("i")
+
+    def check_exactly_once(self) -> None:
+        """Every input id once in the output; no temporary file under ``temps_root``; complete."""
+        counts = collections.Counter(r["id"] for r in self.records())
+        duplicates = sorted(i for i, n in counts.items() if n > 1)
+        missing = sorted(set(self.ids) - set(counts))
+        assert not duplicates, f"documents written more than once: {duplicates[:10]}"
+        assert not missing, f"documents lost: {len(missing)}, e.g. {missing[:10]}"
+        assert set(counts) == set(self.ids)
+        temps = list(self.temps_root.rglob("*.tmp"))
+        assert not temps, f"temporary files left: {temps}"
+        assert not list(self.checkpoints.glob("chunk_*.log")), "a finished job keeps no chunk log"
+        assert (self.checkpoints / "complete.json").exists()
+
+
+class FaultJob(SubprocessJob):
+    """A job against the faulty server; its stats in ``server_stats.json``, its logs in ``server_logs``."""
+
+    def __init__(self, tmp_path: Path, docs: int = 60, *, conc: int = 4, rpc: int = 10,
+                 directive: Callable[[int], str] | None = None, server: dict[str, Any] | None = None,
+                 inference: dict[str, Any] | None = None, runner: dict[str, Any] | None = None):
+        super().__init__(tmp_path, docs, rpc)
+        self.stats_file = tmp_path / "server_stats.json"
+        self.server_logs = tmp_path / "server_logs"
+        self.texts = {}
+        with open(self.input, "w") as f:
+            for i, doc_id in enumerate(self.ids):
+                text = f"document {i}" + (f" {directive(i)}" if directive and directive(i) else "")
+                self.texts[doc_id] = text
+                f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+        model_kwargs = {"server_script": str(FAULTY_SERVER), "stats_file": str(self.stats_file), **(server or {})}
+        settings = {**FAST_INFERENCE, "server_type": "custom", "model_kwargs": model_kwargs,
+                    "server_log_folder": str(self.server_logs)}
+        settings.update({"model_name_or_path": "faulty-model", "max_concurrent_generations": conc, **(inference or {})})
+        self.write_job({"template": "[[DOCUMENT]]"}, settings, runner)
+
     def run_failing(self, *args: str) -> str:
         result = self.run(*args)
         output = result.stdout + result.stderr
@@ -124,8 +186,6 @@ class FaultJob:
         assert not (self.checkpoints / "complete.json").exists()
         return output
 
-    # -- looking ------------------------------------------------------------------------
-
     def server_stats(self) -> dict[str, Any]:
         for _ in range(50):  # written atomically, but maybe not yet
             try:
@@ -134,38 +194,12 @@ class FaultJob:
                 time.sleep(0.02)
         raise AssertionError(f"no server stats in {self.stats_file}")
 
-    def stats(self) -> dict[str, Any]:
-        return json.loads((self.output / "_infermill" / "stats.json").read_text())
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for path in sorted(self.output.glob("*.jsonl"))
-                for line in path.read_text().splitlines()]
-
-    def committed(self) -> int:
-        """Documents recorded as finished in the checkpoint (done chunks and open chunk logs)."""
-        done = len(list(self.checkpoints.glob("chunk_*.done"))) * self.rpc
-        for log in self.checkpoints.glob("chunk_*.log"):
-            try:
-                done += sum(1 for line in log.read_bytes().splitlines() if line.startswith(b'{"i"'))
-            except FileNotFoundError:  # finalized meanwhile
-                pass
-        return done
-
     def check_exactly_once(self) -> None:
-        """Every input id once in the output, with its own text echoed; no temporary file; complete."""
-        records = self.records()
-        counts = collections.Counter(r["id"] for r in records)
-        duplicates = sorted(i for i, n in counts.items() if n > 1)
-        missing = sorted(set(self.ids) - set(counts))
-        assert not duplicates, f"documents written more than once: {duplicates[:10]}"
-        assert not missing, f"documents lost: {len(missing)}, e.g. {missing[:10]}"
-        assert set(counts) == set(self.ids)
-        for record in records:
+        """As ``SubprocessJob.check_exactly_once``, and each record holds its own text, echoed."""
+        super().check_exactly_once()
+        for record in self.records():
             assert record["text"] == self.texts[record["id"]]
             assert record["metadata"]["rollout_results"][0]["text"] == record["text"], record
-        assert not list(self.output.rglob("*.tmp")), f"temporary files left: {list(self.output.rglob('*.tmp'))}"
-        assert not list(self.checkpoints.glob("chunk_*.log")), "a finished job keeps no chunk log"
-        assert (self.checkpoints / "complete.json").exists()
 
 
 # -- processes ----------------------------------------------------------------------------

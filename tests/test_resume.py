@@ -17,7 +17,6 @@ job while it writes a chunk file (a launcher slows the writer down), one at rand
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import random
@@ -29,8 +28,8 @@ from pathlib import Path
 import fsspec
 import psutil
 import pytest
-import yaml
 from conftest import PYTHON, SCRIPTS
+from faultjob import SubprocessJob, wait_for
 
 from infermill.config import InferenceConfig
 from infermill.errors import ConfigError
@@ -44,27 +43,22 @@ COUNTING_SERVER = SCRIPTS / "counting_server.py"
 DOCS = 300
 RPC = 25  # records per chunk
 CONC = 4  # max_concurrent_generations
-RUN_TIMEOUT = 60
+WAIT = dict(timeout=30.0, interval=0.002)  # for wait_for
 
 
 # -- helpers ----------------------------------------------------------------------------
 
 
-class Job:
+class Job(SubprocessJob):
     """One job's files in ``tmp_path``: input, job file, output, count file, hold file."""
 
     def __init__(self, tmp_path: Path, docs: int = DOCS, conc: int = CONC, rpc: int = RPC, delay: float = 0.002,
                  rollout: dict | None = None, server: str = "counting", runner: dict | None = None):
-        self.tmp = tmp_path
-        self.docs = docs
+        super().__init__(tmp_path, docs, rpc)
         self.conc = conc
-        self.rpc = rpc
-        self.input = tmp_path / "input.jsonl"
-        self.output = tmp_path / "out"
         self.count_file = tmp_path / "requests.log"
         self.hold_file = tmp_path / "hold"
-        self.checkpoints = self.output / "_infermill" / "checkpoints" / "rank_00000"
-        self.ids = [f"doc-{i:04d}" for i in range(docs)]
+        self.temps_root = tmp_path  # no ``*.tmp`` file anywhere, not only in the output
         if not self.input.exists():
             with open(self.input, "w") as f:
                 for i, doc_id in enumerate(self.ids):
@@ -83,51 +77,7 @@ class Job:
         else:
             inference = {"server_type": "dummy", "model_name_or_path": "echo"}
         inference["max_concurrent_generations"] = conc
-        spec = {
-            "input": {"path": str(self.input)},
-            "output": {"path": str(self.output)},
-            "rollout": rollout or {"template": "Echo: [[DOCUMENT]]"},
-            "inference": inference,
-            "checkpoint": {"records_per_chunk": rpc},
-        }
-        if runner:
-            spec["runner"] = runner
-        self.file = tmp_path / "job.yaml"
-        self.file.write_text(yaml.safe_dump(spec))
-        self.env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime"), "PYTHONUNBUFFERED": "1",
-                    "COLUMNS": "1000"}  # rich wraps messages at 80 columns when stderr is no terminal
-        self.runs = 0
-
-    # running
-
-    def command(self, *args: str) -> list[str]:
-        return [PYTHON, "-m", "infermill", "run", str(self.file), *args]
-
-    def start(self, *args: str, launcher: Path | None = None) -> subprocess.Popen:
-        self.runs += 1
-        log = open(self.tmp / f"run{self.runs}.log", "wb")
-        argv = self.command(*args)
-        if launcher is not None:
-            argv = [PYTHON, str(launcher), *argv[3:]]
-        proc = subprocess.Popen(argv, cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        proc.log_path = self.tmp / f"run{self.runs}.log"  # type: ignore[attr-defined]
-        log.close()
-        return proc
-
-    def run(self, *args: str) -> subprocess.CompletedProcess:
-        self.runs += 1
-        result = subprocess.run(self.command(*args), cwd=self.tmp, env=self.env, capture_output=True, text=True,
-                                timeout=RUN_TIMEOUT)
-        (self.tmp / f"run{self.runs}.log").write_text(result.stdout + result.stderr)
-        return result
-
-    def run_ok(self, *args: str) -> str:
-        result = self.run(*args)
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, f"the job failed ({result.returncode}):\n{output[-3000:]}"
-        return output
-
-    # looking
+        self.write_job(rollout or {"template": "Echo: [[DOCUMENT]]"}, inference, runner)
 
     def requests(self) -> int:
         if not self.count_file.exists():
@@ -139,40 +89,6 @@ class Job:
             self.hold_file.unlink(missing_ok=True)
         else:
             self.hold_file.write_text(str(n))
-
-    def done_chunks(self) -> list[int]:
-        return sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("chunk_*.done"))
-
-    def log_entries(self, kind: str) -> int:
-        """``"i"`` (finished documents) or ``"k"`` (stored replies) lines in the open chunk logs."""
-        total = 0
-        for log in self.checkpoints.glob("chunk_*.log"):
-            try:
-                total += sum(1 for line in log.read_bytes().splitlines() if line.startswith(b'{"%s"' % kind.encode()))
-            except FileNotFoundError:  # finalized meanwhile
-                pass
-        return total
-
-    def committed(self) -> int:
-        return len(self.done_chunks()) * self.rpc + self.log_entries("i")
-
-    def stats(self) -> dict:
-        return json.loads((self.output / "_infermill" / "stats.json").read_text())
-
-    def check_exactly_once(self) -> None:
-        """Every input id once across the output files, no temporary file anywhere."""
-        ids = []
-        for path in sorted(self.output.glob("*.jsonl")):
-            ids += [json.loads(line)["id"] for line in path.read_text().splitlines()]
-        counts = collections.Counter(ids)
-        duplicates = {i: n for i, n in counts.items() if n > 1}
-        missing = set(self.ids) - set(counts)
-        assert not duplicates, f"documents written more than once: {sorted(duplicates)[:10]}"
-        assert not missing, f"documents lost: {len(missing)}, e.g. {sorted(missing)[:10]}"
-        assert set(counts) == set(self.ids)
-        assert not list(self.tmp.rglob("*.tmp")), f"temporary files left: {list(self.tmp.rglob('*.tmp'))}"
-        assert not list(self.checkpoints.glob("chunk_*.log")), "a finished job keeps no chunk log"
-        assert (self.checkpoints / "complete.json").exists()
 
 
 def server_processes(job: Job) -> list[psutil.Process]:
@@ -186,19 +102,6 @@ def server_processes(job: Job) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
-
-
-def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
-    """Poll ``condition`` until true; fail if the job exits first or it takes too long."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"the job exited ({proc.returncode}) before {what}:\n{proc.log_path.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"timed out waiting for {what}:\n{proc.log_path.read_text()[-3000:]}")
-        time.sleep(0.002)
 
 
 def kill_job(job: Job, proc: subprocess.Popen, require_server: bool = True) -> None:
@@ -242,9 +145,9 @@ def freeze_after(job: Job, n: int, proc: subprocess.Popen, finished_replies=None
     """Wait until the server answered ``n`` requests and holds the next ones, and the job
     recorded all ``n`` replies; return the number of requests received (answered + held)."""
     held = job.conc  # every generation slot ends up waiting on a held request
-    wait_for(lambda: job.requests() >= n + held, proc, f"{n} answered and {held} held requests")
+    wait_for(lambda: job.requests() >= n + held, f"{n} answered and {held} held requests", proc, **WAIT)
     recorded = finished_replies or job.committed
-    wait_for(lambda: recorded() >= n, proc, f"{n} replies recorded in the checkpoint")
+    wait_for(lambda: recorded() >= n, f"{n} replies recorded in the checkpoint", proc, **WAIT)
     time.sleep(0.05)  # nothing else can happen now: every slot waits on the server
     assert recorded() == n
     return job.requests()
@@ -332,7 +235,7 @@ def test_kill_while_a_chunk_file_is_written(tmp_path):
     mark = tmp_path / "writing"
     job.env["WRITE_MARK"] = str(mark)
     proc = job.start(launcher=launcher)
-    wait_for(mark.exists, proc, "the second chunk file to be half written")
+    wait_for(mark.exists, "the second chunk file to be half written", proc, **WAIT)
     temps = list(job.output.glob("*.tmp"))
     assert len(temps) == 1 and temps[0].name.startswith("00000_00001.jsonl.")
     assert temps[0].read_text().count("\n") == 10

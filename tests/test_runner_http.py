@@ -9,46 +9,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from helpers import chat, echo_rollout, faulty_config, read_jsonl, server_stats
 
 from infermill import Document, InferenceConfig, InferenceError
 from infermill.errors import BadRequestError, RetryableError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
-
-FAULTY_SERVER = Path(__file__).resolve().parent / "servers" / "faulty_server.py"
-
-
-def faulty_config(stats_file: Path, **overrides) -> InferenceConfig:
-    """The faulty server, keeping its counters in ``stats_file``; short timeouts and tiny backoffs."""
-    return InferenceConfig(**{
-        "server_type": "custom",
-        "model_name_or_path": "faulty-model",
-        "model_kwargs": {"server_script": str(FAULTY_SERVER), "stats_file": str(stats_file)},
-        "request_timeout": 10.0,
-        "request_backoff_base_sec": 0.01,
-        "request_backoff_max_sec": 0.05,
-        "request_max_attempts": 3,
-        "server_start_timeout_sec": 30.0,
-        "server_ready_delay_sec": 0.1,
-        "server_stop_grace_sec": 3.0,
-        **overrides,
-    })
-
-
-def server_stats(stats_file: Path) -> dict:
-    return orjson.loads(stats_file.read_bytes())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
-
-
-def chat(text: str) -> dict:
-    return {"messages": [{"role": "user", "content": text}]}
-
-
-async def echo_rollout(document, generate):
-    return await generate(chat(document.text))
 
 
 @pytest.fixture
@@ -62,8 +28,7 @@ def writer(tmp_path) -> JsonlWriter:
 
 
 def written_ids(tmp_path: Path) -> set[str]:
-    path = tmp_path / "out" / "00000_00000.jsonl"
-    return {r["id"] for r in read_jsonl(path)} if path.exists() else set()
+    return {r["id"] for r in read_jsonl(tmp_path / "out" / "00000_00000.jsonl", missing_ok=True)}
 
 
 # -- connections and concurrency ---------------------------------------------------------

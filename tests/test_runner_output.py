@@ -6,27 +6,15 @@ import asyncio
 import contextlib
 import copy
 import os
-from pathlib import Path
 
 import orjson
 import pytest
 from conftest import ECHO_SERVER
+from helpers import FAST, chat, echo_rollout, faulty_config, read_jsonl
 
 from infermill import Document, InferenceConfig, InferenceError, InferenceResult, ServerError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
-
-FAULTY_SERVER = Path(__file__).resolve().parent / "servers" / "faulty_server.py"
-
-FAST = dict(
-    request_timeout=10.0,
-    request_backoff_base_sec=0.01,
-    request_backoff_max_sec=0.05,
-    request_max_attempts=3,
-    server_start_timeout_sec=30.0,
-    server_ready_delay_sec=0.1,
-    server_stop_grace_sec=3.0,
-)
 
 
 def dummy_config(**overrides) -> InferenceConfig:
@@ -38,25 +26,6 @@ def echo_config(**overrides) -> InferenceConfig:
         "server_type": "custom", "model_name_or_path": "echo-model",
         "model_kwargs": {"server_script": str(ECHO_SERVER)}, **FAST, **overrides,
     })
-
-
-def faulty_config(**overrides) -> InferenceConfig:
-    return InferenceConfig(**{
-        "server_type": "custom", "model_name_or_path": "faulty-model",
-        "model_kwargs": {"server_script": str(FAULTY_SERVER)}, **FAST, **overrides,
-    })
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
-
-
-def chat(text: str, **extra) -> dict:
-    return {"messages": [{"role": "user", "content": text}], **extra}
-
-
-async def echo_rollout(document, generate):
-    return await generate(chat(document.text))
 
 
 def test_public_types_are_importable_from_the_package():

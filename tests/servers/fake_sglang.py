@@ -28,7 +28,8 @@ import os
 import sys
 import time
 
-from fake_vllm import bind, emit, listen, prepare_app  # same folder: the script's folder is on sys.path
+# same folder: the script's folder is on sys.path
+from fake_vllm import bind, emit, prepare_app, serve_forever, start_serving
 
 
 def ts(tp: bool = False) -> str:
@@ -54,6 +55,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 NAN_LINE = "Detected errors during sampling! NaN in the logits."
 
 
+async def nan_after_warm_up() -> None:
+    """``FAKE_MODE=nan_after_ready``: the NaN line a moment after the warm-up; SGLang only logs it."""
+    await asyncio.sleep(0.3)
+    emit(f"{ts(tp=True)} {NAN_LINE}", sys.stderr)
+
+
 async def main() -> int:
     args = parse_args(sys.argv[1:])
     mode = os.environ.get("FAKE_MODE", "")
@@ -67,24 +74,12 @@ async def main() -> int:
 
     runner = await prepare_app(args.model_path, args.api_key)
     sock = bind(args.host, args.port)  # uvicorn binds in the same step as listen(); no log line between
-    emit(f"{ts()} INFO:     Started server process [{os.getpid()}]")
-    emit(f"{ts()} INFO:     Waiting for application startup.")
-    emit(f"{ts()} INFO:     Application startup complete.")
-    if mode == "slow_listen":
-        time.sleep(1.0)  # as if descheduled between the log line and listen()
-    await listen(runner, sock)
+    await start_serving(runner, sock, ts, mode)
     emit(f"{ts()} INFO:     Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")
     emit(f'{ts()} INFO:     127.0.0.1:40000 - "GET /get_model_info HTTP/1.1" 200 OK')
     emit(f"{ts(tp=True)} Prefill batch. #new-seq: 1, #new-token: 7, #cached-token: 0, token usage: 0.00")
     emit(f"{ts()} The server is fired up and ready to roll!")
-    try:
-        if mode == "nan_after_ready":
-            await asyncio.sleep(0.3)
-            emit(f"{ts(tp=True)} {NAN_LINE}", sys.stderr)
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-    return 0
+    return await serve_forever(runner, nan_after_warm_up() if mode == "nan_after_ready" else None)
 
 
 if __name__ == "__main__":

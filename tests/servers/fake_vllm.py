@@ -29,6 +29,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -71,6 +72,28 @@ async def prepare_app(model: str, api_key: str | None) -> web.AppRunner:
 async def listen(runner: web.AppRunner, sock: socket.socket) -> None:
     """Start accepting connections on the bound ``sock`` (``listen()`` runs before the first await yields)."""
     await web.SockSite(runner, sock).start()
+
+
+async def start_serving(runner: web.AppRunner, sock: socket.socket, prefix: Callable[[], str], mode: str) -> None:
+    """uvicorn's startup lines (each after ``prefix()``), then ``listen()`` right after "Application startup
+    complete.", with nothing in between; 1 s later in ``FAKE_MODE=slow_listen``."""
+    emit(f"{prefix()} INFO:     Started server process [{os.getpid()}]")
+    emit(f"{prefix()} INFO:     Waiting for application startup.")
+    emit(f"{prefix()} INFO:     Application startup complete.")
+    if mode == "slow_listen":
+        time.sleep(1.0)  # as if descheduled between the log line and listen()
+    await listen(runner, sock)
+
+
+async def serve_forever(runner: web.AppRunner, first: Awaitable[None] | None = None) -> int:
+    """Serve until killed (awaiting ``first`` before), then clean ``runner`` up; return exit code 0."""
+    try:
+        if first is not None:
+            await first
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+    return 0
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -134,17 +157,8 @@ async def main() -> int:
     emit(vllm_log("INFO", "api_server.py:1880", f"Starting vLLM API server 0 on http://{host}:{args.port}"))
     emit(vllm_log("INFO", "launcher.py:29", "Available routes are:"))
     runner = await prepare_app(args.model_tag, args.api_key)
-    emit(f"(APIServer pid={os.getpid()}) INFO:     Started server process [{os.getpid()}]")
-    emit(f"(APIServer pid={os.getpid()}) INFO:     Waiting for application startup.")
-    emit(f"(APIServer pid={os.getpid()}) INFO:     Application startup complete.")
-    if mode == "slow_listen":
-        time.sleep(1.0)  # as if descheduled between the log line and listen()
-    await listen(runner, sock)  # as uvicorn: listen() right after that line, with nothing in between
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-    return 0
+    await start_serving(runner, sock, lambda: f"(APIServer pid={os.getpid()})", mode)
+    return await serve_forever(runner)
 
 
 if __name__ == "__main__":
