@@ -1,0 +1,408 @@
+"""The ``infermill`` command, run for real: ``python -m infermill run | serve | check | status``.
+
+Every test starts the command as a subprocess (in ``tmp_path``, with a job file whose paths
+are absolute) and checks what a user sees: exit status, messages, files written, and that
+no process (the command or the server it launched) outlives it (``no_orphans``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+from conftest import ECHO_SERVER, PYTHON, ROOT, SCRIPTS, TAG_VARIABLE, _tagged_processes
+
+SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
+SAMPLE_DOCS = 60
+FIRST_TEXT = json.loads(SAMPLE.read_text().splitlines()[0])["text"]
+TEMPLATE = "Summarize in one sentence: [[DOCUMENT]]"
+ENTRY_POINT = Path(sys.executable).parent / "infermill"
+TIMEOUT = 30
+
+#: fast and bounded, for a local test server
+FAST: dict[str, Any] = {
+    "server_ready_delay_sec": 0.05,
+    "server_ready_max_attempts": 200,
+    "server_start_max_retries": 0,
+    "server_start_timeout_sec": 20,
+    "server_stop_grace_sec": 2,
+    "request_timeout": 10,
+    "request_backoff_base_sec": 0.01,
+    "request_backoff_max_sec": 0.1,
+}
+
+
+def job_spec(tmp_path: Path, **inference: Any) -> dict[str, Any]:
+    """The echo job (examples/jobs/echo.yaml) with absolute paths, output under ``tmp_path``."""
+    model_kwargs = inference.pop("model_kwargs", {"server_script": str(ECHO_SERVER)})
+    return {
+        "input": {"path": str(SAMPLE)},
+        "output": {"path": str(tmp_path / "out")},
+        "rollout": {"template": TEMPLATE},
+        "inference": {"server_type": "custom", "model_name_or_path": "echo", "model_kwargs": model_kwargs,
+                      "max_concurrent_generations": 32, **FAST, **inference},
+        "checkpoint": {"records_per_chunk": 20},
+    }
+
+
+def write_job(tmp_path: Path, spec: dict[str, Any], name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    # built at call time: os.environ holds this test's INFERMILL_TEST_TAG (no_orphans)
+    return {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1",
+            "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime")}
+
+
+def infermill(tmp_path: Path, *args: str, argv0: list[str] | None = None,
+              timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    argv = (argv0 or [PYTHON, "-m", "infermill"]) + list(args)
+    return subprocess.run(argv, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def infermill_all(tmp_path: Path, commands: dict[str, list[str]], argv0: dict[str, list[str]] | None = None,
+                  timeout: float = TIMEOUT) -> dict[str, subprocess.CompletedProcess]:
+    """Run several ``infermill`` commands side by side; their results by name."""
+    argv0 = argv0 or {}
+    procs = {name: subprocess.Popen([*argv0.get(name, [PYTHON, "-m", "infermill"]), *args], cwd=tmp_path,
+                                    env=cli_env(tmp_path),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in commands.items()}
+    results = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=timeout)
+            results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}"
+
+
+def assert_nothing_left() -> None:
+    """No process started by this test is alive (checked now, not only at teardown)."""
+    left = _tagged_processes(os.environ[TAG_VARIABLE])
+    _gone, alive = psutil.wait_procs(left, timeout=2.0)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes left behind: {[' '.join(p.cmdline()) for p in alive]}"
+
+
+def stats_of(tmp_path: Path) -> dict[str, Any]:
+    return json.loads((tmp_path / "out" / "_infermill" / "stats.json").read_text())
+
+
+# -- 1. job file validation -------------------------------------------------------------
+
+
+def _set(spec: dict[str, Any], dotted: str, value: Any) -> None:
+    *sections, key = dotted.split(".")
+    for section in sections:
+        spec = spec[section]
+    spec[key] = value
+
+
+#: a faulty key, and what the error must say about it
+INVALID_KEYS = {
+    "inference.max_concurent_generations": (8, ["inference.max_concurent_generations: unknown key"]),
+    "output.pth": ("elsewhere", ["output.pth: unknown key"]),
+    "inference.max_concurrent_generations": ("many", ["inference.max_concurrent_generations:", "valid integer",
+                                                      "(got 'many')"]),
+    "input.limit": (-1, ["input.limit:", "greater than or equal to 1", "(got -1)"]),
+    "inference.server_type": ("tgi", ["inference.server_type:", "'custom'", "'vllm'", "'sglang'", "'endpoint'",
+                                      "'dummy'", "(got 'tgi')"]),
+}
+
+
+def test_invalid_job_file_reports_every_error_with_its_full_path(tmp_path):
+    """Unknown keys and wrong types, all in one file: every command exits 2 and names each one."""
+    spec = job_spec(tmp_path)
+    for key, (value, _) in INVALID_KEYS.items():
+        _set(spec, key, value)
+    job = write_job(tmp_path, spec)
+    # side by side: each command spends a second or so importing
+    results = infermill_all(tmp_path, {command: [command, str(job)] for command in ("run", "check", "serve")})
+    problems = []
+    for command, result in results.items():
+        expected = [f"{job}: invalid job file", *(f for _, fragments in INVALID_KEYS.values() for f in fragments)]
+        missing = [fragment for fragment in expected if fragment not in result.stderr]
+        if result.returncode != 2 or missing or "Traceback" in result.stderr:
+            problems.append(f"[{command}] missing {missing}: {output_of(result)}")
+    assert not problems, "\n\n".join(problems)
+    assert not (tmp_path / "out").exists(), "nothing is written for an invalid job"
+    assert_nothing_left()
+
+
+def test_bad_files_and_bad_set_are_usage_errors(tmp_path):
+    """No rollout, invalid YAML, a missing job file, --set without ``=``, bad keys given by --set: exit 2."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("input: [a\n  b: :\n")
+    job = write_job(tmp_path, job_spec(tmp_path))
+    no_rollout = job_spec(tmp_path)
+    del no_rollout["rollout"]
+    no_rollout = write_job(tmp_path, no_rollout, "no_rollout.yaml")
+    cases = {
+        "missing rollout": (["run", str(no_rollout)], [f"{no_rollout}: invalid job file", "needs a rollout",
+                                                       "template, prompt_key, messages_key or function"]),
+        "invalid yaml": (["run", str(broken)], [str(broken), "not valid YAML", "line 1"]),
+        "missing file": (["run", str(tmp_path / "nope.yaml")], ["cannot read job file", "nope.yaml"]),
+        "--set without =": (["run", str(job), "--set", "input.limit"],
+                            ["--set 'input.limit': expected dotted.key=value"]),
+        "--set unknown key": (["run", str(job), "--set", "inference.max_concurent_generations=4"],
+                              ["inference.max_concurent_generations: unknown key"]),
+        "--set wrong type": (["check", str(job), "--set", "input.limit=0"],
+                             ["input.limit:", "greater than or equal to 1"]),
+    }
+    results = infermill_all(tmp_path, {case: argv for case, (argv, _) in cases.items()})
+    problems = []
+    for case, result in results.items():
+        missing = [fragment for fragment in cases[case][1] if fragment not in result.stderr]
+        if result.returncode != 2 or missing or "Traceback" in result.stderr:
+            problems.append(f"[{case}] missing {missing}: {output_of(result)}")
+    assert not problems, "\n\n".join(problems)
+    assert not (tmp_path / "out").exists()
+
+
+def test_set_overrides_keys(tmp_path):
+    """--set replaces the job file's values: 5 documents, at most 4 requests at a time."""
+    faulty = {"server_script": str(SCRIPTS / "faulty_server.py"), "stats_file": str(tmp_path / "server_stats.json"),
+              "directives": "sleep:0.1"}
+    job = write_job(tmp_path, job_spec(tmp_path, model_kwargs=faulty))  # 32 at a time, all 60 documents
+    result = infermill(tmp_path, "run", str(job), "--set", "inference.max_concurrent_generations=4",
+                       "--set", "input.limit=5")
+    assert result.returncode == 0, output_of(result)
+    stats = stats_of(tmp_path)
+    assert stats["documents_processed"] == 5 and stats["documents_read"] == 5, stats
+    server = json.loads((tmp_path / "server_stats.json").read_text())
+    assert server["requests"] == 5 and 2 <= server["max_in_flight"] <= 4, server
+
+
+# -- 2. run -----------------------------------------------------------------------------
+
+
+def summary_rows(text: str) -> dict[str, str]:
+    """The summary table's rows, ``{"documents processed": "60", ...}``."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"[│|]", line) if c.strip()]
+        if len(cells) == 2:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_run_completes_prints_a_summary_and_writes_stats(tmp_path):
+    job = write_job(tmp_path, job_spec(tmp_path))
+    result = infermill(tmp_path, "run", str(job))
+    assert result.returncode == 0, output_of(result)
+    assert f"infermill run: {tmp_path / 'out'} (rank 0/1)" in result.stderr, output_of(result)
+    rows = summary_rows(result.stderr)
+    assert rows.get("documents processed") == str(SAMPLE_DOCS), output_of(result)
+    assert rows.get("documents failed") == "0" and rows.get("requests ok") == str(SAMPLE_DOCS), rows
+    stats = stats_of(tmp_path)
+    assert stats["documents_processed"] == SAMPLE_DOCS and stats["documents_failed"] == 0, stats
+    records = [json.loads(line) for path in sorted((tmp_path / "out").glob("*.jsonl"))
+               for line in path.read_text().splitlines()]
+    assert len(records) == SAMPLE_DOCS
+    assert records[0]["metadata"]["rollout_results"][0]["text"] == TEMPLATE.replace("[[DOCUMENT]]", FIRST_TEXT)
+    assert_nothing_left()
+
+
+@pytest.mark.skipif(not ENTRY_POINT.exists(), reason=f"no console script at {ENTRY_POINT}")
+def test_entry_point_works_like_python_dash_m(tmp_path):
+    argv0 = {"module": [PYTHON, "-m", "infermill"], "script": [str(ENTRY_POINT)]}
+    jobs = {}
+    for name in argv0:
+        (tmp_path / name).mkdir()
+        jobs[name] = write_job(tmp_path / name, job_spec(tmp_path / name))
+    results = infermill_all(tmp_path, {name: ["run", str(job), "--set", "input.limit=7"]
+                                       for name, job in jobs.items()}, argv0)
+    for name, result in results.items():
+        assert result.returncode == 0, f"{name}: {output_of(result)}"
+        assert summary_rows(result.stderr).get("documents processed") == "7", f"{name}: {output_of(result)}"
+        assert json.loads((tmp_path / name / "out" / "_infermill" / "stats.json").read_text())[
+            "documents_processed"] == 7
+    versions = infermill_all(tmp_path, {name: ["--version"] for name in argv0}, argv0)
+    numbers = {name: re.search(r"version (\S+)", r.stdout) for name, r in versions.items()}
+    assert all(numbers.values()) and len({m.group(1) for m in numbers.values()}) == 1, versions
+    assert_nothing_left()
+
+
+PROGRESS_LINE = re.compile(r"progress: [\d,]+/\d+ docs \| [\d,.]+ docs/s \| [\d,]+ tok/s")
+
+
+def test_non_tty_run_logs_periodic_progress(tmp_path):
+    counting = {"server_script": str(SCRIPTS / "counting_server.py"),
+                "count_file": str(tmp_path / "count.jsonl"), "delay": 0.05}
+    job = write_job(tmp_path, job_spec(tmp_path, model_kwargs=counting))
+    # 30 documents, 2 at a time, 0.05 s each: about 0.75 s of requests, a line every 0.1 s
+    result = infermill(tmp_path, "run", str(job), "--set", "inference.metric_interval=0.1",
+                       "--set", "inference.max_concurrent_generations=2", "--set", "input.limit=30")
+    assert result.returncode == 0, output_of(result)
+    lines = [line for line in result.stderr.splitlines() if PROGRESS_LINE.search(line)]
+    assert len(lines) >= 2, f"expected periodic progress lines:\n{output_of(result)}"
+    assert all("INFO infermill.progress" in line for line in lines), lines
+    assert "\r" not in result.stderr and "\x1b[" not in result.stderr, "no live display when not on a terminal"
+    assert stats_of(tmp_path)["documents_processed"] == 30
+
+
+def test_run_with_a_missing_server_script_is_a_usage_error(tmp_path):
+    job = write_job(tmp_path, job_spec(tmp_path, model_kwargs={"server_script": str(tmp_path / "nope.py")}))
+    result = infermill(tmp_path, "run", str(job))
+    assert result.returncode == 2, output_of(result)
+    assert "model_kwargs.server_script" in result.stderr and "does not exist" in result.stderr, output_of(result)
+    assert "Traceback" not in result.stderr, output_of(result)
+
+
+def test_run_with_a_server_that_fails_at_start_exits_1(tmp_path):
+    failing = {"server_script": str(SCRIPTS / "import_error_server.py")}
+    job = write_job(tmp_path, job_spec(tmp_path, model_kwargs=failing))
+    result = infermill(tmp_path, "run", str(job))
+    assert result.returncode == 1, output_of(result)
+    assert "could not start" in result.stderr, output_of(result)
+    assert "ModuleNotFoundError: No module named 'does_not_exist_xyz'" in result.stderr, output_of(result)
+    assert "The checkpoint is saved" in result.stderr, output_of(result)
+    assert not (tmp_path / "out" / "_infermill" / "checkpoints" / "rank_00000" / "complete.json").exists()
+    assert_nothing_left()
+
+
+# -- 3. serve ---------------------------------------------------------------------------
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def test_serve_until_sigint(tmp_path):
+    job = write_job(tmp_path, job_spec(tmp_path))
+    stderr_path = tmp_path / "serve.err"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen([PYTHON, "-m", "infermill", "serve", str(job)], cwd=tmp_path, env=cli_env(tmp_path),
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+    seen: list[str] = []
+    try:
+        url = None
+        deadline = time.monotonic() + TIMEOUT
+        while url is None:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no 'server ready' line within {TIMEOUT} s: {seen}\n{stderr_path.read_text()}")
+            if line is None:
+                pytest.fail(f"serve exited ({proc.wait()}) before ready: {seen}\n{stderr_path.read_text()}")
+            seen.append(line)
+            match = re.search(r"server ready: (http://127\.0\.0\.1:(\d+)/v1)", line)
+            if match:
+                url, port = match.group(1), int(match.group(2))
+
+        with urllib.request.urlopen(f"{url}/models", timeout=5) as reply:
+            models = json.load(reply)
+        assert [m["id"] for m in models["data"]] == ["echo"], models
+        body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "hello serve"}]}).encode()
+        request = urllib.request.Request(f"{url}/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            completion = json.load(reply)
+        assert completion["choices"][0]["message"]["content"] == "hello serve", completion
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve did not exit within 15 s of SIGINT:\n{stderr_path.read_text()}")
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    rest = []
+    while (line := lines.get(timeout=5)) is not None:
+        rest.append(line)
+    assert code == 0, f"exit {code}: {seen + rest}\n{stderr_path.read_text()}"
+    assert "server stopped" in "".join(rest), rest
+    assert took < 15
+    with pytest.raises(OSError):  # the port no longer accepts connections
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert_nothing_left()
+
+
+# -- 4. check ---------------------------------------------------------------------------
+
+
+def test_check_sends_one_canary_request(tmp_path):
+    job = write_job(tmp_path, job_spec(tmp_path))
+    result = infermill(tmp_path, "check", str(job))
+    assert result.returncode == 0, output_of(result)
+    out = result.stdout
+    assert "job file OK; first document: doc-001" in out, output_of(result)
+    request, _, reply = out.partition("reply:\n")
+    assert "request:\n" in request, output_of(result)
+    prompt = TEMPLATE.replace("[[DOCUMENT]]", FIRST_TEXT)
+    assert json.dumps(prompt) in request, output_of(result)  # the template, filled with document 1
+    assert '"model": "echo"' in request
+    assert '"chat.completion"' in reply and json.dumps(prompt) in reply, output_of(result)
+    assert out.rstrip().endswith("check passed"), output_of(result)
+    assert not (tmp_path / "out").exists(), "check writes no output"
+    assert_nothing_left()
+
+
+def test_check_with_a_server_that_fails_to_start(tmp_path):
+    failing = {"server_script": str(SCRIPTS / "import_error_server.py")}
+    job = write_job(tmp_path, job_spec(tmp_path, model_kwargs=failing))
+    result = infermill(tmp_path, "check", str(job))
+    assert result.returncode != 0, output_of(result)
+    assert "check failed" in result.stderr and "could not start" in result.stderr, output_of(result)
+    assert "ModuleNotFoundError" in result.stderr, output_of(result)
+    assert "check passed" not in result.stdout, output_of(result)
+    assert_nothing_left()
+
+
+# -- 5. status --------------------------------------------------------------------------
+
+
+def test_status_after_a_completed_run(tmp_path):
+    job = write_job(tmp_path, job_spec(tmp_path))
+    result = infermill(tmp_path, "run", str(job), "--set", "input.limit=10", "--set", "checkpoint.records_per_chunk=4")
+    assert result.returncode == 0, output_of(result)
+    status = infermill(tmp_path, "status", str(tmp_path / "out"))
+    assert status.returncode == 0, output_of(status)
+    # rank 0: complete, 3 chunks (4 + 4 + 2 documents), nothing open
+    assert re.search(r"\b00000\W+complete\W+3\W+0\W+0\W", status.stderr), output_of(status)
+    assert "stats.json: 10 documents processed, 0 failed, 10 requests ok" in status.stdout, output_of(status)
+
+
+def test_status_of_a_folder_without_checkpoints(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = infermill(tmp_path, "status", str(empty))
+    assert result.returncode == 2, output_of(result)
+    assert "no checkpoints in" in result.stderr and "is " + str(empty) + " the output folder of a job?" in \
+        result.stderr, output_of(result)
+    assert "Traceback" not in result.stderr, output_of(result)
