@@ -177,10 +177,19 @@ class InferenceRunner:
     # -- entry points -------------------------------------------------------------------
 
     def run(self, documents: Iterable[Any] | AsyncIterable[Any], rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-        """Process ``documents`` to the end; return the stats (also written as ``stats.json``)."""
+        """Process ``documents`` to the end, showing progress; return the stats (also written as
+        ``stats.json``). ``run_async`` is the same without the progress display."""
         from infermill.eventloop import run_coroutine
+        from infermill.progress import show_progress
 
-        return run_coroutine(self.run_async(documents, rank, world_size))
+        async def run_with_progress() -> dict[str, Any]:
+            progress = asyncio.create_task(show_progress(self))
+            try:
+                return await self.run_async(documents, rank, world_size)
+            finally:
+                progress.cancel()
+
+        return run_coroutine(run_with_progress())
 
     async def run_async(
         self, documents: Iterable[Any] | AsyncIterable[Any], rank: int = 0, world_size: int = 1
@@ -206,11 +215,9 @@ class InferenceRunner:
                 self._context = context
                 self._generation_slots = asyncio.Semaphore(self.config.max_concurrent_generations)
                 self._next = _document_source(documents)
-                reporter = asyncio.create_task(self._report_periodically())
                 try:
                     await _run_workers(self._worker, self.config.concurrent_documents)
                 finally:
-                    reporter.cancel()
                     self.stats.server_restarts = server.restarts
             for chunk_index in journal.open_chunks():  # the last, partial chunk
                 await asyncio.to_thread(journal.finalize_chunk, chunk_index)
@@ -396,12 +403,6 @@ class InferenceRunner:
         os.makedirs(self.infermill_dir, exist_ok=True)
         with open(os.path.join(self.infermill_dir, name), "wb") as f:
             f.write(orjson.dumps(self.stats.to_dict(), option=orjson.OPT_INDENT_2))
-
-    async def _report_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.metric_interval)
-            logger.info("rank %d: %s; %d requests in flight", self._rank, self.stats.summary(),
-                        self.stats.requests_in_flight)
 
 
 def _cancelled_from_outside() -> bool:
