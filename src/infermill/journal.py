@@ -196,6 +196,8 @@ class ChunkJournal:
             for line in f:
                 if not line.endswith(b"\n"):
                     break
+                if line.startswith(b'{"k"'):
+                    continue  # a cached reply, not a record: no need to parse it
                 entry = orjson.loads(line)
                 record = entry.get("r")
                 if record is not None and entry["i"] not in seen:
