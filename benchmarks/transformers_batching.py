@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""How much does batching help? Completion tokens/s of examples/servers/transformers_server.py
-at concurrency 1 and at higher concurrency, and whether batched greedy answers equal unbatched ones.
+"""How much does batching help, and does infermill get all of it? Completion tokens/s of
+examples/servers/transformers_server.py at concurrency 1 and at higher concurrency, whether
+batched greedy answers equal unbatched ones, and (``--infermill``) infermill's tokens/s against
+the bare client's from the same server at the highest concurrency.
 
     .venv/bin/python benchmarks/transformers_batching.py                  # 16 requests, 32 tokens, c=1 and c=16
+    .venv/bin/python benchmarks/transformers_batching.py --requests 48 --infermill 3   # + 3 interleaved rounds
     .venv/bin/python benchmarks/transformers_batching.py --requests 32 --concurrency 1 8 32
     .venv/bin/python benchmarks/transformers_batching.py --url http://127.0.0.1:8000   # an already running server
 
@@ -99,6 +102,46 @@ async def level(url: str, texts: list[str], concurrency: int, max_tokens: int) -
     return elapsed, tokens / elapsed, replies
 
 
+async def infermill_level(url: str, texts: list[str], concurrency: int, max_tokens: int) -> tuple[float, float]:
+    """The same requests through ``InferenceRunner`` (an endpoint server, the same payloads);
+    (seconds, tokens/s) over the whole run, checkpoints and output files included."""
+    import tempfile
+
+    from infermill import InferenceConfig, InferenceRunner
+    from infermill.io import JsonlWriter
+
+    async def rollout(document, generate):
+        return await generate({"messages": [{"role": "user", "content": document.text}], "max_tokens": max_tokens,
+                               "temperature": 0, "ignore_eos": True})
+
+    config = InferenceConfig(server_type="endpoint", model_name_or_path="bench", endpoint_url=url,
+                             max_concurrent_generations=concurrency, request_timeout=3600)
+    with tempfile.TemporaryDirectory(prefix="infermill-bench-") as out:
+        runner = InferenceRunner(rollout, config, JsonlWriter(out))
+        started = time.perf_counter()
+        stats = await runner.run_async([{"id": str(i), "text": t} for i, t in enumerate(texts)])
+        elapsed = time.perf_counter() - started
+    if stats["documents_written"] != len(texts):
+        raise RuntimeError(f"infermill wrote {stats['documents_written']} of {len(texts)} documents: {stats}")
+    return elapsed, stats["completion_tokens"] / elapsed
+
+
+async def compare_with_infermill(url: str, texts: list[str], concurrency: int, max_tokens: int, rounds: int) -> None:
+    """Bare client and infermill, interleaved ``rounds`` times so that machine load hits both alike."""
+    import statistics
+
+    bare, mill = [], []
+    for i in range(rounds):
+        bare.append((await level(url, texts, concurrency, max_tokens))[1])
+        mill.append((await infermill_level(url, texts, concurrency, max_tokens))[1])
+        print(f"round {i + 1}: bare client {bare[-1]:7.1f} tokens/s, infermill {mill[-1]:7.1f} tokens/s "
+              f"({mill[-1] / bare[-1]:.3f}x)", flush=True)
+    ratios = [m / b for m, b in zip(mill, bare)]
+    print(f"infermill vs bare client at c={concurrency}: median {statistics.median(mill):.1f} vs "
+          f"{statistics.median(bare):.1f} tokens/s; ratio median {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}); target >= 0.95", flush=True)
+
+
 async def run(args, url: str, baseline: HFBaseline | None) -> None:
     texts = prompts(args.requests)
     async with aiohttp.ClientSession() as session:  # warm-up: first-call costs out of the timings
@@ -124,6 +167,8 @@ async def run(args, url: str, baseline: HFBaseline | None) -> None:
             for i, (a, b) in enumerate(zip(results[base][1], results[c][1])):
                 if a != b:
                     print(f"  differs #{i}:\n    c={base}: {a!r}\n    c={c}: {b!r}")
+    if args.infermill:
+        await compare_with_infermill(url, texts, max(args.concurrency), args.max_tokens, args.infermill)
 
 
 class HFBaseline:
@@ -157,6 +202,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--infermill", type=int, default=0, metavar="ROUNDS",
+                        help="then compare infermill with the bare client at the highest concurrency, "
+                        "ROUNDS interleaved runs each")
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--hf-baseline", action="store_true",

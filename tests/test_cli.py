@@ -230,6 +230,29 @@ def test_run_completes_prints_a_summary_and_writes_stats(tmp_path):
     assert_nothing_left()
 
 
+def test_a_finished_job_run_again_launches_no_server(tmp_path):
+    job = write_job(tmp_path, job_spec(tmp_path, server_log_folder=str(tmp_path / "logs")))
+    first = infermill(tmp_path, "run", str(job))
+    assert first.returncode == 0, output_of(first)
+    log = tmp_path / "logs" / "server_rank_00000.log"
+    launches = log.read_text().count("# infermill: start attempt")
+    assert launches == 1
+    again = infermill(tmp_path, "run", str(job))
+    assert again.returncode == 0, output_of(again)
+    assert "already complete" in again.stderr, output_of(again)
+    assert log.read_text().count("# infermill: start attempt") == launches  # nothing was launched
+
+
+def test_what_run_imports_before_launching_the_server_leaves_out_the_heavy_modules():
+    # `infermill run` launches the server once the job file is valid, and imports the rest (HTTP
+    # client, file systems, Arrow, the terminal UI) while the server boots
+    code = ("import sys, infermill.cli, infermill.journal, infermill.servers; "
+            "print(sorted(m for m in ('aiohttp', 'fsspec', 'pyarrow', 'rich', 'infermill.runner') if m in sys.modules))")
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
 @pytest.mark.skipif(not ENTRY_POINT.exists(), reason=f"no console script at {ENTRY_POINT}")
 def test_entry_point_works_like_python_dash_m(tmp_path):
     argv0 = {"module": [PYTHON, "-m", "infermill"], "script": [str(ENTRY_POINT)]}

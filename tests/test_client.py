@@ -229,3 +229,44 @@ def test_parse_retry_after_accepts_seconds_and_dates_and_ignores_garbage():
     assert parse_retry_after("soon") is None
     past = email.utils.formatdate(time.time() - 100, usegmt=True)
     assert parse_retry_after(past) == 0
+
+
+async def test_many_overdue_requests_time_out_together_and_no_cancellation_leaks(server):
+    client = OpenAIClient(request_timeout=0.3)
+
+    async def one(seconds: float) -> str:
+        try:
+            await client.post(server.url + f"/slow?sec={seconds}", PAYLOAD)
+            outcome = "answered"
+        except RequestTimeoutError:
+            outcome = "timed out"
+        await asyncio.sleep(0.3)  # a stray cancellation from the deadline sweep would land here
+        return outcome
+
+    started = time.monotonic()
+    try:
+        # around the deadline, some answered and some not: neither may be cancelled afterwards
+        outcomes = await asyncio.gather(*(one(0.2 + 0.01 * i) for i in range(20)), one(2), one(2))
+        assert time.monotonic() - started < 2.0
+        assert outcomes[-2:] == ["timed out", "timed out"]
+        assert outcomes[0] == "answered"
+        assert (await client.post(server.url + "/ok", PAYLOAD))["echo"] == PAYLOAD  # the client still works
+    finally:
+        await client.close()
+
+
+async def test_a_caller_cancelling_a_request_gets_cancelled_not_a_timeout(server):
+    client = OpenAIClient(request_timeout=0.3)
+    try:
+        task = asyncio.ensure_future(client.post(server.url + "/slow?sec=2", PAYLOAD))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        late = asyncio.ensure_future(client.post(server.url + "/slow?sec=2", PAYLOAD))
+        await asyncio.sleep(0.45)  # past its deadline: the sweep may cancel it at any moment now
+        late.cancel()
+        with pytest.raises((asyncio.CancelledError, RequestTimeoutError)):
+            await late
+    finally:
+        await client.close()

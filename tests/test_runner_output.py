@@ -368,3 +368,18 @@ def test_run_returns_stats_and_writes_the_same_to_stats_json(tmp_path, no_orphan
     assert stats["completion_tokens"] == 4 * (3 + 1)
     assert stats["inference_time_sec"] > 0
     assert orjson.loads((tmp_path / "_infermill" / "stats.json").read_bytes()) == stats
+
+
+async def test_run_async_uses_a_server_it_is_given_and_leaves_it_running(tmp_path):
+    from infermill.servers import ServerState, create_server
+
+    config = echo_config()
+    async with create_server(config) as server:
+        await server.wait_launched()
+        runner = InferenceRunner(echo_rollout, config, JsonlWriter(str(tmp_path / "out")))
+        stats = await runner.run_async([{"id": "a", "text": "one"}, {"id": "b", "text": "two"}], server=server)
+        assert stats["documents_written"] == 2 and stats["requests_ok"] == 2
+        assert server.state is ServerState.READY and server.restarts == 0
+        reply = await server.make_request(chat("still there"))  # its owner stops it, not the runner
+        assert reply["choices"][0]["message"]["content"] == "still there"
+    assert server.state is ServerState.STOPPED

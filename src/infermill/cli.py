@@ -3,33 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.markup import escape
 
 from infermill.errors import ConfigError, InferenceError, InfermillError, ServerError
 from infermill.eventloop import run_coroutine
 from infermill.jobfile import JobConfig, load_job
 
-console = Console(stderr=True, soft_wrap=True)  # error lines stay whole in logs
+if TYPE_CHECKING:
+    from rich.console import Console
+
 logger = logging.getLogger("infermill")
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
+@functools.cache
+def _console() -> Console:
+    """stderr, through rich; made on first use, so that rich is imported after the server is
+    launched, not before."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)  # error lines stay whole in logs
+
+
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if sys.stderr.isatty():
-        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=_console(), show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -41,7 +60,7 @@ def _setup_logging(verbose: bool) -> None:
 def _error(message: object, label: str = "error") -> None:
     """Print ``label: message``; the message is shown as it is, never read as rich markup: a
     server's last lines quoted in it (``[api_server.py:123]``, ``[/usr/lib]``) must stay intact."""
-    console.print(f"[red]{label}:[/red] {escape(str(message))}", highlight=False)
+    _console().print(f"[red]{label}:[/red] {escape(str(message))}", highlight=False)
 
 
 def _load(job_file: str, overrides: tuple[str, ...]) -> JobConfig:
@@ -99,42 +118,55 @@ def main(verbose: bool) -> None:
 @click.option("--world-size", type=int, default=None, help="Number of ranks (default: runner.world_size).")
 def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, world_size: int | None) -> None:
     """Run the job in JOB_FILE to completion (or resume it)."""
-    from infermill.job import build_reader, build_runner
-    from infermill.progress import show_progress, summary_table
+    from infermill.journal import is_rank_complete
+    from infermill.servers import create_server
 
     job = _load(job_file, overrides)
     world_size = world_size or job.runner.world_size
     if not 0 <= rank < world_size:
         raise click.BadParameter(f"--rank must be in [0, {world_size}), got {rank}")
-    try:
-        runner = build_runner(job, overwrite=overwrite)
-        reader = build_reader(job)
-    except InfermillError as e:
-        _error(e)
-        raise SystemExit(EXIT_USAGE) from None
+    checkpoint_dir = job.checkpoint_dir()
+    launch_early = overwrite or checkpoint_dir is None or not is_rank_complete(checkpoint_dir, rank)
 
     async def go() -> dict[str, Any]:
-        progress = asyncio.create_task(show_progress(runner, total=job.input.limit))
-        try:
-            return await runner.run_async(reader.read(rank, world_size), rank, world_size)
-        finally:
-            progress.cancel()
+        # The server is launched first and boots while the rest of infermill (aiohttp, fsspec,
+        # pyarrow, rich) is imported and the job set up: start-up costs max(server, infermill),
+        # not their sum. A finished rank launches nothing.
+        async with contextlib.AsyncExitStack() as stack:
+            server = None
+            if launch_early:
+                server = await stack.enter_async_context(create_server(job.inference, rank))
+                await server.wait_launched()
+            from infermill.job import build_reader, build_runner
+            from infermill.progress import show_progress
+
+            try:
+                runner, reader = build_runner(job, overwrite=overwrite), build_reader(job)
+            except InfermillError as e:  # a job that cannot be set up is a usage error, like a bad job file
+                raise ConfigError(str(e)) from None
+            progress = asyncio.create_task(show_progress(runner, total=job.input.limit))
+            try:
+                return await runner.run_async(reader.read(rank, world_size), rank, world_size, server=server)
+            finally:
+                progress.cancel()
 
     try:
         stats = run_coroutine(_interruptible(go()))
     except KeyboardInterrupt:
-        console.print("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
+        _console().print("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         raise SystemExit(EXIT_INTERRUPTED) from None
     except ConfigError as e:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
     except (ServerError, InferenceError, InfermillError) as e:
         _error(e)
-        console.print("The checkpoint is saved: fix the cause and run the same command to resume.")
+        _console().print("The checkpoint is saved: fix the cause and run the same command to resume.")
         raise SystemExit(EXIT_FAILED) from None
+    from infermill.progress import summary_table
+
     if stats.get("already_complete"):
-        console.print(f"rank {rank}: the job is already complete; nothing was sent. Use --overwrite to run it again.")
-    console.print(summary_table(stats, title=f"infermill run: {escape(job.output.path)} (rank {rank}/{world_size})"))
+        _console().print(f"rank {rank}: the job is already complete; nothing was sent. Use --overwrite to run it again.")
+    _console().print(summary_table(stats, title=f"infermill run: {escape(job.output.path)} (rank {rank}/{world_size})"))
 
 
 @main.command()
@@ -183,7 +215,7 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
     if first is None:
-        console.print("[red]error:[/red] the input has no documents")
+        _console().print("[red]error:[/red] the input has no documents")
         raise SystemExit(EXIT_USAGE)
     document = as_document(first, 0)
     click.echo(f"job file OK; first document: {document.id}")
@@ -220,7 +252,9 @@ def status(output: str, checkpoints: str | None) -> None:
     """Show the progress of a running or finished job from its checkpoints and stats."""
     from rich.table import Table
 
-    root = Path(checkpoints or Path(output) / "_infermill" / "checkpoints")
+    from infermill.journal import INFERMILL_DIR, default_checkpoint_dir
+
+    root = Path(checkpoints or default_checkpoint_dir(output))
     ranks = sorted(root.glob("rank_*"))
     if not ranks:
         _error(f"no checkpoints in {root}: is {output} the output folder of a job?")
@@ -240,8 +274,8 @@ def status(output: str, checkpoints: str | None) -> None:
         complete = (rank_dir / "complete.json").exists()
         table.add_row(rank_dir.name.removeprefix("rank_"), "complete" if complete else "incomplete",
                       str(done), str(open_docs), str(cached))
-    console.print(table)
-    for stats_file in sorted((Path(output) / "_infermill").glob("stats*.json")):
+    _console().print(table)
+    for stats_file in sorted((Path(output) / INFERMILL_DIR).glob("stats*.json")):
         stats = orjson.loads(stats_file.read_bytes())
         click.echo(f"{stats_file.name}: {stats.get('documents_processed', 0)} documents processed, "
                    f"{stats.get('documents_failed', 0)} failed, {stats.get('requests_ok', 0)} requests ok, "

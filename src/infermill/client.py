@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from infermill.errors import (
     AuthenticationError,
@@ -27,6 +28,7 @@ BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 422})
 AUTH_STATUSES = frozenset({401, 403})
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
 ERROR_BODY_CHARS = 500
+SWEEP_INTERVAL = 1.0  # seconds between checks for requests past request_timeout
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -68,7 +70,16 @@ class OpenAIClient:
         self._api_key = api_key or None
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._request_timeout = request_timeout
+        # aiohttp's per-request timer (a TimerHandle and a TimerContext around every read) costs more
+        # than the rest of a request's bookkeeping: requests register a deadline instead, and one
+        # sweeper task cancels the overdue ones (at most SWEEP_INTERVAL late). Python 3.10 has no
+        # Task.uncancel(), so it keeps aiohttp's timer.
+        self._sweep = request_timeout is not None and hasattr(asyncio.Task, "uncancel")
+        self._timeout = aiohttp.ClientTimeout(total=None if self._sweep else request_timeout)
+        self._deadlines: dict[asyncio.Task, float] = {}
+        self._expired: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
@@ -76,11 +87,19 @@ class OpenAIClient:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60, ttl_dns_cache=None)
             self._session = aiohttp.ClientSession(
-                connector=connector, headers=self._headers, timeout=self._timeout, json_serialize=_dumps_str
+                connector=connector,
+                headers=self._headers,
+                timeout=self._timeout,
+                json_serialize=_dumps_str,
+                # per request, aiohttp would otherwise filter cookies nobody sets, and add headers and a
+                # decompressor that OpenAI-compatible servers never need (no Accept-Encoding: no gzip)
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
             )
         return self._session
 
-    async def post(self, url: str, payload: dict[str, Any] | bytes) -> dict[str, Any]:
+    async def post(self, url: str | URL, payload: dict[str, Any] | bytes) -> dict[str, Any]:
         """POST ``payload`` (a dict, or JSON already encoded) and return the decoded JSON object,
         or raise a RequestError."""
         data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
@@ -89,9 +108,16 @@ class OpenAIClient:
     async def get(self, url: str, timeout: float | None = None) -> dict[str, Any]:
         return await self._request("GET", url, None, timeout)
 
-    async def _request(self, method: str, url: str, data: bytes | None, timeout: float | None = None) -> dict[str, Any]:
+    async def _request(self, method: str, url: str | URL, data: bytes | None, timeout: float | None = None) -> dict[str, Any]:
         session = self._get_session()
         kwargs: dict[str, Any] = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
+        task = None
+        if self._sweep and timeout is None:
+            task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+            self._deadlines[task] = loop.time() + self._request_timeout  # type: ignore[operator]
+            if self._sweeper is None:
+                self._sweeper = loop.create_task(self._cancel_overdue(), name="infermill-request-deadlines")
         try:
             async with session.request(method, url, data=data, **kwargs) as response:
                 body = await response.read()
@@ -104,6 +130,16 @@ class OpenAIClient:
             raise RequestTimeoutError(f"{method} {url}: no reply within the request timeout") from e
         except aiohttp.ClientError as e:
             raise ServerConnectionError(self._redact(f"{method} {url}: {type(e).__name__}: {e}")) from e
+        except asyncio.CancelledError:
+            if task is not None and task in self._expired:  # cancelled by _cancel_overdue, not by our caller
+                self._expired.discard(task)
+                if task.uncancel() == 0:
+                    raise RequestTimeoutError(f"{method} {url}: no reply within the request timeout") from None
+            raise
+        finally:
+            if task is not None:
+                self._deadlines.pop(task, None)
+                self._expired.discard(task)
         try:
             reply = orjson.loads(body)
         except orjson.JSONDecodeError as e:
@@ -115,7 +151,23 @@ class OpenAIClient:
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
 
+    async def _cancel_overdue(self) -> None:
+        """Cancel the requests past their deadline; runs as long as the session."""
+        interval = min(SWEEP_INTERVAL, self._request_timeout / 10)  # type: ignore[operator]
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for task, deadline in list(self._deadlines.items()):
+                if deadline <= now and task not in self._expired:
+                    self._expired.add(task)
+                    task.cancel()
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from infermill.config import InferenceConfig
 from infermill.errors import ConfigError
+from infermill.journal import default_checkpoint_dir
 
 
 class _Section(BaseModel):
@@ -79,6 +80,14 @@ class JobConfig(_Section):
     inference: InferenceConfig
     runner: RunnerSection = Field(default_factory=RunnerSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+
+    def checkpoint_dir(self) -> str | None:
+        """checkpoint.dir, else the default inside a local output folder; None for a remote
+        output without checkpoint.dir (the runner then asks for one)."""
+        if self.checkpoint.dir is not None:
+            return self.checkpoint.dir.removeprefix("file://")
+        path = self.output.path.removeprefix("file://")
+        return None if "://" in path else default_checkpoint_dir(path)
 
     @model_validator(mode="after")
     def _rollout_matches_input(self) -> JobConfig:

@@ -6,7 +6,10 @@ time, to its log ``rank_RRRRR/chunk_CCCCC.log``:
 
 * ``{"i": index, "r": record}`` when a document is finished (``r`` is null for a document
   that is not written: every rollout returned None, or it was skipped);
-* ``{"k": key, "v": reply}`` when a request got its reply (the request cache).
+* ``{"k": key, "v": reply}`` when a request got its reply (the request cache), unless its
+  document finished in the same event-loop iteration: a finished document needs no replies.
+
+Lines are handed to the OS once per event-loop iteration, not one ``write`` each.
 
 When every record of a chunk is finished, its data file is written from the log (under
 a temporary name, then renamed), the marker ``chunk_CCCCC.done`` is created, and the log
@@ -18,6 +21,7 @@ line (a kill mid-write) is dropped.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -25,15 +29,18 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from infermill.errors import ConfigError
-from infermill.io.writers import OutputWriter
+
+if TYPE_CHECKING:
+    from infermill.io.writers import OutputWriter
 
 logger = logging.getLogger("infermill.journal")
 
+INFERMILL_DIR = "_infermill"  # infermill's own files in an output folder: checkpoints, stats, failures
 IDENTITY_FILE = "identity.json"
 COMPLETE_FILE = "complete.json"
 
@@ -42,6 +49,16 @@ def request_key(doc_id: str, rollout_index: int, body: bytes, occurrence: int) -
     """The cache key of a request: document, rollout, hash of the final payload, repeat count."""
     digest = hashlib.blake2b(body, digest_size=16).hexdigest()
     return f"{doc_id}\x1f{rollout_index}\x1f{digest}\x1f{occurrence}"
+
+
+def default_checkpoint_dir(output_folder: str) -> str:
+    """Where checkpoints go when none is given: inside the (local) output folder."""
+    return os.path.join(output_folder, INFERMILL_DIR, "checkpoints")
+
+
+def is_rank_complete(directory: str | os.PathLike, rank: int) -> bool:
+    """Whether rank ``rank`` of the job checkpointed in ``directory`` has finished."""
+    return (Path(directory) / f"rank_{rank:05d}" / COMPLETE_FILE).exists()
 
 
 def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -71,13 +88,16 @@ class ChunkJournal:
 
     def __init__(self, directory: str | os.PathLike, rank: int, records_per_chunk: int, writer: OutputWriter):
         self.root = Path(directory)
-        self.dir = self.root / f"rank_{rank:05d}"
+        self.dir = self.root / f"rank_{rank:05d}"  # see is_rank_complete
         self.rank = rank
         self.records_per_chunk = records_per_chunk
         self.writer = writer
         self.state = ResumeState()
         self._chunks: dict[int, _Chunk] = {}
         self._cache: dict[str, Any] = {}
+        self._unflushed: set[Any] = set()  # logs appended to since the last flush
+        self._pending: dict[int, list[tuple[str, Any]]] = {}  # replies of unfinished records, not yet written
+        self._flush_scheduled = False
 
     # -- opening ------------------------------------------------------------------------
 
@@ -153,12 +173,20 @@ class ChunkJournal:
         return self._cache.pop(key, None) if self._cache else None
 
     def store_reply(self, index: int, key: str, reply: Any) -> None:
-        self._append(index // self.records_per_chunk, orjson.dumps({"k": key, "v": reply}))
+        """Keep ``reply`` for a resume. It is written at the end of this event-loop iteration, and
+        only if record ``index`` is not finished by then: a finished record makes its replies
+        useless, so a rollout whose one request was answered never writes its reply."""
+        replies = self._pending.get(index)
+        if replies is None:
+            replies = self._pending[index] = []
+        replies.append((key, reply))
+        self._schedule_flush()
 
     def commit(self, index: int, record: bytes | None) -> int | None:
         """Record that ``index`` is finished, with its output record as JSON (None: nothing to write);
         return its chunk's index if that chunk is now full."""
         chunk_index = index // self.records_per_chunk
+        self._pending.pop(index, None)
         self._append(chunk_index, b'{"i":%d,"r":%s}' % (index, record if record is not None else b"null"))
         chunk = self._chunks[chunk_index]
         chunk.finished += 1
@@ -171,7 +199,32 @@ class ChunkJournal:
         if chunk.file is None:
             chunk.file = open(self.dir / f"chunk_{chunk_index:05d}.log", "ab")
         chunk.file.write(data + b"\n")
-        chunk.file.flush()
+        self._unflushed.add(chunk.file)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            # one write(2) per log per event-loop iteration instead of one per line: everything
+            # appended while handling this iteration's replies reaches the OS together
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self._flush_scheduled = True
+            except RuntimeError:  # not in the event loop: flush now
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the pending replies and hand the lines appended since the last flush to the OS."""
+        pending, self._pending = self._pending, {}
+        for index, replies in pending.items():
+            for key, reply in replies:
+                self._append(index // self.records_per_chunk, orjson.dumps({"k": key, "v": reply}))
+        self._flush_scheduled = False  # cleared only now: the appends above need no second flush
+        files, self._unflushed = self._unflushed, set()
+        for file in files:
+            try:
+                file.flush()
+            except ValueError:  # closed meanwhile by finalize_chunk, which flushed it
+                pass
 
     # -- finishing chunks ---------------------------------------------------------------
 
@@ -212,6 +265,7 @@ class ChunkJournal:
         _write_atomic(self.dir / COMPLETE_FILE, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
 
     def close(self) -> None:
+        self.flush()
         for chunk in list(self._chunks.values()):  # a finalizing thread may still pop from it
             if chunk.file is not None:
                 chunk.file.close()

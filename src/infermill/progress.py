@@ -7,13 +7,12 @@ import asyncio
 import logging
 import sys
 import time
-from typing import Any
-
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from infermill.metrics import RunStats
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 logger = logging.getLogger("infermill.progress")
 
@@ -45,6 +44,9 @@ async def show_progress(runner: Any, total: int | None = None, interval: float |
         while True:
             await asyncio.sleep(interval)
             logger.info("progress: %s", render())
+    from rich.console import Console
+    from rich.live import Live
+
     with Live(render(), console=Console(stderr=True), refresh_per_second=4, transient=True) as live:
         while True:
             await asyncio.sleep(interval)
@@ -52,6 +54,8 @@ async def show_progress(runner: Any, total: int | None = None, interval: float |
 
 
 def summary_table(stats: dict[str, Any], title: str = "infermill run") -> Table:
+    from rich.table import Table
+
     table = Table(title=title, show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")

@@ -33,11 +33,11 @@ from infermill.errors import (
     ServerLostError,
 )
 from infermill.io.readers import BadRecord
-from infermill.io.writers import INFERMILL_DIR, OutputWriter
-from infermill.journal import ChunkJournal, request_key
+from infermill.io.writers import OutputWriter
+from infermill.journal import INFERMILL_DIR, ChunkJournal, default_checkpoint_dir, request_key
 from infermill.metrics import RunStats
 from infermill.retry import RetryPolicy
-from infermill.servers import ServerState, create_server
+from infermill.servers import InferenceServer, ServerState, create_server
 from infermill.types import Document, InferenceResult
 
 logger = logging.getLogger("infermill.runner")
@@ -172,7 +172,7 @@ class InferenceRunner:
                 f"the output {writer.output_folder} is remote: set checkpoints_local_dir (checkpoint.dir in a "
                 "job file) to a local folder, so a killed job can resume"
             )
-        return os.path.join(writer.fs._strip_protocol(writer.output_folder), INFERMILL_DIR, "checkpoints")
+        return default_checkpoint_dir(writer.fs._strip_protocol(writer.output_folder))
 
     # -- entry points -------------------------------------------------------------------
 
@@ -192,8 +192,14 @@ class InferenceRunner:
         return run_coroutine(run_with_progress())
 
     async def run_async(
-        self, documents: Iterable[Any] | AsyncIterable[Any], rank: int = 0, world_size: int = 1
+        self,
+        documents: Iterable[Any] | AsyncIterable[Any],
+        rank: int = 0,
+        world_size: int = 1,
+        server: InferenceServer | None = None,
     ) -> dict[str, Any]:
+        """Like :meth:`run`, in a running event loop. ``server``: an already started server to use
+        (its owner stops it); by default one is made from the config, started and stopped here."""
         self.stats = RunStats()
         self._rank = rank
         self._failures_file = None
@@ -210,7 +216,8 @@ class InferenceRunner:
         started = time.perf_counter()
         completed = False
         try:
-            async with enter_shared_context(self.shared_context) as context, create_server(self.config, rank) as server:
+            server_scope = contextlib.nullcontext(server) if server is not None else create_server(self.config, rank)
+            async with enter_shared_context(self.shared_context) as context, server_scope as server:
                 self._server = server
                 self._context = context
                 self._generation_slots = asyncio.Semaphore(self.config.max_concurrent_generations)

@@ -18,7 +18,6 @@ from typing import IO, Any
 import fsspec
 import orjson
 
-INFERMILL_DIR = "_infermill"
 COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
 PARQUET_ROWS_PER_GROUP = 2000
 

@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import importlib
 import logging
 import os
 import socket
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-from infermill.client import OpenAIClient
+from yarl import URL
+
 from infermill.config import InferenceConfig
 from infermill.errors import RequestTimeoutError, ServerConnectionError, ServerError, ServerLostError
+
+if TYPE_CHECKING:
+    from infermill.client import OpenAIClient
 
 logger = logging.getLogger("infermill.server")
 
@@ -65,12 +71,11 @@ class InferenceServer:
         self._failure: ServerError | None = None
         self._state_changed = asyncio.Event()
         self._supervisor: asyncio.Task | None = None
-        self._client = OpenAIClient(
-            api_key=self.client_api_key(),
-            request_timeout=config.request_timeout,
-            max_connections=0,
-        )
+        self._http: OpenAIClient | None = None
+        self._client_loading: asyncio.Future[OpenAIClient] | None = None
+        self._launched = asyncio.Event()
         self._chat_url_suffix = "/v1/chat/completions" if config.use_chat else "/v1/completions"
+        self._request_url: URL | None = None  # request_url parsed once per ready server, not per request
 
     # -- what callers use ---------------------------------------------------------------
 
@@ -82,6 +87,28 @@ class InferenceServer:
     @property
     def request_url(self) -> str:
         return self.base_url + self._chat_url_suffix
+
+    @property
+    def _client(self) -> OpenAIClient:
+        """The pooled HTTP client, made on first use (see :meth:`_load_client`)."""
+        if self._http is None:
+            from infermill.client import OpenAIClient
+
+            self._http = OpenAIClient(self.client_api_key(), self.config.request_timeout, max_connections=0)
+        return self._http
+
+    def _load_client(self) -> asyncio.Future[OpenAIClient]:
+        """The client, once aiohttp is imported. The import takes a few tenths of a second (mostly
+        loading CA certificates): it runs in a thread, beside a server that is already booting,
+        so that the event loop keeps reading the server's output meanwhile."""
+        if self._client_loading is None:
+            self._client_loading = asyncio.ensure_future(self._import_client())
+        return self._client_loading
+
+    async def _import_client(self) -> OpenAIClient:
+        if "infermill.client" not in sys.modules:
+            await asyncio.to_thread(importlib.import_module, "infermill.client")
+        return self._client
 
     async def __aenter__(self) -> InferenceServer:
         self.start()
@@ -105,6 +132,14 @@ class InferenceServer:
             changed = self._state_changed
             await changed.wait()
 
+    async def wait_launched(self) -> None:
+        """Return once the first start attempt has launched the server (its process is running,
+        not necessarily ready), or the server is ready or has failed. Lets a caller do its own
+        set-up while the server boots."""
+        if self._supervisor is None:
+            raise ServerError("the server was not started: use `async with server:` or call server.start()")
+        await self._launched.wait()
+
     async def make_request(self, payload: dict[str, Any] | bytes) -> dict[str, Any]:
         """Send one chat or completions request (per ``use_chat``) and return the parsed JSON reply.
 
@@ -121,7 +156,8 @@ class InferenceServer:
         lost: ServerConnectionError | None = None
         self.outstanding_requests += 1
         try:
-            reply = await self._client.post(self.request_url, payload)
+            client = self._http or await self._load_client()
+            reply = await client.post(self._request_url or self.request_url, payload)
         except RequestTimeoutError:
             self._timed_out = True
             raise
@@ -169,7 +205,10 @@ class InferenceServer:
                 supervisor.cancel()
                 await asyncio.gather(supervisor, return_exceptions=True)
         finally:
-            await self._client.close()
+            if self._client_loading is not None:
+                self._client_loading.cancel()
+            if self._http is not None:
+                await self._http.close()
             if self._failure is None:
                 self._failure = ServerError("the server was stopped")
             self._set_state(ServerState.STOPPED)
@@ -204,6 +243,9 @@ class InferenceServer:
 
     def _set_state(self, state: ServerState) -> None:
         self.state = state
+        self._request_url = URL(self.request_url) if state is ServerState.READY else None
+        if state is not ServerState.STARTING:
+            self._launched.set()
         self._state_changed.set()
         self._state_changed = asyncio.Event()
 

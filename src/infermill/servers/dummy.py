@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import Any
 
 from infermill.servers.base import InferenceServer
-from infermill.echo_app import build_echo_app
 
 
 class DummyServer(InferenceServer):
@@ -13,9 +12,13 @@ class DummyServer(InferenceServer):
 
     def __init__(self, config, rank: int = 0):
         super().__init__(config, rank)
-        self._runner: web.AppRunner | None = None
+        self._runner: Any = None  # aiohttp.web.AppRunner
 
     async def _start_attempt(self, attempt: int) -> None:
+        from aiohttp import web  # aiohttp.web costs ~0.1 s to import: only when a dummy server runs
+
+        from infermill.echo_app import build_echo_app
+
         runner = web.AppRunner(build_echo_app(self.config.model_name_or_path), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, 0)

@@ -34,9 +34,10 @@ class EndpointServer(InferenceServer):
         window = self.config.server_ready_max_attempts * self.config.server_ready_delay_sec
         deadline = loop.time() + window
         last_error: RequestError | None = None
+        client = await self._load_client()
         while loop.time() < deadline:
             try:
-                await self._client.get(self._base_url + "/v1/models", timeout=min(10.0, window))
+                await client.get(self._base_url + "/v1/models", timeout=min(10.0, window))
                 return
             except AuthenticationError as e:
                 raise ServerError(f"{self._base_url} refused the API key: {e}") from None

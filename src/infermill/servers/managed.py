@@ -108,6 +108,7 @@ class ManagedServer(InferenceServer):
             )
         except (OSError, asyncio.TimeoutError) as e:
             raise ServerError(f"could not launch {argv[0]!r}: {type(e).__name__}: {e}") from None
+        self._launched.set()
         await self._wait_until_serving(self.process)
 
     async def _wait_until_serving(self, process: ManagedProcess) -> None:
@@ -140,7 +141,10 @@ class ManagedServer(InferenceServer):
 
     async def _probe_ready(self) -> bool:
         try:
-            await self._client.get(self.base_url + "/v1/models", timeout=PROBE_TIMEOUT)
+            loading = self._load_client()
+            if not loading.done():
+                return False  # still importing the client; the server's log may say it is ready first
+            await loading.result().get(self.base_url + "/v1/models", timeout=PROBE_TIMEOUT)
         except RequestError:
             return False
         return True

@@ -1,0 +1,82 @@
+"""ChunkJournal in process: when lines reach the OS, which replies are kept for a resume."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from infermill.io.writers import JsonlWriter
+from infermill.journal import ChunkJournal, is_rank_complete
+
+IDENTITY = {"job": "test"}
+
+
+def open_journal(tmp_path, records_per_chunk: int = 10) -> ChunkJournal:
+    journal = ChunkJournal(tmp_path / "checkpoints", 0, records_per_chunk, JsonlWriter(str(tmp_path / "out")))
+    journal.open(IDENTITY)
+    return journal
+
+
+def log_lines(tmp_path, chunk: int = 0) -> list[dict]:
+    """The chunk log as another process (a resume) would read it now."""
+    path = tmp_path / "checkpoints" / "rank_00000" / f"chunk_{chunk:05d}.log"
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+async def test_lines_appended_in_one_loop_iteration_are_on_disk_after_it(tmp_path):
+    journal = open_journal(tmp_path)
+    for index in range(3):
+        journal.commit(index, b'{"id":"%d"}' % index)
+    await asyncio.sleep(0)  # the end of this event-loop iteration
+    assert [entry["i"] for entry in log_lines(tmp_path)] == [0, 1, 2]
+    journal.close()
+
+
+async def test_replies_of_a_document_finished_in_the_same_iteration_are_not_stored(tmp_path):
+    journal = open_journal(tmp_path)
+    journal.store_reply(0, "doc-0/a", {"choices": []})
+    journal.commit(0, b'{"id":"doc-0"}')
+    await asyncio.sleep(0)
+    assert log_lines(tmp_path) == [{"i": 0, "r": {"id": "doc-0"}}]
+    journal.close()
+
+
+async def test_replies_of_an_unfinished_document_are_stored_and_answer_a_resume(tmp_path):
+    journal = open_journal(tmp_path)
+    journal.store_reply(1, "doc-1/a", {"choices": ["first"]})
+    await asyncio.sleep(0)
+    assert log_lines(tmp_path) == [{"k": "doc-1/a", "v": {"choices": ["first"]}}]
+    journal.store_reply(1, "doc-1/b", {"choices": ["second"]})  # pending when the run stops
+    journal.close()
+
+    resumed = open_journal(tmp_path)
+    assert resumed.state.cached_replies == 2
+    assert resumed.cached_reply("doc-1/a") == {"choices": ["first"]}
+    assert resumed.cached_reply("doc-1/b") == {"choices": ["second"]}
+    assert not resumed.is_done(1)
+    resumed.close()
+
+
+def test_outside_an_event_loop_every_line_is_written_at_once(tmp_path):
+    journal = open_journal(tmp_path)
+    journal.store_reply(0, "doc-0/a", {"choices": []})
+    journal.commit(1, b'{"id":"doc-1"}')
+    assert log_lines(tmp_path) == [{"k": "doc-0/a", "v": {"choices": []}}, {"i": 1, "r": {"id": "doc-1"}}]
+    journal.close()
+
+
+async def test_a_full_chunk_is_finalized_with_every_record(tmp_path):
+    journal = open_journal(tmp_path, records_per_chunk=4)
+    full = None
+    for index in range(4):
+        full = journal.commit(index, b'{"id":"%d"}' % index)
+    assert full == 0
+    assert await asyncio.to_thread(journal.finalize_chunk, 0) == 4
+    await asyncio.sleep(0)  # the scheduled flush meets a closed log and must not fail
+    journal.mark_complete({"documents_processed": 4})
+    journal.close()
+    assert is_rank_complete(tmp_path / "checkpoints", 0)
+    assert not is_rank_complete(tmp_path / "checkpoints", 1)
+    written = (tmp_path / "out" / "00000_00000.jsonl").read_text().splitlines()
+    assert [orjson.loads(line)["id"] for line in written] == ["0", "1", "2", "3"]
