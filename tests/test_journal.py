@@ -7,7 +7,7 @@ import asyncio
 import orjson
 
 from infermill.io.writers import JsonlWriter
-from infermill.journal import ChunkJournal, is_rank_complete
+from infermill.journal import ChunkJournal, is_rank_complete, request_key
 
 IDENTITY = {"job": "test"}
 
@@ -35,7 +35,7 @@ async def test_lines_appended_in_one_loop_iteration_are_on_disk_after_it(tmp_pat
 
 async def test_replies_of_a_document_finished_in_the_same_iteration_are_not_stored(tmp_path):
     journal = open_journal(tmp_path)
-    journal.store_reply(0, "doc-0/a", {"choices": []})
+    journal.store_reply(0, ("doc-0", 0, b"{}", 0), {"choices": []})
     journal.commit(0, b'{"id":"doc-0"}')
     await asyncio.sleep(0)
     assert log_lines(tmp_path) == [{"i": 0, "r": {"id": "doc-0"}}]
@@ -44,25 +44,26 @@ async def test_replies_of_a_document_finished_in_the_same_iteration_are_not_stor
 
 async def test_replies_of_an_unfinished_document_are_stored_and_answer_a_resume(tmp_path):
     journal = open_journal(tmp_path)
-    journal.store_reply(1, "doc-1/a", {"choices": ["first"]})
+    journal.store_reply(1, ("doc-1", 0, b"{}", 0), {"choices": ["first"]})
     await asyncio.sleep(0)
-    assert log_lines(tmp_path) == [{"k": "doc-1/a", "v": {"choices": ["first"]}}]
-    journal.store_reply(1, "doc-1/b", {"choices": ["second"]})  # pending when the run stops
+    assert log_lines(tmp_path) == [{"k": request_key(("doc-1", 0, b"{}", 0)), "v": {"choices": ["first"]}}]
+    journal.store_reply(1, ("doc-1", 0, b"{}", 1), {"choices": ["second"]})  # pending when the run stops
     journal.close()
 
     resumed = open_journal(tmp_path)
     assert resumed.state.cached_replies == 2
-    assert resumed.cached_reply("doc-1/a") == {"choices": ["first"]}
-    assert resumed.cached_reply("doc-1/b") == {"choices": ["second"]}
+    assert resumed.cached_reply(("doc-1", 0, b"{}", 0)) == {"choices": ["first"]}
+    assert resumed.cached_reply(("doc-1", 0, b"{}", 1)) == {"choices": ["second"]}
     assert not resumed.is_done(1)
     resumed.close()
 
 
 def test_outside_an_event_loop_every_line_is_written_at_once(tmp_path):
     journal = open_journal(tmp_path)
-    journal.store_reply(0, "doc-0/a", {"choices": []})
+    journal.store_reply(0, ("doc-0", 0, b"{}", 0), {"choices": []})
     journal.commit(1, b'{"id":"doc-1"}')
-    assert log_lines(tmp_path) == [{"k": "doc-0/a", "v": {"choices": []}}, {"i": 1, "r": {"id": "doc-1"}}]
+    assert log_lines(tmp_path) == [{"k": request_key(("doc-0", 0, b"{}", 0)), "v": {"choices": []}},
+                                   {"i": 1, "r": {"id": "doc-1"}}]
     journal.close()
 
 

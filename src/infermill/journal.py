@@ -45,8 +45,14 @@ IDENTITY_FILE = "identity.json"
 COMPLETE_FILE = "complete.json"
 
 
-def request_key(doc_id: str, rollout_index: int, body: bytes, occurrence: int) -> str:
-    """The cache key of a request: document, rollout, hash of the final payload, repeat count."""
+#: a request as the cache knows it: document id, rollout index, the final payload as sent,
+#: and how many identical payloads this rollout sent before it
+Request = tuple[str, int, bytes, int]
+
+
+def request_key(request: Request) -> str:
+    """The cache key of a request: document, rollout, hash of the payload, repeat count."""
+    doc_id, rollout_index, body, occurrence = request
     digest = hashlib.blake2b(body, digest_size=16).hexdigest()
     return f"{doc_id}\x1f{rollout_index}\x1f{digest}\x1f{occurrence}"
 
@@ -96,7 +102,7 @@ class ChunkJournal:
         self._chunks: dict[int, _Chunk] = {}
         self._cache: dict[str, Any] = {}
         self._unflushed: set[Any] = set()  # logs appended to since the last flush
-        self._pending: dict[int, list[tuple[str, Any]]] = {}  # replies of unfinished records, not yet written
+        self._pending: dict[int, list[tuple[Request, Any]]] = {}  # replies of unfinished records, not yet written
         self._flush_scheduled = False
 
     # -- opening ------------------------------------------------------------------------
@@ -168,18 +174,18 @@ class ChunkJournal:
     def is_done(self, index: int) -> bool:
         return index // self.records_per_chunk in self.state.done_chunks or index in self.state.done_records
 
-    def cached_reply(self, key: str) -> Any:
-        """The stored reply for ``key``, or None."""
-        return self._cache.pop(key, None) if self._cache else None
+    def cached_reply(self, request: Request) -> Any:
+        """The stored reply to ``request``, or None."""
+        return self._cache.pop(request_key(request), None) if self._cache else None
 
-    def store_reply(self, index: int, key: str, reply: Any) -> None:
+    def store_reply(self, index: int, request: Request, reply: Any) -> None:
         """Keep ``reply`` for a resume. It is written at the end of this event-loop iteration, and
         only if record ``index`` is not finished by then: a finished record makes its replies
         useless, so a rollout whose one request was answered never writes its reply."""
         replies = self._pending.get(index)
         if replies is None:
             replies = self._pending[index] = []
-        replies.append((key, reply))
+        replies.append((request, reply))  # its key is computed only if it is written
         self._schedule_flush()
 
     def commit(self, index: int, record: bytes | None) -> int | None:
@@ -216,8 +222,8 @@ class ChunkJournal:
         """Write the pending replies and hand the lines appended since the last flush to the OS."""
         pending, self._pending = self._pending, {}
         for index, replies in pending.items():
-            for key, reply in replies:
-                self._append(index // self.records_per_chunk, orjson.dumps({"k": key, "v": reply}))
+            for request, reply in replies:
+                self._append(index // self.records_per_chunk, orjson.dumps({"k": request_key(request), "v": reply}))
         self._flush_scheduled = False  # cleared only now: the appends above need no second flush
         files, self._unflushed = self._unflushed, set()
         for file in files:

@@ -34,7 +34,7 @@ from infermill.errors import (
 )
 from infermill.io.readers import BadRecord
 from infermill.io.writers import OutputWriter
-from infermill.journal import INFERMILL_DIR, ChunkJournal, default_checkpoint_dir, request_key
+from infermill.journal import INFERMILL_DIR, ChunkJournal, default_checkpoint_dir
 from infermill.metrics import RunStats
 from infermill.retry import RetryPolicy
 from infermill.servers import InferenceServer, ServerState, create_server
@@ -346,8 +346,8 @@ class InferenceRunner:
         async def generate(payload: dict[str, Any]) -> InferenceResult:
             data = orjson.dumps({**base, **payload})
             occurrence = seen[data] = seen.get(data, -1) + 1
-            key = request_key(document.id, rollout_index, data, occurrence)
-            cached = journal.cached_reply(key)
+            request = (document.id, rollout_index, data, occurrence)
+            cached = journal.cached_reply(request)
             if cached is not None:
                 stats.requests_cached += 1
                 return parse_reply(cached, use_chat)
@@ -379,7 +379,7 @@ class InferenceRunner:
                     stats.requests_retried += 1
                     await asyncio.sleep(policy.delay(attempt, e))
                     continue
-                journal.store_reply(index, key, reply)
+                journal.store_reply(index, request, reply)
                 stats.requests_ok += 1
                 usage = result.usage
                 stats.prompt_tokens += usage.get("prompt_tokens") or 0

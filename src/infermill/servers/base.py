@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from yarl import URL
@@ -66,7 +67,7 @@ class InferenceServer:
         self.restarts = 0
         self.generation = 0  # how many times the server became ready: each restart is a new generation
         self.outstanding_requests = 0
-        self.last_progress = 0.0  # loop time of the last answered request (or of going busy)
+        self.last_progress = 0.0  # time.monotonic() of the last answered request (or of going busy)
         self._timed_out = False  # a request timed out since the last answer: the server is not idle
         self._failure: ServerError | None = None
         self._state_changed = asyncio.Event()
@@ -148,11 +149,10 @@ class InferenceServer:
         if self.state is not ServerState.READY:
             await self.wait_until_ready()
         generation = self.generation
-        loop = asyncio.get_running_loop()
         if self.outstanding_requests == 0 and not self._timed_out:
             # going busy after being idle starts the stall clock; not after a timeout: requests that
             # time out and are retried keep the server busy without being answered
-            self.last_progress = loop.time()
+            self.last_progress = time.monotonic()
         lost: ServerConnectionError | None = None
         self.outstanding_requests += 1
         try:
@@ -169,7 +169,7 @@ class InferenceServer:
             if await self._lost_with_server(generation):
                 raise ServerLostError(f"{lost} (the server failed with this request in flight)") from lost
             raise lost
-        self.last_progress = loop.time()  # only answers count as progress
+        self.last_progress = time.monotonic()  # only answers count as progress
         self._timed_out = False
         return reply
 
@@ -255,7 +255,7 @@ class InferenceServer:
             while True:
                 await self._start_with_retries()
                 self.generation += 1
-                self.last_progress = asyncio.get_running_loop().time()  # a new server: a fresh stall clock
+                self.last_progress = time.monotonic()  # a new server: a fresh stall clock
                 self._timed_out = False
                 self._set_state(ServerState.READY)
                 reason = await self._watch()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections.abc import Iterable
 from typing import IO
 
@@ -165,11 +166,10 @@ class ManagedServer(InferenceServer):
         """Wait until the process exits, prints a fatal line, or stalls; return why."""
         process = self.process
         assert process is not None
-        loop = asyncio.get_running_loop()
         stall = self.config.server_stall_timeout_sec
         check_every = min(5.0, stall / 4) if stall else None
         while self._fatal_line is None and not process.exited.is_set():
-            if stall and self.outstanding_requests and loop.time() - self.last_progress > stall:
+            if stall and self.outstanding_requests and time.monotonic() - self.last_progress > stall:
                 return (f"the server stalled: {self.outstanding_requests} requests outstanding and none "
                         f"completed for {stall:g} s (server_stall_timeout_sec)")
             await wait_event(self._output_event, check_every)
