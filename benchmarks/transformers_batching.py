@@ -127,19 +127,24 @@ async def infermill_level(url: str, texts: list[str], concurrency: int, max_toke
 
 
 async def compare_with_infermill(url: str, texts: list[str], concurrency: int, max_tokens: int, rounds: int) -> None:
-    """Bare client and infermill, interleaved ``rounds`` times so that machine load hits both alike."""
+    """Bare client and infermill, interleaved ``rounds`` times (who goes first alternates) so that
+    machine load and any warm-up hit both alike."""
     import statistics
 
     bare, mill = [], []
     for i in range(rounds):
-        bare.append((await level(url, texts, concurrency, max_tokens))[1])
-        mill.append((await infermill_level(url, texts, concurrency, max_tokens))[1])
+        for who in (("bare", "infermill") if i % 2 == 0 else ("infermill", "bare")):
+            if who == "bare":
+                bare.append((await level(url, texts, concurrency, max_tokens))[1])
+            else:
+                mill.append((await infermill_level(url, texts, concurrency, max_tokens))[1])
         print(f"round {i + 1}: bare client {bare[-1]:7.1f} tokens/s, infermill {mill[-1]:7.1f} tokens/s "
               f"({mill[-1] / bare[-1]:.3f}x)", flush=True)
     ratios = [m / b for m, b in zip(mill, bare)]
-    print(f"infermill vs bare client at c={concurrency}: median {statistics.median(mill):.1f} vs "
-          f"{statistics.median(bare):.1f} tokens/s; ratio median {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f}); target >= 0.95", flush=True)
+    print(f"infermill vs bare client at c={concurrency}, {rounds} rounds: median {statistics.median(mill):.1f} vs "
+          f"{statistics.median(bare):.1f} tokens/s = {statistics.median(mill) / statistics.median(bare):.3f}x; "
+          f"paired ratios median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
+          "target >= 0.95", flush=True)
 
 
 async def run(args, url: str, baseline: HFBaseline | None) -> None:

@@ -239,7 +239,7 @@ def slow_write(self, file, records):
     calls += 1
     count = 0
     for record in records:
-        file.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        file.write(orjson.dumps(writers.as_dict(record), option=orjson.OPT_APPEND_NEWLINE))
         count += 1
         if calls == 2 and count == 10:  # the second chunk file, part written
             file.flush()

@@ -249,18 +249,21 @@ class ChunkJournal:
             log.unlink()
         return written
 
-    def _records(self, log: Path) -> Iterator[dict[str, Any]]:
+    def _records(self, log: Path) -> Iterator[bytes]:
+        """The encoded records of a chunk log, each index once. Lines are cut, not parsed: they
+        are ``commit``'s own ``{"i":INDEX,"r":RECORD}``, and the writer decodes RECORD if it must."""
         seen: set[int] = set()
         with open(log, "rb") as f:
             for line in f:
-                if not line.endswith(b"\n"):
-                    break
+                if not line.endswith(b"}\n"):
+                    break  # torn last line
                 if line.startswith(b'{"k"'):
-                    continue  # a cached reply, not a record: no need to parse it
-                entry = orjson.loads(line)
-                record = entry.get("r")
-                if record is not None and entry["i"] not in seen:
-                    seen.add(entry["i"])
+                    continue  # a cached reply, not a record
+                comma = line.index(b',"r":', 5)
+                index = int(line[5:comma])
+                record = line[comma + 5:-2]
+                if record != b"null" and index not in seen:
+                    seen.add(index)
                     yield record
 
     def open_chunks(self) -> list[int]:

@@ -22,6 +22,8 @@ COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
 PARQUET_ROWS_PER_GROUP = 2000
 JSONL_RECORDS_PER_WRITE = 500
 
+Record = dict[str, Any] | bytes  # bytes: one JSON object, encoded
+
 
 class OutputWriter:
     """Base class: subclasses say how to write records into one open binary file."""
@@ -56,8 +58,11 @@ class OutputWriter:
     def filename(self, rank: int, chunk_index: int) -> str:
         return Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index=f"{chunk_index:05d}")
 
-    def write_chunk(self, records: Iterable[dict[str, Any]], rank: int, chunk_index: int) -> int:
-        """Write one chunk's file whole; return the number of records. No records, no file."""
+    def write_chunk(self, records: Iterable[Record], rank: int, chunk_index: int) -> int:
+        """Write one chunk's file whole; return the number of records. No records, no file.
+
+        A record is a dict, or one JSON object already encoded (as the checkpoint journal
+        keeps them: JSONL output then copies it without decoding it)."""
         records = iter(records)
         first = next(records, None)
         if first is None:
@@ -75,7 +80,7 @@ class OutputWriter:
             raise
         return count
 
-    def _write_records(self, file: IO[bytes], records: Iterator[dict[str, Any]]) -> int:
+    def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
         raise NotImplementedError
 
     def remove_rank_files(self, rank: int) -> None:
@@ -95,10 +100,11 @@ class OutputWriter:
 class JsonlWriter(OutputWriter):
     """One JSON object per line (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``)."""
 
-    def _write_records(self, file: IO[bytes], records: Iterator[dict[str, Any]]) -> int:
+    def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
         count = 0
         while batch := list(islice(records, JSONL_RECORDS_PER_WRITE)):  # a write per line costs more than the line
-            file.write(b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE) for record in batch]))
+            file.write(b"".join([record + b"\n" if isinstance(record, bytes)
+                                 else orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE) for record in batch]))
             count += len(batch)
         return count
 
@@ -109,7 +115,7 @@ class ParquetWriter(OutputWriter):
 
     extension = ".parquet"
 
-    def _write_records(self, file: IO[bytes], records: Iterator[dict[str, Any]]) -> int:
+    def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -117,7 +123,7 @@ class ParquetWriter(OutputWriter):
                             ("media", pa.string())])
         count = 0
         with pq.ParquetWriter(file, schema, compression="zstd") as parquet:
-            while batch := list(islice(records, PARQUET_ROWS_PER_GROUP)):
+            while batch := [as_dict(record) for record in islice(records, PARQUET_ROWS_PER_GROUP)]:
                 columns = {
                     "id": [str(r["id"]) for r in batch],
                     "text": [r.get("text") for r in batch],
@@ -138,9 +144,9 @@ class OpenAIBatchWriter(OutputWriter):
         super().__init__(output_folder, output_filename, compression)
         self.results_key = results_key
 
-    def _write_records(self, file: IO[bytes], records: Iterator[dict[str, Any]]) -> int:
+    def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
         count = 0
-        for record in records:
+        for record in map(as_dict, records):
             results = (record.get("metadata") or {}).get(self.results_key) or [None]
             body = results[0]
             reply_id = body.get("id") if isinstance(body, dict) else None
@@ -159,6 +165,10 @@ WRITERS: dict[str, type[OutputWriter]] = {"jsonl": JsonlWriter, "parquet": Parqu
                                           "openai_batch": OpenAIBatchWriter}
 
 
-def _chain_first(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def as_dict(record: Record) -> dict[str, Any]:
+    return orjson.loads(record) if isinstance(record, bytes) else record
+
+
+def _chain_first(first: Record, rest: Iterator[Record]) -> Iterator[Record]:
     yield first
     yield from rest
