@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -99,11 +100,11 @@ class OpenAIClient:
             )
         return self._session
 
-    async def post(self, url: str | URL, payload: dict[str, Any] | bytes) -> dict[str, Any]:
-        """POST ``payload`` (a dict, or JSON already encoded) and return the decoded JSON object,
-        or raise a RequestError."""
+    def post(self, url: str | URL, payload: dict[str, Any] | bytes) -> Coroutine[Any, Any, dict[str, Any]]:
+        """POST ``payload`` (a dict, or JSON already encoded); await it for the decoded JSON object,
+        or a RequestError. (Not itself a coroutine: one frame less on every request's await chain.)"""
         data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-        return await self._request("POST", url, data)
+        return self._request("POST", url, data)
 
     async def get(self, url: str, timeout: float | None = None) -> dict[str, Any]:
         return await self._request("GET", url, None, timeout)
@@ -114,10 +115,9 @@ class OpenAIClient:
         task = None
         if self._sweep and timeout is None:
             task = asyncio.current_task()
-            loop = asyncio.get_running_loop()
-            self._deadlines[task] = loop.time() + self._request_timeout  # type: ignore[operator]
+            self._deadlines[task] = time.monotonic() + self._request_timeout  # type: ignore[operator]
             if self._sweeper is None:
-                self._sweeper = loop.create_task(self._cancel_overdue(), name="infermill-request-deadlines")
+                self._sweeper = asyncio.create_task(self._cancel_overdue(), name="infermill-request-deadlines")
         try:
             async with session.request(method, url, data=data, **kwargs) as response:
                 body = await response.read()
@@ -154,10 +154,9 @@ class OpenAIClient:
     async def _cancel_overdue(self) -> None:
         """Cancel the requests past their deadline; runs as long as the session."""
         interval = min(SWEEP_INTERVAL, self._request_timeout / 10)  # type: ignore[operator]
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
-            now = loop.time()
+            now = time.monotonic()
             for task, deadline in list(self._deadlines.items()):
                 if deadline <= now and task not in self._expired:
                     self._expired.add(task)
