@@ -429,3 +429,18 @@ def test_status_of_a_folder_without_checkpoints(tmp_path):
     assert "no checkpoints in" in result.stderr and "is " + str(empty) + " the output folder of a job?" in \
         result.stderr, output_of(result)
     assert "Traceback" not in result.stderr, output_of(result)
+
+
+@pytest.mark.parametrize("output", ["~/infermill-test-out", "relative/out", "file:///tmp/abs/out"])
+def test_a_job_checkpoints_where_the_runner_would_by_default(tmp_path, monkeypatch, output):
+    # the CLI looks for a finished rank before it imports the runner: both must agree on the folder
+    from infermill.io.writers import JsonlWriter
+    from infermill.jobfile import JobConfig
+    from infermill.runner import InferenceRunner
+
+    monkeypatch.chdir(tmp_path)
+    spec = job_spec(tmp_path)
+    spec["output"]["path"] = output
+    job = JobConfig.model_validate(spec)
+    assert job.checkpoint_dir() == InferenceRunner._checkpoint_dir(None, JsonlWriter(output))
+    assert os.path.isabs(job.checkpoint_dir())

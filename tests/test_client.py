@@ -56,6 +56,9 @@ def build_app(seen_auth: list[str | None]) -> web.Application:
     async def long_error(_: web.Request) -> web.Response:
         return web.Response(status=400, text="x" * 5000)
 
+    async def headers(request: web.Request) -> web.Response:
+        return web.json_response(dict(request.headers))
+
     app = web.Application()
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_post("/ok", ok)
@@ -64,6 +67,7 @@ def build_app(seen_auth: list[str | None]) -> web.Application:
     app.router.add_post("/malformed", malformed)
     app.router.add_post("/array", array)
     app.router.add_post("/long-error", long_error)
+    app.router.add_post("/headers", headers)
     return app
 
 
@@ -270,3 +274,10 @@ async def test_a_caller_cancelling_a_request_gets_cancelled_not_a_timeout(server
             await late
     finally:
         await client.close()
+
+
+async def test_requests_say_who_sends_them_and_that_replies_must_not_be_compressed(server, client):
+    headers = await client.post(server.url + "/headers", PAYLOAD)
+    assert headers["User-Agent"].startswith("infermill/")
+    assert headers["Accept-Encoding"] == "identity"
+    assert headers["Content-Type"] == "application/json"

@@ -222,3 +222,18 @@ async def test_endpoint_that_is_not_up_yet_is_waited_for():
     finally:
         await late.cleanup()
     assert reply["choices"][0]["message"]["content"] == "say this back"
+
+
+async def test_a_first_request_cancelled_while_the_client_loads_does_not_break_the_others():
+    # the first requests of a run may arrive before the HTTP client is loaded; cancelling one
+    # of them (a failed sibling rollout, a rollout's own timeout) must not cancel the load
+    async with create_server(dummy_config()) as server:
+        await server.wait_until_ready()
+        first = asyncio.ensure_future(server.make_request(CHAT))
+        second = asyncio.ensure_future(server.make_request(CHAT))
+        await asyncio.sleep(0)
+        first.cancel()
+        assert (await second)["choices"][0]["message"]["content"] == "say this back"
+        assert (await server.make_request(CHAT))["choices"][0]["message"]["content"] == "say this back"
+        with pytest.raises(asyncio.CancelledError):
+            await first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 
 from infermill.io.writers import JsonlWriter
 from infermill.journal import ChunkJournal, is_rank_complete, request_key
@@ -81,3 +82,21 @@ async def test_a_full_chunk_is_finalized_with_every_record(tmp_path):
     assert not is_rank_complete(tmp_path / "checkpoints", 1)
     written = (tmp_path / "out" / "00000_00000.jsonl").read_text().splitlines()
     assert [orjson.loads(line)["id"] for line in written] == ["0", "1", "2", "3"]
+
+
+async def test_a_failed_flush_is_raised_by_the_next_commit_and_by_close(tmp_path, monkeypatch):
+    from infermill.errors import InfermillError
+
+    journal = open_journal(tmp_path)
+    journal.commit(0, b'{"id":"0"}')
+    log = journal._chunks[0].file
+
+    def disk_full() -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(log, "flush", disk_full, raising=False)
+    await asyncio.sleep(0)  # the scheduled flush meets the error: an event-loop callback must not lose it
+    with pytest.raises(InfermillError, match="No space left on device"):
+        journal.commit(1, b'{"id":"1"}')
+    with pytest.raises(InfermillError, match="run the same command again"):
+        journal.close()

@@ -126,7 +126,8 @@ def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, w
     if not 0 <= rank < world_size:
         raise click.BadParameter(f"--rank must be in [0, {world_size}), got {rank}")
     checkpoint_dir = job.checkpoint_dir()
-    launch_early = overwrite or checkpoint_dir is None or not is_rank_complete(checkpoint_dir, rank)
+    # not for a finished rank, nor for a remote output without checkpoint.dir (an error, said below)
+    launch_early = checkpoint_dir is not None and (overwrite or not is_rank_complete(checkpoint_dir, rank))
 
     async def go() -> dict[str, Any]:
         # The server is launched first and boots while the rest of infermill (aiohttp, fsspec,

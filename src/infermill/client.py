@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from infermill import __version__
 from infermill.errors import (
     AuthenticationError,
     BadRequestError,
@@ -66,8 +67,13 @@ class OpenAIClient:
     The API key never appears in an error it raises, even when the server quotes it back.
     """
 
-    def __init__(self, api_key: str | None = None, request_timeout: float | None = None, max_connections: int = 0):
-        self._headers = {"Content-Type": "application/json"}
+    def __init__(self, api_key: str | None = None, request_timeout: float | None = None, max_connections: int = 0,
+                 keep_cookies: bool = False):
+        # static, so that aiohttp adds none per request; identity: a reply must never come compressed,
+        # as it is not decompressed
+        self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
+                         "User-Agent": f"infermill/{__version__}"}
+        self._keep_cookies = keep_cookies
         self._api_key = api_key or None
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -92,9 +98,9 @@ class OpenAIClient:
                 headers=self._headers,
                 timeout=self._timeout,
                 json_serialize=_dumps_str,
-                # per request, aiohttp would otherwise filter cookies nobody sets, and add headers and a
-                # decompressor that OpenAI-compatible servers never need (no Accept-Encoding: no gzip)
-                cookie_jar=aiohttp.DummyCookieJar(),
+                # per request, aiohttp would otherwise filter cookies a local server never sets, and add
+                # headers and a decompressor that OpenAI-compatible servers never need
+                cookie_jar=None if self._keep_cookies else aiohttp.DummyCookieJar(),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
             )
@@ -139,7 +145,9 @@ class OpenAIClient:
         finally:
             if task is not None:
                 self._deadlines.pop(task, None)
-                self._expired.discard(task)
+                if task in self._expired:  # cancelled by the sweep, but aiohttp made it another error
+                    self._expired.discard(task)
+                    task.uncancel()
         try:
             reply = orjson.loads(body)
         except orjson.JSONDecodeError as e:

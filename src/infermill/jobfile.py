@@ -12,6 +12,7 @@ Unknown keys and wrong types are rejected with the key's full path and what was 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,7 +88,10 @@ class JobConfig(_Section):
         if self.checkpoint.dir is not None:
             return self.checkpoint.dir.removeprefix("file://")
         path = self.output.path.removeprefix("file://")
-        return None if "://" in path else default_checkpoint_dir(path)
+        if "://" in path:
+            return None
+        # the output folder as the writer's file system resolves it (``~`` expanded, absolute)
+        return default_checkpoint_dir(os.path.abspath(os.path.expanduser(path)))
 
     @model_validator(mode="after")
     def _rollout_matches_input(self) -> JobConfig:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from infermill.errors import ConfigError
+from infermill.errors import ConfigError, InfermillError
 
 if TYPE_CHECKING:
     from infermill.io.writers import OutputWriter
@@ -104,6 +104,7 @@ class ChunkJournal:
         self._unflushed: set[Any] = set()  # logs appended to since the last flush
         self._pending: dict[int, list[tuple[Request, Any]]] = {}  # replies of unfinished records, not yet written
         self._flush_scheduled = False
+        self._failure: Exception | None = None  # of a flush, raised by the next call that can
 
     # -- opening ------------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class ChunkJournal:
         """Keep ``reply`` for a resume. It is written at the end of this event-loop iteration, and
         only if record ``index`` is not finished by then: a finished record makes its replies
         useless, so a rollout whose one request was answered never writes its reply."""
+        self._raise_if_failed()
         replies = self._pending.get(index)
         if replies is None:
             replies = self._pending[index] = []
@@ -191,6 +193,7 @@ class ChunkJournal:
     def commit(self, index: int, record: bytes | None) -> int | None:
         """Record that ``index`` is finished, with its output record as JSON (None: nothing to write);
         return its chunk's index if that chunk is now full."""
+        self._raise_if_failed()
         chunk_index = index // self.records_per_chunk
         self._pending.pop(index, None)
         self._append(chunk_index, b'{"i":%d,"r":%s}' % (index, record if record is not None else b"null"))
@@ -219,18 +222,34 @@ class ChunkJournal:
                 self.flush()
 
     def flush(self) -> None:
-        """Write the pending replies and hand the lines appended since the last flush to the OS."""
-        pending, self._pending = self._pending, {}
-        for index, replies in pending.items():
-            for request, reply in replies:
-                self._append(index // self.records_per_chunk, orjson.dumps({"k": request_key(request), "v": reply}))
-        self._flush_scheduled = False  # cleared only now: the appends above need no second flush
+        """Write the pending replies and hand the lines appended since the last flush to the OS.
+
+        It runs as an event-loop callback, where an exception would only be logged: a failure
+        (a full disk) is kept, and raised by the next ``commit``, ``store_reply`` or ``close``."""
+        try:
+            pending, self._pending = self._pending, {}
+            for index, replies in pending.items():
+                for request, reply in replies:
+                    self._append(index // self.records_per_chunk, orjson.dumps({"k": request_key(request), "v": reply}))
+        except Exception as e:
+            self._failure = self._failure or e
+        finally:
+            self._flush_scheduled = False  # cleared only now: the appends above need no second flush
         files, self._unflushed = self._unflushed, set()
         for file in files:
             try:
                 file.flush()
             except ValueError:  # closed meanwhile by finalize_chunk, which flushed it
                 pass
+            except Exception as e:
+                self._failure = self._failure or e
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise InfermillError(
+                f"cannot write the checkpoint in {self.dir}: {self._failure}; free the space (or fix the "
+                "permissions) and run the same command again to resume"
+            ) from self._failure
 
     # -- finishing chunks ---------------------------------------------------------------
 
@@ -274,11 +293,16 @@ class ChunkJournal:
         _write_atomic(self.dir / COMPLETE_FILE, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
 
     def close(self) -> None:
+        """Write what is pending and close the logs; raise if any write failed."""
         self.flush()
         for chunk in list(self._chunks.values()):  # a finalizing thread may still pop from it
             if chunk.file is not None:
-                chunk.file.close()
+                try:
+                    chunk.file.close()
+                except OSError as e:
+                    self._failure = self._failure or e
                 chunk.file = None
+        self._raise_if_failed()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -20,7 +20,7 @@ import orjson
 
 COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
 PARQUET_ROWS_PER_GROUP = 2000
-JSONL_RECORDS_PER_WRITE = 500
+JSONL_BLOCK_BYTES = 1 << 20
 
 Record = dict[str, Any] | bytes  # bytes: one JSON object, encoded
 
@@ -101,11 +101,16 @@ class JsonlWriter(OutputWriter):
     """One JSON object per line (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``)."""
 
     def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
-        count = 0
-        while batch := list(islice(records, JSONL_RECORDS_PER_WRITE)):  # a write per line costs more than the line
-            file.write(b"".join([record + b"\n" if isinstance(record, bytes)
-                                 else orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE) for record in batch]))
-            count += len(batch)
+        count, block, size = 0, [], 0
+        for record in records:  # a write per line costs more than the line: lines go out in blocks
+            line = record + b"\n" if isinstance(record, bytes) else orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+            block.append(line)
+            size += len(line)
+            count += 1
+            if size >= JSONL_BLOCK_BYTES:
+                file.write(b"".join(block))
+                block, size = [], 0
+        file.write(b"".join(block))
         return count
 
 

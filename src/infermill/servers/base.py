@@ -57,6 +57,8 @@ class InferenceServer:
 
     #: whether a server that failed after being ready can be restarted
     restartable = True
+    #: whether the client keeps cookies (a load balancer's sticky session in front of an endpoint)
+    keeps_cookies = False
 
     def __init__(self, config: InferenceConfig, rank: int = 0):
         self.config = config
@@ -95,14 +97,16 @@ class InferenceServer:
         if self._http is None:
             from infermill.client import OpenAIClient
 
-            self._http = OpenAIClient(self.client_api_key(), self.config.request_timeout, max_connections=0)
+            self._http = OpenAIClient(self.client_api_key(), self.config.request_timeout, max_connections=0,
+                                      keep_cookies=self.keeps_cookies)
         return self._http
 
     def _load_client(self) -> asyncio.Future[OpenAIClient]:
         """The client, once aiohttp is imported. The import takes a few tenths of a second (mostly
         loading CA certificates): it runs in a thread, beside a server that is already booting,
-        so that the event loop keeps reading the server's output meanwhile."""
-        if self._client_loading is None:
+        so that the event loop keeps reading the server's output meanwhile. Only the supervisor
+        awaits it, shielded: a cancelled caller must not cancel the load for everyone."""
+        if self._client_loading is None or self._client_loading.cancelled():
             self._client_loading = asyncio.ensure_future(self._import_client())
         return self._client_loading
 
@@ -156,7 +160,7 @@ class InferenceServer:
         lost: ServerConnectionError | None = None
         self.outstanding_requests += 1
         try:
-            client = self._http or await self._load_client()
+            client = self._http or self._client  # loaded before READY; made here only after a close()
             reply = await client.post(self._request_url or self.request_url, payload)
         except RequestTimeoutError:
             self._timed_out = True
@@ -205,8 +209,9 @@ class InferenceServer:
                 supervisor.cancel()
                 await asyncio.gather(supervisor, return_exceptions=True)
         finally:
-            if self._client_loading is not None:
+            if self._client_loading is not None and not self._client_loading.done():
                 self._client_loading.cancel()
+            self._client_loading = None
             if self._http is not None:
                 await self._http.close()
             if self._failure is None:
@@ -255,6 +260,7 @@ class InferenceServer:
             while True:
                 await self._start_with_retries()
                 self.generation += 1
+                await asyncio.shield(self._load_client())  # requests need no waiting for it once ready
                 self.last_progress = time.monotonic()  # a new server: a fresh stall clock
                 self._timed_out = False
                 self._set_state(ServerState.READY)

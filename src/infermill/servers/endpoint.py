@@ -15,6 +15,8 @@ class EndpointServer(InferenceServer):
     sent as a Bearer token on every request, the readiness probe included.
     """
 
+    keeps_cookies = True
+
     restartable = False
 
     def __init__(self, config, rank: int = 0):
@@ -34,7 +36,8 @@ class EndpointServer(InferenceServer):
         window = self.config.server_ready_max_attempts * self.config.server_ready_delay_sec
         deadline = loop.time() + window
         last_error: RequestError | None = None
-        client = await self._load_client()
+        self._launched.set()  # nothing to launch: callers need not wait for the probe
+        client = await asyncio.shield(self._load_client())
         while loop.time() < deadline:
             try:
                 await client.get(self._base_url + "/v1/models", timeout=min(10.0, window))

@@ -145,7 +145,7 @@ class ManagedServer(InferenceServer):
             loading = self._load_client()
             if not loading.done():
                 return False  # still importing the client; the server's log may say it is ready first
-            await loading.result().get(self.base_url + "/v1/models", timeout=PROBE_TIMEOUT)
+            await self._client.get(self.base_url + "/v1/models", timeout=PROBE_TIMEOUT)
         except RequestError:
             return False
         return True
