@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """A stand-in for ``vllm serve``: parses vLLM's flags, prints vLLM's real startup log
 lines and serves the OpenAI API (the echo app), refusing any request under ``/v1``
-without ``Authorization: Bearer <--api-key>`` (HTTP 401), like vLLM.
+without ``Authorization: Bearer <key>`` (HTTP 401), like vLLM; the key is ``--api-key``,
+else the environment's ``VLLM_API_KEY``.
 
-    python fake_vllm.py serve MODEL --host H --port P --api-key K --max-model-len N ...
+    python fake_vllm.py serve MODEL --host H --port P [--api-key K] --max-model-len N ...
 
 Like vLLM, it binds its socket first and starts listening right after printing
 uvicorn's "Application startup complete." line. vLLM hands uvicorn a pre-bound socket,
@@ -156,7 +157,7 @@ async def main() -> int:
 
     emit(vllm_log("INFO", "api_server.py:1880", f"Starting vLLM API server 0 on http://{host}:{args.port}"))
     emit(vllm_log("INFO", "launcher.py:29", "Available routes are:"))
-    runner = await prepare_app(args.model_tag, args.api_key)
+    runner = await prepare_app(args.model_tag, args.api_key or os.environ.get("VLLM_API_KEY"))
     await start_serving(runner, sock, lambda: f"(APIServer pid={os.getpid()})", mode)
     return await serve_forever(runner)
 

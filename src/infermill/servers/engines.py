@@ -63,7 +63,8 @@ class EngineServer(ManagedServer):
 
 
 class VLLMServer(EngineServer):
-    """``vllm serve MODEL`` with infermill's port, host, API key, context length and tp/dp/pp."""
+    """``vllm serve MODEL`` with infermill's port, host, context length and tp/dp/pp; the API key
+    goes in ``VLLM_API_KEY``."""
 
     default_launcher = ("vllm",)
     parallel_flags = {"tp": "tensor-parallel-size", "dp": "data-parallel-size", "pp": "pipeline-parallel-size"}
@@ -83,7 +84,6 @@ class VLLMServer(EngineServer):
             *self.launcher, "serve", self.config.model_name_or_path,
             "--host", self.host,
             "--port", str(port),
-            "--api-key", self.api_key,
             "--max-model-len", str(self.config.model_max_context),
             "--trust-remote-code",
             "--disable-uvicorn-access-log",
@@ -92,7 +92,9 @@ class VLLMServer(EngineServer):
         ]  # fmt: skip
 
     def build_env(self) -> dict[str, str]:
-        return {"USE_TF": "0", "TRANSFORMERS_NO_TF": "1", **self.server_env}
+        # the key through the environment, not argv: other users of a shared node can read
+        # every process's argv (ps), not its environment
+        return {"USE_TF": "0", "TRANSFORMERS_NO_TF": "1", **self.server_env, "VLLM_API_KEY": self.api_key}
 
 
 class SGLangServer(EngineServer):
