@@ -152,8 +152,8 @@ def _folder(tmp_path: Path) -> Path:
     pq.write_table(pa.Table.from_pylist([{"text": "c1"}]), root / "c.parquet")
     (root / "README.md").write_text("not data")
     (root / "_infermill").mkdir()
-    write_jsonl(root / "_infermill" / "failures.jsonl", [{"text": "never read"}])
-    write_jsonl(root / ".hidden.jsonl", [{"text": "never read"}])
+    write_jsonl(root / "_infermill" / "failures.jsonl", [{"text": "infermill's own"}])
+    write_jsonl(root / ".hidden.jsonl", [{"text": "hidden"}])
     return root
 
 
@@ -163,11 +163,12 @@ def test_a_folder_reads_every_data_file_in_sorted_order(tmp_path):
 
 
 def test_globs_and_lists_of_paths(tmp_path):
-    root = _folder(tmp_path)
-    (root / ".hidden.jsonl").unlink()  # a glob takes what it matches, hidden files and _infermill/ included
-    (root / "_infermill" / "failures.jsonl").unlink()
+    root = _folder(tmp_path)  # with a hidden file and an _infermill/ folder, which globs leave out
     assert [d.text for d in docs(DocumentReader(str(root / "*.jsonl")))] == ["a1", "a2"]
     assert [d.text for d in docs(DocumentReader(str(root / "**" / "*.jsonl*")))] == ["a1", "a2", "b1"]
+    # unless the pattern names them
+    assert [d.text for d in docs(DocumentReader(str(root / "_infermill" / "*.jsonl")))] == ["infermill's own"]
+    assert [d.text for d in docs(DocumentReader(str(root / ".hid*.jsonl")))] == ["hidden"]
     assert [d.text for d in docs(DocumentReader([str(root / "c.parquet"), str(root / "a.jsonl")]))] == \
         ["c1", "a1", "a2"]
 

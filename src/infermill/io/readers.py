@@ -10,6 +10,7 @@ id gets ``<file name>:<line or row>``, the same on every run.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import os
 from collections.abc import Iterator
@@ -69,7 +70,7 @@ def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"
         if fsspec.core.has_magic(root):
-            found = sorted(fs.glob(root))
+            found = sorted(p for p in fs.glob(root) if _glob_may_take(p, root))
         elif fs.isdir(root):
             if fs.exists(f"{root}/dataset_dict.json"):
                 _raise_dataset_dict(fs, root, prefix + root)
@@ -105,6 +106,19 @@ def _display_names(urls: list[str]) -> dict[str, str]:
         return {url: os.path.relpath(path, base) if base else path for url, path in paths.items()}
     except ValueError:  # absolute and relative paths mixed
         return paths
+
+
+def _glob_may_take(match: str, pattern: str) -> bool:
+    """Whether a glob's ``match`` is input: not if a folder or file in it is hidden (``.``) or
+    infermill's own (``_infermill/``, ``_``-prefixed), unless the pattern asks for that name
+    (``_infermill/*.jsonl``, ``.cache/**/*.jsonl``): ``out/**/*.jsonl`` must not read the
+    failures file of an earlier run."""
+    wanted = [part for part in pattern.split("/") if part.startswith((".", "_"))]
+    return all(
+        any(fnmatch.fnmatchcase(part, p) for p in wanted)
+        for part in match.split("/")
+        if part.startswith((".", "_")) and part not in (".", "..")
+    )
 
 
 def _is_data_file(path: str) -> bool:
