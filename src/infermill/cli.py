@@ -253,7 +253,7 @@ def status(output: str, checkpoints: str | None) -> None:
     """Show the progress of a running or finished job from its checkpoints and stats."""
     from rich.table import Table
 
-    from infermill.journal import INFERMILL_DIR, default_checkpoint_dir
+    from infermill.journal import COMPLETE_FILE, INFERMILL_DIR, default_checkpoint_dir
 
     root = Path(checkpoints or default_checkpoint_dir(output))
     ranks = sorted(root.glob("rank_*"))
@@ -272,7 +272,7 @@ def status(output: str, checkpoints: str | None) -> None:
                     open_docs += 1
                 elif line.startswith(b'{"k"'):
                     cached += 1
-        complete = (rank_dir / "complete.json").exists()
+        complete = (rank_dir / COMPLETE_FILE).exists()
         table.add_row(rank_dir.name.removeprefix("rank_"), "complete" if complete else "incomplete",
                       str(done), str(open_docs), str(cached))
     _console().print(table)

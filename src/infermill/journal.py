@@ -62,9 +62,14 @@ def default_checkpoint_dir(output_folder: str) -> str:
     return os.path.join(output_folder, INFERMILL_DIR, "checkpoints")
 
 
+def rank_dir(directory: str | os.PathLike, rank: int) -> Path:
+    """The checkpoint folder of rank ``rank`` in ``directory``."""
+    return Path(directory) / f"rank_{rank:05d}"
+
+
 def is_rank_complete(directory: str | os.PathLike, rank: int) -> bool:
     """Whether rank ``rank`` of the job checkpointed in ``directory`` has finished."""
-    return (Path(directory) / f"rank_{rank:05d}" / COMPLETE_FILE).exists()
+    return (rank_dir(directory, rank) / COMPLETE_FILE).exists()
 
 
 def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -94,7 +99,7 @@ class ChunkJournal:
 
     def __init__(self, directory: str | os.PathLike, rank: int, records_per_chunk: int, writer: OutputWriter):
         self.root = Path(directory)
-        self.dir = self.root / f"rank_{rank:05d}"  # see is_rank_complete
+        self.dir = rank_dir(self.root, rank)
         self.rank = rank
         self.records_per_chunk = records_per_chunk
         self.writer = writer

@@ -57,6 +57,8 @@ class InferenceServer:
 
     #: whether a server that failed after being ready can be restarted
     restartable = True
+    #: whether starting it launches a process that boots for a while (see :meth:`wait_launched`)
+    launches_process = False
     #: whether the client keeps cookies (a load balancer's sticky session in front of an endpoint)
     keeps_cookies = False
 
@@ -138,12 +140,13 @@ class InferenceServer:
             await changed.wait()
 
     async def wait_launched(self) -> None:
-        """Return once the first start attempt has launched the server (its process is running,
-        not necessarily ready), or the server is ready or has failed. Lets a caller do its own
-        set-up while the server boots."""
+        """Return once the first start attempt has launched the server's process (running, not
+        necessarily ready), or the server is ready or has failed; at once for a server that
+        launches nothing. Lets a caller do its own set-up while the server boots."""
         if self._supervisor is None:
             raise ServerError("the server was not started: use `async with server:` or call server.start()")
-        await self._launched.wait()
+        if self.launches_process:
+            await self._launched.wait()
 
     async def make_request(self, payload: dict[str, Any] | bytes) -> dict[str, Any]:
         """Send one chat or completions request (per ``use_chat``) and return the parsed JSON reply.

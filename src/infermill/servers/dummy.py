@@ -15,7 +15,6 @@ class DummyServer(InferenceServer):
         self._runner: Any = None  # aiohttp.web.AppRunner
 
     async def _start_attempt(self, attempt: int) -> None:
-        self._launched.set()
         from aiohttp import web  # aiohttp.web costs ~0.1 s to import: only when a dummy server runs
 
         from infermill.echo_app import build_echo_app

@@ -36,7 +36,6 @@ class EndpointServer(InferenceServer):
         window = self.config.server_ready_max_attempts * self.config.server_ready_delay_sec
         deadline = loop.time() + window
         last_error: RequestError | None = None
-        self._launched.set()  # nothing to launch: callers need not wait for the probe
         client = await asyncio.shield(self._load_client())
         while loop.time() < deadline:
             try:

@@ -50,6 +50,7 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
 class ManagedServer(InferenceServer):
     """A server process infermill launches, watches, restarts and stops."""
 
+    launches_process = True
     ready_patterns: tuple[str, ...] = UVICORN_READY
     fatal_patterns: tuple[str, ...] = CUDA_FATAL
 
