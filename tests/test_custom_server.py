@@ -108,12 +108,36 @@ async def start_failure(server: CustomServer, timeout: float = 30.0) -> tuple[Se
     "INFO:     Uvicorn running on http://0.0.0.0:8000 (Press CTRL+C to quit)",
 ])
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
-async def test_ready_log_line_alone_makes_the_server_ready(tmp_path, line, stream):
-    # say_server without --serve never opens its port: only the log line can make it ready
-    flags = {"say": line, "stderr": stream == "stderr"}
+async def test_ready_log_line_makes_a_server_without_the_probed_path_ready(tmp_path, line, stream):
+    # its GET /v1/models answers 404, so the probe alone never succeeds: the log line does it
+    flags = {"say": line, "stderr": stream == "stderr", "serve": True, "no_models": True}
     async with CustomServer(custom_config(tmp_path, "say_server.py", flags)) as server:
         await asyncio.wait_for(server.wait_until_ready(), 5)
         assert server.state is ServerState.READY
+        reply = await server.make_request(CHAT)
+        assert reply["choices"][0]["message"]["content"] == "hello there"
+
+
+async def test_a_ready_line_printed_before_the_port_listens_waits_for_the_port(tmp_path):
+    # uvicorn prints "Application startup complete." before it binds; this server binds 1 s later
+    record = tmp_path / "record.jsonl"
+    flags = {"say": "INFO:     Application startup complete.", "serve_after": 1.0, "record": str(record)}
+    async with CustomServer(custom_config(tmp_path, "say_server.py", flags)) as server:
+        await eventually(lambda: records(record), what="the script to start")
+        started = time.monotonic()
+        await asyncio.wait_for(server.wait_until_ready(), 10)
+        waited = time.monotonic() - started
+        reply = await asyncio.wait_for(server.make_request(CHAT), 5)  # at once, and never retried
+    assert 0.8 <= waited < 5, waited
+    assert reply["choices"][0]["message"]["content"] == "hello there"
+
+
+async def test_a_ready_line_from_a_server_that_never_listens_names_the_port(tmp_path):
+    config = custom_config(tmp_path, "say_server.py", {"say": "INFO:     Application startup complete."},
+                           server_ready_max_attempts=4, server_ready_delay_sec=0.2)
+    error, _ = await start_failure(CustomServer(config))
+    assert "printed a ready line, but nothing accepts connections on port" in error.reason
+    assert "--port it is given" in error.reason
 
 
 async def test_http_probe_alone_makes_a_silent_server_ready(tmp_path):
@@ -287,7 +311,7 @@ async def test_user_fatal_pattern_is_fatal(tmp_path):
 
 
 async def test_user_ready_pattern_makes_the_server_ready(tmp_path):
-    config = custom_config(tmp_path, "say_server.py", {"say": "model server is up"},
+    config = custom_config(tmp_path, "say_server.py", {"say": "model server is up", "serve": True, "no_models": True},
                            server_ready_patterns=[r"server is up$"])
     async with CustomServer(config) as server:
         await asyncio.wait_for(server.wait_until_ready(), 5)

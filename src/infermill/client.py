@@ -24,6 +24,7 @@ from infermill.errors import (
     RequestTimeoutError,
     RetryableError,
     ServerConnectionError,
+    ServerUnreachableError,
 )
 
 BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 422})
@@ -135,7 +136,8 @@ class OpenAIClient:
         except asyncio.TimeoutError as e:
             raise RequestTimeoutError(f"{method} {url}: no reply within the request timeout") from e
         except aiohttp.ClientError as e:
-            raise ServerConnectionError(self._redact(f"{method} {url}: {type(e).__name__}: {e}")) from e
+            error = ServerUnreachableError if isinstance(e, aiohttp.ClientConnectorError) else ServerConnectionError
+            raise error(self._redact(f"{method} {url}: {type(e).__name__}: {e}")) from e
         except asyncio.CancelledError:
             if task is not None and task in self._expired:  # cancelled by _cancel_overdue, not by our caller
                 self._expired.discard(task)

@@ -66,6 +66,10 @@ class ServerConnectionError(RetryableError):
     """The connection failed or was dropped: the server may be restarting."""
 
 
+class ServerUnreachableError(ServerConnectionError):
+    """No connection could be opened (refused, unreachable): nothing listens on the port, yet or any more."""
+
+
 class ServerLostError(ServerConnectionError):
     """The request was in flight when its server failed (died, stalled, printed a fatal line).
 

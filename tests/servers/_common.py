@@ -47,7 +47,7 @@ def say(line: str, stream=None) -> None:
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        if self.path == "/v1/models":
+        if self.path == "/v1/models" and self.server.models:  # type: ignore[attr-defined]
             self._json(200, {"object": "list", "data": [{"id": "test", "object": "model"}]})
         else:
             self._json(404, {"error": {"message": f"no route {self.path}"}})
@@ -77,10 +77,12 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve(port: int) -> ThreadingHTTPServer:
-    """Serve the API on 127.0.0.1:``port`` from a daemon thread."""
+def serve(port: int, models: bool = True) -> ThreadingHTTPServer:
+    """Serve the API on 127.0.0.1:``port`` from a daemon thread (``models=False``: without
+    ``GET /v1/models``, so that the readiness probe never succeeds)."""
     server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
     server.daemon_threads = True
+    server.models = models  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 

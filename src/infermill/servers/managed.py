@@ -18,7 +18,7 @@ from typing import IO
 import psutil
 
 from infermill.config import InferenceConfig
-from infermill.errors import RequestError, ServerError
+from infermill.errors import RequestError, ServerError, ServerUnreachableError
 from infermill.servers.base import InferenceServer, find_free_port
 from infermill.servers.process import ManagedProcess, open_log
 
@@ -121,14 +121,16 @@ class ManagedServer(InferenceServer):
         max_interval = min(PROBE_INTERVAL_MAX, self.config.server_ready_delay_sec)
         while True:
             self._raise_if_dead(process)
-            if self._ready_line_seen or await self._probe_ready():
+            if await (self._answers_http() if self._ready_line_seen else self._probe_ready()):
                 return
             self._raise_if_dead(process)
             remaining = deadline - loop.time()
             if remaining <= 0:
+                why = (f"it printed a ready line, but nothing accepts connections on port {self.port}: does "
+                       "it listen on the --port it is given?" if self._ready_line_seen
+                       else "no ready log line and no HTTP 200 from GET /v1/models")
                 raise ServerError(
-                    f"not ready after {window:g} s (server_ready_max_attempts x server_ready_delay_sec): "
-                    "no ready log line and no HTTP 200 from GET /v1/models",
+                    f"not ready after {window:g} s (server_ready_max_attempts x server_ready_delay_sec): {why}",
                     list(process.tail),
                 )
             await wait_event(self._output_event, min(interval, remaining))
@@ -149,6 +151,19 @@ class ManagedServer(InferenceServer):
             await self._client.get(self.base_url + "/v1/models", timeout=PROBE_TIMEOUT)
         except RequestError:
             return False
+        return True
+
+    async def _answers_http(self) -> bool:
+        """After a ready line: whether the port takes connections yet. Uvicorn prints "Application
+        startup complete" before it binds, so a request sent at once could be refused. Any HTTP
+        reply counts, and its keep-alive connection then carries the first request."""
+        await asyncio.shield(self._load_client())
+        try:
+            await self._client.get(self.base_url + "/v1/models", timeout=PROBE_TIMEOUT)
+        except ServerUnreachableError:
+            return False
+        except RequestError:
+            pass  # it answers, even if not this path (or slowly): what the ready line says holds
         return True
 
     def _on_line(self, line: str) -> None:
