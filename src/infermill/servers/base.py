@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
+from infermill.ca_bundle import import_loading_ca_in_background
 from infermill.config import InferenceConfig
 from infermill.errors import RequestTimeoutError, ServerConnectionError, ServerError, ServerLostError
 
@@ -50,6 +51,11 @@ def find_free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _import_client() -> None:
+    import_loading_ca_in_background("aiohttp")  # its CA bundle is not needed to start (see the module)
+    importlib.import_module("infermill.client")
 
 
 class InferenceServer:
@@ -109,12 +115,17 @@ class InferenceServer:
         so that the event loop keeps reading the server's output meanwhile. Only the supervisor
         awaits it, shielded: a cancelled caller must not cancel the load for everyone."""
         if self._client_loading is None or self._client_loading.cancelled():
-            self._client_loading = asyncio.ensure_future(self._import_client())
+            # submitted to the thread now, not when a task first runs: the caller may hold the
+            # event loop for a while (``infermill run`` imports the rest of itself meanwhile)
+            imported = None
+            if "infermill.client" not in sys.modules:
+                imported = asyncio.get_running_loop().run_in_executor(None, _import_client)
+            self._client_loading = asyncio.ensure_future(self._made_client(imported))
         return self._client_loading
 
-    async def _import_client(self) -> OpenAIClient:
-        if "infermill.client" not in sys.modules:
-            await asyncio.to_thread(importlib.import_module, "infermill.client")
+    async def _made_client(self, imported: asyncio.Future | None) -> OpenAIClient:
+        if imported is not None:
+            await imported
         return self._client
 
     async def __aenter__(self) -> InferenceServer:

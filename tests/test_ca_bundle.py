@@ -1,0 +1,126 @@
+"""infermill.ca_bundle: an import whose SSL contexts load the CA bundle in the background, and
+a TLS handshake that waits for it (real certificates from trustme, real TLS on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import sys
+import textwrap
+
+import pytest
+import trustme
+from aiohttp import web
+
+from infermill.ca_bundle import import_loading_ca_in_background, wait_for_ca_bundle
+
+SLOW_BUNDLE_COPIES = 3000  # the test CA this many times over: about a second to load
+
+
+@pytest.fixture
+def ca(tmp_path):
+    return trustme.CA()
+
+
+def write_bundle(path, ca: trustme.CA, copies: int = 1) -> str:
+    path.write_bytes(ca.cert_pem.bytes() * copies)
+    return str(path)
+
+
+def test_contexts_the_import_makes_get_their_certificates_in_the_background(tmp_path, ca, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", write_bundle(tmp_path / "ca.pem", ca))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "makes_contexts.py").write_text(textwrap.dedent("""
+        import ssl, threading
+        own = ssl.create_default_context()
+        own_at_import = own.cert_store_stats()["x509_ca"]
+        others = []
+        thread = threading.Thread(target=lambda: others.append(ssl.create_default_context()))
+        thread.start()
+        thread.join()
+        other_at_import = others[0].cert_store_stats()["x509_ca"]
+    """))
+    module = import_loading_ca_in_background("makes_contexts")
+    assert module.own_at_import == 0  # deferred
+    assert module.other_at_import == 1  # another thread's context loads as usual, at once
+    assert "set_default_verify_paths" not in vars(ssl.SSLContext)  # the patch is gone
+    assert wait_for_ca_bundle(timeout=10)
+    assert module.own.cert_store_stats()["x509_ca"] == 1
+    assert type(module.own) is ssl.SSLContext
+    assert import_loading_ca_in_background("makes_contexts") is module  # imported once
+
+
+def test_a_failing_import_still_removes_the_patch(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "breaks_on_import.py").write_text("import ssl\nssl.create_default_context()\nraise RuntimeError('no')\n")
+    with pytest.raises(RuntimeError, match="no"):
+        import_loading_ca_in_background("breaks_on_import")
+    assert "set_default_verify_paths" not in vars(ssl.SSLContext)
+    assert wait_for_ca_bundle(timeout=10)
+
+
+CLIENT = textwrap.dedent("""
+    import asyncio, json, sys
+    from infermill.ca_bundle import import_loading_ca_in_background, wait_for_ca_bundle
+
+    aiohttp = import_loading_ca_in_background("aiohttp")
+    loading = not wait_for_ca_bundle(timeout=0)
+
+    async def main():
+        async with aiohttp.ClientSession() as session:  # aiohttp's default, verifying context
+            try:
+                async with session.get(sys.argv[1]) as response:
+                    return {"status": response.status, "body": await response.text()}
+            except aiohttp.ClientConnectorCertificateError as e:
+                return {"error": "certificate", "detail": str(e)}
+
+    print(json.dumps({"loading_when_sent": loading, **asyncio.run(main())}))
+""")
+
+
+async def https_server(ca: trustme.CA):
+    app = web.Application()
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="over TLS")
+
+    app.router.add_get("/", hello)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"https://127.0.0.1:{port}/"
+
+
+async def run_client(url: str, bundle: str) -> dict:
+    env = {**os.environ, "SSL_CERT_FILE": bundle}
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", CLIENT, url, env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    return json.loads(out)
+
+
+async def test_a_tls_handshake_while_the_bundle_loads_waits_for_it(tmp_path, ca):
+    runner, url = await https_server(ca)
+    try:
+        result = await run_client(url, write_bundle(tmp_path / "slow.pem", ca, SLOW_BUNDLE_COPIES))
+    finally:
+        await runner.cleanup()
+    assert result["loading_when_sent"], "the request went out after the bundle had loaded: nothing was tested"
+    assert result.get("status") == 200, result
+    assert result["body"] == "over TLS"
+
+
+async def test_certificates_are_still_verified(tmp_path, ca):
+    runner, url = await https_server(ca)
+    try:
+        result = await run_client(url, write_bundle(tmp_path / "other.pem", trustme.CA(), SLOW_BUNDLE_COPIES))
+    finally:
+        await runner.cleanup()
+    assert result["loading_when_sent"]
+    assert result.get("error") == "certificate", result
