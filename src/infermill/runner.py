@@ -34,6 +34,7 @@ from infermill.errors import (
 )
 from infermill.io.readers import BadRecord
 from infermill.io.writers import OutputWriter
+from infermill.eventloop import fewer_gc_passes
 from infermill.journal import INFERMILL_DIR, ChunkJournal, default_checkpoint_dir
 from infermill.metrics import RunStats
 from infermill.retry import RetryPolicy
@@ -217,17 +218,18 @@ class InferenceRunner:
         completed = False
         try:
             server_scope = contextlib.nullcontext(server) if server is not None else create_server(self.config, rank)
-            async with enter_shared_context(self.shared_context) as context, server_scope as server:
-                self._server = server
-                self._context = context
-                self._generation_slots = asyncio.Semaphore(self.config.max_concurrent_generations)
-                self._next = _document_source(documents)
-                try:
-                    await _run_workers(self._worker, self.config.concurrent_documents)
-                finally:
-                    self.stats.server_restarts = server.restarts
-            for chunk_index in journal.open_chunks():  # the last, partial chunk
-                await asyncio.to_thread(journal.finalize_chunk, chunk_index)
+            with fewer_gc_passes():
+                async with enter_shared_context(self.shared_context) as context, server_scope as server:
+                    self._server = server
+                    self._context = context
+                    self._generation_slots = asyncio.Semaphore(self.config.max_concurrent_generations)
+                    self._next = _document_source(documents)
+                    try:
+                        await _run_workers(self._worker, self.config.concurrent_documents)
+                    finally:
+                        self.stats.server_restarts = server.restarts
+                for chunk_index in journal.open_chunks():  # the last, partial chunk
+                    await asyncio.to_thread(journal.finalize_chunk, chunk_index)
             completed = True
         finally:
             self.stats.inference_time_sec = time.perf_counter() - started
