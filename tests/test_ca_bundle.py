@@ -4,9 +4,11 @@ a TLS handshake that waits for it (real certificates from trustme, real TLS on 1
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import ssl
+import subprocess
 import sys
 import textwrap
 
@@ -14,13 +16,13 @@ import pytest
 import trustme
 from aiohttp import web
 
-from infermill.ca_bundle import import_loading_ca_in_background, wait_for_ca_bundle
+from infermill.ca_bundle import ca_bundle_pending, import_loading_ca_in_background, wait_for_ca_bundle
 
 SLOW_BUNDLE_COPIES = 3000  # the test CA this many times over: about a second to load
 
 
 @pytest.fixture
-def ca(tmp_path):
+def ca():
     return trustme.CA()
 
 
@@ -46,7 +48,8 @@ def test_contexts_the_import_makes_get_their_certificates_in_the_background(tmp_
     assert module.own_at_import == 0  # deferred
     assert module.other_at_import == 1  # another thread's context loads as usual, at once
     assert "set_default_verify_paths" not in vars(ssl.SSLContext)  # the patch is gone
-    assert wait_for_ca_bundle(timeout=10)
+    wait_for_ca_bundle()
+    assert not ca_bundle_pending()
     assert module.own.cert_store_stats()["x509_ca"] == 1
     assert type(module.own) is ssl.SSLContext
     assert import_loading_ca_in_background("makes_contexts") is module  # imported once
@@ -58,15 +61,72 @@ def test_a_failing_import_still_removes_the_patch(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no"):
         import_loading_ca_in_background("breaks_on_import")
     assert "set_default_verify_paths" not in vars(ssl.SSLContext)
-    assert wait_for_ca_bundle(timeout=10)
+    wait_for_ca_bundle()
+    assert not ca_bundle_pending()
+
+
+def test_a_subclass_context_loads_at_once_even_with_a_read_only_class(tmp_path, ca, monkeypatch):
+    # truststore's SSLContext, injected into ssl, is such a subclass
+    monkeypatch.setenv("SSL_CERT_FILE", write_bundle(tmp_path / "ca.pem", ca))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "makes_a_subclass_context.py").write_text(textwrap.dedent("""
+        import ssl
+        class Sealed(ssl.SSLContext):
+            __class__ = property(lambda self: Sealed)
+        class Plain(ssl.SSLContext):
+            pass
+        sealed, plain = Sealed(ssl.PROTOCOL_TLS_CLIENT), Plain(ssl.PROTOCOL_TLS_CLIENT)
+        sealed.set_default_verify_paths()
+        plain.set_default_verify_paths()
+        at_import = [sealed.cert_store_stats()["x509_ca"], plain.cert_store_stats()["x509_ca"]]
+    """))
+    module = import_loading_ca_in_background("makes_a_subclass_context")
+    assert module.at_import == [1, 1]
+    assert type(module.plain).__name__ == "Plain"
+
+
+def test_tls_on_a_deferred_context_during_the_import_loads_it_there(tmp_path, ca, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", write_bundle(tmp_path / "ca.pem", ca))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "uses_its_context.py").write_text(textwrap.dedent("""
+        import ssl
+        context = ssl.create_default_context()
+        context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="example.org")
+        at_import = context.cert_store_stats()["x509_ca"]
+    """))
+    module = import_loading_ca_in_background("uses_its_context")  # no deadlock
+    assert module.at_import == 1
+
+
+FORKS = textwrap.dedent("""
+    import os, sys
+    from infermill.ca_bundle import ca_bundle_pending, import_loading_ca_in_background
+
+    module = import_loading_ca_in_background("makes_contexts")
+    assert ca_bundle_pending()
+    pid = os.fork()
+    if pid == 0:  # the child has the certificates, and no thread to wait for
+        os._exit(0 if module.own.cert_store_stats()["x509_ca"] == 1 else 3)
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_fork_during_the_load_gives_the_child_loaded_contexts(tmp_path, ca):
+    (tmp_path / "makes_contexts.py").write_text("import ssl\nown = ssl.create_default_context()\n")
+    env = {**os.environ, "SSL_CERT_FILE": write_bundle(tmp_path / "slow.pem", ca, SLOW_BUNDLE_COPIES),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", FORKS], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 CLIENT = textwrap.dedent("""
     import asyncio, json, sys
-    from infermill.ca_bundle import import_loading_ca_in_background, wait_for_ca_bundle
+    from infermill.ca_bundle import ca_bundle_pending, import_loading_ca_in_background
 
     aiohttp = import_loading_ca_in_background("aiohttp")
-    loading = not wait_for_ca_bundle(timeout=0)
+    loading = ca_bundle_pending()
 
     async def main():
         async with aiohttp.ClientSession() as session:  # aiohttp's default, verifying context
@@ -76,7 +136,12 @@ CLIENT = textwrap.dedent("""
             except aiohttp.ClientConnectorCertificateError as e:
                 return {"error": "certificate", "detail": str(e)}
 
-    print(json.dumps({"loading_when_sent": loading, **asyncio.run(main())}))
+    if sys.argv[2] == "uvloop":  # what infermill runs on when it is installed
+        import uvloop
+        result = uvloop.run(main())
+    else:
+        result = asyncio.run(main())
+    print(json.dumps({"loading_when_sent": loading, **result}))
 """)
 
 
@@ -96,19 +161,24 @@ async def https_server(ca: trustme.CA):
     return runner, f"https://127.0.0.1:{port}/"
 
 
-async def run_client(url: str, bundle: str) -> dict:
+async def run_client(url: str, bundle: str, loop: str) -> dict:
     env = {**os.environ, "SSL_CERT_FILE": bundle}
-    process = await asyncio.create_subprocess_exec(sys.executable, "-c", CLIENT, url, env=env,
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", CLIENT, url, loop, env=env,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()
     return json.loads(out)
 
 
-async def test_a_tls_handshake_while_the_bundle_loads_waits_for_it(tmp_path, ca):
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
+    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))])
+
+
+@LOOPS
+async def test_a_tls_handshake_while_the_bundle_loads_waits_for_it(tmp_path, ca, loop):
     runner, url = await https_server(ca)
     try:
-        result = await run_client(url, write_bundle(tmp_path / "slow.pem", ca, SLOW_BUNDLE_COPIES))
+        result = await run_client(url, write_bundle(tmp_path / "slow.pem", ca, SLOW_BUNDLE_COPIES), loop)
     finally:
         await runner.cleanup()
     assert result["loading_when_sent"], "the request went out after the bundle had loaded: nothing was tested"
@@ -116,10 +186,11 @@ async def test_a_tls_handshake_while_the_bundle_loads_waits_for_it(tmp_path, ca)
     assert result["body"] == "over TLS"
 
 
-async def test_certificates_are_still_verified(tmp_path, ca):
+@LOOPS
+async def test_certificates_are_still_verified(tmp_path, ca, loop):
     runner, url = await https_server(ca)
     try:
-        result = await run_client(url, write_bundle(tmp_path / "other.pem", trustme.CA(), SLOW_BUNDLE_COPIES))
+        result = await run_client(url, write_bundle(tmp_path / "other.pem", trustme.CA(), SLOW_BUNDLE_COPIES), loop)
     finally:
         await runner.cleanup()
     assert result["loading_when_sent"]

@@ -128,16 +128,16 @@ async def test_a_ready_line_printed_before_the_port_listens_waits_for_the_port(t
         await asyncio.wait_for(server.wait_until_ready(), 10)
         waited = time.monotonic() - started
         reply = await asyncio.wait_for(server.make_request(CHAT), 5)  # at once, and never retried
-    assert 0.8 <= waited < 5, waited
+    assert 0.5 <= waited < 5, waited  # it binds 1 s after the line; this test may see the start late
     assert reply["choices"][0]["message"]["content"] == "hello there"
 
 
 async def test_a_ready_line_from_a_server_that_never_listens_names_the_port(tmp_path):
     config = custom_config(tmp_path, "say_server.py", {"say": "INFO:     Application startup complete."},
-                           server_ready_max_attempts=4, server_ready_delay_sec=0.2)
+                           server_ready_max_attempts=10, server_ready_delay_sec=0.3)
     error, _ = await start_failure(CustomServer(config))
-    assert "printed a ready line, but nothing accepts connections on port" in error.reason
-    assert "--port it is given" in error.reason
+    assert "printed a ready line, but 127.0.0.1:" in error.reason
+    assert "refuses connections: does it listen there, on the --port it is given?" in error.reason
 
 
 async def test_http_probe_alone_makes_a_silent_server_ready(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import pytest
@@ -37,13 +38,25 @@ def test_a_higher_threshold_set_by_the_user_is_kept(default_gc):
 
 
 def test_overlapping_uses_restore_once_the_last_one_leaves(default_gc):
-    first, second = fewer_gc_passes(), fewer_gc_passes()
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)  # the first to enter leaves first: the second still runs
-    assert gc.get_threshold()[0] == GC_THRESHOLD
-    second.__exit__(None, None, None)
+    with contextlib.ExitStack() as second_scope:
+        with contextlib.ExitStack() as first_scope:
+            first_scope.enter_context(fewer_gc_passes())
+            second_scope.enter_context(fewer_gc_passes())
+        # the first to enter has left first: the second still runs
+        assert gc.get_threshold()[0] == GC_THRESHOLD
     assert gc.get_threshold() == (700, 10, 10)
+
+
+def test_collection_turned_off_stays_off(default_gc):
+    gc.set_threshold(0)
+    with fewer_gc_passes():
+        assert gc.get_threshold()[0] == 0
+
+
+def test_a_change_made_during_the_block_is_kept(default_gc):
+    with fewer_gc_passes():
+        gc.set_threshold(5_000, 10, 10)
+    assert gc.get_threshold() == (5_000, 10, 10)
 
 
 def test_a_run_collects_less_often_while_it_goes_and_as_before_afterwards(tmp_path, default_gc):

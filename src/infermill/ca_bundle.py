@@ -3,41 +3,80 @@
 aiohttp builds its two default SSL contexts when it is imported, and each reads and parses
 the system CA bundle: with OpenSSL 3 that takes 40-100 ms apiece, a third of aiohttp's import
 and the largest single piece of ``infermill run``'s start-up, for contexts that a run against
-its own local server never uses. :func:`import_loading_ca_in_background` defers that loading
-to a thread, where it runs beside the rest of start-up (OpenSSL releases the GIL while it
-reads). Until it is done, those contexts make every TLS handshake wait for it, so no
-connection ever sees a context without its certificates.
+its own local server never uses. :func:`import_loading_ca_in_background` leaves that loading
+to a thread, where it runs beside the rest of start-up (CPython releases the GIL around it,
+since 3.10.6). Until it is done, those contexts finish the loading themselves before any TLS
+handshake, so no connection ever sees a context without its certificates; a fork waits for
+it too. Only contexts of the standard library's own class are deferred: a subclass (such as
+truststore's) loads at once, as usual.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import ssl
 import sys
 import threading
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 logger = logging.getLogger("infermill")
 
-_import_lock = threading.Lock()
-_loads: list[threading.Event] = []  # one per import that deferred some loading
+_STDLIB_CONTEXT: type = next(cls for cls in type.mro(ssl.SSLContext) if cls.__module__ == "ssl")
+_import_lock = threading.RLock()
+_pending: list[_PendingLoad] = []
 
 
-class _CertificatesLoading(ssl.SSLContext):
-    """A context whose CA certificates are loading in the background: TLS waits for them.
-    Each import gets a subclass with its own ``loaded`` event."""
+class _PendingLoad:
+    """The contexts one import deferred. :meth:`finish` loads them: from the background
+    thread, or first from whoever needs them earlier (the others then wait on the lock)."""
 
-    loaded: threading.Event
+    def __init__(self, load: Callable[[ssl.SSLContext], None]):
+        self._load = load
+        self._lock = threading.Lock()
+        self._contexts: list[ssl.SSLContext] = []
+        self._context_class = _loading_class(self)
 
-    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        self.loaded.wait()  # meanwhile, the loader gives the context its own class back
-        return ssl.SSLContext.wrap_socket(self, *args, **kwargs)
+    def defer(self, context: ssl.SSLContext) -> bool:
+        try:
+            context.__class__ = self._context_class
+        except (TypeError, AttributeError):
+            return False
+        self._contexts.append(context)
+        return True
 
-    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:  # asyncio's and uvloop's TLS
-        self.loaded.wait()
-        return ssl.SSLContext.wrap_bio(self, *args, **kwargs)
+    @property
+    def done(self) -> bool:
+        return not self._contexts
+
+    def finish(self) -> None:
+        with self._lock:
+            while self._contexts:
+                context = self._contexts[-1]
+                try:
+                    self._load(context)
+                except Exception as e:  # at import time, this would have failed the import
+                    logger.warning("could not load the system CA certificates: %s", e)
+                context.__class__ = _STDLIB_CONTEXT
+                self._contexts.pop()
+
+
+def _loading_class(pending: _PendingLoad) -> type:
+    """The class of a context until ``pending`` has loaded it: TLS on it finishes the load first."""
+
+    class CertificatesLoading(_STDLIB_CONTEXT):  # type: ignore[misc, valid-type]
+        def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+            pending.finish()
+            return _STDLIB_CONTEXT.wrap_socket(self, *args, **kwargs)
+
+        def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:  # asyncio's and uvloop's TLS
+            pending.finish()
+            return _STDLIB_CONTEXT.wrap_bio(self, *args, **kwargs)
+
+    return CertificatesLoading
 
 
 def import_loading_ca_in_background(name: str) -> ModuleType:
@@ -45,54 +84,43 @@ def import_loading_ca_in_background(name: str) -> ModuleType:
     load left to a background thread; see the module docstring."""
     with _import_lock:
         if name in sys.modules:
-            return sys.modules[name]
+            return importlib.import_module(name)  # waits for an import still running elsewhere
         importer = threading.get_ident()
-        loaded = threading.Event()
-        loading_class = type("CertificatesLoading", (_CertificatesLoading,), {"loaded": loaded})
-        deferred: list[tuple[ssl.SSLContext, type]] = []
-        own_attribute = ssl.SSLContext.__dict__.get("set_default_verify_paths")
-        load_now = ssl.SSLContext.set_default_verify_paths
+        own_attribute = _STDLIB_CONTEXT.__dict__.get("set_default_verify_paths")
+        load_now = _STDLIB_CONTEXT.set_default_verify_paths
+        pending = _PendingLoad(load_now)
 
         def set_default_verify_paths(context: ssl.SSLContext) -> None:
-            if threading.get_ident() == importer:
-                cls = type(context)
-                try:
-                    context.__class__ = loading_class
-                except TypeError:  # a subclass with its own layout: load it now
-                    pass
-                else:
-                    deferred.append((context, cls))
-                    return
-            load_now(context)
+            if not (threading.get_ident() == importer and type(context) is _STDLIB_CONTEXT
+                    and pending.defer(context)):
+                load_now(context)
 
-        ssl.SSLContext.set_default_verify_paths = set_default_verify_paths  # type: ignore[method-assign]
+        _STDLIB_CONTEXT.set_default_verify_paths = set_default_verify_paths
         try:
             return importlib.import_module(name)
         finally:
             if own_attribute is None:
-                del ssl.SSLContext.set_default_verify_paths
+                del _STDLIB_CONTEXT.set_default_verify_paths
             else:
-                ssl.SSLContext.set_default_verify_paths = own_attribute  # type: ignore[method-assign]
-            if deferred:
-                _loads.append(loaded)
-                threading.Thread(target=_load, args=(deferred, load_now, loaded), name="infermill-ca-bundle",
-                                 daemon=True).start()
-            else:
-                loaded.set()
+                _STDLIB_CONTEXT.set_default_verify_paths = own_attribute
+            if not pending.done:
+                _pending.append(pending)
+                try:
+                    threading.Thread(target=pending.finish, name="infermill-ca-bundle", daemon=True).start()
+                except RuntimeError:  # no thread to be had: load now
+                    pending.finish()
 
 
-def wait_for_ca_bundle(timeout: float | None = None) -> bool:
-    """Wait until every deferred CA bundle is loaded; whether they are."""
-    return all(event.wait(timeout) for event in list(_loads))
+def ca_bundle_pending() -> bool:
+    """Whether some deferred CA bundle is still loading."""
+    return not all(pending.done for pending in _pending)
 
 
-def _load(deferred: list[tuple[ssl.SSLContext, type]], load: Any, loaded: threading.Event) -> None:
-    try:
-        for context, cls in deferred:
-            try:
-                load(context)
-            except Exception as e:  # at import time, this would have failed the import
-                logger.warning("could not load the system CA certificates: %s", e)
-            context.__class__ = cls
-    finally:
-        loaded.set()
+def wait_for_ca_bundle() -> None:
+    """Return once every deferred CA bundle is loaded (loading it here if nobody has yet)."""
+    for pending in list(_pending):
+        pending.finish()
+
+
+if hasattr(os, "register_at_fork"):  # a child must not inherit a half-loaded store, nor wait on no thread
+    os.register_at_fork(before=wait_for_ca_bundle)

@@ -136,7 +136,8 @@ class OpenAIClient:
         except asyncio.TimeoutError as e:
             raise RequestTimeoutError(f"{method} {url}: no reply within the request timeout") from e
         except aiohttp.ClientError as e:
-            error = ServerUnreachableError if isinstance(e, aiohttp.ClientConnectorError) else ServerConnectionError
+            refused = isinstance(e, aiohttp.ClientConnectorError) and isinstance(e.os_error, ConnectionRefusedError)
+            error = ServerUnreachableError if refused else ServerConnectionError
             raise error(self._redact(f"{method} {url}: {type(e).__name__}: {e}")) from e
         except asyncio.CancelledError:
             if task is not None and task in self._expired:  # cancelled by _cancel_overdue, not by our caller

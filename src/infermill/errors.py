@@ -67,7 +67,7 @@ class ServerConnectionError(RetryableError):
 
 
 class ServerUnreachableError(ServerConnectionError):
-    """No connection could be opened (refused, unreachable): nothing listens on the port, yet or any more."""
+    """The connection was refused: nothing listens on the port, yet or any more."""
 
 
 class ServerLostError(ServerConnectionError):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
-from infermill.ca_bundle import import_loading_ca_in_background
+from infermill.ca_bundle import ca_bundle_pending, import_loading_ca_in_background, wait_for_ca_bundle
 from infermill.config import InferenceConfig
 from infermill.errors import RequestTimeoutError, ServerConnectionError, ServerError, ServerLostError
 
@@ -126,6 +126,8 @@ class InferenceServer:
     async def _made_client(self, imported: asyncio.Future | None) -> OpenAIClient:
         if imported is not None:
             await imported
+        if self.base_url.startswith("https:") and ca_bundle_pending():
+            await asyncio.to_thread(wait_for_ca_bundle)  # not in the first handshake, on the event loop
         return self._client
 
     async def __aenter__(self) -> InferenceServer:
@@ -184,9 +186,12 @@ class InferenceServer:
         finally:
             self.outstanding_requests -= 1
         if lost is not None:
-            if await self._lost_with_server(generation):
-                raise ServerLostError(f"{lost} (the server failed with this request in flight)") from lost
-            raise lost
+            try:
+                if await self._lost_with_server(generation):
+                    raise ServerLostError(f"{lost} (the server failed with this request in flight)") from lost
+                raise lost
+            finally:
+                lost = None  # else error -> traceback -> this frame -> error: a cycle holding the payload
         self.last_progress = time.monotonic()  # only answers count as progress
         self._timed_out = False
         return reply

@@ -121,13 +121,14 @@ class ManagedServer(InferenceServer):
         max_interval = min(PROBE_INTERVAL_MAX, self.config.server_ready_delay_sec)
         while True:
             self._raise_if_dead(process)
-            if await (self._answers_http() if self._ready_line_seen else self._probe_ready()):
+            remaining = deadline - loop.time()
+            if await (self._answers_http(remaining) if self._ready_line_seen else self._probe_ready()):
                 return
             self._raise_if_dead(process)
             remaining = deadline - loop.time()
             if remaining <= 0:
-                why = (f"it printed a ready line, but nothing accepts connections on port {self.port}: does "
-                       "it listen on the --port it is given?" if self._ready_line_seen
+                why = (f"it printed a ready line, but {self.host}:{self.port} refuses connections: does it "
+                       "listen there, on the --port it is given?" if self._ready_line_seen
                        else "no ready log line and no HTTP 200 from GET /v1/models")
                 raise ServerError(
                     f"not ready after {window:g} s (server_ready_max_attempts x server_ready_delay_sec): {why}",
@@ -153,13 +154,14 @@ class ManagedServer(InferenceServer):
             return False
         return True
 
-    async def _answers_http(self) -> bool:
+    async def _answers_http(self, remaining: float) -> bool:
         """After a ready line: whether the port takes connections yet. Uvicorn prints "Application
-        startup complete" before it binds, so a request sent at once could be refused. Any HTTP
-        reply counts, and its keep-alive connection then carries the first request."""
+        startup complete" before it binds, so a request sent at once could be refused. Anything
+        but a refused connection counts (a 404 too), and a reply's keep-alive connection then
+        carries the first request."""
         await asyncio.shield(self._load_client())
         try:
-            await self._client.get(self.base_url + "/v1/models", timeout=PROBE_TIMEOUT)
+            await self._client.get(self.base_url + "/v1/models", timeout=max(0.1, min(PROBE_TIMEOUT, remaining)))
         except ServerUnreachableError:
             return False
         except RequestError:
