@@ -281,3 +281,4 @@ async def test_requests_say_who_sends_them_and_that_replies_must_not_be_compress
     assert headers["User-Agent"].startswith("infermill/")
     assert headers["Accept-Encoding"] == "identity"
     assert headers["Content-Type"] == "application/json"
+    assert headers["Accept"] == "application/json"
