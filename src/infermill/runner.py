@@ -32,9 +32,9 @@ from infermill.errors import (
     ServerError,
     ServerLostError,
 )
+from infermill.eventloop import fewer_gc_passes
 from infermill.io.readers import BadRecord
 from infermill.io.writers import OutputWriter
-from infermill.eventloop import fewer_gc_passes
 from infermill.journal import INFERMILL_DIR, ChunkJournal, default_checkpoint_dir
 from infermill.metrics import RunStats
 from infermill.retry import RetryPolicy

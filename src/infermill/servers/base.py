@@ -110,10 +110,11 @@ class InferenceServer:
         return self._http
 
     def _load_client(self) -> asyncio.Future[OpenAIClient]:
-        """The client, once aiohttp is imported. The import takes a few tenths of a second (mostly
-        loading CA certificates): it runs in a thread, beside a server that is already booting,
-        so that the event loop keeps reading the server's output meanwhile. Only the supervisor
-        awaits it, shielded: a cancelled caller must not cancel the load for everyone."""
+        """The client, once aiohttp is imported. The import takes a few tenths of a second: it runs
+        in a thread, beside a server that is already booting, so that the event loop keeps reading
+        the server's output meanwhile (and aiohttp's CA bundle loads later still, see
+        :mod:`infermill.ca_bundle`). Only the supervisor awaits it, shielded: a cancelled caller
+        must not cancel the load for everyone."""
         if self._client_loading is None or self._client_loading.cancelled():
             # submitted to the thread now, not when a task first runs: the caller may hold the
             # event loop for a while (``infermill run`` imports the rest of itself meanwhile)
