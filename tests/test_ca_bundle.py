@@ -195,3 +195,38 @@ async def test_certificates_are_still_verified(tmp_path, ca, loop):
         await runner.cleanup()
     assert result["loading_when_sent"]
     assert result.get("error") == "certificate", result
+
+
+async def test_infermill_run_against_an_https_endpoint_while_the_bundle_loads(tmp_path, ca):
+    # the whole path: `infermill run` imports aiohttp with the bundle deferred, the endpoint's
+    # probe and requests go over TLS, verified against a bundle that takes about a second to load
+    from infermill.echo_app import build_echo_app
+
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    runner = web.AppRunner(build_echo_app("echo"))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": str(i), "text": f"doc {i}"}) + "\n" for i in range(5)))
+    job = {"input": {"path": str(tmp_path / "in.jsonl")}, "output": {"path": str(tmp_path / "out")},
+           "rollout": {"template": "Echo: [[DOCUMENT]]"},
+           "inference": {"server_type": "endpoint", "endpoint_url": f"https://127.0.0.1:{port}/v1",
+                         "model_name_or_path": "echo", "api_key": "k",
+                         # one probe, no second start: a handshake before the load would fail the run
+                         "server_ready_max_attempts": 1, "server_ready_delay_sec": 0.05,
+                         "server_start_max_retries": 0}}
+    (tmp_path / "job.yaml").write_text(json.dumps(job))
+    env = {**os.environ, "SSL_CERT_FILE": write_bundle(tmp_path / "slow.pem", ca, SLOW_BUNDLE_COPIES)}
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "infermill", "run", str(tmp_path / "job.yaml"), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 90)
+    finally:
+        await runner.cleanup()
+    assert process.returncode == 0, err.decode()[-3000:]
+    records = [json.loads(line) for path in (tmp_path / "out").glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == [str(i) for i in range(5)]
+    assert all(r["metadata"]["rollout_results"][0]["text"].startswith("Echo: doc") for r in records), records[0]

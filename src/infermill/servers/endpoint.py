@@ -34,9 +34,9 @@ class EndpointServer(InferenceServer):
     async def _start_attempt(self, attempt: int) -> None:
         loop = asyncio.get_running_loop()
         window = self.config.server_ready_max_attempts * self.config.server_ready_delay_sec
-        deadline = loop.time() + window
         last_error: RequestError | None = None
         client = await asyncio.shield(self._load_client())
+        deadline = loop.time() + window  # from here: loading the client is not the endpoint's time
         while loop.time() < deadline:
             try:
                 await client.get(self._base_url + "/v1/models", timeout=min(10.0, window))
