@@ -122,7 +122,7 @@ class ManagedServer(InferenceServer):
         while True:
             self._raise_if_dead(process)
             remaining = deadline - loop.time()
-            if await (self._answers_http(remaining) if self._ready_line_seen else self._probe_ready()):
+            if await self._probe(self._ready_line_seen, remaining):
                 return
             self._raise_if_dead(process)
             remaining = deadline - loop.time()
@@ -144,28 +144,23 @@ class ManagedServer(InferenceServer):
             raise ServerError(f"the server process exited with code {process.returncode} before it was ready",
                               list(process.tail))
 
-    async def _probe_ready(self) -> bool:
-        try:
-            loading = self._load_client()
-            if not loading.done():
-                return False  # still importing the client; the server's log may say it is ready first
-            await self._client.get(self.base_url + "/v1/models", timeout=PROBE_TIMEOUT)
-        except RequestError:
+    async def _probe(self, after_ready_line: bool, remaining: float) -> bool:
+        """GET /v1/models. Without a ready line, only a 200 makes the server ready, and the probe
+        does not wait for the client to load (the log may say it is ready first). After one,
+        anything but a refused connection counts, a 404 too: uvicorn prints "Application startup
+        complete" before it binds. Either way, the reply's keep-alive connection then carries
+        the first request."""
+        loading = self._load_client()
+        if after_ready_line:
+            await asyncio.shield(loading)
+        elif not loading.done():
             return False
-        return True
-
-    async def _answers_http(self, remaining: float) -> bool:
-        """After a ready line: whether the port takes connections yet. Uvicorn prints "Application
-        startup complete" before it binds, so a request sent at once could be refused. Anything
-        but a refused connection counts (a 404 too), and a reply's keep-alive connection then
-        carries the first request."""
-        await asyncio.shield(self._load_client())
         try:
             await self._client.get(self.base_url + "/v1/models", timeout=max(0.1, min(PROBE_TIMEOUT, remaining)))
         except ServerUnreachableError:
             return False
         except RequestError:
-            pass  # it answers, even if not this path (or slowly): what the ready line says holds
+            return after_ready_line  # it answers, if not on this path: what the ready line says holds
         return True
 
     def _on_line(self, line: str) -> None:
