@@ -132,8 +132,8 @@ INVALID_KEYS = {
     "inference.max_concurrent_generations": ("many", ["inference.max_concurrent_generations:", "valid integer",
                                                       "(got 'many')"]),
     "input.limit": (-1, ["input.limit:", "greater than or equal to 1", "(got -1)"]),
-    "inference.server_type": ("tgi", ["inference.server_type:", "'custom'", "'vllm'", "'sglang'", "'endpoint'",
-                                      "'dummy'", "(got 'tgi')"]),
+    "inference.server_type": ("tgi", ["inference.server_type: 'tgi' is not one of custom, vllm, sglang, endpoint, "
+                                      "dummy"]),
 }
 
 
@@ -442,5 +442,7 @@ def test_a_job_checkpoints_where_the_runner_would_by_default(tmp_path, monkeypat
     spec = job_spec(tmp_path)
     spec["output"]["path"] = output
     job = JobConfig.model_validate(spec)
-    assert job.checkpoint_dir() == InferenceRunner._checkpoint_dir(None, JsonlWriter(output))
-    assert os.path.isabs(job.checkpoint_dir())
+    runner = InferenceRunner(lambda document, generate: None, job.inference, JsonlWriter(output))
+    assert job.layout() == runner.layout
+    assert job.layout().checkpoints.is_absolute()
+    assert str(job.layout().root.parent) == JsonlWriter(output).root  # beside the output files

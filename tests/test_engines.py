@@ -138,10 +138,16 @@ def test_server_command_replaces_the_launcher_and_server_env_goes_to_the_environ
 
 @pytest.mark.parametrize("server_class", [VLLMServer, SGLangServer])
 @pytest.mark.parametrize("bad", [{"server_command": "vllm serve"}, {"server_command": ["x", 1]}, {"server_env": ["A=1"]}])
-def test_malformed_launch_kwargs_fail_naming_the_key(server_class, bad):
-    config = InferenceConfig(server_type=server_class.__name__[:-6].lower(), model_name_or_path=MODEL, model_kwargs=bad)
+def test_malformed_launch_kwargs_fail_when_the_config_is_made_naming_the_key(server_class, bad):
     with pytest.raises(ConfigError, match=f"model_kwargs.{next(iter(bad))}"):
-        server_class(config)
+        InferenceConfig(server_type=server_class.__name__[:-6].lower(), model_name_or_path=MODEL, model_kwargs=bad)
+
+
+@pytest.mark.parametrize("key", ["server_script", "server_module"])
+def test_a_launch_key_an_engine_does_not_take_is_an_error_not_a_flag(key):
+    with pytest.raises(ConfigError, match=f"model_kwargs.{key}: server_type 'vllm' accepts only server_command, "
+                                          "server_env; remove it"):
+        InferenceConfig(server_type="vllm", model_name_or_path=MODEL, model_kwargs={key: "x"})
 
 
 def test_vllm_environment_disables_tensorflow_but_server_env_wins():

@@ -8,13 +8,15 @@ import orjson
 import pytest
 
 from infermill.io.writers import JsonlWriter
-from infermill.journal import ChunkJournal, is_rank_complete, request_key
+from infermill.journal import ChunkJournal, request_key
+from infermill.layout import JobLayout
 
 IDENTITY = {"job": "test"}
 
 
 def open_journal(tmp_path, records_per_chunk: int = 10) -> ChunkJournal:
-    journal = ChunkJournal(tmp_path / "checkpoints", 0, records_per_chunk, JsonlWriter(str(tmp_path / "out")))
+    layout = JobLayout.for_output(str(tmp_path / "out"), str(tmp_path / "checkpoints"))
+    journal = ChunkJournal(layout, 0, records_per_chunk, JsonlWriter(str(tmp_path / "out")))
     journal.open(IDENTITY)
     return journal
 
@@ -78,8 +80,8 @@ async def test_a_full_chunk_is_finalized_with_every_record(tmp_path):
     await asyncio.sleep(0)  # the scheduled flush meets a closed log and must not fail
     journal.mark_complete({"documents_processed": 4})
     journal.close()
-    assert is_rank_complete(tmp_path / "checkpoints", 0)
-    assert not is_rank_complete(tmp_path / "checkpoints", 1)
+    assert journal.layout.is_rank_complete(0)
+    assert not journal.layout.is_rank_complete(1)
     written = (tmp_path / "out" / "00000_00000.jsonl").read_text().splitlines()
     assert [orjson.loads(line)["id"] for line in written] == ["0", "1", "2", "3"]
 
@@ -100,3 +102,19 @@ async def test_a_failed_flush_is_raised_by_the_next_commit_and_by_close(tmp_path
         journal.commit(1, b'{"id":"1"}')
     with pytest.raises(InfermillError, match="run the same command again"):
         journal.close()
+
+
+async def test_the_summary_counts_each_document_once_and_ignores_a_torn_last_line(tmp_path):
+    journal = open_journal(tmp_path, records_per_chunk=4)
+    for index in range(4):
+        journal.commit(index, b'{"id":"%d"}' % index)
+    await asyncio.to_thread(journal.finalize_chunk, 0)
+    journal.store_reply(5, ("doc-5", 0, b"{}", 0), {"choices": []})
+    journal.commit(4, b'{"id":"4"}')
+    journal.commit(4, b'{"id":"4"}')  # a document logged twice (a resume after a kill) counts once
+    journal.close()
+    log = journal.layout.chunk_log(0, 1)
+    log.write_bytes(log.read_bytes() + b'{"i":6,"r":{"id"')  # a kill mid-write
+    summary = ChunkJournal.summary(journal.layout, 0)
+    assert (summary.complete, summary.chunks_done, summary.documents_in_open_chunks, summary.cached_replies) == \
+        (False, 1, 1, 1)

@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -118,16 +117,20 @@ def main(verbose: bool) -> None:
 @click.option("--world-size", type=int, default=None, help="Number of ranks (default: runner.world_size).")
 def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, world_size: int | None) -> None:
     """Run the job in JOB_FILE to completion (or resume it)."""
-    from infermill.journal import is_rank_complete
     from infermill.servers import create_server
 
     job = _load(job_file, overrides)
     world_size = world_size or job.runner.world_size
     if not 0 <= rank < world_size:
         raise click.BadParameter(f"--rank must be in [0, {world_size}), got {rank}")
-    checkpoint_dir = job.checkpoint_dir()
-    # not for a finished rank, nor for a remote output without checkpoint.dir (an error, said below)
-    launch_early = checkpoint_dir is not None and (overwrite or not is_rank_complete(checkpoint_dir, rank))
+    try:
+        layout = job.layout()
+    except ConfigError as e:
+        _error(e)
+        raise SystemExit(EXIT_USAGE) from None
+    if job.inference.server_log_folder is None:  # a job keeps its server's output with its other files
+        job.inference.server_log_folder = str(layout.logs)
+    launch_early = overwrite or not layout.is_rank_complete(rank)  # a finished rank launches nothing
 
     async def go() -> dict[str, Any]:
         # The server is launched first and boots while the rest of infermill (aiohttp, fsspec,
@@ -145,7 +148,8 @@ def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, w
                 runner, reader = build_runner(job, overwrite=overwrite), build_reader(job)
             except InfermillError as e:  # a job that cannot be set up is a usage error, like a bad job file
                 raise ConfigError(str(e)) from None
-            progress = asyncio.create_task(show_progress(runner, total=job.input.limit))
+            progress = asyncio.create_task(show_progress(runner.progress, job.input.limit,
+                                                         job.inference.metric_interval))
             try:
                 return await runner.run_async(reader.read(rank, world_size), rank, world_size, server=server)
             finally:
@@ -253,30 +257,28 @@ def status(output: str, checkpoints: str | None) -> None:
     """Show the progress of a running or finished job from its checkpoints and stats."""
     from rich.table import Table
 
-    from infermill.journal import COMPLETE_FILE, INFERMILL_DIR, default_checkpoint_dir
+    from infermill.journal import ChunkJournal
+    from infermill.layout import JobLayout
 
-    root = Path(checkpoints or default_checkpoint_dir(output))
-    ranks = sorted(root.glob("rank_*"))
+    try:
+        layout = JobLayout.for_output(output, checkpoints)
+    except ConfigError as e:
+        _error(e)
+        raise SystemExit(EXIT_USAGE) from None
+    ranks = layout.ranks()
     if not ranks:
-        _error(f"no checkpoints in {root}: is {output} the output folder of a job?")
+        _error(f"no checkpoints in {layout.checkpoints}: is {output} the output folder of a job? (--checkpoints "
+               "names the checkpoint folder of a job that set checkpoint.dir)")
         raise SystemExit(EXIT_USAGE)
     table = Table(title=f"infermill status: {escape(output)}")
     for column in ("rank", "state", "chunks done", "documents in open chunks", "cached replies"):
         table.add_column(column, justify="right")
-    for rank_dir in ranks:
-        done = len(list(rank_dir.glob("chunk_*.done")))
-        open_docs = cached = 0
-        for log in rank_dir.glob("chunk_*.log"):
-            for line in log.read_bytes().splitlines():
-                if line.startswith(b'{"i"'):
-                    open_docs += 1
-                elif line.startswith(b'{"k"'):
-                    cached += 1
-        complete = (rank_dir / COMPLETE_FILE).exists()
-        table.add_row(rank_dir.name.removeprefix("rank_"), "complete" if complete else "incomplete",
-                      str(done), str(open_docs), str(cached))
+    for rank in ranks:
+        summary = ChunkJournal.summary(layout, rank)
+        table.add_row(f"{rank:05d}", "complete" if summary.complete else "incomplete", str(summary.chunks_done),
+                      str(summary.documents_in_open_chunks), str(summary.cached_replies))
     _console().print(table)
-    for stats_file in sorted((Path(output) / INFERMILL_DIR).glob("stats*.json")):
+    for stats_file in layout.stats_files():
         stats = orjson.loads(stats_file.read_bytes())
         click.echo(f"{stats_file.name}: {stats.get('documents_processed', 0)} documents processed, "
                    f"{stats.get('documents_failed', 0)} failed, {stats.get('requests_ok', 0)} requests ok, "

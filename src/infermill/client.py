@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -31,7 +30,6 @@ BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 422})
 AUTH_STATUSES = frozenset({401, 403})
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
 ERROR_BODY_CHARS = 500
-SWEEP_INTERVAL = 1.0  # seconds between checks for requests past request_timeout
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -79,16 +77,7 @@ class OpenAIClient:
         self._api_key = api_key or None
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._request_timeout = request_timeout
-        # aiohttp's per-request timer (a TimerHandle and a TimerContext around every read) costs more
-        # than the rest of a request's bookkeeping: requests register a deadline instead, and one
-        # sweeper task cancels the overdue ones (at most SWEEP_INTERVAL late). Python 3.10 has no
-        # Task.uncancel(), so it keeps aiohttp's timer.
-        self._sweep = request_timeout is not None and hasattr(asyncio.Task, "uncancel")
-        self._timeout = aiohttp.ClientTimeout(total=None if self._sweep else request_timeout)
-        self._deadlines: dict[asyncio.Task, float] = {}
-        self._expired: set[asyncio.Task] = set()
-        self._sweeper: asyncio.Task | None = None
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
@@ -107,11 +96,11 @@ class OpenAIClient:
             )
         return self._session
 
-    def post(self, url: str | URL, payload: dict[str, Any] | bytes) -> Coroutine[Any, Any, dict[str, Any]]:
-        """POST ``payload`` (a dict, or JSON already encoded); await it for the decoded JSON object,
-        or a RequestError. (Not itself a coroutine: one frame less on every request's await chain.)"""
+    async def post(self, url: str | URL, payload: dict[str, Any] | bytes) -> dict[str, Any]:
+        """POST ``payload`` (a dict, or JSON already encoded); return the decoded JSON object, or
+        raise a RequestError."""
         data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-        return self._request("POST", url, data)
+        return await self._request("POST", url, data)
 
     async def get(self, url: str, timeout: float | None = None) -> dict[str, Any]:
         return await self._request("GET", url, None, timeout)
@@ -119,12 +108,6 @@ class OpenAIClient:
     async def _request(self, method: str, url: str | URL, data: bytes | None, timeout: float | None = None) -> dict[str, Any]:
         session = self._get_session()
         kwargs: dict[str, Any] = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
-        task = None
-        if self._sweep and timeout is None:
-            task = asyncio.current_task()
-            self._deadlines[task] = time.monotonic() + self._request_timeout  # type: ignore[operator]
-            if self._sweeper is None:
-                self._sweeper = asyncio.create_task(self._cancel_overdue(), name="infermill-request-deadlines")
         try:
             async with session.request(method, url, data=data, **kwargs) as response:
                 body = await response.read()
@@ -139,18 +122,6 @@ class OpenAIClient:
             refused = isinstance(e, aiohttp.ClientConnectorError) and isinstance(e.os_error, ConnectionRefusedError)
             error = ServerUnreachableError if refused else ServerConnectionError
             raise error(self._redact(f"{method} {url}: {type(e).__name__}: {e}")) from e
-        except asyncio.CancelledError:
-            if task is not None and task in self._expired:  # cancelled by _cancel_overdue, not by our caller
-                self._expired.discard(task)
-                if task.uncancel() == 0:
-                    raise RequestTimeoutError(f"{method} {url}: no reply within the request timeout") from None
-            raise
-        finally:
-            if task is not None:
-                self._deadlines.pop(task, None)
-                if task in self._expired:  # cancelled by the sweep, but aiohttp made it another error
-                    self._expired.discard(task)
-                    task.uncancel()
         try:
             reply = orjson.loads(body)
         except orjson.JSONDecodeError as e:
@@ -162,22 +133,7 @@ class OpenAIClient:
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
 
-    async def _cancel_overdue(self) -> None:
-        """Cancel the requests past their deadline; runs as long as the session."""
-        interval = min(SWEEP_INTERVAL, self._request_timeout / 10)  # type: ignore[operator]
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for task, deadline in list(self._deadlines.items()):
-                if deadline <= now and task not in self._expired:
-                    self._expired.add(task)
-                    task.cancel()
-
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
         if self._session is not None:
             await self._session.close()
             self._session = None

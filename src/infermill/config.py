@@ -7,14 +7,50 @@ when the config is built, and an error names the field and what is allowed.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-ServerType = Literal["custom", "vllm", "sglang", "endpoint", "dummy"]
-SERVER_TYPES: tuple[str, ...] = ServerType.__args__  # type: ignore[attr-defined]
+from infermill.errors import ConfigError
 
-CUSTOM_LAUNCH_KEYS = ("server_script", "server_module", "server_command")
+#: fields whose values never appear in an error message
+SECRET_FIELDS = frozenset({"api_key", "server_env"})
+
+
+def config_error(error: ValidationError, heading: str) -> ConfigError:
+    """A ``ConfigError`` with ``heading``, then one line per problem: the field's full path, what
+    is wrong, and the value given (unless it is a secret, or a whole section)."""
+    problems: list[tuple[str, str]] = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        cause = (item.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigError) and cause.problems:  # a nested InferenceConfig's own error
+            problems += [(".".join([*loc, path] if path else loc), message) for path, message in cause.problems]
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] != "missing" and "input" in item and not SECRET_FIELDS.intersection(loc):
+            given = item["input"]
+            if not isinstance(given, dict) and item["type"] != "value_error":  # ours name the value themselves
+                message += f" (got {given!r})"
+        problems.append((".".join(loc), message))
+    lines = [f"  {path}: {message}" if path else f"  {message}" for path, message in problems]
+    return ConfigError("\n".join([heading, *lines]), tuple(problems))
+
+
+def one_of(value: str, allowed: tuple[str, ...]) -> str:
+    """``value`` if it is in ``allowed``, else a ValueError naming both."""
+    if value not in allowed:
+        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def server_types() -> tuple[str, ...]:
+    """The values ``server_type`` accepts: the names in the server registry."""
+    from infermill.servers import SERVER_CLASSES
+
+    return tuple(SERVER_CLASSES)
 
 
 class InferenceConfig(BaseModel):
@@ -24,7 +60,7 @@ class InferenceConfig(BaseModel):
     # otherwise print the whole input, api_key and model_kwargs.server_env included.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
-    server_type: ServerType
+    server_type: str
     model_name_or_path: str
     model_max_context: int = Field(8192, gt=0)
     use_chat: bool = True
@@ -40,7 +76,6 @@ class InferenceConfig(BaseModel):
     request_timeout: float | None = Field(600.0, gt=0, description="Seconds per request; None disables.")
     model_kwargs: dict[str, Any] | None = None
     server_log_folder: str | None = None
-    master_port: int = Field(9810, ge=1, le=65535)
     server_start_timeout_sec: float = Field(60.0, gt=0)
     server_ready_max_attempts: int = Field(300, ge=1)
     server_ready_delay_sec: float = Field(5.0, gt=0)
@@ -60,6 +95,24 @@ class InferenceConfig(BaseModel):
     request_backoff_base_sec: float = Field(1.0, ge=0)
     request_backoff_max_sec: float = Field(60.0, ge=0)
 
+    def __init__(self, **data: Any):
+        """Raises ``ConfigError`` naming each bad field and the value given (secrets hidden)."""
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise config_error(e, "invalid InferenceConfig") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as e:
+            raise config_error(e, "invalid InferenceConfig") from None
+
+    @field_validator("server_type")
+    @classmethod
+    def _known_server_type(cls, value: str) -> str:
+        return one_of(value, server_types())
+
     @field_validator("server_ready_patterns", "server_fatal_patterns")
     @classmethod
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
@@ -74,15 +127,11 @@ class InferenceConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_server_requirements(self) -> InferenceConfig:
+        from infermill.servers import SERVER_CLASSES
+
         if self.server_type == "endpoint" and not self.endpoint_url:
             raise ValueError("server_type 'endpoint' needs endpoint_url (the server's base URL, e.g. http://host:8000/v1)")
-        if self.server_type == "custom":
-            given = [key for key in CUSTOM_LAUNCH_KEYS if (self.model_kwargs or {}).get(key)]
-            if len(given) != 1:
-                raise ValueError(
-                    "server_type 'custom' needs exactly one of model_kwargs.server_script (a .py file), "
-                    f"model_kwargs.server_module or model_kwargs.server_command (an argv list); got {given or 'none'}"
-                )
+        SERVER_CLASSES[self.server_type].parse_launch(self.server_type, self.model_kwargs)
         return self
 
     @property

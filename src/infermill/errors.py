@@ -14,7 +14,13 @@ class InfermillError(Exception):
 
 
 class ConfigError(InfermillError, ValueError):
-    """A configuration or job file is invalid; the message names the field."""
+    """A configuration or job file is invalid; the message names the field.
+
+    ``problems``: each problem as (the field's dotted path, what is wrong), when known."""
+
+    def __init__(self, message: str, problems: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.problems = problems
 
 
 class ServerError(InfermillError):
@@ -78,19 +84,30 @@ class ServerLostError(ServerConnectionError):
 
 
 class InferenceError(InfermillError):
-    """A document could not be processed. Carries the document, the cause and the payload."""
+    """A document could not be processed. Carries the document, the cause (its type and, for a
+    ``RetryableError``, its ``retry_after`` intact), the payload, and the attempts spent on it."""
 
-    def __init__(self, document: Any, error: BaseException | str, payload: dict | None = None):
+    def __init__(self, document: Any, error: BaseException | str, payload: dict | None = None,
+                 attempts: int | None = None):
         self.document = document
         self.error = error
         self.payload = payload
+        self.attempts = attempts
         doc_id = getattr(document, "id", None)
-        shown_payload = _summarize_payload(payload) if payload is not None else "?"
+        gave_up = f" (gave up after {attempts} attempts)" if attempts is not None else ""
+        shown_payload = summarize_payload(payload, 300) if payload is not None else "?"
         super().__init__(
-            f"Failed to process document {doc_id if doc_id is not None else '?'}: {error}. Payload: {shown_payload}"
+            f"Failed to process document {doc_id if doc_id is not None else '?'}: {error}{gave_up}. "
+            f"Payload: {shown_payload}"
         )
 
 
-def _summarize_payload(payload: dict, limit: int = 300) -> str:
-    text = repr(payload)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+def summarize_payload(payload: dict | None, limit: int = 500) -> Any:
+    """``payload`` for an error message or the failures file: itself when its JSON fits in
+    ``limit`` characters, else its JSON cut to ``limit`` characters."""
+    if payload is None:
+        return None
+    import orjson  # not at the top: servers infermill starts import this module, and must start fast
+
+    text = orjson.dumps(payload, default=str).decode()
+    return payload if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"

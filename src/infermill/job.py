@@ -37,7 +37,7 @@ def build_runner(job: JobConfig, overwrite: bool = False) -> InferenceRunner:
         build_rollout(job),
         job.inference,
         build_writer(job),
-        checkpoints_local_dir=job.checkpoint_dir(),
+        checkpoints_local_dir=job.checkpoint.dir,
         records_per_chunk=job.checkpoint.records_per_chunk,
         metadata_key=job.runner.metadata_key,
         skip_bad_requests=job.runner.skip_bad_requests,

@@ -12,16 +12,17 @@ Unknown keys and wrong types are rejected with the key's full path and what was 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from infermill.config import InferenceConfig
+from infermill.config import InferenceConfig, config_error, one_of
 from infermill.errors import ConfigError
-from infermill.journal import default_checkpoint_dir
+from infermill.io.readers import INPUT_FORMATS
+from infermill.io.writers import COMPRESSION_SUFFIX, WRITERS
+from infermill.layout import JobLayout
 
 
 class _Section(BaseModel):
@@ -30,17 +31,32 @@ class _Section(BaseModel):
 
 class InputSection(_Section):
     path: str | list[str]
-    format: Literal["auto", "jsonl", "parquet", "csv", "hf", "openai_batch"] = "auto"
+    format: str = "auto"
     text_key: str = "text"
     id_key: str = "id"
     limit: int | None = Field(None, ge=1, description="Documents per rank at most.")
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        return one_of(value, ("auto", *INPUT_FORMATS))
+
 
 class OutputSection(_Section):
     path: str
-    format: Literal["jsonl", "parquet", "openai_batch"] = "jsonl"
-    compression: Literal["none", "gzip", "zstd"] | None = None
+    format: str = "jsonl"
+    compression: str | None = None
     filename: str | None = Field(None, description="Template with ${rank} and ${chunk_index}.")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        return one_of(value, tuple(WRITERS))
+
+    @field_validator("compression")
+    @classmethod
+    def _known_compression(cls, value: str | None) -> str | None:
+        return None if value is None else one_of(value, ("none", *COMPRESSION_SUFFIX))
 
 
 class RolloutSection(_Section):
@@ -82,16 +98,10 @@ class JobConfig(_Section):
     runner: RunnerSection = Field(default_factory=RunnerSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
 
-    def checkpoint_dir(self) -> str | None:
-        """checkpoint.dir, else the default inside a local output folder; None for a remote
-        output without checkpoint.dir (the runner then asks for one)."""
-        if self.checkpoint.dir is not None:
-            return self.checkpoint.dir.removeprefix("file://")
-        path = self.output.path.removeprefix("file://")
-        if "://" in path:
-            return None
-        # the output folder as the writer's file system resolves it (``~`` expanded, absolute)
-        return default_checkpoint_dir(os.path.abspath(os.path.expanduser(path)))
+    def layout(self) -> JobLayout:
+        """Where the job keeps its checkpoints, stats, failures and logs; a ConfigError for a
+        remote output without checkpoint.dir."""
+        return JobLayout.for_output(self.output.path, self.checkpoint.dir)
 
     @model_validator(mode="after")
     def _rollout_matches_input(self) -> JobConfig:
@@ -118,19 +128,6 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     target[parts[-1]] = yaml.safe_load(raw) if raw else ""
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid job file"]
-    for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif "input" in item and item["type"] not in ("missing",) and not isinstance(item["input"], dict):
-            message += f" (got {item['input']!r})"
-        lines.append(f"  {path}: {message}")
-    return "\n".join(lines)
-
-
 def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Read and validate a job file (relative paths in it are taken from the current directory)."""
     path = Path(path)
@@ -147,4 +144,4 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path))) from None
+        raise config_error(e, f"{path}: invalid job file") from None

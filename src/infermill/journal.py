@@ -2,7 +2,7 @@
 
 Each rank's input records are numbered 0, 1, 2, ... and grouped into chunks of
 ``records_per_chunk``. Everything that happens to a chunk is appended, one JSON line at a
-time, to its log ``rank_RRRRR/chunk_CCCCC.log``:
+time, to its log ``rank_RRRRR/chunk_CCCCC.log`` (paths: :class:`infermill.layout.JobLayout`):
 
 * ``{"i": index, "r": record}`` when a document is finished (``r`` is null for a document
   that is not written: every rollout returned None, or it was skipped);
@@ -37,13 +37,9 @@ from infermill.errors import ConfigError, InfermillError
 
 if TYPE_CHECKING:
     from infermill.io.writers import OutputWriter
+    from infermill.layout import JobLayout
 
 logger = logging.getLogger("infermill.journal")
-
-INFERMILL_DIR = "_infermill"  # infermill's own files in an output folder: checkpoints, stats, failures
-IDENTITY_FILE = "identity.json"
-COMPLETE_FILE = "complete.json"
-
 
 #: a request as the cache knows it: document id, rollout index, the final payload as sent,
 #: and how many identical payloads this rollout sent before it
@@ -57,24 +53,49 @@ def request_key(request: Request) -> str:
     return f"{doc_id}\x1f{rollout_index}\x1f{digest}\x1f{occurrence}"
 
 
-def default_checkpoint_dir(output_folder: str) -> str:
-    """Where checkpoints go when none is given: inside the (local) output folder."""
-    return os.path.join(output_folder, INFERMILL_DIR, "checkpoints")
-
-
-def rank_dir(directory: str | os.PathLike, rank: int) -> Path:
-    """The checkpoint folder of rank ``rank`` in ``directory``."""
-    return Path(directory) / f"rank_{rank:05d}"
-
-
-def is_rank_complete(directory: str | os.PathLike, rank: int) -> bool:
-    """Whether rank ``rank`` of the job checkpointed in ``directory`` has finished."""
-    return (rank_dir(directory, rank) / COMPLETE_FILE).exists()
-
-
 def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = sorted(set(recorded) | set(current))
     return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys if recorded.get(k) != current.get(k)]
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One whole line of a chunk log. ``index`` is the finished document's and ``data`` its
+    record as JSON (``null``: nothing to write), or ``index`` is None and ``data`` is a stored
+    reply's line, ``{"k": KEY, "v": REPLY}``. ``end``: the byte offset after the line."""
+
+    index: int | None
+    data: bytes
+    end: int
+
+
+def read_log(path: Path) -> Iterator[LogLine]:
+    """The lines of a chunk log, up to a torn last one (a kill mid-write), which is left out.
+
+    Record lines are cut, not parsed: they are :meth:`ChunkJournal.commit`'s own
+    ``{"i":INDEX,"r":RECORD}``, and whoever needs RECORD decoded decodes it."""
+    end = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"}\n"):
+                return
+            end += len(line)
+            if line.startswith(b'{"i":'):
+                comma = line.index(b',"r":', 5)
+                yield LogLine(int(line[5:comma]), line[comma + 5 : -2], end)
+            else:
+                yield LogLine(None, line, end)
+
+
+@dataclass(frozen=True, slots=True)
+class RankSummary:
+    """Where one rank's checkpoint stands, as ``infermill status`` shows it."""
+
+    rank: int
+    complete: bool
+    chunks_done: int
+    documents_in_open_chunks: int
+    cached_replies: int
 
 
 @dataclass
@@ -95,11 +116,11 @@ class ResumeState:
 
 
 class ChunkJournal:
-    """Checkpoints of one rank in ``directory/rank_RRRRR``; see the module docstring."""
+    """Checkpoints of one rank of the job laid out by ``layout``; see the module docstring."""
 
-    def __init__(self, directory: str | os.PathLike, rank: int, records_per_chunk: int, writer: OutputWriter):
-        self.root = Path(directory)
-        self.dir = rank_dir(self.root, rank)
+    def __init__(self, layout: JobLayout, rank: int, records_per_chunk: int, writer: OutputWriter):
+        self.layout = layout
+        self.dir = layout.rank_dir(rank)
         self.rank = rank
         self.records_per_chunk = records_per_chunk
         self.writer = writer
@@ -111,6 +132,21 @@ class ChunkJournal:
         self._flush_scheduled = False
         self._failure: Exception | None = None  # of a flush, raised by the next call that can
 
+    @staticmethod
+    def summary(layout: JobLayout, rank: int) -> RankSummary:
+        """Where rank ``rank``'s checkpoint stands, read from its files (the job may be running)."""
+        folder = layout.rank_dir(rank)
+        documents: set[int] = set()
+        cached = 0
+        for log in folder.glob("chunk_*.log"):
+            for line in read_log(log):
+                if line.index is None:
+                    cached += 1
+                else:
+                    documents.add(line.index)
+        return RankSummary(rank, layout.is_rank_complete(rank), len(list(folder.glob("chunk_*.done"))),
+                           len(documents), cached)
+
     # -- opening ------------------------------------------------------------------------
 
     def open(self, identity: dict[str, Any], overwrite: bool = False) -> ResumeState:
@@ -119,7 +155,7 @@ class ChunkJournal:
             shutil.rmtree(self.dir)
             self.writer.remove_rank_files(self.rank)
         self.dir.mkdir(parents=True, exist_ok=True)
-        identity_path = self.dir / IDENTITY_FILE
+        identity_path = self.layout.identity_file(self.rank)
         if identity_path.exists():
             recorded = orjson.loads(identity_path.read_bytes())
             changes = identity_differences(recorded, identity)
@@ -132,7 +168,7 @@ class ChunkJournal:
                 )
         else:
             _write_atomic(identity_path, orjson.dumps(identity, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-        complete = self.dir / COMPLETE_FILE
+        complete = self.layout.complete_file(self.rank)
         if complete.exists():
             self.state.complete = orjson.loads(complete.read_bytes())
             return self.state
@@ -152,21 +188,17 @@ class ChunkJournal:
     def _load_log(self, chunk_index: int, path: Path) -> None:
         chunk = self._chunks[chunk_index] = _Chunk(chunk_index)
         good_bytes = 0
-        with open(path, "rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # torn last line
+        for line in read_log(path):
+            if line.index is None:
                 try:
-                    entry = orjson.loads(line)
+                    entry = orjson.loads(line.data)
                 except orjson.JSONDecodeError:
                     break
-                good_bytes += len(line)
-                if "i" in entry:
-                    if entry["i"] not in self.state.done_records:
-                        self.state.done_records.add(entry["i"])
-                        chunk.finished += 1
-                else:
-                    self._cache[entry["k"]] = entry["v"]
+                self._cache[entry["k"]] = entry["v"]
+            elif line.index not in self.state.done_records:
+                self.state.done_records.add(line.index)
+                chunk.finished += 1
+            good_bytes = line.end
         if good_bytes < path.stat().st_size:
             with open(path, "r+b") as f:
                 f.truncate(good_bytes)
@@ -211,7 +243,7 @@ class ChunkJournal:
         if chunk is None:
             chunk = self._chunks[chunk_index] = _Chunk(chunk_index)
         if chunk.file is None:
-            chunk.file = open(self.dir / f"chunk_{chunk_index:05d}.log", "ab")
+            chunk.file = open(self.layout.chunk_log(self.rank, chunk_index), "ab")
         chunk.file.write(data + b"\n")
         self._unflushed.add(chunk.file)
         self._schedule_flush()
@@ -266,36 +298,29 @@ class ChunkJournal:
         chunk = self._chunks.pop(chunk_index, None)
         if chunk is not None and chunk.file is not None:
             chunk.file.close()
-        log = self.dir / f"chunk_{chunk_index:05d}.log"
+        log = self.layout.chunk_log(self.rank, chunk_index)
         written = self.writer.write_chunk(self._records(log), self.rank, chunk_index) if log.exists() else 0
-        (self.dir / f"chunk_{chunk_index:05d}.done").touch()
+        self.layout.chunk_done(self.rank, chunk_index).touch()
         if log.exists():
             log.unlink()
         return written
 
-    def _records(self, log: Path) -> Iterator[bytes]:
-        """The encoded records of a chunk log, each index once. Lines are cut, not parsed: they
-        are ``commit``'s own ``{"i":INDEX,"r":RECORD}``, and the writer decodes RECORD if it must."""
+    @staticmethod
+    def _records(log: Path) -> Iterator[bytes]:
+        """The encoded records of a chunk log, each index once; documents with nothing to write
+        are left out."""
         seen: set[int] = set()
-        with open(log, "rb") as f:
-            for line in f:
-                if not line.endswith(b"}\n"):
-                    break  # torn last line
-                if line.startswith(b'{"k"'):
-                    continue  # a cached reply, not a record
-                comma = line.index(b',"r":', 5)
-                index = int(line[5:comma])
-                record = line[comma + 5:-2]
-                if record != b"null" and index not in seen:
-                    seen.add(index)
-                    yield record
+        for line in read_log(log):
+            if line.index is not None and line.data != b"null" and line.index not in seen:
+                seen.add(line.index)
+                yield line.data
 
     def open_chunks(self) -> list[int]:
         """Chunks that have finished records but are not done (the tail at the end of input)."""
         return sorted(self._chunks)
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
-        _write_atomic(self.dir / COMPLETE_FILE, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        _write_atomic(self.layout.complete_file(self.rank), orjson.dumps(summary, option=orjson.OPT_INDENT_2))
 
     def close(self) -> None:
         """Write what is pending and close the logs; raise if any write failed."""

@@ -47,3 +47,27 @@ class RunStats:
             f"{self.requests_failed} failed, {self.requests_retried} retried; tokens {self.prompt_tokens} in, "
             f"{self.completion_tokens} out; {self.server_restarts} server restarts; {self.inference_time_sec:.1f} s"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressSnapshot:
+    """What the progress display shows: the counters of the runs in progress, added up."""
+
+    documents_done: int = 0  # processed, resumed or skipped as bad input
+    documents_processed: int = 0
+    completion_tokens: int = 0
+    requests_in_flight: int = 0
+    requests_retried: int = 0
+    server_restarts: int = 0
+
+    @classmethod
+    def of(cls, runs: list[tuple[RunStats, int]]) -> ProgressSnapshot:
+        """The snapshot of ``runs``, each given as its stats and its server's restarts so far."""
+        return cls(
+            documents_done=sum(s.documents_processed + s.documents_resumed + s.documents_bad_input for s, _ in runs),
+            documents_processed=sum(s.documents_processed for s, _ in runs),
+            completion_tokens=sum(s.completion_tokens for s, _ in runs),
+            requests_in_flight=sum(s.requests_in_flight for s, _ in runs),
+            requests_retried=sum(s.requests_retried for s, _ in runs),
+            server_restarts=sum(restarts for _, restarts in runs),
+        )

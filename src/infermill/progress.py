@@ -7,9 +7,10 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from infermill.metrics import RunStats
+from infermill.metrics import ProgressSnapshot
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -17,28 +18,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger("infermill.progress")
 
 
-def _line(stats: RunStats, total: int | None, elapsed: float, restarts: int) -> str:
-    done = stats.documents_processed + stats.documents_resumed + stats.documents_bad_input
-    rate = stats.documents_processed / elapsed if elapsed > 0 else 0.0
-    tokens = stats.completion_tokens / elapsed if elapsed > 0 else 0.0
+def progress_line(progress: ProgressSnapshot, total: int | None, elapsed: float) -> str:
+    """One line: documents done, rates, requests in flight, retries, restarts, ETA."""
+    rate = progress.documents_processed / elapsed if elapsed > 0 else 0.0
+    tokens = progress.completion_tokens / elapsed if elapsed > 0 else 0.0
     of_total = f"/{total}" if total else ""
     eta = ""
     if total and rate > 0:
-        eta = f" | ETA {max(0.0, (total - done) / rate):,.0f} s"
-    return (f"{done:,}{of_total} docs | {rate:,.1f} docs/s | {tokens:,.0f} tok/s | "
-            f"{stats.requests_in_flight} in flight | {stats.requests_retried} retried | "
-            f"{restarts} restarts{eta}")
+        eta = f" | ETA {max(0.0, (total - progress.documents_done) / rate):,.0f} s"
+    return (f"{progress.documents_done:,}{of_total} docs | {rate:,.1f} docs/s | {tokens:,.0f} tok/s | "
+            f"{progress.requests_in_flight} in flight | {progress.requests_retried} retried | "
+            f"{progress.server_restarts} restarts{eta}")
 
 
-async def show_progress(runner: Any, total: int | None = None, interval: float | None = None) -> None:
-    """Until cancelled: redraw a live line on a terminal, else log one every ``interval`` s."""
+async def show_progress(snapshot: Callable[[], ProgressSnapshot], total: int | None = None,
+                        interval: float = 120.0) -> None:
+    """Until cancelled: redraw a live line on a terminal (twice a second), else log one every
+    ``interval`` seconds. ``snapshot`` says where the job stands (``InferenceRunner.progress``)."""
     started = time.monotonic()
     tty = sys.stderr.isatty()
-    interval = interval or (0.5 if tty else runner.config.metric_interval)
 
     def render() -> str:
-        server = getattr(runner, "_server", None)
-        return _line(runner.stats, total, time.monotonic() - started, server.restarts if server else 0)
+        return progress_line(snapshot(), total, time.monotonic() - started)
 
     if not tty:
         while True:
@@ -49,7 +50,7 @@ async def show_progress(runner: Any, total: int | None = None, interval: float |
 
     with Live(render(), console=Console(stderr=True), refresh_per_second=4, transient=True) as live:
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(0.5)
             live.update(render())
 
 

@@ -14,30 +14,28 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-import os
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 
 from infermill.config import InferenceConfig
 from infermill.errors import (
     BadRequestError,
-    ConfigError,
     InferenceError,
     RequestError,
     RetryableError,
-    ServerConnectionError,
     ServerError,
-    ServerLostError,
+    summarize_payload,
 )
 from infermill.eventloop import fewer_gc_passes
 from infermill.io.readers import BadRecord
 from infermill.io.writers import OutputWriter
-from infermill.journal import INFERMILL_DIR, ChunkJournal, default_checkpoint_dir
-from infermill.metrics import RunStats
-from infermill.retry import RetryPolicy
+from infermill.journal import ChunkJournal
+from infermill.layout import JobLayout
+from infermill.metrics import ProgressSnapshot, RunStats
+from infermill.retry import RetryAction, RetryPolicy
 from infermill.servers import InferenceServer, ServerState, create_server
 from infermill.types import Document, InferenceResult
 
@@ -47,6 +45,7 @@ Generate = Callable[[dict[str, Any]], Awaitable[InferenceResult]]
 RolloutFn = Callable[..., Awaitable[Any]]
 
 _END = object()
+T = TypeVar("T")
 
 
 def parse_reply(reply: dict[str, Any], use_chat: bool) -> InferenceResult:
@@ -127,11 +126,16 @@ class InferenceRunner:
         output_writer: where documents with results are written (e.g. ``JsonlWriter``).
         shared_context: a dict, a context manager, or a callable returning either, entered once per run;
             its dict is passed to every rollout as keyword arguments.
-        checkpoints_local_dir: where checkpoints go (default: ``_infermill/`` of the output folder).
+        checkpoints_local_dir: where checkpoints go (default: ``_infermill/checkpoints`` of the output folder).
         records_per_chunk: documents per output chunk and checkpoint.
         metadata_key: the metadata key under which the list of rollout results is stored.
         skip_bad_requests: skip (and record) documents the server rejected as bad requests,
             instead of failing the job.
+        job_identity: what else identifies the job (its input), checked when a run resumes.
+        overwrite: discard the checkpoint and output files of an earlier run and start over.
+
+    The runner holds configuration only: each :meth:`run_async` call keeps its state in its
+    own run, so that several (e.g. two ranks) can run at once on one runner.
     """
 
     def __init__(
@@ -153,27 +157,14 @@ class InferenceRunner:
         self.config = config
         self.output_writer = output_writer
         self.shared_context = shared_context
-        self.checkpoints_local_dir = self._checkpoint_dir(checkpoints_local_dir, output_writer)
+        self.layout = JobLayout.for_output(output_writer.output_folder, checkpoints_local_dir)
         self.records_per_chunk = records_per_chunk
         self.metadata_key = metadata_key
         self.skip_bad_requests = skip_bad_requests
         self.job_identity = dict(job_identity or {})
         self.overwrite = overwrite
         self.retry_policy = RetryPolicy.from_config(config)
-        self.stats = RunStats()
-
-    @staticmethod
-    def _checkpoint_dir(requested: str | None, writer: OutputWriter) -> str:
-        if requested is not None:
-            if "://" in str(requested) and not str(requested).startswith("file://"):
-                raise ConfigError(f"checkpoints_local_dir must be a local folder, got {requested}")
-            return str(requested).removeprefix("file://")
-        if not writer.is_local:
-            raise ConfigError(
-                f"the output {writer.output_folder} is remote: set checkpoints_local_dir (checkpoint.dir in a "
-                "job file) to a local folder, so a killed job can resume"
-            )
-        return default_checkpoint_dir(writer.fs._strip_protocol(writer.output_folder))
+        self._runs: list[_Run] = []  # the runs in progress
 
     # -- entry points -------------------------------------------------------------------
 
@@ -184,7 +175,7 @@ class InferenceRunner:
         from infermill.progress import show_progress
 
         async def run_with_progress() -> dict[str, Any]:
-            progress = asyncio.create_task(show_progress(self))
+            progress = asyncio.create_task(show_progress(self.progress, interval=self.config.metric_interval))
             try:
                 return await self.run_async(documents, rank, world_size)
             finally:
@@ -201,11 +192,7 @@ class InferenceRunner:
     ) -> dict[str, Any]:
         """Like :meth:`run`, in a running event loop. ``server``: an already started server to use
         (its owner stops it); by default one is made from the config, started and stopped here."""
-        self.stats = RunStats()
-        self._rank = rank
-        self._failures_file = None
-        journal = self._journal = ChunkJournal(self.checkpoints_local_dir, rank, self.records_per_chunk,
-                                               self.output_writer)
+        journal = ChunkJournal(self.layout, rank, self.records_per_chunk, self.output_writer)
         state = journal.open(self._identity(rank, world_size), overwrite=self.overwrite)
         if state.complete is not None:
             logger.info("rank %d is already complete (%s documents); nothing to do", rank,
@@ -214,34 +201,32 @@ class InferenceRunner:
         if state.done_chunks or state.done_records:
             logger.info("rank %d resumes: %d chunks and %d documents done, %d replies cached", rank,
                         len(state.done_chunks), len(state.done_records), state.cached_replies)
-        started = time.perf_counter()
+        run = _Run(self, journal, rank)
+        self._runs.append(run)
         completed = False
         try:
             server_scope = contextlib.nullcontext(server) if server is not None else create_server(self.config, rank)
             with fewer_gc_passes():
-                async with enter_shared_context(self.shared_context) as context, server_scope as server:
-                    self._server = server
-                    self._context = context
-                    self._generation_slots = asyncio.Semaphore(self.config.max_concurrent_generations)
-                    self._next = _document_source(documents)
-                    try:
-                        await _run_workers(self._worker, self.config.concurrent_documents)
-                    finally:
-                        self.stats.server_restarts = server.restarts
+                async with enter_shared_context(self.shared_context) as context, server_scope as started:
+                    await run.process(documents, started, context)
                 for chunk_index in journal.open_chunks():  # the last, partial chunk
                     await asyncio.to_thread(journal.finalize_chunk, chunk_index)
             completed = True
         finally:
-            self.stats.inference_time_sec = time.perf_counter() - started
+            self._runs.remove(run)
+            run.stats.inference_time_sec = time.perf_counter() - run.started
             journal.close()
-            if self._failures_file is not None:
-                self._failures_file.close()
-            stats = self.stats.to_dict()
+            run.close()
+            stats = run.stats.to_dict()
             if completed:
                 journal.mark_complete(stats)
-            self._write_stats(world_size)
-        logger.info("rank %d done: %s", rank, self.stats.summary())
+            self._write_stats(rank, world_size, stats)
+        logger.info("rank %d done: %s", rank, run.stats.summary())
         return stats
+
+    def progress(self) -> ProgressSnapshot:
+        """What the runs in progress have done so far (all of them together)."""
+        return ProgressSnapshot.of([(run.stats, run.server.restarts if run.server else 0) for run in self._runs])
 
     def _identity(self, rank: int, world_size: int) -> dict[str, Any]:
         rollout = getattr(self.rollout_fn, "identity", None) or (
@@ -258,11 +243,46 @@ class InferenceRunner:
             "metadata_key": self.metadata_key,
         }
 
+    def _write_stats(self, rank: int, world_size: int, stats: dict[str, Any]) -> None:
+        path = self.layout.stats_file(rank, world_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+
+
+class _Run:
+    """The state of one :meth:`InferenceRunner.run_async` call: its journal, stats, server,
+    generation slots, shared context and failures file, and what it does per document."""
+
+    def __init__(self, runner: InferenceRunner, journal: ChunkJournal, rank: int):
+        self.runner = runner
+        self.config = runner.config
+        self.journal = journal
+        self.rank = rank
+        self.stats = RunStats()
+        self.started = time.perf_counter()
+        self.server: InferenceServer | None = None
+        self.context: dict[str, Any] = {}
+        self.slots = asyncio.Semaphore(self.config.max_concurrent_generations)
+        self._failures: BinaryIO | None = None
+
+    async def process(self, documents: Iterable[Any] | AsyncIterable[Any], server: InferenceServer,
+                      context: dict[str, Any]) -> None:
+        """Every document through its rollouts and into the journal, ``concurrent_documents`` at a time."""
+        self.server, self.context = server, context
+        next_document = _document_source(documents)
+        try:
+            await _run_all([self._worker(next_document) for _ in range(self.config.concurrent_documents)])
+        finally:
+            self.stats.server_restarts = server.restarts
+
+    def close(self) -> None:
+        if self._failures is not None:
+            self._failures.close()
+
     # -- one document -------------------------------------------------------------------
 
-    async def _worker(self) -> None:
-        next_document = self._next
-        journal = self._journal
+    async def _worker(self, next_document: Callable[[], Awaitable[Any]]) -> None:
+        journal = self.journal
         stats = self.stats
         while (item := await next_document()) is not _END:
             index, raw = item
@@ -285,7 +305,7 @@ class InferenceRunner:
         try:
             results = await self._run_rollouts(document, index)
         except InferenceError as e:
-            if self.skip_bad_requests and isinstance(e.error, BadRequestError):
+            if self.runner.skip_bad_requests and isinstance(e.error, BadRequestError):
                 stats.documents_skipped += 1
                 stats.documents_processed += 1
                 self._record_failure(document.id, e.error, e.payload)
@@ -299,7 +319,7 @@ class InferenceRunner:
             stats.documents_processed += 1
             stats.documents_empty += 1
             return None
-        document.metadata[self.metadata_key] = kept
+        document.metadata[self.runner.metadata_key] = kept
         record: dict[str, Any] = {"id": document.id, "text": document.text, "metadata": document.metadata}
         if document.media is not None:
             record["media"] = document.media
@@ -314,34 +334,31 @@ class InferenceRunner:
 
     async def _run_rollouts(self, document: Document, index: int) -> list[Any]:
         n = self.config.rollouts_per_document
+        if n == 1:  # in this task: no task of its own to create per document
+            return [await self._rollout(document, index, 0)]
+        return await _run_all([self._rollout(document, index, i) for i in range(n)])  # one fails: all stop
+
+    async def _rollout(self, document: Document, index: int, rollout_index: int) -> Any:
         try:
-            if n == 1:
-                return [await self.rollout_fn(document, self._make_generate(document, index, 0), **self._context)]
-            tasks = [
-                asyncio.ensure_future(self.rollout_fn(document, self._make_generate(document, index, i), **self._context))
-                for i in range(n)
-            ]
-            try:
-                return list(await asyncio.gather(*tasks))
-            finally:
-                for task in tasks:  # a failed sibling cancels the rest
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            return await self.runner.rollout_fn(document, self._make_generate(document, index, rollout_index),
+                                                **self.context)
         except asyncio.CancelledError:
-            if not _cancelled_from_outside():
-                # the rollout raised it itself (e.g. it awaited a generate() it had cancelled): treat it as
-                # any other exception, or the document would silently vanish and its worker with it
-                raise InferenceError(document, "rollout_fn raised CancelledError") from None
-            raise
+            if _cancelled_from_outside():
+                raise
+            # the rollout raised it itself (e.g. it awaited a generate() it had cancelled): treat it as
+            # any other exception, or the document would silently vanish and its worker with it
+            raise InferenceError(document, "rollout_fn raised CancelledError") from None
         except (InferenceError, ServerError):
             raise
         except Exception as e:
             raise InferenceError(document, f"rollout_fn raised {type(e).__name__}: {e}") from e
 
     def _make_generate(self, document: Document, index: int, rollout_index: int) -> Generate:
-        config, server, stats, policy, journal = self.config, self._server, self.stats, self.retry_policy, self._journal
+        config, stats, journal, slots = self.config, self.stats, self.journal, self.slots
+        server = self.server
+        assert server is not None
+        policy = self.runner.retry_policy
         base = {"model": config.model_name_or_path, **config.default_generation_params}
-        slots = self._generation_slots
         use_chat = config.use_chat
         seen: dict[bytes, int] = {}
 
@@ -353,9 +370,8 @@ class InferenceRunner:
             if cached is not None:
                 stats.requests_cached += 1
                 return parse_reply(cached, use_chat)
-            attempt = 0
+            spent = 0  # attempts the server could have answered
             while True:
-                attempt += 1
                 try:
                     async with slots:
                         stats.requests_in_flight += 1
@@ -365,21 +381,17 @@ class InferenceRunner:
                             stats.requests_in_flight -= 1
                     result = parse_reply(reply, use_chat)
                 except RequestError as e:
-                    if isinstance(e, ServerLostError) or (
-                        isinstance(e, ServerConnectionError) and server.state is not ServerState.READY
-                    ):
-                        # the server failed with this request in flight, or is being restarted:
-                        # wait for the new server without spending an attempt
-                        attempt -= 1
+                    decision = policy.decide(e, spent + 1, server.state is ServerState.READY)
+                    if decision.action is RetryAction.WAIT_FOR_SERVER:
                         await server.wait_until_ready()
                         continue
-                    if not policy.should_retry(e, attempt):
+                    spent += 1
+                    if decision.action is RetryAction.GIVE_UP:
                         stats.requests_failed += 1
-                        if isinstance(e, RetryableError):
-                            e = RetryableError(f"{e} (gave up after {attempt} attempts)", e.status)
-                        raise InferenceError(document, e, payload) from e
+                        attempts = spent if isinstance(e, RetryableError) else None
+                        raise InferenceError(document, e, payload, attempts) from e
                     stats.requests_retried += 1
-                    await asyncio.sleep(policy.delay(attempt, e))
+                    await asyncio.sleep(decision.delay)
                     continue
                 journal.store_reply(index, request, reply)
                 stats.requests_ok += 1
@@ -390,35 +402,22 @@ class InferenceRunner:
 
         return generate
 
-    # -- bookkeeping --------------------------------------------------------------------
-
-    @property
-    def infermill_dir(self) -> str:
-        return os.path.join(self.output_writer.fs._strip_protocol(self.output_writer.output_folder), INFERMILL_DIR) \
-            if self.output_writer.is_local else os.path.dirname(self.checkpoints_local_dir)
-
     def _record_failure(self, doc_id: str, error: BaseException, payload: dict[str, Any] | None) -> None:
-        if self._failures_file is None:
-            os.makedirs(self.infermill_dir, exist_ok=True)
-            path = os.path.join(self.infermill_dir, f"failures_rank_{self._rank:05d}.jsonl")
-            self._failures_file = open(path, "ab")
+        if self._failures is None:
+            path = self.runner.layout.failures_file(self.rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._failures = open(path, "ab")
         entry = {"id": doc_id, "error": str(error), "error_type": type(error).__name__,
-                 "payload": _payload_summary(payload)}
-        self._failures_file.write(orjson.dumps(entry, default=str, option=orjson.OPT_APPEND_NEWLINE))
-        self._failures_file.flush()
-
-    def _write_stats(self, world_size: int) -> None:
-        name = "stats.json" if world_size == 1 else f"stats_rank_{self._rank:05d}.json"
-        os.makedirs(self.infermill_dir, exist_ok=True)
-        with open(os.path.join(self.infermill_dir, name), "wb") as f:
-            f.write(orjson.dumps(self.stats.to_dict(), option=orjson.OPT_INDENT_2))
+                 "payload": summarize_payload(payload)}
+        self._failures.write(orjson.dumps(entry, default=str, option=orjson.OPT_APPEND_NEWLINE))
+        self._failures.flush()
 
 
 def _cancelled_from_outside() -> bool:
-    """Whether the current task is being cancelled (Python < 3.11 cannot tell: assume it is)."""
+    """Whether the current task is being cancelled (by its owner, not by a ``CancelledError``
+    that a rollout raised itself)."""
     task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return cancelling is None or cancelling() > 0
+    return task is not None and task.cancelling() > 0
 
 
 def _encode_result(value: Any) -> Any:
@@ -429,13 +428,6 @@ def _encode_result(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
-
-
-def _payload_summary(payload: dict[str, Any] | None, limit: int = 500) -> Any:
-    if payload is None:
-        return None
-    text = orjson.dumps(payload, default=str).decode()
-    return payload if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 def _document_source(documents: Iterable[Any] | AsyncIterable[Any]) -> Callable[[], Awaitable[Any]]:
@@ -472,15 +464,16 @@ def _document_source(documents: Iterable[Any] | AsyncIterable[Any]) -> Callable[
     return next_sync
 
 
-async def _run_workers(worker: Callable[[], Awaitable[None]], count: int) -> None:
-    """Run ``count`` copies of ``worker``; the first failure cancels the others and is raised."""
-    tasks = [asyncio.ensure_future(worker()) for _ in range(count)]
+async def _run_all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coroutines`` as tasks of one group and return their results; the first failure
+    cancels the others and is raised as itself (not inside an ``ExceptionGroup``)."""
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(coroutine) for coroutine in coroutines]
+    except BaseExceptionGroup as failed:
+        error: BaseException = failed
+    else:
+        return [task.result() for task in tasks]
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    raise error

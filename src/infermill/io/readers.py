@@ -15,15 +15,14 @@ import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
-import fsspec
 import orjson
 
 from infermill.errors import InfermillError
 from infermill.types import Document
 
-InputFormat = Literal["auto", "jsonl", "parquet", "csv", "hf", "openai_batch"]
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
@@ -57,13 +56,15 @@ def detect_format(path: str) -> str:
     if name.endswith(".parquet"):
         return "parquet"
     raise InfermillError(
-        f"cannot tell the format of {path} from its name; set the input format "
-        "(jsonl, parquet, csv, hf or openai_batch)"
+        f"cannot tell the format of {path} from its name; set the input format (input.format: one of "
+        f"{', '.join(INPUT_FORMATS)})"
     )
 
 
 def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
     """Expand paths, globs and folders into a sorted list of URLs; a saved HF dataset folder stays one entry."""
+    import fsspec  # here, not at the top: a job file names formats without paying for fsspec
+
     urls: list[str] = []
     for path in [paths] if isinstance(paths, str) else list(paths):
         fs, root = fsspec.core.url_to_fs(path)
@@ -137,7 +138,7 @@ class DocumentReader:
     def __init__(
         self,
         paths: str | list[str],
-        format: InputFormat = "auto",
+        format: str = "auto",
         text_key: str = "text",
         id_key: str = "id",
         limit: int | None = None,
@@ -145,6 +146,8 @@ class DocumentReader:
     ):
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        if format != "auto" and format not in INPUT_FORMATS:
+            raise ValueError(f"input format {format!r} is not one of auto, {', '.join(INPUT_FORMATS)}")
         self.files = list_input_files(paths, format)
         self._names = _display_names(self.files)
         self.format = format
@@ -178,8 +181,7 @@ class DocumentReader:
 
     def _read_file(self, url: str) -> Iterator[Document | BadRecordError]:
         fmt = self.format if self.format != "auto" else ("hf" if _is_hf_folder(url) else detect_format(url))
-        rows = {"jsonl": _jsonl_rows, "openai_batch": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows,
-                "hf": _hf_rows}[fmt](url)
+        rows = INPUT_FORMATS[fmt](url)
         name = self._names[url]
         make = self._batch_document if fmt == "openai_batch" else self._document
         try:
@@ -226,11 +228,15 @@ class _Bad(Exception):
 
 
 def _is_hf_folder(url: str) -> bool:
+    import fsspec
+
     fs, root = fsspec.core.url_to_fs(url)
     return fs.isdir(root) and (fs.exists(f"{root}/state.json") or fs.exists(f"{root}/dataset_dict.json"))
 
 
 def _jsonl_rows(url: str) -> Iterator[tuple[int, Any]]:
+    import fsspec
+
     with fsspec.open(url, "rb", compression="infer") as f:
         # zstandard's reader cannot be iterated by line: buffer it (gzip's file can already)
         lines = f if isinstance(f, io.IOBase) else io.BufferedReader(f, 1 << 16)
@@ -249,6 +255,8 @@ def _jsonl_rows(url: str) -> Iterator[tuple[int, Any]]:
 
 
 def _csv_rows(url: str) -> Iterator[tuple[int, Any]]:
+    import fsspec
+
     with fsspec.open(url, "rb", compression="infer") as f:
         reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
         for row in reader:
@@ -256,6 +264,7 @@ def _csv_rows(url: str) -> Iterator[tuple[int, Any]]:
 
 
 def _parquet_rows(url: str) -> Iterator[tuple[int, Any]]:
+    import fsspec
     import pyarrow.parquet as pq
 
     with fsspec.open(url, "rb") as f:
@@ -268,6 +277,7 @@ def _parquet_rows(url: str) -> Iterator[tuple[int, Any]]:
 
 def _hf_rows(url: str) -> Iterator[tuple[int, Any]]:
     """Rows of a folder written by ``datasets.Dataset.save_to_disk`` (Arrow stream files)."""
+    import fsspec
     import pyarrow as pa
 
     fs, root = fsspec.core.url_to_fs(url)
@@ -281,3 +291,15 @@ def _hf_rows(url: str) -> Iterator[tuple[int, Any]]:
                 for row in batch.to_pylist():
                     row_number += 1
                     yield row_number, row
+
+
+RowReader = Callable[[str], Iterator[tuple[int, Any]]]
+
+#: every input format and how its rows are read: the job file accepts these names (and "auto")
+INPUT_FORMATS: dict[str, RowReader] = {
+    "jsonl": _jsonl_rows,
+    "parquet": _parquet_rows,
+    "csv": _csv_rows,
+    "hf": _hf_rows,
+    "openai_batch": _jsonl_rows,  # one request per line: {custom_id, method, url, body}
+}

@@ -15,7 +15,6 @@ from itertools import islice
 from string import Template
 from typing import IO, Any
 
-import fsspec
 import orjson
 
 COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
@@ -47,8 +46,10 @@ class OutputWriter:
                 "so that a killed job can resume without duplicates (e.g. '${rank}_${chunk_index}.jsonl')"
             )
         self.output_filename = filename
+        import fsspec  # here, not at the top: a job file names formats without paying for fsspec
+
         self.compression = fsspec.utils.infer_compression(filename)
-        self.fs, self._root = fsspec.core.url_to_fs(self.output_folder)
+        self.fs, self.root = fsspec.core.url_to_fs(self.output_folder)  # root: the folder, protocol stripped
 
     @property
     def is_local(self) -> bool:
@@ -67,7 +68,7 @@ class OutputWriter:
         first = next(records, None)
         if first is None:
             return 0
-        final = f"{self._root}/{self.filename(rank, chunk_index)}"
+        final = f"{self.root}/{self.filename(rank, chunk_index)}"
         self.fs.makedirs(os.path.dirname(final), exist_ok=True)
         temp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
         try:
@@ -86,14 +87,14 @@ class OutputWriter:
     def remove_rank_files(self, rank: int) -> None:
         """Delete this rank's data files (for starting a job over)."""
         pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index="*")
-        for path in self.fs.glob(f"{self._root}/{pattern}"):
+        for path in self.fs.glob(f"{self.root}/{pattern}"):
             self.fs.rm(path)
         self.remove_temp_files(rank)
 
     def remove_temp_files(self, rank: int) -> None:
         """Delete this rank's temporary files left by a run killed while writing a chunk."""
         pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index="*")
-        for path in self.fs.glob(f"{self._root}/{pattern}.*.tmp"):
+        for path in self.fs.glob(f"{self.root}/{pattern}.*.tmp"):
             self.fs.rm(path)
 
 
@@ -166,6 +167,7 @@ class OpenAIBatchWriter(OutputWriter):
         return count
 
 
+#: every output format and its writer: the job file accepts these names
 WRITERS: dict[str, type[OutputWriter]] = {"jsonl": JsonlWriter, "parquet": ParquetWriter,
                                           "openai_batch": OpenAIBatchWriter}
 

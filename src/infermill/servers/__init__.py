@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from infermill.config import InferenceConfig
+from typing import TYPE_CHECKING
+
 from infermill.servers.base import InferenceServer, ServerState, find_free_port
 from infermill.servers.custom import CustomServer
 from infermill.servers.dummy import DummyServer
@@ -10,6 +11,10 @@ from infermill.servers.endpoint import EndpointServer
 from infermill.servers.engines import SGLangServer, VLLMServer
 from infermill.servers.managed import ManagedServer
 
+if TYPE_CHECKING:
+    from infermill.config import InferenceConfig
+
+#: every ``server_type`` and its class: the config accepts exactly these names
 SERVER_CLASSES: dict[str, type[InferenceServer]] = {
     "custom": CustomServer,
     "vllm": VLLMServer,

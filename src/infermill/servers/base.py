@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
-from infermill.ca_bundle import ca_bundle_pending, import_loading_ca_in_background, wait_for_ca_bundle
-from infermill.config import InferenceConfig
 from infermill.errors import RequestTimeoutError, ServerConnectionError, ServerError, ServerLostError
+from infermill.servers.launch import Launch, parse_launch
 
 if TYPE_CHECKING:
     from infermill.client import OpenAIClient
+    from infermill.config import InferenceConfig
 
 logger = logging.getLogger("infermill.server")
 
@@ -54,7 +54,6 @@ def find_free_port(host: str = "127.0.0.1") -> int:
 
 
 def _import_client() -> None:
-    import_loading_ca_in_background("aiohttp")  # its CA bundle is not needed to start (see the module)
     importlib.import_module("infermill.client")
 
 
@@ -67,6 +66,14 @@ class InferenceServer:
     launches_process = False
     #: whether the client keeps cookies (a load balancer's sticky session in front of an endpoint)
     keeps_cookies = False
+    #: the launch keys of ``model_kwargs`` it accepts, and whether it needs a script, module or command
+    launch_keys: tuple[str, ...] = ()
+    launch_target_required = False
+
+    @classmethod
+    def parse_launch(cls, server_type: str, model_kwargs: dict[str, Any] | None) -> Launch:
+        """``model_kwargs`` checked and split for this server type; ValueError naming a bad key."""
+        return parse_launch(server_type, model_kwargs, cls.launch_keys, cls.launch_target_required)
 
     def __init__(self, config: InferenceConfig, rank: int = 0):
         self.config = config
@@ -112,8 +119,7 @@ class InferenceServer:
     def _load_client(self) -> asyncio.Future[OpenAIClient]:
         """The client, once aiohttp is imported. The import takes a few tenths of a second: it runs
         in a thread, beside a server that is already booting, so that the event loop keeps reading
-        the server's output meanwhile (and aiohttp's CA bundle loads later still, see
-        :mod:`infermill.ca_bundle`). Only the supervisor awaits it, shielded: a cancelled caller
+        the server's output meanwhile. Only the supervisor awaits it, shielded: a cancelled caller
         must not cancel the load for everyone."""
         if self._client_loading is None or self._client_loading.cancelled():
             # submitted to the thread now, not when a task first runs: the caller may hold the
@@ -127,8 +133,6 @@ class InferenceServer:
     async def _made_client(self, imported: asyncio.Future | None) -> OpenAIClient:
         if imported is not None:
             await imported
-        if self.base_url.startswith("https:") and ca_bundle_pending():
-            await asyncio.to_thread(wait_for_ca_bundle)  # not in the first handshake, on the event loop
         return self._client
 
     async def __aenter__(self) -> InferenceServer:

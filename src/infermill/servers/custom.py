@@ -15,51 +15,45 @@ from __future__ import annotations
 import os
 import sys
 
-from infermill.config import InferenceConfig
+from typing import TYPE_CHECKING
+
 from infermill.errors import ConfigError
 from infermill.servers.flags import kwargs_to_flags
+from infermill.servers.launch import LAUNCH_KEYS, Launch
 from infermill.servers.managed import CUDA_FATAL, ManagedServer
 
-LAUNCH_KEYS = ("server_script", "server_module", "server_command", "server_env")
+if TYPE_CHECKING:
+    from infermill.config import InferenceConfig
 
 
 class CustomServer(ManagedServer):
     """Runs ``model_kwargs["server_script"]`` (or a module or command) with ``--port N`` and flags."""
 
     fatal_patterns = (*CUDA_FATAL, r"ImportError", r"ModuleNotFoundError")
+    launch_keys = LAUNCH_KEYS
+    launch_target_required = True
 
     def __init__(self, config: InferenceConfig, rank: int = 0):
         super().__init__(config, rank)
-        kwargs = dict(config.model_kwargs or {})
-        self.launch_prefix = self._launch_prefix(kwargs)
-        env = kwargs.get("server_env") or {}
-        if not isinstance(env, dict):
-            raise ConfigError(f"model_kwargs.server_env must be a mapping of names to values, got {type(env).__name__}")
-        self.server_env = {str(k): str(v) for k, v in env.items()}
-        self.flags = kwargs_to_flags({k: v for k, v in kwargs.items() if k not in LAUNCH_KEYS})
+        self.launch_prefix = self._launch_prefix(self.launch)
+        self.flags = kwargs_to_flags(self.launch.flags)
 
     @staticmethod
-    def _launch_prefix(kwargs: dict) -> list[str]:
-        if script := kwargs.get("server_script"):
-            script = os.path.abspath(os.path.expanduser(str(script)))
+    def _launch_prefix(launch: Launch) -> list[str]:
+        if launch.script:
+            script = os.path.abspath(os.path.expanduser(launch.script))
             if not os.path.isfile(script):
                 raise ConfigError(
                     f"model_kwargs.server_script: {script} does not exist or is not a file; "
                     "give the path of your server's .py file"
                 )
             return [sys.executable, script]
-        if module := kwargs.get("server_module"):
-            return [sys.executable, "-m", str(module)]
-        command = kwargs.get("server_command")
-        if isinstance(command, str) or not command or not all(isinstance(part, str) for part in command):
-            raise ConfigError(
-                "model_kwargs.server_command must be a non-empty list of strings (an argv), "
-                f"e.g. ['my-server', '--model', 'x']; got {command!r}"
-            )
-        return list(command)
+        if launch.module:
+            return [sys.executable, "-m", launch.module]
+        return list(launch.command)
 
     def build_command(self, port: int) -> list[str]:
         return [*self.launch_prefix, "--port", str(port), *self.flags]
 
     def build_env(self) -> dict[str, str]:
-        return self.server_env
+        return self.launch.env

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import secrets
 import sys
+from typing import TYPE_CHECKING
 
-from infermill.config import InferenceConfig
-from infermill.errors import ConfigError
 from infermill.servers.flags import has_flag, kwargs_to_flags
 from infermill.servers.managed import CUDA_FATAL, ManagedServer
+
+if TYPE_CHECKING:
+    from infermill.config import InferenceConfig
 
 SECRET_FLAGS = ("--api-key",)
 
@@ -24,21 +26,15 @@ class EngineServer(ManagedServer):
 
     default_launcher: tuple[str, ...] = ()
     parallel_flags: dict[str, str] = {}  # config field -> engine flag
+    launch_keys = ("server_command", "server_env")
 
     def __init__(self, config: InferenceConfig, rank: int = 0):
         # hex: a urlsafe token starts with "-" one time in 64, which argparse rejects as a flag value
         self.api_key = secrets.token_hex(24)
         super().__init__(config, rank)
-        kwargs = dict(config.model_kwargs or {})
-        launcher = kwargs.pop("server_command", None) or list(self.default_launcher)
-        if isinstance(launcher, str) or not all(isinstance(part, str) for part in launcher):
-            raise ConfigError(f"model_kwargs.server_command must be a list of strings, got {launcher!r}")
-        self.launcher = list(launcher)
-        env = kwargs.pop("server_env", None) or {}
-        if not isinstance(env, dict):
-            raise ConfigError(f"model_kwargs.server_env must be a mapping of names to values, got {type(env).__name__}")
-        self.server_env = {str(k): str(v) for k, v in env.items()}
-        self.extra_kwargs = kwargs
+        self.launcher = list(self.launch.command or self.default_launcher)
+        self.server_env = self.launch.env
+        self.extra_kwargs = self.launch.flags
 
     def client_api_key(self) -> str | None:
         return self.api_key

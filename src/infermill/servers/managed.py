@@ -13,14 +13,16 @@ import os
 import re
 import time
 from collections.abc import Iterable
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import psutil
 
-from infermill.config import InferenceConfig
-from infermill.errors import RequestError, ServerError, ServerUnreachableError
+from infermill.errors import ConfigError, RequestError, ServerError, ServerUnreachableError
 from infermill.servers.base import InferenceServer, find_free_port
 from infermill.servers.process import ManagedProcess, open_log
+
+if TYPE_CHECKING:
+    from infermill.config import InferenceConfig
 
 PROBE_INTERVAL_FIRST = 0.05
 PROBE_INTERVAL_MAX = 0.5
@@ -56,6 +58,10 @@ class ManagedServer(InferenceServer):
 
     def __init__(self, config: InferenceConfig, rank: int = 0):
         super().__init__(config, rank)
+        try:
+            self.launch = self.parse_launch(config.server_type, config.model_kwargs)
+        except ValueError as e:  # a config made with model_construct(), or changed after validation
+            raise ConfigError(str(e)) from None
         self._ready_re = compile_patterns((*self.ready_patterns, *config.server_ready_patterns))
         self._fatal_re = compile_patterns((*self.fatal_patterns, *config.server_fatal_patterns))
         self.process: ManagedProcess | None = None

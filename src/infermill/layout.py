@@ -1,0 +1,93 @@
+"""Where a job keeps its own files: every path under ``OUTPUT/_infermill/``, in one place.
+
+    OUTPUT/_infermill/
+      checkpoints/rank_RRRRR/     identity.json, complete.json, chunk_CCCCC.log / .done
+      stats.json                  (stats_rank_RRRRR.json when there are several ranks)
+      failures_rank_RRRRR.jsonl   documents skipped or failed, with the reason
+      logs/                       the server's output (the job file's default server_log_folder)
+
+Checkpoints may live elsewhere (``checkpoint.dir``): they must be local, so a remote
+output needs one, and then the rest goes beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from infermill.errors import ConfigError
+
+INFERMILL_DIR = "_infermill"
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is a URL of a file system other than the local one."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    """A local path or ``file://`` URL as an absolute path, ``~`` expanded."""
+    return os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+
+
+@dataclass(frozen=True, slots=True)
+class JobLayout:
+    """The paths of one job's own files (see the module docstring)."""
+
+    root: Path  # OUTPUT/_infermill, or the folder above ``checkpoints`` for a remote output
+    checkpoints: Path
+
+    @classmethod
+    def for_output(cls, output_folder: str, checkpoints_dir: str | None = None) -> JobLayout:
+        """The layout of the job writing to ``output_folder`` (a path or URL), its checkpoints in
+        ``checkpoints_dir`` if given (a local folder), else in the output folder."""
+        if checkpoints_dir is not None:
+            if is_remote(checkpoints_dir):
+                raise ConfigError(f"checkpoint.dir (checkpoints_local_dir) must be a local folder, got {checkpoints_dir}")
+            checkpoints = Path(local_path(checkpoints_dir))
+        elif is_remote(output_folder):
+            raise ConfigError(
+                f"the output {output_folder} is remote: set checkpoint.dir (checkpoints_local_dir in Python) to a "
+                "local folder, so that a killed job can resume"
+            )
+        else:
+            checkpoints = Path(local_path(output_folder)) / INFERMILL_DIR / "checkpoints"
+        root = checkpoints.parent if is_remote(output_folder) else Path(local_path(output_folder)) / INFERMILL_DIR
+        return cls(root, checkpoints)
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def rank_dir(self, rank: int) -> Path:
+        return self.checkpoints / f"rank_{rank:05d}"
+
+    def ranks(self) -> list[int]:
+        """The ranks that have a checkpoint folder, in order."""
+        found = (path.name.removeprefix("rank_") for path in self.checkpoints.glob("rank_*"))
+        return sorted(int(name) for name in found if name.isdigit())
+
+    def identity_file(self, rank: int) -> Path:
+        return self.rank_dir(rank) / "identity.json"
+
+    def complete_file(self, rank: int) -> Path:
+        return self.rank_dir(rank) / "complete.json"
+
+    def chunk_log(self, rank: int, chunk_index: int) -> Path:
+        return self.rank_dir(rank) / f"chunk_{chunk_index:05d}.log"
+
+    def chunk_done(self, rank: int, chunk_index: int) -> Path:
+        return self.rank_dir(rank) / f"chunk_{chunk_index:05d}.done"
+
+    def stats_file(self, rank: int, world_size: int) -> Path:
+        return self.root / ("stats.json" if world_size == 1 else f"stats_rank_{rank:05d}.json")
+
+    def stats_files(self) -> list[Path]:
+        return sorted(self.root.glob("stats*.json"))
+
+    def failures_file(self, rank: int) -> Path:
+        return self.root / f"failures_rank_{rank:05d}.jsonl"
+
+    def is_rank_complete(self, rank: int) -> bool:
+        return self.complete_file(rank).exists()

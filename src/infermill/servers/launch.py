@@ -1,0 +1,69 @@
+"""The launch keys of ``model_kwargs``, checked in one place for every server type.
+
+    server_script   a .py file, run as ``python FILE``            (custom)
+    server_module   a module, run as ``python -m MODULE``         (custom)
+    server_command  an argv list that starts the server            (custom; vllm and sglang: replaces the launcher)
+    server_env      environment variables added for the server     (every type that launches a process)
+
+Every other key of ``model_kwargs`` becomes a command-line flag (:mod:`infermill.servers.flags`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+LAUNCH_KEYS = ("server_script", "server_module", "server_command", "server_env")
+TARGET_KEYS = ("server_script", "server_module", "server_command")
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """``model_kwargs`` split into what starts the server and the flags it is given."""
+
+    script: str | None = None
+    module: str | None = None
+    command: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_launch(server_type: str, model_kwargs: Mapping[str, Any] | None, allowed: tuple[str, ...],
+                 target_required: bool) -> Launch:
+    """Check and split ``model_kwargs`` for a server of ``server_type`` that accepts the launch
+    keys ``allowed`` (and needs exactly one of script, module or command if
+    ``target_required``). Raises ValueError naming the key and the value given."""
+    kwargs = dict(model_kwargs or {})
+    for key in LAUNCH_KEYS:
+        if kwargs.get(key) is not None and key not in allowed:
+            accepted = f"accepts only {', '.join(allowed)}" if allowed else "launches no process"
+            raise ValueError(f"model_kwargs.{key}: server_type {server_type!r} {accepted}; remove it")
+    if target_required:
+        given = [key for key in TARGET_KEYS if kwargs.get(key)]
+        if len(given) != 1:
+            raise ValueError(
+                f"server_type {server_type!r} needs exactly one of model_kwargs.server_script (a .py file), "
+                f"model_kwargs.server_module or model_kwargs.server_command (an argv list); got {given or 'none'}"
+            )
+    command = kwargs.get("server_command")
+    if command is not None and (isinstance(command, str) or not isinstance(command, (list, tuple)) or not command
+                                or not all(isinstance(part, str) for part in command)):
+        raise ValueError(
+            f"model_kwargs.server_command must be a non-empty list of strings (an argv), e.g. ['my-server', "
+            f"'--model', 'x']; got {command!r}"
+        )
+    for key in ("server_script", "server_module"):
+        if kwargs.get(key) is not None and not isinstance(kwargs[key], str):
+            raise ValueError(f"model_kwargs.{key} must be a string, got {kwargs[key]!r}")
+    env = kwargs.get("server_env")
+    if env is not None and not isinstance(env, Mapping):
+        # the value may hold secrets (tokens): name its type only
+        raise ValueError(f"model_kwargs.server_env must be a mapping of names to values, got a {type(env).__name__}")
+    return Launch(
+        script=kwargs.get("server_script") or None,
+        module=kwargs.get("server_module") or None,
+        command=tuple(command or ()),
+        env={str(k): str(v) for k, v in (env or {}).items()},
+        flags={k: v for k, v in kwargs.items() if k not in LAUNCH_KEYS},
+    )
