@@ -8,7 +8,8 @@ PYTEST_ARGS ?=
 # elsewhere set TORCH=torch, or add PyTorch's CPU index to pip's configuration.
 TORCH ?= torch==2.13.0+cpu
 
-.PHONY: test install quickstart clean
+.PHONY: test lint format install quickstart clean
+LINTED := src tests benchmarks examples
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,16 @@ install: $(VENV)/.installed-dev
 # SmolLM2-135M on CPU over the 60 bundled documents; outputs in out/quickstart.
 quickstart: $(VENV)/.installed-model
 	$(BIN)/infermill run examples/jobs/quickstart.yaml --overwrite
+
+# ruff (lint and format) over every Python file, mypy over the package
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 test: $(VENV)/.installed-dev $(VENV)/.installed-model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -268,7 +268,7 @@ async def test_a_caller_cancelling_a_request_gets_cancelled_not_a_timeout(server
         with pytest.raises(asyncio.CancelledError):
             await task
         late = asyncio.ensure_future(client.post(server.url + "/slow?sec=2", PAYLOAD))
-        await asyncio.sleep(0.45)  # past its deadline: the sweep may cancel it at any moment now
+        await asyncio.sleep(0.45)  # past its deadline: the timeout may fire at any moment now
         late.cancel()
         with pytest.raises((asyncio.CancelledError, RequestTimeoutError)):
             await late

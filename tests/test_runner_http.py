@@ -12,7 +12,7 @@ import pytest
 from helpers import chat, echo_rollout, faulty_config, read_jsonl, server_stats
 
 from infermill import Document, InferenceConfig, InferenceError
-from infermill.errors import BadRequestError, RetryableError
+from infermill.errors import BadRequestError, RequestTimeoutError, RetryableError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
 
@@ -125,7 +125,8 @@ def test_a_request_that_always_times_out_fails_its_document_after_max_attempts(t
         InferenceRunner(echo_rollout, config, writer).run([Document(text="hang", id="hung-doc")])
 
     assert time.monotonic() - started < 10
-    assert isinstance(caught.value.error, RetryableError)
+    assert type(caught.value.error) is RequestTimeoutError  # the final error keeps its class
+    assert caught.value.attempts == 2
     assert "gave up after 2 attempts" in str(caught.value)
     assert server_stats(stats_file)["by_word"]["hang"] == 2
 
@@ -211,6 +212,18 @@ def test_retry_after_of_a_429_is_waited_before_the_retry(tmp_path, stats_file, w
     assert retry - first >= 1.0 - 0.01  # 10 ms for timer granularity
     assert retry - first < 3.0
     assert stats["requests_retried"] == 1 and written_ids(tmp_path) == {"limited"}
+
+
+def test_a_rate_limit_that_never_lifts_fails_with_its_status_and_retry_after(tmp_path, stats_file, writer,
+                                                                             no_orphans):
+    config = faulty_config(stats_file, request_max_attempts=2)
+    with pytest.raises(InferenceError, match="limited-doc") as caught:
+        InferenceRunner(echo_rollout, config, writer).run([Document(text="rate429:99:0.05:limited", id="limited-doc")])
+
+    error = caught.value.error
+    assert type(error) is RetryableError and error.status == 429 and error.retry_after == 0.05
+    assert "gave up after 2 attempts" in str(caught.value)
+    assert server_stats(stats_file)["by_word"]["rate429:99:0.05:limited"] == 2
 
 
 def test_a_request_backing_off_does_not_hold_a_generation_slot(tmp_path, stats_file, writer, no_orphans):

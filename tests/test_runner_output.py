@@ -383,3 +383,34 @@ async def test_run_async_uses_a_server_it_is_given_and_leaves_it_running(tmp_pat
         reply = await server.make_request(chat("still there"))  # its owner stops it, not the runner
         assert reply["choices"][0]["message"]["content"] == "still there"
     assert server.state is ServerState.STOPPED
+
+
+async def test_two_runs_at_once_on_one_runner_keep_their_own_state(tmp_path):
+    # ranks 0 and 1 of one job, run concurrently by one runner: each must keep its own journal,
+    # stats, server and failures file; both hold their first document until the other has begun
+    began = {0: asyncio.Event(), 1: asyncio.Event()}
+    seen_together: list = []
+
+    async def rollout(document, generate):
+        rank = int(document.id[1])
+        if document.id.endswith("-0"):
+            began[rank].set()
+            await asyncio.wait_for(began[1 - rank].wait(), 10)
+            seen_together.append(runner.progress())
+        return await generate(chat(document.text))
+
+    runner = InferenceRunner(rollout, dummy_config(max_concurrent_documents=3), JsonlWriter(str(tmp_path / "out")),
+                             records_per_chunk=4)
+    documents = {rank: [{"id": f"r{rank}-{i}", "text": f"rank {rank} doc {i}"} for i in range(10 + rank)]
+                 for rank in (0, 1)}
+    stats = await asyncio.gather(*(runner.run_async(documents[rank], rank, 2) for rank in (0, 1)))
+
+    assert [s["documents_written"] for s in stats] == [10, 11]
+    for rank in (0, 1):
+        written = [r["id"] for p in sorted((tmp_path / "out").glob(f"0000{rank}_*.jsonl")) for r in read_jsonl(p)]
+        assert sorted(written) == sorted(d["id"] for d in documents[rank])
+        assert orjson.loads((tmp_path / "out" / "_infermill" / f"stats_rank_0000{rank}.json").read_bytes()) == \
+            stats[rank]
+        assert runner.layout.is_rank_complete(rank)
+    assert seen_together and all(p.requests_in_flight >= 0 for p in seen_together)
+    assert runner.progress().documents_done == 0  # no run in progress any more

@@ -81,8 +81,10 @@ async def _interruptible(coro: Any) -> Any:
     def on_signal(signum: int) -> None:
         received.append(signum)
         if len(received) == 1:
-            logger.warning("%s received: stopping cleanly (checkpoint kept); send it again to stop at once",
-                           signal.Signals(signum).name)
+            logger.warning(
+                "%s received: stopping cleanly (checkpoint kept); send it again to stop at once",
+                signal.Signals(signum).name,
+            )
             task.cancel()
         else:
             kill_live_groups()
@@ -111,7 +113,13 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a job file key, e.g. inference.max_concurrent_generations=64.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a job file key, e.g. inference.max_concurrent_generations=64.",
+)
 @click.option("--overwrite", is_flag=True, help="Discard this job's checkpoint and outputs and start over.")
 @click.option("--rank", type=int, default=0, show_default=True, help="This process's rank.")
 @click.option("--world-size", type=int, default=None, help="Number of ranks (default: runner.world_size).")
@@ -148,8 +156,9 @@ def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, w
                 runner, reader = build_runner(job, overwrite=overwrite), build_reader(job)
             except InfermillError as e:  # a job that cannot be set up is a usage error, like a bad job file
                 raise ConfigError(str(e)) from None
-            progress = asyncio.create_task(show_progress(runner.progress, job.input.limit,
-                                                         job.inference.metric_interval))
+            progress = asyncio.create_task(
+                show_progress(runner.progress, job.input.limit, job.inference.metric_interval)
+            )
             try:
                 return await runner.run_async(reader.read(rank, world_size), rank, world_size, server=server)
             finally:
@@ -170,7 +179,9 @@ def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, w
     from infermill.progress import summary_table
 
     if stats.get("already_complete"):
-        _console().print(f"rank {rank}: the job is already complete; nothing was sent. Use --overwrite to run it again.")
+        _console().print(
+            f"rank {rank}: the job is already complete; nothing was sent. Use --overwrite to run it again."
+        )
     _console().print(summary_table(stats, title=f"infermill run: {escape(job.output.path)} (rank {rank}/{world_size})"))
 
 
@@ -251,8 +262,12 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("output", type=click.Path(file_okay=False))
-@click.option("--checkpoints", type=click.Path(file_okay=False), default=None,
-              help="The checkpoint folder, when it is not OUTPUT/_infermill/checkpoints.")
+@click.option(
+    "--checkpoints",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="The checkpoint folder, when it is not OUTPUT/_infermill/checkpoints.",
+)
 def status(output: str, checkpoints: str | None) -> None:
     """Show the progress of a running or finished job from its checkpoints and stats."""
     from rich.table import Table
@@ -267,22 +282,31 @@ def status(output: str, checkpoints: str | None) -> None:
         raise SystemExit(EXIT_USAGE) from None
     ranks = layout.ranks()
     if not ranks:
-        _error(f"no checkpoints in {layout.checkpoints}: is {output} the output folder of a job? (--checkpoints "
-               "names the checkpoint folder of a job that set checkpoint.dir)")
+        _error(
+            f"no checkpoints in {layout.checkpoints}: is {output} the output folder of a job? (--checkpoints "
+            "names the checkpoint folder of a job that set checkpoint.dir)"
+        )
         raise SystemExit(EXIT_USAGE)
     table = Table(title=f"infermill status: {escape(output)}")
     for column in ("rank", "state", "chunks done", "documents in open chunks", "cached replies"):
         table.add_column(column, justify="right")
     for rank in ranks:
         summary = ChunkJournal.summary(layout, rank)
-        table.add_row(f"{rank:05d}", "complete" if summary.complete else "incomplete", str(summary.chunks_done),
-                      str(summary.documents_in_open_chunks), str(summary.cached_replies))
+        table.add_row(
+            f"{rank:05d}",
+            "complete" if summary.complete else "incomplete",
+            str(summary.chunks_done),
+            str(summary.documents_in_open_chunks),
+            str(summary.cached_replies),
+        )
     _console().print(table)
     for stats_file in layout.stats_files():
         stats = orjson.loads(stats_file.read_bytes())
-        click.echo(f"{stats_file.name}: {stats.get('documents_processed', 0)} documents processed, "
-                   f"{stats.get('documents_failed', 0)} failed, {stats.get('requests_ok', 0)} requests ok, "
-                   f"{stats.get('inference_time_sec', 0):.1f} s")
+        click.echo(
+            f"{stats_file.name}: {stats.get('documents_processed', 0)} documents processed, "
+            f"{stats.get('documents_failed', 0)} failed, {stats.get('requests_ok', 0)} requests ok, "
+            f"{stats.get('inference_time_sec', 0):.1f} s"
+        )
 
 
 if __name__ == "__main__":

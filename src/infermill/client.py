@@ -6,7 +6,6 @@ error classes (see :mod:`infermill.errors`).
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import time
 from typing import Any
@@ -66,13 +65,22 @@ class OpenAIClient:
     The API key never appears in an error it raises, even when the server quotes it back.
     """
 
-    def __init__(self, api_key: str | None = None, request_timeout: float | None = None, max_connections: int = 0,
-                 keep_cookies: bool = False):
+    def __init__(
+        self,
+        api_key: str | None = None,
+        request_timeout: float | None = None,
+        max_connections: int = 0,
+        keep_cookies: bool = False,
+    ):
         # static, and covering every header aiohttp would add by default: it then takes its fast
         # path (no per-request merging of a skip list, 3% of a request's CPU). identity: a reply
         # must never come compressed, as it is not decompressed
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json",
-                         "Accept-Encoding": "identity", "User-Agent": f"infermill/{__version__}"}
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Accept-Encoding": "identity",
+            "User-Agent": f"infermill/{__version__}",
+        }
         self._keep_cookies = keep_cookies
         self._api_key = api_key or None
         if api_key:
@@ -105,7 +113,9 @@ class OpenAIClient:
     async def get(self, url: str, timeout: float | None = None) -> dict[str, Any]:
         return await self._request("GET", url, None, timeout)
 
-    async def _request(self, method: str, url: str | URL, data: bytes | None, timeout: float | None = None) -> dict[str, Any]:
+    async def _request(
+        self, method: str, url: str | URL, data: bytes | None, timeout: float | None = None
+    ) -> dict[str, Any]:
         session = self._get_session()
         kwargs: dict[str, Any] = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
         try:
@@ -116,7 +126,7 @@ class OpenAIClient:
                     if self._api_key:  # before the body is cut short: no part of the key may remain
                         body = body.replace(self._api_key.encode(), b"***")
                     raise status_error(status, body, response.headers.get("Retry-After"))
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise RequestTimeoutError(f"{method} {url}: no reply within the request timeout") from e
         except aiohttp.ClientError as e:
             refused = isinstance(e, aiohttp.ClientConnectorError) and isinstance(e.os_error, ConnectionRefusedError)

@@ -130,7 +130,9 @@ class InferenceConfig(BaseModel):
         from infermill.servers import SERVER_CLASSES
 
         if self.server_type == "endpoint" and not self.endpoint_url:
-            raise ValueError("server_type 'endpoint' needs endpoint_url (the server's base URL, e.g. http://host:8000/v1)")
+            raise ValueError(
+                "server_type 'endpoint' needs endpoint_url (the server's base URL, e.g. http://host:8000/v1)"
+            )
         SERVER_CLASSES[self.server_type].parse_launch(self.server_type, self.model_kwargs)
         return self
 

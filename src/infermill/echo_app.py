@@ -42,16 +42,25 @@ def echo_completion(request: dict[str, Any], model: str, chat: bool) -> dict[str
     if isinstance(max_tokens, int) and len(words) > max_tokens:
         text, finish_reason = " ".join(words[:max_tokens]), "length"
     completion_words = min(len(words), max_tokens) if isinstance(max_tokens, int) else len(words)
-    usage = {"prompt_tokens": prompt_words, "completion_tokens": completion_words,
-             "total_tokens": prompt_words + completion_words}
+    usage = {
+        "prompt_tokens": prompt_words,
+        "completion_tokens": completion_words,
+        "total_tokens": prompt_words + completion_words,
+    }
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
         kind = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish_reason}
         kind = "text_completion"
-    return {"id": f"echo-{next(_ids)}", "object": kind, "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage}
+    return {
+        "id": f"echo-{next(_ids)}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:

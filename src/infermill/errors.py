@@ -87,8 +87,9 @@ class InferenceError(InfermillError):
     """A document could not be processed. Carries the document, the cause (its type and, for a
     ``RetryableError``, its ``retry_after`` intact), the payload, and the attempts spent on it."""
 
-    def __init__(self, document: Any, error: BaseException | str, payload: dict | None = None,
-                 attempts: int | None = None):
+    def __init__(
+        self, document: Any, error: BaseException | str, payload: dict | None = None, attempts: int | None = None
+    ):
         self.document = document
         self.error = error
         self.payload = payload

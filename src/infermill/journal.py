@@ -144,8 +144,9 @@ class ChunkJournal:
                     cached += 1
                 else:
                     documents.add(line.index)
-        return RankSummary(rank, layout.is_rank_complete(rank), len(list(folder.glob("chunk_*.done"))),
-                           len(documents), cached)
+        return RankSummary(
+            rank, layout.is_rank_complete(rank), len(list(folder.glob("chunk_*.done"))), len(documents), cached
+        )
 
     # -- opening ------------------------------------------------------------------------
 
@@ -243,7 +244,8 @@ class ChunkJournal:
         if chunk is None:
             chunk = self._chunks[chunk_index] = _Chunk(chunk_index)
         if chunk.file is None:
-            chunk.file = open(self.layout.chunk_log(self.rank, chunk_index), "ab")
+            # open until the chunk is finalized or the journal closed: one append per line, no reopen
+            chunk.file = open(self.layout.chunk_log(self.rank, chunk_index), "ab")  # noqa: SIM115
         chunk.file.write(data + b"\n")
         self._unflushed.add(chunk.file)
         self._schedule_flush()

@@ -44,7 +44,9 @@ class JobLayout:
         ``checkpoints_dir`` if given (a local folder), else in the output folder."""
         if checkpoints_dir is not None:
             if is_remote(checkpoints_dir):
-                raise ConfigError(f"checkpoint.dir (checkpoints_local_dir) must be a local folder, got {checkpoints_dir}")
+                raise ConfigError(
+                    f"checkpoint.dir (checkpoints_local_dir) must be a local folder, got {checkpoints_dir}"
+                )
             checkpoints = Path(local_path(checkpoints_dir))
         elif is_remote(output_folder):
             raise ConfigError(

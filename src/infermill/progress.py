@@ -26,13 +26,16 @@ def progress_line(progress: ProgressSnapshot, total: int | None, elapsed: float)
     eta = ""
     if total and rate > 0:
         eta = f" | ETA {max(0.0, (total - progress.documents_done) / rate):,.0f} s"
-    return (f"{progress.documents_done:,}{of_total} docs | {rate:,.1f} docs/s | {tokens:,.0f} tok/s | "
-            f"{progress.requests_in_flight} in flight | {progress.requests_retried} retried | "
-            f"{progress.server_restarts} restarts{eta}")
+    return (
+        f"{progress.documents_done:,}{of_total} docs | {rate:,.1f} docs/s | {tokens:,.0f} tok/s | "
+        f"{progress.requests_in_flight} in flight | {progress.requests_retried} retried | "
+        f"{progress.server_restarts} restarts{eta}"
+    )
 
 
-async def show_progress(snapshot: Callable[[], ProgressSnapshot], total: int | None = None,
-                        interval: float = 120.0) -> None:
+async def show_progress(
+    snapshot: Callable[[], ProgressSnapshot], total: int | None = None, interval: float = 120.0
+) -> None:
     """Until cancelled: redraw a live line on a terminal (twice a second), else log one every
     ``interval`` seconds. ``snapshot`` says where the job stands (``InferenceRunner.progress``)."""
     started = time.monotonic()
@@ -63,6 +66,12 @@ def summary_table(stats: dict[str, Any], title: str = "infermill run") -> Table:
     for key, value in stats.items():
         if key == "started_at":
             continue
-        table.add_row(key.replace("_", " "), f"{value:,.2f}" if isinstance(value, float) else f"{value:,}"
-                      if isinstance(value, int) and not isinstance(value, bool) else str(value))
+        table.add_row(
+            key.replace("_", " "),
+            f"{value:,.2f}"
+            if isinstance(value, float)
+            else f"{value:,}"
+            if isinstance(value, int) and not isinstance(value, bool)
+            else str(value),
+        )
     return table

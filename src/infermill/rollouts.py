@@ -37,8 +37,11 @@ class PromptRollout:
         messages_key: str | None = None,
         system_prompt: str | None = None,
     ):
-        given = [name for name, value in (("template", template), ("prompt_key", prompt_key),
-                                          ("messages_key", messages_key)) if value]
+        given = [
+            name
+            for name, value in (("template", template), ("prompt_key", prompt_key), ("messages_key", messages_key))
+            if value
+        ]
         if len(given) != 1:
             raise ConfigError(f"a prompt rollout needs exactly one of template, prompt_key, messages_key; got {given}")
         if template is not None and DOCUMENT_PLACEHOLDER not in template:
@@ -57,7 +60,9 @@ class PromptRollout:
             return self.template.replace(DOCUMENT_PLACEHOLDER, document.text)
         value = document.text if self.prompt_key == "text" else document.metadata.get(self.prompt_key)  # type: ignore[arg-type]
         if not isinstance(value, str):
-            raise ValueError(f"document {document.id}: field {self.prompt_key!r} must be a string, got {type(value).__name__}")
+            raise ValueError(
+                f"document {document.id}: field {self.prompt_key!r} must be a string, got {type(value).__name__}"
+            )
         return value
 
     def payload(self, document: Document) -> dict[str, Any]:

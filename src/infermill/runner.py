@@ -112,7 +112,9 @@ def _context_dict(entered: Any) -> dict[str, Any]:
     if entered is None:
         return {}
     if not isinstance(entered, dict):
-        raise ValueError(f"shared_context's context manager must yield a dict of keyword arguments, got {type(entered).__name__}")
+        raise ValueError(
+            f"shared_context's context manager must yield a dict of keyword arguments, got {type(entered).__name__}"
+        )
     return entered
 
 
@@ -195,12 +197,20 @@ class InferenceRunner:
         journal = ChunkJournal(self.layout, rank, self.records_per_chunk, self.output_writer)
         state = journal.open(self._identity(rank, world_size), overwrite=self.overwrite)
         if state.complete is not None:
-            logger.info("rank %d is already complete (%s documents); nothing to do", rank,
-                        state.complete.get("documents_processed", "?"))
+            logger.info(
+                "rank %d is already complete (%s documents); nothing to do",
+                rank,
+                state.complete.get("documents_processed", "?"),
+            )
             return {**state.complete, "already_complete": True}
         if state.done_chunks or state.done_records:
-            logger.info("rank %d resumes: %d chunks and %d documents done, %d replies cached", rank,
-                        len(state.done_chunks), len(state.done_records), state.cached_replies)
+            logger.info(
+                "rank %d resumes: %d chunks and %d documents done, %d replies cached",
+                rank,
+                len(state.done_chunks),
+                len(state.done_records),
+                state.cached_replies,
+            )
         run = _Run(self, journal, rank)
         self._runs.append(run)
         completed = False
@@ -265,8 +275,9 @@ class _Run:
         self.slots = asyncio.Semaphore(self.config.max_concurrent_generations)
         self._failures: BinaryIO | None = None
 
-    async def process(self, documents: Iterable[Any] | AsyncIterable[Any], server: InferenceServer,
-                      context: dict[str, Any]) -> None:
+    async def process(
+        self, documents: Iterable[Any] | AsyncIterable[Any], server: InferenceServer, context: dict[str, Any]
+    ) -> None:
         """Every document through its rollouts and into the journal, ``concurrent_documents`` at a time."""
         self.server, self.context = server, context
         next_document = _document_source(documents)
@@ -340,8 +351,9 @@ class _Run:
 
     async def _rollout(self, document: Document, index: int, rollout_index: int) -> Any:
         try:
-            return await self.runner.rollout_fn(document, self._make_generate(document, index, rollout_index),
-                                                **self.context)
+            return await self.runner.rollout_fn(
+                document, self._make_generate(document, index, rollout_index), **self.context
+            )
         except asyncio.CancelledError:
             if _cancelled_from_outside():
                 raise
@@ -406,9 +418,13 @@ class _Run:
         if self._failures is None:
             path = self.runner.layout.failures_file(self.rank)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._failures = open(path, "ab")
-        entry = {"id": doc_id, "error": str(error), "error_type": type(error).__name__,
-                 "payload": summarize_payload(payload)}
+            self._failures = open(path, "ab")  # noqa: SIM115 -- open for the run, closed by close()
+        entry = {
+            "id": doc_id,
+            "error": str(error),
+            "error_type": type(error).__name__,
+            "payload": summarize_payload(payload),
+        }
         self._failures.write(orjson.dumps(entry, default=str, option=orjson.OPT_APPEND_NEWLINE))
         self._failures.flush()
 
@@ -455,7 +471,7 @@ def _document_source(documents: Iterable[Any] | AsyncIterable[Any]) -> Callable[
 
         return next_async
 
-    sync_iterator = iter(documents)  # type: ignore[arg-type]
+    sync_iterator = iter(documents)
 
     async def next_sync() -> Any:
         item = next(sync_iterator, _END)

@@ -13,9 +13,8 @@ import csv
 import fnmatch
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
@@ -91,8 +90,9 @@ def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
 
 def _raise_dataset_dict(fs: Any, root: str, url: str) -> None:
     splits = orjson.loads(fs.cat(f"{root}/dataset_dict.json")).get("splits", [])
-    raise InfermillError(f"{url} is a DatasetDict; point input.path at one split: "
-                         + ", ".join(f"{url.rstrip('/')}/{s}" for s in splits))
+    raise InfermillError(
+        f"{url} is a DatasetDict; point input.path at one split: " + ", ".join(f"{url.rstrip('/')}/{s}" for s in splits)
+    )
 
 
 def _display_names(urls: list[str]) -> dict[str, str]:
@@ -173,9 +173,10 @@ class DocumentReader:
                 if isinstance(item, BadRecordError):
                     if self.on_bad_record == "error":
                         raise BadRecordError(item.source, item.position, item.reason + _SKIP_HINT)
-                    item = BadRecord(f"{self._names.get(item.source, os.path.basename(item.source))}:{item.position}",
-                                     item)
-                yield item
+                    name = self._names.get(item.source, os.path.basename(item.source))
+                    yield BadRecord(f"{name}:{item.position}", item)
+                else:
+                    yield item
 
     __iter__ = read
 
@@ -206,8 +207,12 @@ class DocumentReader:
             raise _Bad(f"field {self.text_key!r} must be a string, got {type(text).__name__}")
         doc_id = row.get(self.id_key)
         metadata = {k: v for k, v in row.items() if k not in (self.text_key, self.id_key, "media")}
-        return Document(text=text, id=str(doc_id) if doc_id is not None else f"{name}:{position}",
-                        metadata=metadata, media=row.get("media"))
+        return Document(
+            text=text,
+            id=str(doc_id) if doc_id is not None else f"{name}:{position}",
+            metadata=metadata,
+            media=row.get("media"),
+        )
 
     def _batch_document(self, row: dict[str, Any], name: str, position: int) -> Document:
         missing = [k for k in ("custom_id", "body") if k not in row]
@@ -215,8 +220,11 @@ class DocumentReader:
             raise _Bad(f"an OpenAI batch line needs custom_id, method, url and body; missing {', '.join(missing)}")
         if not isinstance(row["body"], dict):
             raise _Bad(f"body must be a JSON object, got {type(row['body']).__name__}")
-        request = {"method": row.get("method", "POST"), "url": row.get("url", "/v1/chat/completions"),
-                   "body": row["body"]}
+        request = {
+            "method": row.get("method", "POST"),
+            "url": row.get("url", "/v1/chat/completions"),
+            "body": row["body"],
+        }
         return Document(text="", id=str(row["custom_id"]), metadata={"openai_batch": request})
 
 

@@ -104,7 +104,9 @@ class JsonlWriter(OutputWriter):
     def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
         count, block, size = 0, [], 0
         for record in records:  # a write per line costs more than the line: lines go out in blocks
-            line = record + b"\n" if isinstance(record, bytes) else orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+            line = (
+                record + b"\n" if isinstance(record, bytes) else orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+            )
             block.append(line)
             size += len(line)
             count += 1
@@ -125,8 +127,9 @@ class ParquetWriter(OutputWriter):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("metadata", pa.string()),
-                            ("media", pa.string())])
+        schema = pa.schema(
+            [("id", pa.string()), ("text", pa.string()), ("metadata", pa.string()), ("media", pa.string())]
+        )
         count = 0
         with pq.ParquetWriter(file, schema, compression="zstd") as parquet:
             while batch := [as_dict(record) for record in islice(records, PARQUET_ROWS_PER_GROUP)]:
@@ -145,8 +148,13 @@ class OpenAIBatchWriter(OutputWriter):
     """The OpenAI Batch API's output format: ``{id, custom_id, response: {status_code,
     request_id, body}, error}``; ``body`` is the server's reply to the line's request."""
 
-    def __init__(self, output_folder: str, output_filename: str | None = None, compression: str | None = None,
-                 results_key: str = "rollout_results"):
+    def __init__(
+        self,
+        output_folder: str,
+        output_filename: str | None = None,
+        compression: str | None = None,
+        results_key: str = "rollout_results",
+    ):
         super().__init__(output_folder, output_filename, compression)
         self.results_key = results_key
 
@@ -168,8 +176,11 @@ class OpenAIBatchWriter(OutputWriter):
 
 
 #: every output format and its writer: the job file accepts these names
-WRITERS: dict[str, type[OutputWriter]] = {"jsonl": JsonlWriter, "parquet": ParquetWriter,
-                                          "openai_batch": OpenAIBatchWriter}
+WRITERS: dict[str, type[OutputWriter]] = {
+    "jsonl": JsonlWriter,
+    "parquet": ParquetWriter,
+    "openai_batch": OpenAIBatchWriter,
+}
 
 
 def as_dict(record: Record) -> dict[str, Any]:

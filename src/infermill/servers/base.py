@@ -38,7 +38,7 @@ logger = logging.getLogger("infermill.server")
 DEATH_NOTICE_TIMEOUT = 10.0
 
 
-class ServerState(str, enum.Enum):
+class ServerState(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
     RESTARTING = "restarting"
@@ -112,8 +112,9 @@ class InferenceServer:
         if self._http is None:
             from infermill.client import OpenAIClient
 
-            self._http = OpenAIClient(self.client_api_key(), self.config.request_timeout, max_connections=0,
-                                      keep_cookies=self.keeps_cookies)
+            self._http = OpenAIClient(
+                self.client_api_key(), self.config.request_timeout, max_connections=0, keep_cookies=self.keeps_cookies
+            )
         return self._http
 
     def _load_client(self) -> asyncio.Future[OpenAIClient]:
@@ -301,8 +302,13 @@ class InferenceServer:
                         tail,
                     )
                 self.restarts += 1
-                logger.warning("server rank %d failed (%s); restart %d of %d", self.rank, reason, self.restarts,
-                               self.config.server_max_restarts)
+                logger.warning(
+                    "server rank %d failed (%s); restart %d of %d",
+                    self.rank,
+                    reason,
+                    self.restarts,
+                    self.config.server_max_restarts,
+                )
                 self._set_state(ServerState.RESTARTING)
                 await asyncio.sleep(self.config.server_restart_backoff_sec * 2 ** (self.restarts - 1))
         except ServerError as e:
@@ -330,8 +336,9 @@ class InferenceServer:
                     raise ServerError(
                         f"{type(self).__name__} could not start after {attempts} attempt(s): {e.reason}", tail
                     ) from None
-                logger.warning("server rank %d start attempt %d failed: %s; retrying on a fresh port",
-                               self.rank, attempt, e.reason)
+                logger.warning(
+                    "server rank %d start attempt %d failed: %s; retrying on a fresh port", self.rank, attempt, e.reason
+                )
 
 
 def environment_api_key() -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-
 from typing import TYPE_CHECKING
 
 from infermill.errors import ConfigError

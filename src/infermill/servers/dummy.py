@@ -24,7 +24,7 @@ class DummyServer(InferenceServer):
         site = web.TCPSite(runner, self.host, 0)
         await site.start()
         self._runner = runner
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = runner.addresses[0][1]  # (host, port) of the socket it listens on
 
     async def _stop_attempt(self) -> None:
         runner, self._runner = self._runner, None

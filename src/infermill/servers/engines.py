@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from infermill.servers.flags import has_flag, kwargs_to_flags
 from infermill.servers.managed import CUDA_FATAL, ManagedServer
@@ -25,7 +25,7 @@ class EngineServer(ManagedServer):
     """Shared launch logic of the GPU engines."""
 
     default_launcher: tuple[str, ...] = ()
-    parallel_flags: dict[str, str] = {}  # config field -> engine flag
+    parallel_flags: ClassVar[dict[str, str]] = {}  # config field -> engine flag
     launch_keys = ("server_command", "server_env")
 
     def __init__(self, config: InferenceConfig, rank: int = 0):
@@ -63,7 +63,11 @@ class VLLMServer(EngineServer):
     goes in ``VLLM_API_KEY``."""
 
     default_launcher = ("vllm",)
-    parallel_flags = {"tp": "tensor-parallel-size", "dp": "data-parallel-size", "pp": "pipeline-parallel-size"}
+    parallel_flags: ClassVar[dict[str, str]] = {
+        "tp": "tensor-parallel-size",
+        "dp": "data-parallel-size",
+        "pp": "pipeline-parallel-size",
+    }
     # Not "Application startup complete": uvicorn prints it before listen(), so a request sent
     # on it can be refused. vLLM hands uvicorn a pre-bound socket, so uvicorn prints no
     # "Uvicorn running on" either (older vLLMs did): readiness is then the HTTP probe's.
@@ -97,7 +101,7 @@ class SGLangServer(EngineServer):
     """``python -m sglang.launch_server`` with infermill's port, host, API key and context length."""
 
     default_launcher = (sys.executable, "-m", "sglang.launch_server")
-    parallel_flags = {"tp": "tp-size", "dp": "dp-size", "pp": "pp-size"}
+    parallel_flags: ClassVar[dict[str, str]] = {"tp": "tp-size", "dp": "dp-size", "pp": "pp-size"}
     # Lines printed once the port accepts connections ("Application startup complete" comes before).
     ready_patterns = (r"The server is fired up and ready to roll!", r"Uvicorn running on")
     fatal_patterns = (*CUDA_FATAL, r"Detected errors during sampling", r"IndexError: list index out of range")

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+
 def kwargs_to_flags(kwargs: Mapping[str, Any]) -> list[str]:
     """Render kwargs in order: True -> ``--key``, False -> ``--no-key``, None is left out,
     lists and dicts -> ``--key=<json>``, anything else -> ``--key=value``.
@@ -26,6 +27,7 @@ def kwargs_to_flags(kwargs: Mapping[str, Any]) -> list[str]:
         else:
             flags.append(f"--{name}={value}")
     return flags
+
 
 def has_flag(kwargs: Mapping[str, Any] | None, *keys: str) -> bool:
     """Whether kwargs already set any of ``keys`` (compared with ``_`` and ``-`` alike)."""

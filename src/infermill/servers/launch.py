@@ -29,8 +29,9 @@ class Launch:
     flags: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_launch(server_type: str, model_kwargs: Mapping[str, Any] | None, allowed: tuple[str, ...],
-                 target_required: bool) -> Launch:
+def parse_launch(
+    server_type: str, model_kwargs: Mapping[str, Any] | None, allowed: tuple[str, ...], target_required: bool
+) -> Launch:
     """Check and split ``model_kwargs`` for a server of ``server_type`` that accepts the launch
     keys ``allowed`` (and needs exactly one of script, module or command if
     ``target_required``). Raises ValueError naming the key and the value given."""
@@ -47,8 +48,12 @@ def parse_launch(server_type: str, model_kwargs: Mapping[str, Any] | None, allow
                 f"model_kwargs.server_module or model_kwargs.server_command (an argv list); got {given or 'none'}"
             )
     command = kwargs.get("server_command")
-    if command is not None and (isinstance(command, str) or not isinstance(command, (list, tuple)) or not command
-                                or not all(isinstance(part, str) for part in command)):
+    if command is not None and (
+        isinstance(command, str)
+        or not isinstance(command, (list, tuple))
+        or not command
+        or not all(isinstance(part, str) for part in command)
+    ):
         raise ValueError(
             f"model_kwargs.server_command must be a non-empty list of strings (an argv), e.g. ['my-server', "
             f"'--model', 'x']; got {command!r}"

@@ -103,18 +103,24 @@ class ManagedServer(InferenceServer):
         if self._log is None:
             self._log = open_log(self.config.server_log_folder, self.log_name)
         if self._log is not None:
-            self._log.write(f"# infermill: start attempt {attempt} (restart {self.restarts}) on port {self.port}: "
-                            f"{' '.join(self.redact(argv))}\n")
+            self._log.write(
+                f"# infermill: start attempt {attempt} (restart {self.restarts}) on port {self.port}: "
+                f"{' '.join(self.redact(argv))}\n"
+            )
             self._log.flush()
         try:
             self.process = await asyncio.wait_for(
                 ManagedProcess.spawn(
-                    argv, env=env, on_line=self._on_line, on_exit=self._wake, log=self._log,
+                    argv,
+                    env=env,
+                    on_line=self._on_line,
+                    on_exit=self._wake,
+                    log=self._log,
                     secrets=self.secrets(),
                 ),
                 timeout=self.config.server_start_timeout_sec,
             )
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise ServerError(f"could not launch {argv[0]!r}: {type(e).__name__}: {e}") from None
         self._launched.set()
         await self._wait_until_serving(self.process)
@@ -133,9 +139,12 @@ class ManagedServer(InferenceServer):
             self._raise_if_dead(process)
             remaining = deadline - loop.time()
             if remaining <= 0:
-                why = (f"it printed a ready line, but {self.host}:{self.port} refuses connections: does it "
-                       "listen there, on the --port it is given?" if self._ready_line_seen
-                       else "no ready log line and no HTTP 200 from GET /v1/models")
+                why = (
+                    f"it printed a ready line, but {self.host}:{self.port} refuses connections: does it "
+                    "listen there, on the --port it is given?"
+                    if self._ready_line_seen
+                    else "no ready log line and no HTTP 200 from GET /v1/models"
+                )
                 raise ServerError(
                     f"not ready after {window:g} s (server_ready_max_attempts x server_ready_delay_sec): {why}",
                     list(process.tail),
@@ -147,8 +156,9 @@ class ManagedServer(InferenceServer):
         if self._fatal_line is not None:
             raise ServerError(f"fatal line in the server's output: {self._fatal_line!r}", list(process.tail))
         if process.exited.is_set():
-            raise ServerError(f"the server process exited with code {process.returncode} before it was ready",
-                              list(process.tail))
+            raise ServerError(
+                f"the server process exited with code {process.returncode} before it was ready", list(process.tail)
+            )
 
     async def _probe(self, after_ready_line: bool, remaining: float) -> bool:
         """GET /v1/models. Without a ready line, only a 200 makes the server ready, and the probe
@@ -189,8 +199,10 @@ class ManagedServer(InferenceServer):
         check_every = min(5.0, stall / 4) if stall else None
         while self._fatal_line is None and not process.exited.is_set():
             if stall and self.outstanding_requests and time.monotonic() - self.last_progress > stall:
-                return (f"the server stalled: {self.outstanding_requests} requests outstanding and none "
-                        f"completed for {stall:g} s (server_stall_timeout_sec)")
+                return (
+                    f"the server stalled: {self.outstanding_requests} requests outstanding and none "
+                    f"completed for {stall:g} s (server_stall_timeout_sec)"
+                )
             await wait_event(self._output_event, check_every)
         if self._fatal_line is not None:
             return f"fatal line in the server's output: {self._fatal_line!r}"

@@ -183,7 +183,8 @@ class ManagedProcess:
             _reaped_once = True
             for pgid in reap_orphans():
                 logging.getLogger("infermill.process").warning(
-                    "killed process group %d left behind by an infermill run that died", pgid)
+                    "killed process group %d left behind by an infermill run that died", pgid
+                )
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -254,7 +255,7 @@ class ManagedProcess:
             while time.monotonic() < deadline and (self._proc.returncode is None or group_alive(self.pgid)):
                 try:
                     await asyncio.wait_for(asyncio.shield(self._waiter), timeout=0.05)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             self._signal_group(signal.SIGKILL)
         await self._waiter
