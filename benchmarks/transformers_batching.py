@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """How much does batching help, and does infermill get all of it? Completion tokens/s of
-examples/servers/transformers_server.py at concurrency 1 and at higher concurrency, whether
+examples/servers/batching_server.py (SmolLM2-135M, converted once by
+examples/servers/convert_smollm2.py) at concurrency 1 and at higher concurrency, whether
 batched greedy answers equal unbatched ones, and (``--infermill``) infermill's tokens/s against
 the bare client's from the same server at the highest concurrency.
 
     .venv/bin/python benchmarks/transformers_batching.py                  # 16 requests, 32 tokens, c=1 and c=16
     .venv/bin/python benchmarks/transformers_batching.py --requests 48 --infermill 3   # + 3 interleaved rounds
     .venv/bin/python benchmarks/transformers_batching.py --requests 32 --concurrency 1 8 32
-    .venv/bin/python benchmarks/transformers_batching.py --url http://127.0.0.1:8000   # an already running server
+    .venv/bin/python benchmarks/transformers_batching.py --url http://127.0.0.1:8000   # an already running server,
+                                                            # e.g. `transformers serve MODEL_DIR --continuous-batching`
 
 Starts the server (unless --url is given) with any extra flags after ``--``, e.g.
-``-- --device cpu --threads 2``. Requests are greedy chat completions of exactly
-``--max-tokens`` tokens (``ignore_eos``), so every level does the same work.
+``-- --max-batch-size 8``. Requests are greedy chat completions of ``--max-tokens`` tokens
+(``ignore_eos`` for servers that honour it; batching_server.py does not, and its paragraphs
+rarely end before the limit), so every level does about the same work.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import time
 import aiohttp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER = os.path.join(ROOT, "examples", "servers", "transformers_server.py")
+SERVERS = os.path.join(ROOT, "examples", "servers")
+SERVER = os.path.join(SERVERS, "batching_server.py")
 
 TOPICS = ["the sea", "mountains", "a cat", "the moon", "coffee", "trains", "winter", "a library", "bees",
           "the desert", "jazz", "a lighthouse", "volcanoes", "chess", "rain", "a garden"]
@@ -43,6 +47,16 @@ def prompts(n: int) -> list[str]:
     return out
 
 
+def model_dir() -> str:
+    """The converted SmolLM2 folder (converted on first use)."""
+    sys.path.insert(0, SERVERS)
+    try:
+        import convert_smollm2
+    finally:
+        sys.path.pop(0)
+    return convert_smollm2.convert()
+
+
 def free_port() -> int:
     import socket
 
@@ -52,7 +66,7 @@ def free_port() -> int:
 
 
 def start_server(port: int, flags: list[str], timeout: float) -> subprocess.Popen:
-    cmd = [sys.executable, SERVER, "--port", str(port), "--stats-interval", "0", *flags]
+    cmd = [sys.executable, SERVER, "--port", str(port), "--model", model_dir(), *flags]
     print("starting:", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     ready = threading.Event()
@@ -180,10 +194,11 @@ class HFBaseline:
     """Plain ``model.generate`` on static, left-padded batches of the same prompts, in this process."""
 
     def __init__(self, args):
-        sys.path.insert(0, os.path.dirname(SERVER))
-        import transformers_server  # first: it sets OMP_WAIT_POLICY before torch is imported
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does, before torch is imported
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model, self.tokenizer, _, _, _ = transformers_server.load(transformers_server.parse_args(["--port", "0"]))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir(), padding_side="left")
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir()).eval()
         self.texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                          add_generation_prompt=True) for p in prompts(args.requests)]
         self.max_tokens = args.max_tokens
