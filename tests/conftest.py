@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the test servers, and a check that no process is left behind."""
+"""Shared fixtures: paths to the test servers, a check that no process is left behind, and the
+faulty server's stats file."""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ def _tagged_processes(tag: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+@pytest.fixture
+def stats_file(tmp_path) -> Path:
+    """Where a test's faulty server keeps its stats (``helpers.faulty_config(stats_file)``)."""
+    return tmp_path / "server_stats.json"
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,8 @@ import psutil
 import pytest
 import yaml
 from conftest import PYTHON
-from helpers import FAULTY_SERVER
+from helpers import FAULTY_SERVER, read_jsonl, run_stats, server_stats, wait_until
+
 RUN_TIMEOUT = 60
 
 #: what every fault job uses unless a test says otherwise: fast, small and bounded
@@ -119,11 +120,10 @@ class SubprocessJob:
     # -- looking ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return json.loads((self.output / "_infermill" / "stats.json").read_text())
+        return run_stats(self.output)
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for path in sorted(self.output.glob("*.jsonl"))
-                for line in path.read_text().splitlines()]
+        return [record for path in sorted(self.output.glob("*.jsonl")) for record in read_jsonl(path)]
 
     def done_chunks(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("chunk_*.done"))
@@ -187,12 +187,7 @@ class FaultJob(SubprocessJob):
         return output
 
     def server_stats(self) -> dict[str, Any]:
-        for _ in range(50):  # written atomically, but maybe not yet
-            try:
-                return json.loads(self.stats_file.read_bytes())
-            except (FileNotFoundError, json.JSONDecodeError):
-                time.sleep(0.02)
-        raise AssertionError(f"no server stats in {self.stats_file}")
+        return server_stats(self.stats_file)
 
     def check_exactly_once(self) -> None:
         """As ``SubprocessJob.check_exactly_once``, and each record holds its own text, echoed."""
@@ -203,16 +198,6 @@ class FaultJob(SubprocessJob):
 
 
 # -- processes ----------------------------------------------------------------------------
-
-
-def running(pid: int | None) -> bool:
-    """Whether ``pid`` is alive and not a zombie."""
-    if pid is None:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def group_members(pgid: int) -> list[int]:
@@ -229,18 +214,22 @@ def group_members(pgid: int) -> list[int]:
 
 def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen | None = None,
              timeout: float = 20.0, interval: float = 0.005) -> None:
-    """Poll ``condition`` until true; fail if ``proc`` exits first or it takes too long."""
-    deadline = time.monotonic() + timeout
-    while not condition():
+    """``wait_until`` for a job: fail if ``proc`` exits first; on a timeout, kill it and quote its log."""
+    def done() -> bool:
+        if condition():
+            return True
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"the job exited ({proc.returncode}) before {what}:\n{proc.log_path.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            if proc is not None:
-                proc.kill()
-                proc.wait()
-            pytest.fail(f"timed out after {timeout} s waiting for {what}"
-                        + (f":\n{proc.log_path.read_text()[-4000:]}" if proc is not None else ""))
-        time.sleep(interval)
+        return False
+
+    try:
+        wait_until(done, timeout, what, interval)
+    except AssertionError as e:
+        if proc is None:
+            raise
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{e}:\n{proc.log_path.read_text()[-4000:]}")
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float) -> float:

@@ -1,11 +1,18 @@
-"""Helpers shared by the runner suites (tests/test_runner_*.py): the faulty server's config
-and stats, chat payloads, an echoing rollout and reading JSONL output."""
+"""Helpers shared by the test suites: configs for the dummy and the faulty server, the faulty
+server's stats, chat payloads, an echoing rollout, reading JSONL files, whether a process
+still runs, and waiting for a condition with a deadline."""
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
+import psutil
+import zstandard
 from conftest import SCRIPTS
 
 from infermill import InferenceConfig
@@ -24,6 +31,14 @@ FAST = dict(
 )
 
 
+# -- configs ------------------------------------------------------------------------------
+
+
+def dummy_config(**overrides) -> InferenceConfig:
+    """The in-process dummy server (the echo app, model ``dummy-model``) with the ``FAST`` settings."""
+    return InferenceConfig(**{"server_type": "dummy", "model_name_or_path": "dummy-model", **FAST, **overrides})
+
+
 def faulty_config(stats_file: Path | None = None, **overrides) -> InferenceConfig:
     """The faulty server (keeping its counters in ``stats_file``, if given) with the ``FAST`` settings."""
     model_kwargs = {"server_script": str(FAULTY_SERVER)}
@@ -35,15 +50,7 @@ def faulty_config(stats_file: Path | None = None, **overrides) -> InferenceConfi
     })
 
 
-def server_stats(stats_file: Path) -> dict:
-    return orjson.loads(stats_file.read_bytes())
-
-
-def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
-    """The records of a JSONL file; with ``missing_ok``, none for a file that does not exist."""
-    if missing_ok and not path.exists():
-        return []
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+# -- payloads and rollouts ------------------------------------------------------------------
 
 
 def chat(text: str, **extra) -> dict:
@@ -52,3 +59,82 @@ def chat(text: str, **extra) -> dict:
 
 async def echo_rollout(document, generate):
     return await generate(chat(document.text))
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
+    """The records of a JSONL file (``.gz`` and ``.zst`` ones decompressed); with ``missing_ok``,
+    none for a file that does not exist."""
+    if missing_ok and not path.exists():
+        return []
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    elif path.name.endswith(".zst"):
+        data = zstandard.ZstdDecompressor().stream_reader(data).read()
+    return [orjson.loads(line) for line in data.splitlines()]
+
+
+def run_stats(output: Path) -> dict:
+    """The stats a run wrote into its output folder (``_infermill/stats.json``)."""
+    return orjson.loads((output / "_infermill" / "stats.json").read_bytes())
+
+
+def server_stats(stats_file: Path, timeout: float = 1.0) -> dict:
+    """The faulty server's stats (it writes them atomically, soon after it starts listening:
+    waits up to ``timeout`` for the first write)."""
+    stats: dict = {}
+
+    def read() -> bool:
+        try:
+            stats.update(orjson.loads(stats_file.read_bytes()))
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return False
+        return True
+
+    wait_until(read, timeout, f"the server stats in {stats_file}")
+    return stats
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def running(proc: psutil.Process | int | None) -> bool:
+    """Whether ``proc`` (a process or a pid) is alive and not a zombie. A ``psutil.Process``
+    taken while it was alive does not mistake a reused pid for it."""
+    if proc is None:
+        return False
+    try:
+        if isinstance(proc, int):
+            proc = psutil.Process(proc)
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# -- waiting ----------------------------------------------------------------------------------
+
+
+def _polls(predicate: Callable[[], object], timeout: float, what: str) -> Iterator[None]:
+    """Yields while ``predicate()`` is false; raises AssertionError once ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        yield
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "the condition",
+               interval: float = 0.01) -> None:
+    """Poll ``predicate`` until it is true; fail (AssertionError naming ``what``) after ``timeout`` s."""
+    for _ in _polls(predicate, timeout, what):
+        time.sleep(interval)
+
+
+async def wait_until_async(predicate: Callable[[], object], timeout: float = 10.0, what: str = "the condition",
+                           interval: float = 0.01) -> None:
+    """``wait_until`` for a coroutine: the event loop runs between polls."""
+    for _ in _polls(predicate, timeout, what):
+        await asyncio.sleep(interval)

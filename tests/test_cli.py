@@ -25,6 +25,7 @@ import psutil
 import pytest
 import yaml
 from conftest import ECHO_SERVER, PYTHON, ROOT, SCRIPTS, TAG_VARIABLE, _tagged_processes
+from helpers import FAULTY_SERVER, read_jsonl, run_stats, running, server_stats
 
 SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
 SAMPLE_DOCS = 60
@@ -107,12 +108,12 @@ def assert_nothing_left() -> None:
     """No process started by this test is alive (checked now, not only at teardown)."""
     left = _tagged_processes(os.environ[TAG_VARIABLE])
     _gone, alive = psutil.wait_procs(left, timeout=2.0)
-    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    alive = [p for p in alive if running(p)]
     assert not alive, f"processes left behind: {[' '.join(p.cmdline()) for p in alive]}"
 
 
 def stats_of(tmp_path: Path) -> dict[str, Any]:
-    return json.loads((tmp_path / "out" / "_infermill" / "stats.json").read_text())
+    return run_stats(tmp_path / "out")
 
 
 # -- 1. job file validation -------------------------------------------------------------
@@ -188,7 +189,7 @@ def test_bad_files_and_bad_set_are_usage_errors(tmp_path):
 
 def test_set_overrides_keys(tmp_path):
     """--set replaces the job file's values: 5 documents, at most 4 requests at a time."""
-    faulty = {"server_script": str(SCRIPTS / "faulty_server.py"), "stats_file": str(tmp_path / "server_stats.json"),
+    faulty = {"server_script": str(FAULTY_SERVER), "stats_file": str(tmp_path / "server_stats.json"),
               "directives": "sleep:0.1"}
     job = write_job(tmp_path, job_spec(tmp_path, model_kwargs=faulty))  # 32 at a time, all 60 documents
     result = infermill(tmp_path, "run", str(job), "--set", "inference.max_concurrent_generations=4",
@@ -196,7 +197,7 @@ def test_set_overrides_keys(tmp_path):
     assert result.returncode == 0, output_of(result)
     stats = stats_of(tmp_path)
     assert stats["documents_processed"] == 5 and stats["documents_read"] == 5, stats
-    server = json.loads((tmp_path / "server_stats.json").read_text())
+    server = server_stats(tmp_path / "server_stats.json")
     assert server["requests"] == 5 and 2 <= server["max_in_flight"] <= 4, server
 
 
@@ -223,8 +224,7 @@ def test_run_completes_prints_a_summary_and_writes_stats(tmp_path):
     assert rows.get("documents failed") == "0" and rows.get("requests ok") == str(SAMPLE_DOCS), rows
     stats = stats_of(tmp_path)
     assert stats["documents_processed"] == SAMPLE_DOCS and stats["documents_failed"] == 0, stats
-    records = [json.loads(line) for path in sorted((tmp_path / "out").glob("*.jsonl"))
-               for line in path.read_text().splitlines()]
+    records = [record for path in sorted((tmp_path / "out").glob("*.jsonl")) for record in read_jsonl(path)]
     assert len(records) == SAMPLE_DOCS
     assert records[0]["metadata"]["rollout_results"][0]["text"] == TEMPLATE.replace("[[DOCUMENT]]", FIRST_TEXT)
     assert_nothing_left()
@@ -265,8 +265,7 @@ def test_entry_point_works_like_python_dash_m(tmp_path):
     for name, result in results.items():
         assert result.returncode == 0, f"{name}: {output_of(result)}"
         assert summary_rows(result.stderr).get("documents processed") == "7", f"{name}: {output_of(result)}"
-        assert json.loads((tmp_path / name / "out" / "_infermill" / "stats.json").read_text())[
-            "documents_processed"] == 7
+        assert run_stats(tmp_path / name / "out")["documents_processed"] == 7
     versions = infermill_all(tmp_path, {name: ["--version"] for name in argv0}, argv0)
     numbers = {name: re.search(r"version (\S+)", r.stdout) for name, r in versions.items()}
     assert all(numbers.values()) and len({m.group(1) for m in numbers.values()}) == 1, versions

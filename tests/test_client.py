@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+from helpers import wait_until_async
 
 from infermill.client import OpenAIClient, parse_retry_after
 from infermill.errors import (
@@ -25,7 +26,7 @@ from infermill.servers import find_free_port
 PAYLOAD = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def build_app(seen_auth: list[str | None]) -> web.Application:
+def build_app(seen_auth: list[str | None], slow_arrivals: list[float]) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         seen_auth.append(request.headers.get("Authorization"))
         code = int(request.match_info["code"])
@@ -38,6 +39,7 @@ def build_app(seen_auth: list[str | None]) -> web.Application:
         return web.json_response({"echo": await request.json()})
 
     async def slow(request: web.Request) -> web.Response:
+        slow_arrivals.append(float(request.query.get("sec", "3")))
         await asyncio.sleep(float(request.query.get("sec", "3")))
         return web.json_response({"late": True})
 
@@ -72,21 +74,23 @@ def build_app(seen_auth: list[str | None]) -> web.Application:
 
 
 class StatusServer:
-    def __init__(self, url: str, seen_auth: list[str | None]):
+    def __init__(self, url: str, seen_auth: list[str | None], slow_arrivals: list[float]):
         self.url = url
         self.seen_auth = seen_auth
+        self.slow_arrivals = slow_arrivals  # one entry per request that reached /slow
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[StatusServer]:
     seen: list[str | None] = []
-    runner = web.AppRunner(build_app(seen), access_log=None, shutdown_timeout=0.2)
+    slow_arrivals: list[float] = []
+    runner = web.AppRunner(build_app(seen, slow_arrivals), access_log=None, shutdown_timeout=0.2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield StatusServer(f"http://127.0.0.1:{port}", seen)
+        yield StatusServer(f"http://127.0.0.1:{port}", seen, slow_arrivals)
     finally:
         await runner.cleanup()
 
@@ -263,7 +267,7 @@ async def test_a_caller_cancelling_a_request_gets_cancelled_not_a_timeout(server
     client = OpenAIClient(request_timeout=0.3)
     try:
         task = asyncio.ensure_future(client.post(server.url + "/slow?sec=2", PAYLOAD))
-        await asyncio.sleep(0.1)
+        await wait_until_async(lambda: server.slow_arrivals, 5, "the request to reach the server")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import PYTHON, SCRIPTS
+from helpers import read_jsonl, running, wait_until_async
 
 from infermill.config import InferenceConfig
 from infermill.errors import ConfigError, ServerError
@@ -59,15 +60,8 @@ def custom_config(tmp_path: Path, script: str | None = None, model_kwargs: dict 
 
 
 def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def running(proc: psutil.Process) -> bool:
-    """Alive and not a zombie; ``proc`` was taken while alive, so a reused pid does not count."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    """The JSON lines the scripts appended to ``path`` (none before the first)."""
+    return read_jsonl(path, missing_ok=True)
 
 
 def processes(path: Path) -> list[psutil.Process]:
@@ -81,14 +75,6 @@ def processes(path: Path) -> list[psutil.Process]:
                 except psutil.NoSuchProcess:
                     pass
     return found
-
-
-async def eventually(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def start_failure(server: CustomServer, timeout: float = 30.0) -> tuple[ServerError, float]:
@@ -123,7 +109,7 @@ async def test_a_ready_line_printed_before_the_port_listens_waits_for_the_port(t
     record = tmp_path / "record.jsonl"
     flags = {"say": "INFO:     Application startup complete.", "serve_after": 1.0, "record": str(record)}
     async with CustomServer(custom_config(tmp_path, "say_server.py", flags)) as server:
-        await eventually(lambda: records(record), what="the script to start")
+        await wait_until_async(lambda: records(record), what="the script to start")
         started = time.monotonic()
         await asyncio.wait_for(server.wait_until_ready(), 10)
         waited = time.monotonic() - started
@@ -175,7 +161,7 @@ async def test_never_ready_server_fails_within_the_configured_window(tmp_path):
     server = CustomServer(config)
     started = time.monotonic()
     async with server:
-        await eventually(lambda: records(record), what="the script to start")
+        await wait_until_async(lambda: records(record), what="the script to start")
         procs = processes(record)
         with pytest.raises(ServerError) as info:
             await asyncio.wait_for(server.wait_until_ready(), 10)
@@ -243,7 +229,7 @@ async def test_failed_import_fails_the_start_quoting_the_traceback(tmp_path):
 
 
 async def wait_for_state(server: CustomServer, state: ServerState, timeout: float = 10.0) -> None:
-    await eventually(lambda: server.state is state, timeout, f"state {state.value}")
+    await wait_until_async(lambda: server.state is state, timeout, f"state {state.value}")
 
 
 @pytest.mark.parametrize("fatal", [OOM_LINE, CUDA_ERROR_LINE])
@@ -278,7 +264,7 @@ async def test_fatal_line_after_ready_restarts_on_a_new_port_and_serves_again(tm
         await asyncio.wait_for(server.wait_until_ready(), 5)
         first_port, [first] = server.port, processes(record)
         trigger.touch()  # the first run prints the fatal line; the restarted one stays healthy
-        await eventually(lambda: server.restarts == 1, what="the restart")
+        await wait_until_async(lambda: server.restarts == 1, what="the restart")
         await asyncio.wait_for(server.wait_until_ready(), 5)
         reply = await server.make_request(CHAT)
         assert server.restarts == 1 and server.state is ServerState.READY
@@ -386,7 +372,7 @@ async def test_cancelling_the_task_while_the_server_starts_stops_child_and_grand
             await server.wait_until_ready()
 
     task = asyncio.create_task(use_server())
-    await eventually(lambda: records(record), what="the script to start")
+    await wait_until_async(lambda: records(record), what="the script to start")
     procs = processes(record)
     assert len(procs) == 2
     task.cancel()

@@ -4,9 +4,11 @@ this test starts in-process on 127.0.0.1 that records the Authorization headers)
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 
+import helpers
 import pytest
 from aiohttp import web
 
@@ -20,8 +22,7 @@ MODEL = "test-model"
 CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say this back"}]}
 
 
-def dummy_config(**overrides) -> InferenceConfig:
-    return InferenceConfig(server_type="dummy", model_name_or_path=MODEL, request_timeout=10, **overrides)
+dummy_config = functools.partial(helpers.dummy_config, model_name_or_path=MODEL)
 
 
 # -- DummyServer ----------------------------------------------------------------------

@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SCRIPTS
+from helpers import wait_until_async
 
 from infermill.client import OpenAIClient
 from infermill.config import InferenceConfig
 from infermill.errors import AuthenticationError, ConfigError, ServerError
 from infermill.servers import SGLangServer, ServerState, VLLMServer, create_server
 
-SCRIPTS = Path(__file__).resolve().parent / "servers"
 FAKES = {"vllm": SCRIPTS / "fake_vllm.py", "sglang": SCRIPTS / "fake_sglang.py"}
 MODEL = "org/tiny-model"
 READY_WINDOW_SEC = 30.0  # server_ready_max_attempts x server_ready_delay_sec below
@@ -292,10 +293,7 @@ async def test_sglang_fatal_line_after_ready_fails_the_server_when_no_restarts_a
     server = create_server(engine_config("sglang", tmp_path, "nan_after_ready", server_max_restarts=0))
     async with server:
         await asyncio.wait_for(server.wait_until_ready(), 15)
-        deadline = time.monotonic() + 10
-        while server.state is not ServerState.FAILED and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert server.state is ServerState.FAILED
+        await wait_until_async(lambda: server.state is ServerState.FAILED, 10, "the server to fail")
         with pytest.raises(ServerError) as excinfo:
             await server.make_request(dict(CHAT))
     assert "Detected errors during sampling! NaN in the logits." in excinfo.value.reason

@@ -6,9 +6,9 @@ import contextlib
 import gc
 
 import pytest
-from helpers import FAST
+from helpers import dummy_config
 
-from infermill import Document, InferenceConfig
+from infermill import Document
 from infermill.eventloop import GC_THRESHOLD, fewer_gc_passes
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
@@ -66,7 +66,7 @@ def test_a_run_collects_less_often_while_it_goes_and_as_before_afterwards(tmp_pa
         seen.append(gc.get_threshold()[0])
         return (await generate({"messages": [{"role": "user", "content": document.text}]})).text
 
-    config = InferenceConfig(server_type="dummy", model_name_or_path="m", **FAST)
+    config = dummy_config()
     InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out"))).run([Document(text="hi", id="1")])
     assert seen == [GC_THRESHOLD]
     assert gc.get_threshold() == (700, 10, 10)

@@ -27,7 +27,8 @@ import time
 
 import pytest
 from conftest import PYTHON
-from faultjob import FAULTY_SERVER, FaultJob, wait_for
+from faultjob import FaultJob, wait_for
+from helpers import FAULTY_SERVER, wait_until_async
 
 from infermill.config import InferenceConfig
 from infermill.errors import ServerError
@@ -361,8 +362,7 @@ async def test_restarts_back_off_exponentially_and_stop_at_the_budget():
                              server_restart_backoff_sec=0.1)
     server = DiesAtOnce(config)
     async with server:
-        while server.state is not ServerState.FAILED:
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: server.state is ServerState.FAILED, 10, "the restart budget to be spent")
         with pytest.raises(ServerError, match=r"^it died; restart budget spent \(3 of server_max_restarts=3\)"):
             await server.wait_until_ready()
     assert server.restarts == 3 and len(server.starts) == 4  # the first start and three restarts

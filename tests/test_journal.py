@@ -6,6 +6,7 @@ import asyncio
 
 import orjson
 import pytest
+from helpers import read_jsonl
 
 from infermill.io.writers import JsonlWriter
 from infermill.journal import ChunkJournal, request_key
@@ -24,7 +25,7 @@ def open_journal(tmp_path, records_per_chunk: int = 10) -> ChunkJournal:
 def log_lines(tmp_path, chunk: int = 0) -> list[dict]:
     """The chunk log as another process (a resume) would read it now."""
     path = tmp_path / "checkpoints" / "rank_00000" / f"chunk_{chunk:05d}.log"
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+    return read_jsonl(path, missing_ok=True)
 
 
 async def test_lines_appended_in_one_loop_iteration_are_on_disk_after_it(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import PYTHON, SCRIPTS
+from helpers import running, wait_until_async
 
 from infermill.servers.process import MAX_LINE_CHARS, TAIL_LINES, ManagedProcess, group_alive
 
@@ -28,20 +29,10 @@ def script(name: str, *args: str) -> list[str]:
     return [PYTHON, str(SCRIPTS / name), *args]
 
 
-def running(proc: psutil.Process) -> bool:
-    """Alive and not a zombie; ``proc`` was taken while alive, so a reused pid does not count."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-async def still_running(procs: list[psutil.Process], within: float) -> list[psutil.Process]:
-    """Those of ``procs`` still running after up to ``within`` seconds (for deaths we do not await)."""
-    deadline = time.monotonic() + within
-    while (alive := [p for p in procs if running(p)]) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    return alive
+async def all_die(procs: list[psutil.Process], within: float, what: str) -> None:
+    """Wait up to ``within`` seconds for every one of ``procs`` to die (deaths we do not await);
+    fail with ``what`` if one still runs then."""
+    await wait_until_async(lambda: not any(running(p) for p in procs), within, what)
 
 
 def family(record: Path) -> list[psutil.Process]:
@@ -137,7 +128,7 @@ async def test_stop_twice_is_safe(tmp_path):
 async def test_stop_finishes_even_when_its_caller_is_cancelled(tmp_path):
     process, _, procs = await spawn_family(tmp_path, "--ignore-sigterm")
     stopping = asyncio.create_task(process.stop(grace=1))
-    await asyncio.sleep(0.2)
+    await wait_until_async(lambda: process._stopped, 5, "stop() to send SIGTERM")  # now in its grace period
     stopping.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stopping
@@ -156,8 +147,7 @@ async def test_stop_kills_a_grandchild_that_ignores_sigterm_after_its_parent_exi
     # the child obeys SIGTERM and exits at once; the grandchild keeps the group alive, so stop()
     # must still wait out the grace period and SIGKILL the group rather than return early
     process, _, (child, grandchild) = await spawn_family(tmp_path, "--stubborn-grandchild")
-    while not ignores_sigterm(grandchild):
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: ignores_sigterm(grandchild), 10, "the grandchild to ignore SIGTERM")
     started = time.monotonic()
     assert await process.stop(grace=1) == -signal.SIGTERM
     assert 0.9 <= time.monotonic() - started < 3
@@ -221,7 +211,7 @@ async def test_exit_hook_kills_the_group_when_the_interpreter_exits_without_stop
     driver.stdin.write(b"go\n")  # now let the driver's interpreter exit
     assert await asyncio.wait_for(driver.wait(), 10) == 0
     # nothing else would kill the grandchild: it is not the child, so the parent-death signal misses it
-    assert not await still_running(procs, within=2), "the group outlived the interpreter that started it"
+    await all_die(procs, 2, "the group to die with the interpreter that started it")
 
 
 async def test_child_dies_when_infermill_is_sigkilled(tmp_path):
@@ -230,4 +220,4 @@ async def test_child_dies_when_infermill_is_sigkilled(tmp_path):
     assert running(child)
     os.kill(driver.pid, signal.SIGKILL)
     await driver.wait()
-    assert not await still_running([child], within=2), "the parent-death signal did not reach the child"
+    await all_die([child], 2, "the parent-death signal to kill the child")

@@ -31,6 +31,7 @@ import psutil
 import pytest
 from conftest import PYTHON, SCRIPTS
 from faultjob import SubprocessJob, wait_for
+from helpers import read_jsonl, running, wait_until
 
 from infermill.config import InferenceConfig
 from infermill.errors import ConfigError
@@ -115,17 +116,15 @@ def kill_job(job: Job, proc: subprocess.Popen, require_server: bool = True) -> N
         assert servers, "the job's server should be running when the job is killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 5
-    alive = servers + server_processes(job)  # the second look finds a server started just before the kill
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [s for s in alive if _running(s)]
-    for survivor in alive:
-        try:
-            survivor.kill()
-        except psutil.Error:
-            pass
-    assert not alive, f"the server outlived the SIGKILLed job: {[s.pid for s in alive]}"
+    seen = servers + server_processes(job)  # the second look finds a server started just before the kill
+    try:
+        wait_until(lambda: not any(running(s) for s in seen), 5, "the server to die with the SIGKILLed job")
+    finally:
+        for survivor in [s for s in seen if running(s)]:
+            try:
+                survivor.kill()
+            except psutil.Error:
+                pass
 
 
 def _parent_pid(proc: psutil.Process) -> int | None:
@@ -133,13 +132,6 @@ def _parent_pid(proc: psutil.Process) -> int | None:
         return proc.ppid()
     except psutil.Error:
         return None
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def replies_kept(job: Job, per_document: int) -> int:
@@ -172,7 +164,7 @@ def freeze_after(job: Job, n: int, proc: subprocess.Popen, finished_replies=None
     wait_for(lambda: job.requests() >= n + held, f"{n} answered and {held} held requests", proc, **WAIT)
     recorded = finished_replies or job.committed
     wait_for(lambda: recorded() >= n, f"{n} replies recorded in the checkpoint", proc, **WAIT)
-    time.sleep(0.05)  # nothing else can happen now: every slot waits on the server
+    time.sleep(0.05)  # a moment for anything more to be recorded: nothing may be, every slot waits on the server
     assert recorded() == n
     return job.requests()
 
@@ -281,10 +273,9 @@ def test_kills_at_random_moments(tmp_path):
     for _ in range(3):
         before = job.requests()
         proc = job.start()
-        deadline = time.monotonic() + 30
-        while job.requests() <= before and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.25))
+        wait_until(lambda: job.requests() > before or proc.poll() is not None, 30, "the job's first request",
+                   interval=0.002)
+        time.sleep(rng.uniform(0.0, 0.25))  # the random kill moment
         if proc.poll() is None:
             kill_job(job, proc, require_server=False)
             kills += 1
@@ -325,11 +316,7 @@ def test_multi_call_rollout_resumes_from_the_request_cache(tmp_path):
     assert job.requests() == 3 * docs + (received - 100)  # only the held requests were sent again
     stats = job.stats()
     assert stats["requests_cached"] == 100 - 3 * stats["documents_resumed"] > 0
-    finals = {}
-    for path in job.output.glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            finals[record["id"]] = record["metadata"]["rollout_results"][0]["final"]
+    finals = {record["id"]: record["metadata"]["rollout_results"][0]["final"] for record in job.records()}
     i = 7
     assert finals[f"doc-{i:04d}"] == f"step 2: step 1: step 0: document {i} says hello"
 
@@ -404,12 +391,11 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path):
     _with_bad_lines(job, bad)
     job.run_ok()
     good = [doc_id for i, doc_id in enumerate(job.ids) if i + 1 not in bad]
-    written = [json.loads(line)["id"] for p in job.output.glob("*.jsonl") for line in p.read_text().splitlines()]
+    written = [record["id"] for record in job.records()]
     assert sorted(written) == sorted(good)
     stats = job.stats()
     assert stats["documents_bad_input"] == 3 and stats["documents_written"] == len(good)
-    failures = [json.loads(line) for line in
-                (job.output / "_infermill" / "failures_rank_00000.jsonl").read_text().splitlines()]
+    failures = read_jsonl(job.output / "_infermill" / "failures_rank_00000.jsonl")
     assert [f["id"] for f in failures] == ["input.jsonl:5", "input.jsonl:23", "input.jsonl:41"]
     assert "malformed JSON" in failures[0]["error"] and "input.jsonl:5" in failures[0]["error"]
     assert "no field 'text'" in failures[1]["error"]
@@ -424,7 +410,7 @@ def test_a_bad_record_late_in_the_input_keeps_the_finished_chunks(tmp_path):
     assert result.returncode != 0 and "input.jsonl:300" in result.stdout + result.stderr
     files = sorted(p.name for p in job.output.glob("*.jsonl"))
     assert [f"00000_{c:05d}.jsonl" for c in range(11)] == files[:11]  # documents 0-274: chunks 0 to 10
-    kept = [json.loads(line)["id"] for name in files for line in (job.output / name).read_text().splitlines()]
+    kept = [record["id"] for name in files for record in read_jsonl(job.output / name)]
     assert len(kept) == len(set(kept)) and set(job.ids[:275]) <= set(kept)
 
     _with_bad_lines(job, {300: good_line})  # fixed: the same command resumes
@@ -440,7 +426,7 @@ def test_two_ranks_together_write_every_document_once(tmp_path):
     job = Job(tmp_path, docs=90, server="dummy", rpc=10)
     for rank in (0, 1):
         job.run_ok("--world-size", "2", "--rank", str(rank))
-    ids = [json.loads(line)["id"] for p in job.output.glob("*.jsonl") for line in p.read_text().splitlines()]
+    ids = [record["id"] for record in job.records()]
     assert sorted(ids) == job.ids
     assert {p.name[:5] for p in job.output.glob("*.jsonl")} == {"00000", "00001"}
     for rank in (0, 1):

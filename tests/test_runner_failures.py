@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from pathlib import Path
 
 import helpers
-import orjson
 import pytest
-from helpers import chat, echo_rollout, read_jsonl, server_stats
+from helpers import chat, dummy_config, echo_rollout, read_jsonl, run_stats, server_stats, wait_until_async
 
-from infermill import Document, InferenceConfig, InferenceError
+from infermill import Document, InferenceError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
 
@@ -21,9 +19,12 @@ from infermill.runner import InferenceRunner
 faulty_config = functools.partial(helpers.faulty_config, request_max_attempts=2)
 
 
-@pytest.fixture
-def stats_file(tmp_path) -> Path:
-    return tmp_path / "server_stats.json"
+async def slow_requests_at_the_server(stats_file, count: int) -> None:
+    """Wait until the faulty server has received ``count`` ``sleep:8`` requests."""
+    def arrived() -> bool:
+        return stats_file.exists() and server_stats(stats_file)["by_word"].get("sleep:8", 0) >= count
+
+    await wait_until_async(arrived, 10, f"{count} slow requests at the server")
 
 
 def test_a_raising_rollout_fails_the_job_naming_the_document_after_stopping_in_flight_work(tmp_path, stats_file,
@@ -36,7 +37,7 @@ def test_a_raising_rollout_fails_the_job_naming_the_document_after_stopping_in_f
         try:
             if document.id == "boom":
                 await generate(chat("tag:boom"))  # the server is up; the others' slow requests are on their way
-                await asyncio.sleep(0.3)
+                await slow_requests_at_the_server(stats_file, 5)
                 raise ValueError("kaput")
             return await generate(chat(f"sleep:8 {document.id}"))
         except asyncio.CancelledError:
@@ -57,7 +58,7 @@ def test_a_raising_rollout_fails_the_job_naming_the_document_after_stopping_in_f
     assert in_flight == set()  # when run() raises, no rollout is still running
     assert cancelled == {f"slow{i}" for i in range(5)}
     assert server_stats(stats_file)["by_word"]["sleep:8"] == 5  # they were in flight at the server
-    stats = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    stats = run_stats(tmp_path / "out")
     assert stats["documents_failed"] == 1 and stats["documents_written"] == 0
 
 
@@ -67,13 +68,13 @@ def test_a_failure_stops_reading_input_and_the_stats_count_what_was_done(tmp_pat
             raise RuntimeError("late failure")
         return await generate(chat(document.text))
 
-    config = InferenceConfig(server_type="dummy", model_name_or_path="m", max_concurrent_documents=1)
+    config = dummy_config(max_concurrent_documents=1)
     with pytest.raises(InferenceError, match="late failure"):
         InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out"))).run(
             Document(text=f"t{i}", id=str(i)) for i in range(12)
         )
 
-    stats = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    stats = run_stats(tmp_path / "out")
     assert stats["documents_processed"] == 9
     assert stats["documents_failed"] == 1
     assert stats["documents_read"] == 10  # the two after the failure were never read
@@ -101,7 +102,7 @@ def test_skip_bad_requests_skips_counts_and_records_documents_the_server_rejecte
         assert f"HTTP {word[-3:]}" in failure["error"]
         assert failure["error_type"] == "BadRequestError"
         assert failure["payload"] == chat(f"{word} doc {doc_id}")
-    written = orjson.loads((out / "_infermill" / "stats.json").read_bytes())
+    written = run_stats(out)
     assert written["documents_skipped"] == 3
 
 
@@ -118,7 +119,7 @@ def test_skip_bad_requests_still_fails_the_job_on_other_errors(tmp_path, stats_f
     with pytest.raises(InferenceError, match="victim"):
         InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out")), skip_bad_requests=True).run(documents)
 
-    stats = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    stats = run_stats(tmp_path / "out")
     assert (stats["documents_skipped"], stats["documents_failed"]) == (1, 1)
 
 
@@ -132,7 +133,7 @@ def test_a_failing_sibling_rollout_cancels_the_others(tmp_path, stats_file, no_o
         try:
             if k == 0:
                 await generate(chat("tag:first"))  # the server is up; the siblings' slow requests are on their way
-                await asyncio.sleep(0.3)
+                await slow_requests_at_the_server(stats_file, 2)
                 raise ValueError("sibling broke")
             return await generate(chat(f"sleep:8 sibling {k}"))
         except asyncio.CancelledError:
@@ -160,14 +161,14 @@ def test_a_rollout_raising_cancelled_error_by_itself_fails_the_job_instead_of_lo
             await speculative
         return await generate(chat(document.text))
 
-    config = InferenceConfig(server_type="dummy", model_name_or_path="m", max_concurrent_documents=2)
+    config = dummy_config(max_concurrent_documents=2)
     with pytest.raises(InferenceError, match="document 3") as caught:
         InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out"))).run(
             Document(text=f"t{i}", id=str(i)) for i in range(8)
         )
 
     assert "CancelledError" in str(caught.value)
-    stats = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    stats = run_stats(tmp_path / "out")
     assert stats["documents_failed"] == 1
     assert not list((tmp_path / "out" / "_infermill" / "checkpoints" / "rank_00000").glob("complete.json"))
 
@@ -177,11 +178,11 @@ def test_a_result_that_cannot_be_written_as_json_fails_the_job_and_counts_the_do
         await generate(chat(document.text))
         return {"labels": {"a", "b"}} if document.id == "odd" else "fine"
 
-    config = InferenceConfig(server_type="dummy", model_name_or_path="m", max_concurrent_documents=1)
+    config = dummy_config(max_concurrent_documents=1)
     with pytest.raises(InferenceError, match="odd.*cannot be written as JSON"):
         InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out"))).run(
             [Document(text="a", id="ok"), Document(text="b", id="odd")]
         )
 
-    stats = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    stats = run_stats(tmp_path / "out")
     assert (stats["documents_processed"], stats["documents_written"], stats["documents_failed"]) == (1, 1, 1)

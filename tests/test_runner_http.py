@@ -7,19 +7,14 @@ import asyncio
 import time
 from pathlib import Path
 
-import orjson
 import pytest
-from helpers import chat, echo_rollout, faulty_config, read_jsonl, server_stats
+from helpers import (chat, dummy_config, echo_rollout, faulty_config, read_jsonl, run_stats, server_stats,
+                     wait_until_async)
 
-from infermill import Document, InferenceConfig, InferenceError
+from infermill import Document, InferenceError
 from infermill.errors import BadRequestError, RequestTimeoutError, RetryableError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
-
-
-@pytest.fixture
-def stats_file(tmp_path) -> Path:
-    return tmp_path / "server_stats.json"
 
 
 @pytest.fixture
@@ -87,7 +82,7 @@ def test_documents_in_flight_never_exceed_max_concurrent_documents(tmp_path, lim
             await asyncio.sleep(0.005)
             active.discard(document.id)
 
-    config = InferenceConfig(server_type="dummy", model_name_or_path="m", **limits)
+    config = dummy_config(**limits)
     stats = InferenceRunner(rollout, config, JsonlWriter(str(tmp_path))).run(
         Document(text="x", id=str(i)) for i in range(40)
     )
@@ -144,7 +139,7 @@ def test_a_bad_request_is_not_retried_and_fails_the_job_naming_the_document(tmp_
     assert isinstance(caught.value.error, BadRequestError)
     assert caught.value.error.status == status
     assert server_stats(stats_file)["by_word"][f"fail{status}"] == 1
-    written = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    written = run_stats(tmp_path / "out")
     assert (written["requests_failed"], written["requests_retried"], written["documents_failed"]) == (1, 0, 1)
 
 
@@ -195,7 +190,7 @@ def test_when_attempts_run_out_the_document_fails_with_an_inference_error_naming
     assert "doomed-doc" in message and "HTTP 500" in message and "gave up after 3 attempts" in message
     assert caught.value.document.id == "doomed-doc"
     assert server_stats(stats_file)["by_word"]["fail500:99:doomed"] == 3
-    written = orjson.loads((tmp_path / "out" / "_infermill" / "stats.json").read_bytes())
+    written = run_stats(tmp_path / "out")
     assert (written["requests_failed"], written["requests_retried"], written["documents_failed"]) == (1, 2, 1)
 
 
@@ -231,7 +226,9 @@ def test_a_request_backing_off_does_not_hold_a_generation_slot(tmp_path, stats_f
     # document B's three requests go through the one slot.
     async def rollout(document, generate):
         if document.id == "B":
-            await asyncio.sleep(0.3)  # let A take the slot first
+            # A takes the slot first: its request reaches the server (and gets its 429)
+            await wait_until_async(lambda: stats_file.exists() and "tag:A" in server_stats(stats_file)["arrivals"],
+                                   10, "A's request at the server")
             for k in range(3):
                 await generate(chat(f"tag:B{k}"))
             return "B done"

@@ -10,15 +10,11 @@ import os
 import orjson
 import pytest
 from conftest import ECHO_SERVER
-from helpers import FAST, chat, echo_rollout, faulty_config, read_jsonl
+from helpers import FAST, chat, dummy_config, echo_rollout, faulty_config, read_jsonl, run_stats
 
 from infermill import Document, InferenceConfig, InferenceError, InferenceResult, ServerError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
-
-
-def dummy_config(**overrides) -> InferenceConfig:
-    return InferenceConfig(**{"server_type": "dummy", "model_name_or_path": "dummy-model", **FAST, **overrides})
 
 
 def echo_config(**overrides) -> InferenceConfig:
@@ -367,7 +363,7 @@ def test_run_returns_stats_and_writes_the_same_to_stats_json(tmp_path, no_orphan
     assert stats["prompt_tokens"] == 4 * (3 + 1)
     assert stats["completion_tokens"] == 4 * (3 + 1)
     assert stats["inference_time_sec"] > 0
-    assert orjson.loads((tmp_path / "_infermill" / "stats.json").read_bytes()) == stats
+    assert run_stats(tmp_path) == stats
 
 
 async def test_run_async_uses_a_server_it_is_given_and_leaves_it_running(tmp_path):

@@ -20,7 +20,8 @@ import time
 
 import psutil
 import pytest
-from faultjob import FAULTY_SERVER, FaultJob, group_members, running, wait_exit, wait_for
+from faultjob import FaultJob, group_members, wait_exit, wait_for
+from helpers import FAULTY_SERVER, running
 
 pytestmark = pytest.mark.usefixtures("no_orphans")
 
@@ -36,6 +37,12 @@ def freeze(job: FaultJob, proc, answered: int) -> dict:
 
     wait_for(frozen, f"{answered} documents done and {CONC} requests hanging", proc, interval=0.02)
     return job.server_stats()
+
+
+def server_log(job: FaultJob) -> str:
+    """What the job's server printed (its log, which the run writes line by line)."""
+    path = job.server_logs / "server_rank_00000.log"
+    return path.read_text() if path.exists() else ""
 
 
 def registered_groups(job: FaultJob) -> list[str]:
@@ -85,7 +92,7 @@ def test_a_second_sigint_stops_at_once_killing_the_server(tmp_path):
 
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: "SIGINT received: stopping cleanly" in proc.log_path.read_text(), "the first SIGINT", proc)
-    time.sleep(0.5)
+    wait_for(lambda: "faulty_server: ignoring SIGTERM" in server_log(job), "the run to SIGTERM its server", proc)
     assert proc.poll() is None and running(server_pid)  # still stopping the server gracefully
     proc.send_signal(signal.SIGINT)
     took = wait_exit(proc, 10)
@@ -111,7 +118,7 @@ def test_a_sigkilled_run_takes_its_server_along_and_the_next_run_reaps_what_esca
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     wait_for(lambda: not running(server_pid), "the server to die with the run (parent-death signal)", timeout=5)
-    time.sleep(0.2)
+    time.sleep(0.2)  # a moment for a kill of the group, which must not come: nothing to wait for
     assert running(grandchild), "the grandchild should have escaped (the parent-death signal is the server's only)"
     assert registered_groups(job) == [str(server_pid)]  # the dead run could not unregister it
 
@@ -136,7 +143,8 @@ def test_a_signal_while_the_server_starts_stops_it_too(tmp_path):
 
     wait_for(lambda: bool(server_process()), "the server to be launched", proc)
     server_pid = server_process()[0].pid
-    time.sleep(0.3)  # the run is waiting for the server to be ready
+    # the run pumps the server's output into its log: it has launched the server, and waits for it to be ready
+    wait_for(lambda: "faulty_server: listening in 30 s" in server_log(job), "the server's first line", proc)
     proc.send_signal(signal.SIGTERM)
     took = wait_exit(proc, 15)
     assert proc.returncode == 130, proc.log_path.read_text()[-3000:]

@@ -4,19 +4,17 @@ format end to end through the example echo server."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import orjson
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
-import zstandard
 from conftest import ECHO_SERVER, PYTHON
+from helpers import read_jsonl
 
 from infermill.config import InferenceConfig
 from infermill.io.readers import DocumentReader
@@ -29,15 +27,6 @@ def records(n: int, start: int = 0, results=None) -> list[dict]:
     return [{"id": f"d{i}", "text": f"text {i}", "metadata": {"rollout_results": results if results is not None
                                                               else [{"text": f"out {i}"}]}}
             for i in range(start, start + n)]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    data = path.read_bytes()
-    if path.name.endswith(".gz"):
-        data = gzip.decompress(data)
-    elif path.name.endswith(".zst"):
-        data = zstandard.ZstdDecompressor().stream_reader(data).read()
-    return [json.loads(line) for line in data.splitlines()]
 
 
 # -- JSONL ----------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 
     python tests/servers/faulty_server.py --port 8000 [--stats-file PATH] [--directives "..."]
 
-Normal replies are the echo app's (:func:`infermill.echo_app.echo_completion`).
+The server is the echo app (:func:`infermill.echo_app.build_echo_app`: ``/v1/models``,
+``/health`` and the completions, whose normal replies it gives) with a middleware that counts
+each completion request and applies its faults, plus ``GET /stats`` and ``POST /control``.
 What goes wrong is chosen per request by *directives*: whitespace-separated words in the
 request's text (the last chat message, or the completions prompt), plus the server-wide
 default directives (``--directives``, or ``POST /control``). Words that are not
@@ -37,11 +39,12 @@ Server-wide flags (unknown flags are accepted and ignored, so any ``model_kwargs
     --kill-after N       exit (code 17) when request N+1 arrives: N requests are served
     --hang-after N       every request after the first N hangs
     --fail-after N       every request after the first N gets HTTP 500 (a storm that does not end)
-    --startup-delay S    wait S seconds before listening
+    --startup-delay S    print "faulty_server: listening in S s", then wait S seconds before listening
     --fatal-line TEXT    the line the ``fatal`` directive prints (default: a CUDA out-of-memory error)
     --last-words TEXT    a line printed to stderr just before the process exits on purpose (``kill``,
                          ``--kill-after``), so its "last lines" can be checked in error messages
-    --ignore-sigterm     ignore SIGTERM and SIGINT: only SIGKILL stops the server
+    --ignore-sigterm     ignore SIGTERM and SIGINT (printing "faulty_server: ignoring SIGTERM" or "... SIGINT"):
+                         only SIGKILL stops the server
     --grandchild         spawn tests/servers/sleeper.py --ignore-sigterm in the server's process group
                          (its pid is ``grandchild`` in the stats): a worker that outlives its server
     --echo-auth          error replies quote the request's ``Authorization`` header (as some proxies
@@ -51,8 +54,8 @@ Server-wide flags (unknown flags are accepted and ignored, so any ``model_kwargs
                          "first N" directives and ``--kill-after``/``--hang-after``/``--fail-after``
                          span restarts; without it each process counts from 0
 
-Endpoints: the OpenAI ones (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``),
-``/health``, ``GET /stats`` (the stats as JSON), and ``POST /control`` with any of
+Endpoints: the echo app's (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
+``/health``), ``GET /stats`` (the stats as JSON), and ``POST /control`` with any of
 ``{"directives": str, "kill_after": int|null, "hang_after": int|null, "fail_after": int|null,
 "reset": bool}``.
 
@@ -81,11 +84,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from infermill.echo_app import echo_completion, json_response, message_text
+from infermill.echo_app import build_echo_app, json_response, message_text
 
 KILL_EXIT_CODE = 17
 MAX_ARRIVALS = 1000
 FLUSH_INTERVAL = 0.05
+COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 _WORD = re.compile(
     r"^(?:tag:\S+|sleep:[0-9.]+(?::\d+(?::\S+)?)?|(?:hang|drop|truncated|malformed|empty|kill|fatal)(?::\d+(?::\S+)?)?"
@@ -212,9 +216,13 @@ class FaultyServer:
     def _applies(self, directive: Directive) -> bool:
         return directive.first_n is None or self.by_word[directive.word] <= directive.first_n
 
-    async def handle_completion(self, request: web.Request) -> web.StreamResponse:
+    @web.middleware
+    async def faults(self, request: web.Request, handler) -> web.StreamResponse:
+        """Counts every completion request and applies its directives around the echo app's handler."""
+        if request.method != "POST" or request.path not in COMPLETION_PATHS:
+            return await handler(request)
         chat = request.path.endswith("/chat/completions")
-        raw = await request.read()
+        raw = await request.read()  # kept by aiohttp: the echo app's handler reads it again
         self.requests += 1
         number = self.requests
         self.by_path[request.path] += 1
@@ -230,18 +238,14 @@ class FaultyServer:
                 self.die()
             try:
                 body = orjson.loads(raw)
-            except orjson.JSONDecodeError as e:
-                outcome = "400"
-                return json_response({"error": {"message": f"invalid JSON: {e}", "type": "BadRequestError"}}, 400)
-            if not isinstance(body, dict):
-                outcome = "400"
-                return json_response({"error": {"message": "expected a JSON object", "type": "BadRequestError"}}, 400)
+            except orjson.JSONDecodeError:
+                body = None
+            messages = body.get("messages") if isinstance(body, dict) else None
+            if not isinstance(body, dict) or (chat and not isinstance(messages, list)):
+                response = await handler(request)  # the echo app's HTTP 400
+                outcome = str(response.status)
+                return response
             if chat:
-                messages = body.get("messages")
-                if not isinstance(messages, list):
-                    outcome = "400"
-                    error = {"error": {"message": "request needs messages (a list)", "type": "BadRequestError"}}
-                    return json_response(error, 400)
                 last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
                 text = message_text(last.get("content"))
             else:
@@ -307,7 +311,11 @@ class FaultyServer:
                 outcome = "empty"
                 return json_response({"id": "empty", "object": "chat.completion", "choices": []})
 
-            reply = echo_completion(body, str(body.get("model", self.model)), chat)
+            response = await handler(request)  # the echo app's reply
+            outcome = str(response.status)
+            if not {"echo_request", "reasoning", "reasoning_content"} & names.keys():
+                return response
+            reply = orjson.loads(response.body)
             if "echo_request" in names:
                 echoed = orjson.dumps({"path": request.path, "body": body}).decode()
                 if chat:
@@ -318,8 +326,7 @@ class FaultyServer:
                 for field in ("reasoning", "reasoning_content"):
                     if field in names:
                         reply["choices"][0]["message"][field] = names[field].arg
-            outcome = "200"
-            return json_response(reply)
+            return json_response(reply, response.status)
         except asyncio.CancelledError:
             if outcome == "error":
                 outcome = "cancelled"
@@ -358,22 +365,17 @@ class FaultyServer:
         return json_response(self.stats())
 
     def build_app(self) -> web.Application:
-        model = self.model
-
-        async def models(_: web.Request) -> web.Response:
-            return json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
-
-        async def health(_: web.Request) -> web.Response:
-            return web.Response(text="ok")
-
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_get("/v1/models", models)
-        app.router.add_get("/health", health)
-        app.router.add_post("/v1/chat/completions", self.handle_completion)
-        app.router.add_post("/v1/completions", self.handle_completion)
+        """The echo app (``/v1/models``, ``/health``, the completions), its completions wrapped in
+        ``faults``, plus ``/stats`` and ``/control``."""
+        app = build_echo_app(self.model)
+        app.middlewares.append(self.faults)
         app.router.add_get("/stats", self.handle_stats)
         app.router.add_post("/control", self.handle_control)
         return app
+
+
+def say_ignored(sig: signal.Signals) -> None:
+    print(f"faulty_server: ignoring {sig.name}", flush=True)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -383,6 +385,7 @@ async def serve(args: argparse.Namespace) -> None:
         server.grandchild = subprocess.Popen([sys.executable, sleeper, "--ignore-sigterm"], stdin=subprocess.DEVNULL,
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
     if args.startup_delay:
+        print(f"faulty_server: listening in {args.startup_delay:g} s", flush=True)
         await asyncio.sleep(args.startup_delay)
     runner = web.AppRunner(server.build_app(), access_log=None, handle_signals=False)
     await runner.setup()
@@ -393,7 +396,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         if args.ignore_sigterm:
-            signal.signal(sig, signal.SIG_IGN)
+            loop.add_signal_handler(sig, say_ignored, sig)  # ignored, but seen: a test can wait for the line
         else:
             loop.add_signal_handler(sig, stop.set)
     flusher = asyncio.create_task(server.flush_periodically())
