@@ -62,6 +62,28 @@ def test_a_raising_rollout_fails_the_job_naming_the_document_after_stopping_in_f
     assert stats["documents_failed"] == 1 and stats["documents_written"] == 0
 
 
+@pytest.mark.timeout(30, method="thread")  # a hang in uvloop ignores SIGALRM: end the whole run
+@pytest.mark.parametrize("turns", [0, 1, 3])
+def test_a_rollout_failing_while_the_server_starts_fails_the_job_instead_of_hanging(tmp_path, turns, no_orphans):
+    # The failure cancels the job while the server's process is being spawned: a cancellation
+    # swallowed there (asyncio.wait_for on Python 3.11) left the supervisor serving for ever,
+    # and the run waiting for it to stop.
+    async def rollout(document, generate):
+        if document.id == "early":
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            raise ValueError("fails before any reply")
+        return await generate(chat(document.text))
+
+    config = faulty_config(max_concurrent_generations=1, max_concurrent_documents=2)
+    started = time.monotonic()
+    with pytest.raises(InferenceError, match="early.*fails before any reply"):
+        InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out"))).run(
+            [Document(text="tag:waits", id="waits"), Document(text="", id="early")]
+        )
+    assert time.monotonic() - started < 10
+
+
 def test_a_failure_stops_reading_input_and_the_stats_count_what_was_done(tmp_path):
     async def rollout(document, generate):
         if document.id == "9":

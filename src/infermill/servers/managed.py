@@ -109,17 +109,12 @@ class ManagedServer(InferenceServer):
             )
             self._log.flush()
         try:
-            self.process = await asyncio.wait_for(
-                ManagedProcess.spawn(
-                    argv,
-                    env=env,
-                    on_line=self._on_line,
-                    on_exit=self._wake,
-                    log=self._log,
-                    secrets=self.secrets(),
-                ),
-                timeout=self.config.server_start_timeout_sec,
-            )
+            # asyncio.timeout, not wait_for: on Python < 3.12, wait_for swallows a cancellation that
+            # arrives as the spawn completes, and close() would then wait on a supervisor that runs on
+            async with asyncio.timeout(self.config.server_start_timeout_sec):
+                self.process = await ManagedProcess.spawn(
+                    argv, env=env, on_line=self._on_line, on_exit=self._wake, log=self._log, secrets=self.secrets()
+                )
         except (TimeoutError, OSError) as e:
             raise ServerError(f"could not launch {argv[0]!r}: {type(e).__name__}: {e}") from None
         self._launched.set()

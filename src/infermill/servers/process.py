@@ -253,10 +253,7 @@ class ManagedProcess:
             self._signal_group(signal.SIGTERM)
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline and (self._proc.returncode is None or group_alive(self.pgid)):
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._waiter), timeout=0.05)
-                except TimeoutError:
-                    pass
+                await asyncio.wait({self._waiter}, timeout=0.05)
             self._signal_group(signal.SIGKILL)
         await self._waiter
         # SIGKILL is not instant: a grandchild may still be dying (and holding its GPU memory); wait for it.
