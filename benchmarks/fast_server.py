@@ -36,30 +36,53 @@ import signal
 import sys
 import time
 
-_CHAT_REPLY = json.dumps({
-    "id": "chatcmpl-fast", "object": "chat.completion", "created": 1700000000, "model": "fast",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "A short fixed answer."},
-                 "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
-}, separators=(",", ":")).encode()
-_TEXT_REPLY = json.dumps({
-    "id": "cmpl-fast", "object": "text_completion", "created": 1700000000, "model": "fast",
-    "choices": [{"index": 0, "text": "A short fixed answer.", "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
-}, separators=(",", ":")).encode()
+_CHAT_REPLY = json.dumps(
+    {
+        "id": "chatcmpl-fast",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "fast",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "A short fixed answer."}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
+    },
+    separators=(",", ":"),
+).encode()
+_TEXT_REPLY = json.dumps(
+    {
+        "id": "cmpl-fast",
+        "object": "text_completion",
+        "created": 1700000000,
+        "model": "fast",
+        "choices": [{"index": 0, "text": "A short fixed answer.", "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
+    },
+    separators=(",", ":"),
+).encode()
 _MODELS_REPLY = b'{"object":"list","data":[{"id":"fast","object":"model","owned_by":"benchmark"}]}'
 _HEALTH_REPLY = b'{"status":"ok"}'
 _NOT_FOUND = b'{"error":{"message":"not found","type":"invalid_request_error"}}'
 
 
 def _response(status: bytes, body: bytes, close: bool) -> bytes:
-    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode() + (b"\r\nConnection: close" if close else b"") + b"\r\n\r\n" + body)
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + (b"\r\nConnection: close" if close else b"")
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 # (keep-alive response, close response) per route, built once
 _ROUTES = {
-    (b"POST", b"/v1/chat/completions"): (_response(b"200 OK", _CHAT_REPLY, False), _response(b"200 OK", _CHAT_REPLY, True)),
+    (b"POST", b"/v1/chat/completions"): (
+        _response(b"200 OK", _CHAT_REPLY, False),
+        _response(b"200 OK", _CHAT_REPLY, True),
+    ),
     (b"POST", b"/v1/completions"): (_response(b"200 OK", _TEXT_REPLY, False), _response(b"200 OK", _TEXT_REPLY, True)),
     (b"GET", b"/v1/models"): (_response(b"200 OK", _MODELS_REPLY, False), _response(b"200 OK", _MODELS_REPLY, True)),
     (b"GET", b"/health"): (_response(b"200 OK", _HEALTH_REPLY, False), _response(b"200 OK", _HEALTH_REPLY, True)),
@@ -72,7 +95,7 @@ _MAX_HEAD = 1 << 16
 
 
 class Counter:
-    __slots__ = ("requests", "first", "last", "cpu_at_first")
+    __slots__ = ("cpu_at_first", "first", "last", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -88,7 +111,7 @@ UVLOOP = False
 class HttpProtocol(asyncio.Protocol):
     """One connection: parse whole requests out of the buffer, answer each with a prebuilt reply."""
 
-    __slots__ = ("transport", "buffer")
+    __slots__ = ("buffer", "transport")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -111,7 +134,7 @@ class HttpProtocol(asyncio.Protocol):
             if at >= 0:
                 stop = head.find(b"\r\n", at + 2)
                 try:
-                    length = int(head[at + 17:stop if stop >= 0 else None])
+                    length = int(head[at + 17 : stop if stop >= 0 else None])
                 except ValueError:
                     out.append(_BAD)
                     close = True
@@ -124,7 +147,7 @@ class HttpProtocol(asyncio.Protocol):
             if len(buffer) < total:
                 break
             line_end = head.find(b"\r\n")
-            request_line = buffer[:line_end if line_end >= 0 else end].split(b" ")
+            request_line = buffer[: line_end if line_end >= 0 else end].split(b" ")
             if len(request_line) != 3:
                 out.append(_BAD)
                 close = True
@@ -141,7 +164,8 @@ class HttpProtocol(asyncio.Protocol):
                     counter.cpu_at_first = cpu_seconds()
                 counter.last = now
             close = (b"\r\nconnection: close" in head) or (
-                version == b"HTTP/1.0" and b"\r\nconnection: keep-alive" not in head)
+                version == b"HTTP/1.0" and b"\r\nconnection: keep-alive" not in head
+            )
             out.append(_ROUTES.get(key, _404)[close])
             buffer = buffer[total:]
             if close:
@@ -179,10 +203,17 @@ def cpu_seconds() -> float:
 
 def write_stats(path: str, listening_at: float | None) -> None:
     cpu = cpu_seconds()
-    stats = {"requests": COUNTER.requests, "first_request": COUNTER.first, "last_request": COUNTER.last,
-             "listening_at": listening_at, "process_started": process_start_time(), "pid": os.getpid(),
-             "cpu_sec": cpu, "cpu_sec_serving": cpu - COUNTER.cpu_at_first if COUNTER.cpu_at_first is not None else 0.0,
-             "uvloop": UVLOOP}
+    stats = {
+        "requests": COUNTER.requests,
+        "first_request": COUNTER.first,
+        "last_request": COUNTER.last,
+        "listening_at": listening_at,
+        "process_started": process_start_time(),
+        "pid": os.getpid(),
+        "cpu_sec": cpu,
+        "cpu_sec_serving": cpu - COUNTER.cpu_at_first if COUNTER.cpu_at_first is not None else 0.0,
+        "uvloop": UVLOOP,
+    }
     temp = f"{path}.{os.getpid()}.tmp"
     with open(temp, "w") as f:
         json.dump(stats, f)
@@ -218,10 +249,7 @@ def main() -> None:
     except ImportError:
         uvloop = None
     UVLOOP = uvloop is not None
-    if uvloop is not None:
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(serve(args.host, args.port, args.stats_file))

@@ -110,8 +110,11 @@ def child_infermill(args: argparse.Namespace, work: str) -> dict:
 
     stats_file = os.path.join(work, "server_stats.json")
     config = InferenceConfig(
-        server_type="custom", model_name_or_path="fast", max_concurrent_generations=args.concurrency,
-        model_kwargs={"server_script": FAST_SERVER, "stats_file": stats_file}, metric_interval=3600,
+        server_type="custom",
+        model_name_or_path="fast",
+        max_concurrent_generations=args.concurrency,
+        model_kwargs={"server_script": FAST_SERVER, "stats_file": stats_file},
+        metric_interval=3600,
     )
 
     async def rollout(document, generate):
@@ -136,9 +139,16 @@ def child_infermill(args: argparse.Namespace, work: str) -> dict:
         profiler.disable()
         profiler.dump_stats(args.profile_out)
     rss = peak_rss_mb()
-    return {"started": started, "wall_sec": wall, "cpu_sec": cpu, "peak_rss_mb": rss, "server": read_json(stats_file),
-            "written": count_lines(out), "processed": stats["documents_processed"],
-            "version": f"infermill from {os.path.dirname(infermill.__file__)}"}
+    return {
+        "started": started,
+        "wall_sec": wall,
+        "cpu_sec": cpu,
+        "peak_rss_mb": rss,
+        "server": read_json(stats_file),
+        "written": count_lines(out),
+        "processed": stats["documents_processed"],
+        "version": f"infermill from {os.path.dirname(infermill.__file__)}",
+    }
 
 
 def child_datatrove(args: argparse.Namespace, work: str) -> dict:
@@ -149,8 +159,11 @@ def child_datatrove(args: argparse.Namespace, work: str) -> dict:
 
     stats_file = os.path.join(work, "server_stats.json")
     config = InferenceConfig(
-        server_type="custom", model_name_or_path="fast", max_concurrent_generations=args.concurrency,
-        model_kwargs={"server_script": FAST_SERVER, "stats_file": stats_file}, metric_interval=3600,
+        server_type="custom",
+        model_name_or_path="fast",
+        max_concurrent_generations=args.concurrency,
+        model_kwargs={"server_script": FAST_SERVER, "stats_file": stats_file},
+        metric_interval=3600,
     )
 
     async def rollout(document, generate):
@@ -170,9 +183,16 @@ def child_datatrove(args: argparse.Namespace, work: str) -> dict:
     runner.run(documents(), rank=0, world_size=1)
     wall, cpu = time.time() - started, cpu_seconds() - cpu
     rss = peak_rss_mb()
-    return {"started": started, "wall_sec": wall, "cpu_sec": cpu, "peak_rss_mb": rss, "server": read_json(stats_file),
-            "written": count_lines(out), "processed": runner.stats["documents_processed"].total,
-            "version": f"datatrove {getattr(datatrove, '__version__', '?')}"}
+    return {
+        "started": started,
+        "wall_sec": wall,
+        "cpu_sec": cpu,
+        "peak_rss_mb": rss,
+        "server": read_json(stats_file),
+        "written": count_lines(out),
+        "processed": runner.stats["documents_processed"].total,
+        "version": f"datatrove {getattr(datatrove, '__version__', '?')}",
+    }
 
 
 def child_bare(args: argparse.Namespace, work: str) -> dict:
@@ -223,13 +243,24 @@ def child_bare(args: argparse.Namespace, work: str) -> dict:
     finally:
         loop.close()
         stop_server(process)
-    return {"started": started, "wall_sec": wall, "cpu_sec": cpu, "peak_rss_mb": peak_rss_mb(),
-            "server": read_json(stats_file), "written": answered, "processed": answered,
-            "version": f"aiohttp {aiohttp.__version__}"}
+    return {
+        "started": started,
+        "wall_sec": wall,
+        "cpu_sec": cpu,
+        "peak_rss_mb": peak_rss_mb(),
+        "server": read_json(stats_file),
+        "written": answered,
+        "processed": answered,
+        "version": f"aiohttp {aiohttp.__version__}",
+    }
 
 
-CHILDREN = {"infermill": child_infermill, "datatrove": child_datatrove, "datatrove-ckpt": child_datatrove,
-            "bare": child_bare}
+CHILDREN = {
+    "infermill": child_infermill,
+    "datatrove": child_datatrove,
+    "datatrove-ckpt": child_datatrove,
+    "bare": child_bare,
+}
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -261,13 +292,30 @@ def datatrove_python() -> str:
     return python
 
 
-def measure(kind: str, docs: int, concurrency: int, args: argparse.Namespace, profile_out: str | None = None,
-            prefix: list[str] | None = None) -> dict:
+def measure(
+    kind: str,
+    docs: int,
+    concurrency: int,
+    args: argparse.Namespace,
+    profile_out: str | None = None,
+    prefix: list[str] | None = None,
+) -> dict:
     python = datatrove_python() if kind.startswith("datatrove") else sys.executable
     fd, result_path = tempfile.mkstemp(prefix=f"bench-{kind}-", suffix=".json", dir=args.tmp)
     os.close(fd)
-    argv = [*(prefix or []), python, os.path.abspath(__file__), "--child", kind, "--docs", str(docs), "--concurrency",
-            str(concurrency), "--result", result_path] + (["--profile-out", profile_out] if profile_out else [])
+    argv = [
+        *(prefix or []),
+        python,
+        os.path.abspath(__file__),
+        "--child",
+        kind,
+        "--docs",
+        str(docs),
+        "--concurrency",
+        str(concurrency),
+        "--result",
+        result_path,
+    ] + (["--profile-out", profile_out] if profile_out else [])
     if args.tmp:
         argv += ["--tmp", args.tmp]
     log_path = result_path[:-5] + ".log"
@@ -290,8 +338,10 @@ def measure(kind: str, docs: int, concurrency: int, args: argparse.Namespace, pr
     result["cpu_us_per_doc"] = result["cpu_sec"] / docs * 1e6
     result["server_cpu_us_per_request"] = server["cpu_sec_serving"] / max(server["requests"], 1) * 1e6
     if server["requests"] != docs or result["written"] != docs:
-        raise RuntimeError(f"{kind}: {docs} documents but the server saw {server['requests']} requests and "
-                           f"{result['written']} were written")
+        raise RuntimeError(
+            f"{kind}: {docs} documents but the server saw {server['requests']} requests and "
+            f"{result['written']} were written"
+        )
     if args.verbose:
         print(json.dumps(result), file=sys.stderr, flush=True)
     return result
@@ -368,8 +418,11 @@ def measure_startup(args: argparse.Namespace) -> dict:
                 "input": {"path": os.path.join(work, "input.jsonl")},
                 "output": {"path": os.path.join(work, "out")},
                 "rollout": {"template": "Summarize in one sentence: [[DOCUMENT]]"},
-                "inference": {"server_type": "custom", "model_name_or_path": "fast",
-                              "model_kwargs": {"server_script": FAST_SERVER, "stats_file": stats_file}},
+                "inference": {
+                    "server_type": "custom",
+                    "model_name_or_path": "fast",
+                    "model_kwargs": {"server_script": FAST_SERVER, "stats_file": stats_file},
+                },
             }
             job_path = os.path.join(work, "job.yaml")
             with open(job_path, "w") as f:
@@ -381,12 +434,14 @@ def measure_startup(args: argparse.Namespace) -> dict:
             server = read_json(stats_file)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        runs.append({
-            "to_first_request": server["first_request"] - started,
-            "to_server_process": server["process_started"] - started,
-            "server_startup": server["listening_at"] - server["process_started"],
-            "ready_to_first_request": server["first_request"] - server["listening_at"],
-        })
+        runs.append(
+            {
+                "to_first_request": server["first_request"] - started,
+                "to_server_process": server["process_started"] - started,
+                "server_startup": server["listening_at"] - server["process_started"],
+                "ready_to_first_request": server["first_request"] - server["listening_at"],
+            }
+        )
     result = {"server_alone": alone, "runs": runs}
     median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     overheads = [r["to_first_request"] - r["server_startup"] for r in runs]
@@ -395,9 +450,18 @@ def measure_startup(args: argparse.Namespace) -> dict:
         ["measure (s)", "median (min-max)"],
         [
             ["server start-up alone (Popen -> ready line, parent's view)", spread(alone, "{:.3f}")],
-            ["`infermill run` start -> first request at the server", spread([r["to_first_request"] for r in runs], "{:.3f}")],
-            ["  of which: `infermill run` start -> server process started", spread([r["to_server_process"] for r in runs], "{:.3f}")],
-            ["  of which: server process started -> listening (server's own start-up)", spread([r["server_startup"] for r in runs], "{:.3f}")],
+            [
+                "`infermill run` start -> first request at the server",
+                spread([r["to_first_request"] for r in runs], "{:.3f}"),
+            ],
+            [
+                "  of which: `infermill run` start -> server process started",
+                spread([r["to_server_process"] for r in runs], "{:.3f}"),
+            ],
+            [
+                "  of which: server process started -> listening (server's own start-up)",
+                spread([r["server_startup"] for r in runs], "{:.3f}"),
+            ],
             ["  of which: listening -> first request", spread([r["ready_to_first_request"] for r in runs], "{:.3f}")],
             ["run start -> first request, minus the server's own start-up", spread(overheads, "{:.3f}")],
         ],
@@ -415,27 +479,46 @@ def check_server_with_wrk(args: argparse.Namespace) -> str:
     if wrk is None:
         return "wrk is not installed (apt-get install wrk): server check skipped"
     body = json.dumps({"model": "fast", **request_payload(document_text(0))})
-    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False, dir=args.tmp)
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False, dir=args.tmp)  # noqa: SIM115
     with script:
-        script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
-                     'wrk.headers["Content-Type"] = "application/json"\n')
+        script.write(
+            f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\nwrk.headers["Content-Type"] = "application/json"\n'
+        )
     rows = []
     try:
         for c in args.concurrency:
             stats_file = script.name + ".stats.json"
             process, port, _ = start_server(stats_file)
             try:
-                out = subprocess.run([wrk, "-t1", f"-c{c}", f"-d{args.wrk_seconds}s", "-s", script.name,
-                                      f"http://127.0.0.1:{port}/v1/chat/completions"],
-                                     capture_output=True, text=True, check=True).stdout
+                out = subprocess.run(
+                    [
+                        wrk,
+                        "-t1",
+                        f"-c{c}",
+                        f"-d{args.wrk_seconds}s",
+                        "-s",
+                        script.name,
+                        f"http://127.0.0.1:{port}/v1/chat/completions",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
             finally:
                 stop_server(process)
             server = read_json(stats_file)
             os.remove(stats_file)
             rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
             errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-            rows.append([str(c), f"{rate:,.0f}", f"{server['cpu_sec_serving'] / server['requests'] * 1e6:.0f}",
-                         f"{server['requests']:,}", errors.group(0) if errors else "none"])
+            rows.append(
+                [
+                    str(c),
+                    f"{rate:,.0f}",
+                    f"{server['cpu_sec_serving'] / server['requests'] * 1e6:.0f}",
+                    f"{server['requests']:,}",
+                    errors.group(0) if errors else "none",
+                ]
+            )
     finally:
         os.remove(script.name)
     return markdown(["wrk connections", "req/s", "server CPU us/req", "requests", "errors"], rows)
@@ -444,7 +527,6 @@ def check_server_with_wrk(args: argparse.Namespace) -> str:
 def report_profile(path: str, top: int = 15) -> str:
     import io
     import pstats
-
     import re
 
     out = []
@@ -454,13 +536,23 @@ def report_profile(path: str, top: int = 15) -> str:
         stats.sort_stats(key).print_stats(top)
         # keep the package in file names (aiohttp/client.py is not infermill/client.py)
         text = re.sub(r"\S*/((?:site-packages/)?)([^/\s]+/[^/\s]+\.py:)", r"\2", stream.getvalue())
-        out.append(f"### top {top} by {key}\n\n```\n" + text[text.index("   ncalls"):].rstrip() + "\n```")
+        out.append(f"### top {top} by {key}\n\n```\n" + text[text.index("   ncalls") :].rstrip() + "\n```")
     return "\n\n".join(out)
 
 
 # frames every sample of the run goes through: left out of the inclusive top
-WRAPPER_FRAMES = ("<module> ", "main (", "run_child ", "child_infermill (", "run_coroutine ", "Runner.run ",
-                  "InferenceRunner.run ", "Thread._bootstrap", "Thread.run ", "_worker (concurrent")
+WRAPPER_FRAMES = (
+    "<module> ",
+    "main (",
+    "run_child ",
+    "child_infermill (",
+    "run_coroutine ",
+    "Runner.run ",
+    "InferenceRunner.run ",
+    "Thread._bootstrap",
+    "Thread.run ",
+    "_worker (concurrent",
+)
 
 
 def summarize_py_spy(path: str, top: int = 15) -> str:
@@ -484,7 +576,10 @@ def summarize_py_spy(path: str, top: int = 15) -> str:
                     inclusive[frame] += n
             own[frames[-1]] += n
     out = []
-    for title, counter in (("inclusive (function and what it calls)", inclusive), ("self (the function's own code)", own)):
+    for title, counter in (
+        ("inclusive (function and what it calls)", inclusive),
+        ("self (the function's own code)", own),
+    ):
         rows = [f"{100 * n / total:5.1f}%  {frame}" for frame, n in counter.most_common(top)]
         out.append(f"### py-spy: top {top} by {title}, % of {total} samples\n\n```\n" + "\n".join(rows) + "\n```")
     return "\n\n".join(out)
@@ -494,27 +589,51 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs of each (kind, concurrency); medians are reported")
     parser.add_argument("--docs", type=int, default=20_000, help="documents per run (one request each)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 512],
-                        help="max_concurrent_generations (and bare-client workers)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[64, 512],
+        help="max_concurrent_generations (and bare-client workers)",
+    )
     parser.add_argument("--skip-datatrove", action="store_true", help="measure infermill and the bare client only")
-    parser.add_argument("--datatrove-checkpoints", action="store_true",
-                        help="also datatrove with checkpoints_local_dir (its request cache and chunk files)")
+    parser.add_argument(
+        "--datatrove-checkpoints",
+        action="store_true",
+        help="also datatrove with checkpoints_local_dir (its request cache and chunk files)",
+    )
     parser.add_argument("--skip-bare", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--million", action="store_true", help="also: infermill's peak RSS on 1,000,000 documents (once)")
+    parser.add_argument(
+        "--million", action="store_true", help="also: infermill's peak RSS on 1,000,000 documents (once)"
+    )
     parser.add_argument("--million-docs", type=int, default=1_000_000, help=argparse.SUPPRESS)
-    parser.add_argument("--million-concurrency", type=int, default=None,
-                        help="concurrency of the --million run (default: the highest of --concurrency)")
+    parser.add_argument(
+        "--million-concurrency",
+        type=int,
+        default=None,
+        help="concurrency of the --million run (default: the highest of --concurrency)",
+    )
     parser.add_argument("--startup", action="store_true", help="also: `infermill run` start -> first request")
     parser.add_argument("--startup-runs", type=int, default=5)
     parser.add_argument("--wrk", action="store_true", help="also: fast_server.py's own req/s under wrk, if installed")
     parser.add_argument("--wrk-seconds", type=int, default=10, help=argparse.SUPPRESS)
-    parser.add_argument("--only-extras", action="store_true",
-                        help="skip the throughput table (with --wrk/--million/--startup)")
-    parser.add_argument("--profile", nargs="?", const=os.path.join(tempfile.gettempdir(), "infermill-throughput.prof"),
-                        default=None, metavar="PATH",
-                        help="only profile infermill (cProfile, --docs at the first --concurrency) and print the tops")
-    parser.add_argument("--py-spy", default=None, metavar="PATH",
-                        help="py-spy executable for --profile (default: py-spy on PATH, if any)")
+    parser.add_argument(
+        "--only-extras", action="store_true", help="skip the throughput table (with --wrk/--million/--startup)"
+    )
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const=os.path.join(tempfile.gettempdir(), "infermill-throughput.prof"),
+        default=None,
+        metavar="PATH",
+        help="only profile infermill (cProfile, --docs at the first --concurrency) and print the tops",
+    )
+    parser.add_argument(
+        "--py-spy",
+        default=None,
+        metavar="PATH",
+        help="py-spy executable for --profile (default: py-spy on PATH, if any)",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="write every run's raw result here")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measured run")
     parser.add_argument("--tmp", default=None, help="folder for the runs' temporary output (default: system temp)")
@@ -531,22 +650,35 @@ def main() -> None:
         return
 
     started = time.time()
-    info = subprocess.run([sys.executable, "-c", "import infermill, os; print(os.path.dirname(infermill.__file__))"],
-                          capture_output=True, text=True).stdout.strip()
-    print(f"# infermill: {info}; python {sys.version.split()[0]}; {os.cpu_count()} CPUs; "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    info = subprocess.run(
+        [sys.executable, "-c", "import infermill, os; print(os.path.dirname(infermill.__file__))"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    print(
+        f"# infermill: {info}; python {sys.version.split()[0]}; {os.cpu_count()} CPUs; "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+        flush=True,
+    )
 
     if args.profile:
         c = args.concurrency[0]
         result = measure("infermill", args.docs, c, args, profile_out=os.path.abspath(args.profile))
-        print(f"# profiled: infermill, {args.docs} docs, c={c}: {result['docs_per_sec']:,.0f} docs/s under cProfile "
-              f"({args.profile})\n")
+        print(
+            f"# profiled: infermill, {args.docs} docs, c={c}: {result['docs_per_sec']:,.0f} docs/s under cProfile "
+            f"({args.profile})\n"
+        )
         print(report_profile(args.profile))
         py_spy = args.py_spy or shutil.which("py-spy")
         if py_spy:
             raw = os.path.splitext(os.path.abspath(args.profile))[0] + ".py-spy.txt"
-            result = measure("infermill", args.docs, c, args,
-                             prefix=[py_spy, "record", "-r", "250", "--function", "-f", "raw", "-o", raw, "--"])
+            result = measure(
+                "infermill",
+                args.docs,
+                c,
+                args,
+                prefix=[py_spy, "record", "-r", "250", "--function", "-f", "raw", "-o", raw, "--"],
+            )
             print(f"\n# py-spy (sampling, 250 Hz, no tracing overhead): {result['docs_per_sec']:,.0f} docs/s ({raw})\n")
             print(summarize_py_spy(raw))
         else:
@@ -568,9 +700,12 @@ def main() -> None:
                 for kind in kinds:
                     result = measure(kind, args.docs, c, args)
                     results.append(result)
-                    print(f"run {run + 1}/{args.runs} c={c:<4} {kind:<10} {result['docs_per_sec']:>8,.0f} docs/s  "
-                          f"{result['cpu_us_per_doc']:>6,.0f} CPU us/doc  {result['peak_rss_mb']:>5.0f} MB peak RSS  "
-                          f"(wall {result['wall_sec']:.1f} s)", flush=True)
+                    print(
+                        f"run {run + 1}/{args.runs} c={c:<4} {kind:<10} {result['docs_per_sec']:>8,.0f} docs/s  "
+                        f"{result['cpu_us_per_doc']:>6,.0f} CPU us/doc  {result['peak_rss_mb']:>5.0f} MB peak RSS  "
+                        f"(wall {result['wall_sec']:.1f} s)",
+                        flush=True,
+                    )
         print(f"\n## {args.docs:,} documents, {args.runs} runs: median (min-max)\n")
         print(throughput_table(results, kinds, args.concurrency))
         for c in args.concurrency:
@@ -593,10 +728,20 @@ def main() -> None:
         result = measure("infermill", args.million_docs, c, args)
         results.append({**result, "million": True})
         print(f"\n## infermill, {args.million_docs:,} streamed documents, c={c}\n")
-        print(markdown(["docs/s", "CPU us/doc", "peak RSS MB", "wall s", "peak RSS <= 200 MB"],
-                       [[f"{result['docs_per_sec']:,.0f}", f"{result['cpu_us_per_doc']:,.0f}",
-                         f"{result['peak_rss_mb']:.0f}", f"{result['wall_sec']:.0f}",
-                         str(result['peak_rss_mb'] <= 200)]]))
+        print(
+            markdown(
+                ["docs/s", "CPU us/doc", "peak RSS MB", "wall s", "peak RSS <= 200 MB"],
+                [
+                    [
+                        f"{result['docs_per_sec']:,.0f}",
+                        f"{result['cpu_us_per_doc']:,.0f}",
+                        f"{result['peak_rss_mb']:.0f}",
+                        f"{result['wall_sec']:.0f}",
+                        str(result["peak_rss_mb"] <= 200),
+                    ]
+                ],
+            )
+        )
 
     if args.startup:
         startup = measure_startup(args)
@@ -608,8 +753,10 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"\n# done in {time.time() - started:.0f} s; load average now "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    print(
+        f"\n# done in {time.time() - started:.0f} s; load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVERS = os.path.join(ROOT, "examples", "servers")
 SERVER = os.path.join(SERVERS, "batching_server.py")
 
-TOPICS = ["the sea", "mountains", "a cat", "the moon", "coffee", "trains", "winter", "a library", "bees",
-          "the desert", "jazz", "a lighthouse", "volcanoes", "chess", "rain", "a garden"]
+TOPICS = [
+    "the sea",
+    "mountains",
+    "a cat",
+    "the moon",
+    "coffee",
+    "trains",
+    "winter",
+    "a library",
+    "bees",
+    "the desert",
+    "jazz",
+    "a lighthouse",
+    "volcanoes",
+    "chess",
+    "rain",
+    "a garden",
+]
 
 
 def prompts(n: int) -> list[str]:
@@ -91,8 +107,12 @@ def start_server(port: int, flags: list[str], timeout: float) -> subprocess.Pope
 
 
 async def one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> dict:
-    payload = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-               "temperature": 0, "ignore_eos": True}
+    payload = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     async with session.post(url + "/v1/chat/completions", json=payload) as response:
         body = await response.json()
         if response.status != 200:
@@ -105,6 +125,7 @@ async def level(url: str, texts: list[str], concurrency: int, max_tokens: int) -
     limit = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+
         async def bounded(prompt: str) -> dict:
             async with limit:
                 return await one(session, url, prompt, max_tokens)
@@ -125,11 +146,22 @@ async def infermill_level(url: str, texts: list[str], concurrency: int, max_toke
     from infermill.io import JsonlWriter
 
     async def rollout(document, generate):
-        return await generate({"messages": [{"role": "user", "content": document.text}], "max_tokens": max_tokens,
-                               "temperature": 0, "ignore_eos": True})
+        return await generate(
+            {
+                "messages": [{"role": "user", "content": document.text}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+        )
 
-    config = InferenceConfig(server_type="endpoint", model_name_or_path="bench", endpoint_url=url,
-                             max_concurrent_generations=concurrency, request_timeout=3600)
+    config = InferenceConfig(
+        server_type="endpoint",
+        model_name_or_path="bench",
+        endpoint_url=url,
+        max_concurrent_generations=concurrency,
+        request_timeout=3600,
+    )
     with tempfile.TemporaryDirectory(prefix="infermill-bench-") as out:
         runner = InferenceRunner(rollout, config, JsonlWriter(out))
         started = time.perf_counter()
@@ -147,18 +179,24 @@ async def compare_with_infermill(url: str, texts: list[str], concurrency: int, m
 
     bare, mill = [], []
     for i in range(rounds):
-        for who in (("bare", "infermill") if i % 2 == 0 else ("infermill", "bare")):
+        for who in ("bare", "infermill") if i % 2 == 0 else ("infermill", "bare"):
             if who == "bare":
                 bare.append((await level(url, texts, concurrency, max_tokens))[1])
             else:
                 mill.append((await infermill_level(url, texts, concurrency, max_tokens))[1])
-        print(f"round {i + 1}: bare client {bare[-1]:7.1f} tokens/s, infermill {mill[-1]:7.1f} tokens/s "
-              f"({mill[-1] / bare[-1]:.3f}x)", flush=True)
+        print(
+            f"round {i + 1}: bare client {bare[-1]:7.1f} tokens/s, infermill {mill[-1]:7.1f} tokens/s "
+            f"({mill[-1] / bare[-1]:.3f}x)",
+            flush=True,
+        )
     ratios = [m / b for m, b in zip(mill, bare)]
-    print(f"infermill vs bare client at c={concurrency}, {rounds} rounds: median {statistics.median(mill):.1f} vs "
-          f"{statistics.median(bare):.1f} tokens/s = {statistics.median(mill) / statistics.median(bare):.3f}x; "
-          f"paired ratios median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
-          "target >= 0.95", flush=True)
+    print(
+        f"infermill vs bare client at c={concurrency}, {rounds} rounds: median {statistics.median(mill):.1f} vs "
+        f"{statistics.median(bare):.1f} tokens/s = {statistics.median(mill) / statistics.median(bare):.3f}x; "
+        f"paired ratios median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
+        "target >= 0.95",
+        flush=True,
+    )
 
 
 async def run(args, url: str, baseline: HFBaseline | None) -> None:
@@ -170,8 +208,11 @@ async def run(args, url: str, baseline: HFBaseline | None) -> None:
         elapsed, rate, replies = await level(url, texts, c, args.max_tokens)
         tokens = sum(r["usage"]["completion_tokens"] for r in replies)
         results[c] = (rate, [r["choices"][0]["message"]["content"] for r in replies])
-        print(f"concurrency {c:>3}: {args.requests} requests, {tokens} completion tokens in {elapsed:6.1f} s "
-              f"= {rate:7.1f} tokens/s", flush=True)
+        print(
+            f"concurrency {c:>3}: {args.requests} requests, {tokens} completion tokens in {elapsed:6.1f} s "
+            f"= {rate:7.1f} tokens/s",
+            flush=True,
+        )
         if baseline is not None:  # right after, so both see the same machine load
             hf[c] = baseline.level(c)
             print(f"  plain HF generate, static batches of {c:>3}: {hf[c]:7.1f} tokens/s", flush=True)
@@ -179,8 +220,11 @@ async def run(args, url: str, baseline: HFBaseline | None) -> None:
     for c in sorted(results):
         if c != base:
             same = sum(a == b for a, b in zip(results[base][1], results[c][1]))
-            print(f"speed-up c={c} vs c={base}: {results[c][0] / results[base][0]:.2f}x; "
-                  f"greedy outputs identical to c={base}: {same}/{args.requests}", flush=True)
+            print(
+                f"speed-up c={c} vs c={base}: {results[c][0] / results[base][0]:.2f}x; "
+                f"greedy outputs identical to c={base}: {same}/{args.requests}",
+                flush=True,
+            )
             if hf:
                 print(f"  plain HF speed-up batch {c} vs {base}: {hf[c] / hf[base]:.2f}x", flush=True)
             for i, (a, b) in enumerate(zip(results[base][1], results[c][1])):
@@ -199,8 +243,12 @@ class HFBaseline:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir(), padding_side="left")
         self.model = AutoModelForCausalLM.from_pretrained(model_dir()).eval()
-        self.texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                         add_generation_prompt=True) for p in prompts(args.requests)]
+        self.texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts(args.requests)
+        ]
         self.max_tokens = args.max_tokens
 
     def level(self, batch_size: int) -> float:
@@ -208,11 +256,17 @@ class HFBaseline:
 
         started, tokens = time.perf_counter(), 0
         for i in range(0, len(self.texts), batch_size):
-            batch = self.tokenizer(self.texts[i:i + batch_size], return_tensors="pt", padding=True,
-                                   add_special_tokens=False)
+            batch = self.tokenizer(
+                self.texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             with torch.inference_mode():
-                out = self.model.generate(**batch, max_new_tokens=self.max_tokens, min_new_tokens=self.max_tokens,
-                                          do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+                out = self.model.generate(
+                    **batch,
+                    max_new_tokens=self.max_tokens,
+                    min_new_tokens=self.max_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
             tokens += (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
         return tokens / (time.perf_counter() - started)
 
@@ -222,14 +276,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--infermill", type=int, default=0, metavar="ROUNDS",
-                        help="then compare infermill with the bare client at the highest concurrency, "
-                        "ROUNDS interleaved runs each")
+    parser.add_argument(
+        "--infermill",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="then compare infermill with the bare client at the highest concurrency, ROUNDS interleaved runs each",
+    )
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--start-timeout", type=float, default=600)
-    parser.add_argument("--hf-baseline", action="store_true",
-                        help="also time plain model.generate on static batches of the same prompts (in this "
-                        "process, right after each level)")
+    parser.add_argument(
+        "--hf-baseline",
+        action="store_true",
+        help="also time plain model.generate on static batches of the same prompts (in this "
+        "process, right after each level)",
+    )
     args, server_flags = parser.parse_known_args()
     server_flags = [f for f in server_flags if f != "--"]
     baseline = HFBaseline(args) if args.hf_baseline else None
@@ -247,6 +308,7 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+
 from conftest import PYTHON
 from helpers import FAULTY_SERVER, read_jsonl, run_stats, server_stats, wait_until
 
@@ -65,14 +66,19 @@ class SubprocessJob:
         self.checkpoints = self.output / "_infermill" / "checkpoints" / "rank_00000"
         self.ids = [f"doc-{i:04d}" for i in range(docs)]
         self.file = tmp_path / "job.yaml"
-        self.env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime"), "PYTHONUNBUFFERED": "1",
-                    "COLUMNS": "1000"}  # rich wraps messages at 80 columns when stderr is no terminal
+        self.env = {
+            **os.environ,
+            "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime"),
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "1000",
+        }  # rich wraps messages at 80 columns when stderr is no terminal
         self.runs = 0
         self.global_args: list[str] = []  # options before ``run``, e.g. ["-v"]
         self.temps_root = self.output  # where ``check_exactly_once`` looks for a ``*.tmp`` file left behind
 
-    def write_job(self, rollout: dict[str, Any], inference: dict[str, Any],
-                  runner: dict[str, Any] | None = None) -> None:
+    def write_job(
+        self, rollout: dict[str, Any], inference: dict[str, Any], runner: dict[str, Any] | None = None
+    ) -> None:
         spec = {
             "input": {"path": str(self.input)},
             "output": {"path": str(self.output)},
@@ -106,8 +112,9 @@ class SubprocessJob:
 
     def run(self, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
         self.runs += 1
-        result = subprocess.run(self.command(*args), cwd=self.tmp, env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(
+            self.command(*args), cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         (self.tmp / f"run{self.runs}.log").write_text(result.stdout + result.stderr)
         return result
 
@@ -159,9 +166,18 @@ class SubprocessJob:
 class FaultJob(SubprocessJob):
     """A job against the faulty server; its stats in ``server_stats.json``, its logs in ``server_logs``."""
 
-    def __init__(self, tmp_path: Path, docs: int = 60, *, conc: int = 4, rpc: int = 10,
-                 directive: Callable[[int], str] | None = None, server: dict[str, Any] | None = None,
-                 inference: dict[str, Any] | None = None, runner: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        docs: int = 60,
+        *,
+        conc: int = 4,
+        rpc: int = 10,
+        directive: Callable[[int], str] | None = None,
+        server: dict[str, Any] | None = None,
+        inference: dict[str, Any] | None = None,
+        runner: dict[str, Any] | None = None,
+    ):
         super().__init__(tmp_path, docs, rpc)
         self.stats_file = tmp_path / "server_stats.json"
         self.server_logs = tmp_path / "server_logs"
@@ -172,16 +188,21 @@ class FaultJob(SubprocessJob):
                 self.texts[doc_id] = text
                 f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
         model_kwargs = {"server_script": str(FAULTY_SERVER), "stats_file": str(self.stats_file), **(server or {})}
-        settings = {**FAST_INFERENCE, "server_type": "custom", "model_kwargs": model_kwargs,
-                    "server_log_folder": str(self.server_logs)}
+        settings = {
+            **FAST_INFERENCE,
+            "server_type": "custom",
+            "model_kwargs": model_kwargs,
+            "server_log_folder": str(self.server_logs),
+        }
         settings.update({"model_name_or_path": "faulty-model", "max_concurrent_generations": conc, **(inference or {})})
         self.write_job({"template": "[[DOCUMENT]]"}, settings, runner)
 
     def run_failing(self, *args: str) -> str:
         result = self.run(*args)
         output = result.stdout + result.stderr
-        assert result.returncode == 1, f"the job should have failed (exit 1), got {result.returncode}:\n" \
-                                       f"{output[-4000:]}"
+        assert result.returncode == 1, (
+            f"the job should have failed (exit 1), got {result.returncode}:\n{output[-4000:]}"
+        )
         assert "The checkpoint is saved" in output, output[-4000:]
         assert not (self.checkpoints / "complete.json").exists()
         return output
@@ -212,9 +233,15 @@ def group_members(pgid: int) -> list[int]:
     return found
 
 
-def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen | None = None,
-             timeout: float = 20.0, interval: float = 0.005) -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    what: str,
+    proc: subprocess.Popen | None = None,
+    timeout: float = 20.0,
+    interval: float = 0.005,
+) -> None:
     """``wait_until`` for a job: fail if ``proc`` exits first; on a timeout, kill it and quote its log."""
+
     def done() -> bool:
         if condition():
             return True

@@ -13,8 +13,8 @@ from pathlib import Path
 import orjson
 import psutil
 import zstandard
-from conftest import SCRIPTS
 
+from conftest import SCRIPTS
 from infermill import InferenceConfig
 
 FAULTY_SERVER = SCRIPTS / "faulty_server.py"
@@ -44,10 +44,15 @@ def faulty_config(stats_file: Path | None = None, **overrides) -> InferenceConfi
     model_kwargs = {"server_script": str(FAULTY_SERVER)}
     if stats_file is not None:
         model_kwargs["stats_file"] = str(stats_file)
-    return InferenceConfig(**{
-        "server_type": "custom", "model_name_or_path": "faulty-model", "model_kwargs": model_kwargs,
-        **FAST, **overrides,
-    })
+    return InferenceConfig(
+        **{
+            "server_type": "custom",
+            "model_name_or_path": "faulty-model",
+            "model_kwargs": model_kwargs,
+            **FAST,
+            **overrides,
+        }
+    )
 
 
 # -- payloads and rollouts ------------------------------------------------------------------
@@ -126,15 +131,17 @@ def _polls(predicate: Callable[[], object], timeout: float, what: str) -> Iterat
         yield
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "the condition",
-               interval: float = 0.01) -> None:
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10.0, what: str = "the condition", interval: float = 0.01
+) -> None:
     """Poll ``predicate`` until it is true; fail (AssertionError naming ``what``) after ``timeout`` s."""
     for _ in _polls(predicate, timeout, what):
         time.sleep(interval)
 
 
-async def wait_until_async(predicate: Callable[[], object], timeout: float = 10.0, what: str = "the condition",
-                           interval: float = 0.01) -> None:
+async def wait_until_async(
+    predicate: Callable[[], object], timeout: float = 10.0, what: str = "the condition", interval: float = 0.01
+) -> None:
     """``wait_until`` for a coroutine: the event loop runs between polls."""
     for _ in _polls(predicate, timeout, what):
         await asyncio.sleep(interval)

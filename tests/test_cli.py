@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+
 from conftest import ECHO_SERVER, PYTHON, ROOT, SCRIPTS, TAG_VARIABLE, _tagged_processes
 from helpers import FAULTY_SERVER, read_jsonl, run_stats, running, server_stats
 
@@ -54,8 +55,14 @@ def job_spec(tmp_path: Path, **inference: Any) -> dict[str, Any]:
         "input": {"path": str(SAMPLE)},
         "output": {"path": str(tmp_path / "out")},
         "rollout": {"template": TEMPLATE},
-        "inference": {"server_type": "custom", "model_name_or_path": "echo", "model_kwargs": model_kwargs,
-                      "max_concurrent_generations": 32, **FAST, **inference},
+        "inference": {
+            "server_type": "custom",
+            "model_name_or_path": "echo",
+            "model_kwargs": model_kwargs,
+            "max_concurrent_generations": 32,
+            **FAST,
+            **inference,
+        },
         "checkpoint": {"records_per_chunk": 20},
     }
 
@@ -68,25 +75,32 @@ def write_job(tmp_path: Path, spec: dict[str, Any], name: str = "job.yaml") -> P
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
     # built at call time: os.environ holds this test's INFERMILL_TEST_TAG (no_orphans)
-    return {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1",
-            "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime")}
+    return {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1", "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime")}
 
 
-def infermill(tmp_path: Path, *args: str, argv0: list[str] | None = None,
-              timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+def infermill(
+    tmp_path: Path, *args: str, argv0: list[str] | None = None, timeout: float = TIMEOUT
+) -> subprocess.CompletedProcess:
     argv = (argv0 or [PYTHON, "-m", "infermill"]) + list(args)
-    return subprocess.run(argv, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(argv, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
 
 
-def infermill_all(tmp_path: Path, commands: dict[str, list[str]], argv0: dict[str, list[str]] | None = None,
-                  timeout: float = TIMEOUT) -> dict[str, subprocess.CompletedProcess]:
+def infermill_all(
+    tmp_path: Path, commands: dict[str, list[str]], argv0: dict[str, list[str]] | None = None, timeout: float = TIMEOUT
+) -> dict[str, subprocess.CompletedProcess]:
     """Run several ``infermill`` commands side by side; their results by name."""
     argv0 = argv0 or {}
-    procs = {name: subprocess.Popen([*argv0.get(name, [PYTHON, "-m", "infermill"]), *args], cwd=tmp_path,
-                                    env=cli_env(tmp_path),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in commands.items()}
+    procs = {
+        name: subprocess.Popen(
+            [*argv0.get(name, [PYTHON, "-m", "infermill"]), *args],
+            cwd=tmp_path,
+            env=cli_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
     results = {}
     try:
         for name, proc in procs.items():
@@ -130,11 +144,15 @@ def _set(spec: dict[str, Any], dotted: str, value: Any) -> None:
 INVALID_KEYS = {
     "inference.max_concurent_generations": (8, ["inference.max_concurent_generations: unknown key"]),
     "output.pth": ("elsewhere", ["output.pth: unknown key"]),
-    "inference.max_concurrent_generations": ("many", ["inference.max_concurrent_generations:", "valid integer",
-                                                      "(got 'many')"]),
+    "inference.max_concurrent_generations": (
+        "many",
+        ["inference.max_concurrent_generations:", "valid integer", "(got 'many')"],
+    ),
     "input.limit": (-1, ["input.limit:", "greater than or equal to 1", "(got -1)"]),
-    "inference.server_type": ("tgi", ["inference.server_type: 'tgi' is not one of custom, vllm, sglang, endpoint, "
-                                      "dummy"]),
+    "inference.server_type": (
+        "tgi",
+        ["inference.server_type: 'tgi' is not one of custom, vllm, sglang, endpoint, dummy"],
+    ),
 }
 
 
@@ -166,16 +184,24 @@ def test_bad_files_and_bad_set_are_usage_errors(tmp_path):
     del no_rollout["rollout"]
     no_rollout = write_job(tmp_path, no_rollout, "no_rollout.yaml")
     cases = {
-        "missing rollout": (["run", str(no_rollout)], [f"{no_rollout}: invalid job file", "needs a rollout",
-                                                       "template, prompt_key, messages_key or function"]),
+        "missing rollout": (
+            ["run", str(no_rollout)],
+            [f"{no_rollout}: invalid job file", "needs a rollout", "template, prompt_key, messages_key or function"],
+        ),
         "invalid yaml": (["run", str(broken)], [str(broken), "not valid YAML", "line 1"]),
         "missing file": (["run", str(tmp_path / "nope.yaml")], ["cannot read job file", "nope.yaml"]),
-        "--set without =": (["run", str(job), "--set", "input.limit"],
-                            ["--set 'input.limit': expected dotted.key=value"]),
-        "--set unknown key": (["run", str(job), "--set", "inference.max_concurent_generations=4"],
-                              ["inference.max_concurent_generations: unknown key"]),
-        "--set wrong type": (["check", str(job), "--set", "input.limit=0"],
-                             ["input.limit:", "greater than or equal to 1"]),
+        "--set without =": (
+            ["run", str(job), "--set", "input.limit"],
+            ["--set 'input.limit': expected dotted.key=value"],
+        ),
+        "--set unknown key": (
+            ["run", str(job), "--set", "inference.max_concurent_generations=4"],
+            ["inference.max_concurent_generations: unknown key"],
+        ),
+        "--set wrong type": (
+            ["check", str(job), "--set", "input.limit=0"],
+            ["input.limit:", "greater than or equal to 1"],
+        ),
     }
     results = infermill_all(tmp_path, {case: argv for case, (argv, _) in cases.items()})
     problems = []
@@ -189,11 +215,15 @@ def test_bad_files_and_bad_set_are_usage_errors(tmp_path):
 
 def test_set_overrides_keys(tmp_path):
     """--set replaces the job file's values: 5 documents, at most 4 requests at a time."""
-    faulty = {"server_script": str(FAULTY_SERVER), "stats_file": str(tmp_path / "server_stats.json"),
-              "directives": "sleep:0.1"}
+    faulty = {
+        "server_script": str(FAULTY_SERVER),
+        "stats_file": str(tmp_path / "server_stats.json"),
+        "directives": "sleep:0.1",
+    }
     job = write_job(tmp_path, job_spec(tmp_path, model_kwargs=faulty))  # 32 at a time, all 60 documents
-    result = infermill(tmp_path, "run", str(job), "--set", "inference.max_concurrent_generations=4",
-                       "--set", "input.limit=5")
+    result = infermill(
+        tmp_path, "run", str(job), "--set", "inference.max_concurrent_generations=4", "--set", "input.limit=5"
+    )
     assert result.returncode == 0, output_of(result)
     stats = stats_of(tmp_path)
     assert stats["documents_processed"] == 5 and stats["documents_read"] == 5, stats
@@ -246,8 +276,10 @@ def test_a_finished_job_run_again_launches_no_server(tmp_path):
 def test_what_run_imports_before_launching_the_server_leaves_out_the_heavy_modules():
     # `infermill run` launches the server once the job file is valid, and imports the rest (HTTP
     # client, file systems, Arrow, the terminal UI) while the server boots
-    code = ("import sys, infermill.cli, infermill.journal, infermill.servers; "
-            "print(sorted(m for m in ('aiohttp', 'fsspec', 'pyarrow', 'rich', 'infermill.runner') if m in sys.modules))")
+    code = (
+        "import sys, infermill.cli, infermill.journal, infermill.servers; "
+        "print(sorted(m for m in ('aiohttp', 'fsspec', 'pyarrow', 'rich', 'infermill.runner') if m in sys.modules))"
+    )
     result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
@@ -260,8 +292,9 @@ def test_entry_point_works_like_python_dash_m(tmp_path):
     for name in argv0:
         (tmp_path / name).mkdir()
         jobs[name] = write_job(tmp_path / name, job_spec(tmp_path / name))
-    results = infermill_all(tmp_path, {name: ["run", str(job), "--set", "input.limit=7"]
-                                       for name, job in jobs.items()}, argv0)
+    results = infermill_all(
+        tmp_path, {name: ["run", str(job), "--set", "input.limit=7"] for name, job in jobs.items()}, argv0
+    )
     for name, result in results.items():
         assert result.returncode == 0, f"{name}: {output_of(result)}"
         assert summary_rows(result.stderr).get("documents processed") == "7", f"{name}: {output_of(result)}"
@@ -276,12 +309,24 @@ PROGRESS_LINE = re.compile(r"progress: [\d,]+/\d+ docs \| [\d,.]+ docs/s \| [\d,
 
 
 def test_non_tty_run_logs_periodic_progress(tmp_path):
-    counting = {"server_script": str(SCRIPTS / "counting_server.py"),
-                "count_file": str(tmp_path / "count.jsonl"), "delay": 0.05}
+    counting = {
+        "server_script": str(SCRIPTS / "counting_server.py"),
+        "count_file": str(tmp_path / "count.jsonl"),
+        "delay": 0.05,
+    }
     job = write_job(tmp_path, job_spec(tmp_path, model_kwargs=counting))
     # 30 documents, 2 at a time, 0.05 s each: about 0.75 s of requests, a line every 0.1 s
-    result = infermill(tmp_path, "run", str(job), "--set", "inference.metric_interval=0.1",
-                       "--set", "inference.max_concurrent_generations=2", "--set", "input.limit=30")
+    result = infermill(
+        tmp_path,
+        "run",
+        str(job),
+        "--set",
+        "inference.metric_interval=0.1",
+        "--set",
+        "inference.max_concurrent_generations=2",
+        "--set",
+        "input.limit=30",
+    )
     assert result.returncode == 0, output_of(result)
     lines = [line for line in result.stderr.splitlines() if PROGRESS_LINE.search(line)]
     assert len(lines) >= 2, f"expected periodic progress lines:\n{output_of(result)}"
@@ -323,8 +368,14 @@ def test_serve_until_sigint(tmp_path):
     job = write_job(tmp_path, job_spec(tmp_path))
     stderr_path = tmp_path / "serve.err"
     with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen([PYTHON, "-m", "infermill", "serve", str(job)], cwd=tmp_path, env=cli_env(tmp_path),
-                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "infermill", "serve", str(job)],
+            cwd=tmp_path,
+            env=cli_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     seen: list[str] = []
@@ -347,8 +398,9 @@ def test_serve_until_sigint(tmp_path):
             models = json.load(reply)
         assert [m["id"] for m in models["data"]] == ["echo"], models
         body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "hello serve"}]}).encode()
-        request = urllib.request.Request(f"{url}/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=5) as reply:
             completion = json.load(reply)
         assert completion["choices"][0]["message"]["content"] == "hello serve", completion
@@ -425,8 +477,9 @@ def test_status_of_a_folder_without_checkpoints(tmp_path):
     empty.mkdir()
     result = infermill(tmp_path, "status", str(empty))
     assert result.returncode == 2, output_of(result)
-    assert "no checkpoints in" in result.stderr and "is " + str(empty) + " the output folder of a job?" in \
-        result.stderr, output_of(result)
+    assert (
+        "no checkpoints in" in result.stderr and "is " + str(empty) + " the output folder of a job?" in result.stderr
+    ), output_of(result)
     assert "Traceback" not in result.stderr, output_of(result)
 
 

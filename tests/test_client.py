@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from helpers import wait_until_async
 
+from helpers import wait_until_async
 from infermill.client import OpenAIClient, parse_retry_after
 from infermill.errors import (
     AuthenticationError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from infermill.config import InferenceConfig, server_types
 from infermill.errors import ConfigError
 from infermill.servers import SERVER_CLASSES

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from conftest import PYTHON, SCRIPTS
 from helpers import read_jsonl, running, wait_until_async
-
 from infermill.config import InferenceConfig
 from infermill.errors import ConfigError, ServerError
 from infermill.servers.base import ServerState
@@ -89,10 +89,13 @@ async def start_failure(server: CustomServer, timeout: float = 30.0) -> tuple[Se
 # -- (a) readiness ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("line", [
-    "INFO:     Application startup complete.",
-    "INFO:     Uvicorn running on http://0.0.0.0:8000 (Press CTRL+C to quit)",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "INFO:     Application startup complete.",
+        "INFO:     Uvicorn running on http://0.0.0.0:8000 (Press CTRL+C to quit)",
+    ],
+)
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
 async def test_ready_log_line_makes_a_server_without_the_probed_path_ready(tmp_path, line, stream):
     # its GET /v1/models answers 404, so the probe alone never succeeds: the log line does it
@@ -119,8 +122,13 @@ async def test_a_ready_line_printed_before_the_port_listens_waits_for_the_port(t
 
 
 async def test_a_ready_line_from_a_server_that_never_listens_names_the_port(tmp_path):
-    config = custom_config(tmp_path, "say_server.py", {"say": "INFO:     Application startup complete."},
-                           server_ready_max_attempts=10, server_ready_delay_sec=0.3)
+    config = custom_config(
+        tmp_path,
+        "say_server.py",
+        {"say": "INFO:     Application startup complete."},
+        server_ready_max_attempts=10,
+        server_ready_delay_sec=0.3,
+    )
     error, _ = await start_failure(CustomServer(config))
     assert "printed a ready line, but 127.0.0.1:" in error.reason
     assert "refuses connections: does it listen there, on the --port it is given?" in error.reason
@@ -140,8 +148,11 @@ async def test_http_probe_alone_makes_a_silent_server_ready(tmp_path):
 async def test_process_exit_before_ready_ends_the_wait_at_once(tmp_path):
     said = ["loading weights from /models/x", "Error: /models/x/config.json not found"]
     config = custom_config(
-        tmp_path, "say_server.py", {"say": json.dumps(said), "exit": 3},
-        server_ready_max_attempts=300, server_ready_delay_sec=5,  # a 25-minute window
+        tmp_path,
+        "say_server.py",
+        {"say": json.dumps(said), "exit": 3},
+        server_ready_max_attempts=300,
+        server_ready_delay_sec=5,  # a 25-minute window
         server_start_max_retries=1,
     )
     error, elapsed = await start_failure(CustomServer(config))
@@ -155,8 +166,11 @@ async def test_process_exit_before_ready_ends_the_wait_at_once(tmp_path):
 async def test_never_ready_server_fails_within_the_configured_window(tmp_path):
     record = tmp_path / "record.jsonl"
     config = custom_config(
-        tmp_path, "say_server.py", {"say": "loading...", "record": str(record)},
-        server_ready_max_attempts=4, server_ready_delay_sec=0.25,
+        tmp_path,
+        "say_server.py",
+        {"say": "loading...", "record": str(record)},
+        server_ready_max_attempts=4,
+        server_ready_delay_sec=0.25,
     )
     server = CustomServer(config)
     started = time.monotonic()
@@ -175,8 +189,12 @@ async def test_never_ready_server_fails_within_the_configured_window(tmp_path):
 async def test_never_ready_server_is_retried_with_a_window_per_attempt(tmp_path):
     record = tmp_path / "record.jsonl"
     config = custom_config(
-        tmp_path, "say_server.py", {"say": "loading...", "record": str(record)},
-        server_ready_max_attempts=2, server_ready_delay_sec=0.25, server_start_max_retries=1,
+        tmp_path,
+        "say_server.py",
+        {"say": "loading...", "record": str(record)},
+        server_ready_max_attempts=2,
+        server_ready_delay_sec=0.25,
+        server_start_max_retries=1,
     )
     error, elapsed = await start_failure(CustomServer(config))
     assert 0.9 <= elapsed < 5, elapsed
@@ -281,7 +299,8 @@ async def test_fatal_line_after_ready_restarts_on_a_new_port_and_serves_again(tm
 async def test_user_fatal_pattern_is_fatal(tmp_path):
     record, trigger = tmp_path / "record.jsonl", tmp_path / "trigger"
     config = custom_config(
-        tmp_path, "fatal_after_ready_server.py",
+        tmp_path,
+        "fatal_after_ready_server.py",
         {"fatal": "engine core died unexpectedly", "record": str(record), "trigger": str(trigger)},
         server_fatal_patterns=[r"engine core died"],
     )
@@ -297,15 +316,24 @@ async def test_user_fatal_pattern_is_fatal(tmp_path):
 
 
 async def test_user_ready_pattern_makes_the_server_ready(tmp_path):
-    config = custom_config(tmp_path, "say_server.py", {"say": "model server is up", "serve": True, "no_models": True},
-                           server_ready_patterns=[r"server is up$"])
+    config = custom_config(
+        tmp_path,
+        "say_server.py",
+        {"say": "model server is up", "serve": True, "no_models": True},
+        server_ready_patterns=[r"server is up$"],
+    )
     async with CustomServer(config) as server:
         await asyncio.wait_for(server.wait_until_ready(), 5)
 
 
 async def test_line_without_a_ready_pattern_does_not_make_the_server_ready(tmp_path):
-    config = custom_config(tmp_path, "say_server.py", {"say": "model server is up"},
-                           server_ready_max_attempts=4, server_ready_delay_sec=0.2)
+    config = custom_config(
+        tmp_path,
+        "say_server.py",
+        {"say": "model server is up"},
+        server_ready_max_attempts=4,
+        server_ready_delay_sec=0.2,
+    )
     error, _ = await start_failure(CustomServer(config))
     assert "not ready after 0.8 s" in error.reason
 
@@ -384,8 +412,13 @@ async def test_cancelling_the_task_while_the_server_starts_stops_child_and_grand
 async def test_ctrl_c_in_the_program_using_the_server_stops_child_and_grandchild(tmp_path):
     record = tmp_path / "family.jsonl"
     driver = await asyncio.create_subprocess_exec(
-        PYTHON, str(SCRIPTS / "ctrl_c_driver.py"), str(SCRIPTS / "family_server.py"), str(record),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        PYTHON,
+        str(SCRIPTS / "ctrl_c_driver.py"),
+        str(SCRIPTS / "family_server.py"),
+        str(record),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         output = b""
@@ -520,8 +553,9 @@ async def test_config_is_not_mutated_and_two_servers_from_one_config_both_start(
         await asyncio.wait_for(asyncio.gather(first.wait_until_ready(), second.wait_until_ready()), 10)
         assert first.port != second.port
         argv_by_port = {r["port"]: r["argv"][2:] for r in records(record)}
-        assert argv_by_port == {port: ["--port", str(port), f"--record={record}", *FLAGS]
-                                for port in (first.port, second.port)}
+        assert argv_by_port == {
+            port: ["--port", str(port), f"--record={record}", *FLAGS] for port in (first.port, second.port)
+        }
         for server in (first, second):
             assert (await server.make_request(CHAT))["choices"][0]["message"]["content"] == "hello there"
         procs = processes(record)
@@ -533,13 +567,21 @@ async def test_server_module_runs_python_dash_m_with_server_env(tmp_path):
     record = tmp_path / "record.jsonl"
     # the module is only importable through the PYTHONPATH that server_env sets
     env = {"PYTHONPATH": str(SCRIPTS), "INFERMILL_TEST_MARK": "from server_env"}
-    config = custom_config(tmp_path, model_kwargs={"server_module": "recording_server", "server_env": env,
-                                                   "record": str(record)})
+    config = custom_config(
+        tmp_path, model_kwargs={"server_module": "recording_server", "server_env": env, "record": str(record)}
+    )
     async with CustomServer(config) as server:
         await asyncio.wait_for(server.wait_until_ready(), 5)
         [facts] = records(record)
         procs = processes(record)
-    assert facts["argv"] == [sys.executable, "-m", "recording_server", "--port", str(facts["port"]), f"--record={record}"]
+    assert facts["argv"] == [
+        sys.executable,
+        "-m",
+        "recording_server",
+        "--port",
+        str(facts["port"]),
+        f"--record={record}",
+    ]
     assert facts["mark"] == "from server_env"
     assert "INFERMILL_TEST_MARK" not in os.environ
     assert not any(running(p) for p in procs)
@@ -548,8 +590,10 @@ async def test_server_module_runs_python_dash_m_with_server_env(tmp_path):
 async def test_server_command_runs_the_argv_list_then_port_and_flags(tmp_path):
     record = tmp_path / "record.jsonl"
     command = [sys.executable, str(SCRIPTS / "recording_server.py"), "--from-command"]
-    config = custom_config(tmp_path, model_kwargs={"server_command": command, "record": str(record),
-                                                   "server_env": {"INFERMILL_TEST_MARK": 42}})
+    config = custom_config(
+        tmp_path,
+        model_kwargs={"server_command": command, "record": str(record), "server_env": {"INFERMILL_TEST_MARK": 42}},
+    )
     async with CustomServer(config) as server:
         await asyncio.wait_for(server.wait_until_ready(), 5)
         [facts] = records(record)
@@ -572,13 +616,16 @@ async def test_missing_script_raises_config_error_before_anything_is_launched(tm
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("model_kwargs", [
-    None,
-    {},
-    {"max_model_len": 4096},
-    {"server_env": {"A": "1"}},
-    {"server_script": "a.py", "server_module": "b"},
-])
+@pytest.mark.parametrize(
+    "model_kwargs",
+    [
+        None,
+        {},
+        {"max_model_len": 4096},
+        {"server_env": {"A": "1"}},
+        {"server_script": "a.py", "server_module": "b"},
+    ],
+)
 def test_config_needs_exactly_one_launch_key(model_kwargs):
     with pytest.raises(ValueError, match="server_script"):
         InferenceConfig(server_type="custom", model_name_or_path="m", model_kwargs=model_kwargs)

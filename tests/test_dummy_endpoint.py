@@ -8,15 +8,15 @@ import functools
 import time
 from collections.abc import AsyncIterator
 
-import helpers
 import pytest
 from aiohttp import web
 
+import helpers
 from infermill.client import OpenAIClient
 from infermill.config import InferenceConfig
+from infermill.echo_app import build_echo_app, json_response
 from infermill.errors import BadRequestError, ServerConnectionError, ServerError
 from infermill.servers import DummyServer, EndpointServer, ServerState, create_server, find_free_port
-from infermill.echo_app import build_echo_app, json_response
 
 MODEL = "test-model"
 CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say this back"}]}

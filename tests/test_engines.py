@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import SCRIPTS
 from helpers import wait_until_async
-
 from infermill.client import OpenAIClient
 from infermill.config import InferenceConfig
 from infermill.errors import AuthenticationError, ConfigError, ServerError
-from infermill.servers import SGLangServer, ServerState, VLLMServer, create_server
+from infermill.servers import ServerState, SGLangServer, VLLMServer, create_server
 
 FAKES = {"vllm": SCRIPTS / "fake_vllm.py", "sglang": SCRIPTS / "fake_sglang.py"}
 MODEL = "org/tiny-model"
@@ -138,7 +138,9 @@ def test_server_command_replaces_the_launcher_and_server_env_goes_to_the_environ
 
 
 @pytest.mark.parametrize("server_class", [VLLMServer, SGLangServer])
-@pytest.mark.parametrize("bad", [{"server_command": "vllm serve"}, {"server_command": ["x", 1]}, {"server_env": ["A=1"]}])
+@pytest.mark.parametrize(
+    "bad", [{"server_command": "vllm serve"}, {"server_command": ["x", 1]}, {"server_env": ["A=1"]}]
+)
 def test_malformed_launch_kwargs_fail_when_the_config_is_made_naming_the_key(server_class, bad):
     with pytest.raises(ConfigError, match=f"model_kwargs.{next(iter(bad))}"):
         InferenceConfig(server_type=server_class.__name__[:-6].lower(), model_name_or_path=MODEL, model_kwargs=bad)
@@ -146,8 +148,9 @@ def test_malformed_launch_kwargs_fail_when_the_config_is_made_naming_the_key(ser
 
 @pytest.mark.parametrize("key", ["server_script", "server_module"])
 def test_a_launch_key_an_engine_does_not_take_is_an_error_not_a_flag(key):
-    with pytest.raises(ConfigError, match=f"model_kwargs.{key}: server_type 'vllm' accepts only server_command, "
-                                          "server_env; remove it"):
+    with pytest.raises(
+        ConfigError, match=f"model_kwargs.{key}: server_type 'vllm' accepts only server_command, server_env; remove it"
+    ):
         InferenceConfig(server_type="vllm", model_name_or_path=MODEL, model_kwargs={key: "x"})
 
 

@@ -6,8 +6,8 @@ import contextlib
 import gc
 
 import pytest
-from helpers import dummy_config
 
+from helpers import dummy_config
 from infermill import Document
 from infermill.eventloop import GC_THRESHOLD, fewer_gc_passes
 from infermill.io.writers import JsonlWriter

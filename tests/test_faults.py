@@ -26,10 +26,10 @@ import threading
 import time
 
 import pytest
+
 from conftest import PYTHON
 from faultjob import FaultJob, wait_for
 from helpers import FAULTY_SERVER, wait_until_async
-
 from infermill.config import InferenceConfig
 from infermill.errors import ServerError
 from infermill.servers.base import InferenceServer, ServerState, find_free_port
@@ -56,13 +56,17 @@ RESTARTS = {
     # one document's first request makes the server print a CUDA error and never answer
     "fatal line after ready": dict(directive=lambda i: "fatal:1:f" if i == 15 else ""),
     # each server process answers 25 requests, then none: the stall watchdog restarts it
-    "hangs (stall watchdog)": dict(server={"stats_file": None, "hang_after": 25},
-                                   inference={"server_stall_timeout_sec": 0.5, "request_timeout": 30}),
+    "hangs (stall watchdog)": dict(
+        server={"stats_file": None, "hang_after": 25},
+        inference={"server_stall_timeout_sec": 0.5, "request_timeout": 30},
+    ),
     # the same, one request at a time, and it times out (and is retried) before the watchdog fires:
     # the timeouts must not reset the watchdog's clock, or it never fires and the job fails
-    "hangs, its requests timing out": dict(server={"stats_file": None, "hang_after": 25}, conc=1,
-                                           inference={"server_stall_timeout_sec": 1.0, "request_timeout": 0.3,
-                                                      "request_max_attempts": 12}),
+    "hangs, its requests timing out": dict(
+        server={"stats_file": None, "hang_after": 25},
+        conc=1,
+        inference={"server_stall_timeout_sec": 1.0, "request_timeout": 0.3, "request_max_attempts": 12},
+    ),
 }
 
 
@@ -70,8 +74,14 @@ RESTARTS = {
 def test_a_failed_server_is_restarted_on_a_fresh_port_and_the_job_completes_exactly_once(tmp_path, scenario):
     spec = RESTARTS[scenario]
     inference = {"request_max_attempts": 1, **spec.get("inference", {})}
-    job = FaultJob(tmp_path, docs=40, conc=spec.get("conc", 4), directive=spec.get("directive"),
-                   server=spec.get("server"), inference=inference)
+    job = FaultJob(
+        tmp_path,
+        docs=40,
+        conc=spec.get("conc", 4),
+        directive=spec.get("directive"),
+        server=spec.get("server"),
+        inference=inference,
+    )
     started = time.monotonic()
     job.run_ok()
     elapsed = time.monotonic() - started
@@ -94,16 +104,25 @@ def test_a_server_sigkilled_at_random_moments_is_restarted_and_no_request_is_los
     """A thread SIGKILLs the server's whole process group twice, at random points of the run."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    job = FaultJob(tmp_path, docs=200, conc=4, server={"directives": "sleep:0.02"},
-                   inference={"request_max_attempts": 1})
+    job = FaultJob(
+        tmp_path, docs=200, conc=4, server={"directives": "sleep:0.02"}, inference={"request_max_attempts": 1}
+    )
     kill_at = [rng.randint(10, 60), rng.randint(100, 140)]  # requests received (counted across restarts)
     killed: list[int] = []
     proc = job.start()
 
     def killer() -> None:
         for threshold in kill_at:
-            wait_for(lambda: job.stats_file.exists() and job.server_stats()["requests"] >= threshold
-                     and job.server_stats()["pid"] not in killed, f"request {threshold}", proc, interval=0.01)
+            wait_for(
+                lambda: (
+                    job.stats_file.exists()
+                    and job.server_stats()["requests"] >= threshold
+                    and job.server_stats()["pid"] not in killed
+                ),
+                f"request {threshold}",
+                proc,
+                interval=0.01,
+            )
             pid = job.server_stats()["pid"]
             os.killpg(pid, signal.SIGKILL)  # the server's whole process group (it leads it)
             killed.append(pid)
@@ -133,16 +152,32 @@ LAST_WORDS = "(EngineCore_0 pid=4242) ERROR 11-27 03:00:00 [core.py:714] EngineC
 
 BUDGET = {
     # --kill-after counts across restarts (--stats-file): every restarted server exits at once
-    "exits": dict(server={"kill_after": 20, "last_words": LAST_WORDS}, fix={"kill_after": None}, restarts=2,
-                  cause="the server process exited with code 17", tail=LAST_WORDS, resume=True),
-    "hangs": dict(server={"hang_after": 20}, fix={"hang_after": None}, restarts=1,
-                  inference={"server_stall_timeout_sec": 0.4, "request_timeout": 30},
-                  cause="the server stalled: 4 requests outstanding and none completed for 0.4 s",
-                  tail="Application startup complete.", resume=True),
+    "exits": dict(
+        server={"kill_after": 20, "last_words": LAST_WORDS},
+        fix={"kill_after": None},
+        restarts=2,
+        cause="the server process exited with code 17",
+        tail=LAST_WORDS,
+        resume=True,
+    ),
+    "hangs": dict(
+        server={"hang_after": 20},
+        fix={"hang_after": None},
+        restarts=1,
+        inference={"server_stall_timeout_sec": 0.4, "request_timeout": 30},
+        cause="the server stalled: 4 requests outstanding and none completed for 0.4 s",
+        tail="Application startup complete.",
+        resume=True,
+    ),
     # (the resume is the same as in the two cases above: not run again, to keep the suite fast)
-    "fatal line": dict(server={"directives": "fatal"}, fix={"directives": None}, restarts=1,
-                       cause="fatal line in the server's output: 'torch.OutOfMemoryError: CUDA out of memory.",
-                       tail="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", resume=False),
+    "fatal line": dict(
+        server={"directives": "fatal"},
+        fix={"directives": None},
+        restarts=1,
+        cause="fatal line in the server's output: 'torch.OutOfMemoryError: CUDA out of memory.",
+        tail="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        resume=False,
+    ),
 }
 
 
@@ -150,8 +185,13 @@ BUDGET = {
 def test_when_the_restart_budget_is_spent_the_job_fails_naming_the_cause_then_resumes(tmp_path, scenario):
     spec = BUDGET[scenario]
     budget = spec["restarts"]
-    job = FaultJob(tmp_path, docs=60, conc=4, server=spec["server"],
-                   inference={"server_max_restarts": budget, **spec.get("inference", {})})
+    job = FaultJob(
+        tmp_path,
+        docs=60,
+        conc=4,
+        server=spec["server"],
+        inference={"server_max_restarts": budget, **spec.get("inference", {})},
+    )
     output = job.run_failing()
 
     assert spec["cause"] in output, output[-3000:]
@@ -167,8 +207,12 @@ def test_when_the_restart_budget_is_spent_the_job_fails_naming_the_cause_then_re
     if not spec["resume"]:
         return
 
-    job.run_ok(*[f"--set=inference.model_kwargs.{key}={'null' if value is None else value}"
-                 for key, value in spec["fix"].items()])
+    job.run_ok(
+        *[
+            f"--set=inference.model_kwargs.{key}={'null' if value is None else value}"
+            for key, value in spec["fix"].items()
+        ]
+    )
     job.check_exactly_once()
     second = job.stats()
     assert second["documents_resumed"] == committed
@@ -181,8 +225,17 @@ def test_when_the_restart_budget_is_spent_the_job_fails_naming_the_cause_then_re
 
 def mixed_fault(i: int) -> str:
     """One fault per document, each only on its first request (KEY = the document)."""
-    faults = [f"fail500:1:m{i}", f"fail503:1:m{i}", f"rate429:1:0.05:m{i}", f"drop:1:m{i}", f"truncated:1:m{i}",
-              f"malformed:1:m{i}", f"empty:1:m{i}", "sleep:0.02", ""]
+    faults = [
+        f"fail500:1:m{i}",
+        f"fail503:1:m{i}",
+        f"rate429:1:0.05:m{i}",
+        f"drop:1:m{i}",
+        f"truncated:1:m{i}",
+        f"malformed:1:m{i}",
+        f"empty:1:m{i}",
+        "sleep:0.02",
+        "",
+    ]
     return faults[i % len(faults)]
 
 
@@ -191,19 +244,32 @@ REQUEST_FAULTS = {
     "500 storm": dict(server={"directives": "fail500:30"}, inference={"request_max_attempts": 12}, retried=30),
     # the first request of most documents fails, each in its own way: HTTP 500, 503, 429 (Retry-After 0.05 s),
     # connection reset, truncated body, malformed JSON, a reply without choices
-    "every kind at once": dict(directive=mixed_fault, retried=sum(1 for i in range(60) if ":1:" in mixed_fault(i)),
-                               outcomes={"500", "503", "429", "drop", "truncated", "malformed", "empty"}),
+    "every kind at once": dict(
+        directive=mixed_fault,
+        retried=sum(1 for i in range(60) if ":1:" in mixed_fault(i)),
+        outcomes={"500", "503", "429", "drop", "truncated", "malformed", "empty"},
+    ),
     # slow answers: 0.05 s each, and six documents' first request takes 30 s, past request_timeout
-    "slow answers": dict(server={"directives": "sleep:0.05"}, inference={"request_timeout": 1.0},
-                         directive=lambda i: f"sleep:30:1:s{i}" if i % 10 == 3 else "", retried=6),
+    "slow answers": dict(
+        server={"directives": "sleep:0.05"},
+        inference={"request_timeout": 1.0},
+        directive=lambda i: f"sleep:30:1:s{i}" if i % 10 == 3 else "",
+        retried=6,
+    ),
 }
 
 
 @pytest.mark.parametrize("scenario", list(REQUEST_FAULTS))
 def test_failed_requests_are_retried_and_every_document_is_written_once(tmp_path, scenario):
     spec = REQUEST_FAULTS[scenario]
-    job = FaultJob(tmp_path, docs=60, conc=6, directive=spec.get("directive"), server=spec.get("server"),
-                   inference=spec.get("inference"))
+    job = FaultJob(
+        tmp_path,
+        docs=60,
+        conc=6,
+        directive=spec.get("directive"),
+        server=spec.get("server"),
+        inference=spec.get("inference"),
+    )
     job.run_ok()
 
     job.check_exactly_once()
@@ -220,8 +286,13 @@ def test_failed_requests_are_retried_and_every_document_is_written_once(tmp_path
 def test_429_retry_after_is_waited_instead_of_the_backoff(tmp_path):
     # six documents get 429 asking for 0.2 s, twice; the configured backoff is 0.01-0.1 s
     limited = [i for i in range(30) if i % 5 == 0]
-    job = FaultJob(tmp_path, docs=30, conc=4, directive=lambda i: f"rate429:2:0.2:r{i}" if i in limited else "",
-                   inference={"request_max_attempts": 3})
+    job = FaultJob(
+        tmp_path,
+        docs=30,
+        conc=4,
+        directive=lambda i: f"rate429:2:0.2:r{i}" if i in limited else "",
+        inference={"request_max_attempts": 3},
+    )
     job.run_ok()
 
     job.check_exactly_once()
@@ -236,19 +307,24 @@ def test_429_retry_after_is_waited_instead_of_the_backoff(tmp_path):
 
 GIVE_UP = {
     # after 30 answers the server hangs for good; no stall watchdog: request_timeout ends each try
-    "hangs": dict(server={"hang_after": 30}, fix="hang_after", inference={"request_timeout": 0.3},
-                  message="no reply within the request timeout (gave up after 2 attempts)", resume=True),
+    "hangs": dict(
+        server={"hang_after": 30},
+        fix="hang_after",
+        inference={"request_timeout": 0.3},
+        message="no reply within the request timeout (gave up after 2 attempts)",
+        resume=True,
+    ),
     # after 30 answers every request gets HTTP 500 (the resume is the same as above: not run again)
-    "500 storm": dict(server={"fail_after": 30}, fix="fail_after", inference={},
-                      message="HTTP 500", resume=False),
+    "500 storm": dict(server={"fail_after": 30}, fix="fail_after", inference={}, message="HTTP 500", resume=False),
 }
 
 
 @pytest.mark.parametrize("scenario", list(GIVE_UP))
 def test_a_request_out_of_attempts_fails_the_job_naming_the_document_then_resumes(tmp_path, scenario):
     spec = GIVE_UP[scenario]
-    job = FaultJob(tmp_path, docs=60, conc=4, server=spec["server"],
-                   inference={"request_max_attempts": 2, **spec["inference"]})
+    job = FaultJob(
+        tmp_path, docs=60, conc=4, server=spec["server"], inference={"request_max_attempts": 2, **spec["inference"]}
+    )
     started = time.monotonic()
     output = job.run_failing()
     assert time.monotonic() - started < 15
@@ -273,8 +349,9 @@ def test_a_request_out_of_attempts_fails_the_job_naming_the_document_then_resume
 def test_the_custom_server_gets_no_host_flag_unless_model_kwargs_has_one():
     # (vLLM and SGLang always get --host 127.0.0.1: tests/test_engines.py)
     def argv(**kwargs) -> list[str]:
-        config = InferenceConfig(server_type="custom", model_name_or_path="m",
-                                 model_kwargs={"server_script": str(FAULTY_SERVER), **kwargs})
+        config = InferenceConfig(
+            server_type="custom", model_name_or_path="m", model_kwargs={"server_script": str(FAULTY_SERVER), **kwargs}
+        )
         return CustomServer(config).build_command(8123)
 
     plain = argv()
@@ -282,8 +359,14 @@ def test_the_custom_server_gets_no_host_flag_unless_model_kwargs_has_one():
     assert plain[-2:] == ["--port", "8123"]
     assert "--host=0.0.0.0" in argv(host="0.0.0.0")
     # infermill itself always talks to 127.0.0.1
-    assert CustomServer(InferenceConfig(server_type="custom", model_name_or_path="m",
-                                        model_kwargs={"server_script": str(FAULTY_SERVER)})).host == "127.0.0.1"
+    assert (
+        CustomServer(
+            InferenceConfig(
+                server_type="custom", model_name_or_path="m", model_kwargs={"server_script": str(FAULTY_SERVER)}
+            )
+        ).host
+        == "127.0.0.1"
+    )
 
 
 SECRET = "sk-infermill-TOP-SECRET-0123456789abcdef"
@@ -296,18 +379,26 @@ def test_api_keys_never_appear_in_logs_errors_stats_or_outputs(tmp_path, source)
     # an endpoint whose error replies quote the request's Authorization header
     endpoint = subprocess.Popen(
         [PYTHON, str(FAULTY_SERVER), "--port", str(port), "--stats-file", str(stats_file), "--echo-auth"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        inference = {"server_type": "endpoint", "endpoint_url": f"http://127.0.0.1:{port}/v1", "model_kwargs": None,
-                     "server_log_folder": None, "request_max_attempts": 3}
+        inference = {
+            "server_type": "endpoint",
+            "endpoint_url": f"http://127.0.0.1:{port}/v1",
+            "model_kwargs": None,
+            "server_log_folder": None,
+            "request_max_attempts": 3,
+        }
         if source == "job file":
             inference["api_key"] = SECRET
 
         def directive(i: int) -> str:
             return {3: "fail400:1:b3", 7: "rate429:1:0:r7", 9: "fail503:1:u9", 40: "fail500:99:doomed"}.get(i, "")
 
-        job = FaultJob(tmp_path, docs=60, conc=2, directive=directive, inference=inference,
-                       runner={"skip_bad_requests": True})
+        job = FaultJob(
+            tmp_path, docs=60, conc=2, directive=directive, inference=inference, runner={"skip_bad_requests": True}
+        )
         for name in ("INFERMILL_API_KEY", "OPENAI_API_KEY"):
             job.env.pop(name, None)
         if source != "job file":
@@ -358,8 +449,9 @@ async def test_restarts_back_off_exponentially_and_stop_at_the_budget():
             self.failures.append(asyncio.get_running_loop().time())
             return "it died"
 
-    config = InferenceConfig(server_type="dummy", model_name_or_path="m", server_max_restarts=3,
-                             server_restart_backoff_sec=0.1)
+    config = InferenceConfig(
+        server_type="dummy", model_name_or_path="m", server_max_restarts=3, server_restart_backoff_sec=0.1
+    )
     server = DiesAtOnce(config)
     async with server:
         await wait_until_async(lambda: server.state is ServerState.FAILED, 10, "the restart budget to be spent")
@@ -368,4 +460,4 @@ async def test_restarts_back_off_exponentially_and_stop_at_the_budget():
     assert server.restarts == 3 and len(server.starts) == 4  # the first start and three restarts
     gaps = [start - failure for failure, start in zip(server.failures, server.starts[1:])]
     for k, gap in enumerate(gaps):
-        assert 0.1 * 2 ** k <= gap < 0.1 * 2 ** k + 0.25, gaps  # 0.1 s, 0.2 s, 0.4 s
+        assert 0.1 * 2**k <= gap < 0.1 * 2**k + 0.25, gaps  # 0.1 s, 0.2 s, 0.4 s

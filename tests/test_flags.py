@@ -33,12 +33,14 @@ def test_zero_and_empty_string_are_values_not_booleans():
 
 
 def test_lists_tuples_and_dicts_are_json_not_python_repr():
-    flags = kwargs_to_flags({
-        "limit_mm_per_prompt": {"image": 2, "video": 0},
-        "served_model_name": ["a", "b"],
-        "cuda_graph_sizes": (1, 2),
-        "hf_overrides": {"rope_scaling": {"type": "yarn", "factor": 4.0}, "flag": True, "none": None},
-    })
+    flags = kwargs_to_flags(
+        {
+            "limit_mm_per_prompt": {"image": 2, "video": 0},
+            "served_model_name": ["a", "b"],
+            "cuda_graph_sizes": (1, 2),
+            "hf_overrides": {"rope_scaling": {"type": "yarn", "factor": 4.0}, "flag": True, "none": None},
+        }
+    )
     assert flags[0] == '--limit-mm-per-prompt={"image":2,"video":0}'
     assert flags[1] == '--served-model-name=["a","b"]'
     assert flags[2] == "--cuda-graph-sizes=[1,2]"
@@ -49,7 +51,10 @@ def test_lists_tuples_and_dicts_are_json_not_python_repr():
 
 
 def test_underscores_become_dashes_and_dashed_keys_are_kept():
-    assert kwargs_to_flags({"max_model_len": 5, "kv-cache-dtype": "fp8"}) == ["--max-model-len=5", "--kv-cache-dtype=fp8"]
+    assert kwargs_to_flags({"max_model_len": 5, "kv-cache-dtype": "fp8"}) == [
+        "--max-model-len=5",
+        "--kv-cache-dtype=fp8",
+    ]
 
 
 def test_order_of_the_kwargs_is_kept():

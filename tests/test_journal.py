@@ -6,8 +6,8 @@ import asyncio
 
 import orjson
 import pytest
-from helpers import read_jsonl
 
+from helpers import read_jsonl
 from infermill.io.writers import JsonlWriter
 from infermill.journal import ChunkJournal, request_key
 from infermill.layout import JobLayout
@@ -66,8 +66,10 @@ def test_outside_an_event_loop_every_line_is_written_at_once(tmp_path):
     journal = open_journal(tmp_path)
     journal.store_reply(0, ("doc-0", 0, b"{}", 0), {"choices": []})
     journal.commit(1, b'{"id":"doc-1"}')
-    assert log_lines(tmp_path) == [{"k": request_key(("doc-0", 0, b"{}", 0)), "v": {"choices": []}},
-                                   {"i": 1, "r": {"id": "doc-1"}}]
+    assert log_lines(tmp_path) == [
+        {"k": request_key(("doc-0", 0, b"{}", 0)), "v": {"choices": []}},
+        {"i": 1, "r": {"id": "doc-1"}},
+    ]
     journal.close()
 
 
@@ -117,5 +119,9 @@ async def test_the_summary_counts_each_document_once_and_ignores_a_torn_last_lin
     log = journal.layout.chunk_log(0, 1)
     log.write_bytes(log.read_bytes() + b'{"i":6,"r":{"id"')  # a kill mid-write
     summary = ChunkJournal.summary(journal.layout, 0)
-    assert (summary.complete, summary.chunks_done, summary.documents_in_open_chunks, summary.cached_replies) == \
-        (False, 1, 1, 1)
+    assert (summary.complete, summary.chunks_done, summary.documents_in_open_chunks, summary.cached_replies) == (
+        False,
+        1,
+        1,
+        1,
+    )

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from conftest import PYTHON, SCRIPTS
 from helpers import running, wait_until_async
-
 from infermill.servers.process import MAX_LINE_CHARS, TAIL_LINES, ManagedProcess, group_alive
 
 pytestmark = pytest.mark.usefixtures("no_orphans")
@@ -193,8 +193,13 @@ async def test_spawn_of_a_missing_program_raises_oserror(tmp_path):
 
 async def drive(mode: str, *child_argv: str) -> tuple[asyncio.subprocess.Process, int]:
     driver = await asyncio.create_subprocess_exec(
-        PYTHON, str(SCRIPTS / "process_driver.py"), mode, *child_argv,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+        PYTHON,
+        str(SCRIPTS / "process_driver.py"),
+        mode,
+        *child_argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
     )
     line = await asyncio.wait_for(driver.stdout.readline(), 15)
     assert line.startswith(b"child "), line

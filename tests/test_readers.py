@@ -51,8 +51,9 @@ def test_jsonl_plain_and_compressed(tmp_path, name):
 
 
 def test_parquet(tmp_path):
-    pq.write_table(pa.Table.from_pylist([{**r, "id": i} for i, r in enumerate(ROWS)]), tmp_path / "data.parquet",
-                   row_group_size=2)
+    pq.write_table(
+        pa.Table.from_pylist([{**r, "id": i} for i, r in enumerate(ROWS)]), tmp_path / "data.parquet", row_group_size=2
+    )
     read = docs(DocumentReader(str(tmp_path / "data.parquet")))
     assert [d.id for d in read] == ["0", "1", "2", "3", "4"]  # ids are strings whatever their type
     assert [d.text for d in read] == [r["text"] for r in ROWS]
@@ -61,11 +62,13 @@ def test_parquet(tmp_path):
 
 @pytest.mark.parametrize("name", ["data.csv.gz", "data.csv.zst"])
 def test_compressed_csv(tmp_path, name):
-    data = b"text,id\nhello,1\n\"multi\nline\",2\n"
+    data = b'text,id\nhello,1\n"multi\nline",2\n'
     data = gzip.compress(data) if name.endswith(".gz") else zstandard.ZstdCompressor().compress(data)
     (tmp_path / name).write_bytes(data)
-    assert [(d.id, d.text) for d in docs(DocumentReader(str(tmp_path / name)))] == [("1", "hello"),
-                                                                                    ("2", "multi\nline")]
+    assert [(d.id, d.text) for d in docs(DocumentReader(str(tmp_path / name)))] == [
+        ("1", "hello"),
+        ("2", "multi\nline"),
+    ]
 
 
 def test_csv(tmp_path):
@@ -82,17 +85,20 @@ def test_csv(tmp_path):
 def test_saved_hugging_face_dataset(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"id": ["a", "b", "c"], "text": ["x", "y", "z"], "n": [1, 2, 3]}).save_to_disk(
-        str(tmp_path / "ds"))
+        str(tmp_path / "ds")
+    )
     for fmt in ("auto", "hf"):
         read = docs(DocumentReader(str(tmp_path / "ds"), format=fmt))
-        assert [(d.id, d.text, d.metadata) for d in read] == [("a", "x", {"n": 1}), ("b", "y", {"n": 2}),
-                                                             ("c", "z", {"n": 3})]
+        assert [(d.id, d.text, d.metadata) for d in read] == [
+            ("a", "x", {"n": 1}),
+            ("b", "y", {"n": 2}),
+            ("c", "z", {"n": 3}),
+        ]
 
 
 def test_saved_hugging_face_dataset_in_shards_without_ids(tmp_path):
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_dict({"prompt": [f"p{i}" for i in range(7)]}).save_to_disk(str(tmp_path / "ds"),
-                                                                                    num_shards=3)
+    datasets.Dataset.from_dict({"prompt": [f"p{i}" for i in range(7)]}).save_to_disk(str(tmp_path / "ds"), num_shards=3)
     assert len(list((tmp_path / "ds").glob("*.arrow"))) == 3
     read = docs(DocumentReader(str(tmp_path / "ds"), text_key="prompt"))
     assert [d.text for d in read] == [f"p{i}" for i in range(7)]
@@ -105,8 +111,9 @@ def test_saved_hugging_face_dataset_in_shards_without_ids(tmp_path):
 @pytest.mark.parametrize("fmt", ["auto", "hf"])
 def test_a_dataset_dict_folder_is_refused_naming_its_splits(tmp_path, fmt):
     datasets = pytest.importorskip("datasets")
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]}),
-                          "test": datasets.Dataset.from_dict({"text": ["b"]})}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": ["a"]}), "test": datasets.Dataset.from_dict({"text": ["b"]})}
+    ).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(InfermillError) as raised:
         docs(DocumentReader(str(tmp_path / "dd"), format=fmt))
     message = str(raised.value)
@@ -116,13 +123,21 @@ def test_a_dataset_dict_folder_is_refused_naming_its_splits(tmp_path, fmt):
 
 
 def test_openai_batch_input(tmp_path):
-    lines = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": "m", "messages": [{"role": "user", "content": f"hi {i}"}]}} for i in range(3)]
+    lines = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": f"hi {i}"}]},
+        }
+        for i in range(3)
+    ]
     write_jsonl(tmp_path / "batch.jsonl", lines)
     read = docs(DocumentReader(str(tmp_path / "batch.jsonl"), format="openai_batch"))
     assert [d.id for d in read] == ["req-0", "req-1", "req-2"]
-    assert read[1].metadata == {"openai_batch": {"method": "POST", "url": "/v1/chat/completions",
-                                                 "body": lines[1]["body"]}}
+    assert read[1].metadata == {
+        "openai_batch": {"method": "POST", "url": "/v1/chat/completions", "body": lines[1]["body"]}
+    }
 
 
 def test_openai_batch_line_without_body_is_a_bad_record(tmp_path):
@@ -169,8 +184,11 @@ def test_globs_and_lists_of_paths(tmp_path):
     # unless the pattern names them
     assert [d.text for d in docs(DocumentReader(str(root / "_infermill" / "*.jsonl")))] == ["infermill's own"]
     assert [d.text for d in docs(DocumentReader(str(root / ".hid*.jsonl")))] == ["hidden"]
-    assert [d.text for d in docs(DocumentReader([str(root / "c.parquet"), str(root / "a.jsonl")]))] == \
-        ["c1", "a1", "a2"]
+    assert [d.text for d in docs(DocumentReader([str(root / "c.parquet"), str(root / "a.jsonl")]))] == [
+        "c1",
+        "a1",
+        "a2",
+    ]
 
 
 def test_memory_urls():
@@ -220,7 +238,7 @@ def test_limit_caps_the_number_of_documents(tmp_path):
 
 # -- bad records ----------------------------------------------------------------------------
 
-BAD = ['{"text": "ok"}', '{"text": "broken', '{"id": 3}', '{"text": 42}', '[1, 2]', '{"text": "ok too"}']
+BAD = ['{"text": "ok"}', '{"text": "broken', '{"id": 3}', '{"text": 42}', "[1, 2]", '{"text": "ok too"}']
 
 
 def test_bad_records_raise_naming_file_and_line(tmp_path):
@@ -237,8 +255,14 @@ def test_bad_records_raise_naming_file_and_line(tmp_path):
 def test_skipped_bad_records_are_passed_on_with_their_reason(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(BAD) + "\n")
     read = docs(DocumentReader(str(tmp_path / "d.jsonl"), on_bad_record="skip"))
-    assert [type(item).__name__ for item in read] == ["Document", "BadRecord", "BadRecord", "BadRecord", "BadRecord",
-                                                      "Document"]
+    assert [type(item).__name__ for item in read] == [
+        "Document",
+        "BadRecord",
+        "BadRecord",
+        "BadRecord",
+        "BadRecord",
+        "Document",
+    ]
     bad = [item for item in read if isinstance(item, BadRecord)]
     assert [b.id for b in bad] == ["d.jsonl:2", "d.jsonl:3", "d.jsonl:4", "d.jsonl:5"]
     reasons = [b.error.reason for b in bad]
@@ -274,8 +298,20 @@ def _files(tmp_path: Path, sizes: list[int]) -> list[str]:
     return all_ids
 
 
-@pytest.mark.parametrize("sizes,world_size", [([7, 5, 9], 1), ([7, 5, 9], 2), ([7, 5, 9], 3), ([7, 5, 9], 5),
-                                              ([7, 5, 9], 8), ([23], 3), ([23], 2), ([2], 4), ([0, 4, 3], 2)])
+@pytest.mark.parametrize(
+    "sizes,world_size",
+    [
+        ([7, 5, 9], 1),
+        ([7, 5, 9], 2),
+        ([7, 5, 9], 3),
+        ([7, 5, 9], 5),
+        ([7, 5, 9], 8),
+        ([23], 3),
+        ([23], 2),
+        ([2], 4),
+        ([0, 4, 3], 2),
+    ],
+)
 def test_ranks_split_records_completely_and_disjointly(tmp_path, sizes, world_size):
     all_ids = _files(tmp_path, sizes)
     reader = DocumentReader(str(tmp_path))

@@ -29,10 +29,10 @@ from pathlib import Path
 import fsspec
 import psutil
 import pytest
+
 from conftest import PYTHON, SCRIPTS
 from faultjob import SubprocessJob, wait_for
 from helpers import read_jsonl, running, wait_until
-
 from infermill.config import InferenceConfig
 from infermill.errors import ConfigError
 from infermill.io.writers import JsonlWriter
@@ -54,8 +54,17 @@ WAIT = dict(timeout=30.0, interval=0.002)  # for wait_for
 class Job(SubprocessJob):
     """One job's files in ``tmp_path``: input, job file, output, count file, hold file."""
 
-    def __init__(self, tmp_path: Path, docs: int = DOCS, conc: int = CONC, rpc: int = RPC, delay: float = 0.002,
-                 rollout: dict | None = None, server: str = "counting", runner: dict | None = None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        docs: int = DOCS,
+        conc: int = CONC,
+        rpc: int = RPC,
+        delay: float = 0.002,
+        rollout: dict | None = None,
+        server: str = "counting",
+        runner: dict | None = None,
+    ):
         super().__init__(tmp_path, docs, rpc)
         self.conc = conc
         self.count_file = tmp_path / "requests.log"
@@ -69,8 +78,12 @@ class Job(SubprocessJob):
             inference = {
                 "server_type": "custom",
                 "model_name_or_path": "counting",
-                "model_kwargs": {"server_script": str(COUNTING_SERVER), "count_file": str(self.count_file),
-                                 "delay": delay, "hold_file": str(self.hold_file)},
+                "model_kwargs": {
+                    "server_script": str(COUNTING_SERVER),
+                    "count_file": str(self.count_file),
+                    "delay": delay,
+                    "hold_file": str(self.hold_file),
+                },
                 "server_log_folder": str(tmp_path / "server_logs"),
                 "server_ready_delay_sec": 0.1,
                 "server_stop_grace_sec": 1,
@@ -199,8 +212,9 @@ def test_kill_mid_chunk_then_resume_then_rerun_sends_nothing(tmp_path):
     assert done and job.log_entries("i") > 0  # usually chunks 0 and 1 done, 10 documents of chunk 2
     assert sorted(p.name for p in job.output.glob("*.jsonl")) == [f"00000_{c:05d}.jsonl" for c in done]
     kill_job(job, proc)
-    status = subprocess.run([PYTHON, "-m", "infermill", "status", str(job.output)], capture_output=True, text=True,
-                            env=job.env, timeout=30)
+    status = subprocess.run(
+        [PYTHON, "-m", "infermill", "status", str(job.output)], capture_output=True, text=True, env=job.env, timeout=30
+    )
     shown = status.stdout + status.stderr
     assert status.returncode == 0 and "incomplete" in shown, shown
     row = next(line for line in shown.splitlines() if "incomplete" in line)
@@ -221,7 +235,7 @@ def test_kill_mid_chunk_then_resume_then_rerun_sends_nothing(tmp_path):
     job.check_exactly_once()
 
 
-SLOW_WRITER = '''
+SLOW_WRITER = """
 import os, sys, time
 import orjson
 from infermill.io import writers
@@ -241,7 +255,7 @@ def slow_write(self, file, records):
 writers.JsonlWriter._write_records = slow_write
 from infermill.cli import main
 main(prog_name="infermill")
-'''
+"""
 
 
 def test_kill_while_a_chunk_file_is_written(tmp_path):
@@ -273,8 +287,9 @@ def test_kills_at_random_moments(tmp_path):
     for _ in range(3):
         before = job.requests()
         proc = job.start()
-        wait_until(lambda: job.requests() > before or proc.poll() is not None, 30, "the job's first request",
-                   interval=0.002)
+        wait_until(
+            lambda: job.requests() > before or proc.poll() is not None, 30, "the job's first request", interval=0.002
+        )
         time.sleep(rng.uniform(0.0, 0.25))  # the random kill moment
         if proc.poll() is None:
             kill_job(job, proc, require_server=False)
@@ -289,14 +304,14 @@ def test_kills_at_random_moments(tmp_path):
 
 # -- a rollout that calls generate several times ------------------------------------------
 
-MULTI_CALL_ROLLOUT = '''
+MULTI_CALL_ROLLOUT = """
 async def three_steps(document, generate):
     text = document.text
     for step in range(3):
         result = await generate({"messages": [{"role": "user", "content": f"step {step}: {text}"}]})
         text = result.text
     return {"final": text}
-'''
+"""
 
 
 def test_multi_call_rollout_resumes_from_the_request_cache(tmp_path):
@@ -442,15 +457,20 @@ def test_a_remote_output_needs_a_local_checkpoint_folder(tmp_path):
         InferenceRunner(rollout, config, JsonlWriter(url))
     documents = [{"id": f"d{i}", "text": f"t {i}"} for i in range(25)]
     try:
-        runner = InferenceRunner(rollout, config, JsonlWriter(url), checkpoints_local_dir=str(tmp_path / "ckpt"),
-                                 records_per_chunk=10)
+        runner = InferenceRunner(
+            rollout, config, JsonlWriter(url), checkpoints_local_dir=str(tmp_path / "ckpt"), records_per_chunk=10
+        )
         assert runner.run(documents)["documents_written"] == 25
         fs = fsspec.filesystem("memory")
-        assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(url.removeprefix("memory://"), detail=False)) == \
-            ["00000_00000.jsonl", "00000_00001.jsonl", "00000_00002.jsonl"]
+        assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(url.removeprefix("memory://"), detail=False)) == [
+            "00000_00000.jsonl",
+            "00000_00001.jsonl",
+            "00000_00002.jsonl",
+        ]
         assert (tmp_path / "ckpt" / "rank_00000" / "complete.json").exists()
-        again = InferenceRunner(rollout, config, JsonlWriter(url), checkpoints_local_dir=str(tmp_path / "ckpt"),
-                                records_per_chunk=10).run(documents)
+        again = InferenceRunner(
+            rollout, config, JsonlWriter(url), checkpoints_local_dir=str(tmp_path / "ckpt"), records_per_chunk=10
+        ).run(documents)
         assert again.get("already_complete")
     finally:
         fsspec.filesystem("memory").rm(f"/infermill-resume-{os.getpid()}", recursive=True)

@@ -7,10 +7,10 @@ import asyncio
 import functools
 import time
 
-import helpers
 import pytest
-from helpers import chat, dummy_config, echo_rollout, read_jsonl, run_stats, server_stats, wait_until_async
 
+import helpers
+from helpers import chat, dummy_config, echo_rollout, read_jsonl, run_stats, server_stats, wait_until_async
 from infermill import Document, InferenceError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
@@ -21,14 +21,16 @@ faulty_config = functools.partial(helpers.faulty_config, request_max_attempts=2)
 
 async def slow_requests_at_the_server(stats_file, count: int) -> None:
     """Wait until the faulty server has received ``count`` ``sleep:8`` requests."""
+
     def arrived() -> bool:
         return stats_file.exists() and server_stats(stats_file)["by_word"].get("sleep:8", 0) >= count
 
     await wait_until_async(arrived, 10, f"{count} slow requests at the server")
 
 
-def test_a_raising_rollout_fails_the_job_naming_the_document_after_stopping_in_flight_work(tmp_path, stats_file,
-                                                                                         no_orphans):
+def test_a_raising_rollout_fails_the_job_naming_the_document_after_stopping_in_flight_work(
+    tmp_path, stats_file, no_orphans
+):
     in_flight: set[str] = set()
     cancelled: set[str] = set()
 
@@ -107,16 +109,18 @@ def test_skip_bad_requests_skips_counts_and_records_documents_the_server_rejecte
     documents = [Document(text=f"{rejected.get(str(i), '')} doc {i}".strip(), id=str(i)) for i in range(10)]
     out = tmp_path / "out"
 
-    stats = InferenceRunner(echo_rollout, faulty_config(stats_file), JsonlWriter(str(out)),
-                            skip_bad_requests=True).run(documents)
+    stats = InferenceRunner(echo_rollout, faulty_config(stats_file), JsonlWriter(str(out)), skip_bad_requests=True).run(
+        documents
+    )
 
     assert stats["documents_skipped"] == 3
     assert stats["documents_processed"] == 10
     assert stats["documents_written"] == 7
     assert stats["documents_failed"] == 0
     assert stats["requests_retried"] == 0  # a bad request is never retried
-    assert {r["id"] for r in read_jsonl(out / "00000_00000.jsonl", missing_ok=True)} == \
-        {str(i) for i in range(10)} - set(rejected)
+    assert {r["id"] for r in read_jsonl(out / "00000_00000.jsonl", missing_ok=True)} == {
+        str(i) for i in range(10)
+    } - set(rejected)
     failures = {f["id"]: f for f in read_jsonl(out / "_infermill" / "failures_rank_00000.jsonl", missing_ok=True)}
     assert set(failures) == set(rejected)
     for doc_id, word in rejected.items():

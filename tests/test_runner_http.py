@@ -8,9 +8,17 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (chat, dummy_config, echo_rollout, faulty_config, read_jsonl, run_stats, server_stats,
-                     wait_until_async)
 
+from helpers import (
+    chat,
+    dummy_config,
+    echo_rollout,
+    faulty_config,
+    read_jsonl,
+    run_stats,
+    server_stats,
+    wait_until_async,
+)
 from infermill import Document, InferenceError
 from infermill.errors import BadRequestError, RequestTimeoutError, RetryableError
 from infermill.io.writers import JsonlWriter
@@ -29,8 +37,9 @@ def written_ids(tmp_path: Path) -> set[str]:
 # -- connections and concurrency ---------------------------------------------------------
 
 
-def test_one_pooled_keepalive_session_serves_200_requests_over_few_connections(tmp_path, stats_file, writer,
-                                                                               no_orphans):
+def test_one_pooled_keepalive_session_serves_200_requests_over_few_connections(
+    tmp_path, stats_file, writer, no_orphans
+):
     async def rollout(document, generate):
         for k in range(4):
             await generate(chat(f"{document.text} step {k}"))
@@ -45,12 +54,14 @@ def test_one_pooled_keepalive_session_serves_200_requests_over_few_connections(t
     assert 1 <= server["connections"] <= 8  # reused keep-alive connections, never one per request
 
 
-def test_requests_in_flight_at_the_server_never_exceed_max_concurrent_generations(tmp_path, stats_file, writer,
-                                                                                 no_orphans):
+def test_requests_in_flight_at_the_server_never_exceed_max_concurrent_generations(
+    tmp_path, stats_file, writer, no_orphans
+):
     async def rollout(document, generate):
         # each document sends two slow requests at once
-        await asyncio.gather(generate(chat(f"sleep:0.05 {document.id} a")),
-                             generate(chat(f"sleep:0.05 {document.id} b")))
+        await asyncio.gather(
+            generate(chat(f"sleep:0.05 {document.id} a")), generate(chat(f"sleep:0.05 {document.id} b"))
+        )
         return None
 
     config = faulty_config(stats_file, max_concurrent_generations=4, max_concurrent_documents=10)
@@ -63,8 +74,10 @@ def test_requests_in_flight_at_the_server_never_exceed_max_concurrent_generation
 
 @pytest.mark.parametrize(
     ("limits", "expected_documents"),
-    [({"max_concurrent_documents": 3, "max_concurrent_generations": 50}, 3),
-     ({"max_concurrent_generations": 6, "rollouts_per_document": 3}, 2)],  # default: generations // rollouts
+    [
+        ({"max_concurrent_documents": 3, "max_concurrent_generations": 50}, 3),
+        ({"max_concurrent_generations": 6, "rollouts_per_document": 3}, 2),
+    ],  # default: generations // rollouts
     ids=["explicit", "derived_from_generations"],
 )
 def test_documents_in_flight_never_exceed_max_concurrent_documents(tmp_path, limits, expected_documents):
@@ -112,8 +125,9 @@ def test_request_timeout_is_enforced_and_a_timed_out_request_is_retried(tmp_path
     assert written_ids(tmp_path) == {"slow"}
 
 
-def test_a_request_that_always_times_out_fails_its_document_after_max_attempts(tmp_path, stats_file, writer,
-                                                                              no_orphans):
+def test_a_request_that_always_times_out_fails_its_document_after_max_attempts(
+    tmp_path, stats_file, writer, no_orphans
+):
     config = faulty_config(stats_file, request_timeout=0.3, request_max_attempts=2)
     started = time.monotonic()
     with pytest.raises(InferenceError, match="hung-doc") as caught:
@@ -130,8 +144,9 @@ def test_a_request_that_always_times_out_fails_its_document_after_max_attempts(t
 
 
 @pytest.mark.parametrize("status", [400, 422])
-def test_a_bad_request_is_not_retried_and_fails_the_job_naming_the_document(tmp_path, stats_file, writer, status,
-                                                                           no_orphans):
+def test_a_bad_request_is_not_retried_and_fails_the_job_naming_the_document(
+    tmp_path, stats_file, writer, status, no_orphans
+):
     config = faulty_config(stats_file)
     with pytest.raises(InferenceError, match="rejected-doc") as caught:
         InferenceRunner(echo_rollout, config, writer).run([Document(text=f"fail{status}", id="rejected-doc")])
@@ -180,8 +195,9 @@ def test_one_http_500_never_kills_a_job(tmp_path, stats_file, writer, no_orphans
     assert server_stats(stats_file)["by_outcome"]["500"] == 1
 
 
-def test_when_attempts_run_out_the_document_fails_with_an_inference_error_naming_it(tmp_path, stats_file, writer,
-                                                                                   no_orphans):
+def test_when_attempts_run_out_the_document_fails_with_an_inference_error_naming_it(
+    tmp_path, stats_file, writer, no_orphans
+):
     config = faulty_config(stats_file, request_max_attempts=3)
     with pytest.raises(InferenceError) as caught:
         InferenceRunner(echo_rollout, config, writer).run([Document(text="fail500:99:doomed", id="doomed-doc")])
@@ -209,8 +225,7 @@ def test_retry_after_of_a_429_is_waited_before_the_retry(tmp_path, stats_file, w
     assert stats["requests_retried"] == 1 and written_ids(tmp_path) == {"limited"}
 
 
-def test_a_rate_limit_that_never_lifts_fails_with_its_status_and_retry_after(tmp_path, stats_file, writer,
-                                                                             no_orphans):
+def test_a_rate_limit_that_never_lifts_fails_with_its_status_and_retry_after(tmp_path, stats_file, writer, no_orphans):
     config = faulty_config(stats_file, request_max_attempts=2)
     with pytest.raises(InferenceError, match="limited-doc") as caught:
         InferenceRunner(echo_rollout, config, writer).run([Document(text="rate429:99:0.05:limited", id="limited-doc")])
@@ -227,8 +242,11 @@ def test_a_request_backing_off_does_not_hold_a_generation_slot(tmp_path, stats_f
     async def rollout(document, generate):
         if document.id == "B":
             # A takes the slot first: its request reaches the server (and gets its 429)
-            await wait_until_async(lambda: stats_file.exists() and "tag:A" in server_stats(stats_file)["arrivals"],
-                                   10, "A's request at the server")
+            await wait_until_async(
+                lambda: stats_file.exists() and "tag:A" in server_stats(stats_file)["arrivals"],
+                10,
+                "A's request at the server",
+            )
             for k in range(3):
                 await generate(chat(f"tag:B{k}"))
             return "B done"

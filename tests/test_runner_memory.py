@@ -35,8 +35,12 @@ def test_a_generator_of_50000_documents_is_consumed_lazily_with_bounded_memory(t
         finally:
             counts["finished"] += 1
 
-    config = InferenceConfig(server_type="dummy", model_name_or_path="m", max_concurrent_documents=CONCURRENCY,
-                             max_concurrent_generations=CONCURRENCY)
+    config = InferenceConfig(
+        server_type="dummy",
+        model_name_or_path="m",
+        max_concurrent_documents=CONCURRENCY,
+        max_concurrent_generations=CONCURRENCY,
+    )
     runner = InferenceRunner(rollout, config, JsonlWriter(str(tmp_path)), records_per_chunk=10_000)
     baseline = process.memory_info().rss
     stats = runner.run(documents())

@@ -9,19 +9,24 @@ import os
 
 import orjson
 import pytest
+
 from conftest import ECHO_SERVER
 from helpers import FAST, chat, dummy_config, echo_rollout, faulty_config, read_jsonl, run_stats
-
 from infermill import Document, InferenceConfig, InferenceError, InferenceResult, ServerError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
 
 
 def echo_config(**overrides) -> InferenceConfig:
-    return InferenceConfig(**{
-        "server_type": "custom", "model_name_or_path": "echo-model",
-        "model_kwargs": {"server_script": str(ECHO_SERVER)}, **FAST, **overrides,
-    })
+    return InferenceConfig(
+        **{
+            "server_type": "custom",
+            "model_name_or_path": "echo-model",
+            "model_kwargs": {"server_script": str(ECHO_SERVER)},
+            **FAST,
+            **overrides,
+        }
+    )
 
 
 def test_public_types_are_importable_from_the_package():
@@ -52,12 +57,14 @@ def test_each_document_becomes_one_jsonl_record_with_its_rollout_results(tmp_pat
         assert record["metadata"] == {
             "source": "s",
             "n": i,
-            "rollout_results": [{
-                "text": f"hello number {i}",
-                "finish_reason": "stop",
-                "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
-                "reasoning": "",
-            }],
+            "rollout_results": [
+                {
+                    "text": f"hello number {i}",
+                    "finish_reason": "stop",
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                    "reasoning": "",
+                }
+            ],
         }
     assert stats["documents_written"] == 5
 
@@ -122,6 +129,7 @@ def test_input_may_be_dicts_or_an_async_iterable(tmp_path):
         for i in range(3):
             await asyncio.sleep(0)
             yield {"text": f"word{i}", "id": f"a{i}", "metadata": {"k": i}}
+
     plain_dicts = [{"text": "no id here"}]
 
     InferenceRunner(echo_rollout, dummy_config(), JsonlWriter(str(tmp_path / "async"))).run(documents())
@@ -129,7 +137,9 @@ def test_input_may_be_dicts_or_an_async_iterable(tmp_path):
 
     records = sorted(read_jsonl(tmp_path / "async" / "00000_00000.jsonl"), key=lambda r: r["id"])
     assert [(r["id"], r["metadata"]["k"], r["metadata"]["rollout_results"][0]["text"]) for r in records] == [
-        ("a0", 0, "word0"), ("a1", 1, "word1"), ("a2", 2, "word2"),
+        ("a0", 0, "word0"),
+        ("a1", 1, "word1"),
+        ("a2", 2, "word2"),
     ]
     (plain,) = read_jsonl(tmp_path / "plain" / "00000_00000.jsonl")
     assert plain["id"] == "0" and plain["text"] == "no id here"
@@ -151,6 +161,7 @@ def _shared_context_variants():
         def make():
             c.calls += 1
             return {"resource": "R"}
+
         return make
 
     def _cm(c):
@@ -161,6 +172,7 @@ def _shared_context_variants():
                 yield {"resource": "R"}
             finally:
                 c.exits += 1
+
         return cm
 
     def as_context_manager(c):
@@ -172,6 +184,7 @@ def _shared_context_variants():
         def make():
             c.calls += 1
             return cm()
+
         return make
 
     def as_async_context_manager(c):
@@ -182,6 +195,7 @@ def _shared_context_variants():
                 yield {"resource": "R"}
             finally:
                 c.exits += 1
+
         return acm()
 
     def as_context_manager_class(c):
@@ -195,6 +209,7 @@ def _shared_context_variants():
 
             def __exit__(self, *exc_info):
                 c.exits += 1
+
         return Resource
 
     return {
@@ -276,10 +291,20 @@ def test_generate_adds_model_and_default_params_and_the_callers_keys_win_without
     assert sent == originals  # the caller's dicts are untouched
     plain, override = received["plain"], received["override"]
     assert plain["path"] == "/v1/chat/completions"
-    assert plain["body"] == {"model": "faulty-model", "temperature": 0.5, "max_tokens": 7, "top_p": 0.9,
-                             "messages": originals["plain"]["messages"]}
-    assert override["body"] == {"model": "other-model", "temperature": 0.0, "max_tokens": 100, "top_p": 0.9,
-                                "messages": originals["override"]["messages"]}
+    assert plain["body"] == {
+        "model": "faulty-model",
+        "temperature": 0.5,
+        "max_tokens": 7,
+        "top_p": 0.9,
+        "messages": originals["plain"]["messages"],
+    }
+    assert override["body"] == {
+        "model": "other-model",
+        "temperature": 0.0,
+        "max_tokens": 100,
+        "top_p": 0.9,
+        "messages": originals["override"]["messages"],
+    }
 
 
 def test_use_chat_false_sends_completions_requests_and_reads_choice_text(tmp_path, no_orphans):
@@ -395,18 +420,21 @@ async def test_two_runs_at_once_on_one_runner_keep_their_own_state(tmp_path):
             seen_together.append(runner.progress())
         return await generate(chat(document.text))
 
-    runner = InferenceRunner(rollout, dummy_config(max_concurrent_documents=3), JsonlWriter(str(tmp_path / "out")),
-                             records_per_chunk=4)
-    documents = {rank: [{"id": f"r{rank}-{i}", "text": f"rank {rank} doc {i}"} for i in range(10 + rank)]
-                 for rank in (0, 1)}
+    runner = InferenceRunner(
+        rollout, dummy_config(max_concurrent_documents=3), JsonlWriter(str(tmp_path / "out")), records_per_chunk=4
+    )
+    documents = {
+        rank: [{"id": f"r{rank}-{i}", "text": f"rank {rank} doc {i}"} for i in range(10 + rank)] for rank in (0, 1)
+    }
     stats = await asyncio.gather(*(runner.run_async(documents[rank], rank, 2) for rank in (0, 1)))
 
     assert [s["documents_written"] for s in stats] == [10, 11]
     for rank in (0, 1):
         written = [r["id"] for p in sorted((tmp_path / "out").glob(f"0000{rank}_*.jsonl")) for r in read_jsonl(p)]
         assert sorted(written) == sorted(d["id"] for d in documents[rank])
-        assert orjson.loads((tmp_path / "out" / "_infermill" / f"stats_rank_0000{rank}.json").read_bytes()) == \
-            stats[rank]
+        assert (
+            orjson.loads((tmp_path / "out" / "_infermill" / f"stats_rank_0000{rank}.json").read_bytes()) == stats[rank]
+        )
         assert runner.layout.is_rank_complete(rank)
     assert seen_together and all(p.requests_in_flight >= 0 for p in seen_together)
     assert runner.progress().documents_done == 0  # no run in progress any more

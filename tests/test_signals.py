@@ -20,6 +20,7 @@ import time
 
 import psutil
 import pytest
+
 from faultjob import FaultJob, group_members, wait_exit, wait_for
 from helpers import FAULTY_SERVER, running
 
@@ -31,9 +32,9 @@ CONC = 4
 def freeze(job: FaultJob, proc, answered: int) -> dict:
     """Wait until ``answered`` documents are in the checkpoint and CONC requests hang at the server;
     return the server's stats."""
+
     def frozen() -> bool:
-        return (job.committed() == answered and job.stats_file.exists()
-                and job.server_stats()["in_flight"] == CONC)
+        return job.committed() == answered and job.stats_file.exists() and job.server_stats()["in_flight"] == CONC
 
     wait_for(frozen, f"{answered} documents done and {CONC} requests hanging", proc, interval=0.02)
     return job.server_stats()
@@ -85,8 +86,13 @@ def test_a_signal_stops_the_run_cleanly_keeping_the_checkpoint_and_the_same_comm
 
 def test_a_second_sigint_stops_at_once_killing_the_server(tmp_path):
     # the server ignores SIGTERM and gets 30 s of grace: a clean stop takes 30 s
-    job = FaultJob(tmp_path, docs=60, conc=CONC, server={"hang_after": 20, "ignore_sigterm": True},
-                   inference={"server_stop_grace_sec": 30, "request_timeout": 60})
+    job = FaultJob(
+        tmp_path,
+        docs=60,
+        conc=CONC,
+        server={"hang_after": 20, "ignore_sigterm": True},
+        inference={"server_stop_grace_sec": 30, "request_timeout": 60},
+    )
     proc = job.start()
     server_pid = freeze(job, proc, 20)["pid"]
 
@@ -136,8 +142,7 @@ def test_a_signal_while_the_server_starts_stops_it_too(tmp_path):
 
     def server_process() -> list[psutil.Process]:
         try:
-            return [p for p in psutil.Process(proc.pid).children()
-                    if str(FAULTY_SERVER) in " ".join(p.cmdline())]
+            return [p for p in psutil.Process(proc.pid).children() if str(FAULTY_SERVER) in " ".join(p.cmdline())]
         except psutil.Error:
             return []
 

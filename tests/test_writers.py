@@ -13,9 +13,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
 from conftest import ECHO_SERVER, PYTHON
 from helpers import read_jsonl
-
 from infermill.config import InferenceConfig
 from infermill.io.readers import DocumentReader
 from infermill.io.writers import JsonlWriter, OpenAIBatchWriter, ParquetWriter
@@ -24,16 +24,28 @@ from infermill.types import InferenceResult
 
 
 def records(n: int, start: int = 0, results=None) -> list[dict]:
-    return [{"id": f"d{i}", "text": f"text {i}", "metadata": {"rollout_results": results if results is not None
-                                                              else [{"text": f"out {i}"}]}}
-            for i in range(start, start + n)]
+    return [
+        {
+            "id": f"d{i}",
+            "text": f"text {i}",
+            "metadata": {"rollout_results": results if results is not None else [{"text": f"out {i}"}]},
+        }
+        for i in range(start, start + n)
+    ]
 
 
 # -- JSONL ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compression,name", [(None, "00003_00007.jsonl"), ("none", "00003_00007.jsonl"),
-                                              ("gzip", "00003_00007.jsonl.gz"), ("zstd", "00003_00007.jsonl.zst")])
+@pytest.mark.parametrize(
+    "compression,name",
+    [
+        (None, "00003_00007.jsonl"),
+        ("none", "00003_00007.jsonl"),
+        ("gzip", "00003_00007.jsonl.gz"),
+        ("zstd", "00003_00007.jsonl.zst"),
+    ],
+)
 def test_jsonl_plain_and_compressed(tmp_path, compression, name):
     writer = JsonlWriter(str(tmp_path), compression=compression)
     assert writer.write_chunk(records(50), rank=3, chunk_index=7) == 50
@@ -72,9 +84,16 @@ def _failing(n: int, error: BaseException):
     raise error
 
 
-@pytest.mark.parametrize("writer_class,compression", [(JsonlWriter, None), (JsonlWriter, "gzip"),
-                                                      (JsonlWriter, "zstd"), (ParquetWriter, None),
-                                                      (OpenAIBatchWriter, None)])
+@pytest.mark.parametrize(
+    "writer_class,compression",
+    [
+        (JsonlWriter, None),
+        (JsonlWriter, "gzip"),
+        (JsonlWriter, "zstd"),
+        (ParquetWriter, None),
+        (OpenAIBatchWriter, None),
+    ],
+)
 @pytest.mark.parametrize("error", [RuntimeError("source failed"), KeyboardInterrupt()])
 def test_a_failed_write_leaves_no_file(tmp_path, writer_class, compression, error):
     writer = writer_class(str(tmp_path), compression=compression)
@@ -97,8 +116,10 @@ def test_the_file_has_its_final_name_only_once_complete(tmp_path):
     writer.write_chunk(watching(), 0, 4)
     assert all("00000_00004.jsonl" not in names for names in seen)
     assert seen[0] == []  # the first record is taken before the file is opened: no records, no file
-    assert all(len(names) == 1 and names[0].startswith("00000_00004.jsonl.") and names[0].endswith(".tmp")
-               for names in seen[1:])
+    assert all(
+        len(names) == 1 and names[0].startswith("00000_00004.jsonl.") and names[0].endswith(".tmp")
+        for names in seen[1:]
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["00000_00004.jsonl"]
 
 
@@ -179,25 +200,49 @@ def test_openai_batch_output_lines(tmp_path):
 
 @pytest.mark.usefixtures("no_orphans")
 def test_openai_batch_end_to_end_through_the_echo_server(tmp_path):
-    requests = [{"custom_id": f"task-{i}", "method": "POST", "url": "/v1/chat/completions",
-                 "body": {"model": "echo", "max_tokens": 50,
-                          "messages": [{"role": "system", "content": "be brief"},
-                                       {"role": "user", "content": f"question number {i}"}]}}
-                for i in range(45)]
+    requests = [
+        {
+            "custom_id": f"task-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "echo",
+                "max_tokens": 50,
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": f"question number {i}"},
+                ],
+            },
+        }
+        for i in range(45)
+    ]
     (tmp_path / "batch.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in requests))
     job = {
         "input": {"path": str(tmp_path / "batch.jsonl"), "format": "openai_batch"},
-        "output": {"path": str(tmp_path / "out"), "format": "openai_batch",
-                   "filename": "batch-${rank}-${chunk_index}.jsonl"},
-        "inference": {"server_type": "custom", "model_name_or_path": "echo",
-                      "model_kwargs": {"server_script": str(ECHO_SERVER)}, "server_ready_delay_sec": 0.1,
-                      "max_concurrent_generations": 8},
+        "output": {
+            "path": str(tmp_path / "out"),
+            "format": "openai_batch",
+            "filename": "batch-${rank}-${chunk_index}.jsonl",
+        },
+        "inference": {
+            "server_type": "custom",
+            "model_name_or_path": "echo",
+            "model_kwargs": {"server_script": str(ECHO_SERVER)},
+            "server_ready_delay_sec": 0.1,
+            "max_concurrent_generations": 8,
+        },
         "checkpoint": {"records_per_chunk": 20},
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime")}
-    result = subprocess.run([PYTHON, "-m", "infermill", "run", str(tmp_path / "job.yaml")], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [PYTHON, "-m", "infermill", "run", str(tmp_path / "job.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     files = sorted(p.name for p in (tmp_path / "out").glob("*.jsonl"))
@@ -229,8 +274,13 @@ def test_encoded_records_are_written_like_the_same_dicts(tmp_path, writer_class)
     if writer_class is ParquetWriter:
         assert pq.read_table(as_bytes / name).to_pylist() == pq.read_table(as_dicts / name).to_pylist()
     elif writer_class is OpenAIBatchWriter:  # its line ids are random: compare the rest
-        strip = lambda lines: [{k: v for k, v in line.items() if k not in ("id", "response")} | {  # noqa: E731
-            "body": line["response"]["body"]} for line in lines]
+
+        def strip(lines: list[dict]) -> list[dict]:
+            return [
+                {k: v for k, v in line.items() if k not in ("id", "response")} | {"body": line["response"]["body"]}
+                for line in lines
+            ]
+
         assert strip(read_jsonl(as_bytes / name)) == strip(read_jsonl(as_dicts / name))
     else:
         assert (as_bytes / name).read_bytes() == (as_dicts / name).read_bytes()

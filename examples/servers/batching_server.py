@@ -47,7 +47,7 @@ class Batcher:
             self.wake.clear()
             while self.queue:  # one batch: the oldest request and those that sample like it
                 sampling = self.queue[0][1]["sampling"]
-                batch = [item for item in self.queue if item[1]["sampling"] == sampling][:self.max_batch_size]
+                batch = [item for item in self.queue if item[1]["sampling"] == sampling][: self.max_batch_size]
                 self.queue = [item for item in self.queue if all(item is not taken for taken in batch)]
                 longest = max(params["max_tokens"] for _, params, _ in batch)
                 print(f"batching_server: {len(batch)} requests in one batch, {len(self.queue)} waiting", flush=True)
@@ -65,9 +65,10 @@ class Batcher:
         inputs = inputs.to(self.model.device)
         options = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature else dict(do_sample=False)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                      **options)
-        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id, **options
+            )
+        new = out[:, inputs["input_ids"].shape[1] :].tolist()
         return [(int(mask.sum()), row) for mask, row in zip(inputs["attention_mask"], new)]
 
 
@@ -99,17 +100,29 @@ def build_app(batcher: Batcher, tokenizer, name: str) -> web.Application:
         except ValueError as e:  # bad JSON or bad fields: the client's fault
             return web.json_response({"error": {"message": str(e), "type": "invalid_request_error"}}, status=400)
         prompt_tokens, tokens = await batcher.submit(prompt, params)
-        tokens = tokens[:params["max_tokens"]]  # the batch ran to its longest request's limit
+        tokens = tokens[: params["max_tokens"]]  # the batch ran to its longest request's limit
         ends = [i for i, t in enumerate(tokens) if t in batcher.eos]
-        tokens, reason = (tokens[:ends[0] + 1], "stop") if ends else (tokens, "length")
+        tokens, reason = (tokens[: ends[0] + 1], "stop") if ends else (tokens, "length")
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        choice = {"index": 0, "finish_reason": reason,
-                  **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
-        return web.json_response({
-            "id": f"cmpl-{uuid.uuid4().hex}", "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": body.get("model") or name, "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                      "total_tokens": prompt_tokens + len(tokens)}})
+        choice = {
+            "index": 0,
+            "finish_reason": reason,
+            **({"message": {"role": "assistant", "content": text}} if chat else {"text": text}),
+        }
+        return web.json_response(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": body.get("model") or name,
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": len(tokens),
+                    "total_tokens": prompt_tokens + len(tokens),
+                },
+            }
+        )
 
     app = web.Application(client_max_size=64 * 2**20)
     models = {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local"}]}

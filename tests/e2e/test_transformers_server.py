@@ -87,17 +87,20 @@ async def test_quickstart_server_answers_and_batches(model_dir, tmp_path):
 
         # The quickstart's own prompt on one of its documents.
         document = "Honey never spoils when it is sealed. Jars of honey were found in ancient Egyptian tombs."
-        reply = await server.make_request(chat(f"{document}\n\nSummarize the text above in one short sentence.",
-                                               temperature=0, max_tokens=48))
+        reply = await server.make_request(
+            chat(f"{document}\n\nSummarize the text above in one short sentence.", temperature=0, max_tokens=48)
+        )
         assert "honey" in reply["choices"][0]["message"]["content"].lower(), reply
 
         # Eight at once: all answered, each with its own limits.
         questions = [f"Name a color and a number. Variant {i}." for i in range(8)]
         limits = [4 + i for i in range(8)]
-        replies = await asyncio.gather(*(
-            server.make_request(chat(q, temperature=0.7 if i % 2 else 0, top_p=0.9, max_tokens=m, seed=i))
-            for i, (q, m) in enumerate(zip(questions, limits))
-        ))
+        replies = await asyncio.gather(
+            *(
+                server.make_request(chat(q, temperature=0.7 if i % 2 else 0, top_p=0.9, max_tokens=m, seed=i))
+                for i, (q, m) in enumerate(zip(questions, limits))
+            )
+        )
         for r, m in zip(replies, limits):
             choice, usage = r["choices"][0], r["usage"]
             assert isinstance(choice["message"]["content"], str)
@@ -111,8 +114,12 @@ async def test_quickstart_server_answers_and_batches(model_dir, tmp_path):
         async with aiohttp.ClientSession() as session:
             # A plain completion.
             completions = server.request_url.replace("/chat/completions", "/completions")
-            payload = {"model": config.model_name_or_path, "prompt": "The capital of France is", "max_tokens": 6,
-                       "temperature": 0}
+            payload = {
+                "model": config.model_name_or_path,
+                "prompt": "The capital of France is",
+                "max_tokens": 6,
+                "temperature": 0,
+            }
             async with session.post(completions, json=payload) as response:
                 reply = await response.json()
                 assert response.status == 200 and "Paris" in reply["choices"][0]["text"], reply

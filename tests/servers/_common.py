@@ -35,8 +35,13 @@ def record(args: argparse.Namespace, **facts) -> None:
     """Append {pid, port, argv, env mark, ...facts} to ``--record`` (a no-op without it)."""
     if not args.record:
         return
-    facts = {"pid": os.getpid(), "port": args.port, "argv": list(sys.orig_argv),
-             "mark": os.environ.get("INFERMILL_TEST_MARK"), **facts}
+    facts = {
+        "pid": os.getpid(),
+        "port": args.port,
+        "argv": list(sys.orig_argv),
+        "mark": os.environ.get("INFERMILL_TEST_MARK"),
+        **facts,
+    }
     with open(args.record, "a", encoding="utf-8") as f:
         f.write(json.dumps(facts) + "\n")
 
@@ -61,9 +66,17 @@ class _Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "text": body.get("prompt", ""), "finish_reason": "stop"}
         else:
             return self._json(404, {"error": {"message": f"no route {self.path}"}})
-        self._json(200, {"id": "t", "object": "chat.completion", "model": "test", "choices": [choice],
-                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                         "served_by": os.getpid()})
+        self._json(
+            200,
+            {
+                "id": "t",
+                "object": "chat.completion",
+                "model": "test",
+                "choices": [choice],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                "served_by": os.getpid(),
+            },
+        )
 
     def _json(self, status: int, obj) -> None:
         data = json.dumps(obj).encode()

@@ -34,4 +34,4 @@ if __name__ == "__main__":
         asyncio.run(main(sys.argv[1], sys.argv[2]))
     except KeyboardInterrupt:
         print("driver: interrupted", flush=True)
-        raise SystemExit(130)
+        raise SystemExit(130) from None

@@ -64,8 +64,10 @@ async def nan_after_warm_up() -> None:
 async def main() -> int:
     args = parse_args(sys.argv[1:])
     mode = os.environ.get("FAKE_MODE", "")
-    emit(f"{ts()} server_args=ServerArgs(model_path='{args.model_path}', host='{args.host}', port={args.port}, "
-         f"context_length={args.context_length}, tp_size={args.tensor_parallel_size})")
+    emit(
+        f"{ts()} server_args=ServerArgs(model_path='{args.model_path}', host='{args.host}', port={args.port}, "
+        f"context_length={args.context_length}, tp_size={args.tensor_parallel_size})"
+    )
     emit(f"{ts(tp=True)} Load weight begin. avail mem=78.50 GB")
     emit(f"{ts(tp=True)} Load weight end. type=LlamaForCausalLM, dtype=torch.bfloat16, avail mem=76.20 GB")
     if mode == "nan_at_start":

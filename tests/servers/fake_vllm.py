@@ -53,9 +53,9 @@ def require_bearer(api_key: str | None):
 
     @web.middleware
     async def middleware(request: web.Request, handler):
-        if api_key and request.path.startswith("/v1"):
-            if request.headers.get("Authorization") != f"Bearer {api_key}":
-                return json_response({"error": "Unauthorized"}, 401)
+        authorized = request.headers.get("Authorization") == f"Bearer {api_key}"
+        if api_key and request.path.startswith("/v1") and not authorized:
+            return json_response({"error": "Unauthorized"}, 401)
         return await handler(request)
 
     return middleware
@@ -130,8 +130,14 @@ async def main() -> int:
     emit(f"INFO {time.strftime('%m-%d %H:%M:%S')} [__init__.py:241] Automatically detected platform cuda.")
     emit(vllm_log("INFO", "api_server.py:1805", f"vLLM API server version {VERSION}"))
     # like vLLM, print the non-default arguments, API key included (infermill must redact it)
-    emit(vllm_log("INFO", "utils.py:326", f"non-default args: {{'model_tag': {args.model_tag!r}, "
-                  f"'host': {args.host!r}, 'port': {args.port}, 'api_key': {[args.api_key]!r}}}"))
+    emit(
+        vllm_log(
+            "INFO",
+            "utils.py:326",
+            f"non-default args: {{'model_tag': {args.model_tag!r}, "
+            f"'host': {args.host!r}, 'port': {args.port}, 'api_key': {[args.api_key]!r}}}",
+        )
+    )
     sock = bind(host, args.port)  # vLLM binds before loading the model, to hold the port
     emit(vllm_log("INFO", "model.py:547", "Resolved architecture: LlamaForCausalLM"))
     emit(vllm_log("INFO", "model.py:1510", f"Using max model len {args.max_model_len}"))
@@ -151,8 +157,9 @@ async def main() -> int:
         await asyncio.Event().wait()  # hang: the process never exits by itself
     if mode == "engine_core_failed":
         emit(vllm_log("ERROR", "core.py:700", "EngineCore failed to start."), sys.stderr)
-        emit("RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
-             sys.stderr)
+        emit(
+            "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}", sys.stderr
+        )
         return 1
 
     emit(vllm_log("INFO", "api_server.py:1880", f"Starting vLLM API server 0 on http://{host}:{args.port}"))

@@ -1,8 +1,8 @@
 """Spawns a grandchild (sleeper.py), records both pids, then serves and prints the ready line.
 
-    --ignore-sigterm     ignore SIGTERM (the grandchild inherits SIG_IGN, so it ignores it too)
-    --stubborn-grandchild  only the grandchild ignores SIGTERM
-    --ready-after SECS   wait this long before serving (0: at once; <0: never)
+--ignore-sigterm     ignore SIGTERM (the grandchild inherits SIG_IGN, so it ignores it too)
+--stubborn-grandchild  only the grandchild ignores SIGTERM
+--ready-after SECS   wait this long before serving (0: at once; <0: never)
 """
 
 import signal

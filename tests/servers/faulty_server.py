@@ -98,7 +98,7 @@ _WORD = re.compile(
 
 
 class Directive:
-    __slots__ = ("word", "name", "code", "first_n", "seconds", "arg")
+    __slots__ = ("arg", "code", "first_n", "name", "seconds", "word")
 
     def __init__(self, word: str):
         self.word = word
@@ -305,8 +305,11 @@ class FaultyServer:
                 return json_response(self._quote_auth(error, request), 500)
             if "malformed" in names:
                 outcome = "malformed"
-                return web.Response(body=b'{"id": "malformed", "choices": [{"index": 0, "mess', status=200,
-                                    content_type="application/json")
+                return web.Response(
+                    body=b'{"id": "malformed", "choices": [{"index": 0, "mess',
+                    status=200,
+                    content_type="application/json",
+                )
             if "empty" in names:
                 outcome = "empty"
                 return json_response({"id": "empty", "object": "chat.completion", "choices": []})
@@ -382,8 +385,12 @@ async def serve(args: argparse.Namespace) -> None:
     server = FaultyServer(args)
     if args.grandchild:
         sleeper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sleeper.py")
-        server.grandchild = subprocess.Popen([sys.executable, sleeper, "--ignore-sigterm"], stdin=subprocess.DEVNULL,
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
+        server.grandchild = subprocess.Popen(
+            [sys.executable, sleeper, "--ignore-sigterm"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ).pid
     if args.startup_delay:
         print(f"faulty_server: listening in {args.startup_delay:g} s", flush=True)
         await asyncio.sleep(args.startup_delay)
@@ -419,7 +426,9 @@ def main() -> None:
     parser.add_argument("--fail-after", type=int, default=None)
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--stats-file", default=None)
-    parser.add_argument("--fatal-line", default="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    parser.add_argument(
+        "--fatal-line", default="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
     parser.add_argument("--last-words", default=None)
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--grandchild", action="store_true")

@@ -1,8 +1,8 @@
 """Floods its output before it becomes ready, then serves and prints the ready line.
 
-    --big-line-mb N    print one line of N MiB (ending in "<END>")
-    --invalid-utf8     write bytes that are not UTF-8
-    --flood-mb N       write N MiB to stderr and N MiB to stdout, in 100-byte lines
+--big-line-mb N    print one line of N MiB (ending in "<END>")
+--invalid-utf8     write bytes that are not UTF-8
+--flood-mb N       write N MiB to stderr and N MiB to stdout, in 100-byte lines
 """
 
 import sys

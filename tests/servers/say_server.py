@@ -1,11 +1,11 @@
 """Prints ``--say`` lines, optionally serves the API, then exits with ``--exit`` or stays alive.
 
-    --say TEXT | --say='["line 1", "line 2"]'   lines to print (a JSON list for several)
-    --stderr                                     print them to stderr instead of stdout
-    --serve                                      serve the API (before printing)
-    --serve-after SECONDS                        serve it this long after printing instead
-    --no-models                                  serve it without GET /v1/models (HTTP 404)
-    --exit CODE                                  exit with CODE after printing
+--say TEXT | --say='["line 1", "line 2"]'   lines to print (a JSON list for several)
+--stderr                                     print them to stderr instead of stdout
+--serve                                      serve the API (before printing)
+--serve-after SECONDS                        serve it this long after printing instead
+--no-models                                  serve it without GET /v1/models (HTTP 404)
+--exit CODE                                  exit with CODE after printing
 """
 
 import json

@@ -1,6 +1,6 @@
 """A grandchild: sleeps until killed (it lives in tests/servers so `no_orphans` sees it too).
 
-    --ignore-sigterm   ignore SIGTERM, so only SIGKILL ends it
+--ignore-sigterm   ignore SIGTERM, so only SIGKILL ends it
 """
 
 import signal
