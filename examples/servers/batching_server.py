@@ -104,25 +104,14 @@ def build_app(batcher: Batcher, tokenizer, name: str) -> web.Application:
         ends = [i for i, t in enumerate(tokens) if t in batcher.eos]
         tokens, reason = (tokens[: ends[0] + 1], "stop") if ends else (tokens, "length")
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        choice = {
-            "index": 0,
-            "finish_reason": reason,
-            **({"message": {"role": "assistant", "content": text}} if chat else {"text": text}),
-        }
-        return web.json_response(
-            {
-                "id": f"cmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()),
-                "model": body.get("model") or name,
-                "choices": [choice],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": len(tokens),
-                    "total_tokens": prompt_tokens + len(tokens),
-                },
-            }
-        )
+        choice = {"index": 0, "finish_reason": reason}
+        choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens)}
+        usage["total_tokens"] = prompt_tokens + len(tokens)
+        kind = "chat.completion" if chat else "text_completion"
+        reply = {"id": f"cmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time())}
+        reply |= {"model": body.get("model") or name, "choices": [choice], "usage": usage}
+        return web.json_response(reply)
 
     app = web.Application(client_max_size=64 * 2**20)
     models = {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local"}]}
@@ -152,6 +141,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--gather-sec", type=float, default=0.02, help="wait this long for more requests")
     args, _ = parser.parse_known_args()  # flags meant for other servers are ignored
+    if os.sep in args.model and not os.path.isdir(args.model):
+        parser.error(f"--model {args.model}: no such folder (python examples/servers/convert_smollm2.py makes it)")
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()

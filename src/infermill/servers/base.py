@@ -230,13 +230,9 @@ class InferenceServer:
         """Stop the server and everything it started. Safe to call more than once."""
         supervisor, self._supervisor = self._supervisor, None
         try:
-            while supervisor is not None and not supervisor.done():
-                # again if need be: a cancellation can be lost on its way (by asyncio.wait_for on
-                # Python < 3.12, in a user's code), and a supervisor left running would keep its server
-                supervisor.cancel()
-                await asyncio.wait({supervisor}, timeout=1.0)
-            if supervisor is not None and not supervisor.cancelled():
-                supervisor.exception()  # retrieved: the supervisor keeps its own failures in _failure
+            if supervisor is not None:
+                supervisor.cancel()  # its own awaits must not lose this: no asyncio.wait_for in them
+                await asyncio.gather(supervisor, return_exceptions=True)
         finally:
             if self._client_loading is not None and not self._client_loading.done():
                 self._client_loading.cancel()
