@@ -10,7 +10,8 @@ read and stop it, so the rules that keep orphans away live in one place:
   the child, lines of any length are fine, and invalid UTF-8 is replaced, not fatal;
 * ``stop()`` sends SIGTERM to the group, waits a grace period, sends SIGKILL, and reaps;
   it is safe to call twice and completes even when its caller is being cancelled;
-* an ``atexit`` hook kills any group still alive when the interpreter exits;
+* an ``atexit`` hook, registered with the first child, kills any group still alive when the
+  interpreter exits;
 * every live group is registered in a small file; a later infermill process reaps the
   groups of an earlier one that was SIGKILLed (see :func:`reap_orphans`).
 """
@@ -38,6 +39,17 @@ MAX_LINE_CHARS = 1 << 20  # lines are cut here for pattern matching; the log kee
 TAIL_LINES = 20
 
 _live_groups: set[int] = set()
+_exit_hook_registered = False
+
+
+def _track(pgid: int) -> None:
+    """Count ``pgid`` as live until it is stopped; the first one registers the exit hook (on
+    first use, not on import: importing infermill changes nothing in the process)."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(kill_live_groups)
+        _exit_hook_registered = True
+    _live_groups.add(pgid)
 
 
 def kill_live_groups() -> None:
@@ -48,8 +60,6 @@ def kill_live_groups() -> None:
         except (ProcessLookupError, PermissionError):
             pass
 
-
-atexit.register(kill_live_groups)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -160,7 +170,7 @@ class ManagedProcess:
         ]
         self._waiter = asyncio.create_task(self._wait_exit(), name=f"wait-{self.pid}")
         self._stopped = False
-        _live_groups.add(self.pgid)
+        _track(self.pgid)
         _register(self.pgid)
 
     @classmethod
