@@ -6,6 +6,7 @@ error classes (see :mod:`infermill.errors`).
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 from typing import Any
@@ -85,7 +86,10 @@ class OpenAIClient:
         self._api_key = api_key or None
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        # one asyncio.timeout around each request, not aiohttp's per-request timer objects: the same
+        # deadline for less work per request (benchmarks/README.md, "Request timeouts")
+        self._request_timeout = request_timeout
+        self._timeout = aiohttp.ClientTimeout(total=None)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
@@ -111,21 +115,22 @@ class OpenAIClient:
         return await self._request("POST", url, data)
 
     async def get(self, url: str, timeout: float | None = None) -> dict[str, Any]:
+        """GET ``url`` within ``timeout`` seconds (default: the request timeout)."""
         return await self._request("GET", url, None, timeout)
 
     async def _request(
         self, method: str, url: str | URL, data: bytes | None, timeout: float | None = None
     ) -> dict[str, Any]:
         session = self._get_session()
-        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
         try:
-            async with session.request(method, url, data=data, **kwargs) as response:
-                body = await response.read()
-                status = response.status
-                if status >= 300:
-                    if self._api_key:  # before the body is cut short: no part of the key may remain
-                        body = body.replace(self._api_key.encode(), b"***")
-                    raise status_error(status, body, response.headers.get("Retry-After"))
+            async with asyncio.timeout(timeout if timeout is not None else self._request_timeout):
+                async with session.request(method, url, data=data) as response:
+                    body = await response.read()
+                    status = response.status
+            if status >= 300:
+                if self._api_key:  # before the body is cut short: no part of the key may remain
+                    body = body.replace(self._api_key.encode(), b"***")
+                raise status_error(status, body, response.headers.get("Retry-After"))
         except TimeoutError as e:
             raise RequestTimeoutError(f"{method} {url}: no reply within the request timeout") from e
         except aiohttp.ClientError as e:

@@ -29,7 +29,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -58,13 +58,12 @@ def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
     return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys if recorded.get(k) != current.get(k)]
 
 
-@dataclass(frozen=True, slots=True)
-class LogLine:
-    """One whole line of a chunk log. ``index`` is the finished document's and ``data`` its
-    record as JSON (``null``: nothing to write), or ``index`` is None and ``data`` is a stored
-    reply's line, ``{"k": KEY, "v": REPLY}``. ``end``: the byte offset after the line."""
+class LogLine(NamedTuple):
+    """One whole line of a chunk log. ``document`` is a finished document's index and ``data``
+    its record as JSON (``null``: nothing to write), or ``document`` is None and ``data`` is a
+    stored reply's line, ``{"k": KEY, "v": REPLY}``. ``end``: the byte offset after the line."""
 
-    index: int | None
+    document: int | None
     data: bytes
     end: int
 
@@ -140,10 +139,10 @@ class ChunkJournal:
         cached = 0
         for log in folder.glob("chunk_*.log"):
             for line in read_log(log):
-                if line.index is None:
+                if line.document is None:
                     cached += 1
                 else:
-                    documents.add(line.index)
+                    documents.add(line.document)
         return RankSummary(
             rank, layout.is_rank_complete(rank), len(list(folder.glob("chunk_*.done"))), len(documents), cached
         )
@@ -190,14 +189,14 @@ class ChunkJournal:
         chunk = self._chunks[chunk_index] = _Chunk(chunk_index)
         good_bytes = 0
         for line in read_log(path):
-            if line.index is None:
+            if line.document is None:
                 try:
                     entry = orjson.loads(line.data)
                 except orjson.JSONDecodeError:
                     break
                 self._cache[entry["k"]] = entry["v"]
-            elif line.index not in self.state.done_records:
-                self.state.done_records.add(line.index)
+            elif line.document not in self.state.done_records:
+                self.state.done_records.add(line.document)
                 chunk.finished += 1
             good_bytes = line.end
         if good_bytes < path.stat().st_size:
@@ -313,8 +312,8 @@ class ChunkJournal:
         are left out."""
         seen: set[int] = set()
         for line in read_log(log):
-            if line.index is not None and line.data != b"null" and line.index not in seen:
-                seen.add(line.index)
+            if line.document is not None and line.data != b"null" and line.document not in seen:
+                seen.add(line.document)
                 yield line.data
 
     def open_chunks(self) -> list[int]:
