@@ -313,8 +313,12 @@ class _Run:
     async def _process_document(self, document: Document, index: int) -> bytes | None:
         """Run the rollouts; return the record to write as JSON, or None when there is nothing to write."""
         stats = self.stats
+        n = self.config.rollouts_per_document
         try:
-            results = await self._run_rollouts(document, index)
+            if n == 1:  # in this task: no task (nor frame) of its own per document
+                results = [await self._rollout(document, index, 0)]
+            else:  # one fails: all stop
+                results = await _run_all([self._rollout(document, index, i) for i in range(n)])
         except InferenceError as e:
             if self.runner.skip_bad_requests and isinstance(e.error, BadRequestError):
                 stats.documents_skipped += 1
@@ -342,12 +346,6 @@ class _Run:
         stats.documents_processed += 1
         stats.documents_written += 1
         return data
-
-    async def _run_rollouts(self, document: Document, index: int) -> list[Any]:
-        n = self.config.rollouts_per_document
-        if n == 1:  # in this task: no task of its own to create per document
-            return [await self._rollout(document, index, 0)]
-        return await _run_all([self._rollout(document, index, i) for i in range(n)])  # one fails: all stop
 
     async def _rollout(self, document: Document, index: int, rollout_index: int) -> Any:
         try:
