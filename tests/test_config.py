@@ -132,6 +132,9 @@ def test_api_key_never_shows_in_repr_str_or_json_but_is_usable():
         {"max_concurrent_generations": 0},  # a field error
         {"model_kwargs": {"server_env": ["HF_TOKEN=hf_token_456"]}},  # server_env itself is bad
         {"api_key": ["sk-very-secret-123"]},  # api_key itself is bad
+        {"model_kwargs": [("server_env", {"HF_TOKEN": "hf_token_456"})]},  # model_kwargs not a mapping
+        {"endpoint_url": ["http://user:sk-very-secret-123@host/v1"]},  # credentials in a URL
+        {"server_type": "custom", "model_kwargs": {"server_command": "serve --token sk-very-secret-123"}},
     ],
 )
 def test_api_key_and_server_env_never_show_in_validation_errors(overrides):
@@ -153,3 +156,24 @@ def test_concurrent_documents_defaults_to_generations_divided_by_rollouts_at_lea
 
 def test_concurrent_documents_is_max_concurrent_documents_when_set():
     assert make(max_concurrent_documents=7, max_concurrent_generations=100).concurrent_documents == 7
+
+
+def test_a_job_file_section_that_is_not_a_mapping_is_named_without_its_contents(tmp_path):
+    from infermill.jobfile import load_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "input: {path: x.jsonl}\noutput: {path: out}\nrollout: {template: '[[DOCUMENT]]'}\n"
+        "inference:\n- server_type: endpoint\n  api_key: sk-very-secret-123\n"
+    )
+    with pytest.raises(ConfigError, match="inference: Input should be a valid dictionary") as excinfo:
+        load_job(job)
+    assert "sk-very-secret-123" not in str(excinfo.value)
+
+
+def test_a_set_override_that_fails_names_the_key_not_the_value(tmp_path):
+    from infermill.jobfile import apply_override
+
+    with pytest.raises(ConfigError, match="--set inference.model_kwargs.server_env.HF_TOKEN: model_kwargs") as excinfo:
+        apply_override({"inference": {"model_kwargs": None}}, "inference.model_kwargs.server_env.HF_TOKEN=hf_secret")
+    assert "hf_secret" not in str(excinfo.value)

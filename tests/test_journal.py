@@ -125,3 +125,15 @@ async def test_the_summary_counts_each_document_once_and_ignores_a_torn_last_lin
         1,
         1,
     )
+
+
+def test_a_corrupt_record_line_ends_the_log_like_a_torn_one(tmp_path):
+    journal = open_journal(tmp_path)
+    journal.commit(0, b'{"id":"0"}')
+    journal.close()
+    log = journal.layout.chunk_log(0, 0)
+    log.write_bytes(log.read_bytes() + b'{"i":1,"x":{}}\n' + b'{"i":2,"r":{"id":"2"}}\n')
+    resumed = open_journal(tmp_path)  # a resume reads it: the corrupt line and all after it are cut
+    assert resumed.state.done_records == {0}
+    assert log.read_bytes() == b'{"i":0,"r":{"id":"0"}}\n'
+    resumed.close()

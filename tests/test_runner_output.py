@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ECHO_SERVER
 from helpers import FAST, chat, dummy_config, echo_rollout, faulty_config, read_jsonl, run_stats
-from infermill import Document, InferenceConfig, InferenceError, InferenceResult, ServerError
+from infermill import Document, InferenceConfig, InferenceError, InferenceResult, InfermillError, ServerError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
 
@@ -438,3 +438,20 @@ async def test_two_runs_at_once_on_one_runner_keep_their_own_state(tmp_path):
         assert runner.layout.is_rank_complete(rank)
     assert seen_together and all(p.requests_in_flight >= 0 for p in seen_together)
     assert runner.progress().documents_done == 0  # no run in progress any more
+
+
+async def test_one_rank_twice_at_once_on_one_runner_is_refused(tmp_path):
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def rollout(document, generate):
+        started.set()
+        await release.wait()
+        return await generate(chat(document.text))
+
+    runner = InferenceRunner(rollout, dummy_config(), JsonlWriter(str(tmp_path / "out")))
+    first = asyncio.ensure_future(runner.run_async([{"id": "a", "text": "one"}]))
+    await asyncio.wait_for(started.wait(), 10)
+    with pytest.raises(InfermillError, match="rank 0 of this job is already running"):
+        await runner.run_async([{"id": "b", "text": "two"}])
+    release.set()
+    assert (await first)["documents_written"] == 1

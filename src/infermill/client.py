@@ -132,7 +132,8 @@ class OpenAIClient:
                     body = body.replace(self._api_key.encode(), b"***")
                 raise status_error(status, body, response.headers.get("Retry-After"))
         except TimeoutError as e:
-            raise RequestTimeoutError(f"{method} {url}: no reply within the request timeout") from e
+            within = "the request timeout" if timeout is None else f"{timeout:g} s"
+            raise RequestTimeoutError(f"{method} {url}: no reply within {within}") from e
         except aiohttp.ClientError as e:
             refused = isinstance(e, aiohttp.ClientConnectorError) and isinstance(e.os_error, ConnectionRefusedError)
             error = ServerUnreachableError if refused else ServerConnectionError

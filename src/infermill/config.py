@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from infermill.errors import ConfigError
 
-#: fields whose values never appear in an error message
-SECRET_FIELDS = frozenset({"api_key", "server_env"})
+#: fields whose values never appear in an error message: secrets, or what may hold one
+#: (model_kwargs.server_env, credentials in a URL)
+SECRET_FIELDS = frozenset({"api_key", "model_kwargs", "endpoint_url"})
 
 
 def config_error(error: ValidationError, heading: str) -> ConfigError:
@@ -30,9 +31,9 @@ def config_error(error: ValidationError, heading: str) -> ConfigError:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        elif item["type"] != "missing" and "input" in item and not SECRET_FIELDS.intersection(loc):
-            given = item["input"]
-            if not isinstance(given, dict) and item["type"] != "value_error":  # ours name the value themselves
+        elif item["type"] not in ("missing", "value_error") and not SECRET_FIELDS.intersection(loc):
+            given = item.get("input")  # shown when it is one value: a whole section may hold a secret
+            if given is None or isinstance(given, (str, int, float, bool)):  # our own errors name it already
                 message += f" (got {given!r})"
         problems.append((".".join(loc), message))
     lines = [f"  {path}: {message}" if path else f"  {message}" for path, message in problems]

@@ -118,13 +118,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply ``dotted.key=value`` to ``data``; the value is read as YAML (numbers, booleans, lists)."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+        raise ConfigError(f"--set {key!r}: expected dotted.key=value")
     target = data
     parts = key.split(".")
     for part in parts[:-1]:
         target = target.setdefault(part, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+        if not isinstance(target, dict):  # the key only, not the value: it may be a secret
+            raise ConfigError(f"--set {key}: {part} is not a section")
     target[parts[-1]] = yaml.safe_load(raw) if raw else ""
 
 

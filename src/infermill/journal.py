@@ -80,7 +80,9 @@ def read_log(path: Path) -> Iterator[LogLine]:
                 return
             end += len(line)
             if line.startswith(b'{"i":'):
-                comma = line.index(b',"r":', 5)
+                comma = line.find(b',"r":', 5)
+                if comma < 0 or not line[5:comma].isdigit():
+                    return  # not a line commit() wrote: corrupt from here on, like a torn line
                 yield LogLine(int(line[5:comma]), line[comma + 5 : -2], end)
             else:
                 yield LogLine(None, line, end)
@@ -138,11 +140,16 @@ class ChunkJournal:
         documents: set[int] = set()
         cached = 0
         for log in folder.glob("chunk_*.log"):
-            for line in read_log(log):
-                if line.document is None:
-                    cached += 1
-                else:
-                    documents.add(line.document)
+            if log.with_suffix(".done").exists():
+                continue  # finished; its log is about to go
+            try:
+                for line in read_log(log):
+                    if line.document is None:
+                        cached += 1
+                    else:
+                        documents.add(line.document)
+            except FileNotFoundError:  # finalized (and removed) by the running job meanwhile
+                continue
         return RankSummary(
             rank, layout.is_rank_complete(rank), len(list(folder.glob("chunk_*.done"))), len(documents), cached
         )
@@ -205,9 +212,6 @@ class ChunkJournal:
         self.state.cached_replies = len(self._cache)
 
     # -- during the run -----------------------------------------------------------------
-
-    def chunk_of(self, index: int) -> int:
-        return index // self.records_per_chunk
 
     def is_done(self, index: int) -> bool:
         return index // self.records_per_chunk in self.state.done_chunks or index in self.state.done_records

@@ -7,7 +7,7 @@
       logs/                       the server's output (the job file's default server_log_folder)
 
 Checkpoints may live elsewhere (``checkpoint.dir``): they must be local, so a remote
-output needs one, and then the rest goes beside it.
+output needs one, and then the job's other files go into that folder too.
 """
 
 from __future__ import annotations
@@ -21,21 +21,26 @@ from infermill.errors import ConfigError
 INFERMILL_DIR = "_infermill"
 
 
+LOCAL_PROTOCOLS = ("file://", "local://")  # fsspec's names for the local file system
+
+
 def is_remote(path: str) -> bool:
     """Whether ``path`` is a URL of a file system other than the local one."""
-    return "://" in path and not path.startswith("file://")
+    return "://" in path and not path.startswith(LOCAL_PROTOCOLS)
 
 
 def local_path(path: str) -> str:
     """A local path or ``file://`` URL as an absolute path, ``~`` expanded."""
-    return os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+    for protocol in LOCAL_PROTOCOLS:
+        path = path.removeprefix(protocol)
+    return os.path.abspath(os.path.expanduser(path))
 
 
 @dataclass(frozen=True, slots=True)
 class JobLayout:
     """The paths of one job's own files (see the module docstring)."""
 
-    root: Path  # OUTPUT/_infermill, or the folder above ``checkpoints`` for a remote output
+    root: Path  # OUTPUT/_infermill, or ``checkpoints`` itself for a remote output
     checkpoints: Path
 
     @classmethod
@@ -50,12 +55,13 @@ class JobLayout:
             checkpoints = Path(local_path(checkpoints_dir))
         elif is_remote(output_folder):
             raise ConfigError(
-                f"the output {output_folder} is remote: set checkpoint.dir (checkpoints_local_dir in Python) to a "
-                "local folder, so that a killed job can resume"
+                f"the output {output_folder} is remote: its checkpoints need a local folder, so that a killed job "
+                "can resume: set checkpoint.dir in the job file (checkpoints_local_dir in Python; --checkpoints "
+                "for infermill status)"
             )
         else:
             checkpoints = Path(local_path(output_folder)) / INFERMILL_DIR / "checkpoints"
-        root = checkpoints.parent if is_remote(output_folder) else Path(local_path(output_folder)) / INFERMILL_DIR
+        root = checkpoints if is_remote(output_folder) else Path(local_path(output_folder)) / INFERMILL_DIR
         return cls(root, checkpoints)
 
     @property

@@ -35,7 +35,8 @@ GIVE_UP = RetryDecision(RetryAction.GIVE_UP)
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter, capped; a server's ``Retry-After`` wins.
+    """Exponential backoff, capped, with jitter (a random delay between half the step and the
+    step); a server's ``Retry-After`` wins.
 
     ``max_attempts`` counts the attempts the server could have answered: a request lost
     because its server failed (or sent while it was being restarted) is retried on the

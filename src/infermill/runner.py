@@ -24,6 +24,7 @@ from infermill.config import InferenceConfig
 from infermill.errors import (
     BadRequestError,
     InferenceError,
+    InfermillError,
     RequestError,
     RetryableError,
     ServerError,
@@ -194,6 +195,11 @@ class InferenceRunner:
     ) -> dict[str, Any]:
         """Like :meth:`run`, in a running event loop. ``server``: an already started server to use
         (its owner stops it); by default one is made from the config, started and stopped here."""
+        if any(run.rank == rank for run in self._runs):
+            raise InfermillError(
+                f"rank {rank} of this job is already running on this runner: two runs of one rank would write "
+                "the same checkpoint; run another rank, or wait for this one to finish"
+            )
         journal = ChunkJournal(self.layout, rank, self.records_per_chunk, self.output_writer)
         state = journal.open(self._identity(rank, world_size), overwrite=self.overwrite)
         if state.complete is not None:
@@ -225,12 +231,14 @@ class InferenceRunner:
         finally:
             self._runs.remove(run)
             run.stats.inference_time_sec = time.perf_counter() - run.started
-            journal.close()
-            run.close()
             stats = run.stats.to_dict()
-            if completed:
-                journal.mark_complete(stats)
-            self._write_stats(rank, world_size, stats)
+            try:
+                journal.close()  # raises if a checkpoint write failed: the run is then not complete
+                if completed:
+                    journal.mark_complete(stats)
+            finally:
+                run.close()
+                self._write_stats(rank, world_size, stats)
         logger.info("rank %d done: %s", rank, run.stats.summary())
         return stats
 
@@ -485,9 +493,9 @@ async def _run_all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(coroutine) for coroutine in coroutines]
     except BaseExceptionGroup as failed:
-        error: BaseException = failed
+        first, *others = failed.exceptions  # the group's own: an ExceptionGroup a task raised stays whole
     else:
         return [task.result() for task in tasks]
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    raise error
+    for other in others:
+        logger.debug("also failed at the same time: %r", other)
+    raise first

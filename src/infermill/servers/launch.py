@@ -54,9 +54,9 @@ def parse_launch(
         or not command
         or not all(isinstance(part, str) for part in command)
     ):
-        raise ValueError(
-            f"model_kwargs.server_command must be a non-empty list of strings (an argv), e.g. ['my-server', "
-            f"'--model', 'x']; got {command!r}"
+        raise ValueError(  # its type, not its value: an argv may hold a token
+            "model_kwargs.server_command must be a non-empty list of strings (an argv), e.g. ['my-server', "
+            f"'--model', 'x']; got a {type(command).__name__}"
         )
     for key in ("server_script", "server_module"):
         if kwargs.get(key) is not None and not isinstance(kwargs[key], str):

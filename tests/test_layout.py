@@ -1,0 +1,43 @@
+"""JobLayout: where a job's own files go, for local and remote outputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from infermill.errors import ConfigError
+from infermill.io.writers import JsonlWriter
+from infermill.layout import JobLayout
+
+
+@pytest.mark.parametrize("output", ["out", "~/infermill-layout-out", "file:///tmp/abs/out", "local:///tmp/abs/out"])
+def test_a_local_output_keeps_everything_in_its_own_infermill_folder(tmp_path, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    layout = JobLayout.for_output(output)
+    assert str(layout.root.parent) == JsonlWriter(output).root  # beside the data files, wherever fsspec puts them
+    assert layout.checkpoints == layout.root / "checkpoints"
+    assert layout.stats_file(0, 1) == layout.root / "stats.json"
+    assert layout.stats_file(3, 4) == layout.root / "stats_rank_00003.json"
+    assert layout.failures_file(2) == layout.root / "failures_rank_00002.jsonl"
+    assert layout.logs == layout.root / "logs"
+    assert layout.identity_file(1) == layout.root / "checkpoints" / "rank_00001" / "identity.json"
+
+
+def test_a_remote_output_keeps_its_files_in_the_local_checkpoint_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="s3://bucket/out is remote.*checkpoint.dir"):
+        JobLayout.for_output("s3://bucket/out")
+    layout = JobLayout.for_output("s3://bucket/out", "ckpt")
+    assert layout.root == layout.checkpoints == tmp_path / "ckpt"  # not the current folder itself
+    assert layout.stats_file(0, 1) == tmp_path / "ckpt" / "stats.json"
+    with pytest.raises(ConfigError, match="must be a local folder"):
+        JobLayout.for_output("out", "s3://bucket/ckpt")
+
+
+def test_ranks_lists_the_checkpoint_folders_in_order(tmp_path):
+    layout = JobLayout.for_output(str(tmp_path / "out"))
+    for rank in (2, 0, 11):
+        os.makedirs(layout.rank_dir(rank))
+    (layout.checkpoints / "rank_notes").mkdir()
+    assert layout.ranks() == [0, 2, 11]
