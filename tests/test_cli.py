@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from conftest import ECHO_SERVER, PYTHON, ROOT, SCRIPTS, TAG_VARIABLE, _tagged_processes
-from helpers import FAULTY_SERVER, read_jsonl, run_stats, running, server_stats
+from helpers import FAULTY_SERVER, read_jsonl, run_stats, running, server_stats, wait_until
 
 SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
 SAMPLE_DOCS = 60
@@ -229,6 +229,28 @@ def test_set_overrides_keys(tmp_path):
     assert stats["documents_processed"] == 5 and stats["documents_read"] == 5, stats
     server = server_stats(tmp_path / "server_stats.json")
     assert server["requests"] == 5 and 2 <= server["max_in_flight"] <= 4, server
+
+
+def test_a_second_run_of_the_same_rank_is_refused_at_once_and_the_first_completes(tmp_path):
+    stats_file = tmp_path / "server_stats.json"
+    faulty = {"server_script": str(FAULTY_SERVER), "stats_file": str(stats_file), "directives": "sleep:0.2"}
+    job = write_job(tmp_path, job_spec(tmp_path, model_kwargs=faulty, max_concurrent_generations=4))  # ~3 s
+    first = subprocess.Popen([PYTHON, "-m", "infermill", "run", str(job)], cwd=tmp_path, env=cli_env(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_until(lambda: stats_file.exists() and server_stats(stats_file)["requests"] > 0, TIMEOUT, "a request")
+        server_pid = server_stats(stats_file)["pid"]
+        second = infermill(tmp_path, "run", str(job))
+        _, err = first.communicate(timeout=TIMEOUT)
+    finally:
+        first.kill()
+    assert second.returncode == 1, output_of(second)
+    assert "another infermill run (pid" in second.stderr and "running rank 0 of this job" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, err[-3000:]
+    assert server_stats(stats_file)["pid"] == server_pid  # the second launched no server of its own
+    ids = [r["id"] for p in (tmp_path / "out").glob("*.jsonl") for r in read_jsonl(p)]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == SAMPLE_DOCS
 
 
 # -- 2. run -----------------------------------------------------------------------------

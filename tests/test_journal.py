@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import orjson
 import pytest
@@ -137,3 +138,18 @@ def test_a_corrupt_record_line_ends_the_log_like_a_torn_one(tmp_path):
     assert resumed.state.done_records == {0}
     assert log.read_bytes() == b'{"i":0,"r":{"id":"0"}}\n'
     resumed.close()
+
+
+def test_a_rank_takes_one_writer_at_a_time_and_a_closed_journal_lets_the_next_one_in(tmp_path):
+    from infermill.errors import CheckpointBusyError
+
+    first = open_journal(tmp_path)
+    second = ChunkJournal(first.layout, 0, 10, JsonlWriter(str(tmp_path / "out")))
+    with pytest.raises(CheckpointBusyError, match=rf"another infermill run \(pid {os.getpid()}\) is running rank 0"):
+        second.open(IDENTITY)
+    other_rank = ChunkJournal(first.layout, 1, 10, JsonlWriter(str(tmp_path / "out")))
+    other_rank.open(IDENTITY)  # another rank of the same job is fine
+    other_rank.close()
+    first.close()
+    second.open(IDENTITY)
+    second.close()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import orjson
 
-from infermill.errors import ConfigError, InferenceError, InfermillError, ServerError
+from infermill.errors import CheckpointBusyError, ConfigError, InferenceError, InfermillError, ServerError
 from infermill.eventloop import run_coroutine
 from infermill.jobfile import JobConfig, load_job
 
@@ -139,6 +139,16 @@ def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, w
     if job.inference.server_log_folder is None:  # a job keeps its server's output with its other files
         job.inference.server_log_folder = str(layout.logs)
     launch_early = overwrite or not layout.is_rank_complete(rank)  # a finished rank launches nothing
+    if launch_early:  # a rank another run is writing launches nothing either (the runner takes the lock)
+        from infermill.layout import RankLock
+
+        probe = RankLock(layout, rank)
+        try:
+            probe.acquire()
+        except CheckpointBusyError as e:
+            _error(e)
+            raise SystemExit(EXIT_FAILED) from None
+        probe.release()
 
     async def go() -> dict[str, Any]:
         # The server is launched first and boots while the rest of infermill (aiohttp, fsspec,
@@ -172,6 +182,9 @@ def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, w
     except ConfigError as e:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
+    except CheckpointBusyError as e:
+        _error(e)
+        raise SystemExit(EXIT_FAILED) from None
     except (ServerError, InferenceError, InfermillError) as e:
         _error(e)
         _console().print("The checkpoint is saved: fix the cause and run the same command to resume.")

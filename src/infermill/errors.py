@@ -23,6 +23,10 @@ class ConfigError(InfermillError, ValueError):
         self.problems = problems
 
 
+class CheckpointBusyError(InfermillError):
+    """Another run is writing the same checkpoint (the same job and rank) right now."""
+
+
 class ServerError(InfermillError):
     """The inference server could not start, died, or is otherwise unusable.
 

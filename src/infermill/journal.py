@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 
 from infermill.errors import ConfigError, InfermillError
+from infermill.layout import RankLock
 
 if TYPE_CHECKING:
     from infermill.io.writers import OutputWriter
@@ -132,6 +133,7 @@ class ChunkJournal:
         self._pending: dict[int, list[tuple[Request, Any]]] = {}  # replies of unfinished records, not yet written
         self._flush_scheduled = False
         self._failure: Exception | None = None  # of a flush, raised by the next call that can
+        self._lock = RankLock(layout, rank)
 
     @staticmethod
     def summary(layout: JobLayout, rank: int) -> RankSummary:
@@ -157,7 +159,16 @@ class ChunkJournal:
     # -- opening ------------------------------------------------------------------------
 
     def open(self, identity: dict[str, Any], overwrite: bool = False) -> ResumeState:
-        """Check the job's identity against the checkpoint and load what was done."""
+        """Lock the rank's checkpoint, check the job's identity against it and load what was
+        done. :meth:`close` releases the lock."""
+        self._lock.acquire()
+        try:
+            return self._open(identity, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, identity: dict[str, Any], overwrite: bool) -> ResumeState:
         if overwrite and self.dir.exists():
             shutil.rmtree(self.dir)
             self.writer.remove_rank_files(self.rank)
@@ -327,17 +338,24 @@ class ChunkJournal:
     def mark_complete(self, summary: dict[str, Any]) -> None:
         _write_atomic(self.layout.complete_file(self.rank), orjson.dumps(summary, option=orjson.OPT_INDENT_2))
 
-    def close(self) -> None:
-        """Write what is pending and close the logs; raise if any write failed."""
-        self.flush()
-        for chunk in list(self._chunks.values()):  # a finalizing thread may still pop from it
-            if chunk.file is not None:
-                try:
-                    chunk.file.close()
-                except OSError as e:
-                    self._failure = self._failure or e
-                chunk.file = None
-        self._raise_if_failed()
+    def close(self, complete: dict[str, Any] | None = None) -> None:
+        """Write what is pending and close the logs; if every write succeeded, mark the rank
+        complete with ``complete`` (its stats) when given; release the lock. Raise if a write
+        failed."""
+        try:
+            self.flush()
+            for chunk in list(self._chunks.values()):  # a finalizing thread may still pop from it
+                if chunk.file is not None:
+                    try:
+                        chunk.file.close()
+                    except OSError as e:
+                        self._failure = self._failure or e
+                    chunk.file = None
+            self._raise_if_failed()
+            if complete is not None:
+                self.mark_complete(complete)
+        finally:
+            self._lock.release()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -2,6 +2,7 @@
 
     OUTPUT/_infermill/
       checkpoints/rank_RRRRR/     identity.json, complete.json, chunk_CCCCC.log / .done
+      checkpoints/rank_RRRRR.lock held (flock) by the run writing that rank
       stats.json                  (stats_rank_RRRRR.json when there are several ranks)
       failures_rank_RRRRR.jsonl   documents skipped or failed, with the reason
       logs/                       the server's output (the job file's default server_log_folder)
@@ -12,11 +13,13 @@ output needs one, and then the job's other files go into that folder too.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from infermill.errors import ConfigError
+from infermill.errors import CheckpointBusyError, ConfigError
 
 INFERMILL_DIR = "_infermill"
 
@@ -76,6 +79,10 @@ class JobLayout:
         found = (path.name.removeprefix("rank_") for path in self.checkpoints.glob("rank_*"))
         return sorted(int(name) for name in found if name.isdigit())
 
+    def lock_file(self, rank: int) -> Path:
+        """Held (flock) by the run writing rank ``rank``; beside its folder, which --overwrite deletes."""
+        return self.checkpoints / f"rank_{rank:05d}.lock"
+
     def identity_file(self, rank: int) -> Path:
         return self.rank_dir(rank) / "identity.json"
 
@@ -99,3 +106,40 @@ class JobLayout:
 
     def is_rank_complete(self, rank: int) -> bool:
         return self.complete_file(rank).exists()
+
+
+class RankLock:
+    """One rank's checkpoint, locked for the run that writes it: a second run of the same job
+    and rank is refused at once. The lock is ``flock``'s, so the OS drops it when its holder
+    exits, however it dies: a killed run never leaves it behind."""
+
+    def __init__(self, layout: JobLayout, rank: int):
+        self.path = layout.lock_file(rank)
+        self.rank = rank
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ``CheckpointBusyError`` naming the run that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")  # noqa: SIM115 -- held open as long as the lock
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "?"
+            file.close()
+            raise CheckpointBusyError(
+                f"another infermill run (pid {holder}) is running rank {self.rank} of this job: its checkpoint in "
+                f"{self.path.parent} takes one writer at a time. Wait for that run to finish (or stop it), or run "
+                "another rank."
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the lock
+            self._file = None

@@ -208,6 +208,7 @@ class InferenceRunner:
                 rank,
                 state.complete.get("documents_processed", "?"),
             )
+            journal.close()
             return {**state.complete, "already_complete": True}
         if state.done_chunks or state.done_records:
             logger.info(
@@ -232,10 +233,8 @@ class InferenceRunner:
             self._runs.remove(run)
             run.stats.inference_time_sec = time.perf_counter() - run.started
             stats = run.stats.to_dict()
-            try:
-                journal.close()  # raises if a checkpoint write failed: the run is then not complete
-                if completed:
-                    journal.mark_complete(stats)
+            try:  # complete only if every checkpoint write succeeded; raises if one failed
+                journal.close(complete=stats if completed else None)
             finally:
                 run.close()
                 self._write_stats(rank, world_size, stats)
