@@ -253,6 +253,36 @@ def test_a_second_run_of_the_same_rank_is_refused_at_once_and_the_first_complete
     assert sorted(ids) == sorted(set(ids)) and len(ids) == SAMPLE_DOCS
 
 
+def test_a_resume_over_changed_input_files_is_refused_naming_them(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    first = folder / "a.jsonl"
+    first.write_text("".join(json.dumps({"id": f"a{i}", "text": f"doc a{i}"}) + "\n" for i in range(10)))
+    spec = job_spec(tmp_path)
+    spec["input"]["path"] = str(folder / "*.jsonl")
+    job = write_job(tmp_path, spec)
+    assert infermill(tmp_path, "run", str(job)).returncode == 0
+
+    added = folder / "b.jsonl"  # the glob now matches a second file: resuming would skip or repeat documents
+    added.write_text(json.dumps({"id": "b0", "text": "doc b0"}) + "\n")
+    result = infermill(tmp_path, "run", str(job))
+    assert result.returncode == 2, output_of(result)
+    assert f"input files added: {added}" in result.stderr and "--overwrite" in result.stderr, output_of(result)
+
+    added.unlink()
+    with first.open("a") as f:  # the same file, grown
+        f.write(json.dumps({"id": "a10", "text": "doc a10"}) + "\n")
+    result = infermill(tmp_path, "run", str(job))
+    assert result.returncode == 2, output_of(result)
+    assert f"input files changed since the checkpoint was written: {first}" in result.stderr, output_of(result)
+
+    result = infermill(tmp_path, "run", str(job), "--overwrite")
+    assert result.returncode == 0, output_of(result)
+    assert sorted(r["id"] for p in (tmp_path / "out").glob("*.jsonl") for r in read_jsonl(p)) == sorted(
+        [f"a{i}" for i in range(11)]
+    )
+
+
 # -- 2. run -----------------------------------------------------------------------------
 
 

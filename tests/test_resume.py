@@ -428,8 +428,10 @@ def test_a_bad_record_late_in_the_input_keeps_the_finished_chunks(tmp_path):
     kept = [record["id"] for name in files for record in read_jsonl(job.output / name)]
     assert len(kept) == len(set(kept)) and set(job.ids[:275]) <= set(kept)
 
-    _with_bad_lines(job, {300: good_line})  # fixed: the same command resumes
-    output = job.run_ok()
+    _with_bad_lines(job, {300: good_line})  # fixed in place: the input changed, and the user says so
+    refused = job.run()
+    assert refused.returncode == 2 and "--accept-changed-input" in refused.stderr, refused.stderr[-2000:]
+    output = job.run_ok("--accept-changed-input")
     job.check_exactly_once()
     assert job.stats()["documents_resumed"] >= 275, output
 

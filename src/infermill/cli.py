@@ -121,9 +121,21 @@ def main(verbose: bool) -> None:
     help="Override a job file key, e.g. inference.max_concurrent_generations=64.",
 )
 @click.option("--overwrite", is_flag=True, help="Discard this job's checkpoint and outputs and start over.")
+@click.option(
+    "--accept-changed-input",
+    is_flag=True,
+    help="Resume although input files changed (records fixed in place: the same records, in the same order).",
+)
 @click.option("--rank", type=int, default=0, show_default=True, help="This process's rank.")
 @click.option("--world-size", type=int, default=None, help="Number of ranks (default: runner.world_size).")
-def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, world_size: int | None) -> None:
+def run(
+    job_file: str,
+    overrides: tuple[str, ...],
+    overwrite: bool,
+    accept_changed_input: bool,
+    rank: int,
+    world_size: int | None,
+) -> None:
     """Run the job in JOB_FILE to completion (or resume it)."""
     from infermill.servers import create_server
 
@@ -163,7 +175,8 @@ def run(job_file: str, overrides: tuple[str, ...], overwrite: bool, rank: int, w
             from infermill.progress import show_progress
 
             try:
-                runner, reader = build_runner(job, overwrite=overwrite), build_reader(job)
+                reader = build_reader(job)
+                runner = build_runner(job, reader, overwrite, accept_changed_input)
             except InfermillError as e:  # a job that cannot be set up is a usage error, like a bad job file
                 raise ConfigError(str(e)) from None
             progress = asyncio.create_task(

@@ -32,7 +32,11 @@ def build_rollout(job: JobConfig) -> Any:
     return PromptRollout(job.inference.use_chat, r.template, r.prompt_key, r.messages_key, r.system_prompt)
 
 
-def build_runner(job: JobConfig, overwrite: bool = False) -> InferenceRunner:
+def build_runner(
+    job: JobConfig, reader: DocumentReader, overwrite: bool = False, accept_changed_input: bool = False
+) -> InferenceRunner:
+    """The job's runner; its identity includes the files ``reader`` reads, with their sizes and
+    modification times, so that a resume over changed input is refused."""
     return InferenceRunner(
         build_rollout(job),
         job.inference,
@@ -41,6 +45,10 @@ def build_runner(job: JobConfig, overwrite: bool = False) -> InferenceRunner:
         records_per_chunk=job.checkpoint.records_per_chunk,
         metadata_key=job.runner.metadata_key,
         skip_bad_requests=job.runner.skip_bad_requests,
-        job_identity={"input": job.input.model_dump(mode="json", exclude={"limit"})},
+        job_identity={
+            "input": job.input.model_dump(mode="json", exclude={"limit"}),
+            "input_files": reader.fingerprint(),
+        },
         overwrite=overwrite,
+        accept_changed_input=accept_changed_input,
     )

@@ -55,8 +55,35 @@ def request_key(request: Request) -> str:
 
 
 def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(recorded) | set(current))
-    return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys if recorded.get(k) != current.get(k)]
+    """What differs between the job a checkpoint was written by and the current one, a line each."""
+    changes = []
+    for key in sorted(set(recorded) | set(current)):
+        if key == "input_files":
+            if key in recorded:  # (a checkpoint from before input files were recorded has none)
+                changes += _input_file_changes(recorded[key], current.get(key) or [])
+        elif recorded.get(key) != current.get(key):
+            changes.append(f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}")
+    return changes
+
+
+def _input_file_changes(recorded: list[list[Any]], current: list[list[Any]]) -> list[str]:
+    """The input files added, removed or changed (size or modification time), named."""
+    before = {url: (size, modified) for url, size, modified in recorded}
+    after = {url: (size, modified) for url, size, modified in current}
+
+    def named(urls: list[str]) -> str:
+        return ", ".join(urls[:5]) + (f" and {len(urls) - 5} more" if len(urls) > 5 else "")
+
+    lines = []
+    if added := [url for url in after if url not in before]:
+        lines.append(f"input files added: {named(added)}")
+    if removed := [url for url in before if url not in after]:
+        lines.append(f"input files gone: {named(removed)}")
+    changed = [url for url in after if url in before and after[url] != before[url]]
+    if changed:
+        sizes = "; ".join(f"{url}: {before[url][0]} -> {after[url][0]} bytes" for url in changed[:5])
+        lines.append(f"input files changed since the checkpoint was written: {named(changed)} ({sizes})")
+    return lines
 
 
 class LogLine(NamedTuple):
@@ -158,17 +185,20 @@ class ChunkJournal:
 
     # -- opening ------------------------------------------------------------------------
 
-    def open(self, identity: dict[str, Any], overwrite: bool = False) -> ResumeState:
+    def open(
+        self, identity: dict[str, Any], overwrite: bool = False, accept_changed_input: bool = False
+    ) -> ResumeState:
         """Lock the rank's checkpoint, check the job's identity against it and load what was
-        done. :meth:`close` releases the lock."""
+        done. :meth:`close` releases the lock. ``accept_changed_input``: resume although input
+        files changed (records fixed in place: the same records, in the same order)."""
         self._lock.acquire()
         try:
-            return self._open(identity, overwrite)
+            return self._open(identity, overwrite, accept_changed_input)
         except BaseException:
             self._lock.release()
             raise
 
-    def _open(self, identity: dict[str, Any], overwrite: bool) -> ResumeState:
+    def _open(self, identity: dict[str, Any], overwrite: bool, accept_changed_input: bool) -> ResumeState:
         if overwrite and self.dir.exists():
             shutil.rmtree(self.dir)
             self.writer.remove_rank_files(self.rank)
@@ -177,15 +207,27 @@ class ChunkJournal:
         if identity_path.exists():
             recorded = orjson.loads(identity_path.read_bytes())
             changes = identity_differences(recorded, identity)
-            if changes:
+            only_input = changes and not identity_differences(
+                {**recorded, "input_files": identity.get("input_files")}, identity
+            )
+            if changes and not (only_input and accept_changed_input):
+                hint = (
+                    " If you only fixed records in place (the same records, in the same order), resume with "
+                    "--accept-changed-input."
+                    if only_input
+                    else ""
+                )
                 raise ConfigError(
                     f"the checkpoint in {self.dir} belongs to a different job; what changed:\n  "
                     + "\n  ".join(changes)
                     + "\nRun the original job to finish it, or start over with --overwrite "
-                    "(overwrite=True), which deletes this rank's checkpoint and output files."
+                    f"(overwrite=True), which deletes this rank's checkpoint and output files.{hint}"
                 )
+            if changes:
+                logger.warning("resuming over changed input, as asked: %s", "; ".join(changes))
+                self._write_identity(identity)
         else:
-            _write_atomic(identity_path, orjson.dumps(identity, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+            self._write_identity(identity)
         complete = self.layout.complete_file(self.rank)
         if complete.exists():
             self.state.complete = orjson.loads(complete.read_bytes())
@@ -202,6 +244,10 @@ class ChunkJournal:
             path.unlink()
         self.writer.remove_temp_files(self.rank)  # a chunk file being written when a run was killed
         return self.state
+
+    def _write_identity(self, identity: dict[str, Any]) -> None:
+        data = orjson.dumps(identity, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        _write_atomic(self.layout.identity_file(self.rank), data)
 
     def _load_log(self, chunk_index: int, path: Path) -> None:
         chunk = self._chunks[chunk_index] = _Chunk(chunk_index)

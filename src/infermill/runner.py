@@ -136,6 +136,8 @@ class InferenceRunner:
             instead of failing the job.
         job_identity: what else identifies the job (its input), checked when a run resumes.
         overwrite: discard the checkpoint and output files of an earlier run and start over.
+        accept_changed_input: resume although the input files changed since the checkpoint was
+            written (for records fixed in place: the same records, in the same order).
 
     The runner holds configuration only: each :meth:`run_async` call keeps its state in its
     own run, so that several (e.g. two ranks) can run at once on one runner.
@@ -153,6 +155,7 @@ class InferenceRunner:
         skip_bad_requests: bool = False,
         job_identity: dict[str, Any] | None = None,
         overwrite: bool = False,
+        accept_changed_input: bool = False,
     ):
         if records_per_chunk <= 0:
             raise ValueError(f"records_per_chunk must be > 0, got {records_per_chunk}")
@@ -166,6 +169,7 @@ class InferenceRunner:
         self.skip_bad_requests = skip_bad_requests
         self.job_identity = dict(job_identity or {})
         self.overwrite = overwrite
+        self.accept_changed_input = accept_changed_input
         self.retry_policy = RetryPolicy.from_config(config)
         self._runs: list[_Run] = []  # the runs in progress
 
@@ -201,7 +205,7 @@ class InferenceRunner:
                 "the same checkpoint; run another rank, or wait for this one to finish"
             )
         journal = ChunkJournal(self.layout, rank, self.records_per_chunk, self.output_writer)
-        state = journal.open(self._identity(rank, world_size), overwrite=self.overwrite)
+        state = journal.open(self._identity(rank, world_size), self.overwrite, self.accept_changed_input)
         if state.complete is not None:
             logger.info(
                 "rank %d is already complete (%s documents); nothing to do",

@@ -156,6 +156,20 @@ class DocumentReader:
         self.limit = limit
         self.on_bad_record = on_bad_record
 
+    def fingerprint(self) -> list[list[Any]]:
+        """``[url, size in bytes, modification time]`` of every input file (a saved dataset folder:
+        its total size), to tell on a resume whether the input is still the same."""
+        import fsspec
+
+        found = []
+        for url in self.files:
+            fs, path = fsspec.core.url_to_fs(url)
+            info = fs.info(path)
+            size = fs.du(path) if info.get("type") == "directory" else info.get("size")
+            modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+            found.append([url, size, modified if isinstance(modified, (int, float, str)) else str(modified)])
+        return found
+
     def read(self, rank: int = 0, world_size: int = 1) -> Iterator[Document | BadRecord]:
         by_file = len(self.files) >= world_size
         files = self.files[rank::world_size] if by_file else self.files
