@@ -27,6 +27,7 @@ import yaml
 
 from conftest import ECHO_SERVER, PYTHON, ROOT, SCRIPTS, TAG_VARIABLE, _tagged_processes
 from helpers import FAULTY_SERVER, read_jsonl, run_stats, running, server_stats, wait_until
+from infermill.servers import find_free_port
 
 SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
 SAMPLE_DOCS = 60
@@ -283,6 +284,20 @@ def test_a_resume_over_changed_input_files_is_refused_naming_them(tmp_path):
     )
 
 
+def test_overwrite_deletes_the_files_the_job_wrote_and_no_other(tmp_path):
+    job = write_job(tmp_path, job_spec(tmp_path))  # 60 documents, 20 a chunk: 00000_0000[0-2].jsonl
+    assert infermill(tmp_path, "run", str(job)).returncode == 0
+    out = tmp_path / "out"
+    mine = {"00000_notes.jsonl": "a user's notes\n", "00000_00009.jsonl": "no chunk of this job\n"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    result = infermill(tmp_path, "run", str(job), "--overwrite", "--set", "input.limit=30")  # 2 chunks this time
+    assert result.returncode == 0, output_of(result)
+    assert {name: (out / name).read_text() for name in mine} == mine
+    assert sorted(p.name for p in out.glob("00000_0000?.jsonl")) == ["00000_00000.jsonl", "00000_00001.jsonl",
+                                                                       "00000_00009.jsonl"]  # fmt: skip
+
+
 # -- 2. run -----------------------------------------------------------------------------
 
 
@@ -414,6 +429,36 @@ def _pump(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line)
     lines.put(None)
+
+
+def test_serve_of_an_endpoint_never_prints_the_users_api_key(tmp_path):
+    port = find_free_port()
+    echo = subprocess.Popen([PYTHON, str(ECHO_SERVER), "--port", str(port)], env=cli_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    spec = job_spec(tmp_path)
+    spec["inference"] = {"server_type": "endpoint", "endpoint_url": f"http://127.0.0.1:{port}/v1",
+                         "model_name_or_path": "echo", **FAST}  # fmt: skip
+    job = write_job(tmp_path, spec)
+    env = {**cli_env(tmp_path), "OPENAI_API_KEY": "sk-users-own-secret"}
+    serve = subprocess.Popen([PYTHON, "-m", "infermill", "serve", str(job)], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_pump, args=(serve.stdout, lines), daemon=True).start()
+        seen = []
+        while not any("server ready" in line for line in seen):
+            line = lines.get(timeout=TIMEOUT)
+            assert line is not None, f"serve exited before ready: {seen}"
+            seen.append(line)
+        serve.send_signal(signal.SIGINT)
+        _, err = serve.communicate(timeout=15)
+        while (line := lines.get(timeout=5)) is not None:  # everything it printed, to the end
+            seen.append(line)
+    finally:
+        serve.kill()
+        echo.kill()
+        echo.wait()
+    assert "sk-users-own-secret" not in "".join(seen) + err
 
 
 def test_serve_until_sigint(tmp_path):

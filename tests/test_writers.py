@@ -137,8 +137,14 @@ def test_leftover_temporary_files_are_removed_for_one_rank_only(tmp_path):
     (tmp_path / "00001_00001.jsonl.gz.1234abcd.tmp").write_bytes(b"another rank's")
     writer.remove_temp_files(0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000_00000.jsonl.gz", "00001_00001.jsonl.gz.1234abcd.tmp"]
-    writer.remove_rank_files(1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000_00000.jsonl.gz"]
+    (tmp_path / "00000_notes.jsonl.gz.mine.tmp").write_bytes(b"a user's own file")
+    writer.remove_temp_files(0)
+    writer.remove_chunk_file(0, 0)
+    writer.remove_chunk_file(0, 7)  # not there: nothing to do
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000_notes.jsonl.gz.mine.tmp",
+        "00001_00001.jsonl.gz.1234abcd.tmp",
+    ]
 
 
 # -- Parquet --------------------------------------------------------------------------------

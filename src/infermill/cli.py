@@ -225,7 +225,7 @@ def serve(job_file: str, overrides: tuple[str, ...]) -> None:
             await server.wait_until_ready()
             click.echo(f"server ready: {server.base_url}/v1 (model {job.inference.model_name_or_path})")
             key = server.client_api_key()
-            if key:
+            if key and server.launches_process:  # a key made for this run; never the user's own
                 click.echo(f"API key for this run: {key}")
             while True:  # until Ctrl-C, or wait_until_ready raises once the server failed for good
                 await asyncio.sleep(1.0)

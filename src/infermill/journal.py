@@ -200,8 +200,7 @@ class ChunkJournal:
 
     def _open(self, identity: dict[str, Any], overwrite: bool, accept_changed_input: bool) -> ResumeState:
         if overwrite and self.dir.exists():
-            shutil.rmtree(self.dir)
-            self.writer.remove_rank_files(self.rank)
+            self._discard()
         self.dir.mkdir(parents=True, exist_ok=True)
         identity_path = self.layout.identity_file(self.rank)
         if identity_path.exists():
@@ -244,6 +243,17 @@ class ChunkJournal:
             path.unlink()
         self.writer.remove_temp_files(self.rank)  # a chunk file being written when a run was killed
         return self.state
+
+    def _discard(self) -> None:
+        """Delete this rank's checkpoint and the data files it records, and no other file. In an
+        order that a kill at any moment leaves resumable: first the completion mark, then each
+        chunk's file before its mark."""
+        self.layout.complete_file(self.rank).unlink(missing_ok=True)
+        for mark in sorted(self.dir.glob("chunk_*.done")):
+            self.writer.remove_chunk_file(self.rank, int(mark.stem.split("_")[1]))
+            mark.unlink()
+        shutil.rmtree(self.dir)
+        self.writer.remove_temp_files(self.rank)
 
     def _write_identity(self, identity: dict[str, Any]) -> None:
         data = orjson.dumps(identity, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)

@@ -84,17 +84,17 @@ class OutputWriter:
     def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
         raise NotImplementedError
 
-    def remove_rank_files(self, rank: int) -> None:
-        """Delete this rank's data files (for starting a job over)."""
-        pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index="*")
-        for path in self.fs.glob(f"{self.root}/{pattern}"):
+    def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
+        """Delete one chunk's data file, if it is there (for starting a job over)."""
+        path = f"{self.root}/{self.filename(rank, chunk_index)}"
+        if self.fs.exists(path):
             self.fs.rm(path)
-        self.remove_temp_files(rank)
 
     def remove_temp_files(self, rank: int) -> None:
-        """Delete this rank's temporary files left by a run killed while writing a chunk."""
+        """Delete this rank's temporary files left by a run killed while writing a chunk: the
+        names :meth:`write_chunk` gives them (``NAME.<8 hex digits>.tmp``), nothing else."""
         pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index="*")
-        for path in self.fs.glob(f"{self.root}/{pattern}.*.tmp"):
+        for path in self.fs.glob(f"{self.root}/{pattern}.????????.tmp"):
             self.fs.rm(path)
 
 
