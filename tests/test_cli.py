@@ -298,6 +298,20 @@ def test_overwrite_deletes_the_files_the_job_wrote_and_no_other(tmp_path):
                                                                        "00000_00009.jsonl"]  # fmt: skip
 
 
+def test_a_truncated_compressed_input_fails_the_job_naming_the_file(tmp_path):
+    import zstandard
+
+    data = zstandard.ZstdCompressor().compress(SAMPLE.read_bytes())
+    cut = tmp_path / "sample.jsonl.zst"
+    cut.write_bytes(data[: len(data) // 10])  # inside the first block: it used to read as 0 documents
+    spec = job_spec(tmp_path)
+    spec["input"]["path"] = str(cut)
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 1, output_of(result)
+    assert str(cut) in result.stderr and "truncated" in result.stderr, output_of(result)
+    assert not (tmp_path / "out" / "_infermill" / "checkpoints" / "rank_00000" / "complete.json").exists()
+
+
 # -- 2. run -----------------------------------------------------------------------------
 
 

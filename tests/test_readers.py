@@ -344,3 +344,52 @@ def test_skipped_bad_records_are_sharded_like_good_ones(tmp_path):
     reader = DocumentReader(str(tmp_path / "d.jsonl"), on_bad_record="skip")
     shards = [[item.id for item in docs(reader, rank, 2)] for rank in range(2)]
     assert shards == [["d.jsonl:1", "d.jsonl:3", "d.jsonl:5"], ["d.jsonl:2", "d.jsonl:4", "d.jsonl:6"]]
+
+
+# -- truncated and corrupt compressed input -----------------------------------------------
+
+MANY = [{"id": f"m{i}", "text": f"document number {i} with a little text to compress"} for i in range(20_000)]
+
+
+def truncated(tmp_path: Path, name: str, keep: float) -> Path:
+    """``name`` holding MANY compressed, then cut to ``keep`` of its bytes."""
+    path = write_jsonl(tmp_path / name, MANY)
+    data = path.read_bytes()
+    path.write_bytes(data[: max(1, int(len(data) * keep))])
+    return path
+
+
+@pytest.mark.parametrize("name", ["data.jsonl.zst", "data.jsonl.gz", "data.csv.zst"])
+@pytest.mark.parametrize("keep", [0.001, 0.5])  # inside the first block, and half way
+def test_a_truncated_compressed_file_fails_naming_it_instead_of_reading_as_shorter(tmp_path, name, keep):
+    if name.endswith(".csv.zst"):
+        rows = "id,text\n" + "".join(f"c{i},text {i}\n" for i in range(20_000))
+        data = zstandard.ZstdCompressor().compress(rows.encode())
+        path = tmp_path / name
+        path.write_bytes(data[: max(1, int(len(data) * keep))])
+    else:
+        path = truncated(tmp_path, name, keep)
+    with pytest.raises(BadRecordError, match="cannot read the file") as raised:
+        docs(DocumentReader(str(path)))
+    assert raised.value.source == str(path)
+    assert "truncated" in str(raised.value) or "end-of-stream" in str(raised.value)
+
+    skipped = docs(DocumentReader(str(path), on_bad_record="skip"))  # the file is recorded as failed
+    assert isinstance(skipped[-1], BadRecord) and "cannot read the file" in skipped[-1].error.reason
+    assert all(isinstance(item, Document) for item in skipped[:-1])
+
+
+def test_a_corrupt_zstd_file_fails_naming_it(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl.zst", MANY)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadRecordError, match=r"cannot read the file .*corrupt zstd data"):
+        docs(DocumentReader(str(path)))
+
+
+def test_a_zstd_file_of_several_frames_reads_whole(tmp_path):
+    compressor = zstandard.ZstdCompressor()
+    path = tmp_path / "frames.jsonl.zst"
+    path.write_bytes(compressor.compress(jsonl_bytes(MANY[:100])) + compressor.compress(jsonl_bytes(MANY[100:250])))
+    assert [d.id for d in docs(DocumentReader(str(path)))] == [r["id"] for r in MANY[:250]]

@@ -9,13 +9,14 @@ id gets ``<file name>:<line or row>``, the same on every run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fnmatch
 import io
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import orjson
 
@@ -199,6 +200,7 @@ class DocumentReader:
         rows = INPUT_FORMATS[fmt](url)
         name = self._names[url]
         make = self._batch_document if fmt == "openai_batch" else self._document
+        position = 0
         try:
             for position, row in rows:
                 if isinstance(row, BadRecordError):
@@ -208,10 +210,13 @@ class DocumentReader:
                     yield make(row, name, position)
                 except _Bad as e:
                     yield BadRecordError(url, position, str(e))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
             if isinstance(e, BadRecordError):
                 raise
-            raise BadRecordError(url, 0, f"cannot read the file: {type(e).__name__}: {e}") from e
+            # the rest of the file is unreadable: one bad record stands for it (on_bad_record: skip
+            # counts and logs it; the job is not silently shorter)
+            where = f"after line or row {position}" if position else "before its first record"
+            yield BadRecordError(url, position + 1, f"cannot read the file {where}: {type(e).__name__}: {e}")
 
     def _document(self, row: dict[str, Any], name: str, position: int) -> Document:
         if self.text_key not in row:
@@ -256,12 +261,67 @@ def _is_hf_folder(url: str) -> bool:
     return fs.isdir(root) and (fs.exists(f"{root}/state.json") or fs.exists(f"{root}/dataset_dict.json"))
 
 
-def _jsonl_rows(url: str) -> Iterator[tuple[int, Any]]:
+class _StrictZstdReader(io.RawIOBase):
+    """The decompressed bytes of a ``.zst`` file, frame after frame. Where zstandard's own stream
+    reader stops quietly at a truncated frame (a cut file reads as shorter, or empty), this
+    raises ``EOFError``; corrupt data raises ``ValueError``."""
+
+    def __init__(self, raw: Any):
+        import zstandard
+
+        self._raw = raw
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._error = zstandard.ZstdError
+        self._frame = self._new_frame()
+        self._in_frame = False  # bytes of the current frame were read, and its end was not
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame: it is truncated")
+                return 0
+            self._out = memoryview(self._decompress(chunk))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        try:
+            while data:
+                if self._frame.eof:
+                    self._frame = self._new_frame()
+                out.append(self._frame.decompress(data))
+                self._in_frame = not self._frame.eof
+                data = self._frame.unused_data if self._frame.eof else b""
+        except self._error as e:
+            raise ValueError(f"corrupt zstd data: {e}") from None
+        return b"".join(out)
+
+
+@contextlib.contextmanager
+def _open_decompressed(url: str) -> Iterator[IO[bytes]]:
+    """``url``'s bytes, decompressed by its suffix (``.gz``, ``.zst``), readable by line; a
+    truncated compressed file raises ``EOFError`` at its end instead of reading as shorter."""
     import fsspec
 
-    with fsspec.open(url, "rb", compression="infer") as f:
-        # zstandard's reader cannot be iterated by line: buffer it (gzip's file can already)
-        lines = f if isinstance(f, io.IOBase) else io.BufferedReader(f, 1 << 16)
+    if url.endswith(".zst"):
+        with fsspec.open(url, "rb") as raw:
+            yield io.BufferedReader(_StrictZstdReader(raw), 1 << 16)
+    else:
+        with fsspec.open(url, "rb", compression="infer") as f:
+            yield f
+
+
+def _jsonl_rows(url: str) -> Iterator[tuple[int, Any]]:
+    with _open_decompressed(url) as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -277,9 +337,7 @@ def _jsonl_rows(url: str) -> Iterator[tuple[int, Any]]:
 
 
 def _csv_rows(url: str) -> Iterator[tuple[int, Any]]:
-    import fsspec
-
-    with fsspec.open(url, "rb", compression="infer") as f:
+    with _open_decompressed(url) as f:
         reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
         for row in reader:
             yield reader.line_num, row
