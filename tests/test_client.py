@@ -16,6 +16,7 @@ from infermill.client import OpenAIClient, parse_retry_after
 from infermill.errors import (
     AuthenticationError,
     BadRequestError,
+    ReplyTooLargeError,
     RequestError,
     RequestTimeoutError,
     RetryableError,
@@ -61,6 +62,19 @@ def build_app(seen_auth: list[str | None], slow_arrivals: list[float]) -> web.Ap
     async def headers(request: web.Request) -> web.Response:
         return web.json_response(dict(request.headers))
 
+    async def endless(request: web.Request) -> web.StreamResponse:
+        """200, then a body that never ends (chunked, or under a huge Content-Length)."""
+        response = web.StreamResponse()
+        if "length" in request.query:
+            response.content_length = 10 * 2**30
+        await response.prepare(request)
+        block = b"x" * (1 << 16)
+        try:
+            while True:
+                await response.write(block)
+        except (ConnectionResetError, ConnectionError):
+            return response
+
     app = web.Application()
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_post("/ok", ok)
@@ -70,6 +84,7 @@ def build_app(seen_auth: list[str | None], slow_arrivals: list[float]) -> web.Ap
     app.router.add_post("/array", array)
     app.router.add_post("/long-error", long_error)
     app.router.add_post("/headers", headers)
+    app.router.add_post("/endless", endless)
     return app
 
 
@@ -286,3 +301,19 @@ async def test_requests_say_who_sends_them_and_that_replies_must_not_be_compress
     assert headers["Accept-Encoding"] == "identity"
     assert headers["Content-Type"] == "application/json"
     assert headers["Accept"] == "application/json"
+
+
+@pytest.mark.parametrize("query", ["", "?length=1"])
+async def test_a_reply_that_never_ends_fails_at_max_response_bytes_with_memory_bounded(server, query):
+    import resource
+
+    client = OpenAIClient(request_timeout=30, max_response_bytes=4 * 2**20)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with pytest.raises(ReplyTooLargeError, match=r"longer than max_response_bytes \(4,194,304 bytes\)"):
+            await client.post(server.url + "/endless" + query, PAYLOAD)
+        assert (await client.post(server.url + "/ok", PAYLOAD))["echo"] == PAYLOAD  # the client still works
+    finally:
+        await client.close()
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mb < 64, f"peak RSS grew by {grown_mb:.0f} MB"

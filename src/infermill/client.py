@@ -19,6 +19,7 @@ from infermill import __version__
 from infermill.errors import (
     AuthenticationError,
     BadRequestError,
+    ReplyTooLargeError,
     RequestError,
     RequestTimeoutError,
     RetryableError,
@@ -30,6 +31,7 @@ BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 422})
 AUTH_STATUSES = frozenset({401, 403})
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
 ERROR_BODY_CHARS = 500
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 2**20
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -72,6 +74,7 @@ class OpenAIClient:
         request_timeout: float | None = None,
         max_connections: int = 0,
         keep_cookies: bool = False,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ):
         # static, and covering every header aiohttp would add by default: it then takes its fast
         # path (no per-request merging of a skip list, 3% of a request's CPU). identity: a reply
@@ -83,6 +86,7 @@ class OpenAIClient:
             "User-Agent": f"infermill/{__version__}",
         }
         self._keep_cookies = keep_cookies
+        self._max_response_bytes = max_response_bytes
         self._api_key = api_key or None
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -125,7 +129,11 @@ class OpenAIClient:
         try:
             async with asyncio.timeout(timeout if timeout is not None else self._request_timeout):
                 async with session.request(method, url, data=data) as response:
-                    body = await response.read()
+                    length = response.content_length
+                    if length is not None and length <= self._max_response_bytes:
+                        body = await response.read()  # aiohttp reads no more than the length
+                    else:  # unknown or too long: read up to the limit, and no further
+                        body = await self._read_capped(response, method, url)
                     status = response.status
             if status >= 300:
                 if self._api_key:  # before the body is cut short: no part of the key may remain
@@ -145,6 +153,18 @@ class OpenAIClient:
         if not isinstance(reply, dict):
             raise RetryableError(f"{method} {url}: expected a JSON object, got {type(reply).__name__}", status)
         return reply
+
+    async def _read_capped(self, response: aiohttp.ClientResponse, method: str, url: str | URL) -> bytes:
+        chunks, size, limit = [], 0, self._max_response_bytes
+        async for chunk in response.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise ReplyTooLargeError(
+                    f"{method} {url}: the reply is longer than max_response_bytes ({limit:,} bytes); raise "
+                    "inference.max_response_bytes, or ask for shorter replies (max_tokens)"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text

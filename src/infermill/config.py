@@ -95,6 +95,9 @@ class InferenceConfig(BaseModel):
     request_max_attempts: int = Field(6, ge=1, description="Attempts per request, the first included.")
     request_backoff_base_sec: float = Field(1.0, ge=0)
     request_backoff_max_sec: float = Field(60.0, ge=0)
+    max_response_bytes: int = Field(
+        64 * 2**20, gt=0, description="A longer reply fails its request (memory stays bounded)."
+    )
 
     def __init__(self, **data: Any):
         """Raises ``ConfigError`` naming each bad field and the value given (secrets hidden)."""

@@ -53,6 +53,10 @@ class BadRequestError(RequestError):
     """The server rejected the request itself (HTTP 400/404/413/422): retrying will not help."""
 
 
+class ReplyTooLargeError(RequestError):
+    """The reply is longer than ``max_response_bytes``: not read further, not retried."""
+
+
 class AuthenticationError(RequestError):
     """The server refused the credentials (HTTP 401/403): fix ``api_key``."""
 

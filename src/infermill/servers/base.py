@@ -113,7 +113,11 @@ class InferenceServer:
             from infermill.client import OpenAIClient
 
             self._http = OpenAIClient(
-                self.client_api_key(), self.config.request_timeout, max_connections=0, keep_cookies=self.keeps_cookies
+                self.client_api_key(),
+                self.config.request_timeout,
+                max_connections=0,
+                keep_cookies=self.keeps_cookies,
+                max_response_bytes=self.config.max_response_bytes,
             )
         return self._http
 
