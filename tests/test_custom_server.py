@@ -296,6 +296,27 @@ async def test_fatal_line_after_ready_restarts_on_a_new_port_and_serves_again(tm
     assert OOM_LINE in log and "start attempt 1 (restart 1)" in log
 
 
+@pytest.mark.parametrize(
+    "line, settings",
+    [
+        ("INFO 11-30 12:00:01 [logger.py:41] Received request: prompt: 'why CUDA out of memory?'", {}),
+        ("WARNING: ImportError: flash_attn is not installed, falling back to eager attention", {}),
+        (OOM_LINE, {"server_builtin_fatal_patterns": False}),  # the user replaced the built-in patterns
+    ],
+)
+async def test_a_line_that_only_mentions_an_error_is_not_fatal(tmp_path, line, settings):
+    trigger = tmp_path / "trigger"
+    config = custom_config(tmp_path, "fatal_after_ready_server.py", {"fatal": line, "trigger": str(trigger)},
+                           **settings)  # fmt: skip
+    log = tmp_path / "logs" / "server_rank_00000.log"
+    async with CustomServer(config) as server:
+        await asyncio.wait_for(server.wait_until_ready(), 5)
+        trigger.touch()
+        await wait_until_async(lambda: line in log.read_text(), 10, "the line in the server's log")
+        assert (await server.make_request(CHAT))["choices"][0]["message"]["content"] == "hello there"
+        assert server.state is ServerState.READY and server.restarts == 0
+
+
 async def test_user_fatal_pattern_is_fatal(tmp_path):
     record, trigger = tmp_path / "record.jsonl", tmp_path / "trigger"
     config = custom_config(

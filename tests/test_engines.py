@@ -300,3 +300,27 @@ async def test_sglang_fatal_line_after_ready_fails_the_server_when_no_restarts_a
         with pytest.raises(ServerError) as excinfo:
             await server.make_request(dict(CHAT))
     assert "Detected errors during sampling! NaN in the logits." in excinfo.value.reason
+
+
+@pytest.mark.parametrize(
+    "server_class, line, fatal",
+    [
+        (VLLMServer, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", True),
+        (VLLMServer, "(EngineCore_DP0 pid=4242) torch.OutOfMemoryError: CUDA out of memory. Tried to", True),
+        (VLLMServer, "RuntimeError: Engine core initialization failed. See root cause above.", True),
+        (VLLMServer, "ValueError: No available memory for the cache blocks. Try increasing", True),
+        (VLLMServer, "INFO [logger.py:43] Received request chatcmpl-1: prompt: 'CUDA out of memory, help'", False),
+        (VLLMServer, "INFO: the log says Engine core initialization failed last time", False),
+        (SGLangServer, "[2026-11-30 12:00:00 TP0] Detected errors during sampling! NaN in the logits.", True),
+        (
+            SGLangServer,
+            "[2026-11-30 12:00:00] Receive: obj=GenerateReqInput(text='Detected errors during sampling')",
+            False,
+        ),
+        (SGLangServer, "IndexError: list index out of range", True),
+    ],
+)
+def test_engine_fatal_patterns_match_errors_not_mentions(server_class, line, fatal):
+    server_type = "vllm" if server_class is VLLMServer else "sglang"
+    server = server_class(InferenceConfig(server_type=server_type, model_name_or_path=MODEL))
+    assert bool(server._fatal_re.search(line)) is fatal

@@ -92,6 +92,9 @@ class InferenceConfig(BaseModel):
     server_stop_grace_sec: float = Field(10.0, ge=0, description="SIGTERM-to-SIGKILL grace when stopping a server.")
     server_ready_patterns: list[str] = Field(default_factory=list, description="Extra regexes of ready log lines.")
     server_fatal_patterns: list[str] = Field(default_factory=list, description="Extra regexes of fatal log lines.")
+    server_builtin_fatal_patterns: bool = Field(
+        True, description="False: only server_fatal_patterns make a line fatal, not the engine's built-in ones."
+    )
     request_max_attempts: int = Field(6, ge=1, description="Attempts per request, the first included.")
     request_backoff_base_sec: float = Field(1.0, ge=0)
     request_backoff_max_sec: float = Field(60.0, ge=0)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from infermill.errors import ConfigError
 from infermill.servers.flags import kwargs_to_flags
 from infermill.servers.launch import LAUNCH_KEYS, Launch
-from infermill.servers.managed import CUDA_FATAL, ManagedServer
+from infermill.servers.managed import CUDA_FATAL, LINE_START, ManagedServer
 
 if TYPE_CHECKING:
     from infermill.config import InferenceConfig
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class CustomServer(ManagedServer):
     """Runs ``model_kwargs["server_script"]`` (or a module or command) with ``--port N`` and flags."""
 
-    fatal_patterns = (*CUDA_FATAL, r"ImportError", r"ModuleNotFoundError")
+    fatal_patterns = (*CUDA_FATAL, LINE_START + r"(?:ImportError|ModuleNotFoundError): ")
     launch_keys = LAUNCH_KEYS
     launch_target_required = True
 

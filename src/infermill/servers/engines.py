@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, ClassVar
 
 from infermill.servers.flags import has_flag, kwargs_to_flags
-from infermill.servers.managed import CUDA_FATAL, ManagedServer
+from infermill.servers.managed import CUDA_FATAL, LINE_START, ManagedServer
 
 if TYPE_CHECKING:
     from infermill.config import InferenceConfig
@@ -74,9 +74,9 @@ class VLLMServer(EngineServer):
     ready_patterns = (r"Uvicorn running on",)
     fatal_patterns = (
         *CUDA_FATAL,
-        r"The number of required GPUs exceeds the total number of available GPUs",
-        r"Engine core initialization failed",
-        r"No available memory for the cache blocks",
+        LINE_START + r"ValueError: The number of required GPUs exceeds the total number of available GPUs",
+        LINE_START + r"RuntimeError: Engine core initialization failed",
+        LINE_START + r"ValueError: No available memory for the cache blocks",
     )
 
     def build_command(self, port: int) -> list[str]:
@@ -104,7 +104,11 @@ class SGLangServer(EngineServer):
     parallel_flags: ClassVar[dict[str, str]] = {"tp": "tp-size", "dp": "dp-size", "pp": "pp-size"}
     # Lines printed once the port accepts connections ("Application startup complete" comes before).
     ready_patterns = (r"The server is fired up and ready to roll!", r"Uvicorn running on")
-    fatal_patterns = (*CUDA_FATAL, r"Detected errors during sampling", r"IndexError: list index out of range")
+    fatal_patterns = (
+        *CUDA_FATAL,
+        r"^\[[^\]]*\] Detected errors during sampling",  # after SGLang's "[time TP0]" prefix
+        LINE_START + r"IndexError: list index out of range",
+    )
 
     def build_command(self, port: int) -> list[str]:
         return [

@@ -29,7 +29,14 @@ PROBE_INTERVAL_MAX = 0.5
 PROBE_TIMEOUT = 5.0
 
 UVICORN_READY = (r"Application startup complete", r"Uvicorn running on")
-CUDA_FATAL = (r"CUDA out of memory", r"RuntimeError.*CUDA|CUDA.*RuntimeError")
+# Fatal patterns match the line an error prints itself, at the start of the line (after vLLM's
+# "(EngineCore_DP0 pid=123) " prefix of its child processes' output), never a phrase anywhere:
+# a server that logs its prompts must not die of a document that mentions "CUDA out of memory".
+LINE_START = r"^(?:\([\w.-]+ pid=\d+\) )?"
+CUDA_FATAL = (
+    LINE_START + r"(?:torch\.(?:cuda\.)?)?OutOfMemoryError: CUDA out of memory",
+    LINE_START + r"RuntimeError: CUDA (?:error|out of memory)",
+)
 
 
 def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str] | None:
@@ -63,7 +70,8 @@ class ManagedServer(InferenceServer):
         except ValueError as e:  # a config made with model_construct(), or changed after validation
             raise ConfigError(str(e)) from None
         self._ready_re = compile_patterns((*self.ready_patterns, *config.server_ready_patterns))
-        self._fatal_re = compile_patterns((*self.fatal_patterns, *config.server_fatal_patterns))
+        builtin = self.fatal_patterns if config.server_builtin_fatal_patterns else ()
+        self._fatal_re = compile_patterns((*builtin, *config.server_fatal_patterns))
         self.process: ManagedProcess | None = None
         self._log: IO[str] | None = None
         self._ready_line_seen = False
