@@ -281,6 +281,16 @@ def test_bad_csv_and_parquet_records(tmp_path):
         docs(DocumentReader(str(tmp_path / "d.parquet")))
 
 
+def test_a_csv_record_that_is_not_utf8_is_a_bad_record_at_its_own_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"id,text\na,fine\nb,caf\xe9 latin-1\nc,also fine\n")
+    with pytest.raises(BadRecordError, match=r"d\.csv:3: not valid UTF-8"):
+        docs(DocumentReader(str(path)))
+    read = docs(DocumentReader(str(path), on_bad_record="skip"))
+    assert [type(item).__name__ for item in read] == ["Document", "BadRecord", "Document"]
+    assert [read[0].id, read[1].id, read[2].id] == ["a", "d.csv:3", "c"]
+
+
 def test_on_bad_record_is_checked():
     with pytest.raises(ValueError, match="on_bad_record"):
         DocumentReader("x.jsonl", on_bad_record="ignore")  # type: ignore[arg-type]

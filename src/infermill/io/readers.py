@@ -14,6 +14,7 @@ import csv
 import fnmatch
 import io
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Literal
@@ -336,10 +337,18 @@ def _jsonl_rows(url: str) -> Iterator[tuple[int, Any]]:
             yield line_number, row
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
+
+
 def _csv_rows(url: str) -> Iterator[tuple[int, Any]]:
     with _open_decompressed(url) as f:
-        reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
+        # decoded line by line, keeping bytes that are not UTF-8 as surrogates: a record holding
+        # one is a bad record at its own line, not a file that cannot be read
+        reader = csv.DictReader(line.decode("utf-8", "surrogateescape") for line in f)
         for row in reader:
+            if any(isinstance(value, str) and _UNDECODABLE.search(value) for value in row.values()):
+                yield reader.line_num, BadRecordError(url, reader.line_num, "not valid UTF-8")
+                continue
             yield reader.line_num, row
 
 
