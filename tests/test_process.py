@@ -226,3 +226,70 @@ async def test_child_dies_when_infermill_is_sigkilled(tmp_path):
     os.kill(driver.pid, signal.SIGKILL)
     await driver.wait()
     await all_die([child], 2, "the parent-death signal to kill the child")
+
+
+# -- the registry of live groups and the reaper --------------------------------------------
+
+
+@pytest.fixture
+def runtime(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "runtime"
+    monkeypatch.setenv("INFERMILL_RUNTIME_DIR", str(folder))
+    return folder
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_reaper_kills_nothing_it_cannot_tell_is_its_own(runtime):
+    import subprocess
+
+    from infermill.servers.process import reap_orphans
+
+    # an unrelated process leading its own group: its id sits in the registry, as after PID reuse
+    bystander = subprocess.Popen(script("sleeper.py"), start_new_session=True)
+    try:
+        groups = runtime / "groups"
+        groups.mkdir(parents=True, mode=0o700)
+        entry = groups / str(bystander.pid)
+        for record in (
+            f"{dead_pid()} 12345.0\n",  # a record of the old kind: no start time for the leader
+            f"{dead_pid()} 12345.0 {psutil.Process(bystander.pid).create_time() - 60}\n",  # another leader
+        ):
+            entry.write_text(record)
+            assert reap_orphans() == []
+            assert bystander.poll() is None, "the reaper killed a process that was not its own"
+            assert not entry.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.mark.parametrize("unsafe", ["symlink", "writable by others"])
+async def test_an_unsafe_runtime_folder_is_not_used(tmp_path, runtime, unsafe):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if unsafe == "symlink":
+        runtime.symlink_to(elsewhere)
+    else:
+        runtime.mkdir()
+        runtime.chmod(0o777)
+    process = await ManagedProcess.spawn(script("sleeper.py"))
+    try:
+        assert not list(elsewhere.iterdir()) and not (runtime / "groups").exists()
+    finally:
+        await process.stop(grace=1)
+
+
+async def test_the_runtime_folder_is_made_private(runtime):
+    process = await ManagedProcess.spawn(script("sleeper.py"))
+    try:
+        assert (runtime.stat().st_mode & 0o777, (runtime / "groups").stat().st_mode & 0o777) == (0o700, 0o700)
+        assert [p.name for p in (runtime / "groups").iterdir()] == [str(process.pgid)]
+    finally:
+        await process.stop(grace=1)

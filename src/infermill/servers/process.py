@@ -25,6 +25,7 @@ import ctypes
 import logging
 import os
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -70,11 +71,48 @@ def registry_dir() -> Path:
     return Path(base) / "groups"
 
 
-def _register(pgid: int) -> None:
+_unsafe_registry_reported = False
+
+
+def _safe_registry() -> Path | None:
+    """The registry folder, made (0700) if it is not there; None, with a warning, if it is not
+    safe to use: a link, another user's, or writable by others. Anyone who could plant an entry
+    there could make a later run kill processes of their choosing."""
+    global _unsafe_registry_reported
     folder = registry_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    owner = psutil.Process()
-    (folder / str(pgid)).write_text(f"{owner.pid} {owner.create_time()}\n")
+    try:
+        for path in (folder.parent, folder):
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+                raise PermissionError(f"{path} is a link, or not a folder of this user's alone")
+    except OSError as e:
+        if not _unsafe_registry_reported:
+            _unsafe_registry_reported = True
+            logging.getLogger("infermill.process").warning(
+                "not registering server processes for clean-up after a crash: %s (set INFERMILL_RUNTIME_DIR to "
+                "a folder of your own)",
+                e,
+            )
+        return None
+    return folder
+
+
+def _register(pgid: int) -> None:
+    folder = _safe_registry()
+    if folder is None:
+        return
+    try:
+        owner, leader = psutil.Process(), psutil.Process(pgid)
+        record = f"{owner.pid} {owner.create_time()} {leader.create_time()}\n".encode()
+        fd = os.open(folder / str(pgid), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except (OSError, psutil.Error):
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(record)
 
 
 def _unregister(pgid: int) -> None:
@@ -84,25 +122,43 @@ def _unregister(pgid: int) -> None:
         pass
 
 
+def _read_entry(path: Path) -> list[str]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(256).decode().split()
+
+
+def _started_at(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
 def reap_orphans() -> list[int]:
     """Kill the process groups left by infermill processes that died without stopping them.
 
-    Returns the group ids that were killed.
+    A group is killed only when its record says whose it is: its owner (the infermill run) is
+    gone, and its leader is gone too or is the very process recorded (same start time), so a
+    reused process id never gets an unrelated process killed. Returns the group ids killed.
     """
-    folder = registry_dir()
-    if not folder.is_dir():
+    folder = _safe_registry()
+    if folder is None:
         return []
     killed = []
     for entry in folder.iterdir():
         try:
             pgid = int(entry.name)
-            owner_pid, owner_started = entry.read_text().split()
-            owner = psutil.Process(int(owner_pid))
-            if abs(owner.create_time() - float(owner_started)) < 0.01:
-                continue  # its owner is alive: not an orphan
-        except psutil.NoSuchProcess:
-            pass
+            owner_pid, owner_started, leader_started = (float(field) for field in _read_entry(entry))
         except (ValueError, OSError):
+            entry.unlink(missing_ok=True)  # not a record we wrote: never act on it
+            continue
+        owner_now = _started_at(int(owner_pid))
+        if owner_now is not None and abs(owner_now - owner_started) < 0.01:
+            continue  # its owner is alive: not an orphan
+        leader_now = _started_at(pgid)
+        if leader_now is not None and abs(leader_now - leader_started) >= 0.01:
+            entry.unlink(missing_ok=True)  # the id now belongs to another process: not ours
             continue
         if group_alive(pgid):
             try:
