@@ -375,6 +375,14 @@ def family_config(tmp_path: Path, **flags) -> tuple[InferenceConfig, Path]:
     return custom_config(tmp_path, "family_server.py", {"record": str(record), **flags}), record
 
 
+async def test_a_daemon_that_left_the_servers_process_group_is_stopped_too(tmp_path):
+    config, record = family_config(tmp_path, daemon=True)
+    async with CustomServer(config) as server:
+        server_proc, daemon = await start_family(server, record)
+        assert os.getpgid(daemon.pid) != os.getpgid(server_proc.pid)  # out of reach of the group's kill
+    assert not any(running(p) for p in (server_proc, daemon))
+
+
 async def test_leaving_the_block_normally_stops_child_and_grandchild(tmp_path):
     config, record = family_config(tmp_path)
     async with CustomServer(config) as server:

@@ -3,6 +3,7 @@
 --ignore-sigterm     ignore SIGTERM (the grandchild inherits SIG_IGN, so it ignores it too)
 --stubborn-grandchild  only the grandchild ignores SIGTERM
 --ready-after SECS   wait this long before serving (0: at once; <0: never)
+--daemon             the grandchild leaves the process group (setsid), as a daemon does
 """
 
 import signal
@@ -16,11 +17,14 @@ p = _common.parser(__doc__)
 p.add_argument("--ignore-sigterm", action="store_true")
 p.add_argument("--stubborn-grandchild", action="store_true")
 p.add_argument("--ready-after", type=float, default=0.0)
+p.add_argument("--daemon", action="store_true")
 args = _common.parse(p)
 if args.ignore_sigterm:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 sleeper = [sys.executable, str(Path(__file__).with_name("sleeper.py"))]
-grandchild = subprocess.Popen(sleeper + (["--ignore-sigterm"] if args.stubborn_grandchild else []))
+grandchild = subprocess.Popen(
+    sleeper + (["--ignore-sigterm"] if args.stubborn_grandchild else []), start_new_session=args.daemon
+)
 _common.record(args, grandchild=grandchild.pid)
 _common.say(f"spawned worker {grandchild.pid}")
 if args.ready_after >= 0:

@@ -9,7 +9,9 @@ read and stop it, so the rules that keep orphans away live in one place:
 * stdout and stderr are drained concurrently in chunks, so a full pipe can never block
   the child, lines of any length are fine, and invalid UTF-8 is replaced, not fatal;
 * ``stop()`` sends SIGTERM to the group, waits a grace period, sends SIGKILL, and reaps;
-  it is safe to call twice and completes even when its caller is being cancelled;
+  it is safe to call twice and completes even when its caller is being cancelled; then it
+  kills any descendant that left the group (a daemon: ``setsid``, double fork), found by a
+  token in the environment that every descendant inherits;
 * an ``atexit`` hook, registered with the first child, kills any group still alive when the
   interpreter exits;
 * every live group is registered in a small file; a later infermill process reaps the
@@ -29,6 +31,7 @@ import stat
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
@@ -38,6 +41,9 @@ import psutil
 READ_CHUNK = 1 << 16
 MAX_LINE_CHARS = 1 << 20  # lines are cut here for pattern matching; the log keeps it all
 TAIL_LINES = 20
+
+#: in every managed child's environment: a token of its own, which its descendants inherit
+TOKEN_VARIABLE = "INFERMILL_PROCESS_TOKEN"
 
 _live_groups: set[int] = set()
 _exit_hook_registered = False
@@ -51,6 +57,27 @@ def _track(pgid: int) -> None:
         atexit.register(kill_live_groups)
         _exit_hook_registered = True
     _live_groups.add(pgid)
+
+
+def kill_marked(token: str) -> list[int]:
+    """SIGKILL every process of this user whose environment carries ``token`` (what one child
+    and all its descendants inherit), wherever it went: another process group, another session.
+    Returns their pids."""
+    uid = os.getuid()
+    marked = []
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if (
+                proc.pid != os.getpid()
+                and proc.info["uids"].real == uid
+                and proc.environ().get(TOKEN_VARIABLE) == token
+            ):
+                proc.kill()
+                marked.append(proc)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(marked, timeout=5)
+    return [proc.pid for proc in marked]
 
 
 def kill_live_groups() -> None:
@@ -210,8 +237,10 @@ class ManagedProcess:
         on_exit: Callable[[], None],
         log: IO[str] | None,
         secrets: tuple[str, ...] = (),
+        token: str = "",
     ):
         self._proc = proc
+        self._token = token
         self.pid = proc.pid
         self.pgid = proc.pid  # start_new_session makes the child its group's leader
         self._on_line = on_line
@@ -251,17 +280,18 @@ class ManagedProcess:
                 logging.getLogger("infermill.process").warning(
                     "killed process group %d left behind by an infermill run that died", pgid
                 )
+        token = uuid.uuid4().hex  # inherited by everything the child starts, in its group or not
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=dict(env) if env is not None else None,
+            env={**(os.environ if env is None else env), TOKEN_VARIABLE: token},
             cwd=cwd,
             start_new_session=True,
             preexec_fn=_child_setup,
         )
-        return cls(proc, on_line, on_exit, log, secrets)
+        return cls(proc, on_line, on_exit, log, secrets, token)
 
     @property
     def returncode(self) -> int | None:
@@ -321,6 +351,8 @@ class ManagedProcess:
             while time.monotonic() < deadline and (self._proc.returncode is None or group_alive(self.pgid)):
                 await asyncio.wait({self._waiter}, timeout=0.05)
             self._signal_group(signal.SIGKILL)
+        if self._token:  # a daemon that left the group (setsid) still carries the token, and our pipes:
+            await asyncio.to_thread(kill_marked, self._token)  # the child's exit is seen once they close
         await self._waiter
         # SIGKILL is not instant: a grandchild may still be dying (and holding its GPU memory); wait for it.
         deadline = time.monotonic() + 5.0
