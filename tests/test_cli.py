@@ -312,6 +312,25 @@ def test_a_truncated_compressed_input_fails_the_job_naming_the_file(tmp_path):
     assert not (tmp_path / "out" / "_infermill" / "checkpoints" / "rank_00000" / "complete.json").exists()
 
 
+def test_an_openai_batch_file_sends_each_line_to_the_endpoint_its_url_names(tmp_path):
+    lines = [
+        {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "echo", "messages": [{"role": "user", "content": "hello chat"}]}},
+        {"custom_id": "text-1", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "echo", "prompt": "hello completions"}},
+    ]  # fmt: skip
+    (tmp_path / "batch.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    spec = job_spec(tmp_path)
+    spec["input"] = {"path": str(tmp_path / "batch.jsonl"), "format": "openai_batch"}
+    spec["output"]["format"] = "openai_batch"
+    del spec["rollout"]
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 0, output_of(result)
+    out = {r["custom_id"]: r["response"]["body"] for p in (tmp_path / "out").glob("*.jsonl") for r in read_jsonl(p)}
+    assert out["chat-1"]["choices"][0]["message"]["content"] == "hello chat"
+    assert out["text-1"]["object"] == "text_completion" and out["text-1"]["choices"][0]["text"] == "hello completions"
+
+
 # -- 2. run -----------------------------------------------------------------------------
 
 

@@ -146,6 +146,13 @@ def test_openai_batch_line_without_body_is_a_bad_record(tmp_path):
         docs(DocumentReader(str(tmp_path / "batch.jsonl"), format="openai_batch"))
 
 
+def test_an_openai_batch_line_for_another_endpoint_is_a_bad_record(tmp_path):
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
+    write_jsonl(tmp_path / "batch.jsonl", [line])
+    with pytest.raises(BadRecordError, match=r"batch\.jsonl:1: url must be one of /v1/chat/completions, /v1/compl"):
+        docs(DocumentReader(str(tmp_path / "batch.jsonl"), format="openai_batch"))
+
+
 def test_unknown_suffix_and_missing_path(tmp_path):
     (tmp_path / "data.txt").write_text("hello\n")
     with pytest.raises(InfermillError, match="cannot tell the format"):

@@ -266,12 +266,13 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
         async with create_server(job.inference) as server:
             base = {"model": job.inference.model_name_or_path, **job.inference.default_generation_params}
 
-            async def generate(payload: dict[str, Any]) -> Any:
+            async def generate(payload: dict[str, Any], *, path: str | None = None) -> Any:
                 body = {**base, **payload}
                 click.echo("request:\n" + orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
-                reply = await server.make_request(body)
+                reply = await server.make_request(body, path)
                 click.echo("reply:\n" + orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
-                return parse_reply(reply, job.inference.use_chat)
+                chat = job.inference.use_chat if path is None else path.endswith("/chat/completions")
+                return parse_reply(reply, chat)
 
             result = await rollout(document, generate)
             click.echo(f"rollout result: {result!r}")

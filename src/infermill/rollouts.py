@@ -90,7 +90,7 @@ class OpenAIBatchRollout:
 
     async def __call__(self, document: Document, generate: Callable, **_: Any) -> dict[str, Any] | None:
         request = document.metadata.get("openai_batch") or {}
-        result = await generate(dict(request.get("body") or {}))
+        result = await generate(dict(request.get("body") or {}), path=request.get("url"))
         return result.raw
 
 

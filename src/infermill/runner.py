@@ -42,7 +42,7 @@ from infermill.types import Document, InferenceResult
 
 logger = logging.getLogger("infermill.runner")
 
-Generate = Callable[[dict[str, Any]], Awaitable[InferenceResult]]
+Generate = Callable[..., Awaitable[InferenceResult]]  # generate(payload, *, path=None)
 RolloutFn = Callable[..., Awaitable[Any]]
 
 _END = object()
@@ -383,24 +383,27 @@ class _Run:
         use_chat = config.use_chat
         seen: dict[bytes, int] = {}
 
-        async def generate(payload: dict[str, Any]) -> InferenceResult:
+        async def generate(payload: dict[str, Any], *, path: str | None = None) -> InferenceResult:
+            """``payload`` (over the config's defaults) to the chat or completions endpoint, per
+            ``use_chat``, or to ``path`` (``/v1/chat/completions`` or ``/v1/completions``)."""
+            chat = use_chat if path is None else path.endswith("/chat/completions")
             data = orjson.dumps({**base, **payload})
             occurrence = seen[data] = seen.get(data, -1) + 1
             request = (document.id, rollout_index, data, occurrence)
             cached = journal.cached_reply(request)
             if cached is not None:
                 stats.requests_cached += 1
-                return parse_reply(cached, use_chat)
+                return parse_reply(cached, chat)
             spent = 0  # attempts the server could have answered
             while True:
                 try:
                     async with slots:
                         stats.requests_in_flight += 1
                         try:
-                            reply = await server.make_request(data)
+                            reply = await server.make_request(data, path)
                         finally:
                             stats.requests_in_flight -= 1
-                    result = parse_reply(reply, use_chat)
+                    result = parse_reply(reply, chat)
                 except RequestError as e:
                     decision = policy.decide(e, spent + 1, server.state is ServerState.READY)
                     if decision.action is RetryAction.WAIT_FOR_SERVER:

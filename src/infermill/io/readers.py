@@ -245,8 +245,14 @@ class DocumentReader:
             "url": row.get("url", "/v1/chat/completions"),
             "body": row["body"],
         }
+        if request["url"] not in BATCH_URLS or request["method"] != "POST":
+            raise _Bad(f"url must be one of {', '.join(BATCH_URLS)} with method POST, got {request['method']} "
+                       f"{request['url']}")  # fmt: skip
         return Document(text="", id=str(row["custom_id"]), metadata={"openai_batch": request})
 
+
+#: the endpoints an OpenAI batch line may name, each sent to the same path of the server
+BATCH_URLS = ("/v1/chat/completions", "/v1/completions")
 
 _SKIP_HINT = " (fix the record, or set runner.on_bad_record: skip to count and log bad records instead)"
 

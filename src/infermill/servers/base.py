@@ -171,8 +171,9 @@ class InferenceServer:
         if self.launches_process:
             await self._launched.wait()
 
-    async def make_request(self, payload: dict[str, Any] | bytes) -> dict[str, Any]:
-        """Send one chat or completions request (per ``use_chat``) and return the parsed JSON reply.
+    async def make_request(self, payload: dict[str, Any] | bytes, path: str | None = None) -> dict[str, Any]:
+        """Send one chat or completions request (per ``use_chat``, or to ``path``, e.g.
+        ``/v1/completions``) and return the parsed JSON reply.
 
         ``payload`` may be already-encoded JSON bytes, which saves encoding it twice.
         """
@@ -187,7 +188,8 @@ class InferenceServer:
         self.outstanding_requests += 1
         try:
             client = self._http or self._client  # loaded before READY; made here only after a close()
-            reply = await client.post(self._request_url or self.request_url, payload)
+            url = (self._request_url or self.request_url) if path is None else self.base_url + path
+            reply = await client.post(url, payload)
         except RequestTimeoutError:
             self._timed_out = True
             raise
