@@ -132,6 +132,7 @@ def test_api_key_never_shows_in_repr_str_or_json_but_is_usable():
         {"max_concurrent_generations": 0},  # a field error
         {"model_kwargs": {"server_env": ["HF_TOKEN=hf_token_456"]}},  # server_env itself is bad
         {"api_key": ["sk-very-secret-123"]},  # api_key itself is bad
+        {"api_key": 1234567890123456},  # a number where a string goes: still not printed
         {"model_kwargs": [("server_env", {"HF_TOKEN": "hf_token_456"})]},  # model_kwargs not a mapping
         {"endpoint_url": ["http://user:sk-very-secret-123@host/v1"]},  # credentials in a URL
         {"server_type": "custom", "model_kwargs": {"server_command": "serve --token sk-very-secret-123"}},
@@ -139,6 +140,8 @@ def test_api_key_never_shows_in_repr_str_or_json_but_is_usable():
 )
 def test_api_key_and_server_env_never_show_in_validation_errors(overrides):
     secret, token = "sk-very-secret-123", "hf_token_456"
+    if overrides.get("api_key") == 1234567890123456:
+        secret = "1234567890123456"
     with pytest.raises(ConfigError) as excinfo:
         make(**{"api_key": secret, "model_kwargs": {"server_env": {"HF_TOKEN": token}}, **overrides})
     assert secret not in str(excinfo.value)
