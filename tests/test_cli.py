@@ -331,6 +331,21 @@ def test_an_openai_batch_file_sends_each_line_to_the_endpoint_its_url_names(tmp_
     assert out["text-1"]["object"] == "text_completion" and out["text-1"]["choices"][0]["text"] == "hello completions"
 
 
+@pytest.mark.parametrize("where", ["output", "checkpoint.dir"])
+def test_a_folder_that_cannot_be_written_is_named_before_any_server_is_launched(tmp_path, where):
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder")
+    spec = job_spec(tmp_path, server_log_folder=str(tmp_path / "logs"))
+    if where == "output":
+        spec["output"]["path"] = str(in_the_way / "out")
+    else:
+        spec["checkpoint"]["dir"] = str(in_the_way / "ckpt")
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 2, output_of(result)
+    assert f"cannot write to {in_the_way}/" in result.stderr and "Traceback" not in result.stderr, output_of(result)
+    assert not (tmp_path / "logs").exists()  # no server was launched
+
+
 # -- 2. run -----------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -145,6 +146,7 @@ def run(
         raise click.BadParameter(f"--rank must be in [0, {world_size}), got {rank}")
     try:
         layout = job.layout()
+        layout.check_writable()
     except ConfigError as e:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
@@ -201,6 +203,13 @@ def run(
     except (ServerError, InferenceError, InfermillError) as e:
         _error(e)
         _console().print("The checkpoint is saved: fix the cause and run the same command to resume.")
+        raise SystemExit(EXIT_FAILED) from None
+    except OSError as e:  # a disk that filled up, a folder that went read-only, a network file system
+        logger.debug("the run stopped on this error", exc_info=True)  # the traceback, with -v
+        where = f"{e.filename}: " if e.filename else ""
+        hint = "free some space" if e.errno == errno.ENOSPC else "fix the cause"
+        _error(f"{where}{e.strerror or e}")
+        _console().print(f"The checkpoint is saved: {hint}, then run the same command to resume.")
         raise SystemExit(EXIT_FAILED) from None
     from infermill.progress import summary_table
 

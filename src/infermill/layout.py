@@ -107,6 +107,22 @@ class JobLayout:
     def is_rank_complete(self, rank: int) -> bool:
         return self.complete_file(rank).exists()
 
+    def check_writable(self) -> None:
+        """Make the job's own folders and write a file in each, so that a folder that cannot be
+        written is found before a server is launched and inference spent; a ``ConfigError``
+        names the folder and the reason."""
+        for folder in dict.fromkeys((self.root, self.checkpoints)):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".infermill-write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot write to {folder}: {e.strerror or e}; choose another output path (or checkpoint.dir), "
+                    "or make that folder writable"
+                ) from None
+
 
 class RankLock:
     """One rank's checkpoint, locked for the run that writes it: a second run of the same job
