@@ -7,6 +7,7 @@ no process (the command or the server it launched) outlives it (``no_orphans``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -344,6 +345,19 @@ def test_a_folder_that_cannot_be_written_is_named_before_any_server_is_launched(
     assert result.returncode == 2, output_of(result)
     assert f"cannot write to {in_the_way}/" in result.stderr and "Traceback" not in result.stderr, output_of(result)
     assert not (tmp_path / "logs").exists()  # no server was launched
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_a_url_whose_file_system_is_not_installed_names_the_package(tmp_path, where):
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed here")
+    spec = job_spec(tmp_path)
+    spec[where]["path"] = "s3://some-bucket/data" + (".jsonl" if where == "input" else "")
+    spec["checkpoint"]["dir"] = str(tmp_path / "ckpt")
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 2, output_of(result)
+    assert "s3://some-bucket/data" in result.stderr and "s3fs" in result.stderr, output_of(result)
+    assert "Traceback" not in result.stderr, output_of(result)
 
 
 # -- 2. run -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from infermill.errors import InfermillError
+from infermill.io.filesystems import url_to_fs
 from infermill.types import Document
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -68,7 +69,7 @@ def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
 
     urls: list[str] = []
     for path in [paths] if isinstance(paths, str) else list(paths):
-        fs, root = fsspec.core.url_to_fs(path)
+        fs, root = url_to_fs(path)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"
         if fsspec.core.has_magic(root):
@@ -161,11 +162,10 @@ class DocumentReader:
     def fingerprint(self) -> list[list[Any]]:
         """``[url, size in bytes, modification time]`` of every input file (a saved dataset folder:
         its total size), to tell on a resume whether the input is still the same."""
-        import fsspec
 
         found = []
         for url in self.files:
-            fs, path = fsspec.core.url_to_fs(url)
+            fs, path = url_to_fs(url)
             info = fs.info(path)
             size = fs.du(path) if info.get("type") == "directory" else info.get("size")
             modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
@@ -262,9 +262,8 @@ class _Bad(Exception):
 
 
 def _is_hf_folder(url: str) -> bool:
-    import fsspec
 
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = url_to_fs(url)
     return fs.isdir(root) and (fs.exists(f"{root}/state.json") or fs.exists(f"{root}/dataset_dict.json"))
 
 
@@ -372,10 +371,9 @@ def _parquet_rows(url: str) -> Iterator[tuple[int, Any]]:
 
 def _hf_rows(url: str) -> Iterator[tuple[int, Any]]:
     """Rows of a folder written by ``datasets.Dataset.save_to_disk`` (Arrow stream files)."""
-    import fsspec
     import pyarrow as pa
 
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = url_to_fs(url)
     if fs.exists(f"{root}/dataset_dict.json"):
         _raise_dataset_dict(fs, root, url)
     state = orjson.loads(fs.cat(f"{root}/state.json"))

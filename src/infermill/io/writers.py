@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import orjson
 
+from infermill.io.filesystems import url_to_fs
+
 COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
 PARQUET_ROWS_PER_GROUP = 2000
 JSONL_BLOCK_BYTES = 1 << 20
@@ -49,7 +51,7 @@ class OutputWriter:
         import fsspec  # here, not at the top: a job file names formats without paying for fsspec
 
         self.compression = fsspec.utils.infer_compression(filename)
-        self.fs, self.root = fsspec.core.url_to_fs(self.output_folder)  # root: the folder, protocol stripped
+        self.fs, self.root = url_to_fs(self.output_folder)  # root: the folder, protocol stripped
 
     @property
     def is_local(self) -> bool:
