@@ -317,6 +317,16 @@ async def test_a_line_that_only_mentions_an_error_is_not_fatal(tmp_path, line, s
         assert server.state is ServerState.READY and server.restarts == 0
 
 
+async def test_a_server_that_boots_slowly_is_reported_with_its_last_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(CustomServer, "boot_report_interval", 0.2)
+    config = custom_config(tmp_path, "faulty_server.py", {"startup_delay": 1.0})
+    with caplog.at_level("INFO", logger="infermill.server"):
+        async with CustomServer(config) as server:
+            await asyncio.wait_for(server.wait_until_ready(), 10)
+    reports = [r.getMessage() for r in caplog.records if "waiting for the server to be ready" in r.getMessage()]
+    assert reports and "its last line: faulty_server: listening in 1" in reports[-1], reports
+
+
 async def test_user_fatal_pattern_is_fatal(tmp_path):
     record, trigger = tmp_path / "record.jsonl", tmp_path / "trigger"
     config = custom_config(

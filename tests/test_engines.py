@@ -324,3 +324,13 @@ def test_engine_fatal_patterns_match_errors_not_mentions(server_class, line, fat
     server_type = "vllm" if server_class is VLLMServer else "sglang"
     server = server_class(InferenceConfig(server_type=server_type, model_name_or_path=MODEL))
     assert bool(server._fatal_re.search(line)) is fatal
+
+
+async def test_a_missing_engine_names_the_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no vllm executable to be found
+    config = InferenceConfig(server_type="vllm", model_name_or_path=MODEL, server_start_max_retries=0)
+    async with VLLMServer(config) as server:
+        with pytest.raises(
+            ServerError, match=r"could not launch 'vllm': FileNotFoundError.*pip install 'infermill\[vllm\]'"
+        ):
+            await asyncio.wait_for(server.wait_until_ready(), 10)

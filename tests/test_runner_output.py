@@ -455,3 +455,10 @@ async def test_one_rank_twice_at_once_on_one_runner_is_refused(tmp_path):
         await runner.run_async([{"id": "b", "text": "two"}])
     release.set()
     assert (await first)["documents_written"] == 1
+
+
+def test_an_empty_input_says_so(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="infermill.runner"):
+        stats = InferenceRunner(echo_rollout, dummy_config(), JsonlWriter(str(tmp_path / "out"))).run([])
+    assert stats["documents_read"] == 0
+    assert any("had no documents to process" in r.getMessage() for r in caplog.records)

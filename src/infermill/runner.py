@@ -242,6 +242,10 @@ class InferenceRunner:
             finally:
                 run.close()
                 self._write_stats(rank, world_size, stats)
+        if run.stats.documents_read == 0 and run.stats.documents_resumed == 0:
+            logger.warning(
+                "rank %d had no documents to process: is the input (or this rank's share of it) empty?", rank
+            )
         logger.info("rank %d done: %s", rank, run.stats.summary())
         return stats
 

@@ -63,6 +63,7 @@ class VLLMServer(EngineServer):
     goes in ``VLLM_API_KEY``."""
 
     default_launcher = ("vllm",)
+    install_hint = "is vLLM installed? pip install 'infermill[vllm]' (or set model_kwargs.server_command)"
     parallel_flags: ClassVar[dict[str, str]] = {
         "tp": "tensor-parallel-size",
         "dp": "data-parallel-size",
@@ -101,6 +102,7 @@ class SGLangServer(EngineServer):
     """``python -m sglang.launch_server`` with infermill's port, host, API key and context length."""
 
     default_launcher = (sys.executable, "-m", "sglang.launch_server")
+    install_hint = "is SGLang installed? pip install 'infermill[sglang]' (or set model_kwargs.server_command)"
     parallel_flags: ClassVar[dict[str, str]] = {"tp": "tp-size", "dp": "dp-size", "pp": "pp-size"}
     # Lines printed once the port accepts connections ("Application startup complete" comes before).
     ready_patterns = (r"The server is fired up and ready to roll!", r"Uvicorn running on")

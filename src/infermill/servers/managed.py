@@ -9,6 +9,7 @@ Readiness has two witnesses, whichever comes first: a ready log line, or HTTP 20
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -23,6 +24,8 @@ from infermill.servers.process import ManagedProcess, open_log
 
 if TYPE_CHECKING:
     from infermill.config import InferenceConfig
+
+logger = logging.getLogger("infermill.server")
 
 PROBE_INTERVAL_FIRST = 0.05
 PROBE_INTERVAL_MAX = 0.5
@@ -60,6 +63,10 @@ class ManagedServer(InferenceServer):
     """A server process infermill launches, watches, restarts and stops."""
 
     launches_process = True
+    #: seconds between two "still waiting" messages while the server boots
+    boot_report_interval = 10.0
+    #: what to install when the server's executable is missing (engines say which extra)
+    install_hint = ""
     ready_patterns: tuple[str, ...] = UVICORN_READY
     fatal_patterns: tuple[str, ...] = CUDA_FATAL
 
@@ -124,7 +131,8 @@ class ManagedServer(InferenceServer):
                     argv, env=env, on_line=self._on_line, on_exit=self._wake, log=self._log, secrets=self.secrets()
                 )
         except (TimeoutError, OSError) as e:
-            raise ServerError(f"could not launch {argv[0]!r}: {type(e).__name__}: {e}") from None
+            hint = f"; {self.install_hint}" if isinstance(e, FileNotFoundError) and self.install_hint else ""
+            raise ServerError(f"could not launch {argv[0]!r}: {type(e).__name__}: {e}{hint}") from None
         self._launched.set()
         await self._wait_until_serving(self.process)
 
@@ -134,11 +142,17 @@ class ManagedServer(InferenceServer):
         deadline = loop.time() + window
         interval = PROBE_INTERVAL_FIRST
         max_interval = min(PROBE_INTERVAL_MAX, self.config.server_ready_delay_sec)
+        started = next_report = loop.time()
         while True:
             self._raise_if_dead(process)
             remaining = deadline - loop.time()
             if await self._probe(self._ready_line_seen, remaining):
                 return
+            if loop.time() >= next_report + self.boot_report_interval:  # no long silence while it boots
+                next_report = loop.time()
+                last = process.tail[-1] if process.tail else "(nothing yet)"
+                logger.info("waiting for the server to be ready: %.0f s so far; its last line: %s",
+                            next_report - started, last)  # fmt: skip
             self._raise_if_dead(process)
             remaining = deadline - loop.time()
             if remaining <= 0:
