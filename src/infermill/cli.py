@@ -255,7 +255,7 @@ def serve(job_file: str, overrides: tuple[str, ...]) -> None:
 def check(job_file: str, overrides: tuple[str, ...]) -> None:
     """Validate the job, start its server, send one canary request from the first document."""
     from infermill.job import build_reader, build_rollout
-    from infermill.runner import as_document, parse_reply
+    from infermill.runner import as_document, is_chat, parse_reply
     from infermill.servers import create_server
 
     job = _load(job_file, overrides)
@@ -280,8 +280,7 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
                 click.echo("request:\n" + orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
                 reply = await server.make_request(body, path)
                 click.echo("reply:\n" + orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
-                chat = job.inference.use_chat if path is None else path.endswith("/chat/completions")
-                return parse_reply(reply, chat)
+                return parse_reply(reply, is_chat(path, job.inference.use_chat))
 
             result = await rollout(document, generate)
             click.echo(f"rollout result: {result!r}")

@@ -16,6 +16,7 @@ import orjson
 from yarl import URL
 
 from infermill import __version__
+from infermill.config import DEFAULT_MAX_RESPONSE_BYTES
 from infermill.errors import (
     AuthenticationError,
     BadRequestError,
@@ -31,7 +32,6 @@ BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 422})
 AUTH_STATUSES = frozenset({401, 403})
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
 ERROR_BODY_CHARS = 500
-DEFAULT_MAX_RESPONSE_BYTES = 64 * 2**20
 
 
 def parse_retry_after(value: str | None) -> float | None:

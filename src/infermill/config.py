@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from infermill.errors import ConfigError
 
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 2**20
+
 #: fields whose values never appear in an error message: secrets, or what may hold one
 #: (model_kwargs.server_env, credentials in a URL)
 SECRET_FIELDS = frozenset({"api_key", "model_kwargs", "endpoint_url"})
@@ -99,7 +101,7 @@ class InferenceConfig(BaseModel):
     request_backoff_base_sec: float = Field(1.0, ge=0)
     request_backoff_max_sec: float = Field(60.0, ge=0)
     max_response_bytes: int = Field(
-        64 * 2**20, gt=0, description="A longer reply fails its request (memory stays bounded)."
+        DEFAULT_MAX_RESPONSE_BYTES, gt=0, description="A longer reply fails its request (memory stays bounded)."
     )
 
     def __init__(self, **data: Any):

@@ -49,6 +49,11 @@ _END = object()
 T = TypeVar("T")
 
 
+def is_chat(path: str | None, use_chat: bool) -> bool:
+    """Whether a request to ``path`` (None: the config's endpoint, per ``use_chat``) is a chat one."""
+    return use_chat if path is None else path.endswith("/chat/completions")
+
+
 def parse_reply(reply: dict[str, Any], use_chat: bool) -> InferenceResult:
     """An OpenAI chat or completions reply as an ``InferenceResult``; RetryableError if malformed."""
     try:
@@ -390,7 +395,7 @@ class _Run:
         async def generate(payload: dict[str, Any], *, path: str | None = None) -> InferenceResult:
             """``payload`` (over the config's defaults) to the chat or completions endpoint, per
             ``use_chat``, or to ``path`` (``/v1/chat/completions`` or ``/v1/completions``)."""
-            chat = use_chat if path is None else path.endswith("/chat/completions")
+            chat = is_chat(path, use_chat)
             data = orjson.dumps({**base, **payload})
             occurrence = seen[data] = seen.get(data, -1) + 1
             request = (document.id, rollout_index, data, occurrence)
