@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+import yaml
 
 from conftest import SCRIPTS
 from helpers import wait_until_async
@@ -104,7 +106,7 @@ def test_sglang_command_is_launch_server_with_host_port_key_context_and_extra_fl
         "--model-path", MODEL,
         "--host", "127.0.0.1",
         "--port", "23456",
-        "--api-key", server.api_key,
+        "--config", server.config_file(),
         "--context-length", "16384",
         "--allow-auto-truncate",
         "--log-level-http", "warning",
@@ -113,11 +115,14 @@ def test_sglang_command_is_launch_server_with_host_port_key_context_and_extra_fl
         "--mem-fraction-static=0.8",
         "--enable-torch-compile",
     ]  # fmt: skip
+    asyncio.run(server.close())
 
 
 def test_sglang_command_maps_tp_dp_pp_to_its_own_flag_names():
     config = InferenceConfig(server_type="sglang", model_name_or_path=MODEL, tp=2, dp=3, pp=4)
-    assert SGLangServer(config).build_command(1)[-6:] == ["--tp-size", "2", "--dp-size", "3", "--pp-size", "4"]
+    server = SGLangServer(config)
+    assert server.build_command(1)[-6:] == ["--tp-size", "2", "--dp-size", "3", "--pp-size", "4"]
+    asyncio.run(server.close())
 
 
 @pytest.mark.parametrize("server_class", [VLLMServer, SGLangServer])
@@ -169,11 +174,16 @@ def test_api_key_is_random_per_instance_and_is_what_the_client_sends(server_clas
     assert first.api_key != second.api_key
     assert len(first.api_key) >= 32
     assert first.client_api_key() == first.api_key
-    if server_class is VLLMServer:  # in the environment, where other users of the node cannot read it
+    # never on the command line, which every user of the node can read (ps)
+    assert first.api_key not in " ".join(first.build_command(1))
+    if server_class is VLLMServer:  # in the environment, which other users cannot read
         assert first.build_env()["VLLM_API_KEY"] == first.api_key
-        assert first.api_key not in " ".join(first.build_command(1))
-    else:
-        assert first.build_command(1).count(first.api_key) == 1
+    else:  # in a config file only this user can read, gone once the server is closed
+        path = Path(first.config_file())
+        assert yaml.safe_load(path.read_text()) == {"api-key": first.api_key}
+        assert path.stat().st_mode & 0o777 == 0o600
+        asyncio.run(first.close())
+        assert not path.exists()
 
 
 def test_api_key_is_always_accepted_as_a_flag_value_by_argparse():
@@ -188,15 +198,19 @@ def test_api_key_is_always_accepted_as_a_flag_value_by_argparse():
         assert parser.parse_args(["--api-key", key, "--port", "1"]).api_key == key
 
 
-@pytest.mark.parametrize("server_class", [SGLangServer])
-def test_redacted_command_hides_the_api_key(server_class):
-    config = InferenceConfig(server_type=server_class.__name__[:-6].lower(), model_name_or_path=MODEL)
-    server = server_class(config)
-    command = server.build_command(5)
-    shown = server.redact(command)
-    assert server.api_key not in " ".join(shown)
-    assert shown[shown.index("--api-key") + 1] == "***"
-    assert len(shown) == len(command)
+def test_sglang_merges_the_users_own_config_file_and_names_a_bad_one(tmp_path):
+    own = tmp_path / "sglang.yaml"
+    own.write_text("mem-fraction-static: 0.7\napi-key: the-users-key\n")
+    config = InferenceConfig(server_type="sglang", model_name_or_path=MODEL, model_kwargs={"config": str(own)})
+    server = SGLangServer(config)
+    command = server.build_command(1)
+    assert command.count("--config") == 1  # SGLang accepts one config file
+    merged = yaml.safe_load(Path(server.config_file()).read_text())
+    assert merged == {"mem-fraction-static": 0.7, "api-key": server.api_key}  # the key the client sends wins
+    asyncio.run(server.close())
+    missing = InferenceConfig(server_type="sglang", model_name_or_path=MODEL, model_kwargs={"config": "/nope.yaml"})
+    with pytest.raises(ConfigError, match="model_kwargs.config: cannot read SGLang's config file /nope.yaml"):
+        SGLangServer(missing)
 
 
 # -- driving the fake engines ---------------------------------------------------------
@@ -213,6 +227,9 @@ async def test_engine_becomes_ready_and_requests_carry_its_api_key(server_type, 
         reply = await server.make_request(dict(CHAT))
         assert reply["choices"][0]["message"]["content"] == "hello from the test"
         assert reply["model"] == MODEL
+        # no process of the node shows the key on its command line (what ps shows every user)
+        for process in psutil.process_iter(["cmdline"]):
+            assert server.api_key not in " ".join(process.info["cmdline"] or [])
         # the fake really enforces the key: the same request without it is refused
         anonymous = OpenAIClient(request_timeout=5)
         try:
@@ -249,7 +266,7 @@ async def test_engine_log_file_header_shows_the_command_with_the_api_key_redacte
     text = log_text(tmp_path)
     headers = [line for line in text.splitlines() if line.startswith("# infermill:")]
     assert headers and f"on port {port}:" in headers[0]
-    assert ("--api-key" not in headers[0]) if server_type == "vllm" else ("--api-key ***" in headers[0])
+    assert "--api-key" not in headers[0]
     assert str(FAKES[server_type]) in headers[0]
     assert server.api_key not in text
     # the engine's own output is in the log too, and it parsed the context length flag

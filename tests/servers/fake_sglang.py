@@ -3,7 +3,9 @@
 SGLang's real startup log lines and serves the OpenAI API (the echo app), refusing any
 request under ``/v1`` without ``Authorization: Bearer <--api-key>`` (HTTP 401).
 
-    python fake_sglang.py --model-path M --host H --port P --api-key K --context-length N ...
+    python fake_sglang.py --model-path M --host H --port P --config FILE --context-length N ...
+
+``--config`` names a YAML file of more flags by long name (``api-key: K``), as SGLang's does.
 
 Like SGLang (``uvicorn.run(app, host=..., port=...)``), uvicorn prints "Application
 startup complete." and, once listening, "Uvicorn running on http://H:P"; after its warm-up
@@ -28,6 +30,8 @@ import os
 import sys
 import time
 
+import yaml
+
 # same folder: the script's folder is on sys.path
 from fake_vllm import bind, emit, prepare_app, serve_forever, start_serving
 
@@ -37,7 +41,9 @@ def ts(tp: bool = False) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """SGLang's flags; ``--config FILE.yaml`` holds more of them by long name (the command line wins)."""
     parser = argparse.ArgumentParser(prog="sglang.launch_server")
+    parser.add_argument("--config", default=None)
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
@@ -49,6 +55,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-parallel-size", "--dp-size", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", "--pp-size", type=int, default=1)
     parser.add_argument("--mem-fraction-static", type=float, default=None)
+    config = parser.parse_known_args(argv)[0].config
+    if config:
+        with open(config) as file:
+            parser.set_defaults(**{key.replace("-", "_"): value for key, value in yaml.safe_load(file).items()})
     return parser.parse_args(argv)
 
 
