@@ -102,6 +102,7 @@ class RecordingServer:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str | None]] = []
         self.required_key: str | None = None
+        self.models_status: int | None = None  # set: GET /v1/models answers this status
         self.url = ""
 
     @web.middleware
@@ -110,6 +111,8 @@ class RecordingServer:
         self.seen.append((request.method, request.path, auth))
         if self.required_key is not None and auth != f"Bearer {self.required_key}":
             return json_response({"error": {"message": "Invalid API key", "type": "invalid_request_error"}}, 401)
+        if self.models_status is not None and request.path == "/v1/models":
+            return json_response({"error": {"message": "no such route"}}, self.models_status)
         return await handler(request)
 
     def auth_on(self, method: str, path: str) -> list[str | None]:
@@ -207,6 +210,27 @@ async def test_endpoint_that_accepts_the_key_is_ready(endpoint):
     async with create_server(endpoint_config(endpoint.url, api_key="the-right-key")) as server:
         reply = await asyncio.wait_for(server.make_request(dict(CHAT)), 10)
     assert reply["choices"][0]["message"]["content"] == "say this back"
+
+
+@pytest.mark.parametrize("status", [404, 501])
+async def test_endpoint_answering_404_or_501_to_the_probe_is_not_ready_until_it_serves(endpoint, status):
+    endpoint.models_status = status
+    async with create_server(endpoint_config(endpoint.url)) as server:
+        await helpers.wait_until_async(lambda: len(endpoint.auth_on("GET", "/v1/models")) >= 3, 10, "three probes")
+        assert server.state is ServerState.STARTING
+        endpoint.models_status = None  # the server behind it is up
+        reply = await asyncio.wait_for(server.make_request(dict(CHAT)), 10)
+    assert reply["choices"][0]["message"]["content"] == "say this back"
+
+
+async def test_endpoint_answering_404_to_the_probe_fails_at_the_end_of_the_window_saying_what_to_check(endpoint):
+    endpoint.models_status = 404
+    async with create_server(endpoint_config(endpoint.url, server_ready_max_attempts=5)) as server:
+        with pytest.raises(ServerError) as excinfo:
+            await asyncio.wait_for(server.wait_until_ready(), 10)
+    assert "404" in str(excinfo.value)
+    assert "is endpoint_url the server's base URL" in str(excinfo.value)
+    assert endpoint.auth_on("POST", "/v1/chat/completions") == []
 
 
 async def test_endpoint_that_is_not_up_yet_is_waited_for():
