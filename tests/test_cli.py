@@ -360,6 +360,25 @@ def test_a_url_whose_file_system_is_not_installed_names_the_package(tmp_path, wh
     assert "Traceback" not in result.stderr, output_of(result)
 
 
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_a_file_system_that_cannot_be_reached_is_one_line_naming_the_url(tmp_path, where):
+    closed = socket.socket()  # bound, never listening: connections to it are refused
+    closed.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}/data" + (".jsonl" if where == "input" else "")
+    spec = job_spec(tmp_path, server_log_folder=str(tmp_path / "logs"))
+    spec[where]["path"] = url
+    spec["checkpoint"]["dir"] = str(tmp_path / "ckpt")
+    try:
+        result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    finally:
+        closed.close()
+    assert result.returncode == 2, output_of(result)
+    assert f"{url}: cannot" in result.stderr and "check the URL" in result.stderr, output_of(result)
+    assert "Traceback" not in result.stderr, output_of(result)
+    if where == "output":
+        assert not (tmp_path / "logs").exists()  # found before a server was launched
+
+
 # -- 2. run -----------------------------------------------------------------------------
 
 

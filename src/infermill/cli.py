@@ -15,9 +15,17 @@ from typing import TYPE_CHECKING, Any
 import click
 import orjson
 
-from infermill.errors import CheckpointBusyError, ConfigError, InferenceError, InfermillError, ServerError
+from infermill.errors import (
+    CheckpointBusyError,
+    ConfigError,
+    InferenceError,
+    InfermillError,
+    ServerError,
+    StorageError,
+)
 from infermill.eventloop import run_coroutine
 from infermill.jobfile import JobConfig, load_job
+from infermill.layout import is_remote
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -147,7 +155,11 @@ def run(
     try:
         layout = job.layout()
         layout.check_writable()
-    except ConfigError as e:
+        if is_remote(job.output.path):
+            from infermill.io.filesystems import check_writable
+
+            check_writable(job.output.path)
+    except (ConfigError, StorageError) as e:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
     if job.inference.server_log_folder is None:  # a job keeps its server's output with its other files

@@ -27,6 +27,11 @@ class CheckpointBusyError(InfermillError):
     """Another run is writing the same checkpoint (the same job and rank) right now."""
 
 
+class StorageError(InfermillError):
+    """A file system could not be reached or refused an operation (a network failure, a backend's
+    own error): the message names the path or URL."""
+
+
 class ServerError(InfermillError):
     """The inference server could not start, died, or is otherwise unusable.
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import Collection, Iterator
 from typing import Any
 
-from infermill.errors import ConfigError
+from infermill.errors import ConfigError, InfermillError, StorageError
 
 
 def url_to_fs(url: str) -> tuple[Any, str]:
@@ -19,3 +22,34 @@ def url_to_fs(url: str) -> tuple[Any, str]:
         raise ConfigError(f"{url}: {e} (pip install it into infermill's environment)") from None
     except ValueError as e:
         raise ConfigError(f"{url}: {e}; check the path") from None
+
+
+@contextlib.contextmanager
+def reaching(url: str, action: str, not_storage: Collection[BaseException] = ()) -> Iterator[None]:
+    """Turn an error of the file system behind ``url`` that does not name its file (a network
+    failure, a backend's own exception: botocore, aiohttp, google-auth...) into a
+    ``StorageError`` that names ``url`` and what was being done (``action``: "list", "write").
+    Errors in ``not_storage`` (raised by the data being written, say) pass through as they are."""
+    try:
+        yield
+    except InfermillError:
+        raise
+    except Exception as e:
+        if isinstance(e, OSError) and e.filename:  # already says which file, e.g. a full local disk
+            raise
+        if e in not_storage:
+            raise
+        raise StorageError(
+            f"{url}: cannot {action} it: {type(e).__name__}: {e}; check the URL, the credentials and the network"
+        ) from e
+
+
+def check_writable(url: str) -> None:
+    """Write and delete a small file in the folder ``url``, so that a remote output that cannot be
+    reached or written is found before a server is launched; a ``StorageError`` says why."""
+    fs, root = url_to_fs(url)
+    probe = f"{root.rstrip('/')}/.infermill-write-test-{uuid.uuid4().hex[:8]}"
+    with reaching(url, "write to"):
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import orjson
 
-from infermill.io.filesystems import url_to_fs
+from infermill.io.filesystems import reaching, url_to_fs
 
 COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
 PARQUET_ROWS_PER_GROUP = 2000
@@ -71,17 +71,23 @@ class OutputWriter:
         if first is None:
             return 0
         final = f"{self.root}/{self.filename(rank, chunk_index)}"
-        self.fs.makedirs(os.path.dirname(final), exist_ok=True)
         temp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with self.fs.open(temp, "wb", compression=self.compression) as file:
-                count = self._write_records(file, _chain_first(first, records))
-            self.fs.mv(temp, final)
-        except BaseException:
-            if self.fs.exists(temp):
-                self.fs.rm(temp)
-            raise
+        source_errors: list[BaseException] = []  # raised by the records, not by the file system
+        with reaching(self.url(final), "write", not_storage=source_errors):
+            self.fs.makedirs(os.path.dirname(final), exist_ok=True)
+            try:
+                with self.fs.open(temp, "wb", compression=self.compression) as file:
+                    count = self._write_records(file, _chain_first(first, records, source_errors))
+                self.fs.mv(temp, final)
+            except BaseException:
+                if self.fs.exists(temp):
+                    self.fs.rm(temp)
+                raise
         return count
+
+    def url(self, path: str) -> str:
+        """``path`` (in this writer's file system) as the user would write it: with its protocol."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
 
     def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
         raise NotImplementedError
@@ -89,15 +95,17 @@ class OutputWriter:
     def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
         """Delete one chunk's data file, if it is there (for starting a job over)."""
         path = f"{self.root}/{self.filename(rank, chunk_index)}"
-        if self.fs.exists(path):
-            self.fs.rm(path)
+        with reaching(self.url(path), "delete"):
+            if self.fs.exists(path):
+                self.fs.rm(path)
 
     def remove_temp_files(self, rank: int) -> None:
         """Delete this rank's temporary files left by a run killed while writing a chunk: the
         names :meth:`write_chunk` gives them (``NAME.<8 hex digits>.tmp``), nothing else."""
         pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index="*")
-        for path in self.fs.glob(f"{self.root}/{pattern}.????????.tmp"):
-            self.fs.rm(path)
+        with reaching(self.url(self.root), "clean up temporary files in"):
+            for path in self.fs.glob(f"{self.root}/{pattern}.????????.tmp"):
+                self.fs.rm(path)
 
 
 class JsonlWriter(OutputWriter):
@@ -189,6 +197,11 @@ def as_dict(record: Record) -> dict[str, Any]:
     return orjson.loads(record) if isinstance(record, bytes) else record
 
 
-def _chain_first(first: Record, rest: Iterator[Record]) -> Iterator[Record]:
+def _chain_first(first: Record, rest: Iterator[Record], errors: list[BaseException]) -> Iterator[Record]:
+    """``first``, then ``rest``; an exception ``rest`` raises is also put in ``errors``."""
     yield first
-    yield from rest
+    try:
+        yield from rest
+    except BaseException as e:
+        errors.append(e)
+        raise
