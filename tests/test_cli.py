@@ -379,6 +379,38 @@ def test_a_file_system_that_cannot_be_reached_is_one_line_naming_the_url(tmp_pat
         assert not (tmp_path / "logs").exists()  # found before a server was launched
 
 
+def test_relative_paths_in_a_job_file_are_from_its_folder_and_those_of_set_from_the_current_one(tmp_path):
+    project = tmp_path / "project"
+    (project / "jobs").mkdir(parents=True)
+    (project / "data").mkdir()
+    (project / "servers").mkdir()
+    (project / "data" / "in.jsonl").write_bytes(SAMPLE.read_bytes())
+    (project / "servers" / "echo_server.py").write_bytes(ECHO_SERVER.read_bytes())
+    spec = job_spec(tmp_path, model_kwargs={"server_script": "../servers/echo_server.py"})
+    spec["input"]["path"] = "../data/*.jsonl"
+    spec["output"]["path"] = "../out"
+    job = write_job(project / "jobs", spec)
+    elsewhere = tmp_path / "elsewhere"  # the current directory of both runs
+    elsewhere.mkdir()
+    result = infermill(elsewhere, "run", str(job))
+    assert result.returncode == 0, output_of(result)
+    assert sum(len(read_jsonl(path)) for path in (project / "out").glob("*.jsonl")) == 60
+    assert (project / "out" / "_infermill" / "logs").is_dir()
+    result = infermill(elsewhere, "run", str(job), "--set", "output.path=typed-out")
+    assert result.returncode == 0, output_of(result)
+    assert sum(len(read_jsonl(path)) for path in (elsewhere / "typed-out").glob("*.jsonl")) == 60
+
+
+def test_a_launched_server_runs_in_the_job_files_folder(tmp_path):
+    # relative paths among a server's own flags resolve where the job file is, not where infermill runs
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "echo.py").write_bytes(ECHO_SERVER.read_bytes())
+    spec = job_spec(tmp_path, model_kwargs={"server_command": [PYTHON, "echo.py"]})
+    result = infermill(tmp_path, "run", str(write_job(tmp_path / "jobs", spec)))
+    assert result.returncode == 0, output_of(result)
+    assert sum(len(read_jsonl(path)) for path in (tmp_path / "out").glob("*.jsonl")) == 60
+
+
 # -- 2. run -----------------------------------------------------------------------------
 
 

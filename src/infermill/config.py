@@ -79,6 +79,9 @@ class InferenceConfig(BaseModel):
     request_timeout: float | None = Field(600.0, gt=0, description="Seconds per request; None disables.")
     model_kwargs: dict[str, Any] | None = None
     server_log_folder: str | None = None
+    server_workdir: str | None = Field(
+        None, description="A launched server's working directory (a job file: its own folder); None: infermill's."
+    )
     server_start_timeout_sec: float = Field(60.0, gt=0)
     server_ready_max_attempts: int = Field(300, ge=1)
     server_ready_delay_sec: float = Field(5.0, gt=0)

@@ -8,12 +8,21 @@
     checkpoint: {dir, records_per_chunk}
 
 Unknown keys and wrong types are rejected with the key's full path and what was expected.
+
+Relative paths in a job file are relative to the job file's folder, whatever the current
+directory: the paths infermill reads or writes (``PATH_FIELDS``, and a rollout function's
+``file.py``) are made absolute when the file is loaded, and a launched server runs in that
+folder (``inference.server_workdir``), so relative paths among its flags and command resolve
+there too. A path given with ``--set`` is relative to the current directory, like any path
+typed on a command line.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
+
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -128,8 +137,41 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     target[parts[-1]] = yaml.safe_load(raw) if raw else ""
 
 
+#: the job file's fields that hold a path (or a list of them) infermill itself opens
+PATH_FIELDS = (
+    ("input", "path"),
+    ("output", "path"),
+    ("checkpoint", "dir"),
+    ("inference", "server_log_folder"),
+    ("inference", "server_workdir"),
+)
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    """``value`` (a path, a list of paths, anything else) with relative paths joined to ``base``;
+    URLs (``s3://...``) and absolute paths as they are."""
+    if isinstance(value, list):
+        return [_absolute(item, base) for item in value]
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    return os.path.normpath(base / os.path.expanduser(value))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, fields: tuple[tuple[str, str], ...] = PATH_FIELDS) -> None:
+    """Make the path ``fields`` of ``data`` (and a rollout function's file) absolute, from ``base``."""
+    for section, key in fields:
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section][key] = _absolute(data[section][key], base)
+    rollout = data.get("rollout")
+    if isinstance(rollout, dict) and isinstance(rollout.get("function"), str):
+        file, sep, name = rollout["function"].rpartition(":")
+        if sep and file.endswith(".py"):
+            rollout["function"] = f"{_absolute(file, base)}:{name}"
+
+
 def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read and validate a job file (relative paths in it are taken from the current directory)."""
+    """Read and validate a job file; relative paths in it are relative to its folder (see the
+    module docstring), those given in ``overrides`` to the current directory."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -139,8 +181,15 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job file is a mapping with input, output, rollout, inference sections")
+    folder = path.resolve().parent
+    inference = data.get("inference")
+    if isinstance(inference, dict):
+        inference.setdefault("server_workdir", ".")  # the job file's folder, once resolved
+    _resolve_paths(data, folder)
     for assignment in overrides:
         apply_override(data, assignment)
+        key = tuple(assignment.partition("=")[0].split("."))
+        _resolve_paths(data, Path.cwd(), tuple(f for f in PATH_FIELDS if f == key))
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:

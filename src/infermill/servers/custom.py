@@ -37,10 +37,9 @@ class CustomServer(ManagedServer):
         self.launch_prefix = self._launch_prefix(self.launch)
         self.flags = kwargs_to_flags(self.launch.flags)
 
-    @staticmethod
-    def _launch_prefix(launch: Launch) -> list[str]:
-        if launch.script:
-            script = os.path.abspath(os.path.expanduser(launch.script))
+    def _launch_prefix(self, launch: Launch) -> list[str]:
+        if launch.script:  # relative: to the server's working directory, where it runs
+            script = os.path.abspath(os.path.join(self.config.server_workdir or "", os.path.expanduser(launch.script)))
             if not os.path.isfile(script):
                 raise ConfigError(
                     f"model_kwargs.server_script: {script} does not exist or is not a file; "

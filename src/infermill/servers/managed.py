@@ -128,7 +128,13 @@ class ManagedServer(InferenceServer):
             # arrives as the spawn completes, and close() would then wait on a supervisor that runs on
             async with asyncio.timeout(self.config.server_start_timeout_sec):
                 self.process = await ManagedProcess.spawn(
-                    argv, env=env, on_line=self._on_line, on_exit=self._wake, log=self._log, secrets=self.secrets()
+                    argv,
+                    env=env,
+                    cwd=self.config.server_workdir,
+                    on_line=self._on_line,
+                    on_exit=self._wake,
+                    log=self._log,
+                    secrets=self.secrets(),
                 )
         except (TimeoutError, OSError) as e:
             hint = f"; {self.install_hint}" if isinstance(e, FileNotFoundError) and self.install_hint else ""
