@@ -23,7 +23,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
