@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -48,12 +49,13 @@ def model_dir() -> str:
 
 
 def quickstart_inference(model_dir: str, tmp_path: Path) -> dict:
-    """The quickstart job's ``inference`` section, its paths made absolute, tuned for a test."""
+    """The quickstart job's ``inference`` section, its paths made absolute (from the job file's folder), tuned
+    for a test."""
     inference = yaml.safe_load(QUICKSTART.read_text())["inference"]
     kwargs = dict(inference["model_kwargs"])
     for key in ("server_script", "model"):
         if key in kwargs:
-            kwargs[key] = str(ROOT / kwargs[key])
+            kwargs[key] = os.path.normpath(QUICKSTART.parent / kwargs[key])  # relative to the job file
     assert Path(kwargs.get("model", model_dir)) == Path(model_dir)
     inference.update(
         model_kwargs={**kwargs, "max_batch_size": 8},
