@@ -27,6 +27,11 @@ class CheckpointBusyError(InfermillError):
     """Another run is writing the same checkpoint (the same job and rank) right now."""
 
 
+class LeaseLostError(InfermillError):
+    """This worker no longer holds its unit of the work queue (another worker took it over, its
+    lease went stale, or the unit was marked failed): it must not commit the unit."""
+
+
 class ServerError(InfermillError):
     """The inference server could not start, died, or is otherwise unusable.
 
