@@ -32,6 +32,11 @@ class StorageError(InfermillError):
     own error): the message names the path or URL."""
 
 
+class LeaseLostError(InfermillError):
+    """This worker no longer holds its unit of the work queue (another worker took it over, its
+    lease went stale, or the unit was marked failed): it must not commit the unit."""
+
+
 class ServerError(InfermillError):
     """The inference server could not start, died, or is otherwise unusable.
 

@@ -6,6 +6,7 @@
       stats.json                  (stats_rank_RRRRR.json when there are several ranks)
       failures_rank_RRRRR.jsonl   documents skipped or failed, with the reason
       logs/                       the server's output (the job file's default server_log_folder)
+      queue/                      the shared work queue: plan, leases, done marks, journals (infermill.queue)
 
 Checkpoints may live elsewhere (``checkpoint.dir``): they must be local, so a remote
 output needs one, and then the job's other files go into that folder too.
@@ -70,6 +71,11 @@ class JobLayout:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def queue(self) -> Path:
+        """The shared work queue's folder (``infermill.queue.WorkQueue``)."""
+        return self.root / "queue"
 
     def rank_dir(self, rank: int) -> Path:
         return self.checkpoints / f"rank_{rank:05d}"

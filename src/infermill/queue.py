@@ -1,0 +1,663 @@
+"""The shared work queue: a job's units, leased to any number of workers, each committed once.
+
+A job is split into units (the planner's business; here a unit is a number, 0 .. N-1). Any
+number of workers, on any machines that see the same folder, call :meth:`WorkQueue.claim`
+until the queue is drained. The whole state is files in one folder, named so that one
+directory listing tells every unit's state (paths: ``JobLayout.queue``)::
+
+    OUTPUT/_infermill/queue/
+      plan.json                  the units (first writer wins): {"units": [{...}, ...], ...}
+      clock                      touched to read the storage's clock (see staleness)
+      units/
+        000007.00002.lease       unit 7 leased to generation 2: {"worker", "host", "pid", "time"}
+        000007.00001.released    generation 1 given back by its holder (not an attempt)
+        000007.00003.reset       reset_failed() at generation 3: attempts count from there
+        000007.done              committed: {"documents", "generation", "worker", "host", ...}
+        000007.failed            given up: {"cause", "generation", "worker", "host", ...}
+        .tmp-*                   being written (ignored; a killed writer may leave one)
+      journals/
+        000007.00002.journal     the journal of unit 7's generation-2 holder (journal_path)
+
+**What the file system must offer**: a local or network POSIX file system (ext4, xfs,
+tmpfs, NFSv3+, Lustre, GPFS) that every worker mounts: ``link()`` that fails with EEXIST
+when the name exists (every file here is created complete under a unique temp name, then
+linked to its final name: create-if-absent, atomically), atomic ``rename()``, and
+``utime()`` that sets a file's mtime to the storage's current time. On NFS, a client's
+caches must not hide another node's changes for long against ``lease_timeout_sec``: lease
+ages are read by opening the file (close-to-open consistency), but a cached negative lookup
+can hide a new lease for up to ``acdirmax`` (60 s by default); mount with
+``lookupcache=positive`` (or ``actimeo`` well under the timeout). URLs of fsspec file
+systems (``s3://``...) are refused with a ``ConfigError``: object stores would need
+conditional writes, which not every backend exposes.
+
+**Leases and fencing.** Unit U's lease of generation g is the file ``U.g.lease``; only one
+worker can create a given name, so only one worker wins each generation. The holder of U is
+the highest generation. Claiming a unit with no lease creates generation 1; a unit whose
+highest lease is stale or released gets generation g+1, so two workers taking over the
+same stale lease cannot both win. Each claim lists the folder once, tries the free units
+in random order (so that N workers do not fight over unit 0), and only then stats the
+leases of units in progress to find stale ones. :meth:`WorkQueue.renew` (every
+timeout/4 by :class:`LeaseRenewer`, a thread) refuses a lease that is already stale, then
+touches it, then checks that no higher generation exists and the unit is not marked
+failed; any of these raises :class:`~infermill.errors.LeaseLostError`.
+
+**Staleness** is measured on the storage's clock, never a node's: a lease is stale when its
+mtime is more than ``lease_timeout_sec`` older than the mtime of the ``clock`` file just
+touched. Clock skew between nodes does not matter; a file system's mtime granularity
+(1 ns on ext4, 1 s or 2 s on some) must be small against the timeout.
+
+**Commits.** :meth:`WorkQueue.commit` renews the lease (refusing, as above, a lost one) and
+only then calls the caller's writer, which writes the unit's output under a temporary name
+and renames it to a name derived from the unit; then it creates ``U.done``. The check and
+the write are not one atomic step: a holder frozen right after its check may wake after a
+takeover and write too. Then it replaces the same output file with equivalent content (the
+same documents), so the output still holds each document once; ``U.done`` is created once,
+so the unit and its documents are counted once (the second commit returns False).
+
+**Attempts and failures.** Each generation is an attempt, except one its holder gave back
+(:meth:`release`, e.g. a worker stopping on SIGTERM). When the lease of a unit that already
+had ``max_unit_attempts`` attempts goes stale, the unit is marked failed (``U.failed``,
+naming the last worker and host) instead of being claimed again: something in it kills
+its workers. A holder marks its unit failed itself with :meth:`fail` (its documents
+failed after their retries). Failed units are not claimed; :meth:`reset_failed` (a rerun
+calls it when it starts) makes them claimable again with a fresh count of attempts (a
+``.reset`` mark; generations keep growing, so fencing holds across resets). If a unit is
+both done and failed (a stale holder slipped past), done wins.
+
+**Cost.** A claim is one directory listing, plus a stat per unit in progress when no unit
+is free, plus one file created; a renewal is two utimes, an open and four stats; a commit is a
+renewal and a file created. :meth:`status` lists the folder once and reads the done and
+failed marks (for documents and causes) and the leases of the units in progress: fine
+for thousands of units, milliseconds per thousand on a local disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+from infermill.errors import ConfigError, InfermillError, LeaseLostError
+from infermill.layout import JobLayout, is_remote, local_path
+
+logger = logging.getLogger("infermill.queue")
+
+PLAN_FILE = "plan.json"
+CLOCK_FILE = "clock"
+UNITS_DIR = "units"
+JOURNALS_DIR = "journals"
+
+DEFAULT_LEASE_TIMEOUT_SEC = 120.0
+DEFAULT_MAX_UNIT_ATTEMPTS = 3
+
+
+def _generation_name(unit: int, generation: int, kind: str) -> str:
+    return f"{unit:06d}.{generation:05d}.{kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Generation ``generation`` of unit ``unit``, held by the worker whose queue claimed it."""
+
+    unit: int
+    generation: int
+    path: Path
+
+
+@dataclass(slots=True)
+class UnitHolder:
+    """A unit's current lease, as :meth:`WorkQueue.status` reports it."""
+
+    unit: int
+    generation: int
+    worker: str
+    host: str
+    pid: int | None
+    renewed_sec_ago: float  # on the storage's clock
+
+
+@dataclass(slots=True)
+class UnitFailure:
+    """A unit marked failed, and why."""
+
+    unit: int
+    cause: str
+    generation: int
+    worker: str
+    host: str
+
+
+@dataclass(slots=True)
+class QueueStatus:
+    """Where the job's units stand. ``units_pending`` counts the units waiting for a worker,
+    stale ones (whose holder stopped renewing, listed in ``stale``) included."""
+
+    units_total: int
+    units_done: int
+    units_in_progress: int
+    units_pending: int
+    units_failed: int
+    documents_done: int
+    documents_total: int | None  # when the plan gives every unit's "documents"
+    in_progress: list[UnitHolder] = field(default_factory=list)
+    stale: list[UnitHolder] = field(default_factory=list)
+    failed: list[UnitFailure] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class _Unit:
+    """What one listing of ``units/`` says of a unit."""
+
+    leases: list[int] = field(default_factory=list)  # generations whose .lease file exists
+    released: list[int] = field(default_factory=list)
+    base: int = 0  # the generation of the last reset: attempts count above it
+    done: bool = False
+    failed: bool = False
+
+    @property
+    def generation(self) -> int:
+        """The highest generation ever created (0: none)."""
+        return max(max(self.leases, default=0), max(self.released, default=0))
+
+    @property
+    def leased(self) -> bool:
+        """Whether the highest generation is a lease not given back (live or stale)."""
+        return bool(self.leases) and max(self.leases) == self.generation
+
+    @property
+    def attempts(self) -> int:
+        return sum(1 for generation in self.leases if generation > self.base)
+
+
+class WorkQueue:
+    """One worker's handle on a job's work queue in ``folder`` (see the module docstring).
+
+    ``worker_id`` names this worker in leases and marks (default: host, pid and a random
+    suffix); ``lease_timeout_sec``: a lease not renewed for that long is taken over;
+    ``max_unit_attempts``: a unit whose workers stopped that many times is marked failed.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        worker_id: str | None = None,
+        *,
+        lease_timeout_sec: float = DEFAULT_LEASE_TIMEOUT_SEC,
+        max_unit_attempts: int = DEFAULT_MAX_UNIT_ATTEMPTS,
+    ):
+        folder = os.fspath(folder)
+        if is_remote(folder):
+            raise ConfigError(
+                f"the work queue needs a local or network (NFS, Lustre, GPFS) file system, not {folder}: its leases "
+                "rely on creating a file only if it is absent, which fsspec does not offer for every storage; "
+                "put checkpoint.dir on a file system every worker mounts"
+            )
+        if lease_timeout_sec <= 0:
+            raise ConfigError(f"lease_timeout_sec must be positive, got {lease_timeout_sec}")
+        if max_unit_attempts < 1:
+            raise ConfigError(f"max_unit_attempts must be at least 1, got {max_unit_attempts}")
+        self.folder = Path(local_path(folder))
+        self.units_dir = self.folder / UNITS_DIR
+        self.journals_dir = self.folder / JOURNALS_DIR
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.worker_id = worker_id or f"{self.host}-{self.pid}-{uuid.uuid4().hex[:6]}"
+        self.lease_timeout_sec = float(lease_timeout_sec)
+        self.max_unit_attempts = max_unit_attempts
+        self._random = random.Random()
+        self._plan: dict[str, Any] | None = None
+        self.units_dir.mkdir(parents=True, exist_ok=True)
+        self.journals_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_layout(cls, layout: JobLayout, worker_id: str | None = None, **options: Any) -> WorkQueue:
+        """The queue of the job whose files ``layout`` places."""
+        return cls(layout.queue, worker_id, **options)
+
+    # -- the plan ---------------------------------------------------------------------------
+
+    def publish_plan(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """Store ``plan`` (``{"units": [one entry per unit, ...], ...}``) unless a plan is stored
+        already, and return the stored one: every worker gets the same, whoever wrote first."""
+        if not isinstance(plan.get("units"), list):
+            raise ValueError("a plan needs 'units', a list with one entry per unit")
+        self._create_exclusive(self.folder / PLAN_FILE, orjson.dumps(plan))
+        stored = self.plan()
+        assert stored is not None  # created by us or by a writer before us
+        return stored
+
+    def plan(self) -> dict[str, Any] | None:
+        """The stored plan, or None when none was published yet."""
+        if self._plan is None:
+            self._plan = self._read_json(self.folder / PLAN_FILE)
+        return self._plan
+
+    def _units_total(self) -> int:
+        plan = self.plan()
+        if plan is None:
+            raise InfermillError(f"the work queue in {self.folder} has no plan yet: publish_plan() first")
+        return len(plan["units"])
+
+    # -- claiming ---------------------------------------------------------------------------
+
+    def claim(self) -> Lease | None:
+        """Lease a unit that is neither done, failed nor held by a live lease, or return None
+        when there is none now (see :meth:`drained` to tell whether one may come back)."""
+        total = self._units_total()
+        units = self._list()
+        free: list[int] = []
+        leased: list[int] = []
+        for unit in range(total):
+            state = units.get(unit)
+            if state is None:
+                free.append(unit)
+            elif not (state.done or state.failed):
+                (leased if state.leased else free).append(unit)
+        self._random.shuffle(free)
+        for unit in free:
+            lease = self._take(unit, units.get(unit) or _Unit())
+            if lease is not None:
+                return lease
+        if not leased:
+            return None
+        now = self.storage_now()
+        self._random.shuffle(leased)
+        for unit in leased:
+            state = units[unit]
+            age = self._age(self.units_dir / _generation_name(unit, state.generation, "lease"), now)
+            if age is not None and age > self.lease_timeout_sec:
+                lease = self._take(unit, state)
+                if lease is not None:
+                    return lease
+        return None
+
+    def drained(self) -> bool:
+        """Whether every unit is done or failed: nothing is left to claim, now or later."""
+        total = self._units_total()
+        units = self._list()
+        return all((state := units.get(unit)) is not None and (state.done or state.failed) for unit in range(total))
+
+    def _take(self, unit: int, state: _Unit) -> Lease | None:
+        """Create the next generation of ``unit`` (free or stale in the listing ``state``
+        comes from), or mark it failed when its attempts are spent."""
+        if state.attempts >= self.max_unit_attempts:
+            self._fail_spent(unit, state)
+            return None
+        generation = state.generation + 1
+        path = self.units_dir / _generation_name(unit, generation, "lease")
+        if not self._create_exclusive(path, self._record(generation=generation)):
+            return None  # another worker won this generation
+        lease = Lease(unit, generation, path)
+        if self._done_path(unit).exists() or self._failed_path(unit).exists():
+            self.release(lease)  # finished or failed since the listing
+            return None
+        return lease
+
+    def _fail_spent(self, unit: int, state: _Unit) -> None:
+        last = max(state.leases)
+        holder = self._read_json(self.units_dir / _generation_name(unit, last, "lease")) or {}
+        cause = (
+            f"its workers stopped renewing its lease {state.attempts} times (died, were killed or froze for more "
+            f"than {self.lease_timeout_sec:g} s; max_unit_attempts is {self.max_unit_attempts}); the last was "
+            f"worker {holder.get('worker', '?')} on host {holder.get('host', '?')} (pid {holder.get('pid', '?')})"
+        )
+        self._create_exclusive(
+            self._failed_path(unit),
+            self._record(
+                generation=last,
+                cause=cause,
+                worker=holder.get("worker", "?"),
+                host=holder.get("host", "?"),
+                marked_by=self.worker_id,
+            ),
+        )
+        logger.warning("unit %d failed: %s", unit, cause)
+
+    # -- holding ----------------------------------------------------------------------------
+
+    def renew(self, lease: Lease) -> None:
+        """Extend ``lease``; raise ``LeaseLostError`` if it went stale, was taken over or its
+        unit was marked failed (then this worker must not commit the unit)."""
+        self._check(lease, touch=True)
+
+    def holds(self, lease: Lease) -> bool:
+        """Whether ``lease`` is still held (not stale, not taken over, its unit not failed)."""
+        try:
+            self._check(lease, touch=False)
+        except LeaseLostError:
+            return False
+        return True
+
+    def renewing(self, lease: Lease, on_lost: Callable[[LeaseLostError], None] | None = None) -> LeaseRenewer:
+        """A :class:`LeaseRenewer` for ``lease``: ``with queue.renewing(lease) as renewer: ...``."""
+        return LeaseRenewer(self, lease, on_lost=on_lost)
+
+    def commit(
+        self,
+        lease: Lease,
+        write_output: Callable[[], None],
+        documents: int,
+        stats: dict[str, Any] | None = None,
+    ) -> bool:
+        """Commit the unit: check the lease is still held (else ``LeaseLostError``, and
+        ``write_output`` is not called), call ``write_output`` (which writes the unit's output
+        under a temporary name and renames it), then mark the unit done with ``documents`` and
+        ``stats``. Returns False when another holder had committed it already: its documents
+        are counted once, by that holder's mark."""
+        self._check(lease, touch=True)
+        if self._done_path(lease.unit).exists():
+            return False  # a stale holder slipped past its check and finished first
+        write_output()
+        record = self._record(generation=lease.generation, documents=documents, **(stats or {}))
+        committed = self._create_exclusive(self._done_path(lease.unit), record)
+        if not committed:
+            logger.info("unit %d was committed by another holder as well; counted once", lease.unit)
+        return committed
+
+    def fail(self, lease: Lease, cause: str) -> None:
+        """Mark the unit failed with ``cause`` (its documents failed after their retries) and
+        give the lease back; ``LeaseLostError`` if the lease is no longer held."""
+        self._check(lease, touch=False)
+        record = self._record(generation=lease.generation, cause=cause, marked_by=self.worker_id)
+        self._create_exclusive(self._failed_path(lease.unit), record)
+        self.release(lease)
+
+    def release(self, lease: Lease) -> None:
+        """Give the lease back unfinished (the worker stops): the unit can be claimed at once,
+        and this generation does not count as an attempt. A lease taken over is left as it is."""
+        if self._superseded(lease):
+            return
+        try:
+            os.rename(lease.path, self.units_dir / _generation_name(lease.unit, lease.generation, "released"))
+        except FileNotFoundError:
+            pass
+
+    def _check(self, lease: Lease, touch: bool) -> None:
+        now = self.storage_now()
+        age = self._age(lease.path, now)
+        if age is None:
+            raise LeaseLostError(f"unit {lease.unit}: the lease of generation {lease.generation} was given back")
+        if age > self.lease_timeout_sec:
+            raise LeaseLostError(
+                f"unit {lease.unit}: the lease of generation {lease.generation} was not renewed for {age:.1f} s "
+                f"(lease_timeout_sec {self.lease_timeout_sec:g}): another worker may have taken it over"
+            )
+        if touch:
+            os.utime(lease.path, None)
+        if self._superseded(lease):
+            raise LeaseLostError(
+                f"unit {lease.unit} was taken over by another worker (generation {lease.generation + 1})"
+            )
+        if self._failed_path(lease.unit).exists():
+            raise LeaseLostError(f"unit {lease.unit} was marked failed")
+
+    def _superseded(self, lease: Lease) -> bool:
+        """Whether a higher generation exists: the next one is created before any later one and
+        only ever renamed (lease -> released), so checking its two names suffices."""
+        following = lease.generation + 1
+        return any(
+            (self.units_dir / _generation_name(lease.unit, following, kind)).exists() for kind in ("lease", "released")
+        )
+
+    # -- reruns, journals, status -------------------------------------------------------------
+
+    def reset_failed(self) -> list[int]:
+        """Make the failed units claimable again, each with a fresh count of attempts (a rerun
+        of the job calls this as it starts); returns those units."""
+        reset = []
+        for unit, state in sorted(self._list().items()):
+            if not state.failed:
+                continue
+            if not state.done:
+                mark = self.units_dir / _generation_name(unit, state.generation, "reset")
+                self._create_exclusive(mark, self._record(generation=state.generation))
+                reset.append(unit)
+            try:
+                os.unlink(self._failed_path(unit))
+            except FileNotFoundError:
+                pass
+        return reset
+
+    def journal_path(self, unit: int, generation: int) -> Path:
+        """The journal of unit ``unit``'s holder of generation ``generation``: no two holders
+        share one."""
+        return self.journals_dir / _generation_name(unit, generation, "journal")
+
+    def earlier_journals(self, unit: int, generation: int) -> list[Path]:
+        """The journals of ``unit``'s holders before ``generation`` that exist, newest first: a
+        holder that took the unit over reads the replies they received."""
+        found = []
+        for path in self.journals_dir.glob(f"{unit:06d}.*.journal"):
+            older = path.name.split(".")[1]
+            if older.isdigit() and int(older) < generation:
+                found.append((int(older), path))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def status(self) -> QueueStatus:
+        """Where the units stand (see :class:`QueueStatus`)."""
+        plan = self.plan() or {"units": []}
+        planned = plan["units"]
+        counts = [entry.get("documents") if isinstance(entry, dict) else None for entry in planned]
+        documents_total = sum(counts) if all(isinstance(count, int) for count in counts) else None  # type: ignore[arg-type]
+        units = self._list()
+        try:
+            now = self.storage_now()
+        except OSError:  # a reader who may not write the folder
+            now = time.time()
+        done = documents = 0
+        in_progress: list[UnitHolder] = []
+        stale: list[UnitHolder] = []
+        failed: list[UnitFailure] = []
+        for unit, state in sorted(units.items()):
+            if unit >= len(planned):
+                continue
+            if state.done:
+                done += 1
+                documents += int((self._read_json(self._done_path(unit)) or {}).get("documents", 0))
+            elif state.failed:
+                mark = self._read_json(self._failed_path(unit)) or {}
+                failed.append(
+                    UnitFailure(
+                        unit,
+                        str(mark.get("cause", "?")),
+                        int(mark.get("generation", state.generation)),
+                        str(mark.get("worker", "?")),
+                        str(mark.get("host", "?")),
+                    )
+                )
+            elif state.leased:
+                path = self.units_dir / _generation_name(unit, state.generation, "lease")
+                age = self._age(path, now)
+                if age is None:
+                    continue  # given back since the listing
+                holder = self._read_json(path) or {}
+                entry = UnitHolder(
+                    unit,
+                    state.generation,
+                    str(holder.get("worker", "?")),
+                    str(holder.get("host", "?")),
+                    holder.get("pid"),
+                    round(age, 3),
+                )
+                (stale if age > self.lease_timeout_sec else in_progress).append(entry)
+        return QueueStatus(
+            units_total=len(planned),
+            units_done=done,
+            units_in_progress=len(in_progress),
+            units_pending=len(planned) - done - len(failed) - len(in_progress),
+            units_failed=len(failed),
+            documents_done=documents,
+            documents_total=documents_total,
+            in_progress=in_progress,
+            stale=stale,
+            failed=failed,
+        )
+
+    # -- files --------------------------------------------------------------------------------
+
+    def storage_now(self) -> float:
+        """The storage's current time: the mtime of the ``clock`` file, just touched."""
+        clock = self.folder / CLOCK_FILE
+        try:
+            os.utime(clock, None)
+        except FileNotFoundError:
+            with open(clock, "ab"):
+                pass
+            os.utime(clock, None)
+        return os.stat(clock).st_mtime
+
+    def _list(self) -> dict[int, _Unit]:
+        """Every unit that has a file in ``units/``, from one directory listing."""
+        units: dict[int, _Unit] = {}
+        for name in os.listdir(self.units_dir):
+            parts = name.split(".")
+            if name.startswith(".") or not parts[0].isdigit():
+                continue
+            state = units.setdefault(int(parts[0]), _Unit())
+            if len(parts) == 2:
+                if parts[1] == "done":
+                    state.done = True
+                elif parts[1] == "failed":
+                    state.failed = True
+            elif len(parts) == 3 and parts[1].isdigit():
+                generation, kind = int(parts[1]), parts[2]
+                if kind == "lease":
+                    state.leases.append(generation)
+                elif kind == "released":
+                    state.released.append(generation)
+                elif kind == "reset":
+                    state.base = max(state.base, generation)
+        return units
+
+    def _create_exclusive(self, path: Path, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` unless it exists, atomically, complete or not at all:
+        write a unique temp file, then ``link`` it. Returns whether this call created it."""
+        temp = path.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            with open(temp, "xb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                # NFS: a retransmitted link whose first try succeeded answers EEXIST; our
+                # temp file then has a second name
+                return os.stat(temp).st_nlink == 2
+            return True
+        finally:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+
+    @staticmethod
+    def _age(path: Path, now: float) -> float | None:
+        """Seconds since ``path`` was last touched, on the storage's clock; None if it is gone.
+        Opened, not only stat'ed: NFS revalidates a file's attributes when it is opened
+        (close-to-open), where a stat may answer from its attribute cache."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return now - os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _read_json(path: Path) -> dict[str, Any] | None:
+        try:
+            return orjson.loads(path.read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return None
+
+    def _record(self, **fields: Any) -> bytes:
+        return orjson.dumps(
+            {"worker": self.worker_id, "host": self.host, "pid": self.pid, "time": time.time(), **fields}
+        )
+
+    def _done_path(self, unit: int) -> Path:
+        return self.units_dir / f"{unit:06d}.done"
+
+    def _failed_path(self, unit: int) -> Path:
+        return self.units_dir / f"{unit:06d}.failed"
+
+
+class LeaseRenewer:
+    """Renews a lease every ``lease_timeout_sec / 4`` in a thread (a thread, so that a busy
+    event loop cannot starve it), from ``start()`` (or entering ``with``) to ``stop()``.
+
+    When a renewal finds the lease lost, it stops renewing, sets ``lost`` and ``reason``, and
+    calls ``on_lost`` (from its thread: an asyncio caller hands it on with
+    ``loop.call_soon_threadsafe``). A renewal that fails with an ``OSError`` (a file system
+    hiccup) is logged and tried again at the next interval."""
+
+    def __init__(
+        self,
+        queue: WorkQueue,
+        lease: Lease,
+        interval_sec: float | None = None,
+        on_lost: Callable[[LeaseLostError], None] | None = None,
+    ):
+        self.queue = queue
+        self.lease = lease
+        self.interval_sec = interval_sec if interval_sec is not None else queue.lease_timeout_sec / 4
+        self.on_lost = on_lost
+        self.reason: str | None = None
+        self._lost = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"infermill-lease-{lease.unit}", daemon=True)
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    def raise_if_lost(self) -> None:
+        if self._lost.is_set():
+            raise LeaseLostError(self.reason or f"unit {self.lease.unit}: lease lost")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def __enter__(self) -> LeaseRenewer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval_sec):
+            try:
+                self.queue.renew(self.lease)
+            except LeaseLostError as e:
+                self.reason = str(e)
+                self._lost.set()
+                logger.warning("%s", e)
+                if self.on_lost is not None:
+                    self.on_lost(e)
+                return
+            except OSError as e:
+                logger.warning("could not renew the lease of unit %d (will retry): %s", self.lease.unit, e)

@@ -1,0 +1,361 @@
+"""The shared work queue (infermill.queue): leases, fencing, attempts and status, with real
+worker processes (tests/queue_worker.py), real files and real signals.
+
+Leases time out after about a second here. A "dead" holder is made either for real (a
+process SIGKILLed or SIGSTOPped) or, where only the count matters, by setting its lease's
+mtime into the past, which is what a holder that stopped renewing leaves behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, ROOT
+from helpers import wait_until
+from infermill.errors import ConfigError, InfermillError, LeaseLostError
+from infermill.layout import JobLayout
+from infermill.queue import Lease, WorkQueue
+
+WORKER = Path(__file__).resolve().parent / "queue_worker.py"
+TIMEOUT = 1.0  # lease_timeout_sec of these tests
+START = 60.0  # how long a worker process may take to start on a loaded machine
+
+
+def plan(units: int, documents: int = 10) -> dict:
+    return {"units": [{"documents": documents} for _ in range(units)]}
+
+
+def make_queue(folder: Path, worker: str, units: int | None = None, **options) -> WorkQueue:
+    queue = WorkQueue(folder, worker, **{"lease_timeout_sec": TIMEOUT, **options})
+    if units is not None:
+        queue.publish_plan(plan(units))
+    return queue
+
+
+def age(lease: Lease, seconds: float = 60.0) -> None:
+    """Make ``lease`` look as if its holder stopped renewing ``seconds`` ago."""
+    past = os.stat(lease.path).st_mtime - seconds
+    os.utime(lease.path, (past, past))
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """Start worker processes (``workers(mode, *args)``); every one is killed at the end."""
+    started: list[subprocess.Popen] = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+
+    def start(mode: str, *args: object) -> subprocess.Popen:
+        log = open(tmp_path / f"worker_{len(started)}.out", "wb")  # noqa: SIM115 -- the child holds it
+        proc = subprocess.Popen(
+            [PYTHON, str(WORKER), mode, *map(str, args)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        proc.wait()
+
+
+def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = START) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"worker {proc.pid} did not exit within {timeout} s") from None
+    outputs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("worker_*.out")))
+    assert proc.returncode == 0, f"worker {proc.pid} exited {proc.returncode}:\n{outputs}"
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+# -- many workers -----------------------------------------------------------------------------
+
+
+def test_concurrent_workers_commit_every_unit_exactly_once(tmp_path, workers):
+    units = 60
+    folder, output, log = tmp_path / "queue", tmp_path / "out", tmp_path / "events.jsonl"
+    output.mkdir()
+    queue = make_queue(folder, "test", units)
+    procs = [workers("drain", folder, f"w{i}", 30.0, output, log) for i in range(5)]
+    wait_until(lambda: len(list(output.glob("ready_*"))) == len(procs), START, "the workers to start")
+    (output / "go").touch()  # all at once, so that each gets a share
+    for proc in procs:
+        finish(proc, tmp_path)
+
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    claims = collections.Counter(e["claimed"] for e in events if "claimed" in e)
+    commits = [e for e in events if "committed" in e]
+    assert claims == {unit: 1 for unit in range(units)}  # no unit ever had two holders
+    assert sorted(e["committed"] for e in commits) == list(range(units))
+    assert all(e["counted"] and e["generation"] == 1 for e in commits)
+    assert sorted(p.name for p in output.glob("unit_*")) == [f"unit_{u:06d}.txt" for u in range(units)]
+    assert len({e["worker"] for e in commits}) > 1, "one worker did all the work"
+    status = queue.status()
+    assert (status.units_done, status.units_pending, status.units_in_progress) == (units, 0, 0)
+    assert status.documents_done == status.documents_total == units * 10
+    assert queue.drained() and queue.claim() is None
+
+
+# -- dead, frozen and racing holders ------------------------------------------------------------
+
+
+def test_a_frozen_holder_is_taken_over_and_fenced_off_when_it_wakes(tmp_path, workers):
+    folder, state = tmp_path / "queue", tmp_path / "holder.json"
+    make_queue(folder, "planner", 1)
+    holder = workers("hold", folder, "frozen", TIMEOUT, state)
+    wait_until(state.exists, START, "the holder's claim")
+    assert read_json(state) == {"unit": 0, "generation": 1}
+    other = make_queue(folder, "other")
+    assert other.claim() is None  # held and renewed
+
+    holder.send_signal(signal.SIGSTOP)
+    taken: list[Lease] = []
+    wait_until(lambda: taken.append(other.claim()) or taken[-1], 10 * TIMEOUT, "the takeover")
+    lease = taken[-1]
+    assert (lease.unit, lease.generation) == (0, 2)
+
+    holder.send_signal(signal.SIGCONT)
+    (tmp_path / "holder.json.go").touch()
+    finish(holder, tmp_path)
+    assert (tmp_path / "holder.json.result").read_text().startswith("lost: ")
+    assert not (folder / "units" / "000000.done").exists()  # the frozen one wrote no done mark
+
+    assert other.commit(lease, lambda: None, documents=1)
+    done = read_json(folder / "units" / "000000.done")
+    assert (done["worker"], done["generation"]) == ("other", 2)
+
+
+def test_a_killed_holders_unit_is_taken_over_after_the_lease_timeout(tmp_path, workers):
+    timeout = 2.0
+    folder, state = tmp_path / "queue", tmp_path / "holder.json"
+    make_queue(folder, "planner", 1, lease_timeout_sec=timeout)
+    holder = workers("hold", folder, "killed", timeout, state)
+    wait_until(state.exists, START, "the holder's claim")
+    holder.kill()
+    holder.wait()
+    other = make_queue(folder, "other", lease_timeout_sec=timeout)
+    assert other.claim() is None  # renewed a moment ago: not stale yet
+    taken: list[Lease] = []
+    wait_until(lambda: taken.append(other.claim()) or taken[-1], 10 * timeout, "the takeover")
+    assert (taken[-1].unit, taken[-1].generation) == (0, 2)
+    assert other.commit(taken[-1], lambda: None, documents=1)
+
+
+def test_workers_racing_over_one_stale_lease_elect_exactly_one(tmp_path, workers):
+    folder = tmp_path / "queue"
+    dead = make_queue(folder, "dead", 1)
+    age(dead.claim())
+    results = [tmp_path / f"claim_{i}.json" for i in range(4)]
+    procs = [workers("claim", folder, f"racer{i}", TIMEOUT, result) for i, result in enumerate(results)]
+    wait_until(lambda: all(r.with_name(r.name + ".ready").exists() for r in results), START, "the racers")
+    for result in results:
+        result.with_name(result.name + ".go").touch()
+    for proc in procs:
+        finish(proc, tmp_path)
+    won = [read_json(result) for result in results if read_json(result) is not None]
+    assert won == [{"unit": 0, "generation": 2}]
+
+
+def test_threads_racing_over_stale_leases_elect_exactly_one_each_round(tmp_path):
+    folder = tmp_path / "queue"
+    make_queue(folder, "planner", 1)
+    racers = [make_queue(folder, f"racer{i}") for i in range(4)]
+    for generation in range(1, 21):
+        barrier = threading.Barrier(len(racers))
+        won: list[Lease] = []
+
+        def race(queue: WorkQueue) -> None:
+            barrier.wait()
+            lease = queue.claim()
+            if lease is not None:
+                won.append(lease)
+
+        threads = [threading.Thread(target=race, args=(queue,)) for queue in racers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [lease.generation for lease in won] == [generation]
+        racers[0].release(won[0])  # given back: free at once, and not an attempt
+
+
+def test_renewal_and_commit_are_refused_after_a_takeover(tmp_path):
+    folder = tmp_path / "queue"
+    slow, fast = make_queue(folder, "slow", 1), make_queue(folder, "fast")
+    lease = slow.claim()
+    slow.renew(lease)
+    age(lease)
+    with pytest.raises(LeaseLostError, match="not renewed"):
+        slow.renew(lease)
+    taken = fast.claim()
+    assert taken.generation == 2
+    os.utime(lease.path)  # even a lease that looks fresh again: a higher generation exists
+    with pytest.raises(LeaseLostError, match="taken over"):
+        slow.renew(lease)
+    written = []
+    with pytest.raises(LeaseLostError):
+        slow.commit(lease, lambda: written.append("slow"), documents=1)
+    assert written == [] and not slow.holds(lease) and fast.holds(taken)
+    assert fast.commit(taken, lambda: written.append("fast"), documents=1)
+    assert written == ["fast"]
+
+
+def test_a_second_commit_of_a_unit_is_not_counted_twice(tmp_path):
+    """A stale holder that slipped past its check: the unit and its documents count once."""
+    folder = tmp_path / "queue"
+    first, second = make_queue(folder, "first", 1), make_queue(folder, "second")
+    lease = first.claim()
+    assert first.commit(lease, lambda: None, documents=10)
+    written = []
+    assert not first.commit(lease, lambda: written.append(1), documents=10)
+    assert written == []  # committed already: the output is not written again
+    assert first.status().documents_done == 10
+    assert second.claim() is None
+
+
+def test_the_renewer_keeps_a_lease_alive_and_reports_it_lost(tmp_path):
+    folder = tmp_path / "queue"
+    holder, other = make_queue(folder, "holder", 1), make_queue(folder, "other")
+    lease = holder.claim()
+    lost: list[LeaseLostError] = []
+    with holder.renewing(lease, on_lost=lost.append) as renewer:
+        deadline = holder.storage_now() + 3 * TIMEOUT
+        wait_until(lambda: holder.storage_now() > deadline, 10 * TIMEOUT, "three lease timeouts")
+        assert other.claim() is None and not renewer.lost
+        renewer.stop()  # as if the worker froze
+        wait_until(lambda: other.claim() is not None, 10 * TIMEOUT, "the takeover")
+    renewer = holder.renewing(lease, on_lost=lost.append)
+    with renewer:
+        wait_until(lambda: renewer.lost, 10 * TIMEOUT, "the renewer to notice")
+    assert "not renewed" in renewer.reason or "taken over" in renewer.reason
+    assert len(lost) == 1
+    with pytest.raises(LeaseLostError):
+        renewer.raise_if_lost()
+
+
+# -- attempts and failures ----------------------------------------------------------------------
+
+
+def test_a_unit_whose_holders_die_is_failed_after_max_attempts_and_a_rerun_retries_it(tmp_path):
+    folder = tmp_path / "queue"
+    make_queue(folder, "planner", 2)
+    for attempt in range(1, 4):
+        queue = make_queue(folder, f"doomed{attempt}", max_unit_attempts=3)
+        lease = queue.claim()
+        while lease.unit != 0:  # unit 1 is given back: a release is not an attempt
+            other = queue.claim()
+            queue.release(lease)
+            lease = other
+        assert lease.generation == attempt
+        age(lease)  # its worker died
+    survivor = make_queue(folder, "survivor", max_unit_attempts=3)
+    lease = survivor.claim()
+    assert lease.unit == 1  # the free unit first
+    assert survivor.claim() is None  # unit 0 is marked failed now, not claimed a fourth time
+    status = survivor.status()
+    assert (status.units_failed, status.units_in_progress, status.units_pending) == (1, 1, 0)
+    cause = status.failed[0].cause
+    assert "3 times" in cause and "doomed3" in cause and status.failed[0].unit == 0
+    assert survivor.commit(lease, lambda: None, documents=10)
+    assert survivor.drained()
+
+    assert survivor.reset_failed() == [0]
+    assert not survivor.drained() and survivor.status().units_failed == 0
+    retried = survivor.claim()
+    assert (retried.unit, retried.generation) == (0, 4)
+    age(retried)  # attempts count afresh from the reset: two more deaths are allowed
+    assert survivor.claim().generation == 5
+
+
+def test_a_unit_marked_failed_by_its_holder_is_retried_at_once_after_a_reset(tmp_path):
+    folder = tmp_path / "queue"
+    queue = make_queue(folder, "worker", 1)
+    lease = queue.claim()
+    queue.fail(lease, "3 documents failed after 5 attempts each")
+    with pytest.raises(LeaseLostError, match="given back"):
+        queue.commit(lease, lambda: None, documents=1)
+    assert queue.claim() is None and queue.drained()
+    failure = queue.status().failed[0]
+    assert failure.cause == "3 documents failed after 5 attempts each"
+    assert (failure.worker, failure.generation) == ("worker", 1)
+    assert queue.reset_failed() == [0]
+    assert queue.reset_failed() == []
+    assert queue.claim().generation == 2  # its lease was given back: no wait for it to go stale
+
+
+# -- plan, status, journals, storage ------------------------------------------------------------
+
+
+def test_the_first_plan_published_wins_under_concurrent_publishers(tmp_path, workers):
+    folder = tmp_path / "queue"
+    WorkQueue(folder)  # the folders exist before the race
+    results = [tmp_path / f"publish_{i}.json" for i in range(5)]
+    procs = [workers("publish", folder, f"publisher{i}", TIMEOUT, result) for i, result in enumerate(results)]
+    wait_until(lambda: all(r.with_name(r.name + ".ready").exists() for r in results), START, "the publishers")
+    for result in results:
+        result.with_name(result.name + ".go").touch()
+    for proc in procs:
+        finish(proc, tmp_path)
+    stored = [read_json(result) for result in results]
+    assert all(plan == stored[0] for plan in stored)
+    assert stored[0]["by"] in {f"publisher{i}" for i in range(5)}
+    assert read_json(folder / "plan.json") == stored[0]
+    assert WorkQueue(folder).publish_plan(plan(7)) == stored[0]  # a later one gets the stored plan too
+    assert not list((folder).glob(".tmp-*"))
+
+
+def test_status_counts_units_in_every_state(tmp_path):
+    folder = tmp_path / "queue"
+    queue = make_queue(folder, "me", 6)
+    held = make_queue(folder, "busy")
+    leases = [queue.claim() for _ in range(4)]
+    assert queue.commit(leases[0], lambda: None, documents=7)
+    queue.fail(leases[1], "bad documents")
+    age(leases[2])  # stale: pending again
+    busy = held.claim()
+    status = queue.status()
+    assert status.units_total == 6 and status.documents_total == 60
+    assert (status.units_done, status.units_failed, status.units_in_progress) == (1, 1, 2)
+    assert status.units_pending == 2  # the stale one and the one never claimed
+    assert status.documents_done == 7
+    assert {holder.unit for holder in status.in_progress} == {leases[3].unit, busy.unit}
+    assert {holder.worker for holder in status.in_progress} == {"me", "busy"}
+    assert all(0 <= holder.renewed_sec_ago < TIMEOUT for holder in status.in_progress)
+    assert [holder.unit for holder in status.stale] == [leases[2].unit]
+    assert status.failed[0].cause == "bad documents"
+    assert json.loads(json.dumps(status.as_dict()))["units_in_progress"] == 2
+
+
+def test_each_holder_has_its_own_journal_and_sees_the_earlier_ones(tmp_path):
+    queue = make_queue(tmp_path / "queue", "me", 2)
+    paths = {queue.journal_path(unit, generation) for unit in (0, 1) for generation in (1, 2, 3)}
+    assert len(paths) == 6
+    for generation in (1, 2):
+        queue.journal_path(0, generation).write_text("replies")
+    queue.journal_path(1, 1).write_text("another unit")
+    assert queue.earlier_journals(0, 3) == [queue.journal_path(0, 2), queue.journal_path(0, 1)]
+    assert queue.earlier_journals(0, 1) == []
+
+
+def test_the_queue_lives_in_the_jobs_folder_and_refuses_remote_storage(tmp_path):
+    layout = JobLayout.for_output(str(tmp_path / "out"))
+    queue = WorkQueue.for_layout(layout, "me")
+    assert queue.folder == tmp_path / "out" / "_infermill" / "queue"
+    with pytest.raises(ConfigError, match="network.*not s3://bucket/q"):
+        WorkQueue("s3://bucket/q")
+    with pytest.raises(InfermillError, match="no plan"):
+        queue.claim()
