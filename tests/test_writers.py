@@ -1,6 +1,7 @@
 """Output writers: formats and compression, file name templates, whole-file-or-nothing
-writes, a Parquet schema that never changes between chunks, and the OpenAI Batch output
-format end to end through the example echo server."""
+writes, Parquet with typed metadata (a struct or columns) whose chunks read together as one
+dataset, or as one JSON string, and the OpenAI Batch output format end to end through the
+example echo server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import subprocess
 
 import orjson
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -17,8 +19,11 @@ import yaml
 from conftest import ECHO_SERVER, PYTHON
 from helpers import read_jsonl
 from infermill.config import InferenceConfig
+from infermill.errors import ConfigError, InfermillError
 from infermill.io.readers import DocumentReader
 from infermill.io.writers import JsonlWriter, OpenAIBatchWriter, ParquetWriter
+from infermill.job import build_writer
+from infermill.jobfile import load_job
 from infermill.runner import InferenceRunner
 from infermill.types import InferenceResult
 
@@ -150,8 +155,13 @@ def test_leftover_temporary_files_are_removed_for_one_rank_only(tmp_path):
 # -- Parquet --------------------------------------------------------------------------------
 
 
-def test_parquet_schema_is_the_same_whatever_the_results_look_like(tmp_path):
-    writer = ParquetWriter(str(tmp_path))
+def read_parquet_output(folder) -> pa.Table:
+    """The whole output, read with the job's schema, as the README says."""
+    return pq.read_table(folder, schema=pq.read_schema(folder / "_common_metadata"))
+
+
+def test_parquet_json_layout_has_one_schema_whatever_the_results_look_like(tmp_path):
+    writer = ParquetWriter(str(tmp_path), metadata_layout="json")
     first = records(4, results=[InferenceResult("hi", "stop", {"prompt_tokens": 1}, "").to_dict()])
     second = records(3, start=4, results=[["a", "list", 3], "a plain string"])
     second[0]["media"] = [{"type": "image", "url": "x.png"}]
@@ -173,6 +183,147 @@ def test_parquet_schema_is_the_same_whatever_the_results_look_like(tmp_path):
     assert json.loads(rows["d8"]["metadata"])["extra"] == 1.5
 
 
+def test_typed_parquet_input_comes_out_typed_through_a_run(tmp_path, no_orphans):
+    rows = [
+        {
+            "id": f"doc-{i}",
+            "text": f"document {i}",
+            "score": i / 4,
+            "tags": [f"t{i}", "common"],
+            "source": {"site": f"site{i % 3}", "page": i, "crawl": {"year": 2024}},
+        }
+        for i in range(10)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "input.parquet")
+    job = {
+        "input": {"path": str(tmp_path / "input.parquet")},
+        "output": {"path": str(tmp_path / "out"), "format": "parquet"},
+        "rollout": {"template": "Echo: [[DOCUMENT]]"},
+        "inference": {"server_type": "dummy", "model_name_or_path": "dummy-model"},
+        "checkpoint": {"records_per_chunk": 4},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime")}
+    result = subprocess.run(
+        [PYTHON, "-m", "infermill", "run", str(tmp_path / "job.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    out = tmp_path / "out"
+    assert len(list(out.glob("*.parquet"))) == 3
+    metadata = pq.read_schema(out / "_common_metadata").field("metadata").type
+    assert metadata.field("score").type == pa.float64()
+    assert metadata.field("tags").type.value_type == pa.string()
+    assert metadata.field("source").type.field("crawl").type.field("year").type == pa.int64()
+    results = metadata.field("rollout_results").type.value_type
+    assert results.field("text").type == pa.string()
+    table = pq.read_table(out)  # input types that do not drift: every chunk has the same schema
+    assert table.schema == read_parquet_output(out).schema
+    written = {r["id"]: r for r in table.to_pylist()}
+    for row in rows:
+        got = written[row["id"]]
+        assert {k: got["metadata"][k] for k in ("score", "tags", "source")} == {
+            k: row[k] for k in ("score", "tags", "source")
+        }
+        assert got["metadata"]["rollout_results"][0]["text"].endswith(row["text"])
+
+
+def test_parquet_chunks_with_drifting_types_read_together_as_one_dataset(tmp_path):
+    chunks = [
+        [{"id": "a", "text": "x", "metadata": {"score": 1, "note": None, "tags": [], "nested": {"a": 1}}}],
+        [{"id": "b", "text": "y", "metadata": {"score": 2.5, "note": "later", "tags": ["t"], "nested": {"b": "z"}}}],
+        [{"id": "c", "text": "z", "metadata": {"added": True}, "media": [{"type": "image", "url": "c.png"}]}],
+    ]
+    for index, chunk in enumerate(chunks):  # a writer per chunk, as separate processes would be
+        ParquetWriter(str(tmp_path)).write_chunk(chunk, 0, index)
+
+    expected = {
+        "a": {"score": 1.0, "note": None, "tags": [], "nested": {"a": 1, "b": None}, "added": None},
+        "b": {"score": 2.5, "note": "later", "tags": ["t"], "nested": {"a": None, "b": "z"}, "added": None},
+        "c": {"score": None, "note": None, "tags": None, "nested": None, "added": True},
+    }
+    schema = pq.read_schema(tmp_path / "_common_metadata")
+    for table in (read_parquet_output(tmp_path), pads.dataset(str(tmp_path), schema=schema).to_table()):
+        assert {r["id"]: r["metadata"] for r in table.to_pylist()} == expected
+    assert pq.read_schema(tmp_path / "00000_00002.parquet").remove_metadata() == schema.remove_metadata()
+    media = {r["id"]: r["media"] for r in read_parquet_output(tmp_path).to_pylist()}
+    assert json.loads(media["c"]) == [{"type": "image", "url": "c.png"}] and media["a"] is None
+
+
+def test_parquet_values_of_conflicting_types_fall_back_to_json_text_without_loss(tmp_path):
+    writer = ParquetWriter(str(tmp_path))
+    writer.write_chunk(records(2, results=["plain text"]), 0, 0)
+    mixed = records(2, start=2, results=[{"text": "a dict"}])  # dicts, where chunk 0 had strings
+    mixed[1]["metadata"]["rollout_results"] = ["a string", {"and": "a dict"}]
+    mixed[0]["metadata"]["empty"] = {}  # Parquet has no struct without fields
+    writer.write_chunk(mixed, 0, 1)
+    writer.write_chunk(records(1, start=4, results=["text again"]), 0, 2)
+
+    rows = {r["id"]: r["metadata"] for r in read_parquet_output(tmp_path).to_pylist()}
+    assert rows["d0"]["rollout_results"] == ["plain text"] and rows["d0"]["rollout_results_json"] is None
+    assert rows["d2"]["rollout_results"] is None
+    assert json.loads(rows["d2"]["rollout_results_json"]) == [{"text": "a dict"}]
+    assert json.loads(rows["d3"]["rollout_results_json"]) == ["a string", {"and": "a dict"}]
+    assert json.loads(rows["d2"]["empty_json"]) == {} and rows["d3"]["empty_json"] is None
+    assert rows["d4"]["rollout_results"] == ["text again"]
+
+
+def test_parquet_columns_layout_puts_each_metadata_field_beside_id_and_text(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"path": "in.jsonl"},
+                "output": {"path": str(tmp_path / "out"), "format": "parquet", "parquet_metadata": "columns"},
+                "rollout": {"template": "[[DOCUMENT]]"},
+                "inference": {"server_type": "dummy", "model_name_or_path": "m"},
+            }
+        )
+    )
+    writer = build_writer(load_job(job))
+    chunk = records(2, results=[{"text": "out"}])
+    chunk[0]["metadata"]["score"] = 0.5
+    writer.write_chunk(chunk, 0, 0)
+    writer.write_chunk(records(1, start=2, results=["drifted to a string"]), 0, 1)
+
+    table = read_parquet_output(tmp_path / "out")
+    assert table.column_names == ["id", "text", "media", "rollout_results", "score", "rollout_results_json"]
+    assert table.schema.field("score").type == pa.float64()
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert rows["d0"]["score"] == 0.5 and rows["d0"]["rollout_results"] == [{"text": "out"}]
+    assert json.loads(rows["d2"]["rollout_results_json"]) == ["drifted to a string"]
+
+
+def test_parquet_columns_layout_names_a_metadata_key_that_collides_with_a_column(tmp_path):
+    chunk = records(1)
+    chunk[0]["metadata"]["text"] = "an input field also called text"
+    with pytest.raises(InfermillError, match=r"metadata key 'text' collides .*output\.parquet_metadata: columns"):
+        ParquetWriter(str(tmp_path), metadata_layout="columns").write_chunk(chunk, 0, 0)
+    assert list(tmp_path.iterdir()) == []
+    ParquetWriter(str(tmp_path)).write_chunk(chunk, 0, 0)  # the struct layout has room for it
+
+
+def test_the_job_file_checks_parquet_metadata(tmp_path):
+    job = {
+        "input": {"path": "in.jsonl"},
+        "output": {"path": "out", "format": "jsonl", "parquet_metadata": "columns"},
+        "rollout": {"template": "[[DOCUMENT]]"},
+        "inference": {"server_type": "dummy", "model_name_or_path": "m"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    with pytest.raises(ConfigError, match="parquet_metadata applies to format: parquet"):
+        load_job(tmp_path / "job.yaml")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({**job, "output": {**job["output"], "format": "parquet"}}))
+    assert build_writer(load_job(tmp_path / "job.yaml")).metadata_layout == "columns"
+    with pytest.raises(ConfigError, match=r"output\.parquet_metadata.*'flat' is not one of struct, columns, json"):
+        load_job(tmp_path / "job.yaml", ["output.parquet_metadata=flat"])
+
+
 def test_parquet_through_the_runner_with_rollouts_of_changing_shape(tmp_path):
     async def rollout(document, generate):
         result = await generate({"messages": [{"role": "user", "content": document.text}]})
@@ -185,11 +336,13 @@ def test_parquet_through_the_runner_with_rollouts_of_changing_shape(tmp_path):
     runner = InferenceRunner(rollout, config, ParquetWriter(str(tmp_path / "out")), records_per_chunk=10)
     stats = runner.run([{"id": str(i), "text": f"doc {i}"} for i in range(30)])
     assert stats["documents_written"] == 30
-    files = sorted((tmp_path / "out").glob("*.parquet"))
-    assert len(files) == 3 and len({str(pq.read_schema(f)) for f in files}) == 1
-    table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
-    results = {r["id"]: json.loads(r["metadata"])["rollout_results"][0] for r in table.to_pylist()}
-    assert results["3"]["text"] == "doc 3" and results["11"] == ["doc 11", 11] and results["12"] == "doc 12"
+    assert len(list((tmp_path / "out").glob("*.parquet"))) == 3
+    table = read_parquet_output(tmp_path / "out")
+    results = {
+        r["id"]: r["metadata"]["rollout_results"] or json.loads(r["metadata"]["rollout_results_json"])
+        for r in table.to_pylist()
+    }
+    assert results["3"][0]["text"] == "doc 3" and results["11"] == [["doc 11", 11]] and results["12"] == ["doc 12"]
 
 
 # -- OpenAI Batch ---------------------------------------------------------------------------
@@ -276,7 +429,7 @@ def test_encoded_records_are_written_like_the_same_dicts(tmp_path, writer_class)
     as_dicts, as_bytes = tmp_path / "dicts", tmp_path / "bytes"
     writer_class(str(as_dicts)).write_chunk(records(7), 0, 0)
     assert writer_class(str(as_bytes)).write_chunk([orjson.dumps(r) for r in records(7)], 0, 0) == 7
-    (name,) = [p.name for p in as_dicts.iterdir()]
+    (name,) = [p.name for p in as_dicts.iterdir() if not p.name.startswith("_")]
     if writer_class is ParquetWriter:
         assert pq.read_table(as_bytes / name).to_pylist() == pq.read_table(as_dicts / name).to_pylist()
     elif writer_class is OpenAIBatchWriter:  # its line ids are random: compare the rest

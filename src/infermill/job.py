@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from infermill.io.readers import DocumentReader
-from infermill.io.writers import WRITERS, OpenAIBatchWriter, OutputWriter
+from infermill.io.writers import WRITERS, OpenAIBatchWriter, OutputWriter, ParquetWriter
 from infermill.jobfile import JobConfig
 from infermill.rollouts import OpenAIBatchRollout, PromptRollout, load_function
 from infermill.runner import InferenceRunner
@@ -20,6 +20,8 @@ def build_writer(job: JobConfig) -> OutputWriter:
     spec = job.output
     if spec.format == "openai_batch":
         return OpenAIBatchWriter(spec.path, spec.filename, spec.compression, results_key=job.runner.metadata_key)
+    if spec.format == "parquet":
+        return ParquetWriter(spec.path, spec.filename, spec.compression, spec.parquet_metadata or "struct")
     return WRITERS[spec.format](spec.path, spec.filename, spec.compression)
 
 

@@ -1,7 +1,7 @@
 """Job files: one YAML file describing input, output, rollout, server and runner.
 
     input:     {path, format, text_key, id_key, limit}
-    output:    {path, format, compression, filename}
+    output:    {path, format, compression, filename, parquet_metadata}
     rollout:   {template | prompt_key | messages_key, system_prompt} or {function}
     inference: the fields of InferenceConfig
     runner:    {skip_bad_requests, metadata_key, on_bad_record}
@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from infermill.config import InferenceConfig, config_error, one_of
 from infermill.errors import ConfigError
 from infermill.io.readers import INPUT_FORMATS
-from infermill.io.writers import COMPRESSION_SUFFIX, WRITERS
+from infermill.io.writers import COMPRESSION_SUFFIX, WRITERS, ParquetWriter
 from infermill.layout import JobLayout
 
 
@@ -55,11 +55,23 @@ class OutputSection(_Section):
     format: str = "jsonl"
     compression: str | None = None
     filename: str | None = Field(None, description="Template with ${rank} and ${chunk_index}.")
+    parquet_metadata: str | None = Field(None, description="struct (default), columns or json: see ParquetWriter.")
 
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
         return one_of(value, tuple(WRITERS))
+
+    @field_validator("parquet_metadata")
+    @classmethod
+    def _known_layout(cls, value: str | None) -> str | None:
+        return None if value is None else one_of(value, ParquetWriter.LAYOUTS)
+
+    @model_validator(mode="after")
+    def _layout_for_parquet(self) -> OutputSection:
+        if self.parquet_metadata is not None and self.format != "parquet":
+            raise ValueError(f"parquet_metadata applies to format: parquet, not {self.format}")
+        return self
 
     @field_validator("compression")
     @classmethod

@@ -17,6 +17,7 @@ from typing import IO, Any
 
 import orjson
 
+from infermill.errors import InfermillError
 from infermill.io.filesystems import reaching, url_to_fs
 
 COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
@@ -128,12 +129,150 @@ class JsonlWriter(OutputWriter):
 
 
 class ParquetWriter(OutputWriter):
-    """Parquet with a schema that never changes between chunks: ``id`` and ``text`` as
-    strings, ``metadata`` (rollout results included) and ``media`` as JSON strings."""
+    """Parquet: ``id``, ``text`` and ``media`` (as JSON text) columns, and the metadata (the
+    input's other fields, rollout results included) laid out as ``metadata_layout`` says:
+
+    - ``struct`` (the default): one ``metadata`` struct column whose fields keep their types
+      (``score: double``, ``tags: list<string>``, nested structs), inferred by pyarrow;
+    - ``columns``: each metadata field its own top-level column, typed the same way (a field
+      named ``id``, ``text`` or ``media`` is an error);
+    - ``json``: ``metadata`` as one JSON string, the same schema for every job.
+
+    Typed layouts take one schema for the whole job. A chunk is held (as the records it was
+    given) while its types are inferred over all its rows, then written in row groups. The
+    job's schema so far is kept in ``_common_metadata`` in the output folder (the Parquet
+    convention, which dataset readers skip as a data file); each chunk widens it and is
+    written with every field it has, so a later file's schema covers an earlier one's. A
+    field's type widens (null to any type, int to double, new struct fields); a field whose
+    values in a chunk share no type with each other or with the job's schema (a string in one
+    document, a dict in another) is stored for that chunk as JSON text in ``NAME_json``
+    instead, so nothing is lost and every file still reads with the job's schema:
+    ``pq.read_table(folder, schema=pq.read_schema(f"{folder}/_common_metadata"))``. A struct
+    with no fields (a ``{}`` value) cannot be written to Parquet and goes to JSON text too.
+    Ranks that write their first chunks at the same moment may race on that file; each file
+    stays whole and readable alone.
+    """
 
     extension = ".parquet"
+    LAYOUTS = ("struct", "columns", "json")
+    SCHEMA_FILE = "_common_metadata"
+    BASE_COLUMNS = ("id", "text", "media")
+
+    def __init__(
+        self,
+        output_folder: str,
+        output_filename: str | None = None,
+        compression: str | None = None,
+        metadata_layout: str = "struct",
+    ):
+        if metadata_layout not in self.LAYOUTS:
+            raise ValueError(f"metadata_layout must be one of {', '.join(self.LAYOUTS)}, got {metadata_layout!r}")
+        super().__init__(output_folder, output_filename, compression)
+        self.metadata_layout = metadata_layout
 
     def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.metadata_layout == "json":
+            return self._write_json_layout(file, records)
+        held = list(records)  # one chunk: its types are inferred over all of it before writing
+        fields, as_json = self._fields(held)
+        schema = self._schema(fields)
+        with pq.ParquetWriter(file, schema, compression="zstd") as parquet:
+            for start in range(0, len(held), PARQUET_ROWS_PER_GROUP):
+                rows = [self._row(r, fields, as_json) for r in held[start : start + PARQUET_ROWS_PER_GROUP]]
+                parquet.write_table(pa.Table.from_pylist(rows, schema=schema))
+        self._store_job_schema(schema)
+        return len(held)
+
+    def _fields(self, records: list[Record]) -> tuple[dict[str, Any], set[str]]:
+        """The metadata fields to write (the job's so far, widened by this chunk's) and the keys
+        of this chunk stored as JSON text under ``NAME_json``."""
+        import pyarrow as pa
+
+        job = self._job_fields()
+        fields, as_json = dict(job), set()
+        for key, type_ in _chunk_types(records).items():
+            widened = _unify(job.get(key, pa.null()), type_)
+            if widened is None or not _writable(widened):
+                as_json.add(key)
+                fields[f"{key}_json"] = pa.string()
+            else:
+                fields[key] = widened
+        if self.metadata_layout == "columns" and (clash := [k for k in fields if k in self.BASE_COLUMNS]):
+            raise InfermillError(
+                f"metadata key {clash[0]!r} collides with the column {clash[0]!r}: output.parquet_metadata: columns "
+                "puts every metadata key beside id, text and media; rename that input field or use "
+                "parquet_metadata: struct"
+            )
+        return fields, as_json
+
+    def _schema(self, fields: dict[str, Any]) -> Any:
+        import pyarrow as pa
+
+        if self.metadata_layout == "columns":
+            columns = [("id", pa.string()), ("text", pa.string()), ("media", pa.string()), *fields.items()]
+        else:
+            metadata = pa.struct(list(fields.items())) if fields else pa.null()  # Parquet has no empty struct
+            columns = [("id", pa.string()), ("text", pa.string()), ("metadata", metadata), ("media", pa.string())]
+        return pa.schema(columns, metadata={"infermill_metadata_layout": self.metadata_layout})
+
+    def _row(self, record: Record, fields: dict[str, Any], as_json: set[str]) -> dict[str, Any]:
+        r = as_dict(record)
+        metadata = {
+            (f"{k}_json" if k in as_json else k): (_json_text(v) if k in as_json else v)
+            for k, v in (r.get("metadata") or {}).items()
+        }
+        row = {"id": str(r["id"]), "text": r.get("text"), "media": _json_text(r.get("media"))}
+        if self.metadata_layout == "columns":
+            return {**metadata, **row}
+        return {**row, "metadata": metadata if fields else None}
+
+    # -- the job's schema ------------------------------------------------------------------
+
+    @property
+    def _schema_path(self) -> str:
+        return f"{self.root}/{self.SCHEMA_FILE}"
+
+    def _job_schema(self) -> Any:
+        """The schema the job's chunks have been written with so far; None before the first
+        (or when it was written by another layout)."""
+        import pyarrow.parquet as pq
+
+        if not self.fs.exists(self._schema_path):
+            return None
+        with self.fs.open(self._schema_path, "rb") as f:
+            schema = pq.read_schema(f)
+        layout = (schema.metadata or {}).get(b"infermill_metadata_layout", b"").decode()
+        return schema if layout == self.metadata_layout else None
+
+    def _job_fields(self) -> dict[str, Any]:
+        schema = self._job_schema()
+        if schema is None:
+            return {}
+        if self.metadata_layout == "columns":
+            return {f.name: f.type for f in schema if f.name not in self.BASE_COLUMNS}
+        metadata = schema.field("metadata").type
+        return {f.name: f.type for f in metadata} if metadata.num_fields else {}
+
+    def _store_job_schema(self, schema: Any) -> None:
+        """Widen the stored job schema by this chunk's (read again: another rank may have widened it)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        stored = self._job_schema()
+        if stored is not None:
+            try:
+                schema = pa.unify_schemas([stored, schema], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                pass  # a field typed differently by a rank writing at the same moment: keep ours
+        temp = f"{self._schema_path}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open(temp, "wb") as f:
+            pq.write_metadata(schema, f)
+        self.fs.mv(temp, self._schema_path)
+
+    def _write_json_layout(self, file: IO[bytes], records: Iterator[Record]) -> int:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -147,11 +286,62 @@ class ParquetWriter(OutputWriter):
                     "id": [str(r["id"]) for r in batch],
                     "text": [r.get("text") for r in batch],
                     "metadata": [orjson.dumps(r.get("metadata") or {}).decode() for r in batch],
-                    "media": [orjson.dumps(r["media"]).decode() if r.get("media") is not None else None for r in batch],
+                    "media": [_json_text(r.get("media")) for r in batch],
                 }
                 parquet.write_table(pa.table(columns, schema=schema))
                 count += len(batch)
         return count
+
+
+def _chunk_types(records: list[Record]) -> dict[str, Any]:
+    """Each metadata key of a chunk and the Arrow type its values share, or None if they share
+    none; inferred a row group at a time and widened."""
+    import pyarrow as pa
+
+    types: dict[str, Any] = {}
+    for start in range(0, len(records), PARQUET_ROWS_PER_GROUP):
+        metadata = [as_dict(r).get("metadata") or {} for r in records[start : start + PARQUET_ROWS_PER_GROUP]]
+        for key in dict.fromkeys(k for m in metadata for k in m):
+            if types.get(key, pa.null()) is not None:
+                types[key] = _unify(types.get(key, pa.null()), _infer([m.get(key) for m in metadata]))
+    return types
+
+
+def _infer(values: list[Any]) -> Any:
+    import pyarrow as pa
+
+    try:
+        return pa.array(values).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return None
+
+
+def _unify(a: Any, b: Any) -> Any:
+    """The type both ``a`` and ``b`` widen to (null to anything, int to double, structs to the
+    union of their fields), or None."""
+    import pyarrow as pa
+
+    if a is None or b is None:
+        return None
+    try:
+        return pa.unify_schemas([pa.schema([("f", a)]), pa.schema([("f", b)])], promote_options="permissive")[0].type
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+
+
+def _writable(type_: Any) -> bool:
+    """Whether Parquet can store ``type_``: it has no struct without fields."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(type_):
+        return type_.num_fields > 0 and all(_writable(f.type) for f in type_)
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        return _writable(type_.value_type)
+    return True
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
 
 
 class OpenAIBatchWriter(OutputWriter):
