@@ -296,13 +296,13 @@ def test_a_truncated_compressed_file_fails_the_plan_naming_it_or_is_a_bad_record
     assert raised.value.source == str(path) and "on_bad_record: skip" in str(raised.value)
 
     reader = DocumentReader(str(tmp_path), on_bad_record="skip")
-    plan = plan_units(reader, 1000)
-    by_unit = [list(read_unit(reader, unit)) for unit in plan]
-    assert [key(i) for items in by_unit for i in items] == [key(i) for i in reader.read()]
-    bad = [(u, i) for u, items in enumerate(by_unit) for i in items if isinstance(i, BadRecord)]
-    assert len(bad) == 1 and "cannot read the file" in bad[0][1].error.reason
-    flat = [i for items in by_unit for i in items]
-    assert flat.index(bad[0][1]) == len(flat) - 6  # the truncated file's last record, before the next file's five
+    whole = [key(i) for i in reader.read()]
+    failed_at = len(whole) - 6  # the bad record standing for the rest of the file, before the next file's five
+    assert whole[failed_at][0] == "bad" and "cannot read the file" in whole[failed_at][4]
+    # units of 1000, and units where the bad record comes first, last and in the middle
+    for records_per_unit in (1000, failed_at, failed_at + 1, failed_at // 2 + 1):
+        plan = plan_units(reader, records_per_unit)
+        assert [key(i) for unit in plan for i in read_unit(reader, unit)] == whole, records_per_unit
 
 
 def test_openai_batch_input_is_planned_like_jsonl(tmp_path):

@@ -16,8 +16,9 @@ Each unit is a list of spans, one per file it touches; a span's ``kind`` says ho
   ``stop`` excluded); Parquet reads only the row groups that hold them, a dataset skips the
   Arrow batches before them (memory-mapped when local). ``first_position`` is ``start + 1``.
 - ``record`` (compressed files, and a file that cannot be read to its end): the ``start``-th
-  to ``stop``-th records of the file, read from its start. ``first_position`` is the first
-  record's line or row number.
+  to ``stop``-th records of the file (0-based, ``stop`` excluded), read from its start.
+  ``first_position`` is the first record's line or row number: JSONL lines before it are
+  decompressed and skipped unparsed.
 
 Planning reads no JSON: plain and compressed JSONL are scanned for non-blank lines in
 large blocks, CSV is parsed (quoted newlines make byte boundaries a parser's job), Parquet
@@ -193,8 +194,11 @@ def read_unit(reader: DocumentReader, unit: WorkUnit) -> Iterator[Document | Bad
         if span.file not in reader._names:
             raise InfermillError(f"unit {unit.index} reads {span.file}, which is not an input of this job")
         fmt = _format(reader, span.file)
-        if span.kind == "record":
-            items: Iterator[Document | BadRecordError] = islice(reader._read_file(span.file), span.start, span.stop)
+        items: Iterator[Document | BadRecordError]
+        if span.kind == "record" and fmt in ("jsonl", "openai_batch"):
+            items = _documents(reader, span, fmt, _jsonl_record_rows(span))
+        elif span.kind == "record":  # compressed CSV: parsed from the start (quoted newlines)
+            items = islice(reader._read_file(span.file), span.start, span.stop)
         else:
             items = _documents(reader, span, fmt, _SPAN_ROWS[fmt](span))
         for item in items:
@@ -470,22 +474,42 @@ def _span_lines(f: IO[bytes], span: Span) -> Iterator[bytes]:
 
 def _jsonl_span_rows(span: Span) -> Iterator[tuple[int, Any]]:
     import fsspec
+
+    with fsspec.open(span.file, "rb") as f:
+        for line_number, line in enumerate(_span_lines(f, span), start=span.first_position):
+            if line.strip():
+                yield _jsonl_row(span.file, line_number, line)
+
+
+def _jsonl_record_rows(span: Span) -> Iterator[tuple[int, Any]]:
+    """A compressed JSONL file's records ``start`` to ``stop``: the lines before
+    ``first_position`` are decompressed and skipped, not parsed; no line after the last
+    record is read (where a truncated file would fail: the plan counts that as a record
+    of its own)."""
+    with _open_decompressed(span.file) as f:
+        lines = enumerate(islice(f, span.first_position - 1, None), start=span.first_position)
+        wanted = span.stop - span.start
+        while wanted > 0:
+            found = next(lines, None)
+            if found is None:
+                return
+            line_number, line = found
+            if line.strip():
+                wanted -= 1
+                yield _jsonl_row(span.file, line_number, line)
+
+
+def _jsonl_row(url: str, line_number: int, line: bytes) -> tuple[int, Any]:
+    """``_jsonl_rows``'s reading of one non-blank line."""
     import orjson
 
-    url = span.file
-    with fsspec.open(url, "rb") as f:
-        for line_number, line in enumerate(_span_lines(f, span), start=span.first_position):
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                yield line_number, BadRecordError(url, line_number, f"malformed JSON: {e}")
-                continue
-            if not isinstance(row, dict):
-                yield line_number, BadRecordError(url, line_number, f"expected a JSON object, got {type(row).__name__}")
-                continue
-            yield line_number, row
+    try:
+        row = orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        return line_number, BadRecordError(url, line_number, f"malformed JSON: {e}")
+    if not isinstance(row, dict):
+        return line_number, BadRecordError(url, line_number, f"expected a JSON object, got {type(row).__name__}")
+    return line_number, row
 
 
 def _csv_span_rows(span: Span) -> Iterator[tuple[int, Any]]:
