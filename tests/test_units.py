@@ -10,6 +10,7 @@ import json
 import random
 from pathlib import Path
 
+import fsspec
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -321,3 +322,29 @@ def test_records_per_unit_must_be_positive(tmp_path):
     write_lines(tmp_path / "a.jsonl", ['{"text": "x"}\n'])
     with pytest.raises(ValueError, match="records_per_unit must be at least 1"):
         plan_units(DocumentReader(str(tmp_path / "a.jsonl")), 0)
+
+
+def test_a_parquet_file_without_a_readable_footer_is_one_bad_record_or_fails_the_plan(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"text": f"t{i}"} for i in range(7)]), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"not parquet at all" * 10)
+    with pytest.raises(BadRecordError, match=r"b.parquet:1: cannot read the file before its first record") as raised:
+        plan_units(DocumentReader(str(tmp_path)), 3)
+    assert raised.value.source == str(tmp_path / "b.parquet")
+    reader = DocumentReader(str(tmp_path), on_bad_record="skip")
+    plan = plan_units(reader, 3)
+    assert [u.documents for u in plan] == [3, 3, 2]
+    assert [s.kind for s in plan[2].spans] == ["row", "record"]
+    assert [key(i) for u in plan for i in read_unit(reader, u)] == [key(i) for i in reader.read()]
+
+
+def test_units_of_fsspec_urls_seek_through_fsspec():
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/units/a.jsonl", b"".join(json.dumps({"text": f"t{i}"}).encode() + b"\n" for i in range(23)))
+    fs.pipe("/units/b.csv", b"id,text\n" + b"".join(f'{i},"x\ny{i}"\n'.encode() for i in range(17)))
+    reader = DocumentReader("memory://units")
+    plan = plan_units(reader, 5)
+    assert plan[4].spans == (
+        Span("memory:///units/a.jsonl", 310, 358, "byte", 21),
+        Span("memory:///units/b.csv", 8, 26, "byte", 2),
+    )
+    assert [key(i) for u in plan for i in read_unit(reader, u)] == [key(i) for i in reader.read()]
