@@ -16,12 +16,12 @@ import click
 import orjson
 
 from infermill.errors import (
-    CheckpointBusyError,
     ConfigError,
     InferenceError,
     InfermillError,
     ServerError,
     StorageError,
+    UnitsFailedError,
 )
 from infermill.eventloop import run_coroutine
 from infermill.jobfile import JobConfig, load_job
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("infermill")
 
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_UNITS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 @functools.cache
@@ -135,23 +135,50 @@ def main(verbose: bool) -> None:
     is_flag=True,
     help="Resume although input files changed (records fixed in place: the same records, in the same order).",
 )
-@click.option("--rank", type=int, default=0, show_default=True, help="This process's rank.")
-@click.option("--world-size", type=int, default=None, help="Number of ranks (default: runner.world_size).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this machine, each with its own server. The same command run again, here or "
+    "on another machine that sees the output folder, adds workers to the same job.",
+)
+@click.option(
+    "--max-worker-restarts", type=click.IntRange(min=0), default=3, show_default=True, help="Dead workers replaced."
+)
+@click.option(
+    "--max-unit-attempts",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="A unit whose workers died this many times is marked failed.",
+)
+@click.option("--worker", "as_worker", is_flag=True, hidden=True, help="Run as one worker of a --workers parent.")
+@click.option("--rank", type=int, default=None, hidden=True)
+@click.option("--world-size", type=int, default=None, hidden=True)
 def run(
     job_file: str,
     overrides: tuple[str, ...],
     overwrite: bool,
     accept_changed_input: bool,
-    rank: int,
+    workers: int,
+    max_worker_restarts: int,
+    max_unit_attempts: int,
+    as_worker: bool,
+    rank: int | None,
     world_size: int | None,
 ) -> None:
-    """Run the job in JOB_FILE to completion (or resume it)."""
+    """Run the job in JOB_FILE to completion (or resume it), as one or more workers of its queue."""
+    from infermill.queue import job_complete
     from infermill.servers import create_server
 
     job = _load(job_file, overrides)
-    world_size = world_size or job.runner.world_size
-    if not 0 <= rank < world_size:
-        raise click.BadParameter(f"--rank must be in [0, {world_size}), got {rank}")
+    if rank is not None or world_size is not None or job.runner.world_size != 1:
+        _error(
+            "static ranks (--rank, --world-size, runner.world_size) are retired: every worker takes units from "
+            "the job's shared queue. Use --workers N, or run the same command on more machines"
+        )
+        raise SystemExit(EXIT_USAGE)
     try:
         layout = job.layout()
         layout.check_writable()
@@ -164,42 +191,44 @@ def run(
         raise SystemExit(EXIT_USAGE) from None
     if job.inference.server_log_folder is None:  # a job keeps its server's output with its other files
         job.inference.server_log_folder = str(layout.logs)
-    launch_early = overwrite or not layout.is_rank_complete(rank)  # a finished rank launches nothing
-    if launch_early:  # a rank another run is writing launches nothing either (the runner takes the lock)
-        from infermill.layout import RankLock
-
-        probe = RankLock(layout, rank)
-        try:
-            probe.acquire()
-        except CheckpointBusyError as e:
-            _error(e)
-            raise SystemExit(EXIT_FAILED) from None
-        probe.release()
+    if workers > 1:
+        options = ["--max-unit-attempts", str(max_unit_attempts)]
+        if accept_changed_input:
+            options.append("--accept-changed-input")
+        raise SystemExit(_run_local_workers(job, job_file, overrides, workers, max_worker_restarts, options, overwrite))
+    launch_early = overwrite or not job_complete(layout)  # a finished job launches nothing
 
     async def go() -> dict[str, Any]:
         # The server is launched first and boots while the rest of infermill (aiohttp, fsspec,
         # pyarrow, rich) is imported and the job set up: start-up costs max(server, infermill),
-        # not their sum. A finished rank launches nothing.
+        # not their sum. A finished job launches nothing.
         async with contextlib.AsyncExitStack() as stack:
             server = None
             if launch_early:
-                server = await stack.enter_async_context(create_server(job.inference, rank))
+                server = await stack.enter_async_context(create_server(job.inference))
                 await server.wait_launched()
             from infermill.job import build_reader, build_runner
-            from infermill.progress import show_progress
+            from infermill.progress import log_interval, show_progress
+            from infermill.worker import QueueOptions
 
             try:
                 reader = build_reader(job)
                 runner = build_runner(job, reader, overwrite, accept_changed_input)
             except InfermillError as e:  # a job that cannot be set up is a usage error, like a bad job file
                 raise ConfigError(str(e)) from None
-            progress = asyncio.create_task(
-                show_progress(runner.progress, job.input.limit, job.inference.metric_interval)
-            )
+            options = QueueOptions(job.checkpoint.lease_timeout_sec, max_unit_attempts)
+            progress = None
+            if not as_worker:  # a --workers parent shows the job's progress
+                size = functools.partial(reader.size, 0, 1)
+                console = _console() if sys.stderr.isatty() else None  # the logging handler's (_setup_logging)
+                progress = asyncio.create_task(
+                    show_progress(runner.progress, size, log_interval(job.inference), console)
+                )
             try:
-                return await runner.run_async(reader.read(rank, world_size), rank, world_size, server=server)
+                return await runner.run_queue_async(reader, server, options)
             finally:
-                progress.cancel()
+                if progress is not None:
+                    progress.cancel()
 
     try:
         stats = run_coroutine(_interruptible(go()))
@@ -209,9 +238,9 @@ def run(
     except ConfigError as e:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
-    except CheckpointBusyError as e:
+    except UnitsFailedError as e:
         _error(e)
-        raise SystemExit(EXIT_FAILED) from None
+        raise SystemExit(EXIT_UNITS_FAILED) from None
     except (ServerError, InferenceError, InfermillError) as e:
         _error(e)
         _console().print("The checkpoint is saved: fix the cause and run the same command to resume.")
@@ -223,13 +252,66 @@ def run(
         _error(f"{where}{e.strerror or e}")
         _console().print(f"The checkpoint is saved: {hint}, then run the same command to resume.")
         raise SystemExit(EXIT_FAILED) from None
+    if as_worker:
+        return
     from infermill.progress import summary_table
 
     if stats.get("already_complete"):
-        _console().print(
-            f"rank {rank}: the job is already complete; nothing was sent. Use --overwrite to run it again."
+        _console().print("the job is already complete; nothing was sent. Use --overwrite to run it again.")
+    _console().print(summary_table(stats, title=f"infermill run: {escape(job.output.path)}"))
+
+
+def _run_local_workers(
+    job: JobConfig,
+    job_file: str,
+    overrides: tuple[str, ...],
+    workers: int,
+    max_worker_restarts: int,
+    worker_options: list[str],
+    overwrite: bool,
+) -> int:
+    """Plan the job, run ``workers`` worker processes until the queue is drained, report; the exit code."""
+    from infermill.executors.local import gpu_assignment, run_workers, worker_command
+    from infermill.job import build_reader, build_runner
+    from infermill.progress import summary_table
+    from infermill.worker import QueueOptions, failed_units_error, open_queue, read_stats
+
+    try:
+        reader = build_reader(job)
+        runner = build_runner(job, reader, overwrite)
+        gpus = gpu_assignment(workers, job.inference.gpus_per_worker)
+        queue, plan = open_queue(
+            runner.layout,
+            runner.output_writer,
+            reader,
+            job.checkpoint.records_per_chunk,
+            runner.identity(),
+            QueueOptions(job.checkpoint.lease_timeout_sec),
+            overwrite=overwrite,
+            accept_changed_input="--accept-changed-input" in worker_options,
         )
-    _console().print(summary_table(stats, title=f"infermill run: {escape(job.output.path)} (rank {rank}/{world_size})"))
+    except (InfermillError, ValueError) as e:
+        _error(e)
+        return EXIT_USAGE
+    logger.info("%d workers on %d units (%d documents)", workers, len(plan), plan.documents)
+    command = worker_command(job_file, overrides, worker_options)
+    try:
+        codes = run_coroutine(_interruptible(run_workers(command, workers, gpus, max_worker_restarts)))
+    except KeyboardInterrupt:
+        _console().print("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
+        return EXIT_INTERRUPTED
+    status = queue.status()
+    _console().print(summary_table(read_stats(runner.layout), title=f"infermill run: {escape(job.output.path)}"))
+    if status.units_done == status.units_total:
+        return 0
+    if (error := failed_units_error(queue)) is not None:
+        _error(error)
+        return EXIT_UNITS_FAILED
+    _error(
+        f"the job is not complete: {status.units_done} of {status.units_total} units done; the workers exited "
+        f"with codes {', '.join(map(str, codes))} (see their errors above). Run the same command to go on."
+    )
+    return EXIT_FAILED
 
 
 @main.command()

@@ -79,6 +79,9 @@ class InferenceConfig(BaseModel):
     request_timeout: float | None = Field(600.0, gt=0, description="Seconds per request; None disables.")
     model_kwargs: dict[str, Any] | None = None
     server_log_folder: str | None = None
+    gpus_per_worker: int | None = Field(
+        None, ge=1, description="GPUs of each local worker (--workers); None: the visible GPUs divided among them."
+    )
     server_workdir: str | None = Field(
         None, description="A launched server's working directory (a job file: its own folder); None: infermill's."
     )

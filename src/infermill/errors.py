@@ -32,6 +32,11 @@ class StorageError(InfermillError):
     own error): the message names the path or URL."""
 
 
+class UnitsFailedError(InfermillError):
+    """Units of the job's queue failed (their documents, or their workers, failed for good); the
+    other units are done, and a rerun retries only the failed ones."""
+
+
 class LeaseLostError(InfermillError):
     """This worker no longer holds its unit of the work queue (another worker took it over, its
     lease went stale, or the unit was marked failed): it must not commit the unit."""

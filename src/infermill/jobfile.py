@@ -5,7 +5,7 @@
     rollout:   {template | prompt_key | messages_key, system_prompt} or {function}
     inference: the fields of InferenceConfig
     runner:    {skip_bad_requests, metadata_key, on_bad_record}
-    checkpoint: {dir, records_per_chunk}
+    checkpoint: {dir, records_per_chunk, lease_timeout_sec}
 
 Unknown keys and wrong types are rejected with the key's full path and what was expected.
 
@@ -106,6 +106,9 @@ class RunnerSection(_Section):
 class CheckpointSection(_Section):
     dir: str | None = None
     records_per_chunk: int = Field(6000, ge=1)
+    lease_timeout_sec: float = Field(
+        120.0, gt=0, description="A unit whose worker did not renew its lease for this long is taken over."
+    )
 
 
 class JobConfig(_Section):

@@ -1,4 +1,6 @@
-"""Exactly-once checkpoints and the request cache, for one rank.
+"""Exactly-once checkpoints and the request cache: of one rank (``ChunkJournal``), or of the
+units a worker holds from the job's work queue (``QueueJournal``, whose journals are chunk
+logs too).
 
 Each rank's input records are numbered 0, 1, 2, ... and grouped into chunks of
 ``records_per_chunk``. Everything that happens to a chunk is appended, one JSON line at a
@@ -33,12 +35,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from infermill.errors import ConfigError, InfermillError
+from infermill.errors import ConfigError, InfermillError, LeaseLostError
 from infermill.layout import RankLock
 
 if TYPE_CHECKING:
+    from infermill.io.units import UnitPlan
     from infermill.io.writers import OutputWriter
     from infermill.layout import JobLayout
+    from infermill.queue import Lease, LeaseRenewer, WorkQueue
 
 logger = logging.getLogger("infermill.journal")
 
@@ -64,6 +68,31 @@ def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
         elif recorded.get(key) != current.get(key):
             changes.append(f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}")
     return changes
+
+
+def check_identity(recorded: dict[str, Any], current: dict[str, Any], what: str, accept_changed_input: bool) -> bool:
+    """Refuse (``ConfigError``, naming ``what`` and every change) to resume a job whose
+    ``recorded`` identity differs from ``current``; with ``accept_changed_input``, changed
+    input files alone are accepted with a warning. Returns whether anything changed."""
+    changes = identity_differences(recorded, current)
+    if not changes:
+        return False
+    only_input = not identity_differences({**recorded, "input_files": current.get("input_files")}, current)
+    if not (only_input and accept_changed_input):
+        hint = (
+            " If you only fixed records in place (the same records, in the same order), resume with "
+            "--accept-changed-input."
+            if only_input
+            else ""
+        )
+        raise ConfigError(
+            f"{what} belongs to a different job; what changed:\n  "
+            + "\n  ".join(changes)
+            + "\nRun the original job to finish it, or start over with --overwrite "
+            f"(overwrite=True), which deletes the job's checkpoints and the output files it wrote.{hint}"
+        )
+    logger.warning("resuming over changed input, as asked: %s", "; ".join(changes))
+    return True
 
 
 def _input_file_changes(recorded: list[list[Any]], current: list[list[Any]]) -> list[str]:
@@ -144,15 +173,15 @@ class ResumeState:
     complete: dict[str, Any] | None = None
 
 
-class ChunkJournal:
-    """Checkpoints of one rank of the job laid out by ``layout``; see the module docstring."""
+class ChunkLogs:
+    """What both journals share: chunk logs appended to once per event-loop iteration, the
+    request cache, and which records are finished. Subclasses say where a chunk's log is
+    (``_log_path``) and how many records make it full (``_chunk_size``)."""
 
-    def __init__(self, layout: JobLayout, rank: int, records_per_chunk: int, writer: OutputWriter):
-        self.layout = layout
-        self.dir = layout.rank_dir(rank)
-        self.rank = rank
+    def __init__(self, records_per_chunk: int, writer: OutputWriter, where: Path):
         self.records_per_chunk = records_per_chunk
         self.writer = writer
+        self.dir = where  # named in errors
         self.state = ResumeState()
         self._chunks: dict[int, _Chunk] = {}
         self._cache: dict[str, Any] = {}
@@ -160,104 +189,16 @@ class ChunkJournal:
         self._pending: dict[int, list[tuple[Request, Any]]] = {}  # replies of unfinished records, not yet written
         self._flush_scheduled = False
         self._failure: Exception | None = None  # of a flush, raised by the next call that can
-        self._lock = RankLock(layout, rank)
 
-    @staticmethod
-    def summary(layout: JobLayout, rank: int) -> RankSummary:
-        """Where rank ``rank``'s checkpoint stands, read from its files (the job may be running)."""
-        folder = layout.rank_dir(rank)
-        documents: set[int] = set()
-        cached = 0
-        for log in folder.glob("chunk_*.log"):
-            if log.with_suffix(".done").exists():
-                continue  # finished; its log is about to go
-            try:
-                for line in read_log(log):
-                    if line.document is None:
-                        cached += 1
-                    else:
-                        documents.add(line.document)
-            except FileNotFoundError:  # finalized (and removed) by the running job meanwhile
-                continue
-        return RankSummary(
-            rank, layout.is_rank_complete(rank), len(list(folder.glob("chunk_*.done"))), len(documents), cached
-        )
+    def _log_path(self, chunk_index: int) -> Path:
+        raise NotImplementedError
 
-    # -- opening ------------------------------------------------------------------------
+    def _chunk_size(self, chunk_index: int) -> int:
+        return self.records_per_chunk
 
-    def open(
-        self, identity: dict[str, Any], overwrite: bool = False, accept_changed_input: bool = False
-    ) -> ResumeState:
-        """Lock the rank's checkpoint, check the job's identity against it and load what was
-        done. :meth:`close` releases the lock. ``accept_changed_input``: resume although input
-        files changed (records fixed in place: the same records, in the same order)."""
-        self._lock.acquire()
-        try:
-            return self._open(identity, overwrite, accept_changed_input)
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def _open(self, identity: dict[str, Any], overwrite: bool, accept_changed_input: bool) -> ResumeState:
-        if overwrite and self.dir.exists():
-            self._discard()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        identity_path = self.layout.identity_file(self.rank)
-        if identity_path.exists():
-            recorded = orjson.loads(identity_path.read_bytes())
-            changes = identity_differences(recorded, identity)
-            only_input = changes and not identity_differences(
-                {**recorded, "input_files": identity.get("input_files")}, identity
-            )
-            if changes and not (only_input and accept_changed_input):
-                hint = (
-                    " If you only fixed records in place (the same records, in the same order), resume with "
-                    "--accept-changed-input."
-                    if only_input
-                    else ""
-                )
-                raise ConfigError(
-                    f"the checkpoint in {self.dir} belongs to a different job; what changed:\n  "
-                    + "\n  ".join(changes)
-                    + "\nRun the original job to finish it, or start over with --overwrite "
-                    f"(overwrite=True), which deletes this rank's checkpoint and output files.{hint}"
-                )
-            if changes:
-                logger.warning("resuming over changed input, as asked: %s", "; ".join(changes))
-                self._write_identity(identity)
-        else:
-            self._write_identity(identity)
-        complete = self.layout.complete_file(self.rank)
-        if complete.exists():
-            self.state.complete = orjson.loads(complete.read_bytes())
-            return self.state
-        for path in sorted(self.dir.glob("chunk_*.done")):
-            self.state.done_chunks.add(int(path.stem.split("_")[1]))
-        for path in sorted(self.dir.glob("chunk_*.log")):
-            chunk_index = int(path.stem.split("_")[1])
-            if chunk_index in self.state.done_chunks:
-                path.unlink()  # killed between marking the chunk done and deleting its log
-                continue
-            self._load_log(chunk_index, path)
-        for path in self.dir.glob("chunk_*.tmp"):
-            path.unlink()
-        self.writer.remove_temp_files(self.rank)  # a chunk file being written when a run was killed
-        return self.state
-
-    def _discard(self) -> None:
-        """Delete this rank's checkpoint and the data files it records, and no other file. In an
-        order that a kill at any moment leaves resumable: first the completion mark, then each
-        chunk's file before its mark."""
-        self.layout.complete_file(self.rank).unlink(missing_ok=True)
-        for mark in sorted(self.dir.glob("chunk_*.done")):
-            self.writer.remove_chunk_file(self.rank, int(mark.stem.split("_")[1]))
-            mark.unlink()
-        shutil.rmtree(self.dir)
-        self.writer.remove_temp_files(self.rank)
-
-    def _write_identity(self, identity: dict[str, Any]) -> None:
-        data = orjson.dumps(identity, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-        _write_atomic(self.layout.identity_file(self.rank), data)
+    def finalize_chunk(self, chunk_index: int) -> int:
+        """Write the full chunk's output, once; return the number of records written."""
+        raise NotImplementedError
 
     def _load_log(self, chunk_index: int, path: Path) -> None:
         chunk = self._chunks[chunk_index] = _Chunk(chunk_index)
@@ -307,7 +248,12 @@ class ChunkJournal:
         self._append(chunk_index, b'{"i":%d,"r":%s}' % (index, record if record is not None else b"null"))
         chunk = self._chunks[chunk_index]
         chunk.finished += 1
-        return chunk_index if chunk.finished >= self.records_per_chunk else None
+        return chunk_index if chunk.finished >= self._chunk_size(chunk_index) else None
+
+    def fail_record(self, index: int, error: Exception) -> bool:
+        """Record ``index`` failed for good: return whether that is handled here (a queue's unit is
+        marked failed) rather than failing the run."""
+        return False
 
     def _append(self, chunk_index: int, data: bytes) -> None:
         chunk = self._chunks.get(chunk_index)
@@ -315,7 +261,7 @@ class ChunkJournal:
             chunk = self._chunks[chunk_index] = _Chunk(chunk_index)
         if chunk.file is None:
             # open until the chunk is finalized or the journal closed: one append per line, no reopen
-            chunk.file = open(self.layout.chunk_log(self.rank, chunk_index), "ab")  # noqa: SIM115
+            chunk.file = open(self._log_path(chunk_index), "ab")  # noqa: SIM115
         chunk.file.write(data + b"\n")
         self._unflushed.add(chunk.file)
         self._schedule_flush()
@@ -362,6 +308,124 @@ class ChunkJournal:
 
     # -- finishing chunks ---------------------------------------------------------------
 
+    @staticmethod
+    def _records(log: Path) -> Iterator[bytes]:
+        """The encoded records of a chunk log, each index once; documents with nothing to write
+        are left out."""
+        seen: set[int] = set()
+        for line in read_log(log):
+            if line.document is not None and line.data != b"null" and line.document not in seen:
+                seen.add(line.document)
+                yield line.data
+
+    def open_chunks(self) -> list[int]:
+        """Chunks that have finished records but are not done (the tail at the end of input)."""
+        return sorted(self._chunks)
+
+    def _close_logs(self) -> None:
+        """Write what is pending and close the logs; raise if a write failed."""
+        self.flush()
+        for chunk in list(self._chunks.values()):  # a finalizing thread may still pop from it
+            if chunk.file is not None:
+                try:
+                    chunk.file.close()
+                except OSError as e:
+                    self._failure = self._failure or e
+                chunk.file = None
+        self._raise_if_failed()
+
+
+class ChunkJournal(ChunkLogs):
+    """Checkpoints of one rank of the job laid out by ``layout``; see the module docstring."""
+
+    def __init__(self, layout: JobLayout, rank: int, records_per_chunk: int, writer: OutputWriter):
+        super().__init__(records_per_chunk, writer, layout.rank_dir(rank))
+        self.layout = layout
+        self.rank = rank
+        self._lock = RankLock(layout, rank)
+
+    def _log_path(self, chunk_index: int) -> Path:
+        return self.layout.chunk_log(self.rank, chunk_index)
+
+    @staticmethod
+    def summary(layout: JobLayout, rank: int) -> RankSummary:
+        """Where rank ``rank``'s checkpoint stands, read from its files (the job may be running)."""
+        folder = layout.rank_dir(rank)
+        documents: set[int] = set()
+        cached = 0
+        for log in folder.glob("chunk_*.log"):
+            if log.with_suffix(".done").exists():
+                continue  # finished; its log is about to go
+            try:
+                for line in read_log(log):
+                    if line.document is None:
+                        cached += 1
+                    else:
+                        documents.add(line.document)
+            except FileNotFoundError:  # finalized (and removed) by the running job meanwhile
+                continue
+        return RankSummary(
+            rank, layout.is_rank_complete(rank), len(list(folder.glob("chunk_*.done"))), len(documents), cached
+        )
+
+    # -- opening ------------------------------------------------------------------------
+
+    def open(
+        self, identity: dict[str, Any], overwrite: bool = False, accept_changed_input: bool = False
+    ) -> ResumeState:
+        """Lock the rank's checkpoint, check the job's identity against it and load what was
+        done. :meth:`close` releases the lock. ``accept_changed_input``: resume although input
+        files changed (records fixed in place: the same records, in the same order)."""
+        self._lock.acquire()
+        try:
+            return self._open(identity, overwrite, accept_changed_input)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, identity: dict[str, Any], overwrite: bool, accept_changed_input: bool) -> ResumeState:
+        if overwrite and self.dir.exists():
+            self._discard()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        identity_path = self.layout.identity_file(self.rank)
+        if identity_path.exists():
+            recorded = orjson.loads(identity_path.read_bytes())
+            if check_identity(recorded, identity, f"the checkpoint in {self.dir}", accept_changed_input):
+                self._write_identity(identity)
+        else:
+            self._write_identity(identity)
+        complete = self.layout.complete_file(self.rank)
+        if complete.exists():
+            self.state.complete = orjson.loads(complete.read_bytes())
+            return self.state
+        for path in sorted(self.dir.glob("chunk_*.done")):
+            self.state.done_chunks.add(int(path.stem.split("_")[1]))
+        for path in sorted(self.dir.glob("chunk_*.log")):
+            chunk_index = int(path.stem.split("_")[1])
+            if chunk_index in self.state.done_chunks:
+                path.unlink()  # killed between marking the chunk done and deleting its log
+                continue
+            self._load_log(chunk_index, path)
+        for path in self.dir.glob("chunk_*.tmp"):
+            path.unlink()
+        self.writer.remove_temp_files(self.rank)  # a chunk file being written when a run was killed
+        return self.state
+
+    def _discard(self) -> None:
+        """Delete this rank's checkpoint and the data files it records, and no other file. In an
+        order that a kill at any moment leaves resumable: first the completion mark, then each
+        chunk's file before its mark."""
+        self.layout.complete_file(self.rank).unlink(missing_ok=True)
+        for mark in sorted(self.dir.glob("chunk_*.done")):
+            self.writer.remove_chunk_file(self.rank, int(mark.stem.split("_")[1]))
+            mark.unlink()
+        shutil.rmtree(self.dir)
+        self.writer.remove_temp_files(self.rank)
+
+    def _write_identity(self, identity: dict[str, Any]) -> None:
+        data = orjson.dumps(identity, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        _write_atomic(self.layout.identity_file(self.rank), data)
+
     def finalize_chunk(self, chunk_index: int) -> int:
         """Write the chunk's data file from its log, mark it done, drop the log. Idempotent.
 
@@ -377,20 +441,6 @@ class ChunkJournal:
             log.unlink()
         return written
 
-    @staticmethod
-    def _records(log: Path) -> Iterator[bytes]:
-        """The encoded records of a chunk log, each index once; documents with nothing to write
-        are left out."""
-        seen: set[int] = set()
-        for line in read_log(log):
-            if line.document is not None and line.data != b"null" and line.document not in seen:
-                seen.add(line.document)
-                yield line.data
-
-    def open_chunks(self) -> list[int]:
-        """Chunks that have finished records but are not done (the tail at the end of input)."""
-        return sorted(self._chunks)
-
     def mark_complete(self, summary: dict[str, Any]) -> None:
         _write_atomic(self.layout.complete_file(self.rank), orjson.dumps(summary, option=orjson.OPT_INDENT_2))
 
@@ -399,19 +449,150 @@ class ChunkJournal:
         complete with ``complete`` (its stats) when given; release the lock. Raise if a write
         failed."""
         try:
-            self.flush()
-            for chunk in list(self._chunks.values()):  # a finalizing thread may still pop from it
-                if chunk.file is not None:
-                    try:
-                        chunk.file.close()
-                    except OSError as e:
-                        self._failure = self._failure or e
-                    chunk.file = None
-            self._raise_if_failed()
+            self._close_logs()
             if complete is not None:
                 self.mark_complete(complete)
         finally:
             self._lock.release()
+
+
+class QueueJournal(ChunkLogs):
+    """Checkpoints of the units one worker holds from the job's work queue: a journal per unit
+    and lease generation (``WorkQueue.journal_path``), its lines those of a chunk log. A unit
+    taken over starts from its earlier holders' journals: their finished records are kept and
+    their stored replies are not requested again. A finished unit is committed through the
+    queue, fenced by its lease, and its journals are then deleted.
+
+    Records are numbered across the job: record ``i`` of unit ``u`` is ``u * records_per_unit + i``.
+    """
+
+    def __init__(self, queue: WorkQueue, plan: UnitPlan, writer: OutputWriter):
+        super().__init__(plan.records_per_unit, writer, queue.journals_dir)
+        self.queue = queue
+        self.plan = plan
+        self._leases: dict[int, Lease] = {}
+        self._renewers: dict[int, LeaseRenewer] = {}
+        self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
+
+    def _log_path(self, chunk_index: int) -> Path:
+        return self.queue.journal_path(chunk_index, self._leases[chunk_index].generation)
+
+    def _chunk_size(self, chunk_index: int) -> int:
+        return self.plan[chunk_index].documents
+
+    def hold(self, lease: Lease) -> bool:
+        """Start on ``lease``'s unit (in a worker thread): copy the whole lines of its earlier
+        holders' journals into this holder's, load it, and keep the lease renewed. Returns
+        whether every record of the unit is finished already (it only needs committing)."""
+        unit = lease.unit
+        self._leases[unit] = lease
+        path = self._log_path(unit)
+        earlier = self.queue.earlier_journals(unit, lease.generation)
+        if earlier:
+            with open(path, "ab") as journal:
+                for older in earlier:
+                    whole = 0
+                    for line in read_log(older):
+                        whole = line.end
+                    with open(older, "rb") as f:
+                        journal.write(f.read(whole))
+            self._load_log(unit, path)
+            logger.info(
+                "unit %d taken over (attempt %d): %d documents already finished, %d replies kept",
+                unit,
+                lease.generation,
+                self._chunks[unit].finished,
+                len(self._cache),
+            )
+        renewer = self._renewers[unit] = self.queue.renewing(lease, on_lost=lambda e: self._lost(unit, e))
+        renewer.start()
+        chunk = self._chunks.get(unit)
+        return chunk is not None and chunk.finished >= self._chunk_size(unit)
+
+    def holds(self, unit: int) -> bool:
+        """Whether this worker holds ``unit`` and still processes its records."""
+        return unit in self._leases and unit not in self.dropped
+
+    def held(self) -> list[int]:
+        """The units this worker holds (being processed or committed)."""
+        return sorted(self._leases)
+
+    def commit(self, index: int, record: bytes | None) -> int | None:
+        if index // self.records_per_chunk in self.dropped:
+            return None  # its unit failed or was taken over: the result goes nowhere
+        return super().commit(index, record)
+
+    def finalize_chunk(self, chunk_index: int) -> int:
+        """Commit unit ``chunk_index`` (in a worker thread): its output file from its journal,
+        then its done mark, while its lease is still held; then delete its journals. Returns
+        the number of records written (0 if the lease was lost: the unit's new holder writes it)."""
+        unit = chunk_index
+        chunk = self._chunks.pop(unit, None)
+        if chunk is not None and chunk.file is not None:
+            chunk.file.close()
+        lease = self._leases[unit]
+        path = self._log_path(unit)
+        written = 0
+
+        def write_output() -> None:
+            nonlocal written
+            written = self.writer.write_chunk(self._records(path), 0, unit) if path.exists() else 0
+
+        try:
+            self.queue.commit(lease, write_output, documents=self._chunk_size(unit))
+        except LeaseLostError as e:
+            logger.warning("unit %d: %s; its results here are dropped, its new holder finishes it", unit, e)
+            return 0
+        finally:
+            self._let_go(unit)
+        for journal in [path, *self.queue.earlier_journals(unit, lease.generation)]:
+            journal.unlink(missing_ok=True)
+        return written
+
+    def fail(self, unit: int, cause: str) -> None:
+        """Mark ``unit`` failed with ``cause`` (a document of it failed for good); the rest of its
+        records is not processed, and a rerun of the job retries it."""
+        if unit in self.dropped or unit not in self._leases:
+            return
+        self.dropped.add(unit)
+        lease = self._leases[unit]
+        try:
+            self.queue.fail(lease, cause)
+        except LeaseLostError:
+            pass  # taken over meanwhile: the new holder decides
+        finally:
+            self._let_go(unit)
+
+    def fail_record(self, index: int, error: Exception) -> bool:
+        self.fail(index // self.records_per_chunk, f"record {index % self.records_per_chunk} failed: {error}")
+        return True
+
+    def _lost(self, unit: int, error: LeaseLostError) -> None:  # called from the renewer's thread
+        self.dropped.add(unit)
+        logger.warning("unit %d: %s; this worker stops working on it", unit, error)
+
+    def _let_go(self, unit: int) -> None:
+        renewer = self._renewers.pop(unit, None)
+        if renewer is not None:
+            renewer.stop()
+        self._leases.pop(unit, None)
+        chunk = self._chunks.pop(unit, None)
+        if chunk is not None and chunk.file is not None:
+            chunk.file.close()
+
+    def close(self, release: bool = True) -> None:
+        """Write what is pending, close the journals and stop renewing; with ``release``, give the
+        leases of unfinished units back, so that other workers take them at once (a worker that
+        stops on request; one that crashed leaves them to expire, as an attempt). Raise if a
+        write failed."""
+        try:
+            self._close_logs()
+        finally:
+            for unit in list(self._leases):
+                lease = self._leases[unit]
+                self._let_go(unit)
+                if release:
+                    self.queue.release(lease)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

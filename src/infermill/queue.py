@@ -661,3 +661,11 @@ class LeaseRenewer:
                 return
             except OSError as e:
                 logger.warning("could not renew the lease of unit %d (will retry): %s", self.lease.unit, e)
+
+
+def job_complete(layout: JobLayout) -> bool:
+    """Whether the job laid out by ``layout`` has a queue whose every unit is done (one listing)."""
+    if not (layout.queue / PLAN_FILE).exists():
+        return False
+    status = WorkQueue.for_layout(layout).status()
+    return status.units_done == status.units_total

@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import orjson
 
@@ -31,21 +31,24 @@ from infermill.errors import (
     summarize_payload,
 )
 from infermill.eventloop import fewer_gc_passes
-from infermill.io.readers import BadRecord
+from infermill.io.readers import BadRecord, DocumentReader
 from infermill.io.writers import OutputWriter
-from infermill.journal import ChunkJournal
+from infermill.journal import ChunkJournal, ChunkLogs, QueueJournal
 from infermill.layout import JobLayout
 from infermill.metrics import ProgressSnapshot, RunStats
 from infermill.retry import RetryAction, RetryPolicy
 from infermill.servers import InferenceServer, ServerState, create_server
 from infermill.types import Document, InferenceResult
 
+if TYPE_CHECKING:
+    from infermill.worker import QueueOptions
+
 logger = logging.getLogger("infermill.runner")
 
 Generate = Callable[..., Awaitable[InferenceResult]]  # generate(payload, *, path=None)
 RolloutFn = Callable[..., Awaitable[Any]]
 
-_END = object()
+END_OF_INPUT = object()  # what a document source returns after the last document
 T = TypeVar("T")
 
 
@@ -184,10 +187,10 @@ class InferenceRunner:
         """Process ``documents`` to the end, showing progress; return the stats (also written as
         ``stats.json``). ``run_async`` is the same without the progress display."""
         from infermill.eventloop import run_coroutine
-        from infermill.progress import show_progress
+        from infermill.progress import log_interval, show_progress
 
         async def run_with_progress() -> dict[str, Any]:
-            progress = asyncio.create_task(show_progress(self.progress, interval=self.config.metric_interval))
+            progress = asyncio.create_task(show_progress(self.progress, interval=log_interval(self.config)))
             try:
                 return await self.run_async(documents, rank, world_size)
             finally:
@@ -210,7 +213,7 @@ class InferenceRunner:
                 "the same checkpoint; run another rank, or wait for this one to finish"
             )
         journal = ChunkJournal(self.layout, rank, self.records_per_chunk, self.output_writer)
-        state = journal.open(self._identity(rank, world_size), self.overwrite, self.accept_changed_input)
+        state = journal.open(self.identity(rank, world_size), self.overwrite, self.accept_changed_input)
         if state.complete is not None:
             logger.info(
                 "rank %d is already complete (%s documents); nothing to do",
@@ -254,18 +257,71 @@ class InferenceRunner:
         logger.info("rank %d done: %s", rank, run.stats.summary())
         return stats
 
+    async def run_queue_async(
+        self, reader: DocumentReader, server: InferenceServer | None = None, options: QueueOptions | None = None
+    ) -> dict[str, Any]:
+        """Work on the job's shared queue (:mod:`infermill.worker`) as one worker, with as many
+        others as are started anywhere, until every unit is done or failed; return this worker's
+        stats (``stats.json`` sums every worker's). Raise ``InfermillError`` naming the failed
+        units if any failed. ``server`` as in :meth:`run_async`."""
+        from infermill.worker import QueueOptions, UnitSource, failed_units_error, open_queue, read_stats, write_stats
+
+        options = options or QueueOptions()
+        queue, plan = await asyncio.to_thread(
+            open_queue,
+            self.layout,
+            self.output_writer,
+            reader,
+            self.records_per_chunk,
+            self.identity(),
+            options,
+            overwrite=self.overwrite,
+            accept_changed_input=self.accept_changed_input,
+        )
+        status = await asyncio.to_thread(queue.status)
+        if status.units_done == status.units_total:
+            logger.info("the job is already complete (%d units); nothing to do", status.units_total)
+            return {**read_stats(self.layout), "already_complete": True}
+        journal = QueueJournal(queue, plan, self.output_writer)
+        source = UnitSource(queue, journal, reader, plan)
+        run = _Run(self, journal, 0)
+        self._runs.append(run)
+        stopped_on_request = False
+        try:
+            server_scope = contextlib.nullcontext(server) if server is not None else create_server(self.config, 0)
+            with fewer_gc_passes():
+                async with enter_shared_context(self.shared_context) as context, server_scope as started:
+                    await run.process(source, started, context)
+        except asyncio.CancelledError:
+            stopped_on_request = True  # its units are given back; a crash leaves them to expire, as an attempt
+            raise
+        finally:
+            self._runs.remove(run)
+            run.stats.inference_time_sec = time.perf_counter() - run.started
+            stats = {**run.stats.to_dict(), "queue_time_sec": round(source.claim_seconds, 3)}
+            try:
+                journal.close(release=stopped_on_request)
+            finally:
+                run.close()
+                write_stats(self.layout, queue.worker_id, stats)
+        if (error := await asyncio.to_thread(failed_units_error, queue)) is not None:
+            raise error
+        logger.info("worker %s done: %s", queue.worker_id, run.stats.summary())
+        return stats
+
     def progress(self) -> ProgressSnapshot:
         """What the runs in progress have done so far (all of them together)."""
         return ProgressSnapshot.of([(run.stats, run.server.restarts if run.server else 0) for run in self._runs])
 
-    def _identity(self, rank: int, world_size: int) -> dict[str, Any]:
+    def identity(self, rank: int | None = None, world_size: int | None = None) -> dict[str, Any]:
+        """What a checkpoint must have been written by to be resumed (with the static rank, if any)."""
         rollout = getattr(self.rollout_fn, "identity", None) or (
             f"{getattr(self.rollout_fn, '__module__', '?')}:{getattr(self.rollout_fn, '__qualname__', '?')}"
         )
+        ranks = {"rank": rank, "world_size": world_size} if rank is not None else {}
         return {
             **self.job_identity,
-            "rank": rank,
-            "world_size": world_size,
+            **ranks,
             "records_per_chunk": self.records_per_chunk,
             "rollout": rollout,
             "rollouts_per_document": self.config.rollouts_per_document,
@@ -283,7 +339,7 @@ class _Run:
     """The state of one :meth:`InferenceRunner.run_async` call: its journal, stats, server,
     generation slots, shared context and failures file, and what it does per document."""
 
-    def __init__(self, runner: InferenceRunner, journal: ChunkJournal, rank: int):
+    def __init__(self, runner: InferenceRunner, journal: ChunkLogs, rank: int):
         self.runner = runner
         self.config = runner.config
         self.journal = journal
@@ -296,11 +352,16 @@ class _Run:
         self._failures: BinaryIO | None = None
 
     async def process(
-        self, documents: Iterable[Any] | AsyncIterable[Any], server: InferenceServer, context: dict[str, Any]
+        self,
+        documents: Iterable[Any] | AsyncIterable[Any] | Callable[[], Awaitable[Any]],
+        server: InferenceServer,
+        context: dict[str, Any],
     ) -> None:
-        """Every document through its rollouts and into the journal, ``concurrent_documents`` at a time."""
+        """Every document through its rollouts and into the journal, ``concurrent_documents`` at a
+        time. ``documents``: the documents, or a source (a coroutine function returning
+        ``(index, item)`` for each in turn, then ``END_OF_INPUT``), e.g. the units of a queue."""
         self.server, self.context = server, context
-        next_document = _document_source(documents)
+        next_document = documents if callable(documents) else _document_source(documents)
         try:
             await _run_all([self._worker(next_document) for _ in range(self.config.concurrent_documents)])
         finally:
@@ -315,7 +376,7 @@ class _Run:
     async def _worker(self, next_document: Callable[[], Awaitable[Any]]) -> None:
         journal = self.journal
         stats = self.stats
-        while (item := await next_document()) is not _END:
+        while (item := await next_document()) is not END_OF_INPUT:
             index, raw = item
             if journal.is_done(index):
                 stats.documents_resumed += 1
@@ -326,7 +387,12 @@ class _Run:
                 self._record_failure(raw.id, raw.error, None)
                 record = None
             else:
-                record = await self._process_document(as_document(raw, index), index)
+                try:
+                    record = await self._process_document(as_document(raw, index), index)
+                except InferenceError as e:
+                    if journal.fail_record(index, e):  # a queue's unit fails, not the run
+                        continue
+                    raise
             if (full_chunk := journal.commit(index, record)) is not None:
                 await asyncio.to_thread(journal.finalize_chunk, full_chunk)
 
@@ -406,12 +472,18 @@ class _Run:
             spent = 0  # attempts the server could have answered
             while True:
                 try:
-                    async with slots:
-                        stats.requests_in_flight += 1
-                        try:
-                            reply = await server.make_request(data, path)
-                        finally:
-                            stats.requests_in_flight -= 1
+                    stats.requests_pending += 1
+                    try:
+                        async with slots:
+                            if server.state is not ServerState.READY:  # queued, not in flight, while it boots
+                                await server.wait_until_ready()
+                            stats.requests_in_flight += 1  # sent now: make_request has nothing left to wait for
+                            try:
+                                reply = await server.make_request(data, path)
+                            finally:
+                                stats.requests_in_flight -= 1
+                    finally:
+                        stats.requests_pending -= 1
                     result = parse_reply(reply, chat)
                 except RequestError as e:
                     decision = policy.decide(e, spent + 1, server.state is ServerState.READY)
@@ -468,7 +540,7 @@ def _encode_result(value: Any) -> Any:
 
 
 def _document_source(documents: Iterable[Any] | AsyncIterable[Any]) -> Callable[[], Awaitable[Any]]:
-    """A coroutine function returning ``(index, item)`` for each document in turn, then ``_END``.
+    """A coroutine function returning ``(index, item)`` for each document in turn, then ``END_OF_INPUT``.
 
     Workers share it; the input is read one item at a time, only when a worker is free.
     """
@@ -482,12 +554,12 @@ def _document_source(documents: Iterable[Any] | AsyncIterable[Any]) -> Callable[
             nonlocal done
             async with lock:
                 if done:
-                    return _END
+                    return END_OF_INPUT
                 try:
                     item = await iterator.__anext__()
                 except StopAsyncIteration:
                     done = True
-                    return _END
+                    return END_OF_INPUT
                 return next(counter), item
 
         return next_async
@@ -495,8 +567,8 @@ def _document_source(documents: Iterable[Any] | AsyncIterable[Any]) -> Callable[
     sync_iterator = iter(documents)
 
     async def next_sync() -> Any:
-        item = next(sync_iterator, _END)
-        return item if item is _END else (next(counter), item)
+        item = next(sync_iterator, END_OF_INPUT)
+        return item if item is END_OF_INPUT else (next(counter), item)
 
     return next_sync
 

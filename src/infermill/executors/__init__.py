@@ -1,0 +1,2 @@
+"""Executors start a job's workers and wait for them; they hold no job state (that is the
+queue's). ``local``: worker processes on this machine."""

@@ -1,0 +1,151 @@
+"""Worker processes on this machine: ``infermill run JOB --workers N``.
+
+The parent plans the job (and honours ``--overwrite``) once, then starts N workers, each
+``infermill run JOB --worker`` with its own server and its own GPUs, and waits for them. A
+worker that dies is replaced, up to ``max_worker_restarts`` times in all; the unit it held
+is taken over once its lease expires. The parent holds no job state: everything is in the
+job's queue, so another command on this or another machine adds workers to the same job.
+
+Workers run in their own process groups and die with the parent (``PR_SET_PDEATHSIG``); a
+SIGINT or SIGTERM to the parent is passed on as SIGTERM (each worker gives its units back
+and stops its server), a second one kills them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger("infermill.executors.local")
+
+#: exit codes of a worker that mean "do not start it again": done, a usage error, units failed
+#: (the job's fault, not the worker's), stopped on request
+FINAL_EXIT_CODES = frozenset({0, 2, 3, 130})
+
+
+def count_gpus() -> int:
+    """The GPUs this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else the NVIDIA devices
+    the driver lists (0 without a GPU)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def gpu_assignment(workers: int, gpus_per_worker: int | None) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` of each worker: worker i gets GPUs ``i*G .. i*G+G-1`` of the
+    visible ones (G: ``gpus_per_worker``, else the GPUs divided among the workers); None
+    (inherit) on a machine without GPUs."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count_gpus())]
+    if not gpus and not gpus_per_worker:
+        return [None] * workers
+    per = gpus_per_worker or max(1, len(gpus) // workers)
+    if per * workers > len(gpus):
+        raise ValueError(
+            f"{workers} workers x {per} GPUs need {per * workers} GPUs, {len(gpus)} are visible "
+            f"({', '.join(gpus) or 'none'}): lower --workers or inference.gpus_per_worker"
+        )
+    return [",".join(gpus[i * per : (i + 1) * per]) for i in range(workers)]
+
+
+@dataclass
+class _Slot:
+    index: int
+    gpus: str | None
+    process: asyncio.subprocess.Process | None = None
+    exit_code: int | None = None
+
+
+async def run_workers(
+    command: Sequence[str], workers: int, gpus: list[str | None], max_worker_restarts: int
+) -> list[int]:
+    """Run ``workers`` copies of ``command`` (argv of one worker), the i-th with
+    ``CUDA_VISIBLE_DEVICES=gpus[i]``; replace one that dies (not one that ends with a code of
+    :data:`FINAL_EXIT_CODES`) up to ``max_worker_restarts`` times in all. Returns the final
+    exit codes. Cancelling it stops the workers (SIGTERM, then SIGKILL after a grace)."""
+    slots = [_Slot(i, gpus[i]) for i in range(workers)]
+    restarts = 0
+    running: dict[asyncio.Task[int], _Slot] = {}
+    try:
+        for slot in slots:
+            running[asyncio.create_task(_start_and_wait(slot, command))] = slot
+        while running:
+            finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                slot = running.pop(task)
+                slot.exit_code = task.result()
+                if slot.exit_code in FINAL_EXIT_CODES:
+                    continue
+                if restarts < max_worker_restarts:
+                    restarts += 1
+                    logger.warning(
+                        "worker %d exited with code %d; starting a new one (%d of %d restarts)",
+                        slot.index,
+                        slot.exit_code,
+                        restarts,
+                        max_worker_restarts,
+                    )
+                    running[asyncio.create_task(_start_and_wait(slot, command))] = slot
+                else:
+                    logger.error(
+                        "worker %d exited with code %d; no restarts left (--max-worker-restarts %d)",
+                        slot.index,
+                        slot.exit_code,
+                        max_worker_restarts,
+                    )
+    finally:
+        if running:
+            await _stop_all([slot for slot in running.values() if slot.process is not None], list(running))
+    return [slot.exit_code if slot.exit_code is not None else 1 for slot in slots]
+
+
+async def _start_and_wait(slot: _Slot, command: Sequence[str]) -> int:
+    env = dict(os.environ)
+    if slot.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot.gpus
+    env["INFERMILL_WORKER_INDEX"] = str(slot.index)
+    from infermill.servers.process import _child_setup  # dies with this process (PR_SET_PDEATHSIG)
+
+    slot.process = await asyncio.create_subprocess_exec(
+        *command, env=env, start_new_session=True, preexec_fn=_child_setup
+    )
+    code = await slot.process.wait()
+    return code if code >= 0 else 128 - code  # killed by a signal: 128 + its number, as a shell says
+
+
+async def _stop_all(slots: list[_Slot], tasks: list[asyncio.Task[int]], grace_sec: float = 60.0) -> None:
+    """SIGTERM every worker (each gives its units back and stops its server), SIGKILL after
+    ``grace_sec`` or on a second cancellation; wait for them all."""
+    for slot in slots:
+        _signal_group(slot, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.shield(asyncio.gather(*tasks, return_exceptions=True)), grace_sec)
+    except (TimeoutError, asyncio.CancelledError):
+        for slot in slots:
+            _signal_group(slot, signal.SIGKILL)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _signal_group(slot: _Slot, signum: int) -> None:
+    if slot.process is not None and slot.process.returncode is None:
+        try:
+            os.killpg(slot.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def worker_command(job_file: str, overrides: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    """The argv of one worker of the job in ``job_file``."""
+    command = [sys.executable, "-m", "infermill", "run", job_file, "--worker", *extra]
+    for assignment in overrides:
+        command += ["--set", assignment]
+    return command

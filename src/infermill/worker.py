@@ -1,0 +1,259 @@
+"""One worker of a job's shared work queue: it claims units, runs their documents through the
+runner's per-document pipeline, and commits each unit once all its documents are finished.
+
+Any number of workers, started anywhere that sees the job's folder, drain one queue
+together (see :mod:`infermill.queue`); a worker ends when every unit is done or failed.
+Opening the queue plans the job (the first worker to get there publishes the plan, the
+others read it) and checks that the job and its input are the ones the queue was planned
+for. Stats are kept per worker run (``_infermill/stats/WORKER.json``) and summed into
+``_infermill/stats.json`` over every worker and every run of the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from infermill.errors import ConfigError, UnitsFailedError
+from infermill.io.readers import BadRecordError, DocumentReader
+from infermill.io.units import UnitPlan, plan_units, read_unit
+from infermill.journal import ChunkJournal, QueueJournal, check_identity
+from infermill.queue import WorkQueue
+from infermill.runner import END_OF_INPUT as END
+
+if TYPE_CHECKING:
+    from infermill.io.writers import OutputWriter
+    from infermill.layout import JobLayout
+
+logger = logging.getLogger("infermill.worker")
+
+
+#: seconds between two looks at the queue when nothing can be claimed: short while this
+#: worker still finishes units of its own, longer while others do
+POLL_HOLDING_SEC = 0.2
+POLL_WAITING_SEC = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOptions:
+    """How a worker uses the queue: ``lease_timeout_sec`` (a unit whose lease is not renewed
+    for that long is taken over), ``max_unit_attempts`` (a unit whose workers died that many
+    times is marked failed) and this worker's id (default: host, pid and a random suffix)."""
+
+    lease_timeout_sec: float = 120.0
+    max_unit_attempts: int = 3
+    worker_id: str | None = None
+
+
+def open_queue(
+    layout: JobLayout,
+    writer: OutputWriter,
+    reader: DocumentReader,
+    records_per_unit: int,
+    identity: dict[str, Any],
+    options: QueueOptions,
+    *,
+    overwrite: bool = False,
+    accept_changed_input: bool = False,
+) -> tuple[WorkQueue, UnitPlan]:
+    """The job's queue and its plan: published by this worker if it is the first, else read
+    and checked against this job (``identity``) and input. ``overwrite`` first deletes the
+    job's queue, stats and the output files it wrote."""
+    if overwrite:
+        discard(layout, writer)
+    elif layout.ranks():
+        raise ConfigError(
+            f"{layout.checkpoints} holds checkpoints of static ranks (an infermill before the work queue): "
+            "finish that job with the infermill that started it, or start over with --overwrite"
+        )
+    queue = WorkQueue.for_layout(
+        layout,
+        options.worker_id,
+        lease_timeout_sec=options.lease_timeout_sec,
+        max_unit_attempts=options.max_unit_attempts,
+    )
+    stored = queue.plan()
+    if stored is None:
+        plan = plan_units(reader, records_per_unit)
+        stored = queue.publish_plan({**plan.to_json(), "identity": identity})
+    elif check_identity(
+        stored.get("identity", {}), identity, f"the work queue in {queue.folder}", accept_changed_input
+    ):
+        stored = _replan(queue, reader, records_per_unit, stored, identity)
+    reset = queue.reset_failed()
+    if reset:
+        logger.info("retrying %d unit(s) that failed in an earlier run: %s", len(reset), _named(reset))
+    return queue, UnitPlan.from_json(stored)
+
+
+def _replan(
+    queue: WorkQueue, reader: DocumentReader, records_per_unit: int, stored: dict[str, Any], identity: dict[str, Any]
+) -> dict[str, Any]:
+    """The plan of input files changed in place (``accept_changed_input``): the same records in
+    the same units, at new offsets; refused if a unit would hold other records."""
+    plan = plan_units(reader, records_per_unit)
+    before = [unit["documents"] for unit in stored["units"]]
+    if [unit.documents for unit in plan] != before:
+        raise ConfigError(
+            "the input's records changed in number, not only in place: resuming would mix documents of "
+            "two inputs; run the original input, or start over with --overwrite"
+        )
+    replanned = {**plan.to_json(), "identity": identity}
+    temp = queue.folder / f".plan.{os.getpid()}.tmp"
+    temp.write_bytes(orjson.dumps(replanned))
+    os.replace(temp, queue.folder / "plan.json")
+    return replanned
+
+
+def discard(layout: JobLayout, writer: OutputWriter) -> None:
+    """Delete the job's queue, journals, stats and failures, and the output files its done
+    units (and static ranks of an older infermill) wrote; no other file."""
+    folder = layout.queue
+    units = folder / "units"
+    if units.is_dir():
+        for mark in sorted(units.glob("*.done")):
+            if mark.stem.isdigit():
+                writer.remove_chunk_file(0, int(mark.stem))
+                mark.unlink()
+    for rank in layout.ranks():
+        ChunkJournal(layout, rank, 1, writer)._discard()
+    writer.remove_temp_files(0)
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(layout.root / "stats", ignore_errors=True)
+    for path in [*layout.stats_files(), *layout.root.glob("failures_*.jsonl")]:
+        path.unlink(missing_ok=True)
+
+
+class UnitSource:
+    """The documents of the units this worker claims, one at a time, as ``(index, item)``
+    with ``index`` numbered across the job; :data:`END` once the queue is drained.
+
+    The runner's concurrent workers share it. When a unit's records are all handed out, the
+    next unit is claimed, so the server stays busy while the last documents of a unit finish.
+    A bad record that stops a unit (``on_bad_record: error``) fails that unit, not the job."""
+
+    def __init__(self, queue: WorkQueue, journal: QueueJournal, reader: DocumentReader, plan: UnitPlan):
+        self.queue = queue
+        self.journal = journal
+        self.reader = reader
+        self.plan = plan
+        self.claim_seconds = 0.0  # spent claiming, holding and polling the queue
+        self._lock = asyncio.Lock()
+        self._unit: int | None = None
+        self._items: Iterator[Any] | None = None
+        self._ended = False
+
+    async def __call__(self) -> Any:
+        async with self._lock:
+            while not self._ended:
+                if self._items is not None and self._unit is not None and self.journal.holds(self._unit):
+                    item: Any
+                    try:
+                        item = next(self._items, END)
+                    except BadRecordError as e:
+                        self.journal.fail(self._unit, str(e))
+                        item = END
+                    if item is not END:
+                        position, raw = item
+                        return self._unit * self.plan.records_per_unit + position, raw
+                self._items = self._unit = None
+                if not await self._claim():
+                    await asyncio.sleep(POLL_HOLDING_SEC if self.journal.held() else POLL_WAITING_SEC)
+            return END
+
+    async def _claim(self) -> bool:
+        """Claim the next unit (True), or find the queue drained (True, and ended), or nothing now (False)."""
+        started = time.perf_counter()
+        try:
+            lease = await asyncio.to_thread(self.queue.claim)
+            if lease is None:
+                self._ended = not self.journal.held() and await asyncio.to_thread(self.queue.drained)
+                return self._ended
+            if await asyncio.to_thread(self.journal.hold, lease):  # finished by an earlier holder: commit it
+                await asyncio.to_thread(self.journal.finalize_chunk, lease.unit)
+                return True
+            self._unit = lease.unit
+            self._items = enumerate(read_unit(self.reader, self.plan[lease.unit]))
+            return True
+        finally:
+            self.claim_seconds += time.perf_counter() - started
+
+
+def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dict[str, Any]:
+    """Keep this worker run's ``stats`` and write ``stats.json``, the sum over every worker run
+    of the job; return that sum."""
+    folder = layout.root / "stats"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{worker_id}.json").write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            runs.append(orjson.loads(path.read_bytes()))
+        except (OSError, orjson.JSONDecodeError):
+            continue  # being written by another worker: its own sum counts it
+    total = sum_stats(runs)
+    temp = layout.root / f".stats.{os.getpid()}.tmp"
+    temp.write_bytes(orjson.dumps(total, option=orjson.OPT_INDENT_2))
+    os.replace(temp, layout.root / "stats.json")
+    return total
+
+
+def read_stats(layout: JobLayout) -> dict[str, Any]:
+    """The job's ``stats.json`` (every worker run summed), or an empty dict before there is one."""
+    try:
+        return orjson.loads(stats_path(layout).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+
+
+def sum_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stats of several worker runs as one: counts added up, time from the first start to
+    the last end, rates over that time."""
+    if not runs:
+        return {}
+    total: dict[str, Any] = {}
+    for run in runs:
+        for key, value in run.items():
+            if isinstance(value, int) and not isinstance(value, bool) or key == "queue_time_sec":
+                total[key] = total.get(key, 0) + value
+    start = min(run.get("started_at", 0.0) for run in runs)
+    end = max(run.get("started_at", 0.0) + run.get("inference_time_sec", 0.0) for run in runs)
+    wall = max(end - start, 1e-9)
+    total.update(
+        started_at=start,
+        inference_time_sec=round(wall, 3),
+        documents_per_sec=round(total.get("documents_processed", 0) / wall, 3),
+        completion_tokens_per_sec=round(total.get("completion_tokens", 0) / wall, 3),
+        worker_runs=len(runs),
+    )
+    return total
+
+
+def failed_units_error(queue: WorkQueue) -> UnitsFailedError | None:
+    """An error naming the job's failed units and their causes, or None when none failed."""
+    status = queue.status()
+    if not status.failed:
+        return None
+    causes = "\n  ".join(f"unit {f.unit}: {f.cause}" for f in status.failed[:10])
+    more = f"\n  and {len(status.failed) - 10} more" if len(status.failed) > 10 else ""
+    return UnitsFailedError(
+        f"{len(status.failed)} of {status.units_total} units failed:\n  {causes}{more}\n"
+        "The other units are done; fix the cause and run the same command: it retries only the failed units."
+    )
+
+
+def _named(units: list[int]) -> str:
+    return ", ".join(map(str, units[:10])) + (f" and {len(units) - 10} more" if len(units) > 10 else "")
+
+
+def stats_path(layout: JobLayout) -> Path:
+    return layout.root / "stats.json"
