@@ -174,16 +174,16 @@ def run(
                 server = await stack.enter_async_context(create_server(job.inference, rank))
                 await server.wait_launched()
             from infermill.job import build_reader, build_runner
-            from infermill.progress import show_progress
+            from infermill.progress import log_interval, show_progress
 
             try:
                 reader = build_reader(job)
                 runner = build_runner(job, reader, overwrite, accept_changed_input)
             except InfermillError as e:  # a job that cannot be set up is a usage error, like a bad job file
                 raise ConfigError(str(e)) from None
-            progress = asyncio.create_task(
-                show_progress(runner.progress, job.input.limit, job.inference.metric_interval)
-            )
+            size = functools.partial(reader.size, rank, world_size)
+            console = _console() if sys.stderr.isatty() else None  # the logging handler's (_setup_logging)
+            progress = asyncio.create_task(show_progress(runner.progress, size, log_interval(job.inference), console))
             try:
                 return await runner.run_async(reader.read(rank, world_size), rank, world_size, server=server)
             finally:

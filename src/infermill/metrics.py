@@ -25,7 +25,8 @@ class RunStats:
     requests_failed: int = 0
     requests_retried: int = 0
     requests_cached: int = 0  # answered from the checkpoint's request cache
-    requests_in_flight: int = 0
+    requests_in_flight: int = 0  # sent, the reply not yet read
+    requests_pending: int = 0  # in flight, or waiting for a generation slot or for the server
     prompt_tokens: int = 0
     completion_tokens: int = 0
     server_restarts: int = 0
@@ -35,6 +36,7 @@ class RunStats:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("requests_in_flight")
+        data.pop("requests_pending")
         elapsed = self.inference_time_sec or max(time.time() - self.started_at, 1e-9)
         data["documents_per_sec"] = round(self.documents_processed / elapsed, 3) if elapsed else 0.0
         data["completion_tokens_per_sec"] = round(self.completion_tokens / elapsed, 3) if elapsed else 0.0
@@ -56,7 +58,8 @@ class ProgressSnapshot:
     documents_done: int = 0  # processed, resumed or skipped as bad input
     documents_processed: int = 0
     completion_tokens: int = 0
-    requests_in_flight: int = 0
+    requests_in_flight: int = 0  # sent, the reply not yet read
+    requests_queued: int = 0  # waiting for a generation slot or for the server to be ready
     requests_retried: int = 0
     server_restarts: int = 0
 
@@ -68,6 +71,7 @@ class ProgressSnapshot:
             documents_processed=sum(s.documents_processed for s, _ in runs),
             completion_tokens=sum(s.completion_tokens for s, _ in runs),
             requests_in_flight=sum(s.requests_in_flight for s, _ in runs),
+            requests_queued=sum(s.requests_pending - s.requests_in_flight for s, _ in runs),
             requests_retried=sum(s.requests_retried for s, _ in runs),
             server_restarts=sum(restarts for _, restarts in runs),
         )

@@ -184,10 +184,10 @@ class InferenceRunner:
         """Process ``documents`` to the end, showing progress; return the stats (also written as
         ``stats.json``). ``run_async`` is the same without the progress display."""
         from infermill.eventloop import run_coroutine
-        from infermill.progress import show_progress
+        from infermill.progress import log_interval, show_progress
 
         async def run_with_progress() -> dict[str, Any]:
-            progress = asyncio.create_task(show_progress(self.progress, interval=self.config.metric_interval))
+            progress = asyncio.create_task(show_progress(self.progress, interval=log_interval(self.config)))
             try:
                 return await self.run_async(documents, rank, world_size)
             finally:
@@ -406,12 +406,18 @@ class _Run:
             spent = 0  # attempts the server could have answered
             while True:
                 try:
-                    async with slots:
-                        stats.requests_in_flight += 1
-                        try:
-                            reply = await server.make_request(data, path)
-                        finally:
-                            stats.requests_in_flight -= 1
+                    stats.requests_pending += 1
+                    try:
+                        async with slots:
+                            if server.state is not ServerState.READY:  # queued, not in flight, while it boots
+                                await server.wait_until_ready()
+                            stats.requests_in_flight += 1  # sent now: make_request has nothing left to wait for
+                            try:
+                                reply = await server.make_request(data, path)
+                            finally:
+                                stats.requests_in_flight -= 1
+                    finally:
+                        stats.requests_pending -= 1
                     result = parse_reply(reply, chat)
                 except RequestError as e:
                     decision = policy.decide(e, spent + 1, server.state is ServerState.READY)
