@@ -434,7 +434,9 @@ def test_entry_point_works_like_python_dash_m(tmp_path):
     assert_nothing_left()
 
 
-PROGRESS_LINE = re.compile(r"progress: [\d,]+(/[\d,]+)? docs( \([\d.]+%[^)]*\))? \| [\d,.]+ docs/s \| [\d,]+ tok/s")
+PROGRESS_LINE = re.compile(
+    r"progress: [\d,]+(/[\d,]+)? docs( \([\d.]+%[^)]*\))?( \| ETA [\d,]+ s)? \| [\d,.]+ docs/s \| [\d,]+ tok/s"
+)
 
 
 def test_non_tty_run_logs_periodic_progress(tmp_path):
@@ -477,8 +479,10 @@ async def rollout(document, generate):
 """
 
 
-def infermill_on_a_terminal(tmp_path: Path, *args: str, timeout: float = TIMEOUT) -> tuple[int, str]:
-    """Run ``infermill`` with its stderr on a pseudo-terminal 200 columns wide; its exit status
+def infermill_on_a_terminal(
+    tmp_path: Path, *args: str, columns: int = 200, timeout: float = TIMEOUT
+) -> tuple[int, str]:
+    """Run ``infermill`` with its stderr on a pseudo-terminal ``columns`` wide; its exit status
     and everything it wrote there."""
     import fcntl
     import select
@@ -486,8 +490,8 @@ def infermill_on_a_terminal(tmp_path: Path, *args: str, timeout: float = TIMEOUT
     import termios
 
     master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-    env = {**cli_env(tmp_path), "TERM": "xterm-256color"}
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {**cli_env(tmp_path), "TERM": "xterm-256color", "COLUMNS": str(columns)}
     env.pop("NO_COLOR", None)
     proc = subprocess.Popen([PYTHON, "-m", "infermill", *args], cwd=tmp_path, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)  # fmt: skip
@@ -517,7 +521,8 @@ def infermill_on_a_terminal(tmp_path: Path, *args: str, timeout: float = TIMEOUT
             proc.wait()
 
 
-def test_log_lines_print_whole_above_the_live_progress_bar_on_a_terminal(tmp_path):
+@pytest.mark.parametrize("columns", [200, 80], ids=["wide", "narrower_than_the_bar"])
+def test_log_lines_print_whole_above_the_live_progress_bar_on_a_terminal(tmp_path, columns):
     (tmp_path / "noting.py").write_text(NOTING_ROLLOUT)
     counting = {"server_script": str(SCRIPTS / "counting_server.py"), "count_file": str(tmp_path / "count.jsonl"),
                 "delay": 0.02}  # fmt: skip
@@ -525,11 +530,13 @@ def test_log_lines_print_whole_above_the_live_progress_bar_on_a_terminal(tmp_pat
     spec["rollout"] = {"function": f"{tmp_path / 'noting.py'}:rollout"}
     spec["input"]["limit"] = 40  # 2 at a time, about 70 ms each: the bar is redrawn many times meanwhile
     job = write_job(tmp_path, spec)
-    status, written = infermill_on_a_terminal(tmp_path, "run", str(job))
+    status, written = infermill_on_a_terminal(tmp_path, "run", str(job), columns=columns)
     assert status == 0, written[-4000:]
     assert " docs/s " in written, f"no live progress bar was drawn:\n{written[-4000:]}"
     # what a terminal shows: escapes gone, and a carriage return starts the line over
     lines = [line.strip() for line in re.split(r"[\r\n]", ANSI_ESCAPE.sub("", written)) if line.strip()]
+    bars = [line for line in lines if " docs/s " in line]
+    assert all(len(bar) <= columns for bar in bars), "a bar wider than the terminal wraps, and is not erased"
     notes = [line for line in lines if "rollout note" in line]
     whole = re.compile(r"^(\[[^]]*\] +)?WARNING +rollout note for document \S+: all is well$")
     glued = [line for line in notes if not whole.match(line)]

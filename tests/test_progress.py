@@ -15,15 +15,13 @@ def snapshot(done: int, **counts: int) -> ProgressSnapshot:
 
 def test_known_documents_show_done_of_total_percent_and_eta():
     line = progress_line(snapshot(250), InputSize(documents=1000), elapsed=10.0)  # 25 docs/s
-    assert line.startswith("250/1,000 docs (25.0%) | 25.0 docs/s |"), line
-    assert line.endswith("| ETA 30 s"), line
+    assert line.startswith("250/1,000 docs (25.0%) | ETA 30 s | 25.0 docs/s |"), line
 
 
 def test_only_the_bytes_known_show_the_part_of_them_read_and_an_eta_by_bytes():
     size = InputSize(total_bytes=4000, bytes_read=lambda: 1000)
     line = progress_line(snapshot(30), size, elapsed=10.0)
-    assert line.startswith("30 docs (25.0% of input bytes read) |"), line
-    assert line.endswith("| ETA 30 s"), line  # a quarter in 10 s: three quarters left
+    assert line.startswith("30 docs (25.0% of input bytes read) | ETA 30 s |"), line  # 1/4 in 10 s: 3/4 left
 
 
 def test_a_limit_reached_before_the_input_ends_counts_as_the_part_done():
