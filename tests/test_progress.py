@@ -24,6 +24,11 @@ def test_only_the_bytes_known_show_the_part_of_them_read_and_an_eta_by_bytes():
     assert line.startswith("30 docs (25.0% of input bytes read) | ETA 30 s |"), line  # 1/4 in 10 s: 3/4 left
 
 
+def test_no_eta_by_bytes_before_a_document_is_done():
+    size = InputSize(total_bytes=4000, bytes_read=lambda: 1000)  # read ahead while the server boots
+    assert "ETA" not in progress_line(snapshot(0), size, elapsed=60.0)
+
+
 def test_a_limit_reached_before_the_input_ends_counts_as_the_part_done():
     size = InputSize(limit=100, total_bytes=10_000, bytes_read=lambda: 1000)  # 10% of the bytes
     assert progress_line(snapshot(40), size, elapsed=4.0).startswith("40 docs (40.0% of input.limit=100) |")

@@ -50,7 +50,7 @@ def progress_line(progress: ProgressSnapshot, size: InputSize | None, elapsed: f
     if size is not None and size.documents is not None:
         if rate > 0:
             eta = f" | ETA {max(0.0, (size.documents - done) / rate):,.0f} s"
-    elif fraction > 0:
+    elif fraction > 0 and progress.documents_processed:  # not from the read-ahead while the server boots
         eta = f" | ETA {elapsed * max(0.0, 1 - fraction) / fraction:,.0f} s"
     return (
         f"{docs}{eta} | {rate:,.1f} docs/s | {tokens:,.0f} tok/s | {progress.requests_in_flight} in flight | "

@@ -185,13 +185,13 @@ class DocumentReader:
         by_file = len(self.files) >= world_size
         files = self.files[rank::world_size] if by_file else self.files
         try:
-            formats = {self._format_of(url) for url in files}
-            if files and formats <= _ROW_COUNTS.keys():
-                rows = sum(_ROW_COUNTS[self._format_of(url)](url) for url in files)
+            formats = [self._format_of(url) for url in files]
+            if files and set(formats) <= _ROW_COUNTS.keys():
+                rows = sum(_ROW_COUNTS[fmt](url) for url, fmt in zip(files, formats, strict=True))
                 if not by_file:  # every rank reads every file and keeps records rank, rank + world_size, ...
                     rows = len(range(rank, rows, world_size))
                 return InputSize(rows if self.limit is None else min(rows, self.limit), limit=self.limit)
-            if files and formats <= _BYTES_COUNTED.keys():
+            if files and set(formats) <= _BYTES_COUNTED.keys():
                 total = 0
                 for url in files:
                     fs, path = url_to_fs(url)
