@@ -485,7 +485,9 @@ def test_entry_point_works_like_python_dash_m(tmp_path):
     assert_nothing_left()
 
 
-PROGRESS_LINE = re.compile(r"progress: [\d,]+/\d+ docs \| [\d,.]+ docs/s \| [\d,]+ tok/s")
+PROGRESS_LINE = re.compile(
+    r"progress: [\d,]+(/[\d,]+)? docs( \([\d.]+%[^)]*\))?( \| ETA [\d,]+ s)? \| [\d,.]+ docs/s \| [\d,]+ tok/s"
+)
 
 
 def test_non_tty_run_logs_periodic_progress(tmp_path):
@@ -513,6 +515,130 @@ def test_non_tty_run_logs_periodic_progress(tmp_path):
     assert all("INFO infermill.progress" in line for line in lines), lines
     assert "\r" not in result.stderr and "\x1b[" not in result.stderr, "no live display when not on a terminal"
     assert stats_of(tmp_path)["documents_processed"] == 30
+
+
+ANSI_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
+
+NOTING_ROLLOUT = """
+import asyncio
+import logging
+
+async def rollout(document, generate):
+    await asyncio.sleep(0.05)
+    logging.getLogger("rollout").warning("rollout note for document %s: all is well", document.id)
+    return await generate({"messages": [{"role": "user", "content": document.text}]})
+"""
+
+
+def infermill_on_a_terminal(
+    tmp_path: Path, *args: str, columns: int = 200, timeout: float = TIMEOUT
+) -> tuple[int, str]:
+    """Run ``infermill`` with its stderr on a pseudo-terminal ``columns`` wide; its exit status
+    and everything it wrote there."""
+    import fcntl
+    import select
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {**cli_env(tmp_path), "TERM": "xterm-256color", "COLUMNS": str(columns)}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([PYTHON, "-m", "infermill", *args], cwd=tmp_path, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)  # fmt: skip
+    os.close(slave)
+    written = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 1 << 16)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not chunk:
+                    break
+                written += chunk
+            elif proc.poll() is not None:
+                break
+        else:
+            raise AssertionError(f"infermill ran past {timeout} s:\n{written.decode(errors='replace')[-4000:]}")
+        return proc.wait(timeout=10), written.decode(errors="replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("columns", [200, 80], ids=["wide", "narrower_than_the_bar"])
+def test_log_lines_print_whole_above_the_live_progress_bar_on_a_terminal(tmp_path, columns):
+    (tmp_path / "noting.py").write_text(NOTING_ROLLOUT)
+    counting = {"server_script": str(SCRIPTS / "counting_server.py"), "count_file": str(tmp_path / "count.jsonl"),
+                "delay": 0.02}  # fmt: skip
+    spec = job_spec(tmp_path, model_kwargs=counting, max_concurrent_generations=2)
+    spec["rollout"] = {"function": f"{tmp_path / 'noting.py'}:rollout"}
+    spec["input"]["limit"] = 40  # 2 at a time, about 70 ms each: the bar is redrawn many times meanwhile
+    job = write_job(tmp_path, spec)
+    status, written = infermill_on_a_terminal(tmp_path, "run", str(job), columns=columns)
+    assert status == 0, written[-4000:]
+    assert " docs/s " in written, f"no live progress bar was drawn:\n{written[-4000:]}"
+    # what a terminal shows: escapes gone, and a carriage return starts the line over
+    lines = [line.strip() for line in re.split(r"[\r\n]", ANSI_ESCAPE.sub("", written)) if line.strip()]
+    bars = [line for line in lines if " docs/s " in line]
+    assert all(len(bar) <= columns for bar in bars), "a bar wider than the terminal wraps, and is not erased"
+    notes = [line for line in lines if "rollout note" in line]
+    whole = re.compile(r"^(\[[^]]*\] +)?WARNING +rollout note for document \S+: all is well$")
+    glued = [line for line in notes if not whole.match(line)]
+    assert not glued, "log lines glued to the progress bar:\n" + "\n".join(glued)
+    assert len(notes) == 40, f"expected 40 whole notes, got {len(notes)}:\n{written[-4000:]}"
+
+
+def progress_lines(tmp_path: Path, input_path: str, *args: str, docs: int = 0) -> list[str]:
+    """The progress lines of a run over ``input_path`` (a line every 0.1 s; requests 2 at a time, of
+    20 ms each) that processed ``docs`` documents; ``args``: more to ``infermill run``."""
+    counting = {"server_script": str(SCRIPTS / "counting_server.py"), "count_file": str(tmp_path / "count.jsonl"),
+                "delay": 0.02}  # fmt: skip
+    spec = job_spec(tmp_path, model_kwargs=counting, max_concurrent_generations=2, metric_interval=0.1)
+    spec["input"]["path"] = input_path
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)), *args)
+    assert result.returncode == 0, output_of(result)
+    stats = next((tmp_path / "out" / "_infermill").glob("stats*.json"))
+    assert json.loads(stats.read_text())["documents_processed"] == docs, output_of(result)
+    marker = "INFO infermill.progress: progress: "
+    lines = [line.split(marker, 1)[1] for line in result.stderr.splitlines() if marker in line]
+    assert len(lines) >= 3, f"expected periodic progress lines:\n{output_of(result)}"
+    return lines
+
+
+def test_progress_of_a_parquet_input_shows_this_ranks_done_of_total_percent_and_eta(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, n in (("a", 20), ("b", 30), ("c", 25)):
+        rows = [{"id": f"{name}{i}", "text": f"document {name}{i}"} for i in range(n)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet")
+    # 3 files, 2 ranks: rank 0 reads a and c, 45 rows, as the files' footers say
+    lines = progress_lines(tmp_path, str(tmp_path / "*.parquet"), "--rank", "0", "--world-size", "2", docs=45)
+    for line in lines:
+        match = re.match(r"([\d,]+)/45 docs \(([\d.]+)%\) \|", line)
+        assert match, lines
+        assert float(match.group(2)) == round(100 * int(match.group(1)) / 45, 1), line
+    assert any(0 < int(re.match(r"\d+", line).group()) < 45 and "| ETA " in line for line in lines), lines
+
+
+def test_progress_of_a_jsonl_input_is_the_part_of_its_bytes_read(tmp_path):
+    rows = [{"id": f"d{i}", "text": f"document {i} " + "words " * 200} for i in range(120)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # 150 KB: read in pieces
+    lines = progress_lines(tmp_path, str(tmp_path / "big.jsonl"), docs=120)
+    parts = []
+    for line in lines:
+        match = re.match(r"[\d,]+ docs \(([\d.]+)% of input bytes read\) \|", line)
+        assert match, lines
+        parts.append(float(match.group(1)))
+    assert parts == sorted(parts) and any(0 < part < 100 for part in parts), lines
+    assert any("| ETA " in line for line in lines if "100.0%" not in line), lines
 
 
 def test_run_with_a_missing_server_script_is_a_usage_error(tmp_path):

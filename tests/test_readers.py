@@ -410,3 +410,59 @@ def test_a_zstd_file_of_several_frames_reads_whole(tmp_path):
     path = tmp_path / "frames.jsonl.zst"
     path.write_bytes(compressor.compress(jsonl_bytes(MANY[:100])) + compressor.compress(jsonl_bytes(MANY[100:250])))
     assert [d.id for d in docs(DocumentReader(str(path)))] == [r["id"] for r in MANY[:250]]
+
+
+# -- how much input there is (the progress display's total) ----------------------------------
+
+
+def test_parquet_documents_are_counted_from_footers_per_rank_and_limit(tmp_path):
+    for name, n in (("a", 10), ("b", 20), ("c", 15)):
+        pq.write_table(pa.Table.from_pylist([{"text": f"{name}{i}"} for i in range(n)]), tmp_path / f"{name}.parquet")
+    pattern = str(tmp_path / "*.parquet")
+    reader = DocumentReader(pattern)
+    assert reader.size().documents == 45
+    # as many files as ranks, or more: a rank reads its files; fewer: every rank reads every file, a share of rows
+    for world_size in (1, 2, 3, 4, 5):
+        for rank in range(world_size):
+            assert reader.size(rank, world_size).documents == len(docs(reader, rank, world_size)), (rank, world_size)
+    assert DocumentReader(pattern, limit=12).size(1, 2).documents == 12  # b: 20 rows, at most 12 read
+    assert DocumentReader(pattern, limit=50).size(1, 2).documents == 20
+    assert DocumentReader(pattern).size().total_bytes is None  # counted: no need for bytes
+
+
+def test_a_saved_datasets_documents_are_counted_without_reading_it(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(7)]}).save_to_disk(str(tmp_path / "ds"), num_shards=3)
+    reader = DocumentReader(str(tmp_path / "ds"))
+    assert reader.size().documents == 7
+    assert [reader.size(rank, 2).documents for rank in (0, 1)] == [4, 3]
+
+
+@pytest.mark.parametrize("name", ["big.jsonl", "big.jsonl.gz", "big.jsonl.zst", "big.csv", "big.csv.gz"])
+def test_jsonl_and_csv_progress_is_the_part_of_the_files_bytes_read(tmp_path, name):
+    # varied text, so that compressed files stay large enough to be read in several pieces
+    rows = [{"id": f"r{i}", "text": " ".join(str(i * 7919 % 104729 + k) for k in range(300))} for i in range(2000)]
+    if ".csv" in name:
+        text = "id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in rows)
+        data = text.encode()
+        (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    else:
+        write_jsonl(tmp_path / name, rows)
+    reader = DocumentReader(str(tmp_path / name))
+    size = reader.size()
+    assert size.documents is None and size.total_bytes == (tmp_path / name).stat().st_size
+    assert size.bytes_read is not None
+    seen = []
+    for i, _ in enumerate(reader.read()):
+        if i % 200 == 0:
+            seen.append(size.bytes_read())
+    assert seen == sorted(seen) and 0 < seen[len(seen) // 2] < size.total_bytes, seen
+    assert size.bytes_read() == size.total_bytes  # every byte read at the end
+    assert DocumentReader([str(tmp_path / name), str(tmp_path / name)]).size().total_bytes == 2 * size.total_bytes
+
+
+def test_input_of_mixed_formats_has_no_known_size(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "b.parquet")
+    size = DocumentReader(str(tmp_path)).size()
+    assert size.documents is None and size.total_bytes is None

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SCRIPTS
 from helpers import (
+    FAST,
     chat,
     dummy_config,
     echo_rollout,
@@ -19,10 +21,11 @@ from helpers import (
     server_stats,
     wait_until_async,
 )
-from infermill import Document, InferenceError
+from infermill import Document, InferenceConfig, InferenceError
 from infermill.errors import BadRequestError, RequestTimeoutError, RetryableError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
+from infermill.servers import ServerState, create_server
 
 
 @pytest.fixture
@@ -262,3 +265,51 @@ def test_a_request_backing_off_does_not_hold_a_generation_slot(tmp_path, stats_f
     assert all(a_first < t < a_retry for t in b_arrivals), (a_first, b_arrivals, a_retry)
     assert server["max_in_flight"] == 1
     assert written_ids(tmp_path) == {"A", "B"}
+
+
+# -- what the progress display counts ---------------------------------------------------------
+
+
+def custom_server_config(tmp_path: Path, script: str, **model_kwargs) -> InferenceConfig:
+    return InferenceConfig(
+        server_type="custom",
+        model_name_or_path="test-model",
+        model_kwargs={"server_script": str(SCRIPTS / script), **model_kwargs},
+        server_log_folder=str(tmp_path / "logs"),
+        max_concurrent_generations=3,
+        max_concurrent_documents=5,
+        **{**FAST, "server_ready_delay_sec": 0.05},
+    )
+
+
+async def test_requests_waiting_for_a_booting_server_are_queued_not_in_flight(tmp_path, writer):
+    config = custom_server_config(tmp_path, "say_server.py", say="booting", serve_after=1.0)
+    documents = [{"id": str(i), "text": f"doc {i}"} for i in range(12)]
+    async with create_server(config) as server:
+        runner = InferenceRunner(echo_rollout, config, writer)
+        run = asyncio.ensure_future(runner.run_async(documents, server=server))
+        await wait_until_async(lambda: runner.progress().requests_queued == 5, what="5 requests waiting")
+        waiting = runner.progress()
+        assert server.state is ServerState.STARTING
+        assert waiting.requests_in_flight == 0 and waiting.documents_done == 0  # nothing was sent yet
+        stats = await asyncio.wait_for(run, 20)
+    assert stats["requests_ok"] == 12
+
+
+async def test_requests_in_flight_are_those_the_server_received(tmp_path, writer):
+    count_file, hold_file = tmp_path / "count.jsonl", tmp_path / "hold"
+    hold_file.write_text("0")  # the server holds every request it receives, unanswered
+    config = custom_server_config(tmp_path, "counting_server.py", count_file=str(count_file), hold_file=str(hold_file))
+    runner = InferenceRunner(echo_rollout, config, writer)
+    run = asyncio.ensure_future(runner.run_async([{"id": str(i), "text": f"doc {i}"} for i in range(12)]))
+    try:
+        await wait_until_async(lambda: len(read_jsonl(count_file, missing_ok=True)) == 3, what="3 requests received")
+        await wait_until_async(lambda: runner.progress().requests_queued == 2, what="the other 2 to queue")
+        await asyncio.sleep(0.2)  # time enough for a request that was not held back to arrive
+        progress = runner.progress()
+        assert progress.requests_in_flight == len(read_jsonl(count_file)) == 3  # the generation slots: 3
+        assert progress.requests_queued == 2  # 5 documents at once, 2 of them without a slot
+    finally:
+        hold_file.unlink()
+    stats = await asyncio.wait_for(run, 20)
+    assert stats["requests_ok"] == 12 and runner.progress().requests_in_flight == 0

@@ -32,9 +32,10 @@ def log_interval(config: InferenceConfig) -> float:
 
 
 def progress_line(progress: ProgressSnapshot, size: InputSize | None, elapsed: float) -> str:
-    """One line: documents done (of how many, when known), rates, requests in flight and queued,
-    retries, restarts, ETA. With the documents unknown, the part done is the part of the input's
-    bytes read (or of ``input.limit``, whichever is further), and the line says so."""
+    """One line: documents done (of how many, when known), ETA, rates, requests in flight and
+    queued, retries, restarts: what matters most first, as a narrow terminal cuts the end. With
+    the documents unknown, the part done is the part of the input's bytes read (or of
+    ``input.limit``, whichever is further), and the line says so."""
     done = progress.documents_done
     rate = progress.documents_processed / elapsed if elapsed > 0 else 0.0
     tokens = progress.completion_tokens / elapsed if elapsed > 0 else 0.0
@@ -49,12 +50,12 @@ def progress_line(progress: ProgressSnapshot, size: InputSize | None, elapsed: f
     if size is not None and size.documents is not None:
         if rate > 0:
             eta = f" | ETA {max(0.0, (size.documents - done) / rate):,.0f} s"
-    elif fraction > 0:
+    elif fraction > 0 and progress.documents_processed:  # not from the read-ahead while the server boots
         eta = f" | ETA {elapsed * max(0.0, 1 - fraction) / fraction:,.0f} s"
     return (
-        f"{docs} | {rate:,.1f} docs/s | {tokens:,.0f} tok/s | {progress.requests_in_flight} in flight | "
+        f"{docs}{eta} | {rate:,.1f} docs/s | {tokens:,.0f} tok/s | {progress.requests_in_flight} in flight | "
         f"{progress.requests_queued} queued | {progress.requests_retried} retried | "
-        f"{progress.server_restarts} restarts{eta}"
+        f"{progress.server_restarts} restarts"
     )
 
 

@@ -488,7 +488,11 @@ class _Run:
                 except RequestError as e:
                     decision = policy.decide(e, spent + 1, server.state is ServerState.READY)
                     if decision.action is RetryAction.WAIT_FOR_SERVER:
-                        await server.wait_until_ready()
+                        stats.requests_pending += 1  # queued again, for the restarted server
+                        try:
+                            await server.wait_until_ready()
+                        finally:
+                            stats.requests_pending -= 1
                         continue
                     spent += 1
                     if decision.action is RetryAction.GIVE_UP:
