@@ -223,7 +223,7 @@ def sum_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {}
     for run in runs:
         for key, value in run.items():
-            if isinstance(value, int) and not isinstance(value, bool) or key == "queue_time_sec":
+            if (isinstance(value, int) and not isinstance(value, bool)) or key == "queue_time_sec":
                 total[key] = total.get(key, 0) + value
     start = min(run.get("started_at", 0.0) for run in runs)
     end = max(run.get("started_at", 0.0) + run.get("inference_time_sec", 0.0) for run in runs)
