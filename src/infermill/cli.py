@@ -205,7 +205,9 @@ def run(
         async with contextlib.AsyncExitStack() as stack:
             server = None
             if launch_early:
-                server = await stack.enter_async_context(create_server(job.inference))
+                # each worker of a --workers parent logs its server to its own file (server_rank_<index>.log)
+                index = int(os.environ.get("INFERMILL_WORKER_INDEX", "0")) if as_worker else 0
+                server = await stack.enter_async_context(create_server(job.inference, index))
                 await server.wait_launched()
             from infermill.job import build_reader, build_runner
             from infermill.progress import log_interval, show_progress
@@ -397,8 +399,9 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
     default=None,
     help="The checkpoint folder, when it is not OUTPUT/_infermill/checkpoints.",
 )
-def status(output: str, checkpoints: str | None) -> None:
-    """Show the progress of a running or finished job from its checkpoints and stats."""
+@click.option("--json", "as_json", is_flag=True, help="Print the job's state as JSON.")
+def status(output: str, checkpoints: str | None, as_json: bool) -> None:
+    """Show the progress of a running or finished job: its units, documents, rate and ETA."""
     from rich.table import Table
 
     from infermill.journal import ChunkJournal
@@ -409,6 +412,9 @@ def status(output: str, checkpoints: str | None) -> None:
     except ConfigError as e:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
+    if (layout.queue / "plan.json").exists():
+        _queue_status(layout, output, as_json)
+        return
     ranks = layout.ranks()
     if not ranks:
         _error(
@@ -436,6 +442,41 @@ def status(output: str, checkpoints: str | None) -> None:
             f"{stats.get('documents_failed', 0)} failed, {stats.get('requests_ok', 0)} requests ok, "
             f"{stats.get('inference_time_sec', 0):.1f} s"
         )
+
+
+def _queue_status(layout: Any, output: str, as_json: bool) -> None:
+    from rich.table import Table
+
+    from infermill.queue import WorkQueue
+
+    state = WorkQueue.for_layout(layout).status()
+    if as_json:
+        click.echo(orjson.dumps(state.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        return
+    eta = f"{state.eta_sec:,.0f} s" if state.eta_sec is not None else "-"
+    rate = f"{state.documents_per_sec:,.1f}" if state.documents_per_sec is not None else "-"
+    of_total = f" of {state.documents_total:,}" if state.documents_total is not None else ""
+    click.echo(
+        f"{escape(output)}: {state.units_done} of {state.units_total} units done, {state.units_in_progress} in "
+        f"progress, {state.units_pending} pending, {state.units_failed} failed; {state.documents_done:,}{of_total} "
+        f"documents done; {rate} docs/s (last 10 min); ETA {eta}"
+    )
+    if state.in_progress or state.stale:
+        table = Table(title="units in progress")
+        for column in ("unit", "attempt", "worker", "host", "renewed (s ago)"):
+            table.add_column(column, justify="right")
+        for holder in [*state.in_progress, *state.stale]:
+            stale = " (stale: to be taken over)" if holder in state.stale else ""
+            table.add_row(
+                str(holder.unit),
+                str(holder.generation),
+                holder.worker,
+                holder.host,
+                f"{holder.renewed_sec_ago:.1f}{stale}",
+            )
+        _console().print(table)
+    for failure in state.failed:
+        click.echo(f"unit {failure.unit} failed (attempt {failure.generation}, {failure.host}): {failure.cause}")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ JOURNALS_DIR = "journals"
 
 DEFAULT_LEASE_TIMEOUT_SEC = 120.0
 DEFAULT_MAX_UNIT_ATTEMPTS = 3
+RATE_WINDOW_SEC = 600.0  # the job's rate (status) is that of the units done in the last 10 minutes
 
 
 def _generation_name(unit: int, generation: int, kind: str) -> str:
@@ -150,6 +151,8 @@ class QueueStatus:
     units_failed: int
     documents_done: int
     documents_total: int | None  # when the plan gives every unit's "documents"
+    documents_per_sec: float | None = None  # over the last RATE_WINDOW_SEC (or since the plan was made)
+    eta_sec: float | None = None  # at that rate, for the documents not done
     in_progress: list[UnitHolder] = field(default_factory=list)
     stale: list[UnitHolder] = field(default_factory=list)
     failed: list[UnitFailure] = field(default_factory=list)
@@ -458,7 +461,7 @@ class WorkQueue:
             now = self.storage_now()
         except OSError:  # a reader who may not write the folder
             now = time.time()
-        done = documents = 0
+        done = documents = recent = 0
         in_progress: list[UnitHolder] = []
         stale: list[UnitHolder] = []
         failed: list[UnitFailure] = []
@@ -467,7 +470,10 @@ class WorkQueue:
                 continue
             if state.done:
                 done += 1
-                documents += int((self._read_json(self._done_path(unit)) or {}).get("documents", 0))
+                mark = self._read_json(self._done_path(unit)) or {}
+                documents += int(mark.get("documents", 0))
+                if now - float(mark.get("time", 0.0)) <= RATE_WINDOW_SEC:
+                    recent += int(mark.get("documents", 0))
             elif state.failed:
                 mark = self._read_json(self._failed_path(unit)) or {}
                 failed.append(
@@ -494,7 +500,15 @@ class WorkQueue:
                     round(age, 3),
                 )
                 (stale if age > self.lease_timeout_sec else in_progress).append(entry)
+        try:
+            window = min(RATE_WINDOW_SEC, now - os.stat(self.folder / PLAN_FILE).st_mtime)
+        except OSError:
+            window = RATE_WINDOW_SEC
+        rate = recent / window if recent and window > 0 else None
+        left = (documents_total - documents) if documents_total is not None else None
         return QueueStatus(
+            documents_per_sec=round(rate, 3) if rate else None,
+            eta_sec=round(left / rate, 1) if rate and left is not None else None,
             units_total=len(planned),
             units_done=done,
             units_in_progress=len(in_progress),
