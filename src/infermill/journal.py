@@ -514,8 +514,8 @@ class QueueJournal(ChunkLogs):
         return unit in self._leases and unit not in self.dropped
 
     def held(self) -> list[int]:
-        """The units this worker holds (being processed or committed)."""
-        return sorted(self._leases)
+        """The units this worker holds and still works on (being processed or committed)."""
+        return sorted(unit for unit in self._leases if unit not in self.dropped)
 
     def commit(self, index: int, record: bytes | None) -> int | None:
         if index // self.records_per_chunk in self.dropped:

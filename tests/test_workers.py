@@ -1,0 +1,273 @@
+"""One job, many workers: ``infermill run --workers N`` and several commands at once drain the
+job's shared queue, each document exactly once, through kills, freezes and a document that
+crashes its server. Real processes, real files, real signals, the faulty test server."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import yaml
+
+from conftest import PYTHON
+from helpers import FAULTY_SERVER, read_jsonl, wait_until
+
+TIMEOUT = 120
+
+
+class QueueJob:
+    """A job over ``docs`` documents against the faulty server, run with ``python -m infermill``."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        docs: int,
+        rpc: int,
+        *,
+        conc: int = 8,
+        lease_timeout_sec: float = 1.0,
+        directives: str = "sleep:0.01",
+        poison: set[int] = frozenset(),  # type: ignore[assignment]
+        inference: dict[str, Any] | None = None,
+    ):
+        self.tmp = tmp_path
+        self.output = tmp_path / "out"
+        self.queue = self.output / "_infermill" / "queue"
+        self.logs = tmp_path / "server_logs"
+        self.ids = [f"doc-{i:05d}" for i in range(docs)]
+        with open(tmp_path / "input.jsonl", "w") as f:
+            for i, doc_id in enumerate(self.ids):
+                text = f"document {i}" + (" kill" if i in poison else "")
+                f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+        spec = {
+            "input": {"path": str(tmp_path / "input.jsonl")},
+            "output": {"path": str(self.output)},
+            "rollout": {"template": "[[DOCUMENT]]"},
+            "inference": {
+                "server_type": "custom",
+                "model_name_or_path": "faulty-model",
+                "model_kwargs": {"server_script": str(FAULTY_SERVER), "directives": directives},
+                "server_log_folder": str(self.logs),
+                "max_concurrent_generations": conc,
+                "server_ready_delay_sec": 0.05,
+                "server_ready_max_attempts": 400,
+                "server_stop_grace_sec": 1,
+                "server_restart_backoff_sec": 0.05,
+                "request_timeout": 10,
+                "request_backoff_base_sec": 0.01,
+                "request_backoff_max_sec": 0.1,
+                **(inference or {}),
+            },
+            "checkpoint": {"records_per_chunk": rpc, "lease_timeout_sec": lease_timeout_sec},
+        }
+        self.file = tmp_path / "job.yaml"
+        self.file.write_text(yaml.safe_dump(spec))
+        self.env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime"), "COLUMNS": "1000"}
+        self.runs = 0
+
+    def command(self, *args: str) -> list[str]:
+        return [PYTHON, "-m", "infermill", "run", str(self.file), *args]
+
+    def start(self, *args: str) -> subprocess.Popen:
+        self.runs += 1
+        log = open(self.tmp / f"run{self.runs}.log", "wb")  # noqa: SIM115 -- the child's, closed with it
+        proc = subprocess.Popen(self.command(*args), cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        log.close()
+        return proc
+
+    def run(self, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+        self.runs += 1
+        result = subprocess.run(
+            self.command(*args), cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        (self.tmp / f"run{self.runs}.log").write_text(result.stdout + result.stderr)
+        return result
+
+    def counts(self) -> collections.Counter[str]:
+        return collections.Counter(r["id"] for p in sorted(self.output.glob("*.jsonl")) for r in read_jsonl(p))
+
+    def check_exactly_once(self, expected: list[str] | None = None) -> None:
+        counts = self.counts()
+        duplicates = sorted(i for i, n in counts.items() if n > 1)
+        missing = sorted(set(expected if expected is not None else self.ids) - set(counts))
+        assert not duplicates, f"documents written more than once: {duplicates[:10]}"
+        assert not missing, f"documents lost: {len(missing)}, e.g. {missing[:10]}"
+        assert not list(self.output.rglob("*.tmp")), "a temporary file was left behind"
+
+    def status(self) -> dict[str, Any]:
+        result = subprocess.run(
+            [PYTHON, "-m", "infermill", "status", str(self.output), "--json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return [orjson.loads(p.read_bytes()) for p in sorted((self.output / "_infermill" / "stats").glob("*.json"))]
+
+    def leases(self) -> dict[int, list[tuple[int, dict]]]:
+        """Every lease file: unit -> [(generation, its content), ...]."""
+        found: dict[int, list[tuple[int, dict]]] = collections.defaultdict(list)
+        for path in (self.queue / "units").glob("*.lease"):
+            unit, generation, _ = path.name.split(".")
+            try:
+                found[int(unit)].append((int(generation), orjson.loads(path.read_bytes())))
+            except (OSError, orjson.JSONDecodeError):
+                continue
+        return found
+
+
+def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The worker processes of a ``--workers`` parent."""
+    try:
+        return [p for p in psutil.Process(proc.pid).children() if "--worker" in p.cmdline()]
+    except psutil.Error:
+        return []
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return (result.stdout + result.stderr)[-4000:]
+
+
+def test_three_workers_drain_the_job_each_document_once_each_with_its_own_server(tmp_path):
+    job = QueueJob(tmp_path, docs=3000, rpc=100, conc=16, directives="sleep:0.02")
+    result = job.run("--workers", "3")
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    status = job.status()
+    assert status["units_total"] == status["units_done"] == 30
+    assert status["documents_done"] == 3000
+    runs = job.worker_stats()
+    assert len(runs) == 3 and all(run["documents_processed"] > 0 for run in runs), runs
+    assert sum(run["documents_processed"] for run in runs) == 3000
+    logs = sorted(job.logs.glob("server_rank_*.log"))
+    assert [p.name for p in logs] == [f"server_rank_0000{i}.log" for i in range(3)]  # three servers ran
+    assert all("start attempt 1" in p.read_text() for p in logs)
+    total = orjson.loads((job.output / "_infermill" / "stats.json").read_bytes())
+    assert total["documents_written"] == 3000 and total["worker_runs"] == 3
+
+
+def test_workers_and_parents_sigkilled_at_random_moments_then_rerun_with_other_counts_lose_and_repeat_nothing(
+    tmp_path,
+):
+    rng = random.Random(14)
+    job = QueueJob(tmp_path, docs=1500, rpc=50, conc=8, directives="sleep:0.01")
+    for attempt in range(10):
+        workers = rng.choice([1, 2, 3])
+        proc = job.start("--workers", str(workers))
+        time.sleep(rng.uniform(0.8, 2.5))
+        victims = workers_of(proc) if workers > 1 else []
+        target = rng.choice([*victims, None]) if victims else None
+        if target is None:  # the parent (and with it, through PDEATHSIG, its workers and servers)
+            proc.kill()
+        else:
+            target.kill()
+        try:
+            proc.wait(timeout=TIMEOUT)
+        finally:
+            proc.kill()
+        if not job.status()["units_pending"] and not job.status()["units_in_progress"]:
+            break  # finished before the kill
+        del attempt
+    result = job.run("--workers", "2")
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    assert job.status()["units_done"] == 30
+
+
+def test_two_commands_on_one_job_at_once_share_it_and_both_exit_0(tmp_path):
+    job = QueueJob(tmp_path, docs=1200, rpc=40, conc=8, directives="sleep:0.03")
+    first = job.start()  # one worker, in its own process
+    wait_until(lambda: (job.queue / "plan.json").exists(), 30, "the first command to plan the job")
+    second = job.start("--workers", "2")
+    try:
+        assert first.wait(timeout=TIMEOUT) == 0, Path(first.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+        assert second.wait(timeout=TIMEOUT) == 0, Path(second.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        first.kill()
+        second.kill()
+    job.check_exactly_once()
+    by_pid = {int(run["worker"].split("-")[-2]): run["documents_processed"] for run in job.worker_stats()}
+    assert len(by_pid) == 3
+    assert by_pid.get(first.pid, 0) > 0, by_pid  # the first command worked...
+    assert sum(n for pid, n in by_pid.items() if pid != first.pid) > 0, by_pid  # ...and so did the second
+
+
+def test_a_frozen_worker_loses_its_unit_to_another_and_does_not_commit_it_when_it_wakes(tmp_path):
+    job = QueueJob(tmp_path, docs=400, rpc=40, conc=4, lease_timeout_sec=1.5, directives="sleep:0.05")
+    proc = job.start("--workers", "2")
+    frozen: psutil.Process | None = None
+    try:
+        wait_until(lambda: len(workers_of(proc)) == 2, 30, "two workers")
+        pids = {w.pid: w for w in workers_of(proc)}
+
+        def a_worker_holds_a_unit() -> bool:
+            return any(lease["pid"] in pids for leases in job.leases().values() for _, lease in leases)
+
+        wait_until(a_worker_holds_a_unit, 30, "a worker to hold a unit")
+        unit, (generation, lease) = next(
+            (u, max(leases)) for u, leases in job.leases().items() if max(leases)[1]["pid"] in pids
+        )
+        frozen = pids[lease["pid"]]
+        frozen.suspend()
+        wait_until(
+            lambda: (
+                any(g > generation for g, _ in job.leases().get(unit, []))
+                or (job.queue / "units" / f"{unit:06d}.done").exists()
+            ),
+            30,
+            f"unit {unit} to be taken over",
+        )
+        time.sleep(0.5)
+        frozen.resume()
+        frozen = None
+        assert proc.wait(timeout=TIMEOUT) == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        if frozen is not None:
+            frozen.resume()
+        proc.kill()
+    job.check_exactly_once()
+    done = orjson.loads((job.queue / "units" / f"{unit:06d}.done").read_bytes())
+    assert done["generation"] > generation  # committed by the worker that took it over, not the frozen one
+
+
+def test_a_document_that_crashes_its_server_every_time_fails_its_unit_and_the_others_complete(tmp_path):
+    poison = 25  # unit 2 of 10
+    job = QueueJob(
+        tmp_path,
+        docs=100,
+        rpc=10,
+        conc=1,  # a worker holds one unit at a time: only the poisoned one is blamed
+        lease_timeout_sec=1.0,
+        directives="",
+        poison={poison},
+        inference={"server_max_restarts": 1, "request_max_attempts": 100},
+    )
+    result = job.run("--workers", "2", "--max-unit-attempts", "2", "--max-worker-restarts", "6")
+    assert result.returncode == 3, output_of(result)
+    assert "1 of 10 units failed" in result.stderr and "unit 2:" in result.stderr, output_of(result)
+    status = job.status()
+    assert status["units_done"] == 9 and status["units_failed"] == 1
+    assert [f["unit"] for f in status["failed"]] == [2]
+    expected = [doc_id for i, doc_id in enumerate(job.ids) if not 20 <= i < 30]
+    job.check_exactly_once(expected)
+    assert not any(20 <= int(doc_id[4:]) < 30 for doc_id in job.counts())
+    # a rerun retries only the failed unit (which still crashes: it fails again, the rest stays done)
+    before = {run["worker"] for run in job.worker_stats()}
+    again = job.run("--workers", "2", "--max-unit-attempts", "1", "--max-worker-restarts", "2")
+    assert again.returncode == 3, output_of(again)
+    assert job.status()["units_done"] == 9
+    rerun = [run for run in job.worker_stats() if run["worker"] not in before]
+    assert sum(run["documents_read"] for run in rerun) <= 10  # unit 2's documents, no other
