@@ -2,7 +2,10 @@
 """An OpenAI-compatible server that answers in microseconds: the benchmark's stand-in for a
 model, so that what is measured is the client, never the server.
 
-    python benchmarks/fast_server.py --port 8000 [--stats-file stats.json]
+    python benchmarks/fast_server.py --port 8000 [--stats-file stats.json] [--delay SECS]
+
+``--delay SECS`` answers each completion request SECS seconds after it arrived, however many
+are waiting: a stand-in for a GPU server whose latency, not its CPU, bounds a client.
 
 Raw asyncio Protocols (on uvloop when it is installed), HTTP/1.1 keep-alive (pipelining
 too), ``Content-Length`` bodies; ``Connection: close`` and HTTP/1.0 are honoured, so
@@ -106,6 +109,7 @@ class Counter:
 
 COUNTER = Counter()
 UVLOOP = False
+DELAY = 0.0  # --delay: seconds before each completion reply
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -166,7 +170,12 @@ class HttpProtocol(asyncio.Protocol):
             close = (b"\r\nconnection: close" in head) or (
                 version == b"HTTP/1.0" and b"\r\nconnection: keep-alive" not in head
             )
-            out.append(_ROUTES.get(key, _404)[close])
+            reply = _ROUTES.get(key, _404)[close]
+            if DELAY and key in _COUNTED:  # answered later; the client sends no other request on it meanwhile
+                asyncio.get_running_loop().call_later(DELAY, self._send_late, reply, close)
+                close = False
+            else:
+                out.append(reply)
             buffer = buffer[total:]
             if close:
                 break
@@ -175,6 +184,12 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         if close:
             self.transport.close()
+
+    def _send_late(self, reply: bytes, close: bool) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(reply)
+            if close:
+                self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.buffer = b""
@@ -240,10 +255,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--stats-file", "--stats_file", dest="stats_file", default=None)
+    parser.add_argument("--delay", type=float, default=0.0)
     args, unknown = parser.parse_known_args()
     if unknown:
         print(f"fast_server: ignoring flags {unknown}", file=sys.stderr, flush=True)
-    global UVLOOP
+    global UVLOOP, DELAY
+    DELAY = args.delay
     try:
         import uvloop
     except ImportError:

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import psutil
+import pytest
 import yaml
 
 from conftest import PYTHON
@@ -271,3 +272,35 @@ def test_a_document_that_crashes_its_server_every_time_fails_its_unit_and_the_ot
     assert job.status()["units_done"] == 9
     rerun = [run for run in job.worker_stats() if run["worker"] not in before]
     assert sum(run["documents_read"] for run in rerun) <= 10  # unit 2's documents, no other
+
+
+def test_each_local_worker_gets_its_own_gpus(tmp_path, monkeypatch):
+    from infermill.executors.local import gpu_assignment
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    assert gpu_assignment(2, 2) == ["3,5", "6,7"]
+    assert gpu_assignment(4, None) == ["3", "5", "6", "7"]  # the visible GPUs divided among the workers
+    with pytest.raises(ValueError, match="3 workers x 2 GPUs need 6 GPUs, 4 are visible"):
+        gpu_assignment(3, 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_assignment(2, None) == [None, None]  # no GPU: the workers inherit the environment
+    # and through the real command: each worker's server sees its own CUDA_VISIBLE_DEVICES
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    job = QueueJob(tmp_path, docs=200, rpc=10, directives="sleep:0.02")
+    wrapper = tmp_path / "server.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        "print('visible GPUs:', os.environ.get('CUDA_VISIBLE_DEVICES'), flush=True)\n"
+        f"sys.argv[0] = {str(FAULTY_SERVER)!r}\n"
+        f"runpy.run_path({str(FAULTY_SERVER)!r}, run_name='__main__')\n"
+    )
+    spec = yaml.safe_load(job.file.read_text())
+    spec["inference"]["model_kwargs"]["server_script"] = str(wrapper)
+    spec["inference"]["gpus_per_worker"] = 1
+    job.file.write_text(yaml.safe_dump(spec))
+    job.env["CUDA_VISIBLE_DEVICES"] = "3,5"
+    result = job.run("--workers", "2")
+    assert result.returncode == 0, output_of(result)
+    seen = sorted((job.logs / f"server_rank_0000{i}.log").read_text().split("visible GPUs: ")[1][0] for i in (0, 1))
+    assert seen == ["3", "5"]
+    job.check_exactly_once()

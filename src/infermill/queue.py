@@ -73,6 +73,7 @@ for thousands of units, milliseconds per thousand on a local disk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -84,7 +85,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -101,6 +102,23 @@ JOURNALS_DIR = "journals"
 DEFAULT_LEASE_TIMEOUT_SEC = 120.0
 DEFAULT_MAX_UNIT_ATTEMPTS = 3
 RATE_WINDOW_SEC = 600.0  # the job's rate (status) is that of the units done in the last 10 minutes
+
+
+T = TypeVar("T")
+
+
+def _timed(method: Callable[..., T]) -> Callable[..., T]:
+    """Add the time a ``WorkQueue`` method takes to the queue's ``seconds``."""
+
+    @functools.wraps(method)
+    def timed(self: WorkQueue, *args: Any, **kwargs: Any) -> T:
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    return timed
 
 
 def _generation_name(unit: int, generation: int, kind: str) -> str:
@@ -223,6 +241,7 @@ class WorkQueue:
         self.max_unit_attempts = max_unit_attempts
         self._random = random.Random()
         self._plan: dict[str, Any] | None = None
+        self.seconds = 0.0  # spent claiming, renewing, committing...: the queue's cost to this worker
         self.units_dir.mkdir(parents=True, exist_ok=True)
         self.journals_dir.mkdir(parents=True, exist_ok=True)
 
@@ -257,6 +276,7 @@ class WorkQueue:
 
     # -- claiming ---------------------------------------------------------------------------
 
+    @_timed
     def claim(self) -> Lease | None:
         """Lease a unit that is neither done, failed nor held by a live lease, or return None
         when there is none now (see :meth:`drained` to tell whether one may come back)."""
@@ -288,6 +308,7 @@ class WorkQueue:
                     return lease
         return None
 
+    @_timed
     def drained(self) -> bool:
         """Whether every unit is done or failed: nothing is left to claim, now or later."""
         total = self._units_total()
@@ -332,6 +353,7 @@ class WorkQueue:
 
     # -- holding ----------------------------------------------------------------------------
 
+    @_timed
     def renew(self, lease: Lease) -> None:
         """Extend ``lease``; raise ``LeaseLostError`` if it went stale, was taken over or its
         unit was marked failed (then this worker must not commit the unit)."""
@@ -349,6 +371,7 @@ class WorkQueue:
         """A :class:`LeaseRenewer` for ``lease``: ``with queue.renewing(lease) as renewer: ...``."""
         return LeaseRenewer(self, lease, on_lost=on_lost)
 
+    @_timed
     def commit(
         self,
         lease: Lease,
@@ -364,13 +387,16 @@ class WorkQueue:
         self._check(lease, touch=True)
         if self._done_path(lease.unit).exists():
             return False  # a stale holder slipped past its check and finished first
+        started = time.perf_counter()
         write_output()
+        self.seconds -= time.perf_counter() - started  # the output is the job's cost, not the queue's
         record = self._record(generation=lease.generation, documents=documents, **(stats or {}))
         committed = self._create_exclusive(self._done_path(lease.unit), record)
         if not committed:
             logger.info("unit %d was committed by another holder as well; counted once", lease.unit)
         return committed
 
+    @_timed
     def fail(self, lease: Lease, cause: str) -> None:
         """Mark the unit failed with ``cause`` (its documents failed after their retries) and
         give the lease back; ``LeaseLostError`` if the lease is no longer held."""
@@ -379,6 +405,7 @@ class WorkQueue:
         self._create_exclusive(self._failed_path(lease.unit), record)
         self.release(lease)
 
+    @_timed
     def release(self, lease: Lease) -> None:
         """Give the lease back unfinished (the worker stops): the unit can be claimed at once,
         and this generation does not count as an attempt. A lease taken over is left as it is."""

@@ -298,7 +298,7 @@ class InferenceRunner:
         finally:
             self._runs.remove(run)
             run.stats.inference_time_sec = time.perf_counter() - run.started
-            stats = {**run.stats.to_dict(), "queue_time_sec": round(source.claim_seconds, 3), "worker": queue.worker_id}
+            stats = {**run.stats.to_dict(), "queue_time_sec": round(queue.seconds, 3), "worker": queue.worker_id}
             try:
                 journal.close(release=stopped_on_request)
             finally:

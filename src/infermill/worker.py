@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +145,6 @@ class UnitSource:
         self.journal = journal
         self.reader = reader
         self.plan = plan
-        self.claim_seconds = 0.0  # spent claiming, holding and polling the queue
         self._lock = asyncio.Lock()
         self._unit: int | None = None
         self._items: Iterator[Any] | None = None
@@ -172,20 +170,16 @@ class UnitSource:
 
     async def _claim(self) -> bool:
         """Claim the next unit (True), or find the queue drained (True, and ended), or nothing now (False)."""
-        started = time.perf_counter()
-        try:
-            lease = await asyncio.to_thread(self.queue.claim)
-            if lease is None:
-                self._ended = not self.journal.held() and await asyncio.to_thread(self.queue.drained)
-                return self._ended
-            if await asyncio.to_thread(self.journal.hold, lease):  # finished by an earlier holder: commit it
-                await asyncio.to_thread(self.journal.finalize_chunk, lease.unit)
-                return True
-            self._unit = lease.unit
-            self._items = enumerate(read_unit(self.reader, self.plan[lease.unit]))
+        lease = await asyncio.to_thread(self.queue.claim)
+        if lease is None:
+            self._ended = not self.journal.held() and await asyncio.to_thread(self.queue.drained)
+            return self._ended
+        if await asyncio.to_thread(self.journal.hold, lease):  # finished by an earlier holder: commit it
+            await asyncio.to_thread(self.journal.finalize_chunk, lease.unit)
             return True
-        finally:
-            self.claim_seconds += time.perf_counter() - started
+        self._unit = lease.unit
+        self._items = enumerate(read_unit(self.reader, self.plan[lease.unit]))
+        return True
 
 
 def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dict[str, Any]:
