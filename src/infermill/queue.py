@@ -709,4 +709,4 @@ def job_complete(layout: JobLayout) -> bool:
     if not (layout.queue / PLAN_FILE).exists():
         return False
     status = WorkQueue.for_layout(layout).status()
-    return status.units_done == status.units_total
+    return 0 < status.units_done == status.units_total

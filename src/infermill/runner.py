@@ -279,6 +279,9 @@ class InferenceRunner:
             accept_changed_input=self.accept_changed_input,
         )
         status = await asyncio.to_thread(queue.status)
+        if status.units_total == 0:
+            logger.warning("the input has no documents: is input.path right?")
+            return write_stats(self.layout, queue.worker_id, RunStats().to_dict())
         if status.units_done == status.units_total:
             logger.info("the job is already complete (%d units); nothing to do", status.units_total)
             return {**read_stats(self.layout), "already_complete": True}

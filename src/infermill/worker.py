@@ -84,6 +84,11 @@ def open_queue(
     if stored is None:
         plan = plan_units(reader, records_per_unit)
         stored = queue.publish_plan({**plan.to_json(), "identity": identity})
+    elif stored.get("limit") != reader.limit:
+        raise ConfigError(
+            f"input.limit is {reader.limit}, but the job in {layout.root} was planned with {stored.get('limit')}: "
+            "run it with its limit, or start over with --overwrite"
+        )
     elif check_identity(
         stored.get("identity", {}), identity, f"the work queue in {queue.folder}", accept_changed_input
     ):
