@@ -237,9 +237,16 @@ class DocumentReader:
     def _read_file(self, url: str) -> Iterator[Document | BadRecordError]:
         fmt = self._format_of(url)
         rows = _BYTES_COUNTED[fmt](url, self._bytes) if fmt in _BYTES_COUNTED else INPUT_FORMATS[fmt](url)
+        return self._documents(url, fmt, rows)
+
+    def _documents(
+        self, url: str, fmt: str, rows: Iterator[tuple[int, Any]], first_position: int = 1
+    ) -> Iterator[Document | BadRecordError]:
+        """The documents of ``rows`` (numbered ``(position, row)``, from ``first_position``) of the
+        file ``url``; a row that is no document, and an unreadable rest of the file, as bad records."""
         name = self._names[url]
         make = self._batch_document if fmt == "openai_batch" else self._document
-        position = 0
+        position = first_position - 1
         try:
             for position, row in rows:
                 if isinstance(row, BadRecordError):

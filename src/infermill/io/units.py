@@ -44,7 +44,6 @@ from infermill.io.readers import (
     BadRecord,
     BadRecordError,
     DocumentReader,
-    _Bad,
     _is_hf_folder,
     _open_decompressed,
     detect_format,
@@ -196,11 +195,11 @@ def read_unit(reader: DocumentReader, unit: WorkUnit) -> Iterator[Document | Bad
         fmt = _format(reader, span.file)
         items: Iterator[Document | BadRecordError]
         if span.kind == "record" and fmt in ("jsonl", "openai_batch"):
-            items = _documents(reader, span, fmt, _jsonl_record_rows(span))
+            items = reader._documents(span.file, fmt, _jsonl_record_rows(span), span.first_position)
         elif span.kind == "record":  # compressed CSV: parsed from the start (quoted newlines)
             items = islice(reader._read_file(span.file), span.start, span.stop)
         else:
-            items = _documents(reader, span, fmt, _SPAN_ROWS[fmt](span))
+            items = reader._documents(span.file, fmt, _SPAN_ROWS[fmt](span), span.first_position)
         for item in items:
             count += 1
             if isinstance(item, BadRecordError):
@@ -435,30 +434,6 @@ def _hf_row_count(url: str) -> int:
 
 
 # -- reading a span ---------------------------------------------------------------------------
-
-
-def _documents(
-    reader: DocumentReader, span: Span, fmt: str, rows: Iterator[tuple[int, Any]]
-) -> Iterator[Document | BadRecordError]:
-    """``DocumentReader._read_file`` for the rows of one span."""
-    url = span.file
-    name = reader._names[url]
-    make = reader._batch_document if fmt == "openai_batch" else reader._document
-    position = span.first_position - 1
-    try:
-        for position, row in rows:
-            if isinstance(row, BadRecordError):
-                yield row
-                continue
-            try:
-                yield make(row, name, position)
-            except _Bad as e:
-                yield BadRecordError(url, position, str(e))
-    except (OSError, ValueError, EOFError) as e:
-        if isinstance(e, BadRecordError):
-            raise
-        where = f"after line or row {position}" if position else "before its first record"
-        yield BadRecordError(url, position + 1, f"cannot read the file {where}: {type(e).__name__}: {e}")
 
 
 def _span_lines(f: IO[bytes], span: Span) -> Iterator[bytes]:
