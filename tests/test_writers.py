@@ -202,17 +202,7 @@ def test_typed_parquet_input_comes_out_typed_through_a_run(tmp_path, no_orphans)
         "inference": {"server_type": "dummy", "model_name_or_path": "dummy-model"},
         "checkpoint": {"records_per_chunk": 4},
     }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime")}
-    result = subprocess.run(
-        [PYTHON, "-m", "infermill", "run", str(tmp_path / "job.yaml")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_job(tmp_path, job)
 
     out = tmp_path / "out"
     assert len(list(out.glob("*.parquet"))) == 3
@@ -392,17 +382,7 @@ def test_openai_batch_end_to_end_through_the_echo_server(tmp_path):
         },
         "checkpoint": {"records_per_chunk": 20},
     }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime")}
-    result = subprocess.run(
-        [PYTHON, "-m", "infermill", "run", str(tmp_path / "job.yaml")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_job(tmp_path, job)
 
     files = sorted(p.name for p in (tmp_path / "out").glob("*.jsonl"))
     assert files == ["batch-00000-00000.jsonl", "batch-00000-00001.jsonl", "batch-00000-00002.jsonl"]
@@ -443,3 +423,18 @@ def test_encoded_records_are_written_like_the_same_dicts(tmp_path, writer_class)
         assert strip(read_jsonl(as_bytes / name)) == strip(read_jsonl(as_dicts / name))
     else:
         assert (as_bytes / name).read_bytes() == (as_dicts / name).read_bytes()
+
+
+def run_job(tmp_path, job: dict) -> None:
+    """Write ``job`` as ``tmp_path/job.yaml`` and run it with ``infermill run``, which must succeed."""
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime")}
+    result = subprocess.run(
+        [PYTHON, "-m", "infermill", "run", str(tmp_path / "job.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
