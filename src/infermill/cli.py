@@ -153,6 +153,19 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="A unit whose workers died this many times is marked failed.",
 )
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "slurm", "ray"]),
+    default="local",
+    show_default=True,
+    help="Who runs the workers: processes on this machine, a Slurm array (the job file's slurm: section), "
+    "or Ray tasks (its ray: section).",
+)
+@click.option("--wait", is_flag=True, help="slurm: wait for the array, exit 0 only when the job is complete.")
+@click.option("--dry-run", is_flag=True, help="slurm: print the sbatch script; submit nothing.")
+@click.option(
+    "--ray-address", default="auto", show_default=True, help="ray: the cluster; without one, a local one is started."
+)
 @click.option("--worker", "as_worker", is_flag=True, hidden=True, help="Run as one worker of a --workers parent.")
 @click.option("--rank", type=int, default=None, hidden=True)
 @click.option("--world-size", type=int, default=None, hidden=True)
@@ -164,6 +177,10 @@ def run(
     workers: int,
     max_worker_restarts: int,
     max_unit_attempts: int,
+    executor: str,
+    wait: bool,
+    dry_run: bool,
+    ray_address: str,
     as_worker: bool,
     rank: int | None,
     world_size: int | None,
@@ -191,11 +208,24 @@ def run(
         raise SystemExit(EXIT_USAGE) from None
     if job.inference.server_log_folder is None:  # a job keeps its server's output with its other files
         job.inference.server_log_folder = str(layout.logs)
-    if workers > 1:
+    if workers > 1 or executor != "local":
         options = ["--max-unit-attempts", str(max_unit_attempts)]
         if accept_changed_input:
             options.append("--accept-changed-input")
-        raise SystemExit(_run_local_workers(job, job_file, overrides, workers, max_worker_restarts, options, overwrite))
+        code = _run_executor(
+            executor,
+            job,
+            job_file,
+            overrides,
+            workers,
+            max_worker_restarts,
+            options,
+            overwrite,
+            wait,
+            dry_run,
+            ray_address,
+        )
+        raise SystemExit(code)
     launch_early = overwrite or not job_complete(layout)  # a finished job launches nothing
 
     async def go() -> dict[str, Any]:
@@ -263,7 +293,8 @@ def run(
     _console().print(summary_table(stats, title=f"infermill run: {escape(job.output.path)}"))
 
 
-def _run_local_workers(
+def _run_executor(
+    executor: str,
     job: JobConfig,
     job_file: str,
     overrides: tuple[str, ...],
@@ -271,17 +302,26 @@ def _run_local_workers(
     max_worker_restarts: int,
     worker_options: list[str],
     overwrite: bool,
+    wait: bool,
+    dry_run: bool,
+    ray_address: str,
 ) -> int:
-    """Plan the job, run ``workers`` worker processes until the queue is drained, report; the exit code."""
+    """Plan the job, have ``executor`` run ``workers`` workers of it (local processes, a Slurm
+    array, Ray tasks), then report where the job stands; the exit code."""
     from infermill.executors.local import gpu_assignment, run_workers, worker_command
     from infermill.job import build_reader, build_runner
     from infermill.progress import summary_table
     from infermill.worker import QueueOptions, failed_units_error, open_queue, read_stats
 
+    command = worker_command(job_file, overrides, worker_options)
     try:
+        if executor == "slurm" and dry_run:  # nothing planned, written or submitted
+            from infermill.executors.slurm import run_slurm
+
+            return run_slurm(job, command, workers, job.layout(), wait=False, dry_run=True) or 0
         reader = build_reader(job)
         runner = build_runner(job, reader, overwrite)
-        gpus = gpu_assignment(workers, job.inference.gpus_per_worker)
+        gpus = gpu_assignment(workers, job.inference.gpus_per_worker) if executor == "local" else []
         queue, plan = open_queue(
             runner.layout,
             runner.output_writer,
@@ -295,13 +335,27 @@ def _run_local_workers(
     except (InfermillError, ValueError) as e:
         _error(e)
         return EXIT_USAGE
-    logger.info("%d workers on %d units (%d documents)", workers, len(plan), plan.documents)
-    command = worker_command(job_file, overrides, worker_options)
+    logger.info("%d %s workers on %d units (%d documents)", workers, executor, len(plan), plan.documents)
+    codes: list[int] = []
     try:
-        codes = run_coroutine(_interruptible(run_workers(command, workers, gpus, max_worker_restarts)))
+        if executor == "local":
+            codes = run_coroutine(_interruptible(run_workers(command, workers, gpus, max_worker_restarts)))
+        elif executor == "slurm":
+            from infermill.executors.slurm import run_slurm
+
+            submitted = run_slurm(job, command, workers, runner.layout, wait=wait, dry_run=False)
+            if submitted is not None:
+                return submitted
+        else:
+            from infermill.executors.ray import run_ray
+
+            codes = run_ray(job, command, workers, max_worker_restarts, ray_address)
     except KeyboardInterrupt:
         _console().print("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         return EXIT_INTERRUPTED
+    except InfermillError as e:
+        _error(e)
+        return EXIT_FAILED
     status = queue.status()
     _console().print(summary_table(read_stats(runner.layout), title=f"infermill run: {escape(job.output.path)}"))
     if status.units_done == status.units_total:
@@ -309,9 +363,10 @@ def _run_local_workers(
     if (error := failed_units_error(queue)) is not None:
         _error(error)
         return EXIT_UNITS_FAILED
+    exits = f"; the workers exited with codes {', '.join(map(str, codes))}" if codes else ""
     _error(
-        f"the job is not complete: {status.units_done} of {status.units_total} units done; the workers exited "
-        f"with codes {', '.join(map(str, codes))} (see their errors above). Run the same command to go on."
+        f"the job is not complete: {status.units_done} of {status.units_total} units done{exits} (see their "
+        "errors above or in their logs). Run the same command to go on."
     )
     return EXIT_FAILED
 

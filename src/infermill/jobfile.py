@@ -6,6 +6,8 @@
     inference: the fields of InferenceConfig
     runner:    {skip_bad_requests, metadata_key, on_bad_record}
     checkpoint: {dir, records_per_chunk, lease_timeout_sec}
+    slurm:     {partition, gpus_per_worker, cpus_per_worker, mem, time, qos, account, sbatch_args, env, setup}
+    ray:       {gpus_per_worker, cpus_per_worker, env}
 
 Unknown keys and wrong types are rejected with the key's full path and what was expected.
 
@@ -111,6 +113,29 @@ class CheckpointSection(_Section):
     )
 
 
+class SlurmSection(_Section):
+    """How ``--executor slurm`` asks Slurm for each worker (an array task)."""
+
+    partition: str | None = None
+    gpus_per_worker: int | None = Field(None, ge=0)
+    cpus_per_worker: int | None = Field(None, ge=1)
+    mem: str | None = Field(None, description="Memory per worker, as sbatch takes it: '64G'.")
+    time: str | None = Field(None, description="Time limit per worker, as sbatch takes it: '1-00:00:00'.")
+    qos: str | None = None
+    account: str | None = None
+    sbatch_args: list[str] = Field(default_factory=list, description="Extra #SBATCH lines, e.g. '--exclusive'.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every worker.")
+    setup: list[str] = Field(default_factory=list, description="Shell lines run before each worker starts.")
+
+
+class RaySection(_Section):
+    """What each worker of ``--executor ray`` asks Ray for."""
+
+    gpus_per_worker: float | None = Field(None, ge=0)
+    cpus_per_worker: float | None = Field(None, gt=0)
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every worker.")
+
+
 class JobConfig(_Section):
     """A whole job, as read from a job file."""
 
@@ -120,6 +145,8 @@ class JobConfig(_Section):
     inference: InferenceConfig
     runner: RunnerSection = Field(default_factory=RunnerSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    slurm: SlurmSection = Field(default_factory=SlurmSection)
+    ray: RaySection = Field(default_factory=RaySection)
 
     def layout(self) -> JobLayout:
         """Where the job keeps its checkpoints, stats, failures and logs; a ConfigError for a

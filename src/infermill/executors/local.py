@@ -145,7 +145,7 @@ def _signal_group(slot: _Slot, signum: int) -> None:
 
 def worker_command(job_file: str, overrides: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     """The argv of one worker of the job in ``job_file``."""
-    command = [sys.executable, "-m", "infermill", "run", job_file, "--worker", *extra]
+    command = [sys.executable, "-m", "infermill", "run", os.path.abspath(job_file), "--worker", *extra]
     for assignment in overrides:
         command += ["--set", assignment]
     return command
