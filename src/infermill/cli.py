@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
@@ -28,9 +28,14 @@ from infermill.jobfile import JobConfig, load_job
 from infermill.layout import is_remote
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from rich.console import Console
 
+    from infermill.queue import WorkQueue
+
 logger = logging.getLogger("infermill")
+T = TypeVar("T")
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNITS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -293,6 +298,17 @@ def run(
     _console().print(summary_table(stats, title=f"infermill run: {escape(job.output.path)}"))
 
 
+async def _with_progress(work: Coroutine[Any, Any, T], queue: WorkQueue, interval: float) -> T:
+    """``work``, while the job's progress is logged from its queue every ``interval`` seconds."""
+    from infermill.progress import show_queue_progress
+
+    progress = asyncio.create_task(show_queue_progress(queue.status, interval))
+    try:
+        return await work
+    finally:
+        progress.cancel()
+
+
 def _run_executor(
     executor: str,
     job: JobConfig,
@@ -310,7 +326,7 @@ def _run_executor(
     array, Ray tasks), then report where the job stands; the exit code."""
     from infermill.executors.local import gpu_assignment, run_workers, worker_command
     from infermill.job import build_reader, build_runner
-    from infermill.progress import summary_table
+    from infermill.progress import log_interval, summary_table
     from infermill.worker import QueueOptions, failed_units_error, open_queue, read_stats
 
     command = worker_command(job_file, overrides, worker_options)
@@ -339,7 +355,12 @@ def _run_executor(
     codes: list[int] = []
     try:
         if executor == "local":
-            codes = run_coroutine(_interruptible(run_workers(command, workers, gpus, max_worker_restarts)))
+            interval = log_interval(job.inference)
+            codes = run_coroutine(
+                _interruptible(
+                    _with_progress(run_workers(command, workers, gpus, max_worker_restarts), queue, interval)
+                )
+            )
         elif executor == "slurm":
             from infermill.executors.slurm import run_slurm
 

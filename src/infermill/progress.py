@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from infermill.config import InferenceConfig
     from infermill.io.readers import InputSize
+    from infermill.queue import QueueStatus
 
 logger = logging.getLogger("infermill.progress")
 
@@ -75,6 +76,26 @@ def _fraction_done(done: int, size: InputSize | None) -> tuple[float, str]:
     if by_bytes >= by_limit:
         return by_bytes, "input bytes read"
     return by_limit, f"input.limit={size.limit:,}"
+
+
+def queue_line(status: QueueStatus) -> str:
+    """One line of where a job's queue stands: units, documents, rate and ETA."""
+    of_total = f"/{status.documents_total:,}" if status.documents_total is not None else ""
+    rate = f" | {status.documents_per_sec:,.1f} docs/s" if status.documents_per_sec else ""
+    eta = f" | ETA {status.eta_sec:,.0f} s" if status.eta_sec is not None and status.documents_per_sec else ""
+    failed = f", {status.units_failed} failed" if status.units_failed else ""
+    return (
+        f"{status.documents_done:,}{of_total} docs{eta}{rate} | units {status.units_done}/{status.units_total} done, "
+        f"{status.units_in_progress} in progress{failed}"
+    )
+
+
+async def show_queue_progress(status: Callable[[], QueueStatus], interval: float = LOG_INTERVAL) -> None:
+    """Until cancelled: log where the job's queue stands every ``interval`` seconds (a parent of
+    workers, which sees the queue, not their counters). ``status`` is called in a thread."""
+    while True:
+        await asyncio.sleep(interval)
+        logger.info("progress: %s", queue_line(await asyncio.to_thread(status)))
 
 
 async def show_progress(
