@@ -536,6 +536,8 @@ class QueueJournal(ChunkLogs):
 
         def write_output() -> None:
             nonlocal written
+            if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
+                self.writer.remove_temp_files(0, unit)
             written = self.writer.write_chunk(self._records(path), 0, unit) if path.exists() else 0
 
         try:
