@@ -131,6 +131,18 @@ class SubprocessJob:
         assert result.returncode == 0, f"the job failed ({result.returncode}):\n{output[-4000:]}"
         return output
 
+    def run_units_failing(self, *args: str) -> str:
+        """Run the job, some of whose units must fail (a document out of request attempts, a bad
+        record): exit 3 naming them, every other unit done."""
+        result = self.run(*args)
+        output = result.stdout + result.stderr
+        assert result.returncode == 3, f"units should have failed (exit 3), got {result.returncode}:\n{output[-4000:]}"
+        failed, total = self.failed_units(), len(self.plan())
+        assert failed and f"{len(failed)} of {total} units failed" in output, output[-4000:]
+        assert "it retries only the failed units" in output
+        assert sorted(self.done_units() + failed) == list(range(total)), "every unit is done or failed"
+        return output
+
     # -- looking ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -262,18 +274,6 @@ class FaultJob(SubprocessJob):
         )
         assert "The checkpoint is saved" in output, output[-4000:]
         assert len(self.done_units()) < len(self.plan())
-        return output
-
-    def run_units_failing(self, *args: str) -> str:
-        """Run the job, some of whose units must fail (a document out of request attempts, a bad
-        record): exit 3 naming them, every other unit done."""
-        result = self.run(*args)
-        output = result.stdout + result.stderr
-        assert result.returncode == 3, f"units should have failed (exit 3), got {result.returncode}:\n{output[-4000:]}"
-        failed, total = self.failed_units(), len(self.plan())
-        assert failed and f"{len(failed)} of {total} units failed" in output, output[-4000:]
-        assert "it retries only the failed units" in output
-        assert sorted(self.done_units() + failed) == list(range(total)), "every unit is done or failed"
         return output
 
     def server_stats(self) -> dict[str, Any]:
