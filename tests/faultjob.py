@@ -1,7 +1,9 @@
 """Jobs run as ``python -m infermill run job.yaml`` in a test's ``tmp_path``.
 
 ``SubprocessJob`` holds what every such job has: its files, running the command (in the
-background or to the end), reading the checkpoint and checking exactly-once output.
+background or to the end), reading the job's work queue (``OUTPUT/_infermill/queue``: the
+plan, the units' done and failed marks, the journals of the units not done) and checking
+exactly-once output.
 
 ``FaultJob`` runs one against ``tests/servers/faulty_server.py``, for the fault-injection
 tests (tests/test_faults.py, tests/test_signals.py): it writes the input (ids
@@ -31,6 +33,10 @@ from conftest import PYTHON
 from helpers import FAULTY_SERVER, read_jsonl, run_stats, server_stats, wait_until
 
 RUN_TIMEOUT = 60
+
+#: a unit whose worker was SIGKILLed (or stopped on an error) is taken over by the next run
+#: once its lease is this old: short, so that a resume does not wait for long
+LEASE_TIMEOUT_SEC = 2.0
 
 #: what every fault job uses unless a test says otherwise: fast, small and bounded
 FAST_INFERENCE: dict[str, Any] = {
@@ -63,7 +69,8 @@ class SubprocessJob:
         self.rpc = rpc
         self.input = tmp_path / "input.jsonl"
         self.output = tmp_path / "out"
-        self.checkpoints = self.output / "_infermill" / "checkpoints" / "rank_00000"
+        self.queue = self.output / "_infermill" / "queue"
+        self.lease_timeout_sec = LEASE_TIMEOUT_SEC
         self.ids = [f"doc-{i:04d}" for i in range(docs)]
         self.file = tmp_path / "job.yaml"
         self.env = {
@@ -84,7 +91,7 @@ class SubprocessJob:
             "output": {"path": str(self.output)},
             "rollout": rollout,
             "inference": inference,
-            "checkpoint": {"records_per_chunk": self.rpc},
+            "checkpoint": {"records_per_chunk": self.rpc, "lease_timeout_sec": self.lease_timeout_sec},
         }
         if runner:
             spec["runner"] = runner
@@ -124,33 +131,89 @@ class SubprocessJob:
         assert result.returncode == 0, f"the job failed ({result.returncode}):\n{output[-4000:]}"
         return output
 
+    def run_units_failing(self, *args: str) -> str:
+        """Run the job, some of whose units must fail (a document out of request attempts, a bad
+        record): exit 3 naming them, every other unit done."""
+        result = self.run(*args)
+        output = result.stdout + result.stderr
+        assert result.returncode == 3, f"units should have failed (exit 3), got {result.returncode}:\n{output[-4000:]}"
+        failed, total = self.failed_units(), len(self.plan())
+        assert failed and f"{len(failed)} of {total} units failed" in output, output[-4000:]
+        assert "it retries only the failed units" in output
+        assert sorted(self.done_units() + failed) == list(range(total)), "every unit is done or failed"
+        return output
+
     # -- looking ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        """The job's stats: every worker run's, summed (``_infermill/stats.json``)."""
         return run_stats(self.output)
+
+    def run_stats(self) -> list[dict[str, Any]]:
+        """The stats of each worker run of the job (``_infermill/stats/*.json``), oldest first."""
+        runs = [json.loads(p.read_bytes()) for p in (self.output / "_infermill" / "stats").glob("*.json")]
+        return sorted(runs, key=lambda run: run["started_at"])
+
+    def last_run_stats(self) -> dict[str, Any]:
+        """The stats of the latest worker run (of a single-worker command: that command's)."""
+        return self.run_stats()[-1]
 
     def records(self) -> list[dict[str, Any]]:
         return [record for path in sorted(self.output.glob("*.jsonl")) for record in read_jsonl(path)]
 
-    def done_chunks(self) -> list[int]:
-        return sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("chunk_*.done"))
+    def plan(self) -> list[int]:
+        """The documents of each unit of the job's plan (empty before the job is planned)."""
+        try:
+            return [unit["documents"] for unit in json.loads((self.queue / "plan.json").read_bytes())["units"]]
+        except FileNotFoundError:
+            return []
+
+    def _marked(self, kind: str) -> list[int]:
+        return sorted(int(p.name.split(".")[0]) for p in (self.queue / "units").glob(f"*.{kind}"))
+
+    def done_units(self) -> list[int]:
+        """Units committed (``units/UUUUUU.done``): their output file is written."""
+        return self._marked("done")
+
+    def failed_units(self) -> list[int]:
+        """Units marked failed (``units/UUUUUU.failed``)."""
+        return self._marked("failed")
+
+    def journal_entries(self) -> list[dict[str, Any]]:
+        """The whole lines of the journals of the units not done (in progress, failed, or left by a
+        killed run): ``{"i": INDEX, "r": RECORD}`` (a finished document) and ``{"k": KEY, "v": REPLY}``
+        (a stored reply). A unit taken over has a journal per holder, the later ones starting with
+        a copy of the earlier ones' lines: the same entry may come more than once."""
+        done = set(self.done_units())
+        entries = []
+        for journal in sorted((self.queue / "journals").glob("*.journal")):
+            if int(journal.name.split(".")[0]) in done:
+                continue  # committed: its journals are about to go
+            try:
+                lines = journal.read_bytes().splitlines()
+            except FileNotFoundError:  # committed meanwhile
+                continue
+            for line in lines:
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:  # a line being written
+                    continue
+        return entries
 
     def log_entries(self, kind: str) -> int:
-        """``"i"`` (finished documents) or ``"k"`` (stored replies) lines in the open chunk logs."""
-        total = 0
-        for log in self.checkpoints.glob("chunk_*.log"):
-            try:
-                total += sum(1 for line in log.read_bytes().splitlines() if line.startswith(b'{"%s"' % kind.encode()))
-            except FileNotFoundError:  # finalized meanwhile
-                pass
-        return total
+        """Distinct ``"i"`` (finished documents) or ``"k"`` (stored replies) entries in the journals
+        of the units not done."""
+        return len({entry[kind] for entry in self.journal_entries() if kind in entry})
 
     def committed(self) -> int:
-        """Documents recorded as finished in the checkpoint (done chunks and open chunk logs)."""
-        return len(self.done_chunks()) * self.rpc + self.log_entries("i")
+        """Documents recorded as finished in the checkpoint: those of done units, and those of the
+        journals of the others."""
+        plan = self.plan()
+        return sum(plan[unit] for unit in self.done_units()) + self.log_entries("i")
 
     def check_exactly_once(self) -> None:
-        """Every input id once in the output; no temporary file under ``temps_root``; complete."""
+        """Every input id once in the output; no temporary file under ``temps_root``; complete:
+        every unit of the plan done, none failed, no journal left."""
         counts = collections.Counter(r["id"] for r in self.records())
         duplicates = sorted(i for i, n in counts.items() if n > 1)
         missing = sorted(set(self.ids) - set(counts))
@@ -159,8 +222,12 @@ class SubprocessJob:
         assert set(counts) == set(self.ids)
         temps = list(self.temps_root.rglob("*.tmp"))
         assert not temps, f"temporary files left: {temps}"
-        assert not list(self.checkpoints.glob("chunk_*.log")), "a finished job keeps no chunk log"
-        assert (self.checkpoints / "complete.json").exists()
+        assert not list((self.queue / "journals").glob("*.journal")), "a finished job keeps no journal"
+        plan = self.plan()
+        assert plan and sum(plan) == self.docs, plan
+        assert self.done_units() == list(range(len(plan))), f"units not done: {self.done_units()} of {len(plan)}"
+        assert not self.failed_units()
+        assert (self.output / "_infermill" / "stats.json").exists()
 
 
 class FaultJob(SubprocessJob):
@@ -198,13 +265,15 @@ class FaultJob(SubprocessJob):
         self.write_job({"template": "[[DOCUMENT]]"}, settings, runner)
 
     def run_failing(self, *args: str) -> str:
+        """Run the job, which must stop on an error of the whole worker (its server cannot be
+        restarted any more: a ``ServerError``): exit 1, the checkpoint kept, the job not complete."""
         result = self.run(*args)
         output = result.stdout + result.stderr
         assert result.returncode == 1, (
             f"the job should have failed (exit 1), got {result.returncode}:\n{output[-4000:]}"
         )
         assert "The checkpoint is saved" in output, output[-4000:]
-        assert not (self.checkpoints / "complete.json").exists()
+        assert len(self.done_units()) < len(self.plan())
         return output
 
     def server_stats(self) -> dict[str, Any]:

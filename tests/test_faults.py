@@ -5,9 +5,10 @@ Each scenario ends in one of two ways, both checked here:
 
 * the job completes with every document exactly once in the output (each record holding
   its own document's echo), and the stats count what happened (restarts, retries);
-* where failing is the documented policy (the restart budget is spent, a request runs out
-  of attempts), the job fails with a clear message and a checkpoint, and the same command,
-  run again once the cause is gone (``--set``), resumes and completes exactly once.
+* where failing is the documented policy, the run fails with a clear message and a
+  checkpoint, and the same command, run again once the cause is gone (``--set``), resumes
+  and completes exactly once. The restart budget spent stops the whole worker (exit 1); a
+  request out of attempts fails only its document's unit (exit 3), the other units go on.
 
 Server restarts are checked strictly: ``request_max_attempts`` is 1 in those scenarios, so
 a request that was in flight when its server died must be retried on the new server
@@ -207,6 +208,10 @@ def test_when_the_restart_budget_is_spent_the_job_fails_naming_the_cause_then_re
     if not spec["resume"]:
         return
 
+    # the stopped worker did not give its units back (a server that keeps failing counts as an
+    # attempt at them): the resume takes them over once their leases are lease_timeout_sec old,
+    # keeping what their journals hold
+    in_journals = job.log_entries("i")
     job.run_ok(
         *[
             f"--set=inference.model_kwargs.{key}={'null' if value is None else value}"
@@ -214,8 +219,8 @@ def test_when_the_restart_budget_is_spent_the_job_fails_naming_the_cause_then_re
         ]
     )
     job.check_exactly_once()
-    second = job.stats()
-    assert second["documents_resumed"] == committed
+    second = job.last_run_stats()
+    assert second["documents_resumed"] == in_journals  # (the documents of done units are not read again)
     assert second["documents_processed"] == 60 - committed
     assert second["server_restarts"] == 0
 
@@ -303,7 +308,7 @@ def test_429_retry_after_is_waited_instead_of_the_backoff(tmp_path):
         assert 0.19 <= second - first < 2 and 0.19 <= third - second < 2, (i, first, second, third)
 
 
-# -- requests that keep failing: the documented policy is to fail, keeping the checkpoint ----------
+# -- requests that keep failing: the documented policy is to fail their units, keeping the checkpoint --
 
 GIVE_UP = {
     # after 30 answers the server hangs for good; no stall watchdog: request_timeout ends each try
@@ -320,27 +325,37 @@ GIVE_UP = {
 
 
 @pytest.mark.parametrize("scenario", list(GIVE_UP))
-def test_a_request_out_of_attempts_fails_the_job_naming_the_document_then_resumes(tmp_path, scenario):
+def test_a_request_out_of_attempts_fails_its_unit_naming_the_document_then_a_rerun_retries_only_failed_units(
+    tmp_path, scenario
+):
     spec = GIVE_UP[scenario]
     job = FaultJob(
         tmp_path, docs=60, conc=4, server=spec["server"], inference={"request_max_attempts": 2, **spec["inference"]}
     )
     started = time.monotonic()
-    output = job.run_failing()
+    output = job.run_units_failing()  # every unit not finished in the first 30 answers fails, each on its own
     assert time.monotonic() - started < 15
 
     assert spec["message"] in output and "gave up after 2 attempts" in output, output[-3000:]
-    assert re.search(r"Failed to process document doc-\d{4}", output), output[-3000:]
+    assert re.search(r"unit \d+: record \d+ failed: Failed to process document doc-\d{4}", output), output[-3000:]
     first = job.stats()
     assert first["documents_failed"] >= 1 and first["server_restarts"] == 0
     committed = job.committed()
     assert committed == 30  # every answered request finished its document, and it was kept
+    done = job.done_units()
+    assert sorted(r["id"] for r in job.records()) == sorted(job.ids[u * 10 + i] for u in done for i in range(10)), (
+        "the done units' output is written, no other"
+    )
     if not spec["resume"]:
         return
 
+    in_journals = job.log_entries("i")  # finished documents of the failed units
     job.run_ok(f"--set=inference.model_kwargs.{spec['fix']}=null")
     job.check_exactly_once()
-    assert job.stats()["documents_resumed"] == 30
+    rerun = job.last_run_stats()
+    assert rerun["documents_resumed"] == in_journals
+    assert rerun["documents_read"] + rerun["documents_resumed"] == 60 - 10 * len(done)  # the failed units only
+    assert rerun["documents_processed"] == 60 - committed
 
 
 # -- security ---------------------------------------------------------------------------------------
@@ -404,9 +419,7 @@ def test_api_keys_never_appear_in_logs_errors_stats_or_outputs(tmp_path, source)
         if source != "job file":
             job.env[source] = SECRET
         job.global_args = ["-v"]  # debug logging: as much as infermill ever writes
-        result = job.run()
-        output = result.stdout + result.stderr
-        assert result.returncode == 1, output[-3000:]
+        output = job.run_units_failing()  # doc-0040's unit: out of attempts
     finally:
         endpoint.terminate()
         endpoint.wait(10)
@@ -421,7 +434,7 @@ def test_api_keys_never_appear_in_logs_errors_stats_or_outputs(tmp_path, source)
     assert any(path.name == "stats.json" for path in files)
     failures = job.output / "_infermill" / "failures_rank_00000.jsonl"
     assert failures.exists() and "HTTP 400" in failures.read_text()  # the rejected document was recorded
-    assert {path.name for path in files} >= {"stats.json", "failures_rank_00000.jsonl", "identity.json"}
+    assert {path.name for path in files} >= {"stats.json", "failures_rank_00000.jsonl", "plan.json", "000004.failed"}
     for path in files:
         assert SECRET.encode() not in path.read_bytes(), f"the API key is in {path}"
         assert SECRET[10:30].encode() not in path.read_bytes(), f"part of the API key is in {path}"

@@ -9,6 +9,10 @@ through the parent-death signal), runs the same command again, and checks that
 * the server received at most ``documents + max_concurrent_generations`` requests over all
   runs: only requests in flight at the kill are sent again.
 
+The job is one worker of its work queue: the units a killed run held are taken over by the
+next run once their leases are ``lease_timeout_sec`` (2 s here) old, starting from the
+journals the killed run left.
+
 Kill moments are made deterministic with the server's ``--hold-file``: after its N-th
 request the server holds every further request unanswered, so the job is frozen with N
 replies received and ``max_concurrent_generations`` requests in flight. One test kills the
@@ -21,6 +25,7 @@ import collections
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -151,23 +156,15 @@ def replies_kept(job: Job, per_document: int) -> int:
     """Replies a resume will not ask for again: all of a finished document's, and the stored
     replies of unfinished ones (a document's replies are not stored once it is finished)."""
     finished: set[str] = set()
-    stored: collections.Counter[str] = collections.Counter()
-    for log in job.checkpoints.glob("chunk_*.log"):
-        try:
-            lines = log.read_bytes().splitlines()
-        except FileNotFoundError:  # finalized meanwhile
-            continue
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line being written
-                continue
-            if "i" in entry:
-                finished.add(entry["r"]["id"])
-            else:
-                stored[entry["k"].split("\x1f")[0]] += 1
-    unfinished = sum(n for doc_id, n in stored.items() if doc_id not in finished)
-    return (len(job.done_chunks()) * job.rpc + len(finished)) * per_document + unfinished
+    stored: dict[str, set[str]] = collections.defaultdict(set)  # distinct keys: a takeover copies lines
+    for entry in job.journal_entries():
+        if "i" in entry:
+            finished.add(entry["r"]["id"])
+        else:
+            stored[entry["k"].split("\x1f")[0]].add(entry["k"])
+    unfinished = sum(len(keys) for doc_id, keys in stored.items() if doc_id not in finished)
+    plan = job.plan()
+    return (sum(plan[unit] for unit in job.done_units()) + len(finished)) * per_document + unfinished
 
 
 def freeze_after(job: Job, n: int, proc: subprocess.Popen, finished_replies=None) -> int:
@@ -191,7 +188,7 @@ def test_kill_before_the_first_chunk_completes(tmp_path):
     proc = job.start()
     received = freeze_after(job, 5, proc)
     assert received == 5 + CONC
-    assert job.done_chunks() == [] and not list(job.output.glob("*.jsonl"))
+    assert job.done_units() == [] and not list(job.output.glob("*.jsonl"))
     kill_job(job, proc)
 
     job.hold_after(None)
@@ -199,33 +196,42 @@ def test_kill_before_the_first_chunk_completes(tmp_path):
     job.check_exactly_once()
     assert job.requests() <= DOCS + CONC
     assert job.requests() == DOCS + CONC  # exactly the held requests were sent again
-    stats = job.stats()
+    stats = job.last_run_stats()  # the 5 finished documents came from the killed run's journal
     assert stats["documents_resumed"] == 5 and stats["documents_processed"] == DOCS - 5
 
 
 def test_kill_mid_chunk_then_resume_then_rerun_sends_nothing(tmp_path):
     job = Job(tmp_path)
-    job.hold_after(60)  # chunks 0 and 1 done, chunk 2 part way
+    job.hold_after(60)  # units done, and one (or two: the next is claimed as one ends) part way
     proc = job.start()
     freeze_after(job, 60, proc)
-    done = job.done_chunks()
-    assert done and job.log_entries("i") > 0  # usually chunks 0 and 1 done, 10 documents of chunk 2
-    assert sorted(p.name for p in job.output.glob("*.jsonl")) == [f"00000_{c:05d}.jsonl" for c in done]
+    done = job.done_units()
+    in_journals = job.log_entries("i")
+    assert done and in_journals > 0  # usually 2 units done, 10 documents of a third
+    assert RPC * len(done) + in_journals == 60
+    assert sorted(p.name for p in job.output.glob("*.jsonl")) == [f"00000_{u:05d}.jsonl" for u in done]
     kill_job(job, proc)
     status = subprocess.run(
-        [PYTHON, "-m", "infermill", "status", str(job.output)], capture_output=True, text=True, env=job.env, timeout=30
+        [PYTHON, "-m", "infermill", "status", str(job.output), "--json"],
+        capture_output=True,
+        text=True,
+        env=job.env,
+        timeout=30,
     )
-    shown = status.stdout + status.stderr
-    assert status.returncode == 0 and "incomplete" in shown, shown
-    row = next(line for line in shown.splitlines() if "incomplete" in line)
-    cells = [cell.strip() for cell in row.strip("│┃| ").split("│")]
-    assert cells[2:4] == [str(len(done)), str(60 - RPC * len(done))]  # chunks done, documents in open chunks
+    assert status.returncode == 0, status.stdout + status.stderr
+    shown = json.loads(status.stdout)
+    assert shown["units_total"] == DOCS // RPC and shown["units_done"] == len(done) and shown["units_failed"] == 0
+    assert shown["documents_done"] == RPC * len(done) and shown["documents_total"] == DOCS
+    # the killed run's units: held still (its leases not yet stale) or stale, to be taken over
+    held = {holder["unit"] for holder in shown["in_progress"] + shown["stale"]}
+    assert held and not held & set(done), shown
 
     job.hold_after(None)
     job.run_ok()
     job.check_exactly_once()
     assert job.requests() == DOCS + CONC
-    assert job.stats()["documents_resumed"] == 60
+    rerun = job.last_run_stats()  # the done units are not read again; the journals' documents are resumed
+    assert rerun["documents_resumed"] == in_journals and rerun["documents_processed"] == DOCS - 60
 
     # finished: running it again sends nothing and says so
     before = job.requests()
@@ -247,7 +253,7 @@ def slow_write(self, file, records):
     for record in records:
         file.write(orjson.dumps(writers.as_dict(record), option=orjson.OPT_APPEND_NEWLINE))
         count += 1
-        if calls == 2 and count == 10:  # the second chunk file, part written
+        if calls == 2 and count == 10:  # the second unit's file, part written
             file.flush()
             open(os.environ["WRITE_MARK"], "w").close()
             time.sleep(120)
@@ -265,17 +271,18 @@ def test_kill_while_a_chunk_file_is_written(tmp_path):
     mark = tmp_path / "writing"
     job.env["WRITE_MARK"] = str(mark)
     proc = job.start(launcher=launcher)
-    wait_for(mark.exists, "the second chunk file to be half written", proc, **WAIT)
+    wait_for(mark.exists, "the second unit's file to be half written", proc, **WAIT)
     temps = list(job.output.glob("*.tmp"))
-    assert len(temps) == 1 and temps[0].name.startswith("00000_00001.jsonl.")
+    assert len(temps) == 1 and re.fullmatch(r"00000_\d{5}\.jsonl\.[0-9a-f]{8}\.tmp", temps[0].name), temps
+    unit = int(temps[0].name[6:11])  # units are claimed in no set order
     assert temps[0].read_text().count("\n") == 10
-    assert not (job.output / "00000_00001.jsonl").exists()
-    assert 1 not in job.done_chunks()
+    assert not (job.output / f"00000_{unit:05d}.jsonl").exists()
+    assert unit not in job.done_units() and len(job.done_units()) == 1
     kill_job(job, proc)
     assert list(job.output.glob("*.tmp")), "the half-written file is still there after the kill"
 
     job.run_ok()  # the plain command: the same job, writing at normal speed
-    job.check_exactly_once()
+    job.check_exactly_once()  # the half-written file was cleaned up
     assert job.requests() <= DOCS + CONC
 
 
@@ -322,6 +329,9 @@ def test_multi_call_rollout_resumes_from_the_request_cache(tmp_path):
     proc = job.start()
     received = freeze_after(job, 100, proc, finished_replies=lambda: replies_kept(job, per_document=3))
     assert job.committed() < 100 // 3 + CONC
+    plan = job.plan()
+    in_journals = job.log_entries("i")
+    finished = sum(plan[unit] for unit in job.done_units()) + in_journals
     kill_job(job, proc)
 
     job.hold_after(None)
@@ -329,8 +339,9 @@ def test_multi_call_rollout_resumes_from_the_request_cache(tmp_path):
     job.check_exactly_once()
     assert job.requests() <= 3 * docs + CONC * 3
     assert job.requests() == 3 * docs + (received - 100)  # only the held requests were sent again
-    stats = job.stats()
-    assert stats["requests_cached"] == 100 - 3 * stats["documents_resumed"] > 0
+    stats = job.last_run_stats()
+    assert stats["documents_resumed"] == in_journals
+    assert stats["requests_cached"] == 100 - 3 * finished > 0  # the stored replies of unfinished documents
     finals = {record["id"]: record["metadata"]["rollout_results"][0]["final"] for record in job.records()}
     i = 7
     assert finals[f"doc-{i:04d}"] == f"step 2: step 1: step 0: document {i} says hello"
@@ -355,12 +366,14 @@ def test_a_different_job_is_refused_until_overwrite(tmp_path):
     for args, change in [
         (["--set", "checkpoint.records_per_chunk=30"], "records_per_chunk: 25 -> 30"),
         (["--set", f"input.path={other_input}"], "copy.jsonl"),
-        (["--world-size", "2", "--rank", "0"], "world_size: 1 -> 2"),
+        (["--set", "rollout.template=Other [[DOCUMENT]]"], "rollout"),
     ]:
         result = job.run(*args)
         message = result.stdout + result.stderr
         assert result.returncode != 0, message
         assert "different job" in message and change in message and "--overwrite" in message, message
+    static = job.run("--world-size", "2", "--rank", "0")  # static ranks are gone: a usage error
+    assert static.returncode == 2 and "static ranks" in static.stderr, static.stdout + static.stderr
     assert job.requests() == sent, "a refused job sends nothing"
     assert sorted(p.name for p in job.output.glob("*.jsonl")) == files, "a refused job changes nothing"
 
@@ -368,7 +381,8 @@ def test_a_different_job_is_refused_until_overwrite(tmp_path):
     job.rpc = 30
     job.check_exactly_once()
     assert len(list(job.output.glob("*.jsonl"))) == -(-DOCS // 30)  # the old 25-record chunk files are gone
-    assert job.stats()["documents_resumed"] == 0
+    stats = job.stats()  # the stats of the runs before the overwrite are gone with them
+    assert stats["worker_runs"] == 1 and stats["documents_resumed"] == 0
 
 
 # -- bad input records -----------------------------------------------------------------------
@@ -388,16 +402,17 @@ def _with_bad_lines(job: Job, bad: dict[int, str]) -> None:
     job.input.write_text("\n".join(lines) + "\n")
 
 
-def test_a_bad_record_stops_the_job_naming_file_and_line(tmp_path):
+def test_a_bad_record_fails_its_unit_naming_file_and_line_and_the_other_units_complete(tmp_path):
     # each kind of bad record at the reader: tests/test_readers.py; here, what the command does
     job = Job(tmp_path, docs=40, server="dummy", rpc=10)
-    _with_bad_lines(job, {17: BAD_LINES["text not a string"]})
-    result = job.run()
-    message = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "input.jsonl:17: field 'text' must be a string, got int" in message, message
+    _with_bad_lines(job, {17: BAD_LINES["text not a string"]})  # unit 1 (lines 11-20), its record 6
+    message = job.run_units_failing()
+    assert "1 of 4 units failed" in message, message
+    assert f"unit 1: {job.input}:17: field 'text' must be a string, got int" in message, message
     assert "on_bad_record: skip" in message
-    assert not (job.checkpoints / "complete.json").exists()
+    assert job.failed_units() == [1] and job.done_units() == [0, 2, 3]
+    written = sorted(record["id"] for record in job.records())
+    assert written == [doc_id for i, doc_id in enumerate(job.ids) if not 10 <= i < 20]  # each once
 
 
 def test_bad_records_are_skipped_counted_and_logged(tmp_path):
@@ -410,45 +425,50 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path):
     assert sorted(written) == sorted(good)
     stats = job.stats()
     assert stats["documents_bad_input"] == 3 and stats["documents_written"] == len(good)
+    # (units are claimed in no set order: so are the failures)
     failures = read_jsonl(job.output / "_infermill" / "failures_rank_00000.jsonl")
+    failures.sort(key=lambda f: int(f["id"].split(":")[1]))
     assert [f["id"] for f in failures] == ["input.jsonl:5", "input.jsonl:23", "input.jsonl:41"]
     assert "malformed JSON" in failures[0]["error"] and "input.jsonl:5" in failures[0]["error"]
     assert "no field 'text'" in failures[1]["error"]
     assert "must be a string" in failures[2]["error"]
 
 
-def test_a_bad_record_late_in_the_input_keeps_the_finished_chunks(tmp_path):
+def test_a_bad_record_late_in_the_input_fails_only_its_unit_and_a_rerun_over_the_fixed_input_retries_only_it(
+    tmp_path,
+):
     job = Job(tmp_path, docs=400, server="dummy", conc=8)
     good_line = job.input.read_text().splitlines()[299]
-    _with_bad_lines(job, {300: BAD_LINES["malformed JSON"]})
-    result = job.run()
-    assert result.returncode != 0 and "input.jsonl:300" in result.stdout + result.stderr
+    _with_bad_lines(job, {300: BAD_LINES["malformed JSON"]})  # unit 11 (lines 276-300), its last record
+    output = job.run_units_failing()
+    assert "1 of 16 units failed" in output and f"unit 11: {job.input}:300: malformed JSON" in output, output[-3000:]
     files = sorted(p.name for p in job.output.glob("*.jsonl"))
-    assert [f"00000_{c:05d}.jsonl" for c in range(11)] == files[:11]  # documents 0-274: chunks 0 to 10
+    assert files == [f"00000_{u:05d}.jsonl" for u in range(16) if u != 11]  # every other unit is written
     kept = [record["id"] for name in files for record in read_jsonl(job.output / name)]
-    assert len(kept) == len(set(kept)) and set(job.ids[:275]) <= set(kept)
+    assert sorted(kept) == sorted(job.ids[:275] + job.ids[300:])  # each once
 
     _with_bad_lines(job, {300: good_line})  # fixed in place: the input changed, and the user says so
     refused = job.run()
     assert refused.returncode == 2 and "--accept-changed-input" in refused.stderr, refused.stderr[-2000:]
     output = job.run_ok("--accept-changed-input")
     job.check_exactly_once()
-    assert job.stats()["documents_resumed"] >= 275, output
+    rerun = job.last_run_stats()
+    assert rerun["documents_read"] + rerun["documents_resumed"] == RPC, output  # unit 11's records, no other
 
 
-# -- ranks and remote outputs -------------------------------------------------------------------
+# -- several workers and remote outputs -----------------------------------------------------------
 
 
-def test_two_ranks_together_write_every_document_once(tmp_path):
-    job = Job(tmp_path, docs=90, server="dummy", rpc=10)
-    for rank in (0, 1):
-        job.run_ok("--world-size", "2", "--rank", str(rank))
-    ids = [record["id"] for record in job.records()]
-    assert sorted(ids) == job.ids
-    assert {p.name[:5] for p in job.output.glob("*.jsonl")} == {"00000", "00001"}
-    for rank in (0, 1):
-        assert (job.output / "_infermill" / "checkpoints" / f"rank_{rank:05d}" / "complete.json").exists()
-        assert (job.output / "_infermill" / f"stats_rank_{rank:05d}.json").exists()
+def test_two_workers_together_write_every_document_once(tmp_path):
+    job = Job(tmp_path, rpc=10, delay=0.02)  # 30 units, about 1.5 s of requests for one worker alone
+    output = job.run_ok("--workers", "2")
+    job.check_exactly_once()
+    assert job.requests() == DOCS  # no document was sent twice
+    assert {p.name[:5] for p in job.output.glob("*.jsonl")} == {"00000"}  # files are named by unit, not worker
+    runs = job.run_stats()
+    assert len(runs) == 2 and all(run["documents_processed"] > 0 for run in runs), (runs, output[-3000:])
+    assert sum(run["documents_processed"] for run in runs) == DOCS
+    assert job.stats()["worker_runs"] == 2 and job.stats()["documents_written"] == DOCS
 
 
 def test_a_remote_output_needs_a_local_checkpoint_folder(tmp_path):
@@ -469,7 +489,7 @@ def test_a_remote_output_needs_a_local_checkpoint_folder(tmp_path):
             "00000_00001.jsonl",
             "00000_00002.jsonl",
         ]
-        assert (tmp_path / "ckpt" / "rank_00000" / "complete.json").exists()
+        assert (tmp_path / "ckpt" / "rank_00000" / "complete.json").exists()  # (the Python API's static rank)
         again = InferenceRunner(
             rollout, config, JsonlWriter(url), checkpoints_local_dir=str(tmp_path / "ckpt"), records_per_chunk=10
         ).run(documents)

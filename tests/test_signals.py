@@ -1,7 +1,8 @@
 """Signals to ``infermill run`` (a real process), and what its server does about them.
 
 * SIGINT or SIGTERM: stop reading input, cancel the requests in flight, keep the checkpoint,
-  stop the server's whole process group, exit 130 within 15 s; the same command resumes.
+  give the units held back (the next run claims them at once), stop the server's whole
+  process group, exit 130 within 15 s; the same command resumes.
 * A second SIGINT while the first one is still stopping things: exit at once, killing the
   server's group on the way out.
 * SIGKILL (no chance to clean up): the server dies with the run (parent-death signal), and
@@ -71,17 +72,24 @@ def test_a_signal_stops_the_run_cleanly_keeping_the_checkpoint_and_the_same_comm
     assert registered_groups(job) == []
     # the checkpoint holds the 30 finished documents; reading stopped at the ones in flight
     assert job.committed() == 30
-    assert not (job.checkpoints / "complete.json").exists()
+    assert len(job.done_units()) < len(job.plan())
+    # the units held were given back, not left to expire: no lease is live, none counts as an attempt
+    units = job.queue / "units"
+    held = [p.name for p in units.glob("*.lease") if not (units / f"{p.name[:6]}.done").exists()]
+    assert held == [] and list(units.glob("*.released"))
     stats = job.stats()
     assert stats["documents_processed"] == 30 and stats["documents_failed"] == 0
     assert stats["documents_read"] == 30 + CONC
     if signum == signal.SIGTERM:
         return  # the resume is the same as after SIGINT: not run again, to keep the suite fast
 
+    in_journals = job.log_entries("i")
+    started = time.monotonic()
     job.run_ok("--set=inference.model_kwargs.hang_after=null")
+    assert time.monotonic() - started < job.lease_timeout_sec + 5  # (generous: it waits for no lease)
     job.check_exactly_once()
-    stats = job.stats()
-    assert stats["documents_resumed"] == 30 and stats["documents_processed"] == 50
+    stats = job.last_run_stats()
+    assert stats["documents_resumed"] == in_journals and stats["documents_processed"] == 50
 
 
 def test_a_second_sigint_stops_at_once_killing_the_server(tmp_path):
@@ -107,9 +115,11 @@ def test_a_second_sigint_stops_at_once_killing_the_server(tmp_path):
     wait_for(lambda: not group_members(server_pid), "the server's group to die")
     assert job.committed() == 20
 
+    in_journals = job.log_entries("i")
     job.run_ok("--set=inference.model_kwargs.hang_after=null", "--set=inference.server_stop_grace_sec=0.2")
     job.check_exactly_once()
-    assert job.stats()["documents_resumed"] == 20
+    rerun = job.last_run_stats()
+    assert rerun["documents_resumed"] == in_journals and rerun["documents_processed"] == 40
 
 
 def test_a_sigkilled_run_takes_its_server_along_and_the_next_run_reaps_what_escaped(tmp_path):
@@ -128,12 +138,14 @@ def test_a_sigkilled_run_takes_its_server_along_and_the_next_run_reaps_what_esca
     assert running(grandchild), "the grandchild should have escaped (the parent-death signal is the server's only)"
     assert registered_groups(job) == [str(server_pid)]  # the dead run could not unregister it
 
+    in_journals = job.log_entries("i")
     output = job.run_ok("--set=inference.model_kwargs.hang_after=null")
     assert not running(grandchild), "the next run should have killed what the dead run left behind"
     assert f"killed process group {server_pid} left behind by an infermill run that died" in output
     assert registered_groups(job) == []
     job.check_exactly_once()
-    assert job.stats()["documents_resumed"] == 20
+    rerun = job.last_run_stats()  # the killed run's units were taken over once their leases went stale
+    assert rerun["documents_resumed"] == in_journals and rerun["documents_processed"] == 40
 
 
 def test_a_signal_while_the_server_starts_stops_it_too(tmp_path):

@@ -519,8 +519,16 @@ class QueueJournal(ChunkLogs):
 
     def commit(self, index: int, record: bytes | None) -> int | None:
         if index // self.records_per_chunk in self.dropped:
+            self._pending.pop(index, None)  # nor do its replies waiting for the next flush
             return None  # its unit failed or was taken over: the result goes nowhere
         return super().commit(index, record)
+
+    def _append(self, chunk_index: int, data: bytes) -> None:
+        if chunk_index in self.dropped:
+            # failed or lost while a document of it was in flight: its replies go nowhere either
+            # (a failed unit is let go, and has no journal path any more)
+            return
+        super()._append(chunk_index, data)
 
     def finalize_chunk(self, chunk_index: int) -> int:
         """Commit unit ``chunk_index`` (in a worker thread): its output file from its journal,
@@ -536,6 +544,8 @@ class QueueJournal(ChunkLogs):
 
         def write_output() -> None:
             nonlocal written
+            if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
+                self.writer.remove_temp_files(0, unit)
             written = self.writer.write_chunk(self._records(path), 0, unit) if path.exists() else 0
 
         try:

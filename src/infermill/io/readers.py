@@ -23,7 +23,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from infermill.errors import InfermillError
-from infermill.io.filesystems import url_to_fs
+from infermill.io.filesystems import reaching, url_to_fs
 from infermill.types import Document
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -72,25 +72,26 @@ def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
 
     urls: list[str] = []
     for path in [paths] if isinstance(paths, str) else list(paths):
-        fs, root = url_to_fs(path)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        prefix = "" if protocol in ("file", "local") else f"{protocol}://"
-        if fsspec.core.has_magic(root):
-            found = sorted(p for p in fs.glob(root) if _glob_may_take(p, root))
-        elif fs.isdir(root):
-            if fs.exists(f"{root}/dataset_dict.json"):
-                _raise_dataset_dict(fs, root, prefix + root)
-            if fmt == "hf" or fs.exists(f"{root}/state.json"):
-                urls.append(prefix + root)
-                continue
-            found = sorted(p for p in fs.find(root) if _is_data_file(p))
-        elif fs.exists(root):
-            found = [root]
-        else:
-            raise InfermillError(f"input {path} does not exist; check input.path")
-        if not found:
-            raise InfermillError(f"input {path} matches no file; check input.path")
-        urls.extend(prefix + p for p in found)
+        with reaching(path, "list"):
+            fs, root = url_to_fs(path)
+            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+            if fsspec.core.has_magic(root):
+                found = sorted(p for p in fs.glob(root) if _glob_may_take(p, root))
+            elif fs.isdir(root):
+                if fs.exists(f"{root}/dataset_dict.json"):
+                    _raise_dataset_dict(fs, root, prefix + root)
+                if fmt == "hf" or fs.exists(f"{root}/state.json"):
+                    urls.append(prefix + root)
+                    continue
+                found = sorted(p for p in fs.find(root) if _is_data_file(p))
+            elif fs.exists(root):
+                found = [root]
+            else:
+                raise InfermillError(f"input {path} does not exist; check input.path")
+            if not found:
+                raise InfermillError(f"input {path} matches no file; check input.path")
+            urls.extend(prefix + p for p in found)
     return urls
 
 
@@ -170,8 +171,9 @@ class DocumentReader:
         found = []
         for url in self.files:
             fs, path = url_to_fs(url)
-            info = fs.info(path)
-            size = fs.du(path) if info.get("type") == "directory" else info.get("size")
+            with reaching(url, "read the size of"):
+                info = fs.info(path)
+                size = fs.du(path) if info.get("type") == "directory" else info.get("size")
             modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
             found.append([url, size, modified if isinstance(modified, (int, float, str)) else str(modified)])
         return found

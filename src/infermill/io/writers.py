@@ -100,10 +100,12 @@ class OutputWriter:
             if self.fs.exists(path):
                 self.fs.rm(path)
 
-    def remove_temp_files(self, rank: int) -> None:
-        """Delete this rank's temporary files left by a run killed while writing a chunk: the
-        names :meth:`write_chunk` gives them (``NAME.<8 hex digits>.tmp``), nothing else."""
-        pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index="*")
+    def remove_temp_files(self, rank: int, chunk_index: int | None = None) -> None:
+        """Delete this rank's temporary files (of chunk ``chunk_index`` only, if given) left by a
+        run killed while writing a chunk: the names :meth:`write_chunk` gives them
+        (``NAME.<8 hex digits>.tmp``), nothing else."""
+        chunks = "*" if chunk_index is None else f"{chunk_index:05d}"
+        pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index=chunks)
         with reaching(self.url(self.root), "clean up temporary files in"):
             for path in self.fs.glob(f"{self.root}/{pattern}.????????.tmp"):
                 self.fs.rm(path)
