@@ -148,11 +148,26 @@ def test_a_killed_holders_unit_is_taken_over_after_the_lease_timeout(tmp_path, w
     holder.kill()
     holder.wait()
     other = make_queue(folder, "other", lease_timeout_sec=timeout)
+    other.host = "another-host"  # as seen from another node, which cannot tell the holder is gone
     assert other.claim() is None  # renewed a moment ago: not stale yet
     taken: list[Lease] = []
     wait_until(lambda: taken.append(other.claim()) or taken[-1], 10 * timeout, "the takeover")
     assert (taken[-1].unit, taken[-1].generation) == (0, 2)
     assert other.commit(taken[-1], lambda: None, documents=1)
+
+
+def test_a_killed_holder_of_this_host_is_taken_over_at_once_a_live_one_is_not(tmp_path, workers):
+    timeout = 60.0  # never reached here
+    folder, state = tmp_path / "queue", tmp_path / "holder.json"
+    make_queue(folder, "planner", 1, lease_timeout_sec=timeout)
+    holder = workers("hold", folder, "killed", timeout, state)
+    wait_until(state.exists, START, "the holder's claim")
+    other = make_queue(folder, "other", lease_timeout_sec=timeout)
+    assert other.claim() is None  # its holder lives
+    holder.kill()
+    holder.wait()
+    lease = other.claim()  # the same host: the holder's process is gone, no need to wait for the timeout
+    assert lease is not None and (lease.unit, lease.generation) == (0, 2)
 
 
 def test_workers_racing_over_one_stale_lease_elect_exactly_one(tmp_path, workers):

@@ -256,11 +256,8 @@ def run(
             options = QueueOptions(job.checkpoint.lease_timeout_sec, max_unit_attempts)
             progress = None
             if not as_worker:  # a --workers parent shows the job's progress
-                size = functools.partial(reader.size, 0, 1)
                 console = _console() if sys.stderr.isatty() else None  # the logging handler's (_setup_logging)
-                progress = asyncio.create_task(
-                    show_progress(runner.progress, size, log_interval(job.inference), console)
-                )
+                progress = asyncio.create_task(show_progress(runner.progress, log_interval(job.inference), console))
             try:
                 return await runner.run_queue_async(reader, server, options)
             finally:

@@ -486,6 +486,7 @@ class QueueJournal(ChunkLogs):
         whether every record of the unit is finished already (it only needs committing)."""
         unit = lease.unit
         self._leases[unit] = lease
+        self.dropped.discard(unit)  # lost once, taken back now
         path = self._log_path(unit)
         earlier = self.queue.earlier_journals(unit, lease.generation)
         if earlier:

@@ -62,16 +62,20 @@ class ProgressSnapshot:
     requests_queued: int = 0  # waiting for a generation slot or for the server to be ready
     requests_retried: int = 0
     server_restarts: int = 0
+    documents_total: int | None = None  # the documents the runs have to do, when they all know it
 
     @classmethod
-    def of(cls, runs: list[tuple[RunStats, int]]) -> ProgressSnapshot:
-        """The snapshot of ``runs``, each given as its stats and its server's restarts so far."""
+    def of(cls, runs: list[tuple[RunStats, int, int | None]]) -> ProgressSnapshot:
+        """The snapshot of ``runs``, each given as its stats, its server's restarts so far and the
+        documents it has to do (None: not known)."""
+        totals = [total for _, _, total in runs]
         return cls(
-            documents_done=sum(s.documents_processed + s.documents_resumed + s.documents_bad_input for s, _ in runs),
-            documents_processed=sum(s.documents_processed for s, _ in runs),
-            completion_tokens=sum(s.completion_tokens for s, _ in runs),
-            requests_in_flight=sum(s.requests_in_flight for s, _ in runs),
-            requests_queued=sum(s.requests_pending - s.requests_in_flight for s, _ in runs),
-            requests_retried=sum(s.requests_retried for s, _ in runs),
-            server_restarts=sum(restarts for _, restarts in runs),
+            documents_total=sum(totals) if runs and None not in totals else None,  # type: ignore[arg-type]
+            documents_done=sum(s.documents_processed + s.documents_resumed + s.documents_bad_input for s, _, _ in runs),
+            documents_processed=sum(s.documents_processed for s, _, _ in runs),
+            completion_tokens=sum(s.completion_tokens for s, _, _ in runs),
+            requests_in_flight=sum(s.requests_in_flight for s, _, _ in runs),
+            requests_queued=sum(s.requests_pending - s.requests_in_flight for s, _, _ in runs),
+            requests_retried=sum(s.requests_retried for s, _, _ in runs),
+            server_restarts=sum(restarts for _, restarts, _ in runs),
         )

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from infermill.config import InferenceConfig
-    from infermill.io.readers import InputSize
     from infermill.queue import QueueStatus
 
 logger = logging.getLogger("infermill.progress")
@@ -32,50 +31,25 @@ def log_interval(config: InferenceConfig) -> float:
     return config.metric_interval if "metric_interval" in config.model_fields_set else LOG_INTERVAL
 
 
-def progress_line(progress: ProgressSnapshot, size: InputSize | None, elapsed: float) -> str:
-    """One line: documents done (of how many, when known), ETA, rates, requests in flight and
-    queued, retries, restarts: what matters most first, as a narrow terminal cuts the end. With
-    the documents unknown, the part done is the part of the input's bytes read (or of
-    ``input.limit``, whichever is further), and the line says so."""
+def progress_line(progress: ProgressSnapshot, elapsed: float) -> str:
+    """One line: documents done (of how many, when the runs know: a queue's plan does), ETA,
+    rates, requests in flight and queued, retries, restarts: what matters most first, as a
+    narrow terminal cuts the end."""
     done = progress.documents_done
+    total = progress.documents_total
     rate = progress.documents_processed / elapsed if elapsed > 0 else 0.0
     tokens = progress.completion_tokens / elapsed if elapsed > 0 else 0.0
-    fraction, what = _fraction_done(done, size)
-    if size is not None and size.documents is not None:
-        docs = f"{done:,}/{size.documents:,} docs ({100 * fraction:.1f}%)"
-    elif what:
-        docs = f"{done:,} docs ({100 * fraction:.1f}% of {what})"
-    else:
-        docs = f"{done:,} docs"
+    docs = f"{done:,} docs"
     eta = ""
-    if size is not None and size.documents is not None:
+    if total is not None:
+        docs = f"{done:,}/{total:,} docs ({100 * min(1.0, done / total) if total else 100.0:.1f}%)"
         if rate > 0:
-            eta = f" | ETA {max(0.0, (size.documents - done) / rate):,.0f} s"
-    elif fraction > 0 and progress.documents_processed:  # not from the read-ahead while the server boots
-        eta = f" | ETA {elapsed * max(0.0, 1 - fraction) / fraction:,.0f} s"
+            eta = f" | ETA {max(0.0, (total - done) / rate):,.0f} s"
     return (
         f"{docs}{eta} | {rate:,.1f} docs/s | {tokens:,.0f} tok/s | {progress.requests_in_flight} in flight | "
         f"{progress.requests_queued} queued | {progress.requests_retried} retried | "
         f"{progress.server_restarts} restarts"
     )
-
-
-def _fraction_done(done: int, size: InputSize | None) -> tuple[float, str]:
-    """The part of the input done, in [0, 1], and what it is a part of ("" when it is not known)."""
-    if size is None:
-        return 0.0, ""
-    if size.documents is not None:
-        return (min(1.0, done / size.documents) if size.documents else 1.0), "the documents"
-    by_bytes = by_limit = -1.0
-    if size.total_bytes is not None and size.bytes_read is not None:
-        by_bytes = min(1.0, size.bytes_read() / size.total_bytes) if size.total_bytes else 1.0
-    if size.limit:
-        by_limit = min(1.0, done / size.limit)
-    if by_bytes < 0 and by_limit < 0:
-        return 0.0, ""
-    if by_bytes >= by_limit:
-        return by_bytes, "input bytes read"
-    return by_limit, f"input.limit={size.limit:,}"
 
 
 def queue_line(status: QueueStatus) -> str:
@@ -100,23 +74,18 @@ async def show_queue_progress(status: Callable[[], QueueStatus], interval: float
 
 async def show_progress(
     snapshot: Callable[[], ProgressSnapshot],
-    size: InputSize | Callable[[], InputSize] | None = None,
     interval: float = LOG_INTERVAL,
     console: Console | None = None,
 ) -> None:
     """Until cancelled: redraw a live line on a terminal (twice a second), else log one every
-    ``interval`` seconds. ``snapshot`` says where the job stands (``InferenceRunner.progress``);
-    ``size`` how much input there is (``DocumentReader.size``: called in a thread, as it may read
-    file footers). On a terminal, ``console`` is the one log records are printed on (the
-    ``RichHandler``'s): the live line is drawn on it too, so that records print whole above it."""
+    ``interval`` seconds. ``snapshot`` says where the job stands (``InferenceRunner.progress``).
+    On a terminal, ``console`` is the one log records are printed on (the ``RichHandler``'s):
+    the live line is drawn on it too, so that records print whole above it."""
     started = time.monotonic()
     tty = sys.stderr.isatty()
-    if callable(size):
-        size = await asyncio.to_thread(size)
-    known = size
 
     def render() -> str:
-        return progress_line(snapshot(), known, time.monotonic() - started)
+        return progress_line(snapshot(), time.monotonic() - started)
 
     if not tty:
         while True:

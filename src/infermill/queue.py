@@ -43,8 +43,10 @@ failed; any of these raises :class:`~infermill.errors.LeaseLostError`.
 
 **Staleness** is measured on the storage's clock, never a node's: a lease is stale when its
 mtime is more than ``lease_timeout_sec`` older than the mtime of the ``clock`` file just
-touched. Clock skew between nodes does not matter; a file system's mtime granularity
-(1 ns on ext4, 1 s or 2 s on some) must be small against the timeout.
+touched. Clock skew between nodes does not matter; a file system's mtime granularity (1 ns
+on ext4, 1 s or 2 s on some) must be small against the timeout. A lease whose holder ran on
+the claiming worker's own host and whose process is gone is taken over at once: a rerun
+after a kill does not wait for the timeout.
 
 **Commits.** :meth:`WorkQueue.commit` renews the lease (refusing, as above, a lost one) and
 only then calls the caller's writer, which writes the unit's output under a temporary name
@@ -301,12 +303,29 @@ class WorkQueue:
         self._random.shuffle(leased)
         for unit in leased:
             state = units[unit]
-            age = self._age(self.units_dir / _generation_name(unit, state.generation, "lease"), now)
-            if age is not None and age > self.lease_timeout_sec:
+            path = self.units_dir / _generation_name(unit, state.generation, "lease")
+            age = self._age(path, now)
+            if age is not None and (age > self.lease_timeout_sec or self._holder_gone(path)):
                 lease = self._take(unit, state)
                 if lease is not None:
                     return lease
         return None
+
+    def _holder_gone(self, lease_path: Path) -> bool:
+        """Whether the lease's holder ran on this host and its process is gone (a worker killed
+        here): its unit is taken over at once instead of after ``lease_timeout_sec``. A pid of
+        this host that runs again (reused) keeps the lease until it is stale, as on another host."""
+        holder = self._read_json(lease_path) or {}
+        pid = holder.get("pid")
+        if holder.get("host") != self.host or not isinstance(pid, int) or pid == self.pid:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's process: alive
+            return False
+        return False
 
     @_timed
     def drained(self) -> bool:

@@ -288,6 +288,7 @@ class InferenceRunner:
         journal = QueueJournal(queue, plan, self.output_writer)
         source = UnitSource(queue, journal, reader, plan)
         run = _Run(self, journal, 0)
+        run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
         self._runs.append(run)
         stopped_on_request = False
         try:
@@ -314,7 +315,9 @@ class InferenceRunner:
 
     def progress(self) -> ProgressSnapshot:
         """What the runs in progress have done so far (all of them together)."""
-        return ProgressSnapshot.of([(run.stats, run.server.restarts if run.server else 0) for run in self._runs])
+        return ProgressSnapshot.of(
+            [(run.stats, run.server.restarts if run.server else 0, run.documents_total) for run in self._runs]
+        )
 
     def identity(self, rank: int | None = None, world_size: int | None = None) -> dict[str, Any]:
         """What a checkpoint must have been written by to be resumed (with the static rank, if any)."""
@@ -352,6 +355,7 @@ class _Run:
         self.server: InferenceServer | None = None
         self.context: dict[str, Any] = {}
         self.slots = asyncio.Semaphore(self.config.max_concurrent_generations)
+        self.documents_total: int | None = None  # the documents this run has to do, when known
         self._failures: BinaryIO | None = None
 
     async def process(

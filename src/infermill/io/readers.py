@@ -162,7 +162,6 @@ class DocumentReader:
         self.id_key = id_key
         self.limit = limit
         self.on_bad_record = on_bad_record
-        self._bytes = _BytesRead()
 
     def fingerprint(self) -> list[list[Any]]:
         """``[url, size in bytes, modification time]`` of every input file (a saved dataset folder:
@@ -178,41 +177,10 @@ class DocumentReader:
             found.append([url, size, modified if isinstance(modified, (int, float, str)) else str(modified)])
         return found
 
-    def size(self, rank: int = 0, world_size: int = 1) -> InputSize:
-        """How much rank ``rank`` of ``world_size`` reads, where that is cheap to know: its documents
-        when every file it reads is Parquet (counted from the footers) or a local saved dataset
-        (from its record batches' headers), else, when every file is JSONL or CSV, its files' bytes
-        (compressed, as stored), against which :meth:`bytes_read` measures the progress of
-        :meth:`read`. Never raises: what cannot be known is None."""
-        by_file = len(self.files) >= world_size
-        files = self.files[rank::world_size] if by_file else self.files
-        try:
-            formats = [self._format_of(url) for url in files]
-            if files and set(formats) <= _ROW_COUNTS.keys():
-                rows = sum(_ROW_COUNTS[fmt](url) for url, fmt in zip(files, formats, strict=True))
-                if not by_file:  # every rank reads every file and keeps records rank, rank + world_size, ...
-                    rows = len(range(rank, rows, world_size))
-                return InputSize(rows if self.limit is None else min(rows, self.limit), limit=self.limit)
-            if files and set(formats) <= _BYTES_COUNTED.keys():
-                total = 0
-                for url in files:
-                    fs, path = url_to_fs(url)
-                    total += fs.info(path)["size"]
-                return InputSize(total_bytes=total, limit=self.limit, bytes_read=self.bytes_read)
-        except Exception as e:  # the progress display does without; the run itself will say what is wrong
-            logger.debug("the input's size is not known: %s: %s", type(e).__name__, e)
-        return InputSize(limit=self.limit)
-
-    def bytes_read(self) -> int:
-        """Bytes of JSONL and CSV input files (compressed, as stored) that the last :meth:`read`
-        has consumed, read-ahead included."""
-        return self._bytes()
-
     def _format_of(self, url: str) -> str:
         return self.format if self.format != "auto" else ("hf" if _is_hf_folder(url) else detect_format(url))
 
     def read(self, rank: int = 0, world_size: int = 1) -> Iterator[Document | BadRecord]:
-        self._bytes = _BytesRead()
         by_file = len(self.files) >= world_size
         files = self.files[rank::world_size] if by_file else self.files
         count = 0
@@ -238,8 +206,7 @@ class DocumentReader:
 
     def _read_file(self, url: str) -> Iterator[Document | BadRecordError]:
         fmt = self._format_of(url)
-        rows = _BYTES_COUNTED[fmt](url, self._bytes) if fmt in _BYTES_COUNTED else INPUT_FORMATS[fmt](url)
-        return self._documents(url, fmt, rows)
+        return self._documents(url, fmt, INPUT_FORMATS[fmt](url))
 
     def _documents(
         self, url: str, fmt: str, rows: Iterator[tuple[int, Any]], first_position: int = 1
@@ -308,41 +275,6 @@ class _Bad(Exception):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class InputSize:
-    """How much of the input a rank reads (see :meth:`DocumentReader.size`); None: not known."""
-
-    documents: int | None = None  # the rank's documents, input.limit applied
-    limit: int | None = None  # input.limit: the rank reads at most this many documents
-    total_bytes: int | None = None  # bytes of the rank's files, when its documents are not known
-    bytes_read: Callable[[], int] | None = None  # how many of those were read so far
-
-
-class _BytesRead:
-    """Bytes of input read so far: the files done, plus the position in the file open (of its
-    compressed bytes, as stored, so that it is measured against the files' sizes)."""
-
-    def __init__(self) -> None:
-        self.done = 0
-        self.file: Any = None
-
-    def __call__(self) -> int:
-        file = self.file
-        try:
-            return self.done + (file.tell() if file is not None else 0)
-        except (OSError, ValueError):  # closed meanwhile
-            return self.done
-
-    @contextlib.contextmanager
-    def reading(self, file: Any) -> Iterator[None]:
-        self.file = file
-        try:
-            yield
-        finally:
-            self.done = self()
-            self.file = None
-
-
 def _is_hf_folder(url: str) -> bool:
 
     fs, root = url_to_fs(url)
@@ -395,24 +327,21 @@ class _StrictZstdReader(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def _open_decompressed(url: str, counted: _BytesRead | None = None) -> Iterator[IO[bytes]]:
+def _open_decompressed(url: str) -> Iterator[IO[bytes]]:
     """``url``'s bytes, decompressed by its suffix (``.gz``, ``.zst``), readable by line; a
-    truncated compressed file raises ``EOFError`` at its end instead of reading as shorter.
-    ``counted`` follows how many of the file's bytes (as stored) were read."""
+    truncated compressed file raises ``EOFError`` at its end instead of reading as shorter."""
     import fsspec
 
-    counted = counted if counted is not None else _BytesRead()
     if url.endswith(".zst"):
-        with fsspec.open(url, "rb") as raw, counted.reading(raw):
+        with fsspec.open(url, "rb") as raw:
             yield io.BufferedReader(_StrictZstdReader(raw), 1 << 16)
     else:
-        opened = fsspec.open(url, "rb", compression="infer")
-        with opened as f, counted.reading(opened.fobjects[0]):  # the file as stored, under the decompressor
+        with fsspec.open(url, "rb", compression="infer") as f:
             yield f
 
 
-def _jsonl_rows(url: str, counted: _BytesRead | None = None) -> Iterator[tuple[int, Any]]:
-    with _open_decompressed(url, counted) as lines:
+def _jsonl_rows(url: str) -> Iterator[tuple[int, Any]]:
+    with _open_decompressed(url) as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -430,8 +359,8 @@ def _jsonl_rows(url: str, counted: _BytesRead | None = None) -> Iterator[tuple[i
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
 
 
-def _csv_rows(url: str, counted: _BytesRead | None = None) -> Iterator[tuple[int, Any]]:
-    with _open_decompressed(url, counted) as f:
+def _csv_rows(url: str) -> Iterator[tuple[int, Any]]:
+    with _open_decompressed(url) as f:
         # decoded line by line, keeping bytes that are not UTF-8 as surrogates: a record holding
         # one is a bad record at its own line, not a file that cannot be read
         reader = csv.DictReader(line.decode("utf-8", "surrogateescape") for line in f)
@@ -480,40 +409,4 @@ INPUT_FORMATS: dict[str, RowReader] = {
     "csv": _csv_rows,
     "hf": _hf_rows,
     "openai_batch": _jsonl_rows,  # one request per line: {custom_id, method, url, body}
-}
-
-
-def _parquet_row_count(url: str) -> int:
-    """The rows of a Parquet file, from its footer (the data is not read)."""
-    import fsspec
-    import pyarrow.parquet as pq
-
-    with fsspec.open(url, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
-def _hf_row_count(url: str) -> int:
-    """The rows of a local saved dataset, from its record batches' headers: the files are memory
-    mapped, their data never read. ValueError for a remote one (it would be read whole)."""
-    import pyarrow as pa
-
-    fs, root = url_to_fs(url)
-    if "file" not in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
-        raise ValueError(f"{url} is not local: counting its rows would read it")
-    state = orjson.loads(fs.cat(f"{root}/state.json"))
-    rows = 0
-    for data_file in state.get("_data_files", []):
-        with pa.memory_map(f"{root}/{data_file['filename']}") as source:
-            rows += sum(batch.num_rows for batch in pa.ipc.open_stream(source))
-    return rows
-
-
-#: the formats whose rows are counted without reading the data (DocumentReader.size)
-_ROW_COUNTS: dict[str, Callable[[str], int]] = {"parquet": _parquet_row_count, "hf": _hf_row_count}
-
-#: the formats read as a stream of bytes, whose progress is measured in bytes read
-_BYTES_COUNTED: dict[str, Callable[[str, _BytesRead], Iterator[tuple[int, Any]]]] = {
-    "jsonl": _jsonl_rows,
-    "csv": _csv_rows,
-    "openai_batch": _jsonl_rows,
 }
