@@ -8,7 +8,10 @@ suffix (``.gz``, ``.zst``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -21,6 +24,7 @@ from infermill.errors import InfermillError
 from infermill.io.filesystems import reaching, url_to_fs
 
 COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
+_SCHEMA_LOCK = threading.Lock()  # the Parquet job schema's read-widen-write, among this process's threads
 PARQUET_ROWS_PER_GROUP = 2000
 JSONL_BLOCK_BYTES = 1 << 20
 
@@ -151,8 +155,9 @@ class ParquetWriter(OutputWriter):
     instead, so nothing is lost and every file still reads with the job's schema:
     ``pq.read_table(folder, schema=pq.read_schema(f"{folder}/_common_metadata"))``. A struct
     with no fields (a ``{}`` value) cannot be written to Parquet and goes to JSON text too.
-    Ranks that write their first chunks at the same moment may race on that file; each file
-    stays whole and readable alone.
+    Its updates are locked (threads, and processes on a local or network file system); writers
+    on different machines of an object store may race on it, and each file stays whole and
+    readable alone.
     """
 
     extension = ".parquet"
@@ -259,20 +264,33 @@ class ParquetWriter(OutputWriter):
         return {f.name: f.type for f in metadata} if metadata.num_fields else {}
 
     def _store_job_schema(self, schema: Any) -> None:
-        """Widen the stored job schema by this chunk's (read again: another rank may have widened it)."""
+        """Widen the stored job schema by this chunk's: read, widened and written again under a
+        lock (this process's threads, and on a local output every process: ``flock``), so that
+        chunks finished at the same moment never lose each other's fields."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        stored = self._job_schema()
-        if stored is not None:
-            try:
-                schema = pa.unify_schemas([stored, schema], promote_options="permissive")
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                pass  # a field typed differently by a rank writing at the same moment: keep ours
-        temp = f"{self._schema_path}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open(temp, "wb") as f:
-            pq.write_metadata(schema, f)
-        self.fs.mv(temp, self._schema_path)
+        with _SCHEMA_LOCK, self._schema_file_lock():
+            stored = self._job_schema()
+            if stored is not None:
+                try:
+                    schema = pa.unify_schemas([stored, schema], promote_options="permissive")
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    pass  # a field typed differently by a remote writer at the same moment: keep ours
+            temp = f"{self._schema_path}.{uuid.uuid4().hex[:8]}.tmp"
+            with self.fs.open(temp, "wb") as f:
+                pq.write_metadata(schema, f)
+            self.fs.mv(temp, self._schema_path)
+
+    @contextlib.contextmanager
+    def _schema_file_lock(self) -> Iterator[None]:
+        if not self.is_local:  # no lock across machines on an object store: the docstring says so
+            yield
+            return
+        self.fs.makedirs(self.root, exist_ok=True)
+        with open(os.path.join(self.root, f"{self.SCHEMA_FILE}.lock"), "a") as lock:  # "_": readers skip it
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            yield
 
     def _write_json_layout(self, file: IO[bytes], records: Iterator[Record]) -> int:
         import pyarrow as pa
