@@ -18,6 +18,9 @@ from helpers import wait_until
 from slurm_cluster import Cluster, Unavailable, start_cluster
 from test_workers import TIMEOUT, QueueJob, output_of
 
+#: the first test also starts the cluster, installing Debian's packages on a fresh machine
+pytestmark = pytest.mark.timeout(600)
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[Cluster]:
@@ -93,6 +96,7 @@ def test_dry_run_prints_the_whole_script_and_writes_and_submits_nothing(tmp_path
         "#SBATCH --ntasks=1",
         f"#SBATCH --output={log}",
         f"#SBATCH --error={log}",
+        "#SBATCH --open-mode=append",
         "#SBATCH --partition=gpu",
         "#SBATCH --qos=high",
         "#SBATCH --account=proj",
@@ -110,6 +114,8 @@ def test_dry_run_prints_the_whole_script_and_writes_and_submits_nothing(tmp_path
         "export VLLM_LOGGING_LEVEL=DEBUG",
         "module load cuda/12.4",
         "source /opt/venv/bin/activate",
+        'echo "infermill worker: Slurm task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} on $(hostname), restart'
+        ' ${SLURM_RESTART_COUNT:-0}"',
         'export INFERMILL_WORKER_INDEX="$SLURM_ARRAY_TASK_ID"  # its server logs to server_rank_<task>.log',
         "# the time-limit warning (USR1, to this shell alone): stop the worker cleanly, then requeue this task",
         "trap 'timed_out=1; kill -TERM \"$worker\" 2>/dev/null' USR1",
@@ -143,6 +149,7 @@ def test_dry_run_prints_the_whole_script_and_writes_and_submits_nothing(tmp_path
         "#SBATCH --ntasks=1",
         f"#SBATCH --output={log}",
         f"#SBATCH --error={log}",
+        "#SBATCH --open-mode=append",
         "#SBATCH --gres=gpu:4",
         "#SBATCH --requeue",
         "#SBATCH --signal=B:USR1@120",
@@ -227,5 +234,34 @@ def test_scancel_of_the_whole_array_mid_run_then_the_same_command_again_gives_ea
     assert status["units_in_progress"] == 0, status  # every cancelled worker gave its units back
     again = job.run("--executor", "slurm", "--workers", "3", "--wait")
     assert again.returncode == 0, output_of(again)
+    job.check_exactly_once()
+    assert job.status()["units_done"] == 40
+
+
+def test_a_task_warned_of_its_time_limit_gives_its_units_back_and_is_requeued(tmp_path, slurm):
+    # Slurm's warning (--signal=B:USR1@120) sent by hand: scancel --signal=USR1 --batch
+    job = QueueJob(tmp_path, docs=2000, rpc=50, conc=4, lease_timeout_sec=2, directives="sleep:0.03")
+    proc = job.start("--executor", "slurm", "--workers", "2", "--wait")
+    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    try:
+        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
+        job_id = submitted_job_id(log.read_text())
+        wait_until(lambda: job.status()["units_done"] >= 3, 60, "three units done")
+        subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job_id}_0"], check=True)
+
+        def requeued() -> bool:
+            squeue = ["squeue", "-h", "-j", f"{job_id}_0", "-o", "%T %r"]
+            return subprocess.run(squeue, capture_output=True, text=True).stdout.split() == ["PENDING", "BeginTime"]
+
+        wait_until(requeued, 60, "task 0 to be requeued", interval=0.2)
+        # Slurm holds a requeued task for a while (its begin time): start it now
+        subprocess.run(["scontrol", "update", f"JobId={job_id}_0", "StartTime=now"], check=True)
+        code = proc.wait(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert code == 0, log.read_text()[-3000:]
+    task_log = (job.output / "_infermill" / "logs" / f"slurm-{job_id}_0.log").read_text()
+    assert task_log.count("SIGTERM received: stopping cleanly") == 1, task_log[-3000:]
+    assert "restart 0" in task_log and "restart 1" in task_log, task_log[-3000:]
     job.check_exactly_once()
     assert job.status()["units_done"] == 40

@@ -22,7 +22,8 @@ waits for it; the shell exits with the worker's exit code.
 - The time limit: ``--signal=B:USR1@120`` has Slurm warn the batch shell alone 120 s before
   it; the shell forwards SIGTERM to the worker (which stops as above) and then requeues its
   own task (``scontrol requeue JOBID_TASK``), so the array keeps its N workers until the queue
-  is drained. USR1 rather than TERM, so that the shell tells a time limit (go on later) from
+  is drained. Slurm starts a requeued task again after a delay of its own (its begin time is
+  set about two minutes ahead). USR1 rather than TERM, so that the shell tells a time limit (go on later) from
   a cancellation (stop for good): SIGTERM from Slurm reaches the worker directly anyway.
 - A node lost: Slurm requeues the task (``--requeue``); the unit its worker held is taken
   over once its lease expires (``checkpoint.lease_timeout_sec``).
@@ -80,6 +81,7 @@ def sbatch_script(job: Any, command: Sequence[str], workers: int, layout: Any) -
         "--ntasks=1",
         f"--output={log}",
         f"--error={log}",
+        "--open-mode=append",  # a requeued task's log keeps its earlier runs
     ]
     for name, value in (
         ("partition", slurm.partition),
@@ -102,6 +104,8 @@ def sbatch_script(job: Any, command: Sequence[str], workers: int, layout: Any) -
         lines.append(f"export {name}={shlex.quote(value)}")
     lines += slurm.setup
     lines += [
+        'echo "infermill worker: Slurm task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} on $(hostname),'
+        ' restart ${SLURM_RESTART_COUNT:-0}"',
         'export INFERMILL_WORKER_INDEX="$SLURM_ARRAY_TASK_ID"  # its server logs to server_rank_<task>.log',
         "# the time-limit warning (USR1, to this shell alone): stop the worker cleanly, then requeue this task",
         "trap 'timed_out=1; kill -TERM \"$worker\" 2>/dev/null' USR1",
