@@ -5,6 +5,7 @@ the session as root) against the faulty test server: exactly once, through ``sca
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -265,3 +266,27 @@ def test_a_task_warned_of_its_time_limit_gives_its_units_back_and_is_requeued(tm
     assert "restart 0" in task_log and "restart 1" in task_log, task_log[-3000:]
     job.check_exactly_once()
     assert job.status()["units_done"] == 40
+
+
+def test_ctrl_c_while_waiting_stops_the_waiting_only_and_says_how_to_cancel(tmp_path, slurm):
+    job = QueueJob(tmp_path, docs=400, rpc=50, conc=4, lease_timeout_sec=2, directives="sleep:0.03")
+    proc = job.start("--executor", "slurm", "--workers", "2", "--wait")
+    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    try:
+        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
+        job_id = submitted_job_id(log.read_text())
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert code == 130, log.read_text()[-3000:]
+    assert f"Slurm job {job_id} goes on (stop it with: scancel {job_id}" in log.read_text()
+    squeue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
+    assert squeue.stdout.split(), "the array should still be there"
+    subprocess.run(["scancel", job_id], check=True)
+    wait_until(
+        lambda: not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip(),
+        60,
+        "the array to end",
+        interval=0.5,
+    )
