@@ -43,8 +43,15 @@ class Cluster:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def stop(self) -> None:
-        if self.folder is not None:  # nothing of ours may be left in the queue
-            subprocess.run(["scancel", "--full", "--user", "root"], env=self.command_env(), capture_output=True)
+        if self.folder is not None:  # nothing of ours may be left in the queue, nor running
+            env = self.command_env()
+            subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                squeue = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True)
+                if squeue.returncode != 0 or not squeue.stdout.strip():
+                    break
+                time.sleep(0.5)
         for process in reversed(self.processes):
             process.terminate()
         for process in reversed(self.processes):
@@ -54,7 +61,20 @@ class Cluster:
                 process.kill()
                 process.wait()
         if self.folder is not None:
+            self._kill_step_daemons()
             shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _kill_step_daemons(self) -> None:
+        """Any slurmstepd of this cluster that outlived slurmd (they carry its SLURM_CONF)."""
+        import psutil
+
+        conf = self.env.get("SLURM_CONF")
+        for proc in psutil.process_iter(["name"]):
+            try:
+                if proc.info["name"] == "slurmstepd" and proc.environ().get("SLURM_CONF") == conf:
+                    proc.kill()
+            except psutil.Error:
+                continue
 
     def command_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != TAG_VARIABLE}
