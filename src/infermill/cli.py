@@ -203,11 +203,12 @@ def run(
         raise SystemExit(EXIT_USAGE)
     try:
         layout = job.layout()
-        layout.check_writable()
-        if is_remote(job.output.path):
-            from infermill.io.filesystems import check_writable
+        if not (executor == "slurm" and dry_run):  # a dry run writes nothing
+            layout.check_writable()
+            if is_remote(job.output.path):
+                from infermill.io.filesystems import check_writable
 
-            check_writable(job.output.path)
+                check_writable(job.output.path)
     except (ConfigError, StorageError) as e:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
@@ -332,6 +333,10 @@ def _run_executor(
             from infermill.executors.slurm import run_slurm
 
             return run_slurm(job, command, workers, job.layout(), wait=False, dry_run=True) or 0
+        if executor == "slurm":  # before the job is planned: without sbatch, nothing is written
+            from infermill.executors.slurm import require_slurm
+
+            require_slurm()
         reader = build_reader(job)
         runner = build_runner(job, reader, overwrite)
         gpus = gpu_assignment(workers, job.inference.gpus_per_worker) if executor == "local" else []
@@ -371,6 +376,9 @@ def _run_executor(
     except KeyboardInterrupt:
         _console().print("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         return EXIT_INTERRUPTED
+    except ConfigError as e:  # the executor's tools missing (sbatch, ray)
+        _error(e)
+        return EXIT_USAGE
     except InfermillError as e:
         _error(e)
         return EXIT_FAILED

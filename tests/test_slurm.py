@@ -1,0 +1,292 @@
+"""``--executor slurm``: the sbatch script line by line, and whole jobs as arrays on a real
+single-node Slurm cluster (``slurm_cluster``: the machine's own, or a private one started for
+the session as root) against the faulty test server: exactly once, through ``scancel``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PYTHON
+from helpers import wait_until
+from slurm_cluster import Cluster, Unavailable, start_cluster
+from test_workers import TIMEOUT, QueueJob, output_of
+
+#: the first test also starts the cluster, installing Debian's packages on a fresh machine
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[Cluster]:
+    try:
+        cluster = start_cluster()
+    except Unavailable as e:
+        pytest.skip(f"no Slurm cluster for the --executor slurm tests: {e}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def slurm(slurm_cluster, monkeypatch) -> Iterator[Cluster]:
+    """The cluster, its commands reachable from the test's processes (``SLURM_CONF``); after the
+    test, any job still in the queue is cancelled (and the test fails in ``no_orphans`` if a
+    process of it was left running)."""
+    for name, value in slurm_cluster.env.items():
+        monkeypatch.setenv(name, value)
+    yield slurm_cluster
+    env = slurm_cluster.command_env()
+    if subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.strip():
+        subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
+        deadline = time.monotonic() + 30
+        while (
+            time.monotonic() < deadline
+            and subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.strip()
+        ):
+            time.sleep(0.5)
+
+
+def submitted_job_id(text: str) -> str:
+    line = next(line for line in text.splitlines() if line.startswith("submitted Slurm job "))
+    return line.split()[3].rstrip(":")
+
+
+def test_dry_run_prints_the_whole_script_and_writes_and_submits_nothing(tmp_path):
+    spec = {
+        "input": {"path": "in.jsonl"},
+        "output": {"path": "out put"},
+        "rollout": {"template": "[[DOCUMENT]]"},
+        "inference": {"server_type": "dummy", "model_name_or_path": "m", "gpus_per_worker": 4},
+        "slurm": {
+            "partition": "gpu",
+            "gpus_per_worker": 2,
+            "cpus_per_worker": 8,
+            "mem": "64G",
+            "time": "1-00:00:00",
+            "qos": "high",
+            "account": "proj",
+            "sbatch_args": ["--exclusive", "--constraint=h100"],
+            "env": {"HF_HOME": "/scratch/hf cache", "VLLM_LOGGING_LEVEL": "DEBUG"},
+            "setup": ["module load cuda/12.4", "source /opt/venv/bin/activate"],
+        },
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PATH": str(tmp_path / "no-slurm-here")}  # a dry run needs no sbatch
+    command = [PYTHON, "-m", "infermill", "run", "job.yaml", "--executor", "slurm", "--dry-run"]
+    result = subprocess.run(
+        [*command, "--workers", "3", "--set", "runner.metadata_key=r"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = f"{tmp_path}/out put"
+    log = f"'{out}/_infermill/logs/slurm-%A_%a.log'"
+    assert result.stdout.splitlines() == [
+        "#!/bin/bash",
+        "#SBATCH --job-name=infermill-out_put",
+        "#SBATCH --array=0-2",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --output={log}",
+        f"#SBATCH --error={log}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --qos=high",
+        "#SBATCH --account=proj",
+        "#SBATCH --time=1-00:00:00",
+        "#SBATCH --mem=64G",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --gres=gpu:2",  # slurm.gpus_per_worker before inference.gpus_per_worker
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --exclusive",
+        "#SBATCH --constraint=h100",
+        "",
+        f"# infermill: 3 workers of the job writing to {out}",
+        "export HF_HOME='/scratch/hf cache'",
+        "export VLLM_LOGGING_LEVEL=DEBUG",
+        "module load cuda/12.4",
+        "source /opt/venv/bin/activate",
+        'echo "infermill worker: Slurm task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} on $(hostname), restart'
+        ' ${SLURM_RESTART_COUNT:-0}"',
+        'export INFERMILL_WORKER_INDEX="$SLURM_ARRAY_TASK_ID"  # its server logs to server_rank_<task>.log',
+        "# the time-limit warning (USR1, to this shell alone): stop the worker cleanly, then requeue this task",
+        "trap 'timed_out=1; kill -TERM \"$worker\" 2>/dev/null' USR1",
+        "# scancel and preemption send SIGTERM to the worker too: wait for it to give its units back",
+        "trap ':' TERM",
+        f"{PYTHON} -m infermill run {tmp_path}/job.yaml --worker --max-unit-attempts 3 --set runner.metadata_key=r &",
+        "worker=$!",
+        'wait "$worker"; code=$?',
+        'while kill -0 "$worker" 2>/dev/null; do wait "$worker"; code=$?; done',
+        'if [ -n "${timed_out:-}" ] && [ "$code" -eq 130 ]; then',
+        '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        "fi",
+        'exit "$code"',
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]  # nothing written
+    # without a slurm section: inference.gpus_per_worker, and no optional line
+    del spec["slurm"]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    options = [line for line in result.stdout.splitlines() if line.startswith("#SBATCH")]
+    assert options[1:] == [
+        "#SBATCH --array=0-0",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --output={log}",
+        f"#SBATCH --error={log}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --gres=gpu:4",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+    ]
+
+
+def test_without_sbatch_the_error_says_slurm_is_needed_and_nothing_is_written(tmp_path):
+    job = QueueJob(tmp_path, docs=10, rpc=5)
+    job.env["PATH"] = str(tmp_path / "no-slurm-here")
+    result = job.run("--executor", "slurm", "--workers", "2")
+    assert result.returncode == 2, output_of(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sbatch" in errors[0] and "Slurm cluster" in errors[0], result.stderr
+    assert not job.queue.exists()
+
+
+def test_sbatch_refusing_is_one_error_line_quoting_it(tmp_path, slurm):
+    job = QueueJob(tmp_path, docs=10, rpc=5)
+    result = job.run("--executor", "slurm", "--workers", "2", "--set", "slurm.partition=no-such-partition")
+    assert result.returncode == 1, output_of(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: sbatch refused ") and "invalid partition" in errors[0], errors
+    assert "no-such-partition" in errors[0]
+
+
+def test_an_array_of_three_workers_drains_2000_documents_each_once(tmp_path, slurm):
+    job = QueueJob(tmp_path, docs=2000, rpc=100, conc=8, lease_timeout_sec=2, directives="sleep:0.01")
+    result = job.run("--executor", "slurm", "--workers", "3", "--wait")
+    assert result.returncode == 0, output_of(result)
+    job_id = submitted_job_id(result.stdout)
+    job.check_exactly_once()
+    status = job.status()
+    assert status["units_done"] == status["units_total"] == 20
+    logs = sorted(p.name for p in (job.output / "_infermill" / "logs").glob("slurm-*.log"))
+    assert logs == [f"slurm-{job_id}_{task}.log" for task in range(3)]
+    assert (job.output / "_infermill" / "slurm" / "infermill-out.sbatch").exists()
+    servers = sorted(p.name for p in job.logs.glob("server_rank_*.log"))
+    assert servers == [f"server_rank_0000{task}.log" for task in range(3)]  # one server per task
+    runs = job.worker_stats()
+    assert len(runs) == 3 and sum(run["documents_processed"] for run in runs) == 2000
+
+
+def test_scancel_of_one_task_mid_run_then_the_same_command_again_gives_each_document_once(tmp_path, slurm):
+    job = QueueJob(tmp_path, docs=2000, rpc=50, conc=4, lease_timeout_sec=2, directives="sleep:0.03")
+    proc = job.start("--executor", "slurm", "--workers", "3", "--wait")
+    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    try:
+        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
+        job_id = submitted_job_id(log.read_text())
+        wait_until(lambda: job.status()["units_done"] >= 3, 60, "three units done")
+        assert job.status()["units_pending"] > 0, "the job finished before the scancel: make it longer"
+        subprocess.run(["scancel", f"{job_id}_1"], check=True)
+        code = proc.wait(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert code == 0, log.read_text()[-3000:]  # the two other tasks took over what task 1 gave back
+    task_log = (job.output / "_infermill" / "logs" / f"slurm-{job_id}_1.log").read_text()
+    assert "CANCELLED" in task_log and "SIGTERM received: stopping cleanly" in task_log, task_log[-3000:]
+    job.check_exactly_once()
+    again = job.run("--executor", "slurm", "--workers", "3", "--wait")
+    assert again.returncode == 0, output_of(again)
+    job.check_exactly_once()
+    assert job.status()["units_done"] == 40
+
+
+def test_scancel_of_the_whole_array_mid_run_then_the_same_command_again_gives_each_document_once(tmp_path, slurm):
+    job = QueueJob(tmp_path, docs=2000, rpc=50, conc=4, lease_timeout_sec=2, directives="sleep:0.03")
+    proc = job.start("--executor", "slurm", "--workers", "3", "--wait")
+    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    try:
+        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
+        job_id = submitted_job_id(log.read_text())
+        wait_until(lambda: job.status()["units_done"] >= 3, 60, "three units done")
+        subprocess.run(["scancel", job_id], check=True)
+        code = proc.wait(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert code == 1, log.read_text()[-3000:]
+    assert "the job is not complete" in log.read_text()
+    status = job.status()
+    assert status["units_in_progress"] == 0, status  # every cancelled worker gave its units back
+    again = job.run("--executor", "slurm", "--workers", "3", "--wait")
+    assert again.returncode == 0, output_of(again)
+    job.check_exactly_once()
+    assert job.status()["units_done"] == 40
+
+
+def test_a_task_warned_of_its_time_limit_gives_its_units_back_and_is_requeued(tmp_path, slurm):
+    # Slurm's warning (--signal=B:USR1@120) sent by hand: scancel --signal=USR1 --batch
+    job = QueueJob(tmp_path, docs=2000, rpc=50, conc=4, lease_timeout_sec=2, directives="sleep:0.03")
+    proc = job.start("--executor", "slurm", "--workers", "2", "--wait")
+    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    try:
+        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
+        job_id = submitted_job_id(log.read_text())
+        wait_until(lambda: job.status()["units_done"] >= 3, 60, "three units done")
+        subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job_id}_0"], check=True)
+
+        def requeued() -> bool:
+            squeue = ["squeue", "-h", "-j", f"{job_id}_0", "-o", "%T %r"]
+            return subprocess.run(squeue, capture_output=True, text=True).stdout.split() == ["PENDING", "BeginTime"]
+
+        wait_until(requeued, 60, "task 0 to be requeued", interval=0.2)
+        # Slurm holds a requeued task for a while (its begin time): start it now
+        subprocess.run(["scontrol", "update", f"JobId={job_id}_0", "StartTime=now"], check=True)
+        code = proc.wait(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert code == 0, log.read_text()[-3000:]
+    task_log = (job.output / "_infermill" / "logs" / f"slurm-{job_id}_0.log").read_text()
+    assert task_log.count("SIGTERM received: stopping cleanly") == 1, task_log[-3000:]
+    assert "restart 0" in task_log and "restart 1" in task_log, task_log[-3000:]
+    job.check_exactly_once()
+    assert job.status()["units_done"] == 40
+
+
+def test_ctrl_c_while_waiting_stops_the_waiting_only_and_says_how_to_cancel(tmp_path, slurm):
+    job = QueueJob(tmp_path, docs=400, rpc=50, conc=4, lease_timeout_sec=2, directives="sleep:0.03")
+    proc = job.start("--executor", "slurm", "--workers", "2", "--wait")
+    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    try:
+        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
+        job_id = submitted_job_id(log.read_text())
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert code == 130, log.read_text()[-3000:]
+    assert f"Slurm job {job_id} goes on (stop it with: scancel {job_id}" in log.read_text()
+    squeue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
+    assert squeue.stdout.split(), "the array should still be there"
+    subprocess.run(["scancel", job_id], check=True)
+    wait_until(
+        lambda: not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip(),
+        60,
+        "the array to end",
+        interval=0.5,
+    )
