@@ -169,11 +169,21 @@ class InferenceConfig(BaseModel):
         return self
 
     @property
+    def servers_per_worker(self) -> int:
+        """The servers one worker sends requests to: its replicas, or its endpoints."""
+        return (len(self.endpoint_urls()) or 1) if self.server_type == "endpoint" else self.replicas
+
+    @property
+    def concurrent_generations(self) -> int:
+        """Requests one worker has in flight at most: ``max_concurrent_generations`` per server."""
+        return self.max_concurrent_generations * self.servers_per_worker
+
+    @property
     def concurrent_documents(self) -> int:
         """``max_concurrent_documents``, or datatrove's default derived from the generation limit."""
         if self.max_concurrent_documents is not None:
             return self.max_concurrent_documents
-        return max(1, self.max_concurrent_generations // self.rollouts_per_document)
+        return max(1, self.concurrent_generations // self.rollouts_per_document)
 
     def endpoint_urls(self) -> list[str]:
         """``endpoint_url`` as a list (empty when there is none)."""

@@ -352,7 +352,7 @@ class _Run:
         self.server: InferenceServer | None = None
         self.pooled = False  # several replicas or endpoints: each document's calls stick to one
         self.context: dict[str, Any] = {}
-        self.slots = asyncio.Semaphore(self.config.max_concurrent_generations)
+        self.slots = asyncio.Semaphore(self.config.concurrent_generations)  # per replica, times replicas
         self._failures: BinaryIO | None = None
 
     async def process(
