@@ -232,3 +232,16 @@ def test_replica_settings_are_checked():
     single = create_server(dummy_config(server_type="endpoint", endpoint_url=["http://h:1/v1"]))
     assert not isinstance(single, ReplicaPool) and single.base_url == "http://h:1"
     assert not isinstance(create_server(dummy_config()), ReplicaPool)  # one replica: the server itself
+
+
+def test_the_jobs_stats_add_up_each_replicas_counts_over_the_workers():
+    from infermill.worker import sum_stats
+
+    runs = [
+        {"server_restarts": 1, "replicas": [{"requests": 5, "restarts": 1, "rests": 0}]},
+        {"server_restarts": 0, "replicas": [{"requests": 2, "restarts": 0, "rests": 0}] * 2},
+        {"server_restarts": 0},  # a worker with one server
+    ]
+    total = sum_stats(runs)
+    assert total["server_restarts"] == 1
+    assert total["replicas"] == [{"requests": 7, "restarts": 1, "rests": 0}, {"requests": 2, "restarts": 0, "rests": 0}]
