@@ -401,18 +401,22 @@ def _run_executor(
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def serve(job_file: str, overrides: tuple[str, ...]) -> None:
-    """Start and supervise only the job's server until Ctrl-C."""
-    from infermill.servers import create_server
+    """Start and supervise only the job's server (or its replicas) until Ctrl-C."""
+    from infermill.servers import ReplicaPool, ServerState, create_server
 
     job = _load(job_file, overrides)
 
     async def go() -> None:
         async with create_server(job.inference) as server:
             await server.wait_until_ready()
-            click.echo(f"server ready: {server.base_url}/v1 (model {job.inference.model_name_or_path})")
-            key = server.client_api_key()
-            if key and server.launches_process:  # a key made for this run; never the user's own
-                click.echo(f"API key for this run: {key}")
+            for member in server.members if isinstance(server, ReplicaPool) else [server]:
+                if member.state is not ServerState.READY:
+                    click.echo(f"server {member.label}: {member.state}")
+                    continue
+                click.echo(f"server ready: {member.base_url}/v1 (model {job.inference.model_name_or_path})")
+                key = member.client_api_key()
+                if key and member.launches_process:  # a key made for this run; never the user's own
+                    click.echo(f"API key for this run: {key}")
             while True:  # until Ctrl-C, or wait_until_ready raises once the server failed for good
                 await asyncio.sleep(1.0)
                 await server.wait_until_ready()

@@ -67,7 +67,9 @@ class InferenceConfig(BaseModel):
     model_name_or_path: str
     model_max_context: int = Field(8192, gt=0)
     use_chat: bool = True
-    endpoint_url: str | None = None
+    endpoint_url: str | list[str] | None = Field(
+        None, description="server_type endpoint: its base URL, or a list of them (balanced, failed over)."
+    )
     api_key: SecretStr | None = None
     tp: int = Field(1, ge=1)
     dp: int = Field(1, ge=1)
@@ -81,6 +83,10 @@ class InferenceConfig(BaseModel):
     server_log_folder: str | None = None
     gpus_per_worker: int | None = Field(
         None, ge=1, description="GPUs of each local worker (--workers); None: the visible GPUs divided among them."
+    )
+    replicas: int = Field(1, ge=1, description="Servers per worker, each on its own port and GPUs.")
+    gpus_per_replica: int | None = Field(
+        None, ge=1, description="GPUs of each replica; None: the worker's visible GPUs divided among them."
     )
     server_workdir: str | None = Field(
         None, description="A launched server's working directory (a job file: its own folder); None: infermill's."
@@ -128,6 +134,13 @@ class InferenceConfig(BaseModel):
     def _known_server_type(cls, value: str) -> str:
         return one_of(value, server_types())
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _urls_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and (not value or not all(url.strip() for url in value)):
+            raise ValueError("a list of endpoint URLs must hold at least one, and no empty one")
+        return value
+
     @field_validator("server_ready_patterns", "server_fatal_patterns")
     @classmethod
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
@@ -148,15 +161,34 @@ class InferenceConfig(BaseModel):
             raise ValueError(
                 "server_type 'endpoint' needs endpoint_url (the server's base URL, e.g. http://host:8000/v1)"
             )
+        if self.server_type == "endpoint" and self.replicas > 1:
+            raise ValueError(
+                "replicas: infermill launches no endpoint; to balance over several, give endpoint_url as a list"
+            )
         SERVER_CLASSES[self.server_type].parse_launch(self.server_type, self.model_kwargs)
         return self
+
+    @property
+    def servers_per_worker(self) -> int:
+        """The servers one worker sends requests to: its replicas, or its endpoints."""
+        return (len(self.endpoint_urls()) or 1) if self.server_type == "endpoint" else self.replicas
+
+    @property
+    def concurrent_generations(self) -> int:
+        """Requests one worker has in flight at most: ``max_concurrent_generations`` per server."""
+        return self.max_concurrent_generations * self.servers_per_worker
 
     @property
     def concurrent_documents(self) -> int:
         """``max_concurrent_documents``, or datatrove's default derived from the generation limit."""
         if self.max_concurrent_documents is not None:
             return self.max_concurrent_documents
-        return max(1, self.max_concurrent_generations // self.rollouts_per_document)
+        return max(1, self.concurrent_generations // self.rollouts_per_document)
+
+    def endpoint_urls(self) -> list[str]:
+        """``endpoint_url`` as a list (empty when there is none)."""
+        url = self.endpoint_url
+        return [] if url is None else [url] if isinstance(url, str) else list(url)
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key is not None else None

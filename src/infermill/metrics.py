@@ -30,6 +30,8 @@ class RunStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     server_restarts: int = 0
+    # with several replicas or endpoints, per member: {"requests", "restarts", "rests"}
+    replicas: list[dict[str, int]] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     inference_time_sec: float = 0.0
 
@@ -37,6 +39,8 @@ class RunStats:
         data = asdict(self)
         data.pop("requests_in_flight")
         data.pop("requests_pending")
+        if not self.replicas:
+            data.pop("replicas")
         elapsed = self.inference_time_sec or max(time.time() - self.started_at, 1e-9)
         data["documents_per_sec"] = round(self.documents_processed / elapsed, 3) if elapsed else 0.0
         data["completion_tokens_per_sec"] = round(self.completion_tokens / elapsed, 3) if elapsed else 0.0

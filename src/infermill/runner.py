@@ -37,7 +37,7 @@ from infermill.journal import ChunkJournal, ChunkLogs, QueueJournal
 from infermill.layout import JobLayout
 from infermill.metrics import ProgressSnapshot, RunStats
 from infermill.retry import RetryAction, RetryPolicy
-from infermill.servers import InferenceServer, ServerState, create_server
+from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerState, create_server
 from infermill.types import Document, InferenceResult
 
 if TYPE_CHECKING:
@@ -353,8 +353,9 @@ class _Run:
         self.stats = RunStats()
         self.started = time.perf_counter()
         self.server: InferenceServer | None = None
+        self.pooled = False  # several replicas or endpoints: each document's calls stick to one
         self.context: dict[str, Any] = {}
-        self.slots = asyncio.Semaphore(self.config.max_concurrent_generations)
+        self.slots = asyncio.Semaphore(self.config.concurrent_generations)  # per replica, times replicas
         self.documents_total: int | None = None  # the documents this run has to do, when known
         self._failures: BinaryIO | None = None
 
@@ -368,11 +369,14 @@ class _Run:
         time. ``documents``: the documents, or a source (a coroutine function returning
         ``(index, item)`` for each in turn, then ``END_OF_INPUT``), e.g. the units of a queue."""
         self.server, self.context = server, context
+        self.pooled = isinstance(server, ReplicaPool)
         next_document = documents if callable(documents) else _document_source(documents)
         try:
             await _run_all([self._worker(next_document) for _ in range(self.config.concurrent_documents)])
         finally:
             self.stats.server_restarts = server.restarts
+            if isinstance(server, ReplicaPool):
+                self.stats.replicas = server.replica_stats()
 
     def close(self) -> None:
         if self._failures is not None:
@@ -407,11 +411,12 @@ class _Run:
         """Run the rollouts; return the record to write as JSON, or None when there is nothing to write."""
         stats = self.stats
         n = self.config.rollouts_per_document
+        affinity = Affinity() if self.pooled else None  # its calls (all rollouts') go to one replica
         try:
             if n == 1:  # in this task: no task (nor frame) of its own per document
-                results = [await self._rollout(document, index, 0)]
+                results = [await self._rollout(document, index, 0, affinity)]
             else:  # one fails: all stop
-                results = await _run_all([self._rollout(document, index, i) for i in range(n)])
+                results = await _run_all([self._rollout(document, index, i, affinity) for i in range(n)])
         except InferenceError as e:
             if self.runner.skip_bad_requests and isinstance(e.error, BadRequestError):
                 stats.documents_skipped += 1
@@ -440,10 +445,10 @@ class _Run:
         stats.documents_written += 1
         return data
 
-    async def _rollout(self, document: Document, index: int, rollout_index: int) -> Any:
+    async def _rollout(self, document: Document, index: int, rollout_index: int, affinity: Affinity | None) -> Any:
         try:
             return await self.runner.rollout_fn(
-                document, self._make_generate(document, index, rollout_index), **self.context
+                document, self._make_generate(document, index, rollout_index, affinity), **self.context
             )
         except asyncio.CancelledError:
             if _cancelled_from_outside():
@@ -456,7 +461,9 @@ class _Run:
         except Exception as e:
             raise InferenceError(document, f"rollout_fn raised {type(e).__name__}: {e}") from e
 
-    def _make_generate(self, document: Document, index: int, rollout_index: int) -> Generate:
+    def _make_generate(
+        self, document: Document, index: int, rollout_index: int, affinity: Affinity | None = None
+    ) -> Generate:
         config, stats, journal, slots = self.config, self.stats, self.journal, self.slots
         server = self.server
         assert server is not None
@@ -486,7 +493,7 @@ class _Run:
                                 await server.wait_until_ready()
                             stats.requests_in_flight += 1  # sent now: make_request has nothing left to wait for
                             try:
-                                reply = await server.make_request(data, path)
+                                reply = await server.make_request(data, path, affinity)
                             finally:
                                 stats.requests_in_flight -= 1
                     finally:

@@ -224,6 +224,13 @@ def sum_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for key, value in run.items():
             if (isinstance(value, int) and not isinstance(value, bool)) or key == "queue_time_sec":
                 total[key] = total.get(key, 0) + value
+            elif key == "replicas":  # per replica index, over the workers' pools
+                summed = total.setdefault(key, [])
+                for k, counts in enumerate(value):
+                    if k == len(summed):
+                        summed.append({})
+                    for name, count in counts.items():
+                        summed[k][name] = summed[k].get(name, 0) + count
     start = min(run.get("started_at", 0.0) for run in runs)
     end = max(run.get("started_at", 0.0) + run.get("inference_time_sec", 0.0) for run in runs)
     wall = max(end - start, 1e-9)

@@ -52,7 +52,8 @@ Server-wide flags (unknown flags are accepted and ignored, so any ``model_kwargs
     --stats-file PATH    keep the stats in PATH (written atomically soon after every change and on
                          SIGTERM/SIGINT); if PATH exists at start, its counters carry on, so
                          "first N" directives and ``--kill-after``/``--hang-after``/``--fail-after``
-                         span restarts; without it each process counts from 0
+                         span restarts; without it each process counts from 0. ``{replica}`` in
+                         PATH is replaced by ``$INFERMILL_REPLICA`` (a replica pool's index, else 0)
 
 Endpoints: the echo app's (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
 ``/health``), ``GET /stats`` (the stats as JSON), and ``POST /control`` with any of
@@ -134,7 +135,8 @@ class FaultyServer:
         self.kill_after: int | None = args.kill_after
         self.hang_after: int | None = args.hang_after
         self.fail_after: int | None = args.fail_after
-        self.stats_file: str | None = args.stats_file
+        replica = os.environ.get("INFERMILL_REPLICA", "0")
+        self.stats_file: str | None = args.stats_file.replace("{replica}", replica) if args.stats_file else None
         self.fatal_line: str = args.fatal_line
         self.last_words: str | None = args.last_words
         self.echo_auth: bool = args.echo_auth

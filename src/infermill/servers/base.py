@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from yarl import URL
@@ -78,6 +79,9 @@ class InferenceServer:
     def __init__(self, config: InferenceConfig, rank: int = 0):
         self.config = config
         self.rank = rank
+        self.replica: int | None = None  # its index in a ReplicaPool, if it is one of several
+        self.replica_env: dict[str, str] = {}  # what a pool adds to a launched replica's environment
+        self.on_state_change: Callable[[], None] | None = None  # a pool's listener
         self.host = "127.0.0.1"
         self.port: int | None = None
         self.state = ServerState.STOPPED
@@ -96,6 +100,11 @@ class InferenceServer:
         self._request_url: URL | None = None  # request_url parsed once per ready server, not per request
 
     # -- what callers use ---------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        """How logs name it: ``rank 0``, or ``rank 0 replica 2``."""
+        return f"rank {self.rank}" if self.replica is None else f"rank {self.rank} replica {self.replica}"
 
     @property
     def base_url(self) -> str:
@@ -150,7 +159,7 @@ class InferenceServer:
     def start(self) -> None:
         """Start the server in the background; :meth:`wait_until_ready` waits for it."""
         if self._supervisor is None:
-            self._supervisor = asyncio.create_task(self._supervise(), name=f"server-supervisor-{self.rank}")
+            self._supervisor = asyncio.create_task(self._supervise(), name=f"server-supervisor-{self.label}")
 
     async def wait_until_ready(self) -> None:
         """Return once the server is ready; raise ``ServerError`` if it failed for good."""
@@ -171,11 +180,15 @@ class InferenceServer:
         if self.launches_process:
             await self._launched.wait()
 
-    async def make_request(self, payload: dict[str, Any] | bytes, path: str | None = None) -> dict[str, Any]:
+    async def make_request(
+        self, payload: dict[str, Any] | bytes, path: str | None = None, affinity: Any = None
+    ) -> dict[str, Any]:
         """Send one chat or completions request (per ``use_chat``, or to ``path``, e.g.
         ``/v1/completions``) and return the parsed JSON reply.
 
         ``payload`` may be already-encoded JSON bytes, which saves encoding it twice.
+        ``affinity``: a replica pool's routing hint (:class:`~infermill.servers.pool.Affinity`);
+        one server ignores it.
         """
         if self.state is not ServerState.READY:
             await self.wait_until_ready()
@@ -284,6 +297,8 @@ class InferenceServer:
             self._launched.set()
         self._state_changed.set()
         self._state_changed = asyncio.Event()
+        if self.on_state_change is not None:
+            self.on_state_change()
 
     async def _supervise(self) -> None:
         try:
@@ -309,8 +324,8 @@ class InferenceServer:
                     )
                 self.restarts += 1
                 logger.warning(
-                    "server rank %d failed (%s); restart %d of %d",
-                    self.rank,
+                    "server %s failed (%s); restart %d of %d",
+                    self.label,
                     reason,
                     self.restarts,
                     self.config.server_max_restarts,
@@ -320,11 +335,11 @@ class InferenceServer:
         except ServerError as e:
             self._failure = e
             self._set_state(ServerState.FAILED)
-            logger.error("server rank %d failed: %s", self.rank, e.reason)
+            logger.error("server %s failed: %s", self.label, e.reason)
         except Exception as e:  # e.g. an unwritable server_log_folder: fail for good rather than leave waiters hanging
             self._failure = ServerError(f"the server could not be run: {type(e).__name__}: {e}", self.log_tail())
             self._set_state(ServerState.FAILED)
-            logger.exception("server rank %d failed", self.rank)
+            logger.exception("server %s failed", self.label)
         finally:
             await self._stop_attempt()
 
@@ -333,7 +348,7 @@ class InferenceServer:
         for attempt in range(1, attempts + 1):
             try:
                 await self._start_attempt(attempt)
-                logger.info("server rank %d ready at %s (attempt %d)", self.rank, self.base_url, attempt)
+                logger.info("server %s ready at %s (attempt %d)", self.label, self.base_url, attempt)
                 return
             except ServerError as e:
                 tail = e.log_tail or self.log_tail()
@@ -343,7 +358,7 @@ class InferenceServer:
                         f"{type(self).__name__} could not start after {attempts} attempt(s): {e.reason}", tail
                     ) from None
                 logger.warning(
-                    "server rank %d start attempt %d failed: %s; retrying on a fresh port", self.rank, attempt, e.reason
+                    "server %s start attempt %d failed: %s; retrying on a fresh port", self.label, attempt, e.reason
                 )
 
 

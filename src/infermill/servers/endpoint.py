@@ -24,9 +24,10 @@ class EndpointServer(InferenceServer):
 
     restartable = False
 
-    def __init__(self, config, rank: int = 0):
+    def __init__(self, config, rank: int = 0, url: str | None = None):
+        """``url``: this endpoint's, when ``endpoint_url`` is a list (a pool makes one per URL)."""
         super().__init__(config, rank)
-        url = (config.endpoint_url or "").rstrip("/")
+        url = (url or next(iter(config.endpoint_urls()), "")).rstrip("/")
         self._base_url = url[: -len("/v1")] if url.endswith("/v1") else url
 
     @property

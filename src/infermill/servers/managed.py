@@ -103,7 +103,8 @@ class ManagedServer(InferenceServer):
 
     @property
     def log_name(self) -> str:
-        return f"server_rank_{self.rank:05d}.log"
+        replica = "" if self.replica is None else f"_replica_{self.replica}"
+        return f"server_rank_{self.rank:05d}{replica}.log"
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class ManagedServer(InferenceServer):
         while self.port == previous:  # a restart always gets a fresh port
             self.port = find_free_port(self.host)
         argv = self.build_command(self.port)
-        env = {**os.environ, **self.build_env()}
+        env = {**os.environ, **self.replica_env, **self.build_env()}  # server_env wins
         self._ready_line_seen = False
         self._fatal_line = None
         if self._log is None:
