@@ -26,6 +26,9 @@ from test_workers import QueueJob, output_of
 
 TIMEOUT = 180
 HEAD_MARK = "INFERMILL_TEST_RAY_HEAD"  # in the environment of every process of the fixture's head
+#: the head and its clients without Ray's token authentication (Ray >= 2.5x turns it on when a
+#: ~/.ray/auth_token exists): the head is reachable only from this machine's tests anyway
+NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
 
 
 def _free_port() -> int:
@@ -59,7 +62,7 @@ def ray_head() -> Iterator[str]:
     temp_dir = tempfile.mkdtemp(prefix="imray")  # short: Ray's socket paths live under it
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != TAG_VARIABLE}
-    env.update({HEAD_MARK: mark, "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update({HEAD_MARK: mark, "RAY_USAGE_STATS_ENABLED": "0", **NO_AUTH})
     command = [
         str(ray_cli),
         "start",
@@ -87,20 +90,31 @@ def ray_head() -> Iterator[str]:
 
 
 def _stop_head(mark: str) -> None:
-    """Stop the fixture's head: only its processes (``ray stop`` would stop every cluster of this user)."""
-    procs = _head_processes(mark)
-    for proc in procs:
+    """Stop the fixture's head: only its processes (``ray stop`` would stop every cluster of this
+    user), in ``ray stop``'s order: the raylet, the rest, the GCS last (all at once, the GCS and
+    the raylet wait for each other); SIGKILL for any still there after 10 s."""
+
+    def name(proc: psutil.Process) -> str:
         try:
-            proc.terminate()
+            return proc.name()
         except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+            return ""
+
+    stages = [lambda p: name(p) == "raylet", lambda p: name(p) != "gcs_server", lambda p: True]
+    for selected in stages:
+        procs = [p for p in _head_processes(mark) if selected(p)]
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
     assert not _head_processes(mark), "the Ray head did not stop"
 
 
@@ -113,6 +127,7 @@ def ray_job(tmp_path: Path, docs: int, rpc: int, **kwargs) -> QueueJob:
         "env": {TAG_VARIABLE: os.environ[TAG_VARIABLE], "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime")},
     }
     job.file.write_text(yaml.safe_dump(spec))
+    job.env.update(NO_AUTH)
     return job
 
 
