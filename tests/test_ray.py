@@ -216,3 +216,20 @@ def test_without_ray_the_ray_executor_says_which_extra_to_install_and_plans_noth
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'infermill[ray]'" in lines[0], lines
     assert not job.queue.exists()  # nothing planned, nothing started
+
+
+def test_each_ray_worker_asks_for_the_ray_sections_resources_else_the_inference_gpus():
+    from infermill.executors.ray import worker_resources
+    from infermill.jobfile import JobConfig
+
+    base = {
+        "input": {"path": "in.jsonl"},
+        "output": {"path": "out"},
+        "rollout": {"template": "[[DOCUMENT]]"},
+        "inference": {"server_type": "dummy", "model_name_or_path": "m", "gpus_per_worker": 2},
+    }
+    assert worker_resources(JobConfig.model_validate(base)) == {"num_gpus": 2.0, "num_cpus": 1.0}
+    job = JobConfig.model_validate({**base, "ray": {"gpus_per_worker": 0.5, "cpus_per_worker": 8}})
+    assert worker_resources(job) == {"num_gpus": 0.5, "num_cpus": 8.0}
+    base["inference"].pop("gpus_per_worker")
+    assert worker_resources(JobConfig.model_validate(base)) == {"num_gpus": 0.0, "num_cpus": 1.0}
