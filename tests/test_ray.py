@@ -205,6 +205,25 @@ def test_ctrl_c_stops_the_ray_workers_and_their_servers_and_the_same_command_fin
     job.check_exactly_once()
 
 
+def test_a_sigkilled_driver_takes_its_ray_workers_and_servers_with_it_and_the_same_command_finishes(tmp_path, ray_head):
+    job = ray_job(tmp_path, docs=1500, rpc=50, conc=8, directives="sleep:0.1")
+    args = ("--executor", "ray", "--workers", "2", "--ray-address", ray_head)
+    proc = job.start(*args)
+    try:
+        wait_until(lambda: len(ray_workers()) == 2, 90, "two Ray tasks running infermill workers", interval=0.2)
+        wait_until(lambda: job.status()["units_done"] >= 2, 90, "a few units done", interval=0.2)
+        workers = [child for p in ray_workers() for child in p.children(recursive=True)]
+        proc.kill()  # no clean-up of its own: Ray ends the job's tasks, PDEATHSIG their workers
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"still running after the driver was killed: {[p.cmdline() for p in alive]}"
+    result = job.run(*args, timeout=TIMEOUT)
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+
+
 def test_without_ray_the_ray_executor_says_which_extra_to_install_and_plans_nothing(tmp_path):
     job = QueueJob(tmp_path, docs=20, rpc=10)
     hide_ray = (
