@@ -252,3 +252,17 @@ def test_each_ray_worker_asks_for_the_ray_sections_resources_else_the_inference_
     assert worker_resources(job) == {"num_gpus": 0.5, "num_cpus": 8.0}
     base["inference"].pop("gpus_per_worker")
     assert worker_resources(JobConfig.model_validate(base)) == {"num_gpus": 0.0, "num_cpus": 1.0}
+
+
+def test_a_ray_address_where_nothing_answers_is_one_line_at_once(tmp_path):
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed: pip install 'infermill[ray]' (make test installs it)")
+    job = QueueJob(tmp_path, docs=20, rpc=10)
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    started = time.monotonic()
+    result = job.run("--executor", "ray", "--workers", "2", "--ray-address", address, timeout=60)
+    assert result.returncode == 1, output_of(result)
+    assert f"error: cannot connect to the Ray cluster at {address}: Connection refused" in result.stderr, output_of(
+        result
+    )
+    assert time.monotonic() - started < 30  # not Ray's minutes of retries

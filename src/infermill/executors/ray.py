@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -104,17 +105,37 @@ def connected(ray: Any, address: str) -> Iterator[None]:
     """Connected to the cluster at ``address`` for the block. ``auto``: this machine's cluster,
     or, without one, a local one on 127.0.0.1 that is stopped at the end."""
     quiet = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": False}
+    _check_reachable(address)
     try:
-        ray.init(address=address, **quiet)
-    except ConnectionError as e:
-        if address != "auto":
-            raise InfermillError(f"cannot connect to the Ray cluster at {address}: {e}") from None
-        logger.info("no Ray cluster found (%s); starting a local one on 127.0.0.1", e)
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **quiet)
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as e:
+            if address != "auto":
+                raise
+            logger.info("no Ray cluster found (%s); starting a local one on 127.0.0.1", e)
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **quiet)
+    except Exception as e:  # unreachable, refused (Ray's token authentication), a version mismatch
+        where = "connect to or start a Ray cluster" if address == "auto" else f"connect to the Ray cluster at {address}"
+        raise InfermillError(f"cannot {where}: {type(e).__name__}: {_first_line(e)}") from None
     try:
         yield
     finally:
         ray.shutdown()  # disconnects; stops the cluster if ray.init started it
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once, in one line, when nothing answers at a ``host:port`` address (``ray.init``
+    would retry for minutes)."""
+    host, _, port = address.rpartition(":")
+    if address in ("auto", "local") or "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise InfermillError(
+            f"cannot connect to the Ray cluster at {address}: {e.strerror or e} (is its head running? "
+            "`ray start --head` starts one; --ray-address auto finds or starts one)"
+        ) from None
 
 
 def run_ray(job: Any, command: list[str], workers: int, max_worker_restarts: int, address: str) -> list[int]:
