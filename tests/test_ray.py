@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,6 +88,7 @@ def ray_head() -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         _stop_head(mark)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # the head's session: logs, sockets, spilled objects
 
 
 def _stop_head(mark: str) -> None:
