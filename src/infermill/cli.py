@@ -337,6 +337,10 @@ def _run_executor(
             from infermill.executors.slurm import require_slurm
 
             require_slurm()
+        if executor == "ray":  # without Ray, say so before the job is planned
+            from infermill.executors.ray import require_ray
+
+            require_ray()
         reader = build_reader(job)
         runner = build_runner(job, reader, overwrite)
         gpus = gpu_assignment(workers, job.inference.gpus_per_worker) if executor == "local" else []
