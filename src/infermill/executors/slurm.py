@@ -28,6 +28,12 @@ waits for it; the shell exits with the worker's exit code.
 - A node lost: Slurm requeues the task (``--requeue``); the unit its worker held is taken
   over once its lease expires (``checkpoint.lease_timeout_sec``).
 
+Multi-node workers (``inference.nodes_per_worker: K`` > 1): each task gets ``--nodes=K
+--ntasks-per-node=1``; the batch shell (on the first node) exports ``INFERMILL_HEAD_ADDR`` (that
+node and a port of the task), starts the engine's processes of the other nodes with one ``srun``
+step of ``infermill node JOB`` (and, for vLLM, the Ray head beside the worker), runs the worker,
+and sends them SIGTERM once it exits (:mod:`infermill.servers.multinode`).
+
 A requeued task that finds nothing left to claim exits 0 at once. The worker needs the
 same interpreter (``sys.executable`` of the submitting command) and job file at the same
 paths on every node, and the output folder on a file system every node mounts (see the
