@@ -201,6 +201,13 @@ def run(
             "the job's shared queue. Use --workers N, or run the same command on more machines"
         )
         raise SystemExit(EXIT_USAGE)
+    if job.inference.nodes_per_worker > 1 and not as_worker and executor != "slurm":
+        _error(
+            f"inference.nodes_per_worker: {job.inference.nodes_per_worker}: a worker spanning several nodes needs a "
+            f"cluster that allocates them: use --executor slurm (--executor {executor} runs each worker on one "
+            "machine)"
+        )
+        raise SystemExit(EXIT_USAGE)
     try:
         layout = job.layout()
         if not (executor == "slurm" and dry_run):  # a dry run writes nothing
@@ -322,7 +329,7 @@ def _run_executor(
 ) -> int:
     """Plan the job, have ``executor`` run ``workers`` workers of it (local processes, a Slurm
     array, Ray tasks), then report where the job stands; the exit code."""
-    from infermill.executors.local import gpu_assignment, run_workers, worker_command
+    from infermill.executors.local import gpu_assignment, node_command, run_workers, worker_command
     from infermill.job import build_reader, build_runner
     from infermill.progress import log_interval, summary_table
     from infermill.worker import QueueOptions, failed_units_error, open_queue, read_stats
@@ -332,7 +339,8 @@ def _run_executor(
         if executor == "slurm" and dry_run:  # nothing planned, written or submitted
             from infermill.executors.slurm import run_slurm
 
-            return run_slurm(job, command, workers, job.layout(), wait=False, dry_run=True) or 0
+            nodes = node_command(job_file, overrides)
+            return run_slurm(job, command, workers, job.layout(), wait=False, dry_run=True, node_command=nodes) or 0
         if executor == "slurm":  # before the job is planned: without sbatch, nothing is written
             from infermill.executors.slurm import require_slurm
 
@@ -370,7 +378,8 @@ def _run_executor(
         elif executor == "slurm":
             from infermill.executors.slurm import run_slurm
 
-            submitted = run_slurm(job, command, workers, runner.layout, wait=wait, dry_run=False)
+            nodes = node_command(job_file, overrides)
+            submitted = run_slurm(job, command, workers, runner.layout, wait=wait, dry_run=False, node_command=nodes)
             if submitted is not None:
                 return submitted
         else:
@@ -399,6 +408,28 @@ def _run_executor(
         "errors above or in their logs). Run the same command to go on."
     )
     return EXIT_FAILED
+
+
+@main.command(hidden=True)
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--node-rank", type=click.IntRange(min=0), default=None, help="Default: $SLURM_PROCID + 1.")
+def node(job_file: str, overrides: tuple[str, ...], node_rank: int | None) -> None:
+    """Run the engine's processes of one node of a multi-node worker (inference.nodes_per_worker > 1)
+    until SIGTERM; the Slurm script starts it on the worker's other nodes."""
+    from infermill.servers.multinode import run_node
+
+    job = _load(job_file, overrides)
+    if node_rank is None:
+        node_rank = int(os.environ.get("SLURM_PROCID", "0")) + 1  # srun over the nodes after the first
+    if job.inference.server_log_folder is None:  # beside the worker's server log
+        job.inference.server_log_folder = str(job.layout().logs)
+    try:
+        code = run_node(job.inference, node_rank, int(os.environ.get("INFERMILL_WORKER_INDEX", "0")))
+    except ConfigError as e:
+        _error(e)
+        raise SystemExit(EXIT_USAGE) from None
+    raise SystemExit(code)
 
 
 @main.command()

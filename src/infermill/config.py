@@ -88,6 +88,9 @@ class InferenceConfig(BaseModel):
     gpus_per_replica: int | None = Field(
         None, ge=1, description="GPUs of each replica; None: the worker's visible GPUs divided among them."
     )
+    nodes_per_worker: int = Field(
+        1, ge=1, description="Nodes one worker's server spans (vllm, sglang; needs --executor slurm) when K > 1."
+    )
     server_workdir: str | None = Field(
         None, description="A launched server's working directory (a job file: its own folder); None: infermill's."
     )
@@ -165,6 +168,14 @@ class InferenceConfig(BaseModel):
             raise ValueError(
                 "replicas: infermill launches no endpoint; to balance over several, give endpoint_url as a list"
             )
+        if self.nodes_per_worker > 1:
+            if self.server_type not in ("vllm", "sglang"):
+                raise ValueError(
+                    f"nodes_per_worker: {self.nodes_per_worker} nodes per worker needs server_type vllm or sglang "
+                    f"(an engine that spans nodes), not {self.server_type!r}"
+                )
+            if self.replicas > 1:
+                raise ValueError("nodes_per_worker: a worker spanning several nodes runs one server: set replicas: 1")
         SERVER_CLASSES[self.server_type].parse_launch(self.server_type, self.model_kwargs)
         return self
 

@@ -149,3 +149,11 @@ def worker_command(job_file: str, overrides: Sequence[str], extra: Sequence[str]
     for assignment in overrides:
         command += ["--set", assignment]
     return command
+
+
+def node_command(job_file: str, overrides: Sequence[str]) -> list[str]:
+    """The argv of the engine's processes on one of a multi-node worker's other nodes."""
+    command = [sys.executable, "-m", "infermill", "node", os.path.abspath(job_file)]
+    for assignment in overrides:
+        command += ["--set", assignment]
+    return command

@@ -28,6 +28,12 @@ waits for it; the shell exits with the worker's exit code.
 - A node lost: Slurm requeues the task (``--requeue``); the unit its worker held is taken
   over once its lease expires (``checkpoint.lease_timeout_sec``).
 
+Multi-node workers (``inference.nodes_per_worker: K`` > 1): each task gets ``--nodes=K
+--ntasks-per-node=1``; the batch shell (on the first node) exports ``INFERMILL_HEAD_ADDR`` (that
+node and a port of the task), starts the engine's processes of the other nodes with one ``srun``
+step of ``infermill node JOB`` (and, for vLLM, the Ray head beside the worker), runs the worker,
+and sends them SIGTERM once it exits (:mod:`infermill.servers.multinode`).
+
 A requeued task that finds nothing left to claim exits 0 at once. The worker needs the
 same interpreter (``sys.executable`` of the submitting command) and job file at the same
 paths on every node, and the output folder on a file system every node mounts (see the
@@ -69,16 +75,20 @@ def job_name(output_path: str) -> str:
     return "infermill-" + re.sub(r"[^A-Za-z0-9._-]", "_", base)
 
 
-def sbatch_script(job: Any, command: Sequence[str], workers: int, layout: Any) -> str:
+def sbatch_script(job: Any, command: Sequence[str], workers: int, layout: Any, node_command: Sequence[str] = ()) -> str:
     """The sbatch script of an array of ``workers`` tasks, each running ``command`` (see the
-    module docstring)."""
+    module docstring); with ``inference.nodes_per_worker`` > 1, ``node_command`` (``infermill
+    node JOB``) runs the engine's processes on each task's other nodes."""
     slurm = job.slurm
     gpus = slurm.gpus_per_worker if slurm.gpus_per_worker is not None else job.inference.gpus_per_worker
+    nodes = job.inference.nodes_per_worker
+    if nodes > 1 and not node_command:
+        raise ValueError("a multi-node worker needs the command of its other nodes (infermill node JOB)")
     log = shlex.quote(str(layout.logs / "slurm-%A_%a.log"))
     options = [
         f"--job-name={job_name(job.output.path)}",
         f"--array=0-{workers - 1}",
-        "--ntasks=1",
+        *([f"--nodes={nodes}", "--ntasks-per-node=1"] if nodes > 1 else ["--ntasks=1"]),
         f"--output={log}",
         f"--error={log}",
         "--open-mode=append",  # a requeued task's log keeps its earlier runs
@@ -94,7 +104,7 @@ def sbatch_script(job: Any, command: Sequence[str], workers: int, layout: Any) -
         if value is not None:
             options.append(f"--{name}={shlex.quote(str(value))}")
     if gpus:
-        options.append(f"--gres=gpu:{gpus}")
+        options.append(f"--gres=gpu:{gpus}")  # per node
     options += ["--requeue", f"--signal=B:USR1@{SIGNAL_LEAD_SEC}", *slurm.sbatch_args]
     lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in options), ""]
     lines.append(f"# infermill: {workers} workers of the job writing to {job.output.path}")
@@ -111,10 +121,22 @@ def sbatch_script(job: Any, command: Sequence[str], workers: int, layout: Any) -
         "trap 'timed_out=1; kill -TERM \"$worker\" 2>/dev/null' USR1",
         "# scancel and preemption send SIGTERM to the worker too: wait for it to give its units back",
         "trap ':' TERM",
+    ]
+    if nodes > 1:
+        lines += multinode_lines(job, node_command)
+    lines += [
         f"{shlex.join(command)} &",
         "worker=$!",
         'wait "$worker"; code=$?',
         'while kill -0 "$worker" 2>/dev/null; do wait "$worker"; code=$?; done',
+    ]
+    if nodes > 1:
+        lines += [
+            "# the worker is gone: stop its engine on every node (srun passes SIGTERM on to its tasks)",
+            'kill -TERM "${engine_pids[@]}" 2>/dev/null',
+            'wait "${engine_pids[@]}"',
+        ]
+    lines += [
         'if [ -n "${timed_out:-}" ] && [ "$code" -eq 130 ]; then',
         '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
         "fi",
@@ -123,10 +145,49 @@ def sbatch_script(job: Any, command: Sequence[str], workers: int, layout: Any) -
     return "\n".join(lines) + "\n"
 
 
-def run_slurm(job: Any, command: list[str], workers: int, layout: Any, *, wait: bool, dry_run: bool) -> int | None:
+def multinode_lines(job: Any, node_command: Sequence[str]) -> list[str]:
+    """The lines that start a multi-node worker's engine processes besides its own server: on
+    the other nodes of the task (one ``srun`` step, a task per node, its node rank
+    ``SLURM_PROCID + 1``) and, where the engine needs one (vLLM's Ray head), on this first
+    node. Their PIDs go in ``engine_pids``."""
+    from infermill.servers import SERVER_CLASSES
+    from infermill.servers.engines import HEAD_ENV
+
+    nodes = job.inference.nodes_per_worker
+    node = shlex.join(node_command)
+    lines = [
+        f"# multi-node: this worker spans the {nodes} nodes of its task. It runs here, on the first, and launches",
+        "# its server here; infermill node runs the engine's processes of the other nodes (restarted when they exit)",
+        'first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f'export {HEAD_ENV}="$first_node:$((20000 + SLURM_JOB_ID % 20000))"  # the engine\'s head, a port per task',
+        "engine_pids=()",
+    ]
+    server_class: Any = SERVER_CLASSES[job.inference.server_type]
+    if getattr(server_class, "head_process", False):
+        lines += [
+            f"{node} --node-rank 0 &  # {server_class.head_process}, on this node",
+            "engine_pids+=($!)",
+        ]
+    lines += [
+        f'srun --nodes={nodes - 1} --ntasks={nodes - 1} --ntasks-per-node=1 --exclude="$first_node" {node} &',
+        "engine_pids+=($!)",
+    ]
+    return lines
+
+
+def run_slurm(
+    job: Any,
+    command: list[str],
+    workers: int,
+    layout: Any,
+    *,
+    wait: bool,
+    dry_run: bool,
+    node_command: Sequence[str] = (),
+) -> int | None:
     """Submit (or, with ``dry_run``, print) an sbatch array of ``workers`` tasks, each running
     ``command``; return an exit code to exit with at once, or None once the array ended (``wait``)."""
-    script = sbatch_script(job, command, workers, layout)
+    script = sbatch_script(job, command, workers, layout, node_command)
     if dry_run:
         sys.stdout.write(script)
         return 0

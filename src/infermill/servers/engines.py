@@ -6,10 +6,26 @@ command line, which every user of a node can read (``ps``): vLLM reads it from i
 environment, SGLang from a config file that only the user can read. ``model_kwargs`` become
 extra flags; ``model_kwargs["server_command"]`` (an argv list) replaces the launcher, e.g. a
 ``vllm`` from another virtual environment.
+
+Multi-node (``nodes_per_worker: K`` > 1, under ``--executor slurm``): the server spans the K nodes
+of the worker's allocation. The worker runs on the first node and launches the engine's HTTP
+server there, as always; :meth:`EngineServer.node_command` is what runs on the others (and, for
+vLLM, beside the worker on the first), started by the Slurm script through ``infermill node``
+(:mod:`infermill.servers.multinode`). The head's address, ``HOST:PORT``, comes from
+``INFERMILL_HEAD_ADDR``, which the script sets: the first node's name and a port of the task.
+
+- vLLM follows its multi-node recipe: a Ray cluster over the K nodes (``ray start --head`` on the
+  first, ``ray start --address`` on the others), then ``vllm serve ... --distributed-executor-backend
+  ray`` on the first with ``RAY_ADDRESS`` pointing at it; ``pp`` defaults to K (vLLM's advice:
+  ``tp`` = GPUs per node, ``pp`` = nodes) unless the job sets it.
+- SGLang: every node runs ``python -m sglang.launch_server`` with the same arguments and
+  ``--nnodes K --node-rank R --dist-init-addr HEAD:PORT``; only rank 0 (the worker's) serves
+  HTTP, so only it gets the API key. ``tp`` counts the GPUs of every node (SGLang's recipe).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import sys
@@ -18,12 +34,50 @@ from typing import TYPE_CHECKING, ClassVar
 
 import yaml
 
-from infermill.errors import ConfigError
+from infermill.errors import ConfigError, ServerError
 from infermill.servers.flags import has_flag, kwargs_to_flags
 from infermill.servers.managed import CUDA_FATAL, LINE_START, ManagedServer
 
 if TYPE_CHECKING:
     from infermill.config import InferenceConfig
+
+#: where a multi-node worker's engine has its head, ``HOST:PORT`` (set by the Slurm script)
+HEAD_ENV = "INFERMILL_HEAD_ADDR"
+
+
+def head_address(nodes: int) -> str | None:
+    """``INFERMILL_HEAD_ADDR`` for a server spanning ``nodes`` nodes (None for one); a ConfigError
+    when it is missing or not ``HOST:PORT``."""
+    if nodes == 1:
+        return None
+    address = os.environ.get(HEAD_ENV, "")
+    host, _, port = address.rpartition(":")
+    if not address:
+        raise ConfigError(
+            f"inference.nodes_per_worker: {nodes}: a worker spanning several nodes runs under --executor slurm, "
+            f"whose script starts the engine on every node and sets {HEAD_ENV} (the head's HOST:PORT)"
+        )
+    if not host or not port.isdigit():
+        raise ConfigError(f"{HEAD_ENV}={address!r} is not HOST:PORT")
+    return address
+
+
+async def wait_for_head(address: str, timeout: float, interval: float = 0.5) -> None:
+    """Return once ``HOST:PORT`` accepts a connection; ServerError after ``timeout`` seconds."""
+    host, _, port = address.rpartition(":")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout=5.0)
+        except (OSError, TimeoutError) as e:
+            if loop.time() >= deadline:
+                why = f"the multi-node engine's head {address} refused connections for {timeout:g} s: {e}"
+                raise ServerError(why) from None
+            await asyncio.sleep(interval)
+            continue
+        writer.close()
+        return
 
 
 class EngineServer(ManagedServer):
@@ -32,6 +86,11 @@ class EngineServer(ManagedServer):
     default_launcher: tuple[str, ...] = ()
     parallel_flags: ClassVar[dict[str, str]] = {}  # config field -> engine flag
     launch_keys = ("server_command", "server_env")
+    #: flags infermill sets itself on a multi-node server (model_kwargs may not)
+    multinode_flags: tuple[str, ...] = ()
+    #: what a multi-node server runs on the worker's first node besides the server, if anything
+    #: (``node_command(0)``), in words for the Slurm script
+    head_process = ""
 
     def __init__(self, config: InferenceConfig, rank: int = 0):
         # hex: a urlsafe token starts with "-" one time in 64, which argparse rejects as a flag value
@@ -40,6 +99,25 @@ class EngineServer(ManagedServer):
         self.launcher = list(self.launch.command or self.default_launcher)
         self.server_env = self.launch.env
         self.extra_kwargs = self.launch.flags
+        self.nodes = config.nodes_per_worker
+        self.head = head_address(self.nodes)
+        taken = [flag for flag in self.multinode_flags if has_flag(self.extra_kwargs, flag)]
+        if self.nodes > 1 and taken:
+            raise ConfigError(
+                f"model_kwargs: {', '.join(taken)} is set by infermill from inference.nodes_per_worker; remove it"
+            )
+
+    def node_command(self, node_rank: int) -> list[str] | None:
+        """What runs on node ``node_rank`` (0: the first, the worker's) of a multi-node server besides
+        the worker's own server; None when nothing does."""
+        return None
+
+    def node_env(self) -> dict[str, str]:
+        """Environment variables added for :meth:`node_command`."""
+        return dict(self.server_env)
+
+    def parallel_size(self, field: str) -> int:
+        return int(getattr(self.config, field))
 
     def client_api_key(self) -> str | None:
         return self.api_key
@@ -50,7 +128,7 @@ class EngineServer(ManagedServer):
     def parallel_args(self) -> list[str]:
         args: list[str] = []
         for field, flag in self.parallel_flags.items():
-            size = getattr(self.config, field)
+            size = self.parallel_size(field)
             if size > 1 and not has_flag(self.extra_kwargs, flag):
                 args += [f"--{flag}", str(size)]
         return args
@@ -67,6 +145,8 @@ class VLLMServer(EngineServer):
         "dp": "data-parallel-size",
         "pp": "pipeline-parallel-size",
     }
+    multinode_flags = ("distributed-executor-backend",)
+    head_process = "the Ray head"
     # Not "Application startup complete": uvicorn prints it before listen(), so a request sent
     # on it can be refused. vLLM hands uvicorn a pre-bound socket, so uvicorn prints no
     # "Uvicorn running on" either (older vLLMs did): readiness is then the HTTP probe's.
@@ -87,13 +167,40 @@ class VLLMServer(EngineServer):
             "--trust-remote-code",
             "--disable-uvicorn-access-log",
             *self.parallel_args(),
+            *(["--distributed-executor-backend", "ray"] if self.nodes > 1 else []),
             *kwargs_to_flags(self.extra_kwargs),
         ]  # fmt: skip
 
     def build_env(self) -> dict[str, str]:
         # the key through the environment, not argv: other users of a shared node can read
         # every process's argv (ps), not its environment
-        return {"USE_TF": "0", "TRANSFORMERS_NO_TF": "1", **self.server_env, "VLLM_API_KEY": self.api_key}
+        ray = {"RAY_ADDRESS": self.head} if self.head else {}  # the Ray cluster of the worker's nodes
+        return {"USE_TF": "0", "TRANSFORMERS_NO_TF": "1", **self.server_env, **ray, "VLLM_API_KEY": self.api_key}
+
+    def parallel_size(self, field: str) -> int:
+        # vLLM's advice for a model that spans nodes: tp = GPUs per node, pp = nodes
+        if field == "pp" and self.nodes > 1 and "pp" not in self.config.model_fields_set:
+            return self.nodes
+        return super().parallel_size(field)
+
+    def node_command(self, node_rank: int) -> list[str]:
+        """The Ray cluster of a multi-node worker: its head on the first node, and a Ray worker
+        node joining it on each other; ``--block`` keeps each in the foreground."""
+        assert self.head is not None
+        if node_rank == 0:
+            return [self.ray_executable(), "start", "--head", f"--port={self.head.rpartition(':')[2]}", "--block"]
+        return [self.ray_executable(), "start", f"--address={self.head}", "--block"]
+
+    async def _start_attempt(self, attempt: int) -> None:
+        if self.head is not None:  # the Ray head starts beside the worker, at the same time
+            await wait_for_head(self.head, self.config.server_ready_max_attempts * self.config.server_ready_delay_sec)
+        await super()._start_attempt(attempt)
+
+    def ray_executable(self) -> str:
+        """``ray`` beside the ``server_command``'s vllm when that is a path (another virtual
+        environment's), else ``ray`` on the PATH."""
+        folder = os.path.dirname(self.launcher[0])
+        return os.path.join(folder, "ray") if folder else "ray"
 
 
 class SGLangServer(EngineServer):
@@ -107,6 +214,7 @@ class SGLangServer(EngineServer):
     default_launcher = (sys.executable, "-m", "sglang.launch_server")
     install_hint = "is SGLang installed? pip install 'infermill[sglang]' (or set model_kwargs.server_command)"
     parallel_flags: ClassVar[dict[str, str]] = {"tp": "tp-size", "dp": "dp-size", "pp": "pp-size"}
+    multinode_flags = ("nnodes", "node-rank", "dist-init-addr")
     _config_file: str | None = None
     # Lines printed once the port accepts connections ("Application startup complete" comes before).
     ready_patterns = (r"The server is fired up and ready to roll!", r"Uvicorn running on")
@@ -123,11 +231,33 @@ class SGLangServer(EngineServer):
             "--host", self.host,
             "--port", str(port),
             "--config", self.config_file(),
+            *self.engine_args(node_rank=0),
+        ]  # fmt: skip
+
+    def engine_args(self, node_rank: int) -> list[str]:
+        """The arguments every node of the server shares, then its node's own."""
+        return [
             "--context-length", str(self.config.model_max_context),
             "--allow-auto-truncate",
             "--log-level-http", "warning",
             *self.parallel_args(),
+            *(["--nnodes", str(self.nodes), "--node-rank", str(node_rank), "--dist-init-addr", self.head]
+              if self.head else []),
             *kwargs_to_flags({k: v for k, v in self.extra_kwargs.items() if k != "config"}),
+        ]  # fmt: skip
+
+    def node_command(self, node_rank: int) -> list[str] | None:
+        """SGLang's rank ``node_rank`` of a multi-node server: the same launch as the worker's rank 0,
+        without the HTTP host, port and API key (only rank 0 serves HTTP); the user's own
+        ``config`` file as given."""
+        if node_rank == 0:
+            return None  # the worker's own server
+        config = self.extra_kwargs.get("config")
+        return [
+            *self.launcher,
+            "--model-path", self.config.model_name_or_path,
+            *(["--config", str(config)] if config is not None else []),
+            *self.engine_args(node_rank),
         ]  # fmt: skip
 
     def build_env(self) -> dict[str, str]:
