@@ -481,6 +481,18 @@ class WorkQueue:
                 pass
         return reset
 
+    def remove_done_journals(self) -> int:
+        """Delete the journals of units that are done (their holder was killed between its done
+        mark and deleting them); return how many. A worker calls this as it starts."""
+        done = {unit for unit, state in self._list().items() if state.done}
+        removed = 0
+        for path in self.journals_dir.glob("*.journal"):
+            unit = path.name.split(".")[0]
+            if unit.isdigit() and int(unit) in done:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def journal_path(self, unit: int, generation: int) -> Path:
         """The journal of unit ``unit``'s holder of generation ``generation``: no two holders
         share one."""

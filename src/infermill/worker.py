@@ -93,6 +93,7 @@ def open_queue(
         stored.get("identity", {}), identity, f"the work queue in {queue.folder}", accept_changed_input
     ):
         stored = _replan(queue, reader, records_per_unit, stored, identity)
+    queue.remove_done_journals()
     reset = queue.reset_failed()
     if reset:
         logger.info("retrying %d unit(s) that failed in an earlier run: %s", len(reset), _named(reset))
