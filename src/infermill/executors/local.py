@@ -21,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from infermill.gpus import split_gpus
+
 logger = logging.getLogger("infermill.executors.local")
 
 #: exit codes of a worker that mean "do not start it again": done, a usage error, units failed
@@ -28,33 +30,9 @@ logger = logging.getLogger("infermill.executors.local")
 FINAL_EXIT_CODES = frozenset({0, 2, 3, 130})
 
 
-def count_gpus() -> int:
-    """The GPUs this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else the NVIDIA devices
-    the driver lists (0 without a GPU)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    try:
-        return len(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        return 0
-
-
 def gpu_assignment(workers: int, gpus_per_worker: int | None) -> list[str | None]:
-    """``CUDA_VISIBLE_DEVICES`` of each worker: worker i gets GPUs ``i*G .. i*G+G-1`` of the
-    visible ones (G: ``gpus_per_worker``, else the GPUs divided among the workers); None
-    (inherit) on a machine without GPUs."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count_gpus())]
-    if not gpus and not gpus_per_worker:
-        return [None] * workers
-    per = gpus_per_worker or max(1, len(gpus) // workers)
-    if per * workers > len(gpus):
-        raise ValueError(
-            f"{workers} workers x {per} GPUs need {per * workers} GPUs, {len(gpus)} are visible "
-            f"({', '.join(gpus) or 'none'}): lower --workers or inference.gpus_per_worker"
-        )
-    return [",".join(gpus[i * per : (i + 1) * per]) for i in range(workers)]
+    """``CUDA_VISIBLE_DEVICES`` of each worker (see :func:`infermill.gpus.split_gpus`)."""
+    return split_gpus(workers, gpus_per_worker, "workers", "--workers or inference.gpus_per_worker")
 
 
 @dataclass

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from infermill.errors import ConfigError, RetryableError, ServerConnectionError, ServerError, ServerLostError
+from infermill.errors import RetryableError, ServerConnectionError, ServerError, ServerLostError
+from infermill.gpus import split_gpus
 from infermill.servers.base import InferenceServer, ServerState
 
 if TYPE_CHECKING:
@@ -59,24 +59,9 @@ class Affinity:
 
 
 def replica_gpus(replicas: int, gpus_per_replica: int | None) -> list[str | None]:
-    """``CUDA_VISIBLE_DEVICES`` of each replica: replica k gets the worker's visible GPUs
-    ``k*G .. k*G+G-1`` (G: ``gpus_per_replica``, else the visible GPUs divided among the
-    replicas); None (inherit) for all when none is visible."""
-    from infermill.executors.local import count_gpus
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"] if visible else []
-    if visible is None:
-        gpus = [str(i) for i in range(count_gpus())]
-    if not gpus:
-        return [None] * replicas
-    per = gpus_per_replica or max(1, len(gpus) // replicas)
-    if per * replicas > len(gpus):
-        raise ConfigError(
-            f"inference.replicas: {replicas} replicas x {per} GPUs need {per * replicas} GPUs, {len(gpus)} are "
-            f"visible to this worker ({', '.join(gpus)}): lower replicas or gpus_per_replica"
-        )
-    return [",".join(gpus[k * per : (k + 1) * per]) for k in range(replicas)]
+    """``CUDA_VISIBLE_DEVICES`` of each replica: the worker's visible GPUs split among them (see
+    :func:`infermill.gpus.split_gpus`)."""
+    return split_gpus(replicas, gpus_per_replica, "replicas", "inference.replicas or gpus_per_replica")
 
 
 class ReplicaPool(InferenceServer):
