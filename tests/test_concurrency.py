@@ -51,8 +51,8 @@ def simulate_knee(
         if waiting and len(running) < capacity_at(clock.now):
             heapq.heappush(running, (finish + service, sequence, waiting.popleft()))
             sequence += 1
-        limit.release()
         limit.record(finish - sent)
+        limit.release()
         replies.append(finish)
 
 

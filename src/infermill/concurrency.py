@@ -5,8 +5,9 @@ It is used like the ``asyncio.Semaphore`` a fixed number gets (``async with limi
 request), and is told how each request went: ``record(latency)`` after a reply,
 ``back_off(retry_after)`` after the server said it is overloaded (HTTP 429 or 503) or a
 request timed out. The rule, decided once per *window* (the next ``max(limit, 16)``
-replies, so about one round trip; the windows follow one another, each measuring the
-replies per second from the end of the last and their mean latency):
+replies, so about one round trip), from the replies' mean latency and the requests in
+flight when each came: throughput is their mean over the latency (Little's law, which
+replies that come in bursts do not upset, unlike counting replies per second):
 
 * **Slow start.** Begin at ``initial`` and double the limit after every window, while the
   demand fills it, until a window's latency rises over ``LATENCY_RISE`` times the lowest
@@ -14,14 +15,14 @@ replies per second from the end of the last and their mean latency):
   ``GROWTH`` times the last one's: the server is past its knee. The limit becomes what the
   server served (throughput x baseline latency, Little's law, x ``HEADROOM``), at least the
   last limit that kept latency at the baseline. If already the first doubling gained nothing,
-  the knee may lie below ``initial`` (whose latency was then no baseline): slow start begins
-  again from ``minimum``, once.
+  the knee may lie below ``initial`` (whose latency was then no baseline): the limit probes
+  downwards, as below, until less loses throughput.
 * **Hold and probe.** At the limit it holds, every ``HOLD_WINDOWS`` windows it tries 25% more
   and keeps it only if throughput rose by ``PROBE_GAIN`` or more (then probes again at
   once: the limit grows while throughput grows); when latency is ``LATENCY_RISE`` over the
-  baseline it tries 20% less and keeps it if throughput stays within ``PROBE_GAIN``
-  (latency without throughput is dropped). After a change the next window is not measured:
-  the requests of the old limit are still finishing.
+  baseline (or the knee may lie below) it tries 20% less and keeps it if throughput stays
+  within ``PROBE_GAIN`` (latency without throughput is dropped). After a change the next ``WARM_UP`` windows are
+  not measured: the old limit's requests, and those queued behind them, are finishing.
 * **Back off.** On ``back_off`` the limit becomes what the server was serving (the last
   window's throughput x baseline latency), but between ``BACKOFF_MOST`` and ``BACKOFF`` times
   the limit: a multiplicative decrease, at most once per round trip (the other requests in
@@ -50,6 +51,7 @@ HEADROOM = 1.1  # leaving slow start: the served concurrency x this
 HOLD_WINDOWS = 4  # windows between probes
 PROBE_UP, PROBE_DOWN = 1.25, 0.8
 PROBE_GAIN = 0.05  # what a probe must gain (up) or may lose (down) in throughput to be kept
+WARM_UP = 2  # windows after a change that are not measured: the old limit's requests, and those queued behind them
 BACKOFF, BACKOFF_MOST = 0.9, 0.5  # a back-off keeps 90% of the limit at most, 50% at least
 
 START, HOLD, PROBE = "start", "hold", "probe"
@@ -65,18 +67,22 @@ class AdaptiveLimit:
             raise ValueError(f"need 1 <= minimum <= maximum, got {minimum} and {maximum}")
         self.minimum, self.maximum, self.clock = minimum, maximum, clock
         self.limit = self._initial = min(maximum, max(minimum, initial if initial is not None else 8 * minimum))
-        self._restarted = False
+        self._doubted = False  # the knee may lie below the limit: probe downwards
+        self._best = 0.0  # the highest throughput of a window
         self.in_flight = 0
         self.phase = START
         self.baseline: float | None = None  # the lowest mean latency of a window
         self.back_offs = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._paused_until = 0.0
+        self._timer: asyncio.TimerHandle | None = None  # wakes the waiters when the pause ends
+        self._timer_at = 0.0
         self._window_start = clock()
         self._replies = 0
         self._latency_sum = 0.0
         self._peak = 0  # the most in flight during the window
-        self._warming = False  # the window after a change is not measured
+        self._in_flight_sum = 0  # requests in flight when each reply of the window came, added up
+        self._warming = 1  # windows not to measure: the first (start-up), and WARM_UP after each change
         self._holds = 0
         self._before: tuple[int, float] | None = None  # (limit, throughput) before the last step
         self._throughput = 0.0  # the last window's replies/s
@@ -119,6 +125,7 @@ class AdaptiveLimit:
     def _wake(self) -> None:
         """Let waiters in while there is room and no pause."""
         if self._paused_until > self.clock():
+            self._wake_after_pause()  # a timer may fire a little early
             return
         waiters = self._waiters
         while waiters and self.in_flight < self.limit:
@@ -129,12 +136,27 @@ class AdaptiveLimit:
         if self.in_flight > self._peak:
             self._peak = self.in_flight
 
+    def _wake_after_pause(self) -> None:
+        """Have the waiters woken when the pause ends (one timer at a time)."""
+        if self._timer is not None and self._timer_at >= self._paused_until:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = self._paused_until
+        self._timer = asyncio.get_running_loop().call_later(self._paused_until - self.clock(), self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._wake()
+
     # -- what the requests show -------------------------------------------------------------
 
     def record(self, latency: float) -> None:
-        """A reply came ``latency`` seconds after its request was sent."""
+        """A reply came ``latency`` seconds after its request was sent (called before its slot
+        is given back)."""
         self._replies += 1
         self._latency_sum += latency
+        self._in_flight_sum += self.in_flight
         if self._replies >= self.limit and self._replies >= MIN_WINDOW:
             self._end_window(self.clock())
 
@@ -142,10 +164,8 @@ class AdaptiveLimit:
         """The server is overloaded (429, 503) or a request timed out: fewer requests, and none
         before ``retry_after`` seconds."""
         if retry_after:
-            until = self.clock() + retry_after
-            if until > self._paused_until:
-                self._paused_until = until
-                asyncio.get_running_loop().call_later(retry_after, self._wake)
+            self._paused_until = max(self._paused_until, self.clock() + retry_after)
+            self._wake_after_pause()
         now = self.clock()
         if now < self._quiet_until:
             return  # one back-off per round trip: the requests already in flight fail as well
@@ -160,26 +180,27 @@ class AdaptiveLimit:
     # -- the rule -----------------------------------------------------------------------------
 
     def _end_window(self, now: float) -> None:
-        elapsed = now - self._window_start
-        throughput = self._replies / elapsed if elapsed > 0 else math.inf
         latency = self._latency_sum / self._replies
+        if latency > 0:  # Little's law: robust to replies that come in bursts, unlike replies / seconds
+            throughput = self._in_flight_sum / self._replies / latency
+        else:
+            throughput = self._replies / max(now - self._window_start, 1e-9)
+        self._in_flight_sum = 0
         filled = self._peak >= self.limit  # the demand reached the limit (else more would not help)
         self._window_start, self._replies, self._latency_sum, self._peak = now, 0, 0.0, self.in_flight
         self._throughput = throughput
         if self._warming:
-            self._warming = False
+            self._warming -= 1
             return
         baseline = self.baseline = latency if self.baseline is None else min(self.baseline, latency)
+        self._best = max(self._best, throughput)
         queued = latency > baseline * LATENCY_RISE
         if self.phase == START:
             before = self._before
             if before is not None and (queued or throughput < before[1] * GROWTH):
-                if before[0] == self._initial and self.minimum < self._initial and not self._restarted:
-                    # the first doubling gained nothing: the knee may lie below the initial limit,
-                    # whose latency then was no baseline. Start again from the minimum, once.
-                    self._restarted, self.baseline, self._before = True, None, None
-                    self._set(self.minimum, "the knee may be below the initial limit: slow start from the minimum")
-                    return
+                # the first doubling gained nothing: the knee may lie below the initial limit, whose
+                # latency then was no baseline; probe downwards until throughput drops
+                self._doubted = before[0] == self._initial
                 served = math.ceil(throughput * baseline * HEADROOM)
                 self.phase, self._holds = HOLD, 0
                 self._set(max(before[0], served), "past the server's knee")
@@ -190,7 +211,7 @@ class AdaptiveLimit:
                 self._set(self.limit * 2, "slow start")
         elif self.phase == HOLD:
             self._holds += 1
-            if queued and self.limit > self.minimum:
+            if (queued or self._doubted) and self.limit > self.minimum:
                 self._before, self.phase = (self.limit, throughput), PROBE
                 self._set(math.floor(self.limit * PROBE_DOWN), "probe: latency rose")
             elif self._holds >= HOLD_WINDOWS and filled and self.limit < self.maximum:
@@ -201,10 +222,13 @@ class AdaptiveLimit:
             old_limit, old_throughput = self._before
             if self.limit > old_limit:
                 kept = throughput >= old_throughput * (1 + PROBE_GAIN)
-            else:
-                kept = throughput >= old_throughput * (1 - PROBE_GAIN)
+            else:  # probing for a knee below: against the best seen, not one noisy window
+                reference = max(old_throughput, self._best) if self._doubted else old_throughput
+                kept = throughput >= reference * (1 - PROBE_GAIN)
             self.phase = HOLD
             self._holds = HOLD_WINDOWS - 1 if kept and self.limit > old_limit else 0
+            if not kept and self.limit < old_limit:
+                self._doubted = False  # the knee is found: less loses throughput
             if not kept:
                 self._set(old_limit, "probe not kept")
 
@@ -214,7 +238,8 @@ class AdaptiveLimit:
             return
         logger.debug("concurrency limit %d -> %d (%s)", self.limit, limit, why)
         self.limit = limit
-        self._warming = True
+        self._warming = WARM_UP
         self._window_start, self._replies, self._latency_sum, self._peak = self.clock(), 0, 0.0, self.in_flight
+        self._in_flight_sum = 0
         if self._waiters:
             self._wake()
