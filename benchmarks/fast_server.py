@@ -3,9 +3,15 @@
 model, so that what is measured is the client, never the server.
 
     python benchmarks/fast_server.py --port 8000 [--stats-file stats.json] [--delay SECS]
+                                     [--capacity B] [--rate Q]
 
 ``--delay SECS`` answers each completion request SECS seconds after it arrived, however many
 are waiting: a stand-in for a GPU server whose latency, not its CPU, bounds a client.
+``--capacity B`` (with ``--delay``) serves at most B requests at once, each for SECS; the
+others wait in arrival order: a GPU with a knee, whose throughput stops growing at B requests
+in flight while their latency goes on growing. ``--rate Q`` answers HTTP 429 to the requests
+beyond Q in each second (of ``time.monotonic()``), with ``Retry-After`` the (fractional)
+seconds until the next second begins: an API's quota.
 
 Raw asyncio Protocols (on uvloop when it is installed), HTTP/1.1 keep-alive (pipelining
 too), ``Content-Length`` bodies; ``Connection: close`` and HTTP/1.0 are honoured, so
@@ -17,10 +23,11 @@ ignored, so any runner's ``model_kwargs`` can point at it.
 
 On SIGTERM or SIGINT it writes ``--stats-file`` (if given; atomically) and exits::
 
-    {"requests": N, "first_request": t, "last_request": t, "listening_at": t,
+    {"requests": N, "rejected": N, "max_in_flight": N, "first_request": t, "last_request": t, "listening_at": t,
      "process_started": t, "pid": p, "cpu_sec": s, "cpu_sec_serving": s, "uvloop": b}
 
-``requests`` counts completion POSTs; the times are ``time.time()`` seconds:
+``requests`` counts completion POSTs, ``rejected`` those answered 429 (``--rate``),
+``max_in_flight`` the most at once (served or waiting); the times are ``time.time()`` seconds:
 ``first_request`` / ``last_request`` when the first and last completion request was
 received whole, ``listening_at`` when the socket started listening, ``process_started``
 when the kernel started this process (from ``/proc``; null elsewhere); ``cpu_sec`` the
@@ -38,6 +45,7 @@ import resource
 import signal
 import sys
 import time
+from collections import deque
 
 _CHAT_REPLY = json.dumps(
     {
@@ -95,13 +103,29 @@ _404 = (_response(b"404 Not Found", _NOT_FOUND, False), _response(b"404 Not Foun
 _BAD = _response(b"400 Bad Request", b'{"error":{"message":"bad request"}}', True)
 _CHUNKED = _response(b"501 Not Implemented", b'{"error":{"message":"chunked bodies are not supported"}}', True)
 _MAX_HEAD = 1 << 16
+_RATE_LIMITED = b'{"error":{"message":"rate limit exceeded","type":"rate_limit_error"}}'
+
+
+def _rate_limited(wait: float, close: bool) -> bytes:
+    return (
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nRetry-After: "
+        + f"{wait:.3f}".encode()
+        + b"\r\nContent-Length: "
+        + str(len(_RATE_LIMITED)).encode()
+        + (b"\r\nConnection: close" if close else b"")
+        + b"\r\n\r\n"
+        + _RATE_LIMITED
+    )
 
 
 class Counter:
-    __slots__ = ("cpu_at_first", "first", "last", "requests")
+    __slots__ = ("cpu_at_first", "first", "in_flight", "last", "max_in_flight", "rejected", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
+        self.rejected = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.first: float | None = None
         self.last: float | None = None
         self.cpu_at_first: float | None = None
@@ -110,6 +134,30 @@ class Counter:
 COUNTER = Counter()
 UVLOOP = False
 DELAY = 0.0  # --delay: seconds before each completion reply
+CAPACITY = 0  # --capacity: completions served at once (0: no limit)
+BUSY = 0  # completions being served
+WAITING: deque[tuple[HttpProtocol, bytes, bool]] = deque()  # beyond the capacity, in arrival order
+RATE = 0.0  # --rate: completions allowed per second (0: no limit)
+
+
+class RateWindow:
+    """``rate`` requests allowed in each second (fixed one-second windows, as an API's quota)."""
+
+    def __init__(self, rate: float):
+        self.rate, self.window, self.used = rate, int(time.monotonic()), 0
+
+    def take(self) -> float:
+        """0.0 if the request is allowed, else the seconds until the next window begins."""
+        now = time.monotonic()
+        if int(now) != self.window:
+            self.window, self.used = int(now), 0
+        if self.used < self.rate:
+            self.used += 1
+            return 0.0
+        return self.window + 1 - now
+
+
+BUCKET: RateWindow | None = None
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -171,8 +219,12 @@ class HttpProtocol(asyncio.Protocol):
                 version == b"HTTP/1.0" and b"\r\nconnection: keep-alive" not in head
             )
             reply = _ROUTES.get(key, _404)[close]
-            if DELAY and key in _COUNTED:  # answered later; the client sends no other request on it meanwhile
-                asyncio.get_running_loop().call_later(DELAY, self._send_late, reply, close)
+            wait = BUCKET.take() if BUCKET is not None and key in _COUNTED else 0.0
+            if wait:
+                COUNTER.rejected += 1
+                out.append(_rate_limited(wait, close))
+            elif DELAY and key in _COUNTED:  # answered later; the client sends no other request on it meanwhile
+                self._serve_late(reply, close)
                 close = False
             else:
                 out.append(reply)
@@ -185,7 +237,26 @@ class HttpProtocol(asyncio.Protocol):
         if close:
             self.transport.close()
 
+    def _serve_late(self, reply: bytes, close: bool) -> None:
+        global BUSY
+        counter = COUNTER
+        counter.in_flight += 1
+        if counter.in_flight > counter.max_in_flight:
+            counter.max_in_flight = counter.in_flight
+        if not CAPACITY or BUSY < CAPACITY:
+            BUSY += 1
+            asyncio.get_running_loop().call_later(DELAY, self._send_late, reply, close)
+        else:
+            WAITING.append((self, reply, close))
+
     def _send_late(self, reply: bytes, close: bool) -> None:
+        global BUSY
+        COUNTER.in_flight -= 1
+        if WAITING:  # the freed place goes to the one that waited longest
+            protocol, waiting_reply, waiting_close = WAITING.popleft()
+            asyncio.get_running_loop().call_later(DELAY, protocol._send_late, waiting_reply, waiting_close)
+        else:
+            BUSY -= 1
         if not self.transport.is_closing():
             self.transport.write(reply)
             if close:
@@ -220,6 +291,8 @@ def write_stats(path: str, listening_at: float | None) -> None:
     cpu = cpu_seconds()
     stats = {
         "requests": COUNTER.requests,
+        "rejected": COUNTER.rejected,
+        "max_in_flight": COUNTER.max_in_flight,
         "first_request": COUNTER.first,
         "last_request": COUNTER.last,
         "listening_at": listening_at,
@@ -256,11 +329,15 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--stats-file", "--stats_file", dest="stats_file", default=None)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--capacity", type=int, default=0)
+    parser.add_argument("--rate", type=float, default=0.0)
     args, unknown = parser.parse_known_args()
     if unknown:
         print(f"fast_server: ignoring flags {unknown}", file=sys.stderr, flush=True)
-    global UVLOOP, DELAY
-    DELAY = args.delay
+    global UVLOOP, DELAY, CAPACITY, RATE, BUCKET
+    DELAY, CAPACITY, RATE = args.delay, args.capacity, args.rate
+    if RATE:
+        BUCKET = RateWindow(RATE)
     try:
         import uvloop
     except ImportError:

@@ -20,6 +20,7 @@ from infermill.errors import (
     RequestError,
     RequestTimeoutError,
     RetryableError,
+    ServerBusyError,
     ServerConnectionError,
 )
 from infermill.servers import find_free_port
@@ -147,10 +148,10 @@ async def test_no_api_key_sends_no_authorization_header(server):
         (403, AuthenticationError),
         (408, RetryableError),
         (409, RetryableError),
-        (429, RetryableError),
+        (429, ServerBusyError),
         (500, RetryableError),
         (502, RetryableError),
-        (503, RetryableError),
+        (503, ServerBusyError),
     ],
 )
 async def test_http_status_becomes_the_matching_error_class(server, client, status, error_class):
@@ -160,7 +161,8 @@ async def test_http_status_becomes_the_matching_error_class(server, client, stat
     assert error.status == status
     assert f"HTTP {status}" in str(error)
     assert f"status {status} on purpose" in str(error)  # the server's explanation is kept
-    if error_class is not RetryableError:
+    assert type(error) is error_class
+    if not issubclass(error_class, RetryableError):
         assert not isinstance(error, RetryableError)
 
 

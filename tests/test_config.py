@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from infermill.config import InferenceConfig, server_types
@@ -180,3 +182,26 @@ def test_a_set_override_that_fails_names_the_key_not_the_value(tmp_path):
     with pytest.raises(ConfigError, match="--set inference.model_kwargs.server_env.HF_TOKEN: model_kwargs") as excinfo:
         apply_override({"inference": {"model_kwargs": None}}, "inference.model_kwargs.server_env.HF_TOKEN=hf_secret")
     assert "hf_secret" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("value", ["auto", "AUTO", " auto "])
+def test_max_concurrent_generations_auto_bounds_the_documents_by_its_limit(value):
+    config = make(max_concurrent_generations=value, rollouts_per_document=2)
+    assert config.max_concurrent_generations == "auto" and config.adaptive_concurrency
+    assert config.concurrent_generations == 1024  # max_concurrent_generations_limit's default
+    assert config.concurrent_documents == 512
+    assert make(max_concurrent_generations="auto", max_concurrent_generations_limit=64).concurrent_generations == 64
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("many", "a valid integer >= 1, or 'auto' (got 'many')"), (0, "greater than or equal to 1, or 'auto' (got 0)")],
+)
+def test_max_concurrent_generations_other_than_a_number_or_auto_is_refused(value, message):
+    with pytest.raises(ConfigError, match=re.escape(f"max_concurrent_generations: Input should be {message}")):
+        make(max_concurrent_generations=value)
+
+
+def test_a_fixed_max_concurrent_generations_stays_a_number():
+    config = make(max_concurrent_generations="64")
+    assert config.max_concurrent_generations == 64 and not config.adaptive_concurrency

@@ -22,7 +22,7 @@ from helpers import (
     wait_until_async,
 )
 from infermill import Document, InferenceConfig, InferenceError
-from infermill.errors import BadRequestError, RequestTimeoutError, RetryableError
+from infermill.errors import BadRequestError, RequestTimeoutError, RetryableError, ServerBusyError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
 from infermill.servers import ServerState, create_server
@@ -234,7 +234,8 @@ def test_a_rate_limit_that_never_lifts_fails_with_its_status_and_retry_after(tmp
         InferenceRunner(echo_rollout, config, writer).run([Document(text="rate429:99:0.05:limited", id="limited-doc")])
 
     error = caught.value.error
-    assert type(error) is RetryableError and error.status == 429 and error.retry_after == 0.05
+    assert type(error) is ServerBusyError and error.status == 429 and error.retry_after == 0.05
+    assert isinstance(error, RetryableError)
     assert "gave up after 2 attempts" in str(caught.value)
     assert server_stats(stats_file)["by_word"]["rate429:99:0.05:limited"] == 2
 

@@ -24,6 +24,7 @@ from infermill.errors import (
     RequestError,
     RequestTimeoutError,
     RetryableError,
+    ServerBusyError,
     ServerConnectionError,
     ServerUnreachableError,
 )
@@ -31,6 +32,7 @@ from infermill.errors import (
 BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 422})
 AUTH_STATUSES = frozenset({401, 403})
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
+BUSY_STATUSES = frozenset({429, 503})
 ERROR_BODY_CHARS = 500
 
 
@@ -57,6 +59,8 @@ def status_error(status: int, body: bytes, retry_after: str | None = None) -> Re
         return BadRequestError(message, status)
     if status in AUTH_STATUSES:
         return AuthenticationError(message + " (check api_key / INFERMILL_API_KEY)", status)
+    if status in BUSY_STATUSES:
+        return ServerBusyError(message, status, parse_retry_after(retry_after))
     if status in RETRYABLE_STATUSES or status >= 500:
         return RetryableError(message, status, parse_retry_after(retry_after))
     return BadRequestError(message, status)

@@ -7,7 +7,7 @@ when the config is built, and an error names the field and what is allowed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -76,7 +76,9 @@ class InferenceConfig(BaseModel):
     pp: int = Field(1, ge=1)
     default_generation_params: dict[str, Any] = Field(default_factory=dict)
     rollouts_per_document: int = Field(1, ge=1)
-    max_concurrent_generations: int = Field(500, ge=1)
+    max_concurrent_generations: int | Literal["auto"] = Field(
+        500, description="Requests in flight per server, or 'auto': found from its throughput and latency."
+    )
     max_concurrent_documents: int | None = Field(None, ge=1)
     request_timeout: float | None = Field(600.0, gt=0, description="Seconds per request; None disables.")
     model_kwargs: dict[str, Any] | None = None
@@ -115,6 +117,9 @@ class InferenceConfig(BaseModel):
     request_max_attempts: int = Field(6, ge=1, description="Attempts per request, the first included.")
     request_backoff_base_sec: float = Field(1.0, ge=0)
     request_backoff_max_sec: float = Field(60.0, ge=0)
+    max_concurrent_generations_limit: int = Field(
+        1024, ge=1, description="max_concurrent_generations 'auto': the most requests in flight per server."
+    )
     max_response_bytes: int = Field(
         DEFAULT_MAX_RESPONSE_BYTES, gt=0, description="A longer reply fails its request (memory stays bounded)."
     )
@@ -136,6 +141,21 @@ class InferenceConfig(BaseModel):
     @classmethod
     def _known_server_type(cls, value: str) -> str:
         return one_of(value, server_types())
+
+    @field_validator("max_concurrent_generations", mode="before")
+    @classmethod
+    def _whole_number_or_auto(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"Input should be a valid integer >= 1, or 'auto' (got {value!r})")
+        if value < 1:
+            raise ValueError(f"Input should be greater than or equal to 1, or 'auto' (got {value!r})")
+        return value
 
     @field_validator("endpoint_url")
     @classmethod
@@ -185,13 +205,23 @@ class InferenceConfig(BaseModel):
         return (len(self.endpoint_urls()) or 1) if self.server_type == "endpoint" else self.replicas
 
     @property
+    def adaptive_concurrency(self) -> bool:
+        """Whether ``max_concurrent_generations`` is ``auto``."""
+        return self.max_concurrent_generations == "auto"
+
+    @property
     def concurrent_generations(self) -> int:
-        """Requests one worker has in flight at most: ``max_concurrent_generations`` per server."""
-        return self.max_concurrent_generations * self.servers_per_worker
+        """Requests one worker has in flight at most: ``max_concurrent_generations`` per server
+        (``auto``: ``max_concurrent_generations_limit`` per server)."""
+        per_server = self.max_concurrent_generations
+        if per_server == "auto":
+            per_server = self.max_concurrent_generations_limit
+        return per_server * self.servers_per_worker
 
     @property
     def concurrent_documents(self) -> int:
-        """``max_concurrent_documents``, or datatrove's default derived from the generation limit."""
+        """``max_concurrent_documents``, or datatrove's default derived from the generation limit
+        (``auto``: from its upper bound, so that the documents never hold the limit back)."""
         if self.max_concurrent_documents is not None:
             return self.max_concurrent_documents
         return max(1, self.concurrent_generations // self.rollouts_per_document)

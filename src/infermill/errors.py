@@ -87,6 +87,10 @@ class RetryableError(RequestError):
         self.retry_after = retry_after
 
 
+class ServerBusyError(RetryableError):
+    """The server is overloaded (HTTP 429 or 503): send less, and wait ``retry_after`` if given."""
+
+
 class RequestTimeoutError(RetryableError):
     """No complete reply within ``request_timeout``."""
 

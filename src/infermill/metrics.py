@@ -32,6 +32,8 @@ class RunStats:
     server_restarts: int = 0
     # with several replicas or endpoints, per member: {"requests", "restarts", "rests"}
     replicas: list[dict[str, int]] = field(default_factory=list)
+    # max_concurrent_generations auto: {"limit": where it ended (per worker), "back_offs": ...}
+    adaptive_concurrency: dict[str, int] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     inference_time_sec: float = 0.0
 
@@ -41,6 +43,8 @@ class RunStats:
         data.pop("requests_pending")
         if not self.replicas:
             data.pop("replicas")
+        if not self.adaptive_concurrency:
+            data.pop("adaptive_concurrency")
         elapsed = self.inference_time_sec or max(time.time() - self.started_at, 1e-9)
         data["documents_per_sec"] = round(self.documents_processed / elapsed, 3) if elapsed else 0.0
         data["completion_tokens_per_sec"] = round(self.completion_tokens / elapsed, 3) if elapsed else 0.0

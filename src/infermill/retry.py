@@ -12,9 +12,22 @@ import random
 from dataclasses import dataclass
 
 from infermill.config import InferenceConfig
-from infermill.errors import RequestError, RetryableError, ServerConnectionError, ServerLostError
+from infermill.errors import (
+    RequestError,
+    RequestTimeoutError,
+    RetryableError,
+    ServerBusyError,
+    ServerConnectionError,
+    ServerLostError,
+)
 
 MAX_RETRY_AFTER_SEC = 600.0  # a server asking for more than this is not coming back soon
+
+
+def overloaded(error: RequestError) -> bool:
+    """Whether ``error`` says the server has more requests than it can take (429, 503, a
+    timeout): an adaptive concurrency limit backs off."""
+    return isinstance(error, (ServerBusyError, RequestTimeoutError))
 
 
 class RetryAction(enum.Enum):

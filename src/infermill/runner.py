@@ -4,7 +4,8 @@ The main loop is a fixed pool of ``max_concurrent_documents`` workers pulling fr
 lazily-read document stream, so memory is bounded by concurrency, never by dataset size,
 and no task or wait-set is created per document. Each ``generate`` call holds one of
 ``max_concurrent_generations`` slots while its HTTP request is in flight, and gives it
-back while it backs off before a retry.
+back while it backs off before a retry; with ``auto``, an :class:`AdaptiveLimit` sets the
+number of slots from the replies' latency and the server's 429/503s and timeouts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import orjson
 
+from infermill.concurrency import AdaptiveLimit
 from infermill.config import InferenceConfig
 from infermill.errors import (
     BadRequestError,
@@ -36,7 +38,7 @@ from infermill.io.writers import OutputWriter
 from infermill.journal import ChunkJournal, ChunkLogs, QueueJournal
 from infermill.layout import JobLayout
 from infermill.metrics import ProgressSnapshot, RunStats
-from infermill.retry import RetryAction, RetryPolicy
+from infermill.retry import RetryAction, RetryPolicy, overloaded
 from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerState, create_server
 from infermill.types import Document, InferenceResult
 
@@ -355,7 +357,7 @@ class _Run:
         self.server: InferenceServer | None = None
         self.pooled = False  # several replicas or endpoints: each document's calls stick to one
         self.context: dict[str, Any] = {}
-        self.slots = asyncio.Semaphore(self.config.concurrent_generations)  # per replica, times replicas
+        self.slots: asyncio.Semaphore | AdaptiveLimit = make_slots(self.config)
         self.documents_total: int | None = None  # the documents this run has to do, when known
         self._failures: BinaryIO | None = None
 
@@ -375,6 +377,8 @@ class _Run:
             await _run_all([self._worker(next_document) for _ in range(self.config.concurrent_documents)])
         finally:
             self.stats.server_restarts = server.restarts
+            if isinstance(self.slots, AdaptiveLimit):
+                self.stats.adaptive_concurrency = {"limit": self.slots.limit, "back_offs": self.slots.back_offs}
             if isinstance(server, ReplicaPool):
                 self.stats.replicas = server.replica_stats()
 
@@ -465,6 +469,7 @@ class _Run:
         self, document: Document, index: int, rollout_index: int, affinity: Affinity | None = None
     ) -> Generate:
         config, stats, journal, slots = self.config, self.stats, self.journal, self.slots
+        adaptive = slots if isinstance(slots, AdaptiveLimit) else None
         server = self.server
         assert server is not None
         policy = self.runner.retry_policy
@@ -493,13 +498,20 @@ class _Run:
                                 await server.wait_until_ready()
                             stats.requests_in_flight += 1  # sent now: make_request has nothing left to wait for
                             try:
-                                reply = await server.make_request(data, path, affinity)
+                                if adaptive is None:
+                                    reply = await server.make_request(data, path, affinity)
+                                else:
+                                    sent = time.monotonic()
+                                    reply = await server.make_request(data, path, affinity)
+                                    adaptive.record(time.monotonic() - sent)
                             finally:
                                 stats.requests_in_flight -= 1
                     finally:
                         stats.requests_pending -= 1
                     result = parse_reply(reply, chat)
                 except RequestError as e:
+                    if adaptive is not None and overloaded(e):
+                        adaptive.back_off(e.retry_after if isinstance(e, RetryableError) else None)
                     decision = policy.decide(e, spent + 1, server.state is ServerState.READY)
                     if decision.action is RetryAction.WAIT_FOR_SERVER:
                         stats.requests_pending += 1  # queued again, for the restarted server
@@ -538,6 +550,16 @@ class _Run:
         }
         self._failures.write(orjson.dumps(entry, default=str, option=orjson.OPT_APPEND_NEWLINE))
         self._failures.flush()
+
+
+def make_slots(config: InferenceConfig) -> asyncio.Semaphore | AdaptiveLimit:
+    """The generation slots of one worker: ``max_concurrent_generations`` per server, or with
+    ``auto`` one adaptive limit for the worker, between 1 and ``max_concurrent_generations_limit``
+    per server (the servers share it, each request going to the least loaded)."""
+    servers = config.servers_per_worker
+    if config.adaptive_concurrency:
+        return AdaptiveLimit(maximum=config.concurrent_generations, minimum=servers)
+    return asyncio.Semaphore(config.concurrent_generations)
 
 
 def _cancelled_from_outside() -> bool:

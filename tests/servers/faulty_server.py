@@ -47,6 +47,13 @@ Server-wide flags (unknown flags are accepted and ignored, so any ``model_kwargs
                          only SIGKILL stops the server
     --grandchild         spawn tests/servers/sleeper.py --ignore-sigterm in the server's process group
                          (its pid is ``grandchild`` in the stats): a worker that outlives its server
+    --capacity B         serve at most B completions at once, each for --service-time S seconds; the
+                         others wait in arrival order: a GPU with a knee (throughput stops growing at
+                         B requests in flight, latency goes on growing)
+    --service-time S     see --capacity (default 0.05)
+    --rate-limit Q       answer HTTP 429 to the completions beyond Q in each second of
+                         ``time.monotonic()``, with ``Retry-After`` the (fractional) seconds until the
+                         next second: an API's quota
     --echo-auth          error replies quote the request's ``Authorization`` header (as some proxies
                          do), to check that clients keep API keys out of their error messages
     --stats-file PATH    keep the stats in PATH (written atomically soon after every change and on
@@ -140,6 +147,10 @@ class FaultyServer:
         self.fatal_line: str = args.fatal_line
         self.last_words: str | None = args.last_words
         self.echo_auth: bool = args.echo_auth
+        self.capacity = asyncio.Semaphore(args.capacity) if args.capacity else None
+        self.service_time: float = args.service_time
+        self.rate_limit: int | None = args.rate_limit
+        self.rate_second, self.rate_used = 0, 0
         self.grandchild: int | None = None
         self.authorization: Counter[str] = Counter()
         self.requests = 0
@@ -316,6 +327,15 @@ class FaultyServer:
                 outcome = "empty"
                 return json_response({"id": "empty", "object": "chat.completion", "choices": []})
 
+            if self.rate_limit is not None and (wait := self._rate_wait()):
+                outcome = "429"
+                error = {"error": {"message": "rate limit exceeded", "type": "RateLimitError"}}
+                response = json_response(error, 429)
+                response.headers["Retry-After"] = f"{wait:.3f}"
+                return response
+            if self.capacity is not None:
+                async with self.capacity:  # FIFO: the others wait their turn
+                    await asyncio.sleep(self.service_time)
             response = await handler(request)  # the echo app's reply
             outcome = str(response.status)
             if not {"echo_request", "reasoning", "reasoning_content"} & names.keys():
@@ -340,6 +360,17 @@ class FaultyServer:
             self.in_flight -= 1
             self.by_outcome[outcome] += 1
             self._dirty = True
+
+    def _rate_wait(self) -> float:
+        """0.0 if this second's quota has room (taking one), else the seconds until the next second."""
+        now = time.monotonic()
+        if int(now) != self.rate_second:
+            self.rate_second, self.rate_used = int(now), 0
+        assert self.rate_limit is not None
+        if self.rate_used < self.rate_limit:
+            self.rate_used += 1
+            return 0.0
+        return self.rate_second + 1 - now
 
     def _quote_auth(self, error: dict[str, Any], request: web.Request) -> dict[str, Any]:
         if self.echo_auth:
@@ -435,6 +466,9 @@ def main() -> None:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--grandchild", action="store_true")
     parser.add_argument("--echo-auth", action="store_true")
+    parser.add_argument("--capacity", type=int, default=None)
+    parser.add_argument("--service-time", type=float, default=0.05)
+    parser.add_argument("--rate-limit", type=int, default=None)
     args, unknown = parser.parse_known_args()
     if unknown:
         print(f"faulty_server: ignoring flags {unknown}", file=sys.stderr, flush=True)

@@ -1,0 +1,245 @@
+"""``AdaptiveLimit``: how many requests to have in flight, found from what the server shows
+(``max_concurrent_generations: auto``).
+
+It is used like the ``asyncio.Semaphore`` a fixed number gets (``async with limit:`` around a
+request), and is told how each request went: ``record(latency)`` after a reply,
+``back_off(retry_after)`` after the server said it is overloaded (HTTP 429 or 503) or a
+request timed out. The rule, decided once per *window* (the next ``max(limit, 16)``
+replies, so about one round trip), from the replies' mean latency and the requests in
+flight when each came: throughput is their mean over the latency (Little's law, which
+replies that come in bursts do not upset, unlike counting replies per second):
+
+* **Slow start.** Begin at ``initial`` and double the limit after every window, while the
+  demand fills it, until a window's latency rises over ``LATENCY_RISE`` times the lowest
+  window latency seen (the no-load baseline), or its throughput grew less than
+  ``GROWTH`` times the last one's: the server is past its knee. The limit becomes what the
+  server served (throughput x baseline latency, Little's law, x ``HEADROOM``), at least the
+  last limit that kept latency at the baseline. If already the first doubling gained nothing,
+  the knee may lie below ``initial`` (whose latency was then no baseline): the limit probes
+  downwards, as below, until less loses throughput.
+* **Hold and probe.** At the limit it holds, every ``HOLD_WINDOWS`` windows it tries 25% more
+  and keeps it only if throughput rose by ``PROBE_GAIN`` or more (then probes again at
+  once: the limit grows while throughput grows); when latency is ``LATENCY_RISE`` over the
+  baseline (or the knee may lie below) it tries 20% less and keeps it if throughput stays
+  within ``PROBE_GAIN`` (latency without throughput is dropped). After a change the next ``WARM_UP`` windows are
+  not measured: the old limit's requests, and those queued behind them, are finishing.
+* **Back off.** On ``back_off`` the limit becomes what the server was serving (the last
+  window's throughput x baseline latency), but between ``BACKOFF_MOST`` and ``BACKOFF`` times
+  the limit: a multiplicative decrease, at most once per round trip (the other requests in
+  flight at that moment fail too). With a ``Retry-After``, no request is sent until it has
+  passed.
+
+The limit stays within ``[minimum, maximum]``. Every step depends only on the replies and
+the injected ``clock``, so tests drive it without a server or sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+logger = logging.getLogger("infermill.concurrency")
+
+MIN_WINDOW = 16  # replies per window at least
+LATENCY_RISE = 1.3  # a window's latency over this x the baseline: the server queues
+GROWTH = 1.2  # slow start goes on while a doubling raises throughput by this factor at least
+HEADROOM = 1.1  # leaving slow start: the served concurrency x this
+HOLD_WINDOWS = 4  # windows between probes
+PROBE_UP, PROBE_DOWN = 1.25, 0.8
+PROBE_GAIN = 0.05  # what a probe must gain (up) or may lose (down) in throughput to be kept
+WARM_UP = 2  # windows after a change that are not measured: the old limit's requests, and those queued behind them
+BACKOFF, BACKOFF_MOST = 0.9, 0.5  # a back-off keeps 90% of the limit at most, 50% at least
+
+START, HOLD, PROBE = "start", "hold", "probe"
+
+
+class AdaptiveLimit:
+    """A limit on requests in flight that adapts itself: see the module's docstring."""
+
+    def __init__(
+        self, maximum: int, minimum: int = 1, initial: int | None = None, clock: Callable[[], float] = time.monotonic
+    ):
+        if not 1 <= minimum <= maximum:
+            raise ValueError(f"need 1 <= minimum <= maximum, got {minimum} and {maximum}")
+        self.minimum, self.maximum, self.clock = minimum, maximum, clock
+        self.limit = self._initial = min(maximum, max(minimum, initial if initial is not None else 8 * minimum))
+        self._doubted = False  # the knee may lie below the limit: probe downwards
+        self._best = 0.0  # the highest throughput of a window
+        self.in_flight = 0
+        self.phase = START
+        self.baseline: float | None = None  # the lowest mean latency of a window
+        self.back_offs = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._paused_until = 0.0
+        self._timer: asyncio.TimerHandle | None = None  # wakes the waiters when the pause ends
+        self._timer_at = 0.0
+        self._window_start = clock()
+        self._replies = 0
+        self._latency_sum = 0.0
+        self._peak = 0  # the most in flight during the window
+        self._in_flight_sum = 0  # requests in flight when each reply of the window came, added up
+        self._warming = 1  # windows not to measure: the first (start-up), and WARM_UP after each change
+        self._holds = 0
+        self._before: tuple[int, float] | None = None  # (limit, throughput) before the last step
+        self._throughput = 0.0  # the last window's replies/s
+        self._quiet_until = 0.0  # no back-off before: the last one's round trip is not over
+
+    # -- the semaphore's interface --------------------------------------------------------
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free now (and nobody waits for one)."""
+        if self.in_flight < self.limit and not self._waiters and self._paused_until <= self.clock():
+            self.in_flight += 1
+            if self.in_flight > self._peak:
+                self._peak = self.in_flight
+            return True
+        return False
+
+    async def __aenter__(self) -> None:
+        if self.try_acquire():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted just as it was cancelled: give it back
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self.in_flight -= 1
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Let waiters in while there is room and no pause."""
+        if self._paused_until > self.clock():
+            self._wake_after_pause()  # a timer may fire a little early
+            return
+        waiters = self._waiters
+        while waiters and self.in_flight < self.limit:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
+        if self.in_flight > self._peak:
+            self._peak = self.in_flight
+
+    def _wake_after_pause(self) -> None:
+        """Have the waiters woken when the pause ends (one timer at a time)."""
+        if self._timer is not None and self._timer_at >= self._paused_until:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = self._paused_until
+        self._timer = asyncio.get_running_loop().call_later(self._paused_until - self.clock(), self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._wake()
+
+    # -- what the requests show -------------------------------------------------------------
+
+    def record(self, latency: float) -> None:
+        """A reply came ``latency`` seconds after its request was sent (called before its slot
+        is given back)."""
+        self._replies += 1
+        self._latency_sum += latency
+        self._in_flight_sum += self.in_flight
+        if self._replies >= self.limit and self._replies >= MIN_WINDOW:
+            self._end_window(self.clock())
+
+    def back_off(self, retry_after: float | None = None) -> None:
+        """The server is overloaded (429, 503) or a request timed out: fewer requests, and none
+        before ``retry_after`` seconds."""
+        if retry_after:
+            self._paused_until = max(self._paused_until, self.clock() + retry_after)
+            self._wake_after_pause()
+        now = self.clock()
+        if now < self._quiet_until:
+            return  # one back-off per round trip: the requests already in flight fail as well
+        self._quiet_until = now + (self.baseline or 0.0)
+        self.back_offs += 1
+        self.phase, self._holds = HOLD, 0
+        served = math.ceil(self._throughput * (self.baseline or 0.0))
+        self._set(
+            max(math.floor(self.limit * BACKOFF_MOST), min(math.floor(self.limit * BACKOFF), served)), "overloaded"
+        )
+
+    # -- the rule -----------------------------------------------------------------------------
+
+    def _end_window(self, now: float) -> None:
+        latency = self._latency_sum / self._replies
+        if latency > 0:  # Little's law: robust to replies that come in bursts, unlike replies / seconds
+            throughput = self._in_flight_sum / self._replies / latency
+        else:
+            throughput = self._replies / max(now - self._window_start, 1e-9)
+        self._in_flight_sum = 0
+        filled = self._peak >= self.limit  # the demand reached the limit (else more would not help)
+        self._window_start, self._replies, self._latency_sum, self._peak = now, 0, 0.0, self.in_flight
+        self._throughput = throughput
+        if self._warming:
+            self._warming -= 1
+            return
+        baseline = self.baseline = latency if self.baseline is None else min(self.baseline, latency)
+        self._best = max(self._best, throughput)
+        queued = latency > baseline * LATENCY_RISE
+        if self.phase == START:
+            before = self._before
+            if before is not None and (queued or throughput < before[1] * GROWTH):
+                # the first doubling gained nothing: the knee may lie below the initial limit, whose
+                # latency then was no baseline; probe downwards until throughput drops
+                self._doubted = before[0] == self._initial
+                served = math.ceil(throughput * baseline * HEADROOM)
+                self.phase, self._holds = HOLD, 0
+                self._set(max(before[0], served), "past the server's knee")
+            elif filled:
+                self._before = (self.limit, throughput)
+                if self.limit >= self.maximum:
+                    self.phase, self._holds = HOLD, 0
+                self._set(self.limit * 2, "slow start")
+        elif self.phase == HOLD:
+            self._holds += 1
+            if (queued or self._doubted) and self.limit > self.minimum:
+                self._before, self.phase = (self.limit, throughput), PROBE
+                self._set(math.floor(self.limit * PROBE_DOWN), "probe: latency rose")
+            elif self._holds >= HOLD_WINDOWS and filled and self.limit < self.maximum:
+                self._before, self.phase = (self.limit, throughput), PROBE
+                self._set(math.ceil(self.limit * PROBE_UP), "probe: more throughput?")
+        else:  # PROBE: keep the new limit, or go back
+            assert self._before is not None
+            old_limit, old_throughput = self._before
+            if self.limit > old_limit:
+                kept = throughput >= old_throughput * (1 + PROBE_GAIN)
+            else:  # probing for a knee below: against the best seen, not one noisy window
+                reference = max(old_throughput, self._best) if self._doubted else old_throughput
+                kept = throughput >= reference * (1 - PROBE_GAIN)
+            self.phase = HOLD
+            self._holds = HOLD_WINDOWS - 1 if kept and self.limit > old_limit else 0
+            if not kept and self.limit < old_limit:
+                self._doubted = False  # the knee is found: less loses throughput
+            if not kept:
+                self._set(old_limit, "probe not kept")
+
+    def _set(self, limit: int, why: str) -> None:
+        limit = min(self.maximum, max(self.minimum, limit))
+        if limit == self.limit:
+            return
+        logger.debug("concurrency limit %d -> %d (%s)", self.limit, limit, why)
+        self.limit = limit
+        self._warming = WARM_UP
+        self._window_start, self._replies, self._latency_sum, self._peak = self.clock(), 0, 0.0, self.in_flight
+        self._in_flight_sum = 0
+        if self._waiters:
+            self._wake()

@@ -1,0 +1,55 @@
+"""``max_concurrent_generations: auto`` against real servers (tests/servers/faulty_server.py):
+one with a capacity knee, one with a rate limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import FAST, FAULTY_SERVER, echo_rollout, read_jsonl, server_stats
+from infermill import Document, InferenceConfig
+from infermill.io.writers import JsonlWriter
+from infermill.runner import InferenceRunner
+
+
+def auto_config(stats_file: Path, **server_flags) -> InferenceConfig:
+    return InferenceConfig(
+        server_type="custom",
+        model_name_or_path="faulty-model",
+        model_kwargs={"server_script": str(FAULTY_SERVER), "stats_file": str(stats_file), **server_flags},
+        max_concurrent_generations="auto",
+        **FAST,
+    )
+
+
+def run(config: InferenceConfig, tmp_path: Path, documents: int) -> dict:
+    writer = JsonlWriter(str(tmp_path / "out"))
+    stats = InferenceRunner(echo_rollout, config, writer, records_per_chunk=100_000).run(
+        Document(text=f"doc {i}", id=str(i)) for i in range(documents)
+    )
+    written = read_jsonl(tmp_path / "out" / "00000_00000.jsonl")
+    assert sorted(int(r["id"]) for r in written) == list(range(documents))
+    return stats
+
+
+def test_auto_concurrency_ends_just_past_the_knee_of_a_server_that_serves_16_at_once(tmp_path, stats_file, no_orphans):
+    # 16 requests served at once, 50 ms each; the others wait: throughput stops growing at 16
+    config = auto_config(stats_file, capacity=16, service_time=0.05)
+    stats = run(config, tmp_path, 1200)
+
+    limit = stats["adaptive_concurrency"]["limit"]
+    assert 16 <= limit <= 32, limit
+    assert server_stats(stats_file)["max_in_flight"] <= 64  # slow start passed the knee by a doubling at most
+    assert stats["documents_failed"] == 0 and stats["requests_retried"] == 0
+
+
+def test_auto_concurrency_against_a_rate_limit_backs_off_and_fails_no_document(tmp_path, stats_file, no_orphans):
+    # 100 requests a second, then 429 with Retry-After until the next second
+    config = auto_config(stats_file, rate_limit=100)
+    config.request_max_attempts = 6  # the default
+    stats = run(config, tmp_path, 400)
+
+    server = server_stats(stats_file)
+    assert server["by_outcome"].get("429", 0) > 0  # it was pushed to the limit...
+    assert stats["adaptive_concurrency"]["back_offs"] >= 1  # ...and backed off
+    assert stats["documents_failed"] == 0 and stats["requests_failed"] == 0
+    assert server["by_outcome"]["200"] == 400
