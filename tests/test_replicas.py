@@ -104,6 +104,10 @@ def test_a_killed_replica_restarts_while_the_others_serve_and_every_document_is_
     assert stats["server_restarts"] == 1 and stats["requests_retried"] == 0, stats
     assert [r["restarts"] for r in stats["replicas"]] == [0, 1, 0], stats["replicas"]
     assert sum(r["requests"] for r in stats["replicas"]) == stats["requests_ok"] == 120 * CALLS
+    status = subprocess.run(
+        [PYTHON, "-m", "infermill", "status", str(job.output)], capture_output=True, text=True, timeout=30
+    )
+    assert "replica 1: " in status.stdout and " 1 restarts" in status.stdout, status.stdout + status.stderr
     servers = [stats_of(path) for path in files]
     assert [s["starts"] for s in servers] == [1, 2, 1]  # the dead one came back, in a new process...
     log = (job.server_logs / "server_rank_00000_replica_1.log").read_text()

@@ -569,9 +569,12 @@ def _queue_status(layout: Any, output: str, as_json: bool) -> None:
 
     from infermill.queue import WorkQueue
 
+    from infermill.worker import read_stats
+
     state = WorkQueue.for_layout(layout).status()
+    replicas = read_stats(layout).get("replicas") or []  # summed over the finished worker runs
     if as_json:
-        click.echo(orjson.dumps(state.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        click.echo(orjson.dumps({**state.as_dict(), "replicas": replicas}, option=orjson.OPT_INDENT_2).decode())
         return
     eta = f"{state.eta_sec:,.0f} s" if state.eta_sec is not None else "-"
     rate = f"{state.documents_per_sec:,.1f}" if state.documents_per_sec is not None else "-"
@@ -595,6 +598,11 @@ def _queue_status(layout: Any, output: str, as_json: bool) -> None:
                 f"{holder.renewed_sec_ago:.1f}{stale}",
             )
         _console().print(table)
+    for index, replica in enumerate(replicas):
+        click.echo(
+            f"replica {index}: {replica.get('requests', 0):,} requests, {replica.get('restarts', 0)} restarts, "
+            f"{replica.get('rests', 0)} rests (finished worker runs)"
+        )
     for failure in state.failed:
         click.echo(f"unit {failure.unit} failed (attempt {failure.generation}, {failure.host}): {failure.cause}")
 
