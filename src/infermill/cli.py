@@ -568,7 +568,6 @@ def _queue_status(layout: Any, output: str, as_json: bool) -> None:
     from rich.table import Table
 
     from infermill.queue import WorkQueue
-
     from infermill.worker import read_stats
 
     state = WorkQueue.for_layout(layout).status()
