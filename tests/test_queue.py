@@ -374,3 +374,20 @@ def test_the_queue_lives_in_the_jobs_folder_and_refuses_remote_storage(tmp_path)
         WorkQueue("s3://bucket/q")
     with pytest.raises(InfermillError, match="no plan"):
         queue.claim()
+
+
+def test_a_new_command_counts_the_attempts_of_a_unit_anew(tmp_path):
+    def two_dead_holders(folder: Path) -> WorkQueue:
+        queue = make_queue(folder, "first", 1, max_unit_attempts=2)
+        for generation in (1, 2):  # two holders that died (their leases never given back), as if killed
+            lease = queue.claim()
+            assert lease is not None and lease.generation == generation
+            age(lease)
+        return make_queue(folder, "second", max_unit_attempts=2)
+
+    same_command = two_dead_holders(tmp_path / "a")
+    assert same_command.claim() is None and same_command.status().units_failed == 1  # its attempts are spent
+    new_command = two_dead_holders(tmp_path / "b")
+    assert new_command.reset_attempts() == [0]
+    lease = new_command.claim()
+    assert lease is not None and lease.generation == 3 and new_command.status().units_failed == 0

@@ -261,7 +261,7 @@ def run(
                 runner = build_runner(job, reader, overwrite, accept_changed_input)
             except InfermillError as e:  # a job that cannot be set up is a usage error, like a bad job file
                 raise ConfigError(str(e)) from None
-            options = QueueOptions(job.checkpoint.lease_timeout_sec, max_unit_attempts)
+            options = QueueOptions(job.checkpoint.lease_timeout_sec, max_unit_attempts, new_command=not as_worker)
             progress = None
             if not as_worker:  # a --workers parent shows the job's progress
                 console = _console() if sys.stderr.isatty() else None  # the logging handler's (_setup_logging)

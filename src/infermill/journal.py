@@ -159,6 +159,7 @@ class RankSummary:
 @dataclass
 class _Chunk:
     index: int
+    size: int  # records that make it full
     finished: int = 0
     file: Any = None  # the open log, appended to
 
@@ -201,7 +202,7 @@ class ChunkLogs:
         raise NotImplementedError
 
     def _load_log(self, chunk_index: int, path: Path) -> None:
-        chunk = self._chunks[chunk_index] = _Chunk(chunk_index)
+        chunk = self._chunks[chunk_index] = _Chunk(chunk_index, self._chunk_size(chunk_index))
         good_bytes = 0
         for line in read_log(path):
             if line.document is None:
@@ -248,7 +249,7 @@ class ChunkLogs:
         self._append(chunk_index, b'{"i":%d,"r":%s}' % (index, record if record is not None else b"null"))
         chunk = self._chunks[chunk_index]
         chunk.finished += 1
-        return chunk_index if chunk.finished >= self._chunk_size(chunk_index) else None
+        return chunk_index if chunk.finished >= chunk.size else None
 
     def fail_record(self, index: int, error: Exception) -> bool:
         """Record ``index`` failed for good: return whether that is handled here (a queue's unit is
@@ -258,7 +259,7 @@ class ChunkLogs:
     def _append(self, chunk_index: int, data: bytes) -> None:
         chunk = self._chunks.get(chunk_index)
         if chunk is None:
-            chunk = self._chunks[chunk_index] = _Chunk(chunk_index)
+            chunk = self._chunks[chunk_index] = _Chunk(chunk_index, self._chunk_size(chunk_index))
         if chunk.file is None:
             # open until the chunk is finalized or the journal closed: one append per line, no reopen
             chunk.file = open(self._log_path(chunk_index), "ab")  # noqa: SIM115

@@ -481,6 +481,19 @@ class WorkQueue:
                 pass
         return reset
 
+    def reset_attempts(self) -> list[int]:
+        """Start every unit that is not done on a fresh count of attempts (a new command on the
+        job calls this as it starts: the attempts that count are those of one command's workers,
+        so that a job killed and run again several times does not fail a unit for it); returns
+        those units."""
+        reset = []
+        for unit, state in sorted(self._list().items()):
+            if not (state.done or state.failed) and state.attempts:
+                mark = self.units_dir / _generation_name(unit, state.generation, "reset")
+                self._create_exclusive(mark, self._record(generation=state.generation))
+                reset.append(unit)
+        return reset
+
     def remove_done_journals(self) -> int:
         """Delete the journals of units that are done (their holder was killed between its done
         mark and deleting them); return how many. A worker calls this as it starts."""

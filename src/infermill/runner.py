@@ -266,7 +266,14 @@ class InferenceRunner:
         others as are started anywhere, until every unit is done or failed; return this worker's
         stats (``stats.json`` sums every worker's). Raise ``InfermillError`` naming the failed
         units if any failed. ``server`` as in :meth:`run_async`."""
-        from infermill.worker import QueueOptions, UnitSource, failed_units_error, open_queue, read_stats, write_stats
+        from infermill.worker import (
+            QueueOptions,
+            UnitSource,
+            failed_units_error,
+            open_queue,
+            sum_job_stats,
+            write_stats,
+        )
 
         options = options or QueueOptions()
         queue, plan = await asyncio.to_thread(
@@ -286,7 +293,8 @@ class InferenceRunner:
             return write_stats(self.layout, queue.worker_id, RunStats().to_dict())
         if status.units_done == status.units_total:
             logger.info("the job is already complete (%d units); nothing to do", status.units_total)
-            return {**read_stats(self.layout), "already_complete": True}
+            # summed again: a run killed between its last commit and its stats leaves none written
+            return {**await asyncio.to_thread(sum_job_stats, self.layout), "already_complete": True}
         journal = QueueJournal(queue, plan, self.output_writer)
         source = UnitSource(queue, journal, reader, plan)
         run = _Run(self, journal, 0)

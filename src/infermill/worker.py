@@ -46,11 +46,14 @@ POLL_WAITING_SEC = 2.0
 class QueueOptions:
     """How a worker uses the queue: ``lease_timeout_sec`` (a unit whose lease is not renewed
     for that long is taken over), ``max_unit_attempts`` (a unit whose workers died that many
-    times is marked failed) and this worker's id (default: host, pid and a random suffix)."""
+    times in one command is marked failed), this worker's id (default: host, pid and a random
+    suffix), and whether it starts a new command (``new_command``: False in the workers of a
+    ``--workers`` parent, which started it)."""
 
     lease_timeout_sec: float = 120.0
     max_unit_attempts: int = 3
     worker_id: str | None = None
+    new_command: bool = True  # a command's first process: failed units are retried, attempts counted anew
 
 
 def open_queue(
@@ -94,9 +97,11 @@ def open_queue(
     ):
         stored = _replan(queue, reader, records_per_unit, stored, identity)
     queue.remove_done_journals()
-    reset = queue.reset_failed()
-    if reset:
-        logger.info("retrying %d unit(s) that failed in an earlier run: %s", len(reset), _named(reset))
+    if options.new_command:  # not in a worker a --workers parent started: its restarts must count
+        reset = queue.reset_failed()
+        if reset:
+            logger.info("retrying %d unit(s) that failed in an earlier run: %s", len(reset), _named(reset))
+        queue.reset_attempts()
     return queue, UnitPlan.from_json(stored)
 
 
@@ -194,6 +199,12 @@ def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dic
     folder = layout.root / "stats"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{worker_id}.json").write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+    return sum_job_stats(layout)
+
+
+def sum_job_stats(layout: JobLayout) -> dict[str, Any]:
+    """Write ``stats.json``, the sum of every worker run's stats kept so far; return it."""
+    folder = layout.root / "stats"
     runs = []
     for path in sorted(folder.glob("*.json")):
         try:
