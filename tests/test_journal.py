@@ -153,3 +153,55 @@ def test_a_rank_takes_one_writer_at_a_time_and_a_closed_journal_lets_the_next_on
     first.close()
     second.open(IDENTITY)
     second.close()
+
+
+# -- a work queue's units ------------------------------------------------------------------
+
+
+def queue_journal(folder, worker: str, plan, writer):
+    from infermill.journal import QueueJournal
+    from infermill.queue import WorkQueue
+
+    queue = WorkQueue(folder, worker, lease_timeout_sec=60)
+    queue.publish_plan(plan.to_json())
+    return queue, QueueJournal(queue, plan, writer)
+
+
+def stale(lease) -> None:
+    os.utime(lease.path, (0, 0))  # as if its holder stopped renewing long ago
+
+
+def test_a_unit_lost_and_claimed_back_is_written_with_each_record_once(tmp_path):
+    from infermill.io.readers import DocumentReader
+    from infermill.io.units import plan_units
+
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": "d{i}", "text": "t{i}"}}\n' for i in range(4)))
+    plan = plan_units(DocumentReader(str(tmp_path / "in.jsonl")), 4)  # one unit of 4 records
+    writer = JsonlWriter(str(tmp_path / "out"))
+    folder = tmp_path / "queue"
+    queue, mine = queue_journal(folder, "me", plan, writer)
+    first = queue.claim()
+    assert first is not None and not mine.hold(first)
+    for i in (0, 1):
+        mine.commit(i, b'{"id":"d%d"}' % i)
+    mine.flush()
+    stale(first)  # this worker paused past its lease, with records 2 and 3 in flight
+    other_queue, other = queue_journal(folder, "other", plan, writer)
+    second = other_queue.claim()
+    assert second is not None and second.generation == 2 and not other.hold(second)
+    other.commit(2, b'{"id":"d2"}')
+    other.close(release=False)  # then it died
+    stale(second)
+    third = queue.claim()  # this worker, awake again, claims the unit back
+    assert third is not None and third.generation == 3
+    assert not mine.hold(third)
+    assert mine.is_done(2) and not mine.is_done(3)
+    assert mine.commit(2, b'{"id":"d2"}') is None  # its old copy of record 2 finishing: not twice
+    assert mine.commit(3, b'{"id":"d3"}') == 0  # the unit is full now, at its real size
+    journal = queue.journal_path(0, 3)
+    assert sum(b'"i":' in line for line in journal.read_bytes().splitlines()) == 4  # each record once
+    assert mine.finalize_chunk(0) == 4
+    ids = sorted(r["id"] for r in read_jsonl(tmp_path / "out" / "00000_00000.jsonl"))
+    assert ids == ["d0", "d1", "d2", "d3"]
+    assert orjson.loads((folder / "units" / "000000.done").read_bytes())["documents"] == 4
+    mine.close()

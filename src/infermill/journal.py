@@ -162,6 +162,7 @@ class _Chunk:
     size: int  # records that make it full
     finished: int = 0
     file: Any = None  # the open log, appended to
+    indices: set[int] = field(default_factory=set)  # the finished records read back from its log
 
 
 @dataclass
@@ -201,7 +202,7 @@ class ChunkLogs:
         """Write the full chunk's output, once; return the number of records written."""
         raise NotImplementedError
 
-    def _load_log(self, chunk_index: int, path: Path) -> None:
+    def _load_log(self, chunk_index: int, path: Path) -> _Chunk:
         chunk = self._chunks[chunk_index] = _Chunk(chunk_index, self._chunk_size(chunk_index))
         good_bytes = 0
         for line in read_log(path):
@@ -211,14 +212,15 @@ class ChunkLogs:
                 except orjson.JSONDecodeError:
                     break
                 self._cache[entry["k"]] = entry["v"]
-            elif line.document not in self.state.done_records:
-                self.state.done_records.add(line.document)
+            elif line.document not in chunk.indices:
+                chunk.indices.add(line.document)
                 chunk.finished += 1
             good_bytes = line.end
         if good_bytes < path.stat().st_size:
             with open(path, "r+b") as f:
                 f.truncate(good_bytes)
         self.state.cached_replies = len(self._cache)
+        return chunk
 
     # -- during the run -----------------------------------------------------------------
 
@@ -406,7 +408,7 @@ class ChunkJournal(ChunkLogs):
             if chunk_index in self.state.done_chunks:
                 path.unlink()  # killed between marking the chunk done and deleting its log
                 continue
-            self._load_log(chunk_index, path)
+            self.state.done_records |= self._load_log(chunk_index, path).indices
         for path in self.dir.glob("chunk_*.tmp"):
             path.unlink()
         self.writer.remove_temp_files(self.rank)  # a chunk file being written when a run was killed
@@ -474,6 +476,7 @@ class QueueJournal(ChunkLogs):
         self._leases: dict[int, Lease] = {}
         self._renewers: dict[int, LeaseRenewer] = {}
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
+        self._finalizing: set[int] = set()  # units being committed (in a worker thread)
 
     def _log_path(self, chunk_index: int) -> Path:
         return self.queue.journal_path(chunk_index, self._leases[chunk_index].generation)
@@ -483,21 +486,17 @@ class QueueJournal(ChunkLogs):
 
     def hold(self, lease: Lease) -> bool:
         """Start on ``lease``'s unit (in a worker thread): copy the whole lines of its earlier
-        holders' journals into this holder's, load it, and keep the lease renewed. Returns
-        whether every record of the unit is finished already (it only needs committing)."""
+        holders' journals into this holder's (each finished record and stored reply once), load
+        it, and keep the lease renewed. Returns whether every record of the unit is finished
+        already (it only needs committing). The unit's records count as held only at the end:
+        until then, results of the unit's documents still in flight are not written."""
         unit = lease.unit
-        self._leases[unit] = lease
-        self.dropped.discard(unit)  # lost once, taken back now
-        path = self._log_path(unit)
+        if unit in self._leases:  # held before and lost (a pause past the lease): that generation goes
+            self._let_go(unit)
+        path = self.queue.journal_path(unit, lease.generation)
         earlier = self.queue.earlier_journals(unit, lease.generation)
         if earlier:
-            with open(path, "ab") as journal:
-                for older in earlier:
-                    whole = 0
-                    for line in read_log(older):
-                        whole = line.end
-                    with open(older, "rb") as f:
-                        journal.write(f.read(whole))
+            _merge_journals(earlier, path)
             self._load_log(unit, path)
             logger.info(
                 "unit %d taken over (attempt %d): %d documents already finished, %d replies kept",
@@ -506,10 +505,16 @@ class QueueJournal(ChunkLogs):
                 self._chunks[unit].finished,
                 len(self._cache),
             )
+        self.dropped.discard(unit)
+        self._leases[unit] = lease
         renewer = self._renewers[unit] = self.queue.renewing(lease, on_lost=lambda e: self._lost(unit, e))
         renewer.start()
         chunk = self._chunks.get(unit)
-        return chunk is not None and chunk.finished >= self._chunk_size(unit)
+        return chunk is not None and chunk.finished >= chunk.size
+
+    def is_done(self, index: int) -> bool:
+        chunk = self._chunks.get(index // self.records_per_chunk)
+        return chunk is not None and index in chunk.indices
 
     def holds(self, unit: int) -> bool:
         """Whether this worker holds ``unit`` and still processes its records."""
@@ -517,18 +522,24 @@ class QueueJournal(ChunkLogs):
 
     def held(self) -> list[int]:
         """The units this worker holds and still works on (being processed or committed)."""
-        return sorted(unit for unit in self._leases if unit not in self.dropped)
+        return sorted(unit for unit in list(self._leases) if unit not in self.dropped)
 
     def commit(self, index: int, record: bytes | None) -> int | None:
-        if index // self.records_per_chunk in self.dropped:
+        unit = index // self.records_per_chunk
+        chunk = self._chunks.get(unit)
+        if unit in self.dropped or unit not in self._leases or (chunk is not None and index in chunk.indices):
+            # its unit failed, was taken over or let go, or the record is finished already (a
+            # document handed out again after its unit was lost and claimed back): not twice
             self._pending.pop(index, None)  # nor do its replies waiting for the next flush
-            return None  # its unit failed or was taken over: the result goes nowhere
-        return super().commit(index, record)
+            return None
+        full = super().commit(index, record)
+        self._chunks[unit].indices.add(index)
+        return full
 
     def _append(self, chunk_index: int, data: bytes) -> None:
-        if chunk_index in self.dropped:
-            # failed or lost while a document of it was in flight: its replies go nowhere either
-            # (a failed unit is let go, and has no journal path any more)
+        if chunk_index not in self._leases:
+            # let go (failed, committed, or lost and claimed again) while a document of it was in
+            # flight: its replies go nowhere either, it has no journal path any more
             return
         super()._append(chunk_index, data)
 
@@ -537,6 +548,7 @@ class QueueJournal(ChunkLogs):
         then its done mark, while its lease is still held; then delete its journals. Returns
         the number of records written (0 if the lease was lost: the unit's new holder writes it)."""
         unit = chunk_index
+        self._finalizing.add(unit)  # close() must not give its lease back meanwhile
         chunk = self._chunks.pop(unit, None)
         if chunk is not None and chunk.file is not None:
             chunk.file.close()
@@ -557,6 +569,7 @@ class QueueJournal(ChunkLogs):
             return 0
         finally:
             self._let_go(unit)
+            self._finalizing.discard(unit)
         for journal in [path, *self.queue.earlier_journals(unit, lease.generation)]:
             journal.unlink(missing_ok=True)
         return written
@@ -601,10 +614,41 @@ class QueueJournal(ChunkLogs):
             self._close_logs()
         finally:
             for unit in list(self._leases):
+                if unit in self._finalizing:  # being committed: its thread lets it go
+                    continue
                 lease = self._leases[unit]
                 self._let_go(unit)
                 if release:
                     self.queue.release(lease)
+
+
+def _merge_journals(journals: list[Path], into: Path) -> None:
+    """Append to ``into`` the whole lines of ``journals`` (newest first), each finished record
+    and each stored reply once: a journal already holds the lines it copied from older ones,
+    so copying them all again would double the data at every takeover. A journal deleted
+    meanwhile (its unit committed by a holder that slipped past its lease) is skipped."""
+    records: set[int] = set()
+    replies: set[bytes] = set()
+    with open(into, "ab") as out:
+        for journal in journals:
+            try:
+                lines = list(read_log(journal))
+            except FileNotFoundError:
+                continue
+            kept = []
+            for line in lines:
+                if line.document is not None:
+                    if line.document in records:
+                        continue
+                    records.add(line.document)
+                    kept.append(b'{"i":%d,"r":%s}\n' % (line.document, line.data))
+                else:
+                    key = line.data[: line.data.find(b',"v":')]  # {"k":"...": the reply's key, as written
+                    if key in replies:
+                        continue
+                    replies.add(key)
+                    kept.append(line.data)
+            out.write(b"".join(kept))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

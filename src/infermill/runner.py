@@ -309,6 +309,11 @@ class InferenceRunner:
         except asyncio.CancelledError:
             stopped_on_request = True  # its units are given back; a crash leaves them to expire, as an attempt
             raise
+        except ServerError:
+            # a server that never became ready is no unit's fault: its units are given back (one that
+            # died after serving may have been killed by a unit: those leases expire, as attempts)
+            stopped_on_request = run.server is None or run.server.generation == 0
+            raise
         finally:
             self._runs.remove(run)
             run.stats.inference_time_sec = time.perf_counter() - run.started

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from infermill.errors import ConfigError, UnitsFailedError
-from infermill.io.readers import BadRecordError, DocumentReader
+from infermill.errors import ConfigError, InfermillError, UnitsFailedError
+from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import ChunkJournal, QueueJournal, check_identity
 from infermill.queue import WorkQueue
@@ -118,7 +119,7 @@ def _replan(
             "two inputs; run the original input, or start over with --overwrite"
         )
     replanned = {**plan.to_json(), "identity": identity}
-    temp = queue.folder / f".plan.{os.getpid()}.tmp"
+    temp = queue.folder / f".plan.{uuid.uuid4().hex}.tmp"  # not the pid: containers on two nodes share pids
     temp.write_bytes(orjson.dumps(replanned))
     os.replace(temp, queue.folder / "plan.json")
     return replanned
@@ -168,7 +169,7 @@ class UnitSource:
                     item: Any
                     try:
                         item = next(self._items, END)
-                    except BadRecordError as e:
+                    except InfermillError as e:  # a bad record that stops the unit, its input changed...
                         self.journal.fail(self._unit, str(e))
                         item = END
                     if item is not END:
@@ -181,7 +182,11 @@ class UnitSource:
 
     async def _claim(self) -> bool:
         """Claim the next unit (True), or find the queue drained (True, and ended), or nothing now (False)."""
-        lease = await asyncio.to_thread(self.queue.claim)
+        try:
+            lease = await asyncio.to_thread(self.queue.claim)
+        except OSError as e:  # a network file system's hiccup (ESTALE...): look again after the poll
+            logger.warning("cannot claim a unit now (%s: %s); trying again", type(e).__name__, e)
+            return False
         if lease is None:
             self._ended = not self.journal.held() and await asyncio.to_thread(self.queue.drained)
             return self._ended
@@ -212,7 +217,7 @@ def sum_job_stats(layout: JobLayout) -> dict[str, Any]:
         except (OSError, orjson.JSONDecodeError):
             continue  # being written by another worker: its own sum counts it
     total = sum_stats(runs)
-    temp = layout.root / f".stats.{os.getpid()}.tmp"
+    temp = layout.root / f".stats.{uuid.uuid4().hex}.tmp"
     temp.write_bytes(orjson.dumps(total, option=orjson.OPT_INDENT_2))
     os.replace(temp, layout.root / "stats.json")
     return total
