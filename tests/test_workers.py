@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -304,3 +305,23 @@ def test_each_local_worker_gets_its_own_gpus(tmp_path, monkeypatch):
     seen = sorted((job.logs / f"server_rank_0000{i}.log").read_text().split("visible GPUs: ")[1][0] for i in (0, 1))
     assert seen == ["3", "5"]
     job.check_exactly_once()
+
+
+def test_a_second_ctrl_c_stops_every_worker_and_every_process_of_their_servers_at_once(tmp_path):
+    from conftest import TAG_VARIABLE, _tagged_processes
+
+    job = QueueJob(tmp_path, docs=3000, rpc=50, conc=4, directives="sleep:0.05")
+    spec = yaml.safe_load(job.file.read_text())
+    spec["inference"]["model_kwargs"]["grandchild"] = True  # a process in each server's group that ignores SIGTERM
+    job.file.write_text(yaml.safe_dump(spec))
+    proc = job.start("--workers", "2")
+    try:
+        wait_until(lambda: job.queue.exists() and job.status()["units_in_progress"] >= 2, 60, "both workers at work")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        proc.kill()
+    tag = os.environ[TAG_VARIABLE]
+    wait_until(lambda: not _tagged_processes(tag), 10, "every worker, server and server child to be gone")

@@ -101,6 +101,9 @@ async def _interruptible(coro: Any) -> Any:
             )
             task.cancel()
         else:
+            from infermill.executors.local import stop_workers_now
+
+            stop_workers_now()  # a --workers parent's workers, and their servers' whole groups
             kill_live_groups()
             os._exit(128 + signum)
 

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,8 +97,40 @@ async def _start_and_wait(slot: _Slot, command: Sequence[str]) -> int:
     slot.process = await asyncio.create_subprocess_exec(
         *command, env=env, start_new_session=True, preexec_fn=_child_setup
     )
-    code = await slot.process.wait()
+    _LIVE_WORKERS.add(slot.process.pid)
+    try:
+        code = await slot.process.wait()
+    finally:
+        _LIVE_WORKERS.discard(slot.process.pid)
     return code if code >= 0 else 128 - code  # killed by a signal: 128 + its number, as a shell says
+
+
+_LIVE_WORKERS: set[int] = set()  # the process groups of the workers running now
+
+
+def stop_workers_now(grace_sec: float = 3.0) -> None:
+    """Stop every running worker at once (a second Ctrl-C): a SIGTERM each, their second, on
+    which a worker kills its server's whole group and exits; SIGKILL what is left after
+    ``grace_sec``. A bare SIGKILL (or the parent-death signal) would leave the processes of
+    each server's group behind, not only its leader."""
+    for pgid in list(_LIVE_WORKERS):
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            _LIVE_WORKERS.discard(pgid)
+    deadline = time.monotonic() + grace_sec
+    while _LIVE_WORKERS and time.monotonic() < deadline:
+        for pgid in list(_LIVE_WORKERS):
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                _LIVE_WORKERS.discard(pgid)
+        time.sleep(0.05)
+    for pgid in list(_LIVE_WORKERS):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 async def _stop_all(slots: list[_Slot], tasks: list[asyncio.Task[int]], grace_sec: float = 60.0) -> None:
