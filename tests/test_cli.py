@@ -414,6 +414,34 @@ def test_a_launched_server_runs_in_the_job_files_folder(tmp_path):
     assert sum(len(read_jsonl(path)) for path in (tmp_path / "out").glob("*.jsonl")) == 60
 
 
+def test_a_function_rollout_in_a_job_file_gets_its_shared_context(tmp_path):
+    (tmp_path / "steps.py").write_text(
+        "import contextlib\n"
+        "@contextlib.contextmanager\n"
+        "def make_context(prefix, opened):\n"
+        "    open(opened, 'a').write('entered\\n')\n"
+        "    yield {'prefix': prefix}\n"
+        "    open(opened, 'a').write('exited\\n')\n"
+        "async def rollout(document, generate, prefix):\n"
+        "    result = await generate({'messages': [{'role': 'user', 'content': prefix + document.text}]})\n"
+        "    return result.text\n"
+    )
+    spec = job_spec(tmp_path)
+    spec["rollout"] = {
+        "function": "steps.py:rollout",  # relative to the job file's folder
+        "shared_context": "steps.py:make_context",
+        "shared_context_kwargs": {"prefix": "ctx: ", "opened": str(tmp_path / "opened.log")},
+    }
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 0, output_of(result)
+    records = [r for path in (tmp_path / "out").glob("*.jsonl") for r in read_jsonl(path)]
+    assert len(records) == 60 and all(r["metadata"]["rollout_results"][0].startswith("ctx: ") for r in records)
+    assert (tmp_path / "opened.log").read_text() == "entered\nexited\n"  # once per run
+    spec["rollout"] = {"template": "x [[DOCUMENT]]", "shared_context": "steps.py:make_context"}
+    bad = infermill(tmp_path, "run", str(write_job(tmp_path, spec, "bad.yaml")))
+    assert bad.returncode == 2 and "set rollout.function too" in bad.stderr, output_of(bad)
+
+
 # -- 2. run -----------------------------------------------------------------------------
 
 

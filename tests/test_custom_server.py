@@ -674,3 +674,20 @@ def test_config_needs_exactly_one_launch_key(model_kwargs):
 def test_server_command_must_be_a_list_of_strings_when_the_config_is_made(tmp_path, command):
     with pytest.raises(ConfigError, match="server_command must be a non-empty list of strings .* got "):
         custom_config(tmp_path, model_kwargs={"server_command": command})
+
+
+async def test_verbatim_flag_names_pass_model_kwargs_keys_as_written_like_datatrove(tmp_path):
+    record = tmp_path / "record.jsonl"
+    kwargs = {"record": str(record), "max_batch_size": 8, "enforce_eager": True, "trust_remote_code": False}
+    config = custom_config(tmp_path, "recording_server.py", kwargs, server_flag_names="verbatim")
+    server = CustomServer(config)
+    flags = ["--max_batch_size=8", "--enforce_eager", "--no-trust_remote_code"]
+    assert server.build_command(1234)[-3:] == flags
+    async with server:
+        await asyncio.wait_for(server.wait_until_ready(), 5)
+        assert records(record)[0]["argv"][-3:] == flags  # what the server was started with
+    assert CustomServer(custom_config(tmp_path, "recording_server.py", kwargs)).build_command(1)[-3:] == [
+        "--max-batch-size=8", "--enforce-eager", "--no-trust-remote-code",  # the default: the seed's rule
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="server_flag_names"):
+        custom_config(tmp_path, "recording_server.py", kwargs, server_flag_names="underscores")

@@ -93,6 +93,11 @@ class InferenceConfig(BaseModel):
     nodes_per_worker: int = Field(
         1, ge=1, description="Nodes one worker's server spans (vllm, sglang; needs --executor slurm) when K > 1."
     )
+    server_flag_names: Literal["dashes", "verbatim"] = Field(
+        "dashes",
+        description="How a custom server's model_kwargs keys become flags: max_batch_size -> --max-batch-size "
+        "(dashes) or --max_batch_size (verbatim, as datatrove passes them).",
+    )
     server_workdir: str | None = Field(
         None, description="A launched server's working directory (a job file: its own folder); None: infermill's."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from infermill.io.readers import DocumentReader
@@ -34,6 +35,15 @@ def build_rollout(job: JobConfig) -> Any:
     return PromptRollout(job.inference.use_chat, r.template, r.prompt_key, r.messages_key, r.system_prompt)
 
 
+def build_shared_context(job: JobConfig) -> Any:
+    """The function rollout's shared context: ``rollout.shared_context`` called (once per run,
+    by the runner) with ``shared_context_kwargs``; None without one."""
+    r = job.rollout
+    if not r.shared_context:
+        return None
+    return functools.partial(load_function(r.shared_context, "rollout.shared_context"), **r.shared_context_kwargs)
+
+
 def build_runner(
     job: JobConfig, reader: DocumentReader, overwrite: bool = False, accept_changed_input: bool = False
 ) -> InferenceRunner:
@@ -43,6 +53,7 @@ def build_runner(
         build_rollout(job),
         job.inference,
         build_writer(job),
+        shared_context=build_shared_context(job),
         checkpoints_local_dir=job.checkpoint.dir,
         records_per_chunk=job.checkpoint.records_per_chunk,
         metadata_key=job.runner.metadata_key,

@@ -2,7 +2,8 @@
 
     input:     {path, format, text_key, id_key, limit}
     output:    {path, format, compression, filename, parquet_metadata}
-    rollout:   {template | prompt_key | messages_key, system_prompt} or {function}
+    rollout:   {template | prompt_key | messages_key, system_prompt}
+               or {function, shared_context, shared_context_kwargs}
     inference: the fields of InferenceConfig
     runner:    {skip_bad_requests, metadata_key, on_bad_record}
     checkpoint: {dir, records_per_chunk, lease_timeout_sec}
@@ -87,6 +88,12 @@ class RolloutSection(_Section):
     messages_key: str | None = None
     system_prompt: str | None = None
     function: str | None = Field(None, description="'module:function' or 'path/to/file.py:function'.")
+    shared_context: str | None = Field(
+        None,
+        description="'module:function' or 'path/to/file.py:function' returning a dict of keyword arguments for "
+        "every call of the function rollout, or a context manager yielding one (entered once per run).",
+    )
+    shared_context_kwargs: dict[str, Any] = Field(default_factory=dict, description="Arguments of shared_context.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> RolloutSection:
@@ -95,6 +102,10 @@ class RolloutSection(_Section):
             raise ValueError(f"give one of template, prompt_key, messages_key or function, not {' and '.join(kinds)}")
         if self.function and self.system_prompt:
             raise ValueError("system_prompt applies to template, prompt_key and messages_key rollouts, not to function")
+        if (self.shared_context or self.shared_context_kwargs) and not self.function:
+            raise ValueError("shared_context gives a function rollout its keyword arguments: set rollout.function too")
+        if self.shared_context_kwargs and not self.shared_context:
+            raise ValueError("shared_context_kwargs are the arguments of rollout.shared_context: set it too")
         return self
 
 
@@ -204,10 +215,11 @@ def _resolve_paths(data: dict[str, Any], base: Path, fields: tuple[tuple[str, st
         if isinstance(data.get(section), dict) and key in data[section]:
             data[section][key] = _absolute(data[section][key], base)
     rollout = data.get("rollout")
-    if isinstance(rollout, dict) and isinstance(rollout.get("function"), str):
-        file, sep, name = rollout["function"].rpartition(":")
-        if sep and file.endswith(".py"):
-            rollout["function"] = f"{_absolute(file, base)}:{name}"
+    for key in ("function", "shared_context"):
+        if isinstance(rollout, dict) and isinstance(rollout.get(key), str):
+            file, sep, name = rollout[key].rpartition(":")
+            if sep and file.endswith(".py"):
+                rollout[key] = f"{_absolute(file, base)}:{name}"
 
 
 def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:

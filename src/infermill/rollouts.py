@@ -94,15 +94,16 @@ class OpenAIBatchRollout:
         return result.raw
 
 
-def load_function(spec: str) -> Callable[..., Any]:
-    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
+def load_function(spec: str, field: str = "rollout.function") -> Callable[..., Any]:
+    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function; errors
+    name ``field``, the job file's key it came from."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise ConfigError(f"rollout.function {spec!r} must look like 'module:function' or 'path/to/file.py:function'")
+        raise ConfigError(f"{field} {spec!r} must look like 'module:function' or 'path/to/file.py:function'")
     if target.endswith(".py"):
         path = os.path.abspath(target)
         if not os.path.isfile(path):
-            raise ConfigError(f"rollout.function: file {path} does not exist")
+            raise ConfigError(f"{field}: file {path} does not exist")
         module_name = f"infermill_user_{_digest(path)}"
         spec_ = importlib.util.spec_from_file_location(module_name, path)
         assert spec_ is not None and spec_.loader is not None
@@ -117,8 +118,8 @@ def load_function(spec: str) -> Callable[..., Any]:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise ConfigError(f"rollout.function: cannot import module {target!r}: {e}") from e
+            raise ConfigError(f"{field}: cannot import module {target!r}: {e}") from e
     function = getattr(module, name, None)
     if not callable(function):
-        raise ConfigError(f"rollout.function: {target} has no callable named {name!r}")
+        raise ConfigError(f"{field}: {target} has no callable named {name!r}")
     return function

@@ -35,7 +35,7 @@ class CustomServer(ManagedServer):
     def __init__(self, config: InferenceConfig, rank: int = 0):
         super().__init__(config, rank)
         self.launch_prefix = self._launch_prefix(self.launch)
-        self.flags = kwargs_to_flags(self.launch.flags)
+        self.flags = kwargs_to_flags(self.launch.flags, verbatim=config.server_flag_names == "verbatim")
 
     def _launch_prefix(self, launch: Launch) -> list[str]:
         if launch.script:  # relative: to the server's working directory, where it runs

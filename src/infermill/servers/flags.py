@@ -8,14 +8,14 @@ from typing import Any
 import orjson
 
 
-def kwargs_to_flags(kwargs: Mapping[str, Any]) -> list[str]:
+def kwargs_to_flags(kwargs: Mapping[str, Any], verbatim: bool = False) -> list[str]:
     """Render kwargs in order: True -> ``--key``, False -> ``--no-key``, None is left out,
     lists and dicts -> ``--key=<json>``, anything else -> ``--key=value``.
-    ``_`` in keys is written as ``-``.
+    ``_`` in keys is written as ``-``, unless ``verbatim`` (datatrove's rule: keys as written).
     """
     flags: list[str] = []
     for key, value in kwargs.items():
-        name = key.replace("_", "-")
+        name = key if verbatim else key.replace("_", "-")
         if value is None:
             continue
         if value is True:
