@@ -75,8 +75,15 @@ def parse_reply(reply: dict[str, Any], use_chat: bool) -> InferenceResult:
         raise RetryableError(f"reply without choices[0].{'message' if use_chat else 'text'}: {str(reply)[:200]}") from e
 
 
-def as_document(item: Any, index: int) -> Document:
+def as_document(item: Any, index: int) -> Any:
+    """``item`` as a document: a ``Document``, any object with a ``Document``'s attributes (``text``,
+    ``id``, ``metadata``, ``media``: e.g. datatrove's, used as it is, its ``metadata`` receiving the
+    results), or a dict with ``text``."""
     if isinstance(item, Document):
+        return item
+    if all(hasattr(item, name) for name in ("text", "id", "metadata")) and not isinstance(item, dict):
+        if item.metadata is None:
+            item.metadata = {}
         return item
     if isinstance(item, dict) and "text" in item:
         return Document(
@@ -151,7 +158,16 @@ class InferenceRunner:
 
     The runner holds configuration only: each :meth:`run_async` call keeps its state in its
     own run, so that several (e.g. two ranks) can run at once on one runner.
+
+    It is also a datatrove pipeline step (``pipeline=[reader, InferenceRunner(...), ...]``): the
+    executor's ``step(data, rank, world_size)`` runs the documents its upstream step yields (this
+    rank's checkpoint, as :meth:`run`) and, as datatrove's runner, passes nothing downstream: the
+    documents go to ``output_writer``, which may be a datatrove ``DiskWriter``. datatrove need not
+    be installed for this: the step is a plain callable.
     """
+
+    name = "Inference 🔍"  # what datatrove's executors show for a step
+    type = "Model call"
 
     def __init__(
         self,
@@ -171,6 +187,15 @@ class InferenceRunner:
             raise ValueError(f"records_per_chunk must be > 0, got {records_per_chunk}")
         self.rollout_fn = rollout_fn
         self.config = config
+        if not isinstance(output_writer, OutputWriter):
+            from infermill.datatrove_compat import DatatroveWriter, is_datatrove_writer
+
+            if not is_datatrove_writer(output_writer):
+                raise TypeError(
+                    "output_writer must be an infermill writer (infermill.io.writers) or a datatrove DiskWriter, "
+                    f"got {type(output_writer).__name__}"
+                )
+            output_writer = DatatroveWriter(output_writer)
         self.output_writer = output_writer
         self.shared_context = shared_context
         self.layout = JobLayout.for_output(output_writer.output_folder, checkpoints_local_dir)
@@ -184,6 +209,21 @@ class InferenceRunner:
         self._runs: list[_Run] = []  # the runs in progress
 
     # -- entry points -------------------------------------------------------------------
+
+    def __call__(
+        self, data: Iterable[Any] | AsyncIterable[Any] | None = None, rank: int = 0, world_size: int = 1
+    ) -> None:
+        """A datatrove pipeline step's call: run ``data`` (the upstream step's documents) as
+        :meth:`run` does; yield nothing downstream, as datatrove's runner."""
+        if data is None:
+            raise ValueError(
+                "InferenceRunner as a pipeline step needs documents from the step before it (e.g. a reader): "
+                "it got none"
+            )
+        self.run(data, rank, world_size)
+
+    def __repr__(self) -> str:
+        return f"{self.type}: {self.name}"
 
     def run(self, documents: Iterable[Any] | AsyncIterable[Any], rank: int = 0, world_size: int = 1) -> dict[str, Any]:
         """Process ``documents`` to the end, showing progress; return the stats (also written as
@@ -438,6 +478,7 @@ class _Run:
             if self.runner.skip_bad_requests and isinstance(e.error, BadRequestError):
                 stats.documents_skipped += 1
                 stats.documents_processed += 1
+                document.metadata[self.runner.metadata_key] = []  # as datatrove; not written
                 self._record_failure(document.id, e.error, e.payload)
                 return None
             stats.documents_failed += 1
@@ -448,11 +489,12 @@ class _Run:
         if not kept:
             stats.documents_processed += 1
             stats.documents_empty += 1
+            document.metadata[self.runner.metadata_key] = []  # as datatrove; not written
             return None
         document.metadata[self.runner.metadata_key] = kept
-        record: dict[str, Any] = {"id": document.id, "text": document.text, "metadata": document.metadata}
-        if document.media is not None:
-            record["media"] = document.media
+        record: dict[str, Any] = {"id": str(document.id), "text": document.text, "metadata": document.metadata}
+        if (media := getattr(document, "media", None)) is not None:
+            record["media"] = media
         try:
             data = orjson.dumps(record, default=_encode_result, option=orjson.OPT_PASSTHROUGH_DATACLASS)
         except TypeError as e:

@@ -1,0 +1,128 @@
+"""datatrove compatibility: a datatrove ``DiskWriter`` as infermill's output writer.
+
+infermill's journal writes each checkpointed chunk with ``write_chunk(records, rank,
+chunk_index)``. :class:`DatatroveWriter` does that through a datatrove writer
+(``JsonlWriter``, ``ParquetWriter``, any ``DiskWriter``, with its own file name template,
+compression, adapter, ``expand_metadata``, ``max_file_size``): each record becomes a datatrove
+``Document`` again and goes through ``writer.write(document, rank=..., chunk_index=...)``.
+
+A chunk's files are first written by a copy of the writer into a temporary folder under the
+output folder (``_infermill_tmp/<rank>_<chunk>_<random>/``), closed, then each moved to its
+final name: on a local or network file system a chunk's file appears only whole (a rename);
+on an object store ``mv`` is a copy then a delete, so a file appears whole too, but a chunk
+split into several files (``max_file_size``, metadata tags in the name) may appear one file
+at a time. A run killed while writing leaves only temporary files, which the next run deletes.
+
+This module imports datatrove only when a datatrove writer is used; importing infermill never
+imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from infermill.io.writers import OutputWriter, Record, as_dict
+
+TEMP_FOLDER = "_infermill_tmp"
+_TAG = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_datatrove_writer(writer: Any) -> bool:
+    """Whether ``writer`` is a datatrove ``DiskWriter`` (checked by its classes' names: datatrove
+    need not be imported to tell)."""
+    return any(cls.__name__ == "DiskWriter" and cls.__module__.startswith("datatrove.") for cls in type(writer).__mro__)
+
+
+class DatatroveWriter(OutputWriter):
+    """infermill's writer interface over a datatrove ``DiskWriter`` (kept as ``writer``)."""
+
+    def __init__(self, writer: Any):  # not OutputWriter.__init__: the datatrove writer has its own settings
+        template = writer.output_filename.template
+        if "${chunk_index}" not in template:
+            raise ValueError(
+                f"the datatrove writer's output_filename {template!r} must contain ${{chunk_index}}: infermill writes "
+                "each chunk of a rank as its own file, so that a killed job resumes without duplicates "
+                "(e.g. output_filename='${rank}_${chunk_index}.jsonl')"
+            )
+        if "${rank}" not in template:
+            raise ValueError(
+                f"the datatrove writer's output_filename {template!r} must contain ${{rank}}: ranks write their own "
+                "files (e.g. '${rank}_${chunk_index}.jsonl')"
+            )
+        self.writer = writer
+        folder = writer.output_folder
+        self.fs = folder.fs  # the underlying file system; ``folder`` works relative to its root
+        self.root = folder.path.rstrip("/")
+        self.output_folder = self.fs.unstrip_protocol(self.root) if not self.is_local else self.root
+        self.output_filename = template
+        self.compression = None
+
+    def filename(self, rank: int, chunk_index: int) -> str:
+        """The chunk's file name pattern (relative to the output folder); tags known only per document
+        (``${id}``, metadata) are ``*``."""
+        name = self.writer.output_filename.safe_substitute(rank=f"{rank:05d}", chunk_index=str(chunk_index))
+        return _TAG.sub("*", name)
+
+    def write_chunk(self, records: Iterable[Record], rank: int, chunk_index: int) -> int:
+        from datatrove.io import get_datafolder
+
+        folder = self.writer.output_folder
+        temp_dir = f"{TEMP_FOLDER}/{rank:05d}_{chunk_index:05d}_{uuid.uuid4().hex[:8]}"
+        temp_folder = get_datafolder(
+            folder.unstrip_protocol(temp_dir) if not self.is_local else f"{self.root}/{temp_dir}"
+        )
+        writer = copy.copy(self.writer)  # the same settings, its own files
+        writer.output_folder = temp_folder
+        writer.output_mg = temp_folder.get_output_file_manager(
+            mode=self.writer.output_mg.mode, compression=self.writer.output_mg.compression
+        )
+        writer.file_id_counter = type(self.writer.file_id_counter)()
+        count = 0
+        try:
+            with writer:
+                for record in records:
+                    writer.write(to_datatrove_document(as_dict(record)), rank=rank, chunk_index=chunk_index)
+                    count += 1
+            if count:
+                for path in temp_folder.find("", withdirs=False):
+                    folder.makedirs(_parent(path), exist_ok=True)
+                    folder.mv(f"{temp_dir}/{path}", path)
+        finally:
+            if folder.exists(temp_dir):
+                folder.rm(temp_dir, recursive=True)
+        return count
+
+    def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
+        folder = self.writer.output_folder
+        name = self.filename(rank, chunk_index)
+        patterns = {name, _with_file_id(name)}  # max_file_size names files NNN_<name>
+        for pattern in patterns:
+            for path in folder.glob(pattern):
+                folder.rm(path)
+
+    def remove_temp_files(self, rank: int, chunk_index: int | None = None) -> None:
+        folder = self.writer.output_folder
+        chunk = "*" if chunk_index is None else f"{chunk_index:05d}"
+        for path in folder.glob(f"{TEMP_FOLDER}/{rank:05d}_{chunk}_????????"):
+            folder.rm(path, recursive=True)
+
+
+def to_datatrove_document(record: dict[str, Any]) -> Any:
+    """A record (as the journal keeps it) as a datatrove ``Document``."""
+    from datatrove.data import Document, Media
+
+    media = [Media(**m) if isinstance(m, dict) else m for m in record.get("media") or []]
+    return Document(text=record.get("text", ""), id=record["id"], media=media, metadata=record.get("metadata") or {})
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _with_file_id(name: str) -> str:
+    head, _, base = name.rpartition("/")
+    return f"{head}/[0-9][0-9][0-9]_{base}" if head else f"[0-9][0-9][0-9]_{base}"
