@@ -462,3 +462,16 @@ def test_an_empty_input_says_so(tmp_path, caplog):
         stats = InferenceRunner(echo_rollout, dummy_config(), JsonlWriter(str(tmp_path / "out"))).run([])
     assert stats["documents_read"] == 0
     assert any("had no documents to process" in r.getMessage() for r in caplog.records)
+
+
+def test_the_runner_is_a_pipeline_step_called_with_data_rank_and_world_size(tmp_path, no_orphans):
+    """datatrove's executors call ``step(data, rank, world_size)``; no datatrove needed for it."""
+    runner = InferenceRunner(echo_rollout, dummy_config(), JsonlWriter(str(tmp_path / "out")))
+    documents = ({"id": f"d{i}", "text": f"text {i}"} for i in range(3))
+
+    assert runner(documents, 1, 2) is None  # as datatrove's runner: nothing goes downstream
+    records = read_jsonl(tmp_path / "out" / "00001_00000.jsonl")
+    assert sorted(r["id"] for r in records) == ["d0", "d1", "d2"]
+    assert repr(runner) == "Model call: Inference 🔍"
+    with pytest.raises(ValueError, match="needs documents"):
+        runner(None, 0, 1)
