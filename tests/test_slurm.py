@@ -57,6 +57,22 @@ def submitted_job_id(text: str) -> str:
     return line.split()[3].rstrip(":")
 
 
+def submit_and_wait(job: QueueJob, workers: int, units_done: int = 0) -> tuple[subprocess.Popen, Path, str]:
+    """Start ``run --executor slurm --workers N --wait`` in the background; return it, its log and
+    the Slurm job id once the array is submitted (and ``units_done`` units are done)."""
+    proc = job.start("--executor", "slurm", "--workers", str(workers), "--wait")
+    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    try:
+        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
+        job_id = submitted_job_id(log.read_text())
+        if units_done:
+            wait_until(lambda: job.status()["units_done"] >= units_done, 60, f"{units_done} units done")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, log, job_id
+
+
 def test_dry_run_prints_the_whole_script_and_writes_and_submits_nothing(tmp_path):
     spec = {
         "input": {"path": "in.jsonl"},
@@ -196,12 +212,8 @@ def test_an_array_of_three_workers_drains_2000_documents_each_once(tmp_path, slu
 
 def test_scancel_of_one_task_mid_run_then_the_same_command_again_gives_each_document_once(tmp_path, slurm):
     job = QueueJob(tmp_path, docs=2000, rpc=50, conc=4, lease_timeout_sec=2, directives="sleep:0.03")
-    proc = job.start("--executor", "slurm", "--workers", "3", "--wait")
-    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    proc, log, job_id = submit_and_wait(job, workers=3, units_done=3)
     try:
-        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
-        job_id = submitted_job_id(log.read_text())
-        wait_until(lambda: job.status()["units_done"] >= 3, 60, "three units done")
         assert job.status()["units_pending"] > 0, "the job finished before the scancel: make it longer"
         subprocess.run(["scancel", f"{job_id}_1"], check=True)
         code = proc.wait(timeout=TIMEOUT)
@@ -219,12 +231,8 @@ def test_scancel_of_one_task_mid_run_then_the_same_command_again_gives_each_docu
 
 def test_scancel_of_the_whole_array_mid_run_then_the_same_command_again_gives_each_document_once(tmp_path, slurm):
     job = QueueJob(tmp_path, docs=2000, rpc=50, conc=4, lease_timeout_sec=2, directives="sleep:0.03")
-    proc = job.start("--executor", "slurm", "--workers", "3", "--wait")
-    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    proc, log, job_id = submit_and_wait(job, workers=3, units_done=3)
     try:
-        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
-        job_id = submitted_job_id(log.read_text())
-        wait_until(lambda: job.status()["units_done"] >= 3, 60, "three units done")
         subprocess.run(["scancel", job_id], check=True)
         code = proc.wait(timeout=TIMEOUT)
     finally:
@@ -242,12 +250,8 @@ def test_scancel_of_the_whole_array_mid_run_then_the_same_command_again_gives_ea
 def test_a_task_warned_of_its_time_limit_gives_its_units_back_and_is_requeued(tmp_path, slurm):
     # Slurm's warning (--signal=B:USR1@120) sent by hand: scancel --signal=USR1 --batch
     job = QueueJob(tmp_path, docs=2000, rpc=50, conc=4, lease_timeout_sec=2, directives="sleep:0.03")
-    proc = job.start("--executor", "slurm", "--workers", "2", "--wait")
-    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    proc, log, job_id = submit_and_wait(job, workers=2, units_done=3)
     try:
-        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
-        job_id = submitted_job_id(log.read_text())
-        wait_until(lambda: job.status()["units_done"] >= 3, 60, "three units done")
         subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job_id}_0"], check=True)
 
         def requeued() -> bool:
@@ -270,11 +274,8 @@ def test_a_task_warned_of_its_time_limit_gives_its_units_back_and_is_requeued(tm
 
 def test_ctrl_c_while_waiting_stops_the_waiting_only_and_says_how_to_cancel(tmp_path, slurm):
     job = QueueJob(tmp_path, docs=400, rpc=50, conc=4, lease_timeout_sec=2, directives="sleep:0.03")
-    proc = job.start("--executor", "slurm", "--workers", "2", "--wait")
-    log = Path(proc.log_path)  # type: ignore[attr-defined]
+    proc, log, job_id = submit_and_wait(job, workers=2)
     try:
-        wait_until(lambda: "submitted Slurm job" in log.read_text(), 60, "the array to be submitted")
-        job_id = submitted_job_id(log.read_text())
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
     finally:

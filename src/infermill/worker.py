@@ -18,7 +18,6 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -219,14 +218,14 @@ def sum_job_stats(layout: JobLayout) -> dict[str, Any]:
     total = sum_stats(runs)
     temp = layout.root / f".stats.{uuid.uuid4().hex}.tmp"
     temp.write_bytes(orjson.dumps(total, option=orjson.OPT_INDENT_2))
-    os.replace(temp, layout.root / "stats.json")
+    os.replace(temp, layout.stats_file(0, 1))  # the job's one stats.json
     return total
 
 
 def read_stats(layout: JobLayout) -> dict[str, Any]:
     """The job's ``stats.json`` (every worker run summed), or an empty dict before there is one."""
     try:
-        return orjson.loads(stats_path(layout).read_bytes())
+        return orjson.loads(layout.stats_file(0, 1).read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return {}
 
@@ -276,7 +275,3 @@ def failed_units_error(queue: WorkQueue) -> UnitsFailedError | None:
 
 def _named(units: list[int]) -> str:
     return ", ".join(map(str, units[:10])) + (f" and {len(units) - 10} more" if len(units) > 10 else "")
-
-
-def stats_path(layout: JobLayout) -> Path:
-    return layout.root / "stats.json"
