@@ -25,7 +25,13 @@ async def rollout(document, generate, delay: float = 0.0):
 
 def main(input_folder: str, output_folder: str, checkpoints: str, logs: str, delay: str = "0") -> None:
     config = InferenceConfig(
-        server_type="dummy", model_name_or_path="dummy-model", request_timeout=10.0, server_ready_delay_sec=0.1
+        server_type="dummy",
+        model_name_or_path="dummy-model",
+        request_timeout=10.0,
+        server_ready_delay_sec=0.1,
+        # slowed down, one document at a time: the chunks finish one after another, so a kill lands
+        # between them (all at once, they could all be written before it)
+        max_concurrent_generations=1 if float(delay) else 500,
     )
     LocalPipelineExecutor(
         pipeline=[

@@ -94,11 +94,6 @@ class DatatroveWriter(OutputWriter):
         finally:
             if folder.exists(temp_dir):
                 folder.rm(temp_dir, recursive=True)
-            if self.is_local and folder.isdir(TEMP_FOLDER) and not folder.ls(TEMP_FOLDER):
-                try:  # the last chunk in flight leaves no empty folder behind in the output
-                    folder.rmdir(TEMP_FOLDER)
-                except OSError:  # another chunk started meanwhile
-                    pass
         return count
 
     def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
