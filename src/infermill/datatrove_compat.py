@@ -42,12 +42,8 @@ class DatatroveWriter(OutputWriter):
 
     def __init__(self, writer: Any):  # not OutputWriter.__init__: the datatrove writer has its own settings
         template = writer.output_filename.template
-        if "${chunk_index}" not in template:
-            raise ValueError(
-                f"the datatrove writer's output_filename {template!r} must contain ${{chunk_index}}: infermill writes "
-                "each chunk of a rank as its own file, so that a killed job resumes without duplicates "
-                "(e.g. output_filename='${rank}_${chunk_index}.jsonl')"
-            )
+        #: no ``${chunk_index}`` in the file name: a rank writes one file, its whole output as one chunk
+        self.one_file_per_rank = "${chunk_index}" not in template
         if "${rank}" not in template:
             raise ValueError(
                 f"the datatrove writer's output_filename {template!r} must contain ${{rank}}: ranks write their own "

@@ -45,12 +45,23 @@ class LeaseLostError(InfermillError):
 class ServerError(InfermillError):
     """The inference server could not start, died, or is otherwise unusable.
 
-    ``log_tail`` holds the last lines the server printed, when it is a managed process.
+    ``error``: what went wrong, a message or the exception that caused it (datatrove's
+    ``ServerError(error)`` works unchanged; a ``ServerError`` given one is not wrapped twice).
+    ``reason`` is it as text; ``log_tail`` holds the last lines the server printed, when it is a
+    managed process.
     """
 
-    def __init__(self, message: str, log_tail: list[str] | None = None):
-        self.reason = message
+    def __init__(self, error: str | BaseException, log_tail: list[str] | None = None):
+        self.error = error
+        if isinstance(error, ServerError):
+            self.reason: str = error.reason
+            log_tail = log_tail or error.log_tail
+        elif isinstance(error, BaseException):
+            self.reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        else:
+            self.reason = error
         self.log_tail = list(log_tail or [])
+        message = self.reason
         if self.log_tail:
             message += "\n--- last lines of the server's output ---\n" + "\n".join(self.log_tail)
         super().__init__(message)
@@ -111,21 +122,33 @@ class ServerLostError(ServerConnectionError):
 
 
 class InferenceError(InfermillError):
-    """A document could not be processed. Carries the document, the cause (its type and, for a
-    ``RetryableError``, its ``retry_after`` intact), the payload, and the attempts spent on it."""
+    """A document could not be processed. Carries the document, the cause as ``error`` (the
+    exception itself, e.g. a ``BadRequestError`` or what the rollout raised, or a message), the
+    payload, and the attempts spent on it. ``context`` (e.g. ``rollout_fn raised``) goes before the
+    cause in the message."""
 
     def __init__(
-        self, document: Any, error: BaseException | str, payload: dict | None = None, attempts: int | None = None
+        self,
+        document: Any,
+        error: BaseException | str,
+        payload: dict | None = None,
+        attempts: int | None = None,
+        context: str | None = None,
     ):
         self.document = document
         self.error = error
         self.payload = payload
         self.attempts = attempts
         doc_id = getattr(document, "id", None)
+        cause = str(error)
+        if context is not None:
+            if isinstance(error, BaseException):
+                cause = f"{type(error).__name__}: {cause}" if cause else type(error).__name__
+            cause = f"{context} {cause}"
         gave_up = f" (gave up after {attempts} attempts)" if attempts is not None else ""
         shown_payload = summarize_payload(payload, 300) if payload is not None else "?"
         super().__init__(
-            f"Failed to process document {doc_id if doc_id is not None else '?'}: {error}{gave_up}. "
+            f"Failed to process document {doc_id if doc_id is not None else '?'}: {cause}{gave_up}. "
             f"Payload: {shown_payload}"
         )
 

@@ -51,6 +51,10 @@ Generate = Callable[..., Awaitable[InferenceResult]]  # generate(payload, *, pat
 RolloutFn = Callable[..., Awaitable[Any]]
 
 END_OF_INPUT = object()  # what a document source returns after the last document
+#: records_per_chunk when a rank's output is one chunk (a datatrove writer's file name without ${chunk_index})
+WHOLE_RANK = 1 << 62
+#: the metadata key datatrove's runner sets (True) on a document with no results, which it does not write
+NO_ROLLOUTS_MARK = "__no_rollouts_remove"
 T = TypeVar("T")
 
 
@@ -73,6 +77,14 @@ def parse_reply(reply: dict[str, Any], use_chat: bool) -> InferenceResult:
         return InferenceResult(text, choice.get("finish_reason"), reply.get("usage") or {}, reasoning, reply)
     except (KeyError, IndexError, TypeError, AttributeError) as e:
         raise RetryableError(f"reply without choices[0].{'message' if use_chat else 'text'}: {str(reply)[:200]}") from e
+
+
+def is_bad_request(error: InferenceError) -> bool:
+    """Whether ``error`` is a request the server rejected (``skip_bad_requests`` skips its document):
+    a ``BadRequestError``, or, as datatrove's runner tells one, an error whose text names
+    ``BadRequestError`` (what a datatrove rollout raises: ``InferenceError(doc, "Got BadRequestError ...")``)."""
+    cause = error.error
+    return isinstance(cause, BadRequestError) or (isinstance(cause, str) and "BadRequestError" in cause)
 
 
 def as_document(item: Any, index: int) -> Any:
@@ -187,7 +199,8 @@ class InferenceRunner:
             raise ValueError(f"records_per_chunk must be > 0, got {records_per_chunk}")
         self.rollout_fn = rollout_fn
         self.config = config
-        if not isinstance(output_writer, OutputWriter):
+        is_datatrove = not isinstance(output_writer, OutputWriter)
+        if is_datatrove:
             from infermill.datatrove_compat import DatatroveWriter, is_datatrove_writer
 
             if not is_datatrove_writer(output_writer):
@@ -196,7 +209,19 @@ class InferenceRunner:
                     f"got {type(output_writer).__name__}"
                 )
             output_writer = DatatroveWriter(output_writer)
+            if output_writer.one_file_per_rank:
+                if checkpoints_local_dir is not None:
+                    raise ValueError(
+                        f"the datatrove writer's output_filename {output_writer.output_filename!r} must contain "
+                        "${chunk_index} when checkpoints_local_dir is set, as in datatrove: each chunk of a rank is "
+                        "its own file (e.g. output_filename='${rank}_${chunk_index}.jsonl')"
+                    )
+                # as datatrove without checkpoints_local_dir: one file per rank (infermill still
+                # checkpoints it, as one chunk written when the rank is done)
+                records_per_chunk = WHOLE_RANK
         self.output_writer = output_writer
+        # with a datatrove writer, a document with no results is also marked as datatrove marks it
+        self.no_results_marks: dict[str, Any] = {NO_ROLLOUTS_MARK: True} if is_datatrove else {}
         self.shared_context = shared_context
         self.layout = JobLayout.for_output(output_writer.output_folder, checkpoints_local_dir)
         self.records_per_chunk = records_per_chunk
@@ -475,10 +500,11 @@ class _Run:
             else:  # one fails: all stop
                 results = await _run_all([self._rollout(document, index, i, affinity) for i in range(n)])
         except InferenceError as e:
-            if self.runner.skip_bad_requests and isinstance(e.error, BadRequestError):
+            if self.runner.skip_bad_requests and is_bad_request(e):
                 stats.documents_skipped += 1
                 stats.documents_processed += 1
                 document.metadata[self.runner.metadata_key] = []  # as datatrove; not written
+                document.metadata.update(self.runner.no_results_marks)
                 self._record_failure(document.id, e.error, e.payload)
                 return None
             stats.documents_failed += 1
@@ -490,6 +516,7 @@ class _Run:
             stats.documents_processed += 1
             stats.documents_empty += 1
             document.metadata[self.runner.metadata_key] = []  # as datatrove; not written
+            document.metadata.update(self.runner.no_results_marks)
             return None
         document.metadata[self.runner.metadata_key] = kept
         record: dict[str, Any] = {"id": str(document.id), "text": document.text, "metadata": document.metadata}
@@ -499,7 +526,7 @@ class _Run:
             data = orjson.dumps(record, default=_encode_result, option=orjson.OPT_PASSTHROUGH_DATACLASS)
         except TypeError as e:
             stats.documents_failed += 1
-            raise InferenceError(document, f"the rollout's result cannot be written as JSON: {e}") from e
+            raise InferenceError(document, e, context="the rollout's result cannot be written as JSON:") from e
         stats.documents_processed += 1
         stats.documents_written += 1
         return data
@@ -509,16 +536,16 @@ class _Run:
             return await self.runner.rollout_fn(
                 document, self._make_generate(document, index, rollout_index, affinity), **self.context
             )
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as error:
             if _cancelled_from_outside():
                 raise
             # the rollout raised it itself (e.g. it awaited a generate() it had cancelled): treat it as
             # any other exception, or the document would silently vanish and its worker with it
-            raise InferenceError(document, "rollout_fn raised CancelledError") from None
+            raise InferenceError(document, error, context="rollout_fn raised") from None
         except (InferenceError, ServerError):
             raise
         except Exception as e:
-            raise InferenceError(document, f"rollout_fn raised {type(e).__name__}: {e}") from e
+            raise InferenceError(document, e, context="rollout_fn raised") from e
 
     def _make_generate(
         self, document: Document, index: int, rollout_index: int, affinity: Affinity | None = None
