@@ -3,6 +3,7 @@ datatrove's Documents, writing through datatrove's writers."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import os
 import signal
@@ -14,21 +15,31 @@ from pathlib import Path
 import orjson
 import pytest
 
-from helpers import chat, dummy_config, echo_rollout
-from infermill.runner import InferenceRunner
+from helpers import chat, dummy_config, echo_rollout, read_jsonl, wait_until
+from infermill import Document, InferenceError, ServerError
+from infermill.io.writers import JsonlWriter
+from infermill.runner import NO_ROLLOUTS_MARK, InferenceRunner
 
 SRC = Path(__file__).parent.parent / "src"
 
 pytest.importorskip("datatrove", reason="datatrove is not installed (it is in the dev extra: pip install -e '.[dev]')")
 
 from datatrove.data import Document as DtDocument  # noqa: E402
+from datatrove.io import DataFolder  # noqa: E402
 from datatrove.pipeline.writers import JsonlWriter as DtJsonlWriter  # noqa: E402
+from datatrove.pipeline.writers import ParquetWriter as DtParquetWriter  # noqa: E402
+from fsspec.implementations.local import LocalFileSystem  # noqa: E402
+
+from datatrove_pipeline import media_bytes  # noqa: E402
 
 
 async def maybe_none_rollout(document, generate):
-    """None for documents whose text says so: such a document ends with no results."""
+    """None for documents whose text says so: such a document ends with no results; a document
+    whose text says "reject" fails as a datatrove rollout fails a bad request (the error's text)."""
     if "none" in document.text:
         return None
+    if "reject" in document.text:
+        raise InferenceError(document, "Got BadRequestError from server: invalid request")
     return await generate(chat(document.text))
 
 
@@ -54,26 +65,46 @@ def read_output(folder) -> list[dict]:
 PIPELINE = Path(__file__).parent / "datatrove_pipeline.py"
 
 
-def run_pipeline(tmp_path, delay: float = 0.0, **popen) -> subprocess.Popen:
-    """The datatrove script (tests/datatrove_pipeline.py) in its own process: the executor's
-    forkserver and resource tracker end with it."""
+def run_pipeline(tmp_path, *options: str, **popen) -> subprocess.Popen:
+    """The datatrove script (tests/datatrove_pipeline.py, with its ``options``) in its own process:
+    the executor's forkserver and resource tracker end with it."""
     folders = [str(tmp_path / name) for name in ("in", "out", "ckpt", "logs")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, str(PIPELINE), *folders, str(delay)], env=env, **popen)
+    return subprocess.Popen([sys.executable, str(PIPELINE), *folders, *options], env=env, **popen)
 
 
-def check_output(out) -> None:
+def kill_once_written(proc: subprocess.Popen, out, then: float = 0.0) -> None:
+    """SIGKILL the pipeline's process group ``then`` seconds after its first output file appears."""
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*.jsonl.gz")):  # killed once some chunk is written, before all are
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before any chunk was written"
+            time.sleep(0.05)
+        time.sleep(then)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group (executor, forkserver, ranks) whatever happened
+        proc.wait()
+
+
+CHUNK_NAMES = {"datatrove": "{rank:05d}_chunk_{chunk}.jsonl.gz", "infermill": "{rank:05d}_chunk_{chunk:05d}.jsonl.gz"}
+
+
+def check_output(out, writer: str = "datatrove", media: bool = False) -> None:
     records = read_output(out)
     ids = sorted(r["id"] for r in records)
     assert ids == sorted(f"f{f}-{i}" for f in range(2) for i in range(7) if i != 5)  # each once; "none" ones not
     assert {p.name for p in out.glob("*.jsonl.gz")} == {
-        f"{rank:05d}_chunk_{c}.jsonl.gz" for rank in range(2) for c in range(3)
+        CHUNK_NAMES[writer].format(rank=rank, chunk=c) for rank in range(2) for c in range(3)
     }  # one file per rank and chunk: 7 documents a rank, 3 a chunk
     assert not list(out.glob("_infermill_tmp/*"))  # no temporary files left
     for record in records:
         assert record["metadata"]["file"] in (0, 1)
         (result,) = record["metadata"]["rollout_results"]
         assert result["text"]  # the dummy server's echo
+        if media:
+            (item,) = record["media"]
+            assert item["id"] == f"m-{record['id']}"
+            assert base64.b64decode(item["media_bytes"]) == media_bytes(record["id"])  # every byte, as it was
 
 
 def test_a_datatrove_pipeline_with_two_tasks_writes_every_document_once(tmp_path):
@@ -82,46 +113,179 @@ def test_a_datatrove_pipeline_with_two_tasks_writes_every_document_once(tmp_path
     check_output(tmp_path / "out")
 
 
-def test_a_datatrove_pipeline_killed_mid_run_and_run_again_writes_every_document_once(tmp_path):
+@pytest.mark.parametrize("writer", ["datatrove", "infermill"])
+def test_a_datatrove_pipeline_killed_mid_run_and_run_again_writes_every_document_once_media_and_all(tmp_path, writer):
+    """Killed a little after a chunk's file is written: the next chunk's first documents are only in
+    the checkpoint (with their media's bytes), and come back from it."""
     write_input(tmp_path / "in", 7)
     out = tmp_path / "out"
-    proc = run_pipeline(tmp_path, delay=0.3, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(out.glob("*.jsonl.gz")):  # killed once some chunk is written, before all are
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before any chunk was written"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    options = ["--writer", writer, "--media"]
+    kill_once_written(run_pipeline(tmp_path, *options, "--delay", "0.3", start_new_session=True), out, then=0.45)
     assert len(list(out.glob("*.jsonl.gz"))) < 6
-    assert run_pipeline(tmp_path).wait(timeout=120) == 0
-    check_output(out)
+    assert run_pipeline(tmp_path, *options).wait(timeout=120) == 0
+    check_output(out, writer, media=True)
+    resumed = [orjson.loads(path.read_bytes()) for path in (out / "_infermill").glob("stats_rank_*.json")]
+    assert sum(stats["documents_resumed"] for stats in resumed) >= 4  # the first chunk of each rank, and more
+    assert any(stats["documents_resumed"] % 3 for stats in resumed)  # documents of an unwritten chunk too
+
+
+def test_a_bad_request_skipped_before_a_kill_is_not_sent_again(tmp_path):
+    """skip_bad_requests: the rejected document is recorded as done; the rerun does not send it."""
+    folder = tmp_path / "in"
+    write_input(folder, 7)
+    part = folder / "part0.jsonl"
+    lines = part.read_text().splitlines()
+    lines[1] = orjson.dumps({"id": "f0-1", "text": "doc 0 1 fail400:99:rejected", "metadata": {"file": 0}}).decode()
+    part.write_text("\n".join(lines) + "\n")
+    out, stats_file = tmp_path / "out", tmp_path / "server_stats.json"
+    options = ["--faulty-stats", str(stats_file)]
+    failures = out / "_infermill" / "failures_rank_00000.jsonl"
+    proc = run_pipeline(tmp_path, *options, "--delay", "0.3", start_new_session=True)
+    try:
+        wait_until(lambda: failures.exists() and "f0-1" in failures.read_text(), 60, "the rejected document's record")
+        time.sleep(0.2)  # one event-loop turn records it done; the next documents take 0.3 s each
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(list(out.glob("*.jsonl.gz"))) < 5  # 14 documents in one task: 5 chunks when complete
+    assert run_pipeline(tmp_path, *options).wait(timeout=120) == 0
+
+    by_word = orjson.loads(stats_file.read_bytes())["by_word"]  # the server's counters span both runs
+    assert by_word["fail400:99:rejected"] == 1  # sent once, in all
+    ids = sorted(r["id"] for r in read_output(out))
+    assert ids == sorted(f"f{f}-{i}" for f in range(2) for i in range(7) if i != 5 and (f, i) != (0, 1))
 
 
 def test_datatrove_documents_through_run_get_their_results_in_their_own_metadata(tmp_path):
     documents = [DtDocument(text=f"hello {i}", id=f"d{i}", metadata={"n": i}) for i in range(4)]
-    documents.append(DtDocument(text="say none", id="empty"))
+    documents += [DtDocument(text="say none", id="empty"), DtDocument(text="reject me", id="rejected")]
     writer = DtJsonlWriter(str(tmp_path / "out"), output_filename="${rank}_${chunk_index}.jsonl", compression=None)
-    runner = InferenceRunner(maybe_none_rollout, dummy_config(), writer)
+    runner = InferenceRunner(maybe_none_rollout, dummy_config(), writer, skip_bad_requests=True)
 
     stats = runner.run(documents)
 
-    assert stats["documents_written"] == 4
+    assert (stats["documents_written"], stats["documents_skipped"], stats["documents_empty"]) == (4, 1, 1)
     for doc in documents[:4]:
         (result,) = doc.metadata["rollout_results"]  # the caller's own objects got their results
         assert result.text
-    assert documents[4].metadata["rollout_results"] == []  # as datatrove: an empty list, and not written
+        assert NO_ROLLOUTS_MARK not in doc.metadata
+    for doc in documents[4:]:  # as datatrove: an empty list and its mark, and not written
+        assert doc.metadata == {"rollout_results": [], NO_ROLLOUTS_MARK: True}
     lines = (tmp_path / "out" / "00000_0.jsonl").read_text().splitlines()
     records = {r["id"]: r for r in map(orjson.loads, lines)}
     assert sorted(records) == ["d0", "d1", "d2", "d3"]
     assert records["d2"]["metadata"]["n"] == 2 and records["d2"]["metadata"]["rollout_results"][0]["text"]
 
 
-def test_a_datatrove_writer_needs_chunk_index_in_its_file_names(tmp_path):
+def test_a_datatrove_writer_without_chunk_index_writes_one_file_per_rank_unless_checkpoints_are_chunked(tmp_path):
+    """As datatrove: ``${rank}.jsonl`` is refused with checkpoints_local_dir (it needs ${chunk_index}),
+    and without it the rank's output is one file (written whole when the rank is done)."""
     with pytest.raises(ValueError, match=r"chunk_index"):
-        InferenceRunner(echo_rollout, dummy_config(), DtJsonlWriter(str(tmp_path / "out")))
+        InferenceRunner(
+            echo_rollout, dummy_config(), DtJsonlWriter(str(tmp_path / "out")), checkpoints_local_dir=str(tmp_path)
+        )
+    runner = InferenceRunner(echo_rollout, dummy_config(), DtJsonlWriter(str(tmp_path / "out")), records_per_chunk=2)
+    stats = runner.run([DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(5)])
+    assert stats["documents_written"] == 5
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.gz")) == ["00000.jsonl.gz"]
+    assert sorted(r["id"] for r in read_output(tmp_path / "out")) == [f"d{i}" for i in range(5)]
 
 
 def test_importing_infermill_does_not_import_datatrove():
     code = "import sys, infermill, infermill.runner; print('datatrove' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_with_infermill_writer_a_document_without_results_gets_an_empty_list_and_no_datatrove_mark(tmp_path):
+    documents = [
+        Document(text="hello", id="ok"),
+        Document(text="say none", id="empty"),
+        Document(text="reject", id="bad"),
+    ]
+    runner = InferenceRunner(
+        maybe_none_rollout, dummy_config(), JsonlWriter(str(tmp_path / "out")), skip_bad_requests=True
+    )
+
+    runner.run(documents)
+
+    assert [r["id"] for r in read_jsonl(tmp_path / "out" / "00000_00000.jsonl")] == ["ok"]
+    assert documents[1].metadata == {"rollout_results": []} and documents[2].metadata == {"rollout_results": []}
+
+
+def test_server_error_takes_datatrove_arguments_and_infermill_ones():
+    inner = ServerError(error="inner issue")  # datatrove's keyword
+    outer = ServerError(error=inner)
+    assert (inner.error, str(inner)) == ("inner issue", "inner issue")
+    assert outer.error is inner and str(outer) == "inner issue"  # not wrapped twice
+    cause = OSError("address in use")
+    assert ServerError(cause).error is cause and str(ServerError(cause)) == "OSError: address in use"
+    with_tail = ServerError("it died", ["line 1", "line 2"])  # infermill's (message, log_tail)
+    assert (with_tail.reason, with_tail.log_tail) == ("it died", ["line 1", "line 2"])
+    assert str(with_tail) == "it died\n--- last lines of the server's output ---\nline 1\nline 2"
+    assert str(ServerError(with_tail)) == str(with_tail)  # the tail comes along
+
+
+def parquet_records(out) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [row for path in sorted(out.glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
+
+
+def jsonl_records(out) -> list[dict]:
+    return [r for path in sorted(out.glob("*.jsonl*")) for r in read_jsonl(path)]
+
+
+def answer_only(writer, document) -> dict:
+    """A datatrove writer adapter: only the id and the first result's text."""
+    return {"id": document.id, "answer": document.metadata["rollout_results"][0]["text"]}
+
+
+WRITERS = {
+    "parquet": (lambda out: DtParquetWriter(out, output_filename="${rank}_${chunk_index}.parquet"), parquet_records),
+    "adapter": (
+        lambda out: DtJsonlWriter(out, output_filename="${rank}_${chunk_index}.jsonl", adapter=answer_only),
+        jsonl_records,
+    ),
+    "expand_metadata": (
+        lambda out: DtJsonlWriter(out, output_filename="${rank}_${chunk_index}.jsonl", expand_metadata=True),
+        jsonl_records,
+    ),
+    "file_url": (
+        lambda out: DtJsonlWriter(f"file://{out}", output_filename="${rank}_${chunk_index}.jsonl"),
+        jsonl_records,
+    ),
+    "datafolder": (
+        lambda out: DtJsonlWriter(
+            DataFolder(out, fs=LocalFileSystem()), output_filename="${rank}_${chunk_index}.jsonl"
+        ),
+        jsonl_records,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", WRITERS)
+def test_datatrove_writers_with_their_formats_adapters_compression_and_folders(tmp_path, kind):
+    """Each chunk through the datatrove writer as configured: its format, adapter, expand_metadata,
+    compression (gzip, its default) and a file:// URL or a DataFolder (fsspec, as for s3 or hf://,
+    which cannot be reached from the tests)."""
+    make_writer, read = WRITERS[kind]
+    out = tmp_path / "out"
+    documents = [DtDocument(text=f"hello {i}", id=f"d{i}", metadata={"n": i}) for i in range(5)]
+
+    InferenceRunner(echo_rollout, dummy_config(), make_writer(str(out)), records_per_chunk=2).run(documents)
+
+    records = read(out)
+    assert sorted(r["id"] for r in records) == [f"d{i}" for i in range(5)]
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    # one file per chunk, compressed as configured (ParquetWriter numbers its files: max_file_size)
+    name = "000_00000_{}.parquet" if kind == "parquet" else "00000_{}.jsonl.gz"
+    assert files == [name.format(c) for c in range(3)]
+    for r in records:
+        i = int(r["id"][1:])
+        if kind == "adapter":
+            assert r == {"id": f"d{i}", "answer": r["answer"]} and f"hello {i}" in r["answer"]
+        elif kind == "expand_metadata":
+            assert r["n"] == i and f"hello {i}" in r["rollout_results"][0]["text"] and "metadata" not in r
+        else:
+            assert r["metadata"]["n"] == i and f"hello {i}" in r["metadata"]["rollout_results"][0]["text"]

@@ -11,7 +11,7 @@ import pytest
 
 import helpers
 from helpers import chat, dummy_config, echo_rollout, read_jsonl, run_stats, server_stats, wait_until_async
-from infermill import Document, InferenceError
+from infermill import BadRequestError, Document, InferenceError, RetryableError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
 
@@ -132,21 +132,56 @@ def test_skip_bad_requests_skips_counts_and_records_documents_the_server_rejecte
     assert written["documents_skipped"] == 3
 
 
+MISSING = KeyError("missing field")
+
+
 @pytest.mark.parametrize("failure", ["retries_exhausted", "rollout_raises"])
 def test_skip_bad_requests_still_fails_the_job_on_other_errors(tmp_path, stats_file, failure, no_orphans):
     async def rollout(document, generate):
         if failure == "rollout_raises" and document.id == "victim":
-            raise KeyError("missing field")
+            raise MISSING
         return await generate(chat(document.text))
 
     text = "fail500:99:x" if failure == "retries_exhausted" else "fine"
     documents = [Document(text="bad400", id="skipped"), Document(text=text, id="victim")]
     config = faulty_config(stats_file, max_concurrent_documents=1)
-    with pytest.raises(InferenceError, match="victim"):
+    with pytest.raises(InferenceError, match="victim") as info:
         InferenceRunner(rollout, config, JsonlWriter(str(tmp_path / "out")), skip_bad_requests=True).run(documents)
 
+    # as datatrove: the cause is the exception object itself (its text in the message)
+    error = info.value.error
+    assert info.value.__cause__ is error
+    if failure == "rollout_raises":
+        assert error is MISSING and "rollout_fn raised KeyError: 'missing field'" in str(info.value)
+    else:
+        attempts = info.value.attempts
+        assert isinstance(error, RetryableError) and error.status == 500 and attempts is not None and attempts > 1
+        assert "HTTP 500" in str(info.value) and f"gave up after {attempts} attempts" in str(info.value)
+    assert documents[0].metadata == {"rollout_results": []}  # skipped: an empty list, as datatrove
     stats = run_stats(tmp_path / "out")
     assert (stats["documents_skipped"], stats["documents_failed"]) == (1, 1)
+
+
+@pytest.mark.parametrize("failure", ["unwritable", "cancelled", "bad_request"])
+def test_an_inference_error_carries_the_exception_that_caused_it(tmp_path, stats_file, failure, no_orphans):
+    async def rollout(document, generate):
+        if failure == "unwritable":
+            return {"value": object()}
+        if failure == "cancelled":
+            raise asyncio.CancelledError
+        return await generate(chat("bad400"))
+
+    with pytest.raises(InferenceError) as info:
+        InferenceRunner(rollout, faulty_config(stats_file), JsonlWriter(str(tmp_path / "out"))).run(
+            [Document(text="x", id="d")]
+        )
+    error, message = info.value.error, str(info.value)
+    if failure == "unwritable":
+        assert isinstance(error, TypeError) and "result cannot be written as JSON: TypeError" in message
+    elif failure == "cancelled":
+        assert isinstance(error, asyncio.CancelledError) and "rollout_fn raised CancelledError" in message
+    else:
+        assert isinstance(error, BadRequestError) and error.status == 400 and "HTTP 400" in message
 
 
 def test_a_failing_sibling_rollout_cancels_the_others(tmp_path, stats_file, no_orphans):

@@ -19,9 +19,11 @@ imports it.
 
 from __future__ import annotations
 
+import base64
 import copy
 import re
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,12 +73,11 @@ class DatatroveWriter(OutputWriter):
         temp_folder = get_datafolder(
             folder.unstrip_protocol(temp_dir) if not self.is_local else f"{self.root}/{temp_dir}"
         )
-        writer = copy.copy(self.writer)  # the same settings, its own files
+        writer = _fresh_copy(self.writer)  # the same settings, its own files
         writer.output_folder = temp_folder
         writer.output_mg = temp_folder.get_output_file_manager(
             mode=self.writer.output_mg.mode, compression=self.writer.output_mg.compression
         )
-        writer.file_id_counter = type(self.writer.file_id_counter)()
         count = 0
         try:
             with writer:
@@ -109,10 +110,30 @@ class DatatroveWriter(OutputWriter):
 
 def to_datatrove_document(record: dict[str, Any]) -> Any:
     """A record (as the journal keeps it) as a datatrove ``Document``."""
-    from datatrove.data import Document, Media
+    from datatrove.data import Document
 
-    media = [Media(**m) if isinstance(m, dict) else m for m in record.get("media") or []]
+    media = [_media(m) if isinstance(m, dict) else m for m in record.get("media") or []]
     return Document(text=record.get("text", ""), id=record["id"], media=media, metadata=record.get("metadata") or {})
+
+
+def _fresh_copy(writer: Any) -> Any:
+    """A copy of ``writer`` with the same settings and state of its own: each container it holds
+    (``ParquetWriter``'s open writers and batches, file counters, a settings dict) is copied. The
+    original never writes, so the containers that hold per-file state start empty."""
+    fresh = copy.copy(writer)
+    for name, value in vars(writer).items():
+        if type(value) in (dict, list, set, Counter, defaultdict):
+            setattr(fresh, name, copy.copy(value))  # keeps a defaultdict's factory
+    return fresh
+
+
+def _media(item: dict[str, Any]) -> Any:
+    """A media item (as the journal keeps it: its bytes as base64 text) as a datatrove ``Media``."""
+    from datatrove.data import Media
+
+    if isinstance(item.get("media_bytes"), str):
+        item = {**item, "media_bytes": base64.b64decode(item["media_bytes"])}
+    return Media(**item)
 
 
 def _parent(path: str) -> str:

@@ -51,10 +51,13 @@ class ServerError(InfermillError):
     managed process.
     """
 
+    reason: str
+    log_tail: list[str]
+
     def __init__(self, error: str | BaseException, log_tail: list[str] | None = None):
         self.error = error
         if isinstance(error, ServerError):
-            self.reason: str = error.reason
+            self.reason = error.reason
             log_tail = log_tail or error.log_tail
         elif isinstance(error, BaseException):
             self.reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -11,6 +11,7 @@ number of slots from the replies' latency and the server's 429/503s and timeouts
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import inspect
@@ -505,7 +506,8 @@ class _Run:
                 stats.documents_processed += 1
                 document.metadata[self.runner.metadata_key] = []  # as datatrove; not written
                 document.metadata.update(self.runner.no_results_marks)
-                self._record_failure(document.id, e.error, e.payload)
+                # the cause itself, or the whole error when the rollout gave its cause as text (datatrove's way)
+                self._record_failure(document.id, e.error if isinstance(e.error, BaseException) else e, e.payload)
                 return None
             stats.documents_failed += 1
             raise
@@ -653,11 +655,13 @@ def _cancelled_from_outside() -> bool:
 
 def _encode_result(value: Any) -> Any:
     """JSON for what orjson cannot write itself: an ``InferenceResult`` (without its raw reply),
-    other dataclasses."""
+    other dataclasses, bytes (a media item's) as base64 text, as datatrove's JsonlWriter writes them."""
     if isinstance(value, InferenceResult):
         return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode("ascii")
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
