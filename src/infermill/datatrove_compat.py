@@ -12,6 +12,11 @@ final name: on a local or network file system a chunk's file appears only whole 
 on an object store ``mv`` is a copy then a delete, so a file appears whole too, but a chunk
 split into several files (``max_file_size``, metadata tags in the name) may appear one file
 at a time. A run killed while writing leaves only temporary files, which the next run deletes.
+A file name without ``${chunk_index}`` (datatrove's ``${rank}.jsonl``) makes a rank's whole
+output one chunk: the runner allows it without ``checkpoints_local_dir``, as datatrove does.
+
+A record's media bytes are base64 text in the journal (as infermill's writers write them);
+:func:`to_datatrove_document` gives the datatrove writer bytes again.
 
 This module imports datatrove only when a datatrove writer is used; importing infermill never
 imports it.

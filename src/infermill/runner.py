@@ -160,7 +160,8 @@ class InferenceRunner:
         shared_context: a dict, a context manager, or a callable returning either, entered once per run;
             its dict is passed to every rollout as keyword arguments.
         checkpoints_local_dir: where checkpoints go (default: ``_infermill/checkpoints`` of the output folder).
-        records_per_chunk: documents per output chunk and checkpoint.
+        records_per_chunk: documents per output chunk and checkpoint (a datatrove writer whose file
+            name has no ``${chunk_index}``: the rank's whole output is one chunk, as one file).
         metadata_key: the metadata key under which the list of rollout results is stored.
         skip_bad_requests: skip (and record) documents the server rejected as bad requests,
             instead of failing the job.
