@@ -643,16 +643,42 @@ def status(output: str, checkpoints: str | None, as_json: bool) -> None:
         )
 
 
+def _job_rate(layout: Any) -> tuple[Any, list[dict[str, Any]], str]:
+    """The job's queue status, with its rate and ETA from its workers' time series where they
+    have one (the sum of the running workers' docs/s over the last 10 minutes), else from the
+    units done in that time; each worker's rates; and which of the two the rate is from
+    (``metrics``, ``done_marks``)."""
+    import dataclasses
+    import time
+
+    from infermill.queue import RATE_WINDOW_SEC, WorkQueue
+    from infermill.timeseries import read_series, worker_rates
+
+    state = WorkQueue.for_layout(layout).status()
+    workers = worker_rates(read_series(layout.metrics), time.time(), RATE_WINDOW_SEC)
+    rates = [w["documents_per_sec"] for w in workers if w["running"] and w["documents_per_sec"] is not None]
+    if not rates:
+        return state, workers, "done_marks"
+    rate = sum(rates)
+    left = state.documents_total - state.documents_done if state.documents_total is not None else None
+    eta = round(left / rate, 1) if rate > 0 and left is not None else None
+    return dataclasses.replace(state, documents_per_sec=round(rate, 3), eta_sec=eta), workers, "metrics"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _queue_status(layout: Any, output: str, as_json: bool) -> None:
     from rich.table import Table
 
-    from infermill.queue import WorkQueue
     from infermill.worker import read_stats
 
-    state = WorkQueue.for_layout(layout).status()
+    state, workers, source = _job_rate(layout)
     replicas = read_stats(layout).get("replicas") or []  # summed over the finished worker runs
     if as_json:
-        click.echo(orjson.dumps({**state.as_dict(), "replicas": replicas}, option=orjson.OPT_INDENT_2).decode())
+        document = {**state.as_dict(), "rate_from": source, "workers": workers, "replicas": replicas}
+        click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
     eta = f"{state.eta_sec:,.0f} s" if state.eta_sec is not None else "-"
     rate = f"{state.documents_per_sec:,.1f}" if state.documents_per_sec is not None else "-"
@@ -662,6 +688,20 @@ def _queue_status(layout: Any, output: str, as_json: bool) -> None:
         f"progress, {state.units_pending} pending, {state.units_failed} failed; {state.documents_done:,}{of_total} "
         f"documents done; {rate} docs/s (last 10 min); ETA {eta}"
     )
+    running = [worker for worker in workers if worker["running"]]
+    if running:
+        table = Table(title="workers running")
+        for column in ("worker", "docs/s", "tok/s", "documents", "last snapshot (s ago)"):
+            table.add_column(column, justify="right")
+        for worker in running:
+            table.add_row(
+                worker["worker"],
+                _number(worker["documents_per_sec"], ",.1f"),
+                _number(worker["completion_tokens_per_sec"], ",.0f"),
+                f"{worker['documents_processed']:,}",
+                f"{worker['last_snapshot_sec_ago']:.0f}",
+            )
+        _console().print(table)
     if state.in_progress or state.stale:
         table = Table(title="units in progress")
         for column in ("unit", "attempt", "worker", "host", "renewed (s ago)"):
