@@ -175,6 +175,24 @@ def test_two_workers_serve_on_consecutive_ports_and_status_reads_their_rates(tmp
     assert len(status["workers"]) == 2
 
 
+def test_replicas_are_labelled_in_the_scrape_and_listed_in_the_series(tmp_path):
+    job = slow_job(tmp_path, docs=80, replicas=2)
+    port = free_ports(1)
+    proc = job.start("--metrics-port", str(port))
+    scrapes = scrape_until_done(proc, [port])[port]
+    assert proc.returncode == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    labelled = [s for s in scrapes if value(s, "infermill_replica_requests_total", replica="1") > 0]
+    assert labelled, "no scrape saw replica 1 answer"
+    for name in ("infermill_server_restarts_total", "infermill_replica_requests_total"):
+        assert {dict(ls)["replica"] for (n, ls) in labelled[-1] if n == name} == {"0", "1"}, name
+    (stats,) = job.worker_stats()
+    (snapshots,) = read_series(job.output / "_infermill" / "metrics").values()
+    final = snapshots[-1]["replicas"]
+    assert [r["replica"] for r in final] == [0, 1] and all(r["in_flight"] == 0 for r in final)
+    assert sum(r["requests"] for r in final) == stats["requests_ok"]
+    assert [r["requests"] for r in final] == [r["requests"] for r in stats["replicas"]]
+
+
 def test_a_metrics_port_in_use_is_named_in_a_warning_and_the_run_goes_on(tmp_path):
     port = free_ports(1)
     job = slow_job(tmp_path, docs=20, metrics_port=port)  # from the job file this time

@@ -23,12 +23,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
 from infermill.metrics import LatencyHistogram, RunStats, percentiles
+from infermill.servers import InferenceServer, ReplicaPool
 from infermill.timeseries import SeriesWriter
 
 if TYPE_CHECKING:
     from infermill.queue import WorkQueue
-    from infermill.servers import InferenceServer
 
 logger = logging.getLogger("infermill.monitor")
 
@@ -88,8 +92,6 @@ class RunState:
 
     def replicas(self) -> list[dict[str, int]]:
         """Per replica of a pool: requests answered, restarts, requests in flight; [] with one server."""
-        from infermill.servers import ReplicaPool
-
         server = self.server()
         if not isinstance(server, ReplicaPool):
             return []
@@ -125,9 +127,6 @@ class RunCollector:
         self.state = state
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-        from prometheus_client.utils import floatToGoString
-
         state = self.state
         worker = [state.worker]
         c = state.counters()
@@ -224,16 +223,12 @@ class RunCollector:
 
 
 def _counter(name: str, doc: str, labels: list[str], value: float) -> Any:
-    from prometheus_client.core import CounterMetricFamily
-
     family = CounterMetricFamily(name, doc, labels=["worker"])
     family.add_metric(labels, value)
     return family
 
 
 def _gauge(name: str, doc: str, labels: list[str], value: float) -> Any:
-    from prometheus_client.core import GaugeMetricFamily
-
     family = GaugeMetricFamily(name, doc, labels=["worker"])
     family.add_metric(labels, value)
     return family
@@ -252,8 +247,6 @@ class MetricsServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> bool:
-        from prometheus_client import CollectorRegistry, start_http_server
-
         registry = CollectorRegistry(auto_describe=False)
         registry.register(RunCollector(self.state))
         try:
