@@ -295,9 +295,10 @@ class SeriesRecorder:
         counts = state.latency.copy()
         interval = [now - before for now, before in zip(counts, self._last, strict=True)]
         self._last = counts
-        p50, p90, p99 = percentiles(interval, (0.5, 0.9, 0.99))
         n = sum(interval)
         longest = state.latency.take_max()
+        # interpolated within a bucket, a percentile may pass the longest: it is at most that
+        p50, p90, p99 = (p if p is None else min(p, round(longest, 6)) for p in percentiles(interval, (0.5, 0.9, 0.99)))
         return {
             "time": round(time.time(), 3),
             "worker": state.worker,
