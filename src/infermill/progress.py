@@ -85,9 +85,15 @@ async def show_progress(
     to draw the live line (default: on a terminal); False logs lines (JSON logs)."""
     started = time.monotonic()
     tty = sys.stderr.isatty() if live is None else live
+    nothing = ProgressSnapshot()
+    shown = nothing
 
     def render() -> str:
-        return progress_line(snapshot(), time.monotonic() - started)
+        nonlocal shown
+        current = snapshot()
+        if current != nothing or shown == nothing:  # no run any more (writing its stats): where it ended
+            shown = current
+        return progress_line(shown, time.monotonic() - started)
 
     if not tty:
         while True:
