@@ -46,14 +46,14 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
-def slow_job(tmp_path: Path, docs: int = 120, **inference) -> QueueJob:
-    """A job of ``docs`` documents that takes a few seconds: 20 ms per request, 4 at a time."""
+def slow_job(tmp_path: Path, docs: int = 120, sleep: float = 0.02, **inference) -> QueueJob:
+    """A job of ``docs`` documents that takes a few seconds: ``sleep`` seconds per request, 4 at a time."""
     return QueueJob(
         tmp_path,
         docs,
         20,
         conc=4,
-        directives="sleep:0.02",
+        directives=f"sleep:{sleep}",
         inference={"metric_interval": INTERVAL, **inference},
     )
 
@@ -139,7 +139,7 @@ def test_metrics_move_during_a_run_and_its_time_series_ends_at_its_stats(tmp_pat
 
 
 def test_two_workers_serve_on_consecutive_ports_and_status_reads_their_rates(tmp_path):
-    job = slow_job(tmp_path, docs=200)
+    job = slow_job(tmp_path, docs=400, sleep=0.05)  # both workers run for a few seconds: 80 docs/s each
     port = free_ports(2)
     proc = job.start("--workers", "2", "--metrics-port", str(port))
     try:
@@ -167,7 +167,7 @@ def test_two_workers_serve_on_consecutive_ports_and_status_reads_their_rates(tmp
     job.check_exactly_once()
     series = read_series(job.output / "_infermill" / "metrics")
     assert sorted(series) == sorted(s["worker"] for s in job.worker_stats())
-    assert sum(snapshots[-1]["counters"]["documents_processed"] for snapshots in series.values()) == 200
+    assert sum(snapshots[-1]["counters"]["documents_processed"] for snapshots in series.values()) == 400
     assert all(snapshots[-1]["final"] for snapshots in series.values())
     # done: no worker runs, the rate falls back to the units done
     status = job.status()
@@ -216,7 +216,8 @@ def test_json_logs_are_one_object_per_line_from_the_parent_and_its_workers(tmp_p
     for record in records:
         assert {"time", "level", "logger", "message", "worker"} <= set(record), record
     workers = {record["worker"] for record in records} - {None}
-    assert workers == {stats["worker"] for stats in job.worker_stats()}  # the workers' records name them
+    assert len(workers) == 2  # each worker's records name it (one may find the job done before it claims a unit)
+    assert {stats["worker"] for stats in job.worker_stats()} <= workers
     assert any(record["message"].startswith("summary: ") for record in records)  # the parent's table, as a record
 
 
