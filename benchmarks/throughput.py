@@ -40,7 +40,7 @@ ROOT = os.path.dirname(BENCH_DIR)
 FAST_SERVER = os.path.join(BENCH_DIR, "fast_server.py")
 DATATROVE_VENV = os.path.join(BENCH_DIR, ".venv-datatrove")
 DATATROVE_PACKAGES = ["datatrove", "httpx", "aiosqlite", "xxhash", "orjson", "loguru", "aiofiles", "uvloop"]
-KINDS = ("infermill", "datatrove", "datatrove-ckpt", "bare")
+KINDS = ("infermill", "infermill-metrics", "datatrove", "datatrove-ckpt", "bare")
 MAX_TOKENS = 16
 
 
@@ -56,6 +56,14 @@ def request_payload(text: str) -> dict:
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def peak_rss_mb() -> float:
@@ -109,12 +117,14 @@ def child_infermill(args: argparse.Namespace, work: str) -> dict:
     from infermill.io import JsonlWriter
 
     stats_file = os.path.join(work, "server_stats.json")
+    metrics_port = free_port() if args.child == "infermill-metrics" else None  # /metrics on, scraped every second
     config = InferenceConfig(
         server_type="custom",
         model_name_or_path="fast",
         max_concurrent_generations=args.concurrency,
         model_kwargs={"server_script": FAST_SERVER, "stats_file": stats_file},
         metric_interval=3600,
+        **({"metrics_port": metrics_port} if metrics_port else {}),  # not at all when off: an older infermill
     )
 
     async def rollout(document, generate):
@@ -132,8 +142,21 @@ def child_infermill(args: argparse.Namespace, work: str) -> dict:
 
         profiler = cProfile.Profile()
         profiler.enable()
+    scraper = None
+    if metrics_port is not None:  # as Prometheus would, from another process (at 1 s, not its usual 15 s)
+        loop = (
+            "import time, urllib.request\nwhile True:\n    time.sleep(1)\n    try:\n"
+            f"        urllib.request.urlopen('http://127.0.0.1:{metrics_port}/metrics', timeout=5).read()\n"
+            "    except OSError:\n        pass\n"
+        )
+        scraper = subprocess.Popen([sys.executable, "-c", loop])
     cpu, started = cpu_seconds(), time.time()
-    stats = runner.run(documents())
+    try:
+        stats = runner.run(documents())
+    finally:
+        if scraper is not None:
+            scraper.kill()
+            scraper.wait()
     wall, cpu = time.time() - started, cpu_seconds() - cpu
     if profiler is not None:
         profiler.disable()
@@ -158,12 +181,14 @@ def child_datatrove(args: argparse.Namespace, work: str) -> dict:
     from datatrove.pipeline.writers import JsonlWriter
 
     stats_file = os.path.join(work, "server_stats.json")
+    metrics_port = free_port() if args.child == "infermill-metrics" else None  # /metrics on, scraped every second
     config = InferenceConfig(
         server_type="custom",
         model_name_or_path="fast",
         max_concurrent_generations=args.concurrency,
         model_kwargs={"server_script": FAST_SERVER, "stats_file": stats_file},
         metric_interval=3600,
+        **({"metrics_port": metrics_port} if metrics_port else {}),  # not at all when off: an older infermill
     )
 
     async def rollout(document, generate):
@@ -257,6 +282,7 @@ def child_bare(args: argparse.Namespace, work: str) -> dict:
 
 CHILDREN = {
     "infermill": child_infermill,
+    "infermill-metrics": child_infermill,
     "datatrove": child_datatrove,
     "datatrove-ckpt": child_datatrove,
     "bare": child_bare,
@@ -604,6 +630,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--metrics", action="store_true", help="also: infermill with /metrics on (metrics_port), scraped every second"
+    )
+    parser.add_argument(
         "--million", action="store_true", help="also: infermill's peak RSS on 1,000,000 documents (once)"
     )
     parser.add_argument("--million-docs", type=int, default=1_000_000, help=argparse.SUPPRESS)
@@ -691,6 +720,8 @@ def main() -> None:
         skipped.add("datatrove-ckpt")
     if args.skip_bare:
         skipped.add("bare")
+    if not args.metrics:
+        skipped.add("infermill-metrics")
     kinds = [k for k in KINDS if k not in skipped]
     if not args.only_extras:
         if not args.skip_datatrove:
@@ -717,6 +748,10 @@ def main() -> None:
             if "bare" in kinds:
                 bare = [r["docs_per_sec"] for r in results if r["kind"] == "bare" and r["concurrency"] == c]
                 targets.append(f"infermill >= 75% of bare: {statistics.median(inf) >= 0.75 * statistics.median(bare)}")
+            if "infermill-metrics" in kinds:
+                on = [r["docs_per_sec"] for r in results if r["kind"] == "infermill-metrics" and r["concurrency"] == c]
+                cost = 1 - statistics.median(on) / statistics.median(inf)
+                targets.append(f"metrics on (/metrics scraped every second) costs {100 * cost:.1f} % docs/s")
             print(f"\nc={c}: " + "; ".join(targets))
 
     if args.wrk:

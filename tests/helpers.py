@@ -119,6 +119,34 @@ def running(proc: psutil.Process | int | None) -> bool:
         return False
 
 
+# -- ports ----------------------------------------------------------------------------------
+
+
+def free_ports(n: int = 1) -> int:
+    """The first of ``n`` consecutive TCP ports free on 127.0.0.1 now."""
+    import socket
+
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + n > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return base
+    raise AssertionError(f"no {n} consecutive free ports")
+
+
 # -- waiting ----------------------------------------------------------------------------------
 
 

@@ -56,12 +56,20 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, log_format: str | None = None) -> None:
+    """Log records to stderr: one JSON object per line with ``log_format`` json (default: the
+    environment's ``INFERMILL_LOG_FORMAT``), else readable lines (through rich on a terminal)."""
+    from infermill.logs import JsonFormatter
+    from infermill.logs import log_format as env_log_format
+
     level = logging.DEBUG if verbose else logging.INFO
-    if sys.stderr.isatty():
+    if (log_format or env_log_format()) == "json":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    elif sys.stderr.isatty():
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(console=_console(), show_path=False, rich_tracebacks=False)
+        handler = RichHandler(console=_console(), show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -70,10 +78,41 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 
+def _json_logs() -> bool:
+    """Whether log records go out as JSON (``--log-format json``): then what the command says
+    on stderr goes out as records too, so that every line a log shipper reads is JSON."""
+    from infermill.logs import JsonFormatter
+
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+
+
 def _error(message: object, label: str = "error") -> None:
     """Print ``label: message``; the message is shown as it is, never read as rich markup: a
     server's last lines quoted in it (``[api_server.py:123]``, ``[/usr/lib]``) must stay intact."""
+    if _json_logs():
+        logger.error("%s: %s", label, message)
+        return
     _console().print(f"[red]{label}:[/red] {escape(str(message))}", highlight=False)
+
+
+def _say(markup: str) -> None:
+    """Print ``markup`` (rich markup) on stderr, or log it (the text only) with JSON logs."""
+    if _json_logs():
+        from rich.text import Text
+
+        logger.info("%s", Text.from_markup(markup).plain)
+        return
+    _console().print(markup)
+
+
+def _summary(stats: dict[str, Any], output: str) -> None:
+    """The run's summary table, or with JSON logs one record with the stats."""
+    from infermill.progress import summary_table
+
+    if _json_logs():
+        logger.info("summary: %s", orjson.dumps(stats).decode())
+        return
+    _console().print(summary_table(stats, title=f"infermill run: {escape(output)}"))
 
 
 def _load(job_file: str, overrides: tuple[str, ...]) -> JobConfig:
@@ -174,6 +213,20 @@ def main(verbose: bool) -> None:
 @click.option(
     "--ray-address", default="auto", show_default=True, help="ray: the cluster; without one, a local one is started."
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    default=None,
+    help="Serve Prometheus metrics at http://127.0.0.1:PORT/metrics (inference.metrics_host to change the address); "
+    "worker i of --workers, of a Slurm array or of Ray serves on PORT + i. Overrides inference.metrics_port.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Log lines as readable text (default) or as one JSON object each (time, level, logger, message, worker, "
+    "exception), for log shippers; the workers get the same. Default: $INFERMILL_LOG_FORMAT, else text.",
+)
 @click.option("--worker", "as_worker", is_flag=True, hidden=True, help="Run as one worker of a --workers parent.")
 @click.option("--rank", type=int, default=None, hidden=True)
 @click.option("--world-size", type=int, default=None, hidden=True)
@@ -189,15 +242,24 @@ def run(
     wait: bool,
     dry_run: bool,
     ray_address: str,
+    metrics_port: int | None,
+    log_format: str | None,
     as_worker: bool,
     rank: int | None,
     world_size: int | None,
 ) -> None:
     """Run the job in JOB_FILE to completion (or resume it), as one or more workers of its queue."""
-    from infermill.queue import job_complete
+    from infermill.logs import LOG_FORMAT_ENV, set_worker
+    from infermill.queue import job_complete, new_worker_id
     from infermill.servers import create_server
 
+    if log_format is not None:
+        os.environ[LOG_FORMAT_ENV] = log_format  # every process started from here (servers, workers) inherits it
+        _setup_logging(logging.getLogger().level <= logging.DEBUG, log_format)
+    json_logs = log_format == "json" or (log_format is None and os.environ.get(LOG_FORMAT_ENV) == "json")
     job = _load(job_file, overrides)
+    if metrics_port is not None:
+        job.inference.metrics_port = metrics_port
     if rank is not None or world_size is not None or job.runner.world_size != 1:
         _error(
             "static ranks (--rank, --world-size, runner.world_size) are retired: every worker takes units from "
@@ -228,6 +290,10 @@ def run(
         options = ["--max-unit-attempts", str(max_unit_attempts)]
         if accept_changed_input:
             options.append("--accept-changed-input")
+        if metrics_port is not None:
+            options += ["--metrics-port", str(metrics_port)]
+        if json_logs:  # a flag, not only the environment: a Ray task's worker does not inherit ours
+            options += ["--log-format", "json"]
         code = _run_executor(
             executor,
             job,
@@ -243,6 +309,11 @@ def run(
         )
         raise SystemExit(code)
     launch_early = overwrite or not job_complete(layout)  # a finished job launches nothing
+    # its index among its command's workers (a --workers parent's, a Slurm array task, a Ray task):
+    # it logs its server to server_rank_<index>.log and serves /metrics on metrics_port + index
+    index = int(os.environ.get("INFERMILL_WORKER_INDEX", "0")) if as_worker else 0
+    worker_id = new_worker_id()
+    set_worker(worker_id)
 
     async def go() -> dict[str, Any]:
         # The server is launched first and boots while the rest of infermill (aiohttp, fsspec,
@@ -251,8 +322,6 @@ def run(
         async with contextlib.AsyncExitStack() as stack:
             server = None
             if launch_early:
-                # each worker of a --workers parent logs its server to its own file (server_rank_<index>.log)
-                index = int(os.environ.get("INFERMILL_WORKER_INDEX", "0")) if as_worker else 0
                 server = await stack.enter_async_context(create_server(job.inference, index))
                 await server.wait_launched()
             from infermill.job import build_reader, build_runner
@@ -264,11 +333,20 @@ def run(
                 runner = build_runner(job, reader, overwrite, accept_changed_input)
             except InfermillError as e:  # a job that cannot be set up is a usage error, like a bad job file
                 raise ConfigError(str(e)) from None
-            options = QueueOptions(job.checkpoint.lease_timeout_sec, max_unit_attempts, new_command=not as_worker)
+            options = QueueOptions(
+                job.checkpoint.lease_timeout_sec,
+                max_unit_attempts,
+                worker_id,
+                new_command=not as_worker,
+                worker_index=index,
+            )
             progress = None
             if not as_worker:  # a --workers parent shows the job's progress
-                console = _console() if sys.stderr.isatty() else None  # the logging handler's (_setup_logging)
-                progress = asyncio.create_task(show_progress(runner.progress, log_interval(job.inference), console))
+                live = sys.stderr.isatty() and not json_logs
+                console = _console() if live else None  # the logging handler's (_setup_logging)
+                progress = asyncio.create_task(
+                    show_progress(runner.progress, log_interval(job.inference), console, live)
+                )
             try:
                 return await runner.run_queue_async(reader, server, options)
             finally:
@@ -278,7 +356,7 @@ def run(
     try:
         stats = run_coroutine(_interruptible(go()))
     except KeyboardInterrupt:
-        _console().print("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
+        _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         raise SystemExit(EXIT_INTERRUPTED) from None
     except ConfigError as e:
         _error(e)
@@ -288,22 +366,20 @@ def run(
         raise SystemExit(EXIT_UNITS_FAILED) from None
     except (ServerError, InferenceError, InfermillError) as e:
         _error(e)
-        _console().print("The checkpoint is saved: fix the cause and run the same command to resume.")
+        _say("The checkpoint is saved: fix the cause and run the same command to resume.")
         raise SystemExit(EXIT_FAILED) from None
     except OSError as e:  # a disk that filled up, a folder that went read-only, a network file system
         logger.debug("the run stopped on this error", exc_info=True)  # the traceback, with -v
         where = f"{e.filename}: " if e.filename else ""
         hint = "free some space" if e.errno == errno.ENOSPC else "fix the cause"
         _error(f"{where}{e.strerror or e}")
-        _console().print(f"The checkpoint is saved: {hint}, then run the same command to resume.")
+        _say(f"The checkpoint is saved: {hint}, then run the same command to resume.")
         raise SystemExit(EXIT_FAILED) from None
     if as_worker:
         return
-    from infermill.progress import summary_table
-
     if stats.get("already_complete"):
-        _console().print("the job is already complete; nothing was sent. Use --overwrite to run it again.")
-    _console().print(summary_table(stats, title=f"infermill run: {escape(job.output.path)}"))
+        _say("the job is already complete; nothing was sent. Use --overwrite to run it again.")
+    _summary(stats, job.output.path)
 
 
 async def _with_progress(work: Coroutine[Any, Any, T], queue: WorkQueue, interval: float) -> T:
@@ -334,7 +410,7 @@ def _run_executor(
     array, Ray tasks), then report where the job stands; the exit code."""
     from infermill.executors.local import gpu_assignment, node_command, run_workers, worker_command
     from infermill.job import build_reader, build_runner
-    from infermill.progress import log_interval, summary_table
+    from infermill.progress import log_interval
     from infermill.worker import QueueOptions, failed_units_error, open_queue, read_stats
 
     command = worker_command(job_file, overrides, worker_options)
@@ -390,7 +466,7 @@ def _run_executor(
 
             codes = run_ray(job, command, workers, max_worker_restarts, ray_address)
     except KeyboardInterrupt:
-        _console().print("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
+        _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         return EXIT_INTERRUPTED
     except ConfigError as e:  # the executor's tools missing (sbatch, ray)
         _error(e)
@@ -399,7 +475,7 @@ def _run_executor(
         _error(e)
         return EXIT_FAILED
     status = queue.status()
-    _console().print(summary_table(read_stats(runner.layout), title=f"infermill run: {escape(job.output.path)}"))
+    _summary(read_stats(runner.layout), job.output.path)
     if status.units_done == status.units_total:
         return 0
     if (error := failed_units_error(queue)) is not None:
@@ -567,16 +643,42 @@ def status(output: str, checkpoints: str | None, as_json: bool) -> None:
         )
 
 
+def _job_rate(layout: Any) -> tuple[Any, list[dict[str, Any]], str]:
+    """The job's queue status, with its rate and ETA from its workers' time series where they
+    have one (the sum of the running workers' docs/s over the last 10 minutes), else from the
+    units done in that time; each worker's rates; and which of the two the rate is from
+    (``metrics``, ``done_marks``)."""
+    import dataclasses
+    import time
+
+    from infermill.queue import RATE_WINDOW_SEC, WorkQueue
+    from infermill.timeseries import read_series, worker_rates
+
+    state = WorkQueue.for_layout(layout).status()
+    workers = worker_rates(read_series(layout.metrics), time.time(), RATE_WINDOW_SEC)
+    rates = [w["documents_per_sec"] for w in workers if w["running"] and w["documents_per_sec"] is not None]
+    if not rates:
+        return state, workers, "done_marks"
+    rate = sum(rates)
+    left = state.documents_total - state.documents_done if state.documents_total is not None else None
+    eta = round(left / rate, 1) if rate > 0 and left is not None else None
+    return dataclasses.replace(state, documents_per_sec=round(rate, 3), eta_sec=eta), workers, "metrics"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _queue_status(layout: Any, output: str, as_json: bool) -> None:
     from rich.table import Table
 
-    from infermill.queue import WorkQueue
     from infermill.worker import read_stats
 
-    state = WorkQueue.for_layout(layout).status()
+    state, workers, source = _job_rate(layout)
     replicas = read_stats(layout).get("replicas") or []  # summed over the finished worker runs
     if as_json:
-        click.echo(orjson.dumps({**state.as_dict(), "replicas": replicas}, option=orjson.OPT_INDENT_2).decode())
+        document = {**state.as_dict(), "rate_from": source, "workers": workers, "replicas": replicas}
+        click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
     eta = f"{state.eta_sec:,.0f} s" if state.eta_sec is not None else "-"
     rate = f"{state.documents_per_sec:,.1f}" if state.documents_per_sec is not None else "-"
@@ -586,6 +688,20 @@ def _queue_status(layout: Any, output: str, as_json: bool) -> None:
         f"progress, {state.units_pending} pending, {state.units_failed} failed; {state.documents_done:,}{of_total} "
         f"documents done; {rate} docs/s (last 10 min); ETA {eta}"
     )
+    running = [worker for worker in workers if worker["running"]]
+    if running:
+        table = Table(title="workers running")
+        for column in ("worker", "docs/s", "tok/s", "documents", "last snapshot (s ago)"):
+            table.add_column(column, justify="right")
+        for worker in running:
+            table.add_row(
+                worker["worker"],
+                _number(worker["documents_per_sec"], ",.1f"),
+                _number(worker["completion_tokens_per_sec"], ",.0f"),
+                f"{worker['documents_processed']:,}",
+                f"{worker['last_snapshot_sec_ago']:.0f}",
+            )
+        _console().print(table)
     if state.in_progress or state.stale:
         table = Table(title="units in progress")
         for column in ("unit", "attempt", "worker", "host", "renewed (s ago)"):

@@ -128,6 +128,13 @@ class InferenceConfig(BaseModel):
     max_response_bytes: int = Field(
         DEFAULT_MAX_RESPONSE_BYTES, gt=0, description="A longer reply fails its request (memory stays bounded)."
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve Prometheus /metrics on this port, worker i on port + i (rank r: port + r); None: off.",
+    )
+    metrics_host: str = Field("127.0.0.1", description="The address /metrics listens on; 0.0.0.0: every interface.")
 
     def __init__(self, **data: Any):
         """Raises ``ConfigError`` naming each bad field and the value given (secrets hidden)."""

@@ -477,6 +477,7 @@ class QueueJournal(ChunkLogs):
         self._renewers: dict[int, LeaseRenewer] = {}
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
         self._finalizing: set[int] = set()  # units being committed (in a worker thread)
+        self.units_committed = 0  # by this worker: the time series' units_done
 
     def _log_path(self, chunk_index: int) -> Path:
         return self.queue.journal_path(chunk_index, self._leases[chunk_index].generation)
@@ -564,6 +565,7 @@ class QueueJournal(ChunkLogs):
 
         try:
             self.queue.commit(lease, write_output, documents=self._chunk_size(unit))
+            self.units_committed += 1
         except LeaseLostError as e:
             logger.warning("unit %d: %s; its results here are dropped, its new holder finishes it", unit, e)
             return 0

@@ -6,6 +6,7 @@
       stats.json                  (stats_rank_RRRRR.json when there are several ranks)
       failures_rank_RRRRR.jsonl   documents skipped or failed, with the reason
       logs/                       the server's output (the job file's default server_log_folder)
+      metrics/WORKER.jsonl        each queue worker's metrics over time (infermill.timeseries)
       queue/                      the shared work queue: plan, leases, done marks, journals (infermill.queue)
 
 Checkpoints may live elsewhere (``checkpoint.dir``): they must be local, so a remote
@@ -71,6 +72,11 @@ class JobLayout:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def metrics(self) -> Path:
+        """Each worker's time series, ``WORKER.jsonl`` (:mod:`infermill.timeseries`)."""
+        return self.root / "metrics"
 
     @property
     def queue(self) -> Path:

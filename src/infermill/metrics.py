@@ -1,8 +1,10 @@
-"""Counters of a run: cheap to bump on the hot path, written as ``stats.json`` at the end."""
+"""Counters of a run: cheap to bump on the hot path, written as ``stats.json`` at the end;
+latency histograms, cheap to observe, read by the Prometheus exporter and the time series."""
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -87,3 +89,80 @@ class ProgressSnapshot:
             requests_retried=sum(s.requests_retried for s, _, _ in runs),
             server_restarts=sum(restarts for _, restarts, _ in runs),
         )
+
+
+#: the buckets Prometheus sees (seconds): the usual spread, from 5 ms to an hour
+PROMETHEUS_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 3600.0,
+)  # fmt: skip
+
+
+def _fine_bounds() -> tuple[float, ...]:
+    """Upper bounds of the fine buckets: 8 per doubling (9 % apart) from 1 ms to ~2.3 h, and
+    every Prometheus bucket's bound, so that those are sums of fine ones."""
+    geometric = [0.001 * 2 ** (i / 8) for i in range(8 * 23 + 1)]
+    return tuple(sorted({round(b, 9) for b in geometric} | set(PROMETHEUS_BUCKETS)))
+
+
+FINE_BOUNDS = _fine_bounds()
+
+
+class LatencyHistogram:
+    """Durations in fine buckets: one observation costs a ``bisect`` and two additions, however
+    many have been made. Cumulative (``counts``, ``total``, ``count``) for Prometheus; the time
+    series takes percentiles over an interval from the difference of two :meth:`copy` s."""
+
+    __slots__ = ("count", "counts", "max", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(FINE_BOUNDS) + 1)  # the last: above every bound
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0  # since the last take_max()
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(FINE_BOUNDS, seconds)] += 1
+        self.count += 1
+        self.total += seconds
+        if seconds > self.max:
+            self.max = seconds
+
+    def copy(self) -> list[int]:
+        return list(self.counts)
+
+    def take_max(self) -> float:
+        """The longest duration observed since the last call; starts over."""
+        longest, self.max = self.max, 0.0
+        return longest
+
+    def buckets(self) -> list[tuple[float, int]]:
+        """Cumulative counts at each of :data:`PROMETHEUS_BUCKETS`, then at +Inf."""
+        counts, out, cumulative, i = self.copy(), [], 0, 0
+        for bound in PROMETHEUS_BUCKETS:
+            while i < len(FINE_BOUNDS) and FINE_BOUNDS[i] <= bound:
+                cumulative += counts[i]
+                i += 1
+            out.append((bound, cumulative))
+        out.append((float("inf"), sum(counts)))
+        return out
+
+
+def percentiles(counts: list[int], quantiles: tuple[float, ...]) -> list[float | None]:
+    """The ``quantiles`` of the durations counted in fine buckets ``counts`` (e.g. the
+    difference of two :meth:`LatencyHistogram.copy`), interpolated within a bucket; None each
+    when nothing was counted."""
+    n = sum(counts)
+    if n == 0:
+        return [None] * len(quantiles)
+    out: list[float | None] = []
+    for q in quantiles:
+        rank = q * n
+        cumulative = 0
+        for i, count in enumerate(counts):
+            if count and cumulative + count >= rank:
+                low = FINE_BOUNDS[i - 1] if i > 0 else 0.0
+                high = FINE_BOUNDS[i] if i < len(FINE_BOUNDS) else FINE_BOUNDS[-1]
+                out.append(round(low + (high - low) * max(0.0, rank - cumulative) / count, 6))
+                break
+            cumulative += count
+    return out

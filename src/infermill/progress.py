@@ -76,16 +76,24 @@ async def show_progress(
     snapshot: Callable[[], ProgressSnapshot],
     interval: float = LOG_INTERVAL,
     console: Console | None = None,
+    live: bool | None = None,
 ) -> None:
     """Until cancelled: redraw a live line on a terminal (twice a second), else log one every
     ``interval`` seconds. ``snapshot`` says where the job stands (``InferenceRunner.progress``).
     On a terminal, ``console`` is the one log records are printed on (the ``RichHandler``'s):
-    the live line is drawn on it too, so that records print whole above it."""
+    the live line is drawn on it too, so that records print whole above it. ``live``: whether
+    to draw the live line (default: on a terminal); False logs lines (JSON logs)."""
     started = time.monotonic()
-    tty = sys.stderr.isatty()
+    tty = sys.stderr.isatty() if live is None else live
+    nothing = ProgressSnapshot()
+    shown = nothing
 
     def render() -> str:
-        return progress_line(snapshot(), time.monotonic() - started)
+        nonlocal shown
+        current = snapshot()
+        if current != nothing or shown == nothing:  # no run any more (writing its stats): where it ended
+            shown = current
+        return progress_line(shown, time.monotonic() - started)
 
     if not tty:
         while True:
@@ -96,10 +104,10 @@ async def show_progress(
     from rich.text import Text
 
     console = console or Console(stderr=True)
-    with Live(Text(render()), console=console, refresh_per_second=4, transient=True) as live:
+    with Live(Text(render()), console=console, refresh_per_second=4, transient=True) as display:
         while True:
             await asyncio.sleep(0.5)
-            live.update(Text(render()))
+            display.update(Text(render()))
 
 
 def summary_table(stats: dict[str, Any], title: str = "infermill run") -> Table:

@@ -38,12 +38,14 @@ from infermill.io.readers import BadRecord, DocumentReader
 from infermill.io.writers import OutputWriter
 from infermill.journal import ChunkJournal, ChunkLogs, QueueJournal
 from infermill.layout import JobLayout
-from infermill.metrics import ProgressSnapshot, RunStats
+from infermill.metrics import LatencyHistogram, ProgressSnapshot, RunStats
 from infermill.retry import RetryAction, RetryPolicy, overloaded
 from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerState, create_server
 from infermill.types import Document, InferenceResult
 
 if TYPE_CHECKING:
+    from infermill.monitor import Monitor
+    from infermill.queue import WorkQueue
     from infermill.worker import QueueOptions
 
 logger = logging.getLogger("infermill.runner")
@@ -305,7 +307,11 @@ class InferenceRunner:
         try:
             server_scope = contextlib.nullcontext(server) if server is not None else create_server(self.config, rank)
             with fewer_gc_passes():
-                async with enter_shared_context(self.shared_context) as context, server_scope as started:
+                async with (
+                    run.monitor(f"rank_{rank:05d}", rank),
+                    enter_shared_context(self.shared_context) as context,
+                    server_scope as started,
+                ):
                     await run.process(documents, started, context)
                 for chunk_index in journal.open_chunks():  # the last, partial chunk
                     await asyncio.to_thread(journal.finalize_chunk, chunk_index)
@@ -370,8 +376,9 @@ class InferenceRunner:
         stopped_on_request = False
         try:
             server_scope = contextlib.nullcontext(server) if server is not None else create_server(self.config, 0)
+            monitor = run.monitor(queue.worker_id, options.worker_index, queue, journal)
             with fewer_gc_passes():
-                async with enter_shared_context(self.shared_context) as context, server_scope as started:
+                async with monitor, enter_shared_context(self.shared_context) as context, server_scope as started:
                     await run.process(source, started, context)
         except asyncio.CancelledError:
             stopped_on_request = True  # its units are given back; a crash leaves them to expire, as an attempt
@@ -440,6 +447,33 @@ class _Run:
         self.slots: asyncio.Semaphore | AdaptiveLimit = make_slots(self.config)
         self.documents_total: int | None = None  # the documents this run has to do, when known
         self._failures: BinaryIO | None = None
+        # observed per request only while metrics are on (a Prometheus port, a time series)
+        self.latency: LatencyHistogram | None = None
+        self.reply_latency: LatencyHistogram | None = None
+
+    def monitor(
+        self, worker: str, index: int, queue: WorkQueue | None = None, journal: QueueJournal | None = None
+    ) -> Monitor:
+        """This run's metrics, for an ``async with`` around it: ``/metrics`` on ``metrics_port`` +
+        ``index`` if the config sets a port, and, for a worker of a queue, its time series."""
+        from infermill.monitor import Monitor, RunState
+        from infermill.progress import log_interval
+
+        slots, config = self.slots, self.config
+        state = RunState(
+            worker,
+            self.stats,
+            lambda: self.server,
+            (lambda: slots.limit) if isinstance(slots, AdaptiveLimit) else (lambda: config.concurrent_generations),
+            (lambda: journal.units_committed) if journal is not None else (lambda: 0),
+            queue,
+        )
+        port = config.metrics_port + index if config.metrics_port is not None else None
+        series = self.runner.layout.metrics / f"{worker}.jsonl" if queue is not None else None
+        monitor = Monitor(state, host=config.metrics_host, port=port, series_path=series, interval=log_interval(config))
+        if monitor.enabled:
+            self.latency, self.reply_latency = state.latency, state.reply_latency
+        return monitor
 
     async def process(
         self,
@@ -560,6 +594,8 @@ class _Run:
         policy = self.runner.retry_policy
         base = {"model": config.model_name_or_path, **config.default_generation_params}
         use_chat = config.use_chat
+        latency, reply_latency = self.latency, self.reply_latency
+        timed = adaptive is not None or latency is not None
         seen: dict[bytes, int] = {}
 
         async def generate(payload: dict[str, Any], *, path: str | None = None) -> InferenceResult:
@@ -573,6 +609,7 @@ class _Run:
             if cached is not None:
                 stats.requests_cached += 1
                 return parse_reply(cached, chat)
+            called = time.monotonic() if reply_latency is not None else 0.0
             spent = 0  # attempts the server could have answered
             while True:
                 try:
@@ -583,12 +620,16 @@ class _Run:
                                 await server.wait_until_ready()
                             stats.requests_in_flight += 1  # sent now: make_request has nothing left to wait for
                             try:
-                                if adaptive is None:
+                                if not timed:
                                     reply = await server.make_request(data, path, affinity)
                                 else:
                                     sent = time.monotonic()
                                     reply = await server.make_request(data, path, affinity)
-                                    adaptive.record(time.monotonic() - sent)
+                                    took = time.monotonic() - sent
+                                    if adaptive is not None:
+                                        adaptive.record(took)
+                                    if latency is not None:
+                                        latency.observe(took)
                             finally:
                                 stats.requests_in_flight -= 1
                     finally:
@@ -618,6 +659,8 @@ class _Run:
                 usage = result.usage
                 stats.prompt_tokens += usage.get("prompt_tokens") or 0
                 stats.completion_tokens += usage.get("completion_tokens") or 0
+                if reply_latency is not None:
+                    reply_latency.observe(time.monotonic() - called)
                 return result
 
         return generate

@@ -47,13 +47,15 @@ class QueueOptions:
     """How a worker uses the queue: ``lease_timeout_sec`` (a unit whose lease is not renewed
     for that long is taken over), ``max_unit_attempts`` (a unit whose workers died that many
     times in one command is marked failed), this worker's id (default: host, pid and a random
-    suffix), and whether it starts a new command (``new_command``: False in the workers of a
-    ``--workers`` parent, which started it)."""
+    suffix), whether it starts a new command (``new_command``: False in the workers of a
+    ``--workers`` parent, which started it), and its index among that command's workers
+    (``worker_index``: its Slurm array task or Ray task index; it offsets ``metrics_port``)."""
 
     lease_timeout_sec: float = 120.0
     max_unit_attempts: int = 3
     worker_id: str | None = None
     new_command: bool = True  # a command's first process: failed units are retried, attempts counted anew
+    worker_index: int = 0  # its index among the workers of its command: it serves /metrics on metrics_port + it
 
 
 def open_queue(
@@ -139,6 +141,7 @@ def discard(layout: JobLayout, writer: OutputWriter) -> None:
     writer.remove_temp_files(0)
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(layout.root / "stats", ignore_errors=True)
+    shutil.rmtree(layout.metrics, ignore_errors=True)
     for path in [*layout.stats_files(), *layout.root.glob("failures_*.jsonl")]:
         path.unlink(missing_ok=True)
 

@@ -1,0 +1,370 @@
+"""What a worker shows of itself while it runs: a Prometheus ``/metrics`` endpoint and its
+time series on disk (:mod:`infermill.timeseries`).
+
+Both read the run's :class:`~infermill.metrics.RunStats` counters when they are asked
+(a scrape, a snapshot), so they cost the hot path nothing; only the latency histograms
+are observed per request (a ``bisect`` and two additions), and only while one of the two
+is on. The endpoint is served by ``prometheus_client``'s HTTP server in a thread of its
+own, from a registry of this run's (not the process-wide one), on
+``inference.metrics_host`` (127.0.0.1 by default) and ``inference.metrics_port`` plus the
+worker's index. A port that cannot be bound is logged as a warning naming it, and the
+worker runs on without the endpoint: metrics are never a reason to stop a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+from infermill.metrics import LatencyHistogram, RunStats, percentiles
+from infermill.servers import InferenceServer, ReplicaPool
+from infermill.timeseries import SeriesWriter
+
+if TYPE_CHECKING:
+    from infermill.queue import WorkQueue
+
+logger = logging.getLogger("infermill.monitor")
+
+#: seconds a scrape reuses the queue's unit counts (a directory listing) for
+UNIT_COUNTS_TTL_SEC = 5.0
+
+
+class RunState:
+    """Reads where one run stands, for a scrape or a snapshot: its counters, its server's
+    restarts and replicas, its concurrency limit, the queue's units."""
+
+    def __init__(
+        self,
+        worker: str,
+        stats: RunStats,
+        server: Callable[[], InferenceServer | None],
+        concurrency_limit: Callable[[], int],
+        units_done: Callable[[], int] = lambda: 0,
+        queue: WorkQueue | None = None,
+    ):
+        self.worker = worker
+        self.stats = stats
+        self.server = server
+        self.concurrency_limit = concurrency_limit
+        self.units_done = units_done
+        self.queue = queue
+        self.latency = LatencyHistogram()  # one HTTP request: sent -> reply read (answered ones)
+        self.reply_latency = LatencyHistogram()  # one generate() call: called -> result, waits and retries included
+        self._unit_counts: tuple[float, dict[str, int]] | None = None
+        self._lock = threading.Lock()
+
+    def counters(self) -> dict[str, int]:
+        s = self.stats
+        server = self.server()
+        return {
+            "documents_processed": s.documents_processed,
+            "documents_failed": s.documents_failed,
+            "documents_skipped": s.documents_skipped,
+            "documents_resumed": s.documents_resumed,
+            "documents_written": s.documents_written,
+            "requests_ok": s.requests_ok,
+            "requests_failed": s.requests_failed,
+            "requests_retried": s.requests_retried,
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.completion_tokens,
+            "server_restarts": server.restarts if server is not None else s.server_restarts,
+            "units_done": self.units_done(),
+        }
+
+    def gauges(self) -> dict[str, int]:
+        s = self.stats
+        return {
+            "requests_in_flight": s.requests_in_flight,
+            "requests_pending": s.requests_pending,
+            "concurrency_limit": self.concurrency_limit(),
+        }
+
+    def replicas(self) -> list[dict[str, int]]:
+        """Per replica of a pool: requests answered, restarts, requests in flight; [] with one server."""
+        server = self.server()
+        if not isinstance(server, ReplicaPool):
+            return []
+        return [
+            {"replica": k, "requests": stats["requests"], "restarts": stats["restarts"], "in_flight": in_flight}
+            for k, (stats, in_flight) in enumerate(
+                zip(server.replica_stats(), [m.outstanding_requests for m in server.members], strict=True)
+            )
+        ]
+
+    def unit_counts(self) -> dict[str, int] | None:
+        """The queue's units per state, at most :data:`UNIT_COUNTS_TTL_SEC` old; None without a queue."""
+        if self.queue is None:
+            return None
+        with self._lock:  # scrapes come from the server's threads
+            now = time.monotonic()
+            if self._unit_counts is None or now - self._unit_counts[0] > UNIT_COUNTS_TTL_SEC:
+                try:
+                    self._unit_counts = (now, self.queue.unit_counts())
+                except OSError as e:  # a network file system's hiccup: the last counts, or none
+                    logger.debug("metrics: cannot list the queue's units: %s", e)
+                    return self._unit_counts[1] if self._unit_counts else None
+            return self._unit_counts[1]
+
+
+# -- Prometheus ----------------------------------------------------------------------------
+
+
+class RunCollector:
+    """A ``prometheus_client`` collector that reads a :class:`RunState` at each scrape."""
+
+    def __init__(self, state: RunState):
+        self.state = state
+
+    def collect(self) -> Iterator[Any]:
+        state = self.state
+        worker = [state.worker]
+        c = state.counters()
+        g = state.gauges()
+
+        documents = CounterMetricFamily(
+            "infermill_documents",
+            "Documents by outcome (processed counts skipped ones too; resumed: done by an earlier run)",
+            labels=["worker", "outcome"],
+        )
+        for outcome in ("processed", "failed", "skipped", "resumed"):
+            documents.add_metric([state.worker, outcome], c[f"documents_{outcome}"])
+        yield documents
+        requests = CounterMetricFamily(
+            "infermill_requests", "Requests to the server by final outcome", labels=["worker", "outcome"]
+        )
+        requests.add_metric([state.worker, "ok"], c["requests_ok"])
+        requests.add_metric([state.worker, "failed"], c["requests_failed"])
+        yield requests
+        for name, key, doc in (
+            ("infermill_requests_retried", "requests_retried", "Request attempts that failed and were tried again"),
+            ("infermill_prompt_tokens", "prompt_tokens", "Prompt tokens of answered requests (the server's usage)"),
+            ("infermill_completion_tokens", "completion_tokens", "Completion tokens of answered requests"),
+            ("infermill_units_done", "units_done", "Queue units this worker committed"),
+        ):
+            yield _counter(name, doc, worker, c[key])
+        restarts = CounterMetricFamily(
+            "infermill_server_restarts", "Restarts of the worker's server (per replica)", labels=["worker", "replica"]
+        )
+        replicas = state.replicas()
+        if replicas:
+            for replica in replicas:
+                restarts.add_metric([state.worker, str(replica["replica"])], replica["restarts"])
+        else:
+            restarts.add_metric([state.worker, "0"], c["server_restarts"])
+        yield restarts
+        yield _gauge(
+            "infermill_requests_in_flight", "Requests sent, their reply not yet read", worker, g["requests_in_flight"]
+        )
+        yield _gauge(
+            "infermill_requests_pending",
+            "Requests in flight or waiting for a generation slot or for the server",
+            worker,
+            g["requests_pending"],
+        )
+        yield _gauge(
+            "infermill_concurrency_limit",
+            "Requests the worker may have in flight at once",
+            worker,
+            g["concurrency_limit"],
+        )
+        if replicas:
+            answered = CounterMetricFamily(
+                "infermill_replica_requests", "Requests answered by each replica", labels=["worker", "replica"]
+            )
+            in_flight = GaugeMetricFamily(
+                "infermill_replica_requests_in_flight",
+                "Requests in flight to each replica",
+                labels=["worker", "replica"],
+            )
+            for replica in replicas:
+                answered.add_metric([state.worker, str(replica["replica"])], replica["requests"])
+                in_flight.add_metric([state.worker, str(replica["replica"])], replica["in_flight"])
+            yield answered
+            yield in_flight
+        for name, histogram, doc in (
+            (
+                "infermill_request_duration_seconds",
+                state.latency,
+                "One HTTP request to the server, sent to reply read (answered requests)",
+            ),
+            (
+                "infermill_time_to_reply_seconds",
+                state.reply_latency,
+                "One generate() call of a rollout, called to result: waiting for a slot or a restarted "
+                "server, retries and backoff included (no streaming: the whole reply)",
+            ),
+        ):
+            family = HistogramMetricFamily(name, doc, labels=["worker"])
+            family.add_metric(
+                worker,
+                [(floatToGoString(bound), count) for bound, count in histogram.buckets()],
+                sum_value=histogram.total,
+            )
+            yield family
+        units = state.unit_counts()
+        if units is not None:
+            units_family = GaugeMetricFamily(
+                "infermill_queue_units", "The job's queue units by state (as this worker sees them)", labels=["state"]
+            )
+            for name in ("done", "pending", "in_progress", "failed"):
+                units_family.add_metric([name], units[name])
+            yield units_family
+
+
+def _counter(name: str, doc: str, labels: list[str], value: float) -> Any:
+    family = CounterMetricFamily(name, doc, labels=["worker"])
+    family.add_metric(labels, value)
+    return family
+
+
+def _gauge(name: str, doc: str, labels: list[str], value: float) -> Any:
+    family = GaugeMetricFamily(name, doc, labels=["worker"])
+    family.add_metric(labels, value)
+    return family
+
+
+class MetricsServer:
+    """``/metrics`` of one run on ``host:port``, served from a thread (``prometheus_client``'s
+    HTTP server) with a registry of its own; :meth:`start` returns False (and logs why) when
+    the port cannot be bound."""
+
+    def __init__(self, state: RunState, host: str, port: int):
+        self.state = state
+        self.host = host
+        self.port = port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> bool:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(RunCollector(self.state))
+        try:
+            self._server, self._thread = start_http_server(self.port, self.host, registry)
+        except OSError as e:
+            logger.warning(
+                "metrics: cannot serve /metrics on %s:%d (%s): this worker runs on without it; choose a free "
+                "port with --metrics-port (worker i serves on port + i)",
+                self.host,
+                self.port,
+                e.strerror or e,
+            )
+            return False
+        logger.info("metrics: serving http://%s:%d/metrics", _url_host(self.host), self.port)
+        return True
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# -- the time series -----------------------------------------------------------------------
+
+
+class SeriesRecorder:
+    """Builds this run's snapshots (see :mod:`infermill.timeseries`) and appends them."""
+
+    def __init__(self, state: RunState, path: Path):
+        self.state = state
+        self.writer = SeriesWriter(path)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._last = state.latency.copy()
+
+    def snapshot(self, final: bool = False) -> dict[str, Any]:
+        state = self.state
+        counts = state.latency.copy()
+        interval = [now - before for now, before in zip(counts, self._last, strict=True)]
+        self._last = counts
+        n = sum(interval)
+        longest = state.latency.take_max()
+        # interpolated within a bucket, a percentile may pass the longest: it is at most that
+        p50, p90, p99 = (p if p is None else min(p, round(longest, 6)) for p in percentiles(interval, (0.5, 0.9, 0.99)))
+        return {
+            "time": round(time.time(), 3),
+            "worker": state.worker,
+            "host": self.host,
+            "pid": self.pid,
+            "started_at": round(state.stats.started_at, 3),
+            "final": final,
+            "counters": state.counters(),
+            "gauges": state.gauges(),
+            "latency_sec": {"count": n, "p50": p50, "p90": p90, "p99": p99, "max": round(longest, 6) if n else None},
+            "replicas": state.replicas(),
+        }
+
+    async def run(self, interval: float) -> None:
+        """Until cancelled: a snapshot every ``interval`` seconds."""
+        while True:
+            await asyncio.sleep(interval)
+            snapshot = self.snapshot()
+            try:
+                await asyncio.to_thread(self.writer.append, snapshot)
+            except OSError as e:  # a full disk must not stop inference: the next one may succeed
+                logger.warning("metrics: cannot append to %s: %s", self.writer.path, e.strerror or e)
+
+    def final(self) -> None:
+        try:
+            self.writer.append(self.snapshot(final=True))
+        except OSError as e:
+            logger.warning("metrics: cannot append to %s: %s", self.writer.path, e.strerror or e)
+
+
+class Monitor:
+    """The endpoint and the time series of one run, for an ``async with`` block around it:
+    started on entry, stopped on exit (the series' final snapshot written). Either may be off
+    (``port`` None, ``series_path`` None); with both off, nothing is observed at all."""
+
+    def __init__(
+        self,
+        state: RunState,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        series_path: Path | None = None,
+        interval: float = 30.0,
+    ):
+        self.state = state
+        self.server = MetricsServer(state, host, port) if port is not None else None
+        self.recorder = SeriesRecorder(state, series_path) if series_path is not None else None
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.server is not None or self.recorder is not None
+
+    async def __aenter__(self) -> Monitor:
+        if self.server is not None and not await asyncio.to_thread(self.server.start):
+            self.server = None
+        if self.recorder is not None:
+            self._task = asyncio.create_task(self.recorder.run(self.interval))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])  # not `await task`: that would swallow our own cancellation
+        if self.recorder is not None:
+            self.recorder.final()
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)  # waits for a poll of its loop (0.5 s)

@@ -1,0 +1,291 @@
+"""Watching a job: each worker's Prometheus ``/metrics`` (scraped over real HTTP while
+``infermill run`` runs), its time series under ``_infermill/metrics/``, ``infermill status``
+reading that series, and JSON log lines. Real processes against the faulty test server."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT
+from helpers import free_ports, wait_until
+from infermill.timeseries import COUNTERS, SeriesWriter, read_series, worker_rates
+from test_workers import TIMEOUT, QueueJob, output_of
+
+INTERVAL = 0.3  # inference.metric_interval of these jobs: a snapshot every 0.3 s
+DASHBOARD = ROOT / "examples" / "grafana" / "infermill.json"
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+    """The samples of ``/metrics`` on ``port`` as {(name, labels): value}; None when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def slow_job(tmp_path: Path, docs: int = 120, sleep: float = 0.02, **inference) -> QueueJob:
+    """A job of ``docs`` documents that takes a few seconds: ``sleep`` seconds per request, 4 at a time."""
+    return QueueJob(
+        tmp_path,
+        docs,
+        20,
+        conc=4,
+        directives=f"sleep:{sleep}",
+        inference={"metric_interval": INTERVAL, **inference},
+    )
+
+
+def scrape_until_done(proc: subprocess.Popen, ports: list[int]) -> dict[int, list[dict]]:
+    """Scrape every port every 50 ms until ``proc`` exits; the scrapes that answered, per port."""
+    scrapes: dict[int, list[dict]] = {port: [] for port in ports}
+    deadline = time.monotonic() + TIMEOUT
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "the run did not end"
+        for port in ports:
+            if (samples := scrape(port)) is not None:
+                scrapes[port].append(samples)
+        time.sleep(0.05)
+    return scrapes
+
+
+def test_metrics_move_during_a_run_and_its_time_series_ends_at_its_stats(tmp_path):
+    job = slow_job(tmp_path)
+    port = free_ports(1)
+    started = time.time()
+    proc = job.start("--metrics-port", str(port))
+    scrapes = scrape_until_done(proc, [port])[port]
+    duration = time.time() - started
+    log = Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+    assert proc.returncode == 0, log[-3000:]
+    job.check_exactly_once()
+    assert f"serving http://127.0.0.1:{port}/metrics" in log
+
+    # the counters moved while it ran, never backwards, and never past what the run did in the end
+    (stats,) = job.worker_stats()
+    processed = [value(s, "infermill_documents_total", outcome="processed") for s in scrapes]
+    assert len(set(processed)) >= 3, f"the processed count did not move across scrapes: {processed}"
+    assert processed == sorted(processed)
+    last = scrapes[-1]
+    for name, labels, key in [
+        ("infermill_documents_total", {"outcome": "processed"}, "documents_processed"),
+        ("infermill_requests_total", {"outcome": "ok"}, "requests_ok"),
+        ("infermill_prompt_tokens_total", {}, "prompt_tokens"),
+        ("infermill_completion_tokens_total", {}, "completion_tokens"),
+    ]:
+        assert 0 < value(last, name, **labels) <= stats[key], name
+    answered = value(last, "infermill_requests_total", outcome="ok")
+    assert value(last, "infermill_request_duration_seconds_count") == answered
+    assert value(last, "infermill_request_duration_seconds_bucket", le="0.01") == 0  # each took >= 20 ms
+    assert value(last, "infermill_concurrency_limit") == 4
+    assert {ls for (n, ls) in last if n == "infermill_documents_total"} == {
+        (("outcome", outcome), ("worker", stats["worker"])) for outcome in ("processed", "failed", "skipped", "resumed")
+    }
+    assert sum(value(last, "infermill_queue_units", state=state) for state in ("done", "pending", "in_progress")) == 6
+
+    # the time series: one file, named as the stats; a snapshot per interval and a final one
+    series = read_series(job.output / "_infermill" / "metrics")
+    assert list(series) == [stats["worker"]]
+    snapshots = series[stats["worker"]]
+    assert 0.5 * duration / INTERVAL - 3 <= len(snapshots) <= duration / INTERVAL + 2, (len(snapshots), duration)
+    assert [s["final"] for s in snapshots] == [False] * (len(snapshots) - 1) + [True]
+    times = [s["time"] for s in snapshots]
+    assert times == sorted(times)
+    for key in COUNTERS:
+        values = [s["counters"][key] for s in snapshots]
+        assert values == sorted(values), f"{key} went backwards: {values}"
+    final = snapshots[-1]
+    for key in COUNTERS:
+        if key != "units_done":
+            assert final["counters"][key] == stats[key], key
+    assert final["counters"]["units_done"] == 6
+    assert final["counters"]["documents_processed"] == 120
+    assert final["gauges"] == {"requests_in_flight": 0, "requests_pending": 0, "concurrency_limit": 4}
+    # every answered request is in exactly one snapshot's latency, at >= 20 ms
+    assert sum(s["latency_sec"]["count"] for s in snapshots) == stats["requests_ok"]
+    busy = [s["latency_sec"] for s in snapshots if s["latency_sec"]["count"]]
+    assert busy and all(0.018 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] for lat in busy), busy
+    assert all(s["replicas"] == [] for s in snapshots)
+    assert final["host"] == socket.gethostname() and final["started_at"] == pytest.approx(stats["started_at"], abs=1)
+
+    # the example dashboard only queries metrics a worker exports
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    referenced = {name for expr in exprs for name in re.findall(r"\binfermill_[a-z_]+", expr)}
+    exported = {name for name, _ in last}
+    assert len(referenced) >= 10 and referenced <= exported, referenced - exported
+
+
+def test_two_workers_serve_on_consecutive_ports_and_status_reads_their_rates(tmp_path):
+    job = slow_job(tmp_path, docs=400, sleep=0.05)  # both workers run for a few seconds: 80 docs/s each
+    port = free_ports(2)
+    proc = job.start("--workers", "2", "--metrics-port", str(port))
+    try:
+        # while both run: both ports answer, each for its own worker; status rates them from the series
+        wait_until(lambda: scrape(port) is not None and scrape(port + 1) is not None, 60, "both workers' /metrics")
+        workers = {ls for p in (port, port + 1) for (n, ls) in (scrape(p) or {}) if n == "infermill_requests_in_flight"}
+        assert len(workers) == 2, workers
+
+        seen: list[dict] = []
+
+        def rated() -> bool:
+            seen.append(job.status())
+            running = [w for w in seen[-1]["workers"] if w["running"] and w["documents_per_sec"]]
+            return seen[-1]["rate_from"] == "metrics" and len(running) == 2
+
+        wait_until(rated, 60, "status rating both running workers from their time series", interval=0.2)
+        status = seen[-1]
+        assert status["documents_per_sec"] == pytest.approx(
+            sum(w["documents_per_sec"] for w in status["workers"] if w["running"]), abs=0.01
+        )
+        assert status["eta_sec"] is not None
+    finally:
+        proc.wait(TIMEOUT)
+    assert proc.returncode == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    job.check_exactly_once()
+    series = read_series(job.output / "_infermill" / "metrics")
+    assert sorted(series) == sorted(s["worker"] for s in job.worker_stats())
+    assert sum(snapshots[-1]["counters"]["documents_processed"] for snapshots in series.values()) == 400
+    assert all(snapshots[-1]["final"] for snapshots in series.values())
+    # done: no worker runs, the rate falls back to the units done
+    status = job.status()
+    assert status["rate_from"] == "done_marks" and not any(w["running"] for w in status["workers"])
+    assert len(status["workers"]) == 2
+
+
+def test_replicas_are_labelled_in_the_scrape_and_listed_in_the_series(tmp_path):
+    job = slow_job(tmp_path, docs=80, replicas=2)
+    port = free_ports(1)
+    proc = job.start("--metrics-port", str(port))
+    scrapes = scrape_until_done(proc, [port])[port]
+    assert proc.returncode == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    labelled = [s for s in scrapes if value(s, "infermill_replica_requests_total", replica="1") > 0]
+    assert labelled, "no scrape saw replica 1 answer"
+    for name in ("infermill_server_restarts_total", "infermill_replica_requests_total"):
+        assert {dict(ls)["replica"] for (n, ls) in labelled[-1] if n == name} == {"0", "1"}, name
+    (stats,) = job.worker_stats()
+    (snapshots,) = read_series(job.output / "_infermill" / "metrics").values()
+    final = snapshots[-1]["replicas"]
+    assert [r["replica"] for r in final] == [0, 1] and all(r["in_flight"] == 0 for r in final)
+    assert sum(r["requests"] for r in final) == stats["requests_ok"]
+    assert [r["requests"] for r in final] == [r["requests"] for r in stats["replicas"]]
+
+
+def test_a_metrics_port_in_use_is_named_in_a_warning_and_the_run_goes_on(tmp_path):
+    port = free_ports(1)
+    job = slow_job(tmp_path, docs=20, metrics_port=port)  # from the job file this time
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = job.run()
+    assert result.returncode == 0, output_of(result)
+    assert f"cannot serve /metrics on 127.0.0.1:{port}" in result.stderr
+    assert "runs on without it" in result.stderr
+    job.check_exactly_once()
+
+
+def test_json_logs_are_one_object_per_line_from_the_parent_and_its_workers(tmp_path):
+    job = slow_job(tmp_path, docs=40)
+    result = job.run("--workers", "2", "--log-format", "json")
+    assert result.returncode == 0, output_of(result)
+    lines = result.stderr.splitlines()
+    assert lines
+    records = [json.loads(line) for line in lines]  # every line parses
+    for record in records:
+        assert {"time", "level", "logger", "message", "worker"} <= set(record), record
+    workers = {record["worker"] for record in records} - {None}
+    assert len(workers) == 2  # each worker's records name it (one may find the job done before it claims a unit)
+    assert {stats["worker"] for stats in job.worker_stats()} <= workers
+    assert any(record["message"].startswith("summary: ") for record in records)  # the parent's table, as a record
+
+
+def test_json_logs_reach_the_workers_of_a_slurm_array(tmp_path):
+    job = slow_job(tmp_path, docs=4)
+    result = job.run("--executor", "slurm", "--dry-run", "--workers", "2", "--log-format", "json")
+    assert result.returncode == 0, output_of(result)
+    worker_line = next(line for line in result.stdout.splitlines() if "--worker" in line)
+    assert "--log-format json" in worker_line
+
+
+def test_the_text_format_stays_the_default(tmp_path):
+    job = slow_job(tmp_path, docs=4)
+    result = job.run()
+    assert result.returncode == 0, output_of(result)
+    assert not any(line.startswith("{") for line in result.stderr.splitlines())
+    assert re.search(r"INFO infermill\.\S+: ", result.stderr)
+
+
+def test_a_series_file_is_thinned_past_its_bound_and_keeps_its_whole_span(tmp_path):
+    path = tmp_path / "w.jsonl"
+    writer = SeriesWriter(path, max_bytes=20_000)
+    for i in range(3000):
+        writer.append({"time": 1000.0 + i, "worker": "w", "started_at": 1000.0, "counters": {"documents_processed": i}})
+        assert path.stat().st_size <= 20_000 + 200
+    (snapshots,) = read_series(tmp_path).values()
+    times = [s["time"] for s in snapshots]
+    assert times[0] == 1000.0 and times[-1] == 3999.0  # the first and the newest are kept
+    assert times == sorted(times) and 100 < len(times) < 3000
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[-1] == 1.0 and max(gaps) > 1.0  # recent lines at full resolution, older ones thinned
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_torn_line_and_a_restarted_worker_are_read_right(tmp_path):
+    folder = tmp_path / "metrics"
+    writer = SeriesWriter(folder / "w.jsonl")
+    now = time.time()
+    # a run that started 100 s ago did 10 docs/s, was killed mid-write; the worker started again 20 s ago
+    for t in (-100, -50, -30):
+        writer.append(snapshot(now + t, now - 100, 10 * (t + 100)))
+    with open(folder / "w.jsonl", "ab") as file:
+        file.write(b'{"time": 17960')  # torn
+    assert len(read_series(folder)["w"]) == 3
+    writer = SeriesWriter(folder / "w.jsonl")  # the worker's next process
+    for t in (-10, 0):
+        writer.append(snapshot(now + t, now - 20, 2 * (t + 20)))
+    (snapshots,) = read_series(folder).values()
+    assert [s["counters"]["documents_processed"] for s in snapshots] == [0, 500, 700, 20, 40]
+    (rate,) = worker_rates(read_series(folder), now, window_sec=600)
+    assert rate["running"] and rate["documents_per_sec"] == pytest.approx(2.0)  # the new run's, from its start
+
+
+def snapshot(at: float, started_at: float, processed: int) -> dict:
+    counters = dict.fromkeys(COUNTERS, 0) | {"documents_processed": processed}
+    return {"time": at, "worker": "w", "started_at": started_at, "final": False, "counters": counters}
+
+
+def test_metrics_port_in_the_job_file_is_checked(tmp_path):
+    job = slow_job(tmp_path, docs=4, metrics_port=70000)
+    result = job.run()
+    assert result.returncode == 2
+    assert "inference.metrics_port" in result.stderr and "65535" in result.stderr
+
+
+def test_the_example_dashboard_is_grafana_json():
+    dashboard = orjson.loads(DASHBOARD.read_bytes())
+    titles = [panel["title"] for panel in dashboard["panels"]]
+    for wanted in ("Documents", "Tokens", "in flight", "latency", "Errors", "restarts"):
+        assert any(wanted.lower() in title.lower() for title in titles), wanted
+    assert all(panel["targets"] and panel["datasource"]["type"] == "prometheus" for panel in dashboard["panels"])
