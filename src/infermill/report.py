@@ -10,7 +10,8 @@ selectable legend when there are many.
 Rates come from differences of the workers' cumulative counters. A counter restarts from 0
 when its worker process restarts (a new ``started_at`` in the same file) or, defensively,
 whenever it goes down: that snapshot's value is then the increment since the process
-started. A torn last line (a worker killed while writing) is skipped.
+started. An increment is spread evenly over its interval, so bins finer than a thinned
+file's snapshots still add up. A torn last line (a worker killed while writing) is skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import datetime
 import html
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +31,8 @@ import orjson
 from infermill.errors import ConfigError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from infermill.layout import JobLayout
 
 logger = logging.getLogger("infermill.report")
@@ -44,6 +46,35 @@ MIN_WORKER_POINTS = 60
 VISIBLE_WORKERS = 8
 
 INSTALL_HINT = "pip install 'infermill[report]'"
+
+COUNTERS = (
+    "documents_processed",
+    "documents_failed",
+    "documents_skipped",
+    "documents_resumed",
+    "documents_written",
+    "requests_ok",
+    "requests_failed",
+    "requests_retried",
+    "prompt_tokens",
+    "completion_tokens",
+    "server_restarts",
+    "units_done",
+)
+GAUGES = ("requests_in_flight", "requests_pending", "concurrency_limit")
+PERCENTILES = ("p50", "p90", "p99")
+
+
+def _require() -> None:
+    """Fail with the extra to install when the report's libraries are missing."""
+    try:
+        import numpy  # noqa: F401
+        import plotly  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"infermill report draws its plots with plotly and numpy, and {e.name or 'one'} is not installed: "
+            f"{INSTALL_HINT}"
+        ) from None
 
 
 # -- reading the time series -------------------------------------------------------------------
@@ -68,52 +99,114 @@ def read_series(path: Path) -> list[dict[str, Any]]:
             snapshot = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue
-        if isinstance(snapshot, dict) and isinstance(snapshot.get("time"), int | float):
+        if isinstance(snapshot, dict) and _is_number(snapshot.get("time")):
             snapshots.append(snapshot)
     snapshots.sort(key=lambda s: s["time"])
     return snapshots
 
 
-def load_series(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every worker's snapshots by worker id (the file's name), workers with none left out."""
+def load_series(folder: Path) -> dict[str, WorkerSeries]:
+    """Every worker's series by worker id (the file's name), workers with no snapshot left out.
+    Each file's snapshots become columns as it is read: memory stays a few numbers a snapshot."""
     found = {}
     for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
         if path.name.startswith("."):  # a writer's temporary file
             continue
         snapshots = read_series(path)
         if snapshots:
-            found[path.stem] = snapshots
+            found[path.stem] = WorkerSeries.of(path.stem, snapshots)
     return found
 
 
+_NUMBERS = (int, float)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _column(values: Iterable[Any]) -> np.ndarray:
+    """Numbers as floats, anything else (missing, null) as NaN."""
+    import numpy as np
+
+    return np.array([v if type(v) in _NUMBERS else math.nan for v in values], dtype=float)  # (bool: not a number)
+
+
+@dataclass(slots=True)
+class WorkerSeries:
+    """One worker's snapshots as columns, in time order (``n`` snapshots)."""
+
+    worker: str
+    host: str
+    time: np.ndarray  # (n,) unix seconds
+    started_at: np.ndarray  # (n,) the process's start (NaN: not given)
+    final: np.ndarray  # (n,) bool
+    counters: np.ndarray  # (n, len(COUNTERS)) cumulative since started_at
+    gauges: np.ndarray  # (n, len(GAUGES)), NaN where missing
+    latency_count: np.ndarray  # (n,) requests finished in the interval
+    latency: np.ndarray  # (n, len(PERCENTILES)), NaN when none finished
+
+    @classmethod
+    def of(cls, worker: str, snapshots: list[dict[str, Any]]) -> WorkerSeries:
+        import numpy as np
+
+        counters = [s.get("counters") or {} for s in snapshots]
+        gauges = [s.get("gauges") or {} for s in snapshots]
+        latency = [s.get("latency_sec") or {} for s in snapshots]
+        return cls(
+            worker=worker,
+            host=str(snapshots[-1].get("host", "?")),
+            time=_column(s["time"] for s in snapshots),
+            started_at=_column(s.get("started_at") for s in snapshots),
+            final=np.array([bool(s.get("final")) for s in snapshots]),
+            counters=np.nan_to_num(np.stack([_column(c.get(name) for c in counters) for name in COUNTERS], axis=1)),
+            gauges=np.stack([_column(g.get(name) for g in gauges) for name in GAUGES], axis=1),
+            latency_count=np.nan_to_num(_column(lat.get("count") for lat in latency)),
+            latency=np.stack([_column(lat.get(p) for lat in latency) for p in PERCENTILES], axis=1),
+        )
+
+    @property
+    def new_process(self) -> np.ndarray:
+        """Whether each snapshot is the first of its process (in this file)."""
+        import numpy as np
+
+        started = np.nan_to_num(self.started_at, nan=-1.0)
+        first = np.ones(len(self.time), dtype=bool)
+        first[1:] = started[1:] != started[:-1]
+        return first
+
+    @property
+    def processes(self) -> int:
+        return int(self.new_process.sum())
+
+    @property
+    def first_start(self) -> float:
+        started = self.started_at[0]
+        return float(min(started, self.time[0])) if not math.isnan(started) else float(self.time[0])
+
+    def increments(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(begin, end, increment)`` of counter ``name`` between consecutive snapshots. The
+        first snapshot of a process (a new ``started_at``, or a counter that went down) counts its
+        whole value, over the time since the process started (since the previous snapshot at most)."""
+        import numpy as np
+
+        values = self.counters[:, COUNTERS.index(name)]
+        previous = np.concatenate([[0.0], values[:-1]])
+        last_time = np.concatenate([[-math.inf], self.time[:-1]])
+        reset = self.new_process | (values < previous)
+        since = np.where(np.isnan(self.started_at), self.time, self.started_at)
+        begin = np.where(reset, np.minimum(self.time, np.maximum(since, last_time)), last_time)
+        return begin, self.time, np.where(reset, values, values - previous)
+
+    def total(self, name: str) -> int:
+        """Counter ``name`` over all of this worker's processes."""
+        return int(self.increments(name)[2].sum())
+
+
 def counter_increments(snapshots: list[dict[str, Any]], name: str) -> list[tuple[float, float, float]]:
-    """``(start, end, increment)`` of counter ``name`` between consecutive snapshots. The first
-    snapshot of a process (a new ``started_at``, or a counter that went down) counts its whole
-    value, over the time since the process started."""
-    increments = []
-    previous: dict[str, Any] | None = None
-    for snapshot in snapshots:
-        value = _number(snapshot.get("counters", {}).get(name))
-        t = float(snapshot["time"])
-        if previous is not None and not _new_process(previous, snapshot, name):
-            start, delta = float(previous["time"]), value - _number(previous.get("counters", {}).get(name))
-        else:
-            started = _number(snapshot.get("started_at"), t)
-            start = min(t, max(started, float(previous["time"]) if previous is not None else started))
-            delta = value
-        increments.append((start, t, delta))
-        previous = snapshot
-    return increments
-
-
-def _new_process(previous: dict[str, Any], snapshot: dict[str, Any], name: str) -> bool:
-    return previous.get("started_at") != snapshot.get("started_at") or _number(
-        snapshot.get("counters", {}).get(name)
-    ) < _number(previous.get("counters", {}).get(name))
-
-
-def _number(value: Any, default: float = 0.0) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+    """``WorkerSeries.increments`` of a list of snapshots, as tuples."""
+    begin, end, delta = WorkerSeries.of("?", snapshots).increments(name)
+    return [(float(b), float(e), float(d)) for b, e, d in zip(begin, end, delta, strict=True)]
 
 
 # -- binning ---------------------------------------------------------------------------------
@@ -128,127 +221,137 @@ class Grid:
     count: int
 
     @classmethod
-    def over(cls, series: dict[str, list[dict[str, Any]]], max_points: int = MAX_POINTS) -> Grid:
+    def over(cls, series: Iterable[WorkerSeries], max_points: int = MAX_POINTS) -> Grid:
         """A grid over the whole time of ``series``: at most ``max_points`` bins, none shorter
         than the workers' typical snapshot interval (so that every bin holds a snapshot)."""
-        times = [float(s["time"]) for snapshots in series.values() for s in snapshots]
-        starts = [_number(snapshots[0].get("started_at"), float(snapshots[0]["time"])) for snapshots in series.values()]
-        start = min(min(starts), min(times))
-        span = max(times) - start
-        gaps = [
-            float(b["time"]) - float(a["time"])
-            for snapshots in series.values()
-            for a, b in zip(snapshots, snapshots[1:], strict=False)
-            if a.get("started_at") == b.get("started_at") and b["time"] > a["time"]
-        ]
-        interval = statistics.median(gaps) if gaps else max(span, 1.0)
+        import numpy as np
+
+        series = list(series)
+        start = min(w.first_start for w in series)
+        span = max(float(w.time[-1]) for w in series) - start
+        gaps = np.concatenate([np.diff(w.time)[~w.new_process[1:]] for w in series])
+        gaps = gaps[gaps > 0]
+        interval = float(np.median(gaps)) if len(gaps) else max(span, 1.0)
         width = max(interval, span / max_points, 1e-3)
-        return cls(start, width, max(1, math.ceil(span / width + 1e-9)))
+        return cls(start, width, max(1, math.ceil(span / width - 1e-9)))
 
     def coarser(self, points: int) -> Grid:
         """The same span in at most ``points`` bins."""
         factor = max(1, math.ceil(self.count / points))
         return Grid(self.start, self.width * factor, math.ceil(self.count / factor))
 
-    def index(self, t: float) -> int:
-        return min(self.count - 1, max(0, int((t - self.start) / self.width)))
+    @property
+    def edges(self) -> np.ndarray:
+        import numpy as np
+
+        return self.start + self.width * np.arange(self.count + 1)
+
+    def index(self, t: np.ndarray) -> np.ndarray:
+        import numpy as np
+
+        return np.clip(((t - self.start) / self.width).astype(np.int64), 0, self.count - 1)
 
     def times_ms(self) -> tuple[float, float]:
         """The first bin's middle and the bins' spacing, in ms (plotly's date axis)."""
         return (self.start + self.width / 2) * 1000, self.width * 1000
 
 
-def bin_increments(grid: Grid, increments: Iterable[tuple[float, float, float]]) -> list[float | None]:
-    """Each bin's share of the increments, an increment spread evenly over its interval; None
-    for the bins no interval covers (no process of this worker was running)."""
-    sums: list[float | None] = [None] * grid.count
-    for start, end, delta in increments:
-        first, last = grid.index(start), grid.index(end)
-        if first == last or end <= start:
-            sums[last] = (sums[last] or 0.0) + delta
-            continue
-        for k in range(first, last + 1):
-            low = max(start, grid.start + k * grid.width)
-            high = min(end, grid.start + (k + 1) * grid.width)
-            if high > low:
-                sums[k] = (sums[k] or 0.0) + delta * (high - low) / (end - start)
-    return sums
+def _covered(grid: Grid, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Which bins some interval [begin, end] touches."""
+    import numpy as np
+
+    marks = np.zeros(grid.count + 1, dtype=np.int64)
+    np.add.at(marks, grid.index(begin), 1)
+    np.add.at(marks, grid.index(end) + 1, -1)
+    return np.cumsum(marks[:-1]) > 0
 
 
-def bin_samples(
-    grid: Grid, snapshots: list[dict[str, Any]], value: Callable[[dict[str, Any]], float | None], hold: bool = True
-) -> list[float | None]:
-    """The mean of each bin's samples (``value(snapshot)``; None: no sample); with ``hold``, a bin
-    with no sample between two of the same process keeps the last value."""
-    sums = [0.0] * grid.count
-    counts = [0] * grid.count
-    for snapshot in snapshots:
-        sample = value(snapshot)
-        if sample is not None:
-            k = grid.index(float(snapshot["time"]))
-            sums[k] += sample
-            counts[k] += 1
-    means: list[float | None] = [sums[k] / counts[k] if counts[k] else None for k in range(grid.count)]
-    if hold:
-        alive = [False] * grid.count  # between two snapshots of one process
-        for a, b in zip(snapshots, snapshots[1:], strict=False):
-            if a.get("started_at") == b.get("started_at") and not a.get("final"):
-                for k in range(grid.index(float(a["time"])), grid.index(float(b["time"])) + 1):
-                    alive[k] = True
-        for k in range(1, grid.count):
-            if means[k] is None and alive[k]:
-                means[k] = means[k - 1]
-    return means
+def _running_total(grid: Grid, increments: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """The counter's total over all processes at each bin edge, each increment spread evenly over
+    its interval (a piecewise-linear curve through the snapshots)."""
+    import numpy as np
+
+    begin, end, delta = increments
+    after = np.cumsum(delta)
+    knots_t = np.column_stack([begin, end]).ravel()
+    knots_v = np.column_stack([after - delta, after]).ravel()
+    return np.interp(grid.edges, knots_t, knots_v, left=0.0)
 
 
-def rates(sums: list[float | None], grid: Grid) -> list[float | None]:
-    return [None if s is None else s / grid.width for s in sums]
+def counter_rate(grid: Grid, worker: WorkerSeries, name: str) -> np.ndarray:
+    """Counter ``name`` per second in each bin; NaN where no process of the worker ran."""
+    import numpy as np
+
+    increments = worker.increments(name)
+    per_bin = np.diff(_running_total(grid, increments)) / grid.width
+    return np.where(_covered(grid, increments[0], increments[1]), per_bin, np.nan)
 
 
-def cumulative(sums: list[float | None]) -> list[float | None]:
-    """Running totals: None before the first data, then held (a finished worker's count stays in the sum)."""
-    total: float | None = None
-    out = []
-    for s in sums:
-        if s is not None:
-            total = (total or 0.0) + s
-        out.append(total)
-    return out
+def counter_total(grid: Grid, worker: WorkerSeries, name: str) -> np.ndarray:
+    """Counter ``name`` so far (all processes) at each bin's end; NaN before the worker's start."""
+    import numpy as np
+
+    increments = worker.increments(name)
+    started = grid.edges[1:] >= increments[0][0]
+    return np.where(started, _running_total(grid, increments)[1:], np.nan)
 
 
-def add(series: list[list[float | None]]) -> list[float | None]:
-    """The sum of several series, bin by bin, over those with a value there."""
-    total: list[float | None] = []
-    for values in zip(*series, strict=True):
-        present = [v for v in values if v is not None]
-        total.append(sum(present) if present else None)
-    return total
+def process_starts(grid: Grid, worker: WorkerSeries) -> np.ndarray:
+    """How many processes of the worker had started by each bin's end."""
+    import numpy as np
+
+    starts = np.cumsum(worker.new_process)
+    at = np.searchsorted(worker.time, grid.edges[1:], side="right")  # snapshots up to the bin's end
+    return np.where(at > 0, starts[np.maximum(at - 1, 0)], np.nan)
 
 
-def _gauge(name: str) -> Callable[[dict[str, Any]], float | None]:
-    def value(snapshot: dict[str, Any]) -> float | None:
-        found = snapshot.get("gauges", {}).get(name)
-        return _number(found) if found is not None else None
+def _bin_mean(grid: Grid, times: np.ndarray, values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """The (weighted) mean of the values in each bin; NaN for a bin with none."""
+    import numpy as np
 
-    return value
+    present = ~np.isnan(values)
+    if weights is not None:
+        present &= weights > 0
+    index = grid.index(times[present])
+    weight = weights[present] if weights is not None else np.ones(int(present.sum()))
+    sums = np.bincount(index, weights=values[present] * weight, minlength=grid.count)
+    counts = np.bincount(index, weights=weight, minlength=grid.count)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.where(counts > 0, counts, 1), np.nan)
 
 
-def weighted_latency(
-    grid: Grid, series: Iterable[list[dict[str, Any]]], percentile: str
-) -> list[float | None]:
+def gauge(grid: Grid, worker: WorkerSeries, name: str) -> np.ndarray:
+    """Gauge ``name``'s mean in each bin; a bin with no snapshot between two of one running
+    process keeps the last value (bins are about one snapshot interval wide)."""
+    import numpy as np
+
+    means = _bin_mean(grid, worker.time, worker.gauges[:, GAUGES.index(name)])
+    running = ~worker.new_process[1:] & ~worker.final[:-1]  # the pairs of snapshots of one running process
+    alive = _covered(grid, worker.time[:-1][running], worker.time[1:][running])
+    valid = ~np.isnan(means)
+    last = np.maximum.accumulate(np.where(valid, np.arange(grid.count), 0))  # the last bin with a value
+    return np.where(valid, means, np.where(alive, means[last], np.nan))
+
+
+def latency(grid: Grid, series: Iterable[WorkerSeries], percentile: str) -> np.ndarray:
     """A latency percentile per bin: the request-count-weighted mean of the workers' per-interval
     percentiles (an approximation: percentiles do not add up exactly)."""
-    sums = [0.0] * grid.count
-    counts = [0.0] * grid.count
-    for snapshots in series:
-        for snapshot in snapshots:
-            latency = snapshot.get("latency_sec") or {}
-            n, value = _number(latency.get("count")), latency.get(percentile)
-            if n > 0 and isinstance(value, int | float):
-                k = grid.index(float(snapshot["time"]))
-                sums[k] += n * value
-                counts[k] += n
-    return [sums[k] / counts[k] if counts[k] else None for k in range(grid.count)]
+    import numpy as np
+
+    series = list(series)
+    column = PERCENTILES.index(percentile)
+    times = np.concatenate([w.time for w in series])
+    values = np.concatenate([w.latency[:, column] for w in series])
+    weights = np.concatenate([w.latency_count for w in series])
+    return _bin_mean(grid, times, values, weights)
+
+
+def add(series: list[np.ndarray]) -> np.ndarray:
+    """The sum of several series, bin by bin, over those with a value there (NaN where none has)."""
+    import numpy as np
+
+    stacked = np.stack(series)
+    return np.where(np.isnan(stacked).all(axis=0), np.nan, np.nansum(stacked, axis=0))
 
 
 # -- what the plots show ------------------------------------------------------------------------
@@ -260,108 +363,87 @@ class Plot:
 
     title: str
     unit: str
-    totals: dict[str, list[float | None]] = field(default_factory=dict)
+    totals: dict[str, np.ndarray] = field(default_factory=dict)
     per_worker_label: str = ""
-    per_worker: dict[str, list[float | None]] = field(default_factory=dict)
+    per_worker: dict[str, np.ndarray] = field(default_factory=dict)
     note: str = ""
 
 
-def _counter_rate(grid: Grid, snapshots: list[dict[str, Any]], name: str) -> list[float | None]:
-    return rates(bin_increments(grid, counter_increments(snapshots, name)), grid)
+Metric = Callable[[Grid, WorkerSeries], "np.ndarray"]
 
 
-def _counter_total(grid: Grid, snapshots: list[dict[str, Any]], name: str) -> list[float | None]:
-    return cumulative(bin_increments(grid, counter_increments(snapshots, name)))
-
-
-def _process_starts(grid: Grid, snapshots: list[dict[str, Any]]) -> list[float | None]:
-    """Cumulative count of this worker's process starts (distinct ``started_at``)."""
-    increments, seen = [], None
-    for snapshot in snapshots:
-        t = float(snapshot["time"])
-        increments.append((t, t, 1.0 if snapshot.get("started_at") != seen else 0.0))
-        seen = snapshot.get("started_at")
-    return cumulative(bin_increments(grid, increments))
-
-
-def build_plots(series: dict[str, list[dict[str, Any]]], grid: Grid, worker_grid: Grid) -> list[Plot]:
+def build_plots(series: dict[str, WorkerSeries], grid: Grid, worker_grid: Grid) -> list[Plot]:
     """The report's plots of ``series``: totals on ``grid``, per-worker lines on ``worker_grid``."""
 
-    def total(metric: Callable[[Grid, list[dict[str, Any]]], list[float | None]]) -> list[float | None]:
-        return add([metric(grid, snapshots) for snapshots in series.values()])
+    def total(metric: Metric) -> np.ndarray:
+        return add([metric(grid, worker) for worker in series.values()])
 
-    def each(metric: Callable[[Grid, list[dict[str, Any]]], list[float | None]]) -> dict[str, list[float | None]]:
-        return {worker: metric(worker_grid, snapshots) for worker, snapshots in series.items()}
+    def each(metric: Metric) -> dict[str, np.ndarray]:
+        return {name: metric(worker_grid, worker) for name, worker in series.items()}
 
-    def counter_rate(name: str) -> Callable[[Grid, list[dict[str, Any]]], list[float | None]]:
-        return lambda g, s: _counter_rate(g, s, name)
+    def rate_of(name: str) -> Metric:
+        return lambda g, w: counter_rate(g, w, name)
 
-    def counter_total(name: str) -> Callable[[Grid, list[dict[str, Any]]], list[float | None]]:
-        return lambda g, s: _counter_total(g, s, name)
+    def total_of(name: str) -> Metric:
+        return lambda g, w: counter_total(g, w, name)
 
-    def gauge(name: str) -> Callable[[Grid, list[dict[str, Any]]], list[float | None]]:
-        return lambda g, s: bin_samples(g, s, _gauge(name))
-
-    def latency(percentile: str) -> Callable[[Grid, list[dict[str, Any]]], list[float | None]]:
-        return lambda g, s: weighted_latency(g, [s], percentile)
+    def gauge_of(name: str) -> Metric:
+        return lambda g, w: gauge(g, w, name)
 
     return [
         Plot(
             "Documents per second",
             "docs/s",
-            {"documents/s": total(counter_rate("documents_processed"))},
+            {"documents/s": total(rate_of("documents_processed"))},
             "documents/s",
-            each(counter_rate("documents_processed")),
+            each(rate_of("documents_processed")),
         ),
         Plot(
             "Tokens per second",
             "tokens/s",
             {
-                "completion tokens/s": total(counter_rate("completion_tokens")),
-                "prompt tokens/s": total(counter_rate("prompt_tokens")),
+                "completion tokens/s": total(rate_of("completion_tokens")),
+                "prompt tokens/s": total(rate_of("prompt_tokens")),
             },
             "completion tokens/s",
-            each(counter_rate("completion_tokens")),
+            each(rate_of("completion_tokens")),
         ),
         Plot(
             "Requests in flight",
             "requests",
             {
-                "in flight": total(gauge("requests_in_flight")),
-                "pending (in flight or waiting)": total(gauge("requests_pending")),
-                "concurrency limit": total(gauge("concurrency_limit")),
+                "in flight": total(gauge_of("requests_in_flight")),
+                "pending (in flight or waiting)": total(gauge_of("requests_pending")),
+                "concurrency limit": total(gauge_of("concurrency_limit")),
             },
             "in flight",
-            each(gauge("requests_in_flight")),
+            each(gauge_of("requests_in_flight")),
         ),
         Plot(
             "Request latency",
             "seconds",
-            {f"{p}": weighted_latency(grid, series.values(), p) for p in ("p50", "p90", "p99")},
+            {p: latency(grid, series.values(), p) for p in PERCENTILES},
             "p90",
-            each(latency("p90")),
+            each(lambda g, w: latency(g, [w], "p90")),
             "Totals: each worker's percentile over its interval, weighted by its requests (an approximation).",
         ),
         Plot(
             "Errors (cumulative)",
             "count",
             {
-                "documents failed": total(counter_total("documents_failed")),
-                "requests failed": total(counter_total("requests_failed")),
-                "requests retried": total(counter_total("requests_retried")),
+                "documents failed": total(total_of("documents_failed")),
+                "requests failed": total(total_of("requests_failed")),
+                "requests retried": total(total_of("requests_retried")),
             },
             "requests failed",
-            each(counter_total("requests_failed")),
+            each(total_of("requests_failed")),
         ),
         Plot(
             "Restarts (cumulative)",
             "count",
-            {
-                "server restarts": total(counter_total("server_restarts")),
-                "worker processes started": total(_process_starts),
-            },
+            {"server restarts": total(total_of("server_restarts")), "worker processes started": total(process_starts)},
             "server restarts",
-            each(counter_total("server_restarts")),
+            each(total_of("server_restarts")),
         ),
     ]
 
@@ -369,67 +451,78 @@ def build_plots(series: dict[str, list[dict[str, Any]]], grid: Grid, worker_grid
 # -- the page -------------------------------------------------------------------------------
 
 
-def _require_plotly() -> Any:
-    try:
-        import plotly
-    except ImportError:
-        raise ConfigError(f"infermill report draws its plots with plotly, which is not installed: {INSTALL_HINT}")
-    return plotly
+def _round(values: np.ndarray) -> list[float | None]:
+    """Four significant digits, None for no value: the page stays small, the plot looks the same."""
+    return [None if math.isnan(v) else float(f"{v:.4g}") for v in values.tolist()]
 
 
-def _round(values: list[float | None]) -> list[float | None]:
-    """Four significant digits: the page stays small, the plot looks the same."""
-    return [None if v is None else float(f"{v:.4g}") for v in values]
+#: the totals' colours: dark and distinct from the per-worker lines' palette
+TOTAL_COLORS = ("#1b1b1b", "#d62728", "#1f5fbf")
 
 
 def _figure_html(plot: Plot, grid: Grid, worker_grid: Grid) -> str:
-    import plotly.graph_objects as go
+    """The plot as an HTML fragment (a div and its ``Plotly.newPlot`` call; plotly.js is on the
+    page once). The figure is built as plain data: plotly's validation costs seconds for
+    hundreds of traces, and these traces are plotly's documented attributes."""
     import plotly.io
 
-    figure = go.Figure()
+    traces: list[dict[str, Any]] = []
     x0, dx = worker_grid.times_ms()
     visible: bool | str = True if len(plot.per_worker) <= VISIBLE_WORKERS else "legendonly"
     for worker, values in plot.per_worker.items():
-        figure.add_trace(
-            go.Scatter(
-                x0=x0,
-                dx=dx,
-                y=_round(values),
-                name=worker,
-                mode="lines",
-                line={"width": 1},
-                opacity=0.7,
-                visible=visible,
-                legendgroup="workers",
-                legendgrouptitle_text=f"per worker: {plot.per_worker_label}",
-            )
+        traces.append(
+            {
+                "type": "scatter",
+                "x0": x0,
+                "dx": dx,
+                "y": _round(values),
+                "name": worker,
+                "mode": "lines",
+                "line": {"width": 1},
+                "opacity": 0.7,
+                "visible": visible,
+                "legendgroup": "workers",
+                "legendgrouptitle": {"text": f"per worker: {plot.per_worker_label}"},
+            }
         )
     x0, dx = grid.times_ms()
-    for name, values in plot.totals.items():
-        figure.add_trace(
-            go.Scatter(
-                x0=x0,
-                dx=dx,
-                y=_round(values),
-                name=name,
-                mode="lines",
-                line={"width": 2.5},
-                legendgroup="total",
-                legendgrouptitle_text="all workers",
-            )
+    for (name, values), color in zip(plot.totals.items(), TOTAL_COLORS, strict=False):
+        traces.append(
+            {
+                "type": "scatter",
+                "x0": x0,
+                "dx": dx,
+                "y": _round(values),
+                "name": name,
+                "mode": "lines",
+                "line": {"width": 2.5, "color": color},
+                "legendgroup": "total",
+                "legendgrouptitle": {"text": "all workers"},
+            }
         )
-    figure.update_layout(
-        title={"text": plot.title},
-        xaxis={"type": "date", "title": {"text": "time (UTC)"}},
-        yaxis={"title": {"text": plot.unit}, "rangemode": "tozero"},
-        height=420,
-        margin={"l": 60, "r": 20, "t": 50, "b": 50},
-        legend={"groupclick": "toggleitem"},
-        template="plotly_white",
-    )
+    layout = {
+        "template": _template(),
+        "title": {"text": plot.title},
+        "xaxis": {"type": "date", "title": {"text": "time (UTC)"}},
+        "yaxis": {"title": {"text": plot.unit}, "rangemode": "tozero"},
+        "height": 420,
+        "margin": {"l": 60, "r": 20, "t": 50, "b": 50},
+        "legend": {"groupclick": "toggleitem"},
+    }
     return plotly.io.to_html(
-        figure, include_plotlyjs=False, full_html=False, config={"displaylogo": False, "responsive": True}
+        {"data": traces, "layout": layout},
+        include_plotlyjs=False,
+        full_html=False,
+        validate=False,
+        config={"displaylogo": False, "responsive": True},
     )
+
+
+def _template() -> dict[str, Any]:
+    import plotly.io
+
+    template: dict[str, Any] = plotly.io.templates["plotly_white"].to_plotly_json()
+    return template
 
 
 STYLE = """
@@ -451,10 +544,12 @@ def _when(t: float | None) -> str:
 
 
 def _duration(seconds: float | None) -> str:
+    """``1d 2:03:04``, ``0:05:00``; under a minute, ``4.2 s``."""
     if seconds is None:
         return "-"
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    days, rest = divmod(round(seconds), 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
     text = f"{hours:d}:{minutes:02d}:{secs:02d}"
@@ -485,41 +580,19 @@ def _grid_table(header: list[str], rows: list[list[Any]]) -> str:
 # -- the job's summary ----------------------------------------------------------------------------
 
 
-COUNTERS = (
-    "documents_processed",
-    "documents_failed",
-    "documents_skipped",
-    "documents_resumed",
-    "documents_written",
-    "requests_ok",
-    "requests_failed",
-    "requests_retried",
-    "prompt_tokens",
-    "completion_tokens",
-    "server_restarts",
-    "units_done",
-)
-
-
-def counter_sum(snapshots: list[dict[str, Any]], name: str) -> float:
-    """A counter's total over every process of one worker (its restarts added up)."""
-    return sum(delta for _, _, delta in counter_increments(snapshots, name))
-
-
-def worker_rows(series: dict[str, list[dict[str, Any]]]) -> list[list[Any]]:
+def worker_rows(series: dict[str, WorkerSeries]) -> list[list[Any]]:
     """One row per worker: where it ran, when, and its counters summed over its processes."""
     rows = []
-    for worker, snapshots in series.items():
-        last = snapshots[-1]
-        sums = {name: int(counter_sum(snapshots, name)) for name in COUNTERS}
+    for worker in series.values():
+        sums = {name: worker.total(name) for name in COUNTERS}
         rows.append(
             [
-                worker,
-                str(last.get("host", "?")),
-                len({s.get("started_at") for s in snapshots}),
-                _when(_number(snapshots[0].get("started_at"), snapshots[0]["time"])),
-                _when(last["time"]),
-                "finished" if last.get("final") else "running or stopped",
+                worker.worker,
+                worker.host,
+                worker.processes,
+                _when(worker.first_start),
+                _when(float(worker.time[-1])),
+                "finished" if worker.final[-1] else "running or stopped",
                 sums["documents_processed"],
                 sums["documents_failed"],
                 sums["requests_ok"],
@@ -560,7 +633,7 @@ class JobSummary:
     failures: list[str]
 
 
-def job_summary(layout: JobLayout, output: str, series: dict[str, list[dict[str, Any]]]) -> JobSummary:
+def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries]) -> JobSummary:
     """The job's identity and summary from its stats, its queue (or its checkpoints, for a job of
     static ranks) and its time series."""
     from infermill.queue import WorkQueue
@@ -569,12 +642,12 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, list[dict[str,
     stats = read_stats(layout)
     worker_stats = _worker_stats(layout)
     models = sorted({str(s["model"]) for s in worker_stats if s.get("model")})
-    hosts = sorted({str(s["host"]) for snapshots in series.values() for s in snapshots if s.get("host")})
+    hosts = sorted({worker.host for worker in series.values()})
     started = stats.get("started_at")
     if series:
-        first = min(_number(s[0].get("started_at"), s[0]["time"]) for s in series.values())
+        first = min(worker.first_start for worker in series.values())
         started = min(started, first) if isinstance(started, int | float) else first
-    last_seen = max((float(s[-1]["time"]) for s in series.values()), default=None)
+    last_seen = max((float(worker.time[-1]) for worker in series.values()), default=None)
     identity: list[tuple[str, Any]] = [
         ("output", output),
         ("model", ", ".join(models) or "not recorded (stats of this job's worker runs name none)"),
@@ -598,7 +671,9 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, list[dict[str,
             if status.units_done == status.units_total
             else "running"
             if status.units_in_progress
-            else "failed units" if status.units_failed else "stopped (incomplete)"
+            else "failed units"
+            if status.units_failed
+            else "stopped (incomplete)"
         )
         of_total = f" of {status.documents_total:,}" if status.documents_total is not None else ""
         summary += [
@@ -643,7 +718,7 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, list[dict[str,
     elif series:
         summary.append(("stats.json", "not written yet (it is written when a worker run ends): see the plots"))
     if series:
-        live = {name: int(sum(counter_sum(s, name) for s in series.values())) for name in COUNTERS}
+        live = {name: sum(worker.total(name) for worker in series.values()) for name in COUNTERS}
         summary.append(
             (
                 "time series (every snapshot, all workers)",
@@ -679,7 +754,7 @@ def _add_counts(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
 def write_report(layout: JobLayout, output: str, destination: Path, max_points: int = MAX_POINTS) -> Path:
     """Write the job's report (see the module docstring) to ``destination``; return it. Raise
     ``ConfigError`` when plotly is missing or ``layout`` holds no job."""
-    _require_plotly()
+    _require()
     from plotly.offline import get_plotlyjs
 
     if not (layout.queue / "plan.json").exists() and not layout.ranks() and not layout.stats_files():
@@ -698,7 +773,8 @@ def write_report(layout: JobLayout, output: str, destination: Path, max_points: 
         _table(job.summary),
     ]
     if job.failures:
-        parts.append("<h3>Failed units</h3><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in job.failures) + "</ul>")
+        items = "".join(f"<li>{html.escape(failure)}</li>" for failure in job.failures)
+        parts.append(f"<h3>Failed units</h3><ul>{items}</ul>")
     parts.append("<h2>Over time</h2>")
     if not series:
         parts.append(
@@ -708,12 +784,12 @@ def write_report(layout: JobLayout, output: str, destination: Path, max_points: 
             "resume the job with this infermill to record one, then run <code>infermill report</code> again.</p>"
         )
     else:
-        grid = Grid.over(series, max_points)
+        grid = Grid.over(series.values(), max_points)
         points = max(MIN_WORKER_POINTS, min(max_points, WORKER_POINTS_BUDGET // len(series)))
         worker_grid = grid.coarser(points)
         hidden = len(series) > VISIBLE_WORKERS
         parts.append(
-            f'<p class="note">{len(series)} worker(s); one point per {_duration(grid.width)} (h:mm:ss) for the '
+            f'<p class="note">{len(series)} worker(s); one point per {_duration(grid.width)} for the '
             f"totals (all workers added up), per {_duration(worker_grid.width)} for each worker. "
             + (
                 "Per-worker lines are hidden: click a worker in a legend to show it, double-click to show it alone."
@@ -730,9 +806,7 @@ def write_report(layout: JobLayout, output: str, destination: Path, max_points: 
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>infermill report: {html.escape(output)}</title><style>{STYLE}</style>"
-        f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
-        + "\n".join(parts)
-        + "</body></html>\n"
+        f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>' + "\n".join(parts) + "</body></html>\n"
     )
     destination.parent.mkdir(parents=True, exist_ok=True)
     temp = destination.with_name(f".{destination.name}.tmp")
@@ -741,4 +815,4 @@ def write_report(layout: JobLayout, output: str, destination: Path, max_points: 
     return destination
 
 
-__all__ = ["Grid", "counter_increments", "load_series", "read_series", "write_report"]
+__all__ = ["Grid", "WorkerSeries", "counter_increments", "load_series", "read_series", "write_report"]
