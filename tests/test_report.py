@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html.parser
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ import orjson
 import pytest
 
 from conftest import PYTHON
+from helpers import FAULTY_SERVER, wait_until
 from infermill.layout import JobLayout
 from infermill.report import (
     MAX_POINTS,
@@ -35,7 +37,7 @@ from infermill.report import (
     read_series,
     write_report,
 )
-from test_cli import assert_nothing_left, cli_env, infermill, job_spec, output_of, write_job
+from test_cli import TIMEOUT, assert_nothing_left, cli_env, infermill, job_spec, output_of, write_job
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -318,6 +320,30 @@ def test_report_of_a_real_job_plots_each_worker_and_the_total_and_renders_in_chr
     rows = png_rows(screenshot)
     plots = rows[len(rows) // 3 :]  # below the tables: the plots
     assert len(set(plots)) > 200, f"the screenshot is blank where the plots are ({len(set(plots))} kinds of rows)"
+    assert_nothing_left()
+
+
+def test_report_of_a_running_job_gives_its_state_and_eta(tmp_path):
+    # 12 units of 5 documents, 2 at a time, 0.2 s each: about 6 s; the report is written after the first unit
+    faulty = {"server_script": str(FAULTY_SERVER), "directives": "sleep:0.2"}
+    spec = job_spec(tmp_path, model_kwargs=faulty, max_concurrent_generations=2)
+    spec["checkpoint"]["records_per_chunk"] = 5
+    job = write_job(tmp_path, spec)
+    units = tmp_path / "out" / "_infermill" / "queue" / "units"
+    run = subprocess.Popen([PYTHON, "-m", "infermill", "run", str(job)], cwd=tmp_path, env=cli_env(tmp_path),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_until(lambda: units.is_dir() and any(units.glob("*.done")), TIMEOUT, "the first unit to be committed")
+        result = infermill(tmp_path, "report", str(tmp_path / "out"))
+    finally:
+        run.send_signal(signal.SIGINT)
+        run.communicate(timeout=TIMEOUT)
+    assert result.returncode == 0, output_of(result)
+    text = (tmp_path / "out" / "_infermill" / "report.html").read_text()
+    assert "<th>state</th><td>running</td>" in text, text[-3000:]
+    eta = re.search(r"<th>ETA</th><td>([^<]+)</td>", text)
+    assert eta and eta.group(1) != "-", text[-3000:]
+    assert "of 60" in text  # documents done of the plan's total
     assert_nothing_left()
 
 

@@ -482,6 +482,7 @@ def _figure_html(plot: Plot, grid: Grid, worker_grid: Grid) -> str:
                 "opacity": 0.7,
                 "visible": visible,
                 "legendgroup": "workers",
+                "legendrank": 2000,  # below the totals, which stay in view above a long list of workers
                 "legendgrouptitle": {"text": f"per worker: {plot.per_worker_label}"},
             }
         )
@@ -497,6 +498,7 @@ def _figure_html(plot: Plot, grid: Grid, worker_grid: Grid) -> str:
                 "mode": "lines",
                 "line": {"width": 2.5, "color": color},
                 "legendgroup": "total",
+                "legendrank": 1000,
                 "legendgrouptitle": {"text": "all workers"},
             }
         )
@@ -661,8 +663,8 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
     summary: list[tuple[str, Any]] = []
     failures: list[str] = []
     if (layout.queue / "plan.json").exists():
-        status = WorkQueue.for_layout(layout).status()
-        plan = WorkQueue.for_layout(layout).plan() or {}
+        queue = WorkQueue.for_layout(layout)
+        status, plan = queue.status(), queue.plan() or {}
         inputs = (plan.get("identity") or {}).get("input", {}).get("path")
         if inputs:
             identity.insert(1, ("input", inputs))
@@ -699,6 +701,7 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
             stats = _add_counts(stats, _read_json(path))
     if stats:
         summary += [
+            ("counts below", "stats.json: the worker runs that ended"),
             ("documents processed", stats.get("documents_processed")),
             ("documents written", stats.get("documents_written")),
             ("documents failed", stats.get("documents_failed")),
