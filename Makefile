@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # elsewhere set TORCH=torch, or add PyTorch's CPU index to pip's configuration.
 TORCH ?= torch==2.13.0+cpu
 
-.PHONY: test lint format install quickstart clean
+.PHONY: test lint format install quickstart clean chromium
 LINTED := src tests benchmarks examples
 
 $(BIN)/python:
@@ -44,7 +44,14 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix $(LINTED)
 	$(BIN)/ruff format $(LINTED)
 
-test: $(VENV)/.installed-dev $(VENV)/.installed-model
+# Debian's chromium, for tests/test_report.py (it opens `infermill report`'s page headless);
+# where it cannot be installed (no root, no apt), that test is skipped and says why
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) || \
+		echo "chromium could not be installed: tests/test_report.py's browser test will be skipped"
+
+test: $(VENV)/.installed-dev $(VENV)/.installed-model chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -1,4 +1,4 @@
-"""The ``infermill`` command: run, serve, check and status."""
+"""The ``infermill`` command: run, serve, check, status and report."""
 
 from __future__ import annotations
 
@@ -667,6 +667,39 @@ def _job_rate(layout: Any) -> tuple[Any, list[dict[str, Any]], str]:
 
 def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option(
+    "--checkpoints",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="The checkpoint folder, when it is not OUTPUT/_infermill/checkpoints.",
+)
+@click.option(
+    "-o",
+    "--output-file",
+    "destination",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the page (default: OUTPUT/_infermill/report.html).",
+)
+def report(output: str, checkpoints: str | None, destination: str | None) -> None:
+    """Write one self-contained HTML page of a job: its summary and plots over time of its workers'
+    docs/s, tokens/s, requests in flight, latency, errors and restarts (opens with no network)."""
+    from pathlib import Path
+
+    from infermill.layout import JobLayout
+    from infermill.report import write_report
+
+    try:
+        layout = JobLayout.for_output(output, checkpoints)
+        written = write_report(layout, output, Path(destination) if destination else layout.root / "report.html")
+    except ConfigError as e:
+        _error(e)
+        raise SystemExit(EXIT_USAGE) from None
+    click.echo(f"report written: {written}")
 
 
 def _queue_status(layout: Any, output: str, as_json: bool) -> None:

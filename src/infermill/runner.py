@@ -391,7 +391,12 @@ class InferenceRunner:
         finally:
             self._runs.remove(run)
             run.stats.inference_time_sec = time.perf_counter() - run.started
-            stats = {**run.stats.to_dict(), "queue_time_sec": round(queue.seconds, 3), "worker": queue.worker_id}
+            stats = {
+                **run.stats.to_dict(),
+                "queue_time_sec": round(queue.seconds, 3),
+                "worker": queue.worker_id,
+                "model": self.config.model_name_or_path,  # named by `infermill report`
+            }
             try:
                 journal.close(release=stopped_on_request)
             finally:

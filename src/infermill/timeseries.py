@@ -89,30 +89,41 @@ class SeriesWriter:
 
 
 def read_series(folder: str | os.PathLike[str]) -> dict[str, list[dict[str, Any]]]:
-    """Every worker's snapshots in ``folder`` (``JobLayout.metrics``), keyed by worker id, in the
-    order written; lines that are not a whole JSON object (a torn last line) are skipped. An
-    absent folder has none."""
-    series: dict[str, list[dict[str, Any]]] = {}
-    try:
-        paths = sorted(Path(folder).glob("*.jsonl"))
-    except OSError:
-        return series
-    for path in paths:
-        try:
-            data = path.read_bytes()
-        except OSError:  # thinned (renamed over) or removed meanwhile
-            continue
-        snapshots = []
-        for line in data.splitlines():
-            try:
-                snapshot = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(snapshot, dict) and isinstance(snapshot.get("time"), (int, float)):
-                snapshots.append(snapshot)
+    """Every worker's snapshots in ``folder`` (``JobLayout.metrics``), keyed by worker id (see
+    :func:`read_worker_series`). An absent folder has none."""
+    series = {}
+    for path in series_files(folder):
+        snapshots = read_worker_series(path)
         if snapshots:
             series[path.stem] = snapshots
     return series
+
+
+def series_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The workers' series files in ``folder``, in name order (a writer's temporary file left out)."""
+    try:
+        return sorted(path for path in Path(folder).glob("*.jsonl") if not path.name.startswith("."))
+    except OSError:
+        return []
+
+
+def read_worker_series(path: Path) -> list[dict[str, Any]]:
+    """One worker's snapshots, in time order; lines that are not a whole snapshot (a torn last
+    line) are skipped. A file that cannot be read (thinned or removed meanwhile) has none."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    snapshots = []
+    for line in data.splitlines():
+        try:
+            snapshot = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(snapshot, dict) and isinstance(snapshot.get("time"), int | float):
+            snapshots.append(snapshot)
+    snapshots.sort(key=lambda snapshot: snapshot["time"])
+    return snapshots
 
 
 def worker_rates(
