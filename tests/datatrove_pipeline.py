@@ -3,20 +3,30 @@ datatrove's (the one changed import). Run by tests/test_datatrove.py in its own 
 
     python datatrove_pipeline.py INPUT OUTPUT CHECKPOINTS LOGS [--delay SEC] [--writer datatrove|infermill]
                                  [--media] [--faulty-stats PATH]
+                                 [--executor local | --executor slurm --partition P --job-name N
+                                  | --executor ray --ray-address HOST:PORT]
 
 ``--writer infermill``: infermill's own JsonlWriter instead of datatrove's. ``--media``: each
 document gets a media item with bytes of its own (a step between the reader and the runner).
 ``--faulty-stats``: the faulty test server (its request counters in PATH) instead of the dummy
-one, with ``skip_bad_requests`` (a document whose text holds ``fail400`` is rejected), in one task."""
+one, with ``skip_bad_requests`` (a document whose text holds ``fail400`` is rejected), in one task.
+``--executor``: datatrove's executor, configured as a user configures it for the test cluster:
+``slurm`` submits the array (its job, and datatrove's stats-merging job, named ``--job-name``) with
+sbatch and returns; the job's environment is this one (sbatch's ``--export=ALL``: ``PYTHONPATH``
+finds infermill), the venv beside this interpreter activated. ``ray`` runs the tasks on the Ray
+cluster at ``--ray-address``, their environment carrying this one's ``PYTHONPATH`` (and the tests'
+tag, so that a process left behind is found)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sys
 from pathlib import Path
 
 from datatrove.data import Media, MediaType
-from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
@@ -59,6 +69,10 @@ def main() -> None:
     p.add_argument("--writer", choices=["datatrove", "infermill"], default="datatrove")
     p.add_argument("--media", action="store_true")
     p.add_argument("--faulty-stats")
+    p.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+    p.add_argument("--partition")
+    p.add_argument("--job-name", default="infermill-datatrove")
+    p.add_argument("--ray-address")
     args = p.parse_args()
 
     server: dict = {"server_type": "dummy", "model_name_or_path": "dummy-model"}
@@ -80,24 +94,43 @@ def main() -> None:
         writer = InfermillJsonlWriter(args.output, output_filename="${rank}_chunk_${chunk_index}.jsonl.gz")
     else:
         writer = JsonlWriter(args.output, output_filename="${rank}_chunk_${chunk_index}.jsonl", save_media_bytes=True)
-    LocalPipelineExecutor(
-        pipeline=[
-            JsonlReader(args.input),
-            *([add_media] if args.media else []),
-            InferenceRunner(
-                rollout_fn=rollout,
-                config=config,
-                output_writer=writer,
-                shared_context={"delay": args.delay},
-                checkpoints_local_dir=args.checkpoints,
-                records_per_chunk=3,
-                skip_bad_requests=bool(args.faulty_stats),
-            ),
-        ],
-        tasks=1 if args.faulty_stats else 2,  # one server: its counters in one file
-        logging_dir=args.logs,
-    ).run()
+    pipeline = [
+        JsonlReader(args.input),
+        *([add_media] if args.media else []),
+        InferenceRunner(
+            rollout_fn=rollout,
+            config=config,
+            output_writer=writer,
+            shared_context={"delay": args.delay},
+            checkpoints_local_dir=args.checkpoints,
+            records_per_chunk=3,
+            skip_bad_requests=bool(args.faulty_stats),
+        ),
+    ]
+    tasks = 1 if args.faulty_stats else 2  # one server: its counters in one file
+    if args.executor == "slurm":
+        SlurmPipelineExecutor(
+            pipeline=pipeline,
+            tasks=tasks,
+            time="00:10:00",
+            partition=args.partition,
+            job_name=args.job_name,
+            qos="",  # a cluster without accounting has no QOS to name (datatrove's default: "normal")
+            mem_per_cpu_gb=1,
+            venv_path=str(Path(sys.executable).parent / "activate"),
+            logging_dir=args.logs,
+        ).run()
+    elif args.executor == "ray":
+        import ray
 
+        env_vars = {name: os.environ[name] for name in ("PYTHONPATH", "INFERMILL_TEST_TAG") if name in os.environ}
+        ray.init(address=args.ray_address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+        try:
+            RayPipelineExecutor(pipeline=pipeline, tasks=tasks, mem_per_cpu_gb=1, logging_dir=args.logs).run()
+        finally:
+            ray.shutdown()
+    else:
+        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=args.logs).run()
 
 if __name__ == "__main__":
     main()

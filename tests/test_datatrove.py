@@ -65,11 +65,13 @@ def read_output(folder) -> list[dict]:
 PIPELINE = Path(__file__).parent / "datatrove_pipeline.py"
 
 
-def run_pipeline(tmp_path, *options: str, **popen) -> subprocess.Popen:
+def run_pipeline(tmp_path, *options: str, env_extra: dict[str, str] | None = None, **popen) -> subprocess.Popen:
     """The datatrove script (tests/datatrove_pipeline.py, with its ``options``) in its own process:
-    the executor's forkserver and resource tracker end with it."""
+    the executor's forkserver and resource tracker end with it. Its environment: this one, infermill's
+    source first on ``PYTHONPATH``, and ``env_extra``."""
     folders = [str(tmp_path / name) for name in ("in", "out", "ckpt", "logs")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env.update(env_extra or {})
     return subprocess.Popen([sys.executable, str(PIPELINE), *folders, *options], env=env, **popen)
 
 
@@ -107,10 +109,30 @@ def check_output(out, writer: str = "datatrove", media: bool = False) -> None:
             assert base64.b64decode(item["media_bytes"]) == media_bytes(record["id"])  # every byte, as it was
 
 
+def check_datatrove_run(tmp_path, logs: str = "") -> None:
+    """After ``run_pipeline`` with two tasks under an executor: every document once (``check_output``),
+    each rank marked complete by the executor, its stats in infermill's file and datatrove's."""
+    check_output(tmp_path / "out")
+    folder = tmp_path / "logs"
+    assert sorted(p.name for p in (folder / "completions").iterdir()) == ["00000", "00001"], logs[-4000:]
+    for rank in range(2):
+        stats = orjson.loads((tmp_path / "out" / "_infermill" / f"stats_rank_{rank:05d}.json").read_bytes())
+        assert (stats["documents_read"], stats["documents_written"], stats["documents_empty"]) == (7, 6, 1), stats
+        assert stats["requests_ok"] == 6 and stats["documents_failed"] == 0, stats
+        # the executor's stats of the rank: the reader's and the runner's, the same counts as infermill's
+        reader, runner = orjson.loads((folder / "stats" / f"{rank:05d}.json").read_bytes())
+        assert (reader["stats"]["documents"]["total"], runner["name"]) == (7, "Model call: Inference 🔍"), runner
+        counts = {key: runner["stats"][key]["total"] for key in ("documents_read", "documents_written", "requests_ok")}
+        assert counts == {"documents_read": 7, "documents_written": 6, "requests_ok": 6}, runner
+        assert 0 < runner["stats"]["inference_time"]["total"] == stats["inference_time_sec"] < 60, runner
+    _, merged = orjson.loads((folder / "stats.json").read_bytes())  # the executor's sum of the ranks'
+    assert (merged["stats"]["documents_written"]["total"], merged["stats"]["documents_written"]["n"]) == (12, 2)
+
+
 def test_a_datatrove_pipeline_with_two_tasks_writes_every_document_once(tmp_path):
     write_input(tmp_path / "in", 7)
     assert run_pipeline(tmp_path).wait(timeout=120) == 0
-    check_output(tmp_path / "out")
+    check_datatrove_run(tmp_path)
 
 
 @pytest.mark.parametrize("writer", ["datatrove", "infermill"])

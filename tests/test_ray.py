@@ -268,3 +268,17 @@ def test_a_ray_address_where_nothing_answers_is_one_line_at_once(tmp_path):
         result
     )
     assert time.monotonic() - started < 30  # not Ray's minutes of retries
+
+
+def test_a_datatrove_pipeline_under_datatroves_ray_executor_writes_every_document_once(tmp_path, ray_head):
+    """The runner as a step of a datatrove pipeline run by datatrove's ``RayPipelineExecutor`` on
+    the fixture's head (2 tasks): the runner and its config go to the Ray workers pickled, each
+    task's server is started and stopped there, every document once, each rank's stats."""
+    from test_datatrove import check_datatrove_run, run_pipeline, write_input  # skips without datatrove
+
+    write_input(tmp_path / "in", 7)
+    started = time.monotonic()
+    proc = run_pipeline(tmp_path, "--executor", "ray", "--ray-address", ray_head, env_extra=NO_AUTH)
+    assert proc.wait(timeout=TIMEOUT) == 0
+    print(f"datatrove's Ray executor: 2 tasks done in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    check_datatrove_run(tmp_path)

@@ -291,3 +291,27 @@ def test_ctrl_c_while_waiting_stops_the_waiting_only_and_says_how_to_cancel(tmp_
         "the array to end",
         interval=0.5,
     )
+
+
+def test_a_datatrove_pipeline_under_datatroves_slurm_executor_writes_every_document_once(tmp_path, slurm):
+    """The runner as a step of a datatrove pipeline that datatrove's ``SlurmPipelineExecutor``
+    submits (an array of 2 tasks, and its job merging the stats): each task's server started and
+    stopped under slurmstepd, every document once, each rank's stats in infermill's and datatrove's."""
+    from test_datatrove import check_datatrove_run, run_pipeline, write_input  # skips without datatrove
+
+    write_input(tmp_path / "in", 7)
+    partition = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()[0]
+    name = f"infermill-dt-{tmp_path.name}"
+    started = time.monotonic()
+    submit = run_pipeline(tmp_path, "--executor", "slurm", "--partition", partition.rstrip("*"), "--job-name", name)
+    assert submit.wait(timeout=60) == 0  # submitted: datatrove returns at once
+    queued = ["squeue", "-h", "-n", name, "-o", "%i %T"]
+    wait_until(
+        lambda: not subprocess.run(queued, capture_output=True, text=True).stdout.strip(),
+        TIMEOUT,
+        "the array and the stats job to leave the queue",
+        interval=0.5,
+    )
+    print(f"datatrove's Slurm array of 2 tasks done in {time.monotonic() - started:.1f} s")
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs" / "slurm_logs").glob("*.out")))
+    check_datatrove_run(tmp_path, logs)

@@ -18,6 +18,10 @@ output one chunk: the runner allows it without ``checkpoints_local_dir``, as dat
 A record's media bytes are base64 text in the journal (as infermill's writers write them);
 :func:`to_datatrove_document` gives the datatrove writer bytes again.
 
+:func:`step_stats` gives a rank's stats as a datatrove ``Stats``: what the runner holds as a
+pipeline step's ``stats`` for datatrove's executors to save with the other steps' (each rank's
+``stats/NNNNN.json``, merged in ``stats.json``).
+
 This module imports datatrove only when a datatrove writer is used; importing infermill never
 imports it.
 """
@@ -111,6 +115,22 @@ class DatatroveWriter(OutputWriter):
         chunk = "*" if chunk_index is None else f"{chunk_index:05d}"
         for path in folder.glob(f"{TEMP_FOLDER}/{rank:05d}_{chunk}_????????"):
             folder.rm(path, recursive=True)
+
+
+def step_stats(name: str, stats: dict[str, Any]) -> Any:
+    """A rank's ``stats`` (as :meth:`InferenceRunner.run` returns them) as a datatrove ``Stats``
+    named ``name``: each count as a per-task total (datatrove's merge sums them and shows the mean
+    per task), the inference time as datatrove's runner keeps it (``inference_time``, seconds)."""
+    from datatrove.utils.stats import Stats, TimingStats
+
+    result = Stats(name)
+    for key, value in stats.items():
+        if type(value) is int:  # counts; not rates, times or per-replica lists
+            result[key].update(value, unit="task")
+    timing = TimingStats(unit="seconds")
+    timing.update(float(stats.get("inference_time_sec", 0.0)))
+    result.stats["inference_time"] = timing
+    return result
 
 
 def to_datatrove_document(record: dict[str, Any]) -> Any:

@@ -184,6 +184,9 @@ class InferenceRunner:
 
     name = "Inference 🔍"  # what datatrove's executors show for a step
     type = "Model call"
+    #: the last rank's stats as a datatrove ``Stats``, once run as a datatrove step (absent before:
+    #: datatrove's executors save the stats of the steps that have them)
+    stats: Any
 
     def __init__(
         self,
@@ -243,13 +246,20 @@ class InferenceRunner:
         self, data: Iterable[Any] | AsyncIterable[Any] | None = None, rank: int = 0, world_size: int = 1
     ) -> None:
         """A datatrove pipeline step's call: run ``data`` (the upstream step's documents) as
-        :meth:`run` does; yield nothing downstream, as datatrove's runner."""
+        :meth:`run` does; yield nothing downstream, as datatrove's runner. The rank's stats are then
+        the step's ``stats`` (a datatrove ``Stats``), which datatrove's executors save."""
         if data is None:
             raise ValueError(
                 "InferenceRunner as a pipeline step needs documents from the step before it (e.g. a reader): "
                 "it got none"
             )
-        self.run(data, rank, world_size)
+        stats = self.run(data, rank, world_size)
+        from infermill.datatrove_compat import step_stats
+
+        try:
+            self.stats = step_stats(str(self), stats)
+        except ImportError:  # called as a step, but not by datatrove: no datatrove stats to keep
+            pass
 
     def __repr__(self) -> str:
         return f"{self.type}: {self.name}"
