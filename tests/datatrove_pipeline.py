@@ -132,5 +132,6 @@ def main() -> None:
     else:
         LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=args.logs).run()
 
+
 if __name__ == "__main__":
     main()

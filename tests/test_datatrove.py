@@ -219,6 +219,24 @@ def test_importing_infermill_does_not_import_datatrove():
     assert out.strip() == "False"
 
 
+def test_the_runner_called_as_a_step_without_datatrove_runs_and_keeps_no_datatrove_stats(tmp_path):
+    """A step's call writes the documents and returns; the datatrove ``stats`` are only kept where
+    datatrove can be imported (here it is hidden)."""
+    code = (
+        "import sys; sys.modules['datatrove'] = None\n"
+        "from helpers import dummy_config, echo_rollout\n"
+        "from infermill import Document, InferenceRunner\n"
+        "from infermill.io.writers import JsonlWriter\n"
+        f"runner = InferenceRunner(echo_rollout, dummy_config(), JsonlWriter({str(tmp_path / 'out')!r}))\n"
+        "runner([Document(text='hello', id='a')])\n"
+        "print(hasattr(runner, 'stats'))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(Path(__file__).parent)])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
+    assert [r["id"] for r in read_jsonl(tmp_path / "out" / "00000_00000.jsonl")] == ["a"]
+
+
 def test_with_infermill_writer_a_document_without_results_gets_an_empty_list_and_no_datatrove_mark(tmp_path):
     documents = [
         Document(text="hello", id="ok"),

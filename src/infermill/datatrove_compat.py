@@ -119,17 +119,20 @@ class DatatroveWriter(OutputWriter):
 
 def step_stats(name: str, stats: dict[str, Any]) -> Any:
     """A rank's ``stats`` (as :meth:`InferenceRunner.run` returns them) as a datatrove ``Stats``
-    named ``name``: each count as a per-task total (datatrove's merge sums them and shows the mean
-    per task), the inference time as datatrove's runner keeps it (``inference_time``, seconds)."""
+    named ``name``: each count that is not 0 as a per-task total (datatrove's merge sums them and
+    shows the mean per task); the inference time as the step's runtime (per task) and as datatrove's
+    runner keeps it (``inference_time``, seconds)."""
     from datatrove.utils.stats import Stats, TimingStats
 
     result = Stats(name)
     for key, value in stats.items():
-        if type(value) is int:  # counts; not rates, times or per-replica lists
+        if type(value) is int and value:  # counts; not rates, times or per-replica lists
             result[key].update(value, unit="task")
-    timing = TimingStats(unit="seconds")
-    timing.update(float(stats.get("inference_time_sec", 0.0)))
-    result.stats["inference_time"] = timing
+    seconds = float(stats.get("inference_time_sec", 0.0))
+    result.time_stats = TimingStats(unit="task")
+    result.time_stats.update(seconds)
+    result.stats["inference_time"] = TimingStats(unit="seconds")
+    result.stats["inference_time"].update(seconds)
     return result
 
 
