@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import re
 import socket
 import statistics
@@ -21,7 +22,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT
+from conftest import PYTHON, ROOT
 from helpers import free_ports, wait_until
 from infermill.metrics import RunStats
 from infermill.monitor import DOCUMENT_OUTCOMES, MetricsServer, Monitor, RunState
@@ -420,3 +421,15 @@ def test_status_reads_only_the_tail_of_a_big_series_file(tmp_path):
     assert longer[0]["time"] <= now - 5000 and longer == whole[-len(longer) :]
     (everything,) = read_series_tail(folder, 0.0, chunk=4096).values()
     assert everything == whole
+
+
+def test_json_logs_through_ray_come_without_colour_codes_or_folded_lines():
+    pytest.importorskip("ray")
+    code = (
+        "from infermill.executors.ray import require_ray; require_ray(); import os; "
+        "from ray._private import ray_constants; "
+        "print(os.environ['RAY_COLOR_PREFIX'], ray_constants.RAY_DEDUP_LOGS)"
+    )
+    env = {**os.environ, "INFERMILL_LOG_FORMAT": "json"}  # Ray imported, not started
+    result = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["0", "False"], output_of(result)
