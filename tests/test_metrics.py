@@ -4,10 +4,14 @@ reading that series, and JSON log lines. Real processes against the faulty test 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import logging
+import os
 import re
 import socket
+import statistics
 import subprocess
 import time
 import urllib.error
@@ -18,12 +22,23 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT
+from conftest import PYTHON, ROOT
 from helpers import free_ports, wait_until
-from infermill.timeseries import COUNTERS, SeriesWriter, read_series, worker_rates
+from infermill.metrics import RunStats
+from infermill.monitor import DOCUMENT_OUTCOMES, MetricsServer, Monitor, RunState
+from infermill.timeseries import (
+    COUNTERS,
+    KEEP_NEWEST,
+    SeriesWriter,
+    read_series,
+    read_series_tail,
+    read_worker_series,
+    worker_rates,
+)
 from test_workers import TIMEOUT, QueueJob, output_of
 
 INTERVAL = 0.3  # inference.metric_interval of these jobs: a snapshot every 0.3 s
+T0 = 1_796_000_000.0  # a fixed clock for synthetic series
 DASHBOARD = ROOT / "examples" / "grafana" / "infermill.json"
 
 
@@ -71,8 +86,8 @@ def scrape_until_done(proc: subprocess.Popen, ports: list[int]) -> dict[int, lis
     return scrapes
 
 
-def test_metrics_move_during_a_run_and_its_time_series_ends_at_its_stats(tmp_path):
-    job = slow_job(tmp_path)
+def test_metrics_move_during_a_run_and_end_at_its_stats_and_its_time_series_too(tmp_path):
+    job = slow_job(tmp_path, metrics_linger_sec=1.0)  # /metrics serves the final counts 1 s after the run
     port = free_ports(1)
     started = time.time()
     proc = job.start("--metrics-port", str(port))
@@ -81,27 +96,33 @@ def test_metrics_move_during_a_run_and_its_time_series_ends_at_its_stats(tmp_pat
     log = Path(proc.log_path).read_text()  # type: ignore[attr-defined]
     assert proc.returncode == 0, log[-3000:]
     job.check_exactly_once()
-    assert f"serving http://127.0.0.1:{port}/metrics" in log
+    assert f"serving http://127.0.0.1:{port}/metrics" in log and "serving the final counts for 1 s more" in log
 
-    # the counters moved while it ran, never backwards, and never past what the run did in the end
+    # the counters moved while it ran, never backwards, and the last scrape (while it lingered) has its stats
     (stats,) = job.worker_stats()
-    processed = [value(s, "infermill_documents_total", outcome="processed") for s in scrapes]
-    assert len(set(processed)) >= 3, f"the processed count did not move across scrapes: {processed}"
-    assert processed == sorted(processed)
+    done = [sum(value(s, "infermill_documents_total", outcome=o) for o in DOCUMENT_OUTCOMES) for s in scrapes]
+    assert len(set(done)) >= 3, f"the documents count did not move across scrapes: {done}"
+    assert done == sorted(done) and done[-1] == 120  # the outcomes are disjoint: their sum is every document
     last = scrapes[-1]
-    for name, labels, key in [
-        ("infermill_documents_total", {"outcome": "processed"}, "documents_processed"),
+    exact = [("infermill_documents_total", {"outcome": o}, f"documents_{o}") for o in DOCUMENT_OUTCOMES] + [
+        ("infermill_documents_resumed_total", {}, "documents_resumed"),
+        ("infermill_requests_sent_total", {}, "requests_sent"),
         ("infermill_requests_total", {"outcome": "ok"}, "requests_ok"),
+        ("infermill_requests_total", {"outcome": "failed"}, "requests_failed"),
+        ("infermill_requests_retried_total", {}, "requests_retried"),
+        ("infermill_requests_cached_total", {}, "requests_cached"),
         ("infermill_prompt_tokens_total", {}, "prompt_tokens"),
         ("infermill_completion_tokens_total", {}, "completion_tokens"),
-    ]:
-        assert 0 < value(last, name, **labels) <= stats[key], name
+    ]
+    for name, labels, key in exact:
+        assert value(last, name, **labels) == stats[key], (name, labels)
+    assert stats["documents_written"] == 120 and stats["requests_sent"] == stats["requests_ok"] > 0
     answered = value(last, "infermill_requests_total", outcome="ok")
     assert value(last, "infermill_request_duration_seconds_count") == answered
     assert value(last, "infermill_request_duration_seconds_bucket", le="0.01") == 0  # each took >= 20 ms
     assert value(last, "infermill_concurrency_limit") == 4
     assert {ls for (n, ls) in last if n == "infermill_documents_total"} == {
-        (("outcome", outcome), ("worker", stats["worker"])) for outcome in ("processed", "failed", "skipped", "resumed")
+        (("outcome", outcome), ("worker", stats["worker"])) for outcome in DOCUMENT_OUTCOMES
     }
     assert sum(value(last, "infermill_queue_units", state=state) for state in ("done", "pending", "in_progress")) == 6
 
@@ -289,3 +310,126 @@ def test_the_example_dashboard_is_grafana_json():
     for wanted in ("Documents", "Tokens", "in flight", "latency", "Errors", "restarts"):
         assert any(wanted.lower() in title.lower() for title in titles), wanted
     assert all(panel["targets"] and panel["datasource"]["type"] == "prometheus" for panel in dashboard["panels"])
+
+
+def test_thinning_keeps_one_resolution_over_the_whole_span_and_each_process_last_line(tmp_path):
+    # three processes of 14 days each at a 30 s interval (120,960 snapshots), the file bound to ~300 lines
+    path = tmp_path / "w.jsonl"
+    writer = SeriesWriter(path, max_bytes=30_000)
+    starts = [T0 + run * 14 * 86400 for run in range(3)]
+    for run, start in enumerate(starts):
+        for i in range(14 * 2880):
+            final = run == 2 and i == 14 * 2880 - 1
+            writer.append({"time": start + 30 * i, "started_at": start, "final": final, "counters": {"n": i}})
+    writer.thin()  # measured right after a thinning: no fresh lines at full resolution yet
+    snapshots = read_worker_series(path)
+    times = [s["time"] for s in snapshots]
+    assert times[0] == T0 and len(times) > 50  # the whole span, from its first line
+    for start in starts:  # each process's last line: its totals
+        assert max(s["time"] for s in snapshots if s["started_at"] == start) == start + 30 * (14 * 2880 - 1)
+    assert snapshots[-1]["final"]
+    gaps = [b - a for a, b in itertools.pairwise(times[:-KEEP_NEWEST])]  # the newest lines stay at 30 s
+    assert max(gaps) <= 2 * statistics.median(gaps), (max(gaps), statistics.median(gaps))
+    # the first and the last third of the job have the same resolution
+    third = (times[-1] - times[0]) / 3
+    early = sum(1 for t in times if t < times[0] + third)
+    late = sum(1 for t in times[:-KEEP_NEWEST] if t >= times[-1] - third)
+    assert 0.5 <= early / late <= 2, (early, late)
+
+
+def test_a_slow_periodic_append_is_waited_for_before_the_final_snapshot(tmp_path, monkeypatch):
+    appending: list[bool] = []
+    overlapped: list[bool] = []
+    append = SeriesWriter.append
+
+    def slow_append(self: SeriesWriter, snapshot: dict) -> None:  # a slow network file system
+        overlapped.append(bool(appending))
+        appending.append(True)
+        try:
+            if not snapshot["final"]:
+                time.sleep(0.4)
+            append(self, snapshot)
+        finally:
+            appending.pop()
+
+    monkeypatch.setattr(SeriesWriter, "append", slow_append)
+    port = free_ports(1)
+    state = RunState("w", RunStats(), lambda: None, lambda: 4)
+
+    async def run() -> None:
+        async with Monitor(state, port=port, series_path=tmp_path / "w.jsonl", interval=0.1):
+            await asyncio.sleep(0.25)  # the run ends while the first periodic append is in its thread
+
+    asyncio.run(run())
+    assert not any(overlapped)
+    snapshots = read_worker_series(tmp_path / "w.jsonl")
+    assert [s["final"] for s in snapshots] == [False, True]
+    assert scrape(port) is None  # the endpoint was stopped
+
+
+def test_a_metrics_port_past_65535_is_a_warning_not_a_crash(caplog):
+    server = MetricsServer(RunState("w", RunStats(), lambda: None, lambda: 4), "127.0.0.1", 65536)
+    with caplog.at_level(logging.WARNING, "infermill.monitor"):
+        assert server.start() is False
+    assert "cannot serve /metrics on 127.0.0.1:65536" in caplog.text and "runs on without it" in caplog.text
+
+
+def test_metrics_ports_past_65535_for_the_workers_are_refused_up_front(tmp_path):
+    job = slow_job(tmp_path, docs=4)
+    result = job.run("--workers", "3", "--metrics-port", "65534")
+    assert result.returncode == 2, output_of(result)
+    assert "--metrics-port 65534 with --workers 3" in result.stderr and "at most 65533" in result.stderr
+    assert not (job.output / "_infermill" / "metrics").exists()  # refused before anything ran
+
+
+def test_status_counts_a_worker_running_only_while_its_snapshots_keep_coming(tmp_path):
+    folder = tmp_path / "metrics"
+    now = time.time()
+
+    def series(name: str, newest_ago: float, interval: float, recorded: bool = True, final: bool = False) -> None:
+        writer = SeriesWriter(folder / f"{name}.jsonl")
+        start = now - newest_ago - 10 * interval
+        for k in range(11):
+            line = snapshot(start + k * interval, start, 5 * k) | {"final": final and k == 10}
+            writer.append(line | {"interval": interval} if recorded else line)
+
+    series("alive", 60, 30.0)  # two intervals late: running
+    series("dead", 100, 30.0)  # killed 100 s ago, no final line: more than 3 intervals
+    series("dead-old-format", 20, 2.0, recorded=False)  # no interval recorded: its gaps say 2 s
+    series("alive-old-format", 4, 2.0, recorded=False)
+    series("ended", 1, 30.0, final=True)
+    rates = {r["worker"]: r for r in worker_rates(read_series(folder), now, window_sec=600)}
+    assert {name for name, r in rates.items() if r["running"]} == {"alive", "alive-old-format"}
+    assert rates["dead"]["documents_per_sec"] == pytest.approx(5 / 30, abs=0.001)  # still rated, not running
+
+
+def test_status_reads_only_the_tail_of_a_big_series_file(tmp_path):
+    folder = tmp_path / "metrics"
+    writer = SeriesWriter(folder / "w.jsonl", max_bytes=2**30)  # not thinned here
+    now = time.time()
+    start = now - 20_000
+    for t in range(0, 20_000, 2):  # 10,000 snapshots of ~400 bytes
+        writer.append(snapshot(start + t, start, t) | {"interval": 2.0})
+    assert (folder / "w.jsonl").stat().st_size > 3_000_000
+    (whole,) = read_series(folder).values()
+    (tail,) = read_series_tail(folder, now - 600, chunk=64 * 2**10).values()
+    # the window's 300 lines and the rest of the chunk read (64 KiB, then 256 KiB), not the file
+    assert 300 <= len(tail) <= 1000 and tail == whole[-len(tail) :] and tail[0]["time"] <= now - 600
+    assert worker_rates({"w": tail}, now) == worker_rates({"w": whole}, now)
+    # a window longer than the chunk holds: read further back, until it is covered
+    (longer,) = read_series_tail(folder, now - 5000, chunk=64 * 2**10).values()
+    assert longer[0]["time"] <= now - 5000 and longer == whole[-len(longer) :]
+    (everything,) = read_series_tail(folder, 0.0, chunk=4096).values()
+    assert everything == whole
+
+
+def test_json_logs_through_ray_come_without_colour_codes_or_folded_lines():
+    pytest.importorskip("ray")
+    code = (
+        "from infermill.executors.ray import require_ray; require_ray(); import os; "
+        "from ray._private import ray_constants; "
+        "print(os.environ['RAY_COLOR_PREFIX'], ray_constants.RAY_DEDUP_LOGS)"
+    )
+    env = {**os.environ, "INFERMILL_LOG_FORMAT": "json"}  # Ray imported, not started
+    result = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["0", "False"], output_of(result)

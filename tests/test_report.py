@@ -420,3 +420,13 @@ def test_report_of_a_remote_output_reads_the_checkpoint_folder(tmp_path):
     assert result.returncode == 0, output_of(result)
     text = (checkpoints / "report.html").read_text()
     assert "infermill report: s3://bucket/out" in text and len(plot_data(text)) == PLOTS
+
+
+def test_report_to_a_place_that_cannot_be_written_says_so_without_a_traceback(tmp_path):
+    output = run_job(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    page = tmp_path / "a-file" / "report.html"  # its folder is a file: mkdir fails, as root too
+    result = infermill(tmp_path, "report", str(output), "-o", str(page))
+    assert result.returncode == 1, output_of(result)
+    assert f"cannot write {page}: " in result.stderr and "choose another place with -o FILE" in result.stderr
+    assert "Traceback" not in output_of(result)

@@ -260,6 +260,14 @@ def run(
     job = _load(job_file, overrides)
     if metrics_port is not None:
         job.inference.metrics_port = metrics_port
+    if job.inference.metrics_port is not None and job.inference.metrics_port + workers - 1 > 65535:
+        flag = "--metrics-port" if metrics_port is not None else "inference.metrics_port"
+        _error(
+            f"{flag} {job.inference.metrics_port} with --workers {workers}: worker i serves on port + i, and the "
+            f"last, {job.inference.metrics_port + workers - 1}, is past 65535: choose a port of at most "
+            f"{65536 - workers}"
+        )
+        raise SystemExit(EXIT_USAGE)
     if rank is not None or world_size is not None or job.runner.world_size != 1:
         _error(
             "static ranks (--rank, --world-size, runner.world_size) are retired: every worker takes units from "
@@ -652,10 +660,11 @@ def _job_rate(layout: Any) -> tuple[Any, list[dict[str, Any]], str]:
     import time
 
     from infermill.queue import RATE_WINDOW_SEC, WorkQueue
-    from infermill.timeseries import read_series, worker_rates
+    from infermill.timeseries import read_series_tail, worker_rates
 
     state = WorkQueue.for_layout(layout).status()
-    workers = worker_rates(read_series(layout.metrics), time.time(), RATE_WINDOW_SEC)
+    now = time.time()
+    workers = worker_rates(read_series_tail(layout.metrics, now - RATE_WINDOW_SEC), now, RATE_WINDOW_SEC)
     rates = [w["documents_per_sec"] for w in workers if w["running"] and w["documents_per_sec"] is not None]
     if not rates:
         return state, workers, "done_marks"
@@ -693,12 +702,18 @@ def report(output: str, checkpoints: str | None, destination: str | None) -> Non
     from infermill.layout import JobLayout
     from infermill.report import write_report
 
+    page = Path(destination) if destination else Path(output, "_infermill", "report.html")
     try:
         layout = JobLayout.for_output(output, checkpoints)
-        written = write_report(layout, output, Path(destination) if destination else layout.root / "report.html")
+        page = Path(destination) if destination else layout.root / "report.html"
+        written = write_report(layout, output, page)
     except ConfigError as e:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
+    except OSError as e:  # its folder read-only or full, -o naming a folder or a path under a file
+        logger.debug("the report was not written", exc_info=True)
+        _error(f"cannot write {page}: {e.strerror or e}; choose another place with -o FILE")
+        raise SystemExit(EXIT_FAILED) from None
     click.echo(f"report written: {written}")
 
 

@@ -135,6 +135,12 @@ class InferenceConfig(BaseModel):
         description="Serve Prometheus /metrics on this port, worker i on port + i (rank r: port + r); None: off.",
     )
     metrics_host: str = Field("127.0.0.1", description="The address /metrics listens on; 0.0.0.0: every interface.")
+    metrics_linger_sec: float = Field(
+        0.0,
+        ge=0,
+        description="After a worker ends without an error, /metrics serves its final counts this long more: "
+        "set it to Prometheus' scrape interval to catch a batch worker's last counts; 0: stop at once.",
+    )
 
     def __init__(self, **data: Any):
         """Raises ``ConfigError`` naming each bad field and the value given (secrets hidden)."""

@@ -23,6 +23,7 @@ class RunStats:
     documents_failed: int = 0
     rollouts_ok: int = 0
     rollouts_none: int = 0
+    requests_sent: int = 0  # attempts sent to the server (retries included)
     requests_ok: int = 0
     requests_failed: int = 0
     requests_retried: int = 0

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("infermill.monitor")
 
+#: the outcomes of ``infermill_documents_total``: disjoint, so their sum is every document handled
+DOCUMENT_OUTCOMES = ("written", "empty", "skipped", "failed", "bad_input")
+
 #: seconds a scrape reuses the queue's unit counts (a directory listing) for
 UNIT_COUNTS_TTL_SEC = 5.0
 
@@ -73,9 +76,13 @@ class RunState:
             "documents_skipped": s.documents_skipped,
             "documents_resumed": s.documents_resumed,
             "documents_written": s.documents_written,
+            "documents_empty": s.documents_empty,
+            "documents_bad_input": s.documents_bad_input,
+            "requests_sent": s.requests_sent,
             "requests_ok": s.requests_ok,
             "requests_failed": s.requests_failed,
             "requests_retried": s.requests_retried,
+            "requests_cached": s.requests_cached,
             "prompt_tokens": s.prompt_tokens,
             "completion_tokens": s.completion_tokens,
             "server_restarts": server.restarts if server is not None else s.server_restarts,
@@ -134,10 +141,11 @@ class RunCollector:
 
         documents = CounterMetricFamily(
             "infermill_documents",
-            "Documents by outcome (processed counts skipped ones too; resumed: done by an earlier run)",
+            "Documents by outcome, each counted once: written, empty (every rollout returned None), skipped "
+            "(a bad request, skip_bad_requests), failed, bad_input (a malformed input record skipped)",
             labels=["worker", "outcome"],
         )
-        for outcome in ("processed", "failed", "skipped", "resumed"):
+        for outcome in DOCUMENT_OUTCOMES:
             documents.add_metric([state.worker, outcome], c[f"documents_{outcome}"])
         yield documents
         requests = CounterMetricFamily(
@@ -147,7 +155,10 @@ class RunCollector:
         requests.add_metric([state.worker, "failed"], c["requests_failed"])
         yield requests
         for name, key, doc in (
+            ("infermill_documents_resumed", "documents_resumed", "Documents done by an earlier run: not done again"),
+            ("infermill_requests_sent", "requests_sent", "Request attempts sent to the server, retries included"),
             ("infermill_requests_retried", "requests_retried", "Request attempts that failed and were tried again"),
+            ("infermill_requests_cached", "requests_cached", "Requests answered from the checkpoint, not sent"),
             ("infermill_prompt_tokens", "prompt_tokens", "Prompt tokens of answered requests (the server's usage)"),
             ("infermill_completion_tokens", "completion_tokens", "Completion tokens of answered requests"),
             ("infermill_units_done", "units_done", "Queue units this worker committed"),
@@ -251,13 +262,14 @@ class MetricsServer:
         registry.register(RunCollector(self.state))
         try:
             self._server, self._thread = start_http_server(self.port, self.host, registry)
-        except OSError as e:
+        except (OSError, OverflowError) as e:  # OverflowError: a port past 65535 (port + worker index)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
             logger.warning(
                 "metrics: cannot serve /metrics on %s:%d (%s): this worker runs on without it; choose a free "
                 "port with --metrics-port (worker i serves on port + i)",
                 self.host,
                 self.port,
-                e.strerror or e,
+                reason,
             )
             return False
         logger.info("metrics: serving http://%s:%d/metrics", _url_host(self.host), self.port)
@@ -283,9 +295,11 @@ def _url_host(host: str) -> str:
 class SeriesRecorder:
     """Builds this run's snapshots (see :mod:`infermill.timeseries`) and appends them."""
 
-    def __init__(self, state: RunState, path: Path):
+    def __init__(self, state: RunState, path: Path, interval: float = 30.0):
         self.state = state
         self.writer = SeriesWriter(path)
+        self.interval = interval
+        self._writing: asyncio.Future[None] | None = None  # the append in its thread, if one is
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self._last = state.latency.copy()
@@ -305,6 +319,7 @@ class SeriesRecorder:
             "host": self.host,
             "pid": self.pid,
             "started_at": round(state.stats.started_at, 3),
+            "interval": self.interval,
             "final": final,
             "counters": state.counters(),
             "gauges": state.gauges(),
@@ -312,27 +327,33 @@ class SeriesRecorder:
             "replicas": state.replicas(),
         }
 
-    async def run(self, interval: float) -> None:
-        """Until cancelled: a snapshot every ``interval`` seconds."""
+    async def run(self) -> None:
+        """Until cancelled: a snapshot every ``interval`` seconds. A cancellation does not stop
+        an append under way in its thread: :meth:`final` waits for it."""
         while True:
-            await asyncio.sleep(interval)
-            snapshot = self.snapshot()
-            try:
-                await asyncio.to_thread(self.writer.append, snapshot)
-            except OSError as e:  # a full disk must not stop inference: the next one may succeed
-                logger.warning("metrics: cannot append to %s: %s", self.writer.path, e.strerror or e)
+            await asyncio.sleep(self.interval)
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._append, self.snapshot()))
+            await asyncio.shield(self._writing)
 
-    def final(self) -> None:
+    async def final(self) -> None:
+        """After :meth:`run` is cancelled: the final snapshot, after the append under way if any."""
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+        await asyncio.to_thread(self._append, self.snapshot(final=True))
+
+    def _append(self, snapshot: dict[str, Any]) -> None:
         try:
-            self.writer.append(self.snapshot(final=True))
-        except OSError as e:
+            self.writer.append(snapshot)
+        except OSError as e:  # a full disk must not stop inference: the next one may succeed
             logger.warning("metrics: cannot append to %s: %s", self.writer.path, e.strerror or e)
 
 
 class Monitor:
     """The endpoint and the time series of one run, for an ``async with`` block around it:
     started on entry, stopped on exit (the series' final snapshot written). Either may be off
-    (``port`` None, ``series_path`` None); with both off, nothing is observed at all."""
+    (``port`` None, ``series_path`` None); with both off, nothing is observed at all. After a
+    run that ends without an error the endpoint serves its final counts ``linger`` seconds more
+    (``inference.metrics_linger_sec``), for a Prometheus scrape to catch them."""
 
     def __init__(
         self,
@@ -342,11 +363,12 @@ class Monitor:
         port: int | None = None,
         series_path: Path | None = None,
         interval: float = 30.0,
+        linger: float = 0.0,
     ):
         self.state = state
         self.server = MetricsServer(state, host, port) if port is not None else None
-        self.recorder = SeriesRecorder(state, series_path) if series_path is not None else None
-        self.interval = interval
+        self.recorder = SeriesRecorder(state, series_path, interval) if series_path is not None else None
+        self.linger = linger
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -357,14 +379,19 @@ class Monitor:
         if self.server is not None and not await asyncio.to_thread(self.server.start):
             self.server = None
         if self.recorder is not None:
-            self._task = asyncio.create_task(self.recorder.run(self.interval))
+            self._task = asyncio.create_task(self.recorder.run())
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])  # not `await task`: that would swallow our own cancellation
-        if self.recorder is not None:
-            self.recorder.final()
-        if self.server is not None:
-            await asyncio.to_thread(self.server.stop)  # waits for a poll of its loop (0.5 s)
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.wait([self._task])  # not `await task`: that would swallow our own cancellation
+            if self.recorder is not None:
+                await self.recorder.final()
+            if self.server is not None and self.linger > 0 and exc_type is None:
+                logger.info("metrics: serving the final counts for %.0f s more (metrics_linger_sec)", self.linger)
+                await asyncio.sleep(self.linger)
+        finally:
+            if self.server is not None:
+                await asyncio.to_thread(self.server.stop)  # waits for a poll of its loop (0.5 s)

@@ -21,6 +21,7 @@ import html
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -782,9 +783,13 @@ def write_report(layout: JobLayout, output: str, destination: Path, max_points: 
         f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>' + "\n".join(parts) + "</body></html>\n"
     )
     destination.parent.mkdir(parents=True, exist_ok=True)
-    temp = destination.with_name(f".{destination.name}.tmp")
-    temp.write_text(page, encoding="utf-8")
-    temp.replace(destination)
+    temp = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.tmp")  # two reports at once: two names
+    try:
+        temp.write_text(page, encoding="utf-8")
+        temp.replace(destination)
+    except OSError:
+        temp.unlink(missing_ok=True)  # a disk that filled up mid-write: no half page left behind
+        raise
     return destination
 
 

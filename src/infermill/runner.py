@@ -485,7 +485,14 @@ class _Run:
         )
         port = config.metrics_port + index if config.metrics_port is not None else None
         series = self.runner.layout.metrics / f"{worker}.jsonl" if queue is not None else None
-        monitor = Monitor(state, host=config.metrics_host, port=port, series_path=series, interval=log_interval(config))
+        monitor = Monitor(
+            state,
+            host=config.metrics_host,
+            port=port,
+            series_path=series,
+            interval=log_interval(config),
+            linger=config.metrics_linger_sec,
+        )
         if monitor.enabled:
             self.latency, self.reply_latency = state.latency, state.reply_latency
         return monitor
@@ -634,6 +641,7 @@ class _Run:
                             if server.state is not ServerState.READY:  # queued, not in flight, while it boots
                                 await server.wait_until_ready()
                             stats.requests_in_flight += 1  # sent now: make_request has nothing left to wait for
+                            stats.requests_sent += 1
                             try:
                                 if not timed:
                                     reply = await server.make_request(data, path, affinity)

@@ -39,7 +39,14 @@ STOP_GRACE_SEC = 60.0
 
 
 def require_ray() -> Any:
-    """The ``ray`` module; a :class:`ConfigError` naming the extra when it cannot be imported."""
+    """The ``ray`` module; a :class:`ConfigError` naming the extra when it cannot be imported.
+    With JSON logs, the driver's re-print of the workers' lines is made plain: no colour codes
+    around its ``(run_worker_task pid=...)`` prefix, no line folded into a "repeated" one."""
+    from infermill.logs import LOG_FORMAT_ENV
+
+    if os.environ.get(LOG_FORMAT_ENV) == "json":  # read by Ray when imported (dedup) and when printing
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         import ray
     except ImportError as e:
