@@ -8,7 +8,7 @@ time (32 new tokens, temperature 0): completion tokens/s of
   (c) bare        one aiohttp session, C workers posting the requests, against the same server;
   (d) datatrove   datatrove's InferenceRunner (``server_type: endpoint``) against the same server.
 
-    .venv-vllm/bin/python benchmarks/vllm_batch.py                    # 512 requests, c=128 (~10 min on 2 cores)
+    .venv-vllm/bin/python benchmarks/vllm_batch.py                    # 512 requests, c=128 and auto (~10 min)
     .venv-vllm/bin/python benchmarks/vllm_batch.py --requests 256 --concurrency 64 128 --skip a
 
 Every rate is a steady-state one: each case runs N/2 and then N requests, and the rate is
@@ -94,11 +94,12 @@ async def generated_tokens(url: str) -> int:
     return int(sum(float(v) for v in re.findall(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", text, re.M)))
 
 
-async def run_infermill(server, model: str, n: int, concurrency: int, work: str) -> None:
+async def run_infermill(server, model: str, n: int, concurrency: int | str, work: str) -> None:
     from infermill import InferenceConfig, InferenceRunner
     from infermill.io import JsonlWriter
 
-    config = InferenceConfig(server_type="vllm", model_name_or_path=model, max_concurrent_generations=concurrency)
+    limit = concurrency if concurrency == "auto" else int(concurrency)
+    config = InferenceConfig(server_type="vllm", model_name_or_path=model, max_concurrent_generations=limit)
     chats = messages(n)
 
     async def rollout(document, generate):
@@ -140,7 +141,7 @@ def child_datatrove(args: argparse.Namespace) -> None:
         model_name_or_path=args.model,
         endpoint_url=args.url + "/v1",
         api_key=os.environ["BENCH_API_KEY"],
-        max_concurrent_generations=args.concurrency[0],
+        max_concurrent_generations=int(args.concurrency[0]),
         metric_interval=3600,
     )
     chats = messages(args.requests)
@@ -194,24 +195,24 @@ async def serve_and_measure(args: argparse.Namespace, work: str, rows: list[dict
         dt_python = datatrove_python() if "d" in args.cases else None
         for concurrency in args.concurrency:
             for case in "bcd":
-                if case not in args.cases:
-                    continue
+                if case not in args.cases or (concurrency == "auto" and case != "b"):
+                    continue  # only infermill has max_concurrent_generations: auto
                 points = []
                 for n in (args.requests // 2, args.requests):
                     before, clock = await generated_tokens(url), time.perf_counter()
                     if case == "b":
                         await run_infermill(server, args.model, n, concurrency, work)
                     elif case == "c":
-                        await run_bare(url, key, args.model, n, concurrency)
+                        await run_bare(url, key, args.model, n, int(concurrency))
                     else:
                         assert dt_python is not None
-                        await run_datatrove(dt_python, url, key, args.model, n, concurrency, work)
+                        await run_datatrove(dt_python, url, key, args.model, n, int(concurrency), work)
                     points.append((await generated_tokens(url) - before, time.perf_counter() - clock))
                 rows.append(row(CASES[case], concurrency, points))
                 print(f"# {rows[-1]}", file=sys.stderr, flush=True)
 
 
-def row(case: str, concurrency: int | None, points: list[tuple[int, float]]) -> dict:
+def row(case: str, concurrency: int | str | None, points: list[tuple[int, float]]) -> dict:
     (tokens_half, wall_half), (tokens, wall) = points
     return {
         "case": case,
@@ -243,7 +244,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.path.join(ROOT, ".venv", "models", "SmolLM2-135M-Instruct"))
     parser.add_argument("--requests", type=int, default=512, help="N (the runs are N/2 and N requests)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[128], help="requests in flight for b, c, d")
+    parser.add_argument(
+        "--concurrency", nargs="+", default=["128", "auto"], help="in flight for b, c, d ('auto': infermill's, b only)"
+    )
     parser.add_argument("--skip", default="", help="cases to leave out, e.g. 'ad'")
     parser.add_argument("--child-datatrove", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)

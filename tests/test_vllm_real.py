@@ -199,6 +199,8 @@ def test_the_real_server_refuses_a_request_without_the_runs_key(killed_run):
 def test_sigkill_of_the_engine_core_mid_run_restarts_the_server_and_loses_nothing(killed_run):
     engine = killed_run["engine"]
     assert set(engine) == {"api_server", *ENGINE_TITLES}, engine
+    # vLLM's API server exits once its EngineCore is gone ("EngineDeadError"), and infermill sees it
+    assert re.search(r"server rank 0 failed \(the server process exited with code \d+\); restart 1 of", killed_run["output"])
     stats = run_stats(killed_run["folder"] / "out")
     assert stats["server_restarts"] == 1, stats
     assert (stats["documents_processed"], stats["documents_failed"]) == (48, 0), stats
@@ -212,7 +214,7 @@ def test_ready_and_fatal_patterns_hold_against_the_real_output(killed_run):
     server = VLLMServer(InferenceConfig(server_type="vllm", model_name_or_path="m"))
     lines = log.splitlines()
     # no line of a healthy boot is taken for a fatal one
-    first_start = log.split("# infermill: start attempt 0")[1].split("# infermill: server stopped")[0]
+    first_start = log.split("# infermill: start attempt 1 (restart 0)")[1].split("# infermill: server stopped")[0]
     assert not [line for line in first_start.splitlines() if server._fatal_re.search(line)]
     # vLLM hands uvicorn a bound socket: no "Uvicorn running on"; readiness is the HTTP probe's,
     # and "Application startup complete" (which uvicorn prints before it serves) is not a ready pattern
