@@ -200,7 +200,8 @@ def test_sigkill_of_the_engine_core_mid_run_restarts_the_server_and_loses_nothin
     engine = killed_run["engine"]
     assert set(engine) == {"api_server", *ENGINE_TITLES}, engine
     # vLLM's API server exits once its EngineCore is gone ("EngineDeadError"), and infermill sees it
-    assert re.search(r"server rank 0 failed \(the server process exited with code \d+\); restart 1 of", killed_run["output"])
+    noticed = r"server rank 0 failed \(the server process exited with code \d+\); restart 1 of"
+    assert re.search(noticed, killed_run["output"])
     stats = run_stats(killed_run["folder"] / "out")
     assert stats["server_restarts"] == 1, stats
     assert (stats["documents_processed"], stats["documents_failed"]) == (48, 0), stats
