@@ -157,7 +157,8 @@ def killed_run(model_dir, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("vllm-job")
     tag = uuid.uuid4().hex
     started = time.monotonic()
-    proc = start_job(write_job(folder, model_dir), tag)
+    # 2 requests at a time: the 48 documents take long enough (25 rounds) for the kill to land mid-run
+    proc = start_job(write_job(folder, model_dir, max_concurrent_generations=2), tag)
     root = psutil.Process(proc.pid)
     result: dict = {"folder": folder}
     try:
