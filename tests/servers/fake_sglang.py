@@ -86,7 +86,7 @@ async def main() -> int:
 
     runner = await prepare_app(args.model_path, args.api_key)
     sock = bind(args.host, args.port)  # uvicorn binds in the same step as listen(); no log line between
-    await start_serving(runner, sock, ts, mode)
+    await start_serving(runner, sock, lambda: f"{ts()} ", mode)
     emit(f"{ts()} INFO:     Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")
     emit(f'{ts()} INFO:     127.0.0.1:40000 - "GET /get_model_info HTTP/1.1" 200 OK')
     emit(f"{ts(tp=True)} Prefill batch. #new-seq: 1, #new-token: 7, #cached-token: 0, token usage: 0.00")

