@@ -26,6 +26,11 @@ from pathlib import Path
 
 from conftest import TAG_VARIABLE
 
+#: the lifetime of a job credential, and so how long Slurm holds a requeued task before it may
+#: start again (this + 1 s): Slurm's default is 120 s; its minimum, 5, leaves too little room
+#: for a launch on a loaded machine
+CRED_EXPIRE_SEC = 15
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
@@ -138,7 +143,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE_SEC}
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
