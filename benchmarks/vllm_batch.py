@@ -9,12 +9,16 @@ time (32 new tokens, temperature 0): completion tokens/s of
   (d) datatrove   datatrove's InferenceRunner (``server_type: endpoint``) against the same server
                   (which therefore runs without infermill's per-run key: datatrove sends none to localhost).
 
-    .venv-vllm/bin/python benchmarks/vllm_batch.py                    # 512 requests, c=128 and auto (~10 min)
+    .venv-vllm/bin/python benchmarks/vllm_batch.py                    # 512 requests, c=128 and auto (~17 min)
     .venv-vllm/bin/python benchmarks/vllm_batch.py --requests 256 --concurrency 64 128 --skip a
 
-Every rate is a steady-state one: each case runs N/2 and then N requests, and the rate is
-(tokens(N) - tokens(N/2)) / (time(N) - time(N/2)), so run-batch's start-up (model load,
-compilation, KV cache) and every case's ramp-up and drain cancel out. Completion tokens are
+Every rate is a steady-state one. Against the server, each case runs N/2 and then N requests, and
+the rate is (tokens(N) - tokens(N/2)) / (time(N) - time(N/2)): ramp-up and drain cancel out.
+run-batch runs N once and its rate is read from its own progress bar, from a quarter of the
+requests done to the last update before the final 128 (vLLM's max_num_seqs on CPU), which all end
+within seconds: its start-up (model load, torch.compile, ~75 s here, and a first batch ~20 s
+slower) is not counted. Two separate runs cannot be differenced instead: their start-ups differ by
+more than the work of N/2 requests. Completion tokens are
 vLLM's own count (``usage`` for run-batch, ``vllm:generation_tokens_total`` from the server's
 /metrics for the others). Each row also has the 1-minute load average when it ended: the machine
 may be shared. datatrove runs in ``benchmarks/.venv-datatrove`` (made on first use, as
@@ -61,8 +65,9 @@ def load() -> float:
 # -- (a) run-batch ---------------------------------------------------------------------------
 
 
-def run_batch(model: str, n: int, work: str, env: dict[str, str]) -> tuple[int, float]:
-    """vLLM's batch runner over ``n`` requests in a fresh process: (completion tokens, wall seconds)."""
+def run_batch(model: str, n: int, work: str, env: dict[str, str]) -> dict:
+    """vLLM's batch runner over ``n`` requests in a fresh process: its row of the table, the steady
+    rate read from its own progress bar (:func:`steady_progress`)."""
     source, target = os.path.join(work, f"batch_{n}.jsonl"), os.path.join(work, f"batch_{n}_out.jsonl")
     with open(source, "w") as file:
         for i, chat in enumerate(messages(n)):
@@ -71,7 +76,8 @@ def run_batch(model: str, n: int, work: str, env: dict[str, str]) -> tuple[int, 
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", source, "-o", target, "--model", model,
             "--dtype", "float32", "--max-model-len", "2048"]  # fmt: skip
     started = time.perf_counter()
-    with open(os.path.join(work, f"batch_{n}.log"), "w") as log:
+    log_path = os.path.join(work, f"batch_{n}.log")
+    with open(log_path, "w") as log:
         subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     wall = time.perf_counter() - started
     tokens = 0
@@ -80,7 +86,33 @@ def run_batch(model: str, n: int, work: str, env: dict[str, str]) -> tuple[int, 
             reply = json.loads(line)
             assert reply["error"] is None, reply
             tokens += reply["response"]["body"]["usage"]["completion_tokens"]
-    return tokens, wall
+    with open(log_path) as file:
+        done, seconds = steady_progress(file.read(), n)
+    return {
+        "case": CASES["a"],
+        "concurrency": None,
+        "tokens": tokens,
+        "wall_sec": round(wall, 1),
+        "steady_tok_s": round(tokens / n * done / seconds, 1),
+        "load_1min": round(load(), 2),
+    }
+
+
+def steady_progress(log: str, n: int, max_num_seqs: int = 128) -> tuple[int, float]:
+    """From run-batch's progress bar (``Running batch: ... | 101/512 [00:44<...``): the requests
+    done and the seconds taken between the first update at a quarter of ``n`` or more and the last
+    one before the final ``max_num_seqs`` requests (vLLM's default on CPU). Before: start-up (model
+    load, torch.compile, ~75 s here) and the first batch's warm-up (~20 s more); after: the drain,
+    where the last requests, already running, all end within seconds. Neither is steady."""
+    updates = [
+        (int(k), int(h or 0) * 3600 + int(m) * 60 + int(sec))
+        for k, h, m, sec in re.findall(r"Running batch:.*?\| *(\d+)/\d+ \[(?:(\d+):)?(\d+):(\d+)<", log)
+    ]
+    first = next((k, t) for k, t in updates if k >= n / 4)
+    last = [(k, t) for k, t in updates if k <= n - max_num_seqs][-1]
+    if last[0] <= first[0]:
+        raise ValueError(f"run-batch's progress has no steady part with {n} requests: run more (--requests)")
+    return last[0] - first[0], float(last[1] - first[1])
 
 
 # -- (b, c, d) against one server ------------------------------------------------------------
@@ -264,8 +296,7 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="vllm-batch-") as work:
         if "a" in args.cases:
-            points = [run_batch(args.model, n, work, env) for n in (args.requests // 2, args.requests)]
-            rows.append(row(CASES["a"], None, points))
+            rows.append(run_batch(args.model, args.requests, work, env))
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
         if set(args.cases) & set("bcd"):
             from infermill.eventloop import run_coroutine
