@@ -88,14 +88,7 @@ def run_batch(model: str, n: int, work: str, env: dict[str, str]) -> dict:
             tokens += reply["response"]["body"]["usage"]["completion_tokens"]
     with open(log_path) as file:
         done, seconds = steady_progress(file.read(), n)
-    return {
-        "case": CASES["a"],
-        "concurrency": None,
-        "tokens": tokens,
-        "wall_sec": round(wall, 1),
-        "steady_tok_s": round(tokens / n * done / seconds, 1),
-        "load_1min": round(load(), 2),
-    }
+    return row(CASES["a"], None, tokens, wall, tokens / n * done / seconds)
 
 
 def steady_progress(log: str, n: int, max_num_seqs: int = 128) -> tuple[int, float]:
@@ -242,20 +235,25 @@ async def serve_and_measure(args: argparse.Namespace, work: str, rows: list[dict
                         assert dt_python is not None
                         await run_datatrove(dt_python, url, args.model, n, int(concurrency), work)
                     points.append((await generated_tokens(url) - before, time.perf_counter() - clock))
-                rows.append(row(CASES[case], concurrency, points))
+                rows.append(differenced_row(CASES[case], concurrency, points))
                 print(f"# {rows[-1]}", file=sys.stderr, flush=True)
 
 
-def row(case: str, concurrency: int | str | None, points: list[tuple[int, float]]) -> dict:
-    (tokens_half, wall_half), (tokens, wall) = points
+def row(case: str, concurrency: int | str | None, tokens: int, wall: float, steady_tok_s: float) -> dict:
     return {
         "case": case,
         "concurrency": concurrency,
         "tokens": tokens,
         "wall_sec": round(wall, 1),
-        "steady_tok_s": round((tokens - tokens_half) / (wall - wall_half), 1),
+        "steady_tok_s": round(steady_tok_s, 1),
         "load_1min": round(load(), 2),
     }
+
+
+def differenced_row(case: str, concurrency: int | str, points: list[tuple[int, float]]) -> dict:
+    """The row of a case run at N/2 and N requests: its steady rate from the difference."""
+    (tokens_half, wall_half), (tokens, wall) = points
+    return row(case, concurrency, tokens, wall, (tokens - tokens_half) / (wall - wall_half))
 
 
 def table(rows: list[dict]) -> str:

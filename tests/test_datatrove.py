@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from helpers import chat, dummy_config, echo_rollout, read_jsonl, wait_until
+from helpers import chat, dummy_config, echo_rollout, read_jsonl, server_stats, wait_until
 from infermill import Document, InferenceError, ServerError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import NO_ROLLOUTS_MARK, InferenceRunner
@@ -163,14 +163,6 @@ def skip_checkpointed(checkpoints: Path) -> bool:
     return any(checkpoints.rglob("chunk_00000.done"))
 
 
-def sent(stats_file: Path, word: str) -> int:
-    """How many requests with ``word`` the faulty server has counted (it saves its counters every
-    moment, and a SIGKILL loses what it had not saved)."""
-    if not stats_file.exists():
-        return 0
-    return orjson.loads(stats_file.read_bytes())["by_word"].get(word, 0)
-
-
 def test_a_bad_request_skipped_before_a_kill_is_not_sent_again(tmp_path):
     """skip_bad_requests: the rejected document is recorded as done; the rerun does not send it."""
     folder = tmp_path / "in"
@@ -186,7 +178,11 @@ def test_a_bad_request_skipped_before_a_kill_is_not_sent_again(tmp_path):
     try:
         wait_until(lambda: failures.exists() and "f0-1" in failures.read_text(), 60, "the rejected document's record")
         wait_until(lambda: skip_checkpointed(tmp_path / "ckpt"), 60, "the skip in the checkpoint")
-        wait_until(lambda: sent(stats_file, "fail400:99:rejected"), 60, "the server's count of the rejected request")
+        wait_until(
+            lambda: stats_file.exists() and server_stats(stats_file)["by_word"].get("fail400:99:rejected"),
+            60,
+            "the server's saved count of the rejected request (a SIGKILL loses what it has not saved)",
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
