@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from conftest import PYTHON
-from helpers import wait_until
+from helpers import server_stats, wait_until
 from slurm_cluster import Cluster, Unavailable, start_cluster
-from test_workers import TIMEOUT, QueueJob, output_of
+from test_workers import ENDPOINT_JOB, TIMEOUT, QueueJob, output_of, secret_overrides
 
 #: the first test also starts the cluster, installing Debian's packages on a fresh machine
 pytestmark = pytest.mark.timeout(600)
@@ -270,6 +270,22 @@ def test_sbatch_refusing_is_one_error_line_quoting_it(tmp_path, slurm):
     assert len(errors) == 1, result.stderr
     assert errors[0].startswith("error: sbatch refused ") and "invalid partition" in errors[0], errors
     assert "no-such-partition" in errors[0]
+
+
+def test_secret_overrides_reach_the_tasks_in_a_file_only_its_owner_reads_never_the_script(tmp_path, slurm, endpoint):
+    url, stats = endpoint
+    job = QueueJob(tmp_path, docs=200, rpc=50, conc=4, inference=ENDPOINT_JOB)
+    key, overrides = secret_overrides(url)
+    result = job.run("--executor", "slurm", "--workers", "2", "--wait", *overrides)
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    assert server_stats(stats)["authorization"] == {f"Bearer {key}": 200}  # the tasks sent the key
+    folder = job.output / "_infermill" / "slurm"
+    script = (folder / "infermill-out.sbatch").read_text()
+    assert key not in script and url not in script
+    (secrets_file,) = folder.glob("*.secrets")
+    assert secrets_file.stat().st_mode & 0o777 == 0o600
+    assert f"INFERMILL_SECRET_OVERRIDES_FILE={secrets_file}" in script
 
 
 def test_an_array_of_three_workers_drains_2000_documents_each_once(tmp_path, slurm):

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import PYTHON
-from helpers import FAULTY_SERVER, free_ports, read_jsonl, server_stats, wait_until
+from helpers import FAULTY_SERVER, read_jsonl, server_stats, wait_until
 
 TIMEOUT = 120
 
@@ -333,21 +332,6 @@ def test_a_second_ctrl_c_stops_every_worker_and_every_process_of_their_servers_a
 
 #: a job against an endpoint that is not there: the --set overrides of the test give the real one
 ENDPOINT_JOB = {"server_type": "endpoint", "endpoint_url": "http://127.0.0.1:9/v1", "model_kwargs": None}
-
-
-@pytest.fixture
-def endpoint(tmp_path) -> Iterator[tuple[str, Path]]:
-    """The faulty server as an endpoint (every request 0.05 s): its URL, and its stats file, whose
-    ``authorization`` counts the requests by ``Authorization`` header."""
-    port = free_ports()
-    stats = tmp_path / "endpoint_stats.json"
-    argv = [PYTHON, str(FAULTY_SERVER), "--port", str(port), "--stats-file", str(stats), "--directives", "sleep:0.05"]
-    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield f"http://127.0.0.1:{port}/v1", stats
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def secret_overrides(url: str) -> tuple[str, list[str]]:
