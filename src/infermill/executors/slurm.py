@@ -39,6 +39,8 @@ same interpreter (``sys.executable`` of the submitting command) and job file at 
 paths on every node, and the output folder on a file system every node mounts (see the
 README: "What the shared folder must offer"). sbatch passes the submitting environment on
 (its default ``--export=ALL``); ``slurm.env`` adds to it and ``slurm.setup`` lines run first.
+The ``--set`` overrides of secret fields are never in the script: they go to a file beside it,
+mode 0600, whose path the script exports (:data:`~infermill.jobfile.SECRET_OVERRIDES_FILE_ENV`).
 """
 
 from __future__ import annotations
