@@ -364,3 +364,18 @@ def test_secret_overrides_reach_the_workers_through_their_environment_never_a_co
         proc.kill()
     job.check_exactly_once()
     assert server_stats(stats)["authorization"] == {f"Bearer {key}": 400}  # the workers sent the key
+
+
+def test_a_workers_server_does_not_inherit_the_secret_overrides_in_its_environment(tmp_path):
+    job = QueueJob(tmp_path, docs=400, rpc=50, conc=2, directives="sleep:0.05")
+    key = f"sk-test-{uuid.uuid4().hex}"
+    proc = job.start("--workers", "2", "--set", f"inference.api_key={key}")
+    try:
+        wait_until(lambda: job.queue.exists() and job.status()["units_in_progress"] >= 2, TIMEOUT, "both at work")
+        servers = [server for worker in workers_of(proc) for server in worker.children()]
+        assert len(servers) == 2
+        assert [server for server in servers if key in str(server.environ())] == []
+        assert proc.wait(timeout=TIMEOUT) == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        proc.kill()
+    job.check_exactly_once()

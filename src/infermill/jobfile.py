@@ -242,8 +242,10 @@ def encode_secret_overrides(secret: Sequence[str]) -> str:
 
 def secret_overrides_from_parent() -> list[str]:
     """The ``--set`` overrides of secret fields that a worker's command passed it (see
-    :data:`SECRET_OVERRIDES_ENV`); a ConfigError if they cannot be read."""
+    :data:`SECRET_OVERRIDES_ENV`), taken out of this process's environment so that its own
+    children (its server) do not inherit them; a ConfigError if they cannot be read."""
     path = os.environ.get(SECRET_OVERRIDES_FILE_ENV)
+    text = os.environ.pop(SECRET_OVERRIDES_ENV, "[]")
     if path:
         try:
             text = Path(path).read_text()
@@ -252,8 +254,6 @@ def secret_overrides_from_parent() -> list[str]:
                 f"cannot read {path} ({SECRET_OVERRIDES_FILE_ENV}), the --set overrides of secret fields this worker "
                 f"was submitted with: {e.strerror}. Run the same command again to submit new workers"
             ) from None
-    else:
-        text = os.environ.get(SECRET_OVERRIDES_ENV, "[]")
     try:
         overrides = json.loads(text)
     except ValueError:
