@@ -4,8 +4,10 @@ faulty server's stats file."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -71,3 +73,20 @@ def model_dir() -> str:
     finally:
         sys.path.pop(0)
     return convert_smollm2.convert()
+
+
+@pytest.fixture
+def endpoint(tmp_path) -> Iterator[tuple[str, Path]]:
+    """The faulty server as an endpoint (every request 0.05 s): its URL, and its stats file, whose
+    ``authorization`` counts the requests by ``Authorization`` header."""
+    from helpers import FAULTY_SERVER, free_ports
+
+    port = free_ports()
+    stats = tmp_path / "endpoint_stats.json"
+    argv = [PYTHON, str(FAULTY_SERVER), "--port", str(port), "--stats-file", str(stats), "--directives", "sleep:0.05"]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"http://127.0.0.1:{port}/v1", stats
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

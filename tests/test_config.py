@@ -184,6 +184,29 @@ def test_a_set_override_that_fails_names_the_key_not_the_value(tmp_path):
     assert "hf_secret" not in str(excinfo.value)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["inference.tp=2", "inference.api_key=sk-1", "runner.metadata_key=r", "inference.model_kwargs.x=1"],
+        ["inference.endpoint_url=http://u:p@h/v1", "inference.server_type=endpoint"],
+        ["inference.tp=2", "inference={server_type: dummy, model_name_or_path: n, api_key: sk-2}", "inference.dp=3"],
+    ],
+)
+def test_secret_overrides_applied_after_the_others_give_the_job_of_the_order_given(tmp_path, overrides):
+    """A worker applies the --set overrides of secret fields (from its environment) after those
+    of its command line: the job is the same."""
+    from infermill.jobfile import load_job, split_secret_overrides
+
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "input: {path: x.jsonl}\noutput: {path: out}\nrollout: {template: '[[DOCUMENT]]'}\n"
+        "inference: {server_type: vllm, model_name_or_path: m}\n"
+    )
+    public, secret = split_secret_overrides(overrides)
+    assert not [o for o in public if "sk-" in o or "u:p@" in o or "model_kwargs" in o], public
+    assert load_job(job, [*public, *secret]) == load_job(job, overrides)
+
+
 @pytest.mark.parametrize("value", ["auto", "AUTO", " auto "])
 def test_max_concurrent_generations_auto_bounds_the_documents_by_its_limit(value):
     config = make(max_concurrent_generations=value, rollouts_per_document=2)

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from conftest import PYTHON, TAG_VARIABLE
-from helpers import wait_until
-from test_workers import QueueJob, output_of
+from helpers import server_stats, wait_until
+from test_workers import ENDPOINT_JOB, QueueJob, command_lines_holding, output_of, secret_overrides
 
 TIMEOUT = 180
 HEAD_MARK = "INFERMILL_TEST_RAY_HEAD"  # in the environment of every process of the fixture's head
@@ -162,6 +162,24 @@ def test_two_ray_workers_complete_the_job_each_document_once(tmp_path, ray_head)
     logs = sorted(job.logs.glob("server_rank_*.log"))
     assert [p.name for p in logs] == ["server_rank_00000.log", "server_rank_00001.log"]  # each task its server
     print(f"1,500 documents on 2 Ray workers in {elapsed:.1f} s", file=sys.stderr)
+
+
+def test_secret_overrides_reach_the_ray_workers_through_their_environment_never_a_command_line(
+    tmp_path, ray_head, endpoint
+):
+    url, stats = endpoint
+    job = ray_job(tmp_path, docs=400, rpc=50, conc=2, inference=ENDPOINT_JOB)
+    key, overrides = secret_overrides(url)
+    proc = job.start("--executor", "ray", "--workers", "2", "--ray-address", ray_head, *overrides)
+    try:
+        wait_until(lambda: len(ray_workers()) == 2, TIMEOUT, "both Ray workers started")
+        # the driver's own command line holds them (the user typed it): no other process's does
+        assert command_lines_holding(key, url, but=proc.pid) == []
+        assert proc.wait(timeout=TIMEOUT) == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        proc.kill()
+    job.check_exactly_once()
+    assert server_stats(stats)["authorization"] == {f"Bearer {key}": 400}  # the workers sent the key
 
 
 def test_a_sigkilled_ray_worker_process_is_replaced_and_its_worker_and_server_die_with_it(tmp_path, ray_head):

@@ -5,6 +5,7 @@ the session as root) against the faulty test server: exactly once, through ``sca
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -15,9 +16,9 @@ import pytest
 import yaml
 
 from conftest import PYTHON
-from helpers import wait_until
+from helpers import server_stats, wait_until
 from slurm_cluster import Cluster, Unavailable, start_cluster
-from test_workers import TIMEOUT, QueueJob, output_of
+from test_workers import ENDPOINT_JOB, TIMEOUT, QueueJob, output_of, secret_overrides
 
 #: the first test also starts the cluster, installing Debian's packages on a fresh machine
 pytestmark = pytest.mark.timeout(600)
@@ -173,6 +174,84 @@ def test_dry_run_prints_the_whole_script_and_writes_and_submits_nothing(tmp_path
     ]
 
 
+def dry_run(tmp_path: Path, spec: dict, *args: str, job_file: Path | None = None) -> subprocess.CompletedProcess:
+    """``run JOB --executor slurm --dry-run ARGS`` of a job file holding ``spec``, where no sbatch is."""
+    job_file = job_file or tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PATH": str(tmp_path / "no-slurm-here")}
+    command = [PYTHON, "-m", "infermill", "run", str(job_file), "--executor", "slurm", "--dry-run", *args]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_newline_in_a_value_of_an_sbatch_or_comment_line_is_refused_naming_each_field(tmp_path):
+    spec = {
+        "input": {"path": "in.jsonl"},
+        "output": {"path": "out\ntouch INJECTED_BY_OUTPUT_PATH #"},
+        "checkpoint": {"dir": "ckpt\rtouch INJECTED_BY_CHECKPOINT_DIR"},
+        "rollout": {"template": "[[DOCUMENT]]"},
+        "inference": {"server_type": "dummy", "model_name_or_path": "m"},
+        "slurm": {
+            **{field: f"x\ntouch INJECTED_BY_{field.upper()} #" for field in ("partition", "qos", "account", "time")},
+            "mem": "64G\ttouch",
+            "sbatch_args": ["--exclusive", "--constraint=h100\ntouch INJECTED_BY_SBATCH_ARGS #"],
+        },
+    }
+    result = dry_run(tmp_path, spec, "--workers", "2")
+    assert result.returncode == 2, result.stdout
+    assert result.stdout == ""  # no script
+    problems = dict(line.strip().split(": ", 1) for line in result.stderr.splitlines()[1:])
+    fields = ["output.path", "checkpoint.dir", *(f"slurm.{f}" for f in ("partition", "mem", "time", "qos", "account"))]
+    assert sorted(problems) == sorted([*fields, "slurm.sbatch_args.1"]), result.stderr
+    assert all("control character" in problem for problem in problems.values()), result.stderr
+    assert "'\\n'" in problems["slurm.partition"] and "'\\t'" in problems["slurm.mem"], result.stderr
+
+
+def test_values_in_quotes_reach_the_worker_as_they_are_and_secret_overrides_stay_out_of_the_script(tmp_path):
+    """The script run by bash (the worker's interpreter replaced by printf): quotes, $(...),
+    backticks and newlines in the job file's path, an --set override and slurm.env reach the
+    worker as they are, and run nothing; an --set override of a secret field is not in it."""
+    trap = "'; touch INJECTED_QUOTE; echo '$(touch INJECTED_SUBSTITUTION)`touch INJECTED_BACKTICK`;"
+    folder = tmp_path / f"jobs {trap}"
+    folder.mkdir()
+    env_value = f"a\nb {trap}"
+    spec = {
+        "input": {"path": "in.jsonl"},
+        "output": {"path": f"out {trap}"},
+        "rollout": {"template": "[[DOCUMENT]]"},
+        "inference": {"server_type": "vllm", "model_name_or_path": "m"},
+        "slurm": {
+            "account": f"acct{trap}",
+            "env": {"OTHER": env_value},
+            "setup": ['printf %s "$OTHER" > env_value'],
+        },
+    }
+    template = f"line one\nline two {trap}\n[[DOCUMENT]]"
+    key = "sk-slurm-SECRET-0123456789"
+    overrides = ["--set", f"rollout.template={template}", "--set", f"inference.api_key={key}"]
+    overrides += ["--set", "inference.model_kwargs={server_env: {HF_TOKEN: hf-SECRET-42}}"]
+    result = dry_run(tmp_path, spec, *overrides, job_file=folder / "job.yaml")
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert key not in script and "hf-SECRET-42" not in script
+    out = f"{folder}/out {trap}"  # relative to the job file's folder
+    export = "export INFERMILL_SECRET_OVERRIDES_FILE="
+    (line,) = [line for line in script.splitlines() if line.startswith(export)]  # the file's path, quoted
+    assert shlex.split(line[len(export) :])[0].startswith(f"{out}/_infermill/slurm/infermill-out_")
+    worker = f"{shlex.quote(PYTHON)} -m infermill run "
+    assert script.count(worker) == 1
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    (sandbox / "script.sh").write_text(script.replace(worker, f"printf '%s\\0' {worker}"))
+    ran = subprocess.run(["bash", "script.sh"], cwd=sandbox, capture_output=True, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    assert not list(tmp_path.rglob("INJECTED*"))
+    assert (sandbox / "env_value").read_text() == env_value
+    argv = ran.stdout.split(b"\n", 1)[1].decode().split("\0")[:-1]  # after the echo line
+    job = str(folder / "job.yaml")
+    assert argv == [PYTHON, "-m", "infermill", "run", job, "--worker", "--max-unit-attempts", "3", "--set",
+                    f"rollout.template={template}"]  # fmt: skip
+
+
 def test_without_sbatch_the_error_says_slurm_is_needed_and_nothing_is_written(tmp_path):
     job = QueueJob(tmp_path, docs=10, rpc=5)
     job.env["PATH"] = str(tmp_path / "no-slurm-here")
@@ -191,6 +270,22 @@ def test_sbatch_refusing_is_one_error_line_quoting_it(tmp_path, slurm):
     assert len(errors) == 1, result.stderr
     assert errors[0].startswith("error: sbatch refused ") and "invalid partition" in errors[0], errors
     assert "no-such-partition" in errors[0]
+
+
+def test_secret_overrides_reach_the_tasks_in_a_file_only_its_owner_reads_never_the_script(tmp_path, slurm, endpoint):
+    url, stats = endpoint
+    job = QueueJob(tmp_path, docs=200, rpc=50, conc=4, inference=ENDPOINT_JOB)
+    key, overrides = secret_overrides(url)
+    result = job.run("--executor", "slurm", "--workers", "2", "--wait", *overrides)
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    assert server_stats(stats)["authorization"] == {f"Bearer {key}": 200}  # the tasks sent the key
+    folder = job.output / "_infermill" / "slurm"
+    script = (folder / "infermill-out.sbatch").read_text()
+    assert key not in script and url not in script
+    (secrets_file,) = folder.glob("*.secrets")
+    assert secrets_file.stat().st_mode & 0o777 == 0o600
+    assert f"INFERMILL_SECRET_OVERRIDES_FILE={secrets_file}" in script
 
 
 def test_an_array_of_three_workers_drains_2000_documents_each_once(tmp_path, slurm):

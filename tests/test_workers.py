@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import PYTHON
-from helpers import FAULTY_SERVER, read_jsonl, wait_until
+from helpers import FAULTY_SERVER, read_jsonl, server_stats, wait_until
 
 TIMEOUT = 120
 
@@ -325,3 +326,56 @@ def test_a_second_ctrl_c_stops_every_worker_and_every_process_of_their_servers_a
         proc.kill()
     tag = os.environ[TAG_VARIABLE]
     wait_until(lambda: not _tagged_processes(tag), 10, "every worker, server and server child to be gone")
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+#: a job against an endpoint that is not there: the --set overrides of the test give the real one
+ENDPOINT_JOB = {"server_type": "endpoint", "endpoint_url": "http://127.0.0.1:9/v1", "model_kwargs": None}
+
+
+def secret_overrides(url: str) -> tuple[str, list[str]]:
+    """An API key of its own, and ``--set`` overrides giving it and the endpoint ``url`` (both secret fields)."""
+    key = f"sk-test-{uuid.uuid4().hex}"
+    return key, ["--set", f"inference.api_key={key}", "--set", f"inference.endpoint_url={url}"]
+
+
+def command_lines_holding(*needles: str, but: int) -> list[str]:
+    """The command lines of this machine's processes (but process ``but``) holding one of ``needles``."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if process.info["pid"] != but and any(needle in line for needle in needles):
+            found.append(f"{process.info['pid']}: {line}")
+    return found
+
+
+def test_secret_overrides_reach_the_workers_through_their_environment_never_a_command_line(tmp_path, endpoint):
+    url, stats = endpoint
+    job = QueueJob(tmp_path, docs=400, rpc=50, conc=2, inference=ENDPOINT_JOB)
+    key, overrides = secret_overrides(url)
+    proc = job.start("--workers", "2", *overrides)
+    try:
+        wait_until(lambda: len(workers_of(proc)) == 2, TIMEOUT, "both workers started")
+        # the parent's own command line holds them (the user typed it): no other process's does
+        assert command_lines_holding(key, url, but=proc.pid) == []
+        assert proc.wait(timeout=TIMEOUT) == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        proc.kill()
+    job.check_exactly_once()
+    assert server_stats(stats)["authorization"] == {f"Bearer {key}": 400}  # the workers sent the key
+
+
+def test_a_workers_server_does_not_inherit_the_secret_overrides_in_its_environment(tmp_path):
+    job = QueueJob(tmp_path, docs=400, rpc=50, conc=2, directives="sleep:0.05")
+    key = f"sk-test-{uuid.uuid4().hex}"
+    proc = job.start("--workers", "2", "--set", f"inference.api_key={key}")
+    try:
+        wait_until(lambda: job.queue.exists() and job.status()["units_in_progress"] >= 2, TIMEOUT, "both at work")
+        servers = [server for worker in workers_of(proc) for server in worker.children()]
+        assert len(servers) == 2
+        assert [server for server in servers if key in str(server.environ())] == []
+        assert proc.wait(timeout=TIMEOUT) == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        proc.kill()
+    job.check_exactly_once()

@@ -24,7 +24,7 @@ from infermill.errors import (
     UnitsFailedError,
 )
 from infermill.eventloop import run_coroutine
-from infermill.jobfile import JobConfig, load_job
+from infermill.jobfile import JobConfig, load_job, secret_overrides_from_parent, split_secret_overrides
 from infermill.layout import is_remote
 
 if TYPE_CHECKING:
@@ -115,8 +115,11 @@ def _summary(stats: dict[str, Any], output: str) -> None:
     _console().print(summary_table(stats, title=f"infermill run: {escape(output)}"))
 
 
-def _load(job_file: str, overrides: tuple[str, ...]) -> JobConfig:
+def _load(job_file: str, overrides: tuple[str, ...], worker: bool = False) -> JobConfig:
+    """The job; a ``worker`` adds the overrides of secret fields its command passed it."""
     try:
+        if worker:
+            overrides = (*overrides, *secret_overrides_from_parent())
         return load_job(job_file, overrides)
     except ConfigError as e:
         _error(e)
@@ -257,7 +260,7 @@ def run(
         os.environ[LOG_FORMAT_ENV] = log_format  # every process started from here (servers, workers) inherits it
         _setup_logging(logging.getLogger().level <= logging.DEBUG, log_format)
     json_logs = log_format == "json" or (log_format is None and os.environ.get(LOG_FORMAT_ENV) == "json")
-    job = _load(job_file, overrides)
+    job = _load(job_file, overrides, worker=as_worker)
     if metrics_port is not None:
         job.inference.metrics_port = metrics_port
     if job.inference.metrics_port is not None and job.inference.metrics_port + workers - 1 > 65535:
@@ -421,13 +424,15 @@ def _run_executor(
     from infermill.progress import log_interval
     from infermill.worker import QueueOptions, failed_units_error, open_queue, read_stats
 
-    command = worker_command(job_file, overrides, worker_options)
+    public, secret = split_secret_overrides(overrides)  # those of secret fields never go on a command line
+    command = worker_command(job_file, public, worker_options)
+    nodes = node_command(job_file, public)
     try:
         if executor == "slurm" and dry_run:  # nothing planned, written or submitted
             from infermill.executors.slurm import run_slurm
 
-            nodes = node_command(job_file, overrides)
-            return run_slurm(job, command, workers, job.layout(), wait=False, dry_run=True, node_command=nodes) or 0
+            layout = job.layout()
+            return run_slurm(job, command, workers, layout, secret, wait=False, dry_run=True, node_command=nodes) or 0
         if executor == "slurm":  # before the job is planned: without sbatch, nothing is written
             from infermill.executors.slurm import require_slurm
 
@@ -459,20 +464,21 @@ def _run_executor(
             interval = log_interval(job.inference)
             codes = run_coroutine(
                 _interruptible(
-                    _with_progress(run_workers(command, workers, gpus, max_worker_restarts), queue, interval)
+                    _with_progress(run_workers(command, secret, workers, gpus, max_worker_restarts), queue, interval)
                 )
             )
         elif executor == "slurm":
             from infermill.executors.slurm import run_slurm
 
-            nodes = node_command(job_file, overrides)
-            submitted = run_slurm(job, command, workers, runner.layout, wait=wait, dry_run=False, node_command=nodes)
+            submitted = run_slurm(
+                job, command, workers, runner.layout, secret, wait=wait, dry_run=False, node_command=nodes
+            )
             if submitted is not None:
                 return submitted
         else:
             from infermill.executors.ray import run_ray
 
-            codes = run_ray(job, command, workers, max_worker_restarts, ray_address)
+            codes = run_ray(job, command, secret, workers, max_worker_restarts, ray_address)
     except KeyboardInterrupt:
         _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         return EXIT_INTERRUPTED
@@ -506,7 +512,7 @@ def node(job_file: str, overrides: tuple[str, ...], node_rank: int | None) -> No
     until SIGTERM; the Slurm script starts it on the worker's other nodes."""
     from infermill.servers.multinode import run_node
 
-    job = _load(job_file, overrides)
+    job = _load(job_file, overrides, worker=True)
     if node_rank is None:
         node_rank = int(os.environ.get("SLURM_PROCID", "0")) + 1  # srun over the nodes after the first
     if job.inference.server_log_folder is None:  # beside the worker's server log

@@ -22,14 +22,17 @@ typed on a command line.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from infermill.config import InferenceConfig, config_error, one_of
+from infermill.config import SECRET_FIELDS, InferenceConfig, config_error, one_of
 from infermill.errors import ConfigError
 from infermill.io.readers import INPUT_FORMATS
 from infermill.io.writers import COMPRESSION_SUFFIX, WRITERS, ParquetWriter
@@ -38,6 +41,23 @@ from infermill.layout import JobLayout
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _one_line(value: str) -> str:
+    if found := _CONTROL_CHARACTER.search(value):
+        raise ValueError(
+            f"holds a control character ({found.group()!r}), which would break its line of the Slurm script: remove it"
+        )
+    return value
+
+
+#: a value the Slurm script writes as it is on an ``#SBATCH`` or comment line, where a newline
+#: would end that line and run the rest as a shell command (and sbatch would ignore the
+#: ``#SBATCH`` lines after it): no control character
+OneLine = Annotated[str, AfterValidator(_one_line)]
 
 
 class InputSection(_Section):
@@ -54,7 +74,7 @@ class InputSection(_Section):
 
 
 class OutputSection(_Section):
-    path: str
+    path: OneLine
     format: str = "jsonl"
     compression: str | None = None
     filename: str | None = Field(None, description="Template with ${rank} and ${chunk_index}.")
@@ -117,7 +137,7 @@ class RunnerSection(_Section):
 
 
 class CheckpointSection(_Section):
-    dir: str | None = None
+    dir: OneLine | None = None
     records_per_chunk: int = Field(6000, ge=1)
     lease_timeout_sec: float = Field(
         120.0, gt=0, description="A unit whose worker did not renew its lease for this long is taken over."
@@ -127,14 +147,14 @@ class CheckpointSection(_Section):
 class SlurmSection(_Section):
     """How ``--executor slurm`` asks Slurm for each worker (an array task)."""
 
-    partition: str | None = None
+    partition: OneLine | None = None
     gpus_per_worker: int | None = Field(None, ge=0)
     cpus_per_worker: int | None = Field(None, ge=1)
-    mem: str | None = Field(None, description="Memory per worker, as sbatch takes it: '64G'.")
-    time: str | None = Field(None, description="Time limit per worker, as sbatch takes it: '1-00:00:00'.")
-    qos: str | None = None
-    account: str | None = None
-    sbatch_args: list[str] = Field(default_factory=list, description="Extra #SBATCH lines, e.g. '--exclusive'.")
+    mem: OneLine | None = Field(None, description="Memory per worker, as sbatch takes it: '64G'.")
+    time: OneLine | None = Field(None, description="Time limit per worker, as sbatch takes it: '1-00:00:00'.")
+    qos: OneLine | None = None
+    account: OneLine | None = None
+    sbatch_args: list[OneLine] = Field(default_factory=list, description="Extra #SBATCH lines, e.g. '--exclusive'.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every worker.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run before each worker starts.")
 
@@ -187,6 +207,61 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if not isinstance(target, dict):  # the key only, not the value: it may be a secret
             raise ConfigError(f"--set {key}: {part} is not a section")
     target[parts[-1]] = yaml.safe_load(raw) if raw else ""
+
+
+#: how a command passes its workers the ``--set`` overrides of secret fields, never on their
+#: command lines (which ``ps`` shows every user) nor in a Slurm script: this environment
+#: variable holds them (a JSON list of ``KEY=VALUE``) ...
+SECRET_OVERRIDES_ENV = "INFERMILL_SECRET_OVERRIDES"
+#: ... or this one names a file (mode 0600) that holds them: a Slurm task's, written at submission
+SECRET_OVERRIDES_FILE_ENV = "INFERMILL_SECRET_OVERRIDES_FILE"
+
+
+def split_secret_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``overrides`` as (the others, those of secret fields). Secret: an assignment to a field of
+    :data:`~infermill.config.SECRET_FIELDS` or within one (``inference.model_kwargs.server_env.X``),
+    to the whole ``inference`` section, or, after that, to any of its fields: a worker applies
+    the secret ones after the others, and gets the job that the order given makes."""
+    public: list[str] = []
+    secret: list[str] = []
+    whole_section = False
+    for assignment in overrides:
+        parts = assignment.partition("=")[0].split(".")
+        if parts[0] == "inference" and (len(parts) == 1 or whole_section or parts[1] in SECRET_FIELDS):
+            whole_section = whole_section or len(parts) == 1
+            secret.append(assignment)
+        else:
+            public.append(assignment)
+    return public, secret
+
+
+def encode_secret_overrides(secret: Sequence[str]) -> str:
+    """The text of :data:`SECRET_OVERRIDES_ENV` or of its file."""
+    return json.dumps(list(secret))
+
+
+def secret_overrides_from_parent() -> list[str]:
+    """The ``--set`` overrides of secret fields that a worker's command passed it (see
+    :data:`SECRET_OVERRIDES_ENV`), taken out of this process's environment so that its own
+    children (its server) do not inherit them; a ConfigError if they cannot be read."""
+    path = os.environ.get(SECRET_OVERRIDES_FILE_ENV)
+    text = os.environ.pop(SECRET_OVERRIDES_ENV, "[]")
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read {path} ({SECRET_OVERRIDES_FILE_ENV}), the --set overrides of secret fields this worker "
+                f"was submitted with: {e.strerror}. Run the same command again to submit new workers"
+            ) from None
+    try:
+        overrides = json.loads(text)
+    except ValueError:
+        overrides = None
+    if not isinstance(overrides, list) or not all(isinstance(item, str) for item in overrides):
+        source = path or SECRET_OVERRIDES_ENV  # its content not shown: it holds secrets
+        raise ConfigError(f"{source}: not a JSON list of KEY=VALUE (the --set overrides of secret fields)")
+    return overrides
 
 
 #: the job file's fields that hold a path (or a list of them) infermill itself opens

@@ -45,18 +45,26 @@ class _Slot:
 
 
 async def run_workers(
-    command: Sequence[str], workers: int, gpus: list[str | None], max_worker_restarts: int
+    command: Sequence[str],
+    secret_overrides: Sequence[str],
+    workers: int,
+    gpus: list[str | None],
+    max_worker_restarts: int,
 ) -> list[int]:
     """Run ``workers`` copies of ``command`` (argv of one worker), the i-th with
-    ``CUDA_VISIBLE_DEVICES=gpus[i]``; replace one that dies (not one that ends with a code of
+    ``CUDA_VISIBLE_DEVICES=gpus[i]`` and ``secret_overrides`` (``--set`` overrides of secret
+    fields) in its environment; replace one that dies (not one that ends with a code of
     :data:`FINAL_EXIT_CODES`) up to ``max_worker_restarts`` times in all. Returns the final
     exit codes. Cancelling it stops the workers (SIGTERM, then SIGKILL after a grace)."""
+    from infermill.jobfile import SECRET_OVERRIDES_ENV, encode_secret_overrides
+
+    environment = {**os.environ, SECRET_OVERRIDES_ENV: encode_secret_overrides(secret_overrides)}
     slots = [_Slot(i, gpus[i]) for i in range(workers)]
     restarts = 0
     running: dict[asyncio.Task[int], _Slot] = {}
     try:
         for slot in slots:
-            running[asyncio.create_task(_start_and_wait(slot, command))] = slot
+            running[asyncio.create_task(_start_and_wait(slot, command, environment))] = slot
         while running:
             finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in finished:
@@ -73,7 +81,7 @@ async def run_workers(
                         restarts,
                         max_worker_restarts,
                     )
-                    running[asyncio.create_task(_start_and_wait(slot, command))] = slot
+                    running[asyncio.create_task(_start_and_wait(slot, command, environment))] = slot
                 else:
                     logger.error(
                         "worker %d exited with code %d; no restarts left (--max-worker-restarts %d)",
@@ -87,8 +95,8 @@ async def run_workers(
     return [slot.exit_code if slot.exit_code is not None else 1 for slot in slots]
 
 
-async def _start_and_wait(slot: _Slot, command: Sequence[str]) -> int:
-    env = dict(os.environ)
+async def _start_and_wait(slot: _Slot, command: Sequence[str], environment: dict[str, str]) -> int:
+    env = dict(environment)
     if slot.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpus
     env["INFERMILL_WORKER_INDEX"] = str(slot.index)

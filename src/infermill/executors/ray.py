@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from infermill.errors import ConfigError, InfermillError
@@ -145,15 +145,25 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def run_ray(job: Any, command: list[str], workers: int, max_worker_restarts: int, address: str) -> list[int]:
-    """Run ``workers`` workers (each ``command``) as Ray tasks on the cluster at ``address``;
-    replace one that dies up to ``max_worker_restarts`` times in all; return their final exit
-    codes. A ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM during the run) stops them first."""
+def run_ray(
+    job: Any,
+    command: list[str],
+    secret_overrides: Sequence[str],
+    workers: int,
+    max_worker_restarts: int,
+    address: str,
+) -> list[int]:
+    """Run ``workers`` workers (each ``command``, with ``secret_overrides`` in its environment)
+    as Ray tasks on the cluster at ``address``; replace one that dies up to
+    ``max_worker_restarts`` times in all; return their final exit codes. A ``KeyboardInterrupt``
+    (Ctrl-C, or SIGTERM during the run) stops them first."""
     from infermill.executors.local import FINAL_EXIT_CODES
+    from infermill.jobfile import SECRET_OVERRIDES_ENV, encode_secret_overrides
 
     ray = require_ray()
     resources = worker_resources(job)
-    env = dict(job.ray.env)
+    # the task's argument, then its worker's environment: not a runtime_env, which Ray's dashboard shows
+    env = {**job.ray.env, SECRET_OVERRIDES_ENV: encode_secret_overrides(secret_overrides)}
     with connected(ray, address), _sigterm_as_interrupt():
         task = ray.remote(run_worker_task)
         codes: list[int | None] = [None] * workers

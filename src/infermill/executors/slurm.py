@@ -39,21 +39,27 @@ same interpreter (``sys.executable`` of the submitting command) and job file at 
 paths on every node, and the output folder on a file system every node mounts (see the
 README: "What the shared folder must offer"). sbatch passes the submitting environment on
 (its default ``--export=ALL``); ``slurm.env`` adds to it and ``slurm.setup`` lines run first.
+The ``--set`` overrides of secret fields are never in the script: they go to a file beside it,
+mode 0600, whose path the script exports (:data:`~infermill.jobfile.SECRET_OVERRIDES_FILE_ENV`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from infermill.errors import ConfigError, InfermillError
+from infermill.jobfile import SECRET_OVERRIDES_FILE_ENV, encode_secret_overrides
 
 logger = logging.getLogger("infermill.executors.slurm")
 
@@ -75,10 +81,21 @@ def job_name(output_path: str) -> str:
     return "infermill-" + re.sub(r"[^A-Za-z0-9._-]", "_", base)
 
 
-def sbatch_script(job: Any, command: Sequence[str], workers: int, layout: Any, node_command: Sequence[str] = ()) -> str:
+def sbatch_script(
+    job: Any,
+    command: Sequence[str],
+    workers: int,
+    layout: Any,
+    node_command: Sequence[str] = (),
+    secrets_file: Path | None = None,
+) -> str:
     """The sbatch script of an array of ``workers`` tasks, each running ``command`` (see the
     module docstring); with ``inference.nodes_per_worker`` > 1, ``node_command`` (``infermill
-    node JOB``) runs the engine's processes on each task's other nodes."""
+    node JOB``) runs the engine's processes on each task's other nodes. ``secrets_file`` holds
+    the ``--set`` overrides of secret fields, which the script names but never holds.
+
+    Every value is either shell-quoted or, on an ``#SBATCH`` or comment line, free of control
+    characters (the job file's ``OneLine`` fields), so none can start a line of its own."""
     slurm = job.slurm
     gpus = slurm.gpus_per_worker if slurm.gpus_per_worker is not None else job.inference.gpus_per_worker
     nodes = job.inference.nodes_per_worker
@@ -112,6 +129,11 @@ def sbatch_script(job: Any, command: Sequence[str], workers: int, layout: Any, n
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise ConfigError(f"slurm.env: {name!r} is not an environment variable name")
         lines.append(f"export {name}={shlex.quote(value)}")
+    if secrets_file is not None:
+        lines += [
+            "# the --set overrides of secret fields: in this file, which only its owner reads, never in this script",
+            f"export {SECRET_OVERRIDES_FILE_ENV}={shlex.quote(str(secrets_file))}",
+        ]
     lines += slurm.setup
     lines += [
         'echo "infermill worker: Slurm task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} on $(hostname),'
@@ -180,22 +202,30 @@ def run_slurm(
     command: list[str],
     workers: int,
     layout: Any,
+    secret_overrides: Sequence[str] = (),
     *,
     wait: bool,
     dry_run: bool,
     node_command: Sequence[str] = (),
 ) -> int | None:
     """Submit (or, with ``dry_run``, print) an sbatch array of ``workers`` tasks, each running
-    ``command``; return an exit code to exit with at once, or None once the array ended (``wait``)."""
-    script = sbatch_script(job, command, workers, layout, node_command)
+    ``command``; return an exit code to exit with at once, or None once the array ended (``wait``).
+    ``secret_overrides`` reach the tasks in a file of their own, mode 0600 (one per submission:
+    an earlier array's requeued tasks still read theirs)."""
+    folder = layout.root / "slurm"
+    name = job_name(job.output.path)
+    secrets_file = folder / f"{name}.{secrets.token_hex(4)}.secrets" if secret_overrides else None
+    script = sbatch_script(job, command, workers, layout, node_command, secrets_file)
     if dry_run:
         sys.stdout.write(script)
         return 0
     sbatch = _tool("sbatch")
-    folder = layout.root / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
     layout.logs.mkdir(parents=True, exist_ok=True)  # Slurm does not make the folder of --output
-    path = folder / f"{job_name(job.output.path)}.sbatch"
+    if secrets_file is not None:
+        with open(os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(encode_secret_overrides(secret_overrides))
+    path = folder / f"{name}.sbatch"
     path.write_text(script)
     result = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
