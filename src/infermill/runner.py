@@ -653,14 +653,16 @@ class _Run:
                                         adaptive.record(took)
                                     if latency is not None:
                                         latency.observe(took)
+                            except RequestError as e:
+                                if adaptive is not None and overloaded(e):  # before the slot is given back
+                                    adaptive.back_off(e.retry_after if isinstance(e, RetryableError) else None)
+                                raise
                             finally:
                                 stats.requests_in_flight -= 1
                     finally:
                         stats.requests_pending -= 1
                     result = parse_reply(reply, chat)
                 except RequestError as e:
-                    if adaptive is not None and overloaded(e):
-                        adaptive.back_off(e.retry_after if isinstance(e, RetryableError) else None)
                     decision = policy.decide(e, spent + 1, server.state is ServerState.READY)
                     if decision.action is RetryAction.WAIT_FOR_SERVER:
                         stats.requests_pending += 1  # queued again, for the restarted server
@@ -709,7 +711,9 @@ def make_slots(config: InferenceConfig) -> asyncio.Semaphore | AdaptiveLimit:
     per server (the servers share it, each request going to the least loaded)."""
     servers = config.servers_per_worker
     if config.adaptive_concurrency:
-        return AdaptiveLimit(maximum=config.concurrent_generations, minimum=servers)
+        return AdaptiveLimit(
+            maximum=config.concurrent_generations, minimum=servers, max_pause=config.request_backoff_max_sec
+        )
     return asyncio.Semaphore(config.concurrent_generations)
 
 
