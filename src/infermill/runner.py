@@ -591,24 +591,25 @@ class _Run:
         return data
 
     async def _rollout(self, document: Document, index: int, rollout_index: int, affinity: Affinity | None) -> Any:
+        generate, last_payload = self._make_generate(document, index, rollout_index, affinity)
         try:
-            return await self.runner.rollout_fn(
-                document, self._make_generate(document, index, rollout_index, affinity), **self.context
-            )
+            return await self.runner.rollout_fn(document, generate, **self.context)
         except asyncio.CancelledError as error:
             if _cancelled_from_outside():
                 raise
             # the rollout raised it itself (e.g. it awaited a generate() it had cancelled): treat it as
             # any other exception, or the document would silently vanish and its worker with it
-            raise InferenceError(document, error, context="rollout_fn raised") from None
+            raise InferenceError(document, error, last_payload(), context="rollout_fn raised") from None
         except (InferenceError, ServerError):
             raise
         except Exception as e:
-            raise InferenceError(document, e, context="rollout_fn raised") from e
+            raise InferenceError(document, e, last_payload(), context="rollout_fn raised") from e
 
     def _make_generate(
         self, document: Document, index: int, rollout_index: int, affinity: Affinity | None = None
-    ) -> Generate:
+    ) -> tuple[Generate, Callable[[], dict[str, Any] | None]]:
+        """The rollout's ``generate``, and what returns the payload it was last called with (None
+        before the first call): what an error of the rollout shows."""
         config, stats, journal, slots = self.config, self.stats, self.journal, self.slots
         adaptive = slots if isinstance(slots, AdaptiveLimit) else None
         server = self.server
@@ -619,10 +620,13 @@ class _Run:
         latency, reply_latency = self.latency, self.reply_latency
         timed = adaptive is not None or latency is not None
         seen: dict[bytes, int] = {}
+        last: dict[str, Any] | None = None
 
         async def generate(payload: dict[str, Any], *, path: str | None = None) -> InferenceResult:
             """``payload`` (over the config's defaults) to the chat or completions endpoint, per
             ``use_chat``, or to ``path`` (``/v1/chat/completions`` or ``/v1/completions``)."""
+            nonlocal last
+            last = payload
             chat = is_chat(path, use_chat)
             data = orjson.dumps({**base, **payload})
             occurrence = seen[data] = seen.get(data, -1) + 1
@@ -688,7 +692,7 @@ class _Run:
                     reply_latency.observe(time.monotonic() - called)
                 return result
 
-        return generate
+        return generate, lambda: last
 
     def _record_failure(self, doc_id: str, error: BaseException, payload: dict[str, Any] | None) -> None:
         if self._failures is None:
