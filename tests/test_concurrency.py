@@ -158,12 +158,12 @@ def test_retry_after_holds_every_request_back_until_it_passed():
         limit = AdaptiveLimit(maximum=10, initial=10, clock=clock)
         limit.back_off(retry_after=0.05)
         assert not limit.try_acquire()
-        waiter = asyncio.ensure_future(limit.__aenter__())
+        waiters = [asyncio.ensure_future(limit.__aenter__()) for _ in range(4)]
         await asyncio.sleep(0.01)
-        assert not waiter.done()
+        assert not any(w.done() for w in waiters)
         clock.now += 0.05  # the pause is over when the loop's timer fires
-        await asyncio.wait_for(waiter, 1.0)
-        assert limit.in_flight == 1
+        await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
+        assert limit.in_flight == 4  # all at once: the server said when it would be back, and is not probed
 
     asyncio.run(scenario())
 

@@ -28,8 +28,9 @@ replies that come in bursts do not upset, unlike counting replies per second):
   the limit: a multiplicative decrease, at most once per round trip (the other requests in
   flight at that moment fail too). With a ``Retry-After``, no request is sent until it has
   passed, or ``max_pause`` seconds at most (a server may ask for an hour, or for ever, and
-  be back in a second); then the limit is ``minimum`` until a reply comes (one request per
-  server probes whether it is back: if it is refused, another pause).
+  be back in a second); after a pause so cut short the limit is ``minimum`` until a reply
+  comes (one request per server probes whether the server is back; if it is refused, another
+  pause).
 * **Recover.** The first cut of an episode of back-offs is what the server was serving; a
   storm of them (a server restarting, an overloaded moment) may cut the limit to
   ``minimum``. Afterwards the limit returns to that first cut: at once when a probe after a
@@ -104,7 +105,7 @@ class AdaptiveLimit:
         self._quiet_until = 0.0  # no back-off before: the last one's round trip is not over
         self._recover_to = 0  # recovering: the limit to return to (the first cut of the back-offs)
         self._then = START  # recovering: the phase to go on with
-        self._probing = False  # after a pause: the limit is the minimum until a reply comes
+        self._probing = False  # after a pause cut short: the limit is the minimum until a reply comes
 
     # -- the semaphore's interface --------------------------------------------------------
 
@@ -183,20 +184,17 @@ class AdaptiveLimit:
         before ``retry_after`` seconds (``max_pause`` at most). Call it before the failed
         request's slot is given back, or a waiting request takes the slot before the pause."""
         now = self.clock()
-        paused = retry_after is not None and retry_after > 0  # not NaN either
-        if paused:
-            assert retry_after is not None
+        capped = False
+        if retry_after is not None and retry_after > 0:  # not NaN either
+            capped = retry_after > self.max_pause
             self._paused_until = max(self._paused_until, now + min(retry_after, self.max_pause))
             self._wake_after_pause()
-        if now < self._quiet_until and (self._probing or not paused):
+        if now < self._quiet_until and (self._probing or not capped):
             return  # one back-off per round trip: the requests already in flight fail as well
         self._quiet_until = now + (self.baseline or 0.0)
         self.back_offs += 1
         served = math.ceil(self._throughput * (self.baseline or 0.0))
-        cut = min(
-            self.maximum,
-            max(self.minimum, math.floor(self.limit * BACKOFF_MOST), min(math.floor(self.limit * BACKOFF), served)),
-        )
+        cut = max(self.minimum, math.floor(self.limit * BACKOFF_MOST), min(math.floor(self.limit * BACKOFF), served))
         if self.phase != RECOVER:  # an episode of back-offs begins: what to return to after it
             if self.phase == START and self.baseline is None:
                 # nothing measured yet, so nothing known of the server's capacity: slow start goes on
@@ -204,7 +202,7 @@ class AdaptiveLimit:
             else:  # what the server was serving, then hold there
                 self._recover_to, self._then = cut, HOLD
             self.phase = RECOVER
-        self._probing = self._probing or paused
+        self._probing = self._probing or capped
         self._set(self.minimum if self._probing else cut, "paused, then a probe" if self._probing else "overloaded")
 
     # -- the rule -----------------------------------------------------------------------------
