@@ -3,10 +3,12 @@ one with a capacity knee, one with a rate limit."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from helpers import FAST, FAULTY_SERVER, echo_rollout, read_jsonl, server_stats
 from infermill import Document, InferenceConfig
+from infermill.eventloop import run_coroutine
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
 
@@ -53,3 +55,25 @@ def test_auto_concurrency_against_a_rate_limit_backs_off_and_fails_no_document(t
     assert stats["adaptive_concurrency"]["back_offs"] >= 1  # ...and backed off
     assert stats["documents_failed"] == 0 and stats["requests_failed"] == 0
     assert server["by_outcome"]["200"] == 400
+
+
+def test_a_burst_of_429s_asking_for_an_hour_pauses_request_backoff_max_sec_then_one_request_probes(
+    tmp_path, stats_file, no_orphans
+):
+    # the first 9 requests get 429 with Retry-After: 3600; then the server is healthy again. The
+    # first 8 (auto's initial limit) are in flight together; then a pause, capped; one probe,
+    # refused: another pause; the next probe is answered, and everything goes
+    config = auto_config(stats_file, directives="rate429:9:3600")
+    config.request_backoff_max_sec = 1.0
+    runner = InferenceRunner(echo_rollout, config, JsonlWriter(str(tmp_path / "out")), records_per_chunk=100_000)
+    documents = [Document(text=f"doc {i}", id=str(i)) for i in range(200)]
+
+    stats = run_coroutine(asyncio.wait_for(runner.run_async(documents), 30))  # not the hour
+
+    assert stats["documents_written"] == 200 and stats["documents_failed"] == 0
+    server = server_stats(stats_file)
+    assert server["by_outcome"] == {"429": 9, "200": 200}
+    arrivals = sorted(server["arrivals"]["rate429:9:3600"])
+    assert arrivals[7] - arrivals[0] < 0.9  # the first 8 together
+    assert arrivals[8] - arrivals[7] >= 0.9  # a pause of request_backoff_max_sec, then the probe alone...
+    assert arrivals[9] - arrivals[8] >= 0.9  # ...and, it being refused, the next after another pause

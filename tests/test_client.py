@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import pytest
@@ -187,6 +188,30 @@ async def test_503_with_retry_after_http_date_sets_retry_after_in_seconds(server
     with pytest.raises(RetryableError) as excinfo:
         await client.post(f"{server.url}/status/503?retry_after={when}", PAYLOAD)
     assert 25 <= excinfo.value.retry_after <= 31
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("inf", None),
+        ("nan", None),
+        ("-3", 0.0),
+        ("1e308", 1e308),  # finite: whoever waits caps it
+        ("9" * 400, None),  # float() makes it inf
+        ("Wed, 21 Oct 99999999999999999999 07:28:00 GMT", None),  # the date's year overflows
+        ("Fri, 31 Dec 9999 23:59:59 GMT", "far"),
+    ],
+)
+async def test_a_malformed_or_huge_retry_after_gives_a_busy_error_with_a_finite_delay_or_none(
+    server, client, header, seconds
+):
+    with pytest.raises(ServerBusyError) as excinfo:
+        await client.post(f"{server.url}/status/429?retry_after={urllib.parse.quote(header)}", PAYLOAD)
+    retry_after = excinfo.value.retry_after
+    if seconds == "far":
+        assert retry_after is not None and 2.5e11 < retry_after < 2.6e11
+    else:
+        assert retry_after == seconds
 
 
 async def test_500_without_retry_after_has_none(server, client):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
+import random
 from collections import deque
 from collections.abc import Callable
 
@@ -21,6 +23,9 @@ class FakeClock:
         return self.now
 
 
+REFUSED = -1.0  # "sent at" of a request the server refused (503)
+
+
 def simulate_knee(
     limit: AdaptiveLimit,
     clock: FakeClock,
@@ -28,10 +33,12 @@ def simulate_knee(
     service: float,
     seconds: float,
     demand: int | None = None,
+    refuse: Callable[[float], bool] | None = None,
 ) -> list[float]:
     """A client that keeps as many requests in flight as ``limit`` lets it (at most ``demand``)
     against a server that serves ``capacity`` (or ``capacity(now)``) at once, ``service``
-    seconds each, the others waiting in arrival order. Returns when each reply came."""
+    seconds each, the others waiting in arrival order, and refuses a request (503, a tenth of
+    ``service`` later) when ``refuse(now)``. Returns when each reply came."""
     capacity_at = capacity if callable(capacity) else lambda _: capacity
     running: list[tuple[float, int, float]] = []  # (finishes at, tie-breaker, sent at)
     waiting: deque[float] = deque()
@@ -39,7 +46,9 @@ def simulate_knee(
     sequence = 0
     while True:
         while (demand is None or limit.in_flight < demand) and limit.try_acquire():
-            if len(running) < capacity_at(clock.now):
+            if refuse is not None and refuse(clock.now):
+                heapq.heappush(running, (clock.now + service / 10, sequence, REFUSED))
+            elif len(running) < capacity_at(clock.now):
                 heapq.heappush(running, (clock.now + service, sequence, clock.now))
             else:
                 waiting.append(clock.now)
@@ -48,6 +57,10 @@ def simulate_knee(
         if finish > seconds:
             return replies
         clock.now = finish
+        if sent == REFUSED:
+            limit.back_off()  # before the slot is given back, as the runner does
+            limit.release()
+            continue
         if waiting and len(running) < capacity_at(clock.now):
             heapq.heappush(running, (finish + service, sequence, waiting.popleft()))
             sequence += 1
@@ -100,6 +113,29 @@ def test_a_server_that_slows_down_brings_the_limit_down():
     assert rate(replies, 60.0, 80.0) >= 0.95 * 160
 
 
+@pytest.mark.parametrize("storm_begins", [0.0, 20.0])
+def test_after_a_503_storm_the_limit_is_back_within_a_few_round_trips(storm_begins):
+    # a server with a knee at 64 (0.1 s per request: a round trip) answers 90% of the requests
+    # with 503 for 10 s, from the start or once the limit has settled; the limit falls to 1
+    clock = FakeClock()
+    limit = AdaptiveLimit(maximum=1024, clock=clock)
+    storm_ends = storm_begins + 10.0
+    dice = random.Random(7)
+    seen: list[tuple[float, int]] = []
+
+    def refuse(now: float) -> bool:
+        seen.append((now, limit.limit))
+        return storm_begins <= now < storm_ends and dice.random() < 0.9
+
+    replies = simulate_knee(limit, clock, 64, service=0.1, seconds=storm_ends + 30.0, refuse=refuse)
+    assert min(n for t, n in seen if storm_begins + 1 < t < storm_ends) <= 2  # the storm cut it down
+    # back: a second at the server's full rate (0.9 x 640 replies/s), counted in round trips after the storm
+    back = next(t for t in (storm_ends + i / 10 for i in range(300)) if rate(replies, t, t + 1.0) >= 576)
+    round_trips = (back + 1.0 - storm_ends) / 0.1
+    assert round_trips <= 30, round_trips
+    assert rate(replies, storm_ends + 20, storm_ends + 30) >= 0.95 * 640  # and stays there
+
+
 def test_back_off_cuts_the_limit_once_per_round_trip_within_bounds():
     clock = FakeClock()
     limit = AdaptiveLimit(maximum=1024, minimum=2, initial=100, clock=clock)
@@ -122,12 +158,59 @@ def test_retry_after_holds_every_request_back_until_it_passed():
         limit = AdaptiveLimit(maximum=10, initial=10, clock=clock)
         limit.back_off(retry_after=0.05)
         assert not limit.try_acquire()
-        waiter = asyncio.ensure_future(limit.__aenter__())
+        waiters = [asyncio.ensure_future(limit.__aenter__()) for _ in range(4)]
         await asyncio.sleep(0.01)
-        assert not waiter.done()
+        assert not any(w.done() for w in waiters)
         clock.now += 0.05  # the pause is over when the loop's timer fires
-        await asyncio.wait_for(waiter, 1.0)
-        assert limit.in_flight == 1
+        await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
+        assert limit.in_flight == 4  # all at once: the server said when it would be back, and is not probed
+
+    asyncio.run(scenario())
+
+
+def test_a_long_retry_after_pauses_for_max_pause_then_one_request_probes_before_the_others():
+    async def scenario() -> None:
+        clock = FakeClock()
+        limit = AdaptiveLimit(maximum=64, initial=16, clock=clock, max_pause=0.05)
+        for _ in range(16):
+            assert limit.try_acquire()
+        for _ in range(16):  # every request in flight is refused: come back in an hour
+            limit.back_off(retry_after=3600.0)
+            limit.release()
+        waiters = [asyncio.ensure_future(limit.__aenter__()) for _ in range(10)]
+        await asyncio.sleep(0.01)
+        assert not any(w.done() for w in waiters) and not limit.try_acquire()
+
+        async def probe_sent() -> asyncio.Future:
+            done, _ = await asyncio.wait(waiters, timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1, "no probe after max_pause"
+            waiters.remove(probe := done.pop())
+            await asyncio.sleep(0.1)  # time for a wrong wake-up to let more in
+            assert not any(w.done() for w in waiters) and limit.in_flight == 1
+            return probe
+
+        clock.now += 0.05  # max_pause passed, not the hour
+        await probe_sent()
+        limit.back_off(retry_after=3600.0)  # the probe is refused too: another pause, another probe
+        limit.release()
+        clock.now += 0.05
+        await probe_sent()
+        limit.record(0.01)  # the probe's reply: the server is back, every waiter goes
+        limit.release()
+        await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
+        assert limit.limit == 16 and limit.in_flight == 8  # the 8 still waiting
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("retry_after", [math.inf, 1e308, -1.0, math.nan, 0.0])
+def test_any_retry_after_pauses_for_max_pause_at_most(retry_after):
+    async def scenario() -> None:
+        clock = FakeClock()
+        limit = AdaptiveLimit(maximum=8, initial=8, clock=clock, max_pause=60.0)
+        limit.back_off(retry_after)
+        clock.now += 60.0
+        assert limit.try_acquire()  # the probe (or, without a pause, any request)
 
     asyncio.run(scenario())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from infermill.errors import (
@@ -9,6 +11,7 @@ from infermill.errors import (
     BadRequestError,
     RequestTimeoutError,
     RetryableError,
+    ServerBusyError,
     ServerConnectionError,
     ServerLostError,
     ServerUnreachableError,
@@ -48,3 +51,17 @@ def test_a_retryable_error_backs_off_exponentially_with_jitter_until_the_attempt
 def test_retry_after_wins_over_the_backoff_and_is_capped():
     assert POLICY.decide(RetryableError("HTTP 429", 429, retry_after=30.0), 1, True).delay == 30.0
     assert POLICY.decide(RetryableError("HTTP 503", 503, retry_after=1e6), 1, True).delay == MAX_RETRY_AFTER_SEC
+
+
+def test_with_auto_a_retry_after_of_an_overloaded_server_is_waited_in_the_adaptive_limits_pause():
+    adaptive = RetryPolicy(max_attempts=3, base_sec=1.0, max_sec=4.0, adaptive=True)
+    busy = ServerBusyError("HTTP 429", 429, retry_after=3600.0)
+    assert adaptive.decide(busy, 1, True).delay == 0.0  # the limit's pause (max_sec at most) holds it back
+    other = RetryableError("HTTP 500", 500, retry_after=30.0)  # no pause of the limit: waited alone
+    assert adaptive.decide(other, 1, True).delay == 30.0
+
+
+@pytest.mark.parametrize("retry_after", [math.nan, -1.0])
+def test_a_retry_after_that_is_no_delay_falls_back_to_the_backoff(retry_after):
+    delay = POLICY.decide(RetryableError("HTTP 503", 503, retry_after=retry_after), 1, True).delay
+    assert 0.5 <= delay <= 1.0

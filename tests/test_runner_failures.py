@@ -247,3 +247,26 @@ def test_a_result_that_cannot_be_written_as_json_fails_the_job_and_counts_the_do
 
     stats = run_stats(tmp_path / "out")
     assert (stats["documents_processed"], stats["documents_written"], stats["documents_failed"]) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("sent", [0, 1, 2])
+def test_a_rollout_failure_shows_the_last_payload_it_sent_abbreviated_or_no_payload_line(tmp_path, sent):
+    # e.g. a prompt key missing from the document (nothing sent), or a reply the rollout cannot parse
+    async def rollout(document, generate):
+        for turn in range(sent):
+            await generate(chat(f"turn {turn} " + "x" * 1000, max_tokens=7))
+        raise KeyError("prompt")
+
+    with pytest.raises(InferenceError) as caught:
+        InferenceRunner(rollout, dummy_config(), JsonlWriter(str(tmp_path / "out"))).run([Document(text="", id="d7")])
+
+    message = str(caught.value)
+    assert message.startswith("Failed to process document d7: rollout_fn raised KeyError: 'prompt'.")
+    assert "?" not in message
+    if not sent:
+        assert "Payload" not in message and caught.value.payload is None
+    else:
+        assert caught.value.payload == chat(f"turn {sent - 1} " + "x" * 1000, max_tokens=7)
+        shown = message.split(" Payload: ", 1)[1]
+        assert shown.startswith(f'{{"messages":[{{"role":"user","content":"turn {sent - 1} xxx')
+        assert len(shown) < 350 and shown.endswith(" chars)")  # its JSON cut to 300 characters

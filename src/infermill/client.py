@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import time
 from typing import Any
 
@@ -37,18 +38,19 @@ ERROR_BODY_CHARS = 500
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date); None if absent or bad."""
+    """Seconds from a ``Retry-After`` header (delta-seconds, fractions too, or an HTTP date; 0 for
+    a time past); None if absent or bad (``inf``, ``nan``, a date out of range). Not capped here:
+    whoever waits caps the wait."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a year of 20 digits
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def status_error(status: int, body: bytes, retry_after: str | None = None) -> RequestError:

@@ -27,7 +27,16 @@ replies that come in bursts do not upset, unlike counting replies per second):
   window's throughput x baseline latency), but between ``BACKOFF_MOST`` and ``BACKOFF`` times
   the limit: a multiplicative decrease, at most once per round trip (the other requests in
   flight at that moment fail too). With a ``Retry-After``, no request is sent until it has
-  passed.
+  passed, or ``max_pause`` seconds at most (a server may ask for an hour, or for ever, and
+  be back in a second); after a pause so cut short the limit is ``minimum`` until a reply
+  comes (one request per server probes whether the server is back; if it is refused, another
+  pause).
+* **Recover.** The first cut of an episode of back-offs is what the server was serving; a
+  storm of them (a server restarting, an overloaded moment) may cut the limit to
+  ``minimum``. Afterwards the limit returns to that first cut: at once when a probe after a
+  pause succeeds, else doubling after every round trip (``limit`` replies) without a
+  back-off, unmeasured; then it holds there. An episode that began in slow start before
+  anything was measured returns to the limit it began at, and slow start goes on.
 
 The limit stays within ``[minimum, maximum]``. Every step depends only on the replies and
 the injected ``clock``, so tests drive it without a server or sleeping.
@@ -54,18 +63,24 @@ PROBE_GAIN = 0.05  # what a probe must gain (up) or may lose (down) in throughpu
 WARM_UP = 2  # windows after a change that are not measured: the old limit's requests, and those queued behind them
 BACKOFF, BACKOFF_MOST = 0.9, 0.5  # a back-off keeps 90% of the limit at most, 50% at least
 
-START, HOLD, PROBE = "start", "hold", "probe"
+START, HOLD, PROBE, RECOVER = "start", "hold", "probe", "recover"
 
 
 class AdaptiveLimit:
     """A limit on requests in flight that adapts itself: see the module's docstring."""
 
     def __init__(
-        self, maximum: int, minimum: int = 1, initial: int | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        maximum: int,
+        minimum: int = 1,
+        initial: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_pause: float = 60.0,
     ):
         if not 1 <= minimum <= maximum:
             raise ValueError(f"need 1 <= minimum <= maximum, got {minimum} and {maximum}")
         self.minimum, self.maximum, self.clock = minimum, maximum, clock
+        self.max_pause = max_pause  # the longest a Retry-After pauses every request
         self.limit = self._initial = min(maximum, max(minimum, initial if initial is not None else 8 * minimum))
         self._doubted = False  # the knee may lie below the limit: probe downwards
         self._best = 0.0  # the highest throughput of a window
@@ -78,6 +93,7 @@ class AdaptiveLimit:
         self._timer: asyncio.TimerHandle | None = None  # wakes the waiters when the pause ends
         self._timer_at = 0.0
         self._window_start = clock()
+        self._window = max(self.limit, MIN_WINDOW)  # the replies that end a window
         self._replies = 0
         self._latency_sum = 0.0
         self._peak = 0  # the most in flight during the window
@@ -87,6 +103,9 @@ class AdaptiveLimit:
         self._before: tuple[int, float] | None = None  # (limit, throughput) before the last step
         self._throughput = 0.0  # the last window's replies/s
         self._quiet_until = 0.0  # no back-off before: the last one's round trip is not over
+        self._recover_to = 0  # recovering: the limit to return to (the first cut of the back-offs)
+        self._then = START  # recovering: the phase to go on with
+        self._probing = False  # after a pause cut short: the limit is the minimum until a reply comes
 
     # -- the semaphore's interface --------------------------------------------------------
 
@@ -157,25 +176,34 @@ class AdaptiveLimit:
         self._replies += 1
         self._latency_sum += latency
         self._in_flight_sum += self.in_flight
-        if self._replies >= self.limit and self._replies >= MIN_WINDOW:
+        if self._replies >= self._window:
             self._end_window(self.clock())
 
     def back_off(self, retry_after: float | None = None) -> None:
         """The server is overloaded (429, 503) or a request timed out: fewer requests, and none
-        before ``retry_after`` seconds."""
-        if retry_after:
-            self._paused_until = max(self._paused_until, self.clock() + retry_after)
-            self._wake_after_pause()
+        before ``retry_after`` seconds (``max_pause`` at most). Call it before the failed
+        request's slot is given back, or a waiting request takes the slot before the pause."""
         now = self.clock()
-        if now < self._quiet_until:
+        capped = False
+        if retry_after is not None and retry_after > 0:  # not NaN either
+            capped = retry_after > self.max_pause
+            self._paused_until = max(self._paused_until, now + min(retry_after, self.max_pause))
+            self._wake_after_pause()
+        if now < self._quiet_until and (self._probing or not capped):
             return  # one back-off per round trip: the requests already in flight fail as well
         self._quiet_until = now + (self.baseline or 0.0)
         self.back_offs += 1
-        self.phase, self._holds = HOLD, 0
         served = math.ceil(self._throughput * (self.baseline or 0.0))
-        self._set(
-            max(math.floor(self.limit * BACKOFF_MOST), min(math.floor(self.limit * BACKOFF), served)), "overloaded"
-        )
+        cut = max(self.minimum, math.floor(self.limit * BACKOFF_MOST), min(math.floor(self.limit * BACKOFF), served))
+        if self.phase != RECOVER:  # an episode of back-offs begins: what to return to after it
+            if self.phase == START and self.baseline is None:
+                # nothing measured yet, so nothing known of the server's capacity: slow start goes on
+                self._recover_to, self._then = self.limit, START
+            else:  # what the server was serving, then hold there
+                self._recover_to, self._then = cut, HOLD
+            self.phase = RECOVER
+        self._probing = self._probing or capped
+        self._set(self.minimum if self._probing else cut, "paused, then a probe" if self._probing else "overloaded")
 
     # -- the rule -----------------------------------------------------------------------------
 
@@ -185,10 +213,12 @@ class AdaptiveLimit:
             throughput = self._in_flight_sum / self._replies / latency
         else:
             throughput = self._replies / max(now - self._window_start, 1e-9)
-        self._in_flight_sum = 0
         filled = self._peak >= self.limit  # the demand reached the limit (else more would not help)
-        self._window_start, self._replies, self._latency_sum, self._peak = now, 0, 0.0, self.in_flight
+        self._new_window(now)
         self._throughput = throughput
+        if self.phase == RECOVER:
+            self._recover(now)
+            return
         if self._warming:
             self._warming -= 1
             return
@@ -232,14 +262,38 @@ class AdaptiveLimit:
             if not kept:
                 self._set(old_limit, "probe not kept")
 
+    def _recover(self, now: float) -> None:
+        """A window without a back-off while recovering: return towards the first cut."""
+        if self._probing:
+            if now < self._paused_until:
+                return  # a reply to a request sent before the pause
+            self._probing = False  # a reply after the pause: the server is back
+            limit = self._recover_to
+        else:
+            limit = min(self.limit * 2, self._recover_to)
+        if limit >= self._recover_to:
+            self.phase, self._holds, self._before = self._then, 0, None
+        self._set(limit, "recovering")
+
     def _set(self, limit: int, why: str) -> None:
+        """Set the limit (within the bounds) and begin a new window; a new limit is not measured
+        for ``WARM_UP`` windows."""
         limit = min(self.maximum, max(self.minimum, limit))
-        if limit == self.limit:
-            return
-        logger.debug("concurrency limit %d -> %d (%s)", self.limit, limit, why)
-        self.limit = limit
-        self._warming = WARM_UP
-        self._window_start, self._replies, self._latency_sum, self._peak = self.clock(), 0, 0.0, self.in_flight
-        self._in_flight_sum = 0
-        if self._waiters:
+        changed = limit != self.limit
+        if changed:
+            logger.debug("concurrency limit %d -> %d (%s)", self.limit, limit, why)
+            self.limit = limit
+            self._warming = WARM_UP
+        self._new_window(self.clock())
+        if changed and self._waiters:
             self._wake()
+
+    def _new_window(self, now: float) -> None:
+        self._window_start, self._replies, self._latency_sum, self._in_flight_sum = now, 0, 0.0, 0
+        self._peak = self.in_flight
+        if self._probing:
+            self._window = 1  # the first reply after the pause ends it
+        elif self.phase == RECOVER:
+            self._window = self.limit  # about one round trip
+        else:
+            self._window = max(self.limit, MIN_WINDOW)

@@ -127,8 +127,9 @@ class ServerLostError(ServerConnectionError):
 class InferenceError(InfermillError):
     """A document could not be processed. Carries the document, the cause as ``error`` (the
     exception itself, e.g. a ``BadRequestError`` or what the rollout raised, or a message), the
-    payload, and the attempts spent on it. ``context`` (e.g. ``rollout_fn raised``) goes before the
-    cause in the message."""
+    payload (the request that failed, or the last one the rollout sent before it raised; the
+    message shows it abbreviated, and nothing of it when there is none), and the attempts spent
+    on it. ``context`` (e.g. ``rollout_fn raised``) goes before the cause in the message."""
 
     def __init__(
         self,
@@ -149,10 +150,9 @@ class InferenceError(InfermillError):
                 cause = f"{type(error).__name__}: {cause}" if cause else type(error).__name__
             cause = f"{context} {cause}"
         gave_up = f" (gave up after {attempts} attempts)" if attempts is not None else ""
-        shown_payload = summarize_payload(payload, 300) if payload is not None else "?"
+        shown_payload = f" Payload: {summarize_payload(payload, 300)}" if payload is not None else ""
         super().__init__(
-            f"Failed to process document {doc_id if doc_id is not None else '?'}: {cause}{gave_up}. "
-            f"Payload: {shown_payload}"
+            f"Failed to process document {doc_id if doc_id is not None else '?'}: {cause}{gave_up}.{shown_payload}"
         )
 
 

@@ -54,15 +54,26 @@ class RetryPolicy:
     ``max_attempts`` counts the attempts the server could have answered: a request lost
     because its server failed (or sent while it was being restarted) is retried on the
     restarted server without spending one.
+
+    ``adaptive`` (``max_concurrent_generations: auto``): the adaptive limit pauses every request
+    of the worker for an overloaded server's ``Retry-After`` (see
+    :meth:`~infermill.concurrency.AdaptiveLimit.back_off`), so the refused request waits in
+    that pause, with the others, not on its own.
     """
 
     max_attempts: int = 6
     base_sec: float = 1.0
     max_sec: float = 60.0
+    adaptive: bool = False
 
     @classmethod
     def from_config(cls, config: InferenceConfig) -> RetryPolicy:
-        return cls(config.request_max_attempts, config.request_backoff_base_sec, config.request_backoff_max_sec)
+        return cls(
+            config.request_max_attempts,
+            config.request_backoff_base_sec,
+            config.request_backoff_max_sec,
+            config.adaptive_concurrency,
+        )
 
     def decide(self, error: RequestError, attempts: int, server_ready: bool) -> RetryDecision:
         """What to do after the ``attempts``-th attempt (spent ones, counted from 1) failed with
@@ -75,7 +86,10 @@ class RetryPolicy:
 
     def delay(self, attempts: int, error: RetryableError | None = None) -> float:
         """Seconds to wait before attempt ``attempts + 1``."""
-        if error is not None and error.retry_after is not None:
-            return min(float(error.retry_after), MAX_RETRY_AFTER_SEC)
+        retry_after = error.retry_after if error is not None else None
+        if error is not None and retry_after is not None and retry_after >= 0:  # not NaN
+            if self.adaptive and overloaded(error):
+                return 0.0  # the adaptive limit's pause holds the retry back
+            return min(float(retry_after), MAX_RETRY_AFTER_SEC)
         ceiling = min(self.max_sec, self.base_sec * 2 ** (attempts - 1))
         return random.uniform(ceiling / 2, ceiling)

@@ -591,24 +591,25 @@ class _Run:
         return data
 
     async def _rollout(self, document: Document, index: int, rollout_index: int, affinity: Affinity | None) -> Any:
+        generate, last_payload = self._make_generate(document, index, rollout_index, affinity)
         try:
-            return await self.runner.rollout_fn(
-                document, self._make_generate(document, index, rollout_index, affinity), **self.context
-            )
+            return await self.runner.rollout_fn(document, generate, **self.context)
         except asyncio.CancelledError as error:
             if _cancelled_from_outside():
                 raise
             # the rollout raised it itself (e.g. it awaited a generate() it had cancelled): treat it as
             # any other exception, or the document would silently vanish and its worker with it
-            raise InferenceError(document, error, context="rollout_fn raised") from None
+            raise InferenceError(document, error, last_payload(), context="rollout_fn raised") from None
         except (InferenceError, ServerError):
             raise
         except Exception as e:
-            raise InferenceError(document, e, context="rollout_fn raised") from e
+            raise InferenceError(document, e, last_payload(), context="rollout_fn raised") from e
 
     def _make_generate(
         self, document: Document, index: int, rollout_index: int, affinity: Affinity | None = None
-    ) -> Generate:
+    ) -> tuple[Generate, Callable[[], dict[str, Any] | None]]:
+        """The rollout's ``generate``, and what returns the payload it was last called with (None
+        before the first call): what an error of the rollout shows."""
         config, stats, journal, slots = self.config, self.stats, self.journal, self.slots
         adaptive = slots if isinstance(slots, AdaptiveLimit) else None
         server = self.server
@@ -619,10 +620,13 @@ class _Run:
         latency, reply_latency = self.latency, self.reply_latency
         timed = adaptive is not None or latency is not None
         seen: dict[bytes, int] = {}
+        last: dict[str, Any] | None = None
 
         async def generate(payload: dict[str, Any], *, path: str | None = None) -> InferenceResult:
             """``payload`` (over the config's defaults) to the chat or completions endpoint, per
             ``use_chat``, or to ``path`` (``/v1/chat/completions`` or ``/v1/completions``)."""
+            nonlocal last
+            last = payload
             chat = is_chat(path, use_chat)
             data = orjson.dumps({**base, **payload})
             occurrence = seen[data] = seen.get(data, -1) + 1
@@ -653,14 +657,16 @@ class _Run:
                                         adaptive.record(took)
                                     if latency is not None:
                                         latency.observe(took)
+                            except RequestError as e:
+                                if adaptive is not None and overloaded(e):  # before the slot is given back
+                                    adaptive.back_off(e.retry_after if isinstance(e, RetryableError) else None)
+                                raise
                             finally:
                                 stats.requests_in_flight -= 1
                     finally:
                         stats.requests_pending -= 1
                     result = parse_reply(reply, chat)
                 except RequestError as e:
-                    if adaptive is not None and overloaded(e):
-                        adaptive.back_off(e.retry_after if isinstance(e, RetryableError) else None)
                     decision = policy.decide(e, spent + 1, server.state is ServerState.READY)
                     if decision.action is RetryAction.WAIT_FOR_SERVER:
                         stats.requests_pending += 1  # queued again, for the restarted server
@@ -686,7 +692,7 @@ class _Run:
                     reply_latency.observe(time.monotonic() - called)
                 return result
 
-        return generate
+        return generate, lambda: last
 
     def _record_failure(self, doc_id: str, error: BaseException, payload: dict[str, Any] | None) -> None:
         if self._failures is None:
@@ -709,7 +715,9 @@ def make_slots(config: InferenceConfig) -> asyncio.Semaphore | AdaptiveLimit:
     per server (the servers share it, each request going to the least loaded)."""
     servers = config.servers_per_worker
     if config.adaptive_concurrency:
-        return AdaptiveLimit(maximum=config.concurrent_generations, minimum=servers)
+        return AdaptiveLimit(
+            maximum=config.concurrent_generations, minimum=servers, max_pause=config.request_backoff_max_sec
+        )
     return asyncio.Semaphore(config.concurrent_generations)
 
 
