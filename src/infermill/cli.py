@@ -649,6 +649,9 @@ def status(output: str, checkpoints: str | None, as_json: bool, verify: bool) ->
             "names the checkpoint folder of a job that set checkpoint.dir)"
         )
         raise SystemExit(EXIT_USAGE)
+    if verify:
+        _error(f"--verify checks the units of a job's work queue: {output} holds static ranks of an older infermill")
+        raise SystemExit(EXIT_USAGE)
     table = Table(title=f"infermill status: {escape(output)}")
     for column in ("rank", "state", "chunks done", "documents in open chunks", "cached replies"):
         table.add_column(column, justify="right")
@@ -828,8 +831,8 @@ def _queue_status(layout: Any, output: str, as_json: bool, lost: list[Any] | Non
         click.echo(f"unit {entry.unit}: {output.rstrip('/')}/{entry.file} {entry.problem}")
     if lost:
         _error(
-            f"{len(lost)} done units lost their output: run the job's command again (infermill run JOB_FILE), "
-            "which runs them again"
+            f"{len(lost)} done unit{'s' if len(lost) > 1 else ''} lost {'their' if len(lost) > 1 else 'its'} output: "
+            "run the job's command again (infermill run JOB_FILE), which runs them again"
         )
     else:
         click.echo(

@@ -590,13 +590,14 @@ class WorkQueue:
     def lost_outputs(self, writer: OutputWriter) -> list[LostOutput]:
         """The done units whose output file is gone, or is not the size their done mark
         recorded. A mark that names no file (of an older infermill, or emptied) needs the
-        file ``writer`` names for its unit; that of a unit that wrote no record needs none.
-        Each folder of the files is listed once."""
+        file ``writer`` names for its unit, if it names one; that of a unit that wrote no
+        record needs none. Each folder of the files is listed once."""
         expected: dict[int, tuple[str, int | None]] = {}
         for unit, mark in self.done_marks().items():
             output = mark.get("output")
             if not isinstance(output, dict):
-                expected[unit] = (writer.filename(0, unit), None)
+                if (name := writer.chunk_file(0, unit)) is not None:
+                    expected[unit] = (name, None)
             elif isinstance(output.get("file"), str):
                 size = output.get("bytes")
                 expected[unit] = (output["file"], size if isinstance(size, int) else None)

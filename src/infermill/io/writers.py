@@ -90,13 +90,18 @@ class OutputWriter:
                 raise
         return count
 
+    def chunk_file(self, rank: int, chunk_index: int) -> str | None:
+        """The one file (in the output folder) that a chunk with records is written to; None
+        when this writer cannot name it before writing."""
+        return self.filename(rank, chunk_index)
+
     def written(self, rank: int, chunk_index: int, records: int) -> dict[str, Any]:
         """What a done mark records of the chunk file :meth:`write_chunk` just wrote with
         ``records`` records: its name in the output folder and its size (no file when no
-        record was written)."""
-        if not records:
-            return {"file": None, "bytes": 0, "records": 0}
-        name = self.filename(rank, chunk_index)
+        record was written, or when this writer cannot name it)."""
+        name = self.chunk_file(rank, chunk_index)
+        if not records or name is None:
+            return {"file": None, "bytes": None, "records": records}
         path = f"{self.root}/{name}"
         with reaching(self.url(path), "read the size of"):
             size = int(self.fs.size(path))
