@@ -722,6 +722,15 @@ def _output_filename(recorded: object, output: str) -> str | None:
     return template if "${rank}" in template and "${chunk_index}" in template else None
 
 
+def _renewed(seconds_ago: float) -> str:
+    """A lease's last renewal, for status: one dated in the future is suspect."""
+    from infermill.queue import FUTURE_LEASE_WARNING_SEC
+
+    if seconds_ago < -FUTURE_LEASE_WARNING_SEC:
+        return f"{-seconds_ago:,.0f} s in the future (suspect)"
+    return f"{max(seconds_ago, 0.0):.1f}"  # (renewed a moment after the storage's clock was read)
+
+
 def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -803,16 +812,17 @@ def _queue_status(layout: Any, output: str, as_json: bool, lost: list[Any] | Non
         table = Table(title="units in progress")
         for column in ("unit", "attempt", "worker", "host", "renewed (s ago)"):
             table.add_column(column, justify="right")
-        future = False
         for holder in [*state.in_progress, *state.stale]:
             stale = " (stale: to be taken over)" if holder in state.stale else ""
-            renewed = f"{max(holder.renewed_sec_ago, 0.0):.1f}"  # (a renewal a moment after the clock was read)
-            if holder.renewed_sec_ago < -FUTURE_LEASE_WARNING_SEC:
-                future = True
-                renewed = f"{-holder.renewed_sec_ago:,.0f} s in the future (suspect)"
-            table.add_row(str(holder.unit), str(holder.generation), holder.worker, holder.host, f"{renewed}{stale}")
+            table.add_row(
+                str(holder.unit),
+                str(holder.generation),
+                holder.worker,
+                holder.host,
+                f"{_renewed(holder.renewed_sec_ago)}{stale}",
+            )
         _console().print(table)
-        if future:
+        if any(holder.renewed_sec_ago < -FUTURE_LEASE_WARNING_SEC for holder in state.in_progress):
             click.echo(
                 "A lease dated in the future (the storage's clock set back, or a file forged or copied with its "
                 "times) is suspect: a worker takes its unit over unless its holder renews it within "
