@@ -854,6 +854,42 @@ def test_status_of_a_folder_without_checkpoints(tmp_path):
     assert "Traceback" not in result.stderr, output_of(result)
 
 
+def test_a_corrupt_plan_is_named_with_how_to_recover_and_recovering_works(tmp_path):
+    job = write_job(tmp_path, job_spec(tmp_path))
+    limited = ["--set", "input.limit=10", "--set", "checkpoint.records_per_chunk=4"]
+    first = infermill(tmp_path, "run", str(job), *limited)
+    assert first.returncode == 0, output_of(first)
+    plan = tmp_path / "out" / "_infermill" / "queue" / "plan.json"
+    plan.write_bytes(plan.read_bytes()[:40])  # torn
+    for result in (
+        infermill(tmp_path, "status", str(tmp_path / "out")),
+        infermill(tmp_path, "run", str(job), *limited),
+    ):
+        assert result.returncode == 2, output_of(result)
+        assert f"{plan} is corrupt" in result.stderr and "--overwrite" in result.stderr, output_of(result)
+        assert "Traceback" not in result.stderr and "0 of 0 units" not in result.stdout, output_of(result)
+    plan.unlink()  # as the message says: the job is planned again, its units done are kept
+    again = infermill(tmp_path, "run", str(job), *limited)
+    assert again.returncode == 0 and "already complete" in again.stderr, output_of(again)
+    assert_nothing_left()
+
+
+def test_status_shows_a_lease_dated_in_the_future_as_suspect(tmp_path):
+    from infermill.layout import JobLayout
+    from infermill.queue import WorkQueue
+
+    queue = WorkQueue.for_layout(JobLayout.for_output(str(tmp_path / "out")), "w1")
+    queue.publish_plan({"units": [{"documents": 5}]})
+    lease = queue.claim()
+    future = queue.storage_now() + 3600
+    os.utime(lease.path, (future, future))
+    result = infermill(tmp_path, "status", str(tmp_path / "out"))
+    assert result.returncode == 0, output_of(result)
+    shown = result.stdout + result.stderr  # (the table of units in progress: on stderr)
+    assert re.search(r"3,\d{3} s in the future \(suspect", shown), output_of(result)
+    assert not re.search(r"-3[56]\d\d", shown), output_of(result)
+
+
 @pytest.mark.parametrize("output", ["~/infermill-test-out", "relative/out", "file:///tmp/abs/out"])
 def test_a_job_checkpoints_where_the_runner_would_by_default(tmp_path, monkeypatch, output):
     # the CLI looks for a finished rank before it imports the runner: both must agree on the folder

@@ -391,3 +391,84 @@ def test_a_new_command_counts_the_attempts_of_a_unit_anew(tmp_path):
     assert new_command.reset_attempts() == [0]
     lease = new_command.claim()
     assert lease is not None and lease.generation == 3 and new_command.status().units_failed == 0
+
+
+# -- corrupt files ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["emptied", "torn", "not a plan"])
+def test_a_corrupt_plan_is_named_with_how_to_recover(tmp_path, damage):
+    folder = tmp_path / "queue"
+    make_queue(folder, "planner", 3)
+    path = folder / "plan.json"
+    data = path.read_bytes()
+    path.write_bytes({"emptied": b"", "torn": data[: len(data) // 2], "not a plan": b"[1, 2, 3]"}[damage])
+    queue = make_queue(folder, "resumer")
+    for read in (queue.plan, queue.status, queue.unit_counts, lambda: queue.publish_plan(plan(3))):
+        with pytest.raises(InfermillError) as raised:
+            read()
+        message = str(raised.value)
+        assert f"{path} is corrupt" in message, message
+        assert "delete it and run the same command" in message and "--overwrite" in message, message
+
+
+def test_a_lease_dated_in_the_future_is_taken_over_a_lease_timeout_after_it_is_first_seen(tmp_path):
+    """A storage clock set back, or a forged lease: its date cannot say its holder is alive."""
+    folder = tmp_path / "queue"
+    holder = make_queue(folder, "holder", 1)
+    lease = holder.claim()
+    other = make_queue(folder, "other")
+    other.host = "another-host"  # as seen from another node, which cannot tell whether the holder lives
+    future = holder.storage_now() + 3600
+    os.utime(lease.path, (future, future))
+    first_seen = other.storage_now()
+    assert other.claim() is None  # not at once: a live holder renews it back to the present
+    taken: list[Lease] = []
+    wait_until(lambda: taken.append(other.claim()) or taken[-1], 10 * TIMEOUT, "the takeover")
+    assert other.storage_now() - first_seen >= TIMEOUT
+    assert (taken[-1].unit, taken[-1].generation) == (0, 2)
+    with pytest.raises(LeaseLostError, match="taken over"):
+        holder.renew(lease)
+
+
+def test_a_live_holder_keeps_its_lease_dated_in_the_future(tmp_path):
+    folder = tmp_path / "queue"
+    holder = make_queue(folder, "holder", 1)
+    lease = holder.claim()
+    other = make_queue(folder, "other")
+    other.host = "another-host"
+    with holder.renewing(lease) as renewer:
+        future = holder.storage_now() + 3600
+        os.utime(lease.path, (future, future))
+        deadline = other.storage_now() + 3 * TIMEOUT
+        taken: list[Lease | None] = []
+        wait_until(
+            lambda: taken.append(other.claim()) or taken[-1] is not None or other.storage_now() > deadline,
+            20 * TIMEOUT,
+            "three lease timeouts",
+        )
+        assert not any(taken) and not renewer.lost
+    assert holder.status().in_progress[0].renewed_sec_ago >= 0  # renewed back to the present
+
+
+def test_a_done_mark_names_the_output_it_committed(tmp_path):
+    folder = tmp_path / "queue"
+    queue = make_queue(folder, "me", 2)
+    lease = queue.claim()
+    assert queue.commit(lease, lambda: {"file": "00000_00001.jsonl", "bytes": 123, "records": 10}, documents=10)
+    mark = read_json(folder / "units" / f"{lease.unit:06d}.done")
+    assert mark["output"] == {"file": "00000_00001.jsonl", "bytes": 123, "records": 10}
+    assert mark["documents"] == 10 and mark["generation"] == 1
+
+
+def test_a_unit_redone_is_claimable_at_once_and_its_last_attempt_does_not_count(tmp_path):
+    folder = tmp_path / "queue"
+    queue = make_queue(folder, "me", 1, max_unit_attempts=1)
+    lease = queue.claim()
+    assert queue.commit(lease, lambda: None, documents=10)
+    other = make_queue(folder, "other", max_unit_attempts=1)
+    other.host = "another-host"  # cannot tell whether the last holder lives: only a lease given back is free
+    queue.redo([0])
+    again = other.claim()
+    assert again is not None and again.generation == 2
+    assert other.status().units_done == 0 and other.status().units_failed == 0

@@ -456,6 +456,51 @@ def test_a_bad_record_late_in_the_input_fails_only_its_unit_and_a_rerun_over_the
     assert rerun["documents_read"] + rerun["documents_resumed"] == RPC, output  # unit 11's records, no other
 
 
+# -- output lost after its unit was committed ------------------------------------------------------
+
+
+def test_a_done_unit_whose_output_is_gone_or_short_is_found_by_status_verify_and_run_again(tmp_path):
+    job = Job(tmp_path, docs=125, server="dummy")  # 5 units of 25
+    job.run_ok()
+    files = {unit: job.output / f"00000_{unit:05d}.jsonl" for unit in range(5)}
+    marks = {unit: job.queue / "units" / f"{unit:06d}.done" for unit in range(5)}
+    for unit, path in files.items():  # a done mark names what its unit committed
+        assert json.loads(marks[unit].read_bytes())["output"] == {
+            "file": path.name,
+            "bytes": path.stat().st_size,
+            "records": RPC,
+        }
+    files[0].unlink()  # deleted after its unit was committed
+    files[1].write_bytes(files[1].read_bytes()[:100])  # cut short
+    older = json.loads(marks[2].read_bytes())
+    del older["output"]  # a done mark of an older infermill, its file there: still done
+    marks[2].write_bytes(json.dumps(older).encode())
+    marks[3].write_bytes(b"")  # a forged empty done mark, its output gone
+    files[3].unlink()
+    marks[4].write_bytes(marks[4].read_bytes()[:30])  # torn, its file there: still done
+
+    def verify() -> subprocess.CompletedProcess:
+        argv = [PYTHON, "-m", "infermill", "status", str(job.output), "--verify"]
+        return subprocess.run(argv, capture_output=True, text=True, env=job.env, timeout=30)
+
+    found = verify()
+    shown = found.stdout + found.stderr
+    assert found.returncode == 1, shown
+    assert f"unit 0: {files[0]} is missing" in shown and f"unit 3: {files[3]} is missing" in shown, shown
+    assert f"unit 1: {files[1]} is 100 bytes, not the" in shown, shown
+    assert "unit 2:" not in shown and "unit 4:" not in shown and "3 done units lost their output" in shown, shown
+
+    output = job.run_ok()
+    for unit in (0, 1, 3):
+        assert f"unit {unit} is marked done but its output {files[unit]} is" in output, output[-3000:]
+    assert "unit 2 is marked done" not in output and "unit 4 is marked done" not in output
+    job.check_exactly_once()
+    assert job.last_run_stats()["documents_processed"] == 3 * RPC  # those three units, no other
+    again = verify()
+    assert again.returncode == 0 and "the output files of 5 done units are there" in again.stdout, again.stdout
+    assert "5 of 5 units done" in again.stdout and "125 of 125 documents done" in again.stdout, again.stdout
+
+
 # -- several workers and remote outputs -----------------------------------------------------------
 
 

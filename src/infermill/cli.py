@@ -19,6 +19,7 @@ from infermill.errors import (
     ConfigError,
     InferenceError,
     InfermillError,
+    QueueCorruptError,
     ServerError,
     StorageError,
     UnitsFailedError,
@@ -319,7 +320,11 @@ def run(
             ray_address,
         )
         raise SystemExit(code)
-    launch_early = overwrite or not job_complete(layout)  # a finished job launches nothing
+    try:
+        launch_early = overwrite or not job_complete(layout)  # a finished job launches nothing
+    except QueueCorruptError as e:
+        _error(e)
+        raise SystemExit(EXIT_USAGE) from None
     # its index among its command's workers (a --workers parent's, a Slurm array task, a Ray task):
     # it logs its server to server_rank_<index>.log and serves /metrics on metrics_port + index
     index = int(os.environ.get("INFERMILL_WORKER_INDEX", "0")) if as_worker else 0
@@ -616,7 +621,12 @@ _checkpoints_option = click.option(
 @click.argument("output", type=click.Path(file_okay=False))
 @_checkpoints_option
 @click.option("--json", "as_json", is_flag=True, help="Print the job's state as JSON.")
-def status(output: str, checkpoints: str | None, as_json: bool) -> None:
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check that every done unit's output file is there, at the size its done mark recorded; exit 1 if not.",
+)
+def status(output: str, checkpoints: str | None, as_json: bool, verify: bool) -> None:
     """Show the progress of a running or finished job: its units, documents, rate and ETA."""
     from rich.table import Table
 
@@ -629,7 +639,14 @@ def status(output: str, checkpoints: str | None, as_json: bool) -> None:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
     if (layout.queue / "plan.json").exists():
-        _queue_status(layout, output, as_json)
+        try:
+            lost = _lost_outputs(layout, output) if verify else None
+            _queue_status(layout, output, as_json, lost)
+        except (QueueCorruptError, StorageError) as e:
+            _error(e)
+            raise SystemExit(EXIT_USAGE) from None
+        if lost:
+            raise SystemExit(EXIT_FAILED)
         return
     ranks = layout.ranks()
     if not ranks:
@@ -637,6 +654,9 @@ def status(output: str, checkpoints: str | None, as_json: bool) -> None:
             f"no checkpoints in {layout.checkpoints}: is {output} the output folder of a job? (--checkpoints "
             "names the checkpoint folder of a job that set checkpoint.dir)"
         )
+        raise SystemExit(EXIT_USAGE)
+    if verify:
+        _error(f"--verify checks the units of a job's work queue: {output} holds static ranks of an older infermill")
         raise SystemExit(EXIT_USAGE)
     table = Table(title=f"infermill status: {escape(output)}")
     for column in ("rank", "state", "chunks done", "documents in open chunks", "cached replies"):
@@ -683,6 +703,40 @@ def _job_rate(layout: Any) -> tuple[Any, list[dict[str, Any]], str]:
     return dataclasses.replace(state, documents_per_sec=round(rate, 3), eta_sec=eta), workers, "metrics"
 
 
+def _lost_outputs(layout: Any, output: str) -> list[Any]:
+    """The done units of the job whose output file is gone or short (``WorkQueue.lost_outputs``)."""
+    from infermill.io.writers import OutputWriter
+    from infermill.queue import WorkQueue
+
+    queue = WorkQueue.for_layout(layout)
+    identity = (queue.plan() or {}).get("identity") or {}
+    return queue.lost_outputs(OutputWriter(output, _output_filename(identity.get("output"), output)))
+
+
+def _output_filename(recorded: object, output: str) -> str | None:
+    """The job's output file name template, from the ``FOLDER/TEMPLATE`` its plan recorded
+    (where a done mark of an older infermill, which names no file, is looked for); None: the
+    default one."""
+    if not isinstance(recorded, str) or "${" not in recorded:
+        return None
+    for folder in (output.rstrip("/"), os.path.abspath(output)):
+        if recorded.startswith(folder + "/"):
+            template = recorded[len(folder) + 1 :]
+            break
+    else:  # the job named its output folder otherwise: the template is its last part, from its first ${
+        template = recorded[recorded.rfind("/", 0, recorded.index("${")) + 1 :]
+    return template if "${rank}" in template and "${chunk_index}" in template else None
+
+
+def _renewed(seconds_ago: float) -> str:
+    """A lease's last renewal, for status: one dated in the future is suspect."""
+    from infermill.queue import FUTURE_LEASE_WARNING_SEC
+
+    if seconds_ago < -FUTURE_LEASE_WARNING_SEC:
+        return f"{-seconds_ago:,.0f} s in the future (suspect)"
+    return f"{max(seconds_ago, 0.0):.1f}"  # (renewed a moment after the storage's clock was read)
+
+
 def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -711,7 +765,7 @@ def report(output: str, checkpoints: str | None, destination: str | None) -> Non
         layout = JobLayout.for_output(output, checkpoints)
         page = Path(destination) if destination else layout.root / "report.html"
         written = write_report(layout, output, page)
-    except ConfigError as e:
+    except (ConfigError, QueueCorruptError) as e:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
     except OSError as e:  # its folder read-only or full, -o naming a folder or a path under a file
@@ -721,15 +775,21 @@ def report(output: str, checkpoints: str | None, destination: str | None) -> Non
     click.echo(f"report written: {written}")
 
 
-def _queue_status(layout: Any, output: str, as_json: bool) -> None:
+def _queue_status(layout: Any, output: str, as_json: bool, lost: list[Any] | None = None) -> None:
+    """Print the job's state; with ``lost`` (``--verify``), the done units whose output is lost."""
+    import dataclasses
+
     from rich.table import Table
 
+    from infermill.queue import FUTURE_LEASE_WARNING_SEC
     from infermill.worker import read_stats
 
     state, workers, source = _job_rate(layout)
     replicas = read_stats(layout).get("replicas") or []  # summed over the finished worker runs
     if as_json:
         document = {**state.as_dict(), "rate_from": source, "workers": workers, "replicas": replicas}
+        if lost is not None:
+            document["lost_outputs"] = [dataclasses.asdict(entry) for entry in lost]
         click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
     eta = f"{state.eta_sec:,.0f} s" if state.eta_sec is not None else "-"
@@ -765,9 +825,15 @@ def _queue_status(layout: Any, output: str, as_json: bool) -> None:
                 str(holder.generation),
                 holder.worker,
                 holder.host,
-                f"{holder.renewed_sec_ago:.1f}{stale}",
+                f"{_renewed(holder.renewed_sec_ago)}{stale}",
             )
         _console().print(table)
+        if any(holder.renewed_sec_ago < -FUTURE_LEASE_WARNING_SEC for holder in state.in_progress):
+            click.echo(
+                "A lease dated in the future (the storage's clock set back, or a file forged or copied with its "
+                "times) is suspect: a worker takes its unit over unless its holder renews it within "
+                "checkpoint.lease_timeout_sec."
+            )
     for index, replica in enumerate(replicas):
         click.echo(
             f"replica {index}: {replica.get('requests', 0):,} requests, {replica.get('restarts', 0)} restarts, "
@@ -775,6 +841,20 @@ def _queue_status(layout: Any, output: str, as_json: bool) -> None:
         )
     for failure in state.failed:
         click.echo(f"unit {failure.unit} failed (attempt {failure.generation}, {failure.host}): {failure.cause}")
+    if lost is None:
+        return
+    for entry in lost:
+        click.echo(f"unit {entry.unit}: {output.rstrip('/')}/{entry.file} {entry.problem}")
+    if lost:
+        _error(
+            f"{len(lost)} done unit{'s' if len(lost) > 1 else ''} lost {'their' if len(lost) > 1 else 'its'} output: "
+            "run the job's command again (infermill run JOB_FILE), which runs them again"
+        )
+    else:
+        click.echo(
+            f"verified: the output files of {state.units_done} done units are there, at the sizes their done marks "
+            "recorded"
+        )
 
 
 if __name__ == "__main__":

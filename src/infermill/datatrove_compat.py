@@ -74,6 +74,10 @@ class DatatroveWriter(OutputWriter):
         name = self.writer.output_filename.safe_substitute(rank=f"{rank:05d}", chunk_index=str(chunk_index))
         return _TAG.sub("*", name)
 
+    def chunk_file(self, rank: int, chunk_index: int) -> str | None:
+        """None: a datatrove writer may split a chunk into several files, or name them per document."""
+        return None
+
     def write_chunk(self, records: Iterable[Record], rank: int, chunk_index: int) -> int:
         from datatrove.io import get_datafolder
 

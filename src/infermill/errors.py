@@ -42,6 +42,11 @@ class LeaseLostError(InfermillError):
     lease went stale, or the unit was marked failed): it must not commit the unit."""
 
 
+class QueueCorruptError(InfermillError):
+    """A file of the job's work queue cannot be read as infermill wrote it (emptied, torn or
+    overwritten): the message names the file and how to recover."""
+
+
 class ServerError(InfermillError):
     """The inference server could not start, died, or is otherwise unusable.
 

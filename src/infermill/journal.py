@@ -546,7 +546,8 @@ class QueueJournal(ChunkLogs):
 
     def finalize_chunk(self, chunk_index: int) -> int:
         """Commit unit ``chunk_index`` (in a worker thread): its output file from its journal,
-        then its done mark, while its lease is still held; then delete its journals. Returns
+        then its done mark (naming the file, its size and records), while its lease is still
+        held; then delete its journals. Returns
         the number of records written (0 if the lease was lost: the unit's new holder writes it)."""
         unit = chunk_index
         self._finalizing.add(unit)  # close() must not give its lease back meanwhile
@@ -557,11 +558,12 @@ class QueueJournal(ChunkLogs):
         path = self._log_path(unit)
         written = 0
 
-        def write_output() -> None:
+        def write_output() -> dict[str, Any]:
             nonlocal written
             if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
                 self.writer.remove_temp_files(0, unit)
             written = self.writer.write_chunk(self._records(path), 0, unit) if path.exists() else 0
+            return self.writer.written(0, unit, written)  # named by the done mark, checked by a rerun
 
         try:
             self.queue.commit(lease, write_output, documents=self._chunk_size(unit))

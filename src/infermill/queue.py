@@ -12,7 +12,7 @@ directory listing tells every unit's state (paths: ``JobLayout.queue``)::
         000007.00002.lease       unit 7 leased to generation 2: {"worker", "host", "pid", "time"}
         000007.00001.released    generation 1 given back by its holder (not an attempt)
         000007.00003.reset       reset_failed() at generation 3: attempts count from there
-        000007.done              committed: {"documents", "generation", "worker", "host", ...}
+        000007.done              committed: {"documents", "generation", "worker", "host", "output", ...}
         000007.failed            given up: {"cause", "generation", "worker", "host", ...}
         .tmp-*                   being written (ignored; a killed writer may leave one)
       journals/
@@ -46,11 +46,19 @@ mtime is more than ``lease_timeout_sec`` older than the mtime of the ``clock`` f
 touched. Clock skew between nodes does not matter; a file system's mtime granularity (1 ns
 on ext4, 1 s or 2 s on some) must be small against the timeout. A lease whose holder ran on
 the claiming worker's own host and whose process is gone is taken over at once: a rerun
-after a kill does not wait for the timeout.
+after a kill does not wait for the timeout. A lease dated in the future (the storage's
+clock set back, a file forged or copied with its times) says nothing of its holder: a
+claimer counts its age from when it first saw it with that mtime, so it is taken over a
+lease timeout later unless its holder renews it (which dates it to the present).
 
 **Commits.** :meth:`WorkQueue.commit` renews the lease (refusing, as above, a lost one) and
 only then calls the caller's writer, which writes the unit's output under a temporary name
-and renames it to a name derived from the unit; then it creates ``U.done``. The check and
+and renames it to a name derived from the unit; then it creates ``U.done``, which names
+what the writer says it committed (``"output": {"file", "bytes", "records"}``, the file
+relative to the output folder; no file when no record was written).
+:meth:`lost_outputs` finds the done units whose file is gone or not that size (a done mark
+of an older infermill, or one emptied, names no file: then the file the writer names for
+the unit must exist), and :meth:`redo` makes such a unit claimable again. The check and
 the write are not one atomic step: a holder frozen right after its check may wake after a
 takeover and write too. Then it replaces the same output file with equivalent content (the
 same documents), so the output still holds each document once; ``U.done`` is created once,
@@ -87,12 +95,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from infermill.errors import ConfigError, InfermillError, LeaseLostError
+from infermill.errors import ConfigError, InfermillError, LeaseLostError, QueueCorruptError
 from infermill.layout import JobLayout, is_remote, local_path
+
+if TYPE_CHECKING:
+    from infermill.io.writers import OutputWriter
 
 logger = logging.getLogger("infermill.queue")
 
@@ -104,6 +115,9 @@ JOURNALS_DIR = "journals"
 DEFAULT_LEASE_TIMEOUT_SEC = 120.0
 DEFAULT_MAX_UNIT_ATTEMPTS = 3
 RATE_WINDOW_SEC = 600.0  # the job's rate (status) is that of the units done in the last 10 minutes
+#: a lease dated further in the future than this is logged: nearer, it may be a renewal made
+#: between this worker's reading of the storage's clock and of the lease (or mtime granularity)
+FUTURE_LEASE_WARNING_SEC = 2.0
 
 
 T = TypeVar("T")
@@ -157,6 +171,16 @@ class UnitFailure:
     generation: int
     worker: str
     host: str
+
+
+@dataclass(frozen=True, slots=True)
+class LostOutput:
+    """A done unit whose output file (``file``, relative to the output folder) is gone or not
+    the size its done mark recorded; ``problem`` says which, as a sentence's end."""
+
+    unit: int
+    file: str
+    problem: str
 
 
 @dataclass(slots=True)
@@ -248,6 +272,7 @@ class WorkQueue:
         self.max_unit_attempts = max_unit_attempts
         self._random = random.Random()
         self._plan: dict[str, Any] | None = None
+        self._future_leases: dict[Path, tuple[float, float]] = {}  # lease -> (its mtime, storage time first seen)
         self.seconds = 0.0  # spent claiming, renewing, committing...: the queue's cost to this worker
         self.units_dir.mkdir(parents=True, exist_ok=True)
         self.journals_dir.mkdir(parents=True, exist_ok=True)
@@ -266,14 +291,38 @@ class WorkQueue:
             raise ValueError("a plan needs 'units', a list with one entry per unit")
         self._create_exclusive(self.folder / PLAN_FILE, orjson.dumps(plan))
         stored = self.plan()
-        assert stored is not None  # created by us or by a writer before us
+        if stored is None:  # created by us or by a writer before us, and deleted since
+            raise QueueCorruptError(f"{self.folder / PLAN_FILE} was deleted as it was written: run the command again")
         return stored
 
     def plan(self) -> dict[str, Any] | None:
-        """The stored plan, or None when none was published yet."""
+        """The stored plan, or None when none was published yet; ``QueueCorruptError`` when
+        ``plan.json`` cannot be read as a plan (emptied or torn)."""
         if self._plan is None:
-            self._plan = self._read_json(self.folder / PLAN_FILE)
+            self._plan = self._read_plan()
         return self._plan
+
+    def _read_plan(self) -> dict[str, Any] | None:
+        path = self.folder / PLAN_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            plan = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            what = "empty" if not data.strip() else f"not whole JSON ({e})"
+        else:
+            if isinstance(plan, dict) and isinstance(plan.get("units"), list):
+                return plan
+            what = "JSON, but not a plan (an object with a list of 'units')"
+        raise QueueCorruptError(
+            f"{path} is corrupt: {what}, {len(data):,} bytes; infermill writes it whole, so something else "
+            "emptied, cut or overwrote it. To recover, delete it and run the same command: the job is planned "
+            "again from its input and the units done are kept (right only if the input and "
+            "checkpoint.records_per_chunk did not change since); or start over with --overwrite, which deletes "
+            "the job's checkpoints and the output files it wrote"
+        )
 
     def _units_total(self) -> int:
         plan = self.plan()
@@ -309,7 +358,7 @@ class WorkQueue:
         for unit in leased:
             state = units[unit]
             path = self.units_dir / _generation_name(unit, state.generation, "lease")
-            age = self._age(path, now)
+            age = self._lease_age(path, now)
             if age is not None and (age > self.lease_timeout_sec or self._holder_gone(path)):
                 lease = self._take(unit, state)
                 if lease is not None:
@@ -399,22 +448,24 @@ class WorkQueue:
     def commit(
         self,
         lease: Lease,
-        write_output: Callable[[], None],
+        write_output: Callable[[], dict[str, Any] | None],
         documents: int,
         stats: dict[str, Any] | None = None,
     ) -> bool:
         """Commit the unit: check the lease is still held (else ``LeaseLostError``, and
         ``write_output`` is not called), call ``write_output`` (which writes the unit's output
-        under a temporary name and renames it), then mark the unit done with ``documents`` and
+        under a temporary name and renames it, and returns what it wrote: ``{"file", "bytes",
+        "records"}``, or None), then mark the unit done with ``documents``, that ``output`` and
         ``stats``. Returns False when another holder had committed it already: its documents
         are counted once, by that holder's mark."""
         self._check(lease, touch=True)
         if self._done_path(lease.unit).exists():
             return False  # a stale holder slipped past its check and finished first
         started = time.perf_counter()
-        write_output()
+        output = write_output()
         self.seconds -= time.perf_counter() - started  # the output is the job's cost, not the queue's
-        record = self._record(generation=lease.generation, documents=documents, **(stats or {}))
+        committed_output = {"output": output} if output is not None else {}
+        record = self._record(generation=lease.generation, documents=documents, **committed_output, **(stats or {}))
         committed = self._create_exclusive(self._done_path(lease.unit), record)
         if not committed:
             logger.info("unit %d was committed by another holder as well; counted once", lease.unit)
@@ -526,6 +577,52 @@ class WorkQueue:
                 found.append((int(older), path))
         return [path for _, path in sorted(found, reverse=True)]
 
+    def done_marks(self) -> dict[int, dict[str, Any]]:
+        """The done mark of each planned unit that has one, as written (``{}`` for one that
+        cannot be read: emptied or torn)."""
+        planned = self._units_total()
+        return {
+            unit: self._read_json(self._done_path(unit)) or {}
+            for unit, state in self._list().items()
+            if state.done and unit < planned
+        }
+
+    def lost_outputs(self, writer: OutputWriter) -> list[LostOutput]:
+        """The done units whose output file is gone, or is not the size their done mark
+        recorded. A mark that names no file (of an older infermill, or emptied) needs the
+        file ``writer`` names for its unit, if it names one; that of a unit that wrote no
+        record needs none. Each folder of the files is listed once."""
+        expected: dict[int, tuple[str, int | None]] = {}
+        for unit, mark in self.done_marks().items():
+            output = mark.get("output")
+            if not isinstance(output, dict):
+                if (name := writer.chunk_file(0, unit)) is not None:
+                    expected[unit] = (name, None)
+            elif isinstance(output.get("file"), str):
+                size = output.get("bytes")
+                expected[unit] = (output["file"], size if isinstance(size, int) else None)
+        sizes = writer.file_sizes({name for name, _ in expected.values()})
+        lost = []
+        for unit, (name, size) in sorted(expected.items()):
+            found = sizes.get(name)
+            if found is None:
+                lost.append(LostOutput(unit, name, "is missing"))
+            elif size is not None and found != size:
+                lost.append(LostOutput(unit, name, f"is {found:,} bytes, not the {size:,} its done mark recorded"))
+        return lost
+
+    def redo(self, units: list[int]) -> None:
+        """Make the done ``units`` claimable again at once (their output was lost): give each
+        one's last lease back (so that it counts as no attempt), then remove its done mark."""
+        listing = self._list()
+        for unit in units:
+            state = listing.get(unit)
+            if state is not None and state.leased:
+                self.release(
+                    Lease(unit, state.generation, self.units_dir / _generation_name(unit, state.generation, "lease"))
+                )
+            self._done_path(unit).unlink(missing_ok=True)
+
     def status(self) -> QueueStatus:
         """Where the units stand (see :class:`QueueStatus`)."""
         plan = self.plan() or {"units": []}
@@ -547,9 +644,11 @@ class WorkQueue:
             if state.done:
                 done += 1
                 mark = self._read_json(self._done_path(unit)) or {}
-                documents += int(mark.get("documents", 0))
+                count = mark.get("documents", counts[unit])  # an unreadable mark: the plan's count
+                count = count if isinstance(count, int) else 0
+                documents += count
                 if now - float(mark.get("time", 0.0)) <= RATE_WINDOW_SEC:
-                    recent += int(mark.get("documents", 0))
+                    recent += count
             elif state.failed:
                 mark = self._read_json(self._failed_path(unit)) or {}
                 failed.append(
@@ -673,25 +772,56 @@ class WorkQueue:
                 pass
 
     @staticmethod
-    def _age(path: Path, now: float) -> float | None:
-        """Seconds since ``path`` was last touched, on the storage's clock; None if it is gone.
-        Opened, not only stat'ed: NFS revalidates a file's attributes when it is opened
-        (close-to-open), where a stat may answer from its attribute cache."""
+    def _mtime(path: Path) -> float | None:
+        """When ``path`` was last touched, on the storage's clock; None if it is gone. Opened,
+        not only stat'ed: NFS revalidates a file's attributes when it is opened (close-to-open),
+        where a stat may answer from its attribute cache."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
-            return now - os.fstat(fd).st_mtime
+            return os.fstat(fd).st_mtime
         finally:
             os.close(fd)
 
+    @classmethod
+    def _age(cls, path: Path, now: float) -> float | None:
+        """Seconds since ``path`` was last touched, on the storage's clock (negative: dated in
+        the future); None if it is gone."""
+        mtime = cls._mtime(path)
+        return None if mtime is None else now - mtime
+
+    def _lease_age(self, path: Path, now: float) -> float | None:
+        """The age of a lease, to judge whether it is stale. A lease dated in the future (the
+        storage's clock set back, a forged file) cannot show that its holder renews it: its age
+        counts from when this queue first saw it with that mtime. A renewal dates it to the
+        present (a new mtime), so a live holder keeps it."""
+        mtime = self._mtime(path)
+        if mtime is None or mtime <= now:
+            self._future_leases.pop(path, None)
+            return None if mtime is None else now - mtime
+        seen = self._future_leases.get(path)
+        if seen is None or seen[0] != mtime:
+            seen = self._future_leases[path] = (mtime, now)
+            if mtime - now > FUTURE_LEASE_WARNING_SEC:
+                logger.warning(
+                    "the lease %s is dated %.0f s in the future on the storage's clock (a clock set back, or a "
+                    "forged file): its unit is taken over unless it is renewed within %g s (lease_timeout_sec)",
+                    path,
+                    mtime - now,
+                    self.lease_timeout_sec,
+                )
+        return now - seen[1]
+
     @staticmethod
     def _read_json(path: Path) -> dict[str, Any] | None:
+        """The JSON object in ``path``; None if it is gone or holds none (emptied, torn, forged)."""
         try:
-            return orjson.loads(path.read_bytes())
+            data = orjson.loads(path.read_bytes())
         except (FileNotFoundError, orjson.JSONDecodeError):
             return None
+        return data if isinstance(data, dict) else None
 
     def _record(self, **fields: Any) -> bytes:
         return orjson.dumps(

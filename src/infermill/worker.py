@@ -100,11 +100,24 @@ def open_queue(
         stored = _replan(queue, reader, records_per_unit, stored, identity)
     queue.remove_done_journals()
     if options.new_command:  # not in a worker a --workers parent started: its restarts must count
+        redo_lost_outputs(queue, writer)
         reset = queue.reset_failed()
         if reset:
             logger.info("retrying %d unit(s) that failed in an earlier run: %s", len(reset), _named(reset))
         queue.reset_attempts()
     return queue, UnitPlan.from_json(stored)
+
+
+def redo_lost_outputs(queue: WorkQueue, writer: OutputWriter) -> None:
+    """Run again the done units whose output file is gone or short (deleted or cut after its
+    unit was committed, or a done mark forged): a warning names each unit and file, its file
+    is removed and so is its done mark."""
+    lost = queue.lost_outputs(writer)
+    for entry in lost:
+        url = writer.url(f"{writer.root}/{entry.file}")
+        logger.warning("unit %d is marked done but its output %s %s: running it again", entry.unit, url, entry.problem)
+        writer.remove_chunk_file(0, entry.unit)  # a short file is not kept as if whole while its unit runs
+    queue.redo([entry.unit for entry in lost])
 
 
 def _replan(

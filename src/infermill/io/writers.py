@@ -90,6 +90,44 @@ class OutputWriter:
                 raise
         return count
 
+    def chunk_file(self, rank: int, chunk_index: int) -> str | None:
+        """The one file (in the output folder) that a chunk with records is written to; None
+        when this writer cannot name it before writing."""
+        return self.filename(rank, chunk_index)
+
+    def written(self, rank: int, chunk_index: int, records: int) -> dict[str, Any]:
+        """What a done mark records of the chunk file :meth:`write_chunk` just wrote with
+        ``records`` records: its name in the output folder and its size (no file when no
+        record was written, or when this writer cannot name it)."""
+        name = self.chunk_file(rank, chunk_index)
+        if not records or name is None:
+            return {"file": None, "bytes": None, "records": records}
+        path = f"{self.root}/{name}"
+        with reaching(self.url(path), "read the size of"):
+            size = int(self.fs.size(path))
+        return {"file": name, "bytes": size, "records": records}
+
+    def file_sizes(self, names: Iterable[str]) -> dict[str, int]:
+        """The size of each of ``names`` (paths in the output folder) that exists, from one
+        listing of each folder they are in (not a request per file on an object store)."""
+        wanted: dict[str, set[str]] = {}
+        for name in names:
+            folder, _, base = name.rpartition("/")
+            wanted.setdefault(folder, set()).add(base)
+        sizes = {}
+        for folder, bases in wanted.items():
+            path = f"{self.root}/{folder}" if folder else self.root
+            with reaching(self.url(path), "list"):
+                try:
+                    entries = self.fs.ls(path, detail=True)
+                except FileNotFoundError:
+                    continue
+            for entry in entries:
+                base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+                if base in bases and entry.get("type") == "file":
+                    sizes[f"{folder}/{base}" if folder else base] = int(entry["size"])
+        return sizes
+
     def url(self, path: str) -> str:
         """``path`` (in this writer's file system) as the user would write it: with its protocol."""
         return path if self.is_local else self.fs.unstrip_protocol(path)
