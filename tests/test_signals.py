@@ -22,8 +22,9 @@ import time
 import psutil
 import pytest
 
+from conftest import PYTHON, TAG_VARIABLE, _tagged_processes
 from faultjob import FaultJob, group_members, wait_exit, wait_for
-from helpers import FAULTY_SERVER, running
+from helpers import FAULTY_SERVER, running, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_orphans")
 
@@ -146,6 +147,68 @@ def test_a_sigkilled_run_takes_its_server_along_and_the_next_run_reaps_what_esca
     job.check_exactly_once()
     rerun = job.last_run_stats()  # the killed run's units were taken over once their leases went stale
     assert rerun["documents_resumed"] == in_journals and rerun["documents_processed"] == 40
+
+
+#: starts the server without ``exec``, as many ``run.sh`` wrappers do: bash stays the server's parent
+WRAPPER = f"""#!/bin/bash
+"{PYTHON}" "{FAULTY_SERVER}" "$@"
+echo "wrapper: the server exited"
+"""
+
+
+def server_trees() -> dict[str, list[psutil.Process]]:
+    """This test's live processes, by kind: the bash wrappers, the servers they run, the
+    servers' daemons (a grandchild in a session of its own), and the rest (infermill's)."""
+    kinds: dict[str, list[psutil.Process]] = {"wrappers": [], "servers": [], "daemons": [], "others": []}
+    for proc in _tagged_processes(os.environ[TAG_VARIABLE]):
+        try:
+            argv = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        kind = (
+            "wrappers" if "wrapper.sh" in argv
+            else "servers" if str(FAULTY_SERVER) in argv
+            else "daemons" if "sleeper.py" in argv
+            else "others"
+        )  # fmt: skip
+        kinds[kind].append(proc)
+    return kinds
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sigkilled_run_takes_the_whole_tree_of_each_server_along(tmp_path, workers):
+    # Each server is a bash wrapper running python without exec, whose server starts a daemon
+    # (setsid): neither the python server nor the daemon is in reach of a parent-death signal or
+    # of the wrapper's group. Killed as the wrappers start, once the trees are up, while serving.
+    wrapper = tmp_path / "wrapper.sh"
+    wrapper.write_text(WRAPPER)
+    for trial, moment in enumerate(["launched", "up", "serving", "launched"]):
+        folder = tmp_path / f"trial{trial}"
+        folder.mkdir()
+        server = {"server_script": None, "server_command": ["bash", str(wrapper)], "stats_file": None}
+        job = FaultJob(folder, docs=40, conc=CONC, server={**server, "hang_after": 3, "daemon_grandchild": True})
+        proc = job.start(*(["--workers", str(workers)] if workers > 1 else []))
+
+        def reached() -> bool:
+            tree = server_trees()
+            if moment == "launched":
+                return len(tree["wrappers"]) == workers
+            return len(tree["daemons"]) == workers and (moment == "up" or job.committed() >= 2)
+
+        wait_for(reached, f"trial {trial}: the servers {moment}", proc)
+        if moment == "up":  # the shape this test is about
+            tree = server_trees()
+            for daemon in tree["daemons"]:
+                server_process = daemon.parent()
+                assert server_process in tree["servers"] and server_process.parent() in tree["wrappers"]
+                assert os.getsid(daemon.pid) == daemon.pid != os.getpgid(server_process.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        try:
+            wait_until(lambda: not any(server_trees().values()), 5, "every process of the run to die")
+        except AssertionError:
+            left = {kind: [" ".join(p.cmdline()) for p in procs] for kind, procs in server_trees().items() if procs}
+            pytest.fail(f"trial {trial} (killed with the servers {moment}): alive 5 s after the SIGKILL: {left}")
 
 
 def test_a_signal_while_the_server_starts_stops_it_too(tmp_path):
