@@ -92,10 +92,10 @@ async def _start_and_wait(slot: _Slot, command: Sequence[str]) -> int:
     if slot.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpus
     env["INFERMILL_WORKER_INDEX"] = str(slot.index)
-    from infermill.servers.process import _child_setup  # dies with this process (PR_SET_PDEATHSIG)
+    from infermill.servers.process import die_with_parent
 
     slot.process = await asyncio.create_subprocess_exec(
-        *command, env=env, start_new_session=True, preexec_fn=_child_setup
+        *command, env=env, start_new_session=True, preexec_fn=die_with_parent()
     )
     _LIVE_WORKERS.add(slot.process.pid)
     try:
