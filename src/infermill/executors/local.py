@@ -6,8 +6,9 @@ worker that dies is replaced, up to ``max_worker_restarts`` times in all; the un
 is taken over once its lease expires. The parent holds no job state: everything is in the
 job's queue, so another command on this or another machine adds workers to the same job.
 
-Workers run in their own process groups and die with the parent (``PR_SET_PDEATHSIG``); a
-SIGINT or SIGTERM to the parent is passed on as SIGTERM (each worker gives its units back
+Workers run in their own process groups and die with the parent (``PR_SET_PDEATHSIG``), and
+each worker's server tree dies with the worker (its watcher, :mod:`infermill.servers.watcher`);
+a SIGINT or SIGTERM to the parent is passed on as SIGTERM (each worker gives its units back
 and stops its server), a second one kills them.
 """
 
