@@ -76,10 +76,10 @@ def marked(token: str) -> list[psutil.Process]:
 
 
 def kill_marked(token: str, timeout: float = 5.0) -> list[int]:
-    """SIGKILL every process of this user whose environment carries ``token`` (what one child
-    and all its descendants inherit), wherever it went: another process group, another
-    session. A process forked while the others die is found by the next look; looks go on
-    until one finds none, for up to ``timeout`` seconds. Returns the pids killed."""
+    """SIGKILL every process :func:`marked` with ``token`` (what one child and all its
+    descendants inherit), wherever it went: another process group, another session. A process
+    forked while the others die is found by the next look; looks go on until one finds none,
+    for up to ``timeout`` seconds. Returns the pids killed."""
     killed: list[psutil.Process] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
