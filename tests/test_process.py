@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import PYTHON, SCRIPTS
 from helpers import running, wait_until_async
-from infermill.servers.process import MAX_LINE_CHARS, TAIL_LINES, ManagedProcess, group_alive
+from infermill.servers.process import MAX_LINE_CHARS, TAIL_LINES, ManagedProcess, group_alive, reap_orphans
 
 pytestmark = pytest.mark.usefixtures("no_orphans")
 
@@ -95,6 +96,7 @@ async def test_stderr_lines_are_read_too():
     )
     await asyncio.wait_for(process.exited.wait(), 10)
     assert lines.lines == ["to stderr"]
+    await process.stop(grace=1)  # the end of every child: its watcher goes too
 
 
 async def test_stop_terminates_child_and_grandchild(tmp_path):
@@ -228,6 +230,31 @@ async def test_child_dies_when_infermill_is_sigkilled(tmp_path):
     await all_die([child], 2, "the parent-death signal to kill the child")
 
 
+async def spawn_daemon_family(tmp_path: Path) -> tuple[asyncio.subprocess.Process, list[psutil.Process]]:
+    """A driver whose child (family_server.py) started a daemon (``setsid``): the driver, and
+    the child and the daemon, both alive."""
+    record = tmp_path / "family.jsonl"
+    argv = script("family_server.py", "--port", "0", f"--record={record}", "--daemon")
+    driver, child_pid = await drive("hang", *argv)
+    child, daemon = family(record)
+    assert child.pid == child_pid and os.getsid(daemon.pid) == daemon.pid != os.getpgid(child.pid)
+    return driver, [child, daemon]
+
+
+def watcher_of(driver: asyncio.subprocess.Process) -> psutil.Process:
+    (watcher,) = [p for p in psutil.Process(driver.pid).children() if "watcher.py" in " ".join(p.cmdline())]
+    return watcher
+
+
+async def test_a_sigkilled_owner_takes_the_childs_whole_tree_along_a_daemon_too(tmp_path):
+    driver, procs = await spawn_daemon_family(tmp_path)
+    os.kill(driver.pid, signal.SIGKILL)
+    await driver.wait()
+    # the daemon is out of reach of the parent-death signal and of the child's group: the watcher kills it
+    # (then exits: no_orphans checks that it is gone too)
+    await all_die(procs, 5, "the child's whole tree to die with the process that started it")
+
+
 # -- the registry of live groups and the reaper --------------------------------------------
 
 
@@ -246,10 +273,24 @@ def dead_pid() -> int:
     return proc.pid
 
 
+async def test_the_reaper_kills_what_a_dead_owner_and_its_watcher_left_and_says_what_and_whose(tmp_path, runtime):
+    driver, (child, daemon) = await spawn_daemon_family(tmp_path)
+    watcher_of(driver).kill()  # the watcher killed first, then the owner: nothing but the reaper is left
+    os.kill(driver.pid, signal.SIGKILL)
+    await driver.wait()
+    await all_die([child], 5, "the child to die with its owner (parent-death signal)")
+    assert running(daemon)
+
+    orphans = reap_orphans()
+    assert not running(daemon)
+    assert [orphan.pgid for orphan in orphans] == [child.pid]
+    assert orphans[0].command.startswith(shlex.join(script("family_server.py", "--port", "0")))
+    assert "process_driver.py hang" in orphans[0].of  # no job named: the program that used infermill
+    assert reap_orphans() == []  # and its record is gone
+
+
 def test_the_reaper_kills_nothing_it_cannot_tell_is_its_own(runtime):
     import subprocess
-
-    from infermill.servers.process import reap_orphans
 
     # an unrelated process leading its own group: its id sits in the registry, as after PID reuse
     bystander = subprocess.Popen(script("sleeper.py"), start_new_session=True)
@@ -257,9 +298,10 @@ def test_the_reaper_kills_nothing_it_cannot_tell_is_its_own(runtime):
         groups = runtime / "groups"
         groups.mkdir(parents=True, mode=0o700)
         entry = groups / str(bystander.pid)
+        fields = {"owner": dead_pid(), "owner_started": 12345.0, "token": "t", "command": "c", "of": "job j"}
         for record in (
-            f"{dead_pid()} 12345.0\n",  # a record of the old kind: no start time for the leader
-            f"{dead_pid()} 12345.0 {psutil.Process(bystander.pid).create_time() - 60}\n",  # another leader
+            f"{dead_pid()} 12345.0 {psutil.Process(bystander.pid).create_time()}\n",  # not a record of ours
+            json.dumps({**fields, "leader_started": psutil.Process(bystander.pid).create_time() - 60}),  # other leader
         ):
             entry.write_text(record)
             assert reap_orphans() == []

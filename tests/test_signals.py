@@ -5,8 +5,9 @@
   process group, exit 130 within 15 s; the same command resumes.
 * A second SIGINT while the first one is still stopping things: exit at once, killing the
   server's group on the way out.
-* SIGKILL (no chance to clean up): the server dies with the run (parent-death signal), and
-  whatever escaped it (a grandchild) is reaped by the next run, which then resumes.
+* SIGKILL (no chance to clean up): the server's whole tree dies with the run (its watcher),
+  wrappers, children that left its group and ``--workers`` included; if the watcher was
+  killed too, the next run reaps what is left, saying what and whose, and resumes.
 
 Each run freezes at a known point first: the faulty server answers N requests and hangs
 the next ones (``--hang-after``), so the job has exactly N documents done and one request
@@ -16,14 +17,17 @@ in flight per generation slot when the signal arrives.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import time
 
 import psutil
 import pytest
 
+from conftest import PYTHON, TAG_VARIABLE, _tagged_processes
 from faultjob import FaultJob, group_members, wait_exit, wait_for
-from helpers import FAULTY_SERVER, running
+from helpers import FAULTY_SERVER, running, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_orphans")
 
@@ -122,7 +126,7 @@ def test_a_second_sigint_stops_at_once_killing_the_server(tmp_path):
     assert rerun["documents_resumed"] == in_journals and rerun["documents_processed"] == 40
 
 
-def test_a_sigkilled_run_takes_its_server_along_and_the_next_run_reaps_what_escaped(tmp_path):
+def test_what_a_sigkilled_run_and_its_watcher_left_is_reaped_by_the_next_run_naming_command_and_job(tmp_path):
     # the server starts a worker that ignores SIGTERM, in the server's process group
     job = FaultJob(tmp_path, docs=60, conc=CONC, server={"hang_after": 20, "grandchild": True})
     proc = job.start()
@@ -130,22 +134,89 @@ def test_a_sigkilled_run_takes_its_server_along_and_the_next_run_reaps_what_esca
     server_pid, grandchild = server["pid"], server["grandchild"]
     assert running(grandchild) and os.getpgid(grandchild) == server_pid
     assert registered_groups(job) == [str(server_pid)]
+    watchers = [p for p in psutil.Process(proc.pid).children() if "watcher.py" in " ".join(p.cmdline())]
+    assert len(watchers) == 1, "one watcher per server"
 
+    watchers[0].kill()  # what no signal to infermill does: the watcher killed first, then the run
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     wait_for(lambda: not running(server_pid), "the server to die with the run (parent-death signal)", timeout=5)
     time.sleep(0.2)  # a moment for a kill of the group, which must not come: nothing to wait for
-    assert running(grandchild), "the grandchild should have escaped (the parent-death signal is the server's only)"
+    assert running(grandchild), "the grandchild should have escaped (its watcher is dead)"
     assert registered_groups(job) == [str(server_pid)]  # the dead run could not unregister it
 
     in_journals = job.log_entries("i")
     output = job.run_ok("--set=inference.model_kwargs.hang_after=null")
     assert not running(grandchild), "the next run should have killed what the dead run left behind"
-    assert f"killed process group {server_pid} left behind by an infermill run that died" in output
+    command = re.escape(shlex.join([PYTHON, str(FAULTY_SERVER)]))
+    said = rf"killed process group {server_pid} \({command} --port \d+ .*\) of job {re.escape(str(job.output))}, "
+    assert re.search(said + "left behind by an infermill run that died", output), output[-3000:]
     assert registered_groups(job) == []
     job.check_exactly_once()
     rerun = job.last_run_stats()  # the killed run's units were taken over once their leases went stale
     assert rerun["documents_resumed"] == in_journals and rerun["documents_processed"] == 40
+
+
+#: starts the server without ``exec``, as many ``run.sh`` wrappers do: bash stays the server's parent
+WRAPPER = f"""#!/bin/bash
+"{PYTHON}" "{FAULTY_SERVER}" "$@"
+echo "wrapper: the server exited"
+"""
+
+
+def server_trees() -> dict[str, list[psutil.Process]]:
+    """This test's live processes, by kind: the bash wrappers, the servers they run, the
+    servers' daemons (a grandchild in a session of its own), and the rest (infermill's)."""
+    kinds: dict[str, list[psutil.Process]] = {"wrappers": [], "servers": [], "daemons": [], "others": []}
+    for proc in _tagged_processes(os.environ[TAG_VARIABLE]):
+        try:
+            argv = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        kind = (
+            "wrappers" if "wrapper.sh" in argv
+            else "servers" if str(FAULTY_SERVER) in argv
+            else "daemons" if "sleeper.py" in argv
+            else "others"
+        )  # fmt: skip
+        kinds[kind].append(proc)
+    return kinds
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sigkilled_run_takes_the_whole_tree_of_each_server_along(tmp_path, workers):
+    # Each server is a bash wrapper running python without exec, whose server starts a daemon
+    # (setsid): neither the python server nor the daemon is in reach of a parent-death signal or
+    # of the wrapper's group. Killed as the wrappers start, once the trees are up, while serving.
+    wrapper = tmp_path / "wrapper.sh"
+    wrapper.write_text(WRAPPER)
+    for trial, moment in enumerate(["launched", "up", "serving", "launched"]):
+        folder = tmp_path / f"trial{trial}"
+        folder.mkdir()
+        server = {"server_script": None, "server_command": ["bash", str(wrapper)], "stats_file": None}
+        job = FaultJob(folder, docs=40, conc=CONC, server={**server, "hang_after": 3, "daemon_grandchild": True})
+        proc = job.start(*(["--workers", str(workers)] if workers > 1 else []))
+
+        def reached() -> bool:
+            tree = server_trees()
+            if moment == "launched":
+                return len(tree["wrappers"]) == workers
+            return len(tree["daemons"]) == workers and (moment == "up" or job.committed() >= 2)
+
+        wait_for(reached, f"trial {trial}: the servers {moment}", proc)
+        if moment == "up":  # the shape this test is about
+            tree = server_trees()
+            for daemon in tree["daemons"]:
+                server_process = daemon.parent()
+                assert server_process in tree["servers"] and server_process.parent() in tree["wrappers"]
+                assert os.getsid(daemon.pid) == daemon.pid != os.getpgid(server_process.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        try:
+            wait_until(lambda: not any(server_trees().values()), 5, "every process of the run to die")
+        except AssertionError:
+            left = {kind: [" ".join(p.cmdline()) for p in procs] for kind, procs in server_trees().items() if procs}
+            pytest.fail(f"trial {trial} (killed with the servers {moment}): alive 5 s after the SIGKILL: {left}")
 
 
 def test_a_signal_while_the_server_starts_stops_it_too(tmp_path):

@@ -117,14 +117,19 @@ def _summary(stats: dict[str, Any], output: str) -> None:
 
 
 def _load(job_file: str, overrides: tuple[str, ...], worker: bool = False) -> JobConfig:
-    """The job; a ``worker`` adds the overrides of secret fields its command passed it."""
+    """The job in ``job_file``, whose servers this process starts from now on; a ``worker`` adds
+    the overrides of secret fields its command passed it."""
+    from infermill.servers.process import set_job
+
     try:
         if worker:
             overrides = (*overrides, *secret_overrides_from_parent())
-        return load_job(job_file, overrides)
+        job = load_job(job_file, overrides)
     except ConfigError as e:
         _error(e)
         raise SystemExit(EXIT_USAGE) from None
+    set_job(job.output.path if is_remote(job.output.path) else os.path.abspath(job.output.path))
+    return job
 
 
 async def _interruptible(coro: Any) -> Any:

@@ -47,6 +47,8 @@ Server-wide flags (unknown flags are accepted and ignored, so any ``model_kwargs
                          only SIGKILL stops the server
     --grandchild         spawn tests/servers/sleeper.py --ignore-sigterm in the server's process group
                          (its pid is ``grandchild`` in the stats): a worker that outlives its server
+    --daemon-grandchild  as --grandchild, but in a session of its own (``setsid``), as a daemon does:
+                         it leaves the server's process group
     --capacity B         serve at most B completions at once, each for --service-time S seconds; the
                          others wait in arrival order: a GPU with a knee (throughput stops growing at
                          B requests in flight, latency goes on growing)
@@ -416,13 +418,14 @@ def say_ignored(sig: signal.Signals) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     server = FaultyServer(args)
-    if args.grandchild:
+    if args.grandchild or args.daemon_grandchild:
         sleeper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sleeper.py")
         server.grandchild = subprocess.Popen(
             [sys.executable, sleeper, "--ignore-sigterm"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=args.daemon_grandchild,
         ).pid
     if args.startup_delay:
         print(f"faulty_server: listening in {args.startup_delay:g} s", flush=True)
@@ -465,6 +468,7 @@ def main() -> None:
     parser.add_argument("--last-words", default=None)
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--grandchild", action="store_true")
+    parser.add_argument("--daemon-grandchild", action="store_true")
     parser.add_argument("--echo-auth", action="store_true")
     parser.add_argument("--capacity", type=int, default=None)
     parser.add_argument("--service-time", type=float, default=0.05)

@@ -6,8 +6,9 @@ worker that dies is replaced, up to ``max_worker_restarts`` times in all; the un
 is taken over once its lease expires. The parent holds no job state: everything is in the
 job's queue, so another command on this or another machine adds workers to the same job.
 
-Workers run in their own process groups and die with the parent (``PR_SET_PDEATHSIG``); a
-SIGINT or SIGTERM to the parent is passed on as SIGTERM (each worker gives its units back
+Workers run in their own process groups and die with the parent (``PR_SET_PDEATHSIG``), and
+each worker's server tree dies with the worker (its watcher, :mod:`infermill.servers.watcher`);
+a SIGINT or SIGTERM to the parent is passed on as SIGTERM (each worker gives its units back
 and stops its server), a second one kills them.
 """
 
@@ -100,10 +101,10 @@ async def _start_and_wait(slot: _Slot, command: Sequence[str], environment: dict
     if slot.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpus
     env["INFERMILL_WORKER_INDEX"] = str(slot.index)
-    from infermill.servers.process import _child_setup  # dies with this process (PR_SET_PDEATHSIG)
+    from infermill.servers.process import die_with_parent
 
     slot.process = await asyncio.create_subprocess_exec(
-        *command, env=env, start_new_session=True, preexec_fn=_child_setup
+        *command, env=env, start_new_session=True, preexec_fn=die_with_parent()
     )
     _LIVE_WORKERS.add(slot.process.pid)
     try:

@@ -63,11 +63,11 @@ def run_worker_task(command: list[str], env: dict[str, str], index: int, grace_s
     it SIGTERM, waits up to ``grace_sec``, then kills its process group."""
     import subprocess
 
-    from infermill.servers.process import _child_setup
+    from infermill.servers.process import die_with_parent
 
     full_env = {**os.environ, **env, "INFERMILL_WORKER_INDEX": str(index)}
     argv = [sys.executable, *command[1:]]  # the Python that runs this task: it has infermill
-    process = subprocess.Popen(argv, env=full_env, start_new_session=True, preexec_fn=_child_setup)
+    process = subprocess.Popen(argv, env=full_env, start_new_session=True, preexec_fn=die_with_parent())
     try:
         while process.poll() is None:  # a poll, not wait(): ray.cancel's KeyboardInterrupt lands in sleep()
             time.sleep(0.1)

@@ -5,17 +5,20 @@ read and stop it, so the rules that keep orphans away live in one place:
 
 * the child starts a new session (its own process group), so one ``killpg`` reaches
   everything it spawned, and a Ctrl-C in the terminal does not hit it directly;
-* on Linux the child gets a parent-death signal, so it dies if infermill is SIGKILLed;
+* every child carries a token of its own in its environment, which its descendants inherit,
+  wherever they go (``setsid``, a double fork);
+* a watcher process per child (:mod:`infermill.servers.watcher`), in a session of its own,
+  kills the child's group and every process with its token once this process is gone,
+  however it died (``kill -9`` included); on Linux the child also gets a parent-death signal;
 * stdout and stderr are drained concurrently in chunks, so a full pipe can never block
   the child, lines of any length are fine, and invalid UTF-8 is replaced, not fatal;
 * ``stop()`` sends SIGTERM to the group, waits a grace period, sends SIGKILL, and reaps;
   it is safe to call twice and completes even when its caller is being cancelled; then it
-  kills any descendant that left the group (a daemon: ``setsid``, double fork), found by a
-  token in the environment that every descendant inherits;
+  kills any descendant that left the group, found by its token;
 * an ``atexit`` hook, registered with the first child, kills any group still alive when the
   interpreter exits;
-* every live group is registered in a small file; a later infermill process reaps the
-  groups of an earlier one that was SIGKILLed (see :func:`reap_orphans`).
+* every live group is registered in a small file; a later infermill process reaps what an
+  earlier one left if its watcher could not (see :func:`reap_orphans`).
 """
 
 from __future__ import annotations
@@ -24,26 +27,33 @@ import asyncio
 import atexit
 import collections
 import ctypes
+import json
 import logging
 import os
+import shlex
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, NamedTuple
 
 import psutil
+
+from infermill.servers.watcher import TOKEN_VARIABLE, kill_group, kill_marked, same_group
 
 READ_CHUNK = 1 << 16
 MAX_LINE_CHARS = 1 << 20  # lines are cut here for pattern matching; the log keeps it all
 TAIL_LINES = 20
 
-#: in every managed child's environment: a token of its own, which its descendants inherit
-TOKEN_VARIABLE = "INFERMILL_PROCESS_TOKEN"
+#: the watcher, run as a file (see its docstring)
+WATCHER_SCRIPT = str(Path(__file__).with_name("watcher.py"))
+#: how much of a child's command line the registry keeps (and the reaper names)
+COMMAND_CHARS = 160
 
 _live_groups: set[int] = set()
 _exit_hook_registered = False
@@ -59,27 +69,6 @@ def _track(pgid: int) -> None:
     _live_groups.add(pgid)
 
 
-def kill_marked(token: str) -> list[int]:
-    """SIGKILL every process of this user whose environment carries ``token`` (what one child
-    and all its descendants inherit), wherever it went: another process group, another session.
-    Returns their pids."""
-    uid = os.getuid()
-    marked = []
-    for proc in psutil.process_iter(["uids"]):
-        try:
-            if (
-                proc.pid != os.getpid()
-                and proc.info["uids"].real == uid
-                and proc.environ().get(TOKEN_VARIABLE) == token
-            ):
-                proc.kill()
-                marked.append(proc)
-        except psutil.Error:
-            continue
-    psutil.wait_procs(marked, timeout=5)
-    return [proc.pid for proc in marked]
-
-
 def kill_live_groups() -> None:
     """SIGKILL every process group this process started and has not stopped yet."""
     for pgid in list(_live_groups):
@@ -90,6 +79,15 @@ def kill_live_groups() -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+
+_job = ""
+
+
+def set_job(job: str) -> None:
+    """Name the job (its output) whose servers this process starts from now on: the registry
+    keeps it, so that the reaper can say whose processes it killed."""
+    global _job
+    _job = job
 
 
 def registry_dir() -> Path:
@@ -128,18 +126,35 @@ def _safe_registry() -> Path | None:
     return folder
 
 
-def _register(pgid: int) -> None:
+def shorten_command(argv: Sequence[str], secrets: Sequence[str] = ()) -> str:
+    """``argv`` as a shell would show it, each of ``secrets`` as ``***``, cut to
+    :data:`COMMAND_CHARS` characters."""
+    line = shlex.join(argv)
+    for secret in secrets:
+        if secret:
+            line = line.replace(secret, "***")
+    return line if len(line) <= COMMAND_CHARS else line[: COMMAND_CHARS - 3] + "..."
+
+
+def _register(pgid: int, leader_started: float, token: str, command: str) -> None:
     folder = _safe_registry()
     if folder is None:
         return
+    owner = psutil.Process()
+    record = {
+        "owner": owner.pid,
+        "owner_started": owner.create_time(),
+        "leader_started": leader_started,
+        "token": token,
+        "command": command,
+        "of": f"job {_job}" if _job else shorten_command(sys.argv),
+    }
     try:
-        owner, leader = psutil.Process(), psutil.Process(pgid)
-        record = f"{owner.pid} {owner.create_time()} {leader.create_time()}\n".encode()
         fd = os.open(folder / str(pgid), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    except (OSError, psutil.Error):
+    except OSError:
         return
     with os.fdopen(fd, "wb") as f:
-        f.write(record)
+        f.write(json.dumps(record).encode())
 
 
 def _unregister(pgid: int) -> None:
@@ -149,10 +164,13 @@ def _unregister(pgid: int) -> None:
         pass
 
 
-def _read_entry(path: Path) -> list[str]:
+def _read_entry(path: Path) -> dict[str, Any]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
-        return f.read(256).decode().split()
+        record = json.loads(f.read(8192))
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: not a record")
+    return record
 
 
 def _started_at(pid: int) -> float | None:
@@ -162,12 +180,23 @@ def _started_at(pid: int) -> float | None:
         return None
 
 
-def reap_orphans() -> list[int]:
-    """Kill the process groups left by infermill processes that died without stopping them.
+class Orphan(NamedTuple):
+    """What the reaper killed: process group ``pgid``, running ``command``, started for ``of``
+    (``job OUTPUT``, or the command line of the program that used infermill)."""
+
+    pgid: int
+    command: str
+    of: str
+
+
+def reap_orphans() -> list[Orphan]:
+    """Kill what infermill processes that died left behind: the process groups they did not
+    stop, and the processes that left those groups (found by their token). Each one's watcher
+    normally did so already; this is for the rest (a watcher killed too).
 
     A group is killed only when its record says whose it is: its owner (the infermill run) is
     gone, and its leader is gone too or is the very process recorded (same start time), so a
-    reused process id never gets an unrelated process killed. Returns the group ids killed.
+    reused process id never gets an unrelated process killed.
     """
     folder = _safe_registry()
     if folder is None:
@@ -176,37 +205,86 @@ def reap_orphans() -> list[int]:
     for entry in folder.iterdir():
         try:
             pgid = int(entry.name)
-            owner_pid, owner_started, leader_started = (float(field) for field in _read_entry(entry))
-        except (ValueError, OSError):
+            record = _read_entry(entry)
+            owner_pid, owner_started = int(record["owner"]), float(record["owner_started"])
+            leader_started = float(record["leader_started"])
+            token, command, of = str(record["token"]), str(record["command"]), str(record["of"])
+        except (ValueError, OSError, KeyError, TypeError):
             entry.unlink(missing_ok=True)  # not a record we wrote: never act on it
             continue
-        owner_now = _started_at(int(owner_pid))
+        owner_now = _started_at(owner_pid)
         if owner_now is not None and abs(owner_now - owner_started) < 0.01:
             continue  # its owner is alive: not an orphan
-        leader_now = _started_at(pgid)
-        if leader_now is not None and abs(leader_now - leader_started) >= 0.01:
-            entry.unlink(missing_ok=True)  # the id now belongs to another process: not ours
-            continue
-        if group_alive(pgid):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-                killed.append(pgid)
-            except (ProcessLookupError, PermissionError):
-                pass
+        group_killed = same_group(pgid, leader_started) and group_alive(pgid) and kill_group(pgid)
+        if kill_marked(token) or group_killed:  # the token is this child's alone, whatever its group became
+            killed.append(Orphan(pgid, command, of))
         entry.unlink(missing_ok=True)
     return killed
 
 
 _reaped_once = False
+_libc_prctl: Callable[..., int] | None = None
 
 
-def _child_setup() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` for a child that must not outlive this process: on Linux it gets a
+    parent-death signal (SIGKILL), and kills itself at once if this process died between the
+    fork and the ``prctl`` (the signal would never come)."""
+    global _libc_prctl
+    if _libc_prctl is None and sys.platform.startswith("linux"):
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except Exception:
+            _libc_prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
             pass
+    prctl, parent = _libc_prctl, os.getpid()
+
+    def setup() -> None:  # runs in the child between fork and exec
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return setup
+
+
+class _Watcher:
+    """The watcher process of one child (see :mod:`infermill.servers.watcher`). This process
+    alone holds the write end of its input, so that the watcher sees it close when this
+    process dies, however it dies."""
+
+    def __init__(self, token: str):
+        self._proc = subprocess.Popen(
+            [sys.executable, "-P", WATCHER_SCRIPT],  # -P: nothing of the script's folder shadows a module
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            cwd="/",  # holds no folder of the job's busy
+            start_new_session=True,  # out of reach of signals to our group and terminal
+        )
+        self._send(f"token {token}")
+
+    def watch(self, pgid: int, leader_started: float | None) -> None:
+        """The child's process group is ``pgid``, led by a process started at ``leader_started``."""
+        self._send(f"group {pgid} {'-' if leader_started is None else repr(leader_started)}")
+
+    def _send(self, line: str) -> None:
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(line.encode() + b"\n")
+            self._proc.stdin.flush()
+        except OSError:  # it died (its error is on our stderr): the rest of the clean-up still works
+            pass
+
+    async def close(self, stopped: bool) -> None:
+        """Close the watcher's input, after saying the child is ``stopped`` (else the watcher
+        kills whatever carries the child's token), and reap it."""
+        if stopped:
+            self._send("stopped")
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        await asyncio.to_thread(self._proc.wait)
 
 
 def group_alive(pgid: int) -> bool:
@@ -238,9 +316,12 @@ class ManagedProcess:
         log: IO[str] | None,
         secrets: tuple[str, ...] = (),
         token: str = "",
+        watcher: _Watcher | None = None,
+        command: str = "",
     ):
         self._proc = proc
         self._token = token
+        self._watcher = watcher
         self.pid = proc.pid
         self.pgid = proc.pid  # start_new_session makes the child its group's leader
         self._on_line = on_line
@@ -256,7 +337,11 @@ class ManagedProcess:
         self._waiter = asyncio.create_task(self._wait_exit(), name=f"wait-{self.pid}")
         self._stopped = False
         _track(self.pgid)
-        _register(self.pgid)
+        leader_started = _started_at(self.pgid)
+        if watcher is not None:
+            watcher.watch(self.pgid, leader_started)
+        if leader_started is not None:
+            _register(self.pgid, leader_started, token, command)
 
     @classmethod
     async def spawn(
@@ -276,22 +361,30 @@ class ManagedProcess:
         global _reaped_once
         if not _reaped_once:
             _reaped_once = True
-            for pgid in reap_orphans():
+            for orphan in reap_orphans():
                 logging.getLogger("infermill.process").warning(
-                    "killed process group %d left behind by an infermill run that died", pgid
+                    "killed process group %d (%s) of %s, left behind by an infermill run that died",
+                    orphan.pgid,
+                    orphan.command,
+                    orphan.of,
                 )
         token = uuid.uuid4().hex  # inherited by everything the child starts, in its group or not
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**(os.environ if env is None else env), TOKEN_VARIABLE: token},
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=_child_setup,
-        )
-        return cls(proc, on_line, on_exit, log, secrets, token)
+        watcher = _Watcher(token)  # first: the child never runs unwatched
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**(os.environ if env is None else env), TOKEN_VARIABLE: token},
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
+        except BaseException:
+            await watcher.close(stopped=False)  # kills whatever was started with the token, if anything
+            raise
+        return cls(proc, on_line, on_exit, log, secrets, token, watcher, shorten_command(argv, secrets))
 
     @property
     def returncode(self) -> int | None:
@@ -363,6 +456,9 @@ class ManagedProcess:
         await asyncio.gather(*self._readers, return_exceptions=True)
         _live_groups.discard(self.pgid)
         _unregister(self.pgid)
+        if self._watcher is not None:
+            watcher, self._watcher = self._watcher, None
+            await watcher.close(stopped=True)
         return self._proc.returncode
 
     def _signal_group(self, sig: int) -> None:
