@@ -42,6 +42,11 @@ class LeaseLostError(InfermillError):
     lease went stale, or the unit was marked failed): it must not commit the unit."""
 
 
+class PlanReplacedError(InfermillError):
+    """The job's plan was replaced while this worker ran (another command started the job over):
+    the units this worker read belong to a job that is gone, so it must stop."""
+
+
 class ServerError(InfermillError):
     """The inference server could not start, died, or is otherwise unusable.
 
