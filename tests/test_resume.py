@@ -364,18 +364,45 @@ def test_a_different_job_is_refused_until_overwrite(tmp_path):
     other_input = tmp_path / "copy.jsonl"
     other_input.write_bytes(job.input.read_bytes())
     for args, change in [
-        (["--set", "checkpoint.records_per_chunk=30"], "records_per_chunk: 25 -> 30"),
+        (["--set", "checkpoint.records_per_chunk=30"], "checkpoint.records_per_chunk: 25 -> 30"),
         (["--set", f"input.path={other_input}"], "copy.jsonl"),
-        (["--set", "rollout.template=Other [[DOCUMENT]]"], "rollout"),
+        (["--set", "rollout.template=Other [[DOCUMENT]]"], "rollout.template: 'Echo: [[DOCUMENT]]' -> 'Other [[DOCUMENT]]'"),
+        (["--set", "rollout.prompt_key=text", "--set", "rollout.template=null"], "rollout.prompt_key: None -> 'text'"),
+        # what changes a reply, besides the rollout (a second command with another model joined the first's queue)
+        (["--set", "inference.model_name_or_path=other"], "inference.model_name_or_path: 'counting' -> 'other'"),
+        (["--set", "inference.use_chat=false"], "inference.use_chat: True -> False"),
+        (
+            ["--set", "inference.default_generation_params.temperature=0.5"],
+            "inference.default_generation_params.temperature: (not set) -> 0.5",
+        ),
+        (["--set", "inference.model_kwargs.delay=0.01"], "inference.model_kwargs.delay: 0.002 -> 0.01"),
+        (["--set", "inference.model_kwargs.server_env.MODE=b"], "inference.model_kwargs.server_env.MODE: changed"),
     ]:
         result = job.run(*args)
         message = result.stdout + result.stderr
-        assert result.returncode != 0, message
-        assert "different job" in message and change in message and "--overwrite" in message, message
+        assert result.returncode == 2, message
+        assert "different job" in message and change in message, message
+        assert "units are committed" in message and "--overwrite" in message and "output path" in message, message
+        assert "prompt:" not in message, "a change is named in words, not as a digest"
     static = job.run("--world-size", "2", "--rank", "0")  # static ranks are gone: a usage error
     assert static.returncode == 2 and "static ranks" in static.stderr, static.stdout + static.stderr
     assert job.requests() == sent, "a refused job sends nothing"
     assert sorted(p.name for p in job.output.glob("*.jsonl")) == files, "a refused job changes nothing"
+
+    # what may change between runs of one job: concurrency, timeouts, retries, restarts, metrics, logs
+    may_change = {
+        "inference.max_concurrent_generations": "2",
+        "inference.request_timeout": "20",
+        "inference.request_max_attempts": "3",
+        "inference.server_max_restarts": "1",
+        "inference.metric_interval": "5",
+        "inference.server_log_folder": str(tmp_path / "other_logs"),
+        "inference.api_key": "a-new-token",
+        "checkpoint.lease_timeout_sec": "3",
+    }
+    job.run_ok(*[arg for key, value in may_change.items() for arg in ("--set", f"{key}={value}")])
+    job.check_exactly_once()
+    assert "a-new-token" not in (job.queue / "plan.json").read_text()
 
     job.run_ok("--set", "checkpoint.records_per_chunk=30", "--overwrite")
     job.rpc = 30

@@ -25,7 +25,7 @@ SECRET_FIELDS = frozenset({"api_key", "model_kwargs", "endpoint_url"})
 
 
 #: values users write for a server_type that are no close spelling of the right one
-SERVER_TYPE_ALIASES = {"openai": "endpoint", "openai-compatible": "endpoint", "openai_compatible": "endpoint", "api": "endpoint"}
+SERVER_TYPE_ALIASES = dict.fromkeys(("openai", "openai-compatible", "openai_compatible", "api"), "endpoint")
 
 
 def did_you_mean(given: str, known: Any, aliases: dict[str, str] | None = None) -> str:

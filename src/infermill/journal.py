@@ -96,6 +96,8 @@ def _value_changes(path: str, before: Any, after: Any) -> list[str]:
     """``path: BEFORE -> AFTER`` for each leaf that differs (dicts compared key by key)."""
     if before == after:
         return []
+    if isinstance(before, dict) or isinstance(after, dict):  # a section given on one side only: key by key
+        before, after = ({} if v is _UNSET else v for v in (before, after))
     if isinstance(before, dict) and isinstance(after, dict):
         changes = []
         for key in sorted(set(before) | set(after), key=str):
