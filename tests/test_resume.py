@@ -412,6 +412,20 @@ def test_a_different_job_is_refused_until_overwrite(tmp_path):
     assert stats["worker_runs"] == 1 and stats["documents_resumed"] == 0
 
 
+def test_a_job_with_nothing_committed_may_be_fixed_and_rerun_with_other_settings(tmp_path):
+    """A run that failed on a mistake in the job file (a prompt_key its documents lack) committed
+    nothing: the fixed job file runs at once, started over, with no --overwrite."""
+    job = Job(tmp_path, docs=40, server="dummy", rpc=10, rollout={"prompt_key": "body"})
+    failed = job.run()
+    assert failed.returncode != 0 and job.done_units() == [], failed.stdout + failed.stderr
+    output = job.run_ok("--set", "rollout.prompt_key=text")
+    assert "starting it over with the changed settings" in output and "rollout.prompt_key: 'body' -> 'text'" in output
+    job.check_exactly_once()
+    assert job.stats()["documents_failed"] == 0, "the failed run's stats went with it"
+    changed = job.run("--set", "inference.model_name_or_path=other")  # once something is committed: refused
+    assert changed.returncode == 2 and "inference.model_name_or_path: 'echo' -> 'other'" in changed.stderr
+
+
 # -- bad input records -----------------------------------------------------------------------
 
 BAD_LINES = {
