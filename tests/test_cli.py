@@ -156,7 +156,10 @@ INVALID_KEYS = {
     "input.limit": (-1, ["input.limit:", "greater than or equal to 1", "(got -1)"]),
     "inference.server_type": (
         "openai",  # no close spelling of 'endpoint', but what users call it
-        ["inference.server_type: 'openai' is not one of custom, vllm, sglang, endpoint, dummy (did you mean 'endpoint'?)"],
+        [
+            "inference.server_type: 'openai' is not one of custom, vllm, sglang, endpoint, dummy "
+            "(did you mean 'endpoint'?)"
+        ],
     ),
 }
 

@@ -366,7 +366,10 @@ def test_a_different_job_is_refused_until_overwrite(tmp_path):
     for args, change in [
         (["--set", "checkpoint.records_per_chunk=30"], "checkpoint.records_per_chunk: 25 -> 30"),
         (["--set", f"input.path={other_input}"], "copy.jsonl"),
-        (["--set", "rollout.template=Other [[DOCUMENT]]"], "rollout.template: 'Echo: [[DOCUMENT]]' -> 'Other [[DOCUMENT]]'"),
+        (
+            ["--set", "rollout.template=Other [[DOCUMENT]]"],
+            "rollout.template: 'Echo: [[DOCUMENT]]' -> 'Other [[DOCUMENT]]'",
+        ),
         (["--set", "rollout.prompt_key=text", "--set", "rollout.template=null"], "rollout.prompt_key: None -> 'text'"),
         # what changes a reply, besides the rollout (a second command with another model joined the first's queue)
         (["--set", "inference.model_name_or_path=other"], "inference.model_name_or_path: 'counting' -> 'other'"),

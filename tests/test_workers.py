@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -275,7 +276,12 @@ def test_a_plan_another_job_published_first_is_compared_before_anything_is_claim
         if queue.worker_id == "y" and not others:  # this command's first read: none; then the other wins the race
             others.append(None)
             other, _ = open_queue(
-                x_runner.layout, x_runner.output_writer, x_reader, 10, x_runner.identity(), QueueOptions(1.0, worker_id="x")
+                x_runner.layout,
+                x_runner.output_writer,
+                x_reader,
+                10,
+                x_runner.identity(),
+                QueueOptions(1.0, worker_id="x"),
             )
             others[0] = other
             if other_holds_a_unit:
@@ -285,7 +291,13 @@ def test_a_plan_another_job_published_first_is_compared_before_anything_is_claim
 
     monkeypatch.setattr(WorkQueue, "plan", plan_published_by_another_job_meanwhile)
     open_y = functools.partial(
-        open_queue, y_runner.layout, y_runner.output_writer, y_reader, 10, y_runner.identity(), QueueOptions(1.0, worker_id="y")
+        open_queue,
+        y_runner.layout,
+        y_runner.output_writer,
+        y_reader,
+        10,
+        y_runner.identity(),
+        QueueOptions(1.0, worker_id="y"),
     )
     if other_holds_a_unit:
         with pytest.raises(ConfigError) as refused:
@@ -302,6 +314,40 @@ def test_a_plan_another_job_published_first_is_compared_before_anything_is_claim
     assert stored is not None and stored["identity"] == y_runner.identity(), "the job is started over as this one"
     with pytest.raises(PlanReplacedError):  # the other command's worker claims nothing of it
         others[0].claim()
+
+
+def test_two_commands_with_other_prompts_started_at_once_never_mix_their_output(tmp_path):
+    """Whichever command publishes the plan, the other compares it with its own job before it
+    claims: one is refused or fenced off (exit != 0), never both exit 0 with mixed output."""
+    with open(tmp_path / "input.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"id": f"doc-{i}", "text": f"document {i}"}) + "\n")
+    files = [_job_file(tmp_path, f"{n}.yaml", "m", f"{n}: [[DOCUMENT]]") for n in ("first", "second")]
+    env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime"), "COLUMNS": "1000"}
+    for trial in range(3):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        procs = [
+            subprocess.Popen(
+                [PYTHON, "-m", "infermill", "run", str(f)],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for f in files
+        ]
+        outputs = [proc.communicate(timeout=TIMEOUT)[0].decode() for proc in procs]
+        codes = [proc.returncode for proc in procs]
+        prompts = {
+            result["text"].split(":")[0]
+            for p in (tmp_path / "out").glob("*.jsonl")
+            for record in read_jsonl(p)
+            for result in record["metadata"]["rollout_results"]
+        }
+        assert len(prompts) <= 1, f"trial {trial}: output mixed from {prompts}, exit codes {codes}\n" + "\n".join(
+            outputs
+        )
+        assert codes.count(0) <= 1, f"trial {trial}: both exited 0\n" + "\n".join(outputs)
 
 
 def test_a_frozen_worker_loses_its_unit_to_another_and_does_not_commit_it_when_it_wakes(tmp_path):
