@@ -56,6 +56,13 @@ takeover and write too. Then it replaces the same output file with equivalent co
 same documents), so the output still holds each document once; ``U.done`` is created once,
 so the unit and its documents are counted once (the second commit returns False).
 
+**The plan** (``plan.json``) starts with a random ``plan_id``. A command may start a job
+that has nothing committed over with other settings (:func:`infermill.worker.open_queue`
+deletes the queue and publishes a new plan); a worker of the old plan must then claim, renew
+and commit nothing, although lease names repeat in the new queue. So every claim (before
+and after creating its lease), renewal and commit reads the plan's first bytes, and stops
+(``PlanReplacedError``; ``LeaseLostError`` for a lease) when the id is not the one it read.
+
 **Attempts and failures.** Each generation is an attempt, except one its holder gave back
 (:meth:`release`, e.g. a worker stopping on SIGTERM). When the lease of a unit that already
 had ``max_unit_attempts`` attempts goes stale, the unit is marked failed (``U.failed``,
