@@ -515,6 +515,42 @@ def test_two_workers_together_write_every_document_once(tmp_path):
     assert job.stats()["worker_runs"] == 2 and job.stats()["documents_written"] == DOCS
 
 
+def test_a_python_api_checkpoint_with_nothing_committed_may_run_with_other_settings(tmp_path):
+    """The Python API's own checkpoint (a static rank): a run that stopped before its first chunk
+    was committed leaves finished documents of the old settings in the chunk's log; a run with
+    another rollout starts over instead of being refused, and writes only its own results.
+    Once a chunk is committed, a change is refused, named in words."""
+    config = InferenceConfig(server_type="dummy", model_name_or_path="echo", max_concurrent_generations=2)
+    out = tmp_path / "out"
+    documents = [{"id": f"d{i}", "text": f"t {i}"} for i in range(25)]
+
+    def stops_after(n: int):
+        for i, document in enumerate(documents):
+            if i == n:
+                raise RuntimeError("the input stopped")
+            yield document
+
+    def runner(template: str, model: str = "echo") -> InferenceRunner:
+        return InferenceRunner(
+            PromptRollout(template=template),
+            config.model_copy(update={"model_name_or_path": model}),
+            JsonlWriter(str(out)),
+            records_per_chunk=10,
+        )
+
+    with pytest.raises(RuntimeError, match="the input stopped"):
+        runner("Old: [[DOCUMENT]]").run(stops_after(5))
+    assert not list(out.glob("*.jsonl")) and list((out / "_infermill" / "checkpoints").rglob("chunk_*.log"))
+    stats = runner("New: [[DOCUMENT]]").run(documents)
+    assert stats["documents_written"] == 25 and stats["documents_resumed"] == 0
+    texts = [r["metadata"]["rollout_results"][0]["text"] for p in sorted(out.glob("*.jsonl")) for r in read_jsonl(p)]
+    assert len(texts) == 25 and all(text.startswith("New: ") for text in texts), texts
+    with pytest.raises(ConfigError) as refused:
+        runner("New: [[DOCUMENT]]", model="other").run(documents)
+    assert "inference.model_name_or_path: 'echo' -> 'other'" in str(refused.value)
+    assert "3 of its chunks are committed" in str(refused.value) and "--overwrite" in str(refused.value)
+
+
 def test_a_remote_output_needs_a_local_checkpoint_folder(tmp_path):
     config = InferenceConfig(server_type="dummy", model_name_or_path="echo", max_concurrent_generations=4)
     rollout = PromptRollout(template="[[DOCUMENT]]")

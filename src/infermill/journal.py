@@ -81,7 +81,7 @@ def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
     changes = []
     for key in sorted(set(recorded) | set(current)):
         if key == "input_files":
-            if key in recorded:  # (a checkpoint from before input files were recorded has none)
+            if recorded.get(key) is not None:  # (none: from before they were recorded, or the Python API's)
                 changes += _input_file_changes(recorded[key], current.get(key) or [])
         elif key in ADDED_KEYS and key not in recorded:
             continue
@@ -453,7 +453,19 @@ class ChunkJournal(ChunkLogs):
         identity_path = self.layout.identity_file(self.rank)
         if identity_path.exists():
             recorded = orjson.loads(identity_path.read_bytes())
-            if check_identity(recorded, identity, f"the checkpoint in {self.dir}", accept_changed_input):
+            done = len(list(self.dir.glob("chunk_*.done")))
+            if done or self.layout.complete_file(self.rank).exists():
+                note = f"{done} of its chunks are committed with the settings before."
+                if check_identity(recorded, identity, f"the checkpoint in {self.dir}", accept_changed_input, note):
+                    self._write_identity(identity)
+            elif changes := identity_differences(recorded, identity):  # nothing committed: nothing to mix with
+                logger.warning(
+                    "nothing of the checkpoint in %s was committed: starting it over with the changed settings (%s)",
+                    self.dir,
+                    "; ".join(changes[:5]),
+                )
+                self._discard()
+                self.dir.mkdir(parents=True, exist_ok=True)
                 self._write_identity(identity)
         else:
             self._write_identity(identity)
