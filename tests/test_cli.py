@@ -144,16 +144,22 @@ def _set(spec: dict[str, Any], dotted: str, value: Any) -> None:
 
 #: a faulty key, and what the error must say about it
 INVALID_KEYS = {
-    "inference.max_concurent_generations": (8, ["inference.max_concurent_generations: unknown key"]),
-    "output.pth": ("elsewhere", ["output.pth: unknown key"]),
+    "inference.max_concurent_generations": (
+        8,
+        ["inference.max_concurent_generations: unknown key (did you mean 'max_concurrent_generations'?)"],
+    ),
+    "output.pth": ("elsewhere", ["output.pth: unknown key (did you mean 'path'?)"]),
     "inference.max_concurrent_generations": (
         "many",
         ["inference.max_concurrent_generations:", "valid integer", "(got 'many')"],
     ),
     "input.limit": (-1, ["input.limit:", "greater than or equal to 1", "(got -1)"]),
     "inference.server_type": (
-        "tgi",
-        ["inference.server_type: 'tgi' is not one of custom, vllm, sglang, endpoint, dummy"],
+        "openai",  # no close spelling of 'endpoint', but what users call it
+        [
+            "inference.server_type: 'openai' is not one of custom, vllm, sglang, endpoint, dummy "
+            "(did you mean 'endpoint'?)"
+        ],
     ),
 }
 

@@ -8,6 +8,7 @@ import pytest
 
 from infermill.config import InferenceConfig, server_types
 from infermill.errors import ConfigError
+from infermill.jobfile import load_job
 from infermill.servers import SERVER_CLASSES
 
 DATATROVE_DEFAULTS = {
@@ -107,6 +108,37 @@ def test_endpoint_without_endpoint_url_fails_naming_endpoint_url():
     with pytest.raises(ConfigError) as excinfo:
         make(server_type="endpoint")
     assert "endpoint_url" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("server_type", "suggested"), [("openai", "endpoint"), ("OpenAI-compatible", "endpoint"), ("vlm", "vllm")]
+)
+def test_an_unknown_server_type_suggests_the_closest_one_or_the_one_an_alias_means(server_type, suggested):
+    with pytest.raises(ConfigError) as excinfo:
+        make(server_type=server_type)
+    assert f"server_type: {server_type!r} is not one of" in str(excinfo.value)
+    assert f"(did you mean {suggested!r}?)" in str(excinfo.value)
+
+
+def test_an_unknown_value_far_from_every_known_one_suggests_nothing():
+    with pytest.raises(ConfigError) as excinfo:
+        make(server_type="warp-drive")
+    assert "did you mean" not in str(excinfo.value)
+
+
+def test_a_misspelt_job_file_key_suggests_the_key_of_its_own_section(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "input: {path: in.jsonl, text_kye: body}\noutput: {path: out}\nrollout: {template: 'x [[DOCUMENT]]'}\n"
+        "inference: {server_type: dummy, model_name_or_path: m, max_concurent_generations: 4}\n"
+        "checkpoints: {records_per_chunk: 10}\n"
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        load_job(job)
+    message = str(excinfo.value)
+    assert "input.text_kye: unknown key (did you mean 'text_key'?)" in message, message
+    assert "inference.max_concurent_generations: unknown key (did you mean 'max_concurrent_generations'?)" in message
+    assert "checkpoints: unknown key (did you mean 'checkpoint'?)" in message, message
 
 
 def test_unknown_field_name_fails_naming_the_field():

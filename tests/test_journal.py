@@ -9,9 +9,12 @@ import orjson
 import pytest
 
 from helpers import read_jsonl
+from infermill.config import InferenceConfig
 from infermill.io.writers import JsonlWriter
-from infermill.journal import ChunkJournal, request_key
+from infermill.journal import ChunkJournal, identity_differences, request_key
 from infermill.layout import JobLayout
+from infermill.rollouts import PromptRollout
+from infermill.runner import InferenceRunner
 
 IDENTITY = {"job": "test"}
 
@@ -205,3 +208,48 @@ def test_a_unit_lost_and_claimed_back_is_written_with_each_record_once(tmp_path)
     assert ids == ["d0", "d1", "d2", "d3"]
     assert orjson.loads((folder / "units" / "000000.done").read_bytes())["documents"] == 4
     mine.close()
+
+
+# -- the job's identity ---------------------------------------------------------------------
+
+
+def _identity(**inference: object) -> dict:
+    config = InferenceConfig(server_type="custom", model_name_or_path="m", model_kwargs={"server_script": "s.py"})
+    for name, value in inference.items():
+        setattr(config, name, value)
+    rollout = PromptRollout(template="Summarize: [[DOCUMENT]]")
+    runner = InferenceRunner(rollout, config, JsonlWriter("/tmp/out"), job_identity={"input": {"path": "in.jsonl"}})
+    return runner.identity()
+
+
+def test_a_record_from_before_the_reply_settings_were_recorded_is_compared_on_what_it_holds():
+    current = _identity(model_name_or_path="other")
+    old = {key: value for key, value in current.items() if key not in ("inference", "rollout_settings")}
+    assert identity_differences(old, current) == []  # an upgrade does not refuse the job for absent keys
+    assert identity_differences({**old, "records_per_chunk": 5}, current) == ["checkpoint.records_per_chunk: 5 -> 6000"]
+
+
+def test_secrets_are_never_recorded_and_a_changed_one_is_named_without_its_value():
+    env = {"HF_TOKEN": "hf_secret_1", "MODEL_DIR": "/models/a"}
+    before = _identity(api_key="sk-one", model_kwargs={"server_script": "s.py", "server_env": env, "hf_token": "x"})
+    after = _identity(
+        api_key="sk-two",
+        model_kwargs={"server_script": "s.py", "server_env": {**env, "HF_TOKEN": "hf_2", "MODEL_DIR": "/b"}},
+    )
+    recorded = orjson.dumps(before).decode()
+    assert not any(secret in recorded for secret in ("sk-one", "hf_secret_1", "/models/a", "hf_token"))
+    # a new token changes no reply; another MODEL_DIR may: named, its value not shown
+    assert identity_differences(before, after) == [
+        "inference.model_kwargs.server_env.MODEL_DIR: changed (not shown: it may hold a secret)"
+    ]
+
+
+def test_a_long_template_change_is_shown_where_it_differs_not_as_a_digest():
+    preamble = "You are a careful annotator. Read the document and answer in one word. " * 3
+    before, after = (
+        {"rollout_settings": {"template": preamble + end}} for end in ("Topic? [[DOCUMENT]]", "Tone? [[DOCUMENT]]")
+    )
+    (line,) = identity_differences(before, after)
+    assert (
+        line == "rollout.template: …'swer in one word. Topic? [[DOCUMENT]]' -> …'swer in one word. Tone? [[DOCUMENT]]'"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -20,7 +21,7 @@ import pytest
 
 from conftest import PYTHON, ROOT
 from helpers import wait_until
-from infermill.errors import ConfigError, InfermillError, LeaseLostError
+from infermill.errors import ConfigError, InfermillError, LeaseLostError, PlanReplacedError
 from infermill.layout import JobLayout
 from infermill.queue import Lease, WorkQueue
 
@@ -227,6 +228,30 @@ def test_renewal_and_commit_are_refused_after_a_takeover(tmp_path):
     assert written == [] and not slow.holds(lease) and fast.holds(taken)
     assert fast.commit(taken, lambda: written.append("fast"), documents=1)
     assert written == ["fast"]
+
+
+def test_a_worker_of_a_plan_replaced_by_another_command_renews_commits_and_claims_nothing(tmp_path):
+    """Another command started the job over (its settings changed, nothing was committed):
+    the old job's worker must not commit into the new job, even where generation numbers
+    repeat (the new queue's first lease of a unit has the old one's name)."""
+    folder = tmp_path / "queue"
+    old = make_queue(folder, "old", 2)
+    lease = old.claim()
+    old_lease_name = lease.path.name
+    shutil.rmtree(folder)  # as worker.discard does before the new job is published
+    new = make_queue(folder, "new", 2)
+    taken = [new.claim(), new.claim()]
+    assert old_lease_name in {t.path.name for t in taken}, "the same lease file name, in the new job"
+    written = []
+    with pytest.raises(LeaseLostError, match="plan .* was replaced"):
+        old.renew(lease)
+    with pytest.raises(LeaseLostError, match="was replaced"):
+        old.commit(lease, lambda: written.append("old"), documents=10)
+    with pytest.raises(PlanReplacedError, match="another command started the job over"):
+        old.claim()
+    assert written == [] and not old.holds(lease)
+    assert all(new.commit(t, lambda: written.append("new"), documents=10) for t in taken)
+    assert written == ["new", "new"] and new.status().units_done == 2
 
 
 def test_a_second_commit_of_a_unit_is_not_counted_twice(tmp_path):

@@ -364,18 +364,48 @@ def test_a_different_job_is_refused_until_overwrite(tmp_path):
     other_input = tmp_path / "copy.jsonl"
     other_input.write_bytes(job.input.read_bytes())
     for args, change in [
-        (["--set", "checkpoint.records_per_chunk=30"], "records_per_chunk: 25 -> 30"),
+        (["--set", "checkpoint.records_per_chunk=30"], "checkpoint.records_per_chunk: 25 -> 30"),
         (["--set", f"input.path={other_input}"], "copy.jsonl"),
-        (["--set", "rollout.template=Other [[DOCUMENT]]"], "rollout"),
+        (
+            ["--set", "rollout.template=Other [[DOCUMENT]]"],
+            "rollout.template: 'Echo: [[DOCUMENT]]' -> 'Other [[DOCUMENT]]'",
+        ),
+        (["--set", "rollout.prompt_key=text", "--set", "rollout.template=null"], "rollout.prompt_key: None -> 'text'"),
+        # what changes a reply, besides the rollout (a second command with another model joined the first's queue)
+        (["--set", "inference.model_name_or_path=other"], "inference.model_name_or_path: 'counting' -> 'other'"),
+        (["--set", "inference.use_chat=false"], "inference.use_chat: True -> False"),
+        (
+            ["--set", "inference.default_generation_params.temperature=0.5"],
+            "inference.default_generation_params.temperature: (not set) -> 0.5",
+        ),
+        (["--set", "inference.model_kwargs.delay=0.01"], "inference.model_kwargs.delay: 0.002 -> 0.01"),
+        (["--set", "inference.model_kwargs.server_env.MODE=b"], "inference.model_kwargs.server_env.MODE: changed"),
     ]:
         result = job.run(*args)
         message = result.stdout + result.stderr
-        assert result.returncode != 0, message
-        assert "different job" in message and change in message and "--overwrite" in message, message
+        assert result.returncode == 2, message
+        assert "different job" in message and change in message, message
+        assert "units are committed" in message and "--overwrite" in message and "output path" in message, message
+        assert "prompt:" not in message, "a change is named in words, not as a digest"
     static = job.run("--world-size", "2", "--rank", "0")  # static ranks are gone: a usage error
     assert static.returncode == 2 and "static ranks" in static.stderr, static.stdout + static.stderr
     assert job.requests() == sent, "a refused job sends nothing"
     assert sorted(p.name for p in job.output.glob("*.jsonl")) == files, "a refused job changes nothing"
+
+    # what may change between runs of one job: concurrency, timeouts, retries, restarts, metrics, logs
+    may_change = {
+        "inference.max_concurrent_generations": "2",
+        "inference.request_timeout": "20",
+        "inference.request_max_attempts": "3",
+        "inference.server_max_restarts": "1",
+        "inference.metric_interval": "5",
+        "inference.server_log_folder": str(tmp_path / "other_logs"),
+        "inference.api_key": "a-new-token",
+        "checkpoint.lease_timeout_sec": "3",
+    }
+    job.run_ok(*[arg for key, value in may_change.items() for arg in ("--set", f"{key}={value}")])
+    job.check_exactly_once()
+    assert "a-new-token" not in (job.queue / "plan.json").read_text()
 
     job.run_ok("--set", "checkpoint.records_per_chunk=30", "--overwrite")
     job.rpc = 30
@@ -383,6 +413,20 @@ def test_a_different_job_is_refused_until_overwrite(tmp_path):
     assert len(list(job.output.glob("*.jsonl"))) == -(-DOCS // 30)  # the old 25-record chunk files are gone
     stats = job.stats()  # the stats of the runs before the overwrite are gone with them
     assert stats["worker_runs"] == 1 and stats["documents_resumed"] == 0
+
+
+def test_a_job_with_nothing_committed_may_be_fixed_and_rerun_with_other_settings(tmp_path):
+    """A run that failed on a mistake in the job file (a prompt_key its documents lack) committed
+    nothing: the fixed job file runs at once, started over, with no --overwrite."""
+    job = Job(tmp_path, docs=40, server="dummy", rpc=10, rollout={"prompt_key": "body"})
+    failed = job.run()
+    assert failed.returncode != 0 and job.done_units() == [], failed.stdout + failed.stderr
+    output = job.run_ok("--set", "rollout.prompt_key=text")
+    assert "starting it over with the changed settings" in output and "rollout.prompt_key: 'body' -> 'text'" in output
+    job.check_exactly_once()
+    assert job.stats()["documents_failed"] == 0, "the failed run's stats went with it"
+    changed = job.run("--set", "inference.model_name_or_path=other")  # once something is committed: refused
+    assert changed.returncode == 2 and "inference.model_name_or_path: 'echo' -> 'other'" in changed.stderr
 
 
 # -- bad input records -----------------------------------------------------------------------
@@ -514,6 +558,42 @@ def test_two_workers_together_write_every_document_once(tmp_path):
     assert len(runs) == 2 and all(run["documents_processed"] > 0 for run in runs), (runs, output[-3000:])
     assert sum(run["documents_processed"] for run in runs) == DOCS
     assert job.stats()["worker_runs"] == 2 and job.stats()["documents_written"] == DOCS
+
+
+def test_a_python_api_checkpoint_with_nothing_committed_may_run_with_other_settings(tmp_path):
+    """The Python API's own checkpoint (a static rank): a run that stopped before its first chunk
+    was committed leaves finished documents of the old settings in the chunk's log; a run with
+    another rollout starts over instead of being refused, and writes only its own results.
+    Once a chunk is committed, a change is refused, named in words."""
+    config = InferenceConfig(server_type="dummy", model_name_or_path="echo", max_concurrent_generations=2)
+    out = tmp_path / "out"
+    documents = [{"id": f"d{i}", "text": f"t {i}"} for i in range(25)]
+
+    def stops_after(n: int):
+        for i, document in enumerate(documents):
+            if i == n:
+                raise RuntimeError("the input stopped")
+            yield document
+
+    def runner(template: str, model: str = "echo") -> InferenceRunner:
+        return InferenceRunner(
+            PromptRollout(template=template),
+            config.model_copy(update={"model_name_or_path": model}),
+            JsonlWriter(str(out)),
+            records_per_chunk=10,
+        )
+
+    with pytest.raises(RuntimeError, match="the input stopped"):
+        runner("Old: [[DOCUMENT]]").run(stops_after(5))
+    assert not list(out.glob("*.jsonl")) and list((out / "_infermill" / "checkpoints").rglob("chunk_*.log"))
+    stats = runner("New: [[DOCUMENT]]").run(documents)
+    assert stats["documents_written"] == 25 and stats["documents_resumed"] == 0
+    texts = [r["metadata"]["rollout_results"][0]["text"] for p in sorted(out.glob("*.jsonl")) for r in read_jsonl(p)]
+    assert len(texts) == 25 and all(text.startswith("New: ") for text in texts), texts
+    with pytest.raises(ConfigError) as refused:
+        runner("New: [[DOCUMENT]]", model="other").run(documents)
+    assert "inference.model_name_or_path: 'echo' -> 'other'" in str(refused.value)
+    assert "3 of its chunks are committed" in str(refused.value) and "--overwrite" in str(refused.value)
 
 
 def test_a_remote_output_needs_a_local_checkpoint_folder(tmp_path):

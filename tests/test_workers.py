@@ -5,9 +5,11 @@ crashes its server. Real processes, real files, real signals, the faulty test se
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -22,6 +24,8 @@ import yaml
 
 from conftest import PYTHON
 from helpers import FAULTY_SERVER, read_jsonl, server_stats, wait_until
+from infermill.errors import ConfigError, PlanReplacedError
+from infermill.queue import WorkQueue
 
 TIMEOUT = 120
 
@@ -206,6 +210,145 @@ def test_two_commands_on_one_job_at_once_share_it_and_both_exit_0(tmp_path):
     assert len(by_pid) == 3
     assert by_pid.get(first.pid, 0) > 0, by_pid  # the first command worked...
     assert sum(n for pid, n in by_pid.items() if pid != first.pid) > 0, by_pid  # ...and so did the second
+
+
+def test_a_second_command_with_another_model_is_refused_while_the_first_runs(tmp_path):
+    """Two job configurations never mix in one output: a command whose model differs from the
+    running job's is refused, naming the change in words and both ways out; the first finishes."""
+    job = QueueJob(tmp_path, docs=600, rpc=20, conc=8, directives="sleep:0.03")
+    first = job.start()
+    try:
+        wait_until(lambda: list((job.queue / "units").glob("*.done")), 60, "the first command to commit a unit")
+        second = job.run("--set", "inference.model_name_or_path=other-model", timeout=60)
+        message = output_of(second)
+        assert second.returncode == 2, message
+        assert "belongs to a different job" in message, message
+        assert "inference.model_name_or_path: 'faulty-model' -> 'other-model'" in message, message
+        assert "units are committed" in message and "--overwrite" in message and "output path" in message, message
+        assert first.wait(timeout=TIMEOUT) == 0, Path(first.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        first.kill()
+    job.check_exactly_once()
+    assert {int(run["worker"].split("-")[-2]) for run in job.worker_stats()} == {first.pid}, "only the first worked"
+
+
+def _job_file(tmp_path: Path, name: str, model: str, template: str = "[[DOCUMENT]]") -> Path:
+    """A dummy-server job over ``tmp_path/input.jsonl`` into ``tmp_path/out``."""
+    path = tmp_path / name
+    spec = {
+        "input": {"path": str(tmp_path / "input.jsonl")},
+        "output": {"path": str(tmp_path / "out")},
+        "rollout": {"template": template},
+        "inference": {"server_type": "dummy", "model_name_or_path": model},
+        "checkpoint": {"records_per_chunk": 10},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("other_holds_a_unit", [False, True])
+def test_a_plan_another_job_published_first_is_compared_before_anything_is_claimed(
+    tmp_path, monkeypatch, other_holds_a_unit
+):
+    """The race to publish the plan, made deterministic: another job's command publishes its plan
+    between this command's read of the plan (none yet) and its own publish. This command must
+    compare the stored plan with its job all the same: it starts the job over with its own
+    settings while nothing is committed and no worker is on it (the other command's worker is
+    then fenced off), and is refused while the other's worker holds a unit."""
+    from infermill.job import build_reader, build_runner
+    from infermill.jobfile import load_job
+    from infermill.worker import QueueOptions, open_queue
+
+    with open(tmp_path / "input.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"id": f"doc-{i}", "text": f"document {i}"}) + "\n")
+    jobs = {}
+    for name, model in (("x", "model-x"), ("y", "model-y")):
+        job = load_job(_job_file(tmp_path, f"{name}.yaml", model))
+        reader = build_reader(job)
+        jobs[name] = (job, reader, build_runner(job, reader))
+    _, x_reader, x_runner = jobs["x"]
+    _, y_reader, y_runner = jobs["y"]
+    others: list[Any] = []
+
+    real_plan = WorkQueue.plan
+
+    def plan_published_by_another_job_meanwhile(queue: WorkQueue) -> dict[str, Any] | None:
+        if queue.worker_id == "y" and not others:  # this command's first read: none; then the other wins the race
+            others.append(None)
+            other, _ = open_queue(
+                x_runner.layout,
+                x_runner.output_writer,
+                x_reader,
+                10,
+                x_runner.identity(),
+                QueueOptions(1.0, worker_id="x"),
+            )
+            others[0] = other
+            if other_holds_a_unit:
+                others.append(other.claim())
+            return None
+        return real_plan(queue)
+
+    monkeypatch.setattr(WorkQueue, "plan", plan_published_by_another_job_meanwhile)
+    open_y = functools.partial(
+        open_queue,
+        y_runner.layout,
+        y_runner.output_writer,
+        y_reader,
+        10,
+        y_runner.identity(),
+        QueueOptions(1.0, worker_id="y"),
+    )
+    if other_holds_a_unit:
+        with pytest.raises(ConfigError) as refused:
+            open_y()
+        message = str(refused.value)
+        assert "belongs to a different job" in message, message
+        assert "inference.model_name_or_path: 'model-x' -> 'model-y'" in message, message
+        assert "works on unit" in message, message
+        assert real_plan(others[0])["identity"] == x_runner.identity()  # the running job is left as it is
+        return
+    queue, _ = open_y()
+    monkeypatch.undo()
+    stored = queue.plan()
+    assert stored is not None and stored["identity"] == y_runner.identity(), "the job is started over as this one"
+    with pytest.raises(PlanReplacedError):  # the other command's worker claims nothing of it
+        others[0].claim()
+
+
+def test_two_commands_with_other_prompts_started_at_once_never_mix_their_output(tmp_path):
+    """Whichever command publishes the plan, the other compares it with its own job before it
+    claims: one is refused or fenced off (exit != 0), never both exit 0 with mixed output."""
+    with open(tmp_path / "input.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"id": f"doc-{i}", "text": f"document {i}"}) + "\n")
+    files = [_job_file(tmp_path, f"{n}.yaml", "m", f"{n}: [[DOCUMENT]]") for n in ("first", "second")]
+    env = {**os.environ, "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime"), "COLUMNS": "1000"}
+    for trial in range(3):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        procs = [
+            subprocess.Popen(
+                [PYTHON, "-m", "infermill", "run", str(f)],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for f in files
+        ]
+        outputs = [proc.communicate(timeout=TIMEOUT)[0].decode() for proc in procs]
+        codes = [proc.returncode for proc in procs]
+        prompts = {
+            result["text"].split(":")[0]
+            for p in (tmp_path / "out").glob("*.jsonl")
+            for record in read_jsonl(p)
+            for result in record["metadata"]["rollout_results"]
+        }
+        assert len(prompts) <= 1, f"trial {trial}: output mixed from {prompts}, exit codes {codes}\n" + "\n".join(
+            outputs
+        )
+        assert codes.count(0) <= 1, f"trial {trial}: both exited 0\n" + "\n".join(outputs)
 
 
 def test_a_frozen_worker_loses_its_unit_to_another_and_does_not_commit_it_when_it_wakes(tmp_path):

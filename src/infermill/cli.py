@@ -19,6 +19,7 @@ from infermill.errors import (
     ConfigError,
     InferenceError,
     InfermillError,
+    PlanReplacedError,
     QueueCorruptError,
     ServerError,
     StorageError,
@@ -385,6 +386,9 @@ def run(
     except UnitsFailedError as e:
         _error(e)
         raise SystemExit(EXIT_UNITS_FAILED) from None
+    except PlanReplacedError as e:  # its job is gone: there is nothing of it to resume
+        _error(e)
+        raise SystemExit(EXIT_FAILED) from None
     except (ServerError, InferenceError, InfermillError) as e:
         _error(e)
         _say("The checkpoint is saved: fix the cause and run the same command to resume.")

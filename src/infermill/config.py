@@ -7,7 +7,11 @@ when the config is built, and an error names the field and what is allowed.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import re
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -20,9 +24,23 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 2**20
 SECRET_FIELDS = frozenset({"api_key", "model_kwargs", "endpoint_url"})
 
 
+#: values users write for a server_type that are no close spelling of the right one
+SERVER_TYPE_ALIASES = dict.fromkeys(("openai", "openai-compatible", "openai_compatible", "api"), "endpoint")
+
+
+def did_you_mean(given: str, known: Any, aliases: dict[str, str] | None = None) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to ``given`` (or its alias), else ''."""
+    match = (aliases or {}).get(given.strip().lower())
+    if match is None:
+        close = difflib.get_close_matches(given, [str(name) for name in known], n=1, cutoff=0.6)
+        match = close[0] if close else None
+    return f" (did you mean {match!r}?)" if match is not None else ""
+
+
 def config_error(error: ValidationError, heading: str) -> ConfigError:
     """A ``ConfigError`` with ``heading``, then one line per problem: the field's full path, what
-    is wrong, and the value given (unless it is a secret, or a whole section)."""
+    is wrong, and the value given (unless it is a secret, or a whole section); an unknown key
+    with the closest known one."""
     problems: list[tuple[str, str]] = []
     for item in error.errors():
         loc = [str(part) for part in item["loc"]]
@@ -32,7 +50,7 @@ def config_error(error: ValidationError, heading: str) -> ConfigError:
             continue
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + did_you_mean(loc[-1], _known_keys(error.title, loc[:-1]))
         elif item["type"] not in ("missing", "value_error") and not SECRET_FIELDS.intersection(loc):
             given = item.get("input")  # shown when it is one value: a whole section may hold a secret
             if given is None or isinstance(given, (str, int, float, bool)):  # our own errors name it already
@@ -42,10 +60,23 @@ def config_error(error: ValidationError, heading: str) -> ConfigError:
     return ConfigError("\n".join([heading, *lines]), tuple(problems))
 
 
-def one_of(value: str, allowed: tuple[str, ...]) -> str:
-    """``value`` if it is in ``allowed``, else a ValueError naming both."""
+def _known_keys(model_name: str, path: list[str]) -> list[str]:
+    """The keys the section at ``path`` of the model named ``model_name`` (a job file's
+    ``JobConfig``, an ``InferenceConfig``) accepts; empty if it is not a model."""
+    from infermill.jobfile import JobConfig
+
+    model: Any = {"JobConfig": JobConfig, "InferenceConfig": InferenceConfig}.get(model_name)
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = field.annotation if field is not None else None
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def one_of(value: str, allowed: tuple[str, ...], aliases: dict[str, str] | None = None) -> str:
+    """``value`` if it is in ``allowed``, else a ValueError naming both and the closest allowed
+    value (or the one an alias in ``aliases`` stands for)."""
     if value not in allowed:
-        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}{did_you_mean(value, allowed, aliases)}")
     return value
 
 
@@ -158,7 +189,7 @@ class InferenceConfig(BaseModel):
     @field_validator("server_type")
     @classmethod
     def _known_server_type(cls, value: str) -> str:
-        return one_of(value, server_types())
+        return one_of(value, server_types(), SERVER_TYPE_ALIASES)
 
     @field_validator("max_concurrent_generations", mode="before")
     @classmethod
@@ -251,3 +282,65 @@ class InferenceConfig(BaseModel):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key is not None else None
+
+    def reply_identity(self) -> dict[str, Any]:
+        """What of this config changes a reply, as a job's identity records it: the server and
+        model, the generation parameters, chat or not, the endpoints (without credentials) and
+        a launched server's ``model_kwargs``. Not what may change between runs of one job
+        (concurrency, timeouts, retries, restarts, replicas, GPUs, metrics, log folders), nor
+        credentials (``api_key``, keys named like one): a new token changes no reply. Values
+        that may hold a secret unnamed (``server_env``'s, ``server_command``) as digests."""
+        identity: dict[str, Any] = {
+            "server_type": self.server_type,
+            "model_name_or_path": self.model_name_or_path,
+            "use_chat": self.use_chat,
+            "default_generation_params": without_credentials(self.default_generation_params),
+        }
+        if self.server_type == "endpoint":
+            identity["endpoint_url"] = sorted({_url_without_credentials(url) for url in self.endpoint_urls()})
+        if self.server_type in ("vllm", "sglang"):  # its --max-model-len: longer prompts are refused
+            identity["model_max_context"] = self.model_max_context
+        if self.model_kwargs:
+            kwargs = without_credentials(self.model_kwargs)
+            if isinstance(kwargs.get("server_env"), dict):
+                kwargs["server_env"] = {name: secret_digest(value) for name, value in kwargs["server_env"].items()}
+            if kwargs.get("server_command") is not None:
+                kwargs["server_command"] = secret_digest(kwargs["server_command"])
+            identity["model_kwargs"] = kwargs
+        return identity
+
+
+#: the start of a value that a job's identity records as a digest (it may be a secret)
+DIGEST_PREFIX = "digest:"
+
+#: the words of a key that names a credential: api_key, HF_TOKEN, db_password (not max_tokens, tokenizer)
+_CREDENTIAL_WORDS = {"key", "token", "secret", "password", "passwd", "credential", "credentials", "auth"}
+
+
+def is_credential_name(name: str) -> bool:
+    """Whether ``name`` names a credential (``api_key``, ``HF_TOKEN``, ``x-auth``)."""
+    return bool(_CREDENTIAL_WORDS.intersection(re.split(r"[^a-z0-9]+", name.lower())))
+
+
+def secret_digest(value: Any) -> str:
+    """A digest of ``value`` that tells a change without showing it."""
+    return DIGEST_PREFIX + hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+
+def without_credentials(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` as plain JSON, without the entries (at any depth) whose key names a credential."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items() if not is_credential_name(str(k))}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+    return plain(values)
+
+
+def _url_without_credentials(url: str) -> str:
+    """``url`` without its user, password and query (which may hold a key)."""
+    parts = urlsplit(url.strip())
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))

@@ -47,6 +47,11 @@ class QueueCorruptError(InfermillError):
     overwritten): the message names the file and how to recover."""
 
 
+class PlanReplacedError(InfermillError):
+    """The job's plan was replaced while this worker ran (another command started the job over):
+    the units this worker read belong to a job that is gone, so it must stop."""
+
+
 class ServerError(InfermillError):
     """The inference server could not start, died, or is otherwise unusable.
 

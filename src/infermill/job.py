@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from infermill.config import without_credentials
 from infermill.io.readers import DocumentReader
 from infermill.io.writers import WRITERS, OpenAIBatchWriter, OutputWriter, ParquetWriter
 from infermill.jobfile import JobConfig
@@ -44,6 +45,16 @@ def build_shared_context(job: JobConfig) -> Any:
     return functools.partial(load_function(r.shared_context, "rollout.shared_context"), **r.shared_context_kwargs)
 
 
+def rollout_settings(job: JobConfig) -> dict[str, Any]:
+    """The job file's rollout section as the job's identity records it: readable, so that a
+    refused resume names the setting that changed (``rollout.prompt_key``), not a digest;
+    ``shared_context_kwargs`` without credentials."""
+    settings = job.rollout.model_dump(mode="json", exclude={"shared_context_kwargs"})
+    if job.rollout.shared_context_kwargs:
+        settings["shared_context_kwargs"] = without_credentials(job.rollout.shared_context_kwargs)
+    return settings
+
+
 def build_runner(
     job: JobConfig, reader: DocumentReader, overwrite: bool = False, accept_changed_input: bool = False
 ) -> InferenceRunner:
@@ -61,6 +72,7 @@ def build_runner(
         job_identity={
             "input": job.input.model_dump(mode="json", exclude={"limit"}),
             "input_files": reader.fingerprint(),
+            "rollout_settings": rollout_settings(job),
         },
         overwrite=overwrite,
         accept_changed_input=accept_changed_input,

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
+from infermill.config import DIGEST_PREFIX
 from infermill.errors import ConfigError, InfermillError, LeaseLostError
 from infermill.layout import RankLock
 
@@ -58,22 +59,79 @@ def request_key(request: Request) -> str:
     return f"{doc_id}\x1f{rollout_index}\x1f{digest}\x1f{occurrence}"
 
 
+#: identity keys added by a later infermill: a checkpoint or queue recorded before has none, and
+#: is compared on what it recorded (a resume after an upgrade is not refused for their absence)
+ADDED_KEYS = frozenset({"inference", "rollout_settings"})
+
+#: how a change names an identity key: as the job file's field
+_SHOWN_AS = {
+    "rollout_settings": "rollout",
+    "records_per_chunk": "checkpoint.records_per_chunk",
+    "rollouts_per_document": "inference.rollouts_per_document",
+    "metadata_key": "runner.metadata_key",
+}
+
+_UNSET = object()  # a key one side has and the other lacks
+
+
 def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What differs between the job a checkpoint was written by and the current one, a line each."""
+    """What differs between the job a checkpoint was written by and the current one, a line
+    each, named as the job file names it: ``rollout.prompt_key: 'text' -> 'body'``."""
+    readable_rollout = "rollout_settings" in recorded and "rollout_settings" in current
     changes = []
     for key in sorted(set(recorded) | set(current)):
         if key == "input_files":
-            if key in recorded:  # (a checkpoint from before input files were recorded has none)
+            if recorded.get(key) is not None:  # (none: from before they were recorded, or the Python API's)
                 changes += _input_file_changes(recorded[key], current.get(key) or [])
-        elif recorded.get(key) != current.get(key):
-            changes.append(f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}")
+        elif key in ADDED_KEYS and key not in recorded:
+            continue
+        elif key == "rollout" and readable_rollout:
+            continue  # a digest of rollout_settings and inference.use_chat, which are compared readably
+        else:
+            changes += _value_changes(_SHOWN_AS.get(key, key), recorded.get(key, _UNSET), current.get(key, _UNSET))
     return changes
 
 
-def check_identity(recorded: dict[str, Any], current: dict[str, Any], what: str, accept_changed_input: bool) -> bool:
-    """Refuse (``ConfigError``, naming ``what`` and every change) to resume a job whose
-    ``recorded`` identity differs from ``current``; with ``accept_changed_input``, changed
-    input files alone are accepted with a warning. Returns whether anything changed."""
+def _value_changes(path: str, before: Any, after: Any) -> list[str]:
+    """``path: BEFORE -> AFTER`` for each leaf that differs (dicts compared key by key)."""
+    if before == after:
+        return []
+    if isinstance(before, dict) or isinstance(after, dict):  # a section given on one side only: key by key
+        before, after = ({} if v is _UNSET else v for v in (before, after))
+    if isinstance(before, dict) and isinstance(after, dict):
+        changes = []
+        for key in sorted(set(before) | set(after), key=str):
+            changes += _value_changes(f"{path}.{key}", before.get(key, _UNSET), after.get(key, _UNSET))
+        return changes
+    if any(isinstance(value, str) and value.startswith(DIGEST_PREFIX) for value in (before, after)):
+        return [f"{path}: changed (not shown: it may hold a secret)"]
+    return [f"{path}: {_shown(before, after)} -> {_shown(after, before)}"]
+
+
+def _shown(value: Any, other: Any, width: int = 60) -> str:
+    """``value`` for a message: ``(not set)``, or its repr; a long string from a little before
+    where it differs from ``other``, cut at ``width`` characters."""
+    if value is _UNSET:
+        return "(not set)"
+    if not isinstance(value, str) or len(value) <= width:
+        text = repr(value)
+        return text if len(text) <= 2 * width else text[: 2 * width] + "…"
+    same = 0
+    if isinstance(other, str):
+        while same < min(len(value), len(other)) and value[same] == other[same]:
+            same += 1
+    start = max(0, same - 20)
+    part = value[start : start + width]
+    return ("…" if start else "") + repr(part) + ("…" if start + width < len(value) else "")
+
+
+def check_identity(
+    recorded: dict[str, Any], current: dict[str, Any], what: str, accept_changed_input: bool, note: str = ""
+) -> bool:
+    """Refuse (``ConfigError``, naming ``what``, every change and ``note``, then the ways out) to
+    resume a job whose ``recorded`` identity differs from ``current``; with
+    ``accept_changed_input``, changed input files alone are accepted with a warning. Returns
+    whether anything changed."""
     changes = identity_differences(recorded, current)
     if not changes:
         return False
@@ -88,8 +146,10 @@ def check_identity(recorded: dict[str, Any], current: dict[str, Any], what: str,
         raise ConfigError(
             f"{what} belongs to a different job; what changed:\n  "
             + "\n  ".join(changes)
-            + "\nRun the original job to finish it, or start over with --overwrite "
-            f"(overwrite=True), which deletes the job's checkpoints and the output files it wrote.{hint}"
+            + (f"\n{note}" if note else "")
+            + "\nResuming would mix the two jobs' results in one output. Run the job with the settings it was "
+            "started with to finish it, write to another output path (output.path), or start over with "
+            f"--overwrite (overwrite=True), which deletes the job's checkpoints and the output files it wrote.{hint}"
         )
     logger.warning("resuming over changed input, as asked: %s", "; ".join(changes))
     return True
@@ -393,7 +453,19 @@ class ChunkJournal(ChunkLogs):
         identity_path = self.layout.identity_file(self.rank)
         if identity_path.exists():
             recorded = orjson.loads(identity_path.read_bytes())
-            if check_identity(recorded, identity, f"the checkpoint in {self.dir}", accept_changed_input):
+            done = len(list(self.dir.glob("chunk_*.done")))
+            if done or self.layout.complete_file(self.rank).exists():
+                note = f"{done} of its chunks are committed with the settings before."
+                if check_identity(recorded, identity, f"the checkpoint in {self.dir}", accept_changed_input, note):
+                    self._write_identity(identity)
+            elif changes := identity_differences(recorded, identity):  # nothing committed: nothing to mix with
+                logger.warning(
+                    "nothing of the checkpoint in %s was committed: starting it over with the changed settings (%s)",
+                    self.dir,
+                    "; ".join(changes[:5]),
+                )
+                self._discard()
+                self.dir.mkdir(parents=True, exist_ok=True)
                 self._write_identity(identity)
         else:
             self._write_identity(identity)

@@ -64,6 +64,13 @@ takeover and write too. Then it replaces the same output file with equivalent co
 same documents), so the output still holds each document once; ``U.done`` is created once,
 so the unit and its documents are counted once (the second commit returns False).
 
+**The plan** (``plan.json``) starts with a random ``plan_id``. A command may start a job
+that has nothing committed over with other settings (:func:`infermill.worker.open_queue`
+deletes the queue and publishes a new plan); a worker of the old plan must then claim, renew
+and commit nothing, although lease names repeat in the new queue. So every claim (before
+and after creating its lease), renewal and commit reads the plan's first bytes, and stops
+(``PlanReplacedError``; ``LeaseLostError`` for a lease) when the id is not the one it read.
+
 **Attempts and failures.** Each generation is an attempt, except one its holder gave back
 (:meth:`release`, e.g. a worker stopping on SIGTERM). When the lease of a unit that already
 had ``max_unit_attempts`` attempts goes stale, the unit is marked failed (``U.failed``,
@@ -87,6 +94,7 @@ import functools
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -99,7 +107,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from infermill.errors import ConfigError, InfermillError, LeaseLostError, QueueCorruptError
+from infermill.errors import ConfigError, InfermillError, LeaseLostError, PlanReplacedError, QueueCorruptError
 from infermill.layout import JobLayout, is_remote, local_path
 
 if TYPE_CHECKING:
@@ -108,6 +116,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("infermill.queue")
 
 PLAN_FILE = "plan.json"
+_PLAN_ID = re.compile(rb'\{"plan_id":"([0-9a-f]{32})"')  # how publish_plan's orjson starts the file
 CLOCK_FILE = "clock"
 UNITS_DIR = "units"
 JOURNALS_DIR = "journals"
@@ -286,9 +295,12 @@ class WorkQueue:
 
     def publish_plan(self, plan: dict[str, Any]) -> dict[str, Any]:
         """Store ``plan`` (``{"units": [one entry per unit, ...], ...}``) unless a plan is stored
-        already, and return the stored one: every worker gets the same, whoever wrote first."""
+        already, and return the stored one: every worker gets the same, whoever wrote first.
+        The stored plan starts with a new ``plan_id``, which fences this worker's claims,
+        renewals and commits against a plan replaced meanwhile (see :meth:`check_plan`)."""
         if not isinstance(plan.get("units"), list):
             raise ValueError("a plan needs 'units', a list with one entry per unit")
+        plan = {"plan_id": uuid.uuid4().hex, **{k: v for k, v in plan.items() if k != "plan_id"}}
         self._create_exclusive(self.folder / PLAN_FILE, orjson.dumps(plan))
         stored = self.plan()
         if stored is None:  # created by us or by a writer before us, and deleted since
@@ -324,6 +336,26 @@ class WorkQueue:
             "the job's checkpoints and the output files it wrote"
         )
 
+    def check_plan(self) -> None:
+        """Raise ``PlanReplacedError`` if the stored plan is no longer the one this worker read:
+        another command started the job over (re-planned it with other settings, or
+        ``--overwrite``), and this worker's units belong to a job that is gone. Reads the
+        plan's first bytes only (its id comes first)."""
+        if self._plan is None:
+            return
+        try:
+            with open(self.folder / PLAN_FILE, "rb") as f:
+                head = f.read(64)
+        except FileNotFoundError:
+            head = b""
+        match = _PLAN_ID.match(head)
+        if (match.group(1).decode() if match else None) != self._plan.get("plan_id") or not head:
+            raise PlanReplacedError(
+                f"the job's plan in {self.folder} was replaced while this worker ran: another command started the "
+                "job over with other settings (or with --overwrite). This worker stops and commits nothing more "
+                "(nothing of the two jobs is mixed); see `infermill status` and run the job you mean to finish."
+            )
+
     def _units_total(self) -> int:
         plan = self.plan()
         if plan is None:
@@ -336,6 +368,7 @@ class WorkQueue:
     def claim(self) -> Lease | None:
         """Lease a unit that is neither done, failed nor held by a live lease, or return None
         when there is none now (see :meth:`drained` to tell whether one may come back)."""
+        self.check_plan()
         total = self._units_total()
         units = self._list()
         free: list[int] = []
@@ -402,6 +435,11 @@ class WorkQueue:
         if self._done_path(unit).exists() or self._failed_path(unit).exists():
             self.release(lease)  # finished or failed since the listing
             return None
+        try:  # a command that started the job over between the listing and the lease
+            self.check_plan()
+        except PlanReplacedError:
+            self.release(lease)
+            raise
         return lease
 
     def _fail_spent(self, unit: int, state: _Unit) -> None:
@@ -492,6 +530,10 @@ class WorkQueue:
             pass
 
     def _check(self, lease: Lease, touch: bool) -> None:
+        try:
+            self.check_plan()
+        except PlanReplacedError as e:
+            raise LeaseLostError(f"unit {lease.unit}: {e}") from None
         now = self.storage_now()
         age = self._age(lease.path, now)
         if age is None:

@@ -424,7 +424,10 @@ class InferenceRunner:
         )
 
     def identity(self, rank: int | None = None, world_size: int | None = None) -> dict[str, Any]:
-        """What a checkpoint must have been written by to be resumed (with the static rank, if any)."""
+        """What a checkpoint must have been written by to be resumed (with the static rank, if
+        any): everything that changes what is written (input, rollout, model and generation
+        settings, output), nothing that may change between runs (see
+        ``InferenceConfig.reply_identity``)."""
         rollout = getattr(self.rollout_fn, "identity", None) or (
             f"{getattr(self.rollout_fn, '__module__', '?')}:{getattr(self.rollout_fn, '__qualname__', '?')}"
         )
@@ -437,6 +440,7 @@ class InferenceRunner:
             "rollouts_per_document": self.config.rollouts_per_document,
             "output": f"{self.output_writer.output_folder}/{self.output_writer.output_filename}",
             "metadata_key": self.metadata_key,
+            "inference": self.config.reply_identity(),
         }
 
     def _write_stats(self, rank: int, world_size: int, stats: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ import orjson
 from infermill.errors import ConfigError, InfermillError, UnitsFailedError
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
-from infermill.journal import ChunkJournal, QueueJournal, check_identity
+from infermill.journal import ChunkJournal, QueueJournal, check_identity, identity_differences
 from infermill.queue import WorkQueue
 from infermill.runner import END_OF_INPUT as END
 
@@ -69,9 +69,12 @@ def open_queue(
     overwrite: bool = False,
     accept_changed_input: bool = False,
 ) -> tuple[WorkQueue, UnitPlan]:
-    """The job's queue and its plan: published by this worker if it is the first, else read
-    and checked against this job (``identity``) and input. ``overwrite`` first deletes the
-    job's queue, stats and the output files it wrote."""
+    """The job's queue and its plan: published by this worker if it is the first, else read.
+    Whoever published it (another command may win the race to publish), the plan is checked
+    against this job (``identity``) and input before anything is claimed. A job that changed
+    but has nothing committed and no worker on it is started over with this one's settings
+    (by a new command, not by a worker a ``--workers`` parent started); otherwise the change is
+    refused. ``overwrite`` first deletes the job's queue, stats and the output files it wrote."""
     if overwrite:
         discard(layout, writer)
     elif layout.ranks():
@@ -79,23 +82,31 @@ def open_queue(
             f"{layout.checkpoints} holds checkpoints of static ranks (an infermill before the work queue): "
             "finish that job with the infermill that started it, or start over with --overwrite"
         )
-    queue = WorkQueue.for_layout(
-        layout,
-        options.worker_id,
-        lease_timeout_sec=options.lease_timeout_sec,
-        max_unit_attempts=options.max_unit_attempts,
-    )
+    queue = _open(layout, options)
     stored = queue.plan()
     if stored is None:
-        plan = plan_units(reader, records_per_unit)
-        stored = queue.publish_plan({**plan.to_json(), "identity": identity})
-    elif stored.get("limit") != reader.limit:
+        stored = queue.publish_plan({**plan_units(reader, records_per_unit).to_json(), "identity": identity})
+    changes = _changes(stored, identity, reader)
+    busy = ""
+    if changes and options.new_command:
+        busy = _busy(queue)
+        if not busy:  # nothing of the old job's output exists to mix with
+            logger.warning(
+                "nothing of the job in %s was committed: starting it over with the changed settings (%s)",
+                layout.root,
+                "; ".join(changes[:5]),
+            )
+            discard(layout, writer)
+            queue = _open(layout, options)
+            stored = queue.publish_plan({**plan_units(reader, records_per_unit).to_json(), "identity": identity})
+            busy = "Another command started the job over with its settings at the same time."
+    if stored.get("limit") != reader.limit:
         raise ConfigError(
             f"input.limit is {reader.limit}, but the job in {layout.root} was planned with {stored.get('limit')}: "
-            "run it with its limit, or start over with --overwrite"
+            f"run it with its limit, or start over with --overwrite. {busy}".rstrip()
         )
-    elif check_identity(
-        stored.get("identity", {}), identity, f"the work queue in {queue.folder}", accept_changed_input
+    if check_identity(
+        stored.get("identity", {}), identity, f"the work queue in {queue.folder}", accept_changed_input, busy
     ):
         stored = _replan(queue, reader, records_per_unit, stored, identity)
     queue.remove_done_journals()
@@ -120,6 +131,48 @@ def redo_lost_outputs(queue: WorkQueue, writer: OutputWriter) -> None:
     queue.redo([entry.unit for entry in lost])
 
 
+def _open(layout: JobLayout, options: QueueOptions) -> WorkQueue:
+    return WorkQueue.for_layout(
+        layout,
+        options.worker_id,
+        lease_timeout_sec=options.lease_timeout_sec,
+        max_unit_attempts=options.max_unit_attempts,
+    )
+
+
+def _changes(stored: dict[str, Any], identity: dict[str, Any], reader: DocumentReader) -> list[str]:
+    """What differs between the job the stored plan was made for and this one."""
+    limit = [] if stored.get("limit") == reader.limit else [f"input.limit: {stored.get('limit')} -> {reader.limit}"]
+    return limit + identity_differences(stored.get("identity", {}), identity)
+
+
+def _busy(queue: WorkQueue) -> str:
+    """Why the job in ``queue`` may not be started over: units of it are committed, or a worker
+    holds one (a worker of this host whose process is gone holds nothing); '' if neither."""
+    status = queue.status()
+    if status.units_done:
+        return f"{status.units_done} of its {status.units_total} units are committed with the settings before."
+    for holder in status.in_progress:
+        if holder.host == queue.host and holder.pid is not None and not _alive(holder.pid):
+            continue
+        return (
+            f"Nothing of it is committed yet, but worker {holder.worker} on {holder.host} (pid {holder.pid}) works on "
+            f"unit {holder.unit} (its lease renewed {holder.renewed_sec_ago:.0f} s ago): if that command is stopped, "
+            f"run this one again once its lease expired (checkpoint.lease_timeout_sec, {queue.lease_timeout_sec:g} s)."
+        )
+    return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _replan(
     queue: WorkQueue, reader: DocumentReader, records_per_unit: int, stored: dict[str, Any], identity: dict[str, Any]
 ) -> dict[str, Any]:
@@ -132,7 +185,8 @@ def _replan(
             "the input's records changed in number, not only in place: resuming would mix documents of "
             "two inputs; run the original input, or start over with --overwrite"
         )
-    replanned = {**plan.to_json(), "identity": identity}
+    # the same plan_id: the same job's workers go on (queue.check_plan), over the input's new offsets
+    replanned = {"plan_id": stored.get("plan_id"), **plan.to_json(), "identity": identity}
     temp = queue.folder / f".plan.{uuid.uuid4().hex}.tmp"  # not the pid: containers on two nodes share pids
     temp.write_bytes(orjson.dumps(replanned))
     os.replace(temp, queue.folder / "plan.json")
