@@ -57,6 +57,22 @@ FAST_INFERENCE: dict[str, Any] = {
 }
 
 
+#: the faulty server's faults that a test lifts before it resumes the job, given in the server's
+#: environment (which a job may change between runs) rather than as flags (which are part of the
+#: job's identity: another flag is another job)
+FAULT_ENV = {
+    "directives": "FAULTY_DIRECTIVES",
+    "kill_after": "FAULTY_KILL_AFTER",
+    "hang_after": "FAULTY_HANG_AFTER",
+    "fail_after": "FAULTY_FAIL_AFTER",
+}
+
+
+def lift(fault: str) -> str:
+    """The ``--set`` option that lifts the faulty server's ``fault`` (a key of :data:`FAULT_ENV`)."""
+    return f"--set=inference.model_kwargs.server_env.{FAULT_ENV[fault]}="
+
+
 class SubprocessJob:
     """One job's files in ``tmp_path``: input, job file, output, checkpoint and the runs' logs.
 
@@ -254,7 +270,11 @@ class FaultJob(SubprocessJob):
                 text = f"document {i}" + (f" {directive(i)}" if directive and directive(i) else "")
                 self.texts[doc_id] = text
                 f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-        model_kwargs = {"server_script": str(FAULTY_SERVER), "stats_file": str(self.stats_file), **(server or {})}
+        server = dict(server or {})
+        faults = {FAULT_ENV[key]: str(server.pop(key)) for key in FAULT_ENV if server.get(key) is not None}
+        model_kwargs = {"server_script": str(FAULTY_SERVER), "stats_file": str(self.stats_file), **server}
+        if faults:
+            model_kwargs["server_env"] = faults
         settings = {
             **FAST_INFERENCE,
             "server_type": "custom",

@@ -29,7 +29,7 @@ import time
 import pytest
 
 from conftest import PYTHON
-from faultjob import FaultJob, wait_for
+from faultjob import FaultJob, lift, wait_for
 from helpers import FAULTY_SERVER, wait_until_async
 from infermill.config import InferenceConfig
 from infermill.errors import ServerError
@@ -212,12 +212,7 @@ def test_when_the_restart_budget_is_spent_the_job_fails_naming_the_cause_then_re
     # attempt at them): the resume takes them over once their leases are lease_timeout_sec old,
     # keeping what their journals hold
     in_journals = job.log_entries("i")
-    job.run_ok(
-        *[
-            f"--set=inference.model_kwargs.{key}={'null' if value is None else value}"
-            for key, value in spec["fix"].items()
-        ]
-    )
+    job.run_ok(*[lift(key) for key in spec["fix"]])
     job.check_exactly_once()
     second = job.last_run_stats()
     assert second["documents_resumed"] == in_journals  # (the documents of done units are not read again)
@@ -350,7 +345,7 @@ def test_a_request_out_of_attempts_fails_its_unit_naming_the_document_then_a_rer
         return
 
     in_journals = job.log_entries("i")  # finished documents of the failed units
-    job.run_ok(f"--set=inference.model_kwargs.{spec['fix']}=null")
+    job.run_ok(lift(spec["fix"]))
     job.check_exactly_once()
     rerun = job.last_run_stats()
     assert rerun["documents_resumed"] == in_journals

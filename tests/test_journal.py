@@ -229,19 +229,41 @@ def test_a_record_from_before_the_reply_settings_were_recorded_is_compared_on_wh
     assert identity_differences({**old, "records_per_chunk": 5}, current) == ["checkpoint.records_per_chunk: 5 -> 6000"]
 
 
-def test_secrets_are_never_recorded_and_a_changed_one_is_named_without_its_value():
+def test_secrets_are_never_recorded_and_a_changed_server_command_is_named_without_its_value():
     env = {"HF_TOKEN": "hf_secret_1", "MODEL_DIR": "/models/a"}
-    before = _identity(api_key="sk-one", model_kwargs={"server_script": "s.py", "server_env": env, "hf_token": "x"})
+    before = _identity(
+        api_key="sk-one",
+        model_kwargs={
+            "server_command": ["serve", "--key", "sk-cmd"],
+            "server_env": env,
+            "hf_token": "x",
+            "dtype": "bf16",
+        },
+    )
     after = _identity(
         api_key="sk-two",
-        model_kwargs={"server_script": "s.py", "server_env": {**env, "HF_TOKEN": "hf_2", "MODEL_DIR": "/b"}},
+        model_kwargs={
+            "server_command": ["serve", "--key", "sk-other"],
+            "server_env": {**env, "HF_TOKEN": "hf_2", "MODEL_DIR": "/b"},
+            "dtype": "bf16",
+        },
     )
     recorded = orjson.dumps(before).decode()
-    assert not any(secret in recorded for secret in ("sk-one", "hf_secret_1", "/models/a", "hf_token"))
-    # a new token changes no reply; another MODEL_DIR may: named, its value not shown
+    assert not any(secret in recorded for secret in ("sk-one", "sk-cmd", "hf_secret_1", "/models/a", "hf_token"))
+    # a new token, or the server's environment, changes no reply; its command may: named, its value not shown
     assert identity_differences(before, after) == [
-        "inference.model_kwargs.server_env.MODEL_DIR: changed (not shown: it may hold a secret)"
+        "inference.model_kwargs.server_command: changed (not shown: it may hold a secret)"
     ]
+
+
+def test_a_servers_flags_that_tune_how_it_runs_may_change_and_those_that_change_its_replies_may_not():
+    def flags(**values: object) -> dict:
+        return _identity(model_kwargs={"server_script": "s.py", **values})
+
+    before = flags(dtype="bf16", gpu_memory_utilization=0.9, max_num_seqs=256)
+    assert identity_differences(before, flags(dtype="bf16", gpu_memory_utilization=0.8, max_num_seqs=64)) == []
+    other = flags(dtype="fp16", gpu_memory_utilization=0.9, max_num_seqs=256)
+    assert identity_differences(before, other) == ["inference.model_kwargs.dtype: 'bf16' -> 'fp16'"]
 
 
 def test_a_long_template_change_is_shown_where_it_differs_not_as_a_digest():

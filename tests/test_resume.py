@@ -379,7 +379,6 @@ def test_a_different_job_is_refused_until_overwrite(tmp_path):
             "inference.default_generation_params.temperature: (not set) -> 0.5",
         ),
         (["--set", "inference.model_kwargs.delay=0.01"], "inference.model_kwargs.delay: 0.002 -> 0.01"),
-        (["--set", "inference.model_kwargs.server_env.MODE=b"], "inference.model_kwargs.server_env.MODE: changed"),
     ]:
         result = job.run(*args)
         message = result.stdout + result.stderr
@@ -401,6 +400,8 @@ def test_a_different_job_is_refused_until_overwrite(tmp_path):
         "inference.metric_interval": "5",
         "inference.server_log_folder": str(tmp_path / "other_logs"),
         "inference.api_key": "a-new-token",
+        "inference.model_kwargs.server_env.MODE": "b",  # a server's environment and its runtime flags
+        "inference.model_kwargs.max_batch_size": "8",
         "checkpoint.lease_timeout_sec": "3",
     }
     job.run_ok(*[arg for key, value in may_change.items() for arg in ("--set", f"{key}={value}")])

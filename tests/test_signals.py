@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from conftest import PYTHON, TAG_VARIABLE, _tagged_processes
-from faultjob import FaultJob, group_members, wait_exit, wait_for
+from faultjob import FaultJob, group_members, lift, wait_exit, wait_for
 from helpers import FAULTY_SERVER, running, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_orphans")
@@ -89,7 +89,7 @@ def test_a_signal_stops_the_run_cleanly_keeping_the_checkpoint_and_the_same_comm
 
     in_journals = job.log_entries("i")
     started = time.monotonic()
-    job.run_ok("--set=inference.model_kwargs.hang_after=null")
+    job.run_ok(lift("hang_after"))
     assert time.monotonic() - started < job.lease_timeout_sec + 5  # (generous: it waits for no lease)
     job.check_exactly_once()
     stats = job.last_run_stats()
@@ -120,7 +120,7 @@ def test_a_second_sigint_stops_at_once_killing_the_server(tmp_path):
     assert job.committed() == 20
 
     in_journals = job.log_entries("i")
-    job.run_ok("--set=inference.model_kwargs.hang_after=null", "--set=inference.server_stop_grace_sec=0.2")
+    job.run_ok(lift("hang_after"), "--set=inference.server_stop_grace_sec=0.2")
     job.check_exactly_once()
     rerun = job.last_run_stats()
     assert rerun["documents_resumed"] == in_journals and rerun["documents_processed"] == 40
@@ -146,7 +146,7 @@ def test_what_a_sigkilled_run_and_its_watcher_left_is_reaped_by_the_next_run_nam
     assert registered_groups(job) == [str(server_pid)]  # the dead run could not unregister it
 
     in_journals = job.log_entries("i")
-    output = job.run_ok("--set=inference.model_kwargs.hang_after=null")
+    output = job.run_ok(lift("hang_after"))
     assert not running(grandchild), "the next run should have killed what the dead run left behind"
     command = re.escape(shlex.join([PYTHON, str(FAULTY_SERVER)]))
     said = rf"killed process group {server_pid} \({command} --port \d+ .*\) of job {re.escape(str(job.output))}, "

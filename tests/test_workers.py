@@ -515,9 +515,10 @@ def test_a_workers_server_does_not_inherit_the_secret_overrides_in_its_environme
     proc = job.start("--workers", "2", "--set", f"inference.api_key={key}")
     try:
         wait_until(lambda: job.queue.exists() and job.status()["units_in_progress"] >= 2, TIMEOUT, "both at work")
-        servers = [server for worker in workers_of(proc) for server in worker.children()]
-        assert len(servers) == 2
-        assert [server for server in servers if key in str(server.environ())] == []
+        # every process a worker started: its server and the server's watcher
+        children = [child for worker in workers_of(proc) for child in worker.children(recursive=True)]
+        assert len([child for child in children if "faulty_server.py" in " ".join(child.cmdline())]) == 2
+        assert [child for child in children if key in str(child.environ())] == []
         assert proc.wait(timeout=TIMEOUT) == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
     finally:
         proc.kill()

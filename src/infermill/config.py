@@ -287,9 +287,10 @@ class InferenceConfig(BaseModel):
         """What of this config changes a reply, as a job's identity records it: the server and
         model, the generation parameters, chat or not, the endpoints (without credentials) and
         a launched server's ``model_kwargs``. Not what may change between runs of one job
-        (concurrency, timeouts, retries, restarts, replicas, GPUs, metrics, log folders), nor
-        credentials (``api_key``, keys named like one): a new token changes no reply. Values
-        that may hold a secret unnamed (``server_env``'s, ``server_command``) as digests."""
+        (concurrency, timeouts, retries, restarts, replicas, GPUs, metrics, log folders, a
+        server's environment and its flags that tune how it runs: :func:`is_runtime_flag`), nor
+        credentials (``api_key``, keys named like one): a new token changes no reply.
+        ``server_command``, which may hold a secret unnamed, as a digest."""
         identity: dict[str, Any] = {
             "server_type": self.server_type,
             "model_name_or_path": self.model_name_or_path,
@@ -301,9 +302,11 @@ class InferenceConfig(BaseModel):
         if self.server_type in ("vllm", "sglang"):  # its --max-model-len: longer prompts are refused
             identity["model_max_context"] = self.model_max_context
         if self.model_kwargs:
-            kwargs = without_credentials(self.model_kwargs)
-            if isinstance(kwargs.get("server_env"), dict):
-                kwargs["server_env"] = {name: secret_digest(value) for name, value in kwargs["server_env"].items()}
+            kwargs = {
+                name: value
+                for name, value in without_credentials(self.model_kwargs).items()
+                if name != "server_env" and not is_runtime_flag(name)
+            }
             if kwargs.get("server_command") is not None:
                 kwargs["server_command"] = secret_digest(kwargs["server_command"])
             identity["model_kwargs"] = kwargs
@@ -320,6 +323,49 @@ _CREDENTIAL_WORDS = {"key", "token", "secret", "password", "passwd", "credential
 def is_credential_name(name: str) -> bool:
     """Whether ``name`` names a credential (``api_key``, ``HF_TOKEN``, ``x-auth``)."""
     return bool(_CREDENTIAL_WORDS.intersection(re.split(r"[^a-z0-9]+", name.lower())))
+
+
+#: the words of a launched server's flag that tunes how it runs, not what it answers (memory,
+#: batching, parallelism, compilation, logging, ports, timeouts): gpu_memory_utilization,
+#: max_num_seqs, max_batch_size, tensor_parallel_size, enforce_eager, log_level...
+_RUNTIME_WORDS = frozenset(
+    [
+        "memory",
+        "mem",
+        "gpu",
+        "gpus",
+        "batch",
+        "batched",
+        "seqs",
+        "running",
+        "parallel",
+        "eager",
+        "compile",
+        "compilation",
+        "cuda",
+        "graph",
+        "chunked",
+        "prefill",
+        "caching",
+        "swap",
+        "offload",
+        "threads",
+        "workers",
+        "log",
+        "logs",
+        "logging",
+        "port",
+        "host",
+        "timeout",
+    ]
+)
+
+
+def is_runtime_flag(name: str) -> bool:
+    """Whether the ``model_kwargs`` key ``name`` tunes how a server runs (a job may change it
+    between runs: after an out-of-memory, say), not what it answers (dtype, quantization,
+    max_model_len, seed, chat_template and other flags are part of the job's identity)."""
+    return bool(_RUNTIME_WORDS.intersection(re.split(r"[^a-z0-9]+", name.lower())))
 
 
 def secret_digest(value: Any) -> str:

@@ -451,15 +451,21 @@ async def serve(args: argparse.Namespace) -> None:
     os._exit(0)  # do not wait for hanging handlers
 
 
+def _from_env(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--model", default="faulty")
-    parser.add_argument("--directives", default="")
-    parser.add_argument("--kill-after", type=int, default=None)
-    parser.add_argument("--hang-after", type=int, default=None)
-    parser.add_argument("--fail-after", type=int, default=None)
+    # (the faults may also come from the environment, which a test changes to lift them: tests/faultjob.py)
+    parser.add_argument("--directives", default=os.environ.get("FAULTY_DIRECTIVES", ""))
+    parser.add_argument("--kill-after", type=int, default=_from_env("FAULTY_KILL_AFTER"))
+    parser.add_argument("--hang-after", type=int, default=_from_env("FAULTY_HANG_AFTER"))
+    parser.add_argument("--fail-after", type=int, default=_from_env("FAULTY_FAIL_AFTER"))
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--stats-file", default=None)
     parser.add_argument(
