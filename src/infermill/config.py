@@ -110,6 +110,9 @@ class InferenceConfig(BaseModel):
     # infermill's additions
     server_max_restarts: int = Field(3, ge=0, description="Restarts of a server that died after it was ready.")
     server_restart_backoff_sec: float = Field(2.0, ge=0)
+    endpoint_ready_timeout_sec: float = Field(
+        120.0, gt=0, description="server_type endpoint: give up on an endpoint not ready (GET /v1/models) this long."
+    )
     server_stall_timeout_sec: float | None = Field(
         900.0, gt=0, description="A server with requests outstanding that completes none for this long is dead."
     )

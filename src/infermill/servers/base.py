@@ -63,6 +63,8 @@ class InferenceServer:
 
     #: whether a server that failed after being ready can be restarted
     restartable = True
+    #: whether a failed start is tried again (``server_start_max_retries`` times, on a fresh port)
+    start_retried = True
     #: whether starting it launches a process that boots for a while (see :meth:`wait_launched`)
     launches_process = False
     #: whether the client keeps cookies (a load balancer's sticky session in front of an endpoint)
@@ -127,6 +129,7 @@ class InferenceServer:
                 max_connections=0,
                 keep_cookies=self.keeps_cookies,
                 max_response_bytes=self.config.max_response_bytes,
+                basic_auth=self.client_basic_auth(),
             )
         return self._http
 
@@ -284,6 +287,10 @@ class InferenceServer:
         """The API key the client sends; None sends no ``Authorization`` header."""
         return None
 
+    def client_basic_auth(self) -> tuple[str, str] | None:
+        """(user, password) the client sends as HTTP Basic auth when it sends no API key."""
+        return None
+
     def log_tail(self) -> list[str]:
         """The server's last output lines, for error messages."""
         return []
@@ -344,7 +351,7 @@ class InferenceServer:
             await self._stop_attempt()
 
     async def _start_with_retries(self) -> None:
-        attempts = self.config.server_start_max_retries + 1
+        attempts = self.config.server_start_max_retries + 1 if self.start_retried else 1
         for attempt in range(1, attempts + 1):
             try:
                 await self._start_attempt(attempt)
@@ -353,6 +360,8 @@ class InferenceServer:
             except ServerError as e:
                 tail = e.log_tail or self.log_tail()
                 await self._stop_attempt()
+                if not self.start_retried:
+                    raise
                 if attempt == attempts:
                     raise ServerError(
                         f"{type(self).__name__} could not start after {attempts} attempt(s): {e.reason}", tail
