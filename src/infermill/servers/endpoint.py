@@ -31,7 +31,10 @@ def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
     """``url`` without its ``user:password@``, and those credentials (None when it has none)."""
     if "@" not in url:
         return url, None
-    parsed = URL(url)
+    try:
+        parsed = URL(url)
+    except ValueError as e:  # its text holds no part of the URL: it may be shown
+        raise ValueError(f"not a valid URL: {e}") from None
     if parsed.user is None and parsed.password is None:
         return url, None
     return str(parsed.with_user(None)), (parsed.user or "", parsed.password or "")
