@@ -84,6 +84,8 @@ class InferenceServer:
         self.replica: int | None = None  # its index in a ReplicaPool, if it is one of several
         self.replica_env: dict[str, str] = {}  # what a pool adds to a launched replica's environment
         self.on_state_change: Callable[[], None] | None = None  # a pool's listener
+        # whether its first readiness check has come back, ready or not: a pool waits for them all
+        self.first_check_done = True
         self.host = "127.0.0.1"
         self.port: int | None = None
         self.state = ServerState.STOPPED

@@ -77,6 +77,7 @@ class EndpointServer(InferenceServer):
     def __init__(self, config, rank: int = 0, url: str | None = None):
         """``url``: this endpoint's, when ``endpoint_url`` is a list (a pool makes one per URL)."""
         super().__init__(config, rank)
+        self.first_check_done = False
         url, self._credentials = split_credentials((url or next(iter(config.endpoint_urls()), "")).rstrip("/"))
         self._base_url = url[: -len("/v1")] if url.endswith("/v1") else url
         if self._credentials is not None and config.api_key is None and environment_api_key() is not None:
@@ -100,6 +101,13 @@ class EndpointServer(InferenceServer):
         return self._credentials
 
     async def _start_attempt(self, attempt: int) -> None:
+        try:
+            await self._probe_until_ready()
+        finally:
+            self.first_check_done = True  # ready or failed: the state change that follows tells a pool
+
+    async def _probe_until_ready(self) -> None:
+        """GET /v1/models until it is answered (see the class's docstring)."""
         loop = asyncio.get_running_loop()
         window = self.config.endpoint_ready_timeout_sec
         url = self._base_url + "/v1/models"
@@ -124,6 +132,10 @@ class EndpointServer(InferenceServer):
                 last_error = e
             except RequestError as e:
                 last_error = e
+            if not self.first_check_done:  # not ready yet: a pool need not wait for it any more
+                self.first_check_done = True
+                if self.on_state_change is not None:
+                    self.on_state_change()
             now = loop.time()
             if now >= deadline:
                 break
