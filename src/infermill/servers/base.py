@@ -89,6 +89,7 @@ class InferenceServer:
         self.host = "127.0.0.1"
         self.port: int | None = None
         self.state = ServerState.STOPPED
+        self.state_since = time.monotonic()  # when it entered its state (the progress line's "starting (12 s)")
         self.restarts = 0
         self.generation = 0  # how many times the server became ready: each restart is a new generation
         self.outstanding_requests = 0
@@ -300,6 +301,8 @@ class InferenceServer:
     # -- the lifecycle ------------------------------------------------------------------
 
     def _set_state(self, state: ServerState) -> None:
+        if state is not self.state:
+            self.state_since = time.monotonic()
         self.state = state
         self._request_url = URL(self.request_url) if state is ServerState.READY else None
         if state is not ServerState.STARTING:

@@ -364,6 +364,8 @@ class ReplicaPool(InferenceServer):
         self.restarts = sum(member.restarts for member in self.members)
         self.generation = sum(member.generation for member in self.members)
         if state is not self.state or state is ServerState.READY:
+            if state is not self.state:
+                self.state_since = time.monotonic()
             self.state = state
             self._state_changed.set()
             self._state_changed = asyncio.Event()
