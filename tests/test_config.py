@@ -183,6 +183,18 @@ def test_api_key_and_server_env_never_show_in_validation_errors(overrides):
 
 
 @pytest.mark.parametrize(
+    "url", ["http://user:sk-url-secret-1@h:1/v1", ["http://h:2/v1", "http://:sk-url-secret-1@h:1"]]
+)
+def test_api_key_with_credentials_in_endpoint_url_fails_naming_both_fields_not_their_values(url):
+    with pytest.raises(ConfigError) as excinfo:
+        make(server_type="endpoint", endpoint_url=url, api_key="sk-key-secret-2")
+    message = str(excinfo.value)
+    assert "api_key" in message and "endpoint_url" in message and "keep one" in message, message
+    assert "sk-url-secret-1" not in message and "sk-key-secret-2" not in message
+    assert make(server_type="endpoint", endpoint_url=url).api_key is None  # each alone is fine
+
+
+@pytest.mark.parametrize(
     "generations, rollouts, expected",
     [(500, 1, 500), (10, 4, 2), (3, 8, 1), (1, 1, 1), (7, 7, 1)],
 )

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import json
+import os
+import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -12,6 +17,7 @@ import pytest
 from aiohttp import web
 
 import helpers
+from conftest import PYTHON
 from infermill.client import OpenAIClient
 from infermill.config import InferenceConfig
 from infermill.echo_app import build_echo_app, json_response
@@ -225,11 +231,11 @@ async def test_endpoint_answering_404_or_501_to_the_probe_is_not_ready_until_it_
 
 async def test_endpoint_answering_404_to_the_probe_fails_at_the_end_of_the_window_saying_what_to_check(endpoint):
     endpoint.models_status = 404
-    async with create_server(endpoint_config(endpoint.url, server_ready_max_attempts=5)) as server:
+    async with create_server(endpoint_config(endpoint.url, endpoint_ready_timeout_sec=0.5)) as server:
         with pytest.raises(ServerError) as excinfo:
             await asyncio.wait_for(server.wait_until_ready(), 10)
     assert "404" in str(excinfo.value)
-    assert "is endpoint_url the server's base URL" in str(excinfo.value)
+    assert "check that endpoint_url is the server's base URL" in str(excinfo.value)
     assert endpoint.auth_on("POST", "/v1/chat/completions") == []
 
 
@@ -262,3 +268,64 @@ async def test_a_first_request_cancelled_while_the_client_loads_does_not_break_t
         assert (await server.make_request(CHAT))["choices"][0]["message"]["content"] == "say this back"
         with pytest.raises(asyncio.CancelledError):
             await first
+
+
+# -- an endpoint that is not there: said at once and every 10 s, given up after a bound --------
+
+
+def endpoint_job(tmp_path, url: str, **inference) -> list[str]:
+    """A 3-document job against ``url``: the ``infermill run`` command."""
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": str(i), "text": f"doc {i}"}) + "\n" for i in range(3)))
+    job = {
+        "input": {"path": str(tmp_path / "in.jsonl")},
+        "output": {"path": str(tmp_path / "out")},
+        "rollout": {"template": "Echo: [[DOCUMENT]]"},
+        "inference": {"server_type": "endpoint", "endpoint_url": url, "model_name_or_path": MODEL, **inference},
+    }
+    (tmp_path / "job.yaml").write_text(json.dumps(job))
+    return [PYTHON, "-m", "infermill", "run", str(tmp_path / "job.yaml")]
+
+
+def timed_lines(command: list[str], cwd, timeout: float) -> tuple[int, list[tuple[float, str]]]:
+    """Run ``command`` (killed after ``timeout`` s); its exit code and each line of its stderr with
+    the seconds since it started."""
+    env = {**os.environ, "COLUMNS": "1000", "INFERMILL_API_KEY": "", "OPENAI_API_KEY": ""}
+    started = time.monotonic()
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[tuple[float, str]] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append((time.monotonic() - started, line.rstrip("\n")))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        proc.kill()
+        proc.wait()
+        reader.join(10)
+    assert code is not None, f"still running after {timeout} s: {lines}"
+    return code, lines
+
+
+def test_an_unreachable_endpoint_is_reported_naming_its_url_every_10_s_and_given_up_after_the_bound(tmp_path):
+    port = find_free_port()  # nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    command = endpoint_job(tmp_path, url + "/v1", endpoint_ready_timeout_sec=14)
+    code, lines = timed_lines(command, tmp_path, timeout=60)
+    text = "\n".join(f"{t:5.1f} {line}" for t, line in lines)
+    reports = [t for t, line in lines if url in line and "connection refused" in line and "waiting up to" in line]
+    assert reports and reports[0] < 10, text  # said within 10 s (here: at the first probe)...
+    assert len(reports) >= 2 and all(b - a <= 11 for a, b in itertools.pairwise(reports)), text  # ... and every 10 s
+    assert code == 1, text
+    errors = [(t, line) for t, line in lines if line.startswith("error:")]
+    assert len(errors) == 1, text
+    when, error = errors[0]
+    assert 13 < when < 30, text  # given up after endpoint_ready_timeout_sec, once (no second start attempt)
+    assert url in error and "endpoint_ready_timeout_sec" in error and "check" in error, text
+    assert "fresh port" not in text and "attempt 2" not in text, text

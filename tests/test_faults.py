@@ -18,6 +18,7 @@ without spending an attempt, or the job fails.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import random
 import re
@@ -436,6 +437,43 @@ def test_api_keys_never_appear_in_logs_errors_stats_or_outputs(tmp_path, source)
     for path in tmp_path.glob("run*.log"):
         assert SECRET not in path.read_text()
     assert "***" in output or "***" in failures.read_text()  # the quoted key was redacted, not dropped silently
+
+
+@pytest.mark.parametrize("key_in_environment", [None, "OPENAI_API_KEY", "INFERMILL_API_KEY"])
+def test_credentials_in_the_endpoint_url_are_sent_as_basic_auth_and_never_shown(tmp_path, key_in_environment):
+    port = find_free_port()
+    stats_file = tmp_path / "server_stats.json"
+    endpoint = subprocess.Popen(
+        [PYTHON, str(FAULTY_SERVER), "--port", str(port), "--stats-file", str(stats_file), "--echo-auth"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    basic = base64.b64encode(f"user:{SECRET}".encode()).decode()
+    try:
+        inference = {
+            "server_type": "endpoint",
+            "endpoint_url": f"http://user:{SECRET}@127.0.0.1:{port}/v1",
+            "model_kwargs": None,
+            "server_log_folder": None,
+            "request_max_attempts": 2,
+        }
+        job = FaultJob(tmp_path, docs=20, conc=2, directive=lambda i: "fail500:9:doomed" if i == 7 else "",
+                       inference=inference)  # fmt: skip
+        for name in ("INFERMILL_API_KEY", "OPENAI_API_KEY"):
+            job.env.pop(name, None)
+        if key_in_environment:
+            job.env[key_in_environment] = "sk-from-the-environment"  # the URL's credentials win: no traceback
+        job.global_args = ["-v"]
+        output = job.run_units_failing()  # doc-0007's unit: out of attempts, its error quoting the header
+    finally:
+        endpoint.terminate()
+        endpoint.wait(10)
+    assert job.server_stats()["authorization"] == {f"Basic {basic}": 20 + 1}, output[-3000:]  # doc-0007 twice
+    assert "doc-0007" in output and "HTTP 500" in output and "Traceback" not in output, output[-3000:]
+    assert f"http://127.0.0.1:{port}" in output  # the URL is named, without its credentials
+    files = [path.read_bytes().decode(errors="replace") for path in job.output.rglob("*") if path.is_file()]
+    for text in [output, *files]:
+        assert SECRET not in text and basic not in text and "user:" not in text, text[-3000:]
 
 
 # -- the restart loop itself: backoff and budget, with a server that dies as soon as it is ready ------

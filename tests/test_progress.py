@@ -3,9 +3,18 @@ flight and queued; and how often it is logged without a terminal."""
 
 from __future__ import annotations
 
-from helpers import dummy_config
+import dataclasses
+import re
+import subprocess
+
+import pytest
+
+from conftest import PYTHON
+from faultjob import FaultJob
+from helpers import FAULTY_SERVER, dummy_config
 from infermill.metrics import ProgressSnapshot, RunStats
 from infermill.progress import LOG_INTERVAL, log_interval, progress_line
+from infermill.servers import find_free_port
 
 
 def snapshot(done: int, total: int | None = None, **counts: int) -> ProgressSnapshot:
@@ -43,3 +52,37 @@ def test_without_a_terminal_a_line_every_30_s_unless_metric_interval_is_set():
     config = dummy_config()
     config.metric_interval = 5
     assert log_interval(config) == 5
+
+
+@pytest.mark.usefixtures("no_orphans")
+@pytest.mark.parametrize("server_type", ["custom", "endpoint"])
+def test_the_progress_line_says_the_server_is_starting_until_it_is_ready(tmp_path, server_type):
+    """A server (launched or an endpoint) that listens only after 2 s: the progress lines say so."""
+    inference: dict = {"metric_interval": 0.2}
+    endpoint = None
+    if server_type == "endpoint":
+        port = find_free_port()
+        endpoint = subprocess.Popen([PYTHON, str(FAULTY_SERVER), "--port", str(port), "--startup-delay", "2"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        inference |= {"server_type": "endpoint", "endpoint_url": f"http://127.0.0.1:{port}/v1", "model_kwargs": None}
+    try:
+        job = FaultJob(tmp_path, docs=20, conc=2, server={"startup_delay": 2}, inference=inference)
+        output = job.run_ok()
+    finally:
+        if endpoint is not None:
+            endpoint.kill()
+            endpoint.wait(10)
+    marker = "INFO infermill.progress: progress: "
+    lines = [line.split(marker, 1)[1] for line in output.splitlines() if marker in line]
+    starting = [line for line in lines if "server starting" in line]
+    assert starting and lines[0] == starting[0], output[-3000:]  # from the first line...
+    assert re.match(r"0/20 docs \(0\.0%\) \| server starting \(\d s\) \| ", starting[0]), starting
+    assert any("server starting (1 s)" in line for line in starting), starting  # ... counting the seconds...
+    assert "server starting" not in lines[-1], lines  # ... until it is ready
+
+
+def test_a_server_not_ready_yet_is_said_right_after_the_documents():
+    waiting = ProgressSnapshot(documents_total=60, requests_queued=32, server_waiting="starting")
+    line = progress_line(dataclasses.replace(waiting, server_waiting_sec=12.4), elapsed=12.4)
+    assert line.startswith("0/60 docs (0.0%) | server starting (12 s) | 0.0 docs/s |"), line
+    assert "server" not in progress_line(snapshot(5, 60), elapsed=1.0)

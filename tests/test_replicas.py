@@ -21,10 +21,11 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
+from aiohttp import web
 
 from conftest import PYTHON
 from faultjob import FaultJob, wait_for
-from helpers import FAULTY_SERVER, dummy_config
+from helpers import FAULTY_SERVER, dummy_config, wait_until_async
 from infermill.errors import ConfigError, ServerError
 from infermill.servers import ReplicaPool, ServerState, create_server, find_free_port
 from infermill.servers.pool import Affinity, replica_gpus
@@ -185,6 +186,45 @@ def test_an_endpoint_list_completes_on_the_endpoints_that_answer(tmp_path):
     assert answered[1] == alive["requests"] == 60 * CALLS - answered[2], answered
 
 
+@pytest.mark.parametrize("request_timeout", [600, 1])
+def test_an_endpoint_that_hangs_while_the_others_answer_is_rested_and_its_requests_move_for_free(
+    tmp_path, request_timeout
+):
+    """Of two endpoints, one answers GET /v1/models but never a completion. With the default
+    request_timeout (600 s), the job completes in seconds on the other: the hung one's requests
+    are moved, without spending an attempt (request_max_attempts is 1), and it is rested. With a
+    request_timeout shorter than that, a request that times out there is moved for free too."""
+    ports = [find_free_port(), find_free_port()]
+    servers = []
+    for k, (port, directives) in enumerate(zip(ports, ["sleep:0.01", "hang"], strict=True)):
+        argv = [PYTHON, str(FAULTY_SERVER), "--port", str(port), "--stats-file", str(tmp_path / f"ep_{k}.json")]
+        servers.append(subprocess.Popen([*argv, "--directives", directives], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))  # fmt: skip
+    try:
+        urls = [f"http://127.0.0.1:{port}/v1" for port in ports]
+        job = replica_job(
+            tmp_path,
+            docs=200,
+            inference={"server_type": "endpoint", "endpoint_url": urls, "model_kwargs": None,
+                       "server_restart_backoff_sec": 0.5, "request_timeout": request_timeout},
+        )  # fmt: skip
+        started = time.monotonic()
+        output = job.run_ok()
+        took = time.monotonic() - started
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait(10)
+    job.check_exactly_once()
+    stats = job.stats()
+    assert stats["requests_ok"] == 200 * CALLS and stats["requests_retried"] == 0, stats
+    assert stats["replicas"][1]["requests"] == 0 and stats["replicas"][1]["rests"] >= 1, stats["replicas"]
+    hung = orjson.loads((tmp_path / "ep_1.json").read_bytes())
+    assert hung["requests"] >= 1, hung  # it was sent requests: they were moved, not left to time out
+    assert took < 40, took
+    assert f"endpoint http://127.0.0.1:{ports[1]} " in output and "no reply for" in output, output[-3000:]
+
+
 # -- the pool in-process: state, failure, configuration ----------------------------------------------
 
 
@@ -213,6 +253,44 @@ async def test_a_pool_is_ready_while_one_member_is_and_fails_when_every_member_h
         with pytest.raises(ServerError, match="every replica failed"):
             await pool.wait_until_ready()
     assert pool.state is ServerState.STOPPED
+
+
+async def test_an_endpoint_list_is_ready_once_every_endpoint_answered_its_first_probe():
+    """The quickest endpoint must not take every first request (a hung one would hold them all
+    and leave the others nothing to answer): the pool waits for each one's first probe."""
+    slow_probe = asyncio.Event()
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    async def slow_models(request: web.Request) -> web.Response:
+        await slow_probe.wait()
+        return await models(request)
+
+    runners = []
+    for handler in (models, slow_models):
+        app = web.Application()
+        app.router.add_get("/v1/models", handler)
+        runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+    urls = [f"http://127.0.0.1:{runner.addresses[0][1]}/v1" for runner in runners]
+    refused = f"http://127.0.0.1:{find_free_port()}/v1"
+    try:
+        pool = create_server(dummy_config(server_type="endpoint", endpoint_url=[*urls, refused]))
+        assert isinstance(pool, ReplicaPool)
+        async with pool:
+            await wait_until_async(lambda: pool.members[0].state is ServerState.READY, 10, "the first endpoint")
+            await asyncio.sleep(0.2)
+            assert pool.state is ServerState.STARTING  # the second has not answered yet
+            slow_probe.set()
+            await asyncio.wait_for(pool.wait_until_ready(), 10)
+            assert [m.state for m in pool.members][:2] == [ServerState.READY, ServerState.READY]
+            assert pool.members[2].state is ServerState.STARTING  # refused: not waited for
+    finally:
+        for runner in runners:
+            await runner.cleanup()
 
 
 def test_replicas_split_the_workers_gpus(monkeypatch):

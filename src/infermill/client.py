@@ -7,6 +7,7 @@ error classes (see :mod:`infermill.errors`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import math
 import time
@@ -21,6 +22,7 @@ from infermill.config import DEFAULT_MAX_RESPONSE_BYTES
 from infermill.errors import (
     AuthenticationError,
     BadRequestError,
+    CertificateError,
     ReplyTooLargeError,
     RequestError,
     RequestTimeoutError,
@@ -71,7 +73,7 @@ def status_error(status: int, body: bytes, retry_after: str | None = None) -> Re
 class OpenAIClient:
     """POSTs JSON to an OpenAI-compatible server and returns the parsed reply.
 
-    The API key never appears in an error it raises, even when the server quotes it back.
+    The API key (or password) never appears in an error it raises, even when the server quotes it back.
     """
 
     def __init__(
@@ -81,7 +83,10 @@ class OpenAIClient:
         max_connections: int = 0,
         keep_cookies: bool = False,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        basic_auth: tuple[str, str] | None = None,
     ):
+        """``api_key`` is sent as a Bearer token; else ``basic_auth`` (user, password), e.g. from an
+        endpoint URL's ``user:password@``, as HTTP Basic auth."""
         # static, and covering every header aiohttp would add by default: it then takes its fast
         # path (no per-request merging of a skip list, 3% of a request's CPU). identity: a reply
         # must never come compressed, as it is not decompressed
@@ -93,9 +98,15 @@ class OpenAIClient:
         }
         self._keep_cookies = keep_cookies
         self._max_response_bytes = max_response_bytes
-        self._api_key = api_key or None
+        self._secrets: tuple[str, ...] = ()  # what no error it raises may hold
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+            self._secrets = (api_key,)
+        elif basic_auth is not None:
+            user, password = basic_auth
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self._headers["Authorization"] = f"Basic {token}"
+            self._secrets = tuple(secret for secret in (token, password) if secret)
         # one asyncio.timeout around each request, not aiohttp's per-request timer objects: the same
         # deadline for less work per request (benchmarks/README.md, "Request timeouts")
         self._request_timeout = request_timeout
@@ -142,15 +153,17 @@ class OpenAIClient:
                         body = await self._read_capped(response, method, url)
                     status = response.status
             if status >= 300:
-                if self._api_key:  # before the body is cut short: no part of the key may remain
-                    body = body.replace(self._api_key.encode(), b"***")
+                for secret in self._secrets:  # before the body is cut short: no part of a key may remain
+                    body = body.replace(secret.encode(), b"***")
                 raise status_error(status, body, response.headers.get("Retry-After"))
         except TimeoutError as e:
             within = "the request timeout" if timeout is None else f"{timeout:g} s"
             raise RequestTimeoutError(f"{method} {url}: no reply within {within}") from e
         except aiohttp.ClientError as e:
             refused = isinstance(e, aiohttp.ClientConnectorError) and isinstance(e.os_error, ConnectionRefusedError)
-            error = ServerUnreachableError if refused else ServerConnectionError
+            error: type[ServerConnectionError] = ServerUnreachableError if refused else ServerConnectionError
+            if isinstance(e, aiohttp.ClientConnectorCertificateError):
+                error = CertificateError
             raise error(self._redact(f"{method} {url}: {type(e).__name__}: {e}")) from e
         try:
             reply = orjson.loads(body)
@@ -173,7 +186,9 @@ class OpenAIClient:
         return b"".join(chunks)
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     async def close(self) -> None:
         if self._session is not None:

@@ -141,6 +141,9 @@ class InferenceConfig(BaseModel):
     # infermill's additions
     server_max_restarts: int = Field(3, ge=0, description="Restarts of a server that died after it was ready.")
     server_restart_backoff_sec: float = Field(2.0, ge=0)
+    endpoint_ready_timeout_sec: float = Field(
+        120.0, gt=0, description="server_type endpoint: give up on an endpoint not ready (GET /v1/models) this long."
+    )
     server_stall_timeout_sec: float | None = Field(
         900.0, gt=0, description="A server with requests outstanding that completes none for this long is dead."
     )
@@ -211,6 +214,10 @@ class InferenceConfig(BaseModel):
     def _urls_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and (not value or not all(url.strip() for url in value)):
             raise ValueError("a list of endpoint URLs must hold at least one, and no empty one")
+        from infermill.servers.endpoint import split_credentials
+
+        for url in [value] if isinstance(value, str) else value or []:
+            split_credentials(url)  # one with credentials must parse: they are taken out before it is used
         return value
 
     @field_validator("server_ready_patterns", "server_fatal_patterns")
@@ -233,6 +240,14 @@ class InferenceConfig(BaseModel):
             raise ValueError(
                 "server_type 'endpoint' needs endpoint_url (the server's base URL, e.g. http://host:8000/v1)"
             )
+        if self.server_type == "endpoint" and self.api_key is not None:
+            from infermill.servers.endpoint import split_credentials
+
+            if any(split_credentials(url)[1] is not None for url in self.endpoint_urls()):
+                raise ValueError(
+                    "api_key and credentials in endpoint_url (user:password@) would both go in the Authorization "
+                    "header (a Bearer token, HTTP Basic auth): keep one"
+                )
         if self.server_type == "endpoint" and self.replicas > 1:
             raise ValueError(
                 "replicas: infermill launches no endpoint; to balance over several, give endpoint_url as a list"

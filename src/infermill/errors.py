@@ -127,6 +127,10 @@ class ServerUnreachableError(ServerConnectionError):
     """The connection was refused: nothing listens on the port, yet or any more."""
 
 
+class CertificateError(ServerConnectionError):
+    """The server's TLS certificate is not trusted (or not valid for its host name)."""
+
+
 class ServerLostError(ServerConnectionError):
     """The request was in flight when its server failed (died, stalled, printed a fatal line).
 

@@ -74,6 +74,8 @@ class ProgressSnapshot:
     requests_retried: int = 0
     server_restarts: int = 0
     documents_total: int | None = None  # the documents the runs have to do, when they all know it
+    server_waiting: str | None = None  # "starting" or "restarting": no server is ready yet
+    server_waiting_sec: float = 0.0  # for how long
 
     @classmethod
     def of(cls, runs: list[tuple[RunStats, int, int | None]]) -> ProgressSnapshot:

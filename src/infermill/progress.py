@@ -33,8 +33,8 @@ def log_interval(config: InferenceConfig) -> float:
 
 def progress_line(progress: ProgressSnapshot, elapsed: float) -> str:
     """One line: documents done (of how many, when the runs know: a queue's plan does), ETA,
-    rates, requests in flight and queued, retries, restarts: what matters most first, as a
-    narrow terminal cuts the end."""
+    whether the server is still starting, rates, requests in flight and queued, retries,
+    restarts: what matters most first, as a narrow terminal cuts the end."""
     done = progress.documents_done
     total = progress.documents_total
     rate = progress.documents_processed / elapsed if elapsed > 0 else 0.0
@@ -45,6 +45,8 @@ def progress_line(progress: ProgressSnapshot, elapsed: float) -> str:
         docs = f"{done:,}/{total:,} docs ({100 * min(1.0, done / total) if total else 100.0:.1f}%)"
         if rate > 0:
             eta = f" | ETA {max(0.0, (total - done) / rate):,.0f} s"
+    if progress.server_waiting is not None:  # why nothing moves yet
+        eta += f" | server {progress.server_waiting} ({progress.server_waiting_sec:,.0f} s)"
     return (
         f"{docs}{eta} | {rate:,.1f} docs/s | {tokens:,.0f} tok/s | {progress.requests_in_flight} in flight | "
         f"{progress.requests_queued} queued | {progress.requests_retried} retried | "

@@ -418,10 +418,22 @@ class InferenceRunner:
         return stats
 
     def progress(self) -> ProgressSnapshot:
-        """What the runs in progress have done so far (all of them together)."""
-        return ProgressSnapshot.of(
+        """What the runs in progress have done so far (all of them together), and whether a server
+        is still starting or restarting (the one waited for longest), since when."""
+        progress = ProgressSnapshot.of(
             [(run.stats, run.server.restarts if run.server else 0, run.documents_total) for run in self._runs]
         )
+        waiting = [
+            run.server
+            for run in self._runs
+            if run.server is not None and run.server.state in (ServerState.STARTING, ServerState.RESTARTING)
+        ]
+        if waiting:
+            server = min(waiting, key=lambda server: server.state_since)
+            progress = dataclasses.replace(
+                progress, server_waiting=server.state.value, server_waiting_sec=time.monotonic() - server.state_since
+            )
+        return progress
 
     def identity(self, rank: int | None = None, world_size: int | None = None) -> dict[str, Any]:
         """What a checkpoint must have been written by to be resumed (with the static rank, if

@@ -63,6 +63,8 @@ class InferenceServer:
 
     #: whether a server that failed after being ready can be restarted
     restartable = True
+    #: whether a failed start is tried again (``server_start_max_retries`` times, on a fresh port)
+    start_retried = True
     #: whether starting it launches a process that boots for a while (see :meth:`wait_launched`)
     launches_process = False
     #: whether the client keeps cookies (a load balancer's sticky session in front of an endpoint)
@@ -82,9 +84,12 @@ class InferenceServer:
         self.replica: int | None = None  # its index in a ReplicaPool, if it is one of several
         self.replica_env: dict[str, str] = {}  # what a pool adds to a launched replica's environment
         self.on_state_change: Callable[[], None] | None = None  # a pool's listener
+        # whether its first readiness check has come back, ready or not: a pool waits for them all
+        self.first_check_done = True
         self.host = "127.0.0.1"
         self.port: int | None = None
         self.state = ServerState.STOPPED
+        self.state_since = time.monotonic()  # when it entered its state (the progress line's "starting (12 s)")
         self.restarts = 0
         self.generation = 0  # how many times the server became ready: each restart is a new generation
         self.outstanding_requests = 0
@@ -127,6 +132,7 @@ class InferenceServer:
                 max_connections=0,
                 keep_cookies=self.keeps_cookies,
                 max_response_bytes=self.config.max_response_bytes,
+                basic_auth=self.client_basic_auth(),
             )
         return self._http
 
@@ -284,6 +290,10 @@ class InferenceServer:
         """The API key the client sends; None sends no ``Authorization`` header."""
         return None
 
+    def client_basic_auth(self) -> tuple[str, str] | None:
+        """(user, password) the client sends as HTTP Basic auth when it sends no API key."""
+        return None
+
     def log_tail(self) -> list[str]:
         """The server's last output lines, for error messages."""
         return []
@@ -291,6 +301,8 @@ class InferenceServer:
     # -- the lifecycle ------------------------------------------------------------------
 
     def _set_state(self, state: ServerState) -> None:
+        if state is not self.state:
+            self.state_since = time.monotonic()
         self.state = state
         self._request_url = URL(self.request_url) if state is ServerState.READY else None
         if state is not ServerState.STARTING:
@@ -344,7 +356,7 @@ class InferenceServer:
             await self._stop_attempt()
 
     async def _start_with_retries(self) -> None:
-        attempts = self.config.server_start_max_retries + 1
+        attempts = self.config.server_start_max_retries + 1 if self.start_retried else 1
         for attempt in range(1, attempts + 1):
             try:
                 await self._start_attempt(attempt)
@@ -353,6 +365,8 @@ class InferenceServer:
             except ServerError as e:
                 tail = e.log_tail or self.log_tail()
                 await self._stop_attempt()
+                if not self.start_retried:
+                    raise
                 if attempt == attempts:
                     raise ServerError(
                         f"{type(self).__name__} could not start after {attempts} attempt(s): {e.reason}", tail

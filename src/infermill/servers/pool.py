@@ -5,7 +5,9 @@ supervised :class:`InferenceServer` (own port, log, watchdog and restarts), with
 of the worker's GPUs; ``endpoint_url`` given as a list makes one ``EndpointServer`` per
 URL. The pool:
 
-* is ready while at least one member is, and has failed only when every member has;
+* is ready while at least one member is (endpoints: once each has answered its first readiness
+  probe, or failed to, so that the quickest does not take every first request), and has failed
+  only when every member has;
 * sends each request to the ready member with the fewest requests outstanding (ties taken
   in turn), except that the calls of one document stick to the member its first call went
   to (an :class:`Affinity`), while that member serves: its prefix cache stays warm;
@@ -18,7 +20,14 @@ URL. The pool:
   ``server_restart_backoff_sec``, doubled at each rest in a row (at most ``MAX_REST_SEC``),
   while another endpoint serves. A request whose connection failed is then retried on
   another endpoint without spending an attempt; with every endpoint resting, requests go to
-  them anyway and failures spend attempts, as with a single endpoint.
+  them anyway and failures spend attempts, as with a single endpoint;
+* rests an endpoint that hangs while the others answer: it has requests outstanding and has
+  answered none for ``HUNG_AFTER_SEC`` (or one of them timed out) and ``HUNG_LATENCY_FACTOR``
+  times the longest that another endpoint took to answer its last ``HUNG_PEER_ANSWERS``
+  requests, all sent after this one's last answer. Its requests in flight are cancelled and
+  retried on the others without spending an attempt: a hung endpoint costs seconds (or
+  several of the others' round trips), not ``request_timeout``. Endpoints that all hang, or
+  all slow down, rest no one; one much slower than the others may be rested as hung.
 
 With ``replicas: 1`` and one URL, :func:`~infermill.servers.create_server` returns the
 server itself: no pool, nothing added to a request's path.
@@ -29,9 +38,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from infermill.errors import RetryableError, ServerConnectionError, ServerError, ServerLostError
+from infermill.errors import (
+    RequestTimeoutError,
+    RetryableError,
+    ServerConnectionError,
+    ServerError,
+    ServerLostError,
+)
 from infermill.gpus import split_gpus
 from infermill.servers.base import InferenceServer, ServerState
 
@@ -44,6 +60,14 @@ logger = logging.getLogger("infermill.server")
 REST_AFTER_FAILURES = 3
 #: the longest rest of an endpoint, in seconds
 MAX_REST_SEC = 60.0
+#: an endpoint hangs when it has requests outstanding and has answered none for HUNG_AFTER_SEC
+#: seconds and HUNG_LATENCY_FACTOR times the longest round trip of another endpoint's last
+#: HUNG_PEER_ANSWERS answers, all to requests sent after its own last answer
+HUNG_AFTER_SEC = 2.0
+HUNG_LATENCY_FACTOR = 10.0
+HUNG_PEER_ANSWERS = 20
+#: seconds between two looks for a hung endpoint
+HUNG_CHECK_SEC = 0.5
 #: what a resting member's load counts as when choosing among members that all rest
 _RESTING = 1 << 40
 
@@ -89,6 +113,12 @@ class ReplicaPool(InferenceServer):
         self._next = 0  # where the next search for the least-loaded member begins
         self._started = False
         self._closed = False
+        # hung endpoints: per member, the tasks waiting for its replies and (sent, round trip) of its
+        # last answers; the tasks cancelled to move their requests
+        self._waiting: list[set[asyncio.Task]] = [set() for _ in members]
+        self._answers: list[deque[tuple[float, float]]] = [deque(maxlen=HUNG_PEER_ANSWERS) for _ in members]
+        self._moved: set[asyncio.Task] = set()
+        self._hang_finder: asyncio.Task | None = None
 
     # -- what the runner sees ---------------------------------------------------------------
 
@@ -123,6 +153,8 @@ class ReplicaPool(InferenceServer):
             for member in self.members:
                 member.start()
             self._update()
+            if any(self._rested) and len(self.members) > 1:
+                self._hang_finder = asyncio.create_task(self._find_hung(), name=f"hung-endpoints-{self.label}")
 
     async def wait_launched(self) -> None:
         """Once every member's first start attempt has launched it (or it is ready, or failed)."""
@@ -147,21 +179,42 @@ class ReplicaPool(InferenceServer):
             await self.wait_until_ready()
         k = self._pick(affinity)
         member = self.members[k]
+        task = asyncio.current_task() if self._rested[k] else None  # an endpoint's: moved if it hangs
         try:
-            reply = await member.make_request(payload, path)
+            if task is None:
+                reply = await member.make_request(payload, path)
+            else:
+                sent = time.monotonic()
+                self._waiting[k].add(task)
+                try:
+                    reply = await member.make_request(payload, path)
+                finally:
+                    self._waiting[k].discard(task)
+        except asyncio.CancelledError:
+            if task is None or task not in self._moved:
+                raise
+            self._moved.discard(task)
+            if task.uncancel() > 0:  # cancelled from outside as well: that one wins
+                raise
+            raise ServerLostError(f"endpoint {member.base_url} hangs: the request was moved to another") from None
         except ServerLostError:
             raise  # the member failed and is being restarted: retried at once on another, for free
         except ServerConnectionError as e:
             if self._rested[k] and self._rest(k, f"{type(e).__name__}: {e}") and self._another_serves(k):
                 raise ServerLostError(f"{e} (endpoint {member.base_url} rested; retried on another)") from e
             raise
+        except RequestTimeoutError as e:
+            if self._rested[k] and (why := self._hangs(k, 0.0)) is not None and self._another_serves(k):
+                self._rest_hung(k, why)
+                raise ServerLostError(f"{e} (endpoint {member.base_url} hangs; retried on another)") from e
+            self._count_failure(k, e)
+            raise
         except RetryableError as e:
-            if self._rested[k]:
-                self._failures[k] += 1
-                if self._failures[k] >= REST_AFTER_FAILURES:
-                    self._rest(k, f"{self._failures[k]} failed requests in a row, the last: {e}")
+            self._count_failure(k, e)
             raise
         self.requests[k] += 1
+        if task is not None:
+            self._answers[k].append((sent, member.last_progress - sent))  # last_progress: when it answered
         if self._failures[k]:
             self._failures[k] = self.rests[k] = 0
         return reply
@@ -169,6 +222,10 @@ class ReplicaPool(InferenceServer):
     async def close(self) -> None:
         """Stop every member. Safe to call more than once."""
         self._closed = True
+        if self._hang_finder is not None:
+            self._hang_finder.cancel()
+            await asyncio.gather(self._hang_finder, return_exceptions=True)
+            self._hang_finder = None
         results = await asyncio.gather(*(member.close() for member in self.members), return_exceptions=True)
         if self._failure is None:
             self._failure = ServerError("the server was stopped")
@@ -227,6 +284,55 @@ class ReplicaPool(InferenceServer):
         )
         return True
 
+    def _count_failure(self, k: int, error: RetryableError) -> None:
+        """A failed request of endpoint ``k``: rest it after ``REST_AFTER_FAILURES`` in a row."""
+        if self._rested[k]:
+            self._failures[k] += 1
+            if self._failures[k] >= REST_AFTER_FAILURES:
+                self._rest(k, f"{self._failures[k]} failed requests in a row, the last: {error}")
+
+    def _hangs(self, k: int, after: float) -> str | None:
+        """Why endpoint ``k`` hangs while another answers, or None (see the module's docstring):
+        silent for ``after`` seconds at least, and much longer than another takes to answer the
+        requests it was sent since (it is not the documents, nor the load)."""
+        member = self.members[k]
+        quiet_since = member.last_progress  # its last answer, or when it went busy
+        silent = time.monotonic() - quiet_since
+        for j, other in enumerate(self.members):
+            answers = self._answers[j]
+            if j == k or other.state is not ServerState.READY or len(answers) < HUNG_PEER_ANSWERS:
+                continue
+            if min(sent for sent, _ in answers) > quiet_since:
+                slowest = max(took for _, took in answers)
+                if silent >= max(after, HUNG_LATENCY_FACTOR * slowest):
+                    return (
+                        f"no reply for {silent:.1f} s to {member.outstanding_requests} requests, while "
+                        f"{other.base_url} answered {len(answers)} sent since, in {slowest:.2g} s at most"
+                    )
+        return None
+
+    def _rest_hung(self, k: int, why: str) -> None:
+        """Rest hung endpoint ``k`` and move its requests: cancel them, to be retried on another."""
+        self._rest(k, f"{why}; its requests move to the others")
+        for task in self._waiting[k] - self._moved:
+            self._moved.add(task)
+            task.cancel()
+
+    async def _find_hung(self) -> None:
+        """Until cancelled: every ``HUNG_CHECK_SEC``, rest the endpoints that hang while others answer."""
+        while True:
+            await asyncio.sleep(HUNG_CHECK_SEC)
+            now = time.monotonic()
+            for k, member in enumerate(self.members):
+                if (
+                    self._waiting[k]
+                    and member.state is ServerState.READY
+                    and self._resting_until[k] <= now
+                    and (why := self._hangs(k, HUNG_AFTER_SEC)) is not None
+                    and self._another_serves(k)
+                ):
+                    self._rest_hung(k, why)
+
     def _another_serves(self, k: int) -> bool:
         """Whether a member other than ``k`` is ready and not resting."""
         now = time.monotonic()
@@ -242,7 +348,7 @@ class ReplicaPool(InferenceServer):
         states = [member.state for member in self.members]
         if self._closed:
             state = ServerState.STOPPED
-        elif ServerState.READY in states:
+        elif ServerState.READY in states and all(member.first_check_done for member in self.members):
             state = ServerState.READY
         elif all(s is ServerState.FAILED for s in states):
             state = ServerState.FAILED
@@ -258,6 +364,8 @@ class ReplicaPool(InferenceServer):
         self.restarts = sum(member.restarts for member in self.members)
         self.generation = sum(member.generation for member in self.members)
         if state is not self.state or state is ServerState.READY:
+            if state is not self.state:
+                self.state_since = time.monotonic()
             self.state = state
             self._state_changed.set()
             self._state_changed = asyncio.Event()
