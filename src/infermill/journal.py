@@ -28,7 +28,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -478,6 +478,7 @@ class QueueJournal(ChunkLogs):
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
         self._finalizing: set[int] = set()  # units being committed (in a worker thread)
         self.units_committed = 0  # by this worker: the time series' units_done
+        self.on_commit: Callable[[], object] | None = None  # called after each unit this worker commits
 
     def _log_path(self, chunk_index: int) -> Path:
         return self.queue.journal_path(chunk_index, self._leases[chunk_index].generation)
@@ -557,11 +558,12 @@ class QueueJournal(ChunkLogs):
         path = self._log_path(unit)
         written = 0
 
-        def write_output() -> None:
+        def write_output() -> int:
             nonlocal written
             if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
                 self.writer.remove_temp_files(0, unit)
             written = self.writer.write_chunk(self._records(path), 0, unit) if path.exists() else 0
+            return written
 
         try:
             self.queue.commit(lease, write_output, documents=self._chunk_size(unit))
@@ -574,6 +576,8 @@ class QueueJournal(ChunkLogs):
             self._finalizing.discard(unit)
         for journal in [path, *self.queue.earlier_journals(unit, lease.generation)]:
             journal.unlink(missing_ok=True)
+        if self.on_commit is not None:
+            self.on_commit()
         return written
 
     def fail(self, unit: int, cause: str) -> None:

@@ -45,8 +45,9 @@ failed; any of these raises :class:`~infermill.errors.LeaseLostError`.
 mtime is more than ``lease_timeout_sec`` older than the mtime of the ``clock`` file just
 touched. Clock skew between nodes does not matter; a file system's mtime granularity (1 ns
 on ext4, 1 s or 2 s on some) must be small against the timeout. A lease whose holder ran on
-the claiming worker's own host and whose process is gone is taken over at once: a rerun
-after a kill does not wait for the timeout.
+the claiming worker's own host and whose process is gone (or whose pid now belongs to a
+process started after the lease) is taken over at once: a rerun after a kill does not wait
+for the timeout, and :meth:`WorkQueue.status` counts that unit as pending at once.
 
 **Commits.** :meth:`WorkQueue.commit` renews the lease (refusing, as above, a lost one) and
 only then calls the caller's writer, which writes the unit's output under a temporary name
@@ -104,6 +105,7 @@ JOURNALS_DIR = "journals"
 DEFAULT_LEASE_TIMEOUT_SEC = 120.0
 DEFAULT_MAX_UNIT_ATTEMPTS = 3
 RATE_WINDOW_SEC = 600.0  # the job's rate (status) is that of the units done in the last 10 minutes
+PID_REUSE_SLACK_SEC = 2.0  # a process started this much after it was known to run has reused its pid
 
 
 T = TypeVar("T")
@@ -146,6 +148,7 @@ class UnitHolder:
     host: str
     pid: int | None
     renewed_sec_ago: float  # on the storage's clock
+    process_gone: bool = False  # its holder ran on this host and its process is gone: taken over at once
 
 
 @dataclass(slots=True)
@@ -162,7 +165,10 @@ class UnitFailure:
 @dataclass(slots=True)
 class QueueStatus:
     """Where the job's units stand. ``units_pending`` counts the units waiting for a worker,
-    stale ones (whose holder stopped renewing, listed in ``stale``) included."""
+    stale ones (whose holder stopped renewing, or ran on this host and is gone: listed in
+    ``stale``) included. ``documents_done`` counts the documents of the committed units,
+    ``documents_written`` the records their output files hold (their done marks say; the
+    documents whose every rollout returned None, or skipped, are done but not written)."""
 
     units_total: int
     units_done: int
@@ -171,6 +177,7 @@ class QueueStatus:
     units_failed: int
     documents_done: int
     documents_total: int | None  # when the plan gives every unit's "documents"
+    documents_written: int = 0
     documents_per_sec: float | None = None  # over the last RATE_WINDOW_SEC (or since the plan was made)
     eta_sec: float | None = None  # at that rate, for the documents not done
     in_progress: list[UnitHolder] = field(default_factory=list)
@@ -204,6 +211,28 @@ class _Unit:
     @property
     def attempts(self) -> int:
         return sum(1 for generation in self.leases if generation > self.base)
+
+
+def process_gone(host: object, pid: object, running_at: object = None) -> bool:
+    """Whether the process ``pid`` of host ``host`` is known to be gone: ``host`` is this
+    machine and no process ``pid`` runs here (or only a zombie), or the one that does started
+    after ``running_at`` (a unix time the process was known to run at: its pid was reused).
+    Nothing can be known here of another host's process: False."""
+    if host != socket.gethostname() or type(pid) is not int or pid <= 0:
+        return False
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        created = process.create_time()
+    except psutil.NoSuchProcess:  # a zombie whose details are gone too
+        return True
+    except psutil.Error:  # another user's process: it runs
+        return False
+    # the slack: psutil derives a start time from the boot time, which it knows to a second
+    return isinstance(running_at, int | float) and created > running_at + PID_REUSE_SLACK_SEC
 
 
 def new_worker_id() -> str:
@@ -318,19 +347,9 @@ class WorkQueue:
 
     def _holder_gone(self, lease_path: Path) -> bool:
         """Whether the lease's holder ran on this host and its process is gone (a worker killed
-        here): its unit is taken over at once instead of after ``lease_timeout_sec``. A pid of
-        this host that runs again (reused) keeps the lease until it is stale, as on another host."""
+        here): its unit is taken over at once instead of after ``lease_timeout_sec``."""
         holder = self._read_json(lease_path) or {}
-        pid = holder.get("pid")
-        if holder.get("host") != self.host or not isinstance(pid, int) or pid == self.pid:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # another user's process: alive
-            return False
-        return False
+        return holder.get("pid") != self.pid and process_gone(holder.get("host"), holder.get("pid"), holder.get("time"))
 
     @_timed
     def drained(self) -> bool:
@@ -399,22 +418,24 @@ class WorkQueue:
     def commit(
         self,
         lease: Lease,
-        write_output: Callable[[], None],
+        write_output: Callable[[], int | None],
         documents: int,
         stats: dict[str, Any] | None = None,
     ) -> bool:
         """Commit the unit: check the lease is still held (else ``LeaseLostError``, and
         ``write_output`` is not called), call ``write_output`` (which writes the unit's output
-        under a temporary name and renames it), then mark the unit done with ``documents`` and
-        ``stats``. Returns False when another holder had committed it already: its documents
-        are counted once, by that holder's mark."""
+        under a temporary name and renames it, and may return the number of records it wrote:
+        the mark's ``written``), then mark the unit done with ``documents`` and ``stats``.
+        Returns False when another holder had committed it already: its documents are counted
+        once, by that holder's mark."""
         self._check(lease, touch=True)
         if self._done_path(lease.unit).exists():
             return False  # a stale holder slipped past its check and finished first
         started = time.perf_counter()
-        write_output()
+        written = write_output()
         self.seconds -= time.perf_counter() - started  # the output is the job's cost, not the queue's
-        record = self._record(generation=lease.generation, documents=documents, **(stats or {}))
+        counts = {"documents": documents} if written is None else {"documents": documents, "written": written}
+        record = self._record(generation=lease.generation, **counts, **(stats or {}))
         committed = self._create_exclusive(self._done_path(lease.unit), record)
         if not committed:
             logger.info("unit %d was committed by another holder as well; counted once", lease.unit)
@@ -537,7 +558,7 @@ class WorkQueue:
             now = self.storage_now()
         except OSError:  # a reader who may not write the folder
             now = time.time()
-        done = documents = recent = 0
+        done = documents = written = recent = 0
         in_progress: list[UnitHolder] = []
         stale: list[UnitHolder] = []
         failed: list[UnitFailure] = []
@@ -548,6 +569,7 @@ class WorkQueue:
                 done += 1
                 mark = self._read_json(self._done_path(unit)) or {}
                 documents += int(mark.get("documents", 0))
+                written += int(mark.get("written", mark.get("documents", 0)))  # a mark of an older infermill: all
                 if now - float(mark.get("time", 0.0)) <= RATE_WINDOW_SEC:
                     recent += int(mark.get("documents", 0))
             elif state.failed:
@@ -567,6 +589,7 @@ class WorkQueue:
                 if age is None:
                     continue  # given back since the listing
                 holder = self._read_json(path) or {}
+                gone = process_gone(holder.get("host"), holder.get("pid"), holder.get("time"))
                 entry = UnitHolder(
                     unit,
                     state.generation,
@@ -574,8 +597,9 @@ class WorkQueue:
                     str(holder.get("host", "?")),
                     holder.get("pid"),
                     round(age, 3),
+                    gone,
                 )
-                (stale if age > self.lease_timeout_sec else in_progress).append(entry)
+                (stale if gone or age > self.lease_timeout_sec else in_progress).append(entry)
         try:
             window = min(RATE_WINDOW_SEC, now - os.stat(self.folder / PLAN_FILE).st_mtime)
         except OSError:
@@ -592,6 +616,7 @@ class WorkQueue:
             units_failed=len(failed),
             documents_done=documents,
             documents_total=documents_total,
+            documents_written=written,
             in_progress=in_progress,
             stale=stale,
             failed=failed,
