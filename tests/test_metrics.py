@@ -190,10 +190,10 @@ def test_two_workers_serve_on_consecutive_ports_and_status_reads_their_rates(tmp
     assert sorted(series) == sorted(s["worker"] for s in job.worker_stats())
     assert sum(snapshots[-1]["counters"]["documents_processed"] for snapshots in series.values()) == 400
     assert all(snapshots[-1]["final"] for snapshots in series.values())
-    # done: no worker runs, the rate falls back to the units done
+    # done: no worker runs, both ended; a finished job has no rate
     status = job.status()
-    assert status["rate_from"] == "done_marks" and not any(w["running"] for w in status["workers"])
-    assert len(status["workers"]) == 2
+    assert status["rate_from"] is None and status["eta_sec"] is None and status["state"] == "complete"
+    assert [w["state"] for w in status["workers"]] == ["ended", "ended"]
 
 
 def test_replicas_are_labelled_in_the_scrape_and_listed_in_the_series(tmp_path):

@@ -45,9 +45,9 @@ failed; any of these raises :class:`~infermill.errors.LeaseLostError`.
 mtime is more than ``lease_timeout_sec`` older than the mtime of the ``clock`` file just
 touched. Clock skew between nodes does not matter; a file system's mtime granularity (1 ns
 on ext4, 1 s or 2 s on some) must be small against the timeout. A lease whose holder ran on
-the claiming worker's own host and whose process is gone (or whose pid now belongs to a
-process started after the lease) is taken over at once: a rerun after a kill does not wait
-for the timeout, and :meth:`WorkQueue.status` counts that unit as pending at once.
+the claiming worker's own host and whose process is gone is taken over at once: a rerun
+after a kill does not wait for the timeout, and :meth:`WorkQueue.status` counts that unit
+as pending at once.
 
 **Commits.** :meth:`WorkQueue.commit` renews the lease (refusing, as above, a lost one) and
 only then calls the caller's writer, which writes the unit's output under a temporary name
@@ -105,7 +105,6 @@ JOURNALS_DIR = "journals"
 DEFAULT_LEASE_TIMEOUT_SEC = 120.0
 DEFAULT_MAX_UNIT_ATTEMPTS = 3
 RATE_WINDOW_SEC = 600.0  # the job's rate (status) is that of the units done in the last 10 minutes
-PID_REUSE_SLACK_SEC = 2.0  # a process started this much after it was known to run has reused its pid
 
 
 T = TypeVar("T")
@@ -213,26 +212,18 @@ class _Unit:
         return sum(1 for generation in self.leases if generation > self.base)
 
 
-def process_gone(host: object, pid: object, running_at: object = None) -> bool:
-    """Whether the process ``pid`` of host ``host`` is known to be gone: ``host`` is this
-    machine and no process ``pid`` runs here (or only a zombie), or the one that does started
-    after ``running_at`` (a unix time the process was known to run at: its pid was reused).
-    Nothing can be known here of another host's process: False."""
-    if host != socket.gethostname() or type(pid) is not int or pid <= 0:
+def process_gone(pid: object) -> bool:
+    """Whether no process ``pid`` runs on this machine (the caller checks that it ran here:
+    nothing can be known of another host's). A pid that runs again (reused) counts as running."""
+    if type(pid) is not int or pid <= 0:
         return False
-    import psutil
-
     try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return True
-        created = process.create_time()
-    except psutil.NoSuchProcess:  # a zombie whose details are gone too
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return True
-    except psutil.Error:  # another user's process: it runs
+    except PermissionError:  # another user's process: it runs
         return False
-    # the slack: psutil derives a start time from the boot time, which it knows to a second
-    return isinstance(running_at, int | float) and created > running_at + PID_REUSE_SLACK_SEC
+    return False
 
 
 def new_worker_id() -> str:
@@ -349,7 +340,7 @@ class WorkQueue:
         """Whether the lease's holder ran on this host and its process is gone (a worker killed
         here): its unit is taken over at once instead of after ``lease_timeout_sec``."""
         holder = self._read_json(lease_path) or {}
-        return holder.get("pid") != self.pid and process_gone(holder.get("host"), holder.get("pid"), holder.get("time"))
+        return holder.get("host") == self.host and holder.get("pid") != self.pid and process_gone(holder.get("pid"))
 
     @_timed
     def drained(self) -> bool:
@@ -589,7 +580,7 @@ class WorkQueue:
                 if age is None:
                     continue  # given back since the listing
                 holder = self._read_json(path) or {}
-                gone = process_gone(holder.get("host"), holder.get("pid"), holder.get("time"))
+                gone = holder.get("host") == self.host and process_gone(holder.get("pid"))
                 entry = UnitHolder(
                     unit,
                     state.generation,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import socket
 import statistics
 import threading
 import uuid
@@ -274,7 +275,7 @@ def worker_summary(
         tokens = round((last.get("completion_tokens", 0) - first.get("completion_tokens", 0)) / (t1 - t0), 3)
     if newest.get("final"):
         state = "ended"
-    elif process_gone(newest.get("host"), newest.get("pid"), started):
+    elif newest.get("host") == socket.gethostname() and process_gone(newest.get("pid")):
         state = "gone"
     elif is_running(run, now) and newest["time"] >= now - window_sec:
         state = "running"
