@@ -558,12 +558,11 @@ class QueueJournal(ChunkLogs):
         path = self._log_path(unit)
         written = 0
 
-        def write_output() -> int:
+        def write_output() -> None:
             nonlocal written
             if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
                 self.writer.remove_temp_files(0, unit)
             written = self.writer.write_chunk(self._records(path), 0, unit) if path.exists() else 0
-            return written
 
         try:
             self.queue.commit(lease, write_output, documents=self._chunk_size(unit))

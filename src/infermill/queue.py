@@ -409,24 +409,22 @@ class WorkQueue:
     def commit(
         self,
         lease: Lease,
-        write_output: Callable[[], int | None],
+        write_output: Callable[[], None],
         documents: int,
         stats: dict[str, Any] | None = None,
     ) -> bool:
         """Commit the unit: check the lease is still held (else ``LeaseLostError``, and
         ``write_output`` is not called), call ``write_output`` (which writes the unit's output
-        under a temporary name and renames it, and may return the number of records it wrote:
-        the mark's ``written``), then mark the unit done with ``documents`` and ``stats``.
-        Returns False when another holder had committed it already: its documents are counted
-        once, by that holder's mark."""
+        under a temporary name and renames it), then mark the unit done with ``documents`` and
+        ``stats``. Returns False when another holder had committed it already: its documents
+        are counted once, by that holder's mark."""
         self._check(lease, touch=True)
         if self._done_path(lease.unit).exists():
             return False  # a stale holder slipped past its check and finished first
         started = time.perf_counter()
-        written = write_output()
+        write_output()
         self.seconds -= time.perf_counter() - started  # the output is the job's cost, not the queue's
-        counts = {"documents": documents} if written is None else {"documents": documents, "written": written}
-        record = self._record(generation=lease.generation, **counts, **(stats or {}))
+        record = self._record(generation=lease.generation, documents=documents, **(stats or {}))
         committed = self._create_exclusive(self._done_path(lease.unit), record)
         if not committed:
             logger.info("unit %d was committed by another holder as well; counted once", lease.unit)
@@ -560,7 +558,9 @@ class WorkQueue:
                 done += 1
                 mark = self._read_json(self._done_path(unit)) or {}
                 documents += int(mark.get("documents", 0))
-                written += int(mark.get("written", mark.get("documents", 0)))  # a mark of an older infermill: all
+                output = mark.get("output")  # {"file", "bytes", "records"}: what the unit's writer wrote
+                records = output.get("records") if isinstance(output, dict) else None
+                written += records if type(records) is int else int(mark.get("documents", 0))  # an older mark: all
                 if now - float(mark.get("time", 0.0)) <= RATE_WINDOW_SEC:
                     recent += int(mark.get("documents", 0))
             elif state.failed:
