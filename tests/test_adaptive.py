@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import orjson
+
 from helpers import FAST, FAULTY_SERVER, echo_rollout, read_jsonl, server_stats
 from infermill import Document, InferenceConfig
 from infermill.eventloop import run_coroutine
@@ -77,3 +79,33 @@ def test_a_burst_of_429s_asking_for_an_hour_pauses_request_backoff_max_sec_then_
     assert arrivals[7] - arrivals[0] < 0.9  # the first 8 together
     assert arrivals[8] - arrivals[7] >= 0.9  # a pause of request_backoff_max_sec, then the probe alone...
     assert arrivals[9] - arrivals[8] >= 0.9  # ...and, it being refused, the next after another pause
+
+
+def test_a_jobs_stats_json_has_adaptive_concurrency_as_the_readme_says(tmp_path):
+    # the README: "stats.json has adaptive_concurrency: {limit, back_offs} (where it ended)"
+    from test_workers import QueueJob, output_of
+
+    job = QueueJob(tmp_path, 400, 100, directives="sleep:0.01", inference={"max_concurrent_generations": "auto"})
+    result = job.run("--workers", "2")
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    runs = {run["worker"]: run for run in job.worker_stats()}
+    assert all(run["adaptive_concurrency"]["limit"] >= 1 for run in runs.values()), runs
+    stats = orjson.loads((job.output / "_infermill" / "stats.json").read_bytes())
+    last = max(runs.values(), key=lambda run: run["started_at"] + run["inference_time_sec"])
+    assert stats["adaptive_concurrency"] == {
+        "limit": last["adaptive_concurrency"]["limit"],
+        "back_offs": sum(run["adaptive_concurrency"]["back_offs"] for run in runs.values()),
+    }, stats
+
+
+def test_summed_stats_keep_the_limit_where_the_last_run_ended_and_add_the_back_offs():
+    from infermill.worker import sum_stats
+
+    runs = [
+        {"started_at": 100.0, "inference_time_sec": 50.0, "adaptive_concurrency": {"limit": 40, "back_offs": 2}},
+        {"started_at": 90.0, "inference_time_sec": 70.0, "adaptive_concurrency": {"limit": 24, "back_offs": 3}},
+        {"started_at": 95.0, "inference_time_sec": 10.0},  # a fixed limit
+    ]
+    assert sum_stats(runs)["adaptive_concurrency"] == {"limit": 24, "back_offs": 5}
+    assert "adaptive_concurrency" not in sum_stats([runs[2]])

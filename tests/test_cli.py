@@ -841,12 +841,41 @@ def test_status_after_a_completed_run(tmp_path):
     status = infermill(tmp_path, "status", str(tmp_path / "out"))
     assert status.returncode == 0, output_of(status)
     # 3 units (4 + 4 + 2 documents), all done, nothing in progress
-    assert "3 of 3 units done, 0 in progress, 0 pending, 0 failed; 10 of 10 documents done" in status.stdout, output_of(
-        status
-    )
+    assert (
+        "3 of 3 units done, 0 in progress, 0 pending, 0 failed; 10 of 10 documents committed, 10 processed; complete"
+        in status.stdout
+    ), output_of(status)
     shown = json.loads(infermill(tmp_path, "status", str(tmp_path / "out"), "--json").stdout)
     assert shown["units_done"] == shown["units_total"] == 3 and shown["documents_done"] == 10, shown
     assert shown["in_progress"] == shown["stale"] == shown["failed"] == [], shown
+
+
+def test_status_prints_everything_on_stdout_and_takes_the_job_file_too(tmp_path):
+    from infermill.layout import JobLayout
+    from infermill.queue import WorkQueue
+
+    job = write_job(tmp_path, job_spec(tmp_path))
+    out = tmp_path / "out"
+    queue = WorkQueue.for_layout(JobLayout.for_output(str(out)), "test-worker")
+    queue.publish_plan({"units": [{"documents": 4}, {"documents": 4}]})
+    held = queue.claim()  # a unit in progress, held by this (live) process
+    result = infermill(tmp_path, "status", str(out))
+    assert result.returncode == 0, output_of(result)
+    assert result.stderr == "", output_of(result)  # `infermill status OUT | less` shows all of it
+    assert result.stdout.startswith(f"{out}: 0 of 2 units done, 1 in progress, 1 pending"), output_of(result)
+    assert "0 of 8 documents committed, 0 processed; 1 worker(s) live" in result.stdout, output_of(result)
+    assert "units in progress" in result.stdout and "test-worker" in result.stdout, output_of(result)
+    # the job file names the output: the same status
+    by_job = infermill(tmp_path, "status", str(job))
+    assert by_job.returncode == 0 and by_job.stderr == "", output_of(by_job)
+    assert by_job.stdout.splitlines()[0].split(": ", 1)[1] == result.stdout.splitlines()[0].split(": ", 1)[1]
+    shown = json.loads(infermill(tmp_path, "status", str(job), "--json").stdout)
+    assert [holder["unit"] for holder in shown["in_progress"]] == [held.unit], shown
+    # with its overrides
+    elsewhere = infermill(tmp_path, "status", str(job), "--set", f"output.path={tmp_path / 'elsewhere'}")
+    assert elsewhere.returncode == 2 and f"{tmp_path / 'elsewhere'} the output folder of a job?" in elsewhere.stderr
+    refused = infermill(tmp_path, "status", str(out), "--set", "output.path=x")
+    assert refused.returncode == 2 and "--set overrides a job file's keys" in refused.stderr, output_of(refused)
 
 
 def test_status_of_a_folder_without_checkpoints(tmp_path):

@@ -190,10 +190,10 @@ def test_two_workers_serve_on_consecutive_ports_and_status_reads_their_rates(tmp
     assert sorted(series) == sorted(s["worker"] for s in job.worker_stats())
     assert sum(snapshots[-1]["counters"]["documents_processed"] for snapshots in series.values()) == 400
     assert all(snapshots[-1]["final"] for snapshots in series.values())
-    # done: no worker runs, the rate falls back to the units done
+    # done: no worker runs, both ended; a finished job has no rate
     status = job.status()
-    assert status["rate_from"] == "done_marks" and not any(w["running"] for w in status["workers"])
-    assert len(status["workers"]) == 2
+    assert status["rate_from"] is None and status["eta_sec"] is None and status["state"] == "complete"
+    assert [w["state"] for w in status["workers"]] == ["ended", "ended"]
 
 
 def test_replicas_are_labelled_in_the_scrape_and_listed_in_the_series(tmp_path):
@@ -433,3 +433,45 @@ def test_json_logs_through_ray_come_without_colour_codes_or_folded_lines():
     env = {**os.environ, "INFERMILL_LOG_FORMAT": "json"}  # Ray imported, not started
     result = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["0", "False"], output_of(result)
+
+
+def status_peak_rss_mb(output: Path) -> float:
+    """The peak resident memory of ``infermill status OUTPUT --json``, in MiB (a process of its own)."""
+    code = (
+        "import resource, subprocess, sys; "
+        "subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    result = subprocess.run(
+        [PYTHON, "-c", code, PYTHON, "-m", "infermill", "status", str(output), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(result.stdout) / 1024
+
+
+def test_status_reads_the_series_of_many_workers_in_bounded_memory(tmp_path):
+    from infermill.layout import JobLayout
+    from infermill.queue import WorkQueue
+
+    def job(name: str, workers: int) -> Path:
+        """A job whose ``workers`` workers each wrote 100 snapshots, 30 s apart, up to now."""
+        output = tmp_path / name
+        WorkQueue.for_layout(JobLayout.for_output(str(output))).publish_plan({"units": [{"documents": 10}]})
+        folder = output / "_infermill" / "metrics"
+        folder.mkdir(parents=True)
+        now = time.time()
+        for w in range(workers):
+            lines = [
+                snapshot(now - 30 * (99 - k), now - 3000, 50 * k)
+                | {"worker": f"w{w}", "host": "node", "interval": 30.0}
+                for k in range(100)
+            ]
+            (folder / f"w{w:05d}.jsonl").write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        return output
+
+    few, many = status_peak_rss_mb(job("few", 20)), status_peak_rss_mb(job("many", 800))
+    # each worker's tail (64 KiB, ~150 snapshots here) is read, summed up and let go before the next
+    assert many - few < 25, f"status took {few:.0f} MiB over 20 workers, {many:.0f} MiB over 800"

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from conftest import PYTHON
 from helpers import FAULTY_SERVER, read_jsonl, server_stats, wait_until
 from infermill.errors import ConfigError, PlanReplacedError
 from infermill.queue import WorkQueue
+from infermill.timeseries import read_series
 
 TIMEOUT = 120
 
@@ -523,3 +525,121 @@ def test_a_workers_server_does_not_inherit_the_secret_overrides_in_its_environme
     finally:
         proc.kill()
     job.check_exactly_once()
+
+
+# -- status and counts after a kill ------------------------------------------------------------------
+
+
+def kill_mid_run(job: QueueJob, workers: int, ready: Any) -> list[int]:
+    """Start ``--workers N``, wait for ``ready()``, SIGKILL the parent (its workers die with it,
+    PDEATHSIG) and wait until every worker is gone; their pids."""
+    proc = job.start("--workers", str(workers))
+    try:
+        wait_until(lambda: len(workers_of(proc)) == workers, 60, f"{workers} workers")
+        pids = [p.pid for p in workers_of(proc)]
+        wait_until(ready, TIMEOUT, "the job to be under way", interval=0.1)
+        proc.kill()
+        proc.wait(TIMEOUT)
+    finally:
+        proc.kill()
+    wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), 30, "the workers to die with their parent")
+    return pids
+
+
+def series_processed(job: QueueJob) -> int:
+    """The documents the workers' newest snapshots say they processed, added up."""
+    series = read_series(job.output / "_infermill" / "metrics")
+    return sum(snapshots[-1]["counters"]["documents_processed"] for snapshots in series.values())
+
+
+def done_documents(job: QueueJob) -> int:
+    return sum(orjson.loads(p.read_bytes())["documents"] for p in (job.queue / "units").glob("*.done"))
+
+
+def infermill_status(job: QueueJob, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "infermill", "status", *args], env=job.env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_status_shows_sigkilled_local_workers_gone_at_once_and_a_stopped_job_no_eta(tmp_path):
+    # units of 100 documents at 20 docs/s per worker: the workers process documents long before a commit
+    job = QueueJob(tmp_path, 1200, 100, conc=4, lease_timeout_sec=120, directives="sleep:0.2",
+                   inference={"metric_interval": 0.5})  # fmt: skip
+
+    def processing() -> bool:  # every worker has snapshots, and documents processed beyond the committed ones
+        series = read_series(job.output / "_infermill" / "metrics")
+        return (
+            len(series) == 3
+            and all(len(s) >= 3 for s in series.values())
+            and series_processed(job) > done_documents(job)
+        )
+
+    pids = kill_mid_run(job, 3, processing)
+    killed = time.time()
+    status = job.status()
+    shown = infermill_status(job, str(job.output))
+    taken = time.time() - killed
+    workers = {w["worker"]: w for w in status["workers"]}
+    assert sorted(w["pid"] for w in workers.values()) == sorted(pids), workers
+    assert not any(w["running"] for w in workers.values()), (taken, workers)
+    # their units wait for a worker: none is in progress; no rate, no ETA
+    assert status["units_in_progress"] == 0 and status["in_progress"] == [], (taken, status)
+    assert status["eta_sec"] is None and status["documents_per_sec"] is None, status
+    assert all(w["state"] == "gone" for w in workers.values()), workers
+    assert status["stale"] and all(holder["process_gone"] for holder in status["stale"]), status
+    assert status["live_workers"] == 0 and status["state"] == "stopped" and status["rate_from"] is None, status
+    # committed and processed, both
+    assert status["documents_done"] == done_documents(job)
+    assert status["documents_processed"] == min(1200, max(status["documents_done"], series_processed(job)))
+    assert status["documents_processed"] > status["documents_done"], status
+    # everything on stdout, the headline and the tables
+    assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+    headline = shown.stdout.splitlines()[0]
+    assert (
+        f"{status['documents_done']:,} of 1,200 documents committed, {status['documents_processed']:,} processed"
+        in headline
+    ), shown.stdout
+    assert "no worker running, no ETA" in headline, shown.stdout
+    assert shown.stdout.count(" gone ") == 3 and "units in progress" in shown.stdout, shown.stdout
+
+    # resumed, then stopped with Ctrl-C: the workers end (their final snapshots), the job has no ETA
+    proc = job.start("--workers", "2")
+    try:
+        wait_until(lambda: job.status()["units_in_progress"] == 2, 60, "both workers at work", interval=0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        proc.kill()
+    status = job.status()
+    assert status["units_done"] < status["units_total"], status
+    assert status["eta_sec"] is None and status["documents_per_sec"] is None and status["state"] == "stopped", status
+    assert sorted(w["state"] for w in status["workers"]) == ["ended", "ended", "gone", "gone", "gone"], status
+
+
+@pytest.mark.parametrize("resume", [["--workers", "2"], []], ids=["two-workers", "one-worker"])
+def test_after_a_sigkill_and_a_resume_stats_the_final_table_status_and_report_agree_on_the_documents_in_the_output(
+    tmp_path, resume
+):
+    job = QueueJob(tmp_path, 500, 10, conc=4, lease_timeout_sec=60, directives="sleep:0.1")
+    kill_mid_run(job, 3, lambda: 10 <= len(list((job.queue / "units").glob("*.done"))) < 40)
+    killed = {orjson.loads(p.read_bytes())["worker"] for p in (job.queue / "units").glob("*.done")}
+    result = job.run(*resume)
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    assert sum(job.counts().values()) == 500
+    stats = orjson.loads((job.output / "_infermill" / "stats.json").read_bytes())
+    assert stats["documents_written"] == 500, stats
+    # the killed runs' counts are in the sum: every worker that committed a unit left its stats
+    assert killed <= {run["worker"] for run in job.worker_stats()}
+    assert stats["documents_processed"] + stats["documents_resumed"] >= 500, stats
+    table = re.search(r"documents written\s*│\s*([\d,]+)", result.stdout + result.stderr)
+    assert table and table.group(1) == "500", output_of(result)
+    status = job.status()
+    assert status["documents_done"] == status["documents_written"] == 500, status
+    report = subprocess.run([PYTHON, "-m", "infermill", "report", str(job.file)], env=job.env, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    page = (job.output / "_infermill" / "report.html").read_text()
+    assert "<th>documents in the output (committed units)</th><td>500 of 500</td>" in page, page[-3000:]
+    assert '<th>documents written</th><td class="n">500</td>' in page, page[-3000:]

@@ -27,13 +27,14 @@ from infermill.errors import (
 )
 from infermill.eventloop import run_coroutine
 from infermill.jobfile import JobConfig, load_job, secret_overrides_from_parent, split_secret_overrides
-from infermill.layout import is_remote
+from infermill.layout import JobLayout, is_remote
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
     from rich.console import Console
 
+    from infermill.jobstatus import JobProgress
     from infermill.queue import WorkQueue
 
 logger = logging.getLogger("infermill")
@@ -404,7 +405,9 @@ def run(
         return
     if stats.get("already_complete"):
         _say("the job is already complete; nothing was sent. Use --overwrite to run it again.")
-    _summary(stats, job.output.path)
+    from infermill.worker import read_stats
+
+    _summary(read_stats(layout) or stats, job.output.path)  # the job's: every run of it, killed ones too
 
 
 async def _with_progress(work: Coroutine[Any, Any, T], queue: WorkQueue, interval: float) -> T:
@@ -436,7 +439,7 @@ def _run_executor(
     from infermill.executors.local import gpu_assignment, node_command, run_workers, worker_command
     from infermill.job import build_reader, build_runner
     from infermill.progress import log_interval
-    from infermill.worker import QueueOptions, failed_units_error, open_queue, read_stats
+    from infermill.worker import QueueOptions, failed_units_error, open_queue, read_stats, sum_job_stats
 
     public, secret = split_secret_overrides(overrides)  # those of secret fields never go on a command line
     command = worker_command(job_file, public, worker_options)
@@ -503,7 +506,12 @@ def _run_executor(
         _error(e)
         return EXIT_FAILED
     status = queue.status()
-    _summary(read_stats(runner.layout), job.output.path)
+    try:  # summed again: the last worker's sum may have missed another's, or every worker was killed
+        stats = sum_job_stats(runner.layout)
+    except OSError as e:
+        logger.warning("cannot sum the workers' stats into stats.json: %s", e)
+        stats = read_stats(runner.layout)
+    _summary(stats, job.output.path)
     if status.units_done == status.units_total:
         return 0
     if (error := failed_units_error(queue)) is not None:
@@ -624,29 +632,58 @@ _checkpoints_option = click.option(
     default=None,
     help="The checkpoint folder, when it is not OUTPUT/_infermill/checkpoints.",
 )
+_job_set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With a JOB_FILE: override a key of it, as for run (e.g. output.path=...).",
+)
+
+
+def _job_layout(target: str, checkpoints: str | None, overrides: tuple[str, ...]) -> tuple[JobLayout, str]:
+    """The layout and the output of the job ``target`` names: its output folder, or its job file
+    (its ``output.path`` and ``checkpoint.dir``, with ``--set`` overrides); a usage error if none."""
+    output = target
+    if os.path.isfile(target):
+        job = _load(target, overrides)
+        output, checkpoints = job.output.path, checkpoints or job.checkpoint.dir
+    elif overrides:
+        _error(f"--set overrides a job file's keys, but {target} is not a file: name the job file, or drop --set")
+        raise SystemExit(EXIT_USAGE)
+    try:
+        return JobLayout.for_output(output, checkpoints), output
+    except ConfigError as e:
+        _error(e)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+@functools.cache
+def _stdout() -> Console:
+    """stdout, through rich, for what a command shows (its tables): ``| less`` gets all of it."""
+    from rich.console import Console
+
+    return Console()
 
 
 @main.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("target", metavar="OUTPUT|JOB_FILE", type=click.Path())
 @_checkpoints_option
+@_job_set_option
 @click.option("--json", "as_json", is_flag=True, help="Print the job's state as JSON.")
 @click.option(
     "--verify",
     is_flag=True,
     help="Check that every done unit's output file is there, at the size its done mark recorded; exit 1 if not.",
 )
-def status(output: str, checkpoints: str | None, as_json: bool, verify: bool) -> None:
-    """Show the progress of a running or finished job: its units, documents, rate and ETA."""
+def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_json: bool, verify: bool) -> None:
+    """Show the progress of a running or finished job, given its output folder or its job file:
+    its units, documents committed and processed, workers, rate and ETA (all on stdout)."""
     from rich.table import Table
 
     from infermill.journal import ChunkJournal
-    from infermill.layout import JobLayout
 
-    try:
-        layout = JobLayout.for_output(output, checkpoints)
-    except ConfigError as e:
-        _error(e)
-        raise SystemExit(EXIT_USAGE) from None
+    layout, output = _job_layout(target, checkpoints, overrides)
     if (layout.queue / "plan.json").exists():
         try:
             lost = _lost_outputs(layout, output) if verify else None
@@ -679,7 +716,7 @@ def status(output: str, checkpoints: str | None, as_json: bool, verify: bool) ->
             str(summary.documents_in_open_chunks),
             str(summary.cached_replies),
         )
-    _console().print(table)
+    _stdout().print(table)
     for stats_file in layout.stats_files():
         stats = orjson.loads(stats_file.read_bytes())
         click.echo(
@@ -687,29 +724,6 @@ def status(output: str, checkpoints: str | None, as_json: bool, verify: bool) ->
             f"{stats.get('documents_failed', 0)} failed, {stats.get('requests_ok', 0)} requests ok, "
             f"{stats.get('inference_time_sec', 0):.1f} s"
         )
-
-
-def _job_rate(layout: Any) -> tuple[Any, list[dict[str, Any]], str]:
-    """The job's queue status, with its rate and ETA from its workers' time series where they
-    have one (the sum of the running workers' docs/s over the last 10 minutes), else from the
-    units done in that time; each worker's rates; and which of the two the rate is from
-    (``metrics``, ``done_marks``)."""
-    import dataclasses
-    import time
-
-    from infermill.queue import RATE_WINDOW_SEC, WorkQueue
-    from infermill.timeseries import read_series_tail, worker_rates
-
-    state = WorkQueue.for_layout(layout).status()
-    now = time.time()
-    workers = worker_rates(read_series_tail(layout.metrics, now - RATE_WINDOW_SEC), now, RATE_WINDOW_SEC)
-    rates = [w["documents_per_sec"] for w in workers if w["running"] and w["documents_per_sec"] is not None]
-    if not rates:
-        return state, workers, "done_marks"
-    rate = sum(rates)
-    left = state.documents_total - state.documents_done if state.documents_total is not None else None
-    eta = round(left / rate, 1) if rate > 0 and left is not None else None
-    return dataclasses.replace(state, documents_per_sec=round(rate, 3), eta_sec=eta), workers, "metrics"
 
 
 def _lost_outputs(layout: Any, output: str) -> list[Any]:
@@ -751,8 +765,9 @@ def _number(value: float | None, spec: str) -> str:
 
 
 @main.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("target", metavar="OUTPUT|JOB_FILE", type=click.Path())
 @_checkpoints_option
+@_job_set_option
 @click.option(
     "-o",
     "--output-file",
@@ -761,18 +776,17 @@ def _number(value: float | None, spec: str) -> str:
     default=None,
     help="Where to write the page (default: OUTPUT/_infermill/report.html).",
 )
-def report(output: str, checkpoints: str | None, destination: str | None) -> None:
-    """Write one self-contained HTML page of a job: its summary and plots over time of its workers'
-    docs/s, tokens/s, requests in flight, latency, errors and restarts (opens with no network)."""
+def report(target: str, checkpoints: str | None, overrides: tuple[str, ...], destination: str | None) -> None:
+    """Write one self-contained HTML page of a job (given its output folder or its job file): its
+    summary and plots over time of its workers' docs/s, tokens/s, requests in flight, latency,
+    errors and restarts (opens with no network)."""
     from pathlib import Path
 
-    from infermill.layout import JobLayout
     from infermill.report import write_report
 
-    page = Path(destination) if destination else Path(output, "_infermill", "report.html")
+    layout, output = _job_layout(target, checkpoints, overrides)
+    page = Path(destination) if destination else layout.root / "report.html"
     try:
-        layout = JobLayout.for_output(output, checkpoints)
-        page = Path(destination) if destination else layout.root / "report.html"
         written = write_report(layout, output, page)
     except (ConfigError, QueueCorruptError) as e:
         _error(e)
@@ -784,59 +798,88 @@ def report(output: str, checkpoints: str | None, destination: str | None) -> Non
     click.echo(f"report written: {written}")
 
 
-def _queue_status(layout: Any, output: str, as_json: bool, lost: list[Any] | None = None) -> None:
+def _status_line(output: str, progress: JobProgress) -> str:
+    """The headline of ``infermill status``: units, documents committed and processed, and
+    whether workers run (with the rate and ETA) or the job is stopped or complete."""
+    state = progress.queue
+    of_total = f" of {state.documents_total:,}" if state.documents_total is not None else ""
+    written = (
+        f" ({state.documents_written:,} in the output: the others had no result to write)"
+        if state.documents_written < state.documents_done
+        else ""
+    )
+    if progress.state == "complete":
+        now = "complete"
+    elif progress.state == "running":
+        rate = _number(state.documents_per_sec, ",.1f")
+        eta = _number(state.eta_sec, ",.0f") + (" s" if state.eta_sec is not None else "")
+        now = f"{progress.live_workers} worker(s) live; {rate} docs/s (last 10 min); ETA {eta}"
+    else:
+        now = f"{progress.state}: no worker running, no ETA (run the job's command to go on)"
+    return (
+        f"{output}: {state.units_done} of {state.units_total} units done, {state.units_in_progress} in progress, "
+        f"{state.units_pending} pending, {state.units_failed} failed; {state.documents_done:,}{of_total} documents "
+        f"committed{written}, {progress.documents_processed:,} processed; {now}"
+    )
+
+
+def _queue_status(layout: JobLayout, output: str, as_json: bool, lost: list[Any] | None = None) -> None:
     """Print the job's state; with ``lost`` (``--verify``), the done units whose output is lost."""
     import dataclasses
 
     from rich.table import Table
 
-    from infermill.queue import FUTURE_LEASE_WARNING_SEC
+    from infermill.jobstatus import job_progress
+    from infermill.queue import FUTURE_LEASE_WARNING_SEC, RATE_WINDOW_SEC
     from infermill.worker import read_stats
 
-    state, workers, source = _job_rate(layout)
+    progress = job_progress(layout)
+    state = progress.queue
     replicas = read_stats(layout).get("replicas") or []  # summed over the finished worker runs
     if as_json:
-        document = {**state.as_dict(), "rate_from": source, "workers": workers, "replicas": replicas}
+        document = {**progress.as_dict(), "replicas": replicas}
         if lost is not None:
             document["lost_outputs"] = [dataclasses.asdict(entry) for entry in lost]
         click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
-    eta = f"{state.eta_sec:,.0f} s" if state.eta_sec is not None else "-"
-    rate = f"{state.documents_per_sec:,.1f}" if state.documents_per_sec is not None else "-"
-    of_total = f" of {state.documents_total:,}" if state.documents_total is not None else ""
-    click.echo(
-        f"{escape(output)}: {state.units_done} of {state.units_total} units done, {state.units_in_progress} in "
-        f"progress, {state.units_pending} pending, {state.units_failed} failed; {state.documents_done:,}{of_total} "
-        f"documents done; {rate} docs/s (last 10 min); ETA {eta}"
-    )
-    running = [worker for worker in workers if worker["running"]]
-    if running:
-        table = Table(title="workers running")
-        for column in ("worker", "docs/s", "tok/s", "documents", "last snapshot (s ago)"):
+    click.echo(_status_line(output, progress))
+    console = _stdout()
+    recent = [w for w in progress.workers if w["running"] or w["last_snapshot_sec_ago"] <= RATE_WINDOW_SEC]
+    if recent:
+        table = Table(title="workers (a snapshot in the last 10 min)")
+        for column in ("worker", "host", "state", "docs/s", "tok/s", "documents", "last snapshot (s ago)"):
             table.add_column(column, justify="right")
-        for worker in running:
+        for worker in recent:
             table.add_row(
                 worker["worker"],
+                str(worker["host"]),
+                worker["state"],
                 _number(worker["documents_per_sec"], ",.1f"),
                 _number(worker["completion_tokens_per_sec"], ",.0f"),
                 f"{worker['documents_processed']:,}",
                 f"{worker['last_snapshot_sec_ago']:.0f}",
             )
-        _console().print(table)
+        console.print(table)
     if state.in_progress or state.stale:
         table = Table(title="units in progress")
         for column in ("unit", "attempt", "worker", "host", "renewed (s ago)"):
             table.add_column(column, justify="right")
         for holder in [*state.in_progress, *state.stale]:
-            stale = " (stale: to be taken over)" if holder in state.stale else ""
+            note = (
+                " (its process is gone)"
+                if holder.process_gone
+                else " (stale: to be taken over)"
+                if holder in state.stale
+                else ""
+            )
             table.add_row(
                 str(holder.unit),
                 str(holder.generation),
                 holder.worker,
                 holder.host,
-                f"{_renewed(holder.renewed_sec_ago)}{stale}",
+                f"{_renewed(holder.renewed_sec_ago)}{note}",
             )
-        _console().print(table)
+        console.print(table)
         if any(holder.renewed_sec_ago < -FUTURE_LEASE_WARNING_SEC for holder in state.in_progress):
             click.echo(
                 "A lease dated in the future (the storage's clock set back, or a file forged or copied with its "

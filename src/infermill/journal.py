@@ -28,7 +28,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -550,6 +550,7 @@ class QueueJournal(ChunkLogs):
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
         self._finalizing: set[int] = set()  # units being committed (in a worker thread)
         self.units_committed = 0  # by this worker: the time series' units_done
+        self.on_commit: Callable[[], object] | None = None  # called after each unit this worker commits
 
     def _log_path(self, chunk_index: int) -> Path:
         return self.queue.journal_path(chunk_index, self._leases[chunk_index].generation)
@@ -648,6 +649,8 @@ class QueueJournal(ChunkLogs):
             self._finalizing.discard(unit)
         for journal in [path, *self.queue.earlier_journals(unit, lease.generation)]:
             journal.unlink(missing_ok=True)
+        if self.on_commit is not None:
+            self.on_commit()
         return written
 
     def fail(self, unit: int, cause: str) -> None:

@@ -46,7 +46,8 @@ mtime is more than ``lease_timeout_sec`` older than the mtime of the ``clock`` f
 touched. Clock skew between nodes does not matter; a file system's mtime granularity (1 ns
 on ext4, 1 s or 2 s on some) must be small against the timeout. A lease whose holder ran on
 the claiming worker's own host and whose process is gone is taken over at once: a rerun
-after a kill does not wait for the timeout. A lease dated in the future (the storage's
+after a kill does not wait for the timeout, and :meth:`WorkQueue.status` counts that unit
+as pending at once. A lease dated in the future (the storage's
 clock set back, a file forged or copied with its times) says nothing of its holder: a
 claimer counts its age from when it first saw it with that mtime, so it is taken over a
 lease timeout later unless its holder renews it (which dates it to the present).
@@ -169,6 +170,7 @@ class UnitHolder:
     host: str
     pid: int | None
     renewed_sec_ago: float  # on the storage's clock
+    process_gone: bool = False  # its holder ran on this host and its process is gone: taken over at once
 
 
 @dataclass(slots=True)
@@ -195,7 +197,10 @@ class LostOutput:
 @dataclass(slots=True)
 class QueueStatus:
     """Where the job's units stand. ``units_pending`` counts the units waiting for a worker,
-    stale ones (whose holder stopped renewing, listed in ``stale``) included."""
+    stale ones (whose holder stopped renewing, or ran on this host and is gone: listed in
+    ``stale``) included. ``documents_done`` counts the documents of the committed units,
+    ``documents_written`` the records their output files hold (their done marks say; the
+    documents whose every rollout returned None, or skipped, are done but not written)."""
 
     units_total: int
     units_done: int
@@ -204,6 +209,7 @@ class QueueStatus:
     units_failed: int
     documents_done: int
     documents_total: int | None  # when the plan gives every unit's "documents"
+    documents_written: int = 0
     documents_per_sec: float | None = None  # over the last RATE_WINDOW_SEC (or since the plan was made)
     eta_sec: float | None = None  # at that rate, for the documents not done
     in_progress: list[UnitHolder] = field(default_factory=list)
@@ -237,6 +243,20 @@ class _Unit:
     @property
     def attempts(self) -> int:
         return sum(1 for generation in self.leases if generation > self.base)
+
+
+def process_gone(pid: object) -> bool:
+    """Whether no process ``pid`` runs on this machine (the caller checks that it ran here:
+    nothing can be known of another host's). A pid that runs again (reused) counts as running."""
+    if type(pid) is not int or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: it runs
+        return False
+    return False
 
 
 def new_worker_id() -> str:
@@ -400,19 +420,9 @@ class WorkQueue:
 
     def _holder_gone(self, lease_path: Path) -> bool:
         """Whether the lease's holder ran on this host and its process is gone (a worker killed
-        here): its unit is taken over at once instead of after ``lease_timeout_sec``. A pid of
-        this host that runs again (reused) keeps the lease until it is stale, as on another host."""
+        here): its unit is taken over at once instead of after ``lease_timeout_sec``."""
         holder = self._read_json(lease_path) or {}
-        pid = holder.get("pid")
-        if holder.get("host") != self.host or not isinstance(pid, int) or pid == self.pid:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # another user's process: alive
-            return False
-        return False
+        return holder.get("host") == self.host and holder.get("pid") != self.pid and process_gone(holder.get("pid"))
 
     @_timed
     def drained(self) -> bool:
@@ -676,7 +686,7 @@ class WorkQueue:
             now = self.storage_now()
         except OSError:  # a reader who may not write the folder
             now = time.time()
-        done = documents = recent = 0
+        done = documents = written = recent = 0
         in_progress: list[UnitHolder] = []
         stale: list[UnitHolder] = []
         failed: list[UnitFailure] = []
@@ -689,6 +699,9 @@ class WorkQueue:
                 count = mark.get("documents", counts[unit])  # an unreadable mark: the plan's count
                 count = count if isinstance(count, int) else 0
                 documents += count
+                output = mark.get("output")  # {"file", "bytes", "records"}: what the unit's writer wrote
+                records = output.get("records") if isinstance(output, dict) else None
+                written += records if type(records) is int else count  # an older mark: all
                 if now - float(mark.get("time", 0.0)) <= RATE_WINDOW_SEC:
                     recent += count
             elif state.failed:
@@ -708,6 +721,7 @@ class WorkQueue:
                 if age is None:
                     continue  # given back since the listing
                 holder = self._read_json(path) or {}
+                gone = holder.get("host") == self.host and process_gone(holder.get("pid"))
                 entry = UnitHolder(
                     unit,
                     state.generation,
@@ -715,8 +729,9 @@ class WorkQueue:
                     str(holder.get("host", "?")),
                     holder.get("pid"),
                     round(age, 3),
+                    gone,
                 )
-                (stale if age > self.lease_timeout_sec else in_progress).append(entry)
+                (stale if gone or age > self.lease_timeout_sec else in_progress).append(entry)
         try:
             window = min(RATE_WINDOW_SEC, now - os.stat(self.folder / PLAN_FILE).st_mtime)
         except OSError:
@@ -733,6 +748,7 @@ class WorkQueue:
             units_failed=len(failed),
             documents_done=documents,
             documents_total=documents_total,
+            documents_written=written,
             in_progress=in_progress,
             stale=stale,
             failed=failed,

@@ -595,10 +595,12 @@ class JobSummary:
 def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries]) -> JobSummary:
     """The job's identity and summary from its stats, its queue (or its checkpoints, for a job of
     static ranks) and its time series."""
+    from infermill.jobstatus import job_progress
     from infermill.queue import WorkQueue
-    from infermill.worker import read_stats
+    from infermill.worker import job_stats, read_stats
 
-    stats = read_stats(layout)
+    queued = (layout.queue / "plan.json").exists()
+    stats = job_stats(layout) if queued else read_stats(layout)  # summed now: stats.json waits for a run's end
     worker_stats = _worker_stats(layout)
     models = sorted({str(s["model"]) for s in worker_stats if s.get("model")})
     hosts = sorted({worker.host for worker in series.values()})
@@ -619,31 +621,23 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
         identity.append(("hosts", ", ".join(hosts[:20]) + (f" and {len(hosts) - 20} more" if len(hosts) > 20 else "")))
     summary: list[tuple[str, Any]] = []
     failures: list[str] = []
-    if (layout.queue / "plan.json").exists():
-        queue = WorkQueue.for_layout(layout)
-        status, plan = queue.status(), queue.plan() or {}
+    if queued:
+        progress = job_progress(layout)
+        status, plan = progress.queue, WorkQueue.for_layout(layout).plan() or {}
         inputs = (plan.get("identity") or {}).get("input", {}).get("path")
         if inputs:
             identity.insert(1, ("input", inputs))
-        state = (
-            "complete"
-            if status.units_done == status.units_total
-            else "running"
-            if status.units_in_progress
-            else "failed units"
-            if status.units_failed
-            else "stopped (incomplete)"
-        )
         of_total = f" of {status.documents_total:,}" if status.documents_total is not None else ""
+        written = f" ({status.documents_written:,} written)" if status.documents_written < status.documents_done else ""
         summary += [
-            ("state", state),
+            ("state", "stopped (incomplete)" if progress.state == "stopped" else progress.state),
             ("units", f"{status.units_done:,} of {status.units_total:,} done, {status.units_in_progress:,} in "
              f"progress, {status.units_pending:,} pending, {status.units_failed:,} failed"),
-            ("documents done (committed units)", f"{status.documents_done:,}{of_total}"),
+            ("documents in the output (committed units)", f"{status.documents_done:,}{of_total}{written}"),
         ]  # fmt: skip
-        if state != "complete":
-            rate = status.documents_per_sec
-            summary.append(("docs/s (units committed in the last 10 min)", rate))
+        if progress.state == "running":
+            summary.append(("workers running (or holding a unit)", progress.live_workers))
+            summary.append(("docs/s (last 10 min)", status.documents_per_sec))
             summary.append(("ETA", _duration(status.eta_sec) if status.eta_sec is not None else "-"))
         failures = [f"unit {f.unit} (attempt {f.generation}, {f.host}): {f.cause}" for f in status.failed]
     elif layout.ranks():
@@ -658,7 +652,7 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
             stats = _add_counts(stats, _read_json(path))
     if stats:
         summary += [
-            ("counts below", "stats.json: the worker runs that ended"),
+            ("counts below", "stats.json: every worker run (a killed one's up to its last commit)"),
             ("documents processed", stats.get("documents_processed")),
             ("documents written", stats.get("documents_written")),
             ("documents failed", stats.get("documents_failed")),
@@ -682,8 +676,8 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
         summary.append(
             (
                 "time series (every snapshot, all workers)",
-                f"{live['documents_processed']:,} documents, {live['documents_failed']:,} failed, "
-                f"{live['completion_tokens']:,} completion tokens, {live['server_restarts']:,} server restarts",
+                f"{live['documents_failed']:,} documents failed, {live['completion_tokens']:,} completion tokens, "
+                f"{live['server_restarts']:,} server restarts",
             )
         )
     return JobSummary(identity, summary, failures)

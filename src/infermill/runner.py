@@ -382,6 +382,7 @@ class InferenceRunner:
         source = UnitSource(queue, journal, reader, plan)
         run = _Run(self, journal, 0)
         run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
+        journal.on_commit = lambda: self._keep_stats(run, queue)
         self._runs.append(run)
         stopped_on_request = False
         try:
@@ -401,20 +402,35 @@ class InferenceRunner:
         finally:
             self._runs.remove(run)
             run.stats.inference_time_sec = time.perf_counter() - run.started
-            stats = {
-                **run.stats.to_dict(),
-                "queue_time_sec": round(queue.seconds, 3),
-                "worker": queue.worker_id,
-                "model": self.config.model_name_or_path,  # named by `infermill report`
-            }
             try:
                 journal.close(release=stopped_on_request)
             finally:
                 run.close()
-                write_stats(self.layout, queue.worker_id, stats)
+                stats = self._keep_stats(run, queue, final=True)
         if (error := await asyncio.to_thread(failed_units_error, queue)) is not None:
             raise error
         logger.info("worker %s done: %s", queue.worker_id, run.stats.summary())
+        return stats
+
+    def _keep_stats(self, run: _Run, queue: WorkQueue, final: bool = False) -> dict[str, Any]:
+        """Keep this queue worker run's stats as they stand (after each unit it commits, in a
+        worker thread; ``final``: at its end, then summed into ``stats.json``); return them."""
+        from infermill.worker import write_run_stats, write_stats
+
+        stats = {
+            **run.stats.to_dict(),
+            "inference_time_sec": run.stats.inference_time_sec or round(time.perf_counter() - run.started, 3),
+            "queue_time_sec": round(queue.seconds, 3),
+            "worker": queue.worker_id,
+            "model": self.config.model_name_or_path,  # named by `infermill report`
+        }
+        if final:
+            write_stats(self.layout, queue.worker_id, stats)
+            return stats
+        try:
+            write_run_stats(self.layout, queue.worker_id, stats)
+        except OSError as e:  # the next commit's or the final write may succeed
+            logger.warning("cannot keep this worker's stats so far in %s: %s", self.layout.root / "stats", e)
         return stats
 
     def progress(self) -> ProgressSnapshot:

@@ -21,7 +21,8 @@ each starting from 0); ``latency_sec`` covers the requests answered since the li
 :data:`MAX_SERIES_BYTES` is thinned to about half its lines, evenly over its whole time
 (:func:`thin_lines`), so that a job of many days keeps its whole history at one coarser
 resolution. :func:`read_series` reads every worker's file, skipping a torn line (a worker
-killed mid-write); :func:`read_series_tail` only their newest lines.
+killed mid-write); :func:`read_series_tail` only their newest lines; :func:`scan_workers`
+sums each worker's tail up (its rates and state) one file at a time.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import socket
 import statistics
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,36 +229,69 @@ def _read_tail(path: Path, since: float, chunk: int) -> list[dict[str, Any]]:
 def worker_rates(
     series: dict[str, list[dict[str, Any]]], now: float, window_sec: float = 600.0
 ) -> list[dict[str, Any]]:
-    """Per worker: its documents and completion tokens per second over the last ``window_sec``
-    of its newest run (from its snapshots in that window, and its start when that falls in it),
-    whether it is still running (see :func:`is_running`), and when its newest snapshot was
-    taken. A rate is None without two points in the window."""
-    rates = []
-    for worker, snapshots in sorted(series.items()):
-        newest = snapshots[-1]
-        run = [s for s in snapshots if s.get("started_at") == newest.get("started_at")]
-        points = [(s["time"], s.get("counters") or {}) for s in run if s["time"] >= now - window_sec]
-        started = newest.get("started_at")
-        if isinstance(started, (int, float)) and started >= now - window_sec:
-            points.insert(0, (started, {}))  # the counters start from 0
-        docs = tokens = None
-        if len(points) >= 2 and points[-1][0] > points[0][0]:
-            (t0, first), (t1, last) = points[0], points[-1]
-            docs = round((last.get("documents_processed", 0) - first.get("documents_processed", 0)) / (t1 - t0), 3)
-            tokens = round((last.get("completion_tokens", 0) - first.get("completion_tokens", 0)) / (t1 - t0), 3)
-        rates.append(
-            {
-                "worker": worker,
-                "host": newest.get("host"),
-                "pid": newest.get("pid"),
-                "running": is_running(run, now) and newest["time"] >= now - window_sec,
-                "documents_per_sec": docs,
-                "completion_tokens_per_sec": tokens,
-                "documents_processed": (newest.get("counters") or {}).get("documents_processed", 0),
-                "last_snapshot_sec_ago": round(now - newest["time"], 1),
-            }
-        )
-    return rates
+    """:func:`worker_summary` of each worker of ``series``, in worker order."""
+    return [worker_summary(worker, snapshots, now, window_sec) for worker, snapshots in sorted(series.items())]
+
+
+def scan_workers(
+    folder: str | os.PathLike[str], now: float, window_sec: float = 600.0, chunk: int = TAIL_BYTES
+) -> Iterator[dict[str, Any]]:
+    """:func:`worker_summary` of each worker with a series file in ``folder``, in worker order,
+    from the file's tail (see :func:`read_series_tail`): one file's snapshots in memory at a
+    time, however many workers the job had."""
+    for path in series_files(folder):
+        snapshots = _read_tail(path, now - window_sec, chunk)
+        if snapshots:
+            yield worker_summary(path.stem, snapshots, now, window_sec)
+
+
+#: a worker's ``state`` in :func:`worker_summary`
+WORKER_STATES = ("running", "gone", "ended", "silent")
+
+
+def worker_summary(
+    worker: str, snapshots: list[dict[str, Any]], now: float, window_sec: float = 600.0
+) -> dict[str, Any]:
+    """One worker, from its snapshots (in time order): its documents and completion tokens per
+    second over the last ``window_sec`` of its newest run (from its snapshots in that window,
+    and its start when that falls in it; None without two points in the window), its documents
+    processed in that run, when its newest snapshot was taken, and its ``state``: ``ended`` (its
+    final snapshot written), ``gone`` (it ran on this host and its process is gone: killed),
+    ``running`` (see :func:`is_running`; its newest snapshot in the window) or ``silent`` (no
+    snapshot for longer: killed, frozen or cut off on another host). ``running`` is whether
+    its state is ``running``."""
+    from infermill.queue import process_gone
+
+    newest = snapshots[-1]
+    run = [s for s in snapshots if s.get("started_at") == newest.get("started_at")]
+    points = [(s["time"], s.get("counters") or {}) for s in run if s["time"] >= now - window_sec]
+    started = newest.get("started_at")
+    if isinstance(started, (int, float)) and started >= now - window_sec:
+        points.insert(0, (started, {}))  # the counters start from 0
+    docs = tokens = None
+    if len(points) >= 2 and points[-1][0] > points[0][0]:
+        (t0, first), (t1, last) = points[0], points[-1]
+        docs = round((last.get("documents_processed", 0) - first.get("documents_processed", 0)) / (t1 - t0), 3)
+        tokens = round((last.get("completion_tokens", 0) - first.get("completion_tokens", 0)) / (t1 - t0), 3)
+    if newest.get("final"):
+        state = "ended"
+    elif newest.get("host") == socket.gethostname() and process_gone(newest.get("pid")):
+        state = "gone"
+    elif is_running(run, now) and newest["time"] >= now - window_sec:
+        state = "running"
+    else:
+        state = "silent"
+    return {
+        "worker": worker,
+        "host": newest.get("host"),
+        "pid": newest.get("pid"),
+        "state": state,
+        "running": state == "running",
+        "documents_per_sec": docs,
+        "completion_tokens_per_sec": tokens,
+        "documents_processed": (newest.get("counters") or {}).get("documents_processed", 0),
+        "last_snapshot_sec_ago": round(now - newest["time"], 1),
+    }
 
 
 def is_running(snapshots: list[dict[str, Any]], now: float) -> bool:

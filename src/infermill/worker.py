@@ -5,8 +5,10 @@ Any number of workers, started anywhere that sees the job's folder, drain one qu
 together (see :mod:`infermill.queue`); a worker ends when every unit is done or failed.
 Opening the queue plans the job (the first worker to get there publishes the plan, the
 others read it) and checks that the job and its input are the ones the queue was planned
-for. Stats are kept per worker run (``_infermill/stats/WORKER.json``) and summed into
-``_infermill/stats.json`` over every worker and every run of the job.
+for. Stats are kept per worker run (``_infermill/stats/WORKER.json``, rewritten after each
+unit it commits: a killed run leaves its counts up to then) and summed into
+``_infermill/stats.json`` over every worker and every run of the job, whose
+``documents_written`` is what the output holds (the committed units' done marks).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from infermill.errors import ConfigError, InfermillError, UnitsFailedError
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import ChunkJournal, QueueJournal, check_identity, identity_differences
-from infermill.queue import WorkQueue
+from infermill.queue import PLAN_FILE, WorkQueue
 from infermill.runner import END_OF_INPUT as END
 
 if TYPE_CHECKING:
@@ -270,25 +272,44 @@ class UnitSource:
 def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dict[str, Any]:
     """Keep this worker run's ``stats`` and write ``stats.json``, the sum over every worker run
     of the job; return that sum."""
-    folder = layout.root / "stats"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{worker_id}.json").write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+    write_run_stats(layout, worker_id, stats)
     return sum_job_stats(layout)
 
 
+def write_run_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> None:
+    """Keep this worker run's ``stats`` so far (``stats/WORKER.json``, replaced atomically: a
+    sum may read it meanwhile). A worker writes them after each unit it commits and when it
+    ends, so that a run killed on the way leaves what it had done up to its last commit."""
+    folder = layout.root / "stats"
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = folder / f".{worker_id}.{uuid.uuid4().hex}.tmp"
+    temp.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+    os.replace(temp, folder / f"{worker_id}.json")
+
+
 def sum_job_stats(layout: JobLayout) -> dict[str, Any]:
-    """Write ``stats.json``, the sum of every worker run's stats kept so far; return it."""
+    """Write ``stats.json``, the job's stats (:func:`job_stats`); return them."""
+    total = job_stats(layout)
+    temp = layout.root / f".stats.{uuid.uuid4().hex}.tmp"
+    temp.write_bytes(orjson.dumps(total, option=orjson.OPT_INDENT_2))
+    os.replace(temp, layout.stats_file(0, 1))  # the job's one stats.json
+    return total
+
+
+def job_stats(layout: JobLayout) -> dict[str, Any]:
+    """The sum of every worker run's stats kept so far (a killed run's as of its last commit),
+    whose ``documents_written`` is the records of the committed units' output files, from the
+    queue's done marks: what the output holds."""
     folder = layout.root / "stats"
     runs = []
     for path in sorted(folder.glob("*.json")):
         try:
             runs.append(orjson.loads(path.read_bytes()))
         except (OSError, orjson.JSONDecodeError):
-            continue  # being written by another worker: its own sum counts it
+            continue  # an older infermill's, being written: its own sum counts it
     total = sum_stats(runs)
-    temp = layout.root / f".stats.{uuid.uuid4().hex}.tmp"
-    temp.write_bytes(orjson.dumps(total, option=orjson.OPT_INDENT_2))
-    os.replace(temp, layout.stats_file(0, 1))  # the job's one stats.json
+    if runs and (layout.queue / PLAN_FILE).exists():
+        total["documents_written"] = WorkQueue.for_layout(layout).status().documents_written
     return total
 
 
@@ -302,10 +323,15 @@ def read_stats(layout: JobLayout) -> dict[str, Any]:
 
 def sum_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The stats of several worker runs as one: counts added up, time from the first start to
-    the last end, rates over that time."""
+    the last end, rates over that time; ``adaptive_concurrency``: the back-offs added up, the
+    limit where the run that ended last left it."""
     if not runs:
         return {}
     total: dict[str, Any] = {}
+
+    def end(run: dict[str, Any]) -> float:
+        return float(run.get("started_at", 0.0)) + float(run.get("inference_time_sec", 0.0))
+
     for run in runs:
         for key, value in run.items():
             if (isinstance(value, int) and not isinstance(value, bool)) or key == "queue_time_sec":
@@ -317,9 +343,15 @@ def sum_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
                         summed.append({})
                     for name, count in counts.items():
                         summed[k][name] = summed[k].get(name, 0) + count
+    adaptive = sorted((run for run in runs if isinstance(run.get("adaptive_concurrency"), dict)), key=end)
+    if adaptive:
+        total["adaptive_concurrency"] = {
+            "limit": adaptive[-1]["adaptive_concurrency"].get("limit"),
+            "back_offs": sum(int(run["adaptive_concurrency"].get("back_offs", 0)) for run in adaptive),
+        }
     start = min(run.get("started_at", 0.0) for run in runs)
-    end = max(run.get("started_at", 0.0) + run.get("inference_time_sec", 0.0) for run in runs)
-    wall = max(end - start, 1e-9)
+    last = max(end(run) for run in runs)
+    wall = max(last - start, 1e-9)
     total.update(
         started_at=start,
         inference_time_sec=round(wall, 3),
