@@ -325,3 +325,94 @@ def test_a_second_ctrl_c_stops_every_worker_and_every_process_of_their_servers_a
         proc.kill()
     tag = os.environ[TAG_VARIABLE]
     wait_until(lambda: not _tagged_processes(tag), 10, "every worker, server and server child to be gone")
+
+
+# -- documents that crash their worker, whatever the number of workers -----------------------------
+
+
+def test_with_one_worker_a_document_that_crashes_its_server_every_time_fails_its_unit_in_one_command(tmp_path):
+    """The default --workers 1: the only worker replaces itself (a new server) while its crashes
+    spend the poisoned unit's attempts, until the unit is marked failed; the command exits 3."""
+    job = QueueJob(
+        tmp_path,
+        docs=100,
+        rpc=10,
+        conc=1,  # the worker holds one unit at a time: only the poisoned one is blamed
+        directives="",
+        poison={25},  # unit 2 of 10
+        inference={"server_max_restarts": 1, "request_max_attempts": 100},
+    )
+    result = job.run("--max-unit-attempts", "2")
+    assert result.returncode == 3, output_of(result)
+    assert "1 of 10 units failed" in result.stderr and "unit 2:" in result.stderr, output_of(result)
+    assert "The other units are done" in result.stderr
+    status = job.status()
+    assert (status["units_done"], status["units_failed"]) == (9, 1)
+    job.check_exactly_once([doc_id for i, doc_id in enumerate(job.ids) if not 20 <= i < 30])
+
+
+def test_more_units_that_crash_their_workers_than_worker_restarts_all_reach_a_final_state(tmp_path):
+    """Four poisoned units, two workers, one restart of slack: each death spends an attempt of
+    the units it held, so the workers are replaced until every unit is done or failed."""
+    poison = {25, 75, 125, 175}  # units 2, 7, 12 and 17 of 20
+    job = QueueJob(
+        tmp_path,
+        docs=200,
+        rpc=10,
+        conc=1,
+        directives="",
+        poison=poison,
+        inference={"server_max_restarts": 0, "request_max_attempts": 100},
+    )
+    result = job.run("--workers", "2", "--max-unit-attempts", "2", "--max-worker-restarts", "1")
+    assert result.returncode == 3, output_of(result)
+    assert "4 of 20 units failed" in result.stderr and "The other units are done" in result.stderr, output_of(result)
+    status = job.status()
+    assert (status["units_done"], status["units_failed"]) == (16, 4)
+    assert sorted(f["unit"] for f in status["failed"]) == [2, 7, 12, 17]
+    job.check_exactly_once([doc_id for i, doc_id in enumerate(job.ids) if i // 10 not in {2, 7, 12, 17}])
+
+
+KILLING_ROLLOUT = '''
+import os, signal
+
+async def rollout(document, generate):
+    if "poison" in document.text:
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker process itself dies, not only its server
+    return [await generate({"messages": [{"role": "user", "content": document.text}], "max_tokens": 8})]
+'''
+
+
+def test_a_document_that_kills_its_worker_process_fails_its_unit_after_max_unit_attempts(tmp_path):
+    """The crash kills the worker, not its server: its leases are left behind (attempts, taken
+    over at once on this machine) and the parent replaces it until the unit is out of attempts."""
+    job = QueueJob(tmp_path, docs=60, rpc=10, conc=1, directives="", inference={"request_max_attempts": 100})
+    lines = (tmp_path / "input.jsonl").read_text().splitlines()
+    lines[33] = json.dumps({"id": job.ids[33], "text": "document 33 poison"})  # unit 3 of 6
+    (tmp_path / "input.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "rollout.py").write_text(KILLING_ROLLOUT)
+    spec = yaml.safe_load(job.file.read_text())
+    spec["rollout"] = {"function": f"{tmp_path / 'rollout.py'}:rollout"}
+    job.file.write_text(yaml.safe_dump(spec))
+    result = job.run("--workers", "2", "--max-unit-attempts", "3", "--max-worker-restarts", "0")
+    assert result.returncode == 3, output_of(result)
+    assert "1 of 6 units failed" in result.stderr and "unit 3:" in result.stderr, output_of(result)
+    assert "stopped renewing its lease 3 times" in result.stderr
+    assert result.stderr.count("exited with code 137; starting a new one") == 3, output_of(result)
+    job.check_exactly_once([doc_id for i, doc_id in enumerate(job.ids) if not 30 <= i < 40])
+
+
+def test_workers_that_die_before_claiming_a_unit_end_the_command_with_a_clear_error(tmp_path):
+    """A broken environment (here: a server that exits as it starts) is not replaced for ever:
+    more than --max-worker-restarts deaths in a row that held no unit end the command."""
+    job = QueueJob(tmp_path, docs=20, rpc=10, inference={"server_start_max_retries": 0})
+    (tmp_path / "broken_server.py").write_text("import sys\nprint('no GPU here', flush=True)\nsys.exit(5)\n")
+    spec = yaml.safe_load(job.file.read_text())
+    spec["inference"]["model_kwargs"]["server_script"] = str(tmp_path / "broken_server.py")
+    job.file.write_text(yaml.safe_dump(spec))
+    result = job.run("--workers", "2", "--max-worker-restarts", "2", timeout=90)
+    assert result.returncode == 1, output_of(result)
+    assert result.stderr.count("starting a new one") == 2, output_of(result)
+    assert "not replaced: 3 workers in a row died in vain" in result.stderr, output_of(result)
+    assert "held no unit" in result.stderr
+    assert "the job is not complete: 0 of 2 units done" in result.stderr

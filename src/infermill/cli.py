@@ -191,7 +191,12 @@ def main(verbose: bool) -> None:
     "on another machine that sees the output folder, adds workers to the same job.",
 )
 @click.option(
-    "--max-worker-restarts", type=click.IntRange(min=0), default=3, show_default=True, help="Dead workers replaced."
+    "--max-worker-restarts",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="A worker that dies (or whose server fails for good) is replaced while units are left, unless this many "
+    "in a row died in vain: holding no unit, or only units on their first attempt while no unit got done.",
 )
 @click.option(
     "--max-unit-attempts",
@@ -347,6 +352,8 @@ def run(
                 worker_id,
                 new_command=not as_worker,
                 worker_index=index,
+                # a command's only worker replaces itself; a --workers parent (or Slurm, Ray) replaces its workers
+                max_worker_restarts=None if as_worker else max_worker_restarts,
             )
             progress = None
             if not as_worker:  # a --workers parent shows the job's progress
@@ -419,7 +426,7 @@ def _run_executor(
     from infermill.executors.local import gpu_assignment, node_command, run_workers, worker_command
     from infermill.job import build_reader, build_runner
     from infermill.progress import log_interval
-    from infermill.worker import QueueOptions, failed_units_error, open_queue, read_stats
+    from infermill.worker import QueueOptions, WorkerDeaths, failed_units_error, open_queue, read_stats
 
     command = worker_command(job_file, overrides, worker_options)
     try:
@@ -457,9 +464,10 @@ def _run_executor(
     try:
         if executor == "local":
             interval = log_interval(job.inference)
+            deaths = WorkerDeaths(queue, max_worker_restarts)
             codes = run_coroutine(
                 _interruptible(
-                    _with_progress(run_workers(command, workers, gpus, max_worker_restarts), queue, interval)
+                    _with_progress(run_workers(command, workers, gpus, deaths.replace_process), queue, interval)
                 )
             )
         elif executor == "slurm":

@@ -440,6 +440,43 @@ class WorkQueue:
         except FileNotFoundError:
             pass
 
+    @_timed
+    def abandon(self, lease: Lease) -> bool:
+        """Give the lease up unfinished as a spent attempt (its holder stops on an error, e.g. its
+        server died for good while the unit was in progress): unlike :meth:`release`, the
+        generation still counts as an attempt, and unlike a crash, the unit can be taken over at
+        once rather than after ``lease_timeout_sec``: the lease is dated past the timeout, on the
+        storage's clock. Returns whether it was still held (False: taken over or given back)."""
+        if self._superseded(lease) or not lease.path.exists():
+            return False
+        expired = self.storage_now() - self.lease_timeout_sec - 1.0
+        try:
+            os.utime(lease.path, (expired, expired))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def attempts_by(self, pid: int) -> dict[int, int]:
+        """The units neither done nor failed on which the worker process ``pid`` of this host
+        spent an attempt in this command (a lease above the unit's last reset that it did not
+        give back), each with its attempts so far: what a worker that died leaves behind."""
+        found = {}
+        for unit, state in self._list().items():
+            if state.done or state.failed:
+                continue
+            for generation in state.leases:
+                if generation <= state.base:
+                    continue
+                holder = self._read_json(self.units_dir / _generation_name(unit, generation, "lease")) or {}
+                if holder.get("pid") == pid and holder.get("host") == self.host:
+                    found[unit] = state.attempts
+                    break
+        return found
+
+    def units_finished(self) -> int:
+        """Units done or failed (one listing): it grows while the job moves on."""
+        return sum(1 for state in self._list().values() if state.done or state.failed)
+
     def _check(self, lease: Lease, touch: bool) -> None:
         now = self.storage_now()
         age = self._age(lease.path, now)

@@ -49,13 +49,18 @@ class QueueOptions:
     times in one command is marked failed), this worker's id (default: host, pid and a random
     suffix), whether it starts a new command (``new_command``: False in the workers of a
     ``--workers`` parent, which started it), and its index among that command's workers
-    (``worker_index``: its Slurm array task or Ray task index; it offsets ``metrics_port``)."""
+    (``worker_index``: its Slurm array task or Ray task index; it offsets ``metrics_port``), and
+    whether it replaces itself when its server fails for good (``max_worker_restarts``)."""
 
     lease_timeout_sec: float = 120.0
     max_unit_attempts: int = 3
     worker_id: str | None = None
     new_command: bool = True  # a command's first process: failed units are retried, attempts counted anew
     worker_index: int = 0  # its index among the workers of its command: it serves /metrics on metrics_port + it
+    #: None: a worker whose server fails for good stops (a --workers parent, or its executor, starts
+    #: another); a number: it starts again with a new server itself, as judged by WorkerDeaths
+    #: with this bound (a command's only worker, which nothing else replaces)
+    max_worker_restarts: int | None = None
 
 
 def open_queue(
@@ -263,6 +268,52 @@ def sum_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+class WorkerDeaths:
+    """Whether a worker of the job that died (or whose server failed for good) is replaced.
+
+    Each unit a dead worker held spends an attempt, and a unit out of attempts is marked failed
+    (``max_unit_attempts``): replacing such a worker moves the job towards its end, so it is
+    replaced as long as units are left. A death is *fruitless* when the worker held no unit (it
+    failed before claiming one: a broken environment, a server that never started), or when it
+    held only units on their first attempt while no unit was done or failed since the death
+    before (everything it is sent crashes it). More than ``max_fruitless`` fruitless deaths in a
+    row end the replacements."""
+
+    def __init__(self, queue: WorkQueue, max_fruitless: int):
+        self.queue = queue
+        self.max_fruitless = max_fruitless
+        self.fruitless = 0
+        self._finished = queue.units_finished()
+
+    def replace(self, attempts: dict[int, int]) -> str | None:
+        """Judge a death that left ``attempts`` (unit: its attempts so far, as
+        :meth:`WorkQueue.attempts_by` gives them): None to replace the worker, else why not."""
+        finished, self._finished = self._finished, self.queue.units_finished()
+        if attempts and (self._finished > finished or max(attempts.values()) > 1):
+            self.fruitless = 0
+            return None
+        self.fruitless += 1
+        if self.fruitless <= self.max_fruitless:
+            return None
+        what = (
+            f"held units {_named(sorted(attempts))}, each on its first attempt, while no unit was done"
+            if attempts
+            else "held no unit (it failed before claiming one)"
+        )
+        return (
+            f"{self.fruitless} workers in a row died in vain: the last {what}; the server or the environment "
+            f"fails whatever it is sent (see the errors above and the server's log); --max-worker-restarts "
+            f"{self.max_fruitless} bounds such deaths"
+        )
+
+    def replace_process(self, pid: int) -> str | None:
+        """Judge the death of the worker process ``pid`` of this host: None to start another,
+        else why not (no unit is left to claim, or too many fruitless deaths in a row)."""
+        if self.queue.drained():
+            return "no unit is left to claim"
+        return self.replace(self.queue.attempts_by(pid))
+
+
 def failed_units_error(queue: WorkQueue) -> UnitsFailedError | None:
     """An error naming the job's failed units and their causes, or None when none failed."""
     status = queue.status()
@@ -270,10 +321,15 @@ def failed_units_error(queue: WorkQueue) -> UnitsFailedError | None:
         return None
     causes = "\n  ".join(f"unit {f.unit}: {f.cause}" for f in status.failed[:10])
     more = f"\n  and {len(status.failed) - 10} more" if len(status.failed) > 10 else ""
-    return UnitsFailedError(
-        f"{len(status.failed)} of {status.units_total} units failed:\n  {causes}{more}\n"
-        "The other units are done; fix the cause and run the same command: it retries only the failed units."
-    )
+    others = status.units_total - len(status.failed)
+    advice = "fix the cause and run the same command: it retries only the failed units."
+    if not others:
+        advice = advice.capitalize()
+    elif status.units_done == others:
+        advice = f"The other units are done; {advice}"
+    else:
+        advice = f"{status.units_done} of the other {others} units are done; {advice}"
+    return UnitsFailedError(f"{len(status.failed)} of {status.units_total} units failed:\n  {causes}{more}\n{advice}")
 
 
 def _named(units: list[int]) -> str:
