@@ -373,14 +373,14 @@ def test_more_units_that_crash_their_workers_than_worker_restarts_all_reach_a_fi
     job.check_exactly_once([doc_id for i, doc_id in enumerate(job.ids) if i // 10 not in {2, 7, 12, 17}])
 
 
-KILLING_ROLLOUT = '''
+KILLING_ROLLOUT = """
 import os, signal
 
 async def rollout(document, generate):
     if "poison" in document.text:
         os.kill(os.getpid(), signal.SIGKILL)  # the worker process itself dies, not only its server
     return [await generate({"messages": [{"role": "user", "content": document.text}], "max_tokens": 8})]
-'''
+"""
 
 
 def test_a_document_that_kills_its_worker_process_fails_its_unit_after_max_unit_attempts(tmp_path):
@@ -413,6 +413,8 @@ def test_workers_that_die_before_claiming_a_unit_end_the_command_with_a_clear_er
     result = job.run("--workers", "2", "--max-worker-restarts", "2", timeout=90)
     assert result.returncode == 1, output_of(result)
     assert result.stderr.count("starting a new one") == 2, output_of(result)
-    assert "not replaced: 3 workers in a row died in vain" in result.stderr, output_of(result)
+    assert "not replaced: too many deaths in vain in a row (3, more than --max-worker-restarts 2" in result.stderr, (
+        output_of(result)
+    )
     assert "held no unit" in result.stderr
     assert "the job is not complete: 0 of 2 units done" in result.stderr

@@ -195,8 +195,8 @@ def main(verbose: bool) -> None:
     type=click.IntRange(min=0),
     default=3,
     show_default=True,
-    help="A worker that dies (or whose server fails for good) is replaced while units are left, unless this many "
-    "in a row died in vain: holding no unit, or only units on their first attempt while no unit got done.",
+    help="A worker that dies (or whose server fails for good) is replaced while units are left, until more than "
+    "this many in a row died in vain: holding no unit, or while no unit got done and none it held is to blame.",
 )
 @click.option(
     "--max-unit-attempts",

@@ -249,6 +249,7 @@ class WorkQueue:
         self._random = random.Random()
         self._plan: dict[str, Any] | None = None
         self.seconds = 0.0  # spent claiming, renewing, committing...: the queue's cost to this worker
+        self.retried: list[int] = []  # the failed units that reset_failed() made claimable again
         self.units_dir.mkdir(parents=True, exist_ok=True)
         self.journals_dir.mkdir(parents=True, exist_ok=True)
 
@@ -521,6 +522,7 @@ class WorkQueue:
                 os.unlink(self._failed_path(unit))
             except FileNotFoundError:
                 pass
+        self.retried = reset
         return reset
 
     def reset_attempts(self) -> list[int]:

@@ -273,42 +273,44 @@ class WorkerDeaths:
 
     Each unit a dead worker held spends an attempt, and a unit out of attempts is marked failed
     (``max_unit_attempts``): replacing such a worker moves the job towards its end, so it is
-    replaced as long as units are left. A death is *fruitless* when the worker held no unit (it
-    failed before claiming one: a broken environment, a server that never started), or when it
-    held only units on their first attempt while no unit was done or failed since the death
-    before (everything it is sent crashes it). More than ``max_fruitless`` fruitless deaths in a
-    row end the replacements."""
+    replaced as long as units are left, unless its deaths look like the environment's fault
+    rather than a unit's. A death is *in vain* when the worker held no unit (it failed before
+    claiming one: a broken environment, a server that never started), or when no unit was done
+    or failed since the death before and none of the units it held has shown itself guilty: a
+    unit is, once other units got done or failed after its first crash (the server works, but
+    not on it), or when it failed in an earlier command. More than ``max_in_vain`` deaths in
+    vain in a row end the replacements: a server that fails whatever it is sent ends the
+    command with its error instead of failing every unit in turn."""
 
-    def __init__(self, queue: WorkQueue, max_fruitless: int):
+    def __init__(self, queue: WorkQueue, max_in_vain: int):
         self.queue = queue
-        self.max_fruitless = max_fruitless
-        self.fruitless = 0
+        self.max_in_vain = max_in_vain
+        self.in_vain = 0
         self._finished = queue.units_finished()
+        # per unit, the units done or failed at its first crash in this command (-1: failed before)
+        self._first_crash: dict[int, int] = dict.fromkeys(queue.retried, -1)
 
     def replace(self, attempts: dict[int, int]) -> str | None:
         """Judge a death that left ``attempts`` (unit: its attempts so far, as
         :meth:`WorkQueue.attempts_by` gives them): None to replace the worker, else why not."""
         finished, self._finished = self._finished, self.queue.units_finished()
-        if attempts and (self._finished > finished or max(attempts.values()) > 1):
-            self.fruitless = 0
+        guilty = any(self._first_crash.setdefault(unit, self._finished) < self._finished for unit in attempts)
+        if attempts and (self._finished > finished or guilty):
+            self.in_vain = 0
             return None
-        self.fruitless += 1
-        if self.fruitless <= self.max_fruitless:
+        self.in_vain += 1
+        if self.in_vain <= self.max_in_vain:
             return None
-        what = (
-            f"held units {_named(sorted(attempts))}, each on its first attempt, while no unit was done"
-            if attempts
-            else "held no unit (it failed before claiming one)"
-        )
+        what = f"held units {_named(sorted(attempts))}" if attempts else "held no unit (it failed before claiming one)"
         return (
-            f"{self.fruitless} workers in a row died in vain: the last {what}; the server or the environment "
-            f"fails whatever it is sent (see the errors above and the server's log); --max-worker-restarts "
-            f"{self.max_fruitless} bounds such deaths"
+            f"too many deaths in vain in a row ({self.in_vain}, more than --max-worker-restarts {self.max_in_vain}: "
+            f"no unit done or failed meanwhile; the last {what}): the server or the environment seems to fail "
+            "whatever it is sent; see the errors above and the server's log"
         )
 
     def replace_process(self, pid: int) -> str | None:
         """Judge the death of the worker process ``pid`` of this host: None to start another,
-        else why not (no unit is left to claim, or too many fruitless deaths in a row)."""
+        else why not (no unit is left to claim, or too many deaths in vain in a row)."""
         if self.queue.drained():
             return "no unit is left to claim"
         return self.replace(self.queue.attempts_by(pid))
