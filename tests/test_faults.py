@@ -228,6 +228,13 @@ def test_when_the_restart_budget_is_spent_the_job_fails_naming_the_cause_then_re
     assert second["server_restarts"] == 0
 
 
+def test_when_every_unit_fails_the_message_does_not_say_the_others_are_done(tmp_path):
+    job = FaultJob(tmp_path, docs=50, conc=4, server={"directives": "fail400"})  # every request is refused
+    output = job.run_units_failing()
+    assert "5 of 5 units failed" in output, output[-3000:]
+    assert "other units" not in output and "Fix the cause and run the same command" in output, output[-3000:]
+
+
 # -- requests that fail: retried until they succeed ------------------------------------------------
 
 

@@ -123,8 +123,9 @@ def _load(job_file: str, overrides: tuple[str, ...]) -> JobConfig:
         raise SystemExit(EXIT_USAGE) from None
 
 
-async def _interruptible(coro: Any) -> Any:
-    """Run ``coro``; the first SIGINT/SIGTERM cancels it (clean stop), the second exits at once."""
+async def _interruptible(coro: Any, announce: bool = True) -> Any:
+    """Run ``coro``; the first SIGINT/SIGTERM cancels it (clean stop), the second exits at once.
+    ``announce``: say so (a worker stopped by its ``--workers`` parent does not: the parent did)."""
     from infermill.servers.process import kill_live_groups
 
     loop = asyncio.get_running_loop()
@@ -134,7 +135,8 @@ async def _interruptible(coro: Any) -> Any:
     def on_signal(signum: int) -> None:
         received.append(signum)
         if len(received) == 1:
-            logger.warning(
+            logger.log(
+                logging.WARNING if announce else logging.DEBUG,
                 "%s received: stopping cleanly (checkpoint kept); send it again to stop at once",
                 signal.Signals(signum).name,
             )
@@ -254,6 +256,7 @@ def run(
     world_size: int | None,
 ) -> None:
     """Run the job in JOB_FILE to completion (or resume it), as one or more workers of its queue."""
+    from infermill.executors.local import started_by_parent
     from infermill.logs import LOG_FORMAT_ENV, set_worker
     from infermill.queue import job_complete, new_worker_id
     from infermill.servers import create_server
@@ -368,10 +371,12 @@ def run(
                 if progress is not None:
                     progress.cancel()
 
+    by_parent = as_worker and started_by_parent()  # which says what a stop means, once for all its workers
     try:
-        stats = run_coroutine(_interruptible(go()))
+        stats = run_coroutine(_interruptible(go(), announce=not by_parent))
     except KeyboardInterrupt:
-        _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
+        if not by_parent:
+            _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         raise SystemExit(EXIT_INTERRUPTED) from None
     except ConfigError as e:
         _error(e)

@@ -31,6 +31,15 @@ logger = logging.getLogger("infermill.executors.local")
 #: (the job's fault, not the worker's), stopped on request
 FINAL_EXIT_CODES = frozenset({0, 2, 3, 130})
 
+#: the pid of the parent that started a worker: a worker stopped by its parent (which passes on
+#: a Ctrl-C as SIGTERM and says so itself) stops without a word of its own
+PARENT_ENV = "INFERMILL_WORKERS_PARENT"
+
+
+def started_by_parent() -> bool:
+    """Whether this process is a worker of a ``--workers`` parent that is still its parent."""
+    return os.environ.get(PARENT_ENV) == str(os.getppid())
+
 
 def gpu_assignment(workers: int, gpus_per_worker: int | None) -> list[str | None]:
     """``CUDA_VISIBLE_DEVICES`` of each worker (see :func:`infermill.gpus.split_gpus`)."""
@@ -83,6 +92,7 @@ async def _start_and_wait(slot: _Slot, command: Sequence[str]) -> int:
     if slot.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpus
     env["INFERMILL_WORKER_INDEX"] = str(slot.index)
+    env[PARENT_ENV] = str(os.getpid())
     from infermill.servers.process import _child_setup  # dies with this process (PR_SET_PDEATHSIG)
 
     slot.process = await asyncio.create_subprocess_exec(
