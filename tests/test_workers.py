@@ -418,3 +418,48 @@ def test_workers_that_die_before_claiming_a_unit_end_the_command_with_a_clear_er
     )
     assert "held no unit" in result.stderr
     assert "the job is not complete: 0 of 2 units done" in result.stderr
+
+
+# -- a full disk ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs at ``tmp_path / "small"`` (mounting needs root: skipped otherwise), unmounted
+    at the end."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a full disk: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_ends_the_command_saying_no_space_left_then_a_resume_completes(tmp_path, small_disk, workers):
+    job = QueueJob(tmp_path, docs=2000, rpc=100, directives="")
+    with open(tmp_path / "input.jsonl", "w") as f:  # ~8 MB of output: it does not fit in 3 MB
+        for i, doc_id in enumerate(job.ids):
+            f.write(json.dumps({"id": doc_id, "text": f"document {i} " + "x" * 2000}) + "\n")
+    spec = yaml.safe_load(job.file.read_text())
+    spec["output"]["path"] = str(small_disk / "out")
+    job.file.write_text(yaml.safe_dump(spec))
+    job.output, job.queue = small_disk / "out", small_disk / "out" / "_infermill" / "queue"
+    started = time.monotonic()
+    result = job.run("--workers", str(workers), timeout=90)
+    took = time.monotonic() - started
+    output = output_of(result)
+    assert result.returncode == 1, output
+    assert took < 60, output
+    assert "no space left on the device" in result.stderr, output
+    assert "check the URL" not in result.stderr and "cannot claim a unit now" not in result.stderr, output
+    assert "Traceback" not in result.stderr, output
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    again = job.run("--workers", str(workers))
+    assert again.returncode == 0, output_of(again)
+    job.check_exactly_once()

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from infermill.errors import ConfigError, InfermillError, UnitsFailedError
+from infermill.io.filesystems import LASTING_ERRNOS, check_space, storage_error
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import ChunkJournal, QueueJournal, check_identity
@@ -168,6 +170,7 @@ class UnitSource:
         self._unit: int | None = None
         self._items: Iterator[Any] | None = None
         self._ended = False
+        self._claims_failing_since: float | None = None  # time.monotonic() of the first of failed claims in a row
 
     async def __call__(self) -> Any:
         async with self._lock:
@@ -191,9 +194,16 @@ class UnitSource:
         """Claim the next unit (True), or find the queue drained (True, and ended), or nothing now (False)."""
         try:
             lease = await asyncio.to_thread(self.queue.claim)
-        except OSError as e:  # a network file system's hiccup (ESTALE...): look again after the poll
+        except OSError as e:
+            # a network file system's hiccup (ESTALE...) is looked at again after the poll; a full
+            # disk, or an error that lasts for a lease timeout, stops the worker
+            now = time.monotonic()
+            self._claims_failing_since = self._claims_failing_since or now
+            if e.errno in LASTING_ERRNOS or now - self._claims_failing_since > self.queue.lease_timeout_sec:
+                raise storage_error(str(self.queue.folder), "claim a unit in it", e) from e
             logger.warning("cannot claim a unit now (%s: %s); trying again", type(e).__name__, e)
             return False
+        self._claims_failing_since = None
         if lease is None:
             self._ended = not self.journal.held() and await asyncio.to_thread(self.queue.drained)
             return self._ended
@@ -310,9 +320,11 @@ class WorkerDeaths:
 
     def replace_process(self, pid: int) -> str | None:
         """Judge the death of the worker process ``pid`` of this host: None to start another,
-        else why not (no unit is left to claim, or too many deaths in vain in a row)."""
+        else why not (no unit is left to claim, or too many deaths in vain in a row). Raise a
+        ``StorageError`` if the job's folder cannot be written (a full disk): no worker can go on."""
         if self.queue.drained():
             return "no unit is left to claim"
+        check_space(self.queue.folder)  # a full disk: a StorageError, which stops every worker
         return self.replace(self.queue.attempts_by(pid))
 
 
