@@ -198,7 +198,8 @@ def main(verbose: bool) -> None:
     default=3,
     show_default=True,
     help="A worker that dies (or whose server fails for good) is replaced while units are left, until more than "
-    "this many in a row died in vain: holding no unit, or while no unit got done and none it held is to blame.",
+    "this many in a row died in vain: holding no unit, or while no unit got done and none it held is to blame. "
+    "Ray: the tasks replaced in all.",
 )
 @click.option(
     "--max-unit-attempts",
