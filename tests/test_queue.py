@@ -399,7 +399,7 @@ def test_a_lease_given_up_on_an_error_is_an_attempt_taken_over_at_once(tmp_path)
     lease = first.claim()
     assert lease is not None and second.claim() is None  # held, live, this very process: not taken
     assert first.abandon(lease)
-    assert first.attempts_by(os.getpid()) == {0: 1}  # an attempt, by this process
+    assert first.units_attempted_by(os.getpid()) == [0]  # an attempt, by this process
     again = second.claim()  # at once, not after the 600 s lease timeout
     assert again is not None and again.generation == 2
     assert not first.abandon(lease)  # superseded: nothing to give up

@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -394,11 +395,13 @@ def test_a_document_that_kills_its_worker_process_fails_its_unit_after_max_unit_
     spec = yaml.safe_load(job.file.read_text())
     spec["rollout"] = {"function": f"{tmp_path / 'rollout.py'}:rollout"}
     job.file.write_text(yaml.safe_dump(spec))
-    result = job.run("--workers", "2", "--max-unit-attempts", "3", "--max-worker-restarts", "0")
+    # (a first death before any unit is done is in vain: --max-worker-restarts 1 lets it be replaced)
+    result = job.run("--workers", "2", "--max-unit-attempts", "3", "--max-worker-restarts", "1")
     assert result.returncode == 3, output_of(result)
     assert "1 of 6 units failed" in result.stderr and "unit 3:" in result.stderr, output_of(result)
     assert "stopped renewing its lease 3 times" in result.stderr
-    assert result.stderr.count("exited with code 137; starting a new one") == 3, output_of(result)
+    assert result.stderr.count("exited with code 137") == 3, output_of(result)  # one death per attempt
+    assert "not replaced" not in result.stderr, output_of(result)
     job.check_exactly_once([doc_id for i, doc_id in enumerate(job.ids) if not 30 <= i < 40])
 
 
@@ -456,7 +459,10 @@ def test_a_full_disk_ends_the_command_saying_no_space_left_then_a_resume_complet
     output = output_of(result)
     assert result.returncode == 1, output
     assert took < 60, output
-    assert "no space left on the device" in result.stderr, output
+    # one cause, whichever file hit the full disk first: it names that file and says so
+    assert re.search(
+        rf"error: [^\n]*{small_disk}/out[^\n]*: [^\n]*no space left on (the )?device", result.stderr, re.I
+    ), output
     assert "check the URL" not in result.stderr and "cannot claim a unit now" not in result.stderr, output
     assert "Traceback" not in result.stderr, output
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)

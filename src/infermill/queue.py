@@ -57,7 +57,8 @@ same documents), so the output still holds each document once; ``U.done`` is cre
 so the unit and its documents are counted once (the second commit returns False).
 
 **Attempts and failures.** Each generation is an attempt, except one its holder gave back
-(:meth:`release`, e.g. a worker stopping on SIGTERM). When the lease of a unit that already
+(:meth:`release`, e.g. a worker stopping on SIGTERM); one its holder gave up (:meth:`abandon`,
+a worker stopping on an error) is an attempt taken over at once. When the lease of a unit that already
 had ``max_unit_attempts`` attempts goes stale, the unit is marked failed (``U.failed``,
 naming the last worker and host) instead of being claimed again: something in it kills
 its workers. A holder marks its unit failed itself with :meth:`fail` (its documents
@@ -360,8 +361,9 @@ class WorkQueue:
         last = max(state.leases)
         holder = self._read_json(self.units_dir / _generation_name(unit, last, "lease")) or {}
         cause = (
-            f"its workers stopped renewing its lease {state.attempts} times (died, were killed or froze for more "
-            f"than {self.lease_timeout_sec:g} s; max_unit_attempts is {self.max_unit_attempts}); the last was "
+            f"its workers stopped renewing its lease {state.attempts} times (died, were killed, stopped on an "
+            f"error such as their server failing for good, or froze for more than {self.lease_timeout_sec:g} s; "
+            f"max_unit_attempts is {self.max_unit_attempts}); the last was "
             f"worker {holder.get('worker', '?')} on host {holder.get('host', '?')} (pid {holder.get('pid', '?')})"
         )
         self._create_exclusive(
@@ -457,12 +459,12 @@ class WorkQueue:
             return False
         return True
 
-    def attempts_by(self, pid: int) -> dict[int, int]:
+    def units_attempted_by(self, pid: int) -> list[int]:
         """The units neither done nor failed on which the worker process ``pid`` of this host
         spent an attempt in this command (a lease above the unit's last reset that it did not
-        give back), each with its attempts so far: what a worker that died leaves behind."""
-        found = {}
-        for unit, state in self._list().items():
+        give back): what a worker that died leaves behind."""
+        found = []
+        for unit, state in sorted(self._list().items()):
             if state.done or state.failed:
                 continue
             for generation in state.leases:
@@ -470,7 +472,7 @@ class WorkQueue:
                     continue
                 holder = self._read_json(self.units_dir / _generation_name(unit, generation, "lease")) or {}
                 if holder.get("pid") == pid and holder.get("host") == self.host:
-                    found[unit] = state.attempts
+                    found.append(unit)
                     break
         return found
 
@@ -694,10 +696,15 @@ class WorkQueue:
         write a unique temp file, then ``link`` it. Returns whether this call created it."""
         temp = path.parent / f".tmp-{uuid.uuid4().hex}"
         try:
-            with open(temp, "xb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
+            try:
+                with open(temp, "xb") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as e:  # a write's error names no file (a full disk): name the one being made
+                if e.filename is not None:
+                    raise
+                raise OSError(e.errno, e.strerror, str(path)) from e
             try:
                 os.link(temp, path)
             except FileExistsError:

@@ -380,9 +380,7 @@ class InferenceRunner:
             except ServerError:
                 if deaths is None or not abandoned:
                     raise
-                spent = await asyncio.to_thread(queue.attempts_by, queue.pid)
-                attempts = {unit: count for unit, count in spent.items() if unit in abandoned}
-                why = await asyncio.to_thread(deaths.replace, attempts)
+                why = await asyncio.to_thread(deaths.replace, abandoned)
                 if why is not None:
                     logger.error("not starting again: %s", why)
                     raise
@@ -453,7 +451,10 @@ class InferenceRunner:
                 abandoned += journal.close(release=stopped_on_request)
             finally:
                 run.close()
-                write_stats(self.layout, queue.worker_id, stats)
+                try:
+                    write_stats(self.layout, queue.worker_id, stats)
+                except OSError as e:  # (a full disk) not to hide why the run stopped: the next run sums them
+                    logger.warning("could not write this worker's stats in %s: %s", self.layout.root / "stats", e)
         if (error := await asyncio.to_thread(failed_units_error, queue)) is not None:
             raise error
         logger.info("worker %s done: %s", queue.worker_id, run.stats.summary())

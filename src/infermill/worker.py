@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -300,18 +300,18 @@ class WorkerDeaths:
         # per unit, the units done or failed at its first crash in this command (-1: failed before)
         self._first_crash: dict[int, int] = dict.fromkeys(queue.retried, -1)
 
-    def replace(self, attempts: dict[int, int]) -> str | None:
-        """Judge a death that left ``attempts`` (unit: its attempts so far, as
-        :meth:`WorkQueue.attempts_by` gives them): None to replace the worker, else why not."""
+    def replace(self, units: Collection[int]) -> str | None:
+        """Judge a death that spent an attempt of each of ``units`` (the units its worker held):
+        None to replace the worker, else why not."""
         finished, self._finished = self._finished, self.queue.units_finished()
-        guilty = any(self._first_crash.setdefault(unit, self._finished) < self._finished for unit in attempts)
-        if attempts and (self._finished > finished or guilty):
+        guilty = any(self._first_crash.setdefault(unit, self._finished) < self._finished for unit in units)
+        if units and (self._finished > finished or guilty):
             self.in_vain = 0
             return None
         self.in_vain += 1
         if self.in_vain <= self.max_in_vain:
             return None
-        what = f"held units {_named(sorted(attempts))}" if attempts else "held no unit (it failed before claiming one)"
+        what = f"held units {_named(sorted(units))}" if units else "held no unit (it failed before claiming one)"
         return (
             f"too many deaths in vain in a row ({self.in_vain}, more than --max-worker-restarts {self.max_in_vain}: "
             f"no unit done or failed meanwhile; the last {what}): the server or the environment seems to fail "
@@ -325,7 +325,7 @@ class WorkerDeaths:
         if self.queue.drained():
             return "no unit is left to claim"
         check_space(self.queue.folder)  # a full disk: a StorageError, which stops every worker
-        return self.replace(self.queue.attempts_by(pid))
+        return self.replace(self.queue.units_attempted_by(pid))
 
 
 def failed_units_error(queue: WorkQueue) -> UnitsFailedError | None:
@@ -338,7 +338,7 @@ def failed_units_error(queue: WorkQueue) -> UnitsFailedError | None:
     others = status.units_total - len(status.failed)
     advice = "fix the cause and run the same command: it retries only the failed units."
     if not others:
-        advice = advice.capitalize()
+        advice = "F" + advice[1:]
     elif status.units_done == others:
         advice = f"The other units are done; {advice}"
     else:
