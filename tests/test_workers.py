@@ -353,8 +353,9 @@ def test_with_one_worker_a_document_that_crashes_its_server_every_time_fails_its
 
 
 def test_more_units_that_crash_their_workers_than_worker_restarts_all_reach_a_final_state(tmp_path):
-    """Four poisoned units, two workers, one restart of slack: each death spends an attempt of
-    the units it held, so the workers are replaced until every unit is done or failed."""
+    """Four poisoned units, eight deaths, two workers: each death spends an attempt of the units
+    it held, so the workers are replaced until every unit is done or failed, far beyond
+    --max-worker-restarts (which bounds only deaths in vain: two poisoned units claimed first)."""
     poison = {25, 75, 125, 175}  # units 2, 7, 12 and 17 of 20
     job = QueueJob(
         tmp_path,
@@ -365,8 +366,9 @@ def test_more_units_that_crash_their_workers_than_worker_restarts_all_reach_a_fi
         poison=poison,
         inference={"server_max_restarts": 0, "request_max_attempts": 100},
     )
-    result = job.run("--workers", "2", "--max-unit-attempts", "2", "--max-worker-restarts", "1")
+    result = job.run("--workers", "2", "--max-unit-attempts", "2", "--max-worker-restarts", "2")
     assert result.returncode == 3, output_of(result)
+    assert result.stderr.count("starting a new one") >= 4, output_of(result)
     assert "4 of 20 units failed" in result.stderr and "The other units are done" in result.stderr, output_of(result)
     status = job.status()
     assert (status["units_done"], status["units_failed"]) == (16, 4)
