@@ -32,7 +32,9 @@ def storage_error(where: str, action: str, error: OSError) -> StorageError:
 
 def check_space(folder: str | os.PathLike[str], size: int = 64 * 1024) -> None:
     """Write ``size`` bytes to a file in the local ``folder`` and delete it: a ``StorageError``
-    if the disk is full (an empty file can still be created on a full disk), read-only..."""
+    if that fails for a lasting reason (:data:`LASTING_ERRNOS`: a full disk, where an empty
+    file can still be created; a read-only folder...). Other errors (a network file system's
+    hiccup) are not this check's to judge: they pass."""
     probe = os.path.join(folder, f".infermill-space-test-{uuid.uuid4().hex[:8]}")
     try:
         with open(probe, "wb") as file:
@@ -40,7 +42,8 @@ def check_space(folder: str | os.PathLike[str], size: int = 64 * 1024) -> None:
             file.flush()
             os.fsync(file.fileno())
     except OSError as e:
-        raise storage_error(os.fspath(folder), "write to it", e) from None
+        if e.errno in LASTING_ERRNOS:
+            raise storage_error(os.fspath(folder), "write to it", e) from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(probe)
