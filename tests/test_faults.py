@@ -7,8 +7,9 @@ Each scenario ends in one of two ways, both checked here:
   its own document's echo), and the stats count what happened (restarts, retries);
 * where failing is the documented policy, the run fails with a clear message and a
   checkpoint, and the same command, run again once the cause is gone (``--set``), resumes
-  and completes exactly once. The restart budget spent stops the whole worker (exit 1); a
-  request out of attempts fails only its document's unit (exit 3), the other units go on.
+  and completes exactly once. The restart budget spent stops the whole worker (exit 1) once
+  starting it again no longer moves the job on; a request out of attempts fails only its
+  document's unit (exit 3), the other units go on.
 
 Server restarts are checked strictly: ``request_max_attempts`` is 1 in those scenarios, so
 a request that was in flight when its server died must be retried on the new server
@@ -194,24 +195,26 @@ def test_when_the_restart_budget_is_spent_the_job_fails_naming_the_cause_then_re
         server=spec["server"],
         inference={"server_max_restarts": budget, **spec.get("inference", {})},
     )
-    output = job.run_failing()
+    # the worker starts again with a new server while that moves the job on (units done, or a
+    # unit to blame), and stops on the second death in vain: a server that fails on everything
+    output = job.run_failing("--max-worker-restarts", "0")
 
     assert spec["cause"] in output, output[-3000:]
     assert f"restart budget spent ({budget} of server_max_restarts={budget})" in output, output[-3000:]
     assert "--- last lines of the server's output ---" in output
     assert spec["tail"] in output, output[-3000:]  # quoted verbatim, brackets and all
     assert "error: " + spec["cause"] in output  # the ServerError is what the job failed with
+    assert "not starting again: too many deaths in vain in a row (1, " in output, output[-3000:]
     first = job.stats()
-    assert first["server_restarts"] == budget
+    assert first["server_restarts"] == budget * first["worker_runs"]  # each worker run spent its budget
     committed = job.committed()
     if scenario != "fatal line":
         assert committed >= 16, committed  # the first server answered 20 requests
     if not spec["resume"]:
         return
 
-    # the stopped worker did not give its units back (a server that keeps failing counts as an
-    # attempt at them): the resume takes them over once their leases are lease_timeout_sec old,
-    # keeping what their journals hold
+    # the stopped worker gave its units up as attempts (a server that keeps failing may be a
+    # unit's fault), not back: the resume takes them over, keeping what their journals hold
     in_journals = job.log_entries("i")
     job.run_ok(*[lift(key) for key in spec["fix"]])
     job.check_exactly_once()
@@ -219,6 +222,13 @@ def test_when_the_restart_budget_is_spent_the_job_fails_naming_the_cause_then_re
     assert second["documents_resumed"] == in_journals  # (the documents of done units are not read again)
     assert second["documents_processed"] == 60 - committed
     assert second["server_restarts"] == 0
+
+
+def test_when_every_unit_fails_the_message_does_not_say_the_others_are_done(tmp_path):
+    job = FaultJob(tmp_path, docs=50, conc=4, server={"directives": "fail400"})  # every request is refused
+    output = job.run_units_failing()
+    assert "5 of 5 units failed" in output, output[-3000:]
+    assert "other units" not in output and "Fix the cause and run the same command" in output, output[-3000:]
 
 
 # -- requests that fail: retried until they succeed ------------------------------------------------

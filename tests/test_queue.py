@@ -497,3 +497,31 @@ def test_a_unit_redone_is_claimable_at_once_and_its_last_attempt_does_not_count(
     again = other.claim()
     assert again is not None and again.generation == 2
     assert other.status().units_done == 0 and other.status().units_failed == 0
+
+
+def test_a_lease_given_up_on_an_error_is_an_attempt_taken_over_at_once(tmp_path):
+    first = make_queue(tmp_path, "first", units=1, lease_timeout_sec=600, max_unit_attempts=2)
+    second = make_queue(tmp_path, "second", lease_timeout_sec=600, max_unit_attempts=2)
+    lease = first.claim()
+    assert lease is not None and second.claim() is None  # held, live, this very process: not taken
+    assert first.abandon(lease)
+    assert first.units_attempted_by(os.getpid()) == [0]  # an attempt, by this process
+    again = second.claim()  # at once, not after the 600 s lease timeout
+    assert again is not None and again.generation == 2
+    assert not first.abandon(lease)  # superseded: nothing to give up
+    assert second.abandon(again)
+    assert first.claim() is None and first.status().units_failed == 1  # two attempts spent: failed
+
+
+def test_the_failed_units_message_says_how_many_of_the_others_are_done(tmp_path):
+    from infermill.worker import failed_units_error
+
+    queue = make_queue(tmp_path, "w", units=3)
+    leases = [queue.claim() for _ in range(3)]
+    by_unit = {lease.unit: lease for lease in leases if lease is not None}
+    queue.fail(by_unit[0], "record 1 failed: HTTP 400")
+    queue.commit(by_unit[1], lambda: None, documents=10)
+    message = str(failed_units_error(queue))
+    assert "1 of 3 units failed" in message and "1 of the other 2 units are done; fix the cause" in message
+    queue.commit(by_unit[2], lambda: None, documents=10)
+    assert "The other units are done; fix the cause" in str(failed_units_error(queue))

@@ -239,3 +239,18 @@ def test_a_signal_while_the_server_starts_stops_it_too(tmp_path):
     assert took < 10
     assert not running(server_pid) and not group_members(server_pid)
     assert registered_groups(job) == []
+
+
+def test_one_sigint_to_a_workers_parent_prints_one_line_and_stops_every_worker(tmp_path):
+    """The parent passes the stop on to its workers (SIGTERM): they stop without announcing a
+    signal of their own, so one Ctrl-C reads as one line."""
+    job = FaultJob(tmp_path, docs=400, conc=CONC, server={"directives": "sleep:0.05"})
+    proc = job.start("--workers", "2")
+    wait_for(lambda: len(job.done_units()) >= 2, "units done by the workers", proc, timeout=60)
+    proc.send_signal(signal.SIGINT)
+    wait_exit(proc, 30)
+    output = proc.log_path.read_text()
+    assert proc.returncode == 130, output[-3000:]
+    assert output.count("received: stopping cleanly") == 1, output[-3000:]
+    assert "SIGINT received: stopping cleanly" in output and "SIGTERM received" not in output
+    assert "the checkpoint is saved; run the same command to resume" in output

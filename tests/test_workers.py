@@ -643,3 +643,148 @@ def test_after_a_sigkill_and_a_resume_stats_the_final_table_status_and_report_ag
     page = (job.output / "_infermill" / "report.html").read_text()
     assert "<th>documents in the output (committed units)</th><td>500 of 500</td>" in page, page[-3000:]
     assert '<th>documents written</th><td class="n">500</td>' in page, page[-3000:]
+
+
+# -- documents that crash their worker, whatever the number of workers -----------------------------
+
+
+def test_with_one_worker_a_document_that_crashes_its_server_every_time_fails_its_unit_in_one_command(tmp_path):
+    """The default --workers 1: the only worker replaces itself (a new server) while its crashes
+    spend the poisoned unit's attempts, until the unit is marked failed; the command exits 3."""
+    job = QueueJob(
+        tmp_path,
+        docs=100,
+        rpc=10,
+        conc=1,  # the worker holds one unit at a time: only the poisoned one is blamed
+        directives="",
+        poison={25},  # unit 2 of 10
+        inference={"server_max_restarts": 1, "request_max_attempts": 100},
+    )
+    result = job.run("--max-unit-attempts", "2")
+    assert result.returncode == 3, output_of(result)
+    assert "1 of 10 units failed" in result.stderr and "unit 2:" in result.stderr, output_of(result)
+    assert "The other units are done" in result.stderr
+    status = job.status()
+    assert (status["units_done"], status["units_failed"]) == (9, 1)
+    job.check_exactly_once([doc_id for i, doc_id in enumerate(job.ids) if not 20 <= i < 30])
+
+
+def test_more_units_that_crash_their_workers_than_worker_restarts_all_reach_a_final_state(tmp_path):
+    """Four poisoned units, eight deaths, two workers: each death spends an attempt of the units
+    it held, so the workers are replaced until every unit is done or failed, far beyond
+    --max-worker-restarts (which bounds only deaths in vain: two poisoned units claimed first)."""
+    poison = {25, 75, 125, 175}  # units 2, 7, 12 and 17 of 20
+    job = QueueJob(
+        tmp_path,
+        docs=200,
+        rpc=10,
+        conc=1,
+        directives="",
+        poison=poison,
+        inference={"server_max_restarts": 0, "request_max_attempts": 100},
+    )
+    result = job.run("--workers", "2", "--max-unit-attempts", "2", "--max-worker-restarts", "2")
+    assert result.returncode == 3, output_of(result)
+    assert result.stderr.count("starting a new one") >= 4, output_of(result)
+    assert "4 of 20 units failed" in result.stderr and "The other units are done" in result.stderr, output_of(result)
+    status = job.status()
+    assert (status["units_done"], status["units_failed"]) == (16, 4)
+    assert sorted(f["unit"] for f in status["failed"]) == [2, 7, 12, 17]
+    job.check_exactly_once([doc_id for i, doc_id in enumerate(job.ids) if i // 10 not in {2, 7, 12, 17}])
+
+
+KILLING_ROLLOUT = """
+import os, signal
+
+async def rollout(document, generate):
+    if "poison" in document.text:
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker process itself dies, not only its server
+    return [await generate({"messages": [{"role": "user", "content": document.text}], "max_tokens": 8})]
+"""
+
+
+def test_a_document_that_kills_its_worker_process_fails_its_unit_after_max_unit_attempts(tmp_path):
+    """The crash kills the worker, not its server: its leases are left behind (attempts, taken
+    over at once on this machine) and the parent replaces it until the unit is out of attempts."""
+    job = QueueJob(tmp_path, docs=60, rpc=10, conc=1, directives="", inference={"request_max_attempts": 100})
+    lines = (tmp_path / "input.jsonl").read_text().splitlines()
+    lines[33] = json.dumps({"id": job.ids[33], "text": "document 33 poison"})  # unit 3 of 6
+    (tmp_path / "input.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "rollout.py").write_text(KILLING_ROLLOUT)
+    spec = yaml.safe_load(job.file.read_text())
+    spec["rollout"] = {"function": f"{tmp_path / 'rollout.py'}:rollout"}
+    job.file.write_text(yaml.safe_dump(spec))
+    # (a first death before any unit is done is in vain: --max-worker-restarts 1 lets it be replaced)
+    result = job.run("--workers", "2", "--max-unit-attempts", "3", "--max-worker-restarts", "1")
+    assert result.returncode == 3, output_of(result)
+    assert "1 of 6 units failed" in result.stderr and "unit 3:" in result.stderr, output_of(result)
+    assert "stopped renewing its lease 3 times" in result.stderr
+    assert result.stderr.count("exited with code 137") == 3, output_of(result)  # one death per attempt
+    assert "not replaced" not in result.stderr, output_of(result)
+    job.check_exactly_once([doc_id for i, doc_id in enumerate(job.ids) if not 30 <= i < 40])
+
+
+def test_workers_that_die_before_claiming_a_unit_end_the_command_with_a_clear_error(tmp_path):
+    """A broken environment (here: a server that exits as it starts) is not replaced for ever:
+    more than --max-worker-restarts deaths in a row that held no unit end the command."""
+    job = QueueJob(tmp_path, docs=20, rpc=10, inference={"server_start_max_retries": 0})
+    (tmp_path / "broken_server.py").write_text("import sys\nprint('no GPU here', flush=True)\nsys.exit(5)\n")
+    spec = yaml.safe_load(job.file.read_text())
+    spec["inference"]["model_kwargs"]["server_script"] = str(tmp_path / "broken_server.py")
+    job.file.write_text(yaml.safe_dump(spec))
+    result = job.run("--workers", "2", "--max-worker-restarts", "2", timeout=90)
+    assert result.returncode == 1, output_of(result)
+    assert result.stderr.count("starting a new one") == 2, output_of(result)
+    assert "not replaced: too many deaths in vain in a row (3, more than --max-worker-restarts 2" in result.stderr, (
+        output_of(result)
+    )
+    assert "held no unit" in result.stderr
+    assert "the job is not complete: 0 of 2 units done" in result.stderr
+
+
+# -- a full disk ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs at ``tmp_path / "small"`` (mounting needs root: skipped otherwise), unmounted
+    at the end."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a full disk: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_ends_the_command_saying_no_space_left_then_a_resume_completes(tmp_path, small_disk, workers):
+    job = QueueJob(tmp_path, docs=2000, rpc=100, directives="")
+    with open(tmp_path / "input.jsonl", "w") as f:  # ~8 MB of output: it does not fit in 3 MB
+        for i, doc_id in enumerate(job.ids):
+            f.write(json.dumps({"id": doc_id, "text": f"document {i} " + "x" * 2000}) + "\n")
+    spec = yaml.safe_load(job.file.read_text())
+    spec["output"]["path"] = str(small_disk / "out")
+    job.file.write_text(yaml.safe_dump(spec))
+    job.output, job.queue = small_disk / "out", small_disk / "out" / "_infermill" / "queue"
+    started = time.monotonic()
+    result = job.run("--workers", str(workers), timeout=90)
+    took = time.monotonic() - started
+    output = output_of(result)
+    assert result.returncode == 1, output
+    assert took < 60, output
+    # one cause, whichever file hit the full disk first: it names that file and says so
+    assert re.search(
+        rf"error: [^\n]*{small_disk}/out[^\n]*: [^\n]*no space left on (the )?device", result.stderr, re.I
+    ), output
+    assert "check the URL" not in result.stderr and "cannot claim a unit now" not in result.stderr, output
+    assert "Traceback" not in result.stderr, output
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    again = job.run("--workers", str(workers))
+    assert again.returncode == 0, output_of(again)
+    job.check_exactly_once()

@@ -134,8 +134,9 @@ def _load(job_file: str, overrides: tuple[str, ...], worker: bool = False) -> Jo
     return job
 
 
-async def _interruptible(coro: Any) -> Any:
-    """Run ``coro``; the first SIGINT/SIGTERM cancels it (clean stop), the second exits at once."""
+async def _interruptible(coro: Any, announce: bool = True) -> Any:
+    """Run ``coro``; the first SIGINT/SIGTERM cancels it (clean stop), the second exits at once.
+    ``announce``: say so (a worker stopped by its ``--workers`` parent does not: the parent did)."""
     from infermill.servers.process import kill_live_groups
 
     loop = asyncio.get_running_loop()
@@ -145,7 +146,8 @@ async def _interruptible(coro: Any) -> Any:
     def on_signal(signum: int) -> None:
         received.append(signum)
         if len(received) == 1:
-            logger.warning(
+            logger.log(
+                logging.WARNING if announce else logging.DEBUG,
                 "%s received: stopping cleanly (checkpoint kept); send it again to stop at once",
                 signal.Signals(signum).name,
             )
@@ -202,7 +204,13 @@ def main(verbose: bool) -> None:
     "on another machine that sees the output folder, adds workers to the same job.",
 )
 @click.option(
-    "--max-worker-restarts", type=click.IntRange(min=0), default=3, show_default=True, help="Dead workers replaced."
+    "--max-worker-restarts",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="A worker that dies (or whose server fails for good) is replaced while units are left, until more than "
+    "this many in a row died in vain: holding no unit, or while no unit got done and none it held is to blame. "
+    "Ray: the tasks replaced in all.",
 )
 @click.option(
     "--max-unit-attempts",
@@ -260,6 +268,7 @@ def run(
     world_size: int | None,
 ) -> None:
     """Run the job in JOB_FILE to completion (or resume it), as one or more workers of its queue."""
+    from infermill.executors.local import started_by_parent
     from infermill.logs import LOG_FORMAT_ENV, set_worker
     from infermill.queue import job_complete, new_worker_id
     from infermill.servers import create_server
@@ -362,6 +371,8 @@ def run(
                 worker_id,
                 new_command=not as_worker,
                 worker_index=index,
+                # a command's only worker replaces itself; a --workers parent (or Slurm, Ray) replaces its workers
+                max_worker_restarts=None if as_worker else max_worker_restarts,
             )
             progress = None
             if not as_worker:  # a --workers parent shows the job's progress
@@ -376,10 +387,12 @@ def run(
                 if progress is not None:
                     progress.cancel()
 
+    by_parent = as_worker and started_by_parent()  # which says what a stop means, once for all its workers
     try:
-        stats = run_coroutine(_interruptible(go()))
+        stats = run_coroutine(_interruptible(go(), announce=not by_parent))
     except KeyboardInterrupt:
-        _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
+        if not by_parent:
+            _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         raise SystemExit(EXIT_INTERRUPTED) from None
     except ConfigError as e:
         _error(e)
@@ -439,7 +452,7 @@ def _run_executor(
     from infermill.executors.local import gpu_assignment, node_command, run_workers, worker_command
     from infermill.job import build_reader, build_runner
     from infermill.progress import log_interval
-    from infermill.worker import QueueOptions, failed_units_error, open_queue, read_stats, sum_job_stats
+    from infermill.worker import QueueOptions, WorkerDeaths, failed_units_error, open_queue, read_stats, sum_job_stats
 
     public, secret = split_secret_overrides(overrides)  # those of secret fields never go on a command line
     command = worker_command(job_file, public, worker_options)
@@ -479,9 +492,10 @@ def _run_executor(
     try:
         if executor == "local":
             interval = log_interval(job.inference)
+            deaths = WorkerDeaths(queue, max_worker_restarts)
             codes = run_coroutine(
                 _interruptible(
-                    _with_progress(run_workers(command, secret, workers, gpus, max_worker_restarts), queue, interval)
+                    _with_progress(run_workers(command, secret, workers, gpus, deaths.replace_process), queue, interval)
                 )
             )
         elif executor == "slurm":

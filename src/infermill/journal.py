@@ -684,11 +684,13 @@ class QueueJournal(ChunkLogs):
         if chunk is not None and chunk.file is not None:
             chunk.file.close()
 
-    def close(self, release: bool = True) -> None:
-        """Write what is pending, close the journals and stop renewing; with ``release``, give the
-        leases of unfinished units back, so that other workers take them at once (a worker that
-        stops on request; one that crashed leaves them to expire, as an attempt). Raise if a
-        write failed."""
+    def close(self, release: bool = True) -> list[int]:
+        """Write what is pending, close the journals and stop renewing. The leases of unfinished
+        units are given back with ``release`` (a worker that stops on request: not an attempt),
+        else given up as a spent attempt (a worker that stops on an error); either way other
+        workers take them at once (one killed leaves them to expire). Returns the units given up
+        as an attempt. Raise if a write failed."""
+        abandoned: list[int] = []
         try:
             self._close_logs()
         finally:
@@ -699,6 +701,14 @@ class QueueJournal(ChunkLogs):
                 self._let_go(unit)
                 if release:
                     self.queue.release(lease)
+                    continue
+                try:
+                    if self.queue.abandon(lease):
+                        abandoned.append(unit)
+                except OSError as e:  # the storage failing: the lease expires instead, still an attempt
+                    logger.warning("unit %d: could not give its lease up (%s); it expires as an attempt", unit, e)
+                    abandoned.append(unit)
+        return abandoned
 
 
 def _merge_journals(journals: list[Path], into: Path) -> None:

@@ -73,7 +73,8 @@ and after creating its lease), renewal and commit reads the plan's first bytes, 
 (``PlanReplacedError``; ``LeaseLostError`` for a lease) when the id is not the one it read.
 
 **Attempts and failures.** Each generation is an attempt, except one its holder gave back
-(:meth:`release`, e.g. a worker stopping on SIGTERM). When the lease of a unit that already
+(:meth:`release`, e.g. a worker stopping on SIGTERM); one its holder gave up (:meth:`abandon`,
+a worker stopping on an error) is an attempt taken over at once. When the lease of a unit that already
 had ``max_unit_attempts`` attempts goes stale, the unit is marked failed (``U.failed``,
 naming the last worker and host) instead of being claimed again: something in it kills
 its workers. A holder marks its unit failed itself with :meth:`fail` (its documents
@@ -303,6 +304,7 @@ class WorkQueue:
         self._plan: dict[str, Any] | None = None
         self._future_leases: dict[Path, tuple[float, float]] = {}  # lease -> (its mtime, storage time first seen)
         self.seconds = 0.0  # spent claiming, renewing, committing...: the queue's cost to this worker
+        self.retried: list[int] = []  # the failed units that reset_failed() made claimable again
         self.units_dir.mkdir(parents=True, exist_ok=True)
         self.journals_dir.mkdir(parents=True, exist_ok=True)
 
@@ -456,8 +458,9 @@ class WorkQueue:
         last = max(state.leases)
         holder = self._read_json(self.units_dir / _generation_name(unit, last, "lease")) or {}
         cause = (
-            f"its workers stopped renewing its lease {state.attempts} times (died, were killed or froze for more "
-            f"than {self.lease_timeout_sec:g} s; max_unit_attempts is {self.max_unit_attempts}); the last was "
+            f"its workers stopped renewing its lease {state.attempts} times (died, were killed, stopped on an "
+            f"error such as their server failing for good, or froze for more than {self.lease_timeout_sec:g} s; "
+            f"max_unit_attempts is {self.max_unit_attempts}); the last was "
             f"worker {holder.get('worker', '?')} on host {holder.get('host', '?')} (pid {holder.get('pid', '?')})"
         )
         self._create_exclusive(
@@ -539,6 +542,43 @@ class WorkQueue:
         except FileNotFoundError:
             pass
 
+    @_timed
+    def abandon(self, lease: Lease) -> bool:
+        """Give the lease up unfinished as a spent attempt (its holder stops on an error, e.g. its
+        server died for good while the unit was in progress): unlike :meth:`release`, the
+        generation still counts as an attempt, and unlike a crash, the unit can be taken over at
+        once rather than after ``lease_timeout_sec``: the lease is dated past the timeout, on the
+        storage's clock. Returns whether it was still held (False: taken over or given back)."""
+        if self._superseded(lease) or not lease.path.exists():
+            return False
+        expired = self.storage_now() - self.lease_timeout_sec - 1.0
+        try:
+            os.utime(lease.path, (expired, expired))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def units_attempted_by(self, pid: int) -> list[int]:
+        """The units neither done nor failed on which the worker process ``pid`` of this host
+        spent an attempt in this command (a lease above the unit's last reset that it did not
+        give back): what a worker that died leaves behind."""
+        found = []
+        for unit, state in sorted(self._list().items()):
+            if state.done or state.failed:
+                continue
+            for generation in state.leases:
+                if generation <= state.base:
+                    continue
+                holder = self._read_json(self.units_dir / _generation_name(unit, generation, "lease")) or {}
+                if holder.get("pid") == pid and holder.get("host") == self.host:
+                    found.append(unit)
+                    break
+        return found
+
+    def units_finished(self) -> int:
+        """Units done or failed (one listing): it grows while the job moves on."""
+        return sum(1 for state in self._list().values() if state.done or state.failed)
+
     def _check(self, lease: Lease, touch: bool) -> None:
         try:
             self.check_plan()
@@ -587,6 +627,7 @@ class WorkQueue:
                 os.unlink(self._failed_path(unit))
             except FileNotFoundError:
                 pass
+        self.retried = reset
         return reset
 
     def reset_attempts(self) -> list[int]:
@@ -812,10 +853,15 @@ class WorkQueue:
         write a unique temp file, then ``link`` it. Returns whether this call created it."""
         temp = path.parent / f".tmp-{uuid.uuid4().hex}"
         try:
-            with open(temp, "xb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
+            try:
+                with open(temp, "xb") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as e:  # a write's error names no file (a full disk): name the one being made
+                if e.filename is not None:
+                    raise
+                raise OSError(e.errno, e.strerror, str(path)) from e
             try:
                 os.link(temp, path)
             except FileExistsError:

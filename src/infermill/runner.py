@@ -44,6 +44,7 @@ from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerStat
 from infermill.types import Document, InferenceResult
 
 if TYPE_CHECKING:
+    from infermill.io.units import UnitPlan
     from infermill.monitor import Monitor
     from infermill.queue import WorkQueue
     from infermill.worker import QueueOptions
@@ -348,28 +349,63 @@ class InferenceRunner:
         """Work on the job's shared queue (:mod:`infermill.worker`) as one worker, with as many
         others as are started anywhere, until every unit is done or failed; return this worker's
         stats (``stats.json`` sums every worker's). Raise ``InfermillError`` naming the failed
-        units if any failed. ``server`` as in :meth:`run_async`."""
-        from infermill.worker import (
-            QueueOptions,
-            UnitSource,
-            failed_units_error,
-            open_queue,
-            sum_job_stats,
-            write_stats,
-        )
+        units if any failed. ``server`` as in :meth:`run_async`.
+
+        With ``options.max_worker_restarts``, a server that fails for good while units are held
+        does not end the worker: those units spend an attempt and the worker starts again, with a
+        new server and a new worker id, as long as :class:`~infermill.worker.WorkerDeaths` agrees."""
+        from infermill.queue import new_worker_id
+        from infermill.worker import QueueOptions, WorkerDeaths, open_queue
 
         options = options or QueueOptions()
-        queue, plan = await asyncio.to_thread(
-            open_queue,
-            self.layout,
-            self.output_writer,
-            reader,
-            self.records_per_chunk,
-            self.identity(),
-            options,
-            overwrite=self.overwrite,
-            accept_changed_input=self.accept_changed_input,
-        )
+        overwrite = self.overwrite
+        deaths: WorkerDeaths | None = None
+        while True:
+            queue, plan = await asyncio.to_thread(
+                open_queue,
+                self.layout,
+                self.output_writer,
+                reader,
+                self.records_per_chunk,
+                self.identity(),
+                options,
+                overwrite=overwrite,
+                accept_changed_input=self.accept_changed_input,
+            )
+            if options.max_worker_restarts is not None and deaths is None:
+                deaths = await asyncio.to_thread(WorkerDeaths, queue, options.max_worker_restarts)
+            abandoned: list[int] = []
+            try:
+                return await self._work_on_queue(reader, queue, plan, server, options, abandoned)
+            except ServerError:
+                if deaths is None or not abandoned:
+                    raise
+                why = await asyncio.to_thread(deaths.replace, abandoned)
+                if why is not None:
+                    logger.error("not starting again: %s", why)
+                    raise
+                logger.warning(
+                    "the server failed for good while this worker held unit(s) %s, an attempt each (a unit whose "
+                    "workers fail %d times is marked failed): starting again with a new server",
+                    ", ".join(map(str, sorted(abandoned))),
+                    options.max_unit_attempts,
+                )
+            server, overwrite = None, False  # the failed server's scope is its owner's to close
+            options = dataclasses.replace(options, worker_id=new_worker_id(), new_command=False)
+
+    async def _work_on_queue(
+        self,
+        reader: DocumentReader,
+        queue: WorkQueue,
+        plan: UnitPlan,
+        server: InferenceServer | None,
+        options: QueueOptions,
+        abandoned: list[int],
+    ) -> dict[str, Any]:
+        """One worker run on the queue (see :meth:`run_queue_async`); adds to ``abandoned`` the
+        units it gives up as an attempt when it stops on an error."""
+        from infermill.worker import UnitSource, failed_units_error, sum_job_stats, write_stats
+
         status = await asyncio.to_thread(queue.status)
         if status.units_total == 0:
             logger.warning("the input has no documents: is input.path right?")
@@ -386,24 +422,28 @@ class InferenceRunner:
         self._runs.append(run)
         stopped_on_request = False
         try:
-            server_scope = contextlib.nullcontext(server) if server is not None else create_server(self.config, 0)
+            server_scope = (
+                contextlib.nullcontext(server)
+                if server is not None
+                else create_server(self.config, options.worker_index)
+            )
             monitor = run.monitor(queue.worker_id, options.worker_index, queue, journal)
             with fewer_gc_passes():
                 async with monitor, enter_shared_context(self.shared_context) as context, server_scope as started:
                     await run.process(source, started, context)
         except asyncio.CancelledError:
-            stopped_on_request = True  # its units are given back; a crash leaves them to expire, as an attempt
+            stopped_on_request = True  # its units are given back; an error gives them up, as an attempt
             raise
         except ServerError:
             # a server that never became ready is no unit's fault: its units are given back (one that
-            # died after serving may have been killed by a unit: those leases expire, as attempts)
+            # died after serving may have been killed by a unit: those are given up, as attempts)
             stopped_on_request = run.server is None or run.server.generation == 0
             raise
         finally:
             self._runs.remove(run)
             run.stats.inference_time_sec = time.perf_counter() - run.started
             try:
-                journal.close(release=stopped_on_request)
+                abandoned += journal.close(release=stopped_on_request)
             finally:
                 run.close()
                 stats = self._keep_stats(run, queue, final=True)
@@ -425,7 +465,10 @@ class InferenceRunner:
             "model": self.config.model_name_or_path,  # named by `infermill report`
         }
         if final:
-            write_stats(self.layout, queue.worker_id, stats)
+            try:
+                write_stats(self.layout, queue.worker_id, stats)
+            except OSError as e:  # (a full disk) not to hide why the run stopped: the next run sums them
+                logger.warning("could not write this worker's stats in %s: %s", self.layout.root / "stats", e)
             return stats
         try:
             write_run_stats(self.layout, queue.worker_id, stats)

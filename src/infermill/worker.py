@@ -17,14 +17,16 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from infermill.errors import ConfigError, InfermillError, UnitsFailedError
+from infermill.io.filesystems import LASTING_ERRNOS, check_space, storage_error
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import ChunkJournal, QueueJournal, check_identity, identity_differences
@@ -51,13 +53,18 @@ class QueueOptions:
     times in one command is marked failed), this worker's id (default: host, pid and a random
     suffix), whether it starts a new command (``new_command``: False in the workers of a
     ``--workers`` parent, which started it), and its index among that command's workers
-    (``worker_index``: its Slurm array task or Ray task index; it offsets ``metrics_port``)."""
+    (``worker_index``: its Slurm array task or Ray task index; it offsets ``metrics_port``), and
+    whether it replaces itself when its server fails for good (``max_worker_restarts``)."""
 
     lease_timeout_sec: float = 120.0
     max_unit_attempts: int = 3
     worker_id: str | None = None
     new_command: bool = True  # a command's first process: failed units are retried, attempts counted anew
     worker_index: int = 0  # its index among the workers of its command: it serves /metrics on metrics_port + it
+    #: None: a worker whose server fails for good stops (a --workers parent, or its executor, starts
+    #: another); a number: it starts again with a new server itself, as judged by WorkerDeaths
+    #: with this bound (a command's only worker, which nothing else replaces)
+    max_worker_restarts: int | None = None
 
 
 def open_queue(
@@ -232,6 +239,7 @@ class UnitSource:
         self._unit: int | None = None
         self._items: Iterator[Any] | None = None
         self._ended = False
+        self._claims_failing_since: float | None = None  # time.monotonic() of the first of failed claims in a row
 
     async def __call__(self) -> Any:
         async with self._lock:
@@ -255,9 +263,16 @@ class UnitSource:
         """Claim the next unit (True), or find the queue drained (True, and ended), or nothing now (False)."""
         try:
             lease = await asyncio.to_thread(self.queue.claim)
-        except OSError as e:  # a network file system's hiccup (ESTALE...): look again after the poll
+        except OSError as e:
+            # a network file system's hiccup (ESTALE...) is looked at again after the poll; a full
+            # disk, or an error that lasts for a lease timeout, stops the worker
+            now = time.monotonic()
+            self._claims_failing_since = self._claims_failing_since or now
+            if e.errno in LASTING_ERRNOS or now - self._claims_failing_since > self.queue.lease_timeout_sec:
+                raise storage_error(str(self.queue.folder), "claim a unit in it", e) from e
             logger.warning("cannot claim a unit now (%s: %s); trying again", type(e).__name__, e)
             return False
+        self._claims_failing_since = None
         if lease is None:
             self._ended = not self.journal.held() and await asyncio.to_thread(self.queue.drained)
             return self._ended
@@ -362,6 +377,56 @@ def sum_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+class WorkerDeaths:
+    """Whether a worker of the job that died (or whose server failed for good) is replaced.
+
+    Each unit a dead worker held spends an attempt, and a unit out of attempts is marked failed
+    (``max_unit_attempts``): replacing such a worker moves the job towards its end, so it is
+    replaced as long as units are left, unless its deaths look like the environment's fault
+    rather than a unit's. A death is *in vain* when the worker held no unit (it failed before
+    claiming one: a broken environment, a server that never started), or when no unit was done
+    or failed since the death before and none of the units it held has shown itself guilty: a
+    unit is, once other units got done or failed after its first crash (the server works, but
+    not on it), or when it failed in an earlier command. More than ``max_in_vain`` deaths in
+    vain in a row end the replacements: a server that fails whatever it is sent ends the
+    command with its error instead of failing every unit in turn."""
+
+    def __init__(self, queue: WorkQueue, max_in_vain: int):
+        self.queue = queue
+        self.max_in_vain = max_in_vain
+        self.in_vain = 0
+        self._finished = queue.units_finished()
+        # per unit, the units done or failed at its first crash in this command (-1: failed before)
+        self._first_crash: dict[int, int] = dict.fromkeys(queue.retried, -1)
+
+    def replace(self, units: Collection[int]) -> str | None:
+        """Judge a death that spent an attempt of each of ``units`` (the units its worker held):
+        None to replace the worker, else why not."""
+        finished, self._finished = self._finished, self.queue.units_finished()
+        guilty = any(self._first_crash.setdefault(unit, self._finished) < self._finished for unit in units)
+        if units and (self._finished > finished or guilty):
+            self.in_vain = 0
+            return None
+        self.in_vain += 1
+        if self.in_vain <= self.max_in_vain:
+            return None
+        what = f"held units {_named(sorted(units))}" if units else "held no unit (it failed before claiming one)"
+        return (
+            f"too many deaths in vain in a row ({self.in_vain}, more than --max-worker-restarts {self.max_in_vain}: "
+            f"no unit done or failed meanwhile; the last {what}): the server or the environment seems to fail "
+            "whatever it is sent; see the errors above and the server's log"
+        )
+
+    def replace_process(self, pid: int) -> str | None:
+        """Judge the death of the worker process ``pid`` of this host: None to start another,
+        else why not (no unit is left to claim, or too many deaths in vain in a row). Raise a
+        ``StorageError`` if the job's folder cannot be written (a full disk): no worker can go on."""
+        if self.queue.drained():
+            return "no unit is left to claim"
+        check_space(self.queue.folder)  # a full disk: a StorageError, which stops every worker
+        return self.replace(self.queue.units_attempted_by(pid))
+
+
 def failed_units_error(queue: WorkQueue) -> UnitsFailedError | None:
     """An error naming the job's failed units and their causes, or None when none failed."""
     status = queue.status()
@@ -369,10 +434,15 @@ def failed_units_error(queue: WorkQueue) -> UnitsFailedError | None:
         return None
     causes = "\n  ".join(f"unit {f.unit}: {f.cause}" for f in status.failed[:10])
     more = f"\n  and {len(status.failed) - 10} more" if len(status.failed) > 10 else ""
-    return UnitsFailedError(
-        f"{len(status.failed)} of {status.units_total} units failed:\n  {causes}{more}\n"
-        "The other units are done; fix the cause and run the same command: it retries only the failed units."
-    )
+    others = status.units_total - len(status.failed)
+    advice = "fix the cause and run the same command: it retries only the failed units."
+    if not others:
+        advice = "F" + advice[1:]
+    elif status.units_done == others:
+        advice = f"The other units are done; {advice}"
+    else:
+        advice = f"{status.units_done} of the other {others} units are done; {advice}"
+    return UnitsFailedError(f"{len(status.failed)} of {status.units_total} units failed:\n  {causes}{more}\n{advice}")
 
 
 def _named(units: list[int]) -> str:

@@ -2,8 +2,9 @@
 
 The parent plans the job (and honours ``--overwrite``) once, then starts N workers, each
 ``infermill run JOB --worker`` with its own server and its own GPUs, and waits for them. A
-worker that dies is replaced, up to ``max_worker_restarts`` times in all; the unit it held
-is taken over once its lease expires. The parent holds no job state: everything is in the
+worker that dies is replaced as long as the parent's judge agrees (``WorkerDeaths``: units
+are left, and the deaths move them towards their end); the units it held are taken over at
+once, each having spent an attempt. The parent holds no job state: everything is in the
 job's queue, so another command on this or another machine adds workers to the same job.
 
 Workers run in their own process groups and die with the parent (``PR_SET_PDEATHSIG``), and
@@ -20,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from infermill.gpus import split_gpus
@@ -30,6 +31,15 @@ logger = logging.getLogger("infermill.executors.local")
 #: exit codes of a worker that mean "do not start it again": done, a usage error, units failed
 #: (the job's fault, not the worker's), stopped on request
 FINAL_EXIT_CODES = frozenset({0, 2, 3, 130})
+
+#: the pid of the parent that started a worker: a worker stopped by its parent (which passes on
+#: a Ctrl-C as SIGTERM and says so itself) stops without a word of its own
+PARENT_ENV = "INFERMILL_WORKERS_PARENT"
+
+
+def started_by_parent() -> bool:
+    """Whether this process is a worker of a ``--workers`` parent that is still its parent."""
+    return os.environ.get(PARENT_ENV) == str(os.getppid())
 
 
 def gpu_assignment(workers: int, gpus_per_worker: int | None) -> list[str | None]:
@@ -50,18 +60,18 @@ async def run_workers(
     secret_overrides: Sequence[str],
     workers: int,
     gpus: list[str | None],
-    max_worker_restarts: int,
+    judge: Callable[[int], str | None],
 ) -> list[int]:
     """Run ``workers`` copies of ``command`` (argv of one worker), the i-th with
     ``CUDA_VISIBLE_DEVICES=gpus[i]`` and ``secret_overrides`` (``--set`` overrides of secret
     fields) in its environment; replace one that dies (not one that ends with a code of
-    :data:`FINAL_EXIT_CODES`) up to ``max_worker_restarts`` times in all. Returns the final
-    exit codes. Cancelling it stops the workers (SIGTERM, then SIGKILL after a grace)."""
+    :data:`FINAL_EXIT_CODES`) unless ``judge(its pid)`` (called in a thread) says why not.
+    Returns the final exit codes. Cancelling it stops the workers (SIGTERM, then SIGKILL after
+    a grace)."""
     from infermill.jobfile import SECRET_OVERRIDES_ENV, encode_secret_overrides
 
     environment = {**os.environ, SECRET_OVERRIDES_ENV: encode_secret_overrides(secret_overrides)}
     slots = [_Slot(i, gpus[i]) for i in range(workers)]
-    restarts = 0
     running: dict[asyncio.Task[int], _Slot] = {}
     try:
         for slot in slots:
@@ -73,23 +83,13 @@ async def run_workers(
                 slot.exit_code = task.result()
                 if slot.exit_code in FINAL_EXIT_CODES:
                     continue
-                if restarts < max_worker_restarts:
-                    restarts += 1
-                    logger.warning(
-                        "worker %d exited with code %d; starting a new one (%d of %d restarts)",
-                        slot.index,
-                        slot.exit_code,
-                        restarts,
-                        max_worker_restarts,
-                    )
+                assert slot.process is not None
+                why = await asyncio.to_thread(judge, slot.process.pid)
+                if why is None:
+                    logger.warning("worker %d exited with code %d; starting a new one", slot.index, slot.exit_code)
                     running[asyncio.create_task(_start_and_wait(slot, command, environment))] = slot
                 else:
-                    logger.error(
-                        "worker %d exited with code %d; no restarts left (--max-worker-restarts %d)",
-                        slot.index,
-                        slot.exit_code,
-                        max_worker_restarts,
-                    )
+                    logger.error("worker %d exited with code %d; not replaced: %s", slot.index, slot.exit_code, why)
     finally:
         if running:
             await _stop_all([slot for slot in running.values() if slot.process is not None], list(running))
@@ -101,6 +101,7 @@ async def _start_and_wait(slot: _Slot, command: Sequence[str], environment: dict
     if slot.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpus
     env["INFERMILL_WORKER_INDEX"] = str(slot.index)
+    env[PARENT_ENV] = str(os.getpid())
     from infermill.servers.process import die_with_parent
 
     slot.process = await asyncio.create_subprocess_exec(

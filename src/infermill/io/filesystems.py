@@ -3,11 +3,50 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import uuid
 from collections.abc import Collection, Iterator
 from typing import Any
 
 from infermill.errors import ConfigError, InfermillError, StorageError
+
+#: what a file system answers that retrying does not cure: a worker stops on it at once
+LASTING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def storage_error(where: str, action: str, error: OSError) -> StorageError:
+    """A ``StorageError`` saying that ``action`` (e.g. "write it") failed on ``where`` (a path
+    or URL), why in words, and what to do next for that kind of error."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on the device" if error.errno == errno.ENOSPC else "disk quota exceeded"
+        hint = "free some space (or move the output), then run the same command to resume"
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "the file system is read-only" if error.errno == errno.EROFS else "permission denied"
+        hint = "make it writable (or move the output), then run the same command to resume"
+    else:
+        why = f"{type(error).__name__}: {error}"
+        hint = "check the URL, the credentials and the network"
+    return StorageError(f"{where}: cannot {action}: {why}; {hint}")
+
+
+def check_space(folder: str | os.PathLike[str], size: int = 64 * 1024) -> None:
+    """Write ``size`` bytes to a file in the local ``folder`` and delete it: a ``StorageError``
+    if that fails for a lasting reason (:data:`LASTING_ERRNOS`: a full disk, where an empty
+    file can still be created; a read-only folder...). Other errors (a network file system's
+    hiccup) are not this check's to judge: they pass."""
+    probe = os.path.join(folder, f".infermill-space-test-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(probe, "wb") as file:
+            file.write(b"\0" * size)
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as e:
+        if e.errno in LASTING_ERRNOS:
+            raise storage_error(os.fspath(folder), "write to it", e) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def url_to_fs(url: str) -> tuple[Any, str]:
@@ -35,10 +74,12 @@ def reaching(url: str, action: str, not_storage: Collection[BaseException] = ())
     except InfermillError:
         raise
     except Exception as e:
-        if isinstance(e, OSError) and e.filename:  # already says which file, e.g. a full local disk
+        if isinstance(e, OSError) and e.filename:  # already says which file
             raise
         if e in not_storage:
             raise
+        if isinstance(e, OSError):  # e.g. a full local disk: says why, not "check the network"
+            raise storage_error(url, f"{action} it", e) from e
         raise StorageError(
             f"{url}: cannot {action} it: {type(e).__name__}: {e}; check the URL, the credentials and the network"
         ) from e
