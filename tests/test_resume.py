@@ -543,7 +543,7 @@ def test_a_done_unit_whose_output_is_gone_or_short_is_found_by_status_verify_and
     assert job.last_run_stats()["documents_processed"] == 3 * RPC  # those three units, no other
     again = verify()
     assert again.returncode == 0 and "the output files of 5 done units are there" in again.stdout, again.stdout
-    assert "5 of 5 units done" in again.stdout and "125 of 125 documents done" in again.stdout, again.stdout
+    assert "5 of 5 units done" in again.stdout and "125 of 125 documents committed" in again.stdout, again.stdout
 
 
 # -- several workers and remote outputs -----------------------------------------------------------
