@@ -105,6 +105,12 @@ class AdaptiveLimit:
         self._quiet_until = 0.0  # no back-off before: the last one's round trip is not over
         self._recover_to = 0  # recovering: the limit to return to (the first cut of the back-offs)
         self._then = START  # recovering: the phase to go on with
+        self._grew_from = 0  # the limit before the last doubling of a recovery, until it is refused or served
+        self._overshot = False  # the last cut was for a refused doubling (until the next window ends)
+        self._excess = 0  # the requests over the limit when it was last cut, the refused one included
+        self._stale = 0  # refusals still to expect from those: the cut was made for them
+        self._capacity = 0  # what the server served of the last refused doubling
+        self._evidence = 0  # requests refused by refused doublings in a row that served about the same
         self._probing = False  # after a pause cut short: the limit is the minimum until a reply comes
 
     # -- the semaphore's interface --------------------------------------------------------
@@ -189,7 +195,13 @@ class AdaptiveLimit:
             capped = retry_after > self.max_pause
             self._paused_until = max(self._paused_until, now + min(retry_after, self.max_pause))
             self._wake_after_pause()
-        if now < self._quiet_until and (self._probing or not capped):
+        stale = self._stale > 0  # one of the requests over the limit when it was last cut
+        refused_doubling = self._grew_from > 0 and not stale  # news, however soon after the last cut
+        if stale:
+            self._stale -= 1
+        elif not refused_doubling:
+            self._evidence = 0  # refused at the limit, not only over it: no sign of the server's capacity
+        if (stale or now < self._quiet_until) and not refused_doubling and (self._probing or not capped):
             return  # one back-off per round trip: the requests already in flight fail as well
         self._quiet_until = now + (self.baseline or 0.0)
         self.back_offs += 1
@@ -202,8 +214,11 @@ class AdaptiveLimit:
             else:  # what the server was serving, then hold there
                 self._recover_to, self._then = cut, HOLD
             self.phase = RECOVER
+        self._overshot, self._grew_from = refused_doubling, 0
         self._probing = self._probing or capped
         self._set(self.minimum if self._probing else cut, "paused, then a probe" if self._probing else "overloaded")
+        self._excess = self.in_flight - self.limit
+        self._stale = self._excess - 1
 
     # -- the rule -----------------------------------------------------------------------------
 
@@ -216,6 +231,8 @@ class AdaptiveLimit:
         filled = self._peak >= self.limit  # the demand reached the limit (else more would not help)
         self._new_window(now)
         self._throughput = throughput
+        if self._grew_from:  # a doubling served in full: no sign of the server's capacity
+            self._grew_from = self._evidence = 0
         if self.phase == RECOVER:
             self._recover(now)
             return
@@ -264,6 +281,19 @@ class AdaptiveLimit:
 
     def _recover(self, now: float) -> None:
         """A window without a back-off while recovering: return towards the first cut."""
+        if self._overshot:  # the last cut was for a doubling: the server served the limit and those not refused
+            not_refused = max(self._stale, 0)
+            served = self.limit + not_refused
+            if abs(served - self._capacity) > self._capacity // 8:
+                self._evidence = 0  # not what the doubling before served: begin again
+            self._capacity = served
+            self._evidence += self._excess - not_refused
+            if self._evidence >= 2 * MIN_WINDOW:
+                # doublings, one after another, served about the same and had every request over it
+                # refused (a storm refuses at random): the server's capacity fell, the episode ends there
+                self._recover_to, self._then = served, HOLD
+                logger.debug("concurrency limit: the server serves %d at once", served)
+        self._overshot, self._stale = False, 0
         if self._probing:
             if now < self._paused_until:
                 return  # a reply to a request sent before the pause
@@ -271,6 +301,8 @@ class AdaptiveLimit:
             limit = self._recover_to
         else:
             limit = min(self.limit * 2, self._recover_to)
+        if limit > self.limit:
+            self._grew_from = self.limit
         if limit >= self._recover_to:
             self.phase, self._holds, self._before = self._then, 0, None
         self._set(limit, "recovering")
