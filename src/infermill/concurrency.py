@@ -26,7 +26,8 @@ replies that come in bursts do not upset, unlike counting replies per second):
 * **Back off.** On ``back_off`` the limit becomes what the server was serving (the last
   window's throughput x baseline latency), but between ``BACKOFF_MOST`` and ``BACKOFF`` times
   the limit: a multiplicative decrease, at most once per round trip (the other requests in
-  flight at that moment fail too). With a ``Retry-After``, no request is sent until it has
+  flight at that moment fail too), nor for a refusal of one of the requests that were over the
+  limit when it was last cut, until a window ends. With a ``Retry-After``, no request is sent until it has
   passed, or ``max_pause`` seconds at most (a server may ask for an hour, or for ever, and
   be back in a second); after a pause so cut short the limit is ``minimum`` until a reply
   comes (one request per server probes whether the server is back; if it is refused, another
@@ -36,7 +37,13 @@ replies that come in bursts do not upset, unlike counting replies per second):
   ``minimum``. Afterwards the limit returns to that first cut: at once when a probe after a
   pause succeeds, else doubling after every round trip (``limit`` replies) without a
   back-off, unmeasured; then it holds there. An episode that began in slow start before
-  anything was measured returns to the limit it began at, and slow start goes on.
+  anything was measured returns to the limit it began at, and slow start goes on. A refused
+  doubling is cut back at once (its requests were sent after the last cut). When doublings,
+  one after another, are refused while the server serves about as many each time (within an
+  eighth: the limit and what it did not refuse of the doubling), with no other refusal between
+  them and ``2 * MIN_WINDOW`` refused in all, the server's capacity fell (another client shares
+  it): the episode ends there, in hold. A storm refuses at random: what a doubling gets served
+  varies, and requests under the limit are refused too.
 
 The limit stays within ``[minimum, maximum]``. Every step depends only on the replies and
 the injected ``clock``, so tests drive it without a server or sleeping.
