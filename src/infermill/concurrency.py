@@ -26,7 +26,8 @@ replies that come in bursts do not upset, unlike counting replies per second):
 * **Back off.** On ``back_off`` the limit becomes what the server was serving (the last
   window's throughput x baseline latency), but between ``BACKOFF_MOST`` and ``BACKOFF`` times
   the limit: a multiplicative decrease, at most once per round trip (the other requests in
-  flight at that moment fail too). With a ``Retry-After``, no request is sent until it has
+  flight at that moment fail too), nor for a refusal of one of the requests that were over the
+  limit when it was last cut, until a window ends. With a ``Retry-After``, no request is sent until it has
   passed, or ``max_pause`` seconds at most (a server may ask for an hour, or for ever, and
   be back in a second); after a pause so cut short the limit is ``minimum`` until a reply
   comes (one request per server probes whether the server is back; if it is refused, another
@@ -36,7 +37,13 @@ replies that come in bursts do not upset, unlike counting replies per second):
   ``minimum``. Afterwards the limit returns to that first cut: at once when a probe after a
   pause succeeds, else doubling after every round trip (``limit`` replies) without a
   back-off, unmeasured; then it holds there. An episode that began in slow start before
-  anything was measured returns to the limit it began at, and slow start goes on.
+  anything was measured returns to the limit it began at, and slow start goes on. A refused
+  doubling is cut back at once (its requests were sent after the last cut). When doublings,
+  one after another, are refused while the server serves about as many each time (within an
+  eighth: the limit and what it did not refuse of the doubling), with no other refusal between
+  them and ``2 * MIN_WINDOW`` refused in all, the server's capacity fell (another client shares
+  it): the episode ends there, in hold. A storm refuses at random: what a doubling gets served
+  varies, and requests under the limit are refused too.
 
 The limit stays within ``[minimum, maximum]``. Every step depends only on the replies and
 the injected ``clock``, so tests drive it without a server or sleeping.
@@ -105,6 +112,12 @@ class AdaptiveLimit:
         self._quiet_until = 0.0  # no back-off before: the last one's round trip is not over
         self._recover_to = 0  # recovering: the limit to return to (the first cut of the back-offs)
         self._then = START  # recovering: the phase to go on with
+        self._grew_from = 0  # the limit before the last doubling of a recovery, until it is refused or served
+        self._overshot = False  # the last cut was for a refused doubling (until the next window ends)
+        self._excess = 0  # the requests over the limit when it was last cut, the refused one included
+        self._stale = 0  # refusals still to expect from those: the cut was made for them
+        self._capacity = 0  # what the server served of the last refused doubling
+        self._evidence = 0  # requests refused by refused doublings in a row that served about the same
         self._probing = False  # after a pause cut short: the limit is the minimum until a reply comes
 
     # -- the semaphore's interface --------------------------------------------------------
@@ -189,7 +202,13 @@ class AdaptiveLimit:
             capped = retry_after > self.max_pause
             self._paused_until = max(self._paused_until, now + min(retry_after, self.max_pause))
             self._wake_after_pause()
-        if now < self._quiet_until and (self._probing or not capped):
+        stale = self._stale > 0  # one of the requests over the limit when it was last cut
+        refused_doubling = self._grew_from > 0 and not stale  # news, however soon after the last cut
+        if stale:
+            self._stale -= 1
+        elif not refused_doubling:
+            self._evidence = 0  # refused at the limit, not only over it: no sign of the server's capacity
+        if (stale or now < self._quiet_until) and not refused_doubling and (self._probing or not capped):
             return  # one back-off per round trip: the requests already in flight fail as well
         self._quiet_until = now + (self.baseline or 0.0)
         self.back_offs += 1
@@ -202,8 +221,11 @@ class AdaptiveLimit:
             else:  # what the server was serving, then hold there
                 self._recover_to, self._then = cut, HOLD
             self.phase = RECOVER
+        self._overshot, self._grew_from = refused_doubling, 0
         self._probing = self._probing or capped
         self._set(self.minimum if self._probing else cut, "paused, then a probe" if self._probing else "overloaded")
+        self._excess = self.in_flight - self.limit
+        self._stale = self._excess - 1
 
     # -- the rule -----------------------------------------------------------------------------
 
@@ -216,6 +238,8 @@ class AdaptiveLimit:
         filled = self._peak >= self.limit  # the demand reached the limit (else more would not help)
         self._new_window(now)
         self._throughput = throughput
+        if self._grew_from:  # a doubling served in full: no sign of the server's capacity
+            self._grew_from = self._evidence = 0
         if self.phase == RECOVER:
             self._recover(now)
             return
@@ -264,6 +288,19 @@ class AdaptiveLimit:
 
     def _recover(self, now: float) -> None:
         """A window without a back-off while recovering: return towards the first cut."""
+        if self._overshot:  # the last cut was for a doubling: the server served the limit and those not refused
+            not_refused = max(self._stale, 0)
+            served = self.limit + not_refused
+            if abs(served - self._capacity) > self._capacity // 8:
+                self._evidence = 0  # not what the doubling before served: begin again
+            self._capacity = served
+            self._evidence += self._excess - not_refused
+            if self._evidence >= 2 * MIN_WINDOW:
+                # doublings, one after another, served about the same and had every request over it
+                # refused (a storm refuses at random): the server's capacity fell, the episode ends there
+                self._recover_to, self._then = served, HOLD
+                logger.debug("concurrency limit: the server serves %d at once", served)
+        self._overshot, self._stale = False, 0
         if self._probing:
             if now < self._paused_until:
                 return  # a reply to a request sent before the pause
@@ -271,6 +308,8 @@ class AdaptiveLimit:
             limit = self._recover_to
         else:
             limit = min(self.limit * 2, self._recover_to)
+        if limit > self.limit:
+            self._grew_from = self.limit
         if limit >= self._recover_to:
             self.phase, self._holds, self._before = self._then, 0, None
         self._set(limit, "recovering")
