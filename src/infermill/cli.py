@@ -892,5 +892,6 @@ def _queue_status(layout: Any, output: str, as_json: bool, check: Any = None) ->
 def _units(units: list[int]) -> str:
     return ", ".join(map(str, units[:10])) + (f" and {len(units) - 10} more" if len(units) > 10 else "")
 
+
 if __name__ == "__main__":
     main()
