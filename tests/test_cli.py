@@ -925,6 +925,31 @@ def test_status_shows_a_lease_dated_in_the_future_as_suspect(tmp_path):
     assert not re.search(r"-3[56]\d\d", shown), output_of(result)
 
 
+@pytest.mark.parametrize("template", ["${rank}/${chunk_index}_${language}.jsonl", "${rank}_${chunk_index}.jsonl"])
+def test_status_verify_does_not_report_as_lost_what_a_datatrove_writer_never_wrote(tmp_path, template):
+    """A datatrove writer names a unit's files by more than its rank and index (metadata tags),
+    or unpadded: a done mark naming no file (an older infermill's) cannot be checked there."""
+    from infermill.layout import JobLayout
+    from infermill.queue import WorkQueue
+
+    out = tmp_path / "out"
+    queue = WorkQueue.for_layout(JobLayout.for_output(str(out)), "w1")
+    identity = {"output": f"{out}/{template}"}
+    queue.publish_plan({"units": [{"documents": 5}] * 3, "identity": identity})
+    older = []
+    for i in range(3):  # this infermill's done mark of a datatrove job names no file; an older one no output
+        lease = queue.claim()
+        output = {"file": None, "bytes": None, "records": 5} if i == 0 else None
+        assert queue.commit(lease, lambda output=output: output, documents=5)
+        older += [lease.unit] if output is None else []
+    (out / "00000").mkdir()
+    (out / "00000" / "0_en.jsonl").write_text("{}\n")  # what the datatrove writer wrote
+    result = infermill(tmp_path, "status", str(out), "--verify")
+    assert result.returncode == 0, output_of(result)
+    assert "is missing" not in result.stdout, output_of(result)
+    assert f"not checked: 2 done unit(s) ({min(older)}, {max(older)})" in result.stdout, output_of(result)
+
+
 @pytest.mark.parametrize("output", ["~/infermill-test-out", "relative/out", "file:///tmp/abs/out"])
 def test_a_job_checkpoints_where_the_runner_would_by_default(tmp_path, monkeypatch, output):
     # the CLI looks for a finished rank before it imports the runner: both must agree on the folder

@@ -255,6 +255,26 @@ async def test_a_sigkilled_owner_takes_the_childs_whole_tree_along_a_daemon_too(
     await all_die(procs, 5, "the child's whole tree to die with the process that started it")
 
 
+async def test_a_sigkilled_owner_takes_the_childs_whole_tree_along_while_a_plain_fork_of_it_lives_on(tmp_path):
+    """A fork without exec (multiprocessing's fork in a Python-API program) inherits the
+    watcher's input: it must not keep it open, or the watcher never sees the owner die."""
+    record = tmp_path / "family.jsonl"
+    argv = script("family_server.py", "--port", "0", f"--record={record}", "--daemon")
+    driver, _ = await drive("fork", *argv)
+    line = await asyncio.wait_for(driver.stdout.readline(), 15)
+    assert line.startswith(b"forked "), line
+    forked = psutil.Process(int(line.split()[1]))
+    try:
+        procs = list(family(record))
+        os.kill(driver.pid, signal.SIGKILL)
+        await driver.wait()
+        assert running(forked)
+        await all_die(procs, 5, "the child's whole tree to die with the process that started it")
+    finally:
+        forked.kill()
+        await all_die([forked], 5, "the fork to be killed")
+
+
 # -- the registry of live groups and the reaper --------------------------------------------
 
 

@@ -22,8 +22,10 @@ import pytest
 from conftest import PYTHON, ROOT
 from helpers import wait_until
 from infermill.errors import ConfigError, InfermillError, LeaseLostError, PlanReplacedError
+from infermill.io.writers import JsonlWriter
 from infermill.layout import JobLayout
-from infermill.queue import Lease, WorkQueue
+from infermill.queue import Lease, LostOutput, WorkQueue
+from infermill.worker import redo_lost_outputs
 
 WORKER = Path(__file__).resolve().parent / "queue_worker.py"
 TIMEOUT = 1.0  # lease_timeout_sec of these tests
@@ -493,7 +495,7 @@ def test_a_unit_redone_is_claimable_at_once_and_its_last_attempt_does_not_count(
     assert queue.commit(lease, lambda: None, documents=10)
     other = make_queue(folder, "other", max_unit_attempts=1)
     other.host = "another-host"  # cannot tell whether the last holder lives: only a lease given back is free
-    queue.redo([0])
+    assert queue.redo([LostOutput(0, "00000_00000.jsonl", "is missing", generation=1)]) == [0]
     again = other.claim()
     assert again is not None and again.generation == 2
     assert other.status().units_done == 0 and other.status().units_failed == 0
@@ -525,3 +527,80 @@ def test_the_failed_units_message_says_how_many_of_the_others_are_done(tmp_path)
     assert "1 of 3 units failed" in message and "1 of the other 2 units are done; fix the cause" in message
     queue.commit(by_unit[2], lambda: None, documents=10)
     assert "The other units are done; fix the cause" in str(failed_units_error(queue))
+
+
+def commit_records(queue: WorkQueue, writer: JsonlWriter, lease: Lease, texts: list[str]) -> None:
+    def write_output() -> dict:
+        written = writer.write_chunk(({"id": text, "text": text} for text in texts), 0, lease.unit)
+        return writer.written(0, lease.unit, written)
+
+    assert queue.commit(lease, write_output, documents=len(texts))
+
+
+def test_a_command_redoing_a_unit_from_an_out_of_date_list_leaves_the_unit_redone_since_alone(tmp_path):
+    """Commands B and C start together and both find unit 0's output lost; B redoes it first.
+    C's redo, from its list made before, must neither take back the lease of B's worker nor,
+    once that worker committed, delete its output and done mark."""
+    folder, writer = tmp_path / "queue", JsonlWriter(str(tmp_path / "out"))
+    first = make_queue(folder, "first", 1)
+    commit_records(first, writer, first.claim(), ["a", "b"])
+    output = tmp_path / "out" / "00000_00000.jsonl"
+    output.unlink()
+    b, c = make_queue(folder, "b"), make_queue(folder, "c")
+    listed_by_b, listed_by_c = b.check_outputs(writer).lost, c.check_outputs(writer).lost
+    assert [(e.unit, e.generation) for e in listed_by_c] == [(0, 1)], listed_by_c
+    assert b.redo(listed_by_b, lambda unit: writer.remove_chunk_file(0, unit)) == [0]
+    lease = b.claim()
+    assert lease is not None and lease.generation == 2
+    assert c.redo(listed_by_c, lambda unit: writer.remove_chunk_file(0, unit)) == []
+    b.renew(lease)  # still B's worker's
+    commit_records(b, writer, lease, ["a", "b"])
+    mark = (folder / "units" / "000000.done").read_bytes()
+    assert c.redo(listed_by_c, lambda unit: writer.remove_chunk_file(0, unit)) == []
+    assert output.exists() and (folder / "units" / "000000.done").read_bytes() == mark
+    assert c.check_outputs(writer, verify=True).lost == [] and c.status().units_done == 1
+
+
+def test_an_output_rewritten_with_its_records_at_another_size_is_not_lost(tmp_path):
+    """A stale holder that wakes after a takeover may replace a committed unit's file with the
+    same documents at another size (sampled replies): verify counts its records."""
+    folder, writer = tmp_path / "queue", JsonlWriter(str(tmp_path / "out"))
+    queue = make_queue(folder, "me", 1)
+    lease = queue.claim()
+    commit_records(queue, writer, lease, ["a", "b", "c"])
+    writer.write_chunk([{"id": t, "text": t * 10} for t in "abc"], 0, 0)  # the other holder's replies
+    assert queue.check_outputs(writer, verify=True).lost == []
+    writer.write_chunk([{"id": t, "text": t} for t in "ab"], 0, 0)  # a record short
+    lost = queue.check_outputs(writer, verify=True).lost
+    assert [(e.unit, e.generation) for e in lost] == [(0, 1)] and "holds 2 records, not 3" in lost[0].problem, lost
+    assert queue.check_outputs(writer).lost == []  # a command starting looks only for missing files
+
+
+def test_a_lease_dated_in_the_future_is_logged_once_though_renewals_date_it_ahead_again(tmp_path, caplog):
+    folder = tmp_path / "queue"
+    holder = make_queue(folder, "holder", 1)
+    lease = holder.claim()
+    other = make_queue(folder, "other")
+    other.host = "another-host"
+    for ahead in (3600, 3610, 3620):  # each renewal on a node whose clock runs ahead
+        future = holder.storage_now() + ahead
+        os.utime(lease.path, (future, future))
+        assert other.claim() is None
+    warnings = [r for r in caplog.records if "in the future" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+def test_many_lost_outputs_are_logged_in_one_warning(tmp_path, caplog):
+    folder, writer = tmp_path / "queue", JsonlWriter(str(tmp_path / "out"))
+    queue = make_queue(folder, "me", 15)
+    while (lease := queue.claim()) is not None:
+        commit_records(queue, writer, lease, ["a"])
+    for path in (tmp_path / "out").glob("*.jsonl"):
+        path.unlink()
+    caplog.set_level("WARNING", logger="infermill.worker")
+    redo_lost_outputs(queue, writer)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "infermill.worker"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("15 done unit(s) lost their output") and "and 5 more" in warnings[0], warnings
+    assert "--overwrite" in warnings[0] and "new output folder" in warnings[0], warnings
+    assert queue.status().units_done == 0

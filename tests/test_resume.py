@@ -535,15 +535,36 @@ def test_a_done_unit_whose_output_is_gone_or_short_is_found_by_status_verify_and
     assert f"unit 1: {files[1]} is 100 bytes, not the" in shown, shown
     assert "unit 2:" not in shown and "unit 4:" not in shown and "3 done units lost their output" in shown, shown
 
+    assert "delete a file that is cut short first" in shown, shown
+    files[1].unlink()  # as verify says: a command starting looks for missing files only (one listing)
     output = job.run_ok()
+    assert "3 done unit(s) lost their output and run again" in output, output[-3000:]
     for unit in (0, 1, 3):
-        assert f"unit {unit} is marked done but its output {files[unit]} is" in output, output[-3000:]
-    assert "unit 2 is marked done" not in output and "unit 4 is marked done" not in output
+        assert f"unit {unit}: {files[unit]} is missing" in output, output[-3000:]
+    assert "unit 2:" not in output and "unit 4:" not in output
     job.check_exactly_once()
     assert job.last_run_stats()["documents_processed"] == 3 * RPC  # those three units, no other
     again = verify()
     assert again.returncode == 0 and "the output files of 5 done units are there" in again.stdout, again.stdout
     assert "5 of 5 units done" in again.stdout and "125 of 125 documents committed" in again.stdout, again.stdout
+
+
+def test_status_verify_accepts_an_output_rewritten_at_another_size_with_its_records(tmp_path):
+    """A stale holder may replace a committed unit's file with the same documents at another
+    size (sampled replies): verify counts the records of a file whose size differs."""
+    job = Job(tmp_path, docs=50, server="dummy")  # 2 units of 25
+    job.run_ok()
+    path = job.output / "00000_00000.jsonl"
+    records = read_jsonl(path)
+    path.write_text("".join(json.dumps(r, indent=None, separators=(", ", ": ")) + "\n" for r in records))
+    argv = [PYTHON, "-m", "infermill", "status", str(job.output), "--verify"]
+    found = subprocess.run(argv, capture_output=True, text=True, env=job.env, timeout=30)
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert "the output files of 2 done units are there" in found.stdout, found.stdout
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:-1]))  # a record short
+    found = subprocess.run(argv, capture_output=True, text=True, env=job.env, timeout=30)
+    assert found.returncode == 1 and f"unit 0: {path} is " in found.stdout, found.stdout + found.stderr
+    assert f"holds {RPC - 1} records, not {RPC}" in found.stdout, found.stdout
 
 
 # -- several workers and remote outputs -----------------------------------------------------------

@@ -262,6 +262,39 @@ def test_without_sbatch_the_error_says_slurm_is_needed_and_nothing_is_written(tm
     assert not job.queue.exists()
 
 
+def fake_slurm(tmp_path: Path, sbatch: str) -> str:
+    """A PATH whose ``sbatch`` runs the shell lines ``sbatch`` and whose ``squeue`` shows an empty
+    queue (the array ended), before this one's: what a unit-level test of the submission needs."""
+    folder = tmp_path / "fake-slurm"
+    folder.mkdir()
+    for name, body in (("sbatch", sbatch), ("squeue", "exit 0")):
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize(
+    ("sbatch", "args", "code", "kept"),
+    [
+        ("echo 'sbatch: error: invalid partition' >&2; exit 1", [], 1, False),
+        ("echo 4242", ["--wait"], 1, False),  # (this fake array ran no task: the job is not complete)
+        ("echo 4242", [], 0, True),  # the array may still run or be requeued: its tasks read it
+    ],
+    ids=["sbatch-refuses", "wait-until-the-array-ended", "no-wait"],
+)
+def test_the_secrets_file_is_deleted_once_no_task_can_read_it(tmp_path, sbatch, args, code, kept):
+    job = QueueJob(tmp_path, docs=10, rpc=5, inference=ENDPOINT_JOB)
+    job.env["PATH"] = fake_slurm(tmp_path, sbatch)
+    key, overrides = secret_overrides("http://127.0.0.1:9/v1")
+    result = job.run("--executor", "slurm", "--workers", "2", *args, *overrides)
+    assert result.returncode == code and "Traceback" not in result.stderr, output_of(result)
+    folder = job.output / "_infermill" / "slurm"
+    assert f"INFERMILL_SECRET_OVERRIDES_FILE={folder}" in (folder / "infermill-out.sbatch").read_text()
+    secrets_files = list(folder.glob("*.secrets"))
+    assert len(secrets_files) == (1 if kept else 0), output_of(result)
+    assert all(path.stat().st_mode & 0o777 == 0o600 and key in path.read_text() for path in secrets_files)
+
+
 def test_sbatch_refusing_is_one_error_line_quoting_it(tmp_path, slurm):
     job = QueueJob(tmp_path, docs=10, rpc=5)
     result = job.run("--executor", "slurm", "--workers", "2", "--set", "slurm.partition=no-such-partition")
@@ -283,9 +316,9 @@ def test_secret_overrides_reach_the_tasks_in_a_file_only_its_owner_reads_never_t
     folder = job.output / "_infermill" / "slurm"
     script = (folder / "infermill-out.sbatch").read_text()
     assert key not in script and url not in script
-    (secrets_file,) = folder.glob("*.secrets")
-    assert secrets_file.stat().st_mode & 0o777 == 0o600
-    assert f"INFERMILL_SECRET_OVERRIDES_FILE={secrets_file}" in script
+    (exported,) = [line for line in script.splitlines() if "INFERMILL_SECRET_OVERRIDES_FILE=" in line]
+    assert exported.startswith(f"export INFERMILL_SECRET_OVERRIDES_FILE={folder}/") and exported.endswith(".secrets")
+    assert not list(folder.glob("*.secrets"))  # deleted once the array ended (--wait)
 
 
 def test_an_array_of_three_workers_drains_2000_documents_each_once(tmp_path, slurm):

@@ -700,12 +700,12 @@ def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_
     layout, output = _job_layout(target, checkpoints, overrides)
     if (layout.queue / "plan.json").exists():
         try:
-            lost = _lost_outputs(layout, output) if verify else None
-            _queue_status(layout, output, as_json, lost)
+            check = _check_outputs(layout, output) if verify else None
+            _queue_status(layout, output, as_json, check)
         except (QueueCorruptError, StorageError) as e:
             _error(e)
             raise SystemExit(EXIT_USAGE) from None
-        if lost:
+        if check is not None and check.lost:
             raise SystemExit(EXIT_FAILED)
         return
     ranks = layout.ranks()
@@ -740,20 +740,31 @@ def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_
         )
 
 
-def _lost_outputs(layout: Any, output: str) -> list[Any]:
-    """The done units of the job whose output file is gone or short (``WorkQueue.lost_outputs``)."""
+def _check_outputs(layout: Any, output: str) -> Any:
+    """The done units of the job whose output file is gone or short, and those that cannot be
+    checked (``WorkQueue.check_outputs`` with ``verify``)."""
     from infermill.io.writers import OutputWriter
     from infermill.queue import WorkQueue
 
+    class FilesNotNamed(OutputWriter):
+        """The writer of a job whose file names a unit cannot tell (a datatrove writer's)."""
+
+        def chunk_file(self, rank: int, chunk_index: int) -> str | None:
+            return None
+
     queue = WorkQueue.for_layout(layout)
-    identity = (queue.plan() or {}).get("identity") or {}
-    return queue.lost_outputs(OutputWriter(output, _output_filename(identity.get("output"), output)))
+    recorded = ((queue.plan() or {}).get("identity") or {}).get("output")
+    template = _output_filename(recorded, output)
+    named = template is not None or not isinstance(recorded, str)  # no template recorded: the default one
+    writer = (OutputWriter if named else FilesNotNamed)(output, template)
+    return queue.check_outputs(writer, verify=True)
 
 
 def _output_filename(recorded: object, output: str) -> str | None:
     """The job's output file name template, from the ``FOLDER/TEMPLATE`` its plan recorded
     (where a done mark of an older infermill, which names no file, is looked for); None: the
-    default one."""
+    default one, or a template that names a chunk's files by more than its rank and index (a
+    datatrove writer's)."""
     if not isinstance(recorded, str) or "${" not in recorded:
         return None
     for folder in (output.rstrip("/"), os.path.abspath(output)):
@@ -762,7 +773,9 @@ def _output_filename(recorded: object, output: str) -> str | None:
             break
     else:  # the job named its output folder otherwise: the template is its last part, from its first ${
         template = recorded[recorded.rfind("/", 0, recorded.index("${")) + 1 :]
-    return template if "${rank}" in template and "${chunk_index}" in template else None
+    if "${rank}" not in template or "${chunk_index}" not in template:
+        return None
+    return template if "$" not in template.replace("${rank}", "").replace("${chunk_index}", "") else None
 
 
 def _renewed(seconds_ago: float) -> str:
@@ -837,8 +850,9 @@ def _status_line(output: str, progress: JobProgress) -> str:
     )
 
 
-def _queue_status(layout: JobLayout, output: str, as_json: bool, lost: list[Any] | None = None) -> None:
-    """Print the job's state; with ``lost`` (``--verify``), the done units whose output is lost."""
+def _queue_status(layout: JobLayout, output: str, as_json: bool, check: Any = None) -> None:
+    """Print the job's state; with ``check`` (``--verify``), the done units whose output is lost
+    and those that cannot be checked."""
     import dataclasses
 
     from rich.table import Table
@@ -852,8 +866,9 @@ def _queue_status(layout: JobLayout, output: str, as_json: bool, lost: list[Any]
     replicas = read_stats(layout).get("replicas") or []  # summed over the finished worker runs
     if as_json:
         document = {**progress.as_dict(), "replicas": replicas}
-        if lost is not None:
-            document["lost_outputs"] = [dataclasses.asdict(entry) for entry in lost]
+        if check is not None:
+            document["lost_outputs"] = [dataclasses.asdict(entry) for entry in check.lost]
+            document["unchecked_outputs"] = check.unchecked
         click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
     click.echo(_status_line(output, progress))
@@ -907,20 +922,33 @@ def _queue_status(layout: JobLayout, output: str, as_json: bool, lost: list[Any]
         )
     for failure in state.failed:
         click.echo(f"unit {failure.unit} failed (attempt {failure.generation}, {failure.host}): {failure.cause}")
-    if lost is None:
+    if check is None:
         return
+    lost = check.lost
     for entry in lost:
         click.echo(f"unit {entry.unit}: {output.rstrip('/')}/{entry.file} {entry.problem}")
+    if check.unchecked:
+        click.echo(
+            f"not checked: {len(check.unchecked)} done unit(s) ({_units(check.unchecked)}) whose done marks name no "
+            "file (written by an older infermill), in a job whose writer (a datatrove writer) does not name a unit's "
+            "file either"
+        )
     if lost:
         _error(
             f"{len(lost)} done unit{'s' if len(lost) > 1 else ''} lost {'their' if len(lost) > 1 else 'its'} output: "
-            "run the job's command again (infermill run JOB_FILE), which runs them again"
+            "run the job's command again (infermill run JOB_FILE), which runs again the units whose file is missing; "
+            "delete a file that is cut short first"
         )
     else:
+        checked = state.units_done - len(check.unchecked)
         click.echo(
-            f"verified: the output files of {state.units_done} done units are there, at the sizes their done marks "
-            "recorded"
+            f"verified: the output files of {checked} done units are there, at the sizes their done marks recorded "
+            "(or holding the records they recorded)"
         )
+
+
+def _units(units: list[int]) -> str:
+    return ", ".join(map(str, units[:10])) + (f" and {len(units) - 10} more" if len(units) > 10 else "")
 
 
 if __name__ == "__main__":

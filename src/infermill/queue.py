@@ -57,9 +57,12 @@ only then calls the caller's writer, which writes the unit's output under a temp
 and renames it to a name derived from the unit; then it creates ``U.done``, which names
 what the writer says it committed (``"output": {"file", "bytes", "records"}``, the file
 relative to the output folder; no file when no record was written).
-:meth:`lost_outputs` finds the done units whose file is gone or not that size (a done mark
-of an older infermill, or one emptied, names no file: then the file the writer names for
-the unit must exist), and :meth:`redo` makes such a unit claimable again. The check and
+:meth:`check_outputs` finds the done units whose file is gone (from one listing of the
+output folder: a done mark is read only for a unit whose file is not there) or, when asked
+to verify, not that size and not holding that many records (a done mark of an older
+infermill, or one emptied, names no file: then the file the writer names for the unit must
+exist), and :meth:`redo` makes such a unit claimable again, unless its done mark is no
+longer of the generation judged (another command redid it meanwhile). The check and
 the write are not one atomic step: a holder frozen right after its check may wake after a
 takeover and write too. Then it replaces the same output file with equivalent content (the
 same documents), so the output still holds each document once; ``U.done`` is created once,
@@ -188,11 +191,23 @@ class UnitFailure:
 @dataclass(frozen=True, slots=True)
 class LostOutput:
     """A done unit whose output file (``file``, relative to the output folder) is gone or not
-    the size its done mark recorded; ``problem`` says which, as a sentence's end."""
+    the size and record count its done mark recorded; ``problem`` says which, as a sentence's
+    end; ``generation``: that of the done mark judged (None: a mark that cannot be read)."""
 
     unit: int
     file: str
     problem: str
+    generation: int | None = None
+
+
+@dataclass(slots=True)
+class OutputCheck:
+    """What :meth:`WorkQueue.check_outputs` found: the done units whose output is ``lost``, and
+    those it could not check (``unchecked``: their done mark names no file, and the job's writer
+    cannot name one, as a datatrove writer)."""
+
+    lost: list[LostOutput] = field(default_factory=list)
+    unchecked: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -303,6 +318,7 @@ class WorkQueue:
         self._random = random.Random()
         self._plan: dict[str, Any] | None = None
         self._future_leases: dict[Path, tuple[float, float]] = {}  # lease -> (its mtime, storage time first seen)
+        self._warned_future: set[Path] = set()  # the leases dated in the future that were logged
         self.seconds = 0.0  # spent claiming, renewing, committing...: the queue's cost to this worker
         self.retried: list[int] = []  # the failed units that reset_failed() made claimable again
         self.units_dir.mkdir(parents=True, exist_ok=True)
@@ -673,48 +689,106 @@ class WorkQueue:
     def done_marks(self) -> dict[int, dict[str, Any]]:
         """The done mark of each planned unit that has one, as written (``{}`` for one that
         cannot be read: emptied or torn)."""
-        planned = self._units_total()
-        return {
-            unit: self._read_json(self._done_path(unit)) or {}
-            for unit, state in self._list().items()
-            if state.done and unit < planned
-        }
+        return {unit: self._read_json(self._done_path(unit)) or {} for unit in self._done_units()}
 
-    def lost_outputs(self, writer: OutputWriter) -> list[LostOutput]:
-        """The done units whose output file is gone, or is not the size their done mark
-        recorded. A mark that names no file (of an older infermill, or emptied) needs the
-        file ``writer`` names for its unit, if it names one; that of a unit that wrote no
-        record needs none. Each folder of the files is listed once."""
-        expected: dict[int, tuple[str, int | None]] = {}
-        for unit, mark in self.done_marks().items():
-            output = mark.get("output")
-            if not isinstance(output, dict):
-                if (name := writer.chunk_file(0, unit)) is not None:
-                    expected[unit] = (name, None)
-            elif isinstance(output.get("file"), str):
-                size = output.get("bytes")
-                expected[unit] = (output["file"], size if isinstance(size, int) else None)
-        sizes = writer.file_sizes({name for name, _ in expected.values()})
-        lost = []
-        for unit, (name, size) in sorted(expected.items()):
+    def check_outputs(self, writer: OutputWriter, verify: bool = False) -> OutputCheck:
+        """Find the done units whose output file is gone (and, with ``verify``, those whose file
+        is not the size their done mark recorded and does not hold its records either: a stale
+        holder may have rewritten it with equivalent content of another size).
+
+        Without ``verify`` (a command starting), the files are found by one listing of the
+        output folder, and a done mark is read only for a unit whose file is not there, or when
+        ``writer`` cannot name its units' files. A mark that names no file (of an older
+        infermill, or emptied) needs the file ``writer`` names for its unit; that of a unit that
+        wrote no record needs none."""
+        done = self._done_units()
+        named = {unit: writer.chunk_file(0, unit) for unit in done}
+        sizes = writer.file_sizes({name for name in named.values() if name is not None})
+        marks = {
+            unit: self._read_json(self._done_path(unit)) or {}
+            for unit in done
+            if verify or named[unit] is None or named[unit] not in sizes
+        }
+        outputs = {unit: mark.get("output") for unit, mark in marks.items()}
+        elsewhere = {o["file"] for o in outputs.values() if isinstance(o, dict) and isinstance(o.get("file"), str)}
+        sizes.update(writer.file_sizes(elsewhere - sizes.keys()))  # marks naming files the writer does not
+        # a mark of this infermill naming no file for its records: the job's writer names none (datatrove's)
+        unnamed = any(isinstance(o, dict) and o.get("file") is None and o.get("records") for o in outputs.values())
+        check = OutputCheck()
+        for unit, mark in sorted(marks.items()):
+            generation = mark.get("generation") if isinstance(mark.get("generation"), int) else None
+            output = outputs[unit]
+            if isinstance(output, dict):
+                if not isinstance(output.get("file"), str):
+                    continue  # no record written
+                name, size, records = output["file"], output.get("bytes"), output.get("records")
+            elif named[unit] is None or unnamed:
+                check.unchecked.append(unit)
+                continue
+            else:
+                name, size, records = named[unit], None, None
             found = sizes.get(name)
             if found is None:
-                lost.append(LostOutput(unit, name, "is missing"))
-            elif size is not None and found != size:
-                lost.append(LostOutput(unit, name, f"is {found:,} bytes, not the {size:,} its done mark recorded"))
-        return lost
+                check.lost.append(LostOutput(unit, name, "is missing", generation))
+            elif isinstance(size, int) and found != size:
+                count = writer.count_records(name)
+                if count is None or count != records:
+                    holds = "cannot be read" if count is None else f"holds {count:,} records, not {records}"
+                    problem = f"is {found:,} bytes, not the {size:,} its done mark recorded, and {holds}"
+                    check.lost.append(LostOutput(unit, name, problem, generation))
+        return check
 
-    def redo(self, units: list[int]) -> None:
-        """Make the done ``units`` claimable again at once (their output was lost): give each
-        one's last lease back (so that it counts as no attempt), then remove its done mark."""
-        listing = self._list()
-        for unit in units:
-            state = listing.get(unit)
-            if state is not None and state.leased:
-                self.release(
-                    Lease(unit, state.generation, self.units_dir / _generation_name(unit, state.generation, "lease"))
-                )
-            self._done_path(unit).unlink(missing_ok=True)
+    def redo(self, lost: list[LostOutput], remove_output: Callable[[int], None] | None = None) -> list[int]:
+        """Make the done units of ``lost`` claimable again at once; return those it did.
+
+        A unit is redone only if its done mark is still the one judged lost (the same
+        generation: another command may have redone it since, and its new holder committed):
+        that generation's lease is given back (so that it counts as no attempt), the mark is
+        taken away (renamed: only one command can), ``remove_output`` deletes the unit's output
+        file, and the mark is deleted."""
+        redone = []
+        for entry in lost:
+            path = self._done_path(entry.unit)
+            if not self._mark_of(path, entry.generation):
+                continue
+            generation = entry.generation
+            if generation is None:  # an unreadable mark: its unit's last lease
+                generation = self._list().get(entry.unit, _Unit()).generation
+            lease = self.units_dir / _generation_name(entry.unit, generation, "lease")
+            self.release(Lease(entry.unit, generation, lease))  # nothing if a later generation exists
+            taken = self.units_dir / f".tmp-redo-{uuid.uuid4().hex}"  # ignored by _list
+            try:
+                os.rename(path, taken)
+            except FileNotFoundError:
+                continue  # another command took it
+            if not self._mark_of(taken, entry.generation):  # committed again since the check: put it back
+                try:
+                    os.link(taken, path)
+                except FileExistsError:
+                    pass
+                os.unlink(taken)
+                continue
+            if remove_output is not None:
+                remove_output(entry.unit)
+            os.unlink(taken)
+            redone.append(entry.unit)
+        return redone
+
+    def _done_units(self) -> list[int]:
+        planned = self._units_total()
+        return sorted(unit for unit, state in self._list().items() if state.done and unit < planned)
+
+    @staticmethod
+    def _mark_of(path: Path, generation: int | None) -> bool:
+        """Whether the done mark ``path`` exists and is of ``generation`` (None: unreadable)."""
+        try:
+            data = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return False
+        except orjson.JSONDecodeError:
+            return generation is None
+        found = data.get("generation") if isinstance(data, dict) else None
+        return (found if isinstance(found, int) else None) == generation
 
     def status(self) -> QueueStatus:
         """Where the units stand (see :class:`QueueStatus`)."""
@@ -908,7 +982,8 @@ class WorkQueue:
         seen = self._future_leases.get(path)
         if seen is None or seen[0] != mtime:
             seen = self._future_leases[path] = (mtime, now)
-            if mtime - now > FUTURE_LEASE_WARNING_SEC:
+            if mtime - now > FUTURE_LEASE_WARNING_SEC and path not in self._warned_future:
+                self._warned_future.add(path)  # once: with a skewed clock, each renewal dates it ahead again
                 logger.warning(
                     "the lease %s is dated %.0f s in the future on the storage's clock (a clock set back, or a "
                     "forged file): its unit is taken over unless it is renewed within %g s (lease_timeout_sec)",

@@ -128,16 +128,25 @@ def open_queue(
     return queue, UnitPlan.from_json(stored)
 
 
-def redo_lost_outputs(queue: WorkQueue, writer: OutputWriter) -> None:
-    """Run again the done units whose output file is gone or short (deleted or cut after its
-    unit was committed, or a done mark forged): a warning names each unit and file, its file
-    is removed and so is its done mark."""
-    lost = queue.lost_outputs(writer)
-    for entry in lost:
-        url = writer.url(f"{writer.root}/{entry.file}")
-        logger.warning("unit %d is marked done but its output %s %s: running it again", entry.unit, url, entry.problem)
-        writer.remove_chunk_file(0, entry.unit)  # a short file is not kept as if whole while its unit runs
-    queue.redo([entry.unit for entry in lost])
+def redo_lost_outputs(queue: WorkQueue, writer: OutputWriter) -> list[int]:
+    """Run again the done units whose output file is gone (deleted after its unit was committed,
+    or a done mark forged): their files and done marks are removed, and one warning names the
+    first of them and their count; returns those units. A unit another command redid meanwhile
+    is left to it (:meth:`WorkQueue.redo`)."""
+    lost = queue.check_outputs(writer).lost
+    redone = set(queue.redo(lost, lambda unit: writer.remove_chunk_file(0, unit)))
+    named = [entry for entry in lost if entry.unit in redone]
+    if named:
+        shown = "; ".join(f"unit {e.unit}: {writer.url(f'{writer.root}/{e.file}')} {e.problem}" for e in named[:10])
+        more = f"; and {len(named) - 10} more" if len(named) > 10 else ""
+        logger.warning(
+            "%d done unit(s) lost their output and run again (%s%s). If the files were moved or deleted on purpose, "
+            "stop this run: --overwrite starts the job over, or give it a new output folder",
+            len(named),
+            shown,
+            more,
+        )
+    return sorted(redone)
 
 
 def _open(layout: JobLayout, options: QueueOptions) -> WorkQueue:

@@ -41,6 +41,9 @@ README: "What the shared folder must offer"). sbatch passes the submitting envir
 (its default ``--export=ALL``); ``slurm.env`` adds to it and ``slurm.setup`` lines run first.
 The ``--set`` overrides of secret fields are never in the script: they go to a file beside it,
 mode 0600, whose path the script exports (:data:`~infermill.jobfile.SECRET_OVERRIDES_FILE_ENV`).
+That file is deleted once the array ended when infermill waits for it (``--wait``), and when
+sbatch refuses the array; otherwise it stays while a task may still run or be requeued:
+delete ``OUTPUT/_infermill/slurm/*.secrets`` once the array is gone.
 """
 
 from __future__ import annotations
@@ -211,7 +214,9 @@ def run_slurm(
     """Submit (or, with ``dry_run``, print) an sbatch array of ``workers`` tasks, each running
     ``command``; return an exit code to exit with at once, or None once the array ended (``wait``).
     ``secret_overrides`` reach the tasks in a file of their own, mode 0600 (one per submission:
-    an earlier array's requeued tasks still read theirs)."""
+    an earlier array's requeued tasks still read theirs); it is deleted when sbatch refuses the
+    array and, with ``wait``, once the array ended. Without ``wait`` (or after Ctrl-C) it stays:
+    a task may still start or be requeued later."""
     folder = layout.root / "slurm"
     name = job_name(job.output.path)
     secrets_file = folder / f"{name}.{secrets.token_hex(4)}.secrets" if secret_overrides else None
@@ -226,11 +231,17 @@ def run_slurm(
         with open(os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(encode_secret_overrides(secret_overrides))
     path = folder / f"{name}.sbatch"
-    path.write_text(script)
-    result = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
-    if result.returncode != 0:
-        refusal = " ".join((result.stderr or result.stdout).split()) or f"exit code {result.returncode}"
-        raise SlurmError(f"sbatch refused {path}: {refusal}")
+    submitted = False
+    try:
+        path.write_text(script)
+        result = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
+        if result.returncode != 0:
+            refusal = " ".join((result.stderr or result.stdout).split()) or f"exit code {result.returncode}"
+            raise SlurmError(f"sbatch refused {path}: {refusal}")
+        submitted = True
+    finally:
+        if not submitted and secrets_file is not None:  # no task will read it
+            secrets_file.unlink(missing_ok=True)
     job_id = result.stdout.strip().split(";")[0]  # "ID" or "ID;CLUSTER"
     logs = layout.logs / f"slurm-{job_id}_<task>.log"
     print(f"submitted Slurm job {job_id}: {workers} workers; logs in {logs}; script {path}", flush=True)
@@ -247,6 +258,8 @@ def run_slurm(
             flush=True,
         )
         return 130
+    if secrets_file is not None:  # the array ended: no task of it reads the file any more
+        secrets_file.unlink(missing_ok=True)
     return None
 
 

@@ -128,6 +128,19 @@ class OutputWriter:
                     sizes[f"{folder}/{base}" if folder else base] = int(entry["size"])
         return sizes
 
+    def count_records(self, name: str) -> int | None:
+        """The number of records in ``name`` (a file in the output folder, as this writer writes
+        them: one per line), read whole; None if it cannot be read as such (gone, cut in the
+        middle of its compression)."""
+        import fsspec
+
+        path = f"{self.root}/{name}"
+        try:
+            with self.fs.open(path, "rb", compression=fsspec.utils.infer_compression(name)) as file:
+                return sum(1 for line in file if line.strip())
+        except Exception:  # a file cut short fails in its decompressor's own error type (zstd's, gzip's EOFError)
+            return None
+
     def url(self, path: str) -> str:
         """``path`` (in this writer's file system) as the user would write it: with its protocol."""
         return path if self.is_local else self.fs.unstrip_protocol(path)
@@ -230,6 +243,16 @@ class ParquetWriter(OutputWriter):
                 parquet.write_table(pa.Table.from_pylist(rows, schema=schema))
         self._store_job_schema(schema)
         return len(held)
+
+    def count_records(self, name: str) -> int | None:
+        """The number of rows in the Parquet file ``name`` (from its footer); None if it cannot be read."""
+        import pyarrow.parquet as pq
+
+        try:
+            with self.fs.open(f"{self.root}/{name}", "rb") as file:
+                return int(pq.ParquetFile(file).metadata.num_rows)
+        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+            return None
 
     def _fields(self, records: list[Record]) -> tuple[dict[str, Any], set[str]]:
         """The metadata fields to write (the job's so far, widened by this chunk's) and the keys

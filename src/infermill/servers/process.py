@@ -10,6 +10,8 @@ read and stop it, so the rules that keep orphans away live in one place:
 * a watcher process per child (:mod:`infermill.servers.watcher`), in a session of its own,
   kills the child's group and every process with its token once this process is gone,
   however it died (``kill -9`` included); on Linux the child also gets a parent-death signal;
+  a process forked from this one without exec (``multiprocessing``'s fork) does not keep the
+  watchers' input open (the write ends are replaced by ``/dev/null`` in the fork);
 * stdout and stderr are drained concurrently in chunks, so a full pipe can never block
   the child, lines of any length are fine, and invalid UTF-8 is replaced, not fatal;
 * ``stop()`` sends SIGTERM to the group, waits a grace period, sends SIGKILL, and reaps;
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -250,7 +253,8 @@ def die_with_parent() -> Callable[[], None]:
 class _Watcher:
     """The watcher process of one child (see :mod:`infermill.servers.watcher`). This process
     alone holds the write end of its input, so that the watcher sees it close when this
-    process dies, however it dies."""
+    process dies, however it dies: the end is close-on-exec, and a fork of this process that
+    does not exec drops it (:func:`_drop_watcher_inputs`)."""
 
     def __init__(self, token: str):
         self._proc = subprocess.Popen(
@@ -260,6 +264,7 @@ class _Watcher:
             cwd="/",  # holds no folder of the job's busy
             start_new_session=True,  # out of reach of signals to our group and terminal
         )
+        _watchers.add(self)
         self._send(f"token {token}")
 
     def watch(self, pgid: int, leader_started: float | None) -> None:
@@ -285,6 +290,29 @@ class _Watcher:
         except OSError:
             pass
         await asyncio.to_thread(self._proc.wait)
+
+
+_watchers: weakref.WeakSet[_Watcher] = weakref.WeakSet()
+
+
+def _drop_watcher_inputs() -> None:
+    """In a child forked from this process (``multiprocessing``'s fork, a plain ``os.fork``):
+    point the write ends of the watchers' inputs at ``/dev/null``, so that this process's
+    death still closes them while the fork lives on. The file objects stay valid (a write
+    goes nowhere): the fork may close or collect them as usual."""
+    devnull = None
+    for watcher in list(_watchers):
+        stdin = watcher._proc.stdin
+        if stdin is None or stdin.closed:
+            continue
+        if devnull is None:
+            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(devnull, stdin.fileno(), inheritable=False)
+    if devnull is not None:
+        os.close(devnull)
+
+
+os.register_at_fork(after_in_child=_drop_watcher_inputs)
 
 
 def group_alive(pgid: int) -> bool:
