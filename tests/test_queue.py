@@ -25,7 +25,7 @@ from infermill.errors import ConfigError, InfermillError, LeaseLostError, PlanRe
 from infermill.io.writers import JsonlWriter
 from infermill.layout import JobLayout
 from infermill.queue import Lease, LostOutput, WorkQueue
-from infermill.worker import redo_lost_outputs
+from infermill.worker import WorkerDeaths, redo_lost_outputs
 
 WORKER = Path(__file__).resolve().parent / "queue_worker.py"
 TIMEOUT = 1.0  # lease_timeout_sec of these tests
@@ -604,3 +604,22 @@ def test_many_lost_outputs_are_logged_in_one_warning(tmp_path, caplog):
     assert warnings[0].startswith("15 done unit(s) lost their output") and "and 5 more" in warnings[0], warnings
     assert "--overwrite" in warnings[0] and "new output folder" in warnings[0], warnings
     assert queue.status().units_done == 0
+
+
+def test_a_units_second_crash_is_not_a_death_in_vain_and_fresh_units_first_crashes_are(tmp_path):
+    # the --workers parent's judge: a poison unit that crashes worker after worker spends its
+    # attempts (towards failed), however fast the crashes come; deaths on fresh units with no
+    # progress between them look like a broken server, and end the replacements
+    queue = WorkQueue(tmp_path / "queue", "parent")
+    queue.publish_plan({"units": [{"documents": 1}] * 10})
+    deaths = WorkerDeaths(queue, max_in_vain=1)
+    assert deaths.replace([3]) is None  # unit 3's first crash: in vain, 1 of 1 allowed
+    assert deaths.replace([3]) is None  # its second (before any other unit finished): not in vain
+    assert deaths.replace([3]) is None
+    assert deaths.replace([5]) is not None  # a fresh unit's first crash, nothing done meanwhile: 2 in vain
+
+    broken = WorkerDeaths(WorkQueue(tmp_path / "queue", "parent"), max_in_vain=1)
+    assert broken.replace([1]) is None
+    why = broken.replace([2])
+    assert why is not None and "deaths in vain" in why
+    assert WorkerDeaths(queue, max_in_vain=0).replace([]) is not None  # died before claiming a unit

@@ -25,7 +25,7 @@ import yaml
 
 from conftest import PYTHON
 from helpers import FAULTY_SERVER, read_jsonl, server_stats, wait_until
-from infermill.errors import ConfigError, PlanReplacedError
+from infermill.errors import ConfigError
 from infermill.queue import WorkQueue
 from infermill.timeseries import read_series
 
@@ -254,9 +254,9 @@ def test_a_plan_another_job_published_first_is_compared_before_anything_is_claim
 ):
     """The race to publish the plan, made deterministic: another job's command publishes its plan
     between this command's read of the plan (none yet) and its own publish. This command must
-    compare the stored plan with its job all the same: it starts the job over with its own
-    settings while nothing is committed and no worker is on it (the other command's worker is
-    then fenced off), and is refused while the other's worker holds a unit."""
+    compare the stored plan with its job all the same, and is refused: the other command still
+    runs (its workers may be booting their servers), or its worker holds a unit. (A job whose
+    command is gone, with nothing committed, is started over: tests/test_resume.py.)"""
     from infermill.job import build_reader, build_runner
     from infermill.jobfile import load_job
     from infermill.worker import QueueOptions, open_queue
@@ -302,21 +302,15 @@ def test_a_plan_another_job_published_first_is_compared_before_anything_is_claim
         y_runner.identity(),
         QueueOptions(1.0, worker_id="y"),
     )
-    if other_holds_a_unit:
-        with pytest.raises(ConfigError) as refused:
-            open_y()
-        message = str(refused.value)
-        assert "belongs to a different job" in message, message
-        assert "inference.model_name_or_path: 'model-x' -> 'model-y'" in message, message
-        assert "works on unit" in message, message
-        assert real_plan(others[0])["identity"] == x_runner.identity()  # the running job is left as it is
-        return
-    queue, _ = open_y()
-    monkeypatch.undo()
-    stored = queue.plan()
-    assert stored is not None and stored["identity"] == y_runner.identity(), "the job is started over as this one"
-    with pytest.raises(PlanReplacedError):  # the other command's worker claims nothing of it
-        others[0].claim()
+    with pytest.raises(ConfigError) as refused:
+        open_y()
+    message = str(refused.value)
+    assert "belongs to a different job" in message, message
+    assert "inference.model_name_or_path: 'model-x' -> 'model-y'" in message, message
+    # a worker on a unit, or else the command that published the plan (this process here), which
+    # may still be booting its server: the live job is not started over
+    assert ("works on unit" if other_holds_a_unit else "still runs") in message, message
+    assert real_plan(others[0])["identity"] == x_runner.identity()  # the running job is left as it is
 
 
 def test_two_commands_with_other_prompts_started_at_once_never_mix_their_output(tmp_path):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import orjson
 
 from infermill.config import DIGEST_PREFIX
 from infermill.errors import ConfigError, InfermillError, LeaseLostError
+from infermill.io.filesystems import replace_whole
 from infermill.layout import RankLock
 
 if TYPE_CHECKING:
@@ -499,7 +499,7 @@ class ChunkJournal(ChunkLogs):
 
     def _write_identity(self, identity: dict[str, Any]) -> None:
         data = orjson.dumps(identity, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-        _write_atomic(self.layout.identity_file(self.rank), data)
+        replace_whole(self.layout.identity_file(self.rank), data, fsync=True)
 
     def finalize_chunk(self, chunk_index: int) -> int:
         """Write the chunk's data file from its log, mark it done, drop the log. Idempotent.
@@ -517,7 +517,9 @@ class ChunkJournal(ChunkLogs):
         return written
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
-        _write_atomic(self.layout.complete_file(self.rank), orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        replace_whole(
+            self.layout.complete_file(self.rank), orjson.dumps(summary, option=orjson.OPT_INDENT_2), fsync=True
+        )
 
     def close(self, complete: dict[str, Any] | None = None) -> None:
         """Write what is pending and close the logs; if every write succeeded, mark the rank
@@ -738,12 +740,3 @@ def _merge_journals(journals: list[Path], into: Path) -> None:
                     replies.add(key)
                     kept.append(line.data)
             out.write(b"".join(kept))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_suffix(path.suffix + ".tmp")
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)

@@ -338,7 +338,11 @@ class WorkQueue:
         renewals and commits against a plan replaced meanwhile (see :meth:`check_plan`)."""
         if not isinstance(plan.get("units"), list):
             raise ValueError("a plan needs 'units', a list with one entry per unit")
-        plan = {"plan_id": uuid.uuid4().hex, **{k: v for k, v in plan.items() if k != "plan_id"}}
+        plan = {
+            "plan_id": uuid.uuid4().hex,
+            "published_by": {"host": self.host, "pid": self.pid},  # a live command's plan is not started over
+            **{k: v for k, v in plan.items() if k not in ("plan_id", "published_by")},
+        }
         self._create_exclusive(self.folder / PLAN_FILE, orjson.dumps(plan))
         stored = self.plan()
         if stored is None:  # created by us or by a writer before us, and deleted since

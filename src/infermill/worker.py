@@ -18,15 +18,15 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from infermill.errors import ConfigError, InfermillError, UnitsFailedError
-from infermill.io.filesystems import LASTING_ERRNOS, check_space, storage_error
+from infermill.io.filesystems import LASTING_ERRNOS, check_space, replace_whole, storage_error
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import ChunkJournal, QueueJournal, check_identity, identity_differences
@@ -98,7 +98,7 @@ def open_queue(
     changes = _changes(stored, identity, reader)
     busy = ""
     if changes and options.new_command:
-        busy = _busy(queue)
+        busy = _busy(queue, layout, stored)
         if not busy:  # nothing of the old job's output exists to mix with
             logger.warning(
                 "nothing of the job in %s was committed: starting it over with the changed settings (%s)",
@@ -164,20 +164,48 @@ def _changes(stored: dict[str, Any], identity: dict[str, Any], reader: DocumentR
     return limit + identity_differences(stored.get("identity", {}), identity)
 
 
-def _busy(queue: WorkQueue) -> str:
-    """Why the job in ``queue`` may not be started over: units of it are committed, or a worker
-    holds one (a worker of this host whose process is gone holds nothing); '' if neither."""
+def _busy(queue: WorkQueue, layout: JobLayout, stored: dict[str, Any]) -> str:
+    """Why the job in ``queue`` may not be started over: units of it are committed, a worker
+    holds one, or a command on it may still be live though it holds none yet (its server
+    booting): the one that published the plan, or a worker whose time series moved in the
+    last ``lease_timeout_sec``. On this host a process that is gone counts for nothing; on
+    another, the files' age tells. '' if none of these."""
     status = queue.status()
     if status.units_done:
         return f"{status.units_done} of its {status.units_total} units are committed with the settings before."
+    wait = f"if that command is stopped, run this one again in {queue.lease_timeout_sec:g} s at most"
     for holder in status.in_progress:
         if holder.host == queue.host and holder.pid is not None and not _alive(holder.pid):
             continue
         return (
             f"Nothing of it is committed yet, but worker {holder.worker} on {holder.host} (pid {holder.pid}) works on "
-            f"unit {holder.unit} (its lease renewed {holder.renewed_sec_ago:.0f} s ago): if that command is stopped, "
-            f"run this one again once its lease expired (checkpoint.lease_timeout_sec, {queue.lease_timeout_sec:g} s)."
+            f"unit {holder.unit} (its lease renewed {holder.renewed_sec_ago:.0f} s ago): {wait} "
+            "(checkpoint.lease_timeout_sec), once its lease expired."
         )
+    publisher = stored.get("published_by") or {}
+    candidates: list[tuple[Path, str | None, int | None]] = [
+        (queue.folder / PLAN_FILE, publisher.get("host"), publisher.get("pid"))
+    ]
+    for series in layout.metrics.glob("*.jsonl") if layout.metrics.is_dir() else ():
+        worker_host, _, worker_pid = series.stem.rpartition("-")[0].rpartition("-")  # a worker id: HOST-PID-SUFFIX
+        candidates.append((series, worker_host, int(worker_pid) if worker_pid.isdigit() else None))
+    now = queue.storage_now()
+    for path, host, pid in candidates:
+        if host == queue.host and pid is not None:
+            if not _alive(pid):
+                continue
+            return (
+                f"Nothing of it is committed yet, but its command (pid {pid} on this host) still runs: stop it first."
+            )
+        try:
+            age = now - path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age < queue.lease_timeout_sec:
+            return (
+                f"Nothing of it is committed yet, but a command on {host or 'another host'} wrote {path.name} "
+                f"{max(age, 0):.0f} s ago and may still be starting its server: {wait} (checkpoint.lease_timeout_sec)."
+            )
     return ""
 
 
@@ -205,9 +233,7 @@ def _replan(
         )
     # the same plan_id: the same job's workers go on (queue.check_plan), over the input's new offsets
     replanned = {"plan_id": stored.get("plan_id"), **plan.to_json(), "identity": identity}
-    temp = queue.folder / f".plan.{uuid.uuid4().hex}.tmp"  # not the pid: containers on two nodes share pids
-    temp.write_bytes(orjson.dumps(replanned))
-    os.replace(temp, queue.folder / "plan.json")
+    replace_whole(queue.folder / PLAN_FILE, orjson.dumps(replanned))
     return replanned
 
 
@@ -306,17 +332,13 @@ def write_run_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) ->
     ends, so that a run killed on the way leaves what it had done up to its last commit."""
     folder = layout.root / "stats"
     folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{worker_id}.{uuid.uuid4().hex}.tmp"
-    temp.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
-    os.replace(temp, folder / f"{worker_id}.json")
+    replace_whole(folder / f"{worker_id}.json", orjson.dumps(stats, option=orjson.OPT_INDENT_2))
 
 
 def sum_job_stats(layout: JobLayout) -> dict[str, Any]:
     """Write ``stats.json``, the job's stats (:func:`job_stats`); return them."""
     total = job_stats(layout)
-    temp = layout.root / f".stats.{uuid.uuid4().hex}.tmp"
-    temp.write_bytes(orjson.dumps(total, option=orjson.OPT_INDENT_2))
-    os.replace(temp, layout.stats_file(0, 1))  # the job's one stats.json
+    replace_whole(layout.stats_file(0, 1), orjson.dumps(total, option=orjson.OPT_INDENT_2))  # the job's one stats.json
     return total
 
 
@@ -394,9 +416,11 @@ class WorkerDeaths:
     replaced as long as units are left, unless its deaths look like the environment's fault
     rather than a unit's. A death is *in vain* when the worker held no unit (it failed before
     claiming one: a broken environment, a server that never started), or when no unit was done
-    or failed since the death before and none of the units it held has shown itself guilty: a
-    unit is, once other units got done or failed after its first crash (the server works, but
-    not on it), or when it failed in an earlier command. More than ``max_in_vain`` deaths in
+    or failed since the death before and every unit it held crashed a worker for the first
+    time in this command without having shown itself guilty: a unit is, once other units got
+    done or failed after its first crash (the server works, but not on it), or when it failed
+    in an earlier command. A unit's second and later crashes spend its attempts towards its
+    end: neither in vain nor a sign that the server works. More than ``max_in_vain`` deaths in
     vain in a row end the replacements: a server that fails whatever it is sent ends the
     command with its error instead of failing every unit in turn."""
 
@@ -412,9 +436,12 @@ class WorkerDeaths:
         """Judge a death that spent an attempt of each of ``units`` (the units its worker held):
         None to replace the worker, else why not."""
         finished, self._finished = self._finished, self.queue.units_finished()
+        crashed_before = any(unit in self._first_crash for unit in units)
         guilty = any(self._first_crash.setdefault(unit, self._finished) < self._finished for unit in units)
         if units and (self._finished > finished or guilty):
             self.in_vain = 0
+            return None
+        if crashed_before:  # another attempt of a unit that crashed a worker before: towards its end, not in vain
             return None
         self.in_vain += 1
         if self.in_vain <= self.max_in_vain:

@@ -7,6 +7,7 @@ import errno
 import os
 import uuid
 from collections.abc import Collection, Iterator
+from pathlib import Path
 from typing import Any
 
 from infermill.errors import ConfigError, InfermillError, StorageError
@@ -94,3 +95,21 @@ def check_writable(url: str) -> None:
         fs.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm(probe)
+
+
+def replace_whole(path: Path, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to the local file ``path`` whole or not at all: into a temporary file
+    beside it (a name of its own: several processes may replace one file), renamed over
+    ``path``; the temporary file is removed if writing fails (a full disk leaves no litter).
+    ``fsync``: on disk before the rename."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
