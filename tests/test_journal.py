@@ -275,3 +275,15 @@ def test_a_long_template_change_is_shown_where_it_differs_not_as_a_digest():
     assert (
         line == "rollout.template: …'swer in one word. Topic? [[DOCUMENT]]' -> …'swer in one word. Tone? [[DOCUMENT]]'"
     )
+
+
+def test_credentials_in_generation_params_never_reach_the_plan_whatever_their_spelling():
+    params = {
+        "temperature": 0.5,
+        "max_tokens": 64,
+        "extra_headers": {"Authorization": "Bearer sk-header", "X-Cookie": "c"},
+        "extra_body": {"apiKey": "sk-camel", "accessToken": "sk-access", "top_k": 5},
+    }
+    recorded = orjson.dumps(_identity(default_generation_params=params)).decode()
+    assert not any(secret in recorded for secret in ("sk-header", "sk-camel", "sk-access", "Cookie"))
+    assert '"temperature":0.5' in recorded and '"top_k":5' in recorded and '"max_tokens":64' in recorded

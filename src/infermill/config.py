@@ -332,12 +332,17 @@ class InferenceConfig(BaseModel):
 DIGEST_PREFIX = "digest:"
 
 #: the words of a key that names a credential: api_key, HF_TOKEN, db_password (not max_tokens, tokenizer)
-_CREDENTIAL_WORDS = {"key", "token", "secret", "password", "passwd", "credential", "credentials", "auth"}
+_CREDENTIAL_WORDS = frozenset(
+    {"key", "apikey", "token", "secret", "password", "passwd", "passphrase", "credential", "credentials"}
+    | {"auth", "authorization", "bearer", "cookie", "signature"}
+)
 
 
 def is_credential_name(name: str) -> bool:
-    """Whether ``name`` names a credential (``api_key``, ``HF_TOKEN``, ``x-auth``)."""
-    return bool(_CREDENTIAL_WORDS.intersection(re.split(r"[^a-z0-9]+", name.lower())))
+    """Whether ``name`` names a credential (``api_key``, ``HF_TOKEN``, ``x-auth``, ``apiKey``,
+    ``Authorization``): one of its words (split at non-letters and camelCase humps) is one."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    return bool(_CREDENTIAL_WORDS.intersection(re.split(r"[^a-z0-9]+", words)))
 
 
 #: the words of a launched server's flag that tunes how it runs, not what it answers (memory,
