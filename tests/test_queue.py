@@ -252,6 +252,10 @@ def test_a_worker_of_a_plan_replaced_by_another_command_renews_commits_and_claim
     with pytest.raises(PlanReplacedError, match="another command started the job over"):
         old.claim()
     assert written == [] and not old.holds(lease)
+    # stopping, it gives back or gives up nothing: the lease of that name is the new job's
+    assert not old.abandon(lease)
+    old.release(lease)
+    assert all(new.holds(t) for t in taken)
     assert all(new.commit(t, lambda: written.append("new"), documents=10) for t in taken)
     assert written == ["new", "new"] and new.status().units_done == 2
 

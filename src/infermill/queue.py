@@ -465,12 +465,12 @@ class WorkQueue:
             return None  # another worker won this generation
         lease = Lease(unit, generation, path)
         if self._done_path(unit).exists() or self._failed_path(unit).exists():
-            self.release(lease)  # finished or failed since the listing
+            self._give_back(lease)  # finished or failed since the listing
             return None
         try:  # a command that started the job over between the listing and the lease
             self.check_plan()
         except PlanReplacedError:
-            self.release(lease)
+            self._give_back(lease)  # (just created: this worker's own, whichever job's folder it is in)
             raise
         return lease
 
@@ -554,13 +554,25 @@ class WorkQueue:
     @_timed
     def release(self, lease: Lease) -> None:
         """Give the lease back unfinished (the worker stops): the unit can be claimed at once,
-        and this generation does not count as an attempt. A lease taken over is left as it is."""
-        if self._superseded(lease):
+        and this generation does not count as an attempt. A lease taken over is left as it is, and
+        so is every lease once another command started the job over (the same name may now be
+        the new job's lease)."""
+        if self._superseded(lease) or self._plan_replaced():
             return
+        self._give_back(lease)
+
+    def _give_back(self, lease: Lease) -> None:
         try:
             os.rename(lease.path, self.units_dir / _generation_name(lease.unit, lease.generation, "released"))
         except FileNotFoundError:
             pass
+
+    def _plan_replaced(self) -> bool:
+        try:
+            self.check_plan()
+        except PlanReplacedError:
+            return True
+        return False
 
     @_timed
     def abandon(self, lease: Lease) -> bool:
@@ -568,8 +580,9 @@ class WorkQueue:
         server died for good while the unit was in progress): unlike :meth:`release`, the
         generation still counts as an attempt, and unlike a crash, the unit can be taken over at
         once rather than after ``lease_timeout_sec``: the lease is dated past the timeout, on the
-        storage's clock. Returns whether it was still held (False: taken over or given back)."""
-        if self._superseded(lease) or not lease.path.exists():
+        storage's clock. Returns whether it was still held (False: taken over or given back, or
+        the job started over by another command: its leases are not this worker's)."""
+        if self._superseded(lease) or not lease.path.exists() or self._plan_replaced():
             return False
         expired = self.storage_now() - self.lease_timeout_sec - 1.0
         try:
