@@ -25,7 +25,7 @@ from infermill.errors import ConfigError, InfermillError, LeaseLostError, PlanRe
 from infermill.io.writers import JsonlWriter
 from infermill.layout import JobLayout
 from infermill.queue import Lease, LostOutput, WorkQueue
-from infermill.worker import WorkerDeaths, redo_lost_outputs
+from infermill.worker import WorkerDeaths, discard, redo_lost_outputs
 
 WORKER = Path(__file__).resolve().parent / "queue_worker.py"
 TIMEOUT = 1.0  # lease_timeout_sec of these tests
@@ -627,3 +627,19 @@ def test_a_units_second_crash_is_not_a_death_in_vain_and_fresh_units_first_crash
     why = broken.replace([2])
     assert why is not None and "deaths in vain" in why
     assert WorkerDeaths(queue, max_in_vain=0).replace([]) is not None  # died before claiming a unit
+
+
+def test_starting_a_job_over_deletes_the_file_of_a_unit_killed_between_its_output_and_its_done_mark(tmp_path):
+    layout = JobLayout.for_output(str(tmp_path / "out"))
+    writer = JsonlWriter(str(tmp_path / "out"))
+    queue = WorkQueue.for_layout(layout, "killed")
+    queue.publish_plan({"units": [{"documents": 1}] * 3})
+    lease = queue.claim()
+    assert lease is not None
+    orphan = tmp_path / "out" / writer.filename(0, lease.unit)  # its output renamed in place, then the kill
+    orphan.write_text('{"id": "doc-0", "text": "from the job before"}\n')
+    other = tmp_path / "out" / "notes.txt"  # not the job's: kept
+    other.write_text("mine")
+    discard(layout, writer)
+    assert not orphan.exists() and other.exists()
+    assert not layout.queue.exists()

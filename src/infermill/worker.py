@@ -238,15 +238,17 @@ def _replan(
 
 
 def discard(layout: JobLayout, writer: OutputWriter) -> None:
-    """Delete the job's queue, journals, stats and failures, and the output files its done
-    units (and static ranks of an older infermill) wrote; no other file."""
+    """Delete the job's queue, journals, stats and failures, and the output files its units
+    (and static ranks of an older infermill) wrote; no other file. A unit ever claimed may have
+    written its file without its done mark (its worker killed in between): its file goes too."""
     folder = layout.queue
     units = folder / "units"
     if units.is_dir():
-        for mark in sorted(units.glob("*.done")):
-            if mark.stem.isdigit():
-                writer.remove_chunk_file(0, int(mark.stem))
-                mark.unlink()
+        claimed = {name.split(".", 1)[0] for name in os.listdir(units)}  # UNIT.done, UNIT.GENERATION.lease...
+        for unit in sorted(int(name) for name in claimed if name.isdigit()):
+            writer.remove_chunk_file(0, unit)
+        for mark in units.glob("*.done"):
+            mark.unlink()
     for rank in layout.ranks():
         ChunkJournal(layout, rank, 1, writer)._discard()
     writer.remove_temp_files(0)
