@@ -409,9 +409,12 @@ def run(
         raise SystemExit(EXIT_FAILED) from None
     except OSError as e:  # a disk that filled up, a folder that went read-only, a network file system
         logger.debug("the run stopped on this error", exc_info=True)  # the traceback, with -v
-        where = f"{e.filename}: " if e.filename else ""
+        # a write to a file already open names none: the job's folders are where infermill writes
+        where = e.filename or f"writing under {job.output.path}" + (
+            f" or {job.checkpoint.dir}" if job.checkpoint.dir else ""
+        )
         hint = "free some space" if e.errno == errno.ENOSPC else "fix the cause"
-        _error(f"{where}{e.strerror or e}")
+        _error(f"{where}: {e.strerror or e}")
         _say(f"The checkpoint is saved: {hint}, then run the same command to resume.")
         raise SystemExit(EXIT_FAILED) from None
     if as_worker:
