@@ -464,16 +464,10 @@ class InferenceRunner:
             "worker": queue.worker_id,
             "model": self.config.model_name_or_path,  # named by `infermill report`
         }
-        if final:
-            try:
-                write_stats(self.layout, queue.worker_id, stats)
-            except OSError as e:  # (a full disk) not to hide why the run stopped: the next run sums them
-                logger.warning("could not write this worker's stats in %s: %s", self.layout.root / "stats", e)
-            return stats
         try:
-            write_run_stats(self.layout, queue.worker_id, stats)
-        except OSError as e:  # the next commit's or the final write may succeed
-            logger.warning("cannot keep this worker's stats so far in %s: %s", self.layout.root / "stats", e)
+            (write_stats if final else write_run_stats)(self.layout, queue.worker_id, stats)
+        except OSError as e:  # (a full disk) not to hide why a run stopped: a later write, or sum, may succeed
+            logger.warning("cannot write this worker's stats in %s: %s", self.layout.root / "stats", e)
         return stats
 
     def progress(self) -> ProgressSnapshot:

@@ -30,7 +30,7 @@ from infermill.io.filesystems import LASTING_ERRNOS, check_space, replace_whole,
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import ChunkJournal, QueueJournal, check_identity, identity_differences
-from infermill.queue import PLAN_FILE, WorkQueue
+from infermill.queue import PLAN_FILE, WorkQueue, process_gone
 from infermill.runner import END_OF_INPUT as END
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def _busy(queue: WorkQueue, layout: JobLayout, stored: dict[str, Any]) -> str:
         return f"{status.units_done} of its {status.units_total} units are committed with the settings before."
     wait = f"if that command is stopped, run this one again in {queue.lease_timeout_sec:g} s at most"
     for holder in status.in_progress:
-        if holder.host == queue.host and holder.pid is not None and not _alive(holder.pid):
+        if holder.process_gone:
             continue
         return (
             f"Nothing of it is committed yet, but worker {holder.worker} on {holder.host} (pid {holder.pid}) works on "
@@ -192,7 +192,7 @@ def _busy(queue: WorkQueue, layout: JobLayout, stored: dict[str, Any]) -> str:
     now = queue.storage_now()
     for path, host, pid in candidates:
         if host == queue.host and pid is not None:
-            if not _alive(pid):
+            if process_gone(pid):
                 continue
             return (
                 f"Nothing of it is committed yet, but its command (pid {pid} on this host) still runs: stop it first."
@@ -207,16 +207,6 @@ def _busy(queue: WorkQueue, layout: JobLayout, stored: dict[str, Any]) -> str:
                 f"{max(age, 0):.0f} s ago and may still be starting its server: {wait} (checkpoint.lease_timeout_sec)."
             )
     return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _replan(
