@@ -639,6 +639,31 @@ def test_after_a_sigkill_and_a_resume_stats_the_final_table_status_and_report_ag
     assert '<th>documents written</th><td class="n">500</td>' in page, page[-3000:]
 
 
+def test_at_every_moment_a_workers_kept_stats_count_every_unit_it_has_committed(tmp_path):
+    """A kill may fall anywhere: between a unit's done mark and the worker's next stats write, its
+    documents would be in the output and in no worker's stats. Sampled while units commit (every
+    few ms), the stats kept must never lag the done marks."""
+    job = QueueJob(tmp_path, 600, 5, conc=4, lease_timeout_sec=60, directives="")
+    proc = job.start()
+    samples = lagging = 0
+    try:
+        while proc.poll() is None:
+            committed: collections.Counter[str] = collections.Counter()
+            for mark in (job.queue / "units").glob("*.done"):
+                try:
+                    committed[orjson.loads(mark.read_bytes())["worker"]] += 5
+                except (OSError, orjson.JSONDecodeError):
+                    continue  # being written
+            kept = {run["worker"]: run["documents_processed"] for run in job.worker_stats()}
+            samples += bool(committed)
+            lagging += any(kept.get(worker, 0) < documents for worker, documents in committed.items())
+        assert proc.wait(TIMEOUT) == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        proc.kill()
+    assert samples > 20, samples  # the run was watched while it committed
+    assert lagging == 0, f"{lagging} of {samples} samples found committed units missing from the worker's stats"
+
+
 # -- documents that crash their worker, whatever the number of workers -----------------------------
 
 

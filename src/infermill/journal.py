@@ -552,7 +552,10 @@ class QueueJournal(ChunkLogs):
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
         self._finalizing: set[int] = set()  # units being committed (in a worker thread)
         self.units_committed = 0  # by this worker: the time series' units_done
-        self.on_commit: Callable[[], object] | None = None  # called after each unit this worker commits
+        # called before each unit this worker commits: what it keeps then (the run's stats) counts
+        # the unit's documents before the done mark exists, so a kill between the two overcounts
+        # (the unit is done again) rather than losing them
+        self.before_commit: Callable[[], object] | None = None
 
     def _log_path(self, chunk_index: int) -> Path:
         return self.queue.journal_path(chunk_index, self._leases[chunk_index].generation)
@@ -640,6 +643,8 @@ class QueueJournal(ChunkLogs):
             written = self.writer.write_chunk(self._records(path), 0, unit) if path.exists() else 0
             return self.writer.written(0, unit, written)  # named by the done mark, checked by a rerun
 
+        if self.before_commit is not None:
+            self.before_commit()
         try:
             self.queue.commit(lease, write_output, documents=self._chunk_size(unit))
             self.units_committed += 1
@@ -651,8 +656,6 @@ class QueueJournal(ChunkLogs):
             self._finalizing.discard(unit)
         for journal in [path, *self.queue.earlier_journals(unit, lease.generation)]:
             journal.unlink(missing_ok=True)
-        if self.on_commit is not None:
-            self.on_commit()
         return written
 
     def fail(self, unit: int, cause: str) -> None:

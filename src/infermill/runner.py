@@ -418,7 +418,7 @@ class InferenceRunner:
         source = UnitSource(queue, journal, reader, plan)
         run = _Run(self, journal, 0)
         run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
-        journal.on_commit = lambda: self._keep_stats(run, queue)
+        journal.before_commit = lambda: self._keep_stats(run, queue)
         self._runs.append(run)
         stopped_on_request = False
         try:
@@ -453,7 +453,7 @@ class InferenceRunner:
         return stats
 
     def _keep_stats(self, run: _Run, queue: WorkQueue, final: bool = False) -> dict[str, Any]:
-        """Keep this queue worker run's stats as they stand (after each unit it commits, in a
+        """Keep this queue worker run's stats as they stand (before each unit it commits, in a
         worker thread; ``final``: at its end, then summed into ``stats.json``); return them."""
         from infermill.worker import write_run_stats, write_stats
 

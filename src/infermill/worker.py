@@ -320,8 +320,8 @@ def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dic
 
 def write_run_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> None:
     """Keep this worker run's ``stats`` so far (``stats/WORKER.json``, replaced atomically: a
-    sum may read it meanwhile). A worker writes them after each unit it commits and when it
-    ends, so that a run killed on the way leaves what it had done up to its last commit."""
+    sum may read it meanwhile). A worker writes them before each unit it commits and when it
+    ends, so that a run killed on the way leaves at least what it had committed."""
     folder = layout.root / "stats"
     folder.mkdir(parents=True, exist_ok=True)
     replace_whole(folder / f"{worker_id}.json", orjson.dumps(stats, option=orjson.OPT_INDENT_2))
