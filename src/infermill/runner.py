@@ -41,7 +41,7 @@ from infermill.layout import JobLayout
 from infermill.metrics import LatencyHistogram, ProgressSnapshot, RunStats
 from infermill.retry import RetryAction, RetryPolicy, overloaded
 from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerState, create_server
-from infermill.types import Document, InferenceResult
+from infermill.types import END_OF_INPUT, Document, InferenceResult
 
 if TYPE_CHECKING:
     from infermill.io.units import UnitPlan
@@ -54,7 +54,6 @@ logger = logging.getLogger("infermill.runner")
 Generate = Callable[..., Awaitable[InferenceResult]]  # generate(payload, *, path=None)
 RolloutFn = Callable[..., Awaitable[Any]]
 
-END_OF_INPUT = object()  # what a document source returns after the last document
 #: records_per_chunk when a rank's output is one chunk (a datatrove writer's file name without ${chunk_index})
 WHOLE_RANK = 1 << 62
 #: the metadata key datatrove's runner sets (True) on a document with no results, which it does not write
