@@ -79,7 +79,7 @@ def one_of(value: str, allowed: tuple[str, ...], aliases: dict[str, str] | None 
 
 
 def server_types() -> tuple[str, ...]:
-    """The values ``server_type`` accepts: the names in the server registry."""
+    """The values ``server_type`` accepts: the names of :data:`~infermill.servertypes.SERVER_TYPES`."""
     return tuple(SERVER_TYPES)
 
 
@@ -177,13 +177,13 @@ class InferenceConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise config_error(e, "invalid InferenceConfig", InferenceConfig) from None
+            raise config_error(e, "invalid InferenceConfig", type(self)) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         try:
             super().__setattr__(name, value)
         except ValidationError as e:
-            raise config_error(e, "invalid InferenceConfig", InferenceConfig) from None
+            raise config_error(e, "invalid InferenceConfig", type(self)) from None
 
     @field_validator("server_type")
     @classmethod
