@@ -14,12 +14,11 @@ from infermill.errors import (
     ServerError,
 )
 from infermill.types import Document, InferenceResult
+from infermill.version import __version__
 
 if TYPE_CHECKING:
     from infermill.config import InferenceConfig
     from infermill.runner import InferenceRunner
-
-__version__ = "0.1.0"
 
 # Imported on first use: servers started by infermill (the echo server, test servers)
 # import this package, and should not pay for pydantic and the runner at start-up.

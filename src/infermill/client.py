@@ -17,7 +17,6 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from infermill import __version__
 from infermill.config import DEFAULT_MAX_RESPONSE_BYTES
 from infermill.errors import (
     AuthenticationError,
@@ -31,6 +30,7 @@ from infermill.errors import (
     ServerConnectionError,
     ServerUnreachableError,
 )
+from infermill.version import __version__
 
 BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 422})
 AUTH_STATUSES = frozenset({401, 403})

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from infermill.errors import ConfigError
+from infermill.servertypes import SERVER_TYPES, parse_launch
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 2**20
 
@@ -37,10 +38,10 @@ def did_you_mean(given: str, known: Any, aliases: dict[str, str] | None = None) 
     return f" (did you mean {match!r}?)" if match is not None else ""
 
 
-def config_error(error: ValidationError, heading: str) -> ConfigError:
-    """A ``ConfigError`` with ``heading``, then one line per problem: the field's full path, what
-    is wrong, and the value given (unless it is a secret, or a whole section); an unknown key
-    with the closest known one."""
+def config_error(error: ValidationError, heading: str, model: type[BaseModel]) -> ConfigError:
+    """A ``ConfigError`` with ``heading``, then one line per problem of validating ``model``: the
+    field's full path, what is wrong, and the value given (unless it is a secret, or a whole
+    section); an unknown key with the closest known one."""
     problems: list[tuple[str, str]] = []
     for item in error.errors():
         loc = [str(part) for part in item["loc"]]
@@ -50,7 +51,7 @@ def config_error(error: ValidationError, heading: str) -> ConfigError:
             continue
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key" + did_you_mean(loc[-1], _known_keys(error.title, loc[:-1]))
+            message = "unknown key" + did_you_mean(loc[-1], _known_keys(model, loc[:-1]))
         elif item["type"] not in ("missing", "value_error") and not SECRET_FIELDS.intersection(loc):
             given = item.get("input")  # shown when it is one value: a whole section may hold a secret
             if given is None or isinstance(given, (str, int, float, bool)):  # our own errors name it already
@@ -60,12 +61,9 @@ def config_error(error: ValidationError, heading: str) -> ConfigError:
     return ConfigError("\n".join([heading, *lines]), tuple(problems))
 
 
-def _known_keys(model_name: str, path: list[str]) -> list[str]:
-    """The keys the section at ``path`` of the model named ``model_name`` (a job file's
-    ``JobConfig``, an ``InferenceConfig``) accepts; empty if it is not a model."""
-    from infermill.jobfile import JobConfig
-
-    model: Any = {"JobConfig": JobConfig, "InferenceConfig": InferenceConfig}.get(model_name)
+def _known_keys(model: Any, path: list[str]) -> list[str]:
+    """The keys the section at ``path`` of ``model`` (a job file's ``JobConfig``, an
+    ``InferenceConfig``) accepts; empty if it is not a model."""
     for part in path:
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         model = field.annotation if field is not None else None
@@ -81,10 +79,8 @@ def one_of(value: str, allowed: tuple[str, ...], aliases: dict[str, str] | None 
 
 
 def server_types() -> tuple[str, ...]:
-    """The values ``server_type`` accepts: the names in the server registry."""
-    from infermill.servers import SERVER_CLASSES
-
-    return tuple(SERVER_CLASSES)
+    """The values ``server_type`` accepts: the names of :data:`~infermill.servertypes.SERVER_TYPES`."""
+    return tuple(SERVER_TYPES)
 
 
 class InferenceConfig(BaseModel):
@@ -181,13 +177,13 @@ class InferenceConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise config_error(e, "invalid InferenceConfig") from None
+            raise config_error(e, "invalid InferenceConfig", type(self)) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         try:
             super().__setattr__(name, value)
         except ValidationError as e:
-            raise config_error(e, "invalid InferenceConfig") from None
+            raise config_error(e, "invalid InferenceConfig", type(self)) from None
 
     @field_validator("server_type")
     @classmethod
@@ -214,8 +210,6 @@ class InferenceConfig(BaseModel):
     def _urls_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and (not value or not all(url.strip() for url in value)):
             raise ValueError("a list of endpoint URLs must hold at least one, and no empty one")
-        from infermill.servers.endpoint import split_credentials
-
         for url in [value] if isinstance(value, str) else value or []:
             split_credentials(url)  # one with credentials must parse: they are taken out before it is used
         return value
@@ -234,20 +228,19 @@ class InferenceConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_server_requirements(self) -> InferenceConfig:
-        from infermill.servers import SERVER_CLASSES
-
         if self.server_type == "endpoint" and not self.endpoint_url:
             raise ValueError(
                 "server_type 'endpoint' needs endpoint_url (the server's base URL, e.g. http://host:8000/v1)"
             )
-        if self.server_type == "endpoint" and self.api_key is not None:
-            from infermill.servers.endpoint import split_credentials
-
-            if any(split_credentials(url)[1] is not None for url in self.endpoint_urls()):
-                raise ValueError(
-                    "api_key and credentials in endpoint_url (user:password@) would both go in the Authorization "
-                    "header (a Bearer token, HTTP Basic auth): keep one"
-                )
+        if (
+            self.server_type == "endpoint"
+            and self.api_key is not None
+            and any(split_credentials(url)[1] is not None for url in self.endpoint_urls())
+        ):
+            raise ValueError(
+                "api_key and credentials in endpoint_url (user:password@) would both go in the Authorization "
+                "header (a Bearer token, HTTP Basic auth): keep one"
+            )
         if self.server_type == "endpoint" and self.replicas > 1:
             raise ValueError(
                 "replicas: infermill launches no endpoint; to balance over several, give endpoint_url as a list"
@@ -260,7 +253,7 @@ class InferenceConfig(BaseModel):
                 )
             if self.replicas > 1:
                 raise ValueError("nodes_per_worker: a worker spanning several nodes runs one server: set replicas: 1")
-        SERVER_CLASSES[self.server_type].parse_launch(self.server_type, self.model_kwargs)
+        parse_launch(self.server_type, self.model_kwargs)
         return self
 
     @property
@@ -404,6 +397,21 @@ def without_credentials(values: dict[str, Any]) -> dict[str, Any]:
         return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
     return plain(values)
+
+
+def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``url`` without its ``user:password@``, and those credentials (None when it has none)."""
+    if "@" not in url:
+        return url, None
+    from yarl import URL  # aiohttp's URL parser, imported only for a URL that may hold credentials
+
+    try:
+        parsed = URL(url)
+    except ValueError as e:  # its text holds no part of the URL: it may be shown
+        raise ValueError(f"not a valid URL: {e}") from None
+    if parsed.user is None and parsed.password is None:
+        return url, None
+    return str(parsed.with_user(None)), (parsed.user or "", parsed.password or "")
 
 
 def _url_without_credentials(url: str) -> str:

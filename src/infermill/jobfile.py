@@ -321,4 +321,4 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        raise config_error(e, f"{path}: invalid job file") from None
+        raise config_error(e, f"{path}: invalid job file", JobConfig) from None

@@ -39,22 +39,30 @@ from infermill.io.writers import OutputWriter
 from infermill.journal import ChunkJournal, ChunkLogs, QueueJournal
 from infermill.layout import JobLayout
 from infermill.metrics import LatencyHistogram, ProgressSnapshot, RunStats
+from infermill.queue import WorkQueue, new_worker_id
 from infermill.retry import RetryAction, RetryPolicy, overloaded
 from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerState, create_server
-from infermill.types import Document, InferenceResult
+from infermill.types import END_OF_INPUT, Document, InferenceResult
+from infermill.worker import (
+    QueueOptions,
+    UnitSource,
+    WorkerDeaths,
+    failed_units_error,
+    open_queue,
+    sum_job_stats,
+    write_run_stats,
+    write_stats,
+)
 
 if TYPE_CHECKING:
     from infermill.io.units import UnitPlan
     from infermill.monitor import Monitor
-    from infermill.queue import WorkQueue
-    from infermill.worker import QueueOptions
 
 logger = logging.getLogger("infermill.runner")
 
 Generate = Callable[..., Awaitable[InferenceResult]]  # generate(payload, *, path=None)
 RolloutFn = Callable[..., Awaitable[Any]]
 
-END_OF_INPUT = object()  # what a document source returns after the last document
 #: records_per_chunk when a rank's output is one chunk (a datatrove writer's file name without ${chunk_index})
 WHOLE_RANK = 1 << 62
 #: the metadata key datatrove's runner sets (True) on a document with no results, which it does not write
@@ -354,9 +362,6 @@ class InferenceRunner:
         With ``options.max_worker_restarts``, a server that fails for good while units are held
         does not end the worker: those units spend an attempt and the worker starts again, with a
         new server and a new worker id, as long as :class:`~infermill.worker.WorkerDeaths` agrees."""
-        from infermill.queue import new_worker_id
-        from infermill.worker import QueueOptions, WorkerDeaths, open_queue
-
         options = options or QueueOptions()
         overwrite = self.overwrite
         deaths: WorkerDeaths | None = None
@@ -404,8 +409,6 @@ class InferenceRunner:
     ) -> dict[str, Any]:
         """One worker run on the queue (see :meth:`run_queue_async`); adds to ``abandoned`` the
         units it gives up as an attempt when it stops on an error."""
-        from infermill.worker import UnitSource, failed_units_error, sum_job_stats, write_stats
-
         status = await asyncio.to_thread(queue.status)
         if status.units_total == 0:
             logger.warning("the input has no documents: is input.path right?")
@@ -455,8 +458,6 @@ class InferenceRunner:
     def _keep_stats(self, run: _Run, queue: WorkQueue, final: bool = False) -> dict[str, Any]:
         """Keep this queue worker run's stats as they stand (before each unit it commits, in a
         worker thread; ``final``: at its end, then summed into ``stats.json``); return them."""
-        from infermill.worker import write_run_stats, write_stats
-
         stats = {
             **run.stats.to_dict(),
             "inference_time_sec": run.stats.inference_time_sec or round(time.perf_counter() - run.started, 3),

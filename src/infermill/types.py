@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
+
+#: what a document source returns after the last document
+END_OF_INPUT: Final = object()
 
 
 @dataclass(slots=True)

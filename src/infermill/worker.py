@@ -31,7 +31,7 @@ from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import ChunkJournal, QueueJournal, check_identity, identity_differences
 from infermill.queue import PLAN_FILE, WorkQueue, process_gone
-from infermill.runner import END_OF_INPUT as END
+from infermill.types import END_OF_INPUT as END
 
 if TYPE_CHECKING:
     from infermill.io.writers import OutputWriter

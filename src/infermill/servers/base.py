@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from yarl import URL
 
 from infermill.errors import RequestTimeoutError, ServerConnectionError, ServerError, ServerLostError
-from infermill.servers.launch import Launch, parse_launch
 
 if TYPE_CHECKING:
     from infermill.client import OpenAIClient
@@ -69,14 +68,6 @@ class InferenceServer:
     launches_process = False
     #: whether the client keeps cookies (a load balancer's sticky session in front of an endpoint)
     keeps_cookies = False
-    #: the launch keys of ``model_kwargs`` it accepts, and whether it needs a script, module or command
-    launch_keys: tuple[str, ...] = ()
-    launch_target_required = False
-
-    @classmethod
-    def parse_launch(cls, server_type: str, model_kwargs: dict[str, Any] | None) -> Launch:
-        """``model_kwargs`` checked and split for this server type; ValueError naming a bad key."""
-        return parse_launch(server_type, model_kwargs, cls.launch_keys, cls.launch_target_required)
 
     def __init__(self, config: InferenceConfig, rank: int = 0):
         self.config = config

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from infermill.errors import ConfigError
 from infermill.servers.flags import kwargs_to_flags
-from infermill.servers.launch import LAUNCH_KEYS, Launch
 from infermill.servers.managed import CUDA_FATAL, LINE_START, ManagedServer
+from infermill.servertypes import Launch
 
 if TYPE_CHECKING:
     from infermill.config import InferenceConfig
@@ -29,8 +29,6 @@ class CustomServer(ManagedServer):
     """Runs ``model_kwargs["server_script"]`` (or a module or command) with ``--port N`` and flags."""
 
     fatal_patterns = (*CUDA_FATAL, LINE_START + r"(?:ImportError|ModuleNotFoundError): ")
-    launch_keys = LAUNCH_KEYS
-    launch_target_required = True
 
     def __init__(self, config: InferenceConfig, rank: int = 0):
         super().__init__(config, rank)

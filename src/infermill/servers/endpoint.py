@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from yarl import URL
-
+from infermill.config import split_credentials
 from infermill.errors import (
     AuthenticationError,
     BadRequestError,
@@ -25,19 +24,6 @@ logger = logging.getLogger("infermill.server")
 NOT_SERVING = (404, 501)
 #: seconds one readiness probe may take
 PROBE_TIMEOUT = 5.0
-
-
-def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
-    """``url`` without its ``user:password@``, and those credentials (None when it has none)."""
-    if "@" not in url:
-        return url, None
-    try:
-        parsed = URL(url)
-    except ValueError as e:  # its text holds no part of the URL: it may be shown
-        raise ValueError(f"not a valid URL: {e}") from None
-    if parsed.user is None and parsed.password is None:
-        return url, None
-    return str(parsed.with_user(None)), (parsed.user or "", parsed.password or "")
 
 
 def what_to_check(error: RequestError | None) -> str:

@@ -119,7 +119,6 @@ class EngineServer(ManagedServer):
 
     default_launcher: tuple[str, ...] = ()
     parallel_flags: ClassVar[dict[str, str]] = {}  # config field -> engine flag
-    launch_keys = ("server_command", "server_env")
     #: flags infermill sets itself on a multi-node server (model_kwargs may not)
     multinode_flags: tuple[str, ...] = ()
     #: what a multi-node server runs on the worker's first node besides the server, if anything

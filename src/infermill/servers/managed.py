@@ -21,6 +21,7 @@ import psutil
 from infermill.errors import ConfigError, RequestError, ServerError, ServerUnreachableError
 from infermill.servers.base import InferenceServer, find_free_port
 from infermill.servers.process import ManagedProcess, open_log
+from infermill.servertypes import parse_launch
 
 if TYPE_CHECKING:
     from infermill.config import InferenceConfig
@@ -73,7 +74,7 @@ class ManagedServer(InferenceServer):
     def __init__(self, config: InferenceConfig, rank: int = 0):
         super().__init__(config, rank)
         try:
-            self.launch = self.parse_launch(config.server_type, config.model_kwargs)
+            self.launch = parse_launch(config.server_type, config.model_kwargs)
         except ValueError as e:  # a config made with model_construct(), or changed after validation
             raise ConfigError(str(e)) from None
         self._ready_re = compile_patterns((*self.ready_patterns, *config.server_ready_patterns))

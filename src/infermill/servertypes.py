@@ -1,4 +1,5 @@
-"""The launch keys of ``model_kwargs``, checked in one place for every server type.
+"""The server types a config accepts, and the launch keys of ``model_kwargs`` each takes,
+checked in one place for every server type.
 
     server_script   a .py file, run as ``python FILE``            (custom)
     server_module   a module, run as ``python -m MODULE``         (custom)
@@ -6,6 +7,10 @@
     server_env      environment variables added for the server     (every type that launches a process)
 
 Every other key of ``model_kwargs`` becomes a command-line flag (:mod:`infermill.servers.flags`).
+
+The classes that run each type are :data:`infermill.servers.SERVER_CLASSES`, one per name of
+:data:`SERVER_TYPES`; this table sits below the config, which checks a ``server_type`` and its
+``model_kwargs`` with it without importing the servers.
 """
 
 from __future__ import annotations
@@ -29,12 +34,30 @@ class Launch:
     flags: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_launch(
-    server_type: str, model_kwargs: Mapping[str, Any] | None, allowed: tuple[str, ...], target_required: bool
-) -> Launch:
-    """Check and split ``model_kwargs`` for a server of ``server_type`` that accepts the launch
-    keys ``allowed`` (and needs exactly one of script, module or command if
-    ``target_required``). Raises ValueError naming the key and the value given."""
+@dataclass(frozen=True, slots=True)
+class ServerType:
+    """What a config checks of one ``server_type``: the launch keys of ``model_kwargs`` it
+    accepts, and whether it needs exactly one of script, module or command."""
+
+    launch_keys: tuple[str, ...] = ()
+    target_required: bool = False
+
+
+#: every ``server_type`` the config accepts (the servers have one class for each)
+SERVER_TYPES: dict[str, ServerType] = {
+    "custom": ServerType(LAUNCH_KEYS, target_required=True),
+    "vllm": ServerType(("server_command", "server_env")),
+    "sglang": ServerType(("server_command", "server_env")),
+    "endpoint": ServerType(),
+    "dummy": ServerType(),
+}
+
+
+def parse_launch(server_type: str, model_kwargs: Mapping[str, Any] | None) -> Launch:
+    """Check and split ``model_kwargs`` for a server of ``server_type`` (one of
+    :data:`SERVER_TYPES`). Raises ValueError naming the key and the value given."""
+    allowed = SERVER_TYPES[server_type].launch_keys
+    target_required = SERVER_TYPES[server_type].target_required
     kwargs = dict(model_kwargs or {})
     for key in LAUNCH_KEYS:
         if kwargs.get(key) is not None and key not in allowed:
