@@ -92,12 +92,14 @@ async def show_progress(
     interval: float = LOG_INTERVAL,
     console: Console | None = None,
     live: bool | None = None,
+    window_sec: float = RATE_WINDOW_SEC,
 ) -> None:
     """Until cancelled: redraw a live line on a terminal (twice a second), else log one every
     ``interval`` seconds. ``snapshot`` says where the job stands (``InferenceRunner.progress``).
     On a terminal, ``console`` is the one log records are printed on (the ``RichHandler``'s):
     the live line is drawn on it too, so that records print whole above it. ``live``: whether
-    to draw the live line (default: on a terminal); False logs lines (JSON logs)."""
+    to draw the live line (default: on a terminal); False logs lines (JSON logs). The rates
+    are over the last ``window_sec``, as ``infermill status``'s."""
     tty = sys.stderr.isatty() if live is None else live
     nothing = ProgressSnapshot()
     shown = nothing
@@ -110,7 +112,7 @@ async def show_progress(
         if current != nothing or shown == nothing:  # no run any more (writing its stats): where it ended
             shown = current
         now = time.monotonic()
-        while len(window) > 1 and window[0][0] < now - RATE_WINDOW_SEC:
+        while len(window) > 1 and window[0][0] < now - window_sec:
             window.popleft()
         since, oldest = window[0]
         window.append((now, shown))
