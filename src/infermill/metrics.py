@@ -125,8 +125,8 @@ class RunStats:
         if not self.adaptive_concurrency:
             data.pop("adaptive_concurrency")
         elapsed = self.inference_time_sec or max(time.time() - self.started_at, 1e-9)
-        data["documents_per_sec"] = round(self.documents_processed / elapsed, 3) if elapsed else 0.0
-        data["completion_tokens_per_sec"] = round(self.completion_tokens / elapsed, 3) if elapsed else 0.0
+        data["documents_per_sec"] = per_sec(0, self.documents_processed, elapsed) or 0.0
+        data["completion_tokens_per_sec"] = per_sec(0, self.completion_tokens, elapsed) or 0.0
         return data
 
     def summary(self) -> str:

@@ -31,6 +31,7 @@ from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import ChunkJournal, QueueJournal, check_identity, identity_differences
 from infermill.layout import PLAN_FILE
+from infermill.metrics import per_sec
 from infermill.queue import WorkQueue, process_gone
 from infermill.runner import END_OF_INPUT as END
 from infermill.timeseries import series_files
@@ -393,8 +394,8 @@ def sum_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     total.update(
         started_at=start,
         inference_time_sec=round(wall, 3),
-        documents_per_sec=round(total.get("documents_processed", 0) / wall, 3),
-        completion_tokens_per_sec=round(total.get("completion_tokens", 0) / wall, 3),
+        documents_per_sec=per_sec(0, total.get("documents_processed", 0), wall),
+        completion_tokens_per_sec=per_sec(0, total.get("completion_tokens", 0), wall),
         worker_runs=len(runs),
     )
     return total
