@@ -16,7 +16,7 @@ progress line of a ``--workers`` parent tell it: one computation for all three.
   workers' docs/s over the last 10 minutes (``rate_from``: ``metrics``), or without one (no
   snapshot yet), the documents of the units committed in that time (``done_marks``). A stopped
   or finished job has neither (``rate_from`` None). The ETA is that of the documents not
-  committed yet at that rate (:func:`infermill.metrics.eta_sec`).
+  processed yet at that rate (:func:`infermill.metrics.eta_sec`), as the progress line's.
 """
 
 from __future__ import annotations
@@ -87,6 +87,6 @@ def job_progress(layout: JobLayout, now: float | None = None, window_sec: float 
             source, rate = "metrics", round(sum(rates), 3)
         elif queue.documents_per_sec:
             source, rate = "done_marks", queue.documents_per_sec
-    left = total - queue.documents_done if total is not None else None
+    left = total - processed if total is not None else None
     queue = dataclasses.replace(queue, documents_per_sec=rate, eta_sec=eta_sec(left, rate))
     return JobProgress(queue, workers, processed, live, source)
