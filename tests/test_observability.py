@@ -168,3 +168,9 @@ def test_the_live_progress_line_rates_the_last_window_as_status_does(caplog):
     assert len(shown) >= 3, shown
     assert re.search(r"\| ETA \d+ s \| [\d,.]+ docs/s", shown[0]), shown  # 1,000 in the first 0.1 s
     assert "| 0.0 docs/s |" in shown[-1] and "ETA" not in shown[-1], shown
+
+
+def test_the_readmes_table_of_metrics_lists_every_exported_counter():
+    readme = (TESTS.parent / "README.md").read_text()
+    missing = {c.prometheus for c in COUNTERS if c.prometheus and f"`{c.prometheus}_total`" not in readme}
+    assert not missing, missing
