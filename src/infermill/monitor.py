@@ -177,7 +177,7 @@ class RunCollector:
             family = HistogramMetricFamily(name, doc, labels=["worker"])
             family.add_metric(
                 worker,
-                [(floatToGoString(bound), count) for bound, count in histogram.buckets()],
+                [(_go_float(bound), count) for bound, count in histogram.buckets()],
                 sum_value=histogram.total,
             )
             yield family
@@ -216,6 +216,12 @@ def _counter_families(worker: str, values: dict[str, int], replicas: list[dict[s
             family.add_metric([worker], values[counter.name])
             yield family
     yield from shared.values()
+
+
+def _go_float(bound: float) -> str:
+    """A bucket's bound as Prometheus writes it (``+Inf``, ``0.005``, ``1.0``)."""
+    text: str = floatToGoString(bound)  # type: ignore[no-untyped-call,unused-ignore]  # untyped upstream
+    return text
 
 
 def _gauge(name: str, doc: str, labels: list[str], value: float) -> Any:

@@ -233,7 +233,8 @@ def _running_total(grid: Grid, increments: tuple[np.ndarray, np.ndarray, np.ndar
     after = np.cumsum(delta)
     knots_t = np.column_stack([begin, end]).ravel()
     knots_v = np.column_stack([after - delta, after]).ravel()
-    return np.interp(grid.edges, knots_t, knots_v, left=0.0)
+    curve: np.ndarray = np.interp(grid.edges, knots_t, knots_v, left=0.0)
+    return curve
 
 
 def counter_rate(grid: Grid, worker: WorkerSeries, name: str) -> np.ndarray:
@@ -469,13 +470,14 @@ def _figure_html(plot: Plot, grid: Grid, worker_grid: Grid) -> str:
         "margin": {"l": 60, "r": 20, "t": 50, "b": 50},
         "legend": {"groupclick": "toggleitem"},
     }
-    return plotly.io.to_html(
+    page: str = plotly.io.to_html(
         {"data": traces, "layout": layout},
         include_plotlyjs=False,
         full_html=False,
         validate=False,
         config={"displaylogo": False, "responsive": True},
     )
+    return page
 
 
 def _template() -> dict[str, Any]:

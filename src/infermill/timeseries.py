@@ -292,4 +292,4 @@ def is_running(snapshots: list[dict[str, Any]], now: float) -> bool:
         if not gaps:
             return True  # one snapshot, of an older infermill: the caller's window decides
         interval = statistics.median(gaps)
-    return now - newest["time"] <= max(ALIVE_INTERVALS * interval, ALIVE_MIN_SEC)
+    return bool(now - float(newest["time"]) <= max(ALIVE_INTERVALS * interval, ALIVE_MIN_SEC))
