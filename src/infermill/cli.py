@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from infermill.jobstatus import JobProgress
-    from infermill.queue import WorkQueue
 
 logger = logging.getLogger("infermill")
 T = TypeVar("T")
@@ -426,11 +425,11 @@ def run(
     _summary(read_stats(layout) or stats, job.output.path)  # the job's: every run of it, killed ones too
 
 
-async def _with_progress(work: Coroutine[Any, Any, T], queue: WorkQueue, interval: float) -> T:
-    """``work``, while the job's progress is logged from its queue every ``interval`` seconds."""
-    from infermill.progress import show_queue_progress
+async def _with_progress(work: Coroutine[Any, Any, T], layout: JobLayout, interval: float) -> T:
+    """``work``, while the job's progress is logged every ``interval`` seconds, as ``status`` says it."""
+    from infermill.progress import show_job_progress
 
-    progress = asyncio.create_task(show_queue_progress(queue.status, interval))
+    progress = asyncio.create_task(show_job_progress(layout, interval))
     try:
         return await work
     finally:
@@ -498,7 +497,9 @@ def _run_executor(
             deaths = WorkerDeaths(queue, max_worker_restarts)
             codes = run_coroutine(
                 _interruptible(
-                    _with_progress(run_workers(command, secret, workers, gpus, deaths.replace_process), queue, interval)
+                    _with_progress(
+                        run_workers(command, secret, workers, gpus, deaths.replace_process), runner.layout, interval
+                    )
                 )
             )
         elif executor == "slurm":
@@ -701,7 +702,7 @@ def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_
     from infermill.journal import ChunkJournal
 
     layout, output = _job_layout(target, checkpoints, overrides)
-    if (layout.queue / "plan.json").exists():
+    if layout.plan_file.exists():
         try:
             check = _check_outputs(layout, output) if verify else None
             _queue_status(layout, output, as_json, check)
@@ -815,7 +816,7 @@ def report(target: str, checkpoints: str | None, overrides: tuple[str, ...], des
     from infermill.report import write_report
 
     layout, output = _job_layout(target, checkpoints, overrides)
-    page = Path(destination) if destination else layout.root / "report.html"
+    page = Path(destination) if destination else layout.report_file
     try:
         written = write_report(layout, output, page)
     except (ConfigError, QueueCorruptError) as e:
@@ -861,7 +862,8 @@ def _queue_status(layout: JobLayout, output: str, as_json: bool, check: Any = No
     from rich.table import Table
 
     from infermill.jobstatus import job_progress
-    from infermill.queue import FUTURE_LEASE_WARNING_SEC, RATE_WINDOW_SEC
+    from infermill.metrics import RATE_WINDOW_SEC
+    from infermill.queue import FUTURE_LEASE_WARNING_SEC
     from infermill.worker import read_stats
 
     progress = job_progress(layout)

@@ -1,5 +1,5 @@
-"""Where a job of the work queue stands, as ``infermill status`` and ``infermill report`` tell
-it: one computation for both.
+"""Where a job of the work queue stands, as ``infermill status``, ``infermill report`` and the
+progress line of a ``--workers`` parent tell it: one computation for all three.
 
 - **Documents.** ``documents_done`` are the documents of the committed units (their done marks:
   what the output holds; ``documents_written`` the records written, those whose every rollout
@@ -15,7 +15,8 @@ it: one computation for both.
 - **Rate and ETA.** Only while a worker is live and units are left: the sum of the running
   workers' docs/s over the last 10 minutes (``rate_from``: ``metrics``), or without one (no
   snapshot yet), the documents of the units committed in that time (``done_marks``). A stopped
-  or finished job has neither (``rate_from`` None).
+  or finished job has neither (``rate_from`` None). The ETA is that of the documents not
+  processed yet at that rate (:func:`infermill.metrics.eta_sec`), as the progress line's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from infermill.queue import RATE_WINDOW_SEC, QueueStatus, WorkQueue
+from infermill.metrics import RATE_WINDOW_SEC, eta_sec
+from infermill.queue import QueueStatus, WorkQueue
 from infermill.timeseries import scan_workers
 
 if TYPE_CHECKING:
@@ -85,7 +87,6 @@ def job_progress(layout: JobLayout, now: float | None = None, window_sec: float 
             source, rate = "metrics", round(sum(rates), 3)
         elif queue.documents_per_sec:
             source, rate = "done_marks", queue.documents_per_sec
-    left = total - queue.documents_done if total is not None else None
-    eta = round(left / rate, 1) if rate and left is not None else None
-    queue = dataclasses.replace(queue, documents_per_sec=rate, eta_sec=eta)
+    left = total - processed if total is not None else None
+    queue = dataclasses.replace(queue, documents_per_sec=rate, eta_sec=eta_sec(left, rate))
     return JobProgress(queue, workers, processed, live, source)

@@ -4,10 +4,13 @@
       checkpoints/rank_RRRRR/     identity.json, complete.json, chunk_CCCCC.log / .done
       checkpoints/rank_RRRRR.lock held (flock) by the run writing that rank
       stats.json                  (stats_rank_RRRRR.json when there are several ranks)
+      stats/WORKER.json           each queue worker run's stats so far, summed into stats.json
       failures_rank_RRRRR.jsonl   documents skipped or failed, with the reason
       logs/                       the server's output (the job file's default server_log_folder)
       metrics/WORKER.jsonl        each queue worker's metrics over time (infermill.timeseries)
-      queue/                      the shared work queue: plan, leases, done marks, journals (infermill.queue)
+      queue/                      the shared work queue: plan.json, leases, done marks, journals (infermill.queue)
+      slurm/                      the scripts of a job's Slurm submissions
+      report.html                 ``infermill report``'s page, unless told another place
 
 Checkpoints may live elsewhere (``checkpoint.dir``): they must be local, so a remote
 output needs one, and then the job's other files go into that folder too.
@@ -24,6 +27,8 @@ from typing import Any
 from infermill.errors import CheckpointBusyError, ConfigError
 
 INFERMILL_DIR = "_infermill"
+#: the queue's plan, in its folder: a job of the work queue is one with a plan
+PLAN_FILE = "plan.json"
 
 
 LOCAL_PROTOCOLS = ("file://", "local://")  # fsspec's names for the local file system
@@ -78,10 +83,40 @@ class JobLayout:
         """Each worker's time series, ``WORKER.jsonl`` (:mod:`infermill.timeseries`)."""
         return self.root / "metrics"
 
+    def series_file(self, worker: str) -> Path:
+        """Worker ``worker``'s time series."""
+        return self.metrics / f"{worker}.jsonl"
+
     @property
     def queue(self) -> Path:
         """The shared work queue's folder (``infermill.queue.WorkQueue``)."""
         return self.root / "queue"
+
+    @property
+    def plan_file(self) -> Path:
+        """The queue's plan: a job of the work queue has one."""
+        return self.queue / PLAN_FILE
+
+    @property
+    def worker_stats(self) -> Path:
+        """Each queue worker run's stats so far, ``WORKER.json``, summed into ``stats.json``."""
+        return self.root / "stats"
+
+    def worker_stats_file(self, worker: str) -> Path:
+        return self.worker_stats / f"{worker}.json"
+
+    def worker_stats_files(self) -> list[Path]:
+        return sorted(self.worker_stats.glob("*.json"))
+
+    @property
+    def slurm(self) -> Path:
+        """The scripts of the job's Slurm submissions."""
+        return self.root / "slurm"
+
+    @property
+    def report_file(self) -> Path:
+        """Where ``infermill report`` writes its page by default."""
+        return self.root / "report.html"
 
     def rank_dir(self, rank: int) -> Path:
         return self.checkpoints / f"rank_{rank:05d}"
@@ -115,6 +150,9 @@ class JobLayout:
 
     def failures_file(self, rank: int) -> Path:
         return self.root / f"failures_rank_{rank:05d}.jsonl"
+
+    def failures_files(self) -> list[Path]:
+        return sorted(self.root.glob("failures_*.jsonl"))
 
     def is_rank_complete(self, rank: int) -> bool:
         return self.complete_file(rank).exists()
@@ -171,3 +209,11 @@ class RankLock:
         if self._file is not None:
             self._file.close()  # closing the file drops the lock
             self._file = None
+
+
+def series_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The workers' series files in ``folder``, in name order (a writer's temporary file left out)."""
+    try:
+        return sorted(path for path in Path(folder).glob("*.jsonl") if not path.name.startswith("."))
+    except OSError:
+        return []

@@ -1,5 +1,16 @@
 """Counters of a run: cheap to bump on the hot path, written as ``stats.json`` at the end;
-latency histograms, cheap to observe, read by the Prometheus exporter and the time series."""
+latency histograms, cheap to observe, read by the Prometheus exporter and the time series.
+
+Two things have their one definition here, for every reader:
+
+- :data:`COUNTERS`, the table of the counters a worker exports: its name (the ``RunStats``
+  field, the ``stats.json`` key and the time series' key), what it counts, its Prometheus
+  family and its column in the report. The Prometheus exporter (:mod:`infermill.monitor`),
+  the time series (:mod:`infermill.timeseries`) and the report (:mod:`infermill.report`) read
+  it: a new counter is one line of it (and the code that counts it).
+- :func:`per_sec` and :func:`eta_sec`, a rate and an ETA: the live progress line, ``infermill
+  status`` and ``infermill report`` compute theirs with them, over :data:`RATE_WINDOW_SEC`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +18,71 @@ import time
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+#: a job's rate (progress line, status, report) is over the last 10 minutes
+RATE_WINDOW_SEC = 600.0
+
+
+def per_sec(before: float, after: float, seconds: float) -> float | None:
+    """The rate of a cumulative count that went from ``before`` to ``after`` in ``seconds``
+    (rounded to 3 places); None over no time."""
+    return round((after - before) / seconds, 3) if seconds > 0 else None
+
+
+def eta_sec(left: float | None, rate: float | None) -> float | None:
+    """Seconds to do ``left`` documents at ``rate`` per second (rounded to 0.1 s); None without
+    a rate or without a total to do."""
+    return round(max(left, 0) / rate, 1) if rate and rate > 0 and left is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One counter a worker exports (see :data:`COUNTERS`)."""
+
+    name: str  # the RunStats field (unless counted elsewhere: ``in_stats``), stats.json and time series key
+    description: str  # what it counts: the Prometheus help text of a family of its own
+    prometheus: str | None = None  # the family it is exported in (``_total`` added by the client); None: not
+    outcome: str | None = None  # the ``outcome`` label it has in a family shared by several counters
+    report: str | None = None  # its column in the report's table of workers; None: no column
+    in_stats: bool = True  # a RunStats field (False: the worker counts it elsewhere)
+
+
+#: every counter a worker exports, in the time series' order (see the module docstring)
+COUNTERS: tuple[Counter, ...] = (
+    Counter("documents_processed", "Documents finished, written or not", report="documents"),
+    Counter("documents_failed", "Documents failed", "infermill_documents", "failed", "docs failed"),
+    Counter("documents_skipped", "Documents skipped: a bad request (skip_bad_requests)", "infermill_documents",
+            "skipped"),
+    Counter("documents_resumed", "Documents done by an earlier run: not done again", "infermill_documents_resumed"),
+    Counter("documents_written", "Documents written to the output", "infermill_documents", "written"),
+    Counter("documents_empty", "Documents whose every rollout returned None: not written", "infermill_documents",
+            "empty"),
+    Counter("documents_bad_input", "Malformed input records skipped (on_bad_record: skip)", "infermill_documents",
+            "bad_input"),
+    Counter("requests_sent", "Request attempts sent to the server, retries included", "infermill_requests_sent"),
+    Counter("requests_ok", "Requests answered", "infermill_requests", "ok", "requests ok"),
+    Counter("requests_failed", "Requests failed for good", "infermill_requests", "failed", "requests failed"),
+    Counter("requests_retried", "Request attempts that failed and were tried again", "infermill_requests_retried",
+            report="retried"),
+    Counter("requests_cached", "Requests answered from the checkpoint, not sent", "infermill_requests_cached"),
+    Counter("prompt_tokens", "Prompt tokens of answered requests (the server's usage)", "infermill_prompt_tokens"),
+    Counter("completion_tokens", "Completion tokens of answered requests", "infermill_completion_tokens",
+            report="completion tokens"),
+    Counter("server_restarts", "Restarts of the worker's server (per replica)", "infermill_server_restarts",
+            report="server restarts"),
+    Counter("units_done", "Queue units this worker committed", "infermill_units_done", report="units done",
+            in_stats=False),
+)  # fmt: skip
+
+#: the families shared by several counters (an ``outcome`` label each), with their help text
+COUNTER_FAMILIES = {
+    "infermill_documents": "Documents by outcome, each counted once: written, empty (every rollout returned None), "
+    "skipped (a bad request, skip_bad_requests), failed, bad_input (a malformed input record skipped)",
+    "infermill_requests": "Requests to the server by final outcome",
+}
+
+#: the counters' names, in order
+COUNTER_NAMES = tuple(counter.name for counter in COUNTERS)
 
 
 @dataclass(slots=True)
@@ -49,8 +125,8 @@ class RunStats:
         if not self.adaptive_concurrency:
             data.pop("adaptive_concurrency")
         elapsed = self.inference_time_sec or max(time.time() - self.started_at, 1e-9)
-        data["documents_per_sec"] = round(self.documents_processed / elapsed, 3) if elapsed else 0.0
-        data["completion_tokens_per_sec"] = round(self.completion_tokens / elapsed, 3) if elapsed else 0.0
+        data["documents_per_sec"] = per_sec(0, self.documents_processed, elapsed) or 0.0
+        data["completion_tokens_per_sec"] = per_sec(0, self.completion_tokens, elapsed) or 0.0
         return data
 
     def summary(self) -> str:

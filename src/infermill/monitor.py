@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from infermill.metrics import LatencyHistogram, RunStats, percentiles
+from infermill.metrics import COUNTER_FAMILIES, COUNTERS, LatencyHistogram, RunStats, percentiles
 from infermill.servers import InferenceServer, ReplicaPool
 from infermill.timeseries import SeriesWriter
 
@@ -37,7 +37,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("infermill.monitor")
 
 #: the outcomes of ``infermill_documents_total``: disjoint, so their sum is every document handled
-DOCUMENT_OUTCOMES = ("written", "empty", "skipped", "failed", "bad_input")
+DOCUMENT_OUTCOMES = tuple(c.outcome for c in COUNTERS if c.prometheus == "infermill_documents" and c.outcome)
+
+#: the counters read from the run's RunStats (the others: from its server and its queue)
+STATS_COUNTERS = tuple(c.name for c in COUNTERS if c.in_stats)
 
 #: seconds a scrape reuses the queue's unit counts (a directory listing) for
 UNIT_COUNTS_TTL_SEC = 5.0
@@ -68,26 +71,14 @@ class RunState:
         self._lock = threading.Lock()
 
     def counters(self) -> dict[str, int]:
+        """Every counter of :data:`~infermill.metrics.COUNTERS`, by name."""
         s = self.stats
+        values = {name: getattr(s, name) for name in STATS_COUNTERS}
         server = self.server()
-        return {
-            "documents_processed": s.documents_processed,
-            "documents_failed": s.documents_failed,
-            "documents_skipped": s.documents_skipped,
-            "documents_resumed": s.documents_resumed,
-            "documents_written": s.documents_written,
-            "documents_empty": s.documents_empty,
-            "documents_bad_input": s.documents_bad_input,
-            "requests_sent": s.requests_sent,
-            "requests_ok": s.requests_ok,
-            "requests_failed": s.requests_failed,
-            "requests_retried": s.requests_retried,
-            "requests_cached": s.requests_cached,
-            "prompt_tokens": s.prompt_tokens,
-            "completion_tokens": s.completion_tokens,
-            "server_restarts": server.restarts if server is not None else s.server_restarts,
-            "units_done": self.units_done(),
-        }
+        if server is not None:
+            values["server_restarts"] = server.restarts
+        values["units_done"] = self.units_done()
+        return values
 
     def gauges(self) -> dict[str, int]:
         s = self.stats
@@ -139,41 +130,8 @@ class RunCollector:
         c = state.counters()
         g = state.gauges()
 
-        documents = CounterMetricFamily(
-            "infermill_documents",
-            "Documents by outcome, each counted once: written, empty (every rollout returned None), skipped "
-            "(a bad request, skip_bad_requests), failed, bad_input (a malformed input record skipped)",
-            labels=["worker", "outcome"],
-        )
-        for outcome in DOCUMENT_OUTCOMES:
-            documents.add_metric([state.worker, outcome], c[f"documents_{outcome}"])
-        yield documents
-        requests = CounterMetricFamily(
-            "infermill_requests", "Requests to the server by final outcome", labels=["worker", "outcome"]
-        )
-        requests.add_metric([state.worker, "ok"], c["requests_ok"])
-        requests.add_metric([state.worker, "failed"], c["requests_failed"])
-        yield requests
-        for name, key, doc in (
-            ("infermill_documents_resumed", "documents_resumed", "Documents done by an earlier run: not done again"),
-            ("infermill_requests_sent", "requests_sent", "Request attempts sent to the server, retries included"),
-            ("infermill_requests_retried", "requests_retried", "Request attempts that failed and were tried again"),
-            ("infermill_requests_cached", "requests_cached", "Requests answered from the checkpoint, not sent"),
-            ("infermill_prompt_tokens", "prompt_tokens", "Prompt tokens of answered requests (the server's usage)"),
-            ("infermill_completion_tokens", "completion_tokens", "Completion tokens of answered requests"),
-            ("infermill_units_done", "units_done", "Queue units this worker committed"),
-        ):
-            yield _counter(name, doc, worker, c[key])
-        restarts = CounterMetricFamily(
-            "infermill_server_restarts", "Restarts of the worker's server (per replica)", labels=["worker", "replica"]
-        )
         replicas = state.replicas()
-        if replicas:
-            for replica in replicas:
-                restarts.add_metric([state.worker, str(replica["replica"])], replica["restarts"])
-        else:
-            restarts.add_metric([state.worker, "0"], c["server_restarts"])
-        yield restarts
+        yield from _counter_families(state.worker, c, replicas)
         yield _gauge(
             "infermill_requests_in_flight", "Requests sent, their reply not yet read", worker, g["requests_in_flight"]
         )
@@ -219,7 +177,7 @@ class RunCollector:
             family = HistogramMetricFamily(name, doc, labels=["worker"])
             family.add_metric(
                 worker,
-                [(floatToGoString(bound), count) for bound, count in histogram.buckets()],
+                [(_go_float(bound), count) for bound, count in histogram.buckets()],
                 sum_value=histogram.total,
             )
             yield family
@@ -233,10 +191,37 @@ class RunCollector:
             yield units_family
 
 
-def _counter(name: str, doc: str, labels: list[str], value: float) -> Any:
-    family = CounterMetricFamily(name, doc, labels=["worker"])
-    family.add_metric(labels, value)
-    return family
+def _counter_families(worker: str, values: dict[str, int], replicas: list[dict[str, int]]) -> Iterator[Any]:
+    """The families of :data:`~infermill.metrics.COUNTERS` (those with a Prometheus name): one
+    of its own per counter, an ``outcome`` label per counter in a shared one, the server's
+    restarts per replica."""
+    shared: dict[str, Any] = {}
+    for counter in COUNTERS:
+        if counter.prometheus is None:
+            continue
+        if counter.outcome is not None:
+            family = shared.get(counter.prometheus)
+            if family is None:
+                family = shared[counter.prometheus] = CounterMetricFamily(
+                    counter.prometheus, COUNTER_FAMILIES[counter.prometheus], labels=["worker", "outcome"]
+                )
+            family.add_metric([worker, counter.outcome], values[counter.name])
+        elif counter.name == "server_restarts":
+            restarts = CounterMetricFamily(counter.prometheus, counter.description, labels=["worker", "replica"])
+            for replica in replicas or [{"replica": 0, "restarts": values[counter.name]}]:
+                restarts.add_metric([worker, str(replica["replica"])], replica["restarts"])
+            yield restarts
+        else:
+            family = CounterMetricFamily(counter.prometheus, counter.description, labels=["worker"])
+            family.add_metric([worker], values[counter.name])
+            yield family
+    yield from shared.values()
+
+
+def _go_float(bound: float) -> str:
+    """A bucket's bound as Prometheus writes it (``+Inf``, ``0.005``, ``1.0``)."""
+    text: str = floatToGoString(bound)  # type: ignore[no-untyped-call,unused-ignore]  # untyped upstream
+    return text
 
 
 def _gauge(name: str, doc: str, labels: list[str], value: float) -> Any:

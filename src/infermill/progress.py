@@ -1,5 +1,10 @@
 """Showing a run's progress: a live bar on a terminal, a periodic log line elsewhere,
-and a summary table at the end."""
+and a summary table at the end.
+
+The rate and ETA are those of ``infermill status`` and ``infermill report``: documents per
+second over the last :data:`~infermill.metrics.RATE_WINDOW_SEC` (:func:`~infermill.metrics.per_sec`),
+the documents left at that rate (:func:`~infermill.metrics.eta_sec`). A ``--workers`` parent
+logs the job's own (:func:`infermill.jobstatus.job_progress`), as ``status`` shows it."""
 
 from __future__ import annotations
 
@@ -7,16 +12,18 @@ import asyncio
 import logging
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from infermill.metrics import ProgressSnapshot
+from infermill.metrics import RATE_WINDOW_SEC, ProgressSnapshot, eta_sec, per_sec
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
     from infermill.config import InferenceConfig
+    from infermill.layout import JobLayout
     from infermill.queue import QueueStatus
 
 logger = logging.getLogger("infermill.progress")
@@ -31,20 +38,22 @@ def log_interval(config: InferenceConfig) -> float:
     return config.metric_interval if "metric_interval" in config.model_fields_set else LOG_INTERVAL
 
 
-def progress_line(progress: ProgressSnapshot, elapsed: float) -> str:
+def progress_line(progress: ProgressSnapshot, elapsed: float, since: ProgressSnapshot = ProgressSnapshot()) -> str:
     """One line: documents done (of how many, when the runs know: a queue's plan does), ETA,
     whether the server is still starting, rates, requests in flight and queued, retries,
-    restarts: what matters most first, as a narrow terminal cuts the end."""
+    restarts: what matters most first, as a narrow terminal cuts the end. The rates are over
+    the last ``elapsed`` seconds, since the counters were ``since`` (by default: from 0)."""
     done = progress.documents_done
     total = progress.documents_total
-    rate = progress.documents_processed / elapsed if elapsed > 0 else 0.0
-    tokens = progress.completion_tokens / elapsed if elapsed > 0 else 0.0
+    rate = max(per_sec(since.documents_processed, progress.documents_processed, elapsed) or 0.0, 0.0)
+    tokens = max(per_sec(since.completion_tokens, progress.completion_tokens, elapsed) or 0.0, 0.0)
     docs = f"{done:,} docs"
     eta = ""
     if total is not None:
         docs = f"{done:,}/{total:,} docs ({100 * min(1.0, done / total) if total else 100.0:.1f}%)"
-        if rate > 0:
-            eta = f" | ETA {max(0.0, (total - done) / rate):,.0f} s"
+        left = eta_sec(total - done, rate)
+        if left is not None:
+            eta = f" | ETA {left:,.0f} s"
     if progress.server_waiting is not None:  # why nothing moves yet
         eta += f" | server {progress.server_waiting} ({progress.server_waiting_sec:,.0f} s)"
     return (
@@ -66,12 +75,16 @@ def queue_line(status: QueueStatus) -> str:
     )
 
 
-async def show_queue_progress(status: Callable[[], QueueStatus], interval: float = LOG_INTERVAL) -> None:
-    """Until cancelled: log where the job's queue stands every ``interval`` seconds (a parent of
-    workers, which sees the queue, not their counters). ``status`` is called in a thread."""
+async def show_job_progress(layout: JobLayout, interval: float = LOG_INTERVAL) -> None:
+    """Until cancelled: log where the job stands every ``interval`` seconds, as ``infermill
+    status`` tells it (a parent of workers, which sees the queue and their time series, not
+    their counters); read in a thread."""
+    from infermill.jobstatus import job_progress
+
     while True:
         await asyncio.sleep(interval)
-        logger.info("progress: %s", queue_line(await asyncio.to_thread(status)))
+        progress = await asyncio.to_thread(job_progress, layout)
+        logger.info("progress: %s", queue_line(progress.queue))
 
 
 async def show_progress(
@@ -79,23 +92,31 @@ async def show_progress(
     interval: float = LOG_INTERVAL,
     console: Console | None = None,
     live: bool | None = None,
+    window_sec: float = RATE_WINDOW_SEC,
 ) -> None:
     """Until cancelled: redraw a live line on a terminal (twice a second), else log one every
     ``interval`` seconds. ``snapshot`` says where the job stands (``InferenceRunner.progress``).
     On a terminal, ``console`` is the one log records are printed on (the ``RichHandler``'s):
     the live line is drawn on it too, so that records print whole above it. ``live``: whether
-    to draw the live line (default: on a terminal); False logs lines (JSON logs)."""
-    started = time.monotonic()
+    to draw the live line (default: on a terminal); False logs lines (JSON logs). The rates
+    are over the last ``window_sec``, as ``infermill status``'s."""
     tty = sys.stderr.isatty() if live is None else live
     nothing = ProgressSnapshot()
     shown = nothing
+    # (when, what) of the lines drawn in the rate's window: the rates are since the oldest
+    window: deque[tuple[float, ProgressSnapshot]] = deque([(time.monotonic(), nothing)])
 
     def render() -> str:
         nonlocal shown
         current = snapshot()
         if current != nothing or shown == nothing:  # no run any more (writing its stats): where it ended
             shown = current
-        return progress_line(shown, time.monotonic() - started)
+        now = time.monotonic()
+        while len(window) > 1 and window[0][0] < now - window_sec:
+            window.popleft()
+        since, oldest = window[0]
+        window.append((now, shown))
+        return progress_line(shown, now - since, oldest)
 
     if not tty:
         while True:

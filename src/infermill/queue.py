@@ -113,14 +113,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from infermill.errors import ConfigError, InfermillError, LeaseLostError, PlanReplacedError, QueueCorruptError
-from infermill.layout import JobLayout, is_remote, local_path
+from infermill.layout import PLAN_FILE, JobLayout, is_remote, local_path
+from infermill.metrics import RATE_WINDOW_SEC, eta_sec, per_sec
 
 if TYPE_CHECKING:
     from infermill.io.writers import OutputWriter
 
 logger = logging.getLogger("infermill.queue")
 
-PLAN_FILE = "plan.json"
 _PLAN_ID = re.compile(rb'\{"plan_id":"([0-9a-f]{32})"')  # how publish_plan's orjson starts the file
 CLOCK_FILE = "clock"
 UNITS_DIR = "units"
@@ -128,7 +128,6 @@ JOURNALS_DIR = "journals"
 
 DEFAULT_LEASE_TIMEOUT_SEC = 120.0
 DEFAULT_MAX_UNIT_ATTEMPTS = 3
-RATE_WINDOW_SEC = 600.0  # the job's rate (status) is that of the units done in the last 10 minutes
 #: a lease dated further in the future than this is logged: nearer, it may be a renewal made
 #: between this worker's reading of the storage's clock and of the lease (or mtime granularity)
 FUTURE_LEASE_WARNING_SEC = 2.0
@@ -868,11 +867,11 @@ class WorkQueue:
             window = min(RATE_WINDOW_SEC, now - os.stat(self.folder / PLAN_FILE).st_mtime)
         except OSError:
             window = RATE_WINDOW_SEC
-        rate = recent / window if recent and window > 0 else None
+        rate = per_sec(0, recent, window) or None
         left = (documents_total - documents) if documents_total is not None else None
         return QueueStatus(
-            documents_per_sec=round(rate, 3) if rate else None,
-            eta_sec=round(left / rate, 1) if rate and left is not None else None,
+            documents_per_sec=rate,
+            eta_sec=eta_sec(left, rate),
             units_total=len(planned),
             units_done=done,
             units_in_progress=len(in_progress),
@@ -1098,7 +1097,7 @@ class LeaseRenewer:
 
 def job_complete(layout: JobLayout) -> bool:
     """Whether the job laid out by ``layout`` has a queue whose every unit is done (one listing)."""
-    if not (layout.queue / PLAN_FILE).exists():
+    if not layout.plan_file.exists():
         return False
     status = WorkQueue.for_layout(layout).status()
     return 0 < status.units_done == status.units_total

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from infermill.errors import ConfigError
-from infermill.timeseries import COUNTERS, read_worker_series, series_files
+from infermill.layout import series_files
+from infermill.metrics import COUNTERS as TABLE
+from infermill.timeseries import COUNTERS, read_worker_series
 
 if TYPE_CHECKING:
     import numpy as np
@@ -232,7 +234,8 @@ def _running_total(grid: Grid, increments: tuple[np.ndarray, np.ndarray, np.ndar
     after = np.cumsum(delta)
     knots_t = np.column_stack([begin, end]).ravel()
     knots_v = np.column_stack([after - delta, after]).ravel()
-    return np.interp(grid.edges, knots_t, knots_v, left=0.0)
+    curve: np.ndarray = np.interp(grid.edges, knots_t, knots_v, left=0.0)
+    return curve
 
 
 def counter_rate(grid: Grid, worker: WorkerSeries, name: str) -> np.ndarray:
@@ -468,13 +471,14 @@ def _figure_html(plot: Plot, grid: Grid, worker_grid: Grid) -> str:
         "margin": {"l": 60, "r": 20, "t": 50, "b": 50},
         "legend": {"groupclick": "toggleitem"},
     }
-    return plotly.io.to_html(
+    page: str = plotly.io.to_html(
         {"data": traces, "layout": layout},
         include_plotlyjs=False,
         full_html=False,
         validate=False,
         config={"displaylogo": False, "responsive": True},
     )
+    return page
 
 
 def _template() -> dict[str, Any]:
@@ -539,31 +543,8 @@ def _grid_table(header: list[str], rows: list[list[Any]]) -> str:
 # -- the job's summary ----------------------------------------------------------------------------
 
 
-def worker_rows(series: dict[str, WorkerSeries]) -> list[list[Any]]:
-    """One row per worker: where it ran, when, and its counters summed over its processes."""
-    rows = []
-    for worker in series.values():
-        sums = {name: worker.total(name) for name in COUNTERS}
-        rows.append(
-            [
-                worker.worker,
-                worker.host,
-                worker.processes,
-                _when(worker.first_start),
-                _when(float(worker.time[-1])),
-                "finished" if worker.final[-1] else "running or stopped",
-                sums["documents_processed"],
-                sums["documents_failed"],
-                sums["requests_ok"],
-                sums["requests_failed"],
-                sums["requests_retried"],
-                sums["completion_tokens"],
-                sums["server_restarts"],
-                sums["units_done"],
-            ]
-        )
-    return rows
-
+#: the counters with a column in the table of workers (``metrics.COUNTERS``' ``report``), in order
+REPORTED_COUNTERS = tuple(counter for counter in TABLE if counter.report is not None)
 
 WORKER_HEADER = [
     "worker",
@@ -572,15 +553,24 @@ WORKER_HEADER = [
     "first start",
     "last snapshot",
     "state",
-    "documents",
-    "docs failed",
-    "requests ok",
-    "requests failed",
-    "retried",
-    "completion tokens",
-    "server restarts",
-    "units done",
+    *(str(counter.report) for counter in REPORTED_COUNTERS),
 ]
+
+
+def worker_rows(series: dict[str, WorkerSeries]) -> list[list[Any]]:
+    """One row per worker: where it ran, when, and its counters summed over its processes."""
+    return [
+        [
+            worker.worker,
+            worker.host,
+            worker.processes,
+            _when(worker.first_start),
+            _when(float(worker.time[-1])),
+            "finished" if worker.final[-1] else "running or stopped",
+            *(worker.total(counter.name) for counter in REPORTED_COUNTERS),
+        ]
+        for worker in series.values()
+    ]
 
 
 @dataclass(slots=True)
@@ -599,7 +589,7 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
     from infermill.queue import WorkQueue
     from infermill.worker import job_stats, read_stats
 
-    queued = (layout.queue / "plan.json").exists()
+    queued = layout.plan_file.exists()
     stats = job_stats(layout) if queued else read_stats(layout)  # summed now: stats.json waits for a run's end
     worker_stats = _worker_stats(layout)
     models = sorted({str(s["model"]) for s in worker_stats if s.get("model")})
@@ -692,8 +682,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _worker_stats(layout: JobLayout) -> list[dict[str, Any]]:
-    folder = layout.root / "stats"
-    return [_read_json(path) for path in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return [_read_json(path) for path in layout.worker_stats_files()]
 
 
 def _add_counts(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
@@ -711,7 +700,7 @@ def write_report(layout: JobLayout, output: str, destination: Path, max_points: 
     _require()
     from plotly.offline import get_plotlyjs
 
-    if not (layout.queue / "plan.json").exists() and not layout.ranks() and not layout.stats_files():
+    if not layout.plan_file.exists() and not layout.ranks() and not layout.stats_files():
         raise ConfigError(
             f"no job in {layout.root}: is {output} the output folder of a job? (--checkpoints names the "
             "checkpoint folder of a job that set checkpoint.dir)"

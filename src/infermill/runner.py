@@ -468,7 +468,7 @@ class InferenceRunner:
         try:
             (write_stats if final else write_run_stats)(self.layout, queue.worker_id, stats)
         except OSError as e:  # (a full disk) not to hide why a run stopped: a later write, or sum, may succeed
-            logger.warning("cannot write this worker's stats in %s: %s", self.layout.root / "stats", e)
+            logger.warning("cannot write this worker's stats in %s: %s", self.layout.worker_stats, e)
         return stats
 
     def progress(self) -> ProgressSnapshot:
@@ -554,7 +554,7 @@ class _Run:
             queue,
         )
         port = config.metrics_port + index if config.metrics_port is not None else None
-        series = self.runner.layout.metrics / f"{worker}.jsonl" if queue is not None else None
+        series = self.runner.layout.series_file(worker) if queue is not None else None
         monitor = Monitor(
             state,
             host=config.metrics_host,

@@ -6,11 +6,7 @@ last one (``"final": true``) when it ends::
 
     {"time": 1796054400.123, "worker": "node7-1234-ab12cd", "host": "node7", "pid": 1234,
      "started_at": 1796050000.0, "interval": 30.0, "final": false,
-     "counters": {"documents_processed": ..., "documents_failed", "documents_skipped",
-                  "documents_resumed", "documents_written", "documents_empty",
-                  "documents_bad_input", "requests_sent", "requests_ok", "requests_failed",
-                  "requests_retried", "requests_cached", "prompt_tokens", "completion_tokens",
-                  "server_restarts", "units_done"},
+     "counters": {"documents_processed": ..., ...},  # every one of metrics.COUNTERS
      "gauges": {"requests_in_flight": ..., "requests_pending", "concurrency_limit"},
      "latency_sec": {"count": n, "p50": s, "p90": s, "p99": s, "max": s},
      "replicas": [{"replica": 0, "requests": n, "restarts": n, "in_flight": n}, ...]}
@@ -40,6 +36,9 @@ from typing import Any
 
 import orjson
 
+from infermill.layout import series_files
+from infermill.metrics import COUNTER_NAMES, RATE_WINDOW_SEC, per_sec
+
 #: a series file past this size is thinned
 MAX_SERIES_BYTES = 4 * 2**20
 
@@ -54,25 +53,9 @@ ALIVE_INTERVALS = 3
 #: ... and at least this many seconds (a busy machine or file system may delay a snapshot)
 ALIVE_MIN_SEC = 5.0
 
-#: the counters of a snapshot, in order (a reader may meet fewer in files of an older infermill)
-COUNTERS = (
-    "documents_processed",
-    "documents_failed",
-    "documents_skipped",
-    "documents_resumed",
-    "documents_written",
-    "documents_empty",
-    "documents_bad_input",
-    "requests_sent",
-    "requests_ok",
-    "requests_failed",
-    "requests_retried",
-    "requests_cached",
-    "prompt_tokens",
-    "completion_tokens",
-    "server_restarts",
-    "units_done",
-)
+#: the counters of a snapshot, in order: those of :data:`infermill.metrics.COUNTERS` (a reader
+#: may meet fewer in files of an older infermill)
+COUNTERS = COUNTER_NAMES
 
 
 class SeriesWriter:
@@ -162,14 +145,6 @@ def read_series(folder: str | os.PathLike[str]) -> dict[str, list[dict[str, Any]
     return series
 
 
-def series_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """The workers' series files in ``folder``, in name order (a writer's temporary file left out)."""
-    try:
-        return sorted(path for path in Path(folder).glob("*.jsonl") if not path.name.startswith("."))
-    except OSError:
-        return []
-
-
 def read_worker_series(path: Path) -> list[dict[str, Any]]:
     """One worker's snapshots, in time order; lines that are not a whole snapshot (a torn last
     line) are skipped. A file that cannot be read (thinned or removed meanwhile) has none."""
@@ -227,14 +202,14 @@ def _read_tail(path: Path, since: float, chunk: int) -> list[dict[str, Any]]:
 
 
 def worker_rates(
-    series: dict[str, list[dict[str, Any]]], now: float, window_sec: float = 600.0
+    series: dict[str, list[dict[str, Any]]], now: float, window_sec: float = RATE_WINDOW_SEC
 ) -> list[dict[str, Any]]:
     """:func:`worker_summary` of each worker of ``series``, in worker order."""
     return [worker_summary(worker, snapshots, now, window_sec) for worker, snapshots in sorted(series.items())]
 
 
 def scan_workers(
-    folder: str | os.PathLike[str], now: float, window_sec: float = 600.0, chunk: int = TAIL_BYTES
+    folder: str | os.PathLike[str], now: float, window_sec: float = RATE_WINDOW_SEC, chunk: int = TAIL_BYTES
 ) -> Iterator[dict[str, Any]]:
     """:func:`worker_summary` of each worker with a series file in ``folder``, in worker order,
     from the file's tail (see :func:`read_series_tail`): one file's snapshots in memory at a
@@ -250,7 +225,7 @@ WORKER_STATES = ("running", "gone", "ended", "silent")
 
 
 def worker_summary(
-    worker: str, snapshots: list[dict[str, Any]], now: float, window_sec: float = 600.0
+    worker: str, snapshots: list[dict[str, Any]], now: float, window_sec: float = RATE_WINDOW_SEC
 ) -> dict[str, Any]:
     """One worker, from its snapshots (in time order): its documents and completion tokens per
     second over the last ``window_sec`` of its newest run (from its snapshots in that window,
@@ -271,8 +246,8 @@ def worker_summary(
     docs = tokens = None
     if len(points) >= 2 and points[-1][0] > points[0][0]:
         (t0, first), (t1, last) = points[0], points[-1]
-        docs = round((last.get("documents_processed", 0) - first.get("documents_processed", 0)) / (t1 - t0), 3)
-        tokens = round((last.get("completion_tokens", 0) - first.get("completion_tokens", 0)) / (t1 - t0), 3)
+        docs = per_sec(first.get("documents_processed", 0), last.get("documents_processed", 0), t1 - t0)
+        tokens = per_sec(first.get("completion_tokens", 0), last.get("completion_tokens", 0), t1 - t0)
     if newest.get("final"):
         state = "ended"
     elif newest.get("host") == socket.gethostname() and process_gone(newest.get("pid")):
@@ -310,4 +285,4 @@ def is_running(snapshots: list[dict[str, Any]], now: float) -> bool:
         if not gaps:
             return True  # one snapshot, of an older infermill: the caller's window decides
         interval = statistics.median(gaps)
-    return now - newest["time"] <= max(ALIVE_INTERVALS * interval, ALIVE_MIN_SEC)
+    return bool(now - float(newest["time"]) <= max(ALIVE_INTERVALS * interval, ALIVE_MIN_SEC))

@@ -30,7 +30,9 @@ from infermill.io.filesystems import LASTING_ERRNOS, check_space, replace_whole,
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import ChunkJournal, QueueJournal, check_identity, identity_differences
-from infermill.queue import PLAN_FILE, WorkQueue, process_gone
+from infermill.layout import PLAN_FILE, series_files
+from infermill.metrics import per_sec
+from infermill.queue import WorkQueue, process_gone
 from infermill.types import END_OF_INPUT as END
 
 if TYPE_CHECKING:
@@ -186,7 +188,7 @@ def _busy(queue: WorkQueue, layout: JobLayout, stored: dict[str, Any]) -> str:
     candidates: list[tuple[Path, str | None, int | None]] = [
         (queue.folder / PLAN_FILE, publisher.get("host"), publisher.get("pid"))
     ]
-    for series in layout.metrics.glob("*.jsonl") if layout.metrics.is_dir() else ():
+    for series in series_files(layout.metrics):
         worker_host, _, worker_pid = series.stem.rpartition("-")[0].rpartition("-")  # a worker id: HOST-PID-SUFFIX
         candidates.append((series, worker_host, int(worker_pid) if worker_pid.isdigit() else None))
     now = queue.storage_now()
@@ -243,9 +245,9 @@ def discard(layout: JobLayout, writer: OutputWriter) -> None:
         ChunkJournal(layout, rank, 1, writer)._discard()
     writer.remove_temp_files(0)
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.rmtree(layout.root / "stats", ignore_errors=True)
+    shutil.rmtree(layout.worker_stats, ignore_errors=True)
     shutil.rmtree(layout.metrics, ignore_errors=True)
-    for path in [*layout.stats_files(), *layout.root.glob("failures_*.jsonl")]:
+    for path in [*layout.stats_files(), *layout.failures_files()]:
         path.unlink(missing_ok=True)
 
 
@@ -322,9 +324,8 @@ def write_run_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) ->
     """Keep this worker run's ``stats`` so far (``stats/WORKER.json``, replaced atomically: a
     sum may read it meanwhile). A worker writes them before each unit it commits and when it
     ends, so that a run killed on the way leaves at least what it had committed."""
-    folder = layout.root / "stats"
-    folder.mkdir(parents=True, exist_ok=True)
-    replace_whole(folder / f"{worker_id}.json", orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+    layout.worker_stats.mkdir(parents=True, exist_ok=True)
+    replace_whole(layout.worker_stats_file(worker_id), orjson.dumps(stats, option=orjson.OPT_INDENT_2))
 
 
 def sum_job_stats(layout: JobLayout) -> dict[str, Any]:
@@ -338,15 +339,14 @@ def job_stats(layout: JobLayout) -> dict[str, Any]:
     """The sum of every worker run's stats kept so far (a killed run's as of its last commit),
     whose ``documents_written`` is the records of the committed units' output files, from the
     queue's done marks: what the output holds."""
-    folder = layout.root / "stats"
     runs = []
-    for path in sorted(folder.glob("*.json")):
+    for path in layout.worker_stats_files():
         try:
             runs.append(orjson.loads(path.read_bytes()))
         except (OSError, orjson.JSONDecodeError):
             continue  # an older infermill's, being written: its own sum counts it
     total = sum_stats(runs)
-    if runs and (layout.queue / PLAN_FILE).exists():
+    if runs and layout.plan_file.exists():
         total["documents_written"] = WorkQueue.for_layout(layout).status().documents_written
     return total
 
@@ -393,8 +393,8 @@ def sum_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     total.update(
         started_at=start,
         inference_time_sec=round(wall, 3),
-        documents_per_sec=round(total.get("documents_processed", 0) / wall, 3),
-        completion_tokens_per_sec=round(total.get("completion_tokens", 0) / wall, 3),
+        documents_per_sec=per_sec(0, total.get("documents_processed", 0), wall),
+        completion_tokens_per_sec=per_sec(0, total.get("completion_tokens", 0), wall),
         worker_runs=len(runs),
     )
     return total

@@ -217,7 +217,7 @@ def run_slurm(
     an earlier array's requeued tasks still read theirs); it is deleted when sbatch refuses the
     array and, with ``wait``, once the array ended. Without ``wait`` (or after Ctrl-C) it stays:
     a task may still start or be requeued later."""
-    folder = layout.root / "slurm"
+    folder = layout.slurm
     name = job_name(job.output.path)
     secrets_file = folder / f"{name}.{secrets.token_hex(4)}.secrets" if secret_overrides else None
     script = sbatch_script(job, command, workers, layout, node_command, secrets_file)
