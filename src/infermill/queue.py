@@ -108,7 +108,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -133,6 +133,8 @@ RATE_WINDOW_SEC = 600.0  # the job's rate (status) is that of the units done in 
 #: a lease dated further in the future than this is logged: nearer, it may be a renewal made
 #: between this worker's reading of the storage's clock and of the lease (or mtime granularity)
 FUTURE_LEASE_WARNING_SEC = 2.0
+
+T = TypeVar("T")
 
 
 def _generation_name(unit: int, generation: int, kind: str) -> str:
@@ -507,6 +509,24 @@ class WorkQueue:
         with ``loop``, it reports ``on_lost`` and its seconds (added to ``seconds``) on that loop."""
         on_seconds = None if loop is None else self.add_seconds
         return LeaseRenewer(self, lease, on_lost=on_lost, loop=loop, on_seconds=on_seconds)
+
+    async def in_thread(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` (this queue's file I/O) in a worker thread, off the event loop; the
+        seconds it took are added to ``seconds`` here, on the loop."""
+        took = 0.0
+
+        def timed() -> T:
+            nonlocal took
+            started = time.perf_counter()
+            try:
+                return call(*args)
+            finally:
+                took = time.perf_counter() - started
+
+        try:
+            return await asyncio.to_thread(timed)
+        finally:
+            self.seconds += took  # read after the thread's result: set by then (0 if cancelled before)
 
     def add_seconds(self, seconds: float) -> None:
         """Count ``seconds`` spent in this queue's calls (by its owner's thread or event loop)."""

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from infermill.errors import ConfigError, InfermillError, UnitsFailedError
+from infermill.errors import ConfigError, InfermillError, StorageError, UnitsFailedError
 from infermill.io.filesystems import LASTING_ERRNOS, check_space, replace_whole, storage_error
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import ChunkJournal, QueueJournal, check_identity, identity_differences
 from infermill.queue import PLAN_FILE, WorkQueue, process_gone
+from infermill.queue_storage import StorageTimeoutError
 from infermill.runner import END_OF_INPUT as END
 
 if TYPE_CHECKING:
@@ -288,27 +289,40 @@ class UnitSource:
 
     async def _claim(self) -> bool:
         """Claim the next unit (True), or find the queue drained (True, and ended), or nothing now (False)."""
+        if self.journal.stalled is not None:
+            raise storage_stalled_error(self.queue, self.journal.stalled)
         try:
-            lease = await asyncio.to_thread(self.queue.claim)
+            lease = await self.queue.in_thread(self.queue.claim)
         except OSError as e:
             # a network file system's hiccup (ESTALE...) is looked at again after the poll; a full
             # disk, or an error that lasts for a lease timeout, stops the worker
             now = time.monotonic()
             self._claims_failing_since = self._claims_failing_since or now
+            if now - self._claims_failing_since > self.queue.lease_timeout_sec and isinstance(e, StorageTimeoutError):
+                raise storage_stalled_error(self.queue, e) from e
             if e.errno in LASTING_ERRNOS or now - self._claims_failing_since > self.queue.lease_timeout_sec:
                 raise storage_error(str(self.queue.folder), "claim a unit in it", e) from e
             logger.warning("cannot claim a unit now (%s: %s); trying again", type(e).__name__, e)
             return False
         self._claims_failing_since = None
         if lease is None:
-            self._ended = not self.journal.held() and await asyncio.to_thread(self.queue.drained)
+            self._ended = not self.journal.held() and await self.queue.in_thread(self.queue.drained)
             return self._ended
-        if await asyncio.to_thread(self.journal.hold, lease):  # finished by an earlier holder: commit it
-            await asyncio.to_thread(self.journal.finalize_chunk, lease.unit)
+        if await self.journal.hold(lease):  # finished by an earlier holder: commit it
+            await self.journal.finish_chunk(lease.unit)
             return True
         self._unit = lease.unit
         self._items = enumerate(read_unit(self.reader, self.plan[lease.unit]))
         return True
+
+
+def storage_stalled_error(queue: WorkQueue, error: Exception) -> StorageError:
+    """The one line a worker stops with when the queue's storage stopped answering."""
+    return StorageError(
+        f"the work queue's storage in {queue.folder} stopped answering ({error}): this worker stops; the units it "
+        f"held go to other workers once their leases expire ({queue.lease_timeout_sec:g} s). Check that file "
+        "system (a hung network mount?), then run the same command again to resume"
+    )
 
 
 def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dict[str, Any]:
