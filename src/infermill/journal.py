@@ -41,6 +41,7 @@ from infermill.errors import ConfigError, InfermillError, LeaseLostError
 from infermill.io.filesystems import replace_whole
 from infermill.layout import RankLock
 from infermill.queue import StorageStalledError
+from infermill.queue_storage import StorageTimeoutError
 
 if TYPE_CHECKING:
     from infermill.io.units import UnitPlan
@@ -680,9 +681,12 @@ class QueueJournal(ChunkLogs):
                 chunk.file.close()
             lease = self._leases[unit]
             keep_stats = self.before_commit() if self.before_commit is not None else None
-            outcome = await asyncio.to_thread(
-                _commit_unit, self.queue, self.writer, lease, self._log_path(unit), self._chunk_size(unit), keep_stats
-            )
+            try:
+                path, documents = self._log_path(unit), self._chunk_size(unit)
+                commit = functools.partial(_commit_unit, self.queue, self.writer, lease, path, documents, keep_stats)
+                outcome = await asyncio.to_thread(commit)
+            except StorageTimeoutError as e:  # longer than a lease: the unit may be another worker's by now
+                raise self.queue.stalled_error(e) from e
             self.queue.add_seconds(outcome.queue_seconds)
             if outcome.lost is not None:
                 logger.warning(
@@ -727,7 +731,7 @@ class QueueJournal(ChunkLogs):
         if self._leases.get(lease.unit) != lease:
             return  # let go (and perhaps held again) since the renewer sent it
         self.dropped.add(lease.unit)
-        logger.warning("unit %d: %s; this worker stops working on it", lease.unit, error)
+        logger.warning("%s; this worker stops working on it", error)
 
     def _let_go(self, unit: int) -> None:
         renewer = self._renewers.pop(unit, None)

@@ -112,7 +112,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from infermill.errors import ConfigError, InfermillError, LeaseLostError, PlanReplacedError, QueueCorruptError
+from infermill.errors import (
+    ConfigError,
+    InfermillError,
+    LeaseLostError,
+    PlanReplacedError,
+    QueueCorruptError,
+    StorageError,
+)
 from infermill.layout import JobLayout, is_remote, local_path
 from infermill.queue_storage import DEFAULT_STORAGE_TIMEOUT_SEC, QueueStorage, default_storage
 
@@ -527,6 +534,14 @@ class WorkQueue:
             return await asyncio.to_thread(timed)
         finally:
             self.seconds += took  # read after the thread's result: set by then (0 if cancelled before)
+
+    def stalled_error(self, error: Exception) -> QueueStalledError:
+        """The one line a worker stops with when this queue's storage stopped answering (``error``)."""
+        return QueueStalledError(
+            f"the work queue's storage in {self.folder} stopped answering ({error}): this worker stops; the units "
+            f"it held go to other workers once their leases expire ({self.lease_timeout_sec:g} s). Check that file "
+            "system (a hung network mount?), then run the same command again to resume"
+        )
 
     def add_seconds(self, seconds: float) -> None:
         """Count ``seconds`` spent in this queue's calls (by its owner's thread or event loop)."""
@@ -983,6 +998,10 @@ class WorkQueue:
 
     def _failed_path(self, unit: int) -> Path:
         return self.units_dir / f"{unit:06d}.failed"
+
+
+class QueueStalledError(StorageError):
+    """The queue's storage stopped answering: the worker stops (see :meth:`WorkQueue.stalled_error`)."""
 
 
 class StorageStalledError(LeaseLostError):

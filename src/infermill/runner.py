@@ -405,6 +405,7 @@ class InferenceRunner:
     ) -> dict[str, Any]:
         """One worker run on the queue (see :meth:`run_queue_async`); adds to ``abandoned`` the
         units it gives up as an attempt when it stops on an error."""
+        from infermill.queue import QueueStalledError
         from infermill.worker import UnitSource, failed_units_error, sum_job_stats, write_stats
 
         status = await asyncio.to_thread(queue.status)
@@ -421,7 +422,7 @@ class InferenceRunner:
         run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
         journal.before_commit = lambda: functools.partial(self._write_worker_stats, queue, self._stats_of(run, queue))
         self._runs.append(run)
-        stopped_on_request = False
+        stopped_on_request = stalled = False
         try:
             server_scope = (
                 contextlib.nullcontext(server)
@@ -435,6 +436,9 @@ class InferenceRunner:
         except asyncio.CancelledError:
             stopped_on_request = True  # its units are given back; an error gives them up, as an attempt
             raise
+        except QueueStalledError:
+            stalled = True  # the job's stats are not summed: that reads the queue
+            raise
         except ServerError:
             # a server that never became ready is no unit's fault: its units are given back (one that
             # died after serving may have been killed by a unit: those are given up, as attempts)
@@ -447,7 +451,7 @@ class InferenceRunner:
                 abandoned += await journal.close(release=stopped_on_request)
             finally:
                 run.close()
-                stats = self._keep_stats(run, queue, final=True)
+                stats = self._keep_stats(run, queue, final=not stalled)
         if (error := await asyncio.to_thread(failed_units_error, queue)) is not None:
             raise error
         logger.info("worker %s done: %s", queue.worker_id, run.stats.summary())

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from infermill.errors import ConfigError, InfermillError, StorageError, UnitsFailedError
+from infermill.errors import ConfigError, InfermillError, UnitsFailedError
 from infermill.io.filesystems import LASTING_ERRNOS, check_space, replace_whole, storage_error
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
@@ -290,7 +290,7 @@ class UnitSource:
     async def _claim(self) -> bool:
         """Claim the next unit (True), or find the queue drained (True, and ended), or nothing now (False)."""
         if self.journal.stalled is not None:
-            raise storage_stalled_error(self.queue, self.journal.stalled)
+            raise self.queue.stalled_error(self.journal.stalled)
         try:
             lease = await self.queue.in_thread(self.queue.claim)
         except OSError as e:
@@ -299,7 +299,7 @@ class UnitSource:
             now = time.monotonic()
             self._claims_failing_since = self._claims_failing_since or now
             if now - self._claims_failing_since > self.queue.lease_timeout_sec and isinstance(e, StorageTimeoutError):
-                raise storage_stalled_error(self.queue, e) from e
+                raise self.queue.stalled_error(e) from e
             if e.errno in LASTING_ERRNOS or now - self._claims_failing_since > self.queue.lease_timeout_sec:
                 raise storage_error(str(self.queue.folder), "claim a unit in it", e) from e
             logger.warning("cannot claim a unit now (%s: %s); trying again", type(e).__name__, e)
@@ -314,15 +314,6 @@ class UnitSource:
         self._unit = lease.unit
         self._items = enumerate(read_unit(self.reader, self.plan[lease.unit]))
         return True
-
-
-def storage_stalled_error(queue: WorkQueue, error: Exception) -> StorageError:
-    """The one line a worker stops with when the queue's storage stopped answering."""
-    return StorageError(
-        f"the work queue's storage in {queue.folder} stopped answering ({error}): this worker stops; the units it "
-        f"held go to other workers once their leases expire ({queue.lease_timeout_sec:g} s). Check that file "
-        "system (a hung network mount?), then run the same command again to resume"
-    )
 
 
 def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dict[str, Any]:
