@@ -733,14 +733,17 @@ class QueueJournal(ChunkLogs):
         self.dropped.add(lease.unit)
         logger.warning("%s; this worker stops working on it", error)
 
-    def _let_go(self, unit: int) -> None:
+    def _let_go(self, unit: int) -> LeaseRenewer | None:
+        """Forget ``unit``; return its renewer, told to stop (not waited for: a renewal under way
+        can only date the lease again, which matters only to a lease given up as expired)."""
         renewer = self._renewers.pop(unit, None)
         if renewer is not None:
-            renewer.stop()
+            renewer.stop(wait=False)
         self._leases.pop(unit, None)
         chunk = self._chunks.pop(unit, None)
         if chunk is not None and chunk.file is not None:
             chunk.file.close()
+        return renewer
 
     async def close(self, release: bool = True) -> list[int]:
         """Write what is pending, close the journals and stop renewing. The leases of unfinished
@@ -750,15 +753,14 @@ class QueueJournal(ChunkLogs):
         as an attempt. Raise if a write failed."""
         if self._failing:
             await asyncio.wait(set(self._failing))
-        leases: list[Lease] = []
+        leases: list[tuple[Lease, LeaseRenewer | None]] = []
         try:
             self._close_logs()
         finally:
             for unit in list(self._leases):
                 if unit in self._finalizing:  # being committed: its commit lets it go
                     continue
-                leases.append(self._leases[unit])
-                self._let_go(unit)
+                leases.append((self._leases[unit], self._let_go(unit)))
         if not leases:
             return []
         return await self.queue.in_thread(_give_up_leases, self.queue, leases, release)
@@ -821,11 +823,13 @@ def _commit_unit(
     return _Committed(written, seconds)
 
 
-def _give_up_leases(queue: WorkQueue, leases: list[Lease], release: bool) -> list[int]:
-    """Give ``leases`` back (``release``) or up as spent attempts; return the units given up
-    (file I/O only: it runs in a worker thread)."""
+def _give_up_leases(queue: WorkQueue, leases: list[tuple[Lease, LeaseRenewer | None]], release: bool) -> list[int]:
+    """Give ``leases`` back (``release``) or up as spent attempts, each once its renewer
+    stopped; return the units given up (file I/O only: it runs in a worker thread)."""
     abandoned: list[int] = []
-    for lease in leases:
+    for lease, renewer in leases:
+        if renewer is not None:
+            renewer.stop()  # waits for a renewal under way: it would date an abandoned lease again
         if release:
             queue.release(lease)
             continue

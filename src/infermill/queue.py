@@ -311,8 +311,11 @@ class WorkQueue:
         self.max_unit_attempts = max_unit_attempts
         self._random = random.Random()
         self._plan: dict[str, Any] | None = None
-        self._future_leases: dict[Path, tuple[float, float]] = {}  # lease -> (its mtime, storage time first seen)
-        self._warned_future: set[Path] = set()  # the leases dated in the future that were logged
+        # claim()'s memory of the leases dated in the future (only claim reads or writes it; a
+        # worker claims one unit at a time): lease -> (its mtime, storage time first seen), and
+        # those that were logged
+        self._future_leases: dict[Path, tuple[float, float]] = {}
+        self._warned_future: set[Path] = set()
         # every storage call waits at most a lease timeout (30 s at most): a storage that answers
         # more slowly cannot keep leases anyway
         self.storage = storage or default_storage(min(DEFAULT_STORAGE_TIMEOUT_SEC, self.lease_timeout_sec))
@@ -1061,11 +1064,12 @@ class LeaseRenewer:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop renewing. A renewal under way is waited for, at most the storage's timeout
-        (normally milliseconds): a lease given up right after must not be renewed again."""
+    def stop(self, wait: bool = True) -> None:
+        """Stop renewing. With ``wait``, a renewal under way is waited for, at most the storage's
+        timeout (normally milliseconds): a lease given up right after must not be renewed again
+        (an event loop calls it with ``wait=False``, and waits in a worker thread if it must)."""
         self._stopping.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(self.queue.storage.timeout_sec)
 
     def __enter__(self) -> LeaseRenewer:
