@@ -30,6 +30,16 @@ can hide a new lease for up to ``acdirmax`` (60 s by default); mount with
 systems (``s3://``...) are refused with a ``ConfigError``: object stores would need
 conditional writes, which not every backend exposes.
 
+**Storage calls** all go through the queue's :class:`~infermill.queue_storage.QueueStorage`
+(``storage``), each bounded by a timeout (the lease timeout, 30 s at most): a storage that
+stops answering (a hung mount) raises ``StorageTimeoutError`` instead of hanging the worker.
+A holder whose renewals fail for a lease timeout gives its lease up
+(:class:`StorageStalledError`), and a worker stops with :meth:`WorkQueue.stalled_error`.
+
+**Threads.** A ``WorkQueue``'s methods do file I/O and return values; an asyncio worker runs
+them in worker threads (:meth:`WorkQueue.in_thread`) and keeps its bookkeeping (the units it
+holds, ``seconds``) on its event loop. The renewing thread touches only its lease.
+
 **Leases and fencing.** Unit U's lease of generation g is the file ``U.g.lease``; only one
 worker can create a given name, so only one worker wins each generation. The holder of U is
 the highest generation. Claiming a unit with no lease creates generation 1; a unit whose
