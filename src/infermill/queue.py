@@ -532,21 +532,16 @@ class WorkQueue:
 
     async def in_thread(self, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` (this queue's file I/O) in a worker thread, off the event loop; the
-        seconds it took are added to ``seconds`` here, on the loop."""
-        took = 0.0
+        seconds it took (when it returns) are added to ``seconds`` here, on the loop."""
 
-        def timed() -> T:
-            nonlocal took
+        def timed() -> tuple[T, float]:
             started = time.perf_counter()
-            try:
-                return call(*args)
-            finally:
-                took = time.perf_counter() - started
+            value = call(*args)
+            return value, time.perf_counter() - started
 
-        try:
-            return await asyncio.to_thread(timed)
-        finally:
-            self.seconds += took  # read after the thread's result: set by then (0 if cancelled before)
+        value, took = await asyncio.to_thread(timed)
+        self.seconds += took
+        return value
 
     def stalled_error(self, error: Exception) -> QueueStalledError:
         """The one line a worker stops with when this queue's storage stopped answering (``error``)."""
