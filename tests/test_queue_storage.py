@@ -4,6 +4,7 @@ Real worker processes, real files; the hung storage is a stand-in (tests/hanging
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -67,6 +68,32 @@ def test_a_renewer_whose_storage_stops_answering_gives_the_lease_up_after_a_leas
         assert 0.5 < time.monotonic() - started < 3
     assert len(lost) == 1 and isinstance(lost[0], StorageStalledError)
     assert isinstance(lost[0].storage_error, StorageTimeoutError)
+
+
+async def test_a_renewer_reports_a_lost_lease_and_its_seconds_on_the_event_loop_not_from_its_thread(tmp_path):
+    queue = WorkQueue(tmp_path / "queue", "w", lease_timeout_sec=60)
+    queue.publish_plan({"units": [{}]})
+    lease = queue.claim()
+    assert lease is not None
+    loop = asyncio.get_running_loop()
+    reported: list[tuple[str, threading.Thread]] = []
+    lost = asyncio.Event()
+
+    def on_lost(error: Exception) -> None:
+        reported.append(("lost", threading.current_thread()))
+        lost.set()
+
+    def on_seconds(seconds: float) -> None:
+        reported.append(("seconds", threading.current_thread()))
+
+    renewer = LeaseRenewer(queue, lease, interval_sec=0.05, on_lost=on_lost, loop=loop, on_seconds=on_seconds)
+    with renewer:
+        await asyncio.sleep(0.3)  # renewed a few times
+        (queue.units_dir / "000000.failed").write_bytes(b"{}")  # another worker marked it failed
+        await asyncio.wait_for(lost.wait(), 10)
+    assert ("lost", threading.main_thread()) in reported
+    assert {kind for kind, _ in reported} == {"lost", "seconds"}
+    assert {thread for _, thread in reported} == {threading.main_thread()}
 
 
 def test_a_worker_whose_queue_storage_hangs_stops_with_one_line_and_another_finishes_its_units_once(tmp_path):

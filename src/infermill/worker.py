@@ -298,6 +298,8 @@ class UnitSource:
             # disk, or an error that lasts for a lease timeout, stops the worker
             now = time.monotonic()
             self._claims_failing_since = self._claims_failing_since or now
+            if self.journal.stalled is not None:  # reported while this claim waited
+                raise self.queue.stalled_error(self.journal.stalled) from e
             if now - self._claims_failing_since > self.queue.lease_timeout_sec and isinstance(e, StorageTimeoutError):
                 raise self.queue.stalled_error(e) from e
             if e.errno in LASTING_ERRNOS or now - self._claims_failing_since > self.queue.lease_timeout_sec:
