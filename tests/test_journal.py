@@ -174,7 +174,7 @@ def stale(lease) -> None:
     os.utime(lease.path, (0, 0))  # as if its holder stopped renewing long ago
 
 
-def test_a_unit_lost_and_claimed_back_is_written_with_each_record_once(tmp_path):
+async def test_a_unit_lost_and_claimed_back_is_written_with_each_record_once(tmp_path):
     from infermill.io.readers import DocumentReader
     from infermill.io.units import plan_units
 
@@ -184,30 +184,31 @@ def test_a_unit_lost_and_claimed_back_is_written_with_each_record_once(tmp_path)
     folder = tmp_path / "queue"
     queue, mine = queue_journal(folder, "me", plan, writer)
     first = queue.claim()
-    assert first is not None and not mine.hold(first)
+    assert first is not None and not await mine.hold(first)
     for i in (0, 1):
         mine.commit(i, b'{"id":"d%d"}' % i)
     mine.flush()
     stale(first)  # this worker paused past its lease, with records 2 and 3 in flight
     other_queue, other = queue_journal(folder, "other", plan, writer)
     second = other_queue.claim()
-    assert second is not None and second.generation == 2 and not other.hold(second)
+    assert second is not None and second.generation == 2 and not await other.hold(second)
     other.commit(2, b'{"id":"d2"}')
-    other.close(release=False)  # then it died
+    await other.close(release=False)  # then it died
     stale(second)
     third = queue.claim()  # this worker, awake again, claims the unit back
     assert third is not None and third.generation == 3
-    assert not mine.hold(third)
+    assert not await mine.hold(third)
     assert mine.is_done(2) and not mine.is_done(3)
     assert mine.commit(2, b'{"id":"d2"}') is None  # its old copy of record 2 finishing: not twice
     assert mine.commit(3, b'{"id":"d3"}') == 0  # the unit is full now, at its real size
+    mine.flush()  # (on the event loop, a flush waits for the end of the iteration)
     journal = queue.journal_path(0, 3)
     assert sum(b'"i":' in line for line in journal.read_bytes().splitlines()) == 4  # each record once
-    assert mine.finalize_chunk(0) == 4
+    assert await mine.finish_chunk(0) == 4
     ids = sorted(r["id"] for r in read_jsonl(tmp_path / "out" / "00000_00000.jsonl"))
     assert ids == ["d0", "d1", "d2", "d3"]
     assert orjson.loads((folder / "units" / "000000.done").read_bytes())["documents"] == 4
-    mine.close()
+    await mine.close()
 
 
 # -- the job's identity ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "types", "version", "eventloop", "logs", "metrics", "concurrency", "echo_app")),
     ("configuration", ("config", "servertypes", "layout", "gpus", "retry", "rollouts")),
     ("outside world: files, HTTP, servers", ("io.*", "client", "servers.*", "datatrove_compat", "jobfile")),
-    ("checkpoints: the work queue", ("journal", "queue", "worker")),
+    ("checkpoints: the work queue", ("queue_storage", "journal", "queue", "worker")),
     ("observability", ("timeseries", "jobstatus", "progress", "monitor", "report")),
     ("engine", ("runner",)),
     ("executors", ("executors.*",)),

@@ -24,9 +24,11 @@ line (a kill mid-write) is dropped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ from infermill.config import DIGEST_PREFIX
 from infermill.errors import ConfigError, InfermillError, LeaseLostError
 from infermill.io.filesystems import replace_whole
 from infermill.layout import RankLock
+from infermill.queue import StorageStalledError
+from infermill.queue_storage import StorageTimeoutError
 
 if TYPE_CHECKING:
     from infermill.io.units import UnitPlan
@@ -206,6 +210,36 @@ def read_log(path: Path) -> Iterator[LogLine]:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadedLog:
+    """What a chunk log holds: its finished records and its stored replies (key -> reply)."""
+
+    records: set[int]
+    replies: dict[str, Any]
+
+
+def load_log(path: Path) -> LoadedLog:
+    """Read a chunk log back (file I/O only: a worker thread may call it), and cut a torn or
+    corrupt tail off the file."""
+    records: set[int] = set()
+    replies: dict[str, Any] = {}
+    good_bytes = 0
+    for line in read_log(path):
+        if line.document is None:
+            try:
+                entry = orjson.loads(line.data)
+            except orjson.JSONDecodeError:
+                break
+            replies[entry["k"]] = entry["v"]
+        else:
+            records.add(line.document)
+        good_bytes = line.end
+    if good_bytes < path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return LoadedLog(records, replies)
+
+
+@dataclass(frozen=True, slots=True)
 class RankSummary:
     """Where one rank's checkpoint stands, as ``infermill status`` shows it."""
 
@@ -262,23 +296,19 @@ class ChunkLogs:
         """Write the full chunk's output, once; return the number of records written."""
         raise NotImplementedError
 
+    async def finish_chunk(self, chunk_index: int) -> int:
+        """:meth:`finalize_chunk`, from the event loop (its file I/O in a worker thread)."""
+        return await asyncio.to_thread(self.finalize_chunk, chunk_index)
+
     def _load_log(self, chunk_index: int, path: Path) -> _Chunk:
+        return self._apply_log(chunk_index, load_log(path))
+
+    def _apply_log(self, chunk_index: int, log: LoadedLog) -> _Chunk:
+        """Take the finished records and stored replies of a chunk's log read back."""
         chunk = self._chunks[chunk_index] = _Chunk(chunk_index, self._chunk_size(chunk_index))
-        good_bytes = 0
-        for line in read_log(path):
-            if line.document is None:
-                try:
-                    entry = orjson.loads(line.data)
-                except orjson.JSONDecodeError:
-                    break
-                self._cache[entry["k"]] = entry["v"]
-            elif line.document not in chunk.indices:
-                chunk.indices.add(line.document)
-                chunk.finished += 1
-            good_bytes = line.end
-        if good_bytes < path.stat().st_size:
-            with open(path, "r+b") as f:
-                f.truncate(good_bytes)
+        chunk.indices = log.records
+        chunk.finished = len(log.records)
+        self._cache.update(log.replies)
         self.state.cached_replies = len(self._cache)
         return chunk
 
@@ -541,6 +571,11 @@ class QueueJournal(ChunkLogs):
     queue, fenced by its lease, and its journals are then deleted.
 
     Records are numbered across the job: record ``i`` of unit ``u`` is ``u * records_per_unit + i``.
+
+    Its bookkeeping (the units held, dropped, being committed) is the event loop's alone: the
+    methods that reach the queue's storage are coroutines that send the file I/O to a worker
+    thread and apply what it returns on the loop, and the lease renewers report through
+    the loop too.
     """
 
     def __init__(self, queue: WorkQueue, plan: UnitPlan, writer: OutputWriter):
@@ -550,12 +585,16 @@ class QueueJournal(ChunkLogs):
         self._leases: dict[int, Lease] = {}
         self._renewers: dict[int, LeaseRenewer] = {}
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
-        self._finalizing: set[int] = set()  # units being committed (in a worker thread)
+        self._finalizing: set[int] = set()  # units being committed (their I/O in a worker thread)
+        self._failing: set[asyncio.Task[None]] = set()  # failed marks being written
         self.units_committed = 0  # by this worker: the time series' units_done
-        # called before each unit this worker commits: what it keeps then (the run's stats) counts
-        # the unit's documents before the done mark exists, so a kill between the two overcounts
-        # (the unit is done again) rather than losing them
-        self.before_commit: Callable[[], object] | None = None
+        #: set when a lease could not be renewed for a lease timeout: the storage stopped answering
+        self.stalled: StorageStalledError | None = None
+        # called on the loop before each unit this worker commits; it returns what to do in the
+        # commit's thread first (write the run's stats): that counts the unit's documents before
+        # the done mark exists, so a kill between the two overcounts (the unit is done again)
+        # rather than losing them
+        self.before_commit: Callable[[], Callable[[], object]] | None = None
 
     def _log_path(self, chunk_index: int) -> Path:
         return self.queue.journal_path(chunk_index, self._leases[chunk_index].generation)
@@ -563,30 +602,31 @@ class QueueJournal(ChunkLogs):
     def _chunk_size(self, chunk_index: int) -> int:
         return self.plan[chunk_index].documents
 
-    def hold(self, lease: Lease) -> bool:
-        """Start on ``lease``'s unit (in a worker thread): copy the whole lines of its earlier
-        holders' journals into this holder's (each finished record and stored reply once), load
-        it, and keep the lease renewed. Returns whether every record of the unit is finished
-        already (it only needs committing). The unit's records count as held only at the end:
-        until then, results of the unit's documents still in flight are not written."""
+    async def hold(self, lease: Lease) -> bool:
+        """Start on ``lease``'s unit: copy the whole lines of its earlier holders' journals into
+        this holder's (each finished record and stored reply once), load it, and keep the lease
+        renewed. Returns whether every record of the unit is finished already (it only needs
+        committing). The unit's records count as held only at the end: until then, results of
+        the unit's documents still in flight are not written."""
         unit = lease.unit
         if unit in self._leases:  # held before and lost (a pause past the lease): that generation goes
             self._let_go(unit)
         path = self.queue.journal_path(unit, lease.generation)
-        earlier = self.queue.earlier_journals(unit, lease.generation)
-        if earlier:
-            _merge_journals(earlier, path)
-            self._load_log(unit, path)
+        loaded = await asyncio.to_thread(_take_over_journals, self.queue, lease, path)
+        if loaded is not None:
+            self._apply_log(unit, loaded)
             logger.info(
                 "unit %d taken over (attempt %d): %d documents already finished, %d replies kept",
                 unit,
                 lease.generation,
-                self._chunks[unit].finished,
+                len(loaded.records),
                 len(self._cache),
             )
         self.dropped.discard(unit)
         self._leases[unit] = lease
-        renewer = self._renewers[unit] = self.queue.renewing(lease, on_lost=lambda e: self._lost(unit, e))
+        loop = asyncio.get_running_loop()
+        renewer = self.queue.renewing(lease, on_lost=functools.partial(self._lost, lease), loop=loop)
+        self._renewers[unit] = renewer
         renewer.start()
         chunk = self._chunks.get(unit)
         return chunk is not None and chunk.finished >= chunk.size
@@ -601,14 +641,20 @@ class QueueJournal(ChunkLogs):
 
     def held(self) -> list[int]:
         """The units this worker holds and still works on (being processed or committed)."""
-        return sorted(unit for unit in list(self._leases) if unit not in self.dropped)
+        return sorted(unit for unit in self._leases if unit not in self.dropped)
 
     def commit(self, index: int, record: bytes | None) -> int | None:
         unit = index // self.records_per_chunk
         chunk = self._chunks.get(unit)
-        if unit in self.dropped or unit not in self._leases or (chunk is not None and index in chunk.indices):
-            # its unit failed, was taken over or let go, or the record is finished already (a
-            # document handed out again after its unit was lost and claimed back): not twice
+        if (
+            unit in self.dropped
+            or unit not in self._leases
+            or (chunk is not None and index in chunk.indices)
+            or (chunk is None and unit in self._finalizing)
+        ):
+            # its unit failed, was taken over, let go or is being committed, or the record is
+            # finished already (a document handed out again after its unit was lost and claimed
+            # back): not twice
             self._pending.pop(index, None)  # nor do its replies waiting for the next flush
             return None
         full = super().commit(index, record)
@@ -622,98 +668,178 @@ class QueueJournal(ChunkLogs):
             return
         super()._append(chunk_index, data)
 
-    def finalize_chunk(self, chunk_index: int) -> int:
-        """Commit unit ``chunk_index`` (in a worker thread): its output file from its journal,
-        then its done mark (naming the file, its size and records), while its lease is still
-        held; then delete its journals. Returns
-        the number of records written (0 if the lease was lost: the unit's new holder writes it)."""
+    async def finish_chunk(self, chunk_index: int) -> int:
+        """Commit unit ``chunk_index``: its output file from its journal, then its done mark
+        (naming the file, its size and records), while its lease is still held; then delete its
+        journals (all three in a worker thread). Returns the number of records written (0 if
+        the lease was lost: the unit's new holder writes it)."""
         unit = chunk_index
         self._finalizing.add(unit)  # close() must not give its lease back meanwhile
-        chunk = self._chunks.pop(unit, None)
-        if chunk is not None and chunk.file is not None:
-            chunk.file.close()
-        lease = self._leases[unit]
-        path = self._log_path(unit)
-        written = 0
-
-        def write_output() -> dict[str, Any]:
-            nonlocal written
-            if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
-                self.writer.remove_temp_files(0, unit)
-            written = self.writer.write_chunk(self._records(path), 0, unit) if path.exists() else 0
-            return self.writer.written(0, unit, written)  # named by the done mark, checked by a rerun
-
-        if self.before_commit is not None:
-            self.before_commit()
         try:
-            self.queue.commit(lease, write_output, documents=self._chunk_size(unit))
+            chunk = self._chunks.pop(unit, None)
+            if chunk is not None and chunk.file is not None:
+                chunk.file.close()
+            lease = self._leases[unit]
+            keep_stats = self.before_commit() if self.before_commit is not None else None
+            try:
+                path, documents = self._log_path(unit), self._chunk_size(unit)
+                commit = functools.partial(_commit_unit, self.queue, self.writer, lease, path, documents, keep_stats)
+                outcome = await asyncio.to_thread(commit)
+            except StorageTimeoutError as e:  # longer than a lease: the unit may be another worker's by now
+                raise self.queue.stalled_error(e) from e
+            self.queue.add_seconds(outcome.queue_seconds)
+            if outcome.lost is not None:
+                logger.warning(
+                    "unit %d: %s; its results here are dropped, its new holder finishes it", unit, outcome.lost
+                )
+                return 0
             self.units_committed += 1
-        except LeaseLostError as e:
-            logger.warning("unit %d: %s; its results here are dropped, its new holder finishes it", unit, e)
-            return 0
+            return outcome.written
         finally:
             self._let_go(unit)
             self._finalizing.discard(unit)
-        for journal in [path, *self.queue.earlier_journals(unit, lease.generation)]:
-            journal.unlink(missing_ok=True)
-        return written
 
     def fail(self, unit: int, cause: str) -> None:
         """Mark ``unit`` failed with ``cause`` (a document of it failed for good); the rest of its
-        records is not processed, and a rerun of the job retries it."""
+        records is not processed, and a rerun of the job retries it. The mark is written in a
+        worker thread; :meth:`close` waits for it."""
         if unit in self.dropped or unit not in self._leases:
             return
         self.dropped.add(unit)
         lease = self._leases[unit]
+        self._let_go(unit)
+        task = asyncio.get_running_loop().create_task(self._mark_failed(lease, cause))
+        self._failing.add(task)
+        task.add_done_callback(self._failing.discard)
+
+    async def _mark_failed(self, lease: Lease, cause: str) -> None:
         try:
-            self.queue.fail(lease, cause)
+            await self.queue.in_thread(self.queue.fail, lease, cause)
         except LeaseLostError:
             pass  # taken over meanwhile: the new holder decides
-        finally:
-            self._let_go(unit)
+        except Exception as e:  # raised by the next commit, store_reply or close
+            self._failure = self._failure or e
 
     def fail_record(self, index: int, error: Exception) -> bool:
         self.fail(index // self.records_per_chunk, f"record {index % self.records_per_chunk} failed: {error}")
         return True
 
-    def _lost(self, unit: int, error: LeaseLostError) -> None:  # called from the renewer's thread
-        self.dropped.add(unit)
-        logger.warning("unit %d: %s; this worker stops working on it", unit, error)
+    def _lost(self, lease: Lease, error: LeaseLostError) -> None:
+        """A renewer's report (on the loop) that ``lease`` is lost."""
+        if isinstance(error, StorageStalledError):
+            self.stalled = self.stalled or error
+        if self._leases.get(lease.unit) != lease:
+            return  # let go (and perhaps held again) since the renewer sent it
+        self.dropped.add(lease.unit)
+        logger.warning("%s; this worker stops working on it", error)
 
-    def _let_go(self, unit: int) -> None:
+    def _let_go(self, unit: int) -> LeaseRenewer | None:
+        """Forget ``unit``; return its renewer, told to stop (not waited for: a renewal under way
+        can only date the lease again, which matters only to a lease given up as expired)."""
         renewer = self._renewers.pop(unit, None)
         if renewer is not None:
-            renewer.stop()
+            renewer.stop(wait=False)
         self._leases.pop(unit, None)
         chunk = self._chunks.pop(unit, None)
         if chunk is not None and chunk.file is not None:
             chunk.file.close()
+        return renewer
 
-    def close(self, release: bool = True) -> list[int]:
+    async def close(self, release: bool = True) -> list[int]:
         """Write what is pending, close the journals and stop renewing. The leases of unfinished
         units are given back with ``release`` (a worker that stops on request: not an attempt),
         else given up as a spent attempt (a worker that stops on an error); either way other
         workers take them at once (one killed leaves them to expire). Returns the units given up
         as an attempt. Raise if a write failed."""
-        abandoned: list[int] = []
+        if self._failing:
+            await asyncio.wait(set(self._failing))
+        leases: list[tuple[Lease, LeaseRenewer | None]] = []
         try:
             self._close_logs()
         finally:
             for unit in list(self._leases):
-                if unit in self._finalizing:  # being committed: its thread lets it go
+                if unit in self._finalizing:  # being committed: its commit lets it go
                     continue
-                lease = self._leases[unit]
-                self._let_go(unit)
-                if release:
-                    self.queue.release(lease)
-                    continue
-                try:
-                    if self.queue.abandon(lease):
-                        abandoned.append(unit)
-                except OSError as e:  # the storage failing: the lease expires instead, still an attempt
-                    logger.warning("unit %d: could not give its lease up (%s); it expires as an attempt", unit, e)
-                    abandoned.append(unit)
-        return abandoned
+                leases.append((self._leases[unit], self._let_go(unit)))
+        if not leases:
+            return []
+        return await self.queue.in_thread(_give_up_leases, self.queue, leases, release)
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """What committing a unit did: ``written`` records (0 if ``lost``: the lease was lost), and
+    the seconds its queue calls took (the output's writing left out: the job's cost)."""
+
+    written: int
+    queue_seconds: float
+    lost: LeaseLostError | None = None
+
+
+def _take_over_journals(queue: WorkQueue, lease: Lease, into: Path) -> LoadedLog | None:
+    """Merge the journals of ``lease``'s unit's earlier holders into ``into`` and read it back
+    (None: there were none). File I/O only: it runs in a worker thread."""
+    earlier = queue.earlier_journals(lease.unit, lease.generation)
+    if not earlier:
+        return None
+    _merge_journals(earlier, into)
+    return load_log(into)
+
+
+def _commit_unit(
+    queue: WorkQueue,
+    writer: OutputWriter,
+    lease: Lease,
+    journal: Path,
+    documents: int,
+    keep_stats: Callable[[], object] | None,
+) -> _Committed:
+    """Commit ``lease``'s unit from its ``journal`` and delete its journals (file I/O only: it
+    runs in a worker thread, and returns what the loop then applies)."""
+    unit = lease.unit
+    written = 0
+    writing = 0.0
+
+    def write_output() -> dict[str, Any]:
+        nonlocal written, writing
+        started = time.perf_counter()
+        if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
+            writer.remove_temp_files(0, unit)
+        written = writer.write_chunk(ChunkLogs._records(journal), 0, unit) if journal.exists() else 0
+        output = writer.written(0, unit, written)  # named by the done mark, checked by a rerun
+        writing = time.perf_counter() - started
+        return output
+
+    if keep_stats is not None:
+        keep_stats()
+    started = time.perf_counter()
+    try:
+        queue.commit(lease, write_output, documents=documents)
+    except LeaseLostError as e:
+        return _Committed(0, time.perf_counter() - started - writing, e)
+    seconds = time.perf_counter() - started - writing
+    for path in [journal, *queue.earlier_journals(unit, lease.generation)]:
+        queue.storage.delete(path)
+    return _Committed(written, seconds)
+
+
+def _give_up_leases(queue: WorkQueue, leases: list[tuple[Lease, LeaseRenewer | None]], release: bool) -> list[int]:
+    """Give ``leases`` back (``release``) or up as spent attempts, each once its renewer
+    stopped; return the units given up (file I/O only: it runs in a worker thread)."""
+    abandoned: list[int] = []
+    for lease, renewer in leases:
+        if renewer is not None:
+            renewer.stop()  # waits for a renewal under way: it would date an abandoned lease again
+        if release:
+            queue.release(lease)
+            continue
+        try:
+            if queue.abandon(lease):
+                abandoned.append(lease.unit)
+        except OSError as e:  # the storage failing: the lease expires instead, still an attempt
+            logger.warning("unit %d: could not give its lease up (%s); it expires as an attempt", lease.unit, e)
+            abandoned.append(lease.unit)
+    return abandoned
 
 
 def _merge_journals(journals: list[Path], into: Path) -> None:

@@ -30,6 +30,16 @@ can hide a new lease for up to ``acdirmax`` (60 s by default); mount with
 systems (``s3://``...) are refused with a ``ConfigError``: object stores would need
 conditional writes, which not every backend exposes.
 
+**Storage calls** all go through the queue's :class:`~infermill.queue_storage.QueueStorage`
+(``storage``), each bounded by a timeout (the lease timeout, 30 s at most): a storage that
+stops answering (a hung mount) raises ``StorageTimeoutError`` instead of hanging the worker.
+A holder whose renewals fail for a lease timeout gives its lease up
+(:class:`StorageStalledError`), and a worker stops with :meth:`WorkQueue.stalled_error`.
+
+**Threads.** A ``WorkQueue``'s methods do file I/O and return values; an asyncio worker runs
+them in worker threads (:meth:`WorkQueue.in_thread`) and keeps its bookkeeping (the units it
+holds, ``seconds``) on its event loop. The renewing thread touches only its lease.
+
 **Leases and fencing.** Unit U's lease of generation g is the file ``U.g.lease``; only one
 worker can create a given name, so only one worker wins each generation. The holder of U is
 the highest generation. Claiming a unit with no lease creates generation 1; a unit whose
@@ -95,7 +105,7 @@ for thousands of units, milliseconds per thousand on a local disk.
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import logging
 import os
 import random
@@ -112,9 +122,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from infermill.errors import ConfigError, InfermillError, LeaseLostError, PlanReplacedError, QueueCorruptError
+from infermill.errors import (
+    ConfigError,
+    InfermillError,
+    LeaseLostError,
+    PlanReplacedError,
+    QueueCorruptError,
+    StorageError,
+)
 from infermill.layout import PLAN_FILE, JobLayout, is_remote, local_path
 from infermill.metrics import RATE_WINDOW_SEC, eta_sec, per_sec
+from infermill.queue_storage import DEFAULT_STORAGE_TIMEOUT_SEC, QueueStorage, default_storage
 
 if TYPE_CHECKING:
     from infermill.io.writers import OutputWriter
@@ -132,22 +150,7 @@ DEFAULT_MAX_UNIT_ATTEMPTS = 3
 #: between this worker's reading of the storage's clock and of the lease (or mtime granularity)
 FUTURE_LEASE_WARNING_SEC = 2.0
 
-
 T = TypeVar("T")
-
-
-def _timed(method: Callable[..., T]) -> Callable[..., T]:
-    """Add the time a ``WorkQueue`` method takes to the queue's ``seconds``."""
-
-    @functools.wraps(method)
-    def timed(self: WorkQueue, *args: Any, **kwargs: Any) -> T:
-        started = time.perf_counter()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - started
-
-    return timed
 
 
 def _generation_name(unit: int, generation: int, kind: str) -> str:
@@ -294,6 +297,7 @@ class WorkQueue:
         *,
         lease_timeout_sec: float = DEFAULT_LEASE_TIMEOUT_SEC,
         max_unit_attempts: int = DEFAULT_MAX_UNIT_ATTEMPTS,
+        storage: QueueStorage | None = None,
     ):
         folder = os.fspath(folder)
         if is_remote(folder):
@@ -316,12 +320,20 @@ class WorkQueue:
         self.max_unit_attempts = max_unit_attempts
         self._random = random.Random()
         self._plan: dict[str, Any] | None = None
-        self._future_leases: dict[Path, tuple[float, float]] = {}  # lease -> (its mtime, storage time first seen)
-        self._warned_future: set[Path] = set()  # the leases dated in the future that were logged
-        self.seconds = 0.0  # spent claiming, renewing, committing...: the queue's cost to this worker
+        # claim()'s memory of the leases dated in the future (only claim reads or writes it; a
+        # worker claims one unit at a time): lease -> (its mtime, storage time first seen), and
+        # those that were logged
+        self._future_leases: dict[Path, tuple[float, float]] = {}
+        self._warned_future: set[Path] = set()
+        # every storage call waits at most a lease timeout (30 s at most): a storage that answers
+        # more slowly cannot keep leases anyway
+        self.storage = storage or default_storage(min(DEFAULT_STORAGE_TIMEOUT_SEC, self.lease_timeout_sec))
+        # spent claiming, renewing, committing...: the queue's cost to this worker, added by its
+        # event loop (from what the calls it sends to threads measured)
+        self.seconds = 0.0
         self.retried: list[int] = []  # the failed units that reset_failed() made claimable again
-        self.units_dir.mkdir(parents=True, exist_ok=True)
-        self.journals_dir.mkdir(parents=True, exist_ok=True)
+        self.storage.make_folder(self.units_dir)
+        self.storage.make_folder(self.journals_dir)
 
     @classmethod
     def for_layout(cls, layout: JobLayout, worker_id: str | None = None, **options: Any) -> WorkQueue:
@@ -358,7 +370,7 @@ class WorkQueue:
     def _read_plan(self) -> dict[str, Any] | None:
         path = self.folder / PLAN_FILE
         try:
-            data = path.read_bytes()
+            data = self.storage.read(path)
         except FileNotFoundError:
             return None
         try:
@@ -385,8 +397,7 @@ class WorkQueue:
         if self._plan is None:
             return
         try:
-            with open(self.folder / PLAN_FILE, "rb") as f:
-                head = f.read(64)
+            head = self.storage.read(self.folder / PLAN_FILE, 64)
         except FileNotFoundError:
             head = b""
         match = _PLAN_ID.match(head)
@@ -405,7 +416,6 @@ class WorkQueue:
 
     # -- claiming ---------------------------------------------------------------------------
 
-    @_timed
     def claim(self) -> Lease | None:
         """Lease a unit that is neither done, failed nor held by a live lease, or return None
         when there is none now (see :meth:`drained` to tell whether one may come back)."""
@@ -445,7 +455,6 @@ class WorkQueue:
         holder = self._read_json(lease_path) or {}
         return holder.get("host") == self.host and holder.get("pid") != self.pid and process_gone(holder.get("pid"))
 
-    @_timed
     def drained(self) -> bool:
         """Whether every unit is done or failed: nothing is left to claim, now or later."""
         total = self._units_total()
@@ -463,7 +472,7 @@ class WorkQueue:
         if not self._create_exclusive(path, self._record(generation=generation)):
             return None  # another worker won this generation
         lease = Lease(unit, generation, path)
-        if self._done_path(unit).exists() or self._failed_path(unit).exists():
+        if self.storage.exists(self._done_path(unit)) or self.storage.exists(self._failed_path(unit)):
             self._give_back(lease)  # finished or failed since the listing
             return None
         try:  # a command that started the job over between the listing and the lease
@@ -496,7 +505,6 @@ class WorkQueue:
 
     # -- holding ----------------------------------------------------------------------------
 
-    @_timed
     def renew(self, lease: Lease) -> None:
         """Extend ``lease``; raise ``LeaseLostError`` if it went stale, was taken over or its
         unit was marked failed (then this worker must not commit the unit)."""
@@ -510,11 +518,42 @@ class WorkQueue:
             return False
         return True
 
-    def renewing(self, lease: Lease, on_lost: Callable[[LeaseLostError], None] | None = None) -> LeaseRenewer:
-        """A :class:`LeaseRenewer` for ``lease``: ``with queue.renewing(lease) as renewer: ...``."""
-        return LeaseRenewer(self, lease, on_lost=on_lost)
+    def renewing(
+        self,
+        lease: Lease,
+        on_lost: Callable[[LeaseLostError], object] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> LeaseRenewer:
+        """A :class:`LeaseRenewer` for ``lease``: ``with queue.renewing(lease) as renewer: ...``;
+        with ``loop``, it reports ``on_lost`` and its seconds (added to ``seconds``) on that loop."""
+        on_seconds = None if loop is None else self.add_seconds
+        return LeaseRenewer(self, lease, on_lost=on_lost, loop=loop, on_seconds=on_seconds)
 
-    @_timed
+    async def in_thread(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` (this queue's file I/O) in a worker thread, off the event loop; the
+        seconds it took (when it returns) are added to ``seconds`` here, on the loop."""
+
+        def timed() -> tuple[T, float]:
+            started = time.perf_counter()
+            value = call(*args)
+            return value, time.perf_counter() - started
+
+        value, took = await asyncio.to_thread(timed)
+        self.seconds += took
+        return value
+
+    def stalled_error(self, error: Exception) -> QueueStalledError:
+        """The one line a worker stops with when this queue's storage stopped answering (``error``)."""
+        return QueueStalledError(
+            f"the work queue's storage in {self.folder} stopped answering ({error}): this worker stops; the units "
+            f"it held go to other workers once their leases expire ({self.lease_timeout_sec:g} s). Check that file "
+            "system (a hung network mount?), then run the same command again to resume"
+        )
+
+    def add_seconds(self, seconds: float) -> None:
+        """Count ``seconds`` spent in this queue's calls (by its owner's thread or event loop)."""
+        self.seconds += seconds
+
     def commit(
         self,
         lease: Lease,
@@ -529,11 +568,9 @@ class WorkQueue:
         ``stats``. Returns False when another holder had committed it already: its documents
         are counted once, by that holder's mark."""
         self._check(lease, touch=True)
-        if self._done_path(lease.unit).exists():
+        if self.storage.exists(self._done_path(lease.unit)):
             return False  # a stale holder slipped past its check and finished first
-        started = time.perf_counter()
         output = write_output()
-        self.seconds -= time.perf_counter() - started  # the output is the job's cost, not the queue's
         committed_output = {"output": output} if output is not None else {}
         record = self._record(generation=lease.generation, documents=documents, **committed_output, **(stats or {}))
         committed = self._create_exclusive(self._done_path(lease.unit), record)
@@ -541,7 +578,6 @@ class WorkQueue:
             logger.info("unit %d was committed by another holder as well; counted once", lease.unit)
         return committed
 
-    @_timed
     def fail(self, lease: Lease, cause: str) -> None:
         """Mark the unit failed with ``cause`` (its documents failed after their retries) and
         give the lease back; ``LeaseLostError`` if the lease is no longer held."""
@@ -550,7 +586,6 @@ class WorkQueue:
         self._create_exclusive(self._failed_path(lease.unit), record)
         self.release(lease)
 
-    @_timed
     def release(self, lease: Lease) -> None:
         """Give the lease back unfinished (the worker stops): the unit can be claimed at once,
         and this generation does not count as an attempt. A lease taken over is left as it is, and
@@ -561,10 +596,7 @@ class WorkQueue:
         self._give_back(lease)
 
     def _give_back(self, lease: Lease) -> None:
-        try:
-            os.rename(lease.path, self.units_dir / _generation_name(lease.unit, lease.generation, "released"))
-        except FileNotFoundError:
-            pass
+        self.storage.rename(lease.path, self.units_dir / _generation_name(lease.unit, lease.generation, "released"))
 
     def _plan_replaced(self) -> bool:
         try:
@@ -573,7 +605,6 @@ class WorkQueue:
             return True
         return False
 
-    @_timed
     def abandon(self, lease: Lease) -> bool:
         """Give the lease up unfinished as a spent attempt (its holder stops on an error, e.g. its
         server died for good while the unit was in progress): unlike :meth:`release`, the
@@ -581,14 +612,10 @@ class WorkQueue:
         once rather than after ``lease_timeout_sec``: the lease is dated past the timeout, on the
         storage's clock. Returns whether it was still held (False: taken over or given back, or
         the job started over by another command: its leases are not this worker's)."""
-        if self._superseded(lease) or not lease.path.exists() or self._plan_replaced():
+        if self._superseded(lease) or not self.storage.exists(lease.path) or self._plan_replaced():
             return False
         expired = self.storage_now() - self.lease_timeout_sec - 1.0
-        try:
-            os.utime(lease.path, (expired, expired))
-        except FileNotFoundError:
-            return False
-        return True
+        return self.storage.touch(lease.path, expired)
 
     def units_attempted_by(self, pid: int) -> list[int]:
         """The units neither done nor failed on which the worker process ``pid`` of this host
@@ -625,13 +652,13 @@ class WorkQueue:
                 f"unit {lease.unit}: the lease of generation {lease.generation} was not renewed for {age:.1f} s "
                 f"(lease_timeout_sec {self.lease_timeout_sec:g}): another worker may have taken it over"
             )
-        if touch:
-            os.utime(lease.path, None)
+        if touch and not self.storage.touch(lease.path):
+            raise LeaseLostError(f"unit {lease.unit}: the lease of generation {lease.generation} was given back")
         if self._superseded(lease):
             raise LeaseLostError(
                 f"unit {lease.unit} was taken over by another worker (generation {lease.generation + 1})"
             )
-        if self._failed_path(lease.unit).exists():
+        if self.storage.exists(self._failed_path(lease.unit)):
             raise LeaseLostError(f"unit {lease.unit} was marked failed")
 
     def _superseded(self, lease: Lease) -> bool:
@@ -639,7 +666,8 @@ class WorkQueue:
         only ever renamed (lease -> released), so checking its two names suffices."""
         following = lease.generation + 1
         return any(
-            (self.units_dir / _generation_name(lease.unit, following, kind)).exists() for kind in ("lease", "released")
+            self.storage.exists(self.units_dir / _generation_name(lease.unit, following, kind))
+            for kind in ("lease", "released")
         )
 
     # -- reruns, journals, status -------------------------------------------------------------
@@ -655,10 +683,7 @@ class WorkQueue:
                 mark = self.units_dir / _generation_name(unit, state.generation, "reset")
                 self._create_exclusive(mark, self._record(generation=state.generation))
                 reset.append(unit)
-            try:
-                os.unlink(self._failed_path(unit))
-            except FileNotFoundError:
-                pass
+            self.storage.delete(self._failed_path(unit))
         self.retried = reset
         return reset
 
@@ -680,10 +705,10 @@ class WorkQueue:
         mark and deleting them); return how many. A worker calls this as it starts."""
         done = {unit for unit, state in self._list().items() if state.done}
         removed = 0
-        for path in self.journals_dir.glob("*.journal"):
-            unit = path.name.split(".")[0]
-            if unit.isdigit() and int(unit) in done:
-                path.unlink(missing_ok=True)
+        for name in self.storage.list(self.journals_dir):
+            unit = name.split(".")[0]
+            if name.endswith(".journal") and unit.isdigit() and int(unit) in done:
+                self.storage.delete(self.journals_dir / name)
                 removed += 1
         return removed
 
@@ -696,10 +721,11 @@ class WorkQueue:
         """The journals of ``unit``'s holders before ``generation`` that exist, newest first: a
         holder that took the unit over reads the replies they received."""
         found = []
-        for path in self.journals_dir.glob(f"{unit:06d}.*.journal"):
-            older = path.name.split(".")[1]
-            if older.isdigit() and int(older) < generation:
-                found.append((int(older), path))
+        for name in self.storage.list(self.journals_dir):
+            parts = name.split(".")
+            if len(parts) == 3 and parts[0] == f"{unit:06d}" and parts[2] == "journal" and parts[1].isdigit():
+                found.append((int(parts[1]), self.journals_dir / name))
+        found = [(older, path) for older, path in found if older < generation]
         return [path for _, path in sorted(found, reverse=True)]
 
     def done_marks(self) -> dict[int, dict[str, Any]]:
@@ -773,20 +799,15 @@ class WorkQueue:
             lease = self.units_dir / _generation_name(entry.unit, generation, "lease")
             self.release(Lease(entry.unit, generation, lease))  # nothing if a later generation exists
             taken = self.units_dir / f".tmp-redo-{uuid.uuid4().hex}"  # ignored by _list
-            try:
-                os.rename(path, taken)
-            except FileNotFoundError:
+            if not self.storage.rename(path, taken):
                 continue  # another command took it
             if not self._mark_of(taken, entry.generation):  # committed again since the check: put it back
-                try:
-                    os.link(taken, path)
-                except FileExistsError:
-                    pass
-                os.unlink(taken)
+                self.storage.link(taken, path)
+                self.storage.delete(taken)
                 continue
             if remove_output is not None:
                 remove_output(entry.unit)
-            os.unlink(taken)
+            self.storage.delete(taken)
             redone.append(entry.unit)
         return redone
 
@@ -794,11 +815,10 @@ class WorkQueue:
         planned = self._units_total()
         return sorted(unit for unit, state in self._list().items() if state.done and unit < planned)
 
-    @staticmethod
-    def _mark_of(path: Path, generation: int | None) -> bool:
+    def _mark_of(self, path: Path, generation: int | None) -> bool:
         """Whether the done mark ``path`` exists and is of ``generation`` (None: unreadable)."""
         try:
-            data = orjson.loads(path.read_bytes())
+            data = orjson.loads(self.storage.read(path))
         except FileNotFoundError:
             return False
         except orjson.JSONDecodeError:
@@ -863,10 +883,8 @@ class WorkQueue:
                     gone,
                 )
                 (stale if gone or age > self.lease_timeout_sec else in_progress).append(entry)
-        try:
-            window = min(RATE_WINDOW_SEC, now - os.stat(self.folder / PLAN_FILE).st_mtime)
-        except OSError:
-            window = RATE_WINDOW_SEC
+        published = self.storage.mtime(self.folder / PLAN_FILE)
+        window = RATE_WINDOW_SEC if published is None else min(RATE_WINDOW_SEC, now - published)
         rate = per_sec(0, recent, window) or None
         left = (documents_total - documents) if documents_total is not None else None
         return QueueStatus(
@@ -906,19 +924,12 @@ class WorkQueue:
 
     def storage_now(self) -> float:
         """The storage's current time: the mtime of the ``clock`` file, just touched."""
-        clock = self.folder / CLOCK_FILE
-        try:
-            os.utime(clock, None)
-        except FileNotFoundError:
-            with open(clock, "ab"):
-                pass
-            os.utime(clock, None)
-        return os.stat(clock).st_mtime
+        return self.storage.now(self.folder / CLOCK_FILE)
 
     def _list(self) -> dict[int, _Unit]:
         """Every unit that has a file in ``units/``, from one directory listing."""
         units: dict[int, _Unit] = {}
-        for name in os.listdir(self.units_dir):
+        for name in self.storage.list(self.units_dir):
             parts = name.split(".")
             if name.startswith(".") or not parts[0].isdigit():
                 continue
@@ -941,49 +952,16 @@ class WorkQueue:
     def _create_exclusive(self, path: Path, data: bytes) -> bool:
         """Create ``path`` holding ``data`` unless it exists, atomically, complete or not at all:
         write a unique temp file, then ``link`` it. Returns whether this call created it."""
-        temp = path.parent / f".tmp-{uuid.uuid4().hex}"
-        try:
-            try:
-                with open(temp, "xb") as file:
-                    file.write(data)
-                    file.flush()
-                    os.fsync(file.fileno())
-            except OSError as e:  # a write's error names no file (a full disk): name the one being made
-                if e.filename is not None:
-                    raise
-                raise OSError(e.errno, e.strerror, str(path)) from e
-            try:
-                os.link(temp, path)
-            except FileExistsError:
-                # NFS: a retransmitted link whose first try succeeded answers EEXIST; our
-                # temp file then has a second name
-                return os.stat(temp).st_nlink == 2
-            return True
-        finally:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
+        return self.storage.create_if_absent(path, data)
 
-    @staticmethod
-    def _mtime(path: Path) -> float | None:
-        """When ``path`` was last touched, on the storage's clock; None if it is gone. Opened,
-        not only stat'ed: NFS revalidates a file's attributes when it is opened (close-to-open),
-        where a stat may answer from its attribute cache."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            return os.fstat(fd).st_mtime
-        finally:
-            os.close(fd)
+    def _mtime(self, path: Path) -> float | None:
+        """When ``path`` was last touched, on the storage's clock; None if it is gone."""
+        return self.storage.mtime(path)
 
-    @classmethod
-    def _age(cls, path: Path, now: float) -> float | None:
+    def _age(self, path: Path, now: float) -> float | None:
         """Seconds since ``path`` was last touched, on the storage's clock (negative: dated in
         the future); None if it is gone."""
-        mtime = cls._mtime(path)
+        mtime = self._mtime(path)
         return None if mtime is None else now - mtime
 
     def _lease_age(self, path: Path, now: float) -> float | None:
@@ -1009,11 +987,10 @@ class WorkQueue:
                 )
         return now - seen[1]
 
-    @staticmethod
-    def _read_json(path: Path) -> dict[str, Any] | None:
+    def _read_json(self, path: Path) -> dict[str, Any] | None:
         """The JSON object in ``path``; None if it is gone or holds none (emptied, torn, forged)."""
         try:
-            data = orjson.loads(path.read_bytes())
+            data = orjson.loads(self.storage.read(path))
         except (FileNotFoundError, orjson.JSONDecodeError):
             return None
         return data if isinstance(data, dict) else None
@@ -1030,27 +1007,52 @@ class WorkQueue:
         return self.units_dir / f"{unit:06d}.failed"
 
 
+class QueueStalledError(StorageError):
+    """The queue's storage stopped answering: the worker stops (see :meth:`WorkQueue.stalled_error`)."""
+
+
+class StorageStalledError(LeaseLostError):
+    """A lease its holder could not renew for ``lease_timeout_sec``: the storage did not answer
+    (or failed) all that time, so the lease may be another worker's by now. ``storage_error``:
+    the last renewal's error."""
+
+    def __init__(self, message: str, storage_error: OSError):
+        super().__init__(message)
+        self.storage_error = storage_error
+
+
 class LeaseRenewer:
     """Renews a lease every ``lease_timeout_sec / 4`` in a thread (a thread, so that a busy
     event loop cannot starve it), from ``start()`` (or entering ``with``) to ``stop()``.
 
-    When a renewal finds the lease lost, it stops renewing, sets ``lost`` and ``reason``, and
-    calls ``on_lost`` (from its thread: an asyncio caller hands it on with
-    ``loop.call_soon_threadsafe``). A renewal that fails with an ``OSError`` (a file system
-    hiccup) is logged and tried again at the next interval."""
+    The thread touches only the lease (:meth:`WorkQueue.renew`, whose storage calls each have a
+    timeout) and changes nothing but its own ``lost`` and ``reason``. A renewal that fails with
+    an ``OSError`` (a file system hiccup, a call that timed out) is logged and tried again at
+    the next interval. When a renewal finds the lease lost, or none succeeded for
+    ``lease_timeout_sec`` (then the error is a :class:`StorageStalledError`), it stops
+    renewing, sets ``lost`` and ``reason``, and reports ``on_lost(error)``.
+
+    With ``loop`` (an asyncio caller's), ``on_lost`` and ``on_seconds`` (the seconds each
+    renewal took: the queue's cost) are called on that loop, through
+    ``loop.call_soon_threadsafe``; without one, in the renewing thread."""
 
     def __init__(
         self,
         queue: WorkQueue,
         lease: Lease,
         interval_sec: float | None = None,
-        on_lost: Callable[[LeaseLostError], None] | None = None,
+        on_lost: Callable[[LeaseLostError], object] | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        on_seconds: Callable[[float], object] | None = None,
     ):
         self.queue = queue
         self.lease = lease
         self.interval_sec = interval_sec if interval_sec is not None else queue.lease_timeout_sec / 4
         self.on_lost = on_lost
+        self.on_seconds = on_seconds
         self.reason: str | None = None
+        self._loop = loop
         self._lost = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"infermill-lease-{lease.unit}", daemon=True)
@@ -1066,10 +1068,13 @@ class LeaseRenewer:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop renewing. With ``wait``, a renewal under way is waited for, at most the storage's
+        timeout (normally milliseconds): a lease given up right after must not be renewed again
+        (an event loop calls it with ``wait=False``, and waits in a worker thread if it must)."""
         self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.queue.storage.timeout_sec)
 
     def __enter__(self) -> LeaseRenewer:
         self.start()
@@ -1081,18 +1086,46 @@ class LeaseRenewer:
         self.stop()
 
     def _run(self) -> None:
+        renewed = time.monotonic()  # the start of the last renewal that succeeded
         while not self._stopping.wait(self.interval_sec):
+            started, started_perf = time.monotonic(), time.perf_counter()
             try:
                 self.queue.renew(self.lease)
             except LeaseLostError as e:
-                self.reason = str(e)
-                self._lost.set()
-                logger.warning("%s", e)
-                if self.on_lost is not None:
-                    self.on_lost(e)
-                return
+                return self._give_up(e)
             except OSError as e:
+                failing = time.monotonic() - renewed
+                if failing + self.interval_sec > self.queue.lease_timeout_sec:  # stale before the next try
+                    return self._give_up(
+                        StorageStalledError(
+                            f"unit {self.lease.unit}: its lease could not be renewed for {failing:.0f} s "
+                            f"(lease_timeout_sec {self.queue.lease_timeout_sec:g}; the storage of "
+                            f"{self.queue.folder}: {e}): another worker may have taken it over",
+                            e,
+                        )
+                    )
                 logger.warning("could not renew the lease of unit %d (will retry): %s", self.lease.unit, e)
+            else:
+                renewed = started
+            finally:
+                self._report(self.on_seconds, time.perf_counter() - started_perf)
+
+    def _give_up(self, error: LeaseLostError) -> None:
+        self.reason = str(error)
+        self._lost.set()
+        logger.warning("%s", error)
+        self._report(self.on_lost, error)
+
+    def _report(self, callback: Callable[[Any], object] | None, value: object) -> None:
+        if callback is None or self._stopping.is_set():
+            return
+        if self._loop is None:
+            callback(value)
+            return
+        try:
+            self._loop.call_soon_threadsafe(callback, value)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            pass
 
 
 def job_complete(layout: JobLayout) -> bool:

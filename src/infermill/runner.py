@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import time
@@ -39,7 +40,7 @@ from infermill.io.writers import OutputWriter
 from infermill.journal import ChunkJournal, ChunkLogs, QueueJournal
 from infermill.layout import JobLayout
 from infermill.metrics import LatencyHistogram, ProgressSnapshot, RunStats
-from infermill.queue import WorkQueue, new_worker_id
+from infermill.queue import QueueStalledError, WorkQueue, new_worker_id
 from infermill.retry import RetryAction, RetryPolicy, overloaded
 from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerState, create_server
 from infermill.types import END_OF_INPUT, Document, InferenceResult
@@ -421,9 +422,9 @@ class InferenceRunner:
         source = UnitSource(queue, journal, reader, plan)
         run = _Run(self, journal, 0)
         run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
-        journal.before_commit = lambda: self._keep_stats(run, queue)
+        journal.before_commit = lambda: functools.partial(self._write_worker_stats, queue, self._stats_of(run, queue))
         self._runs.append(run)
-        stopped_on_request = False
+        stopped_on_request = stalled = False
         try:
             server_scope = (
                 contextlib.nullcontext(server)
@@ -437,6 +438,9 @@ class InferenceRunner:
         except asyncio.CancelledError:
             stopped_on_request = True  # its units are given back; an error gives them up, as an attempt
             raise
+        except QueueStalledError:
+            stalled = True  # the job's stats are not summed: that reads the queue
+            raise
         except ServerError:
             # a server that never became ready is no unit's fault: its units are given back (one that
             # died after serving may have been killed by a unit: those are given up, as attempts)
@@ -446,30 +450,38 @@ class InferenceRunner:
             self._runs.remove(run)
             run.stats.inference_time_sec = time.perf_counter() - run.started
             try:
-                abandoned += journal.close(release=stopped_on_request)
+                abandoned += await journal.close(release=stopped_on_request)
             finally:
                 run.close()
-                stats = self._keep_stats(run, queue, final=True)
+                stats = self._keep_stats(run, queue, final=not stalled)
         if (error := await asyncio.to_thread(failed_units_error, queue)) is not None:
             raise error
         logger.info("worker %s done: %s", queue.worker_id, run.stats.summary())
         return stats
 
     def _keep_stats(self, run: _Run, queue: WorkQueue, final: bool = False) -> dict[str, Any]:
-        """Keep this queue worker run's stats as they stand (before each unit it commits, in a
-        worker thread; ``final``: at its end, then summed into ``stats.json``); return them."""
-        stats = {
+        """Keep this queue worker run's stats as they stand (``final``: at its end, then summed
+        into ``stats.json``; before each unit it commits, the journal's ``before_commit``
+        writes them in the commit's thread); return them."""
+        stats = self._stats_of(run, queue)
+        self._write_worker_stats(queue, stats, final)
+        return stats
+
+    def _stats_of(self, run: _Run, queue: WorkQueue) -> dict[str, Any]:
+        """This queue worker run's stats as they stand (read on the event loop)."""
+        return {
             **run.stats.to_dict(),
             "inference_time_sec": run.stats.inference_time_sec or round(time.perf_counter() - run.started, 3),
             "queue_time_sec": round(queue.seconds, 3),
             "worker": queue.worker_id,
             "model": self.config.model_name_or_path,  # named by `infermill report`
         }
+
+    def _write_worker_stats(self, queue: WorkQueue, stats: dict[str, Any], final: bool = False) -> None:
         try:
             (write_stats if final else write_run_stats)(self.layout, queue.worker_id, stats)
         except OSError as e:  # (a full disk) not to hide why a run stopped: a later write, or sum, may succeed
             logger.warning("cannot write this worker's stats in %s: %s", self.layout.worker_stats, e)
-        return stats
 
     def progress(self) -> ProgressSnapshot:
         """What the runs in progress have done so far (all of them together), and whether a server
@@ -615,7 +627,7 @@ class _Run:
                         continue
                     raise
             if (full_chunk := journal.commit(index, record)) is not None:
-                await asyncio.to_thread(journal.finalize_chunk, full_chunk)
+                await journal.finish_chunk(full_chunk)
 
     async def _process_document(self, document: Document, index: int) -> bytes | None:
         """Run the rollouts; return the record to write as JSON, or None when there is nothing to write."""

@@ -33,6 +33,7 @@ from infermill.journal import ChunkJournal, QueueJournal, check_identity, identi
 from infermill.layout import PLAN_FILE, series_files
 from infermill.metrics import per_sec
 from infermill.queue import WorkQueue, process_gone
+from infermill.queue_storage import StorageTimeoutError
 from infermill.types import END_OF_INPUT as END
 
 if TYPE_CHECKING:
@@ -290,23 +291,29 @@ class UnitSource:
 
     async def _claim(self) -> bool:
         """Claim the next unit (True), or find the queue drained (True, and ended), or nothing now (False)."""
+        if self.journal.stalled is not None:
+            raise self.queue.stalled_error(self.journal.stalled)
         try:
-            lease = await asyncio.to_thread(self.queue.claim)
+            lease = await self.queue.in_thread(self.queue.claim)
         except OSError as e:
             # a network file system's hiccup (ESTALE...) is looked at again after the poll; a full
             # disk, or an error that lasts for a lease timeout, stops the worker
             now = time.monotonic()
             self._claims_failing_since = self._claims_failing_since or now
+            if self.journal.stalled is not None:  # reported while this claim waited
+                raise self.queue.stalled_error(self.journal.stalled) from e
+            if now - self._claims_failing_since > self.queue.lease_timeout_sec and isinstance(e, StorageTimeoutError):
+                raise self.queue.stalled_error(e) from e
             if e.errno in LASTING_ERRNOS or now - self._claims_failing_since > self.queue.lease_timeout_sec:
                 raise storage_error(str(self.queue.folder), "claim a unit in it", e) from e
             logger.warning("cannot claim a unit now (%s: %s); trying again", type(e).__name__, e)
             return False
         self._claims_failing_since = None
         if lease is None:
-            self._ended = not self.journal.held() and await asyncio.to_thread(self.queue.drained)
+            self._ended = not self.journal.held() and await self.queue.in_thread(self.queue.drained)
             return self._ended
-        if await asyncio.to_thread(self.journal.hold, lease):  # finished by an earlier holder: commit it
-            await asyncio.to_thread(self.journal.finalize_chunk, lease.unit)
+        if await self.journal.hold(lease):  # finished by an earlier holder: commit it
+            await self.journal.finish_chunk(lease.unit)
             return True
         self._unit = lease.unit
         self._items = enumerate(read_unit(self.reader, self.plan[lease.unit]))

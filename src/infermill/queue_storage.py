@@ -1,0 +1,260 @@
+"""Where the work queue keeps its files: the few operations :class:`~infermill.queue.WorkQueue`
+needs of a storage, each bounded by a timeout.
+
+:class:`QueueStorage` is the seam: everything the queue does to its folder goes through one,
+so that a storage that stops answering (a hung NFS mount) raises
+:class:`StorageTimeoutError` in the queue instead of hanging its worker for ever while its
+leases look alive. :class:`PosixQueueStorage` is the one implementation (a local or network
+POSIX file system, see :mod:`infermill.queue`); an object store with conditional writes would
+be a second one.
+
+Each call runs in a daemon thread of :class:`TimedCalls` and is waited for at most
+``timeout_sec``: a call that never returns leaves its thread behind, blocked, and that thread
+does not keep the process from exiting. A call that timed out may still complete later (a
+file created late): the queue's protocol tolerates that like a worker frozen for a while.
+
+``INFERMILL_QUEUE_STORAGE=package.module:factory`` makes every queue use the storage
+``factory(timeout_sec)`` returns (the tests' stand-in for a hung mount uses it).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from queue import SimpleQueue
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: the environment variable naming a storage factory ``package.module:callable`` (see the module docstring)
+STORAGE_ENV = "INFERMILL_QUEUE_STORAGE"
+DEFAULT_STORAGE_TIMEOUT_SEC = 30.0
+
+
+class StorageTimeoutError(OSError):
+    """A storage call that did not answer within its timeout."""
+
+
+class TimedCalls:
+    """Runs calls in daemon threads (started as needed, reused when idle) and waits for each
+    at most a timeout."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._work: SimpleQueue[tuple[Callable[[], object], Future[object]]] = SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for work, or about to
+        self._started = 0
+
+    def call(self, function: Callable[[], T], timeout_sec: float, what: str) -> T:
+        """``function()``'s value (or exception); ``StorageTimeoutError`` naming ``what`` if it
+        takes longer than ``timeout_sec``."""
+        future: Future[T] = Future()
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                self._started += 1
+                name = f"{self._name}-{self._started}"
+                threading.Thread(target=self._serve, name=name, daemon=True).start()
+        self._work.put((function, future))  # type: ignore[arg-type]
+        try:
+            return future.result(timeout_sec)
+        except FutureTimeout:
+            raise StorageTimeoutError(
+                errno.ETIMEDOUT, f"the storage did not answer within {timeout_sec:g} s", what
+            ) from None
+
+    def _serve(self) -> None:
+        while True:
+            function, future = self._work.get()
+            try:
+                future.set_result(function())
+            except BaseException as e:  # handed to the caller, which raises it
+                future.set_exception(e)
+            del function, future
+            with self._lock:
+                self._idle += 1
+
+
+_calls = TimedCalls("infermill-storage")  # shared: a hung thread is left behind, not one per queue
+
+
+class QueueStorage:
+    """The operations of the work queue's storage (paths are those of the queue's folder). Each
+    raises ``StorageTimeoutError`` (an ``OSError``) when the storage does not answer within
+    ``timeout_sec``, and the ``OSError`` of the storage otherwise."""
+
+    def __init__(self, timeout_sec: float = DEFAULT_STORAGE_TIMEOUT_SEC):
+        self.timeout_sec = timeout_sec
+
+    def read(self, path: Path, size: int = -1) -> bytes:
+        """The file's bytes (its first ``size`` if given); ``FileNotFoundError`` if it is absent."""
+        raise NotImplementedError
+
+    def create_if_absent(self, path: Path, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` unless it exists, atomically, complete or not at
+        all; return whether this call created it."""
+        raise NotImplementedError
+
+    def rename(self, source: Path, target: Path) -> bool:
+        """Rename ``source`` to ``target``; False if ``source`` is absent."""
+        raise NotImplementedError
+
+    def link(self, source: Path, target: Path) -> bool:
+        """Give ``source`` the second name ``target`` unless it exists; return whether it did."""
+        raise NotImplementedError
+
+    def delete(self, path: Path) -> bool:
+        """Delete ``path``; False if it was absent."""
+        raise NotImplementedError
+
+    def list(self, folder: Path) -> list[str]:
+        """The names in ``folder``."""
+        raise NotImplementedError
+
+    def exists(self, path: Path) -> bool:
+        raise NotImplementedError
+
+    def mtime(self, path: Path) -> float | None:
+        """When ``path`` was last touched, on the storage's clock; None if it is absent."""
+        raise NotImplementedError
+
+    def touch(self, path: Path, mtime: float | None = None) -> bool:
+        """Date ``path`` ``mtime`` (None: the storage's present); False if it is absent."""
+        raise NotImplementedError
+
+    def now(self, clock: Path) -> float:
+        """The storage's current time, read by touching the file ``clock`` (created if absent)."""
+        raise NotImplementedError
+
+    def make_folder(self, folder: Path) -> None:
+        raise NotImplementedError
+
+
+class PosixQueueStorage(QueueStorage):
+    """A local or network POSIX file system (see :mod:`infermill.queue` for what it must offer)."""
+
+    def _call(self, function: Callable[[], T], what: Path) -> T:
+        return _calls.call(function, self.timeout_sec, str(what))
+
+    def read(self, path: Path, size: int = -1) -> bytes:
+        def read() -> bytes:
+            with open(path, "rb") as file:
+                return file.read(size)
+
+        return self._call(read, path)
+
+    def create_if_absent(self, path: Path, data: bytes) -> bool:
+        return self._call(lambda: _create_if_absent(path, data), path)
+
+    def rename(self, source: Path, target: Path) -> bool:
+        return self._call(lambda: _absent_is_false(os.rename, source, target), source)
+
+    def link(self, source: Path, target: Path) -> bool:
+        def link() -> bool:
+            try:
+                os.link(source, target)
+            except FileExistsError:
+                return False
+            return True
+
+        return self._call(link, target)
+
+    def delete(self, path: Path) -> bool:
+        return self._call(lambda: _absent_is_false(os.unlink, path), path)
+
+    def list(self, folder: Path) -> list[str]:
+        return self._call(lambda: os.listdir(folder), folder)
+
+    def exists(self, path: Path) -> bool:
+        return self._call(path.exists, path)
+
+    def mtime(self, path: Path) -> float | None:
+        return self._call(lambda: _opened_mtime(path), path)
+
+    def touch(self, path: Path, mtime: float | None = None) -> bool:
+        times = None if mtime is None else (mtime, mtime)
+        return self._call(lambda: _absent_is_false(os.utime, path, times), path)
+
+    def now(self, clock: Path) -> float:
+        def now() -> float:
+            try:
+                os.utime(clock, None)
+            except FileNotFoundError:
+                with open(clock, "ab"):
+                    pass
+                os.utime(clock, None)
+            return os.stat(clock).st_mtime
+
+        return self._call(now, clock)
+
+    def make_folder(self, folder: Path) -> None:
+        self._call(lambda: folder.mkdir(parents=True, exist_ok=True), folder)
+
+
+def _absent_is_false(function: Callable[..., object], *args: object) -> bool:
+    try:
+        function(*args)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _create_if_absent(path: Path, data: bytes) -> bool:
+    """Write a unique temp file, then ``link`` it to ``path``."""
+    temp = path.parent / f".tmp-{uuid.uuid4().hex}"
+    try:
+        try:
+            with open(temp, "xb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as e:  # a write's error names no file (a full disk): name the one being made
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            # NFS: a retransmitted link whose first try succeeded answers EEXIST; our temp file
+            # then has a second name
+            return os.stat(temp).st_nlink == 2
+        return True
+    finally:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+
+
+def _opened_mtime(path: Path) -> float | None:
+    """Opened, not only stat'ed: NFS revalidates a file's attributes when it is opened
+    (close-to-open), where a stat may answer from its attribute cache."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+
+
+def default_storage(timeout_sec: float) -> QueueStorage:
+    """The storage a queue uses unless given one: ``INFERMILL_QUEUE_STORAGE``'s, else POSIX."""
+    factory = os.environ.get(STORAGE_ENV)
+    if not factory:
+        return PosixQueueStorage(timeout_sec)
+    module, _, name = factory.partition(":")
+    storage = getattr(importlib.import_module(module), name)(timeout_sec)
+    if not isinstance(storage, QueueStorage):
+        raise TypeError(f"{STORAGE_ENV}={factory} returned {storage!r}, not a QueueStorage")
+    return storage
