@@ -216,10 +216,11 @@ def test_changed_input_is_refused_naming_the_file(tmp_path):
     plan = plan_units(reader, 4)
     plan.check_input(reader)  # unchanged: nothing to say
     write_lines(path, [json.dumps({"text": str(i)}) + "\n" for i in range(12)])
-    with pytest.raises(InfermillError, match=r"the input changed since the job was planned: .*a.jsonl changed \(size"):
+    changed = r"the input changed since the job was planned: input files changed: .*a.jsonl \(.*: \d+ -> \d+ bytes"
+    with pytest.raises(InfermillError, match=changed):
         plan.check_input(DocumentReader(str(path)))
     write_lines(tmp_path / "b.jsonl", ['{"text": "new"}\n'])
-    with pytest.raises(InfermillError, match=r"b.jsonl is new"):
+    with pytest.raises(InfermillError, match=r"input files added: .*b.jsonl"):
         plan.check_input(DocumentReader(str(tmp_path)))
     write_lines(path, ["{}\n"] * 100)
     with pytest.raises(InfermillError, match=r"unit 2 has \d+ records where the plan has 2: .*a.jsonl changed since"):
