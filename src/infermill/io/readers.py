@@ -24,7 +24,6 @@ from infermill.types import Document
 __all__ = [
     "BATCH_URLS",
     "INPUT_FORMATS",
-    "SKIP_HINT",
     "BadRecord",
     "BadRecordError",
     "DocumentReader",
@@ -206,7 +205,7 @@ class DocumentReader:
         """A bad record as it is passed on with ``on_bad_record="skip"``; raised (with a hint
         on how to skip it) with ``"error"``."""
         if self.on_bad_record == "error":
-            raise BadRecordError(error.source, error.position, error.reason + SKIP_HINT)
+            raise BadRecordError(error.source, error.position, error.reason + _SKIP_HINT)
         name = self._names.get(error.source, os.path.basename(error.source))
         return BadRecord(f"{name}:{error.position}", error)
 
@@ -226,8 +225,6 @@ class DocumentReader:
                 except _Bad as e:
                     yield BadRecordError(url, position, str(e))
         except (OSError, ValueError, EOFError) as e:
-            if isinstance(e, BadRecordError):
-                raise
             # the rest of the file is unreadable: one bad record stands for it (on_bad_record: skip
             # counts and logs it; the job is not silently shorter)
             yield unreadable_rest(url, position, e)
@@ -268,7 +265,7 @@ class DocumentReader:
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions")
 
 #: what a raised bad record adds to its message
-SKIP_HINT = " (fix the record, or set runner.on_bad_record: skip to count and log bad records instead)"
+_SKIP_HINT = " (fix the record, or set runner.on_bad_record: skip to count and log bad records instead)"
 
 
 class _Bad(Exception):
@@ -277,7 +274,7 @@ class _Bad(Exception):
 
 def _is_hf_folder(url: str) -> bool:
     fs, root = url_to_fs(url)
-    return fs.isdir(root) and (fs.exists(f"{root}/state.json") or fs.exists(f"{root}/dataset_dict.json"))
+    return bool(fs.isdir(root) and (fs.exists(f"{root}/state.json") or fs.exists(f"{root}/dataset_dict.json")))
 
 
 def input_changes(recorded: list[list[Any]], current: list[list[Any]]) -> list[str]:

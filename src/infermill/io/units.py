@@ -20,8 +20,8 @@ from itertools import pairwise
 from typing import Any
 
 from infermill.errors import InfermillError
-from infermill.io.formats import INPUT_FORMATS, Cuts, Scan, Span, unreadable_rest
-from infermill.io.readers import SKIP_HINT, BadRecord, BadRecordError, DocumentReader, input_changes
+from infermill.io.formats import INPUT_FORMATS, BadRecordError, Cuts, Scan, Span, unreadable_rest
+from infermill.io.readers import BadRecord, DocumentReader, input_changes
 from infermill.types import Document
 
 __all__ = ["PLAN_VERSION", "Span", "UnitPlan", "WorkUnit", "plan_units", "read_unit"]
@@ -170,6 +170,7 @@ def _scan_by_reading(reader: DocumentReader, url: str, fmt: str, cuts: Cuts, bud
     then one bad record standing for the rest (or, with ``on_bad_record="error"``, the error)."""
     scan = Scan("record")
     position = 0
+    failed: Exception | None = None
     rows = INPUT_FORMATS[fmt].rows(url, Span.whole(url))
     try:
         while budget is None or scan.count < budget:
@@ -181,18 +182,17 @@ def _scan_by_reading(reader: DocumentReader, url: str, fmt: str, cuts: Cuts, bud
                 scan.marks.append((scan.count, scan.count, position))
             scan.count += 1
     except (OSError, ValueError, EOFError) as e:
-        if isinstance(e, BadRecordError):
-            raise
-        rest = unreadable_rest(url, position, e)
-        if reader.on_bad_record == "error":
-            raise BadRecordError(rest.source, rest.position, rest.reason + SKIP_HINT) from None
-        if cuts.hits(scan.count):
-            scan.marks.append((scan.count, scan.count, rest.position))
-        scan.count += 1
+        failed = e
     finally:
         close = getattr(rows, "close", None)
         if close is not None:
             close()
+    if failed is not None:
+        rest = unreadable_rest(url, position, failed)
+        reader.passed_on(rest)  # raises with on_bad_record="error", as read() does
+        if cuts.hits(scan.count):
+            scan.marks.append((scan.count, scan.count, rest.position))
+        scan.count += 1
     scan.end = scan.count
     return scan
 
