@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -277,7 +277,7 @@ def _is_hf_folder(url: str) -> bool:
     return bool(fs.isdir(root) and (fs.exists(f"{root}/state.json") or fs.exists(f"{root}/dataset_dict.json")))
 
 
-def input_changes(recorded: list[list[Any]], current: list[list[Any]]) -> list[str]:
+def input_changes(recorded: Sequence[Sequence[Any]], current: Sequence[Sequence[Any]]) -> list[str]:
     """What differs between two :meth:`DocumentReader.fingerprint` s, a line each: the input
     files added, gone, or of another size or modification time, named (the first five of
     each); or that the same files are in another order. Empty if they are the same."""

@@ -202,6 +202,6 @@ def _fingerprint(reader: DocumentReader) -> tuple[tuple[Any, ...], ...]:
 
 
 def _check_same_input(planned: tuple[tuple[Any, ...], ...], now: tuple[tuple[Any, ...], ...], when: str) -> None:
-    changes = input_changes([list(entry) for entry in planned], [list(entry) for entry in now])
+    changes = input_changes(planned, now)
     if changes:
         raise InfermillError(f"the input changed {when}: {'; '.join(changes)} (start the job over with --overwrite)")
