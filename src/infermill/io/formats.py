@@ -40,6 +40,9 @@ from infermill.io.filesystems import url_to_fs
 
 SpanKind = Literal["byte", "row", "record"]
 
+#: the ``stop`` of a span that runs to the end of its file
+TO_THE_END = sys.maxsize
+
 #: a row of a file: its line or row number, and its fields (a dict) or a ``BadRecordError``
 Row = tuple[int, Any]
 
@@ -77,7 +80,7 @@ class Span:
     @classmethod
     def whole(cls, url: str) -> Span:
         """All of ``url``: every record, read from its start."""
-        return cls(url, 0, sys.maxsize, "record", 1)
+        return cls(url, 0, TO_THE_END, "record", 1)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -149,37 +152,41 @@ class JsonlFormat(FileFormat):
     """One JSON object per line; blank lines are no records but count in line numbers."""
 
     def rows(self, url: str, span: Span) -> Iterator[Row]:
-        if span.kind == "byte":
-            import fsspec
-
-            with fsspec.open(url, "rb") as f:
-                yield from _jsonl_rows(url, enumerate(byte_range(f, span), start=span.first_position))
-            return
-        # the lines before the span are decompressed and skipped unparsed; no line after its last
-        # record is read (where a truncated file would fail: a plan counts that as a record of its own)
-        with open_decompressed(url) as f:
-            lines = enumerate(islice(f, span.first_position - 1, None), start=span.first_position)
-            yield from islice(_jsonl_rows(url, lines), span.stop - span.start)
+        rows = _jsonl_rows(url, span)
+        # a record span stops after its last record: no line after it is read (where a truncated
+        # file would fail: a plan counts that as a record of its own)
+        return rows if span.kind == "byte" or span.stop == TO_THE_END else islice(rows, span.stop - span.start)
 
     def scan(self, url: str, cuts: Cuts, budget: int | None) -> Scan:
         with open_decompressed(url) as f:
             return _scan_jsonl(f, cuts, budget, by_record=is_compressed(url))
 
 
-def _jsonl_rows(url: str, lines: Iterable[tuple[int, bytes]]) -> Iterator[Row]:
-    """The records of numbered ``lines``: blank ones skipped, each other one a JSON object."""
-    for line_number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError as e:
-            yield line_number, BadRecordError(url, line_number, f"malformed JSON: {e}")
-            continue
-        if not isinstance(row, dict):
-            yield line_number, BadRecordError(url, line_number, f"expected a JSON object, got {type(row).__name__}")
-            continue
-        yield line_number, row
+def _jsonl_rows(url: str, span: Span) -> Iterator[Row]:
+    """The records from the start of ``span``: blank lines skipped, each other one a JSON object.
+    A ``byte`` span is seeked to and ends at its ``stop``; otherwise the lines before
+    ``first_position`` are decompressed and skipped unparsed."""
+    import fsspec
+
+    by_byte = span.kind == "byte"
+    with fsspec.open(url, "rb") if by_byte else open_decompressed(url) as f:
+        lines: Iterable[bytes] = f
+        if by_byte:
+            lines = byte_range(f, span)
+        elif span.first_position > 1:
+            lines = islice(f, span.first_position - 1, None)
+        for line_number, line in enumerate(lines, start=span.first_position):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                yield line_number, BadRecordError(url, line_number, f"malformed JSON: {e}")
+                continue
+            if not isinstance(row, dict):
+                yield line_number, BadRecordError(url, line_number, f"expected a JSON object, got {type(row).__name__}")
+                continue
+            yield line_number, row
 
 
 def _scan_jsonl(f: IO[bytes], cuts: Cuts, budget: int | None, by_record: bool) -> Scan:
@@ -237,21 +244,9 @@ class CsvFormat(FileFormat):
     rows are no records. A record's position is the line it ends on."""
 
     def rows(self, url: str, span: Span) -> Iterator[Row]:
-        if span.kind == "byte":
-            import fsspec
-
-            with fsspec.open(url, "rb") as f:
-                header = next(csv.reader(_decoded(f)), None)
-                if header is not None:
-                    f.seek(span.start)
-                    yield from _csv_rows(url, _decoded(byte_range(f, span)), header, span.first_position - 1)
-            return
-        with open_decompressed(url) as f:
-            lines = _decoded(f)
-            header_rows = csv.reader(lines)
-            header = next(header_rows, None)
-            if header is not None:
-                yield from islice(_csv_rows(url, lines, header, header_rows.line_num), span.start, span.stop)
+        rows = _csv_rows(url, span)
+        whole = span.start == 0 and span.stop == TO_THE_END
+        return rows if span.kind == "byte" or whole else islice(rows, span.start, span.stop)
 
     def scan(self, url: str, cuts: Cuts, budget: int | None) -> Scan:
         try:
@@ -267,15 +262,28 @@ def _decoded(lines: Iterable[bytes]) -> Iterator[str]:
     return (line.decode("utf-8", "surrogateescape") for line in lines)
 
 
-def _csv_rows(url: str, lines: Iterator[str], header: list[str], lines_before: int) -> Iterator[Row]:
-    """The records of ``lines`` (after the header, and ``lines_before`` lines into the file)."""
-    reader = csv.DictReader(lines, fieldnames=header)
-    for row in reader:
-        position = lines_before + reader.line_num
-        if any(isinstance(value, str) and _UNDECODABLE.search(value) for value in row.values()):
-            yield position, BadRecordError(url, position, "not valid UTF-8")
-            continue
-        yield position, row
+def _csv_rows(url: str, span: Span) -> Iterator[Row]:
+    """The records of a ``byte`` span (the header read, then the span seeked to), or of the
+    whole file."""
+    import fsspec
+
+    by_byte = span.kind == "byte"
+    with fsspec.open(url, "rb") if by_byte else open_decompressed(url) as f:
+        lines = _decoded(f)
+        header_rows = csv.reader(lines)
+        header = next(header_rows, None)
+        if header is None:
+            return
+        lines_before = header_rows.line_num
+        if by_byte:
+            lines, lines_before = _decoded(byte_range(f, span)), span.first_position - 1
+        reader = csv.DictReader(lines, fieldnames=header)
+        for row in reader:
+            position = lines_before + reader.line_num
+            if any(isinstance(value, str) and _UNDECODABLE.search(value) for value in row.values()):
+                yield position, BadRecordError(url, position, "not valid UTF-8")
+                continue
+            yield position, row
 
 
 def _scan_csv(f: IO[bytes], cuts: Cuts, budget: int | None, by_record: bool) -> Scan:
@@ -321,7 +329,7 @@ class _RowsFormat(FileFormat):
     def rows(self, url: str, span: Span) -> Iterator[Row]:
         if span.kind == "row":
             return self._row_range(url, span.start, span.stop)
-        return islice(self._row_range(url, 0, sys.maxsize), span.start, span.stop)
+        return islice(self._row_range(url, 0, TO_THE_END), span.start, span.stop)
 
     def scan(self, url: str, cuts: Cuts, budget: int | None) -> Scan:
         count = self._count(url)
