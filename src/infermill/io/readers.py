@@ -1,10 +1,13 @@
 """Reading documents: JSONL (plain, .gz, .zst), Parquet, CSV, saved Hugging Face datasets
 and OpenAI Batch input files, from local paths, globs or any fsspec URL.
 
-Reading is lazy (one record at a time) and sharded deterministically: with at least
-``world_size`` files, rank ``r`` reads files ``r, r + world_size, ...``; otherwise every
-rank reads every file and keeps records ``r, r + world_size, ...``. A record without an
-id gets ``<file name>:<line or row>``, the same on every run.
+Each format's rows are read by its reader in :mod:`infermill.io.formats` (a whole file, or a
+span of it for a work unit, the same way); this module finds the input files, makes documents
+of the rows and passes bad records on. Reading is lazy (one record at a time) and sharded
+deterministically: with at least ``world_size`` files, rank ``r`` reads files ``r, r +
+world_size, ...``; otherwise every rank reads every file and keeps records ``r, r +
+world_size, ...``. A record without an id gets ``<file name>:<line or row>``, the same on
+every run.
 """
 
 from __future__ import annotations
