@@ -285,7 +285,7 @@ def test_a_resume_over_changed_input_files_is_refused_naming_them(tmp_path):
         f.write(json.dumps({"id": "a10", "text": "doc a10"}) + "\n")
     result = infermill(tmp_path, "run", str(job))
     assert result.returncode == 2, output_of(result)
-    assert f"input files changed since the checkpoint was written: {first}" in result.stderr, output_of(result)
+    assert f"input files changed: {first}" in result.stderr, output_of(result)
 
     result = infermill(tmp_path, "run", str(job), "--overwrite")
     assert result.returncode == 0, output_of(result)

@@ -16,7 +16,9 @@ import pytest
 import zstandard
 
 from infermill.errors import InfermillError
-from infermill.io.readers import BadRecord, BadRecordError, DocumentReader, list_input_files
+from infermill.io.readers import BadRecord, BadRecordError, DocumentReader, input_changes, list_input_files
+from infermill.io.units import plan_units
+from infermill.journal import identity_differences
 from infermill.types import Document
 
 ROWS = [{"id": f"r{i}", "text": f"text {i}", "score": i} for i in range(5)]
@@ -301,6 +303,31 @@ def test_a_csv_record_that_is_not_utf8_is_a_bad_record_at_its_own_line(tmp_path)
 def test_on_bad_record_is_checked():
     with pytest.raises(ValueError, match="on_bad_record"):
         DocumentReader("x.jsonl", on_bad_record="ignore")  # type: ignore[arg-type]
+
+
+def test_one_input_change_check_names_files_added_gone_and_changed_for_plans_and_checkpoints(tmp_path):
+    for i in range(8):
+        write_jsonl(tmp_path / f"part-{i}.jsonl", [{"text": str(i)}])
+    before = DocumentReader(str(tmp_path)).fingerprint()
+    assert input_changes(before, before) == []
+    plan = plan_units(DocumentReader(str(tmp_path)), 3)
+    (tmp_path / "part-0.jsonl").unlink()
+    for i in range(1, 8):  # seven grown files: five named, then a count
+        write_jsonl(tmp_path / f"part-{i}.jsonl", [{"text": str(i)}] * 2)
+    write_jsonl(tmp_path / "new.jsonl", [{"text": "new"}])
+    after = DocumentReader(str(tmp_path)).fingerprint()
+    changes = input_changes(before, after)
+    assert changes[0] == f"input files added: {tmp_path / 'new.jsonl'}"
+    assert changes[1] == f"input files gone: {tmp_path / 'part-0.jsonl'}"
+    assert changes[2].startswith(f"input files changed: {tmp_path / 'part-1.jsonl'}, ")
+    assert " and 2 more (" in changes[2] and "part-1.jsonl: 14 -> 28 bytes, modified " in changes[2]
+    assert len(changes) == 3
+    assert input_changes(before, before[::-1]) == ["the input files are in another order"]
+    # a unit plan (the queue, planning) and a checkpoint's identity (resuming) say the same
+    with pytest.raises(InfermillError) as raised:
+        plan.check_input(DocumentReader(str(tmp_path)))
+    assert "; ".join(changes) in str(raised.value)
+    assert identity_differences({"input_files": before}, {"input_files": after}) == changes
 
 
 # -- sharding -------------------------------------------------------------------------------

@@ -131,6 +131,77 @@ def test_units_read_one_by_one_are_exactly_the_whole_read(tmp_path, fmt, seed):
         assert [item for items in by_unit for item in items] == whole, records_per_unit
 
 
+AWKWARD_JSONL = [
+    "\r\n",  # a blank first line (CRLF)
+    '{"text": "crlf"}\r\n',
+    '{"id": "x1", "text": "with id"}\n',
+    "  \t\n",
+    "\n",
+    "{broken\n",  # malformed JSON
+    '["not", "an object"]\r\n',
+    '{"no_text": 1}\n',  # no text field: a bad record made by the reader, not the parser
+    '{"text": 5}\n',
+    '{"text": "unicode \\u00e9 and a \\\\n escape"}\n',
+    "\r\n",
+    '{"text": "last, without a newline"}',
+]
+
+
+def awkward_input(tmp_path: Path, fmt: str) -> tuple[list[Path], str]:
+    """Files of ``fmt`` holding every case a span boundary may fall next to; the reader's format."""
+    if fmt.startswith(("jsonl", "openai_batch")):
+        lines = AWKWARD_JSONL
+        if fmt.startswith("openai_batch"):
+            body = json.dumps({"custom_id": "b{}", "method": "POST", "url": "/v1/chat/completions", "body": {}})
+            lines = [body.replace("b{}", f"b{i}") + ("\r\n" if i % 2 else "\n") if "text" in line else line
+                     for i, line in enumerate(lines)]  # fmt: skip
+            lines[3] = '{"custom_id": "no body"}\n'
+        suffix = fmt.removeprefix("openai_batch").removeprefix("jsonl")
+        paths = [write_lines(tmp_path / f"a.jsonl{suffix}", lines), write_lines(tmp_path / f"b.jsonl{suffix}", lines)]
+        return paths, "openai_batch" if fmt.startswith("openai_batch") else "auto"
+    if fmt.startswith("csv"):
+        rows = ['ref,text,n\r\n', '\r\n', ',plain,1\r\n', 'c2,"quoted\r\nnewline",2\r\n', '\n', 'c3,"a ""quote""",3\n',
+                ',"two\n\nblank lines inside",4\n', ',short\n', ',"too",many,fields\r\n']  # fmt: skip
+        raw = "".join(rows).encode() + b",not utf-8 \xff,5\r\n\r\n,last without a newline,6"
+        paths = []
+        for name in ("a", "b"):
+            path = tmp_path / f"{name}.{fmt}"
+            path.write_bytes(compress(path, raw))
+            paths.append(path)
+        return paths, "auto"
+    if fmt == "parquet":
+        rows = [{"id": None if i % 3 else f"p{i}", "text": None if i == 7 else f"t{i}"} for i in range(23)]
+        schema = pa.schema([("id", pa.string()), ("text", pa.string())])
+        for name, group in (("a", 4), ("b", 1), ("c", 100)):
+            pq.write_table(
+                pa.Table.from_pylist(rows, schema=schema), tmp_path / f"{name}.parquet", row_group_size=group
+            )
+        return sorted(tmp_path.glob("*.parquet")), "auto"
+    datasets = pytest.importorskip("datasets")
+    texts = [f"t{i}" for i in range(17)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"), num_shards=4)
+    return [tmp_path / "ds"], "auto"
+
+
+@pytest.mark.parametrize(
+    "fmt", ["jsonl", "jsonl.gz", "jsonl.zst", "openai_batch", "openai_batch.gz", "csv", "csv.gz", "parquet", "hf"]
+)
+def test_every_plan_reads_the_awkward_cases_exactly_as_the_whole_read(tmp_path, fmt):
+    """Blank lines, CRLF, bad lines, a last line without a newline, quoted newlines, several
+    row groups: at every unit size (so a unit boundary falls next to each of them), the units'
+    records are the whole read's: the same ids (derived ones number the line or row), bad
+    records at the same positions, in the same order."""
+    paths, reader_format = awkward_input(tmp_path, fmt)
+    reader = DocumentReader([str(p) for p in paths], format=reader_format, on_bad_record="skip")
+    whole = [key(item) for item in reader.read()]
+    assert {k[0] for k in whole} == ({"doc"} if fmt == "hf" else {"doc", "bad"}), whole
+    for records_per_unit in range(1, len(whole) + 2):
+        plan = plan_units(reader, records_per_unit)
+        by_unit = [[key(item) for item in read_unit(reader, unit)] for unit in plan]
+        assert [len(items) for items in by_unit] == [unit.documents for unit in plan], records_per_unit
+        assert [item for items in by_unit for item in items] == whole, records_per_unit
+
+
 def test_span_kinds_follow_the_format(tmp_path):
     rng = random.Random(1)
     expected = {"jsonl": "byte", "csv": "byte", "jsonl.gz": "record", "jsonl.zst": "record", "csv.gz": "record",
@@ -216,10 +287,11 @@ def test_changed_input_is_refused_naming_the_file(tmp_path):
     plan = plan_units(reader, 4)
     plan.check_input(reader)  # unchanged: nothing to say
     write_lines(path, [json.dumps({"text": str(i)}) + "\n" for i in range(12)])
-    with pytest.raises(InfermillError, match=r"the input changed since the job was planned: .*a.jsonl changed \(size"):
+    changed = r"the input changed since the job was planned: input files changed: .*a.jsonl \(.*: \d+ -> \d+ bytes"
+    with pytest.raises(InfermillError, match=changed):
         plan.check_input(DocumentReader(str(path)))
     write_lines(tmp_path / "b.jsonl", ['{"text": "new"}\n'])
-    with pytest.raises(InfermillError, match=r"b.jsonl is new"):
+    with pytest.raises(InfermillError, match=r"input files added: .*b.jsonl"):
         plan.check_input(DocumentReader(str(tmp_path)))
     write_lines(path, ["{}\n"] * 100)
     with pytest.raises(InfermillError, match=r"unit 2 has \d+ records where the plan has 2: .*a.jsonl changed since"):

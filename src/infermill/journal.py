@@ -39,6 +39,7 @@ import orjson
 from infermill.config import DIGEST_PREFIX
 from infermill.errors import ConfigError, InfermillError, LeaseLostError
 from infermill.io.filesystems import replace_whole
+from infermill.io.readers import input_changes
 from infermill.layout import RankLock
 from infermill.queue import StorageStalledError
 from infermill.queue_storage import StorageTimeoutError
@@ -86,7 +87,7 @@ def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
     for key in sorted(set(recorded) | set(current)):
         if key == "input_files":
             if recorded.get(key) is not None:  # (none: from before they were recorded, or the Python API's)
-                changes += _input_file_changes(recorded[key], current.get(key) or [])
+                changes += input_changes(recorded[key], current.get(key) or [])
         elif key in ADDED_KEYS and key not in recorded:
             continue
         elif key == "rollout" and readable_rollout:
@@ -157,26 +158,6 @@ def check_identity(
         )
     logger.warning("resuming over changed input, as asked: %s", "; ".join(changes))
     return True
-
-
-def _input_file_changes(recorded: list[list[Any]], current: list[list[Any]]) -> list[str]:
-    """The input files added, removed or changed (size or modification time), named."""
-    before = {url: (size, modified) for url, size, modified in recorded}
-    after = {url: (size, modified) for url, size, modified in current}
-
-    def named(urls: list[str]) -> str:
-        return ", ".join(urls[:5]) + (f" and {len(urls) - 5} more" if len(urls) > 5 else "")
-
-    lines = []
-    if added := [url for url in after if url not in before]:
-        lines.append(f"input files added: {named(added)}")
-    if removed := [url for url in before if url not in after]:
-        lines.append(f"input files gone: {named(removed)}")
-    changed = [url for url in after if url in before and after[url] != before[url]]
-    if changed:
-        sizes = "; ".join(f"{url}: {before[url][0]} -> {after[url][0]} bytes" for url in changed[:5])
-        lines.append(f"input files changed since the checkpoint was written: {named(changed)} ({sizes})")
-    return lines
 
 
 class LogLine(NamedTuple):

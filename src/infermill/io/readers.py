@@ -1,44 +1,43 @@
 """Reading documents: JSONL (plain, .gz, .zst), Parquet, CSV, saved Hugging Face datasets
 and OpenAI Batch input files, from local paths, globs or any fsspec URL.
 
-Reading is lazy (one record at a time) and sharded deterministically: with at least
-``world_size`` files, rank ``r`` reads files ``r, r + world_size, ...``; otherwise every
-rank reads every file and keeps records ``r, r + world_size, ...``. A record without an
-id gets ``<file name>:<line or row>``, the same on every run.
+Each format's rows are read by its reader in :mod:`infermill.io.formats` (a whole file, or a
+span of it for a work unit, the same way); this module finds the input files, makes documents
+of the rows and passes bad records on. Reading is lazy (one record at a time) and sharded
+deterministically: with at least ``world_size`` files, rank ``r`` reads files ``r, r +
+world_size, ...``; otherwise every rank reads every file and keeps records ``r, r +
+world_size, ...``. A record without an id gets ``<file name>:<line or row>``, the same on
+every run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import fnmatch
-import io
 import logging
 import os
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Literal
-
-import orjson
+from typing import Any, Literal
 
 from infermill.errors import InfermillError
 from infermill.io.filesystems import reaching, url_to_fs
+from infermill.io.formats import INPUT_FORMATS, BadRecordError, Row, Span, raise_dataset_dict, unreadable_rest
 from infermill.types import Document
+
+__all__ = [
+    "BATCH_URLS",
+    "INPUT_FORMATS",
+    "BadRecord",
+    "BadRecordError",
+    "DocumentReader",
+    "detect_format",
+    "input_changes",
+    "list_input_files",
+]
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 logger = logging.getLogger("infermill.readers")
-
-
-class BadRecordError(InfermillError):
-    """An input record cannot be used; the message names the file and the line or row."""
-
-    def __init__(self, source: str, position: int, reason: str):
-        self.source = source
-        self.position = position
-        self.reason = reason
-        super().__init__(f"{source}:{position}: {reason}")
 
 
 @dataclass(slots=True)
@@ -80,7 +79,7 @@ def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
                 found = sorted(p for p in fs.glob(root) if _glob_may_take(p, root))
             elif fs.isdir(root):
                 if fs.exists(f"{root}/dataset_dict.json"):
-                    _raise_dataset_dict(fs, root, prefix + root)
+                    raise_dataset_dict(fs, root, prefix + root)
                 if fmt == "hf" or fs.exists(f"{root}/state.json"):
                     urls.append(prefix + root)
                     continue
@@ -93,13 +92,6 @@ def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
                 raise InfermillError(f"input {path} matches no file; check input.path")
             urls.extend(prefix + p for p in found)
     return urls
-
-
-def _raise_dataset_dict(fs: Any, root: str, url: str) -> None:
-    splits = orjson.loads(fs.cat(f"{root}/dataset_dict.json")).get("splits", [])
-    raise InfermillError(
-        f"{url} is a DatasetDict; point input.path at one split: " + ", ".join(f"{url.rstrip('/')}/{s}" for s in splits)
-    )
 
 
 def _display_names(urls: list[str]) -> dict[str, str]:
@@ -165,7 +157,8 @@ class DocumentReader:
 
     def fingerprint(self) -> list[list[Any]]:
         """``[url, size in bytes, modification time]`` of every input file (a saved dataset folder:
-        its total size), to tell on a resume whether the input is still the same."""
+        its total size), to tell on a resume whether the input is still the same
+        (:func:`input_changes`)."""
 
         found = []
         for url in self.files:
@@ -177,7 +170,8 @@ class DocumentReader:
             found.append([url, size, modified if isinstance(modified, (int, float, str)) else str(modified)])
         return found
 
-    def _format_of(self, url: str) -> str:
+    def format_of(self, url: str) -> str:
+        """The format ``url`` is read as: the reader's, or (``auto``) the one its name or folder implies."""
         return self.format if self.format != "auto" else ("hf" if _is_hf_folder(url) else detect_format(url))
 
     def read(self, rank: int = 0, world_size: int = 1) -> Iterator[Document | BadRecord]:
@@ -186,7 +180,7 @@ class DocumentReader:
         count = 0
         position = 0
         for url in files:
-            for item in self._read_file(url):
+            for item in self.records(url):
                 if not by_file:
                     position += 1
                     if (position - 1) % world_size != rank:
@@ -194,28 +188,36 @@ class DocumentReader:
                 if self.limit is not None and count >= self.limit:
                     return
                 count += 1
-                if isinstance(item, BadRecordError):
-                    if self.on_bad_record == "error":
-                        raise BadRecordError(item.source, item.position, item.reason + _SKIP_HINT)
-                    name = self._names.get(item.source, os.path.basename(item.source))
-                    yield BadRecord(f"{name}:{item.position}", item)
-                else:
-                    yield item
+                yield self.passed_on(item) if isinstance(item, BadRecordError) else item
 
     __iter__ = read
 
-    def _read_file(self, url: str) -> Iterator[Document | BadRecordError]:
-        fmt = self._format_of(url)
-        return self._documents(url, fmt, INPUT_FORMATS[fmt](url))
+    def records(self, url: str, span: Span | None = None) -> Iterator[Document | BadRecordError]:
+        """The records of the input file ``url``, or of ``span`` of it, in order: documents, and
+        bad records as errors (not raised: :meth:`passed_on` says what becomes of them). A file
+        that cannot be read past some record ends with one bad record standing for the rest
+        (``rest_of_file``). Reading a span yields exactly what reading the whole file yields
+        for those records."""
+        if url not in self._names:
+            raise InfermillError(f"{url} is not an input of this job")
+        fmt = self.format_of(url)
+        span = span or Span.whole(url)
+        return self._documents(url, fmt, INPUT_FORMATS[fmt].rows(url, span), span)
 
-    def _documents(
-        self, url: str, fmt: str, rows: Iterator[tuple[int, Any]], first_position: int = 1
-    ) -> Iterator[Document | BadRecordError]:
-        """The documents of ``rows`` (numbered ``(position, row)``, from ``first_position``) of the
-        file ``url``; a row that is no document, and an unreadable rest of the file, as bad records."""
+    def passed_on(self, error: BadRecordError) -> BadRecord:
+        """A bad record as it is passed on with ``on_bad_record="skip"``; raised (with a hint
+        on how to skip it) with ``"error"``."""
+        if self.on_bad_record == "error":
+            raise BadRecordError(error.source, error.position, error.reason + _SKIP_HINT)
+        name = self._names.get(error.source, os.path.basename(error.source))
+        return BadRecord(f"{name}:{error.position}", error)
+
+    def _documents(self, url: str, fmt: str, rows: Iterator[Row], span: Span) -> Iterator[Document | BadRecordError]:
+        """The documents of ``rows`` (of ``span`` of the file ``url``); a row that is no
+        document, and an unreadable rest of the file, as bad records."""
         name = self._names[url]
         make = self._batch_document if fmt == "openai_batch" else self._document
-        position = first_position - 1
+        position = span.first_position - 1
         try:
             for position, row in rows:
                 if isinstance(row, BadRecordError):
@@ -226,12 +228,9 @@ class DocumentReader:
                 except _Bad as e:
                     yield BadRecordError(url, position, str(e))
         except (OSError, ValueError, EOFError) as e:
-            if isinstance(e, BadRecordError):
-                raise
             # the rest of the file is unreadable: one bad record stands for it (on_bad_record: skip
             # counts and logs it; the job is not silently shorter)
-            where = f"after line or row {position}" if position else "before its first record"
-            yield BadRecordError(url, position + 1, f"cannot read the file {where}: {type(e).__name__}: {e}")
+            yield unreadable_rest(url, position, e)
 
     def _document(self, row: dict[str, Any], name: str, position: int) -> Document:
         if self.text_key not in row:
@@ -268,6 +267,7 @@ class DocumentReader:
 #: the endpoints an OpenAI batch line may name, each sent to the same path of the server
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions")
 
+#: what a raised bad record adds to its message
 _SKIP_HINT = " (fix the record, or set runner.on_bad_record: skip to count and log bad records instead)"
 
 
@@ -276,137 +276,31 @@ class _Bad(Exception):
 
 
 def _is_hf_folder(url: str) -> bool:
-
     fs, root = url_to_fs(url)
-    return fs.isdir(root) and (fs.exists(f"{root}/state.json") or fs.exists(f"{root}/dataset_dict.json"))
+    return bool(fs.isdir(root) and (fs.exists(f"{root}/state.json") or fs.exists(f"{root}/dataset_dict.json")))
 
 
-class _StrictZstdReader(io.RawIOBase):
-    """The decompressed bytes of a ``.zst`` file, frame after frame. Where zstandard's own stream
-    reader stops quietly at a truncated frame (a cut file reads as shorter, or empty), this
-    raises ``EOFError``; corrupt data raises ``ValueError``."""
+def input_changes(recorded: Sequence[Sequence[Any]], current: Sequence[Sequence[Any]]) -> list[str]:
+    """What differs between two :meth:`DocumentReader.fingerprint` s, a line each: the input
+    files added, gone, or of another size or modification time, named (the first five of
+    each); or that the same files are in another order. Empty if they are the same."""
+    before = {url: (size, modified) for url, size, modified in recorded}
+    after = {url: (size, modified) for url, size, modified in current}
 
-    def __init__(self, raw: Any):
-        import zstandard
+    def named(urls: list[str]) -> str:
+        return ", ".join(urls[:5]) + (f" and {len(urls) - 5} more" if len(urls) > 5 else "")
 
-        self._raw = raw
-        self._new_frame = zstandard.ZstdDecompressor().decompressobj
-        self._error = zstandard.ZstdError
-        self._frame = self._new_frame()
-        self._in_frame = False  # bytes of the current frame were read, and its end was not
-        self._out = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._out:
-            chunk = self._raw.read(1 << 16)
-            if not chunk:
-                if self._in_frame:
-                    raise EOFError("the file ends inside a zstd frame: it is truncated")
-                return 0
-            self._out = memoryview(self._decompress(chunk))
-        n = min(len(buffer), len(self._out))
-        buffer[:n] = self._out[:n]
-        self._out = self._out[n:]
-        return n
-
-    def _decompress(self, data: bytes) -> bytes:
-        out = []
-        try:
-            while data:
-                if self._frame.eof:
-                    self._frame = self._new_frame()
-                out.append(self._frame.decompress(data))
-                self._in_frame = not self._frame.eof
-                data = self._frame.unused_data if self._frame.eof else b""
-        except self._error as e:
-            raise ValueError(f"corrupt zstd data: {e}") from None
-        return b"".join(out)
-
-
-@contextlib.contextmanager
-def _open_decompressed(url: str) -> Iterator[IO[bytes]]:
-    """``url``'s bytes, decompressed by its suffix (``.gz``, ``.zst``), readable by line; a
-    truncated compressed file raises ``EOFError`` at its end instead of reading as shorter."""
-    import fsspec
-
-    if url.endswith(".zst"):
-        with fsspec.open(url, "rb") as raw:
-            yield io.BufferedReader(_StrictZstdReader(raw), 1 << 16)
-    else:
-        with fsspec.open(url, "rb", compression="infer") as f:
-            yield f
-
-
-def _jsonl_rows(url: str) -> Iterator[tuple[int, Any]]:
-    with _open_decompressed(url) as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                yield line_number, BadRecordError(url, line_number, f"malformed JSON: {e}")
-                continue
-            if not isinstance(row, dict):
-                yield line_number, BadRecordError(url, line_number, f"expected a JSON object, got {type(row).__name__}")
-                continue
-            yield line_number, row
-
-
-_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
-
-
-def _csv_rows(url: str) -> Iterator[tuple[int, Any]]:
-    with _open_decompressed(url) as f:
-        # decoded line by line, keeping bytes that are not UTF-8 as surrogates: a record holding
-        # one is a bad record at its own line, not a file that cannot be read
-        reader = csv.DictReader(line.decode("utf-8", "surrogateescape") for line in f)
-        for row in reader:
-            if any(isinstance(value, str) and _UNDECODABLE.search(value) for value in row.values()):
-                yield reader.line_num, BadRecordError(url, reader.line_num, "not valid UTF-8")
-                continue
-            yield reader.line_num, row
-
-
-def _parquet_rows(url: str) -> Iterator[tuple[int, Any]]:
-    import fsspec
-    import pyarrow.parquet as pq
-
-    with fsspec.open(url, "rb") as f:
-        row_number = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                row_number += 1
-                yield row_number, row
-
-
-def _hf_rows(url: str) -> Iterator[tuple[int, Any]]:
-    """Rows of a folder written by ``datasets.Dataset.save_to_disk`` (Arrow stream files)."""
-    import pyarrow as pa
-
-    fs, root = url_to_fs(url)
-    if fs.exists(f"{root}/dataset_dict.json"):
-        _raise_dataset_dict(fs, root, url)
-    state = orjson.loads(fs.cat(f"{root}/state.json"))
-    row_number = 0
-    for data_file in state.get("_data_files", []):
-        with fs.open(f"{root}/{data_file['filename']}", "rb") as f:
-            for batch in pa.ipc.open_stream(f):
-                for row in batch.to_pylist():
-                    row_number += 1
-                    yield row_number, row
-
-
-RowReader = Callable[[str], Iterator[tuple[int, Any]]]
-
-#: every input format and how its rows are read: the job file accepts these names (and "auto")
-INPUT_FORMATS: dict[str, RowReader] = {
-    "jsonl": _jsonl_rows,
-    "parquet": _parquet_rows,
-    "csv": _csv_rows,
-    "hf": _hf_rows,
-    "openai_batch": _jsonl_rows,  # one request per line: {custom_id, method, url, body}
-}
+    lines = []
+    if added := [url for url in after if url not in before]:
+        lines.append(f"input files added: {named(added)}")
+    if removed := [url for url in before if url not in after]:
+        lines.append(f"input files gone: {named(removed)}")
+    if changed := [url for url in after if url in before and after[url] != before[url]]:
+        sizes = "; ".join(
+            f"{url}: {before[url][0]} -> {after[url][0]} bytes, modified {before[url][1]} -> {after[url][1]}"
+            for url in changed[:5]
+        )
+        lines.append(f"input files changed: {named(changed)} ({sizes})")
+    if not lines and list(before) != list(after):
+        lines.append("the input files are in another order")
+    return lines
