@@ -322,6 +322,28 @@ def test_a_truncated_compressed_input_fails_the_job_naming_the_file(tmp_path):
     assert not (tmp_path / "out" / "_infermill" / "checkpoints" / "rank_00000" / "complete.json").exists()
 
 
+def test_a_job_that_cannot_be_planned_exits_with_the_same_code_and_line_with_one_worker_or_several(tmp_path):
+    """Planning reads the whole input: a file that is not gzip at all ends the command before any
+    unit runs, with one line naming the file and the exit code of the README's table, whether the
+    command is the job's only worker or plans it for ``--workers 2``."""
+    bad = tmp_path / "input.jsonl.gz"
+    bad.write_bytes(b"not gzip at all\n" * 10)
+    commands = {}
+    for workers in (1, 2):
+        spec = job_spec(tmp_path)
+        spec["input"]["path"] = str(bad)
+        spec["output"]["path"] = str(tmp_path / f"out{workers}")
+        job = write_job(tmp_path, spec, f"job{workers}.yaml")
+        commands[f"--workers {workers}"] = ["run", str(job), "--workers", str(workers)]
+    for name, result in infermill_all(tmp_path, commands).items():
+        assert result.returncode == 1, f"{name}: {output_of(result)}"
+        assert f"error: {bad}:1: cannot read the file" in result.stderr, f"{name}: {output_of(result)}"
+        assert "Not a gzipped file" in result.stderr and "Traceback" not in result.stderr, output_of(result)
+        assert "fix the cause and run the same command" in result.stderr, f"{name}: {output_of(result)}"
+    for workers in (1, 2):
+        assert not list((tmp_path / f"out{workers}").glob("*.jsonl")), "a unit ran"
+
+
 def test_an_openai_batch_file_sends_each_line_to_the_endpoint_its_url_names(tmp_path):
     lines = [
         {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",

@@ -260,7 +260,7 @@ def _run_worker(job: Job, options: RunOptions) -> None:
             _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         raise SystemExit(ExitCode.INTERRUPTED) from None
     except (InfermillError, OSError) as e:
-        _run_failed(job, e)
+        raise SystemExit(_run_failed(job, e)) from None
     if options.as_worker:
         return
     if stats.get("already_complete"):
@@ -268,8 +268,8 @@ def _run_worker(job: Job, options: RunOptions) -> None:
     _summary(job.stats() or stats, job.output)  # the job's: every run of it, killed ones too
 
 
-def _run_failed(job: Job, error: InfermillError | OSError) -> NoReturn:
-    """Print why the run stopped, and how to go on; exit with the error's code."""
+def _run_failed(job: Job, error: InfermillError | OSError) -> ExitCode:
+    """Print why the run stopped, and how to go on; the error's exit code."""
     code = exit_code(error)
     if isinstance(error, OSError):  # a disk that filled up, a folder that went read-only, a network file system
         logger.debug("the run stopped on this error", exc_info=error)  # the traceback, with -v
@@ -284,7 +284,7 @@ def _run_failed(job: Job, error: InfermillError | OSError) -> NoReturn:
         # a replaced plan's job is gone: there is nothing of it to resume
         if code is ExitCode.FAILED and not isinstance(error, PlanReplacedError):
             _say("The checkpoint is saved: fix the cause and run the same command to resume.")
-    raise SystemExit(code)
+    return code
 
 
 def _run_workers(job: Job, options: RunOptions) -> int:
@@ -295,8 +295,7 @@ def _run_workers(job: Job, options: RunOptions) -> int:
         _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
         return ExitCode.INTERRUPTED
     except (InfermillError, OSError) as e:  # the job cannot be planned, an executor's tool is missing...
-        _error(e)
-        return exit_code(e)
+        return _run_failed(job, e)
     if outcome.stats is not None:
         _summary(outcome.stats, job.output)
     if outcome.error is not None:
