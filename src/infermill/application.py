@@ -57,6 +57,14 @@ class RunOptions:
     wait: bool = False  # slurm: wait for the array
     ray_address: str = "auto"
 
+    @property
+    def quiet_stop(self) -> bool:
+        """Whether this is a worker whose ``--workers`` parent still runs: the parent says what a
+        stop means, once for all its workers, and the worker says nothing of its own."""
+        from infermill.executors.local import started_by_parent
+
+        return self.as_worker and started_by_parent()
+
 
 @dataclass(slots=True)
 class WorkersOutcome:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 import orjson
 
-from infermill.application import Job, RunOptions, interruptible
+from infermill.application import EXECUTORS, Job, RunOptions, interruptible
 from infermill.errors import ConfigError, InfermillError, PlanReplacedError, QueueCorruptError, StorageError
 from infermill.eventloop import run_coroutine
 from infermill.exitcodes import ExitCode, exit_code
@@ -168,7 +168,7 @@ def main(verbose: bool) -> None:
 )
 @click.option(
     "--executor",
-    type=click.Choice(["local", "slurm", "ray"]),
+    type=click.Choice(EXECUTORS),
     default="local",
     show_default=True,
     help="Who runs the workers: processes on this machine, a Slurm array (the job file's slurm: section), "
@@ -247,12 +247,10 @@ def run(
 
 def _run_worker(job: Job, options: RunOptions) -> None:
     """Run ``job`` as one worker (the command's own, or one of a ``--workers`` parent's)."""
-    from infermill.executors.local import started_by_parent
-
     console = None
     if not options.as_worker and sys.stderr.isatty() and not options.json_logs:
         console = _console()  # the logging handler's (_setup_logging): a live progress line
-    by_parent = options.as_worker and started_by_parent()  # which says what a stop means, for all its workers
+    by_parent = options.quiet_stop
     try:
         stats = run_coroutine(interruptible(job.run_worker(options, console), announce=not by_parent))
     except KeyboardInterrupt:
