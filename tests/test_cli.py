@@ -322,6 +322,14 @@ def test_a_truncated_compressed_input_fails_the_job_naming_the_file(tmp_path):
     assert not (tmp_path / "out" / "_infermill" / "checkpoints" / "rank_00000" / "complete.json").exists()
 
 
+def test_the_readme_lists_every_exit_code_the_commands_use():
+    """The README's table of exit codes is the one the code uses: each code, under its name."""
+    from infermill.exitcodes import ExitCode
+
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| ", (ROOT / "README.md").read_text(), re.MULTILINE)
+    assert sorted((int(code), name) for code, name in rows) == sorted((c.value, c.name) for c in ExitCode)
+
+
 def test_a_job_that_cannot_be_planned_exits_with_the_same_code_and_line_with_one_worker_or_several(tmp_path):
     """Planning reads the whole input: a file that is not gzip at all ends the command before any
     unit runs, with one line naming the file and the exit code of the README's table, whether the

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from infermill.journal import RankSummary
     from infermill.queue import OutputCheck, QueueStatus, WorkQueue
     from infermill.runner import InferenceRunner
+    from infermill.worker import QueueOptions
 
 logger = logging.getLogger("infermill")
 T = TypeVar("T")
@@ -179,18 +180,8 @@ class Job:
                 server = await stack.enter_async_context(create_server(job.inference, index))
                 await server.wait_launched()
             from infermill.progress import log_interval, show_progress
-            from infermill.worker import QueueOptions
 
             reader, runner = self._build(options)
-            queue_options = QueueOptions(
-                job.checkpoint.lease_timeout_sec,
-                options.max_unit_attempts,
-                worker_id,
-                new_command=not options.as_worker,
-                worker_index=index,
-                # a command's only worker replaces itself; a --workers parent (or Slurm, Ray) replaces its workers
-                max_worker_restarts=None if options.as_worker else options.max_worker_restarts,
-            )
             progress = None
             if not options.as_worker:
                 live = progress_console is not None
@@ -198,7 +189,7 @@ class Job:
                     show_progress(runner.progress, log_interval(job.inference), progress_console, live)
                 )
             try:
-                return await runner.run_queue_async(reader, server, queue_options)
+                return await runner.run_queue_async(reader, server, self._queue_options(options, worker_id, index))
             finally:
                 if progress is not None:
                     progress.cancel()
@@ -213,6 +204,20 @@ class Job:
             return reader, build_runner(self.config, reader, options.overwrite, options.accept_changed_input)
         except (InfermillError, ValueError) as e:
             raise ConfigError(str(e)) from None
+
+    def _queue_options(self, options: RunOptions, worker_id: str | None = None, index: int = 0) -> QueueOptions:
+        """How this command's worker (or, planning for its workers, the command) uses the queue."""
+        from infermill.worker import QueueOptions
+
+        return QueueOptions(
+            self.config.checkpoint.lease_timeout_sec,
+            options.max_unit_attempts,
+            worker_id,
+            new_command=not options.as_worker,
+            worker_index=index,
+            # a command's only worker replaces itself; a --workers parent (or Slurm, Ray) replaces its workers
+            max_worker_restarts=None if options.as_worker else options.max_worker_restarts,
+        )
 
     def stats(self) -> dict[str, Any]:
         """The job's stats: every run of it, killed ones too."""
@@ -290,7 +295,7 @@ class Job:
     def plan(self, options: RunOptions) -> WorkQueue:
         """The job's queue, planned (or its plan checked) as a new command's first worker would,
         honouring ``--overwrite`` and ``--accept-changed-input``."""
-        from infermill.worker import QueueOptions, open_queue
+        from infermill.worker import open_queue
 
         job = self.config
         reader, runner = self._build(options)
@@ -300,7 +305,7 @@ class Job:
             reader,
             job.checkpoint.records_per_chunk,
             runner.identity(),
-            QueueOptions(job.checkpoint.lease_timeout_sec),
+            self._queue_options(options),
             overwrite=options.overwrite,
             accept_changed_input=options.accept_changed_input,
         )
