@@ -322,6 +322,13 @@ def test_a_truncated_compressed_input_fails_the_job_naming_the_file(tmp_path):
     assert not (tmp_path / "out" / "_infermill" / "checkpoints" / "rank_00000" / "complete.json").exists()
 
 
+def test_infermill_node_for_a_job_that_runs_nothing_on_other_nodes_is_a_usage_error(tmp_path):
+    result = infermill(tmp_path, "node", str(write_job(tmp_path, job_spec(tmp_path))), "--node-rank", "1")
+    assert result.returncode == 2, output_of(result)
+    assert "error: infermill node: server_type 'custom' with nodes_per_worker 1 runs nothing" in result.stderr
+    assert "Traceback" not in result.stderr, output_of(result)
+
+
 def test_the_readme_lists_every_exit_code_the_commands_use():
     """The README's table of exit codes is the one the code uses: each code, under its name."""
     from infermill.exitcodes import ExitCode
