@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from infermill.exitcodes import FINAL
+from infermill.exitcodes import FINAL, ExitCode
 from infermill.gpus import split_gpus
 
 logger = logging.getLogger("infermill.executors.local")
@@ -90,7 +90,7 @@ async def run_workers(
     finally:
         if running:
             await _stop_all([slot for slot in running.values() if slot.process is not None], list(running))
-    return [slot.exit_code if slot.exit_code is not None else 1 for slot in slots]
+    return [slot.exit_code if slot.exit_code is not None else ExitCode.FAILED for slot in slots]
 
 
 async def _start_and_wait(slot: _Slot, command: Sequence[str], environment: dict[str, str]) -> int:

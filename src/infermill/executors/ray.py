@@ -157,7 +157,7 @@ def run_ray(
     as Ray tasks on the cluster at ``address``; replace one that dies up to
     ``max_worker_restarts`` times in all; return their final exit codes. A ``KeyboardInterrupt``
     (Ctrl-C, or SIGTERM during the run) stops them first."""
-    from infermill.exitcodes import FINAL
+    from infermill.exitcodes import FINAL, ExitCode
     from infermill.jobfile import SECRET_OVERRIDES_ENV, encode_secret_overrides
 
     ray = require_ray()
@@ -188,7 +188,7 @@ def run_ray(
                         code = ray.get(ref)
                         why = f"exited with code {code}"
                     except ray.exceptions.RayError as e:  # its process killed, its node lost
-                        code = 1
+                        code = ExitCode.FAILED
                         why = f"failed in Ray: {type(e).__name__}: {_first_line(e)}"
                     codes[index] = code
                     if code in FINAL:
