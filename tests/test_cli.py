@@ -322,6 +322,43 @@ def test_a_truncated_compressed_input_fails_the_job_naming_the_file(tmp_path):
     assert not (tmp_path / "out" / "_infermill" / "checkpoints" / "rank_00000" / "complete.json").exists()
 
 
+def test_infermill_node_for_a_job_that_runs_nothing_on_other_nodes_is_a_usage_error(tmp_path):
+    result = infermill(tmp_path, "node", str(write_job(tmp_path, job_spec(tmp_path))), "--node-rank", "1")
+    assert result.returncode == 2, output_of(result)
+    assert "error: infermill node: server_type 'custom' with nodes_per_worker 1 runs nothing" in result.stderr
+    assert "Traceback" not in result.stderr, output_of(result)
+
+
+def test_the_readme_lists_every_exit_code_the_commands_use():
+    """The README's table of exit codes is the one the code uses: each code, under its name."""
+    from infermill.exitcodes import ExitCode
+
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| ", (ROOT / "README.md").read_text(), re.MULTILINE)
+    assert sorted((int(code), name) for code, name in rows) == sorted((c.value, c.name) for c in ExitCode)
+
+
+def test_a_job_that_cannot_be_planned_exits_with_the_same_code_and_line_with_one_worker_or_several(tmp_path):
+    """Planning reads the whole input: a file that is not gzip at all ends the command before any
+    unit runs, with one line naming the file and the exit code of the README's table, whether the
+    command is the job's only worker or plans it for ``--workers 2``."""
+    bad = tmp_path / "input.jsonl.gz"
+    bad.write_bytes(b"not gzip at all\n" * 10)
+    commands = {}
+    for workers in (1, 2):
+        spec = job_spec(tmp_path)
+        spec["input"]["path"] = str(bad)
+        spec["output"]["path"] = str(tmp_path / f"out{workers}")
+        job = write_job(tmp_path, spec, f"job{workers}.yaml")
+        commands[f"--workers {workers}"] = ["run", str(job), "--workers", str(workers)]
+    for name, result in infermill_all(tmp_path, commands).items():
+        assert result.returncode == 1, f"{name}: {output_of(result)}"
+        assert f"error: {bad}:1: cannot read the file" in result.stderr, f"{name}: {output_of(result)}"
+        assert "Not a gzipped file" in result.stderr and "Traceback" not in result.stderr, output_of(result)
+        assert "fix the cause and run the same command" in result.stderr, f"{name}: {output_of(result)}"
+    for workers in (1, 2):
+        assert not list((tmp_path / f"out{workers}").glob("*.jsonl")), "a unit ran"
+
+
 def test_an_openai_batch_file_sends_each_line_to_the_endpoint_its_url_names(tmp_path):
     lines = [
         {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",

@@ -21,14 +21,17 @@ import infermill
 
 #: bottom first: (what the layer is, the modules in it, without the leading ``infermill.``)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("errors", "types", "version", "eventloop", "logs", "metrics", "concurrency", "echo_app")),
+    (
+        "foundation",
+        ("errors", "exitcodes", "types", "version", "eventloop", "logs", "metrics", "concurrency", "echo_app"),
+    ),
     ("configuration", ("config", "servertypes", "layout", "gpus", "retry", "rollouts")),
     ("outside world: files, HTTP, servers", ("io.*", "client", "servers.*", "datatrove_compat", "jobfile")),
     ("checkpoints: the work queue", ("queue_storage", "journal", "queue", "worker")),
     ("observability", ("timeseries", "jobstatus", "progress", "monitor", "report")),
     ("engine", ("runner",)),
     ("executors", ("executors.*",)),
-    ("application", ("job",)),
+    ("application", ("job", "application")),
     # the package root ("infermill"): its public names are imported on first use, and its own
     # imports run before any module's (test_package_root_imports_only_the_foundation)
     ("interface", ("cli", "__main__", "")),

@@ -3,43 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import functools
 import logging
 import os
-import signal
 import sys
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import orjson
 
-from infermill.errors import (
-    ConfigError,
-    InferenceError,
-    InfermillError,
-    PlanReplacedError,
-    QueueCorruptError,
-    ServerError,
-    StorageError,
-    UnitsFailedError,
-)
+from infermill.application import EXECUTORS, Job, RunOptions, interruptible
+from infermill.errors import ConfigError, InfermillError, PlanReplacedError, QueueCorruptError, StorageError
 from infermill.eventloop import run_coroutine
-from infermill.jobfile import JobConfig, load_job, secret_overrides_from_parent, split_secret_overrides
-from infermill.layout import JobLayout, is_remote
+from infermill.exitcodes import ExitCode, exit_code
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Callable
 
     from rich.console import Console
 
-    from infermill.jobstatus import JobProgress
+    from infermill.application import JobStatus
+    from infermill.layout import JobLayout
 
 logger = logging.getLogger("infermill")
-T = TypeVar("T")
-
-EXIT_FAILED, EXIT_USAGE, EXIT_UNITS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 @functools.cache
@@ -117,58 +104,19 @@ def _summary(stats: dict[str, Any], output: str) -> None:
     _console().print(summary_table(stats, title=f"infermill run: {escape(output)}"))
 
 
-def _load(job_file: str, overrides: tuple[str, ...], worker: bool = False) -> JobConfig:
-    """The job in ``job_file``, whose servers this process starts from now on; a ``worker`` adds
-    the overrides of secret fields its command passed it."""
-    from infermill.servers.process import set_job
-
+def _load(job_file: str, overrides: tuple[str, ...], worker: bool = False) -> Job:
+    """The job in ``job_file`` (a ``worker`` adds the secret overrides its command passed it);
+    a usage error if it is invalid."""
     try:
-        if worker:
-            overrides = (*overrides, *secret_overrides_from_parent())
-        job = load_job(job_file, overrides)
+        return Job.load(job_file, overrides, worker=worker)
     except ConfigError as e:
-        _error(e)
-        raise SystemExit(EXIT_USAGE) from None
-    set_job(job.output.path if is_remote(job.output.path) else os.path.abspath(job.output.path))
-    return job
+        _fail(e)
 
 
-async def _interruptible(coro: Any, announce: bool = True) -> Any:
-    """Run ``coro``; the first SIGINT/SIGTERM cancels it (clean stop), the second exits at once.
-    ``announce``: say so (a worker stopped by its ``--workers`` parent does not: the parent did)."""
-    from infermill.servers.process import kill_live_groups
-
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(coro)
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        if len(received) == 1:
-            logger.log(
-                logging.WARNING if announce else logging.DEBUG,
-                "%s received: stopping cleanly (checkpoint kept); send it again to stop at once",
-                signal.Signals(signum).name,
-            )
-            task.cancel()
-        else:
-            from infermill.executors.local import stop_workers_now
-
-            stop_workers_now()  # a --workers parent's workers, and their servers' whole groups
-            kill_live_groups()
-            os._exit(128 + signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if received:
-            raise KeyboardInterrupt(received[0]) from None
-        raise
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+def _fail(error: BaseException) -> NoReturn:
+    """Print ``error`` and exit with its code (:func:`infermill.exitcodes.exit_code`)."""
+    _error(error)
+    raise SystemExit(exit_code(error)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -220,7 +168,7 @@ def main(verbose: bool) -> None:
 )
 @click.option(
     "--executor",
-    type=click.Choice(["local", "slurm", "ray"]),
+    type=click.Choice(EXECUTORS),
     default="local",
     show_default=True,
     help="Who runs the workers: processes on this machine, a Slurm array (the job file's slurm: section), "
@@ -267,280 +215,90 @@ def run(
     world_size: int | None,
 ) -> None:
     """Run the job in JOB_FILE to completion (or resume it), as one or more workers of its queue."""
-    from infermill.executors.local import started_by_parent
-    from infermill.logs import LOG_FORMAT_ENV, set_worker
-    from infermill.queue import job_complete, new_worker_id
-    from infermill.servers import create_server
+    from infermill.logs import LOG_FORMAT_ENV
 
     if log_format is not None:
         os.environ[LOG_FORMAT_ENV] = log_format  # every process started from here (servers, workers) inherits it
         _setup_logging(logging.getLogger().level <= logging.DEBUG, log_format)
     json_logs = log_format == "json" or (log_format is None and os.environ.get(LOG_FORMAT_ENV) == "json")
+    options = RunOptions(
+        workers=workers,
+        executor=executor,
+        overwrite=overwrite,
+        accept_changed_input=accept_changed_input,
+        max_worker_restarts=max_worker_restarts,
+        max_unit_attempts=max_unit_attempts,
+        metrics_port=metrics_port,
+        json_logs=json_logs,
+        as_worker=as_worker,
+        dry_run=dry_run,
+        wait=wait,
+        ray_address=ray_address,
+    )
     job = _load(job_file, overrides, worker=as_worker)
-    if metrics_port is not None:
-        job.inference.metrics_port = metrics_port
-    if job.inference.metrics_port is not None and job.inference.metrics_port + workers - 1 > 65535:
-        flag = "--metrics-port" if metrics_port is not None else "inference.metrics_port"
-        _error(
-            f"{flag} {job.inference.metrics_port} with --workers {workers}: worker i serves on port + i, and the "
-            f"last, {job.inference.metrics_port + workers - 1}, is past 65535: choose a port of at most "
-            f"{65536 - workers}"
-        )
-        raise SystemExit(EXIT_USAGE)
-    if rank is not None or world_size is not None or job.runner.world_size != 1:
-        _error(
-            "static ranks (--rank, --world-size, runner.world_size) are retired: every worker takes units from "
-            "the job's shared queue. Use --workers N, or run the same command on more machines"
-        )
-        raise SystemExit(EXIT_USAGE)
-    if job.inference.nodes_per_worker > 1 and not as_worker and executor != "slurm":
-        _error(
-            f"inference.nodes_per_worker: {job.inference.nodes_per_worker}: a worker spanning several nodes needs a "
-            f"cluster that allocates them: use --executor slurm (--executor {executor} runs each worker on one "
-            "machine)"
-        )
-        raise SystemExit(EXIT_USAGE)
     try:
-        layout = job.layout()
-        if not (executor == "slurm" and dry_run):  # a dry run writes nothing
-            layout.check_writable()
-            if is_remote(job.output.path):
-                from infermill.io.filesystems import check_writable
+        job.prepare_run(options, rank, world_size)
+    except ConfigError as e:
+        _fail(e)
+    if job.uses_executor(options):
+        raise SystemExit(_run_workers(job, options))
+    _run_worker(job, options)
 
-                check_writable(job.output.path)
-    except (ConfigError, StorageError) as e:
-        _error(e)
-        raise SystemExit(EXIT_USAGE) from None
-    if job.inference.server_log_folder is None:  # a job keeps its server's output with its other files
-        job.inference.server_log_folder = str(layout.logs)
-    if workers > 1 or executor != "local":
-        options = ["--max-unit-attempts", str(max_unit_attempts)]
-        if accept_changed_input:
-            options.append("--accept-changed-input")
-        if metrics_port is not None:
-            options += ["--metrics-port", str(metrics_port)]
-        if json_logs:  # a flag, not only the environment: a Ray task's worker does not inherit ours
-            options += ["--log-format", "json"]
-        code = _run_executor(
-            executor,
-            job,
-            job_file,
-            overrides,
-            workers,
-            max_worker_restarts,
-            options,
-            overwrite,
-            wait,
-            dry_run,
-            ray_address,
-        )
-        raise SystemExit(code)
+
+def _run_worker(job: Job, options: RunOptions) -> None:
+    """Run ``job`` as one worker (the command's own, or one of a ``--workers`` parent's)."""
+    console = None
+    if not options.as_worker and sys.stderr.isatty() and not options.json_logs:
+        console = _console()  # the logging handler's (_setup_logging): a live progress line
+    by_parent = options.quiet_stop
     try:
-        launch_early = overwrite or not job_complete(layout)  # a finished job launches nothing
-    except QueueCorruptError as e:
-        _error(e)
-        raise SystemExit(EXIT_USAGE) from None
-    # its index among its command's workers (a --workers parent's, a Slurm array task, a Ray task):
-    # it logs its server to server_rank_<index>.log and serves /metrics on metrics_port + index
-    index = int(os.environ.get("INFERMILL_WORKER_INDEX", "0")) if as_worker else 0
-    worker_id = new_worker_id()
-    set_worker(worker_id)
-
-    async def go() -> dict[str, Any]:
-        # The server is launched first and boots while the rest of infermill (aiohttp, fsspec,
-        # pyarrow, rich) is imported and the job set up: start-up costs max(server, infermill),
-        # not their sum. A finished job launches nothing.
-        async with contextlib.AsyncExitStack() as stack:
-            server = None
-            if launch_early:
-                server = await stack.enter_async_context(create_server(job.inference, index))
-                await server.wait_launched()
-            from infermill.job import build_reader, build_runner
-            from infermill.progress import log_interval, show_progress
-            from infermill.worker import QueueOptions
-
-            try:
-                reader = build_reader(job)
-                runner = build_runner(job, reader, overwrite, accept_changed_input)
-            except InfermillError as e:  # a job that cannot be set up is a usage error, like a bad job file
-                raise ConfigError(str(e)) from None
-            options = QueueOptions(
-                job.checkpoint.lease_timeout_sec,
-                max_unit_attempts,
-                worker_id,
-                new_command=not as_worker,
-                worker_index=index,
-                # a command's only worker replaces itself; a --workers parent (or Slurm, Ray) replaces its workers
-                max_worker_restarts=None if as_worker else max_worker_restarts,
-            )
-            progress = None
-            if not as_worker:  # a --workers parent shows the job's progress
-                live = sys.stderr.isatty() and not json_logs
-                console = _console() if live else None  # the logging handler's (_setup_logging)
-                progress = asyncio.create_task(
-                    show_progress(runner.progress, log_interval(job.inference), console, live)
-                )
-            try:
-                return await runner.run_queue_async(reader, server, options)
-            finally:
-                if progress is not None:
-                    progress.cancel()
-
-    by_parent = as_worker and started_by_parent()  # which says what a stop means, once for all its workers
-    try:
-        stats = run_coroutine(_interruptible(go(), announce=not by_parent))
+        stats = run_coroutine(interruptible(job.run_worker(options, console), announce=not by_parent))
     except KeyboardInterrupt:
         if not by_parent:
             _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    except ConfigError as e:
-        _error(e)
-        raise SystemExit(EXIT_USAGE) from None
-    except UnitsFailedError as e:
-        _error(e)
-        raise SystemExit(EXIT_UNITS_FAILED) from None
-    except PlanReplacedError as e:  # its job is gone: there is nothing of it to resume
-        _error(e)
-        raise SystemExit(EXIT_FAILED) from None
-    except (ServerError, InferenceError, InfermillError) as e:
-        _error(e)
-        _say("The checkpoint is saved: fix the cause and run the same command to resume.")
-        raise SystemExit(EXIT_FAILED) from None
-    except OSError as e:  # a disk that filled up, a folder that went read-only, a network file system
-        logger.debug("the run stopped on this error", exc_info=True)  # the traceback, with -v
-        # a write to a file already open names none: the job's folders are where infermill writes
-        where = e.filename or f"writing under {job.output.path}" + (
-            f" or {job.checkpoint.dir}" if job.checkpoint.dir else ""
-        )
-        hint = "free some space" if e.errno == errno.ENOSPC else "fix the cause"
-        _error(f"{where}: {e.strerror or e}")
-        _say(f"The checkpoint is saved: {hint}, then run the same command to resume.")
-        raise SystemExit(EXIT_FAILED) from None
-    if as_worker:
+        raise SystemExit(ExitCode.INTERRUPTED) from None
+    except (InfermillError, OSError) as e:
+        raise SystemExit(_run_failed(job, e)) from None
+    if options.as_worker:
         return
     if stats.get("already_complete"):
         _say("the job is already complete; nothing was sent. Use --overwrite to run it again.")
-    from infermill.worker import read_stats
-
-    _summary(read_stats(layout) or stats, job.output.path)  # the job's: every run of it, killed ones too
+    _summary(job.stats() or stats, job.output)  # the job's: every run of it, killed ones too
 
 
-async def _with_progress(work: Coroutine[Any, Any, T], layout: JobLayout, interval: float) -> T:
-    """``work``, while the job's progress is logged every ``interval`` seconds, as ``status`` says it."""
-    from infermill.progress import show_job_progress
+def _run_failed(job: Job, error: InfermillError | OSError) -> ExitCode:
+    """Print why the run stopped, and how to go on; the error's exit code."""
+    code = exit_code(error)
+    if isinstance(error, OSError):  # a disk that filled up, a folder that went read-only, a network file system
+        logger.debug("the run stopped on this error", exc_info=error)  # the traceback, with -v
+        # a write to a file already open names none: the job's folders are where infermill writes
+        checkpoints = job.config.checkpoint.dir
+        where = error.filename or f"writing under {job.output}" + (f" or {checkpoints}" if checkpoints else "")
+        hint = "free some space" if error.errno == errno.ENOSPC else "fix the cause"
+        _error(f"{where}: {error.strerror or error}")
+        _say(f"The checkpoint is saved: {hint}, then run the same command to resume.")
+    else:
+        _error(error)
+        # a replaced plan's job is gone: there is nothing of it to resume
+        if code is ExitCode.FAILED and not isinstance(error, PlanReplacedError):
+            _say("The checkpoint is saved: fix the cause and run the same command to resume.")
+    return code
 
-    progress = asyncio.create_task(show_job_progress(layout, interval))
+
+def _run_workers(job: Job, options: RunOptions) -> int:
+    """Have the executor run the job's workers; print where the job stands; the exit code."""
     try:
-        return await work
-    finally:
-        progress.cancel()
-
-
-def _run_executor(
-    executor: str,
-    job: JobConfig,
-    job_file: str,
-    overrides: tuple[str, ...],
-    workers: int,
-    max_worker_restarts: int,
-    worker_options: list[str],
-    overwrite: bool,
-    wait: bool,
-    dry_run: bool,
-    ray_address: str,
-) -> int:
-    """Plan the job, have ``executor`` run ``workers`` workers of it (local processes, a Slurm
-    array, Ray tasks), then report where the job stands; the exit code."""
-    from infermill.executors.local import gpu_assignment, node_command, run_workers, worker_command
-    from infermill.job import build_reader, build_runner
-    from infermill.progress import log_interval
-    from infermill.worker import QueueOptions, WorkerDeaths, failed_units_error, open_queue, read_stats, sum_job_stats
-
-    public, secret = split_secret_overrides(overrides)  # those of secret fields never go on a command line
-    command = worker_command(job_file, public, worker_options)
-    nodes = node_command(job_file, public)
-    try:
-        if executor == "slurm" and dry_run:  # nothing planned, written or submitted
-            from infermill.executors.slurm import run_slurm
-
-            layout = job.layout()
-            return run_slurm(job, command, workers, layout, secret, wait=False, dry_run=True, node_command=nodes) or 0
-        if executor == "slurm":  # before the job is planned: without sbatch, nothing is written
-            from infermill.executors.slurm import require_slurm
-
-            require_slurm()
-        if executor == "ray":  # without Ray, say so before the job is planned
-            from infermill.executors.ray import require_ray
-
-            require_ray()
-        reader = build_reader(job)
-        runner = build_runner(job, reader, overwrite)
-        gpus = gpu_assignment(workers, job.inference.gpus_per_worker) if executor == "local" else []
-        queue, plan = open_queue(
-            runner.layout,
-            runner.output_writer,
-            reader,
-            job.checkpoint.records_per_chunk,
-            runner.identity(),
-            QueueOptions(job.checkpoint.lease_timeout_sec),
-            overwrite=overwrite,
-            accept_changed_input="--accept-changed-input" in worker_options,
-        )
-    except (InfermillError, ValueError) as e:
-        _error(e)
-        return EXIT_USAGE
-    logger.info("%d %s workers on %d units (%d documents)", workers, executor, len(plan), plan.documents)
-    codes: list[int] = []
-    try:
-        if executor == "local":
-            interval = log_interval(job.inference)
-            deaths = WorkerDeaths(queue, max_worker_restarts)
-            codes = run_coroutine(
-                _interruptible(
-                    _with_progress(
-                        run_workers(command, secret, workers, gpus, deaths.replace_process), runner.layout, interval
-                    )
-                )
-            )
-        elif executor == "slurm":
-            from infermill.executors.slurm import run_slurm
-
-            submitted = run_slurm(
-                job, command, workers, runner.layout, secret, wait=wait, dry_run=False, node_command=nodes
-            )
-            if submitted is not None:
-                return submitted
-        else:
-            from infermill.executors.ray import run_ray
-
-            codes = run_ray(job, command, secret, workers, max_worker_restarts, ray_address)
+        outcome = job.run_workers(options)
     except KeyboardInterrupt:
         _say("[yellow]stopped[/yellow]: the checkpoint is saved; run the same command to resume.")
-        return EXIT_INTERRUPTED
-    except ConfigError as e:  # the executor's tools missing (sbatch, ray)
-        _error(e)
-        return EXIT_USAGE
-    except InfermillError as e:
-        _error(e)
-        return EXIT_FAILED
-    status = queue.status()
-    try:  # summed again: the last worker's sum may have missed another's, or every worker was killed
-        stats = sum_job_stats(runner.layout)
-    except OSError as e:
-        logger.warning("cannot sum the workers' stats into stats.json: %s", e)
-        stats = read_stats(runner.layout)
-    _summary(stats, job.output.path)
-    if status.units_done == status.units_total:
-        return 0
-    if (error := failed_units_error(queue)) is not None:
-        _error(error)
-        return EXIT_UNITS_FAILED
-    exits = f"; the workers exited with codes {', '.join(map(str, codes))}" if codes else ""
-    _error(
-        f"the job is not complete: {status.units_done} of {status.units_total} units done{exits} (see their "
-        "errors above or in their logs). Run the same command to go on."
-    )
-    return EXIT_FAILED
+        return ExitCode.INTERRUPTED
+    except (InfermillError, OSError) as e:  # the job cannot be planned, an executor's tool is missing...
+        return _run_failed(job, e)
+    if outcome.stats is not None:
+        _summary(outcome.stats, job.output)
+    if outcome.error is not None:
+        _error(outcome.error)
+    return outcome.code
 
 
 @main.command(hidden=True)
@@ -552,7 +310,7 @@ def node(job_file: str, overrides: tuple[str, ...], node_rank: int | None) -> No
     until SIGTERM; the Slurm script starts it on the worker's other nodes."""
     from infermill.servers.multinode import run_node
 
-    job = _load(job_file, overrides, worker=True)
+    job = _load(job_file, overrides, worker=True).config
     if node_rank is None:
         node_rank = int(os.environ.get("SLURM_PROCID", "0")) + 1  # srun over the nodes after the first
     if job.inference.server_log_folder is None:  # beside the worker's server log
@@ -560,8 +318,7 @@ def node(job_file: str, overrides: tuple[str, ...], node_rank: int | None) -> No
     try:
         code = run_node(job.inference, node_rank, int(os.environ.get("INFERMILL_WORKER_INDEX", "0")))
     except ConfigError as e:
-        _error(e)
-        raise SystemExit(EXIT_USAGE) from None
+        _fail(e)
     raise SystemExit(code)
 
 
@@ -572,7 +329,7 @@ def serve(job_file: str, overrides: tuple[str, ...]) -> None:
     """Start and supervise only the job's server (or its replicas) until Ctrl-C."""
     from infermill.servers import ReplicaPool, ServerState, create_server
 
-    job = _load(job_file, overrides)
+    job = _load(job_file, overrides).config
 
     async def go() -> None:
         async with create_server(job.inference) as server:
@@ -590,12 +347,11 @@ def serve(job_file: str, overrides: tuple[str, ...]) -> None:
                 await server.wait_until_ready()
 
     try:
-        run_coroutine(_interruptible(go()))
+        run_coroutine(interruptible(go()))
     except KeyboardInterrupt:
         click.echo("server stopped")
     except InfermillError as e:
-        _error(e)
-        raise SystemExit(EXIT_FAILED) from None
+        _fail(e)
 
 
 @main.command()
@@ -603,44 +359,24 @@ def serve(job_file: str, overrides: tuple[str, ...]) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def check(job_file: str, overrides: tuple[str, ...]) -> None:
     """Validate the job, start its server, send one canary request from the first document."""
-    from infermill.job import build_reader, build_rollout
-    from infermill.runner import as_document, is_chat, parse_reply
-    from infermill.servers import create_server
-
     job = _load(job_file, overrides)
     try:
-        rollout = build_rollout(job)
-        first = next(iter(build_reader(job).read(0, 1)), None)
-    except InfermillError as e:
-        _error(e)
-        raise SystemExit(EXIT_USAGE) from None
-    if first is None:
-        _console().print("[red]error:[/red] the input has no documents")
-        raise SystemExit(EXIT_USAGE)
-    document = as_document(first, 0)
+        rollout, document = job.canary_document()
+    except ConfigError as e:
+        _fail(e)
     click.echo(f"job file OK; first document: {document.id}")
 
-    async def go() -> None:
-        async with create_server(job.inference) as server:
-            base = {"model": job.inference.model_name_or_path, **job.inference.default_generation_params}
-
-            async def generate(payload: dict[str, Any], *, path: str | None = None) -> Any:
-                body = {**base, **payload}
-                click.echo("request:\n" + orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
-                reply = await server.make_request(body, path)
-                click.echo("reply:\n" + orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
-                return parse_reply(reply, is_chat(path, job.inference.use_chat))
-
-            result = await rollout(document, generate)
-            click.echo(f"rollout result: {result!r}")
+    def show(what: str) -> Callable[[Any], None]:
+        return lambda body: click.echo(f"{what}:\n" + orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
 
     try:
-        run_coroutine(_interruptible(go()))
+        result = run_coroutine(interruptible(job.canary(rollout, document, show("request"), show("reply"))))
     except KeyboardInterrupt:
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        raise SystemExit(ExitCode.INTERRUPTED) from None
     except Exception as e:
         _error(f"{type(e).__name__}: {e}", "check failed")
-        raise SystemExit(EXIT_FAILED) from None
+        raise SystemExit(ExitCode.FAILED) from None
+    click.echo(f"rollout result: {result!r}")
     click.echo("check passed")
 
 
@@ -660,20 +396,14 @@ _job_set_option = click.option(
 
 
 def _job_layout(target: str, checkpoints: str | None, overrides: tuple[str, ...]) -> tuple[JobLayout, str]:
-    """The layout and the output of the job ``target`` names: its output folder, or its job file
-    (its ``output.path`` and ``checkpoint.dir``, with ``--set`` overrides); a usage error if none."""
-    output = target
-    if os.path.isfile(target):
-        job = _load(target, overrides)
-        output, checkpoints = job.output.path, checkpoints or job.checkpoint.dir
-    elif overrides:
-        _error(f"--set overrides a job file's keys, but {target} is not a file: name the job file, or drop --set")
-        raise SystemExit(EXIT_USAGE)
+    """The layout and the output of the job ``target`` names (its output folder, or its job
+    file); a usage error if none."""
+    from infermill.application import target_layout
+
     try:
-        return JobLayout.for_output(output, checkpoints), output
+        return target_layout(target, checkpoints, overrides)
     except ConfigError as e:
-        _error(e)
-        raise SystemExit(EXIT_USAGE) from None
+        _fail(e)
 
 
 @functools.cache
@@ -697,89 +427,55 @@ def _stdout() -> Console:
 def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_json: bool, verify: bool) -> None:
     """Show the progress of a running or finished job, given its output folder or its job file:
     its units, documents committed and processed, workers, rate and ETA (all on stdout)."""
-    from rich.table import Table
-
-    from infermill.journal import ChunkJournal
+    from infermill.application import has_queue, job_status
 
     layout, output = _job_layout(target, checkpoints, overrides)
-    if layout.plan_file.exists():
+    if has_queue(layout):
         try:
-            check = _check_outputs(layout, output) if verify else None
-            _queue_status(layout, output, as_json, check)
-        except (QueueCorruptError, StorageError) as e:
+            found = job_status(layout, output, verify)
+        except (QueueCorruptError, StorageError) as e:  # the job's files cannot be read: nothing to show
             _error(e)
-            raise SystemExit(EXIT_USAGE) from None
-        if check is not None and check.lost:
-            raise SystemExit(EXIT_FAILED)
+            raise SystemExit(ExitCode.USAGE) from None
+        _queue_status(found, output, as_json)
+        if found.check is not None and found.check.lost:
+            raise SystemExit(ExitCode.FAILED)
         return
-    ranks = layout.ranks()
-    if not ranks:
-        _error(
-            f"no checkpoints in {layout.checkpoints}: is {output} the output folder of a job? (--checkpoints "
-            "names the checkpoint folder of a job that set checkpoint.dir)"
-        )
-        raise SystemExit(EXIT_USAGE)
-    if verify:
-        _error(f"--verify checks the units of a job's work queue: {output} holds static ranks of an older infermill")
-        raise SystemExit(EXIT_USAGE)
+    _rank_status(layout, output, verify)
+
+
+def _rank_status(layout: JobLayout, output: str, verify: bool) -> None:
+    """Print the state of the static ranks of an older infermill's job."""
+    from rich.table import Table
+
+    from infermill.application import rank_status
+
+    try:
+        ranks, stats_files = rank_status(layout, output)
+        if verify:
+            raise ConfigError(
+                f"--verify checks the units of a job's work queue: {output} holds static ranks of an older infermill"
+            )
+    except ConfigError as e:
+        _fail(e)
     table = Table(title=f"infermill status: {escape(output)}")
     for column in ("rank", "state", "chunks done", "documents in open chunks", "cached replies"):
         table.add_column(column, justify="right")
     for rank in ranks:
-        summary = ChunkJournal.summary(layout, rank)
+        summary = rank.summary
         table.add_row(
-            f"{rank:05d}",
+            f"{rank.rank:05d}",
             "complete" if summary.complete else "incomplete",
             str(summary.chunks_done),
             str(summary.documents_in_open_chunks),
             str(summary.cached_replies),
         )
     _stdout().print(table)
-    for stats_file in layout.stats_files():
-        stats = orjson.loads(stats_file.read_bytes())
+    for stats in stats_files:
         click.echo(
-            f"{stats_file.name}: {stats.get('documents_processed', 0)} documents processed, "
+            f"{stats['file']}: {stats.get('documents_processed', 0)} documents processed, "
             f"{stats.get('documents_failed', 0)} failed, {stats.get('requests_ok', 0)} requests ok, "
             f"{stats.get('inference_time_sec', 0):.1f} s"
         )
-
-
-def _check_outputs(layout: Any, output: str) -> Any:
-    """The done units of the job whose output file is gone or short, and those that cannot be
-    checked (``WorkQueue.check_outputs`` with ``verify``)."""
-    from infermill.io.writers import OutputWriter
-    from infermill.queue import WorkQueue
-
-    class FilesNotNamed(OutputWriter):
-        """The writer of a job whose file names a unit cannot tell (a datatrove writer's)."""
-
-        def chunk_file(self, rank: int, chunk_index: int) -> str | None:
-            return None
-
-    queue = WorkQueue.for_layout(layout)
-    recorded = ((queue.plan() or {}).get("identity") or {}).get("output")
-    template = _output_filename(recorded, output)
-    named = template is not None or not isinstance(recorded, str)  # no template recorded: the default one
-    writer = (OutputWriter if named else FilesNotNamed)(output, template)
-    return queue.check_outputs(writer, verify=True)
-
-
-def _output_filename(recorded: object, output: str) -> str | None:
-    """The job's output file name template, from the ``FOLDER/TEMPLATE`` its plan recorded
-    (where a done mark of an older infermill, which names no file, is looked for); None: the
-    default one, or a template that names a chunk's files by more than its rank and index (a
-    datatrove writer's)."""
-    if not isinstance(recorded, str) or "${" not in recorded:
-        return None
-    for folder in (output.rstrip("/"), os.path.abspath(output)):
-        if recorded.startswith(folder + "/"):
-            template = recorded[len(folder) + 1 :]
-            break
-    else:  # the job named its output folder otherwise: the template is its last part, from its first ${
-        template = recorded[recorded.rfind("/", 0, recorded.index("${")) + 1 :]
-    if "${rank}" not in template or "${chunk_index}" not in template:
-        return None
-    return template if "$" not in template.replace("${rank}", "").replace("${chunk_index}", "") else None
 
 
 def _renewed(seconds_ago: float) -> str:
@@ -820,19 +516,18 @@ def report(target: str, checkpoints: str | None, overrides: tuple[str, ...], des
     try:
         written = write_report(layout, output, page)
     except (ConfigError, QueueCorruptError) as e:
-        _error(e)
-        raise SystemExit(EXIT_USAGE) from None
+        _fail(e)
     except OSError as e:  # its folder read-only or full, -o naming a folder or a path under a file
         logger.debug("the report was not written", exc_info=True)
         _error(f"cannot write {page}: {e.strerror or e}; choose another place with -o FILE")
-        raise SystemExit(EXIT_FAILED) from None
+        raise SystemExit(exit_code(e)) from None
     click.echo(f"report written: {written}")
 
 
-def _status_line(output: str, progress: JobProgress) -> str:
+def _status_line(output: str, found: JobStatus) -> str:
     """The headline of ``infermill status``: units, documents committed and processed, and
     whether workers run (with the rate and ETA) or the job is stopped or complete."""
-    state = progress.queue
+    progress, state = found.progress, found.queue
     of_total = f" of {state.documents_total:,}" if state.documents_total is not None else ""
     written = (
         f" ({state.documents_written:,} in the output: the others had no result to write)"
@@ -854,29 +549,19 @@ def _status_line(output: str, progress: JobProgress) -> str:
     )
 
 
-def _queue_status(layout: JobLayout, output: str, as_json: bool, check: Any = None) -> None:
-    """Print the job's state; with ``check`` (``--verify``), the done units whose output is lost
-    and those that cannot be checked."""
-    import dataclasses
-
+def _queue_status(found: JobStatus, output: str, as_json: bool) -> None:
+    """Print the job's state; with ``--verify``, the done units whose output is lost and those
+    that cannot be checked."""
     from rich.table import Table
 
-    from infermill.jobstatus import job_progress
     from infermill.metrics import RATE_WINDOW_SEC
     from infermill.queue import FUTURE_LEASE_WARNING_SEC
-    from infermill.worker import read_stats
 
-    progress = job_progress(layout)
-    state = progress.queue
-    replicas = read_stats(layout).get("replicas") or []  # summed over the finished worker runs
     if as_json:
-        document = {**progress.as_dict(), "replicas": replicas}
-        if check is not None:
-            document["lost_outputs"] = [dataclasses.asdict(entry) for entry in check.lost]
-            document["unchecked_outputs"] = check.unchecked
-        click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        click.echo(orjson.dumps(found.as_dict(), option=orjson.OPT_INDENT_2).decode())
         return
-    click.echo(_status_line(output, progress))
+    progress, state, replicas, check = found.progress, found.queue, found.replicas, found.check
+    click.echo(_status_line(output, found))
     console = _stdout()
     recent = [w for w in progress.workers if w["running"] or w["last_snapshot_sec_ago"] <= RATE_WINDOW_SEC]
     if recent:

@@ -24,13 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from infermill.exitcodes import FINAL, ExitCode
 from infermill.gpus import split_gpus
 
 logger = logging.getLogger("infermill.executors.local")
-
-#: exit codes of a worker that mean "do not start it again": done, a usage error, units failed
-#: (the job's fault, not the worker's), stopped on request
-FINAL_EXIT_CODES = frozenset({0, 2, 3, 130})
 
 #: the pid of the parent that started a worker: a worker stopped by its parent (which passes on
 #: a Ctrl-C as SIGTERM and says so itself) stops without a word of its own
@@ -65,7 +62,7 @@ async def run_workers(
     """Run ``workers`` copies of ``command`` (argv of one worker), the i-th with
     ``CUDA_VISIBLE_DEVICES=gpus[i]`` and ``secret_overrides`` (``--set`` overrides of secret
     fields) in its environment; replace one that dies (not one that ends with a code of
-    :data:`FINAL_EXIT_CODES`) unless ``judge(its pid)`` (called in a thread) says why not.
+    :data:`infermill.exitcodes.FINAL`) unless ``judge(its pid)`` (called in a thread) says why not.
     Returns the final exit codes. Cancelling it stops the workers (SIGTERM, then SIGKILL after
     a grace)."""
     from infermill.jobfile import SECRET_OVERRIDES_ENV, encode_secret_overrides
@@ -81,7 +78,7 @@ async def run_workers(
             for task in finished:
                 slot = running.pop(task)
                 slot.exit_code = task.result()
-                if slot.exit_code in FINAL_EXIT_CODES:
+                if slot.exit_code in FINAL:
                     continue
                 assert slot.process is not None
                 why = await asyncio.to_thread(judge, slot.process.pid)
@@ -93,7 +90,7 @@ async def run_workers(
     finally:
         if running:
             await _stop_all([slot for slot in running.values() if slot.process is not None], list(running))
-    return [slot.exit_code if slot.exit_code is not None else 1 for slot in slots]
+    return [slot.exit_code if slot.exit_code is not None else ExitCode.FAILED for slot in slots]
 
 
 async def _start_and_wait(slot: _Slot, command: Sequence[str], environment: dict[str, str]) -> int:

@@ -11,7 +11,7 @@ tasks and waits, the job's state is in its queue, under the output folder every 
 
 A task whose worker dies (its Ray worker process killed, its node lost, the worker exiting
 with a restartable code) is replaced, up to ``max_worker_restarts`` times in all, by the
-local executor's rule (:data:`~infermill.executors.local.FINAL_EXIT_CODES`). The worker
+local executor's rule (:data:`~infermill.exitcodes.FINAL`). The worker
 subprocess dies with the Ray process that runs its task (``PR_SET_PDEATHSIG``) and its
 server dies with it, so a killed task leaves no orphan. Ctrl-C or SIGTERM cancels the tasks:
 each sends its worker SIGTERM (the worker gives its units back and stops its server) and
@@ -157,7 +157,7 @@ def run_ray(
     as Ray tasks on the cluster at ``address``; replace one that dies up to
     ``max_worker_restarts`` times in all; return their final exit codes. A ``KeyboardInterrupt``
     (Ctrl-C, or SIGTERM during the run) stops them first."""
-    from infermill.executors.local import FINAL_EXIT_CODES
+    from infermill.exitcodes import FINAL, ExitCode
     from infermill.jobfile import SECRET_OVERRIDES_ENV, encode_secret_overrides
 
     ray = require_ray()
@@ -188,10 +188,10 @@ def run_ray(
                         code = ray.get(ref)
                         why = f"exited with code {code}"
                     except ray.exceptions.RayError as e:  # its process killed, its node lost
-                        code = 1
+                        code = ExitCode.FAILED
                         why = f"failed in Ray: {type(e).__name__}: {_first_line(e)}"
                     codes[index] = code
-                    if code in FINAL_EXIT_CODES:
+                    if code in FINAL:
                         continue
                     if restarts < max_worker_restarts:
                         restarts += 1

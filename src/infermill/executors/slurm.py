@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from infermill.errors import ConfigError, InfermillError
+from infermill.exitcodes import ExitCode
 from infermill.jobfile import SECRET_OVERRIDES_FILE_ENV, encode_secret_overrides
 
 logger = logging.getLogger("infermill.executors.slurm")
@@ -162,7 +163,7 @@ def sbatch_script(
             'wait "${engine_pids[@]}"',
         ]
     lines += [
-        'if [ -n "${timed_out:-}" ] && [ "$code" -eq 130 ]; then',
+        f'if [ -n "${{timed_out:-}}" ] && [ "$code" -eq {ExitCode.INTERRUPTED:d} ]; then',  # stopped by its signal
         '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
         "fi",
         'exit "$code"',
@@ -257,7 +258,7 @@ def run_slurm(
             file=sys.stderr,
             flush=True,
         )
-        return 130
+        return ExitCode.INTERRUPTED
     if secrets_file is not None:  # the array ended: no task of it reads the file any more
         secrets_file.unlink(missing_ok=True)
     return None

@@ -33,6 +33,9 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from infermill.errors import ConfigError
+from infermill.exitcodes import ExitCode
+
 if TYPE_CHECKING:
     from infermill.config import InferenceConfig
 
@@ -43,18 +46,19 @@ def node_log_name(worker_index: int, node_rank: int) -> str:
 
 def run_node(config: InferenceConfig, node_rank: int, worker_index: int = 0) -> int:
     """Run node ``node_rank``'s engine processes of a multi-node server until SIGTERM or SIGINT;
-    the exit code (0 when there is nothing to run on that node)."""
+    the exit code (0 when there is nothing to run on that node, else its engine's when it stopped
+    by itself); ``ConfigError`` when the job runs nothing on other nodes."""
     from infermill.servers import SERVER_CLASSES
     from infermill.servers.engines import EngineServer
 
     server_class = SERVER_CLASSES[config.server_type]
     if not issubclass(server_class, EngineServer) or config.nodes_per_worker < 2:
-        print(f"infermill node: server_type {config.server_type!r} with nodes_per_worker "
-              f"{config.nodes_per_worker} runs nothing on other nodes", file=sys.stderr, flush=True)  # fmt: skip
-        return 2
+        raise ConfigError(
+            f"infermill node: server_type {config.server_type!r} with nodes_per_worker {config.nodes_per_worker} "
+            "runs nothing on other nodes"
+        )
     if not 0 <= node_rank < config.nodes_per_worker:
-        print(f"infermill node: node rank {node_rank} is not in 0..{config.nodes_per_worker - 1}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"infermill node: node rank {node_rank} is not in 0..{config.nodes_per_worker - 1}")
     server = server_class(config, worker_index)
     command = server.node_command(node_rank)
     if command is None:
@@ -96,7 +100,7 @@ def run_node(config: InferenceConfig, node_rank: int, worker_index: int = 0) -> 
                     )
                 except OSError as e:
                     print(f"infermill node {node_rank}: cannot start {command[0]!r}: {e}", file=sys.stderr, flush=True)
-                    return 127
+                    return ExitCode.FAILED
                 code = _wait(child, stopping, config.server_stop_grace_sec)
                 if stopping.is_set():
                     break
