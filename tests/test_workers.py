@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -665,6 +666,26 @@ def test_at_every_moment_a_workers_kept_stats_count_every_unit_it_has_committed(
         proc.kill()
     assert samples > 20, samples  # the run was watched while it committed
     assert lagging == 0, f"{lagging} of {samples} samples found committed units missing from the worker's stats"
+
+
+def test_a_workers_end_removes_the_stats_temp_files_of_workers_killed_as_they_wrote_them(tmp_path):
+    """A worker SIGKILLed in the middle of replacing its stats file leaves its temporary file; the
+    next worker to end removes it (its writer is gone), never one of a worker still running."""
+    from infermill.layout import JobLayout
+    from infermill.worker import write_stats
+
+    layout = JobLayout.for_output(str(tmp_path / "out"), None)
+    layout.worker_stats.mkdir(parents=True)
+    dead = subprocess.Popen([PYTHON, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    killed = layout.worker_stats / f".{host}-{dead.pid}-abc123.json.0f0f.tmp"
+    alive = layout.worker_stats / f".{host}-{os.getpid()}-def456.json.0f0f.tmp"
+    for temp in (killed, alive):
+        temp.write_bytes(b"{")
+    write_stats(layout, f"{host}-{os.getpid()}-aaaaaa", {"documents_processed": 1})
+    assert not killed.exists() and alive.exists()
+    assert orjson.loads(layout.stats_file(0, 1).read_bytes())["documents_processed"] == 1
 
 
 # -- documents that crash their worker, whatever the number of workers -----------------------------

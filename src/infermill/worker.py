@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -322,9 +323,21 @@ class UnitSource:
 
 def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dict[str, Any]:
     """Keep this worker run's ``stats`` and write ``stats.json``, the sum over every worker run
-    of the job; return that sum."""
+    of the job; return that sum. The temporary files of workers killed as they wrote theirs
+    (on this host: another host's processes cannot be seen) are removed."""
     write_run_stats(layout, worker_id, stats)
+    remove_killed_writers_temps(layout)
     return sum_job_stats(layout)
+
+
+def remove_killed_writers_temps(layout: JobLayout) -> None:
+    """Remove ``stats/.WORKER.json.*.tmp`` left by a worker of this host that is gone."""
+    host = socket.gethostname()
+    for temp in layout.worker_stats.glob(".*.json.*.tmp"):
+        writer = temp.name[1:].split(".json.", 1)[0]  # its worker id: host-pid-suffix
+        parts = writer.rsplit("-", 2)
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and process_gone(int(parts[1])):
+            temp.unlink(missing_ok=True)
 
 
 def write_run_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> None:
