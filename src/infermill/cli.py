@@ -31,6 +31,7 @@ from infermill.layout import JobLayout, is_remote
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
+    from pathlib import Path
 
     from rich.console import Console
 
@@ -696,10 +697,6 @@ def _stdout() -> Console:
 def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_json: bool, verify: bool) -> None:
     """Show the progress of a running or finished job, given its output folder or its job file:
     its units, documents committed and processed, workers, rate and ETA (all on stdout)."""
-    from rich.table import Table
-
-    from infermill.journal import ChunkJournal
-
     layout, output = _job_layout(target, checkpoints, overrides)
     if (layout.queue / "plan.json").exists():
         try:
@@ -711,36 +708,45 @@ def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_
         if check is not None and check.lost:
             raise SystemExit(EXIT_FAILED)
         return
-    ranks = layout.ranks()
-    if not ranks:
+    rank_queues = layout.rank_queues()
+    if not rank_queues:
         _error(
-            f"no checkpoints in {layout.checkpoints}: is {output} the output folder of a job? (--checkpoints "
-            "names the checkpoint folder of a job that set checkpoint.dir)"
+            f"{layout.checkpoints} holds checkpoints of static ranks written by an older infermill, which this one "
+            "does not read: start the job over with --overwrite"
+            if layout.legacy_ranks()
+            else f"no job in {layout.root}: is {output} the output folder of a job? (--checkpoints names the "
+            "checkpoint folder of a job that set checkpoint.dir)"
         )
         raise SystemExit(EXIT_USAGE)
     if verify:
-        _error(f"--verify checks the units of a job's work queue: {output} holds static ranks of an older infermill")
+        _error(f"--verify checks the units of a job of `infermill run`: {output} holds a stream's ranks")
         raise SystemExit(EXIT_USAGE)
+    _ranks_status(output, rank_queues, as_json)
+
+
+def _ranks_status(output: str, folders: list[Path], as_json: bool) -> None:
+    """The status of a document stream run as several ranks (a datatrove pipeline's): one queue each."""
+    from rich.table import Table
+
+    from infermill.queue import WorkQueue
+
+    ranks = {int(folder.name): WorkQueue(folder).status() for folder in folders}
+    if as_json:
+        click.echo(orjson.dumps({"ranks": {f"{rank:05d}": s.as_dict() for rank, s in ranks.items()}}).decode())
+        return
     table = Table(title=f"infermill status: {escape(output)}")
-    for column in ("rank", "state", "chunks done", "documents in open chunks", "cached replies"):
+    for column in ("rank", "units done", "units in progress", "units failed", "documents done"):
         table.add_column(column, justify="right")
-    for rank in ranks:
-        summary = ChunkJournal.summary(layout, rank)
+    for rank, s in ranks.items():
+        total = f" of {s.documents_total:,}" if s.documents_total is not None else ""
         table.add_row(
             f"{rank:05d}",
-            "complete" if summary.complete else "incomplete",
-            str(summary.chunks_done),
-            str(summary.documents_in_open_chunks),
-            str(summary.cached_replies),
+            f"{s.units_done} of {s.units_total}",
+            str(s.units_in_progress),
+            str(s.units_failed),
+            f"{s.documents_done:,}{total}",
         )
     _stdout().print(table)
-    for stats_file in layout.stats_files():
-        stats = orjson.loads(stats_file.read_bytes())
-        click.echo(
-            f"{stats_file.name}: {stats.get('documents_processed', 0)} documents processed, "
-            f"{stats.get('documents_failed', 0)} failed, {stats.get('requests_ok', 0)} requests ok, "
-            f"{stats.get('inference_time_sec', 0):.1f} s"
-        )
 
 
 def _check_outputs(layout: Any, output: str) -> Any:

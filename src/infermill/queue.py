@@ -113,6 +113,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from infermill.errors import ConfigError, InfermillError, LeaseLostError, PlanReplacedError, QueueCorruptError
+from infermill.io.filesystems import replace_whole
 from infermill.layout import JobLayout, is_remote, local_path
 
 if TYPE_CHECKING:
@@ -439,6 +440,37 @@ class WorkQueue:
                 if lease is not None:
                     return lease
         return None
+
+    @_timed
+    def claim_unit(self, unit: int) -> Lease | None:
+        """Lease ``unit`` itself, unless it is done, failed or held by a live lease (then None):
+        the claim of a queue whose one holder takes its units in order (a rank's document
+        stream, :mod:`infermill.stream`)."""
+        self.check_plan()
+        state = self._list().get(unit) or _Unit()
+        if state.done or state.failed:
+            return None
+        if state.leased:
+            path = self.units_dir / _generation_name(unit, state.generation, "lease")
+            age = self._lease_age(path, self.storage_now())
+            if age is not None and age <= self.lease_timeout_sec and not self._holder_gone(path):
+                return None
+        return self._take(unit, state)
+
+    def is_done(self, unit: int) -> bool:
+        """Whether ``unit`` is committed."""
+        return self._done_path(unit).exists()
+
+    def replace_plan(self, plan: dict[str, Any]) -> None:
+        """Store ``plan`` in place of the stored plan, keeping its ``plan_id`` (this worker's
+        claims go on): a plan that grows as its one holder finds units (a document stream's),
+        or input files changed in place."""
+        current = self.plan()
+        if current is None:
+            raise InfermillError(f"the work queue in {self.folder} has no plan yet: publish_plan() first")
+        plan = {"plan_id": current["plan_id"], **{k: v for k, v in plan.items() if k != "plan_id"}}
+        replace_whole(self.folder / PLAN_FILE, orjson.dumps(plan))
+        self._plan = plan
 
     def _holder_gone(self, lease_path: Path) -> bool:
         """Whether the lease's holder ran on this host and its process is gone (a worker killed

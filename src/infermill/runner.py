@@ -36,11 +36,12 @@ from infermill.errors import (
 from infermill.eventloop import fewer_gc_passes
 from infermill.io.readers import BadRecord, DocumentReader
 from infermill.io.writers import OutputWriter
-from infermill.journal import ChunkJournal, ChunkLogs, QueueJournal
+from infermill.journal import QueueJournal
 from infermill.layout import JobLayout
 from infermill.metrics import LatencyHistogram, ProgressSnapshot, RunStats
 from infermill.retry import RetryAction, RetryPolicy, overloaded
 from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerState, create_server
+from infermill.stream import END_OF_INPUT
 from infermill.types import Document, InferenceResult
 
 if TYPE_CHECKING:
@@ -54,7 +55,6 @@ logger = logging.getLogger("infermill.runner")
 Generate = Callable[..., Awaitable[InferenceResult]]  # generate(payload, *, path=None)
 RolloutFn = Callable[..., Awaitable[Any]]
 
-END_OF_INPUT = object()  # what a document source returns after the last document
 #: records_per_chunk when a rank's output is one chunk (a datatrove writer's file name without ${chunk_index})
 WHOLE_RANK = 1 << 62
 #: the metadata key datatrove's runner sets (True) on a document with no results, which it does not write
@@ -294,48 +294,53 @@ class InferenceRunner:
                 f"rank {rank} of this job is already running on this runner: two runs of one rank would write "
                 "the same checkpoint; run another rank, or wait for this one to finish"
             )
-        journal = ChunkJournal(self.layout, rank, self.records_per_chunk, self.output_writer)
-        state = journal.open(self.identity(rank, world_size), self.overwrite, self.accept_changed_input)
-        if state.complete is not None:
-            logger.info(
-                "rank %d is already complete (%s documents); nothing to do",
-                rank,
-                state.complete.get("documents_processed", "?"),
-            )
-            journal.close()
-            return {**state.complete, "already_complete": True}
-        if state.done_chunks or state.done_records:
-            logger.info(
-                "rank %d resumes: %d chunks and %d documents done, %d replies cached",
-                rank,
-                len(state.done_chunks),
-                len(state.done_records),
-                state.cached_replies,
-            )
-        run = _Run(self, journal, rank)
+        from infermill.stream import RankStream, StreamSource
+
+        stream = await asyncio.to_thread(
+            RankStream.open,
+            self.layout,
+            rank,
+            world_size,
+            self.output_writer,
+            self.records_per_chunk,
+            self.identity(rank, world_size),
+            self.overwrite,
+            self.accept_changed_input,
+        )
+        if stream.complete:
+            logger.info("rank %d is already complete (%s documents); nothing to do", rank, stream.plan["documents"])
+            stats_file = self.layout.stats_file(rank, world_size)
+            done = orjson.loads(stats_file.read_bytes()) if stats_file.exists() else {}
+            return {**done, "already_complete": True}
+        queue = stream.queue
+        journal = QueueJournal(queue, stream.unit_plan(), stream.writer)
+        run = _Run(self, journal, rank, queue.worker_id, fail_units=False)
+        source = StreamSource(stream, journal, documents, run.stats)
         self._runs.append(run)
-        completed = False
+        stopped_on_request = False
         try:
             server_scope = contextlib.nullcontext(server) if server is not None else create_server(self.config, rank)
             with fewer_gc_passes():
                 async with (
-                    run.monitor(f"rank_{rank:05d}", rank),
+                    run.monitor(queue.worker_id, rank, queue, journal),
                     enter_shared_context(self.shared_context) as context,
                     server_scope as started,
                 ):
-                    await run.process(documents, started, context)
-                for chunk_index in journal.open_chunks():  # the last, partial chunk
-                    await asyncio.to_thread(journal.finalize_chunk, chunk_index)
-            completed = True
+                    await run.process(source, started, context)
+                await source.finish()
+        except asyncio.CancelledError:
+            stopped_on_request = True
+            raise
         finally:
             self._runs.remove(run)
             run.stats.inference_time_sec = time.perf_counter() - run.started
             stats = run.stats.to_dict()
-            try:  # complete only if every checkpoint write succeeded; raises if one failed
-                journal.close(complete=stats if completed else None)
+            try:  # raises if a checkpoint write failed
+                journal.close(release=stopped_on_request)
             finally:
                 run.close()
                 self._write_stats(rank, world_size, stats)
+                self._keep_stats(run, queue, final=True, job_sum=False)
         if run.stats.documents_read == 0 and run.stats.documents_resumed == 0:
             logger.warning(
                 "rank %d had no documents to process: is the input (or this rank's share of it) empty?", rank
@@ -416,7 +421,7 @@ class InferenceRunner:
             return {**await asyncio.to_thread(sum_job_stats, self.layout), "already_complete": True}
         journal = QueueJournal(queue, plan, self.output_writer)
         source = UnitSource(queue, journal, reader, plan)
-        run = _Run(self, journal, 0)
+        run = _Run(self, journal, options.worker_index, queue.worker_id, fail_units=True)
         run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
         journal.before_commit = lambda: self._keep_stats(run, queue)
         self._runs.append(run)
@@ -452,9 +457,10 @@ class InferenceRunner:
         logger.info("worker %s done: %s", queue.worker_id, run.stats.summary())
         return stats
 
-    def _keep_stats(self, run: _Run, queue: WorkQueue, final: bool = False) -> dict[str, Any]:
+    def _keep_stats(self, run: _Run, queue: WorkQueue, final: bool = False, job_sum: bool = True) -> dict[str, Any]:
         """Keep this queue worker run's stats as they stand (before each unit it commits, in a
-        worker thread; ``final``: at its end, then summed into ``stats.json``); return them."""
+        worker thread; ``final``: at its end, then summed into ``stats.json`` unless not
+        ``job_sum``: a rank's ``stats.json`` is its own run's); return them."""
         from infermill.worker import write_run_stats, write_stats
 
         stats = {
@@ -465,7 +471,7 @@ class InferenceRunner:
             "model": self.config.model_name_or_path,  # named by `infermill report`
         }
         try:
-            (write_stats if final else write_run_stats)(self.layout, queue.worker_id, stats)
+            (write_stats if final and job_sum else write_run_stats)(self.layout, queue.worker_id, stats)
         except OSError as e:  # (a full disk) not to hide why a run stopped: a later write, or sum, may succeed
             logger.warning("cannot write this worker's stats in %s: %s", self.layout.root / "stats", e)
         return stats
@@ -518,11 +524,15 @@ class _Run:
     """The state of one :meth:`InferenceRunner.run_async` call: its journal, stats, server,
     generation slots, shared context and failures file, and what it does per document."""
 
-    def __init__(self, runner: InferenceRunner, journal: ChunkLogs, rank: int):
+    def __init__(self, runner: InferenceRunner, journal: QueueJournal, rank: int, worker: str, fail_units: bool):
         self.runner = runner
         self.config = runner.config
         self.journal = journal
         self.rank = rank
+        self.worker = worker  # names its failures file
+        # a document that fails for good fails its unit, and the run goes on (a worker of a planned
+        # queue); else the run (a rank's stream, which a rerun resumes)
+        self.fail_units = fail_units
         self.stats = RunStats()
         self.started = time.perf_counter()
         self.server: InferenceServer | None = None
@@ -567,17 +577,13 @@ class _Run:
         return monitor
 
     async def process(
-        self,
-        documents: Iterable[Any] | AsyncIterable[Any] | Callable[[], Awaitable[Any]],
-        server: InferenceServer,
-        context: dict[str, Any],
+        self, next_document: Callable[[], Awaitable[Any]], server: InferenceServer, context: dict[str, Any]
     ) -> None:
         """Every document through its rollouts and into the journal, ``concurrent_documents`` at a
-        time. ``documents``: the documents, or a source (a coroutine function returning
-        ``(index, item)`` for each in turn, then ``END_OF_INPUT``), e.g. the units of a queue."""
+        time. ``next_document``: a coroutine function returning ``(index, item)`` for each in turn,
+        then ``END_OF_INPUT`` (the units of a queue, or of a rank's stream)."""
         self.server, self.context = server, context
         self.pooled = isinstance(server, ReplicaPool)
-        next_document = documents if callable(documents) else _document_source(documents)
         try:
             await _run_all([self._worker(next_document) for _ in range(self.config.concurrent_documents)])
         finally:
@@ -610,7 +616,7 @@ class _Run:
                 try:
                     record = await self._process_document(as_document(raw, index), index)
                 except InferenceError as e:
-                    if journal.fail_record(index, e):  # a queue's unit fails, not the run
+                    if self.fail_units and journal.fail_record(index, e):  # a queue's unit fails, not the run
                         continue
                     raise
             if (full_chunk := journal.commit(index, record)) is not None:
@@ -765,7 +771,7 @@ class _Run:
 
     def _record_failure(self, doc_id: str, error: BaseException, payload: dict[str, Any] | None) -> None:
         if self._failures is None:
-            path = self.runner.layout.failures_file(self.rank)
+            path = self.runner.layout.failures_file(self.worker)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._failures = open(path, "ab")  # noqa: SIM115 -- open for the run, closed by close()
         entry = {
@@ -807,40 +813,6 @@ def _encode_result(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode("ascii")
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
-
-
-def _document_source(documents: Iterable[Any] | AsyncIterable[Any]) -> Callable[[], Awaitable[Any]]:
-    """A coroutine function returning ``(index, item)`` for each document in turn, then ``END_OF_INPUT``.
-
-    Workers share it; the input is read one item at a time, only when a worker is free.
-    """
-    counter = iter(range(1 << 62))
-    if hasattr(documents, "__aiter__"):
-        iterator = documents.__aiter__()
-        lock = asyncio.Lock()
-        done = False
-
-        async def next_async() -> Any:
-            nonlocal done
-            async with lock:
-                if done:
-                    return END_OF_INPUT
-                try:
-                    item = await iterator.__anext__()
-                except StopAsyncIteration:
-                    done = True
-                    return END_OF_INPUT
-                return next(counter), item
-
-        return next_async
-
-    sync_iterator = iter(documents)
-
-    async def next_sync() -> Any:
-        item = next(sync_iterator, END_OF_INPUT)
-        return item if item is END_OF_INPUT else (next(counter), item)
-
-    return next_sync
 
 
 async def _run_all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
