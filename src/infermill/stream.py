@@ -299,6 +299,9 @@ class StreamSource:
 
     async def _hold(self, unit: int) -> None:
         stream, queue = self.stream, self.stream.queue
+        before = self._entering.pop(unit - 1, None)
+        if before is not None:  # units are entered in order: the plan lists them so
+            await before
         await asyncio.to_thread(self._add_unit, unit)
         if unit in self._skipped:
             return
