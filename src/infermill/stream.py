@@ -214,14 +214,13 @@ class RankStream:
 
     @staticmethod
     def _refuse_if_busy(queue: WorkQueue, rank: int) -> None:
-        for holder in queue.status().in_progress:
-            if holder.pid != os.getpid() or holder.host != queue.host:
-                raise CheckpointBusyError(
-                    f"another infermill run (pid {holder.pid} on {holder.host}) is running rank {rank} of this job: "
-                    f"its checkpoint in {queue.folder} takes one writer at a time. Wait for that run to finish (or "
-                    f"stop it; a run killed on another host is taken over {queue.lease_timeout_sec:g} s after its "
-                    "last renewal), or run another rank."
-                )
+        for holder in queue.status().in_progress:  # (a holder that was killed on this host is not)
+            raise CheckpointBusyError(
+                f"another infermill run (pid {holder.pid} on {holder.host}) is running rank {rank} of this job: "
+                f"its checkpoint in {queue.folder} takes one writer at a time. Wait for that run to finish (or "
+                f"stop it; a run killed on another host is taken over {queue.lease_timeout_sec:g} s after its "
+                "last renewal), or run another rank."
+            )
 
     def unit_plan(self) -> UnitPlan:
         """The plan as the journal reads it: every unit found so far, of ``records_per_chunk``
