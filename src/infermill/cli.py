@@ -714,8 +714,8 @@ def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_
             f"{layout.checkpoints} holds checkpoints of static ranks written by an older infermill, which this one "
             "does not read: start the job over with --overwrite"
             if layout.legacy_ranks()
-            else f"no job in {layout.root}: is {output} the output folder of a job? (--checkpoints names the "
-            "checkpoint folder of a job that set checkpoint.dir)"
+            else f"no checkpoints in {layout.root}: is {output} the output folder of a job? (--checkpoints names "
+            "the checkpoint folder of a job that set checkpoint.dir)"
         )
         raise SystemExit(EXIT_USAGE)
     if verify:

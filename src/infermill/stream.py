@@ -256,7 +256,7 @@ class StreamSource:
             self._async = documents.__aiter__()
             self._lock = asyncio.Lock()
         else:
-            self._sync = iter(documents)  # type: ignore[arg-type]
+            self._sync = iter(documents)
         self._ended = False
 
     async def __call__(self) -> Any:
