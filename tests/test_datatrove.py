@@ -17,8 +17,9 @@ import pytest
 
 from helpers import chat, dummy_config, echo_rollout, read_jsonl, server_stats, wait_until
 from infermill import Document, InferenceError, ServerError
+from infermill.datatrove_compat import NO_ROLLOUTS_MARK
 from infermill.io.writers import JsonlWriter
-from infermill.runner import NO_ROLLOUTS_MARK, InferenceRunner
+from infermill.runner import InferenceRunner
 
 SRC = Path(__file__).parent.parent / "src"
 

@@ -55,10 +55,6 @@ logger = logging.getLogger("infermill.runner")
 Generate = Callable[..., Awaitable[InferenceResult]]  # generate(payload, *, path=None)
 RolloutFn = Callable[..., Awaitable[Any]]
 
-#: records_per_chunk when a rank's output is one chunk (a datatrove writer's file name without ${chunk_index})
-WHOLE_RANK = 1 << 62
-#: the metadata key datatrove's runner sets (True) on a document with no results, which it does not write
-NO_ROLLOUTS_MARK = "__no_rollouts_remove"
 T = TypeVar("T")
 
 
@@ -162,9 +158,11 @@ class InferenceRunner:
         output_writer: where documents with results are written (e.g. ``JsonlWriter``).
         shared_context: a dict, a context manager, or a callable returning either, entered once per run;
             its dict is passed to every rollout as keyword arguments.
-        checkpoints_local_dir: where checkpoints go (default: ``_infermill/checkpoints`` of the output folder).
-        records_per_chunk: documents per output chunk and checkpoint (a datatrove writer whose file
-            name has no ``${chunk_index}``: the rank's whole output is one chunk, as one file).
+        checkpoints_local_dir: where the job's own files go when the output is remote (a local
+            folder; by default, and for a local output, ``_infermill`` of the output folder).
+        records_per_chunk: documents per output chunk, each a unit of the rank's work queue (a
+            datatrove writer whose file name has no ``${chunk_index}``: the rank's whole output is
+            one chunk, as one file).
         metadata_key: the metadata key under which the list of rollout results is stored.
         skip_bad_requests: skip (and record) documents the server rejected as bad requests,
             instead of failing the job.
@@ -173,14 +171,17 @@ class InferenceRunner:
         accept_changed_input: resume although the input files changed since the checkpoint was
             written (for records fixed in place: the same records, in the same order).
 
-    The runner holds configuration only: each :meth:`run_async` call keeps its state in its
-    own run, so that several (e.g. two ranks) can run at once on one runner.
+    The runner holds configuration and the per-document engine only: each :meth:`run_async`
+    call keeps its state in its own run, so that several (e.g. two ranks) can run at once on one
+    runner. A rank's documents are a stream read once, cut into units of ``records_per_chunk`` as
+    it is read: the units of a work queue whose only holder is the rank (:mod:`infermill.stream`),
+    which ``infermill status`` and ``infermill report`` read as a job of ``infermill run``.
 
     It is also a datatrove pipeline step (``pipeline=[reader, InferenceRunner(...), ...]``): the
     executor's ``step(data, rank, world_size)`` runs the documents its upstream step yields (this
-    rank's checkpoint, as :meth:`run`) and, as datatrove's runner, passes nothing downstream: the
-    documents go to ``output_writer``, which may be a datatrove ``DiskWriter``. datatrove need not
-    be installed for this: the step is a plain callable.
+    rank's stream, as :meth:`run`; see :mod:`infermill.datatrove_compat`) and, as datatrove's
+    runner, passes nothing downstream: the documents go to ``output_writer``, which may be a
+    datatrove ``DiskWriter``. datatrove need not be installed for this: the step is a plain callable.
     """
 
     name = "Inference 🔍"  # what datatrove's executors show for a step
@@ -207,29 +208,14 @@ class InferenceRunner:
             raise ValueError(f"records_per_chunk must be > 0, got {records_per_chunk}")
         self.rollout_fn = rollout_fn
         self.config = config
-        is_datatrove = not isinstance(output_writer, OutputWriter)
-        if is_datatrove:
-            from infermill.datatrove_compat import DatatroveWriter, is_datatrove_writer
-
-            if not is_datatrove_writer(output_writer):
-                raise TypeError(
-                    "output_writer must be an infermill writer (infermill.io.writers) or a datatrove DiskWriter, "
-                    f"got {type(output_writer).__name__}"
-                )
-            output_writer = DatatroveWriter(output_writer)
-            if output_writer.one_file_per_rank:
-                if checkpoints_local_dir is not None:
-                    raise ValueError(
-                        f"the datatrove writer's output_filename {output_writer.output_filename!r} must contain "
-                        "${chunk_index} when checkpoints_local_dir is set, as in datatrove: each chunk of a rank is "
-                        "its own file (e.g. output_filename='${rank}_${chunk_index}.jsonl')"
-                    )
-                # as datatrove without checkpoints_local_dir: one file per rank (infermill still
-                # checkpoints it, as one chunk written when the rank is done)
-                records_per_chunk = WHOLE_RANK
-        self.output_writer = output_writer
         # with a datatrove writer, a document with no results is also marked as datatrove marks it
-        self.no_results_marks: dict[str, Any] = {NO_ROLLOUTS_MARK: True} if is_datatrove else {}
+        self.no_results_marks: dict[str, Any] = {}
+        if not isinstance(output_writer, OutputWriter):
+            from infermill.datatrove_compat import NO_ROLLOUTS_MARK, adapt_writer
+
+            output_writer, records_per_chunk = adapt_writer(output_writer, checkpoints_local_dir, records_per_chunk)
+            self.no_results_marks = {NO_ROLLOUTS_MARK: True}
+        self.output_writer = output_writer
         self.shared_context = shared_context
         self.layout = JobLayout.for_output(output_writer.output_folder, checkpoints_local_dir)
         self.records_per_chunk = records_per_chunk
@@ -249,18 +235,9 @@ class InferenceRunner:
         """A datatrove pipeline step's call: run ``data`` (the upstream step's documents) as
         :meth:`run` does; yield nothing downstream, as datatrove's runner. The rank's stats are then
         the step's ``stats`` (a datatrove ``Stats``), which datatrove's executors save."""
-        if data is None:
-            raise ValueError(
-                "InferenceRunner as a pipeline step needs documents from the step before it (e.g. a reader): "
-                "it got none"
-            )
-        stats = self.run(data, rank, world_size)
-        from infermill.datatrove_compat import step_stats
+        from infermill.datatrove_compat import run_step
 
-        try:
-            self.stats = step_stats(str(self), stats)
-        except ImportError:  # called as a step, but not by datatrove: no datatrove stats to keep
-            pass
+        run_step(self, data, rank, world_size)
 
     def __repr__(self) -> str:
         return f"{self.type}: {self.name}"
