@@ -641,11 +641,11 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
             summary.append(("ETA", _duration(status.eta_sec) if status.eta_sec is not None else "-"))
         failures = [f"unit {f.unit} (attempt {f.generation}, {f.host}): {f.cause}" for f in status.failed]
     elif rank_queues := layout.rank_queues():  # a document stream of several ranks: a queue each
-        ranks = [WorkQueue(folder).status() for folder in rank_queues]
-        done = sum(1 for r in ranks if r.units_done == r.units_total)
+        ranks = {int(folder.name): WorkQueue(folder).status() for folder in rank_queues}
+        done = sum(1 for r in ranks.values() if r.units_done == r.units_total)
         summary.append(("state", "complete" if done == len(ranks) else f"{done} of {len(ranks)} ranks complete"))
-        summary.append(("units done", sum(r.units_done for r in ranks)))
-        failures = [f"rank {i}, unit {f.unit} ({f.host}): {f.cause}" for i, r in enumerate(ranks) for f in r.failed]
+        summary.append(("units done", sum(r.units_done for r in ranks.values())))
+        failures = [f"rank {rank}, unit {f.unit} ({f.host}): {f.cause}" for rank, r in ranks.items() for f in r.failed]
     for path in layout.stats_files():
         if path.name != "stats.json":  # a job of static ranks: one file per rank
             stats = _add_counts(stats, _read_json(path))

@@ -293,6 +293,7 @@ class InferenceRunner:
         journal = QueueJournal(queue, stream.unit_plan(), stream.writer)
         run = _Run(self, journal, rank, queue.worker_id, fail_units=False)
         source = StreamSource(stream, journal, documents, run.stats)
+        journal.before_commit = lambda: self._keep_stats(run, queue)  # a killed run's counts, up to its last commit
         self._runs.append(run)
         stopped_on_request = False
         try:

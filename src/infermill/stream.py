@@ -301,8 +301,9 @@ class StreamSource:
         before = self._entering.pop(unit - 1, None)
         if before is not None:  # units are entered in order: the plan lists them so
             await before
-        await asyncio.to_thread(self._add_unit, unit)
-        if unit in self._skipped:
+        await self._set_plan(self._plan_reaching(unit))
+        if await asyncio.to_thread(queue.is_done, unit):  # committed by an earlier run
+            self._skipped.add(unit)
             return
         lease = await asyncio.to_thread(queue.claim_unit, unit)
         if lease is None:
@@ -315,23 +316,21 @@ class StreamSource:
             await asyncio.to_thread(self.journal.finalize_chunk, unit)
             self._skipped.add(unit)
 
-    def _add_unit(self, unit: int) -> None:
-        """Record in the plan that the stream reached ``unit`` (and so read its predecessor whole)."""
+    def _plan_reaching(self, unit: int) -> dict[str, Any]:
+        """The plan once the stream reached ``unit``: listed, and its predecessor read whole."""
         plan = self.stream.plan
         units = list(plan["units"])
         if unit > 0 and units[unit - 1]["documents"] is None:
             units[unit - 1] = {**units[unit - 1], "documents": self.size}
-        if unit < len(units):
-            if self.stream.queue.is_done(unit):
-                self._skipped.add(unit)
-        else:
+        if unit >= len(units):
             units.append({"index": unit, "documents": None, "spans": []})
-        self._replace_plan({**plan, "units": units})
+        return {**plan, "units": units}
 
-    def _replace_plan(self, plan: dict[str, Any]) -> None:
+    async def _set_plan(self, plan: dict[str, Any]) -> None:
+        """Store ``plan`` (if it changed), then make it the one the journal sizes units by."""
         if plan != self.stream.plan:
+            await asyncio.to_thread(self.stream.queue.replace_plan, plan)
             self.stream.plan = plan
-            self.stream.queue.replace_plan(plan)
         self.journal.plan = self.stream.unit_plan()
 
     async def finish(self) -> None:
@@ -343,6 +342,6 @@ class StreamSource:
             units[-1] = {**units[-1], "documents": self.read - self.size * (len(units) - 1)}
         documents = sum(entry["documents"] for entry in units)
         final = {**plan, "units": units, "documents": documents, "stream": {**plan["stream"], "read_to_end": True}}
-        await asyncio.to_thread(self._replace_plan, final)
+        await self._set_plan(final)
         for unit in self.journal.held():
             await asyncio.to_thread(self.journal.finalize_chunk, unit)
