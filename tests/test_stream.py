@@ -4,6 +4,7 @@ killed and resumed exactly once, shown by ``infermill status`` and ``infermill r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -167,3 +168,27 @@ def test_an_old_rank_checkpoint_is_refused_by_infermill_run_with_one_line(tmp_pa
     assert infermill("run", str(tmp_path / "job.yaml"), "--overwrite").returncode == 0
     assert not (out / "_infermill" / "checkpoints" / "rank_00000").exists()
     assert sorted(r["id"] for r in read_jsonl(out / "00000_00000.jsonl")) == ["d0", "d1", "d2"]
+
+
+async def test_the_ranks_of_a_stream_are_a_queue_each_and_status_and_report_read_them_all(tmp_path):
+    out = tmp_path / "out"
+    config = InferenceConfig(server_type="dummy", model_name_or_path="echo")
+    runner = InferenceRunner(PromptRollout(template="[[DOCUMENT]]"), config, JsonlWriter(str(out)), records_per_chunk=4)
+    documents = {rank: [{"id": f"r{rank}-{i}", "text": "t"} for i in range(5 + rank)] for rank in (0, 1)}
+    await asyncio.gather(*(runner.run_async(documents[rank], rank, 2) for rank in (0, 1)))
+
+    status = await asyncio.to_thread(infermill, "status", str(out), "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    ranks = json.loads(status.stdout)["ranks"]
+    assert {rank: (s["units_done"], s["units_total"], s["documents_done"]) for rank, s in ranks.items()} == {
+        "00000": (2, 2, 5),
+        "00001": (2, 2, 6),
+    }
+    table = await asyncio.to_thread(infermill, "status", str(out))
+    assert table.returncode == 0 and "00001" in table.stdout, table.stdout + table.stderr
+    report = await asyncio.to_thread(infermill, "report", str(out))
+    assert report.returncode == 0, report.stdout + report.stderr
+    page = (out / "_infermill" / "report.html").read_text()
+    assert 'units done</th><td class="n">4<' in page  # both ranks' queues, summed
+    failures = list((out / "_infermill").rglob("failures*"))
+    assert all(path.is_dir() for path in failures)  # no file shared by the ranks
