@@ -143,6 +143,9 @@ def test_an_old_rank_checkpoint_is_refused_by_the_python_api_until_overwrite(tmp
 
     assert runner(True).run(documents)["documents_written"] == 3
     assert not folder.exists()
+    assert runner(True).run(documents)["documents_written"] == 3  # started over again: the job is this run's alone
+    assert len(list((out / "_infermill" / "stats").glob("*.json"))) == 1
+    assert len(list((out / "_infermill" / "metrics").glob("*.jsonl"))) == 1
     assert sorted(r["id"] for r in read_jsonl(out / "00000_00000.jsonl")) == ["d0", "d1", "d2"]
 
 

@@ -141,6 +141,15 @@ def discard_queue(folder: Path, writer: OutputWriter) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def discard_records(layout: JobLayout) -> None:
+    """Delete what the job's workers recorded beside its queue: stats, failures, time series."""
+    shutil.rmtree(layout.root / "stats", ignore_errors=True)
+    shutil.rmtree(layout.root / "failures", ignore_errors=True)
+    shutil.rmtree(layout.metrics, ignore_errors=True)
+    for path in [*layout.stats_files(), *layout.root.glob("failures_*.jsonl")]:  # (failures_*: an older infermill's)
+        path.unlink(missing_ok=True)
+
+
 @dataclass
 class RankStream:
     """One rank's queue, opened: its plan as stored, and whether it is ``complete`` (the stream
@@ -172,6 +181,8 @@ class RankStream:
         if overwrite:
             discard_rank_checkpoints(layout, writer)
             discard_queue(folder, ranked)
+            if world_size == 1:  # the whole job (the ranks of several share these folders, and run at once)
+                discard_records(layout)
         refuse_rank_checkpoints(layout)
         queue = WorkQueue(folder)
         stored = queue.plan()
@@ -196,6 +207,8 @@ class RankStream:
                     "; ".join(changes[:5]),
                 )
                 discard_queue(folder, ranked)
+                if world_size == 1:
+                    discard_records(layout)
                 queue, stored = WorkQueue(folder), None
         if stored is None:
             plan = {

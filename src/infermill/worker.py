@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import QueueJournal, check_identity, identity_differences
 from infermill.queue import PLAN_FILE, WorkQueue, process_gone
 from infermill.stream import END_OF_INPUT as END
-from infermill.stream import discard_queue, discard_rank_checkpoints, refuse_rank_checkpoints
+from infermill.stream import discard_queue, discard_rank_checkpoints, discard_records, refuse_rank_checkpoints
 
 if TYPE_CHECKING:
     from infermill.io.writers import OutputWriter
@@ -229,11 +228,7 @@ def discard(layout: JobLayout, writer: OutputWriter) -> None:
     written its file without its done mark (its worker killed in between): its file goes too."""
     discard_queue(layout.queue, writer)
     discard_rank_checkpoints(layout, writer)
-    shutil.rmtree(layout.root / "stats", ignore_errors=True)
-    shutil.rmtree(layout.root / "failures", ignore_errors=True)
-    shutil.rmtree(layout.metrics, ignore_errors=True)
-    for path in [*layout.stats_files(), *layout.root.glob("failures_*.jsonl")]:  # (failures_*: an older infermill's)
-        path.unlink(missing_ok=True)
+    discard_records(layout)
 
 
 class UnitSource:
