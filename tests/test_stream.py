@@ -195,3 +195,18 @@ async def test_the_ranks_of_a_stream_are_a_queue_each_and_status_and_report_read
     assert 'units done</th><td class="n">4<' in page  # both ranks' queues, summed
     failures = list((out / "_infermill").rglob("failures*"))
     assert all(path.is_dir() for path in failures)  # no file shared by the ranks
+
+
+def test_a_plan_that_grows_keeps_its_id_and_the_date_it_was_planned(tmp_path):
+    """status's rate counts from when the job was planned (the plan's date), not from the last
+    unit a stream found."""
+    from infermill.queue import WorkQueue
+
+    queue = WorkQueue(tmp_path / "queue")
+    stored = queue.publish_plan({"units": [], "stream": {}})
+    os.utime(tmp_path / "queue" / "plan.json", (1_000_000, 1_000_000))
+    queue.replace_plan({**stored, "units": [{"documents": None}], "plan_id": "another"})
+    reread = WorkQueue(tmp_path / "queue").plan()
+    assert reread is not None and reread["units"] == [{"documents": None}] and reread["plan_id"] == stored["plan_id"]
+    assert os.stat(tmp_path / "queue" / "plan.json").st_mtime == 1_000_000
+    queue.check_plan()  # this worker's claims go on

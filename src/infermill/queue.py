@@ -463,13 +463,16 @@ class WorkQueue:
 
     def replace_plan(self, plan: dict[str, Any]) -> None:
         """Store ``plan`` in place of the stored plan, keeping its ``plan_id`` (this worker's
-        claims go on): a plan that grows as its one holder finds units (a document stream's),
-        or input files changed in place."""
+        claims go on) and its date: a plan that grows as its one holder finds units (a
+        document stream's)."""
         current = self.plan()
         if current is None:
             raise InfermillError(f"the work queue in {self.folder} has no plan yet: publish_plan() first")
         plan = {"plan_id": current["plan_id"], **{k: v for k, v in plan.items() if k != "plan_id"}}
-        replace_whole(self.folder / PLAN_FILE, orjson.dumps(plan))
+        path = self.folder / PLAN_FILE
+        planned = os.stat(path).st_mtime_ns
+        replace_whole(path, orjson.dumps(plan))
+        os.utime(path, ns=(planned, planned))  # its date stays when the job was planned: status's rate window
         self._plan = plan
 
     def _holder_gone(self, lease_path: Path) -> bool:
