@@ -134,6 +134,17 @@ def test_a_datatrove_pipeline_with_two_tasks_writes_every_document_once(tmp_path
     write_input(tmp_path / "in", 7)
     assert run_pipeline(tmp_path).wait(timeout=120) == 0
     check_datatrove_run(tmp_path)
+    # each rank's stream is a work queue: infermill status and report read the pipeline's output
+    out, infermill = str(tmp_path / "out"), [sys.executable, "-m", "infermill"]
+    status = subprocess.run([*infermill, "status", out, "--json"], capture_output=True, text=True)
+    assert status.returncode == 0, status.stdout + status.stderr
+    ranks = orjson.loads(status.stdout)["ranks"]
+    assert {rank: (s["units_done"], s["units_total"], s["documents_done"]) for rank, s in ranks.items()} == {
+        "00000": (3, 3, 7),
+        "00001": (3, 3, 7),
+    }
+    report = subprocess.run([*infermill, "report", out], capture_output=True, text=True)
+    assert report.returncode == 0 and (tmp_path / "out" / "_infermill" / "report.html").exists(), report.stderr
 
 
 @pytest.mark.parametrize("writer", ["datatrove", "infermill"])
