@@ -101,6 +101,23 @@ class RankWriter(OutputWriter):
     def remove_temp_files(self, rank: int, chunk_index: int | None = None) -> None:
         self.inner.remove_temp_files(self.rank, chunk_index)
 
+    # the rest as the writer itself does it (not OutputWriter's: the writer may override them)
+    @property
+    def is_local(self) -> bool:
+        return self.inner.is_local
+
+    def filename(self, rank: int, chunk_index: int) -> str:
+        return self.inner.filename(self.rank, chunk_index)
+
+    def file_sizes(self, names: Iterable[str]) -> dict[str, int]:
+        return self.inner.file_sizes(names)
+
+    def count_records(self, name: str) -> int | None:
+        return self.inner.count_records(name)
+
+    def url(self, path: str) -> str:
+        return self.inner.url(path)
+
 
 def refuse_rank_checkpoints(layout: JobLayout) -> None:
     """Refuse (``ConfigError``, one line) a checkpoint folder written by an older infermill's
