@@ -289,6 +289,13 @@ class InferenceRunner:
             stats_file = self.layout.stats_file(rank, world_size)
             done = orjson.loads(stats_file.read_bytes()) if stats_file.exists() else {}
             return {**done, "already_complete": True}
+        if stream.plan["units"]:
+            logger.info(
+                "rank %d resumes: %d of the %d units an earlier run found are committed (their documents are skipped)",
+                rank,
+                stream.units_done,
+                len(stream.plan["units"]),
+            )
         queue = stream.queue
         journal = QueueJournal(queue, stream.unit_plan(), stream.writer)
         run = _Run(self, journal, rank, queue.worker_id, fail_units=False)

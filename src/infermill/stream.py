@@ -176,6 +176,7 @@ class RankStream:
     plan: dict[str, Any]
     writer: RankWriter
     complete: bool
+    units_done: int  # committed by earlier runs
 
     @classmethod
     def open(
@@ -239,8 +240,8 @@ class RankStream:
         queue.reset_failed()
         queue.reset_attempts()
         ranked.remove_temp_files(0)  # a chunk file being written when a run was killed
-        complete = stored["stream"]["read_to_end"] and queue.status().units_done == len(stored["units"])
-        return cls(queue, stored, ranked, complete)
+        done = queue.status().units_done
+        return cls(queue, stored, ranked, stored["stream"]["read_to_end"] and done == len(stored["units"]), done)
 
     @staticmethod
     def _refuse_if_busy(queue: WorkQueue, rank: int) -> None:
