@@ -222,3 +222,16 @@ def test_a_plan_that_grows_keeps_its_id_and_the_date_it_was_planned(tmp_path):
     assert reread is not None and reread["units"] == [{"documents": None}] and reread["plan_id"] == stored["plan_id"]
     assert os.stat(tmp_path / "queue" / "plan.json").st_mtime == 1_000_000
     queue.check_plan()  # this worker's claims go on
+
+
+def test_a_holder_that_exited_and_was_not_reaped_yet_holds_nothing(tmp_path):
+    """A rank killed with its parent (a datatrove executor's pool worker) may stay a zombie where no
+    init reaps it: its rerun takes its units over at once, as after any kill on this host."""
+    from infermill.queue import process_gone
+
+    child = subprocess.Popen([PYTHON, "-c", "pass"])
+    try:
+        wait_until(lambda: process_gone(child.pid), 10, "the exited child (not reaped: a zombie) to count as gone")
+    finally:
+        child.wait()
+    assert not process_gone(os.getpid())

@@ -273,7 +273,18 @@ def process_gone(pid: object) -> bool:
         return True
     except PermissionError:  # another user's process: it runs
         return False
-    return False
+    return _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether process ``pid`` has exited but was not reaped yet (a killed worker whose parent
+    died too, in a container whose init reaps nothing): it holds nothing any more. Linux only."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"  # the state follows "(command) "
 
 
 def new_worker_id() -> str:
