@@ -17,8 +17,9 @@ import pytest
 
 from helpers import chat, dummy_config, echo_rollout, read_jsonl, server_stats, wait_until
 from infermill import Document, InferenceError, ServerError
+from infermill.datatrove_compat import NO_ROLLOUTS_MARK
 from infermill.io.writers import JsonlWriter
-from infermill.runner import NO_ROLLOUTS_MARK, InferenceRunner
+from infermill.runner import InferenceRunner
 
 SRC = Path(__file__).parent.parent / "src"
 
@@ -133,6 +134,17 @@ def test_a_datatrove_pipeline_with_two_tasks_writes_every_document_once(tmp_path
     write_input(tmp_path / "in", 7)
     assert run_pipeline(tmp_path).wait(timeout=120) == 0
     check_datatrove_run(tmp_path)
+    # each rank's stream is a work queue: infermill status and report read the pipeline's output
+    out, infermill = str(tmp_path / "out"), [sys.executable, "-m", "infermill"]
+    status = subprocess.run([*infermill, "status", out, "--json"], capture_output=True, text=True)
+    assert status.returncode == 0, status.stdout + status.stderr
+    ranks = orjson.loads(status.stdout)["ranks"]
+    assert {rank: (s["units_done"], s["units_total"], s["documents_done"]) for rank, s in ranks.items()} == {
+        "00000": (3, 3, 7),
+        "00001": (3, 3, 7),
+    }
+    report = subprocess.run([*infermill, "report", out], capture_output=True, text=True)
+    assert report.returncode == 0 and (tmp_path / "out" / "_infermill" / "report.html").exists(), report.stderr
 
 
 @pytest.mark.parametrize("writer", ["datatrove", "infermill"])
@@ -151,16 +163,16 @@ def test_a_datatrove_pipeline_killed_mid_run_and_run_again_writes_every_document
     assert any(stats["documents_resumed"] % 3 for stats in resumed)  # documents of an unwritten chunk too
 
 
-def skip_checkpointed(checkpoints: Path) -> bool:
-    """Whether the one task's journal holds record 1 (f0-1) as finished with no output, or its
-    chunk is complete (the next event-loop turn after its failure record; the kill comes after)."""
-    for log in checkpoints.rglob("chunk_00000.log"):
+def skip_checkpointed(job: Path) -> bool:
+    """Whether the one task's journal of unit 0 holds record 1 (f0-1) as finished with no output,
+    or the unit is committed (the next event-loop turn after its failure record; the kill comes after)."""
+    for log in job.rglob("000000.*.journal"):
         try:
             if b'{"i":1,"r":null}' in log.read_bytes():
                 return True
         except FileNotFoundError:
-            pass  # the chunk completed just now: its marker is there
-    return any(checkpoints.rglob("chunk_00000.done"))
+            pass  # the unit was committed just now: its done mark is there
+    return any(job.rglob("000000.done"))
 
 
 def test_a_bad_request_skipped_before_a_kill_is_not_sent_again(tmp_path):
@@ -173,11 +185,15 @@ def test_a_bad_request_skipped_before_a_kill_is_not_sent_again(tmp_path):
     part.write_text("\n".join(lines) + "\n")
     out, stats_file = tmp_path / "out", tmp_path / "server_stats.json"
     options = ["--faulty-stats", str(stats_file)]
-    failures = out / "_infermill" / "failures_rank_00000.jsonl"
+    failures = out / "_infermill" / "failures"  # one file per worker
     proc = run_pipeline(tmp_path, *options, "--delay", "0.3", start_new_session=True)
     try:
-        wait_until(lambda: failures.exists() and "f0-1" in failures.read_text(), 60, "the rejected document's record")
-        wait_until(lambda: skip_checkpointed(tmp_path / "ckpt"), 60, "the skip in the checkpoint")
+        wait_until(
+            lambda: any("f0-1" in path.read_text() for path in failures.glob("*.jsonl")),
+            60,
+            "the rejected document's record",
+        )
+        wait_until(lambda: skip_checkpointed(out / "_infermill"), 60, "the skip in the checkpoint")
         wait_until(
             lambda: stats_file.exists() and server_stats(stats_file)["by_word"].get("fail400:99:rejected"),
             60,

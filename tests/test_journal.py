@@ -1,4 +1,5 @@
-"""ChunkJournal in process: when lines reach the OS, which replies are kept for a resume."""
+"""QueueJournal in process: when lines reach the OS, which replies are kept for a resume, and
+one writer per rank."""
 
 from __future__ import annotations
 
@@ -8,28 +9,40 @@ import os
 import orjson
 import pytest
 
-from helpers import read_jsonl
+from helpers import chat, dummy_config, read_jsonl
 from infermill.config import InferenceConfig
+from infermill.io.units import UnitPlan, WorkUnit
 from infermill.io.writers import JsonlWriter
-from infermill.journal import ChunkJournal, identity_differences, request_key
-from infermill.layout import JobLayout
+from infermill.journal import QueueJournal, identity_differences, request_key
+from infermill.queue import WorkQueue
 from infermill.rollouts import PromptRollout
 from infermill.runner import InferenceRunner
 
-IDENTITY = {"job": "test"}
 
-
-def open_journal(tmp_path, records_per_chunk: int = 10) -> ChunkJournal:
-    layout = JobLayout.for_output(str(tmp_path / "out"), str(tmp_path / "checkpoints"))
-    journal = ChunkJournal(layout, 0, records_per_chunk, JsonlWriter(str(tmp_path / "out")))
-    journal.open(IDENTITY)
+def open_journal(tmp_path, records_per_chunk: int = 10, units: int = 2) -> QueueJournal:
+    """A journal holding ``units`` units of ``records_per_chunk`` records (as a rank's run does;
+    a second one, after the first is closed, resumes from its journals)."""
+    plan = UnitPlan(records_per_chunk, None, (), tuple(WorkUnit(i, (), records_per_chunk) for i in range(units)))
+    queue = WorkQueue(tmp_path / "queue", lease_timeout_sec=60)
+    if queue.plan() is None:
+        queue.publish_plan(plan.to_json())
+    journal = QueueJournal(queue, plan, JsonlWriter(str(tmp_path / "out")))
+    for unit in range(units):
+        lease = queue.claim_unit(unit)
+        if lease is not None:
+            journal.hold(lease)
     return journal
 
 
+def journal_path(tmp_path, chunk: int = 0):
+    """The newest journal of unit ``chunk``: a resume's, which starts from the ones before."""
+    found = sorted((tmp_path / "queue" / "journals").glob(f"{chunk:06d}.*.journal"))
+    return found[-1] if found else tmp_path / "queue" / "journals" / "absent"
+
+
 def log_lines(tmp_path, chunk: int = 0) -> list[dict]:
-    """The chunk log as another process (a resume) would read it now."""
-    path = tmp_path / "checkpoints" / "rank_00000" / f"chunk_{chunk:05d}.log"
-    return read_jsonl(path, missing_ok=True)
+    """The unit's journal as another process (a resume) would read it now."""
+    return read_jsonl(journal_path(tmp_path, chunk), missing_ok=True)
 
 
 async def test_lines_appended_in_one_loop_iteration_are_on_disk_after_it(tmp_path):
@@ -59,7 +72,7 @@ async def test_replies_of_an_unfinished_document_are_stored_and_answer_a_resume(
     journal.close()
 
     resumed = open_journal(tmp_path)
-    assert resumed.state.cached_replies == 2
+    assert len(log_lines(tmp_path)) == 2  # both replies, copied once into the resume's journal
     assert resumed.cached_reply(("doc-1", 0, b"{}", 0)) == {"choices": ["first"]}
     assert resumed.cached_reply(("doc-1", 0, b"{}", 1)) == {"choices": ["second"]}
     assert not resumed.is_done(1)
@@ -85,10 +98,9 @@ async def test_a_full_chunk_is_finalized_with_every_record(tmp_path):
     assert full == 0
     assert await asyncio.to_thread(journal.finalize_chunk, 0) == 4
     await asyncio.sleep(0)  # the scheduled flush meets a closed log and must not fail
-    journal.mark_complete({"documents_processed": 4})
     journal.close()
-    assert journal.layout.is_rank_complete(0)
-    assert not journal.layout.is_rank_complete(1)
+    assert journal.queue.is_done(0)
+    assert not journal.queue.is_done(1)
     written = (tmp_path / "out" / "00000_00000.jsonl").read_text().splitlines()
     assert [orjson.loads(line)["id"] for line in written] == ["0", "1", "2", "3"]
 
@@ -111,7 +123,7 @@ async def test_a_failed_flush_is_raised_by_the_next_commit_and_by_close(tmp_path
         journal.close()
 
 
-async def test_the_summary_counts_each_document_once_and_ignores_a_torn_last_line(tmp_path):
+async def test_a_resume_counts_each_document_once_and_ignores_a_torn_last_line(tmp_path):
     journal = open_journal(tmp_path, records_per_chunk=4)
     for index in range(4):
         journal.commit(index, b'{"id":"%d"}' % index)
@@ -120,42 +132,52 @@ async def test_the_summary_counts_each_document_once_and_ignores_a_torn_last_lin
     journal.commit(4, b'{"id":"4"}')
     journal.commit(4, b'{"id":"4"}')  # a document logged twice (a resume after a kill) counts once
     journal.close()
-    log = journal.layout.chunk_log(0, 1)
+    log = journal_path(tmp_path, 1)
     log.write_bytes(log.read_bytes() + b'{"i":6,"r":{"id"')  # a kill mid-write
-    summary = ChunkJournal.summary(journal.layout, 0)
-    assert (summary.complete, summary.chunks_done, summary.documents_in_open_chunks, summary.cached_replies) == (
-        False,
-        1,
-        1,
-        1,
-    )
+    resumed = open_journal(tmp_path, records_per_chunk=4)
+    assert journal.queue.status().units_done == 1
+    assert resumed.is_done(4) and not resumed.is_done(5) and not resumed.is_done(6)
+    assert sum(b'"i":4,' in line for line in journal_path(tmp_path, 1).read_bytes().splitlines()) == 1
+    assert resumed.cached_reply(("doc-5", 0, b"{}", 0)) == {"choices": []}
+    resumed.close()
 
 
 def test_a_corrupt_record_line_ends_the_log_like_a_torn_one(tmp_path):
     journal = open_journal(tmp_path)
     journal.commit(0, b'{"id":"0"}')
     journal.close()
-    log = journal.layout.chunk_log(0, 0)
+    log = journal_path(tmp_path)
     log.write_bytes(log.read_bytes() + b'{"i":1,"x":{}}\n' + b'{"i":2,"r":{"id":"2"}}\n')
-    resumed = open_journal(tmp_path)  # a resume reads it: the corrupt line and all after it are cut
-    assert resumed.state.done_records == {0}
-    assert log.read_bytes() == b'{"i":0,"r":{"id":"0"}}\n'
+    resumed = open_journal(tmp_path)  # a resume reads it: the corrupt line and all after it are left out
+    assert resumed.is_done(0) and not resumed.is_done(1) and not resumed.is_done(2)
+    assert journal_path(tmp_path).read_bytes() == b'{"i":0,"r":{"id":"0"}}\n'
     resumed.close()
 
 
-def test_a_rank_takes_one_writer_at_a_time_and_a_closed_journal_lets_the_next_one_in(tmp_path):
+async def test_a_rank_takes_one_writer_at_a_time_and_a_finished_run_lets_the_next_one_in(tmp_path):
     from infermill.errors import CheckpointBusyError
 
-    first = open_journal(tmp_path)
-    second = ChunkJournal(first.layout, 0, 10, JsonlWriter(str(tmp_path / "out")))
-    with pytest.raises(CheckpointBusyError, match=rf"another infermill run \(pid {os.getpid()}\) is running rank 0"):
-        second.open(IDENTITY)
-    other_rank = ChunkJournal(first.layout, 1, 10, JsonlWriter(str(tmp_path / "out")))
-    other_rank.open(IDENTITY)  # another rank of the same job is fine
-    other_rank.close()
-    first.close()
-    second.open(IDENTITY)
-    second.close()
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def rollout(document, generate):
+        started.set()
+        await release.wait()
+        return await generate(chat(document.text))
+
+    def runner() -> InferenceRunner:  # each its own runner: as two processes would
+        return InferenceRunner(rollout, dummy_config(), JsonlWriter(str(tmp_path / "out")))
+
+    documents = [{"id": "a", "text": "one"}]
+    first = asyncio.ensure_future(runner().run_async(documents, 0, 2))
+    await asyncio.wait_for(started.wait(), 10)
+    with pytest.raises(
+        CheckpointBusyError, match=rf"another infermill run \(pid {os.getpid()} on .*\) is running rank 0"
+    ):
+        await runner().run_async(documents, 0, 2)
+    release.set()
+    assert (await runner().run_async([{"id": "b", "text": "two"}], 1, 2))["documents_written"] == 1  # another rank
+    assert (await first)["documents_written"] == 1
+    assert (await runner().run_async(documents, 0, 2))["already_complete"]
 
 
 # -- a work queue's units ------------------------------------------------------------------

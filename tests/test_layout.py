@@ -19,9 +19,10 @@ def test_a_local_output_keeps_everything_in_its_own_infermill_folder(tmp_path, m
     assert layout.checkpoints == layout.root / "checkpoints"
     assert layout.stats_file(0, 1) == layout.root / "stats.json"
     assert layout.stats_file(3, 4) == layout.root / "stats_rank_00003.json"
-    assert layout.failures_file(2) == layout.root / "failures_rank_00002.jsonl"
+    assert layout.failures_file("w-1") == layout.root / "failures" / "w-1.jsonl"  # one file per worker
     assert layout.logs == layout.root / "logs"
-    assert layout.identity_file(1) == layout.root / "checkpoints" / "rank_00001" / "identity.json"
+    assert layout.rank_queue(0, 1) == layout.queue == layout.root / "queue"  # a stream of one rank: the job's queue
+    assert layout.rank_queue(3, 4) == layout.root / "ranks" / "00003"
 
 
 def test_a_remote_output_keeps_its_files_in_the_local_checkpoint_folder(tmp_path, monkeypatch):
@@ -35,9 +36,18 @@ def test_a_remote_output_keeps_its_files_in_the_local_checkpoint_folder(tmp_path
         JobLayout.for_output("out", "s3://bucket/ckpt")
 
 
-def test_ranks_lists_the_checkpoint_folders_in_order(tmp_path):
+def test_legacy_ranks_lists_an_older_infermills_rank_checkpoints_in_order(tmp_path):
     layout = JobLayout.for_output(str(tmp_path / "out"))
     for rank in (2, 0, 11):
-        os.makedirs(layout.rank_dir(rank))
+        os.makedirs(layout.checkpoints / f"rank_{rank:05d}")
     (layout.checkpoints / "rank_notes").mkdir()
-    assert layout.ranks() == [0, 2, 11]
+    (layout.checkpoints / "rank_00003.lock").touch()
+    assert layout.legacy_ranks() == [0, 2, 11]
+
+
+def test_rank_queues_lists_a_streams_ranks_in_order(tmp_path):
+    layout = JobLayout.for_output(str(tmp_path / "out"))
+    assert layout.rank_queues() == []
+    for rank in (2, 0, 11):
+        os.makedirs(layout.rank_queue(rank, 12))
+    assert layout.rank_queues() == [layout.rank_queue(rank, 12) for rank in (0, 2, 11)]

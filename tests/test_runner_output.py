@@ -14,6 +14,7 @@ from conftest import ECHO_SERVER
 from helpers import FAST, chat, dummy_config, echo_rollout, faulty_config, read_jsonl, run_stats
 from infermill import Document, InferenceConfig, InferenceError, InferenceResult, InfermillError, ServerError
 from infermill.io.writers import JsonlWriter
+from infermill.queue import WorkQueue
 from infermill.runner import InferenceRunner
 
 
@@ -435,7 +436,8 @@ async def test_two_runs_at_once_on_one_runner_keep_their_own_state(tmp_path):
         assert (
             orjson.loads((tmp_path / "out" / "_infermill" / f"stats_rank_0000{rank}.json").read_bytes()) == stats[rank]
         )
-        assert runner.layout.is_rank_complete(rank)
+        queue = WorkQueue(runner.layout.rank_queue(rank, 2)).status()  # each rank its own queue, all committed
+        assert (queue.units_done, queue.units_total, queue.documents_done) == (3, 3, 10 + rank)
     assert seen_together and all(p.requests_in_flight >= 0 for p in seen_together)
     assert runner.progress().documents_done == 0  # no run in progress any more
 

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
     from infermill.io.readers import DocumentReader
     from infermill.jobstatus import JobProgress
-    from infermill.journal import RankSummary
     from infermill.queue import OutputCheck, QueueStatus, WorkQueue
     from infermill.runner import InferenceRunner
     from infermill.worker import QueueOptions
@@ -485,29 +484,22 @@ def job_status(layout: JobLayout, output: str, verify: bool = False) -> JobStatu
     return JobStatus(progress, read_stats(layout).get("replicas") or [], check)
 
 
-@dataclass(frozen=True, slots=True)
-class RankStatus:
-    """One static rank of an older infermill's job, and the stats files of its ranks."""
+def stream_ranks_status(layout: JobLayout, output: str) -> dict[int, QueueStatus]:
+    """Each rank's queue status of a document stream run as several ranks (a datatrove
+    pipeline's, the Python API's); ``ConfigError`` if ``output`` holds none (an older
+    infermill's static ranks, which are refused, or no job at all)."""
+    from infermill.queue import WorkQueue
 
-    rank: int
-    summary: RankSummary
-
-
-def rank_status(layout: JobLayout, output: str) -> tuple[list[RankStatus], list[dict[str, Any]]]:
-    """The static ranks of an older infermill's job, and each stats file's (name, stats);
-    ``ConfigError`` if there are none (``output`` is no job's output folder)."""
-    import orjson
-
-    from infermill.journal import ChunkJournal
-
-    ranks = layout.ranks()
-    if not ranks:
+    folders = layout.rank_queues()
+    if not folders:
         raise ConfigError(
-            f"no checkpoints in {layout.checkpoints}: is {output} the output folder of a job? (--checkpoints "
-            "names the checkpoint folder of a job that set checkpoint.dir)"
+            f"{layout.checkpoints} holds checkpoints of static ranks written by an older infermill, which this one "
+            "does not read: start the job over with --overwrite"
+            if layout.legacy_ranks()
+            else f"no checkpoints in {layout.root}: is {output} the output folder of a job? (--checkpoints names "
+            "the checkpoint folder of a job that set checkpoint.dir)"
         )
-    stats = [{"file": path.name, **orjson.loads(path.read_bytes())} for path in layout.stats_files()]
-    return [RankStatus(rank, ChunkJournal.summary(layout, rank)) for rank in ranks], stats
+    return {int(folder.name): WorkQueue(folder).status() for folder in folders}
 
 
 def check_outputs(layout: JobLayout, output: str) -> OutputCheck:

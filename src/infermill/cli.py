@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from infermill.application import JobStatus
     from infermill.layout import JobLayout
+    from infermill.queue import QueueStatus
 
 logger = logging.getLogger("infermill")
 
@@ -440,42 +441,37 @@ def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_
         if found.check is not None and found.check.lost:
             raise SystemExit(ExitCode.FAILED)
         return
-    _rank_status(layout, output, verify)
-
-
-def _rank_status(layout: JobLayout, output: str, verify: bool) -> None:
-    """Print the state of the static ranks of an older infermill's job."""
-    from rich.table import Table
-
-    from infermill.application import rank_status
+    from infermill.application import stream_ranks_status
 
     try:
-        ranks, stats_files = rank_status(layout, output)
+        ranks = stream_ranks_status(layout, output)
         if verify:
-            raise ConfigError(
-                f"--verify checks the units of a job's work queue: {output} holds static ranks of an older infermill"
-            )
+            raise ConfigError(f"--verify checks the units of a job of `infermill run`: {output} holds a stream's ranks")
     except ConfigError as e:
         _fail(e)
+    _ranks_status(output, ranks, as_json)
+
+
+def _ranks_status(output: str, ranks: dict[int, QueueStatus], as_json: bool) -> None:
+    """Print the status of a document stream run as several ranks: one queue each."""
+    from rich.table import Table
+
+    if as_json:
+        click.echo(orjson.dumps({"ranks": {f"{rank:05d}": s.as_dict() for rank, s in ranks.items()}}).decode())
+        return
     table = Table(title=f"infermill status: {escape(output)}")
-    for column in ("rank", "state", "chunks done", "documents in open chunks", "cached replies"):
+    for column in ("rank", "units done", "units in progress", "units failed", "documents done"):
         table.add_column(column, justify="right")
-    for rank in ranks:
-        summary = rank.summary
+    for rank, s in ranks.items():
+        total = f" of {s.documents_total:,}" if s.documents_total is not None else ""
         table.add_row(
-            f"{rank.rank:05d}",
-            "complete" if summary.complete else "incomplete",
-            str(summary.chunks_done),
-            str(summary.documents_in_open_chunks),
-            str(summary.cached_replies),
+            f"{rank:05d}",
+            f"{s.units_done} of {s.units_total}",
+            str(s.units_in_progress),
+            str(s.units_failed),
+            f"{s.documents_done:,}{total}",
         )
     _stdout().print(table)
-    for stats in stats_files:
-        click.echo(
-            f"{stats['file']}: {stats.get('documents_processed', 0)} documents processed, "
-            f"{stats.get('documents_failed', 0)} failed, {stats.get('requests_ok', 0)} requests ok, "
-            f"{stats.get('inference_time_sec', 0):.1f} s"
-        )
 
 
 def _renewed(seconds_ago: float) -> str:

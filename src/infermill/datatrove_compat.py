@@ -1,4 +1,9 @@
-"""datatrove compatibility: a datatrove ``DiskWriter`` as infermill's output writer.
+"""The datatrove adapter: ``InferenceRunner`` as a datatrove pipeline step, and a datatrove
+``DiskWriter`` as infermill's output writer.
+
+Called as a step (:func:`run_step`), the runner runs the documents its upstream step yields as
+this rank's document stream (:mod:`infermill.stream`) and, as datatrove's runner, passes nothing
+downstream.
 
 infermill's journal writes each checkpointed chunk with ``write_chunk(records, rank,
 chunk_index)``. :class:`DatatroveWriter` does that through a datatrove writer
@@ -34,12 +39,62 @@ import re
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from infermill.io.writers import OutputWriter, Record, as_dict
 
+
+class PipelineStep(Protocol):
+    """What :func:`run_step` needs of the step (an ``InferenceRunner``: this module sits below
+    the engine, which calls it)."""
+
+    stats: Any
+
+    def run(self, documents: Any, rank: int = 0, world_size: int = 1) -> dict[str, Any]: ...
+
+
 TEMP_FOLDER = "_infermill_tmp"
+#: records_per_chunk when a rank's output is one chunk (a datatrove writer's file name without ${chunk_index})
+WHOLE_RANK = 1 << 62
+#: the metadata key datatrove's runner sets (True) on a document with no results, which it does not write
+NO_ROLLOUTS_MARK = "__no_rollouts_remove"
 _TAG = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*")
+
+
+def adapt_writer(writer: Any, checkpoints_local_dir: str | None, records_per_chunk: int) -> tuple[OutputWriter, int]:
+    """The runner's writer and records per chunk for ``writer``, a datatrove ``DiskWriter``
+    (``TypeError`` for anything else): a file name without ``${chunk_index}`` makes the rank's
+    whole output one chunk, as datatrove writes it without ``checkpoints_local_dir``."""
+    if not is_datatrove_writer(writer):
+        raise TypeError(
+            "output_writer must be an infermill writer (infermill.io.writers) or a datatrove DiskWriter, "
+            f"got {type(writer).__name__}"
+        )
+    adapted = DatatroveWriter(writer)
+    if adapted.one_file_per_rank:
+        if checkpoints_local_dir is not None:
+            raise ValueError(
+                f"the datatrove writer's output_filename {adapted.output_filename!r} must contain "
+                "${chunk_index} when checkpoints_local_dir is set, as in datatrove: each chunk of a rank is "
+                "its own file (e.g. output_filename='${rank}_${chunk_index}.jsonl')"
+            )
+        records_per_chunk = WHOLE_RANK  # one file per rank, still checkpointed: one unit, committed at the end
+    return adapted, records_per_chunk
+
+
+def run_step(runner: PipelineStep, data: Any, rank: int, world_size: int) -> None:
+    """A datatrove pipeline step's call: run ``data`` (the upstream step's documents) as
+    ``runner.run`` does; yield nothing downstream, as datatrove's runner. The rank's stats are then
+    the runner's ``stats`` (a datatrove ``Stats``), which datatrove's executors save."""
+    if data is None:
+        raise ValueError(
+            "InferenceRunner as a pipeline step needs documents from the step before it (e.g. a reader): it got none"
+        )
+    stats = runner.run(data, rank, world_size)
+    try:
+        runner.stats = step_stats(str(runner), stats)
+    except ImportError:  # called as a step, but not by datatrove: no datatrove stats to keep
+        pass
 
 
 def is_datatrove_writer(writer: Any) -> bool:

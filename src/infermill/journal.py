@@ -1,10 +1,9 @@
-"""Exactly-once checkpoints and the request cache: of one rank (``ChunkJournal``), or of the
-units a worker holds from the job's work queue (``QueueJournal``, whose journals are chunk
-logs too).
+"""Exactly-once checkpoints and the request cache of the units a worker holds from a job's
+work queue (``QueueJournal``; a rank's document stream is such a queue, see
+:mod:`infermill.stream`).
 
-Each rank's input records are numbered 0, 1, 2, ... and grouped into chunks of
-``records_per_chunk``. Everything that happens to a chunk is appended, one JSON line at a
-time, to its log ``rank_RRRRR/chunk_CCCCC.log`` (paths: :class:`infermill.layout.JobLayout`):
+Everything that happens to a unit is appended, one JSON line at a time, to the journal of
+its holder (``WorkQueue.journal_path``), a chunk log (:class:`ChunkLogs`):
 
 * ``{"i": index, "r": record}`` when a document is finished (``r`` is null for a document
   that is not written: every rollout returned None, or it was skipped);
@@ -13,12 +12,12 @@ time, to its log ``rank_RRRRR/chunk_CCCCC.log`` (paths: :class:`infermill.layout
 
 Lines are handed to the OS once per event-loop iteration, not one ``write`` each.
 
-When every record of a chunk is finished, its data file is written from the log (under
-a temporary name, then renamed), the marker ``chunk_CCCCC.done`` is created, and the log
-is deleted. Every step is idempotent, so a kill at any moment is recovered by running
-the same job again: finished records are skipped, their output is kept, and requests
-whose replies were stored are answered from the log instead of the server. A torn last
-line (a kill mid-write) is dropped.
+When every record of a unit is finished, its output file is written from the journal (under
+a temporary name, then renamed), the unit is committed through the queue, and its journals
+are deleted. A kill at any moment is recovered by running the same job again: finished
+records are skipped, their output is kept, and requests whose replies were stored are
+answered from the journal instead of the server. A torn last line (a kill mid-write) is
+dropped.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import asyncio
 import functools
 import hashlib
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,16 +36,13 @@ import orjson
 
 from infermill.config import DIGEST_PREFIX
 from infermill.errors import ConfigError, InfermillError, LeaseLostError
-from infermill.io.filesystems import replace_whole
 from infermill.io.readers import input_changes
-from infermill.layout import RankLock
 from infermill.queue import StorageStalledError
 from infermill.queue_storage import StorageTimeoutError
 
 if TYPE_CHECKING:
     from infermill.io.units import UnitPlan
     from infermill.io.writers import OutputWriter
-    from infermill.layout import JobLayout
     from infermill.queue import Lease, LeaseRenewer, WorkQueue
 
 logger = logging.getLogger("infermill.journal")
@@ -173,7 +168,7 @@ class LogLine(NamedTuple):
 def read_log(path: Path) -> Iterator[LogLine]:
     """The lines of a chunk log, up to a torn last one (a kill mid-write), which is left out.
 
-    Record lines are cut, not parsed: they are :meth:`ChunkJournal.commit`'s own
+    Record lines are cut, not parsed: they are :meth:`ChunkLogs.commit`'s own
     ``{"i":INDEX,"r":RECORD}``, and whoever needs RECORD decoded decodes it."""
     end = 0
     with open(path, "rb") as f:
@@ -220,17 +215,6 @@ def load_log(path: Path) -> LoadedLog:
     return LoadedLog(records, replies)
 
 
-@dataclass(frozen=True, slots=True)
-class RankSummary:
-    """Where one rank's checkpoint stands, as ``infermill status`` shows it."""
-
-    rank: int
-    complete: bool
-    chunks_done: int
-    documents_in_open_chunks: int
-    cached_replies: int
-
-
 @dataclass
 class _Chunk:
     index: int
@@ -240,26 +224,15 @@ class _Chunk:
     indices: set[int] = field(default_factory=set)  # the finished records read back from its log
 
 
-@dataclass
-class ResumeState:
-    """What an earlier run of the same job left behind."""
-
-    done_chunks: set[int] = field(default_factory=set)
-    done_records: set[int] = field(default_factory=set)  # finished records of unfinished chunks
-    cached_replies: int = 0
-    complete: dict[str, Any] | None = None
-
-
 class ChunkLogs:
-    """What both journals share: chunk logs appended to once per event-loop iteration, the
-    request cache, and which records are finished. Subclasses say where a chunk's log is
-    (``_log_path``) and how many records make it full (``_chunk_size``)."""
+    """The chunk logs of a journal: appended to once per event-loop iteration, the request
+    cache, and which records are finished. :class:`QueueJournal` says where a unit's log is
+    (``_log_path``), how many records make it full (``_chunk_size``) and how it is committed."""
 
     def __init__(self, records_per_chunk: int, writer: OutputWriter, where: Path):
         self.records_per_chunk = records_per_chunk
         self.writer = writer
         self.dir = where  # named in errors
-        self.state = ResumeState()
         self._chunks: dict[int, _Chunk] = {}
         self._cache: dict[str, Any] = {}
         self._unflushed: set[Any] = set()  # logs appended to since the last flush
@@ -290,13 +263,12 @@ class ChunkLogs:
         chunk.indices = log.records
         chunk.finished = len(log.records)
         self._cache.update(log.replies)
-        self.state.cached_replies = len(self._cache)
         return chunk
 
     # -- during the run -----------------------------------------------------------------
 
     def is_done(self, index: int) -> bool:
-        return index // self.records_per_chunk in self.state.done_chunks or index in self.state.done_records
+        raise NotImplementedError
 
     def cached_reply(self, request: Request) -> Any:
         """The stored reply to ``request``, or None."""
@@ -407,141 +379,6 @@ class ChunkLogs:
                     self._failure = self._failure or e
                 chunk.file = None
         self._raise_if_failed()
-
-
-class ChunkJournal(ChunkLogs):
-    """Checkpoints of one rank of the job laid out by ``layout``; see the module docstring."""
-
-    def __init__(self, layout: JobLayout, rank: int, records_per_chunk: int, writer: OutputWriter):
-        super().__init__(records_per_chunk, writer, layout.rank_dir(rank))
-        self.layout = layout
-        self.rank = rank
-        self._lock = RankLock(layout, rank)
-
-    def _log_path(self, chunk_index: int) -> Path:
-        return self.layout.chunk_log(self.rank, chunk_index)
-
-    @staticmethod
-    def summary(layout: JobLayout, rank: int) -> RankSummary:
-        """Where rank ``rank``'s checkpoint stands, read from its files (the job may be running)."""
-        folder = layout.rank_dir(rank)
-        documents: set[int] = set()
-        cached = 0
-        for log in folder.glob("chunk_*.log"):
-            if log.with_suffix(".done").exists():
-                continue  # finished; its log is about to go
-            try:
-                for line in read_log(log):
-                    if line.document is None:
-                        cached += 1
-                    else:
-                        documents.add(line.document)
-            except FileNotFoundError:  # finalized (and removed) by the running job meanwhile
-                continue
-        return RankSummary(
-            rank, layout.is_rank_complete(rank), len(list(folder.glob("chunk_*.done"))), len(documents), cached
-        )
-
-    # -- opening ------------------------------------------------------------------------
-
-    def open(
-        self, identity: dict[str, Any], overwrite: bool = False, accept_changed_input: bool = False
-    ) -> ResumeState:
-        """Lock the rank's checkpoint, check the job's identity against it and load what was
-        done. :meth:`close` releases the lock. ``accept_changed_input``: resume although input
-        files changed (records fixed in place: the same records, in the same order)."""
-        self._lock.acquire()
-        try:
-            return self._open(identity, overwrite, accept_changed_input)
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def _open(self, identity: dict[str, Any], overwrite: bool, accept_changed_input: bool) -> ResumeState:
-        if overwrite and self.dir.exists():
-            self._discard()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        identity_path = self.layout.identity_file(self.rank)
-        if identity_path.exists():
-            recorded = orjson.loads(identity_path.read_bytes())
-            done = len(list(self.dir.glob("chunk_*.done")))
-            if done or self.layout.complete_file(self.rank).exists():
-                note = f"{done} of its chunks are committed with the settings before."
-                if check_identity(recorded, identity, f"the checkpoint in {self.dir}", accept_changed_input, note):
-                    self._write_identity(identity)
-            elif changes := identity_differences(recorded, identity):  # nothing committed: nothing to mix with
-                logger.warning(
-                    "nothing of the checkpoint in %s was committed: starting it over with the changed settings (%s)",
-                    self.dir,
-                    "; ".join(changes[:5]),
-                )
-                self._discard()
-                self.dir.mkdir(parents=True, exist_ok=True)
-                self._write_identity(identity)
-        else:
-            self._write_identity(identity)
-        complete = self.layout.complete_file(self.rank)
-        if complete.exists():
-            self.state.complete = orjson.loads(complete.read_bytes())
-            return self.state
-        for path in sorted(self.dir.glob("chunk_*.done")):
-            self.state.done_chunks.add(int(path.stem.split("_")[1]))
-        for path in sorted(self.dir.glob("chunk_*.log")):
-            chunk_index = int(path.stem.split("_")[1])
-            if chunk_index in self.state.done_chunks:
-                path.unlink()  # killed between marking the chunk done and deleting its log
-                continue
-            self.state.done_records |= self._load_log(chunk_index, path).indices
-        for path in self.dir.glob("chunk_*.tmp"):
-            path.unlink()
-        self.writer.remove_temp_files(self.rank)  # a chunk file being written when a run was killed
-        return self.state
-
-    def _discard(self) -> None:
-        """Delete this rank's checkpoint and the data files it records, and no other file. In an
-        order that a kill at any moment leaves resumable: first the completion mark, then each
-        chunk's file before its mark."""
-        self.layout.complete_file(self.rank).unlink(missing_ok=True)
-        for mark in sorted(self.dir.glob("chunk_*.done")):
-            self.writer.remove_chunk_file(self.rank, int(mark.stem.split("_")[1]))
-            mark.unlink()
-        shutil.rmtree(self.dir)
-        self.writer.remove_temp_files(self.rank)
-
-    def _write_identity(self, identity: dict[str, Any]) -> None:
-        data = orjson.dumps(identity, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-        replace_whole(self.layout.identity_file(self.rank), data, fsync=True)
-
-    def finalize_chunk(self, chunk_index: int) -> int:
-        """Write the chunk's data file from its log, mark it done, drop the log. Idempotent.
-
-        Returns the number of records written. Safe to run in a worker thread.
-        """
-        chunk = self._chunks.pop(chunk_index, None)
-        if chunk is not None and chunk.file is not None:
-            chunk.file.close()
-        log = self.layout.chunk_log(self.rank, chunk_index)
-        written = self.writer.write_chunk(self._records(log), self.rank, chunk_index) if log.exists() else 0
-        self.layout.chunk_done(self.rank, chunk_index).touch()
-        if log.exists():
-            log.unlink()
-        return written
-
-    def mark_complete(self, summary: dict[str, Any]) -> None:
-        replace_whole(
-            self.layout.complete_file(self.rank), orjson.dumps(summary, option=orjson.OPT_INDENT_2), fsync=True
-        )
-
-    def close(self, complete: dict[str, Any] | None = None) -> None:
-        """Write what is pending and close the logs; if every write succeeded, mark the rank
-        complete with ``complete`` (its stats) when given; release the lock. Raise if a write
-        failed."""
-        try:
-            self._close_logs()
-            if complete is not None:
-                self.mark_complete(complete)
-        finally:
-            self._lock.release()
 
 
 class QueueJournal(ChunkLogs):

@@ -1,16 +1,19 @@
 """Where a job keeps its own files: every path under ``OUTPUT/_infermill/``, in one place.
 
     OUTPUT/_infermill/
-      checkpoints/rank_RRRRR/     identity.json, complete.json, chunk_CCCCC.log / .done
-      checkpoints/rank_RRRRR.lock held (flock) by the run writing that rank
-      stats.json                  (stats_rank_RRRRR.json when there are several ranks)
-      stats/WORKER.json           each queue worker run's stats so far, summed into stats.json
-      failures_rank_RRRRR.jsonl   documents skipped or failed, with the reason
+      queue/                      the work queue: plan, leases, done marks, journals (infermill.queue)
+      ranks/RRRRR/                the queue of rank RRRRR of a document stream with several ranks
+                                  (infermill.stream; a stream with one rank uses queue/)
+      stats.json                  (stats_rank_RRRRR.json per rank of a stream with several ranks)
+      stats/WORKER.json           each worker run's stats so far, summed into stats.json
+      failures/WORKER.jsonl       documents a worker skipped or failed, with the reason
       logs/                       the server's output (the job file's default server_log_folder)
-      metrics/WORKER.jsonl        each queue worker's metrics over time (infermill.timeseries)
-      queue/                      the shared work queue: plan.json, leases, done marks, journals (infermill.queue)
+      metrics/WORKER.jsonl        each worker's metrics over time (infermill.timeseries)
       slurm/                      the scripts of a job's Slurm submissions
       report.html                 ``infermill report``'s page, unless told another place
+
+An older infermill kept static ranks' checkpoints in ``checkpoints/rank_RRRRR/``: they are
+refused (:meth:`JobLayout.legacy_ranks`), never read.
 
 Checkpoints may live elsewhere (``checkpoint.dir``): they must be local, so a remote
 output needs one, and then the job's other files go into that folder too.
@@ -18,13 +21,11 @@ output needs one, and then the job's other files go into that folder too.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from infermill.errors import CheckpointBusyError, ConfigError
+from infermill.errors import ConfigError
 
 INFERMILL_DIR = "_infermill"
 #: the queue's plan, in its folder: a job of the work queue is one with a plan
@@ -99,7 +100,7 @@ class JobLayout:
 
     @property
     def worker_stats(self) -> Path:
-        """Each queue worker run's stats so far, ``WORKER.json``, summed into ``stats.json``."""
+        """Each worker run's stats so far, ``WORKER.json``, summed into ``stats.json``."""
         return self.root / "stats"
 
     def worker_stats_file(self, worker: str) -> Path:
@@ -118,29 +119,19 @@ class JobLayout:
         """Where ``infermill report`` writes its page by default."""
         return self.root / "report.html"
 
-    def rank_dir(self, rank: int) -> Path:
-        return self.checkpoints / f"rank_{rank:05d}"
+    def rank_queue(self, rank: int, world_size: int) -> Path:
+        """The queue folder of rank ``rank`` of a document stream of ``world_size`` ranks."""
+        return self.queue if world_size == 1 else self.root / "ranks" / f"{rank:05d}"
 
-    def ranks(self) -> list[int]:
-        """The ranks that have a checkpoint folder, in order."""
-        found = (path.name.removeprefix("rank_") for path in self.checkpoints.glob("rank_*"))
+    def rank_queues(self) -> list[Path]:
+        """The queue folders of the job's ranks with several (a document stream's), in order."""
+        folder = self.root / "ranks"
+        return sorted(path for path in folder.iterdir() if path.name.isdigit()) if folder.is_dir() else []
+
+    def legacy_ranks(self) -> list[int]:
+        """The ranks of an older infermill's static-rank checkpoints here (``checkpoints/rank_*``)."""
+        found = (path.name.removeprefix("rank_") for path in self.checkpoints.glob("rank_*") if path.is_dir())
         return sorted(int(name) for name in found if name.isdigit())
-
-    def lock_file(self, rank: int) -> Path:
-        """Held (flock) by the run writing rank ``rank``; beside its folder, which --overwrite deletes."""
-        return self.checkpoints / f"rank_{rank:05d}.lock"
-
-    def identity_file(self, rank: int) -> Path:
-        return self.rank_dir(rank) / "identity.json"
-
-    def complete_file(self, rank: int) -> Path:
-        return self.rank_dir(rank) / "complete.json"
-
-    def chunk_log(self, rank: int, chunk_index: int) -> Path:
-        return self.rank_dir(rank) / f"chunk_{chunk_index:05d}.log"
-
-    def chunk_done(self, rank: int, chunk_index: int) -> Path:
-        return self.rank_dir(rank) / f"chunk_{chunk_index:05d}.done"
 
     def stats_file(self, rank: int, world_size: int) -> Path:
         return self.root / ("stats.json" if world_size == 1 else f"stats_rank_{rank:05d}.json")
@@ -148,14 +139,16 @@ class JobLayout:
     def stats_files(self) -> list[Path]:
         return sorted(self.root.glob("stats*.json"))
 
-    def failures_file(self, rank: int) -> Path:
-        return self.root / f"failures_rank_{rank:05d}.jsonl"
+    @property
+    def failures(self) -> Path:
+        """The documents the workers skipped or failed, ``WORKER.jsonl``: one file per worker, never shared."""
+        return self.root / "failures"
+
+    def failures_file(self, worker: str) -> Path:
+        return self.failures / f"{worker}.jsonl"
 
     def failures_files(self) -> list[Path]:
-        return sorted(self.root.glob("failures_*.jsonl"))
-
-    def is_rank_complete(self, rank: int) -> bool:
-        return self.complete_file(rank).exists()
+        return sorted(self.failures.glob("*.jsonl"))
 
     def check_writable(self) -> None:
         """Make the job's own folders and write a file in each, so that a folder that cannot be
@@ -172,43 +165,6 @@ class JobLayout:
                     f"cannot write to {folder}: {e.strerror or e}; choose another output path (or checkpoint.dir), "
                     "or make that folder writable"
                 ) from None
-
-
-class RankLock:
-    """One rank's checkpoint, locked for the run that writes it: a second run of the same job
-    and rank is refused at once. The lock is ``flock``'s, so the OS drops it when its holder
-    exits, however it dies: a killed run never leaves it behind."""
-
-    def __init__(self, layout: JobLayout, rank: int):
-        self.path = layout.lock_file(rank)
-        self.rank = rank
-        self._file: Any = None
-
-    def acquire(self) -> None:
-        """Take the lock, or raise ``CheckpointBusyError`` naming the run that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(self.path, "a+")  # noqa: SIM115 -- held open as long as the lock
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "?"
-            file.close()
-            raise CheckpointBusyError(
-                f"another infermill run (pid {holder}) is running rank {self.rank} of this job: its checkpoint in "
-                f"{self.path.parent} takes one writer at a time. Wait for that run to finish (or stop it), or run "
-                "another rank."
-            ) from None
-        file.seek(0)
-        file.truncate()
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        self._file = file
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the file drops the lock
-            self._file = None
 
 
 def series_files(folder: str | os.PathLike[str]) -> list[Path]:

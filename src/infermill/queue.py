@@ -274,7 +274,18 @@ def process_gone(pid: object) -> bool:
         return True
     except PermissionError:  # another user's process: it runs
         return False
-    return False
+    return _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether process ``pid`` has exited but was not reaped yet (a killed worker whose parent
+    died too, in a container whose init reaps nothing): it holds nothing any more. Linux only."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"  # the state follows "(command) "
 
 
 def new_worker_id() -> str:
@@ -448,6 +459,41 @@ class WorkQueue:
                 if lease is not None:
                     return lease
         return None
+
+    def claim_unit(self, unit: int) -> Lease | None:
+        """Lease ``unit`` itself, unless it is done, failed or held by a live lease (then None):
+        the claim of a queue whose one holder takes its units in order (a rank's document
+        stream, :mod:`infermill.stream`)."""
+        self.check_plan()
+        state = self._list().get(unit) or _Unit()
+        if state.done or state.failed:
+            return None
+        if state.leased:
+            path = self.units_dir / _generation_name(unit, state.generation, "lease")
+            age = self._lease_age(path, self.storage_now())
+            if age is not None and age <= self.lease_timeout_sec and not self._holder_gone(path):
+                return None
+        return self._take(unit, state)
+
+    def is_done(self, unit: int) -> bool:
+        """Whether ``unit`` is committed."""
+        return self.storage.exists(self._done_path(unit))
+
+    def replace_plan(self, plan: dict[str, Any]) -> None:
+        """Store ``plan`` in place of the stored plan, keeping its ``plan_id`` (this worker's
+        claims go on) and its date: a plan that grows as its one holder finds units (a
+        document stream's)."""
+        current = self.plan()
+        if current is None:
+            raise InfermillError(f"the work queue in {self.folder} has no plan yet: publish_plan() first")
+        plan = {"plan_id": current["plan_id"], **{k: v for k, v in plan.items() if k != "plan_id"}}
+        path = self.folder / PLAN_FILE
+        planned = self.storage.mtime(path)
+        temp = path.with_name(f".{PLAN_FILE}.{uuid.uuid4().hex}.tmp")
+        self.storage.create_if_absent(temp, orjson.dumps(plan))
+        self.storage.rename(temp, path)
+        self.storage.touch(path, planned)  # its date stays when the job was planned: status's rate window
+        self._plan = plan
 
     def _holder_gone(self, lease_path: Path) -> bool:
         """Whether the lease's holder ran on this host and its process is gone (a worker killed

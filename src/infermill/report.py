@@ -584,7 +584,7 @@ class JobSummary:
 
 def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries]) -> JobSummary:
     """The job's identity and summary from its stats, its queue (or its checkpoints, for a job of
-    static ranks) and its time series."""
+    a document stream's ranks) and its time series."""
     from infermill.jobstatus import job_progress
     from infermill.queue import WorkQueue
     from infermill.worker import job_stats, read_stats
@@ -630,13 +630,12 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
             summary.append(("docs/s (last 10 min)", status.documents_per_sec))
             summary.append(("ETA", _duration(status.eta_sec) if status.eta_sec is not None else "-"))
         failures = [f"unit {f.unit} (attempt {f.generation}, {f.host}): {f.cause}" for f in status.failed]
-    elif layout.ranks():
-        from infermill.journal import ChunkJournal
-
-        ranks = [ChunkJournal.summary(layout, rank) for rank in layout.ranks()]
-        done = sum(1 for r in ranks if r.complete)
+    elif rank_queues := layout.rank_queues():  # a document stream of several ranks: a queue each
+        ranks = {int(folder.name): WorkQueue(folder).status() for folder in rank_queues}
+        done = sum(1 for r in ranks.values() if r.units_done == r.units_total)
         summary.append(("state", "complete" if done == len(ranks) else f"{done} of {len(ranks)} ranks complete"))
-        summary.append(("chunks done", sum(r.chunks_done for r in ranks)))
+        summary.append(("units done", sum(r.units_done for r in ranks.values())))
+        failures = [f"rank {rank}, unit {f.unit} ({f.host}): {f.cause}" for rank, r in ranks.items() for f in r.failed]
     for path in layout.stats_files():
         if path.name != "stats.json":  # a job of static ranks: one file per rank
             stats = _add_counts(stats, _read_json(path))
@@ -700,7 +699,7 @@ def write_report(layout: JobLayout, output: str, destination: Path, max_points: 
     _require()
     from plotly.offline import get_plotlyjs
 
-    if not layout.plan_file.exists() and not layout.ranks() and not layout.stats_files():
+    if not layout.plan_file.exists() and not layout.rank_queues() and not layout.stats_files():
         raise ConfigError(
             f"no job in {layout.root}: is {output} the output folder of a job? (--checkpoints names the "
             "checkpoint folder of a job that set checkpoint.dir)"

@@ -37,7 +37,7 @@ from infermill.errors import (
 from infermill.eventloop import fewer_gc_passes
 from infermill.io.readers import BadRecord, DocumentReader
 from infermill.io.writers import OutputWriter
-from infermill.journal import ChunkJournal, ChunkLogs, QueueJournal
+from infermill.journal import QueueJournal
 from infermill.layout import JobLayout
 from infermill.metrics import LatencyHistogram, ProgressSnapshot, RunStats
 from infermill.queue import QueueStalledError, WorkQueue, new_worker_id
@@ -64,10 +64,6 @@ logger = logging.getLogger("infermill.runner")
 Generate = Callable[..., Awaitable[InferenceResult]]  # generate(payload, *, path=None)
 RolloutFn = Callable[..., Awaitable[Any]]
 
-#: records_per_chunk when a rank's output is one chunk (a datatrove writer's file name without ${chunk_index})
-WHOLE_RANK = 1 << 62
-#: the metadata key datatrove's runner sets (True) on a document with no results, which it does not write
-NO_ROLLOUTS_MARK = "__no_rollouts_remove"
 T = TypeVar("T")
 
 
@@ -171,9 +167,11 @@ class InferenceRunner:
         output_writer: where documents with results are written (e.g. ``JsonlWriter``).
         shared_context: a dict, a context manager, or a callable returning either, entered once per run;
             its dict is passed to every rollout as keyword arguments.
-        checkpoints_local_dir: where checkpoints go (default: ``_infermill/checkpoints`` of the output folder).
-        records_per_chunk: documents per output chunk and checkpoint (a datatrove writer whose file
-            name has no ``${chunk_index}``: the rank's whole output is one chunk, as one file).
+        checkpoints_local_dir: where the job's own files go when the output is remote (a local
+            folder; by default, and for a local output, ``_infermill`` of the output folder).
+        records_per_chunk: documents per output chunk, each a unit of the rank's work queue (a
+            datatrove writer whose file name has no ``${chunk_index}``: the rank's whole output is
+            one chunk, as one file).
         metadata_key: the metadata key under which the list of rollout results is stored.
         skip_bad_requests: skip (and record) documents the server rejected as bad requests,
             instead of failing the job.
@@ -182,14 +180,17 @@ class InferenceRunner:
         accept_changed_input: resume although the input files changed since the checkpoint was
             written (for records fixed in place: the same records, in the same order).
 
-    The runner holds configuration only: each :meth:`run_async` call keeps its state in its
-    own run, so that several (e.g. two ranks) can run at once on one runner.
+    The runner holds configuration and the per-document engine only: each :meth:`run_async`
+    call keeps its state in its own run, so that several (e.g. two ranks) can run at once on one
+    runner. A rank's documents are a stream read once, cut into units of ``records_per_chunk`` as
+    it is read: the units of a work queue whose only holder is the rank (:mod:`infermill.stream`),
+    which ``infermill status`` and ``infermill report`` read as a job of ``infermill run``.
 
     It is also a datatrove pipeline step (``pipeline=[reader, InferenceRunner(...), ...]``): the
     executor's ``step(data, rank, world_size)`` runs the documents its upstream step yields (this
-    rank's checkpoint, as :meth:`run`) and, as datatrove's runner, passes nothing downstream: the
-    documents go to ``output_writer``, which may be a datatrove ``DiskWriter``. datatrove need not
-    be installed for this: the step is a plain callable.
+    rank's stream, as :meth:`run`; see :mod:`infermill.datatrove_compat`) and, as datatrove's
+    runner, passes nothing downstream: the documents go to ``output_writer``, which may be a
+    datatrove ``DiskWriter``. datatrove need not be installed for this: the step is a plain callable.
     """
 
     name = "Inference 🔍"  # what datatrove's executors show for a step
@@ -216,29 +217,14 @@ class InferenceRunner:
             raise ValueError(f"records_per_chunk must be > 0, got {records_per_chunk}")
         self.rollout_fn = rollout_fn
         self.config = config
-        is_datatrove = not isinstance(output_writer, OutputWriter)
-        if is_datatrove:
-            from infermill.datatrove_compat import DatatroveWriter, is_datatrove_writer
-
-            if not is_datatrove_writer(output_writer):
-                raise TypeError(
-                    "output_writer must be an infermill writer (infermill.io.writers) or a datatrove DiskWriter, "
-                    f"got {type(output_writer).__name__}"
-                )
-            output_writer = DatatroveWriter(output_writer)
-            if output_writer.one_file_per_rank:
-                if checkpoints_local_dir is not None:
-                    raise ValueError(
-                        f"the datatrove writer's output_filename {output_writer.output_filename!r} must contain "
-                        "${chunk_index} when checkpoints_local_dir is set, as in datatrove: each chunk of a rank is "
-                        "its own file (e.g. output_filename='${rank}_${chunk_index}.jsonl')"
-                    )
-                # as datatrove without checkpoints_local_dir: one file per rank (infermill still
-                # checkpoints it, as one chunk written when the rank is done)
-                records_per_chunk = WHOLE_RANK
-        self.output_writer = output_writer
         # with a datatrove writer, a document with no results is also marked as datatrove marks it
-        self.no_results_marks: dict[str, Any] = {NO_ROLLOUTS_MARK: True} if is_datatrove else {}
+        self.no_results_marks: dict[str, Any] = {}
+        if not isinstance(output_writer, OutputWriter):
+            from infermill.datatrove_compat import NO_ROLLOUTS_MARK, adapt_writer
+
+            output_writer, records_per_chunk = adapt_writer(output_writer, checkpoints_local_dir, records_per_chunk)
+            self.no_results_marks = {NO_ROLLOUTS_MARK: True}
+        self.output_writer = output_writer
         self.shared_context = shared_context
         self.layout = JobLayout.for_output(output_writer.output_folder, checkpoints_local_dir)
         self.records_per_chunk = records_per_chunk
@@ -258,18 +244,9 @@ class InferenceRunner:
         """A datatrove pipeline step's call: run ``data`` (the upstream step's documents) as
         :meth:`run` does; yield nothing downstream, as datatrove's runner. The rank's stats are then
         the step's ``stats`` (a datatrove ``Stats``), which datatrove's executors save."""
-        if data is None:
-            raise ValueError(
-                "InferenceRunner as a pipeline step needs documents from the step before it (e.g. a reader): "
-                "it got none"
-            )
-        stats = self.run(data, rank, world_size)
-        from infermill.datatrove_compat import step_stats
+        from infermill.datatrove_compat import run_step
 
-        try:
-            self.stats = step_stats(str(self), stats)
-        except ImportError:  # called as a step, but not by datatrove: no datatrove stats to keep
-            pass
+        run_step(self, data, rank, world_size)
 
     def __repr__(self) -> str:
         return f"{self.type}: {self.name}"
@@ -303,48 +280,61 @@ class InferenceRunner:
                 f"rank {rank} of this job is already running on this runner: two runs of one rank would write "
                 "the same checkpoint; run another rank, or wait for this one to finish"
             )
-        journal = ChunkJournal(self.layout, rank, self.records_per_chunk, self.output_writer)
-        state = journal.open(self.identity(rank, world_size), self.overwrite, self.accept_changed_input)
-        if state.complete is not None:
+        from infermill.stream import RankStream, StreamSource
+
+        stream = await asyncio.to_thread(
+            RankStream.open,
+            self.layout,
+            rank,
+            world_size,
+            self.output_writer,
+            self.records_per_chunk,
+            self.identity(rank, world_size),
+            self.overwrite,
+            self.accept_changed_input,
+        )
+        if stream.complete:
+            logger.info("rank %d is already complete (%s documents); nothing to do", rank, stream.plan["documents"])
+            stats_file = self.layout.stats_file(rank, world_size)
+            done = orjson.loads(stats_file.read_bytes()) if stats_file.exists() else {}
+            return {**done, "already_complete": True}
+        if stream.plan["units"]:
             logger.info(
-                "rank %d is already complete (%s documents); nothing to do",
+                "rank %d resumes: %d of the %d units an earlier run found are committed (their documents are skipped)",
                 rank,
-                state.complete.get("documents_processed", "?"),
+                stream.units_done,
+                len(stream.plan["units"]),
             )
-            journal.close()
-            return {**state.complete, "already_complete": True}
-        if state.done_chunks or state.done_records:
-            logger.info(
-                "rank %d resumes: %d chunks and %d documents done, %d replies cached",
-                rank,
-                len(state.done_chunks),
-                len(state.done_records),
-                state.cached_replies,
-            )
-        run = _Run(self, journal, rank)
+        queue = stream.queue
+        journal = QueueJournal(queue, stream.unit_plan(), stream.writer)
+        run = _Run(self, journal, rank, queue.worker_id, fail_units=False)
+        source = StreamSource(stream, journal, documents, run.stats)
+        journal.before_commit = lambda: functools.partial(self._write_worker_stats, queue, self._stats_of(run, queue))
         self._runs.append(run)
-        completed = False
+        stopped_on_request = False
         try:
             server_scope = contextlib.nullcontext(server) if server is not None else create_server(self.config, rank)
             with fewer_gc_passes():
                 async with (
-                    run.monitor(f"rank_{rank:05d}", rank),
+                    run.monitor(queue.worker_id, rank, queue, journal),
                     enter_shared_context(self.shared_context) as context,
                     server_scope as started,
                 ):
-                    await run.process(documents, started, context)
-                for chunk_index in journal.open_chunks():  # the last, partial chunk
-                    await asyncio.to_thread(journal.finalize_chunk, chunk_index)
-            completed = True
+                    await run.process(source, started, context)
+                await source.finish()
+        except asyncio.CancelledError:
+            stopped_on_request = True
+            raise
         finally:
             self._runs.remove(run)
             run.stats.inference_time_sec = time.perf_counter() - run.started
             stats = run.stats.to_dict()
-            try:  # complete only if every checkpoint write succeeded; raises if one failed
-                journal.close(complete=stats if completed else None)
+            try:  # raises if a checkpoint write failed
+                await journal.close(release=stopped_on_request)
             finally:
                 run.close()
                 self._write_stats(rank, world_size, stats)
+                self._keep_stats(run, queue, final=True, job_sum=False)
         if run.stats.documents_read == 0 and run.stats.documents_resumed == 0:
             logger.warning(
                 "rank %d had no documents to process: is the input (or this rank's share of it) empty?", rank
@@ -420,7 +410,7 @@ class InferenceRunner:
             return {**await asyncio.to_thread(sum_job_stats, self.layout), "already_complete": True}
         journal = QueueJournal(queue, plan, self.output_writer)
         source = UnitSource(queue, journal, reader, plan)
-        run = _Run(self, journal, 0)
+        run = _Run(self, journal, options.worker_index, queue.worker_id, fail_units=True)
         run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
         journal.before_commit = lambda: functools.partial(self._write_worker_stats, queue, self._stats_of(run, queue))
         self._runs.append(run)
@@ -459,12 +449,13 @@ class InferenceRunner:
         logger.info("worker %s done: %s", queue.worker_id, run.stats.summary())
         return stats
 
-    def _keep_stats(self, run: _Run, queue: WorkQueue, final: bool = False) -> dict[str, Any]:
+    def _keep_stats(self, run: _Run, queue: WorkQueue, final: bool = False, job_sum: bool = True) -> dict[str, Any]:
         """Keep this queue worker run's stats as they stand (``final``: at its end, then summed
-        into ``stats.json``; before each unit it commits, the journal's ``before_commit``
-        writes them in the commit's thread); return them."""
+        into ``stats.json`` unless not ``job_sum``: a rank's ``stats.json`` is its own run's;
+        before each unit it commits, the journal's ``before_commit`` writes them in the commit's
+        thread); return them."""
         stats = self._stats_of(run, queue)
-        self._write_worker_stats(queue, stats, final)
+        self._write_worker_stats(queue, stats, final and job_sum)
         return stats
 
     def _stats_of(self, run: _Run, queue: WorkQueue) -> dict[str, Any]:
@@ -531,11 +522,15 @@ class _Run:
     """The state of one :meth:`InferenceRunner.run_async` call: its journal, stats, server,
     generation slots, shared context and failures file, and what it does per document."""
 
-    def __init__(self, runner: InferenceRunner, journal: ChunkLogs, rank: int):
+    def __init__(self, runner: InferenceRunner, journal: QueueJournal, rank: int, worker: str, fail_units: bool):
         self.runner = runner
         self.config = runner.config
         self.journal = journal
         self.rank = rank
+        self.worker = worker  # names its failures file
+        # a document that fails for good fails its unit, and the run goes on (a worker of a planned
+        # queue); else the run (a rank's stream, which a rerun resumes)
+        self.fail_units = fail_units
         self.stats = RunStats()
         self.started = time.perf_counter()
         self.server: InferenceServer | None = None
@@ -580,17 +575,13 @@ class _Run:
         return monitor
 
     async def process(
-        self,
-        documents: Iterable[Any] | AsyncIterable[Any] | Callable[[], Awaitable[Any]],
-        server: InferenceServer,
-        context: dict[str, Any],
+        self, next_document: Callable[[], Awaitable[Any]], server: InferenceServer, context: dict[str, Any]
     ) -> None:
         """Every document through its rollouts and into the journal, ``concurrent_documents`` at a
-        time. ``documents``: the documents, or a source (a coroutine function returning
-        ``(index, item)`` for each in turn, then ``END_OF_INPUT``), e.g. the units of a queue."""
+        time. ``next_document``: a coroutine function returning ``(index, item)`` for each in turn,
+        then ``END_OF_INPUT`` (the units of a queue, or of a rank's stream)."""
         self.server, self.context = server, context
         self.pooled = isinstance(server, ReplicaPool)
-        next_document = documents if callable(documents) else _document_source(documents)
         try:
             await _run_all([self._worker(next_document) for _ in range(self.config.concurrent_documents)])
         finally:
@@ -623,7 +614,7 @@ class _Run:
                 try:
                     record = await self._process_document(as_document(raw, index), index)
                 except InferenceError as e:
-                    if journal.fail_record(index, e):  # a queue's unit fails, not the run
+                    if self.fail_units and journal.fail_record(index, e):  # a queue's unit fails, not the run
                         continue
                     raise
             if (full_chunk := journal.commit(index, record)) is not None:
@@ -778,7 +769,7 @@ class _Run:
 
     def _record_failure(self, doc_id: str, error: BaseException, payload: dict[str, Any] | None) -> None:
         if self._failures is None:
-            path = self.runner.layout.failures_file(self.rank)
+            path = self.runner.layout.failures_file(self.worker)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._failures = open(path, "ab")  # noqa: SIM115 -- open for the run, closed by close()
         entry = {
@@ -820,40 +811,6 @@ def _encode_result(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode("ascii")
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
-
-
-def _document_source(documents: Iterable[Any] | AsyncIterable[Any]) -> Callable[[], Awaitable[Any]]:
-    """A coroutine function returning ``(index, item)`` for each document in turn, then ``END_OF_INPUT``.
-
-    Workers share it; the input is read one item at a time, only when a worker is free.
-    """
-    counter = iter(range(1 << 62))
-    if hasattr(documents, "__aiter__"):
-        iterator = documents.__aiter__()
-        lock = asyncio.Lock()
-        done = False
-
-        async def next_async() -> Any:
-            nonlocal done
-            async with lock:
-                if done:
-                    return END_OF_INPUT
-                try:
-                    item = await iterator.__anext__()
-                except StopAsyncIteration:
-                    done = True
-                    return END_OF_INPUT
-                return next(counter), item
-
-        return next_async
-
-    sync_iterator = iter(documents)
-
-    async def next_sync() -> Any:
-        item = next(sync_iterator, END_OF_INPUT)
-        return item if item is END_OF_INPUT else (next(counter), item)
-
-    return next_sync
 
 
 async def _run_all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import socket
 import time
 from collections.abc import Collection, Iterator
@@ -30,11 +28,12 @@ from infermill.errors import ConfigError, InfermillError, UnitsFailedError
 from infermill.io.filesystems import LASTING_ERRNOS, check_space, replace_whole, storage_error
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
-from infermill.journal import ChunkJournal, QueueJournal, check_identity, identity_differences
+from infermill.journal import QueueJournal, check_identity, identity_differences
 from infermill.layout import PLAN_FILE, series_files
 from infermill.metrics import per_sec
 from infermill.queue import WorkQueue, process_gone
 from infermill.queue_storage import StorageTimeoutError
+from infermill.stream import discard_queue, discard_rank_checkpoints, discard_records, refuse_rank_checkpoints
 from infermill.types import END_OF_INPUT as END
 
 if TYPE_CHECKING:
@@ -90,11 +89,7 @@ def open_queue(
     refused. ``overwrite`` first deletes the job's queue, stats and the output files it wrote."""
     if overwrite:
         discard(layout, writer)
-    elif layout.ranks():
-        raise ConfigError(
-            f"{layout.checkpoints} holds checkpoints of static ranks (an infermill before the work queue): "
-            "finish that job with the infermill that started it, or start over with --overwrite"
-        )
+    refuse_rank_checkpoints(layout)
     queue = _open(layout, options)
     stored = queue.plan()
     if stored is None:
@@ -235,22 +230,9 @@ def discard(layout: JobLayout, writer: OutputWriter) -> None:
     """Delete the job's queue, journals, stats and failures, and the output files its units
     (and static ranks of an older infermill) wrote; no other file. A unit ever claimed may have
     written its file without its done mark (its worker killed in between): its file goes too."""
-    folder = layout.queue
-    units = folder / "units"
-    if units.is_dir():
-        claimed = {name.split(".", 1)[0] for name in os.listdir(units)}  # UNIT.done, UNIT.GENERATION.lease...
-        for unit in sorted(int(name) for name in claimed if name.isdigit()):
-            writer.remove_chunk_file(0, unit)
-        for mark in units.glob("*.done"):
-            mark.unlink()
-    for rank in layout.ranks():
-        ChunkJournal(layout, rank, 1, writer)._discard()
-    writer.remove_temp_files(0)
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.rmtree(layout.worker_stats, ignore_errors=True)
-    shutil.rmtree(layout.metrics, ignore_errors=True)
-    for path in [*layout.stats_files(), *layout.failures_files()]:
-        path.unlink(missing_ok=True)
+    discard_queue(layout.queue, writer)
+    discard_rank_checkpoints(layout, writer)
+    discard_records(layout)
 
 
 class UnitSource:
