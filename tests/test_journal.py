@@ -19,7 +19,7 @@ from infermill.rollouts import PromptRollout
 from infermill.runner import InferenceRunner
 
 
-def open_journal(tmp_path, records_per_chunk: int = 10, units: int = 2) -> QueueJournal:
+async def open_journal(tmp_path, records_per_chunk: int = 10, units: int = 2) -> QueueJournal:
     """A journal holding ``units`` units of ``records_per_chunk`` records (as a rank's run does;
     a second one, after the first is closed, resumes from its journals)."""
     plan = UnitPlan(records_per_chunk, None, (), tuple(WorkUnit(i, (), records_per_chunk) for i in range(units)))
@@ -30,7 +30,7 @@ def open_journal(tmp_path, records_per_chunk: int = 10, units: int = 2) -> Queue
     for unit in range(units):
         lease = queue.claim_unit(unit)
         if lease is not None:
-            journal.hold(lease)
+            await journal.hold(lease)
     return journal
 
 
@@ -46,59 +46,48 @@ def log_lines(tmp_path, chunk: int = 0) -> list[dict]:
 
 
 async def test_lines_appended_in_one_loop_iteration_are_on_disk_after_it(tmp_path):
-    journal = open_journal(tmp_path)
+    journal = await open_journal(tmp_path)
     for index in range(3):
         journal.commit(index, b'{"id":"%d"}' % index)
     await asyncio.sleep(0)  # the end of this event-loop iteration
     assert [entry["i"] for entry in log_lines(tmp_path)] == [0, 1, 2]
-    journal.close()
+    await journal.close()
 
 
 async def test_replies_of_a_document_finished_in_the_same_iteration_are_not_stored(tmp_path):
-    journal = open_journal(tmp_path)
+    journal = await open_journal(tmp_path)
     journal.store_reply(0, ("doc-0", 0, b"{}", 0), {"choices": []})
     journal.commit(0, b'{"id":"doc-0"}')
     await asyncio.sleep(0)
     assert log_lines(tmp_path) == [{"i": 0, "r": {"id": "doc-0"}}]
-    journal.close()
+    await journal.close()
 
 
 async def test_replies_of_an_unfinished_document_are_stored_and_answer_a_resume(tmp_path):
-    journal = open_journal(tmp_path)
+    journal = await open_journal(tmp_path)
     journal.store_reply(1, ("doc-1", 0, b"{}", 0), {"choices": ["first"]})
     await asyncio.sleep(0)
     assert log_lines(tmp_path) == [{"k": request_key(("doc-1", 0, b"{}", 0)), "v": {"choices": ["first"]}}]
     journal.store_reply(1, ("doc-1", 0, b"{}", 1), {"choices": ["second"]})  # pending when the run stops
-    journal.close()
+    await journal.close()
 
-    resumed = open_journal(tmp_path)
+    resumed = await open_journal(tmp_path)
     assert len(log_lines(tmp_path)) == 2  # both replies, copied once into the resume's journal
     assert resumed.cached_reply(("doc-1", 0, b"{}", 0)) == {"choices": ["first"]}
     assert resumed.cached_reply(("doc-1", 0, b"{}", 1)) == {"choices": ["second"]}
     assert not resumed.is_done(1)
-    resumed.close()
-
-
-def test_outside_an_event_loop_every_line_is_written_at_once(tmp_path):
-    journal = open_journal(tmp_path)
-    journal.store_reply(0, ("doc-0", 0, b"{}", 0), {"choices": []})
-    journal.commit(1, b'{"id":"doc-1"}')
-    assert log_lines(tmp_path) == [
-        {"k": request_key(("doc-0", 0, b"{}", 0)), "v": {"choices": []}},
-        {"i": 1, "r": {"id": "doc-1"}},
-    ]
-    journal.close()
+    await resumed.close()
 
 
 async def test_a_full_chunk_is_finalized_with_every_record(tmp_path):
-    journal = open_journal(tmp_path, records_per_chunk=4)
+    journal = await open_journal(tmp_path, records_per_chunk=4)
     full = None
     for index in range(4):
         full = journal.commit(index, b'{"id":"%d"}' % index)
     assert full == 0
-    assert await asyncio.to_thread(journal.finalize_chunk, 0) == 4
+    assert await journal.finish_chunk(0) == 4
     await asyncio.sleep(0)  # the scheduled flush meets a closed log and must not fail
-    journal.close()
+    await journal.close()
     assert journal.queue.is_done(0)
     assert not journal.queue.is_done(1)
     written = (tmp_path / "out" / "00000_00000.jsonl").read_text().splitlines()
@@ -108,7 +97,7 @@ async def test_a_full_chunk_is_finalized_with_every_record(tmp_path):
 async def test_a_failed_flush_is_raised_by_the_next_commit_and_by_close(tmp_path, monkeypatch):
     from infermill.errors import InfermillError
 
-    journal = open_journal(tmp_path)
+    journal = await open_journal(tmp_path)
     journal.commit(0, b'{"id":"0"}')
     log = journal._chunks[0].file
 
@@ -120,38 +109,38 @@ async def test_a_failed_flush_is_raised_by_the_next_commit_and_by_close(tmp_path
     with pytest.raises(InfermillError, match="No space left on device"):
         journal.commit(1, b'{"id":"1"}')
     with pytest.raises(InfermillError, match="run the same command again"):
-        journal.close()
+        await journal.close()
 
 
 async def test_a_resume_counts_each_document_once_and_ignores_a_torn_last_line(tmp_path):
-    journal = open_journal(tmp_path, records_per_chunk=4)
+    journal = await open_journal(tmp_path, records_per_chunk=4)
     for index in range(4):
         journal.commit(index, b'{"id":"%d"}' % index)
-    await asyncio.to_thread(journal.finalize_chunk, 0)
+    await journal.finish_chunk(0)
     journal.store_reply(5, ("doc-5", 0, b"{}", 0), {"choices": []})
     journal.commit(4, b'{"id":"4"}')
     journal.commit(4, b'{"id":"4"}')  # a document logged twice (a resume after a kill) counts once
-    journal.close()
+    await journal.close()
     log = journal_path(tmp_path, 1)
     log.write_bytes(log.read_bytes() + b'{"i":6,"r":{"id"')  # a kill mid-write
-    resumed = open_journal(tmp_path, records_per_chunk=4)
+    resumed = await open_journal(tmp_path, records_per_chunk=4)
     assert journal.queue.status().units_done == 1
     assert resumed.is_done(4) and not resumed.is_done(5) and not resumed.is_done(6)
     assert sum(b'"i":4,' in line for line in journal_path(tmp_path, 1).read_bytes().splitlines()) == 1
     assert resumed.cached_reply(("doc-5", 0, b"{}", 0)) == {"choices": []}
-    resumed.close()
+    await resumed.close()
 
 
-def test_a_corrupt_record_line_ends_the_log_like_a_torn_one(tmp_path):
-    journal = open_journal(tmp_path)
+async def test_a_corrupt_record_line_ends_the_log_like_a_torn_one(tmp_path):
+    journal = await open_journal(tmp_path)
     journal.commit(0, b'{"id":"0"}')
-    journal.close()
+    await journal.close()
     log = journal_path(tmp_path)
     log.write_bytes(log.read_bytes() + b'{"i":1,"x":{}}\n' + b'{"i":2,"r":{"id":"2"}}\n')
-    resumed = open_journal(tmp_path)  # a resume reads it: the corrupt line and all after it are left out
+    resumed = await open_journal(tmp_path)  # a resume reads it: the corrupt line and all after it are left out
     assert resumed.is_done(0) and not resumed.is_done(1) and not resumed.is_done(2)
     assert journal_path(tmp_path).read_bytes() == b'{"i":0,"r":{"id":"0"}}\n'
-    resumed.close()
+    await resumed.close()
 
 
 async def test_a_rank_takes_one_writer_at_a_time_and_a_finished_run_lets_the_next_one_in(tmp_path):
