@@ -53,13 +53,13 @@ class Lines:
         self.lines.append(line)
         self._changed.set()
 
-    async def wait_for(self, text: str) -> None:
+    async def wait_for(self, text: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109 (a test's deadline)
         async def seen() -> None:
             while not any(text in line for line in self.lines):
                 self._changed.clear()
                 await self._changed.wait()
 
-        await asyncio.wait_for(seen(), 10.0)
+        await asyncio.wait_for(seen(), timeout)
 
 
 async def spawn_family(tmp_path: Path, *flags: str) -> tuple[ManagedProcess, Lines, list[psutil.Process]]:

