@@ -16,7 +16,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 # `infermill`.
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: test lint format install install-vllm vllm-if-possible quickstart clean chromium
+.PHONY: test test-fast lint format install install-vllm vllm-if-possible quickstart clean chromium
 LINTED := src tests benchmarks examples
 
 $(BIN)/python:
@@ -91,6 +91,14 @@ chromium:
 
 test: $(VENV)/.installed-dev $(VENV)/.installed-model vllm-if-possible chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything but the tests of a real Slurm cluster, Ray head, vLLM, Chromium or model (their markers, in
+# pyproject.toml): nothing beyond the dev extra is installed. Two pytest-xdist workers (TEST_FAST_WORKERS):
+# the tests take their ports from the OS and their files from tmp_path, so they can run side by side
+FAST_MARKERS := not (slurm or ray or vllm or chromium or model)
+TEST_FAST_WORKERS ?= 2
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m '$(FAST_MARKERS)' -n $(TEST_FAST_WORKERS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

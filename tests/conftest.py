@@ -1,5 +1,6 @@
 """Shared fixtures: paths to the test servers, a check that no process is left behind, and the
-faulty server's stats file."""
+faulty server's stats file; the markers of the tests that need a real Slurm cluster, Ray head or
+model (``make test-fast`` leaves those out)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ SCRIPTS = Path(__file__).resolve().parent / "servers"
 ECHO_SERVER = ROOT / "examples" / "servers" / "echo_server.py"
 PYTHON = sys.executable
 TAG_VARIABLE = "INFERMILL_TEST_TAG"
+
+#: fixture -> the marker (registered in pyproject.toml) of every test that uses it, directly or not:
+#: a test that needs one of these is marked by needing it, skipped there or not
+MARKER_OF_FIXTURE = {"slurm_cluster": "slurm", "ray_head": "ray", "model_dir": "model"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in MARKER_OF_FIXTURE.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(MARKER_OF_FIXTURE[fixture])
 
 
 def _tagged_processes(tag: str) -> list[psutil.Process]:

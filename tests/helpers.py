@@ -167,8 +167,11 @@ def wait_until(
         time.sleep(interval)
 
 
-async def wait_until_async(
-    predicate: Callable[[], object], timeout: float = 10.0, what: str = "the condition", interval: float = 0.01
+async def wait_until_async(  # ASYNC109: the deadline is the failure's message (an AssertionError naming `what`)
+    predicate: Callable[[], object],
+    timeout: float = 10.0,  # noqa: ASYNC109
+    what: str = "the condition",
+    interval: float = 0.01,
 ) -> None:
     """``wait_until`` for a coroutine: the event loop runs between polls."""
     for _ in _polls(predicate, timeout, what):

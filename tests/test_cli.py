@@ -829,6 +829,7 @@ def test_serve_until_sigint(tmp_path):
     rest = []
     while (line := lines.get(timeout=5)) is not None:
         rest.append(line)
+    proc.stdout.close()  # read to its end
     assert code == 0, f"exit {code}: {seen + rest}\n{stderr_path.read_text()}"
     assert "server stopped" in "".join(rest), rest
     assert took < 15

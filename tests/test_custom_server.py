@@ -77,7 +77,8 @@ def processes(path: Path) -> list[psutil.Process]:
     return found
 
 
-async def start_failure(server: CustomServer, timeout: float = 30.0) -> tuple[ServerError, float]:
+# ASYNC109: the timeout bounds the wait for readiness only, not the server's stop after it
+async def start_failure(server: CustomServer, timeout: float = 30.0) -> tuple[ServerError, float]:  # noqa: ASYNC109
     """Run ``server`` until ``wait_until_ready`` raises; return the error and the seconds it took."""
     started = time.monotonic()
     async with server:
@@ -246,8 +247,8 @@ async def test_failed_import_fails_the_start_quoting_the_traceback(tmp_path):
     assert "loading the inference engine..." in error.log_tail
 
 
-async def wait_for_state(server: CustomServer, state: ServerState, timeout: float = 10.0) -> None:
-    await wait_until_async(lambda: server.state is state, timeout, f"state {state.value}")
+async def wait_for_state(server: CustomServer, state: ServerState) -> None:
+    await wait_until_async(lambda: server.state is state, 10.0, f"state {state.value}")
 
 
 @pytest.mark.parametrize("fatal", [OOM_LINE, CUDA_ERROR_LINE])

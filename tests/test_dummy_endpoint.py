@@ -309,6 +309,7 @@ def timed_lines(command: list[str], cwd, timeout: float) -> tuple[int, list[tupl
         proc.kill()
         proc.wait()
         reader.join(10)
+        proc.stderr.close()
     assert code is not None, f"still running after {timeout} s: {lines}"
     return code, lines
 

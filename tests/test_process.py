@@ -53,7 +53,7 @@ class Lines:
         self.lines.append(line)
         self._changed.set()
 
-    async def wait_for(self, text: str, timeout: float = 10.0) -> None:
+    async def wait_for(self, text: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109 (a test's deadline)
         async def seen() -> None:
             while not any(text in line for line in self.lines):
                 self._changed.clear()
@@ -160,7 +160,7 @@ async def test_stop_kills_a_grandchild_that_ignores_sigterm_after_its_parent_exi
 async def test_one_megabyte_line_and_invalid_utf8_are_read_and_logged_whole(tmp_path):
     lines = Lines()
     log_path = tmp_path / "child.log"
-    with open(log_path, "a", encoding="utf-8", errors="replace") as log:
+    with open(log_path, "a", encoding="utf-8", errors="replace") as log:  # noqa: ASYNC230 (the child's log file)
         process = await ManagedProcess.spawn(
             script("noisy_server.py", "--port", "0", "--big-line-mb", "1", "--invalid-utf8"), on_line=lines, log=log
         )

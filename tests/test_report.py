@@ -280,6 +280,7 @@ def test_report_of_a_job_with_no_time_series_writes_its_summary_and_says_how_to_
     assert_nothing_left()
 
 
+@pytest.mark.chromium
 @needs_chromium
 def test_report_of_a_real_job_plots_each_worker_and_the_total_and_renders_in_chromium(tmp_path):
     output = run_job(tmp_path, "--workers", "2")

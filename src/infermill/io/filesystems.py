@@ -57,7 +57,8 @@ def url_to_fs(url: str) -> tuple[Any, str]:
     import fsspec  # here, not at the top: a job file names formats without paying for fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)
+        found: tuple[Any, str] = fsspec.core.url_to_fs(url)
+        return found
     except ImportError as e:
         raise ConfigError(f"{url}: {e} (pip install it into infermill's environment)") from None
     except ValueError as e:

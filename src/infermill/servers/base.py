@@ -50,7 +50,8 @@ def find_free_port(host: str = "127.0.0.1") -> int:
     """A port that was free on ``host`` a moment ago (a failed bind is retried on a fresh one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _import_client() -> None:
@@ -88,7 +89,7 @@ class InferenceServer:
         self._timed_out = False  # a request timed out since the last answer: the server is not idle
         self._failure: ServerError | None = None
         self._state_changed = asyncio.Event()
-        self._supervisor: asyncio.Task | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self._http: OpenAIClient | None = None
         self._client_loading: asyncio.Future[OpenAIClient] | None = None
         self._launched = asyncio.Event()
@@ -141,7 +142,7 @@ class InferenceServer:
             self._client_loading = asyncio.ensure_future(self._made_client(imported))
         return self._client_loading
 
-    async def _made_client(self, imported: asyncio.Future | None) -> OpenAIClient:
+    async def _made_client(self, imported: asyncio.Future[None] | None) -> OpenAIClient:
         if imported is not None:
             await imported
         return self._client

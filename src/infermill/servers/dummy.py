@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infermill.servers.base import InferenceServer
+
+if TYPE_CHECKING:
+    from infermill.config import InferenceConfig
 
 
 class DummyServer(InferenceServer):
     """An in-process OpenAI-compatible server with deterministic echo replies."""
 
-    def __init__(self, config, rank: int = 0):
+    def __init__(self, config: InferenceConfig, rank: int = 0):
         super().__init__(config, rank)
         self._runner: Any = None  # aiohttp.web.AppRunner
 

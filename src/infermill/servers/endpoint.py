@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from infermill.config import split_credentials
 from infermill.errors import (
@@ -16,6 +17,9 @@ from infermill.errors import (
     ServerUnreachableError,
 )
 from infermill.servers.base import InferenceServer, environment_api_key
+
+if TYPE_CHECKING:
+    from infermill.config import InferenceConfig
 
 logger = logging.getLogger("infermill.server")
 
@@ -60,7 +64,7 @@ class EndpointServer(InferenceServer):
     #: seconds between two reports of why the endpoint is not ready yet
     report_interval = 10.0
 
-    def __init__(self, config, rank: int = 0, url: str | None = None):
+    def __init__(self, config: InferenceConfig, rank: int = 0, url: str | None = None):
         """``url``: this endpoint's, when ``endpoint_url`` is a list (a pool makes one per URL)."""
         super().__init__(config, rank)
         self.first_check_done = False

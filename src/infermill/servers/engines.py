@@ -33,7 +33,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
@@ -66,7 +66,8 @@ def head_address(nodes: int) -> str | None:
     return address
 
 
-async def wait_for_head(address: str, timeout: float, interval: float = 0.5) -> None:
+# ASYNC109: running out of time is a ServerError naming the head and its last refusal, not a TimeoutError
+async def wait_for_head(address: str, timeout: float, interval: float = 0.5) -> None:  # noqa: ASYNC109
     """Return once ``HOST:PORT`` accepts a connection; ServerError after ``timeout`` seconds."""
     host, _, port = address.rpartition(":")
     loop = asyncio.get_running_loop()
@@ -342,7 +343,7 @@ class SGLangServer(EngineServer):
             self._config_file = path
         return self._config_file
 
-    def _user_config(self) -> dict:
+    def _user_config(self) -> dict[str, Any]:
         path = self.extra_kwargs.get("config")
         if path is None:
             return {}

@@ -49,7 +49,8 @@ def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
 
-async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
+# ASYNC109: this is the cancellation-safe timeout itself (see the docstring)
+async def wait_event(event: asyncio.Event, timeout: float | None) -> None:  # noqa: ASYNC109
     """Wait until ``event`` is set or ``timeout`` passes. Unlike ``asyncio.wait_for`` on Python
     < 3.12, a cancellation that arrives as the event is set is never swallowed: the
     supervisor must stop when ``close()`` cancels it, or the server is never stopped."""

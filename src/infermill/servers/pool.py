@@ -115,10 +115,10 @@ class ReplicaPool(InferenceServer):
         self._closed = False
         # hung endpoints: per member, the tasks waiting for its replies and (sent, round trip) of its
         # last answers; the tasks cancelled to move their requests
-        self._waiting: list[set[asyncio.Task]] = [set() for _ in members]
+        self._waiting: list[set[asyncio.Task[Any]]] = [set() for _ in members]
         self._answers: list[deque[tuple[float, float]]] = [deque(maxlen=HUNG_PEER_ANSWERS) for _ in members]
-        self._moved: set[asyncio.Task] = set()
-        self._hang_finder: asyncio.Task | None = None
+        self._moved: set[asyncio.Task[Any]] = set()
+        self._hang_finder: asyncio.Task[None] | None = None
 
     # -- what the runner sees ---------------------------------------------------------------
 

@@ -477,7 +477,7 @@ class ManagedProcess:
         await self._waiter
         # SIGKILL is not instant: a grandchild may still be dying (and holding its GPU memory); wait for it.
         deadline = time.monotonic() + 5.0
-        while group_alive(self.pgid) and time.monotonic() < deadline:
+        while group_alive(self.pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 (no event tells a group's end)
             await asyncio.sleep(0.02)
         for task in self._readers:
             task.cancel()
