@@ -396,7 +396,8 @@ def without_credentials(values: dict[str, Any]) -> dict[str, Any]:
             return [plain(v) for v in value]
         return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
-    return plain(values)
+    plained: dict[str, Any] = plain(values)
+    return plained
 
 
 def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:

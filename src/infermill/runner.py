@@ -18,7 +18,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import orjson
@@ -117,7 +117,7 @@ def as_document(item: Any, index: int) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def enter_shared_context(shared_context: Any):
+async def enter_shared_context(shared_context: Any) -> AsyncIterator[dict[str, Any]]:
     """Enter ``shared_context`` once: a dict, a (async) context manager, or a callable returning either."""
     value = shared_context
     if value is None:

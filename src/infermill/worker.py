@@ -356,7 +356,8 @@ def job_stats(layout: JobLayout) -> dict[str, Any]:
 def read_stats(layout: JobLayout) -> dict[str, Any]:
     """The job's ``stats.json`` (every worker run summed), or an empty dict before there is one."""
     try:
-        return orjson.loads(layout.stats_file(0, 1).read_bytes())
+        stats: dict[str, Any] = orjson.loads(layout.stats_file(0, 1).read_bytes())
+        return stats
     except (OSError, orjson.JSONDecodeError):
         return {}
 
