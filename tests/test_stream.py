@@ -235,3 +235,141 @@ def test_a_holder_that_exited_and_was_not_reaped_yet_holds_nothing(tmp_path):
     finally:
         child.wait()
     assert not process_gone(os.getpid())
+
+
+# -- what the review of the merge found: a lost lease, another split, a failed close, overwrite, late renewals
+
+
+def echo_runner(out: Path, delay: float = 0.0, overwrite: bool = False) -> InferenceRunner:
+    async def rollout(document, generate):
+        await asyncio.sleep(delay)
+        return await generate({"messages": [{"role": "user", "content": document.text}]})
+
+    config = InferenceConfig(server_type="dummy", model_name_or_path="echo", max_concurrent_generations=4)
+    return InferenceRunner(rollout, config, JsonlWriter(str(out)), records_per_chunk=10, overwrite=overwrite)
+
+
+def output_ids(out: Path) -> list[str]:
+    return [record["id"] for path in sorted(out.glob("*.jsonl")) for record in read_jsonl(path)]
+
+
+def test_a_stream_whose_lease_was_lost_fails_and_a_rerun_writes_the_unit(tmp_path, monkeypatch):
+    """Its only holder lost unit 1's lease (a loop or storage stalled past the lease timeout):
+    nobody else will commit it, so the run must fail, not report records it did not write."""
+    from infermill import queue as queue_module
+    from infermill.errors import LeaseLostError
+
+    renew = queue_module.WorkQueue.renew
+
+    def lose_unit_1(self, lease, wanted=None):
+        if lease.unit == 1:
+            raise LeaseLostError("unit 1: its lease was not renewed in time (a stall)")
+        return renew(self, lease, wanted)
+
+    monkeypatch.setattr(queue_module.WorkQueue, "renew", lose_unit_1)
+    monkeypatch.setattr(queue_module.LeaseRenewer, "__init__", _fast_renewals(queue_module.LeaseRenewer.__init__))
+    docs = [{"id": f"d{i}", "text": f"text {i}"} for i in range(30)]
+    with pytest.raises(LeaseLostError, match=r"units 1 of .* were not committed"):
+        echo_runner(tmp_path / "out", delay=0.05).run(docs)
+    monkeypatch.undo()
+    stats = echo_runner(tmp_path / "out").run(docs)
+    assert sorted(output_ids(tmp_path / "out")) == sorted(d["id"] for d in docs)
+    assert stats["documents_resumed"] == 20  # units 0 and 2 were committed by the first run
+
+
+def _fast_renewals(init):
+    def fast(self, queue, lease, interval_sec=None, on_lost=None, **kwargs):
+        init(self, queue, lease, 0.02, on_lost, **kwargs)
+
+    return fast
+
+
+def test_a_stream_rerun_with_another_world_size_is_refused_until_overwrite(tmp_path):
+    out = tmp_path / "out"
+    docs = [{"id": f"d{i}", "text": f"text {i}"} for i in range(40)]
+    echo_runner(out).run(docs[0::2], 0, 2)
+    echo_runner(out).run(docs[1::2], 1, 2)
+    with pytest.raises(ConfigError, match="world_size 1: resuming would write documents twice.*--overwrite"):
+        echo_runner(out).run(docs, 0, 1)
+    assert len(output_ids(out)) == 40
+    echo_runner(out, overwrite=True).run(docs, 0, 1)
+    assert sorted(output_ids(out)) == sorted(d["id"] for d in docs)  # each once: the two ranks' files are gone
+    with pytest.raises(ConfigError, match="world_size 2: resuming would write documents twice"):
+        echo_runner(out).run(docs[0::2], 0, 2)
+
+
+async def test_a_journal_closed_after_a_failed_write_still_gives_its_leases_back(tmp_path):
+    from infermill.errors import InfermillError
+    from infermill.io.units import UnitPlan, WorkUnit
+    from infermill.journal import QueueJournal
+    from infermill.queue import WorkQueue
+
+    plan = UnitPlan(10, None, (), tuple(WorkUnit(i, (), 10) for i in range(2)))
+    queue = WorkQueue(tmp_path / "queue", lease_timeout_sec=60)
+    queue.publish_plan(plan.to_json())
+    journal = QueueJournal(queue, plan, JsonlWriter(str(tmp_path / "out")))
+    lease = queue.claim()
+    assert lease is not None
+    await journal.hold(lease)
+    journal.commit(lease.unit * 10, b'{"id":"a"}')
+    journal._failure = OSError(28, "No space left on device")  # a flush that failed: a full disk
+    with pytest.raises(InfermillError, match="No space left on device"):
+        await journal.close(release=True)
+    assert queue.status().units_in_progress == 0  # given back: another worker takes it at once
+    assert queue.claim() is not None
+
+
+def test_overwrite_is_refused_while_another_run_works_on_the_rank(tmp_path):
+    import threading
+
+    from infermill.errors import CheckpointBusyError
+
+    out = tmp_path / "out"
+    docs = [{"id": f"d{i}", "text": f"text {i}"} for i in range(40)]
+    first: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: first.update(stats=echo_runner(out, delay=0.1).run(docs)))
+    thread.start()
+    try:
+        wait_until(lambda: list((out / "_infermill" / "queue" / "units").glob("*.lease")), 30, "the first run's lease")
+        with pytest.raises(CheckpointBusyError, match="another infermill run"):
+            echo_runner(out, overwrite=True).run(docs)
+    finally:
+        thread.join(60)
+    assert "stats" in first
+    assert sorted(output_ids(out)) == sorted(d["id"] for d in docs)
+
+
+def test_a_renewal_under_way_when_its_lease_is_given_up_does_not_date_it_again(tmp_path):
+    import threading
+    import time
+
+    from infermill.queue import LeaseRenewer, WorkQueue
+    from infermill.queue_storage import PosixQueueStorage
+
+    checked = threading.Event()
+
+    class SlowChecks(PosixQueueStorage):
+        """The renewal's age check answers late (a slow NFS server): the lease is given up
+        between the check (fresh) and the renewal's touch."""
+
+        def mtime(self, path):
+            found = super().mtime(path)
+            if threading.current_thread().name.startswith("infermill-lease"):
+                checked.set()
+                time.sleep(0.6)
+            return found
+
+    folder = tmp_path / "q"
+    queue = WorkQueue(folder, lease_timeout_sec=3, storage=SlowChecks(5))
+    queue.publish_plan({"units": [{"documents": 1}]})
+    lease = queue.claim()
+    assert lease is not None
+    renewer = LeaseRenewer(queue, lease, interval_sec=0.05)
+    renewer.start()
+    assert checked.wait(10)
+    renewer.stop(wait=False)  # as the journal does on the loop: the renewal under way goes on
+    assert queue.abandon(lease)  # dated as expired
+    time.sleep(1.0)  # the renewal has finished its checks by now
+    other = WorkQueue(folder, lease_timeout_sec=3)
+    other.pid = -1  # another process: the lease's age decides
+    assert other.claim() is not None, "the abandoned lease was dated again by a late renewal"

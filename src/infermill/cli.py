@@ -434,9 +434,8 @@ def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_
     if has_queue(layout):
         try:
             found = job_status(layout, output, verify)
-        except (QueueCorruptError, StorageError) as e:  # the job's files cannot be read: nothing to show
-            _error(e)
-            raise SystemExit(ExitCode.USAGE) from None
+        except (QueueCorruptError, StorageError, OSError) as e:  # the job's files cannot be read: nothing to show
+            _fail(e)
         _queue_status(found, output, as_json)
         if found.check is not None and found.check.lost:
             raise SystemExit(ExitCode.FAILED)

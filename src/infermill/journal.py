@@ -246,14 +246,6 @@ class ChunkLogs:
     def _chunk_size(self, chunk_index: int) -> int:
         return self.records_per_chunk
 
-    def finalize_chunk(self, chunk_index: int) -> int:
-        """Write the full chunk's output, once; return the number of records written."""
-        raise NotImplementedError
-
-    async def finish_chunk(self, chunk_index: int) -> int:
-        """:meth:`finalize_chunk`, from the event loop (its file I/O in a worker thread)."""
-        return await asyncio.to_thread(self.finalize_chunk, chunk_index)
-
     def _load_log(self, chunk_index: int, path: Path) -> _Chunk:
         return self._apply_log(chunk_index, load_log(path))
 
@@ -363,10 +355,6 @@ class ChunkLogs:
             if line.document is not None and line.data != b"null" and line.document not in seen:
                 seen.add(line.document)
                 yield line.data
-
-    def open_chunks(self) -> list[int]:
-        """Chunks that have finished records but are not done (the tail at the end of input)."""
-        return sorted(self._chunks)
 
     def _close_logs(self) -> None:
         """Write what is pending and close the logs; raise if a write failed."""
@@ -574,14 +562,13 @@ class QueueJournal(ChunkLogs):
         leases: list[tuple[Lease, LeaseRenewer | None]] = []
         try:
             self._close_logs()
-        finally:
+        finally:  # a failed write (a full disk) still gives the leases back or up: others take them at once
             for unit in list(self._leases):
                 if unit in self._finalizing:  # being committed: its commit lets it go
                     continue
                 leases.append((self._leases[unit], self._let_go(unit)))
-        if not leases:
-            return []
-        return await self.queue.in_thread(_give_up_leases, self.queue, leases, release)
+            abandoned = await self.queue.in_thread(_give_up_leases, self.queue, leases, release) if leases else []
+        return abandoned
 
 
 @dataclass(frozen=True, slots=True)
@@ -648,15 +635,15 @@ def _give_up_leases(queue: WorkQueue, leases: list[tuple[Lease, LeaseRenewer | N
     for lease, renewer in leases:
         if renewer is not None:
             renewer.stop()  # waits for a renewal under way: it would date an abandoned lease again
-        if release:
-            queue.release(lease)
-            continue
         try:
-            if queue.abandon(lease):
+            if release:
+                queue.release(lease)
+            elif queue.abandon(lease):
                 abandoned.append(lease.unit)
-        except OSError as e:  # the storage failing: the lease expires instead, still an attempt
-            logger.warning("unit %d: could not give its lease up (%s); it expires as an attempt", lease.unit, e)
-            abandoned.append(lease.unit)
+        except OSError as e:  # the storage failing: the lease expires instead (an attempt, if given up)
+            logger.warning("unit %d: could not give its lease back (%s); it expires instead", lease.unit, e)
+            if not release:
+                abandoned.append(lease.unit)
     return abandoned
 
 

@@ -551,10 +551,12 @@ class WorkQueue:
 
     # -- holding ----------------------------------------------------------------------------
 
-    def renew(self, lease: Lease) -> None:
+    def renew(self, lease: Lease, wanted: Callable[[], bool] | None = None) -> None:
         """Extend ``lease``; raise ``LeaseLostError`` if it went stale, was taken over or its
-        unit was marked failed (then this worker must not commit the unit)."""
-        self._check(lease, touch=True)
+        unit was marked failed (then this worker must not commit the unit). ``wanted``, asked
+        right before the lease is dated: False skips that (its holder gave it up meanwhile: a
+        renewal dating an abandoned lease again would hold the unit for a lease timeout)."""
+        self._check(lease, touch=True, wanted=wanted)
 
     def holds(self, lease: Lease) -> bool:
         """Whether ``lease`` is still held (not stale, not taken over, its unit not failed)."""
@@ -684,7 +686,7 @@ class WorkQueue:
         """Units done or failed (one listing): it grows while the job moves on."""
         return sum(1 for state in self._list().values() if state.done or state.failed)
 
-    def _check(self, lease: Lease, touch: bool) -> None:
+    def _check(self, lease: Lease, touch: bool, wanted: Callable[[], bool] | None = None) -> None:
         try:
             self.check_plan()
         except PlanReplacedError as e:
@@ -698,7 +700,7 @@ class WorkQueue:
                 f"unit {lease.unit}: the lease of generation {lease.generation} was not renewed for {age:.1f} s "
                 f"(lease_timeout_sec {self.lease_timeout_sec:g}): another worker may have taken it over"
             )
-        if touch and not self.storage.touch(lease.path):
+        if touch and (wanted is None or wanted()) and not self.storage.touch(lease.path):
             raise LeaseLostError(f"unit {lease.unit}: the lease of generation {lease.generation} was given back")
         if self._superseded(lease):
             raise LeaseLostError(
@@ -1136,7 +1138,7 @@ class LeaseRenewer:
         while not self._stopping.wait(self.interval_sec):
             started, started_perf = time.monotonic(), time.perf_counter()
             try:
-                self.queue.renew(self.lease)
+                self.queue.renew(self.lease, wanted=lambda: not self._stopping.is_set())
             except LeaseLostError as e:
                 return self._give_up(e)
             except OSError as e:

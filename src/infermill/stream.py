@@ -20,12 +20,12 @@ import asyncio
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infermill.errors import CheckpointBusyError, ConfigError
+from infermill.errors import CheckpointBusyError, ConfigError, LeaseLostError
 from infermill.io.units import UnitPlan, WorkUnit
 from infermill.io.writers import OutputWriter
 from infermill.journal import check_identity, identity_differences
@@ -38,40 +38,6 @@ if TYPE_CHECKING:
     from infermill.metrics import RunStats
 
 logger = logging.getLogger("infermill.stream")
-
-
-def document_source(documents: Iterable[Any] | AsyncIterable[Any]) -> Callable[[], Awaitable[Any]]:
-    """A coroutine function returning ``(index, item)`` for each document in turn, then ``END_OF_INPUT``.
-
-    Workers share it; the input is read one item at a time, only when a worker is free.
-    """
-    counter = iter(range(1 << 62))
-    if hasattr(documents, "__aiter__"):
-        iterator = documents.__aiter__()
-        lock = asyncio.Lock()
-        done = False
-
-        async def next_async() -> Any:
-            nonlocal done
-            async with lock:
-                if done:
-                    return END_OF_INPUT
-                try:
-                    item = await iterator.__anext__()
-                except StopAsyncIteration:
-                    done = True
-                    return END_OF_INPUT
-                return next(counter), item
-
-        return next_async
-
-    sync_iterator = iter(documents)
-
-    async def next_sync() -> Any:
-        item = next(sync_iterator, END_OF_INPUT)
-        return item if item is END_OF_INPUT else (next(counter), item)
-
-    return next_sync
 
 
 class RankWriter(OutputWriter):
@@ -195,11 +161,24 @@ class RankStream:
         (``CheckpointBusyError``)."""
         folder = layout.rank_queue(rank, world_size)
         ranked = RankWriter(writer, rank)
+        other_split = cls._other_split(layout, world_size)
         if overwrite:
+            if WorkQueue(folder).plan() is not None:  # never delete what another run is writing
+                cls._refuse_if_busy(WorkQueue(folder), rank)
             discard_rank_checkpoints(layout, writer)
             discard_queue(folder, ranked)
+            for other_rank, other_folder in other_split:
+                discard_queue(other_folder, RankWriter(writer, other_rank))
             if world_size == 1:  # the whole job (the ranks of several share these folders, and run at once)
                 discard_records(layout)
+        elif other_split:
+            raise ConfigError(
+                f"{layout.root} holds the checkpoint of this stream split into "
+                f"{'several ranks' if world_size == 1 else 'one rank'} (world_size "
+                f"{'> 1' if world_size == 1 else '1'}), this run has world_size {world_size}: resuming would write "
+                "documents twice. Run with the world_size of the run before, or start over with --overwrite "
+                "(overwrite=True)"
+            )
         refuse_rank_checkpoints(layout)
         queue = WorkQueue(folder)
         stored = queue.plan()
@@ -241,6 +220,15 @@ class RankStream:
         ranked.remove_temp_files(0)  # a chunk file being written when a run was killed
         done = queue.status().units_done
         return cls(queue, stored, ranked, stored["stream"]["read_to_end"] and done == len(stored["units"]), done)
+
+    @staticmethod
+    def _other_split(layout: JobLayout, world_size: int) -> list[tuple[int, Path]]:
+        """The rank queues of this stream written with another split: the ranks of a stream
+        with several (for a run with one), or a stream's one queue (for a run with several)."""
+        if world_size == 1:
+            return [(int(folder.name), folder) for folder in layout.rank_queues()]
+        stored = WorkQueue(layout.queue).plan() if layout.plan_file.exists() else None
+        return [(0, layout.queue)] if stored is not None and "stream" in stored else []
 
     @staticmethod
     def _refuse_if_busy(queue: WorkQueue, rank: int) -> None:
@@ -375,3 +363,13 @@ class StreamSource:
         await self._set_plan(final)
         for unit in self.journal.held():
             await self.journal.finish_chunk(unit)
+        queue = self.stream.queue
+        status = await queue.in_thread(queue.status)
+        if status.units_done < len(units):  # a lease lost on the way (a stalled loop or storage): its unit is not
+            done = {unit for unit in range(len(units)) if await queue.in_thread(queue.is_done, unit)}
+            lost = [unit for unit in range(len(units)) if unit not in done]
+            raise LeaseLostError(
+                f"units {', '.join(map(str, lost[:10]))} of {queue.folder} were not committed: their leases were "
+                f"lost during the run (not renewed for lease_timeout_sec {queue.lease_timeout_sec:g}: a stalled "
+                "event loop or storage). Their records are not all written: run again to resume them"
+            )
