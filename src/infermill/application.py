@@ -339,8 +339,8 @@ class Job:
     def canary_document(self) -> tuple[Any, Any]:
         """The job's rollout and the input's first document, for :meth:`canary`; ``ConfigError``
         if either cannot be made, or the input has none."""
-        from infermill.job import build_reader, build_rollout
         from infermill.engine import as_document
+        from infermill.job import build_reader, build_rollout
 
         try:
             rollout = build_rollout(self.config)
