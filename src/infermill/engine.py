@@ -233,6 +233,7 @@ class DocumentEngine:
                 self.stats.replicas = server.replica_stats()
 
     def close(self) -> None:
+        """Close the run's failures file, if it wrote one."""
         if self._failures is not None:
             self._failures.close()
 
