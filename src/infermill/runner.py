@@ -49,9 +49,10 @@ class InferenceRunner:
             written (for records fixed in place: the same records, in the same order).
 
     The runner holds configuration only: each :meth:`run_async` call keeps its state in its own
-    run (a :class:`~infermill.engine.DocumentEngine`, in :mod:`infermill.lifecycles`), so that several (e.g. two ranks) can run at once on one
-    runner. A rank's documents are a stream read once, cut into units of ``records_per_chunk`` as
-    it is read: the units of a work queue whose only holder is the rank (:mod:`infermill.stream`),
+    run (a :class:`~infermill.engine.DocumentEngine`, in :mod:`infermill.lifecycles`), so that
+    several (e.g. two ranks) can run at once on one runner. A rank's documents are a stream read
+    once, cut into units of ``records_per_chunk`` as it is read: the units of a work queue whose
+    only holder is the rank (:mod:`infermill.stream`),
     which ``infermill status`` and ``infermill report`` read as a job of ``infermill run``.
 
     It is also a datatrove pipeline step (``pipeline=[reader, InferenceRunner(...), ...]``): the
