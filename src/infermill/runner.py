@@ -52,8 +52,8 @@ class InferenceRunner:
     run (a :class:`~infermill.engine.DocumentEngine`, in :mod:`infermill.lifecycles`), so that
     several (e.g. two ranks) can run at once on one runner. A rank's documents are a stream read
     once, cut into units of ``records_per_chunk`` as it is read: the units of a work queue whose
-    only holder is the rank (:mod:`infermill.stream`),
-    which ``infermill status`` and ``infermill report`` read as a job of ``infermill run``.
+    only holder is the rank (:mod:`infermill.stream`), which ``infermill status`` and
+    ``infermill report`` read as a job of ``infermill run``.
 
     It is also a datatrove pipeline step (``pipeline=[reader, InferenceRunner(...), ...]``): the
     executor's ``step(data, rank, world_size)`` runs the documents its upstream step yields (this
