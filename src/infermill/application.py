@@ -339,8 +339,8 @@ class Job:
     def canary_document(self) -> tuple[Any, Any]:
         """The job's rollout and the input's first document, for :meth:`canary`; ``ConfigError``
         if either cannot be made, or the input has none."""
+        from infermill.engine import as_document
         from infermill.job import build_reader, build_rollout
-        from infermill.runner import as_document
 
         try:
             rollout = build_rollout(self.config)
@@ -360,7 +360,7 @@ class Job:
     ) -> Any:
         """Start the job's server and run ``rollout`` on ``document``, calling ``on_request`` with
         each request's body and ``on_reply`` with each reply; return the rollout's result."""
-        from infermill.runner import is_chat, parse_reply
+        from infermill.engine import is_chat, parse_reply
         from infermill.servers import create_server
 
         inference = self.config.inference
