@@ -1003,3 +1003,13 @@ def test_a_job_checkpoints_where_the_runner_would_by_default(tmp_path, monkeypat
     assert job.layout() == runner.layout
     assert job.layout().checkpoints.is_absolute()
     assert str(job.layout().root.parent) == JsonlWriter(output).root  # beside the output files
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["status", "no-such-output"]])
+def test_a_command_that_loads_no_job_file_does_not_import_the_job_files_models(tmp_path, args):
+    # every CLI process (each local worker's too) pays its imports before it does anything
+    result = subprocess.run([PYTHON, "-X", "importtime", "-m", "infermill", *args], cwd=tmp_path,
+                            env=cli_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "infermill.cli" in imported, result.stderr[-2000:]
+    assert not {"infermill.jobfile", "pydantic"} & imported, sorted(imported)
