@@ -1003,3 +1003,24 @@ def test_a_job_checkpoints_where_the_runner_would_by_default(tmp_path, monkeypat
     assert job.layout() == runner.layout
     assert job.layout().checkpoints.is_absolute()
     assert str(job.layout().root.parent) == JsonlWriter(output).root  # beside the output files
+
+
+def imported_modules(tmp_path: Path, *args: str) -> set[str]:
+    """The modules ``infermill ARGS`` imports (``python -X importtime``)."""
+    result = infermill(tmp_path, *args, argv0=[PYTHON, "-X", "importtime", "-m", "infermill"])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+
+# every CLI process (each local worker's too) pays its imports before it does anything
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["status", "no-such-output"]])
+def test_a_command_that_loads_no_job_file_does_not_import_the_job_files_models(tmp_path, args):
+    imported = imported_modules(tmp_path, *args)
+    assert "infermill.cli" in imported
+    assert not {"infermill.jobfile", "pydantic"} & imported, sorted(imported)
+
+
+def test_a_run_that_serves_no_metrics_does_not_import_prometheus_client(tmp_path):
+    imported = imported_modules(tmp_path, "run", str(write_job(tmp_path, job_spec(tmp_path))))
+    assert (tmp_path / "out" / "_infermill" / "stats.json").exists()  # it ran
+    assert "infermill.monitor" in imported and not any(m.startswith("prometheus_client") for m in imported)

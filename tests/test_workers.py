@@ -619,7 +619,8 @@ def test_status_shows_sigkilled_local_workers_gone_at_once_and_a_stopped_job_no_
 def test_after_a_sigkill_and_a_resume_stats_the_final_table_status_and_report_agree_on_the_documents_in_the_output(
     tmp_path, resume
 ):
-    job = QueueJob(tmp_path, 500, 10, conc=4, lease_timeout_sec=60, directives="sleep:0.1")
+    # 0.05 s a document: the kill falls between the 10th and 40th of 50 units, then the resume is short
+    job = QueueJob(tmp_path, 500, 10, conc=4, lease_timeout_sec=60, directives="sleep:0.05")
     kill_mid_run(job, 3, lambda: 10 <= len(list((job.queue / "units").glob("*.done"))) < 40)
     killed = {orjson.loads(p.read_bytes())["worker"] for p in (job.queue / "units").glob("*.done")}
     result = job.run(*resume)

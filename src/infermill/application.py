@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from infermill.errors import ConfigError, InfermillError, StorageError
 from infermill.exitcodes import ExitCode
-from infermill.jobfile import JobConfig, load_job, secret_overrides_from_parent, split_secret_overrides
 from infermill.layout import JobLayout, is_remote
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from infermill.io.readers import DocumentReader
+    from infermill.jobfile import JobConfig
     from infermill.jobstatus import JobProgress
     from infermill.queue import OutputCheck, QueueStatus, WorkQueue
     from infermill.runner import InferenceRunner
@@ -91,6 +91,7 @@ class Job:
     def load(cls, job_file: str, overrides: tuple[str, ...] = (), *, worker: bool = False) -> Job:
         """The job in ``job_file``, whose servers this process starts from now on; a ``worker``
         adds the overrides of secret fields its command passed it. ``ConfigError`` if invalid."""
+        from infermill.jobfile import load_job, secret_overrides_from_parent
         from infermill.servers.process import set_job
 
         if worker:
@@ -243,6 +244,7 @@ class Job:
         before its workers ran (the job cannot be planned, the executor's tools are missing: see
         :func:`infermill.exitcodes.exit_code`) and ``KeyboardInterrupt`` when stopped."""
         from infermill.executors.local import node_command, worker_command
+        from infermill.jobfile import split_secret_overrides
 
         job, executor, workers = self.config, options.executor, options.workers
         public, secret = split_secret_overrides(self.overrides)  # those of secret fields never go on a command line

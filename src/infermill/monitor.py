@@ -23,10 +23,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.utils import floatToGoString
-
 from infermill.metrics import COUNTER_FAMILIES, COUNTERS, LatencyHistogram, RunStats, percentiles
 from infermill.servers import InferenceServer, ReplicaPool
 from infermill.timeseries import SeriesWriter
@@ -125,6 +121,9 @@ class RunCollector:
         self.state = state
 
     def collect(self) -> Iterator[Any]:
+        # prometheus_client is imported where /metrics is served, not by every worker (~50 ms)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         state = self.state
         worker = [state.worker]
         c = state.counters()
@@ -195,6 +194,8 @@ def _counter_families(worker: str, values: dict[str, int], replicas: list[dict[s
     """The families of :data:`~infermill.metrics.COUNTERS` (those with a Prometheus name): one
     of its own per counter, an ``outcome`` label per counter in a shared one, the server's
     restarts per replica."""
+    from prometheus_client.core import CounterMetricFamily
+
     shared: dict[str, Any] = {}
     for counter in COUNTERS:
         if counter.prometheus is None:
@@ -220,11 +221,15 @@ def _counter_families(worker: str, values: dict[str, int], replicas: list[dict[s
 
 def _go_float(bound: float) -> str:
     """A bucket's bound as Prometheus writes it (``+Inf``, ``0.005``, ``1.0``)."""
+    from prometheus_client.utils import floatToGoString
+
     text: str = floatToGoString(bound)  # type: ignore[no-untyped-call,unused-ignore]  # untyped upstream
     return text
 
 
 def _gauge(name: str, doc: str, labels: list[str], value: float) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+
     family = GaugeMetricFamily(name, doc, labels=["worker"])
     family.add_metric(labels, value)
     return family
@@ -243,6 +248,8 @@ class MetricsServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> bool:
+        from prometheus_client import CollectorRegistry, start_http_server
+
         registry = CollectorRegistry(auto_describe=False)
         registry.register(RunCollector(self.state))
         try:
