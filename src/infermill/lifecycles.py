@@ -17,8 +17,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import threading
 import time
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -108,7 +109,10 @@ async def run_rank(
     journal = QueueJournal(queue, stream.unit_plan(), stream.writer)
     run = DocumentEngine(job, journal, rank, queue.worker_id, fail_units=False)
     source = StreamSource(stream, journal, documents, run.stats)
-    journal.before_commit = lambda: functools.partial(_write_worker_stats, job, queue, _stats_of(job, run, queue))
+    in_order = _InOrder()
+    journal.before_commit = lambda: in_order.wrap(
+        functools.partial(_write_worker_stats, job, queue, _stats_of(job, run, queue))
+    )
     runs.append(run)
     stopped_on_request = False
     try:
@@ -215,7 +219,10 @@ async def _work_on_queue(
     source = UnitSource(queue, journal, reader, plan)
     run = DocumentEngine(job, journal, options.worker_index, queue.worker_id, fail_units=True)
     run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
-    journal.before_commit = lambda: functools.partial(_write_worker_stats, job, queue, _stats_of(job, run, queue))
+    in_order = _InOrder()
+    journal.before_commit = lambda: in_order.wrap(
+        functools.partial(_write_worker_stats, job, queue, _stats_of(job, run, queue))
+    )
     runs.append(run)
     stopped_on_request = stalled = False
     try:
@@ -249,6 +256,29 @@ async def _work_on_queue(
         raise error
     logger.info("worker %s done: %s", queue.worker_id, run.stats.summary())
     return stats
+
+
+class _InOrder:
+    """Runs the writes of a run's stats snapshots in the order the snapshots were taken (on the
+    loop), whatever commit thread runs each: a snapshot written after a later one would hide
+    the later commit's documents from the stats while its done mark is there."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = 0
+        self._written = 0
+
+    def wrap(self, write: Callable[[], None]) -> Callable[[], None]:
+        self._taken += 1
+        taken = self._taken
+
+        def in_order() -> None:
+            with self._lock:
+                if taken > self._written:  # else a later snapshot is written already
+                    self._written = taken
+                    write()
+
+        return in_order
 
 
 def _keep_stats(
