@@ -29,7 +29,7 @@ from infermill.errors import CheckpointBusyError, ConfigError, LeaseLostError
 from infermill.io.units import UnitPlan, WorkUnit
 from infermill.io.writers import OutputWriter
 from infermill.journal import check_identity, identity_differences
-from infermill.queue import WorkQueue
+from infermill.queue import UNITS_DIR, WorkQueue
 from infermill.types import END_OF_INPUT
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def discard_rank_checkpoints(layout: JobLayout, writer: OutputWriter) -> None:
 def discard_queue(folder: Path, writer: OutputWriter) -> None:
     """Delete the queue in ``folder`` and the output file of every unit it ever let be claimed
     (``writer`` names them), and no other file."""
-    units = folder / "units"
+    units = folder / UNITS_DIR
     if units.is_dir():
         claimed = {name.split(".", 1)[0] for name in os.listdir(units)}  # UNIT.done, UNIT.GENERATION.lease...
         for unit in sorted(int(name) for name in claimed if name.isdigit()):
