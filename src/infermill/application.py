@@ -491,13 +491,14 @@ def stream_ranks_status(layout: JobLayout, output: str) -> dict[int, QueueStatus
     pipeline's, the Python API's); ``ConfigError`` if ``output`` holds none (an older
     infermill's static ranks, which are refused, or no job at all)."""
     from infermill.queue import WorkQueue
-    from infermill.stream import refuse_rank_checkpoints
 
     folders = layout.rank_queues()
     if not folders:
-        refuse_rank_checkpoints(layout)
         raise ConfigError(
-            f"no checkpoints in {layout.root}: is {output} the output folder of a job? (--checkpoints names "
+            f"{layout.checkpoints} holds checkpoints of static ranks written by an older infermill, which this one "
+            "does not read: start the job over with --overwrite"
+            if layout.legacy_ranks()
+            else f"no checkpoints in {layout.root}: is {output} the output folder of a job? (--checkpoints names "
             "the checkpoint folder of a job that set checkpoint.dir)"
         )
     return {int(folder.name): WorkQueue(folder).status() for folder in folders}
