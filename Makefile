@@ -16,7 +16,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 # `infermill`.
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: test test-fast lint format install install-vllm vllm-if-possible quickstart clean chromium
+.PHONY: test test-fast bytecode lint format install install-vllm vllm-if-possible quickstart clean chromium
 LINTED := src tests benchmarks examples
 
 $(BIN)/python:
@@ -89,7 +89,13 @@ chromium:
 		(export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) || \
 		echo "chromium could not be installed: tests/test_report.py's browser test will be skipped"
 
-test: $(VENV)/.installed-dev $(VENV)/.installed-model vllm-if-possible chromium
+# The tests start Python processes by the hundred (workers, servers, commands): each would compile
+# infermill's modules again where bytecode is not written (PYTHONDONTWRITEBYTECODE, a read-only
+# checkout), about 0.1 s of CPU per process. Compiled once here, every process only loads them.
+bytecode:
+	@$(BIN)/python -m compileall -q src tests examples >/dev/null
+
+test: $(VENV)/.installed-dev $(VENV)/.installed-model vllm-if-possible chromium bytecode
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Everything but the tests of a real Slurm cluster, Ray head, vLLM, Chromium or model (their markers, in
@@ -97,7 +103,7 @@ test: $(VENV)/.installed-dev $(VENV)/.installed-model vllm-if-possible chromium
 # the tests take their ports from the OS and their files from tmp_path, so they can run side by side
 FAST_MARKERS := not (slurm or ray or vllm or chromium or model)
 TEST_FAST_WORKERS ?= 2
-test-fast: $(VENV)/.installed-dev
+test-fast: $(VENV)/.installed-dev bytecode
 	$(BIN)/python -m pytest -m '$(FAST_MARKERS)' -n $(TEST_FAST_WORKERS) $(PYTEST_ARGS)
 
 clean:

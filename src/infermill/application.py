@@ -494,11 +494,9 @@ def stream_ranks_status(layout: JobLayout, output: str) -> dict[int, QueueStatus
 
     folders = layout.rank_queues()
     if not folders:
+        layout.refuse_legacy_ranks()
         raise ConfigError(
-            f"{layout.checkpoints} holds checkpoints of static ranks written by an older infermill, which this one "
-            "does not read: start the job over with --overwrite"
-            if layout.legacy_ranks()
-            else f"no checkpoints in {layout.root}: is {output} the output folder of a job? (--checkpoints names "
+            f"no checkpoints in {layout.root}: is {output} the output folder of a job? (--checkpoints names "
             "the checkpoint folder of a job that set checkpoint.dir)"
         )
     return {int(folder.name): WorkQueue(folder).status() for folder in folders}

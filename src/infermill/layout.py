@@ -133,6 +133,16 @@ class JobLayout:
         found = (path.name.removeprefix("rank_") for path in self.checkpoints.glob("rank_*") if path.is_dir())
         return sorted(int(name) for name in found if name.isdigit())
 
+    def refuse_legacy_ranks(self) -> None:
+        """Refuse (``ConfigError``, one line) a checkpoint folder written by an older infermill's
+        static ranks (``checkpoints/rank_*``): this one does not read them."""
+        if self.legacy_ranks():
+            raise ConfigError(
+                f"{self.checkpoints} holds checkpoints of static ranks written by an older infermill, which this one "
+                "does not read: finish that job with the infermill that started it, or start over with --overwrite "
+                "(overwrite=True), which deletes them and the output files they recorded"
+            )
+
     def stats_file(self, rank: int, world_size: int) -> Path:
         return self.root / ("stats.json" if world_size == 1 else f"stats_rank_{rank:05d}.json")
 

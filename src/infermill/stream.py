@@ -84,17 +84,6 @@ class RankWriter(OutputWriter):
         return self.inner.url(path)
 
 
-def refuse_rank_checkpoints(layout: JobLayout) -> None:
-    """Refuse (``ConfigError``, one line) a checkpoint folder written by an older infermill's
-    static ranks (``checkpoints/rank_*``): this one does not read them."""
-    if layout.legacy_ranks():
-        raise ConfigError(
-            f"{layout.checkpoints} holds checkpoints of static ranks written by an older infermill, which this one "
-            "does not read: finish that job with the infermill that started it, or start over with --overwrite "
-            "(overwrite=True), which deletes them and the output files they recorded"
-        )
-
-
 def discard_rank_checkpoints(layout: JobLayout, writer: OutputWriter) -> None:
     """Delete an older infermill's static-rank checkpoints and the output files they recorded
     (each chunk's file before its mark: a kill on the way leaves the rest to delete again)."""
@@ -179,7 +168,7 @@ class RankStream:
                 "documents twice. Run with the world_size of the run before, or start over with --overwrite "
                 "(overwrite=True)"
             )
-        refuse_rank_checkpoints(layout)
+        layout.refuse_legacy_ranks()
         queue = WorkQueue(folder)
         stored = queue.plan()
         if stored is not None and "stream" not in stored:

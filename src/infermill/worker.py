@@ -33,7 +33,7 @@ from infermill.layout import PLAN_FILE, series_files
 from infermill.metrics import per_sec
 from infermill.queue import WorkQueue, process_gone
 from infermill.queue_storage import StorageTimeoutError
-from infermill.stream import discard_queue, discard_rank_checkpoints, discard_records, refuse_rank_checkpoints
+from infermill.stream import discard_queue, discard_rank_checkpoints, discard_records
 from infermill.types import END_OF_INPUT as END
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def open_queue(
     refused. ``overwrite`` first deletes the job's queue, stats and the output files it wrote."""
     if overwrite:
         discard(layout, writer)
-    refuse_rank_checkpoints(layout)
+    layout.refuse_legacy_ranks()
     queue = _open(layout, options)
     stored = queue.plan()
     if stored is None:
