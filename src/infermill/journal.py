@@ -10,7 +10,11 @@ its holder (``WorkQueue.journal_path``), a chunk log (:class:`ChunkLogs`):
 * ``{"k": key, "v": reply}`` when a request got its reply (the request cache), unless its
   document finished in the same event-loop iteration: a finished document needs no replies.
 
-Lines are handed to the OS once per event-loop iteration, not one ``write`` each.
+The event loop only buffers lines: once per event-loop iteration, not one ``write`` each, it
+hands them to the storage's one ordered writer thread (a hung mount never blocks the loop), and
+a unit is committed only once its lines reached the OS. Every file operation goes through the
+queue's :class:`~infermill.queue_storage.QueueStorage`, bounded by its timeout: one that does
+not answer stops the worker (``WorkQueue.stalled_error``).
 
 When every record of a unit is finished, its output file is written from the journal (under
 a temporary name, then renamed), the unit is committed through the queue, and its journals
