@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import orjson
 import pytest
@@ -169,6 +170,28 @@ async def test_a_write_that_does_not_answer_stops_the_journal_without_blocking_t
     storage.append_later([]).result(timeout=5)  # once the writer is through
     written = [entry["i"] for entry in log_lines(tmp_path)]
     assert written == list(range(len(written))), written
+
+
+async def test_close_waits_for_a_commit_under_way_whose_caller_was_cancelled(tmp_path):
+    writing = threading.Event()
+
+    class SlowWriter(JsonlWriter):
+        def write_chunk(self, records, rank, chunk_index):  # type: ignore[no-untyped-def]
+            writing.set()
+            time.sleep(0.3)
+            return super().write_chunk(records, rank, chunk_index)
+
+    journal = await open_journal(tmp_path, records_per_chunk=2)
+    journal.writer = SlowWriter(str(tmp_path / "out"))
+    journal.commit(0, b'{"id":"0"}')
+    assert journal.commit(1, b'{"id":"1"}') == 0
+    finishing = asyncio.ensure_future(journal.finish_chunk(0))
+    assert await asyncio.to_thread(writing.wait, 10)
+    finishing.cancel()  # (a worker stopped on request while its unit was being committed)
+    with pytest.raises(asyncio.CancelledError):
+        await finishing
+    await journal.close()
+    assert journal.queue.is_done(0)  # the commit was not cut short by the command's exit
 
 
 async def test_a_resume_counts_each_document_once_and_ignores_a_torn_last_line(tmp_path):

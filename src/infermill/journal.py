@@ -455,6 +455,9 @@ class QueueJournal(ChunkLogs):
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
         self._finalizing: set[int] = set()  # units being committed (their I/O in a worker thread)
         self._failing: set[asyncio.Task[None]] = set()  # failed marks being written
+        # commits under way in the storage's threads: close() waits for them, also for one whose
+        # finish_chunk was cancelled (a daemon thread would not hold the process's exit)
+        self._commits: set[asyncio.Task[_Committed]] = set()
         self.units_committed = 0  # by this worker: the time series' units_done
         #: set when a lease could not be renewed for a lease timeout: the storage stopped answering
         self.stalled: StorageStalledError | None = None
@@ -573,7 +576,10 @@ class QueueJournal(ChunkLogs):
                 commit = functools.partial(_commit_unit, self.queue, self.writer, lease, path, documents, keep_stats)
                 # not bounded as a whole: it writes the unit's output (not the queue's storage), and
                 # each of its queue calls is
-                outcome = await self.storage.run(commit, str(self.queue.folder), bounded=False)
+                committing = asyncio.ensure_future(self.storage.run(commit, str(self.queue.folder), bounded=False))
+                self._commits.add(committing)
+                committing.add_done_callback(self._commits.discard)
+                outcome = await asyncio.shield(committing)
             except StorageTimeoutError as e:  # longer than a lease: the unit may be another worker's by now
                 raise self.queue.stalled_error(e) from e
             self.queue.add_seconds(outcome.queue_seconds)
@@ -641,8 +647,8 @@ class QueueJournal(ChunkLogs):
         else given up as a spent attempt (a worker that stops on an error); either way other
         workers take them at once (one killed leaves them to expire). Returns the units given up
         as an attempt. Raise if a write failed."""
-        if self._failing:
-            await asyncio.wait(set(self._failing))
+        if self._failing or self._commits:
+            await asyncio.wait(self._failing | self._commits)
         leases: list[tuple[Lease, LeaseRenewer | None]] = []
         try:  # (a write known failed or hung is not waited for again)
             await self.drain(closing=[chunk.path for chunk in self._chunks.values()])
