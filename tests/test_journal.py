@@ -172,6 +172,17 @@ async def test_a_write_that_does_not_answer_stops_the_journal_without_blocking_t
     assert written == list(range(len(written))), written
 
 
+async def test_the_lines_of_a_unit_let_go_in_the_iteration_they_were_appended_are_written_once(tmp_path):
+    journal = await open_journal(tmp_path)
+    journal.commit(0, b'{"id":"0"}')
+    journal.commit(1, b'{"id":"1"}')
+    journal.fail(0, "a document failed for good")  # let go in the same iteration: its lines are kept
+    await asyncio.sleep(0)
+    await journal.close()
+    assert [entry["i"] for entry in log_lines(tmp_path)] == [0, 1]
+    assert (tmp_path / "queue" / "units" / "000000.failed").exists()
+
+
 async def test_close_waits_for_a_commit_under_way_whose_caller_was_cancelled(tmp_path):
     writing = threading.Event()
 

@@ -377,7 +377,10 @@ class ChunkLogs:
         """Forget the writes done; keep the first failure, or a write older than the storage's timeout."""
         writes = self._writes
         while writes and writes[0][1].done():
-            error = writes.popleft()[1].exception()
+            future = writes.popleft()[1]
+            if future.cancelled():  # a drain's mark, given up before the writer reached it
+                continue
+            error = future.exception()
             if error is not None and self._failure is None:
                 self._failure = error if isinstance(error, Exception) else RuntimeError(error)
         if writes and now - writes[0][0] > self.storage.timeout_sec and self._failure is None:
@@ -637,7 +640,9 @@ class QueueJournal(ChunkLogs):
         self._leases.pop(unit, None)
         chunk = self._chunks.pop(unit, None)
         if chunk is not None:  # its lines so far are kept for its next holder
-            lines = chunk.lines if self._failure is None else []
+            lines, chunk.lines = chunk.lines, []  # (not handed over again by this iteration's flush)
+            if self._failure is not None:
+                lines = []
             self._hand_over([(chunk.path, _joined(lines))] if lines else [], closing=[chunk.path])
         return renewer
 
