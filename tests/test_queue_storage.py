@@ -169,7 +169,7 @@ def test_a_worker_whose_journal_writes_hang_while_its_leases_answer_stops_and_th
         held = held_by_hung()
         appends_hang.touch()  # its journal's lines wait for ever; its leases are still renewed
         hung_at = time.monotonic()
-        time.sleep(1.5)
+        time.sleep(3.0)  # past the storage timeout (2 s): its writer's hang is found while renewals still answer
         all_hang.touch()  # then every call of its storage hangs: it cannot give its leases back either
         rc = hung.wait(timeout=60)
         # the storage timeout (2 s) for its lines, then giving its leases up (2 s at most)

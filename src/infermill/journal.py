@@ -417,11 +417,11 @@ class ChunkLogs:
     # -- finishing chunks ---------------------------------------------------------------
 
     @staticmethod
-    def _records(log: bytes) -> Iterator[bytes]:
-        """The encoded records of a chunk log, each index once; documents with nothing to write
-        are left out."""
+    def _records(log: Iterable[bytes]) -> Iterator[bytes]:
+        """The encoded records of a chunk log (its lines), each index once; documents with
+        nothing to write are left out."""
         seen: set[int] = set()
-        for line in log_lines(log):
+        for line in _log_lines(log):
             if line.document is not None and line.data != b"null" and line.document not in seen:
                 seen.add(line.document)
                 yield line.data
@@ -718,11 +718,7 @@ def _commit_unit(
         started = time.perf_counter()
         if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
             writer.remove_temp_files(0, unit)
-        try:
-            log = queue.storage.read(journal)
-        except FileNotFoundError:
-            log = b""
-        written = writer.write_chunk(ChunkLogs._records(log), 0, unit)
+        written = writer.write_chunk(ChunkLogs._records(queue.storage.lines(journal)), 0, unit)
         output = writer.written(0, unit, written)  # named by the done mark, checked by a rerun
         writing = time.perf_counter() - started
         return output

@@ -28,7 +28,7 @@ import importlib
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -165,6 +165,13 @@ class QueueStorage:
         """The file's bytes (its first ``size`` if given); ``FileNotFoundError`` if it is absent."""
         raise NotImplementedError
 
+    def lines(self, path: Path) -> Iterator[bytes]:
+        """The file's lines, read as they are consumed (a unit's journal can be larger than
+        memory should hold at once); nothing if it is absent. Not bounded by the timeout: its
+        one caller, a unit's commit, writes the unit's output file as it reads, which no
+        storage timeout bounds either."""
+        raise NotImplementedError
+
     def create_if_absent(self, path: Path, data: bytes) -> bool:
         """Create ``path`` holding ``data`` unless it exists, atomically, complete or not at
         all; return whether this call created it."""
@@ -237,6 +244,14 @@ class PosixQueueStorage(QueueStorage):
 
     def _call(self, function: Callable[[], T], what: Path) -> T:
         return _calls.call(function, self.timeout_sec, str(what))
+
+    def lines(self, path: Path) -> Iterator[bytes]:
+        try:
+            file = open(path, "rb")  # noqa: SIM115 (closed by the with, once the lines are read)
+        except FileNotFoundError:
+            return
+        with file:
+            yield from file
 
     def read(self, path: Path, size: int = -1) -> bytes:
         def read() -> bytes:
