@@ -1,13 +1,15 @@
 """A work-queue storage that stops answering, as a hung network mount does (the tests' stand-in
 for one, without FUSE): once the file named by ``HANG_QUEUE_STORAGE_WHEN`` exists, each call
-of the queue's storage blocks for ever. Installed in a worker with
-``INFERMILL_QUEUE_STORAGE=hanging_storage:hanging`` (this folder on ``PYTHONPATH``)."""
+of the queue's storage blocks for ever; once the file named by ``HANG_QUEUE_APPENDS_WHEN``
+exists, its appends (the journals' lines) do, while its other calls (the leases') still answer.
+Installed in a worker with ``INFERMILL_QUEUE_STORAGE=hanging_storage:hanging`` (this folder on
+``PYTHONPATH``)."""
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,16 +19,23 @@ T = TypeVar("T")
 _never = threading.Event()
 
 
+def _hang_once(*triggers: str) -> None:
+    """Block for ever if a trigger file (named by one of these environment variables) exists."""
+    if any(os.environ.get(name) and os.path.exists(os.environ[name]) for name in triggers):
+        _never.wait()
+
+
 class HangingStorage(PosixQueueStorage):
     def _call(self, function: Callable[[], T], what: Path) -> T:
-        trigger = os.environ["HANG_QUEUE_STORAGE_WHEN"]
-
         def call() -> T:
-            if os.path.exists(trigger):
-                _never.wait()
+            _hang_once("HANG_QUEUE_STORAGE_WHEN")
             return function()
 
         return super()._call(call, what)
+
+    def _append_now(self, appends: Sequence[tuple[Path, bytes]], closing: Iterable[Path]) -> None:
+        _hang_once("HANG_QUEUE_STORAGE_WHEN", "HANG_QUEUE_APPENDS_WHEN")
+        super()._append_now(appends, closing)
 
 
 def hanging(timeout_sec: float) -> HangingStorage:

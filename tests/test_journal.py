@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 
 import orjson
 import pytest
@@ -15,15 +17,42 @@ from infermill.io.units import UnitPlan, WorkUnit
 from infermill.io.writers import JsonlWriter
 from infermill.journal import QueueJournal, identity_differences, request_key
 from infermill.queue import WorkQueue
+from infermill.queue_storage import PosixQueueStorage
 from infermill.rollouts import PromptRollout
 from infermill.runner import InferenceRunner
 
 
-async def open_journal(tmp_path, records_per_chunk: int = 10, units: int = 2) -> QueueJournal:
+class _Storage(PosixQueueStorage):
+    """Counts the batches handed to its writer; with ``failing``, its appends fail with it, and
+    with ``hang`` set, they block (until ``release`` is set)."""
+
+    def __init__(self, timeout_sec: float, failing: OSError | None = None):
+        super().__init__(timeout_sec)
+        self.batches: list[list[bytes]] = []
+        self.failing = failing
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def append_later(self, appends, closing=()):  # type: ignore[no-untyped-def]
+        if appends:
+            self.batches.append([data for _, data in appends])
+        return super().append_later(appends, closing)
+
+    def _append_now(self, appends, closing):  # type: ignore[no-untyped-def]
+        if self.hang.is_set():
+            self.release.wait()
+        if self.failing is not None and appends:
+            raise self.failing
+        super()._append_now(appends, closing)
+
+
+async def open_journal(
+    tmp_path, records_per_chunk: int = 10, units: int = 2, storage: PosixQueueStorage | None = None
+) -> QueueJournal:
     """A journal holding ``units`` units of ``records_per_chunk`` records (as a rank's run does;
     a second one, after the first is closed, resumes from its journals)."""
     plan = UnitPlan(records_per_chunk, None, (), tuple(WorkUnit(i, (), records_per_chunk) for i in range(units)))
-    queue = WorkQueue(tmp_path / "queue", lease_timeout_sec=60)
+    queue = WorkQueue(tmp_path / "queue", lease_timeout_sec=60, storage=storage)
     if queue.plan() is None:
         queue.publish_plan(plan.to_json())
     journal = QueueJournal(queue, plan, JsonlWriter(str(tmp_path / "out")))
@@ -45,12 +74,19 @@ def log_lines(tmp_path, chunk: int = 0) -> list[dict]:
     return read_jsonl(journal_path(tmp_path, chunk), missing_ok=True)
 
 
-async def test_lines_appended_in_one_loop_iteration_are_on_disk_after_it(tmp_path):
-    journal = await open_journal(tmp_path)
+async def test_lines_appended_in_one_loop_iteration_go_to_the_writer_together_and_on_disk_in_order(tmp_path):
+    storage = _Storage(60)
+    journal = await open_journal(tmp_path, storage=storage)
     for index in range(3):
         journal.commit(index, b'{"id":"%d"}' % index)
-    await asyncio.sleep(0)  # the end of this event-loop iteration
-    assert [entry["i"] for entry in log_lines(tmp_path)] == [0, 1, 2]
+    await asyncio.sleep(0)  # the end of this event-loop iteration: handed to the writer, in one batch
+    assert storage.batches == [[b'{"i":0,"r":{"id":"0"}}\n{"i":1,"r":{"id":"1"}}\n{"i":2,"r":{"id":"2"}}\n']]
+    for index in range(3, 8):  # one iteration each
+        journal.commit(index, b'{"id":"%d"}' % index)
+        await asyncio.sleep(0)
+    await journal.drain()  # with the OS
+    assert [entry["i"] for entry in log_lines(tmp_path)] == list(range(8))
+    assert len(storage.batches) == 6
     await journal.close()
 
 
@@ -59,6 +95,7 @@ async def test_replies_of_a_document_finished_in_the_same_iteration_are_not_stor
     journal.store_reply(0, ("doc-0", 0, b"{}", 0), {"choices": []})
     journal.commit(0, b'{"id":"doc-0"}')
     await asyncio.sleep(0)
+    await journal.drain()
     assert log_lines(tmp_path) == [{"i": 0, "r": {"id": "doc-0"}}]
     await journal.close()
 
@@ -67,6 +104,7 @@ async def test_replies_of_an_unfinished_document_are_stored_and_answer_a_resume(
     journal = await open_journal(tmp_path)
     journal.store_reply(1, ("doc-1", 0, b"{}", 0), {"choices": ["first"]})
     await asyncio.sleep(0)
+    await journal.drain()
     assert log_lines(tmp_path) == [{"k": request_key(("doc-1", 0, b"{}", 0)), "v": {"choices": ["first"]}}]
     journal.store_reply(1, ("doc-1", 0, b"{}", 1), {"choices": ["second"]})  # pending when the run stops
     await journal.close()
@@ -94,22 +132,77 @@ async def test_a_full_chunk_is_finalized_with_every_record(tmp_path):
     assert [orjson.loads(line)["id"] for line in written] == ["0", "1", "2", "3"]
 
 
-async def test_a_failed_flush_is_raised_by_the_next_commit_and_by_close(tmp_path, monkeypatch):
+async def test_a_failed_write_is_raised_by_the_next_commit_and_by_close(tmp_path):
     from infermill.errors import InfermillError
 
-    journal = await open_journal(tmp_path)
+    journal = await open_journal(tmp_path, storage=_Storage(60, failing=OSError(28, "No space left on device")))
     journal.commit(0, b'{"id":"0"}')
-    log = journal._chunks[0].file
-
-    def disk_full() -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(log, "flush", disk_full, raising=False)
-    await asyncio.sleep(0)  # the scheduled flush meets the error: an event-loop callback must not lose it
-    with pytest.raises(InfermillError, match="No space left on device"):
-        journal.commit(1, b'{"id":"1"}')
+    await asyncio.sleep(0)  # handed to the writer, whose write fails: an event-loop callback must not lose it
+    with pytest.raises(InfermillError, match="No space left on device"):  # once a later hand-over saw it
+        for index in range(1, 10):
+            journal.commit(index, b'{"id":"%d"}' % index)
+            await asyncio.sleep(0.05)
     with pytest.raises(InfermillError, match="run the same command again"):
         await journal.close()
+
+
+async def test_a_write_that_does_not_answer_stops_the_journal_without_blocking_the_loop(tmp_path):
+    from infermill.queue import QueueStalledError
+
+    storage = _Storage(0.5)
+    journal = await open_journal(tmp_path, storage=storage)
+    journal.commit(0, b'{"id":"0"}')
+    await journal.drain()
+    storage.hang.set()  # the mount hangs: appends block, the loop goes on
+    ticks = 0
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(QueueStalledError, match="stopped answering"):
+        for index in range(1, 10):
+            journal.commit(index, b'{"id":"%d"}' % index)
+            for _ in range(10):
+                await asyncio.sleep(0.02)
+                ticks += 1
+    assert 0.4 < asyncio.get_running_loop().time() - started < 3
+    assert ticks >= 20  # the loop ran all along
+    with pytest.raises(QueueStalledError):  # close does not wait for the hung writer again
+        await asyncio.wait_for(journal.close(), 2)
+    storage.release.set()  # the hung write ends late: what it wrote is in order, each line once
+    storage.append_later([]).result(timeout=5)  # once the writer is through
+    written = [entry["i"] for entry in log_lines(tmp_path)]
+    assert written == list(range(len(written))), written
+
+
+async def test_the_lines_of_a_unit_let_go_in_the_iteration_they_were_appended_are_written_once(tmp_path):
+    journal = await open_journal(tmp_path)
+    journal.commit(0, b'{"id":"0"}')
+    journal.commit(1, b'{"id":"1"}')
+    journal.fail(0, "a document failed for good")  # let go in the same iteration: its lines are kept
+    await asyncio.sleep(0)
+    await journal.close()
+    assert [entry["i"] for entry in log_lines(tmp_path)] == [0, 1]
+    assert (tmp_path / "queue" / "units" / "000000.failed").exists()
+
+
+async def test_close_waits_for_a_commit_under_way_whose_caller_was_cancelled(tmp_path):
+    writing = threading.Event()
+
+    class SlowWriter(JsonlWriter):
+        def write_chunk(self, records, rank, chunk_index):  # type: ignore[no-untyped-def]
+            writing.set()
+            time.sleep(0.3)
+            return super().write_chunk(records, rank, chunk_index)
+
+    journal = await open_journal(tmp_path, records_per_chunk=2)
+    journal.writer = SlowWriter(str(tmp_path / "out"))
+    journal.commit(0, b'{"id":"0"}')
+    assert journal.commit(1, b'{"id":"1"}') == 0
+    finishing = asyncio.ensure_future(journal.finish_chunk(0))
+    assert await asyncio.to_thread(writing.wait, 10)
+    finishing.cancel()  # (a worker stopped on request while its unit was being committed)
+    with pytest.raises(asyncio.CancelledError):
+        await finishing
+    await journal.close()
+    assert journal.queue.is_done(0)  # the commit was not cut short by the command's exit
 
 
 async def test_a_resume_counts_each_document_once_and_ignores_a_torn_last_line(tmp_path):
@@ -198,7 +291,7 @@ async def test_a_unit_lost_and_claimed_back_is_written_with_each_record_once(tmp
     assert first is not None and not await mine.hold(first)
     for i in (0, 1):
         mine.commit(i, b'{"id":"d%d"}' % i)
-    mine.flush()
+    await mine.drain()
     stale(first)  # this worker paused past its lease, with records 2 and 3 in flight
     other_queue, other = queue_journal(folder, "other", plan, writer)
     second = other_queue.claim()
@@ -212,7 +305,7 @@ async def test_a_unit_lost_and_claimed_back_is_written_with_each_record_once(tmp
     assert mine.is_done(2) and not mine.is_done(3)
     assert mine.commit(2, b'{"id":"d2"}') is None  # its old copy of record 2 finishing: not twice
     assert mine.commit(3, b'{"id":"d3"}') == 0  # the unit is full now, at its real size
-    mine.flush()  # (on the event loop, a flush waits for the end of the iteration)
+    await mine.drain()  # (on the event loop, lines are handed over at the end of the iteration)
     journal = queue.journal_path(0, 3)
     assert sum(b'"i":' in line for line in journal.read_bytes().splitlines()) == 4  # each record once
     assert await mine.finish_chunk(0) == 4

@@ -135,3 +135,58 @@ def test_a_worker_whose_queue_storage_hangs_stops_with_one_line_and_another_fini
         mark = orjson.loads((job.queue / "units" / f"{unit:06d}.done").read_bytes())
         if f"{unit:06d}.done" not in done_before:
             assert mark["generation"] > generation  # committed by the worker that took it over
+
+
+def test_a_worker_whose_journal_writes_hang_while_its_leases_answer_stops_and_the_other_worker_takes_its_units(
+    tmp_path,
+):
+    job = QueueJob(tmp_path, docs=160, rpc=10, conc=2, lease_timeout_sec=2.0, directives="sleep:0.1")
+    appends_hang, all_hang = tmp_path / "appends-hang", tmp_path / "all-hang"
+    healthy_env = job.env
+    job.env = {
+        **healthy_env,
+        "INFERMILL_QUEUE_STORAGE": "hanging_storage:hanging",
+        "HANG_QUEUE_APPENDS_WHEN": str(appends_hang),
+        "HANG_QUEUE_STORAGE_WHEN": str(all_hang),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), healthy_env.get("PYTHONPATH", "")]),
+    }
+    hung = job.start()
+    job.env = healthy_env
+    other = job.start()
+
+    def held_by_hung() -> dict[int, int]:
+        done = {int(p.name.split(".")[0]) for p in (job.queue / "units").glob("*.done")}
+        return {
+            unit: generation
+            for unit, leases in job.leases().items()
+            for generation, holder in [max(leases, key=lambda lease: lease[0])]
+            if holder.get("pid") == hung.pid and unit not in done
+        }
+
+    try:
+        wait_until(lambda: any((job.queue / "units").glob("*.done")), 60, "a unit committed")
+        wait_until(held_by_hung, 30, "the hanging worker to hold a unit")
+        held = held_by_hung()
+        appends_hang.touch()  # its journal's lines wait for ever; its leases are still renewed
+        hung_at = time.monotonic()
+        time.sleep(3.0)  # past the storage timeout (2 s): its writer's hang is found while renewals still answer
+        all_hang.touch()  # then every call of its storage hangs: it cannot give its leases back either
+        rc = hung.wait(timeout=60)
+        # the storage timeout (2 s) for its lines, then giving its leases up (2 s at most)
+        assert time.monotonic() - hung_at < 15
+        other_rc = other.wait(timeout=120)
+    finally:
+        hung.kill()
+        other.kill()
+    log = Path(hung.log_path).read_text()  # type: ignore[attr-defined]
+    assert rc != 0, log[-3000:]
+    errors = [line for line in log.splitlines() if "stopped answering" in line]
+    assert len(errors) == 1, log[-3000:]
+    # its journal's writes were found hung, before its leases' renewals were
+    assert str(job.queue / "journals") in errors[0] and "run the same command again" in errors[0], errors[0]
+    assert "Traceback" not in log, log[-3000:]
+    other_log = Path(other.log_path).read_text()  # type: ignore[attr-defined]
+    assert other_rc == 0, other_log[-3000:]
+    job.check_exactly_once()
+    marks = {unit: orjson.loads((job.queue / "units" / f"{unit:06d}.done").read_bytes()) for unit in held}
+    assert any(mark["generation"] > held[unit] for unit, mark in marks.items())  # taken over once expired

@@ -10,7 +10,11 @@ its holder (``WorkQueue.journal_path``), a chunk log (:class:`ChunkLogs`):
 * ``{"k": key, "v": reply}`` when a request got its reply (the request cache), unless its
   document finished in the same event-loop iteration: a finished document needs no replies.
 
-Lines are handed to the OS once per event-loop iteration, not one ``write`` each.
+The event loop only buffers lines: once per event-loop iteration, not one ``write`` each, it
+hands them to the storage's one ordered writer thread (a hung mount never blocks the loop), and
+a unit is committed only once its lines reached the OS. Every file operation goes through the
+queue's :class:`~infermill.queue_storage.QueueStorage`, bounded by its timeout: one that does
+not answer stops the worker (``WorkQueue.stalled_error``).
 
 When every record of a unit is finished, its output file is written from the journal (under
 a temporary name, then renamed), the unit is committed through the queue, and its journals
@@ -25,12 +29,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import io
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -38,7 +45,7 @@ from infermill.config import DIGEST_PREFIX
 from infermill.errors import ConfigError, InfermillError, LeaseLostError
 from infermill.io.readers import input_changes
 from infermill.queue import StorageStalledError
-from infermill.queue_storage import StorageTimeoutError
+from infermill.queue_storage import QueueStorage, StorageTimeoutError, timed_out, wait_async
 
 if TYPE_CHECKING:
     from infermill.io.units import UnitPlan
@@ -46,6 +53,8 @@ if TYPE_CHECKING:
     from infermill.queue import Lease, LeaseRenewer, WorkQueue
 
 logger = logging.getLogger("infermill.journal")
+
+T = TypeVar("T")
 
 #: a request as the cache knows it: document id, rollout index, the final payload as sent,
 #: and how many identical payloads this rollout sent before it
@@ -170,36 +179,46 @@ def read_log(path: Path) -> Iterator[LogLine]:
 
     Record lines are cut, not parsed: they are :meth:`ChunkLogs.commit`'s own
     ``{"i":INDEX,"r":RECORD}``, and whoever needs RECORD decoded decodes it."""
-    end = 0
     with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"}\n"):
-                return
-            end += len(line)
-            if line.startswith(b'{"i":'):
-                comma = line.find(b',"r":', 5)
-                if comma < 0 or not line[5:comma].isdigit():
-                    return  # not a line commit() wrote: corrupt from here on, like a torn line
-                yield LogLine(int(line[5:comma]), line[comma + 5 : -2], end)
-            else:
-                yield LogLine(None, line, end)
+        yield from _log_lines(f)
+
+
+def log_lines(data: bytes) -> Iterator[LogLine]:
+    """:func:`read_log` of a chunk log's bytes."""
+    return _log_lines(io.BytesIO(data))
+
+
+def _log_lines(lines: Iterable[bytes]) -> Iterator[LogLine]:
+    end = 0
+    for line in lines:
+        if not line.endswith(b"}\n"):
+            return
+        end += len(line)
+        if line.startswith(b'{"i":'):
+            comma = line.find(b',"r":', 5)
+            if comma < 0 or not line[5:comma].isdigit():
+                return  # not a line commit() wrote: corrupt from here on, like a torn line
+            yield LogLine(int(line[5:comma]), line[comma + 5 : -2], end)
+        else:
+            yield LogLine(None, line, end)
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedLog:
-    """What a chunk log holds: its finished records and its stored replies (key -> reply)."""
+    """What a chunk log holds: its finished records and its stored replies (key -> reply), in
+    its first ``size`` bytes (the rest: a torn or corrupt tail)."""
 
     records: set[int]
     replies: dict[str, Any]
+    size: int
 
 
-def load_log(path: Path) -> LoadedLog:
-    """Read a chunk log back (file I/O only: a worker thread may call it), and cut a torn or
-    corrupt tail off the file."""
+def load_log(data: bytes) -> LoadedLog:
+    """Read a chunk log's bytes back, up to a torn or corrupt tail."""
     records: set[int] = set()
     replies: dict[str, Any] = {}
     good_bytes = 0
-    for line in read_log(path):
+    for line in log_lines(data):
         if line.document is None:
             try:
                 entry = orjson.loads(line.data)
@@ -209,36 +228,42 @@ def load_log(path: Path) -> LoadedLog:
         else:
             records.add(line.document)
         good_bytes = line.end
-    if good_bytes < path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return LoadedLog(records, replies)
+    return LoadedLog(records, replies, good_bytes)
 
 
 @dataclass
 class _Chunk:
     index: int
     size: int  # records that make it full
+    path: Path  # its log
     finished: int = 0
-    file: Any = None  # the open log, appended to
+    lines: list[bytes] = field(default_factory=list)  # appended since the last flush, each without its newline
     indices: set[int] = field(default_factory=set)  # the finished records read back from its log
 
 
 class ChunkLogs:
     """The chunk logs of a journal: appended to once per event-loop iteration, the request
     cache, and which records are finished. :class:`QueueJournal` says where a unit's log is
-    (``_log_path``), how many records make it full (``_chunk_size``) and how it is committed."""
+    (``_log_path``), how many records make it full (``_chunk_size``), how it is committed,
+    and what a storage that stopped answering raises (``_stalled``).
 
-    def __init__(self, records_per_chunk: int, writer: OutputWriter, where: Path):
+    The event loop only buffers lines; once per iteration it hands them to the storage's one
+    ordered writer (:meth:`QueueStorage.append_later`), and notes when each batch is written:
+    a batch not written within the storage's timeout, or a write that failed, is raised by
+    the next call that can."""
+
+    def __init__(self, records_per_chunk: int, writer: OutputWriter, where: Path, storage: QueueStorage):
         self.records_per_chunk = records_per_chunk
         self.writer = writer
         self.dir = where  # named in errors
+        self.storage = storage
         self._chunks: dict[int, _Chunk] = {}
         self._cache: dict[str, Any] = {}
-        self._unflushed: set[Any] = set()  # logs appended to since the last flush
+        self._unflushed: list[_Chunk] = []  # chunks appended to since the last flush
         self._pending: dict[int, list[tuple[Request, Any]]] = {}  # replies of unfinished records, not yet written
+        self._writes: deque[tuple[float, Future[None]]] = deque()  # handed to the writer, not seen done: since when
         self._flush_scheduled = False
-        self._failure: Exception | None = None  # of a flush, raised by the next call that can
+        self._failure: Exception | None = None  # of a write, raised by the next call that can
 
     def _log_path(self, chunk_index: int) -> Path:
         raise NotImplementedError
@@ -246,12 +271,18 @@ class ChunkLogs:
     def _chunk_size(self, chunk_index: int) -> int:
         return self.records_per_chunk
 
-    def _load_log(self, chunk_index: int, path: Path) -> _Chunk:
-        return self._apply_log(chunk_index, load_log(path))
+    def _stalled(self, error: StorageTimeoutError) -> Exception:
+        """What a write that did not finish in time raises."""
+        raise NotImplementedError
 
-    def _apply_log(self, chunk_index: int, log: LoadedLog) -> _Chunk:
+    def _new_chunk(self, chunk_index: int, path: Path | None = None) -> _Chunk:
+        path = path or self._log_path(chunk_index)
+        chunk = self._chunks[chunk_index] = _Chunk(chunk_index, self._chunk_size(chunk_index), path)
+        return chunk
+
+    def _apply_log(self, chunk_index: int, log: LoadedLog, path: Path) -> _Chunk:
         """Take the finished records and stored replies of a chunk's log read back."""
-        chunk = self._chunks[chunk_index] = _Chunk(chunk_index, self._chunk_size(chunk_index))
+        chunk = self._new_chunk(chunk_index, path)
         chunk.indices = log.records
         chunk.finished = len(log.records)
         self._cache.update(log.replies)
@@ -296,18 +327,16 @@ class ChunkLogs:
     def _append(self, chunk_index: int, data: bytes) -> None:
         chunk = self._chunks.get(chunk_index)
         if chunk is None:
-            chunk = self._chunks[chunk_index] = _Chunk(chunk_index, self._chunk_size(chunk_index))
-        if chunk.file is None:
-            # open until the chunk is finalized or the journal closed: one append per line, no reopen
-            chunk.file = open(self._log_path(chunk_index), "ab")  # noqa: SIM115
-        chunk.file.write(data + b"\n")
-        self._unflushed.add(chunk.file)
+            chunk = self._new_chunk(chunk_index)
+        if not chunk.lines:
+            self._unflushed.append(chunk)
+        chunk.lines.append(data)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
-            # one write(2) per log per event-loop iteration instead of one per line: everything
-            # appended while handling this iteration's replies reaches the OS together
+            # one hand-over per event-loop iteration instead of one per line: everything appended
+            # while handling this iteration's replies goes to the writer together
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
                 self._flush_scheduled = True
@@ -315,7 +344,8 @@ class ChunkLogs:
                 self.flush()
 
     def flush(self) -> None:
-        """Write the pending replies and hand the lines appended since the last flush to the OS.
+        """Write the pending replies and hand the lines appended since the last flush to the
+        storage's writer (not waited for: see :meth:`drain`).
 
         It runs as an event-loop callback, where an exception would only be logged: a failure
         (a full disk) is kept, and raised by the next ``commit``, ``store_reply`` or ``close``."""
@@ -328,17 +358,57 @@ class ChunkLogs:
             self._failure = self._failure or e
         finally:
             self._flush_scheduled = False  # cleared only now: the appends above need no second flush
-        files, self._unflushed = self._unflushed, set()
-        for file in files:
+        chunks, self._unflushed = self._unflushed, []
+        appends = [(chunk.path, _joined(chunk.lines)) for chunk in chunks if chunk.lines]
+        for chunk in chunks:
+            chunk.lines = []
+        if appends:
+            self._hand_over(appends)
+
+    def _hand_over(self, appends: list[tuple[Path, bytes]], closing: Iterable[Path] = ()) -> Future[None]:
+        """Give ``appends`` to the storage's writer, and note what it finished before."""
+        now = time.monotonic()
+        future = self.storage.append_later(appends, closing)
+        self._writes.append((now, future))
+        self._check_writes(now)
+        return future
+
+    def _check_writes(self, now: float) -> None:
+        """Forget the writes done; keep the first failure, or a write older than the storage's timeout."""
+        writes = self._writes
+        while writes and writes[0][1].done():
+            future = writes.popleft()[1]
+            if future.cancelled():  # a drain's mark, given up before the writer reached it
+                continue
+            error = future.exception()
+            if error is not None and self._failure is None:
+                self._failure = error if isinstance(error, Exception) else RuntimeError(error)
+        if writes and now - writes[0][0] > self.storage.timeout_sec and self._failure is None:
+            self._failure = timed_out(self.storage.timeout_sec, str(self.dir))
+
+    async def drain(self, closing: Iterable[Path] = ()) -> None:
+        """Hand what is buffered to the writer and wait until the storage has it all (at most
+        the storage's timeout), then close the logs ``closing``; raise as ``commit`` does if
+        a write failed or did not finish in time."""
+        self.flush()
+        closing = list(closing)
+        if self._failure is not None:  # known failed or hung: not waited for again
+            if closing:
+                self._hand_over([], closing)
+            self._raise_if_failed()
+        if self._writes or closing:
+            done = self._hand_over([], closing)
             try:
-                file.flush()
-            except ValueError:  # closed meanwhile by finalize_chunk, which flushed it
-                pass
-            except Exception as e:
+                await wait_async(done, self.storage.timeout_sec, str(self.dir))
+            except OSError as e:  # the failed write's error, or StorageTimeoutError
                 self._failure = self._failure or e
+            self._check_writes(time.monotonic())
+        self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
+            if isinstance(self._failure, StorageTimeoutError):
+                raise self._stalled(self._failure) from self._failure
             raise InfermillError(
                 f"cannot write the checkpoint in {self.dir}: {self._failure}; free the space (or fix the "
                 "permissions) and run the same command again to resume"
@@ -347,26 +417,19 @@ class ChunkLogs:
     # -- finishing chunks ---------------------------------------------------------------
 
     @staticmethod
-    def _records(log: Path) -> Iterator[bytes]:
-        """The encoded records of a chunk log, each index once; documents with nothing to write
-        are left out."""
+    def _records(log: Iterable[bytes]) -> Iterator[bytes]:
+        """The encoded records of a chunk log (its lines), each index once; documents with
+        nothing to write are left out."""
         seen: set[int] = set()
-        for line in read_log(log):
+        for line in _log_lines(log):
             if line.document is not None and line.data != b"null" and line.document not in seen:
                 seen.add(line.document)
                 yield line.data
 
-    def _close_logs(self) -> None:
-        """Write what is pending and close the logs; raise if a write failed."""
-        self.flush()
-        for chunk in list(self._chunks.values()):  # a finalizing thread may still pop from it
-            if chunk.file is not None:
-                try:
-                    chunk.file.close()
-                except OSError as e:
-                    self._failure = self._failure or e
-                chunk.file = None
-        self._raise_if_failed()
+
+def _joined(lines: list[bytes]) -> bytes:
+    lines.append(b"")  # (the list is dropped after)
+    return b"\n".join(lines)
 
 
 class QueueJournal(ChunkLogs):
@@ -379,13 +442,15 @@ class QueueJournal(ChunkLogs):
     Records are numbered across the job: record ``i`` of unit ``u`` is ``u * records_per_unit + i``.
 
     Its bookkeeping (the units held, dropped, being committed) is the event loop's alone: the
-    methods that reach the queue's storage are coroutines that send the file I/O to a worker
-    thread and apply what it returns on the loop, and the lease renewers report through
-    the loop too.
+    methods that reach the queue's storage are coroutines that send the file I/O to a daemon
+    thread of the storage, wait for it at most the storage's timeout (each storage call, when
+    they are several) and apply what it returns on the loop, and the lease renewers report
+    through the loop too. A storage call that does not answer in time stops the worker with
+    :meth:`WorkQueue.stalled_error`.
     """
 
     def __init__(self, queue: WorkQueue, plan: UnitPlan, writer: OutputWriter):
-        super().__init__(plan.records_per_unit, writer, queue.journals_dir)
+        super().__init__(plan.records_per_unit, writer, queue.journals_dir, queue.storage)
         self.queue = queue
         self.plan = plan
         self._leases: dict[int, Lease] = {}
@@ -393,6 +458,9 @@ class QueueJournal(ChunkLogs):
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
         self._finalizing: set[int] = set()  # units being committed (their I/O in a worker thread)
         self._failing: set[asyncio.Task[None]] = set()  # failed marks being written
+        # commits under way in the storage's threads: close() waits for them, also for one whose
+        # finish_chunk was cancelled (a daemon thread would not hold the process's exit)
+        self._commits: set[asyncio.Task[_Committed]] = set()
         self.units_committed = 0  # by this worker: the time series' units_done
         #: set when a lease could not be renewed for a lease timeout: the storage stopped answering
         self.stalled: StorageStalledError | None = None
@@ -408,6 +476,23 @@ class QueueJournal(ChunkLogs):
     def _chunk_size(self, chunk_index: int) -> int:
         return self.plan[chunk_index].documents
 
+    def _stalled(self, error: StorageTimeoutError) -> Exception:
+        return self.queue.stalled_error(error)
+
+    async def _off_loop(self, call: Callable[..., T], *args: Any, bounded: bool = True) -> T:
+        """``call(*args)`` (the queue's file I/O) in a daemon thread of its storage, awaited at
+        most the storage's timeout (or, not ``bounded``, as long as it takes: its storage calls
+        are each bounded); the seconds it took are added to the queue's on the loop."""
+
+        def timed() -> tuple[T, float]:
+            started = time.perf_counter()
+            value = call(*args)
+            return value, time.perf_counter() - started
+
+        value, took = await self.storage.run(timed, str(self.queue.folder), bounded)
+        self.queue.add_seconds(took)
+        return value
+
     async def hold(self, lease: Lease) -> bool:
         """Start on ``lease``'s unit: copy the whole lines of its earlier holders' journals into
         this holder's (each finished record and stored reply once), load it, and keep the lease
@@ -418,9 +503,12 @@ class QueueJournal(ChunkLogs):
         if unit in self._leases:  # held before and lost (a pause past the lease): that generation goes
             self._let_go(unit)
         path = self.queue.journal_path(unit, lease.generation)
-        loaded = await asyncio.to_thread(_take_over_journals, self.queue, lease, path)
+        try:
+            loaded = await self._off_loop(_take_over_journals, self.queue, lease, path, bounded=False)
+        except StorageTimeoutError as e:  # its lease expires: another worker takes it over
+            raise self.queue.stalled_error(e) from e
         if loaded is not None:
-            self._apply_log(unit, loaded)
+            self._apply_log(unit, loaded, path)
             logger.info(
                 "unit %d taken over (attempt %d): %d documents already finished, %d replies kept",
                 unit,
@@ -482,15 +570,19 @@ class QueueJournal(ChunkLogs):
         unit = chunk_index
         self._finalizing.add(unit)  # close() must not give its lease back meanwhile
         try:
-            chunk = self._chunks.pop(unit, None)
-            if chunk is not None and chunk.file is not None:
-                chunk.file.close()
+            path, documents = self._log_path(unit), self._chunk_size(unit)
+            await self.drain(closing=[path])  # every line of the unit with the OS before its commit reads them
+            self._chunks.pop(unit, None)
             lease = self._leases[unit]
             keep_stats = self.before_commit() if self.before_commit is not None else None
             try:
-                path, documents = self._log_path(unit), self._chunk_size(unit)
                 commit = functools.partial(_commit_unit, self.queue, self.writer, lease, path, documents, keep_stats)
-                outcome = await asyncio.to_thread(commit)
+                # not bounded as a whole: it writes the unit's output (not the queue's storage), and
+                # each of its queue calls is
+                committing = asyncio.ensure_future(self.storage.run(commit, str(self.queue.folder), bounded=False))
+                self._commits.add(committing)
+                committing.add_done_callback(self._commits.discard)
+                outcome = await asyncio.shield(committing)
             except StorageTimeoutError as e:  # longer than a lease: the unit may be another worker's by now
                 raise self.queue.stalled_error(e) from e
             self.queue.add_seconds(outcome.queue_seconds)
@@ -520,7 +612,7 @@ class QueueJournal(ChunkLogs):
 
     async def _mark_failed(self, lease: Lease, cause: str) -> None:
         try:
-            await self.queue.in_thread(self.queue.fail, lease, cause)
+            await self._off_loop(self.queue.fail, lease, cause)
         except LeaseLostError:
             pass  # taken over meanwhile: the new holder decides
         except Exception as e:  # raised by the next commit, store_reply or close
@@ -547,8 +639,11 @@ class QueueJournal(ChunkLogs):
             renewer.stop(wait=False)
         self._leases.pop(unit, None)
         chunk = self._chunks.pop(unit, None)
-        if chunk is not None and chunk.file is not None:
-            chunk.file.close()
+        if chunk is not None:  # its lines so far are kept for its next holder
+            lines, chunk.lines = chunk.lines, []  # (not handed over again by this iteration's flush)
+            if self._failure is not None:
+                lines = []
+            self._hand_over([(chunk.path, _joined(lines))] if lines else [], closing=[chunk.path])
         return renewer
 
     async def close(self, release: bool = True) -> list[int]:
@@ -557,18 +652,28 @@ class QueueJournal(ChunkLogs):
         else given up as a spent attempt (a worker that stops on an error); either way other
         workers take them at once (one killed leaves them to expire). Returns the units given up
         as an attempt. Raise if a write failed."""
-        if self._failing:
-            await asyncio.wait(set(self._failing))
+        if self._failing or self._commits:
+            await asyncio.wait(self._failing | self._commits)
         leases: list[tuple[Lease, LeaseRenewer | None]] = []
-        try:
-            self._close_logs()
+        try:  # (a write known failed or hung is not waited for again)
+            await self.drain(closing=[chunk.path for chunk in self._chunks.values()])
         finally:  # a failed write (a full disk) still gives the leases back or up: others take them at once
             for unit in list(self._leases):
                 if unit in self._finalizing:  # being committed: its commit lets it go
                     continue
                 leases.append((self._leases[unit], self._let_go(unit)))
-            abandoned = await self.queue.in_thread(_give_up_leases, self.queue, leases, release) if leases else []
+            abandoned = await self._give_up(leases, release) if leases else []
         return abandoned
+
+    async def _give_up(self, leases: list[tuple[Lease, LeaseRenewer | None]], release: bool) -> list[int]:
+        """:func:`_give_up_leases`, waited for at most the storage's timeout: a storage that does
+        not answer leaves the rest to expire (an attempt each, if given up)."""
+        try:
+            return await self._off_loop(_give_up_leases, self.queue, leases, release)
+        except StorageTimeoutError as e:
+            units = [lease.unit for lease, _ in leases]
+            logger.warning("could not give the leases of units %s back (%s); they expire instead", units, e)
+            return [] if release else units
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,13 +687,16 @@ class _Committed:
 
 
 def _take_over_journals(queue: WorkQueue, lease: Lease, into: Path) -> LoadedLog | None:
-    """Merge the journals of ``lease``'s unit's earlier holders into ``into`` and read it back
-    (None: there were none). File I/O only: it runs in a worker thread."""
+    """Merge the journals of ``lease``'s unit's earlier holders into ``into`` up to a torn or
+    corrupt line, and return what they hold (None: there were none). File I/O only, through
+    the queue's storage: it runs in a thread."""
     earlier = queue.earlier_journals(lease.unit, lease.generation)
     if not earlier:
         return None
-    _merge_journals(earlier, into)
-    return load_log(into)
+    merged = _merged_journals(queue.storage, earlier)
+    loaded = load_log(merged)
+    queue.storage.append(into, merged[: loaded.size])
+    return loaded
 
 
 def _commit_unit(
@@ -610,7 +718,7 @@ def _commit_unit(
         started = time.perf_counter()
         if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
             writer.remove_temp_files(0, unit)
-        written = writer.write_chunk(ChunkLogs._records(journal), 0, unit) if journal.exists() else 0
+        written = writer.write_chunk(ChunkLogs._records(queue.storage.lines(journal)), 0, unit)
         output = writer.written(0, unit, written)  # named by the done mark, checked by a rerun
         writing = time.perf_counter() - started
         return output
@@ -647,30 +755,29 @@ def _give_up_leases(queue: WorkQueue, leases: list[tuple[Lease, LeaseRenewer | N
     return abandoned
 
 
-def _merge_journals(journals: list[Path], into: Path) -> None:
-    """Append to ``into`` the whole lines of ``journals`` (newest first), each finished record
-    and each stored reply once: a journal already holds the lines it copied from older ones,
-    so copying them all again would double the data at every takeover. A journal deleted
-    meanwhile (its unit committed by a holder that slipped past its lease) is skipped."""
+def _merged_journals(storage: QueueStorage, journals: list[Path]) -> bytes:
+    """The whole lines of ``journals`` (newest first), each finished record and each stored
+    reply once: a journal already holds the lines it copied from older ones, so copying them
+    all again would double the data at every takeover. A journal deleted meanwhile (its unit
+    committed by a holder that slipped past its lease) is skipped."""
     records: set[int] = set()
     replies: set[bytes] = set()
-    with open(into, "ab") as out:
-        for journal in journals:
-            try:
-                lines = list(read_log(journal))
-            except FileNotFoundError:
-                continue
-            kept = []
-            for line in lines:
-                if line.document is not None:
-                    if line.document in records:
-                        continue
-                    records.add(line.document)
-                    kept.append(b'{"i":%d,"r":%s}\n' % (line.document, line.data))
-                else:
-                    key = line.data[: line.data.find(b',"v":')]  # {"k":"...": the reply's key, as written
-                    if key in replies:
-                        continue
-                    replies.add(key)
-                    kept.append(line.data)
-            out.write(b"".join(kept))
+    kept: list[bytes] = []
+    for journal in journals:
+        try:
+            data = storage.read(journal)
+        except FileNotFoundError:
+            continue
+        for line in log_lines(data):
+            if line.document is not None:
+                if line.document in records:
+                    continue
+                records.add(line.document)
+                kept.append(b'{"i":%d,"r":%s}\n' % (line.document, line.data))
+            else:
+                key = line.data[: line.data.find(b',"v":')]  # {"k":"...": the reply's key, as written
+                if key in replies:
+                    continue
+                replies.add(key)
+                kept.append(line.data)
+    return b"".join(kept)

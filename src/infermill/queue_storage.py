@@ -12,6 +12,9 @@ Each call runs in a daemon thread of :class:`TimedCalls` and is waited for at mo
 ``timeout_sec``: a call that never returns leaves its thread behind, blocked, and that thread
 does not keep the process from exiting. A call that timed out may still complete later (a
 file created late): the queue's protocol tolerates that like a worker frozen for a while.
+An event loop awaits such calls without blocking (:meth:`QueueStorage.run`). Appends (the
+journals' lines) go to one ordered writer thread of the storage (:meth:`QueueStorage.append_later`),
+whose caller bounds its wait.
 
 ``INFERMILL_QUEUE_STORAGE=package.module:factory`` makes every queue use the storage
 ``factory(timeout_sec)`` returns (the tests' stand-in for a hung mount uses it).
@@ -19,17 +22,18 @@ file created late): the queue's protocol tolerates that like a worker frozen for
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import importlib
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from queue import SimpleQueue
-from typing import TypeVar
+from queue import Empty, SimpleQueue
+from typing import BinaryIO, TypeVar
 
 T = TypeVar("T")
 
@@ -40,6 +44,37 @@ DEFAULT_STORAGE_TIMEOUT_SEC = 30.0
 
 class StorageTimeoutError(OSError):
     """A storage call that did not answer within its timeout."""
+
+
+def timed_out(timeout_sec: float, what: str) -> StorageTimeoutError:
+    return StorageTimeoutError(errno.ETIMEDOUT, f"the storage did not answer within {timeout_sec:g} s", what)
+
+
+def wait(future: Future[T], timeout_sec: float, what: str) -> T:
+    """``future``'s value (or exception); ``StorageTimeoutError`` naming ``what`` if it is not
+    done within ``timeout_sec``."""
+    try:
+        return future.result(timeout_sec)
+    except FutureTimeout:
+        raise timed_out(timeout_sec, what) from None
+
+
+async def wait_async(future: Future[T], timeout_sec: float | None, what: str) -> T:
+    """:func:`wait` on an event loop, without blocking it (``timeout_sec`` None: no limit). A
+    call given up before its thread started it is not run."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_sec)
+    except TimeoutError:
+        raise timed_out(timeout_sec or 0.0, what) from None
+
+
+def _run_into(function: Callable[[], object], future: Future[object]) -> None:
+    if not future.set_running_or_notify_cancel():  # given up before it started: not run
+        return
+    try:
+        future.set_result(function())
+    except BaseException as e:  # handed to the caller, which raises it
+        future.set_exception(e)
 
 
 class TimedCalls:
@@ -53,9 +88,8 @@ class TimedCalls:
         self._idle = 0  # threads waiting for work, or about to
         self._started = 0
 
-    def call(self, function: Callable[[], T], timeout_sec: float, what: str) -> T:
-        """``function()``'s value (or exception); ``StorageTimeoutError`` naming ``what`` if it
-        takes longer than ``timeout_sec``."""
+    def submit(self, function: Callable[[], T]) -> Future[T]:
+        """Start ``function()`` in a thread; its future."""
         future: Future[T] = Future()
         with self._lock:
             if self._idle:
@@ -65,23 +99,55 @@ class TimedCalls:
                 name = f"{self._name}-{self._started}"
                 threading.Thread(target=self._serve, name=name, daemon=True).start()
         self._work.put((function, future))  # type: ignore[arg-type]
-        try:
-            return future.result(timeout_sec)
-        except FutureTimeout:
-            raise StorageTimeoutError(
-                errno.ETIMEDOUT, f"the storage did not answer within {timeout_sec:g} s", what
-            ) from None
+        return future
+
+    def call(self, function: Callable[[], T], timeout_sec: float, what: str) -> T:
+        """``function()``'s value (or exception); ``StorageTimeoutError`` naming ``what`` if it
+        takes longer than ``timeout_sec``."""
+        return wait(self.submit(function), timeout_sec, what)
 
     def _serve(self) -> None:
         while True:
             function, future = self._work.get()
-            try:
-                future.set_result(function())
-            except BaseException as e:  # handed to the caller, which raises it
-                future.set_exception(e)
+            _run_into(function, future)
             del function, future
             with self._lock:
                 self._idle += 1
+
+
+class OrderedCalls:
+    """Runs calls one after the other, in the order submitted, in one daemon thread (started
+    when needed, ended after ``idle_sec`` without work)."""
+
+    def __init__(self, name: str, idle_sec: float = 10.0):
+        self._name = name
+        self._idle_sec = idle_sec
+        self._work: SimpleQueue[tuple[Callable[[], object], Future[object]]] = SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def submit(self, function: Callable[[], T]) -> Future[T]:
+        """Run ``function()`` after every call submitted before; its future."""
+        future: Future[T] = Future()
+        with self._lock:
+            self._work.put((function, future))  # type: ignore[arg-type]
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._serve, name=self._name, daemon=True).start()
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                function, future = self._work.get(timeout=self._idle_sec)
+            except Empty:
+                with self._lock:
+                    if self._work.empty():  # (else a call came in meanwhile: go on)
+                        self._running = False
+                        return
+                continue
+            _run_into(function, future)
+            del function, future
 
 
 _calls = TimedCalls("infermill-storage")  # shared: a hung thread is left behind, not one per queue
@@ -97,6 +163,13 @@ class QueueStorage:
 
     def read(self, path: Path, size: int = -1) -> bytes:
         """The file's bytes (its first ``size`` if given); ``FileNotFoundError`` if it is absent."""
+        raise NotImplementedError
+
+    def lines(self, path: Path) -> Iterator[bytes]:
+        """The file's lines, read as they are consumed (a unit's journal can be larger than
+        memory should hold at once); nothing if it is absent. Not bounded by the timeout: its
+        one caller, a unit's commit, writes the unit's output file as it reads, which no
+        storage timeout bounds either."""
         raise NotImplementedError
 
     def create_if_absent(self, path: Path, data: bytes) -> bool:
@@ -138,12 +211,47 @@ class QueueStorage:
     def make_folder(self, folder: Path) -> None:
         raise NotImplementedError
 
+    def append_later(self, appends: Sequence[tuple[Path, bytes]], closing: Iterable[Path] = ()) -> Future[None]:
+        """Hand ``appends`` (each: append the bytes to the file, created if absent) to the
+        storage's one writer, behind every append handed over before, then close the files
+        ``closing`` (a writer may keep a file open between appends). Not waited for: the future
+        is done once they all reached the storage (the OS); its caller bounds its wait by
+        ``timeout_sec``. After an append that failed, every later one fails with the same error
+        and writes nothing: no line lands after a torn one."""
+        raise NotImplementedError
+
+    def append(self, path: Path, data: bytes) -> None:
+        """Append ``data`` to ``path`` (created if absent), in order with :meth:`append_later`."""
+        wait(self.append_later([(path, data)]), self.timeout_sec, str(path))
+
+    async def run(self, function: Callable[[], T], what: str, bounded: bool = True) -> T:
+        """``function()`` (file I/O: calls of this storage) in a daemon thread, awaited on the
+        event loop without blocking it; with ``bounded``, at most ``timeout_sec`` (else
+        ``StorageTimeoutError`` naming ``what``, and the call is left behind). Unbounded: for a
+        sequence of calls that are each bounded, with other I/O between them (a unit's output)."""
+        return await wait_async(_calls.submit(function), self.timeout_sec if bounded else None, what)
+
 
 class PosixQueueStorage(QueueStorage):
     """A local or network POSIX file system (see :mod:`infermill.queue` for what it must offer)."""
 
+    def __init__(self, timeout_sec: float = DEFAULT_STORAGE_TIMEOUT_SEC):
+        super().__init__(timeout_sec)
+        self._writer = OrderedCalls("infermill-appends")
+        # the writer thread's alone: the files appended to, kept open; its first failure
+        self._appending: dict[Path, BinaryIO] = {}
+        self._append_failure: BaseException | None = None
+
     def _call(self, function: Callable[[], T], what: Path) -> T:
         return _calls.call(function, self.timeout_sec, str(what))
+
+    def lines(self, path: Path) -> Iterator[bytes]:
+        try:
+            file = open(path, "rb")  # noqa: SIM115 (closed by the with, once the lines are read)
+        except FileNotFoundError:
+            return
+        with file:
+            yield from file
 
     def read(self, path: Path, size: int = -1) -> bytes:
         def read() -> bytes:
@@ -198,6 +306,41 @@ class PosixQueueStorage(QueueStorage):
 
     def make_folder(self, folder: Path) -> None:
         self._call(lambda: folder.mkdir(parents=True, exist_ok=True), folder)
+
+    def append_later(self, appends: Sequence[tuple[Path, bytes]], closing: Iterable[Path] = ()) -> Future[None]:
+        return self._writer.submit(lambda: self._append_now(appends, closing))
+
+    def _append_now(self, appends: Sequence[tuple[Path, bytes]], closing: Iterable[Path]) -> None:
+        """In the writer thread."""
+        files = self._appending
+        try:
+            if self._append_failure is not None:
+                raise self._append_failure
+            for path, data in appends:
+                file = files.get(path)
+                if file is None:
+                    file = files[path] = open(path, "ab", buffering=0)  # noqa: SIM115 (closed when asked)
+                _write_all(file, data, path)
+        except BaseException as e:
+            self._append_failure = self._append_failure or e
+            raise
+        finally:
+            for path in closing:
+                file = files.pop(path, None)
+                if file is not None:
+                    file.close()
+
+
+def _write_all(file: BinaryIO, data: bytes, path: Path) -> None:
+    """Write all of ``data`` (an unbuffered write may take part of it)."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[file.write(view) :]
+    except OSError as e:  # a write's error names no file (a full disk): name the one written
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _absent_is_false(function: Callable[..., object], *args: object) -> bool:

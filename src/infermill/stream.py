@@ -30,6 +30,7 @@ from infermill.io.units import UnitPlan, WorkUnit
 from infermill.io.writers import OutputWriter
 from infermill.journal import check_identity, identity_differences
 from infermill.queue import UNITS_DIR, WorkQueue
+from infermill.queue_storage import StorageTimeoutError
 from infermill.types import END_OF_INPUT
 
 if TYPE_CHECKING:
@@ -308,11 +309,16 @@ class StreamSource:
         before = self._entering.pop(unit - 1, None)
         if before is not None:  # units are entered in order: the plan lists them so
             await before
-        await self._set_plan(self._plan_reaching(unit))
-        if await queue.in_thread(queue.is_done, unit):  # committed by an earlier run
-            self._skipped.add(unit)
-            return
-        lease = await queue.in_thread(queue.claim_unit, unit)
+        if self.journal.stalled is not None:  # a lease this run held could not be renewed
+            raise queue.stalled_error(self.journal.stalled)
+        try:
+            await self._set_plan(self._plan_reaching(unit))
+            if await queue.in_thread(queue.is_done, unit):  # committed by an earlier run
+                self._skipped.add(unit)
+                return
+            lease = await queue.in_thread(queue.claim_unit, unit)
+        except StorageTimeoutError as e:
+            raise queue.stalled_error(e) from e
         if lease is None:
             if await queue.in_thread(queue.is_done, unit):
                 self._skipped.add(unit)
