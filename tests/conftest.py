@@ -89,13 +89,31 @@ def model_dir() -> str:
 @pytest.fixture
 def endpoint(tmp_path) -> Iterator[tuple[str, Path]]:
     """The faulty server as an endpoint (every request 0.05 s): its URL, and its stats file, whose
-    ``authorization`` counts the requests by ``Authorization`` header."""
-    from helpers import FAULTY_SERVER, free_ports
+    ``authorization`` counts the requests by ``Authorization`` header. It is listening when
+    given: a port taken between its choice and the server's bind (a test beside this one, under
+    xdist) is chosen again."""
+    from helpers import FAULTY_SERVER, free_ports, wait_until
 
-    port = free_ports()
     stats = tmp_path / "endpoint_stats.json"
-    argv = [PYTHON, str(FAULTY_SERVER), "--port", str(port), "--stats-file", str(stats), "--directives", "sleep:0.05"]
-    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(5):
+        port = free_ports()
+        argv = [
+            PYTHON,
+            str(FAULTY_SERVER),
+            "--port",
+            str(port),
+            "--stats-file",
+            str(stats),
+            "--directives",
+            "sleep:0.05",
+        ]
+        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # it writes its stats once it listens
+        wait_until(lambda: stats.exists() or server.poll() is not None, 30, f"the endpoint on port {port} to listen")
+        if server.poll() is None:
+            break
+    else:
+        raise AssertionError(f"the endpoint server could not listen (last: port {port}, exit code {server.returncode})")
     try:
         yield f"http://127.0.0.1:{port}/v1", stats
     finally:
