@@ -355,3 +355,38 @@ async def test_the_runtime_folder_is_made_private(runtime):
         assert [p.name for p in (runtime / "groups").iterdir()] == [str(process.pgid)]
     finally:
         await process.stop(grace=1)
+
+
+def test_the_process_scans_of_two_threads_at_once_do_not_mix_their_attributes():
+    """Two stops at once scan the process table in two threads (a group's liveness, the processes
+    carrying a token): each reads its own attributes, never those psutil cached for the other."""
+    import sys
+    import threading
+
+    from infermill.servers.watcher import marked
+
+    errors: list[BaseException] = []
+    deadline = time.monotonic() + 1.5
+
+    def scan(call) -> None:
+        try:
+            while time.monotonic() < deadline:
+                call()
+        except BaseException as e:  # the other thread's attributes: KeyError
+            errors.append(e)
+
+    zombie_group = os.getpgid(0)  # some group with live members: every process is examined
+    threads = [
+        threading.Thread(target=scan, args=(lambda: group_alive(zombie_group),)),
+        threading.Thread(target=scan, args=(lambda: marked("no-such-token"),)),
+    ]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns every few bytecodes: the race is met, not hoped for
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors

@@ -324,9 +324,9 @@ def group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     # Zombies keep a group "alive" for kill(0) until their parent reaps them; look closer.
-    for proc in psutil.process_iter(["status"]):
+    for proc in psutil.process_iter():  # (not process_iter(attrs): see watcher.marked)
         try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
                 return True
         except (ProcessLookupError, psutil.Error):
             continue

@@ -61,12 +61,15 @@ def marked(token: str) -> list[psutil.Process]:
     its children: whoever started a child reaps it (a wait here would steal its exit status)."""
     uid, me = os.getuid(), os.getpid()
     found = []
-    for proc in psutil.process_iter(["uids", "status", "ppid"]):
+    # each process's attributes read into a dict of this call: process_iter(attrs) would put them
+    # in ``proc.info`` of a Process object psutil shares with every other caller, a thread's included
+    for proc in psutil.process_iter():
         try:
+            info = proc.as_dict(["uids", "status", "ppid"])
             if (
-                me not in (proc.pid, proc.info["ppid"])
-                and proc.info["uids"].real == uid
-                and proc.info["status"] != psutil.STATUS_ZOMBIE
+                me not in (proc.pid, info["ppid"])
+                and info["uids"].real == uid
+                and info["status"] != psutil.STATUS_ZOMBIE
                 and proc.environ().get(TOKEN_VARIABLE) == token
             ):
                 found.append(proc)
