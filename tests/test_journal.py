@@ -265,6 +265,67 @@ async def test_a_rank_takes_one_writer_at_a_time_and_a_finished_run_lets_the_nex
 # -- a work queue's units ------------------------------------------------------------------
 
 
+async def test_a_unit_claimed_back_keeps_the_records_its_writer_had_not_written_yet(tmp_path):
+    storage = _Storage(5.0)
+    journal = await open_journal(tmp_path, records_per_chunk=4, units=1, storage=storage)
+    first = journal._leases[0]
+    storage.hang.set()  # the writer lags (a busy disk): the lines below wait in its queue
+    journal.commit(0, b'{"id":"0"}')
+    journal.commit(1, b'{"id":"1"}')
+    await asyncio.sleep(0)  # handed to the writer, not written
+    stale(first)  # this worker paused past its lease, and claims its unit back
+    second = journal.queue.claim()
+    assert second is not None and second.generation == 2
+    threading.Timer(0.3, storage.release.set).start()
+    assert not await journal.hold(second)
+    assert journal.is_done(0) and journal.is_done(1)  # its own last lines were copied, not lost
+    await journal.close()
+
+
+async def test_a_unit_being_committed_is_not_dropped_by_a_late_failure_of_a_copy_of_its_record(tmp_path):
+    storage = _Storage(5.0)
+    journal = await open_journal(tmp_path, records_per_chunk=1, units=1, storage=storage)
+    journal.commit(0, b'{"id":"0"}')
+    storage.hang.set()
+    finishing = asyncio.ensure_future(journal.finish_chunk(0))
+    await asyncio.sleep(0.05)  # waiting for its lines to be written
+    journal.fail(0, "a copy of record 0 still in flight failed")  # (sent again after a claim-back)
+    storage.release.set()
+    assert await finishing == 1  # committed: every record of it was in
+    assert journal.queue.is_done(0)
+    await journal.close()
+
+
+async def test_a_reply_for_a_unit_being_committed_reopens_no_journal(tmp_path):
+    storage = _Storage(5.0)
+    journal = await open_journal(tmp_path, records_per_chunk=1, units=1, storage=storage)
+    journal.commit(0, b'{"id":"0"}')
+    storage.hang.set()
+    finishing = asyncio.ensure_future(journal.finish_chunk(0))
+    await asyncio.sleep(0.05)
+    journal.store_reply(0, ("0", 0, b"{}", 1), {"late": True})  # a copy of its document answered meanwhile
+    await asyncio.sleep(0.01)
+    assert journal.commit(0, b'{"id":"0"}') is None  # nor is its record taken again
+    storage.release.set()
+    assert await finishing == 1
+    await journal.close()
+    await asyncio.sleep(0.2)  # (the writer's last batch)
+    assert not list((tmp_path / "queue" / "journals").iterdir())  # no journal written again after the commit
+    journals = str(tmp_path / "queue" / "journals")
+    assert not [path for path in open_files() if path.startswith(journals)]  # and no journal left open by the writer
+
+
+def open_files() -> list[str]:
+    """The paths of this process's open file descriptors."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # (the listing's own descriptor, closed since)
+            pass
+    return paths
+
+
 def queue_journal(folder, worker: str, plan, writer):
     from infermill.journal import QueueJournal
     from infermill.queue import WorkQueue

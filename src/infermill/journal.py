@@ -456,7 +456,9 @@ class QueueJournal(ChunkLogs):
         self._leases: dict[int, Lease] = {}
         self._renewers: dict[int, LeaseRenewer] = {}
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
-        self._finalizing: set[int] = set()  # units being committed (their I/O in a worker thread)
+        # units being committed, by the lease they are committed under (a unit lost meanwhile and
+        # held again is another lease: its records go on)
+        self._finalizing: dict[int, Lease] = {}
         self._failing: set[asyncio.Task[None]] = set()  # failed marks being written
         # commits under way in the storage's threads: close() waits for them, also for one whose
         # finish_chunk was cancelled (a daemon thread would not hold the process's exit)
@@ -502,6 +504,7 @@ class QueueJournal(ChunkLogs):
         unit = lease.unit
         if unit in self._leases:  # held before and lost (a pause past the lease): that generation goes
             self._let_go(unit)
+            await self.drain()  # its last lines on disk, for the take-over below to copy
         path = self.queue.journal_path(unit, lease.generation)
         try:
             loaded = await self._off_loop(_take_over_journals, self.queue, lease, path, bounded=False)
@@ -537,14 +540,20 @@ class QueueJournal(ChunkLogs):
         """The units this worker holds and still works on (being processed or committed)."""
         return sorted(unit for unit in self._leases if unit not in self.dropped)
 
+    def _committing(self, unit: int) -> bool:
+        """Whether the lease this worker holds ``unit`` by is being committed: its records are all
+        in, a copy of one still in flight adds nothing."""
+        lease = self._finalizing.get(unit)
+        return lease is not None and self._leases.get(unit) is lease
+
     def commit(self, index: int, record: bytes | None) -> int | None:
         unit = index // self.records_per_chunk
         chunk = self._chunks.get(unit)
         if (
             unit in self.dropped
             or unit not in self._leases
+            or self._committing(unit)
             or (chunk is not None and index in chunk.indices)
-            or (chunk is None and unit in self._finalizing)
         ):
             # its unit failed, was taken over, let go or is being committed, or the record is
             # finished already (a document handed out again after its unit was lost and claimed
@@ -556,7 +565,7 @@ class QueueJournal(ChunkLogs):
         return full
 
     def _append(self, chunk_index: int, data: bytes) -> None:
-        if chunk_index not in self._leases:
+        if chunk_index not in self._leases or self._committing(chunk_index):
             # let go (failed, committed, or lost and claimed again) while a document of it was in
             # flight: its replies go nowhere either, it has no journal path any more
             return
@@ -568,12 +577,14 @@ class QueueJournal(ChunkLogs):
         journals (all three in a worker thread). Returns the number of records written (0 if
         the lease was lost: the unit's new holder writes it)."""
         unit = chunk_index
-        self._finalizing.add(unit)  # close() must not give its lease back meanwhile
+        lease = self._leases[unit]
+        self._finalizing[unit] = lease  # close() must not give its lease back meanwhile, nor fail() drop it
         try:
-            path, documents = self._log_path(unit), self._chunk_size(unit)
+            self._chunks.pop(unit, None)  # (its lines not yet handed over still are, by the drain)
+            path, documents = self.queue.journal_path(unit, lease.generation), self._chunk_size(unit)
             await self.drain(closing=[path])  # every line of the unit with the OS before its commit reads them
-            self._chunks.pop(unit, None)
-            lease = self._leases[unit]
+            if self._leases.get(unit) is not lease:  # lost and held again meanwhile: the new lease goes on
+                return 0
             keep_stats = self.before_commit() if self.before_commit is not None else None
             try:
                 commit = functools.partial(_commit_unit, self.queue, self.writer, lease, path, documents, keep_stats)
@@ -594,14 +605,16 @@ class QueueJournal(ChunkLogs):
             self.units_committed += 1
             return outcome.written
         finally:
-            self._let_go(unit)
-            self._finalizing.discard(unit)
+            if self._leases.get(unit) is lease:
+                self._let_go(unit)
+            if self._finalizing.get(unit) is lease:
+                del self._finalizing[unit]
 
     def fail(self, unit: int, cause: str) -> None:
         """Mark ``unit`` failed with ``cause`` (a document of it failed for good); the rest of its
         records is not processed, and a rerun of the job retries it. The mark is written in a
         worker thread; :meth:`close` waits for it."""
-        if unit in self.dropped or unit not in self._leases:
+        if unit in self.dropped or unit not in self._leases or self._committing(unit):
             return
         self.dropped.add(unit)
         lease = self._leases[unit]
@@ -612,7 +625,8 @@ class QueueJournal(ChunkLogs):
 
     async def _mark_failed(self, lease: Lease, cause: str) -> None:
         try:
-            await self._off_loop(self.queue.fail, lease, cause)
+            # not bounded as a whole: each of its storage calls is
+            await self._off_loop(self.queue.fail, lease, cause, bounded=False)
         except LeaseLostError:
             pass  # taken over meanwhile: the new holder decides
         except Exception as e:  # raised by the next commit, store_reply or close
@@ -659,7 +673,7 @@ class QueueJournal(ChunkLogs):
             await self.drain(closing=[chunk.path for chunk in self._chunks.values()])
         finally:  # a failed write (a full disk) still gives the leases back or up: others take them at once
             for unit in list(self._leases):
-                if unit in self._finalizing:  # being committed: its commit lets it go
+                if self._committing(unit):  # its commit lets it go
                     continue
                 leases.append((self._leases[unit], self._let_go(unit)))
             abandoned = await self._give_up(leases, release) if leases else []

@@ -317,14 +317,14 @@ class StreamSource:
                 self._skipped.add(unit)
                 return
             lease = await queue.in_thread(queue.claim_unit, unit)
+            if lease is None:
+                if await queue.in_thread(queue.is_done, unit):
+                    self._skipped.add(unit)
+                    return
+                await queue.in_thread(RankStream._refuse_if_busy, queue, int(stream.plan["stream"]["rank"]))
+                raise CheckpointBusyError(f"unit {unit} of {queue.folder} cannot be leased: another run holds it")
         except StorageTimeoutError as e:
             raise queue.stalled_error(e) from e
-        if lease is None:
-            if await queue.in_thread(queue.is_done, unit):
-                self._skipped.add(unit)
-                return
-            await queue.in_thread(RankStream._refuse_if_busy, queue, int(stream.plan["stream"]["rank"]))
-            raise CheckpointBusyError(f"unit {unit} of {queue.folder} cannot be leased: another run holds it")
         if await self.journal.hold(lease):  # finished by an earlier run: commit it
             await self.journal.finish_chunk(unit)
             self._skipped.add(unit)
@@ -355,14 +355,18 @@ class StreamSource:
             units[-1] = {**units[-1], "documents": self.read - self.size * (len(units) - 1)}
         documents = sum(entry["documents"] for entry in units)
         final = {**plan, "units": units, "documents": documents, "stream": {**plan["stream"], "read_to_end": True}}
-        await self._set_plan(final)
-        for unit in self.journal.held():
-            await self.journal.finish_chunk(unit)
         queue = self.stream.queue
-        status = await queue.in_thread(queue.status)
-        if status.units_done < len(units):  # a lease lost on the way (a stalled loop or storage): its unit is not
-            done = {unit for unit in range(len(units)) if await queue.in_thread(queue.is_done, unit)}
-            lost = [unit for unit in range(len(units)) if unit not in done]
+        try:
+            await self._set_plan(final)
+            for unit in self.journal.held():
+                await self.journal.finish_chunk(unit)
+            status = await queue.in_thread(queue.status)
+            lost = []
+            if status.units_done < len(units):  # a lease lost on the way (a stalled loop or storage): its unit is not
+                lost = [unit for unit in range(len(units)) if not await queue.in_thread(queue.is_done, unit)]
+        except StorageTimeoutError as e:
+            raise queue.stalled_error(e) from e
+        if lost:
             raise LeaseLostError(
                 f"units {', '.join(map(str, lost[:10]))} of {queue.folder} were not committed: their leases were "
                 f"lost during the run (not renewed for lease_timeout_sec {queue.lease_timeout_sec:g}: a stalled "
