@@ -5,6 +5,7 @@ model (``make test-fast`` leaves those out)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -19,6 +20,12 @@ SCRIPTS = Path(__file__).resolve().parent / "servers"
 ECHO_SERVER = ROOT / "examples" / "servers" / "echo_server.py"
 PYTHON = sys.executable
 TAG_VARIABLE = "INFERMILL_TEST_TAG"
+
+# A launcher without job control (a script's background job, nohup) starts the tests with SIGINT
+# ignored, and every process they start would inherit that: the Ctrl-C tests need SIGINT as a
+# terminal sends it (infermill itself leaves an ignored SIGINT ignored, as a background job expects)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 #: fixture -> the marker (registered in pyproject.toml) of every test that uses it, directly or not:
 #: a test that needs one of these is marked by needing it, skipped there or not
