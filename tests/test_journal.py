@@ -282,13 +282,20 @@ async def test_a_unit_claimed_back_keeps_the_records_its_writer_had_not_written_
     await journal.close()
 
 
-async def test_a_unit_being_committed_is_not_dropped_by_a_late_failure_of_a_copy_of_its_record(tmp_path):
+async def committing_a_unit_whose_writer_lags(tmp_path) -> tuple[QueueJournal, _Storage, asyncio.Future[int]]:
+    """A journal of one unit of one record, finished: its commit under way, waiting for the
+    writer (blocked until ``storage.release`` is set) to write its lines."""
     storage = _Storage(5.0)
     journal = await open_journal(tmp_path, records_per_chunk=1, units=1, storage=storage)
     journal.commit(0, b'{"id":"0"}')
     storage.hang.set()
     finishing = asyncio.ensure_future(journal.finish_chunk(0))
-    await asyncio.sleep(0.05)  # waiting for its lines to be written
+    await asyncio.sleep(0.05)
+    return journal, storage, finishing
+
+
+async def test_a_unit_being_committed_is_not_dropped_by_a_late_failure_of_a_copy_of_its_record(tmp_path):
+    journal, storage, finishing = await committing_a_unit_whose_writer_lags(tmp_path)
     journal.fail(0, "a copy of record 0 still in flight failed")  # (sent again after a claim-back)
     storage.release.set()
     assert await finishing == 1  # committed: every record of it was in
@@ -297,12 +304,7 @@ async def test_a_unit_being_committed_is_not_dropped_by_a_late_failure_of_a_copy
 
 
 async def test_a_reply_for_a_unit_being_committed_reopens_no_journal(tmp_path):
-    storage = _Storage(5.0)
-    journal = await open_journal(tmp_path, records_per_chunk=1, units=1, storage=storage)
-    journal.commit(0, b'{"id":"0"}')
-    storage.hang.set()
-    finishing = asyncio.ensure_future(journal.finish_chunk(0))
-    await asyncio.sleep(0.05)
+    journal, storage, finishing = await committing_a_unit_whose_writer_lags(tmp_path)
     journal.store_reply(0, ("0", 0, b"{}", 1), {"late": True})  # a copy of its document answered meanwhile
     await asyncio.sleep(0.01)
     assert journal.commit(0, b'{"id":"0"}') is None  # nor is its record taken again
