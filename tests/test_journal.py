@@ -16,7 +16,7 @@ from infermill.config import InferenceConfig
 from infermill.io.units import UnitPlan, WorkUnit
 from infermill.io.writers import JsonlWriter
 from infermill.journal import QueueJournal, identity_differences, request_key
-from infermill.queue import WorkQueue
+from infermill.queue import QueueStalledError, WorkQueue
 from infermill.queue_storage import PosixQueueStorage
 from infermill.rollouts import PromptRollout
 from infermill.runner import InferenceRunner
@@ -326,6 +326,32 @@ def open_files() -> list[str]:
         except FileNotFoundError:  # (the listing's own descriptor, closed since)
             pass
     return paths
+
+
+async def test_a_commit_whose_journal_read_does_not_answer_stops_with_the_stalled_line(tmp_path):
+    class HangingReads(_Storage):
+        """Reads of a journal block (from ``hang_reads`` on) in the storage's thread, as on a hung mount."""
+
+        def __init__(self, timeout_sec: float):
+            super().__init__(timeout_sec)
+            self.hang_reads = threading.Event()
+
+        def read(self, path, size=-1, offset=0):  # type: ignore[no-untyped-def]
+            if path.parent.name == "journals" and self.hang_reads.is_set():
+                return self._call(lambda: self.release.wait() and b"", path)
+            return super().read(path, size, offset)
+
+    storage = HangingReads(0.5)
+    journal = await open_journal(tmp_path, records_per_chunk=1, units=1, storage=storage)
+    journal.commit(0, b'{"id":"0"}')
+    storage.hang_reads.set()
+    started = time.monotonic()
+    with pytest.raises(QueueStalledError, match="stopped answering"):
+        await journal.finish_chunk(0)  # its journal is read in blocks, each bounded by the storage's timeout
+    assert time.monotonic() - started < 5
+    assert not journal.queue.is_done(0)
+    storage.release.set()
+    await journal.close()
 
 
 def queue_journal(folder, worker: str, plan, writer):

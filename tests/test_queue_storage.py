@@ -190,3 +190,12 @@ def test_a_worker_whose_journal_writes_hang_while_its_leases_answer_stops_and_th
     job.check_exactly_once()
     marks = {unit: orjson.loads((job.queue / "units" / f"{unit:06d}.done").read_bytes()) for unit in held}
     assert any(mark["generation"] > held[unit] for unit, mark in marks.items())  # taken over once expired
+
+
+def test_lines_reads_a_file_in_blocks_and_gives_back_its_lines_whole(tmp_path):
+    storage = PosixQueueStorage(5.0)
+    path = tmp_path / "journal"
+    assert list(storage.lines(path)) == []  # absent: nothing
+    lines = [b'{"i":%d,"r":"%s"}\n' % (i, b"x" * (i % 97)) for i in range(40_000)]  # ~2.5 MiB: lines across blocks
+    path.write_bytes(b"".join(lines) + b'{"i":40000,"r":"torn')
+    assert list(storage.lines(path)) == [*lines, b'{"i":40000,"r":"torn']

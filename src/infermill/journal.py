@@ -44,7 +44,7 @@ import orjson
 from infermill.config import DIGEST_PREFIX
 from infermill.errors import ConfigError, InfermillError, LeaseLostError
 from infermill.io.readers import input_changes
-from infermill.queue import StorageStalledError
+from infermill.queue import QueueStalledError, StorageStalledError
 from infermill.queue_storage import QueueStorage, StorageTimeoutError, timed_out, wait_async
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from infermill.queue import Lease, LeaseRenewer, WorkQueue
 
 logger = logging.getLogger("infermill.journal")
+
+STALL_CHECK_SEC = 1.0  # how often a wait on a commit looks whether the storage stopped answering
 
 T = TypeVar("T")
 
@@ -593,7 +595,7 @@ class QueueJournal(ChunkLogs):
                 committing = asyncio.ensure_future(self.storage.run(commit, str(self.queue.folder), bounded=False))
                 self._commits.add(committing)
                 committing.add_done_callback(self._commits.discard)
-                outcome = await asyncio.shield(committing)
+                outcome = await self._unless_stalled(committing)
             except StorageTimeoutError as e:  # longer than a lease: the unit may be another worker's by now
                 raise self.queue.stalled_error(e) from e
             self.queue.add_seconds(outcome.queue_seconds)
@@ -667,7 +669,10 @@ class QueueJournal(ChunkLogs):
         workers take them at once (one killed leaves them to expire). Returns the units given up
         as an attempt. Raise if a write failed."""
         if self._failing or self._commits:
-            await asyncio.wait(self._failing | self._commits)
+            try:
+                await self._unless_stalled(asyncio.gather(*self._failing, *self._commits, return_exceptions=True))
+            except QueueStalledError:
+                logger.warning("the storage stopped answering: the units being committed are left to expire")
         leases: list[tuple[Lease, LeaseRenewer | None]] = []
         try:  # (a write known failed or hung is not waited for again)
             await self.drain(closing=[chunk.path for chunk in self._chunks.values()])
@@ -678,6 +683,17 @@ class QueueJournal(ChunkLogs):
                 leases.append((self._leases[unit], self._let_go(unit)))
             abandoned = await self._give_up(leases, release) if leases else []
         return abandoned
+
+    async def _unless_stalled(self, work: asyncio.Future[T]) -> T:
+        """``work``'s value, waited for as long as it takes while this worker's storage answers:
+        once a lease could not be renewed for a lease timeout (the storage stopped answering),
+        ``WorkQueue.stalled_error`` instead (``work`` goes on, not cancelled, as under ``shield``)."""
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=STALL_CHECK_SEC)
+            if done:
+                return work.result()
+            if self.stalled is not None:
+                raise self.queue.stalled_error(self.stalled)
 
     async def _give_up(self, leases: list[tuple[Lease, LeaseRenewer | None]], release: bool) -> list[int]:
         """:func:`_give_up_leases`, waited for at most the storage's timeout: a storage that does

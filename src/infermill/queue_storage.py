@@ -40,6 +40,7 @@ T = TypeVar("T")
 #: the environment variable naming a storage factory ``package.module:callable`` (see the module docstring)
 STORAGE_ENV = "INFERMILL_QUEUE_STORAGE"
 DEFAULT_STORAGE_TIMEOUT_SEC = 30.0
+LINES_BLOCK_BYTES = 1 << 20  # what QueueStorage.lines reads at once
 
 
 class StorageTimeoutError(OSError):
@@ -161,16 +162,33 @@ class QueueStorage:
     def __init__(self, timeout_sec: float = DEFAULT_STORAGE_TIMEOUT_SEC):
         self.timeout_sec = timeout_sec
 
-    def read(self, path: Path, size: int = -1) -> bytes:
-        """The file's bytes (its first ``size`` if given); ``FileNotFoundError`` if it is absent."""
+    def read(self, path: Path, size: int = -1, offset: int = 0) -> bytes:
+        """The file's bytes from ``offset`` (``size`` of them at most, if given);
+        ``FileNotFoundError`` if it is absent."""
         raise NotImplementedError
 
     def lines(self, path: Path) -> Iterator[bytes]:
-        """The file's lines, read as they are consumed (a unit's journal can be larger than
-        memory should hold at once); nothing if it is absent. Not bounded by the timeout: its
-        one caller, a unit's commit, writes the unit's output file as it reads, which no
-        storage timeout bounds either."""
-        raise NotImplementedError
+        """The file's lines (a torn last one without its newline), read in blocks as they are
+        consumed, each read bounded by the timeout: a unit's journal can be larger than memory
+        should hold at once. Nothing if the file is absent."""
+        offset, rest = 0, b""
+        while True:
+            try:
+                block = self.read(path, LINES_BLOCK_BYTES, offset)
+            except FileNotFoundError:
+                if offset:
+                    raise
+                return
+            if not block:
+                break
+            offset += len(block)
+            data, start = rest + block, 0
+            while (end := data.find(b"\n", start)) >= 0:
+                yield data[start : end + 1]
+                start = end + 1
+            rest = data[start:]
+        if rest:
+            yield rest
 
     def create_if_absent(self, path: Path, data: bytes) -> bool:
         """Create ``path`` holding ``data`` unless it exists, atomically, complete or not at
@@ -245,17 +263,11 @@ class PosixQueueStorage(QueueStorage):
     def _call(self, function: Callable[[], T], what: Path) -> T:
         return _calls.call(function, self.timeout_sec, str(what))
 
-    def lines(self, path: Path) -> Iterator[bytes]:
-        try:
-            file = open(path, "rb")  # noqa: SIM115 (closed by the with, once the lines are read)
-        except FileNotFoundError:
-            return
-        with file:
-            yield from file
-
-    def read(self, path: Path, size: int = -1) -> bytes:
+    def read(self, path: Path, size: int = -1, offset: int = 0) -> bytes:
         def read() -> bytes:
             with open(path, "rb") as file:
+                if offset:
+                    file.seek(offset)
                 return file.read(size)
 
         return self._call(read, path)
