@@ -20,7 +20,7 @@ from helpers import read_jsonl, wait_until
 from infermill.config import InferenceConfig
 from infermill.errors import ConfigError
 from infermill.io.writers import JsonlWriter
-from infermill.journal import read_log
+from infermill.journal import log_lines
 from infermill.rollouts import PromptRollout
 from infermill.runner import InferenceRunner
 
@@ -65,7 +65,8 @@ def committed(out: Path) -> int:
         if int(path.name.split(".")[0]) in marks:
             continue  # committed: counted by its mark
         try:  # (a torn last line is left out; one committed since the marks were listed is not counted)
-            journaled |= {line.document for line in read_log(path) if line.document is not None}
+            lines = path.read_bytes().splitlines(keepends=True)
+            journaled |= {line.document for line in log_lines(lines) if line.document is not None}
         except FileNotFoundError:
             pass
     return done + len(journaled)

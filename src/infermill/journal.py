@@ -176,21 +176,12 @@ class LogLine(NamedTuple):
     end: int
 
 
-def read_log(path: Path) -> Iterator[LogLine]:
-    """The lines of a chunk log, up to a torn last one (a kill mid-write), which is left out.
+def log_lines(lines: Iterable[bytes]) -> Iterator[LogLine]:
+    """The lines of a chunk log (its lines as read, each with its newline), up to a torn last one
+    (a kill mid-write), which is left out.
 
     Record lines are cut, not parsed: they are :meth:`ChunkLogs.commit`'s own
     ``{"i":INDEX,"r":RECORD}``, and whoever needs RECORD decoded decodes it."""
-    with open(path, "rb") as f:
-        yield from _log_lines(f)
-
-
-def log_lines(data: bytes) -> Iterator[LogLine]:
-    """:func:`read_log` of a chunk log's bytes."""
-    return _log_lines(io.BytesIO(data))
-
-
-def _log_lines(lines: Iterable[bytes]) -> Iterator[LogLine]:
     end = 0
     for line in lines:
         if not line.endswith(b"}\n"):
@@ -220,7 +211,7 @@ def load_log(data: bytes) -> LoadedLog:
     records: set[int] = set()
     replies: dict[str, Any] = {}
     good_bytes = 0
-    for line in log_lines(data):
+    for line in log_lines(io.BytesIO(data)):
         if line.document is None:
             try:
                 entry = orjson.loads(line.data)
@@ -423,7 +414,7 @@ class ChunkLogs:
         """The encoded records of a chunk log (its lines), each index once; documents with
         nothing to write are left out."""
         seen: set[int] = set()
-        for line in _log_lines(log):
+        for line in log_lines(log):
             if line.document is not None and line.data != b"null" and line.document not in seen:
                 seen.add(line.document)
                 yield line.data
@@ -789,16 +780,13 @@ def _merged_journals(storage: QueueStorage, journals: list[Path]) -> bytes:
     """The whole lines of ``journals`` (newest first), each finished record and each stored
     reply once: a journal already holds the lines it copied from older ones, so copying them
     all again would double the data at every takeover. A journal deleted meanwhile (its unit
-    committed by a holder that slipped past its lease) is skipped."""
+    committed by a holder that slipped past its lease) gives what was read of it: this holder's
+    commit of that unit is refused anyway."""
     records: set[int] = set()
     replies: set[bytes] = set()
     kept: list[bytes] = []
     for journal in journals:
-        try:
-            data = storage.read(journal)
-        except FileNotFoundError:
-            continue
-        for line in log_lines(data):
+        for line in log_lines(storage.lines(journal)):
             if line.document is not None:
                 if line.document in records:
                     continue

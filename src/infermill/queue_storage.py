@@ -170,15 +170,14 @@ class QueueStorage:
     def lines(self, path: Path) -> Iterator[bytes]:
         """The file's lines (a torn last one without its newline), read in blocks as they are
         consumed, each read bounded by the timeout: a unit's journal can be larger than memory
-        should hold at once. Nothing if the file is absent."""
+        should hold at once. Nothing if the file is absent; those read so far if it is deleted
+        meanwhile."""
         offset, rest = 0, b""
         while True:
             try:
                 block = self.read(path, LINES_BLOCK_BYTES, offset)
             except FileNotFoundError:
-                if offset:
-                    raise
-                return
+                break
             if not block:
                 break
             offset += len(block)
