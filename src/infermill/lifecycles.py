@@ -109,10 +109,7 @@ async def run_rank(
     journal = QueueJournal(queue, stream.unit_plan(), stream.writer)
     run = DocumentEngine(job, journal, rank, queue.worker_id, fail_units=False)
     source = StreamSource(stream, journal, documents, run.stats)
-    in_order = _InOrder()
-    journal.before_commit = lambda: in_order.wrap(
-        functools.partial(_write_worker_stats, job, queue, _stats_of(job, run, queue))
-    )
+    journal.before_commit = _stats_before_commit(job, run, queue)
     runs.append(run)
     stopped_on_request = False
     try:
@@ -219,10 +216,7 @@ async def _work_on_queue(
     source = UnitSource(queue, journal, reader, plan)
     run = DocumentEngine(job, journal, options.worker_index, queue.worker_id, fail_units=True)
     run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
-    in_order = _InOrder()
-    journal.before_commit = lambda: in_order.wrap(
-        functools.partial(_write_worker_stats, job, queue, _stats_of(job, run, queue))
-    )
+    journal.before_commit = _stats_before_commit(job, run, queue)
     runs.append(run)
     stopped_on_request = stalled = False
     try:
@@ -256,6 +250,13 @@ async def _work_on_queue(
         raise error
     logger.info("worker %s done: %s", queue.worker_id, run.stats.summary())
     return stats
+
+
+def _stats_before_commit(job: RunSettings, run: DocumentEngine, queue: WorkQueue) -> Callable[[], Callable[[], None]]:
+    """The journal's ``before_commit``: a snapshot of the run's stats, taken on the loop, and
+    the write of it (in the commit's thread), written in the order the snapshots were taken."""
+    in_order = _InOrder()
+    return lambda: in_order.wrap(functools.partial(_write_worker_stats, job, queue, _stats_of(job, run, queue)))
 
 
 class _InOrder:
