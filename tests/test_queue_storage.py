@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -199,3 +200,29 @@ def test_lines_reads_a_file_in_blocks_and_gives_back_its_lines_whole(tmp_path):
     lines = [b'{"i":%d,"r":"%s"}\n' % (i, b"x" * (i % 97)) for i in range(40_000)]  # ~2.5 MiB: lines across blocks
     path.write_bytes(b"".join(lines) + b'{"i":40000,"r":"torn')
     assert list(storage.lines(path)) == [*lines, b'{"i":40000,"r":"torn']
+
+
+def test_a_unit_whose_holder_died_with_it_all_journaled_counts_its_documents_as_resumed(tmp_path):
+    """Killed with a whole unit journaled, before it began to commit it (so before it kept its
+    stats): the next run commits that unit from the journal without sending its documents
+    again, and its stats count them (as resumed), so that processed + resumed is the input."""
+    job = QueueJob(tmp_path, docs=20, rpc=10, conc=2, lease_timeout_sec=1.0, directives="")
+    healthy_env = job.env
+    job.env = {
+        **job.env,
+        "INFERMILL_QUEUE_STORAGE": "hanging_storage:hanging",
+        "DIE_WITH_RECORDS_JOURNALED": "10",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), job.env.get("PYTHONPATH", "")]),
+    }
+    died = job.run()
+    assert died.returncode == -9, died.stdout + died.stderr
+    assert not list((job.queue / "units").glob("*.done"))
+    assert not job.worker_stats()
+    job.env = healthy_env
+    result = job.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"unit \d taken over \(attempt 2\): 10 documents already finished", result.stderr), result.stderr
+    job.check_exactly_once()
+    stats = orjson.loads((job.output / "_infermill" / "stats.json").read_bytes())
+    assert stats["documents_resumed"] >= 10, stats
+    assert stats["documents_processed"] + stats["documents_resumed"] == 20, stats

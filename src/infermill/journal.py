@@ -521,6 +521,11 @@ class QueueJournal(ChunkLogs):
         chunk = self._chunks.get(unit)
         return chunk is not None and chunk.finished >= chunk.size
 
+    def finished(self, unit: int) -> int:
+        """How many of ``unit``'s records are finished (in this holder's journal)."""
+        chunk = self._chunks.get(unit)
+        return 0 if chunk is None else chunk.finished
+
     def is_done(self, index: int) -> bool:
         chunk = self._chunks.get(index // self.records_per_chunk)
         return chunk is not None and index in chunk.indices

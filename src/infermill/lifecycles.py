@@ -213,8 +213,8 @@ async def _work_on_queue(
         # summed again: a run killed between its last commit and its stats leaves none written
         return {**await asyncio.to_thread(sum_job_stats, job.layout), "already_complete": True}
     journal = QueueJournal(queue, plan, job.output_writer)
-    source = UnitSource(queue, journal, reader, plan)
     run = DocumentEngine(job, journal, options.worker_index, queue.worker_id, fail_units=True)
+    source = UnitSource(queue, journal, reader, plan, run.stats)
     run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
     journal.before_commit = _stats_before_commit(job, run, queue)
     runs.append(run)

@@ -30,7 +30,7 @@ from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import QueueJournal, check_identity, identity_differences
 from infermill.layout import PLAN_FILE, series_files
-from infermill.metrics import per_sec
+from infermill.metrics import RunStats, per_sec
 from infermill.queue import WorkQueue, process_gone
 from infermill.queue_storage import StorageTimeoutError
 from infermill.stream import discard_queue, discard_rank_checkpoints, discard_records
@@ -243,11 +243,14 @@ class UnitSource:
     next unit is claimed, so the server stays busy while the last documents of a unit finish.
     A bad record that stops a unit (``on_bad_record: error``) fails that unit, not the job."""
 
-    def __init__(self, queue: WorkQueue, journal: QueueJournal, reader: DocumentReader, plan: UnitPlan):
+    def __init__(
+        self, queue: WorkQueue, journal: QueueJournal, reader: DocumentReader, plan: UnitPlan, stats: RunStats
+    ):
         self.queue = queue
         self.journal = journal
         self.reader = reader
         self.plan = plan
+        self.stats = stats  # counts the documents of units an earlier holder finished
         self._lock = asyncio.Lock()
         self._unit: int | None = None
         self._items: Iterator[Any] | None = None
@@ -296,6 +299,7 @@ class UnitSource:
             self._ended = not self.journal.held() and await self.queue.in_thread(self.queue.drained)
             return self._ended
         if await self.journal.hold(lease):  # finished by an earlier holder: commit it
+            self.stats.documents_resumed += self.journal.finished(lease.unit)
             await self.journal.finish_chunk(lease.unit)
             return True
         self._unit = lease.unit
