@@ -17,6 +17,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import orjson
 import pytest
 
 from conftest import PYTHON, ROOT
@@ -503,6 +504,51 @@ def test_a_unit_redone_is_claimable_at_once_and_its_last_attempt_does_not_count(
     again = other.claim()
     assert again is not None and again.generation == 2
     assert other.status().units_done == 0 and other.status().units_failed == 0
+
+
+def test_a_lease_given_back_by_a_holder_killed_between_its_mark_and_its_delete_reads_as_given_back(tmp_path):
+    """Giving a lease back is two steps on a store without rename (the released mark, then the
+    lease's delete); a holder killed between them leaves both, which reads as given back: the
+    unit is claimable at once and that generation is no attempt."""
+    queue = make_queue(tmp_path, "me", 1, lease_timeout_sec=600, max_unit_attempts=1)
+    lease = queue.claim()
+    assert lease is not None
+    released = lease.path.with_name(lease.path.name.replace(".lease", ".released"))
+    released.write_bytes(b"{}")  # killed before it deleted the lease
+    other = make_queue(tmp_path, "other", lease_timeout_sec=600, max_unit_attempts=1)
+    other.host = "another-host"  # cannot tell whether the holder lives: only the mark frees the unit
+    assert other.status().units_pending == 1 and other.status().units_in_progress == 0
+    again = other.claim()  # at once, and not failed: the one attempt allowed is still there
+    assert again is not None and again.generation == 2
+
+
+def test_a_redo_of_a_command_that_died_midway_is_taken_over_and_finished(tmp_path):
+    """A command redoing a unit claims that (``U.g.redo``) so that no two redo it; one killed
+    before it finished leaves its claim, which the next command takes over (its writer, of
+    this host, is gone) instead of leaving the unit's output lost for ever."""
+    folder = tmp_path / "queue"
+    queue = make_queue(folder, "me", 1)
+    lease = queue.claim()
+    assert queue.commit(lease, lambda: None, documents=10)
+    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim = folder / "units" / "000000.00001.redo"
+    claim.write_bytes(orjson.dumps({"worker": "dead", "host": queue.host, "pid": int(dead.stdout)}))
+    removed = []
+    assert queue.redo([LostOutput(0, "00000_00000.jsonl", "is missing", generation=1)], removed.append) == [0]
+    assert removed == [0] and not claim.exists() and queue.status().units_done == 0
+    again = queue.claim()
+    assert again is not None and again.generation == 2
+
+
+def test_a_unit_being_redone_by_a_live_command_is_left_to_it(tmp_path):
+    folder = tmp_path / "queue"
+    queue = make_queue(folder, "me", 1, lease_timeout_sec=600)
+    lease = queue.claim()
+    assert queue.commit(lease, lambda: None, documents=10)
+    other = make_queue(folder, "other", lease_timeout_sec=600)
+    (folder / "units" / "000000.00001.redo").write_bytes(other._record(generation=1))  # its redo under way
+    assert queue.redo([LostOutput(0, "00000_00000.jsonl", "is missing", generation=1)]) == []
+    assert queue.status().units_done == 1
 
 
 def test_a_lease_given_up_on_an_error_is_an_attempt_taken_over_at_once(tmp_path):

@@ -12,6 +12,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import orjson
 import pytest
 import yaml
 
@@ -211,18 +212,26 @@ async def test_the_ranks_of_a_stream_are_a_queue_each_and_status_and_report_read
 
 
 def test_a_plan_that_grows_keeps_its_id_and_the_date_it_was_planned(tmp_path):
-    """status's rate counts from when the job was planned (the plan's date), not from the last
-    unit a stream found."""
+    """status's rate counts from when the job was planned (the plan's ``published_at``, on the
+    storage's clock), not from the last unit a stream found; a plan of an older infermill
+    (without it) keeps its file's date."""
     from infermill.queue import WorkQueue
 
     queue = WorkQueue(tmp_path / "queue")
     stored = queue.publish_plan({"units": [], "stream": {}})
-    os.utime(tmp_path / "queue" / "plan.json", (1_000_000, 1_000_000))
-    queue.replace_plan({**stored, "units": [{"documents": None}], "plan_id": "another"})
+    assert abs(stored["published_at"] - os.stat(tmp_path / "queue" / "clock").st_mtime) < 1
+    queue.replace_plan({**stored, "units": [{"documents": None}], "plan_id": "another", "published_at": 5})
     reread = WorkQueue(tmp_path / "queue").plan()
     assert reread is not None and reread["units"] == [{"documents": None}] and reread["plan_id"] == stored["plan_id"]
-    assert os.stat(tmp_path / "queue" / "plan.json").st_mtime == 1_000_000
+    assert reread["published_at"] == stored["published_at"] and reread["published_by"] == stored["published_by"]
     queue.check_plan()  # this worker's claims go on
+
+    older = {k: v for k, v in reread.items() if k != "published_at"}
+    (tmp_path / "queue" / "plan.json").write_bytes(orjson.dumps(older))
+    os.utime(tmp_path / "queue" / "plan.json", (1_000_000, 1_000_000))
+    again = WorkQueue(tmp_path / "queue")
+    again.replace_plan({**older, "units": [{"documents": None}] * 2})
+    assert (again.plan() or {})["published_at"] == 1_000_000
 
 
 def test_a_holder_that_exited_and_was_not_reaped_yet_holds_nothing(tmp_path):

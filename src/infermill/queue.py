@@ -12,17 +12,21 @@ directory listing tells every unit's state (paths: ``JobLayout.queue``)::
         000007.00002.lease       unit 7 leased to generation 2: {"worker", "host", "pid", "time"}
         000007.00001.released    generation 1 given back by its holder (not an attempt)
         000007.00003.reset       reset_failed() at generation 3: attempts count from there
+        000007.00002.abandoned   generation 2 given up by its holder (an attempt; stale at once)
+        000007.00002.redo        generation 2's done unit being redone (its output was lost)
         000007.done              committed: {"documents", "generation", "worker", "host", "output", ...}
         000007.failed            given up: {"cause", "generation", "worker", "host", ...}
         .tmp-*                   being written (ignored; a killed writer may leave one)
       journals/
         000007.00002.journal     the journal of unit 7's generation-2 holder (journal_path)
 
-**What the file system must offer**: a local or network POSIX file system (ext4, xfs,
-tmpfs, NFSv3+, Lustre, GPFS) that every worker mounts: ``link()`` that fails with EEXIST
-when the name exists (every file here is created complete under a unique temp name, then
-linked to its final name: create-if-absent, atomically), atomic ``rename()``, and
-``utime()`` that sets a file's mtime to the storage's current time. On NFS, a client's
+**What the storage must offer.** The protocol uses a few operations of a
+:class:`~infermill.queue_storage.QueueStorage`, none of them a rename: create a file
+complete unless it exists (one winner), replace a whole file, read, list, delete, date a
+file to the storage's present and read its date. A POSIX storage is a local or network file
+system (ext4, xfs, tmpfs, NFSv3+, Lustre, GPFS) that every worker mounts: it creates with
+``link()`` of a complete temp file (EEXIST: someone else won), replaces with ``rename()``
+and dates with ``utime()``. On NFS, a client's
 caches must not hide another node's changes for long against ``lease_timeout_sec``: lease
 ages are read by opening the file (close-to-open consistency), but a cached negative lookup
 can hide a new lease for up to ``acdirmax`` (60 s by default); mount with
@@ -98,7 +102,8 @@ both done and failed (a stale holder slipped past), done wins.
 
 **Cost.** A claim is one directory listing, plus a stat per unit in progress when no unit
 is free, plus one file created; a renewal is two utimes, an open and four stats; a commit is a
-renewal and a file created. :meth:`status` lists the folder once and reads the done and
+renewal and a file created; giving a lease back is a file created and one deleted.
+:meth:`status` lists the folder once and reads the done and
 failed marks (for documents and causes) and the leases of the units in progress: fine
 for thousands of units, milliseconds per thousand on a local disk.
 """
@@ -139,6 +144,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("infermill.queue")
 
+_PLAN_KEPT = ("published_by", "published_at")  # what a replaced plan keeps of the stored one
+_PLAN_OWN = ("plan_id", *_PLAN_KEPT)  # set by the queue, not by a plan's author
 _PLAN_ID = re.compile(rb'\{"plan_id":"([0-9a-f]{32})"')  # how publish_plan's orjson starts the file
 CLOCK_FILE = "clock"
 UNITS_DIR = "units"
@@ -244,6 +251,7 @@ class _Unit:
 
     leases: list[int] = field(default_factory=list)  # generations whose .lease file exists
     released: list[int] = field(default_factory=list)
+    abandoned: list[int] = field(default_factory=list)  # generations given up by their holder (attempts)
     base: int = 0  # the generation of the last reset: attempts count above it
     done: bool = False
     failed: bool = False
@@ -255,12 +263,20 @@ class _Unit:
 
     @property
     def leased(self) -> bool:
-        """Whether the highest generation is a lease not given back (live or stale)."""
-        return bool(self.leases) and max(self.leases) == self.generation
+        """Whether the highest generation is a lease not given back (live or stale). A lease
+        given back is marked released before it is deleted: a kill between the two leaves both."""
+        generation = self.generation
+        return bool(self.leases) and max(self.leases) == generation and generation not in self.released
+
+    @property
+    def given_up(self) -> bool:
+        """Whether the highest generation's holder gave it up (:meth:`WorkQueue.abandon`): it
+        is stale at once."""
+        return self.generation in self.abandoned
 
     @property
     def attempts(self) -> int:
-        return sum(1 for generation in self.leases if generation > self.base)
+        return sum(1 for generation in self.leases if generation > self.base and generation not in self.released)
 
 
 def process_gone(pid: object) -> bool:
@@ -363,7 +379,8 @@ class WorkQueue:
         plan = {
             "plan_id": uuid.uuid4().hex,
             "published_by": {"host": self.host, "pid": self.pid},  # a live command's plan is not started over
-            **{k: v for k, v in plan.items() if k not in ("plan_id", "published_by")},
+            "published_at": self.storage_now(),  # status's rate window starts here
+            **{k: v for k, v in plan.items() if k not in _PLAN_OWN},
         }
         self._create_exclusive(self.folder / PLAN_FILE, orjson.dumps(plan))
         stored = self.plan()
@@ -453,6 +470,11 @@ class WorkQueue:
         for unit in leased:
             state = units[unit]
             path = self.units_dir / _generation_name(unit, state.generation, "lease")
+            if state.given_up:
+                lease = self._take(unit, state)
+                if lease is not None:
+                    return lease
+                continue
             age = self._lease_age(path, now)
             if age is not None and (age > self.lease_timeout_sec or self._holder_gone(path)):
                 lease = self._take(unit, state)
@@ -468,7 +490,7 @@ class WorkQueue:
         state = self._list().get(unit) or _Unit()
         if state.done or state.failed:
             return None
-        if state.leased:
+        if state.leased and not state.given_up:
             path = self.units_dir / _generation_name(unit, state.generation, "lease")
             age = self._lease_age(path, self.storage_now())
             if age is not None and age <= self.lease_timeout_sec and not self._holder_gone(path):
@@ -481,18 +503,17 @@ class WorkQueue:
 
     def replace_plan(self, plan: dict[str, Any]) -> None:
         """Store ``plan`` in place of the stored plan, keeping its ``plan_id`` (this worker's
-        claims go on) and its date: a plan that grows as its one holder finds units (a
-        document stream's)."""
+        claims go on), its publisher and its date: a plan that grows as its one holder finds
+        units (a document stream's), or the same units at new input offsets."""
         current = self.plan()
         if current is None:
             raise InfermillError(f"the work queue in {self.folder} has no plan yet: publish_plan() first")
-        plan = {"plan_id": current["plan_id"], **{k: v for k, v in plan.items() if k != "plan_id"}}
         path = self.folder / PLAN_FILE
-        planned = self.storage.mtime(path)
-        temp = path.with_name(f".{PLAN_FILE}.{uuid.uuid4().hex}.tmp")
-        self.storage.create_if_absent(temp, orjson.dumps(plan))
-        self.storage.rename(temp, path)
-        self.storage.touch(path, planned)  # its date stays when the job was planned: status's rate window
+        kept = {key: current[key] for key in _PLAN_KEPT if key in current}
+        if "published_at" not in kept:  # a plan of an older infermill: its file's date
+            kept["published_at"] = self.storage.mtime(path)
+        plan = {"plan_id": current["plan_id"], **kept, **{k: v for k, v in plan.items() if k not in _PLAN_OWN}}
+        self.storage.replace(path, orjson.dumps(plan))
         self._plan = plan
 
     def _holder_gone(self, lease_path: Path) -> bool:
@@ -644,7 +665,11 @@ class WorkQueue:
         self._give_back(lease)
 
     def _give_back(self, lease: Lease) -> None:
-        self.storage.rename(lease.path, self.units_dir / _generation_name(lease.unit, lease.generation, "released"))
+        """Mark the generation released, then delete its lease (a store without rename: a kill
+        in between leaves both, which a listing reads as released)."""
+        released = self.units_dir / _generation_name(lease.unit, lease.generation, "released")
+        self.storage.create_if_absent(released, self._record(generation=lease.generation))
+        self.storage.delete(lease.path)
 
     def _plan_replaced(self) -> bool:
         try:
@@ -657,13 +682,14 @@ class WorkQueue:
         """Give the lease up unfinished as a spent attempt (its holder stops on an error, e.g. its
         server died for good while the unit was in progress): unlike :meth:`release`, the
         generation still counts as an attempt, and unlike a crash, the unit can be taken over at
-        once rather than after ``lease_timeout_sec``: the lease is dated past the timeout, on the
-        storage's clock. Returns whether it was still held (False: taken over or given back, or
-        the job started over by another command: its leases are not this worker's)."""
+        once rather than after ``lease_timeout_sec``: the generation is marked abandoned, and
+        a claimer takes it as stale. Returns whether it was still held (False: taken over, given
+        back or given up, or the job started over by another command: its leases are not this
+        worker's)."""
         if self._superseded(lease) or not self.storage.exists(lease.path) or self._plan_replaced():
             return False
-        expired = self.storage_now() - self.lease_timeout_sec - 1.0
-        return self.storage.touch(lease.path, expired)
+        abandoned = self.units_dir / _generation_name(lease.unit, lease.generation, "abandoned")
+        return self.storage.create_if_absent(abandoned, self._record(generation=lease.generation))
 
     def units_attempted_by(self, pid: int) -> list[int]:
         """The units neither done nor failed on which the worker process ``pid`` of this host
@@ -710,8 +736,9 @@ class WorkQueue:
             raise LeaseLostError(f"unit {lease.unit} was marked failed")
 
     def _superseded(self, lease: Lease) -> bool:
-        """Whether a higher generation exists: the next one is created before any later one and
-        only ever renamed (lease -> released), so checking its two names suffices."""
+        """Whether a higher generation exists: the next one is created before any later one, and
+        its lease is deleted only after its released mark is created, so checking its two names
+        suffices."""
         following = lease.generation + 1
         return any(
             self.storage.exists(self.units_dir / _generation_name(lease.unit, following, kind))
@@ -833,9 +860,10 @@ class WorkQueue:
 
         A unit is redone only if its done mark is still the one judged lost (the same
         generation: another command may have redone it since, and its new holder committed):
-        that generation's lease is given back (so that it counts as no attempt), the mark is
-        taken away (renamed: only one command can), ``remove_output`` deletes the unit's output
-        file, and the mark is deleted."""
+        that generation's lease is given back (so that it counts as no attempt), the redo of
+        that generation is claimed (``U.g.redo``, created once: only one command redoes it),
+        ``remove_output`` deletes the unit's output file, then the mark is deleted (while it
+        exists, no holder can commit the unit)."""
         redone = []
         for entry in lost:
             path = self._done_path(entry.unit)
@@ -846,18 +874,28 @@ class WorkQueue:
                 generation = self._list().get(entry.unit, _Unit()).generation
             lease = self.units_dir / _generation_name(entry.unit, generation, "lease")
             self.release(Lease(entry.unit, generation, lease))  # nothing if a later generation exists
-            taken = self.units_dir / f".tmp-redo-{uuid.uuid4().hex}"  # ignored by _list
-            if not self.storage.rename(path, taken):
-                continue  # another command took it
-            if not self._mark_of(taken, entry.generation):  # committed again since the check: put it back
-                self.storage.link(taken, path)
-                self.storage.delete(taken)
-                continue
-            if remove_output is not None:
-                remove_output(entry.unit)
-            self.storage.delete(taken)
-            redone.append(entry.unit)
+            claim = self.units_dir / _generation_name(entry.unit, generation, "redo")
+            if not self._claim_redo(claim, generation):
+                continue  # another command redoes it
+            if self._mark_of(path, entry.generation):  # (else redone and committed again since the check)
+                if remove_output is not None:
+                    remove_output(entry.unit)
+                self.storage.delete(path)
+                redone.append(entry.unit)
+            self.storage.delete(claim)
         return redone
+
+    def _claim_redo(self, claim: Path, generation: int) -> bool:
+        """Create the redo claim ``claim``; or take it over from a command that died before it
+        finished (of this host and gone, or older than the lease timeout)."""
+        record = self._record(generation=generation)
+        if self.storage.create_if_absent(claim, record):
+            return True
+        age = self._age(claim, self.storage_now())
+        if age is None or not (age > self.lease_timeout_sec or self._holder_gone(claim)):
+            return False
+        self.storage.delete(claim)
+        return self.storage.create_if_absent(claim, record)
 
     def _done_units(self) -> list[int]:
         planned = self._units_total()
@@ -930,8 +968,10 @@ class WorkQueue:
                     round(age, 3),
                     gone,
                 )
-                (stale if gone or age > self.lease_timeout_sec else in_progress).append(entry)
-        published = self.storage.mtime(self.folder / PLAN_FILE)
+                (stale if gone or state.given_up or age > self.lease_timeout_sec else in_progress).append(entry)
+        published = plan.get("published_at")
+        if not isinstance(published, (int, float)):  # a plan of an older infermill: its file's date
+            published = self.storage.mtime(self.folder / PLAN_FILE)
         window = RATE_WINDOW_SEC if published is None else min(RATE_WINDOW_SEC, now - published)
         rate = per_sec(0, recent, window) or None
         left = (documents_total - documents) if documents_total is not None else None
@@ -993,6 +1033,8 @@ class WorkQueue:
                     state.leases.append(generation)
                 elif kind == "released":
                     state.released.append(generation)
+                elif kind == "abandoned":
+                    state.abandoned.append(generation)
                 elif kind == "reset":
                     state.base = max(state.base, generation)
         return units

@@ -35,6 +35,8 @@ from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import BinaryIO, TypeVar
 
+from infermill.io.filesystems import replace_whole
+
 T = TypeVar("T")
 
 #: the environment variable naming a storage factory ``package.module:callable`` (see the module docstring)
@@ -194,12 +196,9 @@ class QueueStorage:
         all; return whether this call created it."""
         raise NotImplementedError
 
-    def rename(self, source: Path, target: Path) -> bool:
-        """Rename ``source`` to ``target``; False if ``source`` is absent."""
-        raise NotImplementedError
-
-    def link(self, source: Path, target: Path) -> bool:
-        """Give ``source`` the second name ``target`` unless it exists; return whether it did."""
+    def replace(self, path: Path, data: bytes) -> None:
+        """Store ``data`` as ``path``, in place of what it held if anything, atomically: a
+        reader sees the old bytes or the new, whole."""
         raise NotImplementedError
 
     def delete(self, path: Path) -> bool:
@@ -217,8 +216,8 @@ class QueueStorage:
         """When ``path`` was last touched, on the storage's clock; None if it is absent."""
         raise NotImplementedError
 
-    def touch(self, path: Path, mtime: float | None = None) -> bool:
-        """Date ``path`` ``mtime`` (None: the storage's present); False if it is absent."""
+    def touch(self, path: Path) -> bool:
+        """Date ``path`` to the storage's present, its bytes unchanged; False if it is absent."""
         raise NotImplementedError
 
     def now(self, clock: Path) -> float:
@@ -274,18 +273,8 @@ class PosixQueueStorage(QueueStorage):
     def create_if_absent(self, path: Path, data: bytes) -> bool:
         return self._call(lambda: _create_if_absent(path, data), path)
 
-    def rename(self, source: Path, target: Path) -> bool:
-        return self._call(lambda: _absent_is_false(os.rename, source, target), source)
-
-    def link(self, source: Path, target: Path) -> bool:
-        def link() -> bool:
-            try:
-                os.link(source, target)
-            except FileExistsError:
-                return False
-            return True
-
-        return self._call(link, target)
+    def replace(self, path: Path, data: bytes) -> None:
+        self._call(lambda: replace_whole(path, data), path)
 
     def delete(self, path: Path) -> bool:
         return self._call(lambda: _absent_is_false(os.unlink, path), path)
@@ -299,9 +288,8 @@ class PosixQueueStorage(QueueStorage):
     def mtime(self, path: Path) -> float | None:
         return self._call(lambda: _opened_mtime(path), path)
 
-    def touch(self, path: Path, mtime: float | None = None) -> bool:
-        times = None if mtime is None else (mtime, mtime)
-        return self._call(lambda: _absent_is_false(os.utime, path, times), path)
+    def touch(self, path: Path) -> bool:
+        return self._call(lambda: _absent_is_false(os.utime, path, None), path)
 
     def now(self, clock: Path) -> float:
         def now() -> float:

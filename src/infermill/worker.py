@@ -221,9 +221,8 @@ def _replan(
             "two inputs; run the original input, or start over with --overwrite"
         )
     # the same plan_id: the same job's workers go on (queue.check_plan), over the input's new offsets
-    replanned = {"plan_id": stored.get("plan_id"), **plan.to_json(), "identity": identity}
-    replace_whole(queue.folder / PLAN_FILE, orjson.dumps(replanned))
-    return replanned
+    queue.replace_plan({**plan.to_json(), "identity": identity})
+    return queue.plan() or {}
 
 
 def discard(layout: JobLayout, writer: OutputWriter) -> None:
