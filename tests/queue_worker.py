@@ -84,9 +84,20 @@ def hold(queue: WorkQueue, state: Path) -> None:
     write_atomic(result, outcome)
 
 
+def storage(timeout: float):
+    """The queue's storage: an S3 store's (``QUEUE_S3_URL``, credentials from the environment)
+    or the default, POSIX."""
+    url = os.environ.get("QUEUE_S3_URL")
+    if not url:
+        return None
+    from infermill.queue_storage_s3 import S3QueueStorage, open_store
+
+    return S3QueueStorage(open_store(url), min(timeout, 30.0))
+
+
 def main() -> None:
     mode, folder, worker, timeout, path = sys.argv[1:6]
-    queue = WorkQueue(folder, worker, lease_timeout_sec=float(timeout))
+    queue = WorkQueue(folder, worker, lease_timeout_sec=float(timeout), storage=storage(float(timeout)))
     target = Path(path)
     if mode == "drain":
         start_together(target / f"ready_{worker}", target / "go")

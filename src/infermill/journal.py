@@ -758,7 +758,7 @@ def _commit_unit(
         return _Committed(0, time.perf_counter() - started - writing, e)
     seconds = time.perf_counter() - started - writing
     for path in [journal, *queue.earlier_journals(unit, lease.generation)]:
-        queue.storage.delete(path)
+        queue.storage.delete_appended(path)
     return _Committed(written, seconds)
 
 

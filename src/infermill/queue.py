@@ -327,7 +327,7 @@ class WorkQueue:
         storage: QueueStorage | None = None,
     ):
         folder = os.fspath(folder)
-        if is_remote(folder):
+        if storage is None and is_remote(folder):
             raise ConfigError(
                 f"the work queue needs a local or network (NFS, Lustre, GPFS) file system, not {folder}: its leases "
                 "rely on creating a file only if it is absent, which fsspec does not offer for every storage; "
@@ -337,7 +337,7 @@ class WorkQueue:
             raise ConfigError(f"lease_timeout_sec must be positive, got {lease_timeout_sec}")
         if max_unit_attempts < 1:
             raise ConfigError(f"max_unit_attempts must be at least 1, got {max_unit_attempts}")
-        self.folder = Path(local_path(folder))
+        self.folder = Path(local_path(folder)) if storage is None else Path(folder)  # (a storage's own paths)
         self.units_dir = self.folder / UNITS_DIR
         self.journals_dir = self.folder / JOURNALS_DIR
         self.host = socket.gethostname()
@@ -783,7 +783,7 @@ class WorkQueue:
         for name in self.storage.list(self.journals_dir):
             unit = name.split(".")[0]
             if name.endswith(".journal") and unit.isdigit() and int(unit) in done:
-                self.storage.delete(self.journals_dir / name)
+                self.storage.delete_appended(self.journals_dir / name)
                 removed += 1
         return removed
 

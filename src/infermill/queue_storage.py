@@ -201,9 +201,13 @@ class QueueStorage:
         reader sees the old bytes or the new, whole."""
         raise NotImplementedError
 
-    def delete(self, path: Path) -> bool:
-        """Delete ``path``; False if it was absent."""
+    def delete(self, path: Path) -> None:
+        """Delete ``path`` (nothing if it is absent)."""
         raise NotImplementedError
+
+    def delete_appended(self, path: Path) -> None:
+        """Delete the file ``path`` that :meth:`append_later` wrote (nothing if it is absent)."""
+        self.delete(path)
 
     def list(self, folder: Path) -> list[str]:
         """The names in ``folder``."""
@@ -276,8 +280,8 @@ class PosixQueueStorage(QueueStorage):
     def replace(self, path: Path, data: bytes) -> None:
         self._call(lambda: replace_whole(path, data), path)
 
-    def delete(self, path: Path) -> bool:
-        return self._call(lambda: _absent_is_false(os.unlink, path), path)
+    def delete(self, path: Path) -> None:
+        self._call(lambda: _absent_is_false(os.unlink, path), path)
 
     def list(self, folder: Path) -> list[str]:
         return self._call(lambda: os.listdir(folder), folder)

@@ -1,0 +1,308 @@
+"""The work queue's storage on an S3-compatible object store that honours conditional writes
+(AWS S3, SeaweedFS, MinIO, Ceph RGW...), through obstore (Rust's ``object_store``).
+
+A path of the queue is a key of the store (``Path("prefix/_infermill/queue/units/...")``
+is the key ``prefix/_infermill/queue/units/...``). The queue's operations map to requests:
+
+- create if absent: ``PUT`` with ``If-None-Match: *`` (the store answers 412 to all but one writer);
+- replace: ``PUT``; read: ``GET`` (with a range for part of an object); exists, date: ``HEAD``
+  (``Last-Modified``: whole seconds); delete: ``DELETE``; list: ``LIST`` with a delimiter;
+- touch (a lease renewed): ``GET``, then ``PUT`` of the same bytes with ``If-Match`` its ETag:
+  it fails, and the renewal with it, if the lease was deleted or replaced meanwhile;
+- the store's time: ``PUT`` of the ``clock`` object, then ``HEAD`` for its ``Last-Modified``.
+
+An object cannot be appended to: a journal ``J`` is the objects ``J/00000000``, ``J/00000001``...
+(segments), each a batch of its lines. One writer thread uploads them in order; lines handed
+over within ``flush_interval_sec`` of the last upload wait for the next one, so a busy worker
+sends about one ``PUT`` per journal and interval, not one per document. A journal's reader
+lists its segments and reads them in order; a listing of the journals' folder names ``J``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from infermill.errors import ConfigError
+from infermill.queue_storage import DEFAULT_STORAGE_TIMEOUT_SEC, QueueStorage, TimedCalls
+
+if TYPE_CHECKING:
+    from obstore.store import S3Store
+
+T = TypeVar("T")
+DEFAULT_FLUSH_INTERVAL_SEC = 1.0
+SEGMENT_DIGITS = 8
+
+_calls = TimedCalls("infermill-s3")
+
+
+def _key(path: Path) -> str:
+    return path.as_posix().lstrip("/")  # (the store's keys have no leading slash)
+
+
+class S3QueueStorage(QueueStorage):
+    """The queue on ``store`` (an obstore ``S3Store``; its own prefix, if any, comes first)."""
+
+    def __init__(
+        self,
+        store: S3Store,
+        timeout_sec: float = DEFAULT_STORAGE_TIMEOUT_SEC,
+        flush_interval_sec: float = DEFAULT_FLUSH_INTERVAL_SEC,
+    ):
+        super().__init__(timeout_sec)
+        import obstore
+
+        self._obstore = obstore
+        self.store = store
+        self._segments = _SegmentWriter(self, flush_interval_sec)
+
+    def _call(self, function: Callable[[], T], what: Path) -> T:
+        return _calls.call(function, self.timeout_sec, str(what))
+
+    # -- objects ----------------------------------------------------------------------------
+
+    def read(self, path: Path, size: int = -1, offset: int = 0) -> bytes:
+        obstore, key = self._obstore, _key(path)
+
+        def read() -> bytes:
+            if size < 0 and not offset:
+                return bytes(obstore.get(self.store, key).bytes())
+            length = self._size(key) - offset if size < 0 else size
+            if length <= 0:
+                return b""
+            try:
+                return bytes(obstore.get_range(self.store, key, start=offset, length=length))
+            except obstore.exceptions.GenericError:  # a range past the end (the object shrank: replaced)
+                data = bytes(obstore.get(self.store, key).bytes())
+                return data[offset : offset + length]
+
+        return self._call(read, path)
+
+    def _size(self, key: str) -> int:
+        return int(self._obstore.head(self.store, key)["size"])
+
+    def create_if_absent(self, path: Path, data: bytes) -> bool:
+        obstore, key = self._obstore, _key(path)
+
+        def create() -> bool:
+            try:
+                obstore.put(self.store, key, data, mode="create")
+            except obstore.exceptions.AlreadyExistsError:
+                return False
+            return True
+
+        return self._call(create, path)
+
+    def replace(self, path: Path, data: bytes) -> None:
+        self._call(lambda: self._obstore.put(self.store, _key(path), data), path)
+
+    def delete(self, path: Path) -> None:
+        def delete() -> None:
+            try:
+                self._obstore.delete(self.store, _key(path))
+            except FileNotFoundError:  # (S3 answers 204 either way; other stores may not)
+                pass
+
+        self._call(delete, path)
+
+    def list(self, folder: Path) -> list[str]:
+        prefix = _key(folder).rstrip("/") + "/"
+
+        def names() -> list[str]:
+            listed = self._obstore.list_with_delimiter(self.store, prefix)
+            objects = [entry["path"][len(prefix) :] for entry in listed["objects"]]
+            folders = [entry[len(prefix) :].rstrip("/") for entry in listed["common_prefixes"]]
+            return [name for name in objects + folders if name]  # (a folder's own marker, on some stores)
+
+        return self._call(names, folder)
+
+    def exists(self, path: Path) -> bool:
+        return self.mtime(path) is not None
+
+    def mtime(self, path: Path) -> float | None:
+        def mtime() -> float | None:
+            try:
+                meta = self._obstore.head(self.store, _key(path))
+            except FileNotFoundError:
+                return None
+            return float(meta["last_modified"].timestamp())
+
+        return self._call(mtime, path)
+
+    def touch(self, path: Path) -> bool:
+        obstore, key = self._obstore, _key(path)
+
+        def touch() -> bool:
+            try:
+                found = obstore.get(self.store, key)
+                data, etag = bytes(found.bytes()), found.meta["e_tag"]
+                obstore.put(self.store, key, data, mode={"e_tag": etag} if etag else "overwrite")
+            except (FileNotFoundError, obstore.exceptions.PreconditionError):
+                return False  # deleted or replaced since: not this caller's any more
+            return True
+
+        return self._call(touch, path)
+
+    def now(self, clock: Path) -> float:
+        key = _key(clock)
+
+        def now() -> float:
+            self._obstore.put(self.store, key, b"")
+            return float(self._obstore.head(self.store, key)["last_modified"].timestamp())
+
+        return self._call(now, clock)
+
+    def make_folder(self, folder: Path) -> None:
+        """Nothing: an object store has no folders."""
+
+    # -- journals: appended as segments ---------------------------------------------------------
+
+    def append_later(self, appends: Sequence[tuple[Path, bytes]], closing: Iterable[Path] = ()) -> Future[None]:
+        return self._segments.submit(appends, closing)
+
+    def lines(self, path: Path) -> Iterator[bytes]:
+        """The lines of the journal ``path``, segment after segment (an object that is not a
+        journal: its lines)."""
+        segments = sorted(self.list(path))
+        if not segments:
+            try:
+                yield from self.read(path).splitlines(keepends=True)
+            except FileNotFoundError:
+                pass
+            return
+        for name in segments:
+            try:
+                yield from self.read(path / name).splitlines(keepends=True)
+            except FileNotFoundError:  # deleted meanwhile (committed by another holder): those read so far
+                return
+
+    def delete_appended(self, path: Path) -> None:
+        for name in self.list(path):
+            self.delete(path / name)
+        self.delete(path)
+
+    def check_conditional_writes(self, folder: Path, where: str) -> None:
+        """Refuse (``ConfigError`` naming ``where``) a store that does not honour conditional
+        writes: a probe object created twice with ``If-None-Match: *`` must be refused the second
+        time, and a replace conditional on a stale ETag must be refused."""
+        obstore, probe = self._obstore, folder / f".probe-{uuid.uuid4().hex}"
+        key = _key(probe)
+
+        def lacks() -> str | None:
+            try:
+                first = obstore.put(self.store, key, b"1", mode="create")
+                try:
+                    obstore.put(self.store, key, b"2", mode="create")
+                    return "a second PUT with If-None-Match: * of one key succeeded"
+                except obstore.exceptions.AlreadyExistsError:
+                    pass
+                if not (etag := first["e_tag"]):
+                    return "it gives objects no ETag"
+                obstore.put(self.store, key, b"3", mode={"e_tag": etag})
+                try:
+                    obstore.put(self.store, key, b"4", mode={"e_tag": etag})
+                    return "a PUT with If-Match of an ETag replaced since succeeded"
+                except obstore.exceptions.PreconditionError:
+                    return None
+            except obstore.exceptions.NotSupportedError as e:
+                return f"it does not support conditional PUT ({e})"
+            finally:
+                try:
+                    obstore.delete(self.store, key)
+                except FileNotFoundError:
+                    pass
+
+        missing = self._call(lacks, probe)
+        if missing is not None:
+            raise ConfigError(
+                f"the object store of {where} does not honour conditional writes: {missing}. The work queue needs "
+                "them to give each unit to one worker; use a store that has them (AWS S3, SeaweedFS, MinIO, Ceph "
+                "RGW...), or put checkpoint.dir on a file system every worker mounts"
+            )
+
+    def _upload_segment(self, path: Path, number: int, data: bytes) -> None:
+        key = f"{_key(path)}/{number:0{SEGMENT_DIGITS}d}"
+        self._call(lambda: self._obstore.put(self.store, key, data, mode="create"), path)
+
+
+class _SegmentWriter:
+    """The one thread that uploads journal segments, in the order their lines were handed over."""
+
+    def __init__(self, storage: S3QueueStorage, interval_sec: float):
+        self._storage = storage
+        self._interval_sec = interval_sec
+        self._changed = threading.Condition()
+        self._pending: dict[Path, list[bytes]] = {}  # lines not uploaded yet, per journal
+        self._waiting: list[Future[None]] = []  # done once their lines are uploaded
+        self._urgent = False  # a journal is closed (a commit waits): upload at once
+        self._next: dict[Path, int] = {}  # the next segment of each journal
+        self._failure: BaseException | None = None
+        self._last_upload = 0.0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, appends: Sequence[tuple[Path, bytes]], closing: Iterable[Path]) -> Future[None]:
+        future: Future[None] = Future()
+        with self._changed:
+            if self._failure is not None:  # no line lands after one that failed
+                future.set_exception(self._failure)
+                return future
+            for path, data in appends:
+                if data:
+                    self._pending.setdefault(path, []).append(data)
+            self._waiting.append(future)
+            self._urgent = self._urgent or bool(list(closing))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="infermill-s3-journals", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._waiting:
+                    self._changed.wait()
+                delay = self._last_upload + self._interval_sec - time.monotonic()
+                if delay > 0 and not self._urgent:
+                    self._changed.wait_for(lambda: self._urgent, timeout=delay)
+                pending, waiting = self._pending, self._waiting
+                self._pending, self._waiting, self._urgent = {}, [], False
+            error = self._failure if self._failure is not None else self._upload(pending)
+            self._last_upload = time.monotonic()
+            for future in waiting:
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+    def _upload(self, pending: dict[Path, list[bytes]]) -> BaseException | None:
+        try:
+            for path, parts in pending.items():
+                number = self._next.get(path, 0)
+                self._storage._upload_segment(path, number, b"".join(parts))
+                self._next[path] = number + 1
+        except BaseException as e:
+            with self._changed:
+                self._failure = self._failure or e
+            return e
+        return None
+
+
+def open_store(url: str, options: dict[str, Any] | None = None) -> S3Store:
+    """An obstore ``S3Store`` for ``s3://bucket[/prefix]``: the endpoint, region and
+    credentials from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...) unless
+    ``options`` (obstore's S3 config keys) give them; plain HTTP allowed for an ``http://``
+    endpoint (a store on the local network)."""
+    import os
+
+    from obstore.store import S3Store
+
+    config = dict(options or {})
+    endpoint = str(config.get("endpoint") or config.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT_URL") or "")
+    client_options = {"allow_http": True} if endpoint.startswith("http://") else None
+    return S3Store.from_url(url, config=config or None, client_options=client_options)  # type: ignore[arg-type]
