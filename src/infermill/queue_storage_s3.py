@@ -20,6 +20,7 @@ lists its segments and reads them in order; a listing of the journals' folder na
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import uuid
@@ -60,6 +61,41 @@ class S3QueueStorage(QueueStorage):
         self._obstore = obstore
         self.store = store
         self._segments = _SegmentWriter(self, flush_interval_sec)
+        self._counting = threading.Lock()
+        self.requests: collections.Counter[str] = collections.Counter()  # sent to the store, per method
+
+    # -- requests: each one counted ---------------------------------------------------------------
+
+    def _count(self, method: str) -> None:
+        with self._counting:
+            self.requests[method] += 1
+
+    def _get(self, key: str) -> Any:
+        self._count("GET")
+        return self._obstore.get(self.store, key)
+
+    def _get_range(self, key: str, start: int, length: int) -> bytes:
+        self._count("GET")
+        return bytes(self._obstore.get_range(self.store, key, start=start, length=length))
+
+    def _put(self, key: str, data: bytes, mode: Any = None) -> Any:
+        self._count("PUT")
+        return self._obstore.put(self.store, key, data, mode=mode)
+
+    def _head(self, key: str) -> Any:
+        self._count("HEAD")
+        return self._obstore.head(self.store, key)
+
+    def _delete(self, key: str) -> None:
+        self._count("DELETE")
+        try:
+            self._obstore.delete(self.store, key)
+        except FileNotFoundError:  # (S3 answers 204 either way; other stores may not)
+            pass
+
+    def _list(self, prefix: str) -> Any:
+        self._count("LIST")
+        return self._obstore.list_with_delimiter(self.store, prefix)
 
     def _call(self, function: Callable[[], T], what: Path) -> T:
         return _calls.call(function, self.timeout_sec, str(what))
@@ -67,54 +103,44 @@ class S3QueueStorage(QueueStorage):
     # -- objects ----------------------------------------------------------------------------
 
     def read(self, path: Path, size: int = -1, offset: int = 0) -> bytes:
-        obstore, key = self._obstore, _key(path)
+        key = _key(path)
 
         def read() -> bytes:
             if size < 0 and not offset:
-                return bytes(obstore.get(self.store, key).bytes())
-            length = self._size(key) - offset if size < 0 else size
+                return bytes(self._get(key).bytes())
+            length = int(self._head(key)["size"]) - offset if size < 0 else size
             if length <= 0:
                 return b""
             try:
-                return bytes(obstore.get_range(self.store, key, start=offset, length=length))
-            except obstore.exceptions.GenericError:  # a range past the end (the object shrank: replaced)
-                data = bytes(obstore.get(self.store, key).bytes())
-                return data[offset : offset + length]
+                return self._get_range(key, offset, length)
+            except self._obstore.exceptions.GenericError:  # a range past the end (the object shrank: replaced)
+                return bytes(self._get(key).bytes())[offset : offset + length]
 
         return self._call(read, path)
 
-    def _size(self, key: str) -> int:
-        return int(self._obstore.head(self.store, key)["size"])
-
     def create_if_absent(self, path: Path, data: bytes) -> bool:
-        obstore, key = self._obstore, _key(path)
+        key = _key(path)
 
         def create() -> bool:
             try:
-                obstore.put(self.store, key, data, mode="create")
-            except obstore.exceptions.AlreadyExistsError:
+                self._put(key, data, mode="create")
+            except self._obstore.exceptions.AlreadyExistsError:
                 return False
             return True
 
         return self._call(create, path)
 
     def replace(self, path: Path, data: bytes) -> None:
-        self._call(lambda: self._obstore.put(self.store, _key(path), data), path)
+        self._call(lambda: self._put(_key(path), data), path)
 
     def delete(self, path: Path) -> None:
-        def delete() -> None:
-            try:
-                self._obstore.delete(self.store, _key(path))
-            except FileNotFoundError:  # (S3 answers 204 either way; other stores may not)
-                pass
-
-        self._call(delete, path)
+        self._call(lambda: self._delete(_key(path)), path)
 
     def list(self, folder: Path) -> list[str]:
         prefix = _key(folder).rstrip("/") + "/"
 
         def names() -> list[str]:
-            listed = self._obstore.list_with_delimiter(self.store, prefix)
+            listed = self._list(prefix)
             objects = [entry["path"][len(prefix) :] for entry in listed["objects"]]
             folders = [entry[len(prefix) :].rstrip("/") for entry in listed["common_prefixes"]]
             return [name for name in objects + folders if name]  # (a folder's own marker, on some stores)
@@ -127,7 +153,7 @@ class S3QueueStorage(QueueStorage):
     def mtime(self, path: Path) -> float | None:
         def mtime() -> float | None:
             try:
-                meta = self._obstore.head(self.store, _key(path))
+                meta = self._head(_key(path))
             except FileNotFoundError:
                 return None
             return float(meta["last_modified"].timestamp())
@@ -135,14 +161,14 @@ class S3QueueStorage(QueueStorage):
         return self._call(mtime, path)
 
     def touch(self, path: Path) -> bool:
-        obstore, key = self._obstore, _key(path)
+        key = _key(path)
 
         def touch() -> bool:
             try:
-                found = obstore.get(self.store, key)
+                found = self._get(key)
                 data, etag = bytes(found.bytes()), found.meta["e_tag"]
-                obstore.put(self.store, key, data, mode={"e_tag": etag} if etag else "overwrite")
-            except (FileNotFoundError, obstore.exceptions.PreconditionError):
+                self._put(key, data, mode={"e_tag": etag} if etag else "overwrite")
+            except (FileNotFoundError, self._obstore.exceptions.PreconditionError):
                 return False  # deleted or replaced since: not this caller's any more
             return True
 
@@ -152,8 +178,8 @@ class S3QueueStorage(QueueStorage):
         key = _key(clock)
 
         def now() -> float:
-            self._obstore.put(self.store, key, b"")
-            return float(self._obstore.head(self.store, key)["last_modified"].timestamp())
+            self._put(key, b"")
+            return float(self._head(key)["last_modified"].timestamp())
 
         return self._call(now, clock)
 
@@ -227,7 +253,7 @@ class S3QueueStorage(QueueStorage):
 
     def _upload_segment(self, path: Path, number: int, data: bytes) -> None:
         key = f"{_key(path)}/{number:0{SEGMENT_DIGITS}d}"
-        self._call(lambda: self._obstore.put(self.store, key, data, mode="create"), path)
+        self._call(lambda: self._put(key, data, mode="create"), path)
 
 
 class _SegmentWriter:

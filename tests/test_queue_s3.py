@@ -1,0 +1,229 @@
+"""The work queue's protocol on each of its storages: a POSIX folder, and S3 on two real,
+independent S3 servers (SeaweedFS and moto, started on 127.0.0.1 by tests/s3_servers.py).
+The same tests run on all three; real worker processes, real signals."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON
+from helpers import wait_until
+from infermill.queue import Lease, LostOutput, WorkQueue
+from infermill.queue_storage import PosixQueueStorage, QueueStorage
+from infermill.queue_storage_s3 import S3QueueStorage, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "queue_worker.py"
+START = 60.0  # how long a worker process may take to start on a loaded machine
+
+
+@dataclass
+class Backend:
+    """Where a test's queue lives: ``folder`` (a local path, or a key in ``url``'s bucket)."""
+
+    name: str
+    folder: Path
+    lease_timeout_sec: float  # S3 dates objects to the second: longer leases there
+    url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # for worker processes
+
+    def storage(self) -> QueueStorage:
+        timeout = min(30.0, self.lease_timeout_sec)
+        if self.url is None:
+            return PosixQueueStorage(timeout)
+        return S3QueueStorage(open_store(self.url), timeout, flush_interval_sec=0.2)
+
+    def queue(self, worker: str, units: int | None = None, **options) -> WorkQueue:
+        options = {"lease_timeout_sec": self.lease_timeout_sec, **options}
+        queue = WorkQueue(self.folder, worker, storage=self.storage(), **options)
+        if units is not None:
+            queue.publish_plan({"units": [{"documents": 10} for _ in range(units)]})
+        return queue
+
+
+@pytest.fixture(params=["posix", "seaweedfs", "moto"])
+def backend(request, tmp_path, monkeypatch) -> Backend:
+    if request.param == "posix":
+        return Backend("posix", tmp_path / "queue", lease_timeout_sec=1.0)
+    server = request.getfixturevalue("seaweedfs" if request.param == "seaweedfs" else "moto_s3")
+    bucket = server.new_bucket()
+    env = server.env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{bucket}"
+    return Backend(request.param, Path("job/_infermill/queue"), 3.0, url, {**env, "QUEUE_S3_URL": url})
+
+
+@pytest.fixture
+def workers(tmp_path, backend):
+    """Start queue worker processes on the backend (``workers(mode, *args)``); all killed at the end."""
+    started: list[subprocess.Popen] = []
+    env = {
+        **os.environ,
+        **backend.env,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+
+    def start(mode: str, *args: object) -> subprocess.Popen:
+        log = open(tmp_path / f"worker_{len(started)}.out", "wb")  # noqa: SIM115 -- the child holds it
+        proc = subprocess.Popen(
+            [PYTHON, str(WORKER), mode, str(backend.folder), *map(str, args)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        proc.wait()
+
+
+def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = START) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"worker {proc.pid} did not exit within {timeout} s") from None
+    outputs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("worker_*.out")))
+    assert proc.returncode == 0, f"worker {proc.pid} exited {proc.returncode}:\n{outputs}"
+
+
+def test_concurrent_workers_commit_every_unit_exactly_once(tmp_path, backend, workers):
+    units = 30
+    output, log = tmp_path / "out", tmp_path / "events.jsonl"
+    output.mkdir()
+    queue = backend.queue("test", units)
+    procs = [workers("drain", f"w{i}", backend.lease_timeout_sec * 10, output, log) for i in range(4)]
+    wait_until(lambda: len(list(output.glob("ready_*"))) == len(procs), START, "the workers to start")
+    (output / "go").touch()  # all at once, so that each gets a share
+    for proc in procs:
+        finish(proc, tmp_path)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    claims = collections.Counter(e["claimed"] for e in events if "claimed" in e)
+    commits = [e for e in events if "committed" in e]
+    assert claims == {unit: 1 for unit in range(units)}  # no unit ever had two holders
+    assert sorted(e["committed"] for e in commits) == list(range(units))
+    assert all(e["counted"] and e["generation"] == 1 for e in commits)
+    assert len({e["worker"] for e in commits}) > 1, "one worker did all the work"
+    status = queue.status()
+    assert (status.units_done, status.units_pending, status.units_in_progress) == (units, 0, 0)
+    assert status.documents_done == status.documents_total == units * 10
+    assert queue.drained() and queue.claim() is None
+
+
+def test_threads_racing_for_a_unit_given_back_elect_exactly_one_each_round(backend):
+    backend.queue("planner", 1)
+    racers = [backend.queue(f"racer{i}") for i in range(6)]
+    for generation in range(1, 9):
+        barrier = threading.Barrier(len(racers))
+        won: list[Lease] = []
+
+        def race(queue: WorkQueue) -> None:
+            barrier.wait()
+            lease = queue.claim()
+            if lease is not None:
+                won.append(lease)
+
+        threads = [threading.Thread(target=race, args=(queue,)) for queue in racers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [lease.generation for lease in won] == [generation]
+        racers[0].release(won[0])  # given back: free at once, and not an attempt
+    assert racers[0].status().units_pending == 1
+
+
+def test_a_frozen_holder_is_taken_over_and_fenced_off_when_it_wakes(tmp_path, backend, workers):
+    state = tmp_path / "holder.json"
+    backend.queue("planner", 1)
+    holder = workers("hold", "frozen", backend.lease_timeout_sec, state)
+    wait_until(state.exists, START, "the holder's claim")
+    assert json.loads(state.read_text()) == {"unit": 0, "generation": 1}
+    other = backend.queue("other")
+    other.host = "another-host"  # as seen from another node: only the lease's age tells
+    assert other.claim() is None  # held and renewed
+
+    holder.send_signal(signal.SIGSTOP)
+    taken: list[Lease | None] = []
+    wait_until(lambda: taken.append(other.claim()) or taken[-1], 10 * backend.lease_timeout_sec, "the takeover")
+    lease = taken[-1]
+    assert lease is not None and (lease.unit, lease.generation) == (0, 2)
+
+    holder.send_signal(signal.SIGCONT)
+    (tmp_path / "holder.json.go").touch()
+    finish(holder, tmp_path)
+    assert (tmp_path / "holder.json.result").read_text().startswith("lost: ")
+    assert not other.is_done(0)  # the frozen one wrote no done mark
+    assert other.commit(lease, lambda: None, documents=1)
+    done = other.done_marks()[0]
+    assert (done["worker"], done["generation"]) == ("other", 2)
+
+
+def test_a_killed_holder_of_this_host_is_taken_over_at_once(tmp_path, backend, workers):
+    state = tmp_path / "holder.json"
+    backend.queue("planner", 1, lease_timeout_sec=600)
+    holder = workers("hold", "killed", 600, state)
+    wait_until(state.exists, START, "the holder's claim")
+    other = backend.queue("other", lease_timeout_sec=600)
+    assert other.claim() is None  # its holder lives
+    holder.kill()
+    holder.wait()
+    lease = other.claim()  # the same host: the holder's process is gone, no need to wait for the timeout
+    assert lease is not None and (lease.unit, lease.generation) == (0, 2)
+
+
+def test_given_back_given_up_and_redone_units_are_claimable_at_once(backend):
+    queue = backend.queue("me", 3, lease_timeout_sec=600, max_unit_attempts=2)
+    other = backend.queue("other", lease_timeout_sec=600, max_unit_attempts=2)
+    other.host = "another-host"  # cannot tell whether a holder lives: only the marks free units
+    leases = {lease.unit: lease for lease in (queue.claim(), queue.claim(), queue.claim()) if lease is not None}
+    assert sorted(leases) == [0, 1, 2] and other.claim() is None
+    queue.release(leases[0])  # not an attempt
+    assert queue.abandon(leases[1])  # an attempt, stale at once
+    assert queue.commit(leases[2], lambda: None, documents=10)
+    assert queue.redo([LostOutput(2, "00000_00002.jsonl", "is missing", generation=1)]) == [2]
+    again = {lease.unit: lease for lease in (other.claim(), other.claim(), other.claim()) if lease is not None}
+    assert sorted((unit, lease.generation) for unit, lease in again.items()) == [(0, 2), (1, 2), (2, 2)]
+    status = other.status()
+    assert (status.units_in_progress, status.units_done, status.units_failed) == (3, 0, 0)
+    assert other.abandon(again[1])
+    assert queue.claim() is None and queue.status().units_failed == 1  # unit 1: its two attempts spent
+
+
+def test_a_journal_is_read_back_in_order_whatever_the_batches_it_was_written_in(backend):
+    queue = backend.queue("me", 1)
+    storage = queue.storage
+    lease = queue.claim()
+    assert lease is not None
+    path = queue.journal_path(lease.unit, lease.generation)
+    lines = [b'{"i":%d}\n' % i for i in range(50)]
+    futures = [storage.append_later([(path, b"".join(lines[i : i + 5]))]) for i in range(0, 50, 5)]
+    futures.append(storage.append_later([], closing=[path]))
+    for future in futures:
+        future.result(30)
+    assert list(storage.lines(path)) == lines
+    assert queue.earlier_journals(lease.unit, lease.generation + 1) == [path]
+    storage.delete_appended(path)
+    assert list(storage.lines(path)) == [] and queue.earlier_journals(lease.unit, lease.generation + 1) == []
+
+
+def test_each_store_honours_conditional_writes(backend):
+    storage = backend.storage()
+    if not isinstance(storage, S3QueueStorage):
+        pytest.skip("a POSIX folder creates with link(): no probe")
+    storage.check_conditional_writes(backend.folder, backend.url or "")  # passes: both servers have them
