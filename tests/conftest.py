@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+import s3_servers
+from s3_servers import S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "servers"
@@ -126,3 +128,17 @@ def endpoint(tmp_path) -> Iterator[tuple[str, Path]]:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server on 127.0.0.1 for the session (``new_bucket()`` gives a test its own bucket)."""
+    with s3_servers.running("seaweedfs", tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory) -> Iterator[S3Server]:
+    """moto's S3 server on 127.0.0.1 for the session (``new_bucket()`` gives a test its own bucket)."""
+    with s3_servers.running("moto", tmp_path_factory.mktemp("moto")) as server:
+        yield server
