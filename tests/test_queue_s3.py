@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON
-from helpers import wait_until
+from helpers import free_ports, wait_until
+from infermill.errors import ConfigError
 from infermill.queue import Lease, LostOutput, WorkQueue
 from infermill.queue_storage import PosixQueueStorage, QueueStorage
 from infermill.queue_storage_s3 import S3QueueStorage, open_store
@@ -37,10 +38,11 @@ class Backend:
     env: dict[str, str] = field(default_factory=dict)  # for worker processes
 
     def storage(self) -> QueueStorage:
-        timeout = min(30.0, self.lease_timeout_sec)
         if self.url is None:
-            return PosixQueueStorage(timeout)
-        return S3QueueStorage(open_store(self.url), timeout, flush_interval_sec=0.2)
+            return PosixQueueStorage(self.lease_timeout_sec)
+        # SeaweedFS answers PUTs racing for one key with If-None-Match after 1 to 3 s (its lock's
+        # polling): more than these short leases, so the storage may wait longer than a lease here
+        return S3QueueStorage(open_store(self.url), 15.0, flush_interval_sec=0.2)
 
     def queue(self, worker: str, units: int | None = None, **options) -> WorkQueue:
         options = {"lease_timeout_sec": self.lease_timeout_sec, **options}
@@ -227,3 +229,41 @@ def test_each_store_honours_conditional_writes(backend):
     if not isinstance(storage, S3QueueStorage):
         pytest.skip("a POSIX folder creates with link(): no probe")
     storage.check_conditional_writes(backend.folder, backend.url or "")  # passes: both servers have them
+
+
+@pytest.fixture
+def careless_s3(moto_s3, tmp_path, monkeypatch):
+    """moto behind a proxy that drops If-None-Match and If-Match: an S3 endpoint without conditional
+    writes (tests/servers/careless_s3_proxy.py); its URL."""
+    port = free_ports()
+    log = open(tmp_path / "proxy.log", "wb")  # noqa: SIM115 -- the child holds it
+    proxy = subprocess.Popen(
+        [
+            PYTHON,
+            str(ROOT / "tests" / "servers" / "careless_s3_proxy.py"),
+            "--port",
+            str(port),
+            "--upstream",
+            moto_s3.endpoint,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        wait_until(lambda: "listening" in (tmp_path / "proxy.log").read_text(), START, "the proxy to listen")
+        for name, value in {**moto_s3.env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            monkeypatch.setenv(name, value)
+        yield f"s3://{moto_s3.new_bucket()}"
+    finally:
+        proxy.kill()
+        proxy.wait()
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_naming_it_and_what_it_lacks(careless_s3):
+    storage = S3QueueStorage(open_store(careless_s3), 15.0)
+    with pytest.raises(ConfigError) as refused:
+        storage.check_conditional_writes(Path("job/_infermill/queue"), careless_s3)
+    message = str(refused.value)
+    assert careless_s3 in message and "If-None-Match" in message and "checkpoint.dir" in message, message
+    assert "\n" not in message
