@@ -17,11 +17,19 @@ refused (:meth:`JobLayout.legacy_ranks`), never read.
 
 Checkpoints may live elsewhere (``checkpoint.dir``): they must be local, so a remote
 output needs one, and then the job's other files go into that folder too.
+
+An output on S3 (``s3://bucket/prefix``) needs none: the job's state lives in the store, under
+``prefix/_infermill/`` (``store`` and ``store_root``). Its queue is there (the queue's paths
+are the store's keys); each worker keeps its own records (stats, failures, time series) in a
+local mirror of that folder (``root``, a temporary folder), which it uploads, and which a
+reader downloads (:mod:`infermill.mirror`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +41,8 @@ PLAN_FILE = "plan.json"
 
 
 LOCAL_PROTOCOLS = ("file://", "local://")  # fsspec's names for the local file system
+#: object stores whose conditional writes the work queue uses (infermill.queue_storage_s3)
+QUEUE_STORE_PROTOCOLS = ("s3://",)
 
 
 def is_remote(path: str) -> bool:
@@ -47,12 +57,21 @@ def local_path(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def split_store_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` as (``s3://bucket``, ``some/prefix``)."""
+    protocol, _, rest = url.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    return f"{protocol}://{bucket}", prefix.strip("/")
+
+
 @dataclass(frozen=True, slots=True)
 class JobLayout:
     """The paths of one job's own files (see the module docstring)."""
 
-    root: Path  # OUTPUT/_infermill, or ``checkpoints`` itself for a remote output
+    root: Path  # OUTPUT/_infermill, ``checkpoints`` itself for a remote output, or a store's local mirror
     checkpoints: Path
+    store: str | None = None  # ``s3://bucket``: the job's state is in that store, under ``store_root``
+    store_root: Path | None = None  # (a key: ``prefix/_infermill``)
 
     @classmethod
     def for_output(cls, output_folder: str, checkpoints_dir: str | None = None) -> JobLayout:
@@ -64,6 +83,11 @@ class JobLayout:
                     f"checkpoint.dir (checkpoints_local_dir) must be a local folder, got {checkpoints_dir}"
                 )
             checkpoints = Path(local_path(checkpoints_dir))
+        elif output_folder.startswith(QUEUE_STORE_PROTOCOLS):
+            store, prefix = split_store_url(output_folder.rstrip("/"))
+            digest = hashlib.sha1(output_folder.rstrip("/").encode()).hexdigest()[:16]
+            mirror = Path(tempfile.gettempdir()) / f"infermill-{digest}" / INFERMILL_DIR
+            return cls(mirror, mirror, store, Path(prefix) / INFERMILL_DIR)
         elif is_remote(output_folder):
             raise ConfigError(
                 f"the output {output_folder} is remote: its checkpoints need a local folder, so that a killed job "
@@ -90,8 +114,19 @@ class JobLayout:
 
     @property
     def queue(self) -> Path:
-        """The shared work queue's folder (``infermill.queue.WorkQueue``)."""
-        return self.root / "queue"
+        """The shared work queue's folder (``infermill.queue.WorkQueue``): a key path in the store
+        for a job in one."""
+        return (self.store_root if self.store_root is not None else self.root) / "queue"
+
+    def where(self, path: Path | None = None) -> str:
+        """``path`` (default: the job's folder) as a user knows it: for a job in a store, its URL
+        (a path in the local mirror: the URL of what it mirrors)."""
+        path = self.root if path is None else path
+        if self.store is None or self.store_root is None:
+            return str(path)
+        if path.is_relative_to(self.root):
+            path = self.store_root / path.relative_to(self.root)
+        return f"{self.store}/{path.as_posix().lstrip('/')}"
 
     @property
     def plan_file(self) -> Path:
