@@ -127,3 +127,4 @@ def test_a_stopped_server_leaves_no_process(kind, tmp_path):
         assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE, process
     assert not server.pids()
     assert server.process.poll() is not None
+    assert not [path for path in server.leftovers if path.exists()], "files left outside its folder"
