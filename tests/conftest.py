@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 import s3_servers
 from s3_servers import S3Server
 

@@ -76,6 +76,8 @@ class S3Server:
     region: str = REGION
     started_s: float = 0.0  # how long it took to answer
     buckets: list[str] = field(default_factory=list)
+    #: files it leaves outside its folder, removed once it is stopped
+    leftovers: list[Path] = field(default_factory=list)
 
     def client(self) -> Any:
         """A boto3 S3 client of this server."""
@@ -130,6 +132,8 @@ class S3Server:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.kind}: processes of group {pgid} survive SIGKILL: {_group_pids(pgid)}")
             time.sleep(0.02)
+        for path in self.leftovers:
+            path.unlink(missing_ok=True)
         return time.monotonic() - start
 
 
@@ -236,12 +240,25 @@ def start_seaweedfs(folder: Path, timeout: float = 60.0) -> S3Server:
             "-master.volumeSizeLimitMB=16",  # small volumes: a full one is replaced by a new one of 16 MB
             "-volume.preStopSeconds=0",  # else 10 s of draining heartbeats on stop
             "-master.telemetry=false",  # nothing leaves the machine
+            "-master.raftBootstrap",  # a cluster of one: no 1.5 s wait for peers before electing itself
+            f"-filer.localSocket={folder / 'filer.sock'}",  # else /tmp/seaweedfs-filer-<port>.sock, left after a kill
+            f"-s3.localSocket={folder / 's3.sock'}",
         ]
         with log.open("ab") as out:
+            # TMPDIR: its logs (weed.<host>.<user>.log.*) go to its folder, not /tmp
             process = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=_server_env(), start_new_session=True
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=folder,
+                env={**_server_env(), "TMPDIR": str(folder)},
+                start_new_session=True,
             )
         server = S3Server("seaweedfs", f"http://127.0.0.1:{s3}", process, folder)
+        # each gRPC server also listens on /tmp/seaweedfs-<kind>-grpc-<port>.sock (no flag moves it, nor
+        # TMPDIR), removed by weed only when it stops in full, which SIGTERM does not achieve
+        grpc = {"master": master_grpc, "volume": volume_grpc, "filer": filer_grpc, "s3": s3_grpc}
+        server.leftovers = [Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock") for kind, port in grpc.items()]
         start = time.monotonic()
         try:
             _wait_answers(server, log, timeout)
