@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -27,13 +28,23 @@ def test_a_local_output_keeps_everything_in_its_own_infermill_folder(tmp_path, m
 
 def test_a_remote_output_keeps_its_files_in_the_local_checkpoint_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="s3://bucket/out is remote.*checkpoint.dir"):
-        JobLayout.for_output("s3://bucket/out")
+    with pytest.raises(ConfigError, match="gs://bucket/out is remote.*checkpoint.dir"):
+        JobLayout.for_output("gs://bucket/out")  # (an S3 output keeps them in its store: below)
     layout = JobLayout.for_output("s3://bucket/out", "ckpt")
     assert layout.root == layout.checkpoints == tmp_path / "ckpt"  # not the current folder itself
     assert layout.stats_file(0, 1) == tmp_path / "ckpt" / "stats.json"
     with pytest.raises(ConfigError, match="must be a local folder"):
         JobLayout.for_output("out", "s3://bucket/ckpt")
+
+
+def test_an_s3_output_without_checkpoint_dir_keeps_the_jobs_state_in_its_store():
+    layout = JobLayout.for_output("s3://bucket/some/out/")
+    assert (layout.store, layout.store_root) == ("s3://bucket", Path("some/out/_infermill"))
+    assert layout.queue == Path("some/out/_infermill/queue")  # a key in the store
+    assert layout.root.name == "_infermill" and layout.root.is_absolute()  # each worker's local mirror
+    assert layout.where(layout.worker_stats_file("w1")) == "s3://bucket/some/out/_infermill/stats/w1.json"
+    assert layout.where(layout.queue) == "s3://bucket/some/out/_infermill/queue"
+    assert JobLayout.for_output("s3://bucket/some/out").root == layout.root  # one mirror per output
 
 
 def test_legacy_ranks_lists_an_older_infermills_rank_checkpoints_in_order(tmp_path):

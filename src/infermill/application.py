@@ -136,7 +136,12 @@ class Job:
         try:
             layout = job.layout()
             if not (options.executor == "slurm" and options.dry_run):
-                layout.check_writable()
+                if layout.store is not None:  # a job in an object store: reachable, with conditional writes
+                    from infermill.mirror import check_store
+
+                    check_store(layout)
+                else:
+                    layout.check_writable()
                 if is_remote(job.output.path):
                     from infermill.io.filesystems import check_writable
 
@@ -448,7 +453,9 @@ def target_layout(target: str, checkpoints: str | None, overrides: tuple[str, ..
 
 def has_queue(layout: JobLayout) -> bool:
     """Whether the job laid out by ``layout`` has a work queue (else static ranks, or nothing)."""
-    return layout.plan_file.exists()
+    from infermill.mirror import has_plan
+
+    return has_plan(layout)
 
 
 @dataclass(slots=True)

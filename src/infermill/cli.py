@@ -429,11 +429,13 @@ def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_
     """Show the progress of a running or finished job, given its output folder or its job file:
     its units, documents committed and processed, workers, rate and ETA (all on stdout)."""
     from infermill.application import has_queue, job_status
+    from infermill.mirror import reading
 
-    layout, output = _job_layout(target, checkpoints, overrides)
-    if has_queue(layout):
+    stored, output = _job_layout(target, checkpoints, overrides)
+    if has_queue(stored):
         try:
-            found = job_status(layout, output, verify)
+            with reading(stored) as layout:  # (a job in a store: its workers' records, downloaded)
+                found = job_status(layout, output, verify)
         except (QueueCorruptError, StorageError, OSError) as e:  # the job's files cannot be read: nothing to show
             _fail(e)
         _queue_status(found, output, as_json)
@@ -443,7 +445,7 @@ def status(target: str, checkpoints: str | None, overrides: tuple[str, ...], as_
     from infermill.application import stream_ranks_status
 
     try:
-        ranks = stream_ranks_status(layout, output)
+        ranks = stream_ranks_status(stored, output)
         if verify:
             raise ConfigError(f"--verify checks the units of a job of `infermill run`: {output} holds a stream's ranks")
     except ConfigError as e:
@@ -504,12 +506,14 @@ def report(target: str, checkpoints: str | None, overrides: tuple[str, ...], des
     errors and restarts (opens with no network)."""
     from pathlib import Path
 
+    from infermill.mirror import reading
     from infermill.report import write_report
 
-    layout, output = _job_layout(target, checkpoints, overrides)
-    page = Path(destination) if destination else layout.report_file
+    stored, output = _job_layout(target, checkpoints, overrides)
+    page = Path(destination) if destination else stored.report_file
     try:
-        written = write_report(layout, output, page)
+        with reading(stored) as layout:  # (a job in a store: its workers' records, downloaded)
+            written = write_report(layout, output, page)
     except (ConfigError, QueueCorruptError) as e:
         _fail(e)
     except OSError as e:  # its folder read-only or full, -o naming a folder or a path under a file

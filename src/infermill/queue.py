@@ -364,7 +364,12 @@ class WorkQueue:
 
     @classmethod
     def for_layout(cls, layout: JobLayout, worker_id: str | None = None, **options: Any) -> WorkQueue:
-        """The queue of the job whose files ``layout`` places."""
+        """The queue of the job whose files ``layout`` places (in its store, for a job in one)."""
+        if layout.store is not None and "storage" not in options:
+            from infermill.mirror import job_storage
+
+            timeout = min(DEFAULT_STORAGE_TIMEOUT_SEC, options.get("lease_timeout_sec", DEFAULT_LEASE_TIMEOUT_SEC))
+            options["storage"] = job_storage(layout, timeout)
         return cls(layout.queue, worker_id, **options)
 
     # -- the plan ---------------------------------------------------------------------------
@@ -1220,7 +1225,9 @@ class LeaseRenewer:
 
 def job_complete(layout: JobLayout) -> bool:
     """Whether the job laid out by ``layout`` has a queue whose every unit is done (one listing)."""
-    if not layout.plan_file.exists():
+    from infermill.mirror import has_plan
+
+    if not has_plan(layout):
         return False
     status = WorkQueue.for_layout(layout).status()
     return 0 < status.units_done == status.units_total

@@ -26,6 +26,7 @@ import asyncio
 import errno
 import importlib
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -209,6 +210,10 @@ class QueueStorage:
         """Delete the file ``path`` that :meth:`append_later` wrote (nothing if it is absent)."""
         self.delete(path)
 
+    def delete_tree(self, folder: Path) -> None:
+        """Delete ``folder`` and everything in it (nothing if it is absent)."""
+        raise NotImplementedError
+
     def list(self, folder: Path) -> list[str]:
         """The names in ``folder``."""
         raise NotImplementedError
@@ -285,6 +290,9 @@ class PosixQueueStorage(QueueStorage):
 
     def list(self, folder: Path) -> list[str]:
         return self._call(lambda: os.listdir(folder), folder)
+
+    def delete_tree(self, folder: Path) -> None:
+        self._call(lambda: shutil.rmtree(folder, ignore_errors=True), folder)
 
     def exists(self, path: Path) -> bool:
         return self._call(path.exists, path)

@@ -21,6 +21,7 @@ lists its segments and reads them in order; a listing of the journals' folder na
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 import uuid
@@ -206,6 +207,16 @@ class S3QueueStorage(QueueStorage):
                 yield from self.read(path / name).splitlines(keepends=True)
             except FileNotFoundError:  # deleted meanwhile (committed by another holder): those read so far
                 return
+
+    def delete_tree(self, folder: Path) -> None:
+        prefix = _key(folder).rstrip("/") + "/"
+
+        def keys() -> list[str]:
+            self._count("LIST")
+            return [entry["path"] for chunk in self._obstore.list(self.store, prefix) for entry in chunk]
+
+        for key in self._call(keys, folder):
+            self._call(functools.partial(self._delete, key), folder)
 
     def delete_appended(self, path: Path) -> None:
         for name in self.list(path):

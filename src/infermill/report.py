@@ -32,6 +32,7 @@ import orjson
 from infermill.errors import ConfigError
 from infermill.layout import series_files
 from infermill.metrics import COUNTERS as TABLE
+from infermill.mirror import has_plan
 from infermill.timeseries import COUNTERS, read_worker_series
 
 if TYPE_CHECKING:
@@ -589,7 +590,7 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
     from infermill.queue import WorkQueue
     from infermill.worker import job_stats, read_stats
 
-    queued = layout.plan_file.exists()
+    queued = has_plan(layout)
     stats = job_stats(layout) if queued else read_stats(layout)  # summed now: stats.json waits for a run's end
     worker_stats = _worker_stats(layout)
     models = sorted({str(s["model"]) for s in worker_stats if s.get("model")})
@@ -699,7 +700,7 @@ def write_report(layout: JobLayout, output: str, destination: Path, max_points: 
     _require()
     from plotly.offline import get_plotlyjs
 
-    if not layout.plan_file.exists() and not layout.rank_queues() and not layout.stats_files():
+    if not has_plan(layout) and not layout.rank_queues() and not layout.stats_files():
         raise ConfigError(
             f"no job in {layout.root}: is {output} the output folder of a job? (--checkpoints names the "
             "checkpoint folder of a job that set checkpoint.dir)"

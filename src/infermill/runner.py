@@ -15,6 +15,7 @@ from typing import Any
 
 from infermill.config import InferenceConfig
 from infermill.engine import DocumentEngine, RolloutFn
+from infermill.errors import ConfigError
 from infermill.io.readers import DocumentReader
 from infermill.io.writers import OutputWriter
 from infermill.layout import JobLayout
@@ -96,6 +97,11 @@ class InferenceRunner:
         self.output_writer = output_writer
         self.shared_context = shared_context
         self.layout = JobLayout.for_output(output_writer.output_folder, checkpoints_local_dir)
+        if self.layout.store is not None:  # (`infermill run` keeps a job's state in the store)
+            raise ConfigError(
+                f"the output {output_writer.output_folder} is remote: the Python API keeps a run's checkpoints in a "
+                "local folder, so that a killed run can resume: set checkpoints_local_dir"
+            )
         self.records_per_chunk = records_per_chunk
         self.metadata_key = metadata_key
         self.skip_bad_requests = skip_bad_requests

@@ -29,8 +29,9 @@ from infermill.errors import CheckpointBusyError, ConfigError, LeaseLostError
 from infermill.io.units import UnitPlan, WorkUnit
 from infermill.io.writers import OutputWriter
 from infermill.journal import check_identity, identity_differences
+from infermill.mirror import RECORDS, has_plan, job_storage
 from infermill.queue import UNITS_DIR, WorkQueue
-from infermill.queue_storage import StorageTimeoutError
+from infermill.queue_storage import QueueStorage, StorageTimeoutError
 from infermill.types import END_OF_INPUT
 
 if TYPE_CHECKING:
@@ -99,9 +100,16 @@ def discard_rank_checkpoints(layout: JobLayout, writer: OutputWriter) -> None:
         (layout.checkpoints / f"rank_{rank:05d}.lock").unlink(missing_ok=True)
 
 
-def discard_queue(folder: Path, writer: OutputWriter) -> None:
-    """Delete the queue in ``folder`` and the output file of every unit it ever let be claimed
-    (``writer`` names them), and no other file."""
+def discard_queue(folder: Path, writer: OutputWriter, storage: QueueStorage | None = None) -> None:
+    """Delete the queue in ``folder`` (of ``storage``, default: a local folder) and the output
+    file of every unit it ever let be claimed (``writer`` names them), and no other file."""
+    if storage is not None:
+        claimed = {name.split(".", 1)[0] for name in storage.list(folder / UNITS_DIR)}
+        for unit in sorted(int(name) for name in claimed if name.isdigit()):
+            writer.remove_chunk_file(0, unit)
+        writer.remove_temp_files(0)
+        storage.delete_tree(folder)
+        return
     units = folder / UNITS_DIR
     if units.is_dir():
         claimed = {name.split(".", 1)[0] for name in os.listdir(units)}  # UNIT.done, UNIT.GENERATION.lease...
@@ -120,6 +128,13 @@ def discard_records(layout: JobLayout) -> None:
     shutil.rmtree(layout.metrics, ignore_errors=True)
     for path in [*layout.stats_files(), *layout.root.glob("failures_*.jsonl")]:  # (failures_*: an older infermill's)
         path.unlink(missing_ok=True)
+    if layout.store_root is not None:  # and their copies in the store
+        storage = job_storage(layout)
+        for name in RECORDS:
+            storage.delete_tree(layout.store_root / name)
+        for name in storage.list(layout.store_root):
+            if name.startswith("stats") and name.endswith(".json"):
+                storage.delete(layout.store_root / name)
 
 
 @dataclass
@@ -217,7 +232,7 @@ class RankStream:
         with several (for a run with one), or a stream's one queue (for a run with several)."""
         if world_size == 1:
             return [(int(folder.name), folder) for folder in layout.rank_queues()]
-        stored = WorkQueue(layout.queue).plan() if layout.plan_file.exists() else None
+        stored = WorkQueue.for_layout(layout).plan() if has_plan(layout) else None
         return [(0, layout.queue)] if stored is not None and "stream" in stored else []
 
     @staticmethod

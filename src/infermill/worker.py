@@ -31,6 +31,7 @@ from infermill.io.units import UnitPlan, plan_units, read_unit
 from infermill.journal import QueueJournal, check_identity, identity_differences
 from infermill.layout import PLAN_FILE, series_files
 from infermill.metrics import RunStats, per_sec
+from infermill.mirror import has_plan, job_storage, push, reading
 from infermill.queue import WorkQueue, process_gone
 from infermill.queue_storage import StorageTimeoutError
 from infermill.stream import discard_queue, discard_rank_checkpoints, discard_records
@@ -229,7 +230,7 @@ def discard(layout: JobLayout, writer: OutputWriter) -> None:
     """Delete the job's queue, journals, stats and failures, and the output files its units
     (and static ranks of an older infermill) wrote; no other file. A unit ever claimed may have
     written its file without its done mark (its worker killed in between): its file goes too."""
-    discard_queue(layout.queue, writer)
+    discard_queue(layout.queue, writer, job_storage(layout) if layout.store is not None else None)
     discard_rank_checkpoints(layout, writer)
     discard_records(layout)
 
@@ -331,12 +332,17 @@ def write_run_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) ->
     ends, so that a run killed on the way leaves at least what it had committed."""
     layout.worker_stats.mkdir(parents=True, exist_ok=True)
     replace_whole(layout.worker_stats_file(worker_id), orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+    # a job in a store: this worker's records uploaded with its stats (its failures and time
+    # series as they stand), each whole
+    push(layout, layout.worker_stats_file(worker_id), layout.failures_file(worker_id), layout.series_file(worker_id))
 
 
 def sum_job_stats(layout: JobLayout) -> dict[str, Any]:
     """Write ``stats.json``, the job's stats (:func:`job_stats`); return them."""
-    total = job_stats(layout)
+    with reading(layout) as every_worker:  # (a job in a store: every worker's stats, downloaded)
+        total = job_stats(every_worker)
     replace_whole(layout.stats_file(0, 1), orjson.dumps(total, option=orjson.OPT_INDENT_2))  # the job's one stats.json
+    push(layout, layout.stats_file(0, 1))
     return total
 
 
@@ -351,7 +357,7 @@ def job_stats(layout: JobLayout) -> dict[str, Any]:
         except (OSError, orjson.JSONDecodeError):
             continue  # an older infermill's, being written: its own sum counts it
     total = sum_stats(runs)
-    if runs and layout.plan_file.exists():
+    if runs and has_plan(layout):
         total["documents_written"] = WorkQueue.for_layout(layout).status().documents_written
     return total
 
