@@ -76,6 +76,8 @@ class S3Server:
     region: str = REGION
     started_s: float = 0.0  # how long it took to answer
     buckets: list[str] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)  # how it was started (restart() starts it so again)
+    launch_env: dict[str, str] = field(default_factory=dict)
     #: files it leaves outside its folder, removed once it is stopped
     leftovers: list[Path] = field(default_factory=list)
 
@@ -135,6 +137,27 @@ class S3Server:
         for path in self.leftovers:
             path.unlink(missing_ok=True)
         return time.monotonic() - start
+
+
+def restart(server: S3Server, down_s: float = 0.0, timeout: float = 60.0) -> None:
+    """Kill ``server`` (SIGKILL, its whole group: as a crash), wait ``down_s``, and start it again
+    as it was started (the same ports, the same data folder: SeaweedFS keeps its objects; moto's
+    are in memory, gone), until it answers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait(timeout=30)
+    time.sleep(down_s)
+    log = server.folder / ("weed.log" if server.kind == "seaweedfs" else "moto.log")
+    with log.open("ab") as out:
+        server.process = subprocess.Popen(
+            server.argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=server.folder,
+            env=server.launch_env,
+            start_new_session=True,
+        )
+    _wait_answers(server, log, timeout)
 
 
 def _group_pids(pgid: int) -> list[int]:
@@ -254,7 +277,8 @@ def start_seaweedfs(folder: Path, timeout: float = 60.0) -> S3Server:
                 env={**_server_env(), "TMPDIR": str(folder)},
                 start_new_session=True,
             )
-        server = S3Server("seaweedfs", f"http://127.0.0.1:{s3}", process, folder)
+        server = S3Server("seaweedfs", f"http://127.0.0.1:{s3}", process, folder, argv=argv)
+        server.launch_env = {**_server_env(), "TMPDIR": str(folder)}
         # each gRPC server also listens on /tmp/seaweedfs-<kind>-grpc-<port>.sock (no flag moves it, nor
         # TMPDIR), removed by weed only when it stops in full, which SIGTERM does not achieve
         grpc = {"master": master_grpc, "volume": volume_grpc, "filer": filer_grpc, "s3": s3_grpc}
@@ -282,7 +306,8 @@ def start_moto(folder: Path, timeout: float = 30.0) -> S3Server:
             process = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=_server_env(), start_new_session=True
             )
-        server = S3Server("moto", f"http://127.0.0.1:{port}", process, folder)
+        server = S3Server("moto", f"http://127.0.0.1:{port}", process, folder, argv=argv)
+        server.launch_env = _server_env()
         start = time.monotonic()
         try:
             _wait_answers(server, log, timeout)

@@ -27,7 +27,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("configuration", ("config", "servertypes", "layout", "gpus", "retry", "rollouts")),
     ("outside world: files, HTTP, servers", ("io.*", "client", "servers.*", "datatrove_compat", "jobfile")),
-    ("checkpoints: the work queue", ("queue_storage", "queue_storage_s3", "mirror", "journal", "queue", "stream", "worker")),
+    (
+        "checkpoints: the work queue",
+        ("queue_storage", "queue_storage_s3", "mirror", "journal", "queue", "stream", "worker"),
+    ),
     ("observability", ("timeseries", "jobstatus", "progress", "monitor", "report")),
     ("engine", ("engine",)),
     ("runs: lifecycles and the runner", ("lifecycles", "runner")),

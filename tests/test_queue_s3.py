@@ -130,7 +130,7 @@ def test_concurrent_workers_commit_every_unit_exactly_once(tmp_path, backend, wo
 def test_threads_racing_for_a_unit_given_back_elect_exactly_one_each_round(backend):
     backend.queue("planner", 1)
     racers = [backend.queue(f"racer{i}") for i in range(6)]
-    for generation in range(1, 9):
+    for generation in range(1, 5):
         barrier = threading.Barrier(len(racers))
         won: list[Lease] = []
 

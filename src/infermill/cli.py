@@ -65,7 +65,8 @@ def _setup_logging(verbose: bool, log_format: str | None = None) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    for chatty in ("aiohttp", "botocore", "aiobotocore", "s3fs"):  # (their INFO lines say nothing a user needs)
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _json_logs() -> bool:

@@ -248,7 +248,7 @@ class ChunkLogs:
     def __init__(self, records_per_chunk: int, writer: OutputWriter, where: Path, storage: QueueStorage):
         self.records_per_chunk = records_per_chunk
         self.writer = writer
-        self.dir = where  # named in errors
+        self.dir = storage.where(where)  # named in errors
         self.storage = storage
         self._chunks: dict[int, _Chunk] = {}
         self._cache: dict[str, Any] = {}

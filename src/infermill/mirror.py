@@ -49,7 +49,7 @@ def job_storage(layout: JobLayout, timeout_sec: float = DEFAULT_STORAGE_TIMEOUT_
                     f"the output {layout.where()} is on S3, whose client is an optional part of infermill: "
                     "pip install 'infermill[s3]'"
                 ) from None
-    return S3QueueStorage(store, timeout_sec)
+    return S3QueueStorage(store, timeout_sec, url=layout.store)
 
 
 def check_store(layout: JobLayout) -> None:

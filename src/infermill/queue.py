@@ -362,6 +362,11 @@ class WorkQueue:
         self.storage.make_folder(self.units_dir)
         self.storage.make_folder(self.journals_dir)
 
+    @property
+    def where(self) -> str:
+        """The queue's folder as a user knows it (a URL for a queue in an object store)."""
+        return self.storage.where(self.folder)
+
     @classmethod
     def for_layout(cls, layout: JobLayout, worker_id: str | None = None, **options: Any) -> WorkQueue:
         """The queue of the job whose files ``layout`` places (in its store, for a job in one)."""
@@ -436,7 +441,7 @@ class WorkQueue:
         match = _PLAN_ID.match(head)
         if (match.group(1).decode() if match else None) != self._plan.get("plan_id") or not head:
             raise PlanReplacedError(
-                f"the job's plan in {self.folder} was replaced while this worker ran: another command started the "
+                f"the job's plan in {self.where} was replaced while this worker ran: another command started the "
                 "job over with other settings (or with --overwrite). This worker stops and commits nothing more "
                 "(nothing of the two jobs is mixed); see `infermill status` and run the job you mean to finish."
             )
@@ -444,7 +449,7 @@ class WorkQueue:
     def _units_total(self) -> int:
         plan = self.plan()
         if plan is None:
-            raise InfermillError(f"the work queue in {self.folder} has no plan yet: publish_plan() first")
+            raise InfermillError(f"the work queue in {self.where} has no plan yet: publish_plan() first")
         return len(plan["units"])
 
     # -- claiming ---------------------------------------------------------------------------
@@ -512,7 +517,7 @@ class WorkQueue:
         units (a document stream's), or the same units at new input offsets."""
         current = self.plan()
         if current is None:
-            raise InfermillError(f"the work queue in {self.folder} has no plan yet: publish_plan() first")
+            raise InfermillError(f"the work queue in {self.where} has no plan yet: publish_plan() first")
         path = self.folder / PLAN_FILE
         kept = {key: current[key] for key in _PLAN_KEPT if key in current}
         if "published_at" not in kept:  # a plan of an older infermill: its file's date
@@ -619,7 +624,7 @@ class WorkQueue:
     def stalled_error(self, error: Exception) -> QueueStalledError:
         """The one line a worker stops with when this queue's storage stopped answering (``error``)."""
         return QueueStalledError(
-            f"the work queue's storage in {self.folder} stopped answering ({error}): this worker stops; the units "
+            f"the work queue's storage in {self.where} stopped answering ({error}): this worker stops; the units "
             f"it held go to other workers once their leases expire ({self.lease_timeout_sec:g} s). Check that file "
             "system (a hung network mount?), then run the same command again to resume"
         )
@@ -1195,7 +1200,7 @@ class LeaseRenewer:
                         StorageStalledError(
                             f"unit {self.lease.unit}: its lease could not be renewed for {failing:.0f} s "
                             f"(lease_timeout_sec {self.queue.lease_timeout_sec:g}; the storage of "
-                            f"{self.queue.folder}: {e}): another worker may have taken it over",
+                            f"{self.queue.where}: {e}): another worker may have taken it over",
                             e,
                         )
                     )

@@ -162,8 +162,14 @@ class QueueStorage:
     raises ``StorageTimeoutError`` (an ``OSError``) when the storage does not answer within
     ``timeout_sec``, and the ``OSError`` of the storage otherwise."""
 
+    local = True  # its paths are the machine's own (a disk's space can be checked)
+
     def __init__(self, timeout_sec: float = DEFAULT_STORAGE_TIMEOUT_SEC):
         self.timeout_sec = timeout_sec
+
+    def where(self, path: Path) -> str:
+        """``path`` as a user knows it (in errors)."""
+        return str(path)
 
     def read(self, path: Path, size: int = -1, offset: int = 0) -> bytes:
         """The file's bytes from ``offset`` (``size`` of them at most, if given);

@@ -21,6 +21,7 @@ lists its segments and reads them in order; a listing of the journals' folder na
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import threading
 import time
@@ -48,19 +49,24 @@ def _key(path: Path) -> str:
 
 
 class S3QueueStorage(QueueStorage):
-    """The queue on ``store`` (an obstore ``S3Store``; its own prefix, if any, comes first)."""
+    """The queue on ``store`` (an obstore ``S3Store``; its own prefix, if any, comes first),
+    named ``url`` in errors. Each operation raises ``FileNotFoundError`` for an absent object,
+    ``StorageTimeoutError`` when the store does not answer in time, and another ``OSError``
+    (its first line) when the store refuses or cannot be reached."""
 
     def __init__(
         self,
         store: S3Store,
         timeout_sec: float = DEFAULT_STORAGE_TIMEOUT_SEC,
         flush_interval_sec: float = DEFAULT_FLUSH_INTERVAL_SEC,
+        url: str | None = None,
     ):
         super().__init__(timeout_sec)
         import obstore
 
         self._obstore = obstore
         self.store = store
+        self.url = url or f"s3://{store.config.get('bucket', '?')}"
         self._segments = _SegmentWriter(self, flush_interval_sec)
         self._counting = threading.Lock()
         self.requests: collections.Counter[str] = collections.Counter()  # sent to the store, per method
@@ -98,8 +104,23 @@ class S3QueueStorage(QueueStorage):
         self._count("LIST")
         return self._obstore.list_with_delimiter(self.store, prefix)
 
+    local = False
+
+    def where(self, path: Path) -> str:
+        return f"{self.url}/{_key(path)}"
+
     def _call(self, function: Callable[[], T], what: Path) -> T:
-        return _calls.call(function, self.timeout_sec, str(what))
+        where = self.where(what)
+
+        def call() -> T:
+            try:
+                return function()
+            except FileNotFoundError:
+                raise
+            except self._obstore.exceptions.BaseError as e:  # (its message: pages of a Rust Debug dump)
+                raise OSError(errno.EIO, str(e).splitlines()[0][:300], where) from None
+
+        return _calls.call(call, self.timeout_sec, where)
 
     # -- objects ----------------------------------------------------------------------------
 
@@ -309,6 +330,7 @@ class _SegmentWriter:
                     self._changed.wait_for(lambda: self._urgent, timeout=delay)
                 pending, waiting = self._pending, self._waiting
                 self._pending, self._waiting, self._urgent = {}, [], False
+            waiting = [future for future in waiting if future.set_running_or_notify_cancel()]  # (else given up)
             error = self._failure if self._failure is not None else self._upload(pending)
             self._last_upload = time.monotonic()
             for future in waiting:

@@ -97,11 +97,6 @@ class InferenceRunner:
         self.output_writer = output_writer
         self.shared_context = shared_context
         self.layout = JobLayout.for_output(output_writer.output_folder, checkpoints_local_dir)
-        if self.layout.store is not None:  # (`infermill run` keeps a job's state in the store)
-            raise ConfigError(
-                f"the output {output_writer.output_folder} is remote: the Python API keeps a run's checkpoints in a "
-                "local folder, so that a killed run can resume: set checkpoints_local_dir"
-            )
         self.records_per_chunk = records_per_chunk
         self.metadata_key = metadata_key
         self.skip_bad_requests = skip_bad_requests
@@ -150,6 +145,11 @@ class InferenceRunner:
     ) -> dict[str, Any]:
         """Like :meth:`run`, in a running event loop. ``server``: an already started server to use
         (its owner stops it); by default one is made from the config, started and stopped here."""
+        if self.layout.store is not None:  # (`infermill run` keeps a job's state in the store)
+            raise ConfigError(
+                f"the output {self.output_writer.output_folder} is remote: a run of documents keeps its checkpoints "
+                "in a local folder, so that a killed run can resume: set checkpoints_local_dir"
+            )
         return await run_rank(self, self._runs, documents, rank, world_size, server)
 
     async def run_queue_async(

@@ -115,7 +115,7 @@ def open_queue(
             f"run it with its limit, or start over with --overwrite. {busy}".rstrip()
         )
     if check_identity(
-        stored.get("identity", {}), identity, f"the work queue in {queue.folder}", accept_changed_input, busy
+        stored.get("identity", {}), identity, f"the work queue in {queue.where}", accept_changed_input, busy
     ):
         stored = _replan(queue, reader, records_per_unit, stored, identity)
     queue.remove_done_journals()
@@ -291,7 +291,7 @@ class UnitSource:
             if now - self._claims_failing_since > self.queue.lease_timeout_sec and isinstance(e, StorageTimeoutError):
                 raise self.queue.stalled_error(e) from e
             if e.errno in LASTING_ERRNOS or now - self._claims_failing_since > self.queue.lease_timeout_sec:
-                raise storage_error(str(self.queue.folder), "claim a unit in it", e) from e
+                raise storage_error(self.queue.where, "claim a unit in it", e) from e
             logger.warning("cannot claim a unit now (%s: %s); trying again", type(e).__name__, e)
             return False
         self._claims_failing_since = None
@@ -463,7 +463,8 @@ class WorkerDeaths:
         ``StorageError`` if the job's folder cannot be written (a full disk): no worker can go on."""
         if self.queue.drained():
             return "no unit is left to claim"
-        check_space(self.queue.folder)  # a full disk: a StorageError, which stops every worker
+        if self.queue.storage.local:
+            check_space(self.queue.folder)  # a full disk: a StorageError, which stops every worker
         return self.replace(self.queue.units_attempted_by(pid))
 
 

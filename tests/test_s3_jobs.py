@@ -1,0 +1,221 @@
+"""Jobs whose output is on S3 and that have no shared folder: `infermill run` keeps the whole
+job state in the store. Real S3 servers on 127.0.0.1 (SeaweedFS, moto: tests/s3_servers.py),
+real `infermill run` processes and workers, real signals; the output is read back from the
+store with boto3."""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import pytest
+import yaml
+
+from conftest import PYTHON
+from helpers import free_ports, wait_until
+from s3_servers import S3Server
+from test_workers import TIMEOUT, QueueJob, output_of, workers_of
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class S3Job(QueueJob):
+    """A :class:`QueueJob` whose output is ``s3://BUCKET/out`` on ``server``: no checkpoint.dir."""
+
+    def __init__(self, tmp_path: Path, server: S3Server, docs: int, rpc: int, **options: Any):
+        super().__init__(tmp_path, docs, rpc, **options)
+        self.server = server
+        self.bucket = server.new_bucket()
+        self.url = f"s3://{self.bucket}/out"
+        spec = yaml.safe_load(self.file.read_text())
+        spec["output"]["path"] = self.url
+        self.file.write_text(yaml.safe_dump(spec))
+        self.env = {**self.env, **server.env()}
+
+    def objects(self, prefix: str = "out/") -> dict[str, bytes]:
+        client = self.server.client()
+        keys = [
+            entry["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for entry in page.get("Contents", [])
+        ]
+        return {key: client.get_object(Bucket=self.bucket, Key=key)["Body"].read() for key in keys}
+
+    def counts(self) -> collections.Counter[str]:
+        outputs = {k: v for k, v in self.objects().items() if k.count("/") == 1 and k.endswith(".jsonl")}
+        return collections.Counter(orjson.loads(line)["id"] for data in outputs.values() for line in data.splitlines())
+
+    def check_exactly_once(self, expected: list[str] | None = None) -> None:
+        counts = self.counts()
+        duplicates = sorted(i for i, n in counts.items() if n > 1)
+        missing = sorted(set(expected if expected is not None else self.ids) - set(counts))
+        assert not duplicates, f"documents written more than once: {duplicates[:10]}"
+        assert not missing, f"documents lost: {len(missing)}, e.g. {missing[:10]}"
+
+    def status(self) -> dict[str, Any]:
+        result = subprocess.run(
+            [PYTHON, "-m", "infermill", "status", self.url, "--json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+
+@pytest.fixture(params=["seaweedfs", "moto"])
+def server(request) -> S3Server:
+    return request.getfixturevalue("seaweedfs" if request.param == "seaweedfs" else "moto_s3")
+
+
+def test_workers_share_a_job_through_the_store_alone_and_write_each_document_once(tmp_path, server):
+    job = S3Job(tmp_path, server, docs=120, rpc=10, conc=8, lease_timeout_sec=10, directives="sleep:0.01")
+    result = job.run("--workers", "2")
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    keys = set(job.objects())
+    assert "out/_infermill/queue/plan.json" in keys and "out/_infermill/stats.json" in keys
+    assert sum(key.endswith(".done") for key in keys) == 12
+    assert not [key for key in keys if "/journals/" in key], "a committed unit's journal was left behind"
+    assert len([key for key in keys if key.startswith("out/_infermill/stats/")]) == 2  # each worker's, uploaded
+    stats = orjson.loads(job.objects()["out/_infermill/stats.json"])
+    assert stats["documents_written"] == 120 and stats["worker_runs"] == 2, stats
+    assert not (job.output / "_infermill").exists()  # nothing of the job's state in a local output folder
+    status = job.status()
+    assert status["units_done"] == status["units_total"] == 12 and status["documents_done"] == 120, status
+    assert sorted(w["state"] for w in status["workers"]) == ["ended", "ended"], status["workers"]
+
+
+def test_parents_and_workers_sigkilled_at_random_moments_then_rerun_lose_and_repeat_nothing(tmp_path, seaweedfs):
+    rng = random.Random(26)
+    job = S3Job(tmp_path, seaweedfs, docs=300, rpc=10, conc=4, lease_timeout_sec=10, directives="sleep:0.02")
+    for _attempt in range(4):
+        workers = rng.choice([1, 2, 3])
+        proc = job.start("--workers", str(workers))
+        time.sleep(rng.uniform(1.5, 3.5))
+        victims = workers_of(proc) if workers > 1 else []
+        target = rng.choice([*victims, None]) if victims else None
+        (target or proc).kill()  # a worker, or the parent (its workers and servers die with it)
+        try:
+            proc.wait(timeout=TIMEOUT)
+        finally:
+            proc.kill()
+    result = job.run("--workers", "2")
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    status = job.status()
+    assert status["documents_done"] == status["documents_written"] == 300, status
+    wait_until(lambda: not _infermill_processes(job), 30, "every process of the job to be gone")
+
+
+def test_two_commands_started_at_once_on_one_job_share_it(tmp_path, seaweedfs):
+    job = S3Job(tmp_path, seaweedfs, docs=200, rpc=10, conc=4, lease_timeout_sec=10, directives="sleep:0.02")
+    first, second = job.start(), job.start()
+    assert first.wait(TIMEOUT) == 0, Path(first.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    assert second.wait(TIMEOUT) == 0, Path(second.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    job.check_exactly_once()
+    done_by = {
+        orjson.loads(v)["worker"] for k, v in job.objects("out/_infermill/queue/units/").items() if k.endswith(".done")
+    }
+    assert len(done_by) == 2, "one command did all the work"
+
+
+def test_a_unit_that_kills_its_worker_fails_after_its_attempts_and_the_others_complete(tmp_path, seaweedfs):
+    job = S3Job(tmp_path, seaweedfs, docs=40, rpc=10, conc=2, lease_timeout_sec=10, directives="", poison={15})
+    job.run("--workers", "2", "--max-unit-attempts", "2")
+    status = job.status()
+    assert status["units_done"] == 3 and status["units_failed"] == 1, status
+    job.check_exactly_once([doc for i, doc in enumerate(job.ids) if not 10 <= i < 20])
+
+
+def test_a_store_without_conditional_writes_is_refused_before_any_server_starts(tmp_path, moto_s3):
+    port = free_ports()
+    log = open(tmp_path / "proxy.log", "wb")  # noqa: SIM115 -- the child holds it
+    proxy = subprocess.Popen(
+        [
+            PYTHON,
+            str(ROOT / "tests" / "servers" / "careless_s3_proxy.py"),
+            "--port",
+            str(port),
+            "--upstream",
+            moto_s3.endpoint,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        wait_until(lambda: "listening" in (tmp_path / "proxy.log").read_text(), 60, "the proxy to listen")
+        job = S3Job(tmp_path, moto_s3, docs=10, rpc=5)
+        job.env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+        result = job.run()
+    finally:
+        proxy.kill()
+        proxy.wait()
+    assert result.returncode == 2, output_of(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and job.url in errors[0] and "conditional writes" in errors[0], result.stderr
+    assert not job.logs.exists() or not list(job.logs.glob("*.log")), "a server was launched"
+
+
+def _infermill_processes(job: S3Job) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(job.file) in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture
+def own_seaweedfs(tmp_path):
+    """A SeaweedFS of this test alone (it is killed and restarted); once stopped, nothing of it
+    is left: no process, no socket outside its folder."""
+    import s3_servers
+
+    with s3_servers.running("seaweedfs", tmp_path / "seaweedfs") as server:
+        yield server
+    assert not server.pids() and server.process.poll() is not None
+    assert not [path for path in server.leftovers if path.exists()], "files left outside its folder"
+
+
+def test_a_store_that_goes_down_mid_run_stops_the_job_in_one_line_and_a_rerun_completes_it(tmp_path, own_seaweedfs):
+    """The store crashes (SIGKILL) while the workers commit, and comes back 2 s later: a worker
+    either rides it out or stops with one line saying the store stopped answering; after a rerun
+    every document is in the output once."""
+    from s3_servers import restart
+
+    job = S3Job(tmp_path, own_seaweedfs, docs=200, rpc=10, conc=4, lease_timeout_sec=3, directives="sleep:0.02")
+    proc = job.start("--workers", "2")
+    try:
+        wait_until(
+            lambda: sum(k.endswith(".done") for k in _keys(job, "out/_infermill/queue/units/")) >= 2, 60, "commits"
+        )
+        restart(own_seaweedfs, down_s=2.0)
+        rc = proc.wait(TIMEOUT)
+    finally:
+        proc.kill()
+    log = Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+    assert "Traceback" not in log, log[-4000:]
+    if rc != 0:  # each error (with the lines that go with it) says how to go on
+        errors = re.findall(r"^error: .*(?:\n(?!error:|\d{4}-).*)*", log, flags=re.MULTILINE)
+        assert errors and all("run the same command" in error.lower() for error in errors), log[-4000:]
+    result = job.run()
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+
+
+def _keys(job: S3Job, prefix: str) -> list[str]:
+    try:
+        client = job.server.client()
+        return [entry["Key"] for entry in client.list_objects_v2(Bucket=job.bucket, Prefix=prefix).get("Contents", [])]
+    except Exception:  # the store is down
+        return []
