@@ -295,14 +295,20 @@ def _keep_stats(
 
 
 def _stats_of(job: RunSettings, run: DocumentEngine, queue: WorkQueue) -> dict[str, Any]:
-    """This queue worker run's stats as they stand (read on the event loop)."""
-    return {
+    """This queue worker run's stats as they stand (read on the event loop); for a job in an
+    object store, the requests its process sent there (``store_put_requests``...)."""
+    stats = {
         **run.stats.to_dict(),
         "inference_time_sec": run.stats.inference_time_sec or round(time.perf_counter() - run.started, 3),
         "queue_time_sec": round(queue.seconds, 3),
         "worker": queue.worker_id,
         "model": job.config.model_name_or_path,  # named by `infermill report`
     }
+    if job.layout.store is not None:
+        from infermill.queue_storage_s3 import requests_sent
+
+        stats.update({f"store_{method.lower()}_requests": count for method, count in sorted(requests_sent().items())})
+    return stats
 
 
 def _write_worker_stats(job: RunSettings, queue: WorkQueue, stats: dict[str, Any], final: bool = False) -> None:

@@ -42,6 +42,14 @@ DEFAULT_FLUSH_INTERVAL_SEC = 1.0
 SEGMENT_DIGITS = 8
 
 _calls = TimedCalls("infermill-s3")
+_requests: collections.Counter[str] = collections.Counter()  # sent by this process, per HTTP method
+_counting = threading.Lock()
+
+
+def requests_sent() -> dict[str, int]:
+    """The requests this process sent to S3 stores so far, per HTTP method (what a store bills)."""
+    with _counting:
+        return dict(_requests)
 
 
 def _key(path: Path) -> str:
@@ -68,14 +76,13 @@ class S3QueueStorage(QueueStorage):
         self.store = store
         self.url = url or f"s3://{store.config.get('bucket', '?')}"
         self._segments = _SegmentWriter(self, flush_interval_sec)
-        self._counting = threading.Lock()
-        self.requests: collections.Counter[str] = collections.Counter()  # sent to the store, per method
 
     # -- requests: each one counted ---------------------------------------------------------------
 
-    def _count(self, method: str) -> None:
-        with self._counting:
-            self.requests[method] += 1
+    @staticmethod
+    def _count(method: str) -> None:
+        with _counting:
+            _requests[method] += 1
 
     def _get(self, key: str) -> Any:
         self._count("GET")
