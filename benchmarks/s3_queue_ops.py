@@ -42,17 +42,8 @@ def measure(call: Callable[[int], object], calls: int) -> tuple[float, float]:
 
 def obstore_ops(server: s3_servers.S3Server, bucket: str) -> dict[str, Callable[[int], object]]:
     import obstore
-    from obstore.store import S3Store
 
-    store = S3Store(
-        bucket,
-        endpoint=server.endpoint,
-        access_key_id=server.access_key,
-        secret_access_key=server.secret_key,
-        region=server.region,
-        client_options={"allow_http": True},
-        virtual_hosted_style_request=False,
-    )
+    store = server.store(bucket)
     data = b"x" * 200
     obstore.put(store, "obj", data)
     for i in range(200):

@@ -102,6 +102,20 @@ class S3Server:
         self.buckets.append(name)
         return name
 
+    def store(self, bucket: str) -> Any:
+        """An obstore ``S3Store`` of ``bucket`` on this server."""
+        from obstore.store import S3Store
+
+        return S3Store(
+            bucket,
+            endpoint=self.endpoint,
+            access_key_id=self.access_key,
+            secret_access_key=self.secret_key,
+            region=self.region,
+            client_options={"allow_http": True},
+            virtual_hosted_style_request=False,
+        )
+
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point a client at this server."""
         return {
@@ -148,16 +162,14 @@ def restart(server: S3Server, down_s: float = 0.0, timeout: float = 60.0) -> Non
     server.process.wait(timeout=30)
     time.sleep(down_s)
     log = server.folder / ("weed.log" if server.kind == "seaweedfs" else "moto.log")
-    with log.open("ab") as out:
-        server.process = subprocess.Popen(
-            server.argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=server.folder,
-            env=server.launch_env,
-            start_new_session=True,
-        )
+    server.process = _spawn(server.argv, server.folder, server.launch_env, log)
     _wait_answers(server, log, timeout)
+
+
+def _spawn(argv: list[str], folder: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A server process in a process group of its own, in ``folder``, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=env, start_new_session=True)
 
 
 def _group_pids(pgid: int) -> list[int]:
@@ -267,18 +279,9 @@ def start_seaweedfs(folder: Path, timeout: float = 60.0) -> S3Server:
             f"-filer.localSocket={folder / 'filer.sock'}",  # else /tmp/seaweedfs-filer-<port>.sock, left after a kill
             f"-s3.localSocket={folder / 's3.sock'}",
         ]
-        with log.open("ab") as out:
-            # TMPDIR: its logs (weed.<host>.<user>.log.*) go to its folder, not /tmp
-            process = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=folder,
-                env={**_server_env(), "TMPDIR": str(folder)},
-                start_new_session=True,
-            )
-        server = S3Server("seaweedfs", f"http://127.0.0.1:{s3}", process, folder, argv=argv)
-        server.launch_env = {**_server_env(), "TMPDIR": str(folder)}
+        env = {**_server_env(), "TMPDIR": str(folder)}  # its logs (weed.<host>.<user>.log.*) in its folder
+        process = _spawn(argv, folder, env, log)
+        server = S3Server("seaweedfs", f"http://127.0.0.1:{s3}", process, folder, argv=argv, launch_env=env)
         # each gRPC server also listens on /tmp/seaweedfs-<kind>-grpc-<port>.sock (no flag moves it, nor
         # TMPDIR), removed by weed only when it stops in full, which SIGTERM does not achieve
         grpc = {"master": master_grpc, "volume": volume_grpc, "filer": filer_grpc, "s3": s3_grpc}
@@ -302,12 +305,8 @@ def start_moto(folder: Path, timeout: float = 30.0) -> S3Server:
     for _attempt in range(3):
         (port,) = _free_ports(1)
         argv = [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=_server_env(), start_new_session=True
-            )
-        server = S3Server("moto", f"http://127.0.0.1:{port}", process, folder, argv=argv)
-        server.launch_env = _server_env()
+        process = _spawn(argv, folder, _server_env(), log)
+        server = S3Server("moto", f"http://127.0.0.1:{port}", process, folder, argv=argv, launch_env=_server_env())
         start = time.monotonic()
         try:
             _wait_answers(server, log, timeout)
@@ -317,6 +316,28 @@ def start_moto(folder: Path, timeout: float = 30.0) -> S3Server:
         server.started_s = time.monotonic() - start
         return server
     raise RuntimeError(f"moto_server exited three times before answering: see {log}")
+
+
+@contextlib.contextmanager
+def careless_proxy(upstream: S3Server, folder: Path, timeout: float = 60.0) -> Iterator[str]:
+    """An S3 endpoint without conditional writes for the block: ``servers/careless_s3_proxy.py``
+    in front of ``upstream`` (moto: it does not check the signatures of the headers dropped); its URL."""
+    (port,) = _free_ports(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "careless_proxy.log"
+    script = Path(__file__).resolve().parent / "servers" / "careless_s3_proxy.py"
+    argv = [sys.executable, str(script), "--port", str(port), "--upstream", upstream.endpoint]
+    process = _spawn(argv, folder, _server_env(), log)
+    try:
+        deadline = time.monotonic() + timeout
+        while "listening" not in log.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the careless proxy did not listen: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait()
 
 
 STARTERS = {"seaweedfs": start_seaweedfs, "moto": start_moto}

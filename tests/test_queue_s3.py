@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON
-from helpers import free_ports, wait_until
+from helpers import wait_until
 from infermill.errors import ConfigError
 from infermill.queue import Lease, LostOutput, WorkQueue
 from infermill.queue_storage import PosixQueueStorage, QueueStorage
 from infermill.queue_storage_s3 import S3QueueStorage, open_store
+from s3_servers import careless_proxy
+from test_queue import finish
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "queue_worker.py"
@@ -93,15 +95,6 @@ def workers(tmp_path, backend):
             proc.send_signal(signal.SIGCONT)
             proc.kill()
         proc.wait()
-
-
-def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = START) -> None:
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"worker {proc.pid} did not exit within {timeout} s") from None
-    outputs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("worker_*.out")))
-    assert proc.returncode == 0, f"worker {proc.pid} exited {proc.returncode}:\n{outputs}"
 
 
 def test_concurrent_workers_commit_every_unit_exactly_once(tmp_path, backend, workers):
@@ -234,30 +227,11 @@ def test_each_store_honours_conditional_writes(backend):
 @pytest.fixture
 def careless_s3(moto_s3, tmp_path, monkeypatch):
     """moto behind a proxy that drops If-None-Match and If-Match: an S3 endpoint without conditional
-    writes (tests/servers/careless_s3_proxy.py); its URL."""
-    port = free_ports()
-    log = open(tmp_path / "proxy.log", "wb")  # noqa: SIM115 -- the child holds it
-    proxy = subprocess.Popen(
-        [
-            PYTHON,
-            str(ROOT / "tests" / "servers" / "careless_s3_proxy.py"),
-            "--port",
-            str(port),
-            "--upstream",
-            moto_s3.endpoint,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    try:
-        wait_until(lambda: "listening" in (tmp_path / "proxy.log").read_text(), START, "the proxy to listen")
-        for name, value in {**moto_s3.env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+    writes (tests/servers/careless_s3_proxy.py); a bucket's URL there."""
+    with careless_proxy(moto_s3, tmp_path / "proxy") as endpoint:
+        for name, value in {**moto_s3.env(), "AWS_ENDPOINT_URL": endpoint}.items():
             monkeypatch.setenv(name, value)
         yield f"s3://{moto_s3.new_bucket()}"
-    finally:
-        proxy.kill()
-        proxy.wait()
 
 
 def test_a_store_that_ignores_conditional_writes_is_refused_naming_it_and_what_it_lacks(careless_s3):

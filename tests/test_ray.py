@@ -300,3 +300,38 @@ def test_a_datatrove_pipeline_under_datatroves_ray_executor_writes_every_documen
     assert proc.wait(timeout=TIMEOUT) == 0
     print(f"datatrove's Ray executor: 2 tasks done in {time.monotonic() - started:.1f} s", file=sys.stderr)
     check_datatrove_run(tmp_path)
+
+
+def test_ray_workers_that_share_nothing_but_an_s3_store_complete_its_job_each_document_once(
+    tmp_path, ray_head, seaweedfs
+):
+    """The job's output, and with it its whole state, on S3: the Ray workers' temporary folders
+    (where each keeps its own records before uploading them) are not the command's, and the
+    command reads the outcome from the store alone. The command's AWS_* variables reach the
+    workers (the Ray nodes' environment is the cluster's)."""
+    from test_s3_jobs import S3Job
+
+    job = S3Job(tmp_path, seaweedfs, docs=400, rpc=20, conc=8, lease_timeout_sec=10, directives="sleep:0.01")
+    spec = yaml.safe_load(job.file.read_text())
+    workers_temp, command_temp = tmp_path / "ray-workers-tmp", tmp_path / "command-tmp"
+    workers_temp.mkdir()
+    command_temp.mkdir()
+    spec["ray"] = {
+        "cpus_per_worker": 1,
+        "env": {
+            TAG_VARIABLE: os.environ[TAG_VARIABLE],
+            "INFERMILL_RUNTIME_DIR": str(tmp_path / "runtime"),
+            "TMPDIR": str(workers_temp),
+        },
+    }
+    job.file.write_text(yaml.safe_dump(spec))
+    job.env.update({**NO_AUTH, "TMPDIR": str(command_temp)})
+    result = job.run("--executor", "ray", "--workers", "2", "--ray-address", ray_head, timeout=TIMEOUT)
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    uploaded = [key for key in job.objects("out/_infermill/stats/")]
+    assert len(uploaded) == 2, uploaded  # each Ray worker's stats, in the store
+    assert list(workers_temp.glob("infermill-*/_infermill/stats/*.json"))  # kept by the workers in their own
+    assert not list(command_temp.glob("infermill-*/_infermill/stats/*.json"))  # ... not in the command's
+    status = job.status()
+    assert status["documents_done"] == status["documents_written"] == 400, status

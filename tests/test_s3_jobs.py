@@ -6,7 +6,6 @@ store with boto3."""
 from __future__ import annotations
 
 import collections
-import json
 import random
 import re
 import subprocess
@@ -20,11 +19,9 @@ import pytest
 import yaml
 
 from conftest import PYTHON
-from helpers import free_ports, wait_until
-from s3_servers import S3Server
+from helpers import wait_until
+from s3_servers import S3Server, careless_proxy
 from test_workers import TIMEOUT, QueueJob, output_of, workers_of
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class S3Job(QueueJob):
@@ -34,7 +31,7 @@ class S3Job(QueueJob):
         super().__init__(tmp_path, docs, rpc, **options)
         self.server = server
         self.bucket = server.new_bucket()
-        self.url = f"s3://{self.bucket}/out"
+        self.url = self.location = f"s3://{self.bucket}/out"
         spec = yaml.safe_load(self.file.read_text())
         spec["output"]["path"] = self.url
         self.file.write_text(yaml.safe_dump(spec))
@@ -53,23 +50,8 @@ class S3Job(QueueJob):
         outputs = {k: v for k, v in self.objects().items() if k.count("/") == 1 and k.endswith(".jsonl")}
         return collections.Counter(orjson.loads(line)["id"] for data in outputs.values() for line in data.splitlines())
 
-    def check_exactly_once(self, expected: list[str] | None = None) -> None:
-        counts = self.counts()
-        duplicates = sorted(i for i, n in counts.items() if n > 1)
-        missing = sorted(set(expected if expected is not None else self.ids) - set(counts))
-        assert not duplicates, f"documents written more than once: {duplicates[:10]}"
-        assert not missing, f"documents lost: {len(missing)}, e.g. {missing[:10]}"
-
-    def status(self) -> dict[str, Any]:
-        result = subprocess.run(
-            [PYTHON, "-m", "infermill", "status", self.url, "--json"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
+    def temp_files(self) -> list[str]:
+        return [key for key in self.objects() if key.endswith(".tmp")]
 
 
 @pytest.fixture(params=["seaweedfs", "moto"])
@@ -78,7 +60,13 @@ def server(request) -> S3Server:
 
 
 def test_workers_share_a_job_through_the_store_alone_and_write_each_document_once(tmp_path, server):
+    """Input, output and job state all in the store: the workers share nothing else."""
     job = S3Job(tmp_path, server, docs=120, rpc=10, conc=8, lease_timeout_sec=10, directives="sleep:0.01")
+    server.client().put_object(Bucket=job.bucket, Key="in/input.jsonl", Body=(tmp_path / "input.jsonl").read_bytes())
+    spec = yaml.safe_load(job.file.read_text())
+    spec["input"]["path"] = f"s3://{job.bucket}/in/input.jsonl"  # each unit read with a byte range
+    job.file.write_text(yaml.safe_dump(spec))
+    (tmp_path / "input.jsonl").unlink()
     result = job.run("--workers", "2")
     assert result.returncode == 0, output_of(result)
     job.check_exactly_once()
@@ -93,6 +81,13 @@ def test_workers_share_a_job_through_the_store_alone_and_write_each_document_onc
     status = job.status()
     assert status["units_done"] == status["units_total"] == 12 and status["documents_done"] == 120, status
     assert sorted(w["state"] for w in status["workers"]) == ["ended", "ended"], status["workers"]
+    assert stats["store_put_requests"] > 12 and stats["store_list_requests"] > 0, stats  # what the store bills
+    page = tmp_path / "report.html"
+    report = subprocess.run(
+        [PYTHON, "-m", "infermill", "report", job.url, "-o", str(page)], env=job.env, capture_output=True, text=True
+    )
+    assert report.returncode == 0, report.stderr
+    assert "<th>documents in the output (committed units)</th><td>120 of 120</td>" in page.read_text()
 
 
 def test_parents_and_workers_sigkilled_at_random_moments_then_rerun_lose_and_repeat_nothing(tmp_path, seaweedfs):
@@ -138,29 +133,10 @@ def test_a_unit_that_kills_its_worker_fails_after_its_attempts_and_the_others_co
 
 
 def test_a_store_without_conditional_writes_is_refused_before_any_server_starts(tmp_path, moto_s3):
-    port = free_ports()
-    log = open(tmp_path / "proxy.log", "wb")  # noqa: SIM115 -- the child holds it
-    proxy = subprocess.Popen(
-        [
-            PYTHON,
-            str(ROOT / "tests" / "servers" / "careless_s3_proxy.py"),
-            "--port",
-            str(port),
-            "--upstream",
-            moto_s3.endpoint,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    try:
-        wait_until(lambda: "listening" in (tmp_path / "proxy.log").read_text(), 60, "the proxy to listen")
+    with careless_proxy(moto_s3, tmp_path / "proxy") as endpoint:
         job = S3Job(tmp_path, moto_s3, docs=10, rpc=5)
-        job.env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+        job.env["AWS_ENDPOINT_URL"] = endpoint
         result = job.run()
-    finally:
-        proxy.kill()
-        proxy.wait()
     assert result.returncode == 2, output_of(result)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and job.url in errors[0] and "conditional writes" in errors[0], result.stderr

@@ -10,7 +10,6 @@ import obstore
 import psutil
 import pytest
 from obstore.exceptions import AlreadyExistsError, PreconditionError
-from obstore.store import S3Store
 
 import s3_servers
 
@@ -22,18 +21,6 @@ def server(request) -> s3_servers.S3Server:
     return request.getfixturevalue(request.param)
 
 
-def store_of(server: s3_servers.S3Server, bucket: str) -> S3Store:
-    return S3Store(
-        bucket,
-        endpoint=server.endpoint,
-        access_key_id=server.access_key,
-        secret_access_key=server.secret_key,
-        region=server.region,
-        client_options={"allow_http": True},
-        virtual_hosted_style_request=False,
-    )
-
-
 def test_create_if_absent_answers_412_on_an_existing_key(server):
     bucket = server.new_bucket()
     client = server.client()
@@ -43,7 +30,7 @@ def test_create_if_absent_answers_412_on_an_existing_key(server):
     assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
     assert client.get_object(Bucket=bucket, Key="lease")["Body"].read() == b"one"
     # the same through obstore, the library kept (benchmarks/README.md)
-    store = store_of(server, bucket)
+    store = server.store(bucket)
     obstore.put(store, "lease2", b"one", mode="create")
     with pytest.raises(AlreadyExistsError):
         obstore.put(store, "lease2", b"two", mode="create")
@@ -52,7 +39,7 @@ def test_create_if_absent_answers_412_on_an_existing_key(server):
 
 def test_compare_and_swap_answers_412_on_a_stale_etag(server):
     bucket = server.new_bucket()
-    store = store_of(server, bucket)
+    store = server.store(bucket)
     first = obstore.put(store, "lease", b"one", mode="create")
     second = obstore.put(store, "lease", b"two", mode={"e_tag": first["e_tag"]})
     assert second["e_tag"] != first["e_tag"]
@@ -69,7 +56,7 @@ def test_compare_and_swap_answers_412_on_a_stale_etag(server):
 
 def test_a_race_of_16_creators_has_one_winner(server):
     bucket = server.new_bucket()
-    store = store_of(server, bucket)
+    store = server.store(bucket)
     for round_ in range(1):  # SeaweedFS makes losers wait (1 s steps, up to ~5 s): a round takes seconds there
         key = f"unit-{round_}"
         start = threading.Barrier(16)
@@ -99,7 +86,7 @@ def test_a_race_of_16_creators_has_one_winner(server):
 
 def test_the_store_tells_its_time_and_serves_ranges_and_prefixes(server):
     bucket = server.new_bucket()
-    store = store_of(server, bucket)
+    store = server.store(bucket)
     data = bytes(range(200))
     obstore.put(store, "a/one", data)
     head = server.client().head_object(Bucket=bucket, Key="a/one")

@@ -444,3 +444,18 @@ def test_a_datatrove_pipeline_under_datatroves_slurm_executor_writes_every_docum
     print(f"datatrove's Slurm array of 2 tasks done in {time.monotonic() - started:.1f} s")
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs" / "slurm_logs").glob("*.out")))
     check_datatrove_run(tmp_path, logs)
+
+
+def test_an_array_on_an_s3_output_shares_the_job_through_the_store(tmp_path, slurm, seaweedfs):
+    """No checkpoint.dir: the tasks find the job's queue in the store, through the submitting
+    command's AWS_* variables (sbatch exports its environment); their Slurm logs stay on the
+    submitting machine, in the job's local mirror."""
+    from test_s3_jobs import S3Job
+
+    job = S3Job(tmp_path, seaweedfs, docs=600, rpc=50, conc=8, lease_timeout_sec=10, directives="sleep:0.01")
+    result = job.run("--executor", "slurm", "--workers", "2", "--wait")
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    status = job.status()
+    assert status["units_done"] == status["units_total"] == 12 and status["documents_written"] == 600, status
+    assert len([key for key in job.objects("out/_infermill/stats/")]) == 2  # each task's, uploaded

@@ -50,6 +50,7 @@ class QueueJob:
     ):
         self.tmp = tmp_path
         self.output = tmp_path / "out"
+        self.location = str(self.output)  # the output as commands name it
         self.queue = self.output / "_infermill" / "queue"
         self.logs = tmp_path / "server_logs"
         self.ids = [f"doc-{i:05d}" for i in range(docs)]
@@ -111,11 +112,14 @@ class QueueJob:
         missing = sorted(set(expected if expected is not None else self.ids) - set(counts))
         assert not duplicates, f"documents written more than once: {duplicates[:10]}"
         assert not missing, f"documents lost: {len(missing)}, e.g. {missing[:10]}"
-        assert not list(self.output.rglob("*.tmp")), "a temporary file was left behind"
+        assert not self.temp_files(), "a temporary file was left behind"
+
+    def temp_files(self) -> list[str]:
+        return [str(path) for path in self.output.rglob("*.tmp")]
 
     def status(self) -> dict[str, Any]:
         result = subprocess.run(
-            [PYTHON, "-m", "infermill", "status", str(self.output), "--json"],
+            [PYTHON, "-m", "infermill", "status", self.location, "--json"],
             env=self.env,
             capture_output=True,
             text=True,

@@ -43,6 +43,17 @@ PLAN_FILE = "plan.json"
 LOCAL_PROTOCOLS = ("file://", "local://")  # fsspec's names for the local file system
 #: object stores whose conditional writes the work queue uses (infermill.queue_storage_s3)
 QUEUE_STORE_PROTOCOLS = ("s3://",)
+#: the environment that says which S3 store, and as whom (read by obstore and s3fs alike)
+STORE_ENV_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_ALLOW_HTTP",
+)
 
 
 def is_remote(path: str) -> bool:

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from infermill.errors import ConfigError, InfermillError
+from infermill.layout import QUEUE_STORE_PROTOCOLS, STORE_ENV_VARIABLES
 
 logger = logging.getLogger("infermill.executors.ray")
 
@@ -162,8 +163,13 @@ def run_ray(
 
     ray = require_ray()
     resources = worker_resources(job)
-    # the task's argument, then its worker's environment: not a runtime_env, which Ray's dashboard shows
-    env = {**job.ray.env, SECRET_OVERRIDES_ENV: encode_secret_overrides(secret_overrides)}
+    # the task's argument, then its worker's environment: not a runtime_env, which Ray's dashboard shows.
+    # A job on S3: this command's store and credentials, unless ray.env names them (the Ray nodes'
+    # environment is the cluster's, not this command's)
+    store_env = {}
+    if str(job.output.path).startswith(QUEUE_STORE_PROTOCOLS):
+        store_env = {name: os.environ[name] for name in STORE_ENV_VARIABLES if name in os.environ}
+    env = {**store_env, **job.ray.env, SECRET_OVERRIDES_ENV: encode_secret_overrides(secret_overrides)}
     with connected(ray, address), _sigterm_as_interrupt():
         task = ray.remote(run_worker_task)
         codes: list[int | None] = [None] * workers
