@@ -1,6 +1,8 @@
 """Output writers: one data file per (rank, chunk), each appearing only whole.
 
-A file is written under a temporary name and renamed when complete. File names come
+A local file is written under a temporary name and renamed when complete; a remote one
+(``s3://``...) is written to a local temporary file, then uploaded whole (multipart when
+large): it appears complete or not at all, and a kill leaves no temporary object. File names come
 from a template with ``${rank}`` and ``${chunk_index}``; paths go through fsspec, so
 ``s3://`` and friends work. Compression is taken from ``compression`` or the name's
 suffix (``.gz``, ``.zst``).
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
@@ -80,6 +83,8 @@ class OutputWriter:
         source_errors: list[BaseException] = []  # raised by the records, not by the file system
         with reaching(self.url(final), "write", not_storage=source_errors):
             self.fs.makedirs(os.path.dirname(final), exist_ok=True)
+            if not self.is_local:
+                return self._upload_chunk(_chain_first(first, records, source_errors), final)
             try:
                 with self.fs.open(temp, "wb", compression=self.compression) as file:
                     count = self._write_records(file, _chain_first(first, records, source_errors))
@@ -88,6 +93,17 @@ class OutputWriter:
                 if self.fs.exists(temp):
                     self.fs.rm(temp)
                 raise
+        return count
+
+    def _upload_chunk(self, records: Iterator[Record], final: str) -> int:
+        """Write ``records`` to a local temporary file, then upload it as ``final``."""
+        import fsspec
+
+        with tempfile.TemporaryDirectory(prefix="infermill-upload-") as folder:
+            local = os.path.join(folder, os.path.basename(final))
+            with fsspec.filesystem("file").open(local, "wb", compression=self.compression) as file:
+                count = self._write_records(file, records)
+            self.fs.put_file(local, final)
         return count
 
     def chunk_file(self, rank: int, chunk_index: int) -> str | None:
