@@ -132,6 +132,24 @@ async def test_a_full_chunk_is_finalized_with_every_record(tmp_path):
     assert [orjson.loads(line)["id"] for line in written] == ["0", "1", "2", "3"]
 
 
+async def test_a_journal_deleted_while_its_commit_reads_it_writes_no_file_and_no_done_mark(tmp_path):
+    """A holder frozen after its lease check reads its journal as the unit's next holder, having
+    committed the unit, deletes it: it reads a prefix. It must neither replace the complete
+    output file with that prefix nor mark the unit done with fewer documents."""
+
+    class Deleted(_Storage):
+        def lines(self, path):  # type: ignore[no-untyped-def]
+            yield from list(super().lines(path))[:2]  # then the journal is gone
+
+    journal = await open_journal(tmp_path, records_per_chunk=4, storage=Deleted(60))
+    for index in range(4):
+        journal.commit(index, b'{"id":"%d"}' % index)
+    assert await journal.finish_chunk(0) == 0
+    await journal.close()
+    assert not journal.queue.is_done(0)
+    assert not (tmp_path / "out" / "00000_00000.jsonl").exists()
+
+
 async def test_a_failed_write_is_raised_by_the_next_commit_and_by_close(tmp_path):
     from infermill.errors import InfermillError
 

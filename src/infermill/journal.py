@@ -410,12 +410,16 @@ class ChunkLogs:
     # -- finishing chunks ---------------------------------------------------------------
 
     @staticmethod
-    def _records(log: Iterable[bytes]) -> Iterator[bytes]:
+    def _records(log: Iterable[bytes], finished: set[int] | None = None) -> Iterator[bytes]:
         """The encoded records of a chunk log (its lines), each index once; documents with
-        nothing to write are left out."""
+        nothing to write are left out. ``finished`` gets every document the log holds."""
         seen: set[int] = set()
         for line in log_lines(log):
-            if line.document is not None and line.data != b"null" and line.document not in seen:
+            if line.document is None:
+                continue
+            if finished is not None:
+                finished.add(line.document)
+            if line.data != b"null" and line.document not in seen:
                 seen.add(line.document)
                 yield line.data
 
@@ -744,7 +748,7 @@ def _commit_unit(
         started = time.perf_counter()
         if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
             writer.remove_temp_files(0, unit)
-        written = writer.write_chunk(ChunkLogs._records(queue.storage.lines(journal)), 0, unit)
+        written = writer.write_chunk(_whole(queue.storage.lines(journal), documents, lease), 0, unit)
         output = writer.written(0, unit, written)  # named by the done mark, checked by a rerun
         writing = time.perf_counter() - started
         return output
@@ -760,6 +764,20 @@ def _commit_unit(
     for path in [journal, *queue.earlier_journals(unit, lease.generation)]:
         queue.storage.delete_appended(path)
     return _Committed(written, seconds)
+
+
+def _whole(log: Iterable[bytes], documents: int, lease: Lease) -> Iterator[bytes]:
+    """The records of a unit's journal ``log``, which must hold all its ``documents``: a holder
+    that froze after its lease check may read its journal while the unit's next holder, having
+    committed it, deletes it (a prefix, then nothing). Its file must not replace the complete one:
+    ``LeaseLostError`` before the file is written whole."""
+    finished: set[int] = set()
+    yield from ChunkLogs._records(log, finished)
+    if len(finished) < documents:
+        raise LeaseLostError(
+            f"unit {lease.unit}: its journal of generation {lease.generation} holds {len(finished)} of its "
+            f"{documents} documents as it is committed: deleted meanwhile by a later holder"
+        )
 
 
 def _give_up_leases(queue: WorkQueue, leases: list[tuple[Lease, LeaseRenewer | None]], release: bool) -> list[int]:
