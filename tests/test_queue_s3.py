@@ -241,3 +241,30 @@ def test_a_store_that_ignores_conditional_writes_is_refused_naming_it_and_what_i
     message = str(refused.value)
     assert careless_s3 in message and "If-None-Match" in message and "checkpoint.dir" in message, message
     assert "\n" not in message
+
+
+def test_credentials_from_a_profile_reach_the_store_as_they_reach_s3fs(seaweedfs, tmp_path, monkeypatch):
+    """No AWS_ACCESS_KEY_ID: the credentials of the profile AWS_PROFILE names, in the shared
+    credentials file, as botocore (and s3fs, which writes the job's files) finds them. SeaweedFS
+    checks every request's signature: without them, nothing is written."""
+    url = f"s3://{seaweedfs.new_bucket()}"
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[infermill-test]\naws_access_key_id = {seaweedfs.access_key}\n"
+        f"aws_secret_access_key = {seaweedfs.secret_key}\n"
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent-config"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweedfs.endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", seaweedfs.region)
+    monkeypatch.setenv("AWS_PROFILE", "nobody")
+    credentials.with_name("absent-config").write_text("[profile nobody]\nregion = us-east-1\n")
+    with pytest.raises(OSError):  # a profile without credentials: refused by the store
+        S3QueueStorage(open_store(url), 15.0).create_if_absent(Path("job/probe"), b"x")
+    monkeypatch.setenv("AWS_PROFILE", "infermill-test")
+    queue = WorkQueue(Path("job/_infermill/queue"), "me", storage=S3QueueStorage(open_store(url), 15.0))
+    queue.publish_plan({"units": [{"documents": 1}]})
+    lease = queue.claim()
+    assert lease is not None and queue.storage.exists(lease.path)

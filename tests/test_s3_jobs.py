@@ -31,7 +31,7 @@ class S3Job(QueueJob):
         super().__init__(tmp_path, docs, rpc, **options)
         self.server = server
         self.bucket = server.new_bucket()
-        self.url = self.location = f"s3://{self.bucket}/out"
+        self.url = f"s3://{self.bucket}/out"
         spec = yaml.safe_load(self.file.read_text())
         spec["output"]["path"] = self.url
         self.file.write_text(yaml.safe_dump(spec))
@@ -49,6 +49,10 @@ class S3Job(QueueJob):
     def counts(self) -> collections.Counter[str]:
         outputs = {k: v for k, v in self.objects().items() if k.count("/") == 1 and k.endswith(".jsonl")}
         return collections.Counter(orjson.loads(line)["id"] for data in outputs.values() for line in data.splitlines())
+
+    @property
+    def location(self) -> str:
+        return self.url
 
     def temp_files(self) -> list[str]:
         return [key for key in self.objects() if key.endswith(".tmp")]
@@ -195,3 +199,15 @@ def _keys(job: S3Job, prefix: str) -> list[str]:
         return [entry["Key"] for entry in client.list_objects_v2(Bucket=job.bucket, Prefix=prefix).get("Contents", [])]
     except Exception:  # the store is down
         return []
+
+
+def test_overwrite_deletes_the_jobs_objects_in_the_store_and_runs_it_again(tmp_path, seaweedfs):
+    job = S3Job(tmp_path, seaweedfs, docs=60, rpc=10, conc=4, lease_timeout_sec=10, directives="")
+    assert job.run("--workers", "2").returncode == 0
+    assert len(job.objects("out/_infermill/stats/")) == 2
+    result = job.run("--overwrite")
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+    keys = set(job.objects())
+    assert len([key for key in keys if key.startswith("out/_infermill/stats/")]) == 1  # the first run's went
+    assert sum(key.endswith(".00001.lease") for key in keys) == 6  # a new queue: generation 1 again

@@ -50,7 +50,6 @@ class QueueJob:
     ):
         self.tmp = tmp_path
         self.output = tmp_path / "out"
-        self.location = str(self.output)  # the output as commands name it
         self.queue = self.output / "_infermill" / "queue"
         self.logs = tmp_path / "server_logs"
         self.ids = [f"doc-{i:05d}" for i in range(docs)]
@@ -113,6 +112,11 @@ class QueueJob:
         assert not duplicates, f"documents written more than once: {duplicates[:10]}"
         assert not missing, f"documents lost: {len(missing)}, e.g. {missing[:10]}"
         assert not self.temp_files(), "a temporary file was left behind"
+
+    @property
+    def location(self) -> str:
+        """The output as commands name it."""
+        return str(self.output)
 
     def temp_files(self) -> list[str]:
         return [str(path) for path in self.output.rglob("*.tmp")]

@@ -179,6 +179,7 @@ class DocumentEngine:
         self.context: dict[str, Any] = {}
         self.slots: asyncio.Semaphore | AdaptiveLimit = make_slots(self.config)
         self.documents_total: int | None = None  # the documents this run has to do, when known
+        self.store_requests_at_start: dict[str, int] = {}  # a job in an object store: its process's, so far
         self._failures: BinaryIO | None = None
         # observed per request only while metrics are on (a Prometheus port, a time series)
         self.latency: LatencyHistogram | None = None

@@ -97,7 +97,7 @@ class JobLayout:
         elif output_folder.startswith(QUEUE_STORE_PROTOCOLS):
             store, prefix = split_store_url(output_folder.rstrip("/"))
             digest = hashlib.sha1(output_folder.rstrip("/").encode()).hexdigest()[:16]
-            mirror = Path(tempfile.gettempdir()) / f"infermill-{digest}" / INFERMILL_DIR
+            mirror = Path(tempfile.gettempdir()) / f"infermill-{os.getuid()}-{digest}" / INFERMILL_DIR
             return cls(mirror, mirror, store, Path(prefix) / INFERMILL_DIR)
         elif is_remote(output_folder):
             raise ConfigError(

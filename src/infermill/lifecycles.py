@@ -214,6 +214,10 @@ async def _work_on_queue(
         return {**await asyncio.to_thread(sum_job_stats, job.layout), "already_complete": True}
     journal = QueueJournal(queue, plan, job.output_writer)
     run = DocumentEngine(job, journal, options.worker_index, queue.worker_id, fail_units=True)
+    if job.layout.store is not None:
+        from infermill.queue_storage_s3 import requests_sent
+
+        run.store_requests_at_start = requests_sent()
     source = UnitSource(queue, journal, reader, plan, run.stats)
     run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
     journal.before_commit = _stats_before_commit(job, run, queue)
@@ -307,7 +311,9 @@ def _stats_of(job: RunSettings, run: DocumentEngine, queue: WorkQueue) -> dict[s
     if job.layout.store is not None:
         from infermill.queue_storage_s3 import requests_sent
 
-        stats.update({f"store_{method.lower()}_requests": count for method, count in sorted(requests_sent().items())})
+        base = run.store_requests_at_start  # (a process may run several workers: a Ray worker's tasks)
+        sent = {method: count - base.get(method, 0) for method, count in sorted(requests_sent().items())}
+        stats.update({f"store_{method.lower()}_requests": count for method, count in sent.items()})
     return stats
 
 

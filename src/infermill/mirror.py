@@ -43,11 +43,18 @@ def job_storage(layout: JobLayout, timeout_sec: float = DEFAULT_STORAGE_TIMEOUT_
         store = _stores.get(layout.store)
         if store is None:
             try:
-                store = _stores[layout.store] = open_store(layout.store)
+                import obstore
             except ImportError:
                 raise ConfigError(
                     f"the output {layout.where()} is on S3, whose client is an optional part of infermill: "
                     "pip install 'infermill[s3]'"
+                ) from None
+            try:
+                store = _stores[layout.store] = open_store(layout.store)
+            except obstore.exceptions.BaseError as e:  # (its message: pages of a Rust Debug dump)
+                raise ConfigError(
+                    f"cannot use the store {layout.store}: {str(e).splitlines()[0][:300]}; check the output path "
+                    "and the AWS_* variables"
                 ) from None
     return S3QueueStorage(store, timeout_sec, url=layout.store)
 
@@ -92,16 +99,17 @@ def push(layout: JobLayout, *paths: Path, storage: QueueStorage | None = None) -
 
 
 @contextlib.contextmanager
-def reading(layout: JobLayout) -> Iterator[JobLayout]:
+def reading(layout: JobLayout, records: tuple[str, ...] = RECORDS) -> Iterator[JobLayout]:
     """A reader's layout of the job: itself on a file system; for a job in a store, one whose
-    folder is a temporary folder (removed after) holding every worker's records, downloaded."""
+    folder is a temporary folder (removed after) holding every worker's ``records`` (of
+    :data:`RECORDS`), downloaded."""
     if layout.store is None or layout.store_root is None:
         yield layout
         return
     storage = job_storage(layout)
     with tempfile.TemporaryDirectory(prefix="infermill-reading-") as temp:
         folder = Path(temp) / layout.root.name
-        for name in RECORDS:
+        for name in records:
             (folder / name).mkdir(parents=True)
             for file in storage.list(layout.store_root / name):
                 _download(storage, layout.store_root / name / file, folder / name / file)

@@ -30,9 +30,9 @@ and dates with ``utime()``. On NFS, a client's
 caches must not hide another node's changes for long against ``lease_timeout_sec``: lease
 ages are read by opening the file (close-to-open consistency), but a cached negative lookup
 can hide a new lease for up to ``acdirmax`` (60 s by default); mount with
-``lookupcache=positive`` (or ``actimeo`` well under the timeout). URLs of fsspec file
-systems (``s3://``...) are refused with a ``ConfigError``: object stores would need
-conditional writes, which not every backend exposes.
+``lookupcache=positive`` (or ``actimeo`` well under the timeout). Without a storage given,
+URLs of fsspec file systems (``s3://``...) are refused with a ``ConfigError``; an S3 store is
+the storage :class:`~infermill.queue_storage_s3.S3QueueStorage` (a job's: ``for_layout``).
 
 **Storage calls** all go through the queue's :class:`~infermill.queue_storage.QueueStorage`
 (``storage``), each bounded by a timeout (the lease timeout, 30 s at most): a storage that
@@ -642,7 +642,7 @@ class WorkQueue:
     ) -> bool:
         """Commit the unit: check the lease is still held (else ``LeaseLostError``, and
         ``write_output`` is not called), call ``write_output`` (which writes the unit's output
-        under a temporary name and renames it, and returns what it wrote: ``{"file", "bytes",
+        file whole, and returns what it wrote: ``{"file", "bytes",
         "records"}``, or None), then mark the unit done with ``documents``, that ``output`` and
         ``stats``. Returns False when another holder had committed it already: its documents
         are counted once, by that holder's mark."""
@@ -710,7 +710,7 @@ class WorkQueue:
             if state.done or state.failed:
                 continue
             for generation in state.leases:
-                if generation <= state.base:
+                if generation <= state.base or generation in state.released:  # (released: given back)
                     continue
                 holder = self._read_json(self.units_dir / _generation_name(unit, generation, "lease")) or {}
                 if holder.get("pid") == pid and holder.get("host") == self.host:
@@ -1050,8 +1050,9 @@ class WorkQueue:
         return units
 
     def _create_exclusive(self, path: Path, data: bytes) -> bool:
-        """Create ``path`` holding ``data`` unless it exists, atomically, complete or not at all:
-        write a unique temp file, then ``link`` it. Returns whether this call created it."""
+        """Create ``path`` holding ``data`` unless it exists, atomically, complete or not at all
+        (a file system: a unique temp file, linked; S3: If-None-Match). Returns whether this call
+        created it."""
         return self.storage.create_if_absent(path, data)
 
     def _mtime(self, path: Path) -> float | None:

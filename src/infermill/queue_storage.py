@@ -4,9 +4,9 @@ needs of a storage, each bounded by a timeout.
 :class:`QueueStorage` is the seam: everything the queue does to its folder goes through one,
 so that a storage that stops answering (a hung NFS mount) raises
 :class:`StorageTimeoutError` in the queue instead of hanging its worker for ever while its
-leases look alive. :class:`PosixQueueStorage` is the one implementation (a local or network
-POSIX file system, see :mod:`infermill.queue`); an object store with conditional writes would
-be a second one.
+leases look alive. :class:`PosixQueueStorage` is a local or network POSIX file system (see
+:mod:`infermill.queue`); :class:`~infermill.queue_storage_s3.S3QueueStorage` an S3 store with
+conditional writes.
 
 Each call runs in a daemon thread of :class:`TimedCalls` and is waited for at most
 ``timeout_sec``: a call that never returns leaves its thread behind, blocked, and that thread

@@ -62,6 +62,8 @@ class S3QueueStorage(QueueStorage):
     ``StorageTimeoutError`` when the store does not answer in time, and another ``OSError``
     (its first line) when the store refuses or cannot be reached."""
 
+    local = False
+
     def __init__(
         self,
         store: S3Store,
@@ -111,8 +113,6 @@ class S3QueueStorage(QueueStorage):
         self._count("LIST")
         return self._obstore.list_with_delimiter(self.store, prefix)
 
-    local = False
-
     def where(self, path: Path) -> str:
         return f"{self.url}/{_key(path)}"
 
@@ -150,14 +150,20 @@ class S3QueueStorage(QueueStorage):
     def create_if_absent(self, path: Path, data: bytes) -> bool:
         key = _key(path)
 
-        def create() -> bool:
-            try:
-                self._put(key, data, mode="create")
-            except self._obstore.exceptions.AlreadyExistsError:
-                return False
-            return True
+        return self._call(lambda: self._create(key, data), path)
 
-        return self._call(create, path)
+    def _create(self, key: str, data: bytes) -> bool:
+        """``PUT`` with ``If-None-Match: *``. A 412 may answer a retry of this very PUT, whose first
+        try was stored but whose answer was lost (obstore retries a 5xx or a dropped connection):
+        the object then holds these bytes (each caller's are its own: a worker, a pid, a time)."""
+        try:
+            self._put(key, data, mode="create")
+        except self._obstore.exceptions.AlreadyExistsError:
+            try:
+                return bytes(self._get(key).bytes()) == data
+            except FileNotFoundError:  # (deleted since)
+                return False
+        return True
 
     def replace(self, path: Path, data: bytes) -> None:
         self._call(lambda: self._put(_key(path), data), path)
@@ -243,8 +249,11 @@ class S3QueueStorage(QueueStorage):
             self._count("LIST")
             return [entry["path"] for chunk in self._obstore.list(self.store, prefix) for entry in chunk]
 
-        for key in self._call(keys, folder):
-            self._call(functools.partial(self._delete, key), folder)
+        found = self._call(keys, folder)
+        for start in range(0, len(found), 1000):  # (one DeleteObjects request per 1,000 keys)
+            batch = found[start : start + 1000]
+            self._count("DELETE")
+            self._call(functools.partial(self._obstore.delete, self.store, batch), folder)
 
     def delete_appended(self, path: Path) -> None:
         for name in self.list(path):
@@ -292,13 +301,16 @@ class S3QueueStorage(QueueStorage):
 
     def _upload_segment(self, path: Path, number: int, data: bytes) -> None:
         key = f"{_key(path)}/{number:0{SEGMENT_DIGITS}d}"
-        self._call(lambda: self._put(key, data, mode="create"), path)
+        if not self._call(lambda: self._create(key, data), path):
+            raise OSError(errno.EEXIST, "a segment of this journal was written by another writer", self.where(path))
 
 
 class _SegmentWriter:
-    """The one thread that uploads journal segments, in the order their lines were handed over."""
+    """The one thread that uploads journal segments, in the order their lines were handed over
+    (started when needed, ended after ``idle_sec`` without work)."""
 
-    def __init__(self, storage: S3QueueStorage, interval_sec: float):
+    def __init__(self, storage: S3QueueStorage, interval_sec: float, idle_sec: float = 10.0):
+        self._idle_sec = idle_sec
         self._storage = storage
         self._interval_sec = interval_sec
         self._changed = threading.Condition()
@@ -330,8 +342,9 @@ class _SegmentWriter:
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._waiting:
-                    self._changed.wait()
+                if not self._changed.wait_for(lambda: bool(self._waiting), timeout=self._idle_sec):
+                    self._thread = None  # (a submit under this lock starts another)
+                    return
                 delay = self._last_upload + self._interval_sec - time.monotonic()
                 if delay > 0 and not self._urgent:
                     self._changed.wait_for(lambda: self._urgent, timeout=delay)
@@ -360,10 +373,11 @@ class _SegmentWriter:
 
 
 def open_store(url: str, options: dict[str, Any] | None = None) -> S3Store:
-    """An obstore ``S3Store`` for ``s3://bucket[/prefix]``: the endpoint, region and
-    credentials from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...) unless
-    ``options`` (obstore's S3 config keys) give them; plain HTTP allowed for an ``http://``
-    endpoint (a store on the local network)."""
+    """An obstore ``S3Store`` for ``s3://bucket[/prefix]``: the endpoint and region from the
+    environment (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``...) unless ``options`` (obstore's S3
+    config keys) give them; the credentials from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+    else as botocore finds them (``AWS_PROFILE``, ``~/.aws``, SSO...), as s3fs does for the job's
+    files; plain HTTP allowed for an ``http://`` endpoint (a store on the local network)."""
     import os
 
     from obstore.store import S3Store
@@ -371,4 +385,21 @@ def open_store(url: str, options: dict[str, Any] | None = None) -> S3Store:
     config = dict(options or {})
     endpoint = str(config.get("endpoint") or config.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT_URL") or "")
     client_options = {"allow_http": True} if endpoint.startswith("http://") else None
-    return S3Store.from_url(url, config=config or None, client_options=client_options)  # type: ignore[arg-type]
+    provider = None
+    if not os.environ.get("AWS_ACCESS_KEY_ID") and "access_key_id" not in config:
+        try:
+            import botocore.session  # type: ignore[import-untyped]
+            from obstore.auth.boto3 import Boto3CredentialProvider
+        except ImportError:  # obstore's own chain (instance metadata...)
+            pass
+        else:
+            try:
+                provider = Boto3CredentialProvider(botocore.session.Session())
+            except ValueError:  # botocore found none: obstore's own chain (instance metadata...)
+                pass
+    return S3Store.from_url(
+        url,
+        config=config or None,  # type: ignore[arg-type]
+        client_options=client_options,  # type: ignore[arg-type]
+        credential_provider=provider,
+    )

@@ -339,7 +339,7 @@ def write_run_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) ->
 
 def sum_job_stats(layout: JobLayout) -> dict[str, Any]:
     """Write ``stats.json``, the job's stats (:func:`job_stats`); return them."""
-    with reading(layout) as every_worker:  # (a job in a store: every worker's stats, downloaded)
+    with reading(layout, ("stats",)) as every_worker:  # (a job in a store: every worker's stats, downloaded)
         total = job_stats(every_worker)
     replace_whole(layout.stats_file(0, 1), orjson.dumps(total, option=orjson.OPT_INDENT_2))  # the job's one stats.json
     push(layout, layout.stats_file(0, 1))
