@@ -95,14 +95,15 @@ chromium:
 bytecode:
 	@$(BIN)/python -m compileall -q src tests examples >/dev/null
 
-# The whole suite, in two runs: the tests of a real Slurm cluster, Ray head, vLLM, Chromium or model one
-# after the other (each starts machinery that is one per machine, or takes both cores), then the others as
-# test-fast runs them. Both run, whatever the first's result; pytest's 5 (nothing selected) is no failure
-HEAVY_MARKERS := slurm or ray or vllm or chromium or model
+# The whole suite, in two runs: the tests of a real Slurm cluster, Ray head, vLLM, Chromium or model, and
+# those that judge timings, one after the other (each starts machinery that is one per machine, takes both
+# cores, or needs them quiet), then the others in four xdist workers. Both run, whatever the first's
+# result; pytest's 5 (nothing selected) is no failure
+SERIAL_MARKERS := slurm or ray or vllm or chromium or model or timing
 test: $(VENV)/.installed-dev $(VENV)/.installed-model vllm-if-possible chromium bytecode
 	@status=0; \
-	$(BIN)/python -m pytest -m '$(HEAVY_MARKERS)' $(PYTEST_ARGS) || { rc=$$?; [ $$rc = 5 ] || status=$$rc; }; \
-	$(BIN)/python -m pytest -m '$(FAST_MARKERS)' -n $(TEST_FAST_WORKERS) --dist worksteal $(PYTEST_ARGS) \
+	$(BIN)/python -m pytest -m '$(SERIAL_MARKERS)' $(PYTEST_ARGS) || { rc=$$?; [ $$rc = 5 ] || status=$$rc; }; \
+	$(BIN)/python -m pytest -m 'not ($(SERIAL_MARKERS))' -n $(TEST_FAST_WORKERS) --dist worksteal $(PYTEST_ARGS) \
 		|| { rc=$$?; [ $$rc = 5 ] || status=$$rc; }; \
 	exit $$status
 

@@ -7,12 +7,17 @@ import asyncio
 from pathlib import Path
 
 import orjson
+import pytest
 
 from helpers import FAST, FAULTY_SERVER, echo_rollout, read_jsonl, server_stats
 from infermill import Document, InferenceConfig
 from infermill.eventloop import run_coroutine
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
+
+# the controller reads the latencies it sees: beside other tests on 2 cores, its own CPU's
+# wait looks like the server's, and the knee it finds moves
+pytestmark = pytest.mark.timing
 
 
 def auto_config(stats_file: Path, **server_flags) -> InferenceConfig:
