@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import orjson
@@ -117,32 +116,6 @@ def test_concurrent_workers_commit_every_unit_exactly_once(tmp_path, workers):
 # -- dead, frozen and racing holders ------------------------------------------------------------
 
 
-def test_a_frozen_holder_is_taken_over_and_fenced_off_when_it_wakes(tmp_path, workers):
-    folder, state = tmp_path / "queue", tmp_path / "holder.json"
-    make_queue(folder, "planner", 1)
-    holder = workers("hold", folder, "frozen", TIMEOUT, state)
-    wait_until(state.exists, START, "the holder's claim")
-    assert read_json(state) == {"unit": 0, "generation": 1}
-    other = make_queue(folder, "other")
-    assert other.claim() is None  # held and renewed
-
-    holder.send_signal(signal.SIGSTOP)
-    taken: list[Lease] = []
-    wait_until(lambda: taken.append(other.claim()) or taken[-1], 10 * TIMEOUT, "the takeover")
-    lease = taken[-1]
-    assert (lease.unit, lease.generation) == (0, 2)
-
-    holder.send_signal(signal.SIGCONT)
-    (tmp_path / "holder.json.go").touch()
-    finish(holder, tmp_path)
-    assert (tmp_path / "holder.json.result").read_text().startswith("lost: ")
-    assert not (folder / "units" / "000000.done").exists()  # the frozen one wrote no done mark
-
-    assert other.commit(lease, lambda: None, documents=1)
-    done = read_json(folder / "units" / "000000.done")
-    assert (done["worker"], done["generation"]) == ("other", 2)
-
-
 def test_a_killed_holders_unit_is_taken_over_after_the_lease_timeout(tmp_path, workers):
     timeout = 2.0
     folder, state = tmp_path / "queue", tmp_path / "holder.json"
@@ -160,20 +133,6 @@ def test_a_killed_holders_unit_is_taken_over_after_the_lease_timeout(tmp_path, w
     assert other.commit(taken[-1], lambda: None, documents=1)
 
 
-def test_a_killed_holder_of_this_host_is_taken_over_at_once_a_live_one_is_not(tmp_path, workers):
-    timeout = 60.0  # never reached here
-    folder, state = tmp_path / "queue", tmp_path / "holder.json"
-    make_queue(folder, "planner", 1, lease_timeout_sec=timeout)
-    holder = workers("hold", folder, "killed", timeout, state)
-    wait_until(state.exists, START, "the holder's claim")
-    other = make_queue(folder, "other", lease_timeout_sec=timeout)
-    assert other.claim() is None  # its holder lives
-    holder.kill()
-    holder.wait()
-    lease = other.claim()  # the same host: the holder's process is gone, no need to wait for the timeout
-    assert lease is not None and (lease.unit, lease.generation) == (0, 2)
-
-
 def test_workers_racing_over_one_stale_lease_elect_exactly_one(tmp_path, workers):
     folder = tmp_path / "queue"
     dead = make_queue(folder, "dead", 1)
@@ -187,29 +146,6 @@ def test_workers_racing_over_one_stale_lease_elect_exactly_one(tmp_path, workers
         finish(proc, tmp_path)
     won = [read_json(result) for result in results if read_json(result) is not None]
     assert won == [{"unit": 0, "generation": 2}]
-
-
-def test_threads_racing_over_stale_leases_elect_exactly_one_each_round(tmp_path):
-    folder = tmp_path / "queue"
-    make_queue(folder, "planner", 1)
-    racers = [make_queue(folder, f"racer{i}") for i in range(4)]
-    for generation in range(1, 21):
-        barrier = threading.Barrier(len(racers))
-        won: list[Lease] = []
-
-        def race(queue: WorkQueue) -> None:
-            barrier.wait()
-            lease = queue.claim()
-            if lease is not None:
-                won.append(lease)
-
-        threads = [threading.Thread(target=race, args=(queue,)) for queue in racers]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert [lease.generation for lease in won] == [generation]
-        racers[0].release(won[0])  # given back: free at once, and not an attempt
 
 
 def test_renewal_and_commit_are_refused_after_a_takeover(tmp_path):
