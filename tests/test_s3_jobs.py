@@ -94,9 +94,9 @@ def test_workers_share_a_job_through_the_store_alone_and_write_each_document_onc
     assert "<th>documents in the output (committed units)</th><td>120 of 120</td>" in page.read_text()
 
 
-def test_parents_and_workers_sigkilled_at_random_moments_then_rerun_lose_and_repeat_nothing(tmp_path, seaweedfs):
+def test_parents_and_workers_sigkilled_at_random_moments_then_rerun_lose_and_repeat_nothing(tmp_path, server):
     rng = random.Random(26)
-    job = S3Job(tmp_path, seaweedfs, docs=300, rpc=10, conc=4, lease_timeout_sec=10, directives="sleep:0.02")
+    job = S3Job(tmp_path, server, docs=300, rpc=10, conc=4, lease_timeout_sec=10, directives="sleep:0.02")
     for _attempt in range(4):
         workers = rng.choice([1, 2, 3])
         proc = job.start("--workers", str(workers))
@@ -116,8 +116,8 @@ def test_parents_and_workers_sigkilled_at_random_moments_then_rerun_lose_and_rep
     wait_until(lambda: not _infermill_processes(job), 30, "every process of the job to be gone")
 
 
-def test_two_commands_started_at_once_on_one_job_share_it(tmp_path, seaweedfs):
-    job = S3Job(tmp_path, seaweedfs, docs=200, rpc=10, conc=4, lease_timeout_sec=10, directives="sleep:0.02")
+def test_two_commands_started_at_once_on_one_job_share_it(tmp_path, server):
+    job = S3Job(tmp_path, server, docs=200, rpc=10, conc=4, lease_timeout_sec=10, directives="sleep:0.02")
     first, second = job.start(), job.start()
     assert first.wait(TIMEOUT) == 0, Path(first.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
     assert second.wait(TIMEOUT) == 0, Path(second.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
@@ -128,8 +128,8 @@ def test_two_commands_started_at_once_on_one_job_share_it(tmp_path, seaweedfs):
     assert len(done_by) == 2, "one command did all the work"
 
 
-def test_a_unit_that_kills_its_worker_fails_after_its_attempts_and_the_others_complete(tmp_path, seaweedfs):
-    job = S3Job(tmp_path, seaweedfs, docs=40, rpc=10, conc=2, lease_timeout_sec=10, directives="", poison={15})
+def test_a_unit_that_kills_its_worker_fails_after_its_attempts_and_the_others_complete(tmp_path, server):
+    job = S3Job(tmp_path, server, docs=40, rpc=10, conc=2, lease_timeout_sec=10, directives="", poison={15})
     job.run("--workers", "2", "--max-unit-attempts", "2")
     status = job.status()
     assert status["units_done"] == 3 and status["units_failed"] == 1, status
