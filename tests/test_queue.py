@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import orjson
@@ -467,13 +468,39 @@ def test_a_redo_of_a_command_that_died_midway_is_taken_over_and_finished(tmp_pat
     lease = queue.claim()
     assert queue.commit(lease, lambda: None, documents=10)
     dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    claim = folder / "units" / "000000.00001.redo"
+    claim = folder / "units" / "000000.00001.redo-1"
     claim.write_bytes(orjson.dumps({"worker": "dead", "host": queue.host, "pid": int(dead.stdout)}))
     removed = []
     assert queue.redo([LostOutput(0, "00000_00000.jsonl", "is missing", generation=1)], removed.append) == [0]
     assert removed == [0] and not claim.exists() and queue.status().units_done == 0
+    assert not list((folder / "units").glob("*.redo-*"))  # its claim (redo-2) and the dead one's, deleted
     again = queue.claim()
     assert again is not None and again.generation == 2
+
+
+def test_two_commands_taking_over_a_dead_commands_redo_at_once_redo_it_once(tmp_path):
+    folder = tmp_path / "queue"
+    queue = make_queue(folder, "me", 1)
+    assert queue.commit(queue.claim(), lambda: None, documents=10)
+    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / "units" / "000000.00001.redo-1").write_bytes(
+        orjson.dumps({"worker": "dead", "host": queue.host, "pid": int(dead.stdout)})
+    )
+    commands = [make_queue(folder, f"command{i}") for i in range(2)]
+    barrier = threading.Barrier(2)
+    removed: list[int] = []
+    redone: list[list[int]] = []
+
+    def redo(command: WorkQueue) -> None:
+        barrier.wait()
+        redone.append(command.redo([LostOutput(0, "00000_00000.jsonl", "is missing", generation=1)], removed.append))
+
+    threads = [threading.Thread(target=redo, args=(command,)) for command in commands]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(redone) == [[], [0]] and removed == [0]  # one took the dead command's claim over
 
 
 def test_a_unit_being_redone_by_a_live_command_is_left_to_it(tmp_path):
@@ -482,7 +509,7 @@ def test_a_unit_being_redone_by_a_live_command_is_left_to_it(tmp_path):
     lease = queue.claim()
     assert queue.commit(lease, lambda: None, documents=10)
     other = make_queue(folder, "other", lease_timeout_sec=600)
-    (folder / "units" / "000000.00001.redo").write_bytes(other._record(generation=1))  # its redo under way
+    (folder / "units" / "000000.00001.redo-1").write_bytes(other._record(generation=1))  # its redo under way
     assert queue.redo([LostOutput(0, "00000_00000.jsonl", "is missing", generation=1)]) == []
     assert queue.status().units_done == 1
 

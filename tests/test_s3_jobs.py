@@ -185,6 +185,7 @@ def test_a_store_that_goes_down_mid_run_stops_the_job_in_one_line_and_a_rerun_co
         proc.kill()
     log = Path(proc.log_path).read_text()  # type: ignore[attr-defined]
     assert "Traceback" not in log, log[-4000:]
+    assert "lease_timeout_sec is 3 s: the store dates its objects to the second" in log  # (short, for the test)
     if rc != 0:  # each error (with the lines that go with it) says how to go on
         errors = re.findall(r"^error: .*(?:\n(?!error:|\d{4}-).*)*", log, flags=re.MULTILINE)
         assert errors and all("run the same command" in error.lower() for error in errors), log[-4000:]

@@ -137,9 +137,17 @@ class Job:
             layout = job.layout()
             if not (options.executor == "slurm" and options.dry_run):
                 if layout.store is not None:  # a job in an object store: reachable, with conditional writes
-                    from infermill.mirror import check_store
+                    from infermill.mirror import SHORTEST_STORE_LEASE_SEC, check_store
 
                     check_store(layout)
+                    if job.checkpoint.lease_timeout_sec < SHORTEST_STORE_LEASE_SEC:
+                        logger.warning(
+                            "checkpoint.lease_timeout_sec is %g s: the store dates its objects to the second, so a "
+                            "lease may be judged stale up to a second early and its unit done twice (never written "
+                            "twice); %g s or more is safer",
+                            job.checkpoint.lease_timeout_sec,
+                            SHORTEST_STORE_LEASE_SEC,
+                        )
                 else:
                     layout.check_writable()
                 if is_remote(job.output.path):

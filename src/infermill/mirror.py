@@ -26,6 +26,8 @@ from infermill.queue_storage import DEFAULT_STORAGE_TIMEOUT_SEC, QueueStorage
 if TYPE_CHECKING:
     from infermill.queue_storage_s3 import S3QueueStorage
 
+#: below this lease timeout, a store's whole-second clock weighs (a warning says so)
+SHORTEST_STORE_LEASE_SEC = 10.0
 #: the folders of each worker's own records, under the job's folder (``JobLayout`` names them)
 RECORDS = ("stats", "failures", "metrics")
 

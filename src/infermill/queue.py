@@ -13,7 +13,9 @@ directory listing tells every unit's state (paths: ``JobLayout.queue``)::
         000007.00001.released    generation 1 given back by its holder (not an attempt)
         000007.00003.reset       reset_failed() at generation 3: attempts count from there
         000007.00002.abandoned   generation 2 given up by its holder (an attempt; stale at once)
-        000007.00002.redo        generation 2's done unit being redone (its output was lost)
+        000007.00002.redo-1      generation 2's done unit being redone (its output was lost); a
+                                 command that dies meanwhile leaves it, and the next takes it
+                                 over with redo-2 (created once)
         000007.done              committed: {"documents", "generation", "worker", "host", "output", ...}
         000007.failed            given up: {"cause", "generation", "worker", "host", ...}
         .tmp-*                   being written (ignored; a killed writer may leave one)
@@ -871,7 +873,7 @@ class WorkQueue:
         A unit is redone only if its done mark is still the one judged lost (the same
         generation: another command may have redone it since, and its new holder committed):
         that generation's lease is given back (so that it counts as no attempt), the redo of
-        that generation is claimed (``U.g.redo``, created once: only one command redoes it),
+        that generation is claimed (``U.g.redo-N``, created once: only one command redoes it),
         ``remove_output`` deletes the unit's output file, then the mark is deleted (while it
         exists, no holder can commit the unit)."""
         redone = []
@@ -884,28 +886,38 @@ class WorkQueue:
                 generation = self._list().get(entry.unit, _Unit()).generation
             lease = self.units_dir / _generation_name(entry.unit, generation, "lease")
             self.release(Lease(entry.unit, generation, lease))  # nothing if a later generation exists
-            claim = self.units_dir / _generation_name(entry.unit, generation, "redo")
-            if not self._claim_redo(claim, generation):
+            claims = self._claim_redo(entry.unit, generation)
+            if not claims:
                 continue  # another command redoes it
             if self._mark_of(path, entry.generation):  # (else redone and committed again since the check)
                 if remove_output is not None:
                     remove_output(entry.unit)
                 self.storage.delete(path)
                 redone.append(entry.unit)
-            self.storage.delete(claim)
+            for claim in claims:
+                self.storage.delete(claim)
         return redone
 
-    def _claim_redo(self, claim: Path, generation: int) -> bool:
-        """Create the redo claim ``claim``; or take it over from a command that died before it
-        finished (of this host and gone, or older than the lease timeout)."""
-        record = self._record(generation=generation)
-        if self.storage.create_if_absent(claim, record):
-            return True
-        age = self._age(claim, self.storage_now())
-        if age is None or not (age > self.lease_timeout_sec or self._holder_gone(claim)):
-            return False
-        self.storage.delete(claim)
-        return self.storage.create_if_absent(claim, record)
+    def _claim_redo(self, unit: int, generation: int) -> list[Path]:
+        """Claim the redo of ``unit``'s done ``generation``: create ``U.g.redo-N``, N one past the
+        last claim, unless that one is live (its command redoes it: ``[]``). A command that died
+        before it finished leaves its claim (of this host and gone, or older than the lease
+        timeout): the next claim, created once, takes it over. The claims to delete when done."""
+        prefix = _generation_name(unit, generation, "redo-")
+        numbers = sorted(
+            int(name[len(prefix) :])
+            for name in self.storage.list(self.units_dir)
+            if name.startswith(prefix) and name[len(prefix) :].isdigit()
+        )
+        claims = [self.units_dir / f"{prefix}{number}" for number in numbers]
+        if claims:
+            age = self._age(claims[-1], self.storage_now())
+            if age is not None and not (age > self.lease_timeout_sec or self._holder_gone(claims[-1])):
+                return []
+        claim = self.units_dir / f"{prefix}{(numbers[-1] if numbers else 0) + 1}"
+        if not self.storage.create_if_absent(claim, self._record(generation=generation)):
+            return []  # another command took it over first
+        return [*claims, claim]
 
     def _done_units(self) -> list[int]:
         planned = self._units_total()
