@@ -263,7 +263,14 @@ def test_credentials_from_a_profile_reach_the_store_as_they_reach_s3fs(seaweedfs
     credentials.with_name("absent-config").write_text("[profile nobody]\nregion = us-east-1\n")
     with pytest.raises(OSError):  # a profile without credentials: refused by the store
         S3QueueStorage(open_store(url), 15.0).create_if_absent(Path("job/probe"), b"x")
+    monkeypatch.setenv("AWS_PROFILE", "absent")
+    with pytest.raises(ConfigError, match="absent"):  # one line, not botocore's traceback
+        open_store(url)
     monkeypatch.setenv("AWS_PROFILE", "infermill-test")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    credentials.with_name("absent-config").write_text("[profile infermill-test]\nregion = eu-west-3\n")
+    assert open_store(url).config["region"] == "eu-west-3"  # the profile's region, as s3fs takes it
+    monkeypatch.setenv("AWS_DEFAULT_REGION", seaweedfs.region)
     queue = WorkQueue(Path("job/_infermill/queue"), "me", storage=S3QueueStorage(open_store(url), 15.0))
     queue.publish_plan({"units": [{"documents": 1}]})
     lease = queue.claim()

@@ -877,6 +877,7 @@ class WorkQueue:
         ``remove_output`` deletes the unit's output file, then the mark is deleted (while it
         exists, no holder can commit the unit)."""
         redone = []
+        names: list[str] | None = None  # units/, listed when a redo is first claimed
         for entry in lost:
             path = self._done_path(entry.unit)
             if not self._mark_of(path, entry.generation):
@@ -886,7 +887,9 @@ class WorkQueue:
                 generation = self._list().get(entry.unit, _Unit()).generation
             lease = self.units_dir / _generation_name(entry.unit, generation, "lease")
             self.release(Lease(entry.unit, generation, lease))  # nothing if a later generation exists
-            claims = self._claim_redo(entry.unit, generation)
+            if names is None:
+                names = self.storage.list(self.units_dir)  # (once: not a listing per lost unit)
+            claims = self._claim_redo(entry.unit, generation, names)
             if not claims:
                 continue  # another command redoes it
             if self._mark_of(path, entry.generation):  # (else redone and committed again since the check)
@@ -898,16 +901,15 @@ class WorkQueue:
                 self.storage.delete(claim)
         return redone
 
-    def _claim_redo(self, unit: int, generation: int) -> list[Path]:
+    def _claim_redo(self, unit: int, generation: int, names: list[str]) -> list[Path]:
         """Claim the redo of ``unit``'s done ``generation``: create ``U.g.redo-N``, N one past the
         last claim, unless that one is live (its command redoes it: ``[]``). A command that died
         before it finished leaves its claim (of this host and gone, or older than the lease
-        timeout): the next claim, created once, takes it over. The claims to delete when done."""
+        timeout): the next claim, created once, takes it over. The claims to delete when done.
+        ``names``: a listing of ``units/``."""
         prefix = _generation_name(unit, generation, "redo-")
         numbers = sorted(
-            int(name[len(prefix) :])
-            for name in self.storage.list(self.units_dir)
-            if name.startswith(prefix) and name[len(prefix) :].isdigit()
+            int(name[len(prefix) :]) for name in names if name.startswith(prefix) and name[len(prefix) :].isdigit()
         )
         claims = [self.units_dir / f"{prefix}{number}" for number in numbers]
         if claims:

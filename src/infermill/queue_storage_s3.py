@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 DEFAULT_FLUSH_INTERVAL_SEC = 1.0
+CREDENTIALS_TTL = timedelta(minutes=5)  # how long obstore keeps credentials from botocore before asking again
 SEGMENT_DIGITS = 8
 
 _calls = TimedCalls("infermill-s3")
@@ -252,7 +254,7 @@ class S3QueueStorage(QueueStorage):
         found = self._call(keys, folder)
         for start in range(0, len(found), 1000):  # (one DeleteObjects request per 1,000 keys)
             batch = found[start : start + 1000]
-            self._count("DELETE")
+            self._count("POST")  # (DeleteObjects: billed as a PUT is)
             self._call(functools.partial(self._obstore.delete, self.store, batch), folder)
 
     def delete_appended(self, path: Path) -> None:
@@ -376,8 +378,9 @@ def open_store(url: str, options: dict[str, Any] | None = None) -> S3Store:
     """An obstore ``S3Store`` for ``s3://bucket[/prefix]``: the endpoint and region from the
     environment (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``...) unless ``options`` (obstore's S3
     config keys) give them; the credentials from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
-    else as botocore finds them (``AWS_PROFILE``, ``~/.aws``, SSO...), as s3fs does for the job's
-    files; plain HTTP allowed for an ``http://`` endpoint (a store on the local network)."""
+    else as botocore finds them (``AWS_PROFILE``, ``~/.aws``, SSO, roles: the profile's region too),
+    as s3fs does for the job's files; plain HTTP allowed for an ``http://`` endpoint (a store on
+    the local network). ``ConfigError`` for a profile that does not exist."""
     import os
 
     from obstore.store import S3Store
@@ -387,19 +390,49 @@ def open_store(url: str, options: dict[str, Any] | None = None) -> S3Store:
     client_options = {"allow_http": True} if endpoint.startswith("http://") else None
     provider = None
     if not os.environ.get("AWS_ACCESS_KEY_ID") and "access_key_id" not in config:
-        try:
-            import botocore.session  # type: ignore[import-untyped]
-            from obstore.auth.boto3 import Boto3CredentialProvider
-        except ImportError:  # obstore's own chain (instance metadata...)
-            pass
-        else:
-            try:
-                provider = Boto3CredentialProvider(botocore.session.Session())
-            except ValueError:  # botocore found none: obstore's own chain (instance metadata...)
-                pass
+        provider = _BotocoreCredentials.found()
+        region = provider.region if provider is not None else None
+        if region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+            config.setdefault("region", region)
     return S3Store.from_url(
         url,
         config=config or None,  # type: ignore[arg-type]
         client_options=client_options,  # type: ignore[arg-type]
-        credential_provider=provider,
+        credential_provider=provider,  # type: ignore[arg-type]
     )
+
+
+class _BotocoreCredentials:
+    """obstore's credentials from botocore's chain (the one s3fs uses), renewed as botocore renews
+    them: obstore asks again every :data:`CREDENTIALS_TTL`, and botocore refreshes temporary
+    credentials well before they expire."""
+
+    def __init__(self, credentials: Any, region: str | None):
+        self._credentials = credentials
+        self.region = region
+
+    @classmethod
+    def found(cls) -> _BotocoreCredentials | None:
+        """From botocore's chain; None where botocore is missing or finds none (obstore's own
+        chain then: instance metadata...)."""
+        try:
+            import botocore.exceptions
+            import botocore.session
+        except ImportError:
+            return None
+        session = botocore.session.Session()
+        try:
+            credentials = session.get_credentials()
+            region = session.get_config_variable("region")
+        except botocore.exceptions.ProfileNotFound as e:
+            raise ConfigError(f"{e}: name a profile of ~/.aws/config or ~/.aws/credentials in AWS_PROFILE") from None
+        return None if credentials is None else cls(credentials, region)
+
+    def __call__(self) -> dict[str, Any]:
+        frozen = self._credentials.get_frozen_credentials()
+        return {
+            "access_key_id": frozen.access_key,
+            "secret_access_key": frozen.secret_key,
+            "token": frozen.token,
+            "expires_at": datetime.now(UTC) + CREDENTIALS_TTL,
+        }
