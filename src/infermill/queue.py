@@ -482,16 +482,13 @@ class WorkQueue:
         for unit in leased:
             state = units[unit]
             path = self.units_dir / _generation_name(unit, state.generation, "lease")
-            if state.given_up:
-                lease = self._take(unit, state)
-                if lease is not None:
-                    return lease
-                continue
-            age = self._lease_age(path, now)
-            if age is not None and (age > self.lease_timeout_sec or self._holder_gone(path)):
-                lease = self._take(unit, state)
-                if lease is not None:
-                    return lease
+            if not state.given_up:  # (given up: stale at once)
+                age = self._lease_age(path, now)
+                if age is None or not (age > self.lease_timeout_sec or self._holder_gone(path)):
+                    continue  # live, or given back since the listing
+            lease = self._take(unit, state)
+            if lease is not None:
+                return lease
         return None
 
     def claim_unit(self, unit: int) -> Lease | None:

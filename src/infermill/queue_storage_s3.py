@@ -150,9 +150,7 @@ class S3QueueStorage(QueueStorage):
         return self._call(read, path)
 
     def create_if_absent(self, path: Path, data: bytes) -> bool:
-        key = _key(path)
-
-        return self._call(lambda: self._create(key, data), path)
+        return self._call(lambda: self._create(_key(path), data), path)
 
     def _create(self, key: str, data: bytes) -> bool:
         """``PUT`` with ``If-None-Match: *``. A 412 may answer a retry of this very PUT, whose first
@@ -258,8 +256,7 @@ class S3QueueStorage(QueueStorage):
             self._call(functools.partial(self._obstore.delete, self.store, batch), folder)
 
     def delete_appended(self, path: Path) -> None:
-        for name in self.list(path):
-            self.delete(path / name)
+        self.delete_tree(path)  # its segments
         self.delete(path)
 
     def check_conditional_writes(self, folder: Path, where: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from infermill.io.writers import OutputWriter
 from infermill.journal import check_identity, identity_differences
 from infermill.mirror import RECORDS, has_plan, job_storage
 from infermill.queue import UNITS_DIR, WorkQueue
-from infermill.queue_storage import QueueStorage, StorageTimeoutError
+from infermill.queue_storage import PosixQueueStorage, QueueStorage, StorageTimeoutError
 from infermill.types import END_OF_INPUT
 
 if TYPE_CHECKING:
@@ -102,23 +101,21 @@ def discard_rank_checkpoints(layout: JobLayout, writer: OutputWriter) -> None:
 
 def discard_queue(folder: Path, writer: OutputWriter, storage: QueueStorage | None = None) -> None:
     """Delete the queue in ``folder`` (of ``storage``, default: a local folder) and the output
-    file of every unit it ever let be claimed (``writer`` names them), and no other file."""
-    if storage is not None:
-        claimed = {name.split(".", 1)[0] for name in storage.list(folder / UNITS_DIR)}
-        for unit in sorted(int(name) for name in claimed if name.isdigit()):
-            writer.remove_chunk_file(0, unit)
-        writer.remove_temp_files(0)
-        storage.delete_tree(folder)
-        return
-    units = folder / UNITS_DIR
-    if units.is_dir():
-        claimed = {name.split(".", 1)[0] for name in os.listdir(units)}  # UNIT.done, UNIT.GENERATION.lease...
-        for unit in sorted(int(name) for name in claimed if name.isdigit()):
-            writer.remove_chunk_file(0, unit)
-        for mark in units.glob("*.done"):
-            mark.unlink()
+    file of every unit it ever let be claimed (``writer`` names them), and no other file. The
+    done marks go first: a discard stopped midway leaves no mark naming a file it deleted."""
+    storage = storage or PosixQueueStorage()
+    try:
+        names = storage.list(folder / UNITS_DIR)  # UNIT.done, UNIT.GENERATION.lease...
+    except FileNotFoundError:
+        names = []
+    claimed = {name.split(".", 1)[0] for name in names}
+    for unit in sorted(int(name) for name in claimed if name.isdigit()):
+        writer.remove_chunk_file(0, unit)
+    for name in names:
+        if name.endswith(".done"):
+            storage.delete(folder / UNITS_DIR / name)
     writer.remove_temp_files(0)
-    shutil.rmtree(folder, ignore_errors=True)
+    storage.delete_tree(folder)
 
 
 def discard_records(layout: JobLayout) -> None:
