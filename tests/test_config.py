@@ -234,6 +234,8 @@ def test_a_set_override_that_fails_names_the_key_not_the_value(tmp_path):
         ["inference.tp=2", "inference.api_key=sk-1", "runner.metadata_key=r", "inference.model_kwargs.x=1"],
         ["inference.endpoint_url=http://u:p@h/v1", "inference.server_type=endpoint"],
         ["inference.tp=2", "inference={server_type: dummy, model_name_or_path: n, api_key: sk-2}", "inference.dp=3"],
+        ["output.storage_options.secret=sk-3", "output.path=o2", "input.storage_options={key: k, secret: sk-4}"],
+        ["output={path: o3, storage_options: {secret: sk-5}}", "output.format=parquet", "input.limit=3"],
     ],
 )
 def test_secret_overrides_applied_after_the_others_give_the_job_of_the_order_given(tmp_path, overrides):
@@ -248,6 +250,7 @@ def test_secret_overrides_applied_after_the_others_give_the_job_of_the_order_giv
     )
     public, secret = split_secret_overrides(overrides)
     assert not [o for o in public if "sk-" in o or "u:p@" in o or "model_kwargs" in o], public
+    assert [o for o in overrides if "sk-" in o or "u:p@" in o] == [o for o in secret if "sk-" in o or "u:p@" in o]
     assert load_job(job, [*public, *secret]) == load_job(job, overrides)
 
 

@@ -6,6 +6,9 @@ store with boto3."""
 from __future__ import annotations
 
 import collections
+import gzip
+import io
+import os
 import random
 import re
 import subprocess
@@ -212,3 +215,155 @@ def test_overwrite_deletes_the_jobs_objects_in_the_store_and_runs_it_again(tmp_p
     keys = set(job.objects())
     assert len([key for key in keys if key.startswith("out/_infermill/stats/")]) == 1  # the first run's went
     assert sum(key.endswith(".00001.lease") for key in keys) == 6  # a new queue: generation 1 again
+
+
+# -- storage options: which store, and as whom, from the job file --------------------------------
+
+
+def _without_aws_environment(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """``env`` with no AWS_* variable and no ~/.aws of the user's: only the job file says which
+    store and as whom."""
+    env = {name: value for name, value in env.items() if not name.startswith("AWS_")}
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no-such-aws-file")
+    return env
+
+
+def _options(server: S3Server, **changes: Any) -> dict[str, Any]:
+    """s3fs's storage options that reach ``server``."""
+    options = {
+        "key": server.access_key,
+        "secret": server.secret_key,
+        "endpoint_url": server.endpoint,
+        "client_kwargs": {"region_name": server.region},
+    }
+    return {**options, **changes}
+
+
+def test_each_sections_storage_options_reach_its_store_with_no_aws_environment(tmp_path, seaweedfs, moto_s3):
+    """The input on one store (moto), the output and the job's state on another (SeaweedFS), each
+    named with its endpoint and credentials in the job file's storage_options only: the job runs
+    in 2 workers, writes each document once, `infermill status JOB_FILE` reads it, and the
+    credentials are on no command line and in no object of the store."""
+    job = S3Job(tmp_path, seaweedfs, docs=120, rpc=10, conc=8, lease_timeout_sec=10, directives="sleep:0.01")
+    bucket = moto_s3.new_bucket("input")
+    data = gzip.compress((tmp_path / "input.jsonl").read_bytes())
+    moto_s3.client().put_object(Bucket=bucket, Key="in/input.jsonl.gz", Body=data)
+    (tmp_path / "input.jsonl").unlink()
+    spec = yaml.safe_load(job.file.read_text())
+    spec["input"] = {"path": f"s3://{bucket}/in/input.jsonl.gz", "storage_options": _options(moto_s3, secret="m0t0")}
+    spec["output"]["storage_options"] = _options(seaweedfs)
+    job.file.write_text(yaml.safe_dump(spec))
+    job.env = _without_aws_environment(job.env, tmp_path)
+
+    proc = job.start("--workers", "2")
+    try:
+        wait_until(lambda: len(workers_of(proc)) == 2 or proc.poll() is not None, 60, "two workers")
+        command_lines = [" ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert proc.wait(TIMEOUT) == 0, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+    finally:
+        proc.kill()
+    job.check_exactly_once()
+    assert not [line for line in command_lines if seaweedfs.secret_key in line or "m0t0" in line]
+    state = job.objects("out/_infermill/")
+    assert "out/_infermill/queue/plan.json" in state
+    assert not [key for key, value in state.items() if seaweedfs.secret_key.encode() in value or b"m0t0" in value]
+
+    status = subprocess.run(
+        [PYTHON, "-m", "infermill", "status", str(job.file), "--json"], env=job.env, capture_output=True, text=True
+    )
+    assert status.returncode == 0, status.stderr
+    shown = orjson.loads(status.stdout)
+    assert (shown["state"], shown["documents_done"]) == ("complete", 120), shown
+
+
+def test_a_profile_named_in_the_storage_options_gives_the_queue_and_the_output_their_credentials(tmp_path, seaweedfs):
+    job = S3Job(tmp_path, seaweedfs, docs=40, rpc=10, conc=4, lease_timeout_sec=10, directives="")
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[infermill-test]\naws_access_key_id = {seaweedfs.access_key}\n"
+        f"aws_secret_access_key = {seaweedfs.secret_key}\nregion = {seaweedfs.region}\n"
+    )
+    spec = yaml.safe_load(job.file.read_text())
+    spec["output"]["storage_options"] = {"profile": "infermill-test", "endpoint_url": seaweedfs.endpoint}
+    job.file.write_text(yaml.safe_dump(spec))
+    job.env = {**_without_aws_environment(job.env, tmp_path), "AWS_SHARED_CREDENTIALS_FILE": str(credentials)}
+    result = job.run("--workers", "2")
+    assert result.returncode == 0, output_of(result)
+    job.check_exactly_once()
+
+    spec["output"]["storage_options"]["profile"] = "nobody"
+    job.file.write_text(yaml.safe_dump(spec))
+    refused = job.run()
+    assert refused.returncode == 2, output_of(refused)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "nobody" in errors[0] and "output.storage_options.profile" in errors[0], errors
+
+
+@pytest.mark.parametrize(
+    "section, options, expected",
+    [
+        ("output", {"secret": "wrong-secret"}, "cannot write the job's state to s3://"),
+        ("input", {"secret": "wrong-secret"}, "/in/input.jsonl: cannot list it: PermissionError"),
+        ("output", {"kee": "typo"}, "check its storage_options"),
+    ],
+)
+def test_storage_options_that_do_not_reach_the_store_are_refused_in_one_line(
+    tmp_path, seaweedfs, section, options, expected
+):
+    """The output's before any server launches; the input's while the server boots (it is read
+    then: start-up costs the longer of the two), and the server is stopped."""
+    job = S3Job(tmp_path, seaweedfs, docs=10, rpc=5)
+    seaweedfs.client().put_object(Bucket=job.bucket, Key="in/input.jsonl", Body=(tmp_path / "input.jsonl").read_bytes())
+    spec = yaml.safe_load(job.file.read_text())
+    spec["input"] = {"path": f"s3://{job.bucket}/in/input.jsonl", "storage_options": _options(seaweedfs)}
+    spec["output"]["storage_options"] = _options(seaweedfs)
+    spec[section]["storage_options"] |= options
+    job.file.write_text(yaml.safe_dump(spec))
+    job.env = _without_aws_environment(job.env, tmp_path)
+    result = job.run()
+    assert result.returncode == 2, output_of(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert "wrong-secret" not in result.stderr and "Traceback" not in result.stderr
+    if section == "output":
+        assert not job.logs.exists() or not list(job.logs.glob("*.log")), "a server was launched"
+    assert not _infermill_processes(job)
+
+
+def test_the_python_api_reads_and_writes_s3_with_storage_options(tmp_path, seaweedfs, monkeypatch):
+    """DocumentReader and the writers take fsspec's storage options, as a job file's sections do."""
+    from infermill import InferenceConfig, InferenceRunner
+    from infermill.io.readers import DocumentReader
+    from infermill.io.writers import ParquetWriter
+
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    bucket = seaweedfs.new_bucket()
+    lines = b"".join(orjson.dumps({"id": f"d{i}", "text": f"text {i}"}) + b"\n" for i in range(30))
+    seaweedfs.client().put_object(Bucket=bucket, Key="in/docs.jsonl", Body=lines)
+    options = _options(seaweedfs)
+    reader = DocumentReader(f"s3://{bucket}/in/*.jsonl", storage_options=options)
+    writer = ParquetWriter(f"s3://{bucket}/out", storage_options=options)
+
+    async def rollout(document: Any, generate: Any) -> Any:
+        return await generate({"messages": [{"role": "user", "content": document.text}]})
+
+    config = InferenceConfig(server_type="dummy", model_name_or_path="echo")
+    runner = InferenceRunner(
+        rollout, config, writer, checkpoints_local_dir=str(tmp_path / "checkpoints"), records_per_chunk=10
+    )
+    stats = runner.run(reader)
+    assert stats["documents_written"] == 30, stats
+    import pyarrow.parquet as pq
+
+    client = seaweedfs.client()
+    keys = [entry["Key"] for entry in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]]
+    parquet = [key for key in keys if key.endswith(".parquet")]
+    ids = [
+        row["id"]
+        for key in parquet
+        for row in pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read())).to_pylist()
+    ]
+    assert sorted(ids) == sorted(f"d{i}" for i in range(30))

@@ -153,7 +153,7 @@ class Job:
                 if is_remote(job.output.path):
                     from infermill.io.filesystems import check_writable
 
-                    check_writable(job.output.path)
+                    check_writable(job.output.path, job.output.storage_options)
         except StorageError as e:  # before anything runs: the user's to fix
             raise ConfigError(str(e)) from None
         if job.inference.server_log_folder is None:  # a job keeps its server's output with its other files
@@ -448,15 +448,16 @@ async def interruptible(coro: Awaitable[T], announce: bool = True) -> T:
 def target_layout(target: str, checkpoints: str | None, overrides: tuple[str, ...]) -> tuple[JobLayout, str]:
     """The layout and the output of the job ``target`` names: its output folder, or its job file
     (its ``output.path`` and ``checkpoint.dir``, with ``--set`` overrides); ``ConfigError`` if none."""
-    output = target
+    output, options = target, None
     if os.path.isfile(target):
         config = Job.load(target, overrides).config
         output, checkpoints = config.output.path, checkpoints or config.checkpoint.dir
+        options = config.output.storage_options
     elif overrides:
         raise ConfigError(
             f"--set overrides a job file's keys, but {target} is not a file: name the job file, or drop --set"
         )
-    return JobLayout.for_output(output, checkpoints), output
+    return JobLayout.for_output(output, checkpoints, options), output
 
 
 def has_queue(layout: JobLayout) -> bool:
@@ -533,7 +534,7 @@ def check_outputs(layout: JobLayout, output: str) -> OutputCheck:
     recorded = ((queue.plan() or {}).get("identity") or {}).get("output")
     template = _output_filename(recorded, output)
     named = template is not None or not isinstance(recorded, str)  # no template recorded: the default one
-    writer = (OutputWriter if named else FilesNotNamed)(output, template)
+    writer = (OutputWriter if named else FilesNotNamed)(output, template, storage_options=layout.output_options)
     return queue.check_outputs(writer, verify=True)
 
 

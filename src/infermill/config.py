@@ -21,8 +21,8 @@ from infermill.servertypes import SERVER_TYPES, parse_launch
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 2**20
 
 #: fields whose values never appear in an error message: secrets, or what may hold one
-#: (model_kwargs.server_env, credentials in a URL)
-SECRET_FIELDS = frozenset({"api_key", "model_kwargs", "endpoint_url"})
+#: (model_kwargs.server_env, credentials in a URL, an input's or output's storage_options)
+SECRET_FIELDS = frozenset({"api_key", "model_kwargs", "endpoint_url", "storage_options"})
 
 
 #: values users write for a server_type that are no close spelling of the right one

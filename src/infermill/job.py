@@ -15,16 +15,28 @@ from infermill.runner import InferenceRunner
 
 def build_reader(job: JobConfig) -> DocumentReader:
     spec = job.input
-    return DocumentReader(spec.path, spec.format, spec.text_key, spec.id_key, spec.limit, job.runner.on_bad_record)
+    return DocumentReader(
+        spec.path,
+        spec.format,
+        spec.text_key,
+        spec.id_key,
+        spec.limit,
+        job.runner.on_bad_record,
+        storage_options=spec.storage_options,
+    )
 
 
 def build_writer(job: JobConfig) -> OutputWriter:
     spec = job.output
+    options = spec.storage_options
     if spec.format == "openai_batch":
-        return OpenAIBatchWriter(spec.path, spec.filename, spec.compression, results_key=job.runner.metadata_key)
+        return OpenAIBatchWriter(
+            spec.path, spec.filename, spec.compression, results_key=job.runner.metadata_key, storage_options=options
+        )
     if spec.format == "parquet":
-        return ParquetWriter(spec.path, spec.filename, spec.compression, spec.parquet_metadata or "struct")
-    return WRITERS[spec.format](spec.path, spec.filename, spec.compression)
+        metadata = spec.parquet_metadata or "struct"
+        return ParquetWriter(spec.path, spec.filename, spec.compression, metadata, storage_options=options)
+    return WRITERS[spec.format](spec.path, spec.filename, spec.compression, storage_options=options)
 
 
 def build_rollout(job: JobConfig) -> Any:
@@ -70,7 +82,8 @@ def build_runner(
         metadata_key=job.runner.metadata_key,
         skip_bad_requests=job.runner.skip_bad_requests,
         job_identity={
-            "input": job.input.model_dump(mode="json", exclude={"limit"}),
+            # (not how it is reached: an endpoint or credentials that change do not change the job)
+            "input": job.input.model_dump(mode="json", exclude={"limit", "storage_options"}),
             "input_files": reader.fingerprint(),
             "rollout_settings": rollout_settings(job),
         },

@@ -1,7 +1,7 @@
 """Job files: one YAML file describing input, output, rollout, server and runner.
 
-    input:     {path, format, text_key, id_key, limit}
-    output:    {path, format, compression, filename, parquet_metadata}
+    input:     {path, format, text_key, id_key, limit, storage_options}
+    output:    {path, format, compression, filename, parquet_metadata, storage_options}
     rollout:   {template | prompt_key | messages_key, system_prompt}
                or {function, shared_context, shared_context_kwargs}
     inference: the fields of InferenceConfig
@@ -60,12 +60,19 @@ def _one_line(value: str) -> str:
 OneLine = Annotated[str, AfterValidator(_one_line)]
 
 
+STORAGE_OPTIONS_HELP = (
+    "fsspec's options of the path's file system (s3fs's for s3://: key, secret, token, endpoint_url, profile, "
+    "client_kwargs...); by default the environment's (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)."
+)
+
+
 class InputSection(_Section):
     path: str | list[str]
     format: str = "auto"
     text_key: str = "text"
     id_key: str = "id"
     limit: int | None = Field(None, ge=1, description="Documents per rank at most.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description=STORAGE_OPTIONS_HELP)
 
     @field_validator("format")
     @classmethod
@@ -79,6 +86,7 @@ class OutputSection(_Section):
     compression: str | None = None
     filename: str | None = Field(None, description="Template with ${rank} and ${chunk_index}.")
     parquet_metadata: str | None = Field(None, description="struct (default), columns or json: see ParquetWriter.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description=STORAGE_OPTIONS_HELP)
 
     @field_validator("format")
     @classmethod
@@ -182,7 +190,7 @@ class JobConfig(_Section):
     def layout(self) -> JobLayout:
         """Where the job keeps its checkpoints, stats, failures and logs; a ConfigError for a
         remote output without checkpoint.dir."""
-        return JobLayout.for_output(self.output.path, self.checkpoint.dir)
+        return JobLayout.for_output(self.output.path, self.checkpoint.dir, self.output.storage_options)
 
     @model_validator(mode="after")
     def _rollout_matches_input(self) -> JobConfig:
@@ -217,18 +225,26 @@ SECRET_OVERRIDES_ENV = "INFERMILL_SECRET_OVERRIDES"
 SECRET_OVERRIDES_FILE_ENV = "INFERMILL_SECRET_OVERRIDES_FILE"
 
 
+#: the sections of a job file whose fields may hold secrets: those of
+#: :data:`~infermill.config.SECRET_FIELDS` (``inference.api_key``, ``output.storage_options``...)
+SECRET_SECTIONS = ("inference", "input", "output")
+
+
 def split_secret_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """``overrides`` as (the others, those of secret fields). Secret: an assignment to a field of
-    :data:`~infermill.config.SECRET_FIELDS` or within one (``inference.model_kwargs.server_env.X``),
-    to the whole ``inference`` section, or, after that, to any of its fields: a worker applies
-    the secret ones after the others, and gets the job that the order given makes."""
+    :data:`~infermill.config.SECRET_FIELDS` or within one (``inference.model_kwargs.server_env.X``,
+    ``output.storage_options.secret``), to a whole section of :data:`SECRET_SECTIONS`, or, after
+    that, to any of its fields: a worker applies the secret ones after the others, and gets the
+    job that the order given makes."""
     public: list[str] = []
     secret: list[str] = []
-    whole_section = False
+    whole_sections: set[str] = set()
     for assignment in overrides:
         parts = assignment.partition("=")[0].split(".")
-        if parts[0] == "inference" and (len(parts) == 1 or whole_section or parts[1] in SECRET_FIELDS):
-            whole_section = whole_section or len(parts) == 1
+        section = parts[0]
+        if section in SECRET_SECTIONS and (len(parts) == 1 or section in whole_sections or parts[1] in SECRET_FIELDS):
+            if len(parts) == 1:
+                whole_sections.add(section)
             secret.append(assignment)
         else:
             public.append(assignment)

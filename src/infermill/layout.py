@@ -30,8 +30,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from infermill.errors import ConfigError
 
@@ -83,11 +85,16 @@ class JobLayout:
     checkpoints: Path
     store: str | None = None  # ``s3://bucket``: the job's state is in that store, under ``store_root``
     store_root: Path | None = None  # (a key: ``prefix/_infermill``)
+    #: how to reach the output (and its store): its storage options (fsspec's), empty for the environment's
+    output_options: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def for_output(cls, output_folder: str, checkpoints_dir: str | None = None) -> JobLayout:
-        """The layout of the job writing to ``output_folder`` (a path or URL), its checkpoints in
-        ``checkpoints_dir`` if given (a local folder), else in the output folder."""
+    def for_output(
+        cls, output_folder: str, checkpoints_dir: str | None = None, storage_options: Mapping[str, Any] | None = None
+    ) -> JobLayout:
+        """The layout of the job writing to ``output_folder`` (a path or URL, reached with
+        ``storage_options``), its checkpoints in ``checkpoints_dir`` if given (a local folder),
+        else in the output folder."""
         if checkpoints_dir is not None:
             if is_remote(checkpoints_dir):
                 raise ConfigError(
@@ -98,7 +105,7 @@ class JobLayout:
             store, prefix = split_store_url(output_folder.rstrip("/"))
             digest = hashlib.sha1(output_folder.rstrip("/").encode()).hexdigest()[:16]
             mirror = Path(tempfile.gettempdir()) / f"infermill-{os.getuid()}-{digest}" / INFERMILL_DIR
-            return cls(mirror, mirror, store, Path(prefix) / INFERMILL_DIR)
+            return cls(mirror, mirror, store, Path(prefix) / INFERMILL_DIR, dict(storage_options or {}))
         elif is_remote(output_folder):
             raise ConfigError(
                 f"the output {output_folder} is remote: its checkpoints need a local folder, so that a killed job "
@@ -108,7 +115,7 @@ class JobLayout:
         else:
             checkpoints = Path(local_path(output_folder)) / INFERMILL_DIR / "checkpoints"
         root = checkpoints if is_remote(output_folder) else Path(local_path(output_folder)) / INFERMILL_DIR
-        return cls(root, checkpoints)
+        return cls(root, checkpoints, output_options=dict(storage_options or {}))
 
     @property
     def logs(self) -> Path:

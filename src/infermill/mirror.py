@@ -12,6 +12,8 @@ reads them there as it reads a local job.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -41,8 +43,9 @@ def job_storage(layout: JobLayout, timeout_sec: float = DEFAULT_STORAGE_TIMEOUT_
         raise ValueError("the job's files are local: it has no store")
     from infermill.queue_storage_s3 import S3QueueStorage, open_store
 
+    key = json.dumps([layout.store, layout.output_options], sort_keys=True, default=str)
     with _stores_lock:
-        store = _stores.get(layout.store)
+        store = _stores.get(key)
         if store is None:
             try:
                 import obstore
@@ -52,11 +55,11 @@ def job_storage(layout: JobLayout, timeout_sec: float = DEFAULT_STORAGE_TIMEOUT_
                     "pip install 'infermill[s3]'"
                 ) from None
             try:
-                store = _stores[layout.store] = open_store(layout.store)
+                store = _stores[key] = open_store(layout.store, layout.output_options)
             except obstore.exceptions.BaseError as e:  # (its message: pages of a Rust Debug dump)
                 raise ConfigError(
-                    f"cannot use the store {layout.store}: {str(e).splitlines()[0][:300]}; check the output path "
-                    "and the AWS_* variables"
+                    f"cannot use the store {layout.store}: {str(e).splitlines()[0][:300]}; check the output path, "
+                    "its storage_options and the AWS_* variables"
                 ) from None
     return S3QueueStorage(store, timeout_sec, url=layout.store)
 
@@ -118,7 +121,7 @@ def reading(layout: JobLayout, records: tuple[str, ...] = RECORDS) -> Iterator[J
         for file in storage.list(layout.store_root):
             if file.startswith("stats") and file.endswith(".json"):
                 _download(storage, layout.store_root / file, folder / file)
-        yield JobLayout(folder, folder, layout.store, layout.store_root)
+        yield dataclasses.replace(layout, root=folder, checkpoints=folder)
 
 
 def _download(storage: QueueStorage, key: Path, path: Path) -> None:

@@ -38,6 +38,8 @@ from infermill.queue_storage import DEFAULT_STORAGE_TIMEOUT_SEC, QueueStorage, T
 if TYPE_CHECKING:
     from obstore.store import S3Store
 
+    from infermill.io.filesystems import StorageOptions
+
 T = TypeVar("T")
 DEFAULT_FLUSH_INTERVAL_SEC = 1.0
 CREDENTIALS_TTL = timedelta(minutes=5)  # how long obstore keeps credentials from botocore before asking again
@@ -371,23 +373,47 @@ class _SegmentWriter:
         return None
 
 
-def open_store(url: str, options: dict[str, Any] | None = None) -> S3Store:
-    """An obstore ``S3Store`` for ``s3://bucket[/prefix]``: the endpoint and region from the
-    environment (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``...) unless ``options`` (obstore's S3
-    config keys) give them; the credentials from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
-    else as botocore finds them (``AWS_PROFILE``, ``~/.aws``, SSO, roles: the profile's region too),
-    as s3fs does for the job's files; plain HTTP allowed for an ``http://`` endpoint (a store on
-    the local network). ``ConfigError`` for a profile that does not exist."""
+#: s3fs's storage options (a job file's ``output.storage_options``) that say which store and as
+#: whom, as obstore's S3 config keys; the others only concern s3fs
+_S3FS_TO_OBSTORE = {"key": "access_key_id", "secret": "secret_access_key", "token": "session_token"}
+
+
+def store_config(options: StorageOptions) -> tuple[dict[str, Any], str | None]:
+    """obstore's S3 config from s3fs's storage ``options`` (``key``, ``secret``, ``token``,
+    ``endpoint_url``, ``client_kwargs: {endpoint_url, region_name}``, ``anon``), and the
+    ``profile`` they name, if any."""
+    config: dict[str, Any] = {name: str(options[key]) for key, name in _S3FS_TO_OBSTORE.items() if options.get(key)}
+    client = options.get("client_kwargs") or {}
+    endpoint = options.get("endpoint_url") or client.get("endpoint_url")
+    if endpoint:
+        config["endpoint"] = str(endpoint)
+    if client.get("region_name"):
+        config["region"] = str(client["region_name"])
+    if options.get("anon"):
+        config["skip_signature"] = True
+    profile = options.get("profile")
+    return config, str(profile) if profile else None
+
+
+def open_store(url: str, options: StorageOptions | None = None) -> S3Store:
+    """An obstore ``S3Store`` for ``s3://bucket[/prefix]``. Which store and as whom: from s3fs's
+    storage ``options`` (a job file's ``output.storage_options``: :func:`store_config`) where they
+    say, else from the environment (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``...), the
+    credentials from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, else as botocore finds them
+    (the options' ``profile`` or ``AWS_PROFILE``, ``~/.aws``, SSO, roles: the profile's region
+    too), as s3fs does for the job's files; plain HTTP allowed for an ``http://`` endpoint (a store
+    on the local network). ``ConfigError`` for a profile that does not exist."""
     import os
 
     from obstore.store import S3Store
 
-    config = dict(options or {})
-    endpoint = str(config.get("endpoint") or config.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT_URL") or "")
+    config, profile = store_config(options or {})
+    endpoint = str(config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL") or "")
     client_options = {"allow_http": True} if endpoint.startswith("http://") else None
     provider = None
-    if not os.environ.get("AWS_ACCESS_KEY_ID") and "access_key_id" not in config:
-        provider = _BotocoreCredentials.found()
+    if "access_key_id" not in config and not config.get("skip_signature"):
+        if profile is not None or not os.environ.get("AWS_ACCESS_KEY_ID"):
+            provider = _BotocoreCredentials.found(profile)
         region = provider.region if provider is not None else None
         if region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
             config.setdefault("region", region)
@@ -409,20 +435,21 @@ class _BotocoreCredentials:
         self.region = region
 
     @classmethod
-    def found(cls) -> _BotocoreCredentials | None:
-        """From botocore's chain; None where botocore is missing or finds none (obstore's own
-        chain then: instance metadata...)."""
+    def found(cls, profile: str | None = None) -> _BotocoreCredentials | None:
+        """From botocore's chain (of ``profile``, if given); None where botocore is missing or
+        finds none (obstore's own chain then: instance metadata...)."""
         try:
             import botocore.exceptions
             import botocore.session
         except ImportError:
             return None
-        session = botocore.session.Session()
+        session = botocore.session.Session(profile=profile)
         try:
             credentials = session.get_credentials()
             region = session.get_config_variable("region")
         except botocore.exceptions.ProfileNotFound as e:
-            raise ConfigError(f"{e}: name a profile of ~/.aws/config or ~/.aws/credentials in AWS_PROFILE") from None
+            where = "output.storage_options.profile" if profile else "AWS_PROFILE"
+            raise ConfigError(f"{e}: name a profile of ~/.aws/config or ~/.aws/credentials in {where}") from None
         return None if credentials is None else cls(credentials, region)
 
     def __call__(self) -> dict[str, Any]:

@@ -96,7 +96,9 @@ class InferenceRunner:
             self.no_results_marks = {NO_ROLLOUTS_MARK: True}
         self.output_writer = output_writer
         self.shared_context = shared_context
-        self.layout = JobLayout.for_output(output_writer.output_folder, checkpoints_local_dir)
+        self.layout = JobLayout.for_output(
+            output_writer.output_folder, checkpoints_local_dir, output_writer.storage_options
+        )
         self.records_per_chunk = records_per_chunk
         self.metadata_key = metadata_key
         self.skip_bad_requests = skip_bad_requests

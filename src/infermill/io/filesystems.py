@@ -6,11 +6,15 @@ import contextlib
 import errno
 import os
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from infermill.errors import ConfigError, InfermillError, StorageError
+
+#: fsspec's keyword arguments of a file system: a job file's ``input.storage_options`` and
+#: ``output.storage_options`` (s3fs's for ``s3://``: ``key``, ``secret``, ``endpoint_url``, ``profile``...)
+StorageOptions = Mapping[str, Any]
 
 #: what a file system answers that retrying does not cure: a worker stops on it at once
 LASTING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
@@ -50,19 +54,31 @@ def check_space(folder: str | os.PathLike[str], size: int = 64 * 1024) -> None:
             os.unlink(probe)
 
 
-def url_to_fs(url: str) -> tuple[Any, str]:
-    """fsspec's file system for ``url`` and the path in it. A backend that is not installed
-    (``s3://`` without s3fs) or an unknown protocol is a ``ConfigError`` naming the URL and,
-    where fsspec knows it, the package to install."""
+def url_to_fs(url: str, options: StorageOptions | None = None) -> tuple[Any, str]:
+    """fsspec's file system for ``url`` (made with ``options``) and the path in it. A backend that
+    is not installed (``s3://`` without s3fs) or an unknown protocol is a ``ConfigError`` naming
+    the URL and, where fsspec knows it, the package to install."""
     import fsspec  # here, not at the top: a job file names formats without paying for fsspec
 
     try:
-        found: tuple[Any, str] = fsspec.core.url_to_fs(url)
+        found: tuple[Any, str] = fsspec.core.url_to_fs(url, **(options or {}))
         return found
     except ImportError as e:
         raise ConfigError(f"{url}: {e} (pip install it into infermill's environment)") from None
     except ValueError as e:
         raise ConfigError(f"{url}: {e}; check the path") from None
+    except TypeError as e:  # a storage option its file system does not take
+        raise ConfigError(f"{url}: {e}; check its storage_options") from None
+
+
+def open_file(url: str, options: StorageOptions | None, compression: str | None = None) -> Any:
+    """``url`` to open for reading (``with open_file(...) as f``) in its file system, made with
+    ``options``; decompressed by ``compression`` (``"infer"``: by its suffix). Closing it closes
+    the decompressor and the file under it."""
+    from fsspec.core import OpenFile
+
+    fs, path = url_to_fs(url, options)
+    return OpenFile(fs, path, "rb", compression=compression)
 
 
 @contextlib.contextmanager
@@ -82,15 +98,17 @@ def reaching(url: str, action: str, not_storage: Collection[BaseException] = ())
             raise
         if isinstance(e, OSError):  # e.g. a full local disk: says why, not "check the network"
             raise storage_error(url, f"{action} it", e) from e
+        if isinstance(e, TypeError) and "keyword argument" in str(e):  # s3fs's client made with a wrong option
+            raise StorageError(f"{url}: cannot {action} it: {e}: check its storage_options") from e
         raise StorageError(
             f"{url}: cannot {action} it: {type(e).__name__}: {e}; check the URL, the credentials and the network"
         ) from e
 
 
-def check_writable(url: str) -> None:
+def check_writable(url: str, options: StorageOptions | None = None) -> None:
     """Write and delete a small file in the folder ``url``, so that a remote output that cannot be
     reached or written is found before a server is launched; a ``StorageError`` says why."""
-    fs, root = url_to_fs(url)
+    fs, root = url_to_fs(url, options)
     probe = f"{root.rstrip('/')}/.infermill-write-test-{uuid.uuid4().hex[:8]}"
     with reaching(url, "write to"):
         fs.makedirs(root, exist_ok=True)

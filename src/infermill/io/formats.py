@@ -36,7 +36,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from infermill.errors import InfermillError
-from infermill.io.filesystems import url_to_fs
+from infermill.io.filesystems import StorageOptions, open_file, url_to_fs
 
 SpanKind = Literal["byte", "row", "record"]
 
@@ -131,13 +131,14 @@ class FileFormat(ABC):
     """How the files of one input format are read (whole or a span) and scanned for spans."""
 
     @abstractmethod
-    def rows(self, url: str, span: Span) -> Iterator[Row]:
-        """The rows of ``span`` of ``url`` (``Span.whole(url)``: all of them). A row that is not
+    def rows(self, url: str, span: Span, options: StorageOptions) -> Iterator[Row]:
+        """The rows of ``span`` of ``url`` (``Span.whole(url)``: all of them), whose file system
+        is made with ``options`` (fsspec's: see ``StorageOptions``). A row that is not
         a record is a ``BadRecordError`` in place of its fields; a file that cannot be read
         raises ``OSError``, ``ValueError`` or ``EOFError`` where it fails."""
 
     @abstractmethod
-    def scan(self, url: str, cuts: Cuts, budget: int | None) -> Scan:
+    def scan(self, url: str, cuts: Cuts, budget: int | None, options: StorageOptions) -> Scan:
         """The records of ``url``, up to ``budget`` of them, and where the spans ``cuts`` asks
         for begin; raises as :meth:`rows` does where the file cannot be read."""
 
@@ -151,25 +152,23 @@ _BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")  # a blank line after the fir
 class JsonlFormat(FileFormat):
     """One JSON object per line; blank lines are no records but count in line numbers."""
 
-    def rows(self, url: str, span: Span) -> Iterator[Row]:
-        rows = _jsonl_rows(url, span)
+    def rows(self, url: str, span: Span, options: StorageOptions) -> Iterator[Row]:
+        rows = _jsonl_rows(url, span, options)
         # a record span stops after its last record: no line after it is read (where a truncated
         # file would fail: a plan counts that as a record of its own)
         return rows if span.kind == "byte" or span.stop == TO_THE_END else islice(rows, span.stop - span.start)
 
-    def scan(self, url: str, cuts: Cuts, budget: int | None) -> Scan:
-        with open_decompressed(url) as f:
+    def scan(self, url: str, cuts: Cuts, budget: int | None, options: StorageOptions) -> Scan:
+        with open_decompressed(url, options) as f:
             return _scan_jsonl(f, cuts, budget, by_record=is_compressed(url))
 
 
-def _jsonl_rows(url: str, span: Span) -> Iterator[Row]:
+def _jsonl_rows(url: str, span: Span, options: StorageOptions) -> Iterator[Row]:
     """The records from the start of ``span``: blank lines skipped, each other one a JSON object.
     A ``byte`` span is seeked to and ends at its ``stop``; otherwise the lines before
     ``first_position`` are decompressed and skipped unparsed."""
-    import fsspec
-
     by_byte = span.kind == "byte"
-    with fsspec.open(url, "rb") if by_byte else open_decompressed(url) as f:
+    with open_file(url, options) if by_byte else open_decompressed(url, options) as f:
         lines: Iterable[bytes] = f
         if by_byte:
             lines = byte_range(f, span)
@@ -243,14 +242,14 @@ class CsvFormat(FileFormat):
     """A header, then one record per row (which quoted newlines may spread over lines); empty
     rows are no records. A record's position is the line it ends on."""
 
-    def rows(self, url: str, span: Span) -> Iterator[Row]:
-        rows = _csv_rows(url, span)
+    def rows(self, url: str, span: Span, options: StorageOptions) -> Iterator[Row]:
+        rows = _csv_rows(url, span, options)
         whole = span.start == 0 and span.stop == TO_THE_END
         return rows if span.kind == "byte" or whole else islice(rows, span.start, span.stop)
 
-    def scan(self, url: str, cuts: Cuts, budget: int | None) -> Scan:
+    def scan(self, url: str, cuts: Cuts, budget: int | None, options: StorageOptions) -> Scan:
         try:
-            with open_decompressed(url) as f:
+            with open_decompressed(url, options) as f:
                 return _scan_csv(f, cuts, budget, by_record=is_compressed(url))
         except csv.Error as e:
             raise InfermillError(f"{url}: cannot be read as CSV: {e}") from None
@@ -262,13 +261,11 @@ def _decoded(lines: Iterable[bytes]) -> Iterator[str]:
     return (line.decode("utf-8", "surrogateescape") for line in lines)
 
 
-def _csv_rows(url: str, span: Span) -> Iterator[Row]:
+def _csv_rows(url: str, span: Span, options: StorageOptions) -> Iterator[Row]:
     """The records of a ``byte`` span (the header read, then the span seeked to), or of the
     whole file."""
-    import fsspec
-
     by_byte = span.kind == "byte"
-    with fsspec.open(url, "rb") if by_byte else open_decompressed(url) as f:
+    with open_file(url, options) if by_byte else open_decompressed(url, options) as f:
         lines = _decoded(f)
         header_rows = csv.reader(lines)
         header = next(header_rows, None)
@@ -326,33 +323,32 @@ class _RowsFormat(FileFormat):
     """A format of numbered rows: a ``row`` span reads only its rows; a ``record`` span (the
     whole file, or one that failed partway) reads from the first row and keeps its own."""
 
-    def rows(self, url: str, span: Span) -> Iterator[Row]:
+    def rows(self, url: str, span: Span, options: StorageOptions) -> Iterator[Row]:
         if span.kind == "row":
-            return self._row_range(url, span.start, span.stop)
-        return islice(self._row_range(url, 0, TO_THE_END), span.start, span.stop)
+            return self._row_range(url, options, span.start, span.stop)
+        return islice(self._row_range(url, options, 0, TO_THE_END), span.start, span.stop)
 
-    def scan(self, url: str, cuts: Cuts, budget: int | None) -> Scan:
-        count = self._count(url)
+    def scan(self, url: str, cuts: Cuts, budget: int | None, options: StorageOptions) -> Scan:
+        count = self._count(url, options)
         count = count if budget is None else min(count, budget)
         return Scan("row", count, [(j, j, j + 1) for j in cuts.between(0, count)], count)
 
     @abstractmethod
-    def _row_range(self, url: str, start: int, stop: int) -> Iterator[Row]:
+    def _row_range(self, url: str, options: StorageOptions, start: int, stop: int) -> Iterator[Row]:
         """Rows ``start`` to ``stop`` (0-based, ``stop`` excluded), numbered from 1."""
 
     @abstractmethod
-    def _count(self, url: str) -> int:
+    def _count(self, url: str, options: StorageOptions) -> int:
         """The number of rows, read from metadata where the format has it."""
 
 
 class ParquetFormat(_RowsFormat):
     """Parquet files: a span reads only the row groups that hold it."""
 
-    def _row_range(self, url: str, start: int, stop: int) -> Iterator[Row]:
-        import fsspec
+    def _row_range(self, url: str, options: StorageOptions, start: int, stop: int) -> Iterator[Row]:
         import pyarrow.parquet as pq
 
-        with fsspec.open(url, "rb") as f:
+        with open_file(url, options) as f:
             parquet = pq.ParquetFile(f)
             groups, first, at = [], None, 0
             for g in range(parquet.metadata.num_row_groups):
@@ -364,22 +360,21 @@ class ParquetFormat(_RowsFormat):
             if first is not None:
                 yield from _slice_batches(parquet.iter_batches(batch_size=1024, row_groups=groups), first, start, stop)
 
-    def _count(self, url: str) -> int:
-        import fsspec
+    def _count(self, url: str, options: StorageOptions) -> int:
         import pyarrow.parquet as pq
 
-        with fsspec.open(url, "rb") as f:
+        with open_file(url, options) as f:
             return int(pq.ParquetFile(f).metadata.num_rows)
 
 
 class HfDatasetFormat(_RowsFormat):
     """A folder written by ``datasets.Dataset.save_to_disk`` (Arrow stream files)."""
 
-    def _row_range(self, url: str, start: int, stop: int) -> Iterator[Row]:
-        yield from _slice_batches(_hf_batches(url), 0, start, stop)
+    def _row_range(self, url: str, options: StorageOptions, start: int, stop: int) -> Iterator[Row]:
+        yield from _slice_batches(_hf_batches(url, options), 0, start, stop)
 
-    def _count(self, url: str) -> int:
-        return sum(batch.num_rows for batch in _hf_batches(url))
+    def _count(self, url: str, options: StorageOptions) -> int:
+        return sum(batch.num_rows for batch in _hf_batches(url, options))
 
 
 def _slice_batches(batches: Iterator[Any], row: int, start: int, stop: int) -> Iterator[Row]:
@@ -393,10 +388,10 @@ def _slice_batches(batches: Iterator[Any], row: int, start: int, stop: int) -> I
             return
 
 
-def _hf_batches(url: str) -> Iterator[Any]:
+def _hf_batches(url: str, options: StorageOptions) -> Iterator[Any]:
     import pyarrow as pa
 
-    fs, root = url_to_fs(url)
+    fs, root = url_to_fs(url, options)
     if fs.exists(f"{root}/dataset_dict.json"):
         raise_dataset_dict(fs, root, url)
     state = orjson.loads(fs.cat(f"{root}/state.json"))
@@ -460,16 +455,15 @@ def is_compressed(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def open_decompressed(url: str) -> Iterator[IO[bytes]]:
-    """``url``'s bytes, decompressed by its suffix (``.gz``, ``.zst``), readable by line; a
-    truncated compressed file raises ``EOFError`` at its end instead of reading as shorter."""
-    import fsspec
-
+def open_decompressed(url: str, options: StorageOptions) -> Iterator[IO[bytes]]:
+    """``url``'s bytes (its file system made with ``options``), decompressed by its suffix (``.gz``,
+    ``.zst``), readable by line; a truncated compressed file raises ``EOFError`` at its end
+    instead of reading as shorter."""
     if url.endswith(".zst"):
-        with fsspec.open(url, "rb") as raw:
+        with open_file(url, options) as raw:
             yield io.BufferedReader(_StrictZstdReader(raw), 1 << 16)
     else:
-        with fsspec.open(url, "rb", compression="infer") as f:
+        with open_file(url, options, compression="infer") as f:
             yield f
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from infermill.errors import InfermillError
-from infermill.io.filesystems import reaching, url_to_fs
+from infermill.io.filesystems import StorageOptions, reaching, url_to_fs
 from infermill.io.formats import INPUT_FORMATS, BadRecordError, Row, Span, raise_dataset_dict, unreadable_rest
 from infermill.types import Document
 
@@ -65,14 +65,15 @@ def detect_format(path: str) -> str:
     )
 
 
-def list_input_files(paths: str | list[str], fmt: str = "auto") -> list[str]:
-    """Expand paths, globs and folders into a sorted list of URLs; a saved HF dataset folder stays one entry."""
+def list_input_files(paths: str | list[str], fmt: str = "auto", options: StorageOptions | None = None) -> list[str]:
+    """Expand paths, globs and folders (in file systems made with ``options``) into a sorted list
+    of URLs; a saved HF dataset folder stays one entry."""
     import fsspec  # here, not at the top: a job file names formats without paying for fsspec
 
     urls: list[str] = []
     for path in [paths] if isinstance(paths, str) else list(paths):
         with reaching(path, "list"):
-            fs, root = url_to_fs(path)
+            fs, root = url_to_fs(path, options)
             protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
             prefix = "" if protocol in ("file", "local") else f"{protocol}://"
             if fsspec.core.has_magic(root):
@@ -142,12 +143,17 @@ class DocumentReader:
         id_key: str = "id",
         limit: int | None = None,
         on_bad_record: Literal["error", "skip"] = "error",
+        *,
+        storage_options: StorageOptions | None = None,
     ):
+        """``storage_options``: fsspec's options of the input's file system (s3fs's for ``s3://``);
+        by default the environment's."""
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         if format != "auto" and format not in INPUT_FORMATS:
             raise ValueError(f"input format {format!r} is not one of auto, {', '.join(INPUT_FORMATS)}")
-        self.files = list_input_files(paths, format)
+        self.storage_options = dict(storage_options or {})
+        self.files = list_input_files(paths, format, self.storage_options)
         self._names = _display_names(self.files)
         self.format = format
         self.text_key = text_key
@@ -162,7 +168,7 @@ class DocumentReader:
 
         found = []
         for url in self.files:
-            fs, path = url_to_fs(url)
+            fs, path = url_to_fs(url, self.storage_options)
             with reaching(url, "read the size of"):
                 info = fs.info(path)
                 size = fs.du(path) if info.get("type") == "directory" else info.get("size")
@@ -172,7 +178,9 @@ class DocumentReader:
 
     def format_of(self, url: str) -> str:
         """The format ``url`` is read as: the reader's, or (``auto``) the one its name or folder implies."""
-        return self.format if self.format != "auto" else ("hf" if _is_hf_folder(url) else detect_format(url))
+        if self.format != "auto":
+            return self.format
+        return "hf" if _is_hf_folder(url, self.storage_options) else detect_format(url)
 
     def read(self, rank: int = 0, world_size: int = 1) -> Iterator[Document | BadRecord]:
         by_file = len(self.files) >= world_size
@@ -202,7 +210,7 @@ class DocumentReader:
             raise InfermillError(f"{url} is not an input of this job")
         fmt = self.format_of(url)
         span = span or Span.whole(url)
-        return self._documents(url, fmt, INPUT_FORMATS[fmt].rows(url, span), span)
+        return self._documents(url, fmt, INPUT_FORMATS[fmt].rows(url, span, self.storage_options), span)
 
     def passed_on(self, error: BadRecordError) -> BadRecord:
         """A bad record as it is passed on with ``on_bad_record="skip"``; raised (with a hint
@@ -275,8 +283,8 @@ class _Bad(Exception):
     pass
 
 
-def _is_hf_folder(url: str) -> bool:
-    fs, root = url_to_fs(url)
+def _is_hf_folder(url: str, options: StorageOptions) -> bool:
+    fs, root = url_to_fs(url, options)
     return bool(fs.isdir(root) and (fs.exists(f"{root}/state.json") or fs.exists(f"{root}/dataset_dict.json")))
 
 

@@ -158,7 +158,7 @@ def _scan_file(reader: DocumentReader, url: str, cuts: Cuts, budget: int | None)
     """``url`` scanned by its format; a file that fails partway is read instead."""
     fmt = reader.format_of(url)
     try:
-        return INPUT_FORMATS[fmt].scan(url, cuts, budget)
+        return INPUT_FORMATS[fmt].scan(url, cuts, budget, reader.storage_options)
     except (OSError, ValueError, EOFError) as e:
         if isinstance(e, InfermillError):
             raise
@@ -171,7 +171,7 @@ def _scan_by_reading(reader: DocumentReader, url: str, fmt: str, cuts: Cuts, bud
     scan = Scan("record")
     position = 0
     failed: Exception | None = None
-    rows = INPUT_FORMATS[fmt].rows(url, Span.whole(url))
+    rows = INPUT_FORMATS[fmt].rows(url, Span.whole(url), reader.storage_options)
     try:
         while budget is None or scan.count < budget:
             found = next(rows, None)

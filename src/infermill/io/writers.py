@@ -24,7 +24,7 @@ from typing import IO, Any
 import orjson
 
 from infermill.errors import InfermillError
-from infermill.io.filesystems import reaching, url_to_fs
+from infermill.io.filesystems import StorageOptions, reaching, url_to_fs
 
 COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
 _SCHEMA_LOCK = threading.Lock()  # the Parquet job schema's read-widen-write, among this process's threads
@@ -39,7 +39,16 @@ class OutputWriter:
 
     extension = ".jsonl"
 
-    def __init__(self, output_folder: str, output_filename: str | None = None, compression: str | None = None):
+    def __init__(
+        self,
+        output_folder: str,
+        output_filename: str | None = None,
+        compression: str | None = None,
+        *,
+        storage_options: StorageOptions | None = None,
+    ):
+        """``storage_options``: fsspec's options of the output folder's file system (s3fs's for
+        ``s3://``); by default the environment's."""
         if compression not in (None, "none", *COMPRESSION_SUFFIX):
             raise ValueError(f"compression must be one of gzip, zstd or none, got {compression!r}")
         self.output_folder = str(output_folder).rstrip("/")
@@ -59,7 +68,8 @@ class OutputWriter:
         import fsspec  # here, not at the top: a job file names formats without paying for fsspec
 
         self.compression = fsspec.utils.infer_compression(filename)
-        self.fs, self.root = url_to_fs(self.output_folder)  # root: the folder, protocol stripped
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = url_to_fs(self.output_folder, self.storage_options)  # root: the folder, protocol stripped
 
     @property
     def is_local(self) -> bool:
@@ -238,10 +248,12 @@ class ParquetWriter(OutputWriter):
         output_filename: str | None = None,
         compression: str | None = None,
         metadata_layout: str = "struct",
+        *,
+        storage_options: StorageOptions | None = None,
     ):
         if metadata_layout not in self.LAYOUTS:
             raise ValueError(f"metadata_layout must be one of {', '.join(self.LAYOUTS)}, got {metadata_layout!r}")
-        super().__init__(output_folder, output_filename, compression)
+        super().__init__(output_folder, output_filename, compression, storage_options=storage_options)
         self.metadata_layout = metadata_layout
 
     def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
@@ -451,8 +463,10 @@ class OpenAIBatchWriter(OutputWriter):
         output_filename: str | None = None,
         compression: str | None = None,
         results_key: str = "rollout_results",
+        *,
+        storage_options: StorageOptions | None = None,
     ):
-        super().__init__(output_folder, output_filename, compression)
+        super().__init__(output_folder, output_filename, compression, storage_options=storage_options)
         self.results_key = results_key
 
     def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
