@@ -81,6 +81,26 @@ def test_the_progress_line_says_the_server_is_starting_until_it_is_ready(tmp_pat
     assert "server starting" not in lines[-1], lines  # ... until it is ready
 
 
+def test_a_server_launched_before_its_run_begins_is_shown_starting_from_the_first_line(tmp_path):
+    """`infermill run` launches the server, then sets the job up (reads the input, plans) before
+    its run begins: the progress lines of that time say the server is starting."""
+    import time
+    from types import SimpleNamespace
+
+    from infermill.io.writers import JsonlWriter
+    from infermill.runner import InferenceRunner
+    from infermill.servers.base import ServerState
+
+    async def rollout(document, generate):
+        return await generate({})
+
+    runner = InferenceRunner(rollout, dummy_config(), JsonlWriter(str(tmp_path / "out")))
+    booting = SimpleNamespace(state=ServerState.STARTING, state_since=time.monotonic() - 3.2)
+    shown = runner.progress(booting)  # type: ignore[arg-type]
+    assert (shown.server_waiting, round(shown.server_waiting_sec)) == ("starting", 3)
+    assert runner.progress().server_waiting is None
+
+
 def test_a_server_not_ready_yet_is_said_right_after_the_documents():
     waiting = ProgressSnapshot(documents_total=60, requests_queued=32, server_waiting="starting")
     line = progress_line(dataclasses.replace(waiting, server_waiting_sec=12.4), elapsed=12.4)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -199,7 +200,9 @@ class Job:
             if not options.as_worker:
                 live = progress_console is not None
                 progress = asyncio.create_task(
-                    show_progress(runner.progress, log_interval(job.inference), progress_console, live)
+                    show_progress(
+                        functools.partial(runner.progress, server), log_interval(job.inference), progress_console, live
+                    )
                 )
             try:
                 return await runner.run_queue_async(reader, server, self._queue_options(options, worker_id, index))

@@ -594,7 +594,7 @@ class QueueJournal(ChunkLogs):
                 # each of its queue calls is
                 committing = asyncio.ensure_future(self.storage.run(commit, str(self.queue.folder), bounded=False))
                 self._commits.add(committing)
-                committing.add_done_callback(self._commits.discard)
+                committing.add_done_callback(self._commit_ended)
                 outcome = await self._unless_stalled(committing)
             except StorageTimeoutError as e:  # longer than a lease: the unit may be another worker's by now
                 raise self.queue.stalled_error(e) from e
@@ -611,6 +611,13 @@ class QueueJournal(ChunkLogs):
                 self._let_go(unit)
             if self._finalizing.get(unit) is lease:
                 del self._finalizing[unit]
+
+    def _commit_ended(self, committing: asyncio.Task[_Committed]) -> None:
+        self._commits.discard(committing)
+        if not committing.cancelled():
+            # retrieved here: a commit no one waits for any more (the storage stalled, and the
+            # worker stopped saying so) would otherwise log its error as a traceback when collected
+            committing.exception()
 
     def fail(self, unit: int, cause: str) -> None:
         """Mark ``unit`` failed with ``cause`` (a document of it failed for good); the rest of its

@@ -167,17 +167,15 @@ class InferenceRunner:
         new server and a new worker id, as long as :class:`~infermill.worker.WorkerDeaths` agrees."""
         return await run_queue_worker(self, self._runs, reader, server, options or QueueOptions())
 
-    def progress(self) -> ProgressSnapshot:
+    def progress(self, server: InferenceServer | None = None) -> ProgressSnapshot:
         """What the runs in progress have done so far (all of them together), and whether a server
-        is still starting or restarting (the one waited for longest), since when."""
+        is still starting or restarting (the one waited for longest), since when. ``server``: one
+        launched for the run to come, shown until a run has begun (the job is set up meanwhile)."""
         progress = ProgressSnapshot.of(
             [(run.stats, run.server.restarts if run.server else 0, run.documents_total) for run in self._runs]
         )
-        waiting = [
-            run.server
-            for run in self._runs
-            if run.server is not None and run.server.state in (ServerState.STARTING, ServerState.RESTARTING)
-        ]
+        servers = [run.server for run in self._runs if run.server is not None] or ([server] if server else [])
+        waiting = [server for server in servers if server.state in (ServerState.STARTING, ServerState.RESTARTING)]
         if waiting:
             server = min(waiting, key=lambda server: server.state_since)
             progress = dataclasses.replace(
