@@ -367,7 +367,10 @@ class Job:
             raise ConfigError(str(e)) from None
         if first is None:
             raise ConfigError("the input has no documents")
-        return rollout, as_document(first, 0)
+        document = as_document(first, 0)
+        if hasattr(rollout, "check"):
+            rollout.check(document)
+        return rollout, document
 
     async def canary(
         self,

@@ -8,7 +8,9 @@ from typing import Any
 from infermill.config import without_credentials
 from infermill.io.readers import DocumentReader
 from infermill.io.writers import WRITERS, OpenAIBatchWriter, OutputWriter, ParquetWriter
+from infermill.errors import InfermillError
 from infermill.jobfile import JobConfig
+from infermill.types import Document
 from infermill.rollouts import OpenAIBatchRollout, PromptRollout, load_function
 from infermill.runner import InferenceRunner
 
@@ -45,7 +47,16 @@ def build_rollout(job: JobConfig) -> Any:
         return OpenAIBatchRollout()
     if r.function:
         return load_function(r.function)
-    return PromptRollout(job.inference.use_chat, r.template, r.prompt_key, r.messages_key, r.system_prompt)
+    messages = [message.model_dump() for message in r.messages] if r.messages else None
+    return PromptRollout(
+        job.inference.use_chat,
+        r.template,
+        r.prompt_key,
+        r.messages_key,
+        r.system_prompt,
+        messages,
+        text_key=job.input.text_key,
+    )
 
 
 def build_shared_context(job: JobConfig) -> Any:
@@ -57,11 +68,26 @@ def build_shared_context(job: JobConfig) -> Any:
     return functools.partial(load_function(r.shared_context, "rollout.shared_context"), **r.shared_context_kwargs)
 
 
+def check_rollout(rollout: Any, reader: DocumentReader) -> None:
+    """Check the templates of a prompt ``rollout`` on the input's first document (``ConfigError``
+    naming a placeholder that is no field of it), before any request is sent."""
+    if not getattr(rollout, "fills_in_fields", False):
+        return
+    try:
+        first = next((item for item in reader.read(0, 1) if isinstance(item, Document)), None)
+    except (InfermillError, OSError, ValueError, EOFError):
+        return  # an input that cannot be read: planning the job says so, as for any rollout
+    if first is not None:
+        rollout.check(first)
+
+
 def rollout_settings(job: JobConfig) -> dict[str, Any]:
     """The job file's rollout section as the job's identity records it: readable, so that a
     refused resume names the setting that changed (``rollout.prompt_key``), not a digest;
     ``shared_context_kwargs`` without credentials."""
-    settings = job.rollout.model_dump(mode="json", exclude={"shared_context_kwargs"})
+    # (messages only when given: a job of an infermill without them is resumed as the same job)
+    excluded = {"shared_context_kwargs"} | ({"messages"} if job.rollout.messages is None else set())
+    settings = job.rollout.model_dump(mode="json", exclude=excluded)
     if job.rollout.shared_context_kwargs:
         settings["shared_context_kwargs"] = without_credentials(job.rollout.shared_context_kwargs)
     return settings
@@ -72,8 +98,10 @@ def build_runner(
 ) -> InferenceRunner:
     """The job's runner; its identity includes the files ``reader`` reads, with their sizes and
     modification times, so that a resume over changed input is refused."""
+    rollout = build_rollout(job)
+    check_rollout(rollout, reader)
     return InferenceRunner(
-        build_rollout(job),
+        rollout,
         job.inference,
         build_writer(job),
         shared_context=build_shared_context(job),

@@ -2,7 +2,7 @@
 
     input:     {path, format, text_key, id_key, limit, storage_options}
     output:    {path, format, compression, filename, parquet_metadata, storage_options}
-    rollout:   {template | prompt_key | messages_key, system_prompt}
+    rollout:   {template | prompt_key | messages_key | messages, system_prompt}
                or {function, shared_context, shared_context_kwargs}
     inference: the fields of InferenceConfig
     runner:    {skip_bad_requests, metadata_key, on_bad_record}
@@ -110,11 +110,25 @@ class OutputSection(_Section):
         return None if value is None else one_of(value, ("none", *COMPRESSION_SUFFIX))
 
 
+class MessageTemplate(_Section):
+    """One chat message of ``rollout.messages``: its content a template (see ``rollout.template``)."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class RolloutSection(_Section):
-    template: str | None = None
-    prompt_key: str | None = None
-    messages_key: str | None = None
-    system_prompt: str | None = None
+    template: str | None = Field(
+        None,
+        description="The prompt: Jinja2 with the record's fields ({{ text }}, {{ title }}, {{ metadata.lang }}), "
+        "or plain text with [[DOCUMENT]] where the document's text goes.",
+    )
+    prompt_key: str | None = Field(None, description="A field of the record that holds the whole prompt.")
+    messages_key: str | None = Field(None, description="A field of the record that holds a list of chat messages.")
+    messages: list[MessageTemplate] | None = Field(
+        None, description="Chat messages ({role, content}), each content a template as rollout.template."
+    )
+    system_prompt: str | None = Field(None, description="A system message (a template too) before the prompt.")
     function: str | None = Field(None, description="'module:function' or 'path/to/file.py:function'.")
     shared_context: str | None = Field(
         None,
@@ -125,11 +139,15 @@ class RolloutSection(_Section):
 
     @model_validator(mode="after")
     def _one_kind(self) -> RolloutSection:
-        kinds = [k for k in ("template", "prompt_key", "messages_key", "function") if getattr(self, k)]
+        kinds = [k for k in ("template", "prompt_key", "messages_key", "messages", "function") if getattr(self, k)]
         if len(kinds) > 1:
-            raise ValueError(f"give one of template, prompt_key, messages_key or function, not {' and '.join(kinds)}")
+            raise ValueError(
+                f"give one of template, prompt_key, messages_key, messages or function, not {' and '.join(kinds)}"
+            )
         if self.function and self.system_prompt:
-            raise ValueError("system_prompt applies to template, prompt_key and messages_key rollouts, not to function")
+            raise ValueError(
+                "system_prompt applies to template, prompt_key, messages_key and messages rollouts, not to function"
+            )
         if (self.shared_context or self.shared_context_kwargs) and not self.function:
             raise ValueError("shared_context gives a function rollout its keyword arguments: set rollout.function too")
         if self.shared_context_kwargs and not self.shared_context:
@@ -196,10 +214,10 @@ class JobConfig(_Section):
     def _rollout_matches_input(self) -> JobConfig:
         r = self.rollout
         if self.input.format == "openai_batch":
-            if r.template or r.prompt_key or r.messages_key or r.function:
+            if r.template or r.prompt_key or r.messages_key or r.messages or r.function:
                 raise ValueError("openai_batch input sends each line's body as it is: leave the rollout section out")
-        elif not (r.template or r.prompt_key or r.messages_key or r.function):
-            raise ValueError("the job needs a rollout: template, prompt_key, messages_key or function")
+        elif not (r.template or r.prompt_key or r.messages_key or r.messages or r.function):
+            raise ValueError("the job needs a rollout: template, prompt_key, messages_key, messages or function")
         return self
 
 

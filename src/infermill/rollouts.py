@@ -16,12 +16,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from infermill.errors import ConfigError
+from infermill.prompts import DOCUMENT_PLACEHOLDER, PromptTemplate
 from infermill.types import Document, InferenceResult
 
 #: ``generate(payload, *, path=None)``: what the runner hands a rollout
 Generate = Callable[..., Awaitable[InferenceResult]]
-
-DOCUMENT_PLACEHOLDER = "[[DOCUMENT]]"
 
 
 def _digest(*parts: Any) -> str:
@@ -29,8 +28,9 @@ def _digest(*parts: Any) -> str:
 
 
 class PromptRollout:
-    """One request per document, its prompt taken from a template, a metadata field, or
-    a list of chat messages in a metadata field; returns the ``InferenceResult``."""
+    """One request per document: its prompt from a template (see :mod:`infermill.prompts`), a
+    field of the record, a list of chat messages in a field, or chat ``messages`` whose contents
+    are templates; returns the ``InferenceResult``."""
 
     def __init__(
         self,
@@ -39,28 +39,63 @@ class PromptRollout:
         prompt_key: str | None = None,
         messages_key: str | None = None,
         system_prompt: str | None = None,
+        messages: list[dict[str, str]] | None = None,
+        text_key: str = "text",
     ):
         given = [
             name
-            for name, value in (("template", template), ("prompt_key", prompt_key), ("messages_key", messages_key))
+            for name, value in (
+                ("template", template),
+                ("prompt_key", prompt_key),
+                ("messages_key", messages_key),
+                ("messages", messages),
+            )
             if value
         ]
         if len(given) != 1:
-            raise ConfigError(f"a prompt rollout needs exactly one of template, prompt_key, messages_key; got {given}")
-        if template is not None and DOCUMENT_PLACEHOLDER not in template:
-            raise ConfigError(f"rollout.template must contain {DOCUMENT_PLACEHOLDER}, where the document's text goes")
-        if messages_key and not use_chat:
-            raise ConfigError("rollout.messages_key needs inference.use_chat: true")
+            raise ConfigError(
+                f"a prompt rollout needs exactly one of template, prompt_key, messages_key, messages; got {given}"
+            )
+        if (messages_key or messages) and not use_chat:
+            raise ConfigError(f"rollout.{given[0]} needs inference.use_chat: true")
+        self.template = PromptTemplate(template, "rollout.template", text_key) if template is not None else None
+        if self.template is not None and not self.template.uses_fields:
+            raise ConfigError(
+                f"rollout.template fills in nothing from the record: put {DOCUMENT_PLACEHOLDER} or {{{{ text }}}} "
+                "where the document's text goes (or any field of the record: {{ title }})"
+            )
+        self.messages = [
+            (message["role"], PromptTemplate(message["content"], f"rollout.messages[{i}].content", text_key))
+            for i, message in enumerate(messages or [])
+        ]
+        self.system = PromptTemplate(system_prompt, "rollout.system_prompt", text_key) if system_prompt else None
         self.use_chat = use_chat
-        self.template = template
         self.prompt_key = prompt_key
         self.messages_key = messages_key
         self.system_prompt = system_prompt
         self.identity = f"prompt:{_digest(use_chat, template, prompt_key, messages_key, system_prompt)}"
+        if messages:  # (the identity of a job of an older infermill, without messages, stays as it was)
+            self.identity = f"prompt:{_digest(use_chat, messages, system_prompt)}"
+
+    def templates(self) -> list[PromptTemplate]:
+        """Every template it fills in per document."""
+        found = [self.template, self.system, *(template for _, template in self.messages)]
+        return [template for template in found if template is not None]
+
+    @property
+    def fills_in_fields(self) -> bool:
+        """Whether a template of it names fields of the record (Jinja2), which :meth:`check` checks."""
+        return any(template.jinja for template in self.templates())
+
+    def check(self, document: Document) -> None:
+        """``ConfigError`` if a template names a field that ``document`` (the input's first
+        record) lacks: said before any request is sent, not once per document."""
+        for template in self.templates():
+            template.check(document)
 
     def prompt(self, document: Document) -> str:
         if self.template is not None:
-            return self.template.replace(DOCUMENT_PLACEHOLDER, document.text)
+            return self.template.render(document)
         value = document.text if self.prompt_key == "text" else document.metadata.get(self.prompt_key)  # type: ignore[arg-type]
         if not isinstance(value, str):
             raise ValueError(
@@ -69,7 +104,10 @@ class PromptRollout:
         return value
 
     def payload(self, document: Document) -> dict[str, Any]:
-        if self.messages_key:
+        system = self.system.render(document) if self.system is not None else None
+        if self.messages:
+            messages = [{"role": role, "content": template.render(document)} for role, template in self.messages]
+        elif self.messages_key:
             messages = document.metadata.get(self.messages_key)
             if not isinstance(messages, list):
                 raise ValueError(f"document {document.id}: field {self.messages_key!r} must be a list of messages")
@@ -77,9 +115,9 @@ class PromptRollout:
             messages = [{"role": "user", "content": self.prompt(document)}]
         else:
             prompt = self.prompt(document)
-            return {"prompt": f"{self.system_prompt}\n\n{prompt}" if self.system_prompt else prompt}
-        if self.system_prompt:
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+            return {"prompt": f"{system}\n\n{prompt}" if system else prompt}
+        if system:
+            messages = [{"role": "system", "content": system}, *messages]
         return {"messages": messages}
 
     async def __call__(self, document: Document, generate: Generate, **_: Any) -> InferenceResult:
