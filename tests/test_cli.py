@@ -194,7 +194,11 @@ def test_bad_files_and_bad_set_are_usage_errors(tmp_path):
     cases = {
         "missing rollout": (
             ["run", str(no_rollout)],
-            [f"{no_rollout}: invalid job file", "needs a rollout", "template, prompt_key, messages_key, messages or function"],
+            [
+                f"{no_rollout}: invalid job file",
+                "needs a rollout",
+                "template, prompt_key, messages_key, messages or function",
+            ],
         ),
         "invalid yaml": (["run", str(broken)], [str(broken), "not valid YAML", "line 1"]),
         "missing file": (["run", str(tmp_path / "nope.yaml")], ["cannot read job file", "nope.yaml"]),

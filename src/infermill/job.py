@@ -6,13 +6,13 @@ import functools
 from typing import Any
 
 from infermill.config import without_credentials
+from infermill.errors import InfermillError
 from infermill.io.readers import DocumentReader
 from infermill.io.writers import WRITERS, OpenAIBatchWriter, OutputWriter, ParquetWriter
-from infermill.errors import InfermillError
 from infermill.jobfile import JobConfig
-from infermill.types import Document
 from infermill.rollouts import OpenAIBatchRollout, PromptRollout, load_function
 from infermill.runner import InferenceRunner
+from infermill.types import Document
 
 
 def build_reader(job: JobConfig) -> DocumentReader:
