@@ -105,6 +105,7 @@ class PromptRollout:
 
     def payload(self, document: Document) -> dict[str, Any]:
         system = self.system.render(document) if self.system is not None else None
+        messages: Any
         if self.messages:
             messages = [{"role": role, "content": template.render(document)} for role, template in self.messages]
         elif self.messages_key:
