@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("engine",)),
     ("runs: lifecycles and the runner", ("lifecycles", "runner")),
     ("executors", ("executors.*",)),
-    ("application", ("job", "application")),
+    ("application", ("job", "keys", "application")),
     # the package root ("infermill"): its public names are imported on first use, and its own
     # imports run before any module's (test_package_root_imports_only_the_foundation)
     ("interface", ("cli", "__main__", "")),

@@ -382,6 +382,33 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
     click.echo("check passed")
 
 
+@main.command()
+@click.argument("prefix", required=False, default="")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table (the README's 'Job file keys').")
+def keys(prefix: str, markdown: bool) -> None:
+    """List every key a job file takes (those under PREFIX, e.g. 'output' or 'inference.server'),
+    with its type, default and meaning."""
+    from infermill.keys import job_keys
+    from infermill.keys import markdown as as_markdown
+
+    every = job_keys()
+    found = [key for key in every if key.path.startswith(prefix)]
+    if not found:
+        sections = dict.fromkeys(key.path.split(".")[0] for key in every)
+        _fail(ConfigError(f"no job-file key starts with {prefix!r}: the sections are {', '.join(sections)}"))
+    if markdown:
+        click.echo(as_markdown(found), nl=False)
+        return
+    from rich.table import Table
+
+    table = Table(box=None, show_header=True, header_style="bold")
+    for column in ("key", "type", "default", "meaning"):
+        table.add_column(column, overflow="fold")
+    for key in found:
+        table.add_row(key.path, key.type, key.default, key.meaning)
+    _stdout().print(table)
+
+
 _checkpoints_option = click.option(
     "--checkpoints",
     type=click.Path(file_okay=False),

@@ -90,26 +90,38 @@ class InferenceConfig(BaseModel):
     # otherwise print the whole input, api_key and model_kwargs.server_env included.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
-    server_type: str
-    model_name_or_path: str
-    model_max_context: int = Field(8192, gt=0)
-    use_chat: bool = True
+    server_type: str = Field(description="The server: custom, vllm, sglang, endpoint or dummy.")
+    model_name_or_path: str = Field(description="The model: a Hub id or a local path (its name for an endpoint).")
+    model_max_context: int = Field(8192, gt=0, description="vllm, sglang: the context length (--max-model-len).")
+    use_chat: bool = Field(True, description="Send /v1/chat/completions (true) or /v1/completions (false).")
     endpoint_url: str | list[str] | None = Field(
         None, description="server_type endpoint: its base URL, or a list of them (balanced, failed over)."
     )
-    api_key: SecretStr | None = None
-    tp: int = Field(1, ge=1)
-    dp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
-    default_generation_params: dict[str, Any] = Field(default_factory=dict)
-    rollouts_per_document: int = Field(1, ge=1)
+    api_key: SecretStr | None = Field(
+        None, description="A bearer token for every request (endpoint); INFERMILL_API_KEY keeps it off files."
+    )
+    tp: int = Field(1, ge=1, description="vllm, sglang: tensor-parallel size.")
+    dp: int = Field(1, ge=1, description="vllm, sglang: data-parallel size.")
+    pp: int = Field(1, ge=1, description="vllm, sglang: pipeline-parallel size.")
+    default_generation_params: dict[str, Any] = Field(
+        default_factory=dict, description="Merged into every request body: temperature, max_tokens, seed..."
+    )
+    rollouts_per_document: int = Field(1, ge=1, description="Times the rollout runs per document (samples).")
     max_concurrent_generations: int | Literal["auto"] = Field(
         500, description="Requests in flight per server, or 'auto': found from its throughput and latency."
     )
-    max_concurrent_documents: int | None = Field(None, ge=1)
+    max_concurrent_documents: int | None = Field(
+        None, ge=1, description="Documents whose rollouts run at once; None: as many as the requests allow."
+    )
     request_timeout: float | None = Field(600.0, gt=0, description="Seconds per request; None disables.")
-    model_kwargs: dict[str, Any] | None = None
-    server_log_folder: str | None = None
+    model_kwargs: dict[str, Any] | None = Field(
+        None,
+        description="The server's own flags (custom: --key=value; vllm, sglang: their CLI flags), and server_script, "
+        "server_command, server_env.",
+    )
+    server_log_folder: str | None = Field(
+        None, description="Where each server's output goes; None: OUTPUT/_infermill/logs."
+    )
     gpus_per_worker: int | None = Field(
         None, ge=1, description="GPUs of each local worker (--workers); None: the visible GPUs divided among them."
     )
@@ -128,15 +140,21 @@ class InferenceConfig(BaseModel):
     server_workdir: str | None = Field(
         None, description="A launched server's working directory (a job file: its own folder); None: infermill's."
     )
-    server_start_timeout_sec: float = Field(60.0, gt=0)
-    server_ready_max_attempts: int = Field(300, ge=1)
-    server_ready_delay_sec: float = Field(5.0, gt=0)
-    server_start_max_retries: int = Field(1, ge=0)
-    metric_interval: float = Field(120.0, gt=0)
+    server_start_timeout_sec: float = Field(60.0, gt=0, description="Seconds to launch the server's process.")
+    server_ready_max_attempts: int = Field(
+        300, ge=1, description="Readiness probes before giving up (x server_ready_delay_sec: the wait for ready)."
+    )
+    server_ready_delay_sec: float = Field(5.0, gt=0, description="Seconds between readiness probes.")
+    server_start_max_retries: int = Field(
+        1, ge=0, description="Starts tried again (on a fresh port) after a failed one."
+    )
+    metric_interval: float = Field(
+        120.0, gt=0, description="Seconds between progress lines (off a terminal) and time-series samples; unset: 30."
+    )
 
     # infermill's additions
     server_max_restarts: int = Field(3, ge=0, description="Restarts of a server that died after it was ready.")
-    server_restart_backoff_sec: float = Field(2.0, ge=0)
+    server_restart_backoff_sec: float = Field(2.0, ge=0, description="Wait before a restart, doubled each time.")
     endpoint_ready_timeout_sec: float = Field(
         120.0, gt=0, description="server_type endpoint: give up on an endpoint not ready (GET /v1/models) this long."
     )
@@ -150,8 +168,8 @@ class InferenceConfig(BaseModel):
         True, description="False: only server_fatal_patterns make a line fatal, not the engine's built-in ones."
     )
     request_max_attempts: int = Field(6, ge=1, description="Attempts per request, the first included.")
-    request_backoff_base_sec: float = Field(1.0, ge=0)
-    request_backoff_max_sec: float = Field(60.0, ge=0)
+    request_backoff_base_sec: float = Field(1.0, ge=0, description="A retried request's first wait, doubled each time.")
+    request_backoff_max_sec: float = Field(60.0, ge=0, description="The longest wait between a request's attempts.")
     max_concurrent_generations_limit: int = Field(
         1024, ge=1, description="max_concurrent_generations 'auto': the most requests in flight per server."
     )

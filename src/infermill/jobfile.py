@@ -67,11 +67,11 @@ STORAGE_OPTIONS_HELP = (
 
 
 class InputSection(_Section):
-    path: str | list[str]
-    format: str = "auto"
-    text_key: str = "text"
-    id_key: str = "id"
-    limit: int | None = Field(None, ge=1, description="Documents per rank at most.")
+    path: str | list[str] = Field(description="Files, folders, globs or URLs (s3://...), or a list of them.")
+    format: str = Field("auto", description="jsonl, parquet, csv, hf, openai_batch, or auto: from the file names.")
+    text_key: str = Field("text", description="The field that holds a record's text.")
+    id_key: str = Field("id", description="The field that holds a record's id; without one: FILE:LINE.")
+    limit: int | None = Field(None, ge=1, description="Only the input's first N documents make the job.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description=STORAGE_OPTIONS_HELP)
 
     @field_validator("format")
@@ -81,9 +81,11 @@ class InputSection(_Section):
 
 
 class OutputSection(_Section):
-    path: OneLine
-    format: str = "jsonl"
-    compression: str | None = None
+    path: OneLine = Field(description="The output folder: a path or a URL (s3://bucket/prefix).")
+    format: str = Field("jsonl", description="jsonl, parquet or openai_batch.")
+    compression: str | None = Field(
+        None, description="The files' compression: gzip, zstd or none (Parquet compresses its columns itself)."
+    )
     filename: str | None = Field(None, description="Template with ${rank} and ${chunk_index}.")
     parquet_metadata: str | None = Field(None, description="struct (default), columns or json: see ParquetWriter.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description=STORAGE_OPTIONS_HELP)
@@ -156,15 +158,23 @@ class RolloutSection(_Section):
 
 
 class RunnerSection(_Section):
-    skip_bad_requests: bool = False
-    metadata_key: str = "rollout_results"
-    on_bad_record: Literal["error", "skip"] = "error"
-    world_size: int = Field(1, ge=1)
+    skip_bad_requests: bool = Field(
+        False, description="A request the server refuses (400, 413, 422) skips its document instead of failing it."
+    )
+    metadata_key: str = Field("rollout_results", description="The metadata field that receives the results.")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="A malformed input record fails its unit (error) or is counted, logged and skipped."
+    )
+    world_size: int = Field(1, ge=1, description="Retired (static ranks); every worker takes units from the queue.")
 
 
 class CheckpointSection(_Section):
-    dir: OneLine | None = None
-    records_per_chunk: int = Field(6000, ge=1)
+    dir: OneLine | None = Field(
+        None, description="A shared local folder for the job's state; None: OUTPUT/_infermill (or the S3 store)."
+    )
+    records_per_chunk: int = Field(
+        6000, ge=1, description="Documents per unit: the queue's unit of work and output file."
+    )
     lease_timeout_sec: float = Field(
         120.0, gt=0, description="A unit whose worker did not renew its lease for this long is taken over."
     )
@@ -173,13 +183,13 @@ class CheckpointSection(_Section):
 class SlurmSection(_Section):
     """How ``--executor slurm`` asks Slurm for each worker (an array task)."""
 
-    partition: OneLine | None = None
-    gpus_per_worker: int | None = Field(None, ge=0)
-    cpus_per_worker: int | None = Field(None, ge=1)
+    partition: OneLine | None = Field(None, description="--partition.")
+    gpus_per_worker: int | None = Field(None, ge=0, description="--gres=gpu:N; None: inference.gpus_per_worker.")
+    cpus_per_worker: int | None = Field(None, ge=1, description="--cpus-per-task.")
     mem: OneLine | None = Field(None, description="Memory per worker, as sbatch takes it: '64G'.")
     time: OneLine | None = Field(None, description="Time limit per worker, as sbatch takes it: '1-00:00:00'.")
-    qos: OneLine | None = None
-    account: OneLine | None = None
+    qos: OneLine | None = Field(None, description="--qos.")
+    account: OneLine | None = Field(None, description="--account.")
     sbatch_args: list[OneLine] = Field(default_factory=list, description="Extra #SBATCH lines, e.g. '--exclusive'.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every worker.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run before each worker starts.")
@@ -188,8 +198,10 @@ class SlurmSection(_Section):
 class RaySection(_Section):
     """What each worker of ``--executor ray`` asks Ray for."""
 
-    gpus_per_worker: float | None = Field(None, ge=0)
-    cpus_per_worker: float | None = Field(None, gt=0)
+    gpus_per_worker: float | None = Field(
+        None, ge=0, description="num_gpus of each worker's task; None: inference.gpus_per_worker, else 0."
+    )
+    cpus_per_worker: float | None = Field(None, gt=0, description="num_cpus of each worker's task; None: 1.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every worker.")
 
 
