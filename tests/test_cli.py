@@ -1028,3 +1028,34 @@ def test_a_run_that_serves_no_metrics_does_not_import_prometheus_client(tmp_path
     imported = imported_modules(tmp_path, "run", str(write_job(tmp_path, job_spec(tmp_path))))
     assert (tmp_path / "out" / "_infermill" / "stats.json").exists()  # it ran
     assert "infermill.monitor" in imported and not any(m.startswith("prometheus_client") for m in imported)
+
+
+def test_a_trial_with_limit_writes_the_first_n_documents_apart_and_leaves_the_job_alone(tmp_path):
+    spec = job_spec(tmp_path)
+    spec["inference"] = {"server_type": "dummy", "model_name_or_path": "echo"}
+    spec["checkpoint"] = {"records_per_chunk": 4}
+    job = write_job(tmp_path, spec)
+    out, trial = tmp_path / "out", tmp_path / "out" / "_infermill" / "trial"
+
+    def trial_ids() -> list[str]:
+        return sorted(r["id"] for p in trial.glob("*.jsonl") for r in read_jsonl(p))
+
+    first = infermill(tmp_path, "run", str(job), "--limit", "6")
+    assert first.returncode == 0, output_of(first)
+    assert f"a trial of the first 6 documents, written to {trial}" in first.stderr
+    ids = [json.loads(line)["id"] for line in SAMPLE.read_text().splitlines()]
+    assert trial_ids() == sorted(ids[:6])
+    assert not list(out.glob("*.jsonl")) and not (out / "_infermill" / "queue").exists()  # no job of its own yet
+
+    again = infermill(tmp_path, "run", str(job), "--limit", "3", "--workers", "2")  # started over, not resumed
+    assert again.returncode == 0, output_of(again)
+    assert trial_ids() == sorted(ids[:3])
+
+    whole = infermill(tmp_path, "run", str(job))
+    assert whole.returncode == 0, output_of(whole)
+    assert sorted(r["id"] for p in out.glob("*.jsonl") for r in read_jsonl(p)) == sorted(ids)
+    after = infermill(tmp_path, "run", str(job), "--limit", "2")  # a complete job: its files untouched
+    assert after.returncode == 0, output_of(after)
+    assert trial_ids() == sorted(ids[:2])
+    shown = json.loads(infermill(tmp_path, "status", str(out), "--json").stdout)
+    assert (shown["state"], shown["documents_done"]) == ("complete", SAMPLE_DOCS), shown

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from infermill.errors import ConfigError, InfermillError, StorageError
 from infermill.exitcodes import ExitCode
-from infermill.layout import JobLayout, is_remote
+from infermill.layout import INFERMILL_DIR, TRIAL_DIR, JobLayout, is_remote
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -101,6 +102,17 @@ class Job:
         path = config.output.path
         set_job(path if is_remote(path) else os.path.abspath(path))
         return cls(config, job_file, overrides)
+
+    def trial(self, limit: int) -> Job:
+        """This job cut to its input's first ``limit`` documents and written to its own folder,
+        ``OUTPUT/_infermill/trial`` (and ``CHECKPOINT_DIR/trial``): a trial run that leaves the
+        job's checkpoint and output alone, started over each time it is run."""
+        config = self.config
+        output = config.output.path.rstrip("/")
+        trial = [f"input.limit={limit}", f"output.path={json.dumps(f'{output}/{INFERMILL_DIR}/{TRIAL_DIR}')}"]
+        if config.checkpoint.dir is not None:
+            trial.append(f"checkpoint.dir={json.dumps(os.path.join(config.checkpoint.dir, TRIAL_DIR))}")
+        return Job.load(self.job_file, (*self.overrides, *trial))
 
     @property
     def output(self) -> str:

@@ -140,6 +140,13 @@ def main(verbose: bool) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Discard this job's checkpoint and outputs and start over.")
 @click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="A trial: run the input's first N documents into OUTPUT/_infermill/trial (started over each time), "
+    "leaving the job's own checkpoint and output alone.",
+)
+@click.option(
     "--accept-changed-input",
     is_flag=True,
     help="Resume although input files changed (records fixed in place: the same records, in the same order).",
@@ -202,6 +209,7 @@ def run(
     job_file: str,
     overrides: tuple[str, ...],
     overwrite: bool,
+    limit: int | None,
     accept_changed_input: bool,
     workers: int,
     max_worker_restarts: int,
@@ -226,7 +234,7 @@ def run(
     options = RunOptions(
         workers=workers,
         executor=executor,
-        overwrite=overwrite,
+        overwrite=overwrite or (limit is not None and not as_worker),  # a trial starts over
         accept_changed_input=accept_changed_input,
         max_worker_restarts=max_worker_restarts,
         max_unit_attempts=max_unit_attempts,
@@ -238,6 +246,13 @@ def run(
         ray_address=ray_address,
     )
     job = _load(job_file, overrides, worker=as_worker)
+    if limit is not None:
+        try:
+            job = job.trial(limit)
+        except ConfigError as e:
+            _fail(e)
+        if not as_worker:
+            _say(f"a trial of the first {limit} documents, written to {job.output}: the job itself is left alone")
     try:
         job.prepare_run(options, rank, world_size)
     except ConfigError as e:

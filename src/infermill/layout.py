@@ -11,6 +11,7 @@
       metrics/WORKER.jsonl        each worker's metrics over time (infermill.timeseries)
       slurm/                      the scripts of a job's Slurm submissions
       report.html                 ``infermill report``'s page, unless told another place
+      trial/                      the output of ``infermill run --limit N`` (a job of its own: trial/_infermill/)
 
 An older infermill kept static ranks' checkpoints in ``checkpoints/rank_RRRRR/``: they are
 refused (:meth:`JobLayout.legacy_ranks`), never read.
@@ -38,6 +39,8 @@ from typing import Any
 from infermill.errors import ConfigError
 
 INFERMILL_DIR = "_infermill"
+#: where ``infermill run --limit N`` writes, in the job's folder (or its checkpoint.dir)
+TRIAL_DIR = "trial"
 #: the queue's plan, in its folder: a job of the work queue is one with a plan
 PLAN_FILE = "plan.json"
 
