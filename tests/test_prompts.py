@@ -155,3 +155,29 @@ def test_a_literal_brace_placeholder_is_refused_at_check_and_run(tmp_path, comma
     result = infermill(tmp_path, command, str(path))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "rollout.template: {product} is not a placeholder infermill fills in" in result.stderr
+
+
+@pytest.mark.parametrize("output", [{"format": "jsonl"}, {"format": "parquet"},
+                                    {"format": "parquet", "parquet_metadata": "columns"},
+                                    {"format": "parquet", "parquet_metadata": "json"}])  # fmt: skip
+def test_generated_text_writes_the_first_results_text_as_a_top_level_field(tmp_path, output):
+    import pyarrow.parquet as pq
+    import yaml
+
+    path = job(tmp_path, {"template": "{{ title }}: {{ text }}"})
+    spec = yaml.safe_load(path.read_text())
+    spec["output"] |= output
+    spec["runner"] = {"generated_text": True}
+    path.write_text(yaml.safe_dump(spec))
+    result = infermill(tmp_path, "run", str(path))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    if output["format"] == "jsonl":
+        rows = [r for p in out.glob("*.jsonl") for r in read_jsonl(p)]
+    else:
+        rows = [r for p in out.glob("*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert {r["id"]: r["generated_text"] for r in rows} == {"a": "Kettle: A kettle.", "b": "Topf: Ein Topf."}
+    if output.get("parquet_metadata") != "json":
+        columns = output.get("parquet_metadata") == "columns"  # (each metadata key a column of its own)
+        results = {r["id"]: (r if columns else r["metadata"])["rollout_results"][0]["text"] for r in rows}
+        assert results == {r["id"]: r["generated_text"] for r in rows}  # beside the results, not instead

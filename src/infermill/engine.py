@@ -42,7 +42,7 @@ from infermill.metrics import LatencyHistogram, RunStats
 from infermill.queue import WorkQueue
 from infermill.retry import RetryAction, RetryPolicy, overloaded
 from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerState
-from infermill.types import END_OF_INPUT, Document, InferenceResult
+from infermill.types import END_OF_INPUT, GENERATED_TEXT, Document, InferenceResult
 
 if TYPE_CHECKING:
     from infermill.monitor import Monitor
@@ -145,6 +145,16 @@ def _context_dict(entered: Any) -> dict[str, Any]:
     return entered
 
 
+def result_text(result: Any) -> str | None:
+    """The text of a rollout's result: an ``InferenceResult``'s, a string, or a dict's ``text``."""
+    if isinstance(result, InferenceResult):
+        return result.text
+    if isinstance(result, str):
+        return result
+    text = result.get("text") if isinstance(result, dict) else None
+    return text if isinstance(text, str) else None
+
+
 class EngineSettings(Protocol):
     """What the engine reads of the job it runs for (an ``InferenceRunner`` has all of it)."""
 
@@ -154,6 +164,7 @@ class EngineSettings(Protocol):
     metadata_key: str
     skip_bad_requests: bool
     no_results_marks: dict[str, Any]  # also set on a document with no results
+    generated_text: bool  # the first result's text also as the record's top-level generated_text
     retry_policy: RetryPolicy
 
 
@@ -297,6 +308,8 @@ class DocumentEngine:
         record: dict[str, Any] = {"id": str(document.id), "text": document.text, "metadata": document.metadata}
         if (media := getattr(document, "media", None)) is not None:
             record["media"] = media
+        if self.settings.generated_text:
+            record[GENERATED_TEXT] = result_text(kept[0])
         try:
             data = orjson.dumps(record, default=_encode_result, option=orjson.OPT_PASSTHROUGH_DATACLASS)
         except TypeError as e:

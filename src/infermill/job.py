@@ -109,6 +109,7 @@ def build_runner(
         records_per_chunk=job.checkpoint.records_per_chunk,
         metadata_key=job.runner.metadata_key,
         skip_bad_requests=job.runner.skip_bad_requests,
+        generated_text=job.runner.generated_text,
         job_identity={
             # (not how it is reached: an endpoint or credentials that change do not change the job)
             "input": job.input.model_dump(mode="json", exclude={"limit", "storage_options"}),

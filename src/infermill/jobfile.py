@@ -162,6 +162,9 @@ class RunnerSection(_Section):
         False, description="A request the server refuses (400, 413, 422) skips its document instead of failing it."
     )
     metadata_key: str = Field("rollout_results", description="The metadata field that receives the results.")
+    generated_text: bool = Field(
+        False, description="Also write the first result's text as a top-level generated_text field (column)."
+    )
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="A malformed input record fails its unit (error) or is counted, logged and skipped."
     )

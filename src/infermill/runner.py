@@ -45,6 +45,8 @@ class InferenceRunner:
         skip_bad_requests: skip (and record) documents the server rejected as bad requests,
             instead of failing the job.
         job_identity: what else identifies the job (its input), checked when a run resumes.
+        generated_text: also write the first result's text as the record's top-level
+            ``generated_text`` (a column in Parquet), beside the results under ``metadata_key``.
         overwrite: discard the checkpoint and output files of an earlier run and start over.
         accept_changed_input: resume although the input files changed since the checkpoint was
             written (for records fixed in place: the same records, in the same order).
@@ -80,6 +82,7 @@ class InferenceRunner:
         metadata_key: str = "rollout_results",
         skip_bad_requests: bool = False,
         job_identity: dict[str, Any] | None = None,
+        generated_text: bool = False,
         overwrite: bool = False,
         accept_changed_input: bool = False,
     ):
@@ -103,6 +106,7 @@ class InferenceRunner:
         self.metadata_key = metadata_key
         self.skip_bad_requests = skip_bad_requests
         self.job_identity = dict(job_identity or {})
+        self.generated_text = generated_text
         self.overwrite = overwrite
         self.accept_changed_input = accept_changed_input
         self.retry_policy = RetryPolicy.from_config(config)
@@ -200,5 +204,6 @@ class InferenceRunner:
             "rollouts_per_document": self.config.rollouts_per_document,
             "output": f"{self.output_writer.output_folder}/{self.output_writer.output_filename}",
             "metadata_key": self.metadata_key,
+            **({"generated_text": True} if self.generated_text else {}),  # (an older job's identity as it was)
             "inference": self.config.reply_identity(),
         }

@@ -9,6 +9,10 @@ from typing import Any, Final
 END_OF_INPUT: Final = object()
 
 
+#: a record's top-level field of its first result's text (``runner.generated_text``), as Ray Data names it
+GENERATED_TEXT = "generated_text"
+
+
 @dataclass(slots=True)
 class Document:
     """One input record. ``metadata`` receives the rollout results under the runner's key."""

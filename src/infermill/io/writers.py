@@ -17,7 +17,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from itertools import chain, islice
 from string import Template
 from typing import IO, Any
 
@@ -25,6 +25,7 @@ import orjson
 
 from infermill.errors import InfermillError
 from infermill.io.filesystems import StorageOptions, reaching, url_to_fs
+from infermill.types import GENERATED_TEXT
 
 COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
 _SCHEMA_LOCK = threading.Lock()  # the Parquet job schema's read-widen-write, among this process's threads
@@ -240,7 +241,7 @@ class ParquetWriter(OutputWriter):
     extension = ".parquet"
     LAYOUTS = ("struct", "columns", "json")
     SCHEMA_FILE = "_common_metadata"
-    BASE_COLUMNS = ("id", "text", "media")
+    BASE_COLUMNS = ("id", "text", GENERATED_TEXT, "media")
 
     def __init__(
         self,
@@ -264,10 +265,11 @@ class ParquetWriter(OutputWriter):
             return self._write_json_layout(file, records)
         held = list(records)  # one chunk: its types are inferred over all of it before writing
         fields, as_json = self._fields(held)
-        schema = self._schema(fields)
+        generated = any(GENERATED_TEXT in as_dict(r) for r in held[:1])  # runner.generated_text: every record's
+        schema = self._schema(fields, generated)
         with pq.ParquetWriter(file, schema, compression="zstd") as parquet:
             for start in range(0, len(held), PARQUET_ROWS_PER_GROUP):
-                rows = [self._row(r, fields, as_json) for r in held[start : start + PARQUET_ROWS_PER_GROUP]]
+                rows = [self._row(r, fields, as_json, generated) for r in held[start : start + PARQUET_ROWS_PER_GROUP]]
                 parquet.write_table(pa.Table.from_pylist(rows, schema=schema))
         self._store_job_schema(schema)
         return len(held)
@@ -304,23 +306,27 @@ class ParquetWriter(OutputWriter):
             )
         return fields, as_json
 
-    def _schema(self, fields: dict[str, Any]) -> Any:
+    def _schema(self, fields: dict[str, Any], generated: bool = False) -> Any:
+        """The chunk's schema; ``generated``: with a ``generated_text`` column after ``text``."""
         import pyarrow as pa
 
+        base = [("id", pa.string()), ("text", pa.string()), *([(GENERATED_TEXT, pa.string())] if generated else [])]
         if self.metadata_layout == "columns":
-            columns = [("id", pa.string()), ("text", pa.string()), ("media", pa.string()), *fields.items()]
+            columns = [*base, ("media", pa.string()), *fields.items()]
         else:
             metadata = pa.struct(list(fields.items())) if fields else pa.null()  # Parquet has no empty struct
-            columns = [("id", pa.string()), ("text", pa.string()), ("metadata", metadata), ("media", pa.string())]
+            columns = [*base, ("metadata", metadata), ("media", pa.string())]
         return pa.schema(columns, metadata={"infermill_metadata_layout": self.metadata_layout})
 
-    def _row(self, record: Record, fields: dict[str, Any], as_json: set[str]) -> dict[str, Any]:
+    def _row(self, record: Record, fields: dict[str, Any], as_json: set[str], generated: bool) -> dict[str, Any]:
         r = as_dict(record)
         metadata = {
             (f"{k}_json" if k in as_json else k): (_json_text(v) if k in as_json else v)
             for k, v in (r.get("metadata") or {}).items()
         }
         row = {"id": str(r["id"]), "text": r.get("text"), "media": _json_text(r.get("media"))}
+        if generated:
+            row[GENERATED_TEXT] = r.get(GENERATED_TEXT)
         if self.metadata_layout == "columns":
             return {**metadata, **row}
         return {**row, "metadata": metadata if fields else None}
@@ -385,15 +391,21 @@ class ParquetWriter(OutputWriter):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema(
-            [("id", pa.string()), ("text", pa.string()), ("metadata", pa.string()), ("media", pa.string())]
-        )
+        records = iter(records)
+        first = next(records, None)
+        if first is None:
+            return 0
+        generated = GENERATED_TEXT in as_dict(first)  # runner.generated_text: every record's
+        base = [("id", pa.string()), ("text", pa.string()), *([(GENERATED_TEXT, pa.string())] if generated else [])]
+        schema = pa.schema([*base, ("metadata", pa.string()), ("media", pa.string())])
         count = 0
+        records = chain([first], records)
         with pq.ParquetWriter(file, schema, compression="zstd") as parquet:
             while batch := [as_dict(record) for record in islice(records, PARQUET_ROWS_PER_GROUP)]:
                 columns = {
                     "id": [str(r["id"]) for r in batch],
                     "text": [r.get("text") for r in batch],
+                    **({GENERATED_TEXT: [r.get(GENERATED_TEXT) for r in batch]} if generated else {}),
                     "metadata": [orjson.dumps(r.get("metadata") or {}).decode() for r in batch],
                     "media": [_json_text(r.get("media")) for r in batch],
                 }
