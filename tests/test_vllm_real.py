@@ -11,6 +11,7 @@ the tests that can share it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -259,3 +260,37 @@ def test_a_bad_model_path_fails_fast_quoting_vllms_error(tmp_path):
     assert rc != 0
     assert "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" in output, output[-3000:]
     assert elapsed < 60, f"{elapsed:.0f} s"
+
+
+CAPITAL_SCHEMA = {
+    "type": "object",
+    "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+    "required": ["country", "capital"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_on_the_real_engine_every_written_record_matches_the_schema(model_dir, tmp_path):
+    """rollout.response_format on vLLM: its guided decoding keeps every reply to the schema, and
+    infermill checks each one; the records written carry the parsed object."""
+    from jsonschema import validate
+
+    path = write_job(tmp_path, model_dir, max_concurrent_generations=8, default_generation_params={"max_tokens": 48})
+    spec = yaml.safe_load(path.read_text())
+    spec["rollout"] = {
+        "template": 'Country: {{ text.split("of ")[1].rstrip("?") }}. Reply with its capital as JSON.',
+        "response_format": CAPITAL_SCHEMA,
+    }
+    spec["input"]["limit"] = 16
+    path.write_text(yaml.safe_dump(spec))
+    tag = uuid.uuid4().hex
+    proc = start_job(path, tag)
+    assert finish(proc, 600) == 0, (tmp_path / "infermill.out").read_text()[-3000:]
+    records = [r for p in sorted((tmp_path / "out").glob("*.jsonl")) for r in read_jsonl(p)]
+    failures = [r for p in (tmp_path / "out" / "_infermill" / "failures").glob("*.jsonl") for r in read_jsonl(p)]
+    assert len(records) + len(failures) == 16 and len(records) >= 12, (len(records), failures[:2])
+    for record in records:
+        result = record["metadata"]["rollout_results"][0]
+        validate(result["parsed"], CAPITAL_SCHEMA)
+        assert json.loads(result["text"]) == result["parsed"]
+    assert not [p for p in _tagged_processes(tag) if running(p)]

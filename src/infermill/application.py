@@ -126,6 +126,10 @@ class Job:
         that its folders are writable (not for a Slurm dry run, which writes nothing); the job's
         server logs go to its logs folder unless the job names one. Returns its layout."""
         job, workers = self.config, options.workers
+        if not job.rollout.function:  # its templates parse, its schema is one: said before a server starts
+            from infermill.job import build_rollout
+
+            build_rollout(job)
         if options.metrics_port is not None:
             job.inference.metrics_port = options.metrics_port
         port = job.inference.metrics_port

@@ -42,6 +42,7 @@ from infermill.metrics import LatencyHistogram, RunStats
 from infermill.queue import WorkQueue
 from infermill.retry import RetryAction, RetryPolicy, overloaded
 from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerState
+from infermill.structured import InvalidReplyError
 from infermill.types import END_OF_INPUT, GENERATED_TEXT, Document, InferenceResult
 
 if TYPE_CHECKING:
@@ -285,7 +286,9 @@ class DocumentEngine:
             else:  # one fails: all stop
                 results = await _run_all([self._rollout(document, index, i, affinity) for i in range(n)])
         except InferenceError as e:
-            if self.settings.skip_bad_requests and is_bad_request(e):
+            # a reply that never matched the rollout's schema: recorded, with the reply, and skipped
+            # (as a bad request is with skip_bad_requests): the documents around it go on
+            if (self.settings.skip_bad_requests and is_bad_request(e)) or isinstance(e.error, InvalidReplyError):
                 stats.documents_skipped += 1
                 stats.documents_processed += 1
                 document.metadata[self.settings.metadata_key] = []  # as datatrove; not written

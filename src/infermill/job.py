@@ -56,6 +56,8 @@ def build_rollout(job: JobConfig) -> Any:
         r.system_prompt,
         messages,
         text_key=job.input.text_key,
+        response_format=r.response_format,
+        response_retries=r.response_retries,
     )
 
 
@@ -85,8 +87,9 @@ def rollout_settings(job: JobConfig) -> dict[str, Any]:
     """The job file's rollout section as the job's identity records it: readable, so that a
     refused resume names the setting that changed (``rollout.prompt_key``), not a digest;
     ``shared_context_kwargs`` without credentials."""
-    # (messages only when given: a job of an infermill without them is resumed as the same job)
-    excluded = {"shared_context_kwargs"} | ({"messages"} if job.rollout.messages is None else set())
+    # (the newer keys only when given: a job of an infermill without them resumes as the same job)
+    unset = {"messages", "response_format", "response_retries"} - job.rollout.model_fields_set
+    excluded = {"shared_context_kwargs", *unset}
     settings = job.rollout.model_dump(mode="json", exclude=excluded)
     if job.rollout.shared_context_kwargs:
         settings["shared_context_kwargs"] = without_credentials(job.rollout.shared_context_kwargs)

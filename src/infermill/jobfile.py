@@ -131,6 +131,16 @@ class RolloutSection(_Section):
         None, description="Chat messages ({role, content}), each content a template as rollout.template."
     )
     system_prompt: str | None = Field(None, description="A system message (a template too) before the prompt.")
+    response_format: dict[str, Any] | str | None = Field(
+        None,
+        description="A JSON schema (a mapping), or 'module:Model' / 'file.py:Model' (a Pydantic model), every reply "
+        "must match: sent as response_format json_schema, each reply validated, its value written as parsed.",
+    )
+    response_retries: list[dict[str, Any]] | None = Field(
+        None,
+        description="The sampling settings of each new try of a reply that does not match response_format or was "
+        "cut (finish_reason: length), in order; None: [{temperature: 0.3}, {temperature: 0.7}].",
+    )
     function: str | None = Field(None, description="'module:function' or 'path/to/file.py:function'.")
     shared_context: str | None = Field(
         None,
@@ -152,6 +162,10 @@ class RolloutSection(_Section):
             )
         if (self.shared_context or self.shared_context_kwargs) and not self.function:
             raise ValueError("shared_context gives a function rollout its keyword arguments: set rollout.function too")
+        if (self.response_format is not None or self.response_retries is not None) and self.function:
+            raise ValueError("response_format applies to template, prompt_key, messages_key and messages rollouts")
+        if self.response_retries is not None and self.response_format is None:
+            raise ValueError("response_retries are the new tries of a reply that does not match: set response_format")
         if self.shared_context_kwargs and not self.shared_context:
             raise ValueError("shared_context_kwargs are the arguments of rollout.shared_context: set it too")
         return self

@@ -17,6 +17,7 @@ from typing import Any
 
 from infermill.errors import ConfigError
 from infermill.prompts import DOCUMENT_PLACEHOLDER, PromptTemplate
+from infermill.structured import InvalidReplyError, ReplySchema
 from infermill.types import Document, InferenceResult
 
 #: ``generate(payload, *, path=None)``: what the runner hands a rollout
@@ -25,6 +26,10 @@ Generate = Callable[..., Awaitable[InferenceResult]]
 
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+#: the sampling settings of the retries of a reply that does not match ``response_format``
+DEFAULT_RESPONSE_RETRIES: tuple[dict[str, Any], ...] = ({"temperature": 0.3}, {"temperature": 0.7})
 
 
 class PromptRollout:
@@ -41,6 +46,8 @@ class PromptRollout:
         system_prompt: str | None = None,
         messages: list[dict[str, str]] | None = None,
         text_key: str = "text",
+        response_format: dict[str, Any] | str | None = None,
+        response_retries: list[dict[str, Any]] | None = None,
     ):
         given = [
             name
@@ -76,6 +83,10 @@ class PromptRollout:
         self.identity = f"prompt:{_digest(use_chat, template, prompt_key, messages_key, system_prompt)}"
         if messages:  # (the identity of a job of an older infermill, without messages, stays as it was)
             self.identity = f"prompt:{_digest(use_chat, messages, system_prompt)}"
+        self.schema = reply_schema(response_format) if response_format is not None else None
+        self.response_retries = list(DEFAULT_RESPONSE_RETRIES if response_retries is None else response_retries)
+        if self.schema is not None:
+            self.identity += f":schema:{_digest(self.schema.schema, self.response_retries)}"
 
     def templates(self) -> list[PromptTemplate]:
         """Every template it fills in per document."""
@@ -122,7 +133,19 @@ class PromptRollout:
         return {"messages": messages}
 
     async def __call__(self, document: Document, generate: Generate, **_: Any) -> InferenceResult:
-        return await generate(self.payload(document))
+        payload = self.payload(document)
+        if self.schema is None:
+            return await generate(payload)
+        payload["response_format"] = self.schema.response_format()
+        ladder = [{}, *self.response_retries]
+        for settings in ladder:  # a reply that does not match is asked again, with the next settings
+            result = await generate({**payload, **settings})
+            try:
+                result.parsed = self.schema.parse(result)
+                return result
+            except ValueError as e:
+                reason = str(e)
+        raise InvalidReplyError(reason, result.text, len(ladder))
 
 
 class OpenAIBatchRollout:
@@ -134,6 +157,14 @@ class OpenAIBatchRollout:
         request = document.metadata.get("openai_batch") or {}
         result = await generate(dict(request.get("body") or {}), path=request.get("url"))
         return result.raw
+
+
+def reply_schema(value: dict[str, Any] | str, field: str = "rollout.response_format") -> ReplySchema:
+    """The schema a job file's ``response_format`` gives: a JSON schema, or ``module:Model`` /
+    ``file.py:Model`` naming a Pydantic model."""
+    if isinstance(value, dict):
+        return ReplySchema(value, str(value.get("title") or "reply"), field)
+    return ReplySchema.from_model(load_function(value, field), value, field)
 
 
 def load_function(spec: str, field: str = "rollout.function") -> Callable[..., Any]:

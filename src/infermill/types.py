@@ -26,18 +26,23 @@ class Document:
 @dataclass(slots=True)
 class InferenceResult:
     """The parsed reply to one ``generate`` call; ``raw`` is the server's whole JSON reply
-    (not written to the output unless the rollout returns it)."""
+    (not written to the output unless the rollout returns it); ``parsed``: the reply's JSON value,
+    once it matched the rollout's ``response_format`` (written only then)."""
 
     text: str
     finish_reason: str | None
     usage: dict[str, Any]
     reasoning: str = ""
     raw: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    parsed: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        written = {
             "text": self.text,
             "finish_reason": self.finish_reason,
             "usage": self.usage,
             "reasoning": self.reasoning,
         }
+        if self.parsed is not None:
+            written["parsed"] = self.parsed
+        return written

@@ -1,0 +1,62 @@
+"""A chat server for structured output: it refuses a request without ``response_format`` (400),
+and answers with the reply its prompt chooses by the request's temperature.
+
+The prompt (the last chat message) is a JSON object of replies: ``{"default": REPLY, "0.7":
+REPLY, ...}``, the one under ``str(temperature)`` if the request has it, else ``default``. A
+reply that starts with ``LENGTH:`` is the rest, with ``finish_reason: length``. Each request is
+appended to ``--requests FILE`` as a JSON line ``{"temperature", "prompt", "response_format"}``.
+"""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import _common
+
+p = _common.parser(__doc__)
+p.add_argument("--requests", required=True)
+args = _common.parse(p)
+lock = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self._json(200, {"object": "list", "data": [{"id": "test", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        prompt = body["messages"][-1]["content"]
+        with lock, open(args.requests, "a") as f:
+            entry = {
+                "temperature": body.get("temperature"),
+                "prompt": prompt,
+                "response_format": body.get("response_format"),
+            }
+            f.write(json.dumps(entry) + "\n")
+        if (body.get("response_format") or {}).get("type") != "json_schema":
+            return self._json(400, {"error": {"message": "this server answers only with response_format json_schema"}})
+        replies = json.loads(prompt)
+        reply = replies.get(str(body.get("temperature")), replies["default"])
+        finish = "length" if reply.startswith("LENGTH:") else "stop"
+        text = reply.removeprefix("LENGTH:")
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        self._json(200, {"id": "s", "object": "chat.completion", "model": "test", "choices": [choice], "usage": usage})
+
+    def _json(self, status: int, obj) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+server.daemon_threads = True
+threading.Thread(target=server.serve_forever, daemon=True).start()
+_common.say(_common.READY_LINE)
+_common.wait_forever()
