@@ -25,7 +25,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "foundation",
         ("errors", "exitcodes", "types", "version", "eventloop", "logs", "metrics", "concurrency", "echo_app"),
     ),
-    ("configuration", ("config", "servertypes", "layout", "gpus", "retry", "prompts", "structured", "rollouts")),
+    (
+        "configuration",
+        ("config", "servertypes", "layout", "gpus", "retry", "cost", "prompts", "structured", "rollouts"),
+    ),
     ("outside world: files, HTTP, servers", ("io.*", "client", "servers.*", "datatrove_compat", "jobfile")),
     (
         "checkpoints: the work queue",

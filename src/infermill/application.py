@@ -22,13 +22,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from infermill.errors import ConfigError, InfermillError, StorageError
+from infermill.errors import BudgetExceededError, ConfigError, InfermillError, StorageError
 from infermill.exitcodes import ExitCode
 from infermill.layout import INFERMILL_DIR, TRIAL_DIR, JobLayout, is_remote
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from infermill.cost import Spend
     from infermill.io.readers import DocumentReader
     from infermill.jobfile import JobConfig
     from infermill.jobstatus import JobProgress
@@ -361,6 +362,12 @@ class Job:
             return WorkersOutcome(ExitCode.OK, stats, exit_codes=codes)
         if (failed := failed_units_error(queue)) is not None:
             return WorkersOutcome(ExitCode.UNITS_FAILED, stats, failed, codes)
+        if ExitCode.BUDGET in codes:
+            over = BudgetExceededError(
+                f"the job stopped at its cost.budget ({status.units_done} of {status.units_total} units done): raise "
+                "it (--set cost.budget=...) and run the same command to go on"
+            )
+            return WorkersOutcome(ExitCode.BUDGET, stats, over, codes)
         exits = f"; the workers exited with codes {', '.join(map(str, codes))}" if codes else ""
         error = InfermillError(
             f"the job is not complete: {status.units_done} of {status.units_total} units done{exits} (see their "
@@ -498,6 +505,7 @@ class JobStatus:
     progress: JobProgress
     replicas: list[dict[str, Any]]
     check: OutputCheck | None = None
+    cost: Spend | None = None  # a job with prices: spent so far (as its workers kept their stats), forecast
 
     @property
     def queue(self) -> QueueStatus:
@@ -507,6 +515,8 @@ class JobStatus:
         import dataclasses
 
         document = {**self.progress.as_dict(), "replicas": self.replicas}
+        if self.cost is not None:
+            document["cost"] = self.cost.as_dict()
         if self.check is not None:
             document["lost_outputs"] = [dataclasses.asdict(entry) for entry in self.check.lost]
             document["unchecked_outputs"] = self.check.unchecked
@@ -516,12 +526,15 @@ class JobStatus:
 def job_status(layout: JobLayout, output: str, verify: bool = False) -> JobStatus:
     """Where the job of the work queue laid out by ``layout`` stands; ``verify``: also check
     every done unit's output file."""
+    from infermill.cost import spend
     from infermill.jobstatus import job_progress
     from infermill.worker import read_stats
 
     check = check_outputs(layout, output) if verify else None
     progress = job_progress(layout)
-    return JobStatus(progress, read_stats(layout).get("replicas") or [], check)
+    stats = read_stats(layout)
+    cost = spend(stats, progress.queue.documents_total)
+    return JobStatus(progress, stats.get("replicas") or [], check, cost)
 
 
 def stream_ranks_status(layout: JobLayout, output: str) -> dict[int, QueueStatus]:

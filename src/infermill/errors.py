@@ -37,6 +37,11 @@ class UnitsFailedError(InfermillError):
     other units are done, and a rerun retries only the failed ones."""
 
 
+class BudgetExceededError(InfermillError):
+    """The job's spend, or its forecast, passed its ``cost.budget``: its workers stopped, giving
+    their units back (what they had finished is kept); raise the budget and run it again to go on."""
+
+
 class LeaseLostError(InfermillError):
     """This worker no longer holds its unit of the work queue (another worker took it over, its
     lease went stale, or the unit was marked failed): it must not commit the unit."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from infermill.errors import ConfigError, QueueCorruptError, UnitsFailedError
+from infermill.errors import BudgetExceededError, ConfigError, QueueCorruptError, UnitsFailedError
 
 
 class ExitCode(IntEnum):
@@ -28,13 +28,16 @@ class ExitCode(IntEnum):
     #: units failed for good (their documents, or their workers, every attempt); the others are
     #: done, and the same command retries only the failed ones
     UNITS_FAILED = 3
+    #: the job's spend or forecast passed its ``cost.budget``: its workers gave their units back, what
+    #: they finished is kept; raise the budget (``--set cost.budget=...``) and run it again to go on
+    BUDGET = 4
     #: stopped by SIGINT or SIGTERM; the checkpoint is kept
     INTERRUPTED = 130
 
 
 #: exit codes of a worker that mean "do not start it again": done, a usage error, units failed
-#: (the job's fault, not the worker's), stopped on request
-FINAL = frozenset({ExitCode.OK, ExitCode.USAGE, ExitCode.UNITS_FAILED, ExitCode.INTERRUPTED})
+#: (the job's fault, not the worker's), over budget, stopped on request
+FINAL = frozenset({ExitCode.OK, ExitCode.USAGE, ExitCode.UNITS_FAILED, ExitCode.BUDGET, ExitCode.INTERRUPTED})
 
 
 def exit_code(error: BaseException) -> ExitCode:
@@ -45,4 +48,6 @@ def exit_code(error: BaseException) -> ExitCode:
         return ExitCode.USAGE
     if isinstance(error, UnitsFailedError):
         return ExitCode.UNITS_FAILED
+    if isinstance(error, BudgetExceededError):
+        return ExitCode.BUDGET
     return ExitCode.FAILED  # a server, a storage or a worker error: resumable

@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 from infermill.config import without_credentials
+from infermill.cost import prices_of
 from infermill.errors import InfermillError
 from infermill.io.readers import DocumentReader
 from infermill.io.writers import WRITERS, OpenAIBatchWriter, OutputWriter, ParquetWriter
@@ -113,6 +114,7 @@ def build_runner(
         metadata_key=job.runner.metadata_key,
         skip_bad_requests=job.runner.skip_bad_requests,
         generated_text=job.runner.generated_text,
+        prices=prices_of(job.cost, job.inference),
         job_identity={
             # (not how it is reached: an endpoint or credentials that change do not change the job)
             "input": job.input.model_dump(mode="json", exclude={"limit", "storage_options"}),

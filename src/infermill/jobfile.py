@@ -9,6 +9,7 @@
     checkpoint: {dir, records_per_chunk, lease_timeout_sec}
     slurm:     {partition, gpus_per_worker, cpus_per_worker, mem, time, qos, account, sbatch_args, env, setup}
     ray:       {gpus_per_worker, cpus_per_worker, env}
+    cost:      {gpu_hour, input_per_million, output_per_million, gpus_per_worker, budget}
 
 Unknown keys and wrong types are rejected with the key's full path and what was expected.
 
@@ -222,6 +223,23 @@ class RaySection(_Section):
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every worker.")
 
 
+class CostSection(_Section):
+    """The job's prices (any currency: the figures are in it), and its budget."""
+
+    gpu_hour: float = Field(0.0, ge=0, description="Price of one GPU-hour (self-hosted servers).")
+    input_per_million: float = Field(0.0, ge=0, description="Price of a million prompt tokens (endpoints).")
+    output_per_million: float = Field(0.0, ge=0, description="Price of a million completion tokens (endpoints).")
+    gpus_per_worker: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs one worker pays for; None: inference.gpus_per_worker, else tp x dp x pp for vllm and "
+        "sglang, 1 for custom, 0 for endpoint and dummy; times inference.replicas.",
+    )
+    budget: float | None = Field(
+        None, gt=0, description="Stop the job (exit 4, units given back) once its spend or its forecast passes this."
+    )
+
+
 class JobConfig(_Section):
     """A whole job, as read from a job file."""
 
@@ -233,6 +251,7 @@ class JobConfig(_Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     slurm: SlurmSection = Field(default_factory=SlurmSection)
     ray: RaySection = Field(default_factory=RaySection)
+    cost: CostSection | None = None
 
     def layout(self) -> JobLayout:
         """Where the job keeps its checkpoints, stats, failures and logs; a ConfigError for a

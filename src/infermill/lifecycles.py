@@ -19,13 +19,14 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from infermill.cost import spend
 from infermill.engine import DocumentEngine, EngineSettings, enter_shared_context
-from infermill.errors import InfermillError, ServerError
+from infermill.errors import BudgetExceededError, InfermillError, ServerError
 from infermill.eventloop import fewer_gc_passes
 from infermill.io.readers import DocumentReader
 from infermill.io.writers import OutputWriter
@@ -38,6 +39,7 @@ from infermill.worker import (
     UnitSource,
     WorkerDeaths,
     failed_units_error,
+    job_stats_with,
     open_queue,
     sum_job_stats,
     write_run_stats,
@@ -45,6 +47,7 @@ from infermill.worker import (
 )
 
 if TYPE_CHECKING:
+    from infermill.cost import Prices
     from infermill.io.units import UnitPlan
 
 logger = logging.getLogger("infermill.runner")  # the runner's log, as before the lifecycles had a module
@@ -55,6 +58,7 @@ class RunSettings(EngineSettings, Protocol):
 
     output_writer: OutputWriter
     shared_context: Any
+    prices: Prices | None
     records_per_chunk: int
     overwrite: bool
     accept_changed_input: bool
@@ -218,7 +222,7 @@ async def _work_on_queue(
         from infermill.queue_storage_s3 import requests_sent
 
         run.store_requests_at_start = requests_sent()
-    source = UnitSource(queue, journal, reader, plan, run.stats)
+    source = UnitSource(queue, journal, reader, plan, run.stats, _budget_check(job, run, queue, plan))
     run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
     journal.before_commit = _stats_before_commit(job, run, queue)
     runs.append(run)
@@ -231,6 +235,7 @@ async def _work_on_queue(
         with fewer_gc_passes():
             async with monitor, enter_shared_context(job.shared_context) as context, server_scope as started:
                 await run.process(source, started, context)
+        stopped_on_request = source.budget_stop is not None  # its units are given back, not given up
     except asyncio.CancelledError:
         stopped_on_request = True  # its units are given back; an error gives them up, as an attempt
         raise
@@ -252,8 +257,33 @@ async def _work_on_queue(
             stats = _keep_stats(job, run, queue, final=not stalled)
     if (error := await asyncio.to_thread(failed_units_error, queue)) is not None:
         raise error
+    if source.budget_stop is not None:
+        raise BudgetExceededError(
+            f"{source.budget_stop}: this worker stopped and gave its units back (what it finished is kept); raise "
+            "cost.budget (--set cost.budget=...) and run the same command to go on"
+        )
     logger.info("worker %s done: %s", queue.worker_id, run.stats.summary())
     return stats
+
+
+def _budget_check(
+    job: RunSettings, run: DocumentEngine, queue: WorkQueue, plan: UnitPlan
+) -> Callable[[], Awaitable[str | None]] | None:
+    """The ``UnitSource``'s check of the job's spend against its budget: the job's stats as its
+    workers kept them, with this run's as they stand; None for a job without a budget. The
+    forecast counts once a unit's worth of documents is processed (before, the server's start
+    weighs too much in it)."""
+    if job.prices is None or job.prices.budget is None:
+        return None
+
+    async def over_budget() -> str | None:
+        own = _stats_of(job, run, queue)  # (on the loop)
+        total = await asyncio.to_thread(job_stats_with, job.layout, own)
+        found = spend(total, plan.documents)
+        trusted = (total.get("documents_processed") or 0) >= min(plan.records_per_unit, plan.documents)
+        return found.over_budget(trusted) if found is not None else None
+
+    return over_budget
 
 
 def _stats_before_commit(job: RunSettings, run: DocumentEngine, queue: WorkQueue) -> Callable[[], Callable[[], None]]:
@@ -308,6 +338,8 @@ def _stats_of(job: RunSettings, run: DocumentEngine, queue: WorkQueue) -> dict[s
         "worker": queue.worker_id,
         "model": job.config.model_name_or_path,  # named by `infermill report`
     }
+    if job.prices is not None:  # (so that status and report price the job without its job file)
+        stats["cost"] = job.prices.as_dict()
     if job.layout.store is not None:
         from infermill.queue_storage_s3 import requests_sent
 

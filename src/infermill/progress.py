@@ -140,7 +140,7 @@ def summary_table(stats: dict[str, Any], title: str = "infermill run") -> Table:
     table.add_column("what")
     table.add_column("value", justify="right")
     for key, value in stats.items():
-        if key == "started_at":
+        if key in ("started_at", "cost"):  # (the prices: what they come to is shown below)
             continue
         table.add_row(
             key.replace("_", " "),
@@ -150,4 +150,10 @@ def summary_table(stats: dict[str, Any], title: str = "infermill run") -> Table:
             if isinstance(value, int) and not isinstance(value, bool)
             else str(value),
         )
+    from infermill.cost import spend
+
+    if (spent := spend(stats, None)) is not None:
+        table.add_row("gpu hours", f"{spent.gpu_hours:,.3f}")
+        budget = f" (budget {spent.budget:g})" if spent.budget is not None else ""
+        table.add_row("cost", f"{spent.cost:,.2f}{budget}")
     return table

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterable, Iterable
 from typing import Any
 
 from infermill.config import InferenceConfig
+from infermill.cost import Prices
 from infermill.engine import DocumentEngine, RolloutFn
 from infermill.errors import ConfigError
 from infermill.io.readers import DocumentReader
@@ -45,6 +46,8 @@ class InferenceRunner:
         skip_bad_requests: skip (and record) documents the server rejected as bad requests,
             instead of failing the job.
         job_identity: what else identifies the job (its input), checked when a run resumes.
+        prices: what the job costs (``infermill.cost.Prices``): its spend and forecast in its stats, and
+            its budget (over it, a queue worker stops: ``BudgetExceededError``).
         generated_text: also write the first result's text as the record's top-level
             ``generated_text`` (a column in Parquet), beside the results under ``metadata_key``.
         overwrite: discard the checkpoint and output files of an earlier run and start over.
@@ -83,6 +86,7 @@ class InferenceRunner:
         skip_bad_requests: bool = False,
         job_identity: dict[str, Any] | None = None,
         generated_text: bool = False,
+        prices: Prices | None = None,
         overwrite: bool = False,
         accept_changed_input: bool = False,
     ):
@@ -107,6 +111,7 @@ class InferenceRunner:
         self.skip_bad_requests = skip_bad_requests
         self.job_identity = dict(job_identity or {})
         self.generated_text = generated_text
+        self.prices = prices
         self.overwrite = overwrite
         self.accept_changed_input = accept_changed_input
         self.retry_policy = RetryPolicy.from_config(config)

@@ -14,10 +14,11 @@ unit it commits: a killed run leaves its counts up to then) and summed into
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -235,6 +236,10 @@ def discard(layout: JobLayout, writer: OutputWriter) -> None:
     discard_records(layout)
 
 
+#: seconds between a worker's checks of the job's spend against its ``cost.budget``
+BUDGET_CHECK_SEC = 15.0
+
+
 class UnitSource:
     """The documents of the units this worker claims, one at a time, as ``(index, item)``
     with ``index`` numbered across the job; :data:`END` once the queue is drained.
@@ -244,8 +249,17 @@ class UnitSource:
     A bad record that stops a unit (``on_bad_record: error``) fails that unit, not the job."""
 
     def __init__(
-        self, queue: WorkQueue, journal: QueueJournal, reader: DocumentReader, plan: UnitPlan, stats: RunStats
+        self,
+        queue: WorkQueue,
+        journal: QueueJournal,
+        reader: DocumentReader,
+        plan: UnitPlan,
+        stats: RunStats,
+        over_budget: Callable[[], Awaitable[str | None]] | None = None,
     ):
+        """``over_budget``: why the job passed its budget, or None; asked every
+        :data:`BUDGET_CHECK_SEC`: once it says why, no more documents are handed out
+        (``budget_stop``), and the units held are given back."""
         self.queue = queue
         self.journal = journal
         self.reader = reader
@@ -256,9 +270,14 @@ class UnitSource:
         self._items: Iterator[Any] | None = None
         self._ended = False
         self._claims_failing_since: float | None = None  # time.monotonic() of the first of failed claims in a row
+        self._over_budget = over_budget
+        self._budget_checked_at = -BUDGET_CHECK_SEC
+        self.budget_stop: str | None = None
+        self._waiting = False  # the last claim found no unit to claim
 
     async def __call__(self) -> Any:
         async with self._lock:
+            await self._check_budget(force=False)
             while not self._ended:
                 if self._items is not None and self._unit is not None and self.journal.holds(self._unit):
                     item: Any
@@ -275,10 +294,23 @@ class UnitSource:
                     await asyncio.sleep(POLL_HOLDING_SEC if self.journal.held() else POLL_WAITING_SEC)
             return END
 
+    async def _check_budget(self, force: bool) -> None:
+        """End the source if the job passed its budget: checked before each unit is claimed
+        (``force``), and every :data:`BUDGET_CHECK_SEC` while documents are handed out or the
+        worker waits for a unit to claim."""
+        if self._over_budget is None or (not force and time.monotonic() - self._budget_checked_at < BUDGET_CHECK_SEC):
+            return
+        self._budget_checked_at = time.monotonic()
+        if (reason := await self._over_budget()) is not None:
+            self.budget_stop, self._ended = reason, True
+
     async def _claim(self) -> bool:
         """Claim the next unit (True), or find the queue drained (True, and ended), or nothing now (False)."""
         if self.journal.stalled is not None:
             raise self.queue.stalled_error(self.journal.stalled)
+        await self._check_budget(force=not self._waiting)
+        if self._ended:
+            return True
         try:
             lease = await self.queue.in_thread(self.queue.claim)
         except OSError as e:
@@ -295,6 +327,7 @@ class UnitSource:
             logger.warning("cannot claim a unit now (%s: %s); trying again", type(e).__name__, e)
             return False
         self._claims_failing_since = None
+        self._waiting = lease is None
         if lease is None:
             self._ended = not self.journal.held() and await self.queue.in_thread(self.queue.drained)
             return self._ended
@@ -362,6 +395,18 @@ def job_stats(layout: JobLayout) -> dict[str, Any]:
     return total
 
 
+def job_stats_with(layout: JobLayout, own: dict[str, Any]) -> dict[str, Any]:
+    """The job's stats with ``own`` (a running worker's stats as they stand) in place of what
+    that worker kept: every other worker run's, as kept, summed with it."""
+    runs = [own]
+    with reading(layout, ("stats",)) as every_worker:  # (a job in a store: every worker's stats, downloaded)
+        for path in every_worker.worker_stats_files():
+            if path != every_worker.worker_stats_file(own["worker"]):
+                with contextlib.suppress(OSError, orjson.JSONDecodeError):  # (being written: counted next time)
+                    runs.append(orjson.loads(path.read_bytes()))
+    return sum_stats(runs)
+
+
 def read_stats(layout: JobLayout) -> dict[str, Any]:
     """The job's ``stats.json`` (every worker run summed), or an empty dict before there is one."""
     try:
@@ -393,6 +438,11 @@ def sum_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
                         summed.append({})
                     for name, count in counts.items():
                         summed[k][name] = summed[k].get(name, 0) + count
+    # each run's own running time, added up: what its GPUs were held for (infermill.cost)
+    total["worker_time_sec"] = round(sum(float(run.get("inference_time_sec", 0.0)) for run in runs), 3)
+    priced = sorted((run for run in runs if isinstance(run.get("cost"), dict)), key=end)
+    if priced:  # the prices of the run that ended last
+        total["cost"] = priced[-1]["cost"]
     adaptive = sorted((run for run in runs if isinstance(run.get("adaptive_concurrency"), dict)), key=end)
     if adaptive:
         total["adaptive_concurrency"] = {
