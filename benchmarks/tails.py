@@ -193,7 +193,7 @@ def run_once(scenario: Scenario, args: argparse.Namespace, folder: Path) -> dict
             try:
                 code = command.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                sys.exit(f"{scenario.name}: the run took over {args.timeout} s; logs in {folder}")
+                sys.exit(f"{scenario.name}: the run took over {args.timeout} s")
             if code != 0:
                 sys.exit(f"{scenario.name}: `{name}` failed ({code}):\n{(folder / f'{name}.log').read_text()[-3000:]}")
     finally:
@@ -353,11 +353,16 @@ def main() -> None:
             started = time.perf_counter()
             try:
                 results.append(run_once(scenario, args, folder))
-            finally:
-                if args.keep:
-                    print(f"  kept {folder}", file=sys.stderr)
-                else:
-                    shutil.rmtree(folder, ignore_errors=True)
+            except (Exception, SystemExit):  # a failed run: its logs and job state are what to read
+                print(f"  the run's folder (logs, job, stats): {folder}", file=sys.stderr)
+                raise
+            except BaseException:  # Ctrl-C
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            if args.keep:
+                print(f"  kept {folder}", file=sys.stderr)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
             r = results[-1]
             print(
                 f"  {name} run {i + 1}/{args.runs}: makespan {r['makespan']:.1f} s, {r['efficiency']:.0%} of ideal "
