@@ -13,6 +13,15 @@ in flight while their latency goes on growing. ``--rate Q`` answers HTTP 429 to 
 beyond Q in each second (of ``time.monotonic()``), with ``Retry-After`` the (fractional)
 seconds until the next second begins: an API's quota.
 
+The environment variable ``FAST_SERVER_DELAY_FACTOR=F`` multiplies ``--delay`` by F: a slower
+server for one worker of a job whose ``model_kwargs`` (part of the job's identity) every worker
+shares; a launched server inherits its worker's environment, so the command that starts the
+worker sets it (``benchmarks/tails.py``: one worker 4x slower than the rest). With
+``--delay``, ``FAST_SERVER_START_AT=T`` (``time.time()`` seconds) holds every completion request
+received before T until T, then serves it for its delay: the servers of a job's workers, which
+start one after the other, all begin serving at the same moment, so that a job's makespan
+counts no worker's start-up.
+
 Raw asyncio Protocols (on uvloop when it is installed), HTTP/1.1 keep-alive (pipelining
 too), ``Content-Length`` bodies; ``Connection: close`` and HTTP/1.0 are honoured, so
 clients that open one connection per request work as well. Every POST to
@@ -24,10 +33,17 @@ ignored, so any runner's ``model_kwargs`` can point at it.
 On SIGTERM or SIGINT it writes ``--stats-file`` (if given; atomically) and exits::
 
     {"requests": N, "rejected": N, "max_in_flight": N, "first_request": t, "last_request": t, "listening_at": t,
-     "process_started": t, "pid": p, "cpu_sec": s, "cpu_sec_serving": s, "uvloop": b}
+     "process_started": t, "pid": p, "cpu_sec": s, "cpu_sec_serving": s, "uvloop": b, "delay": s,
+     "start_at": t}
+
+``{pid}`` in the ``--stats-file`` path is replaced by the server's process id, so that the
+servers of several workers, launched with the same ``model_kwargs``, each write a file of
+their own (``--stats-file /tmp/run/server-{pid}.json``).
 
 ``requests`` counts completion POSTs, ``rejected`` those answered 429 (``--rate``),
-``max_in_flight`` the most at once (served or waiting); the times are ``time.time()`` seconds:
+``max_in_flight`` the most at once (served or waiting), ``delay`` the delay it served with
+(after ``FAST_SERVER_DELAY_FACTOR``), ``start_at`` its ``FAST_SERVER_START_AT`` (or null); the
+times are ``time.time()`` seconds:
 ``first_request`` / ``last_request`` when the first and last completion request was
 received whole, ``listening_at`` when the socket started listening, ``process_started``
 when the kernel started this process (from ``/proc``; null elsewhere); ``cpu_sec`` the
@@ -138,6 +154,7 @@ CAPACITY = 0  # --capacity: completions served at once (0: no limit)
 BUSY = 0  # completions being served
 WAITING: deque[tuple[HttpProtocol, bytes, bool]] = deque()  # beyond the capacity, in arrival order
 RATE = 0.0  # --rate: completions allowed per second (0: no limit)
+START_AT = 0.0  # FAST_SERVER_START_AT: completions received before it wait until then (0: none)
 
 
 class RateWindow:
@@ -245,7 +262,8 @@ class HttpProtocol(asyncio.Protocol):
             counter.max_in_flight = counter.in_flight
         if not CAPACITY or BUSY < CAPACITY:
             BUSY += 1
-            asyncio.get_running_loop().call_later(DELAY, self._send_late, reply, close)
+            held = START_AT - time.time() if START_AT else 0.0
+            asyncio.get_running_loop().call_later(DELAY + max(0.0, held), self._send_late, reply, close)
         else:
             WAITING.append((self, reply, close))
 
@@ -301,7 +319,10 @@ def write_stats(path: str, listening_at: float | None) -> None:
         "cpu_sec": cpu,
         "cpu_sec_serving": cpu - COUNTER.cpu_at_first if COUNTER.cpu_at_first is not None else 0.0,
         "uvloop": UVLOOP,
+        "delay": DELAY,
+        "start_at": START_AT or None,
     }
+    path = path.replace("{pid}", str(os.getpid()))
     temp = f"{path}.{os.getpid()}.tmp"
     with open(temp, "w") as f:
         json.dump(stats, f)
@@ -334,8 +355,10 @@ def main() -> None:
     args, unknown = parser.parse_known_args()
     if unknown:
         print(f"fast_server: ignoring flags {unknown}", file=sys.stderr, flush=True)
-    global UVLOOP, DELAY, CAPACITY, RATE, BUCKET
+    global UVLOOP, DELAY, CAPACITY, RATE, BUCKET, START_AT
     DELAY, CAPACITY, RATE = args.delay, args.capacity, args.rate
+    DELAY *= float(os.environ.get("FAST_SERVER_DELAY_FACTOR") or 1.0)
+    START_AT = float(os.environ.get("FAST_SERVER_START_AT") or 0.0)
     if RATE:
         BUCKET = RateWindow(RATE)
     try:
