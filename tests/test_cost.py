@@ -85,3 +85,14 @@ def test_a_job_with_prices_shows_its_cost_in_the_summary(tmp_path):
     run = infermill(tmp_path, "run", str(priced_job(tmp_path, budget=None)))
     assert run.returncode == 0, output_of(run)
     assert "gpu hours" in run.stderr and "│ cost " in run.stderr, run.stderr
+
+
+def test_check_forecasts_the_job_from_its_canary(tmp_path):
+    result = infermill(tmp_path, "check", str(priced_job(tmp_path, budget=20)))
+    assert result.returncode == 0, output_of(result)
+    lines = result.stdout.splitlines()
+    forecast = next(i for i, line in enumerate(lines) if line.startswith("forecast for 60 documents"))
+    assert "with 2 in flight per worker" in lines[forecast], lines[forecast]
+    assert lines[forecast + 1].startswith("  tokens: ") and lines[forecast + 2].startswith("  time: ")
+    assert re.fullmatch(r"  GPU-hours: 0\.00; cost: [\d.]+ \(over cost.budget 20\)", lines[forecast + 3])
+    assert lines[-1] == "check passed"

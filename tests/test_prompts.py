@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from helpers import read_jsonl
 from infermill.errors import ConfigError
 from infermill.prompts import PromptTemplate
@@ -16,6 +17,7 @@ from infermill.rollouts import PromptRollout
 from infermill.types import Document
 from test_cli import infermill, write_job
 
+RECORDING_SERVER = ROOT / "tests" / "servers" / "recording_server.py"
 RECORDS = [
     {"id": "a", "text": "A kettle.", "title": "Kettle", "metadata": {"lang": "en"}, "price": 12},
     {"id": "b", "text": "Ein Topf.", "title": "Topf", "metadata": {"lang": "de"}, "price": 30},
@@ -57,6 +59,11 @@ def test_a_placeholder_no_syntax_fills_in_is_refused_naming_it_and_how_to_write_
     message = str(raised.value)
     assert message.startswith("rollout.template: ") and "would reach the model as it is" in message
     assert "{{ product }}" in message, message
+
+
+def test_braces_in_a_raw_block_or_a_string_reach_the_model_as_they_are():
+    template = PromptTemplate('{{ title }}: {% raw %}{"name": {x}} [[Y]]{% endraw %} {{ "{z}" }}')
+    assert template.render(document(RECORDS[0])) == 'Kettle: {"name": {x}} [[Y]] {z}'
 
 
 def test_a_field_missing_from_a_record_fails_that_document_naming_the_field_and_the_records_fields():
@@ -104,6 +111,8 @@ def test_a_plain_template_without_document_and_a_jinja_one_without_fields_are_re
         PromptRollout(template="Summarize this.")
     with pytest.raises(ConfigError, match="fills in nothing from the record"):
         PromptRollout(template="{{ 'fixed' }}")
+    with pytest.raises(ConfigError, match="rollout.messages fill in nothing from the record"):
+        PromptRollout(messages=[{"role": "user", "content": "Say hi."}])
     assert PromptRollout(template="Summarize: [[DOCUMENT]]").payload(document(RECORDS[0])) == {
         "messages": [{"role": "user", "content": "Summarize: A kettle."}]
     }
@@ -138,15 +147,53 @@ def test_a_job_files_template_and_messages_reach_the_model_filled_in(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["check", "run"])
-def test_a_placeholder_that_names_no_field_stops_check_and_run_before_any_request(tmp_path, command):
-    path = job(tmp_path, {"template": "Describe {{ product }}: {{ text }}"})
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("Describe {{ product }}: {{ text }}", "{{ product }} names no field of the record (its fields: id, metadata, "
+         "price, text, title), checked on the input's first record (a)"),
+        ("{{ text + 1 }}", 'TypeError: can only concatenate str (not "int") to str, checked on the input\'s first '
+         "record (a)"),
+    ],
+)  # fmt: skip
+def test_a_template_the_first_record_cannot_fill_stops_check_and_run_before_any_server_starts(
+    tmp_path, command, template, message
+):
+    import yaml
+
+    path = job(tmp_path, {"template": template})
+    spec = yaml.safe_load(path.read_text())
+    launched = tmp_path / "launched.jsonl"  # the server writes it when it starts
+    spec["inference"] = {
+        "server_type": "custom",
+        "model_name_or_path": "m",
+        "model_kwargs": {"server_script": str(RECORDING_SERVER), "record": str(launched)},
+    }
+    path.write_text(yaml.safe_dump(spec))
     result = infermill(tmp_path, command, str(path))
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert "rollout.template: {{ product }} names no field of the record" in errors[0]
-    assert "its fields: id, metadata, price, text, title" in errors[0]
-    assert not list((tmp_path / "out").glob("*.jsonl")), "documents were processed"
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0] == f"error: rollout.template: {message}", errors[0]
+    assert not launched.exists(), "a server was launched"
+
+
+def test_a_record_that_cannot_fill_the_template_is_skipped_and_recorded_the_others_are_written(tmp_path):
+    records = [{"id": "a", "text": "x", "title": "A"}, {"id": "b", "text": "y"}, {"id": "c", "text": "z", "title": "C"}]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = {
+        "input": {"path": str(tmp_path / "records.jsonl")},
+        "output": {"path": str(tmp_path / "out")},
+        "rollout": {"template": "{{ title }}: {{ text }}"},
+        "inference": {"server_type": "dummy", "model_name_or_path": "echo"},
+    }
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 0, result.stderr
+    written = sorted(r["id"] for p in (tmp_path / "out").glob("*.jsonl") for r in read_jsonl(p))
+    assert written == ["a", "c"]
+    failures = [r for p in (tmp_path / "out" / "_infermill" / "failures").glob("*.jsonl") for r in read_jsonl(p)]
+    assert [(f["id"], f["error_type"]) for f in failures] == [("b", "TemplateRenderError")]
+    assert "{{ title }} names no field of the record (its fields: id, text)" in failures[0]["error"]
 
 
 @pytest.mark.parametrize("command", ["check", "run"])
@@ -181,3 +228,20 @@ def test_generated_text_writes_the_first_results_text_as_a_top_level_field(tmp_p
         columns = output.get("parquet_metadata") == "columns"  # (each metadata key a column of its own)
         results = {r["id"]: (r if columns else r["metadata"])["rollout_results"][0]["text"] for r in rows}
         assert results == {r["id"]: r["generated_text"] for r in rows}  # beside the results, not instead
+
+
+def test_an_input_field_named_generated_text_is_an_ordinary_column_while_the_option_is_off(tmp_path):
+    """(Output of a job that had it on, read again as the input of another.)"""
+    import pyarrow.parquet as pq
+
+    from infermill.errors import InfermillError
+    from infermill.io.writers import ParquetWriter
+
+    writer = ParquetWriter(str(tmp_path / "out"), metadata_layout="columns")
+    record = {"id": "a", "text": "t", "metadata": {"generated_text": "earlier", "rollout_results": []}}
+    assert writer.write_chunk([record], 0, 0) == 1
+    [row] = pq.read_table(tmp_path / "out" / "00000_00000.parquet").to_pylist()
+    assert row["generated_text"] == "earlier"
+    again = ParquetWriter(str(tmp_path / "again"), metadata_layout="columns")
+    with pytest.raises(InfermillError, match="metadata key 'generated_text' collides with the column"):
+        again.write_chunk([{**record, "generated_text": "now"}], 0, 0)

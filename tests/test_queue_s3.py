@@ -275,3 +275,41 @@ def test_credentials_from_a_profile_reach_the_store_as_they_reach_s3fs(seaweedfs
     queue.publish_plan({"units": [{"documents": 1}]})
     lease = queue.claim()
     assert lease is not None and queue.storage.exists(lease.path)
+
+
+def test_credentials_in_the_storage_options_are_used_whole_never_with_the_environments_session_token(
+    tmp_path, monkeypatch
+):
+    """A key and secret given in output.storage_options sign the queue's requests without the
+    environment's session token (an SSO or role shell's), as s3fs signs the files'."""
+    import http.server
+
+    seen: list[tuple[str | None, str]] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            authorization = self.headers.get("Authorization", "")
+            seen.append((self.headers.get("x-amz-security-token"), authorization.split("Credential=")[-1][:6]))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ENVKEY")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret")
+        monkeypatch.setenv("AWS_SESSION_TOKEN", "ENVTOKEN")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        for options, token in (({"key": "OPTKEY", "secret": "s"}, None), ({"key": "OPTKEY", "token": "OPT"}, "OPT")):
+            store = open_store("s3://bucket", {**options, "endpoint_url": endpoint})
+            with pytest.raises(FileNotFoundError):  # (404: obstore's NotFoundError)
+                store.get("probe")
+            assert seen[-1] == (token, "OPTKEY"), seen
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -47,6 +47,8 @@ def test_a_reply_is_parsed_and_checked_against_the_schema_saying_why_it_fails():
         "type": "json_schema",
         "json_schema": {"name": "reply", "schema": SCHEMA, "strict": True},
     }
+    loose = {**SCHEMA, "required": ["name"]}  # OpenAI's strict mode would refuse it: not asked for
+    assert ReplySchema(loose).response_format()["json_schema"]["strict"] is False
 
 
 def test_a_schema_that_is_no_json_schema_is_refused_naming_where():
@@ -155,3 +157,23 @@ def test_a_schema_that_is_no_json_schema_stops_the_job_before_any_server_starts(
     assert result.returncode == 2, output_of(result)
     assert "rollout.response_format: not a valid JSON Schema at type" in result.stderr
     assert not (tmp_path / "requests.jsonl").exists() and not (tmp_path / "out" / "_infermill" / "logs").exists()
+
+
+def test_with_several_samples_one_that_never_matches_is_recorded_and_the_others_are_written(tmp_path):
+    """rollouts_per_document 2: the sample whose replies never match is left out (and recorded),
+    the one that matched is written."""
+    valid, invalid = '{"name": "m", "age": 5}', '{"name": "m"}'
+    path = schema_job(tmp_path)
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(json.dumps({"id": "mixed", "text": json.dumps({"sequence": [valid, invalid]})}) + "\n")
+    spec = yaml.safe_load(path.read_text())
+    spec["input"]["path"] = str(data)
+    spec["inference"]["rollouts_per_document"] = 2
+    path.write_text(yaml.safe_dump(spec))
+    run = infermill(tmp_path, "run", str(path))
+    assert run.returncode == 0, output_of(run)
+    [record] = [r for p in (tmp_path / "out").glob("*.jsonl") for r in read_jsonl(p)]
+    assert [r["parsed"] for r in record["metadata"]["rollout_results"]] == [{"name": "m", "age": 5}]
+    failures = [r for p in (tmp_path / "out" / "_infermill" / "failures").glob("*.jsonl") for r in read_jsonl(p)]
+    assert [(f["id"], f["error_type"]) for f in failures] == [("mixed", "InvalidReplyError")]
+    assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 4  # 1 + the other's 3

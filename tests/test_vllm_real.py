@@ -288,7 +288,10 @@ def test_structured_output_on_the_real_engine_every_written_record_matches_the_s
     assert finish(proc, 600) == 0, (tmp_path / "infermill.out").read_text()[-3000:]
     records = [r for p in sorted((tmp_path / "out").glob("*.jsonl")) for r in read_jsonl(p)]
     failures = [r for p in (tmp_path / "out" / "_infermill" / "failures").glob("*.jsonl") for r in read_jsonl(p)]
-    assert len(records) + len(failures) == 16 and len(records) >= 12, (len(records), failures[:2])
+    assert len(records) == 16 and not failures, failures[:2]
+    # guided decoding kept most first replies to the schema (without it, this small model's replies
+    # rarely match and most documents would use up the ladder): here 3 of 16 were asked again
+    assert run_stats(tmp_path / "out")["requests_sent"] < 2 * 16
     for record in records:
         result = record["metadata"]["rollout_results"][0]
         validate(result["parsed"], CAPITAL_SCHEMA)

@@ -29,7 +29,7 @@ from infermill.layout import INFERMILL_DIR, TRIAL_DIR, JobLayout, is_remote
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from infermill.cost import Spend
+    from infermill.cost import Forecast, Spend
     from infermill.io.readers import DocumentReader
     from infermill.jobfile import JobConfig
     from infermill.jobstatus import JobProgress
@@ -127,10 +127,17 @@ class Job:
         that its folders are writable (not for a Slurm dry run, which writes nothing); the job's
         server logs go to its logs folder unless the job names one. Returns its layout."""
         job, workers = self.config, options.workers
-        if not job.rollout.function:  # its templates parse, its schema is one: said before a server starts
-            from infermill.job import build_rollout
+        if not job.rollout.function:  # its templates fill in the first record, its schema is one: said before
+            from infermill.job import build_reader, build_rollout, check_rollout  # a server starts
 
-            build_rollout(job)
+            rollout = build_rollout(job)
+            if getattr(rollout, "fills_in_fields", False):
+                try:
+                    reader = build_reader(job)
+                except InfermillError:
+                    reader = None  # an input that cannot be listed: planning the job says so
+                if reader is not None:
+                    check_rollout(rollout, reader)
         if options.metrics_port is not None:
             job.inference.metrics_port = options.metrics_port
         port = job.inference.metrics_port
@@ -394,6 +401,31 @@ class Job:
         if hasattr(rollout, "check"):
             rollout.check(document)
         return rollout, document
+
+    def forecast(self, prompt_tokens: int, completion_tokens: int, latency_sec: float) -> Forecast:
+        """The job's forecast from its canary's tokens and latency: its documents counted (the
+        plan's, or the input scanned as a run plans it)."""
+        from infermill.cost import Forecast, prices_of
+        from infermill.io.units import plan_units
+        from infermill.job import build_reader
+        from infermill.mirror import has_plan
+        from infermill.queue import WorkQueue
+
+        layout = self.layout()
+        plan = WorkQueue.for_layout(layout).plan() if has_plan(layout) else None
+        if plan is not None and isinstance(plan.get("documents"), int):
+            documents = int(plan["documents"])
+        else:
+            documents = plan_units(build_reader(self.config), self.config.checkpoint.records_per_chunk).documents
+        inference = self.config.inference
+        return Forecast(
+            documents,
+            prompt_tokens,
+            completion_tokens,
+            latency_sec,
+            inference.concurrent_generations,
+            prices_of(self.config.cost, inference),
+        )
 
     async def canary(
         self,

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -383,17 +384,33 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
         _fail(e)
     click.echo(f"job file OK; first document: {document.id}")
 
+    sent: list[float] = []
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+
     def show(what: str) -> Callable[[Any], None]:
-        return lambda body: click.echo(f"{what}:\n" + orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        def shown(body: Any) -> None:
+            if what == "request":
+                sent.append(time.monotonic())
+            for key in usage:
+                usage[key] += int(((body.get("usage") or {}) if isinstance(body, dict) else {}).get(key) or 0)
+            click.echo(f"{what}:\n" + orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+
+        return shown
 
     try:
         result = run_coroutine(interruptible(job.canary(rollout, document, show("request"), show("reply"))))
+        latency = time.monotonic() - sent[0] if sent else 0.0
     except KeyboardInterrupt:
         raise SystemExit(ExitCode.INTERRUPTED) from None
     except Exception as e:
         _error(f"{type(e).__name__}: {e}", "check failed")
         raise SystemExit(ExitCode.FAILED) from None
     click.echo(f"rollout result: {result!r}")
+    try:
+        for line in job.forecast(usage["prompt_tokens"], usage["completion_tokens"], latency).lines():
+            click.echo(line)
+    except InfermillError as e:  # (the input cannot be counted: said, the check still passed)
+        click.echo(f"no forecast: {e}")
     click.echo("check passed")
 
 

@@ -98,3 +98,48 @@ def spend(stats: dict[str, Any], documents_total: int | None) -> Spend | None:
     processed = stats.get("documents_processed") or 0
     forecast = cost * documents_total / processed if documents_total and processed else None
     return Spend(gpu_hours, cost, forecast, prices.budget)
+
+
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    """What a job will take, from its canary (``infermill check``): one document's tokens and
+    latency, scaled to the job's documents, with ``concurrency`` requests in flight per worker."""
+
+    documents: int
+    prompt_tokens: float  # per document
+    completion_tokens: float
+    latency_sec: float  # of the canary's rollout
+    concurrency: int
+    prices: Prices | None
+
+    @property
+    def worker_hours(self) -> float:
+        """One worker's hours for the whole job, as fast as ``concurrency`` canaries at once."""
+        return self.documents * self.latency_sec / max(self.concurrency, 1) / 3600
+
+    def lines(self) -> list[str]:
+        """The forecast, with its assumptions, as ``infermill check`` prints it."""
+        lines = [
+            f"forecast for {self.documents:,} documents, if each costs what the first did "
+            f"({self.prompt_tokens:,.0f} prompt and {self.completion_tokens:,.0f} completion tokens, "
+            f"{self.latency_sec:.2f} s) with {self.concurrency} in flight per worker (a server that batches as well "
+            "under load: a lower bound on time):",
+            f"  tokens: {self.documents * self.prompt_tokens:,.0f} prompt, "
+            f"{self.documents * self.completion_tokens:,.0f} completion",
+            f"  time: {self.worker_hours:,.2f} worker-hours (divide by the workers)",
+        ]
+        if self.prices is not None:
+            spent = spend(
+                {
+                    "cost": self.prices.as_dict(),
+                    "worker_time_sec": self.worker_hours * 3600,
+                    "prompt_tokens": self.documents * self.prompt_tokens,
+                    "completion_tokens": self.documents * self.completion_tokens,
+                },
+                None,
+            )
+            assert spent is not None
+            budget = self.prices.budget
+            over = f" (over cost.budget {budget:g})" if budget is not None and spent.cost > budget else ""
+            lines.append(f"  GPU-hours: {spent.gpu_hours:,.2f}; cost: {spent.cost:,.2f}{over}")
+        return lines

@@ -39,6 +39,7 @@ from infermill.io.readers import BadRecord
 from infermill.journal import QueueJournal
 from infermill.layout import JobLayout
 from infermill.metrics import LatencyHistogram, RunStats
+from infermill.prompts import TemplateRenderError
 from infermill.queue import WorkQueue
 from infermill.retry import RetryAction, RetryPolicy, overloaded
 from infermill.servers import Affinity, InferenceServer, ReplicaPool, ServerState
@@ -286,18 +287,20 @@ class DocumentEngine:
             else:  # one fails: all stop
                 results = await _run_all([self._rollout(document, index, i, affinity) for i in range(n)])
         except InferenceError as e:
-            # a reply that never matched the rollout's schema: recorded, with the reply, and skipped
-            # (as a bad request is with skip_bad_requests): the documents around it go on
-            if (self.settings.skip_bad_requests and is_bad_request(e)) or isinstance(e.error, InvalidReplyError):
-                stats.documents_skipped += 1
-                stats.documents_processed += 1
-                document.metadata[self.settings.metadata_key] = []  # as datatrove; not written
-                document.metadata.update(self.settings.no_results_marks)
+            if self.settings.skip_bad_requests and is_bad_request(e):
                 # the cause itself, or the whole error when the rollout gave its cause as text (datatrove's way)
-                self._record_failure(document.id, e.error if isinstance(e.error, BaseException) else e, e.payload)
+                self._skip(document, e.error if isinstance(e.error, BaseException) else e, e.payload)
                 return None
             stats.documents_failed += 1
             raise
+        unusable = [r for r in results if isinstance(r, _Unusable)]
+        if unusable:  # samples whose template or replies failed: recorded; the document goes on without them
+            results = [r for r in results if not isinstance(r, _Unusable)]
+            if not any(r is not None for r in results):  # none left: skipped, as a bad request is
+                self._skip(document, unusable[0].error, unusable[0].payload)
+                return None
+            for sample in unusable:
+                self._record_failure(document.id, sample.error, sample.payload)
         kept = [r for r in results if r is not None]
         stats.rollouts_ok += len(kept)
         stats.rollouts_none += len(results) - len(kept)
@@ -322,10 +325,21 @@ class DocumentEngine:
         stats.documents_written += 1
         return data
 
+    def _skip(self, document: Document, error: BaseException, payload: dict[str, Any] | None) -> None:
+        """A document not written, for a reason its own (a bad request, a template it cannot fill,
+        replies that never matched the schema): recorded in the failures file, the others go on."""
+        self.stats.documents_skipped += 1
+        self.stats.documents_processed += 1
+        document.metadata[self.settings.metadata_key] = []  # as datatrove; not written
+        document.metadata.update(self.settings.no_results_marks)
+        self._record_failure(document.id, error, payload)
+
     async def _rollout(self, document: Document, index: int, rollout_index: int, affinity: Affinity | None) -> Any:
         generate, last_payload = self._make_generate(document, index, rollout_index, affinity)
         try:
             return await self.settings.rollout_fn(document, generate, **self.context)
+        except (InvalidReplyError, TemplateRenderError) as e:  # this sample's, not the run's
+            return _Unusable(e, last_payload())
         except asyncio.CancelledError as error:
             if _cancelled_from_outside():
                 raise
@@ -451,6 +465,15 @@ def make_slots(config: InferenceConfig) -> asyncio.Semaphore | AdaptiveLimit:
             maximum=config.concurrent_generations, minimum=servers, max_pause=config.request_backoff_max_sec
         )
     return asyncio.Semaphore(config.concurrent_generations)
+
+
+@dataclasses.dataclass(slots=True)
+class _Unusable:
+    """A rollout that the document's own data made fail: a template it cannot fill, or replies
+    that never matched the schema (and the last payload sent)."""
+
+    error: BaseException
+    payload: dict[str, Any] | None
 
 
 def _cancelled_from_outside() -> bool:

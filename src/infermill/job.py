@@ -102,10 +102,8 @@ def build_runner(
 ) -> InferenceRunner:
     """The job's runner; its identity includes the files ``reader`` reads, with their sizes and
     modification times, so that a resume over changed input is refused."""
-    rollout = build_rollout(job)
-    check_rollout(rollout, reader)
     return InferenceRunner(
-        rollout,
+        build_rollout(job),
         job.inference,
         build_writer(job),
         shared_context=build_shared_context(job),

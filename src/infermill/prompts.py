@@ -48,14 +48,19 @@ class PromptTemplate:
         self.field = field
         self.text_key = text_key
         self.jinja = bool(_JINJA_SYNTAX.search(source))
-        foreign = [m.group() for m in _FOREIGN_PLACEHOLDER.finditer(source) if m.group() != DOCUMENT_PLACEHOLDER]
+        foreign = [
+            m.group()
+            for text in self._literal_text(source)
+            for m in _FOREIGN_PLACEHOLDER.finditer(text)
+            if m.group() != DOCUMENT_PLACEHOLDER
+        ]
         if foreign:
             names = ", ".join(dict.fromkeys(foreign))
             example = re.sub(r"[^\w.]", "", foreign[0]).lower()
             raise ConfigError(
                 f"{field}: {names} is not a placeholder infermill fills in, and would reach the model as it is: "
                 f"write a field of the record as {{{{ {example} }}}} (Jinja2), the document's text as "
-                f"{{{{ text }}}} or {DOCUMENT_PLACEHOLDER}"
+                f"{{{{ text }}}} or {DOCUMENT_PLACEHOLDER}; braces meant as they are go in {{% raw %}}...{{% endraw %}}"
             )
         self._template: Any = None
         self.fields: frozenset[str] = frozenset()
@@ -72,6 +77,27 @@ class PromptTemplate:
         elif DOCUMENT_PLACEHOLDER in source:
             self.fields = frozenset({"text"})
 
+    def _literal_text(self, source: str) -> list[str]:
+        """The parts of ``source`` sent as they are: all of it in plain text; in Jinja2, its text
+        outside tags (a string in a tag, or a ``{% raw %}`` block, is meant as it is)."""
+        if not self.jinja:
+            return [source]
+        from jinja2 import TemplateSyntaxError
+
+        try:
+            tokens = list(_environment().lex(source))
+        except TemplateSyntaxError:
+            return []  # (said when it is parsed)
+        raw, texts = False, []
+        for _, kind, value in tokens:
+            if kind == "raw_begin":
+                raw = True
+            elif kind == "raw_end":
+                raw = False
+            elif kind == "data" and not raw:
+                texts.append(value)
+        return texts
+
     @property
     def uses_fields(self) -> bool:
         """Whether it fills anything in (else it is sent as it is: a fixed system prompt)."""
@@ -85,38 +111,40 @@ class PromptTemplate:
         return context
 
     def render(self, document: Document) -> str:
-        """The template filled in with ``document``'s fields; ``ValueError`` naming the document
-        and the field if one is missing."""
+        """The template filled in with ``document``'s fields; ``TemplateRenderError`` naming the
+        document and why (a field it lacks, a filter that failed on its value)."""
         if not self.jinja:
             return self.source.replace(DOCUMENT_PLACEHOLDER, document.text)
-        from jinja2 import UndefinedError
-
-        context = self.context(document)
         try:
-            return str(self._template.render(context))
-        except UndefinedError as e:
-            raise ValueError(f"document {document.id}: {self.field}: {self._missing(e, context)}") from None
+            return str(self._template.render(self.context(document)))
+        except Exception as e:  # a missing field, or what a filter or an operator raised on a value
+            raise TemplateRenderError(f"document {document.id}: {self.field}: {self._why(e, document)}") from None
 
     def check(self, document: Document) -> None:
-        """``ConfigError`` if the template names a field that ``document`` (a job's first record)
-        does not have, naming it and the record's fields: before any request is sent."""
+        """``ConfigError`` if the template cannot be filled in with ``document`` (a job's first
+        record): a field it lacks, named with the record's fields; before any request is sent."""
         if not self.jinja:
             return
-        from jinja2 import UndefinedError
-
-        context = self.context(document)
         try:
-            self._template.render(context)
-        except UndefinedError as e:
+            self._template.render(self.context(document))
+        except Exception as e:
             raise ConfigError(
-                f"{self.field}: {self._missing(e, context)}, checked on the input's first record ({document.id}): "
-                "name one of its fields"
+                f"{self.field}: {self._why(e, document)}, checked on the input's first record ({document.id})"
             ) from None
 
-    def _missing(self, error: Exception, context: dict[str, Any]) -> str:
-        absent = sorted(self.fields - context.keys())
-        fields = ", ".join(sorted(context))
-        if absent:
+    def _why(self, error: Exception, document: Document) -> str:
+        from jinja2 import UndefinedError
+
+        own = sorted({*(document.metadata or {}), "id", "text", self.text_key})  # (the record's, as read)
+        fields = ", ".join(own)
+        absent = sorted(self.fields - self.context(document).keys())
+        if isinstance(error, UndefinedError) and absent:
             names = ", ".join(f"{{{{ {name} }}}}" for name in absent)
             return f"{names} names no field of the record (its fields: {fields})"
-        return f"{error} (the record's fields: {fields})"
+        if isinstance(error, UndefinedError):
+            return f"{error} (the record's fields: {fields})"
+        return f"{type(error).__name__}: {error}"
+
+
+class TemplateRenderError(ValueError):
+    """A template could not be filled in with a document's fields (it lacks one, a filter failed)."""

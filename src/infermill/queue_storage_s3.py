@@ -373,16 +373,11 @@ class _SegmentWriter:
         return None
 
 
-#: s3fs's storage options (a job file's ``output.storage_options``) that say which store and as
-#: whom, as obstore's S3 config keys; the others only concern s3fs
-_S3FS_TO_OBSTORE = {"key": "access_key_id", "secret": "secret_access_key", "token": "session_token"}
-
-
-def store_config(options: StorageOptions) -> tuple[dict[str, Any], str | None]:
-    """obstore's S3 config from s3fs's storage ``options`` (``key``, ``secret``, ``token``,
-    ``endpoint_url``, ``client_kwargs: {endpoint_url, region_name}``, ``anon``), and the
-    ``profile`` they name, if any."""
-    config: dict[str, Any] = {name: str(options[key]) for key, name in _S3FS_TO_OBSTORE.items() if options.get(key)}
+def store_config(options: StorageOptions) -> tuple[dict[str, Any], str | None, dict[str, Any] | None]:
+    """obstore's S3 config from s3fs's storage ``options`` (``endpoint_url``, ``client_kwargs:
+    {endpoint_url, region_name}``, ``anon``), the ``profile`` they name, and the credentials they
+    give (``key``, ``secret``, ``token``), if any."""
+    config: dict[str, Any] = {}
     client = options.get("client_kwargs") or {}
     endpoint = options.get("endpoint_url") or client.get("endpoint_url")
     if endpoint:
@@ -392,26 +387,37 @@ def store_config(options: StorageOptions) -> tuple[dict[str, Any], str | None]:
     if options.get("anon"):
         config["skip_signature"] = True
     profile = options.get("profile")
-    return config, str(profile) if profile else None
+    credentials = None
+    if options.get("key"):
+        credentials = {
+            "access_key_id": str(options["key"]),
+            "secret_access_key": str(options.get("secret") or ""),
+            "token": str(options["token"]) if options.get("token") else None,  # (none: not the environment's)
+            "expires_at": None,
+        }
+    return config, str(profile) if profile else None, credentials
 
 
 def open_store(url: str, options: StorageOptions | None = None) -> S3Store:
     """An obstore ``S3Store`` for ``s3://bucket[/prefix]``. Which store and as whom: from s3fs's
     storage ``options`` (a job file's ``output.storage_options``: :func:`store_config`) where they
-    say, else from the environment (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``...), the
-    credentials from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, else as botocore finds them
-    (the options' ``profile`` or ``AWS_PROFILE``, ``~/.aws``, SSO, roles: the profile's region
-    too), as s3fs does for the job's files; plain HTTP allowed for an ``http://`` endpoint (a store
-    on the local network). ``ConfigError`` for a profile that does not exist."""
+    say (their credentials whole: nothing of them from the environment), else from the environment
+    (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``...), the credentials from
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, else as botocore finds them (the options'
+    ``profile`` or ``AWS_PROFILE``, ``~/.aws``, SSO, roles: the profile's region too), as s3fs does
+    for the job's files; plain HTTP allowed for an ``http://`` endpoint (a store on the local
+    network). ``ConfigError`` for a profile that does not exist."""
     import os
 
     from obstore.store import S3Store
 
-    config, profile = store_config(options or {})
+    config, profile, credentials = store_config(options or {})
     endpoint = str(config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL") or "")
     client_options = {"allow_http": True} if endpoint.startswith("http://") else None
-    provider = None
-    if "access_key_id" not in config and not config.get("skip_signature"):
+    provider: Any = None
+    if credentials is not None:
+        provider = functools.partial(dict, credentials)  # as given, always (never expiring)
+    elif not config.get("skip_signature"):
         if profile is not None or not os.environ.get("AWS_ACCESS_KEY_ID"):
             provider = _BotocoreCredentials.found(profile)
         region = provider.region if provider is not None else None
@@ -421,7 +427,7 @@ def open_store(url: str, options: StorageOptions | None = None) -> S3Store:
         url,
         config=config or None,  # type: ignore[arg-type]
         client_options=client_options,  # type: ignore[arg-type]
-        credential_provider=provider,  # type: ignore[arg-type]
+        credential_provider=provider,
     )
 
 

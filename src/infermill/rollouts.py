@@ -75,6 +75,11 @@ class PromptRollout:
             (message["role"], PromptTemplate(message["content"], f"rollout.messages[{i}].content", text_key))
             for i, message in enumerate(messages or [])
         ]
+        if self.messages and not any(template.uses_fields for _, template in self.messages):
+            raise ConfigError(
+                "rollout.messages fill in nothing from the record: put {{ text }} (or any field of the record: "
+                "{{ title }}) in a message's content"
+            )
         self.system = PromptTemplate(system_prompt, "rollout.system_prompt", text_key) if system_prompt else None
         self.use_chat = use_chat
         self.prompt_key = prompt_key

@@ -62,8 +62,10 @@ class ReplySchema:
         return cls(model.model_json_schema(), model.__name__, field)
 
     def response_format(self) -> dict[str, Any]:
-        """The request's ``response_format``."""
-        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.schema, "strict": True}}
+        """The request's ``response_format``: ``strict`` where the schema meets OpenAI's strict
+        mode (every object closed, every property required), which refuses any other schema."""
+        strict = _strict_compatible(self.schema)
+        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.schema, "strict": strict}}
 
     def parse(self, result: InferenceResult) -> Any:
         """The reply's JSON value; ``ValueError`` saying why it is not one that matches."""
@@ -80,3 +82,19 @@ class ReplySchema:
             where = "/".join(map(str, error.absolute_path)) or "the top level"
             raise ValueError(f"does not match the schema at {where}: {error.message}")
         return value
+
+
+def _strict_compatible(schema: Any) -> bool:
+    """Whether every object of ``schema`` has ``additionalProperties: false`` and requires all of
+    its properties (OpenAI's strict mode)."""
+    if isinstance(schema, list):
+        return all(_strict_compatible(item) for item in schema)
+    if not isinstance(schema, dict):
+        return True
+    if schema.get("type") == "object" or "properties" in schema:
+        properties = schema.get("properties") or {}
+        if schema.get("additionalProperties") is not False or set(schema.get("required") or []) != set(properties):
+            return False
+    nested = [*(schema.get("properties") or {}).values(), *(schema.get("$defs") or {}).values()]
+    nested += [schema[key] for key in ("items", "anyOf", "oneOf", "allOf") if key in schema]
+    return all(_strict_compatible(item) for item in nested)

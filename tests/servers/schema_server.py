@@ -2,7 +2,8 @@
 and answers with the reply its prompt chooses by the request's temperature.
 
 The prompt (the last chat message) is a JSON object of replies: ``{"default": REPLY, "0.7":
-REPLY, ...}``, the one under ``str(temperature)`` if the request has it, else ``default``. A
+REPLY, ...}``, the one under ``str(temperature)`` if the request has it, else ``default``; or
+``{"sequence": [REPLY, ...]}``: the Nth request of that prompt gets the Nth reply (the last after). A
 reply that starts with ``LENGTH:`` is the rest, with ``finish_reason: length``. Each request is
 appended to ``--requests FILE`` as a JSON line ``{"temperature", "prompt", "response_format"}``.
 """
@@ -17,6 +18,7 @@ p = _common.parser(__doc__)
 p.add_argument("--requests", required=True)
 args = _common.parse(p)
 lock = threading.Lock()
+ASKED: dict[str, int] = {}  # requests per prompt
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -36,7 +38,12 @@ class Handler(BaseHTTPRequestHandler):
         if (body.get("response_format") or {}).get("type") != "json_schema":
             return self._json(400, {"error": {"message": "this server answers only with response_format json_schema"}})
         replies = json.loads(prompt)
-        reply = replies.get(str(body.get("temperature")), replies["default"])
+        with lock:
+            asked = ASKED[prompt] = ASKED.get(prompt, 0) + 1
+        if "sequence" in replies:  # the Nth request of this prompt gets the Nth reply (the last one after)
+            reply = replies["sequence"][min(asked, len(replies["sequence"])) - 1]
+        else:
+            reply = replies.get(str(body.get("temperature")), replies["default"])
         finish = "length" if reply.startswith("LENGTH:") else "stop"
         text = reply.removeprefix("LENGTH:")
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}

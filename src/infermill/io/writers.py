@@ -241,7 +241,7 @@ class ParquetWriter(OutputWriter):
     extension = ".parquet"
     LAYOUTS = ("struct", "columns", "json")
     SCHEMA_FILE = "_common_metadata"
-    BASE_COLUMNS = ("id", "text", GENERATED_TEXT, "media")
+    BASE_COLUMNS = ("id", "text", "media")
 
     def __init__(
         self,
@@ -264,8 +264,8 @@ class ParquetWriter(OutputWriter):
         if self.metadata_layout == "json":
             return self._write_json_layout(file, records)
         held = list(records)  # one chunk: its types are inferred over all of it before writing
-        fields, as_json = self._fields(held)
         generated = any(GENERATED_TEXT in as_dict(r) for r in held[:1])  # runner.generated_text: every record's
+        fields, as_json = self._fields(held, generated)
         schema = self._schema(fields, generated)
         with pq.ParquetWriter(file, schema, compression="zstd") as parquet:
             for start in range(0, len(held), PARQUET_ROWS_PER_GROUP):
@@ -284,12 +284,16 @@ class ParquetWriter(OutputWriter):
         except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
             return None
 
-    def _fields(self, records: list[Record]) -> tuple[dict[str, Any], set[str]]:
+    def _fields(self, records: list[Record], generated: bool) -> tuple[dict[str, Any], set[str]]:
         """The metadata fields to write (the job's so far, widened by this chunk's) and the keys
-        of this chunk stored as JSON text under ``NAME_json``."""
+        of this chunk stored as JSON text under ``NAME_json``; ``generated``: the records have a
+        ``generated_text`` column of their own (beside ``text``, not a metadata field)."""
         import pyarrow as pa
 
         job = self._job_fields()
+        base = (*self.BASE_COLUMNS, GENERATED_TEXT) if generated else self.BASE_COLUMNS
+        if generated:
+            job.pop(GENERATED_TEXT, None)  # (the job's schema has it among its columns)
         fields, as_json = dict(job), set()
         for key, type_ in _chunk_types(records).items():
             widened = _unify(job.get(key, pa.null()), type_)
@@ -298,10 +302,10 @@ class ParquetWriter(OutputWriter):
                 fields[f"{key}_json"] = pa.string()
             else:
                 fields[key] = widened
-        if self.metadata_layout == "columns" and (clash := [k for k in fields if k in self.BASE_COLUMNS]):
+        if self.metadata_layout == "columns" and (clash := [k for k in fields if k in base]):
             raise InfermillError(
                 f"metadata key {clash[0]!r} collides with the column {clash[0]!r}: output.parquet_metadata: columns "
-                "puts every metadata key beside id, text and media; rename that input field or use "
+                f"puts every metadata key beside {', '.join(base)}; rename that input field or use "
                 "parquet_metadata: struct"
             )
         return fields, as_json
