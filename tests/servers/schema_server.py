@@ -10,7 +10,7 @@ appended to ``--requests FILE`` as a JSON line ``{"temperature", "prompt", "resp
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import _common
 
@@ -21,10 +21,7 @@ lock = threading.Lock()
 ASKED: dict[str, int] = {}  # requests per prompt
 
 
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self._json(200, {"object": "list", "data": [{"id": "test", "object": "model"}]})
-
+class Handler(_common._Handler):  # its GET /v1/models, its replies
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
         prompt = body["messages"][-1]["content"]
@@ -50,20 +47,10 @@ class Handler(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
         self._json(200, {"id": "s", "object": "chat.completion", "model": "test", "choices": [choice], "usage": usage})
 
-    def _json(self, status: int, obj) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
-
 
 server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
 server.daemon_threads = True
+server.models = True  # type: ignore[attr-defined]
 threading.Thread(target=server.serve_forever, daemon=True).start()
 _common.say(_common.READY_LINE)
 _common.wait_forever()
