@@ -73,9 +73,10 @@ def test_unknown_server_type_fails_at_construction_naming_the_value_and_the_vali
     assert "server_type: 'warp-drive' is not one of custom, vllm, sglang, endpoint, dummy" in str(excinfo.value)
 
 
-def test_master_port_is_not_accepted_until_it_does_something():
-    with pytest.raises(ConfigError, match="master_port: unknown key"):
-        make(master_port=9810)
+def test_master_port_is_accepted_as_datatrove_names_it_and_checked():
+    assert make(master_port=9810).master_port == 9810  # (a multi-node worker's rendezvous: tests/test_multinode.py)
+    with pytest.raises(ConfigError, match="master_port: Input should be less than or equal to 65535"):
+        make(master_port=70000)
 
 
 @pytest.mark.parametrize(

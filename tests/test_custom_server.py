@@ -692,3 +692,21 @@ async def test_verbatim_flag_names_pass_model_kwargs_keys_as_written_like_datatr
     ]  # fmt: skip
     with pytest.raises(ConfigError, match="server_flag_names"):
         custom_config(tmp_path, "recording_server.py", kwargs, server_flag_names="underscores")
+
+
+@pytest.mark.parametrize("names, started", [("dashes", False), ("verbatim", True)])
+async def test_a_script_that_refuses_dashed_flags_is_told_of_server_flag_names(tmp_path, names, started):
+    """A script written for datatrove takes --max_batch_size: with the default dashes it exits at
+    start, and the error says which setting fixes it; with verbatim it serves."""
+    config = custom_config(tmp_path, "underscore_flags_server.py", {"max_batch_size": 8}, server_flag_names=names)
+    server = CustomServer(config)
+    if started:
+        async with server:
+            await asyncio.wait_for(server.wait_until_ready(), 30)
+        return
+    error, _ = await start_failure(server)
+    hint = (
+        "the server process exited with code 2 before it was ready; it wants --max_batch_size: its flags are "
+        "spelled --max_batch_size, as datatrove passes them? set inference.server_flag_names: verbatim"
+    )
+    assert hint in str(error), error

@@ -263,8 +263,9 @@ def test_dry_run_of_a_two_node_vllm_worker_allocates_two_nodes_and_starts_ray_on
 
 
 def test_dry_run_of_a_three_node_sglang_worker_starts_ranks_1_and_2_only(tmp_path):
-    spec = job_spec(server_type="sglang", tp=24, nodes_per_worker=3)
+    spec = job_spec(server_type="sglang", tp=24, nodes_per_worker=3, master_port=9810)  # (datatrove's name)
     lines = dry_run(tmp_path, spec)
+    assert 'export INFERMILL_HEAD_ADDR="$first_node:9810"  # the engine\'s head (inference.master_port)' in lines
     node = f"{PYTHON} -m infermill node {tmp_path}/job.yaml --set runner.metadata_key=r"
     assert "#SBATCH --nodes=3" in lines
     assert "#SBATCH --ntasks=1" not in lines

@@ -132,6 +132,13 @@ class InferenceConfig(BaseModel):
     nodes_per_worker: int = Field(
         1, ge=1, description="Nodes one worker's server spans (vllm, sglang; needs --executor slurm) when K > 1."
     )
+    master_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="A multi-node worker's rendezvous port (vLLM's Ray head, SGLang's --dist-init-addr), as "
+        "datatrove's; None: a port per Slurm task (20000 + its job id % 20000). Unused on one node.",
+    )
     server_flag_names: Literal["dashes", "verbatim"] = Field(
         "dashes",
         description="How a custom server's model_kwargs keys become flags: max_batch_size -> --max-batch-size "

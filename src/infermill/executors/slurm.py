@@ -181,11 +181,14 @@ def multinode_lines(job: Any, node_command: Sequence[str]) -> list[str]:
 
     nodes = job.inference.nodes_per_worker
     node = shlex.join(node_command)
+    master_port = job.inference.master_port
+    head_port = str(master_port) if master_port is not None else "$((20000 + SLURM_JOB_ID % 20000))"
+    port_note = " (inference.master_port)" if master_port is not None else ", a port per task"
     lines = [
         f"# multi-node: this worker spans the {nodes} nodes of its task. It runs here, on the first, and launches",
         "# its server here; infermill node runs the engine's processes of the other nodes (restarted when they exit)",
         'first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        f'export {HEAD_ENV}="$first_node:$((20000 + SLURM_JOB_ID % 20000))"  # the engine\'s head, a port per task',
+        f'export {HEAD_ENV}="$first_node:{head_port}"  # the engine\'s head{port_note}',
         "engine_pids=()",
     ]
     server_class: Any = SERVER_CLASSES[job.inference.server_type]

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,10 @@ from infermill.servertypes import Launch
 
 if TYPE_CHECKING:
     from infermill.config import InferenceConfig
+
+
+#: argparse's refusal of the flags a script was given
+_ARGPARSE_REFUSAL = re.compile(r"error: (unrecognized arguments|the following arguments are required): (.*)$")
 
 
 class CustomServer(ManagedServer):
@@ -47,6 +52,24 @@ class CustomServer(ManagedServer):
         if launch.module:
             return [sys.executable, "-m", launch.module]
         return list(launch.command)
+
+    def exit_hint(self, tail: list[str]) -> str:
+        """A script that refused the flags its ``model_kwargs`` became, or wants them spelled
+        otherwise (argparse's "unrecognized arguments", "arguments are required"): the other
+        spelling of their names, ``inference.server_flag_names``."""
+        verbatim = self.config.server_flag_names == "verbatim"
+        given, wanted = ("_", "-") if verbatim else ("-", "_")
+        for line in tail:
+            if m := _ARGPARSE_REFUSAL.search(line):
+                refused = m.group(1) == "unrecognized arguments"
+                flags = [word.rstrip(",") for word in m.group(2).split() if word.startswith("--")]
+                if any((given if refused else wanted) in flag[2:] for flag in flags):
+                    other = "dashes" if verbatim else "verbatim"
+                    spelled = "--max-batch-size" if verbatim else "--max_batch_size, as datatrove passes them"
+                    what = "it refused" if refused else "it wants"
+                    setting = f"inference.server_flag_names: {other}"
+                    return f"; {what} {' '.join(flags)}: its flags are spelled {spelled}? set {setting}"
+        return ""
 
     def build_command(self, port: int) -> list[str]:
         return [*self.launch_prefix, "--port", str(port), *self.flags]

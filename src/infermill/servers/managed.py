@@ -182,9 +182,16 @@ class ManagedServer(InferenceServer):
         if self._fatal_line is not None:
             raise ServerError(f"fatal line in the server's output: {self._fatal_line!r}", list(process.tail))
         if process.exited.is_set():
+            hint = self.exit_hint(list(process.tail))
             raise ServerError(
-                f"the server process exited with code {process.returncode} before it was ready", list(process.tail)
+                f"the server process exited with code {process.returncode} before it was ready{hint}",
+                list(process.tail),
             )
+
+    def exit_hint(self, tail: list[str]) -> str:
+        """What to do about a server that exited before it was ready, from its last lines (``"; ..."``),
+        or ""."""
+        return ""
 
     async def _probe(self, after_ready_line: bool, remaining: float) -> bool:
         """GET /v1/models. Without a ready line, only a 200 makes the server ready, and the probe
