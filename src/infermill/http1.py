@@ -1,0 +1,349 @@
+"""A lean HTTP/1.1 client for the one request infermill sends per generation: a POST of JSON
+bytes to a plain ``http://`` server over a pooled keep-alive connection.
+
+aiohttp's ``ClientSession`` builds, per request, a URL, header multidicts, a request and a
+response object, a payload, a stream reader, a writer task and timer contexts: about 50 µs of
+CPU, more than all of infermill's own work on a document (``benchmarks/README.md``, "The client
+path"). Here a request is one ``write`` of bytes prepared once per URL, its reply is parsed in
+place by the connection's protocol, and a future wakes the caller: a fraction of that.
+
+It is used by :class:`~infermill.client.OpenAIClient` for its POSTs to ``http://`` URLs only;
+everything else (TLS, GETs, cookies, a connection limit) stays with aiohttp. It implements what
+such a POST needs and no more: ``Content-Length``, chunked and close-delimited replies, 1xx
+interim replies skipped, ``Connection: close`` and HTTP/1.0 honoured, a reply's size capped
+while it is read, idle connections dropped after :data:`KEEPALIVE_SEC` (as aiohttp's
+``keepalive_timeout``). A redirect is reported to the caller (who has aiohttp follow it). It
+patches nothing: it is a protocol on the running event loop's own transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from yarl import URL
+
+KEEPALIVE_SEC = 60.0  # an idle connection is not reused after this long (aiohttp's keepalive_timeout)
+MAX_HEAD_BYTES = 1 << 16  # status line and headers of a reply
+MAX_IDLE_PER_HOST = 1024  # idle connections kept per server (more are closed when given back)
+
+
+class Disconnected(OSError):
+    """The server closed the connection (or sent what is not HTTP) before the reply was whole."""
+
+
+class TooLarge(Exception):
+    """The reply's body is longer than the limit."""
+
+
+class Reply:
+    """A reply: its status, body and the headers the client reads."""
+
+    __slots__ = ("body", "location", "retry_after", "status")
+
+    def __init__(self, status: int, body: bytes, retry_after: str | None, location: str | None):
+        self.status = status
+        self.body = body
+        self.retry_after = retry_after
+        self.location = location
+
+
+_HEAD, _LENGTH, _CHUNKED, _EOF = range(4)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: at most one request at a time, its reply parsed as it comes."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[Reply] | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._buffer = b""
+        self._state = _HEAD
+        self._reset()
+
+    def _reset(self) -> None:
+        self._state = _HEAD
+        self._status = 0
+        self._length = 0
+        self._keep_alive = True
+        self._retry_after: str | None = None
+        self._location: str | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):  # (not TCP)
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():  # nothing was asked (or the asker is gone): not to be trusted
+            self._fail(None)
+            return
+        if self._buffer:
+            data, self._buffer = self._buffer + data, b""
+        try:
+            self._parse(data, waiter)
+        except (Disconnected, TooLarge) as e:
+            self._fail(e)
+        except (ValueError, IndexError) as e:  # a malformed status line, length or chunk size
+            self._fail(Disconnected(f"malformed HTTP reply: {e}"))
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter, self.waiter = self.waiter, None
+        if waiter is None or waiter.done():
+            return
+        if self._state == _EOF and exc is None:  # a body that ends with the connection
+            waiter.set_result(Reply(self._status, b"".join(self._chunks), self._retry_after, self._location))
+            return
+        why = "the server closed the connection" + ("" if exc is None else f": {exc}")
+        waiter.set_exception(Disconnected(why))
+
+    # -- the reply ----------------------------------------------------------------------
+
+    def _parse(self, data: bytes, waiter: asyncio.Future[Reply]) -> None:
+        while True:
+            state = self._state
+            if state == _HEAD:
+                end = data.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(data) > MAX_HEAD_BYTES:
+                        raise Disconnected(f"a reply's headers longer than {MAX_HEAD_BYTES} bytes")
+                    self._buffer = data
+                    return
+                head, data = data[:end], data[end + 4 :]
+                if not self._read_head(head):  # a 1xx interim reply: the real one follows
+                    continue
+                state = self._state
+                if state == _LENGTH and len(data) == self._length:  # the usual case: the whole reply at once
+                    self._finish(waiter, data, b"")
+                    return
+            if state == _LENGTH:
+                if len(data) >= self._length:
+                    self._finish(waiter, data[: self._length], data[self._length :])
+                    return
+                self._buffer = data
+                return
+            if state == _CHUNKED:
+                data = self._read_chunks(data)
+                if self._state == _CHUNKED:
+                    self._buffer = data
+                    return
+                self._finish(waiter, b"".join(self._chunks), data)
+                return
+            # _EOF: to the end of the connection
+            if data:
+                self._add(data)
+            return
+
+    def _read_head(self, head: bytes) -> bool:
+        """Read a reply's status line and headers; False for an interim (1xx) reply."""
+        lines = head.split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        if not version.startswith(b"HTTP/1."):
+            raise Disconnected(f"not an HTTP/1 reply: {lines[0][:100]!r}")
+        status = int(rest[:3])
+        if status < 200:
+            return False
+        self._status = status
+        self._keep_alive = version == b"HTTP/1.1"
+        length: int | None = None
+        chunked = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+                if length < 0:
+                    raise ValueError(f"Content-Length {length}")
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                value = value.lower()
+                if b"close" in value:
+                    self._keep_alive = False
+                elif b"keep-alive" in value:
+                    self._keep_alive = True
+            elif name == b"retry-after":
+                self._retry_after = value.strip().decode("latin-1")
+            elif name == b"location":
+                self._location = value.strip().decode("latin-1")
+        if status in (204, 304):
+            self._state, self._length = _LENGTH, 0
+        elif chunked:
+            self._state = _CHUNKED
+        elif length is not None:
+            if length > self.limit:
+                raise TooLarge()
+            self._state, self._length = _LENGTH, length
+        else:
+            self._state, self._keep_alive = _EOF, False
+        return True
+
+    def _read_chunks(self, data: bytes) -> bytes:
+        """Take the whole chunks at the start of ``data``; return what is left of it. The state
+        leaves _CHUNKED once the last chunk and its trailers are read."""
+        while True:
+            if self._length < 0:  # after the last chunk: trailers, up to an empty line
+                end = data.find(b"\r\n")
+                if end < 0:
+                    return data
+                line, data = data[:end], data[end + 2 :]
+                if not line:
+                    self._state = _LENGTH  # (done: _finish follows)
+                    return data
+                continue
+            end = data.find(b"\r\n")
+            if end < 0:
+                if len(data) > MAX_HEAD_BYTES:
+                    raise Disconnected("a chunk size line too long")
+                return data
+            size = int(data[:end].split(b";", 1)[0], 16)
+            if size == 0:
+                self._length = -1
+                data = data[end + 2 :]
+                continue
+            if len(data) < end + 2 + size + 2:
+                return data
+            self._add(data[end + 2 : end + 2 + size])
+            data = data[end + 2 + size + 2 :]
+
+    def _add(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self.limit:
+            raise TooLarge()
+        self._chunks.append(data)
+
+    def _finish(self, waiter: asyncio.Future[Reply], body: bytes, extra: bytes) -> None:
+        reply = Reply(self._status, body, self._retry_after, self._location)
+        keep = self._keep_alive and not extra  # bytes after the reply: nothing was asked for them
+        self.waiter = None
+        self._reset()
+        if not keep:
+            self.close()
+        waiter.set_result(reply)
+
+    def _fail(self, error: Exception | None) -> None:
+        waiter, self.waiter = self.waiter, None
+        self.close()
+        if waiter is not None and not waiter.done() and error is not None:
+            waiter.set_exception(error)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Target:
+    """A URL as this client sends to it: where to connect, and the request's head up to its
+    ``Content-Length`` value."""
+
+    __slots__ = ("head", "host", "key", "port")
+
+    def __init__(self, url: URL, headers: bytes):
+        host = url.raw_host or ""
+        port = url.port or 80
+        self.host = host
+        self.port = port
+        self.key = (host, port)
+        shown = f"[{host}]" if ":" in host else host
+        if port != 80:
+            shown += f":{port}"
+        path = url.raw_path_qs or "/"
+        self.head = f"POST {path} HTTP/1.1\r\nHost: {shown}\r\n".encode("latin-1") + headers + b"Content-Length: "
+
+
+class Http1Pool:
+    """Keep-alive connections to plain-HTTP servers, and :meth:`post` over them."""
+
+    def __init__(self, headers: dict[str, str], max_response_bytes: int):
+        self._headers = b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers.items())
+        self._limit = max_response_bytes
+        self._targets: dict[Any, Target | None] = {}
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._open: set[_Connection] = set()
+
+    def target(self, url: str | URL) -> Target | None:
+        """``url`` as a target of this pool, or None when it is not one (not ``http://``, or
+        with credentials in it): aiohttp's."""
+        try:
+            return self._targets[url]
+        except KeyError:
+            pass
+        parsed = url if isinstance(url, URL) else URL(url)
+        target = None
+        if parsed.scheme == "http" and parsed.raw_host and parsed.user is None and not parsed.raw_fragment:
+            target = Target(parsed, self._headers)
+        if len(self._targets) < 1024:  # (a caller of many URLs is not kept track of for ever)
+            self._targets[url] = target
+        return target
+
+    async def post(self, target: Target, body: bytes) -> Reply:
+        """POST ``body`` to ``target``; the reply. Raises ``Disconnected`` (or the ``OSError``
+        of a connection that cannot be made), ``TooLarge``; cancelled, it closes the connection."""
+        loop = asyncio.get_running_loop()
+        connection = self._take(target.key, loop.time())
+        if connection is None:
+            limit = self._limit
+            _, connection = await loop.create_connection(lambda: _Connection(limit), target.host, target.port)
+            self._open.add(connection)
+        waiter: asyncio.Future[Reply] = loop.create_future()
+        connection.waiter = waiter
+        assert connection.transport is not None
+        data = target.head + b"%d\r\n\r\n" % len(body)
+        if len(body) <= 1 << 16:
+            connection.transport.write(data + body)
+        else:  # (no copy of a large body)
+            connection.transport.writelines((data, body))
+        try:
+            reply = await waiter
+        except BaseException:
+            connection.close()
+            self._open.discard(connection)
+            raise
+        if connection.closed:
+            self._open.discard(connection)
+        else:
+            connection.idle_since = loop.time()
+            idle = self._idle.get(target.key)
+            if idle is None:
+                idle = self._idle[target.key] = []
+            if len(idle) < MAX_IDLE_PER_HOST:
+                idle.append(connection)
+            else:
+                connection.close()
+                self._open.discard(connection)
+        return reply
+
+    def _take(self, key: tuple[str, int], now: float) -> _Connection | None:
+        """An idle connection to ``key`` that is still open and not idle for too long."""
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and now - connection.idle_since < KEEPALIVE_SEC:
+                return connection
+            connection.close()
+            self._open.discard(connection)
+        return None
+
+    def close(self) -> None:
+        for connection in self._open:
+            connection.close()
+        self._open.clear()
+        self._idle.clear()
