@@ -12,7 +12,13 @@ import pytest
 from yarl import URL
 
 from infermill.client import OpenAIClient
-from infermill.errors import ReplyTooLargeError, RetryableError, ServerConnectionError, ServerUnreachableError
+from infermill.errors import (
+    ReplyTooLargeError,
+    RequestTimeoutError,
+    RetryableError,
+    ServerConnectionError,
+    ServerUnreachableError,
+)
 from infermill.http1 import Http1Pool
 from infermill.servers import find_free_port
 
@@ -264,3 +270,22 @@ def test_a_client_with_cookies_or_a_connection_limit_posts_over_aiohttp():
     assert OpenAIClient(keep_cookies=True)._pool is None
     assert OpenAIClient(max_connections=4)._pool is None
     assert OpenAIClient()._pool is not None
+
+
+async def test_a_get_goes_over_the_same_connections_without_a_body(server, client):
+    server.script["/v1/models"] = [reply(b'{"data":[]}')]
+    assert await client.get(server.url + "/v1/models") == {"data": []}
+    await client.post(server.url + "/v1/chat/completions", PAYLOAD)
+    line, headers, body = server.requests[0]
+    assert line == "GET /v1/models HTTP/1.1"
+    assert "content-length" not in headers and body == b""
+    assert server.connections == 1
+
+
+async def test_a_get_times_out_within_its_own_timeout(server, client):
+    async def never(_: asyncio.StreamWriter) -> None:
+        await server.stopping.wait()
+
+    server.script["/v1/models"] = never
+    with pytest.raises(RequestTimeoutError, match="within 0.2 s"):
+        await client.get(server.url + "/v1/models", timeout=0.2)

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("errors", "exitcodes", "types", "version", "eventloop", "logs", "metrics", "concurrency", "echo_app"),
     ),
     ("configuration", ("config", "servertypes", "layout", "gpus", "retry", "rollouts")),
-    ("outside world: files, HTTP, servers", ("io.*", "client", "servers.*", "datatrove_compat", "jobfile")),
+    ("outside world: files, HTTP, servers", ("io.*", "http1", "client", "servers.*", "datatrove_compat", "jobfile")),
     (
         "checkpoints: the work queue",
         ("queue_storage", "queue_storage_s3", "mirror", "journal", "queue", "stream", "worker"),

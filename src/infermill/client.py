@@ -1,7 +1,9 @@
-"""The OpenAI-compatible HTTP client: one pooled keep-alive session per server.
+"""The OpenAI-compatible HTTP client: pooled keep-alive connections per server.
 
-This is the one place where aiohttp exceptions and HTTP statuses become infermill's
-error classes (see :mod:`infermill.errors`).
+Requests to ``http://`` servers go over infermill's own connections (:mod:`infermill.http1`);
+the others (``https://``, cookies kept, a connection limit) and redirects over an aiohttp
+session, imported only when one is needed. This is the one place where transport failures
+and HTTP statuses become infermill's error classes (see :mod:`infermill.errors`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import base64
 import email.utils
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 from yarl import URL
 
@@ -32,6 +33,9 @@ from infermill.errors import (
 )
 from infermill.http1 import Disconnected, Http1Pool, Target, TooLarge
 from infermill.version import __version__
+
+if TYPE_CHECKING:
+    import aiohttp
 
 BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 422})
 AUTH_STATUSES = frozenset({401, 403})
@@ -111,21 +115,22 @@ class OpenAIClient:
         # one asyncio.timeout around each request, not aiohttp's per-request timer objects: the same
         # deadline for less work per request (benchmarks/README.md, "Request timeouts")
         self._request_timeout = request_timeout
-        self._timeout = aiohttp.ClientTimeout(total=None)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
-        # POSTs to plain-HTTP servers go over infermill's own keep-alive connections
+        # requests to plain-HTTP servers go over infermill's own keep-alive connections
         # (infermill.http1: a fraction of aiohttp's CPU per request); the rest over aiohttp. Not
         # with cookies or a connection limit, which are aiohttp's to keep
         self._pool = Http1Pool(self._headers, max_response_bytes) if not keep_cookies and max_connections == 0 else None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            import aiohttp  # (~0.1 s, only for the first request that needs it)
+
             connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60, ttl_dns_cache=None)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 headers=self._headers,
-                timeout=self._timeout,
+                timeout=aiohttp.ClientTimeout(total=None),
                 json_serialize=_dumps_str,
                 # per request, aiohttp would otherwise filter cookies a local server never sets, and add
                 # a decompressor that OpenAI-compatible servers never need
@@ -140,33 +145,47 @@ class OpenAIClient:
         data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
         pool = self._pool
         if pool is not None and (target := pool.target(url)) is not None:
-            return await self._post_http1(pool, target, url, data)
+            return await self._http1(pool, target, "POST", url, data)
         return await self._request("POST", url, data)
 
-    async def _post_http1(self, pool: Http1Pool, target: Target, url: str | URL, data: bytes) -> dict[str, Any]:
-        """``post`` over the pool's connections: the same errors as over aiohttp."""
+    async def _http1(
+        self,
+        pool: Http1Pool,
+        target: Target,
+        method: str,
+        url: str | URL,
+        data: bytes | None,
+        timeout: float | None = None,  # noqa: ASYNC109 (as _request's)
+    ) -> dict[str, Any]:
+        """A request over the pool's connections: the same errors as over aiohttp."""
         try:
-            async with asyncio.timeout(self._request_timeout):
-                reply = await pool.post(target, data)
+            async with asyncio.timeout(timeout if timeout is not None else self._request_timeout):
+                reply = await pool.request(target, data)
         except TimeoutError as e:
-            raise RequestTimeoutError(f"POST {url}: no reply within the request timeout") from e
+            within = "the request timeout" if timeout is None else f"{timeout:g} s"
+            raise RequestTimeoutError(f"{method} {url}: no reply within {within}") from e
         except TooLarge:
-            raise self._too_large("POST", url) from None
+            raise self._too_large(method, url) from None
         except Disconnected as e:
-            raise ServerConnectionError(self._redact(f"POST {url}: ServerDisconnectedError: {e}")) from e
+            raise ServerConnectionError(self._redact(f"{method} {url}: ServerDisconnectedError: {e}")) from e
         except OSError as e:  # the connection could not be made
             error = ServerUnreachableError if isinstance(e, ConnectionRefusedError) else ServerConnectionError
             where = f"{target.host}:{target.port}"
-            raise error(self._redact(f"POST {url}: ClientConnectorError: Cannot connect to host {where} [{e}]")) from e
+            raise error(
+                self._redact(f"{method} {url}: ClientConnectorError: Cannot connect to host {where} [{e}]")
+            ) from e
         status = reply.status
         if 300 <= status < 400 and reply.location is not None:  # followed as aiohttp follows it
-            return await self._request("POST", url, data)
-        return self._decoded("POST", url, status, reply.body, reply.retry_after)
+            return await self._request(method, url, data, timeout)
+        return self._decoded(method, url, status, reply.body, reply.retry_after)
 
     # ASYNC109: the timeout replaces the client's request timeout for this call (an outer asyncio.timeout
     # could only shorten it) and is named in the RequestTimeoutError
     async def get(self, url: str, timeout: float | None = None) -> dict[str, Any]:  # noqa: ASYNC109
         """GET ``url`` within ``timeout`` seconds (default: the request timeout)."""
+        pool = self._pool
+        if pool is not None and (target := pool.target(url, "GET")) is not None:
+            return await self._http1(pool, target, "GET", url, None, timeout)
         return await self._request("GET", url, None, timeout)
 
     async def _request(
@@ -176,6 +195,9 @@ class OpenAIClient:
         data: bytes | None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> dict[str, Any]:
+        """A request over aiohttp."""
+        import aiohttp
+
         session = self._get_session()
         try:
             async with asyncio.timeout(timeout if timeout is not None else self._request_timeout):

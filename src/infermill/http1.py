@@ -1,5 +1,6 @@
 """A lean HTTP/1.1 client for the one request infermill sends per generation: a POST of JSON
-bytes to a plain ``http://`` server over a pooled keep-alive connection.
+bytes to a plain ``http://`` server over a pooled keep-alive connection (and the GETs that
+ask whether a server is ready).
 
 aiohttp's ``ClientSession`` builds, per request, a URL, header multidicts, a request and a
 response object, a payload, a stream reader, a writer task and timer contexts: about 50 µs of
@@ -7,13 +8,14 @@ CPU, more than all of infermill's own work on a document (``benchmarks/README.md
 path"). Here a request is one ``write`` of bytes prepared once per URL, its reply is parsed in
 place by the connection's protocol, and a future wakes the caller: a fraction of that.
 
-It is used by :class:`~infermill.client.OpenAIClient` for its POSTs to ``http://`` URLs only;
-everything else (TLS, GETs, cookies, a connection limit) stays with aiohttp. It implements what
-such a POST needs and no more: ``Content-Length``, chunked and close-delimited replies, 1xx
-interim replies skipped, ``Connection: close`` and HTTP/1.0 honoured, a reply's size capped
-while it is read, idle connections dropped after :data:`KEEPALIVE_SEC` (as aiohttp's
-``keepalive_timeout``). A redirect is reported to the caller (who has aiohttp follow it). It
-patches nothing: it is a protocol on the running event loop's own transports.
+It is used by :class:`~infermill.client.OpenAIClient` for ``http://`` URLs only; everything
+else (TLS, cookies, a connection limit, redirects) stays with aiohttp, which is then imported
+only for those. It implements what such a request needs and no more: ``Content-Length``,
+chunked and close-delimited replies, 1xx interim replies skipped, ``Connection: close`` and
+HTTP/1.0 honoured, a reply's size capped while it is read, idle connections dropped after
+:data:`KEEPALIVE_SEC` (as aiohttp's ``keepalive_timeout``). A redirect is reported to the
+caller (who has aiohttp follow it). It patches nothing: it is a protocol on the running event
+loop's own transports.
 """
 
 from __future__ import annotations
@@ -251,12 +253,12 @@ class _Connection(asyncio.Protocol):
 
 
 class Target:
-    """A URL as this client sends to it: where to connect, and the request's head up to its
-    ``Content-Length`` value."""
+    """A URL as this client sends to it: where to connect, and the request's head (a POST's up
+    to its ``Content-Length`` value)."""
 
     __slots__ = ("head", "host", "key", "port")
 
-    def __init__(self, url: URL, headers: bytes):
+    def __init__(self, url: URL, headers: bytes, method: str = "POST"):
         host = url.raw_host or ""
         port = url.port or 80
         self.host = host
@@ -266,7 +268,8 @@ class Target:
         if port != 80:
             shown += f":{port}"
         path = url.raw_path_qs or "/"
-        self.head = f"POST {path} HTTP/1.1\r\nHost: {shown}\r\n".encode("latin-1") + headers + b"Content-Length: "
+        self.head = f"{method} {path} HTTP/1.1\r\nHost: {shown}\r\n".encode("latin-1") + headers
+        self.head += b"Content-Length: " if method == "POST" else b"\r\n"
 
 
 class Http1Pool:
@@ -279,24 +282,26 @@ class Http1Pool:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._open: set[_Connection] = set()
 
-    def target(self, url: str | URL) -> Target | None:
-        """``url`` as a target of this pool, or None when it is not one (not ``http://``, or
-        with credentials in it): aiohttp's."""
-        try:
-            return self._targets[url]
-        except KeyError:
-            pass
+    def target(self, url: str | URL, method: str = "POST") -> Target | None:
+        """``url`` as a target of this pool for ``method`` (POST or GET), or None when it is not
+        one (not ``http://``, or with credentials in it): aiohttp's."""
+        if method == "POST":
+            try:
+                return self._targets[url]
+            except KeyError:
+                pass
         parsed = url if isinstance(url, URL) else URL(url)
         target = None
         if parsed.scheme == "http" and parsed.raw_host and parsed.user is None and not parsed.raw_fragment:
-            target = Target(parsed, self._headers)
-        if len(self._targets) < 1024:  # (a caller of many URLs is not kept track of for ever)
+            target = Target(parsed, self._headers, method)
+        if method == "POST" and len(self._targets) < 1024:  # (a caller of many URLs is not kept track of for ever)
             self._targets[url] = target
         return target
 
-    async def post(self, target: Target, body: bytes) -> Reply:
-        """POST ``body`` to ``target``; the reply. Raises ``Disconnected`` (or the ``OSError``
-        of a connection that cannot be made), ``TooLarge``; cancelled, it closes the connection."""
+    async def request(self, target: Target, body: bytes | None) -> Reply:
+        """Send ``body`` to ``target`` (a POST's; None for a GET); the reply. Raises
+        ``Disconnected`` (or the ``OSError`` of a connection that cannot be made), ``TooLarge``;
+        cancelled, it closes the connection."""
         loop = asyncio.get_running_loop()
         connection = self._take(target.key, loop.time())
         if connection is None:
@@ -306,11 +311,12 @@ class Http1Pool:
         waiter: asyncio.Future[Reply] = loop.create_future()
         connection.waiter = waiter
         assert connection.transport is not None
-        data = target.head + b"%d\r\n\r\n" % len(body)
-        if len(body) <= 1 << 16:
-            connection.transport.write(data + body)
+        if body is None:
+            connection.transport.write(target.head)
+        elif len(body) <= 1 << 16:
+            connection.transport.write(target.head + b"%d\r\n\r\n" % len(body) + body)
         else:  # (no copy of a large body)
-            connection.transport.writelines((data, body))
+            connection.transport.writelines((target.head + b"%d\r\n\r\n" % len(body), body))
         try:
             reply = await waiter
         except BaseException:
