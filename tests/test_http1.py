@@ -289,3 +289,28 @@ async def test_a_get_times_out_within_its_own_timeout(server, client):
     server.script["/v1/models"] = never
     with pytest.raises(RequestTimeoutError, match="within 0.2 s"):
         await client.get(server.url + "/v1/models", timeout=0.2)
+
+
+async def test_timeouts_fire_within_a_tenth_late_and_the_sweep_stops_when_nothing_is_in_flight(server):
+    async def late(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.6)
+        writer.write(reply())
+
+    server.script["/late"] = late
+    client = OpenAIClient(request_timeout=0.4)
+    try:
+        started = asyncio.get_running_loop().time()
+        outcomes = await asyncio.gather(
+            client.post(server.url + "/late", PAYLOAD),
+            client.post(server.url + "/v1/chat/completions", PAYLOAD),
+            return_exceptions=True,
+        )
+        took = asyncio.get_running_loop().time() - started
+        assert isinstance(outcomes[0], RequestTimeoutError) and outcomes[1] == {"choices": [{"text": "ok"}]}
+        assert 0.4 <= took < 0.55
+        assert client._pool is not None
+        await asyncio.sleep(0.1)
+        assert client._pool._sweep_at is None and not client._pool._timed  # no timer left running
+        assert await client.post(server.url + "/v1/chat/completions", PAYLOAD) == {"choices": [{"text": "ok"}]}
+    finally:
+        await client.close()

@@ -159,8 +159,7 @@ class OpenAIClient:
     ) -> dict[str, Any]:
         """A request over the pool's connections: the same errors as over aiohttp."""
         try:
-            async with asyncio.timeout(timeout if timeout is not None else self._request_timeout):
-                reply = await pool.request(target, data)
+            reply = await pool.request(target, data, timeout if timeout is not None else self._request_timeout)
         except TimeoutError as e:
             within = "the request timeout" if timeout is None else f"{timeout:g} s"
             raise RequestTimeoutError(f"{method} {url}: no reply within {within}") from e

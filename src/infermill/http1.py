@@ -26,6 +26,7 @@ from typing import Any
 
 from yarl import URL
 
+SWEEP_MAX_SEC = 1.0  # how late a request's timeout may fire at most (and at most a tenth of it)
 KEEPALIVE_SEC = 60.0  # an idle connection is not reused after this long (aiohttp's keepalive_timeout)
 MAX_HEAD_BYTES = 1 << 16  # status line and headers of a reply
 MAX_IDLE_PER_HOST = 1024  # idle connections kept per server (more are closed when given back)
@@ -63,6 +64,7 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[Reply] | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.deadline = 0.0  # of the request in flight, if it has a timeout (loop.time())
         self._buffer = b""
         self._state = _HEAD
         self._reset()
@@ -281,6 +283,13 @@ class Http1Pool:
         self._targets: dict[Any, Target | None] = {}
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._open: set[_Connection] = set()
+        # the connections whose request has a deadline: looked at every _interval seconds while
+        # there are any, not a timer per request (a timer set and cancelled costs more than the
+        # rest of a request's bookkeeping)
+        self._timed: set[_Connection] = set()
+        self._interval = SWEEP_MAX_SEC
+        self._sweep_at: float | None = None  # when the next sweep is due, if one is scheduled
+        self._sweeps = 0  # sweeps scheduled: only the last one runs
 
     def target(self, url: str | URL, method: str = "POST") -> Target | None:
         """``url`` as a target of this pool for ``method`` (POST or GET), or None when it is not
@@ -298,18 +307,26 @@ class Http1Pool:
             self._targets[url] = target
         return target
 
-    async def request(self, target: Target, body: bytes | None) -> Reply:
+    async def request(self, target: Target, body: bytes | None, timeout: float | None = None) -> Reply:  # noqa: ASYNC109
         """Send ``body`` to ``target`` (a POST's; None for a GET); the reply. Raises
-        ``Disconnected`` (or the ``OSError`` of a connection that cannot be made), ``TooLarge``;
-        cancelled, it closes the connection."""
+        ``TimeoutError`` when it is not whole within ``timeout`` seconds (None: no limit; it
+        fires up to a tenth of it late, at most SWEEP_MAX_SEC), ``Disconnected`` (or the
+        ``OSError`` of a connection that cannot be made), ``TooLarge``; cancelled or timed out,
+        it closes the connection."""
         loop = asyncio.get_running_loop()
-        connection = self._take(target.key, loop.time())
+        now = loop.time()
+        connection = self._take(target.key, now)
         if connection is None:
             limit = self._limit
-            _, connection = await loop.create_connection(lambda: _Connection(limit), target.host, target.port)
+            async with asyncio.timeout(timeout):
+                _, connection = await loop.create_connection(lambda: _Connection(limit), target.host, target.port)
             self._open.add(connection)
         waiter: asyncio.Future[Reply] = loop.create_future()
         connection.waiter = waiter
+        if timeout is not None:
+            connection.deadline = now + timeout
+            self._timed.add(connection)
+            self._sweep_by(loop, now, timeout)
         assert connection.transport is not None
         if body is None:
             connection.transport.write(target.head)
@@ -322,7 +339,10 @@ class Http1Pool:
         except BaseException:
             connection.close()
             self._open.discard(connection)
+            self._timed.discard(connection)
             raise
+        if timeout is not None:
+            self._timed.discard(connection)
         if connection.closed:
             self._open.discard(connection)
         else:
@@ -336,6 +356,33 @@ class Http1Pool:
                 connection.close()
                 self._open.discard(connection)
         return reply
+
+    def _sweep_by(self, loop: asyncio.AbstractEventLoop, now: float, timeout: float) -> None:
+        """See that a sweep comes within a tenth of ``timeout`` (at most SWEEP_MAX_SEC)."""
+        if timeout < self._interval * 10:
+            self._interval = max(timeout / 10, 0.001)
+        due = self._sweep_at
+        if due is None or due > now + self._interval:
+            self._schedule_sweep(loop, now)
+
+    def _schedule_sweep(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        self._sweep_at = now + self._interval
+        self._sweeps += 1  # the sweep scheduled before, if any, is stale: this one replaces it
+        loop.call_at(self._sweep_at, self._sweep, loop, self._sweeps)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop, sweep: int) -> None:
+        """Fail the requests past their deadline with ``TimeoutError``; come again while any is in flight."""
+        if sweep != self._sweeps:
+            return
+        self._sweep_at = None
+        now = loop.time()
+        for connection in [c for c in self._timed if c.deadline <= now]:
+            self._timed.discard(connection)
+            waiter, connection.waiter = connection.waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(TimeoutError())
+        if self._timed:
+            self._schedule_sweep(loop, now)
 
     def _take(self, key: tuple[str, int], now: float) -> _Connection | None:
         """An idle connection to ``key`` that is still open and not idle for too long."""
@@ -353,3 +400,4 @@ class Http1Pool:
             connection.close()
         self._open.clear()
         self._idle.clear()
+        self._timed.clear()
