@@ -8,6 +8,7 @@ memory on a million streamed documents and its start-up latency.
     .venv/bin/python benchmarks/throughput.py --runs 5 --million --startup
     .venv/bin/python benchmarks/throughput.py --skip-datatrove --concurrency 64
     .venv/bin/python benchmarks/throughput.py --profile             # cProfile of infermill at c=64
+    .venv/bin/python benchmarks/throughput.py --check 0.9           # make bench-check: exit 1 under 0.9x of bare
     PYTHONPATH=/tmp/copy/src .venv/bin/python benchmarks/throughput.py --skip-datatrove   # another infermill
 
 Every measured run is its own subprocess (so ``ru_maxrss`` is that run's own peak), and
@@ -613,14 +614,16 @@ def summarize_py_spy(path: str, top: int = 15) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3, help="runs of each (kind, concurrency); medians are reported")
-    parser.add_argument("--docs", type=int, default=20_000, help="documents per run (one request each)")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs of each (kind, concurrency); medians are reported (default 3)"
+    )
+    parser.add_argument("--docs", type=int, default=None, help="documents per run, one request each (default 20,000)")
     parser.add_argument(
         "--concurrency",
         type=int,
         nargs="+",
-        default=[64, 512],
-        help="max_concurrent_generations (and bare-client workers)",
+        default=None,
+        help="max_concurrent_generations (and bare-client workers) (default 64 512)",
     )
     parser.add_argument("--skip-datatrove", action="store_true", help="measure infermill and the bare client only")
     parser.add_argument(
@@ -663,6 +666,14 @@ def main() -> None:
         metavar="PATH",
         help="py-spy executable for --profile (default: py-spy on PATH, if any)",
     )
+    parser.add_argument(
+        "--check",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="only infermill and the bare loop (5 runs of 20,000 documents at c=64 unless given); exit 1 if "
+        "infermill's median docs/s is under RATIO x the bare loop's at any concurrency (make bench-check)",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="write every run's raw result here")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measured run")
     parser.add_argument("--tmp", default=None, help="folder for the runs' temporary output (default: system temp)")
@@ -677,6 +688,14 @@ def main() -> None:
     if args.child:
         run_child(args)
         return
+    # --check: 5 short runs at 64 in flight, unless given
+    defaults = {"runs": 5, "docs": 20_000, "concurrency": [64]} if args.check is not None else {}
+    defaults = {"runs": 3, "docs": 20_000, "concurrency": [64, 512], **defaults}
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.check is not None:
+        args.skip_datatrove, args.datatrove_checkpoints, args.skip_bare, args.metrics = True, False, False, False
 
     started = time.time()
     info = subprocess.run(
@@ -785,6 +804,27 @@ def main() -> None:
         print(startup["table"])
         print(f"\nrun start -> first request <= server start-up + 0.5 s: {startup['target_holds']}")
 
+    failed = []
+    if args.check is not None:
+        print()
+        for c in args.concurrency:
+            inf, bare = (
+                [r for r in results if r["kind"] == kind and r["concurrency"] == c] for kind in ("infermill", "bare")
+            )
+            rate = statistics.median(r["docs_per_sec"] for r in inf) / statistics.median(
+                r["docs_per_sec"] for r in bare
+            )
+            cpu = statistics.median(r["cpu_us_per_doc"] for r in inf) / statistics.median(
+                r["cpu_us_per_doc"] for r in bare
+            )
+            ok = rate >= args.check
+            print(
+                f"bench-check c={c}: infermill / bare = {rate:.2f}x docs/s, {cpu:.2f}x CPU us/doc "
+                f"(median of {args.runs} interleaved runs): {'ok' if ok else 'FAILED'}, the floor is {args.check:.2f}x"
+            )
+            if not ok:
+                failed.append(c)
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -792,6 +832,8 @@ def main() -> None:
         f"\n# done in {time.time() - started:.0f} s; load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
         flush=True,
     )
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
