@@ -41,7 +41,8 @@ ROOT = os.path.dirname(BENCH_DIR)
 FAST_SERVER = os.path.join(BENCH_DIR, "fast_server.py")
 DATATROVE_VENV = os.path.join(BENCH_DIR, ".venv-datatrove")
 DATATROVE_PACKAGES = ["datatrove", "httpx", "aiosqlite", "xxhash", "orjson", "loguru", "aiofiles", "uvloop"]
-KINDS = ("infermill", "infermill-metrics", "datatrove", "datatrove-ckpt", "bare")
+KINDS = ("infermill", "infermill-metrics", "infermill-auto", "infermill-pool1", "datatrove", "datatrove-ckpt", "bare")
+FEATURES = ("infermill-metrics", "infermill-auto", "infermill-pool1")  # --features: what each costs
 MAX_TOKENS = 16
 
 
@@ -119,13 +120,16 @@ def child_infermill(args: argparse.Namespace, work: str) -> dict:
 
     stats_file = os.path.join(work, "server_stats.json")
     metrics_port = free_port() if args.child == "infermill-metrics" else None  # /metrics on, scraped every second
+    extra: dict = {"metrics_port": metrics_port} if metrics_port else {}  # not at all when off: an older infermill
+    extra["max_concurrent_generations"] = args.concurrency
+    if args.child == "infermill-auto":  # auto, up to the same number in flight
+        extra.update(max_concurrent_generations="auto", max_concurrent_generations_limit=args.concurrency)
     config = InferenceConfig(
         server_type="custom",
         model_name_or_path="fast",
-        max_concurrent_generations=args.concurrency,
         model_kwargs={"server_script": FAST_SERVER, "stats_file": stats_file},
         metric_interval=3600,
-        **({"metrics_port": metrics_port} if metrics_port else {}),  # not at all when off: an older infermill
+        **extra,
     )
 
     async def rollout(document, generate):
@@ -134,6 +138,16 @@ def child_infermill(args: argparse.Namespace, work: str) -> dict:
     def documents():
         for i in range(args.docs):
             yield {"id": str(i), "text": document_text(i)}
+
+    def run_in_pool_of_one() -> dict:  # the server as a ReplicaPool of one replica (what replicas: N runs)
+        from infermill.eventloop import run_coroutine
+        from infermill.servers import CustomServer, ReplicaPool
+
+        async def run() -> dict:
+            async with ReplicaPool(config, 0, [CustomServer(config, 0)]) as pool:
+                return await runner.run_async(documents(), server=pool)
+
+        return run_coroutine(run())
 
     out = os.path.join(work, "out")
     runner = InferenceRunner(rollout, config, JsonlWriter(out))
@@ -153,7 +167,7 @@ def child_infermill(args: argparse.Namespace, work: str) -> dict:
         scraper = subprocess.Popen([sys.executable, "-c", loop])
     cpu, started = cpu_seconds(), time.time()
     try:
-        stats = runner.run(documents())
+        stats = run_in_pool_of_one() if args.child == "infermill-pool1" else runner.run(documents())
     finally:
         if scraper is not None:
             scraper.kill()
@@ -284,6 +298,8 @@ def child_bare(args: argparse.Namespace, work: str) -> dict:
 CHILDREN = {
     "infermill": child_infermill,
     "infermill-metrics": child_infermill,
+    "infermill-auto": child_infermill,
+    "infermill-pool1": child_infermill,
     "datatrove": child_datatrove,
     "datatrove-ckpt": child_datatrove,
     "bare": child_bare,
@@ -636,6 +652,12 @@ def main() -> None:
         "--metrics", action="store_true", help="also: infermill with /metrics on (metrics_port), scraped every second"
     )
     parser.add_argument(
+        "--features",
+        action="store_true",
+        help="also: infermill with /metrics on (scraped every second), with auto concurrency, with its server "
+        "in a ReplicaPool of one replica",
+    )
+    parser.add_argument(
         "--million", action="store_true", help="also: infermill's peak RSS on 1,000,000 documents (once)"
     )
     parser.add_argument("--million-docs", type=int, default=1_000_000, help=argparse.SUPPRESS)
@@ -739,8 +761,10 @@ def main() -> None:
         skipped.add("datatrove-ckpt")
     if args.skip_bare:
         skipped.add("bare")
-    if not args.metrics:
+    if not (args.metrics or args.features):
         skipped.add("infermill-metrics")
+    if not args.features:
+        skipped.update({"infermill-auto", "infermill-pool1"})
     kinds = [k for k in KINDS if k not in skipped]
     if not args.only_extras:
         if not args.skip_datatrove:
@@ -767,10 +791,14 @@ def main() -> None:
             if "bare" in kinds:
                 bare = [r["docs_per_sec"] for r in results if r["kind"] == "bare" and r["concurrency"] == c]
                 targets.append(f"infermill >= 75% of bare: {statistics.median(inf) >= 0.75 * statistics.median(bare)}")
-            if "infermill-metrics" in kinds:
-                on = [r["docs_per_sec"] for r in results if r["kind"] == "infermill-metrics" and r["concurrency"] == c]
-                cost = 1 - statistics.median(on) / statistics.median(inf)
-                targets.append(f"metrics on (/metrics scraped every second) costs {100 * cost:.1f} % docs/s")
+            for feature in (k for k in FEATURES if k in kinds):
+                on = [r for r in results if r["kind"] == feature and r["concurrency"] == c]
+                cost = 1 - statistics.median(r["docs_per_sec"] for r in on) / statistics.median(inf)
+                base_cpu = statistics.median(
+                    r["cpu_us_per_doc"] for r in results if r["kind"] == "infermill" and r["concurrency"] == c
+                )
+                cpu = statistics.median(r["cpu_us_per_doc"] for r in on) - base_cpu
+                targets.append(f"{feature} costs {100 * cost:.1f} % docs/s, {cpu:+.1f} CPU us/doc")
             print(f"\nc={c}: " + "; ".join(targets))
 
     if args.wrk:
