@@ -314,3 +314,31 @@ async def test_timeouts_fire_within_a_tenth_late_and_the_sweep_stops_when_nothin
         assert await client.post(server.url + "/v1/chat/completions", PAYLOAD) == {"choices": [{"text": "ok"}]}
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_large_reply_in_many_pieces_is_read_whole(server, chunked):
+    text = "x" * (16 << 20)  # 16 MiB, written in 64 KiB pieces
+    body = b'{"choices":[{"text":"%s"}]}' % text.encode()
+    if chunked:  # one chunk of it all (its data comes apart as well), and its CRLF in the next piece
+        data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body) + body
+        pieces = [data[i : i + (1 << 16)] for i in range(0, len(data), 1 << 16)] + [b"\r", b"\n0\r\n", b"\r\n"]
+    else:
+        data = reply(body)
+        pieces = [data[i : i + (1 << 16)] for i in range(0, len(data), 1 << 16)]
+
+    async def large(writer: asyncio.StreamWriter) -> None:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+
+    server.script["/large"] = large
+    client = OpenAIClient(request_timeout=30)
+    try:
+        started = asyncio.get_running_loop().time()
+        assert (await client.post(server.url + "/large", PAYLOAD))["choices"][0]["text"] == text
+        assert asyncio.get_running_loop().time() - started < 5
+        assert await client.post(server.url + "/large", PAYLOAD) is not None  # kept alive after it
+        assert server.connections == 1
+    finally:
+        await client.close()

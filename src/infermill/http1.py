@@ -52,7 +52,9 @@ class Reply:
         self.location = location
 
 
-_HEAD, _LENGTH, _CHUNKED, _EOF = range(4)
+# what a connection reads next: the head; so many bytes of body; a chunk's size line, its data, the
+# CRLF after it; the trailers after the last chunk; the body up to the end of the connection
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _EOF = range(7)
 
 
 class _Connection(asyncio.Protocol):
@@ -72,11 +74,11 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self._state = _HEAD
         self._status = 0
-        self._length = 0
+        self._remaining = 0  # bytes still to read of the body (_LENGTH), of a chunk, or of its CRLF
         self._keep_alive = True
         self._retry_after: str | None = None
         self._location: str | None = None
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes] = []  # the body so far: each piece once, joined at the end
         self._size = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -121,39 +123,64 @@ class _Connection(asyncio.Protocol):
     # -- the reply ----------------------------------------------------------------------
 
     def _parse(self, data: bytes, waiter: asyncio.Future[Reply]) -> None:
+        """Take ``data`` (with what was kept of the last call's); only a head or a line, bounded
+        by MAX_HEAD_BYTES, is kept whole across calls: a body's pieces are kept each once."""
         while True:
             state = self._state
             if state == _HEAD:
                 end = data.find(b"\r\n\r\n")
                 if end < 0:
-                    if len(data) > MAX_HEAD_BYTES:
-                        raise Disconnected(f"a reply's headers longer than {MAX_HEAD_BYTES} bytes")
-                    self._buffer = data
+                    self._keep(data, "a reply's headers")
                     return
                 head, data = data[:end], data[end + 4 :]
-                if not self._read_head(head):  # a 1xx interim reply: the real one follows
+                if self._read_head(head) and self._state == _LENGTH and len(data) == self._remaining:
+                    self._finish(waiter, data, False)  # the usual case: the whole reply at once
+                    return
+            elif state in (_LENGTH, _CHUNK_DATA):
+                remaining = self._remaining
+                if len(data) < remaining:
+                    if data:
+                        self._add(data)
+                        self._remaining -= len(data)
+                    return
+                self._add(data[:remaining])
+                data = data[remaining:]
+                if state == _LENGTH:
+                    self._finish(waiter, b"".join(self._chunks), bool(data))
+                    return
+                self._state, self._remaining = _CHUNK_END, 2
+            elif state == _CHUNK_END:  # the CRLF after a chunk's data (which may come apart)
+                skip = min(self._remaining, len(data))
+                data = data[skip:]
+                self._remaining -= skip
+                if self._remaining:
+                    return
+                self._state = _CHUNK_SIZE
+            elif state in (_CHUNK_SIZE, _TRAILERS):
+                end = data.find(b"\r\n")
+                if end < 0:
+                    self._keep(data, "a chunk's size line" if state == _CHUNK_SIZE else "a trailer")
+                    return
+                line, data = data[:end], data[end + 2 :]
+                if state == _TRAILERS:
+                    if not line:  # the empty line that ends them: the reply is whole
+                        self._finish(waiter, b"".join(self._chunks), bool(data))
+                        return
                     continue
-                state = self._state
-                if state == _LENGTH and len(data) == self._length:  # the usual case: the whole reply at once
-                    self._finish(waiter, data, b"")
-                    return
-            if state == _LENGTH:
-                if len(data) >= self._length:
-                    self._finish(waiter, data[: self._length], data[self._length :])
-                    return
-                self._buffer = data
+                size = int(line.split(b";", 1)[0], 16)
+                if size < 0:
+                    raise ValueError(f"chunk size {size}")
+                self._state, self._remaining = (_CHUNK_DATA, size) if size else (_TRAILERS, 0)
+            else:  # _EOF: to the end of the connection
+                if data:
+                    self._add(data)
                 return
-            if state == _CHUNKED:
-                data = self._read_chunks(data)
-                if self._state == _CHUNKED:
-                    self._buffer = data
-                    return
-                self._finish(waiter, b"".join(self._chunks), data)
-                return
-            # _EOF: to the end of the connection
-            if data:
-                self._add(data)
-            return
+
+    def _keep(self, data: bytes, what: str) -> None:
+        """Keep ``data``, the start of a head or a line, for the next call."""
+        if len(data) > MAX_HEAD_BYTES:
+            raise Disconnected(f"{what} longer than {MAX_HEAD_BYTES} bytes")
+        self._buffer = data
 
     def _read_head(self, head: bytes) -> bool:
         """Read a reply's status line and headers; False for an interim (1xx) reply."""
@@ -188,44 +215,16 @@ class _Connection(asyncio.Protocol):
             elif name == b"location":
                 self._location = value.strip().decode("latin-1")
         if status in (204, 304):
-            self._state, self._length = _LENGTH, 0
+            self._state, self._remaining = _LENGTH, 0
         elif chunked:
-            self._state = _CHUNKED
+            self._state = _CHUNK_SIZE
         elif length is not None:
             if length > self.limit:
                 raise TooLarge()
-            self._state, self._length = _LENGTH, length
+            self._state, self._remaining = _LENGTH, length
         else:
             self._state, self._keep_alive = _EOF, False
         return True
-
-    def _read_chunks(self, data: bytes) -> bytes:
-        """Take the whole chunks at the start of ``data``; return what is left of it. The state
-        leaves _CHUNKED once the last chunk and its trailers are read."""
-        while True:
-            if self._length < 0:  # after the last chunk: trailers, up to an empty line
-                end = data.find(b"\r\n")
-                if end < 0:
-                    return data
-                line, data = data[:end], data[end + 2 :]
-                if not line:
-                    self._state = _LENGTH  # (done: _finish follows)
-                    return data
-                continue
-            end = data.find(b"\r\n")
-            if end < 0:
-                if len(data) > MAX_HEAD_BYTES:
-                    raise Disconnected("a chunk size line too long")
-                return data
-            size = int(data[:end].split(b";", 1)[0], 16)
-            if size == 0:
-                self._length = -1
-                data = data[end + 2 :]
-                continue
-            if len(data) < end + 2 + size + 2:
-                return data
-            self._add(data[end + 2 : end + 2 + size])
-            data = data[end + 2 + size + 2 :]
 
     def _add(self, data: bytes) -> None:
         self._size += len(data)
@@ -233,9 +232,10 @@ class _Connection(asyncio.Protocol):
             raise TooLarge()
         self._chunks.append(data)
 
-    def _finish(self, waiter: asyncio.Future[Reply], body: bytes, extra: bytes) -> None:
+    def _finish(self, waiter: asyncio.Future[Reply], body: bytes, extra: bool) -> None:
+        """The reply is whole (``extra``: bytes came after it, which nothing asked for)."""
         reply = Reply(self._status, body, self._retry_after, self._location)
-        keep = self._keep_alive and not extra  # bytes after the reply: nothing was asked for them
+        keep = self._keep_alive and not extra
         self.waiter = None
         self._reset()
         if not keep:
