@@ -107,6 +107,7 @@ class _Connection(asyncio.Protocol):
             self._fail(Disconnected(f"malformed HTTP reply: {e}"))
 
     def eof_received(self) -> bool:
+        self.closed = True  # not to be taken for another request meanwhile
         return False  # the transport closes itself: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -389,7 +390,13 @@ class Http1Pool:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if not connection.closed and now - connection.idle_since < KEEPALIVE_SEC:
+            transport = connection.transport
+            if (
+                not connection.closed
+                and now - connection.idle_since < KEEPALIVE_SEC
+                and transport is not None
+                and not transport.is_closing()
+            ):
                 return connection
             connection.close()
             self._open.discard(connection)
