@@ -112,8 +112,9 @@ class OpenAIClient:
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             self._headers["Authorization"] = f"Basic {token}"
             self._secrets = tuple(secret for secret in (token, password) if secret)
-        # one asyncio.timeout around each request, not aiohttp's per-request timer objects: the same
-        # deadline for less work per request (benchmarks/README.md, "Request timeouts")
+        # over aiohttp, one asyncio.timeout around each request, not aiohttp's per-request timer
+        # objects; over http1, a deadline its pool sweeps: the same limit for less work per request
+        # (benchmarks/README.md, "Request timeouts")
         self._request_timeout = request_timeout
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
