@@ -342,3 +342,30 @@ async def test_a_large_reply_in_many_pieces_is_read_whole(server, chunked):
         assert server.connections == 1
     finally:
         await client.close()
+
+
+def test_a_client_used_again_on_another_loop_still_times_out():
+    # a loop that ends with a sweep still scheduled (its request cancelled by its caller) leaves
+    # nothing that keeps the next loop's requests from timing out
+    import socket
+
+    with socket.socket() as listening:  # accepts (the backlog does) and never answers
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        url = f"http://127.0.0.1:{listening.getsockname()[1]}/v1/chat/completions"
+        client = OpenAIClient(request_timeout=0.3)
+
+        async def cancelled() -> None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.post(url, PAYLOAD), 0.1)
+
+        async def timed_out() -> float:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(RequestTimeoutError):
+                await client.post(url, PAYLOAD)
+            return asyncio.get_running_loop().time() - started
+
+        asyncio.run(cancelled())
+        assert client._pool is not None and client._pool._sweep_at is not None  # left behind by the first loop
+        assert 0.3 <= asyncio.run(timed_out()) < 1.0
+        asyncio.run(client.close())

@@ -291,6 +291,7 @@ class Http1Pool:
         self._interval = SWEEP_MAX_SEC
         self._sweep_at: float | None = None  # when the next sweep is due, if one is scheduled
         self._sweeps = 0  # sweeps scheduled: only the last one runs
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None  # the loop it is scheduled on
 
     def target(self, url: str | URL, method: str = "POST") -> Target | None:
         """``url`` as a target of this pool for ``method`` (POST or GET), or None when it is not
@@ -363,10 +364,13 @@ class Http1Pool:
         if timeout < self._interval * 10:
             self._interval = max(timeout / 10, 0.001)
         due = self._sweep_at
-        if due is None or due > now + self._interval:
+        # none scheduled, one too late for this timeout, or one on another loop (one that is gone:
+        # a client used again on a new loop): this one replaces it
+        if due is None or due > now + self._interval or loop is not self._sweep_loop:
             self._schedule_sweep(loop, now)
 
     def _schedule_sweep(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        self._sweep_loop = loop
         self._sweep_at = now + self._interval
         self._sweeps += 1  # the sweep scheduled before, if any, is stale: this one replaces it
         loop.call_at(self._sweep_at, self._sweep, loop, self._sweeps)
@@ -408,3 +412,5 @@ class Http1Pool:
         self._open.clear()
         self._idle.clear()
         self._timed.clear()
+        self._sweep_at = None
+        self._sweeps += 1  # a sweep still scheduled does nothing
