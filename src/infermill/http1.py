@@ -3,7 +3,7 @@ bytes to a plain ``http://`` server over a pooled keep-alive connection (and the
 ask whether a server is ready).
 
 aiohttp's ``ClientSession`` builds, per request, a URL, header multidicts, a request and a
-response object, a payload, a stream reader, a writer task and timer contexts: about 50 µs of
+response object, a payload, a stream reader, a writer task and timer contexts: about 65 µs of
 CPU, more than all of infermill's own work on a document (``benchmarks/README.md``, "The client
 path"). Here a request is one ``write`` of bytes prepared once per URL, its reply is parsed in
 place by the connection's protocol, and a future wakes the caller: a fraction of that.
@@ -276,7 +276,7 @@ class Target:
 
 
 class Http1Pool:
-    """Keep-alive connections to plain-HTTP servers, and :meth:`post` over them."""
+    """Keep-alive connections to plain-HTTP servers, and :meth:`request` over them."""
 
     def __init__(self, headers: dict[str, str], max_response_bytes: int):
         self._headers = b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers.items())
