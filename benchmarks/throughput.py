@@ -8,6 +8,7 @@ memory on a million streamed documents and its start-up latency.
     .venv/bin/python benchmarks/throughput.py --runs 5 --million --startup
     .venv/bin/python benchmarks/throughput.py --skip-datatrove --concurrency 64
     .venv/bin/python benchmarks/throughput.py --profile             # cProfile of infermill at c=64
+    .venv/bin/python benchmarks/throughput.py --check 0.9           # make bench-check: exit 1 under 0.9x of bare
     PYTHONPATH=/tmp/copy/src .venv/bin/python benchmarks/throughput.py --skip-datatrove   # another infermill
 
 Every measured run is its own subprocess (so ``ru_maxrss`` is that run's own peak), and
@@ -40,7 +41,8 @@ ROOT = os.path.dirname(BENCH_DIR)
 FAST_SERVER = os.path.join(BENCH_DIR, "fast_server.py")
 DATATROVE_VENV = os.path.join(BENCH_DIR, ".venv-datatrove")
 DATATROVE_PACKAGES = ["datatrove", "httpx", "aiosqlite", "xxhash", "orjson", "loguru", "aiofiles", "uvloop"]
-KINDS = ("infermill", "infermill-metrics", "datatrove", "datatrove-ckpt", "bare")
+KINDS = ("infermill", "infermill-metrics", "infermill-auto", "infermill-pool1", "datatrove", "datatrove-ckpt", "bare")
+FEATURES = ("infermill-metrics", "infermill-auto", "infermill-pool1")  # --features: what each costs
 MAX_TOKENS = 16
 
 
@@ -118,13 +120,16 @@ def child_infermill(args: argparse.Namespace, work: str) -> dict:
 
     stats_file = os.path.join(work, "server_stats.json")
     metrics_port = free_port() if args.child == "infermill-metrics" else None  # /metrics on, scraped every second
+    extra: dict = {"metrics_port": metrics_port} if metrics_port else {}  # not at all when off: an older infermill
+    extra["max_concurrent_generations"] = args.concurrency
+    if args.child == "infermill-auto":  # auto, up to the same number in flight
+        extra.update(max_concurrent_generations="auto", max_concurrent_generations_limit=args.concurrency)
     config = InferenceConfig(
         server_type="custom",
         model_name_or_path="fast",
-        max_concurrent_generations=args.concurrency,
         model_kwargs={"server_script": FAST_SERVER, "stats_file": stats_file},
         metric_interval=3600,
-        **({"metrics_port": metrics_port} if metrics_port else {}),  # not at all when off: an older infermill
+        **extra,
     )
 
     async def rollout(document, generate):
@@ -133,6 +138,16 @@ def child_infermill(args: argparse.Namespace, work: str) -> dict:
     def documents():
         for i in range(args.docs):
             yield {"id": str(i), "text": document_text(i)}
+
+    def run_in_pool_of_one() -> dict:  # the server as a ReplicaPool of one replica (what replicas: N runs)
+        from infermill.eventloop import run_coroutine
+        from infermill.servers import CustomServer, ReplicaPool
+
+        async def run() -> dict:
+            async with ReplicaPool(config, 0, [CustomServer(config, 0)]) as pool:
+                return await runner.run_async(documents(), server=pool)
+
+        return run_coroutine(run())
 
     out = os.path.join(work, "out")
     runner = InferenceRunner(rollout, config, JsonlWriter(out))
@@ -152,7 +167,7 @@ def child_infermill(args: argparse.Namespace, work: str) -> dict:
         scraper = subprocess.Popen([sys.executable, "-c", loop])
     cpu, started = cpu_seconds(), time.time()
     try:
-        stats = runner.run(documents())
+        stats = run_in_pool_of_one() if args.child == "infermill-pool1" else runner.run(documents())
     finally:
         if scraper is not None:
             scraper.kill()
@@ -283,6 +298,8 @@ def child_bare(args: argparse.Namespace, work: str) -> dict:
 CHILDREN = {
     "infermill": child_infermill,
     "infermill-metrics": child_infermill,
+    "infermill-auto": child_infermill,
+    "infermill-pool1": child_infermill,
     "datatrove": child_datatrove,
     "datatrove-ckpt": child_datatrove,
     "bare": child_bare,
@@ -613,14 +630,16 @@ def summarize_py_spy(path: str, top: int = 15) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3, help="runs of each (kind, concurrency); medians are reported")
-    parser.add_argument("--docs", type=int, default=20_000, help="documents per run (one request each)")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs of each (kind, concurrency); medians are reported (default 3)"
+    )
+    parser.add_argument("--docs", type=int, default=None, help="documents per run, one request each (default 20,000)")
     parser.add_argument(
         "--concurrency",
         type=int,
         nargs="+",
-        default=[64, 512],
-        help="max_concurrent_generations (and bare-client workers)",
+        default=None,
+        help="max_concurrent_generations (and bare-client workers) (default 64 512)",
     )
     parser.add_argument("--skip-datatrove", action="store_true", help="measure infermill and the bare client only")
     parser.add_argument(
@@ -631,6 +650,12 @@ def main() -> None:
     parser.add_argument("--skip-bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--metrics", action="store_true", help="also: infermill with /metrics on (metrics_port), scraped every second"
+    )
+    parser.add_argument(
+        "--features",
+        action="store_true",
+        help="also: infermill with /metrics on (scraped every second), with auto concurrency, with its server "
+        "in a ReplicaPool of one replica",
     )
     parser.add_argument(
         "--million", action="store_true", help="also: infermill's peak RSS on 1,000,000 documents (once)"
@@ -663,6 +688,14 @@ def main() -> None:
         metavar="PATH",
         help="py-spy executable for --profile (default: py-spy on PATH, if any)",
     )
+    parser.add_argument(
+        "--check",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="only infermill and the bare loop (5 runs of 20,000 documents at c=64 unless given); exit 1 if "
+        "infermill's median docs/s is under RATIO x the bare loop's at any concurrency (make bench-check)",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="write every run's raw result here")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measured run")
     parser.add_argument("--tmp", default=None, help="folder for the runs' temporary output (default: system temp)")
@@ -677,6 +710,14 @@ def main() -> None:
     if args.child:
         run_child(args)
         return
+    # --check: 5 short runs at 64 in flight, unless given
+    defaults = {"runs": 5, "docs": 20_000, "concurrency": [64]} if args.check is not None else {}
+    defaults = {"runs": 3, "docs": 20_000, "concurrency": [64, 512], **defaults}
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.check is not None:
+        args.skip_datatrove, args.datatrove_checkpoints, args.skip_bare, args.metrics = True, False, False, False
 
     started = time.time()
     info = subprocess.run(
@@ -720,8 +761,10 @@ def main() -> None:
         skipped.add("datatrove-ckpt")
     if args.skip_bare:
         skipped.add("bare")
-    if not args.metrics:
+    if not (args.metrics or args.features):
         skipped.add("infermill-metrics")
+    if not args.features:
+        skipped.update({"infermill-auto", "infermill-pool1"})
     kinds = [k for k in KINDS if k not in skipped]
     if not args.only_extras:
         if not args.skip_datatrove:
@@ -747,11 +790,15 @@ def main() -> None:
                 targets.append(f"infermill >= 3x datatrove: {statistics.median(inf) >= 3 * statistics.median(dt)}")
             if "bare" in kinds:
                 bare = [r["docs_per_sec"] for r in results if r["kind"] == "bare" and r["concurrency"] == c]
-                targets.append(f"infermill >= 75% of bare: {statistics.median(inf) >= 0.75 * statistics.median(bare)}")
-            if "infermill-metrics" in kinds:
-                on = [r["docs_per_sec"] for r in results if r["kind"] == "infermill-metrics" and r["concurrency"] == c]
-                cost = 1 - statistics.median(on) / statistics.median(inf)
-                targets.append(f"metrics on (/metrics scraped every second) costs {100 * cost:.1f} % docs/s")
+                targets.append(f"infermill >= bare: {statistics.median(inf) >= statistics.median(bare)}")
+            for feature in (k for k in FEATURES if k in kinds):
+                on = [r for r in results if r["kind"] == feature and r["concurrency"] == c]
+                cost = 1 - statistics.median(r["docs_per_sec"] for r in on) / statistics.median(inf)
+                base_cpu = statistics.median(
+                    r["cpu_us_per_doc"] for r in results if r["kind"] == "infermill" and r["concurrency"] == c
+                )
+                cpu = statistics.median(r["cpu_us_per_doc"] for r in on) - base_cpu
+                targets.append(f"{feature} costs {100 * cost:.1f} % docs/s, {cpu:+.1f} CPU us/doc")
             print(f"\nc={c}: " + "; ".join(targets))
 
     if args.wrk:
@@ -785,6 +832,27 @@ def main() -> None:
         print(startup["table"])
         print(f"\nrun start -> first request <= server start-up + 0.5 s: {startup['target_holds']}")
 
+    failed = []
+    if args.check is not None:
+        print()
+        for c in args.concurrency:
+            inf, bare = (
+                [r for r in results if r["kind"] == kind and r["concurrency"] == c] for kind in ("infermill", "bare")
+            )
+            rate = statistics.median(r["docs_per_sec"] for r in inf) / statistics.median(
+                r["docs_per_sec"] for r in bare
+            )
+            cpu = statistics.median(r["cpu_us_per_doc"] for r in inf) / statistics.median(
+                r["cpu_us_per_doc"] for r in bare
+            )
+            ok = rate >= args.check
+            print(
+                f"bench-check c={c}: infermill / bare = {rate:.2f}x docs/s, {cpu:.2f}x CPU us/doc "
+                f"(median of {args.runs} interleaved runs): {'ok' if ok else 'FAILED'}, the floor is {args.check:.2f}x"
+            )
+            if not ok:
+                failed.append(c)
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -792,6 +860,8 @@ def main() -> None:
         f"\n# done in {time.time() - started:.0f} s; load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
         flush=True,
     )
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

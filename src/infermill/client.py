@@ -1,7 +1,9 @@
-"""The OpenAI-compatible HTTP client: one pooled keep-alive session per server.
+"""The OpenAI-compatible HTTP client: pooled keep-alive connections per server.
 
-This is the one place where aiohttp exceptions and HTTP statuses become infermill's
-error classes (see :mod:`infermill.errors`).
+Requests to ``http://`` servers go over infermill's own connections (:mod:`infermill.http1`);
+the others (``https://``, cookies kept, a connection limit) and redirects over an aiohttp
+session, imported only when one is needed. This is the one place where transport failures
+and HTTP statuses become infermill's error classes (see :mod:`infermill.errors`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import base64
 import email.utils
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 from yarl import URL
 
@@ -30,7 +31,11 @@ from infermill.errors import (
     ServerConnectionError,
     ServerUnreachableError,
 )
+from infermill.http1 import Disconnected, Http1Pool, Target, TooLarge
 from infermill.version import __version__
+
+if TYPE_CHECKING:
+    import aiohttp
 
 BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 422})
 AUTH_STATUSES = frozenset({401, 403})
@@ -107,20 +112,26 @@ class OpenAIClient:
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             self._headers["Authorization"] = f"Basic {token}"
             self._secrets = tuple(secret for secret in (token, password) if secret)
-        # one asyncio.timeout around each request, not aiohttp's per-request timer objects: the same
-        # deadline for less work per request (benchmarks/README.md, "Request timeouts")
+        # over aiohttp, one asyncio.timeout around each request, not aiohttp's per-request timer
+        # objects; over http1, a deadline its pool sweeps: the same limit for less work per request
+        # (benchmarks/README.md, "Request timeouts")
         self._request_timeout = request_timeout
-        self._timeout = aiohttp.ClientTimeout(total=None)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        # requests to plain-HTTP servers go over infermill's own keep-alive connections
+        # (infermill.http1: a fraction of aiohttp's CPU per request); the rest over aiohttp. Not
+        # with cookies or a connection limit, which are aiohttp's to keep
+        self._pool = Http1Pool(self._headers, max_response_bytes) if not keep_cookies and max_connections == 0 else None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            import aiohttp  # (~0.1 s, only for the first request that needs it)
+
             connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60, ttl_dns_cache=None)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 headers=self._headers,
-                timeout=self._timeout,
+                timeout=aiohttp.ClientTimeout(total=None),
                 json_serialize=_dumps_str,
                 # per request, aiohttp would otherwise filter cookies a local server never sets, and add
                 # a decompressor that OpenAI-compatible servers never need
@@ -133,12 +144,48 @@ class OpenAIClient:
         """POST ``payload`` (a dict, or JSON already encoded); return the decoded JSON object, or
         raise a RequestError."""
         data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        pool = self._pool
+        if pool is not None and (target := pool.target(url)) is not None:
+            return await self._http1(pool, target, "POST", url, data)
         return await self._request("POST", url, data)
+
+    async def _http1(
+        self,
+        pool: Http1Pool,
+        target: Target,
+        method: str,
+        url: str | URL,
+        data: bytes | None,
+        timeout: float | None = None,  # noqa: ASYNC109 (as _request's)
+    ) -> dict[str, Any]:
+        """A request over the pool's connections: the same errors as over aiohttp."""
+        try:
+            reply = await pool.request(target, data, timeout if timeout is not None else self._request_timeout)
+        except TimeoutError as e:
+            within = "the request timeout" if timeout is None else f"{timeout:g} s"
+            raise RequestTimeoutError(f"{method} {url}: no reply within {within}") from e
+        except TooLarge:
+            raise self._too_large(method, url) from None
+        except Disconnected as e:
+            raise ServerConnectionError(self._redact(f"{method} {url}: ServerDisconnectedError: {e}")) from e
+        except OSError as e:  # the connection could not be made
+            error = ServerUnreachableError if isinstance(e, ConnectionRefusedError) else ServerConnectionError
+            where = f"{target.host}:{target.port}"
+            raise error(
+                self._redact(f"{method} {url}: ClientConnectorError: Cannot connect to host {where} [{e}]")
+            ) from e
+        status = reply.status
+        if 300 <= status < 400 and reply.location is not None:  # followed as aiohttp follows it
+            return await self._request(method, url, data, timeout)
+        return self._decoded(method, url, status, reply.body, reply.retry_after)
 
     # ASYNC109: the timeout replaces the client's request timeout for this call (an outer asyncio.timeout
     # could only shorten it) and is named in the RequestTimeoutError
     async def get(self, url: str, timeout: float | None = None) -> dict[str, Any]:  # noqa: ASYNC109
         """GET ``url`` within ``timeout`` seconds (default: the request timeout)."""
+        pool = self._pool
+        if pool is not None and (target := pool.target(url, "GET")) is not None:
+            return await self._http1(pool, target, "GET", url, None, timeout)
         return await self._request("GET", url, None, timeout)
 
     async def _request(
@@ -148,6 +195,9 @@ class OpenAIClient:
         data: bytes | None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> dict[str, Any]:
+        """A request over aiohttp."""
+        import aiohttp
+
         session = self._get_session()
         try:
             async with asyncio.timeout(timeout if timeout is not None else self._request_timeout):
@@ -158,10 +208,7 @@ class OpenAIClient:
                     else:  # unknown or too long: read up to the limit, and no further
                         body = await self._read_capped(response, method, url)
                     status = response.status
-            if status >= 300:
-                for secret in self._secrets:  # before the body is cut short: no part of a key may remain
-                    body = body.replace(secret.encode(), b"***")
-                raise status_error(status, body, response.headers.get("Retry-After"))
+                    retry_after = response.headers.get("Retry-After") if status >= 300 else None
         except TimeoutError as e:
             within = "the request timeout" if timeout is None else f"{timeout:g} s"
             raise RequestTimeoutError(f"{method} {url}: no reply within {within}") from e
@@ -171,6 +218,16 @@ class OpenAIClient:
             if isinstance(e, aiohttp.ClientConnectorCertificateError):
                 error = CertificateError
             raise error(self._redact(f"{method} {url}: {type(e).__name__}: {e}")) from e
+        return self._decoded(method, url, status, body, retry_after)
+
+    def _decoded(
+        self, method: str, url: str | URL, status: int, body: bytes, retry_after: str | None
+    ) -> dict[str, Any]:
+        """The reply's JSON object; the error its status, or its body, makes."""
+        if status >= 300:
+            for secret in self._secrets:  # before the body is cut short: no part of a key may remain
+                body = body.replace(secret.encode(), b"***")
+            raise status_error(status, body, retry_after)
         try:
             reply = orjson.loads(body)
         except orjson.JSONDecodeError as e:
@@ -184,12 +241,15 @@ class OpenAIClient:
         async for chunk in response.content.iter_chunked(1 << 16):
             size += len(chunk)
             if size > limit:
-                raise ReplyTooLargeError(
-                    f"{method} {url}: the reply is longer than max_response_bytes ({limit:,} bytes); raise "
-                    "inference.max_response_bytes, or ask for shorter replies (max_tokens)"
-                )
+                raise self._too_large(method, url)
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def _too_large(self, method: str, url: str | URL) -> ReplyTooLargeError:
+        return ReplyTooLargeError(
+            f"{method} {url}: the reply is longer than max_response_bytes ({self._max_response_bytes:,} bytes); "
+            "raise inference.max_response_bytes, or ask for shorter replies (max_tokens)"
+        )
 
     def _redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -197,6 +257,8 @@ class OpenAIClient:
         return text
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

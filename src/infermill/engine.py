@@ -90,19 +90,20 @@ def as_document(item: Any, index: int) -> Any:
     """``item`` as a document: a ``Document``, any object with a ``Document``'s attributes (``text``,
     ``id``, ``metadata``, ``media``: e.g. datatrove's, used as it is, its ``metadata`` receiving the
     results), or a dict with ``text``."""
-    if isinstance(item, Document):
+    if isinstance(item, dict):  # (the commonest first)
+        if "text" in item:
+            return Document(
+                text=item["text"],
+                id=str(item.get("id", index)),
+                metadata=dict(item.get("metadata") or {}),
+                media=item.get("media"),
+            )
+    elif isinstance(item, Document):
         return item
-    if all(hasattr(item, name) for name in ("text", "id", "metadata")) and not isinstance(item, dict):
+    elif hasattr(item, "text") and hasattr(item, "id") and hasattr(item, "metadata"):
         if item.metadata is None:
             item.metadata = {}
         return item
-    if isinstance(item, dict) and "text" in item:
-        return Document(
-            text=item["text"],
-            id=str(item.get("id", index)),
-            metadata=dict(item.get("metadata") or {}),
-            media=item.get("media"),
-        )
     raise TypeError(f"document {index}: expected a Document or a dict with 'text', got {type(item).__name__}")
 
 
@@ -197,6 +198,8 @@ class DocumentEngine:
         # observed per request only while metrics are on (a Prometheus port, a time series)
         self.latency: LatencyHistogram | None = None
         self.reply_latency: LatencyHistogram | None = None
+        # what every request's payload goes over (made once, not per document: the config is the run's)
+        self._base: dict[str, Any] = {"model": self.config.model_name_or_path, **self.config.default_generation_params}
 
     def monitor(
         self, worker: str, index: int, queue: WorkQueue | None = None, journal: QueueJournal | None = None
@@ -361,7 +364,7 @@ class DocumentEngine:
         server = self.server
         assert server is not None
         policy = self.settings.retry_policy
-        base = {"model": config.model_name_or_path, **config.default_generation_params}
+        base = self._base
         use_chat = config.use_chat
         latency, reply_latency = self.latency, self.reply_latency
         timed = adaptive is not None or latency is not None
