@@ -586,6 +586,7 @@ class JobSummary:
 def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries]) -> JobSummary:
     """The job's identity and summary from its stats, its queue (or its checkpoints, for a job of
     a document stream's ranks) and its time series."""
+    from infermill.cost import spend
     from infermill.jobstatus import job_progress
     from infermill.queue import WorkQueue
     from infermill.worker import job_stats, read_stats
@@ -658,6 +659,11 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
             ("completion tokens/s", stats.get("completion_tokens_per_sec")),
             ("worker runs", stats.get("worker_runs")),
         ]  # fmt: skip
+        total = status.documents_total if queued else None
+        if (spent := spend(stats, total)) is not None:  # a job with prices (its cost section)
+            forecast = f", forecast {spent.forecast:,.2f} for the whole job" if spent.forecast is not None else ""
+            budget = f", budget {spent.budget:g}" if spent.budget is not None else ""
+            summary.append(("cost", f"{spent.cost:,.2f} so far ({spent.gpu_hours:,.3f} GPU-hours){forecast}{budget}"))
         summary = [(name, value) for name, value in summary if value is not None]
     elif series:
         summary.append(("stats.json", "not written yet (it is written when a worker run ends): see the plots"))
