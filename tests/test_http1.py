@@ -369,3 +369,116 @@ def test_a_client_used_again_on_another_loop_still_times_out():
         assert client._pool is not None and client._pool._sweep_at is not None  # left behind by the first loop
         assert 0.3 <= asyncio.run(timed_out()) < 1.0
         asyncio.run(client.close())
+
+
+# -- what a review of the client found (each failed before its fix) --------------------------------
+
+
+async def test_a_reply_whose_lines_end_with_a_bare_lf_is_read(server, client):
+    server.script["/lf"] = [b"HTTP/1.1 200 OK\nContent-Length: %d\n\n" % len(OK) + OK]
+    assert await client.post(server.url + "/lf", PAYLOAD) == {"choices": [{"text": "ok"}]}
+    body = b"7;x=y\n" + OK[:7] + b"\r\n" + b"%x\n" % len(OK[7:]) + OK[7:] + b"\r\n0\n\n"
+    server.script["/lf-chunked"] = [b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n" + body]
+    assert await client.post(server.url + "/lf-chunked", PAYLOAD) == {"choices": [{"text": "ok"}]}
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: +%d\r\n\r\n" % len(OK),  # a sign: no length
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Length: 3\r\n\r\n" % len(OK),  # two lengths
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded: line\r\nContent-Length: %d\r\n\r\n" % len(OK),  # a folded line
+    ],
+)
+async def test_a_reply_framed_loosely_is_refused_not_guessed(server, client, head):
+    server.script["/loose"] = [head + OK]
+    with pytest.raises(ServerConnectionError, match="malformed HTTP reply"):
+        await client.post(server.url + "/loose", PAYLOAD)
+
+
+async def test_a_chunk_size_in_pythons_syntax_is_refused(server, client):
+    server.script["/0x"] = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x7\r\n" + OK[:7] + b"\r\n0\r\n\r\n"]
+    with pytest.raises(ServerConnectionError, match="chunk size"):
+        await client.post(server.url + "/0x", PAYLOAD)
+
+
+def test_a_line_break_in_a_header_value_is_refused_before_anything_is_sent():
+    with pytest.raises(ValueError, match="header Authorization: a line break or NUL"):
+        OpenAIClient(api_key="sk-abc\r\nX-Injected: yes")
+    from infermill.config import InferenceConfig
+    from infermill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="api_key: holds a line break or NUL: remove it"):
+        InferenceConfig(server_type="endpoint", model_name_or_path="m", endpoint_url="http://h/v1", api_key="k\n")
+
+
+def test_a_password_without_a_user_in_the_url_goes_to_aiohttp_which_sends_it():
+    assert Http1Pool({}, 1 << 20).target("http://:pw@host/v1/chat/completions") is None
+
+
+async def test_a_get_on_a_kept_connection_the_server_closed_as_it_went_out_is_tried_again_on_a_new_one(server, client):
+    """A server that closes each connection after its reply, without saying so (its keep-alive
+    ends): a GET (a readiness probe) on that connection is sent again on a new one, not failed,
+    as aiohttp does for idempotent requests; a POST is the engine's to retry (it counts attempts)."""
+
+    async def answer_then_close(writer: asyncio.StreamWriter) -> None:
+        writer.write(reply())
+        await writer.drain()
+        await asyncio.sleep(0.05)  # after the client took the connection back as idle
+        writer.close()
+
+    server.script["/once"] = answer_then_close
+    for _ in range(6):
+        assert await client.get(server.url + "/once") == {"choices": [{"text": "ok"}]}
+        await asyncio.sleep(0.01)  # (sometimes the next request goes out before the close arrives)
+
+
+async def test_closing_the_client_fails_a_request_in_flight_at_once(server, client):
+    async def never(_: asyncio.StreamWriter) -> None:
+        await server.stopping.wait()
+
+    server.script["/never"] = never
+    task = asyncio.ensure_future(client.post(server.url + "/never", PAYLOAD))
+    await asyncio.sleep(0.1)
+    await client.close()
+    with pytest.raises(ServerConnectionError, match="the client was closed"):
+        await asyncio.wait_for(task, 2)
+
+
+def test_a_connection_kept_by_a_loop_that_ended_is_not_used_by_the_next():
+    """`asyncio.run` twice with one client (a library user's scripts): the second loop's request
+    gets a connection of its own, not the first loop's (whose transport belongs to a closed loop)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answer(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(OK)))
+            self.end_headers()
+            self.wfile.write(OK)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        client = OpenAIClient(request_timeout=3)
+        url = f"http://127.0.0.1:{http.server_address[1]}/v1/chat/completions"
+        for _ in range(2):
+            assert asyncio.run(asyncio.wait_for(client.post(url, PAYLOAD), 2)) == {"choices": [{"text": "ok"}]}
+        asyncio.run(client.close())
+        import gc
+        import warnings
+
+        with warnings.catch_warnings():  # the first loop's connection, left open by that loop, collected now
+            warnings.simplefilter("ignore", ResourceWarning)
+            del client
+            gc.collect()
+    finally:
+        http.shutdown()
+        http.server_close()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import errno
 import math
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -169,7 +171,7 @@ class OpenAIClient:
         except Disconnected as e:
             raise ServerConnectionError(self._redact(f"{method} {url}: ServerDisconnectedError: {e}")) from e
         except OSError as e:  # the connection could not be made
-            error = ServerUnreachableError if isinstance(e, ConnectionRefusedError) else ServerConnectionError
+            error = ServerUnreachableError if _refused(e) else ServerConnectionError
             where = f"{target.host}:{target.port}"
             raise error(
                 self._redact(f"{method} {url}: ClientConnectorError: Cannot connect to host {where} [{e}]")
@@ -266,3 +268,12 @@ class OpenAIClient:
 
 def _dumps_str(obj: Any) -> str:
     return orjson.dumps(obj).decode()
+
+
+def _refused(error: OSError) -> bool:
+    """Whether every address of the host refused the connection (asyncio raises one ``OSError``
+    of "Multiple exceptions" for a name of several addresses: ``localhost``'s ::1 and 127.0.0.1)."""
+    if isinstance(error, ConnectionRefusedError):
+        return True
+    codes = re.findall(r"\[Errno (\d+)\]", str(error)) if str(error).startswith("Multiple exceptions") else []
+    return bool(codes) and all(int(code) == errno.ECONNREFUSED for code in codes)

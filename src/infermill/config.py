@@ -210,6 +210,14 @@ class InferenceConfig(BaseModel):
         except ValidationError as e:
             raise config_error(e, "invalid InferenceConfig", type(self)) from None
 
+    @field_validator("api_key")
+    @classmethod
+    def _one_line_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and any(c in value.get_secret_value() for c in "\r\n\0"):
+            # (a key read from a file keeps its newline: in a header, it would end the header)
+            raise ValueError("holds a line break or NUL: remove it (a key read from a file keeps its newline)")
+        return value
+
     @field_validator("server_type")
     @classmethod
     def _known_server_type(cls, value: str) -> str:

@@ -21,6 +21,7 @@ loop's own transports.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from typing import Any
 
@@ -52,6 +53,8 @@ class Reply:
         self.location = location
 
 
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+
 # what a connection reads next: the head; so many bytes of body; a chunk's size line, its data, the
 # CRLF after it; the trailers after the last chunk; the body up to the end of the connection
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _EOF = range(7)
@@ -60,13 +63,16 @@ _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _EOF = range(7)
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: at most one request at a time, its reply parsed as it comes."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop):
         self.limit = limit
+        self.loop = loop  # the event loop it was opened on (a client may be used on several, one after another)
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[Reply] | None = None
         self.closed = False
         self.idle_since = 0.0
         self.deadline = 0.0  # of the request in flight, if it has a timeout (loop.time())
+        self.timeout = 0.0  # (that timeout)
+        self.answered = False  # a byte of a reply came since the request was sent
         self._buffer = b""
         self._state = _HEAD
         self._reset()
@@ -93,6 +99,7 @@ class _Connection(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         waiter = self.waiter
         if waiter is None or waiter.done():  # nothing was asked (or the asker is gone): not to be trusted
             self._fail(None)
@@ -129,11 +136,13 @@ class _Connection(asyncio.Protocol):
         while True:
             state = self._state
             if state == _HEAD:
-                end = data.find(b"\r\n\r\n")
+                end, size = data.find(b"\r\n\r\n"), 4
+                if end < 0:  # (a server that ends its lines with a bare LF, as RFC 9112 lets a client accept)
+                    end, size = data.find(b"\n\n"), 2
                 if end < 0:
                     self._keep(data, "a reply's headers")
                     return
-                head, data = data[:end], data[end + 4 :]
+                head, data = data[:end], data[end + size :]
                 if self._read_head(head) and self._state == _LENGTH and len(data) == self._remaining:
                     self._finish(waiter, data, False)  # the usual case: the whole reply at once
                     return
@@ -158,19 +167,20 @@ class _Connection(asyncio.Protocol):
                     return
                 self._state = _CHUNK_SIZE
             elif state in (_CHUNK_SIZE, _TRAILERS):
-                end = data.find(b"\r\n")
+                end = data.find(b"\n")
                 if end < 0:
                     self._keep(data, "a chunk's size line" if state == _CHUNK_SIZE else "a trailer")
                     return
-                line, data = data[:end], data[end + 2 :]
+                line, data = data[:end].removesuffix(b"\r"), data[end + 1 :]
                 if state == _TRAILERS:
                     if not line:  # the empty line that ends them: the reply is whole
                         self._finish(waiter, b"".join(self._chunks), bool(data))
                         return
                     continue
-                size = int(line.split(b";", 1)[0], 16)
-                if size < 0:
-                    raise ValueError(f"chunk size {size}")
+                digits = line.split(b";", 1)[0].strip()
+                if not _HEX.fullmatch(digits):
+                    raise ValueError(f"chunk size {digits[:20]!r}")
+                size = int(digits, 16)
                 self._state, self._remaining = (_CHUNK_DATA, size) if size else (_TRAILERS, 0)
             else:  # _EOF: to the end of the connection
                 if data:
@@ -185,7 +195,7 @@ class _Connection(asyncio.Protocol):
 
     def _read_head(self, head: bytes) -> bool:
         """Read a reply's status line and headers; False for an interim (1xx) reply."""
-        lines = head.split(b"\r\n")
+        lines = [line.removesuffix(b"\r") for line in head.split(b"\n")]
         version, _, rest = lines[0].partition(b" ")
         if not version.startswith(b"HTTP/1."):
             raise Disconnected(f"not an HTTP/1 reply: {lines[0][:100]!r}")
@@ -197,12 +207,16 @@ class _Connection(asyncio.Protocol):
         length: int | None = None
         chunked = False
         for line in lines[1:]:
+            if line[:1] in (b" ", b"\t"):  # a folded line (obsolete): refused, as aiohttp does
+                raise ValueError(f"a folded header line: {line[:40]!r}")
             name, _, value = line.partition(b":")
             name = name.strip().lower()
             if name == b"content-length":
-                length = int(value)
-                if length < 0:
-                    raise ValueError(f"Content-Length {length}")
+                digits = value.strip()
+                if not digits.isdigit() or (length is not None and int(digits) != length):
+                    again = " after another" if length is not None else ""
+                    raise ValueError(f"Content-Length {digits[:20]!r}{again}")
+                length = int(digits)
             elif name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
             elif name == b"connection":
@@ -254,6 +268,16 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self, error: Exception | None = None) -> None:
+        """Drop the connection now, unsent bytes and all (a request timed out, cancelled, or the
+        client closed): its request, if one waits, fails with ``error``."""
+        self.closed = True
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done() and error is not None:
+            waiter.set_exception(error)
+        if self.transport is not None:
+            self.transport.abort()
+
 
 class Target:
     """A URL as this client sends to it: where to connect, and the request's head (a POST's up
@@ -279,6 +303,9 @@ class Http1Pool:
     """Keep-alive connections to plain-HTTP servers, and :meth:`request` over them."""
 
     def __init__(self, headers: dict[str, str], max_response_bytes: int):
+        for name, value in headers.items():
+            if any(c in f"{name}{value}" for c in "\r\n\0"):  # (a key read from a file with its newline)
+                raise ValueError(f"header {name}: a line break or NUL in its name or value is refused")
         self._headers = b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers.items())
         self._limit = max_response_bytes
         self._targets: dict[Any, Target | None] = {}
@@ -303,7 +330,8 @@ class Http1Pool:
                 pass
         parsed = url if isinstance(url, URL) else URL(url)
         target = None
-        if parsed.scheme == "http" and parsed.raw_host and parsed.user is None and not parsed.raw_fragment:
+        plain = parsed.user is None and parsed.password is None  # (credentials in the URL: aiohttp sends them)
+        if parsed.scheme == "http" and parsed.raw_host and plain and not parsed.raw_fragment:
             target = Target(parsed, self._headers, method)
         if method == "POST" and len(self._targets) < 1024:  # (a caller of many URLs is not kept track of for ever)
             self._targets[url] = target
@@ -314,32 +342,52 @@ class Http1Pool:
         ``TimeoutError`` when it is not whole within ``timeout`` seconds (None: no limit; it
         fires up to a tenth of it late, at most SWEEP_MAX_SEC), ``Disconnected`` (or the
         ``OSError`` of a connection that cannot be made), ``TooLarge``; cancelled or timed out,
-        it closes the connection."""
+        it drops the connection. A GET on a kept connection that the server closed before it
+        answered a byte (its keep-alive ended as the request went out) is tried again once, on a
+        new one, as aiohttp does for idempotent requests."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        connection = self._take(target.key, now)
-        if connection is None:
-            limit = self._limit
-            async with asyncio.timeout(timeout):
-                _, connection = await loop.create_connection(lambda: _Connection(limit), target.host, target.port)
-            self._open.add(connection)
+        connection = self._take(target.key, now, loop)
+        if connection is not None:
+            try:
+                return await self._exchange(loop, connection, target, body, timeout, now)
+            except Disconnected:
+                if connection.answered or body is not None:  # (a POST is the engine's to retry: it counts attempts)
+                    raise
+            now = loop.time()
+        limit = self._limit
+        async with asyncio.timeout(timeout):
+            _, connection = await loop.create_connection(lambda: _Connection(limit, loop), target.host, target.port)
+        self._open.add(connection)
+        return await self._exchange(loop, connection, target, body, timeout, now)
+
+    async def _exchange(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        connection: _Connection,
+        target: Target,
+        body: bytes | None,
+        timeout: float | None,  # noqa: ASYNC109 -- a deadline the pool's sweep enforces, not a wait
+        now: float,
+    ) -> Reply:
         waiter: asyncio.Future[Reply] = loop.create_future()
-        connection.waiter = waiter
+        connection.waiter, connection.answered = waiter, False
         if timeout is not None:
-            connection.deadline = now + timeout
+            connection.deadline, connection.timeout = now + timeout, timeout
             self._timed.add(connection)
             self._sweep_by(loop, now, timeout)
-        assert connection.transport is not None
-        if body is None:
-            connection.transport.write(target.head)
-        elif len(body) <= 1 << 16:
-            connection.transport.write(target.head + b"%d\r\n\r\n" % len(body) + body)
-        else:  # (no copy of a large body)
-            connection.transport.writelines((target.head + b"%d\r\n\r\n" % len(body), body))
         try:
+            transport = connection.transport
+            assert transport is not None
+            if body is None:
+                transport.write(target.head)
+            elif len(body) <= 1 << 16:
+                transport.write(target.head + b"%d\r\n\r\n" % len(body) + body)
+            else:  # (no copy of a large body)
+                transport.writelines((target.head + b"%d\r\n\r\n" % len(body), body))
             reply = await waiter
         except BaseException:
-            connection.close()
+            connection.abort()
             self._open.discard(connection)
             self._timed.discard(connection)
             raise
@@ -352,12 +400,17 @@ class Http1Pool:
             idle = self._idle.get(target.key)
             if idle is None:
                 idle = self._idle[target.key] = []
+            while idle and connection.idle_since - idle[0].idle_since >= KEEPALIVE_SEC:  # the oldest, too long idle
+                self._drop(idle.pop(0))
             if len(idle) < MAX_IDLE_PER_HOST:
                 idle.append(connection)
             else:
-                connection.close()
-                self._open.discard(connection)
+                self._drop(connection)
         return reply
+
+    def _drop(self, connection: _Connection) -> None:
+        connection.close()
+        self._open.discard(connection)
 
     def _sweep_by(self, loop: asyncio.AbstractEventLoop, now: float, timeout: float) -> None:
         """See that a sweep comes within a tenth of ``timeout`` (at most SWEEP_MAX_SEC)."""
@@ -386,29 +439,40 @@ class Http1Pool:
             waiter, connection.waiter = connection.waiter, None
             if waiter is not None and not waiter.done():
                 waiter.set_exception(TimeoutError())
-        if self._timed:
+        if self._timed:  # (the interval for the timeouts still in flight: a short one gone, it grows again)
+            self._interval = max(min(SWEEP_MAX_SEC, min(c.timeout for c in self._timed) / 10), 0.001)
             self._schedule_sweep(loop, now)
+        else:
+            self._interval = SWEEP_MAX_SEC
 
-    def _take(self, key: tuple[str, int], now: float) -> _Connection | None:
-        """An idle connection to ``key`` that is still open and not idle for too long."""
+    def _take(self, key: tuple[str, int], now: float, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+        """An idle connection to ``key`` that is still open, of this event loop, and not idle for too long."""
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
             transport = connection.transport
             if (
                 not connection.closed
+                and connection.loop is loop
                 and now - connection.idle_since < KEEPALIVE_SEC
                 and transport is not None
                 and not transport.is_closing()
             ):
                 return connection
-            connection.close()
+            if connection.loop is loop:
+                connection.close()
+            else:  # of a loop that ended (a client used again by a new asyncio.run): nothing can close
+                connection.closed = True  # its transport any more; its socket is closed when it is collected
             self._open.discard(connection)
         return None
 
     def close(self) -> None:
+        """Drop every connection; a request still in flight fails with ``Disconnected``."""
         for connection in self._open:
-            connection.close()
+            try:
+                connection.abort(Disconnected("the client was closed"))
+            except RuntimeError:  # (its event loop is closed)
+                connection.closed = True
         self._open.clear()
         self._idle.clear()
         self._timed.clear()
