@@ -102,3 +102,29 @@ def test_check_forecasts_the_job_from_its_canary(tmp_path):
     assert lines[forecast + 1].startswith("  tokens: ") and lines[forecast + 2].startswith("  time: ")
     assert re.fullmatch(r"  GPU-hours: 0\.00; cost: [\d.]+ \(over cost.budget 20\)", lines[forecast + 3])
     assert lines[-1] == "check passed"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_progress_lines_show_the_cost_so_far(tmp_path, workers):
+    from helpers import FAULTY_SERVER
+
+    spec = job_spec(tmp_path)
+    spec["inference"] = {
+        "server_type": "custom",
+        "model_name_or_path": "echo",
+        "model_kwargs": {"server_script": str(FAULTY_SERVER), "directives": "sleep:0.05"},
+        "max_concurrent_generations": 2,
+        "server_ready_delay_sec": 0.05,
+        "metric_interval": 0.2,
+    }
+    spec["checkpoint"] = {"records_per_chunk": 10}
+    spec["cost"] = {"gpu_hour": 3600, "input_per_million": 25_000}  # a GPU-second costs 1
+    run = infermill(tmp_path, "run", str(write_job(tmp_path, spec)), "--workers", workers)
+    assert run.returncode == 0, output_of(run)
+    lines = [
+        line.split("progress: ", 1)[1] for line in run.stderr.splitlines() if "infermill.progress: progress: " in line
+    ]
+    costs = [float(m.group(1).replace(",", "")) for line in lines if (m := re.search(r"\| cost ([\d,.]+)", line))]
+    assert costs and costs == sorted(costs) and costs[-1] > 0, lines
+    if workers == "2":  # the parent's line: the job's cost, and its forecast once it knows the job's size
+        assert any(re.search(r"\| cost [\d,.]+, forecast [\d,.]+$", line) for line in lines), lines

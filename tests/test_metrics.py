@@ -479,3 +479,26 @@ def test_status_reads_the_series_of_many_workers_in_bounded_memory(tmp_path):
     few, many = status_peak_rss_mb(job("few", 20)), status_peak_rss_mb(job("many", 800))
     # each worker's tail (64 KiB, ~150 snapshots here) is read, summed up and let go before the next
     assert many - few < 25, f"status took {few:.0f} MiB over 20 workers, {many:.0f} MiB over 800"
+
+
+def test_a_priced_runs_cost_so_far_is_a_gauge_and_an_unpriced_one_has_none():
+    from infermill.monitor import MetricsServer, RunState
+
+    cost = [1.5]
+    for priced in (True, False):
+        state = RunState("w", RunStats(), lambda: None, lambda: 4, cost=(lambda: cost[0]) if priced else (lambda: None))
+        port = free_ports(1)
+        server = MetricsServer(state, "127.0.0.1", port)
+        server.start()
+        try:
+            first = scrape(port)
+            cost[0] = 2.25
+            second = scrape(port)
+        finally:
+            server.stop()
+        assert first is not None and second is not None
+        key = ("infermill_cost", (("worker", "w"),))
+        if priced:
+            assert (first[key], second[key]) == (1.5, 2.25)
+        else:
+            assert not [name for name, _ in first if name == "infermill_cost"]

@@ -201,6 +201,23 @@ class DocumentEngine:
         # what every request's payload goes over (made once, not per document: the config is the run's)
         self._base: dict[str, Any] = {"model": self.config.model_name_or_path, **self.config.default_generation_params}
 
+    def cost_so_far(self) -> float | None:
+        """What this run cost so far at the job's prices (its GPUs since it started, its tokens);
+        None for a job without prices."""
+        prices = getattr(self.settings, "prices", None)
+        if prices is None:
+            return None
+        from infermill.cost import spend
+
+        stats = {
+            "cost": prices.as_dict(),
+            "worker_time_sec": time.perf_counter() - self.started,
+            "prompt_tokens": self.stats.prompt_tokens,
+            "completion_tokens": self.stats.completion_tokens,
+        }
+        spent = spend(stats, None)
+        return spent.cost if spent is not None else None
+
     def monitor(
         self, worker: str, index: int, queue: WorkQueue | None = None, journal: QueueJournal | None = None
     ) -> Monitor:
@@ -217,6 +234,7 @@ class DocumentEngine:
             (lambda: slots.limit) if isinstance(slots, AdaptiveLimit) else (lambda: config.concurrent_generations),
             (lambda: journal.units_committed) if journal is not None else (lambda: 0),
             queue,
+            self.cost_so_far,
         )
         port = config.metrics_port + index if config.metrics_port is not None else None
         series = self.settings.layout.series_file(worker) if queue is not None else None

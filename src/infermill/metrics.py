@@ -152,6 +152,7 @@ class ProgressSnapshot:
     documents_total: int | None = None  # the documents the runs have to do, when they all know it
     server_waiting: str | None = None  # "starting" or "restarting": no server is ready yet
     server_waiting_sec: float = 0.0  # for how long
+    cost: float | None = None  # what the runs cost so far, for a job with prices (infermill.cost)
 
     @classmethod
     def of(cls, runs: list[tuple[RunStats, int, int | None]]) -> ProgressSnapshot:

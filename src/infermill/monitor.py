@@ -54,8 +54,10 @@ class RunState:
         concurrency_limit: Callable[[], int],
         units_done: Callable[[], int] = lambda: 0,
         queue: WorkQueue | None = None,
+        cost: Callable[[], float | None] = lambda: None,
     ):
         self.worker = worker
+        self.cost = cost  # what the run cost so far, for a job with prices
         self.stats = stats
         self.server = server
         self.concurrency_limit = concurrency_limit
@@ -180,6 +182,9 @@ class RunCollector:
                 sum_value=histogram.total,
             )
             yield family
+        cost = state.cost()
+        if cost is not None:
+            yield _gauge("infermill_cost", "What the worker's run cost so far, at the job's prices", worker, cost)
         units = state.unit_counts()
         if units is not None:
             units_family = GaugeMetricFamily(

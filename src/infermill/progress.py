@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from infermill.config import InferenceConfig
+    from infermill.cost import Spend
     from infermill.layout import JobLayout
     from infermill.queue import QueueStatus
 
@@ -56,22 +57,28 @@ def progress_line(progress: ProgressSnapshot, elapsed: float, since: ProgressSna
             eta = f" | ETA {left:,.0f} s"
     if progress.server_waiting is not None:  # why nothing moves yet
         eta += f" | server {progress.server_waiting} ({progress.server_waiting_sec:,.0f} s)"
+    cost = f" | cost {progress.cost:,.2f}" if progress.cost is not None else ""
     return (
         f"{docs}{eta} | {rate:,.1f} docs/s | {tokens:,.0f} tok/s | {progress.requests_in_flight} in flight | "
         f"{progress.requests_queued} queued | {progress.requests_retried} retried | "
-        f"{progress.server_restarts} restarts"
+        f"{progress.server_restarts} restarts{cost}"
     )
 
 
-def queue_line(status: QueueStatus) -> str:
-    """One line of where a job's queue stands: units, documents, rate and ETA."""
+def queue_line(status: QueueStatus, spent: Spend | None = None) -> str:
+    """One line of where a job's queue stands: units, documents, rate and ETA; and ``spent``, the
+    job's cost so far and its forecast (a job with prices)."""
     of_total = f"/{status.documents_total:,}" if status.documents_total is not None else ""
     rate = f" | {status.documents_per_sec:,.1f} docs/s" if status.documents_per_sec else ""
     eta = f" | ETA {status.eta_sec:,.0f} s" if status.eta_sec is not None and status.documents_per_sec else ""
     failed = f", {status.units_failed} failed" if status.units_failed else ""
+    cost = ""
+    if spent is not None:
+        forecast = f", forecast {spent.forecast:,.2f}" if spent.forecast is not None else ""
+        cost = f" | cost {spent.cost:,.2f}{forecast}"
     return (
         f"{status.documents_done:,}{of_total} docs{eta}{rate} | units {status.units_done}/{status.units_total} done, "
-        f"{status.units_in_progress} in progress{failed}"
+        f"{status.units_in_progress} in progress{failed}{cost}"
     )
 
 
@@ -81,10 +88,13 @@ async def show_job_progress(layout: JobLayout, interval: float = LOG_INTERVAL) -
     their counters); read in a thread."""
     from infermill.jobstatus import job_progress
 
+    def where() -> str:
+        progress = job_progress(layout)
+        return queue_line(progress.queue, job_spend(layout, progress.queue.documents_total))
+
     while True:
         await asyncio.sleep(interval)
-        progress = await asyncio.to_thread(job_progress, layout)
-        logger.info("progress: %s", queue_line(progress.queue))
+        logger.info("progress: %s", await asyncio.to_thread(where))
 
 
 async def show_progress(
@@ -157,3 +167,13 @@ def summary_table(stats: dict[str, Any], title: str = "infermill run") -> Table:
         budget = f" (budget {spent.budget:g})" if spent.budget is not None else ""
         table.add_row("cost", f"{spent.cost:,.2f}{budget}")
     return table
+
+
+def job_spend(layout: JobLayout, documents_total: int | None) -> Spend | None:
+    """The job's cost so far and forecast, from every worker's stats as kept (None without prices)."""
+    from infermill.cost import spend
+    from infermill.mirror import reading
+    from infermill.worker import job_stats
+
+    with reading(layout, ("stats",)) as every_worker:  # (a job in a store: every worker's stats, downloaded)
+        return spend(job_stats(every_worker), documents_total)

@@ -183,6 +183,8 @@ class InferenceRunner:
         progress = ProgressSnapshot.of(
             [(run.stats, run.server.restarts if run.server else 0, run.documents_total) for run in self._runs]
         )
+        if self.prices is not None and self._runs:  # what this command's runs cost so far
+            progress = dataclasses.replace(progress, cost=sum(run.cost_so_far() or 0.0 for run in self._runs))
         servers = [run.server for run in self._runs if run.server is not None] or ([server] if server else [])
         waiting = [server for server in servers if server.state in (ServerState.STARTING, ServerState.RESTARTING)]
         if waiting:
