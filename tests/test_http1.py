@@ -240,13 +240,20 @@ async def test_nothing_listening_is_unreachable(client):
         await client.post(f"http://127.0.0.1:{find_free_port()}/v1/chat/completions", PAYLOAD)
 
 
-async def test_a_cancelled_request_closes_its_connection_and_the_next_gets_a_new_one(server, client):
+async def request_in_flight(server: Scripted, client: OpenAIClient) -> asyncio.Task:
+    """A POST that the server never answers, sent and waiting for its reply."""
+
     async def never(_: asyncio.StreamWriter) -> None:
         await server.stopping.wait()
 
     server.script["/never"] = never
     task = asyncio.ensure_future(client.post(server.url + "/never", PAYLOAD))
     await asyncio.sleep(0.1)
+    return task
+
+
+async def test_a_cancelled_request_closes_its_connection_and_the_next_gets_a_new_one(server, client):
+    task = await request_in_flight(server, client)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -434,12 +441,7 @@ async def test_a_get_on_a_kept_connection_the_server_closed_as_it_went_out_is_tr
 
 
 async def test_closing_the_client_fails_a_request_in_flight_at_once(server, client):
-    async def never(_: asyncio.StreamWriter) -> None:
-        await server.stopping.wait()
-
-    server.script["/never"] = never
-    task = asyncio.ensure_future(client.post(server.url + "/never", PAYLOAD))
-    await asyncio.sleep(0.1)
+    task = await request_in_flight(server, client)
     await client.close()
     with pytest.raises(ServerConnectionError, match="the client was closed"):
         await asyncio.wait_for(task, 2)
