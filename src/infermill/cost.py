@@ -33,6 +33,12 @@ class Prices:
     def from_dict(cls, data: dict[str, Any]) -> Prices:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
+    def charge(self, worker_sec: float, prompt_tokens: float, completion_tokens: float) -> tuple[float, float]:
+        """The GPU-hours and the cost of workers that ran ``worker_sec`` seconds in all for these tokens."""
+        gpu_hours = worker_sec / 3600 * self.gpus_per_worker
+        tokens = prompt_tokens / 1e6 * self.input_per_million + completion_tokens / 1e6 * self.output_per_million
+        return gpu_hours, gpu_hours * self.gpu_hour + tokens
+
 
 def prices_of(cost: Any, inference: Any) -> Prices | None:
     """The prices of a job file's ``cost`` section (None: no section) for a job of ``inference``
@@ -87,13 +93,10 @@ def spend(stats: dict[str, Any], documents_total: int | None) -> Spend | None:
     if not isinstance(stats.get("cost"), dict):
         return None
     prices = Prices.from_dict(stats["cost"])
-    gpu_hours = (
-        float(stats.get("worker_time_sec") or stats.get("inference_time_sec") or 0.0) / 3600 * prices.gpus_per_worker
-    )
-    cost = (
-        gpu_hours * prices.gpu_hour
-        + (stats.get("prompt_tokens") or 0) / 1e6 * prices.input_per_million
-        + (stats.get("completion_tokens") or 0) / 1e6 * prices.output_per_million
+    gpu_hours, cost = prices.charge(
+        float(stats.get("worker_time_sec") or stats.get("inference_time_sec") or 0.0),
+        stats.get("prompt_tokens") or 0,
+        stats.get("completion_tokens") or 0,
     )
     processed = stats.get("documents_processed") or 0
     forecast = cost * documents_total / processed if documents_total and processed else None
@@ -129,17 +132,10 @@ class Forecast:
             f"  time: {self.worker_hours:,.2f} worker-hours (divide by the workers)",
         ]
         if self.prices is not None:
-            spent = spend(
-                {
-                    "cost": self.prices.as_dict(),
-                    "worker_time_sec": self.worker_hours * 3600,
-                    "prompt_tokens": self.documents * self.prompt_tokens,
-                    "completion_tokens": self.documents * self.completion_tokens,
-                },
-                None,
+            gpu_hours, cost = self.prices.charge(
+                self.worker_hours * 3600, self.documents * self.prompt_tokens, self.documents * self.completion_tokens
             )
-            assert spent is not None
             budget = self.prices.budget
-            over = f" (over cost.budget {budget:g})" if budget is not None and spent.cost > budget else ""
-            lines.append(f"  GPU-hours: {spent.gpu_hours:,.2f}; cost: {spent.cost:,.2f}{over}")
+            over = f" (over cost.budget {budget:g})" if budget is not None and cost > budget else ""
+            lines.append(f"  GPU-hours: {gpu_hours:,.2f}; cost: {cost:,.2f}{over}")
         return lines

@@ -47,6 +47,7 @@ from infermill.structured import InvalidReplyError
 from infermill.types import END_OF_INPUT, GENERATED_TEXT, Document, InferenceResult
 
 if TYPE_CHECKING:
+    from infermill.cost import Prices
     from infermill.monitor import Monitor
 
 logger = logging.getLogger("infermill.runner")  # the runner's log, as before the engine had a module of its own
@@ -204,19 +205,11 @@ class DocumentEngine:
     def cost_so_far(self) -> float | None:
         """What this run cost so far at the job's prices (its GPUs since it started, its tokens);
         None for a job without prices."""
-        prices = getattr(self.settings, "prices", None)
+        prices: Prices | None = getattr(self.settings, "prices", None)
         if prices is None:
             return None
-        from infermill.cost import spend
-
-        stats = {
-            "cost": prices.as_dict(),
-            "worker_time_sec": time.perf_counter() - self.started,
-            "prompt_tokens": self.stats.prompt_tokens,
-            "completion_tokens": self.stats.completion_tokens,
-        }
-        spent = spend(stats, None)
-        return spent.cost if spent is not None else None
+        elapsed = time.perf_counter() - self.started
+        return prices.charge(elapsed, self.stats.prompt_tokens, self.stats.completion_tokens)[1]
 
     def monitor(
         self, worker: str, index: int, queue: WorkQueue | None = None, journal: QueueJournal | None = None

@@ -383,12 +383,7 @@ def job_stats(layout: JobLayout) -> dict[str, Any]:
     """The sum of every worker run's stats kept so far (a killed run's as of its last commit),
     whose ``documents_written`` is the records of the committed units' output files, from the
     queue's done marks: what the output holds."""
-    runs = []
-    for path in layout.worker_stats_files():
-        try:
-            runs.append(orjson.loads(path.read_bytes()))
-        except (OSError, orjson.JSONDecodeError):
-            continue  # an older infermill's, being written: its own sum counts it
+    runs = _kept_runs(layout)
     total = sum_stats(runs)
     if runs and has_plan(layout):
         total["documents_written"] = WorkQueue.for_layout(layout).status().documents_written
@@ -398,13 +393,20 @@ def job_stats(layout: JobLayout) -> dict[str, Any]:
 def job_stats_with(layout: JobLayout, own: dict[str, Any]) -> dict[str, Any]:
     """The job's stats with ``own`` (a running worker's stats as they stand) in place of what
     that worker kept: every other worker run's, as kept, summed with it."""
-    runs = [own]
     with reading(layout, ("stats",)) as every_worker:  # (a job in a store: every worker's stats, downloaded)
-        for path in every_worker.worker_stats_files():
-            if path != every_worker.worker_stats_file(own["worker"]):
-                with contextlib.suppress(OSError, orjson.JSONDecodeError):  # (being written: counted next time)
-                    runs.append(orjson.loads(path.read_bytes()))
-    return sum_stats(runs)
+        return sum_stats([own, *_kept_runs(every_worker, leaving_out=own["worker"])])
+
+
+def _kept_runs(layout: JobLayout, leaving_out: str | None = None) -> list[dict[str, Any]]:
+    """Every worker run's stats as kept in the job's folder (but ``leaving_out``'s); one being
+    written, or of an older infermill, is left out: its own sum, or the next, counts it."""
+    runs = []
+    for path in layout.worker_stats_files():
+        if leaving_out is not None and path == layout.worker_stats_file(leaving_out):
+            continue
+        with contextlib.suppress(OSError, orjson.JSONDecodeError):
+            runs.append(orjson.loads(path.read_bytes()))
+    return runs
 
 
 def read_stats(layout: JobLayout) -> dict[str, Any]:
