@@ -96,10 +96,10 @@ def check_output(out, writer: str = "datatrove", media: bool = False) -> None:
     records = read_output(out)
     ids = sorted(r["id"] for r in records)
     assert ids == sorted(f"f{f}-{i}" for f in range(2) for i in range(7) if i != 5)  # each once; "none" ones not
-    assert {p.name for p in out.glob("*.jsonl.gz")} == {
-        CHUNK_NAMES[writer].format(rank=rank, chunk=c) for rank in range(2) for c in range(3)
-    }  # one file per rank and chunk: 7 documents a rank, 3 a chunk
-    assert not list(out.glob("_infermill_tmp/*"))  # no temporary files left
+    chunks = {CHUNK_NAMES[writer].format(rank=rank, chunk=c) for rank in range(2) for c in range(3)}
+    # one file per rank and chunk (7 documents a rank, 3 a chunk); a datatrove writer's folder holds nothing else
+    names = {p.name for p in out.iterdir()}
+    assert names == (chunks if writer == "datatrove" else chunks | {"_infermill"}), names
     for record in records:
         assert record["metadata"]["file"] in (0, 1)
         (result,) = record["metadata"]["rollout_results"]
@@ -110,23 +110,44 @@ def check_output(out, writer: str = "datatrove", media: bool = False) -> None:
             assert base64.b64decode(item["media_bytes"]) == media_bytes(record["id"])  # every byte, as it was
 
 
+#: datatrove's runner's stats of a rank of the pipeline (7 documents, one whose rollout returns None):
+#: its counters, under its names, as a datatrove ``Stats`` saves them
+DATATROVE_STATS = {
+    "documents_processed": {"total": 7, "unit": "document"},
+    "successful_rollouts": {"total": 6, "n": 7, "mean": 6 / 7, "unit": "document"},
+    "failed_rollouts": {"total": 1, "n": 7, "mean": 1 / 7, "unit": "document"},
+    "requests": {"total": 6, "n": 7, "mean": 6 / 7, "unit": "rollout"},
+    "successful_requests": {"total": 6, "unit": "request"},
+}
+
+
 def check_datatrove_run(tmp_path, logs: str = "") -> None:
     """After ``run_pipeline`` with two tasks under an executor: every document once (``check_output``),
-    each rank marked complete by the executor, its stats in infermill's file and datatrove's."""
+    each rank marked complete by the executor, its stats in infermill's file (in the checkpoint
+    folder: nothing of infermill's is in the output) and datatrove's, under datatrove's names."""
     check_output(tmp_path / "out")
     folder = tmp_path / "logs"
     assert sorted(p.name for p in (folder / "completions").iterdir()) == ["00000", "00001"], logs[-4000:]
     for rank in range(2):
-        stats = orjson.loads((tmp_path / "out" / "_infermill" / f"stats_rank_{rank:05d}.json").read_bytes())
+        stats = orjson.loads((tmp_path / "ckpt" / f"stats_rank_{rank:05d}.json").read_bytes())
         assert (stats["documents_read"], stats["documents_written"], stats["documents_empty"]) == (7, 6, 1), stats
         assert stats["requests_ok"] == 6 and stats["documents_failed"] == 0, stats
         # the executor's stats of the rank: the reader's and the runner's, the same counts as infermill's
         reader, runner = orjson.loads((folder / "stats" / f"{rank:05d}.json").read_bytes())
         assert (reader["stats"]["documents"]["total"], runner["name"]) == (7, "Model call: Inference 🔍"), runner
-        counts = {key: runner["stats"][key]["total"] for key in ("documents_read", "documents_written", "requests_ok")}
-        assert counts == {"documents_read": 7, "documents_written": 6, "requests_ok": 6}, runner
+        assert {key: runner["stats"][key] for key in DATATROVE_STATS} == DATATROVE_STATS, runner
+        tokens = runner["stats"]["completion_tokens"]
+        assert tokens["total"] == stats["completion_tokens"] > 0 and tokens["n"] == 6 and tokens["unit"] == "request"
+        assert runner["stats"]["prompt_tokens"]["total"] == stats["prompt_tokens"] > 0, runner
+        # infermill's other counts beside them, each a per-task total; none of datatrove's under another name
+        extras = {key: runner["stats"][key]["total"] for key in ("documents_read", "documents_written", "rollouts_none")}
+        assert extras == {"documents_read": 7, "documents_written": 6, "rollouts_none": 1}, runner
+        assert not {"requests_ok", "requests_failed", "rollouts_ok", "documents_skipped"} & set(runner["stats"]), runner
         assert 0 < runner["stats"]["inference_time"]["total"] == stats["inference_time_sec"] < 60, runner
+        assert runner["time_stats"]["total"] >= stats["inference_time_sec"] and runner["time_stats"]["unit"] == "total"
     _, merged = orjson.loads((folder / "stats.json").read_bytes())  # the executor's sum of the ranks'
+    assert merged["stats"]["successful_requests"] == {"total": 12, "unit": "request"}, merged
+    assert merged["stats"]["documents_processed"] == {"total": 14, "unit": "document"}, merged
     assert (merged["stats"]["documents_written"]["total"], merged["stats"]["documents_written"]["n"]) == (12, 2)
 
 
@@ -134,17 +155,20 @@ def test_a_datatrove_pipeline_with_two_tasks_writes_every_document_once(tmp_path
     write_input(tmp_path / "in", 7)
     assert run_pipeline(tmp_path).wait(timeout=120) == 0
     check_datatrove_run(tmp_path)
-    # each rank's stream is a work queue: infermill status and report read the pipeline's output
-    out, infermill = str(tmp_path / "out"), [sys.executable, "-m", "infermill"]
-    status = subprocess.run([*infermill, "status", out, "--json"], capture_output=True, text=True)
-    assert status.returncode == 0, status.stdout + status.stderr
-    ranks = orjson.loads(status.stdout)["ranks"]
-    assert {rank: (s["units_done"], s["units_total"], s["documents_done"]) for rank, s in ranks.items()} == {
-        "00000": (3, 3, 7),
-        "00001": (3, 3, 7),
-    }
-    report = subprocess.run([*infermill, "report", out], capture_output=True, text=True)
-    assert report.returncode == 0 and (tmp_path / "out" / "_infermill" / "report.html").exists(), report.stderr
+    # each rank's stream is a work queue, in the checkpoint folder: infermill status and report read it,
+    # given that folder, or the output and --checkpoints
+    out, ckpt, infermill = str(tmp_path / "out"), str(tmp_path / "ckpt"), [sys.executable, "-m", "infermill"]
+    for target in ([ckpt], [out, "--checkpoints", ckpt]):
+        status = subprocess.run([*infermill, "status", *target, "--json"], capture_output=True, text=True)
+        assert status.returncode == 0, status.stdout + status.stderr
+        ranks = orjson.loads(status.stdout)["ranks"]
+        assert {rank: (s["units_done"], s["units_total"], s["documents_done"]) for rank, s in ranks.items()} == {
+            "00000": (3, 3, 7),
+            "00001": (3, 3, 7),
+        }
+    report = subprocess.run([*infermill, "report", ckpt], capture_output=True, text=True)
+    assert report.returncode == 0 and (tmp_path / "ckpt" / "report.html").exists(), report.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == ["out"]  # nothing beside the output
 
 
 @pytest.mark.parametrize("writer", ["datatrove", "infermill"])
@@ -158,7 +182,8 @@ def test_a_datatrove_pipeline_killed_mid_run_and_run_again_writes_every_document
     assert len(list(out.glob("*.jsonl.gz"))) < 6
     assert run_pipeline(tmp_path, *options).wait(timeout=120) == 0
     check_output(out, writer, media=True)
-    resumed = [orjson.loads(path.read_bytes()) for path in (out / "_infermill").glob("stats_rank_*.json")]
+    job = out / "_infermill" if writer == "infermill" else tmp_path / "ckpt"
+    resumed = [orjson.loads(path.read_bytes()) for path in job.glob("stats_rank_*.json")]
     assert sum(stats["documents_resumed"] for stats in resumed) >= 4  # the first chunk of each rank, and more
     assert any(stats["documents_resumed"] % 3 for stats in resumed)  # documents of an unwritten chunk too
 
@@ -185,7 +210,7 @@ def test_a_bad_request_skipped_before_a_kill_is_not_sent_again(tmp_path):
     part.write_text("\n".join(lines) + "\n")
     out, stats_file = tmp_path / "out", tmp_path / "server_stats.json"
     options = ["--faulty-stats", str(stats_file)]
-    failures = out / "_infermill" / "failures"  # one file per worker
+    failures = tmp_path / "ckpt" / "failures"  # one file per worker
     proc = run_pipeline(tmp_path, *options, "--delay", "0.3", start_new_session=True)
     try:
         wait_until(
@@ -193,7 +218,7 @@ def test_a_bad_request_skipped_before_a_kill_is_not_sent_again(tmp_path):
             60,
             "the rejected document's record",
         )
-        wait_until(lambda: skip_checkpointed(out / "_infermill"), 60, "the skip in the checkpoint")
+        wait_until(lambda: skip_checkpointed(tmp_path / "ckpt"), 60, "the skip in the checkpoint")
         wait_until(
             lambda: stats_file.exists() and server_stats(stats_file)["by_word"].get("fail400:99:rejected"),
             60,
@@ -350,10 +375,11 @@ def test_datatrove_writers_with_their_formats_adapters_compression_and_folders(t
 
     records = read(out)
     assert sorted(r["id"] for r in records) == [f"d{i}" for i in range(5)]
-    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    files = sorted(p.name for p in out.iterdir())  # nothing but the output: the job's files are beside it
     # one file per chunk, compressed as configured (ParquetWriter numbers its files: max_file_size)
     name = "000_00000_{}.parquet" if kind == "parquet" else "00000_{}.jsonl.gz"
     assert files == [name.format(c) for c in range(3)]
+    assert (tmp_path / "out.infermill" / "queue" / "plan.json").is_file()
     for r in records:
         i = int(r["id"][1:])
         if kind == "adapter":
