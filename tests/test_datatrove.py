@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,9 +141,9 @@ def check_datatrove_run(tmp_path, logs: str = "") -> None:
         assert tokens["total"] == stats["completion_tokens"] > 0 and tokens["n"] == 6 and tokens["unit"] == "request"
         assert runner["stats"]["prompt_tokens"]["total"] == stats["prompt_tokens"] > 0, runner
         # infermill's other counts beside them, each a per-task total; none of datatrove's under another name
-        extras = {key: runner["stats"][key]["total"] for key in ("documents_read", "documents_written", "rollouts_none")}
-        assert extras == {"documents_read": 7, "documents_written": 6, "rollouts_none": 1}, runner
-        assert not {"requests_ok", "requests_failed", "rollouts_ok", "documents_skipped"} & set(runner["stats"]), runner
+        extras = {key: runner["stats"][key]["total"] for key in ("documents_read", "documents_written")}
+        assert extras == {"documents_read": 7, "documents_written": 6} and runner["stats"]["rollouts_none"]["total"] == 1
+        assert not {"requests_ok", "rollouts_ok", "documents_skipped"} & set(runner["stats"]), runner
         assert 0 < runner["stats"]["inference_time"]["total"] == stats["inference_time_sec"] < 60, runner
         assert runner["time_stats"]["total"] >= stats["inference_time_sec"] and runner["time_stats"]["unit"] == "total"
     _, merged = orjson.loads((folder / "stats.json").read_bytes())  # the executor's sum of the ranks'
@@ -388,3 +389,96 @@ def test_datatrove_writers_with_their_formats_adapters_compression_and_folders(t
             assert r["n"] == i and f"hello {i}" in r["rollout_results"][0]["text"] and "metadata" not in r
         else:
             assert r["metadata"]["n"] == i and f"hello {i}" in r["metadata"]["rollout_results"][0]["text"]
+
+
+def datatrove_read(reader) -> tuple[list, list[str]]:
+    """The documents datatrove's ``reader`` reads (one task), and what datatrove's logger said
+    meanwhile at WARNING and above."""
+    from loguru import logger
+
+    said: list[str] = []
+    sink = logger.add(lambda message: said.append(str(message)), level="WARNING")
+    try:
+        return list(reader.run(None, rank=0, world_size=1)), said
+    finally:
+        logger.remove(sink)
+
+
+def test_datatroves_readers_over_the_output_read_exactly_the_results(tmp_path):
+    """The next step of a datatrove pipeline (its reader over the output folder) reads the results
+    and nothing else: the job's own files (checkpoints, stats, staging) are not in that folder."""
+    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+
+    write_input(tmp_path / "in", 7)
+    assert run_pipeline(tmp_path).wait(timeout=120) == 0
+    documents, said = datatrove_read(JsonlReader(str(tmp_path / "out")))
+    assert sorted(d.id for d in documents) == sorted(f"f{f}-{i}" for f in range(2) for i in range(7) if i != 5)
+    assert said == []
+
+    out = tmp_path / "parquet"
+    inputs = [DtDocument(text=f"hello {i}", id=f"d{i}", metadata={"n": i}) for i in range(5)]
+    writer = DtParquetWriter(str(out), output_filename="${rank}_${chunk_index}.parquet")
+    stats = InferenceRunner(echo_rollout, dummy_config(), writer, records_per_chunk=2).run(inputs)
+    assert stats["documents_written"] == 5
+    documents, said = datatrove_read(ParquetReader(str(out)))
+    assert sorted(d.id for d in documents) == [f"d{i}" for i in range(5)] and said == []
+    assert all(d.metadata["rollout_results"][0]["text"] for d in documents)
+    # run again: the checkpoint beside the output says it is complete, nothing is written again
+    files = sorted(p.name for p in out.iterdir())
+    writer = DtParquetWriter(str(out), output_filename="${rank}_${chunk_index}.parquet")
+    stats = InferenceRunner(echo_rollout, dummy_config(), writer, records_per_chunk=2).run(inputs)
+    assert stats["already_complete"] is True
+    assert sorted(p.name for p in out.iterdir()) == files
+    documents, said = datatrove_read(ParquetReader(str(out)))
+    assert len(documents) == 5 and said == []
+
+
+def test_under_datatrove_infermills_log_lines_are_in_its_task_logs_in_its_format(tmp_path):
+    """Rank 0's server start and progress lines in its task log; rank 1 (no input file: no documents)
+    says so as a WARNING, in datatrove's format; stderr has what datatrove's logger shows there, once,
+    and nothing of infermill's unformatted."""
+    write_input(tmp_path / "in", 7, files=1)
+    proc = run_pipeline(tmp_path, "--metric-interval", "0.1", "--delay", "0.1", stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-4000:]
+    logs = tmp_path / "logs" / "logs"
+    task0, task1 = ((logs / f"task_{rank:05d}.log").read_text() for rank in range(2))
+
+    def logged(level: str, where: str, message: str) -> str:  # a line in datatrove's format
+        return rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{{3}} \| {level:<8} \| {where}:\d+ - {message}"
+
+    assert re.search(logged("INFO", r"infermill\.server:\w+", "server rank 0 ready at"), task0), task0
+    assert re.search(logged("INFO", r"infermill\.progress:show_progress", "progress: "), task0), task0
+    assert re.search(logged("INFO", r"infermill\.\w+:\w+", "rank 0 done"), task0), task0
+    warning = "rank 1 had no documents to process"
+    assert re.search(logged("WARNING", r"infermill\.\w+:\w+", warning), task1), task1
+    # on stderr (datatrove's: INFO of the first task, ERROR of the others), each once, in datatrove's format
+    (ready,) = [line for line in stderr.splitlines() if "ready at" in line]
+    assert re.fullmatch(logged("INFO", r"infermill\.server:\w+", "server rank 0 ready at .*"), ready), ready
+    assert warning not in stderr, stderr[-4000:]  # (not printed unformatted by the root logger)
+
+
+def test_the_step_gives_infermills_records_to_loguru_only_while_it_runs_and_puts_the_logger_back(tmp_path):
+    """In the step, an infermill record reaches loguru (not the root logger's handlers); after it,
+    also after an error, the ``infermill`` logger is as it was, and another logger's record never
+    went to loguru."""
+    import logging
+
+    from loguru import logger
+
+    from infermill.datatrove_compat import datatrove_logging
+
+    said: list[str] = []
+    sink = logger.add(lambda message: said.append(message.record["message"]), level="DEBUG")
+    infermill_logger = logging.getLogger("infermill")
+    before = (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate)
+    try:
+        with pytest.raises(RuntimeError), datatrove_logging():
+            logging.getLogger("infermill.engine").info("inside %d", 1)
+            logging.getLogger("other").warning("not infermill's")
+            raise RuntimeError("the step failed")
+        logging.getLogger("infermill.engine").warning("after")
+    finally:
+        logger.remove(sink)
+    assert said == ["inside 1"]
+    assert (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate) == before
