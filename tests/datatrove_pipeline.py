@@ -10,7 +10,8 @@ datatrove's (the one changed import). Run by tests/test_datatrove.py in its own 
 document gets a media item with bytes of its own (a step between the reader and the runner).
 ``--faulty-stats``: the faulty test server (its request counters in PATH) instead of the dummy
 one, with ``skip_bad_requests`` (a document whose text holds ``fail400`` is rejected), in one task.
-``--metric-interval``: seconds between progress lines (datatrove's config field). ``--executor``: datatrove's executor, configured as a user configures it for the test cluster:
+``--metric-interval``: seconds between progress lines (datatrove's config field).
+``--executor``: datatrove's executor, configured as a user configures it for the test cluster:
 ``slurm`` submits the array (its job, and datatrove's stats-merging job, named ``--job-name``) with
 sbatch and returns; the job's environment is this one (sbatch's ``--export=ALL``: ``PYTHONPATH``
 finds infermill), the venv beside this interpreter activated. ``ray`` runs the tasks on the Ray

@@ -19,6 +19,7 @@ import pytest
 from helpers import chat, dummy_config, echo_rollout, read_jsonl, server_stats, wait_until
 from infermill import Document, InferenceError, ServerError
 from infermill.datatrove_compat import NO_ROLLOUTS_MARK
+from infermill.errors import ConfigError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
 
@@ -142,7 +143,9 @@ def check_datatrove_run(tmp_path, logs: str = "") -> None:
         assert runner["stats"]["prompt_tokens"]["total"] == stats["prompt_tokens"] > 0, runner
         # infermill's other counts beside them, each a per-task total; none of datatrove's under another name
         extras = {key: runner["stats"][key]["total"] for key in ("documents_read", "documents_written")}
-        assert extras == {"documents_read": 7, "documents_written": 6} and runner["stats"]["rollouts_none"]["total"] == 1
+        assert (
+            extras == {"documents_read": 7, "documents_written": 6} and runner["stats"]["rollouts_none"]["total"] == 1
+        )
         assert not {"requests_ok", "rollouts_ok", "documents_skipped"} & set(runner["stats"]), runner
         assert 0 < runner["stats"]["inference_time"]["total"] == stats["inference_time_sec"] < 60, runner
         assert runner["time_stats"]["total"] >= stats["inference_time_sec"] and runner["time_stats"]["unit"] == "total"
@@ -482,3 +485,56 @@ def test_the_step_gives_infermills_records_to_loguru_only_while_it_runs_and_puts
         logger.remove(sink)
     assert said == ["inside 1"]
     assert (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate) == before
+
+
+def test_a_job_folder_on_another_file_system_than_the_output_stages_chunks_beside_the_output(tmp_path):
+    """checkpoints_local_dir on another file system (tmpfs): a chunk's file cannot be renamed from
+    there into the output, so it is copied beside the output first, then renamed: it still appears
+    whole, and the output folder holds only the output."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    import shutil
+    import tempfile
+
+    checkpoints = tempfile.mkdtemp(dir=shm, prefix="infermill-test-")
+    try:
+        out = tmp_path / "out"
+        writer = DtJsonlWriter(str(out), output_filename="${rank}_${chunk_index}.jsonl")
+        runner = InferenceRunner(
+            echo_rollout, dummy_config(), writer, checkpoints_local_dir=checkpoints, records_per_chunk=2
+        )
+        assert runner.run([DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(5)])["documents_written"] == 5
+        assert sorted(p.name for p in out.iterdir()) == [f"00000_{c}.jsonl.gz" for c in range(3)]
+        assert sorted(r["id"] for r in read_output(out)) == [f"d{i}" for i in range(5)]
+        assert list((tmp_path / ".out.infermill-staging").iterdir()) == []  # each copy renamed into place
+        assert list((Path(checkpoints) / "staging").iterdir()) == []
+        assert (Path(checkpoints) / "queue" / "plan.json").is_file()
+    finally:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def test_a_remote_output_gets_only_its_chunk_files_uploaded_whole(tmp_path):
+    """A datatrove writer on an fsspec file system that is not local (memory://, as s3 or hf://):
+    each chunk's files are written in the local checkpoint folder, then uploaded; nothing else."""
+    import fsspec
+    from datatrove.io import get_datafolder
+
+    url = f"memory://infermill-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        writer = DtJsonlWriter(url, output_filename="${rank}_${chunk_index}.jsonl", compression=None)
+        with pytest.raises(ConfigError, match="checkpoints_local_dir"):
+            InferenceRunner(echo_rollout, dummy_config(), writer)
+        runner = InferenceRunner(
+            echo_rollout, dummy_config(), writer, checkpoints_local_dir=str(tmp_path / "ckpt"), records_per_chunk=2
+        )
+        assert runner.run([DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(5)])["documents_written"] == 5
+        folder = get_datafolder(url)
+        assert sorted(folder.find("")) == [f"00000_{c}.jsonl" for c in range(3)]
+        ids = [
+            orjson.loads(line)["id"] for c in range(3) for line in folder.open(f"00000_{c}.jsonl").read().splitlines()
+        ]
+        assert sorted(ids) == [f"d{i}" for i in range(5)]
+        assert (tmp_path / "ckpt" / "queue" / "plan.json").is_file()
+    finally:
+        fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
