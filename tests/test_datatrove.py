@@ -434,6 +434,10 @@ def test_datatroves_readers_over_the_output_read_exactly_the_results(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == files
     documents, said = datatrove_read(ParquetReader(str(out)))
     assert len(documents) == 5 and said == []
+    # infermill status finds the job's folder beside the output
+    status = subprocess.run([sys.executable, "-m", "infermill", "status", str(out), "--json"], capture_output=True)
+    assert status.returncode == 0, status.stderr
+    assert orjson.loads(status.stdout)["units_done"] == 3, status.stdout
 
 
 def test_under_datatrove_infermills_log_lines_are_in_its_task_logs_in_its_format(tmp_path):
