@@ -542,3 +542,23 @@ def test_a_remote_output_gets_only_its_chunk_files_uploaded_whole(tmp_path):
         assert (tmp_path / "ckpt" / "queue" / "plan.json").is_file()
     finally:
         fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
+
+
+def test_a_checkpoint_an_earlier_infermill_kept_in_a_datatrove_output_is_refused_saying_where_it_goes(tmp_path):
+    """An earlier infermill kept a datatrove writer's job in OUTPUT/_infermill: the runner refuses
+    to start (before any server), naming the folder it uses now and how to move the files there;
+    moved, the job resumes as complete."""
+    import shutil
+
+    out = tmp_path / "out"
+    documents = [DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(3)]
+    make_writer = lambda: DtJsonlWriter(str(out), output_filename="${rank}_${chunk_index}.jsonl")  # noqa: E731
+    assert InferenceRunner(echo_rollout, dummy_config(), make_writer()).run(documents)["documents_written"] == 3
+    shutil.move(tmp_path / "out.infermill", out / "_infermill")  # where an earlier infermill kept it
+    with pytest.raises(ConfigError, match=r"_infermill holds infermill's files .*/out\.infermill"):
+        InferenceRunner(echo_rollout, dummy_config(), make_writer())
+    (tmp_path / "out.infermill").mkdir()
+    for path in (out / "_infermill").iterdir():
+        shutil.move(path, tmp_path / "out.infermill")
+    (out / "_infermill").rmdir()
+    assert InferenceRunner(echo_rollout, dummy_config(), make_writer()).run(documents)["already_complete"] is True

@@ -52,8 +52,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from infermill.errors import ConfigError
 from infermill.io.writers import OutputWriter, Record, as_dict
-from infermill.layout import JobLayout
+from infermill.layout import INFERMILL_DIR, JobLayout
 
 
 class PipelineStep(Protocol):
@@ -90,6 +91,14 @@ def adapt_writer(
             f"got {type(writer).__name__}"
         )
     adapted = DatatroveWriter(writer, checkpoints_local_dir)
+    earlier = os.path.join(adapted.root, INFERMILL_DIR)
+    if adapted.is_local and os.path.isdir(earlier):
+        raise ConfigError(
+            f"{earlier} holds infermill's files as an earlier infermill kept them, in the output folder (which the "
+            f"next step's reader reads whole); this one keeps them in {adapted.layout.root}. To resume that job, "
+            f"move them there (mkdir -p {adapted.layout.root} && mv {earlier}/* {adapted.layout.root}/) and delete "
+            f"{earlier} and {os.path.join(adapted.root, '_infermill_tmp')}; to start over, delete both"
+        )
     if adapted.one_file_per_rank:
         if checkpoints_local_dir is not None:
             raise ValueError(
