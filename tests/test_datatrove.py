@@ -459,10 +459,11 @@ def test_under_datatrove_infermills_log_lines_are_in_its_task_logs_in_its_format
     assert re.search(logged("INFO", r"infermill\.\w+:\w+", "rank 0 done"), task0), task0
     warning = "rank 1 had no documents to process"
     assert re.search(logged("WARNING", r"infermill\.\w+:\w+", warning), task1), task1
-    # on stderr (datatrove's: INFO of the first task, ERROR of the others), each once, in datatrove's format
-    (ready,) = [line for line in stderr.splitlines() if "ready at" in line]
-    assert re.fullmatch(logged("INFO", r"infermill\.server:\w+", "server rank 0 ready at .*"), ready), ready
-    assert warning not in stderr, stderr[-4000:]  # (not printed unformatted by the root logger)
+    # on stderr, datatrove shows INFO of the task that got local rank 0 (either), ERROR of the other: so
+    # rank 0's server start or rank 1's warning, once, in datatrove's format (not also unformatted)
+    (said,) = [line for line in stderr.splitlines() if "ready at" in line or warning in line]
+    ready = logged("INFO", r"infermill\.server:\w+", "server rank 0 ready at .*")
+    assert re.fullmatch(ready, said) or re.fullmatch(logged("WARNING", r"infermill\.\w+:\w+", warning + ".*"), said)
 
 
 def test_the_step_gives_infermills_records_to_loguru_only_while_it_runs_and_puts_the_logger_back(tmp_path):
