@@ -2,7 +2,7 @@
 datatrove's (the one changed import). Run by tests/test_datatrove.py in its own process:
 
     python datatrove_pipeline.py INPUT OUTPUT CHECKPOINTS LOGS [--delay SEC] [--writer datatrove|infermill]
-                                 [--media] [--faulty-stats PATH]
+                                 [--media] [--faulty-stats PATH] [--metric-interval SEC]
                                  [--executor local | --executor slurm --partition P --job-name N
                                   | --executor ray --ray-address HOST:PORT]
 
@@ -10,6 +10,7 @@ datatrove's (the one changed import). Run by tests/test_datatrove.py in its own 
 document gets a media item with bytes of its own (a step between the reader and the runner).
 ``--faulty-stats``: the faulty test server (its request counters in PATH) instead of the dummy
 one, with ``skip_bad_requests`` (a document whose text holds ``fail400`` is rejected), in one task.
+``--metric-interval``: seconds between progress lines (datatrove's config field).
 ``--executor``: datatrove's executor, configured as a user configures it for the test cluster:
 ``slurm`` submits the array (its job, and datatrove's stats-merging job, named ``--job-name``) with
 sbatch and returns; the job's environment is this one (sbatch's ``--export=ALL``: ``PYTHONPATH``
@@ -69,6 +70,7 @@ def main() -> None:
     p.add_argument("--writer", choices=["datatrove", "infermill"], default="datatrove")
     p.add_argument("--media", action="store_true")
     p.add_argument("--faulty-stats")
+    p.add_argument("--metric-interval", type=float)
     p.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
     p.add_argument("--partition")
     p.add_argument("--job-name", default="infermill-datatrove")
@@ -89,6 +91,7 @@ def main() -> None:
         # slowed down, one document at a time: the chunks finish one after another, so a kill lands
         # between them (all at once, they could all be written before it)
         max_concurrent_generations=1 if args.delay else 500,
+        **({"metric_interval": args.metric_interval} if args.metric_interval else {}),
     )
     if args.writer == "infermill":
         writer = InfermillJsonlWriter(args.output, output_filename="${rank}_chunk_${chunk_index}.jsonl.gz")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from helpers import chat, dummy_config, echo_rollout, read_jsonl, server_stats, wait_until
 from infermill import Document, InferenceError, ServerError
 from infermill.datatrove_compat import NO_ROLLOUTS_MARK
+from infermill.errors import ConfigError
 from infermill.io.writers import JsonlWriter
 from infermill.runner import InferenceRunner
 
@@ -96,10 +98,10 @@ def check_output(out, writer: str = "datatrove", media: bool = False) -> None:
     records = read_output(out)
     ids = sorted(r["id"] for r in records)
     assert ids == sorted(f"f{f}-{i}" for f in range(2) for i in range(7) if i != 5)  # each once; "none" ones not
-    assert {p.name for p in out.glob("*.jsonl.gz")} == {
-        CHUNK_NAMES[writer].format(rank=rank, chunk=c) for rank in range(2) for c in range(3)
-    }  # one file per rank and chunk: 7 documents a rank, 3 a chunk
-    assert not list(out.glob("_infermill_tmp/*"))  # no temporary files left
+    chunks = {CHUNK_NAMES[writer].format(rank=rank, chunk=c) for rank in range(2) for c in range(3)}
+    # one file per rank and chunk (7 documents a rank, 3 a chunk); a datatrove writer's folder holds nothing else
+    names = {p.name for p in out.iterdir()}
+    assert names == (chunks if writer == "datatrove" else chunks | {"_infermill"}), names
     for record in records:
         assert record["metadata"]["file"] in (0, 1)
         (result,) = record["metadata"]["rollout_results"]
@@ -110,23 +112,46 @@ def check_output(out, writer: str = "datatrove", media: bool = False) -> None:
             assert base64.b64decode(item["media_bytes"]) == media_bytes(record["id"])  # every byte, as it was
 
 
+#: datatrove's runner's stats of a rank of the pipeline (7 documents, one whose rollout returns None):
+#: its counters, under its names, as a datatrove ``Stats`` saves them
+DATATROVE_STATS = {
+    "documents_processed": {"total": 7, "unit": "document"},
+    "successful_rollouts": {"total": 6, "n": 7, "mean": 6 / 7, "unit": "document"},
+    "failed_rollouts": {"total": 1, "n": 7, "mean": 1 / 7, "unit": "document"},
+    "requests": {"total": 6, "n": 7, "mean": 6 / 7, "unit": "rollout"},
+    "successful_requests": {"total": 6, "unit": "request"},
+}
+
+
 def check_datatrove_run(tmp_path, logs: str = "") -> None:
     """After ``run_pipeline`` with two tasks under an executor: every document once (``check_output``),
-    each rank marked complete by the executor, its stats in infermill's file and datatrove's."""
+    each rank marked complete by the executor, its stats in infermill's file (in the checkpoint
+    folder: nothing of infermill's is in the output) and datatrove's, under datatrove's names."""
     check_output(tmp_path / "out")
     folder = tmp_path / "logs"
     assert sorted(p.name for p in (folder / "completions").iterdir()) == ["00000", "00001"], logs[-4000:]
     for rank in range(2):
-        stats = orjson.loads((tmp_path / "out" / "_infermill" / f"stats_rank_{rank:05d}.json").read_bytes())
+        stats = orjson.loads((tmp_path / "ckpt" / f"stats_rank_{rank:05d}.json").read_bytes())
         assert (stats["documents_read"], stats["documents_written"], stats["documents_empty"]) == (7, 6, 1), stats
         assert stats["requests_ok"] == 6 and stats["documents_failed"] == 0, stats
         # the executor's stats of the rank: the reader's and the runner's, the same counts as infermill's
         reader, runner = orjson.loads((folder / "stats" / f"{rank:05d}.json").read_bytes())
         assert (reader["stats"]["documents"]["total"], runner["name"]) == (7, "Model call: Inference 🔍"), runner
-        counts = {key: runner["stats"][key]["total"] for key in ("documents_read", "documents_written", "requests_ok")}
-        assert counts == {"documents_read": 7, "documents_written": 6, "requests_ok": 6}, runner
+        assert {key: runner["stats"][key] for key in DATATROVE_STATS} == DATATROVE_STATS, runner
+        tokens = runner["stats"]["completion_tokens"]
+        assert tokens["total"] == stats["completion_tokens"] > 0 and tokens["n"] == 6 and tokens["unit"] == "request"
+        assert runner["stats"]["prompt_tokens"]["total"] == stats["prompt_tokens"] > 0, runner
+        # infermill's other counts beside them, each a per-task total; none of datatrove's under another name
+        extras = {key: runner["stats"][key]["total"] for key in ("documents_read", "documents_written")}
+        assert (
+            extras == {"documents_read": 7, "documents_written": 6} and runner["stats"]["rollouts_none"]["total"] == 1
+        )
+        assert not {"requests_ok", "rollouts_ok", "documents_skipped"} & set(runner["stats"]), runner
         assert 0 < runner["stats"]["inference_time"]["total"] == stats["inference_time_sec"] < 60, runner
+        assert runner["time_stats"]["total"] >= stats["inference_time_sec"] and runner["time_stats"]["unit"] == "total"
     _, merged = orjson.loads((folder / "stats.json").read_bytes())  # the executor's sum of the ranks'
+    assert merged["stats"]["successful_requests"] == {"total": 12, "unit": "request"}, merged
+    assert merged["stats"]["documents_processed"] == {"total": 14, "unit": "document"}, merged
     assert (merged["stats"]["documents_written"]["total"], merged["stats"]["documents_written"]["n"]) == (12, 2)
 
 
@@ -134,17 +159,20 @@ def test_a_datatrove_pipeline_with_two_tasks_writes_every_document_once(tmp_path
     write_input(tmp_path / "in", 7)
     assert run_pipeline(tmp_path).wait(timeout=120) == 0
     check_datatrove_run(tmp_path)
-    # each rank's stream is a work queue: infermill status and report read the pipeline's output
-    out, infermill = str(tmp_path / "out"), [sys.executable, "-m", "infermill"]
-    status = subprocess.run([*infermill, "status", out, "--json"], capture_output=True, text=True)
-    assert status.returncode == 0, status.stdout + status.stderr
-    ranks = orjson.loads(status.stdout)["ranks"]
-    assert {rank: (s["units_done"], s["units_total"], s["documents_done"]) for rank, s in ranks.items()} == {
-        "00000": (3, 3, 7),
-        "00001": (3, 3, 7),
-    }
-    report = subprocess.run([*infermill, "report", out], capture_output=True, text=True)
-    assert report.returncode == 0 and (tmp_path / "out" / "_infermill" / "report.html").exists(), report.stderr
+    # each rank's stream is a work queue, in the checkpoint folder: infermill status and report read it,
+    # given that folder, or the output and --checkpoints
+    out, ckpt, infermill = str(tmp_path / "out"), str(tmp_path / "ckpt"), [sys.executable, "-m", "infermill"]
+    for target in ([ckpt], [out, "--checkpoints", ckpt]):
+        status = subprocess.run([*infermill, "status", *target, "--json"], capture_output=True, text=True)
+        assert status.returncode == 0, status.stdout + status.stderr
+        ranks = orjson.loads(status.stdout)["ranks"]
+        assert {rank: (s["units_done"], s["units_total"], s["documents_done"]) for rank, s in ranks.items()} == {
+            "00000": (3, 3, 7),
+            "00001": (3, 3, 7),
+        }
+    report = subprocess.run([*infermill, "report", ckpt], capture_output=True, text=True)
+    assert report.returncode == 0 and (tmp_path / "ckpt" / "report.html").exists(), report.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == ["out"]  # nothing beside the output
 
 
 @pytest.mark.parametrize("writer", ["datatrove", "infermill"])
@@ -158,7 +186,8 @@ def test_a_datatrove_pipeline_killed_mid_run_and_run_again_writes_every_document
     assert len(list(out.glob("*.jsonl.gz"))) < 6
     assert run_pipeline(tmp_path, *options).wait(timeout=120) == 0
     check_output(out, writer, media=True)
-    resumed = [orjson.loads(path.read_bytes()) for path in (out / "_infermill").glob("stats_rank_*.json")]
+    job = out / "_infermill" if writer == "infermill" else tmp_path / "ckpt"
+    resumed = [orjson.loads(path.read_bytes()) for path in job.glob("stats_rank_*.json")]
     assert sum(stats["documents_resumed"] for stats in resumed) >= 4  # the first chunk of each rank, and more
     assert any(stats["documents_resumed"] % 3 for stats in resumed)  # documents of an unwritten chunk too
 
@@ -185,7 +214,7 @@ def test_a_bad_request_skipped_before_a_kill_is_not_sent_again(tmp_path):
     part.write_text("\n".join(lines) + "\n")
     out, stats_file = tmp_path / "out", tmp_path / "server_stats.json"
     options = ["--faulty-stats", str(stats_file)]
-    failures = out / "_infermill" / "failures"  # one file per worker
+    failures = tmp_path / "ckpt" / "failures"  # one file per worker
     proc = run_pipeline(tmp_path, *options, "--delay", "0.3", start_new_session=True)
     try:
         wait_until(
@@ -193,7 +222,7 @@ def test_a_bad_request_skipped_before_a_kill_is_not_sent_again(tmp_path):
             60,
             "the rejected document's record",
         )
-        wait_until(lambda: skip_checkpointed(out / "_infermill"), 60, "the skip in the checkpoint")
+        wait_until(lambda: skip_checkpointed(tmp_path / "ckpt"), 60, "the skip in the checkpoint")
         wait_until(
             lambda: stats_file.exists() and server_stats(stats_file)["by_word"].get("fail400:99:rejected"),
             60,
@@ -350,10 +379,11 @@ def test_datatrove_writers_with_their_formats_adapters_compression_and_folders(t
 
     records = read(out)
     assert sorted(r["id"] for r in records) == [f"d{i}" for i in range(5)]
-    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    files = sorted(p.name for p in out.iterdir())  # nothing but the output: the job's files are beside it
     # one file per chunk, compressed as configured (ParquetWriter numbers its files: max_file_size)
     name = "000_00000_{}.parquet" if kind == "parquet" else "00000_{}.jsonl.gz"
     assert files == [name.format(c) for c in range(3)]
+    assert (tmp_path / "out.infermill" / "queue" / "plan.json").is_file()
     for r in records:
         i = int(r["id"][1:])
         if kind == "adapter":
@@ -362,3 +392,174 @@ def test_datatrove_writers_with_their_formats_adapters_compression_and_folders(t
             assert r["n"] == i and f"hello {i}" in r["rollout_results"][0]["text"] and "metadata" not in r
         else:
             assert r["metadata"]["n"] == i and f"hello {i}" in r["metadata"]["rollout_results"][0]["text"]
+
+
+def datatrove_read(reader) -> tuple[list, list[str]]:
+    """The documents datatrove's ``reader`` reads (one task), and what datatrove's logger said
+    meanwhile at WARNING and above."""
+    from loguru import logger
+
+    said: list[str] = []
+    sink = logger.add(lambda message: said.append(str(message)), level="WARNING")
+    try:
+        return list(reader.run(None, rank=0, world_size=1)), said
+    finally:
+        logger.remove(sink)
+
+
+def test_datatroves_readers_over_the_output_read_exactly_the_results(tmp_path):
+    """The next step of a datatrove pipeline (its reader over the output folder) reads the results
+    and nothing else: the job's own files (checkpoints, stats, staging) are not in that folder."""
+    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+
+    write_input(tmp_path / "in", 7)
+    assert run_pipeline(tmp_path).wait(timeout=120) == 0
+    documents, said = datatrove_read(JsonlReader(str(tmp_path / "out")))
+    assert sorted(d.id for d in documents) == sorted(f"f{f}-{i}" for f in range(2) for i in range(7) if i != 5)
+    assert said == []
+
+    out = tmp_path / "parquet"
+    inputs = [DtDocument(text=f"hello {i}", id=f"d{i}", metadata={"n": i}) for i in range(5)]
+    writer = DtParquetWriter(str(out), output_filename="${rank}_${chunk_index}.parquet")
+    stats = InferenceRunner(echo_rollout, dummy_config(), writer, records_per_chunk=2).run(inputs)
+    assert stats["documents_written"] == 5
+    documents, said = datatrove_read(ParquetReader(str(out)))
+    assert sorted(d.id for d in documents) == [f"d{i}" for i in range(5)] and said == []
+    assert all(d.metadata["rollout_results"][0]["text"] for d in documents)
+    # run again: the checkpoint beside the output says it is complete, nothing is written again
+    files = sorted(p.name for p in out.iterdir())
+    writer = DtParquetWriter(str(out), output_filename="${rank}_${chunk_index}.parquet")
+    stats = InferenceRunner(echo_rollout, dummy_config(), writer, records_per_chunk=2).run(inputs)
+    assert stats["already_complete"] is True
+    assert sorted(p.name for p in out.iterdir()) == files
+    documents, said = datatrove_read(ParquetReader(str(out)))
+    assert len(documents) == 5 and said == []
+    # infermill status finds the job's folder beside the output
+    status = subprocess.run([sys.executable, "-m", "infermill", "status", str(out), "--json"], capture_output=True)
+    assert status.returncode == 0, status.stderr
+    assert orjson.loads(status.stdout)["units_done"] == 3, status.stdout
+
+
+def test_under_datatrove_infermills_log_lines_are_in_its_task_logs_in_its_format(tmp_path):
+    """Rank 0's server start and progress lines in its task log; rank 1 (no input file: no documents)
+    says so as a WARNING, in datatrove's format; stderr has what datatrove's logger shows there, once,
+    and nothing of infermill's unformatted."""
+    write_input(tmp_path / "in", 7, files=1)
+    proc = run_pipeline(tmp_path, "--metric-interval", "0.1", "--delay", "0.1", stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-4000:]
+    logs = tmp_path / "logs" / "logs"
+    task0, task1 = ((logs / f"task_{rank:05d}.log").read_text() for rank in range(2))
+
+    def logged(level: str, where: str, message: str) -> str:  # a line in datatrove's format
+        return rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{{3}} \| {level:<8} \| {where}:\d+ - {message}"
+
+    assert re.search(logged("INFO", r"infermill\.server:\w+", "server rank 0 ready at"), task0), task0
+    assert re.search(logged("INFO", r"infermill\.progress:show_progress", "progress: "), task0), task0
+    assert re.search(logged("INFO", r"infermill\.\w+:\w+", "rank 0 done"), task0), task0
+    warning = "rank 1 had no documents to process"
+    assert re.search(logged("WARNING", r"infermill\.\w+:\w+", warning), task1), task1
+    # on stderr, datatrove shows INFO of the task that got local rank 0 (either), ERROR of the other: so
+    # rank 0's server start or rank 1's warning, once, in datatrove's format (not also unformatted)
+    (said,) = [line for line in stderr.splitlines() if "ready at" in line or warning in line]
+    ready = logged("INFO", r"infermill\.server:\w+", "server rank 0 ready at .*")
+    assert re.fullmatch(ready, said) or re.fullmatch(logged("WARNING", r"infermill\.\w+:\w+", warning + ".*"), said)
+
+
+def test_the_step_gives_infermills_records_to_loguru_only_while_it_runs_and_puts_the_logger_back(tmp_path):
+    """In the step, an infermill record reaches loguru (not the root logger's handlers); after it,
+    also after an error, the ``infermill`` logger is as it was, and another logger's record never
+    went to loguru."""
+    import logging
+
+    from loguru import logger
+
+    from infermill.datatrove_compat import datatrove_logging
+
+    said: list[str] = []
+    sink = logger.add(lambda message: said.append(message.record["message"]), level="DEBUG")
+    infermill_logger = logging.getLogger("infermill")
+    before = (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate)
+    try:
+        with pytest.raises(RuntimeError), datatrove_logging():
+            logging.getLogger("infermill.engine").info("inside %d", 1)
+            logging.getLogger("other").warning("not infermill's")
+            raise RuntimeError("the step failed")
+        logging.getLogger("infermill.engine").warning("after")
+    finally:
+        logger.remove(sink)
+    assert said == ["inside 1"]
+    assert (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate) == before
+
+
+def test_a_job_folder_on_another_file_system_than_the_output_stages_chunks_beside_the_output(tmp_path):
+    """checkpoints_local_dir on another file system (tmpfs): a chunk's file cannot be renamed from
+    there into the output, so it is copied beside the output first, then renamed: it still appears
+    whole, and the output folder holds only the output."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    import shutil
+    import tempfile
+
+    checkpoints = tempfile.mkdtemp(dir=shm, prefix="infermill-test-")
+    try:
+        out = tmp_path / "out"
+        writer = DtJsonlWriter(str(out), output_filename="${rank}_${chunk_index}.jsonl")
+        runner = InferenceRunner(
+            echo_rollout, dummy_config(), writer, checkpoints_local_dir=checkpoints, records_per_chunk=2
+        )
+        assert runner.run([DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(5)])["documents_written"] == 5
+        assert sorted(p.name for p in out.iterdir()) == [f"00000_{c}.jsonl.gz" for c in range(3)]
+        assert sorted(r["id"] for r in read_output(out)) == [f"d{i}" for i in range(5)]
+        assert list((tmp_path / ".out.infermill-staging").iterdir()) == []  # each copy renamed into place
+        assert list((Path(checkpoints) / "staging").iterdir()) == []
+        assert (Path(checkpoints) / "queue" / "plan.json").is_file()
+    finally:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def test_a_remote_output_gets_only_its_chunk_files_uploaded_whole(tmp_path):
+    """A datatrove writer on an fsspec file system that is not local (memory://, as s3 or hf://):
+    each chunk's files are written in the local checkpoint folder, then uploaded; nothing else."""
+    import fsspec
+    from datatrove.io import get_datafolder
+
+    url = f"memory://infermill-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        writer = DtJsonlWriter(url, output_filename="${rank}_${chunk_index}.jsonl", compression=None)
+        with pytest.raises(ConfigError, match="checkpoints_local_dir"):
+            InferenceRunner(echo_rollout, dummy_config(), writer)
+        runner = InferenceRunner(
+            echo_rollout, dummy_config(), writer, checkpoints_local_dir=str(tmp_path / "ckpt"), records_per_chunk=2
+        )
+        assert runner.run([DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(5)])["documents_written"] == 5
+        folder = get_datafolder(url)
+        assert sorted(folder.find("")) == [f"00000_{c}.jsonl" for c in range(3)]
+        ids = [
+            orjson.loads(line)["id"] for c in range(3) for line in folder.open(f"00000_{c}.jsonl").read().splitlines()
+        ]
+        assert sorted(ids) == [f"d{i}" for i in range(5)]
+        assert (tmp_path / "ckpt" / "queue" / "plan.json").is_file()
+    finally:
+        fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
+
+
+def test_a_checkpoint_an_earlier_infermill_kept_in_a_datatrove_output_is_refused_saying_where_it_goes(tmp_path):
+    """An earlier infermill kept a datatrove writer's job in OUTPUT/_infermill: the runner refuses
+    to start (before any server), naming the folder it uses now and how to move the files there;
+    moved, the job resumes as complete."""
+    import shutil
+
+    out = tmp_path / "out"
+    documents = [DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(3)]
+    make_writer = lambda: DtJsonlWriter(str(out), output_filename="${rank}_${chunk_index}.jsonl")  # noqa: E731
+    assert InferenceRunner(echo_rollout, dummy_config(), make_writer()).run(documents)["documents_written"] == 3
+    shutil.move(tmp_path / "out.infermill", out / "_infermill")  # where an earlier infermill kept it
+    with pytest.raises(ConfigError, match=r"_infermill holds infermill's files .*/out\.infermill"):
+        InferenceRunner(echo_rollout, dummy_config(), make_writer())
+    (tmp_path / "out.infermill").mkdir()
+    for path in (out / "_infermill").iterdir():
+        shutil.move(path, tmp_path / "out.infermill")
+    (out / "_infermill").rmdir()
+    assert InferenceRunner(echo_rollout, dummy_config(), make_writer()).run(documents)["already_complete"] is True

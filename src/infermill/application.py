@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from infermill.errors import BudgetExceededError, ConfigError, InfermillError, StorageError
 from infermill.exitcodes import ExitCode
-from infermill.layout import INFERMILL_DIR, TRIAL_DIR, JobLayout, is_remote
+from infermill.layout import INFERMILL_DIR, TRIAL_DIR, JobLayout, beside_output, is_remote
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -508,7 +508,9 @@ async def interruptible(coro: Awaitable[T], announce: bool = True) -> T:
 
 def target_layout(target: str, checkpoints: str | None, overrides: tuple[str, ...]) -> tuple[JobLayout, str]:
     """The layout and the output of the job ``target`` names: its output folder, or its job file
-    (its ``output.path`` and ``checkpoint.dir``, with ``--set`` overrides); ``ConfigError`` if none."""
+    (its ``output.path`` and ``checkpoint.dir``, with ``--set`` overrides); ``ConfigError`` if none.
+    A datatrove writer's job keeps its folder outside the output: ``target`` (or ``checkpoints``)
+    may be that folder itself, and an output's ``OUTPUT.infermill`` beside it is found."""
     output, options = target, None
     if os.path.isfile(target):
         config = Job.load(target, overrides).config
@@ -518,7 +520,12 @@ def target_layout(target: str, checkpoints: str | None, overrides: tuple[str, ..
         raise ConfigError(
             f"--set overrides a job file's keys, but {target} is not a file: name the job file, or drop --set"
         )
-    return JobLayout.for_output(output, checkpoints, options), output
+    layout = JobLayout.for_output(output, checkpoints, options)
+    if layout.store is None and not layout.holds_job():  # a datatrove writer's job: its folder outside the output
+        for folder in (checkpoints,) if checkpoints is not None else (output, beside_output(output)):
+            if folder is not None and not is_remote(str(folder)) and JobLayout.at(folder).holds_job():
+                return JobLayout.at(folder), output
+    return layout, output
 
 
 def has_queue(layout: JobLayout) -> bool:

@@ -11,14 +11,18 @@ chunk_index)``. :class:`DatatroveWriter` does that through a datatrove writer
 compression, adapter, ``expand_metadata``, ``max_file_size``): each record becomes a datatrove
 ``Document`` again and goes through ``writer.write(document, rank=..., chunk_index=...)``.
 
-A chunk's files are first written by a copy of the writer into a temporary folder under the
-output folder (``_infermill_tmp/<rank>_<chunk>_<random>/``), closed, then each moved to its
-final name: on a local or network file system a chunk's file appears only whole (a rename);
-on an object store ``mv`` is a copy then a delete, so a file appears whole too, but a chunk
-split into several files (``max_file_size``, metadata tags in the name) may appear one file
-at a time. A run killed while writing leaves only temporary files, which the next run deletes.
-A file name without ``${chunk_index}`` (datatrove's ``${rank}.jsonl``) makes a rank's whole
-output one chunk: the runner allows it without ``checkpoints_local_dir``, as datatrove does.
+Nothing of infermill's is written in the writer's output folder, which the next step reads whole:
+the job's folder is ``checkpoints_local_dir`` when given, else ``OUTPUT.infermill`` beside a local
+output (:meth:`~infermill.layout.JobLayout.outside_output`). A chunk's files are first written by a
+copy of the writer into a temporary folder in the job's, ``staging/<rank>_<chunk>_<random>/``,
+closed, then each moved to its final name: a rename on a local or network file system, so that a
+chunk's file appears only whole. Where the job's folder is on another file system (or mount) than
+the output, each file is first copied into ``.OUTPUT.infermill-staging/`` beside the output, then
+renamed from there. To an object store, each file is uploaded whole (a file appears whole, a chunk
+split into several files by ``max_file_size`` or metadata tags in the name file by file). A run
+killed while writing leaves only temporary files, which the next run deletes. A file name without
+``${chunk_index}`` (datatrove's ``${rank}.jsonl``) makes a rank's whole output one chunk: the
+runner allows it without ``checkpoints_local_dir``, as datatrove does.
 
 A record's media bytes are base64 text in the journal (as infermill's writers write them);
 :func:`to_datatrove_document` gives the datatrove writer bytes again.
@@ -34,14 +38,23 @@ imports it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import errno
+import logging
+import os
 import re
+import shutil
+import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
+from infermill.errors import ConfigError
 from infermill.io.writers import OutputWriter, Record, as_dict
+from infermill.layout import INFERMILL_DIR, JobLayout
 
 
 class PipelineStep(Protocol):
@@ -49,11 +62,15 @@ class PipelineStep(Protocol):
     the engine, which calls it)."""
 
     stats: Any
+    config: Any
 
-    def run(self, documents: Any, rank: int = 0, world_size: int = 1) -> dict[str, Any]: ...
+    def run(
+        self, documents: Any, rank: int = 0, world_size: int = 1, *, live: bool | None = None
+    ) -> dict[str, Any]: ...
 
 
-TEMP_FOLDER = "_infermill_tmp"
+#: the job folder's folder of chunk files being written
+STAGING_DIR = "staging"
 #: records_per_chunk when a rank's output is one chunk (a datatrove writer's file name without ${chunk_index})
 WHOLE_RANK = 1 << 62
 #: the metadata key datatrove's runner sets (True) on a document with no results, which it does not write
@@ -61,16 +78,27 @@ NO_ROLLOUTS_MARK = "__no_rollouts_remove"
 _TAG = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*")
 
 
-def adapt_writer(writer: Any, checkpoints_local_dir: str | None, records_per_chunk: int) -> tuple[OutputWriter, int]:
-    """The runner's writer and records per chunk for ``writer``, a datatrove ``DiskWriter``
-    (``TypeError`` for anything else): a file name without ``${chunk_index}`` makes the rank's
-    whole output one chunk, as datatrove writes it without ``checkpoints_local_dir``."""
+def adapt_writer(
+    writer: Any, checkpoints_local_dir: str | None, records_per_chunk: int
+) -> tuple[OutputWriter, int, JobLayout]:
+    """The runner's writer, records per chunk and job layout for ``writer``, a datatrove
+    ``DiskWriter`` (``TypeError`` for anything else): a file name without ``${chunk_index}`` makes
+    the rank's whole output one chunk, as datatrove writes it without ``checkpoints_local_dir``; the
+    job's files are outside the output folder (:meth:`JobLayout.outside_output`)."""
     if not is_datatrove_writer(writer):
         raise TypeError(
             "output_writer must be an infermill writer (infermill.io.writers) or a datatrove DiskWriter, "
             f"got {type(writer).__name__}"
         )
-    adapted = DatatroveWriter(writer)
+    adapted = DatatroveWriter(writer, checkpoints_local_dir)
+    earlier = os.path.join(adapted.root, INFERMILL_DIR)
+    if adapted.is_local and os.path.isdir(earlier):
+        raise ConfigError(
+            f"{earlier} holds infermill's files as an earlier infermill kept them, in the output folder (which the "
+            f"next step's reader reads whole); this one keeps them in {adapted.layout.root}. To resume that job, "
+            f"move them there (mkdir -p {adapted.layout.root} && mv {earlier}/* {adapted.layout.root}/) and delete "
+            f"{earlier} and {os.path.join(adapted.root, '_infermill_tmp')}; to start over, delete both"
+        )
     if adapted.one_file_per_rank:
         if checkpoints_local_dir is not None:
             raise ValueError(
@@ -79,22 +107,81 @@ def adapt_writer(writer: Any, checkpoints_local_dir: str | None, records_per_chu
                 "its own file (e.g. output_filename='${rank}_${chunk_index}.jsonl')"
             )
         records_per_chunk = WHOLE_RANK  # one file per rank, still checkpointed: one unit, committed at the end
-    return adapted, records_per_chunk
+    return adapted, records_per_chunk, adapted.layout
 
 
 def run_step(runner: PipelineStep, data: Any, rank: int, world_size: int) -> None:
     """A datatrove pipeline step's call: run ``data`` (the upstream step's documents) as
-    ``runner.run`` does; yield nothing downstream, as datatrove's runner. The rank's stats are then
-    the runner's ``stats`` (a datatrove ``Stats``), which datatrove's executors save."""
+    ``runner.run`` does, its progress as log lines; yield nothing downstream, as datatrove's runner.
+    While it runs, infermill's log records go to datatrove's logger (:func:`datatrove_logging`). The
+    rank's stats are then the runner's ``stats`` (a datatrove ``Stats``), which datatrove's executors
+    save."""
     if data is None:
         raise ValueError(
             "InferenceRunner as a pipeline step needs documents from the step before it (e.g. a reader): it got none"
         )
-    stats = runner.run(data, rank, world_size)
+    started = time.perf_counter()
+    with datatrove_logging():
+        stats = runner.run(data, rank, world_size, live=False)
     try:
-        runner.stats = step_stats(str(runner), stats)
+        runner.stats = step_stats(
+            str(runner), stats, time.perf_counter() - started, runner.config.rollouts_per_document
+        )
     except ImportError:  # called as a step, but not by datatrove: no datatrove stats to keep
         pass
+
+
+@contextlib.contextmanager
+def datatrove_logging() -> Iterator[None]:
+    """While in it, the records of infermill's loggers go to datatrove's logger (loguru) at their
+    level, and so to its task log and its stderr in its format, and not on to the root logger
+    (which would print WARNINGs a second time, unformatted); INFO and above, unless the
+    ``infermill`` logger has a level of its own. Nothing is changed where loguru is not installed
+    (the step not run by datatrove). Only the ``infermill`` logger is touched, and put back as it
+    was on the way out."""
+    try:
+        from loguru import logger as loguru_logger
+    except ImportError:
+        yield
+        return
+    infermill_logger = logging.getLogger("infermill")
+    level, propagate = infermill_logger.level, infermill_logger.propagate
+    handler = _LoguruHandler(loguru_logger)
+    infermill_logger.addHandler(handler)
+    infermill_logger.propagate = False
+    if level == logging.NOTSET:
+        infermill_logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        infermill_logger.removeHandler(handler)
+        infermill_logger.propagate = propagate
+        infermill_logger.setLevel(level)
+
+
+class _LoguruHandler(logging.Handler):
+    """A ``logging`` handler that logs each record with loguru, as the code that made it (its
+    logger's name, function and line, which datatrove's format shows)."""
+
+    def __init__(self, loguru_logger: Any):
+        super().__init__()
+        self.loguru_logger = loguru_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = self.loguru_logger.level(record.levelname).name
+        except ValueError:  # a level loguru does not name: its number
+            level = record.levelno
+
+        def as_logged(entry: dict[str, Any]) -> None:
+            entry.update(name=record.name, function=record.funcName, line=record.lineno, module=record.module)
+
+        try:
+            message = record.getMessage()
+        except Exception:  # (logging's own way with a record it cannot format)
+            self.handleError(record)
+            return
+        self.loguru_logger.patch(as_logged).opt(exception=record.exc_info or None).log(level, message)
 
 
 def is_datatrove_writer(writer: Any) -> bool:
@@ -104,9 +191,11 @@ def is_datatrove_writer(writer: Any) -> bool:
 
 
 class DatatroveWriter(OutputWriter):
-    """infermill's writer interface over a datatrove ``DiskWriter`` (kept as ``writer``)."""
+    """infermill's writer interface over a datatrove ``DiskWriter`` (kept as ``writer``); the job's
+    files in ``checkpoints_local_dir``, or beside the output (``layout``)."""
 
-    def __init__(self, writer: Any):  # not OutputWriter.__init__: the datatrove writer has its own settings
+    # not OutputWriter.__init__: the datatrove writer has its own settings
+    def __init__(self, writer: Any, checkpoints_local_dir: str | None = None):
         template = writer.output_filename.template
         #: no ``${chunk_index}`` in the file name: a rank writes one file, its whole output as one chunk
         self.one_file_per_rank = "${chunk_index}" not in template
@@ -123,6 +212,8 @@ class DatatroveWriter(OutputWriter):
         self.output_folder = self.fs.unstrip_protocol(self.root) if not self.is_local else self.root
         self.output_filename = template
         self.compression = None
+        self.layout = JobLayout.outside_output(self.output_folder, checkpoints_local_dir)
+        self.staging = self.layout.root / STAGING_DIR  # chunk files being written
 
     def filename(self, rank: int, chunk_index: int) -> str:
         """The chunk's file name pattern (relative to the output folder); tags known only per document
@@ -137,14 +228,11 @@ class DatatroveWriter(OutputWriter):
     def write_chunk(self, records: Iterable[Record], rank: int, chunk_index: int) -> int:
         from datatrove.io import get_datafolder
 
-        folder = self.writer.output_folder
-        temp_dir = f"{TEMP_FOLDER}/{rank:05d}_{chunk_index:05d}_{uuid.uuid4().hex[:8]}"
-        temp_folder = get_datafolder(
-            folder.unstrip_protocol(temp_dir) if not self.is_local else f"{self.root}/{temp_dir}"
-        )
+        staging = self.staging / f"{rank:05d}_{chunk_index:05d}_{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
         writer = _fresh_copy(self.writer)  # the same settings, its own files
-        writer.output_folder = temp_folder
-        writer.output_mg = temp_folder.get_output_file_manager(
+        writer.output_folder = get_datafolder(str(staging))
+        writer.output_mg = writer.output_folder.get_output_file_manager(
             mode=self.writer.output_mg.mode, compression=self.writer.output_mg.compression
         )
         count = 0
@@ -154,13 +242,40 @@ class DatatroveWriter(OutputWriter):
                     writer.write(to_datatrove_document(as_dict(record)), rank=rank, chunk_index=chunk_index)
                     count += 1
             if count:
-                for path in temp_folder.find("", withdirs=False):
-                    folder.makedirs(_parent(path), exist_ok=True)
-                    folder.mv(f"{temp_dir}/{path}", path)
+                for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                    self._place(path, path.relative_to(staging).as_posix())
         finally:
-            if folder.exists(temp_dir):
-                folder.rm(temp_dir, recursive=True)
+            shutil.rmtree(staging, ignore_errors=True)
         return count
+
+    def _place(self, staged: Path, name: str) -> None:
+        """Make ``staged`` the output's file ``name``, appearing whole: renamed (through a copy
+        beside the output when the job's folder is on another file system), or uploaded."""
+        folder = self.writer.output_folder
+        folder.makedirs(_parent(name), exist_ok=True)
+        if not self.is_local:
+            folder.put_file(str(staged), name)
+            return
+        final = os.path.join(self.root, name)
+        try:
+            os.replace(staged, final)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            beside = self._cross_device_staging()
+            beside.mkdir(exist_ok=True)
+            copy_path = beside / f"{staged.parent.name}_{staged.name}"
+            try:
+                shutil.copyfile(staged, copy_path)
+                os.replace(copy_path, final)
+            finally:
+                copy_path.unlink(missing_ok=True)
+
+    def _cross_device_staging(self) -> Path:
+        """``.OUTPUT.infermill-staging`` beside a local output: where a chunk's file staged on
+        another file system is copied to before its rename."""
+        output = Path(self.root)
+        return output.with_name(f".{output.name}.infermill-staging")
 
     def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
         folder = self.writer.output_folder
@@ -171,28 +286,75 @@ class DatatroveWriter(OutputWriter):
                 folder.rm(path)
 
     def remove_temp_files(self, rank: int, chunk_index: int | None = None) -> None:
-        folder = self.writer.output_folder
         chunk = "*" if chunk_index is None else f"{chunk_index:05d}"
-        for path in folder.glob(f"{TEMP_FOLDER}/{rank:05d}_{chunk}_????????"):
-            folder.rm(path, recursive=True)
+        for path in self.staging.glob(f"{rank:05d}_{chunk}_????????"):
+            shutil.rmtree(path, ignore_errors=True)
+        if self.is_local:
+            for path in self._cross_device_staging().glob(f"{rank:05d}_{chunk}_????????_*"):
+                path.unlink(missing_ok=True)
 
 
-def step_stats(name: str, stats: dict[str, Any]) -> Any:
+#: infermill's counts that datatrove's runner keeps under a name of its own (``stats.json``'s name:
+#: datatrove's); the others go into the step's stats under infermill's name
+DATATROVE_NAMES = {
+    "requests_ok": "successful_requests",
+    "requests_failed": "failed_requests",
+    "documents_failed": "failed_documents",
+    "documents_skipped": "skipped_bad_requests",
+    "rollouts_ok": "successful_rollouts",
+    "prompt_tokens": "prompt_tokens",
+    "completion_tokens": "completion_tokens",
+}
+#: infermill's counts left out of the step's stats: datatrove's ``documents_processed`` (written or
+#: empty) is not infermill's (which counts skipped and failed documents too), whose parts are there
+LEFT_OUT = ("documents_processed",)
+
+
+def step_stats(name: str, stats: dict[str, Any], seconds: float = 0.0, rollouts_per_document: int = 1) -> Any:
     """A rank's ``stats`` (as :meth:`InferenceRunner.run` returns them) as a datatrove ``Stats``
-    named ``name``: each count that is not 0 as a per-task total (datatrove's merge sums them and
-    shows the mean per task); the inference time as the step's runtime (per task) and as datatrove's
-    runner keeps it (``inference_time``, seconds)."""
-    from datatrove.utils.stats import Stats, TimingStats
+    named ``name``, as datatrove's runner keeps its own: its counters under its names and units
+    (:data:`DATATROVE_NAMES`; ``documents_processed``, ``failed_rollouts`` and ``requests`` made of
+    infermill's), ``inference_time`` (seconds), and ``seconds`` (the step's time) as the step's
+    runtime; infermill's other counts that are not 0 beside them, each a per-task total. A token
+    count's mean is per successful request, as datatrove's; its min, max and deviation are not kept."""
+    from datatrove.utils.stats import MetricStats, Stats, TimingStats
+
+    def count(key: str) -> int:
+        return int(stats.get(key) or 0)
 
     result = Stats(name)
+    requests_ok, written_or_empty = count("requests_ok"), count("documents_written") + count("documents_empty")
+    handled = written_or_empty + count("documents_skipped")  # documents whose rollouts datatrove counts
+    for key, (total, n, unit) in {  # datatrove's: the total, how many updates made it, their unit
+        "documents_processed": (written_or_empty, written_or_empty, "document"),
+        "failed_documents": (count("documents_failed"), count("documents_failed"), "document"),
+        "skipped_bad_requests": (count("documents_skipped"), count("documents_skipped"), "document"),
+        "successful_rollouts": (count("rollouts_ok"), written_or_empty, "document"),
+        "failed_rollouts": (
+            count("rollouts_none") + count("documents_skipped") * rollouts_per_document,
+            handled,
+            "document",
+        ),
+        "requests": (
+            requests_ok + count("requests_failed") + count("requests_cached"),
+            count("rollouts_ok") + count("rollouts_none"),
+            "rollout",
+        ),
+        "successful_requests": (requests_ok, requests_ok, "request"),
+        "failed_requests": (count("requests_failed"), count("requests_failed"), "request"),
+        "prompt_tokens": (count("prompt_tokens"), requests_ok, "request"),
+        "completion_tokens": (count("completion_tokens"), requests_ok, "request"),
+    }.items():
+        if n:  # (as datatrove: a counter nothing updated is not there)
+            result[key] = MetricStats(total=total, n=n, mean=total / n, min=total / n, max=total / n, unit=unit)
     for key, value in stats.items():
-        if type(value) is int and value:  # counts; not rates, times or per-replica lists
-            result[key].update(value, unit="task")
-    seconds = float(stats.get("inference_time_sec", 0.0))
-    result.time_stats = TimingStats(unit="task")
+        if type(value) is int and value and key not in DATATROVE_NAMES and key not in LEFT_OUT:
+            result[key].update(value, unit="task")  # counts; not rates, times or per-replica lists
+    result.time_stats = TimingStats(unit="total")
     result.time_stats.update(seconds)
+    inference = float(stats.get("inference_time_sec", 0.0))
     result.stats["inference_time"] = TimingStats(unit="seconds")
-    result.stats["inference_time"].update(seconds)
+    result.stats["inference_time"].update(inference)
     return result
 
 

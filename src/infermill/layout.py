@@ -19,6 +19,10 @@ refused (:meth:`JobLayout.legacy_ranks`), never read.
 Checkpoints may live elsewhere (``checkpoint.dir``): they must be local, so a remote
 output needs one, and then the job's other files go into that folder too.
 
+A datatrove writer's output folder holds nothing but the output (the next pipeline step reads it
+whole): the job's folder (what is under ``OUTPUT/_infermill/`` above) is ``checkpoints_local_dir``
+when given, else ``OUTPUT.infermill/`` beside a local output (:meth:`JobLayout.outside_output`).
+
 An output on S3 (``s3://bucket/prefix``) needs none: the job's state lives in the store, under
 ``prefix/_infermill/`` (``store`` and ``store_root``). Its queue is there (the queue's paths
 are the store's keys); each worker keeps its own records (stats, failures, time series) in a
@@ -39,6 +43,8 @@ from typing import Any
 from infermill.errors import ConfigError
 
 INFERMILL_DIR = "_infermill"
+#: the job folder of a datatrove writer's local output without checkpoints_local_dir: OUTPUT.infermill, beside it
+BESIDE_SUFFIX = ".infermill"
 #: where ``infermill run --limit N`` writes, in the job's folder (or its checkpoint.dir)
 TRIAL_DIR = "trial"
 #: the queue's plan, in its folder: a job of the work queue is one with a plan
@@ -119,6 +125,31 @@ class JobLayout:
             checkpoints = Path(local_path(output_folder)) / INFERMILL_DIR / "checkpoints"
         root = checkpoints if is_remote(output_folder) else Path(local_path(output_folder)) / INFERMILL_DIR
         return cls(root, checkpoints, output_options=dict(storage_options or {}))
+
+    @classmethod
+    def outside_output(cls, output_folder: str, checkpoints_dir: str | None = None) -> JobLayout:
+        """The layout of a job whose files must not be in its output folder (a datatrove writer's,
+        which the next step reads whole): in ``checkpoints_dir`` (a local folder) if given, else in
+        :func:`beside_output` of a local ``output_folder``; a remote one needs ``checkpoints_dir``."""
+        if checkpoints_dir is None and is_remote(output_folder):
+            raise ConfigError(
+                f"the output {output_folder} is remote: the job's checkpoints need a local folder, so that a killed "
+                "job can resume: set checkpoints_local_dir"
+            )
+        if checkpoints_dir is not None and is_remote(checkpoints_dir):
+            raise ConfigError(f"checkpoints_local_dir must be a local folder, got {checkpoints_dir}")
+        root = Path(local_path(checkpoints_dir)) if checkpoints_dir is not None else beside_output(output_folder)
+        return cls.at(root)
+
+    @classmethod
+    def at(cls, folder: str | os.PathLike[str]) -> JobLayout:
+        """The layout of the job whose own folder (``OUTPUT/_infermill``'s contents) is ``folder``."""
+        root = Path(local_path(os.fspath(folder)))
+        return cls(root, root)
+
+    def holds_job(self) -> bool:
+        """Whether the job's folder holds a queue (a job's, or a stream's with one rank) or a stream's ranks."""
+        return self.plan_file.is_file() or bool(self.rank_queues())
 
     @property
     def logs(self) -> Path:
@@ -231,6 +262,13 @@ class JobLayout:
                     f"cannot write to {folder}: {e.strerror or e}; choose another output path (or checkpoint.dir), "
                     "or make that folder writable"
                 ) from None
+
+
+def beside_output(output_folder: str) -> Path:
+    """``OUTPUT.infermill``: the job folder beside a local output folder (the same parent, and so
+    almost always the same file system: a chunk's file staged there is renamed into place)."""
+    output = Path(local_path(output_folder))
+    return output.with_name(output.name + BESIDE_SUFFIX)
 
 
 def series_files(folder: str | os.PathLike[str]) -> list[Path]:

@@ -38,7 +38,9 @@ class InferenceRunner:
         shared_context: a dict, a context manager, or a callable returning either, entered once per run;
             its dict is passed to every rollout as keyword arguments.
         checkpoints_local_dir: where the job's own files go when the output is remote (a local
-            folder; by default, and for a local output, ``_infermill`` of the output folder).
+            folder; by default, and for a local output, ``_infermill`` of the output folder). With a
+            datatrove writer, for any output: its folder holds only the output, the job's files are
+            here, by default in ``OUTPUT.infermill`` beside a local output.
         records_per_chunk: documents per output chunk, each a unit of the rank's work queue (a
             datatrove writer whose file name has no ``${chunk_index}``: the rank's whole output is
             one chunk, as one file).
@@ -96,16 +98,20 @@ class InferenceRunner:
         self.config = config
         # with a datatrove writer, a document with no results is also marked as datatrove marks it
         self.no_results_marks: dict[str, Any] = {}
-        if not isinstance(output_writer, OutputWriter):
+        self.layout: JobLayout
+        if not isinstance(output_writer, OutputWriter):  # a datatrove writer: the job's files outside its folder
             from infermill.datatrove_compat import NO_ROLLOUTS_MARK, adapt_writer
 
-            output_writer, records_per_chunk = adapt_writer(output_writer, checkpoints_local_dir, records_per_chunk)
+            output_writer, records_per_chunk, self.layout = adapt_writer(
+                output_writer, checkpoints_local_dir, records_per_chunk
+            )
             self.no_results_marks = {NO_ROLLOUTS_MARK: True}
+        else:
+            self.layout = JobLayout.for_output(
+                output_writer.output_folder, checkpoints_local_dir, output_writer.storage_options
+            )
         self.output_writer = output_writer
         self.shared_context = shared_context
-        self.layout = JobLayout.for_output(
-            output_writer.output_folder, checkpoints_local_dir, output_writer.storage_options
-        )
         self.records_per_chunk = records_per_chunk
         self.metadata_key = metadata_key
         self.skip_bad_requests = skip_bad_requests
@@ -132,14 +138,22 @@ class InferenceRunner:
     def __repr__(self) -> str:
         return f"{self.type}: {self.name}"
 
-    def run(self, documents: Iterable[Any] | AsyncIterable[Any], rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-        """Process ``documents`` to the end, showing progress; return the stats (also written as
-        ``stats.json``). ``run_async`` is the same without the progress display."""
+    def run(
+        self,
+        documents: Iterable[Any] | AsyncIterable[Any],
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        live: bool | None = None,
+    ) -> dict[str, Any]:
+        """Process ``documents`` to the end, showing progress (a live line on a terminal, unless
+        ``live`` is False: log lines); return the stats (also written as ``stats.json``).
+        ``run_async`` is the same without the progress display."""
         from infermill.eventloop import run_coroutine
         from infermill.progress import log_interval, show_progress
 
         async def run_with_progress() -> dict[str, Any]:
-            progress = asyncio.create_task(show_progress(self.progress, interval=log_interval(self.config)))
+            progress = asyncio.create_task(show_progress(self.progress, interval=log_interval(self.config), live=live))
             try:
                 return await self.run_async(documents, rank, world_size)
             finally:
