@@ -1,7 +1,7 @@
 """Job files: one YAML file describing input, output, rollout, server and runner.
 
     input:     {path, format, text_key, id_key, limit, storage_options}
-    output:    {path, format, compression, filename, parquet_metadata, storage_options}
+    output:    {path, format, compression, filename, parquet_metadata, storage_options, card, card_metadata}
     rollout:   {template | prompt_key | messages_key | messages, system_prompt}
                or {function, shared_context, shared_context_kwargs}
     inference: the fields of InferenceConfig
@@ -90,11 +90,28 @@ class OutputSection(_Section):
     filename: str | None = Field(None, description="Template with ${rank} and ${chunk_index}.")
     parquet_metadata: str | None = Field(None, description="struct (default), columns or json: see ParquetWriter.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description=STORAGE_OPTIONS_HELP)
+    card: bool | Literal["live"] = Field(
+        False,
+        description="Write a dataset card, OUTPUT/README.md, when the job is complete (true), and also rewrite it "
+        "with the progress while it runs (live); `infermill card` writes one any time.",
+    )
+    card_metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The card's Hub metadata: license, language, pretty_name, tags (an infermill tag is added), "
+        "task_categories...; configs and dataset_info are made from the output.",
+    )
 
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
         return one_of(value, tuple(WRITERS))
+
+    @field_validator("card_metadata")
+    @classmethod
+    def _card_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from infermill.card import check_card_metadata
+
+        return check_card_metadata(value)
 
     @field_validator("parquet_metadata")
     @classmethod
