@@ -111,12 +111,26 @@ class CardSettings:
     command: str | None = None  # the command that ran the job, as typed
 
 
-def run_command() -> str:
-    """This process's command line, as a user would type it again."""
-    argv = list(sys.argv)
+def run_command(argv: list[str] | None = None) -> str:
+    """This process's command line (or ``argv``), as a user would type it again, the values of
+    its ``--set`` overrides of secret fields (``inference.api_key``, ``...storage_options...``,
+    any key naming a credential) hidden: a card is made to be published."""
+    from infermill.config import is_credential_name
+    from infermill.jobfile import split_secret_overrides
+
+    argv = list(sys.argv if argv is None else argv)
     if argv and argv[0].endswith(("__main__.py", "/infermill")):
         argv[0] = "infermill"
-    return shlex.join(argv)
+    shown = []
+    for before, arg in zip(["", *argv], argv, strict=False):
+        flag, equals, assignment = arg.partition("=") if arg.startswith("--set=") else ("", "", arg)
+        if before == "--set" or equals:
+            key = assignment.partition("=")[0]
+            if split_secret_overrides([assignment])[1] or any(is_credential_name(part) for part in key.split(".")):
+                assignment = f"{key}=***"
+            arg = f"{flag}{equals}{assignment}"
+        shown.append(arg)
+    return shlex.join(shown)
 
 
 def keep_settings(layout: JobLayout, settings: CardSettings) -> None:
