@@ -61,45 +61,6 @@ SAMPLE_ROWS = 3
 SAMPLE_CHARS = 300
 PERCENTILES = (50, 90, 99)
 
-#: front-matter keys the card makes from the output: card_metadata may not set them
-GENERATED_KEYS = ("configs", "dataset_info")
-#: card_metadata keys the Hub reads, and the type each takes
-_STRING_KEYS = ("license", "pretty_name", "license_name", "license_link")
-_LIST_KEYS = (
-    "language",
-    "tags",
-    "task_categories",
-    "task_ids",
-    "size_categories",
-    "source_datasets",
-    "annotations_creators",
-    "language_creators",
-    "multilinguality",
-)
-
-
-def check_card_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    """``output.card_metadata``, checked (a ValueError names the key and what it takes): keys the
-    card makes itself refused, the Hub's string keys strings, its list keys a string or a list of
-    strings (made lists), every value plain YAML."""
-    checked: dict[str, Any] = {}
-    for key, value in metadata.items():
-        if key in GENERATED_KEYS:
-            raise ValueError(f"{key}: the card makes it from the output's files: remove it")
-        if key in _STRING_KEYS and not isinstance(value, str):
-            raise ValueError(f"{key}: a string, e.g. {key}: apache-2.0 (got {value!r})")
-        if key in _LIST_KEYS:
-            value = [value] if isinstance(value, str) else value
-            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                raise ValueError(f"{key}: a string or a list of strings (got {value!r})")
-        try:
-            yaml.safe_dump(value)
-        except yaml.YAMLError:
-            raise ValueError(f"{key}: not plain YAML (strings, numbers, lists, mappings)") from None
-        checked[key] = value
-    return checked
-
-
 # -- the card's settings ------------------------------------------------------------------------
 
 
@@ -457,7 +418,9 @@ def front_matter(facts: CardFacts) -> dict[str, Any]:
     front: dict[str, Any] = {**metadata, "tags": [*tags, *([TAG] if TAG not in tags else [])]}
     front.setdefault("size_categories", [_size_category(facts.files.total)])
     if facts.files.names:
-        front["configs"] = [{"config_name": "default", "data_files": [{"split": SPLIT, "path": facts.files.data_files}]}]
+        front["configs"] = [
+            {"config_name": "default", "data_files": [{"split": SPLIT, "path": facts.files.data_files}]}
+        ]
         info: dict[str, Any] = {}
         found = features(facts.schema) if facts.schema is not None else None
         if found is not None:
@@ -486,8 +449,7 @@ def render(facts: CardFacts) -> str:
     parts = [
         f"---\n{front}---\n",
         f"# {title}\n",
-        f"Generated with infermill by running `{model}` over "
-        f"`{_input_path(facts.identity)}`.\n",
+        f"Generated with infermill by running `{model}` over `{_input_path(facts.identity)}`.\n",
     ]
     if facts.live:
         parts.append(_progress_section(facts))
@@ -541,19 +503,23 @@ def _progress_section(facts: CardFacts) -> str:
     percent = f" ({100 * progress.documents_processed / total:.1f}%)" if total else ""
     eta = f"{status.eta_sec:,.0f} s" if status.eta_sec is not None else "-"
     rate = f"{status.documents_per_sec:,.1f}" if status.documents_per_sec is not None else "-"
-    return "## Progress\n\n" + _table(
-        [
-            ("state", progress.state),
-            ("documents processed", f"{done}{percent}"),
-            ("documents in the files below (committed units)", status.documents_written),
-            ("units", f"{status.units_done:,} of {status.units_total:,} done, {status.units_failed:,} failed"),
-            ("docs/s (last 10 min)", rate),
-            ("ETA", eta),
-            ("updated", _when(datetime.datetime.now(datetime.UTC).timestamp())),
-        ]
-    ) + (
-        "\nThis card is rewritten while the job runs (output.card: live); its data files are those of the units "
-        "committed so far.\n"
+    return (
+        "## Progress\n\n"
+        + _table(
+            [
+                ("state", progress.state),
+                ("documents processed", f"{done}{percent}"),
+                ("documents in the files below (committed units)", status.documents_written),
+                ("units", f"{status.units_done:,} of {status.units_total:,} done, {status.units_failed:,} failed"),
+                ("docs/s (last 10 min)", rate),
+                ("ETA", eta),
+                ("updated", _when(datetime.datetime.now(datetime.UTC).timestamp())),
+            ]
+        )
+        + (
+            "\nThis card is rewritten while the job runs (output.card: live); its data files are those of the units "
+            "committed so far.\n"
+        )
     )
 
 
@@ -691,7 +657,8 @@ def _samples_section(facts: CardFacts) -> str:
     if not rows:
         return ""
     shown = "\n".join(_json(_truncated(row)) for row in rows)
-    return f"## Sample rows\n\nThe first {len(rows)} records (strings cut at {SAMPLE_CHARS} characters):\n\n```json\n{shown}\n```\n"
+    heading = f"## Sample rows\n\nThe first {len(rows)} records (strings cut at {SAMPLE_CHARS} characters):"
+    return f"{heading}\n\n```json\n{shown}\n```\n"
 
 
 def _truncated(value: Any) -> Any:
@@ -784,4 +751,4 @@ async def keep_live(write: Callable[[], object], interval: float) -> None:
             failing = True
 
 
-__all__ = ["CardSettings", "check_card_metadata", "keep_live", "write_card"]
+__all__ = ["CardSettings", "keep_live", "write_card"]

@@ -81,6 +81,45 @@ class InputSection(_Section):
         return one_of(value, ("auto", *INPUT_FORMATS))
 
 
+#: front-matter keys the card makes from the output: card_metadata may not set them
+CARD_GENERATED_KEYS = ("configs", "dataset_info")
+#: card_metadata keys the Hub reads, and the type each takes
+_CARD_STRING_KEYS = ("license", "pretty_name", "license_name", "license_link")
+_CARD_LIST_KEYS = (
+    "language",
+    "tags",
+    "task_categories",
+    "task_ids",
+    "size_categories",
+    "source_datasets",
+    "annotations_creators",
+    "language_creators",
+    "multilinguality",
+)
+
+
+def check_card_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``output.card_metadata``, checked (a ValueError names the key and what it takes): keys the
+    card makes itself refused, the Hub's string keys strings, its list keys a string or a list of
+    strings (made lists), every value plain YAML."""
+    checked: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if key in CARD_GENERATED_KEYS:
+            raise ValueError(f"{key}: the card makes it from the output's files: remove it")
+        if key in _CARD_STRING_KEYS and not isinstance(value, str):
+            raise ValueError(f"{key}: a string, e.g. {key}: apache-2.0 (got {value!r})")
+        if key in _CARD_LIST_KEYS:
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise ValueError(f"{key}: a string or a list of strings (got {value!r})")
+        try:
+            yaml.safe_dump(value)
+        except yaml.YAMLError:
+            raise ValueError(f"{key}: not plain YAML (strings, numbers, lists, mappings)") from None
+        checked[key] = value
+    return checked
+
+
 class OutputSection(_Section):
     path: OneLine = Field(description="The output folder: a path or a URL (s3://bucket/prefix).")
     format: str = Field("jsonl", description="jsonl, parquet or openai_batch.")
@@ -109,8 +148,6 @@ class OutputSection(_Section):
     @field_validator("card_metadata")
     @classmethod
     def _card_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from infermill.card import check_card_metadata
-
         return check_card_metadata(value)
 
     @field_validator("parquet_metadata")
