@@ -65,7 +65,7 @@ def test_a_run_with_output_card_writes_a_card_the_hub_parses_and_datasets_loads_
         card=True,
         card_metadata={
             "license": "apache-2.0",
-            "pretty_name": "Echoed sample",
+            "pretty_name": "Echoed",
             "language": "en",
             "tags": ["synthetic"],
         },
