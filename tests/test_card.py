@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import DatasetCard
 
@@ -57,8 +58,10 @@ def data_files(card: DatasetCard) -> str | list[str]:
     return path
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-def test_a_run_with_output_card_writes_a_card_the_hub_parses_and_datasets_loads_as_the_jobs_records(tmp_path, fmt):
+@pytest.mark.parametrize(("fmt", "workers"), [("jsonl", 1), ("parquet", 2)])
+def test_a_run_with_output_card_writes_a_card_the_hub_parses_and_datasets_loads_as_the_jobs_records(
+    tmp_path, fmt, workers
+):
     spec = job_spec(tmp_path, default_generation_params={"temperature": 0.3, "max_tokens": 64})
     spec["output"].update(
         format=fmt,
@@ -72,7 +75,7 @@ def test_a_run_with_output_card_writes_a_card_the_hub_parses_and_datasets_loads_
     )
     spec["rollout"]["system_prompt"] = "Answer in one line."
     job = write_job(tmp_path, spec)
-    result = infermill(tmp_path, "run", str(job))
+    result = infermill(tmp_path, "run", str(job), "--workers", str(workers))  # (2: written by their parent)
     assert result.returncode == 0, output_of(result)
     out = tmp_path / "out"
 
@@ -99,8 +102,10 @@ def test_a_run_with_output_card_writes_a_card_the_hub_parses_and_datasets_loads_
     assert "| requests | 60 ok, 0 failed, 0 retried |" in body
     assert "| per reply | replies | mean | p50 | p90 | p99 | max |" in body
     assert "every record of the output" in body
-    assert "## Sample rows" in body and SAMPLE_IDS[0] in body
-    assert f"infermill run {job}" in body  # the command that made it
+    first = pq.read_table(out / "00000_00000.parquet") if fmt == "parquet" else None
+    first_id = first["id"][0].as_py() if first is not None else read_jsonl(out / "00000_00000.jsonl")[0]["id"]
+    assert "## Sample rows" in body and f'"id": "{first_id}"' in body  # the output's first records
+    assert f"infermill run {job} --workers {workers}" in body  # the command that made it
 
 
 def test_the_cards_data_files_are_exactly_the_results_with_other_files_beside_them(tmp_path):

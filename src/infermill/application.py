@@ -218,6 +218,7 @@ class Job:
 
                 server = await stack.enter_async_context(create_server(job.inference, index))
                 await server.wait_launched()
+            from infermill.card import stop_live
             from infermill.progress import log_interval, show_progress
 
             reader, runner = self._build(options)
@@ -234,9 +235,10 @@ class Job:
             try:
                 stats = await runner.run_queue_async(reader, server, self._queue_options(options, worker_id, index))
             finally:
-                for task in (progress, card):
-                    if task is not None:
-                        task.cancel()
+                if progress is not None:
+                    progress.cancel()
+                if card is not None:
+                    await stop_live(card)
             if not options.as_worker:
                 await asyncio.to_thread(self.end_card, layout)
             return stats
@@ -280,13 +282,17 @@ class Job:
         """For ``output.card: live``, a task that rewrites the card at the progress interval (of
         this command's process only, never of its workers); else None."""
         from infermill.card import keep_live
+        from infermill.mirror import has_plan
         from infermill.progress import log_interval
 
         if self.config.output.card != "live":
             return None
-        return asyncio.create_task(
-            keep_live(functools.partial(self.write_card, layout, True), log_interval(self.config.inference))
-        )
+
+        def write() -> None:
+            if has_plan(layout):  # (until the job is planned, there is nothing to say)
+                self.write_card(layout, live=True)
+
+        return asyncio.create_task(keep_live(write, log_interval(self.config.inference)))
 
     def card_settings(self) -> CardSettings:
         """The card's settings from the job file, with this process's command."""
@@ -525,6 +531,7 @@ async def _with_progress(
 ) -> T:
     """``work``, while the job's progress is logged every ``interval`` seconds, as ``status`` says
     it, and its card kept (``live_card``: a live card's task, or None)."""
+    from infermill.card import stop_live
     from infermill.progress import show_job_progress
 
     progress = asyncio.create_task(show_job_progress(layout, interval))
@@ -534,7 +541,7 @@ async def _with_progress(
     finally:
         progress.cancel()
         if card is not None:
-            card.cancel()
+            await stop_live(card)
 
 
 async def interruptible(coro: Awaitable[T], announce: bool = True) -> T:

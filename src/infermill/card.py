@@ -56,6 +56,8 @@ SPLIT = "train"
 #: output's features); a larger one is sampled: the first records of up to SAMPLE_FILES files
 SAMPLE_RECORDS = 5000
 SAMPLE_FILES = 50
+#: the most bytes of records a card reads (a JSONL output read whole: its lines are held)
+SAMPLE_BYTES = 64 * 2**20
 #: sample rows shown, and the characters a string of theirs keeps
 SAMPLE_ROWS = 3
 SAMPLE_CHARS = 300
@@ -176,19 +178,40 @@ def data_files(fs: Any, root: str, names: list[str], pattern: str | None) -> str
 
 @dataclass(slots=True)
 class Sample:
-    """Records read from the output: all of them (``complete``) or a sample."""
+    """What was read of the output's records: all of them (``complete``) or a sample. Only what
+    the card shows is held: the first rows, each reply's usage, and the lines of a JSONL output
+    read whole (its schema is inferred from them)."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)
+    results_key: str
+    complete: bool
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the first SAMPLE_ROWS records
+    usages: list[dict[str, Any]] = field(default_factory=list)  # each reply's usage
+    records_read: int = 0
+    bytes_read: int = 0
     files_read: int = 0
-    complete: bool = False
-    schemas: list[Any] = field(default_factory=list)  # the Parquet files' schemas; JSONL: of the lines read
+    schemas: list[Any] = field(default_factory=list)  # the Parquet files' schemas
     raw_lines: list[bytes] = field(default_factory=list)  # a JSONL output read whole: its lines
 
+    def add(self, record: dict[str, Any], size: int) -> bool:
+        """Take one record (of ``size`` bytes); whether to go on (False past :data:`SAMPLE_BYTES`:
+        the rest is not read, and the sample is not complete)."""
+        if len(self.rows) < SAMPLE_ROWS:
+            self.rows.append(record)
+        self.usages += reply_usages(record, self.results_key)
+        self.records_read += 1
+        self.bytes_read += size
+        if self.bytes_read > SAMPLE_BYTES:
+            self.complete = False
+            self.raw_lines.clear()
+            return False
+        return True
 
-def read_sample(fs: Any, root: str, files: OutputFiles) -> Sample:
-    """Records of the output's files: every one of an output of at most :data:`SAMPLE_RECORDS`,
-    else the first of up to :data:`SAMPLE_FILES` files spread over it."""
-    sample = Sample(complete=files.total <= SAMPLE_RECORDS)
+
+def read_sample(fs: Any, root: str, files: OutputFiles, results_key: str) -> Sample:
+    """Records of the output's files: every one of an output of at most :data:`SAMPLE_RECORDS`
+    and :data:`SAMPLE_BYTES`, else the first of up to :data:`SAMPLE_FILES` files spread over it
+    (:data:`SAMPLE_BYTES` read at most)."""
+    sample = Sample(results_key, complete=files.total <= SAMPLE_RECORDS and files.size <= SAMPLE_BYTES)
     chosen = list(range(len(files.names)))
     if not sample.complete:
         step = max(1, len(chosen) // SAMPLE_FILES)
@@ -197,27 +220,39 @@ def read_sample(fs: Any, root: str, files: OutputFiles) -> Sample:
     for index in chosen:
         name = files.names[index]
         path = f"{root.rstrip('/')}/{name}"
-        if name.endswith(".parquet"):
-            _read_parquet(fs, path, each, sample)
-        else:
-            _read_jsonl(fs, path, name, each, sample)
         sample.files_read += 1
+        going_on = (
+            _read_parquet(fs, path, each, sample)
+            if name.endswith(".parquet")
+            else _read_jsonl(fs, path, name, each, sample)
+        )
+        if not going_on:
+            break
+    if sample.files_read < len(files.names):
+        sample.complete = False
     return sample
 
 
-def _read_parquet(fs: Any, path: str, limit: int | None, sample: Sample) -> None:
+def _read_parquet(fs: Any, path: str, limit: int | None, sample: Sample) -> bool:
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as file:
         parquet = pq.ParquetFile(file)
         sample.schemas.append(parquet.schema_arrow)
-        for batch in parquet.iter_batches(batch_size=limit or 65536):
-            sample.records += batch.to_pylist()
+        for batch in parquet.iter_batches(batch_size=min(limit or 1000, 1000)):
+            rows = batch.to_pylist()
+            size = batch.nbytes // max(len(rows), 1)
+            for row in rows[:limit]:
+                if not sample.add(row, size):
+                    return False
             if limit is not None:
-                break
+                limit -= len(rows)
+                if limit <= 0:
+                    break
+    return True
 
 
-def _read_jsonl(fs: Any, path: str, name: str, limit: int | None, sample: Sample) -> None:
+def _read_jsonl(fs: Any, path: str, name: str, limit: int | None, sample: Sample) -> bool:
     import fsspec
 
     with fs.open(path, "rb", compression=fsspec.utils.infer_compression(name)) as file:
@@ -225,9 +260,11 @@ def _read_jsonl(fs: Any, path: str, name: str, limit: int | None, sample: Sample
             if limit is not None and count >= limit:
                 break
             if line.strip():
-                sample.records.append(orjson.loads(line))
                 if sample.complete:
                     sample.raw_lines.append(line.rstrip(b"\n"))
+                if not sample.add(orjson.loads(line), len(line)):
+                    return False
+    return True
 
 
 # -- features ---------------------------------------------------------------------------------------
@@ -405,7 +442,7 @@ def gather(layout: JobLayout, output: str, settings: CardSettings, live: bool = 
     files = committed_files(queue.done_marks())
     fs, root = url_to_fs(output, layout.output_options)
     files.data_files = data_files(fs, root, files.names, output_glob(identity.get("output"), output))
-    sample = read_sample(fs, root, files)
+    sample = read_sample(fs, root, files, str(identity.get("metadata_key") or "rollout_results"))
     return CardFacts(
         output, identity, progress, job_stats(layout), files, sample, output_schema(fs, root, sample), settings, live
     )
@@ -594,8 +631,7 @@ def _counts_section(facts: CardFacts) -> str:
 
 
 def _tokens_section(facts: CardFacts) -> str:
-    key = str(facts.identity.get("metadata_key") or "rollout_results")
-    usages = [usage for record in facts.sample.records for usage in reply_usages(record, key)]
+    usages = facts.sample.usages
     lines = ["## Tokens", ""]
     stats = facts.stats
     if stats.get("requests_ok"):
@@ -622,7 +658,7 @@ def _tokens_section(facts: CardFacts) -> str:
         "every record of the output"
         if facts.sample.complete
         else f"a sample: the first records of {facts.sample.files_read} of its {len(facts.files.names):,} files, "
-        f"{len(facts.sample.records):,} of {facts.files.total:,} records"
+        f"{facts.sample.records_read:,} of {facts.files.total:,} records"
     )
     lines += [
         "",
@@ -653,7 +689,7 @@ def _time_section(facts: CardFacts) -> str:
 
 
 def _samples_section(facts: CardFacts) -> str:
-    rows = facts.sample.records[:SAMPLE_ROWS]
+    rows = facts.sample.rows
     if not rows:
         return ""
     shown = "\n".join(_json(_truncated(row)) for row in rows)
@@ -711,7 +747,7 @@ def write_card(
     with the job when None."""
     from infermill.mirror import reading
 
-    with reading(layout, ("stats",)) as readable:  # (a job in a store: every worker's stats, downloaded)
+    with reading(layout, ("stats", "metrics")) as readable:  # (a job in a store: its workers' records, downloaded)
         facts = gather(readable, output, settings or kept_settings(layout), live)
     text = render(facts)
     destination = destination or card_path(output)
@@ -738,17 +774,29 @@ def put_whole(destination: str, data: bytes, options: Any = None) -> None:
 
 async def keep_live(write: Callable[[], object], interval: float) -> None:
     """Until cancelled: ``write`` the card (in a thread) every ``interval`` seconds; a failure is
-    a warning (the next write may succeed), said once until one succeeds."""
+    a warning (the next write may succeed), said once until one succeeds. Cancelled while it
+    writes, it waits for that write to end (see :func:`stop_live`)."""
     failing = False
     while True:
         await asyncio.sleep(interval)
+        writing = asyncio.ensure_future(asyncio.to_thread(write))
         try:
-            await asyncio.to_thread(write)
+            await asyncio.shield(writing)
             failing = False
+        except asyncio.CancelledError:
+            await asyncio.wait([writing])  # (a thread cannot be stopped: it must not outlive the task)
+            raise
         except Exception as e:
             if not failing:
                 logger.warning("the live dataset card was not written: %s (tried again in %g s)", e, interval)
             failing = True
 
 
-__all__ = ["CardSettings", "keep_live", "write_card"]
+async def stop_live(task: asyncio.Task[None]) -> None:
+    """Cancel a :func:`keep_live` task and wait until it ended: no live card is written after
+    this, over the final one."""
+    task.cancel()
+    await asyncio.wait([task])
+
+
+__all__ = ["CardSettings", "keep_live", "stop_live", "write_card"]
