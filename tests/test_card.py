@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from huggingface_hub import DatasetCard
 
 from conftest import PYTHON, SCRIPTS
@@ -213,3 +214,33 @@ def test_the_command_a_card_shows_hides_the_values_of_secret_overrides():
         "infermill run job.yaml --set 'inference.api_key=***' '--set=output.storage_options.secret=***' "
         "--set 'rollout.shared_context_kwargs.db_password=***' --set inference.max_concurrent_generations=8"
     )
+
+
+def test_a_card_of_a_job_in_an_s3_store_is_uploaded_whole_beside_its_results(tmp_path, seaweedfs):
+    from test_s3_jobs import S3Job
+
+    job = S3Job(tmp_path, seaweedfs, docs=40, rpc=20)
+    spec = yaml.safe_load(job.file.read_text())
+    spec["output"].update(card=True, card_metadata={"license": "cc-by-4.0"})
+    job.file.write_text(yaml.safe_dump(spec))
+    result = job.run()
+    assert result.returncode == 0, output_of(result)
+    objects = job.objects()
+    card = DatasetCard(objects["out/README.md"].decode())
+    assert card.data.license == "cc-by-4.0"
+    assert data_files(card) == "*_*.jsonl"
+    assert sorted(key for key in objects if key.count("/") == 1 and key.endswith(".jsonl")) == [
+        "out/00000_00000.jsonl",
+        "out/00000_00001.jsonl",
+    ]
+    assert card.data.dataset_info["splits"][0]["num_examples"] == 40
+    assert "out/_infermill/card.json" in objects  # kept in the store: `infermill card URL` needs no job file
+
+    objects_before = set(objects)
+    written = subprocess.run(
+        [PYTHON, "-m", "infermill", "card", job.url], cwd=tmp_path, env=job.env, capture_output=True, text=True
+    )
+    assert written.returncode == 0, written.stderr
+    again = DatasetCard(job.objects()["out/README.md"].decode())
+    assert again.data.license == "cc-by-4.0" and f"infermill run {job.file}" in again.text
+    assert set(job.objects()) == objects_before  # no temporary object left
