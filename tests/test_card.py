@@ -244,3 +244,35 @@ def test_a_card_of_a_job_in_an_s3_store_is_uploaded_whole_beside_its_results(tmp
     again = DatasetCard(job.objects()["out/README.md"].decode())
     assert again.data.license == "cc-by-4.0" and f"infermill run {job.file}" in again.text
     assert set(job.objects()) == objects_before  # no temporary object left
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_the_features_a_card_gives_are_those_datasets_reads_the_files_with_whatever_their_types(tmp_path, fmt):
+    records = [
+        {
+            "id": f"r{i}",
+            "text": f"text {i}",
+            "score": i / 3,  # float64
+            "tags": ["a", "b"][: i % 3],  # list<string>, empty in some
+            "flag": i % 2 == 0,
+            "nested": {
+                "n": i,
+                "values": [float(i)],
+                "when": "2026-01-02T03:04:05",
+            },  # a string pyarrow takes for a time
+            "missing": None if i < 5 else f"late {i}",  # null in the first records, a string after
+        }
+        for i in range(30)
+    ]
+    (tmp_path / "rich.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    spec = job_spec(tmp_path)
+    spec["input"]["path"] = str(tmp_path / "rich.jsonl")
+    spec["output"].update(format=fmt, card=True)
+    spec["checkpoint"]["records_per_chunk"] = 10
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 0, output_of(result)
+    card = card_of(tmp_path / "out")
+    metadata = next(f for f in card.data.dataset_info["features"] if f["name"] == "metadata")
+    assert {f["name"] for f in metadata["struct"]} >= {"score", "tags", "flag", "nested", "missing"}
+    loaded = load_with_datasets(tmp_path / "out", tmp_path)
+    assert sorted(loaded["ids"]) == sorted(record["id"] for record in records)
