@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "checkpoints: the work queue",
         ("queue_storage", "queue_storage_s3", "mirror", "journal", "queue", "stream", "worker"),
     ),
-    ("observability", ("timeseries", "jobstatus", "progress", "monitor", "report")),
+    ("observability", ("timeseries", "jobstatus", "progress", "monitor", "report", "card")),
     ("engine", ("engine",)),
     ("runs: lifecycles and the runner", ("lifecycles", "runner")),
     ("executors", ("executors.*",)),

@@ -29,6 +29,7 @@ from infermill.layout import INFERMILL_DIR, TRIAL_DIR, JobLayout, beside_output,
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from infermill.card import CardSettings
     from infermill.cost import Forecast, Spend
     from infermill.io.readers import DocumentReader
     from infermill.jobfile import JobConfig
@@ -217,10 +218,11 @@ class Job:
 
                 server = await stack.enter_async_context(create_server(job.inference, index))
                 await server.wait_launched()
+            from infermill.card import stop_live
             from infermill.progress import log_interval, show_progress
 
             reader, runner = self._build(options)
-            progress = None
+            progress = card = None
             if not options.as_worker:
                 live = progress_console is not None
                 progress = asyncio.create_task(
@@ -228,11 +230,18 @@ class Job:
                         functools.partial(runner.progress, server), log_interval(job.inference), progress_console, live
                     )
                 )
+                self.keep_card_settings(layout)
+                card = self._live_card(layout)
             try:
-                return await runner.run_queue_async(reader, server, self._queue_options(options, worker_id, index))
+                stats = await runner.run_queue_async(reader, server, self._queue_options(options, worker_id, index))
             finally:
                 if progress is not None:
                     progress.cancel()
+                if card is not None:
+                    await stop_live(card)
+            if not options.as_worker:
+                await asyncio.to_thread(self.end_card, layout)
+            return stats
 
     def _build(self, options: RunOptions) -> tuple[DocumentReader, InferenceRunner]:
         """The job's reader and runner; a job that cannot be set up is a usage error (``ConfigError``),
@@ -258,6 +267,63 @@ class Job:
             # a command's only worker replaces itself; a --workers parent (or Slurm, Ray) replaces its workers
             max_worker_restarts=None if options.as_worker else options.max_worker_restarts,
         )
+
+    # -- its dataset card -------------------------------------------------------------------
+
+    def keep_card_settings(self, layout: JobLayout) -> None:
+        """Keep the card's settings with the job (``output.card`` or ``card_metadata`` set: its
+        metadata, this command), for ``infermill card OUTPUT``; by this command's process."""
+        from infermill.card import keep_settings
+
+        if self.config.output.card or self.config.output.card_metadata:
+            keep_settings(layout, self.card_settings())
+
+    def _live_card(self, layout: JobLayout) -> asyncio.Task[None] | None:
+        """For ``output.card: live``, a task that rewrites the card at the progress interval (of
+        this command's process only, never of its workers); else None."""
+        from infermill.card import keep_live
+        from infermill.mirror import has_plan
+        from infermill.progress import log_interval
+
+        if self.config.output.card != "live":
+            return None
+
+        def write() -> None:
+            if has_plan(layout):  # (until the job is planned, there is nothing to say)
+                self.write_card(layout, live=True)
+
+        return asyncio.create_task(keep_live(write, log_interval(self.config.inference)))
+
+    def card_settings(self) -> CardSettings:
+        """The card's settings from the job file, with this process's command."""
+        from infermill.card import CardSettings, run_command
+
+        return CardSettings(self.config.output.card_metadata, run_command())
+
+    def write_card(self, layout: JobLayout, live: bool = False, destination: str | None = None) -> str:
+        """Write the job's dataset card (see :mod:`infermill.card`); return where."""
+        from infermill.card import write_card
+
+        return write_card(layout, self.output, self.card_settings(), destination, live)
+
+    def end_card(self, layout: JobLayout) -> None:
+        """At the end of this command's run: the card of the complete job (``output.card``), or a
+        last live one of a job left incomplete (``live``). A card that cannot be written is a
+        warning: the job itself is done."""
+        from infermill.queue import job_complete
+
+        mode = self.config.output.card
+        if not mode:
+            return
+        complete = job_complete(layout)
+        if not complete and mode != "live":
+            return
+        try:
+            written = self.write_card(layout, live=not complete)
+        except (InfermillError, OSError) as e:
+            logger.warning("the dataset card was not written: %s; write it with: infermill card %s", e, self.job_file)
+            return
+        logger.info("dataset card written: %s", written)
 
     def stats(self) -> dict[str, Any]:
         """The job's stats: every run of it, killed ones too."""
@@ -309,6 +375,7 @@ class Job:
 
             gpus = gpu_assignment(workers, job.inference.gpus_per_worker)
         queue = self.plan(options)
+        self.keep_card_settings(self.layout())
         codes: list[int] = []
         if executor == "local":
             from infermill.eventloop import run_coroutine
@@ -318,19 +385,22 @@ class Job:
 
             deaths = WorkerDeaths(queue, options.max_worker_restarts)
             running = run_workers(command, secret, workers, gpus, deaths.replace_process)
-            codes = run_coroutine(interruptible(_with_progress(running, self.layout(), log_interval(job.inference))))
+            codes = run_coroutine(
+                interruptible(_with_progress(running, self.layout(), log_interval(job.inference), self._live_card))
+            )
         elif executor == "slurm":
             from infermill.executors.slurm import run_slurm
 
             submitted = run_slurm(
                 job, command, workers, self.layout(), secret, wait=options.wait, dry_run=False, node_command=nodes
             )
-            if submitted is not None:
+            if submitted is not None:  # (submitted, not waited for: `infermill card` writes its card)
                 return WorkersOutcome(ExitCode(submitted))
         else:
             from infermill.executors.ray import run_ray
 
             codes = run_ray(job, command, secret, workers, options.max_worker_restarts, options.ray_address)
+        self.end_card(self.layout())
         return self._outcome(queue, codes)
 
     def plan(self, options: RunOptions) -> WorkQueue:
@@ -453,15 +523,25 @@ class Job:
             return await rollout(document, generate)
 
 
-async def _with_progress(work: Coroutine[Any, Any, T], layout: JobLayout, interval: float) -> T:
-    """``work``, while the job's progress is logged every ``interval`` seconds, as ``status`` says it."""
+async def _with_progress(
+    work: Coroutine[Any, Any, T],
+    layout: JobLayout,
+    interval: float,
+    live_card: Callable[[JobLayout], asyncio.Task[None] | None],
+) -> T:
+    """``work``, while the job's progress is logged every ``interval`` seconds, as ``status`` says
+    it, and its card kept (``live_card``: a live card's task, or None)."""
+    from infermill.card import stop_live
     from infermill.progress import show_job_progress
 
     progress = asyncio.create_task(show_job_progress(layout, interval))
+    card = live_card(layout)
     try:
         return await work
     finally:
         progress.cancel()
+        if card is not None:
+            await stop_live(card)
 
 
 async def interruptible(coro: Awaitable[T], announce: bool = True) -> T:
@@ -526,6 +606,22 @@ def target_layout(target: str, checkpoints: str | None, overrides: tuple[str, ..
             if folder is not None and not is_remote(str(folder)) and JobLayout.at(folder).holds_job():
                 return JobLayout.at(folder), output
     return layout, output
+
+
+def write_job_card(target: str, checkpoints: str | None, overrides: tuple[str, ...], destination: str | None) -> str:
+    """``infermill card``: write the dataset card of the job ``target`` names (its output folder,
+    or its job file: then with the job file's ``card_metadata``) to ``destination`` (default
+    ``OUTPUT/README.md``); return where. ``ConfigError`` if it names no job of the work queue."""
+    from infermill.card import CardSettings, kept_settings, write_card
+
+    layout, output = target_layout(target, checkpoints, overrides)
+    settings = kept_settings(layout)
+    if os.path.isfile(target):
+        settings = CardSettings(Job.load(target, overrides).config.output.card_metadata, settings.command)
+    try:
+        return write_card(layout, output, settings, destination)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
 
 
 def has_queue(layout: JobLayout) -> bool:

@@ -1,4 +1,4 @@
-"""The ``infermill`` command: run, serve, check, status and report."""
+"""The ``infermill`` command: run, serve, check, status, report and card."""
 
 from __future__ import annotations
 
@@ -581,6 +581,34 @@ def report(target: str, checkpoints: str | None, overrides: tuple[str, ...], des
         _error(f"cannot write {page}: {e.strerror or e}; choose another place with -o FILE")
         raise SystemExit(exit_code(e)) from None
     click.echo(f"report written: {written}")
+
+
+@main.command()
+@click.argument("target", metavar="OUTPUT|JOB_FILE", type=click.Path())
+@_checkpoints_option
+@_job_set_option
+@click.option(
+    "-o",
+    "--output-file",
+    "destination",
+    default=None,
+    help="Where to write the card (default: OUTPUT/README.md).",
+)
+def card(target: str, checkpoints: str | None, overrides: tuple[str, ...], destination: str | None) -> None:
+    """Write a dataset card (OUTPUT/README.md) of a job, given its output folder or its job file: the
+    Hub's metadata (configs listing its result files, features), model, generation settings, counts,
+    token statistics, duration, cost and sample rows (see "Dataset card" in the README)."""
+    from infermill.application import write_job_card
+
+    try:
+        written = write_job_card(target, checkpoints, overrides, destination)
+    except (ConfigError, QueueCorruptError) as e:
+        _fail(e)
+    except OSError as e:  # its folder read-only or full, -o naming a folder
+        logger.debug("the card was not written", exc_info=True)
+        _error(f"cannot write {destination or target}: {e.strerror or e}; choose another place with -o FILE")
+        raise SystemExit(exit_code(e)) from None
+    click.echo(f"dataset card written: {written}")
 
 
 def _status_line(output: str, found: JobStatus) -> str:

@@ -1,7 +1,7 @@
 """Job files: one YAML file describing input, output, rollout, server and runner.
 
     input:     {path, format, text_key, id_key, limit, storage_options}
-    output:    {path, format, compression, filename, parquet_metadata, storage_options}
+    output:    {path, format, compression, filename, parquet_metadata, storage_options, card, card_metadata}
     rollout:   {template | prompt_key | messages_key | messages, system_prompt}
                or {function, shared_context, shared_context_kwargs}
     inference: the fields of InferenceConfig
@@ -81,6 +81,45 @@ class InputSection(_Section):
         return one_of(value, ("auto", *INPUT_FORMATS))
 
 
+#: front-matter keys the card makes from the output: card_metadata may not set them
+CARD_GENERATED_KEYS = ("configs", "dataset_info")
+#: card_metadata keys the Hub reads, and the type each takes
+_CARD_STRING_KEYS = ("license", "pretty_name", "license_name", "license_link")
+_CARD_LIST_KEYS = (
+    "language",
+    "tags",
+    "task_categories",
+    "task_ids",
+    "size_categories",
+    "source_datasets",
+    "annotations_creators",
+    "language_creators",
+    "multilinguality",
+)
+
+
+def check_card_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``output.card_metadata``, checked (a ValueError names the key and what it takes): keys the
+    card makes itself refused, the Hub's string keys strings, its list keys a string or a list of
+    strings (made lists), every value plain YAML."""
+    checked: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if key in CARD_GENERATED_KEYS:
+            raise ValueError(f"{key}: the card makes it from the output's files: remove it")
+        if key in _CARD_STRING_KEYS and not isinstance(value, str):
+            raise ValueError(f"{key}: a string, e.g. {key}: apache-2.0 (got {value!r})")
+        if key in _CARD_LIST_KEYS:
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise ValueError(f"{key}: a string or a list of strings (got {value!r})")
+        try:
+            yaml.safe_dump(value)
+        except yaml.YAMLError:
+            raise ValueError(f"{key}: not plain YAML (strings, numbers, lists, mappings)") from None
+        checked[key] = value
+    return checked
+
+
 class OutputSection(_Section):
     path: OneLine = Field(description="The output folder: a path or a URL (s3://bucket/prefix).")
     format: str = Field("jsonl", description="jsonl, parquet or openai_batch.")
@@ -90,11 +129,26 @@ class OutputSection(_Section):
     filename: str | None = Field(None, description="Template with ${rank} and ${chunk_index}.")
     parquet_metadata: str | None = Field(None, description="struct (default), columns or json: see ParquetWriter.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description=STORAGE_OPTIONS_HELP)
+    card: bool | Literal["live"] = Field(
+        False,
+        description="Write a dataset card, OUTPUT/README.md, when the job is complete (true), and also rewrite it "
+        "with the progress while it runs (live); `infermill card` writes one any time.",
+    )
+    card_metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The card's Hub metadata: license, language, pretty_name, tags (an infermill tag is added), "
+        "task_categories...; configs and dataset_info are made from the output.",
+    )
 
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
         return one_of(value, tuple(WRITERS))
+
+    @field_validator("card_metadata")
+    @classmethod
+    def _card_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_card_metadata(value)
 
     @field_validator("parquet_metadata")
     @classmethod

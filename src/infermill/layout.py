@@ -11,6 +11,7 @@
       metrics/WORKER.jsonl        each worker's metrics over time (infermill.timeseries)
       slurm/                      the scripts of a job's Slurm submissions
       report.html                 ``infermill report``'s page, unless told another place
+      card.json                   the dataset card's settings (infermill.card): its metadata, the job's command
       trial/                      the output of ``infermill run --limit N`` (a job of its own: trial/_infermill/)
 
 An older infermill kept static ranks' checkpoints in ``checkpoints/rank_RRRRR/``: they are
@@ -205,6 +206,11 @@ class JobLayout:
     def report_file(self) -> Path:
         """Where ``infermill report`` writes its page by default."""
         return self.root / "report.html"
+
+    @property
+    def card_settings_file(self) -> Path:
+        """The dataset card's settings, kept with the job (:mod:`infermill.card`)."""
+        return self.root / "card.json"
 
     def rank_queue(self, rank: int, world_size: int) -> Path:
         """The queue folder of rank ``rank`` of a document stream of ``world_size`` ranks."""
