@@ -563,3 +563,12 @@ def test_a_checkpoint_an_earlier_infermill_kept_in_a_datatrove_output_is_refused
         shutil.move(path, tmp_path / "out.infermill")
     (out / "_infermill").rmdir()
     assert InferenceRunner(echo_rollout, dummy_config(), make_writer()).run(documents)["already_complete"] is True
+
+
+def test_checkpoints_local_dir_inside_the_output_folder_is_refused(tmp_path):
+    """The next step's reader reads a datatrove output whole: a checkpoint folder inside it is
+    refused when the runner is built, naming both folders, before any server starts."""
+    writer = DtJsonlWriter(str(tmp_path / "out"), output_filename="${rank}_${chunk_index}.jsonl")
+    with pytest.raises(ConfigError, match=r"checkpoints_local_dir .*/out/ckpt is inside the output folder .*/out"):
+        InferenceRunner(echo_rollout, dummy_config(), writer, checkpoints_local_dir=str(tmp_path / "out" / "ckpt"))
+    assert not (tmp_path / "out" / "ckpt").exists()

@@ -445,7 +445,10 @@ _checkpoints_option = click.option(
     "--checkpoints",
     type=click.Path(file_okay=False),
     default=None,
-    help="The checkpoint folder, when it is not OUTPUT/_infermill/checkpoints.",
+    help=(
+        "The job's own folder (checkpoint.dir, or a datatrove run's checkpoints_local_dir), "
+        "when it is not OUTPUT/_infermill or OUTPUT.infermill."
+    ),
 )
 _job_set_option = click.option(
     "--set",

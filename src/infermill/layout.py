@@ -140,6 +140,11 @@ class JobLayout:
         if checkpoints_dir is not None and is_remote(checkpoints_dir):
             raise ConfigError(f"checkpoints_local_dir must be a local folder, got {checkpoints_dir}")
         root = Path(local_path(checkpoints_dir)) if checkpoints_dir is not None else beside_output(output_folder)
+        if not is_remote(output_folder) and root.resolve().is_relative_to(Path(local_path(output_folder)).resolve()):
+            raise ConfigError(
+                f"checkpoints_local_dir {checkpoints_dir} is inside the output folder {output_folder}, which the next "
+                "step's reader reads whole: put it outside (e.g. beside it)"
+            )
         return cls.at(root)
 
     @classmethod
