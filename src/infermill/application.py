@@ -29,6 +29,7 @@ from infermill.layout import INFERMILL_DIR, TRIAL_DIR, JobLayout, is_remote
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from infermill.cache import CacheSavings
     from infermill.cost import Forecast, Spend
     from infermill.io.readers import DocumentReader
     from infermill.jobfile import JobConfig
@@ -179,6 +180,10 @@ class Job:
                     from infermill.io.filesystems import check_writable
 
                     check_writable(job.output.path, job.output.storage_options)
+                from infermill.job import request_cache
+
+                if (cache := request_cache(job)) is not None:
+                    cache.check_writable()
         except StorageError as e:  # before anything runs: the user's to fix
             raise ConfigError(str(e)) from None
         if job.inference.server_log_folder is None:  # a job keeps its server's output with its other files
@@ -538,6 +543,7 @@ class JobStatus:
     replicas: list[dict[str, Any]]
     check: OutputCheck | None = None
     cost: Spend | None = None  # a job with prices: spent so far (as its workers kept their stats), forecast
+    cache: CacheSavings | None = None  # a job with a request cache: its hits, misses and savings
 
     @property
     def queue(self) -> QueueStatus:
@@ -549,6 +555,8 @@ class JobStatus:
         document = {**self.progress.as_dict(), "replicas": self.replicas}
         if self.cost is not None:
             document["cost"] = self.cost.as_dict()
+        if self.cache is not None:
+            document["cache"] = self.cache.as_dict()
         if self.check is not None:
             document["lost_outputs"] = [dataclasses.asdict(entry) for entry in self.check.lost]
             document["unchecked_outputs"] = self.check.unchecked
@@ -558,6 +566,7 @@ class JobStatus:
 def job_status(layout: JobLayout, output: str, verify: bool = False) -> JobStatus:
     """Where the job of the work queue laid out by ``layout`` stands; ``verify``: also check
     every done unit's output file."""
+    from infermill.cache import CacheSavings
     from infermill.cost import spend
     from infermill.jobstatus import job_progress
     from infermill.worker import read_stats
@@ -566,7 +575,7 @@ def job_status(layout: JobLayout, output: str, verify: bool = False) -> JobStatu
     progress = job_progress(layout)
     stats = read_stats(layout)
     cost = spend(stats, progress.queue.documents_total)
-    return JobStatus(progress, stats.get("replicas") or [], check, cost)
+    return JobStatus(progress, stats.get("replicas") or [], check, cost, CacheSavings.of(stats))
 
 
 def stream_ranks_status(layout: JobLayout, output: str) -> dict[int, QueueStatus]:

@@ -1,0 +1,347 @@
+"""The request cache (``cache: {path}``): real ``infermill run`` processes against the counting
+server (tests/servers/counting_server.py, one line per request it receives), real files, real
+kills, and the real local S3 servers (tests/s3_servers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from conftest import PYTHON, ROOT
+from helpers import read_jsonl, wait_until
+from infermill.cache import SEGMENTS, SUFFIX, RequestCache, decode_index, encode_segment, fingerprint, request_bytes
+from test_cli import cli_env, infermill, job_spec, output_of, summary_rows, write_job
+
+COUNTING_SERVER = ROOT / "tests" / "servers" / "counting_server.py"
+
+
+def write_docs(path: Path, texts: list[str], first: int = 0) -> Path:
+    """A JSONL input: document ``d<i>`` with ``texts[i]``, and a ``kind`` a (even) or b (odd)."""
+    lines = [
+        json.dumps({"id": f"d{first + i}", "text": text, "kind": "ab"[(first + i) % 2]}) for i, text in enumerate(texts)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cache_job(
+    tmp_path: Path, docs: Path, output: str, template: str = "Say: {{ text }}", delay: float = 0.0, **inference: Any
+) -> Path:
+    """A job of ``docs`` through the counting server (its count file ``tmp_path/requests.jsonl``),
+    written to ``output``, with the request cache ``tmp_path/cache``."""
+    model_kwargs = {"server_script": str(COUNTING_SERVER), "count_file": str(tmp_path / "requests.jsonl")}
+    if delay:
+        model_kwargs["delay"] = str(delay)
+    spec = job_spec(tmp_path, model_kwargs=model_kwargs, **inference)
+    spec["input"] = {"path": str(docs)}
+    spec["output"] = {"path": str(tmp_path / output)}
+    spec["rollout"] = {"template": template}
+    spec["cache"] = {"path": str(tmp_path / "cache")}
+    return write_job(tmp_path, spec, f"{output}.yaml")
+
+
+def sent(tmp_path: Path) -> list[str]:
+    """The prompts the counting server received, in order."""
+    return [r["text"] for r in read_jsonl(tmp_path / "requests.jsonl", missing_ok=True)]
+
+
+def records(folder: Path) -> dict[str, dict]:
+    """The output's records by id."""
+    return {r["id"]: r for path in sorted(folder.glob("*.jsonl")) for r in read_jsonl(path)}
+
+
+def stats(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "_infermill" / "stats.json").read_text())
+
+
+def run_ok(tmp_path: Path, job: Path, *args: str) -> subprocess.CompletedProcess:
+    result = infermill(tmp_path, "run", str(job), *args)
+    assert result.returncode == 0, output_of(result)
+    return result
+
+
+def entries(cache: Path) -> int:
+    """The entries of the cache in ``cache``, every segment read whole (ValueError if one is not)."""
+    total = 0
+    for path in sorted((cache / SEGMENTS).glob(f"*{SUFFIX}")):
+        data = path.read_bytes()
+        _, index = decode_index(data, len(data), lambda start, length, data=data: data[start : start + length])
+        total += len(index)
+    return total
+
+
+def test_the_same_job_again_sends_nothing_and_writes_the_same_output(tmp_path):
+    docs = write_docs(tmp_path / "docs.jsonl", [f"text number {i}" for i in range(30)])
+    first = run_ok(tmp_path, cache_job(tmp_path, docs, "out1"))
+    assert len(sent(tmp_path)) == 30
+    assert stats(tmp_path / "out1")["cache_misses"] == 30
+    assert summary_rows(first.stderr)["cache hits"] == "0"
+
+    again = run_ok(tmp_path, cache_job(tmp_path, docs, "out2"))  # a new job: its own output folder
+    assert len(sent(tmp_path)) == 30, "the second job sent requests"
+    assert records(tmp_path / "out2") == records(tmp_path / "out1")
+    second = stats(tmp_path / "out2")
+    assert (second["cache_hits"], second["cache_misses"], second["requests_sent"]) == (30, 0, 0), second
+    words = sum(len(f"Say: text number {i}".split()) for i in range(30))  # the echo server's usage: words
+    assert second["cache_saved_prompt_tokens"] == words and second["cache_saved_completion_tokens"] == words
+    assert summary_rows(again.stderr)["cache hits"] == "30"
+    assert entries(tmp_path / "cache") == 30
+
+    status = infermill(tmp_path, "status", str(tmp_path / "out2"))
+    assert status.returncode == 0, output_of(status)
+    line = f"30 hits, 0 misses (100% hit rate): 30 requests and {2 * words:,} tokens saved ({words:,} in, {words:,} out)"
+    assert f"request cache: {line}" in status.stdout, status.stdout
+    as_json = json.loads(infermill(tmp_path, "status", str(tmp_path / "out2"), "--json").stdout)
+    assert as_json["cache"]["hits"] == 30 and as_json["cache"]["saved_prompt_tokens"] == words, as_json
+    page = tmp_path / "report.html"
+    report = infermill(tmp_path, "report", str(tmp_path / "out2"), "-o", str(page))
+    assert report.returncode == 0, output_of(report)
+    assert f"<th>request cache</th><td>{line}</td>" in page.read_text()
+
+
+def test_a_new_job_sends_only_the_requests_it_changed_or_added(tmp_path):
+    texts = [f"text number {i}" for i in range(20)]
+    run_ok(tmp_path, cache_job(tmp_path, write_docs(tmp_path / "docs.jsonl", texts), "out1"))
+    assert len(sent(tmp_path)) == 20
+
+    # the template changed for the documents of kind b only, and 6 documents were added
+    docs = write_docs(tmp_path / "more.jsonl", [*texts, *(f"new text {i}" for i in range(6))])
+    template = "{% if kind == 'b' %}Shout{% else %}Say{% endif %}: {{ text }}"
+    run_ok(tmp_path, cache_job(tmp_path, docs, "out2", template))
+    new = sent(tmp_path)[20:]
+    expected = [f"Shout: text number {i}" for i in range(1, 20, 2)]
+    expected += [f"{'Shout' if (20 + i) % 2 else 'Say'}: new text {i}" for i in range(6)]
+    assert sorted(new) == sorted(expected)
+    assert (stats(tmp_path / "out2")["cache_hits"], stats(tmp_path / "out2")["cache_misses"]) == (10, 16)
+    written = records(tmp_path / "out2")
+    assert written["d0"]["metadata"]["rollout_results"][0]["text"] == "Say: text number 0"  # the stored reply
+    assert written["d1"]["metadata"]["rollout_results"][0]["text"] == "Shout: text number 1"
+
+
+@pytest.mark.parametrize("temperature", [0, None])
+def test_identical_requests_in_one_job_are_sent_once_at_temperature_0(tmp_path, temperature):
+    """20 documents, 4 distinct texts, all in flight at once (the server takes 0.3 s a reply): at
+    temperature 0 the duplicates wait for the first's reply; a request that samples (no
+    temperature: the server's default) is each document's own."""
+    docs = write_docs(tmp_path / "docs.jsonl", [f"same text {i % 4}" for i in range(20)])
+    params = {"temperature": temperature} if temperature is not None else {}
+    job = cache_job(tmp_path, docs, "out", delay=0.3, default_generation_params=params)
+    run_ok(tmp_path, job)
+    assert len(sent(tmp_path)) == (4 if temperature == 0 else 20)
+    written = records(tmp_path / "out")
+    assert len(written) == 20
+    assert all(r["metadata"]["rollout_results"][0]["text"] == f"Say: {r['text']}" for r in written.values())
+    if temperature == 0:
+        assert (stats(tmp_path / "out")["cache_hits"], entries(tmp_path / "cache")) == (16, 4)
+
+
+def test_samples_at_a_temperature_above_0_are_entries_of_their_own_and_come_back_the_same(tmp_path):
+    """rollouts_per_document 3 at temperature 0.8: each sample is sent and stored (the same
+    prompt, three entries), and a rerun as a new job gets each sample its own reply back."""
+    docs = write_docs(tmp_path / "docs.jsonl", ["one", "two", "two"])  # two documents with the same prompt too
+    spec = {"default_generation_params": {"temperature": 0.8}, "rollouts_per_document": 3}
+    run_ok(tmp_path, cache_job(tmp_path, docs, "out1", **spec))
+    assert len(sent(tmp_path)) == 9 and entries(tmp_path / "cache") == 9
+    run = asyncio.run(_open(tmp_path / "cache"))
+    body = {"model": "echo", "temperature": 0.8, "messages": [{"role": "user", "content": "Say: two"}]}
+    request = request_bytes(body, "/v1/chat/completions")
+    replies = [asyncio.run(run.lookup(fingerprint(request, ("d1", sample, 0)))) for sample in range(3)]
+    ids = {orjson.loads(reply)["id"] for reply in replies if reply is not None}
+    assert len(ids) == 3, "three samples of d1, each its own reply"
+    assert asyncio.run(run.lookup(fingerprint(request, ("d1", 3, 0)))) is None  # (no fourth sample)
+
+    run_ok(tmp_path, cache_job(tmp_path, docs, "out2", **spec))
+    assert len(sent(tmp_path)) == 9
+    assert records(tmp_path / "out2") == records(tmp_path / "out1")
+    assert stats(tmp_path / "out2")["cache_hits"] == 9
+
+
+async def _open(folder: Path) -> Any:
+    return await asyncio.to_thread(RequestCache(folder).open)
+
+
+def test_a_cache_path_that_cannot_be_written_is_refused_before_any_server_starts(tmp_path):
+    """A folder below a file (a read-only one would do, but root writes into those too)."""
+    docs = write_docs(tmp_path / "docs.jsonl", ["one"])
+    (tmp_path / "a-file").write_text("")
+    job = cache_job(tmp_path, docs, "out")
+    job.write_text(job.read_text().replace(str(tmp_path / "cache"), str(tmp_path / "a-file" / "cache")))
+    result = infermill(tmp_path, "run", str(job))
+    assert result.returncode == 2, output_of(result)
+    assert f"cache.path: {tmp_path / 'a-file' / 'cache'}" in result.stderr, output_of(result)
+    assert not (tmp_path / "requests.jsonl").exists() and not (tmp_path / "out" / "_infermill" / "logs").exists()
+
+
+# -- many writers, kills ----------------------------------------------------------------------
+
+#: a writer process: publishes segments of 50 entries into the cache at argv[1], forever, and
+#: prints each segment's keys once it is published (then they must be there, whatever happens next)
+WRITER = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from infermill.cache import RequestCache
+
+    async def main():
+        run = RequestCache(sys.argv[1], {}).open()
+        me = os.getpid()
+        for n in range(10**9):
+            keys = [f"{me}-{n}-{i}".encode().ljust(16, b"_")[:16] for i in range(50)]
+            for key in keys:
+                assert await run.lookup(key) is None
+                run.store(key, b'{"choices": [{"text": "%s"}]}' % key)
+            await run.publish()
+            print(" ".join(key.decode() for key in keys), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def kill_writers_at_random(tmp_path: Path, cache: str, env: dict[str, str], writers: int = 4) -> list[str]:
+    """Start ``writers`` processes publishing into ``cache`` side by side, SIGKILL each after a
+    while (mid-write, likely); return the keys they said they published."""
+    procs = [
+        subprocess.Popen([PYTHON, "-c", WRITER, cache], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(writers)
+    ]
+    published: list[str] = []
+    try:
+        for i, proc in enumerate(procs):
+            assert proc.stdout is not None
+            for _ in range(3 + i):  # each killed at its own moment, after a few segments
+                line = proc.stdout.readline()
+                assert line, f"writer {i} ended: exit {proc.wait()}"
+            time.sleep(0.05 * i)
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        for proc in procs:
+            proc.kill()
+            out, _ = proc.communicate()
+            # (a line cut by the kill holds keys whose segment was published: only whole ones count)
+            published += [key for line in out.splitlines(keepends=True) if line.endswith("\n") for key in line.split()]
+    return published
+
+
+def _check_every_published_entry_is_there(cache: RequestCache, published: list[str], before: int) -> None:
+    run = cache.open()
+    assert len(published) >= 4 * 3 * 50
+    missing = [key for key in published if key.encode() not in run._index]
+    assert not missing, f"{len(missing)} published entries lost"
+
+    async def read_back() -> list[bytes | None]:
+        return [await run.lookup(key.encode()) for key in published[:: max(1, len(published) // 200)]]
+
+    for reply in asyncio.run(read_back()):
+        assert reply is not None and orjson.loads(reply)["choices"][0]["text"]
+
+
+def test_writers_killed_at_random_lose_no_published_entry_and_leave_no_corrupt_segment(tmp_path):
+    folder = tmp_path / "cache"
+    env = {**cli_env(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
+    published = kill_writers_at_random(tmp_path, str(folder), env)
+    assert entries(folder) >= len(published)  # every segment whole (a ValueError if one is not)
+    left = [p.name for p in (folder / SEGMENTS).iterdir() if not p.name.endswith(SUFFIX)]
+    assert all(name.startswith(".") and name.endswith(".tmp") for name in left), left  # at most a kill's temp files
+    _check_every_published_entry_is_there(RequestCache(folder), published, 0)
+
+
+def test_two_jobs_sharing_a_cache_one_killed_then_a_new_job_resends_only_what_no_unit_committed(tmp_path):
+    """Two jobs (2 workers each) write one cache at once; one is SIGKILLed mid-way. Every
+    segment is whole, and a third job over the killed job's documents sends none of those its
+    committed units hold: an entry stored before a unit's commit is there after it."""
+    texts = [f"text number {i}" for i in range(120)]
+    docs_a = write_docs(tmp_path / "a.jsonl", texts[:60])
+    docs_b = write_docs(tmp_path / "b.jsonl", texts[60:], first=60)
+    job_a = cache_job(tmp_path, docs_a, "outa", delay=0.02, max_concurrent_generations=2)
+    job_b = cache_job(tmp_path, docs_b, "outb", delay=0.02, max_concurrent_generations=2)
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-m", "infermill", "run", str(job), "--workers", "2"],
+            cwd=tmp_path,
+            env=cli_env(tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        for job in (job_a, job_b)
+    ]
+    try:
+        done = tmp_path / "outb" / "_infermill" / "queue" / "done"
+        wait_until(lambda: done.exists() and len(list(done.iterdir())) >= 1, timeout=60, what="a unit of b committed")
+        os.killpg(procs[1].pid, signal.SIGKILL)  # the job, its workers and their servers
+        procs[1].wait()
+        _, err = procs[0].communicate(timeout=120)
+        assert procs[0].returncode == 0, err
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    entries(tmp_path / "cache")  # every segment whole
+    committed = [json.loads(p.read_text()) for p in done.iterdir() if p.name.endswith(".done")]
+    assert committed
+    committed_ids = {r["id"] for path in (tmp_path / "outb").glob("*.jsonl") for r in read_jsonl(path)}
+    assert committed_ids
+
+    before = len(sent(tmp_path))
+    run_ok(tmp_path, cache_job(tmp_path, docs_b, "outc"))
+    resent = {text.removeprefix("Say: ") for text in sent(tmp_path)[before:]}
+    texts_by_id = {f"d{60 + i}": text for i, text in enumerate(texts[60:])}
+    assert not resent & {texts_by_id[i] for i in committed_ids}, "a committed unit's reply was sent again"
+    assert records(tmp_path / "outc").keys() == texts_by_id.keys()
+
+
+# -- S3 -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["seaweedfs", "moto"])
+def s3(request) -> Any:
+    return request.getfixturevalue("seaweedfs" if request.param == "seaweedfs" else "moto_s3")
+
+
+def test_a_cache_on_s3_is_shared_by_jobs_and_survives_killed_writers(tmp_path, s3):
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/cache"
+    docs = write_docs(tmp_path / "docs.jsonl", [f"text number {i}" for i in range(25)])
+    env = {**cli_env(tmp_path), **s3.env()}
+    for output in ("out1", "out2"):
+        job = cache_job(tmp_path, docs, output)
+        job.write_text(job.read_text().replace(str(tmp_path / "cache"), url))
+        result = subprocess.run(
+            [PYTHON, "-m", "infermill", "run", str(job)], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert result.returncode == 0, output_of(result)
+    assert len(sent(tmp_path)) == 25
+    assert stats(tmp_path / "out2")["cache_hits"] == 25
+    assert records(tmp_path / "out2") == records(tmp_path / "out1")
+
+    published = kill_writers_at_random(tmp_path, url, {**env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    old = os.environ.copy()
+    os.environ.update(s3.env())
+    try:
+        _check_every_published_entry_is_there(RequestCache(url), published, 0)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def test_a_segment_is_its_index_then_its_replies_and_one_cut_short_is_refused():
+    data = encode_segment([(b"k" * 16, b"first"), (b"j" * 16, b"second!")])
+    start, index = decode_index(data[:20], len(data), lambda at, length: data[at : at + length])
+    assert index == [(b"k" * 16, 0, 5), (b"j" * 16, 5, 7)]
+    assert data[start + 5 : start + 12] == b"second!"
+    with pytest.raises(ValueError, match="not the size its index gives"):
+        decode_index(data[:-1], len(data) - 1, lambda at, length: data[at : at + length])
+    with pytest.raises(ValueError, match="not a segment"):
+        decode_index(b"x" * 40, 40, lambda at, length: b"")
