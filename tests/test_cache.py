@@ -260,44 +260,45 @@ def test_two_jobs_sharing_a_cache_one_killed_then_a_new_job_resends_only_what_no
     """Two jobs (2 workers each) write one cache at once; one is SIGKILLed mid-way. Every
     segment is whole, and a third job over the killed job's documents sends none of those its
     committed units hold: an entry stored before a unit's commit is there after it."""
-    texts = [f"text number {i}" for i in range(120)]
-    docs_a = write_docs(tmp_path / "a.jsonl", texts[:60])
-    docs_b = write_docs(tmp_path / "b.jsonl", texts[60:], first=60)
-    job_a = cache_job(tmp_path, docs_a, "outa", delay=0.02, max_concurrent_generations=2)
-    job_b = cache_job(tmp_path, docs_b, "outb", delay=0.02, max_concurrent_generations=2)
+    texts = [f"text number {i}" for i in range(320)]
+    docs_a = write_docs(tmp_path / "a.jsonl", texts[:160])
+    docs_b = write_docs(tmp_path / "b.jsonl", texts[160:], first=160)
+    job_a = cache_job(tmp_path, docs_a, "outa", delay=0.05, max_concurrent_generations=2)
+    job_b = cache_job(tmp_path, docs_b, "outb", delay=0.05, max_concurrent_generations=2)
+    logs = [(tmp_path / f"{job.stem}.log").open("wb") for job in (job_a, job_b)]
     procs = [
         subprocess.Popen(
             [PYTHON, "-m", "infermill", "run", str(job), "--workers", "2"],
             cwd=tmp_path,
             env=cli_env(tmp_path),
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log,
             start_new_session=True,
         )
-        for job in (job_a, job_b)
+        for job, log in zip((job_a, job_b), logs, strict=True)
     ]
     try:
-        done = tmp_path / "outb" / "_infermill" / "queue" / "done"
-        wait_until(lambda: done.exists() and len(list(done.iterdir())) >= 1, timeout=60, what="a unit of b committed")
+        units = tmp_path / "outb" / "_infermill" / "queue" / "units"
+        wait_until(lambda: list(units.glob("*.done")), timeout=60, what="a unit of b committed")
         os.killpg(procs[1].pid, signal.SIGKILL)  # the job, its workers and their servers
         procs[1].wait()
-        _, err = procs[0].communicate(timeout=120)
-        assert procs[0].returncode == 0, err
+        assert procs[0].wait(timeout=120) == 0, (tmp_path / "outa.log").read_text()
     finally:
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for log in logs:
+            log.close()
     entries(tmp_path / "cache")  # every segment whole
-    committed = [json.loads(p.read_text()) for p in done.iterdir() if p.name.endswith(".done")]
-    assert committed
+    assert len(list(units.glob("*.done"))) < 8, "job b was complete before it was killed"
     committed_ids = {r["id"] for path in (tmp_path / "outb").glob("*.jsonl") for r in read_jsonl(path)}
     assert committed_ids
 
     before = len(sent(tmp_path))
     run_ok(tmp_path, cache_job(tmp_path, docs_b, "outc"))
     resent = {text.removeprefix("Say: ") for text in sent(tmp_path)[before:]}
-    texts_by_id = {f"d{60 + i}": text for i, text in enumerate(texts[60:])}
+    texts_by_id = {f"d{160 + i}": text for i, text in enumerate(texts[160:])}
     assert not resent & {texts_by_id[i] for i in committed_ids}, "a committed unit's reply was sent again"
     assert records(tmp_path / "outc").keys() == texts_by_id.keys()
 
