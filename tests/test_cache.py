@@ -20,6 +20,7 @@ import pytest
 
 from conftest import PYTHON, ROOT
 from helpers import read_jsonl, wait_until
+from s3_servers import ACCESS_KEY, REGION, SECRET_KEY
 from infermill.cache import SEGMENTS, SUFFIX, RequestCache, decode_index, encode_segment, fingerprint, request_bytes
 from test_cli import cli_env, infermill, job_spec, output_of, summary_rows, write_job
 
@@ -100,7 +101,9 @@ def test_the_same_job_again_sends_nothing_and_writes_the_same_output(tmp_path):
 
     status = infermill(tmp_path, "status", str(tmp_path / "out2"))
     assert status.returncode == 0, output_of(status)
-    line = f"30 hits, 0 misses (100% hit rate): 30 requests and {2 * words:,} tokens saved ({words:,} in, {words:,} out)"
+    line = (
+        f"30 hits, 0 misses (100% hit rate): 30 requests and {2 * words:,} tokens saved ({words:,} in, {words:,} out)"
+    )
     assert f"request cache: {line}" in status.stdout, status.stdout
     as_json = json.loads(infermill(tmp_path, "status", str(tmp_path / "out2"), "--json").stdout)
     assert as_json["cache"]["hits"] == 30 and as_json["cache"]["saved_prompt_tokens"] == words, as_json
@@ -233,7 +236,7 @@ def kill_writers_at_random(tmp_path: Path, cache: str, env: dict[str, str], writ
     return published
 
 
-def _check_every_published_entry_is_there(cache: RequestCache, published: list[str], before: int) -> None:
+def _check_every_published_entry_is_there(cache: RequestCache, published: list[str]) -> None:
     run = cache.open()
     assert len(published) >= 4 * 3 * 50
     missing = [key for key in published if key.encode() not in run._index]
@@ -253,7 +256,7 @@ def test_writers_killed_at_random_lose_no_published_entry_and_leave_no_corrupt_s
     assert entries(folder) >= len(published)  # every segment whole (a ValueError if one is not)
     left = [p.name for p in (folder / SEGMENTS).iterdir() if not p.name.endswith(SUFFIX)]
     assert all(name.startswith(".") and name.endswith(".tmp") for name in left), left  # at most a kill's temp files
-    _check_every_published_entry_is_there(RequestCache(folder), published, 0)
+    _check_every_published_entry_is_there(RequestCache(folder), published)
 
 
 def test_two_jobs_sharing_a_cache_one_killed_then_a_new_job_resends_only_what_no_unit_committed(tmp_path):
@@ -328,13 +331,11 @@ def test_a_cache_on_s3_is_shared_by_jobs_and_survives_killed_writers(tmp_path, s
     assert records(tmp_path / "out2") == records(tmp_path / "out1")
 
     published = kill_writers_at_random(tmp_path, url, {**env, "PYTHONPATH": os.pathsep.join(sys.path)})
-    old = os.environ.copy()
-    os.environ.update(s3.env())
-    try:
-        _check_every_published_entry_is_there(RequestCache(url), published, 0)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    # (its options given, not the environment's: fsspec keeps a file system made with the same options)
+    options = {"endpoint_url": s3.endpoint, "key": ACCESS_KEY, "secret": SECRET_KEY}
+    _check_every_published_entry_is_there(
+        RequestCache(url, {**options, "client_kwargs": {"region_name": REGION}}), published
+    )
 
 
 def test_a_segment_is_its_index_then_its_replies_and_one_cut_short_is_refused():
