@@ -20,8 +20,8 @@ import pytest
 
 from conftest import PYTHON, ROOT
 from helpers import read_jsonl, wait_until
-from s3_servers import ACCESS_KEY, REGION, SECRET_KEY
 from infermill.cache import SEGMENTS, SUFFIX, RequestCache, decode_index, encode_segment, fingerprint, request_bytes
+from s3_servers import ACCESS_KEY, REGION, SECRET_KEY
 from test_cli import cli_env, infermill, job_spec, output_of, summary_rows, write_job
 
 COUNTING_SERVER = ROOT / "tests" / "servers" / "counting_server.py"
