@@ -347,3 +347,30 @@ def test_a_segment_is_its_index_then_its_replies_and_one_cut_short_is_refused():
         decode_index(data[:-1], len(data) - 1, lambda at, length: data[at : at + length])
     with pytest.raises(ValueError, match="not a segment"):
         decode_index(b"x" * 40, 40, lambda at, length: b"")
+
+
+def test_the_python_api_takes_a_cache_and_a_rollouts_repeated_sampling_requests_are_entries_of_their_own(tmp_path):
+    """A function rollout asking one prompt twice at temperature 0.5 (two samples: two entries)
+    and twice at 0 (one entry, the second a hit); a second runner over the same cache sends nothing."""
+    from helpers import dummy_config
+    from infermill import InferenceRunner
+    from infermill.io import JsonlWriter
+
+    async def rollout(document, generate):
+        asked = {"messages": [{"role": "user", "content": document.text}]}
+        samples = [await generate({**asked, "temperature": 0.5}) for _ in range(2)]
+        greedy = [await generate({**asked, "temperature": 0}) for _ in range(2)]
+        return [result.text for result in samples + greedy]
+
+    documents = [{"id": f"d{i}", "text": f"text {i}"} for i in range(5)]
+    for output in ("out1", "out2"):
+        runner = InferenceRunner(
+            rollout, dummy_config(), JsonlWriter(str(tmp_path / output)), cache=str(tmp_path / "c")
+        )
+        found = runner.run(documents)
+        if output == "out1":
+            assert (found["requests_sent"], found["cache_hits"], found["cache_misses"]) == (15, 5, 15), found
+        else:
+            assert (found["requests_sent"], found["cache_hits"]) == (0, 20), found
+    assert entries(tmp_path / "c") == 15
+    assert records(tmp_path / "out2") == records(tmp_path / "out1")
