@@ -257,7 +257,7 @@ def main() -> None:
                     url = f"s3://{server.new_bucket()}/cache"
                     rows.append(("SeaweedFS (S3)", store_numbers(args, url, args.s3_entries, options)))
             print(
-                f"\n| store | entries | miss+store /s | publish entries/s | open (s) | index MB | bytes/entry | "
+                "\n| store | entries | miss+store /s | publish entries/s | open (s) | index MB | bytes/entry | "
                 "hits /s | misses /s |\n|---|---|---|---|---|---|---|---|---|"
             )
             for name, r in rows:

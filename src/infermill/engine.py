@@ -487,7 +487,11 @@ class DocumentEngine:
             reply = await cache.lookup(key)
             if reply is not None:
                 last = payload
-                result = parse_reply(orjson.loads(reply), chat)
+                try:
+                    result = parse_reply(orjson.loads(reply), chat)
+                except (orjson.JSONDecodeError, RetryableError):  # (a segment damaged after it was written)
+                    reply = None
+            if reply is not None:
                 stats.cache_hits += 1
                 stats.cache_saved_prompt_tokens += result.usage.get("prompt_tokens") or 0
                 stats.cache_saved_completion_tokens += result.usage.get("completion_tokens") or 0
