@@ -102,23 +102,31 @@ def child_read(args: argparse.Namespace) -> dict:
     hits = [key(rng.randrange(args.entries)) for _ in range(args.lookups)]
     misses = [key(args.entries + i) for i in range(args.lookups)]
 
-    async def lookups() -> tuple[float, float]:
+    async def hit(k: bytes) -> None:
+        assert await run.lookup(k) is not None
+
+    async def lookups() -> tuple[float, float, float]:
         began = time.perf_counter()
         for k in hits:
-            assert await run.lookup(k) is not None
-        hit = time.perf_counter() - began
+            await hit(k)
+        one_by_one = time.perf_counter() - began
+        began = time.perf_counter()
+        for start in range(0, len(hits), args.lookup_concurrency):  # as a run's documents in flight ask
+            await asyncio.gather(*(hit(k) for k in hits[start : start + args.lookup_concurrency]))
+        together = time.perf_counter() - began
         began = time.perf_counter()
         for k in misses:
             assert await run.lookup(k) is None
             run.abandon(k)
-        return hit, time.perf_counter() - began
+        return one_by_one, together, time.perf_counter() - began
 
-    hit, miss = asyncio.run(lookups())
+    one_by_one, together, miss = asyncio.run(lookups())
     return {
         "open_sec": opened,
         "index_mb": after - before,
         "bytes_per_entry": (after - before) * 2**20 / args.entries,
-        "hits_per_sec": args.lookups / hit,
+        "hits_per_sec": args.lookups / one_by_one,
+        "concurrent_hits_per_sec": args.lookups / together,
         "misses_per_sec": args.lookups / miss,
     }
 
@@ -127,9 +135,10 @@ def storage_options(args: argparse.Namespace) -> dict:
     return json.loads(args.storage_options or "{}")
 
 
-def store_numbers(args: argparse.Namespace, path: str, entries: int, options: dict | None = None) -> dict:
+def store_numbers(args: argparse.Namespace, path: str, entries: int, lookups: int, options: dict | None = None) -> dict:
     common = ["--path", path, "--entries", str(entries), "--segment", str(args.segment)]
-    common += ["--reply-bytes", str(args.reply_bytes), "--lookups", str(args.lookups)]
+    common += ["--reply-bytes", str(args.reply_bytes), "--lookups", str(lookups)]
+    common += ["--lookup-concurrency", str(args.lookup_concurrency)]
     common += ["--storage-options", json.dumps(options or {})]
     filled = child(["--child", "fill", *common])
     read = child(["--child", "read", *common])
@@ -209,6 +218,15 @@ def child(argv: list[str]) -> dict:
         os.remove(result)
 
 
+def row(name: str, r: dict) -> None:
+    print(
+        f"| {name} | {r['entries']:,} | {r['miss_and_store_per_sec']:,.0f} | {r['publish_entries_per_sec']:,.0f} | "
+        f"{r['open_sec']:.2f} | {r['index_mb']:,.0f} | {r['bytes_per_entry']:,.0f} | {r['hits_per_sec']:,.0f} | "
+        f"{r['concurrent_hits_per_sec']:,.0f} | {r['misses_per_sec']:,.0f} |",
+        flush=True,
+    )
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -219,11 +237,15 @@ def main() -> None:
     parser.add_argument("--segment", type=int, default=6000, help="entries per segment (a unit's worth: 6000)")
     parser.add_argument("--reply-bytes", type=int, default=400, help="bytes per stored reply (400)")
     parser.add_argument("--lookups", type=int, default=50_000, help="random hits, and misses, timed (50,000)")
+    parser.add_argument(
+        "--lookup-concurrency", type=int, default=64, help="hits asked at once, as documents in flight ask (64)"
+    )
     parser.add_argument("--docs", type=int, default=20_000, help="documents per run of part 2 (20,000)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3, help="runs of each case of part 2 (medians)")
     parser.add_argument("--s3", action="store_true", help="also the store on a local SeaweedFS")
     parser.add_argument("--s3-entries", type=int, default=50_000)
+    parser.add_argument("--s3-lookups", type=int, default=2_000)
     parser.add_argument("--skip-store", action="store_true", help="only part 2")
     parser.add_argument("--tmp", default=None, help="where the cache and outputs go (default: system temp)")
     parser.add_argument("--child", choices=("fill", "read", "run"), help=argparse.SUPPRESS)
@@ -242,10 +264,14 @@ def main() -> None:
     print(f"infermill from {os.path.dirname(infermill.__file__)}", flush=True)
     tmp = tempfile.mkdtemp(prefix="bench-cache-", dir=args.tmp)
     try:
-        rows = []
         if not args.skip_store:
-            found = store_numbers(args, os.path.join(tmp, "store"), args.entries)
-            rows.append(("local folder", found))
+            print(
+                "\n| store | entries | miss+store /s | publish entries/s | open (s) | index MB | bytes/entry | "
+                f"hits /s, one by one | hits /s, {args.lookup_concurrency} at once | misses /s |\n"
+                "|---|---|---|---|---|---|---|---|---|---|",
+                flush=True,
+            )
+            row("local folder", store_numbers(args, os.path.join(tmp, "store"), args.entries, args.lookups))
             shutil.rmtree(os.path.join(tmp, "store"))
             if args.s3:
                 sys.path.insert(0, os.path.join(os.path.dirname(BENCH_DIR), "tests"))
@@ -255,18 +281,7 @@ def main() -> None:
                     options = {"endpoint_url": server.endpoint, "key": ACCESS_KEY, "secret": SECRET_KEY}
                     options["client_kwargs"] = {"region_name": REGION}
                     url = f"s3://{server.new_bucket()}/cache"
-                    rows.append(("SeaweedFS (S3)", store_numbers(args, url, args.s3_entries, options)))
-            print(
-                "\n| store | entries | miss+store /s | publish entries/s | open (s) | index MB | bytes/entry | "
-                "hits /s | misses /s |\n|---|---|---|---|---|---|---|---|---|"
-            )
-            for name, r in rows:
-                print(
-                    f"| {name} | {r['entries']:,} | {r['miss_and_store_per_sec']:,.0f} | "
-                    f"{r['publish_entries_per_sec']:,.0f} | {r['open_sec']:.2f} | {r['index_mb']:,.0f} | "
-                    f"{r['bytes_per_entry']:,.0f} | {r['hits_per_sec']:,.0f} | {r['misses_per_sec']:,.0f} |",
-                    flush=True,
-                )
+                    row("SeaweedFS (S3)", store_numbers(args, url, args.s3_entries, args.s3_lookups, options))
         results = per_document(args, tmp)
         print(
             f"\n{args.docs:,} documents at c={args.concurrency}, {args.runs} runs each (medians)\n\n"
