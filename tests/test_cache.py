@@ -174,13 +174,14 @@ async def _open(folder: Path) -> Any:
     return await asyncio.to_thread(RequestCache(folder).open)
 
 
-def test_a_cache_path_that_cannot_be_written_is_refused_before_any_server_starts(tmp_path):
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_a_cache_path_that_cannot_be_written_is_refused_before_any_server_starts(tmp_path, command):
     """A folder below a file (a read-only one would do, but root writes into those too)."""
     docs = write_docs(tmp_path / "docs.jsonl", ["one"])
     (tmp_path / "a-file").write_text("")
     job = cache_job(tmp_path, docs, "out")
     job.write_text(job.read_text().replace(str(tmp_path / "cache"), str(tmp_path / "a-file" / "cache")))
-    result = infermill(tmp_path, "run", str(job))
+    result = infermill(tmp_path, command, str(job))
     assert result.returncode == 2, output_of(result)
     assert f"cache.path: {tmp_path / 'a-file' / 'cache'}" in result.stderr, output_of(result)
     assert not (tmp_path / "requests.jsonl").exists() and not (tmp_path / "out" / "_infermill" / "logs").exists()

@@ -180,15 +180,19 @@ class Job:
                     from infermill.io.filesystems import check_writable
 
                     check_writable(job.output.path, job.output.storage_options)
-                from infermill.job import request_cache
-
-                if (cache := request_cache(job)) is not None:
-                    cache.check_writable()
+                self.check_cache()
         except StorageError as e:  # before anything runs: the user's to fix
             raise ConfigError(str(e)) from None
         if job.inference.server_log_folder is None:  # a job keeps its server's output with its other files
             job.inference.server_log_folder = str(layout.logs)
         return layout
+
+    def check_cache(self) -> None:
+        """``ConfigError`` naming ``cache.path`` if the job's request cache cannot be written."""
+        from infermill.job import request_cache
+
+        if (cache := request_cache(self.config)) is not None:
+            cache.check_writable()
 
     def uses_executor(self, options: RunOptions) -> bool:
         """Whether this command plans the job and has an executor run its workers (else it is one

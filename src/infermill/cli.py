@@ -380,6 +380,7 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
     job = _load(job_file, overrides)
     try:
         rollout, document = job.canary_document()
+        job.check_cache()
     except ConfigError as e:
         _fail(e)
     click.echo(f"job file OK; first document: {document.id}")
