@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -20,11 +21,20 @@ import pytest
 
 from conftest import PYTHON, ROOT
 from helpers import read_jsonl, wait_until
-from infermill.cache import SEGMENTS, SUFFIX, RequestCache, decode_index, encode_segment, fingerprint, request_bytes
+from infermill.cache import (
+    SEGMENTS,
+    SUFFIX,
+    RequestCache,
+    decode_index,
+    encode_segment,
+    fingerprint,
+    request_bytes,
+)
 from s3_servers import ACCESS_KEY, REGION, SECRET_KEY
 from test_cli import cli_env, infermill, job_spec, output_of, summary_rows, write_job
 
 COUNTING_SERVER = ROOT / "tests" / "servers" / "counting_server.py"
+ENTRY_BYTES = 28  # a segment's index entry: key, offset, length
 
 
 def write_docs(path: Path, texts: list[str], first: int = 0) -> Path:
@@ -78,7 +88,7 @@ def entries(cache: Path) -> int:
     for path in sorted((cache / SEGMENTS).glob(f"*{SUFFIX}")):
         data = path.read_bytes()
         _, index = decode_index(data, len(data), lambda start, length, data=data: data[start : start + length])
-        total += len(index)
+        total += len(index) // ENTRY_BYTES
     return total
 
 
@@ -240,7 +250,7 @@ def kill_writers_at_random(tmp_path: Path, cache: str, env: dict[str, str], writ
 def _check_every_published_entry_is_there(cache: RequestCache, published: list[str]) -> None:
     run = cache.open()
     assert len(published) >= 4 * 3 * 50
-    missing = [key for key in published if key.encode() not in run._index]
+    missing = [key for key in published if not run._index.find(key.encode())]
     assert not missing, f"{len(missing)} published entries lost"
 
     async def read_back() -> list[bytes | None]:
@@ -339,15 +349,34 @@ def test_a_cache_on_s3_is_shared_by_jobs_and_survives_killed_writers(tmp_path, s
     )
 
 
-def test_a_segment_is_its_index_then_its_replies_and_one_cut_short_is_refused():
+def test_a_segment_is_its_index_then_its_keys_and_replies_and_one_cut_short_is_refused():
     data = encode_segment([(b"k" * 16, b"first"), (b"j" * 16, b"second!")])
     start, index = decode_index(data[:20], len(data), lambda at, length: data[at : at + length])
-    assert index == [(b"k" * 16, 0, 5), (b"j" * 16, 5, 7)]
-    assert data[start + 5 : start + 12] == b"second!"
+    assert index == b"k" * 16 + struct.pack("<QI", 0, 21) + b"j" * 16 + struct.pack("<QI", 21, 23)
+    assert data[start + 21 : start + 44] == b"j" * 16 + b"second!"
     with pytest.raises(ValueError, match="not the size its index gives"):
         decode_index(data[:-1], len(data) - 1, lambda at, length: data[at : at + length])
     with pytest.raises(ValueError, match="not a segment"):
         decode_index(b"x" * 40, 40, lambda at, length: b"")
+
+
+def test_keys_that_share_their_first_8_bytes_are_told_apart_by_the_whole_key(tmp_path):
+    """The index in memory holds a key's first 8 bytes: a hit reads the whole key back with
+    its reply, and one that differs is no hit."""
+    first, second, third = b"same8byt" + b"A" * 8, b"same8byt" + b"B" * 8, b"same8byt" + b"C" * 8
+
+    async def scenario() -> None:
+        run = RequestCache(tmp_path).open()
+        for key in (first, second):
+            assert await run.lookup(key) is None
+            run.store(key, key[-1:] * 3)
+        await run.publish()
+        reopened = await asyncio.to_thread(RequestCache(tmp_path).open)
+        assert len(reopened._index.find(first)) == 2
+        assert (await reopened.lookup(first), await reopened.lookup(second)) == (b"AAA", b"BBB")
+        assert await reopened.lookup(third) is None
+
+    asyncio.run(scenario())
 
 
 def test_the_python_api_takes_a_cache_and_a_rollouts_repeated_sampling_requests_are_entries_of_their_own(tmp_path):

@@ -26,6 +26,7 @@ run. Deleting the folder clears the cache.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import hashlib
 import logging
@@ -33,6 +34,7 @@ import os
 import struct
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,9 +47,11 @@ from infermill.errors import ConfigError, InfermillError, StorageError
 
 logger = logging.getLogger("infermill.cache")
 
-_MAGIC = b"IMRCACH1"
+_MAGIC = b"IMRCACH2"
 _HEADER = struct.Struct("<8sI")  # magic, entries
-_ENTRY = struct.Struct("<16sQI")  # key, offset in the replies, length
+_ENTRY = struct.Struct("<16sQI")  # key, offset in the replies, length (of the key and the reply there)
+_PREFIX_ENTRY = struct.Struct("<Q8xQI")  # the same, the key's first 8 bytes as an integer, the rest skipped
+KEY_BYTES = 16
 #: what a run reads first of each segment: its whole index, unless it holds over ~2,300 entries
 _FIRST_READ = 64 * 1024
 SEGMENTS = "segments"
@@ -69,40 +73,80 @@ def samples(body: dict[str, Any]) -> bool:
 def fingerprint(request: bytes, sample: tuple[str, int, int] | None = None) -> bytes:
     """The key of ``request`` (:func:`request_bytes`); ``sample``: (document id, sample index,
     repeat) of a request that samples."""
-    digest = hashlib.blake2b(request, digest_size=16)
+    digest = hashlib.blake2b(request, digest_size=KEY_BYTES)
     if sample is not None:
         digest.update(b"\x1f" + orjson.dumps(sample))
     return digest.digest()
 
 
 def encode_segment(entries: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """A segment holding ``entries`` (key, reply)."""
+    """A segment holding ``entries`` (key, reply): each reply stored after its key, so that a
+    hit checks the whole key (the index in memory holds its first 8 bytes)."""
     index = bytearray()
-    replies: list[bytes] = []
+    data: list[bytes] = []
     offset = 0
     for key, reply in entries:
-        index += _ENTRY.pack(key, offset, len(reply))
-        replies.append(reply)
-        offset += len(reply)
-    return b"".join([_HEADER.pack(_MAGIC, len(replies)), bytes(index), *replies])
+        index += _ENTRY.pack(key, offset, KEY_BYTES + len(reply))
+        data += (key, reply)
+        offset += KEY_BYTES + len(reply)
+    return b"".join([_HEADER.pack(_MAGIC, len(data) // 2), bytes(index), *data])
 
 
-def decode_index(head: bytes, size: int, read: Callable[[int, int], bytes]) -> tuple[int, list[tuple[bytes, int, int]]]:
-    """Where a segment's replies start, and its entries (key, offset, length), from its first
-    bytes ``head``, its ``size`` and ``read(start, length)`` for the rest of its index;
+def decode_index(head: bytes, size: int, read: Callable[[int, int], bytes]) -> tuple[int, bytes]:
+    """Where a segment's replies start, and its index (:data:`_ENTRY` after each other), from
+    its first bytes ``head``, its ``size`` and ``read(start, length)`` for the rest of its index;
     ``ValueError`` if it is no whole segment."""
     if len(head) < _HEADER.size:
         raise ValueError("shorter than a segment's header")
     magic, count = _HEADER.unpack_from(head)
     if magic != _MAGIC:
-        raise ValueError("not a segment of infermill's request cache")
+        raise ValueError("not a segment of infermill's request cache (or of another version of it)")
     start = _HEADER.size + count * _ENTRY.size
     if len(head) < start:
         head += read(len(head), start - len(head))
-    entries = list(_ENTRY.iter_unpack(head[_HEADER.size : start]))
-    if start + sum(length for _, _, length in entries) != size:
+    index = head[_HEADER.size : start]
+    end = start
+    if count:  # the replies follow each other: the last one ends the file
+        _, offset, length = _ENTRY.unpack_from(index, len(index) - _ENTRY.size)
+        end += offset + length
+    if len(index) != count * _ENTRY.size or end != size:
         raise ValueError(f"{size} bytes, not the size its index gives (cut short, or not written by infermill)")
-    return start, entries
+    return start, index
+
+
+class _Index:
+    """Where each entry of the segments a run found at its start is: arrays sorted by the key's
+    first 8 bytes (~30 bytes an entry, not a dict's ~250), searched by bisection; the whole key
+    is checked when its reply is read."""
+
+    def __init__(self, segments: list[tuple[int, bytes]]):
+        """``segments``: (segment number, its index) in the order whose first entry of a key wins."""
+        prefixes, numbers, offsets, lengths = array("Q"), array("I"), array("Q"), array("I")
+        for number, index in segments:
+            for prefix, offset, length in _PREFIX_ENTRY.iter_unpack(index):
+                prefixes.append(prefix)
+                offsets.append(offset)
+                lengths.append(length)
+            numbers.extend([number] * (len(prefixes) - len(numbers)))
+        order = sorted(range(len(prefixes)), key=prefixes.__getitem__)  # stable: the first segment first
+        self.prefixes = array("Q", [prefixes[i] for i in order])
+        self.numbers = array("I", [numbers[i] for i in order])
+        self.offsets = array("Q", [offsets[i] for i in order])
+        self.lengths = array("I", [lengths[i] for i in order])
+
+    def __len__(self) -> int:
+        return len(self.prefixes)
+
+    def find(self, key: bytes) -> list[tuple[int, int, int]]:
+        """Where the entries whose key starts as ``key`` are: (segment number, offset, length)."""
+        prefixes = self.prefixes
+        prefix = int.from_bytes(key[:8], "little")
+        i = bisect.bisect_left(prefixes, prefix)
+        found = []
+        while i < len(prefixes) and prefixes[i] == prefix:
+            found.append((self.numbers[i], self.offsets[i], self.lengths[i]))
+            i += 1
+        return found
 
 
 class _LocalSegments:
@@ -215,7 +259,7 @@ class RequestCache:
         except OSError as e:
             raise InfermillError(f"cache.path {self.path}: cannot list its segments: {e}") from e
 
-        def read_index(name: str, size: int) -> tuple[int, list[tuple[bytes, int, int]]] | None:
+        def read_index(name: str, size: int) -> tuple[int, bytes] | None:
             try:
                 head = store.read(name, 0, min(size, _FIRST_READ))
                 return decode_index(head, size, lambda start, length: store.read(name, start, length))
@@ -225,14 +269,13 @@ class RequestCache:
 
         with ThreadPoolExecutor(16 if self.remote else 4) as pool:
             indexes = list(pool.map(lambda found: read_index(*found), listed))
-        run = CacheRun(self, store)
-        for (name, _), index in zip(listed, indexes, strict=True):
-            if index is not None:
-                run.add_segment(name, *index)
+        segments = [(name, found[0]) for (name, _), found in zip(listed, indexes, strict=True) if found is not None]
+        index = _Index([(number, found[1]) for number, found in enumerate(i for i in indexes if i is not None)])
+        run = CacheRun(self, store, segments, index)
         logger.info(
             "request cache %s: %d entries in %d segments, read in %.1f s",
             self.path,
-            len(run),
+            len(index),
             len(listed),
             time.monotonic() - started,
         )
@@ -240,37 +283,40 @@ class RequestCache:
 
 
 class CacheRun:
-    """One run's view of a request cache: the index of the segments it found at its start and
-    of those it published, the replies stored but not published yet, and the requests in flight
-    (an identical one waits for the first's reply instead of being sent)."""
+    """One run's view of a request cache: the index of the segments it found at its start, and
+    of those it published since (a dict: ~250 bytes an entry, until the run ends), the replies
+    stored but not published yet, and the requests in flight (an identical one waits for the
+    first's reply instead of being sent)."""
 
-    def __init__(self, cache: RequestCache, store: _LocalSegments | _RemoteSegments):
+    def __init__(
+        self,
+        cache: RequestCache,
+        store: _LocalSegments | _RemoteSegments,
+        segments: list[tuple[str, int]] | None = None,
+        index: _Index | None = None,
+    ):
         self.cache = cache
         self._store = store
-        self._segments: list[tuple[str, int]] = []  # name, where its replies start
-        # key -> segment number << 96 | offset << 32 | length: one int per entry, not a tuple
-        self._index: dict[bytes, int] = {}
+        self._segments = list(segments or [])  # name, where its replies start
+        self._index = index or _Index([])
+        self._published: dict[bytes, tuple[int, int, int]] = {}  # this run's: key -> segment number, offset, length
         self._pending: dict[bytes, bytes] = {}
         self._in_flight: dict[bytes, asyncio.Event] = {}
         self._publishing: asyncio.Lock | None = None
         self.published = 0  # entries this run published
 
     def __len__(self) -> int:
-        return len(self._index) + len(self._pending)
+        """The entries it knows (a key published twice counts twice)."""
+        return len(self._index) + len(self._published) + len(self._pending)
 
-    def add_segment(self, name: str, start: int, entries: list[tuple[bytes, int, int]]) -> None:
-        """Index the ``entries`` of segment ``name`` (whose replies start at ``start``); a key
-        indexed already keeps its entry (the first segment, by name, wins: runs agree on it)."""
-        number = len(self._segments)
-        self._segments.append((name, start))
-        index, tag = self._index, number << 96
-        for key, offset, length in entries:
-            if key not in index:
-                index[key] = tag | offset << 32 | length
-
-    def _read(self, where: int) -> bytes:
-        name, start = self._segments[where >> 96]
-        return self._store.read(name, start + (where >> 32 & 0xFFFFFFFFFFFFFFFF), where & 0xFFFFFFFF)
+    def _read(self, key: bytes, where: list[tuple[int, int, int]]) -> bytes | None:
+        """The reply of ``key`` from the first of the entries ``where`` that holds that whole key."""
+        for number, offset, length in where:
+            name, start = self._segments[number]
+            data = self._store.read(name, start + offset, length)
+            if data[:KEY_BYTES] == key:
+                return data[KEY_BYTES:]
+        return None  # (another key with the same first 8 bytes)
 
     async def lookup(self, key: bytes) -> bytes | None:
         """The stored reply of ``key``; else None, and the caller sends the request and must then
@@ -279,13 +325,15 @@ class CacheRun:
             reply = self._pending.get(key)
             if reply is not None:
                 return reply
-            where = self._index.get(key)
-            if where is not None:
+            own = self._published.get(key)
+            where = [own] if own is not None else self._index.find(key)
+            if where:
                 try:
-                    return await asyncio.to_thread(self._read, where)
+                    reply = await asyncio.to_thread(self._read, key, where)
                 except OSError as e:  # (deleted meanwhile: the request is sent again)
                     logger.warning("request cache %s: cannot read a stored reply: %s", self.cache.path, e)
-                    del self._index[key]
+                if reply is not None:
+                    return reply
             waiting = self._in_flight.get(key)
             if waiting is None:
                 self._in_flight[key] = asyncio.Event()
@@ -317,14 +365,14 @@ class CacheRun:
             try:
                 await asyncio.to_thread(self._store.write, name, data)
             except Exception as e:  # a cache that cannot be written costs requests, not the job
-                logger.warning(
-                    "request cache %s: cannot write a segment (kept for the next try): %s", self.cache.path, e
-                )
+                logger.warning("request cache %s: cannot write a segment (kept for a next try): %s", self.cache.path, e)
                 return
             start, index = decode_index(data[:_FIRST_READ], len(data), lambda at, length: data[at : at + length])
-            self.add_segment(name, start, index)
-            for key, _ in entries:
-                self._pending.pop(key, None)
+            number = len(self._segments)
+            self._segments.append((name, start))
+            for key, offset, length in _ENTRY.iter_unpack(index):
+                self._published[key] = (number, offset, length)
+                del self._pending[key]
             self.published += len(entries)
 
 
