@@ -17,10 +17,11 @@ of workers on any number of nodes write side by side without locks, and a kill l
 a temporary file (``.*.tmp``) that readers ignore. A worker publishes what it stored before
 each unit it commits (so an entry stored before a unit's commit is there after it) and when
 its run ends. A segment is a header (magic, entry count), an index (key, offset, length per
-entry) and the replies (JSON, as the server sent them); a run reads every segment's header and
-index when it starts (not the replies: a hit reads its one reply), so its memory is the index
-(see benchmarks/README.md). Entries other workers publish during a run are seen by the next
-run. Deleting the folder clears the cache.
+entry), then each entry's key and reply (JSON, as the server sent it); a run reads every
+segment's header and index when it starts (not the replies: a hit reads its one reply, and
+checks its whole key), and keeps them as arrays sorted by the keys' first 8 bytes (~60 bytes
+an entry: see benchmarks/README.md). Entries other workers publish during a run are seen by
+the next run. Deleting the folder clears the cache.
 """
 
 from __future__ import annotations
