@@ -404,3 +404,27 @@ def test_the_python_api_takes_a_cache_and_a_rollouts_repeated_sampling_requests_
             assert (found["requests_sent"], found["cache_hits"]) == (0, 20), found
     assert entries(tmp_path / "c") == 15
     assert records(tmp_path / "out2") == records(tmp_path / "out1")
+
+
+def test_metrics_count_the_hits_misses_and_saved_tokens(tmp_path):
+    from helpers import free_ports
+    from test_metrics import scrape_until_done, value
+
+    docs = write_docs(tmp_path / "docs.jsonl", [f"text number {i}" for i in range(10)])
+    run_ok(tmp_path, cache_job(tmp_path, docs, "out1"))
+    more = write_docs(tmp_path / "more.jsonl", [f"text number {i}" for i in range(14)])
+    port = free_ports(1)
+    job = cache_job(tmp_path, more, "out2", metrics_port=port, metrics_linger_sec=1.0)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "infermill", "run", str(job)],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = scrape_until_done(proc, [port])[port][-1]
+    assert proc.returncode == 0
+    assert value(last, "infermill_cache_requests_total", outcome="hit") == 10
+    assert value(last, "infermill_cache_requests_total", outcome="miss") == 4
+    assert value(last, "infermill_cache_saved_prompt_tokens_total") == 10 * 4  # "Say: text number i": 4 words
+    assert value(last, "infermill_cache_saved_completion_tokens_total") == 10 * 4
