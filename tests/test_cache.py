@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from conftest import PYTHON, ROOT
 from helpers import read_jsonl, wait_until
@@ -428,3 +429,48 @@ def test_metrics_count_the_hits_misses_and_saved_tokens(tmp_path):
     assert value(last, "infermill_cache_requests_total", outcome="miss") == 4
     assert value(last, "infermill_cache_saved_prompt_tokens_total") == 10 * 4  # "Say: text number i": 4 words
     assert value(last, "infermill_cache_saved_completion_tokens_total") == 10 * 4
+
+
+def test_stored_replies_are_validated_as_fresh_ones_and_climb_the_ladder_the_same_way(tmp_path):
+    """rollout.response_format with a cache: a second job sends nothing, writes the same
+    records, and the document none of whose replies matched is recorded again (its stored
+    replies validated, not taken as hits that skip validation)."""
+    from test_structured import schema_job
+
+    first = schema_job(tmp_path)
+    spec = yaml.safe_load(first.read_text())
+    spec["cache"] = {"path": str(tmp_path / "cache")}
+    first.write_text(yaml.safe_dump(spec))
+    run_ok(tmp_path, first)
+    requests = (tmp_path / "requests.jsonl").read_text().splitlines()
+    assert len(requests) == 7  # ok: 1, third-try: 3, never: 3
+
+    spec["output"]["path"] = str(tmp_path / "out2")
+    second = write_job(tmp_path, spec, "job2.yaml")
+    run_ok(tmp_path, second)
+    assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 7, "the second job sent requests"
+    assert records(tmp_path / "out2") == records(tmp_path / "out")
+    failures = [r for p in (tmp_path / "out2" / "_infermill" / "failures").glob("*.jsonl") for r in read_jsonl(p)]
+    assert [(f["id"], f["error_type"]) for f in failures] == [("never", "InvalidReplyError")]
+    assert (stats(tmp_path / "out2")["cache_hits"], stats(tmp_path / "out2")["documents_skipped"]) == (7, 1)
+
+
+def test_a_request_the_server_refused_is_not_stored(tmp_path):
+    """The schema server refuses (400) a request without response_format: with
+    skip_bad_requests the documents are skipped, nothing is stored, and a second job asks again."""
+    from test_structured import schema_job
+
+    first = schema_job(tmp_path)
+    spec = yaml.safe_load(first.read_text())
+    del spec["rollout"]["response_format"]
+    spec["runner"] = {"skip_bad_requests": True}
+    spec["cache"] = {"path": str(tmp_path / "cache")}
+    first.write_text(yaml.safe_dump(spec))
+    run_ok(tmp_path, first)
+    assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 3
+    assert entries(tmp_path / "cache") == 0
+
+    spec["output"]["path"] = str(tmp_path / "out2")
+    run_ok(tmp_path, write_job(tmp_path, spec, "job2.yaml"))
+    assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 6
+    assert (stats(tmp_path / "out2")["cache_misses"], stats(tmp_path / "out2")["documents_skipped"]) == (3, 3)
