@@ -109,6 +109,8 @@ def test_the_same_job_again_sends_nothing_and_writes_the_same_output(tmp_path):
     assert second["cache_saved_prompt_tokens"] == words and second["cache_saved_completion_tokens"] == words
     assert summary_rows(again.stderr)["cache hits"] == "30"
     assert entries(tmp_path / "cache") == 30
+    run_ok(tmp_path, cache_job(tmp_path, docs, "out1"), "--overwrite")  # the same job run again from scratch
+    assert len(sent(tmp_path)) == 30 and stats(tmp_path / "out1")["cache_hits"] == 30
 
     status = infermill(tmp_path, "status", str(tmp_path / "out2"))
     assert status.returncode == 0, output_of(status)
