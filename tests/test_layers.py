@@ -29,7 +29,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "configuration",
         ("config", "servertypes", "layout", "gpus", "retry", "cost", "prompts", "structured", "rollouts"),
     ),
-    ("outside world: files, HTTP, servers", ("io.*", "http1", "client", "servers.*", "datatrove_compat", "jobfile")),
+    (
+        "outside world: files, HTTP, servers",
+        ("io.*", "cache", "http1", "client", "servers.*", "datatrove_compat", "jobfile"),
+    ),
     (
         "checkpoints: the work queue",
         ("queue_storage", "queue_storage_s3", "mirror", "journal", "queue", "stream", "worker"),

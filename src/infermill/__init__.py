@@ -17,12 +17,17 @@ from infermill.types import Document, InferenceResult
 from infermill.version import __version__
 
 if TYPE_CHECKING:
+    from infermill.cache import RequestCache
     from infermill.config import InferenceConfig
     from infermill.runner import InferenceRunner
 
 # Imported on first use: servers started by infermill (the echo server, test servers)
 # import this package, and should not pay for pydantic and the runner at start-up.
-_LAZY = {"InferenceConfig": "infermill.config", "InferenceRunner": "infermill.runner"}
+_LAZY = {
+    "InferenceConfig": "infermill.config",
+    "InferenceRunner": "infermill.runner",
+    "RequestCache": "infermill.cache",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -35,5 +40,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BadRequestError", "ConfigError", "Document", "InferenceConfig", "InferenceError", "InferenceResult",
-    "InferenceRunner", "InfermillError", "RequestError", "RetryableError", "ServerError", "__version__",
+    "InferenceRunner", "InfermillError", "RequestCache", "RequestError", "RetryableError", "ServerError",
+    "__version__",
 ]  # fmt: skip

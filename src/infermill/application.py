@@ -29,6 +29,7 @@ from infermill.layout import INFERMILL_DIR, TRIAL_DIR, JobLayout, beside_output,
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from infermill.cache import CacheSavings
     from infermill.card import CardSettings
     from infermill.cost import Forecast, Spend
     from infermill.io.readers import DocumentReader
@@ -180,11 +181,19 @@ class Job:
                     from infermill.io.filesystems import check_writable
 
                     check_writable(job.output.path, job.output.storage_options)
+                self.check_cache()
         except StorageError as e:  # before anything runs: the user's to fix
             raise ConfigError(str(e)) from None
         if job.inference.server_log_folder is None:  # a job keeps its server's output with its other files
             job.inference.server_log_folder = str(layout.logs)
         return layout
+
+    def check_cache(self) -> None:
+        """``ConfigError`` naming ``cache.path`` if the job's request cache cannot be written."""
+        from infermill.job import request_cache
+
+        if (cache := request_cache(self.config)) is not None:
+            cache.check_writable()
 
     def uses_executor(self, options: RunOptions) -> bool:
         """Whether this command plans the job and has an executor run its workers (else it is one
@@ -641,6 +650,7 @@ class JobStatus:
     replicas: list[dict[str, Any]]
     check: OutputCheck | None = None
     cost: Spend | None = None  # a job with prices: spent so far (as its workers kept their stats), forecast
+    cache: CacheSavings | None = None  # a job with a request cache: its hits, misses and savings
 
     @property
     def queue(self) -> QueueStatus:
@@ -652,6 +662,8 @@ class JobStatus:
         document = {**self.progress.as_dict(), "replicas": self.replicas}
         if self.cost is not None:
             document["cost"] = self.cost.as_dict()
+        if self.cache is not None:
+            document["cache"] = self.cache.as_dict()
         if self.check is not None:
             document["lost_outputs"] = [dataclasses.asdict(entry) for entry in self.check.lost]
             document["unchecked_outputs"] = self.check.unchecked
@@ -661,6 +673,7 @@ class JobStatus:
 def job_status(layout: JobLayout, output: str, verify: bool = False) -> JobStatus:
     """Where the job of the work queue laid out by ``layout`` stands; ``verify``: also check
     every done unit's output file."""
+    from infermill.cache import CacheSavings
     from infermill.cost import spend
     from infermill.jobstatus import job_progress
     from infermill.worker import read_stats
@@ -669,7 +682,7 @@ def job_status(layout: JobLayout, output: str, verify: bool = False) -> JobStatu
     progress = job_progress(layout)
     stats = read_stats(layout)
     cost = spend(stats, progress.queue.documents_total)
-    return JobStatus(progress, stats.get("replicas") or [], check, cost)
+    return JobStatus(progress, stats.get("replicas") or [], check, cost, CacheSavings.of(stats))
 
 
 def stream_ranks_status(layout: JobLayout, output: str) -> dict[int, QueueStatus]:

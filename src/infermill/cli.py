@@ -380,6 +380,7 @@ def check(job_file: str, overrides: tuple[str, ...]) -> None:
     job = _load(job_file, overrides)
     try:
         rollout, document = job.canary_document()
+        job.check_cache()
     except ConfigError as e:
         _fail(e)
     click.echo(f"job file OK; first document: {document.id}")
@@ -699,6 +700,8 @@ def _queue_status(found: JobStatus, output: str, as_json: bool) -> None:
         forecast = f", forecast {cost.forecast:,.2f} for the whole job" if cost.forecast is not None else ""
         budget = f", budget {cost.budget:g}" if cost.budget is not None else ""
         click.echo(f"cost: {cost.cost:,.2f} so far ({cost.gpu_hours:,.3f} GPU-hours){forecast}{budget}")
+    if found.cache is not None:
+        click.echo(f"request cache: {found.cache.line()}")
     for index, replica in enumerate(replicas):
         click.echo(
             f"replica {index}: {replica.get('requests', 0):,} requests, {replica.get('restarts', 0)} restarts, "

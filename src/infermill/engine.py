@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 
 import orjson
 
+from infermill.cache import fingerprint, request_bytes, samples
 from infermill.concurrency import AdaptiveLimit
 from infermill.config import InferenceConfig
 from infermill.errors import (
@@ -47,6 +48,7 @@ from infermill.structured import InvalidReplyError
 from infermill.types import END_OF_INPUT, GENERATED_TEXT, Document, InferenceResult
 
 if TYPE_CHECKING:
+    from infermill.cache import CacheRun
     from infermill.cost import Prices
     from infermill.monitor import Monitor
 
@@ -195,12 +197,24 @@ class DocumentEngine:
         self.slots: asyncio.Semaphore | AdaptiveLimit = make_slots(self.config)
         self.documents_total: int | None = None  # the documents this run has to do, when known
         self.store_requests_at_start: dict[str, int] = {}  # a job in an object store: its process's, so far
+        self.cache: CacheRun | None = None  # the job's request cache, once opened (see open_cache)
         self._failures: BinaryIO | None = None
         # observed per request only while metrics are on (a Prometheus port, a time series)
         self.latency: LatencyHistogram | None = None
         self.reply_latency: LatencyHistogram | None = None
         # what every request's payload goes over (made once, not per document: the config is the run's)
         self._base: dict[str, Any] = {"model": self.config.model_name_or_path, **self.config.default_generation_params}
+
+    async def open_cache(self) -> None:
+        """Read the index of the job's request cache (``settings.cache``), if it has one."""
+        cache = getattr(self.settings, "cache", None)
+        if cache is not None:
+            self.cache = await asyncio.to_thread(cache.open)
+
+    async def publish_cache(self) -> None:
+        """Publish the replies stored in the request cache since the last time, if it has one."""
+        if self.cache is not None:
+            await self.cache.publish()
 
     def cost_so_far(self) -> float | None:
         """What this run cost so far at the job's prices (its GPUs since it started, its tokens);
@@ -288,6 +302,8 @@ class DocumentEngine:
                         continue
                     raise
             if (full_chunk := journal.commit(index, record)) is not None:
+                if self.cache is not None:  # its replies published before the unit is committed
+                    await self.cache.publish()
                 await journal.finish_chunk(full_chunk)
 
     async def _process_document(self, document: Document, index: int) -> bytes | None:
@@ -452,7 +468,44 @@ class DocumentEngine:
                     reply_latency.observe(time.monotonic() - called)
                 return result
 
-        return generate, lambda: last
+        if self.cache is None:
+            return generate, lambda: last
+        cache, doc_id = self.cache, str(document.id)
+        repeats: dict[bytes, int] = {}
+
+        async def cached_generate(payload: dict[str, Any], *, path: str | None = None) -> InferenceResult:
+            """``generate``, answered from the request cache when it holds the request's reply."""
+            nonlocal last
+            chat = is_chat(path, use_chat)
+            body = {**base, **payload}
+            request = request_bytes(body, path or ("/v1/chat/completions" if chat else "/v1/completions"))
+            sample = None
+            if samples(body):  # each sample its own entry: the same request's repeats too
+                repeat = repeats[request] = repeats.get(request, -1) + 1
+                sample = (doc_id, rollout_index, repeat)
+            key = fingerprint(request, sample)
+            reply = await cache.lookup(key)
+            if reply is not None:
+                last = payload
+                try:
+                    result = parse_reply(orjson.loads(reply), chat)
+                except (orjson.JSONDecodeError, RetryableError):  # (a segment damaged after it was written)
+                    reply = None
+            if reply is not None:
+                stats.cache_hits += 1
+                stats.cache_saved_prompt_tokens += result.usage.get("prompt_tokens") or 0
+                stats.cache_saved_completion_tokens += result.usage.get("completion_tokens") or 0
+                return result
+            stats.cache_misses += 1
+            try:
+                result = await generate(payload, path=path)
+            except BaseException:
+                cache.abandon(key)
+                raise
+            cache.store(key, orjson.dumps(result.raw))
+            return result
+
+        return cached_generate, lambda: last
 
     def _record_failure(self, doc_id: str, error: BaseException, payload: dict[str, Any] | None) -> None:
         if self._failures is None:

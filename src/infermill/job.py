@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from infermill.cache import RequestCache
 from infermill.config import without_credentials
 from infermill.cost import prices_of
 from infermill.errors import InfermillError
@@ -71,6 +72,11 @@ def build_shared_context(job: JobConfig) -> Any:
     return functools.partial(load_function(r.shared_context, "rollout.shared_context"), **r.shared_context_kwargs)
 
 
+def request_cache(job: JobConfig) -> RequestCache | None:
+    """The job's request cache (its ``cache`` section); None without one."""
+    return RequestCache(job.cache.path, job.cache.storage_options) if job.cache is not None else None
+
+
 def check_rollout(rollout: Any, reader: DocumentReader) -> None:
     """Check the templates of a prompt ``rollout`` on the input's first document (``ConfigError``
     naming a placeholder that is no field of it), before any request is sent."""
@@ -113,6 +119,7 @@ def build_runner(
         skip_bad_requests=job.runner.skip_bad_requests,
         generated_text=job.runner.generated_text,
         prices=prices_of(job.cost, job.inference),
+        cache=request_cache(job),
         job_identity={
             # (not how it is reached: an endpoint or credentials that change do not change the job)
             "input": job.input.model_dump(mode="json", exclude={"limit", "storage_options"}),

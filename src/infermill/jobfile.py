@@ -10,6 +10,7 @@
     slurm:     {partition, gpus_per_worker, cpus_per_worker, mem, time, qos, account, sbatch_args, env, setup}
     ray:       {gpus_per_worker, cpus_per_worker, env}
     cost:      {gpu_hour, input_per_million, output_per_million, gpus_per_worker, budget}
+    cache:     {path, storage_options}
 
 Unknown keys and wrong types are rejected with the key's full path and what was expected.
 
@@ -294,6 +295,15 @@ class CostSection(_Section):
     )
 
 
+class CacheSection(_Section):
+    """The request cache: replies kept across jobs, keyed by the request (see the README's "Request cache")."""
+
+    path: OneLine = Field(
+        description="A folder or URL (s3://bucket/prefix) many jobs may share; delete it to clear the cache."
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description=STORAGE_OPTIONS_HELP)
+
+
 class JobConfig(_Section):
     """A whole job, as read from a job file."""
 
@@ -306,6 +316,7 @@ class JobConfig(_Section):
     slurm: SlurmSection = Field(default_factory=SlurmSection)
     ray: RaySection = Field(default_factory=RaySection)
     cost: CostSection | None = None
+    cache: CacheSection | None = None
 
     def layout(self) -> JobLayout:
         """Where the job keeps its checkpoints, stats, failures and logs; a ConfigError for a
@@ -347,7 +358,7 @@ SECRET_OVERRIDES_FILE_ENV = "INFERMILL_SECRET_OVERRIDES_FILE"
 
 #: the sections of a job file whose fields may hold secrets: those of
 #: :data:`~infermill.config.SECRET_FIELDS` (``inference.api_key``, ``output.storage_options``...)
-SECRET_SECTIONS = ("inference", "input", "output")
+SECRET_SECTIONS = ("inference", "input", "output", "cache")
 
 
 def split_secret_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -405,6 +416,7 @@ PATH_FIELDS = (
     ("input", "path"),
     ("output", "path"),
     ("checkpoint", "dir"),
+    ("cache", "path"),
     ("inference", "server_log_folder"),
     ("inference", "server_workdir"),
 )

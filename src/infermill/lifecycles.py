@@ -47,6 +47,7 @@ from infermill.worker import (
 )
 
 if TYPE_CHECKING:
+    from infermill.cache import RequestCache
     from infermill.cost import Prices
     from infermill.io.units import UnitPlan
 
@@ -59,6 +60,7 @@ class RunSettings(EngineSettings, Protocol):
     output_writer: OutputWriter
     shared_context: Any
     prices: Prices | None
+    cache: RequestCache | None
     records_per_chunk: int
     overwrite: bool
     accept_changed_input: bool
@@ -117,6 +119,7 @@ async def run_rank(
     runs.append(run)
     stopped_on_request = False
     try:
+        await run.open_cache()
         server_scope = contextlib.nullcontext(server) if server is not None else create_server(job.config, rank)
         with fewer_gc_passes():
             async with (
@@ -125,12 +128,14 @@ async def run_rank(
                 server_scope as started,
             ):
                 await run.process(source, started, context)
+            await run.publish_cache()  # before the stream's last unit is committed
             await source.finish()
     except asyncio.CancelledError:
         stopped_on_request = True
         raise
     finally:
         runs.remove(run)
+        await run.publish_cache()
         run.stats.inference_time_sec = time.perf_counter() - run.started
         stats = run.stats.to_dict()
         try:  # raises if a checkpoint write failed
@@ -228,6 +233,7 @@ async def _work_on_queue(
     runs.append(run)
     stopped_on_request = stalled = False
     try:
+        await run.open_cache()
         server_scope = (
             contextlib.nullcontext(server) if server is not None else create_server(job.config, options.worker_index)
         )
@@ -249,6 +255,7 @@ async def _work_on_queue(
         raise
     finally:
         runs.remove(run)
+        await run.publish_cache()
         run.stats.inference_time_sec = time.perf_counter() - run.started
         try:
             abandoned += await journal.close(release=stopped_on_request)

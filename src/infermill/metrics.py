@@ -65,6 +65,13 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("requests_retried", "Request attempts that failed and were tried again", "infermill_requests_retried",
             report="retried"),
     Counter("requests_cached", "Requests answered from the checkpoint, not sent", "infermill_requests_cached"),
+    Counter("cache_hits", "Requests answered from the request cache (cache.path), not sent", "infermill_cache_requests",
+            "hit", "cache hits"),
+    Counter("cache_misses", "Requests not in the request cache: sent", "infermill_cache_requests", "miss"),
+    Counter("cache_saved_prompt_tokens", "Prompt tokens of the replies the request cache answered",
+            "infermill_cache_saved_prompt_tokens"),
+    Counter("cache_saved_completion_tokens", "Completion tokens of the replies the request cache answered",
+            "infermill_cache_saved_completion_tokens"),
     Counter("prompt_tokens", "Prompt tokens of answered requests (the server's usage)", "infermill_prompt_tokens"),
     Counter("completion_tokens", "Completion tokens of answered requests", "infermill_completion_tokens",
             report="completion tokens"),
@@ -74,8 +81,13 @@ COUNTERS: tuple[Counter, ...] = (
             in_stats=False),
 )  # fmt: skip
 
+#: the counters of the request cache: left out of a run's stats when it has none
+CACHE_COUNTERS = ("cache_hits", "cache_misses", "cache_saved_prompt_tokens", "cache_saved_completion_tokens")
+
 #: the families shared by several counters (an ``outcome`` label each), with their help text
 COUNTER_FAMILIES = {
+    "infermill_cache_requests": "Requests of a job with a request cache (cache.path) by outcome: hit (answered from "
+    "it, not sent), miss (sent)",
     "infermill_documents": "Documents by outcome, each counted once: written, empty (every rollout returned None), "
     "skipped (a bad request, skip_bad_requests), failed, bad_input (a malformed input record skipped)",
     "infermill_requests": "Requests to the server by final outcome",
@@ -104,6 +116,10 @@ class RunStats:
     requests_failed: int = 0
     requests_retried: int = 0
     requests_cached: int = 0  # answered from the checkpoint's request cache
+    cache_hits: int = 0  # answered from the job's request cache (cache.path): not sent
+    cache_misses: int = 0  # not in the request cache: sent (or answered from the checkpoint)
+    cache_saved_prompt_tokens: int = 0  # the usage of the replies the request cache answered
+    cache_saved_completion_tokens: int = 0
     requests_in_flight: int = 0  # sent, the reply not yet read
     requests_pending: int = 0  # in flight, or waiting for a generation slot or for the server
     prompt_tokens: int = 0
@@ -124,6 +140,9 @@ class RunStats:
             data.pop("replicas")
         if not self.adaptive_concurrency:
             data.pop("adaptive_concurrency")
+        if not (self.cache_hits or self.cache_misses):  # a job without a request cache
+            for name in CACHE_COUNTERS:
+                data.pop(name)
         elapsed = self.inference_time_sec or max(time.time() - self.started_at, 1e-9)
         data["documents_per_sec"] = per_sec(0, self.documents_processed, elapsed) or 0.0
         data["completion_tokens_per_sec"] = per_sec(0, self.completion_tokens, elapsed) or 0.0

@@ -586,6 +586,7 @@ class JobSummary:
 def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries]) -> JobSummary:
     """The job's identity and summary from its stats, its queue (or its checkpoints, for a job of
     a document stream's ranks) and its time series."""
+    from infermill.cache import CacheSavings
     from infermill.cost import spend
     from infermill.jobstatus import job_progress
     from infermill.queue import WorkQueue
@@ -664,6 +665,8 @@ def job_summary(layout: JobLayout, output: str, series: dict[str, WorkerSeries])
             forecast = f", forecast {spent.forecast:,.2f} for the whole job" if spent.forecast is not None else ""
             budget = f", budget {spent.budget:g}" if spent.budget is not None else ""
             summary.append(("cost", f"{spent.cost:,.2f} so far ({spent.gpu_hours:,.3f} GPU-hours){forecast}{budget}"))
+        if (saved := CacheSavings.of(stats)) is not None:  # a job with a request cache
+            summary.append(("request cache", saved.line()))
         summary = [(name, value) for name, value in summary if value is not None]
     elif series:
         summary.append(("stats.json", "not written yet (it is written when a worker run ends): see the plots"))

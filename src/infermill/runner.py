@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterable, Iterable
 from typing import Any
 
+from infermill.cache import RequestCache
 from infermill.config import InferenceConfig
 from infermill.cost import Prices
 from infermill.engine import DocumentEngine, RolloutFn
@@ -50,6 +51,8 @@ class InferenceRunner:
         job_identity: what else identifies the job (its input), checked when a run resumes.
         prices: what the job costs (``infermill.cost.Prices``): its spend and forecast in its stats, and
             its budget (over it, a queue worker stops: ``BudgetExceededError``).
+        cache: the request cache (:class:`~infermill.cache.RequestCache`, or its folder or URL):
+            replies kept across runs and jobs, keyed by the request; identical requests are sent once.
         generated_text: also write the first result's text as the record's top-level
             ``generated_text`` (a column in Parquet), beside the results under ``metadata_key``.
         overwrite: discard the checkpoint and output files of an earlier run and start over.
@@ -89,6 +92,7 @@ class InferenceRunner:
         job_identity: dict[str, Any] | None = None,
         generated_text: bool = False,
         prices: Prices | None = None,
+        cache: RequestCache | str | None = None,
         overwrite: bool = False,
         accept_changed_input: bool = False,
     ):
@@ -118,6 +122,7 @@ class InferenceRunner:
         self.job_identity = dict(job_identity or {})
         self.generated_text = generated_text
         self.prices = prices
+        self.cache = RequestCache(cache) if isinstance(cache, str) else cache
         self.overwrite = overwrite
         self.accept_changed_input = accept_changed_input
         self.retry_policy = RetryPolicy.from_config(config)
