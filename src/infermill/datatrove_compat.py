@@ -44,7 +44,9 @@ import errno
 import logging
 import os
 import re
+import shlex
 import shutil
+import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -71,10 +73,15 @@ class PipelineStep(Protocol):
 
 #: the job folder's folder of chunk files being written
 STAGING_DIR = "staging"
+#: an earlier infermill's folder of temporary files in a datatrove writer's output
+EARLIER_TMP_DIR = "_infermill_tmp"
+#: the suffix of a chunk's file being copied into the output from another file system (``.NAME.<random>.tmp``)
+COPY_SUFFIX = ".tmp"
 #: records_per_chunk when a rank's output is one chunk (a datatrove writer's file name without ${chunk_index})
 WHOLE_RANK = 1 << 62
 #: the metadata key datatrove's runner sets (True) on a document with no results, which it does not write
 NO_ROLLOUTS_MARK = "__no_rollouts_remove"
+logger = logging.getLogger(__name__)
 _TAG = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -91,13 +98,14 @@ def adapt_writer(
             f"got {type(writer).__name__}"
         )
     adapted = DatatroveWriter(writer, checkpoints_local_dir)
-    earlier = os.path.join(adapted.root, INFERMILL_DIR)
-    if adapted.is_local and os.path.isdir(earlier):
-        raise ConfigError(
-            f"{earlier} holds infermill's files as an earlier infermill kept them, in the output folder (which the "
-            f"next step's reader reads whole); this one keeps them in {adapted.layout.root}. To resume that job, "
-            f"move them there (mkdir -p {adapted.layout.root} && mv {earlier}/* {adapted.layout.root}/) and delete "
-            f"{earlier} and {os.path.join(adapted.root, '_infermill_tmp')}; to start over, delete both"
+    _refuse_earlier_files(adapted)
+    if adapted.is_local and checkpoints_local_dir is None and os.path.ismount(adapted.root):
+        logger.warning(
+            "the output %s is a mount point: the job's folder %s is on another file system (the parent's), where "
+            "its checkpoints are lost if that one is (a container's own); each chunk's file is copied into the "
+            "output. Set checkpoints_local_dir to a folder on lasting storage to keep them",
+            adapted.root,
+            adapted.layout.root,
         )
     if adapted.one_file_per_rank:
         if checkpoints_local_dir is not None:
@@ -108,6 +116,26 @@ def adapt_writer(
             )
         records_per_chunk = WHOLE_RANK  # one file per rank, still checkpointed: one unit, committed at the end
     return adapted, records_per_chunk, adapted.layout
+
+
+def _refuse_earlier_files(adapted: DatatroveWriter) -> None:
+    """Refuse (``ConfigError``) an output holding an earlier infermill's files (``_infermill/``,
+    ``_infermill_tmp/``), which the next step's reader would read, saying how to move or delete them."""
+    earlier, earlier_tmp = (os.path.join(adapted.output_folder, name) for name in (INFERMILL_DIR, EARLIER_TMP_DIR))
+    if adapted.is_local and os.path.isdir(earlier):
+        root = shlex.quote(str(adapted.layout.root))
+        raise ConfigError(
+            f"{earlier} holds infermill's files as an earlier infermill kept them, in the output folder (which the "
+            f"next step's reader reads whole); this one keeps them in {adapted.layout.root}. To resume that job, "
+            f"move them there (mkdir -p {root} && cp -a {shlex.quote(earlier)}/. {root}/ && rm -r "
+            f"{shlex.quote(earlier)}) and delete {earlier_tmp} if there; to start over, delete both"
+        )
+    if adapted.writer.output_folder.isdir(EARLIER_TMP_DIR):
+        how = f" (rm -r {shlex.quote(earlier_tmp)})" if adapted.is_local else ""
+        raise ConfigError(
+            f"{earlier_tmp} is an earlier infermill's folder of temporary files, in the output folder (which the "
+            f"next step's reader reads whole); nothing in it is a result: delete it{how} and run again"
+        )
 
 
 def run_step(runner: PipelineStep, data: Any, rank: int, world_size: int) -> None:
@@ -249,8 +277,7 @@ class DatatroveWriter(OutputWriter):
         return count
 
     def _place(self, staged: Path, name: str) -> None:
-        """Make ``staged`` the output's file ``name``, appearing whole: renamed (through a copy
-        beside the output when the job's folder is on another file system), or uploaded."""
+        """Make ``staged`` the output's file ``name``, appearing whole: renamed, or uploaded."""
         folder = self.writer.output_folder
         folder.makedirs(_parent(name), exist_ok=True)
         if not self.is_local:
@@ -262,20 +289,7 @@ class DatatroveWriter(OutputWriter):
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            beside = self._cross_device_staging()
-            beside.mkdir(exist_ok=True)
-            copy_path = beside / f"{staged.parent.name}_{staged.name}"
-            try:
-                shutil.copyfile(staged, copy_path)
-                os.replace(copy_path, final)
-            finally:
-                copy_path.unlink(missing_ok=True)
-
-    def _cross_device_staging(self) -> Path:
-        """``.OUTPUT.infermill-staging`` beside a local output: where a chunk's file staged on
-        another file system is copied to before its rename."""
-        output = Path(self.root)
-        return output.with_name(f".{output.name}.infermill-staging")
+            _copy_into_place(staged, final)
 
     def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
         folder = self.writer.output_folder
@@ -289,9 +303,14 @@ class DatatroveWriter(OutputWriter):
         chunk = "*" if chunk_index is None else f"{chunk_index:05d}"
         for path in self.staging.glob(f"{rank:05d}_{chunk}_????????"):
             shutil.rmtree(path, ignore_errors=True)
-        if self.is_local:
-            for path in self._cross_device_staging().glob(f"{rank:05d}_{chunk}_????????_*"):
-                path.unlink(missing_ok=True)
+        if self.is_local:  # a copy onto the output's file system, left by a run killed while it was made
+            name = self.writer.output_filename.safe_substitute(
+                rank=f"{rank:05d}", chunk_index="*" if chunk_index is None else str(chunk_index)
+            )
+            for pattern in {_TAG.sub("*", name), _with_file_id(_TAG.sub("*", name))}:
+                head, _, base = pattern.rpartition("/")
+                for path in Path(self.root, head).glob(f".{base}.*{COPY_SUFFIX}"):
+                    path.unlink(missing_ok=True)
 
 
 #: infermill's counts that datatrove's runner keeps under a name of its own (``stats.json``'s name:
@@ -384,6 +403,21 @@ def _media(item: dict[str, Any]) -> Any:
     if isinstance(item.get("media_bytes"), str):
         item = {**item, "media_bytes": base64.b64decode(item["media_bytes"])}
     return Media(**item)
+
+
+def _copy_into_place(staged: Path, final: str) -> None:
+    """Copy ``staged`` (on another file system than the output) to ``final``, appearing whole: into
+    a hidden ``.NAME.<random>.tmp`` in ``final``'s own folder (the same file system, whatever is
+    mounted where; a name no other rank or chunk has), then renamed."""
+    fd, copy_path = tempfile.mkstemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.", suffix=COPY_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as copy_file, open(staged, "rb") as source:
+            shutil.copyfileobj(source, copy_file)
+        os.replace(copy_path, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(copy_path)
+        raise
 
 
 def _parent(path: str) -> str:
