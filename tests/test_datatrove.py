@@ -670,3 +670,117 @@ def test_a_copy_left_by_a_run_killed_while_placing_a_chunk_is_deleted_by_the_nex
         assert list(tmp_path.glob(".*")) == []  # nothing staged beside the output
     finally:
         shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def test_the_hint_to_move_an_earlier_checkpoint_moves_all_of_it_dotfiles_too(tmp_path):
+    """The refusal's command, run as the user copies it, moves every file of the earlier job folder
+    (hidden ones too) and deletes it; the job then resumes as complete."""
+    import shutil
+
+    out = tmp_path / "out"
+    documents = [DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(3)]
+    make_writer = lambda: DtJsonlWriter(str(out), output_filename="${rank}_${chunk_index}.jsonl")  # noqa: E731
+    assert InferenceRunner(echo_rollout, dummy_config(), make_writer()).run(documents)["documents_written"] == 3
+    shutil.move(tmp_path / "out.infermill", out / "_infermill")  # where an earlier infermill kept it
+    (out / "_infermill" / ".hidden").write_text("kept")
+    with pytest.raises(ConfigError) as refused:
+        InferenceRunner(echo_rollout, dummy_config(), make_writer())
+    (command,) = re.findall(r"move them there \((.*?)\) and delete", str(refused.value))
+    subprocess.run(["sh", "-c", command], check=True)
+    assert (tmp_path / "out.infermill" / ".hidden").read_text() == "kept"
+    assert not (out / "_infermill").exists()
+    assert InferenceRunner(echo_rollout, dummy_config(), make_writer()).run(documents)["already_complete"] is True
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_an_earlier_infermills_temporary_folder_in_the_output_is_refused_saying_to_delete_it(tmp_path, where):
+    """An earlier infermill left ``_infermill_tmp/`` in the output (a local one, or remote with
+    checkpoints_local_dir), which the next step's reader would read: refused before any server
+    starts, naming the folder."""
+    import fsspec
+    from datatrove.io import get_datafolder
+
+    url = str(tmp_path / "out") if where == "local" else f"memory://infermill-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        get_datafolder(url).makedirs("_infermill_tmp", exist_ok=True)
+        get_datafolder(url).open("_infermill_tmp/00000_00001.jsonl", "w").close()
+        writer = DtJsonlWriter(url, output_filename="${rank}_${chunk_index}.jsonl")
+        with pytest.raises(ConfigError, match=r"_infermill_tmp is an earlier infermill's .* delete it") as refused:
+            InferenceRunner(echo_rollout, dummy_config(), writer, checkpoints_local_dir=str(tmp_path / "ckpt"))
+        if where == "local":
+            subprocess.run(["sh", "-c", re.findall(r"\((rm -r .*?)\)", str(refused.value))[0]], check=True)
+        else:
+            get_datafolder(url).rm("_infermill_tmp", recursive=True)
+        runner = InferenceRunner(echo_rollout, dummy_config(), writer, checkpoints_local_dir=str(tmp_path / "ckpt"))
+        assert runner.run([DtDocument(text="hello", id="d0")])["documents_written"] == 1
+    finally:
+        if where == "memory":
+            fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
+
+
+def test_an_exception_logged_under_datatrove_shows_its_traceback_but_not_its_local_variables():
+    """datatrove's logger shows a traceback's variables (loguru's diagnose): an infermill record's
+    traceback reaches it as text, so that a secret in a frame (a server command, a key) stays out of
+    the task logs."""
+    import logging
+
+    from loguru import logger
+
+    from infermill.datatrove_compat import datatrove_logging
+
+    said: list[str] = []
+    sink = logger.add(lambda message: said.append(str(message)), level="DEBUG", diagnose=True, backtrace=True)
+
+    def connect(api_key: str) -> None:
+        raise ConnectionError("refused " + str(len(api_key)))
+
+    key = "-".join(["sk", "secret", "4242"])  # (not in a line of source, which a traceback shows)
+    try:
+        with datatrove_logging():
+            try:
+                connect(key)
+            except ConnectionError:
+                logging.getLogger("infermill.server").exception("the server did not start")
+    finally:
+        logger.remove(sink)
+    (text,) = said
+    assert "the server did not start" in text and "Traceback (most recent call last)" in text, text
+    assert "ConnectionError: refused 14" in text and "in connect" in text, text
+    assert "sk-secret-4242" not in text, text
+
+
+def test_overlapping_datatrove_logging_gives_each_record_to_loguru_once_and_puts_the_logger_back():
+    """Two steps in threads of one process: their ``datatrove_logging`` overlap (entered A, B, left
+    A, B): meanwhile a record reaches loguru once, and not the root logger; after both, the
+    ``infermill`` logger is as it was."""
+    import logging
+
+    from loguru import logger
+
+    from infermill.datatrove_compat import datatrove_logging
+
+    said: list[str] = []
+    sink = logger.add(lambda message: said.append(message.record["message"]), level="DEBUG")
+    root_said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            root_said.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)
+    infermill_logger = logging.getLogger("infermill")
+    before = (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate)
+    first, second = datatrove_logging(), datatrove_logging()
+    try:
+        first.__enter__()
+        second.__enter__()
+        logging.getLogger("infermill.engine").warning("both")
+        first.__exit__(None, None, None)
+        logging.getLogger("infermill.engine").warning("second only")
+        second.__exit__(None, None, None)
+    finally:
+        logger.remove(sink)
+        logging.getLogger().removeHandler(keep)
+    assert said == ["both", "second only"] and root_said == []
+    assert (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate) == before

@@ -47,6 +47,7 @@ import re
 import shlex
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -166,34 +167,66 @@ def datatrove_logging() -> Iterator[None]:
     (which would print WARNINGs a second time, unformatted); INFO and above, unless the
     ``infermill`` logger has a level of its own. Nothing is changed where loguru is not installed
     (the step not run by datatrove). Only the ``infermill`` logger is touched, and put back as it
-    was on the way out."""
+    was once the last of overlapping uses (steps in threads of one process) ends."""
     try:
         from loguru import logger as loguru_logger
     except ImportError:
         yield
         return
-    infermill_logger = logging.getLogger("infermill")
-    level, propagate = infermill_logger.level, infermill_logger.propagate
-    handler = _LoguruHandler(loguru_logger)
-    infermill_logger.addHandler(handler)
-    infermill_logger.propagate = False
-    if level == logging.NOTSET:
-        infermill_logger.setLevel(logging.INFO)
+    with _BRIDGE.lock:
+        if _BRIDGE.users == 0:
+            _BRIDGE.install(loguru_logger)
+        _BRIDGE.users += 1
     try:
         yield
     finally:
-        infermill_logger.removeHandler(handler)
-        infermill_logger.propagate = propagate
-        infermill_logger.setLevel(level)
+        with _BRIDGE.lock:
+            _BRIDGE.users -= 1
+            if _BRIDGE.users == 0:
+                _BRIDGE.uninstall()
+
+
+class _Bridge:
+    """The ``infermill`` logger's one handler to loguru, shared by overlapping ``datatrove_logging``
+    uses, and the logger's settings to put back when the last one ends."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.handler: _LoguruHandler | None = None
+        self.saved = (logging.NOTSET, True)  # the infermill logger's level and propagate
+
+    def install(self, loguru_logger: Any) -> None:
+        infermill_logger = logging.getLogger("infermill")
+        self.saved = (infermill_logger.level, infermill_logger.propagate)
+        self.handler = _LoguruHandler(loguru_logger)
+        infermill_logger.addHandler(self.handler)
+        infermill_logger.propagate = False
+        if infermill_logger.level == logging.NOTSET:
+            infermill_logger.setLevel(logging.INFO)
+
+    def uninstall(self) -> None:
+        infermill_logger = logging.getLogger("infermill")
+        if self.handler is not None:
+            infermill_logger.removeHandler(self.handler)
+            self.handler = None
+        infermill_logger.setLevel(self.saved[0])
+        infermill_logger.propagate = self.saved[1]
+
+
+_BRIDGE = _Bridge()
 
 
 class _LoguruHandler(logging.Handler):
     """A ``logging`` handler that logs each record with loguru, as the code that made it (its
-    logger's name, function and line, which datatrove's format shows)."""
+    logger's name, function and line, which datatrove's format shows). A record's traceback goes
+    as text, as ``logging`` formats it: loguru's own (with ``diagnose``, datatrove's setting) would
+    show the frames' local variables (server commands, keys) in the task logs."""
 
     def __init__(self, loguru_logger: Any):
         super().__init__()
         self.loguru_logger = loguru_logger
+        self.setFormatter(logging.Formatter("%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -205,11 +238,11 @@ class _LoguruHandler(logging.Handler):
             entry.update(name=record.name, function=record.funcName, line=record.lineno, module=record.module)
 
         try:
-            message = record.getMessage()
+            message = self.format(record)  # the message, then the traceback and stack, if any
         except Exception:  # (logging's own way with a record it cannot format)
             self.handleError(record)
             return
-        self.loguru_logger.patch(as_logged).opt(exception=record.exc_info or None).log(level, message)
+        self.loguru_logger.patch(as_logged).log(level, message)
 
 
 def is_datatrove_writer(writer: Any) -> bool:
