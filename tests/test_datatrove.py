@@ -784,3 +784,19 @@ def test_overlapping_datatrove_logging_gives_each_record_to_loguru_once_and_puts
         logging.getLogger().removeHandler(keep)
     assert said == ["both", "second only"] and root_said == []
     assert (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate) == before
+
+
+def test_the_job_folder_of_an_output_in_the_current_folder_is_beside_it_and_the_root_is_refused(tmp_path, monkeypatch):
+    """``JsonlWriter(".")``: the job folder is beside the current folder, ``../NAME.infermill`` (as
+    the README says); an output at ``/`` has no folder beside it: refused, saying to set
+    checkpoints_local_dir."""
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    writer = DtJsonlWriter(".", output_filename="${rank}_${chunk_index}.jsonl", compression=None)
+    stats = InferenceRunner(echo_rollout, dummy_config(), writer).run([DtDocument(text="hello", id="d0")])
+    assert stats["documents_written"] == 1
+    assert (tmp_path / "out.infermill" / "queue" / "plan.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000_0.jsonl"]
+    writer = DtJsonlWriter("/", output_filename="${rank}_${chunk_index}.jsonl")
+    with pytest.raises(ConfigError, match=r"the output / has no folder beside it .*checkpoints_local_dir"):
+        InferenceRunner(echo_rollout, dummy_config(), writer)

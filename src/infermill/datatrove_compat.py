@@ -268,7 +268,7 @@ class DatatroveWriter(OutputWriter):
         self.writer = writer
         folder = writer.output_folder
         self.fs = folder.fs  # the underlying file system; ``folder`` works relative to its root
-        self.root = folder.path.rstrip("/")
+        self.root = folder.path.rstrip("/") or "/"  # (``/`` itself stays the root, not the current folder)
         self.storage_options = dict(getattr(self.fs, "storage_options", None) or {})  # (how its folder was opened)
         self.output_folder = self.fs.unstrip_protocol(self.root) if not self.is_local else self.root
         self.output_filename = template
