@@ -609,7 +609,7 @@ def test_an_output_folder_that_is_a_mount_point_gets_its_chunks_whole_and_a_warn
         "for folder, _, files in os.walk(out):\n"
         "    for name in files:\n"
         "        path = os.path.join(folder, name)\n"
-        "        print(os.path.relpath(path, out), sorted(l.split('\"id\":\"')[1][:2] for l in open(path)))\n"
+        '        print(os.path.relpath(path, out), sorted(l.split(\'"id":"\')[1][:2] for l in open(path)))\n'
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(Path(__file__).parent)])}
     script = f'mount -t tmpfs none "$1" && exec "{sys.executable}" -c "$2" "$1"'

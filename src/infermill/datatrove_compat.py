@@ -16,10 +16,11 @@ the job's folder is ``checkpoints_local_dir`` when given, else ``OUTPUT.infermil
 output (:meth:`~infermill.layout.JobLayout.outside_output`). A chunk's files are first written by a
 copy of the writer into a temporary folder in the job's, ``staging/<rank>_<chunk>_<random>/``,
 closed, then each moved to its final name: a rename on a local or network file system, so that a
-chunk's file appears only whole. Where the job's folder is on another file system (or mount) than
-the output, each file is first copied into ``.OUTPUT.infermill-staging/`` beside the output, then
-renamed from there. To an object store, each file is uploaded whole (a file appears whole, a chunk
-split into several files by ``max_file_size`` or metadata tags in the name file by file). A run
+chunk's file appears only whole. Where the job's folder is on another file system than the output
+(``checkpoints_local_dir`` elsewhere, or an output that is a mount point), each file is first copied
+into a hidden ``.NAME.<random>.tmp`` beside its final name, then renamed. To an object store, each
+file is uploaded whole (a file appears whole, a chunk split into several files by
+``max_file_size`` or metadata tags in the name file by file). A run
 killed while writing leaves only temporary files, which the next run deletes. A file name without
 ``${chunk_index}`` (datatrove's ``${rank}.jsonl``) makes a rank's whole output one chunk: the
 runner allows it without ``checkpoints_local_dir``, as datatrove does.
@@ -368,7 +369,8 @@ def step_stats(name: str, stats: dict[str, Any], seconds: float = 0.0, rollouts_
     (:data:`DATATROVE_NAMES`; ``documents_processed``, ``failed_rollouts`` and ``requests`` made of
     infermill's), ``inference_time`` (seconds), and ``seconds`` (the step's time) as the step's
     runtime; infermill's other counts that are not 0 beside them, each a per-task total. A token
-    count's mean is per successful request, as datatrove's; its min, max and deviation are not kept."""
+    count's mean is per successful request, as datatrove's; its min, max and deviation are not kept
+    (each task's are its mean: datatrove's merge of the tasks' then shows those of their means)."""
     from datatrove.utils.stats import MetricStats, Stats, TimingStats
 
     def count(key: str) -> int:
@@ -442,7 +444,9 @@ def _copy_into_place(staged: Path, final: str) -> None:
     """Copy ``staged`` (on another file system than the output) to ``final``, appearing whole: into
     a hidden ``.NAME.<random>.tmp`` in ``final``'s own folder (the same file system, whatever is
     mounted where; a name no other rank or chunk has), then renamed."""
-    fd, copy_path = tempfile.mkstemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.", suffix=COPY_SUFFIX)
+    fd, copy_path = tempfile.mkstemp(
+        dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.", suffix=COPY_SUFFIX
+    )
     try:
         with os.fdopen(fd, "wb") as copy_file, open(staged, "rb") as source:
             shutil.copyfileobj(source, copy_file)
