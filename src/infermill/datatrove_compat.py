@@ -280,7 +280,10 @@ class DatatroveWriter(OutputWriter):
     def filename(self, rank: int, chunk_index: int) -> str:
         """The chunk's file name pattern (relative to the output folder); tags known only per document
         (``${id}``, metadata) are ``*``."""
-        name = self.writer.output_filename.safe_substitute(rank=f"{rank:05d}", chunk_index=str(chunk_index))
+        return self._name_pattern(rank, str(chunk_index))
+
+    def _name_pattern(self, rank: int, chunk: str) -> str:
+        name = self.writer.output_filename.safe_substitute(rank=f"{rank:05d}", chunk_index=chunk)
         return _TAG.sub("*", name)
 
     def chunk_file(self, rank: int, chunk_index: int) -> str | None:
@@ -338,12 +341,10 @@ class DatatroveWriter(OutputWriter):
         for path in self.staging.glob(f"{rank:05d}_{chunk}_????????"):
             shutil.rmtree(path, ignore_errors=True)
         if self.is_local:  # a copy onto the output's file system, left by a run killed while it was made
-            name = self.writer.output_filename.safe_substitute(
-                rank=f"{rank:05d}", chunk_index="*" if chunk_index is None else str(chunk_index)
-            )
-            for pattern in {_TAG.sub("*", name), _with_file_id(_TAG.sub("*", name))}:
+            name = self._name_pattern(rank, "*" if chunk_index is None else str(chunk_index))
+            for pattern in {name, _with_file_id(name)}:
                 head, _, base = pattern.rpartition("/")
-                for path in Path(self.root, head).glob(f".{base}.*{COPY_SUFFIX}"):
+                for path in Path(self.root).glob(f"{head}/.{base}.*{COPY_SUFFIX}".lstrip("/")):
                     path.unlink(missing_ok=True)
 
 
