@@ -19,11 +19,11 @@ closed, then each moved to its final name: a rename on a local or network file s
 chunk's file appears only whole. Where the job's folder is on another file system than the output
 (``checkpoints_local_dir`` elsewhere, or an output that is a mount point), each file is first copied
 into a hidden ``.NAME.<random>.tmp`` beside its final name, then renamed. To an object store, each
-file is uploaded whole (a file appears whole, a chunk split into several files by
-``max_file_size`` or metadata tags in the name file by file). A run
-killed while writing leaves only temporary files, which the next run deletes. A file name without
-``${chunk_index}`` (datatrove's ``${rank}.jsonl``) makes a rank's whole output one chunk: the
-runner allows it without ``checkpoints_local_dir``, as datatrove does.
+file is uploaded whole (a file appears whole, a chunk split into several files by ``max_file_size``
+or metadata tags in the name file by file). A run killed while writing leaves only temporary files,
+which the rank's next run deletes. A file name without ``${chunk_index}`` (datatrove's
+``${rank}.jsonl``) makes a rank's whole output one chunk: the runner allows it without
+``checkpoints_local_dir``, as datatrove does.
 
 A record's media bytes are base64 text in the journal (as infermill's writers write them);
 :func:`to_datatrove_document` gives the datatrove writer bytes again.
