@@ -492,10 +492,10 @@ def test_the_step_gives_infermills_records_to_loguru_only_while_it_runs_and_puts
     assert (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate) == before
 
 
-def test_a_job_folder_on_another_file_system_than_the_output_stages_chunks_beside_the_output(tmp_path):
+def test_a_job_folder_on_another_file_system_than_the_output_copies_chunks_into_place(tmp_path):
     """checkpoints_local_dir on another file system (tmpfs): a chunk's file cannot be renamed from
-    there into the output, so it is copied beside the output first, then renamed: it still appears
-    whole, and the output folder holds only the output."""
+    there into the output, so it is copied beside its final name first, then renamed: it still
+    appears whole, and the output folder holds only the output."""
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
         pytest.skip("needs /dev/shm on a file system of its own")
@@ -512,7 +512,7 @@ def test_a_job_folder_on_another_file_system_than_the_output_stages_chunks_besid
         assert runner.run([DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(5)])["documents_written"] == 5
         assert sorted(p.name for p in out.iterdir()) == [f"00000_{c}.jsonl.gz" for c in range(3)]
         assert sorted(r["id"] for r in read_output(out)) == [f"d{i}" for i in range(5)]
-        assert list((tmp_path / ".out.infermill-staging").iterdir()) == []  # each copy renamed into place
+        assert list(tmp_path.glob(".*")) == []  # each copy renamed into place, none beside the output
         assert list((Path(checkpoints) / "staging").iterdir()) == []
         assert (Path(checkpoints) / "queue" / "plan.json").is_file()
     finally:
@@ -572,3 +572,231 @@ def test_checkpoints_local_dir_inside_the_output_folder_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoints_local_dir .*/out/ckpt is inside the output folder .*/out"):
         InferenceRunner(echo_rollout, dummy_config(), writer, checkpoints_local_dir=str(tmp_path / "out" / "ckpt"))
     assert not (tmp_path / "out" / "ckpt").exists()
+
+
+def mount_namespace_works() -> bool:
+    """Whether this user can make a mount namespace of its own (``unshare -rm``) and mount a tmpfs in it."""
+    try:
+        probe = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", "mount -t tmpfs none /tmp"], capture_output=True, timeout=30
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def test_an_output_folder_that_is_a_mount_point_gets_its_chunks_whole_and_a_warning(tmp_path):
+    """The output is a mount point (a container's volume, a mounted bucket): the default job folder,
+    OUTPUT.infermill, is on the parent's file system, so a chunk's file cannot be renamed into
+    place; it is copied beside its final name, in the output's own folder, then renamed. The runner
+    warns that the job folder is on another file system than the output."""
+    if not mount_namespace_works():
+        pytest.skip("needs unshare -rm (a user and mount namespace) and a tmpfs mount in it")
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (
+        "import logging, os, sys\n"
+        "from datatrove.data import Document\n"
+        "from datatrove.pipeline.writers import JsonlWriter\n"
+        "from helpers import dummy_config, echo_rollout\n"
+        "from infermill.runner import InferenceRunner\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "out = sys.argv[1]\n"
+        "assert os.path.ismount(out)\n"
+        "writer = JsonlWriter(out, output_filename='${rank}/data/${chunk_index}.jsonl', compression=None)\n"
+        "runner = InferenceRunner(echo_rollout, dummy_config(), writer, records_per_chunk=2)\n"
+        "print(runner.run([Document(text=f'hello {i}', id=f'd{i}') for i in range(5)])['documents_written'])\n"
+        "for folder, _, files in os.walk(out):\n"
+        "    for name in files:\n"
+        "        path = os.path.join(folder, name)\n"
+        '        print(os.path.relpath(path, out), sorted(l.split(\'"id":"\')[1][:2] for l in open(path)))\n'
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(Path(__file__).parent)])}
+    script = f'mount -t tmpfs none "$1" && exec "{sys.executable}" -c "$2" "$1"'
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", str(out), code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "5"
+    # each chunk's file, whole, and nothing else in the output (no copy left beside it)
+    assert sorted(lines[1:]) == [
+        "00000/data/0.jsonl ['d0', 'd1']",
+        "00000/data/1.jsonl ['d2', 'd3']",
+        "00000/data/2.jsonl ['d4']",
+    ], result.stdout
+    assert "is a mount point" in result.stderr and "checkpoints_local_dir" in result.stderr, result.stderr
+    assert list(out.iterdir()) == []  # the tmpfs went with its namespace: nothing was written under it here
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing staged beside it
+
+
+def test_a_copy_left_by_a_run_killed_while_placing_a_chunk_is_deleted_by_the_next_run(tmp_path):
+    """A run killed while copying a chunk's file onto another file system leaves the copy, a hidden
+    ``.NAME.<random>.tmp`` beside the file's final name (two ranks' copies never share a name): the
+    next run of the rank deletes it, and datatrove's reader over the output reads exactly the results."""
+    from datatrove.pipeline.readers import JsonlReader
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    import shutil
+    import tempfile
+
+    checkpoints = tempfile.mkdtemp(dir=shm, prefix="infermill-test-")
+    try:
+        out = tmp_path / "out"
+        documents = [DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(3)]
+        for rank in (0, 1):
+            (out / f"{rank:05d}" / "data").mkdir(parents=True)
+            (out / f"{rank:05d}" / "data" / f".1.jsonl.{rank}x7q_0a.tmp").write_text('{"id": "half a chun')
+        (out / "keep").mkdir()
+        (out / "keep" / ".1.jsonl.x7q_0a.tmp").write_text("not the job's: kept")
+        for rank in (0, 1):
+            writer = DtJsonlWriter(str(out), output_filename="${rank}/data/${chunk_index}.jsonl", compression=None)
+            runner = InferenceRunner(
+                echo_rollout, dummy_config(), writer, checkpoints_local_dir=checkpoints, records_per_chunk=2
+            )
+            assert runner.run(documents, rank, 2)["documents_written"] == 3
+        files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        expected = [f"{rank:05d}/data/{c}.jsonl" for rank in (0, 1) for c in (0, 1)]
+        assert files == sorted([*expected, "keep/.1.jsonl.x7q_0a.tmp"]), files
+        shutil.rmtree(out / "keep")
+        read, said = datatrove_read(JsonlReader(str(out)))
+        assert sorted(d.id for d in read) == sorted(["d0", "d1", "d2"] * 2) and said == []
+        assert list(tmp_path.glob(".*")) == []  # nothing staged beside the output
+    finally:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def test_the_hint_to_move_an_earlier_checkpoint_moves_all_of_it_dotfiles_too(tmp_path):
+    """The refusal's command, run as the user copies it, moves every file of the earlier job folder
+    (hidden ones too) and deletes it; the job then resumes as complete."""
+    import shutil
+
+    out = tmp_path / "out"
+    documents = [DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(3)]
+    make_writer = lambda: DtJsonlWriter(str(out), output_filename="${rank}_${chunk_index}.jsonl")  # noqa: E731
+    assert InferenceRunner(echo_rollout, dummy_config(), make_writer()).run(documents)["documents_written"] == 3
+    shutil.move(tmp_path / "out.infermill", out / "_infermill")  # where an earlier infermill kept it
+    (out / "_infermill" / ".hidden").write_text("kept")
+    with pytest.raises(ConfigError) as refused:
+        InferenceRunner(echo_rollout, dummy_config(), make_writer())
+    (command,) = re.findall(r"move them there \((.*?)\) and delete", str(refused.value))
+    subprocess.run(["sh", "-c", command], check=True)
+    assert (tmp_path / "out.infermill" / ".hidden").read_text() == "kept"
+    assert not (out / "_infermill").exists()
+    assert InferenceRunner(echo_rollout, dummy_config(), make_writer()).run(documents)["already_complete"] is True
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_an_earlier_infermills_temporary_folder_in_the_output_is_refused_saying_to_delete_it(tmp_path, where):
+    """An earlier infermill left ``_infermill_tmp/`` in the output (a local one, or remote with
+    checkpoints_local_dir), which the next step's reader would read: refused before any server
+    starts, naming the folder."""
+    import fsspec
+    from datatrove.io import get_datafolder
+
+    url = str(tmp_path / "out") if where == "local" else f"memory://infermill-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        get_datafolder(url).makedirs("_infermill_tmp", exist_ok=True)
+        get_datafolder(url).open("_infermill_tmp/00000_00001.jsonl", "w").close()
+        writer = DtJsonlWriter(url, output_filename="${rank}_${chunk_index}.jsonl")
+        with pytest.raises(ConfigError, match=r"_infermill_tmp is an earlier infermill's .* delete it") as refused:
+            InferenceRunner(echo_rollout, dummy_config(), writer, checkpoints_local_dir=str(tmp_path / "ckpt"))
+        if where == "local":
+            subprocess.run(["sh", "-c", re.findall(r"\((rm -r .*?)\)", str(refused.value))[0]], check=True)
+        else:
+            get_datafolder(url).rm("_infermill_tmp", recursive=True)
+        runner = InferenceRunner(echo_rollout, dummy_config(), writer, checkpoints_local_dir=str(tmp_path / "ckpt"))
+        assert runner.run([DtDocument(text="hello", id="d0")])["documents_written"] == 1
+    finally:
+        if where == "memory":
+            fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
+
+
+def test_an_exception_logged_under_datatrove_shows_its_traceback_but_not_its_local_variables():
+    """datatrove's logger shows a traceback's variables (loguru's diagnose): an infermill record's
+    traceback reaches it as text, so that a secret in a frame (a server command, a key) stays out of
+    the task logs."""
+    import logging
+
+    from loguru import logger
+
+    from infermill.datatrove_compat import datatrove_logging
+
+    said: list[str] = []
+    sink = logger.add(lambda message: said.append(str(message)), level="DEBUG", diagnose=True, backtrace=True)
+
+    def connect(api_key: str) -> None:
+        raise ConnectionError("refused " + str(len(api_key)))
+
+    key = "-".join(["sk", "secret", "4242"])  # (not in a line of source, which a traceback shows)
+    try:
+        with datatrove_logging():
+            try:
+                connect(key)
+            except ConnectionError:
+                logging.getLogger("infermill.server").exception("the server did not start")
+    finally:
+        logger.remove(sink)
+    (text,) = said
+    assert "the server did not start" in text and "Traceback (most recent call last)" in text, text
+    assert "ConnectionError: refused 14" in text and "in connect" in text, text
+    assert "sk-secret-4242" not in text, text
+
+
+def test_overlapping_datatrove_logging_gives_each_record_to_loguru_once_and_puts_the_logger_back():
+    """Two steps in threads of one process: their ``datatrove_logging`` overlap (entered A, B, left
+    A, B): meanwhile a record reaches loguru once, and not the root logger; after both, the
+    ``infermill`` logger is as it was."""
+    import logging
+
+    from loguru import logger
+
+    from infermill.datatrove_compat import datatrove_logging
+
+    said: list[str] = []
+    sink = logger.add(lambda message: said.append(message.record["message"]), level="DEBUG")
+    root_said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            root_said.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)
+    infermill_logger = logging.getLogger("infermill")
+    before = (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate)
+    first, second = datatrove_logging(), datatrove_logging()
+    try:
+        first.__enter__()
+        second.__enter__()
+        logging.getLogger("infermill.engine").warning("both")
+        first.__exit__(None, None, None)
+        logging.getLogger("infermill.engine").warning("second only")
+        second.__exit__(None, None, None)
+    finally:
+        logger.remove(sink)
+        logging.getLogger().removeHandler(keep)
+    assert said == ["both", "second only"] and root_said == []
+    assert (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate) == before
+
+
+def test_the_job_folder_of_an_output_in_the_current_folder_is_beside_it_and_the_root_is_refused(tmp_path, monkeypatch):
+    """``JsonlWriter(".")``: the job folder is beside the current folder, ``../NAME.infermill`` (as
+    the README says); an output at ``/`` has no folder beside it: refused, saying to set
+    checkpoints_local_dir."""
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    writer = DtJsonlWriter(".", output_filename="${rank}_${chunk_index}.jsonl", compression=None)
+    stats = InferenceRunner(echo_rollout, dummy_config(), writer).run([DtDocument(text="hello", id="d0")])
+    assert stats["documents_written"] == 1
+    assert (tmp_path / "out.infermill" / "queue" / "plan.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000_0.jsonl"]
+    writer = DtJsonlWriter("/", output_filename="${rank}_${chunk_index}.jsonl")
+    with pytest.raises(ConfigError, match=r"the output / has no folder beside it .*checkpoints_local_dir"):
+        InferenceRunner(echo_rollout, dummy_config(), writer)

@@ -16,13 +16,14 @@ the job's folder is ``checkpoints_local_dir`` when given, else ``OUTPUT.infermil
 output (:meth:`~infermill.layout.JobLayout.outside_output`). A chunk's files are first written by a
 copy of the writer into a temporary folder in the job's, ``staging/<rank>_<chunk>_<random>/``,
 closed, then each moved to its final name: a rename on a local or network file system, so that a
-chunk's file appears only whole. Where the job's folder is on another file system (or mount) than
-the output, each file is first copied into ``.OUTPUT.infermill-staging/`` beside the output, then
-renamed from there. To an object store, each file is uploaded whole (a file appears whole, a chunk
-split into several files by ``max_file_size`` or metadata tags in the name file by file). A run
-killed while writing leaves only temporary files, which the next run deletes. A file name without
-``${chunk_index}`` (datatrove's ``${rank}.jsonl``) makes a rank's whole output one chunk: the
-runner allows it without ``checkpoints_local_dir``, as datatrove does.
+chunk's file appears only whole. Where the job's folder is on another file system than the output
+(``checkpoints_local_dir`` elsewhere, or an output that is a mount point), each file is first copied
+into a hidden ``.NAME.<random>.tmp`` beside its final name, then renamed. To an object store, each
+file is uploaded whole (a file appears whole, a chunk split into several files by ``max_file_size``
+or metadata tags in the name file by file). A run killed while writing leaves only temporary files,
+which the rank's next run deletes. A file name without ``${chunk_index}`` (datatrove's
+``${rank}.jsonl``) makes a rank's whole output one chunk: the runner allows it without
+``checkpoints_local_dir``, as datatrove does.
 
 A record's media bytes are base64 text in the journal (as infermill's writers write them);
 :func:`to_datatrove_document` gives the datatrove writer bytes again.
@@ -44,7 +45,10 @@ import errno
 import logging
 import os
 import re
+import shlex
 import shutil
+import tempfile
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -71,10 +75,15 @@ class PipelineStep(Protocol):
 
 #: the job folder's folder of chunk files being written
 STAGING_DIR = "staging"
+#: an earlier infermill's folder of temporary files in a datatrove writer's output
+EARLIER_TMP_DIR = "_infermill_tmp"
+#: the suffix of a chunk's file being copied into the output from another file system (``.NAME.<random>.tmp``)
+COPY_SUFFIX = ".tmp"
 #: records_per_chunk when a rank's output is one chunk (a datatrove writer's file name without ${chunk_index})
 WHOLE_RANK = 1 << 62
 #: the metadata key datatrove's runner sets (True) on a document with no results, which it does not write
 NO_ROLLOUTS_MARK = "__no_rollouts_remove"
+logger = logging.getLogger(__name__)
 _TAG = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -91,13 +100,14 @@ def adapt_writer(
             f"got {type(writer).__name__}"
         )
     adapted = DatatroveWriter(writer, checkpoints_local_dir)
-    earlier = os.path.join(adapted.root, INFERMILL_DIR)
-    if adapted.is_local and os.path.isdir(earlier):
-        raise ConfigError(
-            f"{earlier} holds infermill's files as an earlier infermill kept them, in the output folder (which the "
-            f"next step's reader reads whole); this one keeps them in {adapted.layout.root}. To resume that job, "
-            f"move them there (mkdir -p {adapted.layout.root} && mv {earlier}/* {adapted.layout.root}/) and delete "
-            f"{earlier} and {os.path.join(adapted.root, '_infermill_tmp')}; to start over, delete both"
+    _refuse_earlier_files(adapted)
+    if adapted.is_local and checkpoints_local_dir is None and os.path.ismount(adapted.root):
+        logger.warning(
+            "the output %s is a mount point: the job's folder %s is on another file system (the parent's), where "
+            "its checkpoints are lost if that one is (a container's own); each chunk's file is copied into the "
+            "output. Set checkpoints_local_dir to a folder on lasting storage to keep them",
+            adapted.root,
+            adapted.layout.root,
         )
     if adapted.one_file_per_rank:
         if checkpoints_local_dir is not None:
@@ -108,6 +118,26 @@ def adapt_writer(
             )
         records_per_chunk = WHOLE_RANK  # one file per rank, still checkpointed: one unit, committed at the end
     return adapted, records_per_chunk, adapted.layout
+
+
+def _refuse_earlier_files(adapted: DatatroveWriter) -> None:
+    """Refuse (``ConfigError``) an output holding an earlier infermill's files (``_infermill/``,
+    ``_infermill_tmp/``), which the next step's reader would read, saying how to move or delete them."""
+    earlier, earlier_tmp = (os.path.join(adapted.output_folder, name) for name in (INFERMILL_DIR, EARLIER_TMP_DIR))
+    if adapted.is_local and os.path.isdir(earlier):
+        root = shlex.quote(str(adapted.layout.root))
+        raise ConfigError(
+            f"{earlier} holds infermill's files as an earlier infermill kept them, in the output folder (which the "
+            f"next step's reader reads whole); this one keeps them in {adapted.layout.root}. To resume that job, "
+            f"move them there (mkdir -p {root} && cp -a {shlex.quote(earlier)}/. {root}/ && rm -r "
+            f"{shlex.quote(earlier)}) and delete {earlier_tmp} if there; to start over, delete both"
+        )
+    if adapted.writer.output_folder.isdir(EARLIER_TMP_DIR):
+        how = f" (rm -r {shlex.quote(earlier_tmp)})" if adapted.is_local else ""
+        raise ConfigError(
+            f"{earlier_tmp} is an earlier infermill's folder of temporary files, in the output folder (which the "
+            f"next step's reader reads whole); nothing in it is a result: delete it{how} and run again"
+        )
 
 
 def run_step(runner: PipelineStep, data: Any, rank: int, world_size: int) -> None:
@@ -138,34 +168,66 @@ def datatrove_logging() -> Iterator[None]:
     (which would print WARNINGs a second time, unformatted); INFO and above, unless the
     ``infermill`` logger has a level of its own. Nothing is changed where loguru is not installed
     (the step not run by datatrove). Only the ``infermill`` logger is touched, and put back as it
-    was on the way out."""
+    was once the last of overlapping uses (steps in threads of one process) ends."""
     try:
         from loguru import logger as loguru_logger
     except ImportError:
         yield
         return
-    infermill_logger = logging.getLogger("infermill")
-    level, propagate = infermill_logger.level, infermill_logger.propagate
-    handler = _LoguruHandler(loguru_logger)
-    infermill_logger.addHandler(handler)
-    infermill_logger.propagate = False
-    if level == logging.NOTSET:
-        infermill_logger.setLevel(logging.INFO)
+    with _BRIDGE.lock:
+        if _BRIDGE.users == 0:
+            _BRIDGE.install(loguru_logger)
+        _BRIDGE.users += 1
     try:
         yield
     finally:
-        infermill_logger.removeHandler(handler)
-        infermill_logger.propagate = propagate
-        infermill_logger.setLevel(level)
+        with _BRIDGE.lock:
+            _BRIDGE.users -= 1
+            if _BRIDGE.users == 0:
+                _BRIDGE.uninstall()
+
+
+class _Bridge:
+    """The ``infermill`` logger's one handler to loguru, shared by overlapping ``datatrove_logging``
+    uses, and the logger's settings to put back when the last one ends."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.handler: _LoguruHandler | None = None
+        self.saved = (logging.NOTSET, True)  # the infermill logger's level and propagate
+
+    def install(self, loguru_logger: Any) -> None:
+        infermill_logger = logging.getLogger("infermill")
+        self.saved = (infermill_logger.level, infermill_logger.propagate)
+        self.handler = _LoguruHandler(loguru_logger)
+        infermill_logger.addHandler(self.handler)
+        infermill_logger.propagate = False
+        if infermill_logger.level == logging.NOTSET:
+            infermill_logger.setLevel(logging.INFO)
+
+    def uninstall(self) -> None:
+        infermill_logger = logging.getLogger("infermill")
+        if self.handler is not None:
+            infermill_logger.removeHandler(self.handler)
+            self.handler = None
+        infermill_logger.setLevel(self.saved[0])
+        infermill_logger.propagate = self.saved[1]
+
+
+_BRIDGE = _Bridge()
 
 
 class _LoguruHandler(logging.Handler):
     """A ``logging`` handler that logs each record with loguru, as the code that made it (its
-    logger's name, function and line, which datatrove's format shows)."""
+    logger's name, function and line, which datatrove's format shows). A record's traceback goes
+    as text, as ``logging`` formats it: loguru's own (with ``diagnose``, datatrove's setting) would
+    show the frames' local variables (server commands, keys) in the task logs."""
 
     def __init__(self, loguru_logger: Any):
         super().__init__()
         self.loguru_logger = loguru_logger
+        self.setFormatter(logging.Formatter("%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -177,11 +239,11 @@ class _LoguruHandler(logging.Handler):
             entry.update(name=record.name, function=record.funcName, line=record.lineno, module=record.module)
 
         try:
-            message = record.getMessage()
+            message = self.format(record)  # the message, then the traceback and stack, if any
         except Exception:  # (logging's own way with a record it cannot format)
             self.handleError(record)
             return
-        self.loguru_logger.patch(as_logged).opt(exception=record.exc_info or None).log(level, message)
+        self.loguru_logger.patch(as_logged).log(level, message)
 
 
 def is_datatrove_writer(writer: Any) -> bool:
@@ -207,7 +269,7 @@ class DatatroveWriter(OutputWriter):
         self.writer = writer
         folder = writer.output_folder
         self.fs = folder.fs  # the underlying file system; ``folder`` works relative to its root
-        self.root = folder.path.rstrip("/")
+        self.root = folder.path.rstrip("/") or "/"  # (``/`` itself stays the root, not the current folder)
         self.storage_options = dict(getattr(self.fs, "storage_options", None) or {})  # (how its folder was opened)
         self.output_folder = self.fs.unstrip_protocol(self.root) if not self.is_local else self.root
         self.output_filename = template
@@ -218,7 +280,10 @@ class DatatroveWriter(OutputWriter):
     def filename(self, rank: int, chunk_index: int) -> str:
         """The chunk's file name pattern (relative to the output folder); tags known only per document
         (``${id}``, metadata) are ``*``."""
-        name = self.writer.output_filename.safe_substitute(rank=f"{rank:05d}", chunk_index=str(chunk_index))
+        return self._name_pattern(rank, str(chunk_index))
+
+    def _name_pattern(self, rank: int, chunk: str) -> str:
+        name = self.writer.output_filename.safe_substitute(rank=f"{rank:05d}", chunk_index=chunk)
         return _TAG.sub("*", name)
 
     def chunk_file(self, rank: int, chunk_index: int) -> str | None:
@@ -249,8 +314,7 @@ class DatatroveWriter(OutputWriter):
         return count
 
     def _place(self, staged: Path, name: str) -> None:
-        """Make ``staged`` the output's file ``name``, appearing whole: renamed (through a copy
-        beside the output when the job's folder is on another file system), or uploaded."""
+        """Make ``staged`` the output's file ``name``, appearing whole: renamed, or uploaded."""
         folder = self.writer.output_folder
         folder.makedirs(_parent(name), exist_ok=True)
         if not self.is_local:
@@ -262,20 +326,7 @@ class DatatroveWriter(OutputWriter):
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            beside = self._cross_device_staging()
-            beside.mkdir(exist_ok=True)
-            copy_path = beside / f"{staged.parent.name}_{staged.name}"
-            try:
-                shutil.copyfile(staged, copy_path)
-                os.replace(copy_path, final)
-            finally:
-                copy_path.unlink(missing_ok=True)
-
-    def _cross_device_staging(self) -> Path:
-        """``.OUTPUT.infermill-staging`` beside a local output: where a chunk's file staged on
-        another file system is copied to before its rename."""
-        output = Path(self.root)
-        return output.with_name(f".{output.name}.infermill-staging")
+            _copy_into_place(staged, final)
 
     def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
         folder = self.writer.output_folder
@@ -289,9 +340,12 @@ class DatatroveWriter(OutputWriter):
         chunk = "*" if chunk_index is None else f"{chunk_index:05d}"
         for path in self.staging.glob(f"{rank:05d}_{chunk}_????????"):
             shutil.rmtree(path, ignore_errors=True)
-        if self.is_local:
-            for path in self._cross_device_staging().glob(f"{rank:05d}_{chunk}_????????_*"):
-                path.unlink(missing_ok=True)
+        if self.is_local:  # a copy onto the output's file system, left by a run killed while it was made
+            name = self._name_pattern(rank, "*" if chunk_index is None else str(chunk_index))
+            for pattern in {name, _with_file_id(name)}:
+                head, _, base = pattern.rpartition("/")
+                for path in Path(self.root).glob(f"{head}/.{base}.*{COPY_SUFFIX}".lstrip("/")):
+                    path.unlink(missing_ok=True)
 
 
 #: infermill's counts that datatrove's runner keeps under a name of its own (``stats.json``'s name:
@@ -316,7 +370,8 @@ def step_stats(name: str, stats: dict[str, Any], seconds: float = 0.0, rollouts_
     (:data:`DATATROVE_NAMES`; ``documents_processed``, ``failed_rollouts`` and ``requests`` made of
     infermill's), ``inference_time`` (seconds), and ``seconds`` (the step's time) as the step's
     runtime; infermill's other counts that are not 0 beside them, each a per-task total. A token
-    count's mean is per successful request, as datatrove's; its min, max and deviation are not kept."""
+    count's mean is per successful request, as datatrove's; its min, max and deviation are not kept
+    (each task's are its mean: datatrove's merge of the tasks' then shows those of their means)."""
     from datatrove.utils.stats import MetricStats, Stats, TimingStats
 
     def count(key: str) -> int:
@@ -384,6 +439,23 @@ def _media(item: dict[str, Any]) -> Any:
     if isinstance(item.get("media_bytes"), str):
         item = {**item, "media_bytes": base64.b64decode(item["media_bytes"])}
     return Media(**item)
+
+
+def _copy_into_place(staged: Path, final: str) -> None:
+    """Copy ``staged`` (on another file system than the output) to ``final``, appearing whole: into
+    a hidden ``.NAME.<random>.tmp`` in ``final``'s own folder (the same file system, whatever is
+    mounted where; a name no other rank or chunk has), then renamed."""
+    fd, copy_path = tempfile.mkstemp(
+        dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.", suffix=COPY_SUFFIX
+    )
+    try:
+        with os.fdopen(fd, "wb") as copy_file, open(staged, "rb") as source:
+            shutil.copyfileobj(source, copy_file)
+        os.replace(copy_path, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(copy_path)
+        raise
 
 
 def _parent(path: str) -> str:

@@ -279,6 +279,11 @@ def beside_output(output_folder: str) -> Path:
     """``OUTPUT.infermill``: the job folder beside a local output folder (the same parent, and so
     almost always the same file system: a chunk's file staged there is renamed into place)."""
     output = Path(local_path(output_folder))
+    if not output.name:
+        raise ConfigError(
+            f"the output {output} has no folder beside it for the job's files: set checkpoints_local_dir (a folder "
+            "outside the output)"
+        )
     return output.with_name(output.name + BESIDE_SUFFIX)
 
 
