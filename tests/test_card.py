@@ -22,7 +22,7 @@ from huggingface_hub import DatasetCard
 
 from conftest import PYTHON, SCRIPTS
 from helpers import read_jsonl, wait_until
-from infermill.card import run_command
+from infermill.card import run_command, size_category
 from test_cli import SAMPLE, SAMPLE_DOCS, TIMEOUT, cli_env, infermill, job_spec, output_of, write_job
 
 SAMPLE_IDS = [json.loads(line)["id"] for line in SAMPLE.read_text().splitlines()]
@@ -276,3 +276,31 @@ def test_the_features_a_card_gives_are_those_datasets_reads_the_files_with_whate
     assert {f["name"] for f in metadata["struct"]} >= {"score", "tags", "flag", "nested", "missing"}
     loaded = load_with_datasets(tmp_path / "out", tmp_path)
     assert sorted(loaded["ids"]) == sorted(record["id"] for record in records)
+
+
+def test_the_command_a_card_shows_hides_credentials_inside_override_values_and_urls():
+    argv = ["infermill", "run", "j.yaml"]
+    argv += ["--set", 'rollout.shared_context_kwargs={"db_password": "pw123", "n": 1}']
+    argv += ["--set", 'inference.default_generation_params={"extra_headers": {"Authorization": "Bearer sk-9"}}']
+    argv += ["--set", "input.path=https://u:tok@host/x.jsonl?sig=abc"]
+    argv += ["--set", "input.path=[s3://b/a.jsonl, 'https://host/b.jsonl?X-Amz-Signature=zz']"]
+    argv += ["--set", 'inference.default_generation_params={"temperature": 0.5}', "--set", "input.path=/data/x.jsonl"]
+    shown = run_command(argv)
+    for secret in ("pw123", "sk-9", "tok", "sig=abc", "X-Amz-Signature"):
+        assert secret not in shown
+    assert shown == (
+        "infermill run j.yaml --set 'rollout.shared_context_kwargs=***' --set 'inference.default_generation_params=***' "
+        "--set input.path=https://host/x.jsonl --set 'input.path=***' "
+        "--set 'inference.default_generation_params={\"temperature\": 0.5}' --set input.path=/data/x.jsonl"
+    )
+
+
+@pytest.mark.parametrize(
+    ("records", "category"),
+    [(0, "n<1K"), (999_999, "100K<n<1M"), (10**7, "10M<n<100M"), (5 * 10**9, "1B<n<10B"), (10**12, "n>1T")],
+)
+def test_the_cards_size_category_is_one_the_hub_knows(records, category):
+    from huggingface_hub.repocard_data import DatasetCardData
+
+    assert size_category(records) == category
+    assert f"{category!r}" in (DatasetCardData.__doc__ or "")  # (the Hub's list, in its docstring)

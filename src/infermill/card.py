@@ -28,6 +28,7 @@ import asyncio
 import datetime
 import io
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -75,12 +76,11 @@ class CardSettings:
 
 
 def run_command(argv: list[str] | None = None) -> str:
-    """This process's command line (or ``argv``), as a user would type it again, the values of
-    its ``--set`` overrides of secret fields (``inference.api_key``, ``...storage_options...``,
-    any key naming a credential) hidden: a card is made to be published."""
-    from infermill.config import is_credential_name
-    from infermill.jobfile import split_secret_overrides
-
+    """This process's command line (or ``argv``), as a user would type it again, with what its
+    ``--set`` overrides may hold of a credential hidden (a card is made to be published): the
+    value of a secret field (``inference.api_key``, ``...storage_options...``, any key naming a
+    credential) or of a mapping or list holding one at any depth, or a URL holding one (``***``);
+    a URL's ``user:password@`` and query (``input.path=https://host/x.jsonl``)."""
     argv = list(sys.argv if argv is None else argv)
     if argv and argv[0].endswith(("__main__.py", "/infermill")):
         argv[0] = "infermill"
@@ -88,12 +88,45 @@ def run_command(argv: list[str] | None = None) -> str:
     for before, arg in zip(["", *argv], argv, strict=False):
         flag, equals, assignment = arg.partition("=") if arg.startswith("--set=") else ("", "", arg)
         if before == "--set" or equals:
-            key = assignment.partition("=")[0]
-            if split_secret_overrides([assignment])[1] or any(is_credential_name(part) for part in key.split(".")):
-                assignment = f"{key}=***"
-            arg = f"{flag}{equals}{assignment}"
+            arg = f"{flag}{equals}{_shown_override(assignment)}"
         shown.append(arg)
     return shlex.join(shown)
+
+
+def _shown_override(assignment: str) -> str:
+    """A ``--set KEY=VALUE`` as a card shows it (see :func:`run_command`)."""
+    from infermill.config import is_credential_name
+    from infermill.jobfile import split_secret_overrides
+
+    key, _, raw = assignment.partition("=")
+    if split_secret_overrides([assignment])[1] or any(is_credential_name(part) for part in key.split(".")):
+        return f"{key}=***"
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        return f"{key}={_public_url(value) if '://' in value else raw}"
+    return f"{key}={raw if _is_public(value) else '***'}"
+
+
+def _public_url(url: str) -> str:
+    """``url`` without its ``user:password@`` and query (which may hold a key)."""
+    from infermill.config import _url_without_credentials
+
+    return _url_without_credentials(url)
+
+
+def _is_public(value: Any) -> bool:
+    """Whether ``value`` (an override's, parsed) holds no key naming a credential and no URL
+    holding a user, password or query, at any depth."""
+    from infermill.config import is_credential_name
+
+    if isinstance(value, dict):
+        return all(not is_credential_name(str(k)) and _is_public(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_public(v) for v in value)
+    return not (isinstance(value, str) and "://" in value and _public_url(value) != value.strip().rstrip("/"))
 
 
 def keep_settings(layout: JobLayout, settings: CardSettings) -> None:
@@ -453,7 +486,7 @@ def front_matter(facts: CardFacts) -> dict[str, Any]:
     metadata = dict(facts.settings.metadata)
     tags = list(metadata.pop("tags", []))
     front: dict[str, Any] = {**metadata, "tags": [*tags, *([TAG] if TAG not in tags else [])]}
-    front.setdefault("size_categories", [_size_category(facts.files.total)])
+    front.setdefault("size_categories", [size_category(facts.files.total)])
     if facts.files.names:
         front["configs"] = [
             {"config_name": "default", "data_files": [{"split": SPLIT, "path": facts.files.data_files}]}
@@ -470,11 +503,24 @@ def front_matter(facts: CardFacts) -> dict[str, Any]:
     return front
 
 
-def _size_category(records: int) -> str:
-    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
-        if records < bound:
-            return name
-    return "1M<n<10M" if records < 10_000_000 else "n>10M"
+#: the Hub's ``size_categories`` (huggingface_hub's DatasetCardData): each one's upper bound
+_SIZE_CATEGORIES = (
+    (10**3, "n<1K"),
+    (10**4, "1K<n<10K"),
+    (10**5, "10K<n<100K"),
+    (10**6, "100K<n<1M"),
+    (10**7, "1M<n<10M"),
+    (10**8, "10M<n<100M"),
+    (10**9, "100M<n<1B"),
+    (10**10, "1B<n<10B"),
+    (10**11, "10B<n<100B"),
+    (10**12, "100B<n<1T"),
+)
+
+
+def size_category(records: int) -> str:
+    """The Hub's ``size_categories`` value of ``records`` records."""
+    return next((name for bound, name in _SIZE_CATEGORIES if records < bound), "n>1T")
 
 
 def render(facts: CardFacts) -> str:
@@ -694,7 +740,15 @@ def _samples_section(facts: CardFacts) -> str:
         return ""
     shown = "\n".join(_json(_truncated(row)) for row in rows)
     heading = f"## Sample rows\n\nThe first {len(rows)} records (strings cut at {SAMPLE_CHARS} characters):"
-    return f"{heading}\n\n```json\n{shown}\n```\n"
+    return f"{heading}\n\n{_fenced(shown, 'json')}\n"
+
+
+def _fenced(text: str, language: str) -> str:
+    """``text`` in a code block whose fence is longer than any run of backticks in it (a record
+    holding a fence of its own stays inside)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
 
 
 def _truncated(value: Any) -> Any:
