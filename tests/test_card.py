@@ -430,7 +430,8 @@ def test_card_of_a_datatrove_stream_job_is_refused_saying_why_and_writes_nothing
 def test_card_of_an_output_whose_file_cannot_be_read_names_the_file_and_its_unit(tmp_path, damage):
     spec = job_spec(tmp_path)
     spec["output"]["format"] = "parquet"
-    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    job = write_job(tmp_path, spec)
+    result = infermill(tmp_path, "run", str(job))
     assert result.returncode == 0, output_of(result)
     broken = tmp_path / "out" / "00000_00001.parquet"
     if damage == "missing":
@@ -442,6 +443,11 @@ def test_card_of_an_output_whose_file_cannot_be_read_names_the_file_and_its_unit
     assert "cannot read 00000_00001.parquet, the result file of unit 1" in result.stderr
     assert "infermill status --verify" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "README.md").exists()
+    if damage == "missing":
+        return  # (a run would write the unit again)
+    result = infermill(tmp_path, "run", str(job), "--set", "output.card=true")  # the complete job's card, at its end
+    assert result.returncode == 0, output_of(result)  # a card that cannot be made is a warning
+    assert "the dataset card was not written: cannot read 00000_00001.parquet" in result.stderr, output_of(result)
 
 
 def test_sample_rows_holding_a_code_fence_stay_inside_theirs(tmp_path):
