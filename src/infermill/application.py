@@ -239,7 +239,7 @@ class Job:
                     progress.cancel()
                 if card is not None:
                     await stop_live(card)
-                if not options.as_worker:
+                if not options.as_worker and job.output.card:
                     await asyncio.to_thread(self.end_card, layout)
             return stats
 
