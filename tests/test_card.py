@@ -486,6 +486,13 @@ def test_a_file_name_template_datasets_cannot_load_is_refused_when_a_card_is_ask
     assert "filename 'part-${rank}-${chunk_index}' has no extension datasets reads" in result.stderr
     assert not (tmp_path / "out").exists()
 
+    spec["output"]["card"] = False  # a job run without a card: `infermill card` warns
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 0, output_of(result)
+    result = infermill(tmp_path, "card", str(tmp_path / "out"))
+    assert result.returncode == 0, output_of(result)
+    assert "the card's data files (part-00000-00000...) have no extension datasets reads" in result.stderr
+
 
 def test_kept_card_settings_that_cannot_be_read_are_a_warning_not_silently_dropped(tmp_path):
     spec = job_spec(tmp_path)
