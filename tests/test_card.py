@@ -284,7 +284,7 @@ def test_the_command_a_card_shows_hides_credentials_inside_override_values_and_u
     argv += ["--set", 'inference.default_generation_params={"extra_headers": {"Authorization": "Bearer sk-9"}}']
     argv += ["--set", "input.path=https://u:tok@host/x.jsonl?sig=abc"]
     argv += ["--set", "input.path=[s3://b/a.jsonl, 'https://host/b.jsonl?X-Amz-Signature=zz']"]
-    argv += ["--set", 'inference.default_generation_params={"temperature": 0.5}', "--set", "input.path=/data/x.jsonl"]
+    argv += ["--set", 'inference.default_generation_params={"temperature": 0.5}', "--set", "output.path=s3://b/out/"]
     shown = run_command(argv)
     for secret in ("pw123", "sk-9", "tok", "sig=abc", "X-Amz-Signature"):
         assert secret not in shown
@@ -292,7 +292,7 @@ def test_the_command_a_card_shows_hides_credentials_inside_override_values_and_u
         "infermill run j.yaml --set 'rollout.shared_context_kwargs=***' "
         "--set 'inference.default_generation_params=***' "
         "--set input.path=https://host/x.jsonl --set 'input.path=***' "
-        "--set 'inference.default_generation_params={\"temperature\": 0.5}' --set input.path=/data/x.jsonl"
+        "--set 'inference.default_generation_params={\"temperature\": 0.5}' --set output.path=s3://b/out/"
     )
 
 

@@ -105,9 +105,9 @@ def _shown_override(assignment: str) -> str:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):
-        return f"{key}={_public_url(value) if '://' in value else raw}"
-    return f"{key}={raw if _is_public(value) else '***'}"
+    if _is_public(value):
+        return assignment
+    return f"{key}={_public_url(value) if isinstance(value, str) else '***'}"
 
 
 def _public_url(url: str) -> str:
