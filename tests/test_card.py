@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from huggingface_hub import DatasetCard
 
 from conftest import PYTHON, SCRIPTS
 from helpers import read_jsonl, wait_until
-from infermill.card import run_command
+from infermill.card import run_command, size_category
 from test_cli import SAMPLE, SAMPLE_DOCS, TIMEOUT, cli_env, infermill, job_spec, output_of, write_job
 
 SAMPLE_IDS = [json.loads(line)["id"] for line in SAMPLE.read_text().splitlines()]
@@ -140,10 +141,9 @@ def test_a_live_card_shows_the_progress_and_the_committed_files_while_the_job_ru
             "hold_file": str(hold),
         },
         max_concurrent_generations=4,
-        metric_interval=0.2,
         request_timeout=120,
     )
-    spec["output"]["card"] = "live"
+    spec["output"].update(card="live", card_interval_sec=0.2)
     job = write_job(tmp_path, spec)
     out = tmp_path / "out"
     readme = out / "README.md"
@@ -276,3 +276,231 @@ def test_the_features_a_card_gives_are_those_datasets_reads_the_files_with_whate
     assert {f["name"] for f in metadata["struct"]} >= {"score", "tags", "flag", "nested", "missing"}
     loaded = load_with_datasets(tmp_path / "out", tmp_path)
     assert sorted(loaded["ids"]) == sorted(record["id"] for record in records)
+
+
+def test_the_command_a_card_shows_hides_credentials_inside_override_values_and_urls():
+    argv = ["infermill", "run", "j.yaml"]
+    argv += ["--set", 'rollout.shared_context_kwargs={"db_password": "pw123", "n": 1}']
+    argv += ["--set", 'inference.default_generation_params={"extra_headers": {"Authorization": "Bearer sk-9"}}']
+    argv += ["--set", "input.path=https://u:tok@host/x.jsonl?sig=abc"]
+    argv += ["--set", "input.path=[s3://b/a.jsonl, 'https://host/b.jsonl?X-Amz-Signature=zz']"]
+    argv += ["--set", 'inference.default_generation_params={"temperature": 0.5}', "--set", "output.path=s3://b/out/"]
+    shown = run_command(argv)
+    for secret in ("pw123", "sk-9", "tok", "sig=abc", "X-Amz-Signature"):
+        assert secret not in shown
+    assert shown == (
+        "infermill run j.yaml --set 'rollout.shared_context_kwargs=***' "
+        "--set 'inference.default_generation_params=***' "
+        "--set input.path=https://host/x.jsonl --set 'input.path=***' "
+        "--set 'inference.default_generation_params={\"temperature\": 0.5}' --set output.path=s3://b/out/"
+    )
+
+
+@pytest.mark.parametrize(
+    ("records", "category"),
+    [(0, "n<1K"), (999_999, "100K<n<1M"), (10**7, "10M<n<100M"), (5 * 10**9, "1B<n<10B"), (10**12, "n>1T")],
+)
+def test_the_cards_size_category_is_one_the_hub_knows(records, category):
+    from huggingface_hub.repocard_data import DatasetCardData
+
+    assert size_category(records) == category
+    assert f"{category!r}" in (DatasetCardData.__doc__ or "")  # (the Hub's list, in its docstring)
+
+
+def test_a_live_cards_data_files_still_load_after_more_units_commit_and_the_final_card_globs_them(tmp_path):
+    hold = tmp_path / "hold"
+    hold.write_text("30")  # the server holds every request after its 30th until this file is removed
+    spec = job_spec(
+        tmp_path,
+        model_kwargs={
+            "server_script": str(SCRIPTS / "counting_server.py"),
+            "count_file": str(tmp_path / "count.jsonl"),
+            "hold_file": str(hold),
+        },
+        max_concurrent_generations=4,
+        request_timeout=120,
+    )
+    spec["output"].update(card="live", card_interval_sec=0.2)
+    out = tmp_path / "out"
+    readme = out / "README.md"
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "infermill", "run", str(write_job(tmp_path, spec))],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: readme.exists() and "| units | 1 of 3 done" in readme.read_text(), TIMEOUT, "a live card")
+        live = readme.read_text()
+    finally:
+        hold.unlink(missing_ok=True)
+        _stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert data_files(card_of(out)) == "*_*.jsonl"  # the complete job's files: a glob
+    assert len(list(out.glob("*.jsonl"))) == 3
+
+    readme.write_text(live)  # the live card, read by a user after two more units committed
+    loaded = load_with_datasets(out, tmp_path)  # (a glob would take their files, against 20 records)
+    (committed,) = data_files(DatasetCard(live))
+    assert sorted(loaded["ids"]) == sorted(record["id"] for record in read_jsonl(out / committed))
+
+
+def test_the_last_live_card_of_a_run_stopped_by_ctrl_c_says_it_stopped(tmp_path):
+    hold = tmp_path / "hold"
+    hold.write_text("30")
+    spec = job_spec(
+        tmp_path,
+        model_kwargs={
+            "server_script": str(SCRIPTS / "counting_server.py"),
+            "count_file": str(tmp_path / "count.jsonl"),
+            "hold_file": str(hold),
+        },
+        max_concurrent_generations=4,
+        request_timeout=120,
+    )
+    spec["output"].update(card="live", card_interval_sec=0.2)
+    out = tmp_path / "out"
+    readme = out / "README.md"
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "infermill", "run", str(write_job(tmp_path, spec))],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: readme.exists() and "| state | running |" in readme.read_text(), TIMEOUT, "a live card")
+        wait_until(lambda: "| units | 1 of 3 done" in readme.read_text(), TIMEOUT, "a unit committed")
+        proc.send_signal(signal.SIGINT)
+        _stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        hold.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0, stderr[-4000:]
+    card = card_of(out)
+    assert "| state | stopped |" in card.text, card.text
+    assert "written when the command running the job stopped" in card.text
+    assert "| ETA | - |" in card.text
+    assert len(load_with_datasets(out, tmp_path)["ids"]) == 20
+
+
+def test_overwrite_deletes_infermills_card_of_the_discarded_results_and_keeps_a_users_own(tmp_path):
+    spec = job_spec(tmp_path)
+    spec["output"]["card"] = True
+    job = write_job(tmp_path, spec)
+    out = tmp_path / "out"
+    result = infermill(tmp_path, "run", str(job))
+    assert result.returncode == 0, output_of(result)
+    assert (out / "README.md").exists()
+
+    result = infermill(tmp_path, "run", str(job), "--overwrite", "--set", "output.card=false")
+    assert result.returncode == 0, output_of(result)
+    assert not (out / "README.md").exists()  # it named the files of the run discarded
+
+    (out / "README.md").write_text("---\nlicense: mit\n---\n# My notes\n")
+    result = infermill(tmp_path, "run", str(job), "--overwrite", "--set", "output.card=false")
+    assert result.returncode == 0, output_of(result)
+    assert (out / "README.md").read_text() == "---\nlicense: mit\n---\n# My notes\n"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_card_of_a_datatrove_stream_job_is_refused_saying_why_and_writes_nothing(tmp_path, ranks):
+    from infermill.config import InferenceConfig
+    from infermill.io.writers import JsonlWriter
+    from infermill.rollouts import PromptRollout
+    from infermill.runner import InferenceRunner
+
+    out = tmp_path / "out"
+    config = InferenceConfig(server_type="dummy", model_name_or_path="echo")
+    runner = InferenceRunner(PromptRollout(template="[[DOCUMENT]]"), config, JsonlWriter(str(out)), records_per_chunk=4)
+    for rank in range(ranks):
+        runner.run([{"id": f"r{rank}-{i}", "text": "t"} for i in range(6)], rank, ranks)
+    result = infermill(tmp_path, "card", str(out))
+    assert result.returncode == 2, output_of(result)
+    assert "cards are for jobs of infermill run" in result.stderr and "datatrove pipeline's" in result.stderr
+    assert not (out / "README.md").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_card_of_an_output_whose_file_cannot_be_read_names_the_file_and_its_unit(tmp_path, damage):
+    spec = job_spec(tmp_path)
+    spec["output"]["format"] = "parquet"
+    job = write_job(tmp_path, spec)
+    result = infermill(tmp_path, "run", str(job))
+    assert result.returncode == 0, output_of(result)
+    broken = tmp_path / "out" / "00000_00001.parquet"
+    if damage == "missing":
+        broken.unlink()
+    else:
+        broken.write_bytes(b"not parquet at all")
+    result = infermill(tmp_path, "card", str(tmp_path / "out"))
+    assert result.returncode == 2, output_of(result)
+    assert "cannot read 00000_00001.parquet, the result file of unit 1" in result.stderr
+    assert "infermill status --verify" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "README.md").exists()
+    if damage == "missing":
+        return  # (a run would write the unit again)
+    result = infermill(tmp_path, "run", str(job), "--set", "output.card=true")  # the complete job's card, at its end
+    assert result.returncode == 0, output_of(result)  # a card that cannot be made is a warning
+    assert "the dataset card was not written: cannot read 00000_00001.parquet" in result.stderr, output_of(result)
+
+
+def test_sample_rows_holding_a_code_fence_stay_inside_theirs(tmp_path):
+    from markdown_it import MarkdownIt
+
+    records = [{"id": f"f{i}", "text": f"say ```\n# not a heading {i}\n````` end"} for i in range(3)]
+    (tmp_path / "fences.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    spec = job_spec(tmp_path)
+    spec["input"]["path"] = str(tmp_path / "fences.jsonl")
+    spec["output"]["card"] = True
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 0, output_of(result)
+    tokens = MarkdownIt().parse(card_of(tmp_path / "out").text)
+    headings = [tokens[i + 1].content for i, token in enumerate(tokens) if token.type == "heading_open"]
+    assert not any("not a heading" in heading for heading in headings)
+    (sample,) = [token.content for token in tokens if token.type == "fence" and token.info == "json"]
+    assert all(f'"id": "f{i}"' in sample for i in range(3))  # the three rows, whole, in the one block
+
+
+def test_an_empty_job_gets_its_card_and_one_whose_units_wrote_nothing_says_so(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    spec = job_spec(tmp_path)
+    spec["input"]["path"] = str(tmp_path / "empty.jsonl")
+    spec["output"]["card"] = True
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 0, output_of(result)
+    card = card_of(tmp_path / "out")
+    assert card.data.size_categories == ["n<1K"] and "No unit is committed yet" in card.text
+
+
+def test_a_file_name_template_datasets_cannot_load_is_refused_when_a_card_is_asked_for(tmp_path):
+    spec = job_spec(tmp_path)
+    spec["output"].update(card=True, filename="part-${rank}-${chunk_index}")
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 2, output_of(result)
+    assert "filename 'part-${rank}-${chunk_index}' has no extension datasets reads" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+    spec["output"]["card"] = False  # a job run without a card: `infermill card` warns
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 0, output_of(result)
+    result = infermill(tmp_path, "card", str(tmp_path / "out"))
+    assert result.returncode == 0, output_of(result)
+    assert "the card's data files (part-00000-00000...) have no extension datasets reads" in result.stderr
+
+
+def test_kept_card_settings_that_cannot_be_read_are_a_warning_not_silently_dropped(tmp_path):
+    spec = job_spec(tmp_path)
+    spec["output"].update(card=True, card_metadata={"license": "mit"})
+    result = infermill(tmp_path, "run", str(write_job(tmp_path, spec)))
+    assert result.returncode == 0, output_of(result)
+    kept = tmp_path / "out" / "_infermill" / "card.json"
+    kept.write_text("{damaged")
+    result = infermill(tmp_path, "card", str(tmp_path / "out"))
+    assert result.returncode == 0, output_of(result)
+    assert f"the card's kept settings ({kept}) were not read" in result.stderr

@@ -243,13 +243,13 @@ class Job:
                 card = self._live_card(layout)
             try:
                 stats = await runner.run_queue_async(reader, server, self._queue_options(options, worker_id, index))
-            finally:
+            finally:  # (stopped or failed too: a live card must not go on saying it runs)
                 if progress is not None:
                     progress.cancel()
                 if card is not None:
                     await stop_live(card)
-            if not options.as_worker:
-                await asyncio.to_thread(self.end_card, layout)
+                if not options.as_worker and job.output.card:
+                    await asyncio.to_thread(self.end_card, layout)
             return stats
 
     def _build(self, options: RunOptions) -> tuple[DocumentReader, InferenceRunner]:
@@ -288,11 +288,10 @@ class Job:
             keep_settings(layout, self.card_settings())
 
     def _live_card(self, layout: JobLayout) -> asyncio.Task[None] | None:
-        """For ``output.card: live``, a task that rewrites the card at the progress interval (of
-        this command's process only, never of its workers); else None."""
+        """For ``output.card: live``, a task that rewrites the card every ``output.card_interval_sec``
+        (by this command's process only, never by its workers); else None."""
         from infermill.card import keep_live
         from infermill.mirror import has_plan
-        from infermill.progress import log_interval
 
         if self.config.output.card != "live":
             return None
@@ -301,7 +300,7 @@ class Job:
             if has_plan(layout):  # (until the job is planned, there is nothing to say)
                 self.write_card(layout, live=True)
 
-        return asyncio.create_task(keep_live(write, log_interval(self.config.inference)))
+        return asyncio.create_task(keep_live(write, self.config.output.card_interval_sec))
 
     def card_settings(self) -> CardSettings:
         """The card's settings from the job file, with this process's command."""
@@ -309,28 +308,33 @@ class Job:
 
         return CardSettings(self.config.output.card_metadata, run_command())
 
-    def write_card(self, layout: JobLayout, live: bool = False, destination: str | None = None) -> str:
+    def write_card(self, layout: JobLayout, live: bool = False, ended: bool = False) -> str:
         """Write the job's dataset card (see :mod:`infermill.card`); return where."""
         from infermill.card import write_card
 
-        return write_card(layout, self.output, self.card_settings(), destination, live)
+        return write_card(layout, self.output, self.card_settings(), live=live, ended=ended)
 
     def end_card(self, layout: JobLayout) -> None:
-        """At the end of this command's run: the card of the complete job (``output.card``), or a
-        last live one of a job left incomplete (``live``). A card that cannot be written is a
-        warning: the job itself is done."""
-        from infermill.queue import job_complete
+        """At the end of this command's run, however it ended: the card of the complete job (an
+        empty one's too) for ``output.card``, or for ``live`` a last card of a job left incomplete,
+        saying it stopped. A card that cannot be made is a warning, never a failed job."""
+        from infermill.mirror import has_plan
+        from infermill.queue import WorkQueue
 
         mode = self.config.output.card
         if not mode:
             return
-        complete = job_complete(layout)
-        if not complete and mode != "live":
-            return
         try:
-            written = self.write_card(layout, live=not complete)
-        except (InfermillError, OSError) as e:
+            if not has_plan(layout):  # (refused before it was planned: no job to describe)
+                return
+            status = WorkQueue.for_layout(layout).status()
+            complete = status.units_done == status.units_total
+            if not complete and mode != "live":
+                return
+            written = self.write_card(layout, live=not complete, ended=True)
+        except Exception as e:  # (the job's work is done and kept whatever this fails on)
             logger.warning("the dataset card was not written: %s; write it with: infermill card %s", e, self.job_file)
+            logger.debug("the dataset card was not written", exc_info=True)
             return
         logger.info("dataset card written: %s", written)
 
@@ -394,9 +398,13 @@ class Job:
 
             deaths = WorkerDeaths(queue, options.max_worker_restarts)
             running = run_workers(command, secret, workers, gpus, deaths.replace_process)
-            codes = run_coroutine(
-                interruptible(_with_progress(running, self.layout(), log_interval(job.inference), self._live_card))
-            )
+            try:
+                codes = run_coroutine(
+                    interruptible(_with_progress(running, self.layout(), log_interval(job.inference), self._live_card))
+                )
+            except BaseException:  # (stopped or failed: a live card must not go on saying it runs)
+                self.end_card(self.layout())
+                raise
         elif executor == "slurm":
             from infermill.executors.slurm import run_slurm
 

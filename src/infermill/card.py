@@ -28,6 +28,7 @@ import asyncio
 import datetime
 import io
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -75,12 +76,11 @@ class CardSettings:
 
 
 def run_command(argv: list[str] | None = None) -> str:
-    """This process's command line (or ``argv``), as a user would type it again, the values of
-    its ``--set`` overrides of secret fields (``inference.api_key``, ``...storage_options...``,
-    any key naming a credential) hidden: a card is made to be published."""
-    from infermill.config import is_credential_name
-    from infermill.jobfile import split_secret_overrides
-
+    """This process's command line (or ``argv``), as a user would type it again, with what its
+    ``--set`` overrides may hold of a credential hidden (a card is made to be published): the
+    value of a secret field (``inference.api_key``, ``...storage_options...``, any key naming a
+    credential) or of a mapping or list holding one at any depth, or a URL holding one (``***``);
+    a URL's ``user:password@`` and query (``input.path=https://host/x.jsonl``)."""
     argv = list(sys.argv if argv is None else argv)
     if argv and argv[0].endswith(("__main__.py", "/infermill")):
         argv[0] = "infermill"
@@ -88,12 +88,45 @@ def run_command(argv: list[str] | None = None) -> str:
     for before, arg in zip(["", *argv], argv, strict=False):
         flag, equals, assignment = arg.partition("=") if arg.startswith("--set=") else ("", "", arg)
         if before == "--set" or equals:
-            key = assignment.partition("=")[0]
-            if split_secret_overrides([assignment])[1] or any(is_credential_name(part) for part in key.split(".")):
-                assignment = f"{key}=***"
-            arg = f"{flag}{equals}{assignment}"
+            arg = f"{flag}{equals}{_shown_override(assignment)}"
         shown.append(arg)
     return shlex.join(shown)
+
+
+def _shown_override(assignment: str) -> str:
+    """A ``--set KEY=VALUE`` as a card shows it (see :func:`run_command`)."""
+    from infermill.config import is_credential_name
+    from infermill.jobfile import split_secret_overrides
+
+    key, _, raw = assignment.partition("=")
+    if split_secret_overrides([assignment])[1] or any(is_credential_name(part) for part in key.split(".")):
+        return f"{key}=***"
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    if _is_public(value):
+        return assignment
+    return f"{key}={_public_url(value) if isinstance(value, str) else '***'}"
+
+
+def _public_url(url: str) -> str:
+    """``url`` without its ``user:password@`` and query (which may hold a key)."""
+    from infermill.config import _url_without_credentials
+
+    return _url_without_credentials(url)
+
+
+def _is_public(value: Any) -> bool:
+    """Whether ``value`` (an override's, parsed) holds no key naming a credential and no URL
+    holding a user, password or query, at any depth."""
+    from infermill.config import is_credential_name
+
+    if isinstance(value, dict):
+        return all(not is_credential_name(str(k)) and _is_public(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_public(v) for v in value)
+    return not (isinstance(value, str) and "://" in value and _public_url(value) != value.strip().rstrip("/"))
 
 
 def keep_settings(layout: JobLayout, settings: CardSettings) -> None:
@@ -108,15 +141,27 @@ def keep_settings(layout: JobLayout, settings: CardSettings) -> None:
 
 
 def kept_settings(layout: JobLayout) -> CardSettings:
-    """The settings kept with the job (none kept: no metadata, no command)."""
+    """The settings kept with the job (none kept: no metadata, no command). Kept ones that
+    cannot be read (a store out of reach, a damaged file) are a warning: the card is written
+    without them."""
+    where = layout.card_settings_file
     try:
         if layout.store is None:
-            data = orjson.loads(layout.card_settings_file.read_bytes())
+            data = orjson.loads(where.read_bytes())
         else:
             from infermill.mirror import job_storage, remote
 
-            data = orjson.loads(job_storage(layout).read(remote(layout, layout.card_settings_file)))
-    except (OSError, orjson.JSONDecodeError):
+            where = remote(layout, where)
+            data = orjson.loads(job_storage(layout).read(where))
+    except FileNotFoundError:
+        return CardSettings()
+    except (OSError, orjson.JSONDecodeError) as e:
+        logger.warning(
+            "the card's kept settings (%s) were not read: %s; the card has no card_metadata nor command: "
+            "write it again with: infermill card JOB_FILE",
+            where,
+            e,
+        )
         return CardSettings()
     metadata = data.get("metadata") if isinstance(data, dict) else None
     command = data.get("command") if isinstance(data, dict) else None
@@ -133,6 +178,7 @@ class OutputFiles:
     names: list[str]
     records: list[int]
     size: int  # their bytes, as their done marks recorded them
+    units: list[int] = field(default_factory=list)  # the unit that wrote each
     data_files: str | list[str] = ""  # what ``configs`` lists: a glob matching exactly ``names``, or ``names``
 
     @property
@@ -142,14 +188,15 @@ class OutputFiles:
 
 def committed_files(done_marks: dict[int, dict[str, Any]]) -> OutputFiles:
     """The files the committed units wrote (their done marks name them), their records and size."""
-    names, records, size = [], [], 0
-    for _, mark in sorted(done_marks.items()):
+    names, records, size, units = [], [], 0, []
+    for unit, mark in sorted(done_marks.items()):
         written = mark.get("output") or {}
         if isinstance(written, dict) and isinstance(written.get("file"), str) and written.get("records"):
             names.append(written["file"])
             records.append(int(written["records"]))
             size += int(written.get("bytes") or 0)
-    return OutputFiles(names, records, size)
+            units.append(unit)
+    return OutputFiles(names, records, size, units)
 
 
 def output_glob(recorded: object, output: str) -> str | None:
@@ -210,7 +257,10 @@ class Sample:
 def read_sample(fs: Any, root: str, files: OutputFiles, results_key: str) -> Sample:
     """Records of the output's files: every one of an output of at most :data:`SAMPLE_RECORDS`
     and :data:`SAMPLE_BYTES`, else the first of up to :data:`SAMPLE_FILES` files spread over it
-    (:data:`SAMPLE_BYTES` read at most)."""
+    (:data:`SAMPLE_BYTES` read at most). A file that cannot be read (missing, damaged) is a
+    ``ConfigError`` naming it and its unit."""
+    import pyarrow as pa
+
     sample = Sample(results_key, complete=files.total <= SAMPLE_RECORDS and files.size <= SAMPLE_BYTES)
     chosen = list(range(len(files.names)))
     if not sample.complete:
@@ -221,16 +271,29 @@ def read_sample(fs: Any, root: str, files: OutputFiles, results_key: str) -> Sam
         name = files.names[index]
         path = f"{root.rstrip('/')}/{name}"
         sample.files_read += 1
-        going_on = (
-            _read_parquet(fs, path, each, sample)
-            if name.endswith(".parquet")
-            else _read_jsonl(fs, path, name, each, sample)
-        )
+        try:
+            going_on = (
+                _read_parquet(fs, path, each, sample)
+                if name.endswith(".parquet")
+                else _read_jsonl(fs, path, name, each, sample)
+            )
+        except (OSError, EOFError, ValueError, pa.ArrowException) as e:  # (missing, truncated, not its format)
+            unit = files.units[index] if index < len(files.units) else "?"
+            raise ConfigError(
+                f"cannot read {name}, the result file of unit {unit} in {root}: {_reason(e)}; the card was not "
+                "written: check the job's files with: infermill status --verify OUTPUT"
+            ) from None
         if not going_on:
             break
     if sample.files_read < len(files.names):
         sample.complete = False
     return sample
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _read_parquet(fs: Any, path: str, limit: int | None, sample: Sample) -> bool:
@@ -420,31 +483,61 @@ class CardFacts:
     schema: Any
     settings: CardSettings
     live: bool
+    ended: bool = False  # written as the command running the job ends: its workers are gone
 
 
-def gather(layout: JobLayout, output: str, settings: CardSettings, live: bool = False) -> CardFacts:
+#: the names' endings ``datasets`` reads the card's data files by (a compression's after them)
+LOADABLE = re.compile(r"\.(jsonl|json|parquet)(\.(gz|zst|bz2|xz|lz4))?$")
+
+
+def gather(
+    layout: JobLayout, output: str, settings: CardSettings, live: bool = False, ended: bool = False
+) -> CardFacts:
     """What the card of the job laid out by ``layout`` (writing to ``output``) says; a
-    ``ConfigError`` when it holds no job of the work queue."""
+    ``ConfigError`` when it holds no job of ``infermill run`` (none, or a datatrove pipeline's)
+    or a result file cannot be read. The data files are a glob only once the job is complete:
+    the record count ``datasets`` checks them against would not hold after the next commit."""
     from infermill.io.filesystems import url_to_fs
     from infermill.jobstatus import job_progress
     from infermill.mirror import has_plan
     from infermill.queue import WorkQueue
     from infermill.worker import job_stats
 
+    stream = "a datatrove pipeline's (a document stream's)"
     if not has_plan(layout):
+        if layout.store is None and layout.rank_queues():
+            raise ConfigError(_not_a_run(layout, stream))
         raise ConfigError(
             f"no job of infermill run in {layout.where()}: is {output} the output folder of one? (--checkpoints names "
             "the checkpoint folder of a job that set checkpoint.dir)"
         )
     queue = WorkQueue.for_layout(layout)
-    identity = (queue.plan() or {}).get("identity") or {}
+    plan = queue.plan() or {}
+    if "stream" in plan:
+        raise ConfigError(_not_a_run(layout, stream))
+    identity = plan.get("identity") or {}
     progress = job_progress(layout)
     files = committed_files(queue.done_marks())
+    unloadable = [name for name in files.names if not LOADABLE.search(name)]
+    if unloadable:
+        logger.warning(
+            "the card's data files (%s...) have no extension datasets reads (.jsonl, .parquet): load_dataset cannot "
+            "load them by the card; name them so with output.filename",
+            unloadable[0],
+        )
     fs, root = url_to_fs(output, layout.output_options)
-    files.data_files = data_files(fs, root, files.names, output_glob(identity.get("output"), output))
+    complete = progress.complete and files.names and not progress.queue.units_failed
+    glob = output_glob(identity.get("output"), output) if complete else None
+    files.data_files = data_files(fs, root, files.names, glob)
     sample = read_sample(fs, root, files, str(identity.get("metadata_key") or "rollout_results"))
-    return CardFacts(
-        output, identity, progress, job_stats(layout), files, sample, output_schema(fs, root, sample), settings, live
+    schema = output_schema(fs, root, sample)
+    return CardFacts(output, identity, progress, job_stats(layout), files, sample, schema, settings, live, ended)
+
+
+def _not_a_run(layout: JobLayout, kind: str) -> str:
+    return (
+        f"cards are for jobs of infermill run: {layout.where()} holds {kind} job, whose output is its "
+        "writer's; infermill writes no card of it yet"
     )
 
 
@@ -453,7 +546,7 @@ def front_matter(facts: CardFacts) -> dict[str, Any]:
     metadata = dict(facts.settings.metadata)
     tags = list(metadata.pop("tags", []))
     front: dict[str, Any] = {**metadata, "tags": [*tags, *([TAG] if TAG not in tags else [])]}
-    front.setdefault("size_categories", [_size_category(facts.files.total)])
+    front.setdefault("size_categories", [size_category(facts.files.total)])
     if facts.files.names:
         front["configs"] = [
             {"config_name": "default", "data_files": [{"split": SPLIT, "path": facts.files.data_files}]}
@@ -470,11 +563,24 @@ def front_matter(facts: CardFacts) -> dict[str, Any]:
     return front
 
 
-def _size_category(records: int) -> str:
-    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
-        if records < bound:
-            return name
-    return "1M<n<10M" if records < 10_000_000 else "n>10M"
+#: the Hub's ``size_categories`` (huggingface_hub's DatasetCardData): each one's upper bound
+_SIZE_CATEGORIES = (
+    (10**3, "n<1K"),
+    (10**4, "1K<n<10K"),
+    (10**5, "10K<n<100K"),
+    (10**6, "100K<n<1M"),
+    (10**7, "1M<n<10M"),
+    (10**8, "10M<n<100M"),
+    (10**9, "100M<n<1B"),
+    (10**10, "1B<n<10B"),
+    (10**11, "10B<n<100B"),
+    (10**12, "100B<n<1T"),
+)
+
+
+def size_category(records: int) -> str:
+    """The Hub's ``size_categories`` value of ``records`` records."""
+    return next((name for bound, name in _SIZE_CATEGORIES if records < bound), "n>1T")
 
 
 def render(facts: CardFacts) -> str:
@@ -538,13 +644,23 @@ def _progress_section(facts: CardFacts) -> str:
     total = status.documents_total
     done = f"{progress.documents_processed:,}" + (f" / {total:,}" if total is not None else "")
     percent = f" ({100 * progress.documents_processed / total:.1f}%)" if total else ""
-    eta = f"{status.eta_sec:,.0f} s" if status.eta_sec is not None else "-"
+    eta = f"{status.eta_sec:,.0f} s" if status.eta_sec is not None and not facts.ended else "-"
     rate = f"{status.documents_per_sec:,.1f}" if status.documents_per_sec is not None else "-"
+    state = progress.state
+    if facts.ended and state == "running":  # (its workers' leases outlive them a while)
+        state = "failed units" if status.units_failed else "stopped"
+    note = (
+        "\nThis card was written when the command running the job stopped; its data files are those of the units "
+        "committed by then. `infermill status` tells whether the job runs again.\n"
+        if facts.ended
+        else "\nThis card is rewritten while the job runs (output.card: live); its data files are those of the units "
+        "committed so far.\n"
+    )
     return (
         "## Progress\n\n"
         + _table(
             [
-                ("state", progress.state),
+                ("state", state),
                 ("documents processed", f"{done}{percent}"),
                 ("documents in the files below (committed units)", status.documents_written),
                 ("units", f"{status.units_done:,} of {status.units_total:,} done, {status.units_failed:,} failed"),
@@ -553,10 +669,7 @@ def _progress_section(facts: CardFacts) -> str:
                 ("updated", _when(datetime.datetime.now(datetime.UTC).timestamp())),
             ]
         )
-        + (
-            "\nThis card is rewritten while the job runs (output.card: live); its data files are those of the units "
-            "committed so far.\n"
-        )
+        + note
     )
 
 
@@ -694,6 +807,7 @@ def _samples_section(facts: CardFacts) -> str:
         return ""
     shown = "\n".join(_json(_truncated(row)) for row in rows)
     heading = f"## Sample rows\n\nThe first {len(rows)} records (strings cut at {SAMPLE_CHARS} characters):"
+    # (no fence can close this block: each line of indented JSON starts with a space, a quote, a bracket...)
     return f"{heading}\n\n```json\n{shown}\n```\n"
 
 
@@ -709,7 +823,9 @@ def _truncated(value: Any) -> Any:
 
 def _usage_section(facts: CardFacts) -> str:
     if not facts.files.names:
-        return "## Loading\n\nNo unit is committed yet: the output has no data file.\n"
+        done = facts.progress.queue.units_done
+        why = "The committed units wrote no record" if done else "No unit is committed yet"
+        return f"## Loading\n\n{why}: the output has no data file.\n"
     return (
         "## Loading\n\n```python\nfrom datasets import load_dataset\n\n"
         f'ds = load_dataset("{facts.output.rstrip("/")}", split="{SPLIT}")  # or the Hub repo it was uploaded to\n```\n'
@@ -741,18 +857,45 @@ def write_card(
     settings: CardSettings | None = None,
     destination: str | None = None,
     live: bool = False,
+    ended: bool = False,
 ) -> str:
     """Write the card of the job laid out by ``layout`` (writing to ``output``) to ``destination``
     (default: ``OUTPUT/README.md``), whole or not at all; return where. ``settings``: those kept
-    with the job when None."""
+    with the job when None. ``live``: with the job's progress; ``ended``: as the command running
+    it ends (a live card's last: its state is not "running")."""
     from infermill.mirror import reading
 
     with reading(layout, ("stats", "metrics")) as readable:  # (a job in a store: its workers' records, downloaded)
-        facts = gather(readable, output, settings or kept_settings(layout), live)
+        facts = gather(readable, output, settings or kept_settings(layout), live, ended)
     text = render(facts)
     destination = destination or card_path(output)
     put_whole(destination, text.encode(), layout.output_options if destination.startswith(output) else None)
     return destination
+
+
+def discard_card(fs: Any, root: str) -> None:
+    """Delete the card in the output folder ``root`` of ``fs`` if infermill wrote it (its front
+    matter has the infermill tag): a job started over discards the files it names."""
+    path = f"{root.rstrip('/')}/{CARD_FILE}"
+    try:
+        with fs.open(path, "rb") as file:
+            head = file.read(1 << 20).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return
+    if is_infermill_card(head):
+        fs.rm(path)
+
+
+def is_infermill_card(text: str) -> bool:
+    """Whether the card ``text`` is one infermill wrote: its front matter has the infermill tag."""
+    if not text.startswith("---\n"):
+        return False
+    try:
+        front = yaml.safe_load(text[4:].partition("\n---\n")[0])
+    except yaml.YAMLError:
+        return False
+    tags = front.get("tags") if isinstance(front, dict) else None
+    return isinstance(tags, list) and TAG in tags
 
 
 def put_whole(destination: str, data: bytes, options: Any = None) -> None:

@@ -1,7 +1,8 @@
 """Job files: one YAML file describing input, output, rollout, server and runner.
 
     input:     {path, format, text_key, id_key, limit, storage_options}
-    output:    {path, format, compression, filename, parquet_metadata, storage_options, card, card_metadata}
+    output:    {path, format, compression, filename, parquet_metadata, storage_options, card, card_interval_sec,
+               card_metadata}
     rollout:   {template | prompt_key | messages_key | messages, system_prompt}
                or {function, shared_context, shared_context_kwargs}
     inference: the fields of InferenceConfig
@@ -34,6 +35,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from infermill.card import LOADABLE
 from infermill.config import SECRET_FIELDS, InferenceConfig, config_error, one_of
 from infermill.errors import ConfigError
 from infermill.io.readers import INPUT_FORMATS
@@ -135,6 +137,12 @@ class OutputSection(_Section):
         description="Write a dataset card, OUTPUT/README.md, when the job is complete (true), and also rewrite it "
         "with the progress while it runs (live); `infermill card` writes one any time.",
     )
+    card_interval_sec: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds between rewrites of a live card (card: live); each reads the job's records and up to "
+        "64 MiB of its output.",
+    )
     card_metadata: dict[str, Any] = Field(
         default_factory=dict,
         description="The card's Hub metadata: license, language, pretty_name, tags (an infermill tag is added), "
@@ -155,6 +163,15 @@ class OutputSection(_Section):
     @classmethod
     def _known_layout(cls, value: str | None) -> str | None:
         return None if value is None else one_of(value, ParquetWriter.LAYOUTS)
+
+    @model_validator(mode="after")
+    def _loadable_card_files(self) -> OutputSection:
+        if self.card and self.filename is not None and not LOADABLE.search(self.filename):
+            raise ValueError(
+                f"filename {self.filename!r} has no extension datasets reads (.jsonl, .parquet, a compression's after "
+                "it): the card's data files could not be loaded; end it so, or set card: false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _layout_for_parquet(self) -> OutputSection:

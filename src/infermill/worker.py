@@ -229,8 +229,12 @@ def _replan(
 
 def discard(layout: JobLayout, writer: OutputWriter) -> None:
     """Delete the job's queue, journals, stats and failures, and the output files its units
-    (and static ranks of an older infermill) wrote; no other file. A unit ever claimed may have
-    written its file without its done mark (its worker killed in between): its file goes too."""
+    (and static ranks of an older infermill) wrote, and its dataset card; no other file. A unit
+    ever claimed may have written its file without its done mark (its worker killed in between):
+    its file goes too. The card goes first: it never names files already deleted."""
+    from infermill.card import discard_card
+
+    discard_card(writer.fs, writer.root)
     discard_queue(layout.queue, writer, job_storage(layout) if layout.store is not None else None)
     discard_rank_checkpoints(layout, writer)
     discard_records(layout)
