@@ -28,7 +28,6 @@ import asyncio
 import datetime
 import io
 import logging
-import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -41,6 +40,7 @@ import orjson
 import yaml
 
 from infermill.errors import ConfigError
+from infermill.io.card_file import CARD_FILE, LOADABLE, TAG
 from infermill.layout import is_remote, local_path
 from infermill.version import __version__
 
@@ -50,8 +50,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("infermill.card")
 
-CARD_FILE = "README.md"
-TAG = "infermill"
 SPLIT = "train"
 #: an output of at most this many records is read whole (exact token percentiles, a JSONL
 #: output's features); a larger one is sampled: the first records of up to SAMPLE_FILES files
@@ -486,10 +484,6 @@ class CardFacts:
     ended: bool = False  # written as the command running the job ends: its workers are gone
 
 
-#: the names' endings ``datasets`` reads the card's data files by (a compression's after them)
-LOADABLE = re.compile(r"\.(jsonl|json|parquet)(\.(gz|zst|bz2|xz|lz4))?$")
-
-
 def gather(
     layout: JobLayout, output: str, settings: CardSettings, live: bool = False, ended: bool = False
 ) -> CardFacts:
@@ -871,31 +865,6 @@ def write_card(
     destination = destination or card_path(output)
     put_whole(destination, text.encode(), layout.output_options if destination.startswith(output) else None)
     return destination
-
-
-def discard_card(fs: Any, root: str) -> None:
-    """Delete the card in the output folder ``root`` of ``fs`` if infermill wrote it (its front
-    matter has the infermill tag): a job started over discards the files it names."""
-    path = f"{root.rstrip('/')}/{CARD_FILE}"
-    try:
-        with fs.open(path, "rb") as file:
-            head = file.read(1 << 20).decode("utf-8", "replace")
-    except FileNotFoundError:
-        return
-    if is_infermill_card(head):
-        fs.rm(path)
-
-
-def is_infermill_card(text: str) -> bool:
-    """Whether the card ``text`` is one infermill wrote: its front matter has the infermill tag."""
-    if not text.startswith("---\n"):
-        return False
-    try:
-        front = yaml.safe_load(text[4:].partition("\n---\n")[0])
-    except yaml.YAMLError:
-        return False
-    tags = front.get("tags") if isinstance(front, dict) else None
-    return isinstance(tags, list) and TAG in tags
 
 
 def put_whole(destination: str, data: bytes, options: Any = None) -> None:

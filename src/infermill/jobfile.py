@@ -35,9 +35,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from infermill.card import LOADABLE
 from infermill.config import SECRET_FIELDS, InferenceConfig, config_error, one_of
 from infermill.errors import ConfigError
+from infermill.io.card_file import LOADABLE
 from infermill.io.readers import INPUT_FORMATS
 from infermill.io.writers import COMPRESSION_SUFFIX, WRITERS, ParquetWriter
 from infermill.layout import JobLayout

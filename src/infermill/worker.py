@@ -232,7 +232,7 @@ def discard(layout: JobLayout, writer: OutputWriter) -> None:
     (and static ranks of an older infermill) wrote, and its dataset card; no other file. A unit
     ever claimed may have written its file without its done mark (its worker killed in between):
     its file goes too. The card goes first: it never names files already deleted."""
-    from infermill.card import discard_card
+    from infermill.io.card_file import discard_card
 
     discard_card(writer.fs, writer.root)
     discard_queue(layout.queue, writer, job_storage(layout) if layout.store is not None else None)
