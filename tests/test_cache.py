@@ -328,6 +328,7 @@ def s3(request) -> Any:
     return request.getfixturevalue("seaweedfs" if request.param == "seaweedfs" else "moto_s3")
 
 
+@pytest.mark.timeout(360)  # two jobs and four writers on the S3 server: ~50 s on moto alone, more under load
 def test_a_cache_on_s3_is_shared_by_jobs_and_survives_killed_writers(tmp_path, s3):
     bucket = s3.new_bucket()
     url = f"s3://{bucket}/cache"
