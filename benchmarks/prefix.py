@@ -16,7 +16,9 @@ Each input runs as
              (every row handed to the engine at once, in file order), with ``--enable-metrics``;
   infermill  InferenceRunner with the built-in OpenAI-batch rollout, ``prefix_window`` the whole
              input, against one vLLM server (``server_type: vllm``, the same flags) started once
-             for all its runs; each run's documents are new to it (``--seed`` + run number).
+             for all its runs; each run's documents are new to it (``--seed`` + run number);
+  infermill-hold (``--cases``)  the same, but a document's later questions are sent only once
+             its first is answered (its prefix computed and cached).
 
 Both are measured the same way, from vLLM's own /metrics polled every ``POLL_SEC``: the rate of
 completed requests from the first poll with a quarter of them done to the last poll (so
@@ -25,8 +27,9 @@ times 16 tokens; and the prefix-cache hit rate (``vllm:prefix_cache_hits`` /
 ``vllm:prefix_cache_queries``, in tokens) over the run. Runs alternate (run-batch, infermill,
 run-batch, infermill...) and the table has the medians and each run's 1-minute load average.
 
-    .venv-vllm/bin/python benchmarks/prefix.py                        # 100 docs x 4 questions, 2 runs each
-    .venv-vllm/bin/python benchmarks/prefix.py --runs 3 --inputs shared
+    .venv-vllm/bin/python benchmarks/prefix.py          # 100 docs x 4 questions, ~800 tokens, 2 runs each
+    .venv-vllm/bin/python benchmarks/prefix.py --docs 16 --words 440 --kv-blocks 48 \
+        --cases run-batch infermill infermill-hold                   # smaller, and the held-siblings case
 """
 
 from __future__ import annotations
@@ -57,14 +60,15 @@ QUESTIONS = (
     "Who would read the text above? Answer briefly.",
     "Summarize the text above in one sentence.",
 )
-WORDS = (
+WORD_TEXT = (
     "river mountain garden village winter market harbor forest bridge lantern orchard meadow "
     "teacher farmer sailor doctor painter baker miller weaver hunter student captain merchant "
     "bright quiet ancient narrow golden heavy gentle sudden distant hidden broken simple "
     "carried watched opened followed remembered painted gathered crossed planted visited "
     "morning evening summer autumn storm candle letter window stone silver copper wooden "
     "and the of a to in was with that for on as by at from his her their it"
-).split()
+)
+WORDS = WORD_TEXT.split()
 
 
 # -- the inputs ------------------------------------------------------------------------------
@@ -177,6 +181,7 @@ def run_batch(args: argparse.Namespace, rows: list[dict], work: str, tag: str) -
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", source, "-o", target,
             "--model", args.model, "--dtype", "float32", "--max-model-len", "2048",
+            "--num-gpu-blocks-override", str(args.kv_blocks),
             "--enable-metrics", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     with open(os.path.join(work, f"{tag}.log"), "w") as log:
@@ -192,7 +197,31 @@ def run_batch(args: argparse.Namespace, rows: list[dict], work: str, tag: str) -
     return measure(points, len(rows))
 
 
-async def run_infermill(server, args: argparse.Namespace, rows: list[dict], work: str) -> dict[str, float]:
+def held_siblings(rollout):
+    """``rollout`` (the OpenAI-batch one), but a request whose document (the prompt before its
+    question) was sent already waits until that first one is answered: the case that sends a
+    group's first request and holds its siblings until its prefill is done (and its 16 tokens)."""
+    firsts: dict[str, asyncio.Future] = {}
+
+    async def held(document, generate):
+        text = document.metadata["openai_batch"]["body"]["messages"][-1]["content"]
+        key = text.rsplit("\n\n", 1)[0]
+        first = firsts.get(key)
+        if first is not None:
+            await first
+            return await rollout(document, generate)
+        first = firsts[key] = asyncio.get_running_loop().create_future()
+        try:
+            return await rollout(document, generate)
+        finally:
+            first.set_result(None)
+
+    return held
+
+
+async def run_infermill(
+    server, args: argparse.Namespace, rows: list[dict], work: str, hold: bool = False
+) -> dict[str, float]:
     from infermill import InferenceConfig, InferenceRunner
     from infermill.io import JsonlWriter
     from infermill.rollouts import OpenAIBatchRollout
@@ -207,7 +236,11 @@ async def run_infermill(server, args: argparse.Namespace, rows: list[dict], work
     documents = (Document(text="", id=row["custom_id"], metadata={"openai_batch": row}) for row in rows)
     out = tempfile.mkdtemp(dir=work)
     poller = Poller(server.base_url)
-    stats = await InferenceRunner(OpenAIBatchRollout(), config, JsonlWriter(out)).run_async(documents, server=server)
+    rollout = OpenAIBatchRollout()
+    runner = InferenceRunner(
+        held_siblings(rollout) if hold else rollout, config, JsonlWriter(out), prefix_key=rollout.prefix
+    )
+    stats = await runner.run_async(documents, server=server)
     points = await asyncio.to_thread(poller.stop)
     assert stats["documents_processed"] == len(rows) and stats["documents_failed"] == 0, stats
     return measure(points, len(rows))
@@ -227,7 +260,10 @@ async def serve_and_alternate(args: argparse.Namespace, work: str, results: dict
         server_type="vllm",
         model_name_or_path=args.model,
         model_max_context=2048,
-        model_kwargs={"server_env": {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}},
+        model_kwargs={
+            "num_gpu_blocks_override": args.kv_blocks,
+            "server_env": {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)},
+        },
         server_ready_delay_sec=1.0,
         server_ready_max_attempts=600,
         server_log_folder=os.path.join(work, "logs"),
@@ -241,10 +277,12 @@ async def serve_and_alternate(args: argparse.Namespace, work: str, results: dict
                 seed = args.seed + 1000 * run + (0 if kind == "shared" else 500)
                 rows = make_rows(kind, args.docs, args.questions, args.words, seed, args.model)
                 for case in args.cases:
+                    if case == "infermill-hold" and kind != "shared":
+                        continue  # (nothing to hold: no two rows share a document)
                     if case == "run-batch":
                         found = await asyncio.to_thread(run_batch, args, rows, work, f"{kind}_{run}")
                     else:
-                        found = await run_infermill(server, args, rows, work)
+                        found = await run_infermill(server, args, rows, work, hold=case == "infermill-hold")
                     found["load"] = os.getloadavg()[0]
                     results.setdefault((kind, case), []).append(found)
                     print(f"# {kind} {case} run {run}: {fmt(found)}", file=sys.stderr, flush=True)
@@ -259,7 +297,7 @@ def fmt(found: dict[str, float]) -> str:
 
 def table(results: dict) -> str:
     lines = [
-        "| input | case | runs: tokens/s | median tokens/s | vs run-batch | prefix-cache hit rate (median) | load (1 min) |",
+        "| input | case | tokens/s of each run | median | vs run-batch | prefix-cache hits (median) | load (1 min) |",
         "|---|---|---|---|---|---|---|",
     ]
     for (kind, case), runs in results.items():
@@ -278,11 +316,20 @@ def main() -> None:
     parser.add_argument("--model", default=os.path.join(ROOT, ".venv", "models", "SmolLM2-135M-Instruct"))
     parser.add_argument("--docs", type=int, default=100, help="documents of the shared input")
     parser.add_argument("--questions", type=int, default=4, help="questions per document (shared input)")
-    parser.add_argument("--words", type=int, default=560, help="words per document (~800 tokens)")
+    parser.add_argument("--words", type=int, default=720, help="words per document (720: ~800 tokens)")
     parser.add_argument("--runs", type=int, default=2, help="runs of each case and input, alternated")
     parser.add_argument("--inputs", nargs="+", default=["shared", "distinct"], choices=["shared", "distinct"])
-    parser.add_argument("--cases", nargs="+", default=["run-batch", "infermill"], choices=["run-batch", "infermill"])
-    parser.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM's KV cache, GiB (both cases; 1 is its least)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["run-batch", "infermill"],
+        choices=["run-batch", "infermill", "infermill-hold"],
+        help="infermill-hold: a document's later questions wait for its first one's reply",
+    )
+    parser.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM's KV cache memory, GiB (1 is its least)")
+    parser.add_argument(
+        "--kv-blocks", type=int, default=160, help="of which vLLM uses this many blocks (128 tokens each on CPU)"
+    )
     parser.add_argument("--concurrency", type=int, default=128, help="infermill's max_concurrent_generations")
     parser.add_argument("--window", type=int, help="infermill's prefix_window (default: the whole input)")
     parser.add_argument("--seed", type=int, default=1)
@@ -297,7 +344,7 @@ def main() -> None:
         run_coroutine(serve_and_alternate(args, work, results))
     print(
         f"{args.docs} x {args.questions} rows of ~{args.words} words, {MAX_TOKENS} new tokens; KV cache "
-        f"{args.kv_cache_gib} GiB; {os.cpu_count()} CPUs; {time.time() - started:.0f} s in all"
+        f"{args.kv_blocks} blocks of 128 tokens; {os.cpu_count()} CPUs; {time.time() - started:.0f} s in all"
     )
     print(table(results))
 
