@@ -82,7 +82,8 @@ def make_rows(kind: str, docs: int, questions: int, words: int, seed: int, model
         return f"Text {seed}-{d}: " + " ".join(rng.choice(WORDS) for _ in range(words))
 
     if kind == "shared":
-        pairs = [(document(d), QUESTIONS[q]) for d in range(docs) for q in range(questions)]
+        texts = [document(d) for d in range(docs)]
+        pairs = [(texts[d], QUESTIONS[q]) for d in range(docs) for q in range(questions)]
     else:
         pairs = [(document(d), QUESTIONS[d % questions]) for d in range(docs * questions)]
     rng.shuffle(pairs)
