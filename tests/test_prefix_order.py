@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,10 +20,11 @@ import orjson
 import pytest
 import yaml
 
+from conftest import PYTHON
 from faultjob import FaultJob
-from helpers import faulty_config, wait_until_async
+from helpers import FAULTY_SERVER, faulty_config, server_stats, wait_until_async
 from infermill.errors import ConfigError
-from infermill.servers import ReplicaPool, ServerState, create_server
+from infermill.servers import ReplicaPool, ServerState, create_server, find_free_port
 from infermill.servers.pool import STICKY_EXTRA, Affinity
 from test_resume import CONC, Job, freeze_after, kill_job
 
@@ -132,29 +134,46 @@ def test_a_kill_mid_window_loses_and_repeats_no_document(tmp_path):
 
 
 def test_replicas_serve_each_shared_prefix_from_one_replica(tmp_path):
-    rows = book_questions(seed=5)
-    job = FaultJob(
-        tmp_path,
-        docs=len(rows),
-        conc=8,
-        rpc=48,
-        server={"stats_file": str(tmp_path / "stats_{replica}.json"), "directives": "sleep:0.3"},
-        inference={"replicas": 2, "prefix_window": 48},
-    )
-    with open(job.input, "w") as file:  # each book's word is counted per replica (tag:bNN)
-        for doc_id, (book, _, text) in zip(job.ids, rows, strict=True):
-            job.texts[doc_id] = f"{text} tag:b{book:02d}"
-            file.write(json.dumps({"id": doc_id, "text": job.texts[doc_id]}) + "\n")
-    job.run_ok()
+    # two endpoints (a list's first requests wait until both answered a probe: both serve)
+    ports = [find_free_port(), find_free_port()]
+    argv = [PYTHON, str(FAULTY_SERVER), "--directives", "sleep:0.05"]
+    servers = [
+        subprocess.Popen(
+            [*argv, "--port", str(port), "--stats-file", str(tmp_path / f"ep_{k}.json")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for k, port in enumerate(ports)
+    ]
+    try:
+        for k in range(2):
+            server_stats(tmp_path / f"ep_{k}.json", timeout=30)  # listening
+        rows = book_questions(seed=5)
+        urls = [f"http://127.0.0.1:{port}/v1" for port in ports]
+        job = FaultJob(
+            tmp_path,
+            docs=len(rows),
+            conc=8,
+            rpc=48,
+            inference={"server_type": "endpoint", "endpoint_url": urls, "model_kwargs": None, "prefix_window": 48},
+        )
+        with open(job.input, "w") as file:  # each book's word is counted per endpoint (tag:bNN)
+            for doc_id, (book, _, text) in zip(job.ids, rows, strict=True):
+                job.texts[doc_id] = f"{text} tag:b{book:02d}"
+                file.write(json.dumps({"id": doc_id, "text": job.texts[doc_id]}) + "\n")
+        job.run_ok()
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait(10)
     job.check_exactly_once()
-    seen = [orjson.loads((tmp_path / f"stats_{k}.json").read_bytes())["by_word"] for k in range(2)]
+    seen = [orjson.loads((tmp_path / f"ep_{k}.json").read_bytes())["by_word"] for k in range(2)]
     books = {f"tag:b{book:02d}" for book in range(BOOKS)}
     for word in books:
         served = [k for k in range(2) if seen[k].get(word)]
-        assert len(served) == 1, f"{word}: served by replicas {served}: {seen}"
-    per_replica = [sum(n for word, n in seen[k].items() if word in books) for k in range(2)]
-    # both served (a replica ready later than the other takes the groups that start after it is)
-    assert sum(per_replica) == len(rows) and min(per_replica) > 0, per_replica
+        assert len(served) == 1, f"{word}: served by endpoints {served}: {seen}"
+    per_endpoint = [sum(n for word, n in seen[k].items() if word in books) for k in range(2)]
+    assert sum(per_endpoint) == len(rows) and min(per_endpoint) >= QUESTIONS, per_endpoint  # both served
 
 
 async def test_a_sticky_replica_with_too_many_requests_outstanding_sends_the_next_to_the_least_loaded():
