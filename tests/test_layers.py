@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("queue_storage", "queue_storage_s3", "mirror", "journal", "queue", "stream", "worker"),
     ),
     ("observability", ("timeseries", "jobstatus", "progress", "monitor", "report", "card")),
-    ("engine", ("engine",)),
+    ("engine", ("ordering", "engine")),
     ("runs: lifecycles and the runner", ("lifecycles", "runner")),
     ("executors", ("executors.*",)),
     ("application", ("job", "keys", "application")),

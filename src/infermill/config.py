@@ -113,6 +113,12 @@ class InferenceConfig(BaseModel):
     max_concurrent_documents: int | None = Field(
         None, ge=1, description="Documents whose rollouts run at once; None: as many as the requests allow."
     )
+    prefix_window: int | None = Field(
+        None,
+        ge=2,
+        description="Documents a worker reads ahead and sends in order of their prompt (or rollout.prefix_key), so "
+        "that those sharing a prefix run together on the server's prefix cache; None: input order.",
+    )
     request_timeout: float | None = Field(600.0, gt=0, description="Seconds per request; None disables.")
     model_kwargs: dict[str, Any] | None = Field(
         None,

@@ -40,6 +40,7 @@ from infermill.io.readers import BadRecord
 from infermill.journal import QueueJournal
 from infermill.layout import JobLayout
 from infermill.metrics import LatencyHistogram, RunStats
+from infermill.ordering import PrefixOrder
 from infermill.prompts import TemplateRenderError
 from infermill.queue import WorkQueue
 from infermill.retry import RetryAction, RetryPolicy, overloaded
@@ -172,6 +173,8 @@ class EngineSettings(Protocol):
     no_results_marks: dict[str, Any]  # also set on a document with no results
     generated_text: bool  # the first result's text also as the record's top-level generated_text
     retry_policy: RetryPolicy
+    # a document's ordering key with ``prefix_window`` (its prompt, or a field); None without one
+    prefix_key: Callable[[Document], str] | None
 
 
 class DocumentEngine:
@@ -193,6 +196,7 @@ class DocumentEngine:
         self.started = time.perf_counter()
         self.server: InferenceServer | None = None
         self.pooled = False  # several replicas or endpoints: each document's calls stick to one
+        self.order: PrefixOrder | None = None  # with prefix_window: the documents in order of their prefix
         self.context: dict[str, Any] = {}
         self.slots: asyncio.Semaphore | AdaptiveLimit = make_slots(self.config)
         self.documents_total: int | None = None  # the documents this run has to do, when known
@@ -265,9 +269,16 @@ class DocumentEngine:
         then ``END_OF_INPUT`` (the units of a queue, or of a rank's stream)."""
         self.server, self.context = server, context
         self.pooled = isinstance(server, ReplicaPool)
+        if self.config.prefix_window is not None and (prefix_key := self.settings.prefix_key) is not None:
+            self.order = PrefixOrder(
+                next_document, _document_key(prefix_key), self.config.prefix_window, grouped=self.pooled
+            )
+            next_document = self.order
         try:
             await _run_all([self._worker(next_document) for _ in range(self.config.concurrent_documents)])
         finally:
+            if self.order is not None:
+                self.order.close()
             self.stats.server_restarts = server.restarts
             if isinstance(self.slots, AdaptiveLimit):
                 self.stats.adaptive_concurrency = {"limit": self.slots.limit, "back_offs": self.slots.back_offs}
@@ -310,7 +321,8 @@ class DocumentEngine:
         """Run the rollouts; return the record to write as JSON, or None when there is nothing to write."""
         stats = self.stats
         n = self.config.rollouts_per_document
-        affinity = Affinity() if self.pooled else None  # its calls (all rollouts') go to one replica
+        # its calls (all rollouts', and with prefix_window its group's) go to one replica
+        affinity = (Affinity() if self.order is None else self.order.affinity(index)) if self.pooled else None
         try:
             if n == 1:  # in this task: no task (nor frame) of its own per document
                 results = [await self._rollout(document, index, 0, affinity)]
@@ -520,6 +532,15 @@ class DocumentEngine:
         }
         self._failures.write(orjson.dumps(entry, default=str, option=orjson.OPT_APPEND_NEWLINE))
         self._failures.flush()
+
+
+def _document_key(prefix_key: Callable[[Document], str]) -> Callable[[int, Any], str]:
+    """A source item's ordering key: ``prefix_key`` of it as a document ("" for a bad record)."""
+
+    def key(index: int, raw: Any) -> str:
+        return "" if isinstance(raw, BadRecord) else prefix_key(as_document(raw, index))
+
+    return key
 
 
 def make_slots(config: InferenceConfig) -> asyncio.Semaphore | AdaptiveLimit:

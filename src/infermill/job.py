@@ -96,7 +96,7 @@ def rollout_settings(job: JobConfig) -> dict[str, Any]:
     ``shared_context_kwargs`` without credentials."""
     # (the newer keys only when given: a job of an infermill without them resumes as the same job)
     unset = {"messages", "response_format", "response_retries"} - job.rollout.model_fields_set
-    excluded = {"shared_context_kwargs", *unset}
+    excluded = {"shared_context_kwargs", "prefix_key", *unset}  # (prefix_key orders requests: no reply changes)
     settings = job.rollout.model_dump(mode="json", exclude=excluded)
     if job.rollout.shared_context_kwargs:
         settings["shared_context_kwargs"] = without_credentials(job.rollout.shared_context_kwargs)
@@ -128,4 +128,5 @@ def build_runner(
         },
         overwrite=overwrite,
         accept_changed_input=accept_changed_input,
+        prefix_key=job.rollout.prefix_key,
     )

@@ -221,6 +221,11 @@ class RolloutSection(_Section):
         "every call of the function rollout, or a context manager yielding one (entered once per run).",
     )
     shared_context_kwargs: dict[str, Any] = Field(default_factory=dict, description="Arguments of shared_context.")
+    prefix_key: str | None = Field(
+        None,
+        description="With inference.prefix_window: the field of the record whose value orders the documents (those "
+        "sharing a start are sent together); None: the rendered prompt (a function rollout needs one).",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> RolloutSection:

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+
 from infermill.errors import ConfigError
 from infermill.prompts import DOCUMENT_PLACEHOLDER, PromptTemplate
 from infermill.structured import InvalidReplyError, ReplySchema
@@ -137,6 +139,11 @@ class PromptRollout:
             messages = [{"role": "system", "content": system}, *messages]
         return {"messages": messages}
 
+    def prefix(self, document: Document) -> str:
+        """The document's ordering key (``inference.prefix_window``): its request's prompt or
+        messages, as sent."""
+        return orjson.dumps(self.payload(document)).decode()
+
     async def __call__(self, document: Document, generate: Generate, **_: Any) -> InferenceResult:
         payload = self.payload(document)
         if self.schema is None:
@@ -157,6 +164,11 @@ class OpenAIBatchRollout:
     """Sends each OpenAI batch line's ``body`` as it is and returns the server's whole reply."""
 
     identity = "openai_batch"
+
+    def prefix(self, document: Document) -> str:
+        """The line's ordering key (``inference.prefix_window``): its body's messages or prompt."""
+        body = (document.metadata.get("openai_batch") or {}).get("body") or {}
+        return orjson.dumps(body.get("messages") or body.get("prompt") or "").decode()
 
     async def __call__(self, document: Document, generate: Generate, **_: Any) -> dict[str, Any] | None:
         request = document.metadata.get("openai_batch") or {}

@@ -23,6 +23,7 @@ from infermill.io.writers import OutputWriter
 from infermill.layout import JobLayout
 from infermill.lifecycles import run_queue_worker, run_rank
 from infermill.metrics import ProgressSnapshot
+from infermill.ordering import PrefixKey, document_key
 from infermill.retry import RetryPolicy
 from infermill.servers import InferenceServer, ServerState
 from infermill.worker import QueueOptions
@@ -55,6 +56,10 @@ class InferenceRunner:
             replies kept across runs and jobs, keyed by the request; identical requests are sent once.
         generated_text: also write the first result's text as the record's top-level
             ``generated_text`` (a column in Parquet), beside the results under ``metadata_key``.
+        prefix_key: with ``config.prefix_window``, what orders the documents so that those sharing a
+            prompt prefix are sent together: a field of the record (its text, or a metadata field)
+            or a function of the document returning text; None: a built-in rollout's prompt (a
+            function rollout needs one).
         overwrite: discard the checkpoint and output files of an earlier run and start over.
         accept_changed_input: resume although the input files changed since the checkpoint was
             written (for records fixed in place: the same records, in the same order).
@@ -95,6 +100,7 @@ class InferenceRunner:
         cache: RequestCache | str | None = None,
         overwrite: bool = False,
         accept_changed_input: bool = False,
+        prefix_key: PrefixKey | None = None,
     ):
         if records_per_chunk <= 0:
             raise ValueError(f"records_per_chunk must be > 0, got {records_per_chunk}")
@@ -126,6 +132,7 @@ class InferenceRunner:
         self.overwrite = overwrite
         self.accept_changed_input = accept_changed_input
         self.retry_policy = RetryPolicy.from_config(config)
+        self.prefix_key = document_key(prefix_key, rollout_fn, config.prefix_window)
         self._runs: list[DocumentEngine] = []  # the runs in progress
 
     # -- entry points -------------------------------------------------------------------

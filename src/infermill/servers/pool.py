@@ -10,7 +10,10 @@ URL. The pool:
   only when every member has;
 * sends each request to the ready member with the fewest requests outstanding (ties taken
   in turn), except that the calls of one document stick to the member its first call went
-  to (an :class:`Affinity`), while that member serves: its prefix cache stays warm;
+  to (an :class:`Affinity`), while that member serves: its prefix cache stays warm (with
+  ``prefix_window``, a group of documents sharing a prompt prefix share one affinity); a load
+  guard sends a sticky request to the least loaded member instead when its own has more than
+  a quarter more requests outstanding than that one, plus ``STICKY_EXTRA``;
 * leaves a member that dies, prints a fatal line or stalls to its own supervisor, which
   restarts it in the background; the requests it had in flight fail with
   ``ServerLostError``, which the runner retries at once, on another member, without
@@ -68,6 +71,11 @@ HUNG_LATENCY_FACTOR = 10.0
 HUNG_PEER_ANSWERS = 20
 #: seconds between two looks for a hung endpoint
 HUNG_CHECK_SEC = 0.5
+#: the load guard of sticky requests: a member keeps a request of its affinity while its requests
+#: outstanding are at most the least loaded ready member's, plus that times STICKY_EXTRA_SHARE,
+#: plus STICKY_EXTRA
+STICKY_EXTRA_SHARE = 0.25
+STICKY_EXTRA = 4
 #: what a resting member's load counts as when choosing among members that all rest
 _RESTING = 1 << 40
 
@@ -241,10 +249,13 @@ class ReplicaPool(InferenceServer):
         the fewest requests outstanding (a resting one only when all rest)."""
         members, resting_until = self.members, self._resting_until
         now = time.monotonic()
+        stuck = -1
         if affinity is not None:
             k = affinity.member
             if k is not None and members[k].state is ServerState.READY and resting_until[k] <= now:
-                return k
+                stuck = k
+                if len(members) == 1:
+                    return k
         n = len(members)
         start = self._next
         self._next = start + 1 if start + 1 < n else 0
@@ -261,6 +272,12 @@ class ReplicaPool(InferenceServer):
                 best, best_load = k, load
         if best < 0:  # the pool is ready only while a member is
             raise ServerConnectionError("no replica is ready")
+        if stuck >= 0:
+            # the load guard: a sticky member keeps its requests unless it has far more outstanding
+            # than the least loaded one (then this one goes there; the affinity stays: its cache)
+            if members[stuck].outstanding_requests <= best_load + best_load * STICKY_EXTRA_SHARE + STICKY_EXTRA:
+                return stuck
+            return best
         if affinity is not None:
             affinity.member = best
         return best
