@@ -179,7 +179,7 @@ def test_replicas_serve_each_shared_prefix_from_one_replica(tmp_path):
 async def test_a_sticky_replica_with_too_many_requests_outstanding_sends_the_next_to_the_least_loaded():
     pool = create_server(faulty_config(replicas=2))
     assert isinstance(pool, ReplicaPool)
-    affinity = Affinity()  # one group's
+    affinity = Affinity(group=True)  # one group's
     async with pool:
         ready = lambda: all(member.state is ServerState.READY for member in pool.members)  # noqa: E731
         await wait_until_async(ready, 20, "both replicas ready")

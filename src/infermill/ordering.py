@@ -146,10 +146,10 @@ def group_affinities(keyed: list[tuple[str, int]]) -> dict[int, Affinity]:
     ``GROUP_SHARED_SHARE`` of the shorter one (and are not empty)."""
     affinities: dict[int, Affinity] = {}
     previous: str | None = None
-    current = Affinity()
+    current = Affinity(group=True)
     for key, index in keyed:
         if previous is None or not shares_prefix(previous, key):
-            current = Affinity()
+            current = Affinity(group=True)
         affinities[index] = current
         previous = key
     return affinities

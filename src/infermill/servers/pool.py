@@ -12,8 +12,8 @@ URL. The pool:
   in turn), except that the calls of one document stick to the member its first call went
   to (an :class:`Affinity`), while that member serves: its prefix cache stays warm (with
   ``prefix_window``, a group of documents sharing a prompt prefix share one affinity); a load
-  guard sends a sticky request to the least loaded member instead when its own has more than
-  a quarter more requests outstanding than that one, plus ``STICKY_EXTRA``;
+  guard sends a group's request to the least loaded member instead when the group's has more
+  than a quarter more requests outstanding than that one, plus ``STICKY_EXTRA``;
 * leaves a member that dies, prints a fatal line or stalls to its own supervisor, which
   restarts it in the background; the requests it had in flight fail with
   ``ServerLostError``, which the runner retries at once, on another member, without
@@ -82,12 +82,16 @@ _RESTING = 1 << 40
 
 class Affinity:
     """Which member a document's calls go to: chosen by its first call, kept while that member
-    serves. One per document, dropped with it: the pool keeps no table of documents."""
+    serves. One per document, dropped with it: the pool keeps no table of documents. ``group``:
+    shared by the documents of a group (``prefix_window``), whose requests the load guard may
+    send elsewhere; a document's own calls always stay on its member (each extends the last's
+    conversation, whose prefix is cached there)."""
 
-    __slots__ = ("member",)
+    __slots__ = ("group", "member")
 
-    def __init__(self) -> None:
+    def __init__(self, group: bool = False) -> None:
         self.member: int | None = None
+        self.group = group
 
 
 def replica_gpus(replicas: int, gpus_per_replica: int | None) -> list[str | None]:
@@ -253,9 +257,9 @@ class ReplicaPool(InferenceServer):
         if affinity is not None:
             k = affinity.member
             if k is not None and members[k].state is ServerState.READY and resting_until[k] <= now:
-                stuck = k
-                if len(members) == 1:
+                if not affinity.group:
                     return k
+                stuck = k
         n = len(members)
         start = self._next
         self._next = start + 1 if start + 1 < n else 0
