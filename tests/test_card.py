@@ -130,9 +130,12 @@ def test_the_cards_data_files_are_exactly_the_results_with_other_files_beside_th
     assert "command | `not recorded" in card.text  # this run kept no card settings
 
 
-def test_a_live_card_shows_the_progress_and_the_committed_files_while_the_job_runs(tmp_path):
+def start_held_live_job(tmp_path: Path) -> tuple[Path, Path, Path, subprocess.Popen[str]]:
+    """``infermill run`` of a 3-unit job with a live card rewritten every 0.2 s, against a server
+    that holds every request after its 30th until the returned hold file is removed; returns the
+    hold file, the output folder, its card and the process."""
     hold = tmp_path / "hold"
-    hold.write_text("30")  # the server holds every request after its 30th until this file is removed
+    hold.write_text("30")
     spec = job_spec(
         tmp_path,
         model_kwargs={
@@ -144,17 +147,20 @@ def test_a_live_card_shows_the_progress_and_the_committed_files_while_the_job_ru
         request_timeout=120,
     )
     spec["output"].update(card="live", card_interval_sec=0.2)
-    job = write_job(tmp_path, spec)
     out = tmp_path / "out"
-    readme = out / "README.md"
     proc = subprocess.Popen(
-        [PYTHON, "-m", "infermill", "run", str(job)],
+        [PYTHON, "-m", "infermill", "run", str(write_job(tmp_path, spec))],
         cwd=tmp_path,
         env=cli_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    return hold, out, out / "README.md", proc
+
+
+def test_a_live_card_shows_the_progress_and_the_committed_files_while_the_job_runs(tmp_path):
+    hold, out, readme, proc = start_held_live_job(tmp_path)
     try:
         wait_until(
             lambda: readme.exists() and "| units | 1 of 3 done" in readme.read_text(),
@@ -308,29 +314,7 @@ def test_the_cards_size_category_is_one_the_hub_knows(records, category):
 
 
 def test_a_live_cards_data_files_still_load_after_more_units_commit_and_the_final_card_globs_them(tmp_path):
-    hold = tmp_path / "hold"
-    hold.write_text("30")  # the server holds every request after its 30th until this file is removed
-    spec = job_spec(
-        tmp_path,
-        model_kwargs={
-            "server_script": str(SCRIPTS / "counting_server.py"),
-            "count_file": str(tmp_path / "count.jsonl"),
-            "hold_file": str(hold),
-        },
-        max_concurrent_generations=4,
-        request_timeout=120,
-    )
-    spec["output"].update(card="live", card_interval_sec=0.2)
-    out = tmp_path / "out"
-    readme = out / "README.md"
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "infermill", "run", str(write_job(tmp_path, spec))],
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    hold, out, readme, proc = start_held_live_job(tmp_path)
     try:
         wait_until(lambda: readme.exists() and "| units | 1 of 3 done" in readme.read_text(), TIMEOUT, "a live card")
         live = readme.read_text()
@@ -348,29 +332,7 @@ def test_a_live_cards_data_files_still_load_after_more_units_commit_and_the_fina
 
 
 def test_the_last_live_card_of_a_run_stopped_by_ctrl_c_says_it_stopped(tmp_path):
-    hold = tmp_path / "hold"
-    hold.write_text("30")
-    spec = job_spec(
-        tmp_path,
-        model_kwargs={
-            "server_script": str(SCRIPTS / "counting_server.py"),
-            "count_file": str(tmp_path / "count.jsonl"),
-            "hold_file": str(hold),
-        },
-        max_concurrent_generations=4,
-        request_timeout=120,
-    )
-    spec["output"].update(card="live", card_interval_sec=0.2)
-    out = tmp_path / "out"
-    readme = out / "README.md"
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "infermill", "run", str(write_job(tmp_path, spec))],
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    hold, out, readme, proc = start_held_live_job(tmp_path)
     try:
         wait_until(lambda: readme.exists() and "| state | running |" in readme.read_text(), TIMEOUT, "a live card")
         wait_until(lambda: "| units | 1 of 3 done" in readme.read_text(), TIMEOUT, "a unit committed")

@@ -7,10 +7,12 @@ import base64
 import gzip
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -492,31 +494,35 @@ def test_the_step_gives_infermills_records_to_loguru_only_while_it_runs_and_puts
     assert (list(infermill_logger.handlers), infermill_logger.level, infermill_logger.propagate) == before
 
 
-def test_a_job_folder_on_another_file_system_than_the_output_copies_chunks_into_place(tmp_path):
-    """checkpoints_local_dir on another file system (tmpfs): a chunk's file cannot be renamed from
-    there into the output, so it is copied beside its final name first, then renamed: it still
-    appears whole, and the output folder holds only the output."""
+@pytest.fixture
+def shm_checkpoints(tmp_path: Path) -> Iterator[str]:
+    """A checkpoint folder on /dev/shm, a file system other than the output's (skipped where
+    /dev/shm is not one of its own); deleted afterwards."""
+    import tempfile
+
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
         pytest.skip("needs /dev/shm on a file system of its own")
-    import shutil
-    import tempfile
-
     checkpoints = tempfile.mkdtemp(dir=shm, prefix="infermill-test-")
-    try:
-        out = tmp_path / "out"
-        writer = DtJsonlWriter(str(out), output_filename="${rank}_${chunk_index}.jsonl")
-        runner = InferenceRunner(
-            echo_rollout, dummy_config(), writer, checkpoints_local_dir=checkpoints, records_per_chunk=2
-        )
-        assert runner.run([DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(5)])["documents_written"] == 5
-        assert sorted(p.name for p in out.iterdir()) == [f"00000_{c}.jsonl.gz" for c in range(3)]
-        assert sorted(r["id"] for r in read_output(out)) == [f"d{i}" for i in range(5)]
-        assert list(tmp_path.glob(".*")) == []  # each copy renamed into place, none beside the output
-        assert list((Path(checkpoints) / "staging").iterdir()) == []
-        assert (Path(checkpoints) / "queue" / "plan.json").is_file()
-    finally:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    yield checkpoints
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def test_a_job_folder_on_another_file_system_than_the_output_copies_chunks_into_place(tmp_path, shm_checkpoints):
+    """checkpoints_local_dir on another file system (tmpfs): a chunk's file cannot be renamed from
+    there into the output, so it is copied beside its final name first, then renamed: it still
+    appears whole, and the output folder holds only the output."""
+    out = tmp_path / "out"
+    writer = DtJsonlWriter(str(out), output_filename="${rank}_${chunk_index}.jsonl")
+    runner = InferenceRunner(
+        echo_rollout, dummy_config(), writer, checkpoints_local_dir=shm_checkpoints, records_per_chunk=2
+    )
+    assert runner.run([DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(5)])["documents_written"] == 5
+    assert sorted(p.name for p in out.iterdir()) == [f"00000_{c}.jsonl.gz" for c in range(3)]
+    assert sorted(r["id"] for r in read_output(out)) == [f"d{i}" for i in range(5)]
+    assert list(tmp_path.glob(".*")) == []  # each copy renamed into place, none beside the output
+    assert list((Path(shm_checkpoints) / "staging").iterdir()) == []
+    assert (Path(shm_checkpoints) / "queue" / "plan.json").is_file()
 
 
 def test_a_remote_output_gets_only_its_chunk_files_uploaded_whole(tmp_path):
@@ -549,7 +555,6 @@ def test_a_checkpoint_an_earlier_infermill_kept_in_a_datatrove_output_is_refused
     """An earlier infermill kept a datatrove writer's job in OUTPUT/_infermill: the runner refuses
     to start (before any server), naming the folder it uses now and how to move the files there;
     moved, the job resumes as complete."""
-    import shutil
 
     out = tmp_path / "out"
     documents = [DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(3)]
@@ -634,48 +639,37 @@ def test_an_output_folder_that_is_a_mount_point_gets_its_chunks_whole_and_a_warn
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing staged beside it
 
 
-def test_a_copy_left_by_a_run_killed_while_placing_a_chunk_is_deleted_by_the_next_run(tmp_path):
+def test_a_copy_left_by_a_run_killed_while_placing_a_chunk_is_deleted_by_the_next_run(tmp_path, shm_checkpoints):
     """A run killed while copying a chunk's file onto another file system leaves the copy, a hidden
     ``.NAME.<random>.tmp`` beside the file's final name (two ranks' copies never share a name): the
     next run of the rank deletes it, and datatrove's reader over the output reads exactly the results."""
     from datatrove.pipeline.readers import JsonlReader
 
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("needs /dev/shm on a file system of its own")
-    import shutil
-    import tempfile
-
-    checkpoints = tempfile.mkdtemp(dir=shm, prefix="infermill-test-")
-    try:
-        out = tmp_path / "out"
-        documents = [DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(3)]
-        for rank in (0, 1):
-            (out / f"{rank:05d}" / "data").mkdir(parents=True)
-            (out / f"{rank:05d}" / "data" / f".1.jsonl.{rank}x7q_0a.tmp").write_text('{"id": "half a chun')
-        (out / "keep").mkdir()
-        (out / "keep" / ".1.jsonl.x7q_0a.tmp").write_text("not the job's: kept")
-        for rank in (0, 1):
-            writer = DtJsonlWriter(str(out), output_filename="${rank}/data/${chunk_index}.jsonl", compression=None)
-            runner = InferenceRunner(
-                echo_rollout, dummy_config(), writer, checkpoints_local_dir=checkpoints, records_per_chunk=2
-            )
-            assert runner.run(documents, rank, 2)["documents_written"] == 3
-        files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-        expected = [f"{rank:05d}/data/{c}.jsonl" for rank in (0, 1) for c in (0, 1)]
-        assert files == sorted([*expected, "keep/.1.jsonl.x7q_0a.tmp"]), files
-        shutil.rmtree(out / "keep")
-        read, said = datatrove_read(JsonlReader(str(out)))
-        assert sorted(d.id for d in read) == sorted(["d0", "d1", "d2"] * 2) and said == []
-        assert list(tmp_path.glob(".*")) == []  # nothing staged beside the output
-    finally:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    out = tmp_path / "out"
+    documents = [DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(3)]
+    for rank in (0, 1):
+        (out / f"{rank:05d}" / "data").mkdir(parents=True)
+        (out / f"{rank:05d}" / "data" / f".1.jsonl.{rank}x7q_0a.tmp").write_text('{"id": "half a chun')
+    (out / "keep").mkdir()
+    (out / "keep" / ".1.jsonl.x7q_0a.tmp").write_text("not the job's: kept")
+    for rank in (0, 1):
+        writer = DtJsonlWriter(str(out), output_filename="${rank}/data/${chunk_index}.jsonl", compression=None)
+        runner = InferenceRunner(
+            echo_rollout, dummy_config(), writer, checkpoints_local_dir=shm_checkpoints, records_per_chunk=2
+        )
+        assert runner.run(documents, rank, 2)["documents_written"] == 3
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    expected = [f"{rank:05d}/data/{c}.jsonl" for rank in (0, 1) for c in (0, 1)]
+    assert files == sorted([*expected, "keep/.1.jsonl.x7q_0a.tmp"]), files
+    shutil.rmtree(out / "keep")
+    read, said = datatrove_read(JsonlReader(str(out)))
+    assert sorted(d.id for d in read) == sorted(["d0", "d1", "d2"] * 2) and said == []
+    assert list(tmp_path.glob(".*")) == []  # nothing staged beside the output
 
 
 def test_the_hint_to_move_an_earlier_checkpoint_moves_all_of_it_dotfiles_too(tmp_path):
     """The refusal's command, run as the user copies it, moves every file of the earlier job folder
     (hidden ones too) and deletes it; the job then resumes as complete."""
-    import shutil
 
     out = tmp_path / "out"
     documents = [DtDocument(text=f"hello {i}", id=f"d{i}") for i in range(3)]
