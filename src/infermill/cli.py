@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import orjson
@@ -460,6 +460,28 @@ _job_set_option = click.option(
 )
 
 
+F = TypeVar("F", bound="Callable[..., Any]")
+
+
+def _job_target(command: F) -> F:
+    """A command's ``OUTPUT|JOB_FILE`` argument, with ``--checkpoints`` and ``--set``."""
+    target = click.argument("target", metavar="OUTPUT|JOB_FILE", type=click.Path())
+    return target(_checkpoints_option(_job_set_option(command)))
+
+
+def _destination_option(help: str, local: bool = True) -> Callable[[F], F]:
+    """``-o/--output-file``: where a command writes what it makes (``local``: a local file's path,
+    else any URL fsspec opens)."""
+    return click.option(
+        "-o",
+        "--output-file",
+        "destination",
+        type=click.Path(dir_okay=False) if local else None,
+        default=None,
+        help=help,
+    )
+
+
 def _job_layout(target: str, checkpoints: str | None, overrides: tuple[str, ...]) -> tuple[JobLayout, str]:
     """The layout and the output of the job ``target`` names (its output folder, or its job
     file); a usage error if none."""
@@ -480,9 +502,7 @@ def _stdout() -> Console:
 
 
 @main.command()
-@click.argument("target", metavar="OUTPUT|JOB_FILE", type=click.Path())
-@_checkpoints_option
-@_job_set_option
+@_job_target
 @click.option("--json", "as_json", is_flag=True, help="Print the job's state as JSON.")
 @click.option(
     "--verify",
@@ -553,17 +573,8 @@ def _number(value: float | None, spec: str) -> str:
 
 
 @main.command()
-@click.argument("target", metavar="OUTPUT|JOB_FILE", type=click.Path())
-@_checkpoints_option
-@_job_set_option
-@click.option(
-    "-o",
-    "--output-file",
-    "destination",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Where to write the page (default: OUTPUT/_infermill/report.html).",
-)
+@_job_target
+@_destination_option("Where to write the page (default: OUTPUT/_infermill/report.html).")
 def report(target: str, checkpoints: str | None, overrides: tuple[str, ...], destination: str | None) -> None:
     """Write one self-contained HTML page of a job (given its output folder or its job file): its
     summary and plots over time of its workers' docs/s, tokens/s, requests in flight, latency,
@@ -588,16 +599,8 @@ def report(target: str, checkpoints: str | None, overrides: tuple[str, ...], des
 
 
 @main.command()
-@click.argument("target", metavar="OUTPUT|JOB_FILE", type=click.Path())
-@_checkpoints_option
-@_job_set_option
-@click.option(
-    "-o",
-    "--output-file",
-    "destination",
-    default=None,
-    help="Where to write the card (default: OUTPUT/README.md).",
-)
+@_job_target
+@_destination_option("Where to write the card (default: OUTPUT/README.md).", local=False)
 def card(target: str, checkpoints: str | None, overrides: tuple[str, ...], destination: str | None) -> None:
     """Write a dataset card (OUTPUT/README.md) of a job, given its output folder or its job file: the
     Hub's metadata (configs listing its result files, features), model, generation settings, counts,
