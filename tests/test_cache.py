@@ -364,6 +364,28 @@ def test_a_segment_is_its_index_then_its_keys_and_replies_and_one_cut_short_is_r
         decode_index(b"x" * 40, 40, lambda at, length: b"")
 
 
+def test_a_run_sees_what_other_runs_published_at_its_next_publish(tmp_path):
+    """Two workers of one job: what one publishes (at its unit's commit) the other finds after
+    its own next publish, without a restart; a segment published meanwhile is read once."""
+    key, other_key = b"k" * 16, b"o" * 16
+
+    async def scenario() -> None:
+        first, second = RequestCache(tmp_path).open(), RequestCache(tmp_path).open()
+        assert await first.lookup(key) is None
+        first.store(key, b"first's reply")
+        await first.publish()
+        assert await second.lookup(other_key) is None  # (sent by the second worker...)
+        second.abandon(other_key)
+        assert key not in second._published  # not seen before its next publish
+        await second.publish()
+        assert await second.lookup(key) == b"first's reply"
+        segments = len(second._segments)
+        await second.publish()  # nothing new: nothing read again
+        assert len(second._segments) == segments == 1
+
+    asyncio.run(scenario())
+
+
 def test_keys_that_share_their_first_8_bytes_are_told_apart_by_the_whole_key(tmp_path):
     """The index in memory holds a key's first 8 bytes: a hit reads the whole key back with
     its reply, and one that differs is no hit."""

@@ -20,8 +20,10 @@ its run ends. A segment is a header (magic, entry count), an index (key, offset,
 entry), then each entry's key and reply (JSON, as the server sent it); a run reads every
 segment's header and index when it starts (not the replies: a hit reads its one reply, and
 checks its whole key), and keeps them as arrays sorted by the keys' first 8 bytes (~60 bytes
-an entry: see benchmarks/README.md). Entries other workers publish during a run are seen by
-the next run. Deleting the folder clears the cache.
+an entry: see benchmarks/README.md). Entries other workers publish during a run are seen at
+its next publish (its next unit's commit): a job's workers share their replies unit by unit;
+only identical requests that two workers send at the same moment are both sent. Deleting the
+folder clears the cache.
 """
 
 from __future__ import annotations
@@ -250,15 +252,11 @@ class RequestCache:
         except StorageError as e:  # (it names the URL, why, and what to check)
             raise ConfigError(f"cache.path: {e}") from None
 
-    def open(self) -> CacheRun:
-        """Read every segment's index (in threads): the run's view of the cache. A segment that
-        cannot be read, or is not whole, is left out (and logged)."""
-        started = time.monotonic()
-        store = self._segments()
-        try:
-            listed = store.list()
-        except OSError as e:
-            raise InfermillError(f"cache.path {self.path}: cannot list its segments: {e}") from e
+    def read_indexes(
+        self, store: _LocalSegments | _RemoteSegments, listed: list[tuple[str, int]]
+    ) -> list[tuple[int, bytes] | None]:
+        """The index of each segment ``listed`` (name, size), read in threads; None for one that
+        cannot be read or is not whole (logged)."""
 
         def read_index(name: str, size: int) -> tuple[int, bytes] | None:
             try:
@@ -269,7 +267,19 @@ class RequestCache:
                 return None
 
         with ThreadPoolExecutor(16 if self.remote else 4) as pool:
-            indexes = list(pool.map(lambda found: read_index(*found), listed))
+            return list(pool.map(lambda found: read_index(*found), listed))
+
+    def open(self) -> CacheRun:
+        """Read every segment's index (in threads): the run's view of the cache. A segment that
+        cannot be read, or is not whole, is left out (and logged)."""
+        started = time.monotonic()
+        store = self._segments()
+        try:
+            listed = store.list()
+        except OSError as e:
+            raise InfermillError(f"cache.path {self.path}: cannot list its segments: {e}") from e
+
+        indexes = self.read_indexes(store, listed)
         segments = [(name, found[0]) for (name, _), found in zip(listed, indexes, strict=True) if found is not None]
         index = _Index([(number, found[1]) for number, found in enumerate(i for i in indexes if i is not None)])
         run = CacheRun(self, store, segments, index)
@@ -285,9 +295,10 @@ class RequestCache:
 
 class CacheRun:
     """One run's view of a request cache: the index of the segments it found at its start, and
-    of those it published since (a dict: ~250 bytes an entry, until the run ends), the replies
-    stored but not published yet, and the requests in flight (an identical one waits for the
-    first's reply instead of being sent)."""
+    of those published since, by it or by other workers, as it found them at each publish (a
+    dict: ~250 bytes an entry, until the run ends), the replies stored but not published yet,
+    and the requests in flight (an identical one waits for the first's reply instead of being
+    sent)."""
 
     def __init__(
         self,
@@ -300,7 +311,8 @@ class CacheRun:
         self._store = store
         self._segments = list(segments or [])  # name, where its replies start
         self._index = index or _Index([])
-        self._published: dict[bytes, tuple[int, int, int]] = {}  # this run's: key -> segment number, offset, length
+        # published since the run started: key -> segment number, offset, length
+        self._published: dict[bytes, tuple[int, int, int]] = {}
         self._pending: dict[bytes, bytes] = {}
         self._in_flight: dict[bytes, asyncio.Event] = {}
         self._publishing: asyncio.Lock | None = None
@@ -353,28 +365,56 @@ class CacheRun:
             waiting.set()
 
     async def publish(self) -> None:
-        """Write the replies stored since the last publish as one segment (in a thread). A write
-        that fails is logged, and its entries kept for the next publish."""
+        """Write the replies stored since the last publish as one segment (in a thread), then
+        read the indexes of the segments other workers published since (:meth:`refresh`). A
+        write that fails is logged, and its entries kept for the next publish."""
         if self._publishing is None:
             self._publishing = asyncio.Lock()
         async with self._publishing:
-            if not self._pending:
-                return
-            entries = list(self._pending.items())
-            name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:16]}{SUFFIX}"
-            data = encode_segment(entries)
-            try:
-                await asyncio.to_thread(self._store.write, name, data)
-            except Exception as e:  # a cache that cannot be written costs requests, not the job
-                logger.warning("request cache %s: cannot write a segment (kept for a next try): %s", self.cache.path, e)
-                return
-            start, index = decode_index(data[:_FIRST_READ], len(data), lambda at, length: data[at : at + length])
+            await self._write_pending()
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Read the indexes of the segments published since this run last looked (one listing):
+        a job's workers see each other's replies at their next unit, not only at their next run."""
+        known = {name for name, _ in self._segments}
+        try:
+            listed = await asyncio.to_thread(self._store.list)
+        except OSError as e:
+            logger.warning("request cache %s: cannot list its segments: %s", self.cache.path, e)
+            return
+        new = [(name, size) for name, size in listed if name not in known]
+        if not new:
+            return
+        indexes = await asyncio.to_thread(self.cache.read_indexes, self._store, new)
+        for (name, _), found in zip(new, indexes, strict=True):
+            if found is None:
+                continue
+            start, index = found
             number = len(self._segments)
             self._segments.append((name, start))
             for key, offset, length in _ENTRY.iter_unpack(index):
-                self._published[key] = (number, offset, length)
-                del self._pending[key]
-            self.published += len(entries)
+                self._published.setdefault(key, (number, offset, length))
+
+    async def _write_pending(self) -> None:
+        """Write the replies stored since the last publish as one segment (in a thread)."""
+        if not self._pending:
+            return
+        entries = list(self._pending.items())
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:16]}{SUFFIX}"
+        data = encode_segment(entries)
+        try:
+            await asyncio.to_thread(self._store.write, name, data)
+        except Exception as e:  # a cache that cannot be written costs requests, not the job
+            logger.warning("request cache %s: cannot write a segment (kept for a next try): %s", self.cache.path, e)
+            return
+        start, index = decode_index(data[:_FIRST_READ], len(data), lambda at, length: data[at : at + length])
+        number = len(self._segments)
+        self._segments.append((name, start))
+        for key, offset, length in _ENTRY.iter_unpack(index):
+            self._published[key] = (number, offset, length)
+            del self._pending[key]
+        self.published += len(entries)
 
 
 @dataclass(frozen=True, slots=True)
