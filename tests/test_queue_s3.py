@@ -165,7 +165,7 @@ def test_a_frozen_holder_is_taken_over_and_fenced_off_when_it_wakes(tmp_path, ba
     assert (tmp_path / "holder.json.result").read_text().startswith("lost: ")
     assert not other.is_done(0)  # the frozen one wrote no done mark
     assert other.commit(lease, lambda: None, documents=1)
-    done = other.done_marks()[0]
+    done = other.done_marks()[0, 0]
     assert (done["worker"], done["generation"]) == ("other", 2)
 
 
@@ -191,7 +191,7 @@ def test_given_back_given_up_and_redone_units_are_claimable_at_once(backend):
     queue.release(leases[0])  # not an attempt
     assert queue.abandon(leases[1])  # an attempt, stale at once
     assert queue.commit(leases[2], lambda: None, documents=10)
-    assert queue.redo([LostOutput(2, "00000_00002.jsonl", "is missing", generation=1)]) == [2]
+    assert queue.redo([LostOutput(2, "00000_00002.jsonl", "is missing", generation=1)]) == [(2, 0)]
     again = {lease.unit: lease for lease in (other.claim(), other.claim(), other.claim()) if lease is not None}
     assert sorted((unit, lease.generation) for unit, lease in again.items()) == [(0, 2), (1, 2), (2, 2)]
     status = other.status()

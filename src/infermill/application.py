@@ -588,13 +588,13 @@ def stream_ranks_status(layout: JobLayout, output: str) -> dict[int, QueueStatus
 def check_outputs(layout: JobLayout, output: str) -> OutputCheck:
     """The done units of the job whose output file is gone or short, and those that cannot be
     checked (``WorkQueue.check_outputs`` with ``verify``)."""
-    from infermill.io.writers import OutputWriter
+    from infermill.io.writers import ChunkIndex, OutputWriter
     from infermill.queue import WorkQueue
 
     class FilesNotNamed(OutputWriter):
         """The writer of a job whose file names a unit cannot tell (a datatrove writer's)."""
 
-        def chunk_file(self, rank: int, chunk_index: int) -> str | None:
+        def chunk_file(self, rank: int, chunk_index: ChunkIndex) -> str | None:
             return None
 
     queue = WorkQueue.for_layout(layout)

@@ -41,7 +41,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from infermill.io.writers import OutputWriter, Record, as_dict
+from infermill.io.writers import ChunkIndex, OutputWriter, Record, as_dict, chunk_text
 
 
 class PipelineStep(Protocol):
@@ -124,21 +124,21 @@ class DatatroveWriter(OutputWriter):
         self.output_filename = template
         self.compression = None
 
-    def filename(self, rank: int, chunk_index: int) -> str:
+    def filename(self, rank: int, chunk_index: ChunkIndex) -> str:
         """The chunk's file name pattern (relative to the output folder); tags known only per document
         (``${id}``, metadata) are ``*``."""
         name = self.writer.output_filename.safe_substitute(rank=f"{rank:05d}", chunk_index=str(chunk_index))
         return _TAG.sub("*", name)
 
-    def chunk_file(self, rank: int, chunk_index: int) -> str | None:
+    def chunk_file(self, rank: int, chunk_index: ChunkIndex) -> str | None:
         """None: a datatrove writer may split a chunk into several files, or name them per document."""
         return None
 
-    def write_chunk(self, records: Iterable[Record], rank: int, chunk_index: int) -> int:
+    def write_chunk(self, records: Iterable[Record], rank: int, chunk_index: ChunkIndex) -> int:
         from datatrove.io import get_datafolder
 
         folder = self.writer.output_folder
-        temp_dir = f"{TEMP_FOLDER}/{rank:05d}_{chunk_index:05d}_{uuid.uuid4().hex[:8]}"
+        temp_dir = f"{TEMP_FOLDER}/{rank:05d}_{chunk_text(chunk_index)}_{uuid.uuid4().hex[:8]}"
         temp_folder = get_datafolder(
             folder.unstrip_protocol(temp_dir) if not self.is_local else f"{self.root}/{temp_dir}"
         )
@@ -162,7 +162,7 @@ class DatatroveWriter(OutputWriter):
                 folder.rm(temp_dir, recursive=True)
         return count
 
-    def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
+    def remove_chunk_file(self, rank: int, chunk_index: ChunkIndex) -> None:
         folder = self.writer.output_folder
         name = self.filename(rank, chunk_index)
         patterns = {name, _with_file_id(name)}  # max_file_size names files NNN_<name>
@@ -170,9 +170,9 @@ class DatatroveWriter(OutputWriter):
             for path in folder.glob(pattern):
                 folder.rm(path)
 
-    def remove_temp_files(self, rank: int, chunk_index: int | None = None) -> None:
+    def remove_temp_files(self, rank: int, chunk_index: ChunkIndex | None = None) -> None:
         folder = self.writer.output_folder
-        chunk = "*" if chunk_index is None else f"{chunk_index:05d}"
+        chunk = "*" if chunk_index is None else chunk_text(chunk_index)
         for path in folder.glob(f"{TEMP_FOLDER}/{rank:05d}_{chunk}_????????"):
             folder.rm(path, recursive=True)
 

@@ -135,8 +135,8 @@ def redo_lost_outputs(queue: WorkQueue, writer: OutputWriter) -> list[int]:
     first of them and their count; returns those units. A unit another command redid meanwhile
     is left to it (:meth:`WorkQueue.redo`)."""
     lost = queue.check_outputs(writer).lost
-    redone = set(queue.redo(lost, lambda unit: writer.remove_chunk_file(0, unit)))
-    named = [entry for entry in lost if entry.unit in redone]
+    redone = set(queue.redo(lost, lambda chunk: writer.remove_chunk_file(0, chunk)))
+    named = [entry for entry in lost if (entry.unit, entry.start) in redone]
     if named:
         shown = "; ".join(f"unit {e.unit}: {writer.url(f'{writer.root}/{e.file}')} {e.problem}" for e in named[:10])
         more = f"; and {len(named) - 10} more" if len(named) > 10 else ""
@@ -147,7 +147,7 @@ def redo_lost_outputs(queue: WorkQueue, writer: OutputWriter) -> list[int]:
             shown,
             more,
         )
-    return sorted(redone)
+    return sorted({unit for unit, _ in redone})
 
 
 def _open(layout: JobLayout, options: QueueOptions) -> WorkQueue:
