@@ -235,8 +235,10 @@ def measure(
         leases = sorted(done.parent.glob(done.name.replace(".done", ".*.lease")))
         claimed = json.loads(leases[-1].read_text())["time"] if leases else None  # the last holder's lease
         units.append({"unit": done.stem, "pid": mark["pid"], "claimed": claimed, "done": mark["time"]})
-    if len(units) != scenario.units:
-        sys.exit(f"{scenario.name}: {len(units)} units done, expected {scenario.units}")
+    covered = sum(json.loads(done.read_text())["documents"] for done in (internal / "queue" / "units").glob("*.done"))
+    whole = {u["unit"].split("-")[0] for u in units}  # a piece cut off a unit: UNIT-START
+    if len(whole) != scenario.units or covered != docs:
+        sys.exit(f"{scenario.name}: {len(whole)} units done ({covered} documents), expected {scenario.units} ({docs})")
     worker_docs: dict[int, int] = {}
     for path in (internal / "stats").glob("*.json"):
         stats = json.loads(path.read_text())

@@ -257,6 +257,7 @@ class Job:
             worker_index=index,
             # a command's only worker replaces itself; a --workers parent (or Slurm, Ray) replaces its workers
             max_worker_restarts=None if options.as_worker else options.max_worker_restarts,
+            split_units=self.config.checkpoint.split_units,
         )
 
     def stats(self) -> dict[str, Any]:

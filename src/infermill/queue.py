@@ -403,6 +403,7 @@ class WorkQueue:
         # event loop (from what the calls it sends to threads measured)
         self.seconds = 0.0
         self.retried: list[int] = []  # the failed units that reset_failed() made claimable again
+        self.free_left = 0  # the pieces the last claim found free and left to others
         self.storage.make_folder(self.units_dir)
         self.storage.make_folder(self.journals_dir)
 
@@ -539,6 +540,15 @@ class WorkQueue:
             if lease is not None:
                 return lease
         return None
+
+    def free_pieces(self) -> int:
+        """How many pieces no worker holds nor finished (one listing; stale leases not counted)."""
+        units = self._list()
+        return sum(
+            1
+            for key in self._pieces(units, self._units_total())
+            if (state := units.get(key)) is None or not (state.done or state.failed or state.leased)
+        )
 
     @staticmethod
     def _pieces(units: dict[PieceKey, _Unit], total: int) -> list[PieceKey]:
@@ -679,7 +689,8 @@ class WorkQueue:
     def ask_help(self, rate: float | None = None, exclude: Collection[int] = ()) -> Lease | None:
         """Ask the holder of a piece in progress to cut it (a worker with nothing left to claim):
         mark one whose holder was not asked yet (``U-S.help``, stating this worker's documents
-        per second ``rate``), the one with the most documents, then the one claimed first.
+        per second ``rate``), the one with the most documents, then the one claimed last (the
+        least advanced, at equal rates).
         Returns the piece asked about (its lease as read), or None when none is left to ask."""
         units = self._list()
         asked: list[tuple[int, float, Lease]] = []
@@ -691,10 +702,12 @@ class WorkQueue:
             if holder is None or not isinstance(holder.get("end"), int):
                 continue  # given back, or an older infermill's holder: it cannot cut
             end = holder["end"]
-            asked.append((end - key[1], float(holder.get("time", 0.0)), Lease(key[0], state.generation, path, key[1], end)))
+            asked.append(
+                (end - key[1], float(holder.get("time", 0.0)), Lease(key[0], state.generation, path, key[1], end))
+            )
         if not asked:
             return None
-        lease = min(asked, key=lambda entry: (-entry[0], entry[1]))[2]
+        lease = max(asked, key=lambda entry: (entry[0], entry[1]))[2]
         if not self._create_exclusive(self._help_path(*lease.key), self._record(rate=rate)):
             return None
         return lease
@@ -1017,9 +1030,7 @@ class WorkQueue:
                     check.lost.append(LostOutput(unit, name, problem, generation, start))
         return check
 
-    def redo(
-        self, lost: list[LostOutput], remove_output: Callable[[int | str], None] | None = None
-    ) -> list[PieceKey]:
+    def redo(self, lost: list[LostOutput], remove_output: Callable[[int | str], None] | None = None) -> list[PieceKey]:
         """Make the done pieces of ``lost`` claimable again at once; return those it did.
 
         A unit is redone only if its done mark is still the one judged lost (the same

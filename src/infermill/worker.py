@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from infermill.errors import ConfigError, InfermillError, UnitsFailedError
+from infermill.errors import ConfigError, InfermillError, LeaseLostError, UnitsFailedError
 from infermill.io.filesystems import LASTING_ERRNOS, check_space, replace_whole, storage_error
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
@@ -49,6 +50,14 @@ logger = logging.getLogger("infermill.worker")
 #: worker still finishes units of its own, longer while others do
 POLL_HOLDING_SEC = 0.2
 POLL_WAITING_SEC = 2.0
+#: how often a worker handing out a piece's documents looks whether another worker asked it to
+#: cut the piece (one file read), once the queue had no piece left to claim; and how often it
+#: looks whether that is so (one listing) while there was
+SPLIT_POLL_SEC = 0.5
+PENDING_CHECK_SEC = 2.0
+#: how often a worker that asked for a piece to be cut looks for it (and, if none came, asks
+#: another holder)
+POLL_ASKED_SEC = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,8 @@ class QueueOptions:
     #: another); a number: it starts again with a new server itself, as judged by WorkerDeaths
     #: with this bound (a command's only worker, which nothing else replaces)
     max_worker_restarts: int | None = None
+    #: a worker with nothing left to claim asks a holder to cut its piece (checkpoint.split_units)
+    split_units: bool = True
 
 
 def open_queue(
@@ -256,10 +267,12 @@ class UnitSource:
         plan: UnitPlan,
         stats: RunStats,
         over_budget: Callable[[], Awaitable[str | None]] | None = None,
+        split_min: int | None = None,
     ):
         """``over_budget``: why the job passed its budget, or None; asked every
         :data:`BUDGET_CHECK_SEC`: once it says why, no more documents are handed out
-        (``budget_stop``), and the units held are given back."""
+        (``budget_stop``), and the units held are given back. ``split_min``: the fewest
+        documents a cut leaves on either side (None: pieces are never cut, nor asked for)."""
         self.queue = queue
         self.journal = journal
         self.reader = reader
@@ -274,25 +287,47 @@ class UnitSource:
         self._budget_checked_at = -BUDGET_CHECK_SEC
         self.budget_stop: str | None = None
         self._waiting = False  # the last claim found no unit to claim
+        self.split_min = split_min
+        self._end = 0  # the end of the piece being handed out (its documents' positions in their unit)
+        self._next = 0  # the position of its next document
+        self._cut_asked: dict[str, Any] | None = None  # what the worker that asked to cut it said
+        self._watcher: asyncio.Task[None] | None = None
+        self._first_handed: float | None = None  # time.monotonic() of the first document handed out
+        self.splits = 0  # pieces this worker cut off its own
 
     async def __call__(self) -> Any:
         async with self._lock:
             await self._check_budget(force=False)
             while not self._ended:
                 if self._items is not None and self._unit is not None and self.journal.holds(self._unit):
+                    if self._cut_asked is not None:
+                        await self._cut()
                     item: Any
                     try:
-                        item = next(self._items, END)
+                        item = next(self._items, END) if self._next < self._end else END
                     except InfermillError as e:  # a bad record that stops the unit, its input changed...
                         self.journal.fail(self._unit, str(e))
                         item = END
                     if item is not END:
                         position, raw = item
+                        self._next = position + 1
                         return self._unit * self.plan.records_per_unit + position, raw
                 self._items = self._unit = None
                 if not await self._claim():
-                    await asyncio.sleep(POLL_HOLDING_SEC if self.journal.held() else POLL_WAITING_SEC)
+                    await asyncio.sleep(self._poll_sec())
+            self.close()
             return END
+
+    def close(self) -> None:
+        """Stop looking for requests to cut pieces (when the source ends, or its run does)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    def _poll_sec(self) -> float:
+        if self.journal.held():
+            return POLL_HOLDING_SEC
+        return POLL_ASKED_SEC if self.split_min is not None else POLL_WAITING_SEC
 
     async def _check_budget(self, force: bool) -> None:
         """End the source if the job passed its budget: checked before each unit is claimed
@@ -330,14 +365,97 @@ class UnitSource:
         self._waiting = lease is None
         if lease is None:
             self._ended = not self.journal.held() and await self.queue.in_thread(self.queue.drained)
+            if not self._ended and self.split_min is not None:
+                await self._ask_cut()
             return self._ended
         if await self.journal.hold(lease):  # finished by an earlier holder: commit it
             self.stats.documents_resumed += self.journal.finished(lease.unit)
             await self.journal.finish_chunk(lease.unit)
             return True
         self._unit = lease.unit
-        self._items = enumerate(read_unit(self.reader, self.plan[lease.unit]))
+        if self._first_handed is None:
+            self._first_handed = time.monotonic()
+        start, self._end = self.journal.extent(lease)
+        self._next = start
+        self._cut_asked = None
+        self._items = enumerate(itertools.islice(read_unit(self.reader, self.plan[lease.unit]), start, None), start)
+        if self.split_min is not None and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return True
+
+    # -- cutting pieces -------------------------------------------------------------------
+
+    def rate(self) -> float | None:
+        """This worker's documents per second since it handed out its first document."""
+        if self._first_handed is None:
+            return None
+        elapsed = time.monotonic() - self._first_handed
+        return self.stats.documents_processed / elapsed if elapsed > 0 and self.stats.documents_processed else None
+
+    async def _ask_cut(self) -> None:
+        """Nothing left to claim: ask the holder of a piece in progress to cut it (once per
+        piece: the next claim takes the piece cut off, whichever worker asked)."""
+        held = self.journal.held()
+        try:
+            await self.queue.in_thread(self.queue.ask_help, self.rate(), held)
+        except OSError as e:  # looked at again at the next claim
+            logger.debug("could not ask for a piece to be cut: %s", e)
+
+    async def _watch(self) -> None:
+        """Look whether another worker asked to cut the piece being handed out (one file read
+        every :data:`SPLIT_POLL_SEC`), once the queue had nothing else to claim (a listing every
+        :data:`PENDING_CHECK_SEC` while it had): the next document handed out cuts it."""
+        pending_checked = time.monotonic()
+        while True:
+            await asyncio.sleep(SPLIT_POLL_SEC)
+            unit = self._unit
+            lease = None if unit is None else self.journal.lease(unit)
+            assert self.split_min is not None
+            if lease is None or self._cut_asked is not None or self._end - self._next < 2 * self.split_min:
+                continue
+            try:
+                if self.queue.free_left:
+                    if time.monotonic() - pending_checked < PENDING_CHECK_SEC:
+                        continue
+                    pending_checked = time.monotonic()
+                    self.queue.free_left = await self.queue.in_thread(self.queue.free_pieces)
+                    if self.queue.free_left:
+                        continue
+                asked = await self.queue.in_thread(self.queue.help_asked, lease)
+            except OSError as e:
+                logger.debug("could not look whether a piece should be cut: %s", e)
+                continue
+            if asked is not None and self._unit == lease.unit and self.journal.lease(lease.unit) is lease:
+                self._cut_asked = asked
+
+    async def _cut(self) -> None:
+        """Cut the piece being handed out where its next document is (or past the documents
+        its journal finished already), keeping this worker's share of the rest at the two
+        workers' rates (half when unknown), at least ``split_min`` documents on either side."""
+        asked, self._cut_asked = self._cut_asked or {}, None
+        unit = self._unit
+        assert unit is not None and self.split_min is not None
+        lease = self.journal.lease(unit)
+        first = max(self._next, self.journal.finished_before(unit))
+        left = self._end - first
+        if lease is None or left < 2 * self.split_min:
+            return  # too small to share: the mark stays, and no one asks this piece again
+        own, theirs = self.rate(), asked.get("rate")
+        if own and isinstance(theirs, (int, float)) and theirs > 0:
+            keep = round(left * own / (own + theirs))
+        else:
+            keep = left // 2
+        at = first + min(max(keep, self.split_min), left - self.split_min)
+        try:
+            cut = await self.queue.in_thread(self.queue.split, lease, at)
+        except (LeaseLostError, OSError) as e:  # lost: its renewer or commit finds it; a hiccup: not cut
+            logger.info("could not cut unit %s at %d: %s", lease.name, at, e)
+            return
+        self._end = at
+        self.splits += 1
+        logger.info("unit %s cut at document %d for another worker (%d left here)", lease.name, at, at - self._next)
+        if self.journal.cut(cut):
+            await self.journal.finish_chunk(unit)
 
 
 def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dict[str, Any]:
