@@ -1,0 +1,172 @@
+"""Pieces: a unit's holder cuts off the rest of it for a worker with nothing left to claim
+(``WorkQueue.ask_help``, ``help_asked``, ``split``), with real files; the same exactly-once
+rules as whole units (fencing, takeovers, redo, status). The workers' side is tested by real
+jobs in test_workers.py."""
+
+from __future__ import annotations
+
+import os
+
+import orjson
+import pytest
+
+from infermill.errors import LeaseLostError
+from infermill.io.writers import JsonlWriter
+from infermill.queue import Lease, WorkQueue, output_chunk
+
+TIMEOUT = 1.0
+
+
+def make_queue(folder, worker: str, units: int | None = None, documents: int = 100) -> WorkQueue:
+    queue = WorkQueue(folder, worker, lease_timeout_sec=TIMEOUT)
+    if units is not None:
+        queue.publish_plan({"units": [{"documents": documents} for _ in range(units)]})
+    return queue
+
+
+def age(lease: Lease, seconds: float = 60.0) -> None:
+    past = os.stat(lease.path).st_mtime - seconds
+    os.utime(lease.path, (past, past))
+
+
+def commit(queue: WorkQueue, writer: JsonlWriter, lease: Lease) -> bool:
+    """Commit ``lease``'s piece with one record per document of it, named by its position."""
+    assert lease.end is not None
+    positions = range(lease.start, lease.end)
+
+    def write_output() -> dict:
+        chunk = output_chunk(lease.unit, lease.start)
+        written = writer.write_chunk(({"id": f"{lease.unit}:{p}"} for p in positions), 0, chunk)
+        return writer.written(0, chunk, written)
+
+    return queue.commit(lease, write_output, documents=len(positions))
+
+
+def test_a_holder_cuts_its_piece_and_another_worker_claims_the_rest(tmp_path):
+    holder, helper = make_queue(tmp_path, "holder", 1), make_queue(tmp_path, "helper")
+    lease = holder.claim()
+    assert lease is not None and (lease.start, lease.end) == (0, 100)
+    assert helper.claim() is None
+    asked = helper.ask_help(rate=8.0)
+    assert asked is not None and asked.key == (0, 0)
+    assert helper.ask_help() is None  # asked once: no second mark on the same piece
+    assert holder.help_asked(lease)["rate"] == 8.0
+
+    cut = holder.split(lease, 40)
+    assert (cut.unit, cut.start, cut.end, cut.generation) == (0, 0, 40, 2)
+    assert holder.help_asked(cut) is None  # answered: it may be asked again
+    with pytest.raises(LeaseLostError):
+        holder.renew(lease)  # the generation cut from is no longer held...
+    holder.renew(cut)  # ...the cut one is
+    piece = helper.claim()
+    assert piece is not None and (piece.unit, piece.start, piece.end, piece.generation) == (0, 40, 100, 1)
+    assert piece.path.name == "000000-000040.00001.lease"
+
+    writer = JsonlWriter(str(tmp_path / "out"))
+    assert commit(helper, writer, piece)
+    status = holder.status()
+    assert (status.units_done, status.units_in_progress, status.documents_done) == (0, 1, 60)
+    assert [(h.unit, h.start) for h in status.in_progress] == [(0, 0)]
+    assert not holder.drained()
+    assert commit(holder, writer, cut)
+    status = holder.status()
+    assert (status.units_done, status.units_total, status.documents_done, status.documents_total) == (1, 1, 100, 100)
+    assert holder.drained() and holder.unit_counts() == {"done": 1, "pending": 0, "in_progress": 0, "failed": 0}
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["00000_00000-000040.jsonl", "00000_00000.jsonl"]
+    ids = [orjson.loads(line)["id"] for f in files for line in (tmp_path / "out" / f).read_bytes().splitlines()]
+    assert sorted(ids) == sorted(f"0:{p}" for p in range(100))  # every document once
+    assert holder.check_outputs(writer, verify=True).lost == []
+
+
+def test_a_cut_does_not_spend_an_attempt(tmp_path):
+    holder = make_queue(tmp_path, "holder", 1)
+    lease = holder.claim()
+    for at in (90, 80, 70, 60):  # more cuts than max_unit_attempts (3)
+        lease = holder.split(lease, at)
+    age(lease)
+    taker = make_queue(tmp_path, "taker")
+    taken = {}
+    while (claimed := taker.claim()) is not None:
+        taken[claimed.key] = (claimed.end, claimed.generation)
+    assert taken == {(0, 0): (60, 6), (0, 60): (70, 1), (0, 70): (80, 1), (0, 80): (90, 1), (0, 90): (100, 1)}
+
+
+def test_a_stale_holders_cut_is_refused_once_its_piece_was_taken_over(tmp_path):
+    holder, taker = make_queue(tmp_path, "holder", 1), make_queue(tmp_path, "taker")
+    lease = holder.claim()
+    age(lease)
+    taken = taker.claim()
+    assert taken is not None and taken.generation == 2 and taken.end == 100
+    with pytest.raises(LeaseLostError):
+        holder.split(lease, 50)
+    assert not (tmp_path / "units" / "000000-000050.piece").exists()  # no piece cut off by the stale holder
+    assert taker.claim() is None
+
+
+def test_a_takeover_after_a_holder_killed_between_its_cut_and_its_piece_mark_marks_the_piece(tmp_path):
+    """The cut's two steps: its next generation (a smaller end), then the mark of the piece cut
+    off. A holder killed in between leaves the documents from the cut to the old end in no
+    piece: whoever takes its piece over creates the mark."""
+    holder = make_queue(tmp_path, "holder", 1)
+    lease = holder.claim()
+    cut = holder.split(lease, 30)
+    (tmp_path / "units" / "000000-000030.piece").unlink()  # as if killed before step two
+    age(cut)
+    taker = make_queue(tmp_path, "taker")
+    taken = taker.claim()
+    assert taken is not None and (taken.start, taken.end, taken.generation) == (0, 30, 3)
+    assert orjson.loads((tmp_path / "units" / "000000-000030.piece").read_bytes())["end"] == 100
+    rest = taker.claim()
+    assert rest is not None and (rest.start, rest.end) == (30, 100)
+
+
+def test_a_cut_piece_given_back_keeps_its_end(tmp_path):
+    """A cut holder that stops gives its lease back: the released mark states the piece's end,
+    so the next holder does not take the documents cut off again."""
+    holder = make_queue(tmp_path, "holder", 1)
+    cut = holder.split(holder.claim(), 25)
+    holder.release(cut)
+    assert not cut.path.exists()
+    again = make_queue(tmp_path, "again").claim(exclude=())
+    pieces = {again.key: again.end}
+    other = make_queue(tmp_path, "other").claim()
+    pieces[other.key] = other.end
+    assert pieces == {(0, 0): 25, (0, 25): 100}
+
+
+def test_a_worker_claims_no_piece_of_a_unit_it_holds(tmp_path):
+    holder = make_queue(tmp_path, "holder", 1)
+    cut = holder.split(holder.claim(), 50)
+    assert holder.claim(exclude=[cut.unit]) is None
+    assert holder.free_pieces() == 1
+
+
+def test_a_lost_pieces_output_is_redone_alone(tmp_path):
+    writer = JsonlWriter(str(tmp_path / "out"))
+    holder, helper = make_queue(tmp_path, "holder", 1), make_queue(tmp_path, "helper")
+    cut = holder.split(holder.claim(), 60)
+    piece = helper.claim()
+    assert commit(holder, writer, cut) and commit(helper, writer, piece)
+    (tmp_path / "out" / "00000_00000-000060.jsonl").unlink()
+    lost = holder.check_outputs(writer).lost
+    assert [(e.unit, e.start, e.file) for e in lost] == [(0, 60, "00000_00000-000060.jsonl")]
+    removed: list[int | str] = []
+    assert holder.redo(lost, removed.append) == [(0, 60)] and removed == ["00000-000060"]
+    status = holder.status()
+    assert (status.units_done, status.documents_done, status.units_pending) == (0, 60, 1)
+    again = make_queue(tmp_path, "again").claim()
+    assert again is not None and (again.start, again.end) == (60, 100)  # only the lost piece, to its end
+    assert commit(helper, writer, again)
+    assert holder.status().units_done == 1 and holder.check_outputs(writer, verify=True).lost == []
+
+
+def test_ask_help_picks_the_largest_piece_not_asked_yet(tmp_path):
+    a, b, helper = make_queue(tmp_path, "a", 2), make_queue(tmp_path, "b"), make_queue(tmp_path, "helper")
+    first, second = a.claim(), b.claim()
+    small = first if first.unit == 0 else second
+    a_or_b = a if small is first else b
+    a_or_b.split(small, 10)  # unit of `small`: 10 left with its holder
+    asked = [helper.ask_help(), helper.ask_help()]
+    assert [lease.end - lease.start for lease in asked if lease] == [100, 10]
+    assert helper.ask_help() is None
