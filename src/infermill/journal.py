@@ -456,7 +456,7 @@ class QueueJournal(ChunkLogs):
         self._leases: dict[int, Lease] = {}
         # per unit held, the piece of it held (a worker holds one piece of a unit at a time): its
         # first and end documents in the unit, and its holder's journal (kept when it is cut)
-        self._extents: dict[int, tuple[int, int]] = {}
+        self._extents: dict[int, tuple[int, int | None]] = {}  # (None: to the unit's end as planned)
         self._journals: dict[int, Path] = {}
         self._renewers: dict[int, LeaseRenewer] = {}
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
@@ -481,7 +481,7 @@ class QueueJournal(ChunkLogs):
 
     def _chunk_size(self, chunk_index: int) -> int:
         start, end = self._extents[chunk_index]
-        return end - start
+        return (self.plan[chunk_index].documents if end is None else end) - start
 
     def extent(self, lease: Lease) -> tuple[int, int]:
         """The documents of ``lease``'s piece in its unit: ``(start, end)``."""
@@ -515,7 +515,8 @@ class QueueJournal(ChunkLogs):
             self._let_go(unit)
             await self.drain()  # its last lines on disk, for the take-over below to copy
         path = self.queue.journal_path(unit, lease.generation, lease.start)
-        start, end = self._extents[unit] = self.extent(lease)
+        self._extents[unit] = lease.start, lease.end
+        start, end = self.extent(lease)
         self._journals[unit] = path
         try:
             loaded = await self._off_loop(_take_over_journals, self.queue, lease, path, bounded=False)
@@ -621,7 +622,7 @@ class QueueJournal(ChunkLogs):
                 return 0
             keep_stats = self.before_commit() if self.before_commit is not None else None
             try:
-                first, (start, end) = unit * self.records_per_chunk, self._extents[unit]
+                first, (start, end) = unit * self.records_per_chunk, self.extent(lease)
                 indices = range(first + start, first + end)
                 commit = functools.partial(_commit_unit, self.queue, self.writer, lease, path, indices, keep_stats)
                 # not bounded as a whole: it writes the unit's output (not the queue's storage), and
@@ -688,7 +689,7 @@ class QueueJournal(ChunkLogs):
         if renewer is not None:
             renewer.stop(wait=False)  # (a renewal under way finds its lease superseded: not reported)
         self._leases[unit] = lease
-        self._extents[unit] = self.extent(lease)
+        self._extents[unit] = lease.start, lease.end
         self._start_renewing(lease)
         chunk = self._chunks.get(unit)
         if chunk is None:

@@ -617,6 +617,8 @@ class WorkQueue:
         if extent is None:
             return None  # its last generation's file is gone since the listing: looked at again later
         end, cut_from = extent
+        if not start and cut_from is None:
+            end = None  # a whole unit: to its end as planned (a document stream's plan grows as it is read)
         generation = state.generation + 1
         path = self.units_dir / _generation_name(unit, generation, "lease", start)
         if not self._create_exclusive(path, self._record(generation=generation, **_extent_fields(end, cut_from))):
@@ -653,9 +655,12 @@ class WorkQueue:
         if start:
             mark = self._read_json(self._piece_path(unit, start)) or {}
             return (mark["end"] if isinstance(mark.get("end"), int) else None), None
+        return self._planned_documents(unit), None
+
+    def _planned_documents(self, unit: int) -> int | None:
         planned = self._units_total() > unit and (self.plan() or {"units": []})["units"][unit]
         documents = planned.get("documents") if isinstance(planned, dict) else None
-        return (documents if isinstance(documents, int) else None), None
+        return documents if isinstance(documents, int) else None
 
     def _mark_piece(self, unit: int, start: int, end: int) -> None:
         """Mark piece ``unit@start`` (to ``end``) as existing, unless it is marked already."""
@@ -669,7 +674,7 @@ class WorkQueue:
         for itself: a holder that lost its lease cannot, ``LeaseLostError``), and the piece
         ``unit@at`` (to the old end) is marked, for any worker to claim. The caller hands out
         no document of its piece from ``at`` on, and renews and commits the new lease."""
-        end = lease.end
+        end = lease.end if lease.end is not None else self._planned_documents(lease.unit)
         if end is None or not lease.start < at < end:
             raise ValueError(f"piece {lease.name} (to {end}) cannot be cut at {at}")
         try:
@@ -699,9 +704,9 @@ class WorkQueue:
                 continue
             path = self.units_dir / _generation_name(key[0], state.generation, "lease", key[1])
             holder = self._read_json(path)
-            if holder is None or not isinstance(holder.get("end"), int):
-                continue  # given back, or an older infermill's holder: it cannot cut
-            end = holder["end"]
+            end = (holder or {}).get("end", None if key[1] else self._planned_documents(key[0]))
+            if holder is None or not isinstance(end, int):
+                continue  # given back since the listing
             asked.append(
                 (end - key[1], float(holder.get("time", 0.0)), Lease(key[0], state.generation, path, key[1], end))
             )
