@@ -14,6 +14,7 @@ unit it commits: a killed run leaves its counts up to then) and summed into
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -54,7 +55,8 @@ POLL_WAITING_SEC = 2.0
 #: cut the piece (one file read), once the queue had no piece left to claim; and how often it
 #: looks whether that is so (one listing) while there was
 SPLIT_POLL_SEC = 0.5
-PENDING_CHECK_SEC = 2.0
+PENDING_CHECK_SEC = 1.0
+RATE_SAMPLES = 11  # (5 s of SPLIT_POLL_SEC)
 #: how often a worker that asked for a piece to be cut looks for it (and, if none came, asks
 #: another holder)
 POLL_ASKED_SEC = 0.3
@@ -292,7 +294,9 @@ class UnitSource:
         self._next = 0  # the position of its next document
         self._cut_asked: dict[str, Any] | None = None  # what the worker that asked to cut it said
         self._watcher: asyncio.Task[None] | None = None
-        self._first_handed: float | None = None  # time.monotonic() of the first document handed out
+        # (time.monotonic(), documents processed) every SPLIT_POLL_SEC while documents were handed
+        # out, over the last RATE_SAMPLES: this worker's recent rate when busy
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_SAMPLES)
         self.splits = 0  # pieces this worker cut off its own
 
     async def __call__(self) -> Any:
@@ -373,8 +377,6 @@ class UnitSource:
             await self.journal.finish_chunk(lease.unit)
             return True
         self._unit = lease.unit
-        if self._first_handed is None:
-            self._first_handed = time.monotonic()
         start, self._end = self.journal.extent(lease)
         self._next = start
         self._cut_asked = None
@@ -386,11 +388,11 @@ class UnitSource:
     # -- cutting pieces -------------------------------------------------------------------
 
     def rate(self) -> float | None:
-        """This worker's documents per second since it handed out its first document."""
-        if self._first_handed is None:
+        """This worker's documents per second over its last seconds of work (None: unknown yet)."""
+        if len(self._samples) < 2:
             return None
-        elapsed = time.monotonic() - self._first_handed
-        return self.stats.documents_processed / elapsed if elapsed > 0 and self.stats.documents_processed else None
+        (first, before), (last, now) = self._samples[0], self._samples[-1]
+        return (now - before) / (last - first) if now > before else None
 
     async def _ask_cut(self) -> None:
         """Nothing left to claim: ask the holder of a piece in progress to cut it (once per
@@ -410,8 +412,10 @@ class UnitSource:
             await asyncio.sleep(SPLIT_POLL_SEC)
             unit = self._unit
             lease = None if unit is None else self.journal.lease(unit)
+            if lease is not None:
+                self._samples.append((time.monotonic(), self.stats.documents_processed))
             assert self.split_min is not None
-            if lease is None or self._cut_asked is not None or self._end - self._next < 2 * self.split_min:
+            if lease is None or self._cut_asked is not None or self._end - self._next < self.split_min:
                 continue
             try:
                 if self.queue.free_left:
@@ -431,21 +435,26 @@ class UnitSource:
     async def _cut(self) -> None:
         """Cut the piece being handed out where its next document is (or past the documents
         its journal finished already), keeping this worker's share of the rest at the two
-        workers' rates (half when unknown), at least ``split_min`` documents on either side."""
+        workers' rates, counting the documents it has in flight (half when a rate is unknown);
+        the piece cut off has ``split_min`` documents at least."""
         asked, self._cut_asked = self._cut_asked or {}, None
         unit = self._unit
         assert unit is not None and self.split_min is not None
         lease = self.journal.lease(unit)
         first = max(self._next, self.journal.finished_before(unit))
         left = self._end - first
-        if lease is None or left < 2 * self.split_min:
-            return  # too small to share: the mark stays, and no one asks this piece again
+        if lease is None:
+            return
         own, theirs = self.rate(), asked.get("rate")
         if own and isinstance(theirs, (int, float)) and theirs > 0:
-            keep = round(left * own / (own + theirs))
+            in_flight = max(0, self._next - lease.start - self.journal.finished(unit))
+            # both end at once: (in_flight + keep) / own == (left - keep) / theirs
+            keep = max(0 if first > lease.start else 1, round((left * own - in_flight * theirs) / (own + theirs)))
         else:
-            keep = left // 2
-        at = first + min(max(keep, self.split_min), left - self.split_min)
+            keep = left // 2 if left >= 2 * self.split_min else left
+        if left - keep < self.split_min:
+            return  # too little to share: the mark stays, and no one asks this piece again
+        at = first + keep
         try:
             cut = await self.queue.in_thread(self.queue.split, lease, at)
         except (LeaseLostError, OSError) as e:  # lost: its renewer or commit finds it; a hiccup: not cut
