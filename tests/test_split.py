@@ -13,6 +13,7 @@ import pytest
 from infermill.errors import LeaseLostError
 from infermill.io.writers import JsonlWriter
 from infermill.queue import Lease, WorkQueue, output_chunk
+from infermill.stream import discard_queue
 
 TIMEOUT = 1.0
 
@@ -169,3 +170,13 @@ def test_ask_help_picks_the_largest_piece_not_asked_yet(tmp_path):
     asked = [helper.ask_help(), helper.ask_help()]
     assert [lease.end - lease.start for lease in asked if lease] == [100, 10]
     assert helper.ask_help() is None
+
+
+def test_starting_a_job_over_deletes_the_files_of_its_pieces(tmp_path):
+    writer = JsonlWriter(str(tmp_path / "out"))
+    holder, helper = make_queue(tmp_path / "queue", "holder", 1), make_queue(tmp_path / "queue", "helper")
+    cut = holder.split(holder.claim(), 50)
+    assert commit(holder, writer, cut) and commit(helper, writer, helper.claim())
+    assert len(list((tmp_path / "out").iterdir())) == 2
+    discard_queue(tmp_path / "queue", writer)
+    assert list((tmp_path / "out").iterdir()) == [] and not (tmp_path / "queue").exists()

@@ -172,7 +172,8 @@ def piece_prefix(unit: int, start: int = 0) -> str:
     return f"{unit:06d}" if start == 0 else f"{unit:06d}-{start:06d}"
 
 
-def _parse_prefix(text: str) -> PieceKey | None:
+def parse_prefix(text: str) -> PieceKey | None:
+    """The piece a queue file's name starts with (``000007`` or ``000007-003000``), or None."""
     unit, _, start = text.partition("-")
     if not unit.isdigit() or (start and not start.isdigit()):
         return None
@@ -960,7 +961,7 @@ class WorkQueue:
         done = {key for key, state in self._list().items() if state.done}
         removed = 0
         for name in self.storage.list(self.journals_dir):
-            if name.endswith(".journal") and _parse_prefix(name.split(".")[0]) in done:
+            if name.endswith(".journal") and parse_prefix(name.split(".")[0]) in done:
                 self.storage.delete_appended(self.journals_dir / name)
                 removed += 1
         return removed
@@ -1220,7 +1221,7 @@ class WorkQueue:
         units: dict[PieceKey, _Unit] = {}
         for name in self.storage.list(self.units_dir):
             parts = name.split(".")
-            key = None if name.startswith(".") else _parse_prefix(parts[0])
+            key = None if name.startswith(".") else parse_prefix(parts[0])
             if key is None:
                 continue
             state = units.setdefault(key, _Unit())

@@ -29,7 +29,7 @@ from infermill.io.units import UnitPlan, WorkUnit
 from infermill.io.writers import ChunkIndex, OutputWriter
 from infermill.journal import check_identity, identity_differences
 from infermill.mirror import RECORDS, has_plan, job_storage
-from infermill.queue import UNITS_DIR, WorkQueue
+from infermill.queue import UNITS_DIR, WorkQueue, output_chunk, parse_prefix
 from infermill.queue_storage import PosixQueueStorage, QueueStorage, StorageTimeoutError
 from infermill.types import END_OF_INPUT
 
@@ -108,9 +108,9 @@ def discard_queue(folder: Path, writer: OutputWriter, storage: QueueStorage | No
         names = storage.list(folder / UNITS_DIR)  # UNIT.done, UNIT.GENERATION.lease...
     except FileNotFoundError:
         names = []
-    claimed = {name.split(".", 1)[0] for name in names}
-    for unit in sorted(int(name) for name in claimed if name.isdigit()):
-        writer.remove_chunk_file(0, unit)
+    claimed = {key for name in names if (key := parse_prefix(name.split(".", 1)[0])) is not None}
+    for unit, start in sorted(claimed):  # (a piece cut off a unit: its own file)
+        writer.remove_chunk_file(0, output_chunk(unit, start))
     for name in names:
         if name.endswith(".done"):
             storage.delete(folder / UNITS_DIR / name)
