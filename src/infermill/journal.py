@@ -458,6 +458,9 @@ class QueueJournal(ChunkLogs):
         # first and end documents in the unit, and its holder's journal (kept when it is cut)
         self._extents: dict[int, tuple[int, int | None]] = {}  # (None: to the unit's end as planned)
         self._journals: dict[int, Path] = {}
+        # the documents (numbered across the job) of each piece held that is not a whole unit:
+        # empty for a job that never cuts a unit (no cost per document)
+        self._pieces: dict[int, range] = {}
         self._renewers: dict[int, LeaseRenewer] = {}
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
         # units being committed, by the lease they are committed under (a unit lost meanwhile and
@@ -515,7 +518,7 @@ class QueueJournal(ChunkLogs):
             self._let_go(unit)
             await self.drain()  # its last lines on disk, for the take-over below to copy
         path = self.queue.journal_path(unit, lease.generation, lease.start)
-        self._extents[unit] = lease.start, lease.end
+        self._set_extent(lease)
         start, end = self.extent(lease)
         self._journals[unit] = path
         try:
@@ -539,6 +542,16 @@ class QueueJournal(ChunkLogs):
         self._start_renewing(lease)
         chunk = self._chunks.get(unit)
         return chunk is not None and chunk.finished >= chunk.size
+
+    def _set_extent(self, lease: Lease) -> None:
+        unit = lease.unit
+        self._extents[unit] = lease.start, lease.end
+        if lease.start or lease.end is not None:
+            start, end = self.extent(lease)
+            first = unit * self.records_per_chunk
+            self._pieces[unit] = range(first + start, first + end)
+        else:
+            self._pieces.pop(unit, None)
 
     def _start_renewing(self, lease: Lease) -> None:
         loop = asyncio.get_running_loop()
@@ -589,10 +602,12 @@ class QueueJournal(ChunkLogs):
             or unit not in self._leases
             or self._committing(unit)
             or (chunk is not None and index in chunk.indices)
+            or (self._pieces and unit in self._pieces and index not in self._pieces[unit])
         ):
             # its unit failed, was taken over, let go or is being committed, or the record is
             # finished already (a document handed out again after its unit was lost and claimed
-            # back): not twice
+            # back): not twice; or it is not in the piece of its unit held now (one of another
+            # piece of it, lost, still in flight)
             self._pending.pop(index, None)  # nor do its replies waiting for the next flush
             return None
         full = super().commit(index, record)
@@ -689,7 +704,7 @@ class QueueJournal(ChunkLogs):
         if renewer is not None:
             renewer.stop(wait=False)  # (a renewal under way finds its lease superseded: not reported)
         self._leases[unit] = lease
-        self._extents[unit] = lease.start, lease.end
+        self._set_extent(lease)
         self._start_renewing(lease)
         chunk = self._chunks.get(unit)
         if chunk is None:
@@ -714,6 +729,7 @@ class QueueJournal(ChunkLogs):
             renewer.stop(wait=False)
         self._leases.pop(unit, None)
         self._extents.pop(unit, None)
+        self._pieces.pop(unit, None)
         self._journals.pop(unit, None)
         chunk = self._chunks.pop(unit, None)
         if chunk is not None:  # its lines so far are kept for its next holder

@@ -351,7 +351,9 @@ class UnitSource:
         if self._ended:
             return True
         try:
-            lease = await self.queue.in_thread(self.queue.claim)
+            # not a piece of a unit this worker holds (a piece it cut off its own, its documents in
+            # flight): its journal keeps one piece of a unit at a time
+            lease = await self.queue.in_thread(self.queue.claim, self.journal.held())
         except OSError as e:
             # a network file system's hiccup (ESTALE...) is looked at again after the poll; a full
             # disk, or an error that lasts for a lease timeout, stops the worker
