@@ -320,7 +320,7 @@ def test_a_piece_cut_off_a_unit_is_claimed_once_and_a_stale_holders_cut_is_refus
     cut off and nothing else; a takeover fences the old holder's next cut."""
     holder, helper = backend.queue("holder", 1), backend.queue("helper")
     lease = holder.claim()
-    assert helper.claim() is None and helper.ask_help(rate=1.0) is not None
+    assert helper.claim() is None and helper.ask_help(rate=1.0) == [(0, 0)]
     assert holder.help_asked(lease) == {**holder.help_asked(lease), "rate": 1.0}
     cut = holder.split(lease, 4)
     assert (cut.start, cut.end, cut.generation) == (0, 4, 2) and holder.help_asked(cut) is None

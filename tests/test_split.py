@@ -47,9 +47,8 @@ def test_a_holder_cuts_its_piece_and_another_worker_claims_the_rest(tmp_path):
     lease = holder.claim()
     assert lease is not None and (lease.start, lease.end) == (0, None)  # None: to its planned end
     assert helper.claim() is None
-    asked = helper.ask_help(rate=8.0)
-    assert asked is not None and asked.key == (0, 0)
-    assert helper.ask_help() is None  # asked once: no second mark on the same piece
+    assert helper.ask_help(rate=8.0) == [(0, 0)]
+    assert helper.ask_help() == []  # asked once: no second mark on the same piece
     assert holder.help_asked(lease)["rate"] == 8.0
 
     cut = holder.split(lease, 40)
@@ -161,15 +160,25 @@ def test_a_lost_pieces_output_is_redone_alone(tmp_path):
     assert holder.status().units_done == 1 and holder.check_outputs(writer, verify=True).lost == []
 
 
-def test_ask_help_picks_the_largest_piece_not_asked_yet(tmp_path):
-    a, b, helper = make_queue(tmp_path, "a", 2), make_queue(tmp_path, "b"), make_queue(tmp_path, "helper")
+def test_a_worker_asks_every_piece_in_progress_not_asked_yet_but_those_of_units_it_holds(tmp_path):
+    a, b, helper = make_queue(tmp_path, "a", 3), make_queue(tmp_path, "b"), make_queue(tmp_path, "helper")
     first, second = a.claim(), b.claim()
-    small = first if first.unit == 0 else second
-    a_or_b = a if small is first else b
-    a_or_b.split(small, 10)  # unit of `small`: 10 left with its holder
-    asked = [helper.ask_help(), helper.ask_help()]
-    assert [lease.end - lease.start for lease in asked if lease] == [100, 10]
-    assert helper.ask_help() is None
+    cut = a.split(first, 10)
+    third = helper.claim()  # the piece cut off (the free unit is left for later)
+    while third.key != (first.unit, 10):
+        helper.release(third)
+        third = helper.claim()
+    assert sorted(helper.ask_help(rate=1.0, exclude=[third.unit])) == [second.key]
+    assert sorted(helper.ask_help()) == sorted([cut.key, third.key])  # (no units left out now)
+    assert helper.ask_help() == []
+
+
+def test_a_holder_leaves_the_piece_it_cut_off_to_others_for_a_moment(tmp_path):
+    holder, helper = make_queue(tmp_path, "holder", 1), make_queue(tmp_path, "helper")
+    cut = holder.split(holder.claim(), 50)
+    assert holder.claim(exclude=()) is None  # its own cut, just made: left to the worker that asked
+    piece = helper.claim()
+    assert piece is not None and piece.key == (0, 50) and cut.end == 50
 
 
 def test_starting_a_job_over_deletes_the_files_of_its_pieces(tmp_path):

@@ -155,6 +155,8 @@ JOURNALS_DIR = "journals"
 
 DEFAULT_LEASE_TIMEOUT_SEC = 120.0
 DEFAULT_MAX_UNIT_ATTEMPTS = 3
+#: a piece cut off is left this long to the worker that asked for it before its holder may take it
+CUT_KEPT_SEC = 1.0
 #: a lease dated further in the future than this is logged: nearer, it may be a renewal made
 #: between this worker's reading of the storage's clock and of the lease (or mtime granularity)
 FUTURE_LEASE_WARNING_SEC = 2.0
@@ -614,6 +616,8 @@ class WorkQueue:
         if state.attempts >= self.max_unit_attempts:
             self._fail_spent(key, state)
             return None
+        if start and not state.generation and self._cut_here_lately(key):
+            return None
         extent = self._extent(key, state)
         if extent is None:
             return None  # its last generation's file is gone since the listing: looked at again later
@@ -663,9 +667,22 @@ class WorkQueue:
         documents = planned.get("documents") if isinstance(planned, dict) else None
         return documents if isinstance(documents, int) else None
 
-    def _mark_piece(self, unit: int, start: int, end: int) -> None:
-        """Mark piece ``unit@start`` (to ``end``) as existing, unless it is marked already."""
-        self._create_exclusive(self._piece_path(unit, start), self._record(end=end))
+    def _cut_here_lately(self, key: PieceKey) -> bool:
+        """Whether piece ``key`` was cut off by this worker less than :data:`CUT_KEPT_SEC` ago:
+        it is left to the worker that asked for it (this one, done with its own piece, would
+        take back what it gave away)."""
+        path = self._piece_path(*key)
+        if (self._read_json(path) or {}).get("cut_by") != self.worker_id:
+            return False
+        age = self._age(path, self.storage_now())
+        return age is not None and age < CUT_KEPT_SEC
+
+    def _mark_piece(self, unit: int, start: int, end: int, cut: bool = False) -> None:
+        """Mark piece ``unit@start`` (to ``end``) as existing, unless it is marked already
+        (``cut``: by the worker that cut it off, not by one that took its holder's piece over)."""
+        self._create_exclusive(
+            self._piece_path(unit, start), self._record(end=end, **{"cut_by": self.worker_id} if cut else {})
+        )
 
     # -- splitting --------------------------------------------------------------------------
 
@@ -687,36 +704,24 @@ class WorkQueue:
         if not self._create_exclusive(path, self._record(generation=generation, end=at, cut_from=end)):
             raise LeaseLostError(f"unit {lease.name} was taken over by another worker (generation {generation})")
         cut = Lease(lease.unit, generation, path, lease.start, at, end)
-        self._mark_piece(lease.unit, at, end)
+        self._mark_piece(lease.unit, at, end, cut=True)
         self._give_back(lease)  # the generation cut from: no attempt (its holder goes on under the next)
         self.storage.delete(self._help_path(lease.unit, lease.start))
         return cut
 
-    def ask_help(self, rate: float | None = None, exclude: Collection[int] = ()) -> Lease | None:
-        """Ask the holder of a piece in progress to cut it (a worker with nothing left to claim):
-        mark one whose holder was not asked yet (``U-S.help``, stating this worker's documents
-        per second ``rate``), the one with the most documents, then the one claimed last (the
-        least advanced, at equal rates).
-        Returns the piece asked about (its lease as read), or None when none is left to ask."""
-        units = self._list()
-        asked: list[tuple[int, float, Lease]] = []
-        for key, state in units.items():
+    def ask_help(self, rate: float | None = None, exclude: Collection[int] = ()) -> list[PieceKey]:
+        """Ask the holders of the pieces in progress to cut them (a worker with nothing left to
+        claim): mark each whose holder was not asked yet (``U-S.help``, stating this worker's
+        documents per second ``rate``; one listing, a file created per piece). Each holder
+        judges whether cutting ends its piece sooner (a slow holder's does, a nearly finished
+        one's does not). Returns the pieces asked."""
+        asked = []
+        for key, state in sorted(self._list().items()):
             if key[0] in exclude or state.done or state.failed or state.help or not state.leased or state.given_up:
                 continue
-            path = self.units_dir / _generation_name(key[0], state.generation, "lease", key[1])
-            holder = self._read_json(path)
-            end = (holder or {}).get("end", None if key[1] else self._planned_documents(key[0]))
-            if holder is None or not isinstance(end, int):
-                continue  # given back since the listing
-            asked.append(
-                (end - key[1], float(holder.get("time", 0.0)), Lease(key[0], state.generation, path, key[1], end))
-            )
-        if not asked:
-            return None
-        lease = max(asked, key=lambda entry: (entry[0], entry[1]))[2]
-        if not self._create_exclusive(self._help_path(*lease.key), self._record(rate=rate)):
-            return None
-        return lease
+            if self._create_exclusive(self._help_path(*key), self._record(rate=rate)):
+                asked.append(key)
+        return asked
 
     def help_asked(self, lease: Lease) -> dict[str, Any] | None:
         """What the worker that asked to cut ``lease``'s piece said (its ``rate``), or None when

@@ -436,9 +436,8 @@ class UnitSource:
 
     async def _cut(self) -> None:
         """Cut the piece being handed out where its next document is (or past the documents
-        its journal finished already), keeping this worker's share of the rest at the two
-        workers' rates, counting the documents it has in flight (half when a rate is unknown);
-        the piece cut off has ``split_min`` documents at least."""
+        its journal finished already), giving the worker that asked what ends the piece
+        soonest (:func:`share_to_give`); not at all when that would not end it sooner."""
         asked, self._cut_asked = self._cut_asked or {}, None
         unit = self._unit
         assert unit is not None and self.split_min is not None
@@ -448,15 +447,14 @@ class UnitSource:
         if lease is None:
             return
         own, theirs = self.rate(), asked.get("rate")
-        if own and isinstance(theirs, (int, float)) and theirs > 0:
-            in_flight = max(0, self._next - lease.start - self.journal.finished(unit))
-            # both end at once: (in_flight + keep) / own == (left - keep) / theirs
-            keep = max(0 if first > lease.start else 1, round((left * own - in_flight * theirs) / (own + theirs)))
-        else:
-            keep = left // 2 if left >= 2 * self.split_min else left
-        if left - keep < self.split_min:
-            return  # too little to share: the mark stays, and no one asks this piece again
-        at = first + keep
+        if not (own and isinstance(theirs, (int, float)) and theirs > 0):
+            own = theirs = 1.0  # unknown: as fast as each other
+        in_flight = max(0, self._next - lease.start - self.journal.finished(unit))
+        most = left if first > lease.start else left - 1  # (the piece kept holds a document at least)
+        give = share_to_give(most, left, in_flight, self.split_min, own, theirs)
+        if give is None:
+            return  # it would not end sooner: the mark stays, and no one asks this piece again
+        at = first + left - give
         try:
             cut = await self.queue.in_thread(self.queue.split, lease, at)
         except (LeaseLostError, OSError) as e:  # lost: its renewer or commit finds it; a hiccup: not cut
@@ -467,6 +465,25 @@ class UnitSource:
         logger.info("unit %s cut at document %d for another worker (%d left here)", lease.name, at, at - self._next)
         if self.journal.cut(cut):
             await self.journal.finish_chunk(unit)
+
+
+def share_to_give(most: int, left: int, in_flight: int, per_round: int, own: float, theirs: float) -> int | None:
+    """How many of the ``left`` documents a holder (``in_flight`` more in its server) gives the
+    worker that asked for them, at most ``most``: what ends the two soonest, both sending
+    ``per_round`` documents at a time (the job's ``max_concurrent_documents``), at their rates
+    (documents per second), the other starting :data:`POLL_ASKED_SEC` late (it claims the piece
+    then). A multiple of ``per_round`` or all; None when giving would not end it sooner."""
+    own_round, their_round = per_round / own, per_round / theirs
+
+    def rounds(documents: int) -> int:
+        return -(-documents // per_round)
+
+    best, soonest = None, rounds(in_flight + left) * own_round
+    for give in sorted({*range(per_round, most + 1, per_round), most} - {0}):
+        ends = max(rounds(in_flight + left - give) * own_round, POLL_ASKED_SEC + rounds(give) * their_round)
+        if ends < soonest - 1e-9:
+            best, soonest = give, ends
+    return best
 
 
 def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dict[str, Any]:
