@@ -35,7 +35,7 @@ from infermill.journal import QueueJournal, check_identity, identity_differences
 from infermill.layout import PLAN_FILE, series_files
 from infermill.metrics import RunStats, per_sec
 from infermill.mirror import has_plan, job_storage, push, reading
-from infermill.queue import WorkQueue, process_gone
+from infermill.queue import Lease, WorkQueue, process_gone
 from infermill.queue_storage import StorageTimeoutError
 from infermill.stream import discard_queue, discard_rank_checkpoints, discard_records
 from infermill.types import END_OF_INPUT as END
@@ -54,12 +54,12 @@ POLL_WAITING_SEC = 2.0
 #: how often a worker handing out a piece's documents looks whether another worker asked it to
 #: cut the piece (one file read), once the queue had no piece left to claim; and how often it
 #: looks whether that is so (one listing) while there was
-SPLIT_POLL_SEC = 0.5
+SPLIT_POLL_SEC = 0.25
 PENDING_CHECK_SEC = 1.0
-RATE_SAMPLES = 11  # (5 s of SPLIT_POLL_SEC)
+RATE_SAMPLES = 21  # (5 s of SPLIT_POLL_SEC)
 #: how often a worker that asked for a piece to be cut looks for it (and, if none came, asks
 #: another holder)
-POLL_ASKED_SEC = 0.3
+POLL_ASKED_SEC = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +292,7 @@ class UnitSource:
         self.split_min = split_min
         self._end = 0  # the end of the piece being handed out (its documents' positions in their unit)
         self._next = 0  # the position of its next document
-        self._cut_asked: dict[str, Any] | None = None  # what the worker that asked to cut it said
+        self._declined: Lease | None = None  # the piece whose holder judged a cut would not end it sooner
         self._watcher: asyncio.Task[None] | None = None
         # (time.monotonic(), documents processed) every SPLIT_POLL_SEC while documents were handed
         # out, over the last RATE_SAMPLES: this worker's recent rate when busy
@@ -304,8 +304,6 @@ class UnitSource:
             await self._check_budget(force=False)
             while not self._ended:
                 if self._items is not None and self._unit is not None and self.journal.holds(self._unit):
-                    if self._cut_asked is not None:
-                        await self._cut()
                     item: Any
                     try:
                         item = next(self._items, END) if self._next < self._end else END
@@ -381,7 +379,6 @@ class UnitSource:
         self._unit = lease.unit
         start, self._end = self.journal.extent(lease)
         self._next = start
-        self._cut_asked = None
         self._items = enumerate(itertools.islice(read_unit(self.reader, self.plan[lease.unit]), start, None), start)
         if self.split_min is not None and self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -408,7 +405,8 @@ class UnitSource:
     async def _watch(self) -> None:
         """Look whether another worker asked to cut the piece being handed out (one file read
         every :data:`SPLIT_POLL_SEC`), once the queue had nothing else to claim (a listing every
-        :data:`PENDING_CHECK_SEC` while it had): the next document handed out cuts it."""
+        :data:`PENDING_CHECK_SEC` while it had), and cut it at once (no document is handed out
+        meanwhile)."""
         pending_checked = time.monotonic()
         while True:
             await asyncio.sleep(SPLIT_POLL_SEC)
@@ -417,7 +415,7 @@ class UnitSource:
             if lease is not None:
                 self._samples.append((time.monotonic(), self.stats.documents_processed))
             assert self.split_min is not None
-            if lease is None or self._cut_asked is not None or self._end - self._next < self.split_min:
+            if lease is None or lease is self._declined or self._end - self._next < self.split_min:
                 continue
             try:
                 if self.queue.free_left:
@@ -431,14 +429,16 @@ class UnitSource:
             except OSError as e:
                 logger.debug("could not look whether a piece should be cut: %s", e)
                 continue
-            if asked is not None and self._unit == lease.unit and self.journal.lease(lease.unit) is lease:
-                self._cut_asked = asked
+            if asked is None:
+                continue
+            async with self._lock:
+                if self._unit == lease.unit and self.journal.lease(lease.unit) is lease:
+                    await self._cut(asked)
 
-    async def _cut(self) -> None:
+    async def _cut(self, asked: dict[str, Any]) -> None:
         """Cut the piece being handed out where its next document is (or past the documents
         its journal finished already), giving the worker that asked what ends the piece
         soonest (:func:`share_to_give`); not at all when that would not end it sooner."""
-        asked, self._cut_asked = self._cut_asked or {}, None
         unit = self._unit
         assert unit is not None and self.split_min is not None
         lease = self.journal.lease(unit)
@@ -453,7 +453,8 @@ class UnitSource:
         most = left if first > lease.start else left - 1  # (the piece kept holds a document at least)
         give = share_to_give(most, left, in_flight, self.split_min, own, theirs)
         if give is None:
-            return  # it would not end sooner: the mark stays, and no one asks this piece again
+            self._declined = lease  # it would not end sooner: the mark stays, and no one asks this piece again
+            return
         at = first + left - give
         try:
             cut = await self.queue.in_thread(self.queue.split, lease, at)
