@@ -189,3 +189,16 @@ def test_starting_a_job_over_deletes_the_files_of_its_pieces(tmp_path):
     assert len(list((tmp_path / "out").iterdir())) == 2
     discard_queue(tmp_path / "queue", writer)
     assert list((tmp_path / "out").iterdir()) == [] and not (tmp_path / "queue").exists()
+
+
+def test_a_claimer_whose_listing_predates_a_cut_does_not_win_the_generation_cut_from(tmp_path):
+    """A cut gives its first generation back (released, then its lease deleted): a claimer that
+    listed the unit as free before must not create that lease again and hold it beside the
+    cut's holder (it would run the unit's documents a second time, for nothing)."""
+    from infermill.queue import _Unit
+
+    holder, late = make_queue(tmp_path, "holder", 1), make_queue(tmp_path, "late")
+    holder.split(holder.claim(), 50)
+    assert not (tmp_path / "units" / "000000.00001.lease").exists()
+    assert late._take((0, 0), _Unit()) is None  # what its listing said: no file of unit 0 yet
+    assert not (tmp_path / "units" / "000000.00001.lease").exists()

@@ -712,6 +712,10 @@ class QueueJournal(ChunkLogs):
         chunk.size = self._chunk_size(unit)
         return chunk.finished >= chunk.size
 
+    def lose(self, lease: Lease, error: LeaseLostError) -> None:
+        """Stop working on ``lease``'s piece: it was found lost (a cut refused)."""
+        self._lost(lease, error)
+
     def _lost(self, lease: Lease, error: LeaseLostError) -> None:
         """A renewer's report (on the loop) that ``lease`` is lost."""
         if isinstance(error, StorageStalledError):

@@ -629,6 +629,11 @@ class WorkQueue:
         if not self._create_exclusive(path, self._record(generation=generation, **_extent_fields(end, cut_from))):
             return None  # another worker won this generation
         lease = Lease(unit, generation, path, start, end, cut_from)
+        if self.storage.exists(self.units_dir / _generation_name(unit, generation, "released", start)):
+            # this generation was won, and given back (or cut) since the listing: its lease's name
+            # was free again, but the generation is not this worker's
+            self.storage.delete(path)
+            return None
         if self.storage.exists(self._done_path(unit, start)) or self.storage.exists(self._failed_path(unit, start)):
             self._give_back(lease)  # finished or failed since the listing
             return None

@@ -458,7 +458,10 @@ class UnitSource:
         at = first + left - give
         try:
             cut = await self.queue.in_thread(self.queue.split, lease, at)
-        except (LeaseLostError, OSError) as e:  # lost: its renewer or commit finds it; a hiccup: not cut
+        except LeaseLostError as e:  # another worker holds it: stop working on it now
+            self.journal.lose(lease, e)
+            return
+        except OSError as e:  # a hiccup: not cut (it may be asked again)
             logger.info("could not cut unit %s at %d: %s", lease.name, at, e)
             return
         self._end = at
