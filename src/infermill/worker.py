@@ -292,6 +292,7 @@ class UnitSource:
         self.split_min = split_min
         self._end = 0  # the end of the piece being handed out (its documents' positions in their unit)
         self._next = 0  # the position of its next document
+        self._tail = False  # the queue had nothing left to claim once: the job's end is near
         self._declined: Lease | None = None  # the piece whose holder judged a cut would not end it sooner
         self._watcher: asyncio.Task[None] | None = None
         # (time.monotonic(), documents processed) every SPLIT_POLL_SEC while documents were handed
@@ -404,8 +405,8 @@ class UnitSource:
 
     async def _watch(self) -> None:
         """Look whether another worker asked to cut the piece being handed out (one file read
-        every :data:`SPLIT_POLL_SEC`), once the queue had nothing else to claim (a listing every
-        :data:`PENDING_CHECK_SEC` while it had), and cut it at once (no document is handed out
+        every :data:`SPLIT_POLL_SEC`) once the queue had nothing left to claim (a listing every
+        :data:`PENDING_CHECK_SEC` until it had), and cut it at once (no document is handed out
         meanwhile)."""
         pending_checked = time.monotonic()
         while True:
@@ -418,13 +419,15 @@ class UnitSource:
             if lease is None or lease is self._declined or self._end - self._next < self.split_min:
                 continue
             try:
-                if self.queue.free_left:
+                if not self._tail and self.queue.free_left:
                     if time.monotonic() - pending_checked < PENDING_CHECK_SEC:
                         continue
                     pending_checked = time.monotonic()
                     self.queue.free_left = await self.queue.in_thread(self.queue.free_pieces)
                     if self.queue.free_left:
                         continue
+                # from now on, the pieces free are those cut off for workers that asked: no more listings
+                self._tail = True
                 asked = await self.queue.in_thread(self.queue.help_asked, lease)
             except OSError as e:
                 logger.debug("could not look whether a piece should be cut: %s", e)
