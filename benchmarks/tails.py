@@ -42,7 +42,9 @@ all begin work at once.
 * **last unit**: which worker committed the job's last unit (slow or fast), and how long it ran
   (from its claim, its lease's time, or from the start if it was claimed before, to its done
   mark);
-* per worker: units committed (from the done marks) and documents (its ``stats/WORKER.json``).
+* per worker: units committed (from the done marks: a piece cut off a unit counts as one) and
+  documents (its ``stats/WORKER.json``). Every run is checked: one request per document, every
+  unit's documents done once (the done marks' documents add up to the input's).
 
 Each scenario runs ``--runs`` times (new job each time); the table shows every run and the
 median. Every process a run starts (commands, workers, servers) carries a marker in its
