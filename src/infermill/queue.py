@@ -18,6 +18,10 @@ directory listing tells every unit's state (paths: ``JobLayout.queue``)::
                                  over with redo-2 (created once)
         000007.done              committed: {"documents", "generation", "worker", "host", "output", ...}
         000007.failed            given up: {"cause", "generation", "worker", "host", ...}
+        000007.help              a worker with nothing to claim asks the holder to cut the unit: {"rate", ...}
+        000007.00003.lease       the holder cut its unit: {"end": 3000, "cut_from": 6000, ...}
+        000007-003000.piece      the piece cut off, documents 3000 to 6000 of unit 7: {"end": 6000, "cut_by"}
+        000007-003000.00001.lease  ...and every other kind above, per piece (000007 is piece 7@0)
         .tmp-*                   being written (ignored; a killed writer may leave one)
       journals/
         000007.00002.journal     the journal of unit 7's generation-2 holder (journal_path)
@@ -90,6 +94,22 @@ deletes the queue and publishes a new plan); a worker of the old plan must then 
 and commit nothing, although lease names repeat in the new queue. So every claim (before
 and after creating its lease), renewal and commit reads the plan's first bytes, and stops
 (``PlanReplacedError``; ``LeaseLostError`` for a lease) when the id is not the one it read.
+
+**Pieces.** Near a job's end a unit is cut so that idle workers help with it: a *piece* is
+a range of a unit's documents, ``U@S`` (``000007-003000``: unit 7 from its document 3000;
+``000007`` is ``7@0``), with its own leases, journals, done mark and output file (named by
+:func:`output_chunk`), claimed and committed as a unit. Only a piece's holder cuts it
+(:meth:`WorkQueue.split`), so a cut never races with the holder's own work: it creates the
+next generation of its own lease, stating the smaller end (``"end"``, and ``"cut_from"``, the
+end before), which fences it like a takeover (a holder that lost its lease cannot), gives
+the generation cut from back (no attempt), then marks the piece cut off (``U-S.piece``,
+stating its end). Every later generation states the piece's end (a lease given back: its
+released mark), so whoever takes a piece over commits exactly the range its holder would
+have; and it creates the mark of the last cut if its holder was killed before it did, so no
+range is lost or covered twice. A worker with nothing to claim asks the holders of the
+pieces in progress to cut them (:meth:`ask_help`, a ``U-S.help`` mark each); a holder looks
+(:meth:`help_asked`) and judges (``infermill.worker``). A unit is done when all its pieces
+are; :meth:`status` counts units, and documents as the pieces commit them.
 
 **Attempts and failures.** Each generation is an attempt, except one its holder gave back
 (:meth:`release`, e.g. a worker stopping on SIGTERM); one its holder gave up (:meth:`abandon`,
