@@ -202,3 +202,15 @@ def test_a_claimer_whose_listing_predates_a_cut_does_not_win_the_generation_cut_
     assert not (tmp_path / "units" / "000000.00001.lease").exists()
     assert late._take((0, 0), _Unit()) is None  # what its listing said: no file of unit 0 yet
     assert not (tmp_path / "units" / "000000.00001.lease").exists()
+
+
+def test_a_holder_gives_what_ends_its_piece_soonest_in_whole_rounds():
+    """``share_to_give(most, left, in_flight, per_round, own, theirs)``: both workers send 4
+    documents a round."""
+    from infermill.worker import share_to_give
+
+    assert share_to_give(20, 20, 4, 4, 8.0, 8.0) == 12  # equal: the asker starts late, so it takes 3 rounds of 5
+    assert share_to_give(20, 20, 4, 4, 2.0, 8.0) == 20  # a slow holder gives all it has not sent
+    assert share_to_give(20, 20, 4, 4, 8.0, 2.0) == 4  # a slow asker gets one round
+    assert share_to_give(4, 4, 0, 4, 8.0, 8.0) is None  # one round left: giving would not end it sooner
+    assert share_to_give(12, 12, 0, 4, 8.0, 1.0) is None  # an asker 8x slower would end after the holder
