@@ -55,7 +55,7 @@ POLL_WAITING_SEC = 2.0
 #: cut the piece (one file read), once the queue had no piece left to claim; and how often it
 #: looks whether that is so (one listing) while there was
 SPLIT_POLL_SEC = 0.25
-PENDING_CHECK_SEC = 1.0
+PENDING_CHECK_SEC = 0.5
 RATE_SAMPLES = 21  # (5 s of SPLIT_POLL_SEC)
 #: how often a worker that asked for a piece to be cut looks for it (and, if none came, asks
 #: another holder)
@@ -408,7 +408,7 @@ class UnitSource:
         every :data:`SPLIT_POLL_SEC`) once the queue had nothing left to claim (a listing every
         :data:`PENDING_CHECK_SEC` until it had), and cut it at once (no document is handed out
         meanwhile)."""
-        pending_checked = time.monotonic()
+        pending_checked, pending_every = time.monotonic(), PENDING_CHECK_SEC
         while True:
             await asyncio.sleep(SPLIT_POLL_SEC)
             unit = self._unit
@@ -420,10 +420,13 @@ class UnitSource:
                 continue
             try:
                 if not self._tail and self.queue.free_left:
-                    if time.monotonic() - pending_checked < PENDING_CHECK_SEC:
+                    if time.monotonic() - pending_checked < pending_every:
                         continue
                     pending_checked = time.monotonic()
                     self.queue.free_left = await self.queue.in_thread(self.queue.free_pieces)
+                    # a listing of a large queue (or an object store's) is looked at less often:
+                    # at most 1% of the time
+                    pending_every = max(PENDING_CHECK_SEC, 100 * (time.monotonic() - pending_checked))
                     if self.queue.free_left:
                         continue
                 # from now on, the pieces free are those cut off for workers that asked: no more listings
