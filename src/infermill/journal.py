@@ -695,22 +695,29 @@ class QueueJournal(ChunkLogs):
         self.fail(index // self.records_per_chunk, f"record {index % self.records_per_chunk} failed: {error}")
         return True
 
-    def cut(self, lease: Lease) -> bool:
-        """Go on with ``lease``, the piece this worker holds cut short (:meth:`WorkQueue.split`
-        returned it): renew it instead, and commit the piece once its documents before the cut
-        are finished. Returns whether they all are already (then :meth:`finish_chunk` it)."""
+    async def cut(self, lease: Lease, at: int) -> tuple[Lease, bool]:
+        """Cut ``lease``'s piece at document ``at`` (:meth:`WorkQueue.split`, in a thread) and go
+        on with the lease it returns: renew it instead, and commit the piece once its documents
+        before the cut are finished. Returns that lease, and whether they all are already (then
+        :meth:`finish_chunk` it). Raises as the split does (``LeaseLostError``: lost)."""
         unit = lease.unit
         renewer = self._renewers.pop(unit, None)
-        if renewer is not None:
-            renewer.stop(wait=False)  # (a renewal under way finds its lease superseded: not reported)
-        self._leases[unit] = lease
-        self._set_extent(lease)
-        self._start_renewing(lease)
+        if renewer is not None:  # first: its renewal once the next generation exists would find it lost
+            renewer.stop(wait=False)  # (a renewal under way reports nothing once stopped)
+        try:
+            cut = await self._off_loop(self.queue.split, lease, at)
+        except BaseException:
+            if self._leases.get(unit) is lease and unit not in self._renewers:
+                self._start_renewing(lease)  # not cut: renewed again (lost: its renewer says so)
+            raise
+        self._leases[unit] = cut
+        self._set_extent(cut)
+        self._start_renewing(cut)
         chunk = self._chunks.get(unit)
         if chunk is None:
-            return False
+            return cut, False
         chunk.size = self._chunk_size(unit)
-        return chunk.finished >= chunk.size
+        return cut, chunk.finished >= chunk.size
 
     def lose(self, lease: Lease, error: LeaseLostError) -> None:
         """Stop working on ``lease``'s piece: it was found lost (a cut refused)."""

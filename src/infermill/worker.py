@@ -463,7 +463,7 @@ class UnitSource:
             return
         at = first + left - give
         try:
-            cut = await self.queue.in_thread(self.queue.split, lease, at)
+            _, finished = await self.journal.cut(lease, at)
         except LeaseLostError as e:  # another worker holds it: stop working on it now
             self.journal.lose(lease, e)
             return
@@ -473,7 +473,7 @@ class UnitSource:
         self._end = at
         self.splits += 1
         logger.info("unit %s cut at document %d for another worker (%d left here)", lease.name, at, at - self._next)
-        if self.journal.cut(cut):
+        if finished:
             await self.journal.finish_chunk(unit)
 
 
