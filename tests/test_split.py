@@ -214,3 +214,36 @@ def test_a_holder_gives_what_ends_its_piece_soonest_in_whole_rounds():
     assert share_to_give(20, 20, 4, 4, 8.0, 2.0) == 4  # a slow asker gets one round
     assert share_to_give(4, 4, 0, 4, 8.0, 8.0) is None  # one round left: giving would not end it sooner
     assert share_to_give(12, 12, 0, 4, 8.0, 1.0) is None  # an asker 8x slower would end after the holder
+
+
+def test_a_stale_holders_cut_is_refused_after_the_takers_own_cut_freed_its_generations_name(tmp_path):
+    """A taker's cut gives its generation back (released, then its lease deleted), so the stale
+    holder can create that lease's name again: its cut must still be refused, or two pieces
+    would cover the same documents."""
+    holder, taker, third = (
+        make_queue(tmp_path, "holder", 1),
+        make_queue(tmp_path, "taker"),
+        make_queue(tmp_path, "third"),
+    )
+    lease = holder.claim()
+    age(lease)
+    taken = taker.claim()
+    assert taken is not None and taken.generation == 2
+    taker.split(taken, 50)  # generation 3 (0 to 50) and 0@50; generation 2 given back
+    with pytest.raises(LeaseLostError):
+        holder.split(lease, 70)
+    assert not (tmp_path / "units" / "000000-000070.piece").exists()
+    assert not (tmp_path / "units" / "000000.00002.lease").exists()  # the stale holder's lease created is deleted
+    pieces = [third.claim(), third.claim()]
+    assert sorted((p.start, p.end) for p in pieces if p is not None) == [(50, 100)]
+
+
+def test_a_stale_holders_cut_is_refused_when_its_successor_released_its_generation(tmp_path):
+    holder, taker = make_queue(tmp_path, "holder", 1), make_queue(tmp_path, "taker")
+    lease = holder.claim()
+    age(lease)
+    taken = taker.claim()
+    taker.release(taken)  # generation 2 released: its lease's name is free again
+    with pytest.raises(LeaseLostError):
+        holder.split(lease, 70)
+    assert not (tmp_path / "units" / "000000-000070.piece").exists()

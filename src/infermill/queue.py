@@ -729,10 +729,20 @@ class WorkQueue:
         if not self._create_exclusive(path, self._record(generation=generation, end=at, cut_from=end)):
             raise LeaseLostError(f"unit {lease.name} was taken over by another worker (generation {generation})")
         cut = Lease(lease.unit, generation, path, lease.start, at, end)
+        if self._won_after_all(cut):  # the name was free again: its winner gave it back or cut its piece
+            self.storage.delete(path)
+            raise LeaseLostError(f"unit {lease.name} was taken over by another worker (generation {generation})")
         self._mark_piece(lease.unit, at, end, cut=True)
         self._give_back(lease)  # the generation cut from: no attempt (its holder goes on under the next)
         self.storage.delete(self._help_path(lease.unit, lease.start))
         return cut
+
+    def _won_after_all(self, lease: Lease) -> bool:
+        """Whether generation ``lease`` (just created by this worker) was already won by another:
+        a generation given back (released) or followed by a later one frees its lease's name, so
+        creating it proves nothing; nor does it once another command started the job over."""
+        released = self.units_dir / _generation_name(lease.unit, lease.generation, "released", lease.start)
+        return self.storage.exists(released) or self._superseded(lease) or self._plan_replaced()
 
     def ask_help(self, rate: float | None = None, exclude: Collection[int] = ()) -> list[PieceKey]:
         """Ask the holders of the pieces in progress to cut them (a worker with nothing left to
