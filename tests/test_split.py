@@ -5,7 +5,9 @@ jobs in test_workers.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 
 import orjson
 import pytest
@@ -247,3 +249,56 @@ def test_a_stale_holders_cut_is_refused_when_its_successor_released_its_generati
     with pytest.raises(LeaseLostError):
         holder.split(lease, 70)
     assert not (tmp_path / "units" / "000000-000070.piece").exists()
+
+
+class _SplitWaits(WorkQueue):
+    """A queue whose cuts wait for ``go`` (set ``cutting`` first), and whose failed marks, with
+    ``fail_after_cut``, wait for the cut to be made: what happens on the worker's loop while a
+    cut's storage calls are under way."""
+
+    def __init__(self, *args, fail_after_cut: bool = False, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.cutting, self.go, self.cut = threading.Event(), threading.Event(), threading.Event()
+        self.fail_after_cut = fail_after_cut
+
+    def split(self, lease: Lease, at: int) -> Lease:
+        self.cutting.set()
+        self.go.wait(10)
+        try:
+            return super().split(lease, at)
+        finally:
+            self.cut.set()
+
+    def fail(self, lease: Lease, cause: str) -> None:
+        if self.fail_after_cut:
+            self.cut.wait(10)
+        super().fail(lease, cause)
+
+
+@pytest.mark.parametrize("fail_after_cut", [False, True], ids=["failed-mark-first", "cut-first"])
+async def test_a_unit_failed_while_its_holder_cuts_it_is_marked_failed_not_held_forever(tmp_path, fail_after_cut):
+    """A document failing for good while the holder's cut is in a storage thread: the cut's
+    lease must not be renewed on (nobody could take the unit over, and the job would never
+    end): the unit is marked failed with the cause, and no lease of it is left live."""
+    from infermill.io.units import UnitPlan, WorkUnit
+    from infermill.journal import QueueJournal
+
+    plan = UnitPlan(10, None, (), (WorkUnit(0, (), 10),))
+    queue = _SplitWaits(tmp_path / "queue", "holder", lease_timeout_sec=60, fail_after_cut=fail_after_cut)
+    queue.publish_plan(plan.to_json())
+    journal = QueueJournal(queue, plan, JsonlWriter(str(tmp_path / "out")))
+    lease = queue.claim()
+    await journal.hold(lease)
+    cutting = asyncio.create_task(journal.cut(lease, 5))
+    await asyncio.to_thread(queue.cutting.wait, 10)
+    journal.fail(0, "record 3 failed: boom")
+    await asyncio.sleep(0.3)  # (failed-mark-first: it is written meanwhile)
+    queue.go.set()
+    with pytest.raises(LeaseLostError):
+        await cutting
+    await journal.close()
+    assert journal.held() == []
+    failed = orjson.loads((tmp_path / "queue" / "units" / "000000.failed").read_bytes())
+    assert "boom" in failed["cause"]
+    status = queue.status()
+    assert [(h.unit, h.start) for h in status.in_progress] == []  # no live lease left on the unit

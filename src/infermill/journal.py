@@ -462,6 +462,8 @@ class QueueJournal(ChunkLogs):
         # empty for a job that never cuts a unit (no cost per document)
         self._pieces: dict[int, range] = {}
         self._renewers: dict[int, LeaseRenewer] = {}
+        # units being cut (in a storage thread), and the cause of a failure met meanwhile
+        self._cutting: dict[int, str | None] = {}
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
         # units being committed, by the lease they are committed under (a unit lost meanwhile and
         # held again is another lease: its records go on)
@@ -676,6 +678,8 @@ class QueueJournal(ChunkLogs):
         if unit in self.dropped or unit not in self._leases or self._committing(unit):
             return
         self.dropped.add(unit)
+        if unit in self._cutting:  # the cut's lease is marked failed once made (see cut)
+            self._cutting[unit] = cause
         lease = self._leases[unit]
         self._let_go(unit)
         task = asyncio.get_running_loop().create_task(self._mark_failed(lease, cause))
@@ -704,12 +708,20 @@ class QueueJournal(ChunkLogs):
         renewer = self._renewers.pop(unit, None)
         if renewer is not None:  # first: its renewal once the next generation exists would find it lost
             renewer.stop(wait=False)  # (a renewal under way reports nothing once stopped)
+        self._cutting[unit] = None
         try:
             cut = await self._off_loop(self.queue.split, lease, at)
         except BaseException:
             if self._leases.get(unit) is lease and unit not in self._renewers:
                 self._start_renewing(lease)  # not cut: renewed again (lost: its renewer says so)
             raise
+        finally:
+            cause = self._cutting.pop(unit)
+        if self._leases.get(unit) is not lease or unit in self.dropped:
+            # failed (or let go) while cut: the failed mark of the generation cut from may have
+            # been refused, and the cut's lease, renewed by nobody, must not hold the unit
+            await self._off_loop(_give_up_cut, self.queue, cut, cause)
+            raise LeaseLostError(f"unit {lease.name} was {'marked failed' if cause else 'let go'} while it was cut")
         self._leases[unit] = cut
         self._set_extent(cut)
         self._start_renewing(cut)
@@ -802,6 +814,17 @@ class _Committed:
     written: int
     queue_seconds: float
     lost: LeaseLostError | None = None
+
+
+def _give_up_cut(queue: WorkQueue, cut: Lease, cause: str | None) -> None:
+    """Mark ``cut``'s piece failed with ``cause`` (unless marked already), else give it back."""
+    if cause is not None:
+        try:
+            queue.fail(cut, cause)
+            return
+        except LeaseLostError:
+            pass  # marked failed already (under the generation cut from), or taken over
+    queue.release(cut)
 
 
 def _take_over_journals(queue: WorkQueue, lease: Lease, into: Path) -> LoadedLog | None:

@@ -731,7 +731,9 @@ class WorkQueue:
         cut = Lease(lease.unit, generation, path, lease.start, at, end)
         if self._won_after_all(cut):  # the name was free again: its winner gave it back or cut its piece
             self.storage.delete(path)
-            raise LeaseLostError(f"unit {lease.name} was taken over by another worker (generation {generation})")
+            raise LeaseLostError(
+                f"unit {lease.name} was taken over by another worker or marked failed (generation {generation})"
+            )
         self._mark_piece(lease.unit, at, end, cut=True)
         self._give_back(lease)  # the generation cut from: no attempt (its holder goes on under the next)
         self.storage.delete(self._help_path(lease.unit, lease.start))
@@ -740,9 +742,12 @@ class WorkQueue:
     def _won_after_all(self, lease: Lease) -> bool:
         """Whether generation ``lease`` (just created by this worker) was already won by another:
         a generation given back (released) or followed by a later one frees its lease's name, so
-        creating it proves nothing; nor does it once another command started the job over."""
+        creating it proves nothing; nor does it once another command started the job over. A
+        piece marked failed (by its holder, while it cut) is not held either."""
         released = self.units_dir / _generation_name(lease.unit, lease.generation, "released", lease.start)
-        return self.storage.exists(released) or self._superseded(lease) or self._plan_replaced()
+        if self.storage.exists(released) or self._superseded(lease) or self._plan_replaced():
+            return True
+        return self.storage.exists(self._failed_path(lease.unit, lease.start))  # (failed: not to be held)
 
     def ask_help(self, rate: float | None = None, exclude: Collection[int] = ()) -> list[PieceKey]:
         """Ask the holders of the pieces in progress to cut them (a worker with nothing left to
