@@ -15,6 +15,7 @@ import pytest
 from infermill.errors import LeaseLostError
 from infermill.io.writers import JsonlWriter
 from infermill.queue import Lease, WorkQueue, output_chunk
+from infermill.queue_storage import PosixQueueStorage
 from infermill.stream import discard_queue
 
 TIMEOUT = 1.0
@@ -302,3 +303,47 @@ async def test_a_unit_failed_while_its_holder_cuts_it_is_marked_failed_not_held_
     assert "boom" in failed["cause"]
     status = queue.status()
     assert [(h.unit, h.start) for h in status.in_progress] == []  # no live lease left on the unit
+
+
+class _OneTimeout(PosixQueueStorage):
+    """Creating the first file whose name ends with ``suffix`` raises ``TimeoutError`` once,
+    after creating it (``after``: an S3 PUT whose answer was lost) or without."""
+
+    def __init__(self, suffix: str, after: bool):
+        super().__init__(30.0)
+        self.suffix, self.after, self.raised = suffix, after, False
+
+    def create_if_absent(self, path, data):  # type: ignore[no-untyped-def]
+        if self.raised or not path.name.endswith(self.suffix):
+            return super().create_if_absent(path, data)
+        self.raised = True
+        if self.after:
+            super().create_if_absent(path, data)
+        raise TimeoutError(f"{path}: injected")
+
+
+@pytest.mark.parametrize(
+    ("suffix", "after"), [(".piece", False), ("000000.00002.lease", True)], ids=["piece-mark", "cut-lease-answer"]
+)
+async def test_a_storage_error_after_the_cuts_lease_was_created_still_cuts(tmp_path, suffix, after):
+    """Once the cut's lease exists, the cut is made: a storage error in its later steps (or the
+    answer to its lease's creation lost) must not leave the holder on the generation cut from,
+    handing out documents past the cut (its next renewal would find it lost)."""
+    from infermill.io.units import UnitPlan, WorkUnit
+    from infermill.journal import QueueJournal
+
+    plan = UnitPlan(10, None, (), (WorkUnit(0, (), 10),))
+    queue = WorkQueue(tmp_path / "queue", "holder", lease_timeout_sec=60, storage=_OneTimeout(suffix, after))
+    queue.publish_plan(plan.to_json())
+    journal = QueueJournal(queue, plan, JsonlWriter(str(tmp_path / "out")))
+    lease = queue.claim()
+    await journal.hold(lease)
+    cut, finished = await journal.cut(lease, 5)
+    assert queue.storage.raised
+    assert (cut.generation, cut.start, cut.end, finished) == (2, 0, 5, False)
+    assert journal.lease(0) is cut
+    queue.renew(cut)
+    assert orjson.loads((tmp_path / "queue" / "units" / "000000-000005.piece").read_bytes())["end"] == 10
+    piece = WorkQueue(tmp_path / "queue", "helper", lease_timeout_sec=60).claim()
+    assert piece is not None and (piece.start, piece.end) == (5, 10)
+    await journal.close()

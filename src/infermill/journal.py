@@ -710,9 +710,10 @@ class QueueJournal(ChunkLogs):
             renewer.stop(wait=False)  # (a renewal under way reports nothing once stopped)
         self._cutting[unit] = None
         try:
-            cut = await self._off_loop(self.queue.split, lease, at)
-        except BaseException:
-            if self._leases.get(unit) is lease and unit not in self._renewers:
+            # not bounded as a whole: each of its storage calls is
+            cut = await self._off_loop(_split, self.queue, lease, at, bounded=False)
+        except BaseException as e:
+            if not isinstance(e, LeaseLostError) and self._leases.get(unit) is lease and unit not in self._renewers:
                 self._start_renewing(lease)  # not cut: renewed again (lost: its renewer says so)
             raise
         finally:
@@ -814,6 +815,28 @@ class _Committed:
     written: int
     queue_seconds: float
     lost: LeaseLostError | None = None
+
+
+def _split(queue: WorkQueue, lease: Lease, at: int) -> Lease:
+    """``queue.split``; after a storage error, whether the cut was made after all (its lease
+    created, its answer lost; or a later step failed): then the cut is finished and held, so
+    that no document past it is handed out. ``OSError``: not cut; ``LeaseLostError``: lost,
+    or the storage did not say (the piece's next holder finishes the cut)."""
+    try:
+        return queue.split(lease, at)
+    except OSError as first:
+        error: OSError = first
+    for _ in range(3):
+        time.sleep(min(1.0, queue.lease_timeout_sec / 10))  # (the cut lease is not renewed meanwhile)
+        try:
+            cut = queue.resume_cut(lease, at)
+        except OSError as again:
+            error = again
+            continue
+        if cut is None:
+            raise error
+        return cut
+    raise LeaseLostError(f"unit {lease.name}: the storage did not say whether its cut at {at} was made ({error})")
 
 
 def _give_up_cut(queue: WorkQueue, cut: Lease, cause: str | None) -> None:

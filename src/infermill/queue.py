@@ -716,25 +716,44 @@ class WorkQueue:
         before ``at`` under the returned lease (the next generation, which this holder creates
         for itself: a holder that lost its lease cannot, ``LeaseLostError``), and the piece
         ``unit@at`` (to the old end) is marked, for any worker to claim. The caller hands out
-        no document of its piece from ``at`` on, and renews and commits the new lease."""
-        end = lease.end if lease.end is not None else self._planned_documents(lease.unit)
-        if end is None or not lease.start < at < end:
-            raise ValueError(f"piece {lease.name} (to {end}) cannot be cut at {at}")
+        no document of its piece from ``at`` on, and renews and commits the new lease. On an
+        ``OSError`` the cut may be made or not: :meth:`resume_cut` tells (and finishes it)."""
+        cut = self._cut_lease(lease, at)
         try:
             self.check_plan()
         except PlanReplacedError as e:
             raise LeaseLostError(f"unit {lease.name}: {e}") from None
+        record = self._record(generation=cut.generation, end=at, cut_from=cut.cut_from)
+        if not self._create_exclusive(cut.path, record):
+            raise LeaseLostError(f"unit {lease.name} was taken over by another worker (generation {cut.generation})")
+        return self._finish_cut(lease, cut)
+
+    def resume_cut(self, lease: Lease, at: int) -> Lease | None:
+        """After :meth:`split` raised an ``OSError``: the cut's lease if this worker created it
+        (finishing the cut's later steps again), None if the cut was not made."""
+        cut = self._cut_lease(lease, at)
+        found = self._read_json(cut.path) or {}
+        if found.get("worker") != self.worker_id or found.get("end") != at:
+            return None
+        return self._finish_cut(lease, cut)
+
+    def _cut_lease(self, lease: Lease, at: int) -> Lease:
+        end = lease.end if lease.end is not None else self._planned_documents(lease.unit)
+        if end is None or not lease.start < at < end:
+            raise ValueError(f"piece {lease.name} (to {end}) cannot be cut at {at}")
         generation = lease.generation + 1
         path = self.units_dir / _generation_name(lease.unit, generation, "lease", lease.start)
-        if not self._create_exclusive(path, self._record(generation=generation, end=at, cut_from=end)):
-            raise LeaseLostError(f"unit {lease.name} was taken over by another worker (generation {generation})")
-        cut = Lease(lease.unit, generation, path, lease.start, at, end)
+        return Lease(lease.unit, generation, path, lease.start, at, end)
+
+    def _finish_cut(self, lease: Lease, cut: Lease) -> Lease:
+        """The cut's steps after its lease is created (each may be done again)."""
         if self._won_after_all(cut):  # the name was free again: its winner gave it back or cut its piece
-            self.storage.delete(path)
+            self.storage.delete(cut.path)
             raise LeaseLostError(
-                f"unit {lease.name} was taken over by another worker or marked failed (generation {generation})"
+                f"unit {lease.name} was taken over by another worker or marked failed (generation {cut.generation})"
             )
-        self._mark_piece(lease.unit, at, end, cut=True)
+        assert cut.end is not None and cut.cut_from is not None
+        self._mark_piece(lease.unit, cut.end, cut.cut_from, cut=True)
         self._give_back(lease)  # the generation cut from: no attempt (its holder goes on under the next)
         self.storage.delete(self._help_path(lease.unit, lease.start))
         return cut
