@@ -347,3 +347,22 @@ async def test_a_storage_error_after_the_cuts_lease_was_created_still_cuts(tmp_p
     piece = WorkQueue(tmp_path / "queue", "helper", lease_timeout_sec=60).claim()
     assert piece is not None and (piece.start, piece.end) == (5, 10)
     await journal.close()
+
+
+def test_a_job_whose_only_commits_are_pieces_is_not_started_over_with_other_settings(tmp_path):
+    """A rerun with changed settings starts a job over only if nothing of it is committed: a
+    piece committed is (its documents are in the output), though no unit is whole."""
+    from infermill.layout import JobLayout
+    from infermill.worker import _busy
+
+    layout = JobLayout.for_output(str(tmp_path / "out"))
+    holder = WorkQueue.for_layout(layout, "holder", lease_timeout_sec=TIMEOUT)
+    holder.publish_plan({"units": [{"documents": 100}]})
+    helper = WorkQueue.for_layout(layout, "helper", lease_timeout_sec=TIMEOUT)
+    cut = holder.split(holder.claim(), 50)
+    assert commit(helper, JsonlWriter(str(tmp_path / "out")), helper.claim())
+    holder.release(cut)  # its holder stopped: no worker on the job
+    status = holder.status()
+    assert (status.units_done, status.documents_done) == (0, 50)
+    busy = _busy(holder, layout, holder.plan() or {})
+    assert "1 piece" in busy and "50 documents" in busy, busy

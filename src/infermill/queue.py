@@ -1159,6 +1159,10 @@ class WorkQueue:
             return []  # another command took it over first
         return [*claims, claim]
 
+    def pieces_done(self) -> int:
+        """How many pieces (whole units and pieces cut from them) are committed (one listing)."""
+        return len(self._done_units())
+
     def _done_units(self) -> list[PieceKey]:
         planned = self._units_total()
         return sorted(key for key, state in self._list().items() if state.done and key[0] < planned)

@@ -187,6 +187,12 @@ def _busy(queue: WorkQueue, layout: JobLayout, stored: dict[str, Any]) -> str:
     status = queue.status()
     if status.units_done:
         return f"{status.units_done} of its {status.units_total} units are committed with the settings before."
+    pieces = queue.pieces_done()
+    if pieces:  # no unit whole, but pieces cut from them are (their documents are in the output)
+        return (
+            f"{pieces} piece(s) of its units ({status.documents_done} documents) are committed with the settings "
+            "before."
+        )
     wait = f"if that command is stopped, run this one again in {queue.lease_timeout_sec:g} s at most"
     for holder in status.in_progress:
         if holder.process_gone:
