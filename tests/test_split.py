@@ -366,3 +366,70 @@ def test_a_job_whose_only_commits_are_pieces_is_not_started_over_with_other_sett
     assert (status.units_done, status.documents_done) == (0, 50)
     busy = _busy(holder, layout, holder.plan() or {})
     assert "1 piece" in busy and "50 documents" in busy, busy
+
+
+class _Counting(PosixQueueStorage):
+    """Counts the directory listings and file reads made while ``counting``."""
+
+    def __init__(self) -> None:
+        super().__init__(30.0)
+        self.counting = False
+        self.lists = self.reads = 0
+
+    def list(self, folder):  # type: ignore[no-untyped-def]
+        self.lists += self.counting
+        return super().list(folder)
+
+    def read(self, path, size=-1, offset=0):  # type: ignore[no-untyped-def]
+        self.reads += self.counting
+        return super().read(path, size, offset)
+
+
+def _source(tmp_path, units: int, held_by_others: int):  # type: ignore[no-untyped-def]
+    from infermill.io.readers import DocumentReader
+    from infermill.io.units import plan_units
+    from infermill.journal import QueueJournal
+    from infermill.metrics import RunStats
+    from infermill.worker import UnitSource
+
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": "d{i}", "text": "t"}}\n' for i in range(100 * units)))
+    reader = DocumentReader(str(tmp_path / "in.jsonl"))
+    plan = plan_units(reader, 100)
+    storage = _Counting()
+    queue = WorkQueue(tmp_path / "queue", "measured", lease_timeout_sec=60, storage=storage)
+    queue.publish_plan(plan.to_json())
+    for i in range(held_by_others):
+        assert WorkQueue(tmp_path / "queue", f"other-{i}", lease_timeout_sec=60).claim() is not None
+    journal = QueueJournal(queue, plan, JsonlWriter(str(tmp_path / "out")))
+    return UnitSource(queue, journal, reader, plan, RunStats(), split_min=8), storage
+
+
+async def test_a_holder_does_not_list_the_queue_while_units_are_free_and_reads_help_once_a_worker_is_idle(tmp_path):
+    source, storage = _source(tmp_path, units=20, held_by_others=0)
+    await source()  # it holds unit 0 and hands out its documents; 19 units free
+    storage.counting = True
+    await asyncio.sleep(1.5)
+    assert (storage.lists, storage.reads) == (0, 0)  # (one file's existence a second: is a worker idle?)
+    WorkQueue(tmp_path / "queue", "idle", lease_timeout_sec=60).mark_tail()
+    await asyncio.sleep(1.5)
+    assert storage.lists == 0 and storage.reads >= 1  # its help mark
+    source.close()
+    await source.journal.close()
+
+
+async def test_an_idle_worker_polls_slowly_when_nothing_it_asked_for_can_come(tmp_path):
+    """Holders that leave their help marks (a cut would not end their pieces sooner) are not
+    asked again: the worker with nothing to claim then looks every POLL_WAITING_SEC, not 10x."""
+    from infermill.worker import ASKED_WINDOW_SEC, POLL_WAITING_SEC
+
+    source, storage = _source(tmp_path, units=5, held_by_others=5)
+    looking = asyncio.get_running_loop().create_task(source())
+    await asyncio.sleep(ASKED_WINDOW_SEC + 0.5)  # it asked the 5 holders, and looked for a moment
+    assert len(list((tmp_path / "queue" / "units").glob("*.help"))) == 5
+    storage.counting = True
+    await asyncio.sleep(2 * POLL_WAITING_SEC)
+    looking.cancel()
+    assert 1 <= storage.lists <= 3  # one per claim (drained and asks use its listing)
+    assert (tmp_path / "queue" / "units" / "tail").exists()
+    source.close()
+    await source.journal.close()

@@ -22,6 +22,7 @@ directory listing tells every unit's state (paths: ``JobLayout.queue``)::
         000007.00003.lease       the holder cut its unit: {"end": 3000, "cut_from": 6000, ...}
         000007-003000.piece      the piece cut off, documents 3000 to 6000 of unit 7: {"end": 6000, "cut_by"}
         000007-003000.00001.lease  ...and every other kind above, per piece (000007 is piece 7@0)
+        tail                     a worker found nothing to claim: holders look for help marks
         .tmp-*                   being written (ignored; a killed writer may leave one)
       journals/
         000007.00002.journal     the journal of unit 7's generation-2 holder (journal_path)
@@ -177,6 +178,7 @@ DEFAULT_LEASE_TIMEOUT_SEC = 120.0
 DEFAULT_MAX_UNIT_ATTEMPTS = 3
 #: a piece cut off is left this long to the worker that asked for it before its holder may take it
 CUT_KEPT_SEC = 1.0
+TAIL_FILE = "tail"  # in units/ (see mark_tail)
 #: a lease dated further in the future than this is logged: nearer, it may be a renewal made
 #: between this worker's reading of the storage's clock and of the lease (or mtime granularity)
 FUTURE_LEASE_WARNING_SEC = 2.0
@@ -427,6 +429,7 @@ class WorkQueue:
         self.seconds = 0.0
         self.retried: list[int] = []  # the failed units that reset_failed() made claimable again
         self.free_left = 0  # the pieces the last claim found free and left to others
+        self.last_listing: dict[PieceKey, _Unit] = {}  # the last claim's (see drained, ask_help)
         self.storage.make_folder(self.units_dir)
         self.storage.make_folder(self.journals_dir)
 
@@ -530,7 +533,7 @@ class WorkQueue:
         pieces the listing found free."""
         self.check_plan()
         total = self._units_total()
-        units = self._list()
+        units = self.last_listing = self._list()
         free: list[PieceKey] = []
         leased: list[PieceKey] = []
         for key in self._pieces(units, total):
@@ -621,10 +624,11 @@ class WorkQueue:
         holder = self._read_json(lease_path) or {}
         return holder.get("host") == self.host and holder.get("pid") != self.pid and process_gone(holder.get("pid"))
 
-    def drained(self) -> bool:
-        """Whether every piece is done or failed: nothing is left to claim, now or later."""
+    def drained(self, listing: dict[PieceKey, _Unit] | None = None) -> bool:
+        """Whether every piece is done or failed: nothing is left to claim, now or later
+        (``listing``: the one :meth:`claim` just made, ``last_listing``, else one more)."""
         total = self._units_total()
-        units = self._list()
+        units = self._list() if listing is None else listing
         return all(
             (state := units.get(key)) is not None and (state.done or state.failed) for key in self._pieces(units, total)
         )
@@ -768,19 +772,38 @@ class WorkQueue:
             return True
         return self.storage.exists(self._failed_path(lease.unit, lease.start))  # (failed: not to be held)
 
-    def ask_help(self, rate: float | None = None, exclude: Collection[int] = ()) -> list[PieceKey]:
+    def ask_help(
+        self,
+        rate: float | None = None,
+        exclude: Collection[int] = (),
+        listing: dict[PieceKey, _Unit] | None = None,
+    ) -> list[PieceKey]:
         """Ask the holders of the pieces in progress to cut them (a worker with nothing left to
         claim): mark each whose holder was not asked yet (``U-S.help``, stating this worker's
-        documents per second ``rate``; one listing, a file created per piece). Each holder
-        judges whether cutting ends its piece sooner (a slow holder's does, a nearly finished
-        one's does not). Returns the pieces asked."""
+        documents per second ``rate``; a file created per piece, from ``listing`` or one more).
+        Each holder judges whether cutting ends its piece sooner (a slow holder's does, a nearly
+        finished one's does not, and leaves its mark: it is not asked again). Returns the pieces
+        asked."""
         asked = []
-        for key, state in sorted(self._list().items()):
+        for key, state in sorted((self._list() if listing is None else listing).items()):
             if key[0] in exclude or state.done or state.failed or state.help or not state.leased or state.given_up:
                 continue
             if self._create_exclusive(self._help_path(*key), self._record(rate=rate)):
                 asked.append(key)
         return asked
+
+    def mark_tail(self) -> None:
+        """Say that a worker found nothing to claim (``units/tail``, created once): holders then
+        look for help marks (:meth:`in_tail`, one file's existence: no listing)."""
+        self._create_exclusive(self.units_dir / TAIL_FILE, self._record())
+
+    def in_tail(self) -> bool:
+        """Whether a worker found nothing to claim (:meth:`mark_tail`) since this command started."""
+        return self.storage.exists(self.units_dir / TAIL_FILE)
+
+    def clear_tail(self) -> None:
+        """Forget the tail (a command starts: units may be claimable again)."""
+        self.storage.delete(self.units_dir / TAIL_FILE)
 
     def help_asked(self, lease: Lease) -> dict[str, Any] | None:
         """What the worker that asked to cut ``lease``'s piece said (its ``rate``), or None when

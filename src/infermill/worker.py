@@ -52,14 +52,15 @@ logger = logging.getLogger("infermill.worker")
 POLL_HOLDING_SEC = 0.2
 POLL_WAITING_SEC = 2.0
 #: how often a worker handing out a piece's documents looks whether another worker asked it to
-#: cut the piece (one file read), once the queue had no piece left to claim; and how often it
-#: looks whether that is so (one listing) while there was
+#: cut the piece (one file read), once a worker found nothing to claim; and how often it looks
+#: whether one did (one file's existence, ``WorkQueue.in_tail``) before
 SPLIT_POLL_SEC = 0.25
-PENDING_CHECK_SEC = 0.5
+TAIL_CHECK_SEC = 1.0
 RATE_SAMPLES = 21  # (5 s of SPLIT_POLL_SEC)
-#: how often a worker that asked for a piece to be cut looks for it (and, if none came, asks
-#: another holder)
+#: how often a worker that asked for pieces to be cut looks for one, for ASKED_WINDOW_SEC after
+#: it asked (its holders look every SPLIT_POLL_SEC); then every POLL_WAITING_SEC
 POLL_ASKED_SEC = 0.2
+ASKED_WINDOW_SEC = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,7 @@ def open_queue(
         if reset:
             logger.info("retrying %d unit(s) that failed in an earlier run: %s", len(reset), _named(reset))
         queue.reset_attempts()
+        queue.clear_tail()  # (units may be claimable again: holders look for help marks once one is idle)
     return queue, UnitPlan.from_json(stored)
 
 
@@ -304,6 +306,7 @@ class UnitSource:
         # (time.monotonic(), documents processed) every SPLIT_POLL_SEC while documents were handed
         # out, over the last RATE_SAMPLES: this worker's recent rate when busy
         self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_SAMPLES)
+        self._asked_until = 0.0  # time.monotonic() until which this worker looks for the pieces it asked for
         self.splits = 0  # pieces this worker cut off its own
 
     async def __call__(self) -> Any:
@@ -336,7 +339,7 @@ class UnitSource:
     def _poll_sec(self) -> float:
         if self.journal.held():
             return POLL_HOLDING_SEC
-        return POLL_ASKED_SEC if self.split_min is not None else POLL_WAITING_SEC
+        return POLL_ASKED_SEC if time.monotonic() < self._asked_until else POLL_WAITING_SEC
 
     async def _check_budget(self, force: bool) -> None:
         """End the source if the job passed its budget: checked before each unit is claimed
@@ -375,9 +378,10 @@ class UnitSource:
         self._claims_failing_since = None
         self._waiting = lease is None
         if lease is None:
-            self._ended = not self.journal.held() and await self.queue.in_thread(self.queue.drained)
+            listing = self.queue.last_listing  # (the claim's: no second listing)
+            self._ended = not self.journal.held() and await self.queue.in_thread(self.queue.drained, listing)
             if not self._ended and self.split_min is not None:
-                await self._ask_cut()
+                await self._ask_cut(listing)
             return self._ended
         if await self.journal.hold(lease):  # finished by an earlier holder: commit it
             self.stats.documents_resumed += self.journal.finished(lease.unit)
@@ -400,21 +404,24 @@ class UnitSource:
         (first, before), (last, now) = self._samples[0], self._samples[-1]
         return (now - before) / (last - first) if now > before else None
 
-    async def _ask_cut(self) -> None:
-        """Nothing left to claim: ask the holder of a piece in progress to cut it (once per
-        piece: the next claim takes the piece cut off, whichever worker asked)."""
+    async def _ask_cut(self, listing: dict[Any, Any]) -> None:
+        """Nothing left to claim: say so to holders (``WorkQueue.mark_tail``) and ask the
+        holders of the pieces in progress to cut them (once per piece: the next claim takes the
+        piece cut off, whichever worker asked); look for one often for a moment if any was asked."""
         held = self.journal.held()
         try:
-            await self.queue.in_thread(self.queue.ask_help, self.rate(), held)
+            await self.queue.in_thread(self.queue.mark_tail)
+            if await self.queue.in_thread(self.queue.ask_help, self.rate(), held, listing):
+                self._asked_until = time.monotonic() + ASKED_WINDOW_SEC
         except OSError as e:  # looked at again at the next claim
             logger.debug("could not ask for a piece to be cut: %s", e)
 
     async def _watch(self) -> None:
         """Look whether another worker asked to cut the piece being handed out (one file read
-        every :data:`SPLIT_POLL_SEC`) once the queue had nothing left to claim (a listing every
-        :data:`PENDING_CHECK_SEC` until it had), and cut it at once (no document is handed out
-        meanwhile)."""
-        pending_checked, pending_every = time.monotonic(), PENDING_CHECK_SEC
+        every :data:`SPLIT_POLL_SEC`) once a worker found nothing to claim (this one's last claim,
+        or the tail mark: one file's existence every :data:`TAIL_CHECK_SEC` until then), and cut
+        it at once (no document is handed out meanwhile)."""
+        tail_checked = time.monotonic()
         while True:
             await asyncio.sleep(SPLIT_POLL_SEC)
             unit = self._unit
@@ -425,17 +432,13 @@ class UnitSource:
             if lease is None or lease is self._declined or self._end - self._next < self.split_min:
                 continue
             try:
-                if not self._tail and self.queue.free_left:
-                    if time.monotonic() - pending_checked < pending_every:
+                if not self._tail and self.queue.free_left:  # (its own claim found others free)
+                    if time.monotonic() - tail_checked < TAIL_CHECK_SEC:
                         continue
-                    pending_checked = time.monotonic()
-                    self.queue.free_left = await self.queue.in_thread(self.queue.free_pieces)
-                    # a listing of a large queue (or an object store's) is looked at less often:
-                    # at most 1% of the time
-                    pending_every = max(PENDING_CHECK_SEC, 100 * (time.monotonic() - pending_checked))
-                    if self.queue.free_left:
+                    tail_checked = time.monotonic()
+                    if not await self.queue.in_thread(self.queue.in_tail):
                         continue
-                # from now on, the pieces free are those cut off for workers that asked: no more listings
+                # from now on, workers may ask: its help mark is read (no more tail checks)
                 self._tail = True
                 asked = await self.queue.in_thread(self.queue.help_asked, lease)
             except OSError as e:
