@@ -153,7 +153,11 @@ def redo_lost_outputs(queue: WorkQueue, writer: OutputWriter) -> list[int]:
     redone = set(queue.redo(lost, lambda chunk: writer.remove_chunk_file(0, chunk)))
     named = [entry for entry in lost if (entry.unit, entry.start) in redone]
     if named:
-        shown = "; ".join(f"unit {e.unit}: {writer.url(f'{writer.root}/{e.file}')} {e.problem}" for e in named[:10])
+        shown = "; ".join(
+            f"{'piece' if e.start else 'unit'} {e.unit}{f'@{e.start}' if e.start else ''}: "
+            f"{writer.url(f'{writer.root}/{e.file}')} {e.problem}"
+            for e in named[:10]
+        )
         more = f"; and {len(named) - 10} more" if len(named) > 10 else ""
         logger.warning(
             "%d done unit(s) lost their output and run again (%s%s). If the files were moved or deleted on purpose, "
@@ -465,9 +469,10 @@ class UnitSource:
         if not (own and isinstance(theirs, (int, float)) and theirs > 0):
             own = theirs = 1.0  # unknown: as fast as each other
         in_flight = max(0, self._next - lease.start - self.journal.finished(unit))
-        most = left if first > lease.start else left - 1  # (the piece kept holds a document at least)
-        give = share_to_give(most, left, in_flight, self.split_min, own, theirs)
-        if give is None:
+        # the piece kept holds split_min documents at least, those handed out counted
+        most = min(left, left + first - lease.start - self.split_min)
+        give = share_to_give(most, left, in_flight, self.split_min, own, theirs) if most > 0 else None
+        if give is None or give < min(self.split_min, left):  # (nor is a piece cut off smaller)
             self._declined = lease  # it would not end sooner: the mark stays, and no one asks this piece again
             return
         at = first + left - give
