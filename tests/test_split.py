@@ -433,3 +433,35 @@ async def test_an_idle_worker_polls_slowly_when_nothing_it_asked_for_can_come(tm
     assert (tmp_path / "queue" / "units" / "tail").exists()
     source.close()
     await source.journal.close()
+
+
+def test_a_stale_holders_whole_unit_output_written_over_a_cut_pieces_makes_that_piece_run_again(tmp_path):
+    """A holder frozen between its commit's check and its write, while its unit was taken over,
+    cut and committed: its file (every document of the unit) replaces that of the piece kept
+    (documents before the cut), so the documents cut off would be in two files. The piece is
+    made claimable again, and its next commit writes its own range."""
+    stale, taker, helper = (
+        make_queue(tmp_path, "stale", 1),
+        make_queue(tmp_path, "taker"),
+        make_queue(tmp_path, "helper"),
+    )
+    writer = JsonlWriter(str(tmp_path / "out"))
+    lease = stale.claim()
+
+    def meanwhile() -> dict:  # frozen past its lease after its check: the unit goes on elsewhere
+        age(lease)
+        taken = taker.claim()
+        cut = taker.split(taken, 50)
+        assert commit(taker, writer, cut) and commit(helper, writer, helper.claim())
+        chunk = output_chunk(0)
+        return writer.written(0, chunk, writer.write_chunk(({"id": f"0:{p}"} for p in range(100)), 0, chunk))
+
+    assert not stale.commit(lease, meanwhile, documents=100)
+    again = helper.claim()  # the piece kept by the cut runs again...
+    assert again is not None and (again.start, again.end) == (0, 50)
+    assert commit(helper, writer, again)
+    ids = [
+        orjson.loads(line)["id"] for f in sorted((tmp_path / "out").iterdir()) for line in f.read_bytes().splitlines()
+    ]
+    assert sorted(ids) == sorted(f"0:{p}" for p in range(100))  # ...and every document is in the output once
+    assert helper.check_outputs(writer, verify=True).lost == []

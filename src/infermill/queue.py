@@ -87,7 +87,11 @@ longer of the generation judged (another command redid it meanwhile). The check 
 the write are not one atomic step: a holder frozen right after its check may wake after a
 takeover and write too. Then it replaces the same output file with equivalent content (the
 same documents), so the output still holds each document once; ``U.done`` is created once,
-so the unit and its documents are counted once (the second commit returns False).
+so the unit and its documents are counted once (the second commit returns False). Unless the
+holder that committed had cut the piece (its done mark states a smaller end): the stale file
+then holds documents of the piece cut off too, and the stale holder makes the piece run again
+(:meth:`redo`), whose next commit writes its own range; until then the output holds those
+documents twice (``--verify`` tells).
 
 **The plan** (``plan.json``) starts with a random ``plan_id``. A command may start a job
 that has nothing committed over with other settings (:func:`infermill.worker.open_queue`
@@ -911,7 +915,27 @@ class WorkQueue:
         committed = self._create_exclusive(done, record)
         if not committed:
             logger.info("unit %s was committed by another holder as well; counted once", lease.name)
+            if output is not None:
+                self._redo_if_other_extent(lease, done, output)
         return committed
+
+    def _redo_if_other_extent(self, lease: Lease, done: Path, output: dict[str, Any]) -> None:
+        """A stale holder's commit found its piece committed by a holder that cut it: its file,
+        just written, replaced that holder's (another range of documents). Make the piece run
+        again, so that its next commit writes the range its done mark states."""
+        mark = self._read_json(done) or {}
+        theirs = mark.get("end") if ("end" in mark or "start" in mark) else None
+        ours = lease.end if lease.start or lease.cut_from is not None else None
+        if theirs == ours:
+            return  # the same documents: the same file
+        logger.warning(
+            "unit %s: this stale holder's output replaced that of its piece to %s committed by another; "
+            "the piece runs again",
+            lease.name,
+            theirs,
+        )
+        file = str(output.get("file", ""))
+        self.redo([LostOutput(lease.unit, file, "was replaced", mark.get("generation"), lease.start)])
 
     def fail(self, lease: Lease, cause: str) -> None:
         """Mark the unit failed with ``cause`` (its documents failed after their retries) and
