@@ -42,7 +42,9 @@ all begin work at once.
 * **last unit**: which worker committed the job's last unit (slow or fast), and how long it ran
   (from its claim, its lease's time, or from the start if it was claimed before, to its done
   mark);
-* per worker: units committed (from the done marks) and documents (its ``stats/WORKER.json``).
+* per worker: units committed (from the done marks: a piece cut off a unit counts as one) and
+  documents (its ``stats/WORKER.json``). Every run is checked: one request per document, every
+  unit's documents done once (the done marks' documents add up to the input's).
 
 Each scenario runs ``--runs`` times (new job each time); the table shows every run and the
 median. Every process a run starts (commands, workers, servers) carries a marker in its
@@ -235,8 +237,10 @@ def measure(
         leases = sorted(done.parent.glob(done.name.replace(".done", ".*.lease")))
         claimed = json.loads(leases[-1].read_text())["time"] if leases else None  # the last holder's lease
         units.append({"unit": done.stem, "pid": mark["pid"], "claimed": claimed, "done": mark["time"]})
-    if len(units) != scenario.units:
-        sys.exit(f"{scenario.name}: {len(units)} units done, expected {scenario.units}")
+    covered = sum(json.loads(done.read_text())["documents"] for done in (internal / "queue" / "units").glob("*.done"))
+    whole = {u["unit"].split("-")[0] for u in units}  # a piece cut off a unit: UNIT-START
+    if len(whole) != scenario.units or covered != docs:
+        sys.exit(f"{scenario.name}: {len(whole)} units done ({covered} documents), expected {scenario.units} ({docs})")
     worker_docs: dict[int, int] = {}
     for path in (internal / "stats").glob("*.json"):
         stats = json.loads(path.read_text())

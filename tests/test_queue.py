@@ -437,7 +437,7 @@ def test_a_unit_redone_is_claimable_at_once_and_its_last_attempt_does_not_count(
     assert queue.commit(lease, lambda: None, documents=10)
     other = make_queue(folder, "other", max_unit_attempts=1)
     other.host = "another-host"  # cannot tell whether the last holder lives: only a lease given back is free
-    assert queue.redo([LostOutput(0, "00000_00000.jsonl", "is missing", generation=1)]) == [0]
+    assert queue.redo([LostOutput(0, "00000_00000.jsonl", "is missing", generation=1)]) == [(0, 0)]
     again = other.claim()
     assert again is not None and again.generation == 2
     assert other.status().units_done == 0 and other.status().units_failed == 0
@@ -471,7 +471,7 @@ def test_a_redo_of_a_command_that_died_midway_is_taken_over_and_finished(tmp_pat
     claim = folder / "units" / "000000.00001.redo-1"
     claim.write_bytes(orjson.dumps({"worker": "dead", "host": queue.host, "pid": int(dead.stdout)}))
     removed = []
-    assert queue.redo([LostOutput(0, "00000_00000.jsonl", "is missing", generation=1)], removed.append) == [0]
+    assert queue.redo([LostOutput(0, "00000_00000.jsonl", "is missing", generation=1)], removed.append) == [(0, 0)]
     assert removed == [0] and not claim.exists() and queue.status().units_done == 0
     assert not list((folder / "units").glob("*.redo-*"))  # its claim (redo-2) and the dead one's, deleted
     again = queue.claim()
@@ -488,8 +488,8 @@ def test_two_commands_taking_over_a_dead_commands_redo_at_once_redo_it_once(tmp_
     )
     commands = [make_queue(folder, f"command{i}") for i in range(2)]
     barrier = threading.Barrier(2)
-    removed: list[int] = []
-    redone: list[list[int]] = []
+    removed: list[int | str] = []
+    redone: list[list[tuple[int, int]]] = []
 
     def redo(command: WorkQueue) -> None:
         barrier.wait()
@@ -500,7 +500,7 @@ def test_two_commands_taking_over_a_dead_commands_redo_at_once_redo_it_once(tmp_
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(redone) == [[], [0]] and removed == [0]  # one took the dead command's claim over
+    assert sorted(redone) == [[], [(0, 0)]] and removed == [0]  # one took the dead command's claim over
 
 
 def test_a_unit_being_redone_by_a_live_command_is_left_to_it(tmp_path):
@@ -562,7 +562,7 @@ def test_a_command_redoing_a_unit_from_an_out_of_date_list_leaves_the_unit_redon
     b, c = make_queue(folder, "b"), make_queue(folder, "c")
     listed_by_b, listed_by_c = b.check_outputs(writer).lost, c.check_outputs(writer).lost
     assert [(e.unit, e.generation) for e in listed_by_c] == [(0, 1)], listed_by_c
-    assert b.redo(listed_by_b, lambda unit: writer.remove_chunk_file(0, unit)) == [0]
+    assert b.redo(listed_by_b, lambda unit: writer.remove_chunk_file(0, unit)) == [(0, 0)]
     lease = b.claim()
     assert lease is not None and lease.generation == 2
     assert c.redo(listed_by_c, lambda unit: writer.remove_chunk_file(0, unit)) == []

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import PYTHON
 from helpers import wait_until
-from infermill.errors import ConfigError
+from infermill.errors import ConfigError, LeaseLostError
 from infermill.queue import Lease, LostOutput, WorkQueue
 from infermill.queue_storage import PosixQueueStorage, QueueStorage
 from infermill.queue_storage_s3 import S3QueueStorage, open_store
@@ -165,7 +165,7 @@ def test_a_frozen_holder_is_taken_over_and_fenced_off_when_it_wakes(tmp_path, ba
     assert (tmp_path / "holder.json.result").read_text().startswith("lost: ")
     assert not other.is_done(0)  # the frozen one wrote no done mark
     assert other.commit(lease, lambda: None, documents=1)
-    done = other.done_marks()[0]
+    done = other.done_marks()[0, 0]
     assert (done["worker"], done["generation"]) == ("other", 2)
 
 
@@ -191,7 +191,7 @@ def test_given_back_given_up_and_redone_units_are_claimable_at_once(backend):
     queue.release(leases[0])  # not an attempt
     assert queue.abandon(leases[1])  # an attempt, stale at once
     assert queue.commit(leases[2], lambda: None, documents=10)
-    assert queue.redo([LostOutput(2, "00000_00002.jsonl", "is missing", generation=1)]) == [2]
+    assert queue.redo([LostOutput(2, "00000_00002.jsonl", "is missing", generation=1)]) == [(2, 0)]
     again = {lease.unit: lease for lease in (other.claim(), other.claim(), other.claim()) if lease is not None}
     assert sorted((unit, lease.generation) for unit, lease in again.items()) == [(0, 2), (1, 2), (2, 2)]
     status = other.status()
@@ -313,3 +313,25 @@ def test_credentials_in_the_storage_options_are_used_whole_never_with_the_enviro
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_piece_cut_off_a_unit_is_claimed_once_and_a_stale_holders_cut_is_refused(backend):
+    """Pieces (issue 27) on each storage: a holder cuts its unit, another worker claims the piece
+    cut off and nothing else; a takeover fences the old holder's next cut."""
+    holder, helper = backend.queue("holder", 1), backend.queue("helper")
+    lease = holder.claim()
+    assert helper.claim() is None and helper.ask_help(rate=1.0) == [(0, 0)]
+    assert holder.help_asked(lease) == {**holder.help_asked(lease), "rate": 1.0}
+    cut = holder.split(lease, 4)
+    assert (cut.start, cut.end, cut.generation) == (0, 4, 2) and holder.help_asked(cut) is None
+    piece = helper.claim()
+    assert piece is not None and (piece.unit, piece.start, piece.end) == (0, 4, 10)
+    assert helper.claim() is None
+    assert helper.commit(piece, lambda: None, documents=6)
+    status = holder.status()
+    assert (status.units_done, status.units_in_progress, status.documents_done) == (0, 1, 6)
+    with pytest.raises(LeaseLostError):
+        holder.split(lease, 2)  # the generation it cut from is gone
+    assert holder.commit(cut, lambda: None, documents=4)
+    status = holder.status()
+    assert (status.units_done, status.documents_done) == (1, 10) and holder.drained()

@@ -275,6 +275,7 @@ class Job:
             worker_index=index,
             # a command's only worker replaces itself; a --workers parent (or Slurm, Ray) replaces its workers
             max_worker_restarts=None if options.as_worker else options.max_worker_restarts,
+            split_units=self.config.checkpoint.split_units,
         )
 
     # -- its dataset card -------------------------------------------------------------------
@@ -712,13 +713,13 @@ def stream_ranks_status(layout: JobLayout, output: str) -> dict[int, QueueStatus
 def check_outputs(layout: JobLayout, output: str) -> OutputCheck:
     """The done units of the job whose output file is gone or short, and those that cannot be
     checked (``WorkQueue.check_outputs`` with ``verify``)."""
-    from infermill.io.writers import OutputWriter
+    from infermill.io.writers import ChunkIndex, OutputWriter
     from infermill.queue import WorkQueue
 
     class FilesNotNamed(OutputWriter):
         """The writer of a job whose file names a unit cannot tell (a datatrove writer's)."""
 
-        def chunk_file(self, rank: int, chunk_index: int) -> str | None:
+        def chunk_file(self, rank: int, chunk_index: ChunkIndex) -> str | None:
             return None
 
     queue = WorkQueue.for_layout(layout)

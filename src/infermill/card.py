@@ -176,7 +176,7 @@ class OutputFiles:
     names: list[str]
     records: list[int]
     size: int  # their bytes, as their done marks recorded them
-    units: list[int] = field(default_factory=list)  # the unit that wrote each
+    units: list[str] = field(default_factory=list)  # the unit (or piece, U@S) that wrote each
     data_files: str | list[str] = ""  # what ``configs`` lists: a glob matching exactly ``names``, or ``names``
 
     @property
@@ -184,16 +184,17 @@ class OutputFiles:
         return sum(self.records)
 
 
-def committed_files(done_marks: dict[int, dict[str, Any]]) -> OutputFiles:
-    """The files the committed units wrote (their done marks name them), their records and size."""
+def committed_files(done_marks: dict[tuple[int, int], dict[str, Any]]) -> OutputFiles:
+    """The files the committed units and pieces wrote (their done marks, by (unit, start), name
+    them), their records and size."""
     names, records, size, units = [], [], 0, []
-    for unit, mark in sorted(done_marks.items()):
+    for (unit, start), mark in sorted(done_marks.items()):
         written = mark.get("output") or {}
         if isinstance(written, dict) and isinstance(written.get("file"), str) and written.get("records"):
             names.append(written["file"])
             records.append(int(written["records"]))
             size += int(written.get("bytes") or 0)
-            units.append(unit)
+            units.append(f"{unit}@{start}" if start else str(unit))
     return OutputFiles(names, records, size, units)
 
 

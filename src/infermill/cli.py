@@ -686,7 +686,7 @@ def _queue_status(found: JobStatus, output: str, as_json: bool) -> None:
                 else ""
             )
             table.add_row(
-                str(holder.unit),
+                f"{holder.unit}@{holder.start}" if holder.start else str(holder.unit),  # a piece cut off it
                 str(holder.generation),
                 holder.worker,
                 holder.host,

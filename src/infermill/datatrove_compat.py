@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from infermill.errors import ConfigError
-from infermill.io.writers import OutputWriter, Record, as_dict
+from infermill.io.writers import ChunkIndex, OutputWriter, Record, as_dict, chunk_text
 from infermill.layout import INFERMILL_DIR, JobLayout
 
 
@@ -277,7 +277,7 @@ class DatatroveWriter(OutputWriter):
         self.layout = JobLayout.outside_output(self.output_folder, checkpoints_local_dir)
         self.staging = self.layout.root / STAGING_DIR  # chunk files being written
 
-    def filename(self, rank: int, chunk_index: int) -> str:
+    def filename(self, rank: int, chunk_index: ChunkIndex) -> str:
         """The chunk's file name pattern (relative to the output folder); tags known only per document
         (``${id}``, metadata) are ``*``."""
         return self._name_pattern(rank, str(chunk_index))
@@ -286,14 +286,14 @@ class DatatroveWriter(OutputWriter):
         name = self.writer.output_filename.safe_substitute(rank=f"{rank:05d}", chunk_index=chunk)
         return _TAG.sub("*", name)
 
-    def chunk_file(self, rank: int, chunk_index: int) -> str | None:
+    def chunk_file(self, rank: int, chunk_index: ChunkIndex) -> str | None:
         """None: a datatrove writer may split a chunk into several files, or name them per document."""
         return None
 
-    def write_chunk(self, records: Iterable[Record], rank: int, chunk_index: int) -> int:
+    def write_chunk(self, records: Iterable[Record], rank: int, chunk_index: ChunkIndex) -> int:
         from datatrove.io import get_datafolder
 
-        staging = self.staging / f"{rank:05d}_{chunk_index:05d}_{uuid.uuid4().hex[:8]}"
+        staging = self.staging / f"{rank:05d}_{chunk_text(chunk_index)}_{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         writer = _fresh_copy(self.writer)  # the same settings, its own files
         writer.output_folder = get_datafolder(str(staging))
@@ -328,7 +328,7 @@ class DatatroveWriter(OutputWriter):
                 raise
             _copy_into_place(staged, final)
 
-    def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
+    def remove_chunk_file(self, rank: int, chunk_index: ChunkIndex) -> None:
         folder = self.writer.output_folder
         name = self.filename(rank, chunk_index)
         patterns = {name, _with_file_id(name)}  # max_file_size names files NNN_<name>
@@ -336,8 +336,8 @@ class DatatroveWriter(OutputWriter):
             for path in folder.glob(pattern):
                 folder.rm(path)
 
-    def remove_temp_files(self, rank: int, chunk_index: int | None = None) -> None:
-        chunk = "*" if chunk_index is None else f"{chunk_index:05d}"
+    def remove_temp_files(self, rank: int, chunk_index: ChunkIndex | None = None) -> None:
+        chunk = "*" if chunk_index is None else chunk_text(chunk_index)
         for path in self.staging.glob(f"{rank:05d}_{chunk}_????????"):
             shutil.rmtree(path, ignore_errors=True)
         if self.is_local:  # a copy onto the output's file system, left by a run killed while it was made

@@ -273,6 +273,10 @@ class CheckpointSection(_Section):
     lease_timeout_sec: float = Field(
         120.0, gt=0, description="A unit whose worker did not renew its lease for this long is taken over."
     )
+    split_units: bool = Field(
+        True,
+        description="A worker with nothing left to claim asks a unit's holder to cut off the rest of it (a piece).",
+    )
 
 
 class SlurmSection(_Section):

@@ -44,7 +44,7 @@ import orjson
 from infermill.config import DIGEST_PREFIX
 from infermill.errors import ConfigError, InfermillError, LeaseLostError
 from infermill.io.readers import input_changes
-from infermill.queue import QueueStalledError, StorageStalledError
+from infermill.queue import QueueStalledError, StorageStalledError, output_chunk
 from infermill.queue_storage import QueueStorage, StorageTimeoutError, timed_out, wait_async
 
 if TYPE_CHECKING:
@@ -410,12 +410,15 @@ class ChunkLogs:
     # -- finishing chunks ---------------------------------------------------------------
 
     @staticmethod
-    def _records(log: Iterable[bytes], finished: set[int] | None = None) -> Iterator[bytes]:
-        """The encoded records of a chunk log (its lines), each index once; documents with
-        nothing to write are left out. ``finished`` gets every document the log holds."""
+    def _records(
+        log: Iterable[bytes], finished: set[int] | None = None, indices: range | None = None
+    ) -> Iterator[bytes]:
+        """The encoded records of a chunk log (its lines), each index once (of ``indices`` only,
+        if given); documents with nothing to write are left out. ``finished`` gets every
+        document the log holds (of ``indices``)."""
         seen: set[int] = set()
         for line in log_lines(log):
-            if line.document is None:
+            if line.document is None or (indices is not None and line.document not in indices):
                 continue
             if finished is not None:
                 finished.add(line.document)
@@ -451,7 +454,16 @@ class QueueJournal(ChunkLogs):
         self.queue = queue
         self.plan = plan
         self._leases: dict[int, Lease] = {}
+        # per unit held, the piece of it held (a worker holds one piece of a unit at a time): its
+        # first and end documents in the unit, and its holder's journal (kept when it is cut)
+        self._extents: dict[int, tuple[int, int | None]] = {}  # (None: to the unit's end as planned)
+        self._journals: dict[int, Path] = {}
+        # the documents (numbered across the job) of each piece held that is not a whole unit:
+        # empty for a job that never cuts a unit (no cost per document)
+        self._pieces: dict[int, range] = {}
         self._renewers: dict[int, LeaseRenewer] = {}
+        # units being cut (in a storage thread), and the cause of a failure met meanwhile
+        self._cutting: dict[int, str | None] = {}
         self.dropped: set[int] = set()  # units failed or lost while held: the rest of their records is not processed
         # units being committed, by the lease they are committed under (a unit lost meanwhile and
         # held again is another lease: its records go on)
@@ -470,10 +482,15 @@ class QueueJournal(ChunkLogs):
         self.before_commit: Callable[[], Callable[[], object]] | None = None
 
     def _log_path(self, chunk_index: int) -> Path:
-        return self.queue.journal_path(chunk_index, self._leases[chunk_index].generation)
+        return self._journals[chunk_index]
 
     def _chunk_size(self, chunk_index: int) -> int:
-        return self.plan[chunk_index].documents
+        start, end = self._extents[chunk_index]
+        return (self.plan[chunk_index].documents if end is None else end) - start
+
+    def extent(self, lease: Lease) -> tuple[int, int]:
+        """The documents of ``lease``'s piece in its unit: ``(start, end)``."""
+        return lease.start, self.plan[lease.unit].documents if lease.end is None else lease.end
 
     def _stalled(self, error: StorageTimeoutError) -> Exception:
         return self.queue.stalled_error(error)
@@ -502,28 +519,59 @@ class QueueJournal(ChunkLogs):
         if unit in self._leases:  # held before and lost (a pause past the lease): that generation goes
             self._let_go(unit)
             await self.drain()  # its last lines on disk, for the take-over below to copy
-        path = self.queue.journal_path(unit, lease.generation)
+        path = self.queue.journal_path(unit, lease.generation, lease.start)
+        self._set_extent(lease)
+        start, end = self.extent(lease)
+        self._journals[unit] = path
         try:
             loaded = await self._off_loop(_take_over_journals, self.queue, lease, path, bounded=False)
         except StorageTimeoutError as e:  # its lease expires: another worker takes it over
             raise self.queue.stalled_error(e) from e
         if loaded is not None:
-            self._apply_log(unit, loaded, path)
+            first = unit * self.records_per_chunk
+            # an earlier holder's journal may hold documents of a piece cut off since
+            records = {index for index in loaded.records if first + start <= index < first + end}
+            self._apply_log(unit, LoadedLog(records, loaded.replies, loaded.size), path)
             logger.info(
-                "unit %d taken over (attempt %d): %d documents already finished, %d replies kept",
-                unit,
+                "unit %s taken over (attempt %d): %d documents already finished, %d replies kept",
+                lease.name,
                 lease.generation,
-                len(loaded.records),
+                len(records),
                 len(self._cache),
             )
         self.dropped.discard(unit)
         self._leases[unit] = lease
-        loop = asyncio.get_running_loop()
-        renewer = self.queue.renewing(lease, on_lost=functools.partial(self._lost, lease), loop=loop)
-        self._renewers[unit] = renewer
-        renewer.start()
+        self._start_renewing(lease)
         chunk = self._chunks.get(unit)
         return chunk is not None and chunk.finished >= chunk.size
+
+    def _set_extent(self, lease: Lease) -> None:
+        unit = lease.unit
+        self._extents[unit] = lease.start, lease.end
+        if lease.start or lease.end is not None:
+            start, end = self.extent(lease)
+            first = unit * self.records_per_chunk
+            self._pieces[unit] = range(first + start, first + end)
+        else:
+            self._pieces.pop(unit, None)
+
+    def _start_renewing(self, lease: Lease) -> None:
+        loop = asyncio.get_running_loop()
+        renewer = self.queue.renewing(lease, on_lost=functools.partial(self._lost, lease), loop=loop)
+        self._renewers[lease.unit] = renewer
+        renewer.start()
+
+    def lease(self, unit: int) -> Lease | None:
+        """The lease this worker holds ``unit``'s piece by, if it still works on it."""
+        return self._leases.get(unit) if unit not in self.dropped else None
+
+    def finished_before(self, unit: int) -> int:
+        """One past the highest document (its position in ``unit``) finished in this holder's
+        journal (0: none): a cut must not leave a finished document behind it."""
+        chunk = self._chunks.get(unit)
+        if chunk is None or not chunk.indices:
+            return 0
+        return max(chunk.indices) - unit * self.records_per_chunk + 1
 
     def finished(self, unit: int) -> int:
         """How many of ``unit``'s records are finished (in this holder's journal)."""
@@ -556,10 +604,12 @@ class QueueJournal(ChunkLogs):
             or unit not in self._leases
             or self._committing(unit)
             or (chunk is not None and index in chunk.indices)
+            or (self._pieces and unit in self._pieces and index not in self._pieces[unit])
         ):
             # its unit failed, was taken over, let go or is being committed, or the record is
             # finished already (a document handed out again after its unit was lost and claimed
-            # back): not twice
+            # back): not twice; or it is not in the piece of its unit held now (one of another
+            # piece of it, lost, still in flight)
             self._pending.pop(index, None)  # nor do its replies waiting for the next flush
             return None
         full = super().commit(index, record)
@@ -583,13 +633,15 @@ class QueueJournal(ChunkLogs):
         self._finalizing[unit] = lease  # close() must not give its lease back meanwhile, nor fail() drop it
         try:
             self._chunks.pop(unit, None)  # (its lines not yet handed over still are, by the drain)
-            path, documents = self.queue.journal_path(unit, lease.generation), self._chunk_size(unit)
+            path = self._journals[unit]
             await self.drain(closing=[path])  # every line of the unit with the OS before its commit reads them
             if self._leases.get(unit) is not lease:  # lost and held again meanwhile: the new lease goes on
                 return 0
             keep_stats = self.before_commit() if self.before_commit is not None else None
             try:
-                commit = functools.partial(_commit_unit, self.queue, self.writer, lease, path, documents, keep_stats)
+                first, (start, end) = unit * self.records_per_chunk, self.extent(lease)
+                indices = range(first + start, first + end)
+                commit = functools.partial(_commit_unit, self.queue, self.writer, lease, path, indices, keep_stats)
                 # not bounded as a whole: it writes the unit's output (not the queue's storage), and
                 # each of its queue calls is
                 committing = asyncio.ensure_future(self.storage.run(commit, str(self.queue.folder), bounded=False))
@@ -601,7 +653,7 @@ class QueueJournal(ChunkLogs):
             self.queue.add_seconds(outcome.queue_seconds)
             if outcome.lost is not None:
                 logger.warning(
-                    "unit %d: %s; its results here are dropped, its new holder finishes it", unit, outcome.lost
+                    "unit %s: %s; its results here are dropped, its new holder finishes it", lease.name, outcome.lost
                 )
                 return 0
             self.units_committed += 1
@@ -626,6 +678,8 @@ class QueueJournal(ChunkLogs):
         if unit in self.dropped or unit not in self._leases or self._committing(unit):
             return
         self.dropped.add(unit)
+        if unit in self._cutting:  # the cut's lease is marked failed once made (see cut)
+            self._cutting[unit] = cause
         lease = self._leases[unit]
         self._let_go(unit)
         task = asyncio.get_running_loop().create_task(self._mark_failed(lease, cause))
@@ -645,6 +699,43 @@ class QueueJournal(ChunkLogs):
         self.fail(index // self.records_per_chunk, f"record {index % self.records_per_chunk} failed: {error}")
         return True
 
+    async def cut(self, lease: Lease, at: int) -> tuple[Lease, bool]:
+        """Cut ``lease``'s piece at document ``at`` (:meth:`WorkQueue.split`, in a thread) and go
+        on with the lease it returns: renew it instead, and commit the piece once its documents
+        before the cut are finished. Returns that lease, and whether they all are already (then
+        :meth:`finish_chunk` it). Raises as the split does (``LeaseLostError``: lost)."""
+        unit = lease.unit
+        renewer = self._renewers.pop(unit, None)
+        if renewer is not None:  # first: its renewal once the next generation exists would find it lost
+            renewer.stop(wait=False)  # (a renewal under way reports nothing once stopped)
+        self._cutting[unit] = None
+        try:
+            # not bounded as a whole: each of its storage calls is
+            cut = await self._off_loop(_split, self.queue, lease, at, bounded=False)
+        except BaseException as e:
+            if not isinstance(e, LeaseLostError) and self._leases.get(unit) is lease and unit not in self._renewers:
+                self._start_renewing(lease)  # not cut: renewed again (lost: its renewer says so)
+            raise
+        finally:
+            cause = self._cutting.pop(unit)
+        if self._leases.get(unit) is not lease or unit in self.dropped:
+            # failed (or let go) while cut: the failed mark of the generation cut from may have
+            # been refused, and the cut's lease, renewed by nobody, must not hold the unit
+            await self._off_loop(_give_up_cut, self.queue, cut, cause)
+            raise LeaseLostError(f"unit {lease.name} was {'marked failed' if cause else 'let go'} while it was cut")
+        self._leases[unit] = cut
+        self._set_extent(cut)
+        self._start_renewing(cut)
+        chunk = self._chunks.get(unit)
+        if chunk is None:
+            return cut, False
+        chunk.size = self._chunk_size(unit)
+        return cut, chunk.finished >= chunk.size
+
+    def lose(self, lease: Lease, error: LeaseLostError) -> None:
+        """Stop working on ``lease``'s piece: it was found lost (a cut refused)."""
+        self._lost(lease, error)
+
     def _lost(self, lease: Lease, error: LeaseLostError) -> None:
         """A renewer's report (on the loop) that ``lease`` is lost."""
         if isinstance(error, StorageStalledError):
@@ -661,6 +752,9 @@ class QueueJournal(ChunkLogs):
         if renewer is not None:
             renewer.stop(wait=False)
         self._leases.pop(unit, None)
+        self._extents.pop(unit, None)
+        self._pieces.pop(unit, None)
+        self._journals.pop(unit, None)
         chunk = self._chunks.pop(unit, None)
         if chunk is not None:  # its lines so far are kept for its next holder
             lines, chunk.lines = chunk.lines, []  # (not handed over again by this iteration's flush)
@@ -723,11 +817,44 @@ class _Committed:
     lost: LeaseLostError | None = None
 
 
+def _split(queue: WorkQueue, lease: Lease, at: int) -> Lease:
+    """``queue.split``; after a storage error, whether the cut was made after all (its lease
+    created, its answer lost; or a later step failed): then the cut is finished and held, so
+    that no document past it is handed out. ``OSError``: not cut; ``LeaseLostError``: lost,
+    or the storage did not say (the piece's next holder finishes the cut)."""
+    try:
+        return queue.split(lease, at)
+    except OSError as first:
+        error: OSError = first
+    for _ in range(3):
+        time.sleep(min(1.0, queue.lease_timeout_sec / 10))  # (the cut lease is not renewed meanwhile)
+        try:
+            cut = queue.resume_cut(lease, at)
+        except OSError as again:
+            error = again
+            continue
+        if cut is None:
+            raise error
+        return cut
+    raise LeaseLostError(f"unit {lease.name}: the storage did not say whether its cut at {at} was made ({error})")
+
+
+def _give_up_cut(queue: WorkQueue, cut: Lease, cause: str | None) -> None:
+    """Mark ``cut``'s piece failed with ``cause`` (unless marked already), else give it back."""
+    if cause is not None:
+        try:
+            queue.fail(cut, cause)
+            return
+        except LeaseLostError:
+            pass  # marked failed already (under the generation cut from), or taken over
+    queue.release(cut)
+
+
 def _take_over_journals(queue: WorkQueue, lease: Lease, into: Path) -> LoadedLog | None:
     """Merge the journals of ``lease``'s unit's earlier holders into ``into`` up to a torn or
     corrupt line, and return what they hold (None: there were none). File I/O only, through
     the queue's storage: it runs in a thread."""
-    earlier = queue.earlier_journals(lease.unit, lease.generation)
+    earlier = queue.earlier_journals(lease.unit, lease.generation, lease.start)
     if not earlier:
         return None
     merged = _merged_journals(queue.storage, earlier)
@@ -741,12 +868,15 @@ def _commit_unit(
     writer: OutputWriter,
     lease: Lease,
     journal: Path,
-    documents: int,
+    indices: range,
     keep_stats: Callable[[], object] | None,
 ) -> _Committed:
-    """Commit ``lease``'s unit from its ``journal`` and delete its journals (file I/O only: it
-    runs in a worker thread, and returns what the loop then applies)."""
+    """Commit ``lease``'s piece (its documents ``indices``, numbered across the job) from its
+    ``journal`` and delete its journals (file I/O only: it runs in a worker thread, and returns
+    what the loop then applies)."""
     unit = lease.unit
+    chunk = output_chunk(unit, lease.start)
+    documents = len(indices)
     written = 0
     writing = 0.0
 
@@ -754,9 +884,9 @@ def _commit_unit(
         nonlocal written, writing
         started = time.perf_counter()
         if lease.generation > 1:  # an earlier holder may have been killed while it wrote the file
-            writer.remove_temp_files(0, unit)
-        written = writer.write_chunk(_whole(queue.storage.lines(journal), documents, lease), 0, unit)
-        output = writer.written(0, unit, written)  # named by the done mark, checked by a rerun
+            writer.remove_temp_files(0, chunk)
+        written = writer.write_chunk(_whole(queue.storage.lines(journal), indices, lease), 0, chunk)
+        output = writer.written(0, chunk, written)  # named by the done mark, checked by a rerun
         writing = time.perf_counter() - started
         return output
 
@@ -768,22 +898,23 @@ def _commit_unit(
     except LeaseLostError as e:
         return _Committed(0, time.perf_counter() - started - writing, e)
     seconds = time.perf_counter() - started - writing
-    for path in [journal, *queue.earlier_journals(unit, lease.generation)]:
+    for path in [journal, *queue.earlier_journals(unit, lease.generation, lease.start)]:
         queue.storage.delete_appended(path)
     return _Committed(written, seconds)
 
 
-def _whole(log: Iterable[bytes], documents: int, lease: Lease) -> Iterator[bytes]:
-    """The records of a unit's journal ``log``, which must hold all its ``documents``: a holder
-    that froze after its lease check may read its journal while the unit's next holder, having
-    committed it, deletes it (a prefix, then nothing). Its file must not replace the complete one:
+def _whole(log: Iterable[bytes], indices: range, lease: Lease) -> Iterator[bytes]:
+    """The records of a piece's journal ``log`` (those of its documents ``indices``: it may hold
+    others, of a piece cut off since), which must hold all of them: a holder that froze after
+    its lease check may read its journal while the piece's next holder, having committed it,
+    deletes it (a prefix, then nothing). Its file must not replace the complete one:
     ``LeaseLostError`` before the file is written whole."""
     finished: set[int] = set()
-    yield from ChunkLogs._records(log, finished)
-    if len(finished) < documents:
+    yield from ChunkLogs._records(log, finished, indices)
+    if len(finished) < len(indices):
         raise LeaseLostError(
-            f"unit {lease.unit}: its journal of generation {lease.generation} holds {len(finished)} of its "
-            f"{documents} documents as it is committed: deleted meanwhile by a later holder"
+            f"unit {lease.name}: its journal of generation {lease.generation} holds {len(finished)} of its "
+            f"{len(indices)} documents as it is committed: deleted meanwhile by a later holder"
         )
 
 

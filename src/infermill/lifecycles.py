@@ -227,7 +227,9 @@ async def _work_on_queue(
         from infermill.queue_storage_s3 import requests_sent
 
         run.store_requests_at_start = requests_sent()
-    source = UnitSource(queue, journal, reader, plan, run.stats, _budget_check(job, run, queue, plan))
+    # a cut leaves at least a full round of documents in flight on either side
+    split_min = max(1, job.config.concurrent_documents) if options.split_units else None
+    source = UnitSource(queue, journal, reader, plan, run.stats, _budget_check(job, run, queue, plan), split_min)
     run.documents_total = (status.documents_total or 0) - status.documents_done  # what was left at the start
     journal.before_commit = _stats_before_commit(job, run, queue)
     runs.append(run)
@@ -254,6 +256,7 @@ async def _work_on_queue(
         stopped_on_request = run.server is None or run.server.generation == 0
         raise
     finally:
+        source.close()
         runs.remove(run)
         await run.publish_cache()
         run.stats.inference_time_sec = time.perf_counter() - run.started

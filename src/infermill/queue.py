@@ -18,6 +18,11 @@ directory listing tells every unit's state (paths: ``JobLayout.queue``)::
                                  over with redo-2 (created once)
         000007.done              committed: {"documents", "generation", "worker", "host", "output", ...}
         000007.failed            given up: {"cause", "generation", "worker", "host", ...}
+        000007.help              a worker with nothing to claim asks the holder to cut the unit: {"rate", ...}
+        000007.00003.lease       the holder cut its unit: {"end": 3000, "cut_from": 6000, ...}
+        000007-003000.piece      the piece cut off, documents 3000 to 6000 of unit 7: {"end": 6000, "cut_by"}
+        000007-003000.00001.lease  ...and every other kind above, per piece (000007 is piece 7@0)
+        tail                     a worker found nothing to claim: holders look for help marks
         .tmp-*                   being written (ignored; a killed writer may leave one)
       journals/
         000007.00002.journal     the journal of unit 7's generation-2 holder (journal_path)
@@ -82,7 +87,11 @@ longer of the generation judged (another command redid it meanwhile). The check 
 the write are not one atomic step: a holder frozen right after its check may wake after a
 takeover and write too. Then it replaces the same output file with equivalent content (the
 same documents), so the output still holds each document once; ``U.done`` is created once,
-so the unit and its documents are counted once (the second commit returns False).
+so the unit and its documents are counted once (the second commit returns False). Unless the
+holder that committed had cut the piece (its done mark states a smaller end): the stale file
+then holds documents of the piece cut off too, and the stale holder makes the piece run again
+(:meth:`redo`), whose next commit writes its own range; until then the output holds those
+documents twice (``--verify`` tells).
 
 **The plan** (``plan.json``) starts with a random ``plan_id``. A command may start a job
 that has nothing committed over with other settings (:func:`infermill.worker.open_queue`
@@ -90,6 +99,22 @@ deletes the queue and publishes a new plan); a worker of the old plan must then 
 and commit nothing, although lease names repeat in the new queue. So every claim (before
 and after creating its lease), renewal and commit reads the plan's first bytes, and stops
 (``PlanReplacedError``; ``LeaseLostError`` for a lease) when the id is not the one it read.
+
+**Pieces.** Near a job's end a unit is cut so that idle workers help with it: a *piece* is
+a range of a unit's documents, ``U@S`` (``000007-003000``: unit 7 from its document 3000;
+``000007`` is ``7@0``), with its own leases, journals, done mark and output file (named by
+:func:`output_chunk`), claimed and committed as a unit. Only a piece's holder cuts it
+(:meth:`WorkQueue.split`), so a cut never races with the holder's own work: it creates the
+next generation of its own lease, stating the smaller end (``"end"``, and ``"cut_from"``, the
+end before), which fences it like a takeover (a holder that lost its lease cannot), gives
+the generation cut from back (no attempt), then marks the piece cut off (``U-S.piece``,
+stating its end). Every later generation states the piece's end (a lease given back: its
+released mark), so whoever takes a piece over commits exactly the range its holder would
+have; and it creates the mark of the last cut if its holder was killed before it did, so no
+range is lost or covered twice. A worker with nothing to claim asks the holders of the
+pieces in progress to cut them (:meth:`ask_help`, a ``U-S.help`` mark each); a holder looks
+(:meth:`help_asked`) and judges (``infermill.worker``). A unit is done when all its pieces
+are; :meth:`status` counts units, and documents as the pieces commit them.
 
 **Attempts and failures.** Each generation is an attempt, except one its holder gave back
 (:meth:`release`, e.g. a worker stopping on SIGTERM); one its holder gave up (:meth:`abandon`,
@@ -121,7 +146,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -155,6 +180,9 @@ JOURNALS_DIR = "journals"
 
 DEFAULT_LEASE_TIMEOUT_SEC = 120.0
 DEFAULT_MAX_UNIT_ATTEMPTS = 3
+#: a piece cut off is left this long to the worker that asked for it before its holder may take it
+CUT_KEPT_SEC = 1.0
+TAIL_FILE = "tail"  # in units/ (see mark_tail)
 #: a lease dated further in the future than this is logged: nearer, it may be a renewal made
 #: between this worker's reading of the storage's clock and of the lease (or mtime granularity)
 FUTURE_LEASE_WARNING_SEC = 2.0
@@ -162,17 +190,56 @@ FUTURE_LEASE_WARNING_SEC = 2.0
 T = TypeVar("T")
 
 
-def _generation_name(unit: int, generation: int, kind: str) -> str:
-    return f"{unit:06d}.{generation:05d}.{kind}"
+#: a piece of a unit: (unit, the offset of its first document in the unit); (U, 0) is the unit itself
+PieceKey = tuple[int, int]
+
+
+def piece_prefix(unit: int, start: int = 0) -> str:
+    """How the queue's files name piece ``unit@start``: ``000007`` (the unit, or its first piece)
+    or ``000007-003000`` (the piece that starts at its document 3000)."""
+    return f"{unit:06d}" if start == 0 else f"{unit:06d}-{start:06d}"
+
+
+def parse_prefix(text: str) -> PieceKey | None:
+    """The piece a queue file's name starts with (``000007`` or ``000007-003000``), or None."""
+    unit, _, start = text.partition("-")
+    if not unit.isdigit() or (start and not start.isdigit()):
+        return None
+    return int(unit), int(start or 0)
+
+
+def _generation_name(unit: int, generation: int, kind: str, start: int = 0) -> str:
+    return f"{piece_prefix(unit, start)}.{generation:05d}.{kind}"
+
+
+def output_chunk(unit: int, start: int = 0) -> int | str:
+    """What a piece's output file is named by (the writer's ``${chunk_index}``): the unit (file
+    ``00000_00007.jsonl``), or for a piece that starts at document 3000 of it ``00007-003000``
+    (file ``00000_00007-003000.jsonl``)."""
+    return unit if start == 0 else f"{unit:05d}-{start:06d}"
 
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """Generation ``generation`` of unit ``unit``, held by the worker whose queue claimed it."""
+    """Generation ``generation`` of piece ``unit@start``, held by the worker whose queue claimed
+    it: the unit's documents ``start`` to ``end`` (None: to the unit's end as planned).
+    ``cut_from``: the end before this piece was last cut (the piece ``unit@end`` goes to it)."""
 
     unit: int
     generation: int
     path: Path
+    start: int = 0
+    end: int | None = None
+    cut_from: int | None = None
+
+    @property
+    def key(self) -> PieceKey:
+        return self.unit, self.start
+
+    @property
+    def name(self) -> str:
+        """``7`` or ``7@3000``, as messages name a piece."""
+        return str(self.unit) if self.start == 0 else f"{self.unit}@{self.start}"
 
 
 @dataclass(slots=True)
@@ -186,6 +253,7 @@ class UnitHolder:
     pid: int | None
     renewed_sec_ago: float  # on the storage's clock
     process_gone: bool = False  # its holder ran on this host and its process is gone: taken over at once
+    start: int = 0  # the piece's first document in the unit (0: the unit, or its first piece)
 
 
 @dataclass(slots=True)
@@ -209,6 +277,7 @@ class LostOutput:
     file: str
     problem: str
     generation: int | None = None
+    start: int = 0  # the piece's (see Lease)
 
 
 @dataclass(slots=True)
@@ -257,6 +326,8 @@ class _Unit:
     base: int = 0  # the generation of the last reset: attempts count above it
     done: bool = False
     failed: bool = False
+    marker: bool = False  # a piece cut from another (U-S.piece): it exists
+    help: bool = False  # a worker asked its holder to cut it (U-S.help)
 
     @property
     def generation(self) -> int:
@@ -361,6 +432,8 @@ class WorkQueue:
         # event loop (from what the calls it sends to threads measured)
         self.seconds = 0.0
         self.retried: list[int] = []  # the failed units that reset_failed() made claimable again
+        self.free_left = 0  # the pieces the last claim found free and left to others
+        self.last_listing: dict[PieceKey, _Unit] = {}  # the last claim's (see drained, ask_help)
         self.storage.make_folder(self.units_dir)
         self.storage.make_folder(self.journals_dir)
 
@@ -456,47 +529,71 @@ class WorkQueue:
 
     # -- claiming ---------------------------------------------------------------------------
 
-    def claim(self) -> Lease | None:
-        """Lease a unit that is neither done, failed nor held by a live lease, or return None
-        when there is none now (see :meth:`drained` to tell whether one may come back)."""
+    def claim(self, exclude: Collection[int] = ()) -> Lease | None:
+        """Lease a piece (a unit, or a piece cut from one) that is neither done, failed nor held
+        by a live lease, or return None when there is none now (see :meth:`drained` to tell
+        whether one may come back). ``exclude``: units none of whose pieces may be claimed (a
+        worker holds one piece of a unit at a time). ``free_left`` is then the number of other
+        pieces the listing found free."""
         self.check_plan()
         total = self._units_total()
-        units = self._list()
-        free: list[int] = []
-        leased: list[int] = []
-        for unit in range(total):
-            state = units.get(unit)
+        units = self.last_listing = self._list()
+        free: list[PieceKey] = []
+        leased: list[PieceKey] = []
+        for key in self._pieces(units, total):
+            if key[0] in exclude:
+                continue
+            state = units.get(key)
             if state is None:
-                free.append(unit)
+                free.append(key)
             elif not (state.done or state.failed):
-                (leased if state.leased else free).append(unit)
+                (leased if state.leased else free).append(key)
         self._random.shuffle(free)
-        for unit in free:
-            lease = self._take(unit, units.get(unit) or _Unit())
+        self.free_left = len(free)
+        for key in free:
+            self.free_left -= 1
+            lease = self._take(key, units.get(key) or _Unit())
             if lease is not None:
                 return lease
         if not leased:
             return None
         now = self.storage_now()
         self._random.shuffle(leased)
-        for unit in leased:
-            state = units[unit]
-            path = self.units_dir / _generation_name(unit, state.generation, "lease")
+        for key in leased:
+            state = units[key]
+            path = self.units_dir / _generation_name(key[0], state.generation, "lease", key[1])
             if not state.given_up:  # (given up: stale at once)
                 age = self._lease_age(path, now)
                 if age is None or not (age > self.lease_timeout_sec or self._holder_gone(path)):
                     continue  # live, or given back since the listing
-            lease = self._take(unit, state)
+            lease = self._take(key, state)
             if lease is not None:
                 return lease
         return None
+
+    def free_pieces(self) -> int:
+        """How many pieces no worker holds nor finished (one listing; stale leases not counted)."""
+        units = self._list()
+        return sum(
+            1
+            for key in self._pieces(units, self._units_total())
+            if (state := units.get(key)) is None or not (state.done or state.failed or state.leased)
+        )
+
+    @staticmethod
+    def _pieces(units: dict[PieceKey, _Unit], total: int) -> list[PieceKey]:
+        """Every piece of the plan's ``total`` units: each unit's first, and those cut from them
+        (their marks in the listing ``units``)."""
+        return [(unit, 0) for unit in range(total)] + sorted(
+            key for key, state in units.items() if key[1] and state.marker and key[0] < total
+        )
 
     def claim_unit(self, unit: int) -> Lease | None:
         """Lease ``unit`` itself, unless it is done, failed or held by a live lease (then None):
         the claim of a queue whose one holder takes its units in order (a rank's document
         stream, :mod:`infermill.stream`)."""
         self.check_plan()
-        state = self._list().get(unit) or _Unit()
+        state = self._list().get((unit, 0)) or _Unit()
         if state.done or state.failed:
             return None
         if state.leased and not state.given_up:
@@ -504,7 +601,7 @@ class WorkQueue:
             age = self._lease_age(path, self.storage_now())
             if age is not None and age <= self.lease_timeout_sec and not self._holder_gone(path):
                 return None
-        return self._take(unit, state)
+        return self._take((unit, 0), state)
 
     def is_done(self, unit: int) -> bool:
         """Whether ``unit`` is committed."""
@@ -531,26 +628,45 @@ class WorkQueue:
         holder = self._read_json(lease_path) or {}
         return holder.get("host") == self.host and holder.get("pid") != self.pid and process_gone(holder.get("pid"))
 
-    def drained(self) -> bool:
-        """Whether every unit is done or failed: nothing is left to claim, now or later."""
+    def drained(self, listing: dict[PieceKey, _Unit] | None = None) -> bool:
+        """Whether every piece is done or failed: nothing is left to claim, now or later
+        (``listing``: the one :meth:`claim` just made, ``last_listing``, else one more)."""
         total = self._units_total()
-        units = self._list()
-        return all((state := units.get(unit)) is not None and (state.done or state.failed) for unit in range(total))
+        units = self._list() if listing is None else listing
+        return all(
+            (state := units.get(key)) is not None and (state.done or state.failed) for key in self._pieces(units, total)
+        )
 
-    def _take(self, unit: int, state: _Unit) -> Lease | None:
-        """Create the next generation of ``unit`` (free or stale in the listing ``state``
+    def _take(self, key: PieceKey, state: _Unit) -> Lease | None:
+        """Create the next generation of piece ``key`` (free or stale in the listing ``state``
         comes from), or mark it failed when its attempts are spent."""
+        unit, start = key
         if state.attempts >= self.max_unit_attempts:
-            self._fail_spent(unit, state)
+            self._fail_spent(key, state)
             return None
+        if start and not state.generation and self._cut_here_lately(key):
+            return None
+        extent = self._extent(key, state)
+        if extent is None:
+            return None  # its last generation's file is gone since the listing: looked at again later
+        end, cut_from = extent
+        if not start and cut_from is None:
+            end = None  # a whole unit: to its end as planned (a document stream's plan grows as it is read)
         generation = state.generation + 1
-        path = self.units_dir / _generation_name(unit, generation, "lease")
-        if not self._create_exclusive(path, self._record(generation=generation)):
+        path = self.units_dir / _generation_name(unit, generation, "lease", start)
+        if not self._create_exclusive(path, self._record(generation=generation, **_extent_fields(end, cut_from))):
             return None  # another worker won this generation
-        lease = Lease(unit, generation, path)
-        if self.storage.exists(self._done_path(unit)) or self.storage.exists(self._failed_path(unit)):
+        lease = Lease(unit, generation, path, start, end, cut_from)
+        if self.storage.exists(self.units_dir / _generation_name(unit, generation, "released", start)):
+            # this generation was won, and given back (or cut) since the listing: its lease's name
+            # was free again, but the generation is not this worker's
+            self.storage.delete(path)
+            return None
+        if self.storage.exists(self._done_path(unit, start)) or self.storage.exists(self._failed_path(unit, start)):
             self._give_back(lease)  # finished or failed since the listing
             return None
+        if cut_from is not None:  # its cut's holder may have been killed before it marked the piece it cut off
+            self._mark_piece(unit, end, cut_from)  # type: ignore[arg-type]
         try:  # a command that started the job over between the listing and the lease
             self.check_plan()
         except PlanReplacedError:
@@ -558,9 +674,150 @@ class WorkQueue:
             raise
         return lease
 
-    def _fail_spent(self, unit: int, state: _Unit) -> None:
+    def _extent(self, key: PieceKey, state: _Unit) -> tuple[int | None, int | None] | None:
+        """The end of piece ``key`` and the end before its last cut (None: never cut), as its
+        highest generation states them (each generation's file is written once); a piece never
+        leased ends where its mark says, a unit at its planned end (None: unknown). None when
+        that generation's file is gone (given back since the listing)."""
+        unit, start = key
+        if state.generation:
+            for kind in ("lease", "released"):  # a lease given back is marked released before it is deleted
+                found = self._read_json(self.units_dir / _generation_name(unit, state.generation, kind, start))
+                if found is not None:
+                    break
+            else:
+                return None
+            if isinstance(found.get("end"), int):
+                cut_from = found.get("cut_from")
+                return found["end"], cut_from if isinstance(cut_from, int) else None
+        if start:
+            mark = self._read_json(self._piece_path(unit, start)) or {}
+            return (mark["end"] if isinstance(mark.get("end"), int) else None), None
+        return self._planned_documents(unit), None
+
+    def _planned_documents(self, unit: int) -> int | None:
+        planned = self._units_total() > unit and (self.plan() or {"units": []})["units"][unit]
+        documents = planned.get("documents") if isinstance(planned, dict) else None
+        return documents if isinstance(documents, int) else None
+
+    def _cut_here_lately(self, key: PieceKey) -> bool:
+        """Whether piece ``key`` was cut off by this worker less than :data:`CUT_KEPT_SEC` ago:
+        it is left to the worker that asked for it (this one, done with its own piece, would
+        take back what it gave away)."""
+        path = self._piece_path(*key)
+        if (self._read_json(path) or {}).get("cut_by") != self.worker_id:
+            return False
+        age = self._age(path, self.storage_now())
+        return age is not None and age < CUT_KEPT_SEC
+
+    def _mark_piece(self, unit: int, start: int, end: int, cut: bool = False) -> None:
+        """Mark piece ``unit@start`` (to ``end``) as existing, unless it is marked already
+        (``cut``: by the worker that cut it off, not by one that took its holder's piece over)."""
+        self._create_exclusive(
+            self._piece_path(unit, start), self._record(end=end, **{"cut_by": self.worker_id} if cut else {})
+        )
+
+    # -- splitting --------------------------------------------------------------------------
+
+    def split(self, lease: Lease, at: int) -> Lease:
+        """Cut ``lease``'s piece at document ``at`` of its unit: its holder keeps the documents
+        before ``at`` under the returned lease (the next generation, which this holder creates
+        for itself: a holder that lost its lease cannot, ``LeaseLostError``), and the piece
+        ``unit@at`` (to the old end) is marked, for any worker to claim. The caller hands out
+        no document of its piece from ``at`` on, and renews and commits the new lease. On an
+        ``OSError`` the cut may be made or not: :meth:`resume_cut` tells (and finishes it)."""
+        cut = self._cut_lease(lease, at)
+        try:
+            self.check_plan()
+        except PlanReplacedError as e:
+            raise LeaseLostError(f"unit {lease.name}: {e}") from None
+        record = self._record(generation=cut.generation, end=at, cut_from=cut.cut_from)
+        if not self._create_exclusive(cut.path, record):
+            raise LeaseLostError(f"unit {lease.name} was taken over by another worker (generation {cut.generation})")
+        return self._finish_cut(lease, cut)
+
+    def resume_cut(self, lease: Lease, at: int) -> Lease | None:
+        """After :meth:`split` raised an ``OSError``: the cut's lease if this worker created it
+        (finishing the cut's later steps again), None if the cut was not made."""
+        cut = self._cut_lease(lease, at)
+        found = self._read_json(cut.path) or {}
+        if found.get("worker") != self.worker_id or found.get("end") != at:
+            return None
+        return self._finish_cut(lease, cut)
+
+    def _cut_lease(self, lease: Lease, at: int) -> Lease:
+        end = lease.end if lease.end is not None else self._planned_documents(lease.unit)
+        if end is None or not lease.start < at < end:
+            raise ValueError(f"piece {lease.name} (to {end}) cannot be cut at {at}")
+        generation = lease.generation + 1
+        path = self.units_dir / _generation_name(lease.unit, generation, "lease", lease.start)
+        return Lease(lease.unit, generation, path, lease.start, at, end)
+
+    def _finish_cut(self, lease: Lease, cut: Lease) -> Lease:
+        """The cut's steps after its lease is created (each may be done again)."""
+        if self._won_after_all(cut):  # the name was free again: its winner gave it back or cut its piece
+            self.storage.delete(cut.path)
+            raise LeaseLostError(
+                f"unit {lease.name} was taken over by another worker or marked failed (generation {cut.generation})"
+            )
+        assert cut.end is not None and cut.cut_from is not None
+        self._mark_piece(lease.unit, cut.end, cut.cut_from, cut=True)
+        self._give_back(lease)  # the generation cut from: no attempt (its holder goes on under the next)
+        self.storage.delete(self._help_path(lease.unit, lease.start))
+        return cut
+
+    def _won_after_all(self, lease: Lease) -> bool:
+        """Whether generation ``lease`` (just created by this worker) was already won by another:
+        a generation given back (released) or followed by a later one frees its lease's name, so
+        creating it proves nothing; nor does it once another command started the job over. A
+        piece marked failed (by its holder, while it cut) is not held either."""
+        released = self.units_dir / _generation_name(lease.unit, lease.generation, "released", lease.start)
+        if self.storage.exists(released) or self._superseded(lease) or self._plan_replaced():
+            return True
+        return self.storage.exists(self._failed_path(lease.unit, lease.start))  # (failed: not to be held)
+
+    def ask_help(
+        self,
+        rate: float | None = None,
+        exclude: Collection[int] = (),
+        listing: dict[PieceKey, _Unit] | None = None,
+    ) -> list[PieceKey]:
+        """Ask the holders of the pieces in progress to cut them (a worker with nothing left to
+        claim): mark each whose holder was not asked yet (``U-S.help``, stating this worker's
+        documents per second ``rate``; a file created per piece, from ``listing`` or one more).
+        Each holder judges whether cutting ends its piece sooner (a slow holder's does, a nearly
+        finished one's does not, and leaves its mark: it is not asked again). Returns the pieces
+        asked."""
+        asked = []
+        for key, state in sorted((self._list() if listing is None else listing).items()):
+            if key[0] in exclude or state.done or state.failed or state.help or not state.leased or state.given_up:
+                continue
+            if self._create_exclusive(self._help_path(*key), self._record(rate=rate)):
+                asked.append(key)
+        return asked
+
+    def mark_tail(self) -> None:
+        """Say that a worker found nothing to claim (``units/tail``, created once): holders then
+        look for help marks (:meth:`in_tail`, one file's existence: no listing)."""
+        self._create_exclusive(self.units_dir / TAIL_FILE, self._record())
+
+    def in_tail(self) -> bool:
+        """Whether a worker found nothing to claim (:meth:`mark_tail`) since this command started."""
+        return self.storage.exists(self.units_dir / TAIL_FILE)
+
+    def clear_tail(self) -> None:
+        """Forget the tail (a command starts: units may be claimable again)."""
+        self.storage.delete(self.units_dir / TAIL_FILE)
+
+    def help_asked(self, lease: Lease) -> dict[str, Any] | None:
+        """What the worker that asked to cut ``lease``'s piece said (its ``rate``), or None when
+        none asked: one file read (a worker holding a piece looks every second or so)."""
+        return self._read_json(self._help_path(*lease.key))
+
+    def _fail_spent(self, key: PieceKey, state: _Unit) -> None:
+        unit, start = key
         last = max(state.leases)
-        holder = self._read_json(self.units_dir / _generation_name(unit, last, "lease")) or {}
+        holder = self._read_json(self.units_dir / _generation_name(unit, last, "lease", start)) or {}
         cause = (
             f"its workers stopped renewing its lease {state.attempts} times (died, were killed, stopped on an "
             f"error such as their server failing for good, or froze for more than {self.lease_timeout_sec:g} s; "
@@ -568,7 +825,7 @@ class WorkQueue:
             f"worker {holder.get('worker', '?')} on host {holder.get('host', '?')} (pid {holder.get('pid', '?')})"
         )
         self._create_exclusive(
-            self._failed_path(unit),
+            self._failed_path(unit, start),
             self._record(
                 generation=last,
                 cause=cause,
@@ -577,7 +834,7 @@ class WorkQueue:
                 marked_by=self.worker_id,
             ),
         )
-        logger.warning("unit %d failed: %s", unit, cause)
+        logger.warning("unit %s failed: %s", _shown(key), cause)
 
     # -- holding ----------------------------------------------------------------------------
 
@@ -646,22 +903,46 @@ class WorkQueue:
         ``stats``. Returns False when another holder had committed it already: its documents
         are counted once, by that holder's mark."""
         self._check(lease, touch=True)
-        if self.storage.exists(self._done_path(lease.unit)):
+        done = self._done_path(lease.unit, lease.start)
+        if self.storage.exists(done):
             return False  # a stale holder slipped past its check and finished first
         output = write_output()
         committed_output = {"output": output} if output is not None else {}
-        record = self._record(generation=lease.generation, documents=documents, **committed_output, **(stats or {}))
-        committed = self._create_exclusive(self._done_path(lease.unit), record)
+        piece = {"start": lease.start, "end": lease.end} if lease.start or lease.cut_from is not None else {}
+        record = self._record(
+            generation=lease.generation, documents=documents, **piece, **committed_output, **(stats or {})
+        )
+        committed = self._create_exclusive(done, record)
         if not committed:
-            logger.info("unit %d was committed by another holder as well; counted once", lease.unit)
+            logger.info("unit %s was committed by another holder as well; counted once", lease.name)
+            if output is not None:
+                self._redo_if_other_extent(lease, done, output)
         return committed
+
+    def _redo_if_other_extent(self, lease: Lease, done: Path, output: dict[str, Any]) -> None:
+        """A stale holder's commit found its piece committed by a holder that cut it: its file,
+        just written, replaced that holder's (another range of documents). Make the piece run
+        again, so that its next commit writes the range its done mark states."""
+        mark = self._read_json(done) or {}
+        theirs = mark.get("end") if ("end" in mark or "start" in mark) else None
+        ours = lease.end if lease.start or lease.cut_from is not None else None
+        if theirs == ours:
+            return  # the same documents: the same file
+        logger.warning(
+            "unit %s: this stale holder's output replaced that of its piece to %s committed by another; "
+            "the piece runs again",
+            lease.name,
+            theirs,
+        )
+        file = str(output.get("file", ""))
+        self.redo([LostOutput(lease.unit, file, "was replaced", mark.get("generation"), lease.start)])
 
     def fail(self, lease: Lease, cause: str) -> None:
         """Mark the unit failed with ``cause`` (its documents failed after their retries) and
         give the lease back; ``LeaseLostError`` if the lease is no longer held."""
         self._check(lease, touch=False)
         record = self._record(generation=lease.generation, cause=cause, marked_by=self.worker_id)
-        self._create_exclusive(self._failed_path(lease.unit), record)
+        self._create_exclusive(self._failed_path(lease.unit, lease.start), record)
         self.release(lease)
 
     def release(self, lease: Lease) -> None:
@@ -676,8 +957,9 @@ class WorkQueue:
     def _give_back(self, lease: Lease) -> None:
         """Mark the generation released, then delete its lease (a store without rename: a kill
         in between leaves both, which a listing reads as released)."""
-        released = self.units_dir / _generation_name(lease.unit, lease.generation, "released")
-        self.storage.create_if_absent(released, self._record(generation=lease.generation))
+        released = self.units_dir / _generation_name(lease.unit, lease.generation, "released", lease.start)
+        extent = _extent_fields(lease.end, lease.cut_from)  # (its lease, deleted, said where the piece ends)
+        self.storage.create_if_absent(released, self._record(generation=lease.generation, **extent))
         self.storage.delete(lease.path)
 
     def _plan_replaced(self) -> bool:
@@ -697,7 +979,7 @@ class WorkQueue:
         worker's)."""
         if self._superseded(lease) or not self.storage.exists(lease.path) or self._plan_replaced():
             return False
-        abandoned = self.units_dir / _generation_name(lease.unit, lease.generation, "abandoned")
+        abandoned = self.units_dir / _generation_name(lease.unit, lease.generation, "abandoned", lease.start)
         return self.storage.create_if_absent(abandoned, self._record(generation=lease.generation))
 
     def units_attempted_by(self, pid: int) -> list[int]:
@@ -705,17 +987,17 @@ class WorkQueue:
         spent an attempt in this command (a lease above the unit's last reset that it did not
         give back): what a worker that died leaves behind."""
         found = []
-        for unit, state in sorted(self._list().items()):
+        for (unit, start), state in sorted(self._list().items()):
             if state.done or state.failed:
                 continue
             for generation in state.leases:
                 if generation <= state.base or generation in state.released:  # (released: given back)
                     continue
-                holder = self._read_json(self.units_dir / _generation_name(unit, generation, "lease")) or {}
+                holder = self._read_json(self.units_dir / _generation_name(unit, generation, "lease", start)) or {}
                 if holder.get("pid") == pid and holder.get("host") == self.host:
                     found.append(unit)
                     break
-        return found
+        return sorted(set(found))
 
     def units_finished(self) -> int:
         """Units done or failed (one listing): it grows while the job moves on."""
@@ -725,24 +1007,24 @@ class WorkQueue:
         try:
             self.check_plan()
         except PlanReplacedError as e:
-            raise LeaseLostError(f"unit {lease.unit}: {e}") from None
+            raise LeaseLostError(f"unit {lease.name}: {e}") from None
         now = self.storage_now()
         age = self._age(lease.path, now)
         if age is None:
-            raise LeaseLostError(f"unit {lease.unit}: the lease of generation {lease.generation} was given back")
+            raise LeaseLostError(f"unit {lease.name}: the lease of generation {lease.generation} was given back")
         if age > self.lease_timeout_sec:
             raise LeaseLostError(
-                f"unit {lease.unit}: the lease of generation {lease.generation} was not renewed for {age:.1f} s "
+                f"unit {lease.name}: the lease of generation {lease.generation} was not renewed for {age:.1f} s "
                 f"(lease_timeout_sec {self.lease_timeout_sec:g}): another worker may have taken it over"
             )
         if touch and (wanted is None or wanted()) and not self.storage.touch(lease.path):
-            raise LeaseLostError(f"unit {lease.unit}: the lease of generation {lease.generation} was given back")
+            raise LeaseLostError(f"unit {lease.name}: the lease of generation {lease.generation} was given back")
         if self._superseded(lease):
             raise LeaseLostError(
-                f"unit {lease.unit} was taken over by another worker (generation {lease.generation + 1})"
+                f"unit {lease.name} was taken over by another worker (generation {lease.generation + 1})"
             )
-        if self.storage.exists(self._failed_path(lease.unit)):
-            raise LeaseLostError(f"unit {lease.unit} was marked failed")
+        if self.storage.exists(self._failed_path(lease.unit, lease.start)):
+            raise LeaseLostError(f"unit {lease.name} was marked failed")
 
     def _superseded(self, lease: Lease) -> bool:
         """Whether a higher generation exists: the next one is created before any later one, and
@@ -750,7 +1032,7 @@ class WorkQueue:
         suffices."""
         following = lease.generation + 1
         return any(
-            self.storage.exists(self.units_dir / _generation_name(lease.unit, following, kind))
+            self.storage.exists(self.units_dir / _generation_name(lease.unit, following, kind, lease.start))
             for kind in ("lease", "released")
         )
 
@@ -760,16 +1042,16 @@ class WorkQueue:
         """Make the failed units claimable again, each with a fresh count of attempts (a rerun
         of the job calls this as it starts); returns those units."""
         reset = []
-        for unit, state in sorted(self._list().items()):
+        for (unit, start), state in sorted(self._list().items()):
             if not state.failed:
                 continue
             if not state.done:
-                mark = self.units_dir / _generation_name(unit, state.generation, "reset")
+                mark = self.units_dir / _generation_name(unit, state.generation, "reset", start)
                 self._create_exclusive(mark, self._record(generation=state.generation))
                 reset.append(unit)
-            self.storage.delete(self._failed_path(unit))
-        self.retried = reset
-        return reset
+            self.storage.delete(self._failed_path(unit, start))
+        self.retried = sorted(set(reset))
+        return self.retried
 
     def reset_attempts(self) -> list[int]:
         """Start every unit that is not done on a fresh count of attempts (a new command on the
@@ -777,45 +1059,45 @@ class WorkQueue:
         so that a job killed and run again several times does not fail a unit for it); returns
         those units."""
         reset = []
-        for unit, state in sorted(self._list().items()):
+        for (unit, start), state in sorted(self._list().items()):
             if not (state.done or state.failed) and state.attempts:
-                mark = self.units_dir / _generation_name(unit, state.generation, "reset")
+                mark = self.units_dir / _generation_name(unit, state.generation, "reset", start)
                 self._create_exclusive(mark, self._record(generation=state.generation))
                 reset.append(unit)
-        return reset
+        return sorted(set(reset))
 
     def remove_done_journals(self) -> int:
         """Delete the journals of units that are done (their holder was killed between its done
         mark and deleting them); return how many. A worker calls this as it starts."""
-        done = {unit for unit, state in self._list().items() if state.done}
+        done = {key for key, state in self._list().items() if state.done}
         removed = 0
         for name in self.storage.list(self.journals_dir):
-            unit = name.split(".")[0]
-            if name.endswith(".journal") and unit.isdigit() and int(unit) in done:
+            if name.endswith(".journal") and parse_prefix(name.split(".")[0]) in done:
                 self.storage.delete_appended(self.journals_dir / name)
                 removed += 1
         return removed
 
-    def journal_path(self, unit: int, generation: int) -> Path:
-        """The journal of unit ``unit``'s holder of generation ``generation``: no two holders
-        share one."""
-        return self.journals_dir / _generation_name(unit, generation, "journal")
+    def journal_path(self, unit: int, generation: int, start: int = 0) -> Path:
+        """The journal of piece ``unit@start``'s holder of generation ``generation``: no two
+        holders share one (a holder that cuts its piece keeps the journal it started with)."""
+        return self.journals_dir / _generation_name(unit, generation, "journal", start)
 
-    def earlier_journals(self, unit: int, generation: int) -> list[Path]:
-        """The journals of ``unit``'s holders before ``generation`` that exist, newest first: a
-        holder that took the unit over reads the replies they received."""
+    def earlier_journals(self, unit: int, generation: int, start: int = 0) -> list[Path]:
+        """The journals of piece ``unit@start``'s holders before ``generation`` that exist,
+        newest first: a holder that took the piece over reads the replies they received."""
         found = []
+        prefix = piece_prefix(unit, start)
         for name in self.storage.list(self.journals_dir):
             parts = name.split(".")
-            if len(parts) == 3 and parts[0] == f"{unit:06d}" and parts[2] == "journal" and parts[1].isdigit():
+            if len(parts) == 3 and parts[0] == prefix and parts[2] == "journal" and parts[1].isdigit():
                 found.append((int(parts[1]), self.journals_dir / name))
         found = [(older, path) for older, path in found if older < generation]
         return [path for _, path in sorted(found, reverse=True)]
 
-    def done_marks(self) -> dict[int, dict[str, Any]]:
-        """The done mark of each planned unit that has one, as written (``{}`` for one that
-        cannot be read: emptied or torn)."""
-        return {unit: self._read_json(self._done_path(unit)) or {} for unit in self._done_units()}
+    def done_marks(self) -> dict[PieceKey, dict[str, Any]]:
+        """The done mark of each piece of a planned unit that has one, as written (``{}`` for one
+        that cannot be read: emptied or torn)."""
+        return {key: self._read_json(self._done_path(*key)) or {} for key in self._done_units()}
 
     def check_outputs(self, writer: OutputWriter, verify: bool = False) -> OutputCheck:
         """Find the done units whose output file is gone (and, with ``verify``, those whose file
@@ -828,12 +1110,12 @@ class WorkQueue:
         infermill, or emptied) needs the file ``writer`` names for its unit; that of a unit that
         wrote no record needs none."""
         done = self._done_units()
-        named = {unit: writer.chunk_file(0, unit) for unit in done}
+        named = {key: writer.chunk_file(0, output_chunk(*key)) for key in done}
         sizes = writer.file_sizes({name for name in named.values() if name is not None})
         marks = {
-            unit: self._read_json(self._done_path(unit)) or {}
-            for unit in done
-            if verify or named[unit] is None or named[unit] not in sizes
+            key: self._read_json(self._done_path(*key)) or {}
+            for key in done
+            if verify or named[key] is None or named[key] not in sizes
         }
         outputs = {unit: mark.get("output") for unit, mark in marks.items()}
         elsewhere = {o["file"] for o in outputs.values() if isinstance(o, dict) and isinstance(o.get("file"), str)}
@@ -841,70 +1123,76 @@ class WorkQueue:
         # a mark of this infermill naming no file for its records: the job's writer names none (datatrove's)
         unnamed = any(isinstance(o, dict) and o.get("file") is None and o.get("records") for o in outputs.values())
         check = OutputCheck()
-        for unit, mark in sorted(marks.items()):
+        for (unit, start), mark in sorted(marks.items()):
             generation = mark.get("generation") if isinstance(mark.get("generation"), int) else None
-            output = outputs[unit]
+            output = outputs[unit, start]
             if isinstance(output, dict):
                 if not isinstance(output.get("file"), str):
                     continue  # no record written
                 name, size, records = output["file"], output.get("bytes"), output.get("records")
-            elif named[unit] is None or unnamed:
-                check.unchecked.append(unit)
+            elif named[unit, start] is None or unnamed:
+                if unit not in check.unchecked:
+                    check.unchecked.append(unit)
                 continue
             else:
-                name, size, records = named[unit], None, None
+                name, size, records = named[unit, start], None, None
             found = sizes.get(name)
             if found is None:
-                check.lost.append(LostOutput(unit, name, "is missing", generation))
+                check.lost.append(LostOutput(unit, name, "is missing", generation, start))
             elif isinstance(size, int) and found != size:
                 count = writer.count_records(name)
                 if count is None or count != records:
                     holds = "cannot be read" if count is None else f"holds {count:,} records, not {records}"
                     problem = f"is {found:,} bytes, not the {size:,} its done mark recorded, and {holds}"
-                    check.lost.append(LostOutput(unit, name, problem, generation))
+                    check.lost.append(LostOutput(unit, name, problem, generation, start))
         return check
 
-    def redo(self, lost: list[LostOutput], remove_output: Callable[[int], None] | None = None) -> list[int]:
-        """Make the done units of ``lost`` claimable again at once; return those it did.
+    def redo(self, lost: list[LostOutput], remove_output: Callable[[int | str], None] | None = None) -> list[PieceKey]:
+        """Make the done pieces of ``lost`` claimable again at once; return those it did.
 
         A unit is redone only if its done mark is still the one judged lost (the same
         generation: another command may have redone it since, and its new holder committed):
         that generation's lease is given back (so that it counts as no attempt), the redo of
         that generation is claimed (``U.g.redo-N``, created once: only one command redoes it),
-        ``remove_output`` deletes the unit's output file, then the mark is deleted (while it
-        exists, no holder can commit the unit)."""
+        ``remove_output`` deletes the piece's output file (it is given the piece's
+        :func:`output_chunk`), then the mark is deleted (while it exists, no holder can commit
+        the piece). The piece's extent is kept: its last generation states it."""
         redone = []
         names: list[str] | None = None  # units/, listed when a redo is first claimed
         for entry in lost:
-            path = self._done_path(entry.unit)
+            path = self._done_path(entry.unit, entry.start)
             if not self._mark_of(path, entry.generation):
                 continue
             generation = entry.generation
-            if generation is None:  # an unreadable mark: its unit's last lease
-                generation = self._list().get(entry.unit, _Unit()).generation
-            lease = self.units_dir / _generation_name(entry.unit, generation, "lease")
-            self.release(Lease(entry.unit, generation, lease))  # nothing if a later generation exists
+            if generation is None:  # an unreadable mark: its piece's last lease
+                generation = self._list().get((entry.unit, entry.start), _Unit()).generation
+            lease_path = self.units_dir / _generation_name(entry.unit, generation, "lease", entry.start)
+            held = self._read_json(lease_path) or {}
+            end, cut_from = held.get("end"), held.get("cut_from")
+            lease = Lease(entry.unit, generation, lease_path, entry.start, end, cut_from)  # (None: not an int)
+            if held:  # (gone: given back already)
+                self.release(lease)  # nothing if a later generation exists
             if names is None:
                 names = self.storage.list(self.units_dir)  # (once: not a listing per lost unit)
-            claims = self._claim_redo(entry.unit, generation, names)
+            claims = self._claim_redo(entry.unit, generation, names, entry.start)
             if not claims:
                 continue  # another command redoes it
             if self._mark_of(path, entry.generation):  # (else redone and committed again since the check)
                 if remove_output is not None:
-                    remove_output(entry.unit)
+                    remove_output(output_chunk(entry.unit, entry.start))
                 self.storage.delete(path)
-                redone.append(entry.unit)
+                redone.append((entry.unit, entry.start))
             for claim in claims:
                 self.storage.delete(claim)
         return redone
 
-    def _claim_redo(self, unit: int, generation: int, names: list[str]) -> list[Path]:
+    def _claim_redo(self, unit: int, generation: int, names: list[str], start: int = 0) -> list[Path]:
         """Claim the redo of ``unit``'s done ``generation``: create ``U.g.redo-N``, N one past the
         last claim, unless that one is live (its command redoes it: ``[]``). A command that died
         before it finished leaves its claim (of this host and gone, or older than the lease
         timeout): the next claim, created once, takes it over. The claims to delete when done.
         ``names``: a listing of ``units/``."""
-        prefix = _generation_name(unit, generation, "redo-")
+        prefix = _generation_name(unit, generation, "redo-", start)
         numbers = sorted(
             int(name[len(prefix) :]) for name in names if name.startswith(prefix) and name[len(prefix) :].isdigit()
         )
@@ -918,9 +1206,13 @@ class WorkQueue:
             return []  # another command took it over first
         return [*claims, claim]
 
-    def _done_units(self) -> list[int]:
+    def pieces_done(self) -> int:
+        """How many pieces (whole units and pieces cut from them) are committed (one listing)."""
+        return len(self._done_units())
+
+    def _done_units(self) -> list[PieceKey]:
         planned = self._units_total()
-        return sorted(unit for unit, state in self._list().items() if state.done and unit < planned)
+        return sorted(key for key, state in self._list().items() if state.done and key[0] < planned)
 
     def _mark_of(self, path: Path, generation: int | None) -> bool:
         """Whether the done mark ``path`` exists and is of ``generation`` (None: unreadable)."""
@@ -944,17 +1236,18 @@ class WorkQueue:
             now = self.storage_now()
         except OSError:  # a reader who may not write the folder
             now = time.time()
-        done = documents = written = recent = 0
+        documents = written = recent = 0
         in_progress: list[UnitHolder] = []
         stale: list[UnitHolder] = []
         failed: list[UnitFailure] = []
-        for unit, state in sorted(units.items()):
-            if unit >= len(planned):
+        by_unit = _by_unit(units, len(planned))
+        for (unit, start), state in sorted(units.items()):
+            if unit >= len(planned) or (start and not state.marker):
                 continue
             if state.done:
-                done += 1
-                mark = self._read_json(self._done_path(unit)) or {}
-                count = mark.get("documents", counts[unit])  # an unreadable mark: the plan's count
+                mark = self._read_json(self._done_path(unit, start)) or {}
+                # an unreadable mark: the plan's count (that of a piece cut off: unknown)
+                count = mark.get("documents", None if start or len(by_unit[unit]) > 1 else counts[unit])
                 count = count if isinstance(count, int) else 0
                 documents += count
                 output = mark.get("output")  # {"file", "bytes", "records"}: what the unit's writer wrote
@@ -963,7 +1256,7 @@ class WorkQueue:
                 if now - float(mark.get("time", 0.0)) <= RATE_WINDOW_SEC:
                     recent += count
             elif state.failed:
-                mark = self._read_json(self._failed_path(unit)) or {}
+                mark = self._read_json(self._failed_path(unit, start)) or {}
                 failed.append(
                     UnitFailure(
                         unit,
@@ -974,7 +1267,7 @@ class WorkQueue:
                     )
                 )
             elif state.leased:
-                path = self.units_dir / _generation_name(unit, state.generation, "lease")
+                path = self.units_dir / _generation_name(unit, state.generation, "lease", start)
                 age = self._age(path, now)
                 if age is None:
                     continue  # given back since the listing
@@ -988,8 +1281,12 @@ class WorkQueue:
                     holder.get("pid"),
                     round(age, 3),
                     gone,
+                    start,
                 )
                 (stale if gone or state.given_up or age > self.lease_timeout_sec else in_progress).append(entry)
+        done = sum(1 for pieces in by_unit.values() if all(state.done for state in pieces))
+        failed_units = {entry.unit for entry in failed if not all(state.done for state in by_unit[entry.unit])}
+        busy = {holder.unit for holder in in_progress} - failed_units
         published = plan.get("published_at")
         if not isinstance(published, (int, float)):  # a plan of an older infermill: its file's date
             published = self.storage.mtime(self.folder / PLAN_FILE)
@@ -1001,9 +1298,9 @@ class WorkQueue:
             eta_sec=eta_sec(left, rate),
             units_total=len(planned),
             units_done=done,
-            units_in_progress=len(in_progress),
-            units_pending=len(planned) - done - len(failed) - len(in_progress),
-            units_failed=len(failed),
+            units_in_progress=len(busy),
+            units_pending=len(planned) - done - len(failed_units) - len(busy),
+            units_failed=len(failed_units),
             documents_done=documents,
             documents_total=documents_total,
             documents_written=written,
@@ -1017,15 +1314,14 @@ class WorkQueue:
         ``units/``, no file read: cheap enough for every metrics scrape. ``in_progress`` counts
         leases not given back, stale ones included (:meth:`status` tells them apart)."""
         planned = len((self.plan() or {"units": []})["units"])
+        units = self._list()
         done = failed = leased = 0
-        for unit, state in self._list().items():
-            if unit >= planned:
-                continue
-            if state.done:
+        for pieces in _by_unit(units, planned).values():
+            if all(state.done for state in pieces):
                 done += 1
-            elif state.failed:
+            elif any(state.failed and not state.done for state in pieces):
                 failed += 1
-            elif state.leased:
+            elif any(state.leased and not state.done for state in pieces):
                 leased += 1
         return {"done": done, "pending": planned - done - failed - leased, "in_progress": leased, "failed": failed}
 
@@ -1035,19 +1331,24 @@ class WorkQueue:
         """The storage's current time: the mtime of the ``clock`` file, just touched."""
         return self.storage.now(self.folder / CLOCK_FILE)
 
-    def _list(self) -> dict[int, _Unit]:
-        """Every unit that has a file in ``units/``, from one directory listing."""
-        units: dict[int, _Unit] = {}
+    def _list(self) -> dict[PieceKey, _Unit]:
+        """Every piece that has a file in ``units/``, from one directory listing."""
+        units: dict[PieceKey, _Unit] = {}
         for name in self.storage.list(self.units_dir):
             parts = name.split(".")
-            if name.startswith(".") or not parts[0].isdigit():
+            key = None if name.startswith(".") else parse_prefix(parts[0])
+            if key is None:
                 continue
-            state = units.setdefault(int(parts[0]), _Unit())
+            state = units.setdefault(key, _Unit())
             if len(parts) == 2:
                 if parts[1] == "done":
                     state.done = True
                 elif parts[1] == "failed":
                     state.failed = True
+                elif parts[1] == "piece":
+                    state.marker = True
+                elif parts[1] == "help":
+                    state.help = True
             elif len(parts) == 3 and parts[1].isdigit():
                 generation, kind = int(parts[1]), parts[2]
                 if kind == "lease":
@@ -1112,11 +1413,43 @@ class WorkQueue:
             {"worker": self.worker_id, "host": self.host, "pid": self.pid, "time": time.time(), **fields}
         )
 
-    def _done_path(self, unit: int) -> Path:
-        return self.units_dir / f"{unit:06d}.done"
+    def _done_path(self, unit: int, start: int = 0) -> Path:
+        return self.units_dir / f"{piece_prefix(unit, start)}.done"
 
-    def _failed_path(self, unit: int) -> Path:
-        return self.units_dir / f"{unit:06d}.failed"
+    def _failed_path(self, unit: int, start: int = 0) -> Path:
+        return self.units_dir / f"{piece_prefix(unit, start)}.failed"
+
+    def _piece_path(self, unit: int, start: int) -> Path:
+        return self.units_dir / f"{piece_prefix(unit, start)}.piece"
+
+    def _help_path(self, unit: int, start: int) -> Path:
+        return self.units_dir / f"{piece_prefix(unit, start)}.help"
+
+
+def _by_unit(units: dict[PieceKey, _Unit], planned: int) -> dict[int, list[_Unit]]:
+    """The states of each planned unit's pieces in the listing ``units`` (a unit listed by no
+    file: none; a piece cut off before it is listed by its mark)."""
+    found: dict[int, list[_Unit]] = {}
+    for (unit, start), state in units.items():
+        if unit < planned and (start == 0 or state.marker):
+            found.setdefault(unit, []).append(state)
+    for unit, pieces in found.items():
+        if (unit, 0) not in units:
+            pieces.append(_Unit())  # its first piece has no file yet
+    return found
+
+
+def _extent_fields(end: int | None, cut_from: int | None) -> dict[str, int]:
+    """What a lease (or its released mark) states of its piece's extent (see :meth:`WorkQueue.split`)."""
+    fields = {} if end is None else {"end": end}
+    if cut_from is not None:
+        fields["cut_from"] = cut_from
+    return fields
+
+
+def _shown(key: PieceKey) -> str:
+    """``7`` or ``7@3000``, as messages name a piece."""
+    return str(key[0]) if key[1] == 0 else f"{key[0]}@{key[1]}"
 
 
 class QueueStalledError(StorageError):

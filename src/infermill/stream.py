@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 from infermill.errors import CheckpointBusyError, ConfigError, LeaseLostError
 from infermill.io.units import UnitPlan, WorkUnit
-from infermill.io.writers import OutputWriter
+from infermill.io.writers import ChunkIndex, OutputWriter
 from infermill.journal import check_identity, identity_differences
 from infermill.mirror import RECORDS, has_plan, job_storage
-from infermill.queue import UNITS_DIR, WorkQueue
+from infermill.queue import UNITS_DIR, WorkQueue, output_chunk, parse_prefix
 from infermill.queue_storage import PosixQueueStorage, QueueStorage, StorageTimeoutError
 from infermill.types import END_OF_INPUT
 
@@ -52,19 +52,19 @@ class RankWriter(OutputWriter):
     def __getattr__(self, name: str) -> Any:  # output_folder, output_filename, fs, root...
         return getattr(self.inner, name)
 
-    def write_chunk(self, records: Iterable[Any], rank: int, chunk_index: int) -> int:
+    def write_chunk(self, records: Iterable[Any], rank: int, chunk_index: ChunkIndex) -> int:
         return self.inner.write_chunk(records, self.rank, chunk_index)
 
-    def chunk_file(self, rank: int, chunk_index: int) -> str | None:
+    def chunk_file(self, rank: int, chunk_index: ChunkIndex) -> str | None:
         return self.inner.chunk_file(self.rank, chunk_index)
 
-    def written(self, rank: int, chunk_index: int, records: int) -> dict[str, Any]:
+    def written(self, rank: int, chunk_index: ChunkIndex, records: int) -> dict[str, Any]:
         return self.inner.written(self.rank, chunk_index, records)
 
-    def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
+    def remove_chunk_file(self, rank: int, chunk_index: ChunkIndex) -> None:
         self.inner.remove_chunk_file(self.rank, chunk_index)
 
-    def remove_temp_files(self, rank: int, chunk_index: int | None = None) -> None:
+    def remove_temp_files(self, rank: int, chunk_index: ChunkIndex | None = None) -> None:
         self.inner.remove_temp_files(self.rank, chunk_index)
 
     # the rest as the writer itself does it (not OutputWriter's: the writer may override them)
@@ -72,7 +72,7 @@ class RankWriter(OutputWriter):
     def is_local(self) -> bool:
         return self.inner.is_local
 
-    def filename(self, rank: int, chunk_index: int) -> str:
+    def filename(self, rank: int, chunk_index: ChunkIndex) -> str:
         return self.inner.filename(self.rank, chunk_index)
 
     def file_sizes(self, names: Iterable[str]) -> dict[str, int]:
@@ -108,9 +108,9 @@ def discard_queue(folder: Path, writer: OutputWriter, storage: QueueStorage | No
         names = storage.list(folder / UNITS_DIR)  # UNIT.done, UNIT.GENERATION.lease...
     except FileNotFoundError:
         names = []
-    claimed = {name.split(".", 1)[0] for name in names}
-    for unit in sorted(int(name) for name in claimed if name.isdigit()):
-        writer.remove_chunk_file(0, unit)
+    claimed = {key for name in names if (key := parse_prefix(name.split(".", 1)[0])) is not None}
+    for unit, start in sorted(claimed):  # (a piece cut off a unit: its own file)
+        writer.remove_chunk_file(0, output_chunk(unit, start))
     for name in names:
         if name.endswith(".done"):
             storage.delete(folder / UNITS_DIR / name)

@@ -14,7 +14,9 @@ unit it commits: a killed run leaves its counts up to then) and summed into
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from infermill.errors import ConfigError, InfermillError, UnitsFailedError
+from infermill.errors import ConfigError, InfermillError, LeaseLostError, UnitsFailedError
 from infermill.io.filesystems import LASTING_ERRNOS, check_space, replace_whole, storage_error
 from infermill.io.readers import DocumentReader
 from infermill.io.units import UnitPlan, plan_units, read_unit
@@ -33,7 +35,7 @@ from infermill.journal import QueueJournal, check_identity, identity_differences
 from infermill.layout import PLAN_FILE, series_files
 from infermill.metrics import RunStats, per_sec
 from infermill.mirror import has_plan, job_storage, push, reading
-from infermill.queue import WorkQueue, process_gone
+from infermill.queue import Lease, WorkQueue, process_gone
 from infermill.queue_storage import StorageTimeoutError
 from infermill.stream import discard_queue, discard_rank_checkpoints, discard_records
 from infermill.types import END_OF_INPUT as END
@@ -49,6 +51,16 @@ logger = logging.getLogger("infermill.worker")
 #: worker still finishes units of its own, longer while others do
 POLL_HOLDING_SEC = 0.2
 POLL_WAITING_SEC = 2.0
+#: how often a worker handing out a piece's documents looks whether another worker asked it to
+#: cut the piece (one file read), once a worker found nothing to claim; and how often it looks
+#: whether one did (one file's existence, ``WorkQueue.in_tail``) before
+SPLIT_POLL_SEC = 0.25
+TAIL_CHECK_SEC = 1.0
+RATE_SAMPLES = 21  # (5 s of SPLIT_POLL_SEC)
+#: how often a worker that asked for pieces to be cut looks for one, for ASKED_WINDOW_SEC after
+#: it asked (its holders look every SPLIT_POLL_SEC); then every POLL_WAITING_SEC
+POLL_ASKED_SEC = 0.2
+ASKED_WINDOW_SEC = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +82,8 @@ class QueueOptions:
     #: another); a number: it starts again with a new server itself, as judged by WorkerDeaths
     #: with this bound (a command's only worker, which nothing else replaces)
     max_worker_restarts: int | None = None
+    #: a worker with nothing left to claim asks a holder to cut its piece (checkpoint.split_units)
+    split_units: bool = True
 
 
 def open_queue(
@@ -126,6 +140,7 @@ def open_queue(
         if reset:
             logger.info("retrying %d unit(s) that failed in an earlier run: %s", len(reset), _named(reset))
         queue.reset_attempts()
+        queue.clear_tail()  # (units may be claimable again: holders look for help marks once one is idle)
     return queue, UnitPlan.from_json(stored)
 
 
@@ -135,10 +150,14 @@ def redo_lost_outputs(queue: WorkQueue, writer: OutputWriter) -> list[int]:
     first of them and their count; returns those units. A unit another command redid meanwhile
     is left to it (:meth:`WorkQueue.redo`)."""
     lost = queue.check_outputs(writer).lost
-    redone = set(queue.redo(lost, lambda unit: writer.remove_chunk_file(0, unit)))
-    named = [entry for entry in lost if entry.unit in redone]
+    redone = set(queue.redo(lost, lambda chunk: writer.remove_chunk_file(0, chunk)))
+    named = [entry for entry in lost if (entry.unit, entry.start) in redone]
     if named:
-        shown = "; ".join(f"unit {e.unit}: {writer.url(f'{writer.root}/{e.file}')} {e.problem}" for e in named[:10])
+        shown = "; ".join(
+            f"{'piece' if e.start else 'unit'} {e.unit}{f'@{e.start}' if e.start else ''}: "
+            f"{writer.url(f'{writer.root}/{e.file}')} {e.problem}"
+            for e in named[:10]
+        )
         more = f"; and {len(named) - 10} more" if len(named) > 10 else ""
         logger.warning(
             "%d done unit(s) lost their output and run again (%s%s). If the files were moved or deleted on purpose, "
@@ -147,7 +166,7 @@ def redo_lost_outputs(queue: WorkQueue, writer: OutputWriter) -> list[int]:
             shown,
             more,
         )
-    return sorted(redone)
+    return sorted({unit for unit, _ in redone})
 
 
 def _open(layout: JobLayout, options: QueueOptions) -> WorkQueue:
@@ -174,6 +193,12 @@ def _busy(queue: WorkQueue, layout: JobLayout, stored: dict[str, Any]) -> str:
     status = queue.status()
     if status.units_done:
         return f"{status.units_done} of its {status.units_total} units are committed with the settings before."
+    pieces = queue.pieces_done()
+    if pieces:  # no unit whole, but pieces cut from them are (their documents are in the output)
+        return (
+            f"{pieces} piece(s) of its units ({status.documents_done} documents) are committed with the settings "
+            "before."
+        )
     wait = f"if that command is stopped, run this one again in {queue.lease_timeout_sec:g} s at most"
     for holder in status.in_progress:
         if holder.process_gone:
@@ -260,10 +285,12 @@ class UnitSource:
         plan: UnitPlan,
         stats: RunStats,
         over_budget: Callable[[], Awaitable[str | None]] | None = None,
+        split_min: int | None = None,
     ):
         """``over_budget``: why the job passed its budget, or None; asked every
         :data:`BUDGET_CHECK_SEC`: once it says why, no more documents are handed out
-        (``budget_stop``), and the units held are given back."""
+        (``budget_stop``), and the units held are given back. ``split_min``: the fewest
+        documents a cut leaves on either side (None: pieces are never cut, nor asked for)."""
         self.queue = queue
         self.journal = journal
         self.reader = reader
@@ -278,6 +305,17 @@ class UnitSource:
         self._budget_checked_at = -BUDGET_CHECK_SEC
         self.budget_stop: str | None = None
         self._waiting = False  # the last claim found no unit to claim
+        self.split_min = split_min
+        self._end = 0  # the end of the piece being handed out (its documents' positions in their unit)
+        self._next = 0  # the position of its next document
+        self._tail = False  # the queue had nothing left to claim once: the job's end is near
+        self._declined: Lease | None = None  # the piece whose holder judged a cut would not end it sooner
+        self._watcher: asyncio.Task[None] | None = None
+        # (time.monotonic(), documents processed) every SPLIT_POLL_SEC while documents were handed
+        # out, over the last RATE_SAMPLES: this worker's recent rate when busy
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_SAMPLES)
+        self._asked_until = 0.0  # time.monotonic() until which this worker looks for the pieces it asked for
+        self.splits = 0  # pieces this worker cut off its own
 
     async def __call__(self) -> Any:
         async with self._lock:
@@ -286,17 +324,30 @@ class UnitSource:
                 if self._items is not None and self._unit is not None and self.journal.holds(self._unit):
                     item: Any
                     try:
-                        item = next(self._items, END)
+                        item = next(self._items, END) if self._next < self._end else END
                     except InfermillError as e:  # a bad record that stops the unit, its input changed...
                         self.journal.fail(self._unit, str(e))
                         item = END
                     if item is not END:
                         position, raw = item
+                        self._next = position + 1
                         return self._unit * self.plan.records_per_unit + position, raw
                 self._items = self._unit = None
                 if not await self._claim():
-                    await asyncio.sleep(POLL_HOLDING_SEC if self.journal.held() else POLL_WAITING_SEC)
+                    await asyncio.sleep(self._poll_sec())
+            self.close()
             return END
+
+    def close(self) -> None:
+        """Stop looking for requests to cut pieces (when the source ends, or its run does)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    def _poll_sec(self) -> float:
+        if self.journal.held():
+            return POLL_HOLDING_SEC
+        return POLL_ASKED_SEC if time.monotonic() < self._asked_until else POLL_WAITING_SEC
 
     async def _check_budget(self, force: bool) -> None:
         """End the source if the job passed its budget: checked before each unit is claimed
@@ -316,7 +367,9 @@ class UnitSource:
         if self._ended:
             return True
         try:
-            lease = await self.queue.in_thread(self.queue.claim)
+            # not a piece of a unit this worker holds (a piece it cut off its own, its documents in
+            # flight): its journal keeps one piece of a unit at a time
+            lease = await self.queue.in_thread(self.queue.claim, self.journal.held())
         except OSError as e:
             # a network file system's hiccup (ESTALE...) is looked at again after the poll; a full
             # disk, or an error that lasts for a lease timeout, stops the worker
@@ -333,15 +386,132 @@ class UnitSource:
         self._claims_failing_since = None
         self._waiting = lease is None
         if lease is None:
-            self._ended = not self.journal.held() and await self.queue.in_thread(self.queue.drained)
+            listing = self.queue.last_listing  # (the claim's: no second listing)
+            self._ended = not self.journal.held() and await self.queue.in_thread(self.queue.drained, listing)
+            if not self._ended and self.split_min is not None:
+                await self._ask_cut(listing)
             return self._ended
         if await self.journal.hold(lease):  # finished by an earlier holder: commit it
             self.stats.documents_resumed += self.journal.finished(lease.unit)
             await self.journal.finish_chunk(lease.unit)
             return True
         self._unit = lease.unit
-        self._items = enumerate(read_unit(self.reader, self.plan[lease.unit]))
+        start, self._end = self.journal.extent(lease)
+        self._next = start
+        self._items = enumerate(itertools.islice(read_unit(self.reader, self.plan[lease.unit]), start, None), start)
+        if self.split_min is not None and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return True
+
+    # -- cutting pieces -------------------------------------------------------------------
+
+    def rate(self) -> float | None:
+        """This worker's documents per second over its last seconds of work (None: unknown yet)."""
+        if len(self._samples) < 2:
+            return None
+        (first, before), (last, now) = self._samples[0], self._samples[-1]
+        return (now - before) / (last - first) if now > before else None
+
+    async def _ask_cut(self, listing: dict[Any, Any]) -> None:
+        """Nothing left to claim: say so to holders (``WorkQueue.mark_tail``) and ask the
+        holders of the pieces in progress to cut them (once per piece: the next claim takes the
+        piece cut off, whichever worker asked); look for one often for a moment if any was asked."""
+        held = self.journal.held()
+        try:
+            await self.queue.in_thread(self.queue.mark_tail)
+            if await self.queue.in_thread(self.queue.ask_help, self.rate(), held, listing):
+                self._asked_until = time.monotonic() + ASKED_WINDOW_SEC
+        except OSError as e:  # looked at again at the next claim
+            logger.debug("could not ask for a piece to be cut: %s", e)
+
+    async def _watch(self) -> None:
+        """Look whether another worker asked to cut the piece being handed out (one file read
+        every :data:`SPLIT_POLL_SEC`) once a worker found nothing to claim (this one's last claim,
+        or the tail mark: one file's existence every :data:`TAIL_CHECK_SEC` until then), and cut
+        it at once (no document is handed out meanwhile)."""
+        tail_checked = time.monotonic()
+        while True:
+            await asyncio.sleep(SPLIT_POLL_SEC)
+            unit = self._unit
+            lease = None if unit is None else self.journal.lease(unit)
+            if lease is not None:
+                self._samples.append((time.monotonic(), self.stats.documents_processed))
+            assert self.split_min is not None
+            if lease is None or lease is self._declined or self._end - self._next < self.split_min:
+                continue
+            try:
+                if not self._tail and self.queue.free_left:  # (its own claim found others free)
+                    if time.monotonic() - tail_checked < TAIL_CHECK_SEC:
+                        continue
+                    tail_checked = time.monotonic()
+                    if not await self.queue.in_thread(self.queue.in_tail):
+                        continue
+                # from now on, workers may ask: its help mark is read (no more tail checks)
+                self._tail = True
+                asked = await self.queue.in_thread(self.queue.help_asked, lease)
+            except OSError as e:
+                logger.debug("could not look whether a piece should be cut: %s", e)
+                continue
+            if asked is None:
+                continue
+            async with self._lock:
+                if self._unit == lease.unit and self.journal.lease(lease.unit) is lease:
+                    await self._cut(asked)
+
+    async def _cut(self, asked: dict[str, Any]) -> None:
+        """Cut the piece being handed out where its next document is (or past the documents
+        its journal finished already), giving the worker that asked what ends the piece
+        soonest (:func:`share_to_give`); not at all when that would not end it sooner."""
+        unit = self._unit
+        assert unit is not None and self.split_min is not None
+        lease = self.journal.lease(unit)
+        first = max(self._next, self.journal.finished_before(unit))
+        left = self._end - first
+        if lease is None:
+            return
+        own, theirs = self.rate(), asked.get("rate")
+        if not (own and isinstance(theirs, (int, float)) and theirs > 0):
+            own = theirs = 1.0  # unknown: as fast as each other
+        in_flight = max(0, self._next - lease.start - self.journal.finished(unit))
+        # the piece kept holds split_min documents at least, those handed out counted
+        most = min(left, left + first - lease.start - self.split_min)
+        give = share_to_give(most, left, in_flight, self.split_min, own, theirs) if most > 0 else None
+        if give is None or give < min(self.split_min, left):  # (nor is a piece cut off smaller)
+            self._declined = lease  # it would not end sooner: the mark stays, and no one asks this piece again
+            return
+        at = first + left - give
+        try:
+            _, finished = await self.journal.cut(lease, at)
+        except LeaseLostError as e:  # another worker holds it: stop working on it now
+            self.journal.lose(lease, e)
+            return
+        except OSError as e:  # a hiccup: not cut (it may be asked again)
+            logger.info("could not cut unit %s at %d: %s", lease.name, at, e)
+            return
+        self._end = at
+        self.splits += 1
+        logger.info("unit %s cut at document %d for another worker (%d left here)", lease.name, at, at - self._next)
+        if finished:
+            await self.journal.finish_chunk(unit)
+
+
+def share_to_give(most: int, left: int, in_flight: int, per_round: int, own: float, theirs: float) -> int | None:
+    """How many of the ``left`` documents a holder (``in_flight`` more in its server) gives the
+    worker that asked for them, at most ``most``: what ends the two soonest, both sending
+    ``per_round`` documents at a time (the job's ``max_concurrent_documents``), at their rates
+    (documents per second), the other starting :data:`POLL_ASKED_SEC` late (it claims the piece
+    then). A multiple of ``per_round`` or all; None when giving would not end it sooner."""
+    own_round, their_round = per_round / own, per_round / theirs
+
+    def rounds(documents: int) -> int:
+        return -(-documents // per_round)
+
+    best, soonest = None, rounds(in_flight + left) * own_round
+    for give in sorted({*range(per_round, most + 1, per_round), most} - {0}):
+        ends = max(rounds(in_flight + left - give) * own_round, POLL_ASKED_SEC + rounds(give) * their_round)
+        if ends < soonest - 1e-9:
+            best, soonest = give, ends
+    return best
 
 
 def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,14 @@ PARQUET_ROWS_PER_GROUP = 2000
 JSONL_BLOCK_BYTES = 1 << 20
 
 Record = dict[str, Any] | bytes  # bytes: one JSON object, encoded
+#: a chunk's index in its file name: a number (``00007``) or a piece of a queue's unit as the
+#: queue names it (``00007-003000``, :func:`infermill.queue.output_chunk`)
+ChunkIndex = int | str
+
+
+def chunk_text(chunk_index: ChunkIndex) -> str:
+    """How a file name writes ``chunk_index`` (``${chunk_index}``)."""
+    return chunk_index if isinstance(chunk_index, str) else f"{chunk_index:05d}"
 
 
 class OutputWriter:
@@ -77,10 +85,10 @@ class OutputWriter:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         return "file" in protocols or "local" in protocols
 
-    def filename(self, rank: int, chunk_index: int) -> str:
-        return Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index=f"{chunk_index:05d}")
+    def filename(self, rank: int, chunk_index: ChunkIndex) -> str:
+        return Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index=chunk_text(chunk_index))
 
-    def write_chunk(self, records: Iterable[Record], rank: int, chunk_index: int) -> int:
+    def write_chunk(self, records: Iterable[Record], rank: int, chunk_index: ChunkIndex) -> int:
         """Write one chunk's file whole; return the number of records. No records, no file.
 
         A record is a dict, or one JSON object already encoded (as the checkpoint journal
@@ -117,12 +125,12 @@ class OutputWriter:
             self.fs.put_file(local, final)
         return count
 
-    def chunk_file(self, rank: int, chunk_index: int) -> str | None:
+    def chunk_file(self, rank: int, chunk_index: ChunkIndex) -> str | None:
         """The one file (in the output folder) that a chunk with records is written to; None
         when this writer cannot name it before writing."""
         return self.filename(rank, chunk_index)
 
-    def written(self, rank: int, chunk_index: int, records: int) -> dict[str, Any]:
+    def written(self, rank: int, chunk_index: ChunkIndex, records: int) -> dict[str, Any]:
         """What a done mark records of the chunk file :meth:`write_chunk` just wrote with
         ``records`` records: its name in the output folder and its size (no file when no
         record was written, or when this writer cannot name it)."""
@@ -175,18 +183,18 @@ class OutputWriter:
     def _write_records(self, file: IO[bytes], records: Iterator[Record]) -> int:
         raise NotImplementedError
 
-    def remove_chunk_file(self, rank: int, chunk_index: int) -> None:
+    def remove_chunk_file(self, rank: int, chunk_index: ChunkIndex) -> None:
         """Delete one chunk's data file, if it is there (for starting a job over)."""
         path = f"{self.root}/{self.filename(rank, chunk_index)}"
         with reaching(self.url(path), "delete"):
             if self.fs.exists(path):
                 self.fs.rm(path)
 
-    def remove_temp_files(self, rank: int, chunk_index: int | None = None) -> None:
+    def remove_temp_files(self, rank: int, chunk_index: ChunkIndex | None = None) -> None:
         """Delete this rank's temporary files (of chunk ``chunk_index`` only, if given) left by a
         run killed while writing a chunk: the names :meth:`write_chunk` gives them
         (``NAME.<8 hex digits>.tmp``), nothing else."""
-        chunks = "*" if chunk_index is None else f"{chunk_index:05d}"
+        chunks = "*" if chunk_index is None else chunk_text(chunk_index)
         pattern = Template(self.output_filename).safe_substitute(rank=f"{rank:05d}", chunk_index=chunks)
         with reaching(self.url(self.root), "clean up temporary files in"):
             for path in self.fs.glob(f"{self.root}/{pattern}.????????.tmp"):
