@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import struct
@@ -31,6 +32,7 @@ from infermill.cache import (
     fingerprint,
     request_bytes,
 )
+from infermill.jobfile import load_job
 from s3_servers import ACCESS_KEY, REGION, SECRET_KEY
 from test_cli import cli_env, infermill, job_spec, output_of, summary_rows, write_job
 
@@ -48,11 +50,19 @@ def write_docs(path: Path, texts: list[str], first: int = 0) -> Path:
 
 
 def cache_job(
-    tmp_path: Path, docs: Path, output: str, template: str = "Say: {{ text }}", delay: float = 0.0, **inference: Any
+    tmp_path: Path,
+    docs: Path,
+    output: str,
+    template: str = "Say: {{ text }}",
+    delay: float = 0.0,
+    server_kwargs: dict[str, str] | None = None,
+    **inference: Any,
 ) -> Path:
-    """A job of ``docs`` through the counting server (its count file ``tmp_path/requests.jsonl``),
-    written to ``output``, with the request cache ``tmp_path/cache``."""
+    """A job of ``docs`` through the counting server (its count file ``tmp_path/requests.jsonl``,
+    its other model_kwargs ``server_kwargs``), written to ``output``, with the request cache
+    ``tmp_path/cache``."""
     model_kwargs = {"server_script": str(COUNTING_SERVER), "count_file": str(tmp_path / "requests.jsonl")}
+    model_kwargs |= server_kwargs or {}
     if delay:
         model_kwargs["delay"] = str(delay)
     spec = job_spec(tmp_path, model_kwargs=model_kwargs, **inference)
@@ -167,15 +177,17 @@ def test_samples_at_a_temperature_above_0_are_entries_of_their_own_and_come_back
     prompt, three entries), and a rerun as a new job gets each sample its own reply back."""
     docs = write_docs(tmp_path / "docs.jsonl", ["one", "two", "two"])  # two documents with the same prompt too
     spec = {"default_generation_params": {"temperature": 0.8}, "rollouts_per_document": 3}
-    run_ok(tmp_path, cache_job(tmp_path, docs, "out1", **spec))
+    job = cache_job(tmp_path, docs, "out1", **spec)
+    run_ok(tmp_path, job)
     assert len(sent(tmp_path)) == 9 and entries(tmp_path / "cache") == 9
     run = asyncio.run(_open(tmp_path / "cache"))
     body = {"model": "echo", "temperature": 0.8, "messages": [{"role": "user", "content": "Say: two"}]}
     request = request_bytes(body, "/v1/chat/completions")
-    replies = [asyncio.run(run.lookup(fingerprint(request, ("d1", sample, 0)))) for sample in range(3)]
+    server = orjson.dumps(load_job(job).inference.reply_identity(), option=orjson.OPT_SORT_KEYS)
+    replies = [asyncio.run(run.lookup(fingerprint(request, ("d1", sample, 0), server))) for sample in range(3)]
     ids = {orjson.loads(reply)["id"] for reply in replies if reply is not None}
     assert len(ids) == 3, "three samples of d1, each its own reply"
-    assert asyncio.run(run.lookup(fingerprint(request, ("d1", 3, 0)))) is None  # (no fourth sample)
+    assert asyncio.run(run.lookup(fingerprint(request, ("d1", 3, 0), server))) is None  # (no fourth sample)
 
     run_ok(tmp_path, cache_job(tmp_path, docs, "out2", **spec))
     assert len(sent(tmp_path)) == 9
@@ -313,7 +325,7 @@ def test_two_jobs_sharing_a_cache_one_killed_then_a_new_job_resends_only_what_no
     assert committed_ids
 
     before = len(sent(tmp_path))
-    run_ok(tmp_path, cache_job(tmp_path, docs_b, "outc"))
+    run_ok(tmp_path, cache_job(tmp_path, docs_b, "outc", delay=0.05))  # (the same server: its replies)
     resent = {text.removeprefix("Say: ") for text in sent(tmp_path)[before:]}
     texts_by_id = {f"d{160 + i}": text for i, text in enumerate(texts[160:])}
     assert not resent & {texts_by_id[i] for i in committed_ids}, "a committed unit's reply was sent again"
@@ -384,6 +396,41 @@ def test_a_run_sees_what_other_runs_published_at_its_next_publish(tmp_path):
         assert len(second._segments) == segments == 1
 
     asyncio.run(scenario())
+
+
+def test_a_server_that_answers_otherwise_gets_its_own_entries(tmp_path):
+    """The key holds what answers beyond the request: a launched server's model_kwargs that are
+    not runtime flags (a revision, a chat template...), so a changed one sends every request anew."""
+    docs = write_docs(tmp_path / "docs.jsonl", [f"text number {i}" for i in range(6)])
+    run_ok(tmp_path, cache_job(tmp_path, docs, "out1"))
+    run_ok(tmp_path, cache_job(tmp_path, docs, "out2", server_kwargs={"revision": "v2"}))
+    assert len(sent(tmp_path)) == 12 and stats(tmp_path / "out2")["cache_hits"] == 0
+    run_ok(tmp_path, cache_job(tmp_path, docs, "out3"))  # the first server's again: its entries
+    assert len(sent(tmp_path)) == 12 and stats(tmp_path / "out3")["cache_hits"] == 6
+
+
+def test_a_reply_stored_again_wins_over_a_damaged_one_and_a_damaged_header_is_left_out(tmp_path, caplog):
+    """A stored reply that cannot be used is asked again and stored again: the newer wins at the
+    next run. A segment whose header claims more entries than its size holds is left out (logged),
+    not read."""
+    key = b"k" * 16
+
+    async def scenario() -> None:
+        damaged = RequestCache(tmp_path).open()
+        damaged.store(key, b'{"choices": [{"tex')
+        await damaged.publish()
+        again = RequestCache(tmp_path).open()
+        assert await again.lookup(key) == b'{"choices": [{"tex'  # (the engine finds it unusable: sent again)
+        again.store(key, b"good")
+        await again.publish()
+        assert await RequestCache(tmp_path).open().lookup(key) == b"good"
+
+    asyncio.run(scenario())
+    (tmp_path / SEGMENTS / f"0-bogus{SUFFIX}").write_bytes(struct.pack("<8sI", b"IMRCACH2", 0xFFFFFFFF) + b"x" * 100)
+    with caplog.at_level(logging.WARNING, logger="infermill.cache"):
+        run = RequestCache(tmp_path).open()
+    assert asyncio.run(run.lookup(key)) == b"good"
+    assert "0-bogus.seg left out" in caplog.text and "too few for the 4294967295 entries" in caplog.text
 
 
 def test_keys_that_share_their_first_8_bytes_are_told_apart_by_the_whole_key(tmp_path):

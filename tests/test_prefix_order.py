@@ -217,3 +217,28 @@ def test_prefix_window_without_a_key_is_refused_before_any_server_starts():
     with pytest.raises(ConfigError, match="prefix_key"):
         InferenceRunner(rollout, config, JsonlWriter(str(Path("/nonexistent-infermill-test"))))
     assert InferenceRunner(rollout, config, JsonlWriter("/nonexistent-infermill-test"), prefix_key="text").prefix_key
+
+
+def test_a_window_orders_whatever_its_key_function_returns_and_a_lone_documents_calls_stay_on_its_replica():
+    """A key function's None or number is ordered as text (None first), not a TypeError that
+    ends the run; a document whose key shares no prefix with its neighbours is no group, so the
+    load guard never moves its own calls."""
+    from infermill.ordering import PrefixOrder, group_affinities
+    from infermill.types import END_OF_INPUT
+
+    items = iter([(0, {"k": "b"}), (1, {"k": None}), (2, {"k": 3}), (3, {"k": "a"})])
+
+    async def source() -> object:
+        return next(items, END_OF_INPUT)
+
+    async def drain() -> list[int]:
+        order = PrefixOrder(source, lambda index, raw: raw["k"], window=8)
+        handed = []
+        while (item := await order()) is not END_OF_INPUT:
+            handed.append(item[0])
+        return handed
+
+    assert asyncio.run(drain()) == [1, 2, 3, 0]  # "", "3", "a", "b"
+    affinities = group_affinities([("shared prefix one", 0), ("shared prefix two", 1), ("zzz", 2)])
+    assert affinities[0] is affinities[1] and affinities[0].group
+    assert not affinities[2].group

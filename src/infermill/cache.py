@@ -4,8 +4,9 @@ only the requests it has no reply to.
 
 **Key.** The BLAKE2b digest (16 bytes) of the endpoint path (chat or completions) and of the
 request body as sent, keys sorted: the model, the messages or prompt, every sampling setting,
-``response_format``'s schema. Not the server's URL or port, nor the API key (they are not in
-the body). A request that samples (``temperature`` absent or above 0) is keyed also by its
+``response_format``'s schema; and what answers it beyond the body (the config's
+``reply_identity``: the server type, a launched server's model_kwargs but its runtime flags, an
+endpoint's URL). Not the API key. A request that samples (``temperature`` absent or above 0) is keyed also by its
 document's id, its sample (``rollouts_per_document`` index) and how many identical requests
 that sample sent before it: each sample is an entry of its own, a rerun gets the same samples,
 and two documents that happen to send the same prompt get samples of their own. At
@@ -73,13 +74,28 @@ def samples(body: dict[str, Any]) -> bool:
     return not (isinstance(temperature, int | float) and temperature <= 0)
 
 
-def fingerprint(request: bytes, sample: tuple[str, int, int] | None = None) -> bytes:
+def fingerprint(request: bytes, sample: tuple[str, int, int] | None = None, server: bytes = b"") -> bytes:
     """The key of ``request`` (:func:`request_bytes`); ``sample``: (document id, sample index,
-    repeat) of a request that samples."""
+    repeat) of a request that samples; ``server``: what answers it, beyond the request (the
+    config's :meth:`~infermill.config.InferenceConfig.reply_identity`: its model_kwargs, an
+    endpoint's URL...)."""
     digest = hashlib.blake2b(request, digest_size=KEY_BYTES)
+    if server:
+        digest.update(b"\x1e" + server)
     if sample is not None:
         digest.update(b"\x1f" + orjson.dumps(sample))
     return digest.digest()
+
+
+#: finish reasons of a generation that did not end as the model would (SGLang's abort, a server's
+#: error): such a reply is used once, never stored
+UNFINISHED = frozenset({"abort", "error", "cancelled", "canceled"})
+
+
+def storable(finish_reason: object) -> bool:
+    """Whether a reply that ended so is kept: one that stopped, hit its length, called a tool
+    (or said nothing of it), not one aborted or failed."""
+    return finish_reason is None or (isinstance(finish_reason, str) and finish_reason not in UNFINISHED)
 
 
 def encode_segment(entries: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -105,6 +121,8 @@ def decode_index(head: bytes, size: int, read: Callable[[int, int], bytes]) -> t
     if magic != _MAGIC:
         raise ValueError("not a segment of infermill's request cache (or of another version of it)")
     start = _HEADER.size + count * _ENTRY.size
+    if start > size:  # (a damaged count: not read, whatever it says)
+        raise ValueError(f"{size} bytes, too few for the {count} entries its header gives")
     if len(head) < start:
         head += read(len(head), start - len(head))
     index = head[_HEADER.size : start]
@@ -323,8 +341,9 @@ class CacheRun:
         return len(self._index) + len(self._published) + len(self._pending)
 
     def _read(self, key: bytes, where: list[tuple[int, int, int]]) -> bytes | None:
-        """The reply of ``key`` from the first of the entries ``where`` that holds that whole key."""
-        for number, offset, length in where:
+        """The reply of ``key`` from the newest of the entries ``where`` that holds that whole key
+        (a reply stored again, after one that could not be used, wins)."""
+        for number, offset, length in sorted(where, reverse=True):
             name, start = self._segments[number]
             data = self._store.read(name, start + offset, length)
             if data[:KEY_BYTES] == key:

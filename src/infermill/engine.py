@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 
 import orjson
 
-from infermill.cache import fingerprint, request_bytes, samples
+from infermill.cache import fingerprint, request_bytes, samples, storable
 from infermill.concurrency import AdaptiveLimit
 from infermill.config import InferenceConfig
 from infermill.errors import (
@@ -202,6 +202,7 @@ class DocumentEngine:
         self.documents_total: int | None = None  # the documents this run has to do, when known
         self.store_requests_at_start: dict[str, int] = {}  # a job in an object store: its process's, so far
         self.cache: CacheRun | None = None  # the job's request cache, once opened (see open_cache)
+        self._cache_server = b""
         self._failures: BinaryIO | None = None
         # observed per request only while metrics are on (a Prometheus port, a time series)
         self.latency: LatencyHistogram | None = None
@@ -214,6 +215,8 @@ class DocumentEngine:
         cache = getattr(self.settings, "cache", None)
         if cache is not None:
             self.cache = await asyncio.to_thread(cache.open)
+            # what answers beyond the request (model_kwargs, an endpoint's URL...): a new server, new replies
+            self._cache_server = orjson.dumps(self.config.reply_identity(), option=orjson.OPT_SORT_KEYS)
 
     async def publish_cache(self) -> None:
         """Publish the replies stored in the request cache since the last time, if it has one."""
@@ -482,7 +485,7 @@ class DocumentEngine:
 
         if self.cache is None:
             return generate, lambda: last
-        cache, doc_id = self.cache, str(document.id)
+        cache, doc_id, answered_by = self.cache, str(document.id), self._cache_server
         repeats: dict[bytes, int] = {}
 
         async def cached_generate(payload: dict[str, Any], *, path: str | None = None) -> InferenceResult:
@@ -495,7 +498,7 @@ class DocumentEngine:
             if samples(body):  # each sample its own entry: the same request's repeats too
                 repeat = repeats[request] = repeats.get(request, -1) + 1
                 sample = (doc_id, rollout_index, repeat)
-            key = fingerprint(request, sample)
+            key = fingerprint(request, sample, answered_by)
             reply = await cache.lookup(key)
             if reply is not None:
                 last = payload
@@ -514,7 +517,10 @@ class DocumentEngine:
             except BaseException:
                 cache.abandon(key)
                 raise
-            cache.store(key, orjson.dumps(result.raw))
+            if storable(result.finish_reason):
+                cache.store(key, orjson.dumps(result.raw))
+            else:
+                cache.abandon(key)
             return result
 
         return cached_generate, lambda: last

@@ -105,9 +105,10 @@ class PrefixOrder:
 
     def _key_of(self, index: int, raw: Any) -> str:
         try:
-            return self._key(index, raw)
+            key = self._key(index, raw)
         except Exception:  # a document whose prompt fails fails in its rollout, where that is recorded
             return ""
+        return key if isinstance(key, str) else "" if key is None else str(key)  # (a key function's own)
 
 
 def document_key(prefix_key: PrefixKey | None, rollout: Any, window: int | None) -> Callable[[Document], str] | None:
@@ -144,14 +145,17 @@ def group_affinities(keyed: list[tuple[str, int]]) -> dict[int, Affinity]:
     """One ``Affinity`` per group of neighbours among ``keyed`` ((key, index) in key order):
     a document joins its predecessor's group when their keys share at least
     ``GROUP_SHARED_SHARE`` of the shorter one (and are not empty)."""
-    affinities: dict[int, Affinity] = {}
+    groups: list[list[int]] = []
     previous: str | None = None
-    current = Affinity(group=True)
     for key, index in keyed:
         if previous is None or not shares_prefix(previous, key):
-            current = Affinity(group=True)
-        affinities[index] = current
+            groups.append([])
+        groups[-1].append(index)
         previous = key
+    affinities: dict[int, Affinity] = {}
+    for group in groups:  # a document alone keeps its own affinity: its calls stay on one replica
+        affinity = Affinity(group=len(group) > 1)
+        affinities.update(dict.fromkeys(group, affinity))
     return affinities
 
 
