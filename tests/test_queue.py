@@ -223,8 +223,8 @@ def test_the_renewer_keeps_a_lease_alive_and_reports_it_lost(tmp_path):
         renewer.stop()  # as if the worker froze
         wait_until(lambda: other.claim() is not None, 10 * TIMEOUT, "the takeover")
     renewer = holder.renewing(lease, on_lost=lost.append)
-    with renewer:
-        wait_until(lambda: renewer.lost, 10 * TIMEOUT, "the renewer to notice")
+    with renewer:  # (its report waited for: a renewer stopped reports nothing more)
+        wait_until(lambda: renewer.lost and lost, 10 * TIMEOUT, "the renewer to notice and report")
     assert "not renewed" in renewer.reason or "taken over" in renewer.reason
     assert len(lost) == 1
     with pytest.raises(LeaseLostError):
