@@ -34,6 +34,7 @@ from infermill.errors import (
     RequestError,
     RetryableError,
     ServerError,
+    StorageError,
     summarize_payload,
 )
 from infermill.io.readers import BadRecord
@@ -391,7 +392,7 @@ class DocumentEngine:
             # the rollout raised it itself (e.g. it awaited a generate() it had cancelled): treat it as
             # any other exception, or the document would silently vanish and its worker with it
             raise InferenceError(document, error, last_payload(), context="rollout_fn raised") from None
-        except (InferenceError, ServerError):
+        except (InferenceError, ServerError, StorageError):  # (a checkpoint that fails: the worker's error)
             raise
         except Exception as e:
             raise InferenceError(document, e, last_payload(), context="rollout_fn raised") from e

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import orjson
 
 from infermill.config import DIGEST_PREFIX
-from infermill.errors import ConfigError, InfermillError, LeaseLostError
+from infermill.errors import ConfigError, LeaseLostError, StorageError
 from infermill.io.readers import input_changes
 from infermill.queue import QueueStalledError, StorageStalledError, output_chunk
 from infermill.queue_storage import QueueStorage, StorageTimeoutError, timed_out, wait_async
@@ -402,7 +402,7 @@ class ChunkLogs:
         if self._failure is not None:
             if isinstance(self._failure, StorageTimeoutError):
                 raise self._stalled(self._failure) from self._failure
-            raise InfermillError(
+            raise StorageError(
                 f"cannot write the checkpoint in {self.dir}: {self._failure}; free the space (or fix the "
                 "permissions) and run the same command again to resume"
             ) from self._failure
