@@ -251,6 +251,7 @@ def kill_writers_at_random(tmp_path: Path, cache: str, env: dict[str, str], writ
             for _ in range(3 + i):  # each killed at its own moment, after a few segments
                 line = proc.stdout.readline()
                 assert line, f"writer {i} ended: exit {proc.wait()}"
+                published += line.split()
             time.sleep(0.05 * i)
             os.kill(proc.pid, signal.SIGKILL)
     finally:

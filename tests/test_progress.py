@@ -62,11 +62,14 @@ def test_the_progress_line_says_the_server_is_starting_until_it_is_ready(tmp_pat
     endpoint = None
     if server_type == "endpoint":
         port = find_free_port()
-        endpoint = subprocess.Popen([PYTHON, str(FAULTY_SERVER), "--port", str(port), "--startup-delay", "2"],
+        endpoint = subprocess.Popen([PYTHON, str(FAULTY_SERVER), "--port", str(port), "--startup-delay", "2",
+                                     "--directives", "sleep:0.1"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         inference |= {"server_type": "endpoint", "endpoint_url": f"http://127.0.0.1:{port}/v1", "model_kwargs": None}
     try:
-        job = FaultJob(tmp_path, docs=20, conc=2, server={"startup_delay": 2}, inference=inference)
+        # (each reply 0.1 s: a second of work once ready, so that progress lines come after it)
+        server = {"startup_delay": 2, "directives": "sleep:0.1"}
+        job = FaultJob(tmp_path, docs=20, conc=2, server=server, inference=inference)
         output = job.run_ok()
     finally:
         if endpoint is not None:
