@@ -317,8 +317,7 @@ class DocumentEngine:
                         continue
                     raise
             if (full_chunk := journal.commit(index, record)) is not None:
-                if self.cache is not None:  # its replies published before the unit is committed
-                    await self.cache.publish()
+                await self.publish_cache()  # its replies published before the unit is committed
                 await journal.finish_chunk(full_chunk)
 
     async def _process_document(self, document: Document, index: int) -> bytes | None:
