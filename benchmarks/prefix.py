@@ -111,11 +111,13 @@ COUNTERS = {
     "queries": "vllm:prefix_cache_queries_total",
     "hits": "vllm:prefix_cache_hits_total",
     "prompt_tokens": "vllm:prompt_tokens_total",
+    "preemptions": "vllm:num_preemptions_total",
+    "running": "vllm:num_requests_running",  # a gauge, not a counter
 }
 
 
 def scrape(url: str) -> dict[str, float] | None:
-    """The counters of :data:`COUNTERS` from ``url``/metrics (summed over labels), or None."""
+    """The metrics of :data:`COUNTERS` from ``url``/metrics (summed over labels), or None."""
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=2) as reply:
             text = reply.read().decode()
@@ -154,10 +156,11 @@ class Poller:
 
 
 def measure(points: list[tuple[float, dict[str, float]]], n: int) -> dict[str, float]:
-    """The steady rate (tokens/s, from a quarter of ``n`` requests done to the last poll) and the
-    prefix-cache hit rate over the run, from the polls (counters relative to the first poll)."""
+    """The steady rate (tokens/s, from a quarter of ``n`` requests done to the last poll), the
+    prefix-cache hit rate and the preemptions over the run, and the requests running in vLLM's
+    batch (mean over the steady part), from the polls (counters relative to the first poll)."""
     base = points[0][1]
-    rel = [(t, {k: v - base.get(k, 0.0) for k, v in c.items()}) for t, c in points]
+    rel = [(t, {k: v if k == "running" else v - base.get(k, 0.0) for k, v in c.items()}) for t, c in points]
     start = next((t, c) for t, c in rel if c["done"] >= n / 4)
     end = rel[-1]
     if end[1]["done"] <= start[1]["done"]:
@@ -169,6 +172,9 @@ def measure(points: list[tuple[float, dict[str, float]]], n: int) -> dict[str, f
         "hit_rate": end[1]["hits"] / queries if queries else 0.0,
         "done": end[1]["done"],
         "prompt_tokens": end[1]["prompt_tokens"],
+        "preemptions": end[1]["preemptions"],
+        "running": statistics.mean(c["running"] for t, c in rel if t >= start[0]),
+        "wall_s": end[0] - rel[0][0],
     }
 
 
@@ -292,7 +298,9 @@ async def serve_and_alternate(args: argparse.Namespace, work: str, results: dict
 def fmt(found: dict[str, float]) -> str:
     return (
         f"{found['tok_s']:.1f} tokens/s, prefix-cache hits {found['hit_rate']:.0%}, "
-        f"{found['prompt_tokens'] / max(found['done'], 1):.0f} prompt tokens/request, load {found['load']:.2f}"
+        f"{found['prompt_tokens'] / max(found['done'], 1):.0f} prompt tokens/request, load {found['load']:.2f}, "
+        f"{found['running']:.1f} running in vLLM's batch, {found['preemptions']:.0f} preemptions, "
+        f"{found['wall_s']:.0f} s from the first poll"
     )
 
 
@@ -337,9 +345,12 @@ def main() -> None:
     args = parser.parse_args()
     if not os.path.isdir(args.model):
         sys.exit(f"--model {args.model}: no such folder (make test converts SmolLM2 into .venv/models)")
+    import infermill
+    from infermill.eventloop import run_coroutine
+
+    print(f"# infermill from {os.path.dirname(infermill.__file__)}", file=sys.stderr, flush=True)
     results: dict = {}
     started = time.time()
-    from infermill.eventloop import run_coroutine
 
     with tempfile.TemporaryDirectory(prefix="prefix-bench-") as work:
         run_coroutine(serve_and_alternate(args, work, results))
