@@ -28,6 +28,7 @@ times 16 tokens; and the prefix-cache hit rate (``vllm:prefix_cache_hits`` /
 run-batch, infermill...) and the table has the medians and each run's 1-minute load average.
 
     .venv-vllm/bin/python benchmarks/prefix.py          # 100 docs x 4 questions, ~800 tokens, 2 runs each
+                                                        # (a KV cache of 84 blocks: about 12 such prompts)
     .venv-vllm/bin/python benchmarks/prefix.py --docs 16 --words 440 --kv-blocks 48 \
         --cases run-batch infermill infermill-hold                   # smaller, and the held-siblings case
 """
@@ -337,7 +338,10 @@ def main() -> None:
     )
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM's KV cache memory, GiB (1 is its least)")
     parser.add_argument(
-        "--kv-blocks", type=int, default=160, help="of which vLLM uses this many blocks (128 tokens each on CPU)"
+        "--kv-blocks",
+        type=int,
+        default=84,
+        help="of which vLLM uses this many blocks (128 tokens each on CPU; 84: about 12 prompts of ~800 tokens)",
     )
     parser.add_argument("--concurrency", type=int, default=128, help="infermill's max_concurrent_generations")
     parser.add_argument("--window", type=int, help="infermill's prefix_window (default: the whole input)")
