@@ -113,7 +113,10 @@ released mark), so whoever takes a piece over commits exactly the range its hold
 have; and it creates the mark of the last cut if its holder was killed before it did, so no
 range is lost or covered twice. A worker with nothing to claim asks the holders of the
 pieces in progress to cut them (:meth:`ask_help`, a ``U-S.help`` mark each); a holder looks
-(:meth:`help_asked`) and judges (``infermill.worker``). A unit is done when all its pieces
+(:meth:`help_asked`) and judges (``infermill.worker``). A claimer may cut the piece it just
+claimed the same way, before handing out any of its documents, keeping its share of the work
+its claim found free (:meth:`free_work`; ``asked=False``: the piece cut off names no cutter, so
+any worker, the cutter too, may take it at once). A unit is done when all its pieces
 are; :meth:`status` counts units, and documents as the pieces commit them.
 
 **Attempts and failures.** Each generation is an attempt, except one its holder gave back
@@ -129,7 +132,8 @@ both done and failed (a stale holder slipped past), done wins.
 
 **Cost.** A claim is one directory listing, plus a stat per unit in progress when no unit
 is free, plus one file created; a renewal is two utimes, an open and four stats; a commit is a
-renewal and a file created; giving a lease back is a file created and one deleted.
+renewal and a file created; giving a lease back is a file created and one deleted; a cut is
+eleven calls (two reads, three files created, four stats, two deletes).
 :meth:`status` lists the folder once and reads the done and
 failed marks (for documents and causes) and the leases of the units in progress: fine
 for thousands of units, milliseconds per thousand on a local disk.
@@ -439,6 +443,7 @@ class WorkQueue:
         # the last claim lost a piece to another worker, or saw a fresh lease (FRESH_LEASE_SEC): a
         # claimer keeping its share may be cutting the rest off, for a claim soon to find
         self.claimed_lately = False
+        self.took_over = False  # the last claim's piece was another worker's, stale or given up
         self.last_listing: dict[PieceKey, _Unit] = {}  # the last claim's (see drained, ask_help)
         self.storage.make_folder(self.units_dir)
         self.storage.make_folder(self.journals_dir)
@@ -541,9 +546,10 @@ class WorkQueue:
         whether one may come back). ``exclude``: units none of whose pieces may be claimed (a
         worker holds one piece of a unit at a time). ``free_left`` is then the number of other
         pieces the listing found free, and ``claimed_lately`` whether it lost a piece to another
-        worker or saw a lease younger than :data:`FRESH_LEASE_SEC` (the stale check's ages)."""
+        worker or saw a lease younger than :data:`FRESH_LEASE_SEC` (the stale check's ages);
+        ``took_over`` whether the lease is a stale or given-up holder's piece taken over."""
         self.check_plan()
-        self.claimed_lately = False
+        self.claimed_lately = self.took_over = False
         total = self._units_total()
         units = self.last_listing = self._list()
         free: list[PieceKey] = []
@@ -577,6 +583,7 @@ class WorkQueue:
                     continue  # live, or given back since the listing
             lease = self._take(key, state)
             if lease is not None:
+                self.took_over = True
                 return lease
         return None
 

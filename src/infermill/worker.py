@@ -430,8 +430,13 @@ class UnitSource:
         work its claim found free (:func:`guided_share`, among the workers holding pieces and this
         one), and cut the rest off at once, before any of its documents is handed out: near the
         job's end the free work is spread over every worker as it claims, instead of waiting for
-        one to find nothing and ask (early on the share is a whole unit or more: nothing is cut)."""
+        one to find nothing and ask (early on the share is a whole unit or more: nothing is cut).
+        Not a piece taken over from a worker that died on it: its attempts stay with all of it
+        (a piece cut off would start with none, and a document that kills its workers would
+        kill more of them before its piece is marked failed)."""
         assert self.split_min is not None
+        if self.queue.took_over:
+            return
         held = [unit for unit in self.journal.held() if unit != lease.unit]
         work = self.queue.free_work(self.queue.last_listing, held)
         if work is None:
