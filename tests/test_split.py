@@ -500,3 +500,16 @@ async def test_a_claim_early_in_the_job_keeps_its_whole_unit(tmp_path):
     assert not list((tmp_path / "queue" / "units").glob("*.piece"))
     source.close()
     await source.journal.close()
+
+
+def test_a_claim_that_finds_nothing_just_after_another_workers_claim_says_so(tmp_path):
+    """Its worker looks again soon: the other claimer may be cutting off what it does not keep."""
+    import time
+
+    from infermill.queue import FRESH_LEASE_SEC
+
+    first, second = make_queue(tmp_path, "first", 1), make_queue(tmp_path, "second")
+    assert first.claim() is not None
+    assert second.claim() is None and second.claimed_lately and not second.took_over
+    time.sleep(FRESH_LEASE_SEC)
+    assert second.claim() is None and not second.claimed_lately  # (the lease not stale yet: 1 s)
