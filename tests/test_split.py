@@ -475,14 +475,13 @@ async def test_a_claim_near_the_end_keeps_its_share_and_the_rest_is_claimable_ev
     source, _ = _source(tmp_path, units=4, held_by_others=3)
     first, _ = await source()
     unit = first // 100
-    handed = [first] + [(await source())[0] for _ in range(31)]
-    assert handed == list(range(unit * 100, unit * 100 + 32))  # its share, and no document past it
     kept = source.journal.lease(unit)
     assert kept is not None and (kept.start, kept.end, kept.cut_from) == (0, 32, 100)
-
     helper = make_queue(tmp_path / "queue", "helper")
     piece = helper.claim()
     assert piece is not None and (piece.unit, piece.start, piece.end) == (unit, 32, 100)
+    handed = [first] + [(await source())[0] for _ in range(31)]
+    assert handed == list(range(unit * 100, unit * 100 + 32))  # its share, and no document past it
     writer = JsonlWriter(str(tmp_path / "out"))
     assert commit(helper, writer, piece) and commit(source.queue, writer, kept)
     ids = [orjson.loads(line)["id"] for f in (tmp_path / "out").iterdir() for line in f.read_bytes().splitlines()]
@@ -508,8 +507,10 @@ def test_a_claim_that_finds_nothing_just_after_another_workers_claim_says_so(tmp
 
     from infermill.queue import FRESH_LEASE_SEC
 
-    first, second = make_queue(tmp_path, "first", 1), make_queue(tmp_path, "second")
+    first = WorkQueue(tmp_path, "first", lease_timeout_sec=60)
+    first.publish_plan({"units": [{"documents": 100}]})
+    second = WorkQueue(tmp_path, "second", lease_timeout_sec=60)
     assert first.claim() is not None
     assert second.claim() is None and second.claimed_lately and not second.took_over
-    time.sleep(FRESH_LEASE_SEC)
-    assert second.claim() is None and not second.claimed_lately  # (the lease not stale yet: 1 s)
+    time.sleep(FRESH_LEASE_SEC + 0.1)  # (file times are of a coarse clock: ms apart)
+    assert second.claim() is None and not second.claimed_lately
