@@ -440,8 +440,9 @@ class WorkQueue:
         self.seconds = 0.0
         self.retried: list[int] = []  # the failed units that reset_failed() made claimable again
         self.free_left = 0  # the pieces the last claim found free and left to others
-        # the last claim lost a piece to another worker, or saw a fresh lease (FRESH_LEASE_SEC): a
-        # claimer keeping its share may be cutting the rest off, for a claim soon to find
+        # the last claim lost a piece to another worker, or saw a fresh lease (FRESH_LEASE_SEC) or
+        # one gone since its listing: a claimer keeping its share may be cutting the rest off, for
+        # a claim soon to find
         self.claimed_lately = False
         self.took_over = False  # the last claim's piece was another worker's, stale or given up
         self.last_listing: dict[PieceKey, _Unit] = {}  # the last claim's (see drained, ask_help)
@@ -546,7 +547,8 @@ class WorkQueue:
         whether one may come back). ``exclude``: units none of whose pieces may be claimed (a
         worker holds one piece of a unit at a time). ``free_left`` is then the number of other
         pieces the listing found free, and ``claimed_lately`` whether it lost a piece to another
-        worker or saw a lease younger than :data:`FRESH_LEASE_SEC` (the stale check's ages);
+        worker or saw a lease younger than :data:`FRESH_LEASE_SEC` (the stale check's ages) or
+        gone since the listing;
         ``took_over`` whether the lease is a stale or given-up holder's piece taken over."""
         self.check_plan()
         self.claimed_lately = self.took_over = False
@@ -578,7 +580,8 @@ class WorkQueue:
             path = self.units_dir / _generation_name(key[0], state.generation, "lease", key[1])
             if not state.given_up:  # (given up: stale at once)
                 age = self._lease_age(path, now)
-                self.claimed_lately |= age is not None and age < FRESH_LEASE_SEC
+                # (gone since the listing: given back, or cut by a claimer keeping its share)
+                self.claimed_lately |= age is None or age < FRESH_LEASE_SEC
                 if age is None or not (age > self.lease_timeout_sec or self._holder_gone(path)):
                     continue  # live, or given back since the listing
             lease = self._take(key, state)
