@@ -701,10 +701,10 @@ class QueueJournal(ChunkLogs):
 
     async def cut(self, lease: Lease, at: int, asked: bool = True) -> tuple[Lease, bool]:
         """Cut ``lease``'s piece at document ``at`` (:meth:`WorkQueue.split`, in a thread, for a
-        worker that ``asked`` or not) and go
-        on with the lease it returns: renew it instead, and commit the piece once its documents
-        before the cut are finished. Returns that lease, and whether they all are already (then
-        :meth:`finish_chunk` it). Raises as the split does (``LeaseLostError``: lost)."""
+        worker that ``asked`` or not) and go on with the lease it returns: renew it instead, and
+        commit the piece once its documents before the cut are finished. Returns that lease, and
+        whether they all are already (then :meth:`finish_chunk` it). Raises as the split does
+        (``LeaseLostError``: lost)."""
         unit = lease.unit
         renewer = self._renewers.pop(unit, None)
         if renewer is not None:  # first: its renewal once the next generation exists would find it lost

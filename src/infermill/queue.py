@@ -546,10 +546,10 @@ class WorkQueue:
         by a live lease, or return None when there is none now (see :meth:`drained` to tell
         whether one may come back). ``exclude``: units none of whose pieces may be claimed (a
         worker holds one piece of a unit at a time). ``free_left`` is then the number of other
-        pieces the listing found free, and ``claimed_lately`` whether it lost a piece to another
-        worker or saw a lease younger than :data:`FRESH_LEASE_SEC` (the stale check's ages) or
-        gone since the listing;
-        ``took_over`` whether the lease is a stale or given-up holder's piece taken over."""
+        pieces the listing found free; ``claimed_lately`` whether it lost a piece to another
+        worker, or saw a lease younger than :data:`FRESH_LEASE_SEC` (the stale check's ages) or
+        one gone since the listing; ``took_over`` whether the lease is of a piece taken over
+        from a stale or given-up holder."""
         self.check_plan()
         self.claimed_lately = self.took_over = False
         total = self._units_total()

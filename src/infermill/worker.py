@@ -583,9 +583,9 @@ def guided_share(free: int, workers: int, per_round: int) -> int:
     """How many documents a worker keeps of a piece it claims when ``free`` documents were free
     to claim among ``workers`` (those holding pieces, and itself): an even share (OpenMP's
     ``guided`` schedule), in whole rounds of ``per_round`` (the job's
-    ``max_concurrent_documents``), one round at least. Counting a worker too many (one that
-    holds two pieces as it commits one) only makes the share smaller, never one that outlasts
-    the others'."""
+    ``max_concurrent_documents``), one round at least. Counting workers too many (one that
+    holds two pieces as it commits one) only makes shares smaller, and claims more; too few
+    would make a share outlast the others'."""
     share = -(-free // max(1, workers))
     return max(1, -(-share // per_round)) * per_round
 
