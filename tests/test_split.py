@@ -514,3 +514,22 @@ def test_a_claim_that_finds_nothing_just_after_another_workers_claim_says_so(tmp
     assert second.claim() is None and second.claimed_lately and not second.took_over
     time.sleep(FRESH_LEASE_SEC + 0.1)  # (file times are of a coarse clock: ms apart)
     assert second.claim() is None and not second.claimed_lately
+
+
+def test_a_free_piece_that_a_holder_died_on_is_claimed_as_taken_over_so_it_is_kept_whole(tmp_path):
+    """A piece given back by a worker that stopped is free again, but the attempt of the holder
+    that died on it before stays: its claimer cuts nothing off it (a piece cut off would start with
+    no attempt, and a document that kills workers would kill more before its piece fails)."""
+    dead = make_queue(tmp_path, "dead", 1)
+    age(dead.claim())  # type: ignore[arg-type]
+    stopper = make_queue(tmp_path, "stopper")
+    taken = stopper.claim()
+    assert taken is not None and stopper.took_over
+    stopper.release(taken)  # stopped on request: no attempt
+    claimer = make_queue(tmp_path, "claimer")
+    assert claimer.claim() is not None and claimer.took_over
+    fresh = make_queue(tmp_path / "other", "fresh", 1)
+    given = fresh.claim()
+    assert given is not None
+    fresh.release(given)
+    assert fresh.claim() is not None and not fresh.took_over  # given back with no death: free to share

@@ -444,7 +444,7 @@ class WorkQueue:
         # one gone since its listing: a claimer keeping its share may be cutting the rest off, for
         # a claim soon to find
         self.claimed_lately = False
-        self.took_over = False  # the last claim's piece was another worker's, stale or given up
+        self.took_over = False  # the last claim's piece was another worker's, stale or given up, or had attempts
         self.last_listing: dict[PieceKey, _Unit] = {}  # the last claim's (see drained, ask_help)
         self.storage.make_folder(self.units_dir)
         self.storage.make_folder(self.journals_dir)
@@ -549,7 +549,7 @@ class WorkQueue:
         pieces the listing found free; ``claimed_lately`` whether it lost a piece to another
         worker, or saw a lease younger than :data:`FRESH_LEASE_SEC` (the stale check's ages) or
         one gone since the listing; ``took_over`` whether the lease is of a piece taken over
-        from a stale or given-up holder."""
+        from a stale or given-up holder, or one with attempts spent on it already."""
         self.check_plan()
         self.claimed_lately = self.took_over = False
         total = self._units_total()
@@ -568,8 +568,11 @@ class WorkQueue:
         self.free_left = len(free)
         for key in free:
             self.free_left -= 1
-            lease = self._take(key, units.get(key) or _Unit())
+            state = units.get(key) or _Unit()
+            lease = self._take(key, state)
             if lease is not None:
+                # (free, but a holder died on it before: one that stopped gave it back after that)
+                self.took_over = state.attempts > 0
                 return lease
         if not leased:
             return None

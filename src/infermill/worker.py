@@ -376,6 +376,7 @@ class UnitSource:
         await self._check_budget(force=not self._waiting)
         if self._ended:
             return True
+        self._look_soon = False  # (a claim that fails waits the usual poll)
         try:
             # not a piece of a unit this worker holds (a piece it cut off its own, its documents in
             # flight): its journal keeps one piece of a unit at a time
@@ -438,7 +439,8 @@ class UnitSource:
         if self.queue.took_over:
             return
         held = [unit for unit in self.journal.held() if unit != lease.unit]
-        work = self.queue.free_work(self.queue.last_listing, held)
+        # (in a thread: it walks every unit of the plan, 50 ms for 10,000, which the loop would wait for)
+        work = await self.queue.in_thread(self.queue.free_work, self.queue.last_listing, held)
         if work is None:
             return
         free, in_progress = work
