@@ -203,7 +203,11 @@ def test_a_sigkilled_run_takes_the_whole_tree_of_each_server_along(tmp_path, wor
                 return len(tree["wrappers"]) == workers
             return len(tree["daemons"]) == workers and (moment == "up" or job.committed() >= 2)
 
-        wait_for(reached, f"trial {trial}: the servers {moment}", proc)
+        # each look scans every process of the machine: often only where the moment is brief (the
+        # wrappers just launched); the trees up, or serving with the server hung, stay so
+        wait_for(
+            reached, f"trial {trial}: the servers {moment}", proc, interval=0.005 if moment == "launched" else 0.05
+        )
         if moment == "up":  # the shape this test is about
             tree = server_trees()
             for daemon in tree["daemons"]:
@@ -213,7 +217,7 @@ def test_a_sigkilled_run_takes_the_whole_tree_of_each_server_along(tmp_path, wor
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         try:
-            wait_until(lambda: not any(server_trees().values()), 5, "every process of the run to die")
+            wait_until(lambda: not any(server_trees().values()), 5, "every process of the run to die", interval=0.05)
         except AssertionError:
             left = {kind: [" ".join(p.cmdline()) for p in procs] for kind, procs in server_trees().items() if procs}
             pytest.fail(f"trial {trial} (killed with the servers {moment}): alive 5 s after the SIGKILL: {left}")

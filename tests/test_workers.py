@@ -27,7 +27,7 @@ import yaml
 from conftest import PYTHON
 from helpers import FAULTY_SERVER, read_jsonl, server_stats, wait_until
 from infermill.errors import ConfigError
-from infermill.queue import WorkQueue
+from infermill.queue import QueueStatus, WorkQueue
 from infermill.timeseries import read_series
 
 TIMEOUT = 120
@@ -147,6 +147,21 @@ class QueueJob:
         return found
 
 
+def queue_status(job: QueueJob) -> QueueStatus | None:
+    """The unit counts ``status`` shows (None before the job is planned), computed in this process:
+    for a wait's predicate or a loop's test, polled (``job.status()`` starts a process each time)."""
+    from infermill.layout import JobLayout
+
+    if not (job.queue / "plan.json").exists():
+        return None
+    return WorkQueue.for_layout(JobLayout.for_output(job.location)).status()
+
+
+def units_in_progress(job: QueueJob) -> int:
+    status = queue_status(job)
+    return status.units_in_progress if status is not None else 0
+
+
 def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
     """The worker processes of a ``--workers`` parent."""
     try:
@@ -160,21 +175,23 @@ def output_of(result: subprocess.CompletedProcess) -> str:
 
 
 def test_three_workers_drain_the_job_each_document_once_each_with_its_own_server(tmp_path):
-    job = QueueJob(tmp_path, docs=3000, rpc=100, conc=16, directives="sleep:0.02")
+    # 30 units, 3.75 s of serving for one worker alone (160 docs/s): the last worker up still finds
+    # units left; the length is the server's (0.1 s a reply), not the number of requests
+    job = QueueJob(tmp_path, docs=600, rpc=20, conc=16, directives="sleep:0.1")
     result = job.run("--workers", "3")
     assert result.returncode == 0, output_of(result)
     job.check_exactly_once()
     status = job.status()
     assert status["units_total"] == status["units_done"] == 30
-    assert status["documents_done"] == 3000
+    assert status["documents_done"] == 600
     runs = job.worker_stats()
     assert len(runs) == 3 and all(run["documents_processed"] > 0 for run in runs), runs
-    assert sum(run["documents_processed"] for run in runs) == 3000
+    assert sum(run["documents_processed"] for run in runs) == 600
     logs = sorted(job.logs.glob("server_rank_*.log"))
     assert [p.name for p in logs] == [f"server_rank_0000{i}.log" for i in range(3)]  # three servers ran
     assert all("start attempt 1" in p.read_text() for p in logs)
     total = orjson.loads((job.output / "_infermill" / "stats.json").read_bytes())
-    assert total["documents_written"] == 3000 and total["worker_runs"] == 3
+    assert total["documents_written"] == 600 and total["worker_runs"] == 3
 
 
 def test_workers_and_parents_sigkilled_at_random_moments_then_rerun_with_other_counts_lose_and_repeat_nothing(
@@ -470,7 +487,7 @@ def test_a_second_ctrl_c_stops_every_worker_and_every_process_of_their_servers_a
     job.file.write_text(yaml.safe_dump(spec))
     proc = job.start("--workers", "2")
     try:
-        wait_until(lambda: job.queue.exists() and job.status()["units_in_progress"] >= 2, 60, "both workers at work")
+        wait_until(lambda: units_in_progress(job) >= 2, 60, "both workers at work")
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
@@ -524,7 +541,7 @@ def test_a_workers_server_does_not_inherit_the_secret_overrides_in_its_environme
     key = f"sk-test-{uuid.uuid4().hex}"
     proc = job.start("--workers", "2", "--set", f"inference.api_key={key}")
     try:
-        wait_until(lambda: job.queue.exists() and job.status()["units_in_progress"] >= 2, TIMEOUT, "both at work")
+        wait_until(lambda: units_in_progress(job) >= 2, TIMEOUT, "both at work")
         # every process a worker started: its server and the server's watcher
         children = [child for worker in workers_of(proc) for child in worker.children(recursive=True)]
         assert len([child for child in children if "faulty_server.py" in " ".join(child.cmdline())]) == 2
@@ -543,7 +560,8 @@ def kill_mid_run(job: QueueJob, workers: int, ready: Any) -> list[int]:
     PDEATHSIG) and wait until every worker is gone; their pids."""
     proc = job.start("--workers", str(workers))
     try:
-        wait_until(lambda: len(workers_of(proc)) == workers, 60, f"{workers} workers")
+        # (each look scans the machine's processes; 50 ms is soon enough to know their pids)
+        wait_until(lambda: len(workers_of(proc)) == workers, 60, f"{workers} workers", interval=0.05)
         pids = [p.pid for p in workers_of(proc)]
         wait_until(ready, TIMEOUT, "the job to be under way", interval=0.1)
         proc.kill()
@@ -614,7 +632,7 @@ def test_status_shows_sigkilled_local_workers_gone_at_once_and_a_stopped_job_no_
     # resumed, then stopped with Ctrl-C: the workers end (their final snapshots), the job has no ETA
     proc = job.start("--workers", "2")
     try:
-        wait_until(lambda: job.status()["units_in_progress"] == 2, 60, "both workers at work", interval=0.2)
+        wait_until(lambda: units_in_progress(job) == 2, 60, "both workers at work", interval=0.2)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
     finally:
@@ -900,10 +918,9 @@ def test_workers_sigkilled_at_random_moments_while_cutting_pieces_lose_and_repea
             time.sleep(rng.uniform(0.0, 2.0))
             proc.kill()
         proc.wait(timeout=TIMEOUT)
-        if (job.queue / "plan.json").exists():
-            status = job.status()
-            if not status["units_pending"] and not status["units_in_progress"]:
-                break
+        status = queue_status(job)
+        if status is not None and not status.units_pending and not status.units_in_progress:
+            break
     result = job.run("--workers", "3")
     assert result.returncode == 0, output_of(result)
     job.check_exactly_once()
