@@ -38,7 +38,8 @@ def heavy_markers(*paths: str) -> dict[str, set[str]]:
 def test_tests_of_a_real_cluster_server_browser_model_or_store_carry_its_marker_and_the_others_none():
     markers = heavy_markers(
         "tests/test_slurm.py", "tests/test_ray.py", "tests/test_vllm_real.py", "tests/test_report.py",
-        "tests/e2e/test_transformers_server.py", "tests/test_queue_s3.py", "tests/test_s3_jobs.py", "tests/test_card.py",
+        "tests/e2e/test_transformers_server.py", "tests/test_queue_s3.py", "tests/test_s3_jobs.py",
+        "tests/test_card.py",
     )  # fmt: skip
     expected = {
         # by the fixture they use: slurm_cluster (through slurm), ray_head, model_dir
