@@ -175,23 +175,21 @@ def output_of(result: subprocess.CompletedProcess) -> str:
 
 
 def test_three_workers_drain_the_job_each_document_once_each_with_its_own_server(tmp_path):
-    # 30 units, 3.75 s of serving for one worker alone (160 docs/s): the last worker up still finds
-    # units left; the length is the server's (0.1 s a reply), not the number of requests
-    job = QueueJob(tmp_path, docs=600, rpc=20, conc=16, directives="sleep:0.1")
+    job = QueueJob(tmp_path, docs=3000, rpc=100, conc=16, directives="sleep:0.02")
     result = job.run("--workers", "3")
     assert result.returncode == 0, output_of(result)
     job.check_exactly_once()
     status = job.status()
     assert status["units_total"] == status["units_done"] == 30
-    assert status["documents_done"] == 600
+    assert status["documents_done"] == 3000
     runs = job.worker_stats()
     assert len(runs) == 3 and all(run["documents_processed"] > 0 for run in runs), runs
-    assert sum(run["documents_processed"] for run in runs) == 600
+    assert sum(run["documents_processed"] for run in runs) == 3000
     logs = sorted(job.logs.glob("server_rank_*.log"))
     assert [p.name for p in logs] == [f"server_rank_0000{i}.log" for i in range(3)]  # three servers ran
     assert all("start attempt 1" in p.read_text() for p in logs)
     total = orjson.loads((job.output / "_infermill" / "stats.json").read_bytes())
-    assert total["documents_written"] == 600 and total["worker_runs"] == 3
+    assert total["documents_written"] == 3000 and total["worker_runs"] == 3
 
 
 def test_workers_and_parents_sigkilled_at_random_moments_then_rerun_with_other_counts_lose_and_repeat_nothing(
