@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("infermill")
 T = TypeVar("T")
 
-EXECUTORS = ("local", "slurm", "ray")
-
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
