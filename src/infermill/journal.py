@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import orjson
 
-from infermill.config import DIGEST_PREFIX
 from infermill.errors import ConfigError, LeaseLostError, StorageError
 from infermill.io.readers import input_changes
 from infermill.queue import QueueStalledError, StorageStalledError, output_chunk
@@ -114,6 +113,8 @@ def _value_changes(path: str, before: Any, after: Any) -> list[str]:
         for key in sorted(set(before) | set(after), key=str):
             changes += _value_changes(f"{path}.{key}", before.get(key, _UNSET), after.get(key, _UNSET))
         return changes
+    from infermill.config import DIGEST_PREFIX  # (here: reading a job's state needs no pydantic)
+
     if any(isinstance(value, str) and value.startswith(DIGEST_PREFIX) for value in (before, after)):
         return [f"{path}: changed (not shown: it may hold a secret)"]
     return [f"{path}: {_shown(before, after)} -> {_shown(after, before)}"]
