@@ -602,16 +602,18 @@ class WorkQueue:
             if (state := units.get(key)) is None or not (state.done or state.failed or state.leased)
         )
 
-    def free_work(self, listing: dict[PieceKey, _Unit], exclude: Collection[int] = ()) -> tuple[int, int] | None:
+    def free_work(
+        self, listing: dict[PieceKey, _Unit], exclude: Collection[int] = ()
+    ) -> tuple[int, list[PieceKey]] | None:
         """What a claim's ``listing`` says of the work left to share, with no storage call: the
         documents of the pieces free in it (a piece runs to the next piece's start in its unit, or
-        to the unit's planned end) and the pieces in progress (leased, not given up), but those
-        of units in ``exclude`` (the claimer's own). None when the plan does not give every
-        unit's documents (a document stream's)."""
+        to the unit's planned end) and the pieces in progress (leased, not given up: live or
+        stale, :meth:`live_holders` tells), but those of units in ``exclude`` (the claimer's own).
+        None when the plan does not give every unit's documents (a document stream's)."""
         starts: dict[int, list[int]] = {}
         for unit, start in self._pieces(listing, self._units_total()):  # (each unit's starts in order)
             starts.setdefault(unit, []).append(start)
-        free = in_progress = 0
+        free, in_progress = 0, []
         for unit, firsts in starts.items():
             planned = self._planned_documents(unit)
             if planned is None:
@@ -621,8 +623,25 @@ class WorkQueue:
                 if state is None or not (state.done or state.failed or state.leased):
                     free += max(0, end - start)
                 elif not (state.done or state.failed or state.given_up) and unit not in exclude:
-                    in_progress += 1
+                    in_progress.append((unit, start))
         return free, in_progress
+
+    def live_holders(self, listing: dict[PieceKey, _Unit], pieces: list[PieceKey]) -> int:
+        """How many of ``pieces`` (in progress in ``listing``) another live worker holds: its
+        lease renewed within the lease timeout, its holder not this worker (a piece it committed
+        since the listing) nor a process gone from this host (a job run again after a kill: the
+        dead worker's leases are no workers to share with). A read of each lease's time, and of
+        its holder when it is recent."""
+        now = self.storage_now()
+        live = 0
+        for unit, start in pieces:
+            path = self.units_dir / _generation_name(unit, listing[(unit, start)].generation, "lease", start)
+            age = self._lease_age(path, now)
+            if age is None or age > self.lease_timeout_sec:
+                continue
+            holder = self._read_json(path) or {}
+            live += holder.get("worker") != self.worker_id and not self._gone(holder)
+        return live
 
     @staticmethod
     def _pieces(units: dict[PieceKey, _Unit], total: int) -> list[PieceKey]:
@@ -669,7 +688,10 @@ class WorkQueue:
     def _holder_gone(self, lease_path: Path) -> bool:
         """Whether the lease's holder ran on this host and its process is gone (a worker killed
         here): its unit is taken over at once instead of after ``lease_timeout_sec``."""
-        holder = self._read_json(lease_path) or {}
+        return self._gone(self._read_json(lease_path) or {})
+
+    def _gone(self, holder: dict[str, Any]) -> bool:
+        """Whether a lease's ``holder`` (its record) ran on this host and its process is gone."""
         return holder.get("host") == self.host and holder.get("pid") != self.pid and process_gone(holder.get("pid"))
 
     def drained(self, listing: dict[PieceKey, _Unit] | None = None) -> bool:

@@ -440,14 +440,19 @@ class UnitSource:
             return
         held = [unit for unit in self.journal.held() if unit != lease.unit]
         # (in a thread: it walks every unit of the plan, 50 ms for 10,000, which the loop would wait for)
-        work = await self.queue.in_thread(self.queue.free_work, self.queue.last_listing, held)
+        listing = self.queue.last_listing
+        work = await self.queue.in_thread(self.queue.free_work, listing, held)
         if work is None:
             return
         free, in_progress = work
+        first = max(self._next, self.journal.finished_before(lease.unit))
+        most = max(self._workers, len(in_progress) + 1)  # (if every piece in progress had a live holder)
+        if self._end - (first + guided_share(free, most, self.split_min)) < self.split_min:
+            return  # kept whole even so: no lease read
+        live = await self.queue.in_thread(self.queue.live_holders, listing, in_progress)
         # the most it counted: one between committing a piece and claiming the next, or idle, is
         # not in a listing, and counting too few would keep more than a share
-        self._workers = max(self._workers, in_progress + 1)
-        first = max(self._next, self.journal.finished_before(lease.unit))
+        self._workers = max(self._workers, live + 1)
         at = first + guided_share(free, self._workers, self.split_min)
         if self._end - at < self.split_min:  # (nor is a piece cut off smaller than a round)
             return
