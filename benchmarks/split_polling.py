@@ -7,6 +7,10 @@ Real queue files in a temporary folder (POSIX), a real ``UnitSource`` on its eve
 queue's storage counts its calls by kind. Holders that are only leases (their documents are
 not processed) keep the scene still for ``--seconds``.
 
+Then the calls of one claim (the source's first document): early in a job (its share is a
+whole unit: nothing cut), near the end (guided: it keeps its share and cuts the rest off), and
+the same without pieces.
+
     PYTHONPATH=src .venv/bin/python benchmarks/split_polling.py
 """
 
@@ -86,6 +90,18 @@ async def measure(
     return {"scene": name, "calls_per_sec": round(sum(storage.calls.values()) / elapsed, 1), **per_sec}
 
 
+async def one_claim(name: str, units: int, held_by_others: int, split: bool) -> dict[str, Any]:
+    """The storage calls of a source's first claim, up to its first document handed out."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, storage = scene(Path(folder), units, held_by_others, split)
+        storage.counting = True
+        await source()
+        storage.counting = False
+        source.close()
+        await source.journal.close()
+    return {"scene": name, "calls": sum(storage.calls.values()), **dict(sorted(storage.calls.items()))}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -100,6 +116,13 @@ async def main() -> None:
         print(await measure(name, units, held, args.seconds, takes_one), flush=True)
     name = "idle worker, checkpoint.split_units false (the loop without pieces)"
     print(await measure(name, args.pieces, args.pieces, args.seconds, False, split=False), flush=True)
+    claims = [
+        ("claim early: 20 units, 3 held by others (a whole unit kept)", 20, 3, True),
+        ("claim near the end: 4 units, 3 held by others (keeps 32 of 100, cuts the rest off)", 4, 3, True),
+        ("claim near the end, checkpoint.split_units false", 4, 3, False),
+    ]
+    for name, units, held, split in claims:
+        print(await one_claim(name, units, held, split), flush=True)
 
 
 if __name__ == "__main__":

@@ -32,24 +32,56 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 
 #: fixture -> the marker (registered in pyproject.toml) of every test that uses it, directly or not:
 #: a test that needs one of these is marked by needing it, skipped there or not
-MARKER_OF_FIXTURE = {"slurm_cluster": "slurm", "ray_head": "ray", "model_dir": "model"}
+MARKER_OF_FIXTURE = {
+    "slurm_cluster": "slurm",
+    "ray_head": "ray",
+    "model_dir": "model",
+    "seaweedfs": "s3",
+    "moto_s3": "s3",
+    "own_seaweedfs": "s3",  # (tests/test_s3_jobs.py: a SeaweedFS of the test's own)
+}
+#: the parameters that stand for an S3 server, when a fixture picks the server by its parameter
+#: (``request.getfixturevalue``, which collection cannot see): their tests are marked ``s3`` too
+S3_SERVER_PARAMS = {"seaweedfs", "moto", "moto_s3"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for fixture in MARKER_OF_FIXTURE.keys() & set(getattr(item, "fixturenames", ())):
             item.add_marker(MARKER_OF_FIXTURE[fixture])
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and S3_SERVER_PARAMS & {p for p in callspec.params.values() if isinstance(p, str)}:
+            item.add_marker("s3")
+
+
+def _require_s3_marker(request: pytest.FixtureRequest) -> None:
+    """A test that reaches an S3 server without the ``s3`` marker would run in ``make test-fast``,
+    which leaves those servers out: fail it, saying how to mark it."""
+    if request.node.get_closest_marker("s3") is None:
+        raise AssertionError(
+            f"{request.node.nodeid} uses an S3 server but is not marked s3: name the server's fixture "
+            f"(seaweedfs, moto_s3) in its signature, or a parameter in {sorted(S3_SERVER_PARAMS)}"
+        )
 
 
 def _tagged_processes(tag: str) -> list[psutil.Process]:
+    """The live processes but this one whose environment holds ``tag``. Each process's environment
+    is read raw and searched (every test's teardown scans them all: psutil parsing each one into a
+    dict costs ten times as much)."""
+    entry = f"{TAG_VARIABLE}={tag}\0".encode()
     found = []
-    for proc in psutil.process_iter(["pid", "status"]):
-        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
             continue
         try:
-            if proc.environ().get(TAG_VARIABLE) == tag:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read()
+            if not (environ.startswith(entry) or b"\0" + entry in environ):
+                continue
+            proc = psutil.Process(int(name))
+            if proc.status() != psutil.STATUS_ZOMBIE:  # (a zombie's environment reads empty anyway)
                 found.append(proc)
-        except psutil.Error:
+        except (OSError, psutil.Error):
             continue
     return found
 
@@ -132,14 +164,26 @@ def endpoint(tmp_path) -> Iterator[tuple[str, Path]]:
 
 
 @pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory) -> Iterator[S3Server]:
-    """A SeaweedFS S3 server on 127.0.0.1 for the session (``new_bucket()`` gives a test its own bucket)."""
+def seaweedfs_session(tmp_path_factory) -> Iterator[S3Server]:
     with s3_servers.running("seaweedfs", tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
-def moto_s3(tmp_path_factory) -> Iterator[S3Server]:
-    """moto's S3 server on 127.0.0.1 for the session (``new_bucket()`` gives a test its own bucket)."""
+def moto_s3_session(tmp_path_factory) -> Iterator[S3Server]:
     with s3_servers.running("moto", tmp_path_factory.mktemp("moto")) as server:
         yield server
+
+
+@pytest.fixture
+def seaweedfs(request: pytest.FixtureRequest, seaweedfs_session: S3Server) -> S3Server:
+    """A SeaweedFS S3 server on 127.0.0.1, one for the session (``new_bucket()`` gives a test its own bucket)."""
+    _require_s3_marker(request)
+    return seaweedfs_session
+
+
+@pytest.fixture
+def moto_s3(request: pytest.FixtureRequest, moto_s3_session: S3Server) -> S3Server:
+    """moto's S3 server on 127.0.0.1, one for the session (``new_bucket()`` gives a test its own bucket)."""
+    _require_s3_marker(request)
+    return moto_s3_session

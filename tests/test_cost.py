@@ -68,8 +68,10 @@ def test_a_job_over_its_budget_stops_giving_its_units_back_and_goes_on_once_the_
     assert shown["in_progress"] == [] and shown["stale"] == [], shown  # given back, not left to expire
     cost = shown["cost"]
     assert 0 < cost["cost"] < 60 and cost["forecast"] > 20 and cost["budget"] == 20, cost
-    table = infermill(tmp_path, "status", str(job))
-    assert "cost: " in table.stdout and "so far" in table.stdout and "budget 20" in table.stdout, table.stdout
+    shows_cost = workers == "1"  # (the table and the report show the same figures whatever the workers)
+    if shows_cost:
+        table = infermill(tmp_path, "status", str(job))
+        assert "cost: " in table.stdout and "so far" in table.stdout and "budget 20" in table.stdout, table.stdout
 
     resumed = infermill(tmp_path, "run", str(job), "--workers", workers, "--set", "cost.budget=1000")
     assert resumed.returncode == 0, output_of(resumed)
@@ -79,12 +81,14 @@ def test_a_job_over_its_budget_stops_giving_its_units_back_and_goes_on_once_the_
     final = json.loads(infermill(tmp_path, "status", str(tmp_path / "out"), "--json").stdout)  # no job file
     assert final["state"] == "complete" and final["cost"]["budget"] == 1000, final
     assert 40 < final["cost"]["cost"] < 120 and final["cost"]["forecast"] == pytest.approx(final["cost"]["cost"])
-    report = infermill(tmp_path, "report", str(tmp_path / "out"), "-o", str(tmp_path / "report.html"))
-    assert report.returncode == 0, output_of(report)
-    page = (tmp_path / "report.html").read_text()
-    assert re.search(
-        r"<th>cost</th><td>[\d.,]+ so far \(0\.000 GPU-hours\), forecast [\d.,]+ for the whole job, budget 1000", page
-    )
+    if shows_cost:
+        report = infermill(tmp_path, "report", str(tmp_path / "out"), "-o", str(tmp_path / "report.html"))
+        assert report.returncode == 0, output_of(report)
+        page = (tmp_path / "report.html").read_text()
+        assert re.search(
+            r"<th>cost</th><td>[\d.,]+ so far \(0\.000 GPU-hours\), forecast [\d.,]+ for the whole job, budget 1000",
+            page,
+        )
 
 
 def test_a_job_with_prices_shows_its_cost_in_the_summary(tmp_path):

@@ -201,7 +201,7 @@ def test_two_workers_serve_on_consecutive_ports_and_status_reads_their_rates(tmp
 
 
 def test_replicas_are_labelled_in_the_scrape_and_listed_in_the_series(tmp_path):
-    job = slow_job(tmp_path, docs=80, replicas=2)
+    job = slow_job(tmp_path, docs=80, sleep=0.1, replicas=2)  # 2 s: longer than the replicas' start-up spread
     port = free_ports(1)
     proc = job.start("--metrics-port", str(port))
     scrapes = scrape_until_done(proc, [port])[port]

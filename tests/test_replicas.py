@@ -139,7 +139,9 @@ def test_a_killed_replica_restarts_while_the_others_serve_and_every_document_is_
 
 
 def test_each_documents_calls_go_to_one_replica_and_the_replicas_share_the_documents(tmp_path):
-    job = replica_job(tmp_path, docs=90, inference={"replicas": 3}, server={"directives": "sleep:0.01"})
+    # 50 ms a call: the job outlasts the replicas' start-up spread (a second or more on busy cores),
+    # so that a replica that comes up last still gets its share
+    job = replica_job(tmp_path, docs=90, inference={"replicas": 3}, server={"directives": "sleep:0.05"})
     job.run_ok()
     job.check_exactly_once()
     servers = [stats_of(tmp_path / f"stats_{k}.json") for k in range(3)]

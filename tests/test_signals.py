@@ -159,6 +159,7 @@ def test_what_a_sigkilled_run_and_its_watcher_left_is_reaped_by_the_next_run_nam
 
 #: starts the server without ``exec``, as many ``run.sh`` wrappers do: bash stays the server's parent
 WRAPPER = f"""#!/bin/bash
+: > "$0.launched.$$"  # (a test knows a wrapper started without scanning every process)
 "{PYTHON}" "{FAULTY_SERVER}" "$@"
 echo "wrapper: the server exited"
 """
@@ -188,22 +189,26 @@ def test_a_sigkilled_run_takes_the_whole_tree_of_each_server_along(tmp_path, wor
     # Each server is a bash wrapper running python without exec, whose server starts a daemon
     # (setsid): neither the python server nor the daemon is in reach of a parent-death signal or
     # of the wrapper's group. Killed as the wrappers start, once the trees are up, while serving.
-    wrapper = tmp_path / "wrapper.sh"
-    wrapper.write_text(WRAPPER)
     for trial, moment in enumerate(["launched", "up", "serving", "launched"]):
         folder = tmp_path / f"trial{trial}"
         folder.mkdir()
+        wrapper = folder / "wrapper.sh"
+        wrapper.write_text(WRAPPER)
         server = {"server_script": None, "server_command": ["bash", str(wrapper)], "stats_file": None}
         job = FaultJob(folder, docs=40, conc=CONC, server={**server, "hang_after": 3, "daemon_grandchild": True})
         proc = job.start(*(["--workers", str(workers)] if workers > 1 else []))
 
         def reached() -> bool:
+            if moment == "launched":  # the wrappers' marks: a look as quick as the moment is brief
+                return len(list(folder.glob("wrapper.sh.launched.*"))) == workers
             tree = server_trees()
-            if moment == "launched":
-                return len(tree["wrappers"]) == workers
             return len(tree["daemons"]) == workers and (moment == "up" or job.committed() >= 2)
 
-        wait_for(reached, f"trial {trial}: the servers {moment}", proc)
+        # a look at the trees scans every process of the machine; up, or serving with the server
+        # hung, they stay so: one look every 50 ms
+        wait_for(
+            reached, f"trial {trial}: the servers {moment}", proc, interval=0.005 if moment == "launched" else 0.05
+        )
         if moment == "up":  # the shape this test is about
             tree = server_trees()
             for daemon in tree["daemons"]:
@@ -213,7 +218,7 @@ def test_a_sigkilled_run_takes_the_whole_tree_of_each_server_along(tmp_path, wor
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         try:
-            wait_until(lambda: not any(server_trees().values()), 5, "every process of the run to die")
+            wait_until(lambda: not any(server_trees().values()), 5, "every process of the run to die", interval=0.05)
         except AssertionError:
             left = {kind: [" ".join(p.cmdline()) for p in procs] for kind, procs in server_trees().items() if procs}
             pytest.fail(f"trial {trial} (killed with the servers {moment}): alive 5 s after the SIGKILL: {left}")

@@ -262,11 +262,11 @@ class _SplitWaits(WorkQueue):
         self.cutting, self.go, self.cut = threading.Event(), threading.Event(), threading.Event()
         self.fail_after_cut = fail_after_cut
 
-    def split(self, lease: Lease, at: int) -> Lease:
+    def split(self, lease: Lease, at: int, asked: bool = True) -> Lease:
         self.cutting.set()
         self.go.wait(10)
         try:
-            return super().split(lease, at)
+            return super().split(lease, at, asked)
         finally:
             self.cut.set()
 
@@ -465,3 +465,71 @@ def test_a_stale_holders_whole_unit_output_written_over_a_cut_pieces_makes_that_
     ]
     assert sorted(ids) == sorted(f"0:{p}" for p in range(100))  # ...and every document is in the output once
     assert helper.check_outputs(writer, verify=True).lost == []
+
+
+async def test_a_claim_near_the_end_keeps_its_share_and_the_rest_is_claimable_every_document_once(tmp_path):
+    """Guided self-scheduling: three workers hold three of four units of 100 documents, so the
+    fourth's claimer keeps its share of the 100 free among 4 workers (25, in whole rounds of 8:
+    32) and cuts the rest off before handing out any document; another worker claims that piece
+    at once (not left to an asker), and the two commits hold every document once."""
+    source, _ = _source(tmp_path, units=4, held_by_others=3)
+    first, _ = await source()
+    unit = first // 100
+    kept = source.journal.lease(unit)
+    assert kept is not None and (kept.start, kept.end, kept.cut_from) == (0, 32, 100)
+    helper = make_queue(tmp_path / "queue", "helper")
+    piece = helper.claim()
+    assert piece is not None and (piece.unit, piece.start, piece.end) == (unit, 32, 100)
+    handed = [first] + [(await source())[0] for _ in range(31)]
+    assert handed == list(range(unit * 100, unit * 100 + 32))  # its share, and no document past it
+    writer = JsonlWriter(str(tmp_path / "out"))
+    assert commit(helper, writer, piece) and commit(source.queue, writer, kept)
+    ids = [orjson.loads(line)["id"] for f in (tmp_path / "out").iterdir() for line in f.read_bytes().splitlines()]
+    assert sorted(ids) == sorted(f"{unit}:{p}" for p in range(100))
+    assert helper.status().documents_done == 100
+    source.close()
+    await source.journal.close()
+
+
+async def test_a_claim_early_in_the_job_keeps_its_whole_unit(tmp_path):
+    source, _ = _source(tmp_path, units=20, held_by_others=3)  # 1,700 free among 4 workers: 425 each
+    first, _ = await source()
+    lease = source.journal.lease(first // 100)
+    assert lease is not None and (lease.start, lease.end, lease.cut_from) == (0, None, None)
+    assert not list((tmp_path / "queue" / "units").glob("*.piece"))
+    source.close()
+    await source.journal.close()
+
+
+def test_a_claim_that_finds_nothing_just_after_another_workers_claim_says_so(tmp_path):
+    """Its worker looks again soon: the other claimer may be cutting off what it does not keep."""
+    import time
+
+    from infermill.queue import FRESH_LEASE_SEC
+
+    first = WorkQueue(tmp_path, "first", lease_timeout_sec=60)
+    first.publish_plan({"units": [{"documents": 100}]})
+    second = WorkQueue(tmp_path, "second", lease_timeout_sec=60)
+    assert first.claim() is not None
+    assert second.claim() is None and second.claimed_lately and not second.took_over
+    time.sleep(FRESH_LEASE_SEC + 0.1)  # (file times are of a coarse clock: ms apart)
+    assert second.claim() is None and not second.claimed_lately
+
+
+def test_a_free_piece_that_a_holder_died_on_is_claimed_as_taken_over_so_it_is_kept_whole(tmp_path):
+    """A piece given back by a worker that stopped is free again, but the attempt of the holder
+    that died on it before stays: its claimer cuts nothing off it (a piece cut off would start with
+    no attempt, and a document that kills workers would kill more before its piece fails)."""
+    dead = make_queue(tmp_path, "dead", 1)
+    age(dead.claim())  # type: ignore[arg-type]
+    stopper = make_queue(tmp_path, "stopper")
+    taken = stopper.claim()
+    assert taken is not None and stopper.took_over
+    stopper.release(taken)  # stopped on request: no attempt
+    claimer = make_queue(tmp_path, "claimer")
+    assert claimer.claim() is not None and claimer.took_over
+    fresh = make_queue(tmp_path / "other", "fresh", 1)
+    given = fresh.claim()
+    assert given is not None
+    fresh.release(given)
+    assert fresh.claim() is not None and not fresh.took_over  # given back with no death: free to share

@@ -27,7 +27,7 @@ import yaml
 from conftest import PYTHON
 from helpers import FAULTY_SERVER, read_jsonl, server_stats, wait_until
 from infermill.errors import ConfigError
-from infermill.queue import WorkQueue
+from infermill.queue import QueueStatus, WorkQueue
 from infermill.timeseries import read_series
 
 TIMEOUT = 120
@@ -145,6 +145,21 @@ class QueueJob:
             except (OSError, orjson.JSONDecodeError):
                 continue
         return found
+
+
+def queue_status(job: QueueJob) -> QueueStatus | None:
+    """The unit counts ``status`` shows (None before the job is planned), computed in this process:
+    for a wait's predicate or a loop's test, polled (``job.status()`` starts a process each time)."""
+    from infermill.layout import JobLayout
+
+    if not (job.queue / "plan.json").exists():
+        return None
+    return WorkQueue.for_layout(JobLayout.for_output(job.location)).status()
+
+
+def units_in_progress(job: QueueJob) -> int:
+    status = queue_status(job)
+    return status.units_in_progress if status is not None else 0
 
 
 def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -470,7 +485,7 @@ def test_a_second_ctrl_c_stops_every_worker_and_every_process_of_their_servers_a
     job.file.write_text(yaml.safe_dump(spec))
     proc = job.start("--workers", "2")
     try:
-        wait_until(lambda: job.queue.exists() and job.status()["units_in_progress"] >= 2, 60, "both workers at work")
+        wait_until(lambda: units_in_progress(job) >= 2, 60, "both workers at work")
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
@@ -524,7 +539,7 @@ def test_a_workers_server_does_not_inherit_the_secret_overrides_in_its_environme
     key = f"sk-test-{uuid.uuid4().hex}"
     proc = job.start("--workers", "2", "--set", f"inference.api_key={key}")
     try:
-        wait_until(lambda: job.queue.exists() and job.status()["units_in_progress"] >= 2, TIMEOUT, "both at work")
+        wait_until(lambda: units_in_progress(job) >= 2, TIMEOUT, "both at work")
         # every process a worker started: its server and the server's watcher
         children = [child for worker in workers_of(proc) for child in worker.children(recursive=True)]
         assert len([child for child in children if "faulty_server.py" in " ".join(child.cmdline())]) == 2
@@ -543,7 +558,8 @@ def kill_mid_run(job: QueueJob, workers: int, ready: Any) -> list[int]:
     PDEATHSIG) and wait until every worker is gone; their pids."""
     proc = job.start("--workers", str(workers))
     try:
-        wait_until(lambda: len(workers_of(proc)) == workers, 60, f"{workers} workers")
+        # (each look scans the machine's processes; 50 ms is soon enough to know their pids)
+        wait_until(lambda: len(workers_of(proc)) == workers, 60, f"{workers} workers", interval=0.05)
         pids = [p.pid for p in workers_of(proc)]
         wait_until(ready, TIMEOUT, "the job to be under way", interval=0.1)
         proc.kill()
@@ -614,7 +630,7 @@ def test_status_shows_sigkilled_local_workers_gone_at_once_and_a_stopped_job_no_
     # resumed, then stopped with Ctrl-C: the workers end (their final snapshots), the job has no ETA
     proc = job.start("--workers", "2")
     try:
-        wait_until(lambda: job.status()["units_in_progress"] == 2, 60, "both workers at work", interval=0.2)
+        wait_until(lambda: units_in_progress(job) == 2, 60, "both workers at work", interval=0.2)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
     finally:
@@ -900,10 +916,9 @@ def test_workers_sigkilled_at_random_moments_while_cutting_pieces_lose_and_repea
             time.sleep(rng.uniform(0.0, 2.0))
             proc.kill()
         proc.wait(timeout=TIMEOUT)
-        if (job.queue / "plan.json").exists():
-            status = job.status()
-            if not status["units_pending"] and not status["units_in_progress"]:
-                break
+        status = queue_status(job)
+        if status is not None and not status.units_pending and not status.units_in_progress:
+            break
     result = job.run("--workers", "3")
     assert result.returncode == 0, output_of(result)
     job.check_exactly_once()

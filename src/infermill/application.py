@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("infermill")
 T = TypeVar("T")
 
-EXECUTORS = ("local", "slurm", "ray")
-
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
@@ -227,7 +225,6 @@ class Job:
 
                 server = await stack.enter_async_context(create_server(job.inference, index))
                 await server.wait_launched()
-            from infermill.card import stop_live
             from infermill.progress import log_interval, show_progress
 
             reader, runner = self._build(options)
@@ -247,6 +244,8 @@ class Job:
                 if progress is not None:
                     progress.cancel()
                 if card is not None:
+                    from infermill.card import stop_live  # (only a job with a card imports its module)
+
                     await stop_live(card)
                 if not options.as_worker and job.output.card:
                     await asyncio.to_thread(self.end_card, layout)
@@ -283,19 +282,18 @@ class Job:
     def keep_card_settings(self, layout: JobLayout) -> None:
         """Keep the card's settings with the job (``output.card`` or ``card_metadata`` set: its
         metadata, this command), for ``infermill card OUTPUT``; by this command's process."""
-        from infermill.card import keep_settings
-
         if self.config.output.card or self.config.output.card_metadata:
+            from infermill.card import keep_settings
+
             keep_settings(layout, self.card_settings())
 
     def _live_card(self, layout: JobLayout) -> asyncio.Task[None] | None:
         """For ``output.card: live``, a task that rewrites the card every ``output.card_interval_sec``
         (by this command's process only, never by its workers); else None."""
-        from infermill.card import keep_live
-        from infermill.mirror import has_plan
-
         if self.config.output.card != "live":
             return None
+        from infermill.card import keep_live
+        from infermill.mirror import has_plan
 
         def write() -> None:
             if has_plan(layout):  # (until the job is planned, there is nothing to say)
@@ -549,7 +547,6 @@ async def _with_progress(
 ) -> T:
     """``work``, while the job's progress is logged every ``interval`` seconds, as ``status`` says
     it, and its card kept (``live_card``: a live card's task, or None)."""
-    from infermill.card import stop_live
     from infermill.progress import show_job_progress
 
     progress = asyncio.create_task(show_job_progress(layout, interval))
@@ -559,6 +556,8 @@ async def _with_progress(
     finally:
         progress.cancel()
         if card is not None:
+            from infermill.card import stop_live
+
             await stop_live(card)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 import logging
@@ -12,11 +11,9 @@ import time
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-import orjson
 
-from infermill.application import EXECUTORS, Job, RunOptions, interruptible
 from infermill.errors import ConfigError, InfermillError, PlanReplacedError, QueueCorruptError, StorageError
-from infermill.eventloop import run_coroutine
+from infermill.executors import EXECUTORS
 from infermill.exitcodes import ExitCode, exit_code
 
 if TYPE_CHECKING:
@@ -24,9 +21,12 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
-    from infermill.application import JobStatus
+    from infermill.application import Job, JobStatus, RunOptions
     from infermill.layout import JobLayout
     from infermill.queue import QueueStatus
+
+# What a command needs (the application, the event loop, orjson, rich) is imported in the
+# command: ``infermill --help`` or ``status`` should not pay for what ``run`` needs.
 
 logger = logging.getLogger("infermill")
 
@@ -102,6 +102,8 @@ def _summary(stats: dict[str, Any], output: str) -> None:
     from infermill.progress import summary_table
 
     if _json_logs():
+        import orjson
+
         logger.info("summary: %s", orjson.dumps(stats).decode())
         return
     _console().print(summary_table(stats, title=f"infermill run: {escape(output)}"))
@@ -110,6 +112,8 @@ def _summary(stats: dict[str, Any], output: str) -> None:
 def _load(job_file: str, overrides: tuple[str, ...], worker: bool = False) -> Job:
     """The job in ``job_file`` (a ``worker`` adds the secret overrides its command passed it);
     a usage error if it is invalid."""
+    from infermill.application import Job
+
     try:
         return Job.load(job_file, overrides, worker=worker)
     except ConfigError as e:
@@ -226,6 +230,7 @@ def run(
     world_size: int | None,
 ) -> None:
     """Run the job in JOB_FILE to completion (or resume it), as one or more workers of its queue."""
+    from infermill.application import RunOptions
     from infermill.logs import LOG_FORMAT_ENV
 
     if log_format is not None:
@@ -265,6 +270,9 @@ def run(
 
 def _run_worker(job: Job, options: RunOptions) -> None:
     """Run ``job`` as one worker (the command's own, or one of a ``--workers`` parent's)."""
+    from infermill.application import interruptible
+    from infermill.eventloop import run_coroutine
+
     console = None
     if not options.as_worker and sys.stderr.isatty() and not options.json_logs:
         console = _console()  # the logging handler's (_setup_logging): a live progress line
@@ -345,6 +353,10 @@ def node(job_file: str, overrides: tuple[str, ...], node_rank: int | None) -> No
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def serve(job_file: str, overrides: tuple[str, ...]) -> None:
     """Start and supervise only the job's server (or its replicas) until Ctrl-C."""
+    import asyncio
+
+    from infermill.application import interruptible
+    from infermill.eventloop import run_coroutine
     from infermill.servers import ReplicaPool, ServerState, create_server
 
     job = _load(job_file, overrides).config
@@ -377,6 +389,11 @@ def serve(job_file: str, overrides: tuple[str, ...]) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def check(job_file: str, overrides: tuple[str, ...]) -> None:
     """Validate the job, start its server, send one canary request from the first document."""
+    import orjson
+
+    from infermill.application import interruptible
+    from infermill.eventloop import run_coroutine
+
     job = _load(job_file, overrides)
     try:
         rollout, document = job.canary_document()
@@ -542,6 +559,8 @@ def _ranks_status(output: str, ranks: dict[int, QueueStatus], as_json: bool) -> 
     from rich.table import Table
 
     if as_json:
+        import orjson
+
         click.echo(orjson.dumps({"ranks": {f"{rank:05d}": s.as_dict() for rank, s in ranks.items()}}).decode())
         return
     table = Table(title=f"infermill status: {escape(output)}")
@@ -652,6 +671,8 @@ def _queue_status(found: JobStatus, output: str, as_json: bool) -> None:
     from infermill.queue import FUTURE_LEASE_WARNING_SEC
 
     if as_json:
+        import orjson
+
         click.echo(orjson.dumps(found.as_dict(), option=orjson.OPT_INDENT_2).decode())
         return
     progress, state, replicas, check = found.progress, found.queue, found.replicas, found.check

@@ -275,7 +275,8 @@ class CheckpointSection(_Section):
     )
     split_units: bool = Field(
         True,
-        description="A worker with nothing left to claim asks a unit's holder to cut off the rest of it (a piece).",
+        description="A worker with nothing left to claim asks a unit's holder to cut off the rest of it (a piece); "
+        "near the job's end a claimer keeps only its even share of the free work and cuts the rest off at once.",
     )
 
 

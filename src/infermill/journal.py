@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import orjson
 
-from infermill.config import DIGEST_PREFIX
 from infermill.errors import ConfigError, LeaseLostError, StorageError
 from infermill.io.readers import input_changes
 from infermill.queue import QueueStalledError, StorageStalledError, output_chunk
@@ -114,6 +113,8 @@ def _value_changes(path: str, before: Any, after: Any) -> list[str]:
         for key in sorted(set(before) | set(after), key=str):
             changes += _value_changes(f"{path}.{key}", before.get(key, _UNSET), after.get(key, _UNSET))
         return changes
+    from infermill.config import DIGEST_PREFIX  # (here: reading a job's state needs no pydantic)
+
     if any(isinstance(value, str) and value.startswith(DIGEST_PREFIX) for value in (before, after)):
         return [f"{path}: changed (not shown: it may hold a secret)"]
     return [f"{path}: {_shown(before, after)} -> {_shown(after, before)}"]
@@ -699,11 +700,12 @@ class QueueJournal(ChunkLogs):
         self.fail(index // self.records_per_chunk, f"record {index % self.records_per_chunk} failed: {error}")
         return True
 
-    async def cut(self, lease: Lease, at: int) -> tuple[Lease, bool]:
-        """Cut ``lease``'s piece at document ``at`` (:meth:`WorkQueue.split`, in a thread) and go
-        on with the lease it returns: renew it instead, and commit the piece once its documents
-        before the cut are finished. Returns that lease, and whether they all are already (then
-        :meth:`finish_chunk` it). Raises as the split does (``LeaseLostError``: lost)."""
+    async def cut(self, lease: Lease, at: int, asked: bool = True) -> tuple[Lease, bool]:
+        """Cut ``lease``'s piece at document ``at`` (:meth:`WorkQueue.split`, in a thread, for a
+        worker that ``asked`` or not) and go on with the lease it returns: renew it instead, and
+        commit the piece once its documents before the cut are finished. Returns that lease, and
+        whether they all are already (then :meth:`finish_chunk` it). Raises as the split does
+        (``LeaseLostError``: lost)."""
         unit = lease.unit
         renewer = self._renewers.pop(unit, None)
         if renewer is not None:  # first: its renewal once the next generation exists would find it lost
@@ -711,7 +713,7 @@ class QueueJournal(ChunkLogs):
         self._cutting[unit] = None
         try:
             # not bounded as a whole: each of its storage calls is
-            cut = await self._off_loop(_split, self.queue, lease, at, bounded=False)
+            cut = await self._off_loop(_split, self.queue, lease, at, asked, bounded=False)
         except BaseException as e:
             if not isinstance(e, LeaseLostError) and self._leases.get(unit) is lease and unit not in self._renewers:
                 self._start_renewing(lease)  # not cut: renewed again (lost: its renewer says so)
@@ -817,19 +819,19 @@ class _Committed:
     lost: LeaseLostError | None = None
 
 
-def _split(queue: WorkQueue, lease: Lease, at: int) -> Lease:
+def _split(queue: WorkQueue, lease: Lease, at: int, asked: bool) -> Lease:
     """``queue.split``; after a storage error, whether the cut was made after all (its lease
     created, its answer lost; or a later step failed): then the cut is finished and held, so
     that no document past it is handed out. ``OSError``: not cut; ``LeaseLostError``: lost,
     or the storage did not say (the piece's next holder finishes the cut)."""
     try:
-        return queue.split(lease, at)
+        return queue.split(lease, at, asked)
     except OSError as first:
         error: OSError = first
     for _ in range(3):
         time.sleep(min(1.0, queue.lease_timeout_sec / 10))  # (the cut lease is not renewed meanwhile)
         try:
-            cut = queue.resume_cut(lease, at)
+            cut = queue.resume_cut(lease, at, asked)
         except OSError as again:
             error = again
             continue

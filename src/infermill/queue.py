@@ -113,7 +113,10 @@ released mark), so whoever takes a piece over commits exactly the range its hold
 have; and it creates the mark of the last cut if its holder was killed before it did, so no
 range is lost or covered twice. A worker with nothing to claim asks the holders of the
 pieces in progress to cut them (:meth:`ask_help`, a ``U-S.help`` mark each); a holder looks
-(:meth:`help_asked`) and judges (``infermill.worker``). A unit is done when all its pieces
+(:meth:`help_asked`) and judges (``infermill.worker``). A claimer may cut the piece it just
+claimed the same way, before handing out any of its documents, keeping its share of the work
+its claim found free (:meth:`free_work`; ``asked=False``: the piece cut off names no cutter, so
+any worker, the cutter too, may take it at once). A unit is done when all its pieces
 are; :meth:`status` counts units, and documents as the pieces commit them.
 
 **Attempts and failures.** Each generation is an attempt, except one its holder gave back
@@ -129,7 +132,8 @@ both done and failed (a stale holder slipped past), done wins.
 
 **Cost.** A claim is one directory listing, plus a stat per unit in progress when no unit
 is free, plus one file created; a renewal is two utimes, an open and four stats; a commit is a
-renewal and a file created; giving a lease back is a file created and one deleted.
+renewal and a file created; giving a lease back is a file created and one deleted; a cut is
+eleven calls (two reads, three files created, four stats, two deletes).
 :meth:`status` lists the folder once and reads the done and
 failed marks (for documents and causes) and the leases of the units in progress: fine
 for thousands of units, milliseconds per thousand on a local disk.
@@ -182,6 +186,9 @@ DEFAULT_LEASE_TIMEOUT_SEC = 120.0
 DEFAULT_MAX_UNIT_ATTEMPTS = 3
 #: a piece cut off is left this long to the worker that asked for it before its holder may take it
 CUT_KEPT_SEC = 1.0
+#: a lease younger than this was just claimed (or renewed): its claimer may be cutting off what
+#: it does not keep (see ``claimed_lately``)
+FRESH_LEASE_SEC = 0.5
 TAIL_FILE = "tail"  # in units/ (see mark_tail)
 #: a lease dated further in the future than this is logged: nearer, it may be a renewal made
 #: between this worker's reading of the storage's clock and of the lease (or mtime granularity)
@@ -433,6 +440,11 @@ class WorkQueue:
         self.seconds = 0.0
         self.retried: list[int] = []  # the failed units that reset_failed() made claimable again
         self.free_left = 0  # the pieces the last claim found free and left to others
+        # the last claim lost a piece to another worker, or saw a fresh lease (FRESH_LEASE_SEC) or
+        # one gone since its listing: a claimer keeping its share may be cutting the rest off, for
+        # a claim soon to find
+        self.claimed_lately = False
+        self.took_over = False  # the last claim's piece was another worker's, stale or given up, or had attempts
         self.last_listing: dict[PieceKey, _Unit] = {}  # the last claim's (see drained, ask_help)
         self.storage.make_folder(self.units_dir)
         self.storage.make_folder(self.journals_dir)
@@ -534,8 +546,12 @@ class WorkQueue:
         by a live lease, or return None when there is none now (see :meth:`drained` to tell
         whether one may come back). ``exclude``: units none of whose pieces may be claimed (a
         worker holds one piece of a unit at a time). ``free_left`` is then the number of other
-        pieces the listing found free."""
+        pieces the listing found free; ``claimed_lately`` whether it lost a piece to another
+        worker, or saw a lease younger than :data:`FRESH_LEASE_SEC` (the stale check's ages) or
+        one gone since the listing; ``took_over`` whether the lease is of a piece taken over
+        from a stale or given-up holder, or one with attempts spent on it already."""
         self.check_plan()
+        self.claimed_lately = self.took_over = False
         total = self._units_total()
         units = self.last_listing = self._list()
         free: list[PieceKey] = []
@@ -552,8 +568,11 @@ class WorkQueue:
         self.free_left = len(free)
         for key in free:
             self.free_left -= 1
-            lease = self._take(key, units.get(key) or _Unit())
+            state = units.get(key) or _Unit()
+            lease = self._take(key, state)
             if lease is not None:
+                # (free, but a holder died on it before: one that stopped gave it back after that)
+                self.took_over = state.attempts > 0
                 return lease
         if not leased:
             return None
@@ -564,10 +583,13 @@ class WorkQueue:
             path = self.units_dir / _generation_name(key[0], state.generation, "lease", key[1])
             if not state.given_up:  # (given up: stale at once)
                 age = self._lease_age(path, now)
+                # (gone since the listing: given back, or cut by a claimer keeping its share)
+                self.claimed_lately |= age is None or age < FRESH_LEASE_SEC
                 if age is None or not (age > self.lease_timeout_sec or self._holder_gone(path)):
                     continue  # live, or given back since the listing
             lease = self._take(key, state)
             if lease is not None:
+                self.took_over = True
                 return lease
         return None
 
@@ -579,6 +601,47 @@ class WorkQueue:
             for key in self._pieces(units, self._units_total())
             if (state := units.get(key)) is None or not (state.done or state.failed or state.leased)
         )
+
+    def free_work(
+        self, listing: dict[PieceKey, _Unit], exclude: Collection[int] = ()
+    ) -> tuple[int, list[PieceKey]] | None:
+        """What a claim's ``listing`` says of the work left to share, with no storage call: the
+        documents of the pieces free in it (a piece runs to the next piece's start in its unit, or
+        to the unit's planned end) and the pieces in progress (leased, not given up: live or
+        stale, :meth:`live_holders` tells), but those of units in ``exclude`` (the claimer's own).
+        None when the plan does not give every unit's documents (a document stream's)."""
+        starts: dict[int, list[int]] = {}
+        for unit, start in self._pieces(listing, self._units_total()):  # (each unit's starts in order)
+            starts.setdefault(unit, []).append(start)
+        free, in_progress = 0, []
+        for unit, firsts in starts.items():
+            planned = self._planned_documents(unit)
+            if planned is None:
+                return None
+            for start, end in zip(firsts, [*firsts[1:], planned], strict=True):
+                state = listing.get((unit, start))
+                if state is None or not (state.done or state.failed or state.leased):
+                    free += max(0, end - start)
+                elif not (state.done or state.failed or state.given_up) and unit not in exclude:
+                    in_progress.append((unit, start))
+        return free, in_progress
+
+    def live_holders(self, listing: dict[PieceKey, _Unit], pieces: list[PieceKey]) -> int:
+        """How many of ``pieces`` (in progress in ``listing``) another live worker holds: its
+        lease renewed within the lease timeout, its holder not this worker (a piece it committed
+        since the listing) nor a process gone from this host (a job run again after a kill: the
+        dead worker's leases are no workers to share with). A read of each lease's time, and of
+        its holder when it is recent."""
+        now = self.storage_now()
+        live = 0
+        for unit, start in pieces:
+            path = self.units_dir / _generation_name(unit, listing[(unit, start)].generation, "lease", start)
+            age = self._lease_age(path, now)
+            if age is None or age > self.lease_timeout_sec:
+                continue
+            holder = self._read_json(path) or {}
+            live += holder.get("worker") != self.worker_id and not self._gone(holder)
+        return live
 
     @staticmethod
     def _pieces(units: dict[PieceKey, _Unit], total: int) -> list[PieceKey]:
@@ -625,7 +688,10 @@ class WorkQueue:
     def _holder_gone(self, lease_path: Path) -> bool:
         """Whether the lease's holder ran on this host and its process is gone (a worker killed
         here): its unit is taken over at once instead of after ``lease_timeout_sec``."""
-        holder = self._read_json(lease_path) or {}
+        return self._gone(self._read_json(lease_path) or {})
+
+    def _gone(self, holder: dict[str, Any]) -> bool:
+        """Whether a lease's ``holder`` (its record) ran on this host and its process is gone."""
         return holder.get("host") == self.host and holder.get("pid") != self.pid and process_gone(holder.get("pid"))
 
     def drained(self, listing: dict[PieceKey, _Unit] | None = None) -> bool:
@@ -655,6 +721,7 @@ class WorkQueue:
         generation = state.generation + 1
         path = self.units_dir / _generation_name(unit, generation, "lease", start)
         if not self._create_exclusive(path, self._record(generation=generation, **_extent_fields(end, cut_from))):
+            self.claimed_lately = True
             return None  # another worker won this generation
         lease = Lease(unit, generation, path, start, end, cut_from)
         if self.storage.exists(self.units_dir / _generation_name(unit, generation, "released", start)):
@@ -712,20 +779,24 @@ class WorkQueue:
 
     def _mark_piece(self, unit: int, start: int, end: int, cut: bool = False) -> None:
         """Mark piece ``unit@start`` (to ``end``) as existing, unless it is marked already
-        (``cut``: by the worker that cut it off, not by one that took its holder's piece over)."""
+        (``cut``: cut off for a worker that asked, naming the cutter, which leaves it to others for
+        :data:`CUT_KEPT_SEC`; not by one that took its holder's piece over, nor by a claimer that
+        kept its share)."""
         self._create_exclusive(
             self._piece_path(unit, start), self._record(end=end, **{"cut_by": self.worker_id} if cut else {})
         )
 
     # -- splitting --------------------------------------------------------------------------
 
-    def split(self, lease: Lease, at: int) -> Lease:
+    def split(self, lease: Lease, at: int, asked: bool = True) -> Lease:
         """Cut ``lease``'s piece at document ``at`` of its unit: its holder keeps the documents
         before ``at`` under the returned lease (the next generation, which this holder creates
         for itself: a holder that lost its lease cannot, ``LeaseLostError``), and the piece
         ``unit@at`` (to the old end) is marked, for any worker to claim. The caller hands out
         no document of its piece from ``at`` on, and renews and commits the new lease. On an
-        ``OSError`` the cut may be made or not: :meth:`resume_cut` tells (and finishes it)."""
+        ``OSError`` the cut may be made or not: :meth:`resume_cut` tells (and finishes it).
+        ``asked``: cut for a worker that asked (the piece is left to it for
+        :data:`CUT_KEPT_SEC`); not asked (a claimer keeping its share), any worker may take it."""
         cut = self._cut_lease(lease, at)
         try:
             self.check_plan()
@@ -734,16 +805,16 @@ class WorkQueue:
         record = self._record(generation=cut.generation, end=at, cut_from=cut.cut_from)
         if not self._create_exclusive(cut.path, record):
             raise LeaseLostError(f"unit {lease.name} was taken over by another worker (generation {cut.generation})")
-        return self._finish_cut(lease, cut)
+        return self._finish_cut(lease, cut, asked)
 
-    def resume_cut(self, lease: Lease, at: int) -> Lease | None:
+    def resume_cut(self, lease: Lease, at: int, asked: bool = True) -> Lease | None:
         """After :meth:`split` raised an ``OSError``: the cut's lease if this worker created it
         (finishing the cut's later steps again), None if the cut was not made."""
         cut = self._cut_lease(lease, at)
         found = self._read_json(cut.path) or {}
         if found.get("worker") != self.worker_id or found.get("end") != at:
             return None
-        return self._finish_cut(lease, cut)
+        return self._finish_cut(lease, cut, asked)
 
     def _cut_lease(self, lease: Lease, at: int) -> Lease:
         end = lease.end if lease.end is not None else self._planned_documents(lease.unit)
@@ -753,7 +824,7 @@ class WorkQueue:
         path = self.units_dir / _generation_name(lease.unit, generation, "lease", lease.start)
         return Lease(lease.unit, generation, path, lease.start, at, end)
 
-    def _finish_cut(self, lease: Lease, cut: Lease) -> Lease:
+    def _finish_cut(self, lease: Lease, cut: Lease, asked: bool) -> Lease:
         """The cut's steps after its lease is created (each may be done again)."""
         if self._won_after_all(cut):  # the name was free again: its winner gave it back or cut its piece
             self.storage.delete(cut.path)
@@ -761,7 +832,7 @@ class WorkQueue:
                 f"unit {lease.name} was taken over by another worker or marked failed (generation {cut.generation})"
             )
         assert cut.end is not None and cut.cut_from is not None
-        self._mark_piece(lease.unit, cut.end, cut.cut_from, cut=True)
+        self._mark_piece(lease.unit, cut.end, cut.cut_from, cut=asked)
         self._give_back(lease)  # the generation cut from: no attempt (its holder goes on under the next)
         self.storage.delete(self._help_path(lease.unit, lease.start))
         return cut

@@ -61,6 +61,11 @@ RATE_SAMPLES = 21  # (5 s of SPLIT_POLL_SEC)
 #: it asked (its holders look every SPLIT_POLL_SEC); then every POLL_WAITING_SEC
 POLL_ASKED_SEC = 0.2
 ASKED_WINDOW_SEC = 2.0
+#: how soon a worker whose claim found nothing looks again when another worker claimed a piece
+#: just then (``WorkQueue.claimed_lately``: it may be cutting off what it does not keep), at
+#: most CLAIMED_LOOKS times in a row
+POLL_CLAIMED_SEC = 0.05
+CLAIMED_LOOKS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +321,9 @@ class UnitSource:
         self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_SAMPLES)
         self._asked_until = 0.0  # time.monotonic() until which this worker looks for the pieces it asked for
         self.splits = 0  # pieces this worker cut off its own
+        self._workers = 1  # the most workers a claim of this source counted (for guided_share)
+        self._quick_looks = 0  # claims since its last piece that found nothing just after another's claim
+        self._look_soon = False  # the last claim was one of those: look again in POLL_CLAIMED_SEC
 
     async def __call__(self) -> Any:
         async with self._lock:
@@ -345,6 +353,8 @@ class UnitSource:
             self._watcher = None
 
     def _poll_sec(self) -> float:
+        if self._look_soon:
+            return POLL_CLAIMED_SEC
         if self.journal.held():
             return POLL_HOLDING_SEC
         return POLL_ASKED_SEC if time.monotonic() < self._asked_until else POLL_WAITING_SEC
@@ -366,6 +376,7 @@ class UnitSource:
         await self._check_budget(force=not self._waiting)
         if self._ended:
             return True
+        self._look_soon = False  # (a claim that fails waits the usual poll)
         try:
             # not a piece of a unit this worker holds (a piece it cut off its own, its documents in
             # flight): its journal keeps one piece of a unit at a time
@@ -385,6 +396,14 @@ class UnitSource:
             return False
         self._claims_failing_since = None
         self._waiting = lease is None
+        # (quick looks are counted from this source's last piece claimed: a few per idle stretch)
+        self._look_soon = (
+            lease is None
+            and self.split_min is not None
+            and self.queue.claimed_lately
+            and self._quick_looks < CLAIMED_LOOKS
+        )
+        self._quick_looks = 0 if lease is not None else self._quick_looks + self._look_soon
         if lease is None:
             listing = self.queue.last_listing  # (the claim's: no second listing)
             self._ended = not self.journal.held() and await self.queue.in_thread(self.queue.drained, listing)
@@ -398,12 +417,65 @@ class UnitSource:
         self._unit = lease.unit
         start, self._end = self.journal.extent(lease)
         self._next = start
+        if self.split_min is not None:
+            await self._keep_share(lease)
         self._items = enumerate(itertools.islice(read_unit(self.reader, self.plan[lease.unit]), start, None), start)
         if self.split_min is not None and self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return True
 
     # -- cutting pieces -------------------------------------------------------------------
+
+    async def _keep_share(self, lease: Lease) -> None:
+        """Guided self-scheduling: keep of the piece just claimed only this worker's share of the
+        work its claim found free (:func:`guided_share`, among the workers holding pieces and this
+        one), and cut the rest off at once, before any of its documents is handed out: near the
+        job's end the free work is spread over every worker as it claims, instead of waiting for
+        one to find nothing and ask (early on the share is a whole unit or more: nothing is cut).
+        Not a piece taken over from a worker that died on it: its attempts stay with all of it
+        (a piece cut off would start with none, and a document that kills its workers would
+        kill more of them before its piece is marked failed)."""
+        assert self.split_min is not None
+        if self.queue.took_over:
+            return
+        held = [unit for unit in self.journal.held() if unit != lease.unit]
+        # (in a thread: it walks every unit of the plan, 50 ms for 10,000, which the loop would wait for)
+        listing = self.queue.last_listing
+        work = await self.queue.in_thread(self.queue.free_work, listing, held)
+        if work is None:
+            return
+        free, in_progress = work
+        first = max(self._next, self.journal.finished_before(lease.unit))
+        most = max(self._workers, len(in_progress) + 1)  # (if every piece in progress had a live holder)
+        if self._end - (first + guided_share(free, most, self.split_min)) < self.split_min:
+            return  # kept whole even so: no lease read
+        live = await self.queue.in_thread(self.queue.live_holders, listing, in_progress)
+        # the most it counted: one between committing a piece and claiming the next, or idle, is
+        # not in a listing, and counting too few would keep more than a share
+        self._workers = max(self._workers, live + 1)
+        at = first + guided_share(free, self._workers, self.split_min)
+        if self._end - at < self.split_min:  # (nor is a piece cut off smaller than a round)
+            return
+        try:
+            _, finished = await self.journal.cut(lease, at, asked=False)
+        except LeaseLostError as e:  # another worker holds it: stop working on it now
+            self.journal.lose(lease, e)
+            return
+        except OSError as e:  # a hiccup: kept whole (its holder may still be asked to cut it)
+            logger.info("could not cut unit %s at %d: %s", lease.name, at, e)
+            return
+        logger.info(
+            "unit %s: kept documents %d to %d, its share of the %d free among %d workers; the rest cut off",
+            lease.name,
+            lease.start,
+            at,
+            free,
+            self._workers,
+        )
+        self._end = at
+        self.splits += 1
+        if finished:
+            await self.journal.finish_chunk(lease.unit)
 
     def rate(self) -> float | None:
         """This worker's documents per second over its last seconds of work (None: unknown yet)."""
@@ -512,6 +584,17 @@ def share_to_give(most: int, left: int, in_flight: int, per_round: int, own: flo
         if ends < soonest - 1e-9:
             best, soonest = give, ends
     return best
+
+
+def guided_share(free: int, workers: int, per_round: int) -> int:
+    """How many documents a worker keeps of a piece it claims when ``free`` documents were free
+    to claim among ``workers`` (those holding pieces, and itself): an even share (OpenMP's
+    ``guided`` schedule), in whole rounds of ``per_round`` (the job's
+    ``max_concurrent_documents``), one round at least. Counting workers too many (one that
+    holds two pieces as it commits one) only makes shares smaller, and claims more; too few
+    would make a share outlast the others'."""
+    share = -(-free // max(1, workers))
+    return max(1, -(-share // per_round)) * per_round
 
 
 def write_stats(layout: JobLayout, worker_id: str, stats: dict[str, Any]) -> dict[str, Any]:

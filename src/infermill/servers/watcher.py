@@ -29,8 +29,12 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
+# psutil is imported where a kill needs it: a watcher whose worker stops the server itself (the
+# usual end) exits without loading it (a watcher starts with every server; tests start hundreds)
 
 #: in every managed child's environment: a token of its own, which its descendants inherit
 TOKEN_VARIABLE = "INFERMILL_PROCESS_TOKEN"
@@ -40,6 +44,8 @@ def same_group(pgid: int, leader_started: float | None) -> bool:
     """Whether process group ``pgid`` is still the one whose leader started at
     ``leader_started``: its leader is that very process, or gone (a group id is not reused
     while the group has members). Unknown start time: only the leader being gone tells."""
+    import psutil
+
     try:
         started = psutil.Process(pgid).create_time()
     except psutil.Error:
@@ -59,6 +65,8 @@ def kill_group(pgid: int) -> bool:
 def marked(token: str) -> list[psutil.Process]:
     """The live processes of this user whose environment carries ``token``, except this one and
     its children: whoever started a child reaps it (a wait here would steal its exit status)."""
+    import psutil
+
     uid, me = os.getuid(), os.getpid()
     found = []
     # each process's attributes read into a dict of this call: process_iter(attrs) would put them
@@ -83,6 +91,8 @@ def kill_marked(token: str, timeout: float = 5.0) -> list[int]:
     descendants inherit), wherever it went: another process group, another session. A process
     forked while the others die is found by the next look; looks go on until one finds none,
     for up to ``timeout`` seconds. Returns the pids killed."""
+    import psutil
+
     killed: list[psutil.Process] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -104,6 +114,8 @@ def kill_marked(token: str, timeout: float = 5.0) -> list[int]:
 def _alive(proc: psutil.Process) -> bool:
     """Whether ``proc`` runs; a zombie does not (psutil's ``wait_procs`` waits for it to be reaped,
     which for another's child can take long: an init that reaps late)."""
+    import psutil
+
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
