@@ -185,7 +185,22 @@ class SubprocessJob:
             return []
 
     def _marked(self, kind: str) -> list[int]:
-        return sorted(int(p.name.split(".")[0]) for p in (self.queue / "units").glob(f"*.{kind}"))
+        """The units marked ``kind``: for ``done``, every piece of it (``UUUUUU.done``, and
+        ``UUUUUU-SSSSSS.done`` for each ``UUUUUU-SSSSSS.piece`` cut off it); for ``failed``, any."""
+        units = self.queue / "units"
+
+        def pieces(suffix: str) -> set[tuple[int, int]]:
+            found = set()
+            for path in units.glob(f"*.{suffix}"):
+                unit, _, start = path.name.split(".")[0].partition("-")
+                found.add((int(unit), int(start or 0)))
+            return found
+
+        marked = pieces(kind)
+        if kind != "done":
+            return sorted({unit for unit, _ in marked})
+        cut = pieces("piece")
+        return sorted(unit for unit, start in marked if not start and all(p in marked for p in cut if p[0] == unit))
 
     def done_units(self) -> list[int]:
         """Units committed (``units/UUUUUU.done``): their output file is written."""

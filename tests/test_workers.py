@@ -489,7 +489,9 @@ def test_a_second_ctrl_c_stops_every_worker_and_every_process_of_their_servers_a
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 130, Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+        # 130, or killed by the SIGINT itself when the second one came as Python was exiting (after
+        # the clean stop had ended): a shell shows both as 130
+        assert proc.wait(timeout=30) in (130, -signal.SIGINT), Path(proc.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
     finally:
         proc.kill()
     tag = os.environ[TAG_VARIABLE]

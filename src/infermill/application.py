@@ -571,6 +571,13 @@ async def interruptible(coro: Awaitable[T], announce: bool = True) -> T:
     task = asyncio.ensure_future(coro)
     received: list[int] = []
 
+    def stop_now(signum: int) -> None:
+        from infermill.executors.local import stop_workers_now
+
+        stop_workers_now()  # a --workers parent's workers, and their servers' whole groups
+        kill_live_groups()
+        os._exit(128 + signum)
+
     def on_signal(signum: int) -> None:
         received.append(signum)
         if len(received) == 1:
@@ -581,11 +588,7 @@ async def interruptible(coro: Awaitable[T], announce: bool = True) -> T:
             )
             task.cancel()
         else:
-            from infermill.executors.local import stop_workers_now
-
-            stop_workers_now()  # a --workers parent's workers, and their servers' whole groups
-            kill_live_groups()
-            os._exit(128 + signum)
+            stop_now(signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
@@ -598,6 +601,8 @@ async def interruptible(coro: Awaitable[T], announce: bool = True) -> T:
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+            if received:  # stopping: a second signal after the loop, as the command ends, stops at once too
+                signal.signal(signum, lambda number, _frame: stop_now(number))
 
 
 # -- status ----------------------------------------------------------------------------------
