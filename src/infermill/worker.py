@@ -439,8 +439,8 @@ class UnitSource:
         if self.queue.took_over:
             return
         held = [unit for unit in self.journal.held() if unit != lease.unit]
-        # (in a thread: it walks every unit of the plan, 50 ms for 10,000, which the loop would wait for)
         listing = self.queue.last_listing
+        # (in a thread: it walks every unit of the plan, 50 ms for 10,000, which the loop would wait for)
         work = await self.queue.in_thread(self.queue.free_work, listing, held)
         if work is None:
             return
@@ -456,26 +456,15 @@ class UnitSource:
         at = first + guided_share(free, self._workers, self.split_min)
         if self._end - at < self.split_min:  # (nor is a piece cut off smaller than a round)
             return
-        try:
-            _, finished = await self.journal.cut(lease, at, asked=False)
-        except LeaseLostError as e:  # another worker holds it: stop working on it now
-            self.journal.lose(lease, e)
-            return
-        except OSError as e:  # a hiccup: kept whole (its holder may still be asked to cut it)
-            logger.info("could not cut unit %s at %d: %s", lease.name, at, e)
-            return
-        logger.info(
-            "unit %s: kept documents %d to %d, its share of the %d free among %d workers; the rest cut off",
-            lease.name,
-            lease.start,
-            at,
-            free,
-            self._workers,
-        )
-        self._end = at
-        self.splits += 1
-        if finished:
-            await self.journal.finish_chunk(lease.unit)
+        if await self._cut_at(lease, at, asked=False):
+            logger.info(
+                "unit %s: kept documents %d to %d, its share of the %d free among %d workers; the rest cut off",
+                lease.name,
+                lease.start,
+                at,
+                free,
+                self._workers,
+            )
 
     def rate(self) -> float | None:
         """This worker's documents per second over its last seconds of work (None: unknown yet)."""
@@ -552,19 +541,27 @@ class UnitSource:
             self._declined = lease  # it would not end sooner: the mark stays, and no one asks this piece again
             return
         at = first + left - give
+        if await self._cut_at(lease, at, asked=True):
+            logger.info("unit %s cut at document %d for another worker (%d left here)", lease.name, at, at - self._next)
+
+    async def _cut_at(self, lease: Lease, at: int, asked: bool) -> bool:
+        """Cut the piece of ``lease`` being handed out at document ``at`` (``asked``: for a
+        worker that asked) and hand out nothing past it; whether it was cut. A piece lost to
+        another worker is dropped at once; after a storage hiccup it is kept whole (it may be
+        cut later)."""
         try:
-            _, finished = await self.journal.cut(lease, at)
-        except LeaseLostError as e:  # another worker holds it: stop working on it now
+            _, finished = await self.journal.cut(lease, at, asked=asked)
+        except LeaseLostError as e:
             self.journal.lose(lease, e)
-            return
-        except OSError as e:  # a hiccup: not cut (it may be asked again)
+            return False
+        except OSError as e:
             logger.info("could not cut unit %s at %d: %s", lease.name, at, e)
-            return
+            return False
         self._end = at
         self.splits += 1
-        logger.info("unit %s cut at document %d for another worker (%d left here)", lease.name, at, at - self._next)
         if finished:
-            await self.journal.finish_chunk(unit)
+            await self.journal.finish_chunk(lease.unit)
+        return True
 
 
 def share_to_give(most: int, left: int, in_flight: int, per_round: int, own: float, theirs: float) -> int | None:
